@@ -2,14 +2,19 @@
 no download, no dataset on disk.
     python -m pytest -q test_models.py
 """
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader
 
+import data
 from common import (FEM, IGNORE_INDEX, MAP_EPS, Backbone, IoUMeter, cosine_prior, intersection_and_union,
                     masked_average_pooling, seg_loss)
 
@@ -299,4 +304,399 @@ def test_backbone_download_failure_message(monkeypatch):
     message = str(err.value)
     assert "--no-pretrained" in message and "network is unreachable" in message
     assert "torchvision.models.resnet50(weights='IMAGENET1K_V1')" in message
+
+
+# ==========================================================================================================
+# data.py: folds, synthetic episodes, PASCAL and COCO on tiny trees, transforms, determinism
+# ==========================================================================================================
+
+# ----------------------------------------------------------------------------- helpers
+
+def _label(*boxes, shape=(80, 80), ignore_rows=None):
+    """Label map with (class, top, left, height, width) boxes and optionally a band of 255 rows."""
+    label = np.zeros(shape, np.uint8)
+    for c, top, left, h, w in boxes:
+        label[top:top + h, left:left + w] = c
+    if ignore_rows:
+        label[ignore_rows[0]:ignore_rows[1], :] = 255
+    return label
+
+
+def _save_jpeg(path, shape):
+    rgb = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path)
+
+
+_PASCAL_LABELS = {
+    "a_voc": _label((6, 0, 0, 50, 50)),
+    "b_sbd": _label((7, 10, 10, 50, 50), ignore_rows=(70, 72)),
+    "c_small": _label((6, 0, 0, 40, 40)),  # 1600 < 2048 pixels: never listed
+    "d_mixed": _label((6, 0, 0, 50, 50), (2, 60, 60, 5, 5)),  # a few pixels of class 2
+    "e_dup": _label((1, 0, 0, 50, 50)),  # in VOC train, SBD train and VOC val: a val image
+    "f_multi": _label((6, 0, 0, 46, 46), (7, 46, 0, 34, 80)),
+    "g_extra": _label((8, 0, 0, 50, 50)),  # a label in no list
+    "v1": _label((1, 10, 10, 50, 50), (3, 70, 70, 8, 8), ignore_rows=(64, 66)),
+    "v2": _label((1, 0, 0, 50, 50), (6, 50, 0, 30, 80)),
+    "v3": _label((2, 0, 0, 50, 50)),
+    "v4": _label((2, 0, 0, 50, 50), (1, 60, 60, 10, 10)),  # class 1 present but under the threshold
+}
+
+
+def _write_pascal(root, sbd=True):
+    for sub in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for name, label in _PASCAL_LABELS.items():
+        _save_jpeg(root / "JPEGImages" / f"{name}.jpg", label.shape)
+        Image.fromarray(label).save(root / "SegmentationClassAug" / f"{name}.png")
+    sets = root / "ImageSets" / "Segmentation"
+    (sets / "train.txt").write_text("a_voc\ne_dup\n")
+    (sets / "val.txt").write_text("e_dup\nv1\nv2\nv3\nv4\n")
+    if sbd:
+        (sets / "sbd_train.txt").write_text("b_sbd\nc_small\nd_mixed\ne_dup\nf_multi\n")
+    return root
+
+
+def _rle_runs(mask):
+    """Reference COCO encoder, step 1: run lengths in column-major order, starting with a run of 0s."""
+    flat = mask.T.ravel().astype(np.int8)
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(flat)) + 1, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    return [0] + runs if flat[0] == 1 else runs
+
+
+def _rle_string(runs):
+    """Reference COCO encoder, step 2 (pycocotools rleToString)."""
+    out = []
+    for i, x in enumerate(runs):
+        x = x - runs[i - 2] if i > 2 else x
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = x != -1 if c & 0x10 else x != 0
+            out.append(chr((c | 0x20 if more else c) + 48))
+    return "".join(out)
+
+
+def _write_coco(root):
+    """Two annotated images and one without annotations, for train2014 and val2014 alike."""
+    crowd = np.zeros((80, 90), bool)
+    crowd[:60, :60] = True
+    for split in ("train", "val"):
+        (root / f"{split}2014").mkdir(parents=True)
+        (root / "annotations").mkdir(exist_ok=True)
+        names = [f"COCO_{split}2014_{i:012d}.jpg" for i in (1, 2, 3)]
+        images = [{"id": 10, "file_name": names[0], "height": 80, "width": 80},
+                  {"id": 20, "file_name": names[1], "height": 80, "width": 90},
+                  {"id": 30, "file_name": names[2], "height": 50, "width": 50}]
+        for im in images:
+            _save_jpeg(root / f"{split}2014" / im["file_name"], (im["height"], im["width"]))
+        annotations = [
+            {"id": 1, "image_id": 10, "category_id": 3, "iscrowd": 0,
+             "segmentation": [[10, 10, 60, 10, 60, 60, 10, 60]]},
+            {"id": 2, "image_id": 20, "category_id": 90, "iscrowd": 1,
+             "segmentation": {"counts": _rle_runs(crowd), "size": [80, 90]}},
+            {"id": 3, "image_id": 20, "category_id": 1, "iscrowd": 0,  # later: overwrites the crowd region
+             "segmentation": [[30, 30, 89, 30, 89, 79, 30, 79]]}]
+        categories = [{"id": 90, "name": "toothbrush"}, {"id": 1, "name": "person"}, {"id": 3, "name": "car"}]
+        (root / "annotations" / f"instances_{split}2014.json").write_text(
+            json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return root
+
+
+def _assert_episode(ep, shot, size, test):
+    assert ep["img_q"].shape == (3, size, size) and ep["img_q"].dtype == torch.float32
+    assert ep["img_s"].shape == (shot, 3, size, size) and ep["img_s"].dtype == torch.float32
+    assert ep["m_q"].shape == (size, size) and ep["m_q"].dtype == torch.int64
+    assert ep["m_s"].shape == (shot, size, size) and ep["m_s"].dtype == torch.int64
+    for m in (ep["m_q"], ep["m_s"]):
+        assert set(m.unique().tolist()) <= {0, 1, 255}
+    assert all((m == 1).any() for m in ep["m_s"]), "a support without foreground"
+    assert isinstance(ep["class_id"], int)
+    assert ("m_q_orig" in ep) == test and ("index" in ep) == test
+
+
+# ----------------------------------------------------------------------------- folds
+
+@pytest.mark.parametrize("dataset,split,n", [("pascal", "interleaved", 20), ("synthetic", "interleaved", 20),
+                                             ("coco", "interleaved", 80), ("coco", "contiguous", 80)])
+def test_fold_classes_partition(dataset, split, n):
+    folds = [data.fold_classes(dataset, f, split) for f in range(4)]
+    assert sorted(c for fold in folds for c in fold) == list(range(1, n + 1))  # disjoint and complete
+    for f, test in enumerate(folds):
+        base = [c for c in range(1, n + 1) if c not in test]
+        assert len(test) == n // 4 and not set(base) & set(test)
+        if dataset == "synthetic":
+            ds = data.build_dataset(dataset, "train", f, img_size=32)
+            assert ds.classes == base and data.build_dataset(dataset, "test", f, img_size=32).classes == test
+
+
+def test_fold_classes_values():
+    assert data.fold_classes("pascal", 2) == [11, 12, 13, 14, 15]
+    assert data.fold_classes("coco", 0) == list(range(1, 78, 4))
+    assert data.fold_classes("coco", 3)[:3] == [4, 8, 12]
+    assert data.fold_classes("coco", 1, "contiguous") == list(range(21, 41))
+    with pytest.raises(ValueError):
+        data.fold_classes("pascal", 4)
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+@pytest.mark.parametrize("shot,size", [(1, 64), (5, 64), (1, 96), (5, 96)])
+def test_synthetic_episode_shapes_and_determinism(shot, size):
+    ds = data.build_dataset("synthetic", "test", 1, shot=shot, img_size=size, episodes=10)
+    assert len(ds) == 10 and ds.num_classes == 20 and len(ds.class_names) == 20
+    ep = ds[3]
+    _assert_episode(ep, shot, size, test=True)
+    assert ep["class_id"] in data.fold_classes("synthetic", 1) and ep["index"] == 3
+    assert torch.equal(ep["m_q_orig"], ep["m_q"])
+    again, other = ds[3], ds[4]
+    for key in ("img_q", "m_q", "img_s", "m_s"):
+        assert torch.equal(ep[key], again[key])
+    assert not torch.equal(ep["img_q"], other["img_q"])
+    assert torch.equal(ep["img_q"], ds[(0, 3)]["img_q"])  # a plain index is stream (test seed) 0
+    assert not torch.equal(ep["img_q"], ds[(1, 3)]["img_q"])  # another test seed, another episode
+    ds.seed = 1
+    assert not torch.equal(ds[(0, 3)]["img_q"], ep["img_q"])
+
+
+@pytest.mark.parametrize("fold", range(4))
+def test_synthetic_train_never_shows_test_classes(fold):
+    ds = data.build_dataset("synthetic", "train", fold, shot=2, img_size=48, train_length=30)
+    test = set(data.fold_classes("synthetic", fold))
+    seen = set()
+    for index in range(30):
+        class_id, pairs = ds.render_episode(index)
+        assert class_id in ds.classes
+        for _, label in pairs:
+            classes = set(label.unique().tolist()) - {0}
+            assert class_id in classes and not classes & test
+            seen |= classes
+    assert len(seen - {class_id}) > 3, "distractors of other base classes should appear"
+    first = ds[0]["img_q"]
+    assert not torch.equal(first, ds[(1, 0)]["img_q"])  # epoch 1 draws other episodes
+    assert torch.equal(first, ds[(0, 0)]["img_q"])
+
+
+# ----------------------------------------------------------------------------- PASCAL
+
+def test_pascal_split_and_filters(tmp_path):
+    root = _write_pascal(tmp_path / "voc")
+    train = data.build_dataset("pascal", "train", 0, img_size=64, root=root)
+    assert sorted(train.files) == ["a_voc", "b_sbd", "c_small", "d_mixed", "f_multi"]  # VOC+SBD train - val
+    assert train.images == ["a_voc", "b_sbd", "f_multi"]  # c_small too small, d_mixed has class-2 pixels
+    assert train.class_files[6] == ["a_voc", "f_multi"] and train.class_files[7] == ["b_sbd", "f_multi"]
+    assert len(train) == 3
+    fold3 = data.build_dataset("pascal", "train", 3, img_size=64, root=root)
+    assert fold3.images == ["a_voc", "b_sbd", "d_mixed", "f_multi"]  # class 2 is a base class in fold 3
+    test = data.build_dataset("pascal", "test", 0, img_size=64, root=root, episodes=7)
+    assert sorted(test.files) == ["e_dup", "v1", "v2", "v3", "v4"] and len(test) == 7
+    assert test.class_files[1] == ["e_dup", "v1", "v2"] and test.class_files[3] == []
+    assert test.class_names[1] == "aeroplane" and test.class_names[20] == "tvmonitor"
+    for index in range(3):
+        ep = train[index]
+        _assert_episode(ep, 1, 64, test=False)
+        assert ep["class_id"] in (6, 7)
+
+
+def test_pascal_masks_keep_ignore_and_zero_other_classes(tmp_path):
+    root = _write_pascal(tmp_path / "voc")
+    ds = data.build_dataset("pascal", "test", 0, shot=2, img_size=64, root=root)
+    ep = ds[1]  # query v1: class 1 (class 3 is present but has no support list)
+    _assert_episode(ep, 2, 64, test=True)
+    expected = torch.from_numpy(_PASCAL_LABELS["v1"]).long()
+    expected = torch.where(expected == 1, 1, torch.where(expected == 255, 255, 0))  # class 3 -> 0
+    assert ep["class_id"] == 1 and torch.equal(ep["m_q_orig"], expected)
+    assert (ep["m_q"] == 255).any() and (ep["m_q"] == 1).any()
+    # PFENet's query rule: a class present in the query counts even under the threshold (v4: class 1)
+    picked = set()
+    for seed in range(12):
+        ds.seed = seed
+        picked.add(ds[4]["class_id"])
+    assert picked == {1, 2}
+
+
+def test_draw_supports_excludes_query_and_repeats_only_when_needed():
+    rng = np.random.default_rng(0)
+    assert sorted(data._draw_supports(rng, ["a", "b", "c"], "a", 2)) == ["b", "c"]
+    assert data._draw_supports(rng, ["a", "b"], "a", 3) == ["b", "b", "b"]
+    assert data._draw_supports(rng, ["a"], "a", 1) == ["a"]
+
+
+def test_pascal_cache_written_reused_and_rebuilt(tmp_path, monkeypatch):
+    root = _write_pascal(tmp_path / "voc")
+    monkeypatch.setattr(data, "PARALLEL_MIN_FILES", 1)  # exercise the process pool once
+    first = data.build_dataset("pascal", "train", 0, img_size=64, root=root)
+    assert (root / ".fss_cache" / "pascal_train_counts.json").is_file()
+
+    def fail(path):
+        raise AssertionError("rescanned although cached")
+    monkeypatch.setattr(data, "_label_counts", fail)
+    monkeypatch.setattr(data, "PARALLEL_MIN_FILES", 10 ** 6)
+    again = data.build_dataset("pascal", "train", 0, img_size=64, root=root)
+    assert again.counts == first.counts and again.images == first.images
+    with (root / "ImageSets/Segmentation/sbd_train.txt").open("a") as f:
+        f.write("g_extra\n")  # a changed list must rebuild the cache
+    with pytest.raises(AssertionError, match="rescanned"):
+        data.build_dataset("pascal", "train", 0, img_size=64, root=root)
+
+
+def test_pascal_without_sbd_list_warns_and_uses_all_labels(tmp_path, capsys):
+    root = _write_pascal(tmp_path / "voc", sbd=False)
+    ds = data.build_dataset("pascal", "train", 0, img_size=64, root=root)
+    assert "WARNING" in capsys.readouterr().err
+    assert sorted(ds.files) == ["a_voc", "b_sbd", "c_small", "d_mixed", "f_multi", "g_extra"]
+
+
+def test_missing_root_error_names_layout(tmp_path):
+    for root in (None, tmp_path / "nope"):
+        with pytest.raises(data.DatasetNotFoundError, match="SegmentationClassAug") as err:
+            data.build_dataset("pascal", "test", 0, root=root)
+        assert "JPEGImages" in str(err.value) and "sbd_train.txt" in str(err.value)
+    (tmp_path / "voc" / "JPEGImages").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="val.txt"):
+        data.build_dataset("pascal", "test", 0, root=tmp_path / "voc")
+    (tmp_path / "coco").mkdir()
+    with pytest.raises(data.DatasetNotFoundError, match="instances_train2014.json"):
+        data.build_dataset("coco", "train", 0, root=tmp_path / "coco")
+
+
+def test_corrupt_files_raise_naming_the_file(tmp_path):
+    root = _write_pascal(tmp_path / "voc")
+    jpeg = root / "JPEGImages" / "v1.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:200])  # truncated
+    ds = data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+    with pytest.raises(OSError, match="v1.jpg"):
+        ds[1]
+    rgb_label = tmp_path / "rgb.png"
+    Image.new("RGB", (8, 8)).save(rgb_label)
+    with pytest.raises(OSError, match="rgb.png"):
+        data.load_mask(rgb_label)
+
+
+# ----------------------------------------------------------------------------- COCO
+
+def test_rle_decode_known_and_random_masks():
+    assert data.rle_string_to_counts("11110") == [1, 1, 1, 2, 1]  # hand-encoded
+    assert data.rle_decode("11110", 3, 2).tolist() == [[False, True], [True, True], [False, False]]
+    rng = np.random.default_rng(0)
+    for h, w in ((13, 17), (40, 31)):
+        mask = rng.random((h, w)) < 0.3
+        mask[:, : w // 2] = mask[:, : w // 2] | (rng.random((h, 1)) < 0.5)  # long runs too
+        runs = _rle_runs(mask)
+        assert np.array_equal(data.rle_decode(runs, h, w), mask)
+        assert np.array_equal(data.rle_decode(_rle_string(runs), h, w), mask)
+    runs = [5, 1000, 3, 70000, 2, 40]  # multi-character values and negative differences
+    assert data.rle_string_to_counts(_rle_string(runs)) == runs
+
+
+def test_coco_labels_category_map_and_folds(tmp_path, monkeypatch):
+    root = _write_coco(tmp_path / "coco")
+    train = data.build_dataset("coco", "train", 3, img_size=64, root=root)  # fold 3 tests 4, 8, ...
+    names = [f"COCO_train2014_{i:012d}" for i in (1, 2)]
+    assert train.class_names == {1: "person", 2: "car", 3: "toothbrush"}  # ids 1, 3, 90 -> 1, 2, 3
+    assert train.images == names  # the image without annotations is not listed
+    assert train.class_files[1] == [names[1]] and train.class_files[2] == [names[0]]
+    assert train.class_files[3] == [names[1]]
+    assert not (root / "labels" / "train2014" / "COCO_train2014_000000000003.png").exists()
+    label1 = np.array(Image.open(root / "labels" / "train2014" / f"{names[0]}.png"))
+    assert (label1[11:60, 11:60] == 2).all() and 2500 <= (label1 == 2).sum() <= 2601 and label1[0, 0] == 0
+    label2 = np.array(Image.open(root / "labels" / "train2014" / f"{names[1]}.png"))
+    assert label2.shape == (80, 90) and (label2[:30, :30] == 3).all()  # crowd RLE
+    assert (label2[35:55, 35:55] == 1).all() and (label2[70:, 70:] == 1).all()  # the later polygon wins
+    assert (label2[65:, :20] == 0).all()
+    _assert_episode(train[0], 1, 64, test=False)
+
+    val_names = [f"COCO_val2014_{i:012d}" for i in (1, 2)]
+    assert data.build_dataset("coco", "test", 0, img_size=64, root=root).images == [val_names[1]]  # class 1
+    monkeypatch.setattr(data, "_coco_label_counts", lambda job: 1 / 0)  # val2014 is cached now
+    assert data.build_dataset("coco", "test", 1, img_size=64, root=root).images == [val_names[0]]  # class 2
+    contiguous = data.build_dataset("coco", "test", 0, img_size=64, root=root, coco_split="contiguous")
+    assert contiguous.images == val_names and contiguous.classes == list(range(1, 21))
+    ep = contiguous[1]
+    _assert_episode(ep, 1, 64, test=True)
+    assert ep["m_q_orig"].shape == (80, 90)
+
+
+# ----------------------------------------------------------------------------- transforms and geometry
+
+def _colour_coded(mask):
+    """Image that is red where mask == 1 and blue elsewhere, uint8 (3,H,W)."""
+    img = torch.zeros(3, *mask.shape, dtype=torch.uint8)
+    img[0][mask == 1] = 255
+    img[2][mask != 1] = 255
+    return img
+
+
+def _erode(mask, r=3):
+    """True where every pixel within a (2r+1)^2 window is True (away from any boundary)."""
+    pooled = -torch.nn.functional.max_pool2d(-mask[None, None].float(), 2 * r + 1, 1, r)
+    return pooled[0, 0] > 0.5
+
+
+def test_train_transform_keeps_image_and_mask_aligned():
+    mask = torch.zeros(90, 70, dtype=torch.long)
+    mask[20:60, 15:50] = 1
+    mean = torch.tensor(data.MEAN) * 255
+    for seed in range(12):
+        img, m = data.train_transform(_colour_coded(mask), mask, np.random.default_rng(seed), 128, (0.8, 1.25))
+        assert img.shape == (3, 128, 128) and m.shape == (128, 128) and m.dtype == torch.int64
+        rgb = data.denormalize(img).float()
+        fg, bg, pad = _erode(m == 1), _erode(m == 0), _erode(m == 255)
+        assert fg.any() and bg.any() and pad.any()  # 90x70 is always padded up to 128
+        assert (rgb[0][fg] > 180).all() and (rgb[2][fg] < 75).all()
+        assert (rgb[2][bg] > 180).all() and (rgb[0][bg] < 75).all()
+        assert ((rgb[:, pad] - mean[:, None]).abs() < 3).all()  # padding and rotated-in corners: mean colour
+
+
+def test_train_crop_keeps_foreground():
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        mask = torch.zeros(200, 200, dtype=torch.long)
+        top, left = rng.integers(0, 160, 2)
+        mask[top:top + 40, left:left + 40] = 1
+        _, m = data.train_transform(_colour_coded(mask), mask, rng, 96, (1.0, 1.0))
+        assert (m == 1).sum() >= 0.8 * 1600
+
+
+def test_test_geometry_round_trip():
+    assert data.test_content_size(375, 500, 473) == (355, 473)
+    assert data.test_content_size(500, 375, 473) == (473, 355)
+    assert data.test_content_size(100, 100, 473) == (473, 473)  # small images are upscaled
+    mask = torch.zeros(75, 130, dtype=torch.long)
+    mask[10:60, 20:70] = 1
+    mask[30:70, 90:125] = 1
+    mask[0:3, :] = 255
+    img, m = data.test_transform(_colour_coded(mask), mask, size=96)
+    h, w = data.test_content_size(75, 130, 96)
+    assert img.shape == (3, 96, 96) and m.shape == (96, 96) and (h, w) == (55, 96)
+    assert (m[h:] == 255).all() and (img[:, h:] == 0).all()  # padding: ignore label, mean colour
+    assert (m[:h] != 255).float().mean() > 0.9
+    logits = torch.stack([(m != 1).float(), (m == 1).float()])  # (2,96,96) one-hot
+    back = data.logits_to_original(logits, (75, 130))
+    assert back.shape == (2, 75, 130)
+    valid = mask != 255
+    agreement = (back.argmax(0) == mask)[valid].float().mean()
+    assert agreement > 0.97
+    assert data.logits_to_original(logits[None], (75, 130)).shape == (1, 2, 75, 130)
+    # a horizontal ramp maps pixel centres to pixel centres (align_corners=False): x0 = (x + 0.5) * w / 130 - 0.5
+    ramp = torch.arange(96.0).expand(2, 96, 96)
+    x = torch.arange(2, 128)
+    expected = (x + 0.5) * w / 130 - 0.5
+    assert torch.allclose(data.logits_to_original(ramp, (75, 130))[1, 40, 2:128], expected, atol=1e-4)
+
+
+def test_eval_episodes_identical_for_any_worker_count():
+    ds = data.build_dataset("synthetic", "test", 2, shot=2, img_size=48, episodes=6)
+    runs = []
+    for workers in (0, 2):
+        loader = DataLoader(ds, batch_size=2, num_workers=workers, collate_fn=data.collate_episodes)
+        runs.append(list(loader))
+    for a, b in zip(*runs):
+        assert a["class_id"].dtype == torch.long and a["class_id"].shape == (2,)
+        assert a["img_s"].shape == (2, 2, 3, 48, 48) and isinstance(a["m_q_orig"], list)
+        assert torch.equal(a["class_id"], b["class_id"]) and torch.equal(a["index"], b["index"])
+        for key in ("img_q", "m_q", "img_s", "m_s"):
+            assert torch.equal(a[key], b[key])
+        assert all(torch.equal(x, y) for x, y in zip(a["m_q_orig"], b["m_q_orig"]))
 

@@ -1,0 +1,721 @@
+"""Few-shot segmentation episodes: PASCAL-5i, COCO-20i and an embedded synthetic set, all in this file.
+
+Every dataset returns the same episode (see contract.md):
+    img_q (3,H,W) float32 normalised     m_q (H,W) int64 in {0,1,255}
+    img_s (S,3,H,W)                      m_s (S,H,W) int64
+    class_id int; for split "test" also m_q_orig (H0,W0) int64 (query mask at original resolution) and index int.
+Masks are binarised as PFENet does (util/dataset.py:176-181, 215-219): the episode class -> 1, every other class
+-> 0, 255 (VOC's "ignore" border) stays 255.
+
+Protocol (notes: shared/notes/protocol.md; PFENet = dvlab-research/PFENet, BAM = chunbolang/BAM):
+- Folds. PASCAL-5i fold i tests classes 5i+1..5i+5. COCO-20i fold i tests 4k+i+1 (k = 0..19, the "interleaved"
+  split that both PFENet COCO configs select); coco_split="contiguous" tests 20i+1..20i+20. The other classes
+  are the base (training) classes.
+- PASCAL lists. Train ids = VOC2012 train U SBD train minus every VOC2012 val id (PFENet's 5953-image
+  voc_sbd_merge_noduplicate list); test = VOC2012 val (1449). Without sbd_train.txt every SegmentationClassAug
+  label not in VOC val is used (10582, the "trainaug" set: larger than PFENet's list; a warning says so).
+- COCO lists. Every 2014 train (test: val) image with at least one annotation (82081 / 40137, the counts in
+  PFENet's README). Semantic labels are rasterised once without pycocotools: polygons with PIL ImageDraw, RLE
+  (list or compressed string) decoded with numpy in COCO's column-major order. Category ids (1..90 with gaps)
+  map to 1..80 in sorted id order. Annotations are painted in file order, so a later one overwrites an earlier
+  one where they overlap; crowd annotations get their class like any other (there is no ignore label in COCO).
+  Polygon borders can differ from pycocotools' rasteriser by about one pixel.
+- Filtering (PFENet util/dataset.py:55-69). A class counts in an image only with >= 2*32*32 pixels. An image is
+  listed under every class of the split that counts in it, and is a query candidate if one does. For TRAIN,
+  every image with a pixel of a test-fold class is dropped (BAM's filter_intersection, also used by Sym-Net and
+  QPENet); PFENet itself keeps them and relabels those pixels as background.
+- Episodes. Train: query = the filtered image at `index` (length = number of filtered images, or
+  `train_length`), class uniform among the base classes present in it. Test: query = sorted filtered val list
+  [index % len], class uniform among the test classes present in it. "Present" means at least one pixel: like
+  PFENet (util/dataset.py:157-174) the 2048-pixel threshold is not re-checked for the query, so a query may hold
+  a tiny object; supports always pass it. K supports are drawn without replacement from the class's list minus
+  the query; repeats only when the class has fewer than K+1 images (PFENet would loop forever there).
+  Default protocol BAM-style: 1000 episodes per seed, 5 seeds (train.py passes the seed as the stream).
+- Randomness. An episode uses one numpy Generator seeded with (seed, stream, index), where dataset[(stream,
+  index)] names the stream: the training epoch, or the test seed. The class, the supports and every
+  augmentation parameter come from it, never from a global RNG, so episodes are identical for any DataLoader
+  worker count (PFENet's depend on the worker count) and for every model.
+- Train augmentation (PFENet util/transform.py, protocol.md §4), independently on the query and each support,
+  written with torchvision.transforms.v2 functional ops: RandScale (PASCAL [0.9,1.1], COCO [0.8,1.25],
+  isotropic), RandRotate +-10 deg with p=0.5 (image filled with the mean colour, mask with 255), 5x5 Gaussian
+  blur (sigma 1.1, what cv2 picks for k=5) with p=0.5, horizontal flip p=0.5, symmetric padding (mean colour /
+  255) to the crop size, then a random crop redrawn (32 draws in all) while it keeps under 85% of the
+  foreground pixels; the last draw is kept. Resizing uses antialias=True (cv2 does not antialias; the scales
+  here are close to 1, so this only matters for --predict on large photos).
+- Test transform. Long side resized to img_size (aspect kept, small images upscaled too, as PFENet's Resize;
+  PFENet also floors both sides to a multiple of 8, we do not), pasted top-left on an img_size^2 canvas.
+  Image padding is the ImageNet mean (0 after normalisation; PFENet pads black before normalising); mask
+  padding 255. Scores use m_q_orig with logits mapped back by logits_to_original (PFENet's ori_resize).
+- Synthetic (default, no files): 20 classes = 10 shape families x 10 appearances (hue + texture), each shape and
+  each appearance used by two classes in different folds, so neither cue alone names a class. 1-3 objects of
+  the episode class and 0-2 distractors of other classes (train: base classes only, never a test-fold class,
+  mirroring BAM's rule) over a cluttered background, rendered at img_size with exact masks. No augmentation:
+  the renderer already randomises size, position, rotation and aspect.
+"""
+import colorsys
+import concurrent.futures
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, 0-1 scale (PFENet train.py:158-162 uses them x255)
+STD = (0.229, 0.224, 0.225)
+IGNORE = 255  # VOC's object-border label; also the padding label everywhere
+NUM_CLASSES = {"pascal": 20, "coco": 80, "synthetic": 20}
+NUM_FOLDS = 4
+MIN_FG_PIXELS = 2 * 32 * 32  # a class counts in an image from this area on (PFENet util/dataset.py:55-61)
+TRAIN_SIZE = {"pascal": 473, "coco": 641, "synthetic": 128}  # crop size of the shipped configs (the caller decides)
+SCALE_RANGE = {"pascal": (0.9, 1.1), "coco": (0.8, 1.25)}  # RandScale (PFENet configs, protocol.md §4)
+ROTATE_DEGREES, ROTATE_P = 10.0, 0.5  # RandRotate (util/transform.py:305-330)
+BLUR_KERNEL, BLUR_P = 5, 0.5  # RandomGaussianBlur (util/transform.py:355-362)
+FLIP_P = 0.5  # RandomHorizontalFlip
+CROP_KEEP, CROP_TRIES = 0.85, 32  # Crop 'rand': 1 draw + 31 redraws (util/transform.py:277-293)
+TEST_EPISODES, TEST_SEEDS = 1000, 5  # BAM's protocol, also Sym-Net's and QPENet's (BAM test.py:36-39, 193-198)
+SYNTHETIC_TRAIN_LENGTH = 1000  # synthetic episodes per epoch
+CACHE_VERSION = 1  # bump when the cached per-image counts change meaning
+PARALLEL_MIN_FILES = 256  # scan with a process pool from this many files on
+
+PASCAL_LAYOUT = """expected PASCAL-5i layout:
+  <root>/
+    JPEGImages/2007_000032.jpg ...            VOC2012 images (VOCtrainval_11-May-2012.tar, VOC2012 devkit)
+    SegmentationClassAug/2007_000032.png ...  VOC+SBD labels, 0 bg, 1..20, 255 ignore (SegmentationClassAug.zip,
+                                              the SBD-augmented labels linked from the PFENet and HSNet READMEs)
+    ImageSets/Segmentation/train.txt          VOC2012 train ids (1464), from the devkit
+    ImageSets/Segmentation/val.txt            VOC2012 val ids (1449), from the devkit
+    ImageSets/Segmentation/sbd_train.txt      SBD dataset/train.txt (8498 ids; SBD benchmark.tgz, Hariharan 2011)"""
+COCO_LAYOUT = """expected COCO-20i layout (COCO 2014, cocodataset.org):
+  <root>/
+    train2014/COCO_train2014_000000000009.jpg ...   train2014.zip
+    val2014/COCO_val2014_000000000042.jpg ...       val2014.zip
+    annotations/instances_train2014.json            annotations_trainval2014.zip
+    annotations/instances_val2014.json
+    labels/{train2014,val2014}/*.png                written here on first use (semantic labels 0..80)"""
+PASCAL_NAMES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+                "tvmonitor")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A data root is missing or incomplete; the message names the expected layout and the sources."""
+
+
+def fold_classes(dataset, fold, coco_split="interleaved"):
+    """Test (novel) class ids of `fold`; the remaining classes of the dataset are the base classes."""
+    if fold not in range(NUM_FOLDS):
+        raise ValueError(f"fold must be 0..{NUM_FOLDS - 1}, got {fold}")
+    if dataset in ("pascal", "synthetic"):
+        return list(range(5 * fold + 1, 5 * fold + 6))
+    if dataset != "coco":
+        raise ValueError(f"unknown dataset {dataset!r}")
+    if coco_split == "interleaved":
+        return [4 * k + fold + 1 for k in range(20)]
+    if coco_split == "contiguous":
+        return list(range(20 * fold + 1, 20 * fold + 21))
+    raise ValueError(f"coco_split must be 'interleaved' or 'contiguous', got {coco_split!r}")
+
+
+# ----------------------------------------------------------------------------- files
+
+def load_image(path):
+    """RGB image file -> uint8 (3,H,W). A missing, truncated or corrupt file raises OSError naming it."""
+    try:
+        with Image.open(path) as im:
+            rgb = np.array(im.convert("RGB"))  # convert() decodes the whole file
+    except (OSError, ValueError, SyntaxError) as err:
+        raise OSError(f"cannot read image {path}: {err}") from err
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+
+def load_mask(path):
+    """Single-channel label PNG (grayscale or palette indices) -> int64 (H,W)."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16"):
+                raise ValueError(f"mode {im.mode}, expected a single-channel label image")
+            label = np.array(im).astype(np.int64)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise OSError(f"cannot read label {path}: {err}") from err
+    return torch.from_numpy(label)
+
+
+def _label_counts(path):
+    """Pixel count of every class 1..254 in a label file -> {class: pixels}; 0 and 255 are not classes."""
+    counts = np.bincount(load_mask(path).numpy().ravel(), minlength=256)
+    return {int(c): int(counts[c]) for c in np.flatnonzero(counts[1:IGNORE]) + 1}
+
+
+def _parallel_map(fn, items, what):
+    """[fn(x) for x in items] over a process pool when there are many items, with a progress line now and then."""
+    every = max(len(items) // 10, 1)
+    print(f"[data] {what}: {len(items)} files (once; the result is cached)", flush=True)
+    pool = None
+    if len(items) >= PARALLEL_MIN_FILES:
+        # fork: spawn/forkserver would re-import the caller's __main__ (a flat train.py) in every worker
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        pool = concurrent.futures.ProcessPoolExecutor(min(os.cpu_count() or 1, 16), mp_context=context)
+    results = []
+    try:
+        for i, result in enumerate(pool.map(fn, items, chunksize=32) if pool else map(fn, items), 1):
+            results.append(result)
+            if i % every == 0:
+                print(f"[data] {what}: {i}/{len(items)}", flush=True)
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    return results
+
+
+def _writable_dir(*candidates):
+    """The first candidate directory that exists (or can be made) and is writable."""
+    for path in candidates:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(path, os.W_OK):
+            return path
+    raise OSError(f"none of these directories is writable: {', '.join(map(str, candidates))}")
+
+
+def _cache_dir(root):
+    """<root>/.fss_cache, or ~/.cache/fss/<hash of root> when the data root is read-only."""
+    digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+    return _writable_dir(root / ".fss_cache", Path.home() / ".cache" / "fss" / digest)
+
+
+def _read_cache(path, key):
+    """The cached payload if the file exists and was written under the same key, else None."""
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return cached["payload"] if cached.get("key") == key else None
+
+
+def _write_cache(path, key, payload):
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": key, "payload": payload}))
+    os.replace(tmp, path)  # atomic: concurrent runs never see half a file
+
+
+def _int_keys(counts):
+    """JSON turns int keys into strings: {name: {"3": n}} -> {name: {3: n}}."""
+    return {name: {int(c): n for c, n in per_image.items()} for name, per_image in counts.items()}
+
+
+def class_file_lists(counts, classes, exclude=()):
+    """Apply the filter rules to per-image pixel counts {name: {class: pixels}}.
+
+    Returns (images, class_files): the sorted names where at least one of `classes` has >= MIN_FG_PIXELS
+    pixels, and {class: sorted names where it does}. Names with any pixel of a class in `exclude` are dropped
+    first (BAM's filter_intersection, for training)."""
+    images, class_files = [], {c: [] for c in classes}
+    for name in sorted(counts):
+        if any(counts[name].get(c, 0) > 0 for c in exclude):
+            continue
+        counted = [c for c in classes if counts[name].get(c, 0) >= MIN_FG_PIXELS]
+        images += [name] if counted else []
+        for c in counted:
+            class_files[c].append(name)
+    return images, class_files
+
+
+# ----------------------------------------------------------------------------- PASCAL-5i
+
+def _read_ids(path):
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _pascal_index(root, split):
+    """-> files {id: (jpg, png)}, counts {id: {class: pixels}}, class_names for the split's image list."""
+    sets = root / "ImageSets" / "Segmentation"
+    needed = [root / "JPEGImages", root / "SegmentationClassAug", sets / "train.txt", sets / "val.txt"]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise DatasetNotFoundError(f"PASCAL root {root} is missing {', '.join(missing)}\n{PASCAL_LAYOUT}")
+    val = _read_ids(sets / "val.txt")
+    if split == "test":
+        ids = sorted(set(val))
+    elif (sets / "sbd_train.txt").exists():
+        ids = sorted((set(_read_ids(sets / "train.txt")) | set(_read_ids(sets / "sbd_train.txt"))) - set(val))
+    else:
+        print(f"\n{'!' * 78}\n[data] WARNING: {sets / 'sbd_train.txt'} not found. Training on every "
+              "SegmentationClassAug label outside VOC val\n(10582 images with the full labels), which is LARGER "
+              f"than PFENet's 5953-image list.\n{'!' * 78}\n", file=sys.stderr, flush=True)
+        ids = sorted({p.stem for p in (root / "SegmentationClassAug").glob("*.png")} - set(val))
+    files = {i: (root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClassAug" / f"{i}.png") for i in ids}
+    absent = [str(p) for pair in files.values() for p in pair if not p.is_file()]
+    if absent:
+        raise DatasetNotFoundError(f"PASCAL root {root} is incomplete: {len(absent)} listed files are missing, "
+                                   f"e.g. {', '.join(absent[:3])}\n{PASCAL_LAYOUT}")
+    cache = _cache_dir(root) / f"pascal_{split}_counts.json"
+    key = [CACHE_VERSION, hashlib.sha1("\n".join(ids).encode()).hexdigest()]
+    counts = _read_cache(cache, key)
+    if counts is None:
+        scanned = _parallel_map(_label_counts, [files[i][1] for i in ids], f"scanning PASCAL {split} labels")
+        counts = dict(zip(ids, scanned))
+        _write_cache(cache, key, counts)
+    return files, _int_keys(counts), dict(enumerate(PASCAL_NAMES, 1))
+
+
+# ----------------------------------------------------------------------------- COCO-20i
+
+def rle_string_to_counts(text):
+    """COCO's compressed RLE string -> run lengths (pycocotools rleFrString): 5 bits per character (offset 48),
+    0x20 = more characters follow, 0x10 in the last one = negative; from the 3rd run on, a run is stored as the
+    difference to the run two places back."""
+    counts, i = [], 0
+    while i < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            c = ord(text[i]) - 48
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            i, shift = i + 1, shift + 5
+            if not more and c & 0x10:
+                value |= -1 << shift  # sign extension
+        counts.append(value + (counts[-2] if len(counts) > 2 else 0))
+    return counts
+
+
+def rle_decode(counts, height, width):
+    """COCO RLE (run-length list or compressed string) -> bool (height,width). Runs alternate 0,1,0,... and
+    follow column-major order (down the first column, then the next)."""
+    runs = rle_string_to_counts(counts) if isinstance(counts, str) else list(counts)
+    values = np.arange(len(runs)) % 2 == 1  # False, True, False, ...
+    flat = np.repeat(values, runs)
+    if flat.size != height * width:
+        raise ValueError(f"RLE covers {flat.size} pixels, expected {height}x{width}")
+    return flat.reshape(width, height).T
+
+
+def segmentation_to_mask(segmentation, height, width):
+    """One COCO annotation's `segmentation` (polygon list or RLE dict) -> bool (height,width)."""
+    if isinstance(segmentation, dict):
+        return rle_decode(segmentation["counts"], *segmentation["size"])
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    for polygon in segmentation:
+        if len(polygon) >= 6:  # at least 3 points
+            draw.polygon([float(x) for x in polygon], fill=1)
+    return np.array(canvas, dtype=bool)
+
+
+def _coco_label_counts(job):
+    """Write one semantic label PNG (skipped if present) and return its class pixel counts."""
+    path, height, width, annotations = job
+    if not Path(path).exists():
+        label = np.zeros((height, width), np.uint8)
+        for class_id, segmentation in annotations:  # file order: later annotations overwrite earlier ones
+            label[segmentation_to_mask(segmentation, height, width)] = class_id
+        tmp = f"{path}.{os.getpid()}.tmp.png"
+        Image.fromarray(label).save(tmp)
+        os.replace(tmp, path)
+    return _label_counts(path)
+
+
+def _coco_index(root, split):
+    """split "train" or "val" -> files {stem: (jpg, png)}, counts {stem: {class: pixels}}, class_names."""
+    ann_path = root / "annotations" / f"instances_{split}2014.json"
+    missing = [str(p) for p in (root / f"{split}2014", ann_path) if not p.exists()]
+    if missing:
+        raise DatasetNotFoundError(f"COCO root {root} is missing {', '.join(missing)}\n{COCO_LAYOUT}")
+    cache_dir = _cache_dir(root)
+    label_dir = _writable_dir(root / "labels" / f"{split}2014", cache_dir / "labels" / f"{split}2014")
+    cache = cache_dir / f"coco_{split}_counts.json"
+    key = [CACHE_VERSION, ann_path.stat().st_size, str(label_dir)]
+    payload = _read_cache(cache, key)
+    if payload is None:
+        coco = json.loads(ann_path.read_text())
+        category_ids = sorted(c["id"] for c in coco["categories"])
+        to_class = {cid: i + 1 for i, cid in enumerate(category_ids)}  # 1..90 with gaps -> 1..80
+        names = {to_class[c["id"]]: c["name"] for c in coco["categories"]}
+        per_image = {}
+        for ann in coco["annotations"]:
+            per_image.setdefault(ann["image_id"], []).append((to_class[ann["category_id"]], ann["segmentation"]))
+        images = sorted((im for im in coco["images"] if im["id"] in per_image), key=lambda im: im["file_name"])
+        stems = [Path(im["file_name"]).stem for im in images]
+        jobs = [(str(label_dir / f"{stem}.png"), im["height"], im["width"], per_image[im["id"]])
+                for stem, im in zip(stems, images)]
+        counts = _parallel_map(_coco_label_counts, jobs, f"writing COCO {split}2014 labels to {label_dir}")
+        payload = {"class_names": names, "counts": dict(zip(stems, counts))}
+        _write_cache(cache, key, payload)
+    files = {stem: (root / f"{split}2014" / f"{stem}.jpg", label_dir / f"{stem}.png") for stem in payload["counts"]}
+    names = {int(c): name for c, name in payload["class_names"].items()}
+    return files, _int_keys(payload["counts"]), names
+
+
+# ----------------------------------------------------------------------------- transforms
+
+def binary_mask(label, class_id):
+    """Semantic label (H,W) -> int64 (H,W): class_id -> 1, other classes -> 0, 255 kept (PFENet L176-181)."""
+    mask = (label == class_id).long()
+    mask[label == IGNORE] = IGNORE
+    return mask
+
+
+def _draw_crop(fg, size, rng):
+    """PFENet's 'rand' crop: redraw (CROP_TRIES draws in all) while the crop keeps < CROP_KEEP of fg (H,W)."""
+    h, w = fg.shape
+    total = int(fg.sum())
+    for _ in range(CROP_TRIES):
+        top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+        if int(fg[top:top + size, left:left + size].sum()) >= CROP_KEEP * total:
+            break
+    return top, left
+
+
+def train_transform(img, mask, rng, size, scale_range):
+    """PFENet's training augmentation (protocol.md §4) on an image and its mask together.
+
+    img uint8 (3,H0,W0), mask int64 (H0,W0) in {0,1,255}, rng numpy Generator (every random draw)
+    -> img (3,size,size) float32 normalised, mask (size,size) int64."""
+    image = tv_tensors.Image(img.float() / 255)  # (3,H0,W0) in [0,1]
+    label = tv_tensors.Mask(mask[None])  # (1,H0,W0); v2 ops resize and rotate a Mask with nearest neighbour
+    # 1. RandScale: one isotropic factor, image bilinear, mask nearest
+    factor = rng.uniform(*scale_range)
+    hw = [max(1, round(s * factor)) for s in label.shape[-2:]]
+    image, label = TF.resize(image, hw, antialias=True), TF.resize(label, hw)  # (3,h,w), (1,h,w)
+    # 2. RandRotate about the centre; corners filled with the mean colour / ignore
+    if rng.random() < ROTATE_P:
+        angle = rng.uniform(-ROTATE_DEGREES, ROTATE_DEGREES)
+        image = TF.rotate(image, angle, interpolation=InterpolationMode.BILINEAR, fill=list(MEAN))
+        label = TF.rotate(label, angle, fill=IGNORE)
+    # 3. Gaussian blur of the image only (sigma None -> 0.3*((k-1)/2-1)+0.8 = 1.1, as cv2 for k=5)
+    if rng.random() < BLUR_P:
+        image = TF.gaussian_blur(image, [BLUR_KERNEL, BLUR_KERNEL])
+    # 4. horizontal flip
+    if rng.random() < FLIP_P:
+        image, label = TF.horizontal_flip(image), TF.horizontal_flip(label)
+    # 5. pad symmetrically to at least size x size, then the foreground-keeping random crop
+    pad_h, pad_w = max(size - label.shape[-2], 0), max(size - label.shape[-1], 0)
+    if pad_h or pad_w:
+        padding = [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2]  # left, top, right, bottom
+        image, label = TF.pad(image, padding, fill=list(MEAN)), TF.pad(label, padding, fill=IGNORE)
+    top, left = _draw_crop(label[0] == 1, size, rng)
+    image, label = TF.crop(image, top, left, size, size), TF.crop(label, top, left, size, size)
+    return TF.normalize(image, MEAN, STD).as_subclass(torch.Tensor), label[0].as_subclass(torch.Tensor)
+
+
+def test_content_size(h0, w0, size):
+    """Size (h, w) of an h0 x w0 image inside the size x size test canvas: long side = size, aspect kept."""
+    if h0 >= w0:
+        return size, max(1, round(w0 * size / h0))
+    return max(1, round(h0 * size / w0)), size
+
+
+def test_transform(img_u8, mask=None, size=TRAIN_SIZE["pascal"]):
+    """Test geometry (PFENet's Resize): uint8 (3,H0,W0) [+ mask (H0,W0)] -> img (3,size,size) normalised with
+    the content top-left and 0 (the mean colour) elsewhere [+ mask (size,size), padding 255]."""
+    h, w = test_content_size(img_u8.shape[-2], img_u8.shape[-1], size)
+    padding = [0, 0, size - w, size - h]  # left, top, right, bottom
+    image = TF.resize(tv_tensors.Image(img_u8.float() / 255), [h, w], antialias=True)  # (3,h,w)
+    image = TF.pad(TF.normalize(image, MEAN, STD), padding, fill=0.0).as_subclass(torch.Tensor)  # (3,size,size)
+    if mask is None:
+        return image, None
+    label = TF.pad(TF.resize(tv_tensors.Mask(mask[None]), [h, w]), padding, fill=IGNORE)  # (1,size,size)
+    return image, label[0].as_subclass(torch.Tensor)
+
+
+def logits_to_original(logits, orig_hw):
+    """Undo test_transform: logits (2,size,size) (or (B,2,size,size)) -> (2,H0,W0): crop the content region,
+    resize bilinearly (align_corners=False) to the original size."""
+    h0, w0 = orig_hw
+    h, w = test_content_size(h0, w0, logits.shape[-1])
+    content = logits[..., :h, :w]
+    out = F.interpolate(content.reshape(-1, *content.shape[-3:]), (h0, w0), mode="bilinear", align_corners=False)
+    return out.reshape(*content.shape[:-2], h0, w0)
+
+
+def denormalize(img):
+    """Normalised img (3,H,W) -> uint8 (3,H,W) for visualisation."""
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    return ((img.detach().cpu().float() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- synthetic images
+
+SHAPES = ("disc", "ring", "triangle", "square", "star", "cross", "crescent", "heart", "hexagon", "bar")
+# (name, hue in degrees, texture, texture period as a fraction of the image side)
+APPEARANCES = (("red striped", 0, "stripes", 0.05), ("green checkered", 120, "checker", 0.05),
+               ("blue dotted", 225, "dots", 0.06), ("yellow graded", 55, "gradient", 0.0),
+               ("purple speckled", 280, "speckle", 0.0), ("orange pinstriped", 30, "stripes", 0.03),
+               ("cyan checkered", 185, "checker", 0.035), ("magenta dotted", 320, "dots", 0.04),
+               ("teal graded", 160, "gradient", 0.0), ("olive wavy", 75, "waves", 0.05))
+# class id -> (shape, appearance index). Classes c and c+10 share a shape; every appearance is used by two
+# classes of different folds, so only shape AND appearance together identify a class.
+SYNTHETIC_CLASSES = {c: (SHAPES[(c - 1) % 10], ((c - 1) % 10 + 3 * ((c - 1) // 10)) % 10) for c in range(1, 21)}
+HUE_JITTER = 15.0  # degrees; neighbouring appearance hues overlap a little
+RADIUS_RANGE = (0.09, 0.2)  # object radius as a fraction of the image side
+MIN_VISIBLE = 0.004  # the episode class covers at least this fraction of every image
+
+
+def _shape_inside(shape, u, v):
+    """Inside test of a unit-size shape in its own frame (u right, v down) -> bool array."""
+    rho2 = u * u + v * v
+    if shape == "disc":
+        return rho2 <= 1
+    if shape == "ring":
+        return (rho2 <= 1) & (rho2 >= 0.55 ** 2)
+    if shape in ("triangle", "square", "hexagon"):  # regular n-gon, circumradius 1
+        n = {"triangle": 3, "square": 4, "hexagon": 6}[shape]
+        phi = np.arctan2(v, u) % (2 * np.pi / n) - np.pi / n
+        return np.sqrt(rho2) * np.cos(phi) <= np.cos(np.pi / n)
+    if shape == "star":  # 5 points, inner radius 0.4
+        tip = np.abs((np.arctan2(v, u) * 5 / (2 * np.pi)) % 1 - 0.5) * 2  # 1 at a tip, 0 between two tips
+        return np.sqrt(rho2) <= 0.4 + 0.6 * tip ** 2
+    if shape == "cross":
+        return ((np.abs(u) <= 0.3) & (np.abs(v) <= 1)) | ((np.abs(v) <= 0.3) & (np.abs(u) <= 1))
+    if shape == "crescent":
+        return (rho2 <= 1) & ((u - 0.45) ** 2 + v * v >= 0.75 ** 2)
+    if shape == "heart":
+        x, y = 1.1 * u, 0.15 - 1.1 * v
+        return (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0
+    return u * u + (v / 0.35) ** 2 <= 1  # bar: an elongated ellipse
+
+
+def _texture(kind, period, tu, tv, u, noise):
+    """Brightness pattern in [0,1]; tu, tv are object-frame coordinates in image sides, u the unit frame."""
+    if kind == "stripes":
+        return 0.5 + 0.5 * np.sin(2 * np.pi * tu / period)
+    if kind == "checker":
+        return ((np.floor(tu / period) + np.floor(tv / period)) % 2).astype(np.float32)
+    if kind == "dots":
+        du, dv = tu / period - np.round(tu / period), tv / period - np.round(tv / period)
+        return 0.25 + 0.75 * (du * du + dv * dv < 0.09)
+    if kind == "gradient":
+        return np.clip(0.5 + 0.5 * u, 0, 1)
+    if kind == "waves":
+        return 0.5 + 0.5 * np.sin(2 * np.pi / period * (tu + 0.3 * period * np.sin(2 * np.pi * tv / period)))
+    return np.clip(0.5 + 0.35 * noise, 0, 1)  # speckle
+
+
+def _random_rgb(rng, hue=None, sat=(0.6, 0.95), val=(0.6, 1.0)):
+    hue = rng.uniform(0, 360) if hue is None else hue + rng.uniform(-HUE_JITTER, HUE_JITTER)
+    return np.array(colorsys.hsv_to_rgb(hue / 360 % 1, rng.uniform(*sat), rng.uniform(*val)), np.float32)
+
+
+def _object_frame(rng, size, sx, sy, extent):
+    """Random centre and rotation of a shape with semi-axes sx, sy (pixels) -> (box slices, offsets du, dv (h,w)
+    in pixels along the shape's rotated axes), where the box holds everything within extent * max(sx, sy)."""
+    angle = rng.uniform(0, 2 * np.pi)
+    cx, cy = rng.uniform(0.1, 0.9) * size, rng.uniform(0.1, 0.9) * size
+    reach = extent * max(sx, sy)
+    y0, y1 = max(int(cy - reach), 0), min(int(cy + reach) + 2, size)
+    x0, x1 = max(int(cx - reach), 0), min(int(cx + reach) + 2, size)
+    dy = np.arange(y0, y1, dtype=np.float32)[:, None] + 0.5 - cy  # (h,1)
+    dx = np.arange(x0, x1, dtype=np.float32)[None, :] + 0.5 - cx  # (1,w)
+    du, dv = np.cos(angle) * dx + np.sin(angle) * dy, -np.sin(angle) * dx + np.cos(angle) * dy  # (h,w)
+    return (slice(y0, y1), slice(x0, x1)), du, dv
+
+
+def _paint_object(img, label, noise, class_id, rng):
+    """Paint one object of class_id on img (3,H,W) float and label (H,W), in place."""
+    size = label.shape[0]
+    shape, look = SYNTHETIC_CLASSES[class_id]
+    _, hue, kind, period = APPEARANCES[look]
+    radius, aspect = rng.uniform(*RADIUS_RANGE) * size, math.exp(rng.uniform(-0.3, 0.3))
+    sx, sy = radius * math.sqrt(aspect), radius / math.sqrt(aspect)
+    box, du, dv = _object_frame(rng, size, sx, sy, 1.15)
+    u, v = du / sx, dv / sy
+    inside = _shape_inside(shape, u, v)  # (h,w)
+    tu, tv = du / size + rng.uniform(0, 1), dv / size + rng.uniform(0, 1)  # random texture phase
+    shade = 0.35 + 0.65 * _texture(kind, period, tu, tv, u, noise[box])  # (h,w)
+    colour = _random_rgb(rng, hue)[:, None, None] * shade  # (3,h,w)
+    img[(slice(None), *box)] = np.where(inside, colour, img[(slice(None), *box)])
+    label[box][inside] = class_id
+
+
+def _paint_clutter(img, noise, rng):
+    """Unlabelled background clutter: 1-3 flat-coloured lines and 1-3 speckled ellipses of any hue."""
+    size = img.shape[1]
+    for _ in range(rng.integers(1, 4)):  # lines: thin rectangles, half-width >= 0.75 pixel
+        sx, sy = rng.uniform(0.15, 0.5) * size, max(0.75, rng.uniform(0.004, 0.012) * size)
+        box, du, dv = _object_frame(rng, size, sx, sy, 1.05)
+        inside = (np.abs(du) <= sx) & (np.abs(dv) <= sy)
+        img[(slice(None), *box)] = np.where(inside, _random_rgb(rng, sat=(0.1, 0.9))[:, None, None],
+                                            img[(slice(None), *box)])
+    for _ in range(rng.integers(1, 4)):
+        sx, sy = rng.uniform(0.05, 0.15, 2) * size
+        box, du, dv = _object_frame(rng, size, sx, sy, 1.05)
+        inside = (du / sx) ** 2 + (dv / sy) ** 2 <= 1
+        colour = _random_rgb(rng, sat=(0.1, 0.9))[:, None, None] * (0.8 + 0.2 * noise[box])
+        img[(slice(None), *box)] = np.where(inside, colour, img[(slice(None), *box)])
+
+
+def render_synthetic(rng, class_id, distractor_classes, size):
+    """One synthetic image with 1-3 objects of class_id and 0-2 of distractor_classes, in random order.
+
+    -> img float32 (3,size,size) in [0,1], label int64 (size,size) with class ids 0..20 (0 = background)."""
+    noise = rng.standard_normal((size, size), dtype=np.float32)  # (H,W) grain and speckle
+    # smooth background: a low-saturation base colour plus two separable low-frequency waves per channel
+    axis = np.arange(size, dtype=np.float32) / size
+    freq = rng.uniform(0.5, 3.0, (2, 3, 2, 1)).astype(np.float32) * 2 * np.pi  # cycles per image side
+    phase = rng.uniform(0, 2 * np.pi, (2, 3, 2, 1)).astype(np.float32)
+    waves_y, waves_x = np.cos(freq[0] * axis + phase[0]), np.cos(freq[1] * axis + phase[1])  # (3,2,H), (3,2,W)
+    amplitude = rng.uniform(0.05, 0.2, (3, 2)).astype(np.float32)
+    img = np.einsum("ck,ckh,ckw->chw", amplitude, waves_y, waves_x)  # (3,H,W)
+    img += _random_rgb(rng, sat=(0.0, 0.35), val=(0.3, 0.8))[:, None, None]
+    _paint_clutter(img, noise, rng)
+    label = np.zeros((size, size), np.int64)
+    objects = [class_id] * int(rng.integers(1, 4))
+    if len(distractor_classes):
+        objects += list(rng.choice(distractor_classes, int(rng.integers(0, 3))))
+    for c in rng.permutation(objects):  # random occlusion order
+        _paint_object(img, label, noise, int(c), rng)
+    for _ in range(10):  # a distractor may hide the episode class: paint one more on top until it shows
+        if (label == class_id).sum() >= MIN_VISIBLE * size * size:
+            break
+        _paint_object(img, label, noise, class_id, rng)
+    img = img * rng.uniform(0.8, 1.2) + rng.uniform(-0.1, 0.1) + 0.03 * noise  # contrast, brightness, grain
+    return torch.from_numpy(np.clip(img, 0, 1).astype(np.float32)), torch.from_numpy(label)
+
+
+# ----------------------------------------------------------------------------- episodes
+
+def _draw_supports(rng, class_files, query, shot):
+    """`shot` names from class_files other than the query, without replacement while there are enough."""
+    pool = [name for name in class_files if name != query] or list(class_files)  # only the query: use it
+    picks = list(rng.permutation(len(pool)))
+    picks += list(rng.integers(0, len(pool), shot - len(picks))) if len(picks) < shot else []
+    return [pool[i] for i in picks[:shot]]
+
+
+class EpisodeDataset(Dataset):
+    """Episodes of one split of one fold. Subclasses implement _draw (class and raw images) and _transform.
+
+    Attributes: classes (class ids of this split), num_classes, class_names {id: name}, seed.
+    An episode is a function of (seed, stream, index) alone: the key dataset[(stream, index)] names the stream,
+    the epoch in training or the test seed in evaluation (dataset[index] is stream 0). Because the sampler
+    carries it with every index, persistent DataLoader workers need no message when the epoch changes, and
+    the episodes are the same for any number of workers."""
+
+    def __init__(self, name, split, fold, shot, img_size, classes, class_names, seed, length):
+        self.name, self.split, self.fold, self.shot, self.img_size = name, split, fold, shot, img_size
+        self.classes, self.num_classes, self.class_names = classes, NUM_CLASSES[name], class_names
+        self.seed, self.length = seed, length
+
+    def __len__(self):
+        return self.length
+
+    def _rng(self, index, stream=0):
+        return np.random.default_rng((self.seed, stream, index))
+
+    def __getitem__(self, key):
+        """key: an index, or (stream, index)."""
+        stream, index = key if isinstance(key, tuple) else (0, key)
+        if not 0 <= index < self.length:
+            raise IndexError(f"episode {index} out of range {self.length}")
+        rng = self._rng(index, stream)
+        class_id, pairs = self._draw(index, rng)  # [(img, label (H0,W0))]: the query, then the supports
+        masks = [binary_mask(label, class_id) for _, label in pairs]
+        out = [self._transform(img, mask, rng) for (img, _), mask in zip(pairs, masks)]
+        episode = {"img_q": out[0][0], "m_q": out[0][1], "img_s": torch.stack([img for img, _ in out[1:]]),
+                   "m_s": torch.stack([mask for _, mask in out[1:]]), "class_id": int(class_id)}
+        if self.split == "test":
+            episode.update(m_q_orig=masks[0], index=index)
+        return episode
+
+
+class ImageEpisodes(EpisodeDataset):
+    """PASCAL-5i / COCO-20i episodes over files {name: (image, label)} and their class pixel counts."""
+
+    def __init__(self, name, split, fold, shot, img_size, classes, class_names, seed, length, files, counts,
+                 exclude):
+        self.files, self.counts, self.scale_range = files, counts, SCALE_RANGE[name]
+        self.images, self.class_files = class_file_lists(counts, classes, exclude)
+        if not self.images:
+            raise RuntimeError(f"no {name} {split} image has a class of {classes} with >= {MIN_FG_PIXELS} pixels")
+        super().__init__(name, split, fold, shot, img_size, classes, class_names, seed, length or len(self.images))
+
+    def _load(self, name):
+        image_path, label_path = self.files[name]
+        img, label = load_image(image_path), load_mask(label_path)
+        if img.shape[-2:] != label.shape:
+            raise RuntimeError(f"image {image_path} {tuple(img.shape[-2:])} and label {label_path} "
+                               f"{tuple(label.shape)} differ in size")
+        return img, label
+
+    def _draw(self, index, rng):
+        query = self.images[index % len(self.images)]
+        present = [c for c in self.classes if self.counts[query].get(c, 0) > 0 and self.class_files[c]]
+        class_id = present[rng.integers(len(present))]
+        supports = _draw_supports(rng, self.class_files[class_id], query, self.shot)
+        return class_id, [self._load(name) for name in [query, *supports]]
+
+    def _transform(self, img, mask, rng):
+        if self.split == "train":
+            return train_transform(img, mask, rng, self.img_size, self.scale_range)
+        return test_transform(img, mask, self.img_size)
+
+
+class SyntheticEpisodes(EpisodeDataset):
+    """Rendered episodes; train images never contain a test-fold class (BAM's rule)."""
+
+    def _draw(self, index, rng):
+        class_id = int(self.classes[rng.integers(len(self.classes))])
+        pool = self.classes if self.split == "train" else range(1, NUM_CLASSES["synthetic"] + 1)
+        distractors = np.array([c for c in pool if c != class_id])
+        return class_id, [render_synthetic(rng, class_id, distractors, self.img_size) for _ in range(1 + self.shot)]
+
+    def render_episode(self, index):
+        """(class_id, [(img (3,H,W) in [0,1], label (H,W) class ids)]) of episode `index`, before binarising."""
+        return self._draw(index, self._rng(index))
+
+    def _transform(self, img, mask, rng):
+        return TF.normalize(img, MEAN, STD), mask
+
+
+def build_dataset(name, split, fold, shot=1, img_size=473, root=None, seed=0, episodes=TEST_EPISODES,
+                  coco_split="interleaved", train_length=None):
+    """The episodes of `split` ("train": base classes, augmented; "test": the fold's novel classes, `episodes`
+    episodes) of fold `fold` of dataset `name` ("pascal", "coco", "synthetic")."""
+    if name not in NUM_CLASSES or split not in ("train", "test") or shot < 1:
+        raise ValueError(f"bad dataset {name!r}, split {split!r} or shot {shot}")
+    test_classes = fold_classes(name, fold, coco_split)
+    classes = test_classes if split == "test" else [c for c in range(1, NUM_CLASSES[name] + 1)
+                                                    if c not in test_classes]
+    length = episodes if split == "test" else train_length
+    if name == "synthetic":
+        names = {c: f"{APPEARANCES[look][0]} {shape}" for c, (shape, look) in SYNTHETIC_CLASSES.items()}
+        return SyntheticEpisodes(name, split, fold, shot, img_size, classes, names, seed,
+                                 length or SYNTHETIC_TRAIN_LENGTH)
+    layout = PASCAL_LAYOUT if name == "pascal" else COCO_LAYOUT
+    if root is None or not Path(root).expanduser().is_dir():
+        raise DatasetNotFoundError(f"{name} data root {root} is not a directory\n{layout}")
+    root = Path(root).expanduser()
+    if name == "pascal":
+        files, counts, class_names = _pascal_index(root, split)
+    else:
+        files, counts, class_names = _coco_index(root, "train" if split == "train" else "val")
+    exclude = test_classes if split == "train" else ()
+    return ImageEpisodes(name, split, fold, shot, img_size, classes, class_names, seed, length, files, counts,
+                         exclude)
+
+
+def collate_episodes(batch):
+    """List of episodes -> dict: tensors stacked (B,...), class_id and index -> LongTensor (B,),
+    m_q_orig -> list of (H0,W0) tensors (their sizes differ)."""
+    out = {}
+    for key in batch[0]:
+        values = [episode[key] for episode in batch]
+        if key == "m_q_orig":
+            out[key] = values
+        elif isinstance(values[0], torch.Tensor):
+            out[key] = torch.stack(values)
+        else:
+            out[key] = torch.tensor(values, dtype=torch.long)
+    return out
