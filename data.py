@@ -107,6 +107,18 @@ PASCAL_NAMES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", 
                 "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                 "tvmonitor")
 
+# COCO 2014 category names, in the order of their sorted ids (= class ids 1..80 here)
+COCO_NAMES = ("person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+              "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+              "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+              "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+              "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+              "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+              "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+              "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+              "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+              "teddy bear", "hair drier", "toothbrush")
+
 
 class DatasetNotFoundError(FileNotFoundError):
     """A data root is missing or incomplete; the message names the expected layout and the sources."""
@@ -268,7 +280,7 @@ def _pascal_index(root, split):
         scanned = _parallel_map(_label_counts, [files[i][1] for i in ids], f"scanning PASCAL {split} labels")
         counts = dict(zip(ids, scanned))
         _write_cache(cache, key, counts)
-    return files, _int_keys(counts), dict(enumerate(PASCAL_NAMES, 1))
+    return files, _int_keys(counts), class_names("pascal")
 
 
 # ----------------------------------------------------------------------------- COCO-20i
@@ -679,6 +691,13 @@ class SyntheticEpisodes(EpisodeDataset):
         return TF.normalize(img, MEAN, STD), mask
 
 
+def class_names(name):
+    """{class id: name} of a dataset, available without its files (e.g. to look up word vectors)."""
+    if name == "synthetic":
+        return {c: f"{APPEARANCES[look][0]} {shape}" for c, (shape, look) in SYNTHETIC_CLASSES.items()}
+    return dict(enumerate({"pascal": PASCAL_NAMES, "coco": COCO_NAMES}[name], 1))
+
+
 def build_dataset(name, split, fold, shot=1, img_size=473, root=None, seed=0, episodes=TEST_EPISODES,
                   coco_split="interleaved", train_length=None):
     """The episodes of `split` ("train": base classes, augmented; "test": the fold's novel classes, `episodes`
@@ -690,19 +709,18 @@ def build_dataset(name, split, fold, shot=1, img_size=473, root=None, seed=0, ep
                                                     if c not in test_classes]
     length = episodes if split == "test" else train_length
     if name == "synthetic":
-        names = {c: f"{APPEARANCES[look][0]} {shape}" for c, (shape, look) in SYNTHETIC_CLASSES.items()}
-        return SyntheticEpisodes(name, split, fold, shot, img_size, classes, names, seed,
+        return SyntheticEpisodes(name, split, fold, shot, img_size, classes, class_names(name), seed,
                                  length or SYNTHETIC_TRAIN_LENGTH)
     layout = PASCAL_LAYOUT if name == "pascal" else COCO_LAYOUT
     if root is None or not Path(root).expanduser().is_dir():
         raise DatasetNotFoundError(f"{name} data root {root} is not a directory\n{layout}")
     root = Path(root).expanduser()
     if name == "pascal":
-        files, counts, class_names = _pascal_index(root, split)
+        files, counts, names = _pascal_index(root, split)
     else:
-        files, counts, class_names = _coco_index(root, "train" if split == "train" else "val")
+        files, counts, names = _coco_index(root, "train" if split == "train" else "val")
     exclude = test_classes if split == "train" else ()
-    return ImageEpisodes(name, split, fold, shot, img_size, classes, class_names, seed, length, files, counts,
+    return ImageEpisodes(name, split, fold, shot, img_size, classes, names, seed, length, files, counts,
                          exclude)
 
 

@@ -1,9 +1,15 @@
-"""The test suite. Everything runs on the CPU with random backbone weights (pretrained=False) and data built here:
-no download, no dataset on disk.
+"""The test suite: the shared blocks (common.py), the episodic data (data.py) and the harness (train.py).
+
+Everything runs on the CPU with random backbone weights (pretrained=False) and data built here (the synthetic
+set, or tiny PASCAL/COCO trees in a temp folder): no download, no dataset on disk.
     python -m pytest -q test_models.py
 """
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +21,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import data
+import train
 from common import (FEM, IGNORE_INDEX, MAP_EPS, Backbone, IoUMeter, cosine_prior, intersection_and_union,
                     masked_average_pooling, seg_loss)
+
 
 
 # ==========================================================================================================
@@ -460,6 +468,13 @@ def test_synthetic_episode_shapes_and_determinism(shot, size):
     assert not torch.equal(ds[(0, 3)]["img_q"], ep["img_q"])
 
 
+def test_class_names_need_no_files():
+    pascal, coco, synthetic = (data.class_names(name) for name in ("pascal", "coco", "synthetic"))
+    assert list(pascal) == list(range(1, 21)) and pascal[1] == "aeroplane" and pascal[20] == "tvmonitor"
+    assert list(coco) == list(range(1, 81)) and coco[1] == "person" and coco[80] == "toothbrush"
+    assert len(set(synthetic.values())) == 20  # every synthetic class has its own name
+
+
 @pytest.mark.parametrize("fold", range(4))
 def test_synthetic_train_never_shows_test_classes(fold):
     ds = data.build_dataset("synthetic", "train", fold, shot=2, img_size=48, train_length=30)
@@ -700,3 +715,248 @@ def test_eval_episodes_identical_for_any_worker_count():
             assert torch.equal(a[key], b[key])
         assert all(torch.equal(x, y) for x, y in zip(a["m_q_orig"], b["m_q_orig"]))
 
+
+# ==========================================================================================================
+# train.py: the harness end to end on synthetic data, with a tiny model file written to a temp folder
+# ==========================================================================================================
+
+REPO = Path(__file__).resolve().parent
+
+TINY_MODEL = '''
+"""A tiny model with the repository's model interface, for testing the harness quickly."""
+import dataclasses
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import common
+
+DEFAULTS = {"synthetic": dict(lr=0.05, batch_size=4, epochs=2, img_size=48)}
+
+
+@dataclasses.dataclass
+class Config:
+    shot: int = 1
+    width: int = 16
+    nan_after: int = 0  # test hook: the loss becomes NaN after this many training steps (0: never)
+    crash_after: int = 0  # test hook: raise after this many training steps (0: never)
+
+
+def add_args(parser):
+    parser.add_argument("--nan-after", type=int, default=None)
+    parser.add_argument("--crash-after", type=int, default=None)
+
+
+def stage_hello(args):
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "stage.txt").write_text(f"fold {args.fold}")
+
+
+STAGES = {"hello": stage_hello}
+
+
+class Model(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.encoder = nn.Sequential(nn.Conv2d(3, w, 3, 2, 1), nn.ReLU(), nn.Conv2d(w, w, 3, 2, 1), nn.ReLU(),
+                                     nn.Dropout2d(0.1))
+        self.head = nn.Conv2d(2 * w + 1, 2, 1)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, img_q, img_s, m_s, class_ids=None):
+        B, S = img_s.shape[:2]
+        f_q = self.encoder(img_q)
+        f_s = self.encoder(img_s.flatten(0, 1))
+        proto = common.masked_average_pooling(f_s, (m_s.flatten(0, 1) == 1).float()).view(B, S, -1).mean(1)
+        cos = F.cosine_similarity(f_q, proto[:, :, None, None], dim=1)[:, None]
+        x = torch.cat([f_q, proto[:, :, None, None].expand_as(f_q), cos], 1)
+        return {"logits": F.interpolate(self.head(x), img_q.shape[-2:], mode="bilinear", align_corners=True)}
+
+    def loss(self, out, m_q, m_s):
+        total = common.seg_loss(out["logits"], m_q)
+        if self.training:
+            self.steps += 1
+            if self.cfg.crash_after and self.steps > self.cfg.crash_after:
+                raise RuntimeError("simulated crash")
+            if self.cfg.nan_after and self.steps > self.cfg.nan_after:
+                total = total * float("nan")
+        return total, {"main": total}
+'''
+
+
+@pytest.fixture()
+def tiny(tmp_path):
+    path = tmp_path / "tinynet.py"
+    path.write_text(TINY_MODEL)
+    return path
+
+
+def tiny_args(tiny, out, *extra):
+    return ["--model", str(tiny), "--dataset", "synthetic", "--fold", "1", "--train-length", "16",
+            "--test-episodes", "12", "--test-seeds", "2", "--workers", "0", "--out", str(out), *extra]
+
+
+def run_cli(args, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, env=env,
+                          timeout=300, **kw)
+
+
+def result_line(text):
+    lines = [l for l in text.splitlines() if l.startswith("RESULT ")]
+    assert lines, text[-3000:]
+    return dict(kv.split("=") for kv in lines[-1].split()[1:])
+
+
+def test_cli_trains_and_evaluates_end_to_end(tiny, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(["train.py", *tiny_args(tiny, out, "--epochs", "3", "--log-every", "2", "--workers", "2")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = result_line(proc.stdout)
+    assert res["model"] == "tinynet" and res["dataset"] == "synthetic" and res["fold"] == "1"
+    assert 0 <= float(res["miou"]) <= 100 and 0 <= float(res["fbiou"]) <= 100
+    assert "episodes/s" in proc.stdout and "ETA" in proc.stdout and "test seed 1" in proc.stdout
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["event"] == "start" and records[-1]["event"] == "result"
+    assert set(records[-1]["per_class"]) == {"6", "7", "8", "9", "10"}  # fold 1's test classes
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert state["epoch"] == 3 and state["args"]["model"] == str(tiny)
+
+
+def test_training_lowers_the_loss(tiny, tmp_path):
+    train.main(tiny_args(tiny, tmp_path, "--epochs", "6", "--train-length", "32", "--log-every", "8",
+                         "--test-episodes", "4", "--test-seeds", "1"))
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+              if r["event"] == "train"]
+    assert len(losses) == 6 and sum(losses[-2:]) < 0.9 * sum(losses[:2]), losses
+
+
+def test_resume_after_a_crash_gives_the_same_weights(tiny, tmp_path):
+    common_args = ["--epochs", "3", "--workers", "2", "--test-episodes", "2", "--test-seeds", "1"]
+    train.main(tiny_args(tiny, tmp_path / "a", *common_args))
+    with pytest.raises(RuntimeError, match="simulated crash"):  # 4 steps per epoch: dies inside epoch 2
+        train.main(tiny_args(tiny, tmp_path / "b", *common_args, "--crash-after", "6"))
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["epoch"] == 1
+    train.main(tiny_args(tiny, tmp_path / "b", *common_args, "--resume"))
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    assert b["epoch"] == 3
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert torch.equal(a["optimizer"]["state"][0]["momentum_buffer"], b["optimizer"]["state"][0]["momentum_buffer"])
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.main(tiny_args(tiny, tmp_path, "--epochs", "3", "--nan-after", "5", "--log-every", "1"))
+    assert stop.value.code == train.EXIT_NONFINITE
+    assert "loss became nan" in capsys.readouterr().out
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert state["epoch"] == 1  # 4 steps per epoch: epoch 1 was good, epoch 2 went bad
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_evaluation_is_reproducible_and_matches_across_processes(tiny, tmp_path):
+    train.main(tiny_args(tiny, tmp_path / "t", "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"))
+    ckpt = str(tmp_path / "t" / "last.pt")
+    evals = ["--eval-only", "--checkpoint", ckpt, "--batch-size", "2"]
+    first = train.main(tiny_args(tiny, tmp_path / "e1", *evals))
+    second = train.main(tiny_args(tiny, tmp_path / "e2", *evals, "--workers", "2"))
+    assert first == second
+    # 2 processes (gloo on CPU): each rank takes every second episode, the meters are summed across ranks
+    proc = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                    "train.py", *tiny_args(tiny, tmp_path / "ddp", *evals)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = result_line(proc.stdout)
+    assert float(res["miou"]) == pytest.approx(100 * first[0], abs=0.006)
+    assert float(res["fbiou"]) == pytest.approx(100 * first[1], abs=0.006)
+
+
+def test_ddp_training_on_cpu(tiny, tmp_path):
+    proc = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+                    "train.py", *tiny_args(tiny, tmp_path, "--epochs", "2", "--test-episodes", "4")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("RESULT ") == 1  # rank 0 alone reports
+    assert "2 process(es)" in proc.stdout
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 2
+
+
+def test_baseline_segments_a_colour_coded_episode_exactly():
+    """On pixel features, a red square on blue is found exactly by the fg/bg prototype rule."""
+    baseline = train.PrototypeBaseline(train.BaselineConfig(baseline_features="image"))
+    img_s, img_q = torch.zeros(1, 2, 3, 16, 16), torch.zeros(1, 3, 16, 16)
+    img_s[:, :, 2], img_q[:, 2] = 1.0, 1.0  # blue everywhere
+    m_s = torch.zeros(1, 2, 16, 16, dtype=torch.long)
+    m_s[0, 0, 2:8, 2:8], m_s[0, 1, 8:14, 1:5], m_s[0, 1, 0, :] = 1, 1, 255
+    for k, (top, left, h, w) in enumerate([(2, 2, 6, 6), (8, 1, 6, 4)]):
+        img_s[0, k, :, top:top + h, left:left + w] = torch.tensor([1.0, 0, 0])[:, None, None]  # red object
+    img_q[0, :, 9:15, 5:12] = torch.tensor([1.0, 0, 0])[:, None, None]
+    logits = baseline(img_q, img_s, m_s)["logits"]
+    assert logits.shape == (1, 2, 16, 16) and not any(p.requires_grad for p in baseline.parameters())
+    expected = torch.zeros(16, 16, dtype=torch.long)
+    expected[9:15, 5:12] = 1
+    assert torch.equal(logits[0].argmax(0), expected)
+
+
+def test_baseline_evaluates_without_training(tmp_path, capsys):
+    miou, fbiou = train.main(["--model", "baseline", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
+                              "--img-size", "64", "--test-episodes", "6", "--test-seeds", "1",
+                              "--out", str(tmp_path)])
+    assert 0 < miou < 1 and 0 < fbiou < 1
+    assert "training:" not in capsys.readouterr().out
+
+
+def test_stage_vis_predict_and_bench(tiny, tmp_path, capsys):
+    train.main(tiny_args(tiny, tmp_path, "--stage", "hello"))
+    assert (tmp_path / "stage.txt").read_text() == "fold 1"
+    with pytest.raises(SystemExit, match="offers"):
+        train.main(tiny_args(tiny, tmp_path, "--stage", "nosuch"))
+
+    train.main(tiny_args(tiny, tmp_path, "--epochs", "1", "--vis", "3", "--test-episodes", "4", "--test-seeds", "1"))
+    pngs = sorted((tmp_path / "vis").glob("*.png"))
+    assert len(pngs) == 3
+    from PIL import Image
+    assert Image.open(pngs[0]).size == (3 * 48, 48)  # 1 support | ground truth | prediction
+
+    import numpy as np
+    img = np.zeros((30, 50, 3), np.uint8)
+    img[5:25, 10:30] = 200
+    mask = np.zeros((30, 50), np.uint8)
+    mask[5:25, 10:30] = 255  # a white-on-black mask, as people draw them
+    Image.fromarray(img).save(tmp_path / "s.jpg")
+    Image.fromarray(mask).save(tmp_path / "s.png")
+    Image.fromarray(img[:, ::-1].copy()).save(tmp_path / "q.jpg")
+    pred_out = tmp_path / "pred"
+    train.main(["--predict", "--checkpoint", str(tmp_path / "last.pt"), "--support", str(tmp_path / "s.jpg"),
+                "--support-mask", str(tmp_path / "s.png"), "--query", str(tmp_path / "q.jpg"),
+                "--out", str(pred_out), "--workers", "0"])
+    pred = np.array(Image.open(pred_out / "q_mask.png"))
+    assert pred.shape == (30, 50) and set(np.unique(pred)) <= {0, 255}
+    assert Image.open(pred_out / "q_overlay.png").size == (50, 30)
+
+    capsys.readouterr()
+    train.main(tiny_args(tiny, tmp_path, "--bench", "--bench-steps", "2", "--batch-size", "2"))
+    text = capsys.readouterr().out
+    assert "ms/step" in text and "ms/episode" in text and "learnable" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fold", "7"], "invalid choice"),
+    (["--shot", "0"], "--shot must be at least 1"),
+    (["--model", "nosuchnet"], "choose one of"),
+    (["--model", "missing.py"], "no such file"),
+    (["--dataset", "pascal", "--data-root", "/nonexistent/voc", "--model", "baseline", "--no-pretrained"],
+     "JPEGImages"),
+])
+def test_bad_arguments_get_clear_messages(argv, message, tmp_path):
+    proc = run_cli(["train.py", *argv, "--workers", "0", "--out", str(tmp_path)])
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_eval_only_without_checkpoint_is_refused(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(tiny_args(tiny, tmp_path, "--eval-only"))
+    assert "--eval-only needs --checkpoint" in capsys.readouterr().err

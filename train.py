@@ -1,0 +1,693 @@
+"""Train and evaluate every few-shot segmentation model of this repository under one protocol.
+
+    python train.py --model symnet --dataset synthetic --fold 0      # quick start, CPU, a few minutes
+    python train.py --model symnet --fold 1 --data-root ~/data/VOC2012            # PASCAL-5i, fold 1, 1-shot
+    python train.py --model symnet --fold 1 --shot 5 --eval-only --checkpoint runs/x/last.pt
+    python train.py --model qpenet --dataset coco --fold 0 --data-root ~/data/coco
+    torchrun --nproc_per_node 4 train.py --model ocnet --dataset coco --fold 2 --data-root ~/data/coco
+    python train.py --model qgnet --stage prior --fold 0 --data-root ~/data/VOC2012   # a model's extra stage
+    python train.py --model symnet --bench                           # speed, memory, parameters
+    python train.py --predict --checkpoint runs/x/last.pt --support s.jpg --support-mask s.png --query q.jpg
+
+A model is one of the five paper files, `baseline` (the parameter-free floor every model must beat), or the
+path of your own `.py` file with the same interface, which then gets exactly the same protocol:
+
+    Config                 dataclass; fields named like a flag (backbone, shot, pretrained, img_size, dataset,
+                           and any flag the module adds) are filled from the command line
+    Model(cfg)             nn.Module; forward(img_q, img_s, m_s, class_ids=None) -> dict with "logits" (B,2,H,W)
+                           and whatever its loss needs; loss(out, m_q, m_s) -> (total, {name: term})
+    DEFAULTS               optional {"pascal"|"coco"|"synthetic": {lr, batch_size, epochs, img_size}}, cited
+    add_args(parser)       optional: the model's own flags
+    STAGES                 optional {name: fn(args)}: extra training stages, run by --stage NAME
+    Model.predict(...)     optional: inference hook (test-time fine-tuning, multi-scale), same arguments as
+                           forward, returns logits; evaluation uses it instead of forward when present
+
+Protocol (README.md, "Protocol"): SGD with momentum 0.9 and weight decay 1e-4 on the learnable parameters,
+poly learning rate (power 0.9) per iteration; the last checkpoint is evaluated (`--select-best` chooses on the
+test fold, as the official repositories do, which is optimistic); test episodes depend only on (test seed,
+index), so every model sees the same episodes; 1000 episodes x 5 seeds, the mean reported; IoU scored at the
+query's original resolution.
+"""
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Sampler
+
+import common
+import data
+
+MODELS = ("ocnet", "qgnet", "crcnet", "symnet", "qpenet", "baseline")
+MOMENTUM = 0.9  # PFENet, BAM, HSNet-era FSS all use SGD with momentum 0.9
+WEIGHT_DECAY = 1e-4  # PFENet train.py
+POLY_POWER = 0.9  # PFENet util.poly_learning_rate
+# Used where a model file gives no defaults for a dataset. PASCAL/COCO follow PFENet's configs (the official
+# code multiplies these learning rates by 10; see README). The synthetic values finish on a laptop CPU in minutes.
+HARNESS_DEFAULTS = {
+    "pascal": dict(lr=0.0025, batch_size=4, epochs=200, img_size=473),
+    "coco": dict(lr=0.005, batch_size=8, epochs=50, img_size=641),
+    "synthetic": dict(lr=0.01, batch_size=8, epochs=4, img_size=128, train_length=500,
+                      test_episodes=300, test_seeds=1),
+}
+EXIT_NONFINITE = 3  # exit status when the loss becomes NaN or infinite
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The built-in parameter-free baseline: the floor that every model must clearly beat
+
+
+@dataclasses.dataclass
+class BaselineConfig:
+    backbone: str = "resnet50"
+    pretrained: bool = True
+    baseline_features: str = "layer3"  # mid-level features, PFENet's prototype level; "image": the pixels
+
+
+class PrototypeBaseline(nn.Module):
+    """PANet's parameter-free rule: foreground and background prototypes of the support by masked average
+    pooling, cosine with every query pixel, foreground where cos(fg) > cos(bg), i.e. a threshold at 0 on the
+    difference. K shots: the prototypes are averaged. No learnable parameter: train.py evaluates it directly.
+    Features: a level of the frozen backbone, or the normalised pixels ("image"), which need no weights at all.
+    """
+
+    def __init__(self, cfg: BaselineConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.baseline_features != "image":
+            self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained)
+
+    def features(self, img):
+        return img if self.cfg.baseline_features == "image" else self.backbone(img)[self.cfg.baseline_features]
+
+    def forward(self, img_q, img_s, m_s, class_ids=None):
+        B, S = img_s.shape[:2]
+        f_q = self.features(img_q)  # (B,C,h,w)
+        f_s = self.features(img_s.flatten(0, 1))  # (B*S,C,h,w)
+        m = m_s.flatten(0, 1)  # (B*S,H,W); 255 belongs to neither prototype
+        protos = [common.masked_average_pooling(f_s, (m == c).float()).view(B, S, -1).mean(1) for c in (0, 1)]
+        cos = [F.cosine_similarity(f_q, p[:, :, None, None], dim=1) for p in protos]  # 2 x (B,h,w)
+        logits = torch.stack(cos, 1)  # (B,2,h,w): background, foreground
+        return {"logits": F.interpolate(logits, img_q.shape[-2:], mode="bilinear", align_corners=True)}
+
+    def loss(self, out, m_q, m_s):
+        total = common.seg_loss(out["logits"], m_q)
+        return total, {"main": total}
+
+
+class BaselineModule:
+    """Stands in for a model file, so that the baseline goes through exactly the same code path."""
+    Config = BaselineConfig
+    Model = PrototypeBaseline
+    DEFAULTS = {}
+    __name__ = "baseline"
+
+    @staticmethod
+    def add_args(parser):
+        parser.add_argument("--baseline-features", choices=["layer1", "layer2", "layer3", "layer4", "image"],
+                            help="features of the baseline (default layer3)")
+
+
+def load_model_module(name):
+    """A model file by name (`symnet`), the built-in `baseline`, or the path of a user's own .py file."""
+    if name == "baseline":
+        return BaselineModule
+    if name.endswith(".py"):
+        path = Path(name)
+        if not path.is_file():
+            sys.exit(f"error: --model {name}: no such file")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module  # so that checkpoints and pickling can find it
+        spec.loader.exec_module(module)
+    elif name in MODELS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:
+                raise
+            sys.exit(f"error: --model {name}: {name}.py is not in this checkout yet")
+    else:
+        sys.exit(f"error: --model {name}: choose one of {', '.join(MODELS)} or give the path of a .py file")
+    for attr in ("Config", "Model"):
+        if not hasattr(module, attr):
+            sys.exit(f"error: --model {name}: the module defines no `{attr}` (see train.py's docstring)")
+    return module
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="baseline", help=f"{', '.join(MODELS)}, or path/to/your_model.py")
+    p.add_argument("--dataset", default="pascal", choices=["pascal", "coco", "synthetic"])
+    p.add_argument("--data-root", default=None, help="dataset folder (README: 'Datasets' gives the layout)")
+    p.add_argument("--fold", type=int, default=0, choices=[0, 1, 2, 3])
+    p.add_argument("--shot", type=int, default=1)
+    p.add_argument("--coco-split", default="interleaved", choices=["interleaved", "contiguous"])
+    p.add_argument("--backbone", default="resnet50", choices=["resnet50", "resnet101", "vgg16_bn"])
+    p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (no ImageNet download)")
+    p.add_argument("--epochs", type=int, default=None, help="default: the model's, per dataset")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch, split across processes")
+    p.add_argument("--lr", type=float, default=None, help="base learning rate of the poly schedule")
+    p.add_argument("--img-size", type=int, default=None, help="train crop and test canvas size")
+    p.add_argument("--train-length", type=int, default=None,
+                   help="training episodes per epoch (default: every filtered training image; synthetic 500)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
+    p.add_argument("--seed", type=int, default=0, help="training seed (test episodes do not depend on it)")
+    p.add_argument("--out", default=None, help="run folder (default runs/MODEL-DATASET-foldK-Sshot)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint, do not train")
+    p.add_argument("--checkpoint", default=None, help="weights for --eval-only, --predict, --vis")
+    p.add_argument("--select-best", action="store_true",
+                   help="validate on the test fold during training and evaluate the best (optimistic)")
+    p.add_argument("--val-every", type=int, default=5, help="epochs between validations for --select-best")
+    p.add_argument("--test-episodes", type=int, default=None, help=f"episodes per seed (default {data.TEST_EPISODES})")
+    p.add_argument("--test-seeds", type=int, default=None,
+                   help=f"test seeds, the mean reported (default {data.TEST_SEEDS})")
+    p.add_argument("--log-every", type=int, default=20, help="optimizer steps between progress lines")
+    p.add_argument("--fp32", action="store_true", help="disable bf16 autocast on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--bench", action="store_true", help="time training steps and inference, then exit")
+    p.add_argument("--bench-steps", type=int, default=10)
+    p.add_argument("--vis", type=int, default=0, metavar="N", help="write N PNGs of test episodes")
+    p.add_argument("--stage", default=None, help="run a model's extra training stage (e.g. qgnet: prior)")
+    p.add_argument("--predict", action="store_true", help="segment --query given --support/--support-mask")
+    p.add_argument("--support", action="append", default=[], help="support image (repeat for K shots)")
+    p.add_argument("--support-mask", action="append", default=[], help="its mask: nonzero pixels = object")
+    p.add_argument("--query", action="append", default=[], help="query image (repeatable)")
+    return p
+
+
+def parse_args(argv=None):
+    """Two passes: --model (or the checkpoint's model) first, so the model file can add its own flags."""
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    trained = read_checkpoint(known.checkpoint)["args"] if known.checkpoint else {}
+    if trained and "--model" not in (sys.argv[1:] if argv is None else argv):
+        known.model = trained["model"]  # --predict and --eval-only need not repeat it
+    module = load_model_module(known.model)
+    if hasattr(module, "add_args"):
+        module.add_args(parser.add_argument_group(f"{known.model} options"))
+    args = parser.parse_args(argv)
+    args.model = known.model
+    if args.shot < 1:
+        parser.error("--shot must be at least 1")
+    if args.eval_only and not args.checkpoint and not model_is_parameter_free(module):
+        parser.error("--eval-only needs --checkpoint (only the parameter-free baseline has none)")
+    if args.predict and not (args.support and args.query and len(args.support) == len(args.support_mask)):
+        parser.error("--predict needs --query, and one --support-mask for every --support")
+    if args.resume and args.eval_only:
+        parser.error("--resume and --eval-only exclude each other")
+    if args.predict and not args.checkpoint and not model_is_parameter_free(module):
+        parser.error("--predict needs --checkpoint (only the parameter-free baseline has none)")
+    if args.img_size is None and (args.predict or trained.get("dataset") == args.dataset):
+        args.img_size = trained.get("img_size")  # test at the size the model was trained at
+    defaults = {**HARNESS_DEFAULTS[args.dataset], **getattr(module, "DEFAULTS", {}).get(args.dataset, {})}
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.test_episodes = args.test_episodes or data.TEST_EPISODES
+    args.test_seeds = args.test_seeds or data.TEST_SEEDS
+    args.out = Path(args.out or f"runs/{Path(args.model).stem}-{args.dataset}-fold{args.fold}-{args.shot}shot")
+    return args, module
+
+
+def model_is_parameter_free(module):
+    return module is BaselineModule
+
+
+def make_config(module, args):
+    """Fill the model's Config from the flags of the same name; everything else keeps the paper's default."""
+    values = {}
+    for field in dataclasses.fields(module.Config):
+        if field.name == "pretrained":
+            values["pretrained"] = not args.no_pretrained
+        elif getattr(args, field.name, None) is not None:
+            values[field.name] = getattr(args, field.name)
+    return module.Config(**values)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Devices, processes, checkpoints
+
+
+def setup_device():
+    """(device, rank, world). Under torchrun every process takes its own GPU (or CPU with gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, rank, world
+
+
+def log(rank, *msg):
+    if rank == 0:
+        print(*msg, flush=True)
+
+
+def read_checkpoint(path):
+    if not Path(path).is_file():
+        sys.exit(f"error: checkpoint {path} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def save_checkpoint(path, model, optimizer, epoch, cfg, args, best):
+    """Written to a temporary file first and renamed, so a crash never leaves a half-written checkpoint."""
+    state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+             "config": dataclasses.asdict(cfg), "args": {k: str(v) if isinstance(v, Path) else v
+                                                         for k, v in vars(args).items()}, "best": best}
+    tmp = Path(str(path) + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def unwrap(model):
+    model = model.module if isinstance(model, DDP) else model
+    return getattr(model, "_orig_mod", model)  # torch.compile wraps the module
+
+
+def count_parameters(model):
+    learnable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return learnable, sum(p.numel() for p in model.parameters())
+
+
+def autocast(device, args):
+    if device.type == "cuda" and not args.fp32:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Episodes: the sampler carries the stream (epoch or test seed) with each index, so that persistent
+# DataLoader workers draw the right episode without being told about the epoch.
+
+
+class EpisodeSampler(Sampler):
+    """Yields (stream, index) keys. Training: a permutation seeded by (seed, epoch), split across ranks,
+    trimmed to whole global batches. Test: episodes 0..n-1 of one test seed, rank r taking r, r+world, ..."""
+
+    def __init__(self, length, rank=0, world=1, shuffle=False, seed=0, batch_size=1):
+        self.length, self.rank, self.world = length, rank, world
+        self.shuffle, self.seed, self.batch_size = shuffle, seed, batch_size
+        self.stream = 0
+
+    def set_stream(self, stream):
+        self.stream = stream
+
+    def _indices(self):
+        if not self.shuffle:
+            return list(range(self.rank, self.length, self.world))
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.stream)
+        order = torch.randperm(self.length, generator=g).tolist()
+        per_rank = self.length // (self.world * self.batch_size) * self.batch_size
+        return order[self.rank::self.world][:per_rank]
+
+    def __iter__(self):
+        return iter([(self.stream, i) for i in self._indices()])
+
+    def __len__(self):
+        return len(self._indices())
+
+
+def make_loader(dataset, sampler, batch_size, args, device, drop_last):
+    workers = args.workers
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      collate_fn=data.collate_episodes, drop_last=drop_last,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None)
+
+
+def build_dataset(args, split):
+    try:
+        return data.build_dataset(args.dataset, split, args.fold, shot=args.shot, img_size=args.img_size,
+                                  root=args.data_root, seed=args.seed if split == "train" else 0,
+                                  episodes=args.test_episodes,
+                                  coco_split=args.coco_split, train_length=args.train_length)
+    except FileNotFoundError as err:  # a missing or incomplete data root: the message names the layout
+        sys.exit(f"error: {err}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: the same for every model
+
+
+@torch.no_grad()
+def evaluate(model, loader, dataset, device, args, rank, seed):
+    """One test seed: class mIoU and FB-IoU (PFENet's definitions, common.IoUMeter) at original resolution."""
+    net = unwrap(model)
+    net.eval()
+    infer = getattr(net, "predict", None) or (lambda *a: net(*a)["logits"])
+    meter = common.IoUMeter(dataset.num_classes, device=device)
+    loader.sampler.set_stream(seed)
+    for batch in loader:
+        batch = to_device(batch, device)
+        with autocast(device, args):
+            logits = infer(batch["img_q"], batch["img_s"], batch["m_s"], batch["class_id"])  # (B,2,H,W)
+        for b, target in enumerate(batch["m_q_orig"]):
+            pred = data.logits_to_original(logits[b].float(), target.shape[-2:]).argmax(0)  # (H0,W0)
+            meter.update(pred[None], target[None].to(device), batch["class_id"][b:b + 1])
+    meter.all_reduce()
+    return meter
+
+
+def evaluate_protocol(model, args, device, rank, world):
+    """All test seeds; returns (mean mIoU, mean FB-IoU, per-class IoU averaged over seeds) as fractions."""
+    dataset = build_dataset(args, "test")
+    sampler = EpisodeSampler(len(dataset), rank, world)
+    loader = make_loader(dataset, sampler, max(1, args.batch_size // world), args, device, drop_last=False)
+    mious, fbious, per_class = [], [], {}
+    for seed in range(args.test_seeds):
+        t0 = time.perf_counter()
+        meter = evaluate(model, loader, dataset, device, args, rank, seed)
+        mious.append(meter.miou())
+        fbious.append(meter.fbiou())
+        for c, iou in meter.class_iou().items():
+            per_class.setdefault(c, []).append(iou)
+        log(rank, f"test seed {seed}: mIoU {100 * mious[-1]:.2f}  FB-IoU {100 * fbious[-1]:.2f}  "
+                  f"({len(dataset)} episodes, {time.perf_counter() - t0:.1f}s)")
+    return float(np.mean(mious)), float(np.mean(fbious)), {c: float(np.mean(v)) for c, v in per_class.items()}, dataset
+
+
+def report(args, dataset, miou, fbiou, per_class, rank, log_file):
+    if rank != 0:
+        return
+    names = {c: dataset.class_names.get(c, str(c)) for c in per_class}
+    width = max(map(len, names.values()), default=4)
+    print(f"\n{'class':>6}  {'name':<{width}}  IoU")
+    for c in sorted(per_class):
+        print(f"{c:>6}  {names[c]:<{width}}  {100 * per_class[c]:6.2f}")
+    record = {"event": "result", "model": Path(args.model).stem, "dataset": args.dataset, "fold": args.fold,
+              "shot": args.shot, "miou": miou, "fbiou": fbiou, "per_class": per_class,
+              "episodes": args.test_episodes, "seeds": args.test_seeds}
+    write_log(log_file, record)
+    print(f"RESULT model={record['model']} dataset={args.dataset} fold={args.fold} shot={args.shot} "
+          f"miou={100 * miou:.2f} fbiou={100 * fbiou:.2f}", flush=True)
+
+
+def write_log(log_file, record):
+    if log_file is not None:
+        with open(log_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def train(model, optimizer, args, cfg, device, rank, world, log_file):
+    """Epochs of episodic SGD with a per-iteration poly schedule; a checkpoint every epoch; returns best mIoU."""
+    dataset = build_dataset(args, "train")
+    per_rank = args.batch_size // world
+    sampler = EpisodeSampler(len(dataset), rank, world, shuffle=True, seed=args.seed, batch_size=per_rank)
+    loader = make_loader(dataset, sampler, per_rank, args, device, drop_last=True)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        sys.exit(f"error: {len(dataset)} training episodes do not fill one batch of {args.batch_size}")
+    max_iter = args.epochs * steps_per_epoch
+    start_epoch, best = 0, -1.0
+    last = args.out / "last.pt"
+    if args.resume:
+        state = read_checkpoint(last)
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, best = state["epoch"], state["best"]
+        log(rank, f"resumed from {last} after epoch {start_epoch}")
+    log(rank, f"training: {len(dataset)} episodes/epoch, {steps_per_epoch} steps of {args.batch_size}, "
+              f"{args.epochs} epochs, lr {args.lr}")
+    t_start = time.perf_counter()
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_stream(epoch)
+        batches = iter(loader)  # starting workers draws from the global RNG: seed after it, so that dropout
+        torch.manual_seed(args.seed * 100003 + epoch * 101 + rank)  # is the same whether or not we resumed
+        model.train()
+        running, running_terms, seen, t0 = torch.zeros((), device=device), {}, 0, time.perf_counter()
+        for step, batch in enumerate(batches):
+            it = epoch * steps_per_epoch + step
+            lr = args.lr * (1 - it / max_iter) ** POLY_POWER
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = to_device(batch, device)
+            with autocast(device, args):
+                out = model(batch["img_q"], batch["img_s"], batch["m_s"], batch["class_id"])
+                loss, terms = unwrap(model).loss(out, batch["m_q"], batch["m_s"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += loss.detach()
+            for k, v in terms.items():
+                running_terms[k] = running_terms.get(k, 0) + v.detach()
+            seen += 1
+            if (step + 1) % args.log_every == 0 or step + 1 == steps_per_epoch:
+                mean = running.item() / seen  # the one host sync per interval
+                stop_if_nonfinite(mean, epoch, step, last, rank)
+                dt = time.perf_counter() - t0
+                eps = seen * args.batch_size / dt
+                done = it + 1 - start_epoch * steps_per_epoch
+                eta = (time.perf_counter() - t_start) / done * (max_iter - it - 1)
+                parts = " ".join(f"{k} {float(v) / seen:.4f}" for k, v in running_terms.items())
+                log(rank, f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps_per_epoch} loss {mean:.4f} "
+                          f"({parts}) lr {lr:.2e} {eps:.1f} episodes/s ETA {format_time(eta)}")
+                write_log(log_file, {"event": "train", "epoch": epoch + 1, "step": step + 1, "loss": mean,
+                                     **{k: float(v) / seen for k, v in running_terms.items()}, "lr": lr,
+                                     "episodes_per_s": eps})
+                running, running_terms, seen, t0 = torch.zeros((), device=device), {}, 0, time.perf_counter()
+        if args.select_best and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
+            miou, fbiou, _, _ = evaluate_protocol(model, args, device, rank, world)
+            write_log(log_file, {"event": "val", "epoch": epoch + 1, "miou": miou, "fbiou": fbiou})
+            if miou > best:
+                best = miou
+                if rank == 0:
+                    save_checkpoint(args.out / "best.pt", model, optimizer, epoch + 1, cfg, args, best)
+        if rank == 0:
+            save_checkpoint(last, model, optimizer, epoch + 1, cfg, args, best)
+        if world > 1:
+            dist.barrier()
+    return best
+
+
+def stop_if_nonfinite(value, epoch, step, last, rank):
+    if math.isfinite(value):
+        return
+    kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+    log(rank, f"error: the loss became {value} in epoch {epoch + 1} at step {step + 1}; stopping. {kept} "
+              f"(try a lower --lr, or --fp32).")
+    sys.exit(EXIT_NONFINITE)
+
+
+def format_time(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmark, visualisation, prediction on a user's own files
+
+
+def bench(model, optimizer, args, device):
+    """Training steps and inference on random episodes at the configured size; no data loading in the timing."""
+    B, S, size = args.batch_size, args.shot, args.img_size
+    img_q, img_s = torch.randn(B, 3, size, size, device=device), torch.randn(B, S, 3, size, size, device=device)
+    m_q = torch.zeros(B, size, size, dtype=torch.long, device=device)
+    m_q[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
+    m_s = m_q[:, None].expand(B, S, size, size).contiguous()
+    class_ids = torch.ones(B, dtype=torch.long, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def timed(fn, steps):
+        for _ in range(max(2, steps // 5)):  # warm-up (and compilation)
+            fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / steps
+
+    def train_step():
+        with autocast(device, args):
+            out = model(img_q, img_s, m_s, class_ids)
+            loss, _ = unwrap(model).loss(out, m_q, m_s)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    @torch.no_grad()
+    def infer():
+        with autocast(device, args):
+            model(img_q[:1], img_s[:1], m_s[:1], class_ids[:1])
+
+    learnable, total = count_parameters(model)
+    model.train()
+    t_train = timed(train_step, args.bench_steps) if learnable else float("nan")
+    model.eval()
+    t_infer = timed(infer, args.bench_steps)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"bench {Path(args.model).stem} on {name}, torch {torch.__version__}, {size}x{size}, {S}-shot, "
+          f"batch {B}, {'fp32' if args.fp32 or device.type != 'cuda' else 'bf16 autocast'}")
+    print(f"  train: {1000 * t_train:.1f} ms/step, {B / t_train:.1f} episodes/s")
+    print(f"  inference: {1000 * t_infer:.1f} ms/episode")
+    print(f"  peak GPU memory: {peak:.2f} GiB")
+    print(f"  parameters: {learnable / 1e6:.2f}M learnable, {total / 1e6:.2f}M total")
+
+
+def overlay(img, mask, colour):
+    """img uint8 (3,H,W), mask (H,W) in {0,1,255} -> uint8 (H,W,3): object tinted, ignore pixels greyed."""
+    out = img.permute(1, 2, 0).float()
+    tint = torch.tensor(colour, dtype=torch.float32)
+    out[mask == 1] = 0.5 * out[mask == 1] + 0.5 * tint
+    out[mask == 255] = 0.5 * out[mask == 255] + 64
+    return out.clamp(0, 255).to(torch.uint8).numpy()
+
+
+def visualise(model, args, device, rank):
+    """N PNGs of test episodes (seed 0): supports with their masks | query with ground truth | prediction."""
+    from PIL import Image
+    net = unwrap(model).eval()
+    infer = getattr(net, "predict", None) or (lambda *a: net(*a)["logits"])
+    dataset = build_dataset(args, "test")
+    folder = args.out / "vis"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(min(args.vis, len(dataset))):
+        ep = dataset[(0, i)]
+        with torch.no_grad(), autocast(device, args):
+            logits = infer(ep["img_q"][None].to(device), ep["img_s"][None].to(device),
+                           ep["m_s"][None].to(device), torch.tensor([ep["class_id"]], device=device))
+        pred = logits[0].float().argmax(0).cpu()
+        pred[ep["m_q"] == 255] = 255
+        panels = [overlay(data.denormalize(x), m, (0, 0, 255)) for x, m in zip(ep["img_s"], ep["m_s"])]
+        panels += [overlay(data.denormalize(ep["img_q"]), ep["m_q"], (0, 255, 0)),
+                   overlay(data.denormalize(ep["img_q"]), pred, (255, 0, 0))]
+        name = dataset.class_names.get(ep["class_id"], str(ep["class_id"])).replace(" ", "_")
+        Image.fromarray(np.concatenate(panels, 1)).save(folder / f"episode{i:04d}_{name}.png")
+    log(rank, f"wrote {min(args.vis, len(dataset))} episodes to {folder} "
+              f"(supports in blue | query ground truth in green | prediction in red)")
+
+
+@torch.no_grad()
+def predict(model, args, device):
+    """A trained model on the user's own images: writes QUERY_mask.png (0/255) and QUERY_overlay.png."""
+    from PIL import Image
+    net = unwrap(model).eval()
+    infer = getattr(net, "predict", None) or (lambda *a: net(*a)["logits"])
+    supports = [data.test_transform(data.load_image(i), (data.load_mask(m) > 0).long(), args.img_size)
+                for i, m in zip(args.support, args.support_mask)]
+    img_s = torch.stack([s[0] for s in supports])[None].to(device)  # (1,S,3,H,W)
+    m_s = torch.stack([s[1] for s in supports])[None].to(device)  # (1,S,H,W)
+    if (m_s == 1).sum() == 0:
+        sys.exit("error: every --support-mask is empty: mark the object with nonzero pixels")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path in args.query:
+        img = data.load_image(path)
+        img_q, _ = data.test_transform(img, torch.zeros(img.shape[1:], dtype=torch.long), args.img_size)
+        with autocast(device, args):
+            logits = infer(img_q[None].to(device), img_s, m_s, None)
+        pred = data.logits_to_original(logits[0].float().cpu(), img.shape[1:]).argmax(0)  # (H0,W0)
+        stem = args.out / Path(path).stem
+        Image.fromarray((pred * 255).to(torch.uint8).numpy()).save(f"{stem}_mask.png")
+        Image.fromarray(overlay(img, pred, (255, 0, 0))).save(f"{stem}_overlay.png")
+        print(f"{path}: {100 * pred.float().mean():.1f}% of the pixels -> {stem}_mask.png, {stem}_overlay.png")
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args, module = parse_args(argv)
+    device, rank, world = setup_device()
+    if args.batch_size % world:
+        sys.exit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
+
+    # 1. an extra training stage that the model file provides (runs instead of the episodic training)
+    if args.stage:
+        stages = getattr(module, "STAGES", {})
+        if args.stage not in stages:
+            sys.exit(f"error: --stage {args.stage}: {args.model} offers {sorted(stages) or 'no extra stage'}")
+        return stages[args.stage](args)
+
+    # 2. the model, from the paper's defaults and the flags; weights from a checkpoint where one is given
+    state = read_checkpoint(args.checkpoint) if args.checkpoint else None
+    if state is not None:
+        cfg = module.Config(**state["config"])
+        for key, value in (("pretrained", False), ("shot", args.shot), ("img_size", args.img_size)):
+            if hasattr(cfg, key):  # every weight is in the checkpoint; a 1-shot model may be tested 5-shot
+                setattr(cfg, key, value)
+    else:
+        cfg = make_config(module, args)
+    torch.manual_seed(args.seed)
+    model = module.Model(cfg).to(device)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    learnable, total = count_parameters(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY) if params else None
+    if args.compile:
+        model = torch.compile(model)
+    if world > 1 and params:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=getattr(unwrap(model), "find_unused_parameters", False))
+
+    if args.predict:
+        return predict(model, args, device)
+    if args.bench:
+        return bench(model, optimizer, args, device)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_file = args.out / "metrics.jsonl" if rank == 0 else None
+    log(rank, f"{Path(args.model).stem} on {args.dataset} fold {args.fold}, {args.shot}-shot, {args.img_size}px, "
+              f"{device}, {world} process(es); {learnable:,} learnable / {total:,} parameters; "
+              f"run folder {args.out}")
+    write_log(log_file, {"event": "start", "args": {k: str(v) for k, v in vars(args).items()}})
+
+    # 3. training (skipped for --eval-only and for a model with nothing to learn)
+    if not args.eval_only and learnable:
+        train(model, optimizer, args, cfg, device, rank, world, log_file)
+        if args.select_best and (args.out / "best.pt").exists():
+            unwrap(model).load_state_dict(read_checkpoint(args.out / "best.pt")["model"])
+            log(rank, "evaluating best.pt (chosen on the test fold: an optimistic estimate)")
+
+    # 4. evaluation under the shared protocol, and pictures of it
+    if args.vis and rank == 0:
+        visualise(model, args, device, rank)
+    miou, fbiou, per_class, dataset = evaluate_protocol(model, args, device, rank, world)
+    report(args, dataset, miou, fbiou, per_class, rank, log_file)
+    if world > 1:
+        dist.destroy_process_group()
+    return miou, fbiou
+
+
+if __name__ == "__main__":
+    main()
