@@ -54,6 +54,10 @@ def _resize(x, size):
     return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
+class WeightsUnavailableError(RuntimeError):
+    """The ImageNet weights could not be downloaded or loaded; the message says how to fetch them once."""
+
+
 def _load_torchvision(name, pretrained):
     """torchvision's `name` with ImageNet weights (or random ones); a clear error when the weights can't load."""
     builder, weights = BACKBONES[name]
@@ -63,7 +67,7 @@ def _load_torchvision(name, pretrained):
     try:
         return builder(weights=weights, **kwargs)
     except Exception as err:  # URLError, OSError, a corrupt download's RuntimeError: all mean "no weights here"
-        raise RuntimeError(
+        raise WeightsUnavailableError(
             f"could not load the ImageNet weights of {name} ({weights}): {err!r}\n"
             f"Fetch them once on a machine with internet access:\n"
             f"    python -c \"import torchvision; torchvision.models.{name}(weights='{weights.name}')\"\n"

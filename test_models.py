@@ -20,6 +20,7 @@ import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import common
 import data
 import train
 from common import (FEM, IGNORE_INDEX, MAP_EPS, Backbone, IoUMeter, cosine_prior, intersection_and_union,
@@ -307,7 +308,7 @@ def test_backbone_download_failure_message(monkeypatch):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(common.WeightsUnavailableError) as err:
         Backbone("resnet50", pretrained=True)
     message = str(err.value)
     assert "--no-pretrained" in message and "network is unreachable" in message
@@ -954,6 +955,17 @@ def test_bad_arguments_get_clear_messages(argv, message, tmp_path):
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_offline_pretrained_run_stops_with_instructions(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--model", "baseline", "--dataset", "synthetic", "--workers", "0", "--out", str(tmp_path)])
+    assert str(stop.value).startswith("error: could not load the ImageNet weights")
+    assert "--no-pretrained" in str(stop.value)
 
 
 def test_eval_only_without_checkpoint_is_refused(tiny, tmp_path, capsys):

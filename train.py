@@ -646,7 +646,10 @@ def main(argv=None):
     else:
         cfg = make_config(module, args)
     torch.manual_seed(args.seed)
-    model = module.Model(cfg).to(device)
+    try:
+        model = module.Model(cfg).to(device)
+    except common.WeightsUnavailableError as err:  # offline: say what to do, without a traceback
+        sys.exit(f"error: {err}")
     if state is not None:
         model.load_state_dict(state["model"])
     if device.type == "cuda":
