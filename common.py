@@ -328,3 +328,238 @@ class IoUMeter:
         if dist.is_available() and dist.is_initialized():
             for t in (self.class_inter, self.class_union, self.class_count, self.inter, self.union):
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+# ==========================================================================================================
+# BAM's base learner and classifier ensemble (appended for Sym-Net; any model may use them)
+# ==========================================================================================================
+# Source: C. Lang, G. Cheng, B. Tu, J. Han, "Learning What Not to Segment: A New Perspective on Few-Shot
+# Segmentation", CVPR 2022, github.com/chunbolang/BAM (model/PSPNet.py, model/PPM.py, model/BAM.py,
+# train_base.py, config/*_base.yaml). A PSPNet head (the base learner) is trained on the frozen backbone with
+# the full semantic labels of the fold's base classes (`python train.py --model symnet --stage base --fold K`);
+# a few-shot model (the meta learner) then hands its background / foreground probabilities to BAMEnsemble,
+# which moves to the background whatever the base learner recognises as a base class.
+#     BaseLearner        PSPNet's pyramid pooling head over layer4 -> background + n base classes
+#     gram_distance      BAM's scene difference of query and support (Gram matrices of layer2)
+#     BAMEnsemble        BAM's ensemble of the meta and base learners (gram_merge, cls_merge)
+#     BaseClassImages    training images with base-class semantic labels (PASCAL, COCO, synthetic)
+#     train_base_learner the stage: trains BaseLearner and writes base_learner_path(...)
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader, Dataset
+
+import data
+
+PPM_BINS = (1, 2, 3, 6)  # PSPNet pyramid pooling bins (BAM model/PSPNet.py: bins=(1, 2, 3, 6))
+PSP_HIDDEN = 512  # width of PSPNet's classifier (BAM model/PSPNet.py: cls, fea_dim*2 -> 512)
+PSP_DROPOUT = 0.1  # PSPNet cls Dropout2d (BAM model/PSPNet.py)
+GRAM_EPS = 1e-7  # BAM get_gram_matrix denominator (model/BAM.py)
+BASE_SCALE_RANGE = (0.5, 2.0)  # BAM config/*_base.yaml scale_min / scale_max (episodic training: 0.9-1.1)
+BASE_MOMENTUM, BASE_WEIGHT_DECAY, BASE_POLY_POWER = 0.9, 1e-4, 0.9  # BAM config/*_base.yaml
+BASE_LEARNER_DIR = "runs"  # default checkpoint: runs/base-DATASET-foldK-BACKBONE/base_learner.pt
+
+
+def base_classes(dataset, fold, coco_split="interleaved"):
+    """Base (training) class ids of a fold, in the base learner's channel order 1..n (channel 0: background)."""
+    novel = set(data.fold_classes(dataset, fold, coco_split))
+    return [c for c in range(1, data.NUM_CLASSES[dataset] + 1) if c not in novel]
+
+
+def base_learner_path(dataset, fold, backbone):
+    """Where --stage base writes the base learner and where a meta learner looks for it by default."""
+    return Path(BASE_LEARNER_DIR) / f"base-{dataset}-fold{fold}-{backbone}" / "base_learner.pt"
+
+
+class BaseLearner(nn.Module):
+    """PSPNet's head (Zhao et al., CVPR 2017) as BAM's base learner (BAM model/PSPNet.py, model/PPM.py).
+
+    Pyramid pooling: per bin b in (1, 2, 3, 6), adaptive average pooling to b x b, 1x1 conv to in_dim/4 (no
+    bias), BN, ReLU, upsampled back; concatenated with the input (2*in_dim) -> 3x3 conv to 512 (no bias), BN,
+    ReLU, Dropout2d(0.1), 1x1 conv to 1 + n classes. `classes` are the base class ids in channel order
+    (channel i = classes[i-1]); a buffer, so that a checkpoint says which classes it knows.
+    forward(f4 (B,in_dim,h,w) layer4 features) -> logits (B,1+n,h,w).
+    freeze(): no gradients and always eval mode (BN statistics fixed), for use inside a meta learner.
+    """
+
+    def __init__(self, in_dim, classes):
+        super().__init__()
+        self.register_buffer("classes", torch.as_tensor(list(classes), dtype=torch.long))
+        self.frozen = False
+        dim = in_dim // len(PPM_BINS)
+        self.ppm = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(in_dim, dim, 1, bias=False), nn.BatchNorm2d(dim),
+                          nn.ReLU(inplace=True)) for b in PPM_BINS)
+        self.cls = nn.Sequential(nn.Conv2d(2 * in_dim, PSP_HIDDEN, 3, padding=1, bias=False),
+                                 nn.BatchNorm2d(PSP_HIDDEN), nn.ReLU(inplace=True), nn.Dropout2d(PSP_DROPOUT),
+                                 nn.Conv2d(PSP_HIDDEN, 1 + len(self.classes), 1))
+
+    def freeze(self):
+        self.frozen = True
+        self.requires_grad_(False)
+        return self.train(False)
+
+    def train(self, mode=True):
+        return super().train(mode and not self.frozen)
+
+    def forward(self, f4):
+        pyramid = [_resize(stage(f4), f4.shape[-2:]) for stage in self.ppm]  # 4 x (B, in_dim/4, h, w)
+        return self.cls(torch.cat([f4, *pyramid], 1))  # (B, 2*in_dim, h, w) -> (B, 1+n, h, w)
+
+
+def gram_matrix(f):
+    """BAM's get_gram_matrix: cosine similarity of every pair of channels. f (B,C,h,w) -> (B,C,C)."""
+    x = f.flatten(2)  # (B, C, hw)
+    norm = x.norm(dim=2, keepdim=True)  # (B, C, 1)
+    return torch.bmm(x, x.transpose(1, 2)) / (torch.bmm(norm, norm.transpose(1, 2)) + GRAM_EPS)  # (B, C, C)
+
+
+def gram_distance(f_q, f_s):
+    """BAM's scene difference est_val = ||G(f_q) - G(f_s)||_F / ||1_CxC||_F (= C), in [0, 2].
+
+    f_q (B,C,h,w) low-level (layer2) query features, f_s (B,S,C,h,w) support ones. Returns (B,): the mean over
+    the shots (BAM weights the shots by a learned kshot_rw instead; Sym-Net's paper averages its K shots)."""
+    g_q = gram_matrix(f_q)  # (B, C, C)
+    dists = [(g_q - gram_matrix(f_s[:, k])).flatten(1).norm(dim=1) for k in range(f_s.shape[1])]  # S x (B,)
+    return torch.stack(dists, 1).mean(1) / f_q.shape[1]  # (B,)
+
+
+class BAMEnsemble(nn.Module):
+    """BAM's classifier ensemble (model/BAM.py, "Classifier Ensemble"), from the meta learner's probabilities
+    p = softmax(meta_logits) and the base learner's q = softmax(base_logits):
+        bg = gram_merge([p_bg, est]), fg = gram_merge([p_fg, est])   1x1 conv 2 -> 1, initialised [1, 0]
+        bg' = cls_merge([bg, base_map])                              1x1 conv 2 -> 1, initialised [1, 0]
+    with base_map = the sum of q over the base-class channels and est = gram_distance(...). Returns [bg', fg]
+    (B,2,h,w): scores that cross-entropy takes as logits, as in BAM. At initialisation bg' = p_bg, fg = p_fg.
+    An episode whose class is one of `base_classes` (training) leaves its own channel out of base_map, or the
+    base learner would push the very target to the background (BAM, cls_type 'Base'); at test the classes are
+    novel and nothing is left out. class_ids None (e.g. --predict): nothing is left out.
+    forward(meta_logits (B,2,h,w), base_logits (B,1+n,h,w), est (B,), base_classes (n,), class_ids (B,) or None)
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.gram_merge = nn.Conv2d(2, 1, 1, bias=False)
+        self.cls_merge = nn.Conv2d(2, 1, 1, bias=False)
+        with torch.no_grad():
+            for conv in (self.gram_merge, self.cls_merge):
+                conv.weight.copy_(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1))
+
+    def forward(self, meta_logits, base_logits, est, base_classes, class_ids=None):
+        p, q = meta_logits.softmax(1), base_logits.softmax(1)  # (B, 2, h, w), (B, 1+n, h, w)
+        keep = torch.ones_like(q[:, 1:, 0, 0])  # (B, n)
+        if class_ids is not None:
+            keep = (base_classes[None] != class_ids.view(-1, 1)).to(q.dtype)  # (B, n)
+        base_map = (q[:, 1:] * keep[:, :, None, None]).sum(1, keepdim=True)  # (B, 1, h, w)
+        est_map = est.view(-1, 1, 1, 1).to(p.dtype).expand_as(base_map)  # (B, 1, h, w)
+        bg = self.gram_merge(torch.cat([p[:, :1], est_map], 1))  # (B, 1, h, w)
+        fg = self.gram_merge(torch.cat([p[:, 1:], est_map], 1))
+        return torch.cat([self.cls_merge(torch.cat([bg, base_map.to(bg.dtype)], 1)), fg], 1)  # (B, 2, h, w)
+
+
+class BaseClassImages(Dataset):
+    """Training images of a fold with the semantic labels of its base classes, for the base learner.
+
+    PASCAL / COCO: every image data.build_dataset lists for training (base classes only, BAM's filter), with
+    data.train_transform at BAM's base scale range 0.5-2.0. Synthetic: data.render_synthetic with one base
+    class (1-3 objects) and base-class distractors. Item (epoch, index) -> img (3,H,W) normalised, label (H,W)
+    int64 channel ids (0 background, i = classes[i-1], 255 ignore; a class of no channel -> 0); every random
+    draw comes from a numpy Generator seeded with (seed, epoch, index).
+    Note: data.train_transform's crop keeps the pixels labelled 1, here base channel 1 (for episodes, the
+    episode class): a harmless bias of the crop position.
+    """
+
+    def __init__(self, dataset, fold, img_size, root=None, coco_split="interleaved", seed=0, length=None):
+        self.classes = base_classes(dataset, fold, coco_split)
+        self.dataset, self.img_size, self.seed = dataset, img_size, seed
+        self.episodes = data.build_dataset(dataset, "train", fold, img_size=img_size, root=root, seed=seed,
+                                           coco_split=coco_split, train_length=length)
+        self.length = len(self.episodes) if dataset == "synthetic" else len(self.episodes.images)
+        self.lut = torch.zeros(256, dtype=torch.long)  # dataset class id -> channel id
+        self.lut[self.classes] = torch.arange(1, len(self.classes) + 1)
+        self.lut[IGNORE_INDEX] = IGNORE_INDEX
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, key):
+        epoch, index = key
+        rng = np.random.default_rng((self.seed, epoch, index))
+        if self.dataset == "synthetic":
+            class_id = self.classes[rng.integers(len(self.classes))]
+            others = np.array([c for c in self.classes if c != class_id])
+            img, label = data.render_synthetic(rng, class_id, others, self.img_size)  # (3,H,W) in [0,1], (H,W)
+            mean, std = torch.tensor(data.MEAN).view(3, 1, 1), torch.tensor(data.STD).view(3, 1, 1)
+            return (img - mean) / std, self.lut[label]
+        image_path, label_path = self.episodes.files[self.episodes.images[index]]
+        img, label = data.load_image(image_path), self.lut[data.load_mask(label_path)]  # (3,H0,W0), (H0,W0)
+        return data.train_transform(img, label, rng, self.img_size, BASE_SCALE_RANGE)
+
+
+def train_base_learner(args):
+    """The stage `base`: BaseLearner on the frozen backbone, trained on the fold's base classes.
+
+    python train.py --model symnet --stage base --fold K [--dataset D --data-root R]
+    It uses train.py's --epochs, --batch-size, --lr, --img-size, --train-length (synthetic), --workers, --seed,
+    --log-every, --fp32 and --no-pretrained (their defaults are the model's, so pass BAM's base values: README);
+    SGD (momentum 0.9, weight decay 1e-4) with the poly schedule per iteration, as BAM's train_base.py, on the
+    head only (BAM also fine-tunes the backbone at a tenth of the rate; ours stays frozen and shared). One
+    process. Writes {model, classes, backbone, dataset, fold} to args.base_learner when the model offers that
+    flag and it is set, else to base_learner_path(dataset, fold, backbone); returns the path.
+    """
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        sys.exit("error: --stage base runs in one process: start it with python, not torchrun")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(args.seed)  # before the backbone, as train.py: --no-pretrained gives the same weights
+    backbone = Backbone(args.backbone, pretrained=not args.no_pretrained).to(device)
+    try:
+        images = BaseClassImages(args.dataset, args.fold, args.img_size, args.data_root, args.coco_split,
+                                 args.seed, args.train_length)
+    except FileNotFoundError as err:  # a missing or incomplete data root: the message names the layout
+        sys.exit(f"error: {err}")
+    learner = BaseLearner(backbone.channels["layer4"], images.classes).to(device)
+    optimizer = torch.optim.SGD(learner.parameters(), lr=args.lr, momentum=BASE_MOMENTUM,
+                                weight_decay=BASE_WEIGHT_DECAY)
+    steps = len(images) // args.batch_size
+    if steps == 0:
+        sys.exit(f"error: {len(images)} base-class images do not fill one batch of {args.batch_size}")
+    path = Path(getattr(args, "base_learner", None) or base_learner_path(args.dataset, args.fold, args.backbone))
+    full_precision = args.fp32 or device.type != "cuda"
+    print(f"[base] {len(images)} images of base classes {images.classes}, {args.epochs} epochs of {steps} steps "
+          f"of {args.batch_size}, lr {args.lr}, {device} -> {path}", flush=True)
+    t0 = time.perf_counter()
+    for epoch in range(args.epochs):
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
+        keys = [(epoch, i) for i in order[:steps * args.batch_size].tolist()]
+        loader = DataLoader(images, batch_size=args.batch_size, sampler=keys, num_workers=args.workers,
+                            pin_memory=device.type == "cuda")
+        learner.train()
+        for step, (img, label) in enumerate(loader):
+            lr = args.lr * (1 - (epoch * steps + step) / (args.epochs * steps)) ** BASE_POLY_POWER
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            img, label = img.to(device, non_blocking=True), label.to(device, non_blocking=True)
+            with nullcontext() if full_precision else torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = learner(backbone(img)["layer4"])  # (B, 1+n, h, w)
+                loss = seg_loss(logits, label)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if (step + 1) % args.log_every == 0 or step + 1 == steps:
+                valid = label != IGNORE_INDEX
+                pred = _resize(logits.detach().float(), label.shape[-2:]).argmax(1)  # (B, H, W)
+                accuracy = (pred == label)[valid].float().mean().item()
+                print(f"[base] epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} loss {loss.item():.4f} "
+                      f"pixel accuracy {100 * accuracy:.1f}% lr {lr:.2e} {time.perf_counter() - t0:.0f}s",
+                      flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"model": learner.state_dict(), "classes": images.classes, "backbone": args.backbone,
+             "dataset": args.dataset, "fold": args.fold}
+    torch.save(state, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)  # never a half-written checkpoint
+    print(f"[base] wrote {path}", flush=True)
+    return path

@@ -379,6 +379,37 @@ def binary_mask(label, class_id):
     return mask
 
 
+def mask_to_boxes(mask):
+    """Binary mask (H,W) int64 {0,1,255} -> the union of its objects' bounding boxes, the weak support
+    annotation of CRCNet §5.4 (after CANet). Objects are the 8-connected components of the foreground (== 1);
+    255 pixels belong to no object. Inside a box every pixel becomes 1, 255 included (a box does not know the
+    object's border); outside the boxes 0 and 255 stay as they were."""
+    fg = (mask == 1).numpy()
+    h, w = fg.shape
+    none = h * w  # the label of background pixels, above every pixel index
+    labels = np.where(fg, np.arange(h * w).reshape(h, w), none)
+    while True:  # each pixel takes the smallest label of its 3x3 neighbourhood, then that label's own label
+        padded = np.pad(labels, 1, constant_values=none)
+        rows = np.minimum(np.minimum(padded[:-2], padded[1:-1]), padded[2:])  # (h, w+2)
+        smallest = np.where(fg, np.minimum(np.minimum(rows[:, :-2], rows[:, 1:-1]), rows[:, 2:]), none)
+        jumped = np.append(smallest.ravel(), none)[smallest]  # pointer jumping: few rounds per object
+        if (jumped == labels).all():  # every object carries the index of its first pixel
+            break
+        labels = jumped
+    ys, xs = np.nonzero(fg)
+    roots, objects = np.unique(labels[ys, xs], return_inverse=True)
+    top, left = np.full(len(roots), h), np.full(len(roots), w)
+    bottom, right = np.zeros(len(roots), np.int64), np.zeros(len(roots), np.int64)
+    np.minimum.at(top, objects, ys)
+    np.minimum.at(left, objects, xs)
+    np.maximum.at(bottom, objects, ys)
+    np.maximum.at(right, objects, xs)
+    boxes = mask.clone()
+    for y0, x0, y1, x1 in zip(top, left, bottom, right):
+        boxes[y0:y1 + 1, x0:x1 + 1] = 1
+    return boxes
+
+
 def _draw_crop(fg, size, rng):
     """PFENet's 'rand' crop: redraw (CROP_TRIES draws in all) while the crop keeps < CROP_KEEP of fg (H,W)."""
     h, w = fg.shape
@@ -609,11 +640,14 @@ def _draw_supports(rng, class_files, query, shot):
 class EpisodeDataset(Dataset):
     """Episodes of one split of one fold. Subclasses implement _draw (class and raw images) and _transform.
 
-    Attributes: classes (class ids of this split), num_classes, class_names {id: name}, seed.
+    Attributes: classes (class ids of this split), num_classes, class_names {id: name}, seed, support_boxes
+    (settable: each support mask is replaced by mask_to_boxes of its original-resolution mask, before the
+    transforms, as a box annotation would be; the query mask is untouched).
     An episode is a function of (seed, stream, index) alone: the key dataset[(stream, index)] names the stream,
     the epoch in training or the test seed in evaluation (dataset[index] is stream 0). Because the sampler
     carries it with every index, persistent DataLoader workers need no message when the epoch changes, and
     the episodes are the same for any number of workers."""
+    support_boxes = False
 
     def __init__(self, name, split, fold, shot, img_size, classes, class_names, seed, length):
         self.name, self.split, self.fold, self.shot, self.img_size = name, split, fold, shot, img_size
@@ -634,6 +668,8 @@ class EpisodeDataset(Dataset):
         rng = self._rng(index, stream)
         class_id, pairs = self._draw(index, rng)  # [(img, label (H0,W0))]: the query, then the supports
         masks = [binary_mask(label, class_id) for _, label in pairs]
+        if self.support_boxes:  # weakly supervised supports (CRCNet §5.4)
+            masks[1:] = [mask_to_boxes(mask) for mask in masks[1:]]
         out = [self._transform(img, mask, rng) for (img, _), mask in zip(pairs, masks)]
         episode = {"img_q": out[0][0], "m_q": out[0][1], "img_s": torch.stack([img for img, _ in out[1:]]),
                    "m_s": torch.stack([mask for _, mask in out[1:]]), "class_id": int(class_id)}
@@ -699,9 +735,10 @@ def class_names(name):
 
 
 def build_dataset(name, split, fold, shot=1, img_size=473, root=None, seed=0, episodes=TEST_EPISODES,
-                  coco_split="interleaved", train_length=None):
+                  coco_split="interleaved", train_length=None, support_boxes=False):
     """The episodes of `split` ("train": base classes, augmented; "test": the fold's novel classes, `episodes`
-    episodes) of fold `fold` of dataset `name` ("pascal", "coco", "synthetic")."""
+    episodes) of fold `fold` of dataset `name` ("pascal", "coco", "synthetic"). support_boxes: every support
+    mask becomes the union of its objects' bounding boxes (mask_to_boxes)."""
     if name not in NUM_CLASSES or split not in ("train", "test") or shot < 1:
         raise ValueError(f"bad dataset {name!r}, split {split!r} or shot {shot}")
     test_classes = fold_classes(name, fold, coco_split)
@@ -709,8 +746,10 @@ def build_dataset(name, split, fold, shot=1, img_size=473, root=None, seed=0, ep
                                                     if c not in test_classes]
     length = episodes if split == "test" else train_length
     if name == "synthetic":
-        return SyntheticEpisodes(name, split, fold, shot, img_size, classes, class_names(name), seed,
-                                 length or SYNTHETIC_TRAIN_LENGTH)
+        dataset = SyntheticEpisodes(name, split, fold, shot, img_size, classes, class_names(name), seed,
+                                    length or SYNTHETIC_TRAIN_LENGTH)
+        dataset.support_boxes = support_boxes
+        return dataset
     layout = PASCAL_LAYOUT if name == "pascal" else COCO_LAYOUT
     if root is None or not Path(root).expanduser().is_dir():
         raise DatasetNotFoundError(f"{name} data root {root} is not a directory\n{layout}")
@@ -720,8 +759,10 @@ def build_dataset(name, split, fold, shot=1, img_size=473, root=None, seed=0, ep
     else:
         files, counts, names = _coco_index(root, "train" if split == "train" else "val")
     exclude = test_classes if split == "train" else ()
-    return ImageEpisodes(name, split, fold, shot, img_size, classes, names, seed, length, files, counts,
-                         exclude)
+    dataset = ImageEpisodes(name, split, fold, shot, img_size, classes, names, seed, length, files, counts,
+                            exclude)
+    dataset.support_boxes = support_boxes
+    return dataset
 
 
 def collate_episodes(batch):

@@ -1,14 +1,20 @@
-"""The test suite: the shared blocks (common.py), the episodic data (data.py) and the harness (train.py).
+"""The test suite: the shared blocks (common.py), the data (data.py), the harness (train.py) and the five models.
 
 Everything runs on the CPU with random backbone weights (pretrained=False) and data built here (the synthetic
 set, or tiny PASCAL/COCO trees in a temp folder): no download, no dataset on disk.
     python -m pytest -q test_models.py
 """
+import argparse
+import contextlib
+import copy
+import dataclasses
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +22,18 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader
 
 import common
+import crcnet
 import data
+import ocnet
+import qgnet
+import qpenet
+import symnet
 import train
 from common import (FEM, IGNORE_INDEX, MAP_EPS, Backbone, IoUMeter, cosine_prior, intersection_and_union,
                     masked_average_pooling, seg_loss)
@@ -972,3 +984,1334 @@ def test_eval_only_without_checkpoint_is_refused(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(tiny_args(tiny, tmp_path, "--eval-only"))
     assert "--eval-only needs --checkpoint" in capsys.readouterr().err
+
+
+# ==========================================================================================================
+# symnet.py: Sym-Net (SPM, APA, co-triplet loss, TDC, base learner, word vectors)
+# ==========================================================================================================
+
+SYMNET_SIZE = 41  # -> 6x6 features at output stride 8
+
+
+def symnet_episode(B=2, S=1, size=SYMNET_SIZE, seed=0):
+    """A rendered synthetic episode batch: img_q (B,3,H,W), img_s (B,S,3,H,W), m_s (B,S,H,W), m_q, class_ids."""
+    ds = data.build_dataset("synthetic", "train", 0, shot=S, img_size=size, seed=seed, train_length=B)
+    return data.collate_episodes([ds[i] for i in range(B)])
+
+
+def make_symnet(where, **kw):
+    """A synthetic-data Sym-Net built in the folder `where`, so that no runs/ base learner is found by chance."""
+    where.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), contextlib.chdir(where):
+        warnings.simplefilter("ignore")
+        return symnet.SymNet(symnet.Config(pretrained=False, dataset="synthetic", **kw))
+
+
+def fake_word2vec(path, vectors, newline=True):
+    """A word2vec C binary: header, then word + space + float32 vector (+ newline)."""
+    dim = len(next(iter(vectors.values())))
+    with open(path, "wb") as f:
+        f.write(f"{len(vectors)} {dim}\n".encode())
+        for word, vec in vectors.items():
+            f.write(word.encode() + b" " + struct.pack(f"<{dim}f", *vec) + (b"\n" if newline else b""))
+
+
+@pytest.fixture(scope="module")
+def word_vectors(tmp_path_factory):
+    """A .pt word-vector file covering the synthetic class names (random unit vectors)."""
+    path = tmp_path_factory.mktemp("w2v") / "vectors.pt"
+    g = torch.Generator().manual_seed(0)
+    names = data.class_names("synthetic").values()
+    torch.save({n: F.normalize(torch.randn(symnet.TEXT_DIM, generator=g), dim=0) for n in names}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def symnet_model(word_vectors, tmp_path_factory):
+    torch.manual_seed(0)
+    return make_symnet(tmp_path_factory.mktemp("m"), word_vectors=str(word_vectors))
+
+
+# ---------------------------------------------------------------- forward, loss, gradients
+
+@pytest.mark.parametrize("shot", [1, 5])
+def test_forward_shapes_and_finite_loss(symnet_model, shot):
+    B = 2 if shot == 1 else 1
+    ep = symnet_episode(B=B, S=shot)
+    symnet_model.train()
+    out = symnet_model(ep["img_q"], ep["img_s"], ep["m_s"], ep["class_id"])
+    assert out["logits"].shape == (B, 2, SYMNET_SIZE, SYMNET_SIZE)
+    assert out["meta"].shape == (B, 2, 6, 6) and out["prior"].shape == (B, 1, 6, 6)
+    assert [a.shape[-1] for a in out["aux"]] == [6, 3, 2, 1]  # FEM bins 1, 1/2, 1/4, 1/8 of 6
+    assert 0 <= out["prior"].min() and out["prior"].max() <= 1 + 1e-6
+    total, terms = symnet_model.loss(out, ep["m_q"], ep["m_s"])
+    assert set(terms) == {"final", "inter", "triplet"} and torch.isfinite(total)
+    assert math.isclose(total.item(), sum(v.item() for v in terms.values()), rel_tol=1e-5)
+    assert terms["triplet"] > 0
+    symnet_model.eval()
+    with torch.no_grad():
+        out = symnet_model(ep["img_q"], ep["img_s"], ep["m_s"], ep["class_id"])
+    assert out["triplet"].item() == 0 and out["logits"].shape == (B, 2, SYMNET_SIZE, SYMNET_SIZE)  # same keys in eval
+
+
+def test_every_parameter_gets_a_gradient_and_the_backbone_none(symnet_model):
+    ep = symnet_episode(B=1, S=2, seed=1)
+    symnet_model.train()
+    symnet_model.zero_grad(set_to_none=True)
+    total, _ = symnet_model.loss(symnet_model(ep["img_q"], ep["img_s"], ep["m_s"], ep["class_id"]), ep["m_q"], ep["m_s"])
+    total.backward()
+    for name, p in symnet_model.named_parameters():
+        if name.startswith("backbone."):
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    # the word vectors feed W^Q's text columns
+    assert symnet_model.apa.w_q.weight.grad[:, symnet_model.cfg.reduce_dim:].abs().sum() > 0
+    symnet_model.zero_grad(set_to_none=True)
+
+
+def test_empty_support_mask_gives_no_nan(symnet_model):
+    ep = symnet_episode(B=2, S=1, seed=2)
+    m_s = ep["m_s"].clone()
+    m_s[0] = 0  # episode 0: nothing marked
+    m_s[1][m_s[1] == 1] = 255  # episode 1: only ignore pixels
+    symnet_model.train()
+    symnet_model.zero_grad(set_to_none=True)
+    out = symnet_model(ep["img_q"], ep["img_s"], m_s, ep["class_id"])
+    total, terms = symnet_model.loss(out, ep["m_q"], m_s)
+    assert torch.isfinite(out["logits"]).all() and torch.isfinite(total)
+    assert torch.isfinite(out["prior"]).all() and (out["prior"] == 0).all()  # no support pixel to match
+    total.backward()
+    assert all(torch.isfinite(p.grad).all() for p in symnet_model.parameters() if p.grad is not None)
+    symnet_model.zero_grad(set_to_none=True)
+
+
+def test_vgg_is_refused_and_no_class_id_works(symnet_model):
+    with pytest.raises(ValueError, match="ResNet"):
+        symnet.SymNet(symnet.Config(backbone="vgg16_bn", pretrained=False, dataset="synthetic"))
+    ep = symnet_episode(B=1, S=1, seed=3)
+    symnet_model.eval()
+    with torch.no_grad():
+        out = symnet_model(ep["img_q"], ep["img_s"], ep["m_s"], None)  # --predict passes no class: no text
+    assert torch.isfinite(out["logits"]).all()
+
+
+def test_short_training_lowers_the_loss(tmp_path):
+    torch.manual_seed(0)
+    net = make_symnet(tmp_path)
+    ep = symnet_episode(B=2, S=1, seed=4)
+    args = (ep["img_q"], ep["img_s"], ep["m_s"], ep["class_id"])
+
+    def eval_loss():
+        net.eval()
+        with torch.no_grad():
+            return net.loss(net(*args), ep["m_q"], ep["m_s"])[0].item()
+
+    before = eval_loss()
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    net.train()
+    for _ in range(6):
+        total, _ = net.loss(net(*args), ep["m_q"], ep["m_s"])
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+    after = eval_loss()
+    assert after < 0.9 * before, (before, after)
+
+
+# ---------------------------------------------------------------- SPM, triplet, TDC against direct computations
+
+def test_spm_matches_a_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    f_q = torch.rand(1, 3, 4, 5, generator=g)
+    f_s = torch.rand(1, 2, 3, 4, 5, generator=g)
+    m = torch.zeros(1, 2, 4, 5)
+    m[0, 0, 1:3, 1:4] = 1
+    m[0, 1, 0, 0] = 1
+    windows = ((3, 3), (3, 1), (1, 3))
+
+    def pooled(f, dh, dw):  # average over the window, padded zeros counted
+        C, h, w = f.shape
+        out = torch.zeros(C, h, w)
+        for i in range(h):
+            for j in range(w):
+                for di in range(-(dh // 2), dh // 2 + 1):
+                    for dj in range(-(dw // 2), dw // 2 + 1):
+                        if 0 <= i + di < h and 0 <= j + dj < w:
+                            out[:, i, j] += f[:, i + di, j + dj] / (dh * dw)
+        return out.flatten(1)  # (C, hw)
+
+    shots = []
+    for k in range(2):
+        maps = []
+        for dh, dw in windows:
+            r_q, r_s = pooled(f_q[0], dh, dw), pooled(f_s[0, k] * m[0, k], dh, dw)
+            s_r = torch.zeros(20, 20)  # Eq. (2): cos(r_q, r_s) * |r_q|
+            for i in range(20):
+                for j in range(20):
+                    if r_s[:, j].norm() > 0:
+                        s_r[i, j] = F.cosine_similarity(r_q[:, i], r_s[:, j], dim=0) * r_q[:, i].norm()
+            mean = s_r.mean(1)  # Eq. (3): mean over the support positions, then min-max
+            maps.append((mean - mean.min()) / (mean.max() - mean.min()))
+        shots.append(torch.stack(maps).mean(0))
+    expected = torch.stack(shots).mean(0).view(1, 1, 4, 5)
+    prior = symnet.self_activation_prior(f_q, f_s, m, windows)
+    assert torch.allclose(prior, expected, atol=1e-5)
+
+
+def test_spm_hand_case_one_window():
+    # 1x1 window: the support's only foreground pixel points along (1, 0); the query scores are r_q . (1, 0)
+    f_q = torch.tensor([[[[1.0, 2.0], [0.0, 3.0]], [[5.0, 0.0], [1.0, 0.0]]]])  # (1, 2, 2, 2)
+    f_s = torch.zeros(1, 1, 2, 2, 2)
+    f_s[0, 0, 0, 0, 0] = 4.0
+    m = torch.zeros(1, 1, 2, 2)
+    m[0, 0, 0, 0] = 1
+    # mean over the 4 support positions of cos * |r_q| = (x-component of r_q) / 4 -> [1, 2, 0, 3] / 4
+    prior = symnet.self_activation_prior(f_q, f_s, m, ((1, 1),))
+    assert torch.allclose(prior.flatten(), torch.tensor([1 / 3, 2 / 3, 0.0, 1.0]), atol=1e-6)
+
+
+def test_triplet_term_zero_when_margin_met_positive_otherwise():
+    e1, e2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert symnet.triplet_term(e1, 3 * e1, -e1, 0.5).item() == 0  # 0 + 0.5 - 2 < 0
+    assert symnet.triplet_term(e1, e1, e2, 0.5).item() == 0  # 0 + 0.5 - sqrt(2) < 0
+    assert math.isclose(symnet.triplet_term(e1, -e1, e1, 0.5).item(), 2.5, abs_tol=1e-4)
+    assert math.isclose(symnet.triplet_term(e1, e2, 2 * e1, 0.5).item(), math.sqrt(2) + 0.5, abs_tol=1e-4)
+
+
+def test_co_triplet_zero_when_every_margin_is_met(symnet_model):
+    # support foreground pixels all equal the anchor's direction, background opposite; query regions likewise
+    c, h = symnet_model.cfg.reduce_dim, 4
+    d = torch.zeros(c)
+    d[0] = 1
+    m_s = torch.zeros(1, 1, h, h, dtype=torch.long)
+    m_s[..., :2, :] = 1
+    f_s = torch.where(m_s[:, :, None] == 1, d.view(1, 1, c, 1, 1), -d.view(1, 1, c, 1, 1)).float()
+    prior = torch.zeros(1, 1, h, h)
+    prior[..., 0, 0] = 0.5  # ambiguous band: one pixel; background: the rest
+    f_q = (-d).view(1, c, 1, 1).repeat(1, 1, h, h)
+    f_q[..., 0, 0] = d
+    anchor = d[None]
+    assert symnet_model.co_triplet(f_q, f_s, m_s, prior, anchor, anchor).item() == 0
+    # swapped: the hard positives point away from the anchor
+    assert symnet_model.co_triplet(-f_q, -f_s, m_s, prior, anchor, anchor).item() > 2
+
+
+def test_prior_region_fallbacks():
+    f = torch.arange(16.0).view(1, 1, 4, 4)
+    prior = torch.arange(16.0).view(1, 1, 4, 4) / 15
+    none = torch.zeros_like(prior, dtype=torch.bool)
+    top = symnet.prior_region_mean(f, none, prior, "top")
+    bottom = symnet.prior_region_mean(f, none, prior, "bottom")
+    median = symnet.prior_region_mean(f, none, prior, "median")
+    # 12 of 16 pixels: the highest 4..15, the lowest 0..11, around the median 2..13
+    assert torch.allclose(top, torch.tensor([[9.5]]), atol=1e-2)
+    assert torch.allclose(bottom, torch.tensor([[5.5]]), atol=1e-2)
+    assert torch.allclose(median, torch.tensor([[7.5]]), atol=1e-2)
+    assert torch.allclose(symnet.prior_region_mean(f, prior > 0.9, prior, "top"), torch.tensor([[14.5]]), atol=1e-2)
+
+
+def test_block_correlation_direct():
+    g = torch.Generator().manual_seed(1)
+    f_q, f_s = torch.randn(1, 5, 3, 3, generator=g), torch.randn(1, 5, 3, 3, generator=g)
+    m = torch.zeros(1, 3, 3)
+    m[0, 1:, 1:] = 1
+    q, s = f_q[0].flatten(1), f_s[0].flatten(1)
+    fg = m[0].flatten().nonzero().flatten()
+    expected = torch.stack([torch.stack([F.cosine_similarity(q[:, i], s[:, j], dim=0).clamp(min=0)
+                                         for j in fg]).mean() for i in range(9)]).view(1, 1, 3, 3)
+    assert torch.allclose(symnet.block_correlation(f_q, f_s, m), expected, atol=1e-3)
+    assert (symnet.block_correlation(f_q, f_s, torch.zeros(1, 3, 3)) == 0).all()  # empty mask -> 0
+
+
+# ---------------------------------------------------------------- word vectors
+
+def unit(v):
+    return torch.from_numpy(v / np.linalg.norm(v))
+
+
+def test_word_vectors_from_a_fake_word2vec_binary(tmp_path):
+    g = np.random.default_rng(0)
+    vocab = {w: g.standard_normal(symnet.TEXT_DIM).astype(np.float32)
+             for w in ["cat", "potted_plant", "potted", "plant", "red", "disc", "table", "tv", "</s>"]}
+    for newline in (True, False):
+        binary = tmp_path / f"w2v{newline}.bin"
+        fake_word2vec(binary, vocab, newline)
+        with pytest.warns(UserWarning, match="nosuchword"):
+            vectors = symnet.build_word_vectors(binary, tmp_path / "v.pt",
+                                                ["cat", "pottedplant", "red striped disc", "diningtable",
+                                                 "nosuchword"])
+        assert set(vectors) == {"cat", "pottedplant", "red striped disc", "diningtable"}
+        assert torch.allclose(vectors["cat"], unit(vocab["cat"]), atol=1e-6)
+        assert torch.allclose(vectors["pottedplant"], unit(vocab["potted_plant"]), atol=1e-6)  # phrase first
+        mean = (vocab["red"] + vocab["disc"]) / 2  # "striped" is not in the binary: mean of the others
+        assert torch.allclose(vectors["red striped disc"], unit(mean), atol=1e-6)
+        assert torch.allclose(vectors["diningtable"], unit(vocab["table"]), atol=1e-6)  # MIANet's word
+        assert torch.load(tmp_path / "v.pt").keys() == vectors.keys()
+
+
+def test_load_word_vectors_rows_by_class_id(word_vectors, tmp_path):
+    table = symnet.load_word_vectors(word_vectors, "synthetic")
+    stored = torch.load(word_vectors)
+    assert table.shape == (21, symnet.TEXT_DIM) and (table[0] == 0).all()
+    assert torch.equal(table[7], stored[data.class_names("synthetic")[7]])
+    torch.save({"cat": torch.ones(symnet.TEXT_DIM)}, tmp_path / "few.pt")
+    with pytest.raises(ValueError, match="lack"):
+        symnet.load_word_vectors(tmp_path / "few.pt", "pascal")
+
+
+def test_without_word_vectors_one_warning_and_text_off(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/ here: no base learner either
+    with pytest.warns(UserWarning) as record:
+        net = symnet.SymNet(symnet.Config(pretrained=False, dataset="synthetic"))
+    messages = [str(r.message) for r in record]
+    assert sum("text branch is off" in m for m in messages) == 1
+    assert sum("meta learner alone" in m for m in messages) == 1
+    assert (net.text == 0).all() and net.ensemble is None
+
+
+# ---------------------------------------------------------------- base learner, ensemble, stage, harness
+
+def test_bam_ensemble_identity_at_init_and_leaves_the_episode_class_out():
+    ens = common.BAMEnsemble()
+    meta = torch.randn(2, 2, 3, 3)
+    base = torch.full((2, 4, 3, 3), -20.0)
+    base[:, 2] = 20.0  # every pixel: base channel 2 = class 7 of classes [6, 7, 8]
+    classes = torch.tensor([6, 7, 8])
+    out = ens(meta, base, torch.zeros(2), classes, torch.tensor([7, 1]))
+    assert torch.allclose(out, meta.softmax(1), atol=1e-6)  # weights [1, 0]: the meta learner alone
+    with torch.no_grad():
+        ens.cls_merge.weight.copy_(torch.tensor([1.0, -1.0]).view(1, 2, 1, 1))  # base classes -> background
+    out = ens(meta, base, torch.zeros(2), classes, torch.tensor([7, 1]))
+    assert torch.allclose(out[0, 0], meta.softmax(1)[0, 0], atol=1e-6)  # episode class 7: its channel left out
+    assert torch.allclose(out[1, 0], meta.softmax(1)[1, 0] - 1, atol=1e-6)  # novel class 1: nothing left out
+
+
+def test_gram_distance_zero_for_same_scene_and_mean_over_shots():
+    g = torch.Generator().manual_seed(0)
+    f_q = torch.rand(2, 4, 3, 3, generator=g)
+    other = torch.rand(2, 4, 3, 3, generator=g)
+    assert torch.allclose(common.gram_distance(f_q, f_q[:, None]), torch.zeros(2), atol=1e-6)
+    one = common.gram_distance(f_q, other[:, None])
+    both = common.gram_distance(f_q, torch.stack([f_q, other], 1))
+    assert (one > 0).all() and torch.allclose(both, one / 2, atol=1e-6)
+
+
+def test_base_stage_trains_and_sym_net_uses_it(tmp_path):
+    path = tmp_path / "base.pt"
+    argv = ["--model", "symnet", "--stage", "base", "--dataset", "synthetic", "--fold", "1", "--no-pretrained",
+            "--img-size", "33", "--train-length", "4", "--batch-size", "2", "--epochs", "1", "--workers", "0",
+            "--log-every", "1", "--base-learner", str(path)]
+    assert train.main(argv) == path and path.is_file()  # 2 steps
+    state = torch.load(path, weights_only=False)
+    assert state["classes"] == common.base_classes("synthetic", 1) == [c for c in range(1, 21) if c not in
+                                                                       range(6, 11)]
+    assert state["model"]["cls.4.weight"].shape[0] == 16  # background + 15 base classes
+    torch.manual_seed(0)
+    net = make_symnet(tmp_path, fold=1, base_learner=str(path))
+    assert net.ensemble is not None and not any(p.requires_grad for p in net.base_learner.parameters())
+    net.train()
+    assert not net.base_learner.training  # frozen BN
+    ep = symnet_episode(B=2, S=1, size=33, seed=5)
+    total, terms = net.loss(net(ep["img_q"], ep["img_s"], ep["m_s"], ep["class_id"]), ep["m_q"], ep["m_s"])
+    assert set(terms) == {"final", "inter", "triplet", "meta"} and torch.isfinite(total)
+    total.backward()
+    assert net.ensemble.cls_merge.weight.grad is not None and net.ensemble.gram_merge.weight.grad is not None
+    assert all(p.grad is None for p in net.base_learner.parameters())
+    # a checkpoint decides: trained without the base learner -> none; with it -> rebuilt from the checkpoint
+    with_base = {k: v.clone() for k, v in net.state_dict().items()}
+    net.load_state_dict({k: v for k, v in with_base.items() if not k.startswith(("base_learner.", "ensemble."))})
+    assert net.base_learner is None and net.ensemble is None
+    net.load_state_dict(with_base)
+    assert net.ensemble is not None and torch.equal(net.base_learner.classes, torch.tensor(state["classes"]))
+    assert not any(p.requires_grad for p in net.base_learner.parameters())
+    with pytest.raises(ValueError, match="trained for"):
+        make_symnet(tmp_path, fold=2, base_learner=str(path))
+    # a flag naming an absent file: an error at the first forward, unless a checkpoint supplies the weights
+    absent = make_symnet(tmp_path, fold=1, base_learner=str(tmp_path / "no.pt"), word_vectors=str(tmp_path / "x"))
+    with pytest.raises(FileNotFoundError, match="--word-vectors .*x, --base-learner .*no.pt"):
+        absent(ep["img_q"], ep["img_s"], ep["m_s"], ep["class_id"])
+    absent.load_state_dict(with_base)
+    assert absent.ensemble is not None and absent.missing_files == []
+
+
+def test_harness_fills_the_config_and_defaults(word_vectors, tmp_path):
+    args, module = train.parse_args(["--model", "symnet", "--dataset", "coco", "--fold", "2", "--shot", "5",
+                                     "--word-vectors", str(word_vectors), "--base-learner", "b.pt",
+                                     "--coco-split", "contiguous", "--no-pretrained"])
+    cfg = train.make_config(module, args)
+    assert (cfg.dataset, cfg.fold, cfg.shot, cfg.coco_split, cfg.pretrained) == ("coco", 2, 5, "contiguous", False)
+    assert cfg.word_vectors == str(word_vectors) and cfg.base_learner == "b.pt"
+    assert (args.lr, args.batch_size, args.epochs, args.img_size) == (0.005, 8, 50, 641)  # §4.1
+    assert json.loads(json.dumps(dataclasses.asdict(cfg)))["tau1"] == 0.7
+    assert set(symnet.STAGES) == {"base"}
+
+
+# ==========================================================================================================
+# qpenet.py: QPENet (PPG, DPE, GBC, FFA, losses)
+# ==========================================================================================================
+
+QPENET_SIZE = 33  # output stride 8 -> 5 x 5 features
+QPENET_H_FEAT = 5
+
+
+def qpe_episode(B=2, S=1, size=QPENET_SIZE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    img_q, img_s = torch.randn(B, 3, size, size, generator=g), torch.randn(B, S, 3, size, size, generator=g)
+    m_q = torch.zeros(B, size, size, dtype=torch.long)
+    m_q[:, 5:20, 8:25] = 1
+    m_q[:, :2] = 255
+    m_s = torch.zeros(B, S, size, size, dtype=torch.long)
+    for k in range(S):
+        m_s[:, k, 3 + 2 * k:18 + 2 * k, 10:28] = 1
+    m_s[:, :, -2:] = 255
+    return img_q, img_s, m_s, m_q
+
+
+@pytest.fixture(scope="module")
+def qpe_model():
+    torch.manual_seed(0)
+    return qpenet.Model(qpenet.Config(pretrained=False))
+
+
+@pytest.fixture(scope="module")
+def qpe_step(qpe_model):
+    """One 2-shot training step: the outputs, the loss and a snapshot of the gradients."""
+    img_q, img_s, m_s, m_q = qpe_episode(S=2)
+    qpe_model.train()
+    qpe_model.zero_grad()
+    out = qpe_model(img_q, img_s, m_s)
+    total, terms = qpe_model.loss(out, m_q, m_s)
+    total.backward()
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in qpe_model.named_parameters()}
+    return dict(out=out, total=total, terms=terms, grads=grads, m_s=m_s, m_q=m_q)
+
+
+@pytest.mark.parametrize("shot", [1, 5])
+def test_qpenet_forward_shapes(qpe_model, qpe_step, shot):
+    img_q, img_s, m_s, _ = qpe_episode(S=shot)
+    with torch.no_grad():
+        out = qpe_model.eval()(img_q, img_s, m_s)
+    assert out["logits"].shape == (2, 2, QPENET_SIZE, QPENET_SIZE)
+    assert out["y_pre"].shape == out["y_bg_q"].shape == (2, 2, QPENET_H_FEAT, QPENET_H_FEAT)
+    assert out["y_rev"].shape == out["y_bg_s"].shape == (2, shot, 2, QPENET_H_FEAT, QPENET_H_FEAT)
+    assert out["m_main"].shape == out["m_aux"].shape == out["m_s_down"].shape == (2, shot, QPENET_H_FEAT, QPENET_H_FEAT)
+    assert all(torch.isfinite(v).all() for v in out.values())
+    assert set(qpe_step["out"]) == set(out)  # one dict in train and eval mode
+
+
+def test_qpenet_shot_order_does_not_matter(qpe_model):
+    img_q, img_s, m_s, _ = qpe_episode(S=2)
+    qpe_model.eval()
+    with torch.no_grad():
+        a = qpe_model(img_q, img_s, m_s)["logits"]
+        b = qpe_model(img_q, img_s.flip(1), m_s.flip(1))["logits"]
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_qpenet_loss_terms_and_gradients(qpe_model, qpe_step):
+    out, total, terms = qpe_step["out"], qpe_step["total"], qpe_step["terms"]
+    assert set(terms) == {"pre", "rev", "final", "bm_s", "bm_q"}
+    assert all(torch.isfinite(v) and v > 0 for v in terms.values())
+    cfg = qpe_model.cfg
+    expected = cfg.alpha * (terms["pre"] + terms["rev"] + terms["final"]) + cfg.beta * (terms["bm_s"] + terms["bm_q"])
+    torch.testing.assert_close(total, expected)
+    torch.testing.assert_close(terms["final"], common.seg_loss(out["logits"], qpe_step["m_q"]))
+    torch.testing.assert_close(terms["rev"], common.seg_loss(out["y_rev"].flatten(0, 1), qpe_step["m_s"].flatten(0, 1)))
+    grads = qpe_step["grads"]
+    missing = [n for n, p in qpe_model.named_parameters() if p.requires_grad and
+               (grads[n] is None or not torch.isfinite(grads[n]).all() or grads[n].abs().sum() == 0)]
+    assert not missing, f"no gradient: {missing}"
+    assert all(grads[n] is None for n, _ in qpe_model.named_parameters() if n.startswith("backbone."))
+    assert all(not p.requires_grad for p in qpe_model.backbone.parameters())
+
+
+def test_qpenet_main_and_aux_partition_the_support_mask(qpe_step):
+    out, m_s = qpe_step["out"], qpe_step["m_s"]
+    m, main, aux = out["m_s_down"], out["m_main"], out["m_aux"]
+    torch.testing.assert_close(main + aux, m)  # Eq. (5) + (6) = M_s
+    assert (main * aux == 0).all()  # disjoint
+    rev = (out["y_rev"].argmax(2) == 1).float()
+    torch.testing.assert_close(main, m * rev)  # main = inside the mask and reverse-predicted foreground
+    expected = F.interpolate((m_s == 1).float(), (QPENET_H_FEAT, QPENET_H_FEAT), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(m, expected)
+    assert 0 < m.sum() and (m > 0).sum() < m.numel()
+
+
+def test_qpenet_shot_map_pools_all_shots_jointly():
+    f_s = torch.randn(2, 3, 4, 5, 6)
+    m = (torch.rand(2, 3, 5, 6) > 0.5).float()
+    m[0, 1] = 0  # an empty shot adds nothing
+    expected = (f_s * m[:, :, None]).sum((1, 3, 4)) / (m.sum((1, 2, 3))[:, None] + common.MAP_EPS)
+    torch.testing.assert_close(qpenet.shot_map(f_s, m), expected)
+
+
+def test_qpenet_empty_support_mask_gives_no_nan(qpe_model):
+    img_q, img_s, _, m_q = qpe_episode(S=2)
+    m_s = torch.zeros(2, 2, QPENET_SIZE, QPENET_SIZE, dtype=torch.long)
+    qpe_model.train()
+    qpe_model.zero_grad()
+    out = qpe_model(img_q, img_s, m_s)
+    total, terms = qpe_model.loss(out, m_q, m_s)
+    assert all(torch.isfinite(v).all() for v in out.values())
+    assert torch.isfinite(total) and all(torch.isfinite(v) for v in terms.values())
+    total.backward()
+    assert all(torch.isfinite(p.grad).all() for p in qpe_model.parameters() if p.grad is not None)
+
+
+def test_qpenet_cross_attention_matches_formula():
+    torch.manual_seed(0)
+    B, N, L, C, heads = 2, 5, 7, 8, 2
+    layer = qpenet.CrossAttention(C, heads, ffn_dim=16, dropout=0.1).eval()
+    x, tokens = torch.randn(B, N, C), torch.randn(B, L, C)
+    valid = torch.ones(B, L, dtype=torch.bool)
+    valid[0, 4:] = False
+    valid[1, :2] = False
+    d = C // heads
+    q = (x @ layer.to_q.weight.T).view(B, N, heads, d).transpose(1, 2)
+    k = (tokens @ layer.to_k.weight.T).view(B, L, heads, d).transpose(1, 2)
+    v = (tokens @ layer.to_v.weight.T).view(B, L, heads, d).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d)  # (B, heads, N, L)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    direct = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, N, C) @ layer.to_out.weight.T
+    torch.testing.assert_close(layer.attend(x, tokens, valid), direct, atol=1e-5, rtol=1e-5)
+    h = layer.norm_attn(x + direct)
+    torch.testing.assert_close(layer(x, tokens, valid), layer.norm_ffn(h + layer.ffn(h)), atol=1e-5, rtol=1e-5)
+    # the masked tokens do not matter
+    changed = tokens.clone()
+    changed[0, 4:] = 100.0
+    torch.testing.assert_close(layer.attend(x, changed, valid), direct, atol=1e-5, rtol=1e-5)
+    # all-zero tokens (a support without foreground) add exactly nothing
+    zero = layer.attend(x, torch.zeros(B, L, C), torch.ones(B, L, dtype=torch.bool))
+    assert zero.abs().max() == 0
+
+
+def test_qpenet_gbc_cleaner_by_hand():
+    torch.manual_seed(0)
+    gbc = qpenet.GBC(qpenet.Config(dim=8)).eval()
+    f_q, f_s = torch.rand(2, 8, 4, 4), torch.rand(2, 3, 8, 4, 4)
+    p_bg, y_bg_q, y_bg_s = gbc(f_q, f_s)
+    assert y_bg_s.shape == (2, 3, 2, 4, 4)
+    bg = (y_bg_q[:, 1] > y_bg_q[:, 0]).float()  # channel 1 = background
+    gap = (f_q * bg[:, None]).sum((2, 3)) / 16  # GAP over all h*w pixels, not MAP
+    fc1, fc2 = gbc.cleaner[0], gbc.cleaner[2]
+    gate = torch.sigmoid(fc2(torch.relu(fc1(gap))))
+    torch.testing.assert_close(p_bg, gbc.p_global * gate)
+    # Eq. (9) uses the same Convs as Eq. (10)
+    torch.testing.assert_close(y_bg_s[:, 0], gbc.convs(torch.cat([f_s[:, 0], qpenet.broadcast(
+        gbc.p_global.expand(2, -1), f_q)], 1)))
+
+
+def test_qpenet_background_mining_loss_by_hand():
+    # one 1x2 image: pixel 0 foreground, pixel 1 background; logits equal except pixel 0 (p_bg = sigmoid(1))
+    y_bg = torch.zeros(1, 2, 1, 2)
+    y_bg[0, qpenet.BACKGROUND, 0, 0] = 1.0
+    m = torch.tensor([[[1, 0]]])
+    p = torch.sigmoid(torch.tensor(1.0))
+    not_bg = -torch.log(1 - p) / (1 + qpenet.BM_EPS)
+    every = (-torch.log(p) - math.log(0.5)) / 2
+    torch.testing.assert_close(qpenet.background_mining_loss(y_bg, m, 0.5), not_bg + 0.5 * every)
+    # 255 counts nowhere; no foreground: only the every-pixel term
+    m = torch.tensor([[[255, 0]]])
+    torch.testing.assert_close(qpenet.background_mining_loss(y_bg, m, 0.5), 0.5 * torch.tensor(math.log(2)))
+
+
+def test_qpenet_parameter_counts(qpe_model):
+    learnable, total = train.count_parameters(qpe_model)
+    head = 2 * 256 * 256 + 2 * 9 * 256 * 256 + 9 * 256 * 256 + 256 * 2 + 2  # Convs(512 -> 256 -> 2)
+    assert sum(p.numel() for p in qpe_model.foreground.parameters()) == head == 1_901_058  # paper: 34.6M - 32.7M
+    assert learnable == 7_738_118
+    assert total - learnable == sum(p.numel() for p in qpe_model.backbone.parameters()) == 23_508_032
+
+
+def test_qpenet_short_synthetic_training_lowers_the_loss(tmp_path):
+    train.main(["--model", "qpenet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
+                "--img-size", "32", "--train-length", "8", "--batch-size", "4", "--epochs", "3",
+                "--lr", "0.01", "--test-episodes", "2", "--test-seeds", "1", "--log-every", "2",
+                "--out", str(tmp_path)])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["event"] == "train"]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]
+    assert any(r["event"] == "result" for r in records)
+
+
+# ==========================================================================================================
+# ocnet.py: OCNet (GOMM, CCM with DCT pooling and Sinkhorn, FPN decoder)
+# ==========================================================================================================
+
+OCNET_SIZE = 49  # ResNet: 7x7 features (output stride 8); VGG: 4x4 (stride 16). Not 33: dilated convs crawl there
+
+
+def ocnet_episode(batch=2, shot=1, size=OCNET_SIZE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    img_q, img_s = torch.randn(batch, 3, size, size, generator=g), torch.randn(batch, shot, 3, size, size, generator=g)
+    m_q = torch.zeros(batch, size, size, dtype=torch.long)
+    m_q[:, 8:30, 12:38] = 1
+    m_q[:, :3] = 255
+    m_s = torch.zeros(batch, shot, size, size, dtype=torch.long)
+    m_s[..., 15:42, 5:28] = 1
+    m_s[..., -2:, :] = 255
+    return img_q, img_s, m_s, m_q
+
+
+@pytest.fixture(scope="module")
+def ocnet_models():
+    torch.manual_seed(0)
+    return {b: ocnet.Model(ocnet.Config(backbone=b, pretrained=False)) for b in ("resnet50", "vgg16_bn")}
+
+
+@pytest.mark.parametrize("backbone,feat", [("resnet50", 7), ("vgg16_bn", 4)])
+def test_ocnet_forward_shapes_one_and_five_shot(ocnet_models, backbone, feat):
+    model = ocnet_models[backbone].eval()
+    n2 = 2 * model.cfg.num_select
+    for batch, shot in ((2, 1), (1, 5)):
+        img_q, img_s, m_s, _ = ocnet_episode(batch, shot)
+        with torch.no_grad():
+            out = model(img_q, img_s, m_s)
+        assert out["logits"].shape == (batch, 2, OCNET_SIZE, OCNET_SIZE)
+        assert out["logits_g"].shape == (batch, 2, feat, feat) and out["m_g"].shape == (batch, feat, feat)
+        assert out["logits_pa"].shape == out["cost_pa"].shape == (batch, n2, feat, feat)
+        assert set(out["m_g"].unique().tolist()) <= {0, 1} and out["m_g"].dtype == torch.long
+        assert all(torch.isfinite(v.float()).all() for v in out.values())
+        assert (out["cost_pa"] >= -1e-5).all() and (out["cost_pa"] <= 2 + 1e-5).all()  # 1 - cosine
+
+
+def test_ocnet_channels_last_gives_the_same_outputs(ocnet_models):
+    # train.py converts the model to channels_last on CUDA: reshapes must not assume contiguous features
+    model = copy.deepcopy(ocnet_models["resnet50"]).eval()
+    img_q, img_s, m_s, _ = ocnet_episode(shot=2)
+    with torch.no_grad():
+        ref = model(img_q, img_s, m_s)
+        out = model.to(memory_format=torch.channels_last)(img_q, img_s, m_s)
+    assert all(torch.allclose(ref[k].float(), out[k].float(), atol=1e-4) for k in ref)
+
+
+def test_ocnet_loss_terms_and_gradients(ocnet_models):
+    model = ocnet_models["resnet50"].train()
+    img_q, img_s, m_s, m_q = ocnet_episode(shot=2)
+    model.zero_grad(set_to_none=True)
+    out = model(img_q, img_s, m_s)
+    total, terms = model.loss(out, m_q, m_s)
+    assert set(terms) == {"target", "general", "allocation"}
+    assert all(torch.isfinite(t) and t > 0 for t in terms.values())
+    assert torch.allclose(total, sum(terms.values()))
+    total.backward()
+    for name, p in model.named_parameters():
+        if name.startswith(("backbone.", "cam.")):
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert model.backbone.training is False and model.cam.training is False  # frozen parts stay in eval
+
+
+def test_ocnet_empty_support_or_query_mask_gives_no_nan(ocnet_models):
+    model = ocnet_models["resnet50"].train()
+    img_q, img_s, m_s, m_q = ocnet_episode(batch=4)
+    m_s[0] = 0  # empty support mask
+    m_q[1], m_q[2], m_q[3] = 0, 255, 1  # query: no foreground, nothing labelled, no background
+    model.zero_grad(set_to_none=True)
+    out = model(img_q, img_s, m_s)
+    total, terms = model.loss(out, m_q, m_s)
+    total.backward()
+    assert torch.isfinite(total) and all(torch.isfinite(t) for t in terms.values())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert torch.isfinite(model(img_q[:1], img_s[:1], torch.zeros_like(m_s[:1]))["logits"]).all()
+
+
+def test_ocnet_sinkhorn_meets_marginals_and_prefers_low_cost():
+    g = torch.Generator().manual_seed(0)
+    N, K = 48, 6
+    cost = 2 * torch.rand(3, N, K, generator=g)  # 1 - cosine lies in [0, 2]
+    region = torch.ones(3, N, dtype=torch.bool)
+    region[1, ::3] = False  # a partial region: zero padding elsewhere
+    region[2] = False  # an empty region
+    plan = ocnet.sinkhorn(cost, region, eps=0.05, iters=ocnet.Config.sinkhorn_iters)
+    assert torch.isfinite(plan).all() and (plan >= 0).all()
+    for b in (0, 1):
+        n_f = region[b].sum()
+        assert torch.allclose(plan[b].sum(1)[region[b]], torch.full((n_f,), 1 / n_f), atol=1e-4 / n_f)
+        assert (plan[b][~region[b]] == 0).all()
+        assert torch.allclose(plan[b].sum(0), torch.full((K,), 1 / K), atol=1e-5)
+    assert (plan[2] == 0).all()
+    # every row has one free column, each column free for N/K rows: the plan follows them
+    cheap = torch.ones(1, N, K)
+    cheap[0, torch.arange(N), torch.arange(N) % K] = 0
+    plan = ocnet.sinkhorn(cheap, torch.ones(1, N, dtype=torch.bool), eps=0.05, iters=50)
+    assert (plan[0].argmax(1) == torch.arange(N) % K).all()
+    assert (plan * cheap).sum() < 1e-3  # the independent coupling 1/(N K) everywhere would pay 5/6
+
+
+def test_ocnet_allocation_target_by_hand():
+    # 2x3 feature map, N_s = 2: background slots 0, 1; foreground slots 2, 3
+    m_q = torch.tensor([[[0, 0, 255], [1, 1, 1]]])  # one row of background (and an ignored pixel), one of fg
+    cost = torch.ones(1, 4, 2, 3)
+    cost[0, 1, 0, 0] = cost[0, 0, 0, 1] = 0  # pixel (0,0) is cheap for bg slot 1, pixel (0,1) for bg slot 0
+    cost[0, 3, 1, :2] = 0  # foreground: two pixels cheap for slot 3, (1,2) has no preference: uniform
+    m_pa = ocnet.allocation_target(cost, m_q, eps=0.05, iters=50)  # marginals: slot 2 must take (1,2)
+    assert m_pa.tolist() == [[[1, 0, 255], [3, 3, 2]]]
+
+
+def test_ocnet_mfp_first_component_is_map_and_dct_is_orthogonal():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(3, 8, 6, 5, generator=g)
+    m = (torch.rand(3, 24, 20, generator=g) > 0.5).float()
+    m[2] = 0  # empty mask: zeros
+    p = ocnet.multi_frequency_pooling(f, m, 7)
+    assert p.shape == (3, 49, 8)
+    assert torch.allclose(p[:, 0], common.masked_average_pooling(f, m), atol=1e-6)
+    assert (p[2] == 0).all()
+    basis = ocnet.dct_basis(6, 5, 3, "cpu").flatten(1)  # (9, 30)
+    gram = basis @ basis.T
+    assert torch.allclose(gram - torch.diag(gram.diag()), torch.zeros(9, 9), atol=1e-5)
+    assert torch.allclose(basis[0], torch.ones(30)) and math.isclose(gram[0, 0].item(), 30, rel_tol=1e-6)
+    # one component by hand: u = 1 along the rows, v = 0
+    assert torch.allclose(basis[3].view(6, 5)[:, 0], torch.cos(math.pi * (torch.arange(6) + 0.5) / 6))
+
+
+def test_ocnet_prototype_selection_by_hand():
+    # support: e0 on the object (left half), e1 elsewhere; prototypes e0 (mask = M_s), e1, -e0, e0 + e1
+    C, h, w = 4, 4, 4
+    e = torch.eye(C)
+    m = torch.zeros(1, 1, h, w)
+    m[..., :2] = 1
+    f_s = (m[:, :, None] * e[0, :, None, None] + (1 - m[:, :, None]) * e[1, :, None, None])  # (1, 1, C, h, w)
+    p_s = torch.stack([e[1], e[0] + e[1], e[0], -e[0]])[None]  # (1, 4, C); nearest: e0, farthest: -e0
+    ccm = ocnet.CCM(C, num_select=1, pa_scale=10.0)
+    f_q = e[0, None, :, None, None].expand(1, C, 2, 2)  # every query pixel is e0
+    f_c, logits_pa, cost = ccm(f_q, torch.randn(1, C, 2, 2), f_s, m[:, :, :, :], p_s)
+    assert torch.allclose(cost[0, 0], torch.full((2, 2), 2.0))  # background slot: -e0, cosine -1
+    assert torch.allclose(cost[0, 1], torch.zeros(2, 2), atol=1e-6)  # foreground slot: e0, cosine 1
+    assert f_c.shape == (1, 2 * C, 2, 2) and logits_pa.shape == (1, 2, 2, 2) and logits_pa.abs().max() <= 10 + 1e-4
+
+
+def test_ocnet_gradcam_is_cam_for_resnet_and_runs_under_no_grad():
+    torch.manual_seed(0)
+    cam = ocnet.ImageNetCAM("resnet50", pretrained=False)
+    f_h = torch.rand(2, 2048, 5, 6)
+    with torch.no_grad():  # as in evaluation
+        out = cam(f_h)
+    fc = cam.classifier[-1]
+    top = fc(f_h.mean((2, 3))).argmax(1)  # (2,)
+    expected = F.relu(torch.einsum("bc,bchw->bhw", fc.weight[top], f_h))[:, None]  # CAM [65] of the top class
+    expected = ocnet.minmax(expected)
+    assert out.shape == (2, 1, 5, 6) and torch.allclose(out, expected, atol=1e-5)
+    assert out.amax((2, 3)).allclose(torch.ones(2, 1), atol=1e-5) and out.min() >= 0
+
+
+@pytest.mark.parametrize("backbone", ["resnet50", "vgg16_bn"])
+def test_ocnet_general_object_mask_is_thresholded_max_of_prior_and_cam(ocnet_models, backbone):
+    model = ocnet_models[backbone].eval()
+    img_q, img_s, m_s, _ = ocnet_episode(shot=2)
+    with torch.no_grad():
+        out = model(img_q, img_s, m_s)
+        f_q4 = model.backbone(img_q)["layer4"]
+        f_s4 = model.backbone(img_s.flatten(0, 1))["layer4"].view(2, 2, *f_q4.shape[1:])
+        prior, cam = common.cosine_prior(f_q4, f_s4, m_s), model.cam(f_q4)
+    assert cam.shape == prior.shape and cam.min() >= 0 and cam.max() <= 1
+    assert torch.equal(out["m_g"], (torch.maximum(prior, cam)[:, 0] >= 0.6).long())
+    assert out["m_g"].flatten(1).sum(1).min() >= 1  # the prior's maximum is 1 >= tau in each image
+
+
+def test_ocnet_config_cam_source_and_bad_values():
+    model = ocnet.Model(ocnet.Config(pretrained=False, cam_source="none"))
+    assert model.cam is None
+    with pytest.raises(ValueError, match="cam_source"):
+        ocnet.Model(ocnet.Config(pretrained=False, cam_source="saliency"))
+    with pytest.raises(ValueError, match="num_select"):
+        ocnet.Model(ocnet.Config(pretrained=False, num_select=25))
+
+
+def test_ocnet_short_synthetic_training_lowers_the_loss(ocnet_models):
+    # four steps of the harness's SGD at the paper's lr (§5.1) on two synthetic episodes; loss compared in eval mode
+    torch.manual_seed(0)  # dropout: the loss falls by 0.13 to 0.38 over the seeds 0-5
+    model = copy.deepcopy(ocnet_models["resnet50"]).eval()
+    episodes = data.build_dataset("synthetic", "train", 0, img_size=OCNET_SIZE, train_length=2)
+    batch = data.collate_episodes([episodes[(0, i)] for i in range(2)])
+
+    def loss():
+        return model.loss(model(batch["img_q"], batch["img_s"], batch["m_s"]), batch["m_q"], batch["m_s"])[0]
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=ocnet.DEFAULTS["pascal"]["lr"], momentum=0.9, weight_decay=1e-4)
+    with torch.no_grad():
+        before = loss().item()
+    model.train()
+    for _ in range(4):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        after = loss().item()
+    assert math.isfinite(after) and after < before - 0.05
+
+
+# ==========================================================================================================
+# crcnet.py: CRCNet (cross-reference, conditional modules, refinement, test-time fine-tuning, boxes)
+# ==========================================================================================================
+
+CRCNET_SIZE = 33  # 33 -> 5x5 features at output stride 8 (the backbone dominates the CPU time)
+
+
+def _episode(B=2, S=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    img_q = torch.randn(B, 3, CRCNET_SIZE, CRCNET_SIZE, generator=g)
+    img_s = torch.randn(B, S, 3, CRCNET_SIZE, CRCNET_SIZE, generator=g)
+    m_q = torch.zeros(B, CRCNET_SIZE, CRCNET_SIZE, dtype=torch.long)
+    m_q[:, 5:20, 8:25] = 1
+    m_q[:, :, :3] = 255
+    m_s = torch.zeros(B, S, CRCNET_SIZE, CRCNET_SIZE, dtype=torch.long)
+    for k in range(S):
+        m_s[:, k, 3 + 2 * k:18 + 2 * k, 10:28] = 1
+    m_s[..., -2:, :] = 255
+    return img_q, img_s, m_q, m_s
+
+
+def _model(**kw):
+    """A narrow CRCNet (dim 32 instead of 256) keeps the CPU tests fast; the structure is the paper's."""
+    torch.manual_seed(0)
+    return crcnet.Model(crcnet.Config(pretrained=False, **{"dim": 32, "cr_reduction": 4, **kw}))
+
+
+@pytest.fixture(scope="module")
+def crcnet_model():
+    return _model(refine_steps=3, ft_steps=3, ft_lr=0.05)
+
+
+def test_paper_configuration_shapes_and_size():
+    net = crcnet.Model(crcnet.Config(pretrained=False))
+    assert net.head.refinement.steps == 10 and net.cfg.sub_weight == 0.1 and net.cfg.dim == 256
+    learnable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert learnable == 20_137_492  # the 3x3 reduction of [layer3, layer4] (3072 -> 256) alone is 7.08M
+    img_q, img_s, m_q, m_s = _episode(B=1, S=1)
+    with torch.no_grad():
+        out = net(img_q, img_s, m_s)
+    assert out["logits"].shape == (1, 2, CRCNET_SIZE, CRCNET_SIZE) and out["support"].shape == (1, 2, 5, 5)
+    assert torch.isfinite(out["logits"]).all()
+
+
+@pytest.mark.parametrize("S", [1, 5])
+def test_forward_shapes_query_and_support(crcnet_model, S):
+    img_q, img_s, m_q, m_s = _episode(B=2, S=S)
+    out = crcnet_model(img_q, img_s, m_s)
+    assert out["logits"].shape == (2, 2, CRCNET_SIZE, CRCNET_SIZE)
+    for key in ("query", "support", "query_sub", "support_sub"):
+        assert out[key].shape == (2 * S, 2, 5, 5) and torch.isfinite(out[key]).all()
+    # logits: the log of the query probabilities averaged over the shots, upsampled bilinearly
+    log_p = F.log_softmax(out["query"], 1).view(2, S, 2, 5, 5).exp().mean(1).log()
+    up = F.interpolate(log_p, (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear", align_corners=True)
+    assert torch.allclose(out["logits"], up, atol=1e-5)
+    loss, terms = crcnet_model.loss(out, m_q, m_s)
+    assert torch.isfinite(loss)
+
+
+def test_loss_has_four_terms_eq5(crcnet_model):
+    img_q, img_s, m_q, m_s = _episode()
+    out = crcnet_model(img_q, img_s, m_s)
+    total, terms = crcnet_model.loss(out, m_q, m_s)
+    assert set(terms) == {"query", "support", "query_sub", "support_sub"}
+    assert all(torch.isfinite(t) and t > 0 for t in terms.values())
+    expected = terms["query"] + terms["support"] + 0.1 * (terms["query_sub"] + terms["support_sub"])
+    assert torch.allclose(total, expected)
+    # L_SM is the 2-class cross-entropy of the support prediction against m_s (255 ignored), Eq. (4)
+    up = F.interpolate(out["support"], (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear", align_corners=True)
+    valid = m_s[:, 0] != 255
+    ce = F.cross_entropy(up, m_s[:, 0].clamp(max=1), reduction="none")[valid].mean()
+    assert torch.allclose(terms["support"], ce, atol=1e-6)
+
+
+def test_gradients_reach_every_learnable_parameter_and_no_backbone_parameter():
+    net = _model(refine_steps=2)  # from the second step on, the cached branch is in the graph
+    net.train()
+    img_q, img_s, m_q, m_s = _episode()
+    loss, _ = net.loss(net(img_q, img_s, m_s), m_q, m_s)
+    loss.backward()
+    learnable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    assert learnable and all(not n.startswith("encoder.backbone") for n, _ in learnable)
+    missing = [n for n, p in learnable if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing, missing
+    assert all(p.grad is None for p in net.encoder.backbone.parameters())
+    assert not net.encoder.backbone.training  # frozen BN stays in eval
+
+
+def test_refinement_runs_configured_steps_and_updates_cache():
+    torch.manual_seed(0)
+    refine = crcnet.MaskRefinement(in_dim=12, dim=8, k=7, steps=4)
+    calls = []
+    refine.cached.register_forward_hook(lambda m, i, o: calls.append(i[0].clone()))
+    logits, caches = refine(torch.randn(2, 12, 5, 5))
+    assert len(calls) == 4 and len(caches) == 5
+    assert (caches[0] == 0).all() and (calls[0] == 0).all()  # the cache starts as zeros
+    for t in range(1, 5):
+        assert not torch.equal(caches[t], caches[t - 1])  # updated every step
+        assert torch.equal(calls[t - 1], caches[t - 1])  # and each step reads the previous one
+    assert torch.allclose(caches[-1], logits.softmax(1)[:, 1:])
+    assert ((caches[-1] > 0) & (caches[-1] < 1)).all()
+
+
+def test_cross_reference_is_symmetric_and_by_hand():
+    torch.manual_seed(0)
+    cr = crcnet.CrossReference(dim=32, reduction=16)
+    f_q, f_s = torch.randn(2, 32, 5, 5), torch.randn(2, 32, 5, 5)
+    g_q, g_s = cr(f_q, f_s)
+    h_s, h_q = cr(f_s, f_q)
+    assert torch.allclose(g_q, h_q) and torch.allclose(g_s, h_s)
+    w = torch.sigmoid(cr.importance[2](torch.relu(cr.importance[0](f_q.mean((2, 3))))))
+    w = w * torch.sigmoid(cr.importance[2](torch.relu(cr.importance[0](f_s.mean((2, 3))))))
+    assert torch.allclose(g_q, f_q * w[:, :, None, None]) and ((w >= 0) & (w <= 1)).all()
+
+
+def test_local_conditional_eq1_to_3_by_hand():
+    torch.manual_seed(0)
+    local = crcnet.LocalConditional(dim=4)
+    f, f_s = torch.randn(1, 4, 2, 3), torch.randn(1, 4, 2, 3)
+    m = torch.tensor([[[[1.0, 0.0, 0.5], [0.0, 1.0, 0.0]]]])
+    out = local(f, f_s, m)
+    theta, delta = local.theta(f)[0].flatten(1), local.delta(f_s)[0].flatten(1)  # (4, 6)
+    expected = torch.zeros(4, 6)
+    for i in range(6):  # every query position
+        sim = torch.stack([theta[:, i] @ delta[:, j] * m.flatten()[j] for j in range(6)])  # Eq. (1), (2)
+        expected[:, i] = f_s[0].flatten(1) @ torch.softmax(sim, 0)  # Eq. (3)
+    assert torch.allclose(out[0].flatten(1), expected, atol=1e-5)
+    # an empty support mask gives the plain average of the support features, not NaN
+    empty = local(f, f_s, torch.zeros_like(m))
+    assert torch.allclose(empty, f_s.mean((2, 3), keepdim=True).expand_as(empty), atol=1e-6)
+
+
+def test_finetuning_changes_prediction_and_restores_everything(crcnet_model):
+    img_q, img_s, m_q, m_s = _episode(B=2, S=3)
+    before = {k: v.clone() for k, v in crcnet_model.state_dict().items()}
+    crcnet_model.eval()
+    rng = torch.get_rng_state()
+    with torch.no_grad():
+        tuned = crcnet_model.predict(img_q, img_s, m_s)
+        first_support = crcnet_model(img_q, img_s[:, :1], m_s[:, :1])["logits"]  # "finetune" predicts from support 0
+    assert tuned.shape == (2, 2, CRCNET_SIZE, CRCNET_SIZE) and torch.isfinite(tuned).all()
+    assert not torch.allclose(tuned, first_support, atol=1e-4)
+    assert not crcnet_model.training and torch.equal(torch.get_rng_state(), rng)
+    crcnet_model.train()
+    with torch.no_grad():
+        alone = crcnet_model.predict(img_q[1:], img_s[1:], m_s[1:])
+    assert crcnet_model.training
+    crcnet_model.eval()
+    assert torch.allclose(alone, tuned[1:], atol=1e-6)  # per episode, deterministic (a fixed generator)
+    after = crcnet_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in crcnet_model.parameters())
+    crcnet_model.cfg.ft_steps = 0  # no step: exactly the plain 1-shot prediction
+    try:
+        with torch.no_grad():
+            assert torch.allclose(crcnet_model.predict(img_q, img_s, m_s), first_support, atol=1e-5)
+    finally:
+        crcnet_model.cfg.ft_steps = 3
+
+
+def test_finetune_trains_on_pairs_of_distinct_supports(crcnet_model, monkeypatch):
+    img_q, img_s, m_q, m_s = _episode(B=1, S=2)
+    seen = []
+    original = crcnet.pair_loss
+    monkeypatch.setattr(crcnet, "pair_loss", lambda out, mq, ms, w: seen.append((mq, ms)) or original(out, mq, ms, w))
+    weights = crcnet_model.finetune(img_s[0], m_s[0])
+    assert len(seen) == 3
+    for mq, ms in seen:  # with two supports, every pair is (0, 1) or (1, 0)
+        assert not torch.equal(mq, ms)
+    names = dict(crcnet_model.head.named_parameters())
+    assert set(weights) == set(names) and any(not torch.equal(weights[n], names[n]) for n in names)
+
+
+def test_fusion_averages_one_shot_probabilities(crcnet_model):
+    img_q, img_s, m_q, m_s = _episode(B=2, S=3)
+    crcnet_model.cfg.kshot = "fusion"
+    try:
+        with torch.no_grad():
+            fused = crcnet_model.predict(img_q, img_s, m_s)
+            probs = [crcnet_model(img_q, img_s[:, k:k + 1], m_s[:, k:k + 1])["query"].softmax(1) for k in range(3)]
+    finally:
+        crcnet_model.cfg.kshot = "finetune"
+    expected = F.interpolate((sum(probs) / 3).log(), (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear", align_corners=True)
+    assert torch.allclose(fused, expected, atol=1e-5)
+
+
+def test_multi_scale_inference(crcnet_model):
+    img_q, img_s, m_q, m_s = _episode(B=1, S=1)
+    with torch.no_grad():
+        plain = crcnet_model(img_q, img_s, m_s)["logits"]
+        assert torch.allclose(crcnet_model.predict(img_q, img_s, m_s), plain, atol=1e-6)  # scale 1: forward
+        crcnet_model.cfg.test_scales = (0.75, 1.0, 1.25)
+        try:
+            multi = crcnet_model.predict(img_q, img_s, m_s)
+        finally:
+            crcnet_model.cfg.test_scales = (1.0,)
+    assert multi.shape == (1, 2, CRCNET_SIZE, CRCNET_SIZE) and torch.isfinite(multi).all()
+    assert not torch.allclose(multi, plain, atol=1e-4)
+    assert (multi <= 1e-6).all()  # log-probabilities
+
+
+def test_bad_input_raises():
+    with pytest.raises(ValueError, match="kshot"):
+        crcnet.Model(crcnet.Config(pretrained=False, kshot="vote"))
+    net = _model(refine_steps=1)
+    img_q, img_s, m_q, m_s = _episode(B=2, S=2)
+    with pytest.raises(ValueError, match="same episodes"):
+        net(img_q, img_s, m_s[:, :1])
+
+
+# ---------------------------------------------------------------- weakly supervised supports (data.py)
+
+def test_mask_to_boxes_by_hand():
+    mask = torch.zeros(8, 10, dtype=torch.long)
+    mask[1, 1:4] = 1  # an L-shaped object ...
+    mask[2:4, 1] = 1
+    mask[4, 2] = 1  # ... with a diagonal neighbour (8-connected, same object)
+    mask[6, 6:9] = 1  # a second object
+    mask[7, 8] = 1
+    mask[2, 2] = 255  # inside the first box: becomes 1
+    mask[0, 9] = 255  # outside every box: stays 255
+    expected = torch.zeros(8, 10, dtype=torch.long)
+    expected[1:5, 1:4] = 1  # rows 1-4, columns 1-3
+    expected[6:8, 6:9] = 1
+    expected[0, 9] = 255
+    assert torch.equal(data.mask_to_boxes(mask), expected)
+    assert mask[2, 2] == 255  # the input is not modified
+    empty = torch.full((4, 4), 255)
+    empty[:2] = 0
+    assert torch.equal(data.mask_to_boxes(empty), empty)
+
+
+def test_mask_to_boxes_covers_every_object_with_its_box():
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(40, 50, generator=g) < 0.05).long()
+    mask[5:15, 5:30] = 1
+    mask[30:35, 40:48] = 255
+    boxes = data.mask_to_boxes(mask)
+    assert ((boxes == 1) | (mask != 1)).all()  # every foreground pixel is inside a box
+    assert torch.equal(boxes[boxes != 1], mask[boxes != 1])  # outside the boxes nothing changed
+    # a box never grows beyond its object: a single object's box is its exact extent
+    single = torch.zeros(20, 20, dtype=torch.long)
+    single[3:9, 4:5] = 1
+    single[8, 4:15] = 1
+    assert data.mask_to_boxes(single).nonzero().amin(0).tolist() == [3, 4]
+    assert data.mask_to_boxes(single).nonzero().amax(0).tolist() == [8, 14]
+    assert int(data.mask_to_boxes(single).sum()) == 6 * 11
+
+
+def test_support_boxes_option_touches_supports_only():
+    args = dict(name="synthetic", split="test", fold=0, shot=2, img_size=64, episodes=3)
+    plain, boxed = data.build_dataset(**args), data.build_dataset(**args, support_boxes=True)
+    assert not plain.support_boxes and boxed.support_boxes
+    for i in range(3):
+        a, b = plain[i], boxed[i]
+        assert torch.equal(a["img_q"], b["img_q"]) and torch.equal(a["img_s"], b["img_s"])
+        assert torch.equal(a["m_q"], b["m_q"]) and torch.equal(a["m_q_orig"], b["m_q_orig"])
+        for k in range(2):
+            assert torch.equal(b["m_s"][k], data.mask_to_boxes(a["m_s"][k]))
+            assert ((b["m_s"][k] == 1) | (a["m_s"][k] != 1)).all()
+        assert (b["m_s"] == 1).sum() >= (a["m_s"] == 1).sum()
+    train_set = data.build_dataset("synthetic", "train", 0, img_size=64, train_length=2, support_boxes=True)
+    assert train_set.support_boxes and train_set[0]["m_s"].shape == (1, 64, 64)
+
+
+# ---------------------------------------------------------------- the harness
+
+def test_short_synthetic_training_lowers_the_loss():
+    net = _model(refine_steps=2)
+    net.train()
+    episodes = data.build_dataset("synthetic", "train", 0, img_size=32, train_length=16)
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.0025, momentum=0.9)
+    losses = []
+    for step in range(8):  # fresh episodes every step
+        batch = data.collate_episodes([episodes[i] for i in (2 * step, 2 * step + 1)])
+        loss, _ = net.loss(net(batch["img_q"], batch["img_s"], batch["m_s"]), batch["m_q"], batch["m_s"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-2:]) < 0.8 * sum(losses[:2])
+
+
+def test_harness_trains_and_evaluates_two_shot_by_finetuning(tmp_path):
+    out = tmp_path / "run"
+    train.main(["--model", "crcnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
+                "--img-size", "32", "--train-length", "2", "--batch-size", "2", "--epochs", "1", "--shot", "2",
+                "--test-episodes", "1", "--test-seeds", "1", "--refine-steps", "1", "--ft-steps", "1",
+                "--out", str(out)])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["args"]["lr"] == "0.0025"  # DEFAULTS["synthetic"]: the paper's lr
+    assert records[0]["args"]["ft_steps"] == "1" and records[0]["args"]["kshot"] == "None"  # Config default
+    step = [r for r in records if r["event"] == "train"][0]
+    assert math.isfinite(step["loss"]) and {"query", "support", "query_sub", "support_sub"} <= set(step)
+    result = [r for r in records if r["event"] == "result"][0]
+    assert result["shot"] == 2 and 0 <= result["miou"] <= 1
+
+
+# ==========================================================================================================
+# qgnet.py: QGNet (SLIC, contrastive prior extractor, few-shot stage)
+# ==========================================================================================================
+
+QGNET_TINY_PRIOR = dict(prior_batch_size=4, prior_queue=8, prior_img_size=32, patch_size=32, bn_splits=2)
+
+
+@pytest.fixture(scope="module")
+def qgnet_contrast():
+    torch.manual_seed(0)
+    return qgnet.GlobalLocalContrast(qgnet.PriorConfig(**QGNET_TINY_PRIOR))
+
+
+@pytest.fixture(scope="module")
+def qgnet_model():
+    torch.manual_seed(0)
+    return qgnet.Model(qgnet.Config(pretrained=False, untrained_prior=True))
+
+
+def qgnet_flat_regions(size=64):
+    """A synthetic image of four flat colours: background, a disc, a right band, a bottom-left block."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    region = torch.zeros(size, size, dtype=torch.long)
+    region[(yy - 30) ** 2 + (xx - 25) ** 2 < 15 ** 2] = 1
+    region[xx > 45] = 2
+    region[(yy > 50) & (xx < 30)] = 3
+    colours = torch.tensor([[0.2, 0.3, 0.8], [0.9, 0.1, 0.1], [0.1, 0.8, 0.2], [0.9, 0.9, 0.2]])
+    return colours[region].permute(2, 0, 1), region  # (3, H, W), (H, W)
+
+
+# ---------------------------------------------------------------- SLIC (§4.1.2, Eq. 4-7, Algorithm 2)
+
+def test_qgnet_rgb_to_lab_reference_colours():
+    rgb = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]).T[:, :, None]  # (3, 3, 1)
+    lab = qgnet.rgb_to_lab(rgb)[:, :, 0].T
+    expected = torch.tensor([[100.0, 0.0, 0.0], [0.0, 0.0, 0.0], [53.24, 80.09, 67.20]])  # CIELAB tables, D65
+    assert torch.allclose(lab, expected, atol=0.02)
+
+
+def test_qgnet_connected_components_by_hand():
+    labels = torch.tensor([[1, 0, 1], [1, 0, 1], [1, 1, 1]])
+    assert qgnet.connected_components(labels).tolist() == [[0, 1, 0], [0, 1, 0], [0, 0, 0]]
+    labels = torch.tensor([[1, 0, 1], [1, 0, 1]])  # the right column is a second part of label 1
+    assert qgnet.connected_components(labels).tolist() == [[0, 1, 2], [0, 1, 2]]
+
+
+def test_qgnet_enforce_connectivity_merges_fragments_into_largest_neighbour():
+    labels = torch.tensor([[0, 0, 0, 1, 1, 1, 1],
+                           [0, 1, 0, 1, 1, 1, 1],  # a one-pixel fragment of label 1 inside label 0 (10 px)
+                           [0, 0, 0, 2, 1, 1, 1],  # label 2 (3 px) touches label 0 (10 px) and label 1 (14 px)
+                           [0, 0, 2, 2, 1, 1, 1]])
+    out = qgnet.enforce_connectivity(labels, min_size=4)
+    expected = torch.tensor([[0, 0, 0, 1, 1, 1, 1],
+                             [0, 0, 0, 1, 1, 1, 1],
+                             [0, 0, 0, 1, 1, 1, 1],
+                             [0, 0, 1, 1, 1, 1, 1]])  # the fragment joins 0 (its only neighbour), label 2 joins 1
+    assert torch.equal(out, expected)
+    assert torch.equal(qgnet.enforce_connectivity(labels, min_size=1), qgnet.connected_components(labels).unique(
+        return_inverse=True)[1])  # nothing to merge: just the 4-connected parts, relabelled 0..n-1
+
+
+def test_qgnet_slic_recovers_flat_regions_with_connected_s_spaced_superpixels():
+    img, region = qgnet_flat_regions()
+    labels = qgnet.slic(img, n_segments=16, compactness=10.0)
+    n = int(labels.max()) + 1
+    assert labels.dtype == torch.long and labels.unique().tolist() == list(range(n))
+    assert 8 <= n <= 32  # about K = 16 superpixels
+    assert qgnet.connected_components(labels).unique().numel() == n  # every superpixel is 4-connected
+    step = math.sqrt(64 * 64 / 16)
+    for s in range(n):
+        ys, xs = torch.nonzero(labels == s, as_tuple=True)
+        assert region[ys, xs].unique().numel() == 1  # pure: inside one flat region
+        assert ys.max() - ys.min() < 3 * step and xs.max() - xs.min() < 3 * step  # compact, ~S-spaced
+    for a, b in (((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
+                 ((slice(1, None), slice(None)), (slice(None, -1), slice(None)))):
+        edge = region[a] != region[b]
+        assert (labels[a][edge] != labels[b][edge]).all()  # every region boundary is a superpixel boundary
+
+
+def test_qgnet_superpixel_boxes_cover_the_image_in_original_pixels():
+    img = (qgnet_flat_regions(64)[0] * 255).round().to(torch.uint8)
+    img = torch.nn.functional.interpolate(img[None].float(), size=(120, 90), mode="nearest")[0].to(torch.uint8)
+    cfg = qgnet.PriorConfig(slic_side=64, slic_segments=8)
+    boxes = qgnet.superpixel_boxes(img, cfg)  # SLIC on a 64 x 48 copy, boxes in the 120 x 90 pixels
+    assert boxes.shape[1] == 4 and len(boxes) >= 4
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 120).all() and (boxes[:, 3] <= 90).all()
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    covered = torch.zeros(120, 90, dtype=torch.bool)
+    for top, left, bottom, right in boxes.tolist():
+        covered[top:bottom, left:right] = True
+    assert covered.all()
+    assert (boxes == torch.tensor([0, 0, 120, 90])).all(1).sum() == 0  # boxes of parts, not of the whole image
+
+
+def test_qgnet_unlabeled_images_give_two_views_of_image_and_patch():
+    episodes = data.build_dataset("synthetic", "train", 0, img_size=64, train_length=2)
+    items = [(episodes, 0), (episodes, 1)]
+    cfg = qgnet.PriorConfig(**QGNET_TINY_PRIOR, slic_side=64)
+    boxes = [qgnet.SuperpixelBoxes(items, cfg)[i] for i in range(2)]
+    sample = qgnet.UnlabeledImages(items, boxes, cfg)[1]
+    assert {k: tuple(v.shape) for k, v in sample.items()} == {
+        "img_q": (3, 32, 32), "img_k": (3, 32, 32), "patch_q": (3, 32, 32), "patch_k": (3, 32, 32)}
+    assert not torch.equal(sample["img_q"], sample["img_k"])  # two random views
+    assert all(torch.isfinite(v).all() for v in sample.values())
+    rendered = qgnet.load_unlabeled(items[1])
+    assert rendered.dtype == torch.uint8 and rendered.shape == (3, 64, 64)
+
+
+# ---------------------------------------------------------------- contrastive stage (§4.1, Eq. 1-3)
+
+def test_qgnet_info_nce_equals_eq1_by_hand():
+    torch.manual_seed(1)
+    q = torch.nn.functional.normalize(torch.randn(2, 3), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(2, 3), dim=1)
+    queue = torch.nn.functional.normalize(torch.randn(3, 4), dim=0)
+    tau = 0.2
+    direct = 0.0
+    for n in range(2):
+        pos = math.exp(float(q[n] @ k[n]) / tau)
+        neg = sum(math.exp(float(q[n] @ queue[:, i]) / tau) for i in range(4))
+        direct += -math.log(pos / (neg + pos)) / 2
+    assert qgnet.info_nce(q, k, queue, tau).item() == pytest.approx(direct, rel=1e-5)
+
+
+def test_qgnet_queue_advances_and_wraps(qgnet_contrast):
+    qgnet_contrast.queue_global_ptr.zero_()
+    batches = [torch.full((3, 128), float(i)) for i in (1, 2, 3)]
+    for keys in batches:
+        qgnet_contrast.enqueue("queue_global", keys)
+    assert qgnet_contrast.queue_global_ptr.item() == 9 % 8
+    assert qgnet_contrast.queue_global[0].tolist() == [3, 1, 1, 2, 2, 2, 3, 3]  # slots 6, 7, 0 took the third batch
+    qgnet_contrast.enqueue("queue_global", torch.arange(10.0)[:, None].expand(10, 128))  # more keys than slots
+    assert sorted(qgnet_contrast.queue_global[0].tolist()) == list(range(2, 10))  # the newest 8 kept
+
+
+def test_qgnet_one_pretraining_step_moves_query_encoder_and_momentum_key(qgnet_contrast):
+    torch.manual_seed(2)
+    qgnet_contrast.train()
+    optimizer = torch.optim.SGD(qgnet_contrast.encoder_q.parameters(), lr=0.1, momentum=0.9)
+    q0 = [p.detach().clone() for p in qgnet_contrast.encoder_q.parameters()]
+    k0 = [p.detach().clone() for p in qgnet_contrast.encoder_k.parameters()]
+    ptr0 = qgnet_contrast.queue_local_ptr.item()
+    batch = {name: torch.randn(4, 3, 32, 32) for name in ("img_q", "img_k", "patch_q", "patch_k")}
+    loss, terms = qgnet_contrast(**batch)
+    assert set(terms) == {"global", "local"} and torch.isfinite(loss)
+    assert loss.item() == pytest.approx((terms["global"] + terms["local"]).item())  # Eq. (3)
+    m = qgnet_contrast.cfg.momentum
+    for p_k, a, b in zip(qgnet_contrast.encoder_k.parameters(), k0, q0):
+        assert torch.allclose(p_k, m * a + (1 - m) * b, atol=1e-6)  # theta_k <- m theta_k + (1 - m) theta_q
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    assert all(p.grad is None for p in qgnet_contrast.encoder_k.parameters())
+    assert all(p.grad is not None for p in qgnet_contrast.encoder_q.parameters())
+    assert not torch.equal(qgnet_contrast.encoder_q.conv1.weight, q0[0])
+    assert qgnet_contrast.queue_local_ptr.item() == (ptr0 + 4) % 8
+    fresh = qgnet_contrast.queue_local[:, [(ptr0 + i) % 8 for i in range(4)]]
+    assert torch.allclose(fresh.norm(dim=0), torch.ones(4), atol=1e-5)  # normalised keys went in
+
+
+def test_qgnet_prior_checkpoint_is_loaded_as_dilated_momentum_encoder(qgnet_contrast, tmp_path):
+    path = tmp_path / "prior.pt"
+    torch.save({"model": qgnet_contrast.state_dict()}, path)
+    prior = qgnet.load_prior_extractor(qgnet.Config(pretrained=False, prior_checkpoint=str(path)))
+    assert torch.equal(prior.stages["layer0"][0].weight, qgnet_contrast.encoder_k.conv1.weight)
+    assert torch.equal(prior.stages["layer0"][1].running_var, qgnet_contrast.encoder_k.bn1.running_var)
+    assert torch.equal(prior.stages["layer4"][2].conv3.weight, qgnet_contrast.encoder_k.layer4[2].conv3.weight)
+    assert prior.stages["layer4"][0].conv2.dilation == (4, 4)  # output stride 8 in the few-shot stage
+    assert not any(p.requires_grad for p in prior.parameters())
+
+
+def test_qgnet_missing_prior_checkpoint_names_the_command(tmp_path):
+    path = tmp_path / "absent.pt"
+    with pytest.raises(SystemExit) as err:
+        qgnet.Model(qgnet.Config(pretrained=False, dataset="synthetic", fold=2, prior_checkpoint=str(path)))
+    message = str(err.value)
+    assert "python train.py --model qgnet --stage prior --dataset synthetic --fold 2" in message
+    assert str(path) in message
+
+
+def test_qgnet_prior_paths_and_config_from_flags():
+    assert str(qgnet.prior_checkpoint_path("pascal", 1)) == "runs/qgnet-prior-pascal-fold1/prior_extractor.pt"
+    assert str(qgnet.prior_checkpoint_path("coco", 0, True)) == "runs/qgnet-prior-coco-fold0-all/prior_extractor.pt"
+    assert str(qgnet.prior_checkpoint_path("coco", 0, True, "x/y.pt")) == "x/y.pt"
+    args = argparse.Namespace(dataset="coco", prior_queue=1024, prior_lr=None)
+    cfg = qgnet.prior_config(args)
+    assert (cfg.prior_epochs, cfg.prior_queue, cfg.prior_batch_size) == (200, 1024, 256)  # §5.1, flag, MoCo v2
+
+
+# ---------------------------------------------------------------- few-shot stage (§4.2)
+
+def test_qgnet_prior_region_map_is_eq_9_to_12_with_gradients():
+    torch.manual_seed(3)
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    p = torch.randn(2, 4, 2, 2, requires_grad=True)
+    out = qgnet.prior_region_map(x, p)
+    assert out.shape == (2, 1, 3, 3)
+    for b in range(2):
+        xs, ps = x[b].detach().flatten(1).T, p[b].detach().flatten(1).T  # (9, 4), (4, 4)
+        s = torch.tensor([max(float(xi @ pj / (xi.norm() * pj.norm() + 1e-7)) for pj in ps) for xi in xs])
+        s = (s - s.min()) / (s.max() - s.min() + 1e-7)
+        assert torch.allclose(out[b].flatten().detach(), s, atol=1e-5)
+    out.sum().backward()
+    assert x.grad.abs().sum() > 0 and p.grad.abs().sum() > 0  # no detach: both projections learn through it
+
+
+@pytest.mark.parametrize("B,S", [(2, 1), (1, 5)])
+def test_qgnet_fewshot_forward_shapes_and_finite_loss(qgnet_model, B, S):
+    torch.manual_seed(4)
+    qgnet_model.eval()
+    img_q, img_s = torch.randn(B, 3, 65, 65), torch.randn(B, S, 3, 65, 65)
+    m_s = torch.zeros(B, S, 65, 65, dtype=torch.long)
+    m_s[..., 20:45, 20:45] = 1
+    m_s[..., :3, :] = 255
+    with torch.no_grad():
+        out = qgnet_model(img_q, img_s, m_s)
+        loss, terms = qgnet_model.loss(out, m_s[:, 0], m_s)
+    assert out["logits"].shape == (B, 2, 65, 65)
+    assert [tuple(a.shape[-2:]) for a in out["aux"]] == [(9, 9), (4, 4), (2, 2), (1, 1)]  # 65 px -> 9 x 9
+    assert set(terms) == {"main", "aux"} and torch.isfinite(loss)
+    with torch.no_grad():  # an empty support mask: no NaN anywhere
+        empty = qgnet_model(img_q, img_s, torch.zeros_like(m_s))["logits"]
+    assert torch.isfinite(empty).all()
+
+
+def test_qgnet_fewshot_gradients_only_in_the_learnable_heads(qgnet_model):
+    torch.manual_seed(5)
+    qgnet_model.train()
+    qgnet_model.zero_grad()
+    img_q, img_s = torch.randn(2, 3, 65, 65), torch.randn(2, 2, 3, 65, 65)
+    m_s = torch.zeros(2, 2, 65, 65, dtype=torch.long)
+    m_s[..., 10:40, 15:50] = 1
+    m_q = torch.zeros(2, 65, 65, dtype=torch.long)
+    m_q[:, 20:50, 20:50] = 1
+    loss, _ = qgnet_model.loss(qgnet_model(img_q, img_s, m_s), m_q, m_s)
+    loss.backward()
+    learnable = {n.split(".")[0] for n, p in qgnet_model.named_parameters() if p.requires_grad}
+    assert learnable == {"bridge_proj", "prior_proj", "down_query", "down_supp", "fem"}
+    for name, p in qgnet_model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        else:
+            assert p.grad is None and name.split(".")[0] in ("backbone", "prior_extractor"), name
+    for module in learnable:
+        assert any(p.grad.abs().sum() > 0 for p in getattr(qgnet_model, module).parameters()), module
+    assert not qgnet_model.prior_extractor.training and not qgnet_model.backbone.training  # frozen BN stays in eval
+
+
+# ---------------------------------------------------------------- both stages through train.py
+
+def test_qgnet_two_stages_on_synthetic(tmp_path):
+    prior = tmp_path / "prior" / "prior_extractor.pt"
+    common_flags = ["--model", "qgnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
+                    "--img-size", "64", "--prior-checkpoint", str(prior)]
+    assert train.main([*common_flags, "--stage", "prior", "--train-length", "8", "--prior-epochs", "1",
+                       "--prior-batch-size", "4", "--prior-queue", "8", "--prior-img-size", "32",
+                       "--log-every", "1"]) == prior
+    records = [json.loads(line) for line in (prior.parent / "prior_metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(math.isfinite(r["global"]) and math.isfinite(r["local"]) for r in records)
+    out = tmp_path / "fewshot"
+    miou, fbiou = train.main([*common_flags, "--train-length", "8", "--batch-size", "4", "--epochs", "2",
+                              "--test-episodes", "4", "--test-seeds", "1", "--log-every", "1", "--out", str(out)])
+    assert 0 <= miou <= 1 and 0 <= fbiou <= 1
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["event"] == "train"]
+    assert len(losses) == 4 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    encoder_k = torch.load(prior, weights_only=True)["model"]["encoder_k.layer3.1.conv2.weight"]
+    trained = torch.load(out / "last.pt", weights_only=False)["model"]
+    assert torch.equal(trained["prior_extractor.stages.layer3.1.conv2.weight"], encoder_k)

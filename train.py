@@ -160,6 +160,8 @@ def build_parser():
     p.add_argument("--fold", type=int, default=0, choices=[0, 1, 2, 3])
     p.add_argument("--shot", type=int, default=1)
     p.add_argument("--coco-split", default="interleaved", choices=["interleaved", "contiguous"])
+    p.add_argument("--support-boxes", action="store_true",
+                   help="weak supervision: every support mask becomes its objects' bounding boxes (CRCNet §5.4)")
     p.add_argument("--backbone", default="resnet50", choices=["resnet50", "resnet101", "vgg16_bn"])
     p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (no ImageNet download)")
     p.add_argument("--epochs", type=int, default=None, help="default: the model's, per dataset")
@@ -351,7 +353,8 @@ def build_dataset(args, split):
         return data.build_dataset(args.dataset, split, args.fold, shot=args.shot, img_size=args.img_size,
                                   root=args.data_root, seed=args.seed if split == "train" else 0,
                                   episodes=args.test_episodes,
-                                  coco_split=args.coco_split, train_length=args.train_length)
+                                  coco_split=args.coco_split, train_length=args.train_length,
+                                  support_boxes=args.support_boxes)
     except FileNotFoundError as err:  # a missing or incomplete data root: the message names the layout
         sys.exit(f"error: {err}")
 

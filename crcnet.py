@@ -1,0 +1,376 @@
+"""CRCNet: Few-shot Segmentation with Cross-Reference and Region-Global Conditional Networks.
+
+W. Liu, C. Zhang, G. Lin, F. Liu. IJCV 2022, arXiv:2208.10761 (extends CRNet, CVPR 2020). No public code: the
+paper is the only source, and every value it leaves open is a Config field listed under "Choices".
+
+A symmetric network predicts the masks of both images of a (query, support) pair. A cross-reference module
+re-weights the channels of both feature maps by the product of their sigmoid importance vectors (co-occurrent
+features) and predicts the co-occurrent objects with an auxiliary head. A conditional module adds the support's
+foreground vector (global) and an attention over the support's foreground pixels (local). A mask refinement
+module with a confidence cache then predicts recurrently. K shots: the network is fine-tuned at test time on
+pairs of the labelled supports (§4.6), or the 1-shot probabilities are averaged (the fusion baseline, Table 4).
+
+Paper -> code:
+    §4.2 Siamese encoder (frozen ResNet, layer3 + layer4, §5.1)     SiameseEncoder
+    §4.3 cross-reference module, Fig. 3                              CrossReference
+    §4.3 co-occurrent sub-prediction head (convs + ASPP [4])         ASPP, CoOccurrenceHead
+    §4.4 global conditional module, Fig. 5                           GlobalConditional
+    §4.4 local conditional module, Eq. (1)-(3), Fig. 6                LocalConditional
+    §4.5 mask refinement: global convolution block [41], cache        GlobalConvBlock, MaskRefinement
+    Fig. 2 one (query, support) pair through §4.3-§4.5, both heads    PairHead
+    Eq. (4)-(5) loss with lambda = 0.1                               pair_loss, Model.loss
+    §4.6 k-shot fine-tuning; Table 4 fusion; §5.1 multi-scale test   Model.predict, Model.finetune
+
+Choices (the paper is silent unless a section is named):
+    - Every module is shared by the query and the support branch (the roles are interchangeable, §4.7), the
+      cross-reference FC layers included, so the fused importance vector is symmetric in the two images.
+    - Encoder: one 3x3 conv (3072 -> 256) + ReLU on [layer3, layer4] (§5.1: 3x3, 256, ReLU); no dropout or BN
+      anywhere, as the paper names neither (convs have biases instead).
+    - Cross-reference FC widths 256 -> 256/16 -> 256: SE-Net's reduction ratio, this being SE-style attention.
+    - ASPP: 1x1, three 3x3 at rates 6/12/18 and image pooling (DeepLab [4]; CANet's rates at output stride 8).
+    - Both branches are conditioned on the support, the only labelled image at test time: the global vector is
+      the support's foreground average (common.masked_average_pooling), and the local module of the support
+      branch attends over the support's own foreground.
+    - Eq. (2) is taken literally: similarities are multiplied by the support mask (bilinearly resized, 255 counts
+      as background), so background entries score 0 rather than -inf; an empty mask gives a uniform row, no NaN.
+    - Refinement: the feature branch is a 3x3 conv and the global convolution block (GCN [41]: k x 1 -> 1 x k
+      plus 1 x k -> k x 1, no ReLU inside, residual); it does not depend on the cache, so it runs once. Each step
+      the combined block fuses both feature levels (skip) with the cached branch. The cache is the foreground
+      probability (1 channel), stored as a value (detached, as CANet's [63] code stores its history masks,
+      icoz69/CaNet train.py); only the last step is supervised (Eq. 5) and differentiated: backpropagating
+      through all 10 weight-shared steps diverged (loss 5e11 within 12 steps on synthetic data, lr 0.0025).
+    - Eq. (4)'s BCE on the foreground probability equals 2-class cross-entropy: common.seg_loss, 255 ignored.
+    - Roles interchangeable (§4.7): both images are supervised every step; an explicit swap is impossible in
+      forward (it never sees m_q) and would not change the distribution (query and supports are drawn alike).
+    - K shots in forward: every support is paired with the query, the query probabilities are averaged
+      (Table 4's fusion); each pair is supervised as a 1-shot episode.
+    - Fine-tuning (§4.6): the encoder (backbone and its 3x3 reduction) is frozen, everything else is tuned on
+      copies of the weights (torch.func.functional_call), so the model itself is never written; one random
+      ordered pair (i != j) of supports per step, SGD with the training momentum, no weight decay; steps and
+      learning rate (default the training lr of §5.1) are flags. "finetune" then predicts from the first
+      support, "finetune+fusion" from all (Table 4's two rows). 1-shot: no fine-tuning (Table 4, N/A).
+    - Multi-scale (§5.1, Table 2): images resized bilinearly, masks nearest; fine-tuning runs once at scale 1.
+    - Learning rate 0.0025 is the paper's (§5.1) used as is for every learnable layer; CANet's code, this
+      group's predecessor, trains its head at 10 x 0.00025 = the same 0.0025.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import common
+
+KSHOT_MODES = ("finetune", "fusion", "finetune+fusion")  # §4.6 and Table 4's rows
+FT_SEED = 0  # fine-tuning pairs come from their own generator: deterministic, global RNG untouched
+
+
+@dataclass
+class Config:
+    backbone: str = "resnet50"  # §5.1
+    pretrained: bool = True  # §5.1 ImageNet
+    levels: tuple = ("layer3", "layer4")  # §5.1 multi-level features at 1/8 (Table 2)
+    dim: int = 256  # §5.1: every conv of the modules gives 256 channels
+    cr_reduction: int = 16  # §4.3 two FC layers, width open: SE-Net's ratio
+    aspp_rates: tuple = (6, 12, 18)  # §4.3 ASPP [4]; CANet's rates
+    gcn_kernel: int = 7  # §4.5 1x7 and 7x1 kernels
+    refine_steps: int = 10  # §5.1
+    sub_weight: float = 0.1  # Eq. (5) lambda
+    kshot: str = "finetune"  # §4.6; "fusion": Table 4 baseline; "finetune+fusion": Table 4 last row
+    ft_steps: int = 20  # §4.6 silent
+    ft_lr: float = 0.0025  # §4.6 silent: the training lr of §5.1
+    ft_momentum: float = 0.9  # §4.6 silent: the training optimiser's
+    test_scales: tuple = (1.0,)  # §5.1 uses (0.75, 1.0, 1.25)
+
+
+def add_args(parser):
+    parser.add_argument("--kshot", choices=KSHOT_MODES, help="k-shot inference (default finetune, §4.6)")
+    parser.add_argument("--ft-steps", type=int, help="test-time fine-tuning steps (default 20)")
+    parser.add_argument("--ft-lr", type=float, help="test-time fine-tuning learning rate (default 0.0025)")
+    parser.add_argument("--test-scales", type=float, nargs="+", help="e.g. 0.75 1 1.25 (§5.1; default 1)")
+    parser.add_argument("--refine-steps", type=int, help="mask refinement iterations (default 10, §5.1)")
+
+
+# Table 8: CRCNet trains at 321; §5.1: SGD, lr 0.0025, 200 epochs. Batch sizes and COCO's epochs are not given:
+# the harness's (PFENet's) values. Synthetic: the harness's schedule with the paper's lr (its 0.01 diverges:
+# the modules have no normalisation layer).
+DEFAULTS = {
+    "pascal": dict(lr=0.0025, batch_size=4, epochs=200, img_size=321),
+    "coco": dict(lr=0.0025, batch_size=8, epochs=50, img_size=321),
+    "synthetic": dict(lr=0.0025, batch_size=8, epochs=4, img_size=128),
+}
+
+
+def _conv_relu(c_in, c_out, k=3, dilation=1):
+    """k x k conv + ReLU, the only layer type of the paper's modules (§5.1)."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=dilation * (k // 2), dilation=dilation),
+                         nn.ReLU(inplace=True))
+
+
+def _resize(x, size, mode="bilinear"):
+    return F.interpolate(x, size=size, mode=mode, align_corners=True if mode == "bilinear" else None)
+
+
+def _log_mean_exp(log_p, dim):
+    """log of the mean of the probabilities exp(log_p) along dim: the fusion of predictions (Table 4, §5.1)."""
+    return torch.logsumexp(log_p, dim) - math.log(log_p.shape[dim])
+
+
+class SiameseEncoder(nn.Module):
+    """§4.2: the frozen backbone shared by both images; layer3 and layer4 (1/8) concatenated, 3x3 conv to dim."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained)
+        self.levels = cfg.levels
+        self.reduce = _conv_relu(sum(self.backbone.channels[name] for name in cfg.levels), cfg.dim)
+
+    def forward(self, img):
+        feats = self.backbone(img)
+        return self.reduce(torch.cat([feats[name] for name in self.levels], 1))  # (N, dim, h, w)
+
+
+class CrossReference(nn.Module):
+    """§4.3, Fig. 3: importance = sigmoid(FC(ReLU(FC(GAP(f))))) per image; their product re-weights both maps."""
+
+    def __init__(self, dim, reduction):
+        super().__init__()
+        self.importance = nn.Sequential(nn.Linear(dim, dim // reduction), nn.ReLU(inplace=True),
+                                        nn.Linear(dim // reduction, dim), nn.Sigmoid())
+
+    def forward(self, f_q, f_s):
+        # only channels active in both images keep a high weight
+        w = self.importance(f_q.mean((2, 3))) * self.importance(f_s.mean((2, 3)))  # (N, C)
+        return f_q * w[:, :, None, None], f_s * w[:, :, None, None]  # G_q, G_s (N, C, h, w)
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling (DeepLab [4]): 1x1, 3x3 at each rate and image pooling, fused by a 1x1."""
+
+    def __init__(self, dim, rates):
+        super().__init__()
+        self.branches = nn.ModuleList([_conv_relu(dim, dim, 1)] + [_conv_relu(dim, dim, 3, r) for r in rates])
+        self.pool = _conv_relu(dim, dim, 1)
+        self.project = _conv_relu(dim * (len(rates) + 2), dim, 1)
+
+    def forward(self, x):
+        pooled = self.pool(x.mean((2, 3), keepdim=True)).expand_as(x)  # (N, dim, h, w)
+        return self.project(torch.cat([b(x) for b in self.branches] + [pooled], 1))  # (N, dim, h, w)
+
+
+class CoOccurrenceHead(nn.Module):
+    """§4.3: the decoder of the co-occurrent objects (QM_sub, SM_sub): conv, ASPP, conv, 2-channel classifier."""
+
+    def __init__(self, dim, rates):
+        super().__init__()
+        self.decode = nn.Sequential(_conv_relu(dim, dim), ASPP(dim, rates), _conv_relu(dim, dim),
+                                    nn.Conv2d(dim, 2, 1))
+
+    def forward(self, g):
+        return self.decode(g)  # (N, 2, h, w)
+
+
+class GlobalConditional(nn.Module):
+    """§4.4, Fig. 5: the category vector, upsampled to h x w, concatenated, then a residual convolution."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.merge = _conv_relu(2 * dim, dim)
+        self.residual = nn.Sequential(_conv_relu(dim, dim), _conv_relu(dim, dim))
+
+    def forward(self, f, proto):
+        x = self.merge(torch.cat([f, proto[:, :, None, None].expand_as(f)], 1))  # (N, dim, h, w)
+        return x + self.residual(x)
+
+
+class LocalConditional(nn.Module):
+    """§4.4, Fig. 6, Eq. (1)-(3): every pixel of f attends over the support pixels, restricted to the mask."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.theta = _conv_relu(dim, dim, 1)
+        self.delta = _conv_relu(dim, dim, 1)
+
+    def forward(self, f, f_s, m):
+        """f (N,C,h,w) features to condition, f_s (N,C,h,w) support features, m (N,1,h,w) support foreground."""
+        N, C, h, w = f.shape
+        # Eq. (1): M_sim = theta(F_q)^T (x) delta(F_s)
+        sim = self.theta(f).flatten(2).transpose(1, 2) @ self.delta(f_s).flatten(2)  # (N, hw, hw_s)
+        # Eq. (2): M'_sim = Softmax(M_sim . Phi(Mask_sup)), row-wise
+        attn = torch.softmax(sim * m.flatten(2), dim=2)  # (N, hw, hw_s)
+        # Eq. (3): F'_q = F_s (x) M'_sim
+        return (f_s.flatten(2) @ attn.transpose(1, 2)).reshape(N, C, h, w)  # (N, C, h, w)
+
+
+class GlobalConvBlock(nn.Module):
+    """Global convolution block (Peng et al. [41]), §4.5: (k x 1 -> 1 x k) + (1 x k -> k x 1), few parameters."""
+
+    def __init__(self, dim, k):
+        super().__init__()
+        col, row = dict(kernel_size=(k, 1), padding=(k // 2, 0)), dict(kernel_size=(1, k), padding=(0, k // 2))
+        self.left = nn.Sequential(nn.Conv2d(dim, dim, **col), nn.Conv2d(dim, dim, **row))
+        self.right = nn.Sequential(nn.Conv2d(dim, dim, **row), nn.Conv2d(dim, dim, **col))
+
+    def forward(self, x):
+        return self.left(x) + self.right(x)  # (N, dim, h, w)
+
+
+class MaskRefinement(nn.Module):
+    """§4.5, Fig. 7: a cache (zeros at first) of the last foreground probability, refined `steps` times.
+
+    forward(x (N,in_dim,h,w)) -> (logits (N,2,h,w) of the last step, caches: steps + 1 maps (N,1,h,w), the
+    initial zeros first and the cache after every step)."""
+
+    def __init__(self, in_dim, dim, k, steps):
+        super().__init__()
+        self.steps = steps
+        self.entry = _conv_relu(in_dim, dim)
+        self.global_conv = GlobalConvBlock(dim, k)
+        self.cached = _conv_relu(1, dim)
+        self.combine = _conv_relu(3 * dim, dim)
+        self.combine_residual = nn.Sequential(_conv_relu(dim, dim), _conv_relu(dim, dim))
+        self.cls = nn.Sequential(_conv_relu(dim, dim), nn.Conv2d(dim, 2, 1))
+
+    def forward(self, x):
+        # feature branch: two levels (3x3 conv, then the large field of view), independent of the cache
+        x = self.entry(x)  # (N, dim, h, w)
+        x_global = x + self.global_conv(x)
+        cache = x.new_zeros(x.shape[0], 1, *x.shape[-2:])  # (N, 1, h, w): no prediction yet
+        caches = [cache]
+        for step in range(self.steps):
+            # the cache holds a value, so only the last step needs a graph
+            with torch.set_grad_enabled(torch.is_grad_enabled() and step == self.steps - 1):
+                # combined block: the feature levels and the cached branch
+                y = self.combine(torch.cat([x, x_global, self.cached(cache)], 1))  # (N, dim, h, w)
+                logits = self.cls(y + self.combine_residual(y))  # (N, 2, h, w)
+            cache = logits.softmax(1)[:, 1:].detach()  # (N, 1, h, w): the cache update
+            caches.append(cache)
+        return logits, caches
+
+
+class PairHead(nn.Module):
+    """Everything after the Siamese encoder for N (query, support) pairs (Fig. 2): both images' predictions.
+
+    forward(f_q, f_s (N,dim,h,w), m (N,1,h,w) support foreground at h x w) -> {"query", "support",
+    "query_sub", "support_sub": logits (N,2,h,w)}."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cross_reference = CrossReference(cfg.dim, cfg.cr_reduction)
+        self.co_occurrence = CoOccurrenceHead(cfg.dim, cfg.aspp_rates)
+        self.global_conditional = GlobalConditional(cfg.dim)
+        self.local_conditional = LocalConditional(cfg.dim)
+        self.refinement = MaskRefinement(3 * cfg.dim, cfg.dim, cfg.gcn_kernel, cfg.refine_steps)
+
+    def forward(self, f_q, f_s, m):
+        N = f_q.shape[0]
+        # 2. cross-reference module (§4.3): reinforced features and the co-occurrent sub-predictions
+        g_q, g_s = self.cross_reference(f_q, f_s)
+        g = torch.cat([g_q, g_s])  # (2N, C, h, w): query branch, then support branch
+        sub = self.co_occurrence(g)  # (2N, 2, h, w)
+        # 3. conditional module (§4.4) on the encoder features of both branches, conditioned on the support
+        f = torch.cat([f_q, f_s])  # (2N, C, h, w)
+        proto = common.masked_average_pooling(f_s, m).repeat(2, 1)  # (2N, C): foreground average pooling
+        local = self.local_conditional(f, f_s.repeat(2, 1, 1, 1), m.repeat(2, 1, 1, 1))  # (2N, C, h, w)
+        conditional = torch.cat([self.global_conditional(f, proto), local], 1)  # (2N, 2C, h, w)
+        # 4. mask refinement (§4.5) on the concatenated conditional and cross-reference outputs
+        logits, _ = self.refinement(torch.cat([conditional, g], 1))  # (2N, 2, h, w)
+        return {"query": logits[:N], "support": logits[N:], "query_sub": sub[:N], "support_sub": sub[N:]}
+
+
+def pair_loss(out, m_q, m_s, sub_weight):
+    """Eq. (5): (L_QM + L_SM) + lambda (L_QMsub + L_SMsub); out from PairHead, m_q, m_s (N,H,W) per pair."""
+    terms = {"query": common.seg_loss(out["query"], m_q), "support": common.seg_loss(out["support"], m_s),
+             "query_sub": common.seg_loss(out["query_sub"], m_q),
+             "support_sub": common.seg_loss(out["support_sub"], m_s)}
+    total = terms["query"] + terms["support"] + sub_weight * (terms["query_sub"] + terms["support_sub"])
+    return total, terms
+
+
+class Model(nn.Module):
+    """CRCNet. forward(img_q, img_s, m_s, class_ids=None) -> {"logits" (B,2,H,W): log of the query foreground
+    probabilities averaged over the S supports, and per pair (B*S,2,h,w): "query", "support", "query_sub",
+    "support_sub"}. predict() adds §4.6's test-time fine-tuning and §5.1's multi-scale inference."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        if cfg.kshot not in KSHOT_MODES:
+            raise ValueError(f"kshot must be one of {KSHOT_MODES}, got {cfg.kshot!r}")
+        self.cfg = cfg
+        self.encoder = SiameseEncoder(cfg)
+        self.head = PairHead(cfg)
+
+    @staticmethod
+    def support_foreground(m_s, size):
+        """m_s (N,H,W) labels -> (N,1,h,w) foreground fraction at the feature size (255 counts as background)."""
+        return _resize((m_s == 1).float()[:, None], size)
+
+    def forward(self, img_q, img_s, m_s, class_ids=None):
+        return self._forward(img_q, img_s, m_s)
+
+    def _forward(self, img_q, img_s, m_s, head_weights=None):
+        B, S = img_s.shape[:2]
+        if m_s.shape != (B, S, *img_s.shape[-2:]) or img_q.shape[0] != B:
+            raise ValueError(f"img_q {tuple(img_q.shape)}, img_s {tuple(img_s.shape)} and m_s "
+                             f"{tuple(m_s.shape)} do not describe the same episodes")
+        # 1. Siamese encoder (§4.2): one pass over the query and every support
+        f = self.encoder(torch.cat([img_q, img_s.flatten(0, 1)]))  # (B + B*S, C, h, w)
+        f_q = f[:B, None].expand(B, S, *f.shape[1:]).flatten(0, 1)  # (B*S, C, h, w): one pair per support
+        f_s = f[B:]  # (B*S, C, h, w)
+        m = self.support_foreground(m_s.flatten(0, 1), f.shape[-2:])  # (B*S, 1, h, w)
+        # 2.-4. cross-reference, conditional and refinement modules on every (query, support) pair
+        args = (f_q, f_s, m)
+        out = functional_call(self.head, head_weights, args) if head_weights else self.head(*args)
+        # 5. K shots: average the query probabilities of the pairs (Table 4's fusion); S = 1 is the identity
+        log_p = F.log_softmax(out["query"].float(), 1).view(B, S, 2, *f.shape[-2:])  # (B, S, 2, h, w)
+        out["logits"] = _resize(_log_mean_exp(log_p, 1), img_q.shape[-2:])  # (B, 2, H, W)
+        return out
+
+    def loss(self, out, m_q, m_s):
+        S = m_s.shape[1]
+        return pair_loss(out, m_q.repeat_interleave(S, 0), m_s.flatten(0, 1), self.cfg.sub_weight)
+
+    def finetune(self, img_s, m_s):
+        """§4.6 for one episode: img_s (S,3,H,W), m_s (S,H,W). Returns fine-tuned copies {name: tensor} of the
+        head's parameters; the encoder is frozen and the module's own weights are never written."""
+        cfg = self.cfg
+        with torch.no_grad():
+            f_s = self.encoder(img_s)  # (S, C, h, w), computed once: the encoder is not tuned
+        m = self.support_foreground(m_s, f_s.shape[-2:])  # (S, 1, h, w)
+        weights = {name: p.detach().clone().requires_grad_() for name, p in self.head.named_parameters()}
+        optimizer = torch.optim.SGD(weights.values(), lr=cfg.ft_lr, momentum=cfg.ft_momentum)
+        pairs = torch.Generator().manual_seed(FT_SEED)
+        with torch.enable_grad():
+            for _ in range(cfg.ft_steps):
+                i, j = torch.randperm(len(img_s), generator=pairs)[:2].tolist()  # support i plays the query
+                out = functional_call(self.head, weights, (f_s[i:i + 1], f_s[j:j + 1], m[j:j + 1]))
+                loss, _ = pair_loss(out, m_s[i:i + 1], m_s[j:j + 1], cfg.sub_weight)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        return {name: w.detach() for name, w in weights.items()}
+
+    def predict(self, img_q, img_s, m_s, class_ids=None):
+        """Evaluation hook: K > 1 shots fine-tune per episode (cfg.kshot) and every prediction is the average
+        over cfg.test_scales. Returns log-probabilities (B,2,H,W). Weights and train/eval mode are unchanged."""
+        S = img_s.shape[1]
+        if S == 1 or self.cfg.kshot == "fusion":
+            return self._multi_scale(img_q, img_s, m_s, None)
+        shots = slice(0, 1) if self.cfg.kshot == "finetune" else slice(None)
+        return torch.cat([self._multi_scale(img_q[b:b + 1], img_s[b:b + 1, shots], m_s[b:b + 1, shots],
+                                            self.finetune(img_s[b], m_s[b])) for b in range(len(img_q))])
+
+    def _multi_scale(self, img_q, img_s, m_s, head_weights):
+        """§5.1: both images resized by every scale, predictions resized back and their probabilities averaged."""
+        H, W = img_q.shape[-2:]
+        log_p = []
+        for scale in self.cfg.test_scales:
+            size = (round(H * scale), round(W * scale))
+            q, s, m = img_q, img_s, m_s
+            if size != (H, W):
+                q, s = _resize(img_q, size), _resize(img_s.flatten(0, 1), size).view(*img_s.shape[:3], *size)
+                m = _resize(m_s.float(), size, mode="nearest").long()  # (B, S, h', w')
+            log_p.append(_resize(self._forward(q, s, m, head_weights)["logits"], (H, W)))  # (B, 2, H, W)
+        return _log_mean_exp(torch.stack(log_p), 0)

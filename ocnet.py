@@ -1,0 +1,356 @@
+"""OCNet: Object-level Correlation for Few-Shot Segmentation.
+
+C. Wen, Y. Zhang, J. Fan, H. Zhu, X.-S. Wei, Y. Wang, Z. Kou, S. Sun, ICCV 2025, arXiv:2509.07917.
+There is no public code: the paper is the only source, so everything it leaves open is a Config field below.
+
+Instead of correlating the support object with the whole query image, OCNet first mines the query's "general
+objects" (GOMM: learnable general object prototypes, supervised by a CAM + prior mask and fused back into the
+query feature by cross-attention), then allocates selected support frequency prototypes to them (CCM: DCT
+multi-frequency pooling, foreground / background prototype selection, an optimal-transport allocation target),
+and decodes the resulting object-level correlation F_c with an FPN.
+
+Paper -> code
+    §4.1     mid-level F_s/F_q, high-level F^h        Model.features (PFENet's layer2+layer3 -> 1x1; layer4)
+    Eq. 1-2  general object mask M_g                  Model.forward step 2 (common.cosine_prior, ImageNetCAM)
+    Eq. 3-5  P_g, M_gp, Alloc, F_ig, M̂_g, F_g         GOMM
+    §5.1     query generalization strategy [49]       Model.generalize
+    Eq. 6    P_s = MFP(F_s, M_s)                      multi_frequency_pooling, dct_basis
+    Eq. 7-10 M_sp, Top-k / Low-k selection, M_qf      CCM.forward
+    Eq. 11-12 Sinkhorn plan, M_pa                     sinkhorn, allocation_target (in Model.loss: needs M_q)
+    Eq. 13-15 M̂_pa, P_q, F_c                           CCM.forward
+    §4.3     FPN decoder [27]                         FPNDecoder
+    Eq. 16   L = L_t + L_g + L_p                      Model.loss
+    §5.1     K shots: support prototypes averaged     Model.forward step 4
+
+Choices (the paper leaves these open; there is no official code to follow)
+    - Features as PFENet/BAM [21, 42], which §4.1 follows: F = 1x1 conv of [layer3, layer2] to C = 256 with
+      ReLU and Dropout 0.5, F^h = layer4. One projection for query and support (PFENet has two), so that the
+      query-support cosines of Eq. 10 compare one space.
+    - CAM source (cam_source="imagenet"): Grad-CAM (Selvaraju et al., ICCV 2017) of the top-1 class of the frozen
+      backbone's own ImageNet classifier on F_q^h, ReLU, min-max normalised: parameter-free and available for
+      every backbone. For ResNet (global pooling + fc) it equals CAM [65] exactly (up to ReLU and scale); VGG-16-BN
+      has no global pooling (three FC layers on its last block, max-pooled and pooled to 7x7), and Grad-CAM is
+      CAM's standard generalisation to such heads. The classifier is built here from torchvision's weights API
+      (common.Backbone drops it), random when pretrained=False like the backbone. VGG's costs 124M frozen
+      parameters (0.5 GB in checkpoints); cam_source="none" leaves M_g to the prior alone.
+    - N_g = 16 general object prototypes: a PASCAL fold's 15 base classes plus background.
+    - Atten (Eq. 5): multi-head attention with 8 heads (the Transformer [43]), nothing else (Eq. 5 has only the
+      residual). The general object head and the final head: PFENet's classifier (3x3, ReLU, Dropout 0.1, 1x1).
+    - Query generalization [49] is only named (§5.1); DGFPNet's abstract describes it as integrating the query
+      attention mask and the support information into the feature, so F_g <- ReLU(Conv1x1([F_g, P_s^0, prior]))
+      (PFENet's merge of prototype and prior). It is also the decoder's only direct view of the support.
+    - MFP: the 7x7 lowest-frequency 2-D DCT basis over the whole h x w feature grid (L = 49), each component
+      pooled under the mask and divided by the mask area as MAP, so component 0 is exactly MAP.
+    - Eq. 8-9: the text picks the N_s largest and smallest *similarities*, so ID_t = the N_s masks M_sp nearest
+      to M_s (euclidean), ID_l = the N_s farthest; K shots: distances averaged. N_s = 8 (16 of the 49).
+    - Eq. 11: log-domain Sinkhorn, 100 iterations (row marginals within 1e-5 at eps = 0.05), at feature resolution
+      on detached cosines, M_q downsampled by nearest; it runs in loss(), the only place M_q is known.
+    - Eq. 13-14: the four "LN" are separate Linear(C, C): keys of F_g and of the prototypes, value of F_g, output.
+      The MatMul of Eq. 14 is divided by h*w (a mean over pixels) so P_q does not grow with the image; L_p sees
+      10 x M̂_pa (raw cosines in [-1, 1] cannot fit a 2 N_s-way cross-entropy; PANet [46] scales them by 20).
+    - FPN decoder: 4 levels (F_c and three stride-2 3x3 convs), lateral 1x1 + bilinear top-down + 3x3 smoothing
+      with ReLU, all 256 wide (FPN's width); the finest level predicts. L_g and L_p are taken at h x w.
+    - lr: the paper's 0.005 as given (no official code multiplying it by 10); batch 4 on COCO too.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+DEFAULTS = {  # §5.1: SGD, lr 0.005, batch 4; 200 epochs at 473 px on PASCAL, 75 epochs at 641 px on COCO
+    "pascal": dict(lr=0.005, batch_size=4, epochs=200, img_size=473),
+    "coco": dict(lr=0.005, batch_size=4, epochs=75, img_size=641),
+}
+
+
+@dataclass
+class Config:
+    backbone: str = "resnet50"  # §5.1: VGG-16 and ResNet-50, ImageNet weights, frozen
+    pretrained: bool = True  # §5.1
+    reduce_dim: int = 256  # C: PFENet/BAM's reduce_dim [21, 42]
+    feature_dropout: float = 0.5  # PFENet's down_query/down_supp Dropout2d
+    head_dropout: float = 0.1  # PFENet's cls head (common.FEM_DROPOUT)
+    tau: float = 0.6  # §4.2 Eq. 2: general object mask threshold
+    cam_source: str = "imagenet"  # §4.2 CAM [65]: Grad-CAM of the backbone's ImageNet classifier, or "none"
+    num_general: int = 16  # N_g (not given): a PASCAL fold's 15 base classes + background
+    attn_heads: int = 8  # Eq. 5 Atten (not given): the Transformer's [43] 8 heads
+    dct_size: int = 7  # §4.3: L = 7 x 7 = 49 frequency prototypes [49]
+    num_select: int = 8  # N_s (not given): 2 N_s = 16 of the 49 prototypes
+    ot_eps: float = 0.05  # §4.3 Eq. 11: entropic regularisation
+    sinkhorn_iters: int = 100  # not given: row marginals within 1e-5 (relative) at eps 0.05; 50 leave 2e-3
+    pa_scale: float = 10.0  # not given: cosine -> logit scale of M̂_pa in L_p (PANet [46] uses 20)
+    fpn_levels: int = 4  # §4.3 FPN [27] (not given): four pyramid levels, as FPN's P2-P5
+
+
+def add_args(parser):
+    parser.add_argument("--cam-source", dest="cam_source", choices=["imagenet", "none"], default=None,
+                        help="general object mask: Grad-CAM of the backbone's ImageNet classifier (default) "
+                             "or none (prior only; saves VGG's 124M classifier parameters)")
+
+
+def _resize(x, size):
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)  # PFENet's resize, as common.py
+
+
+def conv_relu(c_in, c_out, k, stride=1):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, stride, padding=k // 2, bias=False), nn.ReLU(inplace=True))
+
+
+def seg_head(dim, dropout, classes=2):
+    """PFENet's classifier: 3x3 conv, ReLU, Dropout2d, 1x1 conv to the class logits."""
+    return nn.Sequential(conv_relu(dim, dim, 3), nn.Dropout2d(dropout), nn.Conv2d(dim, classes, 1))
+
+
+def cosine_map(f, protos):
+    """Cosine of every pixel of f (B,C,h,w) with every prototype of protos (B,K,C) -> (B,K,h,w)."""
+    return torch.einsum("bchw,bkc->bkhw", F.normalize(f, dim=1), F.normalize(protos, dim=2))
+
+
+def allocate(protos, index):
+    """Alloc (Eq. 4, 15): at every pixel the prototype protos[b, index[b,i,j]]; protos (B,K,C), index (B,h,w)
+    -> (B,C,h,w)."""
+    B, K, C = protos.shape
+    picked = protos.gather(1, index.flatten(1)[..., None].expand(-1, -1, C))  # (B, hw, C)
+    return picked.transpose(1, 2).reshape(B, C, *index.shape[1:])  # (B, C, h, w)
+
+
+def minmax(x, eps=common.COSINE_EPS):
+    """Per-image min-max normalisation of x (B,1,h,w) to [0, 1], with the prior's eps."""
+    lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+    return (x - lo) / (hi - lo + eps)
+
+
+def dct_basis(h, w, n, device):
+    """The n x n lowest frequencies of the 2-D DCT-II over an h x w grid -> (n*n, h, w); component 0 is all ones."""
+    u = torch.arange(n, device=device, dtype=torch.float32)
+    cos_i = torch.cos(math.pi * u[:, None] * (torch.arange(h, device=device) + 0.5) / h)  # (n, h)
+    cos_j = torch.cos(math.pi * u[:, None] * (torch.arange(w, device=device) + 0.5) / w)  # (n, w)
+    return (cos_i[:, None, :, None] * cos_j[None, :, None, :]).reshape(n * n, h, w)  # (L, h, w)
+
+
+def multi_frequency_pooling(f, m, n):
+    """Eq. (6), MFP [49]: P[l] = sum(f * m * basis_l) / (sum(m) + eps) for the L = n*n DCT components.
+    f (B,C,h,w); m (B,H,W) float foreground, resized as common.masked_average_pooling does -> (B,L,C).
+    Component 0 is exactly masked_average_pooling(f, m); an empty mask gives zeros. On a grid smaller than n
+    (tiny test images) the components of frequency >= h vanish or repeat: an h-point DCT has h frequencies."""
+    m = _resize(m[:, None], f.shape[-2:])  # (B, 1, h, w)
+    basis = dct_basis(*f.shape[-2:], n, f.device).flatten(1)  # (L, hw)
+    pooled = (f * m).flatten(2) @ basis.T.to(f.dtype)  # (B, C, L)
+    return (pooled / (m.sum((2, 3))[..., None] + common.MAP_EPS)).transpose(1, 2)  # (B, L, C)
+
+
+def sinkhorn(cost, region, eps, iters):
+    """Eq. (11): min_T Tr(T^T cost) - eps H(T) s.t. T 1 = mu, T^T 1 = nu, by log-domain Sinkhorn iterations [5].
+    cost (B,N,K); region (B,N) bool: mu = 1/N_f on the N_f rows inside it and 0 outside (the zero padding),
+    nu = 1/K. Returns T (B,N,K); an empty region gives T = 0."""
+    log_k = -cost / eps
+    n_f = region.sum(1, keepdim=True).clamp(min=1).float()  # (B, 1)
+    log_mu = torch.where(region, -n_f.log(), -math.inf)  # (B, N)
+    log_nu = -math.log(cost.shape[2])
+    u, v = torch.zeros_like(log_mu), torch.zeros_like(cost[:, 0])  # (B, N), (B, K)
+    for _ in range(iters):
+        u = log_mu - torch.logsumexp(log_k + v[:, None, :], dim=2)
+        v = log_nu - torch.logsumexp(log_k + u[:, :, None], dim=1)
+    plan = torch.exp(log_k + u[:, :, None] + v[:, None, :])  # (B, N, K)
+    return torch.where(region[..., None], plan, 0.0)  # an empty region leaves v = inf and NaN here: zeroed
+
+
+def allocation_target(cost, m_q, eps, iters):
+    """Eq. (11-12): the prototype allocating mask M_pa (B,h,w), values 0..2N_s-1 (background prototypes first) and
+    255 where m_q is ignored. cost (B,2N_s,h,w) = 1 - [M_qb, M_qf]: background pixels are transported to the N_s
+    background prototypes, foreground pixels to the N_s foreground ones; m_q (B,H,W) downsampled by nearest."""
+    B, K2, h, w = cost.shape
+    m = F.interpolate(m_q[:, None].float(), (h, w), mode="nearest")[:, 0].long()  # (B, h, w)
+    c = cost.float().flatten(2).transpose(1, 2)  # (B, hw, 2N_s)
+    region = m.flatten(1)  # (B, hw)
+    m_oqb = sinkhorn(c[..., :K2 // 2], region == 0, eps, iters)  # (B, hw, N_s), zero at foreground pixels
+    m_oqf = sinkhorn(c[..., K2 // 2:], region == 1, eps, iters)  # (B, hw, N_s), zero at background pixels
+    # Eq. (12): M_pa = Argmax(M_oqb ⊕ M_oqf)
+    m_pa = torch.cat([m_oqb, m_oqf], 2).argmax(2).view(B, h, w)
+    return m_pa.masked_fill(m == common.IGNORE_INDEX, common.IGNORE_INDEX)
+
+
+class ImageNetCAM(nn.Module):
+    """CAM [65] of the query from the frozen backbone's own ImageNet classifier, as Grad-CAM: channel weights =
+    spatial mean of the gradient of the top-1 class score, ReLU of the weighted channel sum, min-max normalised.
+    ResNet: global pooling + fc, where this is CAM itself. VGG-16-BN: the last max-pool (dropped by
+    common.Backbone), the 7x7 average pool and the three FC layers, in eval mode (no dropout).
+    forward(f_h (B,C_h,h,w) layer4) -> cam (B,1,h,w) in [0, 1]."""
+
+    def __init__(self, backbone, pretrained):
+        super().__init__()
+        builder, weights = common.BACKBONES[backbone]
+        net = builder(weights=weights if pretrained else None)  # common.Backbone already fetched the weights
+        if backbone.startswith("resnet"):
+            self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), net.fc)
+        else:
+            self.classifier = nn.Sequential(nn.MaxPool2d(2, 2, ceil_mode=True), net.avgpool, nn.Flatten(),
+                                            net.classifier)
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode=True):
+        return super().train(False)  # frozen like the backbone: VGG's classifier dropout stays off
+
+    def forward(self, f_h):
+        with torch.enable_grad():  # evaluation runs under no_grad; the gradient is w.r.t. f_h only
+            f_h = f_h.detach().requires_grad_(True)
+            score = self.classifier(f_h).amax(1).sum()  # top-1 ImageNet class score of every image
+            grad, = torch.autograd.grad(score, f_h)  # (B, C_h, h, w)
+        cam = (grad.mean((2, 3), keepdim=True) * f_h.detach()).sum(1, keepdim=True)  # (B, 1, h, w)
+        return minmax(F.relu(cam.float()))
+
+
+class GOMM(nn.Module):
+    """General Object Mining Module (§4.2, Fig. 2a), Eq. (3-5); its supervision M_g (Eq. 1-2) is made in Model.
+    forward(f_q (B,C,h,w)) -> (f_g (B,C,h,w) general object feature, logits_g (B,2,h,w) = M̂_g)."""
+
+    def __init__(self, dim, num_general, heads, dropout):
+        super().__init__()
+        self.prototypes = nn.Parameter(torch.randn(num_general, dim))  # P_g, "randomly initialized"
+        self.fuse = conv_relu(2 * dim, dim, 1)
+        self.head = seg_head(dim, dropout)
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, f_q):
+        B, C, h, w = f_q.shape
+        p_g = self.prototypes.expand(B, -1, -1)  # (B, N_g, C)
+        # Eq. (3): M_gp = Cosine(F_q, P_g)
+        m_gp = cosine_map(f_q, p_g)  # (B, N_g, h, w)
+        # Eq. (4): F_ig = Conv1x1(Alloc(P_g, Argmax(M_gp)) ⊕ F_q)
+        f_ig = self.fuse(torch.cat([allocate(p_g, m_gp.argmax(1)), f_q], 1))  # (B, C, h, w)
+        logits_g = self.head(f_ig)  # (B, 2, h, w)
+        # Eq. (5): F_g = Atten(F_q, F_ig, F_ig) + F_q
+        q, kv = f_q.flatten(2).transpose(1, 2), f_ig.flatten(2).transpose(1, 2)  # (B, hw, C)
+        attended = self.attention(q, kv, kv, need_weights=False)[0]  # (B, hw, C)
+        return attended.transpose(1, 2).reshape(B, C, h, w) + f_q, logits_g
+
+
+class CCM(nn.Module):
+    """Correlation Construction Module (§4.3, Fig. 2b): prototype selection (Eq. 7-9), the transport costs of
+    M_qf / M_qb (Eq. 10; the plan itself needs M_q and is made in the loss), M̂_pa, P_q and F_c (Eq. 13-15).
+    forward(f_q, f_g (B,C,h,w), f_s (B,S,C,h,w), m (B,S,h,w) support foreground, p_s (B,L,C))
+    -> (f_c (B,2C,h,w), logits_pa (B,2N_s,h,w) = pa_scale * M̂_pa, cost (B,2N_s,h,w), background first)."""
+
+    def __init__(self, dim, num_select, pa_scale):
+        super().__init__()
+        self.num_select, self.pa_scale = num_select, pa_scale
+        self.key_g, self.key_p, self.value_g, self.out = (nn.Linear(dim, dim) for _ in range(4))  # the "LN"
+
+    def forward(self, f_q, f_g, f_s, m, p_s):
+        B, S, C = f_s.shape[:3]
+        h, w = f_g.shape[-2:]
+        # Eq. (7): M_sp = Cosine(F_s, P_s), every shot against the shot-averaged prototypes
+        m_sp = cosine_map(f_s.flatten(0, 1), p_s.repeat_interleave(S, 0)).unflatten(0, (B, S))
+        # Eq. (8-9): foreground ID_t = the N_s masks nearest to M_s, background ID_l = the N_s farthest
+        dist = (m_sp - m[:, :, None]).flatten(3).norm(dim=3).mean(1)  # (B, L)
+        id_t = dist.topk(self.num_select, dim=1, largest=False).indices  # (B, N_s)
+        id_l = dist.topk(self.num_select, dim=1).indices  # (B, N_s)
+        selected = p_s.gather(1, torch.cat([id_l, id_t], 1)[..., None].expand(-1, -1, C))  # (B, 2N_s, C)
+        # Eq. (10): M_qb ⊕ M_qf = Cosine(F_q, Select(P_s, ID_l & ID_t)); 1 - it is the cost of Eq. (11)
+        cost = 1 - cosine_map(f_q, selected).detach()  # (B, 2N_s, h, w)
+        # Eq. (13): M̂_pa = Cosine(LN(F_g), LN(Select(P_s, ID_l & ID_t)))
+        tokens = f_g.flatten(2).transpose(1, 2)  # (B, hw, C)
+        m_pa = F.normalize(self.key_g(tokens), dim=2) @ F.normalize(self.key_p(selected), dim=2).transpose(1, 2)
+        # Eq. (14): P_q = LN(MatMul(M̂_pa, LN(F_g))), the MatMul as a mean over the h*w pixels
+        p_q = self.out(m_pa.transpose(1, 2) @ self.value_g(tokens) / (h * w))  # (B, 2N_s, C)
+        # Eq. (15): F_c = Alloc(P_q, Argmax(M̂_pa)) ⊕ F_g
+        m_pa = m_pa.transpose(1, 2).reshape(B, -1, h, w)  # (B, 2N_s, h, w)
+        f_c = torch.cat([allocate(p_q, m_pa.argmax(1)), f_g], 1)  # (B, 2C, h, w)
+        return f_c, self.pa_scale * m_pa, cost
+
+
+class FPNDecoder(nn.Module):
+    """§4.3 "the decoder employs FPN structure [27]": a bottom-up pyramid of F_c (1x1 stem, stride-2 3x3 convs),
+    FPN's top-down pathway (lateral 1x1 + upsampled coarser level, 3x3 smoothing), the finest level classified.
+    forward(f_c (B,in_dim,h,w)) -> logits (B,2,h,w)."""
+
+    def __init__(self, in_dim, dim, levels, dropout):
+        super().__init__()
+        self.stem = conv_relu(in_dim, dim, 1)
+        self.down = nn.ModuleList(conv_relu(dim, dim, 3, stride=2) for _ in range(levels - 1))
+        self.lateral = nn.ModuleList(nn.Conv2d(dim, dim, 1, bias=False) for _ in range(levels - 1))
+        self.smooth = nn.ModuleList(conv_relu(dim, dim, 3) for _ in range(levels - 1))
+        self.head = seg_head(dim, dropout)
+
+    def forward(self, f_c):
+        pyramid = [self.stem(f_c)]  # (B, dim, h, w)
+        for down in self.down:
+            pyramid.append(down(pyramid[-1]))  # h/2, h/4, h/8 (rounded up)
+        x = pyramid[-1]
+        for i in reversed(range(len(self.down))):
+            x = self.smooth[i](self.lateral[i](pyramid[i]) + _resize(x, pyramid[i].shape[-2:]))  # top-down
+        return self.head(x)  # (B, 2, h, w)
+
+
+class Model(nn.Module):
+    """OCNet (Fig. 2). forward(img_q (B,3,H,W), img_s (B,S,3,H,W), m_s (B,S,H,W), class_ids unused) -> dict:
+    logits (B,2,H,W) = M̂_q; logits_g (B,2,h,w) = M̂_g and m_g (B,h,w) = M_g; logits_pa (B,2N_s,h,w) = scaled
+    M̂_pa and cost_pa (B,2N_s,h,w), from which loss() builds M_pa. K shots: P_s and the prior are averaged."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        if cfg.cam_source not in ("imagenet", "none"):
+            raise ValueError(f"cam_source must be 'imagenet' or 'none', not {cfg.cam_source!r}")
+        if 2 * cfg.num_select > cfg.dct_size ** 2:
+            raise ValueError(f"2 * num_select = {2 * cfg.num_select} exceeds the {cfg.dct_size ** 2} prototypes")
+        self.cfg = cfg
+        C = cfg.reduce_dim
+        self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained)
+        channels = self.backbone.channels
+        self.down = nn.Sequential(conv_relu(channels["layer2"] + channels["layer3"], C, 1),
+                                  nn.Dropout2d(cfg.feature_dropout))
+        self.cam = ImageNetCAM(cfg.backbone, cfg.pretrained) if cfg.cam_source == "imagenet" else None
+        self.gomm = GOMM(C, cfg.num_general, cfg.attn_heads, cfg.head_dropout)
+        self.generalize = conv_relu(2 * C + 1, C, 1)
+        self.ccm = CCM(C, cfg.num_select, cfg.pa_scale)
+        self.decoder = FPNDecoder(2 * C, C, cfg.fpn_levels, cfg.head_dropout)
+
+    def features(self, img):
+        """Mid-level F (N,C,h,w) and high-level F^h (N,C_h,h,w) of images (N,3,H,W)."""
+        feats = self.backbone(img)
+        return self.down(torch.cat([feats["layer3"], feats["layer2"]], 1)), feats["layer4"]
+
+    def forward(self, img_q, img_s, m_s, class_ids=None):
+        B, S = img_s.shape[:2]
+        # 1. frozen backbone: mid-level F_q, F_s and high-level F_q^h, F_s^h (§4.1)
+        f_q, f_q4 = self.features(img_q)  # (B, C, h, w), (B, C_h, h, w)
+        f_s, f_s4 = self.features(img_s.flatten(0, 1))  # (B*S, C, h, w), (B*S, C_h, h, w)
+        f_s, f_s4 = f_s.unflatten(0, (B, S)), f_s4.unflatten(0, (B, S))  # (B, S, C, h, w), (B, S, C_h, h, w)
+        h, w = f_q.shape[-2:]
+
+        # 2. Eq. (1-2): M_g = 1_tau(Max(Cosine(F_q^h, F_s^h) ⊕ CAM(F_q^h))), support background removed by M_s
+        prior = common.cosine_prior(f_q4, f_s4, m_s)  # (B, 1, h, w)
+        general = prior if self.cam is None else torch.maximum(prior, self.cam(f_q4))
+        m_g = (general[:, 0] >= self.cfg.tau).long()  # (B, h, w)
+
+        # 3. GOMM, Eq. (3-5): general object prototypes -> F_ig, M̂_g; cross-attention -> F_g
+        f_g, logits_g = self.gomm(f_q)
+
+        # 4. Eq. (6): P_s = MFP(F_s, M_s), averaged over the K shots (§5.1)
+        m = _resize((m_s == 1).float(), (h, w))  # (B, S, h, w)
+        p_s = multi_frequency_pooling(f_s.flatten(0, 1), m.flatten(0, 1), self.cfg.dct_size)  # (B*S, L, C)
+        p_s = p_s.unflatten(0, (B, S)).mean(1)  # (B, L, C)
+
+        # 5. query generalization [49] (§5.1): the support prototype (MAP) and the prior fused into F_g
+        f_g = self.generalize(torch.cat([f_g, p_s[:, 0, :, None, None].expand(-1, -1, h, w), prior], 1))
+
+        # 6. CCM, Eq. (7-10, 13-15): prototype selection and allocation -> object-level correlation F_c
+        f_c, logits_pa, cost_pa = self.ccm(f_q, f_g, f_s, m, p_s)
+
+        # 7. FPN decoder -> M̂_q
+        logits = _resize(self.decoder(f_c), img_q.shape[-2:])  # (B, 2, H, W)
+        return {"logits": logits, "logits_g": logits_g, "m_g": m_g, "logits_pa": logits_pa, "cost_pa": cost_pa}
+
+    def loss(self, out, m_q, m_s):
+        """Eq. (16): L = L_t + L_g + L_p, each a cross-entropy (255 ignored)."""
+        l_t = common.seg_loss(out["logits"], m_q)
+        l_g = common.seg_loss(out["logits_g"], out["m_g"])
+        with torch.no_grad(), torch.autocast(m_q.device.type, enabled=False):
+            m_pa = allocation_target(out["cost_pa"], m_q, self.cfg.ot_eps, self.cfg.sinkhorn_iters)  # (B, h, w)
+        l_p = common.seg_loss(out["logits_pa"], m_pa)
+        return l_t + l_g + l_p, {"target": l_t, "general": l_g, "allocation": l_p}

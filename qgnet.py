@@ -1,0 +1,572 @@
+"""QGNet: few-shot segmentation guided by the query itself, with a contrastively pretrained prior extractor.
+
+W. Liu, Z. Wu, H. Ding, F. Liu, J. Lin, G. Lin, W. Zhou, "Few-Shot Segmentation with Global and Local Contrastive
+Learning", arXiv:2108.05293v2 (journal version; no venue in the text). Official code, few-shot stage only:
+github.com/liuweide01/QGNet-Few-shot-segmentation @ 1e77b35 ("official": model/PFENet_QGNet.py).
+
+Stage 1 trains a ResNet-50 "prior extractor" F_p without labels: MoCo v2 on whole images (global InfoNCE) plus
+MoCo v2 on SLIC superpixel patches (local InfoNCE). Stage 2 is PFENet with one more map: the query's bridge
+features (frozen ImageNet backbone) against its own prior features (frozen F_p), each through a learnable
+projection, give a "prior region map" that needs no support; FEM takes it with PFENet's guided region map
+(support-masked prior) and the category guider (masked average pooling).
+
+    python train.py --model qgnet --stage prior --fold 0 --data-root ~/data/VOC2012   # stage 1 -> runs/qgnet-prior-*
+    python train.py --model qgnet --fold 0 --data-root ~/data/VOC2012                 # stage 2 loads it
+
+Paper -> code:
+    §4.1.1 Eq. (1) global InfoNCE, §4.1.2 Eq. (2) local    info_nce; GlobalLocalContrast (queues, momentum keys)
+    §4.1.2 Eq. (3) L = L_local + L_global                   GlobalLocalContrast.forward
+    §4.1.2 Eq. (4)-(7), Algorithm 2: SLIC patches           rgb_to_lab, slic, enforce_connectivity, superpixel_boxes
+    §5.1 prior-extractor training, MoCo v2 augmentations    moco_v2_augmentation, UnlabeledImages, STAGES["prior"]
+    §4.2 Eq. (8) X_q, X_s = F(I), P_q = F_p(I_q)             common.Backbone; load_prior_extractor
+    §4.2.1 Eq. (9)-(12) prior region map; §4.3              prior_region_map (common.cosine_prior without a mask)
+    §4.2.2 guided region map, category guider, FEM          QGNet.forward (common.cosine_prior, MAP, FEM)
+
+Choices (the paper is silent unless said otherwise; the official code has no stage 1 at all):
+- Patch = the bounding box of a random superpixel, cropped from the image, two MoCo v2 views of it (96 px, crop
+  area 0.5-1, not 0.2-1: a patch is small already). Not masked to the superpixel: its silhouette, the same in
+  both views, would be a shortcut.
+- One encoder and one momentum encoder for images and patches; separate queues of image keys (K) and patch keys
+  (M), 65536 each (§4.1). MoCo v2's tau 0.2, momentum 0.999, MLP head 2048-2048-128, 224 px crops, batch 256,
+  SGD lr 0.03 x batch/256, cosine schedule ("following MoCo v2", §5.1); random init (the official checkpoint,
+  epoch 2000, suggests training from scratch). Older keys of the same image stay negatives (MoCo; a PASCAL fold
+  has ~5k images, so the queue holds ~14 epochs). Shuffle BN: keys in 8 random sub-batches, one process.
+- SLIC: 16 superpixels (Fig. 4: SLIC patches are large), m = 10 (Achanta et al.), on a copy with a 128 px long
+  side, <= 10 iterations or mean centre shift < 0.5 px (Algorithm 2's threshold); parts below S^2/2 join their
+  largest neighbour (scikit-image's min_size_factor). Computed once per image before training.
+- Images: the fold's few-shot training images (labels unused). --prior-all-images takes every image of the dataset
+  as §5.1 does; not the default, as it shows F_p the test images and their novel classes.
+- F_p = the momentum encoder (official loader: "encoder_k"), dilated to output stride 8 (official L62-71). Frozen
+  backbones keep BN in eval (official: running statistics drift); bridge backbone from torchvision (7x7 stem), not
+  PSPNet's deep-stem resnet50_v2.
+- lr: PASCAL 0.0025 as §5.2; the official code multiplies it by 10 (use --lr 0.025 to match). COCO, whose
+  schedule is not given: PFENet's one-GPU setting (lr 0.005, batch 8, 50 epochs) with the paper's 473 px crop.
+- K shots: the guided map and the guider are averaged over shots (official); the prior map sees only the query.
+"""
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
+
+import common
+import data
+
+PRIOR_CHANNELS = 2048  # ResNet-50 layer4, the prior features P_q (official L184-188)
+MOCO_LR, MOCO_BATCH = 0.03, 256  # MoCo v2: lr 0.03 for batch 256, scaled linearly for other batches
+SGD_MOMENTUM, WEIGHT_DECAY = 0.9, 1e-4  # MoCo v2
+COLOR_JITTER, COLOR_P, GRAY_P = (0.4, 0.4, 0.4, 0.1), 0.8, 0.2  # MoCo v2 aug_plus
+BLUR_SIGMA, BLUR_P, BLUR_KERNEL = (0.1, 2.0), 0.5, 0.1  # MoCo v2; kernel ~10% of the crop side (SimCLR)
+GLOBAL_SCALE, PATCH_SCALE = (0.2, 1.0), (0.5, 1.0)  # RandomResizedCrop area: MoCo v2 / ours for patches
+SRGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
+D65_WHITE = (0.950456, 1.0, 1.088754)  # reference white of the CIELAB conversion
+SLIC_RECENTRE = 3  # §4.1.2: centres move to the lowest gradient within n x n, n = 3
+SLIC_ITERS, SLIC_TOL = 10, 0.5  # Achanta et al.: 10 iterations suffice; stop once centres move < 0.5 px on average
+SLIC_MIN_SIZE = 0.5  # fragments smaller than this x S^2 join their largest neighbour (scikit-image's default)
+OUTSIDE_WINDOW = 1e6  # added to D_s outside a centre's 2S x 2S window: a pixel goes there only if no window reaches it
+NEIGHBOURS = ((np.s_[1:, :], np.s_[:-1, :]), (np.s_[:-1, :], np.s_[1:, :]),
+              (np.s_[:, 1:], np.s_[:, :-1]), (np.s_[:, :-1], np.s_[:, 1:]))  # 4-neighbourhood: (pixels, neighbours)
+PRIOR_SAVE_EVERY = 10  # stage-1 epochs between checkpoints
+SLIC_BATCH = 32  # images per DataLoader batch of the SLIC pass
+
+
+@dataclass
+class PriorConfig:
+    """Stage 1 (§4.1, §5.1). Fields named like a flag (prior_*) are filled from the command line."""
+    prior_epochs: int = 1000  # §5.1 PASCAL; Table 5: 1000 epochs with SLIC is the best setting
+    prior_batch_size: int = 256  # MoCo v2
+    prior_lr: float = None  # None: MOCO_LR * batch / MOCO_BATCH
+    prior_queue: int = 65536  # §4.1.1 K and §4.1.2 M
+    prior_img_size: int = 224  # MoCo v2 crop
+    patch_size: int = 96  # ours: a superpixel is ~1/16 of the image
+    dim: int = 128  # MoCo v2 embedding
+    temperature: float = 0.2  # MoCo v2 (the paper names tau without a value)
+    momentum: float = 0.999  # MoCo key-encoder momentum
+    bn_splits: int = 8  # MoCo's shuffle BN over 8 GPUs
+    slic_segments: int = 16  # ours, see Choices
+    slic_compactness: float = 10.0  # m of Eq. (4), Achanta et al.'s default for CIELAB
+    slic_side: int = 128  # ours: long side of the image copy that SLIC runs on
+
+
+# Per-dataset overrides of PriorConfig; synthetic: a CPU-sized quick start (its images are 128 px)
+PRIOR_DEFAULTS = {"pascal": {}, "coco": dict(prior_epochs=200),  # §5.1
+                  "synthetic": dict(prior_epochs=4, prior_batch_size=32, prior_queue=4096, prior_img_size=64,
+                                    patch_size=32)}
+
+
+@dataclass
+class Config:
+    """Stage 2 (§4.2). Fields named like a flag are filled from the command line."""
+    backbone: str = "resnet50"  # §5.1: ResNet-50/101 or VGG-16 feature extractor F
+    pretrained: bool = True
+    dataset: str = "pascal"  # with fold: where the stage-1 checkpoint is
+    fold: int = 0
+    prior_checkpoint: str = None  # None: prior_checkpoint_path's default
+    prior_all_images: bool = False
+    untrained_prior: bool = False  # random F_p instead of stage 1's (tests)
+    reduce_dim: int = 256  # official reduce_dim
+    projection_dropout: float = 0.5  # official down_learn_super/unsuper Dropout2d (L153-162)
+    feature_dropout: float = 0.5  # PFENet down_query/down_supp Dropout2d
+    aux_weight: float = 1.0  # official config aux_weight
+    bins: tuple = common.FEM_BINS  # PASCAL ppm_scales 60/30/15/8 at 473 px
+
+
+DEFAULTS = {
+    "pascal": dict(lr=0.0025, batch_size=4, epochs=200, img_size=473),  # §5.2 (official: lr x10, see Choices)
+    "coco": dict(lr=0.005, batch_size=8, epochs=50, img_size=473),  # Table 3 crop; PFENet's 1-GPU COCO schedule
+}
+
+
+def add_args(parser):
+    parser.add_argument("--prior-checkpoint", help="stage-1 checkpoint, written by --stage prior and read by the "
+                        "few-shot stage (default runs/qgnet-prior-DATASET-foldK[-all]/prior_extractor.pt)")
+    parser.add_argument("--prior-all-images", action="store_true", default=None,
+                        help="stage 1 on every image of the dataset, test images included, as the paper")
+    parser.add_argument("--untrained-prior", action="store_true", default=None,
+                        help="random prior extractor instead of stage 1's (for tests)")
+    for flag, kind in (("epochs", int), ("batch-size", int), ("lr", float), ("queue", int), ("img-size", int)):
+        parser.add_argument(f"--prior-{flag}", type=kind, help=f"stage 1 {flag} (default: PriorConfig)")
+
+
+def prior_checkpoint_path(dataset, fold, all_images=False, explicit=None):
+    """--prior-checkpoint, else runs/qgnet-prior-DATASET-foldK[-all]/prior_extractor.pt under the working directory
+    (like train.py's runs/). Both stages derive it from the same flags."""
+    if explicit:
+        return Path(explicit)
+    return Path("runs") / f"qgnet-prior-{dataset}-fold{fold}{'-all' if all_images else ''}" / "prior_extractor.pt"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 1, §4.1.2: SLIC superpixels (Achanta et al. 2012) as local patches
+
+
+def rgb_to_lab(img):
+    """sRGB img (3,H,W) in [0,1] -> CIELAB (3,H,W), L in 0..100 (D65 white), the colour space of SLIC."""
+    linear = torch.where(img > 0.04045, ((img + 0.055) / 1.055) ** 2.4, img / 12.92)
+    xyz = torch.einsum("ij,jhw->ihw", torch.tensor(SRGB_TO_XYZ), linear) / torch.tensor(D65_WHITE)[:, None, None]
+    f = torch.where(xyz > 0.008856, xyz.clamp(min=1e-12) ** (1 / 3), 7.787 * xyz + 16 / 116)
+    return torch.stack([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+def connected_components(labels):
+    """4-connected components of a label map (H,W) -> (H,W) int64: the smallest flat pixel index of each."""
+    H, W = labels.shape
+    comp = torch.arange(H * W).view(H, W)
+    while True:
+        new = comp.clone()
+        for here, there in NEIGHBOURS:
+            same = labels[here] == labels[there]
+            new[here] = torch.where(same, torch.minimum(new[here], comp[there]), new[here])
+        new = new.flatten()[new.flatten()].view(H, W)  # pointer jumping: the id's own id is as small or smaller
+        if torch.equal(new, comp):
+            return comp
+        comp = new
+
+
+def enforce_connectivity(labels, min_size):
+    """Algorithm 2's last step: split superpixels into 4-connected parts; a part smaller than min_size joins its
+    largest neighbour (largest by (size, id), so merges never form cycles), until none is left. -> (H,W) 0..n-1."""
+    N = labels.numel()
+    comp = connected_components(labels)
+    while True:
+        size = torch.bincount(comp.flatten(), minlength=N)  # (N,) pixels of each component id
+        rank = size * N + torch.arange(N)
+        best = torch.full((N,), -1)
+        for here, there in NEIGHBOURS:
+            a, b = comp[here].flatten(), comp[there].flatten()
+            best.scatter_reduce_(0, a, torch.where(a != b, rank[b], -1), "amax")
+        merge = (size > 0) & (size < min_size) & (best > rank)
+        if not merge.any():
+            return torch.unique(comp, return_inverse=True)[1]
+        comp = torch.where(merge, best % N, torch.arange(N))[comp]
+
+
+def slic(img, n_segments, compactness):
+    """SLIC superpixels (§4.1.2, Algorithm 2) of img (3,H,W) in [0,1] -> labels (H,W) int64 in 0..n-1, each
+    4-connected. Dense K x N distances, masked to each centre's 2S x 2S window: fine for small images."""
+    H, W = img.shape[-2:]
+    lab = rgb_to_lab(img)  # (3, H, W)
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    pixels = torch.cat([lab.flatten(1), torch.stack([yy.flatten(), xx.flatten()]).float()])  # (5, N) l a b y x
+    # grid interval S = sqrt(N / K): one centre in the middle of every cell
+    step = math.sqrt(H * W / n_segments)
+    ny, nx = max(1, round(H / step)), max(1, round(W / step))
+    cy, cx = ((torch.arange(ny) + 0.5) * H / ny).long(), ((torch.arange(nx) + 0.5) * W / nx).long()
+    centre = (cy[:, None] * W + cx[None, :]).flatten()  # (K,) flat pixel index
+    # Eq. (7): G = ||I(x+1,y) - I(x-1,y)||^2 + ||I(x,y+1) - I(x,y-1)||^2; centres move to the lowest G in 3 x 3
+    p = F.pad(lab[None], (1, 1, 1, 1), mode="replicate")[0]  # (3, H+2, W+2)
+    grad = ((p[:, 1:-1, 2:] - p[:, 1:-1, :-2]) ** 2 + (p[:, 2:, 1:-1] - p[:, :-2, 1:-1]) ** 2).sum(0)  # (H, W)
+    r = SLIC_RECENTRE // 2
+    window = F.unfold(F.pad(grad[None, None], (r, r, r, r), value=math.inf), SLIC_RECENTRE)[0]  # (9, N)
+    offset = window[:, centre].argmin(0)  # (K,)
+    centres = pixels[:, centre + (offset // SLIC_RECENTRE - r) * W + offset % SLIC_RECENTRE - r]  # (5, K)
+    for _ in range(SLIC_ITERS):
+        # Eq. (4)-(6): D_s = D_lab + D_xy / S * m, for the centres whose 2S x 2S window holds the pixel
+        d_lab = torch.cdist(pixels[:3].T, centres[:3].T)  # (N, K)
+        d_xy = torch.cdist(pixels[3:].T, centres[3:].T)  # (N, K)
+        outside = torch.cdist(pixels[3:].T, centres[3:].T, p=math.inf) > step  # (N, K)
+        labels = (d_lab + d_xy / step * compactness + OUTSIDE_WINDOW * outside).argmin(1)  # (N,)
+        # new centre = mean of its pixels (an empty cluster keeps its centre); residual E = mean centre shift
+        count = torch.bincount(labels, minlength=centres.shape[1])
+        mean = torch.zeros_like(centres).index_add_(1, labels, pixels) / count.clamp(min=1)
+        moved = torch.where(count > 0, mean, centres)
+        shift = (moved[3:] - centres[3:]).norm(dim=0).mean()
+        centres = moved
+        if shift < SLIC_TOL:
+            break
+    return enforce_connectivity(labels.view(H, W), SLIC_MIN_SIZE * step ** 2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 1, §4.1 and §5.1: data and the global-local contrastive objective
+
+
+def moco_v2_augmentation(size, scale):
+    """MoCo v2's aug_plus (§5.1: blur, colour distortion, random crop, flip): uint8 (3,h,w) -> (3,size,size)."""
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=scale, antialias=True),
+        T.RandomApply([T.ColorJitter(*COLOR_JITTER)], p=COLOR_P),
+        T.RandomGrayscale(GRAY_P),
+        T.RandomApply([T.GaussianBlur(2 * int(BLUR_KERNEL * size / 2) + 1, sigma=BLUR_SIGMA)], p=BLUR_P),
+        T.RandomHorizontalFlip(),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(data.MEAN, data.STD),
+    ])
+
+
+def load_unlabeled(item):
+    """An image path, or (synthetic episodes, index): that episode's query image, rendered -> uint8 (3,H,W)."""
+    if isinstance(item, tuple):
+        episodes, index = item
+        return (episodes.render_episode(index)[1][0][0] * 255).round().to(torch.uint8)
+    return data.load_image(item)
+
+
+def superpixel_boxes(img, cfg):
+    """Bounding boxes (n,4) [top, left, bottom, right) in img's pixels of the SLIC superpixels of img uint8
+    (3,H0,W0), computed on a copy whose long side is cfg.slic_side."""
+    H0, W0 = img.shape[-2:]
+    scale = min(1.0, cfg.slic_side / max(H0, W0))
+    h, w = max(1, round(H0 * scale)), max(1, round(W0 * scale))
+    labels = slic(TF.resize(img, [h, w], antialias=True).float() / 255, cfg.slic_segments, cfg.slic_compactness)
+    boxes = []
+    for s in range(int(labels.max()) + 1):
+        ys, xs = torch.nonzero(labels == s, as_tuple=True)
+        top, left, bottom, right = int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1
+        boxes.append([top * H0 // h, left * W0 // w, -(-bottom * H0 // h), -(-right * W0 // w)])  # rounded outwards
+    return torch.tensor(boxes)  # (n, 4)
+
+
+class SuperpixelBoxes(Dataset):
+    """superpixel_boxes of every image: SLIC depends on the image alone, so it runs once, before training."""
+
+    def __init__(self, items, cfg):
+        self.items, self.cfg = items, cfg
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return superpixel_boxes(load_unlabeled(self.items[i]), self.cfg)
+
+
+class UnlabeledImages(Dataset):
+    """Two views of an image (global contrast) and two of one of its superpixels, the crop of its bounding box
+    (local contrast). items: what load_unlabeled reads; boxes: superpixel_boxes of each. No label is read."""
+
+    def __init__(self, items, boxes, cfg):
+        self.items, self.boxes = items, boxes
+        self.global_view = moco_v2_augmentation(cfg.prior_img_size, GLOBAL_SCALE)
+        self.patch_view = moco_v2_augmentation(cfg.patch_size, PATCH_SCALE)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        img = load_unlabeled(self.items[i])
+        top, left, bottom, right = self.boxes[i][torch.randint(len(self.boxes[i]), ())].tolist()
+        patch = img[:, top:bottom, left:right]
+        return {"img_q": self.global_view(img), "img_k": self.global_view(img),
+                "patch_q": self.patch_view(patch), "patch_k": self.patch_view(patch)}
+
+
+def info_nce(q, k, queue, tau):
+    """Eq. (1)/(2): -log exp(q.k0/tau) / (exp(q.k0/tau) + sum_i exp(q.k_i/tau)), mean over the batch, in fp32.
+    q, k (N,D) L2-normalised queries and their positive keys; queue (D,K) the negative keys."""
+    with torch.autocast(q.device.type, enabled=False):
+        q, k = q.float(), k.float()
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.float()], 1) / tau  # (N, 1+K)
+        return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+def contrast_encoder(dim):
+    """ResNet-50 with MoCo v2's MLP head (2048 -> 2048 -> ReLU -> dim) in torchvision's layout (fc.0, fc.2)."""
+    net = torchvision.models.resnet50(num_classes=dim)
+    net.fc = nn.Sequential(nn.Linear(net.fc.in_features, net.fc.in_features), nn.ReLU(inplace=True), net.fc)
+    return net
+
+
+class GlobalLocalContrast(nn.Module):
+    """§4.1: MoCo (query encoder, momentum key encoder, queues of keys) with L = L_local + L_global (Eq. 3)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder_q, self.encoder_k = contrast_encoder(cfg.dim), contrast_encoder(cfg.dim)
+        self.encoder_k.load_state_dict(self.encoder_q.state_dict())
+        self.encoder_k.requires_grad_(False)
+        for name in ("queue_global", "queue_local"):  # K image keys (Eq. 1) and M patch keys (Eq. 2)
+            self.register_buffer(name, F.normalize(torch.randn(cfg.dim, cfg.prior_queue), dim=0))
+            self.register_buffer(f"{name}_ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def momentum_update(self):
+        # MoCo: theta_k <- m * theta_k + (1 - m) * theta_q
+        for p_k, p_q in zip(self.encoder_k.parameters(), self.encoder_q.parameters()):
+            p_k.mul_(self.cfg.momentum).add_(p_q.detach(), alpha=1 - self.cfg.momentum)
+
+    @torch.no_grad()
+    def keys(self, x):
+        """L2-normalised keys (N,D) of x (N,3,h,w), BN statistics from random sub-batches (MoCo's shuffle BN)."""
+        order = torch.randperm(len(x), device=x.device)
+        splits = max(1, min(self.cfg.bn_splits, len(x) // 2))
+        k = torch.cat([self.encoder_k(chunk) for chunk in x[order].chunk(splits)])  # (N, D), shuffled
+        return F.normalize(k[torch.argsort(order)], dim=1)
+
+    @torch.no_grad()
+    def enqueue(self, name, keys):
+        """MoCo's dynamic dictionary: keys (N,D) replace the oldest entries of queue `name`."""
+        queue, ptr = getattr(self, name), getattr(self, f"{name}_ptr")
+        keys = keys[-queue.shape[1]:]
+        slots = (ptr + torch.arange(len(keys), device=keys.device)) % queue.shape[1]
+        queue[:, slots] = keys.T.to(queue.dtype)
+        ptr.copy_((ptr + len(keys)) % queue.shape[1])
+
+    def forward(self, img_q, img_k, patch_q, patch_k):
+        # 1. queries: two views (q of an image, q_p of a patch) through the trained encoder
+        q = F.normalize(self.encoder_q(img_q), dim=1)  # (N, D)
+        q_p = F.normalize(self.encoder_q(patch_q), dim=1)  # (N, D)
+        # 2. positive keys: the other views through the momentum encoder
+        self.momentum_update()
+        k, k_p = self.keys(img_k), self.keys(patch_k)  # (N, D)
+        # 3. Eq. (1), Eq. (2) against the queues (copies: they change below); Eq. (3): L = L_local + L_global
+        l_global = info_nce(q, k, self.queue_global.clone(), self.cfg.temperature)
+        l_local = info_nce(q_p, k_p, self.queue_local.clone(), self.cfg.temperature)
+        # 4. this batch's keys become negatives for the next ones
+        self.enqueue("queue_global", k)
+        self.enqueue("queue_local", k_p)
+        return l_local + l_global, {"global": l_global.detach(), "local": l_local.detach()}
+
+
+def prior_config(args):
+    """PriorConfig: the paper's values, then the dataset's (PRIOR_DEFAULTS), then the prior_* flags."""
+    cfg = dataclasses.replace(PriorConfig(), **PRIOR_DEFAULTS[args.dataset])
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg) if getattr(args, f.name, None) is not None}
+    return dataclasses.replace(cfg, **flags)
+
+
+def unlabeled_images(args):
+    """Stage 1's images: the fold's few-shot training images (train.py's list, labels unused), or with
+    --prior-all-images every listed image of the train and test splits. Synthetic: the rendered query images."""
+    items = []
+    for split in ("train", "test") if args.prior_all_images else ("train",):
+        try:
+            episodes = data.build_dataset(args.dataset, split, args.fold, img_size=args.img_size, root=args.data_root,
+                                          seed=args.seed if split == "train" else 0, episodes=args.test_episodes,
+                                          coco_split=args.coco_split, train_length=args.train_length)
+        except FileNotFoundError as err:
+            sys.exit(f"error: {err}")
+        if args.dataset == "synthetic":
+            items += [(episodes, i) for i in range(len(episodes))]
+        else:
+            names = episodes.files if args.prior_all_images else episodes.images
+            items += [episodes.files[name][0] for name in sorted(names)]
+    return items
+
+
+def stage_flags(dataset, fold, all_images, checkpoint):
+    """The flags that name a stage-1 checkpoint, for the messages that point from one stage to the other."""
+    return (f"--dataset {dataset} --fold {fold}" + (" --prior-all-images" if all_images else "")
+            + (f" --prior-checkpoint {checkpoint}" if checkpoint else ""))
+
+
+def train_prior_extractor(args):
+    """Stage 1 (§4.1, §5.1): global-local contrastive training of the prior extractor on unlabeled images. Writes
+    prior_checkpoint_path(...) (the whole state, resumable with --resume; every PRIOR_SAVE_EVERY epochs and at
+    the end) and prior_metrics.jsonl next to it. Returns the checkpoint's path."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        sys.exit("error: --stage prior runs in one process (queues, shuffle BN); start it without torchrun")
+    cfg = prior_config(args)
+    path = prior_checkpoint_path(args.dataset, args.fold, args.prior_all_images, args.prior_checkpoint)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    torch.manual_seed(args.seed)
+    items = unlabeled_images(args)
+    print(f"qgnet stage 1: SLIC superpixels of {len(items)} images (once per run)", flush=True)
+    boxes = [b for chunk in DataLoader(SuperpixelBoxes(items, cfg), SLIC_BATCH, num_workers=args.workers,
+                                       collate_fn=list) for b in chunk]
+    loader = DataLoader(UnlabeledImages(items, boxes, cfg), cfg.prior_batch_size, shuffle=True, drop_last=True,
+                        num_workers=args.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=args.workers > 0, generator=torch.Generator().manual_seed(args.seed))
+    if len(loader) == 0:
+        sys.exit(f"error: {len(items)} images do not fill one batch of {cfg.prior_batch_size} (--prior-batch-size)")
+    model = GlobalLocalContrast(cfg).to(device, memory_format=layout)
+    lr = cfg.prior_lr or MOCO_LR * cfg.prior_batch_size / MOCO_BATCH
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr, momentum=SGD_MOMENTUM, weight_decay=WEIGHT_DECAY)
+    start = 0
+    if args.resume and path.is_file():
+        state = torch.load(path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["epoch"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and not args.fp32 else nullcontext()
+    total = cfg.prior_epochs * len(loader)
+    print(f"qgnet stage 1 on {args.dataset} fold {args.fold}: {len(items)} images, {len(loader)} steps of "
+          f"{cfg.prior_batch_size}, epochs {start + 1}..{cfg.prior_epochs}, lr {lr:g}, queues {cfg.prior_queue}, "
+          f"{device} -> {path}", flush=True)
+    t0, sums, seen = time.perf_counter(), {}, 0
+    for epoch in range(start, cfg.prior_epochs):
+        model.train()
+        for step, batch in enumerate(loader):
+            it = epoch * len(loader) + step
+            for group in optimizer.param_groups:  # MoCo v2's cosine schedule, per iteration
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * it / total))
+            with amp:
+                loss, terms = model(**{k: v.to(device, non_blocking=True, memory_format=layout)
+                                       for k, v in batch.items()})
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for k, v in {"loss": loss.detach(), **terms}.items():
+                sums[k] = sums.get(k, 0) + v
+            seen += 1
+            if (step + 1) % args.log_every == 0 or step + 1 == len(loader):
+                record = {"event": "prior", "epoch": epoch + 1, "step": step + 1,
+                          **{k: v.item() / seen for k, v in sums.items()}, "lr": optimizer.param_groups[0]["lr"]}
+                if not math.isfinite(record["loss"]):
+                    sys.exit(f"error: the stage-1 loss became {record['loss']}; try a lower --prior-lr or --fp32")
+                eta = (time.perf_counter() - t0) / (it + 1 - start * len(loader)) * (total - it - 1)
+                print(f"prior epoch {epoch + 1}/{cfg.prior_epochs} step {step + 1}/{len(loader)} loss "
+                      f"{record['loss']:.4f} (global {record['global']:.4f} local {record['local']:.4f}) "
+                      f"lr {record['lr']:.2e} ETA {eta / 60:.1f} min", flush=True)
+                with open(path.with_name("prior_metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                sums, seen = {}, 0
+        if (epoch + 1) % PRIOR_SAVE_EVERY == 0 or epoch + 1 == cfg.prior_epochs:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                     "config": dataclasses.asdict(cfg), "args": {k: str(v) for k, v in vars(args).items()}}
+            torch.save(state, f"{path}.tmp")
+            os.replace(f"{path}.tmp", path)  # never a half-written checkpoint
+    print(f"prior extractor saved to {path}; the few-shot stage:\n    python train.py --model qgnet "
+          f"{stage_flags(args.dataset, args.fold, args.prior_all_images, args.prior_checkpoint)}"
+          + (f" --data-root {args.data_root}" if args.data_root else ""), flush=True)
+    return path
+
+
+STAGES = {"prior": train_prior_extractor}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 2, §4.2: the few-shot network
+
+
+def load_prior_extractor(cfg):
+    """F_p of Eq. (8): frozen ResNet-50, dilated to output stride 8 as the official code (L62-71) and as
+    common.Backbone, with stage 1's momentum encoder without its MLP head (official resnet.py L201-217)."""
+    net = common.Backbone("resnet50", pretrained=False)
+    if cfg.untrained_prior:
+        return net
+    path = prior_checkpoint_path(cfg.dataset, cfg.fold, cfg.prior_all_images, cfg.prior_checkpoint)
+    if not path.is_file():
+        sys.exit(f"error: QGNet needs the prior extractor of stage 1, and {path} does not exist. Make it with\n"
+                 f"    python train.py --model qgnet --stage prior "
+                 f"{stage_flags(cfg.dataset, cfg.fold, cfg.prior_all_images, cfg.prior_checkpoint)} [--data-root DIR]\n"
+                 f"or name an existing one with --prior-checkpoint PATH (--untrained-prior: a random one, for tests).")
+    state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    stem = {"conv1.": "layer0.0.", "bn1.": "layer0.1."}  # torchvision's stem -> common.Backbone's layer0
+
+    def rename(key):
+        head = next((old for old in stem if key.startswith(old)), "")
+        return "stages." + stem.get(head, "") + key[len(head):]
+    weights = {rename(k[len("encoder_k."):]): v for k, v in state.items()
+               if k.startswith("encoder_k.") and not k.startswith("encoder_k.fc.")}
+    net.load_state_dict(weights)
+    return net
+
+
+def prior_region_map(x_q, p_q):
+    """Eq. (9)-(12): s_q = max over prior pixels q' of cos(x_q, p_q'), then (S - min) / (max - min + 1e-7) per image:
+    PFENet's prior with P_q as an unmasked "support". x_q (B,C,h,w) bridge, p_q (B,C,h',w') prior -> (B,1,h,w)."""
+    everywhere = torch.ones(p_q.shape[0], *p_q.shape[-2:], dtype=torch.long, device=p_q.device)  # (B, h', w')
+    return common.cosine_prior(x_q, p_q, everywhere)
+
+
+def projection(c_in, c_out, k, p):
+    """k x k conv (no bias) + ReLU + Dropout2d: official down_learn_super/unsuper (3x3), down_query/supp (1x1)."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.ReLU(inplace=True),
+                         nn.Dropout2d(p))
+
+
+class QGNet(nn.Module):
+    """forward(img_q, img_s, m_s) -> {"logits" (B,2,H,W), "aux": FEM's per-scale logits}."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained)  # F, frozen
+        self.prior_extractor = load_prior_extractor(cfg)  # F_p, frozen
+        c, d = self.backbone.channels, cfg.reduce_dim
+        self.bridge_proj = projection(c["layer4"], d, 3, cfg.projection_dropout)  # official down_learn_super
+        self.prior_proj = projection(PRIOR_CHANNELS, d, 3, cfg.projection_dropout)  # official down_learn_unsuper
+        self.down_query = projection(c["layer3"] + c["layer2"], d, 1, cfg.feature_dropout)
+        self.down_supp = projection(c["layer3"] + c["layer2"], d, 1, cfg.feature_dropout)
+        self.fem = common.FEM(d, extra_dim=2, bins=cfg.bins)  # [guided map, prior map]: official init_merge 514
+
+    def forward(self, img_q, img_s, m_s, class_ids=None):
+        B, S = img_s.shape[:2]
+        # 1. Eq. (8): X_q = F(I_q), X_s = F(I_s), P_q = F_p(I_q), all frozen
+        f_q = self.backbone(img_q)  # layer2..4 (B, C, h, w)
+        f_s = self.backbone(img_s.flatten(0, 1))  # (B*S, C, h, w)
+        p_q = self.prior_extractor(img_q)["layer4"]  # (B, 2048, h, w)
+        # 2. prior region map, Eq. (9)-(12), between the projected bridge and prior features of the query alone.
+        # §4.3: this map is LOW on the object and high on the background, opposite to the guided map (F_p moved
+        # object features away from the bridge feature space, backgrounds stayed close); FEM learns to read both.
+        prior_map = prior_region_map(self.bridge_proj(f_q["layer4"]), self.prior_proj(p_q))  # (B, 1, h, w)
+        # 3. guided region map (§4.2.2): layer4 of the masked support layer3 (PFENet), masked again, cosine prior
+        m = F.interpolate((m_s.flatten(0, 1) == 1).float()[:, None], f_s["layer3"].shape[-2:], mode="bilinear",
+                          align_corners=True)  # (B*S, 1, h, w), PFENet
+        with torch.no_grad():
+            f_s4 = self.backbone.stages["layer4"](f_s["layer3"] * m)  # (B*S, C4, h, w)
+        guided_map = common.cosine_prior(f_q["layer4"], f_s4.view(B, S, *f_s4.shape[1:]), m_s)  # shot mean
+        # 4. category guider: masked average pooling of the support's mid-level features, mean over shots
+        f_s23 = self.down_supp(torch.cat([f_s["layer3"], f_s["layer2"]], 1))  # (B*S, 256, h, w)
+        guider = common.masked_average_pooling(f_s23, m).view(B, S, -1).mean(1)  # (B, 256)
+        # 5. FEM on the query's mid-level features, the guider and both maps
+        f_q23 = self.down_query(torch.cat([f_q["layer3"], f_q["layer2"]], 1))  # (B, 256, h, w)
+        logits, aux = self.fem(f_q23, guider, torch.cat([guided_map, prior_map], 1))  # (B, 2, h, w)
+        logits = F.interpolate(logits, img_q.shape[-2:], mode="bilinear", align_corners=True)  # (B, 2, H, W)
+        return {"logits": logits, "aux": aux}
+
+    def loss(self, out, m_q, m_s=None):
+        """Cross-entropy of the prediction plus aux_weight x the mean of FEM's per-scale ones (official L307-316)."""
+        main = common.seg_loss(out["logits"], m_q)
+        aux = torch.stack([common.seg_loss(a, m_q) for a in out["aux"]]).mean()
+        return main + self.cfg.aux_weight * aux, {"main": main, "aux": aux}
+
+
+Model = QGNet

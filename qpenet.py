@@ -1,0 +1,327 @@
+"""QPENet: Query-guided Prototype Evolution Network for Few-Shot Segmentation.
+
+R. Cong, H. Xiong, J. Chen, W. Zhang, Q. Huang, Y. Zhao. IEEE Transactions on Multimedia, 2024.
+Official code: github.com/rmcong/QPENet_TMM24 @ c0d3df3 ("official" below; notes: shared/notes/qpenet-official.md).
+
+The query shapes the prototypes. PPG segments the query coarsely with the support prototype and pools a
+pseudo-prototype from the query under that prediction; DPE reverse-segments the support with it and splits the
+support mask into a main region (what the query needs) and an auxiliary one, each giving a prototype. GBC
+segments the background with a learned global prototype and "cleans" that prototype with a gate computed from
+the query's background. FFA filters the query with the background prototype, adds the activation maps of the
+evolved prototypes, attends twice to the support foreground pixels and decodes the mask.
+
+Paper -> code:
+    §III-B features F_q, F_s (shared CNN)     Model.features: frozen common.Backbone + one 1x1 reduction
+    "Convs" (3x3 and 1x1 layers)              Convs
+    §III-C1 PPG, Eq. (1)-(3)                  ForegroundEvolution.ppg
+    §III-C2 DPE, Eq. (4)-(8)                  ForegroundEvolution.dpe
+    MAP                                       common.masked_average_pooling (shot_map: over all K shots)
+    §III-D GBC, Eq. (9)-(11)                  GBC
+    §III-E FFA, Eq. (12)-(15)                 FFA.forward
+    Eq. (16) Cross(Cross(F_q'', F_s*M_s))     CrossAttention (x2), then FFA.convs
+    §III-F loss, Eq. (17)-(19); L_bm          Model.loss, background_mining_loss
+    §IV-B training setup                      DEFAULTS, Config
+
+K shots: P_pre, P_main and P_aux are each one MAP over the pixels of all K supports; one preliminary query
+prediction y_pre and one pseudo-prototype P_psd follow from P_pre; P_psd reverse-segments every support, and
+the cross-attention keys are the foreground pixels of all K supports together.
+
+Choices (paper silent, or where we differ from the official code; the notes list the official behaviour):
+ 1. F_s and F_q: cat(layer3, layer2) of the frozen backbone -> 1x1 conv (256, no bias) + ReLU + Dropout2d 0.5,
+    PFENet's mid-level features as the official. One reduction for query and support ("two weight-shared CNNs",
+    §III-B); the official has separate down_query / down_supp.
+ 2. Convs: the official head (1x1 reduce + Dropout2d 0.5, two 3x3 residual, 3x3 + Dropout2d 0.1 + 1x1 -> 2).
+    PPG and DPE share one (same "Convs" in Eq. 2 and 4; its 1.90M parameters are exactly the paper's 34.6M -
+    32.7M); GBC has its own for Eq. 9 and 10; the final one of Eq. 16 reduces without dropout, as the official.
+ 3. y_pre in Eq. 3 and y_rev in Eq. 5-6 are hard masks (argmax), as the official; no gradient flows through
+    them. M_s of Eq. 5-6 is the bilinearly downsampled mask of Eq. 1, so M_main + M_aux = M_s exactly (the
+    official also uses the soft mask).
+ 4. The official also pools prototypes from "predicted foreground outside the mask" and "neither", and adds
+    them, a prior mask, the activation of P_pre, a gated support map and 0.5 (P_pre + P_psd) to FFA, plus an
+    auxiliary head on F_q'' (loss weight 0.6). We follow Eq. (12)-(16) only.
+ 5. GBC: P_global is a random N(0, 1) vector (§III-D; the official starts from zeros). The cleaner
+    FC(FC(GAP(.))) is Linear(256, 256) - ReLU - Linear(256, 256) - sigmoid, a channel gate in (0, 1): the paper
+    gives no widths or activations (two linear layers in a row would collapse into one). The official
+    implements Eq. (11) as a 4-expert dynamic 3x3 convolution of the broadcast P_global instead. GAP is the
+    plain mean over all h*w pixels of F_q * y_bg^q, as written. Channel 1 of y_bg is background (Fig. 3).
+ 6. Eq. (16): "Cross" = 8-head attention of the query pixels (queries) over the foreground support pixels
+    F_s * M_s (keys = values), residual and LayerNorm, then a 256-768-256 FFN, residual and LayerNorm: the
+    official cross-attention layer (no biases, dropout 0.1). Only pixels with M_s > 0 are keys; a support set
+    without foreground leaves all-zero tokens, which add exactly nothing. Dropped from the official: the
+    deformable self-attention with its sine positional encoding, the cycle-consistency mask, the random
+    sampling of 300 fg + 300 bg keys (which also mislabels its keys, a bug inherited from CyCTR), and the
+    support-background keys. The attention itself is torch's F.scaled_dot_product_attention, exactly
+    softmax(Q K^T / sqrt(d)) V (tested against that formula), whose fused GPU kernels need not hold the
+    (h*w) x (K*h*w) attention matrix (3600 x 18000 per head at 473 px, 5-shot).
+ 7. Losses: "BCE" on two logits is softmax cross-entropy (identical to BCE on the logit difference);
+    common.seg_loss upsamples to the label size and ignores 255, as the official. alpha = 1, beta = 0.5:
+    the official weighs y_final 1 and its L_bg is the mean of the query and support L_bm (0.5 x Eq. 18 for
+    K = 1); it weighs y_pre and y_rev 0.25 each, which Eq. (17)'s single alpha cannot express, so they keep
+    the paper's weight 1. K shots: the y_rev and support L_bm terms are means over shots.
+ 8. L_bm (NERTNet, as the official): per image, -log(1 - p_bg) averaged over the foreground, plus
+    0.5 x -log p_bg averaged over every pixel; ours leaves out the 255 pixels, which the official counts.
+ 9. y_bg^s (Eq. 9) is computed in eval mode too (the paper skips it at test), so forward returns one dict.
+10. lr 0.0025 (§IV-B) by default. The official multiplies every group's lr by 10 (effective 0.025):
+    pass --lr 0.025 to train as the released models were. Epochs 200 / 50 as the paper (the official configs
+    use 100 on PASCAL); 473 px for both datasets (§IV-B); batch 4.
+11. The official cannot run K > 1 (its transformer reshapes the shot-averaged support map per shot) and keeps
+    only the last shot's y_pre and P_psd; ours combines K shots as stated above.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+BACKGROUND = 1  # channel of y_bg that means "background" (Fig. 3; official QPENet.py L503)
+BM_EPS = 1e-5  # L_bm foreground-area epsilon (official weighted_BCE, from NERTNet)
+
+DEFAULTS = {
+    "pascal": dict(lr=0.0025, batch_size=4, epochs=200, img_size=473),  # §IV-B
+    "coco": dict(lr=0.0025, batch_size=4, epochs=50, img_size=473),  # §IV-B: 473 x 473 for both datasets
+}
+
+
+@dataclass
+class Config:
+    backbone: str = "resnet50"  # §IV-B: ResNet-50 or ResNet-101, frozen ImageNet weights
+    pretrained: bool = True  # §IV-B
+    dim: int = 256  # c of F_q, F_s: the official reduce_dim
+    feature_dropout: float = 0.5  # Dropout2d after the 1x1 reductions (official down_*, PFENet)
+    head_dropout: float = 0.1  # Dropout2d in the classifier of Convs (official *_cls, PFENet)
+    cross_layers: int = 2  # Eq. (16): Cross(Cross(.))
+    heads: int = 8  # official cross_transformer.py (256 is not divisible by 12)
+    ffn_dim: int = 768  # official FFN: 3 x embed_dims
+    attn_dropout: float = 0.1  # official attn_drop = proj_drop = FFN dropout
+    alpha: float = 1.0  # Eq. (19) weight of L_fg: Choices 7
+    beta: float = 0.5  # Eq. (19) weight of L_bg: Choices 7
+    bm_all_weight: float = 0.5  # L_bm weight of the every-pixel background term (official/NERTNet erfa)
+
+
+def add_args(parser):
+    parser.add_argument("--alpha", type=float, default=None, help="Eq. (19) weight of L_fg (default 1.0)")
+    parser.add_argument("--beta", type=float, default=None, help="Eq. (19) weight of L_bg (default 0.5)")
+
+
+def broadcast(p, f):
+    """BC in the paper: a prototype (B,C) expanded to the spatial size of f (B,*,h,w) -> (B,C,h,w)."""
+    return p[:, :, None, None].expand(-1, -1, *f.shape[-2:])
+
+
+def shot_map(f_s, m):
+    """MAP over the pixels of all K supports at once: f_s (B,S,C,h,w), m (B,S,h,w) -> (B,C).
+    An area-weighted mean of the per-shot prototypes, so a shot whose region is empty adds nothing."""
+    B, S, C, h, w = f_s.shape
+    f = f_s.permute(0, 2, 1, 3, 4).reshape(B, C, S * h, w)  # shots stacked along the height
+    return common.masked_average_pooling(f, m.reshape(B, 1, S * h, w))  # (B, C)
+
+
+def conv_relu(c_in, c_out, k):
+    return [nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.ReLU(inplace=True)]
+
+
+class Convs(nn.Module):
+    """The segmentation head "Convs" of Eq. (2), (4), (9), (10), (16): 3x3 and 1x1 convolutions (§III-C1).
+    x (N,in_dim,h,w) -> logits (N,2,h,w). Layout of the official head (Choices 2)."""
+
+    def __init__(self, in_dim, dim, reduce_dropout, head_dropout):
+        super().__init__()
+        self.reduce = nn.Sequential(*conv_relu(in_dim, dim, 1), nn.Dropout2d(reduce_dropout))
+        self.res = nn.Sequential(*conv_relu(dim, dim, 3), *conv_relu(dim, dim, 3))
+        self.cls = nn.Sequential(*conv_relu(dim, dim, 3), nn.Dropout2d(head_dropout), nn.Conv2d(dim, 2, 1))
+
+    def forward(self, x):
+        x = self.reduce(x)  # (N, dim, h, w)
+        return self.cls(self.res(x) + x)  # (N, 2, h, w)
+
+
+class ForegroundEvolution(nn.Module):
+    """§III-C: PPG and DPE, the support-query-support evolution of the foreground prototype. One Convs serves
+    both the preliminary segmentation of the query (Eq. 2) and the reverse segmentation of the support (Eq. 4)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.convs = Convs(2 * cfg.dim, cfg.dim, cfg.feature_dropout, cfg.head_dropout)
+
+    def ppg(self, f_q, f_s, m):
+        """Pseudo-prototype Generation. f_q (B,C,h,w), f_s (B,S,C,h,w), m (B,S,h,w) downsampled support mask.
+        Returns P_pre (B,C), y_pre (B,2,h,w), P_psd (B,C)."""
+        # Eq. (1): P_pre = MAP(F_s, M_s)
+        p_pre = shot_map(f_s, m)  # (B, C)
+        # Eq. (2): y_pre = Convs(Concat(F_q, BC(P_pre)))
+        y_pre = self.convs(torch.cat([f_q, broadcast(p_pre, f_q)], 1))  # (B, 2, h, w)
+        # Eq. (3): P_psd = MAP(F_q, y_pre), y_pre as its hard foreground mask
+        p_psd = common.masked_average_pooling(f_q, (y_pre.argmax(1) == 1).float())  # (B, C)
+        return p_pre, y_pre, p_psd
+
+    def dpe(self, f_s, m, p_psd):
+        """Dual Prototype Evolution. f_s (B,S,C,h,w), m (B,S,h,w), P_psd (B,C).
+        Returns y_rev (B,S,2,h,w), M_main, M_aux (B,S,h,w), P_main, P_aux (B,C)."""
+        B, S, C, h, w = f_s.shape
+        f = f_s.flatten(0, 1)  # (B*S, C, h, w)
+        # Eq. (4): y_rev = Convs(Concat(F_s, BC(P_psd))), every shot with the one pseudo-prototype
+        y_rev = self.convs(torch.cat([f, broadcast(p_psd.repeat_interleave(S, 0), f)], 1))  # (B*S, 2, h, w)
+        y_rev = y_rev.view(B, S, 2, h, w)
+        rev = (y_rev.argmax(2) == 1).float()  # (B, S, h, w)
+        # Eq. (5): M_main = 1{M_s = 1} * 1{y_rev = 1}
+        m_main = m * rev
+        # Eq. (6): M_aux = 1{M_s = 1} * 1{y_rev != 1}
+        m_aux = m * (1 - rev)
+        # Eq. (7), (8): P_main = MAP(F_s, M_main), P_aux = MAP(F_s, M_aux)
+        return y_rev, m_main, m_aux, shot_map(f_s, m_main), shot_map(f_s, m_aux)
+
+
+class GBC(nn.Module):
+    """§III-D Global Background Cleansing: a learned global background prototype segments the background of
+    query and support (Eq. 9-10) and is cleaned channel-wise by a gate from the query's background (Eq. 11)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.p_global = nn.Parameter(torch.randn(cfg.dim))  # "a randomly initialized vector" (§III-D)
+        self.convs = Convs(2 * cfg.dim, cfg.dim, cfg.feature_dropout, cfg.head_dropout)
+        self.cleaner = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.ReLU(inplace=True),
+                                     nn.Linear(cfg.dim, cfg.dim), nn.Sigmoid())  # FC(FC(.)): Choices 5
+
+    def forward(self, f_q, f_s):
+        """f_q (B,C,h,w), f_s (B,S,C,h,w) -> P_bg (B,C), y_bg^q (B,2,h,w), y_bg^s (B,S,2,h,w)."""
+        B, S, C, h, w = f_s.shape
+        p_global = self.p_global.expand(B, -1)  # (B, C)
+        # Eq. (10): y_bg^q = Convs(Concat(F_q, BC(P_global)))
+        y_bg_q = self.convs(torch.cat([f_q, broadcast(p_global, f_q)], 1))  # (B, 2, h, w)
+        # Eq. (9): y_bg^s = Convs(Concat(F_s, BC(P_global))), the same Convs
+        f = f_s.flatten(0, 1)  # (B*S, C, h, w)
+        y_bg_s = self.convs(torch.cat([f, broadcast(p_global.repeat_interleave(S, 0), f)], 1))  # (B*S, 2, h, w)
+        # Eq. (11): P_bg = P_global * FC(FC(GAP(F_q * y_bg^q))), y_bg^q as its hard background mask
+        background = (y_bg_q.argmax(1, keepdim=True) == BACKGROUND).float()  # (B, 1, h, w)
+        p_bg = p_global * self.cleaner((f_q * background).mean((2, 3)))  # (B, C)
+        return p_bg, y_bg_q, y_bg_s.view(B, S, 2, h, w)
+
+
+class CrossAttention(nn.Module):
+    """"Cross" of Eq. (16): multi-head attention of the query pixels over the support tokens, with residual,
+    LayerNorm and FFN as the official layer (Choices 6).
+    x (B,N,C) query tokens, tokens (B,L,C), valid (B,L) bool (the tokens that may be attended) -> (B,N,C)."""
+
+    def __init__(self, dim, heads, ffn_dim, dropout):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.norm_attn, self.norm_ffn = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim, bias=False), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                                 nn.Linear(ffn_dim, dim, bias=False))
+        self.drop = nn.Dropout(dropout)
+
+    def attend(self, x, tokens, valid):
+        B, N, C = x.shape
+        d = C // self.heads
+        q = self.to_q(x).view(B, N, self.heads, d).transpose(1, 2)  # (B, heads, N, d)
+        k = self.to_k(tokens).view(B, -1, self.heads, d).transpose(1, 2)  # (B, heads, L, d)
+        v = self.to_v(tokens).view(B, -1, self.heads, d).transpose(1, 2)  # (B, heads, L, d)
+        # softmax(Q K^T / sqrt(d)) V per head, over the valid tokens only
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :],
+                                             dropout_p=self.dropout if self.training else 0.0)  # (B, heads, N, d)
+        return self.to_out(out.transpose(1, 2).reshape(B, N, C))  # (B, N, C)
+
+    def forward(self, x, tokens, valid):
+        x = self.norm_attn(x + self.drop(self.attend(x, tokens, valid)))
+        return self.norm_ffn(x + self.drop(self.ffn(x)))
+
+
+class FFA(nn.Module):
+    """§III-E Feature Filtering and Activation: background filtering (Eq. 12), activation maps (Eq. 13-14),
+    fusion with P_pre (Eq. 15), two cross-attentions over the support foreground and the final Convs (Eq. 16)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.filter = nn.Sequential(*conv_relu(2 * cfg.dim, cfg.dim, 1))  # Conv_1 of Eq. (12)
+        self.fuse = nn.Sequential(*conv_relu(2 * cfg.dim + 2, cfg.dim, 1))  # Conv_1 of Eq. (15)
+        self.cross = nn.ModuleList(CrossAttention(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.attn_dropout)
+                                   for _ in range(cfg.cross_layers))
+        self.convs = Convs(cfg.dim, cfg.dim, 0.0, cfg.head_dropout)
+
+    def forward(self, f_q, f_s, m, p_bg, p_pre, p_main, p_aux):
+        """f_q (B,C,h,w), f_s (B,S,C,h,w), m (B,S,h,w), prototypes (B,C) -> y_final (B,2,h,w)."""
+        B, C, h, w = f_q.shape
+        # Eq. (12): F_q' = Conv_1(Concat(F_q, BC(P_bg)))
+        f_q1 = self.filter(torch.cat([f_q, broadcast(p_bg, f_q)], 1))  # (B, C, h, w)
+        # Eq. (13), (14): A(i) = cos(P, F_q(i)) for P_main and P_aux
+        a_main = F.cosine_similarity(f_q, p_main[:, :, None, None], dim=1).unsqueeze(1)  # (B, 1, h, w)
+        a_aux = F.cosine_similarity(f_q, p_aux[:, :, None, None], dim=1).unsqueeze(1)  # (B, 1, h, w)
+        # Eq. (15): F_q'' = Conv_1(Concat(F_q', BC(P_pre), A_main, A_aux))
+        f_q2 = self.fuse(torch.cat([f_q1, broadcast(p_pre, f_q), a_main, a_aux], 1))  # (B, C, h, w)
+        # Eq. (16): y_final = Convs(Cross(Cross(F_q'', F_s * M_s), F_s * M_s)); keys: foreground pixels of all shots
+        tokens = (f_s * m[:, :, None]).permute(0, 1, 3, 4, 2).reshape(B, -1, C)  # (B, S*h*w, C)
+        valid = m.flatten(1) > 0  # (B, S*h*w)
+        valid = valid | ~valid.any(1, keepdim=True)  # no foreground at all: the all-zero tokens, which add nothing
+        x = f_q2.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        for cross in self.cross:
+            x = cross(x, tokens, valid)  # (B, h*w, C)
+        return self.convs(x.transpose(1, 2).reshape(B, C, h, w))  # (B, 2, h, w)
+
+
+def background_mining_loss(y_bg, m, all_weight):
+    """L_bm (NERTNet; official weighted_BCE + erfa term). y_bg (N,2,h,w) logits, channel BACKGROUND = background;
+    m (N,H,W) labels {0,1,255}. Per image -log(1 - p_bg) averaged over its foreground (0 without one), mean over
+    the images; plus all_weight x the mean of -log p_bg over every labelled pixel."""
+    log_p = F.log_softmax(F.interpolate(y_bg.float(), m.shape[-2:], mode="bilinear", align_corners=True), 1)
+    fg = (m == 1).float()  # (N, H, W)
+    not_bg = -(log_p[:, 1 - BACKGROUND] * fg).sum((1, 2)) / (fg.sum((1, 2)) + BM_EPS)  # (N,)
+    labelled = (m != common.IGNORE_INDEX).float()
+    bg = -(log_p[:, BACKGROUND] * labelled).sum() / labelled.sum().clamp(min=1)
+    return not_bg.mean() + all_weight * bg
+
+
+class Model(nn.Module):
+    """QPENet (Fig. 2). forward(img_q (B,3,H,W), img_s (B,S,3,H,W), m_s (B,S,H,W), class_ids unused) -> dict:
+    logits (B,2,H,W) = y_final upsampled; y_pre (B,2,h,w); y_rev, y_bg_s (B,S,2,h,w); y_bg_q (B,2,h,w);
+    m_main, m_aux, m_s_down (B,S,h,w). The same in train and eval mode."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained)
+        mid = self.backbone.channels["layer2"] + self.backbone.channels["layer3"]
+        self.down = nn.Sequential(*conv_relu(mid, cfg.dim, 1), nn.Dropout2d(cfg.feature_dropout))
+        self.foreground = ForegroundEvolution(cfg)
+        self.gbc = GBC(cfg)
+        self.ffa = FFA(cfg)
+
+    def features(self, img):
+        """F of §III-B for a batch of images (N,3,H,W) -> (N,C,h,w): mid-level features, reduced (Choices 1)."""
+        feats = self.backbone(img)
+        return self.down(torch.cat([feats["layer3"], feats["layer2"]], 1))  # (N, C, h, w)
+
+    def forward(self, img_q, img_s, m_s, class_ids=None):
+        B, S = img_s.shape[:2]
+        # 1. features of query and supports from the shared CNN; the support masks downsampled (M_s of Eq. 1)
+        f = self.features(torch.cat([img_q, img_s.flatten(0, 1)]))  # (B + B*S, C, h, w)
+        f_q, f_s = f[:B], f[B:].unflatten(0, (B, S))  # (B, C, h, w), (B, S, C, h, w)
+        m = F.interpolate((m_s == 1).float(), f.shape[-2:], mode="bilinear", align_corners=True)  # (B, S, h, w)
+        # 2. PPG (Eq. 1-3): preliminary prototype, preliminary query prediction, pseudo-prototype
+        p_pre, y_pre, p_psd = self.foreground.ppg(f_q, f_s, m)
+        # 3. DPE (Eq. 4-8): reverse segmentation of the supports, main and auxiliary prototypes
+        y_rev, m_main, m_aux, p_main, p_aux = self.foreground.dpe(f_s, m, p_psd)
+        # 4. GBC (Eq. 9-11): background maps and the cleaned background prototype
+        p_bg, y_bg_q, y_bg_s = self.gbc(f_q, f_s)
+        # 5. FFA (Eq. 12-16): filtering, activation, cross-attention, final Convs
+        y_final = self.ffa(f_q, f_s, m, p_bg, p_pre, p_main, p_aux)  # (B, 2, h, w)
+        logits = F.interpolate(y_final, img_q.shape[-2:], mode="bilinear", align_corners=True)  # (B, 2, H, W)
+        return {"logits": logits, "y_pre": y_pre, "y_rev": y_rev, "y_bg_q": y_bg_q, "y_bg_s": y_bg_s,
+                "m_main": m_main, "m_aux": m_aux, "m_s_down": m}
+
+    def loss(self, out, m_q, m_s):
+        """Eq. (19): alpha L_fg + beta L_bg; every term returned by name. m_q (B,H,W), m_s (B,S,H,W)."""
+        terms = {
+            # Eq. (17): L_fg = L_bce(y_pre, M_q) + L_bce(y_rev, M_s) + L_bce(y_final, M_q)
+            "pre": common.seg_loss(out["y_pre"], m_q),
+            "rev": common.seg_loss(out["y_rev"].flatten(0, 1), m_s.flatten(0, 1)),
+            "final": common.seg_loss(out["logits"], m_q),
+            # Eq. (18): L_bg = L_bm(y_bg^s, M_s) + L_bm(y_bg^q, M_q)
+            "bm_s": background_mining_loss(out["y_bg_s"].flatten(0, 1), m_s.flatten(0, 1), self.cfg.bm_all_weight),
+            "bm_q": background_mining_loss(out["y_bg_q"], m_q, self.cfg.bm_all_weight),
+        }
+        l_fg = terms["pre"] + terms["rev"] + terms["final"]
+        l_bg = terms["bm_s"] + terms["bm_q"]
+        return self.cfg.alpha * l_fg + self.cfg.beta * l_bg, terms
