@@ -860,6 +860,18 @@ def test_resume_after_a_crash_gives_the_same_weights(tiny, tmp_path):
     assert torch.equal(a["optimizer"]["state"][0]["momentum_buffer"], b["optimizer"]["state"][0]["momentum_buffer"])
 
 
+def test_select_best_validates_keeps_the_best_and_evaluates_it(tiny, tmp_path, capsys):
+    train.main(tiny_args(tiny, tmp_path, "--epochs", "3", "--select-best", "--val-every", "1",
+                         "--test-episodes", "4", "--test-seeds", "1"))
+    text = capsys.readouterr().out
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    vals = [r["miou"] for r in records if r["event"] == "val"]
+    assert len(vals) == 3 and "evaluating best.pt" in text and "optimistic" in text
+    best = torch.load(tmp_path / "best.pt", weights_only=False)
+    assert best["best"] == max(vals) and best["epoch"] == 1 + vals.index(max(vals))
+    assert records[-1]["miou"] == pytest.approx(max(vals))  # the final evaluation is best.pt's
+
+
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         train.main(tiny_args(tiny, tmp_path, "--epochs", "3", "--nan-after", "5", "--log-every", "1"))
