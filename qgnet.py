@@ -281,12 +281,12 @@ class SuperpixelBoxes(Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        return superpixel_boxes(load_unlabeled(self.items[i]), self.cfg)
+        return superpixel_boxes(load_unlabeled(self.items[i]), self.cfg).tolist()  # a list: no shared-memory handle
 
 
 class UnlabeledImages(Dataset):
     """Two views of an image (global contrast) and two of one of its superpixels, the crop of its bounding box
-    (local contrast). items: what load_unlabeled reads; boxes: superpixel_boxes of each. No label is read."""
+    (local contrast). items: what load_unlabeled reads; boxes: superpixel_boxes of each, as lists. No label is read."""
 
     def __init__(self, items, boxes, cfg):
         self.items, self.boxes = items, boxes
@@ -298,7 +298,7 @@ class UnlabeledImages(Dataset):
 
     def __getitem__(self, i):
         img = load_unlabeled(self.items[i])
-        top, left, bottom, right = self.boxes[i][torch.randint(len(self.boxes[i]), ())].tolist()
+        top, left, bottom, right = map(int, self.boxes[i][int(torch.randint(len(self.boxes[i]), ()))])
         patch = img[:, top:bottom, left:right]
         return {"img_q": self.global_view(img), "img_k": self.global_view(img),
                 "patch_q": self.patch_view(patch), "patch_k": self.patch_view(patch)}

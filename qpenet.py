@@ -29,7 +29,8 @@ the cross-attention keys are the foreground pixels of all K supports together.
 Choices (paper silent, or where we differ from the official code; the notes list the official behaviour):
  1. F_s and F_q: cat(layer3, layer2) of the frozen backbone -> 1x1 conv (256, no bias) + ReLU + Dropout2d 0.5,
     PFENet's mid-level features as the official. One reduction for query and support ("two weight-shared CNNs",
-    §III-B); the official has separate down_query / down_supp.
+    §III-B); the official has separate down_query / down_supp. The backbone is common.Backbone (torchvision's
+    ResNet with PFENet's dilation), not the official deep-stem resnet50_v2.
  2. Convs: the official head (1x1 reduce + Dropout2d 0.5, two 3x3 residual, 3x3 + Dropout2d 0.1 + 1x1 -> 2).
     PPG and DPE share one (same "Convs" in Eq. 2 and 4; its 1.90M parameters are exactly the paper's 34.6M -
     32.7M); GBC has its own for Eq. 9 and 10; the final one of Eq. 16 reduces without dropout, as the official.
@@ -49,10 +50,11 @@ Choices (paper silent, or where we differ from the official code; the notes list
     official cross-attention layer (no biases, dropout 0.1). Only pixels with M_s > 0 are keys; a support set
     without foreground leaves all-zero tokens, which add exactly nothing. Dropped from the official: the
     deformable self-attention with its sine positional encoding, the cycle-consistency mask, the random
-    sampling of 300 fg + 300 bg keys (which also mislabels its keys, a bug inherited from CyCTR), and the
-    support-background keys. The attention itself is torch's F.scaled_dot_product_attention, exactly
-    softmax(Q K^T / sqrt(d)) V (tested against that formula), whose fused GPU kernels need not hold the
-    (h*w) x (K*h*w) attention matrix (3600 x 18000 per head at 473 px, 5-shot).
+    sampling of 300 fg + 300 bg keys (which mislabels its keys, a bug inherited from CyCTR, and makes test
+    results seed-dependent), and its keys' content (gated support features, foreground and background).
+    The attention itself is torch's F.scaled_dot_product_attention, exactly softmax(Q K^T / sqrt(d)) V
+    (tested against that formula), whose fused GPU kernels need not hold the (h*w) x (K*h*w) attention
+    matrix (3600 x 18000 per head at 473 px, 5-shot).
  7. Losses: "BCE" on two logits is softmax cross-entropy (identical to BCE on the logit difference);
     common.seg_loss upsamples to the label size and ignores 255, as the official. alpha = 1, beta = 0.5:
     the official weighs y_final 1 and its L_bg is the mean of the query and support L_bm (0.5 x Eq. 18 for
@@ -63,7 +65,10 @@ Choices (paper silent, or where we differ from the official code; the notes list
  9. y_bg^s (Eq. 9) is computed in eval mode too (the paper skips it at test), so forward returns one dict.
 10. lr 0.0025 (§IV-B) by default. The official multiplies every group's lr by 10 (effective 0.025):
     pass --lr 0.025 to train as the released models were. Epochs 200 / 50 as the paper (the official configs
-    use 100 on PASCAL); 473 px for both datasets (§IV-B); batch 4.
+    use 100 on PASCAL, stop early and keep the best checkpoint on the test classes; the harness evaluates
+    the last); 473 px for both datasets (§IV-B); batch 4. Synthetic data keeps the harness's
+    schedule but the paper's lr: on the random-weight backbone (layer3 |x| ~ 6) lr 0.01 drove every ReLU of
+    the shared 1x1 reduction to zero within 40 steps, after which only background is predicted.
 11. The official cannot run K > 1 (its transformer reshapes the shot-averaged support map per shot) and keeps
     only the last shot's y_pre and P_psd; ours combines K shots as stated above.
 """
@@ -81,6 +86,7 @@ BM_EPS = 1e-5  # L_bm foreground-area epsilon (official weighted_BCE, from NERTN
 DEFAULTS = {
     "pascal": dict(lr=0.0025, batch_size=4, epochs=200, img_size=473),  # §IV-B
     "coco": dict(lr=0.0025, batch_size=4, epochs=50, img_size=473),  # §IV-B: 473 x 473 for both datasets
+    "synthetic": dict(lr=0.0025),  # §IV-B's lr; the harness's 0.01 kills the reduced features (Choices 10)
 }
 
 
