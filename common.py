@@ -47,6 +47,7 @@ BACKBONES = {
 RESNET_DILATION = {"layer3": 2, "layer4": 4}  # PFENet.py:84-93: strides 1, output stride 8 (473 -> 60)
 VGG_SPLIT = ((0, 7), (7, 14), (14, 24), (24, 34), (34, 43))  # PFENet.py:21-25, indices into vgg16_bn.features
 BLOCK_STAGES = ("layer2", "layer3", "layer4")  # stages whose block outputs blocks=True returns (as HSNet)
+CALIBRATION_IMAGES = 64  # --no-pretrained: Backbone.calibrate's BatchNorm statistics from this many training images
 
 
 def _resize(x, size):
@@ -113,8 +114,28 @@ class Backbone(nn.Module):
             stages = [net.features[start:end] for start, end in VGG_SPLIT]  # last pool and classifier dropped
             self.channels = {"layer1": 128, "layer2": 256, "layer3": 512, "layer4": 512}
         self.stages = nn.ModuleDict(zip(["layer0", "layer1", "layer2", "layer3", "layer4"], stages))
+        self.pretrained = pretrained
         self.requires_grad_(False)
         self.train(False)
+
+    @torch.no_grad()
+    def calibrate(self, images, batch_size=16):
+        """Replace every BatchNorm's running statistics by their mean over batches of `images` (N,3,H,W).
+
+        For random weights only (--no-pretrained): their BatchNorms hold the initial statistics (mean 0, var 1),
+        so activations grow with depth (ResNet-50 layer4 |x| ~ 14 at 128 px) and every model's learnable layers
+        see features unlike ImageNet's (layer4 |x| ~ 1). Estimated statistics bring each level to |x| ~ 1 and
+        raise the synthetic baseline from 9.3 to 13.2 mIoU on layer3 (README). The weights stay frozen."""
+        norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+        nn.Module.train(self, True)  # bypasses the eval-only train() above
+        for start in range(0, len(images), batch_size):
+            self(images[start:start + batch_size])
+        nn.Module.train(self, False)
+        for m in norms:
+            m.momentum = 0.1  # torch's default, as constructed
 
     def train(self, mode=True):
         # Always eval, whatever the parent model asks. PFENet calls model.train() (train.py:247), which puts the
@@ -521,6 +542,9 @@ def train_base_learner(args):
                                  args.seed, args.train_length)
     except FileNotFoundError as err:  # a missing or incomplete data root: the message names the layout
         sys.exit(f"error: {err}")
+    if not backbone.pretrained:  # as train.py does for the meta learner's backbone
+        backbone.calibrate(torch.stack([images[(0, i)][0] for i in range(min(CALIBRATION_IMAGES, len(images)))])
+                           .to(device))
     learner = BaseLearner(backbone.channels["layer4"], images.classes).to(device)
     optimizer = torch.optim.SGD(learner.parameters(), lr=args.lr, momentum=BASE_MOMENTUM,
                                 weight_decay=BASE_WEIGHT_DECAY)

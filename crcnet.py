@@ -51,7 +51,7 @@ Choices (the paper is silent unless a section is named):
       support, "finetune+fusion" from all (Table 4's two rows). 1-shot: no fine-tuning (Table 4, N/A).
     - Multi-scale (§5.1, Table 2): images resized bilinearly, masks nearest; fine-tuning runs once at scale 1.
     - Learning rate 0.0025 is the paper's (§5.1) used as is for every learnable layer; CANet's code, this
-      group's predecessor, trains its head at 10 x 0.00025 = the same 0.0025. Synthetic: 0.001 (DEFAULTS).
+      group's predecessor, trains its head at 10 x 0.00025 = the same 0.0025. Synthetic: the harness's values.
 """
 import math
 from dataclasses import dataclass
@@ -94,13 +94,10 @@ def add_args(parser):
 
 
 # Table 8: CRCNet trains at 321; §5.1: SGD, lr 0.0025, 200 epochs. Batch sizes and COCO's epochs are not given:
-# the harness's (PFENet's) values. Synthetic: the harness's schedule at a lower lr. Its random backbone gives
-# features ~20x larger than ImageNet's (layer4 mean 15) and the modules have no normalisation layer: at 128 px
-# the logits blew up within 12 steps at 0.0025 (loss 167) and at the harness's 0.01; 0.001 trains.
+# the harness's (PFENet's) values. Synthetic: the harness's quick-start values.
 DEFAULTS = {
     "pascal": dict(lr=0.0025, batch_size=4, epochs=200, img_size=321),
     "coco": dict(lr=0.0025, batch_size=8, epochs=50, img_size=321),
-    "synthetic": dict(lr=0.001, batch_size=8, epochs=4, img_size=128),
 }
 
 

@@ -66,9 +66,7 @@ Choices (paper silent, or where we differ from the official code; the notes list
 10. lr 0.0025 (§IV-B) by default. The official multiplies every group's lr by 10 (effective 0.025):
     pass --lr 0.025 to train as the released models were. Epochs 200 / 50 as the paper (the official configs
     use 100 on PASCAL, stop early and keep the best checkpoint on the test classes; the harness evaluates
-    the last); 473 px for both datasets (§IV-B); batch 4. Synthetic data keeps the harness's
-    schedule but the paper's lr: on the random-weight backbone (layer3 |x| ~ 6) lr 0.01 drove every ReLU of
-    the shared 1x1 reduction to zero within 40 steps, after which only background is predicted.
+    the last); 473 px for both datasets (§IV-B); batch 4. Synthetic data: the harness's quick-start values.
 11. The official cannot run K > 1 (its transformer reshapes the shot-averaged support map per shot) and keeps
     only the last shot's y_pre and P_psd; ours combines K shots as stated above.
 """
@@ -86,7 +84,6 @@ BM_EPS = 1e-5  # L_bm foreground-area epsilon (official weighted_BCE, from NERTN
 DEFAULTS = {
     "pascal": dict(lr=0.0025, batch_size=4, epochs=200, img_size=473),  # §IV-B
     "coco": dict(lr=0.0025, batch_size=4, epochs=50, img_size=473),  # §IV-B: 473 x 473 for both datasets
-    "synthetic": dict(lr=0.0025),  # §IV-B's lr; the harness's 0.01 kills the reduced features (Choices 10)
 }
 
 

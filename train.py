@@ -422,6 +422,25 @@ def write_log(log_file, record):
             f.write(json.dumps(record) + "\n")
 
 
+def calibrate_random_backbones(model, args, device, rank):
+    """--no-pretrained: every random-weight common.Backbone of the model gets BatchNorm statistics estimated on
+    the first common.CALIBRATION_IMAGES images of the training episodes (the same for every model and process).
+    They are saved in the checkpoints with every other weight."""
+    backbones = [m for m in model.modules() if isinstance(m, common.Backbone) and not m.pretrained]
+    if not backbones:
+        return
+    dataset, images = build_dataset(args, "train"), []
+    for i in range(len(dataset)):
+        if len(images) >= common.CALIBRATION_IMAGES:
+            break
+        episode = dataset[(0, i)]
+        images += [episode["img_q"], *episode["img_s"]]
+    images = torch.stack(images[:common.CALIBRATION_IMAGES]).to(device)  # (N,3,H,W)
+    for backbone in backbones:
+        backbone.calibrate(images)
+    log(rank, f"random backbone weights: BatchNorm statistics estimated on {len(images)} training images")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Training
 
@@ -655,6 +674,8 @@ def main(argv=None):
         sys.exit(f"error: {err}")
     if state is not None:
         model.load_state_dict(state["model"])
+    elif not (args.bench or args.predict):
+        calibrate_random_backbones(model, args, device, rank)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     learnable, total = count_parameters(model)
