@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.flop_counter
 import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -982,7 +983,44 @@ def test_stage_vis_predict_and_bench(tiny, tmp_path, capsys):
     capsys.readouterr()
     train.main(tiny_args(tiny, tmp_path, "--bench", "--bench-steps", "2", "--batch-size", "2"))
     text = capsys.readouterr().out
-    assert "ms/step" in text and "ms/episode" in text and "learnable" in text
+    assert "ms/step" in text and "ms/episode" in text and "learnable" in text and "TFLOP/step" in text
+
+
+def test_count_flops_by_hand_and_backbone_share():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = Backbone("resnet50", pretrained=False)
+            self.head = nn.Conv2d(2048, 2, 1)
+
+        def forward(self, x):
+            return self.head(self.backbone(x)["layer4"])  # (1,2,5,5)
+
+    torch.manual_seed(0)
+    net, x = Net(), torch.randn(1, 3, 33, 33)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as reference:
+        net.backbone(x)
+    head = 2 * 2048 * 2 * 5 * 5  # 2 flops per multiply-add, 2048 -> 2 channels at 5x5
+    total, backbone = train.count_flops(net, lambda: net(x).sum().backward())
+    assert backbone == reference.get_total_flops() > 0
+    assert total == backbone + head + head  # the head's forward and its weight gradient (x needs none)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())  # hooks removed
+
+
+def test_bench_data_on_generated_pascal_jpegs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "BENCH_DATA_IMAGES", 20)
+    monkeypatch.setattr(train, "BENCH_DATA_SECONDS", 0.5)
+    train.main(["--bench-data", "--model", "baseline", "--workers", "1", "--img-size", "64", "--batch-size", "2"])
+    text = capsys.readouterr().out
+    assert "writing 20 PASCAL-sized JPEGs" in text
+    rates = [float(line.split()[2]) for line in text.splitlines() if line.strip().endswith("per image)")]
+    assert len(rates) == 2 and all(r > 0 for r in rates)  # 0 and 1 workers
+    root = tmp_path / "voc"
+    train.write_pascal_like(root, 5)
+    img = Image.open(root / "JPEGImages" / "000004.jpg")
+    label = np.array(Image.open(root / "SegmentationClassAug" / "000004.png"))
+    assert img.size == (500, 375) and label.shape == (375, 500) and 5 in np.unique(label)  # class 1 + 4 % 20
+    assert (root / "ImageSets" / "Segmentation" / "val.txt").read_text() == "000004\n"
 
 
 @pytest.mark.parametrize("argv, message", [

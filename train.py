@@ -6,7 +6,8 @@
     python train.py --model qpenet --dataset coco --fold 0 --data-root ~/data/coco
     torchrun --nproc_per_node 4 train.py --model ocnet --dataset coco --fold 2 --data-root ~/data/coco
     python train.py --model qgnet --stage prior --fold 0 --data-root ~/data/VOC2012   # a model's extra stage
-    python train.py --model symnet --bench                           # speed, memory, parameters
+    python train.py --model symnet --bench                           # speed, work, memory, parameters
+    python train.py --bench-data --workers 16                        # episodes/s the data path delivers
     python train.py --predict --checkpoint runs/x/last.pt --support s.jpg --support-mask s.png --query q.jpg
 
 A model is one of the five paper files, `baseline` (the parameter-free floor every model must beat), or the
@@ -36,6 +37,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -45,8 +47,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Sampler
+from torch.utils.flop_counter import flop_registry
 
 import common
 import data
@@ -55,6 +60,12 @@ MODELS = ("ocnet", "qgnet", "crcnet", "symnet", "qpenet", "baseline")
 MOMENTUM = 0.9  # PFENet, BAM, HSNet-era FSS all use SGD with momentum 0.9
 WEIGHT_DECAY = 1e-4  # PFENet train.py
 POLY_POWER = 0.9  # PFENet util.poly_learning_rate
+# Dense (no sparsity) bf16 tensor-core TFLOP/s from NVIDIA's data sheets, matched in order against the device
+# name: the denominator of --bench's achieved fraction.
+BF16_PEAK_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.5), ("H100", 989.4), ("A100", 312.0), ("L40S", 362.1),
+                    ("L4", 121.0), ("A10", 125.0))
+BENCH_DATA_IMAGES = 300  # --bench-data without a dataset: this many PASCAL-sized JPEGs in a temporary folder
+BENCH_DATA_SECONDS = 10.0  # --bench-data: time spent per worker count
 # Used where a model file gives no defaults for a dataset. PASCAL/COCO follow PFENet's configs (the official
 # code multiplies these learning rates by 10; see README). The synthetic values finish on a laptop CPU in minutes.
 HARNESS_DEFAULTS = {
@@ -187,6 +198,11 @@ def build_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--bench", action="store_true", help="time training steps and inference, then exit")
     p.add_argument("--bench-steps", type=int, default=10)
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="--bench: the GPU's dense bf16 TFLOP/s, for one not in BF16_PEAK_TFLOPS")
+    p.add_argument("--bench-data", action="store_true",
+                   help="episodes/s that data.py delivers with 0..--workers workers (PASCAL without --data-root: "
+                        f"{BENCH_DATA_IMAGES} generated 500x375 JPEGs), then exit")
     p.add_argument("--vis", type=int, default=0, metavar="N", help="write N PNGs of test episodes")
     p.add_argument("--stage", default=None, help="run a model's extra training stage (e.g. qgnet: prior)")
     p.add_argument("--predict", action="store_true", help="segment --query given --support/--support-mask")
@@ -438,7 +454,9 @@ def calibrate_random_backbones(model, args, device, rank):
     images = torch.stack(images[:common.CALIBRATION_IMAGES]).to(device)  # (N,3,H,W)
     for backbone in backbones:
         backbone.calibrate(images)
-    log(rank, f"random backbone weights: BatchNorm statistics estimated on {len(images)} training images")
+    log(rank, f"random backbone weights (--no-pretrained): BatchNorm statistics estimated on {len(images)} "
+              "training images. The models are built for ImageNet features; on random ones expect little learning "
+              "(README, quick start)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -556,10 +574,10 @@ def bench(model, optimizer, args, device):
         sync()
         return (time.perf_counter() - t0) / steps
 
-    def train_step():
+    def train_step(net=model):
         with autocast(device, args):
-            out = model(img_q, img_s, m_s, class_ids)
-            loss, _ = unwrap(model).loss(out, m_q, m_s)
+            out = net(img_q, img_s, m_s, class_ids)
+            loss, _ = unwrap(net).loss(out, m_q, m_s)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -572,6 +590,7 @@ def bench(model, optimizer, args, device):
     learnable, total = count_parameters(model)
     model.train()
     t_train = timed(train_step, args.bench_steps) if learnable else float("nan")
+    flops, backbone_flops = count_flops(unwrap(model), lambda: train_step(unwrap(model))) if learnable else (0, 0)
     model.eval()
     t_infer = timed(infer, args.bench_steps)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
@@ -579,9 +598,107 @@ def bench(model, optimizer, args, device):
     print(f"bench {Path(args.model).stem} on {name}, torch {torch.__version__}, {size}x{size}, {S}-shot, "
           f"batch {B}, {'fp32' if args.fp32 or device.type != 'cuda' else 'bf16 autocast'}")
     print(f"  train: {1000 * t_train:.1f} ms/step, {B / t_train:.1f} episodes/s")
+    if flops:
+        print(f"  work: {flops / 1e12:.3f} TFLOP/step (convolutions and matrix products, forward and backward), "
+              f"{backbone_flops / 1e12:.3f} of them in the frozen backbone; {flops / t_train / 1e12:.2f} TFLOP/s")
+        tflops = bf16_peak_tflops(device, args)
+        if tflops:
+            floor = backbone_flops / (tflops * 1e12)
+            print(f"  bf16 peak {tflops:.0f} TFLOP/s: {100 * flops / t_train / (tflops * 1e12):.1f}% achieved; "
+                  f"the backbone alone at peak takes {1000 * floor:.1f} ms, {100 * floor / t_train:.1f}% of the step")
     print(f"  inference: {1000 * t_infer:.1f} ms/episode")
     print(f"  peak GPU memory: {peak:.2f} GiB")
     print(f"  parameters: {learnable / 1e6:.2f}M learnable, {total / 1e6:.2f}M total")
+
+
+def count_flops(net, step):
+    """(all, backbone) floating-point operations of step(): convolutions and matrix products (attention
+    included), forward and backward, 2 per multiply-add, by torch.utils.flop_counter's formulas; elementwise
+    work is not counted. The backbone's are those run inside any common.Backbone of net. Counted by a dispatch
+    mode and forward hooks rather than FlopCounterMode, whose backward hooks break OCNet's torch.autograd.grad."""
+    counted = {"all": 0, "backbone": 0, "inside": 0}
+
+    def enter(module, inputs):
+        counted["inside"] += 1
+
+    def leave(module, inputs, output):
+        counted["inside"] -= 1
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                flops = formula(*args, **(kwargs or {}), out_val=out)
+                counted["all"] += flops
+                counted["backbone"] += flops if counted["inside"] else 0
+            return out
+
+    backbones = [m for m in net.modules() if isinstance(m, common.Backbone)]
+    handles = [h for m in backbones for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        with Count():
+            step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counted["all"], counted["backbone"]
+
+
+def bf16_peak_tflops(device, args):
+    """--peak-tflops, else the data-sheet rate of a known GPU (BF16_PEAK_TFLOPS), else None."""
+    if args.peak_tflops or device.type != "cuda":
+        return args.peak_tflops
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for key, tflops in BF16_PEAK_TFLOPS if key in name), None)
+
+
+def write_pascal_like(root, n, seed=0):
+    """n PASCAL-sized (500x375) JPEGs with their label PNGs and VOC's list files under root, for --bench-data
+    without the dataset: the synthetic renderer's objects (its 20 classes stand in for VOC's 20)."""
+    for sub in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    rng, names = np.random.default_rng(seed), [f"{i:06d}" for i in range(n)]
+    for i, name in enumerate(names):
+        img, label = data.render_synthetic(rng, 1 + i % 20, np.arange(1, 21), 500)  # (3,500,500), (500,500)
+        rgb = (img[:, :375] * 255).round().byte().permute(1, 2, 0).numpy()  # (375,500,3): landscape, as VOC's
+        Image.fromarray(rgb).save(root / "JPEGImages" / f"{name}.jpg", quality=90)
+        Image.fromarray(label[:375].numpy().astype(np.uint8)).save(root / "SegmentationClassAug" / f"{name}.png")
+    sets = root / "ImageSets" / "Segmentation"
+    (sets / "train.txt").write_text("\n".join(names[: n * 4 // 5]) + "\n")
+    (sets / "sbd_train.txt").write_text("")
+    (sets / "val.txt").write_text("\n".join(names[n * 4 // 5:]) + "\n")
+
+
+def bench_data(args, device):
+    """Training episodes/s that data.py delivers (decode, augment, collate) with 0, 1, 2, 4, ... --workers
+    DataLoader workers. PASCAL without --data-root: BENCH_DATA_IMAGES generated JPEGs in a temporary folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.dataset == "pascal" and args.data_root is None:
+            print(f"bench-data: writing {BENCH_DATA_IMAGES} PASCAL-sized JPEGs to {tmp}", flush=True)
+            args.data_root = tmp
+            write_pascal_like(Path(tmp), BENCH_DATA_IMAGES)
+        dataset = build_dataset(args, "train")
+        print(f"bench-data {args.dataset}, {args.img_size}x{args.img_size}, {args.shot}-shot, batch "
+              f"{args.batch_size}, {os.cpu_count()} CPU cores", flush=True)
+        counts = sorted({0, args.workers} | {2 ** k for k in range(8) if 2 ** k < args.workers})
+        for workers in counts:
+            args.workers = workers
+            sampler = EpisodeSampler(len(dataset), shuffle=True, seed=args.seed, batch_size=args.batch_size)
+            loader = make_loader(dataset, sampler, args.batch_size, args, device, drop_last=True)
+            next(iter(loader))  # the workers start; persistent, they stay for the epochs below
+            t0, episodes, epoch = time.perf_counter(), 0, 0
+            while time.perf_counter() - t0 < BENCH_DATA_SECONDS:
+                epoch += 1
+                sampler.set_stream(epoch)
+                for batch in loader:
+                    episodes += len(batch["class_id"])
+                    if time.perf_counter() - t0 > BENCH_DATA_SECONDS:
+                        break
+            rate = episodes / (time.perf_counter() - t0)
+            print(f"  {workers:2d} workers: {rate:7.1f} episodes/s ({rate / max(workers, 1):.1f} per worker, "
+                  f"{1000 * max(workers, 1) / rate / (1 + args.shot):.1f} ms of one process per image)", flush=True)
+            del loader
 
 
 def overlay(img, mask, colour):
@@ -595,7 +712,6 @@ def overlay(img, mask, colour):
 
 def visualise(model, args, device, rank):
     """N PNGs of test episodes (seed 0): supports with their masks | query with ground truth | prediction."""
-    from PIL import Image
     net = unwrap(model).eval()
     infer = getattr(net, "predict", None) or (lambda *a: net(*a)["logits"])
     dataset = build_dataset(args, "test")
@@ -620,7 +736,6 @@ def visualise(model, args, device, rank):
 @torch.no_grad()
 def predict(model, args, device):
     """A trained model on the user's own images: writes QUERY_mask.png (0/255) and QUERY_overlay.png."""
-    from PIL import Image
     net = unwrap(model).eval()
     infer = getattr(net, "predict", None) or (lambda *a: net(*a)["logits"])
     supports = [data.test_transform(data.load_image(i), (data.load_mask(m) > 0).long(), args.img_size)
@@ -650,6 +765,9 @@ def main(argv=None):
     device, rank, world = setup_device()
     if args.batch_size % world:
         sys.exit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
+
+    if args.bench_data:
+        return bench_data(args, device)
 
     # 1. an extra training stage that the model file provides (runs instead of the episodic training)
     if args.stage:
