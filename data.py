@@ -421,6 +421,20 @@ def _draw_crop(fg, size, rng):
     return top, left
 
 
+def gaussian_blur(image, k=BLUR_KERNEL):
+    """cv2.GaussianBlur(k x k, sigma 0) on a float image (C,H,W), as TF.gaussian_blur(image, [k, k]) computes it
+    (sigma 0.3*((k-1)/2-1)+0.8, reflect padding) but in two 1-D passes: 2k multiply-adds per pixel, not k^2.
+    With k = 5 it took a third of the augmentation's time as one 5x5 pass."""
+    sigma = 0.3 * ((k - 1) / 2 - 1) + 0.8
+    x = torch.arange(k, dtype=image.dtype) - (k - 1) / 2
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()  # (k,)
+    h, w = image.shape[-2:]
+    out = F.pad(image[None], [k // 2] * 4, mode="reflect")[0]  # (C,H+k-1,W+k-1)
+    out = sum(kernel[i] * out[:, :, i:i + w] for i in range(k))  # along rows: (C,H+k-1,W)
+    return sum(kernel[i] * out[:, i:i + h] for i in range(k))  # along columns: (C,H,W)
+
+
 def train_transform(img, mask, rng, size, scale_range):
     """PFENet's training augmentation (protocol.md §4) on an image and its mask together.
 
@@ -439,7 +453,7 @@ def train_transform(img, mask, rng, size, scale_range):
         label = TF.rotate(label, angle, fill=IGNORE)
     # 3. Gaussian blur of the image only (sigma None -> 0.3*((k-1)/2-1)+0.8 = 1.1, as cv2 for k=5)
     if rng.random() < BLUR_P:
-        image = TF.gaussian_blur(image, [BLUR_KERNEL, BLUR_KERNEL])
+        image = tv_tensors.Image(gaussian_blur(image.as_subclass(torch.Tensor)))
     # 4. horizontal flip
     if rng.random() < FLIP_P:
         image, label = TF.horizontal_flip(image), TF.horizontal_flip(label)

@@ -27,6 +27,8 @@ import torch.utils.flop_counter
 import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as TF
 
 import common
 import crcnet
@@ -694,6 +696,16 @@ def test_train_transform_keeps_image_and_mask_aligned():
         assert (rgb[0][fg] > 180).all() and (rgb[2][fg] < 75).all()
         assert (rgb[2][bg] > 180).all() and (rgb[0][bg] < 75).all()
         assert ((rgb[:, pad] - mean[:, None]).abs() < 3).all()  # padding and rotated-in corners: mean colour
+
+
+def test_gaussian_blur_equals_torchvisions_5x5_pass():
+    torch.manual_seed(0)
+    for shape in [(3, 41, 57), (3, 5, 6)]:  # 5x6: reflect padding reaches across the whole image
+        img = torch.rand(*shape)
+        reference = TF.gaussian_blur(tv_tensors.Image(img), [5, 5]).as_subclass(torch.Tensor)  # sigma as cv2's
+        assert torch.allclose(data.gaussian_blur(img), reference, atol=1e-6)
+    flat = torch.full((3, 9, 9), 0.25)
+    assert torch.allclose(data.gaussian_blur(flat), flat)  # the kernel sums to 1
 
 
 def test_train_crop_keeps_foreground():
