@@ -1068,6 +1068,28 @@ def test_eval_only_without_checkpoint_is_refused(tiny, tmp_path, capsys):
 
 
 # ==========================================================================================================
+# The model files: one episode builder for the shape, loss and gradient tests
+# ==========================================================================================================
+
+def box_episode(B, S, size, q_box, s_box, shot_step=0, seed=0):
+    """Random images img_q (B,3,size,size), img_s (B,S,3,size,size) with rectangular masks: the query's
+    foreground q_box = (top, bottom, left, right), its first 2 rows 255; support k's foreground s_box moved down
+    k * shot_step rows, its last 2 rows 255. -> img_q, img_s, m_s, m_q (forward's order, then the label)."""
+    g = torch.Generator().manual_seed(seed)
+    img_q, img_s = torch.randn(B, 3, size, size, generator=g), torch.randn(B, S, 3, size, size, generator=g)
+    m_q = torch.zeros(B, size, size, dtype=torch.long)
+    top, bottom, left, right = q_box
+    m_q[:, top:bottom, left:right] = 1
+    m_q[:, :2] = IGNORE_INDEX
+    m_s = torch.zeros(B, S, size, size, dtype=torch.long)
+    top, bottom, left, right = s_box
+    for k in range(S):
+        m_s[:, k, top + k * shot_step:bottom + k * shot_step, left:right] = 1
+    m_s[:, :, -2:] = IGNORE_INDEX
+    return img_q, img_s, m_s, m_q
+
+
+# ==========================================================================================================
 # symnet.py: Sym-Net (SPM, APA, co-triplet loss, TDC, base learner, word vectors)
 # ==========================================================================================================
 
@@ -1437,16 +1459,7 @@ QPENET_H_FEAT = 5
 
 
 def qpe_episode(B=2, S=1, size=QPENET_SIZE, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    img_q, img_s = torch.randn(B, 3, size, size, generator=g), torch.randn(B, S, 3, size, size, generator=g)
-    m_q = torch.zeros(B, size, size, dtype=torch.long)
-    m_q[:, 5:20, 8:25] = 1
-    m_q[:, :2] = 255
-    m_s = torch.zeros(B, S, size, size, dtype=torch.long)
-    for k in range(S):
-        m_s[:, k, 3 + 2 * k:18 + 2 * k, 10:28] = 1
-    m_s[:, :, -2:] = 255
-    return img_q, img_s, m_s, m_q
+    return box_episode(B, S, size, (5, 20, 8, 25), (3, 18, 10, 28), shot_step=2, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -1625,15 +1638,7 @@ OCNET_SIZE = 49  # ResNet: 7x7 features (output stride 8); VGG: 4x4 (stride 16).
 
 
 def ocnet_episode(batch=2, shot=1, size=OCNET_SIZE, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    img_q, img_s = torch.randn(batch, 3, size, size, generator=g), torch.randn(batch, shot, 3, size, size, generator=g)
-    m_q = torch.zeros(batch, size, size, dtype=torch.long)
-    m_q[:, 8:30, 12:38] = 1
-    m_q[:, :3] = 255
-    m_s = torch.zeros(batch, shot, size, size, dtype=torch.long)
-    m_s[..., 15:42, 5:28] = 1
-    m_s[..., -2:, :] = 255
-    return img_q, img_s, m_s, m_q
+    return box_episode(batch, shot, size, (8, 30, 12, 38), (15, 42, 5, 28), seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -1836,16 +1841,7 @@ CRCNET_SIZE = 33  # 33 -> 5x5 features at output stride 8 (the backbone dominate
 
 
 def _episode(B=2, S=1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    img_q = torch.randn(B, 3, CRCNET_SIZE, CRCNET_SIZE, generator=g)
-    img_s = torch.randn(B, S, 3, CRCNET_SIZE, CRCNET_SIZE, generator=g)
-    m_q = torch.zeros(B, CRCNET_SIZE, CRCNET_SIZE, dtype=torch.long)
-    m_q[:, 5:20, 8:25] = 1
-    m_q[:, :, :3] = 255
-    m_s = torch.zeros(B, S, CRCNET_SIZE, CRCNET_SIZE, dtype=torch.long)
-    for k in range(S):
-        m_s[:, k, 3 + 2 * k:18 + 2 * k, 10:28] = 1
-    m_s[..., -2:, :] = 255
+    img_q, img_s, m_s, m_q = box_episode(B, S, CRCNET_SIZE, (5, 20, 8, 25), (3, 18, 10, 28), shot_step=2, seed=seed)
     return img_q, img_s, m_q, m_s
 
 
