@@ -125,7 +125,7 @@ class Backbone(nn.Module):
         For random weights only (--no-pretrained): their BatchNorms hold the initial statistics (mean 0, var 1),
         so activations grow with depth (ResNet-50 layer4 |x| ~ 14 at 128 px) and every model's learnable layers
         see features unlike ImageNet's (layer4 |x| ~ 1). Estimated statistics bring each level to |x| ~ 1 and
-        raise the synthetic baseline from 9.3 to 13.2 mIoU on layer3 (README). The weights stay frozen."""
+        raise the synthetic baseline on layer3 from 9.35 to 13.82 mIoU (four folds, README). The weights stay frozen."""
         norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         for m in norms:
             m.reset_running_stats()

@@ -679,6 +679,8 @@ def bench_data(args, device):
             args.data_root = tmp
             write_pascal_like(Path(tmp), BENCH_DATA_IMAGES)
         dataset = build_dataset(args, "train")
+        if len(dataset) < args.batch_size:
+            sys.exit(f"error: {len(dataset)} training episodes do not fill one batch of {args.batch_size}")
         print(f"bench-data {args.dataset}, {args.img_size}x{args.img_size}, {args.shot}-shot, batch "
               f"{args.batch_size}, {os.cpu_count()} CPU cores", flush=True)
         counts = sorted({0, args.workers} | {2 ** k for k in range(8) if 2 ** k < args.workers})
