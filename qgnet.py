@@ -506,6 +506,7 @@ def load_prior_extractor(cfg):
     weights = {rename(k[len("encoder_k."):]): v for k, v in state.items()
                if k.startswith("encoder_k.") and not k.startswith("encoder_k.fc.")}
     net.load_state_dict(weights)
+    net.pretrained = True  # trained weights: train.py must not re-estimate their BatchNorm statistics
     return net
 
 

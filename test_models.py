@@ -2392,3 +2392,9 @@ def test_qgnet_two_stages_on_synthetic(tmp_path):
     encoder_k = torch.load(prior, weights_only=True)["model"]["encoder_k.layer3.1.conv2.weight"]
     trained = torch.load(out / "last.pt", weights_only=False)["model"]
     assert torch.equal(trained["prior_extractor.stages.layer3.1.conv2.weight"], encoder_k)
+    bn_var = torch.load(prior, weights_only=True)["model"]["encoder_k.bn1.running_var"]
+    assert torch.equal(trained["prior_extractor.stages.layer0.1.running_var"], bn_var)  # stage 1's statistics kept
+    prior.unlink()  # the checkpoint holds every weight: evaluating it needs no stage-1 file
+    again = train.main(["--eval-only", "--checkpoint", str(out / "last.pt"), "--dataset", "synthetic",
+                        "--workers", "0", "--test-episodes", "4", "--test-seeds", "1", "--out", str(tmp_path / "e")])
+    assert again == (miou, fbiou)
