@@ -118,6 +118,7 @@ class Config:
     prior_checkpoint: str = None  # None: prior_checkpoint_path's default
     prior_all_images: bool = False
     untrained_prior: bool = False  # random F_p instead of stage 1's (tests)
+    from_checkpoint: bool = False  # set by train.py: F_p's weights come from the checkpoint, not stage 1's file
     reduce_dim: int = 256  # official reduce_dim
     projection_dropout: float = 0.5  # official down_learn_super/unsuper Dropout2d (L153-162)
     feature_dropout: float = 0.5  # PFENet down_query/down_supp Dropout2d
@@ -489,7 +490,7 @@ def load_prior_extractor(cfg):
     """F_p of Eq. (8): frozen ResNet-50, dilated to output stride 8 as the official code (L62-71) and as
     common.Backbone, with stage 1's momentum encoder without its MLP head (official resnet.py L201-217)."""
     net = common.Backbone("resnet50", pretrained=False)
-    if cfg.untrained_prior:
+    if cfg.untrained_prior or cfg.from_checkpoint:
         return net
     path = prior_checkpoint_path(cfg.dataset, cfg.fold, cfg.prior_all_images, cfg.prior_checkpoint)
     if not path.is_file():

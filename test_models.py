@@ -783,11 +783,13 @@ class Config:
     width: int = 16
     nan_after: int = 0  # test hook: the loss becomes NaN after this many training steps (0: never)
     crash_after: int = 0  # test hook: raise after this many training steps (0: never)
+    invert: int = 0  # test hook: swap the two logits (an evaluation-time model flag)
 
 
 def add_args(parser):
     parser.add_argument("--nan-after", type=int, default=None)
     parser.add_argument("--crash-after", type=int, default=None)
+    parser.add_argument("--invert", type=int, default=None)
 
 
 def stage_hello(args):
@@ -815,7 +817,8 @@ class Model(nn.Module):
         proto = common.masked_average_pooling(f_s, (m_s.flatten(0, 1) == 1).float()).view(B, S, -1).mean(1)
         cos = F.cosine_similarity(f_q, proto[:, :, None, None], dim=1)[:, None]
         x = torch.cat([f_q, proto[:, :, None, None].expand_as(f_q), cos], 1)
-        return {"logits": F.interpolate(self.head(x), img_q.shape[-2:], mode="bilinear", align_corners=True)}
+        logits = self.head(x).flip(1) if self.cfg.invert else self.head(x)
+        return {"logits": F.interpolate(logits, img_q.shape[-2:], mode="bilinear", align_corners=True)}
 
     def loss(self, out, m_q, m_s):
         total = common.seg_loss(out["logits"], m_q)
@@ -1050,6 +1053,11 @@ def test_bad_arguments_get_clear_messages(argv, message, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_help_lists_the_models_own_flags():
+    proc = run_cli(["train.py", "--model", "crcnet", "--help"])
+    assert proc.returncode == 0 and "crcnet options" in proc.stdout and "--kshot" in proc.stdout
+
+
 def test_offline_pretrained_run_stops_with_instructions(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
@@ -1059,6 +1067,31 @@ def test_offline_pretrained_run_stops_with_instructions(tmp_path, monkeypatch):
         train.main(["--model", "baseline", "--dataset", "synthetic", "--workers", "0", "--out", str(tmp_path)])
     assert str(stop.value).startswith("error: could not load the ImageNet weights")
     assert "--no-pretrained" in str(stop.value)
+
+
+def test_user_masks_of_any_mode_and_missing_files(tmp_path):
+    grey = np.zeros((4, 5), np.uint8)
+    grey[1:3, 2:4] = 200
+    rgb = np.zeros((4, 5, 3), np.uint8)
+    rgb[1:3, 2:4, 2] = 1  # a faint blue object: nonzero in one channel only
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(np.dstack([rgb, np.full((4, 5), 255, np.uint8)])).save(tmp_path / "rgba.png")
+    expected = torch.from_numpy((grey > 0).astype(np.int64))
+    for name in ("grey.png", "rgb.png", "rgba.png"):
+        assert torch.equal(train.read_user_mask(tmp_path / name), expected), name
+    with pytest.raises(SystemExit, match="cannot read mask"):
+        train.read_user_mask(tmp_path / "absent.png")
+
+
+def test_model_flags_given_with_a_checkpoint_apply(tiny, tmp_path):
+    train.main(tiny_args(tiny, tmp_path / "run", "--epochs", "1", "--test-episodes", "4", "--test-seeds", "1"))
+    flags = ["--eval-only", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--dataset", "synthetic",
+             "--fold", "1", "--workers", "0", "--test-episodes", "4", "--test-seeds", "1"]
+    plain = train.main([*flags, "--out", str(tmp_path / "a")])
+    inverted = train.main([*flags, "--invert", "1", "--out", str(tmp_path / "b")])
+    assert plain == train.main([*flags, "--out", str(tmp_path / "c")])  # evaluation is deterministic
+    assert inverted != plain  # --invert, a model flag not in the checkpoint's config, took effect
 
 
 def test_eval_only_without_checkpoint_is_refused(tiny, tmp_path, capsys):
@@ -2292,6 +2325,9 @@ def test_qgnet_prior_checkpoint_is_loaded_as_dilated_momentum_encoder(qgnet_cont
     assert torch.equal(prior.stages["layer4"][2].conv3.weight, qgnet_contrast.encoder_k.layer4[2].conv3.weight)
     assert prior.stages["layer4"][0].conv2.dilation == (4, 4)  # output stride 8 in the few-shot stage
     assert not any(p.requires_grad for p in prior.parameters())
+    assert prior.pretrained  # so train.calibrate_random_backbones leaves stage 1's BatchNorm statistics alone
+    untrained = qgnet.load_prior_extractor(qgnet.Config(pretrained=False, untrained_prior=True))
+    assert not untrained.pretrained
 
 
 def test_qgnet_missing_prior_checkpoint_names_the_command(tmp_path):

@@ -2,7 +2,7 @@
 
     python train.py --model symnet --dataset synthetic --fold 0      # quick start, CPU, a few minutes
     python train.py --model symnet --fold 1 --data-root ~/data/VOC2012            # PASCAL-5i, fold 1, 1-shot
-    python train.py --model symnet --fold 1 --shot 5 --eval-only --checkpoint runs/x/last.pt
+    python train.py --model symnet --fold 1 --shot 5 --eval-only --checkpoint runs/x/last.pt --data-root ~/data/VOC2012
     python train.py --model qpenet --dataset coco --fold 0 --data-root ~/data/coco
     torchrun --nproc_per_node 4 train.py --model ocnet --dataset coco --fold 2 --data-root ~/data/coco
     python train.py --model qgnet --stage prior --fold 0 --data-root ~/data/VOC2012   # a model's extra stage
@@ -14,7 +14,10 @@ A model is one of the five paper files, `baseline` (the parameter-free floor eve
 path of your own `.py` file with the same interface, which then gets exactly the same protocol:
 
     Config                 dataclass; fields named like a flag (backbone, shot, pretrained, img_size, dataset,
-                           and any flag the module adds) are filled from the command line
+                           and any flag the module adds) are filled from the command line. With --checkpoint:
+                           the checkpoint's Config, then --shot, --img-size and the module's flags given now;
+                           pretrained=False and, if the field exists, from_checkpoint=True (every weight comes
+                           from the checkpoint: no other weight file is needed)
     Model(cfg)             nn.Module; forward(img_q, img_s, m_s, class_ids=None) -> dict with "logits" (B,2,H,W)
                            and whatever its loss needs; loss(out, m_q, m_s) -> (total, {name: term})
     DEFAULTS               optional {"pascal"|"coco"|"synthetic": {lr, batch_size, epochs, img_size}}, cited
@@ -163,8 +166,9 @@ def load_model_module(name):
 # Command line
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+def build_parser(add_help=True):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                                add_help=add_help)
     p.add_argument("--model", default="baseline", help=f"{', '.join(MODELS)}, or path/to/your_model.py")
     p.add_argument("--dataset", default="pascal", choices=["pascal", "coco", "synthetic"])
     p.add_argument("--data-root", default=None, help="dataset folder (README: 'Datasets' gives the layout)")
@@ -214,8 +218,8 @@ def build_parser():
 
 def parse_args(argv=None):
     """Two passes: --model (or the checkpoint's model) first, so the model file can add its own flags."""
+    known, _ = build_parser(add_help=False).parse_known_args(argv)  # --help waits for the model's own flags
     parser = build_parser()
-    known, _ = parser.parse_known_args(argv)
     trained = read_checkpoint(known.checkpoint)["args"] if known.checkpoint else {}
     if trained and "--model" not in (sys.argv[1:] if argv is None else argv):
         known.model = trained["model"]  # --predict and --eval-only need not repeat it
@@ -224,6 +228,7 @@ def parse_args(argv=None):
         module.add_args(parser.add_argument_group(f"{known.model} options"))
     args = parser.parse_args(argv)
     args.model = known.model
+    args.model_flags = sorted(set(vars(args)) - set(vars(build_parser().parse_args([]))))  # add_args's dests
     if args.shot < 1:
         parser.error("--shot must be at least 1")
     if args.eval_only and not args.checkpoint and not model_is_parameter_free(module):
@@ -735,20 +740,33 @@ def visualise(model, args, device, rank):
               f"(supports in blue | query ground truth in green | prediction in red)")
 
 
+def read_user_mask(path):
+    """A user's mask file, any mode (grayscale, palette, RGB, RGBA): 1 where a pixel is nonzero -> int64 (H,W)."""
+    try:
+        with Image.open(path) as im:
+            pixels = np.array(im if im.mode in ("1", "L", "P", "I", "I;16") else im.convert("RGB"))
+    except OSError as err:
+        sys.exit(f"error: cannot read mask {path}: {err}")
+    return torch.from_numpy((pixels.reshape(*pixels.shape[:2], -1) != 0).any(-1).astype(np.int64))
+
+
 @torch.no_grad()
 def predict(model, args, device):
     """A trained model on the user's own images: writes QUERY_mask.png (0/255) and QUERY_overlay.png."""
     net = unwrap(model).eval()
     infer = getattr(net, "predict", None) or (lambda *a: net(*a)["logits"])
-    supports = [data.test_transform(data.load_image(i), (data.load_mask(m) > 0).long(), args.img_size)
-                for i, m in zip(args.support, args.support_mask)]
+    try:
+        images = [data.load_image(path) for path in [*args.support, *args.query]]
+    except OSError as err:  # names the file
+        sys.exit(f"error: {err}")
+    supports = [data.test_transform(img, read_user_mask(m), args.img_size)
+                for img, m in zip(images, args.support_mask)]
     img_s = torch.stack([s[0] for s in supports])[None].to(device)  # (1,S,3,H,W)
     m_s = torch.stack([s[1] for s in supports])[None].to(device)  # (1,S,H,W)
     if (m_s == 1).sum() == 0:
         sys.exit("error: every --support-mask is empty: mark the object with nonzero pixels")
     args.out.mkdir(parents=True, exist_ok=True)
-    for path in args.query:
-        img = data.load_image(path)
+    for path, img in zip(args.query, images[len(args.support):]):
         img_q, _ = data.test_transform(img, torch.zeros(img.shape[1:], dtype=torch.long), args.img_size)
         with autocast(device, args):
             logits = infer(img_q[None].to(device), img_s, m_s, None)
@@ -782,8 +800,10 @@ def main(argv=None):
     state = read_checkpoint(args.checkpoint) if args.checkpoint else None
     if state is not None:
         cfg = module.Config(**state["config"])
-        for key, value in (("pretrained", False), ("shot", args.shot), ("img_size", args.img_size)):
-            if hasattr(cfg, key):  # every weight is in the checkpoint; a 1-shot model may be tested 5-shot
+        overrides = {"pretrained": False, "from_checkpoint": True, "shot": args.shot, "img_size": args.img_size}
+        overrides.update({k: getattr(args, k) for k in args.model_flags if getattr(args, k) is not None})
+        for key, value in overrides.items():  # every weight is in the checkpoint; a 1-shot model may be tested
+            if hasattr(cfg, key):  # 5-shot, and the model's own flags given now (e.g. --kshot) apply
                 setattr(cfg, key, value)
     else:
         cfg = make_config(module, args)
