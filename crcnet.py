@@ -1,7 +1,7 @@
 """CRCNet: Few-shot Segmentation with Cross-Reference and Region-Global Conditional Networks.
 
 W. Liu, C. Zhang, G. Lin, F. Liu. IJCV 2022, arXiv:2208.10761 (extends CRNet, CVPR 2020). No public code: the
-paper is the only source, and every value it leaves open is a Config field listed under "Choices".
+paper is the only source, and every value it leaves open is a Config field or an entry under "Choices".
 
 A symmetric network predicts the masks of both images of a (query, support) pair. A cross-reference module
 re-weights the channels of both feature maps by the product of their sigmoid importance vectors (co-occurrent
@@ -19,13 +19,15 @@ Paper -> code:
     §4.5 mask refinement: global convolution block [41], cache        GlobalConvBlock, MaskRefinement
     Fig. 2 one (query, support) pair through §4.3-§4.5, both heads    PairHead
     Eq. (4)-(5) loss with lambda = 0.1                               pair_loss, Model.loss
-    §4.6 k-shot fine-tuning; Table 4 fusion; §5.1 multi-scale test   Model.predict, Model.finetune
+    §4.6 k-shot fine-tuning; Table 4 fusion                          Model.predict, Model.finetune, Model._forward
+    §5.1, §5.3 multi-scale test                                      Model._multi_scale, _log_mean_exp
+    Eq. (6)-(8) mIoU and FB-IoU                                      common.IoUMeter (train.py evaluates)
 
 Choices (the paper is silent unless a section is named):
     - Every module is shared by the query and the support branch (the roles are interchangeable, §4.7), the
       cross-reference FC layers included, so the fused importance vector is symmetric in the two images.
-    - Encoder: one 3x3 conv (3072 -> 256) + ReLU on [layer3, layer4] (§5.1: 3x3, 256, ReLU); no dropout or BN
-      anywhere, as the paper names neither (convs have biases instead).
+    - Encoder: one 3x3 conv (layer3 + layer4 channels, 3072 for ResNet -> 256) + ReLU on [layer3, layer4]
+      (§5.1: 3x3, 256, ReLU); no dropout or BN anywhere, as the paper names neither (convs have biases instead).
     - Cross-reference FC widths 256 -> 256/16 -> 256: SE-Net's reduction ratio, this being SE-style attention.
     - ASPP: 1x1, three 3x3 at rates 6/12/18 and image pooling (DeepLab [4]; CANet's rates at output stride 8).
     - Both branches are conditioned on the support, the only labelled image at test time: the global vector is
@@ -46,10 +48,14 @@ Choices (the paper is silent unless a section is named):
       (Table 4's fusion); each pair is supervised as a 1-shot episode.
     - Fine-tuning (§4.6): the encoder (backbone and its 3x3 reduction) is frozen, everything else is tuned on
       copies of the weights (torch.func.functional_call), so the model itself is never written; one random
-      ordered pair (i != j) of supports per step, SGD with the training momentum, no weight decay; steps and
-      learning rate (default the training lr of §5.1) are flags. "finetune" then predicts from the first
-      support, "finetune+fusion" from all (Table 4's two rows). 1-shot: no fine-tuning (Table 4, N/A).
-    - Multi-scale (§5.1, Table 2): images resized bilinearly, masks nearest; fine-tuning runs once at scale 1.
+      ordered pair (i != j) of supports per step (of the "at most k^2" pairs, the k pairs of an image with
+      itself are left out: they cannot teach the cross-reference anything about a second image), SGD with the
+      training momentum, no weight decay; steps and learning rate (default the training lr of §5.1) are flags.
+      "finetune" then predicts from the first support, "finetune+fusion" from all (Table 4's two rows).
+      1-shot: no fine-tuning (Table 4, N/A).
+    - Multi-scale (§5.1 says [0.75, 1.25], §5.3 [0.75, 1, 1.25]; Table 2): off by default, so that every model
+      is evaluated at one scale alike; --test-scales 0.75 1 1.25 is the paper's. Images resized bilinearly,
+      masks nearest; fine-tuning runs once at scale 1.
     - Learning rate 0.0025 is the paper's (§5.1) used as is for every learnable layer; CANet's code, this
       group's predecessor, trains its head at 10 x 0.00025 = the same 0.0025. Synthetic: the harness's values.
 """
@@ -79,17 +85,17 @@ class Config:
     refine_steps: int = 10  # §5.1
     sub_weight: float = 0.1  # Eq. (5) lambda
     kshot: str = "finetune"  # §4.6; "fusion": Table 4 baseline; "finetune+fusion": Table 4 last row
-    ft_steps: int = 20  # §4.6 silent
+    ft_steps: int = 20  # §4.6 silent: 5-shot has 20 ordered pairs of distinct supports, each seen once on average
     ft_lr: float = 0.0025  # §4.6 silent: the training lr of §5.1
     ft_momentum: float = 0.9  # §4.6 silent: the training optimiser's
-    test_scales: tuple = (1.0,)  # §5.1 uses (0.75, 1.0, 1.25)
+    test_scales: tuple = (1.0,)  # §5.3 uses (0.75, 1.0, 1.25): off by default (Choices)
 
 
 def add_args(parser):
     parser.add_argument("--kshot", choices=KSHOT_MODES, help="k-shot inference (default finetune, §4.6)")
     parser.add_argument("--ft-steps", type=int, help="test-time fine-tuning steps (default 20)")
     parser.add_argument("--ft-lr", type=float, help="test-time fine-tuning learning rate (default 0.0025)")
-    parser.add_argument("--test-scales", type=float, nargs="+", help="e.g. 0.75 1 1.25 (§5.1; default 1)")
+    parser.add_argument("--test-scales", type=float, nargs="+", help="e.g. 0.75 1 1.25 (§5.3; default 1)")
     parser.add_argument("--refine-steps", type=int, help="mask refinement iterations (default 10, §5.1)")
 
 
@@ -184,7 +190,8 @@ class GlobalConditional(nn.Module):
 
 
 class LocalConditional(nn.Module):
-    """§4.4, Fig. 6, Eq. (1)-(3): every pixel of f attends over the support pixels, restricted to the mask."""
+    """§4.4, Fig. 6, Eq. (1)-(3): every pixel of f attends over the support pixels; background pixels score 0
+    (Eq. 2 multiplies by the mask), they are not excluded (Choices)."""
 
     def __init__(self, dim):
         super().__init__()
@@ -280,6 +287,7 @@ class PairHead(nn.Module):
 
 def pair_loss(out, m_q, m_s, sub_weight):
     """Eq. (5): (L_QM + L_SM) + lambda (L_QMsub + L_SMsub); out from PairHead, m_q, m_s (N,H,W) per pair."""
+    # Eq. (4): each L is BCE on the foreground probability, i.e. 2-class cross-entropy on the logits
     terms = {"query": common.seg_loss(out["query"], m_q), "support": common.seg_loss(out["support"], m_s),
              "query_sub": common.seg_loss(out["query_sub"], m_q),
              "support_sub": common.seg_loss(out["support_sub"], m_s)}

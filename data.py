@@ -83,7 +83,9 @@ ROTATE_DEGREES, ROTATE_P = 10.0, 0.5  # RandRotate (util/transform.py:305-330)
 BLUR_KERNEL, BLUR_P = 5, 0.5  # RandomGaussianBlur (util/transform.py:355-362)
 FLIP_P = 0.5  # RandomHorizontalFlip
 CROP_KEEP, CROP_TRIES = 0.85, 32  # Crop 'rand': 1 draw + 31 redraws (util/transform.py:277-293)
-TEST_EPISODES, TEST_SEEDS = 1000, 5  # BAM's protocol, also Sym-Net's and QPENet's (BAM test.py:36-39, 193-198)
+# BAM's protocol (test.py:36-39, 193-198), for both datasets and every model alike; on COCO Sym-Net's paper
+# samples 5000 episodes per seed and QPENet's 4000 (--test-episodes matches them)
+TEST_EPISODES, TEST_SEEDS = 1000, 5
 SYNTHETIC_TRAIN_LENGTH = 1000  # synthetic episodes per epoch
 CACHE_VERSION = 1  # bump when the cached per-image counts change meaning
 PARALLEL_MIN_FILES = 256  # scan with a process pool from this many files on

@@ -1,7 +1,8 @@
 """OCNet: Object-level Correlation for Few-Shot Segmentation.
 
 C. Wen, Y. Zhang, J. Fan, H. Zhu, X.-S. Wei, Y. Wang, Z. Kou, S. Sun, ICCV 2025, arXiv:2509.07917.
-There is no public code: the paper is the only source, so everything it leaves open is a Config field below.
+There is no public code: the paper is the only source, so everything it leaves open is a Config field or a Choices
+entry below.
 
 Instead of correlating the support object with the whole query image, OCNet first mines the query's "general
 objects" (GOMM: learnable general object prototypes, supervised by a CAM + prior mask and fused back into the
@@ -43,11 +44,14 @@ Choices (the paper leaves these open; there is no official code to follow)
       pooled under the mask and divided by the mask area as MAP, so component 0 is exactly MAP.
     - Eq. 8-9: the text picks the N_s largest and smallest *similarities*, so ID_t = the N_s masks M_sp nearest
       to M_s (euclidean), ID_l = the N_s farthest; K shots: distances averaged. N_s = 8 (16 of the 49).
+    - Eq. 11 prints "+ eps H(T)" with H = -sum T log T, which would favour a sparse plan; we solve the standard
+      entropic OT of the cited Sinkhorn [5], Tr(T^T C) - eps H(T).
     - Eq. 11: log-domain Sinkhorn, 100 iterations (row marginals within 1e-5 at eps = 0.05), at feature resolution
       on detached cosines, M_q downsampled by nearest; it runs in loss(), the only place M_q is known.
     - Eq. 13-14: the four "LN" are separate Linear(C, C): keys of F_g and of the prototypes, value of F_g, output.
       The MatMul of Eq. 14 is divided by h*w (a mean over pixels) so P_q does not grow with the image; L_p sees
-      10 x M̂_pa (raw cosines in [-1, 1] cannot fit a 2 N_s-way cross-entropy; PANet [46] scales them by 20).
+      10 x M̂_pa (raw cosines in [-1, 1] cannot fit a 2 N_s-way cross-entropy; PANet [46] scales them by 20;
+      10 is untuned: a logit range of 20 already lets the softmax over 16 prototypes reach p > 0.999).
     - FPN decoder: 4 levels (F_c and three stride-2 3x3 convs), lateral 1x1 + bilinear top-down + 3x3 smoothing
       with ReLU, all 256 wide (FPN's width); the finest level predicts. L_g and L_p are taken at h x w.
     - lr: the paper's 0.005 as given (no official code multiplying it by 10); batch 4 on COCO too.

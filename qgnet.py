@@ -16,7 +16,8 @@ projection, give a "prior region map" that needs no support; FEM takes it with P
 Paper -> code:
     §4.1.1 Eq. (1) global InfoNCE, §4.1.2 Eq. (2) local    info_nce; GlobalLocalContrast (queues, momentum keys)
     §4.1.2 Eq. (3) L = L_local + L_global                   GlobalLocalContrast.forward
-    §4.1.2 Eq. (4)-(7), Algorithm 2: SLIC patches           rgb_to_lab, slic, enforce_connectivity, superpixel_boxes
+    §4.1.2 Eq. (4)-(7), Algorithm 2: SLIC patches           rgb_to_lab, slic, connected_components,
+                                                            enforce_connectivity, superpixel_boxes
     §5.1 prior-extractor training, MoCo v2 augmentations    moco_v2_augmentation, UnlabeledImages, STAGES["prior"]
     §4.2 Eq. (8) X_q, X_s = F(I), P_q = F_p(I_q)             common.Backbone; load_prior_extractor
     §4.2.1 Eq. (9)-(12) prior region map; §4.3              prior_region_map (common.cosine_prior without a mask)
@@ -42,6 +43,12 @@ Choices (the paper is silent unless said otherwise; the official code has no sta
 - lr: PASCAL 0.0025 as §5.2; the official code multiplies it by 10 (use --lr 0.025 to match). COCO, whose
   schedule is not given: PFENet's one-GPU setting (lr 0.005, batch 8, 50 epochs) with the paper's 473 px crop.
 - K shots: the guided map and the guider are averaged over shots (official); the prior map sees only the query.
+- Eq. (9) compares X_q and P_q after a learnable 3x3 conv (256, ReLU, Dropout 0.5) on each: the official
+  down_learn_super / down_learn_unsuper (L153-162); the paper compares the raw features.
+- F (the bridge backbone) is frozen, as in the official code and every model here; §4.2.1 says it was
+  fine-tuned on the labelled training images.
+- FEM's query input is the reduced mid-level query feature (cat(layer3, layer2) -> 1x1 conv, PFENet's
+  down_query, official L208-209), not the bridge features §4.2.2 names.
 """
 import dataclasses
 import json
@@ -92,7 +99,7 @@ class PriorConfig:
     prior_lr: float = None  # None: MOCO_LR * batch / MOCO_BATCH
     prior_queue: int = 65536  # §4.1.1 K and §4.1.2 M
     prior_img_size: int = 224  # MoCo v2 crop
-    patch_size: int = 96  # ours: a superpixel is ~1/16 of the image
+    patch_size: int = 96  # ours: SwAV's small-crop size, for a superpixel of ~1/16 of the image
     dim: int = 128  # MoCo v2 embedding
     temperature: float = 0.2  # MoCo v2 (the paper names tau without a value)
     momentum: float = 0.999  # MoCo key-encoder momentum
@@ -156,7 +163,8 @@ def prior_checkpoint_path(dataset, fold, all_images=False, explicit=None):
 
 
 def rgb_to_lab(img):
-    """sRGB img (3,H,W) in [0,1] -> CIELAB (3,H,W), L in 0..100 (D65 white), the colour space of SLIC."""
+    """sRGB img (3,H,W) in [0,1] -> CIELAB (3,H,W), L in 0..100 (D65 white), the colour space of SLIC. The
+    constants are the standards': sRGB's transfer curve (IEC 61966-2-1) and CIE 1976 L*a*b*."""
     linear = torch.where(img > 0.04045, ((img + 0.055) / 1.055) ** 2.4, img / 12.92)
     xyz = torch.einsum("ij,jhw->ihw", torch.tensor(SRGB_TO_XYZ), linear) / torch.tensor(D65_WHITE)[:, None, None]
     f = torch.where(xyz > 0.008856, xyz.clamp(min=1e-12) ** (1 / 3), 7.787 * xyz + 16 / 116)
@@ -344,7 +352,7 @@ class GlobalLocalContrast(nn.Module):
     def keys(self, x):
         """L2-normalised keys (N,D) of x (N,3,h,w), BN statistics from random sub-batches (MoCo's shuffle BN)."""
         order = torch.randperm(len(x), device=x.device)
-        splits = max(1, min(self.cfg.bn_splits, len(x) // 2))
+        splits = max(1, min(self.cfg.bn_splits, len(x) // 2))  # at least 2 samples per BatchNorm sub-batch
         k = torch.cat([self.encoder_k(chunk) for chunk in x[order].chunk(splits)])  # (N, D), shuffled
         return F.normalize(k[torch.argsort(order)], dim=1)
 

@@ -30,13 +30,14 @@ Choices (paper silent, or where we differ from the official code; the notes list
  1. F_s and F_q: cat(layer3, layer2) of the frozen backbone -> 1x1 conv (256, no bias) + ReLU + Dropout2d 0.5,
     PFENet's mid-level features as the official. One reduction for query and support ("two weight-shared CNNs",
     §III-B); the official has separate down_query / down_supp. The backbone is common.Backbone (torchvision's
-    ResNet with PFENet's dilation), not the official deep-stem resnet50_v2.
+    ResNet with PFENet's dilation), not the official deep-stem resnet50_v2. Conv_1 of Eq. (12) and (15) is a
+    1x1 conv without bias followed by ReLU, like that reduction; the paper names only the 1x1 conv.
  2. Convs: the official head (1x1 reduce + Dropout2d 0.5, two 3x3 residual, 3x3 + Dropout2d 0.1 + 1x1 -> 2).
     PPG and DPE share one (same "Convs" in Eq. 2 and 4; its 1.90M parameters are exactly the paper's 34.6M -
     32.7M); GBC has its own for Eq. 9 and 10; the final one of Eq. 16 reduces without dropout, as the official.
- 3. y_pre in Eq. 3 and y_rev in Eq. 5-6 are hard masks (argmax), as the official; no gradient flows through
-    them. M_s of Eq. 5-6 is the bilinearly downsampled mask of Eq. 1, so M_main + M_aux = M_s exactly (the
-    official also uses the soft mask).
+ 3. y_pre in Eq. 3, y_rev in Eq. 5-6 and y_bg^q in Eq. 11 are hard masks (argmax), as the official; no
+    gradient flows through them. M_s of Eq. 5-6 is the bilinearly downsampled mask of Eq. 1, so
+    M_main + M_aux = M_s exactly (the official also uses the soft mask).
  4. The official also pools prototypes from "predicted foreground outside the mask" and "neither", and adds
     them, a prior mask, the activation of P_pre, a gated support map and 0.5 (P_pre + P_psd) to FFA, plus an
     auxiliary head on F_q'' (loss weight 0.6). We follow Eq. (12)-(16) only.
@@ -46,9 +47,10 @@ Choices (paper silent, or where we differ from the official code; the notes list
     implements Eq. (11) as a 4-expert dynamic 3x3 convolution of the broadcast P_global instead. GAP is the
     plain mean over all h*w pixels of F_q * y_bg^q, as written. Channel 1 of y_bg is background (Fig. 3).
  6. Eq. (16): "Cross" = 8-head attention of the query pixels (queries) over the foreground support pixels
-    F_s * M_s (keys = values), residual and LayerNorm, then a 256-768-256 FFN, residual and LayerNorm: the
-    official cross-attention layer (no biases, dropout 0.1). Only pixels with M_s > 0 are keys; a support set
-    without foreground leaves all-zero tokens, which add exactly nothing. Dropped from the official: the
+    F_s * M_s (keys and values: two projections of the same tokens), residual and LayerNorm, then a
+    256-768-256 FFN, residual and LayerNorm: the official cross-attention layer (no biases, dropout 0.1).
+    Only pixels with M_s > 0 are keys; a support set without foreground leaves all-zero tokens, which add
+    exactly nothing. Dropped from the official: the
     deformable self-attention with its sine positional encoding, the cycle-consistency mask, the random
     sampling of 300 fg + 300 bg keys (which mislabels its keys, a bug inherited from CyCTR, and makes test
     results seed-dependent), and its keys' content (gated support features, foreground and background).
@@ -59,7 +61,8 @@ Choices (paper silent, or where we differ from the official code; the notes list
     common.seg_loss upsamples to the label size and ignores 255, as the official. alpha = 1, beta = 0.5:
     the official weighs y_final 1 and its L_bg is the mean of the query and support L_bm (0.5 x Eq. 18 for
     K = 1); it weighs y_pre and y_rev 0.25 each, which Eq. (17)'s single alpha cannot express, so they keep
-    the paper's weight 1. K shots: the y_rev and support L_bm terms are means over shots.
+    the paper's weight 1. K shots: the y_rev and support L_bm terms pool the labelled pixels of all shots
+    (the foreground part of L_bm is a mean per image, then over images and shots).
  8. L_bm (NERTNet, as the official): per image, -log(1 - p_bg) averaged over the foreground, plus
     0.5 x -log p_bg averaged over every pixel; ours leaves out the 255 pixels, which the official counts.
  9. y_bg^s (Eq. 9) is computed in eval mode too (the paper skips it at test), so forward returns one dict.
@@ -189,7 +192,7 @@ class GBC(nn.Module):
 
     def forward(self, f_q, f_s):
         """f_q (B,C,h,w), f_s (B,S,C,h,w) -> P_bg (B,C), y_bg^q (B,2,h,w), y_bg^s (B,S,2,h,w)."""
-        B, S, C, h, w = f_s.shape
+        B, S, _, h, w = f_s.shape
         p_global = self.p_global.expand(B, -1)  # (B, C)
         # Eq. (10): y_bg^q = Convs(Concat(F_q, BC(P_global)))
         y_bg_q = self.convs(torch.cat([f_q, broadcast(p_global, f_q)], 1))  # (B, 2, h, w)
@@ -325,6 +328,7 @@ class Model(nn.Module):
             "bm_s": background_mining_loss(out["y_bg_s"].flatten(0, 1), m_s.flatten(0, 1), self.cfg.bm_all_weight),
             "bm_q": background_mining_loss(out["y_bg_q"], m_q, self.cfg.bm_all_weight),
         }
+        # Eq. (19): L = alpha (L_pre + L_rev + L_final) + beta (L_bm^s + L_bm^q)
         l_fg = terms["pre"] + terms["rev"] + terms["final"]
         l_bg = terms["bm_s"] + terms["bm_q"]
         return self.cfg.alpha * l_fg + self.cfg.beta * l_bg, terms

@@ -23,35 +23,41 @@ Paper -> code:
          trained by the stage `base` (common.train_base_learner)
     §4.1 word2vec text embeddings      build_word_vectors (GoogleNews binary -> file), load_word_vectors
 K shots: K priors, K support prototypes (each through APA) and K sets of correlations, averaged (Fig. 2); the
-co-triplet support term is averaged over the shots.
+co-triplet support term is averaged over the shots. Shots are averaged with equal weights (paper), not with
+BAM's learned K-shot weights.
 
 Choices (where the paper is silent we follow SN; differences from SN are said):
-- lr 0.005 as §4.1, the value the harness applies for every model; SN multiplies it by 10 (trains at 0.05):
-  --lr 0.05 reproduces that.
+- lr 0.005 as §4.1 (DEFAULTS; the harness's own PASCAL default is PFENet's 0.0025); SN multiplies it by 10
+  (trains at 0.05): --lr 0.05 reproduces that.
 - Backbone: the shared frozen ImageNet ResNet (common.Backbone) and its post-ReLU block outputs for TDC; SN
   uses BAM's PSPNet-fine-tuned deep-stem ResNet and pre-ReLU blocks. VGG is refused: TDC needs bottlenecks.
 - F^m (c = 256, §4.1): PFENet's cat(layer3, layer2) -> 1x1 conv, ReLU, Dropout2d(0.5), separate weights for
-  query and support (SN down_query / down_supp).
-- SPM: support mask resized bilinearly, padded zeros counted by the pooling (SN). Mean_j cos(r_q, r_s_j)|r_q|
+  query and support (SN down_query / down_supp); §4.1 names stage 3 alone.
+- Masks on the feature grid: bilinear (align_corners, PFENet's), a soft mask where Eq. (4) writes an indicator;
+  it is binary only when (H-1)/(h-1) is whole (473 and 641 px), not at the synthetic 128 px.
+- SPM: support mask resized bilinearly, padded zeros counted by the pooling (SN). Eq. (2)'s omega_q = <r_q, r_q>
+  is called "the L2-norm" in the text: we use the norm |r_q|, as SN. Mean_j cos(r_q, r_s_j)|r_q|
   = r_q . mean_j(r_s_j / |r_s_j|) gives the same prior (within eps) without the HW x HW matrix S_r. Float32,
   like common.cosine_prior: min-max would amplify bf16 rounding.
 - Empty regions (SN feat_aggregation): Eq. (5) falls back to the 12 highest-prior pixels (K-shot averaging or
   an empty support mask can leave none above tau1), Eq. (10) to the 12 lowest, Eq. (11) to the 12 around the
   median. Means via common.masked_average_pooling (area eps 5e-4, SN's Weighted_GAP for Eq. 4).
-- APA as the paper: separate W^V, scores scaled by 1/sqrt(d), d = 256 (§4.1); SN has V = K and an unscaled
+- APA as the paper: separate W^V, scores scaled by 1/sqrt(d), d = 256 (§4.1; §3.5 also calls the text width
+  d, 300: the scale uses the prototype width c = 256); SN has V = K and an unscaled
   bilinear score. The undefined "FFN" is SN's Linear + Dropout(0.1). One APA serves both branches (SN).
 - Word vectors: GoogleNews word2vec, unit length (as SN's rows); a name is its underscore-joined phrase if the
   binary has it, else the mean of its words; VOC's compound names use MIANet's words (WORD2VEC_ALIASES).
-  Without --word-vectors the text input is zero (Table 5, row "Support & Query"); so it is for --predict.
+  Without --word-vectors the text input is zero (Table 5, row "Support & Query"); it is zero too whenever
+  forward gets no class_ids (--predict), even with word vectors loaded.
 - Co-triplet: distances between L2-normalised vectors (SN; margin 0.5 assumes unit scale); the support
   negative is the mean background feature (paper; SN averages normalised ones); items without foreground or
   background have no support term (SN); L = support term + query term (SN).
 - TDC: per block, the mask-weighted mean of ReLU(cos) (SN's mean over foreground pixels when the mask is
-  binary); 1x1 convs to 16 channels, GroupNorm + ReLU after the 3x3 merges (SN). Top-down (layer4 with layer3,
-  then layer2) as the name, the text and SN; Eq. (13) with §4.1's N1..N3 reads bottom-up. Concatenation as
-  Eq. (13); SN adds.
+  binary); 1x1 convs to 16 channels, GroupNorm + ReLU after the 3x3 merges and a last 3x3 conv to N' (SN).
+  Top-down (layer4 with layer3, then layer2) as the name, the text and SN; Eq. (13) with §4.1's N1..N3 reads
+  bottom-up. Concatenation as Eq. (13); SN adds.
 - Loss: 2-class cross-entropy (= Eq. 14's BCE on the logit difference). With the base learner, BAM's CE on
-  the meta learner's own output is added ("meta"), as SN. Shots averaged (paper), not BAM's learned weights.
+  the meta learner's own output is added ("meta"), as SN.
 - Base learner: --base-learner or common.base_learner_path(...) when the file exists. Checkpoints carry the
   base learner and the word vectors, so a trained model needs neither file.
 """
@@ -83,7 +89,7 @@ class Config:
     img_size: int = 473  # §4.1 crop (COCO 641)
     dataset: str = "pascal"  # names the class ids of the word vectors and of the base learner
     fold: int = 0  # the base learner is per fold
-    coco_split: str = "interleaved"
+    coco_split: str = "interleaved"  # data.py's default split: names the base classes of a COCO base learner
     word_vectors: str = None  # --word-vectors: file of build_word_vectors; None: no text branch
     base_learner: str = None  # --base-learner; None: common.base_learner_path(...) if that file exists
     reduce_dim: int = 256  # c = d = 256 (§4.1)
@@ -255,6 +261,7 @@ def block_correlation(f_q, f_s, m):
     s = s / (s.norm(dim=1, keepdim=True) + TDC_EPS)
     cos = torch.bmm(q.transpose(1, 2), s).clamp(min=0)  # (B, hw_q, hw_s)
     weights = m.flatten(1).to(cos.dtype)  # (B, hw_s)
+    # mean over the support mask, with the area eps of PFENet's prototype pooling (common.MAP_EPS)
     corr = torch.bmm(cos, weights[:, :, None])[:, :, 0] / (weights.sum(1, keepdim=True) + common.MAP_EPS)
     return corr.view(B, 1, h, w)  # (B, 1, h, w)
 
@@ -288,7 +295,7 @@ def read_base_learner(cfg):
     path = Path(cfg.base_learner or common.base_learner_path(cfg.dataset, cfg.fold, cfg.backbone))
     if not path.is_file():
         if not cfg.base_learner:
-                warnings.warn(f"no base learner at {path}: Sym-Net runs as the meta learner alone "
+            warnings.warn(f"no base learner at {path}: Sym-Net runs as the meta learner alone "
                           f"(train one with: python train.py --model symnet --stage base --fold {cfg.fold})")
         return None
     state = torch.load(path, map_location="cpu", weights_only=False)
@@ -358,7 +365,7 @@ class SymNet(nn.Module):
         # Eq. (10), (11): query negative (prior < tau2) and hard positive (tau3 < prior < tau4)
         p_q_neg = prior_region_mean(f_q, prior < cfg.tau2, prior, "bottom")  # (B, c)
         p_q_pos = prior_region_mean(f_q, (prior > cfg.tau3) & (prior < cfg.tau4), prior, "median")  # (B, c)
-        loss_q = triplet_term(p_q_aug, p_q_pos, p_q_neg, cfg.margin).mean()
+        loss_q = triplet_term(p_q_aug, p_q_pos, p_q_neg, cfg.margin).mean()  # Eq. (12), query branch
         # support: the foreground pixel farthest from the anchor, and the mean background feature, per shot
         fg = F.interpolate((m_s == 1).float(), f_s.shape[-2:], mode="nearest")  # (B, S, h, w)
         bg = F.interpolate((m_s == 0).float(), f_s.shape[-2:], mode="nearest")  # (B, S, h, w)
@@ -371,7 +378,7 @@ class SymNet(nn.Module):
             p_s_pos = pixels.gather(2, hardest.view(-1, 1, 1).expand(-1, pixels.shape[1], 1))[:, :, 0]  # (B, c)
             p_s_neg = common.masked_average_pooling(f_s[:, k], bg[:, k])  # (B, c)
             valid = ((fg[:, k].flatten(1).sum(1) > 0) & (bg[:, k].flatten(1).sum(1) > 0)).float()  # (B,)
-            terms = triplet_term(p_s_aug, p_s_pos, p_s_neg, cfg.margin)  # (B,)
+            terms = triplet_term(p_s_aug, p_s_pos, p_s_neg, cfg.margin)  # Eq. (12), support branch: (B,)
             losses_s.append((terms * valid).sum() / valid.sum().clamp(min=1))
         return loss_q + torch.stack(losses_s).mean()
 
@@ -420,6 +427,7 @@ class SymNet(nn.Module):
     def loss(self, out, m_q, m_s):
         """Eq. (15): L = L_co-triplet + L_inter-seg (mean of the 4 FEM scales) + L_final-seg, plus "meta" (CE on
         the meta learner's own output) when the ensemble gives the final output (BAM, SN)."""
+        # Eq. (14): each L_seg is BCE, here 2-class cross-entropy (the same on the logit difference)
         terms = {"final": common.seg_loss(out["logits"], m_q),
                  "inter": torch.stack([common.seg_loss(a, m_q) for a in out["aux"]]).mean(),
                  "triplet": out["triplet"]}
