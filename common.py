@@ -163,6 +163,19 @@ class Backbone(nn.Module):
             feats["blocks"] = block_feats
         return feats
 
+    def episode(self, img_q, img_s, blocks=False):
+        """The query and its supports through the backbone as one batch: one pass over every layer instead of
+        two, with the same values as two calls (BatchNorm is frozen in eval, so images do not interact).
+        img_q (B,3,H,W), img_s (B,S,3,H,W) -> (feats_q, feats_s): forward's dicts, with (B,C,h,w) entries
+        for the query and (B*S,C,h,w) for the supports (views into one output, no copy)."""
+        B = img_q.shape[0]
+        feats = self(torch.cat([img_q, img_s.flatten(0, 1)]), blocks=blocks)  # entries (B + B*S, C, h, w)
+        feats_q = {name: x[:B] for name, x in feats.items() if name != "blocks"}
+        feats_s = {name: x[B:] for name, x in feats.items() if name != "blocks"}
+        if blocks:
+            feats_q["blocks"], feats_s["blocks"] = [x[:B] for x in feats["blocks"]], [x[B:] for x in feats["blocks"]]
+        return feats_q, feats_s
+
 
 def masked_average_pooling(f, m):
     """Prototype = sum(f * m) / (sum(m) + eps) over the pixels (PFENet Weighted_GAP, PFENet.py:13-18).

@@ -322,9 +322,9 @@ class Model(nn.Module):
     def forward(self, img_q, img_s, m_s, class_ids=None):
         B, S = img_s.shape[:2]
         # 1. frozen backbone: mid-level F_q, F_s and high-level F_q^h, F_s^h (§4.1)
-        f_q, f_q4 = self.features(img_q)  # (B, C, h, w), (B, C_h, h, w)
-        f_s, f_s4 = self.features(img_s.flatten(0, 1))  # (B*S, C, h, w), (B*S, C_h, h, w)
-        f_s, f_s4 = f_s.unflatten(0, (B, S)), f_s4.unflatten(0, (B, S))  # (B, S, C, h, w), (B, S, C_h, h, w)
+        f, f4 = self.features(torch.cat([img_q, img_s.flatten(0, 1)]))  # (B + B*S, C, h, w), (B + B*S, C_h, h, w)
+        f_q, f_q4 = f[:B], f4[:B]  # (B, C, h, w), (B, C_h, h, w)
+        f_s, f_s4 = f[B:].unflatten(0, (B, S)), f4[B:].unflatten(0, (B, S))  # (B, S, C, h, w), (B, S, C_h, h, w)
         h, w = f_q.shape[-2:]
 
         # 2. Eq. (1-2): M_g = 1_tau(Max(Cosine(F_q^h, F_s^h) ⊕ CAM(F_q^h))), support background removed by M_s

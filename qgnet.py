@@ -550,8 +550,7 @@ class QGNet(nn.Module):
     def forward(self, img_q, img_s, m_s, class_ids=None):
         B, S = img_s.shape[:2]
         # 1. Eq. (8): X_q = F(I_q), X_s = F(I_s), P_q = F_p(I_q), all frozen
-        f_q = self.backbone(img_q)  # layer2..4 (B, C, h, w)
-        f_s = self.backbone(img_s.flatten(0, 1))  # (B*S, C, h, w)
+        f_q, f_s = self.backbone.episode(img_q, img_s)  # layer2..4: (B, C, h, w) and (B*S, C, h, w)
         p_q = self.prior_extractor(img_q)["layer4"]  # (B, 2048, h, w)
         # 2. prior region map, Eq. (9)-(12), between the projected bridge and prior features of the query alone.
         # §4.3: this map is LOW on the object and high on the background, opposite to the guided map (F_p moved

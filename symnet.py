@@ -387,8 +387,7 @@ class SymNet(nn.Module):
             raise FileNotFoundError(f"no such file: {', '.join(self.missing_files)}")
         cfg, (B, S), (H, W) = self.cfg, img_s.shape[:2], img_q.shape[-2:]
         # 1. frozen backbone: layer2-4 and every bottleneck block of query and supports
-        feats_q = self.backbone(img_q, blocks=True)
-        feats_s = self.backbone(img_s.flatten(0, 1), blocks=True)
+        feats_q, feats_s = self.backbone.episode(img_q, img_s, blocks=True)  # (B, ...) and (B*S, ...) entries
         # 2. mid-level features F^m and the resized support masks
         f_q = self.down_query(torch.cat([feats_q["layer3"], feats_q["layer2"]], 1))  # (B, c, h, w)
         f_s = split_shots(self.down_supp(torch.cat([feats_s["layer3"], feats_s["layer2"]], 1)), S)  # (B, S, c, h, w)

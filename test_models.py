@@ -315,6 +315,22 @@ def test_random_backbone_calibration_sets_batchnorm_statistics():
     assert not any(p.requires_grad for p in net.parameters())
 
 
+def test_backbone_episode_equals_separate_calls(resnet50):
+    g = torch.Generator().manual_seed(3)
+    img_q, img_s = torch.randn(2, 3, 33, 33, generator=g), torch.randn(2, 3, 3, 33, 33, generator=g)
+    feats_q, feats_s = resnet50.episode(img_q, img_s, blocks=True)
+    alone_q, alone_s = resnet50(img_q, blocks=True), resnet50(img_s.flatten(0, 1), blocks=True)
+    assert set(feats_q) == set(feats_s) == set(alone_q)
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        assert feats_q[name].shape[0] == 2 and feats_s[name].shape[0] == 6  # B and B*S
+        torch.testing.assert_close(feats_q[name], alone_q[name], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(feats_s[name], alone_s[name], rtol=1e-4, atol=1e-4)
+    assert len(feats_q["blocks"]) == len(feats_s["blocks"]) == 13
+    for q, s, a_q, a_s in zip(feats_q["blocks"], feats_s["blocks"], alone_q["blocks"], alone_s["blocks"]):
+        torch.testing.assert_close(q, a_q, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(s, a_s, rtol=1e-4, atol=1e-4)
+
+
 def test_resnet101_has_30_blocks():
     out = Backbone("resnet101", pretrained=False)(torch.randn(1, 3, 33, 33), blocks=True)
     assert len(out["blocks"]) == 30 and out["blocks"][-1] is out["layer4"]
