@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import torch.utils.flop_counter
 import torchvision
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
@@ -2451,3 +2452,61 @@ def test_qgnet_two_stages_on_synthetic(tmp_path):
     again = train.main(["--eval-only", "--checkpoint", str(out / "last.pt"), "--dataset", "synthetic",
                         "--workers", "0", "--test-episodes", "4", "--test-seeds", "1", "--out", str(tmp_path / "e")])
     assert again == (miou, fbiou)
+
+
+# ==========================================================================================================
+# What the GPU path relies on, checked on the CPU
+# ==========================================================================================================
+
+# Operations that make the host wait for the device: reading a value (.item(), bool(), int(), a Python `if` on a
+# tensor), and outputs whose size depends on values (nonzero, boolean-mask indexing, masked_select, unique).
+HOST_SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                 torch.ops.aten.masked_select.default, torch.ops.aten.is_nonzero.default,
+                 torch.ops.aten.equal.default, torch.ops.aten._unique2.default, torch.ops.aten.unique_dim.default,
+                 torch.ops.aten.unique_consecutive.default, torch.ops.aten.repeat_interleave.Tensor}
+
+
+class RecordHostSyncs(TorchDispatchMode):
+    """Records every operation in HOST_SYNC_OPS, and indexing by a boolean mask, run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        indices = args[1] if func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default,
+                                      torch.ops.aten.index_put.default) else ()
+        if func in HOST_SYNC_OPS or any(i is not None and i.dtype == torch.bool for i in indices):
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_sync_recorder_catches_item_bool_and_masks():
+    x = torch.arange(6.0)
+    with RecordHostSyncs() as rec:
+        x.sum().item(), bool(x.max() > 2), x[x > 2], x.nonzero(), x.sum(), x * 2
+    assert len(rec.seen) == 4, rec.seen
+
+
+@pytest.mark.parametrize("name", ["ocnet", "qpenet", "crcnet", "symnet", "qgnet"])
+def test_training_step_never_waits_for_the_device(name, request):
+    """A training step (forward, loss, backward, SGD step) that reads a value back from the GPU stalls the
+    queue of kernels until that value exists; none of the five models may do that (train.py reads the loss
+    once per progress line)."""
+    model, size = {"ocnet": ("ocnet_models", OCNET_SIZE), "qpenet": ("qpe_model", QPENET_SIZE),
+                   "crcnet": ("crcnet_model", CRCNET_SIZE), "symnet": ("symnet_model", SYMNET_SIZE),
+                   "qgnet": ("qgnet_model", 65)}[name]
+    model = request.getfixturevalue(model)
+    model = model["resnet50"] if name == "ocnet" else model
+    img_q, img_s, m_s, m_q = box_episode(2, 2, size, (8, 24, 8, 24), (6, 22, 10, 26), shot_step=2)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-9, momentum=0.9)
+    state = copy.deepcopy(model.state_dict())
+    model.train()
+    with RecordHostSyncs() as rec:
+        out = model(img_q, img_s, m_s, torch.tensor([1, 2]))
+        loss, _ = model.loss(out, m_q, m_s)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.load_state_dict(state)  # the module-scoped model stays as the other tests expect it
+    assert rec.seen == [], f"{name} synchronises with the host: {sorted(set(rec.seen))}"
