@@ -816,8 +816,8 @@ def main(argv=None):
         model.load_state_dict(state["model"])
     elif not (args.bench or args.predict):
         calibrate_random_backbones(model, args, device, rank)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    # NHWC: cuDNN's tensor-core convolutions want it, and oneDNN's CPU ones ran 5-18% faster in every model (README)
+    model = model.to(memory_format=torch.channels_last)
     learnable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY) if params else None
