@@ -29,6 +29,7 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 import common
@@ -723,6 +724,34 @@ def test_gaussian_blur_equals_torchvisions_5x5_pass():
         assert torch.allclose(data.gaussian_blur(img), reference, atol=1e-6)
     flat = torch.full((3, 9, 9), 0.25)
     assert torch.allclose(data.gaussian_blur(flat), flat)  # the kernel sums to 1
+
+
+def test_rotate_quarter_turn_identity_and_corners():
+    g = torch.Generator().manual_seed(0)
+    img, label = torch.rand(3, 6, 6, generator=g), torch.randint(0, 3, (6, 6), generator=g)
+    out, out_label = data.rotate(img, label, 90.0)  # counter-clockwise, as cv2 and torchvision
+    assert torch.allclose(out, torch.rot90(img, 1, (-2, -1)), atol=1e-6)
+    assert torch.equal(out_label, torch.rot90(label, 1, (-2, -1)))
+    out, out_label = data.rotate(img, label, 0.0)
+    assert torch.allclose(out, img, atol=1e-6) and torch.equal(out_label, label)
+    out, out_label = data.rotate(img, label, 45.0)  # the corners come from outside the image
+    assert torch.allclose(out[:, 0, 0], torch.tensor(data.MEAN)) and out_label[0, 0] == IGNORE_INDEX
+
+
+def test_rotate_matches_torchvision_and_blends_the_border_as_cv2():
+    g = torch.Generator().manual_seed(1)
+    img, label = torch.rand(3, 41, 57, generator=g), torch.randint(0, 3, (41, 57), generator=g)
+    fill = torch.tensor(data.MEAN)[:, None, None]
+    for angle in (7.3, -9.6):
+        out, out_label = data.rotate(img, label, angle)
+        # sum_inside(w x) + (1 - sum_inside w) fill: torchvision's rotate without fill, of x - fill, plus fill
+        shifted = TF.rotate(tv_tensors.Image(img - fill), angle, InterpolationMode.BILINEAR).as_subclass(torch.Tensor)
+        assert torch.allclose(out, shifted + fill, atol=1e-4)
+        reference = TF.rotate(tv_tensors.Mask(label[None]), angle, fill=IGNORE_INDEX)[0].as_subclass(torch.Tensor)
+        assert (out_label != reference).float().mean() < 0.002  # ties at exactly half a pixel may round apart
+        inside = TF.rotate(tv_tensors.Image(torch.ones(1, 41, 57)), angle, InterpolationMode.BILINEAR)[0] > 1 - 1e-6
+        with_fill = TF.rotate(tv_tensors.Image(img), angle, InterpolationMode.BILINEAR, fill=data.MEAN)
+        assert torch.allclose(out[:, inside], with_fill[:, inside], atol=1e-4)  # the interior is torchvision's
 
 
 def test_train_crop_keeps_foreground():
