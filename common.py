@@ -37,6 +37,7 @@ COSINE_EPS = 1e-7  # PFENet prior, PFENet.py:222 (cosine denominator and min-max
 IOU_EPS = 1e-10  # PFENet test.py:233,243
 FEM_BINS = (1.0, 0.5, 0.25, 0.125)  # PFENet COCO config ppm_scales; at h = 60 the PASCAL bins 60/30/15/8
 FEM_DROPOUT = 0.1  # PFENet.py:104,147 (cls and inner_cls heads)
+RUNS_DIR = "runs"  # parent of every default run folder (train.py's and the stages'), in the working directory
 
 # name -> (torchvision builder, ImageNet weights); IMAGENET1K_V1 are the classic ones (HSNet's pretrained=True)
 BACKBONES = {
@@ -395,7 +396,6 @@ PSP_DROPOUT = 0.1  # PSPNet cls Dropout2d (BAM model/PSPNet.py)
 GRAM_EPS = 1e-7  # BAM get_gram_matrix denominator (model/BAM.py)
 BASE_SCALE_RANGE = (0.5, 2.0)  # BAM config/*_base.yaml scale_min / scale_max (episodic training: 0.9-1.1)
 BASE_MOMENTUM, BASE_WEIGHT_DECAY, BASE_POLY_POWER = 0.9, 1e-4, 0.9  # BAM config/*_base.yaml
-BASE_LEARNER_DIR = "runs"  # default checkpoint: runs/base-DATASET-foldK-BACKBONE/base_learner.pt
 
 
 def base_classes(dataset, fold, coco_split="interleaved"):
@@ -406,7 +406,7 @@ def base_classes(dataset, fold, coco_split="interleaved"):
 
 def base_learner_path(dataset, fold, backbone):
     """Where --stage base writes the base learner and where a meta learner looks for it by default."""
-    return Path(BASE_LEARNER_DIR) / f"base-{dataset}-fold{fold}-{backbone}" / "base_learner.pt"
+    return Path(RUNS_DIR) / f"base-{dataset}-fold{fold}-{backbone}" / "base_learner.pt"
 
 
 class BaseLearner(nn.Module):

@@ -447,9 +447,9 @@ def rotate(image, label, angle, fill=MEAN, ignore=IGNORE):
     """Rotate image (C,H,W) float and label (H,W) int64 about the centre by `angle` degrees counter-clockwise,
     as PFENet's RandRotate does with cv2.warpAffine: bilinear image, nearest label, corners filled with `fill`
     (one value per channel) and `ignore`. One sampling grid serves both: 3.1 ms against 8.0 for torchvision's two
-    rotations, on one core at 412x550 (fastest of 40). At the rotated border the image blends inside pixels with the fill
-    by their bilinear weights, as cv2's BORDER_CONSTANT does; torchvision weights that blend by the inside share
-    a second time (v2 _apply_grid_transform), so edge pixels differ from its output by up to 0.25."""
+    rotations, on one core at 412x550 (fastest of 40). At the rotated border the image blends inside pixels with
+    the fill by their bilinear weights, as cv2's BORDER_CONSTANT does; torchvision weights that blend by the
+    inside share a second time (v2 _apply_grid_transform), so edge pixels differ from its output by up to 0.25."""
     h, w = image.shape[-2:]
     cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
     # Output -> input map of every pixel centre, in grid_sample's coordinates (-1..1 across each axis): the

@@ -77,7 +77,7 @@ class Config:
     pretrained: bool = True  # §5.1
     reduce_dim: int = 256  # C: PFENet/BAM's reduce_dim [21, 42]
     feature_dropout: float = 0.5  # PFENet's down_query/down_supp Dropout2d
-    head_dropout: float = 0.1  # PFENet's cls head (common.FEM_DROPOUT)
+    head_dropout: float = common.FEM_DROPOUT  # PFENet's cls head
     tau: float = 0.6  # §4.2 Eq. 2: general object mask threshold
     cam_source: str = "imagenet"  # §4.2 CAM [65]: Grad-CAM of the backbone's ImageNet classifier, or "none"
     num_general: int = 16  # N_g (not given): a PASCAL fold's 15 base classes + background

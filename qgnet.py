@@ -155,7 +155,8 @@ def prior_checkpoint_path(dataset, fold, all_images=False, explicit=None):
     (like train.py's runs/). Both stages derive it from the same flags."""
     if explicit:
         return Path(explicit)
-    return Path("runs") / f"qgnet-prior-{dataset}-fold{fold}{'-all' if all_images else ''}" / "prior_extractor.pt"
+    run = f"qgnet-prior-{dataset}-fold{fold}{'-all' if all_images else ''}"
+    return Path(common.RUNS_DIR) / run / "prior_extractor.pt"
 
 
 # ----------------------------------------------------------------------------------------------------------
