@@ -1045,6 +1045,8 @@ def test_stage_vis_predict_and_bench(tiny, tmp_path, capsys):
     train.main(tiny_args(tiny, tmp_path, "--bench", "--bench-steps", "2", "--batch-size", "2"))
     text = capsys.readouterr().out
     assert "ms/step" in text and "ms/episode" in text and "learnable" in text and "TFLOP/step" in text
+    peak = float(text.split("peak process memory: ")[1].split(" GiB")[0])  # on the CPU: the resident peak
+    assert 0.1 < peak < 64
 
 
 def test_count_flops_by_hand_and_backbone_share():

@@ -70,11 +70,12 @@ BF16_PEAK_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.5), ("H100", 989.4), ("A1
 BENCH_DATA_IMAGES = 300  # --bench-data without a dataset: this many PASCAL-sized JPEGs in a temporary folder
 BENCH_DATA_SECONDS = 10.0  # --bench-data: time spent per worker count
 # Used where a model file gives no defaults for a dataset. PASCAL/COCO follow PFENet's configs (the official
-# code multiplies these learning rates by 10; see README). The synthetic values finish on a laptop CPU in minutes.
+# code multiplies these learning rates by 10; see README). The synthetic values: train and evaluate OCNet, QPENet
+# or Sym-Net in under 5 minutes on 2 CPU cores (README, quick start).
 HARNESS_DEFAULTS = {
     "pascal": dict(lr=0.0025, batch_size=4, epochs=200, img_size=473),
     "coco": dict(lr=0.005, batch_size=8, epochs=50, img_size=641),
-    "synthetic": dict(lr=0.01, batch_size=8, epochs=4, img_size=128, train_length=500,
+    "synthetic": dict(lr=0.01, batch_size=8, epochs=2, img_size=128, train_length=500,
                       test_episodes=300, test_seeds=1),
 }
 EXIT_NONFINITE = 3  # exit status when the loss becomes NaN or infinite
@@ -247,7 +248,8 @@ def parse_args(argv=None):
             setattr(args, key, value)
     args.test_episodes = args.test_episodes or data.TEST_EPISODES
     args.test_seeds = args.test_seeds or data.TEST_SEEDS
-    args.out = Path(args.out or f"runs/{Path(args.model).stem}-{args.dataset}-fold{args.fold}-{args.shot}shot")
+    run = f"{Path(args.model).stem}-{args.dataset}-fold{args.fold}-{args.shot}shot"
+    args.out = Path(args.out or Path(common.RUNS_DIR) / run)
     return args, module
 
 
@@ -598,7 +600,10 @@ def bench(model, optimizer, args, device):
     flops, backbone_flops = count_flops(unwrap(model), lambda: train_step(unwrap(model))) if learnable else (0, 0)
     model.eval()
     t_infer = timed(infer, args.bench_steps)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    if device.type == "cuda":
+        memory = f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    else:
+        memory = f"peak process memory: {peak_rss_gib():.2f} GiB (resident, since the program started)"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"bench {Path(args.model).stem} on {name}, torch {torch.__version__}, {size}x{size}, {S}-shot, "
           f"batch {B}, {'fp32' if args.fp32 or device.type != 'cuda' else 'bf16 autocast'}")
@@ -612,8 +617,18 @@ def bench(model, optimizer, args, device):
             print(f"  bf16 peak {tflops:.0f} TFLOP/s: {100 * flops / t_train / (tflops * 1e12):.1f}% achieved; "
                   f"the backbone alone at peak takes {1000 * floor:.1f} ms, {100 * floor / t_train:.1f}% of the step")
     print(f"  inference: {1000 * t_infer:.1f} ms/episode")
-    print(f"  peak GPU memory: {peak:.2f} GiB")
+    print(f"  {memory}")
     print(f"  parameters: {learnable / 1e6:.2f}M learnable, {total / 1e6:.2f}M total")
+
+
+def peak_rss_gib():
+    """The process's peak resident memory in GiB (Linux and macOS; NaN where the OS does not say)."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def count_flops(net, step):
