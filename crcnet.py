@@ -30,6 +30,13 @@ Choices (the paper is silent unless a section is named):
       (§5.1: 3x3, 256, ReLU); no dropout or BN anywhere, as the paper names neither (convs have biases instead).
     - Cross-reference FC widths 256 -> 256/16 -> 256: SE-Net's reduction ratio, this being SE-style attention.
     - ASPP: 1x1, three 3x3 at rates 6/12/18 and image pooling (DeepLab [4]; CANet's rates at output stride 8).
+    - Co-occurrence head ("several convolutional layers and ASPP", §4.3): one 3x3 conv before the ASPP and one
+      after it, the fewest that make "several" around it, then a 1x1 conv to the two scores.
+    - Global conditional module (Fig. 5: concatenation, then "a residual convolution"): a 3x3 conv brings the
+      concatenation (2 x 256) back to 256 so that a residual can be added; the residual is two 3x3 convs (a
+      ResNet basic block without BN). The combined block of the refinement uses the same merge + residual.
+    - Refinement classifier: a 3x3 conv and a 1x1 conv to the two scores, as the co-occurrence head ends; the
+      cached branch is one 3x3 conv of the 1-channel cache to 256.
     - Both branches are conditioned on the support, the only labelled image at test time: the global vector is
       the support's foreground average (common.masked_average_pooling), and the local module of the support
       branch attends over the support's own foreground.
