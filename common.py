@@ -9,6 +9,7 @@ Contents, bottom-up:
     seg_loss                cross-entropy on logits upsampled to the label size, 255 ignored
     intersection_and_union  per-episode background/foreground intersection and union
     IoUMeter                class mIoU and FB-IoU accumulated over episodes
+    fit, save_atomic        the training loop of train.py and of the models' extra stages; crash-safe saving
 
 Source: Z. Tian, H. Zhao, M. Shu, Z. Yang, R. Li, J. Jia, "Prior Guided Feature Enrichment Network
 for Few-Shot Segmentation", TPAMI 2020, arXiv:2008.01449, github.com/dvlab-research/PFENet @ a5056754.
@@ -23,7 +24,12 @@ Tensor vocabulary (every file of the repository uses it):
     proto (B,C)        prototype              prior (B,1,h,w)    prior mask in [0, 1]
     logits (B,2,H,W)   background / foreground scores
 """
+import json
+import math
+import os
+import time
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -148,6 +154,8 @@ class Backbone(nn.Module):
         if blocks and not self.name.startswith("resnet"):
             raise ValueError(f"blocks=True needs a ResNet backbone; {self.name} has no bottleneck blocks")
         feats, block_feats = {}, []
+        # no_grad, not inference_mode: an inference tensor cannot be saved for the learnable layers' backward,
+        # nor take OCNet's Grad-CAM gradient, so it would need a copy, which costs more than it saves
         with torch.no_grad():
             x = self.stages["layer0"](x)
             for name in ("layer1", "layer2", "layer3", "layer4"):
@@ -366,6 +374,73 @@ class IoUMeter:
 
 
 # ==========================================================================================================
+# The training loop: train.py's episodic training and the models' extra stages (BAM's base learner, QGNet's
+# prior extractor) all run through fit, so they log, schedule and stop alike.
+# ==========================================================================================================
+
+
+class NonFiniteLossError(ArithmeticError):
+    """The training loss became NaN or infinite (train.py stops with exit status 3 and says what was kept)."""
+
+    def __init__(self, value, epoch, step):
+        super().__init__(f"the loss became {value} in epoch {epoch + 1} at step {step + 1}")
+
+
+def fit(step, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch=0, log_every=20, per_step=1,
+        unit="episodes", tag="", log=print, log_file=None, event="train", end_epoch=None):
+    """Epochs start_epoch..epochs-1 of: for each batch of batches(epoch) (steps_per_epoch of them), every
+    parameter group's learning rate = lr_at(it) (it counts steps from 0 across epochs), (loss, terms) =
+    step(batch), backward, optimizer step. end_epoch(epoch) runs after each epoch (checkpoints, validation).
+
+    Every log_every steps and at the end of an epoch, and only then, the device hands back the mean loss and
+    terms (one host sync): a non-finite loss raises NonFiniteLossError, else `log` gets a progress line (epoch,
+    step, loss and terms, lr, per_step * steps / s in `unit`, ETA) and log_file a JSON record {"event": event,
+    ...}. The caller does what differs: autocast inside step, model.train() and seeding inside batches."""
+    total, t_start = epochs * steps_per_epoch, time.perf_counter()
+    for epoch in range(start_epoch, epochs):
+        sums, seen, t0 = {}, 0, time.perf_counter()
+        for s, batch in enumerate(batches(epoch)):
+            it = epoch * steps_per_epoch + s
+            lr = lr_at(it)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, terms = step(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for name, value in {"loss": loss, **terms}.items():
+                sums[name] = sums.get(name, 0) + value.detach().float()
+            seen += 1
+            if (s + 1) % log_every and s + 1 != steps_per_epoch:
+                continue
+            means = dict(zip(sums, (torch.stack(list(sums.values())) / seen).tolist()))  # the host sync
+            if not math.isfinite(means["loss"]):
+                raise NonFiniteLossError(means["loss"], epoch, s)
+            rate = seen * per_step / (time.perf_counter() - t0)
+            eta = (time.perf_counter() - t_start) / (it + 1 - start_epoch * steps_per_epoch) * (total - it - 1)
+            terms_text = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
+            log(f"{tag}epoch {epoch + 1}/{epochs} step {s + 1}/{steps_per_epoch} loss {means['loss']:.4f}"
+                f"{f' ({terms_text})' if terms_text else ''} lr {lr:.2e} {rate:.1f} {unit}/s "
+                f"ETA {eta // 3600:.0f}:{eta // 60 % 60:02.0f}:{eta % 60:02.0f}")
+            if log_file is not None:
+                with open(log_file, "a") as f:
+                    f.write(json.dumps({"event": event, "epoch": epoch + 1, "step": s + 1, **means, "lr": lr,
+                                        f"{unit}_per_s": rate}) + "\n")
+            sums, seen, t0 = {}, 0, time.perf_counter()
+        if end_epoch is not None:
+            end_epoch(epoch)
+
+
+def save_atomic(state, path):
+    """torch.save to PATH.tmp, then rename: a crash never leaves a half-written checkpoint at path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+# ==========================================================================================================
 # BAM's base learner and classifier ensemble (appended for Sym-Net; any model may use them)
 # ==========================================================================================================
 # Source: C. Lang, G. Cheng, B. Tu, J. Han, "Learning What Not to Segment: A New Perspective on Few-Shot
@@ -379,11 +454,8 @@ class IoUMeter:
 #     BAMEnsemble        BAM's ensemble of the meta and base learners (gram_merge, cls_merge)
 #     BaseClassImages    training images with base-class semantic labels (PASCAL, COCO, synthetic)
 #     train_base_learner the stage: trains BaseLearner and writes base_learner_path(...)
-import os
 import sys
-import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
@@ -565,38 +637,30 @@ def train_base_learner(args):
     if steps == 0:
         sys.exit(f"error: {len(images)} base-class images do not fill one batch of {args.batch_size}")
     path = Path(getattr(args, "base_learner", None) or base_learner_path(args.dataset, args.fold, args.backbone))
-    full_precision = args.fp32 or device.type != "cuda"
+    amp = nullcontext() if args.fp32 or device.type != "cuda" else torch.autocast("cuda", dtype=torch.bfloat16)
     print(f"[base] {len(images)} images of base classes {images.classes}, {args.epochs} epochs of {steps} steps "
           f"of {args.batch_size}, lr {args.lr}, {device} -> {path}", flush=True)
-    t0 = time.perf_counter()
-    for epoch in range(args.epochs):
+
+    def batches(epoch):
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
         keys = [(epoch, i) for i in order[:steps * args.batch_size].tolist()]
-        loader = DataLoader(images, batch_size=args.batch_size, sampler=keys, num_workers=args.workers,
-                            pin_memory=device.type == "cuda")
         learner.train()
-        for step, (img, label) in enumerate(loader):
-            lr = args.lr * (1 - (epoch * steps + step) / (args.epochs * steps)) ** BASE_POLY_POWER
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            img, label = img.to(device, non_blocking=True), label.to(device, non_blocking=True)
-            with nullcontext() if full_precision else torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = learner(backbone(img)["layer4"])  # (B, 1+n, h, w)
-                loss = seg_loss(logits, label)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if (step + 1) % args.log_every == 0 or step + 1 == steps:
-                valid = label != IGNORE_INDEX
-                pred = _resize(logits.detach().float(), label.shape[-2:]).argmax(1)  # (B, H, W)
-                accuracy = (pred == label)[valid].float().mean().item()
-                print(f"[base] epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} loss {loss.item():.4f} "
-                      f"pixel accuracy {100 * accuracy:.1f}% lr {lr:.2e} {time.perf_counter() - t0:.0f}s",
-                      flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"model": learner.state_dict(), "classes": images.classes, "backbone": args.backbone,
-             "dataset": args.dataset, "fold": args.fold}
-    torch.save(state, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)  # never a half-written checkpoint
+        return DataLoader(images, batch_size=args.batch_size, sampler=keys, num_workers=args.workers,
+                          pin_memory=device.type == "cuda")
+
+    def step(batch):
+        img, label = (x.to(device, non_blocking=True) for x in batch)  # (B,3,H,W), (B,H,W)
+        with amp:
+            logits = learner(backbone(img)["layer4"])  # (B, 1+n, h, w)
+            loss = seg_loss(logits, label)
+        valid = label != IGNORE_INDEX
+        hits = (_resize(logits.detach().float(), label.shape[-2:]).argmax(1) == label) & valid  # (B, H, W)
+        return loss, {"pixel_accuracy": hits.sum() / valid.sum().clamp(min=1)}
+
+    fit(step, optimizer, batches, lambda it: args.lr * (1 - it / (args.epochs * steps)) ** BASE_POLY_POWER,
+        args.epochs, steps, log_every=args.log_every, per_step=args.batch_size, unit="images", tag="[base] ",
+        log=partial(print, flush=True))
+    save_atomic({"model": learner.state_dict(), "classes": images.classes, "backbone": args.backbone,
+                 "dataset": args.dataset, "fold": args.fold}, path)
     print(f"[base] wrote {path}", flush=True)
     return path

@@ -51,13 +51,11 @@ Choices (the paper is silent unless said otherwise; the official code has no sta
   down_query, official L208-209), not the bridge features §4.2.2 names.
 """
 import dataclasses
-import json
 import math
-import os
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -449,39 +447,28 @@ def train_prior_extractor(args):
     print(f"qgnet stage 1 on {args.dataset} fold {args.fold}: {len(items)} images, {len(loader)} steps of "
           f"{cfg.prior_batch_size}, epochs {start + 1}..{cfg.prior_epochs}, lr {lr:g}, queues {cfg.prior_queue}, "
           f"{device} -> {path}", flush=True)
-    t0, sums, seen = time.perf_counter(), {}, 0
-    for epoch in range(start, cfg.prior_epochs):
+
+    def batches(epoch):
         model.train()
-        for step, batch in enumerate(loader):
-            it = epoch * len(loader) + step
-            for group in optimizer.param_groups:  # MoCo v2's cosine schedule, per iteration
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * it / total))
-            with amp:
-                loss, terms = model(**{k: v.to(device, non_blocking=True, memory_format=layout)
-                                       for k, v in batch.items()})
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for k, v in {"loss": loss.detach(), **terms}.items():
-                sums[k] = sums.get(k, 0) + v
-            seen += 1
-            if (step + 1) % args.log_every == 0 or step + 1 == len(loader):
-                record = {"event": "prior", "epoch": epoch + 1, "step": step + 1,
-                          **{k: v.item() / seen for k, v in sums.items()}, "lr": optimizer.param_groups[0]["lr"]}
-                if not math.isfinite(record["loss"]):
-                    sys.exit(f"error: the stage-1 loss became {record['loss']}; try a lower --prior-lr or --fp32")
-                eta = (time.perf_counter() - t0) / (it + 1 - start * len(loader)) * (total - it - 1)
-                print(f"prior epoch {epoch + 1}/{cfg.prior_epochs} step {step + 1}/{len(loader)} loss "
-                      f"{record['loss']:.4f} (global {record['global']:.4f} local {record['local']:.4f}) "
-                      f"lr {record['lr']:.2e} ETA {eta / 60:.1f} min", flush=True)
-                with open(path.with_name("prior_metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                sums, seen = {}, 0
+        return loader
+
+    def step(batch):
+        with amp:
+            return model(**{k: v.to(device, non_blocking=True, memory_format=layout) for k, v in batch.items()})
+
+    def end_epoch(epoch):
         if (epoch + 1) % PRIOR_SAVE_EVERY == 0 or epoch + 1 == cfg.prior_epochs:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                      "config": dataclasses.asdict(cfg), "args": {k: str(v) for k, v in vars(args).items()}}
-            torch.save(state, f"{path}.tmp")
-            os.replace(f"{path}.tmp", path)  # never a half-written checkpoint
+            common.save_atomic(state, path)
+
+    def cosine(it):  # MoCo v2's schedule, per iteration
+        return lr * 0.5 * (1 + math.cos(math.pi * it / total))
+
+    common.fit(step, optimizer, batches, cosine, cfg.prior_epochs, len(loader), start_epoch=start,
+               log_every=args.log_every, per_step=cfg.prior_batch_size, unit="images", tag="[prior] ",
+               log=partial(print, flush=True), log_file=path.with_name("prior_metrics.jsonl"), event="prior",
+               end_epoch=end_epoch)
     print(f"prior extractor saved to {path}; the few-shot stage:\n    python train.py --model qgnet "
           f"{stage_flags(args.dataset, args.fold, args.prior_all_images, args.prior_checkpoint)}"
           + (f" --data-root {args.data_root}" if args.data_root else ""), flush=True)

@@ -962,6 +962,34 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path,
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+def test_fit_schedules_averages_logs_and_stops_on_a_nonfinite_loss(tmp_path):
+    """common.fit, the loop of train.py and of the stages, on loss = w^2 with plain SGD (w <- w - lr * 2w)."""
+    w = nn.Parameter(torch.tensor(2.0))
+    optimizer = torch.optim.SGD([w], lr=0.0)
+    lrs, lines, ends, log_file = [], [], [], tmp_path / "log.jsonl"
+
+    def step(x):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        loss = (w * x) ** 2
+        return loss, {"double": 2 * loss}
+
+    common.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)] * 3, lambda it: 0.1 / (it + 1), 2, 3,
+               log_every=2, per_step=4, unit="images", tag="[t] ", log=lines.append, log_file=log_file,
+               event="t", end_epoch=ends.append)
+    assert lrs == pytest.approx([0.1 / (it + 1) for it in range(6)]) and ends == [0, 1]
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [(r["event"], r["epoch"], r["step"]) for r in records] == [("t", 1, 2), ("t", 1, 3), ("t", 2, 2),
+                                                                       ("t", 2, 3)]
+    # steps 1 and 2: w = 2, then 2 - 0.1 * 4 = 1.6; the mean loss of the interval is (4 + 2.56) / 2
+    assert records[0]["loss"] == pytest.approx(3.28) and records[0]["double"] == pytest.approx(6.56)
+    assert records[1]["loss"] == pytest.approx((1.6 - 0.05 * 3.2) ** 2)  # step 3 alone: w = 1.44
+    assert lines[0].startswith("[t] epoch 1/2 step 2/3 loss 3.2800 (double 6.5600) lr 5.00e-02 ")
+    assert "images/s ETA 0:00:" in lines[0] and "images_per_s" in records[0]
+    with pytest.raises(common.NonFiniteLossError, match="became nan in epoch 1 at step 2"):
+        common.fit(lambda x: (w * float("nan"), {}), optimizer, lambda epoch: [0] * 3, lambda it: 0.1, 1, 3,
+                   log_every=2, log=lines.append)
+
+
 def test_evaluation_is_reproducible_and_matches_across_processes(tiny, tmp_path):
     train.main(tiny_args(tiny, tmp_path / "t", "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"))
     ckpt = str(tmp_path / "t" / "last.pt")
@@ -1047,6 +1075,9 @@ def test_stage_vis_predict_and_bench(tiny, tmp_path, capsys):
     assert "ms/step" in text and "ms/episode" in text and "learnable" in text and "TFLOP/step" in text
     peak = float(text.split("peak process memory: ")[1].split(" GiB")[0])  # on the CPU: the resident peak
     assert 0.1 < peak < 64
+    fields = dict(kv.split("=") for kv in text.split("BENCH ")[1].split())  # the line for scripts
+    assert fields["shot"] == "1" and fields["batch"] == "2" and float(fields["peak_gib"]) == pytest.approx(peak)
+    assert float(fields["episodes_per_s"]) == pytest.approx(2000 / float(fields["train_ms"]), rel=0.1)  # rounded
 
 
 def test_count_flops_by_hand_and_backbone_share():

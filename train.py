@@ -302,13 +302,10 @@ def read_checkpoint(path):
 
 
 def save_checkpoint(path, model, optimizer, epoch, cfg, args, best):
-    """Written to a temporary file first and renamed, so a crash never leaves a half-written checkpoint."""
     state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
              "config": dataclasses.asdict(cfg), "args": {k: str(v) if isinstance(v, Path) else v
                                                          for k, v in vars(args).items()}, "best": best}
-    tmp = Path(str(path) + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    common.save_atomic(state, path)
 
 
 def unwrap(model):
@@ -490,43 +487,22 @@ def train(model, optimizer, args, cfg, device, rank, world, log_file):
         log(rank, f"resumed from {last} after epoch {start_epoch}")
     log(rank, f"training: {len(dataset)} episodes/epoch, {steps_per_epoch} steps of {args.batch_size}, "
               f"{args.epochs} epochs, lr {args.lr}")
-    t_start = time.perf_counter()
-    for epoch in range(start_epoch, args.epochs):
+
+    def batches(epoch):
         sampler.set_stream(epoch)
-        batches = iter(loader)  # starting workers draws from the global RNG: seed after it, so that dropout
-        torch.manual_seed(args.seed * 100003 + epoch * 101 + rank)  # is the same whether or not we resumed
+        epoch_batches = iter(loader)  # starting workers draws from the global RNG: seed after it, so that
+        torch.manual_seed(args.seed * 100003 + epoch * 101 + rank)  # dropout is the same whether or not we resumed
         model.train()
-        running, running_terms, seen, t0 = torch.zeros((), device=device), {}, 0, time.perf_counter()
-        for step, batch in enumerate(batches):
-            it = epoch * steps_per_epoch + step
-            lr = args.lr * (1 - it / max_iter) ** POLY_POWER
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = to_device(batch, device)
-            with autocast(device, args):
-                out = model(batch["img_q"], batch["img_s"], batch["m_s"], batch["class_id"])
-                loss, terms = unwrap(model).loss(out, batch["m_q"], batch["m_s"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            running += loss.detach()
-            for k, v in terms.items():
-                running_terms[k] = running_terms.get(k, 0) + v.detach()
-            seen += 1
-            if (step + 1) % args.log_every == 0 or step + 1 == steps_per_epoch:
-                mean = running.item() / seen  # the one host sync per interval
-                stop_if_nonfinite(mean, epoch, step, last, rank)
-                dt = time.perf_counter() - t0
-                eps = seen * args.batch_size / dt
-                done = it + 1 - start_epoch * steps_per_epoch
-                eta = (time.perf_counter() - t_start) / done * (max_iter - it - 1)
-                parts = " ".join(f"{k} {float(v) / seen:.4f}" for k, v in running_terms.items())
-                log(rank, f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps_per_epoch} loss {mean:.4f} "
-                          f"({parts}) lr {lr:.2e} {eps:.1f} episodes/s ETA {format_time(eta)}")
-                write_log(log_file, {"event": "train", "epoch": epoch + 1, "step": step + 1, "loss": mean,
-                                     **{k: float(v) / seen for k, v in running_terms.items()}, "lr": lr,
-                                     "episodes_per_s": eps})
-                running, running_terms, seen, t0 = torch.zeros((), device=device), {}, 0, time.perf_counter()
+        return epoch_batches
+
+    def step(batch):
+        batch = to_device(batch, device)
+        with autocast(device, args):
+            out = model(batch["img_q"], batch["img_s"], batch["m_s"], batch["class_id"])
+            return unwrap(model).loss(out, batch["m_q"], batch["m_s"])
+
+    def end_epoch(epoch):
+        nonlocal best
         if args.select_best and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
             miou, fbiou, _, _ = evaluate_protocol(model, args, device, rank, world)
             write_log(log_file, {"event": "val", "epoch": epoch + 1, "miou": miou, "fbiou": fbiou})
@@ -538,21 +514,16 @@ def train(model, optimizer, args, cfg, device, rank, world, log_file):
             save_checkpoint(last, model, optimizer, epoch + 1, cfg, args, best)
         if world > 1:
             dist.barrier()
+
+    try:
+        common.fit(step, optimizer, batches, lambda it: args.lr * (1 - it / max_iter) ** POLY_POWER, args.epochs,
+                   steps_per_epoch, start_epoch=start_epoch, log_every=args.log_every, per_step=args.batch_size,
+                   log=lambda line: log(rank, line), log_file=log_file, end_epoch=end_epoch)
+    except common.NonFiniteLossError as err:
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+        log(rank, f"error: {err}; stopping. {kept} (try a lower --lr, or --fp32).")
+        sys.exit(EXIT_NONFINITE)
     return best
-
-
-def stop_if_nonfinite(value, epoch, step, last, rank):
-    if math.isfinite(value):
-        return
-    kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-    log(rank, f"error: the loss became {value} in epoch {epoch + 1} at step {step + 1}; stopping. {kept} "
-              f"(try a lower --lr, or --fp32).")
-    sys.exit(EXIT_NONFINITE)
-
-
-def format_time(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -601,9 +572,9 @@ def bench(model, optimizer, args, device):
     model.eval()
     t_infer = timed(infer, args.bench_steps)
     if device.type == "cuda":
-        memory = f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+        peak, memory = torch.cuda.max_memory_allocated() / 2**30, "peak GPU memory: {:.2f} GiB"
     else:
-        memory = f"peak process memory: {peak_rss_gib():.2f} GiB (resident, since the program started)"
+        peak, memory = peak_rss_gib(), "peak process memory: {:.2f} GiB (resident, since the program started)"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"bench {Path(args.model).stem} on {name}, torch {torch.__version__}, {size}x{size}, {S}-shot, "
           f"batch {B}, {'fp32' if args.fp32 or device.type != 'cuda' else 'bf16 autocast'}")
@@ -617,8 +588,12 @@ def bench(model, optimizer, args, device):
             print(f"  bf16 peak {tflops:.0f} TFLOP/s: {100 * flops / t_train / (tflops * 1e12):.1f}% achieved; "
                   f"the backbone alone at peak takes {1000 * floor:.1f} ms, {100 * floor / t_train:.1f}% of the step")
     print(f"  inference: {1000 * t_infer:.1f} ms/episode")
-    print(f"  {memory}")
+    print(f"  {memory.format(peak)}")
     print(f"  parameters: {learnable / 1e6:.2f}M learnable, {total / 1e6:.2f}M total")
+    print(f"BENCH model={Path(args.model).stem} device={name.replace(' ', '_')} size={size} shot={S} batch={B} "
+          f"train_ms={1000 * t_train:.1f} episodes_per_s={B / t_train:.1f} infer_ms={1000 * t_infer:.1f} "
+          f"peak_gib={peak:.2f} tflop_per_step={flops / 1e12:.3f} learnable_m={learnable / 1e6:.2f} "
+          f"total_m={total / 1e6:.2f}", flush=True)  # one line for scripts, as RESULT
 
 
 def peak_rss_gib():
@@ -809,7 +784,11 @@ def main(argv=None):
         stages = getattr(module, "STAGES", {})
         if args.stage not in stages:
             sys.exit(f"error: --stage {args.stage}: {args.model} offers {sorted(stages) or 'no extra stage'}")
-        return stages[args.stage](args)
+        try:
+            return stages[args.stage](args)
+        except common.NonFiniteLossError as err:
+            log(rank, f"error: {err} in --stage {args.stage}; stopping (try a lower learning rate, or --fp32).")
+            sys.exit(EXIT_NONFINITE)
 
     # 2. the model, from the paper's defaults and the flags; weights from a checkpoint where one is given
     state = read_checkpoint(args.checkpoint) if args.checkpoint else None
