@@ -579,20 +579,22 @@ def bench(model, optimizer, args, device):
     print(f"bench {Path(args.model).stem} on {name}, torch {torch.__version__}, {size}x{size}, {S}-shot, "
           f"batch {B}, {'fp32' if args.fp32 or device.type != 'cuda' else 'bf16 autocast'}")
     print(f"  train: {1000 * t_train:.1f} ms/step, {B / t_train:.1f} episodes/s")
+    tflops = bf16_peak_tflops(device, args)
+    achieved = 100 * flops / t_train / (tflops * 1e12) if flops and tflops else float("nan")
+    floor = backbone_flops / (tflops * 1e12) if tflops else float("nan")  # s: the backbone alone at the peak
     if flops:
         print(f"  work: {flops / 1e12:.3f} TFLOP/step (convolutions and matrix products, forward and backward), "
               f"{backbone_flops / 1e12:.3f} of them in the frozen backbone; {flops / t_train / 1e12:.2f} TFLOP/s")
-        tflops = bf16_peak_tflops(device, args)
         if tflops:
-            floor = backbone_flops / (tflops * 1e12)
-            print(f"  bf16 peak {tflops:.0f} TFLOP/s: {100 * flops / t_train / (tflops * 1e12):.1f}% achieved; "
+            print(f"  bf16 peak {tflops:.0f} TFLOP/s: {achieved:.1f}% achieved; "
                   f"the backbone alone at peak takes {1000 * floor:.1f} ms, {100 * floor / t_train:.1f}% of the step")
     print(f"  inference: {1000 * t_infer:.1f} ms/episode")
     print(f"  {memory.format(peak)}")
     print(f"  parameters: {learnable / 1e6:.2f}M learnable, {total / 1e6:.2f}M total")
     print(f"BENCH model={Path(args.model).stem} device={name.replace(' ', '_')} size={size} shot={S} batch={B} "
           f"train_ms={1000 * t_train:.1f} episodes_per_s={B / t_train:.1f} infer_ms={1000 * t_infer:.1f} "
-          f"peak_gib={peak:.2f} tflop_per_step={flops / 1e12:.3f} learnable_m={learnable / 1e6:.2f} "
+          f"peak_gib={peak:.2f} tflop_per_step={flops / 1e12:.3f} bf16_peak_pct={achieved:.1f} "
+          f"backbone_floor_pct={100 * floor / t_train:.1f} learnable_m={learnable / 1e6:.2f} "
           f"total_m={total / 1e6:.2f}", flush=True)  # one line for scripts, as RESULT
 
 
