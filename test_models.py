@@ -952,6 +952,22 @@ def test_select_best_validates_keeps_the_best_and_evaluates_it(tiny, tmp_path, c
     assert records[-1]["miou"] == pytest.approx(max(vals))  # the final evaluation is best.pt's
 
 
+def test_compile_trains_as_eager_and_saves_plain_weights(tiny, tmp_path):
+    """--compile (torch.compile; inductor's C++ backend on a CPU) gives eager's losses, and the checkpoint has the
+    module's own keys, so that it loads without --compile."""
+    losses = {}
+    for name, extra in (("eager", ()), ("compiled", ("--compile",))):
+        out = tmp_path / name
+        proc = run_cli(["train.py", *tiny_args(tiny, out, "--epochs", "1", "--log-every", "1", "--test-seeds", "1",
+                                               *extra)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                        if json.loads(line)["event"] == "train"]
+    assert len(losses["eager"]) == 4 and losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
+    keys = torch.load(tmp_path / "compiled" / "last.pt", weights_only=False)["model"]
+    assert keys.keys() == torch.load(tmp_path / "eager" / "last.pt", weights_only=False)["model"].keys()
+
+
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         train.main(tiny_args(tiny, tmp_path, "--epochs", "3", "--nan-after", "5", "--log-every", "1"))
