@@ -8,7 +8,7 @@ Contents, bottom-up:
     FEM                     PFENet's Feature Enrichment Module (multi-scale decoder with auxiliary heads)
     seg_loss                cross-entropy on logits upsampled to the label size, 255 ignored
     intersection_and_union  per-episode background/foreground intersection and union
-    IoUMeter                class mIoU and FB-IoU accumulated over episodes
+    IoUMeter                class mIoU and FB-IoU accumulated over episodes (and the mean p(fg) per true label)
     fit, save_atomic        the training loop of train.py and of the models' extra stages; crash-safe saving
 
 Source: Z. Tian, H. Zhao, M. Shu, Z. Yang, R. Li, J. Jia, "Prior Guided Feature Enrichment Network
@@ -338,9 +338,16 @@ class IoUMeter:
         zeros = partial(torch.zeros, dtype=torch.float64, device=self.device)
         self.class_inter, self.class_union, self.class_count = (zeros(num_classes + 1) for _ in range(3))
         self.inter, self.union = zeros(2), zeros(2)  # [background, foreground] over all episodes
+        self.prob_sum, self.pixels = zeros(2), zeros(2)  # p(foreground) summed over true background / fg pixels
 
-    def update(self, pred, target, class_ids):
-        """pred, target (B,H,W) (or (H,W) for one episode); class_ids (B,) class of each episode."""
+    def update(self, pred, target, class_ids, prob=None):
+        """pred, target (B,H,W) (or (H,W) for one episode); class_ids (B,) class of each episode; prob, optional,
+        the predicted foreground probability (B,H,W) (or (H,W)), for mean_probability()."""
+        if prob is not None:
+            for c in (0, 1):  # 255 pixels are neither
+                is_c = (target == c).to(self.device)
+                self.prob_sum[c] += (prob.to(self.device, torch.float64) * is_c).sum()
+                self.pixels[c] += is_c.sum()
         inter, union = intersection_and_union(pred, target)  # (B, 2)
         inter, union = inter.to(self.device), union.to(self.device)
         ids = torch.as_tensor(class_ids, device=self.device).reshape(-1)  # (B,)
@@ -365,11 +372,19 @@ class IoUMeter:
         """Mean of the global background and foreground IoU."""
         return (self.inter / (self.union + IOU_EPS)).mean().item()
 
+    def mean_probability(self):
+        """[background, foreground]: the mean predicted foreground probability over the pixels whose true label
+        is background, and over those that are foreground (NaN before any update with prob). A diagnostic, not
+        PFENet's: a model that ranks object pixels far above background, but stays under 0.5 on them, scores
+        0 mIoU all the same (README, quick start)."""
+        return (self.prob_sum / self.pixels).tolist()
+
     def all_reduce(self):
         """Sum the state over the ranks of torch.distributed (no-op when it is not initialised). With NCCL
         the meter must live on the rank's GPU."""
         if dist.is_available() and dist.is_initialized():
-            for t in (self.class_inter, self.class_union, self.class_count, self.inter, self.union):
+            for t in (self.class_inter, self.class_union, self.class_count, self.inter, self.union, self.prob_sum,
+                      self.pixels):
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 

@@ -99,6 +99,19 @@ def test_iou_meter_two_classes_by_hand():
     assert meter.fbiou() == pytest.approx((9 / 15 + 4 / 10) / 2)
 
 
+def test_iou_meter_mean_probability_by_true_label():
+    meter = IoUMeter(num_classes=5)
+    assert all(math.isnan(p) for p in meter.mean_probability())
+    target = torch.tensor([[[1, 1], [0, 255]], [[0, 0], [0, 1]]])
+    prob = torch.tensor([[[0.4, 0.2], [0.1, 0.9]], [[0.0, 0.3], [0.2, 0.3]]])  # the 255 pixel's 0.9 counts nowhere
+    meter.update((prob > 0.5).long(), target, torch.tensor([5, 3]), prob)
+    bg, fg = meter.mean_probability()
+    assert bg == pytest.approx((0.1 + 0.0 + 0.3 + 0.2) / 4) and fg == pytest.approx((0.4 + 0.2 + 0.3) / 3)
+    assert meter.miou() == 0  # under 0.5 everywhere on the objects: 0 mIoU, though fg > bg on average
+    meter.update(PRED_4x4, TARGET_4x4, torch.tensor([3]))  # without prob: IoU counts, the means do not move
+    assert meter.mean_probability() == pytest.approx([bg, fg])
+
+
 def test_iou_meter_all_reduce_single_rank(tmp_path, monkeypatch):
     meter = IoUMeter(num_classes=5)
     meter.update(PRED_4x4, TARGET_4x4, torch.tensor([3]))
@@ -117,7 +130,8 @@ def test_iou_meter_all_reduce_single_rank(tmp_path, monkeypatch):
         meter.all_reduce()
     finally:
         dist.destroy_process_group()
-    state = [meter.class_inter, meter.class_union, meter.class_count, meter.inter, meter.union]
+    state = [meter.class_inter, meter.class_union, meter.class_count, meter.inter, meter.union, meter.prob_sum,
+             meter.pixels]
     assert len(reduced) == len(state) and all(any(t is r for r in reduced) for t in state)
     assert (meter.miou(), meter.fbiou()) == before
 
@@ -2244,7 +2258,7 @@ def test_harness_trains_and_evaluates_two_shot_by_finetuning(tmp_path):
                 "--test-episodes", "1", "--test-seeds", "1", "--refine-steps", "1", "--ft-steps", "1",
                 "--out", str(out)])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert records[0]["args"]["lr"] == str(train.HARNESS_DEFAULTS["synthetic"]["lr"])  # no synthetic DEFAULTS
+    assert records[0]["args"]["lr"] == "0.01" != str(train.HARNESS_DEFAULTS["synthetic"]["lr"])  # its own
     assert records[0]["args"]["ft_steps"] == "1" and records[0]["args"]["kshot"] == "None"  # Config default
     step = [r for r in records if r["event"] == "train"][0]
     assert math.isfinite(step["loss"]) and {"query", "support", "query_sub", "support_sub"} <= set(step)
