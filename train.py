@@ -70,9 +70,9 @@ BF16_PEAK_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.5), ("H100", 989.4), ("A1
 BENCH_DATA_IMAGES = 300  # --bench-data without a dataset: this many PASCAL-sized JPEGs in a temporary folder
 BENCH_DATA_SECONDS = 10.0  # --bench-data: time spent per worker count
 # Used where a model file gives no defaults for a dataset. PASCAL/COCO follow PFENet's configs (the official
-# code multiplies these learning rates by 10; see README). The synthetic values: train and evaluate OCNet, QPENet
-# or Sym-Net in under 5 minutes on 2 CPU cores; lr 0.05 is the official codes' rate per episode (0.025 for 4,
-# Sym-Net's 0.05 for 8), and separated object from background better than 0.01 in 124 steps (README, quick start).
+# code multiplies these learning rates by 10; see README). The synthetic values: train and evaluate any model in 2
+# to 3.5 minutes on 2 CPU cores; lr 0.05 is the official codes' rate per episode (0.025 for 4, Sym-Net's 0.05 for
+# 8), and separated object from background better than 0.01 in 124 steps (README, quick start).
 HARNESS_DEFAULTS = {
     "pascal": dict(lr=0.0025, batch_size=4, epochs=200, img_size=473),
     "coco": dict(lr=0.005, batch_size=8, epochs=50, img_size=641),
