@@ -1149,7 +1149,11 @@ def test_bench_data_on_generated_pascal_jpegs(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--fold", "7"], "invalid choice"),
-    (["--shot", "0"], "--shot must be at least 1"),
+    (["--shot", "0"], "argument --shot: must be at least 1, got 0"),
+    (["--log-every", "0"], "argument --log-every: must be at least 1"),
+    (["--test-episodes", "0"], "argument --test-episodes: must be at least 1"),
+    (["--workers", "-1"], "argument --workers: must be at least 0"),
+    (["--batch-size", "two"], "argument --batch-size: invalid positive_int value"),
     (["--model", "nosuchnet"], "choose one of"),
     (["--model", "missing.py"], "no such file"),
     (["--dataset", "pascal", "--data-root", "/nonexistent/voc", "--model", "baseline", "--no-pretrained"],

@@ -168,6 +168,21 @@ def load_model_module(name):
 # Command line
 
 
+def positive_int(text):
+    """argparse type of a count that must be at least 1 (0 would divide by zero or silently mean the default)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def build_parser(add_help=True):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter,
                                 add_help=add_help)
@@ -175,19 +190,19 @@ def build_parser(add_help=True):
     p.add_argument("--dataset", default="pascal", choices=["pascal", "coco", "synthetic"])
     p.add_argument("--data-root", default=None, help="dataset folder (README: 'Datasets' gives the layout)")
     p.add_argument("--fold", type=int, default=0, choices=[0, 1, 2, 3])
-    p.add_argument("--shot", type=int, default=1)
+    p.add_argument("--shot", type=positive_int, default=1)
     p.add_argument("--coco-split", default="interleaved", choices=["interleaved", "contiguous"])
     p.add_argument("--support-boxes", action="store_true",
                    help="weak supervision: every support mask becomes its objects' bounding boxes (CRCNet §5.4)")
     p.add_argument("--backbone", default="resnet50", choices=["resnet50", "resnet101", "vgg16_bn"])
     p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (no ImageNet download)")
-    p.add_argument("--epochs", type=int, default=None, help="default: the model's, per dataset")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch, split across processes")
+    p.add_argument("--epochs", type=positive_int, default=None, help="default: the model's, per dataset")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="global batch, split across processes")
     p.add_argument("--lr", type=float, default=None, help="base learning rate of the poly schedule")
-    p.add_argument("--img-size", type=int, default=None, help="train crop and test canvas size")
-    p.add_argument("--train-length", type=int, default=None,
+    p.add_argument("--img-size", type=positive_int, default=None, help="train crop and test canvas size")
+    p.add_argument("--train-length", type=positive_int, default=None,
                    help="training episodes per epoch (default: every filtered training image; synthetic 500)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
+    p.add_argument("--workers", type=non_negative_int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
     p.add_argument("--seed", type=int, default=0, help="training seed (test episodes do not depend on it)")
     p.add_argument("--out", default=None, help="run folder (default runs/MODEL-DATASET-foldK-Sshot)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
@@ -195,21 +210,21 @@ def build_parser(add_help=True):
     p.add_argument("--checkpoint", default=None, help="weights for --eval-only, --predict, --vis")
     p.add_argument("--select-best", action="store_true",
                    help="validate on the test fold during training and evaluate the best (optimistic)")
-    p.add_argument("--val-every", type=int, default=5, help="epochs between validations for --select-best")
-    p.add_argument("--test-episodes", type=int, default=None, help=f"episodes per seed (default {data.TEST_EPISODES})")
-    p.add_argument("--test-seeds", type=int, default=None,
+    p.add_argument("--val-every", type=positive_int, default=5, help="epochs between validations for --select-best")
+    p.add_argument("--test-episodes", type=positive_int, default=None, help=f"episodes per seed (default {data.TEST_EPISODES})")
+    p.add_argument("--test-seeds", type=positive_int, default=None,
                    help=f"test seeds, the mean reported (default {data.TEST_SEEDS})")
-    p.add_argument("--log-every", type=int, default=20, help="optimizer steps between progress lines")
+    p.add_argument("--log-every", type=positive_int, default=20, help="optimizer steps between progress lines")
     p.add_argument("--fp32", action="store_true", help="disable bf16 autocast on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--bench", action="store_true", help="time training steps and inference, then exit")
-    p.add_argument("--bench-steps", type=int, default=10)
+    p.add_argument("--bench-steps", type=positive_int, default=10)
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="--bench: the GPU's dense bf16 TFLOP/s, for one not in BF16_PEAK_TFLOPS")
     p.add_argument("--bench-data", action="store_true",
                    help="episodes/s that data.py delivers with 0..--workers workers (PASCAL without --data-root: "
                         f"{BENCH_DATA_IMAGES} generated 500x375 JPEGs), then exit")
-    p.add_argument("--vis", type=int, default=0, metavar="N", help="write N PNGs of test episodes")
+    p.add_argument("--vis", type=non_negative_int, default=0, metavar="N", help="write N PNGs of test episodes")
     p.add_argument("--stage", default=None, help="run a model's extra training stage (e.g. qgnet: prior)")
     p.add_argument("--predict", action="store_true", help="segment --query given --support/--support-mask")
     p.add_argument("--support", action="append", default=[], help="support image (repeat for K shots)")
@@ -231,8 +246,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.model = known.model
     args.model_flags = sorted(set(vars(args)) - set(vars(build_parser().parse_args([]))))  # add_args's dests
-    if args.shot < 1:
-        parser.error("--shot must be at least 1")
     if args.eval_only and not args.checkpoint and not model_is_parameter_free(module):
         parser.error("--eval-only needs --checkpoint (only the parameter-free baseline has none)")
     if args.predict and not (args.support and args.query and len(args.support) == len(args.support_mask)):
