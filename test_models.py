@@ -857,7 +857,13 @@ def stage_hello(args):
     (args.out / "stage.txt").write_text(f"fold {args.fold}")
 
 
-STAGES = {"hello": stage_hello}
+def stage_nan(args):  # a stage whose loss is NaN from the first step, through the shared loop
+    w = nn.Parameter(torch.zeros(()))
+    common.fit(lambda batch: (w * float("nan"), {}), torch.optim.SGD([w], lr=0.1), lambda epoch: [0],
+               lambda it: 0.1, 1, 1, log_every=1)
+
+
+STAGES = {"hello": stage_hello, "nan": stage_nan}
 
 
 class Model(nn.Module):
@@ -1076,6 +1082,11 @@ def test_stage_vis_predict_and_bench(tiny, tmp_path, capsys):
     assert (tmp_path / "stage.txt").read_text() == "fold 1"
     with pytest.raises(SystemExit, match="offers"):
         train.main(tiny_args(tiny, tmp_path, "--stage", "nosuch"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:  # a stage's NaN loss stops as training's does
+        train.main(tiny_args(tiny, tmp_path, "--stage", "nan"))
+    assert stop.value.code == train.EXIT_NONFINITE
+    assert "the loss became nan in epoch 1 at step 1 in --stage nan" in capsys.readouterr().out
 
     train.main(tiny_args(tiny, tmp_path, "--epochs", "1", "--vis", "3", "--test-episodes", "4", "--test-seeds", "1"))
     pngs = sorted((tmp_path / "vis").glob("*.png"))

@@ -37,7 +37,6 @@ import dataclasses
 import importlib
 import importlib.util
 import json
-import math
 import os
 import sys
 import tempfile
