@@ -588,6 +588,7 @@ def bench(model, optimizer, args, device):
     learnable, total = count_parameters(model)
     model.train()
     t_train = timed(train_step, args.bench_steps) if learnable else float("nan")
+    syncs = host_syncs(train_step) if learnable else []
     flops, backbone_flops = count_flops(unwrap(model), lambda: train_step(unwrap(model))) if learnable else (0, 0)
     model.eval()
     t_infer = timed(infer, args.bench_steps)
@@ -608,6 +609,9 @@ def bench(model, optimizer, args, device):
         if tflops:
             print(f"  bf16 peak {tflops:.0f} TFLOP/s: {achieved:.1f}% achieved; "
                   f"the backbone alone at peak takes {1000 * floor:.1f} ms, {100 * floor / t_train:.1f}% of the step")
+    if learnable:
+        print(f"  host syncs: {len(syncs)} per training step{': ' + ', '.join(sorted(set(syncs))) if syncs else ''} "
+              f"(operations that make the CPU wait for a GPU; with none it queues the next step while one runs)")
     print(f"  inference: {1000 * t_infer:.1f} ms/episode")
     print(f"  {memory.format(peak)}")
     print(f"  parameters: {learnable / 1e6:.2f}M learnable, {total / 1e6:.2f}M total")
@@ -615,7 +619,49 @@ def bench(model, optimizer, args, device):
           f"train_ms={1000 * t_train:.1f} episodes_per_s={B / t_train:.1f} infer_ms={1000 * t_infer:.1f} "
           f"peak_gib={peak:.2f} tflop_per_step={flops / 1e12:.3f} bf16_peak_pct={achieved:.1f} "
           f"backbone_floor_pct={100 * floor / t_train:.1f} learnable_m={learnable / 1e6:.2f} "
-          f"total_m={total / 1e6:.2f}", flush=True)  # one line for scripts, as RESULT
+          f"total_m={total / 1e6:.2f} host_syncs={len(syncs)}", flush=True)  # one line for scripts, as RESULT
+
+
+# Operations after which the host must wait for a GPU: a value read back (.item(), float(t), `if t:`), an output
+# whose size depends on the values (nonzero, torch.where(c), unique, masked_select, repeat_interleave by a tensor).
+# Boolean indexing and copies to the CPU are recognised by their arguments (sync_op).
+HOST_SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
+                           "unique_consecutive", "equal", "is_nonzero", "bincount"})
+
+
+def sync_op(func, args, kwargs):
+    """The name of the aten operation func(*args, **kwargs) if it makes the host wait for a GPU, else None."""
+    name = func._overloadpacket.__name__
+    tensors = [a for a in args if torch.is_tensor(a)]
+    if name in HOST_SYNC_OPS or (name == "repeat_interleave" and func._overloadname == "Tensor"
+                                 and kwargs.get("output_size") is None):  # repeats given as a tensor
+        return name
+    if name in ("index", "index_put", "index_put_", "_index_put_impl_") and any(
+            torch.is_tensor(i) and i.dtype in (torch.bool, torch.uint8) for i in args[1] or ()):
+        return f"{name} (boolean mask)"
+    if name == "_to_copy" and tensors and tensors[0].device.type != "cpu" and \
+            torch.device(kwargs.get("device") or tensors[0].device).type == "cpu":
+        return "_to_copy (to the CPU)"
+    if name == "copy_" and len(tensors) == 2 and tensors[0].device.type == "cpu" and tensors[1].device.type != "cpu":
+        return "copy_ (to the CPU)"
+    return None
+
+
+def host_syncs(fn):
+    """The operations of fn() that make the host wait for a GPU (sync_op), by name, in the order they ran. Found
+    by what they are, not by timing, so a CPU run finds them too; forward and backward both."""
+    found = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = sync_op(func, args, kwargs or {})
+            if name is not None:
+                found.append(name)
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        fn()
+    return found
 
 
 def peak_rss_gib():
