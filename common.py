@@ -328,7 +328,8 @@ class IoUMeter:
     """Class mIoU and FB-IoU accumulated over episodes, as PFENet's test.py:210-253.
 
     Class mIoU (the headline number): per class c, IoU_c = sum of foreground I / (sum of foreground U + 1e-10)
-    over the episodes of class c; mean over the classes seen. FB-IoU: background and foreground I and U summed
+    over the episodes of class c; mean over the fold's classes, where a class that had no episode counts 0
+    (PFENet's test.py:240-247 and HSNet's logger divide by every fold class). FB-IoU: background and foreground I and U summed
     over all episodes, IoU of each, their mean. State: float64 tensors on `device`, indexed by class id
     1..num_classes (index 0 unused); update() never synchronises with the host.
     """
@@ -357,15 +358,18 @@ class IoUMeter:
         self.inter += inter.sum(0)
         self.union += union.sum(0)
 
-    def class_iou(self):
-        """{class_id: IoU} for the classes seen so far."""
-        iou = self.class_inter / (self.class_union + IOU_EPS)
-        seen = self.class_count.nonzero().flatten()
-        return dict(zip(seen.tolist(), iou[seen].tolist()))
+    def seen(self):
+        """The class ids that have had an episode so far."""
+        return self.class_count.nonzero().flatten().tolist()
 
-    def miou(self):
-        """Mean of class_iou() over the classes seen (NaN before any update)."""
-        ious = list(self.class_iou().values())
+    def class_iou(self, classes=None):
+        """{class_id: IoU} for `classes` (one without an episode: 0), or for the classes seen when None."""
+        iou = (self.class_inter / (self.class_union + IOU_EPS)).tolist()
+        return {c: iou[c] for c in (self.seen() if classes is None else classes)}
+
+    def miou(self, classes=None):
+        """Mean of class_iou(classes): pass the fold's classes for the protocol's mIoU. NaN when empty."""
+        ious = list(self.class_iou(classes).values())
         return sum(ious) / len(ious) if ious else float("nan")
 
     def fbiou(self):

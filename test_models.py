@@ -93,6 +93,8 @@ def test_iou_meter_two_classes_by_hand():
     assert meter.miou() == pytest.approx((3 / 8 + 1 / 2) / 2)
     assert meter.fbiou() == pytest.approx((9 / 15 + 4 / 10) / 2)
     assert meter.class_inter.dtype == torch.float64 and meter.class_count.tolist() == [0, 0, 0, 2, 0, 1]
+    assert meter.seen() == [3, 5] and meter.class_iou([3, 4, 5])[4] == 0  # the fold's class 4 had no episode
+    assert meter.miou([3, 4, 5]) == pytest.approx((3 / 8 + 0 + 1 / 2) / 3)  # PFENet divides by every fold class
     # an episode whose target is all 255 adds nothing to any I or U, whatever the prediction
     meter.update(torch.ones(1, 3, 3, dtype=torch.long), torch.full((1, 3, 3), IGNORE_INDEX), torch.tensor([5]))
     assert meter.class_iou()[5] == pytest.approx(1 / 2)
@@ -1070,11 +1072,16 @@ def test_baseline_segments_a_colour_coded_episode_exactly():
 
 def test_baseline_evaluates_without_training(tmp_path, capsys):
     miou, fbiou = train.main(["--model", "baseline", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
-                              "--img-size", "64", "--test-episodes", "6", "--test-seeds", "1",
+                              "--img-size", "64", "--test-episodes", "2", "--test-seeds", "1",
                               "--out", str(tmp_path)])
-    assert 0 <= miou < 1 and 0 < fbiou < 1  # 6 episodes at 64 px: the floor may find nothing
+    assert 0 <= miou < 1 and 0 < fbiou < 1  # 2 episodes at 64 px: the floor may find nothing
     out = capsys.readouterr().out
     assert "training:" not in out and "BatchNorm statistics estimated on 64 training images" in out
+    # 2 episodes cannot cover fold 0's 5 classes: the others count 0, as in PFENet's mIoU, and the user is told
+    result = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    assert sorted(map(int, result["per_class"])) == list(data.fold_classes("synthetic", 0))
+    assert miou == pytest.approx(sum(result["per_class"].values()) / 5)
+    assert "WARNING: test seed 0 has no episode of" in out and "IoU 0 in the mIoU" in out
 
 
 def test_stage_vis_predict_and_bench(tiny, tmp_path, capsys):

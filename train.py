@@ -425,10 +425,16 @@ def evaluate_protocol(model, args, device, rank, world):
     for seed in range(args.test_seeds):
         t0 = time.perf_counter()
         meter = evaluate(model, loader, dataset, device, args, rank, seed)
-        mious.append(meter.miou())
+        classes = [int(c) for c in dataset.classes]
+        unseen = sorted(set(classes) - set(meter.seen()))
+        if unseen:
+            names = ", ".join(dataset.class_names.get(c, str(c)) for c in unseen)
+            log(rank, f"WARNING: test seed {seed} has no episode of {names}: IoU 0 in the mIoU, as PFENet and HSNet "
+                      "count it (more --test-episodes would cover every class)")
+        mious.append(meter.miou(classes))
         fbious.append(meter.fbiou())
         probs.append(meter.mean_probability())
-        for c, iou in meter.class_iou().items():
+        for c, iou in meter.class_iou(classes).items():
             per_class.setdefault(c, []).append(iou)
         log(rank, f"test seed {seed}: mIoU {100 * mious[-1]:.2f}  FB-IoU {100 * fbious[-1]:.2f}  "
                   f"({len(dataset)} episodes, {time.perf_counter() - t0:.1f}s)")
