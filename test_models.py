@@ -1226,6 +1226,19 @@ def test_model_flags_given_with_a_checkpoint_apply(tiny, tmp_path):
     assert inverted != plain  # --invert, a model flag not in the checkpoint's config, took effect
 
 
+def test_a_checkpoint_is_tested_on_its_own_fold_unless_told_otherwise(tiny, tmp_path, capsys):
+    train.main(tiny_args(tiny, tmp_path / "run", "--epochs", "1", "--test-episodes", "4", "--test-seeds", "1"))
+    flags = ["--eval-only", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--workers", "0",
+             "--test-episodes", "4", "--test-seeds", "1"]
+    capsys.readouterr()
+    train.main([*flags, "--out", str(tmp_path / "a")])  # trained on synthetic fold 1; neither flag given
+    out, err = capsys.readouterr()
+    assert result_line(out)["dataset"] == "synthetic" and result_line(out)["fold"] == "1" and "WARNING" not in err
+    train.main([*flags, "--fold", "2", "--out", str(tmp_path / "b")])  # allowed, but its classes were trained on
+    out, err = capsys.readouterr()
+    assert result_line(out)["fold"] == "2" and "was trained on synthetic fold 1" in err
+
+
 def test_eval_only_without_checkpoint_is_refused(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(tiny_args(tiny, tmp_path, "--eval-only"))

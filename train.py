@@ -72,6 +72,7 @@ BENCH_DATA_SECONDS = 10.0  # --bench-data: time spent per worker count
 # code multiplies these learning rates by 10; see README). The synthetic values: train and evaluate any model in 2
 # to 3.5 minutes on 2 CPU cores; lr 0.05 is the official codes' rate per episode (0.025 for 4, Sym-Net's 0.05 for
 # 8), and separated object from background better than 0.01 in 124 steps (README, quick start).
+EPISODE_DEFAULTS = dict(dataset="pascal", fold=0, coco_split="interleaved")  # a checkpoint's own, where it has one
 HARNESS_DEFAULTS = {
     "pascal": dict(lr=0.0025, batch_size=4, epochs=200, img_size=473),
     "coco": dict(lr=0.005, batch_size=8, epochs=50, img_size=641),
@@ -186,11 +187,13 @@ def build_parser(add_help=True):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter,
                                 add_help=add_help)
     p.add_argument("--model", default="baseline", help=f"{', '.join(MODELS)}, or path/to/your_model.py")
-    p.add_argument("--dataset", default="pascal", choices=["pascal", "coco", "synthetic"])
+    p.add_argument("--dataset", default=None, choices=["pascal", "coco", "synthetic"],
+                   help="default: the --checkpoint's, else pascal")
     p.add_argument("--data-root", default=None, help="dataset folder (README: 'Datasets' gives the layout)")
-    p.add_argument("--fold", type=int, default=0, choices=[0, 1, 2, 3])
+    p.add_argument("--fold", type=int, default=None, choices=[0, 1, 2, 3], help="default: the --checkpoint's, else 0")
     p.add_argument("--shot", type=positive_int, default=1)
-    p.add_argument("--coco-split", default="interleaved", choices=["interleaved", "contiguous"])
+    p.add_argument("--coco-split", default=None, choices=["interleaved", "contiguous"],
+                   help="default: the --checkpoint's, else interleaved")
     p.add_argument("--support-boxes", action="store_true",
                    help="weak supervision: every support mask becomes its objects' bounding boxes (CRCNet §5.4)")
     p.add_argument("--backbone", default="resnet50", choices=["resnet50", "resnet101", "vgg16_bn"])
@@ -244,6 +247,14 @@ def parse_args(argv=None):
         module.add_args(parser.add_argument_group(f"{known.model} options"))
     args = parser.parse_args(argv)
     args.model = known.model
+    for key, default in EPISODE_DEFAULTS.items():  # a checkpoint is tested on the fold it was trained for
+        if getattr(args, key) is None:
+            setattr(args, key, trained.get(key, default))
+    was = {**EPISODE_DEFAULTS, **{k: trained[k] for k in EPISODE_DEFAULTS if k in trained}}
+    if trained and was["dataset"] == args.dataset and (was["fold"] != args.fold or (
+            args.dataset == "coco" and was["coco_split"] != args.coco_split)):  # folds partition the classes
+        print(f"WARNING: {known.checkpoint} was trained on {args.dataset} fold {was['fold']}: the test classes of "
+              f"fold {args.fold} are among those it was trained on", file=sys.stderr)
     args.model_flags = sorted(set(vars(args)) - set(vars(build_parser().parse_args([]))))  # add_args's dests
     if args.eval_only and not args.checkpoint and not model_is_parameter_free(module):
         parser.error("--eval-only needs --checkpoint (only the parameter-free baseline has none)")
