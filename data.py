@@ -11,9 +11,11 @@ Protocol (notes: shared/notes/protocol.md; PFENet = dvlab-research/PFENet, BAM =
 - Folds. PASCAL-5i fold i tests classes 5i+1..5i+5. COCO-20i fold i tests 4k+i+1 (k = 0..19, the "interleaved"
   split that both PFENet COCO configs select); coco_split="contiguous" tests 20i+1..20i+20. The other classes
   are the base (training) classes.
-- PASCAL lists. Train ids = VOC2012 train U SBD train minus every VOC2012 val id (PFENet's 5953-image
-  voc_sbd_merge_noduplicate list); test = VOC2012 val (1449). Without sbd_train.txt every SegmentationClassAug
-  label not in VOC val is used (10582, the "trainaug" set: larger than PFENet's list; a warning says so).
+- PASCAL lists. Train ids = VOC2012 train (1464) U SBD's train_noval (5623, PFENet's lists/pascal/sbd_data.txt),
+  minus any VOC2012 val id: PFENet's 5953-image voc_sbd_merge_noduplicate list (a note says so when the count
+  differs); test = VOC2012 val (1449). SBD's own train.txt (8498) is not it: it would add 1,700 or more images.
+  Without sbd_train_noval.txt every SegmentationClassAug label not in VOC val is used (10582, the "trainaug" set:
+  larger than PFENet's list; a warning says so).
 - COCO lists. Every 2014 train (test: val) image with at least one annotation (82081 / 40137, the counts in
   PFENet's README). Semantic labels are rasterised once without pycocotools: polygons with PIL ImageDraw, RLE
   (list or compressed string) decoded with numpy in COCO's column-major order. Category ids (1..90 with gaps)
@@ -90,6 +92,8 @@ SYNTHETIC_TRAIN_LENGTH = 1000  # synthetic episodes per epoch
 CACHE_VERSION = 1  # bump when the cached per-image counts change meaning
 PARALLEL_MIN_FILES = 256  # scan with a process pool from this many files on
 
+SBD_LIST = "sbd_train_noval.txt"  # under ImageSets/Segmentation: SBD's train_noval ids, PFENet's sbd_data.txt
+PFENET_TRAIN_IMAGES = 5953  # VOC2012 train U SBD train_noval: PFENet's lists/pascal/voc_sbd_merge_noduplicate.txt
 PASCAL_LAYOUT = """expected PASCAL-5i layout:
   <root>/
     JPEGImages/2007_000032.jpg ...            VOC2012 images (VOCtrainval_11-May-2012.tar, VOC2012 devkit)
@@ -97,7 +101,10 @@ PASCAL_LAYOUT = """expected PASCAL-5i layout:
                                               the SBD-augmented labels linked from the PFENet and HSNet READMEs)
     ImageSets/Segmentation/train.txt          VOC2012 train ids (1464), from the devkit
     ImageSets/Segmentation/val.txt            VOC2012 val ids (1449), from the devkit
-    ImageSets/Segmentation/sbd_train.txt      SBD dataset/train.txt (8498 ids; SBD benchmark.tgz, Hariharan 2011)"""
+    ImageSets/Segmentation/sbd_train_noval.txt
+                                              SBD's train_noval ids (5623) = PFENet's lists/pascal/sbd_data.txt,
+                                              its 'JPEGImages/X.jpg SegmentationClassAug/X.png' lines read as they
+                                              are; NOT SBD's dataset/train.txt (8498 ids)"""
 COCO_LAYOUT = """expected COCO-20i layout (COCO 2014, cocodataset.org):
   <root>/
     train2014/COCO_train2014_000000000009.jpg ...   train2014.zip
@@ -250,7 +257,8 @@ def class_file_lists(counts, classes, exclude=()):
 # ----------------------------------------------------------------------------- PASCAL-5i
 
 def _read_ids(path):
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    """Image ids of a list file: one id a line (VOC's lists) or PFENet's 'JPEGImages/X.jpg SegmentationClassAug/X.png'."""
+    return [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
 
 
 def _pascal_index(root, split):
@@ -263,12 +271,15 @@ def _pascal_index(root, split):
     val = _read_ids(sets / "val.txt")
     if split == "test":
         ids = sorted(set(val))
-    elif (sets / "sbd_train.txt").exists():
-        ids = sorted((set(_read_ids(sets / "train.txt")) | set(_read_ids(sets / "sbd_train.txt"))) - set(val))
+    elif (sets / SBD_LIST).exists():
+        ids = sorted((set(_read_ids(sets / "train.txt")) | set(_read_ids(sets / SBD_LIST))) - set(val))
+        if len(ids) != PFENET_TRAIN_IMAGES:
+            print(f"[data] note: {len(ids)} PASCAL training images from train.txt and {SBD_LIST}; PFENet's list has "
+                  f"{PFENET_TRAIN_IMAGES} (VOC2012 train and SBD's 5623-id train_noval)", file=sys.stderr, flush=True)
     else:
-        print(f"\n{'!' * 78}\n[data] WARNING: {sets / 'sbd_train.txt'} not found. Training on every "
+        print(f"\n{'!' * 78}\n[data] WARNING: {sets / SBD_LIST} not found. Training on every "
               "SegmentationClassAug label outside VOC val\n(10582 images with the full labels), which is LARGER "
-              f"than PFENet's 5953-image list.\n{'!' * 78}\n", file=sys.stderr, flush=True)
+              f"than PFENet's {PFENET_TRAIN_IMAGES}-image list.\n{'!' * 78}\n", file=sys.stderr, flush=True)
         ids = sorted({p.stem for p in (root / "SegmentationClassAug").glob("*.png")} - set(val))
     files = {i: (root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClassAug" / f"{i}.png") for i in ids}
     absent = [str(p) for pair in files.values() for p in pair if not p.is_file()]

@@ -428,7 +428,8 @@ def _write_pascal(root, sbd=True):
     (sets / "train.txt").write_text("a_voc\ne_dup\n")
     (sets / "val.txt").write_text("e_dup\nv1\nv2\nv3\nv4\n")
     if sbd:
-        (sets / "sbd_train.txt").write_text("b_sbd\nc_small\nd_mixed\ne_dup\nf_multi\n")
+        (sets / "sbd_train_noval.txt").write_text(  # PFENet's sbd_data.txt lines, or bare ids as VOC's lists
+            "JPEGImages/b_sbd.jpg SegmentationClassAug/b_sbd.png\nc_small\nd_mixed\ne_dup\nf_multi\n")
     return root
 
 
@@ -563,10 +564,12 @@ def test_synthetic_train_never_shows_test_classes(fold):
 
 # ----------------------------------------------------------------------------- PASCAL
 
-def test_pascal_split_and_filters(tmp_path):
+def test_pascal_split_and_filters(tmp_path, capsys):
     root = _write_pascal(tmp_path / "voc")
     train = data.build_dataset("pascal", "train", 0, img_size=64, root=root)
     assert sorted(train.files) == ["a_voc", "b_sbd", "c_small", "d_mixed", "f_multi"]  # VOC+SBD train - val
+    assert "5 PASCAL training images from train.txt and sbd_train_noval.txt; PFENet's list has 5953" in \
+        capsys.readouterr().err
     assert train.images == ["a_voc", "b_sbd", "f_multi"]  # c_small too small, d_mixed has class-2 pixels
     assert train.class_files[6] == ["a_voc", "f_multi"] and train.class_files[7] == ["b_sbd", "f_multi"]
     assert len(train) == 3
@@ -618,7 +621,7 @@ def test_pascal_cache_written_reused_and_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "PARALLEL_MIN_FILES", 10 ** 6)
     again = data.build_dataset("pascal", "train", 0, img_size=64, root=root)
     assert again.counts == first.counts and again.images == first.images
-    with (root / "ImageSets/Segmentation/sbd_train.txt").open("a") as f:
+    with (root / "ImageSets/Segmentation/sbd_train_noval.txt").open("a") as f:
         f.write("g_extra\n")  # a changed list must rebuild the cache
     with pytest.raises(AssertionError, match="rescanned"):
         data.build_dataset("pascal", "train", 0, img_size=64, root=root)
@@ -635,7 +638,7 @@ def test_missing_root_error_names_layout(tmp_path):
     for root in (None, tmp_path / "nope"):
         with pytest.raises(data.DatasetNotFoundError, match="SegmentationClassAug") as err:
             data.build_dataset("pascal", "test", 0, root=root)
-        assert "JPEGImages" in str(err.value) and "sbd_train.txt" in str(err.value)
+        assert "JPEGImages" in str(err.value) and "sbd_train_noval.txt" in str(err.value)
     (tmp_path / "voc" / "JPEGImages").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="val.txt"):
         data.build_dataset("pascal", "test", 0, root=tmp_path / "voc")

@@ -746,7 +746,7 @@ def write_pascal_like(root, n, seed=0):
         Image.fromarray(label[:375].numpy().astype(np.uint8)).save(root / "SegmentationClassAug" / f"{name}.png")
     sets = root / "ImageSets" / "Segmentation"
     (sets / "train.txt").write_text("\n".join(names[: n * 4 // 5]) + "\n")
-    (sets / "sbd_train.txt").write_text("")
+    (sets / "sbd_train_noval.txt").write_text("")
     (sets / "val.txt").write_text("\n".join(names[n * 4 // 5:]) + "\n")
 
 
