@@ -41,7 +41,7 @@ Protocol (notes: shared/notes/protocol.md; PFENet = dvlab-research/PFENet, BAM =
   written with torchvision.transforms.v2 functional ops where they are fast, our own where they were not
   (rotate, gaussian_blur: 2.5x and 7x faster): RandScale (PASCAL [0.9,1.1], COCO [0.8,1.25], isotropic),
   RandRotate +-10 deg with p=0.5 (image filled with the mean colour, blended at the border as cv2's, mask with
-  255), 5x5 Gaussian blur (sigma 1.1, what cv2 picks for k=5) with p=0.5, horizontal flip p=0.5, symmetric
+  255), 5x5 Gaussian blur (the taps cv2 uses for sigma 0: 1 4 6 4 1 / 16) with p=0.5, horizontal flip p=0.5, symmetric
   padding (mean colour / 255) to the crop size, then a random crop redrawn (32 draws in all) while it keeps
   under 85% of the foreground pixels; the last draw is kept. Resizing uses antialias=True (cv2 does not
   antialias; the scales here are close to 1, so this only matters for --predict on large photos).
@@ -82,7 +82,10 @@ MIN_FG_PIXELS = 2 * 32 * 32  # a class counts in an image from this area on (PFE
 TRAIN_SIZE = {"pascal": 473, "coco": 641, "synthetic": 128}  # crop size of the shipped configs (the caller decides)
 SCALE_RANGE = {"pascal": (0.9, 1.1), "coco": (0.8, 1.25)}  # RandScale (PFENet configs, protocol.md §4)
 ROTATE_DEGREES, ROTATE_P = 10.0, 0.5  # RandRotate (util/transform.py:305-330)
-BLUR_KERNEL, BLUR_P = 5, 0.5  # RandomGaussianBlur (util/transform.py:355-362)
+BLUR_P = 0.5  # RandomGaussianBlur (util/transform.py:355-362): cv2.GaussianBlur(image, (5, 5), 0)
+# cv2.getGaussianKernel(5, sigma=0) takes this from its fixed table for sizes <= 7 (small_gaussian_tab), not the
+# Gaussian of its sigma formula (0.3*((k-1)/2-1)+0.8 = 1.1, which gives .071 .245 .370 .245 .071)
+BLUR_TAPS = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
 FLIP_P = 0.5  # RandomHorizontalFlip
 CROP_KEEP, CROP_TRIES = 0.85, 32  # Crop 'rand': 1 draw + 31 redraws (util/transform.py:277-293)
 # BAM's protocol (test.py:36-39, 193-198), for both datasets and every model alike; on COCO Sym-Net's paper
@@ -434,15 +437,12 @@ def _draw_crop(fg, size, rng):
     return top, left
 
 
-def gaussian_blur(image, k=BLUR_KERNEL):
-    """cv2.GaussianBlur(k x k, sigma 0) on a float image (C,H,W), as TF.gaussian_blur(image, [k, k]) computes it
-    (sigma 0.3*((k-1)/2-1)+0.8, reflect padding) but in two 1-D passes of in-place multiply-adds: 2k per pixel,
-    not k^2, and no temporary per tap. On one core at 412x550 (fastest of 40): 0.85 ms, against 3.3 with a
-    temporary per tap and 6.5 for torchvision's one 5x5 pass."""
-    sigma = 0.3 * ((k - 1) / 2 - 1) + 0.8
-    x = torch.arange(k, dtype=torch.float64) - (k - 1) / 2
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).tolist()  # k Python floats: add_'s alpha
+def gaussian_blur(image, kernel=BLUR_TAPS):
+    """cv2.GaussianBlur(image, (5, 5), 0) on a float image (C,H,W): the separable kernel `kernel` (k taps, summing
+    to 1) along columns, then rows, with cv2's default border (reflect without repeating the edge pixel). Two 1-D
+    passes of in-place multiply-adds: 2k per pixel, not k^2, and no temporary per tap. On one core at 412x550
+    (fastest of 40): 0.85 ms, against 3.3 with a temporary per tap and 6.5 for torchvision's one 5x5 pass."""
+    k = len(kernel)
     h, w = image.shape[-2:]
     padded = F.pad(image[None], [k // 2] * 4, mode="reflect")[0]  # (C,H+k-1,W+k-1)
     cols = padded[:, :h] * kernel[0]  # along columns: (C,H,W+k-1), whole contiguous rows at a time
@@ -489,7 +489,7 @@ def train_transform(img, mask, rng, size, scale_range):
     # 2. RandRotate about the centre; corners filled with the mean colour / ignore
     if rng.random() < ROTATE_P:
         image, label = rotate(image, label, rng.uniform(-ROTATE_DEGREES, ROTATE_DEGREES))
-    # 3. Gaussian blur of the image only (5x5, sigma 0.3*((k-1)/2-1)+0.8 = 1.1, as cv2 for k=5)
+    # 3. Gaussian blur of the image only (5x5, cv2's taps for sigma 0: BLUR_TAPS)
     if rng.random() < BLUR_P:
         image = gaussian_blur(image)
     image, label = tv_tensors.Image(image), tv_tensors.Mask(label[None])  # (1,h,w): v2 ops pad a Mask with fill

@@ -735,12 +735,20 @@ def test_train_transform_keeps_image_and_mask_aligned():
         assert ((rgb[:, pad] - mean[:, None]).abs() < 3).all()  # padding and rotated-in corners: mean colour
 
 
-def test_gaussian_blur_equals_torchvisions_5x5_pass():
+def test_gaussian_blur_is_cv2s_5x5_with_sigma_0():
+    assert [16 * t for t in data.BLUR_TAPS] == [1, 4, 6, 4, 1]  # cv2.getGaussianKernel(5, 0), its fixed table
     torch.manual_seed(0)
+    taps = torch.tensor(data.BLUR_TAPS)
     for shape in [(3, 41, 57), (3, 5, 6)]:  # 5x6: reflect padding reaches across the whole image
         img = torch.rand(*shape)
-        reference = TF.gaussian_blur(tv_tensors.Image(img), [5, 5]).as_subclass(torch.Tensor)  # sigma as cv2's
+        padded = F.pad(img[None], [2, 2, 2, 2], mode="reflect")  # cv2's BORDER_REFLECT_101: e.g. row -1 = row 1
+        reference = F.conv2d(padded, torch.outer(taps, taps).expand(3, 1, 5, 5), groups=3)[0]  # one 5x5 pass
         assert torch.allclose(data.gaussian_blur(img), reference, atol=1e-6)
+    img = torch.zeros(1, 9, 9)
+    img[0, 4, 4] = 1  # an impulse gives the 5x5 kernel back around it: (6/16)^2 at the centre, (1/16)^2 at corners
+    out = data.gaussian_blur(img)[0]
+    assert out[4, 4] == pytest.approx(36 / 256) and out[2, 2] == pytest.approx(1 / 256)
+    assert out[2, 4] == pytest.approx(6 / 256) and out[1].abs().max() == 0
     flat = torch.full((3, 9, 9), 0.25)
     assert torch.allclose(data.gaussian_blur(flat), flat)  # the kernel sums to 1
 
