@@ -255,8 +255,10 @@ class CCM(nn.Module):
         id_t = dist.topk(self.num_select, dim=1, largest=False).indices  # (B, N_s)
         id_l = dist.topk(self.num_select, dim=1).indices  # (B, N_s)
         selected = p_s.gather(1, torch.cat([id_l, id_t], 1)[..., None].expand(-1, -1, C))  # (B, 2N_s, C)
-        # Eq. (10): M_qb ⊕ M_qf = Cosine(F_q, Select(P_s, ID_l & ID_t)); 1 - it is the cost of Eq. (11)
-        cost = 1 - cosine_map(f_q, selected).detach()  # (B, 2N_s, h, w)
+        # Eq. (10): M_qb ⊕ M_qf = Cosine(F_q, Select(P_s, ID_l & ID_t)); 1 - it is the cost of Eq. (11), in fp32:
+        # Sinkhorn divides it by eps = 0.05, so bf16's steps of 1/128 would flip the argmax of near-equal plans
+        with torch.autocast(f_q.device.type, enabled=False):
+            cost = 1 - cosine_map(f_q.detach().float(), selected.detach().float())  # (B, 2N_s, h, w)
         # Eq. (13): M̂_pa = Cosine(LN(F_g), LN(Select(P_s, ID_l & ID_t)))
         tokens = f_g.flatten(2).transpose(1, 2)  # (B, hw, C)
         m_pa = F.normalize(self.key_g(tokens), dim=2) @ F.normalize(self.key_p(selected), dim=2).transpose(1, 2)

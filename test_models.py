@@ -1863,6 +1863,16 @@ def test_ocnet_channels_last_gives_the_same_outputs(ocnet_models):
     assert all(torch.allclose(ref[k].float(), out[k].float(), atol=1e-4) for k in ref)
 
 
+def test_ocnet_transport_cost_stays_fp32_under_bf16_autocast(ocnet_models):
+    # Sinkhorn divides the cost by eps = 0.05: bf16's 1/128 steps would become 0.16 in the exponent
+    model = ocnet_models["resnet50"].eval()
+    img_q, img_s, m_s, _ = ocnet_episode()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(img_q, img_s, m_s)
+    assert out["logits_pa"].dtype == torch.bfloat16 and out["cost_pa"].dtype == torch.float32
+    assert not torch.equal(out["cost_pa"], out["cost_pa"].bfloat16().float())  # values between bf16's steps
+
+
 def test_ocnet_loss_terms_and_gradients(ocnet_models):
     model = ocnet_models["resnet50"].train()
     img_q, img_s, m_s, m_q = ocnet_episode(shot=2)
