@@ -11,9 +11,9 @@ module with a confidence cache then predicts recurrently. K shots: the network i
 pairs of the labelled supports (§4.6), or the 1-shot probabilities are averaged (the fusion baseline, Table 4).
 
 Paper -> code:
-    §4.2 Siamese encoder (frozen ResNet, layer3 + layer4, §5.1)     SiameseEncoder
+    §4.2 Siamese encoder (ResNet, layer3 + layer4, §5.1; frozen)     SiameseEncoder
     §4.3 cross-reference module, Fig. 3                              CrossReference
-    §4.3 co-occurrent sub-prediction head (convs + ASPP [4])         ASPP, CoOccurrenceHead
+    §4.3 co-occurrent sub-prediction head (convs + ASPP)             ASPP, CoOccurrenceHead
     §4.4 global conditional module, Fig. 5                           GlobalConditional
     §4.4 local conditional module, Eq. (1)-(3), Fig. 6                LocalConditional
     §4.5 mask refinement: global convolution block [41], cache        GlobalConvBlock, MaskRefinement
@@ -24,12 +24,17 @@ Paper -> code:
     Eq. (6)-(8) mIoU and FB-IoU                                      common.IoUMeter (train.py evaluates)
 
 Choices (the paper is silent unless a section is named):
+    - The ResNet is frozen in training (BN in eval), as in every model here and in CANet's code [63], which keeps
+      its ResNet fixed; §5.1 calls CRCNet trained end to end, and §4.6 names the encoder as fixed only for
+      k-shot fine-tuning. One frozen backbone for all five models keeps their comparison fair.
     - Every module is shared by the query and the support branch (the roles are interchangeable, §4.7), the
       cross-reference FC layers included, so the fused importance vector is symmetric in the two images.
     - Encoder: one 3x3 conv (layer3 + layer4 channels, 3072 for ResNet -> 256) + ReLU on [layer3, layer4]
       (§5.1: 3x3, 256, ReLU); no dropout or BN anywhere, as the paper names neither (convs have biases instead).
     - Cross-reference FC widths 256 -> 256/16 -> 256: SE-Net's reduction ratio, this being SE-style attention.
-    - ASPP: 1x1, three 3x3 at rates 6/12/18 and image pooling (DeepLab [4]; CANet's rates at output stride 8).
+    - ASPP: 1x1, three 3x3 at rates 6/12/18 and image pooling, concatenated, then a 1x1: CANet's [63] ASPP
+      (icoz69/CaNet one_shot_network.py, layer6_0-layer7), DeepLab v3's design. The paper cites DeepLab [4],
+      whose ASPP (v2) sums four 3x3 branches at rates 6/12/18/24.
     - Co-occurrence head ("several convolutional layers and ASPP", §4.3): one 3x3 conv before the ASPP and one
       after it, the fewest that make "several" around it, then a 1x1 conv to the two scores.
     - Global conditional module (Fig. 5: concatenation, then "a residual convolution"): a 3x3 conv brings the
@@ -103,7 +108,7 @@ def add_args(parser):
     parser.add_argument("--ft-steps", type=int, help="test-time fine-tuning steps (default 20)")
     parser.add_argument("--ft-lr", type=float, help="test-time fine-tuning learning rate (default 0.0025)")
     parser.add_argument("--test-scales", type=float, nargs="+", help="e.g. 0.75 1 1.25 (§5.3; default 1)")
-    parser.add_argument("--refine-steps", type=int, help="mask refinement iterations (default 10, §5.1)")
+    parser.add_argument("--refine-steps", type=int, help="mask refinement iterations, >= 1 (default 10, §5.1)")
 
 
 # Table 8: CRCNet trains at 321; §5.1: SGD, lr 0.0025, 200 epochs. Batch sizes and COCO's epochs are not given:
@@ -161,7 +166,8 @@ class CrossReference(nn.Module):
 
 
 class ASPP(nn.Module):
-    """Atrous spatial pyramid pooling (DeepLab [4]): 1x1, 3x3 at each rate and image pooling, fused by a 1x1."""
+    """Atrous spatial pyramid pooling as CANet's (DeepLab v3's): 1x1, 3x3 at each rate and image pooling,
+    concatenated and fused by a 1x1 (Choices)."""
 
     def __init__(self, dim, rates):
         super().__init__()
@@ -314,6 +320,9 @@ class Model(nn.Module):
         super().__init__()
         if cfg.kshot not in KSHOT_MODES:
             raise ValueError(f"kshot must be one of {KSHOT_MODES}, got {cfg.kshot!r}")
+        if cfg.refine_steps < 1 or cfg.ft_steps < 0:
+            raise ValueError(f"refine_steps must be >= 1 (the refinement predicts; 1 = no re-use of the cache) and "
+                             f"ft_steps >= 0, got {cfg.refine_steps} and {cfg.ft_steps}")
         self.cfg = cfg
         self.encoder = SiameseEncoder(cfg)
         self.head = PairHead(cfg)

@@ -2228,6 +2228,8 @@ def test_multi_scale_inference(crcnet_model):
 def test_bad_input_raises():
     with pytest.raises(ValueError, match="kshot"):
         crcnet.Model(crcnet.Config(pretrained=False, kshot="vote"))
+    with pytest.raises(ValueError, match="refine_steps must be >= 1"):
+        _model(refine_steps=0)  # the refinement loop is what predicts
     net = _model(refine_steps=1)
     img_q, img_s, m_q, m_s = _episode(B=2, S=2)
     with pytest.raises(ValueError, match="same episodes"):
