@@ -13,10 +13,11 @@ BAM's base learner ensemble (common.py) then suppresses base classes.
 Paper -> code:
     §3.3 SPM, Eq. (1)-(3)              self_activation_prior
     §3.5 APA: Eq. (4)                  masked_average_pooling of the support (common.py)
-              Eq. (5), (10), (11)      prior_region_mean (high-confidence, background, ambiguous query pixels)
+              Eq. (5)                  prior_region_mean (the high-confidence query pixels)
               Eq. (6)-(8)              APA
               Eq. (9)                  SymNet.forward, stage 4
-    §3.6 co-triplet loss, Eq. (12)     triplet_term, SymNet.co_triplet
+    §3.6 co-triplet loss: Eq. (10), (11) prior_region_mean (background and ambiguous query pixels)
+              Eq. (12)                 triplet_term, SymNet.co_triplet
     §3.7 TDC, Eq. (13)                 block_correlation, TDC
     §3.8 decoder, Eq. (14)-(15)        common.FEM; SymNet.loss
     §4.1 base learner ("PSPNet serves as the base learner") -> common.BaseLearner, common.BAMEnsemble,
@@ -92,6 +93,7 @@ class Config:
     coco_split: str = "interleaved"  # data.py's default split: names the base classes of a COCO base learner
     word_vectors: str = None  # --word-vectors: file of build_word_vectors; None: no text branch
     base_learner: str = None  # --base-learner; None: common.base_learner_path(...) if that file exists
+    from_checkpoint: bool = False  # set by train.py: the checkpoint holds the base learner, or was trained without
     reduce_dim: int = 256  # c = d = 256 (§4.1)
     windows: tuple = ((5, 5), (7, 1), (1, 7))  # SPM pooling windows d_h x d_w (§4.1)
     tau1: float = 0.7  # query prototype threshold (§4.1)
@@ -291,10 +293,11 @@ class TDC(nn.Module):
 
 def read_base_learner(cfg):
     """The base learner checkpoint of --stage base for this dataset, fold and backbone, or None (with one
-    warning when the default path is empty; SymNet deals with a --base-learner file that does not exist)."""
+    warning when the default path is empty, unless a checkpoint is to be loaded; SymNet deals with a
+    --base-learner file that does not exist)."""
     path = Path(cfg.base_learner or common.base_learner_path(cfg.dataset, cfg.fold, cfg.backbone))
     if not path.is_file():
-        if not cfg.base_learner:
+        if not cfg.base_learner and not cfg.from_checkpoint:
             warnings.warn(f"no base learner at {path}: Sym-Net runs as the meta learner alone "
                           f"(train one with: python train.py --model symnet --stage base --fold {cfg.fold})")
         return None
@@ -355,6 +358,8 @@ class SymNet(nn.Module):
             print("Sym-Net: base learner and ensemble restored from the checkpoint")
         elif "base_learner.classes" not in state_dict:
             self.base_learner = self.ensemble = None
+            if self.cfg.from_checkpoint:
+                print("Sym-Net: the checkpoint was trained without a base learner: the meta learner alone")
         self.missing_files = []
         return super().load_state_dict(state_dict, strict, assign)
 
@@ -368,7 +373,7 @@ class SymNet(nn.Module):
         loss_q = triplet_term(p_q_aug, p_q_pos, p_q_neg, cfg.margin).mean()  # Eq. (12), query branch
         # support: the foreground pixel farthest from the anchor, and the mean background feature, per shot
         fg = F.interpolate((m_s == 1).float(), f_s.shape[-2:], mode="nearest")  # (B, S, h, w)
-        bg = F.interpolate((m_s == 0).float(), f_s.shape[-2:], mode="nearest")  # (B, S, h, w)
+        bg = 1 - fg  # (B, S, h, w): 255 counts as background, as in SN and in the rest of this file
         anchor = F.normalize(p_s_aug.float(), dim=1)  # (B, c)
         losses_s = []
         for k in range(f_s.shape[1]):

@@ -1488,6 +1488,11 @@ def test_co_triplet_zero_when_every_margin_is_met(symnet_model):
     assert symnet_model.co_triplet(f_q, f_s, m_s, prior, anchor, anchor).item() == 0
     # swapped: the hard positives point away from the anchor
     assert symnet_model.co_triplet(-f_q, -f_s, m_s, prior, anchor, anchor).item() > 2
+    # a support whose only non-object pixels are 255 keeps its negative: 255 counts as background, as in SN
+    f_s[..., 2:, :] = d.view(1, 1, c, 1, 1)  # a background like the anchor: the margin is not met
+    ignored = m_s.masked_fill(m_s == 0, IGNORE_INDEX)
+    assert symnet_model.co_triplet(f_q, f_s, ignored, prior, anchor, anchor) == \
+        symnet_model.co_triplet(f_q, f_s, m_s, prior, anchor, anchor) > 0
 
 
 def test_prior_region_fallbacks():
@@ -1561,6 +1566,10 @@ def test_without_word_vectors_one_warning_and_text_off(tmp_path, monkeypatch):
     assert sum("text branch is off" in m for m in messages) == 1
     assert sum("meta learner alone" in m for m in messages) == 1
     assert (net.text == 0).all() and net.ensemble is None
+    with warnings.catch_warnings(record=True) as record:  # evaluating a checkpoint: it holds the base learner
+        warnings.simplefilter("always")
+        symnet.SymNet(symnet.Config(pretrained=False, dataset="synthetic", from_checkpoint=True))
+    assert not any("meta learner alone" in str(r.message) for r in record)
 
 
 # ---------------------------------------------------------------- base learner, ensemble, stage, harness
