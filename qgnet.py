@@ -48,7 +48,8 @@ Choices (the paper is silent unless said otherwise; the official code has no sta
 - F (the bridge backbone) is frozen, as in the official code and every model here; §4.2.1 says it was
   fine-tuned on the labelled training images.
 - FEM's query input is the reduced mid-level query feature (cat(layer3, layer2) -> 1x1 conv, PFENet's
-  down_query, official L208-209), not the bridge features §4.2.2 names.
+  down_query, official L208-209), not the bridge features §4.2.2 names; likewise the category guider pools the
+  reduced mid-level support feature (down_supp, official L229-231), not X_s.
 """
 import dataclasses
 import math
@@ -187,7 +188,9 @@ def connected_components(labels):
 
 def enforce_connectivity(labels, min_size):
     """Algorithm 2's last step: split superpixels into 4-connected parts; a part smaller than min_size joins its
-    largest neighbour (largest by (size, id), so merges never form cycles), until none is left. -> (H,W) 0..n-1."""
+    largest neighbour (largest by (size, id), so merges never form cycles), until none is left. -> (H,W) 0..n-1,
+    each label 4-connected. A part whose neighbour merges elsewhere in the same round waits for the next: two
+    parts that joined a third which itself moved on would share a label without touching."""
     N = labels.numel()
     comp = connected_components(labels)
     while True:
@@ -198,6 +201,7 @@ def enforce_connectivity(labels, min_size):
             a, b = comp[here].flatten(), comp[there].flatten()
             best.scatter_reduce_(0, a, torch.where(a != b, rank[b], -1), "amax")
         merge = (size > 0) & (size < min_size) & (best > rank)
+        merge &= ~merge[best.clamp(min=0) % N]  # only into a part that stays this round (the largest merging can)
         if not merge.any():
             return torch.unique(comp, return_inverse=True)[1]
         comp = torch.where(merge, best % N, torch.arange(N))[comp]

@@ -2393,6 +2393,19 @@ def test_qgnet_enforce_connectivity_merges_fragments_into_largest_neighbour():
     assert torch.equal(out, expected)
     assert torch.equal(qgnet.enforce_connectivity(labels, min_size=1), qgnet.connected_components(labels).unique(
         return_inverse=True)[1])  # nothing to merge: just the 4-connected parts, relabelled 0..n-1
+    # A (0) and D (2), 6 px each, touch only B (1, 8 px), which joins C (3, 10 px). Merged in the same round,
+    # A and D would keep B's old label after B moved on: one label of 12 >= min_size px on two separate pieces.
+    chain = torch.tensor([[0, 0, 0, 1, 3, 3],
+                          [0, 0, 0, 1, 3, 3],
+                          [1, 1, 1, 1, 3, 3],
+                          [2, 2, 2, 1, 3, 3],
+                          [2, 2, 2, 1, 3, 3]])
+    assert qgnet.enforce_connectivity(chain, min_size=9).unique().numel() == 1  # all joins C, round by round
+    for seed in range(20):  # random maps: every label ends 4-connected and at least min_size pixels
+        labels = torch.randint(0, 5, (12, 12), generator=torch.Generator().manual_seed(seed))
+        out = qgnet.enforce_connectivity(labels, min_size=8)
+        assert out.unique().numel() == qgnet.connected_components(out).unique().numel(), seed
+        assert torch.bincount(out.flatten()).min() >= 8, seed
 
 
 def test_qgnet_slic_recovers_flat_regions_with_connected_s_spaced_superpixels():
