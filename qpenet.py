@@ -50,15 +50,16 @@ Choices (paper silent, or where we differ from the official code; the notes list
     F_s * M_s (keys and values: two projections of the same tokens), residual and LayerNorm, then a
     256-768-256 FFN, residual and LayerNorm: the official cross-attention layer (no biases, dropout 0.1).
     Only pixels with M_s > 0 are keys; a support set without foreground leaves all-zero tokens, which add
-    exactly nothing. Dropped from the official: the
-    deformable self-attention with its sine positional encoding, the cycle-consistency mask, the random
+    exactly nothing. Dropped from the official: the deformable self-attention block (with its own FFN and
+    LayerNorm) and its sine positional encoding, the cycle-consistency mask, the random
     sampling of 300 fg + 300 bg keys (which mislabels its keys, a bug inherited from CyCTR, and makes test
     results seed-dependent), and its keys' content (gated support features, foreground and background).
     The attention itself is torch's F.scaled_dot_product_attention, exactly softmax(Q K^T / sqrt(d)) V
     (tested against that formula), whose fused GPU kernels need not hold the (h*w) x (K*h*w) attention
     matrix (3600 x 18000 per head at 473 px, 5-shot).
  7. Losses: "BCE" on two logits is softmax cross-entropy (identical to BCE on the logit difference);
-    common.seg_loss upsamples to the label size and ignores 255, as the official. alpha = 1, beta = 0.5:
+    common.seg_loss upsamples to the label size and ignores 255, as the official for y_pre and y_final (its
+    y_rev target, s_y == 1, counts the support's 255 pixels as background). alpha = 1, beta = 0.5:
     the official weighs y_final 1 and its L_bg is the mean of the query and support L_bm (0.5 x Eq. 18 for
     K = 1); it weighs y_pre and y_rev 0.25 each, which Eq. (17)'s single alpha cannot express, so they keep
     the paper's weight 1. K shots: the y_rev and support L_bm terms pool the labelled pixels of all shots
@@ -71,7 +72,9 @@ Choices (paper silent, or where we differ from the official code; the notes list
     use 100 on PASCAL, stop early and keep the best checkpoint on the test classes; the harness evaluates
     the last); 473 px for both datasets (§IV-B); batch 4. Synthetic data: the harness's quick-start values.
 11. The official cannot run K > 1 (its transformer reshapes the shot-averaged support map per shot) and keeps
-    only the last shot's y_pre and P_psd; ours combines K shots as stated above.
+    only the last shot's y_pre and P_psd; ours combines K shots as stated above. One MAP over all K supports
+    weighs each shot by its object's area; the official computes prototypes per shot and would average them
+    with equal weights (as PFENet does).
 """
 from dataclasses import dataclass
 
