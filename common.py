@@ -589,8 +589,10 @@ class BAMEnsemble(nn.Module):
 class BaseClassImages(Dataset):
     """Training images of a fold with the semantic labels of its base classes, for the base learner.
 
-    PASCAL / COCO: every image data.build_dataset lists for training (base classes only, BAM's filter), with
-    data.train_transform at BAM's base scale range 0.5-2.0. Synthetic: data.render_synthetic with one base
+    PASCAL / COCO: every image of the training list (data.build_dataset's train files: VOC train U SBD
+    train_noval; COCO train2014), the pixels of novel classes relabelled background, as BAM's BaseData (util/
+    dataset.py, "Pre-Training") does: neither the episodes' 2048-pixel rule nor their filter of images with
+    novel pixels applies here. data.train_transform at BAM's base scale range 0.5-2.0. Synthetic: data.render_synthetic with one base
     class (1-3 objects) and base-class distractors. Item (epoch, index) -> img (3,H,W) normalised, label (H,W)
     int64 channel ids (0 background, i = classes[i-1], 255 ignore; a class of no channel -> 0); every random
     draw comes from a numpy Generator seeded with (seed, epoch, index).
@@ -603,7 +605,8 @@ class BaseClassImages(Dataset):
         self.dataset, self.img_size, self.seed = dataset, img_size, seed
         self.episodes = data.build_dataset(dataset, "train", fold, img_size=img_size, root=root, seed=seed,
                                            coco_split=coco_split, train_length=length)
-        self.length = len(self.episodes) if dataset == "synthetic" else len(self.episodes.images)
+        self.names = sorted(self.episodes.files) if dataset != "synthetic" else None  # the whole training list
+        self.length = len(self.episodes) if dataset == "synthetic" else len(self.names)
         self.lut = torch.zeros(256, dtype=torch.long)  # dataset class id -> channel id
         self.lut[self.classes] = torch.arange(1, len(self.classes) + 1)
         self.lut[IGNORE_INDEX] = IGNORE_INDEX
@@ -620,7 +623,7 @@ class BaseClassImages(Dataset):
             img, label = data.render_synthetic(rng, class_id, others, self.img_size)  # (3,H,W) in [0,1], (H,W)
             mean, std = torch.tensor(data.MEAN).view(3, 1, 1), torch.tensor(data.STD).view(3, 1, 1)
             return (img - mean) / std, self.lut[label]
-        image_path, label_path = self.episodes.files[self.episodes.images[index]]
+        image_path, label_path = self.episodes.files[self.names[index]]
         img, label = data.load_image(image_path), self.lut[data.load_mask(label_path)]  # (3,H0,W0), (H0,W0)
         return data.train_transform(img, label, rng, self.img_size, BASE_SCALE_RANGE)
 

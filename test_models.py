@@ -602,6 +602,19 @@ def test_pascal_masks_keep_ignore_and_zero_other_classes(tmp_path):
     assert picked == {1, 2}
 
 
+def test_base_learner_images_are_bams_whole_list_with_novel_pixels_as_background(tmp_path, monkeypatch):
+    root = _write_pascal(tmp_path / "voc")
+    images = common.BaseClassImages("pascal", 0, 80, root)  # fold 0: classes 1-5 novel, 6-20 base
+    # every training image, c_small (under 2048 px) and d_mixed (novel class 2) too, unlike the episodes
+    assert images.names == ["a_voc", "b_sbd", "c_small", "d_mixed", "f_multi"] and len(images) == 5
+    monkeypatch.setattr(data, "train_transform", lambda img, label, *a: (img, label))  # the labels as read
+    _, label = images[(0, images.names.index("d_mixed"))]
+    raw = torch.from_numpy(_PASCAL_LABELS["d_mixed"]).long()
+    assert torch.equal(label, torch.where(raw == 6, 1, 0))  # base class 6 -> channel 1, novel class 2 -> 0
+    _, label = images[(0, images.names.index("b_sbd"))]
+    assert set(label.unique().tolist()) == {0, 2, IGNORE_INDEX}  # class 7 -> channel 2; 255 stays
+
+
 def test_draw_supports_excludes_query_and_repeats_only_when_needed():
     rng = np.random.default_rng(0)
     assert sorted(data._draw_supports(rng, ["a", "b", "c"], "a", 2)) == ["b", "c"]
