@@ -122,6 +122,7 @@ class Backbone(nn.Module):
             self.channels = {"layer1": 128, "layer2": 256, "layer3": 512, "layer4": 512}
         self.stages = nn.ModuleDict(zip(["layer0", "layer1", "layer2", "layer3", "layer4"], stages))
         self.pretrained = pretrained
+        self.calibrated = False  # random weights: set by calibrate() or by a model that loads estimated statistics
         self.requires_grad_(False)
         self.train(False)
 
@@ -143,6 +144,7 @@ class Backbone(nn.Module):
         nn.Module.train(self, False)
         for m in norms:
             m.momentum = 0.1  # torch's default, as constructed
+        self.calibrated = True
 
     def train(self, mode=True):
         # Always eval, whatever the parent model asks. PFENet calls model.train() (train.py:247), which puts the
@@ -637,7 +639,9 @@ def train_base_learner(args):
     SGD (momentum 0.9, weight decay 1e-4) with the poly schedule per iteration, as BAM's train_base.py, on the
     head only (BAM also fine-tunes the backbone at a tenth of the rate; ours stays frozen and shared). One
     process. Writes {model, classes, backbone, dataset, fold} to args.base_learner when the model offers that
-    flag and it is set, else to base_learner_path(dataset, fold, backbone); returns the path.
+    flag and it is set, else to base_learner_path(dataset, fold, backbone); returns the path. With
+    --no-pretrained also backbone_buffers, the BatchNorm statistics estimated here, which the meta learner's
+    backbone (the same random weights: same seed) then takes instead of estimating its own.
     """
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         sys.exit("error: --stage base runs in one process: start it with python, not torchrun")
@@ -682,7 +686,10 @@ def train_base_learner(args):
     fit(step, optimizer, batches, lambda it: args.lr * (1 - it / (args.epochs * steps)) ** BASE_POLY_POWER,
         args.epochs, steps, log_every=args.log_every, per_step=args.batch_size, unit="images", tag="[base] ",
         log=partial(print, flush=True))
-    save_atomic({"model": learner.state_dict(), "classes": images.classes, "backbone": args.backbone,
-                 "dataset": args.dataset, "fold": args.fold}, path)
+    state = {"model": learner.state_dict(), "classes": images.classes, "backbone": args.backbone,
+             "dataset": args.dataset, "fold": args.fold}
+    if not backbone.pretrained:  # the meta learner's random backbone must give the features this head learned on
+        state["backbone_buffers"] = dict(backbone.named_buffers())
+    save_atomic(state, path)
     print(f"[base] wrote {path}", flush=True)
     return path

@@ -295,9 +295,11 @@ def read_base_learner(cfg):
     """The base learner checkpoint of --stage base for this dataset, fold and backbone, or None (with one
     warning when the default path is empty, unless a checkpoint is to be loaded; SymNet deals with a
     --base-learner file that does not exist)."""
+    if cfg.from_checkpoint:
+        return None  # the checkpoint holds the base learner, or was trained without one
     path = Path(cfg.base_learner or common.base_learner_path(cfg.dataset, cfg.fold, cfg.backbone))
     if not path.is_file():
-        if not cfg.base_learner and not cfg.from_checkpoint:
+        if not cfg.base_learner:
             warnings.warn(f"no base learner at {path}: Sym-Net runs as the meta learner alone "
                           f"(train one with: python train.py --model symnet --stage base --fold {cfg.fold})")
         return None
@@ -306,6 +308,10 @@ def read_base_learner(cfg):
     if state["backbone"] != cfg.backbone or list(state["classes"]) != expected:
         raise ValueError(f"base learner {path} was trained for {state['backbone']}, classes {state['classes']}; "
                          f"this model needs {cfg.backbone}, classes {expected}")
+    if ("backbone_buffers" in state) == cfg.pretrained:  # saved with the random backbone's statistics
+        weights = ("ImageNet", "random (--no-pretrained)")
+        raise ValueError(f"base learner {path} was trained on {weights['backbone_buffers' in state]} backbone "
+                         f"weights; this model uses {weights[not cfg.pretrained]} ones")
     return state
 
 
@@ -345,6 +351,9 @@ class SymNet(nn.Module):
         if base_state is not None:
             self._attach_base_learner(base_state["classes"])
             self.base_learner.load_state_dict(base_state["model"])
+            if not cfg.pretrained and "backbone_buffers" in base_state:  # random weights: the base stage's BN
+                self.backbone.load_state_dict(base_state["backbone_buffers"], strict=False)  # statistics
+                self.backbone.calibrated = True
 
     def _attach_base_learner(self, classes):
         device = self.text.device

@@ -1625,6 +1625,20 @@ def test_base_stage_trains_and_sym_net_uses_it(tmp_path):
     torch.manual_seed(0)
     net = make_symnet(tmp_path, fold=1, base_learner=str(path))
     assert net.ensemble is not None and not any(p.requires_grad for p in net.base_learner.parameters())
+    # random weights: the meta learner's backbone takes the BN statistics the base learner was trained on, and
+    # the harness leaves them (same seed, so the same weights: the head sees the features it learned on)
+    buffers = dict(net.backbone.named_buffers())
+    assert all(torch.equal(buffers[k], v) for k, v in state["backbone_buffers"].items())
+    assert net.backbone.calibrated and any(v.abs().sum() > 0 for k, v in buffers.items() if "running_mean" in k)
+    weights = dict(net.backbone.named_parameters())
+    torch.manual_seed(0)  # what --stage base built, with its default --seed 0
+    stage_weights = common.Backbone("resnet50", pretrained=False)
+    assert all(torch.equal(weights[k], v) for k, v in stage_weights.named_parameters())
+    train.calibrate_random_backbones(net, train.parse_args(["--model", "symnet", "--dataset", "synthetic",
+                                     "--no-pretrained", "--img-size", "33", "--workers", "0"])[0], "cpu", 0)
+    assert all(torch.equal(v, state["backbone_buffers"][k]) for k, v in net.backbone.named_buffers())
+    with pytest.raises(ValueError, match="trained on random .* this model uses ImageNet"):
+        symnet.read_base_learner(symnet.Config(dataset="synthetic", fold=1, base_learner=str(path)))
     net.train()
     assert not net.base_learner.training  # frozen BN
     ep = symnet_episode(B=2, S=1, size=33, seed=5)

@@ -482,7 +482,8 @@ def calibrate_random_backbones(model, args, device, rank):
     """--no-pretrained: every random-weight common.Backbone of the model gets BatchNorm statistics estimated on
     the first common.CALIBRATION_IMAGES images of the training episodes (the same for every model and process).
     They are saved in the checkpoints with every other weight."""
-    backbones = [m for m in model.modules() if isinstance(m, common.Backbone) and not m.pretrained]
+    backbones = [m for m in model.modules() if isinstance(m, common.Backbone) and not m.pretrained
+                 and not m.calibrated]  # calibrated: statistics from a stage's checkpoint (Sym-Net's base learner)
     if not backbones:
         return
     dataset, images = build_dataset(args, "train"), []
