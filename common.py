@@ -152,7 +152,10 @@ class Backbone(nn.Module):
         # running statistics drift away from ImageNet's. HSNet (hsnet.py) and BAM (fix_bn) keep it in eval.
         return super().train(False)
 
-    def forward(self, x, blocks=False):
+    def forward(self, x, blocks=False, mask=None):
+        """x (N,3,H,W) -> {layer1..layer4: (N,C,h,w)} (and "blocks" with blocks=True). mask (N,H,W) labels:
+        layer4 then runs on layer3 x (mask == 1), resized bilinearly: PFENet's support features for the prior
+        (PFENet.py:209-210); "layer3" stays unmasked."""
         if blocks and not self.name.startswith("resnet"):
             raise ValueError(f"blocks=True needs a ResNet backbone; {self.name} has no bottleneck blocks")
         feats, block_feats = {}, []
@@ -161,6 +164,8 @@ class Backbone(nn.Module):
         with torch.no_grad():
             x = self.stages["layer0"](x)
             for name in ("layer1", "layer2", "layer3", "layer4"):
+                if name == "layer4" and mask is not None:
+                    x = x * _resize((mask == 1).to(x.dtype)[:, None], x.shape[-2:])  # (N, C3, h, w)
                 if blocks and name in BLOCK_STAGES:
                     for block in self.stages[name]:
                         x = block(x)
@@ -174,13 +179,17 @@ class Backbone(nn.Module):
             feats["blocks"] = block_feats
         return feats
 
-    def episode(self, img_q, img_s, blocks=False):
+    def episode(self, img_q, img_s, blocks=False, m_s=None):
         """The query and its supports through the backbone as one batch: one pass over every layer instead of
         two, with the same values as two calls (BatchNorm is frozen in eval, so images do not interact).
         img_q (B,3,H,W), img_s (B,S,3,H,W) -> (feats_q, feats_s): forward's dicts, with (B,C,h,w) entries
-        for the query and (B*S,C,h,w) for the supports (views into one output, no copy)."""
+        for the query and (B*S,C,h,w) for the supports (views into one output, no copy). With m_s (B,S,H,W)
+        the supports' layer4 is PFENet's, of their masked layer3 (forward's mask); the query's is plain."""
         B = img_q.shape[0]
-        feats = self(torch.cat([img_q, img_s.flatten(0, 1)]), blocks=blocks)  # entries (B + B*S, C, h, w)
+        mask = None
+        if m_s is not None:  # the query's mask is all ones: x * 1 leaves its layer3 exactly as it is
+            mask = torch.cat([torch.ones_like(m_s[:, 0]), m_s.flatten(0, 1)])  # (B + B*S, H, W)
+        feats = self(torch.cat([img_q, img_s.flatten(0, 1)]), blocks=blocks, mask=mask)  # (B + B*S, C, h, w)
         feats_q = {name: x[:B] for name, x in feats.items() if name != "blocks"}
         feats_s = {name: x[B:] for name, x in feats.items() if name != "blocks"}
         if blocks:
@@ -549,10 +558,12 @@ def gram_distance(f_q, f_s):
     """BAM's scene difference est_val = ||G(f_q) - G(f_s)||_F / ||1_CxC||_F (= C), in [0, 2].
 
     f_q (B,C,h,w) low-level (layer2) query features, f_s (B,S,C,h,w) support ones. Returns (B,): the mean over
-    the shots (BAM weights the shots by a learned kshot_rw instead; Sym-Net's paper averages its K shots)."""
-    g_q = gram_matrix(f_q)  # (B, C, C)
-    dists = [(g_q - gram_matrix(f_s[:, k])).flatten(1).norm(dim=1) for k in range(f_s.shape[1])]  # S x (B,)
-    return torch.stack(dists, 1).mean(1) / f_q.shape[1]  # (B,)
+    the shots (BAM weights the shots by a learned kshot_rw instead; Sym-Net's paper averages its K shots).
+    In float32 even under bf16 autocast: a small difference of two near-equal C x C matrices (cf. cosine_prior)."""
+    with torch.autocast(f_q.device.type, enabled=False):
+        g_q = gram_matrix(f_q.float())  # (B, C, C)
+        dists = [(g_q - gram_matrix(f_s[:, k].float())).flatten(1).norm(dim=1) for k in range(f_s.shape[1])]
+        return torch.stack(dists, 1).mean(1) / f_q.shape[1]  # (B,)
 
 
 class BAMEnsemble(nn.Module):
@@ -645,6 +656,8 @@ def train_base_learner(args):
     """
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         sys.exit("error: --stage base runs in one process: start it with python, not torchrun")
+    if args.batch_size < 2:  # the pyramid's 1x1 bin leaves BatchNorm one value per channel
+        sys.exit(f"error: --stage base needs --batch-size >= 2 (BAM uses 12), got {args.batch_size}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)  # before the backbone, as train.py: --no-pretrained gives the same weights
     backbone = Backbone(args.backbone, pretrained=not args.no_pretrained).to(device)

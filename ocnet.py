@@ -11,7 +11,7 @@ multi-frequency pooling, foreground / background prototype selection, an optimal
 and decodes the resulting object-level correlation F_c with an FPN.
 
 Paper -> code
-    §4.1     mid-level F_s/F_q, high-level F^h        Model.features (PFENet's layer2+layer3 -> 1x1; layer4)
+    §4.1     mid-level F_s/F_q, high-level F^h        Model.features (PFENet's layer2+layer3 -> 1x1); layer4
     Eq. 1-2  general object mask M_g                  Model.forward step 2 (common.cosine_prior, ImageNetCAM)
     Eq. 3-5  P_g, M_gp, Alloc, F_ig, M̂_g, F_g         GOMM
     §5.1     query generalization strategy [49]       Model.generalize
@@ -25,8 +25,9 @@ Paper -> code
 
 Choices (the paper leaves these open; there is no official code to follow)
     - Features as PFENet/BAM [21, 42], which §4.1 follows: F = 1x1 conv of [layer3, layer2] to C = 256 with
-      ReLU and Dropout 0.5, F^h = layer4. One projection for query and support (PFENet has two), so that the
-      query-support cosines of Eq. 10 compare one space.
+      ReLU and Dropout 0.5, F^h = layer4; the support's F^h of Eq. (1) is layer4 of its masked layer3, as in
+      the PFENet prior that Eq. (1) follows (PFENet.py:209-210). One projection for query and support (PFENet
+      has two), so that the query-support cosines of Eq. 10 compare one space.
     - CAM source (cam_source="imagenet"): Grad-CAM (Selvaraju et al., ICCV 2017) of the top-1 class of the frozen
       backbone's own ImageNet classifier on F_q^h, ReLU, min-max normalised: parameter-free and available for
       every backbone. For ResNet (global pooling + fc) it equals CAM [65] exactly (up to ReLU and scale); VGG-16-BN
@@ -316,17 +317,17 @@ class Model(nn.Module):
         self.ccm = CCM(C, cfg.num_select, cfg.pa_scale)
         self.decoder = FPNDecoder(2 * C, C, cfg.fpn_levels, cfg.head_dropout)
 
-    def features(self, img):
-        """Mid-level F (N,C,h,w) and high-level F^h (N,C_h,h,w) of images (N,3,H,W)."""
-        feats = self.backbone(img)
-        return self.down(torch.cat([feats["layer3"], feats["layer2"]], 1)), feats["layer4"]
+    def features(self, feats):
+        """Mid-level F (N,C,h,w) from the backbone's dict: PFENet's 1x1 reduction of [layer3, layer2]."""
+        return self.down(torch.cat([feats["layer3"], feats["layer2"]], 1))
 
     def forward(self, img_q, img_s, m_s, class_ids=None):
         B, S = img_s.shape[:2]
-        # 1. frozen backbone: mid-level F_q, F_s and high-level F_q^h, F_s^h (§4.1)
-        f, f4 = self.features(torch.cat([img_q, img_s.flatten(0, 1)]))  # (B + B*S, C, h, w), (B + B*S, C_h, h, w)
-        f_q, f_q4 = f[:B], f4[:B]  # (B, C, h, w), (B, C_h, h, w)
-        f_s, f_s4 = f[B:].unflatten(0, (B, S)), f4[B:].unflatten(0, (B, S))  # (B, S, C, h, w), (B, S, C_h, h, w)
+        # 1. frozen backbone: mid-level F_q, F_s and high-level F_q^h, F_s^h (§4.1); F_s^h is layer4 of the
+        # masked support layer3, as PFENet's prior, which Eq. (1) follows (episode's m_s)
+        feats_q, feats_s = self.backbone.episode(img_q, img_s, m_s=m_s)
+        f_q, f_q4 = self.features(feats_q), feats_q["layer4"]  # (B, C, h, w), (B, C_h, h, w)
+        f_s, f_s4 = self.features(feats_s).unflatten(0, (B, S)), feats_s["layer4"].unflatten(0, (B, S))
         h, w = f_q.shape[-2:]
 
         # 2. Eq. (1-2): M_g = 1_tau(Max(Cosine(F_q^h, F_s^h) ⊕ CAM(F_q^h))), support background removed by M_s

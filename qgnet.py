@@ -542,18 +542,18 @@ class QGNet(nn.Module):
     def forward(self, img_q, img_s, m_s, class_ids=None):
         B, S = img_s.shape[:2]
         # 1. Eq. (8): X_q = F(I_q), X_s = F(I_s), P_q = F_p(I_q), all frozen
-        f_q, f_s = self.backbone.episode(img_q, img_s)  # layer2..4: (B, C, h, w) and (B*S, C, h, w)
+        f_q, f_s = self.backbone.episode(img_q, img_s, m_s=m_s)  # layer2..4: (B, C, h, w), (B*S, C, h, w)
         p_q = self.prior_extractor(img_q)["layer4"]  # (B, 2048, h, w)
         # 2. prior region map, Eq. (9)-(12), between the projected bridge and prior features of the query alone.
         # §4.3: this map is LOW on the object and high on the background, opposite to the guided map (F_p moved
         # object features away from the bridge feature space, backgrounds stayed close); FEM learns to read both.
         prior_map = prior_region_map(self.bridge_proj(f_q["layer4"]), self.prior_proj(p_q))  # (B, 1, h, w)
-        # 3. guided region map (§4.2.2): layer4 of the masked support layer3 (PFENet), masked again, cosine prior
+        # 3. guided region map (§4.2.2): the support's layer4 of its masked layer3 (PFENet; episode's m_s),
+        # masked again by cosine_prior, averaged over the shots
+        f_s4 = f_s["layer4"]  # (B*S, C4, h, w)
+        guided_map = common.cosine_prior(f_q["layer4"], f_s4.view(B, S, *f_s4.shape[1:]), m_s)  # (B, 1, h, w)
         m = F.interpolate((m_s.flatten(0, 1) == 1).float()[:, None], f_s["layer3"].shape[-2:], mode="bilinear",
                           align_corners=True)  # (B*S, 1, h, w), PFENet
-        with torch.no_grad():
-            f_s4 = self.backbone.stages["layer4"](f_s["layer3"] * m)  # (B*S, C4, h, w)
-        guided_map = common.cosine_prior(f_q["layer4"], f_s4.view(B, S, *f_s4.shape[1:]), m_s)  # shot mean
         # 4. category guider: masked average pooling of the support's mid-level features, mean over shots
         f_s23 = self.down_supp(torch.cat([f_s["layer3"], f_s["layer2"]], 1))  # (B*S, 256, h, w)
         guider = common.masked_average_pooling(f_s23, m).view(B, S, -1).mean(1)  # (B, 256)

@@ -347,6 +347,18 @@ def test_backbone_episode_equals_separate_calls(resnet50):
     for q, s, a_q, a_s in zip(feats_q["blocks"], feats_s["blocks"], alone_q["blocks"], alone_s["blocks"]):
         torch.testing.assert_close(q, a_q, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(s, a_s, rtol=1e-4, atol=1e-4)
+    # with the support masks: PFENet's support layer4, of the masked layer3 (PFENet.py:209-210); the rest as is
+    m_s = torch.zeros(2, 3, 33, 33, dtype=torch.long)
+    m_s[:, :, 5:20, 8:30], m_s[:, :, 0] = 1, IGNORE_INDEX
+    masked_q, masked_s = resnet50.episode(img_q, img_s, m_s=m_s)
+    m = F.interpolate((m_s.flatten(0, 1) == 1).float()[:, None], alone_s["layer3"].shape[-2:], mode="bilinear",
+                      align_corners=True)
+    torch.testing.assert_close(masked_s["layer4"], resnet50.stages["layer4"](alone_s["layer3"] * m), rtol=1e-4,
+                               atol=1e-4)
+    assert not torch.allclose(masked_s["layer4"], alone_s["layer4"], atol=1e-2)
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        torch.testing.assert_close(masked_q[name], alone_q[name], rtol=1e-4, atol=1e-4)  # the query: unmasked
+    torch.testing.assert_close(masked_s["layer3"], alone_s["layer3"], rtol=1e-4, atol=1e-4)
 
 
 def test_resnet101_has_30_blocks():
@@ -1610,6 +1622,9 @@ def test_gram_distance_zero_for_same_scene_and_mean_over_shots():
     one = common.gram_distance(f_q, other[:, None])
     both = common.gram_distance(f_q, torch.stack([f_q, other], 1))
     assert (one > 0).all() and torch.allclose(both, one / 2, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 inside: the bf16 matmuls were 1-2% off
+        amp = common.gram_distance(f_q, other[:, None])
+    assert amp.dtype == torch.float32 and torch.allclose(amp, one, rtol=1e-5)
 
 
 def test_base_stage_trains_and_sym_net_uses_it(tmp_path):
@@ -1617,6 +1632,8 @@ def test_base_stage_trains_and_sym_net_uses_it(tmp_path):
     argv = ["--model", "symnet", "--stage", "base", "--dataset", "synthetic", "--fold", "1", "--no-pretrained",
             "--img-size", "33", "--train-length", "4", "--batch-size", "2", "--epochs", "1", "--workers", "0",
             "--log-every", "1", "--base-learner", str(path)]
+    with pytest.raises(SystemExit, match="needs --batch-size >= 2"):
+        train.main([*argv, "--batch-size", "1"])
     assert train.main(argv) == path and path.is_file()  # 2 steps
     state = torch.load(path, weights_only=False)
     assert state["classes"] == common.base_classes("synthetic", 1) == [c for c in range(1, 21) if c not in
@@ -2028,7 +2045,10 @@ def test_ocnet_general_object_mask_is_thresholded_max_of_prior_and_cam(ocnet_mod
     with torch.no_grad():
         out = model(img_q, img_s, m_s)
         f_q4 = model.backbone(img_q)["layer4"]
-        f_s4 = model.backbone(img_s.flatten(0, 1))["layer4"].view(2, 2, *f_q4.shape[1:])
+        f_s3 = model.backbone(img_s.flatten(0, 1))["layer3"]  # PFENet.py:209-210: layer4 of the masked layer3
+        m = F.interpolate((m_s.flatten(0, 1) == 1).float()[:, None], f_s3.shape[-2:], mode="bilinear",
+                          align_corners=True)
+        f_s4 = model.backbone.stages["layer4"](f_s3 * m).view(2, 2, *f_q4.shape[1:])
         prior, cam = common.cosine_prior(f_q4, f_s4, m_s), model.cam(f_q4)
     assert cam.shape == prior.shape and cam.min() >= 0 and cam.max() <= 1
     assert torch.equal(out["m_g"], (torch.maximum(prior, cam)[:, 0] >= 0.6).long())
