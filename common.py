@@ -41,7 +41,7 @@ IGNORE_INDEX = 255  # PFENet ignore_label: VOC object borders and the padding of
 MAP_EPS = 5e-4  # PFENet Weighted_GAP, PFENet.py:16
 COSINE_EPS = 1e-7  # PFENet prior, PFENet.py:222 (cosine denominator and min-max normalisation)
 IOU_EPS = 1e-10  # PFENet test.py:233,243
-FEM_BINS = (1.0, 0.5, 0.25, 0.125)  # PFENet COCO config ppm_scales; at h = 60 the PASCAL bins 60/30/15/8
+FEM_BINS = (1.0, 0.5, 0.25, 0.125)  # PFENet COCO config ppm_scales; rounded at h = 60: PASCAL's 60/30/15/8 (FEM)
 FEM_DROPOUT = 0.1  # PFENet.py:104,147 (cls and inner_cls heads)
 RUNS_DIR = "runs"  # parent of every default run folder (train.py's and the stages'), in the working directory
 
@@ -262,7 +262,9 @@ class FEM(nn.Module):
     inner_cls auxiliary logits; upsampled to h,w. The scales are concatenated -> res1 (1x1) -> res2 (two 3x3)
     residual -> cls. All widths equal in_dim (PFENet's reduce_dim 256).
     A bin <= 1 is a fraction of the feature size, rounded (60 -> 60/30/15/8, 81 -> 81/40/20/10); a bin > 1 is
-    an absolute size (PFENet PASCAL: [60, 30, 15, 8]).
+    an absolute size (PFENet PASCAL: [60, 30, 15, 8]). PFENet floors fractions (int(h * b), PFENet.py:261):
+    rounding lets one list give PASCAL's absolute bins at 473 px (floor: 60/30/15/7) and COCO's at 641 px
+    (the same either way); at other sizes a bin may be one larger than PFENet's.
     forward(f_q (B,in_dim,h,w), proto (B,in_dim), extra (B,extra_dim,h,w)) -> (logits (B,classes,h,w),
     aux: list of (B,classes,b,b), one per bin).
     """
@@ -648,7 +650,9 @@ def train_base_learner(args):
     It uses train.py's --epochs, --batch-size, --lr, --img-size, --train-length (synthetic), --workers, --seed,
     --log-every, --fp32 and --no-pretrained (their defaults are the model's, so pass BAM's base values: README);
     SGD (momentum 0.9, weight decay 1e-4) with the poly schedule per iteration, as BAM's train_base.py, on the
-    head only (BAM also fine-tunes the backbone at a tenth of the rate; ours stays frozen and shared). One
+    head only (BAM also fine-tunes the backbone at a tenth of the rate; ours stays frozen and shared). The last
+    epoch's weights are kept: BAM validates every epoch on val images of the base classes and keeps the best,
+    stopping after 75 epochs without improvement; we have no base-class validation split. One
     process. Writes {model, classes, backbone, dataset, fold} to args.base_learner when the model offers that
     flag and it is set, else to base_learner_path(dataset, fold, backbone); returns the path. With
     --no-pretrained also backbone_buffers, the BatchNorm statistics estimated here, which the meta learner's
