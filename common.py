@@ -651,8 +651,8 @@ def train_base_learner(args):
     --log-every, --fp32 and --no-pretrained (their defaults are the model's, so pass BAM's base values: README);
     SGD (momentum 0.9, weight decay 1e-4) with the poly schedule per iteration, as BAM's train_base.py, on the
     head only (BAM also fine-tunes the backbone at a tenth of the rate; ours stays frozen and shared). The last
-    epoch's weights are kept: BAM validates every epoch on val images of the base classes and keeps the best,
-    stopping after 75 epochs without improvement; we have no base-class validation split. One
+    epoch's weights are kept, as the harness does for every model: BAM validates every epoch on the test images
+    (base-class labels), keeps the best and stops after 75 epochs without improvement. One
     process. Writes {model, classes, backbone, dataset, fold} to args.base_learner when the model offers that
     flag and it is set, else to base_learner_path(dataset, fold, backbone); returns the path. With
     --no-pretrained also backbone_buffers, the BatchNorm statistics estimated here, which the meta learner's
