@@ -68,7 +68,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
@@ -153,11 +153,13 @@ def fold_classes(dataset, fold, coco_split="interleaved"):
 
 # ----------------------------------------------------------------------------- files
 
-def load_image(path):
-    """RGB image file -> uint8 (3,H,W). A missing, truncated or corrupt file raises OSError naming it."""
+def load_image(path, upright=False):
+    """RGB image file -> uint8 (3,H,W). A missing, truncated or corrupt file raises OSError naming it.
+    upright: turn it as its EXIF orientation says, as viewers show it (for a user's photos; not for the
+    datasets, whose masks were drawn on the stored pixels)."""
     try:
         with Image.open(path) as im:
-            rgb = np.array(im.convert("RGB"))  # convert() decodes the whole file
+            rgb = np.array((ImageOps.exif_transpose(im) if upright else im).convert("RGB"))  # decodes it all
     except (OSError, ValueError, SyntaxError) as err:
         raise OSError(f"cannot read image {path}: {err}") from err
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()

@@ -1152,6 +1152,11 @@ def test_stage_vis_predict_and_bench(tiny, tmp_path, capsys):
     pred = np.array(Image.open(pred_out / "q_mask.png"))
     assert pred.shape == (30, 50) and set(np.unique(pred)) <= {0, 255}
     assert Image.open(pred_out / "q_overlay.png").size == (50, 30)
+    Image.fromarray(mask.T.copy()).save(tmp_path / "turned.png")  # 30x50 image, 50x30 mask: would be stretched
+    with pytest.raises(SystemExit, match="is 30x50 pixels but its image .* is 50x30"):
+        train.main(["--predict", "--checkpoint", str(tmp_path / "last.pt"), "--support", str(tmp_path / "s.jpg"),
+                    "--support-mask", str(tmp_path / "turned.png"), "--query", str(tmp_path / "q.jpg"),
+                    "--out", str(pred_out), "--workers", "0"])
 
     capsys.readouterr()
     train.main(tiny_args(tiny, tmp_path, "--bench", "--bench-steps", "2", "--batch-size", "2"))
@@ -1250,6 +1255,16 @@ def test_user_masks_of_any_mode_and_missing_files(tmp_path):
         assert torch.equal(train.read_user_mask(tmp_path / name), expected), name
     with pytest.raises(SystemExit, match="cannot read mask"):
         train.read_user_mask(tmp_path / "absent.png")
+    # a phone photo stored landscape with EXIF orientation 6 (shown turned 90 degrees clockwise): --predict
+    # reads it upright, as the user sees it and drew its mask; the datasets' images are read as stored
+    photo = np.zeros((4, 6, 3), np.uint8)
+    photo[0, 0] = 255  # top-left as stored -> top-right as shown
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(photo).save(tmp_path / "phone.png", exif=exif)
+    stored, upright = data.load_image(tmp_path / "phone.png"), data.load_image(tmp_path / "phone.png", upright=True)
+    assert stored.shape == (3, 4, 6) and upright.shape == (3, 6, 4)
+    assert stored[0, 0, 0] == 255 and upright[0, 0, -1] == 255
 
 
 def test_model_flags_given_with_a_checkpoint_apply(tiny, tmp_path):

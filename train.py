@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Sampler
@@ -820,6 +820,7 @@ def read_user_mask(path):
     """A user's mask file, any mode (grayscale, palette, RGB, RGBA): 1 where a pixel is nonzero -> int64 (H,W)."""
     try:
         with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)  # upright, as its image is read
             pixels = np.array(im if im.mode in ("1", "L", "P", "I", "I;16") else im.convert("RGB"))
     except OSError as err:
         sys.exit(f"error: cannot read mask {path}: {err}")
@@ -832,11 +833,15 @@ def predict(model, args, device):
     net = unwrap(model).eval()
     infer = getattr(net, "predict", None) or (lambda *a: net(*a)["logits"])
     try:
-        images = [data.load_image(path) for path in [*args.support, *args.query]]
+        images = [data.load_image(path, upright=True) for path in [*args.support, *args.query]]  # as shown
     except OSError as err:  # names the file
         sys.exit(f"error: {err}")
-    supports = [data.test_transform(img, read_user_mask(m), args.img_size)
-                for img, m in zip(images, args.support_mask)]
+    masks = [read_user_mask(m) for m in args.support_mask]
+    for img, mask, img_path, mask_path in zip(images, masks, args.support, args.support_mask):
+        if mask.shape != img.shape[1:]:
+            sys.exit(f"error: --support-mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} pixels but its image "
+                     f"{img_path} is {img.shape[2]}x{img.shape[1]} (as displayed): draw the mask on the image itself")
+    supports = [data.test_transform(img, mask, args.img_size) for img, mask in zip(images, masks)]
     img_s = torch.stack([s[0] for s in supports])[None].to(device)  # (1,S,3,H,W)
     m_s = torch.stack([s[1] for s in supports])[None].to(device)  # (1,S,H,W)
     if (m_s == 1).sum() == 0:
