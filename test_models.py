@@ -1642,6 +1642,22 @@ def test_gram_distance_zero_for_same_scene_and_mean_over_shots():
     assert amp.dtype == torch.float32 and torch.allclose(amp, one, rtol=1e-5)
 
 
+def test_resume_follows_the_checkpoint_when_a_base_learner_appears(tmp_path, monkeypatch):
+    # trained without a base learner, resumed after --stage base wrote one at the default path: the checkpoint
+    # decides (no ensemble), and the optimizer matches it (it was built before the checkpoint was read: crash)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", "symnet", "--dataset", "synthetic", "--fold", "1", "--no-pretrained", "--img-size", "33",
+            "--train-length", "4", "--batch-size", "2", "--workers", "0", "--test-episodes", "2",
+            "--test-seeds", "1", "--out", str(tmp_path / "run")]
+    train.main([*argv, "--epochs", "1"])
+    train.main(["--model", "symnet", "--stage", "base", "--dataset", "synthetic", "--fold", "1", "--no-pretrained",
+                "--img-size", "33", "--train-length", "4", "--batch-size", "2", "--epochs", "1", "--workers", "0"])
+    assert common.base_learner_path("synthetic", 1, "resnet50").is_file()
+    train.main([*argv, "--epochs", "2", "--resume"])
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert state["epoch"] == 2 and not any(k.startswith("ensemble.") for k in state["model"])
+
+
 def test_base_stage_trains_and_sym_net_uses_it(tmp_path):
     path = tmp_path / "base.pt"
     argv = ["--model", "symnet", "--stage", "base", "--dataset", "synthetic", "--fold", "1", "--no-pretrained",

@@ -505,8 +505,9 @@ def calibrate_random_backbones(model, args, device, rank):
 # Training
 
 
-def train(model, optimizer, args, cfg, device, rank, world, log_file):
-    """Epochs of episodic SGD with a per-iteration poly schedule; a checkpoint every epoch; returns best mIoU."""
+def train(model, optimizer, args, cfg, device, rank, world, log_file, resumed=None):
+    """Epochs of episodic SGD with a per-iteration poly schedule; a checkpoint every epoch; returns best mIoU.
+    resumed: the state of OUT/last.pt for --resume (main has loaded its model weights already)."""
     dataset = build_dataset(args, "train")
     per_rank = args.batch_size // world
     sampler = EpisodeSampler(len(dataset), rank, world, shuffle=True, seed=args.seed, batch_size=per_rank)
@@ -517,11 +518,9 @@ def train(model, optimizer, args, cfg, device, rank, world, log_file):
     max_iter = args.epochs * steps_per_epoch
     start_epoch, best = 0, -1.0
     last = args.out / "last.pt"
-    if args.resume:
-        state = read_checkpoint(last)
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best = state["epoch"], state["best"]
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        start_epoch, best = resumed["epoch"], resumed["best"]
         log(rank, f"resumed from {last} after epoch {start_epoch}")
     log(rank, f"training: {len(dataset)} episodes/epoch, {steps_per_epoch} steps of {args.batch_size}, "
               f"{args.epochs} epochs, lr {args.lr}")
@@ -897,8 +896,9 @@ def main(argv=None):
         model = module.Model(cfg).to(device)
     except common.WeightsUnavailableError as err:  # offline: say what to do, without a traceback
         sys.exit(f"error: {err}")
-    if state is not None:
-        model.load_state_dict(state["model"])
+    resumed = read_checkpoint(args.out / "last.pt") if args.resume else None
+    if state is not None or resumed is not None:  # before the optimizer is built: the checkpoint decides which
+        model.load_state_dict((state or resumed)["model"])  # parts exist (Sym-Net's base learner and ensemble)
     elif not (args.bench or args.predict):
         calibrate_random_backbones(model, args, device, rank)
     # NHWC: cuDNN's tensor-core convolutions want it, and oneDNN's CPU ones ran 5-18% faster in every model (README)
@@ -926,7 +926,7 @@ def main(argv=None):
 
     # 3. training (skipped for --eval-only and for a model with nothing to learn)
     if not args.eval_only and learnable:
-        train(model, optimizer, args, cfg, device, rank, world, log_file)
+        train(model, optimizer, args, cfg, device, rank, world, log_file, resumed)
         if args.select_best and (args.out / "best.pt").exists():
             unwrap(model).load_state_dict(read_checkpoint(args.out / "best.pt")["model"])
             log(rank, "evaluating best.pt (chosen on the test fold: an optimistic estimate)")
