@@ -1213,6 +1213,7 @@ def test_bench_data_on_generated_pascal_jpegs(tmp_path, monkeypatch, capsys):
     (["--log-every", "0"], "argument --log-every: must be at least 1"),
     (["--test-episodes", "0"], "argument --test-episodes: must be at least 1"),
     (["--workers", "-1"], "argument --workers: must be at least 0"),
+    (["--seed", "-1"], "argument --seed: must be at least 0"),
     (["--batch-size", "two"], "argument --batch-size: invalid positive_int value"),
     (["--model", "nosuchnet"], "choose one of"),
     (["--model", "missing.py"], "no such file"),
@@ -1288,6 +1289,24 @@ def test_a_checkpoint_is_tested_on_its_own_fold_unless_told_otherwise(tiny, tmp_
     train.main([*flags, "--fold", "2", "--out", str(tmp_path / "b")])  # allowed, but its classes were trained on
     out, err = capsys.readouterr()
     assert result_line(out)["fold"] == "2" and "was trained on synthetic fold 1" in err
+    # --model=X is --model X: it overrides the checkpoint's model, as the spaced form does
+    assert train.parse_args(["--model=baseline", "--checkpoint", flags[2]])[0].model == "baseline"
+    # files that are not train.py checkpoints: a message naming the file, not a traceback
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save({"model": {}, "classes": [1]}, tmp_path / "stage.pt")  # a stage's file, e.g. a base learner
+    for name, message in (("junk.pt", "cannot read checkpoint"), ("stage.pt", "is not a checkpoint of train.py")):
+        with pytest.raises(SystemExit, match=message):
+            train.main(["--eval-only", "--checkpoint", str(tmp_path / name)])
+
+
+def test_bf16_peak_matches_whole_gpu_names(monkeypatch):
+    args, cuda = argparse.Namespace(peak_tflops=None), torch.device("cuda")
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.5), ("NVIDIA H100 NVL", 835.5),
+                       ("NVIDIA L40", 181.0), ("NVIDIA L40S", 362.1), ("NVIDIA L4", 121.0), ("NVIDIA A10G", None),
+                       ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H200", 989.4)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert train.bf16_peak_tflops(cuda, args) == peak, name
+    assert train.bf16_peak_tflops(cuda, argparse.Namespace(peak_tflops=500.0)) == 500.0  # --peak-tflops wins
 
 
 def test_eval_only_without_checkpoint_is_refused(tiny, tmp_path, capsys):

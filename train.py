@@ -38,6 +38,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -64,8 +65,9 @@ WEIGHT_DECAY = 1e-4  # PFENet train.py
 POLY_POWER = 0.9  # PFENet util.poly_learning_rate
 # Dense (no sparsity) bf16 tensor-core TFLOP/s from NVIDIA's data sheets, matched in order against the device
 # name: the denominator of --bench's achieved fraction.
-BF16_PEAK_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.5), ("H100", 989.4), ("A100", 312.0), ("L40S", 362.1),
-                    ("L4", 121.0), ("A10", 125.0))
+BF16_PEAK_TFLOPS = (("H200 NVL", 835.5), ("H200", 989.4), ("H100 NVL", 835.5), ("H100 PCIe", 756.5),
+                    ("H100", 989.4), ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0),
+                    ("A10", 125.0))  # a key matches whole words of the name: "A10" is not the A10G
 BENCH_DATA_IMAGES = 300  # --bench-data without a dataset: this many PASCAL-sized JPEGs in a temporary folder
 BENCH_DATA_SECONDS = 10.0  # --bench-data: time spent per worker count
 # Used where a model file gives no defaults for a dataset. PASCAL/COCO follow PFENet's configs (the official
@@ -205,7 +207,7 @@ def build_parser(add_help=True):
     p.add_argument("--train-length", type=positive_int, default=None,
                    help="training episodes per epoch (default: every filtered training image; synthetic 500)")
     p.add_argument("--workers", type=non_negative_int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
-    p.add_argument("--seed", type=int, default=0, help="training seed (test episodes do not depend on it)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="training seed (test episodes do not depend on it)")
     p.add_argument("--out", default=None, help="run folder (default runs/MODEL-DATASET-foldK-Sshot)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint, do not train")
@@ -240,7 +242,8 @@ def parse_args(argv=None):
     known, _ = build_parser(add_help=False).parse_known_args(argv)  # --help waits for the model's own flags
     parser = build_parser()
     trained = read_checkpoint(known.checkpoint)["args"] if known.checkpoint else {}
-    if trained and "--model" not in (sys.argv[1:] if argv is None else argv):
+    given = sys.argv[1:] if argv is None else argv
+    if trained and not any(a == "--model" or a.startswith("--model=") for a in given):
         known.model = trained["model"]  # --predict and --eval-only need not repeat it
     module = load_model_module(known.model)
     if hasattr(module, "add_args"):
@@ -320,9 +323,17 @@ def log(rank, *msg):
 
 
 def read_checkpoint(path):
+    """A checkpoint train.py wrote (last.pt, best.pt); anything else stops with a message naming the file."""
     if not Path(path).is_file():
         sys.exit(f"error: checkpoint {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # not a torch file, truncated, ...: unpickling raises many kinds
+        sys.exit(f"error: cannot read checkpoint {path}: {err}")
+    if not isinstance(state, dict) or not {"model", "config", "args"} <= set(state):
+        sys.exit(f"error: {path} is not a checkpoint of train.py (last.pt or best.pt of a run folder); a stage's "
+                 "file (a base learner, a prior extractor) is found by the model itself")
+    return state
 
 
 def save_checkpoint(path, model, optimizer, epoch, cfg, args, best):
@@ -730,7 +741,7 @@ def bf16_peak_tflops(device, args):
     if args.peak_tflops or device.type != "cuda":
         return args.peak_tflops
     name = torch.cuda.get_device_name(device)
-    return next((tflops for key, tflops in BF16_PEAK_TFLOPS if key in name), None)
+    return next((tflops for key, tflops in BF16_PEAK_TFLOPS if re.search(rf"\b{key}\b", name)), None)
 
 
 def write_pascal_like(root, n, seed=0):
