@@ -425,7 +425,8 @@ def fit(step, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch
     step(batch), backward, optimizer step. end_epoch(epoch) runs after each epoch (checkpoints, validation).
 
     Every log_every steps and at the end of an epoch, and only then, the device hands back the mean loss and
-    terms (one host sync): a non-finite loss raises NonFiniteLossError, else `log` gets a progress line (epoch,
+    terms (one host sync; under torch.distributed, averaged over the ranks, so that all of them log the same
+    numbers and stop together): a non-finite loss raises NonFiniteLossError, else `log` gets a progress line (epoch,
     step, loss and terms, lr, per_step * steps / s in `unit`, ETA) and log_file a JSON record {"event": event,
     ...}. The caller does what differs: autocast inside step, model.train() and seeding inside batches."""
     total, t_start = epochs * steps_per_epoch, time.perf_counter()
@@ -445,7 +446,11 @@ def fit(step, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch
             seen += 1
             if (s + 1) % log_every and s + 1 != steps_per_epoch:
                 continue
-            means = dict(zip(sums, (torch.stack(list(sums.values())) / seen).tolist()))  # the host sync
+            means = torch.stack(list(sums.values())) / seen  # (terms,)
+            if dist.is_available() and dist.is_initialized():  # every rank logs, and stops, on the global means
+                dist.all_reduce(means)
+                means /= dist.get_world_size()
+            means = dict(zip(sums, means.tolist()))  # the host sync
             if not math.isfinite(means["loss"]):
                 raise NonFiniteLossError(means["loss"], epoch, s)
             rate = seen * per_step / (time.perf_counter() - t0)

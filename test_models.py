@@ -1064,6 +1064,26 @@ def test_fit_schedules_averages_logs_and_stops_on_a_nonfinite_loss(tmp_path):
                    log_every=2, log=lines.append)
 
 
+def test_fit_under_ddp_logs_and_stops_on_the_mean_over_ranks(monkeypatch):
+    # another rank's loss went NaN: this rank's own is finite, and it must stop too (or it waits forever)
+    other_rank = {"loss": float("nan")}
+
+    def all_reduce(t, op=None):  # a 2-process SUM in which the other rank holds other_rank's mean loss
+        t += torch.tensor([other_rank["loss"], 0.0])
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    w = nn.Parameter(torch.tensor(1.0))
+    optimizer, lines = torch.optim.SGD([w], lr=0.0), []
+    step = (lambda x: ((w * x) ** 2, {"zero": torch.tensor(0.0)}))
+    with pytest.raises(common.NonFiniteLossError, match="became nan in epoch 1 at step 1"):
+        common.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)], lambda it: 0.0, 1, 1, log=lines.append)
+    other_rank["loss"] = 3.0
+    common.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)], lambda it: 0.0, 1, 1, log=lines.append)
+    assert lines[-1].startswith("epoch 1/1 step 1/1 loss 2.0000")  # (1 + 3) / 2: the mean over the ranks
+
+
 def test_evaluation_is_reproducible_and_matches_across_processes(tiny, tmp_path):
     train.main(tiny_args(tiny, tmp_path / "t", "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"))
     ckpt = str(tmp_path / "t" / "last.pt")
