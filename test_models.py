@@ -1688,11 +1688,15 @@ def test_resume_follows_the_checkpoint_when_a_base_learner_appears(tmp_path, mon
     argv = ["--model", "symnet", "--dataset", "synthetic", "--fold", "1", "--no-pretrained", "--img-size", "33",
             "--train-length", "4", "--batch-size", "2", "--workers", "0", "--test-episodes", "2",
             "--test-seeds", "1", "--out", str(tmp_path / "run")]
-    train.main([*argv, "--epochs", "1"])
+    with warnings.catch_warnings(record=True) as caught:  # and: no --word-vectors, the text branch is off
+        warnings.simplefilter("always")
+        train.main([*argv, "--epochs", "1"])
+    assert any("meta learner alone" in str(w.message) for w in caught)
     train.main(["--model", "symnet", "--stage", "base", "--dataset", "synthetic", "--fold", "1", "--no-pretrained",
                 "--img-size", "33", "--train-length", "4", "--batch-size", "2", "--epochs", "1", "--workers", "0"])
     assert common.base_learner_path("synthetic", 1, "resnet50").is_file()
-    train.main([*argv, "--epochs", "2", "--resume"])
+    with pytest.warns(UserWarning, match="text branch is off"):
+        train.main([*argv, "--epochs", "2", "--resume"])
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert state["epoch"] == 2 and not any(k.startswith("ensemble.") for k in state["model"])
 
