@@ -189,6 +189,11 @@ def test_cosine_prior_shots_and_empty_mask():
     assert torch.allclose(prior, one_shot.mean(0), atol=1e-6)
     empty = cosine_prior(f_q, f_s[:, 0], torch.zeros(2, 11, 11, dtype=torch.long))
     assert torch.isfinite(empty).all() and torch.equal(empty, torch.zeros_like(empty))
+    # min-max per image, not over the batch: each image's prior spans [0, 1] on its own
+    one = cosine_prior(f_q * torch.tensor([1.0, 5.0])[:, None, None, None], f_s[:, 0], m_s[:, 0])
+    assert torch.allclose(one.amax((1, 2, 3)), torch.ones(2), atol=1e-5) and (one.amin((1, 2, 3)) == 0).all()
+    alone = torch.cat([cosine_prior(f_q[b:b + 1], f_s[b:b + 1, 0], m_s[b:b + 1, 0]) for b in range(2)])
+    assert torch.allclose(one, alone, atol=1e-6)  # and the batch items do not interact
 
 
 # ---------------------------------------------------------------- FEM
@@ -224,6 +229,8 @@ def test_fem_structure_matches_pfenet():
     convs_with_bias = [m for m in fem.modules() if isinstance(m, nn.Conv2d) and m.bias is not None]
     assert len(convs_with_bias) == n + 1 and all(m.kernel_size == (1, 1) and m.out_channels == k
                                                  for m in convs_with_bias)
+    for head in [fem.cls, *fem.inner_cls]:  # 3x3, ReLU, Dropout2d(0.1), 1x1 (PFENet.py:101-106, 144-149)
+        assert [type(m) for m in head] == [nn.Conv2d, nn.ReLU, nn.Dropout2d, nn.Conv2d] and head[2].p == 0.1
 
 
 def test_fem_forward_follows_pfenet_order():
@@ -280,6 +287,15 @@ def test_seg_loss_upsamples_and_survives_all_ignored():
     m_q = torch.tensor([[[0, 1, 1, 255, 255]] * 5])  # (1, 5, 5): 5 background, 10 foreground, 10 ignored
     expected = (5 * math.log(4) + 10 * math.log(4 / 3)) / 15
     assert seg_loss(logits, m_q).item() == pytest.approx(expected, rel=1e-5)
+    # the upsampling is bilinear with align_corners=True (PFENet): 2x2 -> 3x3 puts the mean of the four in the
+    # centre and the corners unchanged; nearest or align_corners=False would not
+    corners = torch.zeros(1, 2, 2, 2)
+    corners[0, 1] = torch.tensor([[0.0, 4.0], [8.0, 12.0]])  # foreground logit; background 0
+    target = torch.full((1, 3, 3), IGNORE_INDEX)
+    target[0, 1, 1] = 1  # only the centre is labelled: the loss is -log sigmoid(6)
+    assert seg_loss(corners, target).item() == pytest.approx(F.softplus(torch.tensor(-6.0)).item(), rel=1e-4)
+    target[0, 1, 1], target[0, 0, 2] = IGNORE_INDEX, 0  # the top-right corner alone: -log(1 - sigmoid(4))
+    assert seg_loss(corners, target).item() == pytest.approx(F.softplus(torch.tensor(4.0)).item(), rel=1e-4)
     logits.requires_grad_(True)
     loss = seg_loss(logits, torch.full((1, 5, 5), IGNORE_INDEX))
     loss.backward()
@@ -981,6 +997,53 @@ def test_training_lowers_the_loss(tiny, tmp_path):
     losses = [r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
               if r["event"] == "train"]
     assert len(losses) == 6 and sum(losses[-2:]) < 0.9 * sum(losses[:2]), losses
+    # the poly schedule per step: 32 episodes / batch 4 = 8 steps an epoch, 48 in all, logged at each 8th
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+           if r["event"] == "train"]
+    assert lrs == pytest.approx([0.05 * (1 - (8 * e + 7) / 48) ** 0.9 for e in range(6)])
+
+
+def test_evaluation_scores_at_original_resolution_by_hand(tmp_path):
+    """A model that calls every pixel foreground, on PASCAL-sized (500x375) images tested at 64 px: per class,
+    I = its object pixels and U = every labelled pixel of the ORIGINAL label (not the resized, padded one)."""
+    class AllForeground(nn.Module):
+        def forward(self, img_q, img_s, m_s, class_ids=None):
+            logits = torch.zeros(img_q.shape[0], 2, *img_q.shape[-2:])
+            logits[:, 1] = 10.0  # p(fg) = sigmoid(10) everywhere
+            return {"logits": logits}
+
+    root = tmp_path / "voc"
+    train.write_pascal_like(root, 30)
+    args = train.parse_args(["--model", "baseline", "--dataset", "pascal", "--data-root", str(root), "--img-size",
+                             "64", "--test-episodes", "5", "--test-seeds", "1", "--workers", "0"])[0]
+    dataset = train.build_dataset(args, "test")
+    loader = train.make_loader(dataset, train.EpisodeSampler(len(dataset)), 2, args, torch.device("cpu"), False)
+    meter = train.evaluate(AllForeground(), loader, dataset, torch.device("cpu"), args, 0, seed=0)
+    inter, union = {}, {}
+    for i in range(len(dataset)):
+        episode = dataset[(0, i)]
+        target, c = episode["m_q_orig"], episode["class_id"]
+        assert target.shape == (375, 500)
+        inter[c] = inter.get(c, 0) + (target == 1).sum().item()
+        union[c] = union.get(c, 0) + (target != IGNORE_INDEX).sum().item()
+    assert meter.class_iou() == pytest.approx({c: inter[c] / union[c] for c in inter}, rel=1e-9)
+    assert meter.fbiou() == pytest.approx(sum(inter.values()) / sum(union.values()) / 2, rel=1e-9)  # bg IoU 0
+    assert meter.mean_probability() == pytest.approx([torch.sigmoid(torch.tensor(10.0)).item()] * 2)
+
+
+def test_episode_sampler_streams_ranks_and_test_split():
+    def keys(sampler, stream):
+        sampler.set_stream(stream)
+        return list(sampler)
+
+    ranks = [train.EpisodeSampler(10, rank, 2, shuffle=True, seed=3, batch_size=2) for rank in (0, 1)]
+    epoch0 = [keys(s, 0) for s in ranks]
+    assert all(len(k) == len(s) == 4 for k, s in zip(epoch0, ranks))  # 10 // (2 ranks x 2) x 2: whole batches
+    assert all(stream == 0 for k in epoch0 for stream, _ in k)  # the key carries the epoch to the workers
+    assert not {i for _, i in epoch0[0]} & {i for _, i in epoch0[1]}  # the ranks see different episodes
+    assert keys(ranks[0], 0) == epoch0[0] and [i for _, i in keys(ranks[0], 1)] != [i for _, i in epoch0[0]]
+    test = [train.EpisodeSampler(7, rank, 2) for rank in (0, 1)]
+    assert [i for _, i in keys(test[0], 4)] == [0, 2, 4, 6] and [i for _, i in keys(test[1], 4)] == [1, 3, 5]
 
 
 def test_resume_after_a_crash_gives_the_same_weights(tiny, tmp_path):
@@ -1454,7 +1517,8 @@ def test_empty_support_mask_gives_no_nan(symnet_model):
     assert torch.isfinite(out["logits"]).all() and torch.isfinite(total)
     assert torch.isfinite(out["prior"]).all() and (out["prior"] == 0).all()  # no support pixel to match
     total.backward()
-    assert all(torch.isfinite(p.grad).all() for p in symnet_model.parameters() if p.grad is not None)
+    grads = [p.grad for p in symnet_model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads), sum(g is None for g in grads)
     symnet_model.zero_grad(set_to_none=True)
 
 
@@ -1666,6 +1730,12 @@ def test_bam_ensemble_identity_at_init_and_leaves_the_episode_class_out():
     out = ens(meta, base, torch.zeros(2), classes, torch.tensor([7, 1]))
     assert torch.allclose(out[0, 0], meta.softmax(1)[0, 0], atol=1e-6)  # episode class 7: its channel left out
     assert torch.allclose(out[1, 0], meta.softmax(1)[1, 0] - 1, atol=1e-6)  # novel class 1: nothing left out
+    with torch.no_grad():  # the scene difference enters both scores through gram_merge's second weight
+        ens.gram_merge.weight.copy_(torch.tensor([1.0, 1.0]).view(1, 2, 1, 1))
+        ens.cls_merge.weight.copy_(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1))
+    out = ens(meta, base, torch.tensor([0.5, 0.0]), classes, torch.tensor([7, 1]))
+    assert torch.allclose(out[0], meta.softmax(1)[0] + 0.5, atol=1e-6)  # episode 0: est 0.5 added to bg and fg
+    assert torch.allclose(out[1], meta.softmax(1)[1], atol=1e-6)  # episode 1: est 0
 
 
 def test_gram_distance_zero_for_same_scene_and_mean_over_shots():
@@ -1867,7 +1937,8 @@ def test_qpenet_empty_support_mask_gives_no_nan(qpe_model):
     assert all(torch.isfinite(v).all() for v in out.values())
     assert torch.isfinite(total) and all(torch.isfinite(v) for v in terms.values())
     total.backward()
-    assert all(torch.isfinite(p.grad).all() for p in qpe_model.parameters() if p.grad is not None)
+    grads = [p.grad for p in qpe_model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads), sum(g is None for g in grads)
 
 
 def test_qpenet_cross_attention_matches_formula():
@@ -2028,7 +2099,8 @@ def test_ocnet_empty_support_or_query_mask_gives_no_nan(ocnet_models):
     total, terms = model.loss(out, m_q, m_s)
     total.backward()
     assert torch.isfinite(total) and all(torch.isfinite(t) for t in terms.values())
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads), sum(g is None for g in grads)
     assert torch.isfinite(model(img_q[:1], img_s[:1], torch.zeros_like(m_s[:1]))["logits"]).all()
 
 
@@ -2765,6 +2837,8 @@ def test_host_syncs_finds_each_kind_of_wait_and_nothing_else():
     assert waits(lambda: torch.where(m)) == ["nonzero"]
     assert waits(lambda: x[m].sum().backward()) == ["index (boolean mask)", "index_put (boolean mask)"]
     assert waits(lambda: torch.unique(m)) == ["_unique2"]
+    assert waits(lambda: x.detach().masked_select(m)) == ["masked_select"]
+    assert waits(lambda: torch.equal(x, x)) == ["equal"] and waits(lambda: torch.bincount(m.long())) == ["bincount"]
     assert waits(lambda: x.repeat_interleave(torch.tensor([1, 2, 1, 1, 1, 1]))) == ["repeat_interleave"]
     assert waits(lambda: x.repeat_interleave(3)) == []  # an int says the size: nothing to wait for
     assert waits(lambda: (x.masked_fill(m, 0) * 2).sum().backward()) == []  # masks used arithmetically are fine
