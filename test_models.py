@@ -2018,6 +2018,308 @@ def test_qpenet_short_synthetic_training_lowers_the_loss(tmp_path):
     assert any(r["event"] == "result" for r in records)
 
 
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+class Scripted(nn.Module):
+    """Stands in for a Convs: records every input and returns the next of the given logits."""
+
+    def __init__(self, *outputs):
+        super().__init__()
+        self.outputs, self.inputs = list(outputs), []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return self.outputs[len(self.inputs) - 1]
+
+
+def logits_of(fg):
+    """Two-channel logits whose argmax is the binary mask fg (..., h, w): channel 1 wins exactly where fg = 1."""
+    fg = fg.float()
+    return torch.stack([1 - fg, fg], -3)
+
+
+def map_by_hand(f, m):
+    """MAP written out: f (C, n) features of n pixels, m (n,) weights -> sum_i f(i) m(i) / (sum_i m(i) + eps)."""
+    return (f * m).sum(1) / (m.sum() + MAP_EPS)
+
+
+def pixels(f):
+    """(..., C, h, w) -> (C, n): the pixels of one image (or of all K shots of one episode) as columns."""
+    return f.movedim(-3, 0).reshape(f.shape[-3], -1)
+
+
+def cosine_by_hand(f, p):
+    """Eq. (13)/(14) written out: f (C, h, w), p (C,) -> p.f(i) / (|p| |f(i)|), (h, w)."""
+    return (f * p[:, None, None]).sum(0) / (p.norm() * f.norm(dim=0))
+
+
+def expect_broadcast(x, p):
+    """Assert that every pixel of x (N, C, h, w) holds the prototype p (N, C)."""
+    torch.testing.assert_close(x, p[:, :, None, None].expand_as(x), **TOL)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PPG and DPE with a scripted Convs
+# ----------------------------------------------------------------------------------------------------------
+
+def test_qpenet_ppg_pools_the_pseudo_prototype_from_the_predicted_query_foreground():
+    # Eq. (1)-(3): Convs sees Concat(F_q, BC(P_pre)); P_psd is the mean of F_q over the pixels y_pre calls
+    # foreground (channel 1), not over its background
+    torch.manual_seed(0)
+    C, h, w = 4, 3, 3
+    fe = qpenet.ForegroundEvolution(qpenet.Config(dim=C))
+    f_q, f_s = torch.randn(2, C, h, w), torch.randn(2, 2, C, h, w)
+    m = torch.zeros(2, 2, h, w)
+    m[0, 0, 0, :2] = 1.0
+    m[0, 1, 2, 2] = 0.5  # a soft edge pixel of the downsampled mask, in the second shot
+    m[1, 1, 1:, 1:] = 1.0  # image 1: foreground only in the second shot
+    fg_pre = torch.zeros(2, h, w)
+    fg_pre[0, 0, 0] = fg_pre[0, 2, 1] = 1  # image 0: two query pixels predicted foreground
+    fg_pre[1, 1, 2] = 1  # image 1: one
+    fe.convs = Scripted(logits_of(fg_pre))
+    p_pre, y_pre, p_psd = fe.ppg(f_q, f_s, m)
+
+    for b in range(2):
+        torch.testing.assert_close(p_pre[b], map_by_hand(pixels(f_s[b]), m[b].flatten()), **TOL)
+    (x,) = fe.convs.inputs
+    torch.testing.assert_close(x[:, :C], f_q)  # F_q first
+    expect_broadcast(x[:, C:], p_pre)  # then BC(P_pre)
+    assert torch.equal(y_pre, logits_of(fg_pre))
+    expected = torch.stack([(f_q[0, :, 0, 0] + f_q[0, :, 2, 1]) / (2 + MAP_EPS), f_q[1, :, 1, 2] / (1 + MAP_EPS)])
+    torch.testing.assert_close(p_psd, expected, **TOL)
+
+
+def test_qpenet_dpe_splits_the_support_mask_by_the_reverse_segmentation():
+    # Eq. (4)-(8): every shot of episode b is reverse-segmented with episode b's P_psd; M_main / M_aux are
+    # M_s inside / outside the predicted foreground; P_main / P_aux pool all shots of an episode
+    torch.manual_seed(0)
+    B, S, C, h, w = 2, 2, 4, 3, 3
+    fe = qpenet.ForegroundEvolution(qpenet.Config(dim=C))
+    f_s = torch.randn(B, S, C, h, w)
+    m = torch.rand(B, S, h, w) * (torch.rand(B, S, h, w) > 0.3)  # soft, with zeros
+    m[:, :, 0, 0] = 1.0
+    p_psd = torch.randn(B, C)
+    rev = torch.zeros(B, S, h, w)
+    rev[0, 0, 0] = 1  # first row of (0, 0)
+    rev[0, 1, :, 1] = 1  # middle column of (0, 1)
+    rev[1, 1, 1:, :2] = 1  # a corner of (1, 1); shot (1, 0) predicts no foreground
+    fe.convs = Scripted(logits_of(rev).flatten(0, 1))
+    y_rev, m_main, m_aux, p_main, p_aux = fe.dpe(f_s, m, p_psd)
+
+    (x,) = fe.convs.inputs
+    assert x.shape == (B * S, 2 * C, h, w)
+    for b in range(B):
+        for k in range(S):
+            torch.testing.assert_close(x[b * S + k, :C], f_s[b, k])
+            expect_broadcast(x[b * S + k, None, C:], p_psd[b, None])  # episode b's pseudo-prototype
+    assert y_rev.shape == (B, S, 2, h, w)
+    torch.testing.assert_close(m_main, m * rev)
+    torch.testing.assert_close(m_aux, m * (1 - rev))
+    for b in range(B):
+        torch.testing.assert_close(p_main[b], map_by_hand(pixels(f_s[b]), (m[b] * rev[b]).flatten()), **TOL)
+        torch.testing.assert_close(p_aux[b], map_by_hand(pixels(f_s[b]), (m[b] * (1 - rev[b])).flatten()), **TOL)
+
+
+def test_qpenet_model_feeds_each_prototype_to_its_equation(qpe_model, monkeypatch):
+    # The wiring of Model.forward, end to end with scripted heads: Eq. (2) gets P_pre, Eq. (3) pools the
+    # query under y_pre's foreground, Eq. (4) is driven by that P_psd (not P_pre), and FFA receives
+    # P_bg from GBC, P_pre, and P_main / P_aux from y_rev, all worked out here by hand
+    torch.manual_seed(0)
+    B, S, C, h = 2, 2, qpe_model.cfg.dim, QPENET_H_FEAT
+    img_q, img_s, m_s, _ = qpe_episode(B=B, S=S)
+    f = torch.randn(B + B * S, C, h, h)  # stands in for the backbone features of query and supports
+    monkeypatch.setattr(qpe_model, "features", lambda img: f)
+    f_q, f_s = f[:B], f[B:].view(B, S, C, h, h)
+    fg_pre = torch.zeros(B, h, h)
+    fg_pre[0, 1:3, 1:4] = 1
+    fg_pre[1, 4, 0] = 1
+    rev = torch.zeros(B, S, h, h)
+    rev[0, 0, :2] = 1
+    rev[0, 1, :, 2:] = 1
+    rev[1, 0, 2:, :3] = 1
+    rev[1, 1] = 1
+    scripted = Scripted(logits_of(fg_pre), logits_of(rev).flatten(0, 1))
+    convs, qpe_model.foreground.convs = qpe_model.foreground.convs, scripted  # not monkeypatch: its undo
+    seen = {}  # deletes a submodule (it is not in the instance __dict__)
+    hooks = [qpe_model.ffa.register_forward_pre_hook(lambda mod, args: seen.update(ffa=args)),
+             qpe_model.gbc.register_forward_hook(lambda mod, args, out: seen.update(gbc=out))]
+    try:
+        with torch.no_grad():
+            out = qpe_model.eval()(img_q, img_s, m_s)
+    finally:
+        qpe_model.foreground.convs = convs
+        for hook in hooks:
+            hook.remove()
+
+    m = F.interpolate((m_s == 1).float(), (h, h), mode="bilinear", align_corners=True)
+    p_pre = torch.stack([map_by_hand(pixels(f_s[b]), m[b].flatten()) for b in range(B)])
+    p_psd = torch.stack([map_by_hand(pixels(f_q[b]), fg_pre[b].flatten()) for b in range(B)])
+    p_main = torch.stack([map_by_hand(pixels(f_s[b]), (m[b] * rev[b]).flatten()) for b in range(B)])
+    p_aux = torch.stack([map_by_hand(pixels(f_s[b]), (m[b] * (1 - rev[b])).flatten()) for b in range(B)])
+    assert (p_psd - p_pre).abs().max() > 0.1 and (p_main - p_aux).abs().max() > 0.1  # the test can tell them apart
+
+    assert len(scripted.inputs) == 2  # one Convs for Eq. (2) and Eq. (4)
+    x_pre, x_rev = scripted.inputs
+    torch.testing.assert_close(x_pre[:, :C], f_q)
+    expect_broadcast(x_pre[:, C:], p_pre)  # Eq. (2)
+    torch.testing.assert_close(x_rev[:, :C], f_s.flatten(0, 1))
+    expect_broadcast(x_rev[:, C:], p_psd.repeat_interleave(S, 0))  # Eq. (4): P_psd of Eq. (3)
+    torch.testing.assert_close(out["m_main"], m * rev)
+    torch.testing.assert_close(out["m_aux"], m * (1 - rev))
+
+    ffa_f_q, ffa_f_s, ffa_m, p_bg, ffa_p_pre, ffa_p_main, ffa_p_aux = seen["ffa"]
+    torch.testing.assert_close(ffa_f_q, f_q)
+    torch.testing.assert_close(ffa_f_s, f_s)
+    torch.testing.assert_close(ffa_m, m)  # the keys of Eq. (16) are weighted by the downsampled M_s
+    assert torch.equal(p_bg, seen["gbc"][0])  # Eq. (12): GBC's P_bg
+    torch.testing.assert_close(ffa_p_pre, p_pre, **TOL)
+    torch.testing.assert_close(ffa_p_main, p_main, **TOL)
+    torch.testing.assert_close(ffa_p_aux, p_aux, **TOL)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FFA: Eq. (12)-(15) inputs, Eq. (16) keys
+# ----------------------------------------------------------------------------------------------------------
+
+def small_ffa():
+    torch.manual_seed(0)
+    return qpenet.FFA(qpenet.Config(dim=8, heads=2, ffn_dim=16)).eval()
+
+
+def test_qpenet_ffa_filter_and_fusion_inputs_by_hand():
+    # Eq. (12): Conv_1 sees Concat(F_q, BC(P_bg)); Eq. (13)-(15): Conv_1 sees Concat(F_q', BC(P_pre), A_main,
+    # A_aux) with A_main = cos(P_main, F_q) and A_aux = cos(P_aux, F_q), in that order
+    ffa = small_ffa()
+    B, S, C, h, w = 2, 1, 8, 3, 4
+    f_q, f_s = torch.randn(B, C, h, w), torch.randn(B, S, C, h, w)
+    m = (torch.rand(B, S, h, w) > 0.5).float()
+    p_bg, p_pre, p_main, p_aux = (torch.randn(B, C) for _ in range(4))
+    seen = {}
+    hooks = [ffa.filter.register_forward_pre_hook(lambda mod, args: seen.update(filter_in=args[0].clone())),
+             ffa.filter.register_forward_hook(lambda mod, args, out: seen.update(filter_out=out.clone())),
+             ffa.fuse.register_forward_pre_hook(lambda mod, args: seen.update(fuse_in=args[0].clone()))]
+    try:
+        with torch.no_grad():
+            ffa(f_q, f_s, m, p_bg, p_pre, p_main, p_aux)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    x = seen["filter_in"]
+    assert x.shape == (B, 2 * C, h, w)
+    torch.testing.assert_close(x[:, :C], f_q)
+    expect_broadcast(x[:, C:], p_bg)
+    x = seen["fuse_in"]
+    assert x.shape == (B, 2 * C + 2, h, w)
+    torch.testing.assert_close(x[:, :C], seen["filter_out"])  # F_q' of Eq. (12)
+    expect_broadcast(x[:, C:2 * C], p_pre)
+    for b in range(B):
+        torch.testing.assert_close(x[b, 2 * C], cosine_by_hand(f_q[b], p_main[b]), **TOL)
+        torch.testing.assert_close(x[b, 2 * C + 1], cosine_by_hand(f_q[b], p_aux[b]), **TOL)
+
+
+def cross_by_hand(layer, x, tokens):
+    """One Cross layer written out for one image: x (N, C) query pixels, tokens (L, C) the support foreground
+    pixels F_s * M_s (L may be 0: then attention adds nothing). Weights taken from layer, masking done here."""
+    N, C = x.shape
+    heads = layer.heads
+    d = C // heads
+    if len(tokens) == 0:
+        attn = torch.zeros(N, C)
+    else:
+        q = (x @ layer.to_q.weight.T).view(N, heads, d).transpose(0, 1)  # (heads, N, d)
+        k = (tokens @ layer.to_k.weight.T).view(-1, heads, d).transpose(0, 1)  # (heads, L, d)
+        v = (tokens @ layer.to_v.weight.T).view(-1, heads, d).transpose(0, 1)
+        a = (q @ k.transpose(1, 2) / math.sqrt(d)).softmax(-1) @ v  # (heads, N, d)
+        attn = a.transpose(0, 1).reshape(N, C) @ layer.to_out.weight.T
+    x = layer.norm_attn(x + attn)
+    return layer.norm_ffn(x + layer.ffn(x))
+
+
+def keys_episode():
+    """B=3 episodes of 2 shots at 3x3: soft weights (1, 0.5, 0.25) and zeros; episode 1 has foreground only in
+    its second shot, episode 2 none at all."""
+    torch.manual_seed(1)
+    B, S, C, h, w = 3, 2, 8, 3, 3
+    f_q, f_s = torch.randn(B, C, h, w), torch.randn(B, S, C, h, w)
+    m = torch.zeros(B, S, h, w)
+    m[0, 0, 0, 0], m[0, 0, 0, 1], m[0, 0, 1, 1] = 1.0, 0.5, 0.25
+    m[0, 1, 2, :] = torch.tensor([1.0, 1.0, 0.5])
+    m[1, 1, 1:, 1:] = 1.0
+    m[1, 1, 0, 2] = 0.5
+    p_bg, p_pre, p_main, p_aux = (torch.randn(B, C) for _ in range(4))
+    return f_q, f_s, m, p_bg, p_pre, p_main, p_aux
+
+
+def test_qpenet_cross_attention_keys_are_the_weighted_support_foreground_pixels_by_hand():
+    # Eq. (16): the keys/values are F_s * M_s at the pixels with M_s > 0, of all shots together; the zero
+    # pixels are not keys (zero keys would still take a share of the softmax), and a soft edge pixel enters
+    # weighted by its M_s. The reference attends only over those pixels, with no mask at all.
+    ffa = small_ffa()
+    f_q, f_s, m, *protos = keys_episode()
+    B, S, C, h, w = f_s.shape
+    seen = {}
+    hook = ffa.fuse.register_forward_hook(lambda mod, args, out: seen.update(x=out.clone()))
+    try:
+        with torch.no_grad():
+            y = ffa(f_q, f_s, m, *protos)
+    finally:
+        hook.remove()
+
+    with torch.no_grad():
+        for b in range(B):
+            keep = m[b] > 0  # (S, h, w)
+            tokens = f_s[b].permute(0, 2, 3, 1)[keep] * m[b][keep][:, None]  # (L, C)
+            assert len(tokens) == [6, 5, 0][b]
+            x = seen["x"][b].flatten(1).T  # (h*w, C): F_q'' of Eq. (15)
+            for layer in ffa.cross:
+                x = cross_by_hand(layer, x, tokens)
+            expected = ffa.convs(x.T.reshape(1, C, h, w))
+            torch.testing.assert_close(y[b:b + 1], expected, **TOL)
+
+
+def test_qpenet_support_features_matter_only_inside_the_mask():
+    # Eq. (16) attends to F_s * M_s: support features where M_s = 0 cannot change y_final, features where
+    # M_s > 0 (a weight-1 pixel, a weight-0.5 pixel) do
+    ffa = small_ffa()
+    f_q, f_s, m, *protos = keys_episode()
+    with torch.no_grad():
+        y = ffa(f_q, f_s, m, *protos)
+        outside = f_s + 5.0 * torch.randn_like(f_s) * (m == 0)[:, :, None]
+        torch.testing.assert_close(ffa(f_q, outside, m, *protos), y)
+        for k, i, j in [(0, 0, 0), (0, 0, 1), (1, 2, 2)]:  # episode 0: weights 1, 0.5, 0.5
+            inside = f_s.clone()
+            inside[0, k, :, i, j] += 5.0 * torch.randn(f_s.shape[2])
+            changed = ffa(f_q, inside, m, *protos)
+            assert (changed[0] - y[0]).abs().max() > 1e-3
+            torch.testing.assert_close(changed[1:], y[1:])  # the other episodes keep their own keys
+
+
+# ----------------------------------------------------------------------------------------------------------
+# L_bm per image
+# ----------------------------------------------------------------------------------------------------------
+
+def test_qpenet_background_mining_loss_foreground_term_is_per_image():
+    # L_bm's first term is -log(1 - p_bg) averaged over each image's own foreground, then over the images, so a
+    # 1-pixel object counts as much as a 3-pixel one; the second is -log p_bg over every labelled pixel of the
+    # batch (255 left out). Constant logits per image: p_bg = sigmoid(a_n) everywhere in image n.
+    a = [0.5, -1.0]
+    y_bg = torch.zeros(2, 2, 1, 4)
+    y_bg[0, qpenet.BACKGROUND] = a[0]
+    y_bg[1, qpenet.BACKGROUND] = a[1]
+    m = torch.tensor([[[1, 0, 0, IGNORE_INDEX]],  # 1 foreground pixel, 3 labelled
+                      [[1, 1, 1, 0]]])  # 3 foreground pixels, 4 labelled
+    not_bg = [math.log1p(math.exp(a_n)) for a_n in a]  # -log(1 - sigmoid(a)) = softplus(a)
+    is_bg = [math.log1p(math.exp(-a_n)) for a_n in a]  # -log sigmoid(a)
+    first = (not_bg[0] * 1 / (1 + qpenet.BM_EPS) + not_bg[1] * 3 / (3 + qpenet.BM_EPS)) / 2
+    every = (3 * is_bg[0] + 4 * is_bg[1]) / 7
+    loss = qpenet.background_mining_loss(y_bg, m, 0.5)
+    torch.testing.assert_close(loss, torch.tensor(first + 0.5 * every))
+    pooled = (not_bg[0] + 3 * not_bg[1]) / 4 + 0.5 * every  # one mean over the batch's foreground: not L_bm
+    assert abs(loss.item() - pooled) > 0.1
+
+
 # ==========================================================================================================
 # ocnet.py: OCNet (GOMM, CCM with DCT pooling and Sinkhorn, FPN decoder)
 # ==========================================================================================================
