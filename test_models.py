@@ -27,6 +27,7 @@ import torch.utils.flop_counter
 import torchvision
 from PIL import Image
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.func import functional_call
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
@@ -2827,6 +2828,240 @@ def test_harness_trains_and_evaluates_two_shot_by_finetuning(tmp_path):
     assert math.isfinite(step["loss"]) and {"query", "support", "query_sub", "support_sub"} <= set(step)
     result = [r for r in records if r["event"] == "result"][0]
     assert result["shot"] == 2 and 0 <= result["miou"] <= 1
+
+
+# boxes (top, bottom, left, right) at 33 x 33: each covers a different set of the pixels 0, 8, 16, 24, 32 that
+# the 5 x 5 features sample (see _at_features), so every episode and shot has its own feature-level mask
+Q_BOXES = [(5, 20, 8, 25), (14, 33, 0, 12)]
+S_BOXES = [[(3, 18, 10, 28), (20, 31, 2, 20), (0, 12, 20, 33)],
+           [(0, 12, 0, 12), (6, 26, 6, 26), (14, 31, 14, 33)]]
+
+
+def _mixed_episode(B=2, S=2, seed=0):
+    """box_episode's images, with masks that differ per episode (query) and per episode and shot (supports);
+    query rows 0-1 and support rows 31-32 are 255 as in box_episode. -> img_q, img_s, m_q, m_s (as _episode)."""
+    img_q, img_s, m_s, m_q = box_episode(B, S, CRCNET_SIZE, Q_BOXES[0], S_BOXES[0][0], seed=seed)
+    m_q.zero_()
+    m_s.zero_()
+    for b in range(B):
+        top, bottom, left, right = Q_BOXES[b]
+        m_q[b, top:bottom, left:right] = 1
+        for k in range(S):
+            top, bottom, left, right = S_BOXES[b][k]
+            m_s[b, k, top:bottom, left:right] = 1
+    m_q[:, :2] = IGNORE_INDEX
+    m_s[:, :, -2:] = IGNORE_INDEX
+    return img_q, img_s, m_q, m_s
+
+
+def _at_features(m):
+    """Labels (..., 33, 33) -> the support foreground at the 5 x 5 features, by hand: bilinear resizing with
+    aligned corners from 33 = 4 * 8 + 1 to 5 samples exactly the pixels 0, 8, 16, 24, 32; 255 is background."""
+    return (m[..., ::8, ::8] == 1).float()
+
+
+def _ce(logits, labels):
+    """Eq. (4) by hand: 2-class cross-entropy of logits (N,2,5,5) upsampled to labels (N,33,33), averaged over
+    the labelled pixels of all N images together (255 ignored)."""
+    up = F.interpolate(logits, labels.shape[-2:], mode="bilinear", align_corners=True)
+    valid = labels != IGNORE_INDEX
+    return F.cross_entropy(up, labels.clamp(max=1), reduction="none")[valid].mean()
+
+
+def test_crcnet_mixed_episode_masks_differ_per_episode_and_shot():
+    # the premise of the tests below: no two episodes (or shots) share a feature-level mask
+    img_q, img_s, m_q, m_s = _mixed_episode(B=2, S=3)
+    assert not torch.equal(_at_features(m_q[0]), _at_features(m_q[1]))
+    masks = _at_features(m_s).flatten(0, 1)  # (6, 5, 5)
+    assert all(not torch.equal(masks[a], masks[b]) for a in range(6) for b in range(a))
+    assert (masks.sum((1, 2)) > 0).all() and (m_s[..., ::8, ::8] == IGNORE_INDEX).any()
+
+
+def test_crcnet_loss_gives_each_pair_its_own_episodes_labels(crcnet_model):
+    # Model.loss on made-up logits: pair n = b * S + k (episode-major, as forward builds them) must be scored
+    # against the query mask of episode b and the mask of support k of episode b (Eq. 5, lambda = 0.1)
+    B, S = 2, 3
+    img_q, img_s, m_q, m_s = _mixed_episode(B=B, S=S)
+    g = torch.Generator().manual_seed(1)
+    out = {key: 3 * torch.randn(B * S, 2, 5, 5, generator=g)
+           for key in ("query", "support", "query_sub", "support_sub")}
+    total, terms = crcnet_model.loss(out, m_q, m_s)
+    q_labels = torch.stack([m_q[b] for b in range(B) for k in range(S)])  # (6, 33, 33)
+    s_labels = torch.stack([m_s[b, k] for b in range(B) for k in range(S)])
+    assert torch.allclose(terms["query"], _ce(out["query"], q_labels), atol=1e-6)
+    assert torch.allclose(terms["support"], _ce(out["support"], s_labels), atol=1e-6)
+    assert torch.allclose(terms["query_sub"], _ce(out["query_sub"], q_labels), atol=1e-6)
+    assert torch.allclose(terms["support_sub"], _ce(out["support_sub"], s_labels), atol=1e-6)
+    by_hand = _ce(out["query"], q_labels) + _ce(out["support"], s_labels)
+    by_hand = by_hand + 0.1 * (_ce(out["query_sub"], q_labels) + _ce(out["support_sub"], s_labels))
+    assert torch.allclose(total, by_hand, atol=1e-6)
+    # the check has teeth: the episode-interleaved pairing (episode b's label on pair b') scores differently
+    wrong = torch.stack([m_q[n % B] for n in range(B * S)])
+    assert abs(_ce(out["query"], wrong) - terms["query"]) > 1e-2
+
+
+@pytest.fixture(scope="module")
+def traced(crcnet_model):
+    """One forward of a mixed B=2, S=2 batch with the inputs of the global conditional module and of the
+    refinement recorded, and the encoder features computed separately (query, supports)."""
+    net = crcnet_model
+    img_q, img_s, m_q, m_s = _mixed_episode(B=2, S=2)
+    seen = {}
+    hooks = [net.head.global_conditional.register_forward_pre_hook(lambda m, a: seen.__setitem__("global", a)),
+             net.head.refinement.register_forward_pre_hook(lambda m, a: seen.__setitem__("refine", a[0]))]
+    try:
+        with torch.no_grad():
+            seen["out"] = net(img_q, img_s, m_s)
+            f_q = net.encoder(img_q).repeat_interleave(2, 0)  # (4, C, 5, 5): query b for its two pairs
+            f_s = net.encoder(img_s.flatten(0, 1))  # (4, C, 5, 5): support k of episode b at b * 2 + k
+    finally:
+        for h in hooks:
+            h.remove()
+    m = _at_features(m_s).flatten(0, 1)[:, None]  # (4, 1, 5, 5)
+    return net, f_q, f_s, m, seen, (img_q, img_s, m_s)
+
+
+def test_crcnet_forward_pairs_are_episode_major(traced):
+    # the order the loss assumes: out[...][b * S + k] is the pair (query b, support k of episode b)
+    net, f_q, f_s, m, seen, (img_q, img_s, m_s) = traced
+    with torch.no_grad():
+        for b in range(2):
+            alone = net(img_q[b:b + 1], img_s[b:b + 1], m_s[b:b + 1])
+            for key in ("query", "support", "query_sub", "support_sub"):
+                assert torch.allclose(seen["out"][key][2 * b:2 * b + 2], alone[key], atol=1e-5)
+
+
+def test_crcnet_global_prototype_is_the_support_foreground_average(traced):
+    # §4.4: the category vector is the foreground average of the *support* features under the support's own
+    # mask (255 as background), for the query branch and the support branch alike
+    net, f_q, f_s, m, seen, _ = traced
+    f, proto = seen["global"]
+    assert torch.allclose(f, torch.cat([f_q, f_s]), atol=1e-5)  # both branches, query branch first
+    by_hand = (f_s * m).sum((2, 3)) / (m.sum((2, 3)) + common.MAP_EPS)  # (4, C)
+    assert torch.allclose(proto, torch.cat([by_hand, by_hand]), atol=1e-5)
+    assert not torch.allclose(by_hand[0], by_hand[1], atol=1e-3)  # the two supports give different vectors
+
+
+def test_crcnet_refinement_input_is_global_local_then_cross_reference(traced):
+    # §4.5: the refinement reads [global conditional, local conditional, cross-reference output G]; G is the
+    # encoder features re-weighted by the product of both images' importance vectors (§4.3), not F itself
+    net, f_q, f_s, m, seen, _ = traced
+    head, C = net.head, f_q.shape[1]
+    x = seen["refine"]
+    assert x.shape == (8, 3 * C, 5, 5)
+    fc = head.cross_reference.importance
+
+    def importance(feat):
+        return torch.sigmoid(fc[2](torch.relu(fc[0](feat.mean((2, 3))))))
+
+    w = (importance(f_q) * importance(f_s))[:, :, None, None]
+    assert torch.allclose(x[:, 2 * C:], torch.cat([f_q * w, f_s * w]), atol=1e-5)
+    assert not torch.allclose(x[:, 2 * C:], torch.cat([f_q, f_s]), atol=1e-3)  # G != F: w < 1
+    with torch.no_grad():
+        f = torch.cat([f_q, f_s])
+        proto = (f_s * m).sum((2, 3)) / (m.sum((2, 3)) + common.MAP_EPS)
+        glob = head.global_conditional(f, torch.cat([proto, proto]))
+        local = head.local_conditional(f, torch.cat([f_s, f_s]), torch.cat([m, m]))  # the support's own mask
+    assert torch.allclose(x[:, :C], glob, atol=1e-5)
+    assert torch.allclose(x[:, C:2 * C], local, atol=1e-5)
+
+
+def test_crcnet_255_in_a_support_mask_counts_as_background(crcnet_model):
+    # 255 (unlabelled) is not support foreground: replacing it by 0 changes nothing, in any output
+    img_q, img_s, m_q, m_s = _mixed_episode(B=1, S=2)
+    m_s[:, :, 14:18] = IGNORE_INDEX  # row 16 is sampled by the features, and it crosses both support boxes
+    assert ((m_s[..., ::8, ::8] == IGNORE_INDEX) & (m_s[..., ::8, ::8] != 1)).any()
+    foreground = crcnet_model.support_foreground(m_s.flatten(0, 1), (5, 5))
+    assert torch.equal(foreground, _at_features(m_s).flatten(0, 1)[:, None])
+    zero = m_s.masked_fill(m_s == IGNORE_INDEX, 0)
+    with torch.no_grad():
+        out, out_zero = crcnet_model(img_q, img_s, m_s), crcnet_model(img_q, img_s, zero)
+    for key in ("logits", "query", "support", "query_sub", "support_sub"):
+        assert torch.equal(out[key], out_zero[key]), key
+
+
+def test_crcnet_finetune_step_is_sgd_on_a_pair_conditioned_on_its_support(crcnet_model):
+    # §4.6 by hand for one step: the tuned head weights are p - lr * grad of Eq. (5) for an ordered pair (i, j)
+    # of distinct supports, where support i plays the query (labels m_s[i]) and the head is conditioned on
+    # support j's features and mask (labels m_s[j]); SGD's first momentum step is a plain gradient step
+    net = crcnet_model
+    img_q, img_s, m_q, m_s = _mixed_episode(B=1, S=2)
+    steps, lr = net.cfg.ft_steps, net.cfg.ft_lr
+    net.cfg.ft_steps, net.cfg.ft_lr = 1, 0.5
+    try:
+        tuned = net.finetune(img_s[0], m_s[0])
+    finally:
+        net.cfg.ft_steps, net.cfg.ft_lr = steps, lr
+    with torch.no_grad():
+        f_s = net.encoder(img_s[0])  # (2, C, 5, 5)
+    m, labels = _at_features(m_s[0])[:, None], m_s[0]
+    params = dict(net.head.named_parameters())
+    candidates = []
+    for i, j in [(0, 1), (1, 0)]:
+        w = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
+        out = functional_call(net.head, w, (f_s[i:i + 1], f_s[j:j + 1], m[j:j + 1]))
+        loss = _ce(out["query"], labels[i:i + 1]) + _ce(out["support"], labels[j:j + 1])
+        loss = loss + 0.1 * (_ce(out["query_sub"], labels[i:i + 1]) + _ce(out["support_sub"], labels[j:j + 1]))
+        grads = torch.autograd.grad(loss, list(w.values()))
+        candidates.append({n: p.detach() - 0.5 * g for (n, p), g in zip(params.items(), grads)})
+    matches = [all(torch.allclose(tuned[n], cand[n], rtol=1e-4, atol=1e-6) for n in params) for cand in candidates]
+    assert sum(matches) == 1, matches
+    assert any(not torch.equal(tuned[n], params[n]) for n in params)  # the step moved the weights
+
+
+@pytest.fixture(scope="module")
+def tuned_episodes(crcnet_model):
+    """A mixed B=2, S=2 batch and each episode's fine-tuned head weights (finetune is checked by hand above)."""
+    img_q, img_s, m_q, m_s = _mixed_episode(B=2, S=2)
+    with torch.no_grad():
+        weights = [crcnet_model.finetune(img_s[b], m_s[b]) for b in range(2)]
+    return img_q, img_s, m_s, weights
+
+
+def _predict(net, kshot, img_q, img_s, m_s):
+    """net.predict under cfg.kshot = kshot; checks that the weights and gradients are left as they were."""
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net.cfg.kshot = kshot
+    try:
+        with torch.no_grad():
+            pred = net.predict(img_q, img_s, m_s)
+    finally:
+        net.cfg.kshot = "finetune"
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in net.parameters())
+    return pred
+
+
+def test_crcnet_finetune_predicts_each_episode_from_its_own_tuned_weights_and_first_support(crcnet_model, tuned_episodes):
+    # "finetune": episode b is tuned on its own supports and masks, then predicted from its first support
+    net = crcnet_model
+    img_q, img_s, m_s, weights = tuned_episodes
+    pred = _predict(net, "finetune", img_q, img_s, m_s)
+    with torch.no_grad():
+        for b in range(2):
+            expected = net._forward(img_q[b:b + 1], img_s[b:b + 1, :1], m_s[b:b + 1, :1], weights[b])["logits"]
+            assert torch.allclose(pred[b:b + 1], expected, atol=1e-5), b
+        # the fine-tuning depends on which support carries which mask: swapping two supports' masks changes it
+        swapped = net.finetune(img_s[0], m_s[0].flip(0))
+    assert any(not torch.allclose(swapped[n], weights[0][n], atol=1e-6) for n in weights[0])
+
+
+def test_crcnet_finetune_plus_fusion_averages_every_support_under_the_tuned_weights(crcnet_model, tuned_episodes):
+    # "finetune+fusion" (Table 4, last row): the same tuned weights, then the query probabilities of both
+    # 1-shot pairs averaged; it must differ from "finetune", which uses the first support only
+    net = crcnet_model
+    img_q, img_s, m_s, weights = tuned_episodes
+    fused = _predict(net, "finetune+fusion", img_q, img_s, m_s)
+    with torch.no_grad():
+        for b in range(2):
+            probs = [net._forward(img_q[b:b + 1], img_s[b:b + 1, k:k + 1], m_s[b:b + 1, k:k + 1], weights[b])["query"]
+                     .softmax(1) for k in range(2)]
+            expected = F.interpolate((sum(probs) / 2).log(), (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear",
+                                     align_corners=True)
+            assert torch.allclose(fused[b:b + 1], expected, atol=1e-5), b
+            first = F.interpolate(probs[0].log(), (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear", align_corners=True)
+            assert not torch.allclose(fused[b:b + 1], first, atol=1e-3)
 
 
 # ==========================================================================================================
