@@ -3033,7 +3033,7 @@ def _predict(net, kshot, img_q, img_s, m_s):
     return pred
 
 
-def test_crcnet_finetune_predicts_each_episode_from_its_own_tuned_weights_and_first_support(crcnet_model, tuned_episodes):
+def test_crcnet_finetune_predicts_each_episode_from_its_tuned_weights_and_first_support(crcnet_model, tuned_episodes):
     # "finetune": episode b is tuned on its own supports and masks, then predicted from its first support
     net = crcnet_model
     img_q, img_s, m_s, weights = tuned_episodes
@@ -3212,31 +3212,6 @@ def test_qgnet_queue_advances_and_wraps(qgnet_contrast):
     assert sorted(qgnet_contrast.queue_global[0].tolist()) == list(range(2, 10))  # the newest 8 kept
 
 
-def test_qgnet_one_pretraining_step_moves_query_encoder_and_momentum_key(qgnet_contrast):
-    torch.manual_seed(2)
-    qgnet_contrast.train()
-    optimizer = torch.optim.SGD(qgnet_contrast.encoder_q.parameters(), lr=0.1, momentum=0.9)
-    q0 = [p.detach().clone() for p in qgnet_contrast.encoder_q.parameters()]
-    k0 = [p.detach().clone() for p in qgnet_contrast.encoder_k.parameters()]
-    ptr0 = qgnet_contrast.queue_local_ptr.item()
-    batch = {name: torch.randn(4, 3, 32, 32) for name in ("img_q", "img_k", "patch_q", "patch_k")}
-    loss, terms = qgnet_contrast(**batch)
-    assert set(terms) == {"global", "local"} and torch.isfinite(loss)
-    assert loss.item() == pytest.approx((terms["global"] + terms["local"]).item())  # Eq. (3)
-    m = qgnet_contrast.cfg.momentum
-    for p_k, a, b in zip(qgnet_contrast.encoder_k.parameters(), k0, q0):
-        assert torch.allclose(p_k, m * a + (1 - m) * b, atol=1e-6)  # theta_k <- m theta_k + (1 - m) theta_q
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    assert all(p.grad is None for p in qgnet_contrast.encoder_k.parameters())
-    assert all(p.grad is not None for p in qgnet_contrast.encoder_q.parameters())
-    assert not torch.equal(qgnet_contrast.encoder_q.conv1.weight, q0[0])
-    assert qgnet_contrast.queue_local_ptr.item() == (ptr0 + 4) % 8
-    fresh = qgnet_contrast.queue_local[:, [(ptr0 + i) % 8 for i in range(4)]]
-    assert torch.allclose(fresh.norm(dim=0), torch.ones(4), atol=1e-5)  # normalised keys went in
-
-
 def test_qgnet_prior_checkpoint_is_loaded_as_dilated_momentum_encoder(qgnet_contrast, tmp_path):
     path = tmp_path / "prior.pt"
     torch.save({"model": qgnet_contrast.state_dict()}, path)
@@ -3355,6 +3330,240 @@ def test_qgnet_two_stages_on_synthetic(tmp_path):
     again = train.main(["--eval-only", "--checkpoint", str(out / "last.pt"), "--dataset", "synthetic",
                         "--workers", "0", "--test-episodes", "4", "--test-seeds", "1", "--out", str(tmp_path / "e")])
     assert again == (miou, fbiou)
+
+
+@pytest.fixture(scope="module")
+def noisy_contrast():
+    """A tiny GlobalLocalContrast whose encoder_q differs from encoder_k (its copy at construction) by ~10% noise,
+    so that a check can tell which encoder a key came from. Relative noise: in eval mode a random ResNet-50's
+    activations already grow with depth, and uniformly larger weights would overflow them."""
+    torch.manual_seed(12)
+    model = qgnet.GlobalLocalContrast(qgnet.PriorConfig(**QGNET_TINY_PRIOR))
+    with torch.no_grad():
+        for p in model.encoder_q.parameters():
+            scale = p.abs().mean() if p.abs().max() > 0 else 0.01  # BN biases start at 0
+            p.add_(0.1 * scale * torch.randn_like(p))
+    return model
+
+
+def info_nce_by_hand(q, k, queue, tau):
+    """Eq. (1)/(2) per sample: -log exp(q.k+/tau) / (exp(q.k+/tau) + sum_i exp(q.n_i/tau)), mean over the batch."""
+    losses = []
+    for n in range(len(q)):
+        pos = q[n] @ k[n] / tau
+        neg = q[n] @ queue / tau  # (K,)
+        losses.append(torch.logsumexp(torch.cat([pos[None], neg]), 0) - pos)
+    return torch.stack(losses).mean()
+
+
+# ---------------------------------------------------------------- contrastive stage (§4.1, Eq. 1-3)
+
+def test_qgnet_one_pretraining_step_moves_query_encoder_and_momentum_key(qgnet_contrast):
+    torch.manual_seed(2)
+    qgnet_contrast.train()
+    optimizer = torch.optim.SGD(qgnet_contrast.encoder_q.parameters(), lr=0.1, momentum=0.9)
+    with torch.no_grad():  # encoder_k starts as a copy of encoder_q: make them differ, or a missing update can't show
+        for p in qgnet_contrast.encoder_q.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    q0 = [p.detach().clone() for p in qgnet_contrast.encoder_q.parameters()]
+    k0 = [p.detach().clone() for p in qgnet_contrast.encoder_k.parameters()]
+    assert not any(torch.equal(a, b) for a, b in zip(k0, q0))
+    ptr0 = qgnet_contrast.queue_local_ptr.item()
+    batch = {name: torch.randn(4, 3, 32, 32) for name in ("img_q", "img_k", "patch_q", "patch_k")}
+    loss, terms = qgnet_contrast(**batch)
+    assert set(terms) == {"global", "local"} and torch.isfinite(loss)
+    assert loss.item() == pytest.approx((terms["global"] + terms["local"]).item())  # Eq. (3)
+    m = qgnet_contrast.cfg.momentum
+    for p_k, a, b in zip(qgnet_contrast.encoder_k.parameters(), k0, q0):
+        # theta_k <- m theta_k + (1 - m) theta_q, to rounding; without the update p_k stays at a, 1e-3 |b - a| away
+        assert torch.allclose(p_k, m * a + (1 - m) * b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(qgnet_contrast.encoder_k.conv1.weight, k0[0])
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    assert all(p.grad is None for p in qgnet_contrast.encoder_k.parameters())
+    assert all(p.grad is not None for p in qgnet_contrast.encoder_q.parameters())
+    assert not torch.equal(qgnet_contrast.encoder_q.conv1.weight, q0[0])
+    for p_k, a, b in zip(qgnet_contrast.encoder_k.parameters(), k0, q0):  # the optimizer step leaves encoder_k alone
+        assert torch.allclose(p_k, m * a + (1 - m) * b, rtol=1e-6, atol=1e-7)
+    assert qgnet_contrast.queue_local_ptr.item() == (ptr0 + 4) % 8
+    fresh = qgnet_contrast.queue_local[:, [(ptr0 + i) % 8 for i in range(4)]]
+    assert torch.allclose(fresh.norm(dim=0), torch.ones(4), atol=1e-5)  # normalised keys went in
+
+
+def test_qgnet_keys_come_from_the_momentum_encoder_in_input_order(noisy_contrast):
+    torch.manual_seed(6)
+    noisy_contrast.eval()  # BN from running statistics: shuffling can then change only the order of the keys
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        expected = F.normalize(noisy_contrast.encoder_k(x), dim=1)  # (6, D), row i = image i
+        from_q = F.normalize(noisy_contrast.encoder_q(x), dim=1)
+    assert (expected @ expected.T - torch.eye(6)).max() < 1 - 1e-3  # distinct keys: a permutation would show
+    assert not torch.allclose(from_q, expected, atol=1e-3)  # and the two encoders can be told apart
+    for _ in range(2):  # a new random shuffle each call, always undone
+        keys = noisy_contrast.keys(x)
+        assert keys.shape == (6, noisy_contrast.cfg.dim)
+        assert torch.allclose(keys, expected, atol=1e-5)
+
+
+def test_qgnet_shuffle_bn_uses_shuffled_sub_batches_and_restores_the_order(noisy_contrast, monkeypatch):
+    torch.manual_seed(7)
+    noisy_contrast.train()  # BN from batch statistics: a key depends on the sub-batch it was computed in
+    x = torch.randn(4, 3, 32, 32)
+    order = torch.tensor([2, 0, 3, 1])
+    monkeypatch.setattr(torch, "randperm", lambda n, **kwargs: order.clone())
+    keys = noisy_contrast.keys(x)  # bn_splits 2: sub-batches x[[2, 0]] and x[[3, 1]]
+    # by hand: each sub-batch through encoder_k, its keys written back to the rows of their own images
+    expected = torch.empty_like(keys)
+    with torch.no_grad():
+        expected[[2, 0]] = F.normalize(noisy_contrast.encoder_k(x[[2, 0]]), dim=1)
+        expected[[3, 1]] = F.normalize(noisy_contrast.encoder_k(x[[3, 1]]), dim=1)
+        unshuffled = F.normalize(torch.cat([noisy_contrast.encoder_k(x[:2]), noisy_contrast.encoder_k(x[2:])]), dim=1)
+    assert torch.allclose(keys, expected, atol=1e-5)
+    assert not torch.allclose(keys, unshuffled, atol=1e-3)  # the sub-batches really were the shuffled ones
+    assert not torch.allclose(keys, keys[order], atol=1e-3)  # and the order matters
+
+
+def test_qgnet_step_contrasts_images_with_image_queue_and_patches_with_patch_queue(noisy_contrast):
+    torch.manual_seed(8)
+    noisy_contrast.eval()  # deterministic queries and keys, so they can be recomputed after the step
+    batch = {name: torch.randn(4, 3, 32, 32) for name in ("img_q", "img_k", "patch_q", "patch_k")}
+    queue_g, queue_l = noisy_contrast.queue_global.clone(), noisy_contrast.queue_local.clone()
+    ptr_g, ptr_l = noisy_contrast.queue_global_ptr.item(), noisy_contrast.queue_local_ptr.item()
+    assert not torch.allclose(queue_g, queue_l, atol=1e-2)  # two different dictionaries, so a mix-up shows
+    loss, terms = noisy_contrast(**batch)
+    with torch.no_grad():  # queries from encoder_q, keys from encoder_k as it is after this step's momentum update
+        q, q_p = (F.normalize(noisy_contrast.encoder_q(batch[n]), dim=1) for n in ("img_q", "patch_q"))
+        k, k_p = (F.normalize(noisy_contrast.encoder_k(batch[n]), dim=1) for n in ("img_k", "patch_k"))
+    tau = noisy_contrast.cfg.temperature
+    # Eq. (1): images against the image keys K; Eq. (2): patches against the patch keys M; queues as before the step
+    assert terms["global"].item() == pytest.approx(info_nce_by_hand(q, k, queue_g, tau).item(), rel=1e-4)
+    assert terms["local"].item() == pytest.approx(info_nce_by_hand(q_p, k_p, queue_l, tau).item(), rel=1e-4)
+    assert loss.item() == pytest.approx((terms["global"] + terms["local"]).item())  # Eq. (3)
+    # then this batch's image keys replace the 4 oldest image keys, its patch keys the 4 oldest patch keys
+    for queue, before, ptr, new in ((noisy_contrast.queue_global, queue_g, ptr_g, k),
+                                    (noisy_contrast.queue_local, queue_l, ptr_l, k_p)):
+        slots = [(ptr + i) % 8 for i in range(4)]
+        kept = [i for i in range(8) if i not in slots]
+        assert torch.allclose(queue[:, slots], new.T, atol=1e-5)
+        assert torch.equal(queue[:, kept], before[:, kept])
+
+
+# ---------------------------------------------------------------- few-shot stage (§4.2)
+
+def qgnet_episode(B=2, S=2, size=65, seed=9):
+    """A random episode whose shots have different foreground boxes, with 255 borders (background for the maps)."""
+    g = torch.Generator().manual_seed(seed)
+    img_q, img_s = torch.randn(B, 3, size, size, generator=g), torch.randn(B, S, 3, size, size, generator=g)
+    m_s = torch.zeros(B, S, size, size, dtype=torch.long)
+    for b in range(B):
+        for s in range(S):
+            top, left = 5 + 12 * s + 3 * b, 8 + 9 * s
+            m_s[b, s, top:top + 25, left:left + 30] = 1
+    m_s[..., :4] = 255
+    return img_q, img_s, m_s
+
+
+def fem_inputs(model, img_q, img_s, m_s):
+    """(f_q, guider, maps) as FEM receives them in model's forward."""
+    captured = []
+    handle = model.fem.register_forward_pre_hook(lambda module, args: captured.append(args))
+    try:
+        with torch.no_grad():
+            model(img_q, img_s, m_s)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def test_qgnet_fem_receives_hand_computed_guided_map_prior_map_and_guider(qgnet_model):
+    qgnet_model.eval()  # no dropout in the projections: the forward is deterministic
+    B, S = 2, 2
+    img_q, img_s, m_s = qgnet_episode(B, S)
+    f_q23, guider, maps = fem_inputs(qgnet_model, img_q, img_s, m_s)
+    assert maps.shape == (B, 2, 9, 9) and guider.shape == (B, 256)
+    stages = qgnet_model.backbone.stages
+    with torch.no_grad():
+        def layers(x, mask=None):  # the frozen backbone stage by stage; mask: PFENet's support layer4 (layer3 x mask)
+            f = {"layer1": stages["layer1"](stages["layer0"](x))}
+            f["layer2"] = stages["layer2"](f["layer1"])
+            f["layer3"] = stages["layer3"](f["layer2"])
+            x3 = f["layer3"]
+            if mask is not None:
+                x3 = x3 * F.interpolate((mask == 1).float()[:, None], x3.shape[-2:], mode="bilinear",
+                                        align_corners=True)
+            f["layer4"] = stages["layer4"](x3)
+            return f
+        f_q = layers(img_q)
+        f_s = layers(img_s.flatten(0, 1), m_s.flatten(0, 1))
+        # guided region map: PFENet's prior of the query layer4 against the masked supports' layer4, mean over shots
+        f_s4 = f_s["layer4"].view(B, S, *f_s["layer4"].shape[1:])
+        guided = common.cosine_prior(f_q["layer4"], f_s4, m_s)  # (B, 1, 9, 9)
+        # prior region map, Eq. (9)-(12): projected bridge X_q against projected prior P_q of the same query
+        x = qgnet_model.bridge_proj(f_q["layer4"]).flatten(2)  # (B, 256, hw)
+        p = qgnet_model.prior_proj(qgnet_model.prior_extractor(img_q)["layer4"]).flatten(2)  # (B, 256, h'w')
+        cos = torch.einsum("bcq,bcr->bqr", x, p) / (x.norm(dim=1)[:, :, None] * p.norm(dim=1)[:, None, :] + 1e-7)
+        s_q = cos.max(dim=2).values  # Eq. (10): best prior pixel for each bridge pixel, (B, hw)
+        lo, hi = s_q.min(1, keepdim=True).values, s_q.max(1, keepdim=True).values
+        prior = ((s_q - lo) / (hi - lo + 1e-7)).view(B, 1, 9, 9)  # Eq. (12)
+        # category guider: Weighted_GAP of down_supp(layer3 | layer2) under the resized support mask, mean over shots
+        f_s23 = qgnet_model.down_supp(torch.cat([f_s["layer3"], f_s["layer2"]], 1))  # (B*S, 256, 9, 9)
+        m = F.interpolate((m_s.flatten(0, 1) == 1).float()[:, None], (9, 9), mode="bilinear", align_corners=True)
+        proto = (f_s23 * m).sum((2, 3)) / (m.sum((2, 3)) + common.MAP_EPS)  # (B*S, 256)
+        expected_guider = proto.view(B, S, -1).mean(1)
+        expected_f_q23 = qgnet_model.down_query(torch.cat([f_q["layer3"], f_q["layer2"]], 1))
+    assert torch.allclose(maps[:, :1], guided, atol=1e-4)
+    assert torch.allclose(maps[:, 1:], prior, atol=1e-4)
+    assert torch.allclose(guider, expected_guider, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(f_q23, expected_f_q23, rtol=1e-4, atol=1e-5)
+    # the hand computations are not degenerate: the prior map spans [0, 1] (Eq. 12); the guided map, a mean of two
+    # such maps, lies in [0, 1] and varies; masking the support's layer3 changes it
+    assert torch.allclose(prior.amin((1, 2, 3)), torch.zeros(B), atol=1e-6)
+    assert torch.allclose(prior.amax((1, 2, 3)), torch.ones(B), atol=1e-5)
+    assert guided.min() >= 0 and guided.max() <= 1 and (guided.amax((1, 2, 3)) - guided.amin((1, 2, 3)) > 0.3).all()
+    unmasked4 = layers(img_s.flatten(0, 1))["layer4"].view_as(f_s4)
+    assert (common.cosine_prior(f_q["layer4"], unmasked4, m_s) - guided).abs().max() > 1e-2
+
+
+def test_qgnet_guider_and_guided_map_are_shot_symmetric_and_prior_map_ignores_the_support(qgnet_model):
+    qgnet_model.eval()
+    img_q, img_s, m_s = qgnet_episode(1, 2, seed=10)
+    _, guider, maps = fem_inputs(qgnet_model, img_q, img_s, m_s)
+    # the shots in the other order: a mean over shots does not change
+    _, guider_swapped, maps_swapped = fem_inputs(qgnet_model, img_q, img_s.flip(1), m_s.flip(1))
+    assert torch.allclose(guider_swapped, guider, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(maps_swapped, maps, atol=1e-5)
+    # a different second shot (its mask moved): both support-derived inputs change, the prior map does not (§4.2.1:
+    # it comes from the query alone)
+    m_other = m_s.clone()
+    m_other[0, 1] = torch.where(m_s[0, 1] == 255, 255, 0)
+    m_other[0, 1, 35:60, 30:60] = 1
+    _, guider_other, maps_other = fem_inputs(qgnet_model, img_q, img_s, m_other)
+    assert (guider_other - guider).abs().max() > 1e-3
+    assert (maps_other[:, 0] - maps[:, 0]).abs().max() > 1e-2
+    assert torch.equal(maps_other[:, 1], maps[:, 1])
+
+
+def test_qgnet_loss_is_main_plus_aux_weight_times_mean_aux_by_hand(qgnet_model, monkeypatch):
+    torch.manual_seed(11)
+    logits = torch.randn(2, 2, 17, 17)
+    aux = [torch.randn(2, 2, s, s) for s in (9, 4, 2, 1)]
+    m_q = torch.randint(0, 2, (2, 17, 17))
+    m_q[:, :3] = 255  # ignored rows
+
+    def ce(z):  # mean cross-entropy over the labelled pixels, z upsampled bilinearly (align_corners) to the labels
+        z = F.interpolate(z, (17, 17), mode="bilinear", align_corners=True).log_softmax(1)
+        valid = m_q != 255
+        picked = z.gather(1, m_q.clamp(max=1)[:, None])[:, 0]  # (B, H, W) log-probability of the true label
+        return -picked[valid].mean()
+
+    main, aux_mean = ce(logits), torch.stack([ce(a) for a in aux]).mean()
+    for weight in (0.0, 0.4, 2.5):
+        monkeypatch.setattr(qgnet_model, "cfg", dataclasses.replace(qgnet_model.cfg, aux_weight=weight))
+        total, terms = qgnet_model.loss({"logits": logits, "aux": aux}, m_q)
+        assert terms["main"].item() == pytest.approx(main.item(), rel=1e-5)
+        assert terms["aux"].item() == pytest.approx(aux_mean.item(), rel=1e-5)
+        assert total.item() == pytest.approx(main.item() + weight * aux_mean.item(), rel=1e-5)
 
 
 # ==========================================================================================================
