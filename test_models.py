@@ -14,6 +14,7 @@ import os
 import struct
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -1836,6 +1837,296 @@ def test_harness_fills_the_config_and_defaults(word_vectors, tmp_path):
     assert (args.lr, args.batch_size, args.epochs, args.img_size) == (0.005, 8, 50, 641)  # §4.1
     assert json.loads(json.dumps(dataclasses.asdict(cfg)))["tau1"] == 0.7
     assert set(symnet.STAGES) == {"base"}
+
+
+SYM_GRID = 6  # SYMNET_SIZE 41 -> 6x6 features; (41 - 1) / (6 - 1) = 8 is whole, so the bilinear
+SYM_STEP = (SYMNET_SIZE - 1) // (SYM_GRID - 1)  # align_corners resize of a mask samples every 8th pixel exactly
+
+
+def sym_grid_mask(m_s):
+    """(m_s == 1) on the 6x6 feature grid, read off by hand: pixels 0, 8, ..., 40 of each axis."""
+    return (m_s == 1).float()[..., ::SYM_STEP, ::SYM_STEP]  # (..., 6, 6)
+
+
+def sym_record_forward(net, img_q, img_s, m_s, class_ids):
+    """An eval forward pass (dropout off) with hooks that keep F^m of the query and the supports, every APA call
+    (proto, text, keys/values input, output), TDC's input correlations and FEM's inputs."""
+    rec = {"apa": []}
+    hooks = [net.down_query.register_forward_hook(lambda mod, i, o: rec.__setitem__("f_q", o.clone())),
+             net.down_supp.register_forward_hook(lambda mod, i, o: rec.__setitem__("f_s", o.clone())),
+             net.apa.register_forward_hook(lambda mod, i, o: rec["apa"].append([*(x.clone() for x in i), o.clone()])),
+             net.tdc.register_forward_pre_hook(lambda mod, i: rec.__setitem__("corr", [c.clone() for c in i[0]])),
+             net.fem.register_forward_pre_hook(lambda mod, i: rec.__setitem__("fem", [x.clone() for x in i]))]
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = net(img_q, img_s, m_s, class_ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out, rec
+
+
+def sym_co_triplet(f_q, f_s, m_s, prior, p_q_aug, p_s_aug, **cfg):
+    """SymNet.co_triplet needs nothing of the model but its Config: no backbone is built for these cases."""
+    owner = types.SimpleNamespace(cfg=symnet.Config(pretrained=False, dataset="synthetic", **cfg))
+    return symnet.SymNet.co_triplet(owner, f_q, f_s, m_s, prior, p_q_aug, p_s_aug)
+
+
+def sym_unit(*v):
+    v = torch.tensor(v, dtype=torch.float64)
+    return v / v.norm()
+
+
+def sym_dist(a, b):
+    return (a - b).norm().item()
+
+
+# ---------------------------------------------------------------- APA (Eq. 6-8) by hand
+
+def test_symnet_apa_hand_case_two_pixels():
+    # W^Q passes the prototype and adds the text to its first channel, W^K = identity, W^V = 2 * identity, FFN =
+    # identity: p_aug = sum_n softmax(q . k_n / sqrt(2))_n * 2 f_n + p
+    apa = symnet.APA(2, 1, dropout=0.0)
+    with torch.no_grad():
+        apa.w_q.weight.copy_(torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
+        apa.w_k.weight.copy_(torch.eye(2).view(2, 2, 1, 1))
+        apa.w_v.weight.copy_(2 * torch.eye(2).view(2, 2, 1, 1))
+        apa.ffn[0].weight.copy_(torch.eye(2))
+        apa.ffn[0].bias.zero_()
+    proto, text = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0]])  # q = (2, 0)
+    f = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 2)  # pixel 0 = (1, 0), pixel 1 = (0, 1)
+    a0 = math.exp(2 / math.sqrt(2)) / (math.exp(2 / math.sqrt(2)) + 1)  # scores 2 / sqrt(2) and 0
+    expected = torch.tensor([[2 * a0 + 1.0, 2 * (1 - a0)]])
+    assert torch.allclose(apa(proto, text, f), expected, atol=1e-6)
+    # no text: q = p = (1, 0), scores 1/sqrt(2) and 0
+    a0 = math.exp(1 / math.sqrt(2)) / (math.exp(1 / math.sqrt(2)) + 1)
+    assert torch.allclose(apa(proto, torch.zeros(1, 1), f), torch.tensor([[2 * a0 + 1.0, 2 * (1 - a0)]]), atol=1e-6)
+
+
+# ---------------------------------------------------------------- the forward pass: Eq. (4), (5), (7), (9)
+
+def test_symnet_forward_prototypes_follow_eq4_eq5_eq7_and_eq9(symnet_model):
+    # Recomputed by hand from the recorded F^m, the prior and the APA outputs, for 2 shots:
+    #   Eq. (4): p_s of shot k = the mean of that SUPPORT's F^m over its mask (MAP, area eps 5e-4);
+    #   Eq. (5): p_q = the mean of the query's F^m where prior > tau1 (top-12 fallback when none);
+    #   Eq. (7): APA's keys/values = F^m_s * mask (support), F^m_q * prior (query);
+    #   Eq. (9): FEM's prototype = alpha p_q_aug + beta p_s_aug, p_s_aug the mean of the shots' APA outputs.
+    net = symnet_model
+    B, S, c = 2, 2, net.cfg.reduce_dim
+    ep = symnet_episode(B=B, S=S, seed=1)
+    out, rec = sym_record_forward(net, ep["img_q"], ep["img_s"], ep["m_s"], ep["class_id"])
+    f_q, f_s = rec["f_q"], rec["f_s"].view(B, S, c, SYM_GRID, SYM_GRID)
+    m, prior = sym_grid_mask(ep["m_s"]), out["prior"]
+    assert len(rec["apa"]) == S + 1  # one call per shot, then the query
+    text = net.text[ep["class_id"]]
+    assert text.abs().sum() > 0  # the word vectors are on
+    for k in range(S):
+        proto, t, keys, _ = rec["apa"][k]
+        p_s = (f_s[:, k] * m[:, k, None]).sum((2, 3)) / (m[:, k].sum((1, 2))[:, None] + MAP_EPS)
+        assert torch.allclose(proto, p_s, atol=1e-5), k  # Eq. (4) from the support's own features
+        assert torch.allclose(keys, f_s[:, k] * m[:, k, None], atol=1e-6) and torch.equal(t, text)
+    p_q, t, keys, p_q_aug = rec["apa"][S]
+    for b in range(B):
+        scores = prior[b, 0].flatten()
+        chosen = (scores > net.cfg.tau1).nonzero().flatten()
+        if len(chosen) == 0:
+            chosen = scores.argsort()[-symnet.QUERY_FALLBACK:]
+        assert 0 < len(chosen) < SYM_GRID * SYM_GRID  # a real selection, not every pixel
+        expected = f_q[b].flatten(1)[:, chosen].sum(1) / (len(chosen) + MAP_EPS)
+        assert torch.allclose(p_q[b], expected, atol=1e-5), b  # Eq. (5)
+    assert torch.allclose(keys, f_q * prior, atol=1e-6) and torch.equal(t, text)  # Eq. (7): prior-weighted
+    assert not torch.allclose(keys, f_q, atol=1e-3)  # the weighting is not a no-op here
+    p_s_aug = (rec["apa"][0][-1] + rec["apa"][1][-1]) / 2  # K shots averaged (Fig. 2)
+    hybrid = rec["fem"][1]
+    assert torch.allclose(hybrid, 0.5 * p_q_aug + 0.5 * p_s_aug, atol=1e-5)  # Eq. (9), alpha = beta = 0.5
+    assert (p_s_aug - p_q_aug).abs().max() > 1e-2  # both terms matter: neither alone would match
+
+
+def test_symnet_eq5_takes_the_high_prior_pixels_of_a_planted_prior(symnet_model, monkeypatch):
+    # A prior planted by hand (SPM replaced): 3 pixels above tau1 = 0.7, the rest below. p_q must be the mean of
+    # the query features at exactly those 3 pixels, and the APA keys the features times this prior.
+    net = symnet_model
+    ep = symnet_episode(B=1, S=1, seed=2)
+    planted = torch.full((1, 1, SYM_GRID, SYM_GRID), 0.2)
+    planted[0, 0, 1, 2], planted[0, 0, 4, 4], planted[0, 0, 5, 0] = 0.9, 0.75, 1.0
+    planted[0, 0, 3, 3] = 0.7  # on the threshold: not above it
+    monkeypatch.setattr(symnet, "self_activation_prior", lambda *a: planted.clone())
+    out, rec = sym_record_forward(net, ep["img_q"], ep["img_s"], ep["m_s"], ep["class_id"])
+    f_q = rec["f_q"][0]
+    p_q, _, keys, _ = rec["apa"][1]
+    expected = (f_q[:, 1, 2] + f_q[:, 4, 4] + f_q[:, 5, 0]) / (3 + MAP_EPS)
+    assert torch.allclose(p_q[0], expected, atol=1e-5)
+    assert torch.allclose(keys, rec["f_q"] * planted, atol=1e-6)
+    assert torch.equal(out["prior"], planted) and torch.equal(rec["fem"][2][:, -1:], planted)  # FEM gets it too
+
+
+# ---------------------------------------------------------------- K shots
+
+@pytest.fixture(scope="module")
+def sym_two_shot(symnet_model):
+    """A 2-shot episode (seed 0) and its recorded eval forward pass, shared by the K-shot tests."""
+    ep = symnet_episode(B=1, S=2, seed=0)
+    return ep, *sym_record_forward(symnet_model, ep["img_q"], ep["img_s"], ep["m_s"], ep["class_id"])
+
+
+def test_symnet_shot_order_does_not_matter_but_each_shot_does(symnet_model, sym_two_shot):
+    # K shots are averaged (priors, prototypes, correlations): permuting the supports leaves every output as it
+    # was; changing the content of either shot changes the TDC input, the support prototype and the output
+    net, (ep, out, rec) = symnet_model, sym_two_shot
+    other = symnet_episode(B=1, S=2, seed=2)
+    img_q, img_s, m_s, cls = ep["img_q"], ep["img_s"], ep["m_s"], ep["class_id"]
+    swapped, rec_sw = sym_record_forward(net, img_q, img_s[:, [1, 0]], m_s[:, [1, 0]], cls)
+    for key in ("logits", "meta", "prior"):
+        assert torch.allclose(out[key], swapped[key], atol=1e-5), key
+    for a, b in zip(rec["corr"], rec_sw["corr"]):
+        assert torch.allclose(a, b, atol=1e-5)  # TDC input
+    assert torch.allclose(rec["fem"][1], rec_sw["fem"][1], atol=1e-5)  # p_hybrid
+    for k in range(2):  # shot k replaced by another image and mask
+        img2, m2 = img_s.clone(), m_s.clone()
+        img2[:, k], m2[:, k] = other["img_s"][:, k], other["m_s"][:, k]
+        changed, rec2 = sym_record_forward(net, img_q, img2, m2, cls)
+        assert (changed["logits"] - out["logits"]).abs().max() > 1e-4, k
+        assert max((a - b).abs().max() for a, b in zip(rec["corr"], rec2["corr"])) > 1e-3, k  # TDC sees shot k
+        p_s_aug, p_s_aug2 = (sum(r["apa"][j][-1] for j in range(2)) / 2 for r in (rec, rec2))
+        assert (p_s_aug - p_s_aug2).abs().max() > 1e-3, k  # and so does the support prototype
+        assert torch.allclose(rec["apa"][1 - k][-1], rec2["apa"][1 - k][-1], atol=1e-5)  # the other shot's alone
+
+
+def test_symnet_k_shot_is_the_mean_of_the_one_shot_quantities(symnet_model, sym_two_shot):
+    # Fig. 2: a 2-shot episode's prior, block correlations (TDC input) and p_s_aug are the means of those of the
+    # two 1-shot episodes made of each support alone; each shot's APA output is its 1-shot one
+    net, (ep, out, rec) = symnet_model, sym_two_shot
+    singles = [sym_record_forward(net, ep["img_q"], ep["img_s"][:, k:k + 1], ep["m_s"][:, k:k + 1], ep["class_id"])
+               for k in range(2)]
+    assert torch.allclose(out["prior"], (singles[0][0]["prior"] + singles[1][0]["prior"]) / 2, atol=1e-5)
+    assert not torch.allclose(singles[0][0]["prior"], singles[1][0]["prior"], atol=1e-3)  # the shots differ
+    for level, corr in enumerate(rec["corr"]):
+        one = [single[1]["corr"][level] for single in singles]
+        assert torch.allclose(corr, (one[0] + one[1]) / 2, atol=1e-5), level
+        assert (one[0] - one[1]).abs().max() > 1e-3, level
+    for k in range(2):
+        assert torch.allclose(rec["apa"][k][-1], singles[k][1]["apa"][0][-1], atol=1e-5), k
+    p_s_aug = (singles[0][1]["apa"][0][-1] + singles[1][1]["apa"][0][-1]) / 2
+    p_q_aug = rec["apa"][2][-1]
+    assert torch.allclose(rec["fem"][1], 0.5 * p_q_aug + 0.5 * p_s_aug, atol=1e-5)
+
+
+# ---------------------------------------------------------------- co-triplet loss (Eq. 10-12) by hand
+
+def test_symnet_co_triplet_support_positive_is_the_farthest_foreground_pixel():
+    # 2x2 support grid, c = 2, anchor e1. Foreground: 3*e1 (normalised distance 0) and 0.5*e2 (sqrt 2): the hard
+    # positive is the FARTHEST in normalised distance, 0.5*e2 (unnormalised, 3*e1 would be the farther one).
+    # Background: two pixels (-1, 1), so p_s^- points along (-1, 1) (the mean over all four pixels would point
+    # along (1, 2.5)). The query term is 0 by construction (positive = anchor, negative = -anchor).
+    f_s = torch.tensor([[3.0, 0.0], [0.0, 0.5], [-1.0, 1.0], [-1.0, 1.0]]).T.reshape(1, 1, 2, 2, 2)
+    m_s = torch.tensor([[1, 1], [0, 0]]).view(1, 1, 2, 2)
+    e1 = torch.tensor([[1.0, 0.0]])
+    prior = torch.tensor([[0.5, 0.1], [0.1, 0.9]]).view(1, 1, 2, 2)  # band: pixel 0; below tau2: pixels 1, 2
+    f_q = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0], [5.0, 5.0]]).T.reshape(1, 2, 2, 2)
+    a = sym_unit(1, 0)
+    expected = max(sym_dist(a, sym_unit(0, 1)) + 0.5 - sym_dist(a, sym_unit(-1, 1)), 0)  # sqrt(2) + 0.5 - 1.848 = 0.066
+    assert expected > 0.05
+    loss = sym_co_triplet(f_q, f_s, m_s, prior, e1, e1)
+    assert math.isclose(loss.item(), expected, abs_tol=1e-5)
+    # what the wrong choices would give: nearest positive max(0 + 0.5 - 1.848, 0) = 0; negative over every
+    # pixel sqrt(2) + 0.5 - |a - unit(1, 2.5)| = 0.79
+    assert not math.isclose(loss.item(), 0.0, abs_tol=1e-3)
+    every_pixel = sym_dist(a, sym_unit(0, 1)) + 0.5 - sym_dist(a, sym_unit(1, 2.5))
+    assert not math.isclose(loss.item(), every_pixel, abs_tol=1e-3)
+
+
+def test_symnet_co_triplet_support_negative_is_the_background_mean_only():
+    # 1x3 support: foreground (1, 1) (the only positive: |a - p+| = 0.765), background (1, 0.5) and a 255 pixel
+    # (1, -0.3), which counts as background (SN): p_s^- along (2, 0.2). With every pixel the negative would be
+    # along (3, 1.2); without the 255 pixel along (1, 0.5): each gives another loss.
+    f_s = torch.tensor([[1.0, 1.0], [1.0, 0.5], [1.0, -0.3]]).T.reshape(1, 1, 2, 1, 3)
+    m_s = torch.tensor([1, 0, IGNORE_INDEX]).view(1, 1, 1, 3)
+    f_q = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]]).T.reshape(1, 2, 1, 3)
+    prior = torch.tensor([0.5, 0.9, 0.1]).view(1, 1, 1, 3)  # query term: positive = a, negative = -a: 0
+    e1 = torch.tensor([[1.0, 0.0]])
+    a = sym_unit(1, 0)
+    pos = sym_dist(a, sym_unit(1, 1))
+    expected = max(pos + 0.5 - sym_dist(a, sym_unit(2, 0.2)), 0)  # 0.765 + 0.5 - 0.0998 = 1.165
+    loss = sym_co_triplet(f_q, f_s, m_s, prior, e1, e1).item()
+    assert math.isclose(loss, expected, abs_tol=1e-5)
+    assert not math.isclose(loss, pos + 0.5 - sym_dist(a, sym_unit(3, 1.2)), abs_tol=1e-2)  # every pixel: 0.887
+    assert not math.isclose(loss, pos + 0.5 - sym_dist(a, sym_unit(1, 0.5)), abs_tol=1e-2)  # 255 left out: 0.806
+
+
+def test_symnet_co_triplet_query_regions_by_hand():
+    # The query term alone (support margins met): 3x1 pixels with prior 0.9 (tau1 region: no part in the loss),
+    # 0.5 (ambiguous band tau3 < p < tau4: p_q^+) and 0.2 (< tau2: p_q^-).
+    f_q = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]).T.reshape(1, 2, 3, 1)
+    prior = torch.tensor([0.9, 0.5, 0.2]).view(1, 1, 3, 1)
+    f_s = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]]).T.reshape(1, 1, 2, 3, 1)
+    m_s = torch.tensor([1, 0, 0]).view(1, 1, 3, 1)
+    anchor = torch.tensor([[0.0, 2.0]])  # along e2: the negative's direction
+    a = sym_unit(0, 1)
+    expected = max(sym_dist(a, sym_unit(1, 1)) + 0.5 - sym_dist(a, sym_unit(0, 1)), 0)  # 0.765 + 0.5 - 0
+    loss = sym_co_triplet(f_q, f_s, m_s, prior, anchor, torch.tensor([[1.0, 0.0]]))
+    assert math.isclose(loss.item(), expected, abs_tol=1e-5)
+
+
+def test_symnet_co_triplet_support_term_is_the_mean_over_shots_of_the_valid_items():
+    # B = 2, S = 2, 1x2 supports (pixel 0 foreground, pixel 1 background). Shot 0: item 0 loss L_a, item 1 L_b;
+    # shot 1: item 0 L_c, item 1 all foreground (no background: skipped, SN; it would add 1.5).
+    # Support term = ((L_a + L_b) / 2 + L_c) / 2; the query term is 0.
+    def support(fg, bg, all_fg=False):
+        return torch.tensor([fg, bg]).T.reshape(2, 1, 2), torch.tensor([[1, 1 if all_fg else 0]])
+
+    cases = [[support((0.0, 1.0), (0.0, 1.0)), support((1.0, -1.0), (1.0, 0.3))],  # shot 0: items 0, 1
+             [support((-1.0, 0.0), (0.0, 1.0)), support((-1.0, 0.0), (-1.0, 0.0), all_fg=True)]]  # shot 1
+    f_s = torch.stack([torch.stack([cases[k][b][0] for k in range(2)]) for b in range(2)])  # (2, 2, 2, 1, 2)
+    m_s = torch.stack([torch.stack([cases[k][b][1] for k in range(2)]) for b in range(2)])  # (2, 2, 1, 2)
+    e1 = torch.tensor([1.0, 0.0])
+    f_q = torch.stack([e1, -e1], 1).view(1, 2, 1, 2).repeat(2, 1, 1, 1)
+    prior = torch.tensor([0.5, 0.1]).view(1, 1, 1, 2).repeat(2, 1, 1, 1)
+    anchor = e1[None].repeat(2, 1)
+    a = sym_unit(1, 0)
+    l_a = max(sym_dist(a, sym_unit(0, 1)) + 0.5 - sym_dist(a, sym_unit(0, 1)), 0)  # 0.5
+    l_b = max(sym_dist(a, sym_unit(1, -1)) + 0.5 - sym_dist(a, sym_unit(1, 0.3)), 0)  # 0.975
+    l_c = max(sym_dist(a, sym_unit(-1, 0)) + 0.5 - sym_dist(a, sym_unit(0, 1)), 0)  # 1.086
+    expected = ((l_a + l_b) / 2 + l_c) / 2
+    assert math.isclose(sym_co_triplet(f_q, f_s, m_s, prior, anchor, anchor).item(), expected, abs_tol=1e-5)
+
+
+# ---------------------------------------------------------------- loss (Eq. 15 + BAM's "meta" term)
+
+def sym_hand_ce(logits, labels):
+    """Mean over the labelled pixels of logsumexp - the true class's logit, written out; logits (B,2,H,W)."""
+    total, count = 0.0, 0
+    for b, i, j in (labels != IGNORE_INDEX).nonzero().tolist():
+        x = logits[b, :, i, j].double()
+        total += (torch.logsumexp(x, 0) - x[labels[b, i, j]]).item()
+        count += 1
+    return total / count
+
+
+def test_symnet_loss_terms_by_hand_with_the_ensemble(symnet_model):
+    # With a base learner the final output is the ensemble's, and BAM's CE on the meta learner's own output is
+    # added: every term against a hand cross-entropy, on outputs given at the label size (no resize involved)
+    net = copy.deepcopy(symnet_model)
+    net._attach_base_learner(common.base_classes("synthetic", 0))
+    g = torch.Generator().manual_seed(0)
+    B, H = 2, 5
+    m_q = torch.randint(0, 2, (B, H, H), generator=g)
+    m_q[0, 0] = IGNORE_INDEX
+    out = {"logits": torch.randn(B, 2, H, H, generator=g), "meta": 3 * torch.randn(B, 2, H, H, generator=g),
+           "aux": [torch.randn(B, 2, H, H, generator=g) for _ in range(4)], "triplet": torch.tensor(0.25)}
+    total, terms = net.loss(out, m_q, None)
+    assert set(terms) == {"final", "inter", "triplet", "meta"}
+    meta = sym_hand_ce(out["meta"], m_q)
+    assert meta > 0.5
+    assert math.isclose(terms["meta"].item(), meta, rel_tol=1e-5)
+    assert math.isclose(terms["final"].item(), sym_hand_ce(out["logits"], m_q), rel_tol=1e-5)
+    inter = sum(sym_hand_ce(a, m_q) for a in out["aux"]) / 4
+    assert math.isclose(terms["inter"].item(), inter, rel_tol=1e-5)
+    assert math.isclose(total.item(), sym_hand_ce(out["logits"], m_q) + inter + 0.25 + meta, rel_tol=1e-5)
+    # the meta term trains the meta learner's output
+    out["meta"].requires_grad_(True)
+    net.loss(out, m_q, None)[0].backward()
+    assert out["meta"].grad is not None and out["meta"].grad.abs().sum() > 0
 
 
 # ==========================================================================================================
