@@ -2829,6 +2829,293 @@ def test_ocnet_short_synthetic_training_lowers_the_loss(ocnet_models):
     assert math.isfinite(after) and after < before - 0.05
 
 
+@pytest.fixture(scope="module")
+def ocnet_resnet():
+    # ResNet-50 only: the VGG model's 124M-parameter classifier would cost seconds to build
+    torch.manual_seed(0)
+    return ocnet.Model(ocnet.Config(backbone="resnet50", pretrained=False)).eval()
+
+
+def _cos(a, b):
+    """Cosine of two vectors, written out."""
+    return (a * b).sum() / (a.norm() * b.norm())
+
+
+def _set_identity(*linears):
+    with torch.no_grad():
+        for lin in linears:
+            lin.weight.copy_(torch.eye(lin.weight.shape[0]))
+            lin.bias.zero_()
+
+
+def _capture_inputs(module):
+    """Forward pre-hook that records the positional inputs of module's next calls."""
+    seen = []
+    handle = module.register_forward_pre_hook(lambda mod, args: seen.append([a.detach().clone() for a in args]))
+    return seen, handle
+
+
+# ---------------------------------------------------------------- Eq. (6): multi-frequency pooling
+
+
+def test_ocnet_mfp_every_component_by_hand():
+    # each of the n*n components against sum(f * m * basis_l) / sum(m), the DCT-II cosines written out here;
+    # component l = u * n + v (u along the rows). A soft mask checks that m weights the pixels linearly.
+    g = torch.Generator().manual_seed(1)
+    B, C, h, w, n = 2, 3, 6, 5, 4
+    f = torch.randn(B, C, h, w, generator=g)
+    m = torch.rand(B, h, w, generator=g)
+    m[1, :3] = 0  # a partial mask
+    p = ocnet.multi_frequency_pooling(f, m, n)
+    assert p.shape == (B, n * n, C)
+    for b in range(B):
+        area = m[b].sum().item() + common.MAP_EPS
+        for u in range(n):
+            for v in range(n):
+                expected = torch.zeros(C)
+                for i in range(h):
+                    for j in range(w):
+                        basis = math.cos(math.pi * u * (i + 0.5) / h) * math.cos(math.pi * v * (j + 0.5) / w)
+                        expected += f[b, :, i, j] * m[b, i, j] * basis
+                assert torch.allclose(p[b, u * n + v], expected / area, atol=1e-5), (b, u, v)
+
+
+# ---------------------------------------------------------------- Eq. (3-5): GOMM
+
+
+def test_ocnet_gomm_allocation_residual_and_attention_by_hand():
+    # Identity projections make every step of Eq. (3-5) computable by hand: Conv1x1 = [I, I] (then ReLU), so
+    # F_ig = ReLU(Alloc(P_g, Argmax cos(F_q, P_g)) + F_q); attention with identity in/out projections and 2 heads
+    # is softmax(q k^T / sqrt(C/2)) v per half of the channels; F_g = that + F_q (Eq. 5's residual).
+    g = torch.Generator().manual_seed(2)
+    C, N_g, h, w = 4, 3, 2, 3
+    gomm = ocnet.GOMM(C, N_g, heads=2, dropout=0.1).eval()
+    with torch.no_grad():
+        gomm.prototypes.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 1.0]]))
+        gomm.fuse[0].weight.copy_(torch.cat([torch.eye(C), torch.eye(C)], 1)[..., None, None])
+        gomm.attention.in_proj_weight.copy_(torch.eye(C).repeat(3, 1))
+        gomm.attention.in_proj_bias.zero_()
+    _set_identity(gomm.attention.out_proj)
+    f_q = torch.randn(1, C, h, w, generator=g)
+    with torch.no_grad():
+        f_g, logits_g = gomm(f_q)
+
+    # Eq. (3-4): the nearest prototype (largest cosine) at each pixel, found by a loop
+    f_ig = torch.zeros(1, C, h, w)
+    nearest = []
+    for i in range(h):
+        for j in range(w):
+            sims = [_cos(f_q[0, :, i, j], gomm.prototypes[k]).item() for k in range(N_g)]
+            k = max(range(N_g), key=sims.__getitem__)
+            nearest.append(k)
+            f_ig[0, :, i, j] = F.relu(gomm.prototypes[k].detach() + f_q[0, :, i, j])
+    assert len(set(nearest)) > 1  # the pixels do not all pick one prototype: argmax and argmin differ here
+    with torch.no_grad():
+        assert torch.allclose(logits_g, gomm.head(f_ig), atol=1e-5)  # M̂_g is the head on F_ig
+
+    # Eq. (5): multi-head attention by hand, plus the residual F_q
+    q, kv = f_q.flatten(2)[0].T, f_ig.flatten(2)[0].T  # (hw, C)
+    d = C // 2
+    heads = []
+    for s in (slice(0, d), slice(d, C)):
+        weights = torch.softmax(q[:, s] @ kv[:, s].T / math.sqrt(d), dim=1)  # (hw, hw)
+        heads.append(weights @ kv[:, s])
+    attended = torch.cat(heads, 1).T.reshape(1, C, h, w)
+    assert torch.allclose(f_g, attended + f_q, atol=1e-5)
+
+
+# ---------------------------------------------------------------- Eq. (7-10, 13-15): CCM
+
+
+def _slot_prototypes(cost, f_q, p_s):
+    """The index into p_s (1,L,C) of the prototype behind each cost channel, found by matching 1 - cos(F_q, p)."""
+    ids = []
+    for c in range(cost.shape[1]):
+        errs = [(cost[0, c] - (1 - F.cosine_similarity(f_q[0], p_s[0, l, :, None, None], dim=0))).abs().max().item()
+                for l in range(p_s.shape[1])]
+        l = min(range(len(errs)), key=errs.__getitem__)
+        assert errs[l] < 1e-5, (c, errs)
+        ids.append(l)
+    return ids
+
+
+def test_ocnet_ccm_correlation_by_hand():
+    # Support: e0 on the object (left half), e1 elsewhere. Distances of the prototypes' M_sp to M_s:
+    # e0 -> 0, e0+e1 -> 2.16, e2 -> 2.83, e1 -> 4, -e0 -> 5.66; N_s = 2: foreground {e0, e0+e1}, background
+    # {-e0, e1}, e2 unused. With the four "LN" set to identity, Eq. (13-15) are computed here from F_g (not F_q):
+    # M̂_pa = cos(F_g, selected), P_q = M̂_pa^T F_g / (h w), F_c = [P_q at each pixel's argmax, F_g].
+    g = torch.Generator().manual_seed(3)
+    C, h, w = 4, 2, 3
+    e = torch.eye(C)
+    m = torch.zeros(1, 1, 4, 4)
+    m[..., :2] = 1
+    f_s = m[:, :, None] * e[0, :, None, None] + (1 - m[:, :, None]) * e[1, :, None, None]  # (1, 1, C, 4, 4)
+    p_s = torch.stack([e[2], e[1], e[0] + e[1], -e[0], e[0]])[None]  # (1, 5, C), shuffled order
+    ccm = ocnet.CCM(C, num_select=2, pa_scale=10.0)
+    _set_identity(ccm.key_g, ccm.key_p, ccm.value_g, ccm.out)
+    f_q = torch.randn(1, C, h, w, generator=g)
+    f_g = torch.randn(1, C, h, w, generator=g)  # a different feature: Eq. (10) uses F_q, Eq. (13-15) use F_g
+    with torch.no_grad():
+        f_c, logits_pa, cost = ccm(f_q, f_g, f_s, m, p_s)
+
+    slots = _slot_prototypes(cost, f_q, p_s)  # Eq. (10): cost = 1 - cos(F_q, selected), background first
+    assert set(slots[:2]) == {3, 1} and set(slots[2:]) == {4, 2}
+    selected = p_s[0, slots]  # (4, C) in the module's slot order
+    tokens = f_g[0].flatten(1).T  # (hw, C)
+    m_pa = torch.tensor([[_cos(t, s).item() for s in selected] for t in tokens])  # (hw, 2N_s)
+    assert torch.allclose(logits_pa[0].flatten(1).T, 10 * m_pa, atol=1e-5)  # Eq. (13), scaled by pa_scale
+    p_q = m_pa.T @ tokens / (h * w)  # Eq. (14): (2N_s, C)
+    best = m_pa.argmax(1)  # Eq. (15)
+    assert not torch.equal(best, m_pa.argmin(1))
+    expected = torch.cat([p_q[best].T.reshape(1, C, h, w), f_g], 1)
+    assert torch.allclose(f_c, expected, atol=1e-5)
+
+
+def test_ocnet_ccm_selection_averages_the_shot_distances():
+    # K shots (§5.1): Eq. (8-9) rank the prototypes by the distance averaged over the shots; the case is picked
+    # so that shot 0 alone would select other prototypes
+    g = torch.Generator().manual_seed(4)
+    B, S, C, hs, L, n_s = 1, 2, 6, 5, 8, 2
+    f_s = torch.randn(B, S, C, hs, hs, generator=g)
+    m = torch.zeros(B, S, hs, hs)
+    m[0, 0, 1:4, 1:3] = 1
+    m[0, 1, 2:5, 2:5] = 1
+    p_s = torch.randn(B, L, C, generator=g)
+    f_q = torch.randn(B, C, 3, 3, generator=g)
+    dist = torch.zeros(S, L)
+    for k in range(S):
+        for l in range(L):
+            sim = torch.stack([torch.stack([_cos(f_s[0, k, :, i, j], p_s[0, l]) for j in range(hs)])
+                               for i in range(hs)])  # M_sp of shot k, prototype l
+            dist[k, l] = ((sim - m[0, k]) ** 2).sum().sqrt()
+    order = dist.mean(0).argsort().tolist()
+    fg, bg = set(order[:n_s]), set(order[-n_s:])
+    order0 = dist[0].argsort().tolist()
+    assert (set(order0[:n_s]), set(order0[-n_s:])) != (fg, bg)  # the case discriminates
+    ccm = ocnet.CCM(C, num_select=n_s, pa_scale=10.0)
+    with torch.no_grad():
+        _, _, cost = ccm(f_q, torch.randn(B, C, 3, 3, generator=g), f_s, m, p_s)
+    slots = _slot_prototypes(cost, f_q, p_s)
+    assert set(slots[:n_s]) == bg and set(slots[n_s:]) == fg
+
+
+# ---------------------------------------------------------------- the whole model
+# One 2-shot episode, run once with hooks and shared by the tests below (each forward costs 0.3 s or more
+# on 2 cores)
+
+
+def _two_shot_episode(seed=0):
+    img_q, img_s, m_s, m_q = ocnet_episode(batch=1, shot=2, seed=seed)
+    m_s[:, 1] = 0
+    m_s[:, 1, 20:44, 10:40] = 1  # shot 1: another box than shot 0
+    m_s[:, 1, 32:] = IGNORE_INDEX  # a wide ignored band over the lower part of shot 1 and of its object
+    return img_q, img_s, m_s, m_q
+
+
+@pytest.fixture(scope="module")
+def ocnet_run(ocnet_resnet):
+    """The 2-shot episode through the model, with the inputs of the CCM and of the query generalization, the
+    GOMM's F_g and the backbone's layer4 recorded."""
+    model = ocnet_resnet
+    img_q, img_s, m_s, m_q = _two_shot_episode()
+    ccm_in, h1 = _capture_inputs(model.ccm)
+    gen_in, h2 = _capture_inputs(model.generalize)
+    seen = {}
+
+    def record(name, value):  # a forward hook must return None, or its value replaces the module's output
+        seen[name] = value.detach().clone()
+
+    h3 = model.gomm.register_forward_hook(lambda mod, args, out: record("f_g", out[0]))
+    h4 = model.backbone.register_forward_hook(lambda mod, args, out: record("layer4", out["layer4"]))
+    try:
+        with torch.no_grad():
+            out = model(img_q, img_s, m_s)
+    finally:
+        h1.remove(), h2.remove(), h3.remove(), h4.remove()
+    return dict(episode=(img_q, img_s, m_s, m_q), out=out, ccm_in=ccm_in[0], gen_in=gen_in[0][0], **seen)
+
+
+def test_ocnet_support_prototypes_prior_and_generalization_inputs_by_hand(ocnet_run):
+    # Step 4-5 with K = 2: the CCM receives P_s = the shot mean of Eq. (6)'s MFP of each shot (foreground = label 1
+    # only, 255 is not foreground), and the query generalization gets [F_g from GOMM, P_s component 0 (MAP),
+    # the prior of both shots]
+    _, _, m_s, _ = ocnet_run["episode"]
+    _, f_g, f_s, m, p_s = ocnet_run["ccm_in"]
+    B, S, C, h, w = f_s.shape
+    n = ocnet.Config.dct_size
+    fg = F.interpolate((m_s == 1).float(), (h, w), mode="bilinear", align_corners=True)  # (B, S, h, w)
+    assert torch.allclose(m, fg)
+    ii, jj = torch.arange(h)[:, None] + 0.5, torch.arange(w)[None] + 0.5
+    expected = torch.zeros(B, n * n, C)
+    for u in range(n):
+        for v in range(n):
+            basis = torch.cos(math.pi * u * ii / h) * torch.cos(math.pi * v * jj / w)  # (h, w)
+            for k in range(S):
+                pooled = (f_s[:, k] * (fg[:, k] * basis)[:, None]).sum((2, 3))  # (B, C)
+                expected[:, u * n + v] += pooled / (fg[:, k].sum((1, 2))[:, None] + common.MAP_EPS) / S
+    assert torch.allclose(p_s, expected, atol=1e-4 * expected.abs().max().item())
+    map_mean = sum(common.masked_average_pooling(f_s[:, k], (m_s[:, k] == 1).float()) for k in range(S)) / S
+    x = ocnet_run["gen_in"]  # (B, 2C + 1, h, w)
+    assert x.shape == (B, 2 * C + 1, h, w)
+    assert torch.allclose(x[:, :C], ocnet_run["f_g"])
+    assert torch.allclose(x[:, C:2 * C], map_mean[..., None, None].expand(-1, -1, h, w), atol=1e-5)
+    f4 = ocnet_run["layer4"]  # the backbone's one call: [query, masked supports]
+    f_q4, f_s4 = f4[:B], f4[B:].unflatten(0, (B, S))
+    prior = sum(common.cosine_prior(f_q4, f_s4[:, k], m_s[:, k]) for k in range(S)) / S  # PFENet: shot mean
+    assert torch.allclose(x[:, 2 * C:], prior, atol=1e-5)
+    assert not torch.allclose(prior, common.cosine_prior(f_q4, f_s4[:, 0], m_s[:, 0]), atol=1e-3)  # both count
+
+
+def test_ocnet_shot_order_does_not_matter_but_every_shot_does(ocnet_resnet, ocnet_run):
+    # §5.1: the K supports are averaged, so permuting them leaves every output unchanged; replacing shot 1 alone
+    # (shot 0 kept) must change the prediction
+    img_q, img_s, m_s, _ = ocnet_run["episode"]
+    ref = ocnet_run["out"]
+    img_other = img_s.clone()
+    img_other[:, 1] = torch.randn(1, 3, OCNET_SIZE, OCNET_SIZE, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        out = ocnet_resnet(img_q, img_s.flip(1), m_s.flip(1))
+        other = ocnet_resnet(img_q, img_other, m_s)
+    for k in ref:
+        assert torch.allclose(ref[k].float(), out[k].float(), atol=1e-4), k
+    assert not torch.allclose(ref["logits"], other["logits"], atol=1e-5)
+
+
+def test_ocnet_ignored_support_pixels_count_as_background(ocnet_resnet, ocnet_run):
+    # 255 in the support mask (object borders, padding) is not foreground: the episode's 255 bands (17 rows of
+    # shot 1, 2 of shot 0) give exactly the outputs of the same bands labelled 0
+    img_q, img_s, m_s, _ = ocnet_run["episode"]
+    zeroed = m_s.masked_fill(m_s == IGNORE_INDEX, 0)
+    assert (zeroed != (m_s != 0).long()).sum() > 500  # the bands would change the foreground if they counted
+    with torch.no_grad():
+        ref = ocnet_resnet(img_q, img_s, zeroed)
+    out = ocnet_run["out"]
+    for k in ref:
+        assert torch.allclose(ref[k].float(), out[k].float(), atol=1e-5), k
+
+
+def test_ocnet_loss_terms_by_hand(ocnet_resnet, ocnet_run):
+    # Eq. (16): L_t = CE(M̂_q, M_q) over the labelled pixels, L_g = CE(M̂_g, M_g) against the mask M_g itself
+    # (1 = general object), L_p = CE(M̂_pa, M_pa) against the Sinkhorn target
+    model, out = ocnet_resnet, ocnet_run["out"]
+    _, _, m_s, m_q = ocnet_run["episode"]
+    with torch.no_grad():
+        total, terms = model.loss(out, m_q, m_s)
+    m_g = out["m_g"]
+    assert 0 < m_g.float().mean() < 1  # both classes present, so M_g and 1 - M_g give different losses
+    assert torch.allclose(terms["general"], F.cross_entropy(out["logits_g"], m_g), atol=1e-6)
+    # the untrained head is near 50/50, yet the inverted mask moves the loss by ~1e-3, 1000x the tolerance above
+    assert not torch.allclose(terms["general"], F.cross_entropy(out["logits_g"], 1 - m_g), atol=1e-4)
+    labelled = m_q != IGNORE_INDEX
+    logp = F.log_softmax(out["logits"], 1)  # (B, 2, H, W), already at the label's size
+    l_t = -logp.gather(1, m_q.clamp(max=1)[:, None])[:, 0][labelled].mean()
+    assert torch.allclose(terms["target"], l_t, atol=1e-6)
+    m_pa = ocnet.allocation_target(out["cost_pa"], m_q, model.cfg.ot_eps, model.cfg.sinkhorn_iters)
+    assert torch.allclose(terms["allocation"], F.cross_entropy(out["logits_pa"], m_pa, ignore_index=IGNORE_INDEX),
+                          atol=1e-6)
+    assert torch.allclose(total, terms["target"] + terms["general"] + terms["allocation"])
+
+
 # ==========================================================================================================
 # crcnet.py: CRCNet (cross-reference, conditional modules, refinement, test-time fine-tuning, boxes)
 # ==========================================================================================================
