@@ -342,8 +342,8 @@ class IoUMeter:
 
     Class mIoU (the headline number): per class c, IoU_c = sum of foreground I / (sum of foreground U + 1e-10)
     over the episodes of class c; mean over the fold's classes, where a class that had no episode counts 0
-    (PFENet's test.py:240-247 and HSNet's logger divide by every fold class). FB-IoU: background and foreground I and U summed
-    over all episodes, IoU of each, their mean. State: float64 tensors on `device`, indexed by class id
+    (PFENet's test.py:240-247 and HSNet's logger divide by every fold class). FB-IoU: background and foreground
+    I and U summed over all episodes, IoU of each, their mean. State: float64 tensors on `device`, indexed by class id
     1..num_classes (index 0 unused); update() never synchronises with the host.
     """
 
@@ -426,9 +426,10 @@ def fit(step, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch
 
     Every log_every steps and at the end of an epoch, and only then, the device hands back the mean loss and
     terms (one host sync; under torch.distributed, averaged over the ranks, so that all of them log the same
-    numbers and stop together): a non-finite loss raises NonFiniteLossError, else `log` gets a progress line (epoch,
-    step, loss and terms, lr, per_step * steps / s in `unit`, ETA) and log_file a JSON record {"event": event,
-    ...}. The caller does what differs: autocast inside step, model.train() and seeding inside batches."""
+    numbers and stop together): a non-finite loss raises NonFiniteLossError, else `log` gets a progress line
+    (epoch, step, loss and terms, lr, per_step * steps / s in `unit`, ETA) and log_file a JSON record
+    {"event": event, ...}. The caller does what differs: autocast inside step, model.train() and seeding
+    inside batches."""
     total, t_start = epochs * steps_per_epoch, time.perf_counter()
     for epoch in range(start_epoch, epochs):
         sums, seen, t0 = {}, 0, time.perf_counter()
@@ -612,10 +613,10 @@ class BaseClassImages(Dataset):
     PASCAL / COCO: every image of the training list (data.build_dataset's train files: VOC train U SBD
     train_noval; COCO train2014), the pixels of novel classes relabelled background, as BAM's BaseData (util/
     dataset.py, "Pre-Training") does: neither the episodes' 2048-pixel rule nor their filter of images with
-    novel pixels applies here. data.train_transform at BAM's base scale range 0.5-2.0. Synthetic: data.render_synthetic with one base
-    class (1-3 objects) and base-class distractors. Item (epoch, index) -> img (3,H,W) normalised, label (H,W)
-    int64 channel ids (0 background, i = classes[i-1], 255 ignore; a class of no channel -> 0); every random
-    draw comes from a numpy Generator seeded with (seed, epoch, index).
+    novel pixels applies here. data.train_transform at BAM's base scale range 0.5-2.0. Synthetic:
+    data.render_synthetic with one base class (1-3 objects) and base-class distractors. Item (epoch, index) ->
+    img (3,H,W) normalised, label (H,W) int64 channel ids (0 background, i = classes[i-1], 255 ignore; a class
+    of no channel -> 0); every random draw comes from a numpy Generator seeded with (seed, epoch, index).
     Note: data.train_transform's crop keeps the pixels labelled 1, here base channel 1 (for episodes, the
     episode class): a harmless bias of the crop position.
     """

@@ -41,9 +41,9 @@ Protocol (notes: shared/notes/protocol.md; PFENet = dvlab-research/PFENet, BAM =
   written with torchvision.transforms.v2 functional ops where they are fast, our own where they were not
   (rotate, gaussian_blur: 2.5x and 7x faster): RandScale (PASCAL [0.9,1.1], COCO [0.8,1.25], isotropic),
   RandRotate +-10 deg with p=0.5 (image filled with the mean colour, blended at the border as cv2's, mask with
-  255), 5x5 Gaussian blur (the taps cv2 uses for sigma 0: 1 4 6 4 1 / 16) with p=0.5, horizontal flip p=0.5, symmetric
-  padding (mean colour / 255) to the crop size, then a random crop redrawn (32 draws in all) while it keeps
-  under 85% of the foreground pixels; the last draw is kept. Resizing uses antialias=True (cv2 does not
+  255), 5x5 Gaussian blur (the taps cv2 uses for sigma 0: 1 4 6 4 1 / 16) with p=0.5, horizontal flip p=0.5,
+  symmetric padding (mean colour / 255) to the crop size, then a random crop redrawn (32 draws in all) while it
+  keeps under 85% of the foreground pixels; the last draw is kept. Resizing uses antialias=True (cv2 does not
   antialias; the scales here are close to 1, so this only matters for --predict on large photos).
 - Test transform. Long side resized to img_size (aspect kept, small images upscaled too, as PFENet's Resize;
   PFENet also floors both sides to a multiple of 8, we do not), pasted top-left on an img_size^2 canvas.
@@ -262,7 +262,8 @@ def class_file_lists(counts, classes, exclude=()):
 # ----------------------------------------------------------------------------- PASCAL-5i
 
 def _read_ids(path):
-    """Image ids of a list file: one id a line (VOC's lists) or PFENet's 'JPEGImages/X.jpg SegmentationClassAug/X.png'."""
+    """Image ids of a list file: one id a line (VOC's lists), or PFENet's lines
+    'JPEGImages/X.jpg SegmentationClassAug/X.png'."""
     return [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
 
 

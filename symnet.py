@@ -308,10 +308,11 @@ def read_base_learner(cfg):
     if state["backbone"] != cfg.backbone or list(state["classes"]) != expected:
         raise ValueError(f"base learner {path} was trained for {state['backbone']}, classes {state['classes']}; "
                          f"this model needs {cfg.backbone}, classes {expected}")
-    if ("backbone_buffers" in state) == cfg.pretrained:  # saved with the random backbone's statistics
-        weights = ("ImageNet", "random (--no-pretrained)")
-        raise ValueError(f"base learner {path} was trained on {weights['backbone_buffers' in state]} backbone "
-                         f"weights; this model uses {weights[not cfg.pretrained]} ones")
+    random = "backbone_buffers" in state  # saved with the random backbone's BatchNorm statistics
+    if random == cfg.pretrained:
+        kinds = {True: "random (--no-pretrained)", False: "ImageNet"}
+        raise ValueError(f"base learner {path} was trained on {kinds[random]} backbone weights; this model uses "
+                         f"{kinds[not cfg.pretrained]} ones")
     return state
 
 

@@ -215,7 +215,8 @@ def build_parser(add_help=True):
     p.add_argument("--select-best", action="store_true",
                    help="validate on the test fold during training and evaluate the best (optimistic)")
     p.add_argument("--val-every", type=positive_int, default=5, help="epochs between validations for --select-best")
-    p.add_argument("--test-episodes", type=positive_int, default=None, help=f"episodes per seed (default {data.TEST_EPISODES})")
+    p.add_argument("--test-episodes", type=positive_int, default=None,
+                   help=f"episodes per seed (default {data.TEST_EPISODES})")
     p.add_argument("--test-seeds", type=positive_int, default=None,
                    help=f"test seeds, the mean reported (default {data.TEST_SEEDS})")
     p.add_argument("--log-every", type=positive_int, default=20, help="optimizer steps between progress lines")
