@@ -17,27 +17,32 @@ Protocol (notes: shared/notes/protocol.md; PFENet = dvlab-research/PFENet, BAM =
   Without sbd_train_noval.txt every SegmentationClassAug label not in VOC val is used (10582, the "trainaug" set:
   larger than PFENet's list; a warning says so).
 - COCO lists. Every 2014 train (test: val) image with at least one annotation (82081 / 40137, the counts in
-  PFENet's README). Semantic labels are rasterised once without pycocotools: polygons with PIL ImageDraw, RLE
-  (list or compressed string) decoded with numpy in COCO's column-major order. Category ids (1..90 with gaps)
-  map to 1..80 in sorted id order. Annotations are painted in file order, so a later one overwrites an earlier
-  one where they overlap; crowd annotations get their class like any other (there is no ignore label in COCO).
-  Polygon borders can differ from pycocotools' rasteriser by about one pixel.
+  PFENet's README). Semantic labels are rasterised once, by pycocotools' rules without the package: polygons
+  as its rleFrPoly does (polygon_to_mask: pixel centres inside the polygon digitised on a 1/5-pixel grid; the
+  same masks, pixel for pixel), the polygons of one annotation united, RLE (list or compressed string) decoded
+  with numpy in COCO's column-major order. Category ids (1..90 with gaps) map to 1..80 in sorted id order.
+  Annotations are painted in file order, so a later one overwrites an earlier one where they overlap; crowd
+  annotations get their class like any other (there is no ignore label in COCO). A label folder records the
+  rule it was written under (COCO_LABEL_VERSION); labels of an older rule are rewritten once, with a note.
 - Filtering (PFENet util/dataset.py:55-69). A class counts in an image only with >= 2*32*32 pixels. An image is
   listed under every class of the split that counts in it, and is a query candidate if one does. For TRAIN,
   every image with a pixel of a test-fold class is dropped (BAM's filter_intersection, also used by Sym-Net and
   QPENet); PFENet itself keeps them and relabels those pixels as background.
 - Episodes. Train: query = the filtered image at `index` (length = number of filtered images, or
-  `train_length`), class uniform among the base classes present in it. Test: query = sorted filtered val list
-  [index % len], class uniform among the test classes present in it. "Present" means at least one pixel: like
+  `train_length`), class uniform among the base classes present in it. Test: every pass over the filtered val
+  list visits it in an order drawn from (test seed, pass) alone (ImageEpisodes._query), class uniform among the
+  test classes present in the query. "Present" means at least one pixel: like
   PFENet (util/dataset.py:157-174) the 2048-pixel threshold is not re-checked for the query, so a query may hold
   a tiny object; supports always pass it. K supports are drawn without replacement from the class's list minus
   the query; repeats only when the class has fewer than K+1 images (PFENet would loop forever there).
-  Default protocol BAM-style: 1000 episodes per seed, 5 seeds (train.py passes the seed as the stream).
+  Default protocol BAM-style: 1000 episodes per seed (COCO 5000, TEST_EPISODES), 5 seeds (train.py passes the
+  seed as the stream).
 - Randomness. An episode uses one numpy Generator seeded with (seed, stream, index), where dataset[(stream,
   index)] names the stream: the training epoch, or the test seed. The class, the supports and every
   augmentation parameter come from it, never from a global RNG, so episodes are identical for any DataLoader
   worker count (PFENet's depend on the worker count) and for every model.
-- Train augmentation (PFENet util/transform.py, protocol.md §4), independently on the query and each support,
+- Train augmentation (PFENet util/transform.py, protocol.md §4; AUGMENTATIONS names the recipes that run a subset
+  of its steps, e.g. CRCNet's crop, scale and flip), independently on the query and each support,
   written with torchvision.transforms.v2 functional ops where they are fast, our own where they were not
   (rotate, gaussian_blur: 2.5x and 7x faster): RandScale (PASCAL [0.9,1.1], COCO [0.8,1.25], isotropic),
   RandRotate +-10 deg with p=0.5 (image filled with the mean colour, blended at the border as cv2's, mask with
@@ -54,9 +59,23 @@ Protocol (notes: shared/notes/protocol.md; PFENet = dvlab-research/PFENet, BAM =
   the episode class and 0-2 distractors of other classes (train: base classes only, never a test-fold class,
   mirroring BAM's rule) over a cluttered background, rendered at img_size with exact masks. No augmentation:
   the renderer already randomises size, position, rotation and aspect.
+- Folder (your own data, FOLDER_LAYOUT): images/ and labels/ paired by stem, classes.txt, folds.txt, optional
+  train.txt / val.txt. It knows its classes only from its root, so dataset_classes(name, fold, root,
+  test_classes) is the one lookup of (number of classes, names, novel ids) for every dataset. Novel classes:
+  test_classes, else fold K of folds.txt, else (with a one-line note) the K-th of four contiguous quarters of
+  the ids, PASCAL-5i's rule. Split: train.txt minus val.txt / val.txt when both exist (as PASCAL's lists),
+  else the images with a pixel of a novel class are the test images and the others the training images (so
+  that BAM's filter drops no training image). Then exactly PASCAL's pipeline (ImageEpisodes): one checking scan
+  of every pair, cached under a key of the files' names, sizes and modification times (an edited label is
+  scanned again), the 2048-pixel filter, BAM's filter, the same episodes and augmentation. Refused with a
+  message: unpaired files, ids that classes.txt does not name, a bad folds.txt, a novel class in no label, and
+  a novel class with fewer than shot + 1 test images over the filter (a query and `shot` other images as
+  supports; PASCAL would repeat supports).
 """
+import collections
 import colorsys
 import concurrent.futures
+import functools
 import hashlib
 import json
 import math
@@ -68,7 +87,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
@@ -79,8 +98,9 @@ IGNORE = 255  # VOC's object-border label; also the padding label everywhere
 NUM_CLASSES = {"pascal": 20, "coco": 80, "synthetic": 20}
 NUM_FOLDS = 4
 MIN_FG_PIXELS = 2 * 32 * 32  # a class counts in an image from this area on (PFENet util/dataset.py:55-61)
-TRAIN_SIZE = {"pascal": 473, "coco": 641, "synthetic": 128}  # crop size of the shipped configs (the caller decides)
-SCALE_RANGE = {"pascal": (0.9, 1.1), "coco": (0.8, 1.25)}  # RandScale (PFENet configs, protocol.md §4)
+TRAIN_SIZE = {"pascal": 473, "coco": 641, "synthetic": 128, "folder": 473}  # configs' crop size (caller decides)
+# RandScale (PFENet configs, protocol.md §4); a folder dataset takes PASCAL's recipe
+SCALE_RANGE = {"pascal": (0.9, 1.1), "coco": (0.8, 1.25), "folder": (0.9, 1.1)}
 ROTATE_DEGREES, ROTATE_P = 10.0, 0.5  # RandRotate (util/transform.py:305-330)
 BLUR_P = 0.5  # RandomGaussianBlur (util/transform.py:355-362): cv2.GaussianBlur(image, (5, 5), 0)
 # cv2.getGaussianKernel(5, sigma=0) takes this from its fixed table for sizes <= 7 (small_gaussian_tab), not the
@@ -88,12 +108,26 @@ BLUR_P = 0.5  # RandomGaussianBlur (util/transform.py:355-362): cv2.GaussianBlur
 BLUR_TAPS = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
 FLIP_P = 0.5  # RandomHorizontalFlip
 CROP_KEEP, CROP_TRIES = 0.85, 32  # Crop 'rand': 1 draw + 31 redraws (util/transform.py:277-293)
-# BAM's protocol (test.py:36-39, 193-198), for both datasets and every model alike; on COCO Sym-Net's paper
-# samples 5000 episodes per seed and QPENet's 4000 (--test-episodes matches them)
-TEST_EPISODES, TEST_SEEDS = 1000, 5
+# Training augmentation recipes, by name (a model file picks one with AUGMENTATION; --augment overrides): which of
+# PFENet's steps run. The scale range is the dataset's (SCALE_RANGE); the padded, foreground-keeping crop always runs.
+AUGMENTATIONS = {
+    "pfenet": dict(scale=True, rotate=True, blur=True, flip=True),  # PFENet util/transform.py, and its descendants
+    "crop-scale-flip": dict(scale=True, rotate=False, blur=False, flip=True),  # CRCNet §5.1's list
+}
+# Test episodes per seed, for every model alike: BAM's 1000 x 5 seeds (test.py:36-39, 193-198) on PASCAL; on COCO
+# Sym-Net's paper samples 5000 per seed (QPENet's 4000: --test-episodes 4000), so that each of a fold's 20
+# classes gets ~250 episodes and a seed's queries are a sample of the 10,000+ test images
+TEST_EPISODES = {"pascal": 1000, "coco": 5000, "synthetic": 1000, "folder": 1000}
+TEST_SEEDS = 5
 SYNTHETIC_TRAIN_LENGTH = 1000  # synthetic episodes per epoch
-CACHE_VERSION = 1  # bump when the cached per-image counts change meaning
+CACHE_VERSION = 2  # bump when the cached per-image counts change meaning (2: written only after every file checked)
+# COCO label PNGs: bump when they would be rasterised differently (1: Pillow's polygon fill, outline included;
+# 2: pycocotools' rule). Each label folder records its version in COCO_LABEL_STAMP (no file: version 1).
+COCO_LABEL_VERSION = 2
+COCO_LABEL_STAMP = "label_version.txt"
+POLYGON_UPSAMPLE = 5  # pycocotools' rleFrPoly digitises polygon edges on a grid 5x finer than the pixels
 PARALLEL_MIN_FILES = 256  # scan with a process pool from this many files on
+QUERY_ORDER_KEY = 1  # test queries: the order of a pass comes from its own stream, apart from the episodes' draws
 
 SBD_LIST = "sbd_train_noval.txt"  # under ImageSets/Segmentation: SBD's train_noval ids, PFENet's sbd_data.txt
 PFENET_TRAIN_IMAGES = 5953  # VOC2012 train U SBD train_noval: PFENet's lists/pascal/voc_sbd_merge_noduplicate.txt
@@ -115,6 +149,18 @@ COCO_LAYOUT = """expected COCO-20i layout (COCO 2014, cocodataset.org):
     annotations/instances_train2014.json            annotations_trainval2014.zip
     annotations/instances_val2014.json
     labels/{train2014,val2014}/*.png                written here on first use (semantic labels 0..80)"""
+FOLDER_LAYOUT = """expected folder layout (--dataset folder, your own data):
+  <root>/
+    images/NAME.jpg ...     the images (.jpg, .jpeg or .png)
+    labels/NAME.png ...     one per image, same NAME and size, single channel (grayscale or palette): the class
+                            id of each pixel, 1..254; 0 background, 255 ignore (a 0/255 mask is all ignore)
+    classes.txt             optional: one class name a line, line i naming class id i (default: ids 1..the
+                            largest id in the labels, named by their numbers)
+    folds.txt               optional: 4 lines, line K the test (novel) class ids of fold K, e.g. "1 5 9" (default:
+                            fold K tests the K-th of four contiguous quarters of the ids; --test-classes: any ids)
+    train.txt, val.txt      optional, both or neither: the NAMEs of the training and test images, one a line
+                            (default: the images with a pixel of a test class are the test images, the rest train)"""
+FOLDER_IMAGES = (".jpg", ".jpeg", ".png")  # images/ files of these suffixes (any case) are the images
 PASCAL_NAMES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                 "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                 "tvmonitor")
@@ -132,8 +178,25 @@ COCO_NAMES = ("person", "bicycle", "car", "motorcycle", "airplane", "bus", "trai
               "teddy bear", "hair drier", "toothbrush")
 
 
-class DatasetNotFoundError(FileNotFoundError):
+# dataset_classes' answer: the number of classes (ids 1..count), {id: name}, the novel (test) ids of the run
+Classes = collections.namedtuple("Classes", "count names novel")
+
+
+class DatasetError(Exception):
+    """A problem with the data that the user can fix; the message says what and where (train.py prints it)."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
     """A data root is missing or incomplete; the message names the expected layout and the sources."""
+
+
+class DatasetFileError(DatasetError, OSError):
+    """A file of the dataset cannot be read, or an image and its label differ in size; the message names it."""
+
+
+class DatasetClassError(DatasetError, ValueError):
+    """A folder dataset's classes do not fit its labels or the run (classes.txt, folds.txt, --test-classes,
+    too few test images for the shots); the message names the class and the file."""
 
 
 def fold_classes(dataset, fold, coco_split="interleaved"):
@@ -143,7 +206,8 @@ def fold_classes(dataset, fold, coco_split="interleaved"):
     if dataset in ("pascal", "synthetic"):
         return list(range(5 * fold + 1, 5 * fold + 6))
     if dataset != "coco":
-        raise ValueError(f"unknown dataset {dataset!r}")
+        raise ValueError(f"unknown dataset {dataset!r} (a folder dataset's folds come from its root: "
+                         "dataset_classes)")
     if coco_split == "interleaved":
         return [4 * k + fold + 1 for k in range(20)]
     if coco_split == "contiguous":
@@ -161,7 +225,7 @@ def load_image(path, upright=False):
         with Image.open(path) as im:
             rgb = np.array((ImageOps.exif_transpose(im) if upright else im).convert("RGB"))  # decodes it all
     except (OSError, ValueError, SyntaxError) as err:
-        raise OSError(f"cannot read image {path}: {err}") from err
+        raise DatasetFileError(f"cannot read image {path}: {err}") from err
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
 
 
@@ -173,14 +237,38 @@ def load_mask(path):
                 raise ValueError(f"mode {im.mode}, expected a single-channel label image")
             label = np.array(im).astype(np.int64)
     except (OSError, ValueError, SyntaxError) as err:
-        raise OSError(f"cannot read label {path}: {err}") from err
+        raise DatasetFileError(f"cannot read label {path}: {err}") from err
     return torch.from_numpy(label)
 
 
-def _label_counts(path):
-    """Pixel count of every class 1..254 in a label file -> {class: pixels}; 0 and 255 are not classes."""
-    counts = np.bincount(load_mask(path).numpy().ravel(), minlength=256)
-    return {int(c): int(counts[c]) for c in np.flatnonzero(counts[1:IGNORE]) + 1}
+def _scan_pair(pair):
+    """One listed (image, label) pair -> (class pixel counts, None), or (None, "path: what is wrong") when the label
+    cannot be read, the image's header cannot be read, or their sizes differ. The image is not decoded: its header
+    gives its size; a file that fails to decode later is named by load_image."""
+    image_path, label_path = pair
+    try:
+        with Image.open(image_path) as im:
+            width, height = im.size
+    except (OSError, ValueError, SyntaxError) as err:
+        return None, f"{image_path}: not a readable image ({err})"
+    try:
+        label = load_mask(label_path)
+    except DatasetFileError as err:
+        return None, str(err).replace("cannot read label ", "", 1)
+    if tuple(label.shape) != (height, width):
+        return None, f"{label_path}: {label.shape[1]}x{label.shape[0]} pixels, its image {image_path} {width}x{height}"
+    counts = np.bincount(label.numpy().ravel(), minlength=256)
+    return {int(c): int(counts[c]) for c in np.flatnonzero(counts[1:IGNORE]) + 1}, None
+
+
+def check_scan(results, what, shown=20):
+    """The counts of _scan_pair's results; if any file was bad, DatasetFileError listing them, one line each."""
+    bad = [problem for _, problem in results if problem]
+    if bad:
+        more = f"\n  ... and {len(bad) - shown} more" if len(bad) > shown else ""
+        raise DatasetFileError(f"{len(bad)} bad file(s) in {what}; fix or remove them (and their list entries):\n  "
+                               + "\n  ".join(bad[:shown]) + more)
+    return [counts for counts, _ in results]
 
 
 def _parallel_map(fn, items, what):
@@ -296,8 +384,8 @@ def _pascal_index(root, split):
     key = [CACHE_VERSION, hashlib.sha1("\n".join(ids).encode()).hexdigest()]
     counts = _read_cache(cache, key)
     if counts is None:
-        scanned = _parallel_map(_label_counts, [files[i][1] for i in ids], f"scanning PASCAL {split} labels")
-        counts = dict(zip(ids, scanned))
+        scanned = _parallel_map(_scan_pair, [files[i] for i in ids], f"checking and scanning PASCAL {split} files")
+        counts = dict(zip(ids, check_scan(scanned, f"the PASCAL {split} list of {root}")))
         _write_cache(cache, key, counts)
     return files, _int_keys(counts), class_names("pascal")
 
@@ -333,29 +421,102 @@ def rle_decode(counts, height, width):
     return flat.reshape(width, height).T
 
 
+def polygon_to_mask(polygon, height, width):
+    """One COCO polygon [x1, y1, x2, y2, ...] -> bool (height,width), by pycocotools' rule (rleFrPoly in
+    common/maskApi.c), vectorised. Pixel (r, c) spans [c, c+1) x [r, r+1); "fine" coordinates are 5x finer.
+    1. Each vertex snaps to the fine grid: X = int(5x + 0.5) with C's cast (halves round up; toward zero below 0,
+       so x = -0.15 snaps to 0, not -1).
+    2. Each edge becomes one fine point per step along its longer axis (x on a tie), the other coordinate rounded
+       as in 1 from the edge's end with the smaller coordinate on that axis, so an edge digitises alike in either
+       direction; a 0-length edge is its one point.
+    3. Where this closed walk steps between fine x = 5c+2 and 5c+3 (across column c's centre line) it cuts column
+       c at V, the smaller (upper) of the two fine y. A cut toggles the pixels of the column whose centre 5r+2.5
+       lies below V: rows r >= ceil((V - 2) / 5), clipped to 0..height (cuts above the image toggle from row 0,
+       cuts below it toggle nothing; columns outside the image are dropped).
+    4. A pixel is inside where an odd number of cuts lie above its centre (even-odd rule).
+    So a pixel is set when its centre is inside the polygon as digitised on the fine grid: a rectangle with
+    integer corners covers exactly its area, and a vertex on a pixel centre moves 0.1 px right and down (5c+2.5
+    rounds up to 5c+3), so a rectangle through pixel centres keeps those on its right and bottom edges and drops
+    those on its left and top ones. Fewer than 3 points enclose nothing."""
+    points = np.asarray(polygon[: len(polygon) // 2 * 2], np.float64).reshape(-1, 2)  # (k,2) x, y
+    start = np.trunc(POLYGON_UPSAMPLE * points + 0.5).astype(np.int64)  # (k,2) fine vertices; edge e: start -> end
+    end = np.roll(start, -1, axis=0)
+    delta = np.abs(end - start)
+    steep = delta[:, 1] > delta[:, 0]  # walked along y (else along x)
+    steps = np.where(steep, delta[:, 1], delta[:, 0])
+    backward = np.where(steep, start[:, 1] > end[:, 1], start[:, 0] > end[:, 0])
+    low, high = np.where(backward[:, None], end, start), np.where(backward[:, None], start, end)
+    low, high = (np.where(steep[:, None], p[:, ::-1], p) for p in (low, high))  # (k,2) (along, across)
+    slope = (high[:, 1] - low[:, 1]) / np.maximum(steps, 1)  # across per step along
+    # the walk: steps+1 points per edge, edges in order, each from its start to its end
+    edge = np.repeat(np.arange(len(start)), steps + 1)  # (m,)
+    walked = np.arange(edge.size) - (np.cumsum(steps + 1) - (steps + 1))[edge]
+    t = np.where(backward[edge], steps[edge] - walked, walked)  # steps from the edge's low end
+    along = low[edge, 0] + t
+    across = np.trunc(low[edge, 1] + slope[edge] * t + 0.5).astype(np.int64)
+    fx, fy = np.where(steep[edge], across, along), np.where(steep[edge], along, across)  # (m,) fine points
+    # the cuts: consecutive points in different fine columns; the left one of the two columns names the cut
+    moved = fx[1:] != fx[:-1]
+    left = np.where(fx[1:] < fx[:-1], fx[1:], fx[1:] - 1)[moved]
+    top = np.minimum(fy[1:], fy[:-1])[moved]
+    half = POLYGON_UPSAMPLE // 2  # fine 5c+2 is the last fine column left of column c's centre line
+    col = (left - half) // POLYGON_UPSAMPLE
+    keep = ((left - half) % POLYGON_UPSAMPLE == 0) & (col >= 0) & (col < width)
+    col, row = col[keep], np.clip(-((half - top[keep]) // POLYGON_UPSAMPLE), 0, height)  # ceil((V - 2) / 5)
+    mask = np.zeros((height, width), bool)
+    if col.size:  # the toggles in the box the cuts span, then the running parity down each column
+        c0, r0 = col.min(), row.min()
+        cols, rows = col.max() + 1 - c0, row.max() + 1 - r0
+        toggles = np.bincount((col - c0) * rows + row - r0, minlength=cols * rows).reshape(cols, rows)
+        # a closed walk cuts every column an even number of times: nothing is inside from the last cut on
+        mask[r0:r0 + rows - 1, c0:c0 + cols] = (np.cumsum(toggles, axis=1)[:, :-1] % 2 == 1).T
+    return mask
+
+
 def segmentation_to_mask(segmentation, height, width):
-    """One COCO annotation's `segmentation` (polygon list or RLE dict) -> bool (height,width)."""
+    """One COCO annotation's `segmentation` -> bool (height,width): an RLE dict decoded, or a list of polygons
+    (the parts of one object) rasterised by polygon_to_mask and united, as pycocotools' frPyObjects + merge do."""
     if isinstance(segmentation, dict):
         return rle_decode(segmentation["counts"], *segmentation["size"])
-    canvas = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(canvas)
+    mask = np.zeros((height, width), bool)
     for polygon in segmentation:
-        if len(polygon) >= 6:  # at least 3 points
-            draw.polygon([float(x) for x in polygon], fill=1)
-    return np.array(canvas, dtype=bool)
+        if len(polygon) >= 6:  # at least 3 points: fewer enclose nothing
+            mask |= polygon_to_mask(polygon, height, width)
+    return mask
+
+
+def _stale_coco_labels(label_dir, split):
+    """Whether label_dir holds label PNGs written under another COCO_LABEL_VERSION (with a one-line note): they
+    must all be rewritten. A folder without PNGs is stamped with the current version at once, so that an
+    interrupted first run resumes where it stopped."""
+    stamp = label_dir / COCO_LABEL_STAMP
+    found = stamp.read_text().strip() if stamp.is_file() else "1" if any(label_dir.glob("*.png")) else None
+    if found in (None, str(COCO_LABEL_VERSION)):
+        stamp.write_text(f"{COCO_LABEL_VERSION}\n")
+        return False
+    print(f"[data] note: rewriting the COCO {split}2014 labels in {label_dir}: they were rasterised under label "
+          f"version {found}, now {COCO_LABEL_VERSION} (pycocotools' polygon rule)", file=sys.stderr, flush=True)
+    return True
 
 
 def _coco_label_counts(job):
-    """Write one semantic label PNG (skipped if present) and return its class pixel counts."""
-    path, height, width, annotations = job
-    if not Path(path).exists():
+    """Write one semantic label PNG (skipped if present, unless `rewrite`) and scan it with its image, as
+    _scan_pair does: -> (class pixel counts, None), or (None, what is wrong with the image)."""
+    image_path, path, height, width, annotations, rewrite = job
+    try:
+        with Image.open(image_path) as im:
+            if im.size != (width, height):
+                return None, f"{image_path}: {im.size[0]}x{im.size[1]} pixels, its annotations say {width}x{height}"
+    except (OSError, ValueError, SyntaxError) as err:
+        return None, f"{image_path}: not a readable image ({err})"
+    if rewrite or not Path(path).exists():
         label = np.zeros((height, width), np.uint8)
         for class_id, segmentation in annotations:  # file order: later annotations overwrite earlier ones
             label[segmentation_to_mask(segmentation, height, width)] = class_id
         tmp = f"{path}.{os.getpid()}.tmp.png"
         Image.fromarray(label).save(tmp)
         os.replace(tmp, path)
-    return _label_counts(path)
+    return _scan_pair((image_path, path))
 
 
 def _coco_index(root, split):
@@ -367,7 +528,7 @@ def _coco_index(root, split):
     cache_dir = _cache_dir(root)
     label_dir = _writable_dir(root / "labels" / f"{split}2014", cache_dir / "labels" / f"{split}2014")
     cache = cache_dir / f"coco_{split}_counts.json"
-    key = [CACHE_VERSION, ann_path.stat().st_size, str(label_dir)]
+    key = [CACHE_VERSION, COCO_LABEL_VERSION, ann_path.stat().st_size, str(label_dir)]
     payload = _read_cache(cache, key)
     if payload is None:
         coco = json.loads(ann_path.read_text())
@@ -379,14 +540,184 @@ def _coco_index(root, split):
             per_image.setdefault(ann["image_id"], []).append((to_class[ann["category_id"]], ann["segmentation"]))
         images = sorted((im for im in coco["images"] if im["id"] in per_image), key=lambda im: im["file_name"])
         stems = [Path(im["file_name"]).stem for im in images]
-        jobs = [(str(label_dir / f"{stem}.png"), im["height"], im["width"], per_image[im["id"]])
-                for stem, im in zip(stems, images)]
-        counts = _parallel_map(_coco_label_counts, jobs, f"writing COCO {split}2014 labels to {label_dir}")
+        rewrite = _stale_coco_labels(label_dir, split)
+        jobs = [(str(root / f"{split}2014" / f"{stem}.jpg"), str(label_dir / f"{stem}.png"), im["height"],
+                 im["width"], per_image[im["id"]], rewrite) for stem, im in zip(stems, images)]
+        scanned = _parallel_map(_coco_label_counts, jobs, f"writing COCO {split}2014 labels to {label_dir}")
+        counts = check_scan(scanned, f"COCO {split}2014 under {root}")
+        (label_dir / COCO_LABEL_STAMP).write_text(f"{COCO_LABEL_VERSION}\n")  # every label is current now
         payload = {"class_names": names, "counts": dict(zip(stems, counts))}
         _write_cache(cache, key, payload)
     files = {stem: (root / f"{split}2014" / f"{stem}.jpg", label_dir / f"{stem}.png") for stem in payload["counts"]}
     names = {int(c): name for c, name in payload["class_names"].items()}
     return files, _int_keys(payload["counts"]), names
+
+
+# ----------------------------------------------------------------------------- folder (your own data)
+
+def _file_key(path):
+    """What the scan cache remembers of a file: its name, size and modification time."""
+    stat = path.stat()
+    return f"{path.name} {stat.st_size} {stat.st_mtime_ns}"
+
+
+def _listed(folder, suffixes):
+    """The files of `folder` with one of these suffixes (any case), sorted; hidden ones (macOS's ._NAME) left out."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith("."))
+
+
+def _folder_index(root):
+    """-> files {stem: (image, label)}, counts {stem: {class: pixels}} of every image of a folder dataset.
+
+    Images and labels pair by stem. The first scan checks every pair (_scan_pair) and names every bad file at
+    once, each unpaired image or label and each stem with two images among them; the counts are cached under a
+    key of every pair's names, sizes and modification times, so that adding, removing or editing a file scans
+    again (PASCAL's key is its id list: its files do not change)."""
+    missing = [str(root / sub) for sub in ("images", "labels") if not (root / sub).is_dir()]
+    if missing:
+        raise DatasetNotFoundError(f"folder data root {root} is missing {', '.join(missing)}\n{FOLDER_LAYOUT}")
+    images, problems = {}, []
+    for path in _listed(root / "images", FOLDER_IMAGES):
+        if path.stem in images:
+            problems.append(f"{path}: a second image named {path.stem} (with {images[path.stem].name}): keep one")
+        images.setdefault(path.stem, path)
+    labels = {p.stem: p for p in _listed(root / "labels", (".png",))}
+    if not images and not labels:
+        raise DatasetNotFoundError(f"folder data root {root} holds no image: {root / 'images'} has no "
+                                   f"{', '.join(FOLDER_IMAGES)} file and {root / 'labels'} no .png\n{FOLDER_LAYOUT}")
+    problems += [f"{images[s]}: no label {root / 'labels' / s}.png" for s in sorted(images.keys() - labels.keys())]
+    problems += [f"{labels[s]}: no image {root / 'images' / s}.jpg (or .jpeg, .png)"
+                 for s in sorted(labels.keys() - images.keys())]
+    unpaired = [(None, problem) for problem in problems]  # as _scan_pair reports a bad file
+    files = {s: (images[s], labels[s]) for s in sorted(images.keys() & labels.keys())}
+    what = f"the folder dataset {root}"
+    cache = _cache_dir(root) / "folder_counts.json"
+    pairs = "\n".join(f"{s} {_file_key(image)} {_file_key(label)}" for s, (image, label) in files.items())
+    key = [CACHE_VERSION, hashlib.sha1(pairs.encode()).hexdigest()]
+    counts = _read_cache(cache, key)
+    if counts is None:
+        scanned = _parallel_map(_scan_pair, list(files.values()), f"checking and scanning the files of {root}")
+        counts = dict(zip(files, check_scan(scanned + unpaired, what)))
+        _write_cache(cache, key, counts)
+    check_scan(unpaired, what)  # counts from the cache: an unpaired file still stops the run
+    return files, _int_keys(counts)
+
+
+def _class_label(c, names):
+    """'7 (cat)', or '7' when the class is named by its number."""
+    return str(c) if names[c] == str(c) else f"{c} ({names[c]})"
+
+
+def _folder_names(root, files, counts):
+    """{id: name} of a folder dataset: the lines of classes.txt, else ids 1..the largest id in the labels, named
+    by their numbers. An id of a label that classes.txt does not name is an error naming the label."""
+    found = sorted({c for per_image in counts.values() for c in per_image})
+    if not found:
+        raise DatasetClassError(f"no label in {root / 'labels'} holds a class id (1..{IGNORE - 1}): every pixel is 0 "
+                                f"or {IGNORE}, and {IGNORE} means 'ignore' (write an object mask as 0/1, not 0/255)")
+    path = root / "classes.txt"
+    if not path.is_file():
+        return {c: str(c) for c in range(1, found[-1] + 1)}
+    lines = path.read_text().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    names = {c: line.strip() for c, line in enumerate(lines, 1)}
+    empty = [c for c, name in names.items() if not name]
+    if empty or not names:
+        raise DatasetClassError(f"{path}: {f'line(s) {empty} are empty' if empty else 'no class name'}; it needs "
+                                "one class name a line, line i naming class id i")
+    unknown = [c for c in found if c > len(names)]
+    if unknown:
+        example = next(files[s][1] for s in sorted(counts) if unknown[0] in counts[s])
+        raise DatasetClassError(f"the labels of {root} hold class id(s) {unknown}, which {path} does not name (it "
+                                f"names {len(names)} classes, ids 1..{len(names)}): e.g. {example} holds {unknown[0]}")
+    return names
+
+
+@functools.lru_cache(maxsize=None)
+def _note_default_folds(root, folds):
+    """The one line, once a process for each root, that says which folds the default rule gave."""
+    parts = ", ".join(f"fold {k} = {ids[0]}" + (f"..{ids[-1]}" if len(ids) > 1 else "") for k, ids in enumerate(folds))
+    print(f"[data] note: {root} has no folds.txt: fold K tests the K-th of four contiguous quarters of the class "
+          f"ids (PASCAL-5i's rule): {parts}", file=sys.stderr, flush=True)
+
+
+def _folder_folds(root, count):
+    """The test class ids of the four folds: folds.txt's lines, else four contiguous quarters of 1..count."""
+    path = root / "folds.txt"
+    if not path.is_file():
+        if count < NUM_FOLDS:
+            raise DatasetClassError(f"{root} has {count} class(es), too few for {NUM_FOLDS} folds: give "
+                                    f"--test-classes, or write {path}")
+        folds = tuple(tuple(part.tolist()) for part in np.array_split(np.arange(1, count + 1), NUM_FOLDS))
+        _note_default_folds(root, folds)
+        return folds
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if len(lines) != NUM_FOLDS:
+        raise DatasetClassError(f"{path} has {len(lines)} line(s); it needs {NUM_FOLDS}, line K the test class ids "
+                                f"of fold K (1..{count}, separated by spaces or commas)")
+    folds = []
+    for k, line in enumerate(lines):
+        words = line.replace(",", " ").split()
+        if not all(w.isascii() and w.isdigit() and 1 <= int(w) <= count for w in words):
+            raise DatasetClassError(f"{path} line {k + 1} {line.strip()!r}: not class ids of {root} (1..{count}, "
+                                    "separated by spaces or commas)")
+        folds.append(sorted({int(w) for w in words}))
+    return folds
+
+
+def _folder(root, fold, test_classes):
+    """-> files and counts (_folder_index) and Classes of the folder dataset at root, for `test_classes` (ids)
+    or, when None, fold `fold` of _folder_folds. Every novel id must be a class that some label holds."""
+    files, counts = _folder_index(root)
+    names = _folder_names(root, files, counts)
+    if test_classes is not None:
+        novel, source = sorted(set(test_classes)), f"--test-classes {','.join(map(str, test_classes))}"
+        unknown = [c for c in novel if c not in names]
+        if unknown:
+            raise DatasetClassError(f"{source}: {unknown} are not class ids of {root} (1..{len(names)})")
+    elif fold in range(NUM_FOLDS):
+        novel, source = list(_folder_folds(root, len(names))[fold]), f"fold {fold}"
+    else:
+        raise ValueError(f"fold must be 0..{NUM_FOLDS - 1}, got {fold}")
+    held = {c for per_image in counts.values() for c in per_image}
+    absent = [_class_label(c, names) for c in novel if c not in held]
+    if absent:
+        raise DatasetClassError(f"{source}: no label in {root / 'labels'} holds test class {', '.join(absent)}: "
+                                "there is no image to test it on")
+    if len(novel) == len(names):
+        raise DatasetClassError(f"{source} makes every class of {root} a test class: none is left to train on")
+    return files, counts, Classes(len(names), names, novel)
+
+
+def _folder_split(root, counts, novel, split):
+    """The image names of `split`: with DIR/train.txt and DIR/val.txt, train.txt's minus val.txt's / val.txt's
+    (as PASCAL's lists); else the images with a pixel of a novel class (test) / the others (train)."""
+    lists = (root / "train.txt", root / "val.txt")
+    if lists[0].is_file() != lists[1].is_file():
+        have, lack = lists if lists[0].is_file() else lists[::-1]
+        raise DatasetNotFoundError(f"{have} without {lack}: give both lists, or neither\n{FOLDER_LAYOUT}")
+    if lists[0].is_file():
+        train, val = (set(_read_ids(path)) for path in lists)
+        for path, ids in zip(lists, (train, val)):
+            unknown = sorted(ids - counts.keys())
+            if unknown:
+                raise DatasetFileError(f"{path} lists {len(unknown)} name(s) with no image and label in {root}: "
+                                       f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+        return sorted(val) if split == "test" else sorted(train - val)
+    test = {name for name, per_image in counts.items() if any(c in per_image for c in novel)}
+    return sorted(test) if split == "test" else sorted(counts.keys() - test)
+
+
+def _check_test_shots(counts, classes, names, shot, root):
+    """Every test class needs shot + 1 test images that pass the filter: a query and `shot` other images."""
+    _, class_files = class_file_lists(counts, classes)
+    few = [f"class {_class_label(c, names)} has {len(class_files[c])}" for c in classes if len(class_files[c]) <= shot]
+    if few:
+        raise DatasetClassError(f"too few test images in {root} for {shot}-shot episodes, which need {shot + 1} "
+                                f"images with >= {MIN_FG_PIXELS} pixels of the class (the query and {shot} other "
+                                f"images as supports): {'; '.join(few)}. Add images, lower --shot, or choose other "
+                                "test classes")
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -479,25 +810,28 @@ def rotate(image, label, angle, fill=MEAN, ignore=IGNORE):
     return image, label  # (C,H,W), (H,W)
 
 
-def train_transform(img, mask, rng, size, scale_range):
-    """PFENet's training augmentation (protocol.md §4) on an image and its mask together.
+def train_transform(img, mask, rng, size, scale_range, recipe="pfenet"):
+    """PFENet's training augmentation (protocol.md §4) on an image and its mask together, with the steps that
+    AUGMENTATIONS[recipe] names (a step left out draws nothing from rng).
 
     img uint8 (3,H0,W0), mask int64 (H0,W0) in {0,1,255}, rng numpy Generator (every random draw)
     -> img (3,size,size) float32 normalised, mask (size,size) int64."""
-    image = img.float() / 255  # (3,H0,W0) in [0,1]
+    steps = AUGMENTATIONS[recipe]
+    image, label = img.float() / 255, mask  # (3,H0,W0) in [0,1], (H0,W0)
     # 1. RandScale: one isotropic factor, image bilinear, mask nearest
-    factor = rng.uniform(*scale_range)
-    hw = [max(1, round(s * factor)) for s in mask.shape]
-    image, label = TF.resize(image, hw, antialias=True), TF.resize(tv_tensors.Mask(mask[None]), hw)[0]  # (3,h,w), (h,w)
+    if steps["scale"]:
+        factor = rng.uniform(*scale_range)
+        hw = [max(1, round(s * factor)) for s in mask.shape]
+        image, label = TF.resize(image, hw, antialias=True), TF.resize(tv_tensors.Mask(mask[None]), hw)[0]  # (3,h,w)
     # 2. RandRotate about the centre; corners filled with the mean colour / ignore
-    if rng.random() < ROTATE_P:
+    if steps["rotate"] and rng.random() < ROTATE_P:
         image, label = rotate(image, label, rng.uniform(-ROTATE_DEGREES, ROTATE_DEGREES))
     # 3. Gaussian blur of the image only (5x5, cv2's taps for sigma 0: BLUR_TAPS)
-    if rng.random() < BLUR_P:
+    if steps["blur"] and rng.random() < BLUR_P:
         image = gaussian_blur(image)
     image, label = tv_tensors.Image(image), tv_tensors.Mask(label[None])  # (1,h,w): v2 ops pad a Mask with fill
     # 4. horizontal flip
-    if rng.random() < FLIP_P:
+    if steps["flip"] and rng.random() < FLIP_P:
         image, label = TF.horizontal_flip(image), TF.horizontal_flip(label)
     # 5. pad symmetrically to at least size x size, then the foreground-keeping random crop
     pad_h, pad_w = max(size - label.shape[-2], 0), max(size - label.shape[-1], 0)
@@ -696,18 +1030,20 @@ def _draw_supports(rng, class_files, query, shot):
 class EpisodeDataset(Dataset):
     """Episodes of one split of one fold. Subclasses implement _draw (class and raw images) and _transform.
 
-    Attributes: classes (class ids of this split), num_classes, class_names {id: name}, seed, support_boxes
-    (settable: each support mask is replaced by mask_to_boxes of its original-resolution mask, before the
-    transforms, as a box annotation would be; the query mask is untouched).
+    Attributes: classes (class ids of this split), num_classes (ids 1..num_classes), class_names {id: name}, seed,
+    support_boxes (settable: each support mask is replaced by mask_to_boxes of its original-resolution mask,
+    before the transforms, as a box annotation would be; the query mask is untouched), augment (settable: the
+    name of the training recipe in AUGMENTATIONS; the synthetic set has none, its renderer already randomises).
     An episode is a function of (seed, stream, index) alone: the key dataset[(stream, index)] names the stream,
     the epoch in training or the test seed in evaluation (dataset[index] is stream 0). Because the sampler
     carries it with every index, persistent DataLoader workers need no message when the epoch changes, and
     the episodes are the same for any number of workers."""
     support_boxes = False
+    augment = "pfenet"
 
-    def __init__(self, name, split, fold, shot, img_size, classes, class_names, seed, length):
+    def __init__(self, name, split, fold, shot, img_size, classes, class_names, seed, length, num_classes):
         self.name, self.split, self.fold, self.shot, self.img_size = name, split, fold, shot, img_size
-        self.classes, self.num_classes, self.class_names = classes, NUM_CLASSES[name], class_names
+        self.classes, self.num_classes, self.class_names = classes, num_classes, class_names
         self.seed, self.length = seed, length
 
     def __len__(self):
@@ -722,7 +1058,7 @@ class EpisodeDataset(Dataset):
         if not 0 <= index < self.length:
             raise IndexError(f"episode {index} out of range {self.length}")
         rng = self._rng(index, stream)
-        class_id, pairs = self._draw(index, rng)  # [(img, label (H0,W0))]: the query, then the supports
+        class_id, pairs = self._draw(index, rng, stream)  # [(img, label (H0,W0))]: the query, then the supports
         masks = [binary_mask(label, class_id) for _, label in pairs]
         if self.support_boxes:  # weakly supervised supports (CRCNet §5.4)
             masks[1:] = [mask_to_boxes(mask) for mask in masks[1:]]
@@ -735,26 +1071,38 @@ class EpisodeDataset(Dataset):
 
 
 class ImageEpisodes(EpisodeDataset):
-    """PASCAL-5i / COCO-20i episodes over files {name: (image, label)} and their class pixel counts."""
+    """PASCAL-5i / COCO-20i / folder episodes over files {name: (image, label)} and their class pixel counts."""
 
-    def __init__(self, name, split, fold, shot, img_size, classes, class_names, seed, length, files, counts,
-                 exclude):
+    def __init__(self, name, split, fold, shot, img_size, classes, class_names, seed, length, num_classes, files,
+                 counts, exclude):
         self.files, self.counts, self.scale_range = files, counts, SCALE_RANGE[name]
         self.images, self.class_files = class_file_lists(counts, classes, exclude)
         if not self.images:
-            raise RuntimeError(f"no {name} {split} image has a class of {classes} with >= {MIN_FG_PIXELS} pixels")
-        super().__init__(name, split, fold, shot, img_size, classes, class_names, seed, length or len(self.images))
+            raise DatasetError(f"no {name} {split} image has a class of {classes} with >= {MIN_FG_PIXELS} pixels: "
+                               "there is nothing to draw episodes from (are the labels class ids 0..N, 255?)")
+        super().__init__(name, split, fold, shot, img_size, classes, class_names, seed, length or len(self.images),
+                         num_classes)
 
     def _load(self, name):
         image_path, label_path = self.files[name]
         img, label = load_image(image_path), load_mask(label_path)
         if img.shape[-2:] != label.shape:
-            raise RuntimeError(f"image {image_path} {tuple(img.shape[-2:])} and label {label_path} "
+            raise DatasetFileError(f"image {image_path} {tuple(img.shape[-2:])} and label {label_path} "
                                f"{tuple(label.shape)} differ in size")
         return img, label
 
-    def _draw(self, index, rng):
-        query = self.images[index % len(self.images)]
+    def _query(self, index, stream):
+        """Training: the image at `index` (the sampler shuffles). Test: pass p = index // n over the n images
+        takes them in an order drawn from (seed, stream, p) alone, so that each test seed visits its own sample
+        of a large list (COCO: 1000 episodes of 10,000+ images) and every model sees the same queries."""
+        n = len(self.images)
+        if self.split == "train":
+            return self.images[index % n]
+        order = np.random.default_rng((self.seed, stream, index // n, QUERY_ORDER_KEY)).permutation(n)
+        return self.images[order[index % n]]
+
+    def _draw(self, index, rng, stream=0):
+        query = self._query(index, stream)
         present = [c for c in self.classes if self.counts[query].get(c, 0) > 0 and self.class_files[c]]
         class_id = present[rng.integers(len(present))]
         supports = _draw_supports(rng, self.class_files[class_id], query, self.shot)
@@ -762,14 +1110,14 @@ class ImageEpisodes(EpisodeDataset):
 
     def _transform(self, img, mask, rng):
         if self.split == "train":
-            return train_transform(img, mask, rng, self.img_size, self.scale_range)
+            return train_transform(img, mask, rng, self.img_size, self.scale_range, self.augment)
         return test_transform(img, mask, self.img_size)
 
 
 class SyntheticEpisodes(EpisodeDataset):
     """Rendered episodes; train images never contain a test-fold class (BAM's rule)."""
 
-    def _draw(self, index, rng):
+    def _draw(self, index, rng, stream=0):
         class_id = int(self.classes[rng.integers(len(self.classes))])
         pool = self.classes if self.split == "train" else range(1, NUM_CLASSES["synthetic"] + 1)
         distractors = np.array([c for c in pool if c != class_id])
@@ -783,41 +1131,89 @@ class SyntheticEpisodes(EpisodeDataset):
         return TF.normalize(img, MEAN, STD), mask
 
 
-def class_names(name):
-    """{class id: name} of a dataset, available without its files (e.g. to look up word vectors)."""
+def split_name(name, fold, root=None, test_classes=None):
+    """The name of a dataset's split in file names: "pascal-fold0"; a folder dataset by its root's name and a hash of
+    its path, so that two roots never share a name ("folder-NAME-1a2b3c-fold0"); --test-classes 3,7,9 in place of
+    the fold ("...-classes3-7-9"). Run folders, base learners and prior extractors are named by it."""
+    dataset = name
+    if name == "folder" and root:
+        path = Path(root).expanduser().resolve()
+        dataset = f"folder-{path.name}-{hashlib.sha1(str(path).encode()).hexdigest()[:6]}"
+    return f"{dataset}-" + ("classes" + "-".join(map(str, test_classes)) if test_classes else f"fold{fold}")
+
+
+def class_names(name, root=None):
+    """{class id: name} of a dataset: the built-in ones' need no files (e.g. to look up word vectors); a folder
+    dataset's come from its root (classes.txt, else the ids its labels hold)."""
+    if name == "folder":
+        root = _data_root(name, root)
+        return _folder_names(root, *_folder_index(root))
     if name == "synthetic":
         return {c: f"{APPEARANCES[look][0]} {shape}" for c, (shape, look) in SYNTHETIC_CLASSES.items()}
     return dict(enumerate({"pascal": PASCAL_NAMES, "coco": COCO_NAMES}[name], 1))
 
 
-def build_dataset(name, split, fold, shot=1, img_size=473, root=None, seed=0, episodes=TEST_EPISODES,
-                  coco_split="interleaved", train_length=None, support_boxes=False):
-    """The episodes of `split` ("train": base classes, augmented; "test": the fold's novel classes, `episodes`
-    episodes) of fold `fold` of dataset `name` ("pascal", "coco", "synthetic"). support_boxes: every support
-    mask becomes the union of its objects' bounding boxes (mask_to_boxes)."""
-    if name not in NUM_CLASSES or split not in ("train", "test") or shot < 1:
+def dataset_classes(name, fold=0, root=None, test_classes=None, coco_split="interleaved"):
+    """Classes(count, names, novel) of a run: the number of classes of dataset `name` (ids 1..count), {id: name},
+    and the novel (test) ids of fold `fold`; the other ids are the base classes. A folder dataset reads them from
+    its root (_folder: classes.txt, folds.txt, its labels), and `test_classes` (ids) replace its fold."""
+    if name == "folder":
+        return _folder(_data_root(name, root), fold, test_classes)[2]
+    if test_classes is not None:
+        raise ValueError(f"test_classes choose a folder dataset's novel classes; {name}'s are its folds")
+    novel = fold_classes(name, fold, coco_split)
+    return Classes(NUM_CLASSES[name], class_names(name), novel)
+
+
+def _data_root(name, root):
+    """The data root as a Path; DatasetNotFoundError with the dataset's layout when there is none."""
+    layout = {"pascal": PASCAL_LAYOUT, "coco": COCO_LAYOUT, "folder": FOLDER_LAYOUT}[name]
+    if root is None:
+        raise DatasetNotFoundError(f"no data root given for {name}: pass --data-root DIR\n{layout}")
+    if not Path(root).expanduser().is_dir():
+        raise DatasetNotFoundError(f"{name} data root {root} is not a directory\n{layout}")
+    return Path(root).expanduser()
+
+
+def build_dataset(name, split, fold, shot=1, img_size=473, root=None, seed=0, episodes=None,
+                  coco_split="interleaved", train_length=None, support_boxes=False, augment="pfenet",
+                  test_classes=None):
+    """The episodes of `split` ("train": base classes, augmented by the recipe AUGMENTATIONS[augment]; "test":
+    the fold's novel classes, `episodes` episodes, default TEST_EPISODES[name]) of fold `fold` of dataset `name`
+    ("pascal", "coco", "synthetic", "folder"; for a folder, test_classes (ids) may replace the fold).
+    support_boxes: every support mask becomes the union of its objects' bounding boxes (mask_to_boxes)."""
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augment!r}; choose one of {sorted(AUGMENTATIONS)}")
+    if name not in (*NUM_CLASSES, "folder") or split not in ("train", "test") or shot < 1:
         raise ValueError(f"bad dataset {name!r}, split {split!r} or shot {shot}")
-    test_classes = fold_classes(name, fold, coco_split)
-    classes = test_classes if split == "test" else [c for c in range(1, NUM_CLASSES[name] + 1)
-                                                    if c not in test_classes]
-    length = episodes if split == "test" else train_length
+    if name == "folder":
+        root = _data_root(name, root)
+        files, counts, (num_classes, names, test_classes) = _folder(root, fold, test_classes)
+    else:
+        num_classes, names, test_classes = dataset_classes(name, fold, test_classes=test_classes,
+                                                           coco_split=coco_split)
+    classes = test_classes if split == "test" else [c for c in range(1, num_classes + 1) if c not in test_classes]
+    length = (episodes or TEST_EPISODES[name]) if split == "test" else train_length
     if name == "synthetic":
-        dataset = SyntheticEpisodes(name, split, fold, shot, img_size, classes, class_names(name), seed,
-                                    length or SYNTHETIC_TRAIN_LENGTH)
+        dataset = SyntheticEpisodes(name, split, fold, shot, img_size, classes, names, seed,
+                                    length or SYNTHETIC_TRAIN_LENGTH, num_classes)
         dataset.support_boxes = support_boxes
         return dataset
-    layout = PASCAL_LAYOUT if name == "pascal" else COCO_LAYOUT
-    if root is None or not Path(root).expanduser().is_dir():
-        raise DatasetNotFoundError(f"{name} data root {root} is not a directory\n{layout}")
-    root = Path(root).expanduser()
-    if name == "pascal":
-        files, counts, names = _pascal_index(root, split)
+    if name == "folder":  # the split's images, then the same filter and episodes as PASCAL's
+        listed = _folder_split(root, counts, test_classes, split)
+        files, counts = {i: files[i] for i in listed}, {i: counts[i] for i in listed}
+        if split == "test":
+            _check_test_shots(counts, classes, names, shot, root)
     else:
-        files, counts, names = _coco_index(root, "train" if split == "train" else "val")
+        root = _data_root(name, root)
+        if name == "pascal":
+            files, counts, names = _pascal_index(root, split)
+        else:
+            files, counts, names = _coco_index(root, "train" if split == "train" else "val")
     exclude = test_classes if split == "train" else ()
-    dataset = ImageEpisodes(name, split, fold, shot, img_size, classes, names, seed, length, files, counts,
-                            exclude)
-    dataset.support_boxes = support_boxes
+    dataset = ImageEpisodes(name, split, fold, shot, img_size, classes, names, seed, length, num_classes, files,
+                            counts, exclude)
+    dataset.support_boxes, dataset.augment = support_boxes, augment
     return dataset
 
 

@@ -618,7 +618,10 @@ def test_pascal_split_and_filters(tmp_path, capsys):
 def test_pascal_masks_keep_ignore_and_zero_other_classes(tmp_path):
     root = _write_pascal(tmp_path / "voc")
     ds = data.build_dataset("pascal", "test", 0, shot=2, img_size=64, root=root)
-    ep = ds[1]  # query v1: class 1 (class 3 is present but has no support list)
+    def index_of(query):  # the episode of test seed 0 whose query is `query`
+        return next(i for i in range(len(ds.images)) if ds._query(i, 0) == query)
+
+    ep = ds[index_of("v1")]  # query v1: class 1 (class 3 is present but has no support list)
     _assert_episode(ep, 2, 64, test=True)
     expected = torch.from_numpy(_PASCAL_LABELS["v1"]).long()
     expected = torch.where(expected == 1, 1, torch.where(expected == 255, 255, 0))  # class 3 -> 0
@@ -628,7 +631,7 @@ def test_pascal_masks_keep_ignore_and_zero_other_classes(tmp_path):
     picked = set()
     for seed in range(12):
         ds.seed = seed
-        picked.add(ds[4]["class_id"])
+        picked.add(ds[index_of("v4")]["class_id"])
     assert picked == {1, 2}
 
 
@@ -658,9 +661,9 @@ def test_pascal_cache_written_reused_and_rebuilt(tmp_path, monkeypatch):
     first = data.build_dataset("pascal", "train", 0, img_size=64, root=root)
     assert (root / ".fss_cache" / "pascal_train_counts.json").is_file()
 
-    def fail(path):
+    def fail(pair):
         raise AssertionError("rescanned although cached")
-    monkeypatch.setattr(data, "_label_counts", fail)
+    monkeypatch.setattr(data, "_scan_pair", fail)
     monkeypatch.setattr(data, "PARALLEL_MIN_FILES", 10 ** 6)
     again = data.build_dataset("pascal", "train", 0, img_size=64, root=root)
     assert again.counts == first.counts and again.images == first.images
@@ -678,9 +681,11 @@ def test_pascal_without_sbd_list_warns_and_uses_all_labels(tmp_path, capsys):
 
 
 def test_missing_root_error_names_layout(tmp_path):
-    for root in (None, tmp_path / "nope"):
+    for root, first in ((None, "no data root given for pascal: pass --data-root DIR"),
+                        (tmp_path / "nope", f"pascal data root {tmp_path / 'nope'} is not a directory")):
         with pytest.raises(data.DatasetNotFoundError, match="SegmentationClassAug") as err:
             data.build_dataset("pascal", "test", 0, root=root)
+        assert str(err.value).splitlines()[0] == first
         assert "JPEGImages" in str(err.value) and "sbd_train_noval.txt" in str(err.value)
     (tmp_path / "voc" / "JPEGImages").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="val.txt"):
@@ -690,16 +695,31 @@ def test_missing_root_error_names_layout(tmp_path):
         data.build_dataset("coco", "train", 0, root=tmp_path / "coco")
 
 
-def test_corrupt_files_raise_naming_the_file(tmp_path):
+def test_bad_files_are_all_reported_by_the_first_scan_one_line_each(tmp_path):
+    root = _write_pascal(tmp_path / "voc")
+    (root / "JPEGImages" / "v1.jpg").write_bytes(b"not a jpeg")  # unreadable header
+    Image.new("RGB", (80, 80)).save(root / "SegmentationClassAug" / "v2.png")  # a colour image, not a label
+    Image.fromarray(_label((2, 0, 0, 50, 50), shape=(80, 70))).save(root / "SegmentationClassAug" / "v3.png")
+    with pytest.raises(data.DatasetFileError) as err:
+        data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+    lines = str(err.value).splitlines()
+    assert lines[0].startswith("3 bad file(s) in the PASCAL test list") and len(lines) == 4
+    assert "v1.jpg: not a readable image" in lines[1] and "v2.png" in lines[2] and "mode RGB" in lines[2]
+    assert "v3.png: 70x80 pixels, its image" in lines[3] and "80x80" in lines[3]
+    assert not (root / ".fss_cache" / "pascal_test_counts.json").exists()  # nothing cached: the next run checks again
+
+
+def test_a_file_that_fails_to_decode_later_is_named(tmp_path):
     root = _write_pascal(tmp_path / "voc")
     jpeg = root / "JPEGImages" / "v1.jpg"
-    jpeg.write_bytes(jpeg.read_bytes()[:200])  # truncated
-    ds = data.build_dataset("pascal", "test", 0, img_size=64, root=root)
-    with pytest.raises(OSError, match="v1.jpg"):
-        ds[1]
+    jpeg.write_bytes(jpeg.read_bytes()[:2000])  # the header is intact, the pixels are cut off
+    ds = data.build_dataset("pascal", "test", 0, img_size=64, root=root)  # the header check passes it
+    index = next(i for i in range(len(ds.images)) if ds._query(i, 0) == "v1")
+    with pytest.raises(data.DatasetFileError, match="cannot read image .*v1.jpg"):
+        ds[index]
     rgb_label = tmp_path / "rgb.png"
     Image.new("RGB", (8, 8)).save(rgb_label)
-    with pytest.raises(OSError, match="rgb.png"):
+    with pytest.raises(data.DatasetFileError, match="rgb.png"):
         data.load_mask(rgb_label)
 
 
@@ -719,6 +739,127 @@ def test_rle_decode_known_and_random_masks():
     assert data.rle_string_to_counts(_rle_string(runs)) == runs
 
 
+def _polygon_mask(polygon, height, width):
+    return data.segmentation_to_mask([polygon], height, width).astype(int)
+
+
+# pycocotools' rule (data.polygon_to_mask): vertices snap to a 1/5-pixel ("fine") grid, X = int(5x + 0.5); edges
+# are walked on it; the walk cuts column c where it steps from fine x 5c+2 to 5c+3, at the upper fine y V of the
+# two, and a cut toggles rows r >= ceil((V - 2) / 5). Every mask below worked out by hand was also checked against
+# pycocotools 2.0.11 (its wheel in a scratch venv outside this repository), which gives the same.
+
+def test_polygon_rectangles_by_hand():
+    # x 1.25..4.5, y 0.5..3.75 -> fine x 6..23 (int(6.75), int(23.0)), y 3..19 (int(3.0), int(19.25)). Only the
+    # horizontal edges cut: columns with 6 <= 5c+2 and 5c+3 <= 23 (c = 1..4), at V = 3 (rows >= 1 on) and V = 19
+    # (rows >= 4 off): rows 1..3. The top edge runs through row 0's centres (y 0.5) and leaves them out, the right
+    # edge through column 4's (x 4.5) and keeps them.
+    expected = np.zeros((5, 6), int)
+    expected[1:4, 1:5] = 1
+    rectangle = [1.25, 0.5, 4.5, 0.5, 4.5, 3.75, 1.25, 3.75]
+    assert np.array_equal(_polygon_mask(rectangle, 5, 6), expected)  # Pillow's fill: 16 pixels, not 12
+    reversed_order = [1.25, 3.75, 4.5, 3.75, 4.5, 0.5, 1.25, 0.5]  # the other direction, another first vertex
+    assert np.array_equal(_polygon_mask(reversed_order, 5, 6), expected)
+    # integer corners (on pixel boundaries, between centres): exactly the rectangle's 3 x 2 pixels
+    expected = np.zeros((5, 6), int)
+    expected[1:3, 1:4] = 1
+    assert np.array_equal(_polygon_mask([1, 1, 4, 1, 4, 3, 1, 3], 5, 6), expected)
+
+
+def test_polygon_thin_triangle_by_hand():
+    # (1,1), (7.2,2), (1,1.6): exact area 1.86. Fine (5,5), (36,10), (5,8). Upper edge: fine y = int(5 + 5t/31 +
+    # 0.5) at fine x 5+t; lower edge, walked from its left end (5,8): int(8 + 2t/31 + 0.5); the vertical edge cuts
+    # nothing. Columns 1..6 (fine x 7|8 ... 32|33): upper cuts V = 5 6 7 8 9 9, lower cuts 8 8 9 9 9 10. Row 1's
+    # centre (fine 7.5) lies between the two in columns 1..3 only; row 0's (2.5) is above both, row 2's (12.5) below.
+    expected = np.zeros((3, 8), int)
+    expected[1, 1:4] = 1
+    assert np.array_equal(_polygon_mask([1, 1, 7.2, 2, 1, 1.6], 3, 8), expected)  # Pillow's fill: 12 pixels
+
+
+def test_polygon_at_and_across_the_image_border():
+    # (-1.25,-1.25), (5.75,-1.25), (-1.25,5.75) -> fine (-5,-5) (C's cast: int(-5.75) = -5), (29,-5), (-5,29). The
+    # top edge cuts every column above the image (V = -5): toggles from row 0. The hypotenuse, walked from (-5,29)
+    # with slope -1: fine y = int(29.5 - (x + 5)) = 24 - x, so column c is cut at V = 24 - (5c+3) = 21 - 5c and
+    # rows >= ceil((19 - 5c) / 5) = 4 - c are off again: column c holds rows 0..3-c.
+    expected = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]])
+    assert np.array_equal(_polygon_mask([-1.25, -1.25, 5.75, -1.25, -1.25, 5.75], 4, 5), expected)
+    touching = np.zeros((4, 5), int)
+    touching[0, 3:] = 1  # x 3..5, y 0..1: the top and right borders
+    touching[3, 0] = 1  # x 0..1, y 3..4: the left and bottom borders
+    touching[3, 1] = 1  # x 1..2, y 2.5..10: row 2's centres on the top edge are out, the cut at fine y 50 is below
+    assert np.array_equal(data.segmentation_to_mask(
+        [[3, 0, 5, 0, 5, 1, 3, 1], [0, 3, 1, 3, 1, 4, 0, 4], [1, 2.5, 2, 2.5, 2, 10, 1, 10]], 4, 5), touching)
+    assert not data.segmentation_to_mask([[-3, -3, -1, -3, -1, -1], [6, 1, 9, 1, 9, 3]], 4, 5).any()  # outside
+    # pycocotools' mask of a triangle over three borders: -0.2 snaps to fine 0 (int(-0.5)); rounding down to -1
+    # would lose pixel (row 3, column 3). Sampling the exact triangle at pixel centres would give (0,3), not (3,3).
+    reference = np.array([[0, 0, 0, 0, 1, 1, 1],
+                          [1, 1, 1, 1, 1, 1, 0],
+                          [1, 1, 1, 1, 1, 0, 0],
+                          [1, 1, 1, 1, 0, 0, 0],
+                          [1, 1, 0, 0, 0, 0, 0]])
+    assert np.array_equal(_polygon_mask([-0.2, 6.5, 7.7, -0.1, -1.4, 1.1], 5, 7), reference)
+
+
+def test_polygon_self_intersecting_and_united_parts():
+    # pycocotools' mask of a bow tie whose edges run through pixel centres (even-odd rule; the crossing at (3.5,2.5))
+    reference = np.array([[0, 0, 0, 0, 0, 0, 0],
+                          [0, 1, 0, 0, 0, 1, 1],
+                          [0, 1, 1, 1, 1, 1, 1],
+                          [0, 1, 0, 0, 0, 1, 1],
+                          [0, 0, 0, 0, 0, 0, 0]])
+    assert np.array_equal(_polygon_mask([0.5, 0.5, 6.5, 4.5, 6.5, 0.5, 0.5, 4.5], 5, 7), reference)
+    # the parts of one annotation are united (frPyObjects + merge), overlap included; < 3 points enclose nothing
+    parts = [[0, 0, 3, 0, 3, 2, 0, 2], [2, 1, 5, 1, 5, 3, 2, 3], [1, 1, 4, 3], [0, 0, 5, 4, 2]]
+    expected = np.zeros((4, 6), int)
+    expected[0:2, 0:3] = 1
+    expected[1:3, 2:5] = 1
+    assert np.array_equal(data.segmentation_to_mask(parts, 4, 6).astype(int), expected)
+
+
+def test_polygon_area_unbiased_on_random_convex_polygons():
+    """Rasterised minus exact (shoelace) area over 100 random convex polygons (perimeter ~46 px): one polygon's
+    error has an sd of ~2 px, so their mean one of ~0.2 px. Pillow's fill, outline included, adds ~16 px on
+    average, to every one of them."""
+    rng = np.random.default_rng(0)
+    errors = []
+    for _ in range(100):
+        angles = np.sort(rng.uniform(0, 2 * np.pi, rng.integers(3, 12)))
+        xy = rng.uniform(16, 24, 2) + rng.uniform(2, 14) * np.stack([np.cos(angles), np.sin(angles)], 1)  # (k,2)
+        x, y = xy.T
+        area = 0.5 * abs(x @ np.roll(y, -1) - y @ np.roll(x, -1))
+        errors.append(data.segmentation_to_mask([xy.ravel().tolist()], 40, 40).sum() - area)
+    errors = np.array(errors)
+    assert abs(errors.mean()) < 1.0
+    assert 0.3 < (errors > 0).mean() < 0.7  # errors of both signs
+
+
+def test_coco_labels_of_an_older_rule_are_rewritten_once(tmp_path, capsys):
+    root = _write_coco(tmp_path / "coco")
+    labels, name = root / "labels" / "train2014", "COCO_train2014_000000000001"
+    stamp = labels / data.COCO_LABEL_STAMP
+    assert data.build_dataset("coco", "train", 3, img_size=64, root=root).counts[name] == {2: 2500}
+    assert "rewriting" not in capsys.readouterr().err and stamp.read_text().strip() == str(data.COCO_LABEL_VERSION)
+    # the folder as the Pillow fill left it: no stamp, a fat 51 x 51 label, its counts cached under the old key
+    fat = np.zeros((80, 80), np.uint8)
+    fat[10:61, 10:61] = 2
+    Image.fromarray(fat).save(labels / f"{name}.png")
+    stamp.unlink()
+    cache = root / ".fss_cache" / "coco_train_counts.json"
+    payload = json.loads(cache.read_text())["payload"]
+    payload["counts"][name] = {"2": 2601}
+    old_key = [data.CACHE_VERSION, (root / "annotations" / "instances_train2014.json").stat().st_size, str(labels)]
+    cache.write_text(json.dumps({"key": old_key, "payload": payload}))
+    assert data.build_dataset("coco", "train", 3, img_size=64, root=root).counts[name] == {2: 2500}
+    notes = [line for line in capsys.readouterr().err.splitlines() if "rewriting" in line]
+    assert len(notes) == 1 and "train2014" in notes[0] and f"version 1, now {data.COCO_LABEL_VERSION}" in notes[0]
+    assert (np.array(Image.open(labels / f"{name}.png")) == 2).sum() == 2500
+    assert stamp.read_text().strip() == str(data.COCO_LABEL_VERSION)
+    # stamped: a label present is kept as it is (written once), even when the counts are scanned again
+    Image.fromarray(fat).save(labels / f"{name}.png")
+    cache.unlink()
+    assert data.build_dataset("coco", "train", 3, img_size=64, root=root).counts[name] == {2: 2601}
+    assert "rewriting" not in capsys.readouterr().err
+
+
 def test_coco_labels_category_map_and_folds(tmp_path, monkeypatch):
     root = _write_coco(tmp_path / "coco")
     train = data.build_dataset("coco", "train", 3, img_size=64, root=root)  # fold 3 tests 4, 8, ...
@@ -729,11 +870,11 @@ def test_coco_labels_category_map_and_folds(tmp_path, monkeypatch):
     assert train.class_files[3] == [names[1]]
     assert not (root / "labels" / "train2014" / "COCO_train2014_000000000003.png").exists()
     label1 = np.array(Image.open(root / "labels" / "train2014" / f"{names[0]}.png"))
-    assert (label1[11:60, 11:60] == 2).all() and 2500 <= (label1 == 2).sum() <= 2601 and label1[0, 0] == 0
+    assert (label1[10:60, 10:60] == 2).all() and (label1 == 2).sum() == 2500  # integer corners: exactly 50 x 50
     label2 = np.array(Image.open(root / "labels" / "train2014" / f"{names[1]}.png"))
     assert label2.shape == (80, 90) and (label2[:30, :30] == 3).all()  # crowd RLE
-    assert (label2[35:55, 35:55] == 1).all() and (label2[70:, 70:] == 1).all()  # the later polygon wins
-    assert (label2[65:, :20] == 0).all()
+    assert (label2[30:79, 30:89] == 1).all() and (label2 == 1).sum() == 49 * 59  # the later polygon wins
+    assert (label2[79] == 0).all() and (label2[:, 89] == 0).all() and (label2[65:, :20] == 0).all()
     _assert_episode(train[0], 1, 64, test=False)
 
     val_names = [f"COCO_val2014_{i:012d}" for i in (1, 2)]
@@ -874,6 +1015,283 @@ def test_eval_episodes_identical_for_any_worker_count():
         for key in ("img_q", "m_q", "img_s", "m_s"):
             assert torch.equal(a[key], b[key])
         assert all(torch.equal(x, y) for x, y in zip(a["m_q_orig"], b["m_q_orig"]))
+
+
+# ----------------------------------------------------------------------------- folder (your own data)
+
+FOLDER_NAMES = ("cat", "dog", "cup", "car", "tree", "lamp")  # class ids 1..6
+FOLDER_FOLDS = "1 4\n2 5\n3\n6\n"  # fold 1 tests dog and tree
+
+
+def _write_folder(root, classes_txt=True, folds_txt=FOLDER_FOLDS):
+    """A tiny folder dataset: for class c = 1..6 the 80x80 images NAME_0..NAME_3 with a 50x50 box of c (2500
+    pixels); NAME_3 also holds a 10x10 patch (100 pixels, under the 2048 filter) of class c % 6 + 1. The lamps
+    are PNGs, the others JPEGs."""
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for c, name in enumerate(FOLDER_NAMES, 1):
+        for k in range(4):
+            label = _label((c, 5 * k, 5 * k, 50, 50), *([(c % 6 + 1, 65, 65, 10, 10)] if k == 3 else []))
+            _save_jpeg(root / "images" / f"{name}_{k}.{'png' if name == 'lamp' else 'jpg'}", label.shape)
+            Image.fromarray(label).save(root / "labels" / f"{name}_{k}.png")
+    if classes_txt:
+        (root / "classes.txt").write_text("\n".join(FOLDER_NAMES) + "\n")
+    if folds_txt:
+        (root / "folds.txt").write_text(folds_txt)
+    return root
+
+
+def _stems(*names, k=range(4)):
+    return sorted(f"{name}_{i}" for name in names for i in k)
+
+
+def test_folder_dataset_folds_splits_and_bams_filter(tmp_path):
+    root = _write_folder(tmp_path / "mine")
+    (root / "images" / "._cat_0.jpg").write_bytes(b"macOS metadata")  # hidden files are no images
+    (root / "labels" / "notes.txt").write_text("nor are other files")
+    names = dict(enumerate(FOLDER_NAMES, 1))
+    assert data.dataset_classes("folder", 1, root) == (6, names, [2, 5])  # folds.txt, line 2
+    assert data.class_names("folder", root) == names
+    assert common.base_classes("folder", 1, root=root) == [1, 3, 4, 6]
+    train_set = data.build_dataset("folder", "train", 1, img_size=48, root=root, augment="crop-scale-flip")
+    test_set = data.build_dataset("folder", "test", 1, shot=3, img_size=48, root=root, episodes=5)
+    # test: every image with a pixel of dog or tree, so cat_3 and car_3 for their 100-pixel patches too ...
+    assert sorted(test_set.files) == sorted(_stems("dog", "tree") + ["cat_3", "car_3"])
+    # ... but only those over the 2048-pixel filter are queries and supports, as in PASCAL-5i
+    assert test_set.images == _stems("dog", "tree")
+    assert test_set.class_files == {2: _stems("dog"), 5: _stems("tree")}
+    # train: the others, none with a novel pixel (BAM's rule), each over the filter for its base class
+    train_stems = sorted(_stems("cat", "car", k=range(3)) + _stems("cup", "lamp"))
+    assert sorted(train_set.files) == train_set.images == train_stems and len(train_set) == 14
+    for _, label_path in train_set.files.values():
+        assert not set(np.unique(np.array(Image.open(label_path))).tolist()) & {2, 5}
+    assert train_set.classes == [1, 3, 4, 6] and test_set.classes == [2, 5] and len(test_set) == 5
+    assert train_set.num_classes == test_set.num_classes == 6 and test_set.class_names == names
+    # PASCAL's pipeline: its episodes, scale range and the run's augmentation recipe
+    assert type(train_set) is type(test_set) is data.ImageEpisodes
+    assert train_set.scale_range == data.SCALE_RANGE["pascal"] and train_set.augment == "crop-scale-flip"
+    _assert_episode(train_set[0], 1, 48, test=False)
+    ep = test_set[0]
+    _assert_episode(ep, 3, 48, test=True)
+    assert ep["class_id"] in (2, 5) and ep["m_q_orig"].shape == (80, 80)
+    # --test-classes replace the fold (whatever fold is passed)
+    assert data.dataset_classes("folder", 1, root, test_classes=[6, 3]).novel == [3, 6]
+    assert data.build_dataset("folder", "test", 1, img_size=48, root=root, test_classes=(6, 3)).classes == [3, 6]
+    assert data.build_dataset("folder", "train", 1, img_size=48, root=root, test_classes=(3, 6)).classes == [1, 2, 4, 5]
+    assert common.base_classes("folder", 0, root=root, test_classes=(3, 6)) == [1, 2, 4, 5]
+    with pytest.raises(ValueError, match="folder dataset's novel classes"):
+        data.dataset_classes("pascal", 0, test_classes=[3])
+
+
+def test_folder_without_classes_and_folds_numbers_its_ids_and_says_the_default_folds_once(tmp_path, capsys):
+    root = _write_folder(tmp_path / "plain", classes_txt=False, folds_txt=None)
+    assert data.dataset_classes("folder", 0, root) == (6, {c: str(c) for c in range(1, 7)}, [1, 2])
+    assert [data.dataset_classes("folder", k, root).novel for k in range(4)] == [[1, 2], [3, 4], [5], [6]]
+    data.build_dataset("folder", "test", 3, img_size=48, root=root)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "no folds.txt" in line]
+    assert notes == [f"[data] note: {root} has no folds.txt: fold K tests the K-th of four contiguous quarters of "
+                     "the class ids (PASCAL-5i's rule): fold 0 = 1..2, fold 1 = 3..4, fold 2 = 5, fold 3 = 6"]
+
+
+def test_folder_train_and_val_lists_split_as_pascals_and_feed_the_base_learner(tmp_path, monkeypatch):
+    root = _write_folder(tmp_path / "listed")
+    (root / "train.txt").write_text("cat_0\ncat_3\ncup_0\ndog_0\ndog_1\n")  # dog_1 is in val.txt too: a test image
+    (root / "val.txt").write_text("dog_1\ndog_2\ndog_3\ntree_0\ntree_1\ntree_2.jpg\n")
+    train_set = data.build_dataset("folder", "train", 1, img_size=48, root=root)
+    assert sorted(train_set.files) == ["cat_0", "cat_3", "cup_0", "dog_0"]
+    assert train_set.images == ["cat_0", "cup_0"]  # cat_3 (a dog patch) and dog_0 hold novel pixels: BAM drops them
+    test_set = data.build_dataset("folder", "test", 1, shot=2, img_size=48, root=root)
+    assert sorted(test_set.files) == ["dog_1", "dog_2", "dog_3", "tree_0", "tree_1", "tree_2"]
+    assert test_set.class_files == {2: ["dog_1", "dog_2", "dog_3"], 5: ["tree_0", "tree_1", "tree_2"]}
+    images = common.BaseClassImages("folder", 1, 80, root)  # the whole training list, novel pixels -> background
+    assert images.classes == [1, 3, 4, 6] and images.names == ["cat_0", "cat_3", "cup_0", "dog_0"]
+    monkeypatch.setattr(data, "train_transform", lambda img, label, *a: (img, label))  # the labels as read
+    _, label = images[(0, images.names.index("cat_3"))]
+    raw = torch.from_numpy(_label((1, 15, 15, 50, 50), (2, 65, 65, 10, 10))).long()
+    assert torch.equal(label, torch.where(raw == 1, 1, 0))  # cat -> channel 1, the dog patch (novel) -> 0
+    (root / "val.txt").write_text("dog_1\nnosuch\n")
+    with pytest.raises(data.DatasetFileError, match=r"val.txt lists 1 name\(s\) with no image and label .*: nosuch$"):
+        data.build_dataset("folder", "test", 1, img_size=48, root=root)
+
+
+def test_folder_scan_is_cached_and_done_again_when_a_label_changes(tmp_path, monkeypatch, capsys):
+    root = _write_folder(tmp_path / "cached")
+    first = data.build_dataset("folder", "train", 1, img_size=48, root=root)
+    assert (root / ".fss_cache" / "folder_counts.json").is_file()
+    assert "checking and scanning the files of" in capsys.readouterr().out
+
+    def fail(pair):
+        raise AssertionError("rescanned although cached")
+    monkeypatch.setattr(data, "_scan_pair", fail)
+    again = data.build_dataset("folder", "train", 1, img_size=48, root=root)
+    assert again.counts == first.counts and again.images == first.images
+    data.build_dataset("folder", "test", 1, img_size=48, root=root)  # one scan serves both splits and every fold
+    data.build_dataset("folder", "train", 2, img_size=48, root=root)
+    label = root / "labels" / "cat_0.png"
+    Image.fromarray(_label((1, 0, 0, 60, 60))).save(label)  # the same name, edited
+    os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 10 ** 9))
+    with pytest.raises(AssertionError, match="rescanned"):
+        data.build_dataset("folder", "train", 1, img_size=48, root=root)
+    monkeypatch.undo()
+    assert data.build_dataset("folder", "train", 1, img_size=48, root=root).counts["cat_0"] == {1: 3600}
+
+
+def _folder_eval(root, out, *flags):
+    """The parameter-free baseline on the pixels evaluated on a folder dataset through train.main."""
+    return train.main(["--model", "baseline", "--baseline-features", "image", "--dataset", "folder", "--data-root",
+                       str(root), "--img-size", "48", "--test-episodes", "4", "--test-seeds", "1", "--workers", "0",
+                       "--out", str(out), *flags])
+
+
+@pytest.mark.parametrize("case", ["image without label", "label without image", "label of another size",
+                                  "two images of one name", "id not in classes.txt", "folds.txt of 2 lines",
+                                  "folds.txt with an unknown id",
+                                  "test class in no image", "test class not an id", "too few for the shots",
+                                  "0/255 masks", "empty folder", "no images folder", "train.txt alone"])
+def test_folder_bad_input_gets_one_clear_line(case, tmp_path, capsys):
+    root = _write_folder(tmp_path / "bad")
+    images, labels = root / "images", root / "labels"
+
+    def rewrite_labels(fn):
+        for path in labels.iterdir():
+            Image.fromarray(fn(np.array(Image.open(path)))).save(path)
+
+    bad = f"1 bad file(s) in the folder dataset {root}; fix or remove them (and their list entries):\n  "
+    cases = {  # what is done to the folder, the flags, the message
+        "image without label": (lambda: (labels / "cup_1.png").unlink(), [],
+                                f"{bad}{images / 'cup_1.jpg'}: no label {labels / 'cup_1.png'}"),
+        "label without image": (lambda: (images / "cup_1.jpg").unlink(), [],
+                                f"{bad}{labels / 'cup_1.png'}: no image {images / 'cup_1'}.jpg (or .jpeg, .png)"),
+        "two images of one name": (lambda: _save_jpeg(images / "cup_1.png", (80, 80)), [],
+                                   f"{bad}{images / 'cup_1.png'}: a second image named cup_1 (with cup_1.jpg): keep "
+                                   "one"),
+        "label of another size": (
+            lambda: Image.fromarray(_label((3, 0, 0, 50, 50), shape=(80, 70))).save(labels / "cup_1.png"), [],
+            f"{bad}{labels / 'cup_1.png'}: 70x80 pixels, its image {images / 'cup_1.jpg'} 80x80"),
+        "id not in classes.txt": (
+            lambda: Image.fromarray(_label((3, 0, 0, 50, 50), (7, 60, 0, 20, 20))).save(labels / "cup_2.png"), [],
+            f"the labels of {root} hold class id(s) [7], which {root / 'classes.txt'} does not name (it names 6 "
+            f"classes, ids 1..6): e.g. {labels / 'cup_2.png'} holds 7"),
+        "folds.txt of 2 lines": (lambda: (root / "folds.txt").write_text("1 2\n3\n"), [],
+                                 f"{root / 'folds.txt'} has 2 line(s); it needs 4, line K the test class ids of fold "
+                                 "K (1..6, separated by spaces or commas)"),
+        "folds.txt with an unknown id": (lambda: (root / "folds.txt").write_text("1 4\n2, 9\n3\n6\n"), [],
+                                         f"{root / 'folds.txt'} line 2 '2, 9': not class ids of {root} (1..6, "
+                                         "separated by spaces or commas)"),
+        "test class in no image": (
+            lambda: (root / "classes.txt").write_text("\n".join(FOLDER_NAMES + ("bird",))), ["--test-classes", "2,7"],
+            f"--test-classes 2,7: no label in {labels} holds test class 7 (bird): there is no image to test it on"),
+        "test class not an id": (lambda: None, ["--test-classes", "3,9"],
+                                 f"--test-classes 3,9: [9] are not class ids of {root} (1..6)"),
+        "too few for the shots": (lambda: None, ["--fold", "1", "--shot", "4"],
+                                  f"too few test images in {root} for 4-shot episodes, which need 5 images with >= "
+                                  "2048 pixels of the class (the query and 4 other images as supports): class 2 (dog) "
+                                  "has 4; class 5 (tree) has 4. Add images, lower --shot, or choose other test "
+                                  "classes"),
+        "0/255 masks": (lambda: rewrite_labels(lambda a: np.where(a > 0, 255, 0).astype(np.uint8)), [],
+                        f"no label in {labels} holds a class id (1..254): every pixel is 0 or 255, and 255 means "
+                        "'ignore' (write an object mask as 0/1, not 0/255)"),
+        "empty folder": (lambda: [p.unlink() for d in (images, labels) for p in d.iterdir()], [],
+                         f"folder data root {root} holds no image: {images} has no .jpg, .jpeg, .png file and "
+                         f"{labels} no .png\n{data.FOLDER_LAYOUT}"),
+        "no images folder": (lambda: [p.unlink() for p in images.iterdir()] and images.rmdir(), [],
+                             f"folder data root {root} is missing {images}\n{data.FOLDER_LAYOUT}"),
+        "train.txt alone": (lambda: (root / "train.txt").write_text("cat_0\n"), [],
+                            f"{root / 'train.txt'} without {root / 'val.txt'}: give both lists, or neither\n"
+                            f"{data.FOLDER_LAYOUT}"),
+    }
+    change, flags, message = cases[case]
+    change()
+    with pytest.raises(SystemExit) as err:
+        _folder_eval(root, tmp_path / "run", *flags)
+    assert str(err.value.code) == f"error: {message}"  # train.main's one line, no traceback
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_folder_dataset_trains_evaluates_visualises_and_predicts_through_the_harness(tiny, tmp_path, capsys):
+    root, out = _write_folder(tmp_path / "mine"), tmp_path / "run"
+    train.main(["--model", str(tiny), "--dataset", "folder", "--data-root", str(root), "--fold", "1", "--img-size",
+                "48", "--epochs", "1", "--batch-size", "2", "--test-episodes", "6", "--test-seeds", "1", "--workers",
+                "0", "--vis", "2", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "training: 14 episodes/epoch, 7 steps of 2" in text  # the 14 training images of fold 1
+    result = _records(out)[-1]
+    assert result["event"] == "result" and result["dataset"] == "folder" and sorted(result["per_class"]) == ["2", "5"]
+    assert "dog" in text and "tree" in text  # the class table names them from classes.txt
+    vis = sorted(p.name for p in (out / "vis").glob("*.png"))
+    assert len(vis) == 2 and all(name.endswith(("_dog.png", "_tree.png")) for name in vis)
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert state["args"]["dataset"] == "folder" and state["args"]["augment"] == "pfenet"
+    train.main(["--predict", "--checkpoint", str(out / "last.pt"), "--support", str(root / "images" / "dog_0.jpg"),
+                "--support-mask", str(root / "labels" / "dog_0.png"), "--query", str(root / "images" / "dog_1.jpg"),
+                "--out", str(tmp_path / "pred"), "--workers", "0"])
+    pred = np.array(Image.open(tmp_path / "pred" / "dog_1_mask.png"))
+    assert pred.shape == (80, 80) and set(np.unique(pred)) <= {0, 255}
+
+
+def test_folder_baseline_fold_all_test_classes_and_run_folders(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(common, "RUNS_DIR", str(tmp_path / "runs"))
+    root = _write_folder(tmp_path / "mine")
+    flags = ["--model", "baseline", "--baseline-features", "image", "--dataset", "folder", "--data-root", str(root),
+             "--img-size", "48", "--test-episodes", "4", "--test-seeds", "1", "--workers", "0"]
+    records = train.main([*flags, "--fold", "all"])
+    assert [sorted(map(int, r["per_class"])) for r in records] == [[1, 4], [2, 5], [3], [6]]  # folds.txt
+    assert "| baseline | 1 |" in capsys.readouterr().out  # the four-fold table
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    digest = folders[0].split("-")[3]  # the root's name, then a hash of its path
+    assert len(digest) == 6 and set(digest) <= set("0123456789abcdef")
+    tag = f"folder-mine-{digest}"
+    assert folders == [f"baseline-{tag}-fold{k}-1shot" for k in range(4)]
+    train.main([*flags, "--test-classes", "6,3"])
+    assert _records(tmp_path / "runs" / f"baseline-{tag}-classes3-6-1shot")[-1]["per_class"].keys() == {"3", "6"}
+    # two roots of one name, two sets of test classes: four run folders
+    other = _write_folder(tmp_path / "elsewhere" / "mine")
+    outs = {train.parse_args([*flags, "--data-root", str(r), *extra])[0].out
+            for r in (root, other) for extra in (["--test-classes", "3"], ["--test-classes", "3,6"])}
+    assert len(outs) == 4
+    capsys.readouterr()
+    for extra, message in (
+            (["--fold", "all", "--test-classes", "3"],
+             "--test-classes names the novel classes itself: drop --fold all"),
+            (["--fold", "1", "--test-classes", "3"], "drop --fold 1 (--fold K and --fold all take a folder dataset's "
+                                                     "folds from its folds.txt)"),
+            (["--test-classes", "3,x"], "must be class ids >= 1 separated by commas (e.g. 3,7,9), got '3,x'"),
+            (["--test-classes", "3", "--dataset", "pascal"],
+             "--test-classes chooses the novel classes of --dataset folder; pascal's are its folds (--fold)")):
+        with pytest.raises(SystemExit):
+            train.parse_args([*flags, *extra])
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["tiny", "baseline", "ocnet", "qgnet", "crcnet", "symnet", "qpenet"])
+def test_folder_runs_take_the_harness_recipe_where_a_model_has_none(model, tiny, tmp_path):
+    name = str(tiny) if model == "tiny" else model
+    module = train.load_model_module(name)
+    assert "folder" not in getattr(module, "DEFAULTS", {})  # no model file has a folder recipe: the harness's
+    args = train.parse_args(["--model", name, "--dataset", "folder", "--data-root", str(tmp_path)])[0]
+    got = {k: getattr(args, k) for k in ("lr", "batch_size", "epochs", "img_size", "augment", "test_episodes",
+                                         "test_seeds")}
+    assert got == dict(lr=0.025, batch_size=4, epochs=200, img_size=473, augment="pfenet", test_episodes=1000,
+                       test_seeds=5)  # PASCAL-5i's harness recipe and protocol
+    assert train.HARNESS_DEFAULTS["folder"] == train.HARNESS_DEFAULTS["pascal"]
+
+
+def test_folder_classes_size_symnets_text_and_word_vectors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/ here: no base learner
+    root = _write_folder(tmp_path / "mine")
+    torch.save({name: torch.full((symnet.TEXT_DIM,), float(c)) for c, name in enumerate(FOLDER_NAMES, 1)},
+               tmp_path / "v.pt")
+    table = symnet.load_word_vectors(tmp_path / "v.pt", "folder", root=root)
+    assert table.shape == (7, symnet.TEXT_DIM) and (table[0] == 0).all() and (table[4] == 4).all()  # row 4: car
+    with pytest.warns(UserWarning) as record:  # no word vectors, no base learner: one warning each
+        net = symnet.SymNet(symnet.Config(pretrained=False, dataset="folder", data_root=str(root), fold=1))
+    assert any("meta learner alone" in str(r.message) for r in record)
+    assert net.text.shape == (7, symnet.TEXT_DIM) and (net.text == 0).all()
+    # a base learner of fold 1 (base classes 1, 3, 4, 6) does not fit the run with --test-classes 3,6
+    torch.save({"model": {}, "classes": [1, 3, 4, 6], "backbone": "resnet50"}, tmp_path / "base.pt")
+    with pytest.raises(ValueError, match=r"classes \[1, 3, 4, 6\]; this model needs resnet50, classes \[1, 2, 4, 5\]"):
+        symnet.SymNet(symnet.Config(pretrained=False, dataset="folder", data_root=str(root), test_classes=(3, 6),
+                                    base_learner=str(tmp_path / "base.pt"), word_vectors=str(tmp_path / "v.pt")))
 
 
 # ==========================================================================================================
