@@ -2,7 +2,8 @@
 
 Contents, bottom-up:
     IGNORE_INDEX            label of pixels that count nowhere (loss and metrics)
-    Backbone                frozen ImageNet ResNet-50/101 (dilated, output stride 8) or VGG-16-BN
+    Backbone                frozen ImageNet ResNet-50/101 (torchvision's or PSPNet's deep stem; dilated, output
+                            stride 8) or VGG-16-BN; torchvision's weights or a weight file (PFENet's resnet50_v2)
     masked_average_pooling  support prototype: mean of the features under a mask (PFENet Weighted_GAP)
     cosine_prior            PFENet's training-free prior mask from high-level features
     FEM                     PFENet's Feature Enrichment Module (multi-scale decoder with auxiliary heads)
@@ -27,6 +28,7 @@ Tensor vocabulary (every file of the repository uses it):
 import json
 import math
 import os
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -36,6 +38,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torchvision.models.resnet import Bottleneck, conv1x1, conv3x3
 
 IGNORE_INDEX = 255  # PFENet ignore_label: VOC object borders and the padding of test images
 MAP_EPS = 5e-4  # PFENet Weighted_GAP, PFENet.py:16
@@ -45,12 +48,49 @@ FEM_BINS = (1.0, 0.5, 0.25, 0.125)  # PFENet COCO config ppm_scales; rounded at 
 FEM_DROPOUT = 0.1  # PFENet.py:104,147 (cls and inner_cls heads)
 RUNS_DIR = "runs"  # parent of every default run folder (train.py's and the stages'), in the working directory
 
-# name -> (torchvision builder, ImageNet weights); IMAGENET1K_V1 are the classic ones (HSNet's pretrained=True)
+
+class DeepStemResNet(torchvision.models.ResNet):
+    """PSPNet's ResNet, the network of PFENet's resnet50_v2.pth / resnet101_v2.pth (PFENet model/resnet.py:100-128
+    with deep_base=True, from hszhao/semseg), which PFENet, BAM, Sym-Net, QPENet and QGNet load.
+
+    torchvision's ResNet with a deep stem in place of its 7x7 conv: three 3x3 convs without bias, 3->64 with
+    stride 2, 64->64, 64->128, each followed by BatchNorm and ReLU, then the same 3x3 stride-2 max-pool; layer1's
+    first block therefore reads 128 channels. The rest is torchvision's and equals PFENet's: the stride on each
+    bottleneck's 3x3 conv2 (resnet.py:66-67), the first block's downsample a strided 1x1 conv + BatchNorm,
+    BatchNorm2d's defaults, Kaiming fan-out initialisation. state_dict keys are the files': conv1, bn1, conv2,
+    bn2, conv3, bn3, layer1.0.conv1.weight, ..., fc. layers: bottlenecks per stage ((3, 4, 6, 3) ResNet-50,
+    (3, 4, 23, 3) ResNet-101); kwargs go to torchvision's ResNet. forward(x (N,3,H,W)) -> ImageNet logits (N,1000).
+    """
+
+    def __init__(self, layers, **kwargs):
+        super().__init__(Bottleneck, list(layers), **kwargs)
+        self.conv1 = conv3x3(3, 64, stride=2)  # replaces torchvision's 7x7; bn1 (64) stays
+        self.conv2, self.bn2 = conv3x3(64, 64), nn.BatchNorm2d(64)
+        self.conv3, self.bn3 = conv3x3(64, 128), nn.BatchNorm2d(128)
+        self.layer1[0] = Bottleneck(128, 64, downsample=nn.Sequential(conv1x1(128, 256), nn.BatchNorm2d(256)))
+        for m in [self.conv1, self.conv2, self.conv3, *self.layer1[0].modules()]:
+            if isinstance(m, nn.Conv2d):  # the initialisation torchvision (and PFENet) give every conv
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))  # (N, 64, H/2, W/2)
+        x = self.relu(self.bn2(self.conv2(x)))
+        x = self.maxpool(self.relu(self.bn3(self.conv3(x))))  # (N, 128, H/4, W/4)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+# name -> (builder, ImageNet weights); IMAGENET1K_V1 are torchvision's classic ones (HSNet's pretrained=True).
+# The *_deep ones come from a weight file only: torchvision ships none (PFENET_BACKBONES_URL)
 BACKBONES = {
     "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V1),
     "resnet101": (torchvision.models.resnet101, torchvision.models.ResNet101_Weights.IMAGENET1K_V1),
     "vgg16_bn": (torchvision.models.vgg16_bn, torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1),
+    "resnet50_deep": (partial(DeepStemResNet, (3, 4, 6, 3)), None),  # resnet50_v2.pth
+    "resnet101_deep": (partial(DeepStemResNet, (3, 4, 23, 3)), None),  # resnet101_v2.pth
 }
+# PFENet README.md:58 (@ a505675): its ImageNet pretrained backbones, for its initmodel/ folder
+PFENET_BACKBONES_URL = "https://drive.google.com/drive/folders/1Hrz1wOxOZm4nIIS7UMJeL79AQrdvpj6v"
 RESNET_DILATION = {"layer3": 2, "layer4": 4}  # PFENet.py:84-93: strides 1, output stride 8 (473 -> 60)
 VGG_SPLIT = ((0, 7), (7, 14), (14, 24), (24, 34), (34, 43))  # PFENet.py:21-25, indices into vgg16_bn.features
 BLOCK_STAGES = ("layer2", "layer3", "layer4")  # stages whose block outputs blocks=True returns (as HSNet)
@@ -66,12 +106,34 @@ class WeightsUnavailableError(RuntimeError):
     """The ImageNet weights could not be downloaded or loaded; the message says how to fetch them once."""
 
 
+class WeightsFileError(WeightsUnavailableError):
+    """A weight file (pretrained=PATH) that cannot be read or does not fit the backbone; one line naming the keys."""
+
+
+def is_weight_file(pretrained):
+    """True when Backbone's `pretrained` names a weight file (str or os.PathLike) rather than being True / False."""
+    return isinstance(pretrained, (str, os.PathLike))
+
+
+def _head_name(name):
+    """The attribute of `name`'s net holding its ImageNet classifier: ResNet's fc, VGG's classifier (3 FC layers)."""
+    return "fc" if name.startswith("resnet") else "classifier"
+
+
 def _load_torchvision(name, pretrained):
-    """torchvision's `name` with ImageNet weights (or random ones); a clear error when the weights can't load."""
+    """`name`'s net (BACKBONES) with torchvision's ImageNet weights or random ones (pretrained False); a clear
+    error when the weights can't load, or don't exist (the *_deep names: PFENet's files, pretrained=PATH)."""
     builder, weights = BACKBONES[name]
     kwargs = {"replace_stride_with_dilation": [False, True, True]} if name.startswith("resnet") else {}
     if not pretrained:
-        return builder(weights=None, **kwargs)
+        return builder(**kwargs)
+    if weights is None:
+        raise WeightsUnavailableError(
+            f"torchvision does not ship ImageNet weights for {name}, the deep-stem ResNet (PSPNet's) that PFENet, "
+            f"BAM, Sym-Net, QPENet and QGNet use. PFENet's README links them, as the ImageNet pretrained backbones "
+            f"for its initmodel folder ({name.replace('_deep', '_v2.pth')}):\n"
+            f"    {PFENET_BACKBONES_URL}\n"
+            f"Pass the file with --backbone-weights PATH, or --no-pretrained to run with random backbone weights.")
     try:
         return builder(weights=weights, **kwargs)
     except Exception as err:  # URLError, OSError, a corrupt download's RuntimeError: all mean "no weights here"
@@ -85,33 +147,117 @@ def _load_torchvision(name, pretrained):
         ) from err
 
 
+def imagenet_classifier(name, pretrained):
+    """The ImageNet classifier that comes with torchvision's weights of `name` (pretrained True), or a random one
+    of the same shape (False): `name`'s net's fc (ResNet) or classifier (VGG). A weight file's own is Backbone.head."""
+    if is_weight_file(pretrained):
+        raise ValueError(f"a weight file's classifier is common.Backbone.head, not torchvision's ({pretrained})")
+    return getattr(_load_torchvision(name, pretrained), _head_name(name))
+
+
+def _read_weight_file(path):
+    """{key: tensor} of a weight file: a state dict, or one nested under "state_dict" or "model" (a training
+    checkpoint's), DataParallel's "module." prefix removed. Read with weights_only: no code from the file runs."""
+    if not Path(path).is_file():
+        raise WeightsFileError(f"the weight file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, truncated, or objects other than tensors (an argparse Namespace)
+        text = " ".join(str(err).split())
+        detail = text[text.find("WeightsUnpickler"):].split(". ")[0] if "WeightsUnpickler" in text else text[:200]
+        raise WeightsFileError(f"cannot read the weight file {path} as tensors ({type(err).__name__}: {detail}); "
+                               f"for a checkpoint holding other objects, save its state dict alone with "
+                               f"torch.save(state_dict, PATH)") from err
+    while isinstance(state, dict):  # {"state_dict": ...}, {"model": ...}, {"model": {"state_dict": ...}}
+        inner = next((state[k] for k in ("state_dict", "model") if isinstance(state.get(k), dict)), None)
+        if inner is None:
+            break
+        state = inner
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        found = sorted(state)[:5] if isinstance(state, dict) else type(state).__name__
+        raise WeightsFileError(f"the weight file {path} holds no state dict (a dict of tensors, possibly under "
+                               f"'state_dict' or 'model'); found {found}")
+    if all(k.startswith("module.") for k in state):  # saved from nn.DataParallel / DistributedDataParallel
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _list_keys(keys, kind, shown=3):
+    """'2 missing keys (a, b)': the count and the first `shown` of them."""
+    more = ", ..." if len(keys) > shown else ""
+    return f"{len(keys)} {kind} key{'s' if len(keys) > 1 else ''} ({', '.join(keys[:shown])}{more})"
+
+
+def _load_weight_file(net, name, path):
+    """Load the weight file `path` into `net` (`name`'s, built random) -> the net's ImageNet classifier module
+    holding the file's weights, or None when the file has none (or one of another shape: not ImageNet's 1000
+    classes). Every other tensor must be in the file with its shape, BatchNorm's num_batches_tracked excepted
+    (older files lack it; eval mode never reads it): otherwise WeightsFileError names the keys, and nothing is
+    left at random. Layouts: torchvision's for resnet50/101 and vgg16_bn, PFENet's files' for the *_deep ones."""
+    state = _read_weight_file(path)
+    head = _head_name(name) + "."
+    expected = net.state_dict()
+    wanted = {k: v for k, v in expected.items() if not k.startswith(head)}
+    missing = [k for k in wanted if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in wanted and not k.startswith(head)]
+    misshaped = [f"{k} {tuple(state[k].shape)} instead of {tuple(v.shape)}" for k, v in wanted.items()
+                 if k in state and state[k].shape != v.shape]
+    if missing or unexpected or misshaped:
+        problems = [_list_keys(keys, kind) for keys, kind in
+                    ((missing, "missing"), (unexpected, "unexpected"), (misshaped, "mis-shaped")) if keys]
+        hint = ""
+        if name.startswith("resnet") and "layer1.0.conv1.weight" in state:  # which ResNet the file holds
+            guess = ("resnet101" if "layer3.22.conv1.weight" in state else "resnet50") + (
+                "_deep" if "conv3.weight" in state else "")  # PFENet's stem has a conv3, torchvision's none
+            hint = f"; it looks like {guess}'s: --backbone {guess}" if guess != name else ""
+        raise WeightsFileError(f"the weight file {path} does not fit {name}: {'; '.join(problems)}{hint}")
+    head_state = {k: v for k, v in state.items() if k.startswith(head)}
+    has_head = ({k: v.shape for k, v in head_state.items()}
+                == {k: v.shape for k, v in expected.items() if k.startswith(head)})
+    net.load_state_dict({k: v for k, v in state.items() if has_head or not k.startswith(head)}, strict=False)
+    return getattr(net, _head_name(name)) if has_head else None
+
+
 class Backbone(nn.Module):
     """Frozen ImageNet feature extractor returning layer1..layer4 (and optionally every ResNet block).
 
-    ResNet-50/101: torchvision's, with PFENet's dilation (PFENet.py:84-93): strides 1 and dilation 2 in every
-    block of layer3, 4 in layer4, so layer2..layer4 share the output stride 8 (473 -> 60x60, 641 -> 81x81).
-    Note: torchvision's stem is the standard 7x7 conv, not PFENet's deep stem of three 3x3 convs
-    ("resnet50_v2", resnet.py:108-119), so ImageNet weights come from torchvision rather than PFENet's Drive.
+    ResNet-50/101 ("resnet50", "resnet101"): torchvision's, with its 7x7 stem. "resnet50_deep", "resnet101_deep":
+    the papers' own, PSPNet's deep stem of three 3x3 convs (DeepStemResNet; PFENet's resnet50_v2.pth,
+    resnet.py:108-119), layer0 = conv1/bn1/relu, conv2/bn2/relu, conv3/bn3/relu, max-pool (128 channels at
+    stride 4). Every ResNet has PFENet's dilation (PFENet.py:84-93): strides 1 and dilation 2 in every block of
+    layer3, 4 in layer4, so layer2..layer4 share the output stride 8 (473 -> 60x60, 641 -> 81x81).
     VGG-16-BN: torchvision's features split into five stages as PFENet (PFENet.py:20-46), with PFENet's
     ceil-mode max pooling (model/vgg.py:69) so 473 -> layer2 60x60, layer3/layer4 30x30; layer2 is resized
     bilinearly to layer3's size (PFENet.py:192) so layer2..layer4 always share one size.
     forward(x (N,3,H,W), blocks=False) -> {"layer1".."layer4": (N,C,h,w)} plus, with blocks=True (ResNet
     only), "blocks": the output of every bottleneck of layer2..layer4 in order (13 for ResNet-50, 30 for 101).
+    trainable=True: the weights learn with the model (CRCNet §5.1 trains end to end); BatchNorm stays in eval
+    mode with its statistics fixed all the same (a batch of 4 episodes would give noisy ones).
+    pretrained: True: torchvision's ImageNet weights (none exist for the *_deep names: an error says where
+    PFENet's are); False: random; a path (str or os.PathLike): that weight file, in torchvision's layout or, for
+    the *_deep names, PFENet's (_load_weight_file: plain, under "state_dict"/"model", "module." prefixes).
+    head: the ImageNet classifier that came with a weight file (ResNet's fc, VGG's classifier), else None;
+    frozen and outside the module tree (no forward, state_dict, parameter count or .to() of the backbone
+    includes it): OCNet's Grad-CAM takes it, so that its classifier and the features share their weights.
     """
 
-    def __init__(self, name="resnet50", pretrained=True):
+    def __init__(self, name="resnet50", pretrained=True, trainable=False):
         super().__init__()
         if name not in BACKBONES:
             raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
         self.name = name
-        net = _load_torchvision(name, pretrained)
+        net = _load_torchvision(name, False if is_weight_file(pretrained) else pretrained)
+        head = _load_weight_file(net, name, pretrained) if is_weight_file(pretrained) else None
         if name.startswith("resnet"):
             # torchvision's flag gives the first block of a dilated stage the previous dilation (1, then 2);
             # PFENet dilates every block's 3x3 conv alike. Weights are unaffected.
             for stage_name, d in RESNET_DILATION.items():
                 for block in getattr(net, stage_name):
                     block.conv2.dilation, block.conv2.padding = (d, d), (d, d)
-            stages = [nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool),
+            stem = [net.conv1, net.bn1, net.relu]  # (N, 64, H/2, W/2)
+            if isinstance(net, DeepStemResNet):
+                stem += [net.conv2, net.bn2, net.relu, net.conv3, net.bn3, net.relu]  # (N, 128, H/2, W/2)
+            stages = [nn.Sequential(*stem, net.maxpool),
                       net.layer1, net.layer2, net.layer3, net.layer4]  # fc and avgpool dropped
             self.channels = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
         else:
@@ -121,10 +267,11 @@ class Backbone(nn.Module):
             stages = [net.features[start:end] for start, end in VGG_SPLIT]  # last pool and classifier dropped
             self.channels = {"layer1": 128, "layer2": 256, "layer3": 512, "layer4": 512}
         self.stages = nn.ModuleDict(zip(["layer0", "layer1", "layer2", "layer3", "layer4"], stages))
-        self.pretrained = pretrained
+        self.pretrained, self.trainable = pretrained, trainable
         self.calibrated = False  # random weights: set by calibrate() or by a model that loads estimated statistics
-        self.requires_grad_(False)
+        self.requires_grad_(trainable)
         self.train(False)
+        object.__setattr__(self, "head", None if head is None else head.requires_grad_(False).eval())  # unregistered
 
     @torch.no_grad()
     def calibrate(self, images, batch_size=16):
@@ -161,7 +308,7 @@ class Backbone(nn.Module):
         feats, block_feats = {}, []
         # no_grad, not inference_mode: an inference tensor cannot be saved for the learnable layers' backward,
         # nor take OCNet's Grad-CAM gradient, so it would need a copy, which costs more than it saves
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             x = self.stages["layer0"](x)
             for name in ("layer1", "layer2", "layer3", "layer4"):
                 if name == "layer4" and mask is not None:
@@ -469,13 +616,30 @@ def fit(step, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch
             end_epoch(epoch)
 
 
+class SaveError(OSError):
+    """A checkpoint could not be written (a full disk, a lost mount); the previous file at its path is intact."""
+
+
 def save_atomic(state, path):
-    """torch.save to PATH.tmp, then rename: a crash never leaves a half-written checkpoint at path."""
+    """torch.save to a temporary of its own (.NAME.XXXX.tmp, unique per write) beside path, flushed to the disk,
+    then renamed over path: a crash or a full disk never leaves a half-written file at path, and two writers
+    never share a temporary. On failure the temporary is removed and SaveError says what failed and where."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, (OSError, RuntimeError)):  # torch reports a failed write as a RuntimeError
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            kept = f"{path} is left as it was" if path.exists() else f"nothing was written at {path}"
+            raise SaveError(f"could not write {path} ({reason}; is the disk full?): {kept}") from err
+        raise
 
 
 # ==========================================================================================================
@@ -508,15 +672,16 @@ BASE_SCALE_RANGE = (0.5, 2.0)  # BAM config/*_base.yaml scale_min / scale_max (e
 BASE_MOMENTUM, BASE_WEIGHT_DECAY, BASE_POLY_POWER = 0.9, 1e-4, 0.9  # BAM config/*_base.yaml
 
 
-def base_classes(dataset, fold, coco_split="interleaved"):
-    """Base (training) class ids of a fold, in the base learner's channel order 1..n (channel 0: background)."""
-    novel = set(data.fold_classes(dataset, fold, coco_split))
-    return [c for c in range(1, data.NUM_CLASSES[dataset] + 1) if c not in novel]
+def base_classes(dataset, fold, coco_split="interleaved", root=None, test_classes=None):
+    """Base (training) class ids of a fold, in the base learner's channel order 1..n (channel 0: background).
+    A folder dataset's come from its root, with test_classes (ids) in place of the fold when given."""
+    count, _, novel = data.dataset_classes(dataset, fold, root, test_classes, coco_split)
+    return [c for c in range(1, count + 1) if c not in novel]
 
 
-def base_learner_path(dataset, fold, backbone):
+def base_learner_path(dataset, fold, backbone, root=None, test_classes=None):
     """Where --stage base writes the base learner and where a meta learner looks for it by default."""
-    return Path(RUNS_DIR) / f"base-{dataset}-fold{fold}-{backbone}" / "base_learner.pt"
+    return Path(RUNS_DIR) / f"base-{data.split_name(dataset, fold, root, test_classes)}-{backbone}" / "base_learner.pt"
 
 
 class BaseLearner(nn.Module):
@@ -610,22 +775,24 @@ class BAMEnsemble(nn.Module):
 class BaseClassImages(Dataset):
     """Training images of a fold with the semantic labels of its base classes, for the base learner.
 
-    PASCAL / COCO: every image of the training list (data.build_dataset's train files: VOC train U SBD
-    train_noval; COCO train2014), the pixels of novel classes relabelled background, as BAM's BaseData (util/
-    dataset.py, "Pre-Training") does: neither the episodes' 2048-pixel rule nor their filter of images with
-    novel pixels applies here. data.train_transform at BAM's base scale range 0.5-2.0. Synthetic:
-    data.render_synthetic with one base class (1-3 objects) and base-class distractors. Item (epoch, index) ->
+    PASCAL / COCO / folder: every image of the training list (data.build_dataset's train files: VOC train U SBD
+    train_noval; COCO train2014; a folder's train.txt, else its images without a novel pixel), the pixels of
+    novel classes relabelled background, as BAM's BaseData (util/dataset.py, "Pre-Training") does: neither the
+    episodes' 2048-pixel rule nor their filter of images with novel pixels applies here. data.train_transform
+    at BAM's base scale range 0.5-2.0. Synthetic: data.render_synthetic with one base class (1-3 objects) and
+    base-class distractors. Item (epoch, index) ->
     img (3,H,W) normalised, label (H,W) int64 channel ids (0 background, i = classes[i-1], 255 ignore; a class
     of no channel -> 0); every random draw comes from a numpy Generator seeded with (seed, epoch, index).
     Note: data.train_transform's crop keeps the pixels labelled 1, here base channel 1 (for episodes, the
     episode class): a harmless bias of the crop position.
     """
 
-    def __init__(self, dataset, fold, img_size, root=None, coco_split="interleaved", seed=0, length=None):
-        self.classes = base_classes(dataset, fold, coco_split)
+    def __init__(self, dataset, fold, img_size, root=None, coco_split="interleaved", seed=0, length=None,
+                 test_classes=None):
+        self.classes = base_classes(dataset, fold, coco_split, root, test_classes)
         self.dataset, self.img_size, self.seed = dataset, img_size, seed
         self.episodes = data.build_dataset(dataset, "train", fold, img_size=img_size, root=root, seed=seed,
-                                           coco_split=coco_split, train_length=length)
+                                           coco_split=coco_split, train_length=length, test_classes=test_classes)
         self.names = sorted(self.episodes.files) if dataset != "synthetic" else None  # the whole training list
         self.length = len(self.episodes) if dataset == "synthetic" else len(self.names)
         self.lut = torch.zeros(256, dtype=torch.long)  # dataset class id -> channel id
@@ -670,10 +837,10 @@ def train_base_learner(args):
         sys.exit(f"error: --stage base needs --batch-size >= 2 (BAM uses 12), got {args.batch_size}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)  # before the backbone, as train.py: --no-pretrained gives the same weights
-    backbone = Backbone(args.backbone, pretrained=not args.no_pretrained).to(device)
+    backbone = Backbone(args.backbone, pretrained=args.backbone_weights or not args.no_pretrained).to(device)
     try:
         images = BaseClassImages(args.dataset, args.fold, args.img_size, args.data_root, args.coco_split,
-                                 args.seed, args.train_length)
+                                 args.seed, args.train_length, args.test_classes)
     except FileNotFoundError as err:  # a missing or incomplete data root: the message names the layout
         sys.exit(f"error: {err}")
     if not backbone.pretrained:  # as train.py does for the meta learner's backbone
@@ -685,7 +852,8 @@ def train_base_learner(args):
     steps = len(images) // args.batch_size
     if steps == 0:
         sys.exit(f"error: {len(images)} base-class images do not fill one batch of {args.batch_size}")
-    path = Path(getattr(args, "base_learner", None) or base_learner_path(args.dataset, args.fold, args.backbone))
+    path = Path(getattr(args, "base_learner", None) or base_learner_path(args.dataset, args.fold, args.backbone,
+                                                                         args.data_root, args.test_classes))
     amp = nullcontext() if args.fp32 or device.type != "cuda" else torch.autocast("cuda", dtype=torch.bfloat16)
     print(f"[base] {len(images)} images of base classes {images.classes}, {args.epochs} epochs of {steps} steps "
           f"of {args.batch_size}, lr {args.lr}, {device} -> {path}", flush=True)

@@ -11,9 +11,11 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 import types
 import warnings
 from pathlib import Path
@@ -410,6 +412,328 @@ def test_backbone_download_failure_message(monkeypatch):
     message = str(err.value)
     assert "--no-pretrained" in message and "network is unreachable" in message
     assert "torchvision.models.resnet50(weights='IMAGENET1K_V1')" in message
+
+
+# ---------------------------------------------------------------- deep-stem ResNet (PFENet's) and weight files
+
+def bottleneck_params(c_in, planes, downsample):
+    """One bottleneck's parameters by hand: 1x1 c_in->p, 3x3 p->p, 1x1 p->4p (no biases), a BatchNorm (weight
+    and bias) after each, and on a stage's first block the 1x1 c_in->4p + BatchNorm downsample."""
+    params = c_in * planes + 9 * planes * planes + planes * 4 * planes + 2 * (planes + planes + 4 * planes)
+    return params + (c_in * 4 * planes + 2 * 4 * planes if downsample else 0)
+
+
+def pfenet_resnet_params(layers):
+    """Feature parameters (no fc) of PFENet's ResNet, model/resnet.py with deep_base=True, from its layers: three
+    3x3 convs 3->64, 64->64, 64->128 with BatchNorms, then the stages from 128 channels, each opening with a
+    downsample block (PFENet's _make_layer: stride 2, or 128 != 4 * 64 for layer1)."""
+    total, c_in = 9 * (3 * 64 + 64 * 64 + 64 * 128) + 2 * (64 + 64 + 128), 128
+    for planes, blocks in zip((64, 128, 256, 512), layers):
+        total += bottleneck_params(c_in, planes, True) + (blocks - 1) * bottleneck_params(4 * planes, planes, False)
+        c_in = 4 * planes
+    return total
+
+
+def pfenet_resnet_keys(layers):
+    """The state_dict keys of PFENet's ResNet (deep_base=True): the names in resnet50_v2.pth / resnet101_v2.pth."""
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+    def conv_bn(prefix, i):
+        return [f"{prefix}conv{i}.weight", *(f"{prefix}bn{i}.{s}" for s in bn)]
+    keys = [k for i in (1, 2, 3) for k in conv_bn("", i)]
+    for stage, blocks in enumerate(layers, 1):
+        for b in range(blocks):
+            keys += [k for i in (1, 2, 3) for k in conv_bn(f"layer{stage}.{b}.", i)]
+            if b == 0:
+                keys += [f"layer{stage}.0.downsample.0.weight", *(f"layer{stage}.0.downsample.1.{s}" for s in bn)]
+    return keys + ["fc.weight", "fc.bias"]
+
+
+def assert_backbone_holds(net, ref):
+    """Every tensor of common.Backbone `net` equals the one of the same name in the torchvision-layout net `ref`
+    (torchvision's ResNet or PFENet's), and every feature tensor of `ref` is there: only fc is left out."""
+    stem = {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3", "7": "bn3"}  # layer0's indices
+    ref_state = ref.state_dict()
+    state = net.stages.state_dict()
+    for key, value in state.items():
+        stage, index, rest = key.split(".", 2)
+        name = f"{stem[index]}.{rest}" if stage == "layer0" else key
+        assert torch.equal(value, ref_state[name]), key
+    assert len(state) == len(ref_state) - 2  # fc.weight, fc.bias
+
+
+def randomise_batchnorm(net, seed):
+    """Non-trivial BatchNorm statistics and affine parameters, so that one left at its initial values shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                for t, (low, high) in ((m.weight, (0.5, 1.5)), (m.bias, (-0.2, 0.2)), (m.running_mean, (-0.5, 0.5)),
+                                       (m.running_var, (0.5, 2.0))):
+                    t.copy_(torch.rand(t.shape, generator=g) * (high - low) + low)
+    return net
+
+
+@pytest.fixture(scope="module")
+def deep50():
+    return Backbone("resnet50_deep", pretrained=False)
+
+
+@pytest.fixture(scope="module")
+def pfenet_file(tmp_path_factory):
+    """A weight file in the layout of PFENet's resnet50_v2.pth, of a random DeepStemResNet (names untouched), in
+    the legacy serialisation of torch < 1.6 and without num_batches_tracked, as older files are -> (path, net)."""
+    torch.manual_seed(0)
+    ref = randomise_batchnorm(common.DeepStemResNet((3, 4, 6, 3)), seed=1).eval()
+    path = tmp_path_factory.mktemp("initmodel") / "resnet50_v2.pth"
+    state = {k: v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    return path, ref
+
+
+@pytest.fixture(scope="module")
+def torchvision_net():
+    """A random torchvision ResNet-50 with non-trivial BatchNorms: its state_dict is a torchvision .pth's."""
+    torch.manual_seed(2)
+    return randomise_batchnorm(torchvision.models.resnet50(), seed=3)
+
+
+def test_deep_stem_resnet_is_pfenets_network():
+    net = common.DeepStemResNet((3, 4, 6, 3))
+    keys = list(net.state_dict())
+    assert len(keys) == len(set(keys)) and set(keys) == set(pfenet_resnet_keys((3, 4, 6, 3)))
+    stem = [(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.bias)
+            for c in (net.conv1, net.conv2, net.conv3)]
+    assert stem == [(3, 64, (3, 3), (2, 2), (1, 1), None), (64, 64, (3, 3), (1, 1), (1, 1), None),
+                    (64, 128, (3, 3), (1, 1), (1, 1), None)]
+    assert (net.maxpool.kernel_size, net.maxpool.stride, net.maxpool.padding) == (3, 2, 1)
+    first = net.layer1[0]
+    assert first.conv1.in_channels == first.downsample[0].in_channels == 128 and first.conv3.out_channels == 256
+    block = net.layer2[0]  # the stride sits on the 3x3 conv2 (PFENet resnet.py:66-67) and the downsample conv
+    assert (block.conv1.stride, block.conv2.stride, block.downsample[0].stride) == ((1, 1), (2, 2), (2, 2))
+    assert block.downsample[0].kernel_size == (1, 1) and isinstance(block.downsample[1], nn.BatchNorm2d)
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 3 + 3 * 16 + 4 and all((m.eps, m.momentum) == (1e-5, 0.1) for m in bns)
+    assert bottleneck_params(128, 64, True) == 8192 + 36864 + 16384 + 768 + 32768 + 512  # by hand
+    assert sum(p.numel() for p in net.parameters()) == pfenet_resnet_params((3, 4, 6, 3)) + 2048 * 1000 + 1000
+    assert pfenet_resnet_params((3, 4, 6, 3)) == 23_631_808  # torchvision's 7x7-stem ResNet-50: 23_508_032
+    logits = net.eval()(torch.randn(1, 3, 64, 64))  # its forward runs the deep stem, as PFENet's
+    assert logits.shape == (1, 1000)
+
+
+@pytest.mark.parametrize("name,layers,blocks", [("resnet50_deep", (3, 4, 6, 3), 13),
+                                                ("resnet101_deep", (3, 4, 23, 3), 30)])
+def test_deep_stem_backbone_shapes_dilation_and_size(deep50, name, layers, blocks):
+    net = deep50 if name == "resnet50_deep" else Backbone(name, pretrained=False)
+    x = torch.randn(1, 3, 41, 41)
+    assert tuple(net.stages["layer0"](x).shape) == (1, 128, 11, 11)  # 128 channels at stride 4: 41 -> 21 -> 11
+    out = net(x, blocks=True)
+    assert tuple(out["layer1"].shape) == (1, 256, 11, 11)
+    assert net.channels == {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
+    for stage in ("layer2", "layer3", "layer4"):
+        assert tuple(out[stage].shape) == (1, net.channels[stage], 6, 6)  # output stride 8
+    assert len(out["blocks"]) == blocks and out["blocks"][-1] is out["layer4"]
+    for stage, d in (("layer3", 2), ("layer4", 4)):  # every block dilated, the first one too; no stride left
+        assert all(b.conv2.dilation == (d, d) and b.conv2.padding == (d, d) and b.conv2.stride == (1, 1)
+                   for b in net.stages[stage])
+        assert net.stages[stage][0].downsample[0].stride == (1, 1)
+    assert sum(p.numel() for p in net.parameters()) == pfenet_resnet_params(layers)
+    assert not any(p.requires_grad for p in net.parameters()) and not net.training and net.head is None
+
+
+def test_deep_stem_backbone_mask_and_episode_as_torchvisions(deep50):
+    g = torch.Generator().manual_seed(5)
+    img_q, img_s = torch.randn(1, 3, 33, 33, generator=g), torch.randn(1, 2, 3, 33, 33, generator=g)
+    m_s = torch.zeros(1, 2, 33, 33, dtype=torch.long)
+    m_s[:, :, 5:25, 3:20], m_s[:, :, 0] = 1, IGNORE_INDEX
+    feats_q, feats_s = deep50.episode(img_q, img_s, blocks=True, m_s=m_s)
+    alone_s = deep50(img_s.flatten(0, 1))
+    m = F.interpolate((m_s.flatten(0, 1) == 1).float()[:, None], alone_s["layer3"].shape[-2:], mode="bilinear",
+                      align_corners=True)  # PFENet.py:209-210: the support's layer4 is of its masked layer3
+    torch.testing.assert_close(feats_s["layer4"], deep50.stages["layer4"](alone_s["layer3"] * m), rtol=1e-4,
+                               atol=1e-4)
+    torch.testing.assert_close(feats_s["layer3"], alone_s["layer3"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(feats_q["layer4"], deep50(img_q)["layer4"], rtol=1e-4, atol=1e-4)
+    assert len(feats_q["blocks"]) == len(feats_s["blocks"]) == 13
+
+
+def test_pfenet_layout_weight_file_gives_the_nets_own_features(pfenet_file):
+    path, ref = pfenet_file
+    assert set(torch.load(path, weights_only=True)) == {k for k in pfenet_resnet_keys((3, 4, 6, 3))
+                                                          if not k.endswith("num_batches_tracked")}
+    net = Backbone("resnet50_deep", pretrained=path)
+    assert net.pretrained == path  # not random: train.py estimates no BatchNorm statistics for it
+    assert_backbone_holds(net, ref)
+    # the file's own net, dilated as PFENet dilates it after loading (PFENet.py:84-93), runs by hand
+    dilated = copy.deepcopy(ref)
+    for stage, d in (("layer3", 2), ("layer4", 4)):
+        for block in getattr(dilated, stage):
+            block.conv2.dilation, block.conv2.padding, block.conv2.stride = (d, d), (d, d), (1, 1)
+            if block.downsample is not None:
+                block.downsample[0].stride = (1, 1)
+    x = torch.randn(2, 3, 41, 41)
+    with torch.no_grad():
+        f = dilated.relu(dilated.bn1(dilated.conv1(x)))
+        f = dilated.relu(dilated.bn2(dilated.conv2(f)))
+        f = dilated.maxpool(dilated.relu(dilated.bn3(dilated.conv3(f))))
+        expected = {}
+        for stage in ("layer1", "layer2", "layer3", "layer4"):
+            f = expected[stage] = getattr(dilated, stage)(f)
+    feats = net(x)
+    for stage in expected:
+        torch.testing.assert_close(feats[stage], expected[stage])
+    assert feats["layer4"].shape[-2:] == (6, 6)  # output stride 8
+    # the file's classifier: kept, frozen, outside the module tree
+    assert torch.equal(net.head.weight, ref.fc.weight) and torch.equal(net.head.bias, ref.fc.bias)
+    assert not net.head.weight.requires_grad and not any(k.startswith("head") for k in net.state_dict())
+    assert sum(p.numel() for p in net.parameters()) == pfenet_resnet_params((3, 4, 6, 3))
+
+
+@pytest.mark.parametrize("wrap", ["plain, no fc", "state_dict, module.", "model"])
+def test_torchvision_layout_weight_file_loads_plain_or_wrapped(tmp_path, torchvision_net, wrap):
+    state = torchvision_net.state_dict()
+    if wrap == "plain, no fc":  # a features-only file: no classifier kept, nothing else missing
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    elif wrap == "state_dict, module.":  # a training checkpoint of a model in nn.DataParallel
+        state = {"state_dict": {"module." + k: v for k, v in state.items()}, "epoch": 3, "best_miou": 0.5}
+    else:
+        state = {"model": state, "optimizer": {"state": {}, "param_groups": []}}
+    path = tmp_path / "weights.pth"
+    torch.save(state, path)
+    net = Backbone("resnet50", pretrained=path)
+    assert_backbone_holds(net, torchvision_net)
+    if wrap == "plain, no fc":
+        assert net.head is None
+    else:
+        assert torch.equal(net.head.weight, torchvision_net.fc.weight)
+        assert torch.equal(net.head.bias, torchvision_net.fc.bias)
+
+
+@pytest.mark.parametrize("fault", ["missing", "unexpected", "mis-shaped"])
+def test_weight_file_that_does_not_fit_names_the_key(tmp_path, torchvision_net, fault):
+    state = torchvision_net.state_dict()
+    if fault == "missing":
+        key, shown = "layer2.1.bn2.running_var", "layer2.1.bn2.running_var"
+        del state[key]
+    elif fault == "unexpected":
+        key, shown = "layer5.0.conv1.weight", "layer5.0.conv1.weight"
+        state[key] = torch.zeros(3)
+    else:
+        key, shown = "layer4.0.conv1.weight", "layer4.0.conv1.weight (512, 1024, 3, 3) instead of (512, 1024, 1, 1)"
+        state[key] = torch.zeros(512, 1024, 3, 3)
+    path = tmp_path / "broken.pth"
+    torch.save(state, path)
+    with pytest.raises(common.WeightsFileError) as err:
+        Backbone("resnet50", pretrained=path)
+    message = str(err.value)
+    assert isinstance(err.value, common.WeightsUnavailableError)  # train.py prints it as one error line
+    assert f"1 {fault} key ({shown})" in message and str(path) in message and "\n" not in message
+
+
+def test_weight_file_of_the_other_stem_names_its_keys_and_the_backbone(tmp_path, pfenet_file, torchvision_net):
+    pfenet_path, _ = pfenet_file
+    with pytest.raises(common.WeightsFileError) as err:
+        Backbone("resnet50", pretrained=pfenet_path)
+    message = str(err.value)
+    # conv2, conv3 and their BatchNorms (5 tensors each, num_batches_tracked absent in this file: 4)
+    assert "10 unexpected keys (conv2.weight, bn2.weight, bn2.bias, ...)" in message
+    assert "3 mis-shaped keys (conv1.weight (64, 3, 3, 3) instead of (64, 3, 7, 7), layer1.0.conv1.weight" in message
+    assert "--backbone resnet50_deep" in message and "missing" not in message
+    path = tmp_path / "resnet50-torchvision.pth"
+    torch.save(torchvision_net.state_dict(), path)
+    with pytest.raises(common.WeightsFileError, match=r"10 missing keys \(conv2.weight, .*--backbone resnet50$"):
+        Backbone("resnet50_deep", pretrained=path)
+    with pytest.raises(common.WeightsFileError, match="does not exist"):
+        Backbone("resnet50", pretrained=tmp_path / "absent.pth")
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(common.WeightsFileError, match="holds no state dict"):
+        Backbone("resnet50", pretrained=tmp_path / "list.pth")
+    (tmp_path / "text.pth").write_text("not a torch file")
+    with pytest.raises(common.WeightsFileError, match="cannot read the weight file"):
+        Backbone("resnet50", pretrained=str(tmp_path / "text.pth"))
+
+
+def test_deep_stem_without_a_weight_file_says_where_pfenets_are(monkeypatch):
+    def offline(*args, **kwargs):
+        raise AssertionError("no download may be tried: torchvision has no such weights")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    for name, file in (("resnet50_deep", "resnet50_v2.pth"), ("resnet101_deep", "resnet101_v2.pth")):
+        with pytest.raises(common.WeightsUnavailableError) as err:
+            Backbone(name, pretrained=True)
+        message = str(err.value)
+        assert "torchvision does not ship" in message and file in message and "initmodel" in message
+        assert "https://drive.google.com/drive/folders/1Hrz1wOxOZm4nIIS7UMJeL79AQrdvpj6v" in message  # PFENet README
+        assert "--backbone-weights PATH" in message and "--no-pretrained" in message
+    with pytest.raises(common.WeightsUnavailableError, match="torchvision does not ship"):
+        ocnet.ImageNetCAM("resnet50_deep", pretrained=True)  # the classifier alone is never silently random
+
+
+def test_ocnet_cam_takes_the_weight_files_own_classifier(pfenet_file, tmp_path):
+    path, ref = pfenet_file
+    torch.manual_seed(0)
+    model = ocnet.Model(ocnet.Config(backbone="resnet50_deep", pretrained=str(path)))
+    fc = model.cam.classifier[-1]
+    assert fc is model.backbone.head and torch.equal(fc.weight, ref.fc.weight) and torch.equal(fc.bias, ref.fc.bias)
+    assert not any(p.requires_grad for p in model.cam.parameters())
+    state = model.state_dict()  # the classifier is saved once, as the CAM's, as for the torchvision backbones
+    assert "cam.classifier.2.weight" in state and not any(k.startswith("backbone.head") for k in state)
+    f_h = torch.rand(2, 2048, 4, 5)
+    top = ref.fc(f_h.mean((2, 3))).argmax(1)  # CAM [65] of the file's top class
+    expected = ocnet.minmax(F.relu(torch.einsum("bc,bchw->bhw", ref.fc.weight[top], f_h))[:, None])
+    torch.testing.assert_close(model.cam(f_h), expected, atol=1e-5, rtol=1e-4)
+    # a file without a classifier: a clear error, and cam_source="none" needs none
+    bare = tmp_path / "no_fc.pth"
+    torch.save({k: v for k, v in torch.load(path, weights_only=True).items() if not k.startswith("fc.")}, bare)
+    with pytest.raises(common.WeightsFileError, match="no ImageNet classifier.*--cam-source none"):
+        ocnet.Model(ocnet.Config(backbone="resnet50_deep", pretrained=str(bare)))
+    assert ocnet.Model(ocnet.Config(backbone="resnet50_deep", pretrained=str(bare), cam_source="none")).cam is None
+
+
+def test_ocnet_cam_of_torchvision_backbones_unchanged():
+    torch.manual_seed(7)
+    cam = ocnet.ImageNetCAM("resnet50", pretrained=False)
+    torch.manual_seed(7)
+    fc = torchvision.models.resnet50(weights=None).fc  # as ImageNetCAM built it before weight files existed
+    assert torch.equal(cam.classifier[-1].weight, fc.weight) and torch.equal(cam.classifier[-1].bias, fc.bias)
+    assert [type(m) for m in cam.classifier] == [nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear]
+    deep = ocnet.ImageNetCAM("resnet50_deep", pretrained=False)  # random, like its backbone (checkpoints fill it)
+    assert deep.classifier[-1].weight.shape == (1000, 2048)
+
+
+def deep_stem_model(name, where):
+    """`name`'s model on the deep-stem ResNet-50 with random weights, built small where the file's tests do."""
+    if name == "symnet":
+        return make_symnet(where, backbone="resnet50_deep")  # pretrained=False
+    cfg = dict(backbone="resnet50_deep", pretrained=False)
+    if name == "crcnet":
+        return crcnet.Model(crcnet.Config(dim=32, cr_reduction=4, **cfg))
+    if name == "qgnet":
+        return qgnet.Model(qgnet.Config(untrained_prior=True, **cfg))  # a random prior extractor: no stage 1 file
+    module = {"ocnet": ocnet, "qpenet": qpenet}[name]
+    return module.Model(module.Config(**cfg))
+
+
+@pytest.mark.parametrize("name", ["ocnet", "qpenet", "crcnet", "symnet", "qgnet"])
+def test_every_model_trains_one_step_on_the_deep_stem(name, tmp_path):
+    torch.manual_seed(0)
+    model = deep_stem_model(name, tmp_path).train()
+    backbone, = [m for m in model.modules() if isinstance(m, Backbone) and m.name == "resnet50_deep"]
+    assert backbone.stages["layer0"][6].out_channels == 128  # PFENet's stem
+    stats = backbone.stages["layer0"][4].running_mean.clone()
+    img_q, img_s, m_s, m_q = box_episode(1, 1, 33, (5, 20, 8, 25), (3, 18, 10, 28))
+    out = model(img_q, img_s, m_s, **train.query_mask(model, {"m_q": m_q}))
+    total, _ = model.loss(out, m_q, m_s)
+    total.backward()
+    assert out["logits"].shape == (1, 2, 33, 33) and torch.isfinite(total)
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    stem = backbone.stages["layer0"][3].weight.grad  # the deep stem's second conv
+    if backbone.trainable:  # CRCNet trains its encoder end to end (§5.1)
+        assert stem is not None and stem.abs().sum() > 0
+    else:
+        assert all(p.grad is None for p in backbone.parameters())
+    assert not backbone.training and torch.equal(backbone.stages["layer0"][4].running_mean, stats)  # BN in eval
 
 
 # ==========================================================================================================
