@@ -5,28 +5,34 @@ paper is the only source, and every value it leaves open is a Config field or an
 
 A symmetric network predicts the masks of both images of a (query, support) pair. A cross-reference module
 re-weights the channels of both feature maps by the product of their sigmoid importance vectors (co-occurrent
-features) and predicts the co-occurrent objects with an auxiliary head. A conditional module adds the support's
-foreground vector (global) and an attention over the support's foreground pixels (local). A mask refinement
-module with a confidence cache then predicts recurrently. K shots: the network is fine-tuned at test time on
-pairs of the labelled supports (§4.6), or the 1-shot probabilities are averaged (the fusion baseline, Table 4).
+features) and predicts the co-occurrent objects with an auxiliary head. A conditional module adds the other
+image's foreground vector (global) and an attention over its foreground pixels (local): the query branch is
+conditioned on the support's mask, the support branch (training only, where the query's mask is known) on the
+query's. A mask refinement module with a confidence cache then predicts recurrently. K shots: the network is
+fine-tuned at test time on pairs of the labelled supports (§4.6), or the 1-shot probabilities are averaged (the
+fusion baseline, Table 4).
 
 Paper -> code:
-    §4.2 Siamese encoder (ResNet, layer3 + layer4, §5.1; frozen)     SiameseEncoder
+    §4.2 Siamese encoder (ResNet, layer3 + layer4, §5.1; end to end) SiameseEncoder
     §4.3 cross-reference module, Fig. 3                              CrossReference
     §4.3 co-occurrent sub-prediction head (convs + ASPP)             ASPP, CoOccurrenceHead
     §4.4 global conditional module, Fig. 5                           GlobalConditional
     §4.4 local conditional module, Eq. (1)-(3), Fig. 6                LocalConditional
     §4.5 mask refinement: global convolution block [41], cache        GlobalConvBlock, MaskRefinement
     Fig. 2 one (query, support) pair through §4.3-§4.5, both heads    PairHead
+    §4.7 interchangeable roles: each branch conditioned on the other  PairHead, Model.forward(m_q=)
     Eq. (4)-(5) loss with lambda = 0.1                               pair_loss, Model.loss
     §4.6 k-shot fine-tuning; Table 4 fusion                          Model.predict, Model.finetune, Model._forward
     §5.1, §5.3 multi-scale test                                      Model._multi_scale, _log_mean_exp
     Eq. (6)-(8) mIoU and FB-IoU                                      common.IoUMeter (train.py evaluates)
 
 Choices (the paper is silent unless a section is named):
-    - The ResNet is frozen in training (BN in eval), as in every model here and in CANet's code [63], which keeps
-      its ResNet fixed; §5.1 calls CRCNet trained end to end, and §4.6 names the encoder as fixed only for
-      k-shot fine-tuning. One frozen backbone for all five models keeps their comparison fair.
+    - The whole encoder (ResNet and its 3x3 reduction) learns at the training lr: §5.1 "Our network is end-to-end
+      training", with one learning rate, and §4.6 names the encoder as fixed only for k-shot fine-tuning (fixed
+      there whatever the flag). BN stays in eval with ImageNet's statistics (common.Backbone(trainable=True)):
+      the paper is silent, and a batch of 4 pairs would give noisy ones. --freeze-encoder (train_encoder=False)
+      freezes the ResNet as the other four models here do (and CANet's code [63], which keeps its ResNet fixed),
+      the reduction still learning: the option for comparing the five models on one frozen backbone.
     - Every module is shared by the query and the support branch (the roles are interchangeable, §4.7), the
       cross-reference FC layers included, so the fused importance vector is symmetric in the two images.
     - Encoder: one 3x3 conv (layer3 + layer4 channels, 3072 for ResNet -> 256) + ReLU on [layer3, layer4]
@@ -42,10 +48,13 @@ Choices (the paper is silent unless a section is named):
       ResNet basic block without BN). The combined block of the refinement uses the same merge + residual.
     - Refinement classifier: a 3x3 conv and a 1x1 conv to the two scores, as the co-occurrence head ends; the
       cached branch is one 3x3 conv of the 1-channel cache to 256.
-    - Both branches are conditioned on the support, the only labelled image at test time: the global vector is
-      the support's foreground average (common.masked_average_pooling), and the local module of the support
-      branch attends over the support's own foreground.
-    - Eq. (2) is taken literally: similarities are multiplied by the support mask (bilinearly resized, 255 counts
+    - Each branch is conditioned on the other image (§4.7: the roles are interchangeable): the query branch on
+      the support's features and mask, the support branch on the query's, in the global vector (foreground
+      average, common.masked_average_pooling) and the local attention alike. Conditioned on its own mask, a
+      support pixel would find itself among the foreground keys: a shortcut to half of Eq. (5)'s main term
+      that teaches nothing transferable. The query's mask exists in training only (forward's m_q); without it
+      (evaluation) the support branch, which nothing then needs, is not computed.
+    - Eq. (2) is taken literally: similarities are multiplied by the reference mask (bilinearly resized, 255 counts
       as background), so background entries score 0 rather than -inf; an empty mask gives a uniform row, no NaN.
     - Refinement: the feature branch is a 3x3 conv and the global convolution block (GCN [41]: k x 1 -> 1 x k
       plus 1 x k -> k x 1, no ReLU inside, residual); it does not depend on the cache, so it runs once. Each step
@@ -53,23 +62,26 @@ Choices (the paper is silent unless a section is named):
       probability (1 channel), stored as a value (detached, as CANet's [63] code stores its history masks,
       icoz69/CaNet train.py), so only the last step is differentiated; only it is supervised (Eq. 5).
     - Eq. (4)'s BCE on the foreground probability equals 2-class cross-entropy: common.seg_loss, 255 ignored.
-    - Roles interchangeable (§4.7): both images are supervised every step; an explicit swap is impossible in
-      forward (it never sees m_q) and would barely change the distribution (both are images of the class; only
-      supports must hold >= 2048 pixels of it).
+    - Roles interchangeable (§4.7): the two branches mirror each other (shared modules, a symmetric
+      cross-reference, each conditioned on the other image), so swapping query and support swaps the two
+      predictions and leaves Eq. (5) as it is: no explicit swap is needed; both images are supervised every step.
     - K shots in forward: every support is paired with the query, the query probabilities are averaged
       (Table 4's fusion); each pair is supervised as a 1-shot episode.
     - Fine-tuning (§4.6): the encoder (backbone and its 3x3 reduction) is frozen, everything else is tuned on
       copies of the weights (torch.func.functional_call), so the model itself is never written; one random
       ordered pair (i != j) of supports per step (of the "at most k^2" pairs, the k pairs of an image with
-      itself are left out: they cannot teach the cross-reference anything about a second image), SGD with the
+      itself are left out: they cannot teach the cross-reference anything about a second image); support i
+      plays the query (mask m_s[i]), j the support, each branch conditioned on the other's mask; SGD with the
       training momentum, no weight decay; steps and learning rate (default the training lr of §5.1) are flags.
       "finetune" then predicts from the first support, "finetune+fusion" from all (Table 4's two rows).
       1-shot: no fine-tuning (Table 4, N/A).
-    - Multi-scale (§5.1 says [0.75, 1.25], §5.3 [0.75, 1, 1.25]; Table 2): off by default, so that every model
-      is evaluated at one scale alike; --test-scales 0.75 1 1.25 is the paper's. Images resized bilinearly,
-      masks nearest; fine-tuning runs once at scale 1.
-    - Learning rate 0.0025 is the paper's (§5.1) used as is for every learnable layer; CANet's code, this
-      group's predecessor, trains its head at 10 x 0.00025 = the same 0.0025. Synthetic: 0.01 (0.05 diverged).
+    - Multi-scale inference by default at [0.75, 1, 1.25]: §5.1 fuses scales at inference, so the reported
+      numbers include it (Table 2: +0.8 mIoU 1-shot); §5.1 lists [0.75, 1.25], §5.3 and Table 2 [0.75, 1, 1.25],
+      which we take, as it keeps the original size among the fused ones. --test-scales 1 gives one scale (as the
+      other models are evaluated). Images resized bilinearly, masks nearest; fine-tuning runs once at scale 1.
+    - Learning rate 0.0025 is the paper's (§5.1) used as is for every learnable layer, the ResNet included;
+      CANet's code, this group's predecessor, trains its head at 10 x 0.00025 = the same 0.0025. Synthetic: 0.01
+      (0.05 diverged).
 """
 import math
 from dataclasses import dataclass
@@ -100,24 +112,27 @@ class Config:
     ft_steps: int = 20  # §4.6 silent: 5-shot has 20 ordered pairs of distinct supports, each seen once on average
     ft_lr: float = 0.0025  # §4.6 silent: the training lr of §5.1
     ft_momentum: float = 0.9  # §4.6 silent: the training optimiser's
-    test_scales: tuple = (1.0,)  # §5.3 uses (0.75, 1.0, 1.25): off by default (Choices)
+    test_scales: tuple = (0.75, 1.0, 1.25)  # §5.3, Table 2 (§5.1: 0.75, 1.25); Choices
+    train_encoder: bool = True  # §5.1 "end-to-end training"; False: --freeze-encoder, the ResNet frozen (Choices)
 
 
 def add_args(parser):
     parser.add_argument("--kshot", choices=KSHOT_MODES, help="k-shot inference (default finetune, §4.6)")
     parser.add_argument("--ft-steps", type=int, help="test-time fine-tuning steps (default 20)")
     parser.add_argument("--ft-lr", type=float, help="test-time fine-tuning learning rate (default 0.0025)")
-    parser.add_argument("--test-scales", type=float, nargs="+", help="e.g. 0.75 1 1.25 (§5.3; default 1)")
+    parser.add_argument("--test-scales", type=float, nargs="+", help="default 0.75 1 1.25 (§5.3); 1: one scale")
     parser.add_argument("--refine-steps", type=int, help="mask refinement iterations, >= 1 (default 10, §5.1)")
+    parser.add_argument("--freeze-encoder", action="store_const", const=False, dest="train_encoder", default=None,
+                        help="keep the ResNet frozen, as the other models (default: trained end to end, §5.1)")
 
 
 # Table 8: CRCNet trains at 321; §5.1: SGD, lr 0.0025, 200 epochs. Batch sizes and COCO's epochs are not given:
 # the harness's (PFENet's) values. Synthetic: the harness's quick-start values, at 88 px where the others use 128
 # (321/473 of it, to a multiple of 8), as CRCNet's crop is smaller than theirs, and at lr 0.01: at the harness's
 # 0.05 its loss became NaN at step 20 (no normalisation layer anywhere; measured on random weights).
-DEFAULTS = {
-    "pascal": dict(lr=0.0025, batch_size=4, epochs=200, img_size=321),
-    "coco": dict(lr=0.0025, batch_size=8, epochs=50, img_size=321),
+DEFAULTS = {  # §5.1's augmentation: random crop, scale and flip (no rotation, no blur)
+    "pascal": dict(lr=0.0025, batch_size=4, epochs=200, img_size=321, augment="crop-scale-flip"),
+    "coco": dict(lr=0.0025, batch_size=8, epochs=50, img_size=321, augment="crop-scale-flip"),
     "synthetic": dict(img_size=88, lr=0.01),
 }
 
@@ -138,11 +153,12 @@ def _log_mean_exp(log_p, dim):
 
 
 class SiameseEncoder(nn.Module):
-    """§4.2: the frozen backbone shared by both images; layer3 and layer4 (1/8) concatenated, 3x3 conv to dim."""
+    """§4.2: the backbone shared by both images (trained unless cfg.train_encoder is False); layer3 and layer4
+    (1/8) concatenated, 3x3 conv to dim."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained)
+        self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained, trainable=cfg.train_encoder)
         self.levels = cfg.levels
         self.reduce = _conv_relu(sum(self.backbone.channels[name] for name in cfg.levels), cfg.dim)
 
@@ -215,7 +231,8 @@ class LocalConditional(nn.Module):
         self.delta = _conv_relu(dim, dim, 1)
 
     def forward(self, f, f_s, m):
-        """f (N,C,h,w) features to condition, f_s (N,C,h,w) support features, m (N,1,h,w) support foreground."""
+        """f (N,C,h,w) features to condition; f_s (N,C,h,w), m (N,1,h,w) the reference image's features and
+        foreground: the support's for the query branch, the query's for the support branch (Eq. 1-3's F_s)."""
         N, C, h, w = f.shape
         # Eq. (1): M_sim = theta(F_q)^T (x) delta(F_s)
         sim = self.theta(f).flatten(2).transpose(1, 2) @ self.delta(f_s).flatten(2)  # (N, hw, hw_s)
@@ -274,8 +291,9 @@ class MaskRefinement(nn.Module):
 class PairHead(nn.Module):
     """Everything after the Siamese encoder for N (query, support) pairs (Fig. 2): both images' predictions.
 
-    forward(f_q, f_s (N,dim,h,w), m (N,1,h,w) support foreground at h x w) -> {"query", "support",
-    "query_sub", "support_sub": logits (N,2,h,w)}."""
+    forward(f_q, f_s (N,dim,h,w), m_s (N,1,h,w) support foreground at h x w, m_q (N,1,h,w) query foreground or
+    None) -> {"query", "query_sub"; with m_q also "support", "support_sub": logits (N,2,h,w)}. Each branch is
+    conditioned on the other image's features and mask; without m_q the support branch is not computed."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -285,20 +303,25 @@ class PairHead(nn.Module):
         self.local_conditional = LocalConditional(cfg.dim)
         self.refinement = MaskRefinement(3 * cfg.dim, cfg.dim, cfg.gcn_kernel, cfg.refine_steps)
 
-    def forward(self, f_q, f_s, m):
+    def forward(self, f_q, f_s, m_s, m_q=None):
         N = f_q.shape[0]
         # 2. cross-reference module (§4.3): reinforced features and the co-occurrent sub-predictions
         g_q, g_s = self.cross_reference(f_q, f_s)
-        g = torch.cat([g_q, g_s])  # (2N, C, h, w): query branch, then support branch
+        # the branches as one batch (2N = query, then support; N = the query alone without m_q): features,
+        # reinforced features, and the reference image that conditions them
+        f, g, f_ref, m_ref = (f_q, g_q, f_s, m_s) if m_q is None else (
+            torch.cat([f_q, f_s]), torch.cat([g_q, g_s]), torch.cat([f_s, f_q]), torch.cat([m_s, m_q]))
         sub = self.co_occurrence(g)  # (2N, 2, h, w)
-        # 3. conditional module (§4.4) on the encoder features of both branches, conditioned on the support
-        f = torch.cat([f_q, f_s])  # (2N, C, h, w)
-        proto = common.masked_average_pooling(f_s, m).repeat(2, 1)  # (2N, C): foreground average pooling
-        local = self.local_conditional(f, f_s.repeat(2, 1, 1, 1), m.repeat(2, 1, 1, 1))  # (2N, C, h, w)
+        # 3. conditional module (§4.4) on the encoder features, each branch conditioned on the other image
+        proto = common.masked_average_pooling(f_ref, m_ref)  # (2N, C): foreground average pooling
+        local = self.local_conditional(f, f_ref, m_ref)  # (2N, C, h, w)
         conditional = torch.cat([self.global_conditional(f, proto), local], 1)  # (2N, 2C, h, w)
         # 4. mask refinement (§4.5) on the concatenated conditional and cross-reference outputs
         logits, _ = self.refinement(torch.cat([conditional, g], 1))  # (2N, 2, h, w)
-        return {"query": logits[:N], "support": logits[N:], "query_sub": sub[:N], "support_sub": sub[N:]}
+        out = {"query": logits[:N], "query_sub": sub[:N]}
+        if m_q is not None:
+            out.update(support=logits[N:], support_sub=sub[N:])
+        return out
 
 
 def pair_loss(out, m_q, m_s, sub_weight):
@@ -312,9 +335,10 @@ def pair_loss(out, m_q, m_s, sub_weight):
 
 
 class Model(nn.Module):
-    """CRCNet. forward(img_q, img_s, m_s, class_ids=None) -> {"logits" (B,2,H,W): log of the query foreground
-    probabilities averaged over the S supports, and per pair (B*S,2,h,w): "query", "support", "query_sub",
-    "support_sub"}. predict() adds §4.6's test-time fine-tuning and §5.1's multi-scale inference."""
+    """CRCNet. forward(img_q, img_s, m_s, class_ids=None, m_q=None) -> {"logits" (B,2,H,W): log of the query
+    foreground probabilities averaged over the S supports, and per pair (B*S,2,h,w): "query", "query_sub", and
+    with m_q (B,H,W) (training: the support branch is conditioned on it) "support", "support_sub"}. predict()
+    adds §4.6's test-time fine-tuning and §5.1's multi-scale inference."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -328,25 +352,29 @@ class Model(nn.Module):
         self.head = PairHead(cfg)
 
     @staticmethod
-    def support_foreground(m_s, size):
-        """m_s (N,H,W) labels -> (N,1,h,w) foreground fraction at the feature size (255 counts as background)."""
-        return _resize((m_s == 1).float()[:, None], size)
+    def foreground(mask, size):
+        """mask (N,H,W) labels (a support's or the query's) -> (N,1,h,w) foreground fraction at the feature size
+        (255 counts as background)."""
+        return _resize((mask == 1).float()[:, None], size)
 
-    def forward(self, img_q, img_s, m_s, class_ids=None):
-        return self._forward(img_q, img_s, m_s)
+    def forward(self, img_q, img_s, m_s, class_ids=None, m_q=None):
+        return self._forward(img_q, img_s, m_s, m_q)
 
-    def _forward(self, img_q, img_s, m_s, head_weights=None):
+    def _forward(self, img_q, img_s, m_s, m_q=None, head_weights=None):
         B, S = img_s.shape[:2]
-        if m_s.shape != (B, S, *img_s.shape[-2:]) or img_q.shape[0] != B:
-            raise ValueError(f"img_q {tuple(img_q.shape)}, img_s {tuple(img_s.shape)} and m_s "
-                             f"{tuple(m_s.shape)} do not describe the same episodes")
+        if (m_s.shape != (B, S, *img_s.shape[-2:]) or img_q.shape[0] != B
+                or m_q is not None and m_q.shape != (B, *img_q.shape[-2:])):
+            raise ValueError(f"img_q {tuple(img_q.shape)}, img_s {tuple(img_s.shape)}, m_s {tuple(m_s.shape)} and "
+                             f"m_q {None if m_q is None else tuple(m_q.shape)} do not describe the same episodes")
         # 1. Siamese encoder (§4.2): one pass over the query and every support
         f = self.encoder(torch.cat([img_q, img_s.flatten(0, 1)]))  # (B + B*S, C, h, w)
         f_q = f[:B, None].expand(B, S, *f.shape[1:]).flatten(0, 1)  # (B*S, C, h, w): one pair per support
         f_s = f[B:]  # (B*S, C, h, w)
-        m = self.support_foreground(m_s.flatten(0, 1), f.shape[-2:])  # (B*S, 1, h, w)
+        m = self.foreground(m_s.flatten(0, 1), f.shape[-2:])  # (B*S, 1, h, w)
+        if m_q is not None:  # the query's foreground, once per pair
+            m_q = self.foreground(m_q, f.shape[-2:]).repeat_interleave(S, 0)  # (B*S, 1, h, w)
         # 2.-4. cross-reference, conditional and refinement modules on every (query, support) pair
-        args = (f_q, f_s, m)
+        args = (f_q, f_s, m, m_q)
         out = functional_call(self.head, head_weights, args) if head_weights else self.head(*args)
         # 5. K shots: average the query probabilities of the pairs (Table 4's fusion); S = 1 is the identity
         log_p = F.log_softmax(out["query"].float(), 1).view(B, S, 2, *f.shape[-2:])  # (B, S, 2, h, w)
@@ -354,23 +382,28 @@ class Model(nn.Module):
         return out
 
     def loss(self, out, m_q, m_s):
+        if "support" not in out:
+            raise ValueError("CRCNet's loss needs the support prediction: in training, forward needs m_q (the "
+                             "support branch is conditioned on the query's mask)")
         S = m_s.shape[1]
         return pair_loss(out, m_q.repeat_interleave(S, 0), m_s.flatten(0, 1), self.cfg.sub_weight)
 
     def finetune(self, img_s, m_s):
         """§4.6 for one episode: img_s (S,3,H,W), m_s (S,H,W). Returns fine-tuned copies {name: tensor} of the
-        head's parameters; the encoder is frozen and the module's own weights are never written."""
+        head's parameters; the encoder is fixed (even when trained, cfg.train_encoder) and the module's own
+        weights are never written."""
         cfg = self.cfg
         with torch.no_grad():
             f_s = self.encoder(img_s)  # (S, C, h, w), computed once: the encoder is not tuned
-        m = self.support_foreground(m_s, f_s.shape[-2:])  # (S, 1, h, w)
+        m = self.foreground(m_s, f_s.shape[-2:])  # (S, 1, h, w)
         weights = {name: p.detach().clone().requires_grad_() for name, p in self.head.named_parameters()}
         optimizer = torch.optim.SGD(weights.values(), lr=cfg.ft_lr, momentum=cfg.ft_momentum)
         pairs = torch.Generator().manual_seed(FT_SEED)
         with torch.enable_grad():
             for _ in range(cfg.ft_steps):
                 i, j = torch.randperm(len(img_s), generator=pairs)[:2].tolist()  # support i plays the query
-                out = functional_call(self.head, weights, (f_s[i:i + 1], f_s[j:j + 1], m[j:j + 1]))
+                # each branch conditioned on the other image's mask: the query on m_s[j], the support on m_s[i]
+                out = functional_call(self.head, weights, (f_s[i:i + 1], f_s[j:j + 1], m[j:j + 1], m[i:i + 1]))
                 loss, _ = pair_loss(out, m_s[i:i + 1], m_s[j:j + 1], cfg.sub_weight)
                 optimizer.zero_grad()
                 loss.backward()
@@ -397,5 +430,5 @@ class Model(nn.Module):
             if size != (H, W):
                 q, s = _resize(img_q, size), _resize(img_s.flatten(0, 1), size).view(*img_s.shape[:3], *size)
                 m = _resize(m_s.float(), size, mode="nearest").long()  # (B, S, h', w')
-            log_p.append(_resize(self._forward(q, s, m, head_weights)["logits"], (H, W)))  # (B, 2, H, W)
+            log_p.append(_resize(self._forward(q, s, m, head_weights=head_weights)["logits"], (H, W)))  # (B, 2, H, W)
         return _log_mean_exp(torch.stack(log_p), 0)

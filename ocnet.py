@@ -49,13 +49,24 @@ Choices (the paper leaves these open; there is no official code to follow)
       entropic OT of the cited Sinkhorn [5], Tr(T^T C) - eps H(T).
     - Eq. 11: log-domain Sinkhorn, 100 iterations (row marginals within 1e-5 at eps = 0.05), at feature resolution
       on detached cosines, M_q downsampled by nearest; it runs in loss(), the only place M_q is known.
+    - Eq. 7-11 on F_q, F_s, P_s before the features' Dropout2d: the selection ID_t / ID_l and the cosines of the
+      transport cost, so the whole target M_pa, are computed without dropout, and only Eq. 13-14 (M̂_pa, P_q)
+      see P_s after it. M_pa is a label. Dropout2d draws its channels per image, so after it the query and the
+      support prototypes lie in different random subspaces, and the distance ranking that orders the slots
+      changes with each draw: the slot a pixel is taught would move between steps (train- and eval-mode M_pa of
+      an untrained model agree on 20-40% of the pixels). One channel mask shared by query and support would put
+      the cosines in one space but still redraw the target at every step; without dropout the target in
+      training is the one eval mode computes, from the same weights.
     - Eq. 13-14: the four "LN" are separate Linear(C, C): keys of F_g and of the prototypes, value of F_g, output.
       The MatMul of Eq. 14 is divided by h*w (a mean over pixels) so P_q does not grow with the image; L_p sees
       10 x M̂_pa (raw cosines in [-1, 1] cannot fit a 2 N_s-way cross-entropy; PANet [46] scales them by 20;
       10 is untuned: a logit range of 20 already lets the softmax over 16 prototypes reach p > 0.999).
     - FPN decoder: 4 levels (F_c and three stride-2 3x3 convs), lateral 1x1 + bilinear top-down + 3x3 smoothing
       with ReLU, all 256 wide (FPN's width); the finest level predicts. L_g and L_p are taken at h x w.
-    - lr: the paper's 0.005 as given (no official code multiplying it by 10); batch 4 on COCO too.
+    - lr 0.05 = the paper's 0.005 x 10 (§5.1 gives 0.005 and batch 4). OCNet has no public code, but its setup
+      follows BAM, HDMNet and PFENet [21, 35, 42], whose code multiplies every learning rate by 10
+      (poly_learning_rate(..., scale_lr=10); BAM's configs say "base_lr: 0.005" and train at 0.05), so a
+      table made in that lineage was trained at 0.05. Batch 4 on COCO too, as §5.1 states one batch size.
 """
 import math
 from dataclasses import dataclass
@@ -66,9 +77,10 @@ import torch.nn.functional as F
 
 import common
 
-DEFAULTS = {  # §5.1: SGD, lr 0.005, batch 4; 200 epochs at 473 px on PASCAL, 75 epochs at 641 px on COCO
-    "pascal": dict(lr=0.005, batch_size=4, epochs=200, img_size=473),
-    "coco": dict(lr=0.005, batch_size=4, epochs=75, img_size=641),
+DEFAULTS = {  # §5.1: SGD, batch 4, lr 0.005 (x 10 as its lineage's code runs it: Choices); 200 epochs at 473 px on
+    # PASCAL, 75 at 641 px on COCO; PFENet's augmentation ("the same data augmentation setting as [42]")
+    "pascal": dict(lr=0.05, batch_size=4, epochs=200, img_size=473, augment="pfenet"),
+    "coco": dict(lr=0.05, batch_size=4, epochs=75, img_size=641, augment="pfenet"),
 }
 
 
@@ -184,17 +196,25 @@ class ImageNetCAM(nn.Module):
     spatial mean of the gradient of the top-1 class score, ReLU of the weighted channel sum, min-max normalised.
     ResNet: global pooling + fc, where this is CAM itself. VGG-16-BN: the last max-pool (dropped by
     common.Backbone), the 7x7 average pool and the three FC layers, in eval mode (no dropout).
+    The classifier comes with the backbone's weights: `head` = common.Backbone.head, the one of a weight file
+    (pretrained=PATH, e.g. PFENet's resnet50_v2.pth for a deep-stem backbone), shared with the backbone; else
+    torchvision's for `backbone` (random when pretrained=False, as the backbone). A weight file without one
+    is an error: cam_source="none" needs none.
     forward(f_h (B,C_h,h,w) layer4) -> cam (B,1,h,w) in [0, 1]."""
 
-    def __init__(self, backbone, pretrained):
+    def __init__(self, backbone, pretrained, head=None):
         super().__init__()
-        builder, weights = common.BACKBONES[backbone]
-        net = builder(weights=weights if pretrained else None)  # common.Backbone already fetched the weights
+        if head is None and common.is_weight_file(pretrained):
+            raise common.WeightsFileError(
+                f"the weight file {pretrained} holds no ImageNet classifier of {backbone} (1000 classes) for "
+                f"OCNet's Grad-CAM: pass --cam-source none to build the general object mask from the prior alone")
+        if head is None:
+            head = common.imagenet_classifier(backbone, pretrained)  # common.Backbone already fetched the weights
         if backbone.startswith("resnet"):
-            self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), net.fc)
+            self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
         else:
-            self.classifier = nn.Sequential(nn.MaxPool2d(2, 2, ceil_mode=True), net.avgpool, nn.Flatten(),
-                                            net.classifier)
+            self.classifier = nn.Sequential(nn.MaxPool2d(2, 2, ceil_mode=True), nn.AdaptiveAvgPool2d(7),
+                                            nn.Flatten(), head)
         self.requires_grad_(False)
         self.train(False)
 
@@ -238,15 +258,17 @@ class GOMM(nn.Module):
 class CCM(nn.Module):
     """Correlation Construction Module (§4.3, Fig. 2b): prototype selection (Eq. 7-9), the transport costs of
     M_qf / M_qb (Eq. 10; the plan itself needs M_q and is made in the loss), M̂_pa, P_q and F_c (Eq. 13-15).
-    forward(f_q, f_g (B,C,h,w), f_s (B,S,C,h,w), m (B,S,h,w) support foreground, p_s (B,L,C))
-    -> (f_c (B,2C,h,w), logits_pa (B,2N_s,h,w) = pa_scale * M̂_pa, cost (B,2N_s,h,w), background first)."""
+    forward(f_q, f_g (B,C,h,w), f_s (B,S,C,h,w), m (B,S,h,w) support foreground, p_s, p_s_drop (B,L,C))
+    -> (f_c (B,2C,h,w), logits_pa (B,2N_s,h,w) = pa_scale * M̂_pa, cost (B,2N_s,h,w), background first).
+    f_q, f_s and p_s are taken before the features' dropout (they make the selection and the target: Choices);
+    p_s_drop is P_s after it, the prototypes Eq. (13-14) learn from."""
 
     def __init__(self, dim, num_select, pa_scale):
         super().__init__()
         self.num_select, self.pa_scale = num_select, pa_scale
         self.key_g, self.key_p, self.value_g, self.out = (nn.Linear(dim, dim) for _ in range(4))  # the "LN"
 
-    def forward(self, f_q, f_g, f_s, m, p_s):
+    def forward(self, f_q, f_g, f_s, m, p_s, p_s_drop):
         B, S, C = f_s.shape[:3]
         h, w = f_g.shape[-2:]
         # Eq. (7): M_sp = Cosine(F_s, P_s), every shot against the shot-averaged prototypes
@@ -255,14 +277,16 @@ class CCM(nn.Module):
         dist = (m_sp - m[:, :, None]).flatten(3).norm(dim=3).mean(1)  # (B, L)
         id_t = dist.topk(self.num_select, dim=1, largest=False).indices  # (B, N_s)
         id_l = dist.topk(self.num_select, dim=1).indices  # (B, N_s)
-        selected = p_s.gather(1, torch.cat([id_l, id_t], 1)[..., None].expand(-1, -1, C))  # (B, 2N_s, C)
+        ids = torch.cat([id_l, id_t], 1)[..., None].expand(-1, -1, C)  # (B, 2N_s, C): background slots first
+        selected = p_s.gather(1, ids)  # (B, 2N_s, C)
         # Eq. (10): M_qb ⊕ M_qf = Cosine(F_q, Select(P_s, ID_l & ID_t)); 1 - it is the cost of Eq. (11), in fp32:
         # Sinkhorn divides it by eps = 0.05, so bf16's steps of 1/128 would flip the argmax of near-equal plans
         with torch.autocast(f_q.device.type, enabled=False):
             cost = 1 - cosine_map(f_q.detach().float(), selected.detach().float())  # (B, 2N_s, h, w)
-        # Eq. (13): M̂_pa = Cosine(LN(F_g), LN(Select(P_s, ID_l & ID_t)))
+        # Eq. (13): M̂_pa = Cosine(LN(F_g), LN(Select(P_s, ID_l & ID_t))), the prototypes after dropout
         tokens = f_g.flatten(2).transpose(1, 2)  # (B, hw, C)
-        m_pa = F.normalize(self.key_g(tokens), dim=2) @ F.normalize(self.key_p(selected), dim=2).transpose(1, 2)
+        keys = F.normalize(self.key_p(p_s_drop.gather(1, ids)), dim=2)  # (B, 2N_s, C)
+        m_pa = F.normalize(self.key_g(tokens), dim=2) @ keys.transpose(1, 2)  # (B, hw, 2N_s)
         # Eq. (14): P_q = LN(MatMul(M̂_pa, LN(F_g))), the MatMul as a mean over the h*w pixels
         p_q = self.out(m_pa.transpose(1, 2) @ self.value_g(tokens) / (h * w))  # (B, 2N_s, C)
         # Eq. (15): F_c = Alloc(P_q, Argmax(M̂_pa)) ⊕ F_g
@@ -311,23 +335,28 @@ class Model(nn.Module):
         channels = self.backbone.channels
         self.down = nn.Sequential(conv_relu(channels["layer2"] + channels["layer3"], C, 1),
                                   nn.Dropout2d(cfg.feature_dropout))
-        self.cam = ImageNetCAM(cfg.backbone, cfg.pretrained) if cfg.cam_source == "imagenet" else None
+        self.cam = (ImageNetCAM(cfg.backbone, cfg.pretrained, self.backbone.head) if cfg.cam_source == "imagenet"
+                    else None)
         self.gomm = GOMM(C, cfg.num_general, cfg.attn_heads, cfg.head_dropout)
         self.generalize = conv_relu(2 * C + 1, C, 1)
         self.ccm = CCM(C, cfg.num_select, cfg.pa_scale)
         self.decoder = FPNDecoder(2 * C, C, cfg.fpn_levels, cfg.head_dropout)
 
     def features(self, feats):
-        """Mid-level F (N,C,h,w) from the backbone's dict: PFENet's 1x1 reduction of [layer3, layer2]."""
-        return self.down(torch.cat([feats["layer3"], feats["layer2"]], 1))
+        """Mid-level F from the backbone's dict: PFENet's 1x1 reduction of [layer3, layer2] -> F (N,C,h,w) after
+        its Dropout2d, and F before it (the allocation target's features: Choices)."""
+        f = self.down[0](torch.cat([feats["layer3"], feats["layer2"]], 1))  # (N, C, h, w)
+        return self.down[1](f), f
 
     def forward(self, img_q, img_s, m_s, class_ids=None):
         B, S = img_s.shape[:2]
         # 1. frozen backbone: mid-level F_q, F_s and high-level F_q^h, F_s^h (§4.1); F_s^h is layer4 of the
-        # masked support layer3, as PFENet's prior, which Eq. (1) follows (episode's m_s)
+        # masked support layer3, as PFENet's prior, which Eq. (1) follows (episode's m_s). F_q, F_s after their
+        # dropout, and f_q_clean, f_s_clean before it, for the allocation target (Choices)
         feats_q, feats_s = self.backbone.episode(img_q, img_s, m_s=m_s)
-        f_q, f_q4 = self.features(feats_q), feats_q["layer4"]  # (B, C, h, w), (B, C_h, h, w)
-        f_s, f_s4 = self.features(feats_s).unflatten(0, (B, S)), feats_s["layer4"].unflatten(0, (B, S))
+        (f_q, f_q_clean), f_q4 = self.features(feats_q), feats_q["layer4"]  # (B, C, h, w) x 2, (B, C_h, h, w)
+        f_s, f_s_clean = (f.unflatten(0, (B, S)) for f in self.features(feats_s))  # (B, S, C, h, w) x 2
+        f_s4 = feats_s["layer4"].unflatten(0, (B, S))  # (B, S, C_h, h, w)
         h, w = f_q.shape[-2:]
 
         # 2. Eq. (1-2): M_g = 1_tau(Max(Cosine(F_q^h, F_s^h) ⊕ CAM(F_q^h))), support background removed by M_s
@@ -340,14 +369,15 @@ class Model(nn.Module):
 
         # 4. Eq. (6): P_s = MFP(F_s, M_s), averaged over the K shots (§5.1)
         m = _resize((m_s == 1).float(), (h, w))  # (B, S, h, w)
-        p_s = multi_frequency_pooling(f_s.flatten(0, 1), m.flatten(0, 1), self.cfg.dct_size)  # (B*S, L, C)
-        p_s = p_s.unflatten(0, (B, S)).mean(1)  # (B, L, C)
+        p_s, p_s_clean = (multi_frequency_pooling(f.flatten(0, 1), m.flatten(0, 1), self.cfg.dct_size)
+                          .unflatten(0, (B, S)).mean(1) for f in (f_s, f_s_clean))  # (B, L, C) after / before dropout
 
         # 5. query generalization [49] (§5.1): the support prototype (MAP) and the prior fused into F_g
         f_g = self.generalize(torch.cat([f_g, p_s[:, 0, :, None, None].expand(-1, -1, h, w), prior], 1))
 
-        # 6. CCM, Eq. (7-10, 13-15): prototype selection and allocation -> object-level correlation F_c
-        f_c, logits_pa, cost_pa = self.ccm(f_q, f_g, f_s, m, p_s)
+        # 6. CCM, Eq. (7-10, 13-15): prototype selection and allocation -> object-level correlation F_c; the
+        # selection and the target's costs from the features without dropout, M̂_pa from P_s with it
+        f_c, logits_pa, cost_pa = self.ccm(f_q_clean, f_g, f_s_clean, m, p_s_clean, p_s)
 
         # 7. FPN decoder -> M̂_q
         logits = _resize(self.decoder(f_c), img_q.shape[-2:])  # (B, 2, H, W)

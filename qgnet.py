@@ -40,8 +40,11 @@ Choices (the paper is silent unless said otherwise; the official code has no sta
 - F_p = the momentum encoder (official loader: "encoder_k"), dilated to output stride 8 (official L62-71). Frozen
   backbones keep BN in eval (official: running statistics drift); bridge backbone from torchvision (7x7 stem), not
   PSPNet's deep-stem resnet50_v2.
-- lr: PASCAL 0.0025 as §5.2; the official code multiplies it by 10 (use --lr 0.025 to match). COCO, whose
-  schedule is not given: PFENet's one-GPU setting (lr 0.005, batch 8, 50 epochs) with the paper's 473 px crop.
+- Recipe as the official code runs it: PASCAL lr 0.025, the paper's 0.0025 (§5.2) x 10, as its
+  poly_learning_rate (PFENet's) multiplies every group's; batch 4, 200 epochs, 473 px. COCO, which the official
+  code does not support and whose schedule the paper does not give: PFENet's one-GPU setting as it runs (lr
+  0.005 x 10, batch 8, 50 epochs) with the paper's 473 px crop. Augmentation: PFENet's (the official train.py's;
+  §5.1 names its crop, scale and flip).
 - K shots: the guided map and the guider are averaged over shots (official); the prior map sees only the query.
 - Eq. (9) compares X_q and P_q after a learnable 3x3 conv (256, ReLU, Dropout 0.5) on each: the official
   down_learn_super / down_learn_unsuper (L153-162); the paper compares the raw features.
@@ -109,7 +112,7 @@ class PriorConfig:
 
 
 # Per-dataset overrides of PriorConfig; synthetic: a CPU-sized quick start (its images are 128 px)
-PRIOR_DEFAULTS = {"pascal": {}, "coco": dict(prior_epochs=200),  # §5.1
+PRIOR_DEFAULTS = {"pascal": {}, "folder": {}, "coco": dict(prior_epochs=200),  # §5.1; folder: PASCAL's
                   "synthetic": dict(prior_epochs=4, prior_batch_size=32, prior_queue=4096, prior_img_size=64,
                                     patch_size=32)}
 
@@ -119,8 +122,10 @@ class Config:
     """Stage 2 (§4.2). Fields named like a flag are filled from the command line."""
     backbone: str = "resnet50"  # §5.1: ResNet-50/101 or VGG-16 feature extractor F
     pretrained: bool = True
-    dataset: str = "pascal"  # with fold: where the stage-1 checkpoint is
+    dataset: str = "pascal"  # with fold, data_root and test_classes: where the stage-1 checkpoint is
     fold: int = 0
+    data_root: str = None
+    test_classes: list = None
     prior_checkpoint: str = None  # None: prior_checkpoint_path's default
     prior_all_images: bool = False
     untrained_prior: bool = False  # random F_p instead of stage 1's (tests)
@@ -133,8 +138,8 @@ class Config:
 
 
 DEFAULTS = {
-    "pascal": dict(lr=0.0025, batch_size=4, epochs=200, img_size=473),  # §5.2 (official: lr x10, see Choices)
-    "coco": dict(lr=0.005, batch_size=8, epochs=50, img_size=473),  # Table 3 crop; PFENet's 1-GPU COCO schedule
+    "pascal": dict(lr=0.025, batch_size=4, epochs=200, img_size=473, augment="pfenet"),  # §5.2's 0.0025 x 10
+    "coco": dict(lr=0.05, batch_size=8, epochs=50, img_size=473, augment="pfenet"),  # PFENet's 1-GPU COCO run
 }
 
 
@@ -149,12 +154,12 @@ def add_args(parser):
         parser.add_argument(f"--prior-{flag}", type=kind, help=f"stage 1 {flag} (default: PriorConfig)")
 
 
-def prior_checkpoint_path(dataset, fold, all_images=False, explicit=None):
-    """--prior-checkpoint, else runs/qgnet-prior-DATASET-foldK[-all]/prior_extractor.pt under the working directory
-    (like train.py's runs/). Both stages derive it from the same flags."""
+def prior_checkpoint_path(dataset, fold, all_images=False, explicit=None, root=None, test_classes=None):
+    """--prior-checkpoint, else runs/qgnet-prior-SPLIT[-all]/prior_extractor.pt under the working directory (like
+    train.py's runs/; SPLIT as data.split_name, e.g. pascal-fold0). Both stages derive it from the same flags."""
     if explicit:
         return Path(explicit)
-    run = f"qgnet-prior-{dataset}-fold{fold}{'-all' if all_images else ''}"
+    run = f"qgnet-prior-{data.split_name(dataset, fold, root, test_classes)}{'-all' if all_images else ''}"
     return Path(common.RUNS_DIR) / run / "prior_extractor.pt"
 
 
@@ -399,7 +404,8 @@ def unlabeled_images(args):
         try:
             episodes = data.build_dataset(args.dataset, split, args.fold, img_size=args.img_size, root=args.data_root,
                                           seed=args.seed if split == "train" else 0, episodes=args.test_episodes,
-                                          coco_split=args.coco_split, train_length=args.train_length)
+                                          coco_split=args.coco_split, train_length=args.train_length,
+                                          test_classes=args.test_classes)
         except FileNotFoundError as err:
             sys.exit(f"error: {err}")
         if args.dataset == "synthetic":
@@ -423,7 +429,8 @@ def train_prior_extractor(args):
     if dist.is_initialized() and dist.get_world_size() > 1:
         sys.exit("error: --stage prior runs in one process (queues, shuffle BN); start it without torchrun")
     cfg = prior_config(args)
-    path = prior_checkpoint_path(args.dataset, args.fold, args.prior_all_images, args.prior_checkpoint)
+    path = prior_checkpoint_path(args.dataset, args.fold, args.prior_all_images, args.prior_checkpoint, args.data_root,
+                                 args.test_classes)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     torch.manual_seed(args.seed)
@@ -492,7 +499,8 @@ def load_prior_extractor(cfg):
     net = common.Backbone("resnet50", pretrained=False)
     if cfg.untrained_prior or cfg.from_checkpoint:
         return net
-    path = prior_checkpoint_path(cfg.dataset, cfg.fold, cfg.prior_all_images, cfg.prior_checkpoint)
+    path = prior_checkpoint_path(cfg.dataset, cfg.fold, cfg.prior_all_images, cfg.prior_checkpoint, cfg.data_root,
+                                 cfg.test_classes)
     if not path.is_file():
         sys.exit(f"error: QGNet needs the prior extractor of stage 1, and {path} does not exist. Make it with\n"
                  f"    python train.py --model qgnet --stage prior "

@@ -49,11 +49,18 @@ Choices (paper silent, or where we differ from the official code; the notes list
  6. Eq. (16): "Cross" = 8-head attention of the query pixels (queries) over the foreground support pixels
     F_s * M_s (keys and values: two projections of the same tokens), residual and LayerNorm, then a
     256-768-256 FFN, residual and LayerNorm: the official cross-attention layer (no biases, dropout 0.1).
-    Only pixels with M_s > 0 are keys; a support set without foreground leaves all-zero tokens, which add
-    exactly nothing. Dropped from the official: the deformable self-attention block (with its own FFN and
-    LayerNorm) and its sine positional encoding, the cycle-consistency mask, the random
-    sampling of 300 fg + 300 bg keys (which mislabels its keys, a bug inherited from CyCTR, and makes test
-    results seed-dependent), and its keys' content (gated support features, foreground and background).
+    The keys are selected from the label as the official (CyCTR's get_supp_flatten_input): the support label
+    resized to h x w by nearest (PyTorch's, input pixel floor(i H / h)), then == 1, so 255 is no key. M_s of
+    Eq. (16) is that 0/1 mask, and a key enters unweighted, as F_s itself. Weighting the keys by the bilinear
+    M_s of Eq. (1) would not fit this selection: that mask samples the label at i (H - 1) / (h - 1), so a key
+    can sit where it is 0 and become a zero token; and a token scaled towards 0 still takes softmax mass (its
+    logit tends to 0, not to -inf) while adding almost nothing, why "M_s > 0" does not select either. A
+    support set without any key (no foreground, or an object between the sampled pixels) leaves all-zero
+    tokens, which add exactly nothing (the official marks the 2 x 2 central pixels as foreground instead).
+    Dropped from the official: the deformable self-attention block (with its own FFN and LayerNorm) and its
+    sine positional encoding, the cycle-consistency mask, the random sampling of 300 fg + 300 bg keys (which
+    mislabels its keys, a bug inherited from CyCTR, and makes test results seed-dependent), and its keys'
+    content (gated support features, foreground and background).
     The attention itself is torch's F.scaled_dot_product_attention, exactly softmax(Q K^T / sqrt(d)) V
     (tested against that formula), whose fused GPU kernels need not hold the (h*w) x (K*h*w) attention
     matrix (3600 x 18000 per head at 473 px, 5-shot).
@@ -67,10 +74,12 @@ Choices (paper silent, or where we differ from the official code; the notes list
  8. L_bm (NERTNet, as the official): per image, -log(1 - p_bg) averaged over the foreground, plus
     0.5 x -log p_bg averaged over every pixel; ours leaves out the 255 pixels, which the official counts.
  9. y_bg^s (Eq. 9) is computed in eval mode too (the paper skips it at test), so forward returns one dict.
-10. lr 0.0025 (§IV-B) by default. The official multiplies every group's lr by 10 (effective 0.025):
-    pass --lr 0.025 to train as the released models were. Epochs 200 / 50 as the paper (the official configs
-    use 100 on PASCAL, stop early and keep the best checkpoint on the test classes; the harness evaluates
-    the last); 473 px for both datasets (§IV-B); batch 4. Synthetic data: the harness's quick-start values.
+10. Recipe as the official configs run it: lr 0.025, the paper's 0.0025 (§IV-B) x 10, as the official
+    poly_learning_rate multiplies every group's; batch 4 on one GPU (§IV-B); 100 epochs on PASCAL (the
+    ResNet-50 configs of folds 0-2; fold 3's says 50 and ResNet-101's 150: pass --epochs; the paper says 200)
+    and 50 on COCO; 473 px for both datasets (§IV-B); PFENet's augmentation (the official train.py's). The
+    official stops early and keeps the best checkpoint on the test classes; the harness evaluates the last
+    (--select-best does as the official). Synthetic data: the harness's quick-start values.
 11. The official cannot run K > 1 (its transformer reshapes the shot-averaged support map per shot) and keeps
     only the last shot's y_pre and P_psd; ours combines K shots as stated above. One MAP over all K supports
     weighs each shot by its object's area; the official computes prototypes per shot and would average them
@@ -87,9 +96,9 @@ import common
 BACKGROUND = 1  # channel of y_bg that means "background" (Fig. 3; official QPENet.py L503)
 BM_EPS = 1e-5  # L_bm foreground-area epsilon (official weighted_BCE, from NERTNet)
 
-DEFAULTS = {
-    "pascal": dict(lr=0.0025, batch_size=4, epochs=200, img_size=473),  # §IV-B
-    "coco": dict(lr=0.0025, batch_size=4, epochs=50, img_size=473),  # §IV-B: 473 x 473 for both datasets
+DEFAULTS = {  # the official configs (Choices 10); nominal lr 0.0025 (§IV-B), 200 PASCAL epochs in the paper
+    "pascal": dict(lr=0.025, batch_size=4, epochs=100, img_size=473, augment="pfenet"),
+    "coco": dict(lr=0.025, batch_size=4, epochs=50, img_size=473, augment="pfenet"),  # §IV-B: 473 px for both
 }
 
 
@@ -250,8 +259,8 @@ class FFA(nn.Module):
                                    for _ in range(cfg.cross_layers))
         self.convs = Convs(cfg.dim, cfg.dim, 0.0, cfg.head_dropout)
 
-    def forward(self, f_q, f_s, m, p_bg, p_pre, p_main, p_aux):
-        """f_q (B,C,h,w), f_s (B,S,C,h,w), m (B,S,h,w), prototypes (B,C) -> y_final (B,2,h,w)."""
+    def forward(self, f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux):
+        """f_q (B,C,h,w), f_s (B,S,C,h,w), m_s (B,S,H,W) support labels, prototypes (B,C) -> y_final (B,2,h,w)."""
         B, C, h, w = f_q.shape
         # Eq. (12): F_q' = Conv_1(Concat(F_q, BC(P_bg)))
         f_q1 = self.filter(torch.cat([f_q, broadcast(p_bg, f_q)], 1))  # (B, C, h, w)
@@ -260,9 +269,11 @@ class FFA(nn.Module):
         a_aux = F.cosine_similarity(f_q, p_aux[:, :, None, None], dim=1).unsqueeze(1)  # (B, 1, h, w)
         # Eq. (15): F_q'' = Conv_1(Concat(F_q', BC(P_pre), A_main, A_aux))
         f_q2 = self.fuse(torch.cat([f_q1, broadcast(p_pre, f_q), a_main, a_aux], 1))  # (B, C, h, w)
-        # Eq. (16): y_final = Convs(Cross(Cross(F_q'', F_s * M_s), F_s * M_s)); keys: foreground pixels of all shots
-        tokens = (f_s * m[:, :, None]).permute(0, 1, 3, 4, 2).reshape(B, -1, C)  # (B, S*h*w, C)
-        valid = m.flatten(1) > 0  # (B, S*h*w)
+        # Eq. (16): y_final = Convs(Cross(Cross(F_q'', F_s * M_s), F_s * M_s)); keys: foreground pixels of all shots,
+        # M_s the label at feature resolution, nearest as the official (Choices 6)
+        keys = F.interpolate((m_s == 1).float(), (h, w), mode="nearest")  # (B, S, h, w), 1 on a key, else 0
+        tokens = (f_s * keys[:, :, None]).permute(0, 1, 3, 4, 2).reshape(B, -1, C)  # (B, S*h*w, C)
+        valid = keys.flatten(1) > 0  # (B, S*h*w)
         valid = valid | ~valid.any(1, keepdim=True)  # no foreground at all: the all-zero tokens, which add nothing
         x = f_q2.flatten(2).transpose(1, 2)  # (B, h*w, C)
         for cross in self.cross:
@@ -315,7 +326,7 @@ class Model(nn.Module):
         # 4. GBC (Eq. 9-11): background maps and the cleaned background prototype
         p_bg, y_bg_q, y_bg_s = self.gbc(f_q, f_s)
         # 5. FFA (Eq. 12-16): filtering, activation, cross-attention, final Convs
-        y_final = self.ffa(f_q, f_s, m, p_bg, p_pre, p_main, p_aux)  # (B, 2, h, w)
+        y_final = self.ffa(f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux)  # (B, 2, h, w)
         logits = F.interpolate(y_final, img_q.shape[-2:], mode="bilinear", align_corners=True)  # (B, 2, H, W)
         return {"logits": logits, "y_pre": y_pre, "y_rev": y_rev, "y_bg_q": y_bg_q, "y_bg_s": y_bg_s,
                 "m_main": m_main, "m_aux": m_aux, "m_s_down": m}

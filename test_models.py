@@ -2576,7 +2576,7 @@ def test_harness_fills_the_config_and_defaults(word_vectors, tmp_path):
     cfg = train.make_config(module, args)
     assert (cfg.dataset, cfg.fold, cfg.shot, cfg.coco_split, cfg.pretrained) == ("coco", 2, 5, "contiguous", False)
     assert cfg.word_vectors == str(word_vectors) and cfg.base_learner == "b.pt"
-    assert (args.lr, args.batch_size, args.epochs, args.img_size) == (0.005, 8, 50, 641)  # §4.1
+    assert (args.lr, args.batch_size, args.epochs, args.img_size) == (0.05, 32, 50, 641)  # §4.1 as SN runs it
     assert json.loads(json.dumps(dataclasses.asdict(cfg)))["tau1"] == 0.7
     assert set(symnet.STAGES) == {"base"}
 
@@ -3205,7 +3205,7 @@ def test_qpenet_model_feeds_each_prototype_to_its_equation(qpe_model, monkeypatc
     ffa_f_q, ffa_f_s, ffa_m, p_bg, ffa_p_pre, ffa_p_main, ffa_p_aux = seen["ffa"]
     torch.testing.assert_close(ffa_f_q, f_q)
     torch.testing.assert_close(ffa_f_s, f_s)
-    torch.testing.assert_close(ffa_m, m)  # the keys of Eq. (16) are weighted by the downsampled M_s
+    assert torch.equal(ffa_m, m_s)  # Eq. (16) selects its keys from the label itself (the keys tests below)
     assert torch.equal(p_bg, seen["gbc"][0])  # Eq. (12): GBC's P_bg
     torch.testing.assert_close(ffa_p_pre, p_pre, **TOL)
     torch.testing.assert_close(ffa_p_main, p_main, **TOL)
@@ -3227,7 +3227,7 @@ def test_qpenet_ffa_filter_and_fusion_inputs_by_hand():
     ffa = small_ffa()
     B, S, C, h, w = 2, 1, 8, 3, 4
     f_q, f_s = torch.randn(B, C, h, w), torch.randn(B, S, C, h, w)
-    m = (torch.rand(B, S, h, w) > 0.5).float()
+    m_s = (torch.rand(B, S, 8 * h, 8 * w) > 0.5).long()  # support labels
     p_bg, p_pre, p_main, p_aux = (torch.randn(B, C) for _ in range(4))
     seen = {}
     hooks = [ffa.filter.register_forward_pre_hook(lambda mod, args: seen.update(filter_in=args[0].clone())),
@@ -3235,7 +3235,7 @@ def test_qpenet_ffa_filter_and_fusion_inputs_by_hand():
              ffa.fuse.register_forward_pre_hook(lambda mod, args: seen.update(fuse_in=args[0].clone()))]
     try:
         with torch.no_grad():
-            ffa(f_q, f_s, m, p_bg, p_pre, p_main, p_aux)
+            ffa(f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux)
     finally:
         for hook in hooks:
             hook.remove()
@@ -3272,39 +3272,56 @@ def cross_by_hand(layer, x, tokens):
 
 
 def keys_episode():
-    """B=3 episodes of 2 shots at 3x3: soft weights (1, 0.5, 0.25) and zeros; episode 1 has foreground only in
-    its second shot, episode 2 none at all."""
+    """B=3 episodes of 2 shots, features 3x3, labels m_s 6x6 (nearest samples label rows/columns 0, 2, 4; the
+    bilinear M_s samples 0, 2.5, 5). Episode 1 has foreground only in its second shot, episode 2 none at all
+    (a 255 row). -> f_q, f_s, m_s, the four prototypes (FFA's order), and the bilinear M_s (B,S,3,3)."""
     torch.manual_seed(1)
     B, S, C, h, w = 3, 2, 8, 3, 3
     f_q, f_s = torch.randn(B, C, h, w), torch.randn(B, S, C, h, w)
-    m = torch.zeros(B, S, h, w)
-    m[0, 0, 0, 0], m[0, 0, 0, 1], m[0, 0, 1, 1] = 1.0, 0.5, 0.25
-    m[0, 1, 2, :] = torch.tensor([1.0, 1.0, 0.5])
-    m[1, 1, 1:, 1:] = 1.0
-    m[1, 1, 0, 2] = 0.5
+    m_s = torch.zeros(B, S, 2 * h, 2 * w, dtype=torch.long)
+    m_s[0, 0, :3, :3] = 1  # keys (0,0) (0,1) (1,0) (1,1); bilinear M_s 1, 0.5, 0.5, 0.25 there
+    m_s[0, 0, 3, 5] = 1  # bilinear M_s 0.5 at (1,2), no key: nearest reads label (2,4) = 0
+    m_s[0, 1, 4:] = 1
+    m_s[0, 1, 4, 4] = IGNORE_INDEX  # (2,2): bilinear M_s 1 (label row 5), no key: nearest reads this 255
+    m_s[1, 1, 2:, 2:] = 1  # keys (1,1) (1,2) (2,1) (2,2)
+    m_s[1, 1, 0, 4] = 1  # key (0,2), where the bilinear M_s is 0
+    m_s[2, :, 0] = IGNORE_INDEX
     p_bg, p_pre, p_main, p_aux = (torch.randn(B, C) for _ in range(4))
-    return f_q, f_s, m, p_bg, p_pre, p_main, p_aux
+    m_bilinear = F.interpolate((m_s == 1).float(), (h, w), mode="bilinear", align_corners=True)
+    return f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux, m_bilinear
 
 
-def test_qpenet_cross_attention_keys_are_the_weighted_support_foreground_pixels_by_hand():
-    # Eq. (16): the keys/values are F_s * M_s at the pixels with M_s > 0, of all shots together; the zero
-    # pixels are not keys (zero keys would still take a share of the softmax), and a soft edge pixel enters
-    # weighted by its M_s. The reference attends only over those pixels, with no mask at all.
+def nearest_keys(m_s, h, w):
+    """The keys of Eq. (16) by hand: the label (..., H, W) read at row i * H // h, column j * W // w, == 1."""
+    H, W = m_s.shape[-2:]
+    rows, cols = [i * H // h for i in range(h)], [j * W // w for j in range(w)]
+    return m_s[..., rows, :][..., cols] == 1  # (..., h, w) bool
+
+
+def test_qpenet_cross_attention_keys_are_the_labelled_support_foreground_pixels_by_hand():
+    # Eq. (16), Choices 6: the keys/values are the support pixels labelled 1 at feature resolution (nearest, as
+    # the official), of all shots together, unweighted (F_s * M_s with M_s that 0/1 mask). Other pixels are no
+    # keys (zero keys would still take a share of the softmax), even where the bilinear M_s is fractional, and
+    # a key counts fully where the bilinear M_s is 0.25 or 0. The reference attends over those pixels only.
     ffa = small_ffa()
-    f_q, f_s, m, *protos = keys_episode()
+    f_q, f_s, m_s, *protos, m_bilinear = keys_episode()
     B, S, C, h, w = f_s.shape
+    keys = nearest_keys(m_s, h, w)  # (B, S, h, w)
+    assert keys[0, 0].tolist() == [[True, True, False], [True, True, False], [False] * 3]
+    assert m_bilinear[0, 0, 1, 2] == 0.5 and m_bilinear[0, 1, 2, 2] == 1  # the old M_s > 0 rule's keys ...
+    assert not keys[0, 0, 1, 2] and not keys[0, 1, 2, 2]  # ... that are none here (a 0 and a 255 read)
+    assert m_bilinear[0, 0, 1, 1] == 0.25 and m_bilinear[1, 1, 0, 2] == 0 and keys[0, 0, 1, 1] and keys[1, 1, 0, 2]
     seen = {}
     hook = ffa.fuse.register_forward_hook(lambda mod, args, out: seen.update(x=out.clone()))
     try:
         with torch.no_grad():
-            y = ffa(f_q, f_s, m, *protos)
+            y = ffa(f_q, f_s, m_s, *protos)
     finally:
         hook.remove()
 
     with torch.no_grad():
         for b in range(B):
-            keep = m[b] > 0  # (S, h, w)
-            tokens = f_s[b].permute(0, 2, 3, 1)[keep] * m[b][keep][:, None]  # (L, C)
+            tokens = f_s[b].permute(0, 2, 3, 1)[keys[b]]  # (L, C): the key pixels' features, unweighted
             assert len(tokens) == [6, 5, 0][b]
             x = seen["x"][b].flatten(1).T  # (h*w, C): F_q'' of Eq. (15)
             for layer in ffa.cross:
@@ -3313,21 +3330,58 @@ def test_qpenet_cross_attention_keys_are_the_weighted_support_foreground_pixels_
             torch.testing.assert_close(y[b:b + 1], expected, **TOL)
 
 
-def test_qpenet_support_features_matter_only_inside_the_mask():
-    # Eq. (16) attends to F_s * M_s: support features where M_s = 0 cannot change y_final, features where
-    # M_s > 0 (a weight-1 pixel, a weight-0.5 pixel) do
+def test_qpenet_support_features_matter_only_at_the_keys():
+    # Eq. (16) attends to F_s * M_s, M_s the label at feature resolution: support features off the keys cannot
+    # change y_final, even where the bilinear M_s is 0.5 or 1 (episode 0: (0,1,2) and (0,2,2), which the old
+    # M_s > 0 rule made keys), features at the keys (bilinear M_s 1, 0.5, 0.25; episode 1: 0) do
     ffa = small_ffa()
-    f_q, f_s, m, *protos = keys_episode()
+    f_q, f_s, m_s, *protos, m_bilinear = keys_episode()
+    keys = nearest_keys(m_s, *f_s.shape[-2:])  # (B, S, h, w)
     with torch.no_grad():
-        y = ffa(f_q, f_s, m, *protos)
-        outside = f_s + 5.0 * torch.randn_like(f_s) * (m == 0)[:, :, None]
-        torch.testing.assert_close(ffa(f_q, outside, m, *protos), y)
-        for k, i, j in [(0, 0, 0), (0, 0, 1), (1, 2, 2)]:  # episode 0: weights 1, 0.5, 0.5
+        y = ffa(f_q, f_s, m_s, *protos)
+        outside = f_s + 5.0 * torch.randn_like(f_s) * (~keys)[:, :, None]
+        assert (m_bilinear * ~keys).max() == 1  # the changed pixels include some with M_s > 0
+        torch.testing.assert_close(ffa(f_q, outside, m_s, *protos), y)
+        for b, k, i, j in [(0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 1), (1, 1, 0, 2)]:
             inside = f_s.clone()
-            inside[0, k, :, i, j] += 5.0 * torch.randn(f_s.shape[2])
-            changed = ffa(f_q, inside, m, *protos)
-            assert (changed[0] - y[0]).abs().max() > 1e-3
-            torch.testing.assert_close(changed[1:], y[1:])  # the other episodes keep their own keys
+            inside[b, k, :, i, j] += 5.0 * torch.randn(f_s.shape[2])
+            changed = ffa(f_q, inside, m_s, *protos)
+            assert (changed[b] - y[b]).abs().max() > 1e-3
+            others = [e for e in range(len(y)) if e != b]
+            torch.testing.assert_close(changed[others], y[others])  # the other episodes keep their own keys
+
+
+def test_qpenet_model_takes_the_cross_attention_keys_from_the_label(qpe_model, monkeypatch):
+    # Model.forward, with 4x4 stand-in features for 33 px labels: nearest reads label rows/columns 0, 8, 16, 24,
+    # the bilinear M_s of Eq. (1) samples 0, 10.67, 21.33, 32. The support boxes (rows 11-21 and 13-23, columns
+    # 5-29) make row 1 of shot 0 fractional in M_s (0.67) but no key, and column 3 keys where M_s is 0. Both
+    # Cross layers get exactly those pixels' features, unweighted, as their valid tokens.
+    torch.manual_seed(0)
+    B, S, C, h = 2, 2, qpe_model.cfg.dim, 4
+    img_q, img_s, m_s, _ = box_episode(B, S, QPENET_SIZE, (5, 20, 8, 25), (11, 22, 5, 30), shot_step=2)
+    f = torch.randn(B + B * S, C, h, h)
+    monkeypatch.setattr(qpe_model, "features", lambda img: f)
+    f_s = f[B:].view(B, S, C, h, h)
+    seen = []
+    hooks = [cross.register_forward_pre_hook(lambda mod, args: seen.append(args[1:])) for cross in qpe_model.ffa.cross]
+    try:
+        with torch.no_grad():
+            out = qpe_model.eval()(img_q, img_s, m_s)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    keys = nearest_keys(m_s, h, h)  # (B, S, h, w)
+    row = [[False] * 4, [False] * 4, [False, True, True, True], [False] * 4]
+    assert keys[:, 0].tolist() == keys[:, 1].tolist() == [row] * B
+    m = out["m_s_down"]  # the bilinear M_s
+    assert 0.6 < m[0, 0, 1, 1] < 0.7 and not keys[0, 0, 1, 1]  # the old M_s > 0 rule's key, none now
+    assert m[0, 0, 2, 3] == 0 and keys[0, 0, 2, 3]
+    assert len(seen) == 2  # both layers, the same keys
+    for tokens, valid in seen:
+        assert torch.equal(valid, keys.flatten(1))  # (B, S*h*w), shot by shot
+        expected = (f_s * keys[:, :, None]).permute(0, 1, 3, 4, 2).reshape(B, -1, C)  # zero off the keys
+        torch.testing.assert_close(tokens, expected)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -3500,7 +3554,7 @@ def test_ocnet_prototype_selection_by_hand():
     p_s = torch.stack([e[1], e[0] + e[1], e[0], -e[0]])[None]  # (1, 4, C); nearest: e0, farthest: -e0
     ccm = ocnet.CCM(C, num_select=1, pa_scale=10.0)
     f_q = e[0, None, :, None, None].expand(1, C, 2, 2)  # every query pixel is e0
-    f_c, logits_pa, cost = ccm(f_q, torch.randn(1, C, 2, 2), f_s, m[:, :, :, :], p_s)
+    f_c, logits_pa, cost = ccm(f_q, torch.randn(1, C, 2, 2), f_s, m[:, :, :, :], p_s, p_s)
     assert torch.allclose(cost[0, 0], torch.full((2, 2), 2.0))  # background slot: -e0, cosine -1
     assert torch.allclose(cost[0, 1], torch.zeros(2, 2), atol=1e-6)  # foreground slot: e0, cosine 1
     assert f_c.shape == (1, 2 * C, 2, 2) and logits_pa.shape == (1, 2, 2, 2) and logits_pa.abs().max() <= 10 + 1e-4
@@ -3557,7 +3611,7 @@ def test_ocnet_short_synthetic_training_lowers_the_loss(ocnet_models):
         return model.loss(model(batch["img_q"], batch["img_s"], batch["m_s"]), batch["m_q"], batch["m_s"])[0]
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=ocnet.DEFAULTS["pascal"]["lr"], momentum=0.9, weight_decay=1e-4)
+    optimizer = torch.optim.SGD(params, lr=0.005, momentum=0.9, weight_decay=1e-4)  # §5.1, before the x 10
     with torch.no_grad():
         before = loss().item()
     model.train()
@@ -3684,8 +3738,9 @@ def _slot_prototypes(cost, f_q, p_s):
 def test_ocnet_ccm_correlation_by_hand():
     # Support: e0 on the object (left half), e1 elsewhere. Distances of the prototypes' M_sp to M_s:
     # e0 -> 0, e0+e1 -> 2.16, e2 -> 2.83, e1 -> 4, -e0 -> 5.66; N_s = 2: foreground {e0, e0+e1}, background
-    # {-e0, e1}, e2 unused. With the four "LN" set to identity, Eq. (13-15) are computed here from F_g (not F_q):
-    # M̂_pa = cos(F_g, selected), P_q = M̂_pa^T F_g / (h w), F_c = [P_q at each pixel's argmax, F_g].
+    # {-e0, e1}, e2 unused. With the four "LN" set to identity, Eq. (13-15) are computed here from F_g (not F_q)
+    # and from P_s after dropout (p_s_drop, other prototypes here), at the slots the dropout-free P_s selected:
+    # M̂_pa = cos(F_g, p_s_drop[slots]), P_q = M̂_pa^T F_g / (h w), F_c = [P_q at each pixel's argmax, F_g].
     g = torch.Generator().manual_seed(3)
     C, h, w = 4, 2, 3
     e = torch.eye(C)
@@ -3697,15 +3752,18 @@ def test_ocnet_ccm_correlation_by_hand():
     _set_identity(ccm.key_g, ccm.key_p, ccm.value_g, ccm.out)
     f_q = torch.randn(1, C, h, w, generator=g)
     f_g = torch.randn(1, C, h, w, generator=g)  # a different feature: Eq. (10) uses F_q, Eq. (13-15) use F_g
+    p_s_drop = torch.randn(1, 5, C, generator=g)
     with torch.no_grad():
-        f_c, logits_pa, cost = ccm(f_q, f_g, f_s, m, p_s)
+        f_c, logits_pa, cost = ccm(f_q, f_g, f_s, m, p_s, p_s_drop)
 
     slots = _slot_prototypes(cost, f_q, p_s)  # Eq. (10): cost = 1 - cos(F_q, selected), background first
     assert set(slots[:2]) == {3, 1} and set(slots[2:]) == {4, 2}
-    selected = p_s[0, slots]  # (4, C) in the module's slot order
+    selected = p_s_drop[0, slots]  # (4, C) in the module's slot order
     tokens = f_g[0].flatten(1).T  # (hw, C)
     m_pa = torch.tensor([[_cos(t, s).item() for s in selected] for t in tokens])  # (hw, 2N_s)
     assert torch.allclose(logits_pa[0].flatten(1).T, 10 * m_pa, atol=1e-5)  # Eq. (13), scaled by pa_scale
+    clean = torch.tensor([[_cos(t, s).item() for s in p_s[0, slots]] for t in tokens])
+    assert (m_pa - clean).abs().max() > 0.1  # the case tells the two prototype sets apart
     p_q = m_pa.T @ tokens / (h * w)  # Eq. (14): (2N_s, C)
     best = m_pa.argmax(1)  # Eq. (15)
     assert not torch.equal(best, m_pa.argmin(1))
@@ -3736,7 +3794,7 @@ def test_ocnet_ccm_selection_averages_the_shot_distances():
     assert (set(order0[:n_s]), set(order0[-n_s:])) != (fg, bg)  # the case discriminates
     ccm = ocnet.CCM(C, num_select=n_s, pa_scale=10.0)
     with torch.no_grad():
-        _, _, cost = ccm(f_q, torch.randn(B, C, 3, 3, generator=g), f_s, m, p_s)
+        _, _, cost = ccm(f_q, torch.randn(B, C, 3, 3, generator=g), f_s, m, p_s, p_s)
     slots = _slot_prototypes(cost, f_q, p_s)
     assert set(slots[:n_s]) == bg and set(slots[n_s:]) == fg
 
@@ -3782,7 +3840,8 @@ def test_ocnet_support_prototypes_prior_and_generalization_inputs_by_hand(ocnet_
     # only, 255 is not foreground), and the query generalization gets [F_g from GOMM, P_s component 0 (MAP),
     # the prior of both shots]
     _, _, m_s, _ = ocnet_run["episode"]
-    _, f_g, f_s, m, p_s = ocnet_run["ccm_in"]
+    _, f_g, f_s, m, p_s, p_s_drop = ocnet_run["ccm_in"]
+    assert torch.equal(p_s_drop, p_s)  # eval mode: no dropout, so P_s before and after it are one
     B, S, C, h, w = f_s.shape
     n = ocnet.Config.dct_size
     fg = F.interpolate((m_s == 1).float(), (h, w), mode="bilinear", align_corners=True)  # (B, S, h, w)
@@ -3858,6 +3917,40 @@ def test_ocnet_loss_terms_by_hand(ocnet_resnet, ocnet_run):
     assert torch.allclose(total, terms["target"] + terms["general"] + terms["allocation"])
 
 
+def test_ocnet_allocation_target_is_made_without_dropout(ocnet_resnet, ocnet_run):
+    # Eq. (7-11) take F_q, F_s, P_s before the features' Dropout2d (Choices): in train mode, under two dropout
+    # draws, the costs and the target M_pa are those eval mode computes from the same weights, while M̂_pa does
+    # see the dropout. The CCM's inputs are the 1x1 reduction's own output (hooked before its Dropout2d).
+    model, ref = ocnet_resnet, ocnet_run["out"]  # ref: eval mode, no dropout
+    img_q, img_s, m_s, m_q = ocnet_run["episode"]
+    B, S = img_s.shape[:2]
+    target = ocnet.allocation_target(ref["cost_pa"], m_q, model.cfg.ot_eps, model.cfg.sinkhorn_iters)
+    assert len(target[target != IGNORE_INDEX].unique()) > 2  # several slots are taught
+    outs, reduced = [], []
+    ccm_in, h1 = _capture_inputs(model.ccm)
+    h2 = model.down[0].register_forward_hook(lambda mod, args, out: reduced.append(out.detach().clone()))
+    model.train()
+    try:
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                outs.append(model(img_q, img_s, m_s))
+    finally:
+        model.eval()
+        h1.remove(), h2.remove()
+    assert not torch.allclose(outs[0]["logits_pa"], outs[1]["logits_pa"], atol=1e-3)  # the draws differ
+    for out in outs:
+        assert torch.allclose(out["cost_pa"], ref["cost_pa"], atol=1e-6)
+        m_pa = ocnet.allocation_target(out["cost_pa"], m_q, model.cfg.ot_eps, model.cfg.sinkhorn_iters)
+        assert torch.equal(m_pa, target)
+    f_q, _, f_s, m, p_s, p_s_drop = ccm_in[0]
+    assert torch.equal(f_q, reduced[0]) and torch.equal(f_s, reduced[1].unflatten(0, (B, S)))  # query, supports
+    mfp = ocnet.multi_frequency_pooling(f_s.flatten(0, 1), m.flatten(0, 1), model.cfg.dct_size)
+    assert torch.allclose(p_s, mfp.unflatten(0, (B, S)).mean(1), atol=1e-6)
+    _slot_prototypes(outs[0]["cost_pa"], reduced[0], p_s)  # every cost channel: 1 - cos(F_q, P_s[l]), no dropout
+    assert (p_s_drop - p_s).abs().max() > 0.1  # while Eq. (13) gets the prototypes after dropout
+
+
 # ==========================================================================================================
 # crcnet.py: CRCNet (cross-reference, conditional modules, refinement, test-time fine-tuning, boxes)
 # ==========================================================================================================
@@ -3878,17 +3971,21 @@ def _model(**kw):
 
 @pytest.fixture(scope="module")
 def crcnet_model():
-    return _model(refine_steps=3, ft_steps=3, ft_lr=0.05)
+    # one test scale: predict is compared with forward below; the default three scales have their own test
+    return _model(refine_steps=3, ft_steps=3, ft_lr=0.05, test_scales=(1.0,))
 
 
 def test_paper_configuration_shapes_and_size():
     net = crcnet.Model(crcnet.Config(pretrained=False))
     assert net.head.refinement.steps == 10 and net.cfg.sub_weight == 0.1 and net.cfg.dim == 256
+    assert net.cfg.train_encoder and net.cfg.test_scales == (0.75, 1.0, 1.25)  # §5.1 end to end; §5.3
     learnable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    assert learnable == 20_137_492  # the 3x3 reduction of [layer3, layer4] (3072 -> 256) alone is 7.08M
+    backbone = sum(p.numel() for p in net.encoder.backbone.parameters())
+    assert backbone == 23_508_032  # ResNet-50 without its fc, trained end to end (§5.1)
+    assert learnable == backbone + 20_137_492  # the 3x3 reduction of [layer3, layer4] (3072 -> 256) alone is 7.08M
     img_q, img_s, m_q, m_s = _episode(B=1, S=1)
     with torch.no_grad():
-        out = net(img_q, img_s, m_s)
+        out = net(img_q, img_s, m_s, m_q=m_q)
     assert out["logits"].shape == (1, 2, CRCNET_SIZE, CRCNET_SIZE) and out["support"].shape == (1, 2, 5, 5)
     assert torch.isfinite(out["logits"]).all()
 
@@ -3896,7 +3993,7 @@ def test_paper_configuration_shapes_and_size():
 @pytest.mark.parametrize("S", [1, 5])
 def test_forward_shapes_query_and_support(crcnet_model, S):
     img_q, img_s, m_q, m_s = _episode(B=2, S=S)
-    out = crcnet_model(img_q, img_s, m_s)
+    out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
     assert out["logits"].shape == (2, 2, CRCNET_SIZE, CRCNET_SIZE)
     for key in ("query", "support", "query_sub", "support_sub"):
         assert out[key].shape == (2 * S, 2, 5, 5) and torch.isfinite(out[key]).all()
@@ -3910,7 +4007,7 @@ def test_forward_shapes_query_and_support(crcnet_model, S):
 
 def test_loss_has_four_terms_eq5(crcnet_model):
     img_q, img_s, m_q, m_s = _episode()
-    out = crcnet_model(img_q, img_s, m_s)
+    out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
     total, terms = crcnet_model.loss(out, m_q, m_s)
     assert set(terms) == {"query", "support", "query_sub", "support_sub"}
     assert all(torch.isfinite(t) and t > 0 for t in terms.values())
@@ -3923,18 +4020,25 @@ def test_loss_has_four_terms_eq5(crcnet_model):
     assert torch.allclose(terms["support"], ce, atol=1e-6)
 
 
-def test_gradients_reach_every_learnable_parameter_and_no_backbone_parameter():
-    net = _model(refine_steps=2)  # from the second step on, the cached branch is in the graph
+@pytest.mark.parametrize("train_encoder", [True, False])
+def test_gradients_reach_every_learnable_parameter_and_the_backbone_only_when_trained(train_encoder):
+    # §5.1 end to end (the default): every parameter, the ResNet's included, gets a gradient from Eq. (5);
+    # --freeze-encoder: none of the ResNet's does, every other one still does
+    net = _model(refine_steps=2, train_encoder=train_encoder)  # 2 steps: the cached branch is in the graph
     net.train()
     img_q, img_s, m_q, m_s = _episode()
-    loss, _ = net.loss(net(img_q, img_s, m_s), m_q, m_s)
+    loss, _ = net.loss(net(img_q, img_s, m_s, m_q=m_q), m_q, m_s)
     loss.backward()
     learnable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
-    assert learnable and all(not n.startswith("encoder.backbone") for n, _ in learnable)
     missing = [n for n, p in learnable if p.grad is None or p.grad.abs().sum() == 0]
     assert not missing, missing
-    assert all(p.grad is None for p in net.encoder.backbone.parameters())
-    assert not net.encoder.backbone.training  # frozen BN stays in eval
+    backbone = list(net.encoder.backbone.parameters())
+    if train_encoder:
+        assert len(learnable) == len(list(net.parameters())) and all(p.requires_grad for p in backbone)
+    else:
+        assert learnable and all(not n.startswith("encoder.backbone") for n, _ in learnable)
+        assert all(p.grad is None for p in backbone) and all(p.requires_grad for p in net.encoder.reduce.parameters())
+    assert not net.encoder.backbone.training  # BN stays in eval either way
 
 
 def test_refinement_runs_configured_steps_and_updates_cache():
@@ -4009,8 +4113,12 @@ def test_finetuning_changes_prediction_and_restores_everything(crcnet_model):
         crcnet_model.cfg.ft_steps = 3
 
 
-def test_finetune_trains_on_pairs_of_distinct_supports(crcnet_model, monkeypatch):
+def test_finetune_trains_the_head_on_pairs_of_distinct_supports_and_keeps_the_encoder_fixed(crcnet_model,
+                                                                                             monkeypatch):
+    # §4.6: "We kept the parameters in the Siamese encoder fixed", also when training tunes it (train_encoder)
     img_q, img_s, m_q, m_s = _episode(B=1, S=2)
+    encoder = {k: v.clone() for k, v in crcnet_model.encoder.state_dict().items()}
+    assert crcnet_model.cfg.train_encoder and all(p.requires_grad for p in crcnet_model.encoder.parameters())
     seen = []
     original = crcnet.pair_loss
     monkeypatch.setattr(crcnet, "pair_loss", lambda out, mq, ms, w: seen.append((mq, ms)) or original(out, mq, ms, w))
@@ -4020,6 +4128,9 @@ def test_finetune_trains_on_pairs_of_distinct_supports(crcnet_model, monkeypatch
         assert not torch.equal(mq, ms)
     names = dict(crcnet_model.head.named_parameters())
     assert set(weights) == set(names) and any(not torch.equal(weights[n], names[n]) for n in names)
+    # the encoder is neither tuned nor in the fine-tuning graph: its weights unchanged, no gradient reached it
+    assert all(torch.equal(encoder[k], v) for k, v in crcnet_model.encoder.state_dict().items())
+    assert all(p.grad is None for p in crcnet_model.parameters())
 
 
 def test_fusion_averages_one_shot_probabilities(crcnet_model):
@@ -4035,19 +4146,29 @@ def test_fusion_averages_one_shot_probabilities(crcnet_model):
     assert torch.allclose(fused, expected, atol=1e-5)
 
 
-def test_multi_scale_inference(crcnet_model):
+def test_multi_scale_inference_by_default(crcnet_model):
+    # §5.3: by default both images are resized to 0.75, 1 and 1.25 of their size (images bilinearly, masks
+    # nearest) and the query probabilities, resized back, are averaged; one scale is plain forward
+    net = crcnet_model
     img_q, img_s, m_q, m_s = _episode(B=1, S=1)
     with torch.no_grad():
-        plain = crcnet_model(img_q, img_s, m_s)["logits"]
-        assert torch.allclose(crcnet_model.predict(img_q, img_s, m_s), plain, atol=1e-6)  # scale 1: forward
-        crcnet_model.cfg.test_scales = (0.75, 1.0, 1.25)
+        plain = net(img_q, img_s, m_s)["logits"]
+        assert torch.allclose(net.predict(img_q, img_s, m_s), plain, atol=1e-6)  # the fixture's one scale
+        net.cfg.test_scales = crcnet.Config().test_scales
         try:
-            multi = crcnet_model.predict(img_q, img_s, m_s)
+            multi = net.predict(img_q, img_s, m_s)
         finally:
-            crcnet_model.cfg.test_scales = (1.0,)
-    assert multi.shape == (1, 2, CRCNET_SIZE, CRCNET_SIZE) and torch.isfinite(multi).all()
+            net.cfg.test_scales = (1.0,)
+        probs = []
+        for size in (25, 33, 41):  # round(33 * scale)
+            q = F.interpolate(img_q, (size, size), mode="bilinear", align_corners=True)
+            s = F.interpolate(img_s[:, 0], (size, size), mode="bilinear", align_corners=True)[:, None]
+            m = F.interpolate(m_s.float(), (size, size), mode="nearest").long()
+            logits = net(q, s, m)["logits"]  # (1, 2, size, size)
+            probs.append(F.interpolate(logits, (33, 33), mode="bilinear", align_corners=True).exp())
+    assert multi.shape == (1, 2, CRCNET_SIZE, CRCNET_SIZE)
+    assert torch.allclose(multi, (sum(probs) / 3).log(), atol=1e-5)
     assert not torch.allclose(multi, plain, atol=1e-4)
-    assert (multi <= 1e-6).all()  # log-probabilities
 
 
 def test_bad_input_raises():
@@ -4059,6 +4180,21 @@ def test_bad_input_raises():
     img_q, img_s, m_q, m_s = _episode(B=2, S=2)
     with pytest.raises(ValueError, match="same episodes"):
         net(img_q, img_s, m_s[:, :1])
+    with pytest.raises(ValueError, match="same episodes"):
+        net(img_q, img_s, m_s, m_q=m_q[:, :-1])
+    with torch.no_grad():
+        out = net(img_q, img_s, m_s)  # no m_q (evaluation): no support prediction to score
+    with pytest.raises(ValueError, match="forward needs m_q"):
+        net.loss(out, m_q, m_s)
+
+
+def test_crcnet_freeze_encoder_and_test_scales_flags_map_to_the_config():
+    parser = train.build_parser()
+    crcnet.add_args(parser)
+    assert train.make_config(crcnet, parser.parse_args([])).train_encoder is True  # §5.1: end to end
+    assert train.make_config(crcnet, parser.parse_args(["--freeze-encoder"])).train_encoder is False
+    assert train.make_config(crcnet, parser.parse_args([])).test_scales == (0.75, 1.0, 1.25)
+    assert list(train.make_config(crcnet, parser.parse_args(["--test-scales", "1"])).test_scales) == [1.0]
 
 
 # ---------------------------------------------------------------- weakly supervised supports (data.py)
@@ -4126,7 +4262,8 @@ def test_short_synthetic_training_lowers_the_loss():
     losses = []
     for step in range(8):  # fresh episodes every step
         batch = data.collate_episodes([episodes[i] for i in (2 * step, 2 * step + 1)])
-        loss, _ = net.loss(net(batch["img_q"], batch["img_s"], batch["m_s"]), batch["m_q"], batch["m_s"])
+        out = net(batch["img_q"], batch["img_s"], batch["m_s"], m_q=batch["m_q"])
+        loss, _ = net.loss(out, batch["m_q"], batch["m_s"])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -4144,7 +4281,9 @@ def test_harness_trains_and_evaluates_two_shot_by_finetuning(tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["args"]["lr"] == "0.01" != str(train.HARNESS_DEFAULTS["synthetic"]["lr"])  # its own
     assert records[0]["args"]["ft_steps"] == "1" and records[0]["args"]["kshot"] == "None"  # Config default
+    assert records[0]["args"]["train_encoder"] == "None"  # Config default: end to end
     step = [r for r in records if r["event"] == "train"][0]
+    # a support term: the harness passed m_q in training (train.query_mask); without it the loss raises
     assert math.isfinite(step["loss"]) and {"query", "support", "query_sub", "support_sub"} <= set(step)
     result = [r for r in records if r["event"] == "result"][0]
     assert result["shot"] == 2 and 0 <= result["miou"] <= 1
@@ -4222,8 +4361,9 @@ def test_crcnet_loss_gives_each_pair_its_own_episodes_labels(crcnet_model):
 
 @pytest.fixture(scope="module")
 def traced(crcnet_model):
-    """One forward of a mixed B=2, S=2 batch with the inputs of the global conditional module and of the
-    refinement recorded, and the encoder features computed separately (query, supports)."""
+    """One training forward (with m_q) of a mixed B=2, S=2 batch with the inputs of the global conditional
+    module and of the refinement recorded, the encoder features computed separately (query, supports), and
+    both masks at the features by hand."""
     net = crcnet_model
     img_q, img_s, m_q, m_s = _mixed_episode(B=2, S=2)
     seen = {}
@@ -4231,41 +4371,46 @@ def traced(crcnet_model):
              net.head.refinement.register_forward_pre_hook(lambda m, a: seen.__setitem__("refine", a[0]))]
     try:
         with torch.no_grad():
-            seen["out"] = net(img_q, img_s, m_s)
+            seen["out"] = net(img_q, img_s, m_s, m_q=m_q)
             f_q = net.encoder(img_q).repeat_interleave(2, 0)  # (4, C, 5, 5): query b for its two pairs
             f_s = net.encoder(img_s.flatten(0, 1))  # (4, C, 5, 5): support k of episode b at b * 2 + k
     finally:
         for h in hooks:
             h.remove()
     m = _at_features(m_s).flatten(0, 1)[:, None]  # (4, 1, 5, 5)
-    return net, f_q, f_s, m, seen, (img_q, img_s, m_s)
+    m_q_feat = _at_features(m_q).repeat_interleave(2, 0)[:, None]  # (4, 1, 5, 5): query b's for its two pairs
+    return net, f_q, f_s, m, m_q_feat, seen, (img_q, img_s, m_q, m_s)
 
 
 def test_crcnet_forward_pairs_are_episode_major(traced):
     # the order the loss assumes: out[...][b * S + k] is the pair (query b, support k of episode b)
-    net, f_q, f_s, m, seen, (img_q, img_s, m_s) = traced
+    net, f_q, f_s, m, m_q_feat, seen, (img_q, img_s, m_q, m_s) = traced
     with torch.no_grad():
         for b in range(2):
-            alone = net(img_q[b:b + 1], img_s[b:b + 1], m_s[b:b + 1])
+            alone = net(img_q[b:b + 1], img_s[b:b + 1], m_s[b:b + 1], m_q=m_q[b:b + 1])
             for key in ("query", "support", "query_sub", "support_sub"):
                 assert torch.allclose(seen["out"][key][2 * b:2 * b + 2], alone[key], atol=1e-5)
 
 
-def test_crcnet_global_prototype_is_the_support_foreground_average(traced):
-    # §4.4: the category vector is the foreground average of the *support* features under the support's own
-    # mask (255 as background), for the query branch and the support branch alike
-    net, f_q, f_s, m, seen, _ = traced
+def test_crcnet_global_vector_is_the_other_images_foreground_average(traced):
+    # §4.4: the query branch's category vector is the foreground average of the support features under the
+    # support's mask; §4.7 (roles interchangeable): the support branch's is the query's under the query's mask
+    # (255 as background in both)
+    net, f_q, f_s, m, m_q_feat, seen, _ = traced
     f, proto = seen["global"]
     assert torch.allclose(f, torch.cat([f_q, f_s]), atol=1e-5)  # both branches, query branch first
-    by_hand = (f_s * m).sum((2, 3)) / (m.sum((2, 3)) + common.MAP_EPS)  # (4, C)
-    assert torch.allclose(proto, torch.cat([by_hand, by_hand]), atol=1e-5)
-    assert not torch.allclose(by_hand[0], by_hand[1], atol=1e-3)  # the two supports give different vectors
+    support_avg = (f_s * m).sum((2, 3)) / (m.sum((2, 3)) + common.MAP_EPS)  # (4, C)
+    query_avg = (f_q * m_q_feat).sum((2, 3)) / (m_q_feat.sum((2, 3)) + common.MAP_EPS)  # (4, C)
+    assert torch.allclose(proto, torch.cat([support_avg, query_avg]), atol=1e-5)
+    assert not torch.allclose(support_avg[0], support_avg[1], atol=1e-3)  # the two supports give different vectors
+    assert not torch.allclose(query_avg[0], query_avg[2], atol=1e-3)  # and so do the two episodes' queries
+    assert not torch.allclose(support_avg, query_avg, atol=1e-3)  # the two branches are conditioned differently
 
 
 def test_crcnet_refinement_input_is_global_local_then_cross_reference(traced):
     # §4.5: the refinement reads [global conditional, local conditional, cross-reference output G]; G is the
     # encoder features re-weighted by the product of both images' importance vectors (§4.3), not F itself
-    net, f_q, f_s, m, seen, _ = traced
+    net, f_q, f_s, m, m_q_feat, seen, _ = traced
     head, C = net.head, f_q.shape[1]
     x = seen["refine"]
     assert x.shape == (8, 3 * C, 5, 5)
@@ -4278,32 +4423,78 @@ def test_crcnet_refinement_input_is_global_local_then_cross_reference(traced):
     assert torch.allclose(x[:, 2 * C:], torch.cat([f_q * w, f_s * w]), atol=1e-5)
     assert not torch.allclose(x[:, 2 * C:], torch.cat([f_q, f_s]), atol=1e-3)  # G != F: w < 1
     with torch.no_grad():
-        f = torch.cat([f_q, f_s])
-        proto = (f_s * m).sum((2, 3)) / (m.sum((2, 3)) + common.MAP_EPS)
-        glob = head.global_conditional(f, torch.cat([proto, proto]))
-        local = head.local_conditional(f, torch.cat([f_s, f_s]), torch.cat([m, m]))  # the support's own mask
+        # each branch conditioned on the other image: the query on (f_s, m_s), the support on (f_q, m_q)
+        f, f_ref, m_ref = torch.cat([f_q, f_s]), torch.cat([f_s, f_q]), torch.cat([m, m_q_feat])
+        proto = (f_ref * m_ref).sum((2, 3)) / (m_ref.sum((2, 3)) + common.MAP_EPS)
+        glob = head.global_conditional(f, proto)
+        local = head.local_conditional(f, f_ref, m_ref)
+        own = head.local_conditional(f, torch.cat([f_s, f_s]), torch.cat([m, m]))  # the support on itself
     assert torch.allclose(x[:, :C], glob, atol=1e-5)
-    assert torch.allclose(x[:, C:2 * C], local, atol=1e-5)
+    # |local| ~ 10 and the softmax of Eq. (2) is sharp: the encoder's batching alone moves it by ~5e-5
+    assert torch.allclose(x[:, C:2 * C], local, atol=2e-4)
+    assert not torch.allclose(x[4:, C:2 * C], own[4:], atol=1e-1)  # the support branch is not its own reference
 
 
-def test_crcnet_255_in_a_support_mask_counts_as_background(crcnet_model):
-    # 255 (unlabelled) is not support foreground: replacing it by 0 changes nothing, in any output
+def test_crcnet_each_branch_is_conditioned_on_the_other_images_mask(crcnet_model):
+    # §4.7: the support prediction depends on the query's mask and not on its own (no shortcut through its own
+    # foreground), the query prediction on the support's and not on the query's; the co-occurrence
+    # sub-predictions (§4.3) on neither. Other masks: the two episodes' query masks swapped, the two shots'
+    # support masks swapped (all differ at the features, test_crcnet_mixed_episode_masks_differ_...)
+    net = crcnet_model
+    img_q, img_s, m_q, m_s = _mixed_episode(B=2, S=2)
+    with torch.no_grad():
+        out = net(img_q, img_s, m_s, m_q=m_q)
+        other_s = net(img_q, img_s, m_s.flip(1), m_q=m_q)
+        other_q = net(img_q, img_s, m_s, m_q=m_q.flip(0))
+        evaluation = net(img_q, img_s, m_s)  # no m_q: the query branch alone
+    assert torch.allclose(other_s["support"], out["support"], atol=1e-6)
+    assert torch.allclose(other_q["query"], out["query"], atol=1e-6)
+    for n in range(4):  # every pair's prediction follows the other image's mask
+        assert not torch.allclose(other_q["support"][n], out["support"][n], atol=1e-4), n
+        assert not torch.allclose(other_s["query"][n], out["query"][n], atol=1e-4), n
+    for key in ("query_sub", "support_sub"):
+        assert torch.allclose(other_s[key], out[key], atol=1e-6) and torch.allclose(other_q[key], out[key], atol=1e-6)
+    assert set(evaluation) == {"logits", "query", "query_sub"}  # the support branch is not computed
+    for key in evaluation:
+        assert torch.allclose(evaluation[key], out[key], atol=1e-5), key
+
+
+def test_crcnet_swapping_query_and_support_swaps_the_predictions(crcnet_model):
+    # §4.7 "Their roles are interchangeable": the pair read the other way round (the support as the query with
+    # its mask, the query as the support) gives the same two predictions, swapped
+    img_q, img_s, m_q, m_s = _mixed_episode(B=2, S=1)
+    with torch.no_grad():
+        out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
+        swapped = crcnet_model(img_s[:, 0], img_q[:, None], m_q[:, None], m_q=m_s[:, 0])
+    for key, mirror in (("query", "support"), ("support", "query"), ("query_sub", "support_sub"),
+                        ("support_sub", "query_sub")):
+        assert torch.allclose(swapped[key], out[mirror], atol=1e-5), key
+    assert not torch.allclose(out["query"], out["support"], atol=1e-3)  # two different predictions
+
+
+def test_crcnet_255_in_a_support_or_query_mask_counts_as_background(crcnet_model):
+    # 255 (unlabelled) is not foreground, in a support's mask (the query branch's reference) nor in the query's
+    # (the support branch's): replacing it by 0 changes nothing, in any output
     img_q, img_s, m_q, m_s = _mixed_episode(B=1, S=2)
     m_s[:, :, 14:18] = IGNORE_INDEX  # row 16 is sampled by the features, and it crosses both support boxes
-    assert ((m_s[..., ::8, ::8] == IGNORE_INDEX) & (m_s[..., ::8, ::8] != 1)).any()
-    foreground = crcnet_model.support_foreground(m_s.flatten(0, 1), (5, 5))
-    assert torch.equal(foreground, _at_features(m_s).flatten(0, 1)[:, None])
-    zero = m_s.masked_fill(m_s == IGNORE_INDEX, 0)
+    m_q[:, 14:18] = IGNORE_INDEX  # and the query box; rows 0-1 are 255 already
+    for mask in (m_s, m_q):
+        assert ((mask[..., ::8, ::8] == IGNORE_INDEX) & (mask[..., ::8, ::8] != 1)).any()
+        foreground = crcnet_model.foreground(mask.flatten(0, -3), (5, 5))
+        assert torch.equal(foreground, _at_features(mask).flatten(0, -3)[:, None])
+    zero_s, zero_q = (mask.masked_fill(mask == IGNORE_INDEX, 0) for mask in (m_s, m_q))
     with torch.no_grad():
-        out, out_zero = crcnet_model(img_q, img_s, m_s), crcnet_model(img_q, img_s, zero)
+        out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
+        out_zero = crcnet_model(img_q, img_s, zero_s, m_q=zero_q)
     for key in ("logits", "query", "support", "query_sub", "support_sub"):
         assert torch.equal(out[key], out_zero[key]), key
 
 
-def test_crcnet_finetune_step_is_sgd_on_a_pair_conditioned_on_its_support(crcnet_model):
+def test_crcnet_finetune_step_is_sgd_on_a_pair_conditioned_on_each_others_mask(crcnet_model):
     # §4.6 by hand for one step: the tuned head weights are p - lr * grad of Eq. (5) for an ordered pair (i, j)
-    # of distinct supports, where support i plays the query (labels m_s[i]) and the head is conditioned on
-    # support j's features and mask (labels m_s[j]); SGD's first momentum step is a plain gradient step
+    # of distinct supports, where support i plays the query (labels m_s[i]) and support j the support (labels
+    # m_s[j]); the query branch is conditioned on j's features and mask, the support branch on i's (§4.7).
+    # SGD's first momentum step is a plain gradient step
     net = crcnet_model
     img_q, img_s, m_q, m_s = _mixed_episode(B=1, S=2)
     steps, lr = net.cfg.ft_steps, net.cfg.ft_lr
@@ -4317,15 +4508,17 @@ def test_crcnet_finetune_step_is_sgd_on_a_pair_conditioned_on_its_support(crcnet
     m, labels = _at_features(m_s[0])[:, None], m_s[0]
     params = dict(net.head.named_parameters())
     candidates = []
-    for i, j in [(0, 1), (1, 0)]:
+    for i, j in [(0, 1), (1, 0), (0, 0), (1, 1)]:
         w = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
-        out = functional_call(net.head, w, (f_s[i:i + 1], f_s[j:j + 1], m[j:j + 1]))
+        out = functional_call(net.head, w, (f_s[i:i + 1], f_s[j:j + 1], m[j:j + 1], m[i:i + 1]))
         loss = _ce(out["query"], labels[i:i + 1]) + _ce(out["support"], labels[j:j + 1])
         loss = loss + 0.1 * (_ce(out["query_sub"], labels[i:i + 1]) + _ce(out["support_sub"], labels[j:j + 1]))
         grads = torch.autograd.grad(loss, list(w.values()))
         candidates.append({n: p.detach() - 0.5 * g for (n, p), g in zip(params.items(), grads)})
     matches = [all(torch.allclose(tuned[n], cand[n], rtol=1e-4, atol=1e-6) for n in params) for cand in candidates]
-    assert sum(matches) == 1, matches
+    # (0, 1) and (1, 0) are mirror images (§4.7): the same two predictions swapped, so one loss and one step,
+    # whichever the generator drew; a support paired with itself is never drawn
+    assert matches == [True, True, False, False], matches
     assert any(not torch.equal(tuned[n], params[n]) for n in params)  # the step moved the weights
 
 
@@ -4360,7 +4553,8 @@ def test_crcnet_finetune_predicts_each_episode_from_its_tuned_weights_and_first_
     pred = _predict(net, "finetune", img_q, img_s, m_s)
     with torch.no_grad():
         for b in range(2):
-            expected = net._forward(img_q[b:b + 1], img_s[b:b + 1, :1], m_s[b:b + 1, :1], weights[b])["logits"]
+            expected = net._forward(img_q[b:b + 1], img_s[b:b + 1, :1], m_s[b:b + 1, :1],
+                                    head_weights=weights[b])["logits"]
             assert torch.allclose(pred[b:b + 1], expected, atol=1e-5), b
         # the fine-tuning depends on which support carries which mask: swapping two supports' masks changes it
         swapped = net.finetune(img_s[0], m_s[0].flip(0))
@@ -4375,8 +4569,8 @@ def test_crcnet_finetune_plus_fusion_averages_every_support_under_the_tuned_weig
     fused = _predict(net, "finetune+fusion", img_q, img_s, m_s)
     with torch.no_grad():
         for b in range(2):
-            probs = [net._forward(img_q[b:b + 1], img_s[b:b + 1, k:k + 1], m_s[b:b + 1, k:k + 1], weights[b])["query"]
-                     .softmax(1) for k in range(2)]
+            probs = [net._forward(img_q[b:b + 1], img_s[b:b + 1, k:k + 1], m_s[b:b + 1, k:k + 1],
+                                  head_weights=weights[b])["query"].softmax(1) for k in range(2)]
             expected = F.interpolate((sum(probs) / 2).log(), (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear",
                                      align_corners=True)
             assert torch.allclose(fused[b:b + 1], expected, atol=1e-5), b
@@ -4934,7 +5128,7 @@ def test_training_step_never_waits_for_the_device(name, request):
     model.train()
 
     def step():
-        out = model(img_q, img_s, m_s, torch.tensor([1, 2]))
+        out = model(img_q, img_s, m_s, torch.tensor([1, 2]), **train.query_mask(model, {"m_q": m_q}))
         loss, _ = model.loss(out, m_q, m_s)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
