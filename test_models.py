@@ -1642,12 +1642,15 @@ class Config:
     nan_after: int = 0  # test hook: the loss becomes NaN after this many training steps (0: never)
     crash_after: int = 0  # test hook: raise after this many training steps (0: never)
     invert: int = 0  # test hook: swap the two logits (an evaluation-time model flag)
+    fold: int = 0
+    crash_fold: int = -1  # test hook: crash_after applies in this fold only (-1: in every fold)
 
 
 def add_args(parser):
     parser.add_argument("--nan-after", type=int, default=None)
     parser.add_argument("--crash-after", type=int, default=None)
     parser.add_argument("--invert", type=int, default=None)
+    parser.add_argument("--crash-fold", type=int, default=None)
 
 
 def stage_hello(args):
@@ -1688,7 +1691,7 @@ class Model(nn.Module):
         total = common.seg_loss(out["logits"], m_q)
         if self.training:
             self.steps += 1
-            if self.cfg.crash_after and self.steps > self.cfg.crash_after:
+            if self.cfg.crash_after and self.steps > self.cfg.crash_after and self.cfg.crash_fold in (-1, self.cfg.fold):
                 raise RuntimeError("simulated crash")
             if self.cfg.nan_after and self.steps > self.cfg.nan_after:
                 total = total * float("nan")
@@ -2035,7 +2038,10 @@ def test_bench_data_on_generated_pascal_jpegs(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--fold", "7"], "invalid choice"),
+    (["--fold", "7"], "argument --fold: must be 0, 1, 2, 3 or all, got '7'"),
+    (["--fold", "all", "--bench"], "--fold all trains and evaluates"),
+    (["--backbone-weights", "w.pth", "--no-pretrained"], "--backbone-weights and --no-pretrained exclude"),
+    (["--resume", "--overwrite"], "--resume excludes --eval-only and --overwrite"),
     (["--shot", "0"], "argument --shot: must be at least 1, got 0"),
     (["--log-every", "0"], "argument --log-every: must be at least 1"),
     (["--test-episodes", "0"], "argument --test-episodes: must be at least 1"),
@@ -2140,6 +2146,304 @@ def test_eval_only_without_checkpoint_is_refused(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(tiny_args(tiny, tmp_path, "--eval-only"))
     assert "--eval-only needs --checkpoint" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the recipes, and the protocol's scores
+
+RECIPES = {  # model -> dataset -> (lr, batch, epochs, crop, augmentation): the run behind each paper's table
+    "ocnet": {"pascal": (0.05, 4, 200, 473, "pfenet"), "coco": (0.05, 4, 75, 641, "pfenet")},
+    "qpenet": {"pascal": (0.025, 4, 100, 473, "pfenet"), "coco": (0.025, 4, 50, 473, "pfenet")},
+    "crcnet": {"pascal": (0.0025, 4, 200, 321, "crop-scale-flip"), "coco": (0.0025, 8, 50, 321, "crop-scale-flip")},
+    "symnet": {"pascal": (0.05, 32, 200, 473, "pfenet"), "coco": (0.05, 32, 50, 641, "pfenet")},
+    "qgnet": {"pascal": (0.025, 4, 200, 473, "pfenet"), "coco": (0.05, 8, 50, 473, "pfenet")},
+    "baseline": {"pascal": (0.025, 4, 200, 473, "pfenet"), "coco": (0.05, 8, 50, 641, "pfenet")},
+}
+
+
+@pytest.mark.parametrize("dataset", ["pascal", "coco"])
+@pytest.mark.parametrize("model", sorted(RECIPES))
+def test_default_recipe_is_the_run_behind_each_papers_table(model, dataset):
+    args, _ = train.parse_args(["--model", model, "--dataset", dataset])
+    assert (args.lr, args.batch_size, args.epochs, args.img_size, args.augment) == RECIPES[model][dataset]
+    assert (args.test_episodes, args.test_seeds) == ({"pascal": 1000, "coco": 5000}[dataset], 5)
+    given, _ = train.parse_args(["--model", model, "--dataset", dataset, "--lr", "0.1", "--augment", "pfenet",
+                                 "--test-episodes", "7"])  # the command line wins over every recipe
+    assert (given.lr, given.augment, given.test_episodes, given.batch_size) == (0.1, "pfenet", 7, args.batch_size)
+
+
+@pytest.mark.parametrize("dataset, epochs", [("pascal", 100), ("coco", 20)])
+def test_symnet_base_stage_takes_bams_base_recipe(dataset, epochs):
+    args, _ = train.parse_args(["--model", "symnet", "--stage", "base", "--dataset", dataset])
+    assert (args.lr, args.batch_size, args.epochs, args.img_size) == (0.0025, 12, epochs, 417)
+    meta, _ = train.parse_args(["--model", "symnet", "--dataset", dataset])  # the meta learner keeps its own
+    assert (meta.lr, meta.batch_size) == (0.05, 32)
+
+
+def test_a_recipe_value_that_names_no_flag_is_refused(tmp_path):
+    path = tmp_path / "badrecipe.py"
+    path.write_text(TINY_MODEL.replace('dict(lr=0.05, batch_size=4', 'dict(no_such_flag=3, lr=0.05, batch_size=4'))
+    with pytest.raises(SystemExit, match="recipe value no_such_flag=3 names no flag"):
+        train.parse_args(["--model", str(path), "--dataset", "synthetic"])
+
+
+def test_result_reports_the_mean_and_spread_over_the_test_seeds(tiny, tmp_path, capsys):
+    train.main(tiny_args(tiny, tmp_path, "--epochs", "1", "--test-episodes", "6", "--test-seeds", "3"))
+    out = capsys.readouterr().out
+    record = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    printed = [float(line.split("mIoU ")[1].split()[0]) for line in out.splitlines() if line.startswith("test seed")]
+    assert printed == pytest.approx([100 * v for v in record["seed_miou"]], abs=0.006) and len(printed) == 3
+    assert record["miou"] == pytest.approx(np.mean(record["seed_miou"]))
+    assert record["miou_std"] == pytest.approx(np.std(record["seed_miou"], ddof=1))
+    assert record["fbiou_std"] == pytest.approx(np.std(record["seed_fbiou"], ddof=1))
+    res = result_line(out)
+    assert float(res["miou_std"]) == pytest.approx(100 * record["miou_std"], abs=0.006)
+    assert float(res["fbiou"]) == pytest.approx(100 * record["fbiou"], abs=0.006)
+    assert f"+- {100 * record['miou_std']:.2f}" in out
+    assert train.spread([0.5])[0] == 0.5 and math.isnan(train.spread([0.5])[1])  # one seed: no spread
+
+
+def test_evaluation_is_fp32_unless_asked_and_training_bf16_unless_fp32(tiny, tmp_path, monkeypatch):
+    real, calls = train.autocast, []
+
+    def recording(device, bf16):
+        calls.append((sys._getframe(1).f_code.co_name, bf16))
+        return real(device, bf16)
+
+    monkeypatch.setattr(train, "autocast", recording)
+    for flags, expected in [((), {("step", True), ("evaluate", False)}),
+                            (("--fp32", "--bf16-eval"), {("step", False), ("evaluate", True)})]:
+        calls.clear()
+        train.main(tiny_args(tiny, tmp_path / str(len(flags)), "--epochs", "1", "--test-episodes", "2",
+                             "--test-seeds", "1", *flags))
+        assert set(calls) == expected
+    with warnings.catch_warnings():  # torch warns that CUDA is absent here; only the context's kind matters
+        warnings.simplefilter("ignore")
+        assert isinstance(real(torch.device("cuda"), False), contextlib.nullcontext)
+        assert isinstance(real(torch.device("cuda"), True), torch.autocast)
+    assert isinstance(real(torch.device("cpu"), True), contextlib.nullcontext)
+
+
+def _write_pascal_val(root, n):
+    """A PASCAL tree whose n val images (60x60) each hold a 48x48 object of class 1..5 (fold 0), train one image."""
+    for sub in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    names = [f"v{i:03d}" for i in range(n)] + ["t000"]
+    for i, name in enumerate(names):
+        _save_jpeg(root / "JPEGImages" / f"{name}.jpg", (60, 60))
+        Image.fromarray(_label((1 + i % 5 if name[0] == "v" else 6, 6, 6, 48, 48), shape=(60, 60))).save(
+            root / "SegmentationClassAug" / f"{name}.png")
+    sets = root / "ImageSets" / "Segmentation"
+    (sets / "train.txt").write_text("t000\n")
+    (sets / "val.txt").write_text("\n".join(names[:n]) + "\n")
+    return root
+
+
+def test_each_test_seed_visits_every_image_in_its_own_order(tmp_path, capsys):
+    ds = data.build_dataset("pascal", "test", 0, img_size=32, root=_write_pascal_val(tmp_path, 20), episodes=30)
+    n = len(ds.images)
+    assert n == 20
+    orders = [[ds._query(i, seed) for i in range(n)] for seed in (0, 1)]
+    assert sorted(orders[0]) == sorted(orders[1]) == ds.images  # one pass: every image once
+    assert orders[0] != orders[1] and orders[0] != ds.images  # not the sorted list, and not shared by the seeds
+    assert len(set(orders[0][:5]) | set(orders[1][:5])) > 5  # two seeds of 5 episodes see more than one seed
+    assert [ds._query(n + i, 0) for i in range(n)] != orders[0]  # the second pass has its own order
+    assert ds[(1, 3)]["m_q_orig"].sum() > 0 and ds._query(3, 1) == orders[1][3]
+
+    def episodes(workers, batch):
+        sampler = train.EpisodeSampler(len(ds))
+        sampler.set_stream(1)
+        loader = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
+                            collate_fn=data.collate_episodes)
+        return [(int(i), int(c), m.tolist()) for b in loader for i, c, m in
+                zip(b["index"], b["class_id"], b["m_q_orig"])]
+
+    assert episodes(0, 1) == episodes(2, 4)  # a function of (seed, index): no worker or batch dependence
+    train_ds = data.build_dataset("pascal", "train", 0, img_size=32, root=tmp_path)
+    assert train_ds._query(0, 5) == train_ds.images[0]  # training: the sampler shuffles, the index names it
+
+
+# ---------------------------------------------------------------- no run is ever lost; bad input gets one line
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_new_run_does_not_replace_the_run_in_its_folder(tiny, tmp_path):
+    flags = ["--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"]
+    train.main(tiny_args(tiny, tmp_path, *flags))
+    before = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(SystemExit) as err:
+        train.main(tiny_args(tiny, tmp_path, *flags, "--seed", "5"))
+    assert str(err.value.code) == (f"error: {tmp_path} holds a run already (tinynet on synthetic fold 1, 1-shot, "
+                                   "resnet50, epoch 1 of 1): continue it with --resume, replace it with --overwrite, "
+                                   "or give another --out")
+    assert (tmp_path / "last.pt").read_bytes() == before and len(_records(tmp_path)) == 3  # start, train, result
+    train.main(tiny_args(tiny, tmp_path, *flags, "--seed", "5", "--overwrite"))
+    assert (tmp_path / "last.pt").read_bytes() != before
+    assert [r["event"] for r in _records(tmp_path)] == ["start", "train", "result"]  # one run's log
+    assert _records(tmp_path)[0]["args"]["seed"] == "5"
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_with_the_first_ones_pid(tiny, tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "f.write(f'{os.getpid()}\\n'); f.flush(); print('held', flush=True); time.sleep(60)"), str(tmp_path / ".lock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as err:
+            train.main(tiny_args(tiny, tmp_path, "--epochs", "1"))
+        assert str(err.value.code) == (f"error: the run folder {tmp_path} is in use by another run (process "
+                                       f"{holder.pid}); wait for it to end or give another --out")
+        assert not (tmp_path / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    train.main(tiny_args(tiny, tmp_path, "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"))  # free now
+
+
+def test_resume_cleans_a_stale_temporary_and_its_log_reads_as_one_run(tiny, tmp_path, capsys):
+    flags = ["--epochs", "3", "--log-every", "1", "--test-episodes", "2", "--test-seeds", "1"]
+    train.main(tiny_args(tiny, tmp_path / "whole", *flags))
+    with pytest.raises(RuntimeError, match="simulated crash"):  # 4 steps an epoch: dies in epoch 2 after 2 steps
+        train.main(tiny_args(tiny, tmp_path / "cut", *flags, "--crash-after", "6"))
+    (tmp_path / "cut" / ".last.pt.k2j4x.tmp").write_bytes(b"half a checkpoint")  # a save that SIGKILL cut short
+    train.main(tiny_args(tiny, tmp_path / "cut", *flags, "--resume"))
+    assert f"removed {tmp_path / 'cut' / '.last.pt.k2j4x.tmp'}" in capsys.readouterr().out
+    assert not list((tmp_path / "cut").glob("*.tmp"))
+    steps = lambda out: [(r["epoch"], r["step"], round(r["loss"], 6)) for r in _records(out) if r["event"] == "train"]
+    assert steps(tmp_path / "cut") == steps(tmp_path / "whole")  # epoch 2's first records are not there twice
+    assert [r["event"] for r in _records(tmp_path / "cut")].count("resume") == 1
+
+
+def test_resume_or_evaluate_with_another_runs_checkpoint_says_what_it_is(tiny, tmp_path):
+    train.main(tiny_args(tiny, tmp_path / "a", "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"))
+    with pytest.raises(SystemExit) as err:
+        train.main([*tiny_args(tiny, tmp_path / "a", "--epochs", "2", "--resume"), "--fold", "2"])
+    assert str(err.value.code) == (f"error: --resume: {tmp_path / 'a' / 'last.pt'} is a checkpoint of tinynet on "
+                                   "synthetic fold 1, 1-shot, resnet50, not of tinynet on synthetic fold 2, 1-shot, "
+                                   "resnet50 (fold differ): give the flags it was trained with, or another --out")
+    other = tmp_path / "othernet.py"
+    other.write_text(TINY_MODEL.replace("self.head = nn.Conv2d(2 * w + 1, 2, 1)", "self.head2 = nn.Conv2d(2 * w + 1, 2, 1)")
+                     .replace("self.head(x)", "self.head2(x)"))
+    with pytest.raises(SystemExit) as err:
+        train.main(["--model", str(other), "--eval-only", "--checkpoint", str(tmp_path / "a" / "last.pt"),
+                    "--out", str(tmp_path / "b"), "--workers", "0"])
+    message = str(err.value.code)
+    assert message.startswith(f"error: the weights in {tmp_path / 'a' / 'last.pt'} do not fit this model (tinynet "
+                              "on synthetic fold 1") and "head2.weight" in message and "\n" not in message
+
+
+def test_a_failed_save_keeps_the_last_checkpoint_and_leaves_no_temporary(tiny, tmp_path, monkeypatch):
+    real_save, saves = torch.save, []
+
+    def full_disk(obj, f, *a, **kw):
+        saves.append(f)
+        if len(saves) == 2:  # epoch 2's checkpoint: part of it is written, then the disk is full
+            f.write(b"\0" * 1000)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0\nmore")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit) as err:
+        train.main(tiny_args(tiny, tmp_path, "--epochs", "3"))
+    last = tmp_path / "last.pt"
+    assert str(err.value.code) == (f"error: could not write {last} ([enforce fail at inline_container.cc:672] . "
+                                   f"unexpected pos 64 vs 0; is the disk full?): {last} is left as it was")
+    assert torch.load(last, weights_only=False)["epoch"] == 1 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_an_unwritable_run_folder_is_refused_before_anything_runs(tiny, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(SystemExit) as err:
+        train.main(tiny_args(tiny, tmp_path / "file" / "run", "--epochs", "1"))
+    assert str(err.value.code).startswith(f"error: cannot write to the run folder {tmp_path / 'file' / 'run'}: ")
+    assert "training:" not in capsys.readouterr().out
+
+
+def test_ctrl_c_prints_one_line_that_says_how_to_resume_and_exits_130(tiny, tmp_path):
+    argv = tiny_args(tiny, tmp_path, "--epochs", "400", "--log-every", "1")
+    proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # until the first checkpoint is there
+            if (tmp_path / "last.pt").exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and err.strip().count("\n") == 0
+    assert err.strip() == (f"interrupted: {tmp_path / 'last.pt'} holds the last finished epoch; continue with: "
+                           f"python train.py {' '.join(argv)} --resume")
+
+
+def test_fold_all_table_equals_the_four_single_fold_runs_and_is_collected_again(tiny, tmp_path, capsys):
+    flags = ["--epochs", "1", "--test-episodes", "6", "--test-seeds", "2"]
+    singles = [train.main(tiny_args(tiny, tmp_path / f"fold{k}", *flags, "--fold", str(k))) for k in range(4)]
+    capsys.readouterr()
+    records = train.main(tiny_args(tiny, tmp_path / "all", *flags, "--fold", "all"))
+    out = capsys.readouterr().out
+    assert [(r["fold"], r["miou"], r["fbiou"]) for r in records] == [(k, *s) for k, s in enumerate(singles)]
+    per_seed = np.array([r["seed_miou"] for r in records]).mean(0)  # the mean's spread: of the per-seed means
+    res = result_line(out)
+    assert res["fold"] == "all" and float(res["miou"]) == pytest.approx(100 * np.mean(singles, 0)[0], abs=0.006)
+    assert float(res["miou_std"]) == pytest.approx(100 * np.std(per_seed, ddof=1), abs=0.006)
+    table = out[out.index("four folds"):]
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[2:7]}
+    for k, r in enumerate(records):
+        assert rows[str(k)] == [f"{100 * r['miou']:.2f}", "+-", f"{100 * r['miou_std']:.2f}",
+                                f"{100 * r['fbiou']:.2f}", "+-", f"{100 * r['fbiou_std']:.2f}"]
+    assert rows["mean"][:3] == [res["miou"], "+-", res["miou_std"]]
+    assert "| model | shot | fold 0 | fold 1 | fold 2 | fold 3 | mean mIoU | mean FB-IoU |" in table
+    assert f"| tinynet | 1 | {100 * records[0]['miou']:.1f} ± {100 * records[0]['miou_std']:.1f} |" in table
+    # run again: every fold is complete, so nothing trains and the table is collected from the folds' logs
+    again = train.main(tiny_args(tiny, tmp_path / "all", *flags, "--fold", "all"))
+    out = capsys.readouterr().out
+    assert out.count("its result taken from metrics.jsonl") == 4 and "training:" not in out
+    assert result_line(out) == res and [r["miou"] for r in again] == [r["miou"] for r in records]
+    # --eval-only over the four checkpoints gives the same table
+    evaluated = train.main(tiny_args(tiny, tmp_path / "all", *flags, "--fold", "all", "--eval-only"))
+    assert [r["miou"] for r in evaluated] == [r["miou"] for r in records] and result_line(capsys.readouterr().out) == res
+
+
+def test_fold_all_resumes_where_it_stopped(tiny, tmp_path, capsys):
+    flags = ["--epochs", "2", "--test-episodes", "4", "--test-seeds", "1"]
+    with pytest.raises(RuntimeError, match="simulated crash"):  # fold 0 completes, fold 1 dies in its 2nd epoch
+        train.main(tiny_args(tiny, tmp_path / "all", *flags, "--fold", "all", "--crash-after", "6",
+                             "--crash-fold", "1"))
+    assert train.read_result(tmp_path / "all" / "fold0") is not None and not (tmp_path / "all" / "fold2").exists()
+    assert torch.load(tmp_path / "all" / "fold1" / "last.pt", weights_only=False)["epoch"] == 1
+    capsys.readouterr()
+    records = train.main(tiny_args(tiny, tmp_path / "all", *flags, "--fold", "all"))
+    out = capsys.readouterr().out
+    assert "fold 0: complete" in out and f"resumed from {tmp_path / 'all' / 'fold1' / 'last.pt'} after epoch 1" in out
+    assert out.count("training:") == 3  # folds 1 (resumed), 2 and 3
+    whole = train.main(tiny_args(tiny, tmp_path / "one", *flags, "--fold", "1"))
+    assert (records[1]["miou"], records[1]["fbiou"]) == whole  # as if it had never stopped
+
+
+def test_bad_dataset_files_stop_the_run_with_one_message(tiny, tmp_path):
+    root = _write_pascal(tmp_path / "voc")
+    flags = ["--model", str(tiny), "--dataset", "pascal", "--data-root", str(root), "--img-size", "32",
+             "--batch-size", "2", "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"]
+    # a training image that decodes badly inside a DataLoader worker: one line naming it, not the worker's traceback
+    jpeg = root / "JPEGImages" / "a_voc.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:2000])
+    with pytest.raises(SystemExit) as err:
+        train.main([*flags, "--workers", "1", "--out", str(tmp_path / "a")])
+    assert str(err.value.code).startswith(f"error: cannot read image {jpeg}: ") and "\n" not in str(err.value.code)
+    # no test image holds a class of fold 3 (16-20) with 2048 pixels
+    with pytest.raises(SystemExit) as err:
+        train.main([*flags, "--workers", "0", "--fold", "3", "--eval-only", "--model", "baseline",
+                    "--baseline-features", "image", "--out", str(tmp_path / "b")])
+    assert str(err.value.code).startswith("error: no pascal test image has a class of [16, 17, 18, 19, 20] with "
+                                          ">= 2048 pixels")
+    proc = run_cli(["train.py", "--model", "baseline", "--dataset", "pascal", "--out", str(tmp_path / "c")])
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: no data root given for pascal: pass --data-root DIR")
 
 
 # ==========================================================================================================

@@ -19,7 +19,8 @@ path of your own `.py` file with the same interface, which then gets exactly the
                            pretrained=False and, if the field exists, from_checkpoint=True (every weight comes
                            from the checkpoint: no other weight file is needed)
     Model(cfg)             nn.Module; forward(img_q, img_s, m_s, class_ids=None) -> dict with "logits" (B,2,H,W)
-                           and whatever its loss needs; loss(out, m_q, m_s) -> (total, {name: term})
+                           and whatever its loss needs; loss(out, m_q, m_s) -> (total, {name: term}). A forward
+                           with an `m_q` argument gets the query mask in training (never in evaluation)
     DEFAULTS               optional {"pascal"|"coco"|"synthetic": {lr, batch_size, epochs, img_size}}, cited
     add_args(parser)       optional: the model's own flags
     STAGES                 optional {name: fn(args)}: extra training stages, run by --stage NAME
@@ -36,13 +37,16 @@ import argparse
 import dataclasses
 import importlib
 import importlib.util
+import inspect
 import json
+import math
 import os
 import re
+import shlex
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +55,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+
+try:
+    import fcntl  # POSIX: the run folder's lock
+except ImportError:
+    fcntl = None
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Sampler
@@ -70,18 +79,24 @@ BF16_PEAK_TFLOPS = (("H200 NVL", 835.5), ("H200", 989.4), ("H100 NVL", 835.5), (
                     ("A10", 125.0))  # a key matches whole words of the name: "A10" is not the A10G
 BENCH_DATA_IMAGES = 300  # --bench-data without a dataset: this many PASCAL-sized JPEGs in a temporary folder
 BENCH_DATA_SECONDS = 10.0  # --bench-data: time spent per worker count
-# Used where a model file gives no defaults for a dataset. PASCAL/COCO follow PFENet's configs (the official
-# code multiplies these learning rates by 10; see README). The synthetic values: train and evaluate any model in 2
-# to 3.5 minutes on 2 CPU cores; lr 0.05 is the official codes' rate per episode (0.025 for 4, Sym-Net's 0.05 for
-# 8), and separated object from background better than 0.01 in 124 steps (README, quick start).
-EPISODE_DEFAULTS = dict(dataset="pascal", fold=0, coco_split="interleaved")  # a checkpoint's own, where it has one
+# The run's episodes: a checkpoint's own where it has one (resolve_defaults), else these.
+EPISODE_DEFAULTS = dict(dataset="pascal", fold=0, coco_split="interleaved")
+# The recipe where a model file gives none for a dataset (the baseline, your own model file). PASCAL and COCO:
+# PFENet's configs as its code runs them, every learning rate x10 (poly_learning_rate(..., scale_lr=10)):
+# PASCAL base_lr 0.0025 -> 0.025 at batch 4; COCO the one-GPU setting of its config's comment, base_lr 0.005 ->
+# 0.05 at batch 8 (its 4-GPU run: 0.02 x 10 at batch 32, the same rate per episode). Synthetic: the quick start,
+# any model trained and evaluated in a few minutes on 2 CPU cores (README, quick start). Folder (your own data,
+# where no model file has a recipe): PASCAL's.
 HARNESS_DEFAULTS = {
-    "pascal": dict(lr=0.0025, batch_size=4, epochs=200, img_size=473),
-    "coco": dict(lr=0.005, batch_size=8, epochs=50, img_size=641),
-    "synthetic": dict(lr=0.05, batch_size=8, epochs=2, img_size=128, train_length=500,
+    "pascal": dict(lr=0.025, batch_size=4, epochs=200, img_size=473, augment="pfenet"),
+    "folder": dict(lr=0.025, batch_size=4, epochs=200, img_size=473, augment="pfenet"),
+    "coco": dict(lr=0.05, batch_size=8, epochs=50, img_size=641, augment="pfenet"),
+    "synthetic": dict(lr=0.05, batch_size=8, epochs=2, img_size=128, train_length=500, augment="pfenet",
                       test_episodes=300, test_seeds=1),
 }
 EXIT_NONFINITE = 3  # exit status when the loss becomes NaN or infinite
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # a training run's files in its folder (--overwrite removes)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -170,6 +185,23 @@ def load_model_module(name):
 # Command line
 
 
+def fold_arg(text):
+    """argparse type of --fold: 0..3, or "all"."""
+    if text == "all":
+        return text
+    if text not in ("0", "1", "2", "3"):
+        raise argparse.ArgumentTypeError(f"must be 0, 1, 2, 3 or all, got {text!r}")
+    return int(text)
+
+
+def class_ids_arg(text):
+    """argparse type of --test-classes: comma-separated class ids >= 1 -> their sorted tuple, each once."""
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    if not words or not all(w.isascii() and w.isdigit() and int(w) >= 1 for w in words):
+        raise argparse.ArgumentTypeError(f"must be class ids >= 1 separated by commas (e.g. 3,7,9), got {text!r}")
+    return tuple(sorted({int(w) for w in words}))
+
+
 def positive_int(text):
     """argparse type of a count that must be at least 1 (0 would divide by zero or silently mean the default)."""
     value = int(text)
@@ -189,16 +221,26 @@ def build_parser(add_help=True):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter,
                                 add_help=add_help)
     p.add_argument("--model", default="baseline", help=f"{', '.join(MODELS)}, or path/to/your_model.py")
-    p.add_argument("--dataset", default=None, choices=["pascal", "coco", "synthetic"],
-                   help="default: the --checkpoint's, else pascal")
+    p.add_argument("--dataset", default=None, choices=["pascal", "coco", "synthetic", "folder"],
+                   help="default: the --checkpoint's, else pascal; folder: your own images and labels under "
+                        "--data-root (README: 'Your own data')")
     p.add_argument("--data-root", default=None, help="dataset folder (README: 'Datasets' gives the layout)")
-    p.add_argument("--fold", type=int, default=None, choices=[0, 1, 2, 3], help="default: the --checkpoint's, else 0")
+    p.add_argument("--fold", type=fold_arg, default=None, metavar="{0,1,2,3,all}",
+                   help="test fold (default: the --checkpoint's, else 0); all: the four folds one after another, "
+                        "then their table. A folder dataset's folds: its folds.txt, else four quarters of its ids")
+    p.add_argument("--test-classes", type=class_ids_arg, default=None, metavar="IDS",
+                   help="--dataset folder: the novel class ids, comma-separated (e.g. 3,7,9), in place of --fold")
     p.add_argument("--shot", type=positive_int, default=1)
     p.add_argument("--coco-split", default=None, choices=["interleaved", "contiguous"],
                    help="default: the --checkpoint's, else interleaved")
     p.add_argument("--support-boxes", action="store_true",
                    help="weak supervision: every support mask becomes its objects' bounding boxes (CRCNet §5.4)")
-    p.add_argument("--backbone", default="resnet50", choices=["resnet50", "resnet101", "vgg16_bn"])
+    p.add_argument("--backbone", default="resnet50", choices=sorted(common.BACKBONES),
+                   help="resnet50 (default), resnet101, vgg16_bn: torchvision's; resnet50_deep, resnet101_deep: the "
+                        "papers' deep-stem ResNet (PSPNet's), whose weights need --backbone-weights")
+    p.add_argument("--backbone-weights", default=None, metavar="PATH",
+                   help="a weight file for the backbone: PFENet's resnet50_v2.pth / resnet101_v2.pth, torchvision's, "
+                        "or any state dict with the backbone's key names")
     p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (no ImageNet download)")
     p.add_argument("--epochs", type=positive_int, default=None, help="default: the model's, per dataset")
     p.add_argument("--batch-size", type=positive_int, default=None, help="global batch, split across processes")
@@ -210,17 +252,23 @@ def build_parser(add_help=True):
     p.add_argument("--seed", type=non_negative_int, default=0, help="training seed (test episodes do not depend on it)")
     p.add_argument("--out", default=None, help="run folder (default runs/MODEL-DATASET-foldK-Sshot)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an OUT that holds a run: its last.pt, best.pt and metrics.jsonl are deleted")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint, do not train")
     p.add_argument("--checkpoint", default=None, help="weights for --eval-only, --predict, --vis")
     p.add_argument("--select-best", action="store_true",
                    help="validate on the test fold during training and evaluate the best (optimistic)")
     p.add_argument("--val-every", type=positive_int, default=5, help="epochs between validations for --select-best")
     p.add_argument("--test-episodes", type=positive_int, default=None,
-                   help=f"episodes per seed (default {data.TEST_EPISODES})")
+                   help="episodes per seed (default: PASCAL 1000, COCO 5000; data.TEST_EPISODES)")
     p.add_argument("--test-seeds", type=positive_int, default=None,
                    help=f"test seeds, the mean reported (default {data.TEST_SEEDS})")
     p.add_argument("--log-every", type=positive_int, default=20, help="optimizer steps between progress lines")
-    p.add_argument("--fp32", action="store_true", help="disable bf16 autocast on CUDA")
+    p.add_argument("--fp32", action="store_true", help="train without bf16 autocast on CUDA")
+    p.add_argument("--bf16-eval", action="store_true",
+                   help="evaluate under bf16 autocast on CUDA (default fp32, as the official code evaluates)")
+    p.add_argument("--augment", default=None, choices=sorted(data.AUGMENTATIONS),
+                   help="training augmentation recipe (default: the model's, for most PFENet's)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--bench", action="store_true", help="time training steps and inference, then exit")
     p.add_argument("--bench-steps", type=positive_int, default=10)
@@ -242,7 +290,11 @@ def parse_args(argv=None):
     """Two passes: --model (or the checkpoint's model) first, so the model file can add its own flags."""
     known, _ = build_parser(add_help=False).parse_known_args(argv)  # --help waits for the model's own flags
     parser = build_parser()
-    trained = read_checkpoint(known.checkpoint)["args"] if known.checkpoint else {}
+    if known.checkpoint and "{fold}" in known.checkpoint and known.fold not in (None, "all"):
+        known.checkpoint = known.checkpoint.format(fold=known.fold)  # one fold of a pattern
+    trained = read_checkpoint(known.checkpoint.format(fold=0))["args"] if known.checkpoint else {}
+    if known.checkpoint and "{fold}" in known.checkpoint:
+        trained["fold"] = "all"  # a pattern names the four folds' checkpoints
     given = sys.argv[1:] if argv is None else argv
     if trained and not any(a == "--model" or a.startswith("--model=") for a in given):
         known.model = trained["model"]  # --predict and --eval-only need not repeat it
@@ -250,39 +302,85 @@ def parse_args(argv=None):
     if hasattr(module, "add_args"):
         module.add_args(parser.add_argument_group(f"{known.model} options"))
     args = parser.parse_args(argv)
-    args.model = known.model
-    for key, default in EPISODE_DEFAULTS.items():  # a checkpoint is tested on the fold it was trained for
-        if getattr(args, key) is None:
-            setattr(args, key, trained.get(key, default))
-    was = {**EPISODE_DEFAULTS, **{k: trained[k] for k in EPISODE_DEFAULTS if k in trained}}
-    if trained and was["dataset"] == args.dataset and (was["fold"] != args.fold or (
-            args.dataset == "coco" and was["coco_split"] != args.coco_split)):  # folds partition the classes
-        print(f"WARNING: {known.checkpoint} was trained on {args.dataset} fold {was['fold']}: the test classes of "
-              f"fold {args.fold} are among those it was trained on", file=sys.stderr)
-    args.model_flags = sorted(set(vars(args)) - set(vars(build_parser().parse_args([]))))  # add_args's dests
-    if args.eval_only and not args.checkpoint and not model_is_parameter_free(module):
+    args.model, args.checkpoint = known.model, known.checkpoint
+    own = set(vars(args)) - set(vars(build_parser().parse_args([])))  # add_args's dests
+    args.model_flags = sorted(k for k in own if getattr(args, k) is not None)  # the model's flags given now
+    if args.test_classes and args.fold is not None:
+        parser.error(f"--test-classes names the novel classes itself: drop --fold {args.fold} (--fold K and --fold "
+                     "all take a folder dataset's folds from its folds.txt)")
+    if args.fold == "all" and (args.bench or args.bench_data or args.predict or args.resume):
+        parser.error("--fold all trains and evaluates (or runs a --stage) for each fold, and resumes by itself")
+    if args.eval_only and not args.checkpoint and args.fold != "all" and not model_is_parameter_free(module):
         parser.error("--eval-only needs --checkpoint (only the parameter-free baseline has none)")
     if args.predict and not (args.support and args.query and len(args.support) == len(args.support_mask)):
         parser.error("--predict needs --query, and one --support-mask for every --support")
-    if args.resume and args.eval_only:
-        parser.error("--resume and --eval-only exclude each other")
+    if args.backbone_weights and args.no_pretrained:
+        parser.error("--backbone-weights and --no-pretrained exclude each other")
+    if args.resume and (args.eval_only or args.overwrite):
+        parser.error("--resume excludes --eval-only and --overwrite")
     if args.predict and not args.checkpoint and not model_is_parameter_free(module):
         parser.error("--predict needs --checkpoint (only the parameter-free baseline has none)")
+    resolve_defaults(args, module, trained, known.checkpoint)
+    if args.test_classes and args.dataset != "folder":
+        parser.error(f"--test-classes chooses the novel classes of --dataset folder; {args.dataset}'s are its folds "
+                     "(--fold)")
+    if args.fold == "all":
+        args.out = Path(args.out) if args.out else None  # the parent of the folds' folders, given or default
+    else:
+        args.out = Path(args.out) if args.out else default_out(args, args.fold)
+    return args, module
+
+
+def default_out(args, fold):
+    """runs/MODEL-SPLIT-Sshot, SPLIT as data.split_name: a run's folder when --out does not name one."""
+    split = data.split_name(args.dataset, fold, args.data_root, args.test_classes)
+    return Path(common.RUNS_DIR) / f"{Path(args.model).stem}-{split}-{args.shot}shot"
+
+
+def resolve_defaults(args, module, trained, checkpoint=None):
+    """Fill every flag left unset (None) from the first of these that gives it, in this order:
+        1. the command line (already in args: it always wins)
+        2. the checkpoint (--checkpoint, its saved arguments `trained`): its dataset, fold and COCO split, so that
+           a model is tested on the classes it never trained on; its crop size when tested on its own dataset
+        3. the stage's recipe, module.STAGE_DEFAULTS[stage][dataset], when --stage runs one
+        4. the paper's recipe, module.DEFAULTS[dataset] (lr, batch, epochs, crop, augmentation, model flags)
+        5. the harness's: HARNESS_DEFAULTS[dataset], data.TEST_EPISODES[dataset], data.TEST_SEEDS
+    A recipe key that is not a flag of this run is an error, so that renaming a flag cannot silently drop a
+    paper's value."""
+    if args.test_classes is None and args.fold is None:  # a --test-classes run is tested on its classes, unless
+        args.test_classes = trained.get("test_classes")  # --fold names a fold
+    for key, default in EPISODE_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, trained.get(key, default))
+    was = {**EPISODE_DEFAULTS, **{k: trained[k] for k in EPISODE_DEFAULTS if k in trained}}
+    other_split = args.dataset == "coco" and was["coco_split"] != args.coco_split  # folds partition the classes
+    if trained and "all" not in (was["fold"], args.fold) and was["dataset"] == args.dataset and (
+            was["fold"] != args.fold or other_split):
+        print(f"WARNING: {checkpoint} was trained on {args.dataset} fold {was['fold']}: the test classes of "
+              f"fold {args.fold} are among those it was trained on", file=sys.stderr)
+    if trained.get("dataset") == args.dataset:
+        args.data_root = args.data_root or trained.get("data_root")  # the files it was trained on
     if args.img_size is None and (args.predict or trained.get("dataset") == args.dataset):
         args.img_size = trained.get("img_size")  # test at the size the model was trained at
-    defaults = {**HARNESS_DEFAULTS[args.dataset], **getattr(module, "DEFAULTS", {}).get(args.dataset, {})}
-    for key, value in defaults.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    args.test_episodes = args.test_episodes or data.TEST_EPISODES
-    args.test_seeds = args.test_seeds or data.TEST_SEEDS
-    run = f"{Path(args.model).stem}-{args.dataset}-fold{args.fold}-{args.shot}shot"
-    args.out = Path(args.out or Path(common.RUNS_DIR) / run)
-    return args, module
+    layers = [getattr(module, "STAGE_DEFAULTS", {}).get(args.stage, {}).get(args.dataset, {}) if args.stage else {},
+              getattr(module, "DEFAULTS", {}).get(args.dataset, {}),
+              {"test_episodes": data.TEST_EPISODES[args.dataset], "test_seeds": data.TEST_SEEDS,
+               **HARNESS_DEFAULTS[args.dataset]}]
+    for layer in layers:
+        for key, value in layer.items():
+            if not hasattr(args, key):
+                sys.exit(f"error: {args.model}: recipe value {key}={value!r} names no flag of train.py or the model")
+            if getattr(args, key) is None:
+                setattr(args, key, value)
 
 
 def model_is_parameter_free(module):
     return module is BaselineModule
+
+
+def backbone_weights(args):
+    """A Backbone's `pretrained`: the --backbone-weights file, else True (ImageNet) or False (--no-pretrained)."""
+    return args.backbone_weights or not args.no_pretrained
 
 
 def make_config(module, args):
@@ -290,7 +388,7 @@ def make_config(module, args):
     values = {}
     for field in dataclasses.fields(module.Config):
         if field.name == "pretrained":
-            values["pretrained"] = not args.no_pretrained
+            values["pretrained"] = backbone_weights(args)
         elif getattr(args, field.name, None) is not None:
             values[field.name] = getattr(args, field.name)
     return module.Config(**values)
@@ -344,9 +442,145 @@ def save_checkpoint(path, model, optimizer, epoch, cfg, args, best):
     common.save_atomic(state, path)
 
 
+def split_text(run):
+    """"fold K", or "classes 3,7,9" for --test-classes: which novel classes a run (its arguments as a dict) tests."""
+    classes = run.get("test_classes")
+    return f"classes {','.join(map(str, classes))}" if classes else f"fold {run['fold']}"
+
+
+def describe_run(saved):
+    """The run that saved arguments `saved` (a checkpoint's "args") belong to, in words."""
+    return (f"{Path(saved['model']).stem} on {saved['dataset']} {split_text(saved)}, {saved['shot']}-shot, "
+            f"{saved.get('backbone', 'resnet50')}")
+
+
+@contextmanager
+def hold_run_folder(args, training):
+    """Make args.out ready for this run and hold it while the block runs. The folder must be writable; a lock
+    (OUT/.lock, released by the system however the process ends) refuses a second run on it, naming the first
+    one's process; temporaries that an interrupted save left are removed; and a training run does not start
+    over a run that is there unless --resume continues it or --overwrite replaces it."""
+    out = args.out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / ".lock", "a+")
+    except OSError as err:
+        sys.exit(f"error: cannot write to the run folder {out}: {err.strerror or err} (give a writable --out)")
+    try:
+        take_run_folder(handle, args, training)
+        yield
+    finally:
+        handle.close()  # the lock with it: the next run (another fold of --fold all) may take the folder
+
+
+def take_run_folder(handle, args, training):
+    """hold_run_folder's checks, with the lock file `handle` open: lock it, write our pid, clean, refuse."""
+    out = args.out
+    if fcntl is not None:  # POSIX; elsewhere runs are not locked
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            sys.exit(f"error: the run folder {out} is in use by another run (process {holder}); wait for it to end "
+                     "or give another --out")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    for stale in sorted(out.glob("*.tmp")):  # the folder is ours now: no other save is under way in it
+        stale.unlink(missing_ok=True)
+        print(f"removed {stale}: a temporary left by an interrupted save", flush=True)
+    last = out / "last.pt"
+    if training and not args.resume and (last.exists() or (out / "metrics.jsonl").exists()):
+        try:
+            state = torch.load(last, map_location="cpu", weights_only=False)
+            held = f"{describe_run(state['args'])}, epoch {state['epoch']} of {state['args']['epochs']}"
+        except FileNotFoundError:
+            held = "the log of a run that saved no checkpoint, or of an evaluation"
+        except Exception as err:  # an unreadable file is a run too: say so, and still refuse
+            held = f"a last.pt that cannot be read: {' '.join(str(err).split())[:200]}"
+        if not args.overwrite:
+            sys.exit(f"error: {out} holds a run already ({held}): continue it with --resume, replace it with "
+                     "--overwrite, or give another --out")
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        print(f"--overwrite: removed the run that was in {out} ({held})", flush=True)
+
+
+def read_resumable(args):
+    """OUT/last.pt for --resume, refused with a message when it belongs to another run than the one asked for."""
+    last = args.out / "last.pt"
+    if not last.exists():
+        sys.exit(f"error: --resume: {args.out} has no last.pt to continue (start the run without --resume)")
+    state = read_checkpoint(last)
+    saved, asked = state["args"], {**vars(args), "model": args.model}
+    differ = [k for k in ("model", "dataset", "fold", "test_classes", "shot", "coco_split", "backbone")
+              if (Path(str(saved.get(k))).stem if k == "model" else saved.get(k, asked[k])) !=
+              (Path(str(asked[k])).stem if k == "model" else asked[k])]
+    if differ:
+        sys.exit(f"error: --resume: {last} is a checkpoint of {describe_run(saved)}, not of {describe_run(asked)} "
+                 f"({', '.join(differ)} differ): give the flags it was trained with, or another --out")
+    return state
+
+
+def load_weights(model, state, path):
+    """model.load_state_dict(state["model"]), with one line naming the file when its weights do not fit."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        sys.exit(f"error: the weights in {path} do not fit this model ({describe_run(state['args'])} saved "
+                 f"them): {detail[:400]}{'...' if len(detail) > 400 else ''}")
+
+
+def truncate_log(log_file, epoch):
+    """--resume: drop the records of epochs after the checkpoint's (an interrupted epoch's, which the resumed run
+    writes again) and mark the resume point, so that metrics.jsonl reads as one run."""
+    if not log_file.exists():
+        return
+    records = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+    kept = [r for r in records if not (r.get("event") in ("train", "val") and r.get("epoch", 0) > epoch)]
+    tmp = log_file.with_name(f".{log_file.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept + [{"event": "resume", "epoch": epoch}]))
+    os.replace(tmp, log_file)
+
+
+def stop_interrupted(args, argv):
+    """Ctrl-C: one line that says what was kept and how to continue; exit status 130."""
+    last = args.out / "last.pt"
+    if args.eval_only or args.stage or args.bench or args.predict or args.bench_data:
+        message = "interrupted"
+    elif last.exists():
+        command = " ".join(["python train.py", *[shlex.quote(a) for a in argv if a != "--overwrite"]]
+                           + ([] if "--resume" in argv else ["--resume"]))
+        message = f"interrupted: {last} holds the last finished epoch; continue with: {command}"
+    else:
+        message = "interrupted before the first epoch ended: nothing was saved"
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"\n{message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+def original_message(err):
+    """The message of err; for one a DataLoader worker re-raised (its text is "Caught X in DataLoader worker
+    process N. Original Traceback ..."), the original exception's own last line."""
+    text = str(err).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def unwrap(model):
     model = model.module if isinstance(model, DDP) else model
     return getattr(model, "_orig_mod", model)  # torch.compile wraps the module
+
+
+def query_mask(model, batch):
+    """{"m_q": the query mask} for a model whose forward takes one in training (CRCNet predicts the support with
+    the query as its labelled reference), else {}. Evaluation never passes it."""
+    return {"m_q": batch["m_q"]} if "m_q" in inspect.signature(unwrap(model).forward).parameters else {}
 
 
 def count_parameters(model):
@@ -354,8 +588,9 @@ def count_parameters(model):
     return learnable, sum(p.numel() for p in model.parameters())
 
 
-def autocast(device, args):
-    if device.type == "cuda" and not args.fp32:
+def autocast(device, bf16):
+    """bf16 autocast on CUDA where bf16 is set (training, unless --fp32), else fp32 (evaluation, unless --bf16-eval)."""
+    if device.type == "cuda" and bf16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
 
@@ -410,7 +645,8 @@ def build_dataset(args, split):
                                   root=args.data_root, seed=args.seed if split == "train" else 0,
                                   episodes=args.test_episodes,
                                   coco_split=args.coco_split, train_length=args.train_length,
-                                  support_boxes=args.support_boxes)
+                                  support_boxes=args.support_boxes, augment=args.augment,
+                                  test_classes=args.test_classes)
     except FileNotFoundError as err:  # a missing or incomplete data root: the message names the layout
         sys.exit(f"error: {err}")
 
@@ -429,7 +665,7 @@ def evaluate(model, loader, dataset, device, args, rank, seed):
     loader.sampler.set_stream(seed)
     for batch in loader:
         batch = to_device(batch, device)
-        with autocast(device, args):
+        with autocast(device, args.bf16_eval):
             logits = infer(batch["img_q"], batch["img_s"], batch["m_s"], batch["class_id"])  # (B,2,H,W)
         for b, target in enumerate(batch["m_q_orig"]):
             probs = data.logits_to_original(logits[b].float(), target.shape[-2:]).softmax(0)  # (2,H0,W0)
@@ -438,9 +674,15 @@ def evaluate(model, loader, dataset, device, args, rank, seed):
     return meter
 
 
+def spread(values):
+    """(mean, sample standard deviation) of a list; the deviation is NaN for a single value."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
 def evaluate_protocol(model, args, device, rank, world):
-    """All test seeds; returns (mean mIoU, mean FB-IoU, per-class IoU, [mean p(fg) on true background, on true
-    foreground], the dataset), each averaged over the seeds, as fractions."""
+    """All test seeds; returns a dict of fractions: miou, fbiou (means over the seeds), miou_std, fbiou_std (their
+    standard deviations over the seeds), per_class {class: IoU, mean over the seeds}, fg_prob [mean p(fg) on true
+    background, on true foreground], seeds (per-seed miou and fbiou), and the dataset under "dataset"."""
     dataset = build_dataset(args, "test")
     sampler = EpisodeSampler(len(dataset), rank, world)
     loader = make_loader(dataset, sampler, max(1, args.batch_size // world), args, device, drop_last=False)
@@ -461,27 +703,48 @@ def evaluate_protocol(model, args, device, rank, world):
             per_class.setdefault(c, []).append(iou)
         log(rank, f"test seed {seed}: mIoU {100 * mious[-1]:.2f}  FB-IoU {100 * fbious[-1]:.2f}  "
                   f"({len(dataset)} episodes, {time.perf_counter() - t0:.1f}s)")
-    per_class = {c: float(np.mean(v)) for c, v in per_class.items()}
-    return float(np.mean(mious)), float(np.mean(fbious)), per_class, np.mean(probs, 0).tolist(), dataset
+    (miou, miou_std), (fbiou, fbiou_std) = spread(mious), spread(fbious)
+    return {"miou": miou, "miou_std": miou_std, "fbiou": fbiou, "fbiou_std": fbiou_std,
+            "per_class": {c: float(np.mean(v)) for c, v in per_class.items()}, "fg_prob": np.mean(probs, 0).tolist(),
+            "seeds": {"miou": mious, "fbiou": fbious}, "dataset": dataset}
 
 
-def report(args, dataset, miou, fbiou, per_class, probs, rank, log_file):
+def report(args, scores, rank, log_file):
+    """The class table, the mean and spread over the test seeds, a metrics.jsonl record and the RESULT line."""
     if rank != 0:
         return
+    dataset, per_class, probs = scores["dataset"], scores["per_class"], scores["fg_prob"]
     names = {c: dataset.class_names.get(c, str(c)) for c in per_class}
     width = max(map(len, names.values()), default=4)
     print(f"\n{'class':>6}  {'name':<{width}}  IoU")
     for c in sorted(per_class):
         print(f"{c:>6}  {names[c]:<{width}}  {100 * per_class[c]:6.2f}")
-    print(f"\nmean predicted p(foreground): {probs[1]:.3f} on object pixels, {probs[0]:.3f} on background "
+    if args.test_seeds > 1:
+        print(f"\nmIoU {100 * scores['miou']:.2f} +- {100 * scores['miou_std']:.2f}  FB-IoU {100 * scores['fbiou']:.2f} "
+              f"+- {100 * scores['fbiou_std']:.2f}  (mean +- standard deviation over {args.test_seeds} test seeds of "
+              f"{args.test_episodes} episodes)")
+    else:
+        print(f"\nmIoU {100 * scores['miou']:.2f}  FB-IoU {100 * scores['fbiou']:.2f}  (one test seed of "
+              f"{args.test_episodes} episodes, so no spread: --test-seeds 5 gives one)")
+    print(f"mean predicted p(foreground): {probs[1]:.3f} on object pixels, {probs[0]:.3f} on background "
           "(a diagnostic, not the protocol: a pixel counts as foreground from 0.5 on)")
     record = {"event": "result", "model": Path(args.model).stem, "dataset": args.dataset, "fold": args.fold,
-              "shot": args.shot, "miou": miou, "fbiou": fbiou, "per_class": per_class,
+              "test_classes": args.test_classes,
+              "shot": args.shot, "img_size": args.img_size, "coco_split": args.coco_split,
+              **{k: scores[k] for k in ("miou", "miou_std", "fbiou", "fbiou_std", "per_class")},
+              "seed_miou": scores["seeds"]["miou"], "seed_fbiou": scores["seeds"]["fbiou"],
               "fg_prob_object": probs[1], "fg_prob_background": probs[0],
               "episodes": args.test_episodes, "seeds": args.test_seeds}
     write_log(log_file, record)
-    print(f"RESULT model={record['model']} dataset={args.dataset} fold={args.fold} shot={args.shot} "
-          f"miou={100 * miou:.2f} fbiou={100 * fbiou:.2f}", flush=True)
+    print(result_line(record), flush=True)
+
+
+def result_line(record):
+    """The line for scripts: RESULT model=.. dataset=.. fold=.. shot=.. miou=.. miou_std=.. fbiou=.. fbiou_std=.."""
+    scores = " ".join(f"{k}={100 * record[k]:.2f}" for k in ("miou", "miou_std", "fbiou", "fbiou_std"))
+    split = split_text(record).replace(" ", "=", 1)  # fold=K, or classes=3,7,9
+    return f"RESULT model={record['model']} dataset={record['dataset']} {split} " \
+           f"shot={record['shot']} {scores}"
 
 
 def write_log(log_file, record):
@@ -546,15 +809,16 @@ def train(model, optimizer, args, cfg, device, rank, world, log_file, resumed=No
 
     def step(batch):
         batch = to_device(batch, device)
-        with autocast(device, args):
-            out = model(batch["img_q"], batch["img_s"], batch["m_s"], batch["class_id"])
+        with autocast(device, not args.fp32):
+            out = model(batch["img_q"], batch["img_s"], batch["m_s"], batch["class_id"], **query_mask(model, batch))
             return unwrap(model).loss(out, batch["m_q"], batch["m_s"])
 
     def end_epoch(epoch):
         nonlocal best
         if args.select_best and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
-            miou, fbiou, *_ = evaluate_protocol(model, args, device, rank, world)
-            write_log(log_file, {"event": "val", "epoch": epoch + 1, "miou": miou, "fbiou": fbiou})
+            scores = evaluate_protocol(model, args, device, rank, world)
+            miou = scores["miou"]
+            write_log(log_file, {"event": "val", "epoch": epoch + 1, "miou": miou, "fbiou": scores["fbiou"]})
             if miou > best:
                 best = miou
                 if rank == 0:
@@ -602,8 +866,8 @@ def bench(model, optimizer, args, device):
         return (time.perf_counter() - t0) / steps
 
     def train_step(net=model):
-        with autocast(device, args):
-            out = net(img_q, img_s, m_s, class_ids)
+        with autocast(device, not args.fp32):
+            out = net(img_q, img_s, m_s, class_ids, **query_mask(net, {"m_q": m_q}))
             loss, _ = unwrap(net).loss(out, m_q, m_s)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -611,7 +875,7 @@ def bench(model, optimizer, args, device):
 
     @torch.no_grad()
     def infer():
-        with autocast(device, args):
+        with autocast(device, args.bf16_eval):
             model(img_q[:1], img_s[:1], m_s[:1], class_ids[:1])
 
     learnable, total = count_parameters(model)
@@ -627,7 +891,8 @@ def bench(model, optimizer, args, device):
         peak, memory = peak_rss_gib(), "peak process memory: {:.2f} GiB (resident, since the program started)"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"bench {Path(args.model).stem} on {name}, torch {torch.__version__}, {size}x{size}, {S}-shot, "
-          f"batch {B}, {'fp32' if args.fp32 or device.type != 'cuda' else 'bf16 autocast'}")
+          f"batch {B}, training {'fp32' if args.fp32 or device.type != 'cuda' else 'bf16 autocast'}, inference "
+          f"{'bf16 autocast' if args.bf16_eval and device.type == 'cuda' else 'fp32'}")
     print(f"  train: {1000 * t_train:.1f} ms/step, {B / t_train:.1f} episodes/s")
     tflops = bf16_peak_tflops(device, args)
     achieved = 100 * flops / t_train / (tflops * 1e12) if flops and tflops else float("nan")
@@ -813,7 +1078,7 @@ def visualise(model, args, device, rank):
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(min(args.vis, len(dataset))):
         ep = dataset[(0, i)]
-        with torch.no_grad(), autocast(device, args):
+        with torch.no_grad(), autocast(device, args.bf16_eval):
             logits = infer(ep["img_q"][None].to(device), ep["img_s"][None].to(device),
                            ep["m_s"][None].to(device), torch.tensor([ep["class_id"]], device=device))
         pred = logits[0].float().argmax(0).cpu()
@@ -860,7 +1125,7 @@ def predict(model, args, device):
     args.out.mkdir(parents=True, exist_ok=True)
     for path, img in zip(args.query, images[len(args.support):]):
         img_q, _ = data.test_transform(img, torch.zeros(img.shape[1:], dtype=torch.long), args.img_size)
-        with autocast(device, args):
+        with autocast(device, args.bf16_eval):
             logits = infer(img_q[None].to(device), img_s, m_s, None)
         pred = data.logits_to_original(logits[0].float().cpu(), img.shape[1:]).argmax(0)  # (H0,W0)
         stem = args.out / Path(path).stem
@@ -873,31 +1138,165 @@ def predict(model, args, device):
 
 
 def main(argv=None):
+    """Parse the command line and run it. A bad dataset file, a failed save and Ctrl-C end in one clear line and
+    a non-zero exit status (130 for Ctrl-C, as shells report it), never a traceback."""
     args, module = parse_args(argv)
+    try:
+        return run_all_folds(args, module) if args.fold == "all" else run(args, module)
+    except KeyboardInterrupt:
+        stop_interrupted(args, sys.argv[1:] if argv is None else argv)
+    except data.DatasetError as err:  # also when a DataLoader worker re-raised it
+        sys.exit(f"error: {original_message(err)}")
+    except common.SaveError as err:
+        sys.exit(f"error: {err}")
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args, module):
+    """One run of the command line: a stage, a benchmark, a prediction, or training and evaluation."""
     device, rank, world = setup_device()
     if args.batch_size % world:
         sys.exit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
-
     if args.bench_data:
         return bench_data(args, device)
+    if args.stage:  # an extra training stage that the model file provides, instead of the episodic training
+        return run_stage(args, module, rank)
+    if args.bench or args.predict:
+        model, optimizer, *_ = build_model(module, args, device, rank, world)
+        return bench(model, optimizer, args, device) if args.bench else predict(model, args, device)
+    training = not args.eval_only and not model_is_parameter_free(module)
+    with hold_run_folder(args, training) if rank == 0 else nullcontext():
+        for split in ("train", "test") if training else ("test",):  # every listed file checked before the model
+            build_dataset(args, split)
+        model, optimizer, cfg, resumed = build_model(module, args, device, rank, world)
+        learnable, total = count_parameters(model)
+        log_file = args.out / "metrics.jsonl" if rank == 0 else None
+        if resumed is not None and rank == 0:
+            truncate_log(log_file, resumed["epoch"])
+        log(rank, f"{Path(args.model).stem} on {args.dataset} {split_text(vars(args))}, {args.shot}-shot, "
+                  f"{args.img_size}px, {device}, {world} process(es); {learnable:,} learnable / {total:,} "
+                  f"parameters; run folder {args.out}")
+        write_log(log_file, {"event": "start", "args": {k: str(v) for k, v in vars(args).items()}})
+        # 1. training (skipped for --eval-only and for a model with nothing to learn)
+        if training and learnable:
+            train(model, optimizer, args, cfg, device, rank, world, log_file, resumed)
+            if args.select_best and (args.out / "best.pt").exists():
+                unwrap(model).load_state_dict(read_checkpoint(args.out / "best.pt")["model"])
+                log(rank, "evaluating best.pt (chosen on the test fold: an optimistic estimate)")
+        # 2. evaluation under the shared protocol, and pictures of it
+        if args.vis and rank == 0:
+            visualise(model, args, device, rank)
+        scores = evaluate_protocol(model, args, device, rank, world)
+        report(args, scores, rank, log_file)
+    return scores["miou"], scores["fbiou"]
 
-    # 1. an extra training stage that the model file provides (runs instead of the episodic training)
-    if args.stage:
-        stages = getattr(module, "STAGES", {})
-        if args.stage not in stages:
-            sys.exit(f"error: --stage {args.stage}: {args.model} offers {sorted(stages) or 'no extra stage'}")
-        try:
-            return stages[args.stage](args)
-        except common.NonFiniteLossError as err:
-            log(rank, f"error: {err} in --stage {args.stage}; stopping (try a lower learning rate, or --fp32).")
-            sys.exit(EXIT_NONFINITE)
 
-    # 2. the model, from the paper's defaults and the flags; weights from a checkpoint where one is given
+def run_all_folds(args, module):
+    """--fold all: the four folds one after another, each in its own folder (OUT/foldK, or each fold's default
+    folder), then their table. Resumable: a fold whose training is complete and whose last result was made
+    under this protocol is taken as it is, an interrupted one resumes, a complete one without that result is
+    evaluated. With --eval-only, every fold's checkpoint (--checkpoint with {fold} in it, else the fold folder's
+    last.pt) is evaluated. Under torchrun every fold uses every process."""
+    rank, records = int(os.environ.get("RANK", 0)), []
+    for fold in range(data.NUM_FOLDS):
+        one = argparse.Namespace(**{**vars(args), "fold": fold})
+        one.out = args.out / f"fold{fold}" if args.out else default_out(args, fold)
+        last = one.out / "last.pt"
+        if args.checkpoint:
+            one.checkpoint = args.checkpoint.format(fold=fold)
+        elif args.eval_only:
+            one.checkpoint = str(last)
+        if args.stage:  # a model's extra stage, for every fold (e.g. Sym-Net's four base learners)
+            run(one, module)
+            continue
+        fresh = args.eval_only or args.overwrite
+        record = None if fresh else finished_result(one)
+        if record is not None:
+            log(rank, f"fold {fold}: complete in {one.out}, its result taken from metrics.jsonl")
+        else:
+            if not fresh and last.exists():
+                done = read_checkpoint(last)["epoch"] >= one.epochs
+                one.eval_only, one.checkpoint, one.resume = (True, str(last), False) if done else (False, None, True)
+            elif not fresh and (one.out / "metrics.jsonl").exists():
+                one.overwrite = True  # a fold that died before its first checkpoint: nothing of it to keep
+            log(rank, f"\n=== fold {fold} of --fold all: {one.out}")
+            run(one, module)
+            record = read_result(one.out) if rank == 0 else None
+        records.append(record)
+    if rank == 0 and not args.stage:
+        report_folds(args, records)
+    return records
+
+
+def read_result(out):
+    """The last result record of OUT/metrics.jsonl, or None."""
+    log_file = out / "metrics.jsonl"
+    records = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.exists() else []
+    return next((r for r in reversed(records) if r.get("event") == "result"), None)
+
+
+def finished_result(args):
+    """The result record of a fold whose training is complete (last.pt at --epochs) and whose last result was
+    made under this run's protocol (shot, crop, test episodes and seeds), else None."""
+    record = read_result(args.out)
+    if record is None or not (args.out / "last.pt").exists():
+        return None
+    protocol = ("shot", "img_size", "episodes", "seeds")
+    asked = (args.shot, args.img_size, args.test_episodes, args.test_seeds)
+    if tuple(record.get(k) for k in protocol) != asked or read_checkpoint(args.out / "last.pt")["epoch"] < args.epochs:
+        return None
+    return record
+
+
+def report_folds(args, records):
+    """The papers' four-fold table: per-fold mIoU and FB-IoU and their means, each with its standard deviation
+    over the test seeds (the mean's: of the per-seed means over the folds), as text and as Markdown, then one
+    RESULT line for the mean."""
+    per_seed = {k: np.array([r[f"seed_{k}"] for r in records]) for k in ("miou", "fbiou")}  # (folds, seeds)
+    mean = {k: spread(v.mean(0).tolist()) for k, v in per_seed.items()}
+    cell = lambda m, sd: f"{100 * m:.2f}" + ("" if math.isnan(sd) else f" +- {100 * sd:.2f}")
+    name, seeds = Path(args.model).stem, records[0]["seeds"]
+    print(f"\n{name} on {args.dataset}, {args.shot}-shot, four folds ({seeds} test seed(s) of "
+          f"{records[0]['episodes']} episodes; +- is the standard deviation over the seeds)")
+    print(f"{'fold':>6}  {'mIoU':>15}  {'FB-IoU':>15}")
+    for fold, r in enumerate(records):
+        print(f"{fold:>6}  {cell(r['miou'], r['miou_std']):>15}  {cell(r['fbiou'], r['fbiou_std']):>15}")
+    print(f"{'mean':>6}  {cell(*mean['miou']):>15}  {cell(*mean['fbiou']):>15}")
+    md = lambda m, sd: f"{100 * m:.1f}" + ("" if math.isnan(sd) else f" ± {100 * sd:.1f}")
+    print("\n| model | shot | fold 0 | fold 1 | fold 2 | fold 3 | mean mIoU | mean FB-IoU |\n|---|---|---|---|---|---|---|---|")
+    print(f"| {name} | {args.shot} | " + " | ".join(md(r["miou"], r["miou_std"]) for r in records)
+          + f" | {md(*mean['miou'])} | {md(*mean['fbiou'])} |\n")
+    print(result_line({"model": name, "dataset": args.dataset, "fold": "all", "shot": args.shot,
+                       "miou": mean["miou"][0], "miou_std": mean["miou"][1], "fbiou": mean["fbiou"][0],
+                       "fbiou_std": mean["fbiou"][1]}), flush=True)
+
+
+def run_stage(args, module, rank):
+    """--stage NAME: the model file's STAGES[NAME](args); a NaN loss stops it with exit status 3."""
+    stages = getattr(module, "STAGES", {})
+    if args.stage not in stages:
+        sys.exit(f"error: --stage {args.stage}: {args.model} offers {sorted(stages) or 'no extra stage'}")
+    try:
+        return stages[args.stage](args)
+    except common.WeightsUnavailableError as err:
+        sys.exit(f"error: {err}")
+    except common.NonFiniteLossError as err:
+        log(rank, f"error: {err} in --stage {args.stage}; stopping (try a lower learning rate, or --fp32).")
+        sys.exit(EXIT_NONFINITE)
+
+
+def build_model(module, args, device, rank, world):
+    """(model, optimizer, cfg, resumed): the model from the paper's Config and the flags, or from --checkpoint's
+    Config and weights (the model's own flags given now apply), or from OUT/last.pt for --resume; random backbones
+    get their BatchNorm statistics (--no-pretrained); channels-last, compiled, wrapped in DDP as asked. resumed is
+    the --resume checkpoint's state (its optimizer and epoch), else None."""
     state = read_checkpoint(args.checkpoint) if args.checkpoint else None
     if state is not None:
         cfg = module.Config(**state["config"])
         overrides = {"pretrained": False, "from_checkpoint": True, "shot": args.shot, "img_size": args.img_size}
-        overrides.update({k: getattr(args, k) for k in args.model_flags if getattr(args, k) is not None})
+        overrides.update({k: getattr(args, k) for k in args.model_flags})
         for key, value in overrides.items():  # every weight is in the checkpoint; a 1-shot model may be tested
             if hasattr(cfg, key):  # 5-shot, and the model's own flags given now (e.g. --kshot) apply
                 setattr(cfg, key, value)
@@ -908,14 +1307,13 @@ def main(argv=None):
         model = module.Model(cfg).to(device)
     except common.WeightsUnavailableError as err:  # offline: say what to do, without a traceback
         sys.exit(f"error: {err}")
-    resumed = read_checkpoint(args.out / "last.pt") if args.resume else None
+    resumed = read_resumable(args) if args.resume else None
     if state is not None or resumed is not None:  # before the optimizer is built: the checkpoint decides which
-        model.load_state_dict((state or resumed)["model"])  # parts exist (Sym-Net's base learner and ensemble)
+        load_weights(model, state or resumed, args.checkpoint or args.out / "last.pt")  # parts exist (Sym-Net)
     elif not (args.bench or args.predict):
         calibrate_random_backbones(model, args, device, rank)
     # NHWC: cuDNN's tensor-core convolutions want it, and oneDNN's CPU ones ran 5-18% faster in every model (README)
     model = model.to(memory_format=torch.channels_last)
-    learnable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY) if params else None
     if args.compile:
@@ -923,34 +1321,7 @@ def main(argv=None):
     if world > 1 and params:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=getattr(unwrap(model), "find_unused_parameters", False))
-
-    if args.predict:
-        return predict(model, args, device)
-    if args.bench:
-        return bench(model, optimizer, args, device)
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    log_file = args.out / "metrics.jsonl" if rank == 0 else None
-    log(rank, f"{Path(args.model).stem} on {args.dataset} fold {args.fold}, {args.shot}-shot, {args.img_size}px, "
-              f"{device}, {world} process(es); {learnable:,} learnable / {total:,} parameters; "
-              f"run folder {args.out}")
-    write_log(log_file, {"event": "start", "args": {k: str(v) for k, v in vars(args).items()}})
-
-    # 3. training (skipped for --eval-only and for a model with nothing to learn)
-    if not args.eval_only and learnable:
-        train(model, optimizer, args, cfg, device, rank, world, log_file, resumed)
-        if args.select_best and (args.out / "best.pt").exists():
-            unwrap(model).load_state_dict(read_checkpoint(args.out / "best.pt")["model"])
-            log(rank, "evaluating best.pt (chosen on the test fold: an optimistic estimate)")
-
-    # 4. evaluation under the shared protocol, and pictures of it
-    if args.vis and rank == 0:
-        visualise(model, args, device, rank)
-    miou, fbiou, per_class, probs, dataset = evaluate_protocol(model, args, device, rank, world)
-    report(args, dataset, miou, fbiou, per_class, probs, rank, log_file)
-    if world > 1:
-        dist.destroy_process_group()
-    return miou, fbiou
+    return model, optimizer, cfg, resumed
 
 
 if __name__ == "__main__":
