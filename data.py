@@ -43,8 +43,8 @@ Protocol (notes: shared/notes/protocol.md; PFENet = dvlab-research/PFENet, BAM =
   worker count (PFENet's depend on the worker count) and for every model.
 - Train augmentation (PFENet util/transform.py, protocol.md §4; AUGMENTATIONS names the recipes that run a subset
   of its steps, e.g. CRCNet's crop, scale and flip), independently on the query and each support,
-  written with torchvision.transforms.v2 functional ops where they are fast, our own where they were not
-  (rotate, gaussian_blur: 2.5x and 7x faster): RandScale (PASCAL [0.9,1.1], COCO [0.8,1.25], isotropic),
+  written with torchvision.transforms.v2 functional ops, and our own rotate and gaussian_blur (one sampling grid
+  for image and mask; two 1-D passes, cv2's taps): RandScale (PASCAL [0.9,1.1], COCO [0.8,1.25], isotropic),
   RandRotate +-10 deg with p=0.5 (image filled with the mean colour, blended at the border as cv2's, mask with
   255), 5x5 Gaussian blur (the taps cv2 uses for sigma 0: 1 4 6 4 1 / 16) with p=0.5, horizontal flip p=0.5,
   symmetric padding (mean colour / 255) to the crop size, then a random crop redrawn (32 draws in all) while it
@@ -258,6 +258,9 @@ def _scan_pair(pair):
     if tuple(label.shape) != (height, width):
         return None, f"{label_path}: {label.shape[1]}x{label.shape[0]} pixels, its image {image_path} {width}x{height}"
     counts = np.bincount(label.numpy().ravel(), minlength=256)
+    if len(counts) > IGNORE + 1:  # a 16-bit label with an id over 255, which no count below would hold
+        top = len(counts) - 1
+        return None, f"{label_path}: class id {top}; ids are 1..{IGNORE - 1} (0 background, {IGNORE} ignore)"
     return {int(c): int(counts[c]) for c in np.flatnonzero(counts[1:IGNORE]) + 1}, None
 
 
@@ -774,8 +777,7 @@ def _draw_crop(fg, size, rng):
 def gaussian_blur(image, kernel=BLUR_TAPS):
     """cv2.GaussianBlur(image, (5, 5), 0) on a float image (C,H,W): the separable kernel `kernel` (k taps, summing
     to 1) along columns, then rows, with cv2's default border (reflect without repeating the edge pixel). Two 1-D
-    passes of in-place multiply-adds: 2k per pixel, not k^2, and no temporary per tap. On one core at 412x550
-    (fastest of 40): 0.85 ms, against 3.3 with a temporary per tap and 6.5 for torchvision's one 5x5 pass."""
+    passes of in-place multiply-adds: 2k per pixel, not k^2, and no temporary per tap."""
     k = len(kernel)
     h, w = image.shape[-2:]
     padded = F.pad(image[None], [k // 2] * 4, mode="reflect")[0]  # (C,H+k-1,W+k-1)
@@ -791,10 +793,10 @@ def gaussian_blur(image, kernel=BLUR_TAPS):
 def rotate(image, label, angle, fill=MEAN, ignore=IGNORE):
     """Rotate image (C,H,W) float and label (H,W) int64 about the centre by `angle` degrees counter-clockwise,
     as PFENet's RandRotate does with cv2.warpAffine: bilinear image, nearest label, corners filled with `fill`
-    (one value per channel) and `ignore`. One sampling grid serves both: 3.1 ms against 8.0 for torchvision's two
-    rotations, on one core at 412x550 (fastest of 40). At the rotated border the image blends inside pixels with
-    the fill by their bilinear weights, as cv2's BORDER_CONSTANT does; torchvision weights that blend by the
-    inside share a second time (v2 _apply_grid_transform), so edge pixels differ from its output by up to 0.25."""
+    (one value per channel) and `ignore`. One sampling grid serves both. At the rotated border the image blends
+    inside pixels with the fill by their bilinear weights, as cv2's BORDER_CONSTANT does; torchvision weights that
+    blend by the inside share a second time (v2 _apply_grid_transform), so edge pixels differ from its output by
+    up to 0.25."""
     h, w = image.shape[-2:]
     cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
     # Output -> input map of every pixel centre, in grid_sample's coordinates (-1..1 across each axis): the
