@@ -4,6 +4,9 @@ Contents, bottom-up:
     IGNORE_INDEX            label of pixels that count nowhere (loss and metrics)
     Backbone                frozen ImageNet ResNet-50/101 (torchvision's or PSPNet's deep stem; dilated, output
                             stride 8) or VGG-16-BN; torchvision's weights or a weight file (PFENet's resnet50_v2)
+    Run, Schedule           the run's context for a model and a stage, and a stage's training schedule
+    foreground_at           a label map's foreground at a feature grid
+    MidLevelReduction       PFENet's mid-level features: cat(layer3, layer2), 1x1 conv, ReLU, Dropout2d
     masked_average_pooling  support prototype: mean of the features under a mask (PFENet Weighted_GAP)
     cosine_prior            PFENet's training-free prior mask from high-level features
     FEM                     PFENet's Feature Enrichment Module (multi-scale decoder with auxiliary heads)
@@ -25,6 +28,7 @@ Tensor vocabulary (every file of the repository uses it):
     proto (B,C)        prototype              prior (B,1,h,w)    prior mask in [0, 1]
     logits (B,2,H,W)   background / foreground scores
 """
+import dataclasses
 import json
 import math
 import os
@@ -102,8 +106,41 @@ def _resize(x, size):
     return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What the harness tells a model (Model(cfg, run) or the module's build(cfg, run)) and an extra stage about
+    the run they are made for. A model's Config holds its own hyperparameters; this holds the run's context, so
+    that a harness flag can be renamed without silently changing a model. train.py fills every field."""
+    dataset: str = "pascal"  # pascal, coco, synthetic, folder
+    fold: int = 0
+    coco_split: str = "interleaved"
+    data_root: str = None
+    test_classes: tuple = None  # a folder dataset's novel ids in place of the fold
+    shot: int = 1
+    img_size: int = 473  # train crop and test canvas
+    backbone: str = "resnet50"
+    pretrained: object = True  # True: the backbone's ImageNet weights; False: random; a path: a weight file
+    from_checkpoint: bool = False  # every weight comes from a checkpoint: no side file (stage output) is read
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How an extra stage (a model's STAGES[name](run, schedule, options)) trains: train.py's flags."""
+    epochs: int
+    batch_size: int
+    lr: float
+    train_length: int = None  # synthetic: episodes (or images) per epoch
+    workers: int = 0  # DataLoader workers
+    seed: int = 0
+    log_every: int = 20
+    bf16: bool = True  # bf16 autocast on CUDA (False: --fp32)
+    resume: bool = False  # continue the stage's own checkpoint (--resume)
+    out: Path = None  # the run folder (--out, or train.py's default); a stage's files may have paths of their own
+
+
 class WeightsUnavailableError(RuntimeError):
-    """The ImageNet weights could not be downloaded or loaded; the message says how to fetch them once."""
+    """Weights a model needs could not be loaded: the backbone's ImageNet weights (the message says how to fetch
+    them once), a weight file, or a file a model's stage writes (the message gives the command that makes it)."""
 
 
 class WeightsFileError(WeightsUnavailableError):
@@ -273,14 +310,19 @@ class Backbone(nn.Module):
         self.train(False)
         object.__setattr__(self, "head", None if head is None else head.requires_grad_(False).eval())  # unregistered
 
+    @property
+    def needs_statistics(self):
+        """Random weights whose BatchNorm statistics were neither estimated (calibrate) nor loaded with weights that
+        have them (a stage's file: set calibrated = True): train.py estimates them before training."""
+        return not self.pretrained and not self.calibrated
+
     @torch.no_grad()
     def calibrate(self, images, batch_size=16):
         """Replace every BatchNorm's running statistics by their mean over batches of `images` (N,3,H,W).
 
         For random weights only (--no-pretrained): their BatchNorms hold the initial statistics (mean 0, var 1),
-        so activations grow with depth (ResNet-50 layer4 |x| ~ 14 at 128 px) and every model's learnable layers
-        see features unlike ImageNet's (layer4 |x| ~ 1). Estimated statistics bring each level to |x| ~ 1 and
-        raise the synthetic baseline on layer3 from 9.35 to 13.82 mIoU (four folds, README). The weights stay frozen."""
+        so activations grow with depth and every model's learnable layers would see features unlike ImageNet's;
+        estimated statistics bring each level to ImageNet-like magnitudes. The weights stay as they are."""
         norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         for m in norms:
             m.reset_running_stats()
@@ -342,6 +384,36 @@ class Backbone(nn.Module):
         if blocks:
             feats_q["blocks"], feats_s["blocks"] = [x[:B] for x in feats["blocks"]], [x[B:] for x in feats["blocks"]]
         return feats_q, feats_s
+
+
+def foreground_at(mask, size, mode="bilinear"):
+    """Label maps (..., H, W) in {0, 1, 255} -> float (..., h, w): the foreground (== 1; 255 counts as background,
+    PFENet.py:202) at a feature grid of `size`, resized bilinearly with align_corners=True (PFENet.py:209: a
+    fraction on the object's border), or sampled with mode="nearest" (a 0/1 mask)."""
+    fg = (mask == 1).float()
+    lead = fg.shape[:-2]
+    fg = F.interpolate(fg.reshape(-1, 1, *fg.shape[-2:]), size=size, mode=mode,
+                       align_corners=True if mode == "bilinear" else None)  # (N, 1, h, w)
+    return fg.reshape(*lead, *fg.shape[-2:])
+
+
+class MidLevelReduction(nn.Sequential):
+    """PFENet's mid-level features (PFENet.py:95-117, 194-195): cat(layer3, layer2) of the backbone, a 1x1 conv
+    without bias to `dim`, ReLU, Dropout2d (PFENet's down_query / down_supp; 1536 -> 256 for ResNet).
+    forward(feats: the backbone's dict) -> (N,dim,h,w); reduce(feats) is the same before the dropout."""
+
+    def __init__(self, in_dim, dim, dropout):
+        super().__init__(nn.Conv2d(in_dim, dim, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(dropout))
+
+    @property
+    def dropout(self):
+        return self[2]
+
+    def reduce(self, feats):
+        return self[1](self[0](torch.cat([feats["layer3"], feats["layer2"]], 1)))  # (N, dim, h, w)
+
+    def forward(self, feats):
+        return self.dropout(self.reduce(feats))
 
 
 def masked_average_pooling(f, m):
@@ -553,7 +625,7 @@ class IoUMeter:
 
 
 # ==========================================================================================================
-# The training loop: train.py's episodic training and the models' extra stages (BAM's base learner, QGNet's
+# The training loop: train.py's episodic training and the models' extra stages (Sym-Net's base learner, QGNet's
 # prior extractor) all run through fit, so they log, schedule and stop alike.
 # ==========================================================================================================
 
@@ -640,247 +712,3 @@ def save_atomic(state, path):
             kept = f"{path} is left as it was" if path.exists() else f"nothing was written at {path}"
             raise SaveError(f"could not write {path} ({reason}; is the disk full?): {kept}") from err
         raise
-
-
-# ==========================================================================================================
-# BAM's base learner and classifier ensemble (appended for Sym-Net; any model may use them)
-# ==========================================================================================================
-# Source: C. Lang, G. Cheng, B. Tu, J. Han, "Learning What Not to Segment: A New Perspective on Few-Shot
-# Segmentation", CVPR 2022, github.com/chunbolang/BAM (model/PSPNet.py, model/PPM.py, model/BAM.py,
-# train_base.py, config/*_base.yaml). A PSPNet head (the base learner) is trained on the frozen backbone with
-# the full semantic labels of the fold's base classes (`python train.py --model symnet --stage base --fold K`);
-# a few-shot model (the meta learner) then hands its background / foreground probabilities to BAMEnsemble,
-# which moves to the background whatever the base learner recognises as a base class.
-#     BaseLearner        PSPNet's pyramid pooling head over layer4 -> background + n base classes
-#     gram_distance      BAM's scene difference of query and support (Gram matrices of layer2)
-#     BAMEnsemble        BAM's ensemble of the meta and base learners (gram_merge, cls_merge)
-#     BaseClassImages    training images with base-class semantic labels (PASCAL, COCO, synthetic)
-#     train_base_learner the stage: trains BaseLearner and writes base_learner_path(...)
-import sys
-from contextlib import nullcontext
-
-import numpy as np
-from torch.utils.data import DataLoader, Dataset
-
-import data
-
-PPM_BINS = (1, 2, 3, 6)  # PSPNet pyramid pooling bins (BAM model/PSPNet.py: bins=(1, 2, 3, 6))
-PSP_HIDDEN = 512  # width of PSPNet's classifier (BAM model/PSPNet.py: cls, fea_dim*2 -> 512)
-PSP_DROPOUT = 0.1  # PSPNet cls Dropout2d (BAM model/PSPNet.py)
-GRAM_EPS = 1e-7  # BAM get_gram_matrix denominator (model/BAM.py)
-BASE_SCALE_RANGE = (0.5, 2.0)  # BAM config/*_base.yaml scale_min / scale_max (episodic training: 0.9-1.1)
-BASE_MOMENTUM, BASE_WEIGHT_DECAY, BASE_POLY_POWER = 0.9, 1e-4, 0.9  # BAM config/*_base.yaml
-
-
-def base_classes(dataset, fold, coco_split="interleaved", root=None, test_classes=None):
-    """Base (training) class ids of a fold, in the base learner's channel order 1..n (channel 0: background).
-    A folder dataset's come from its root, with test_classes (ids) in place of the fold when given."""
-    count, _, novel = data.dataset_classes(dataset, fold, root, test_classes, coco_split)
-    return [c for c in range(1, count + 1) if c not in novel]
-
-
-def base_learner_path(dataset, fold, backbone, root=None, test_classes=None):
-    """Where --stage base writes the base learner and where a meta learner looks for it by default."""
-    return Path(RUNS_DIR) / f"base-{data.split_name(dataset, fold, root, test_classes)}-{backbone}" / "base_learner.pt"
-
-
-class BaseLearner(nn.Module):
-    """PSPNet's head (Zhao et al., CVPR 2017) as BAM's base learner (BAM model/PSPNet.py, model/PPM.py).
-
-    Pyramid pooling: per bin b in (1, 2, 3, 6), adaptive average pooling to b x b, 1x1 conv to in_dim/4 (no
-    bias), BN, ReLU, upsampled back; concatenated with the input (2*in_dim) -> 3x3 conv to 512 (no bias), BN,
-    ReLU, Dropout2d(0.1), 1x1 conv to 1 + n classes. `classes` are the base class ids in channel order
-    (channel i = classes[i-1]); a buffer, so that a checkpoint says which classes it knows.
-    forward(f4 (B,in_dim,h,w) layer4 features) -> logits (B,1+n,h,w).
-    freeze(): no gradients and always eval mode (BN statistics fixed), for use inside a meta learner.
-    """
-
-    def __init__(self, in_dim, classes):
-        super().__init__()
-        self.register_buffer("classes", torch.as_tensor(list(classes), dtype=torch.long))
-        self.frozen = False
-        dim = in_dim // len(PPM_BINS)
-        self.ppm = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(in_dim, dim, 1, bias=False), nn.BatchNorm2d(dim),
-                          nn.ReLU(inplace=True)) for b in PPM_BINS)
-        self.cls = nn.Sequential(nn.Conv2d(2 * in_dim, PSP_HIDDEN, 3, padding=1, bias=False),
-                                 nn.BatchNorm2d(PSP_HIDDEN), nn.ReLU(inplace=True), nn.Dropout2d(PSP_DROPOUT),
-                                 nn.Conv2d(PSP_HIDDEN, 1 + len(self.classes), 1))
-
-    def freeze(self):
-        self.frozen = True
-        self.requires_grad_(False)
-        return self.train(False)
-
-    def train(self, mode=True):
-        return super().train(mode and not self.frozen)
-
-    def forward(self, f4):
-        pyramid = [_resize(stage(f4), f4.shape[-2:]) for stage in self.ppm]  # 4 x (B, in_dim/4, h, w)
-        return self.cls(torch.cat([f4, *pyramid], 1))  # (B, 2*in_dim, h, w) -> (B, 1+n, h, w)
-
-
-def gram_matrix(f):
-    """BAM's get_gram_matrix: cosine similarity of every pair of channels. f (B,C,h,w) -> (B,C,C)."""
-    x = f.flatten(2)  # (B, C, hw)
-    norm = x.norm(dim=2, keepdim=True)  # (B, C, 1)
-    return torch.bmm(x, x.transpose(1, 2)) / (torch.bmm(norm, norm.transpose(1, 2)) + GRAM_EPS)  # (B, C, C)
-
-
-def gram_distance(f_q, f_s):
-    """BAM's scene difference est_val = ||G(f_q) - G(f_s)||_F / ||1_CxC||_F (= C), in [0, 2].
-
-    f_q (B,C,h,w) low-level (layer2) query features, f_s (B,S,C,h,w) support ones. Returns (B,): the mean over
-    the shots (BAM weights the shots by a learned kshot_rw instead; Sym-Net's paper averages its K shots).
-    In float32 even under bf16 autocast: a small difference of two near-equal C x C matrices (cf. cosine_prior)."""
-    with torch.autocast(f_q.device.type, enabled=False):
-        g_q = gram_matrix(f_q.float())  # (B, C, C)
-        dists = [(g_q - gram_matrix(f_s[:, k].float())).flatten(1).norm(dim=1) for k in range(f_s.shape[1])]
-        return torch.stack(dists, 1).mean(1) / f_q.shape[1]  # (B,)
-
-
-class BAMEnsemble(nn.Module):
-    """BAM's classifier ensemble (model/BAM.py, "Classifier Ensemble"), from the meta learner's probabilities
-    p = softmax(meta_logits) and the base learner's q = softmax(base_logits):
-        bg = gram_merge([p_bg, est]), fg = gram_merge([p_fg, est])   1x1 conv 2 -> 1, initialised [1, 0]
-        bg' = cls_merge([bg, base_map])                              1x1 conv 2 -> 1, initialised [1, 0]
-    with base_map = the sum of q over the base-class channels and est = gram_distance(...). Returns [bg', fg]
-    (B,2,h,w): scores that cross-entropy takes as logits, as in BAM. At initialisation bg' = p_bg, fg = p_fg.
-    An episode whose class is one of `base_classes` (training) leaves its own channel out of base_map, or the
-    base learner would push the very target to the background (BAM, cls_type 'Base'); at test the classes are
-    novel and nothing is left out. class_ids None (e.g. --predict): nothing is left out.
-    forward(meta_logits (B,2,h,w), base_logits (B,1+n,h,w), est (B,), base_classes (n,), class_ids (B,) or None)
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.gram_merge = nn.Conv2d(2, 1, 1, bias=False)
-        self.cls_merge = nn.Conv2d(2, 1, 1, bias=False)
-        with torch.no_grad():
-            for conv in (self.gram_merge, self.cls_merge):
-                conv.weight.copy_(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1))
-
-    def forward(self, meta_logits, base_logits, est, base_classes, class_ids=None):
-        p, q = meta_logits.softmax(1), base_logits.softmax(1)  # (B, 2, h, w), (B, 1+n, h, w)
-        keep = torch.ones_like(q[:, 1:, 0, 0])  # (B, n)
-        if class_ids is not None:
-            keep = (base_classes[None] != class_ids.view(-1, 1)).to(q.dtype)  # (B, n)
-        base_map = (q[:, 1:] * keep[:, :, None, None]).sum(1, keepdim=True)  # (B, 1, h, w)
-        est_map = est.view(-1, 1, 1, 1).to(p.dtype).expand_as(base_map)  # (B, 1, h, w)
-        bg = self.gram_merge(torch.cat([p[:, :1], est_map], 1))  # (B, 1, h, w)
-        fg = self.gram_merge(torch.cat([p[:, 1:], est_map], 1))
-        return torch.cat([self.cls_merge(torch.cat([bg, base_map.to(bg.dtype)], 1)), fg], 1)  # (B, 2, h, w)
-
-
-class BaseClassImages(Dataset):
-    """Training images of a fold with the semantic labels of its base classes, for the base learner.
-
-    PASCAL / COCO / folder: every image of the training list (data.build_dataset's train files: VOC train U SBD
-    train_noval; COCO train2014; a folder's train.txt, else its images without a novel pixel), the pixels of
-    novel classes relabelled background, as BAM's BaseData (util/dataset.py, "Pre-Training") does: neither the
-    episodes' 2048-pixel rule nor their filter of images with novel pixels applies here. data.train_transform
-    at BAM's base scale range 0.5-2.0. Synthetic: data.render_synthetic with one base class (1-3 objects) and
-    base-class distractors. Item (epoch, index) ->
-    img (3,H,W) normalised, label (H,W) int64 channel ids (0 background, i = classes[i-1], 255 ignore; a class
-    of no channel -> 0); every random draw comes from a numpy Generator seeded with (seed, epoch, index).
-    Note: data.train_transform's crop keeps the pixels labelled 1, here base channel 1 (for episodes, the
-    episode class): a harmless bias of the crop position.
-    """
-
-    def __init__(self, dataset, fold, img_size, root=None, coco_split="interleaved", seed=0, length=None,
-                 test_classes=None):
-        self.classes = base_classes(dataset, fold, coco_split, root, test_classes)
-        self.dataset, self.img_size, self.seed = dataset, img_size, seed
-        self.episodes = data.build_dataset(dataset, "train", fold, img_size=img_size, root=root, seed=seed,
-                                           coco_split=coco_split, train_length=length, test_classes=test_classes)
-        self.names = sorted(self.episodes.files) if dataset != "synthetic" else None  # the whole training list
-        self.length = len(self.episodes) if dataset == "synthetic" else len(self.names)
-        self.lut = torch.zeros(256, dtype=torch.long)  # dataset class id -> channel id
-        self.lut[self.classes] = torch.arange(1, len(self.classes) + 1)
-        self.lut[IGNORE_INDEX] = IGNORE_INDEX
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, key):
-        epoch, index = key
-        rng = np.random.default_rng((self.seed, epoch, index))
-        if self.dataset == "synthetic":
-            class_id = self.classes[rng.integers(len(self.classes))]
-            others = np.array([c for c in self.classes if c != class_id])
-            img, label = data.render_synthetic(rng, class_id, others, self.img_size)  # (3,H,W) in [0,1], (H,W)
-            mean, std = torch.tensor(data.MEAN).view(3, 1, 1), torch.tensor(data.STD).view(3, 1, 1)
-            return (img - mean) / std, self.lut[label]
-        image_path, label_path = self.episodes.files[self.names[index]]
-        img, label = data.load_image(image_path), self.lut[data.load_mask(label_path)]  # (3,H0,W0), (H0,W0)
-        return data.train_transform(img, label, rng, self.img_size, BASE_SCALE_RANGE)
-
-
-def train_base_learner(args):
-    """The stage `base`: BaseLearner on the frozen backbone, trained on the fold's base classes.
-
-    python train.py --model symnet --stage base --fold K [--dataset D --data-root R]
-    It uses train.py's --epochs, --batch-size, --lr, --img-size, --train-length (synthetic), --workers, --seed,
-    --log-every, --fp32 and --no-pretrained (their defaults are the model's, so pass BAM's base values: README);
-    SGD (momentum 0.9, weight decay 1e-4) with the poly schedule per iteration, as BAM's train_base.py, on the
-    head only (BAM also fine-tunes the backbone at a tenth of the rate; ours stays frozen and shared). The last
-    epoch's weights are kept, as the harness does for every model: BAM validates every epoch on the test images
-    (base-class labels), keeps the best and stops after 75 epochs without improvement. One
-    process. Writes {model, classes, backbone, dataset, fold} to args.base_learner when the model offers that
-    flag and it is set, else to base_learner_path(dataset, fold, backbone); returns the path. With
-    --no-pretrained also backbone_buffers, the BatchNorm statistics estimated here, which the meta learner's
-    backbone (the same random weights: same seed) then takes instead of estimating its own.
-    """
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        sys.exit("error: --stage base runs in one process: start it with python, not torchrun")
-    if args.batch_size < 2:  # the pyramid's 1x1 bin leaves BatchNorm one value per channel
-        sys.exit(f"error: --stage base needs --batch-size >= 2 (BAM uses 12), got {args.batch_size}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(args.seed)  # before the backbone, as train.py: --no-pretrained gives the same weights
-    backbone = Backbone(args.backbone, pretrained=args.backbone_weights or not args.no_pretrained).to(device)
-    try:
-        images = BaseClassImages(args.dataset, args.fold, args.img_size, args.data_root, args.coco_split,
-                                 args.seed, args.train_length, args.test_classes)
-    except FileNotFoundError as err:  # a missing or incomplete data root: the message names the layout
-        sys.exit(f"error: {err}")
-    if not backbone.pretrained:  # as train.py does for the meta learner's backbone
-        backbone.calibrate(torch.stack([images[(0, i)][0] for i in range(min(CALIBRATION_IMAGES, len(images)))])
-                           .to(device))
-    learner = BaseLearner(backbone.channels["layer4"], images.classes).to(device)
-    optimizer = torch.optim.SGD(learner.parameters(), lr=args.lr, momentum=BASE_MOMENTUM,
-                                weight_decay=BASE_WEIGHT_DECAY)
-    steps = len(images) // args.batch_size
-    if steps == 0:
-        sys.exit(f"error: {len(images)} base-class images do not fill one batch of {args.batch_size}")
-    path = Path(getattr(args, "base_learner", None) or base_learner_path(args.dataset, args.fold, args.backbone,
-                                                                         args.data_root, args.test_classes))
-    amp = nullcontext() if args.fp32 or device.type != "cuda" else torch.autocast("cuda", dtype=torch.bfloat16)
-    print(f"[base] {len(images)} images of base classes {images.classes}, {args.epochs} epochs of {steps} steps "
-          f"of {args.batch_size}, lr {args.lr}, {device} -> {path}", flush=True)
-
-    def batches(epoch):
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
-        keys = [(epoch, i) for i in order[:steps * args.batch_size].tolist()]
-        learner.train()
-        return DataLoader(images, batch_size=args.batch_size, sampler=keys, num_workers=args.workers,
-                          pin_memory=device.type == "cuda")
-
-    def step(batch):
-        img, label = (x.to(device, non_blocking=True) for x in batch)  # (B,3,H,W), (B,H,W)
-        with amp:
-            logits = learner(backbone(img)["layer4"])  # (B, 1+n, h, w)
-            loss = seg_loss(logits, label)
-        valid = label != IGNORE_INDEX
-        hits = (_resize(logits.detach().float(), label.shape[-2:]).argmax(1) == label) & valid  # (B, H, W)
-        return loss, {"pixel_accuracy": hits.sum() / valid.sum().clamp(min=1)}
-
-    fit(step, optimizer, batches, lambda it: args.lr * (1 - it / (args.epochs * steps)) ** BASE_POLY_POWER,
-        args.epochs, steps, log_every=args.log_every, per_step=args.batch_size, unit="images", tag="[base] ",
-        log=partial(print, flush=True))
-    state = {"model": learner.state_dict(), "classes": images.classes, "backbone": args.backbone,
-             "dataset": args.dataset, "fold": args.fold}
-    if not backbone.pretrained:  # the meta learner's random backbone must give the features this head learned on
-        state["backbone_buffers"] = dict(backbone.named_buffers())
-    save_atomic(state, path)
-    print(f"[base] wrote {path}", flush=True)
-    return path

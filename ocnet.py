@@ -11,7 +11,7 @@ multi-frequency pooling, foreground / background prototype selection, an optimal
 and decodes the resulting object-level correlation F_c with an FPN.
 
 Paper -> code
-    §4.1     mid-level F_s/F_q, high-level F^h        Model.features (PFENet's layer2+layer3 -> 1x1); layer4
+    §4.1     mid-level F_s/F_q, high-level F^h        Model.features (common.MidLevelReduction); layer4
     Eq. 1-2  general object mask M_g                  Model.forward step 2 (common.cosine_prior, ImageNetCAM)
     Eq. 3-5  P_g, M_gp, Alloc, F_ig, M̂_g, F_g         GOMM
     §5.1     query generalization strategy [49]       Model.generalize
@@ -53,10 +53,9 @@ Choices (the paper leaves these open; there is no official code to follow)
       transport cost, so the whole target M_pa, are computed without dropout, and only Eq. 13-14 (M̂_pa, P_q)
       see P_s after it. M_pa is a label. Dropout2d draws its channels per image, so after it the query and the
       support prototypes lie in different random subspaces, and the distance ranking that orders the slots
-      changes with each draw: the slot a pixel is taught would move between steps (train- and eval-mode M_pa of
-      an untrained model agree on 20-40% of the pixels). One channel mask shared by query and support would put
-      the cosines in one space but still redraw the target at every step; without dropout the target in
-      training is the one eval mode computes, from the same weights.
+      changes with each draw: the slot a pixel is taught would move between steps. One channel mask shared by
+      query and support would put the cosines in one space but still redraw the target at every step; without
+      dropout the target in training is the one eval mode computes, from the same weights.
     - Eq. 13-14: the four "LN" are separate Linear(C, C): keys of F_g and of the prototypes, value of F_g, output.
       The MatMul of Eq. 14 is divided by h*w (a mean over pixels) so P_q does not grow with the image; L_p sees
       10 x M̂_pa (raw cosines in [-1, 1] cannot fit a 2 N_s-way cross-entropy; PANet [46] scales them by 20;
@@ -333,8 +332,7 @@ class Model(nn.Module):
         C = cfg.reduce_dim
         self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained)
         channels = self.backbone.channels
-        self.down = nn.Sequential(conv_relu(channels["layer2"] + channels["layer3"], C, 1),
-                                  nn.Dropout2d(cfg.feature_dropout))
+        self.down = common.MidLevelReduction(channels["layer2"] + channels["layer3"], C, cfg.feature_dropout)
         self.cam = (ImageNetCAM(cfg.backbone, cfg.pretrained, self.backbone.head) if cfg.cam_source == "imagenet"
                     else None)
         self.gomm = GOMM(C, cfg.num_general, cfg.attn_heads, cfg.head_dropout)
@@ -345,8 +343,8 @@ class Model(nn.Module):
     def features(self, feats):
         """Mid-level F from the backbone's dict: PFENet's 1x1 reduction of [layer3, layer2] -> F (N,C,h,w) after
         its Dropout2d, and F before it (the allocation target's features: Choices)."""
-        f = self.down[0](torch.cat([feats["layer3"], feats["layer2"]], 1))  # (N, C, h, w)
-        return self.down[1](f), f
+        f = self.down.reduce(feats)  # (N, C, h, w), before the dropout
+        return self.down.dropout(f), f
 
     def forward(self, img_q, img_s, m_s, class_ids=None):
         B, S = img_s.shape[:2]
@@ -368,7 +366,7 @@ class Model(nn.Module):
         f_g, logits_g = self.gomm(f_q)
 
         # 4. Eq. (6): P_s = MFP(F_s, M_s), averaged over the K shots (§5.1)
-        m = _resize((m_s == 1).float(), (h, w))  # (B, S, h, w)
+        m = common.foreground_at(m_s, (h, w))  # (B, S, h, w)
         p_s, p_s_clean = (multi_frequency_pooling(f.flatten(0, 1), m.flatten(0, 1), self.cfg.dct_size)
                           .unflatten(0, (B, S)).mean(1) for f in (f_s, f_s_clean))  # (B, L, C) after / before dropout
 

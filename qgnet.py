@@ -19,7 +19,7 @@ Paper -> code:
     §4.1.2 Eq. (4)-(7), Algorithm 2: SLIC patches           rgb_to_lab, slic, connected_components,
                                                             enforce_connectivity, superpixel_boxes
     §5.1 prior-extractor training, MoCo v2 augmentations    moco_v2_augmentation, UnlabeledImages, STAGES["prior"]
-    §4.2 Eq. (8) X_q, X_s = F(I), P_q = F_p(I_q)             common.Backbone; load_prior_extractor
+    §4.2 Eq. (8) X_q, X_s = F(I), P_q = F_p(I_q)             common.Backbone; build, read_prior_extractor
     §4.2.1 Eq. (9)-(12) prior region map; §4.3              prior_region_map (common.cosine_prior without a mask)
     §4.2.2 guided region map, category guider, FEM          QGNet.forward (common.cosine_prior, MAP, FEM)
 
@@ -101,7 +101,7 @@ class PriorConfig:
     prior_lr: float = None  # None: MOCO_LR * batch / MOCO_BATCH
     prior_queue: int = 65536  # §4.1.1 K and §4.1.2 M
     prior_img_size: int = 224  # MoCo v2 crop
-    patch_size: int = 96  # ours: SwAV's small-crop size, for a superpixel of ~1/16 of the image
+    prior_patch_size: int = 96  # ours: SwAV's small-crop size, for a superpixel of ~1/16 of the image
     dim: int = 128  # MoCo v2 embedding
     temperature: float = 0.2  # MoCo v2 (the paper names tau without a value)
     momentum: float = 0.999  # MoCo key-encoder momentum
@@ -111,10 +111,11 @@ class PriorConfig:
     slic_side: int = 128  # ours: long side of the image copy that SLIC runs on
 
 
-# Per-dataset overrides of PriorConfig; synthetic: a CPU-sized quick start (its images are 128 px)
-PRIOR_DEFAULTS = {"pascal": {}, "folder": {}, "coco": dict(prior_epochs=200),  # §5.1; folder: PASCAL's
-                  "synthetic": dict(prior_epochs=4, prior_batch_size=32, prior_queue=4096, prior_img_size=64,
-                                    patch_size=32)}
+# Stage 1's per-dataset recipe, on its prior_* flags (train.py applies it to those it was not given; PASCAL and
+# folder datasets keep PriorConfig's). Synthetic: a CPU-sized quick start (its images are 128 px).
+STAGE_DEFAULTS = {"prior": {"coco": dict(prior_epochs=200),  # §5.1
+                            "synthetic": dict(prior_epochs=4, prior_batch_size=32, prior_queue=4096,
+                                              prior_img_size=64, prior_patch_size=32)}}
 
 
 @dataclass
@@ -122,14 +123,9 @@ class Config:
     """Stage 2 (§4.2). Fields named like a flag are filled from the command line."""
     backbone: str = "resnet50"  # §5.1: ResNet-50/101 or VGG-16 feature extractor F
     pretrained: bool = True
-    dataset: str = "pascal"  # with fold, data_root and test_classes: where the stage-1 checkpoint is
-    fold: int = 0
-    data_root: str = None
-    test_classes: list = None
-    prior_checkpoint: str = None  # None: prior_checkpoint_path's default
-    prior_all_images: bool = False
+    prior_checkpoint: str = None  # stage 1's file; None: prior_checkpoint_path's default for the run
+    prior_all_images: bool = False  # the default file is that of stage 1 on every image
     untrained_prior: bool = False  # random F_p instead of stage 1's (tests)
-    from_checkpoint: bool = False  # set by train.py: F_p's weights come from the checkpoint, not stage 1's file
     reduce_dim: int = 256  # official reduce_dim
     projection_dropout: float = 0.5  # official down_learn_super/unsuper Dropout2d (L153-162)
     feature_dropout: float = 0.5  # PFENet down_query/down_supp Dropout2d
@@ -150,17 +146,20 @@ def add_args(parser):
                         help="stage 1 on every image of the dataset, test images included, as the paper")
     parser.add_argument("--untrained-prior", action="store_true", default=None,
                         help="random prior extractor instead of stage 1's (for tests)")
-    for flag, kind in (("epochs", int), ("batch-size", int), ("lr", float), ("queue", int), ("img-size", int)):
-        parser.add_argument(f"--prior-{flag}", type=kind, help=f"stage 1 {flag} (default: PriorConfig)")
+    for flag, kind in (("epochs", int), ("batch-size", int), ("lr", float), ("queue", int), ("img-size", int),
+                       ("patch-size", int)):  # stage 1's own: --epochs, --batch-size, --lr are the few-shot stage's
+        parser.add_argument(f"--prior-{flag}", type=kind, help=f"stage 1 {flag} (default: PriorConfig, "
+                            "STAGE_DEFAULTS for coco and synthetic)")
 
 
-def prior_checkpoint_path(dataset, fold, all_images=False, explicit=None, root=None, test_classes=None):
-    """--prior-checkpoint, else runs/qgnet-prior-SPLIT[-all]/prior_extractor.pt under the working directory (like
-    train.py's runs/; SPLIT as data.split_name, e.g. pascal-fold0). Both stages derive it from the same flags."""
+def prior_checkpoint_path(run, all_images=False, explicit=None):
+    """`explicit` (--prior-checkpoint), else runs/qgnet-prior-SPLIT[-all]/prior_extractor.pt under the working
+    directory (like train.py's runs/; SPLIT as data.split_name of the common.Run, e.g. pascal-fold0). Both stages
+    derive it from the same flags."""
     if explicit:
         return Path(explicit)
-    run = f"qgnet-prior-{data.split_name(dataset, fold, root, test_classes)}{'-all' if all_images else ''}"
-    return Path(common.RUNS_DIR) / run / "prior_extractor.pt"
+    name = f"qgnet-prior-{data.split_name(run.dataset, run.fold, run.data_root, run.test_classes)}"
+    return Path(common.RUNS_DIR) / f"{name}{'-all' if all_images else ''}" / "prior_extractor.pt"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -308,7 +307,7 @@ class UnlabeledImages(Dataset):
     def __init__(self, items, boxes, cfg):
         self.items, self.boxes = items, boxes
         self.global_view = moco_v2_augmentation(cfg.prior_img_size, GLOBAL_SCALE)
-        self.patch_view = moco_v2_augmentation(cfg.patch_size, PATCH_SCALE)
+        self.patch_view = moco_v2_augmentation(cfg.prior_patch_size, PATCH_SCALE)
 
     def __len__(self):
         return len(self.items)
@@ -389,75 +388,77 @@ class GlobalLocalContrast(nn.Module):
         return l_local + l_global, {"global": l_global.detach(), "local": l_local.detach()}
 
 
-def prior_config(args):
-    """PriorConfig: the paper's values, then the dataset's (PRIOR_DEFAULTS), then the prior_* flags."""
-    cfg = dataclasses.replace(PriorConfig(), **PRIOR_DEFAULTS[args.dataset])
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg) if getattr(args, f.name, None) is not None}
-    return dataclasses.replace(cfg, **flags)
+def prior_config(options):
+    """PriorConfig: the paper's values, then the prior_* options (the flags, or the dataset's STAGE_DEFAULTS)."""
+    fields = {f.name for f in dataclasses.fields(PriorConfig)}
+    return PriorConfig(**{k: v for k, v in options.items() if k in fields and v is not None})
 
 
-def unlabeled_images(args):
-    """Stage 1's images: the fold's few-shot training images (train.py's list, labels unused), or with
-    --prior-all-images every listed image of the train and test splits. Synthetic: the rendered query images."""
+def unlabeled_images(run, schedule, all_images):
+    """Stage 1's images: the fold's few-shot training images (train.py's list, labels unused), or with all_images
+    every listed image of the train and test splits. Synthetic: the rendered query images."""
     items = []
-    for split in ("train", "test") if args.prior_all_images else ("train",):
+    for split in ("train", "test") if all_images else ("train",):
         try:
-            episodes = data.build_dataset(args.dataset, split, args.fold, img_size=args.img_size, root=args.data_root,
-                                          seed=args.seed if split == "train" else 0, episodes=args.test_episodes,
-                                          coco_split=args.coco_split, train_length=args.train_length,
-                                          test_classes=args.test_classes)
+            episodes = data.build_dataset(run.dataset, split, run.fold, img_size=run.img_size, root=run.data_root,
+                                          seed=schedule.seed if split == "train" else 0, coco_split=run.coco_split,
+                                          train_length=schedule.train_length, test_classes=run.test_classes)
         except FileNotFoundError as err:
             sys.exit(f"error: {err}")
-        if args.dataset == "synthetic":
+        if run.dataset == "synthetic":
             items += [(episodes, i) for i in range(len(episodes))]
         else:
-            names = episodes.files if args.prior_all_images else episodes.images
+            names = episodes.files if all_images else episodes.images
             items += [episodes.files[name][0] for name in sorted(names)]
     return items
 
 
-def stage_flags(dataset, fold, all_images, checkpoint):
-    """The flags that name a stage-1 checkpoint, for the messages that point from one stage to the other."""
-    return (f"--dataset {dataset} --fold {fold}" + (" --prior-all-images" if all_images else "")
+def stage_flags(run, all_images, checkpoint):
+    """The flags that name a run's stage-1 checkpoint, for the messages that point from one stage to the other."""
+    split = f"--test-classes {','.join(map(str, run.test_classes))}" if run.test_classes else f"--fold {run.fold}"
+    return (f"--dataset {run.dataset} {split}" + (f" --data-root {run.data_root}" if run.data_root else "")
+            + (" --prior-all-images" if all_images else "")
             + (f" --prior-checkpoint {checkpoint}" if checkpoint else ""))
 
 
-def train_prior_extractor(args):
-    """Stage 1 (§4.1, §5.1): global-local contrastive training of the prior extractor on unlabeled images. Writes
-    prior_checkpoint_path(...) (the whole state, resumable with --resume; every PRIOR_SAVE_EVERY epochs and at
-    the end) and prior_metrics.jsonl next to it. Returns the checkpoint's path."""
+def train_prior_extractor(run, schedule, options):
+    """Stage 1 (§4.1, §5.1), STAGES["prior"]: global-local contrastive training of the prior extractor on the
+    unlabeled images of the run's dataset and fold (common.Run). The schedule is PriorConfig's, set by the prior_*
+    options (QGNet's flags); of the common.Schedule it takes train_length, workers, seed, log_every, bf16 and
+    resume. Writes prior_checkpoint_path(...) (the whole state, continued by --resume; every PRIOR_SAVE_EVERY
+    epochs and at the end) and prior_metrics.jsonl next to it. Returns the checkpoint's path."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         sys.exit("error: --stage prior runs in one process (queues, shuffle BN); start it without torchrun")
-    cfg = prior_config(args)
-    path = prior_checkpoint_path(args.dataset, args.fold, args.prior_all_images, args.prior_checkpoint, args.data_root,
-                                 args.test_classes)
+    cfg = prior_config(options)
+    path = prior_checkpoint_path(run, options.get("prior_all_images"), options.get("prior_checkpoint"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    torch.manual_seed(args.seed)
-    items = unlabeled_images(args)
+    torch.manual_seed(schedule.seed)
+    items = unlabeled_images(run, schedule, options.get("prior_all_images"))
     print(f"qgnet stage 1: SLIC superpixels of {len(items)} images (once per run)", flush=True)
-    boxes = [b for chunk in DataLoader(SuperpixelBoxes(items, cfg), SLIC_BATCH, num_workers=args.workers,
+    boxes = [b for chunk in DataLoader(SuperpixelBoxes(items, cfg), SLIC_BATCH, num_workers=schedule.workers,
                                        collate_fn=list) for b in chunk]
     loader = DataLoader(UnlabeledImages(items, boxes, cfg), cfg.prior_batch_size, shuffle=True, drop_last=True,
-                        num_workers=args.workers, pin_memory=device.type == "cuda",
-                        persistent_workers=args.workers > 0, generator=torch.Generator().manual_seed(args.seed))
+                        num_workers=schedule.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=schedule.workers > 0,
+                        generator=torch.Generator().manual_seed(schedule.seed))
     if len(loader) == 0:
         sys.exit(f"error: {len(items)} images do not fill one batch of {cfg.prior_batch_size} (--prior-batch-size)")
     model = GlobalLocalContrast(cfg).to(device, memory_format=layout)
     lr = cfg.prior_lr or MOCO_LR * cfg.prior_batch_size / MOCO_BATCH
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr, momentum=SGD_MOMENTUM, weight_decay=WEIGHT_DECAY)
     start = 0
-    if args.resume and path.is_file():
+    if schedule.resume and path.is_file():
         state = torch.load(path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["epoch"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and not args.fp32 else nullcontext()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and schedule.bf16 else nullcontext()
     total = cfg.prior_epochs * len(loader)
-    print(f"qgnet stage 1 on {args.dataset} fold {args.fold}: {len(items)} images, {len(loader)} steps of "
-          f"{cfg.prior_batch_size}, epochs {start + 1}..{cfg.prior_epochs}, lr {lr:g}, queues {cfg.prior_queue}, "
-          f"{device} -> {path}", flush=True)
+    print(f"qgnet stage 1 on {data.split_name(run.dataset, run.fold, run.data_root, run.test_classes)}: "
+          f"{len(items)} images, {len(loader)} steps of {cfg.prior_batch_size}, epochs {start + 1}.."
+          f"{cfg.prior_epochs}, lr {lr:g}, queues {cfg.prior_queue}, {device} -> {path}", flush=True)
 
     def batches(epoch):
         model.train()
@@ -467,22 +468,23 @@ def train_prior_extractor(args):
         with amp:
             return model(**{k: v.to(device, non_blocking=True, memory_format=layout) for k, v in batch.items()})
 
+    settings = {**dataclasses.asdict(run), **dataclasses.asdict(schedule), **options}  # saved as text, for reading
+
     def end_epoch(epoch):
         if (epoch + 1) % PRIOR_SAVE_EVERY == 0 or epoch + 1 == cfg.prior_epochs:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                     "config": dataclasses.asdict(cfg), "args": {k: str(v) for k, v in vars(args).items()}}
+                     "config": dataclasses.asdict(cfg), "args": {k: str(v) for k, v in settings.items()}}
             common.save_atomic(state, path)
 
     def cosine(it):  # MoCo v2's schedule, per iteration
         return lr * 0.5 * (1 + math.cos(math.pi * it / total))
 
     common.fit(step, optimizer, batches, cosine, cfg.prior_epochs, len(loader), start_epoch=start,
-               log_every=args.log_every, per_step=cfg.prior_batch_size, unit="images", tag="[prior] ",
+               log_every=schedule.log_every, per_step=cfg.prior_batch_size, unit="images", tag="[prior] ",
                log=partial(print, flush=True), log_file=path.with_name("prior_metrics.jsonl"), event="prior",
                end_epoch=end_epoch)
     print(f"prior extractor saved to {path}; the few-shot stage:\n    python train.py --model qgnet "
-          f"{stage_flags(args.dataset, args.fold, args.prior_all_images, args.prior_checkpoint)}"
-          + (f" --data-root {args.data_root}" if args.data_root else ""), flush=True)
+          f"{stage_flags(run, options.get('prior_all_images'), options.get('prior_checkpoint'))}", flush=True)
     return path
 
 
@@ -493,30 +495,35 @@ STAGES = {"prior": train_prior_extractor}
 # Stage 2, §4.2: the few-shot network
 
 
-def load_prior_extractor(cfg):
-    """F_p of Eq. (8): frozen ResNet-50, dilated to output stride 8 as the official code (L62-71) and as
-    common.Backbone, with stage 1's momentum encoder without its MLP head (official resnet.py L201-217)."""
-    net = common.Backbone("resnet50", pretrained=False)
-    if cfg.untrained_prior or cfg.from_checkpoint:
-        return net
-    path = prior_checkpoint_path(cfg.dataset, cfg.fold, cfg.prior_all_images, cfg.prior_checkpoint, cfg.data_root,
-                                 cfg.test_classes)
+def read_prior_extractor(cfg, run):
+    """F_p's weights (Eq. 8) from the run's stage-1 file (prior_checkpoint_path), in common.Backbone's keys:
+    stage 1's momentum encoder without its MLP head (official resnet.py L201-217), BatchNorm statistics included.
+    A file that is missing or holds no such encoder raises common.WeightsUnavailableError with the command of
+    stage 1."""
+    path = prior_checkpoint_path(run, cfg.prior_all_images, cfg.prior_checkpoint)
+    make = (f"Make it with\n    python train.py --model qgnet --stage prior "
+            f"{stage_flags(run, cfg.prior_all_images, cfg.prior_checkpoint)}\nor name an existing one with "
+            "--prior-checkpoint PATH (--untrained-prior: a random one, for tests).")
     if not path.is_file():
-        sys.exit(f"error: QGNet needs the prior extractor of stage 1, and {path} does not exist. Make it with\n"
-                 f"    python train.py --model qgnet --stage prior "
-                 f"{stage_flags(cfg.dataset, cfg.fold, cfg.prior_all_images, cfg.prior_checkpoint)} [--data-root DIR]\n"
-                 f"or name an existing one with --prior-checkpoint PATH (--untrained-prior: a random one, for tests).")
-    state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+        raise common.WeightsUnavailableError(f"QGNet needs the prior extractor of stage 1, and {path} does not "
+                                             f"exist. {make}")
     stem = {"conv1.": "layer0.0.", "bn1.": "layer0.1."}  # torchvision's stem -> common.Backbone's layer0
 
     def rename(key):
         head = next((old for old in stem if key.startswith(old)), "")
         return "stages." + stem.get(head, "") + key[len(head):]
-    weights = {rename(k[len("encoder_k."):]): v for k, v in state.items()
-               if k.startswith("encoder_k.") and not k.startswith("encoder_k.fc.")}
-    net.load_state_dict(weights)
-    net.pretrained = True  # trained weights: train.py must not re-estimate their BatchNorm statistics
-    return net
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+        weights = {rename(k[len("encoder_k."):]): v for k, v in state.items()
+                   if k.startswith("encoder_k.") and not k.startswith("encoder_k.fc.")}
+    except Exception as err:  # not a torch file, truncated, not a dict, ...: loading raises many kinds
+        raise common.WeightsUnavailableError(f"cannot read {path} as stage 1's prior extractor: {err}. {make}") from err
+    with torch.device("meta"):  # F_p's keys and shapes, no weights initialised (no random numbers drawn)
+        expected = {k: v.shape for k, v in common.Backbone("resnet50", pretrained=False).state_dict().items()}
+    if {k: v.shape for k, v in weights.items()} != expected:
+        raise common.WeightsUnavailableError(f"{path} holds no ResNet-50 momentum encoder (encoder_k.*) of stage 1. "
+                                             f"{make}")
+    return weights
 
 
 def prior_region_map(x_q, p_q):
@@ -526,25 +533,31 @@ def prior_region_map(x_q, p_q):
     return common.cosine_prior(x_q, p_q, everywhere)
 
 
-def projection(c_in, c_out, k, p):
-    """k x k conv (no bias) + ReLU + Dropout2d: official down_learn_super/unsuper (3x3), down_query/supp (1x1)."""
-    return nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.ReLU(inplace=True),
-                         nn.Dropout2d(p))
+def projection(c_in, c_out, p):
+    """3x3 conv (no bias) + ReLU + Dropout2d: official down_learn_super/unsuper (L153-162)."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(p))
 
 
 class QGNet(nn.Module):
-    """forward(img_q, img_s, m_s) -> {"logits" (B,2,H,W), "aux": FEM's per-scale logits}."""
+    """forward(img_q, img_s, m_s) -> {"logits" (B,2,H,W), "aux": FEM's per-scale logits}.
 
-    def __init__(self, cfg: Config):
+    prior_weights: F_p's state dict (build reads it from stage 1's file); None: a random F_p, for a checkpoint's
+    weights to replace (or --untrained-prior). Built with build(cfg, run)."""
+
+    def __init__(self, cfg: Config, prior_weights=None):
         super().__init__()
         self.cfg = cfg
         self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained)  # F, frozen
-        self.prior_extractor = load_prior_extractor(cfg)  # F_p, frozen
+        # F_p, frozen: a ResNet-50 dilated to output stride 8 as the official code (L62-71) and common.Backbone
+        self.prior_extractor = common.Backbone("resnet50", pretrained=False)
+        if prior_weights is not None:
+            self.prior_extractor.load_state_dict(prior_weights)
+            self.prior_extractor.calibrated = True  # stage 1's BatchNorm statistics: train.py keeps them
         c, d = self.backbone.channels, cfg.reduce_dim
-        self.bridge_proj = projection(c["layer4"], d, 3, cfg.projection_dropout)  # official down_learn_super
-        self.prior_proj = projection(PRIOR_CHANNELS, d, 3, cfg.projection_dropout)  # official down_learn_unsuper
-        self.down_query = projection(c["layer3"] + c["layer2"], d, 1, cfg.feature_dropout)
-        self.down_supp = projection(c["layer3"] + c["layer2"], d, 1, cfg.feature_dropout)
+        self.bridge_proj = projection(c["layer4"], d, cfg.projection_dropout)  # official down_learn_super
+        self.prior_proj = projection(PRIOR_CHANNELS, d, cfg.projection_dropout)  # official down_learn_unsuper
+        self.down_query = common.MidLevelReduction(c["layer3"] + c["layer2"], d, cfg.feature_dropout)
+        self.down_supp = common.MidLevelReduction(c["layer3"] + c["layer2"], d, cfg.feature_dropout)
         self.fem = common.FEM(d, extra_dim=2, bins=cfg.bins)  # [guided map, prior map]: official init_merge 514
 
     def forward(self, img_q, img_s, m_s, class_ids=None):
@@ -560,13 +573,12 @@ class QGNet(nn.Module):
         # masked again by cosine_prior, averaged over the shots
         f_s4 = f_s["layer4"]  # (B*S, C4, h, w)
         guided_map = common.cosine_prior(f_q["layer4"], f_s4.view(B, S, *f_s4.shape[1:]), m_s)  # (B, 1, h, w)
-        m = F.interpolate((m_s.flatten(0, 1) == 1).float()[:, None], f_s["layer3"].shape[-2:], mode="bilinear",
-                          align_corners=True)  # (B*S, 1, h, w), PFENet
         # 4. category guider: masked average pooling of the support's mid-level features, mean over shots
-        f_s23 = self.down_supp(torch.cat([f_s["layer3"], f_s["layer2"]], 1))  # (B*S, 256, h, w)
+        m = common.foreground_at(m_s.flatten(0, 1), f_s["layer3"].shape[-2:])  # (B*S, h, w), PFENet
+        f_s23 = self.down_supp(f_s)  # cat(layer3, layer2) reduced: (B*S, 256, h, w)
         guider = common.masked_average_pooling(f_s23, m).view(B, S, -1).mean(1)  # (B, 256)
         # 5. FEM on the query's mid-level features, the guider and both maps
-        f_q23 = self.down_query(torch.cat([f_q["layer3"], f_q["layer2"]], 1))  # (B, 256, h, w)
+        f_q23 = self.down_query(f_q)  # (B, 256, h, w)
         logits, aux = self.fem(f_q23, guider, torch.cat([guided_map, prior_map], 1))  # (B, 2, h, w)
         logits = F.interpolate(logits, img_q.shape[-2:], mode="bilinear", align_corners=True)  # (B, 2, H, W)
         return {"logits": logits, "aux": aux}
@@ -579,3 +591,9 @@ class QGNet(nn.Module):
 
 
 Model = QGNet
+
+
+def build(cfg, run):
+    """QGNet for a common.Run (train.construct): F_p's weights from the run's stage-1 file (read_prior_extractor),
+    unless cfg.untrained_prior or run.from_checkpoint (the checkpoint holds them): then no file is read."""
+    return QGNet(cfg, None if cfg.untrained_prior or run.from_checkpoint else read_prior_extractor(cfg, run))

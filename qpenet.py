@@ -11,7 +11,7 @@ the query's background. FFA filters the query with the background prototype, add
 evolved prototypes, attends twice to the support foreground pixels and decodes the mask.
 
 Paper -> code:
-    §III-B features F_q, F_s (shared CNN)     Model.features: frozen common.Backbone + one 1x1 reduction
+    §III-B features F_q, F_s (shared CNN)     Model.features: frozen common.Backbone + common.MidLevelReduction
     "Convs" (3x3 and 1x1 layers)              Convs
     §III-C1 PPG, Eq. (1)-(3)                  ForegroundEvolution.ppg
     §III-C2 DPE, Eq. (4)-(8)                  ForegroundEvolution.dpe
@@ -271,7 +271,7 @@ class FFA(nn.Module):
         f_q2 = self.fuse(torch.cat([f_q1, broadcast(p_pre, f_q), a_main, a_aux], 1))  # (B, C, h, w)
         # Eq. (16): y_final = Convs(Cross(Cross(F_q'', F_s * M_s), F_s * M_s)); keys: foreground pixels of all shots,
         # M_s the label at feature resolution, nearest as the official (Choices 6)
-        keys = F.interpolate((m_s == 1).float(), (h, w), mode="nearest")  # (B, S, h, w), 1 on a key, else 0
+        keys = common.foreground_at(m_s, (h, w), mode="nearest")  # (B, S, h, w), 1 on a key, else 0
         tokens = (f_s * keys[:, :, None]).permute(0, 1, 3, 4, 2).reshape(B, -1, C)  # (B, S*h*w, C)
         valid = keys.flatten(1) > 0  # (B, S*h*w)
         valid = valid | ~valid.any(1, keepdim=True)  # no foreground at all: the all-zero tokens, which add nothing
@@ -303,28 +303,27 @@ class Model(nn.Module):
         self.cfg = cfg
         self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained)
         mid = self.backbone.channels["layer2"] + self.backbone.channels["layer3"]
-        self.down = nn.Sequential(*conv_relu(mid, cfg.dim, 1), nn.Dropout2d(cfg.feature_dropout))
+        self.down = common.MidLevelReduction(mid, cfg.dim, cfg.feature_dropout)
         self.foreground = ForegroundEvolution(cfg)
         self.gbc = GBC(cfg)
         self.ffa = FFA(cfg)
 
     def features(self, img):
         """F of §III-B for a batch of images (N,3,H,W) -> (N,C,h,w): mid-level features, reduced (Choices 1)."""
-        feats = self.backbone(img)
-        return self.down(torch.cat([feats["layer3"], feats["layer2"]], 1))  # (N, C, h, w)
+        return self.down(self.backbone(img))  # (N, C, h, w)
 
     def forward(self, img_q, img_s, m_s, class_ids=None):
         B, S = img_s.shape[:2]
         # 1. features of query and supports from the shared CNN; the support masks downsampled (M_s of Eq. 1)
         f = self.features(torch.cat([img_q, img_s.flatten(0, 1)]))  # (B + B*S, C, h, w)
         f_q, f_s = f[:B], f[B:].unflatten(0, (B, S))  # (B, C, h, w), (B, S, C, h, w)
-        m = F.interpolate((m_s == 1).float(), f.shape[-2:], mode="bilinear", align_corners=True)  # (B, S, h, w)
+        m = common.foreground_at(m_s, f.shape[-2:])  # (B, S, h, w)
         # 2. PPG (Eq. 1-3): preliminary prototype, preliminary query prediction, pseudo-prototype
-        p_pre, y_pre, p_psd = self.foreground.ppg(f_q, f_s, m)
+        p_pre, y_pre, p_psd = self.foreground.ppg(f_q, f_s, m)  # (B, C), (B, 2, h, w), (B, C)
         # 3. DPE (Eq. 4-8): reverse segmentation of the supports, main and auxiliary prototypes
-        y_rev, m_main, m_aux, p_main, p_aux = self.foreground.dpe(f_s, m, p_psd)
+        y_rev, m_main, m_aux, p_main, p_aux = self.foreground.dpe(f_s, m, p_psd)  # y_rev (B, S, 2, h, w), P (B, C)
         # 4. GBC (Eq. 9-11): background maps and the cleaned background prototype
-        p_bg, y_bg_q, y_bg_s = self.gbc(f_q, f_s)
+        p_bg, y_bg_q, y_bg_s = self.gbc(f_q, f_s)  # (B, C), (B, 2, h, w), (B, S, 2, h, w)
         # 5. FFA (Eq. 12-16): filtering, activation, cross-attention, final Convs
         y_final = self.ffa(f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux)  # (B, 2, h, w)
         logits = F.interpolate(y_final, img_q.shape[-2:], mode="bilinear", align_corners=True)  # (B, 2, H, W)

@@ -8,7 +8,7 @@ the query object by matching pooled regions, weighted by a self-activation kerne
 pixels for a query prototype, which is built exactly like the support one. Both prototypes are aligned with the
 class's word vector by attention (APA), trained with a hard-mined co-triplet loss, and averaged. Correlations of
 every backbone block (TDC) restore the spatial detail that pooling loses. PFENet's FEM decodes everything, and
-BAM's base learner ensemble (common.py) then suppresses base classes.
+BAM's ensemble with a base learner (a PSPNet head trained on the base classes) then suppresses base classes.
 
 Paper -> code:
     §3.3 SPM, Eq. (1)-(3)              self_activation_prior
@@ -20,9 +20,15 @@ Paper -> code:
               Eq. (12)                 triplet_term, SymNet.co_triplet
     §3.7 TDC, Eq. (13)                 block_correlation, TDC
     §3.8 decoder, Eq. (14)-(15)        common.FEM; SymNet.loss
-    §4.1 base learner ("PSPNet serves as the base learner") -> common.BaseLearner, common.BAMEnsemble,
-         trained by the stage `base` (common.train_base_learner)
     §4.1 word2vec text embeddings      build_word_vectors (GoogleNews binary -> file), load_word_vectors
+    §4.1 "PSPNet serves as the base learner", following [37], BAM (C. Lang, G. Cheng, B. Tu, J. Han, "Learning
+         What Not to Segment", CVPR 2022; github.com/chunbolang/BAM, "BAM" below):
+              PSPNet head: BAM model/PSPNet.py, model/PPM.py            BaseLearner
+              scene difference: BAM model/BAM.py get_gram_matrix        gram_matrix, gram_distance
+              classifier ensemble: BAM model/BAM.py                     BAMEnsemble; SymNet.forward, stage 7
+              base-class images: BAM util/dataset.py (Pre-Training)     base_classes, BaseClassImages
+              base training: BAM train_base.py, config/*_base.yaml      train_base_learner, the stage `base`
+    side files (word vectors, base learner) and checkpoints            build, read_base_learner
 K shots: K priors, K support prototypes (each through APA) and K sets of correlations, averaged (Fig. 2); the
 co-triplet support term is averaged over the shots. Shots are averaged with equal weights (paper), not with
 BAM's learned K-shot weights.
@@ -63,18 +69,27 @@ Choices (where the paper is silent we follow SN; differences from SN are said):
   bottom-up. Concatenation as Eq. (13); SN adds.
 - Loss: 2-class cross-entropy (= Eq. 14's BCE on the logit difference). With the base learner, BAM's CE on
   the meta learner's own output is added ("meta"), as SN.
-- Base learner: --base-learner or common.base_learner_path(...) when the file exists. Checkpoints carry the
-  base learner and the word vectors, so a trained model needs neither file.
+- Base learner: --base-learner, else base_learner_path(run) when that file exists (else the meta learner alone,
+  with one warning). Config.base_classes records its class ids (None: none), and checkpoints carry its weights
+  and the word vectors, so a trained model needs neither file. It is trained on our frozen, shared backbone
+  (BAM also fine-tunes the backbone at a tenth of the rate) and the last epoch is kept (BAM keeps the best on
+  the test images' base-class labels); train_base_learner says the rest. The ensemble's scene difference is
+  the mean over the shots, as every other K-shot quantity (above).
 """
 import dataclasses
 import mmap
+import os
+import sys
 import warnings
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 
 import common
 import data
@@ -84,22 +99,21 @@ QUERY_FALLBACK = 12  # pixels used when a prior region is empty (SN feat_aggrega
 TDC_EPS = 1e-5  # SN correlation.py: feature norms + 1e-5
 # VOC's compound class names -> the words MIANet's embeddings use (notes §3; SN's vectors are MIANet's)
 WORD2VEC_ALIASES = {"diningtable": "table", "pottedplant": "potted plant", "tvmonitor": "tv"}
+PPM_BINS = (1, 2, 3, 6)  # PSPNet pyramid pooling bins (BAM model/PSPNet.py: bins=(1, 2, 3, 6))
+PSP_HIDDEN = 512  # width of PSPNet's classifier (BAM model/PSPNet.py: cls, fea_dim*2 -> 512)
+PSP_DROPOUT = 0.1  # PSPNet cls Dropout2d (BAM model/PSPNet.py)
+GRAM_EPS = 1e-7  # BAM get_gram_matrix denominator (model/BAM.py)
+BASE_SCALE_RANGE = (0.5, 2.0)  # BAM config/*_base.yaml scale_min / scale_max (episodic training: 0.9-1.1)
+BASE_MOMENTUM, BASE_WEIGHT_DECAY, BASE_POLY_POWER = 0.9, 1e-4, 0.9  # BAM config/*_base.yaml
 
 
 @dataclasses.dataclass
 class Config:
     backbone: str = "resnet50"  # §4.1
     pretrained: bool = True
-    shot: int = 1
-    img_size: int = 473  # §4.1 crop (COCO 641)
-    dataset: str = "pascal"  # names the class ids of the word vectors and of the base learner
-    fold: int = 0  # the base learner is per fold
-    coco_split: str = "interleaved"  # data.py's default split: names the base classes of a COCO base learner
-    data_root: str = None  # --data-root: where a folder dataset's classes are read (data.dataset_classes)
-    test_classes: tuple = None  # --test-classes: a folder dataset's novel ids in place of the fold
     word_vectors: str = None  # --word-vectors: file of build_word_vectors; None: no text branch
-    base_learner: str = None  # --base-learner; None: common.base_learner_path(...) if that file exists
-    from_checkpoint: bool = False  # set by train.py: the checkpoint holds the base learner, or was trained without
+    base_learner: str = None  # --base-learner; None: base_learner_path(run) if that file exists
+    base_classes: tuple = None  # set by build: the base learner's class ids (its channels 1..n); None: none
     reduce_dim: int = 256  # c = d = 256 (§4.1)
     windows: tuple = ((5, 5), (7, 1), (1, 7))  # SPM pooling windows d_h x d_w (§4.1)
     tau1: float = 0.7  # query prototype threshold (§4.1)
@@ -119,7 +133,6 @@ DEFAULTS = {  # SN's run (Choices): nominal lr 0.005 and batch 8 per GPU (§4.1)
     "pascal": dict(lr=0.05, batch_size=32, epochs=200, img_size=473, augment="pfenet"),
     "coco": dict(lr=0.05, batch_size=32, epochs=50, img_size=641, augment="pfenet"),
 }
-STAGES = {"base": common.train_base_learner}
 STAGE_DEFAULTS = {"base": {  # BAM config/*_base.yaml: batch 3 x 4 GPUs ("bs12 for 1GPU"), head lr 2.5e-4 x 10
     "pascal": dict(lr=0.0025, batch_size=12, epochs=100, img_size=417),
     "folder": dict(lr=0.0025, batch_size=12, epochs=100, img_size=417),  # PASCAL's
@@ -130,9 +143,9 @@ STAGE_DEFAULTS = {"base": {  # BAM config/*_base.yaml: batch 3 x 4 GPUs ("bs12 f
 def add_args(parser):
     parser.add_argument("--word-vectors", help="class word vectors (.pt) from symnet.build_word_vectors; "
                                                "without them APA's text branch is off")
-    parser.add_argument("--base-learner", help="base learner checkpoint (default "
-                                               "runs/base-DATASET-foldK-BACKBONE/base_learner.pt, written by "
-                                               "--stage base; without it Sym-Net is the meta learner alone)")
+    parser.add_argument("--base-learner", help="base learner checkpoint: where --stage base writes it and Sym-Net "
+                                               "reads it (default runs/base-DATASET-foldK-BACKBONE/base_learner.pt; "
+                                               "without it Sym-Net is the meta learner alone)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -180,12 +193,12 @@ def build_word_vectors(word2vec_bin, out_path, names=None):
 
 def load_word_vectors(path, dataset, dim=TEXT_DIM, root=None):
     """Rows for the class ids of `dataset` (a folder dataset's: of its `root`) from a build_word_vectors file
-    -> (num_classes+1, dim), row 0 zero."""
+    -> (num_classes+1, dim), row 0 zero. A file without some of the classes: WeightsUnavailableError."""
     vectors = torch.load(path, map_location="cpu")
     names = data.class_names(dataset, root)
     missing = [name for name in names.values() if name not in vectors]
     if missing:
-        raise ValueError(f"word vectors {path} lack the {dataset} classes {missing}")
+        raise common.WeightsUnavailableError(f"the word vectors {path} lack the {dataset} classes {missing}")
     table = torch.zeros(len(names) + 1, dim)
     for c, name in names.items():
         table[c] = vectors[name]
@@ -300,92 +313,273 @@ class TDC(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The base learner (§4.1, BAM): a PSPNet head trained on the frozen backbone with the full semantic labels of
+# the fold's base classes (the stage `base`); Sym-Net, the meta learner, hands its background / foreground
+# probabilities to BAMEnsemble, which moves to the background whatever the base learner recognises as a base
+# class.
+
+
+def base_classes(run):
+    """Base (training) class ids of the run's fold, in the base learner's channel order 1..n (channel 0:
+    background). A folder dataset's come from its root, with run.test_classes in place of the fold when given."""
+    count, _, novel = data.dataset_classes(run.dataset, run.fold, run.data_root, run.test_classes, run.coco_split)
+    return [c for c in range(1, count + 1) if c not in novel]
+
+
+def base_learner_path(run):
+    """Where --stage base writes the base learner and where Sym-Net looks for it by default."""
+    split = data.split_name(run.dataset, run.fold, run.data_root, run.test_classes)
+    return Path(common.RUNS_DIR) / f"base-{split}-{run.backbone}" / "base_learner.pt"
+
+
+class BaseLearner(nn.Module):
+    """PSPNet's head (Zhao et al., CVPR 2017) as BAM's base learner (BAM model/PSPNet.py, model/PPM.py).
+
+    Pyramid pooling: per bin b in (1, 2, 3, 6), adaptive average pooling to b x b, 1x1 conv to in_dim/4 (no
+    bias), BN, ReLU, upsampled back; concatenated with the input (2*in_dim) -> 3x3 conv to 512 (no bias), BN,
+    ReLU, Dropout2d(0.1), 1x1 conv to 1 + n classes. `classes` are the base class ids in channel order
+    (channel i = classes[i-1]); a buffer, so that a checkpoint says which classes it knows.
+    forward(f4 (B,in_dim,h,w) layer4 features) -> logits (B,1+n,h,w).
+    freeze(): no gradients and always eval mode (BN statistics fixed), for use inside a meta learner.
+    """
+
+    def __init__(self, in_dim, classes):
+        super().__init__()
+        self.register_buffer("classes", torch.as_tensor(list(classes), dtype=torch.long))
+        self.frozen = False
+        dim = in_dim // len(PPM_BINS)
+        self.ppm = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(in_dim, dim, 1, bias=False), nn.BatchNorm2d(dim),
+                          nn.ReLU(inplace=True)) for b in PPM_BINS)
+        self.cls = nn.Sequential(nn.Conv2d(2 * in_dim, PSP_HIDDEN, 3, padding=1, bias=False),
+                                 nn.BatchNorm2d(PSP_HIDDEN), nn.ReLU(inplace=True), nn.Dropout2d(PSP_DROPOUT),
+                                 nn.Conv2d(PSP_HIDDEN, 1 + len(self.classes), 1))
+
+    def freeze(self):
+        self.frozen = True
+        self.requires_grad_(False)
+        return self.train(False)
+
+    def train(self, mode=True):
+        return super().train(mode and not self.frozen)
+
+    def forward(self, f4):
+        pyramid = [F.interpolate(stage(f4), f4.shape[-2:], mode="bilinear", align_corners=True)
+                   for stage in self.ppm]  # 4 x (B, in_dim/4, h, w)
+        return self.cls(torch.cat([f4, *pyramid], 1))  # (B, 2*in_dim, h, w) -> (B, 1+n, h, w)
+
+
+def gram_matrix(f):
+    """BAM's get_gram_matrix: cosine similarity of every pair of channels. f (B,C,h,w) -> (B,C,C)."""
+    x = f.flatten(2)  # (B, C, hw)
+    norm = x.norm(dim=2, keepdim=True)  # (B, C, 1)
+    return torch.bmm(x, x.transpose(1, 2)) / (torch.bmm(norm, norm.transpose(1, 2)) + GRAM_EPS)  # (B, C, C)
+
+
+def gram_distance(f_q, f_s):
+    """BAM's scene difference est_val = ||G(f_q) - G(f_s)||_F / ||1_CxC||_F (= C), in [0, 2].
+
+    f_q (B,C,h,w) low-level (layer2) query features, f_s (B,S,C,h,w) support ones. Returns (B,): the mean over
+    the shots (BAM weights the shots by a learned kshot_rw instead; Sym-Net's paper averages its K shots).
+    In float32 even under bf16 autocast: a small difference of two near-equal C x C matrices (cf. cosine_prior)."""
+    with torch.autocast(f_q.device.type, enabled=False):
+        g_q = gram_matrix(f_q.float())  # (B, C, C)
+        dists = [(g_q - gram_matrix(f_s[:, k].float())).flatten(1).norm(dim=1) for k in range(f_s.shape[1])]
+        return torch.stack(dists, 1).mean(1) / f_q.shape[1]  # (B,)
+
+
+class BAMEnsemble(nn.Module):
+    """BAM's classifier ensemble (model/BAM.py, "Classifier Ensemble"), from the meta learner's probabilities
+    p = softmax(meta_logits) and the base learner's q = softmax(base_logits):
+        bg = gram_merge([p_bg, est]), fg = gram_merge([p_fg, est])   1x1 conv 2 -> 1, initialised [1, 0]
+        bg' = cls_merge([bg, base_map])                              1x1 conv 2 -> 1, initialised [1, 0]
+    with base_map = the sum of q over the base-class channels and est = gram_distance(...). Returns [bg', fg]
+    (B,2,h,w): scores that cross-entropy takes as logits, as in BAM. At initialisation bg' = p_bg, fg = p_fg.
+    An episode whose class is one of `base_classes` (training) leaves its own channel out of base_map, or the
+    base learner would push the very target to the background (BAM, cls_type 'Base'); at test the classes are
+    novel and nothing is left out. class_ids None (e.g. --predict): nothing is left out.
+    forward(meta_logits (B,2,h,w), base_logits (B,1+n,h,w), est (B,), base_classes (n,), class_ids (B,) or None)
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.gram_merge = nn.Conv2d(2, 1, 1, bias=False)
+        self.cls_merge = nn.Conv2d(2, 1, 1, bias=False)
+        with torch.no_grad():
+            for conv in (self.gram_merge, self.cls_merge):
+                conv.weight.copy_(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1))
+
+    def forward(self, meta_logits, base_logits, est, base_classes, class_ids=None):
+        p, q = meta_logits.softmax(1), base_logits.softmax(1)  # (B, 2, h, w), (B, 1+n, h, w)
+        keep = torch.ones_like(q[:, 1:, 0, 0])  # (B, n)
+        if class_ids is not None:
+            keep = (base_classes[None] != class_ids.view(-1, 1)).to(q.dtype)  # (B, n)
+        base_map = (q[:, 1:] * keep[:, :, None, None]).sum(1, keepdim=True)  # (B, 1, h, w)
+        est_map = est.view(-1, 1, 1, 1).to(p.dtype).expand_as(base_map)  # (B, 1, h, w)
+        bg = self.gram_merge(torch.cat([p[:, :1], est_map], 1))  # (B, 1, h, w)
+        fg = self.gram_merge(torch.cat([p[:, 1:], est_map], 1))
+        return torch.cat([self.cls_merge(torch.cat([bg, base_map.to(bg.dtype)], 1)), fg], 1)  # (B, 2, h, w)
+
+
+class BaseClassImages(Dataset):
+    """Training images of the run's fold with the semantic labels of its base classes, for the base learner.
+
+    PASCAL / COCO / folder: every image of the training list (data.build_dataset's train files: VOC train U SBD
+    train_noval; COCO train2014; a folder's train.txt, else its images without a novel pixel), the pixels of
+    novel classes relabelled background, as BAM's BaseData (util/dataset.py, "Pre-Training") does: neither the
+    episodes' 2048-pixel rule nor their filter of images with novel pixels applies here. data.train_transform
+    at BAM's base scale range 0.5-2.0, cropped to run.img_size. Synthetic: data.render_synthetic with one base
+    class (1-3 objects) and base-class distractors, `length` images. Item (epoch, index) ->
+    img (3,H,W) normalised, label (H,W) int64 channel ids (0 background, i = classes[i-1], 255 ignore; a class
+    of no channel -> 0); every random draw comes from a numpy Generator seeded with (seed, epoch, index).
+    Note: data.train_transform's crop keeps the pixels labelled 1, here base channel 1 (for episodes, the
+    episode class): a harmless bias of the crop position.
+    """
+
+    def __init__(self, run, seed=0, length=None):
+        self.classes = base_classes(run)
+        self.dataset, self.img_size, self.seed = run.dataset, run.img_size, seed
+        self.episodes = data.build_dataset(run.dataset, "train", run.fold, img_size=run.img_size, root=run.data_root,
+                                           seed=seed, coco_split=run.coco_split, train_length=length,
+                                           test_classes=run.test_classes)
+        self.names = sorted(self.episodes.files) if run.dataset != "synthetic" else None  # the whole training list
+        self.length = len(self.episodes) if run.dataset == "synthetic" else len(self.names)
+        self.lut = torch.zeros(256, dtype=torch.long)  # dataset class id -> channel id
+        self.lut[self.classes] = torch.arange(1, len(self.classes) + 1)
+        self.lut[common.IGNORE_INDEX] = common.IGNORE_INDEX
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, key):
+        epoch, index = key
+        rng = np.random.default_rng((self.seed, epoch, index))
+        if self.dataset == "synthetic":
+            class_id = self.classes[rng.integers(len(self.classes))]
+            others = np.array([c for c in self.classes if c != class_id])
+            img, label = data.render_synthetic(rng, class_id, others, self.img_size)  # (3,H,W) in [0,1], (H,W)
+            mean, std = torch.tensor(data.MEAN).view(3, 1, 1), torch.tensor(data.STD).view(3, 1, 1)
+            return (img - mean) / std, self.lut[label]
+        image_path, label_path = self.episodes.files[self.names[index]]
+        img, label = data.load_image(image_path), self.lut[data.load_mask(label_path)]  # (3,H0,W0), (H0,W0)
+        return data.train_transform(img, label, rng, self.img_size, BASE_SCALE_RANGE)
+
+
+def train_base_learner(run, schedule, options):
+    """The stage `base`: BaseLearner on the frozen backbone, trained on the fold's base classes.
+
+    python train.py --model symnet --stage base --fold K [--dataset D --data-root R]
+    run (common.Run): the dataset, fold (or test classes), COCO split, crop size, backbone and its weights.
+    schedule (common.Schedule): epochs, batch size, lr, train_length (synthetic), workers, seed, log_every, bf16;
+    train.py fills it from STAGE_DEFAULTS["base"] (BAM's base recipe) where no flag is given. options: Sym-Net's
+    flags, options["base_learner"] the file to write (None: base_learner_path(run)).
+    SGD (momentum 0.9, weight decay 1e-4) with the poly schedule per iteration, as BAM's train_base.py, on the
+    head only (BAM also fine-tunes the backbone at a tenth of the rate; ours stays frozen and shared). The last
+    epoch's weights are kept, as the harness does for every model: BAM validates every epoch on the test images
+    (base-class labels), keeps the best and stops after 75 epochs without improvement. One process. Writes
+    {model, classes, backbone, dataset, fold} and returns its path; with random backbone weights also
+    backbone_buffers, the BatchNorm statistics estimated here, which the meta learner's backbone (the same random
+    weights: same seed) then takes instead of estimating its own.
+    """
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        sys.exit("error: --stage base runs in one process: start it with python, not torchrun")
+    if schedule.batch_size < 2:  # the pyramid's 1x1 bin leaves BatchNorm one value per channel
+        sys.exit(f"error: --stage base needs --batch-size >= 2 (BAM uses 12), got {schedule.batch_size}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(schedule.seed)  # before the backbone, as train.py: random weights equal the meta learner's
+    backbone = common.Backbone(run.backbone, pretrained=run.pretrained).to(device)
+    try:
+        images = BaseClassImages(run, schedule.seed, schedule.train_length)
+    except FileNotFoundError as err:  # a missing or incomplete data root: the message names the layout
+        sys.exit(f"error: {err}")
+    if backbone.needs_statistics:  # as train.py does for the meta learner's backbone
+        count = min(common.CALIBRATION_IMAGES, len(images))
+        backbone.calibrate(torch.stack([images[(0, i)][0] for i in range(count)]).to(device))
+    learner = BaseLearner(backbone.channels["layer4"], images.classes).to(device)
+    optimizer = torch.optim.SGD(learner.parameters(), lr=schedule.lr, momentum=BASE_MOMENTUM,
+                                weight_decay=BASE_WEIGHT_DECAY)
+    steps = len(images) // schedule.batch_size
+    if steps == 0:
+        sys.exit(f"error: {len(images)} base-class images do not fill one batch of {schedule.batch_size}")
+    path = Path(options.get("base_learner") or base_learner_path(run))
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if schedule.bf16 and device.type == "cuda" else nullcontext()
+    print(f"[base] {len(images)} images of base classes {images.classes}, {schedule.epochs} epochs of {steps} "
+          f"steps of {schedule.batch_size}, lr {schedule.lr}, {device} -> {path}", flush=True)
+
+    def batches(epoch):
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(schedule.seed * 100003 + epoch))
+        keys = [(epoch, i) for i in order[:steps * schedule.batch_size].tolist()]
+        learner.train()
+        return DataLoader(images, batch_size=schedule.batch_size, sampler=keys, num_workers=schedule.workers,
+                          pin_memory=device.type == "cuda")
+
+    def step(batch):
+        img, label = (x.to(device, non_blocking=True) for x in batch)  # (B,3,H,W), (B,H,W)
+        with amp:
+            logits = learner(backbone(img)["layer4"])  # (B, 1+n, h, w)
+            loss = common.seg_loss(logits, label)
+        valid = label != common.IGNORE_INDEX
+        scores = F.interpolate(logits.detach().float(), label.shape[-2:], mode="bilinear", align_corners=True)
+        hits = (scores.argmax(1) == label) & valid  # (B, H, W)
+        return loss, {"pixel_accuracy": hits.sum() / valid.sum().clamp(min=1)}
+
+    total = schedule.epochs * steps
+    common.fit(step, optimizer, batches, lambda it: schedule.lr * (1 - it / total) ** BASE_POLY_POWER,
+               schedule.epochs, steps, log_every=schedule.log_every, per_step=schedule.batch_size, unit="images",
+               tag="[base] ", log=partial(print, flush=True))
+    state = {"model": learner.state_dict(), "classes": images.classes, "backbone": run.backbone,
+             "dataset": run.dataset, "fold": run.fold}
+    if not backbone.pretrained:  # the meta learner's random backbone must give the features this head learned on
+        state["backbone_buffers"] = dict(backbone.named_buffers())
+    common.save_atomic(state, path)
+    print(f"[base] wrote {path}", flush=True)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Sym-Net
 
 
-def read_base_learner(cfg):
-    """The base learner checkpoint of --stage base for this dataset, fold and backbone, or None (with one
-    warning when the default path is empty, unless a checkpoint is to be loaded; SymNet deals with a
-    --base-learner file that does not exist)."""
-    if cfg.from_checkpoint:
-        return None  # the checkpoint holds the base learner, or was trained without one
-    path = Path(cfg.base_learner or common.base_learner_path(cfg.dataset, cfg.fold, cfg.backbone, cfg.data_root,
-                                                             cfg.test_classes))
-    if not path.is_file():
-        if not cfg.base_learner:
-            warnings.warn(f"no base learner at {path}: Sym-Net runs as the meta learner alone "
-                          f"(train one with: python train.py --model symnet --stage base --fold {cfg.fold})")
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    expected = common.base_classes(cfg.dataset, cfg.fold, cfg.coco_split, cfg.data_root, cfg.test_classes)
-    if state["backbone"] != cfg.backbone or list(state["classes"]) != expected:
-        raise ValueError(f"base learner {path} was trained for {state['backbone']}, classes {state['classes']}; "
-                         f"this model needs {cfg.backbone}, classes {expected}")
-    random = "backbone_buffers" in state  # saved with the random backbone's BatchNorm statistics
-    if random == cfg.pretrained:
-        kinds = {True: "random (--no-pretrained)", False: "ImageNet"}
-        raise ValueError(f"base learner {path} was trained on {kinds[random]} backbone weights; this model uses "
-                         f"{kinds[not cfg.pretrained]} ones")
-    return state
-
-
 class SymNet(nn.Module):
-    """Sym-Net (Fig. 2) as the meta learner, with BAM's base learner ensemble when its checkpoint exists.
+    """Sym-Net (Fig. 2) as the meta learner, with BAM's base learner ensemble when cfg.base_classes names one.
+
+    SymNet(cfg, run, text=None, base_state=None), made by build(cfg, run), which reads the side files. run
+    (common.Run) names the dataset whose class ids index `text`, the (num_classes+1, 300) word-vector table of
+    load_word_vectors (None: zeros, i.e. the text branch off, or a checkpoint's to be loaded). The base learner
+    and the ensemble exist when cfg.base_classes names the base learner's classes: base_state, the base stage's
+    file (read_base_learner), fills the base learner, and its backbone_buffers (random weights) become the
+    backbone's BatchNorm statistics (backbone.calibrated); without base_state, a checkpoint fills them.
     forward(img_q (B,3,H,W), img_s (B,S,3,H,W), m_s (B,S,H,W), class_ids (B,) or None) -> {"logits" (B,2,H,W),
     "meta" (B,2,h,w) FEM output, "aux" [4 x (B,2,b,b)], "triplet" () (0 in eval), "prior" (B,1,h,w)}."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, run: common.Run, text=None, base_state=None):
         super().__init__()
         if not cfg.backbone.startswith("resnet"):
             raise ValueError(f"Sym-Net's TDC correlates every bottleneck block: it needs a ResNet, not {cfg.backbone}")
+        if base_state is not None and cfg.base_classes is None:
+            raise ValueError("a base learner's weights were given, but cfg.base_classes names no base learner")
         self.cfg = cfg
-        # Files named by flags but absent are an error at the first forward, unless a checkpoint (which holds
-        # the word vectors and the base learner) is loaded first: a trained model needs neither file.
-        flags = {"--word-vectors": cfg.word_vectors, "--base-learner": cfg.base_learner}
-        self.missing_files = [f"{flag} {path}" for flag, path in flags.items() if path and not Path(path).is_file()]
-        text = None
-        if cfg.word_vectors and Path(cfg.word_vectors).is_file():
-            text = load_word_vectors(cfg.word_vectors, cfg.dataset, root=cfg.data_root)
-        base_state = read_base_learner(cfg)  # files first: their errors come before the backbone is built
-        if not cfg.word_vectors:
-            warnings.warn("Sym-Net without --word-vectors: APA's text branch is off (Table 5, 'Support & Query')")
         self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained)
         ch, c = self.backbone.channels, cfg.reduce_dim
         self.blocks = [len(self.backbone.stages[name]) for name in common.BLOCK_STAGES]  # [4, 6, 3] ResNet-50
-        self.down_query, self.down_supp = (
-            nn.Sequential(nn.Conv2d(ch["layer3"] + ch["layer2"], c, 1, bias=False), nn.ReLU(inplace=True),
-                          nn.Dropout2d(cfg.mid_dropout)) for _ in range(2))
+        self.down_query, self.down_supp = (common.MidLevelReduction(ch["layer3"] + ch["layer2"], c, cfg.mid_dropout)
+                                           for _ in range(2))
         self.apa = APA(c, TEXT_DIM, cfg.apa_dropout)
         self.tdc = TDC(self.blocks, cfg.tdc_hidden, cfg.hyper_dim)
         self.fem = common.FEM(c, extra_dim=cfg.hyper_dim + 1)  # extra: [F^hyper, M^pri]
         # row c: the word vector of class c (zeros: text off); a buffer, so that checkpoints carry it
         if text is None:
-            text = torch.zeros(len(data.class_names(cfg.dataset, cfg.data_root)) + 1, TEXT_DIM)
+            text = torch.zeros(len(data.class_names(run.dataset, run.data_root)) + 1, TEXT_DIM)
         self.register_buffer("text", text)
         self.base_learner = self.ensemble = None
+        if cfg.base_classes is not None:
+            self.base_learner = BaseLearner(ch["layer4"], cfg.base_classes).freeze()
+            self.ensemble = BAMEnsemble()
         if base_state is not None:
-            self._attach_base_learner(base_state["classes"])
             self.base_learner.load_state_dict(base_state["model"])
-            if not cfg.pretrained and "backbone_buffers" in base_state:  # random weights: the base stage's BN
-                self.backbone.load_state_dict(base_state["backbone_buffers"], strict=False)  # statistics
+            if "backbone_buffers" in base_state:  # random weights: the BN statistics the base learner learned on
+                self.backbone.load_state_dict(base_state["backbone_buffers"], strict=False)
                 self.backbone.calibrated = True
-
-    def _attach_base_learner(self, classes):
-        device = self.text.device
-        self.base_learner = common.BaseLearner(self.backbone.channels["layer4"], classes).freeze().to(device)
-        self.ensemble = common.BAMEnsemble().to(device)
-
-    def load_state_dict(self, state_dict, strict=True, assign=False):
-        """A checkpoint carries the base learner and ensemble weights, or was trained without them."""
-        if "base_learner.classes" in state_dict and self.base_learner is None:
-            self._attach_base_learner(state_dict["base_learner.classes"].tolist())
-            print("Sym-Net: base learner and ensemble restored from the checkpoint")
-        elif "base_learner.classes" not in state_dict:
-            self.base_learner = self.ensemble = None
-            if self.cfg.from_checkpoint:
-                print("Sym-Net: the checkpoint was trained without a base learner: the meta learner alone")
-        self.missing_files = []
-        return super().load_state_dict(state_dict, strict, assign)
 
     def co_triplet(self, f_q, f_s, m_s, prior, p_q_aug, p_s_aug):
         """Eq. (10)-(12) (training only): f_q (B,c,h,w), f_s (B,S,c,h,w), m_s (B,S,H,W) labels, prior
@@ -396,7 +590,7 @@ class SymNet(nn.Module):
         p_q_pos = prior_region_mean(f_q, (prior > cfg.tau3) & (prior < cfg.tau4), prior, "median")  # (B, c)
         loss_q = triplet_term(p_q_aug, p_q_pos, p_q_neg, cfg.margin).mean()  # Eq. (12), query branch
         # support: the foreground pixel farthest from the anchor, and the mean background feature, per shot
-        fg = F.interpolate((m_s == 1).float(), f_s.shape[-2:], mode="nearest")  # (B, S, h, w)
+        fg = common.foreground_at(m_s, f_s.shape[-2:], mode="nearest")  # (B, S, h, w)
         bg = 1 - fg  # (B, S, h, w): 255 counts as background, as in SN and in the rest of this file
         anchor = F.normalize(p_s_aug.float(), dim=1)  # (B, c)
         losses_s = []
@@ -412,16 +606,13 @@ class SymNet(nn.Module):
         return loss_q + torch.stack(losses_s).mean()
 
     def forward(self, img_q, img_s, m_s, class_ids=None):
-        if self.missing_files:
-            raise FileNotFoundError(f"no such file: {', '.join(self.missing_files)}")
         cfg, (B, S), (H, W) = self.cfg, img_s.shape[:2], img_q.shape[-2:]
         # 1. frozen backbone: layer2-4 and every bottleneck block of query and supports
         feats_q, feats_s = self.backbone.episode(img_q, img_s, blocks=True)  # (B, ...) and (B*S, ...) entries
         # 2. mid-level features F^m and the resized support masks
-        f_q = self.down_query(torch.cat([feats_q["layer3"], feats_q["layer2"]], 1))  # (B, c, h, w)
-        f_s = split_shots(self.down_supp(torch.cat([feats_s["layer3"], feats_s["layer2"]], 1)), S)  # (B, S, c, h, w)
-        h, w = f_q.shape[-2:]
-        m = F.interpolate((m_s == 1).float(), (h, w), mode="bilinear", align_corners=True)  # (B, S, h, w)
+        f_q = self.down_query(feats_q)  # (B, c, h, w)
+        f_s = split_shots(self.down_supp(feats_s), S)  # (B, S, c, h, w)
+        m = common.foreground_at(m_s, f_q.shape[-2:])  # (B, S, h, w)
         # 3. SPM: the prior mask M^pri (Eq. 1-3)
         prior = self_activation_prior(feats_q["layer4"], split_shots(feats_s["layer4"], S), m, cfg.windows)  # (B,1,h,w)
         # 4. APA: symmetrical prototypes aligned with the word vector (Eq. 4-9)
@@ -445,7 +636,7 @@ class SymNet(nn.Module):
         if self.ensemble is not None:
             with torch.no_grad():
                 base = self.base_learner(feats_q["layer4"])  # (B, 1+n, h, w)
-                est = common.gram_distance(feats_q["layer2"], split_shots(feats_s["layer2"], S))  # (B,)
+                est = gram_distance(feats_q["layer2"], split_shots(feats_s["layer2"], S))  # (B,)
             logits = self.ensemble(meta, base, est, self.base_learner.classes, class_ids)  # (B, 2, h, w)
         # 8. co-triplet loss (Eq. 10-12), training only
         triplet = self.co_triplet(f_q, f_s, m_s, prior, p_q_aug, p_s_aug) if self.training else meta.new_zeros(())
@@ -464,4 +655,55 @@ class SymNet(nn.Module):
         return sum(terms.values()), terms
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The side files (word vectors, base learner): read in one place, build
+
+
+def read_base_learner(cfg, run):
+    """The base stage's file for this run, {model, classes, backbone, dataset, fold[, backbone_buffers]}:
+    cfg.base_learner, else base_learner_path(run); None, with one warning, when the default file does not exist.
+    A file for another backbone, other classes or the other kind of backbone weights (random or not):
+    WeightsUnavailableError."""
+    path = Path(cfg.base_learner or base_learner_path(run))
+    if not path.is_file():
+        warnings.warn(f"no base learner at {path}: Sym-Net runs as the meta learner alone "
+                      f"(train one with: python train.py --model symnet --stage base --fold {run.fold})")
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    expected = base_classes(run)
+    if state["backbone"] != cfg.backbone or list(state["classes"]) != expected:
+        raise common.WeightsUnavailableError(
+            f"base learner {path} was trained for {state['backbone']}, classes {state['classes']}; this model "
+            f"needs {cfg.backbone}, classes {expected}")
+    random = "backbone_buffers" in state  # saved with the random backbone's BatchNorm statistics
+    if random == bool(cfg.pretrained):
+        kinds = {True: "random (--no-pretrained)", False: "ImageNet (or --backbone-weights)"}
+        raise common.WeightsUnavailableError(
+            f"base learner {path} was trained on {kinds[random]} backbone weights; this model uses "
+            f"{kinds[not cfg.pretrained]} ones")
+    return state
+
+
+def build(cfg, run):
+    """Sym-Net for a run (train.construct): reads the word vectors (cfg.word_vectors) and the base learner
+    (read_base_learner), records the base learner's classes in the model's Config (cfg.base_classes; None
+    without one) and hands both to SymNet. A named file that does not exist, or that does not fit the run:
+    WeightsUnavailableError, before anything is built. With run.from_checkpoint no file is read: the checkpoint
+    holds the word vectors and the base learner, and its Config says whether it has one."""
+    text = base_state = None
+    if not run.from_checkpoint:
+        named = {"--word-vectors": cfg.word_vectors, "--base-learner": cfg.base_learner}
+        missing = [f"{flag} {path}" for flag, path in named.items() if path and not Path(path).is_file()]
+        if missing:
+            raise common.WeightsUnavailableError(f"no such file: {', '.join(missing)}")
+        if cfg.word_vectors:
+            text = load_word_vectors(cfg.word_vectors, run.dataset, root=run.data_root)
+        base_state = read_base_learner(cfg, run)
+        cfg = dataclasses.replace(cfg, base_classes=None if base_state is None else tuple(base_state["classes"]))
+        if not cfg.word_vectors:  # (a checkpoint's text rows come with its weights, zero or not)
+            warnings.warn("Sym-Net without --word-vectors: APA's text branch is off (Table 5, 'Support & Query')")
+    return SymNet(cfg, run, text, base_state)
+
+
 Model = SymNet
+STAGES = {"base": train_base_learner}

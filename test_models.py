@@ -1,7 +1,36 @@
-"""The test suite: the shared blocks (common.py), the data (data.py), the harness (train.py) and the five models.
+"""The test suite: one section per file, in this order, each opening with a banner.
+
+common.py  the IoU metrics, masked average pooling and PFENet's prior against hand-computed values; the FEM
+           against PFENet's order of operations; the loss (255 ignored, PFENet's upsampling); the frozen backbone
+           (BatchNorm in eval, output stride 8, calibrated statistics), PFENet's deep-stem ResNet and weight files
+           of either layout; the training loop fit (its schedule, means, logs and NaN stop, under DDP too).
+data.py    the folds; synthetic episodes; PASCAL and COCO on tiny trees: splits, filters, caches, bad files;
+           COCO's polygon (pycocotools' rule) and RLE decoding; image and mask alignment under augmentation, the
+           rotation and the blur against cv2's formulas, the test geometry; episodes that depend on no worker
+           count and each test seed's query order; box supports; the folder dataset and its error messages.
+train.py   the harness end to end with a tiny model file: training (the loss falling on the poly schedule),
+           scoring at the original size by hand, exact --resume, --select-best, --compile, the NaN stop, DDP;
+           the baseline, --stage, --vis, --predict, --bench (FLOPs by hand, host syncs), --bench-data; clear
+           messages for bad arguments; the recipes and the protocol's spread; run folders that lose no run,
+           --fold all; the folder dataset through the harness.
+The models, in the order of the files, each: its shapes at 1 and 5 shots, finite losses with every term, gradients
+in every learnable parameter (none in a frozen backbone), empty masks without NaN, how its K shots combine, 255 as
+background, a short training, and its key equations against direct computations, with layers set to identity
+or scripted where that pins down which tensor feeds which equation:
+ocnet.py   GOMM (Eq. 3-5), multi-frequency pooling (Eq. 6), the CCM (Eq. 7-15), Sinkhorn's marginals and the
+           allocation target, the CAM and the general object mask, the loss terms (Eq. 16); bf16, channels_last.
+qgnet.py   SLIC; InfoNCE (Eq. 1-3), the queues, the momentum encoder and shuffled BN; the stage-1 file; the prior
+           region map (Eq. 9-12), FEM's inputs and the loss; both stages through train.py.
+crcnet.py  the cross-reference, the local conditional module (Eq. 1-3), the refinement, the loss (Eq. 4-5), the
+           fine-tuning (§4.6) that restores every weight, fusion, multi-scale inference, pairs and their masks.
+symnet.py  SPM, APA (Eq. 6-8), the prototypes (Eq. 4, 5, 7, 9), TDC's input, the co-triplet loss (Eq. 10-12),
+           the loss with BAM's ensemble; the word vectors and the base learner, their files and checkpoints.
+qpenet.py  PPG and DPE (Eq. 1-8) with a scripted Convs, GBC, the cross attention, FFA's inputs and keys
+           (Eq. 12-16), L_bm per image, the parameter counts.
+All five   a training step on PFENet's deep-stem ResNet, and a training step that never waits for the device.
 
 Everything runs on the CPU with random backbone weights (pretrained=False) and data built here (the synthetic
-set, or tiny PASCAL/COCO trees in a temp folder): no download, no dataset on disk.
+set, or tiny PASCAL/COCO/folder trees in a temp folder): no download, no dataset on disk.
     python -m pytest -q test_models.py
 """
 import argparse
@@ -48,9 +77,39 @@ from common import (FEM, IGNORE_INDEX, MAP_EPS, Backbone, IoUMeter, cosine_prior
                     masked_average_pooling, seg_loss)
 
 
+# The episodes of the model tests, which several sections draw. Every builder returns forward's inputs in forward's
+# order, then the query's label: img_q, img_s, m_s, m_q.
+
+def episode(B, S, size, q_box=(5, 20, 8, 25), s_box=(3, 18, 10, 28), shot_step=2, seed=0):
+    """B episodes of S shots of random images img_q (B,3,size,size), img_s (B,S,3,size,size), drawn from `seed`,
+    with rectangular masks: the query's foreground q_box = (top, bottom, left, right), its first 2 rows 255;
+    support k's foreground s_box moved down k * shot_step rows, its last 2 rows 255 (the default boxes suit 33 px).
+    -> img_q, img_s, m_s (B,S,size,size), m_q (B,size,size)."""
+    g = torch.Generator().manual_seed(seed)
+    img_q, img_s = torch.randn(B, 3, size, size, generator=g), torch.randn(B, S, 3, size, size, generator=g)
+    m_q = torch.zeros(B, size, size, dtype=torch.long)
+    top, bottom, left, right = q_box
+    m_q[:, top:bottom, left:right] = 1
+    m_q[:, :2] = IGNORE_INDEX
+    m_s = torch.zeros(B, S, size, size, dtype=torch.long)
+    top, bottom, left, right = s_box
+    for k in range(S):
+        m_s[:, k, top + k * shot_step:bottom + k * shot_step, left:right] = 1
+    m_s[:, :, -2:] = IGNORE_INDEX
+    return img_q, img_s, m_s, m_q
+
+
+def synthetic_episode(B, S, size, seed=0):
+    """B rendered training episodes of S shots of the synthetic set (fold 0, its `seed`), with their class ids
+    (Sym-Net's text branch reads them). -> img_q, img_s, m_s, m_q, class_ids (B,)."""
+    ds = data.build_dataset("synthetic", "train", 0, shot=S, img_size=size, seed=seed, train_length=B)
+    batch = data.collate_episodes([ds[i] for i in range(B)])
+    return batch["img_q"], batch["img_s"], batch["m_s"], batch["m_q"], batch["class_id"]
+
 
 # ==========================================================================================================
-# common.py: metrics, pooling and the prior against hand-computed values; FEM; frozen backbone
+# common.py: the IoU metrics, pooling and the prior by hand; the FEM against PFENet's order of operations; the
+# loss; the frozen backbone, PFENet's deep-stem ResNet and weight files; the training loop fit
 # ==========================================================================================================
 
 # A 4x4 episode worked out by hand. Valid pixels (target != 255): 12.
@@ -70,7 +129,7 @@ def resnet50():
     return Backbone("resnet50", pretrained=False)
 
 
-# ---------------------------------------------------------------- metrics
+# ---------------- metrics ---------------------------------------------------------------------------------
 
 def test_intersection_and_union_by_hand():
     inter, union = intersection_and_union(PRED_4x4, TARGET_4x4)
@@ -142,7 +201,7 @@ def test_iou_meter_all_reduce_single_rank(tmp_path, monkeypatch):
     assert (meter.miou(), meter.fbiou()) == before
 
 
-# ---------------------------------------------------------------- pooling and prior
+# ---------------- pooling and prior -----------------------------------------------------------------------
 
 def test_masked_average_pooling_direct():
     torch.manual_seed(0)
@@ -200,7 +259,7 @@ def test_cosine_prior_shots_and_empty_mask():
     assert torch.allclose(one, alone, atol=1e-6)  # and the batch items do not interact
 
 
-# ---------------------------------------------------------------- FEM
+# ---------------- FEM -------------------------------------------------------------------------------------
 
 def _fem_inputs(in_dim, hw, extra_dim=1, batch=2):
     return torch.rand(batch, in_dim, hw, hw), torch.rand(batch, in_dim), torch.rand(batch, extra_dim, hw, hw)
@@ -273,7 +332,7 @@ def test_fem_gradients_reach_every_parameter_with_wide_extra():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-# ---------------------------------------------------------------- loss
+# ---------------- loss ------------------------------------------------------------------------------------
 
 def test_seg_loss_ignores_255_by_hand():
     ln3 = math.log(3)
@@ -306,7 +365,7 @@ def test_seg_loss_upsamples_and_survives_all_ignored():
     assert loss.item() == 0 and torch.isfinite(logits.grad).all()
 
 
-# ---------------------------------------------------------------- backbone
+# ---------------- backbone --------------------------------------------------------------------------------
 
 def test_resnet50_output_stride_and_blocks(resnet50):
     x = torch.randn(1, 3, 65, 65, requires_grad=True)
@@ -414,7 +473,7 @@ def test_backbone_download_failure_message(monkeypatch):
     assert "torchvision.models.resnet50(weights='IMAGENET1K_V1')" in message
 
 
-# ---------------------------------------------------------------- deep-stem ResNet (PFENet's) and weight files
+# ---------------- deep-stem ResNet (PFENet's) and weight files --------------------------------------------
 
 def bottleneck_params(c_in, planes, downsample):
     """One bottleneck's parameters by hand: 1x1 c_in->p, 3x3 p->p, 1x1 p->4p (no biases), a BatchNorm (weight
@@ -669,78 +728,62 @@ def test_deep_stem_without_a_weight_file_says_where_pfenets_are(monkeypatch):
         ocnet.ImageNetCAM("resnet50_deep", pretrained=True)  # the classifier alone is never silently random
 
 
-def test_ocnet_cam_takes_the_weight_files_own_classifier(pfenet_file, tmp_path):
-    path, ref = pfenet_file
-    torch.manual_seed(0)
-    model = ocnet.Model(ocnet.Config(backbone="resnet50_deep", pretrained=str(path)))
-    fc = model.cam.classifier[-1]
-    assert fc is model.backbone.head and torch.equal(fc.weight, ref.fc.weight) and torch.equal(fc.bias, ref.fc.bias)
-    assert not any(p.requires_grad for p in model.cam.parameters())
-    state = model.state_dict()  # the classifier is saved once, as the CAM's, as for the torchvision backbones
-    assert "cam.classifier.2.weight" in state and not any(k.startswith("backbone.head") for k in state)
-    f_h = torch.rand(2, 2048, 4, 5)
-    top = ref.fc(f_h.mean((2, 3))).argmax(1)  # CAM [65] of the file's top class
-    expected = ocnet.minmax(F.relu(torch.einsum("bc,bchw->bhw", ref.fc.weight[top], f_h))[:, None])
-    torch.testing.assert_close(model.cam(f_h), expected, atol=1e-5, rtol=1e-4)
-    # a file without a classifier: a clear error, and cam_source="none" needs none
-    bare = tmp_path / "no_fc.pth"
-    torch.save({k: v for k, v in torch.load(path, weights_only=True).items() if not k.startswith("fc.")}, bare)
-    with pytest.raises(common.WeightsFileError, match="no ImageNet classifier.*--cam-source none"):
-        ocnet.Model(ocnet.Config(backbone="resnet50_deep", pretrained=str(bare)))
-    assert ocnet.Model(ocnet.Config(backbone="resnet50_deep", pretrained=str(bare), cam_source="none")).cam is None
+# ---------------- the training loop (fit) -----------------------------------------------------------------
+
+def test_fit_schedules_averages_logs_and_stops_on_a_nonfinite_loss(tmp_path):
+    """common.fit, the loop of train.py and of the stages, on loss = w^2 with plain SGD (w <- w - lr * 2w)."""
+    w = nn.Parameter(torch.tensor(2.0))
+    optimizer = torch.optim.SGD([w], lr=0.0)
+    lrs, lines, ends, log_file = [], [], [], tmp_path / "log.jsonl"
+
+    def step(x):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        loss = (w * x) ** 2
+        return loss, {"double": 2 * loss}
+
+    common.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)] * 3, lambda it: 0.1 / (it + 1), 2, 3,
+               log_every=2, per_step=4, unit="images", tag="[t] ", log=lines.append, log_file=log_file,
+               event="t", end_epoch=ends.append)
+    assert lrs == pytest.approx([0.1 / (it + 1) for it in range(6)]) and ends == [0, 1]
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [(r["event"], r["epoch"], r["step"]) for r in records] == [("t", 1, 2), ("t", 1, 3), ("t", 2, 2),
+                                                                       ("t", 2, 3)]
+    # steps 1 and 2: w = 2, then 2 - 0.1 * 4 = 1.6; the mean loss of the interval is (4 + 2.56) / 2
+    assert records[0]["loss"] == pytest.approx(3.28) and records[0]["double"] == pytest.approx(6.56)
+    assert records[1]["loss"] == pytest.approx((1.6 - 0.05 * 3.2) ** 2)  # step 3 alone: w = 1.44
+    assert lines[0].startswith("[t] epoch 1/2 step 2/3 loss 3.2800 (double 6.5600) lr 5.00e-02 ")
+    assert "images/s ETA 0:00:" in lines[0] and "images_per_s" in records[0]
+    with pytest.raises(common.NonFiniteLossError, match="became nan in epoch 1 at step 2"):
+        common.fit(lambda x: (w * float("nan"), {}), optimizer, lambda epoch: [0] * 3, lambda it: 0.1, 1, 3,
+                   log_every=2, log=lines.append)
 
 
-def test_ocnet_cam_of_torchvision_backbones_unchanged():
-    torch.manual_seed(7)
-    cam = ocnet.ImageNetCAM("resnet50", pretrained=False)
-    torch.manual_seed(7)
-    fc = torchvision.models.resnet50(weights=None).fc  # as ImageNetCAM built it before weight files existed
-    assert torch.equal(cam.classifier[-1].weight, fc.weight) and torch.equal(cam.classifier[-1].bias, fc.bias)
-    assert [type(m) for m in cam.classifier] == [nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear]
-    deep = ocnet.ImageNetCAM("resnet50_deep", pretrained=False)  # random, like its backbone (checkpoints fill it)
-    assert deep.classifier[-1].weight.shape == (1000, 2048)
+def test_fit_under_ddp_logs_and_stops_on_the_mean_over_ranks(monkeypatch):
+    # another rank's loss went NaN: this rank's own is finite, and it must stop too (or it waits forever)
+    other_rank = {"loss": float("nan")}
 
+    def all_reduce(t, op=None):  # a 2-process SUM in which the other rank holds other_rank's mean loss
+        t += torch.tensor([other_rank["loss"], 0.0])
 
-def deep_stem_model(name, where):
-    """`name`'s model on the deep-stem ResNet-50 with random weights, built small where the file's tests do."""
-    if name == "symnet":
-        return make_symnet(where, backbone="resnet50_deep")  # pretrained=False
-    cfg = dict(backbone="resnet50_deep", pretrained=False)
-    if name == "crcnet":
-        return crcnet.Model(crcnet.Config(dim=32, cr_reduction=4, **cfg))
-    if name == "qgnet":
-        return qgnet.Model(qgnet.Config(untrained_prior=True, **cfg))  # a random prior extractor: no stage 1 file
-    module = {"ocnet": ocnet, "qpenet": qpenet}[name]
-    return module.Model(module.Config(**cfg))
-
-
-@pytest.mark.parametrize("name", ["ocnet", "qpenet", "crcnet", "symnet", "qgnet"])
-def test_every_model_trains_one_step_on_the_deep_stem(name, tmp_path):
-    torch.manual_seed(0)
-    model = deep_stem_model(name, tmp_path).train()
-    backbone, = [m for m in model.modules() if isinstance(m, Backbone) and m.name == "resnet50_deep"]
-    assert backbone.stages["layer0"][6].out_channels == 128  # PFENet's stem
-    stats = backbone.stages["layer0"][4].running_mean.clone()
-    img_q, img_s, m_s, m_q = box_episode(1, 1, 33, (5, 20, 8, 25), (3, 18, 10, 28))
-    out = model(img_q, img_s, m_s, **train.query_mask(model, {"m_q": m_q}))
-    total, _ = model.loss(out, m_q, m_s)
-    total.backward()
-    assert out["logits"].shape == (1, 2, 33, 33) and torch.isfinite(total)
-    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
-    stem = backbone.stages["layer0"][3].weight.grad  # the deep stem's second conv
-    if backbone.trainable:  # CRCNet trains its encoder end to end (§5.1)
-        assert stem is not None and stem.abs().sum() > 0
-    else:
-        assert all(p.grad is None for p in backbone.parameters())
-    assert not backbone.training and torch.equal(backbone.stages["layer0"][4].running_mean, stats)  # BN in eval
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    w = nn.Parameter(torch.tensor(1.0))
+    optimizer, lines = torch.optim.SGD([w], lr=0.0), []
+    step = (lambda x: ((w * x) ** 2, {"zero": torch.tensor(0.0)}))
+    with pytest.raises(common.NonFiniteLossError, match="became nan in epoch 1 at step 1"):
+        common.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)], lambda it: 0.0, 1, 1, log=lines.append)
+    other_rank["loss"] = 3.0
+    common.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)], lambda it: 0.0, 1, 1, log=lines.append)
+    assert lines[-1].startswith("epoch 1/1 step 1/1 loss 2.0000")  # (1 + 3) / 2: the mean over the ranks
 
 
 # ==========================================================================================================
-# data.py: folds, synthetic episodes, PASCAL and COCO on tiny trees, transforms, determinism
+# data.py: folds, synthetic episodes, PASCAL and COCO on tiny trees (splits, filters, caches, bad files), COCO's
+# polygons and RLE, augmentation and geometry, each test seed's order, box supports, the folder dataset
 # ==========================================================================================================
 
-# ----------------------------------------------------------------------------- helpers
+# ---------------- helpers: tiny datasets written in a temp folder -----------------------------------------
 
 def _label(*boxes, shape=(80, 80), ignore_rows=None):
     """Label map with (class, top, left, height, width) boxes and optionally a band of 255 rows."""
@@ -847,7 +890,7 @@ def _assert_episode(ep, shot, size, test):
     assert ("m_q_orig" in ep) == test and ("index" in ep) == test
 
 
-# ----------------------------------------------------------------------------- folds
+# ---------------- folds -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dataset,split,n", [("pascal", "interleaved", 20), ("synthetic", "interleaved", 20),
                                              ("coco", "interleaved", 80), ("coco", "contiguous", 80)])
@@ -871,7 +914,7 @@ def test_fold_classes_values():
         data.fold_classes("pascal", 4)
 
 
-# ----------------------------------------------------------------------------- synthetic
+# ---------------- synthetic -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shot,size", [(1, 64), (5, 64), (1, 96), (5, 96)])
 def test_synthetic_episode_shapes_and_determinism(shot, size):
@@ -916,7 +959,7 @@ def test_synthetic_train_never_shows_test_classes(fold):
     assert torch.equal(first, ds[(0, 0)]["img_q"])
 
 
-# ----------------------------------------------------------------------------- PASCAL
+# ---------------- PASCAL ----------------------------------------------------------------------------------
 
 def test_pascal_split_and_filters(tmp_path, capsys):
     root = _write_pascal(tmp_path / "voc")
@@ -957,19 +1000,6 @@ def test_pascal_masks_keep_ignore_and_zero_other_classes(tmp_path):
         ds.seed = seed
         picked.add(ds[index_of("v4")]["class_id"])
     assert picked == {1, 2}
-
-
-def test_base_learner_images_are_bams_whole_list_with_novel_pixels_as_background(tmp_path, monkeypatch):
-    root = _write_pascal(tmp_path / "voc")
-    images = common.BaseClassImages("pascal", 0, 80, root)  # fold 0: classes 1-5 novel, 6-20 base
-    # every training image, c_small (under 2048 px) and d_mixed (novel class 2) too, unlike the episodes
-    assert images.names == ["a_voc", "b_sbd", "c_small", "d_mixed", "f_multi"] and len(images) == 5
-    monkeypatch.setattr(data, "train_transform", lambda img, label, *a: (img, label))  # the labels as read
-    _, label = images[(0, images.names.index("d_mixed"))]
-    raw = torch.from_numpy(_PASCAL_LABELS["d_mixed"]).long()
-    assert torch.equal(label, torch.where(raw == 6, 1, 0))  # base class 6 -> channel 1, novel class 2 -> 0
-    _, label = images[(0, images.names.index("b_sbd"))]
-    assert set(label.unique().tolist()) == {0, 2, IGNORE_INDEX}  # class 7 -> channel 2; 255 stays
 
 
 def test_draw_supports_excludes_query_and_repeats_only_when_needed():
@@ -1047,7 +1077,46 @@ def test_a_file_that_fails_to_decode_later_is_named(tmp_path):
         data.load_mask(rgb_label)
 
 
-# ----------------------------------------------------------------------------- COCO
+def _write_pascal_val(root, n):
+    """A PASCAL tree whose n val images (60x60) each hold a 48x48 object of class 1..5 (fold 0), train one image."""
+    for sub in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    names = [f"v{i:03d}" for i in range(n)] + ["t000"]
+    for i, name in enumerate(names):
+        _save_jpeg(root / "JPEGImages" / f"{name}.jpg", (60, 60))
+        Image.fromarray(_label((1 + i % 5 if name[0] == "v" else 6, 6, 6, 48, 48), shape=(60, 60))).save(
+            root / "SegmentationClassAug" / f"{name}.png")
+    sets = root / "ImageSets" / "Segmentation"
+    (sets / "train.txt").write_text("t000\n")
+    (sets / "val.txt").write_text("\n".join(names[:n]) + "\n")
+    return root
+
+
+def test_each_test_seed_visits_every_image_in_its_own_order(tmp_path, capsys):
+    ds = data.build_dataset("pascal", "test", 0, img_size=32, root=_write_pascal_val(tmp_path, 20), episodes=30)
+    n = len(ds.images)
+    assert n == 20
+    orders = [[ds._query(i, seed) for i in range(n)] for seed in (0, 1)]
+    assert sorted(orders[0]) == sorted(orders[1]) == ds.images  # one pass: every image once
+    assert orders[0] != orders[1] and orders[0] != ds.images  # not the sorted list, and not shared by the seeds
+    assert len(set(orders[0][:5]) | set(orders[1][:5])) > 5  # two seeds of 5 episodes see more than one seed
+    assert [ds._query(n + i, 0) for i in range(n)] != orders[0]  # the second pass has its own order
+    assert ds[(1, 3)]["m_q_orig"].sum() > 0 and ds._query(3, 1) == orders[1][3]
+
+    def episodes(workers, batch):
+        sampler = train.EpisodeSampler(len(ds))
+        sampler.set_stream(1)
+        loader = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
+                            collate_fn=data.collate_episodes)
+        return [(int(i), int(c), m.tolist()) for b in loader for i, c, m in
+                zip(b["index"], b["class_id"], b["m_q_orig"])]
+
+    assert episodes(0, 1) == episodes(2, 4)  # a function of (seed, index): no worker or batch dependence
+    train_ds = data.build_dataset("pascal", "train", 0, img_size=32, root=tmp_path)
+    assert train_ds._query(0, 5) == train_ds.images[0]  # training: the sampler shuffles, the index names it
+
+
+# ---------------- COCO ------------------------------------------------------------------------------------
 
 def test_rle_decode_known_and_random_masks():
     assert data.rle_string_to_counts("11110") == [1, 1, 1, 2, 1]  # hand-encoded
@@ -1212,7 +1281,7 @@ def test_coco_labels_category_map_and_folds(tmp_path, monkeypatch):
     assert ep["m_q_orig"].shape == (80, 90)
 
 
-# ----------------------------------------------------------------------------- transforms and geometry
+# ---------------- transforms and geometry -----------------------------------------------------------------
 
 def _colour_coded(mask):
     """Image that is red where mask == 1 and blue elsewhere, uint8 (3,H,W)."""
@@ -1341,7 +1410,62 @@ def test_eval_episodes_identical_for_any_worker_count():
         assert all(torch.equal(x, y) for x, y in zip(a["m_q_orig"], b["m_q_orig"]))
 
 
-# ----------------------------------------------------------------------------- folder (your own data)
+# ---------------- box supports (weak supervision, CRCNet's Table 5) ---------------------------------------
+
+def test_mask_to_boxes_by_hand():
+    mask = torch.zeros(8, 10, dtype=torch.long)
+    mask[1, 1:4] = 1  # an L-shaped object ...
+    mask[2:4, 1] = 1
+    mask[4, 2] = 1  # ... with a diagonal neighbour (8-connected, same object)
+    mask[6, 6:9] = 1  # a second object
+    mask[7, 8] = 1
+    mask[2, 2] = 255  # inside the first box: becomes 1
+    mask[0, 9] = 255  # outside every box: stays 255
+    expected = torch.zeros(8, 10, dtype=torch.long)
+    expected[1:5, 1:4] = 1  # rows 1-4, columns 1-3
+    expected[6:8, 6:9] = 1
+    expected[0, 9] = 255
+    assert torch.equal(data.mask_to_boxes(mask), expected)
+    assert mask[2, 2] == 255  # the input is not modified
+    empty = torch.full((4, 4), 255)
+    empty[:2] = 0
+    assert torch.equal(data.mask_to_boxes(empty), empty)
+
+
+def test_mask_to_boxes_covers_every_object_with_its_box():
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(40, 50, generator=g) < 0.05).long()
+    mask[5:15, 5:30] = 1
+    mask[30:35, 40:48] = 255
+    boxes = data.mask_to_boxes(mask)
+    assert ((boxes == 1) | (mask != 1)).all()  # every foreground pixel is inside a box
+    assert torch.equal(boxes[boxes != 1], mask[boxes != 1])  # outside the boxes nothing changed
+    # a box never grows beyond its object: a single object's box is its exact extent
+    single = torch.zeros(20, 20, dtype=torch.long)
+    single[3:9, 4:5] = 1
+    single[8, 4:15] = 1
+    assert data.mask_to_boxes(single).nonzero().amin(0).tolist() == [3, 4]
+    assert data.mask_to_boxes(single).nonzero().amax(0).tolist() == [8, 14]
+    assert int(data.mask_to_boxes(single).sum()) == 6 * 11
+
+
+def test_support_boxes_option_touches_supports_only():
+    args = dict(name="synthetic", split="test", fold=0, shot=2, img_size=64, episodes=3)
+    plain, boxed = data.build_dataset(**args), data.build_dataset(**args, support_boxes=True)
+    assert not plain.support_boxes and boxed.support_boxes
+    for i in range(3):
+        a, b = plain[i], boxed[i]
+        assert torch.equal(a["img_q"], b["img_q"]) and torch.equal(a["img_s"], b["img_s"])
+        assert torch.equal(a["m_q"], b["m_q"]) and torch.equal(a["m_q_orig"], b["m_q_orig"])
+        for k in range(2):
+            assert torch.equal(b["m_s"][k], data.mask_to_boxes(a["m_s"][k]))
+            assert ((b["m_s"][k] == 1) | (a["m_s"][k] != 1)).all()
+        assert (b["m_s"] == 1).sum() >= (a["m_s"] == 1).sum()
+    train_set = data.build_dataset("synthetic", "train", 0, img_size=64, train_length=2, support_boxes=True)
+    assert train_set.support_boxes and train_set[0]["m_s"].shape == (1, 64, 64)
+
+
+# ---------------- folder (your own data) ------------------------------------------------------------------
 
 FOLDER_NAMES = ("cat", "dog", "cup", "car", "tree", "lamp")  # class ids 1..6
 FOLDER_FOLDS = "1 4\n2 5\n3\n6\n"  # fold 1 tests dog and tree
@@ -1376,7 +1500,7 @@ def test_folder_dataset_folds_splits_and_bams_filter(tmp_path):
     names = dict(enumerate(FOLDER_NAMES, 1))
     assert data.dataset_classes("folder", 1, root) == (6, names, [2, 5])  # folds.txt, line 2
     assert data.class_names("folder", root) == names
-    assert common.base_classes("folder", 1, root=root) == [1, 3, 4, 6]
+    assert symnet.base_classes(common.Run(dataset="folder", fold=1, data_root=root)) == [1, 3, 4, 6]
     train_set = data.build_dataset("folder", "train", 1, img_size=48, root=root, augment="crop-scale-flip")
     test_set = data.build_dataset("folder", "test", 1, shot=3, img_size=48, root=root, episodes=5)
     # test: every image with a pixel of dog or tree, so cat_3 and car_3 for their 100-pixel patches too ...
@@ -1402,7 +1526,7 @@ def test_folder_dataset_folds_splits_and_bams_filter(tmp_path):
     assert data.dataset_classes("folder", 1, root, test_classes=[6, 3]).novel == [3, 6]
     assert data.build_dataset("folder", "test", 1, img_size=48, root=root, test_classes=(6, 3)).classes == [3, 6]
     assert data.build_dataset("folder", "train", 1, img_size=48, root=root, test_classes=(3, 6)).classes == [1, 2, 4, 5]
-    assert common.base_classes("folder", 0, root=root, test_classes=(3, 6)) == [1, 2, 4, 5]
+    assert symnet.base_classes(common.Run(dataset="folder", data_root=root, test_classes=(3, 6))) == [1, 2, 4, 5]
     with pytest.raises(ValueError, match="folder dataset's novel classes"):
         data.dataset_classes("pascal", 0, test_classes=[3])
 
@@ -1427,7 +1551,8 @@ def test_folder_train_and_val_lists_split_as_pascals_and_feed_the_base_learner(t
     test_set = data.build_dataset("folder", "test", 1, shot=2, img_size=48, root=root)
     assert sorted(test_set.files) == ["dog_1", "dog_2", "dog_3", "tree_0", "tree_1", "tree_2"]
     assert test_set.class_files == {2: ["dog_1", "dog_2", "dog_3"], 5: ["tree_0", "tree_1", "tree_2"]}
-    images = common.BaseClassImages("folder", 1, 80, root)  # the whole training list, novel pixels -> background
+    # the whole training list, novel pixels -> background
+    images = symnet.BaseClassImages(common.Run(dataset="folder", fold=1, img_size=80, data_root=root))
     assert images.classes == [1, 3, 4, 6] and images.names == ["cat_0", "cat_3", "cup_0", "dog_0"]
     monkeypatch.setattr(data, "train_transform", lambda img, label, *a: (img, label))  # the labels as read
     _, label = images[(0, images.names.index("cat_3"))]
@@ -1471,7 +1596,8 @@ def _folder_eval(root, out, *flags):
                                   "two images of one name", "id not in classes.txt", "folds.txt of 2 lines",
                                   "folds.txt with an unknown id",
                                   "test class in no image", "test class not an id", "too few for the shots",
-                                  "0/255 masks", "empty folder", "no images folder", "train.txt alone"])
+                                  "0/255 masks", "16-bit id over 255", "empty folder", "no images folder",
+                                  "train.txt alone"])
 def test_folder_bad_input_gets_one_clear_line(case, tmp_path, capsys):
     root = _write_folder(tmp_path / "bad")
     images, labels = root / "images", root / "labels"
@@ -1515,6 +1641,9 @@ def test_folder_bad_input_gets_one_clear_line(case, tmp_path, capsys):
         "0/255 masks": (lambda: rewrite_labels(lambda a: np.where(a > 0, 255, 0).astype(np.uint8)), [],
                         f"no label in {labels} holds a class id (1..254): every pixel is 0 or 255, and 255 means "
                         "'ignore' (write an object mask as 0/1, not 0/255)"),
+        "16-bit id over 255": (  # would be dropped by the 1..254 count: named instead
+            lambda: Image.fromarray(_label((3, 0, 0, 50, 50)).astype(np.uint16) * 100).save(labels / "cup_2.png"), [],
+            f"{bad}{labels / 'cup_2.png'}: class id 300; ids are 1..254 (0 background, 255 ignore)"),
         "empty folder": (lambda: [p.unlink() for d in (images, labels) for p in d.iterdir()], [],
                          f"folder data root {root} holds no image: {images} has no .jpg, .jpeg, .png file and "
                          f"{labels} no .png\n{data.FOLDER_LAYOUT}"),
@@ -1532,97 +1661,12 @@ def test_folder_bad_input_gets_one_clear_line(case, tmp_path, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_folder_dataset_trains_evaluates_visualises_and_predicts_through_the_harness(tiny, tmp_path, capsys):
-    root, out = _write_folder(tmp_path / "mine"), tmp_path / "run"
-    train.main(["--model", str(tiny), "--dataset", "folder", "--data-root", str(root), "--fold", "1", "--img-size",
-                "48", "--epochs", "1", "--batch-size", "2", "--test-episodes", "6", "--test-seeds", "1", "--workers",
-                "0", "--vis", "2", "--out", str(out)])
-    text = capsys.readouterr().out
-    assert "training: 14 episodes/epoch, 7 steps of 2" in text  # the 14 training images of fold 1
-    result = _records(out)[-1]
-    assert result["event"] == "result" and result["dataset"] == "folder" and sorted(result["per_class"]) == ["2", "5"]
-    assert "dog" in text and "tree" in text  # the class table names them from classes.txt
-    vis = sorted(p.name for p in (out / "vis").glob("*.png"))
-    assert len(vis) == 2 and all(name.endswith(("_dog.png", "_tree.png")) for name in vis)
-    state = torch.load(out / "last.pt", weights_only=False)
-    assert state["args"]["dataset"] == "folder" and state["args"]["augment"] == "pfenet"
-    train.main(["--predict", "--checkpoint", str(out / "last.pt"), "--support", str(root / "images" / "dog_0.jpg"),
-                "--support-mask", str(root / "labels" / "dog_0.png"), "--query", str(root / "images" / "dog_1.jpg"),
-                "--out", str(tmp_path / "pred"), "--workers", "0"])
-    pred = np.array(Image.open(tmp_path / "pred" / "dog_1_mask.png"))
-    assert pred.shape == (80, 80) and set(np.unique(pred)) <= {0, 255}
-
-
-def test_folder_baseline_fold_all_test_classes_and_run_folders(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(common, "RUNS_DIR", str(tmp_path / "runs"))
-    root = _write_folder(tmp_path / "mine")
-    flags = ["--model", "baseline", "--baseline-features", "image", "--dataset", "folder", "--data-root", str(root),
-             "--img-size", "48", "--test-episodes", "4", "--test-seeds", "1", "--workers", "0"]
-    records = train.main([*flags, "--fold", "all"])
-    assert [sorted(map(int, r["per_class"])) for r in records] == [[1, 4], [2, 5], [3], [6]]  # folds.txt
-    assert "| baseline | 1 |" in capsys.readouterr().out  # the four-fold table
-    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
-    digest = folders[0].split("-")[3]  # the root's name, then a hash of its path
-    assert len(digest) == 6 and set(digest) <= set("0123456789abcdef")
-    tag = f"folder-mine-{digest}"
-    assert folders == [f"baseline-{tag}-fold{k}-1shot" for k in range(4)]
-    train.main([*flags, "--test-classes", "6,3"])
-    assert _records(tmp_path / "runs" / f"baseline-{tag}-classes3-6-1shot")[-1]["per_class"].keys() == {"3", "6"}
-    # two roots of one name, two sets of test classes: four run folders
-    other = _write_folder(tmp_path / "elsewhere" / "mine")
-    outs = {train.parse_args([*flags, "--data-root", str(r), *extra])[0].out
-            for r in (root, other) for extra in (["--test-classes", "3"], ["--test-classes", "3,6"])}
-    assert len(outs) == 4
-    capsys.readouterr()
-    for extra, message in (
-            (["--fold", "all", "--test-classes", "3"],
-             "--test-classes names the novel classes itself: drop --fold all"),
-            (["--fold", "1", "--test-classes", "3"], "drop --fold 1 (--fold K and --fold all take a folder dataset's "
-                                                     "folds from its folds.txt)"),
-            (["--test-classes", "3,x"], "must be class ids >= 1 separated by commas (e.g. 3,7,9), got '3,x'"),
-            (["--test-classes", "3", "--dataset", "pascal"],
-             "--test-classes chooses the novel classes of --dataset folder; pascal's are its folds (--fold)")):
-        with pytest.raises(SystemExit):
-            train.parse_args([*flags, *extra])
-        assert message in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("model", ["tiny", "baseline", "ocnet", "qgnet", "crcnet", "symnet", "qpenet"])
-def test_folder_runs_take_the_harness_recipe_where_a_model_has_none(model, tiny, tmp_path):
-    name = str(tiny) if model == "tiny" else model
-    module = train.load_model_module(name)
-    assert "folder" not in getattr(module, "DEFAULTS", {})  # no model file has a folder recipe: the harness's
-    args = train.parse_args(["--model", name, "--dataset", "folder", "--data-root", str(tmp_path)])[0]
-    got = {k: getattr(args, k) for k in ("lr", "batch_size", "epochs", "img_size", "augment", "test_episodes",
-                                         "test_seeds")}
-    assert got == dict(lr=0.025, batch_size=4, epochs=200, img_size=473, augment="pfenet", test_episodes=1000,
-                       test_seeds=5)  # PASCAL-5i's harness recipe and protocol
-    assert train.HARNESS_DEFAULTS["folder"] == train.HARNESS_DEFAULTS["pascal"]
-
-
-def test_folder_classes_size_symnets_text_and_word_vectors(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # no runs/ here: no base learner
-    root = _write_folder(tmp_path / "mine")
-    torch.save({name: torch.full((symnet.TEXT_DIM,), float(c)) for c, name in enumerate(FOLDER_NAMES, 1)},
-               tmp_path / "v.pt")
-    table = symnet.load_word_vectors(tmp_path / "v.pt", "folder", root=root)
-    assert table.shape == (7, symnet.TEXT_DIM) and (table[0] == 0).all() and (table[4] == 4).all()  # row 4: car
-    with pytest.warns(UserWarning) as record:  # no word vectors, no base learner: one warning each
-        net = symnet.SymNet(symnet.Config(pretrained=False, dataset="folder", data_root=str(root), fold=1))
-    assert any("meta learner alone" in str(r.message) for r in record)
-    assert net.text.shape == (7, symnet.TEXT_DIM) and (net.text == 0).all()
-    # a base learner of fold 1 (base classes 1, 3, 4, 6) does not fit the run with --test-classes 3,6
-    torch.save({"model": {}, "classes": [1, 3, 4, 6], "backbone": "resnet50"}, tmp_path / "base.pt")
-    with pytest.raises(ValueError, match=r"classes \[1, 3, 4, 6\]; this model needs resnet50, classes \[1, 2, 4, 5\]"):
-        symnet.SymNet(symnet.Config(pretrained=False, dataset="folder", data_root=str(root), test_classes=(3, 6),
-                                    base_learner=str(tmp_path / "base.pt"), word_vectors=str(tmp_path / "v.pt")))
-
-
 # ==========================================================================================================
 # train.py: the harness end to end on synthetic data, with a tiny model file written to a temp folder
 # ==========================================================================================================
 
 REPO = Path(__file__).resolve().parent
+
 
 TINY_MODEL = '''
 """A tiny model with the repository's model interface, for testing the harness quickly."""
@@ -1637,12 +1681,10 @@ DEFAULTS = {"synthetic": dict(lr=0.05, batch_size=4, epochs=2, img_size=48)}
 
 @dataclasses.dataclass
 class Config:
-    shot: int = 1
     width: int = 16
     nan_after: int = 0  # test hook: the loss becomes NaN after this many training steps (0: never)
     crash_after: int = 0  # test hook: raise after this many training steps (0: never)
     invert: int = 0  # test hook: swap the two logits (an evaluation-time model flag)
-    fold: int = 0
     crash_fold: int = -1  # test hook: crash_after applies in this fold only (-1: in every fold)
 
 
@@ -1653,12 +1695,12 @@ def add_args(parser):
     parser.add_argument("--crash-fold", type=int, default=None)
 
 
-def stage_hello(args):
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "stage.txt").write_text(f"fold {args.fold}")
+def stage_hello(run, schedule, options):
+    schedule.out.mkdir(parents=True, exist_ok=True)
+    (schedule.out / "stage.txt").write_text(f"fold {run.fold}")
 
 
-def stage_nan(args):  # a stage whose loss is NaN from the first step, through the shared loop
+def stage_nan(run, schedule, options):  # a stage whose loss is NaN from the first step, through the shared loop
     w = nn.Parameter(torch.zeros(()))
     common.fit(lambda batch: (w * float("nan"), {}), torch.optim.SGD([w], lr=0.1), lambda epoch: [0],
                lambda it: 0.1, 1, 1, log_every=1)
@@ -1668,9 +1710,9 @@ STAGES = {"hello": stage_hello, "nan": stage_nan}
 
 
 class Model(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, run):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.run = cfg, run
         w = cfg.width
         self.encoder = nn.Sequential(nn.Conv2d(3, w, 3, 2, 1), nn.ReLU(), nn.Conv2d(w, w, 3, 2, 1), nn.ReLU(),
                                      nn.Dropout2d(0.1))
@@ -1691,7 +1733,8 @@ class Model(nn.Module):
         total = common.seg_loss(out["logits"], m_q)
         if self.training:
             self.steps += 1
-            if self.cfg.crash_after and self.steps > self.cfg.crash_after and self.cfg.crash_fold in (-1, self.cfg.fold):
+            crashing = self.cfg.crash_after and self.cfg.crash_fold in (-1, self.run.fold)
+            if crashing and self.steps > self.cfg.crash_after:
                 raise RuntimeError("simulated crash")
             if self.cfg.nan_after and self.steps > self.cfg.nan_after:
                 total = total * float("nan")
@@ -1723,6 +1766,13 @@ def result_line(text):
     return dict(kv.split("=") for kv in lines[-1].split()[1:])
 
 
+def read_metrics(out, name="metrics.jsonl"):
+    """The records of a run's log out/name, one dict a line."""
+    return [json.loads(line) for line in (out / name).read_text().splitlines()]
+
+
+# ---------------- training, evaluation, --resume, --select-best, --compile, NaN stop, DDP -----------------
+
 def test_cli_trains_and_evaluates_end_to_end(tiny, tmp_path):
     out = tmp_path / "run"
     proc = run_cli(["train.py", *tiny_args(tiny, out, "--epochs", "3", "--log-every", "2", "--workers", "2")])
@@ -1731,7 +1781,7 @@ def test_cli_trains_and_evaluates_end_to_end(tiny, tmp_path):
     assert res["model"] == "tinynet" and res["dataset"] == "synthetic" and res["fold"] == "1"
     assert 0 <= float(res["miou"]) <= 100 and 0 <= float(res["fbiou"]) <= 100
     assert "episodes/s" in proc.stdout and "ETA" in proc.stdout and "test seed 1" in proc.stdout
-    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out)
     assert records[0]["event"] == "start" and records[-1]["event"] == "result"
     assert set(records[-1]["per_class"]) == {"6", "7", "8", "9", "10"}  # fold 1's test classes
     state = torch.load(out / "last.pt", weights_only=False)
@@ -1741,12 +1791,10 @@ def test_cli_trains_and_evaluates_end_to_end(tiny, tmp_path):
 def test_training_lowers_the_loss(tiny, tmp_path):
     train.main(tiny_args(tiny, tmp_path, "--epochs", "6", "--train-length", "32", "--log-every", "8",
                          "--test-episodes", "4", "--test-seeds", "1"))
-    losses = [r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
-              if r["event"] == "train"]
+    losses = [r["loss"] for r in read_metrics(tmp_path) if r["event"] == "train"]
     assert len(losses) == 6 and sum(losses[-2:]) < 0.9 * sum(losses[:2]), losses
     # the poly schedule per step: 32 episodes / batch 4 = 8 steps an epoch, 48 in all, logged at each 8th
-    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
-           if r["event"] == "train"]
+    lrs = [r["lr"] for r in read_metrics(tmp_path) if r["event"] == "train"]
     assert lrs == pytest.approx([0.05 * (1 - (8 * e + 7) / 48) ** 0.9 for e in range(6)])
 
 
@@ -1812,7 +1860,7 @@ def test_select_best_validates_keeps_the_best_and_evaluates_it(tiny, tmp_path, c
     train.main(tiny_args(tiny, tmp_path, "--epochs", "3", "--select-best", "--val-every", "1",
                          "--test-episodes", "4", "--test-seeds", "1"))
     text = capsys.readouterr().out
-    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path)
     vals = [r["miou"] for r in records if r["event"] == "val"]
     assert len(vals) == 3 and "evaluating best.pt" in text and "optimistic" in text
     best = torch.load(tmp_path / "best.pt", weights_only=False)
@@ -1829,8 +1877,7 @@ def test_compile_trains_as_eager_and_saves_plain_weights(tiny, tmp_path):
         proc = run_cli(["train.py", *tiny_args(tiny, out, "--epochs", "1", "--log-every", "1", "--test-seeds", "1",
                                                *extra)])
         assert proc.returncode == 0, proc.stderr[-3000:]
-        losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
-                        if json.loads(line)["event"] == "train"]
+        losses[name] = [r["loss"] for r in read_metrics(out) if r["event"] == "train"]
     assert len(losses["eager"]) == 4 and losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
     keys = torch.load(tmp_path / "compiled" / "last.pt", weights_only=False)["model"]
     assert keys.keys() == torch.load(tmp_path / "eager" / "last.pt", weights_only=False)["model"].keys()
@@ -1844,54 +1891,6 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path,
     state = torch.load(tmp_path / "last.pt", weights_only=False)
     assert state["epoch"] == 1  # 4 steps per epoch: epoch 1 was good, epoch 2 went bad
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-
-
-def test_fit_schedules_averages_logs_and_stops_on_a_nonfinite_loss(tmp_path):
-    """common.fit, the loop of train.py and of the stages, on loss = w^2 with plain SGD (w <- w - lr * 2w)."""
-    w = nn.Parameter(torch.tensor(2.0))
-    optimizer = torch.optim.SGD([w], lr=0.0)
-    lrs, lines, ends, log_file = [], [], [], tmp_path / "log.jsonl"
-
-    def step(x):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        loss = (w * x) ** 2
-        return loss, {"double": 2 * loss}
-
-    common.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)] * 3, lambda it: 0.1 / (it + 1), 2, 3,
-               log_every=2, per_step=4, unit="images", tag="[t] ", log=lines.append, log_file=log_file,
-               event="t", end_epoch=ends.append)
-    assert lrs == pytest.approx([0.1 / (it + 1) for it in range(6)]) and ends == [0, 1]
-    records = [json.loads(line) for line in log_file.read_text().splitlines()]
-    assert [(r["event"], r["epoch"], r["step"]) for r in records] == [("t", 1, 2), ("t", 1, 3), ("t", 2, 2),
-                                                                       ("t", 2, 3)]
-    # steps 1 and 2: w = 2, then 2 - 0.1 * 4 = 1.6; the mean loss of the interval is (4 + 2.56) / 2
-    assert records[0]["loss"] == pytest.approx(3.28) and records[0]["double"] == pytest.approx(6.56)
-    assert records[1]["loss"] == pytest.approx((1.6 - 0.05 * 3.2) ** 2)  # step 3 alone: w = 1.44
-    assert lines[0].startswith("[t] epoch 1/2 step 2/3 loss 3.2800 (double 6.5600) lr 5.00e-02 ")
-    assert "images/s ETA 0:00:" in lines[0] and "images_per_s" in records[0]
-    with pytest.raises(common.NonFiniteLossError, match="became nan in epoch 1 at step 2"):
-        common.fit(lambda x: (w * float("nan"), {}), optimizer, lambda epoch: [0] * 3, lambda it: 0.1, 1, 3,
-                   log_every=2, log=lines.append)
-
-
-def test_fit_under_ddp_logs_and_stops_on_the_mean_over_ranks(monkeypatch):
-    # another rank's loss went NaN: this rank's own is finite, and it must stop too (or it waits forever)
-    other_rank = {"loss": float("nan")}
-
-    def all_reduce(t, op=None):  # a 2-process SUM in which the other rank holds other_rank's mean loss
-        t += torch.tensor([other_rank["loss"], 0.0])
-
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(dist, "all_reduce", all_reduce)
-    w = nn.Parameter(torch.tensor(1.0))
-    optimizer, lines = torch.optim.SGD([w], lr=0.0), []
-    step = (lambda x: ((w * x) ** 2, {"zero": torch.tensor(0.0)}))
-    with pytest.raises(common.NonFiniteLossError, match="became nan in epoch 1 at step 1"):
-        common.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)], lambda it: 0.0, 1, 1, log=lines.append)
-    other_rank["loss"] = 3.0
-    common.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)], lambda it: 0.0, 1, 1, log=lines.append)
-    assert lines[-1].startswith("epoch 1/1 step 1/1 loss 2.0000")  # (1 + 3) / 2: the mean over the ranks
 
 
 def test_evaluation_is_reproducible_and_matches_across_processes(tiny, tmp_path):
@@ -1919,6 +1918,8 @@ def test_ddp_training_on_cpu(tiny, tmp_path):
     assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 2
 
 
+# ---------------- the baseline; --stage, --vis, --predict, --bench ----------------------------------------
+
 def test_baseline_segments_a_colour_coded_episode_exactly():
     """On pixel features, a red square on blue is found exactly by the fg/bg prototype rule."""
     baseline = train.PrototypeBaseline(train.BaselineConfig(baseline_features="image"))
@@ -1944,7 +1945,7 @@ def test_baseline_evaluates_without_training(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "training:" not in out and "BatchNorm statistics estimated on 64 training images" in out
     # 2 episodes cannot cover fold 0's 5 classes: the others count 0, as in PFENet's mIoU, and the user is told
-    result = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    result = read_metrics(tmp_path)[-1]
     assert sorted(map(int, result["per_class"])) == list(data.fold_classes("synthetic", 0))
     assert miou == pytest.approx(sum(result["per_class"].values()) / 5)
     assert "WARNING: test seed 0 has no episode of" in out and "IoU 0 in the mIoU" in out
@@ -1964,10 +1965,8 @@ def test_stage_vis_predict_and_bench(tiny, tmp_path, capsys):
     train.main(tiny_args(tiny, tmp_path, "--epochs", "1", "--vis", "3", "--test-episodes", "4", "--test-seeds", "1"))
     pngs = sorted((tmp_path / "vis").glob("*.png"))
     assert len(pngs) == 3
-    from PIL import Image
     assert Image.open(pngs[0]).size == (3 * 48, 48)  # 1 support | ground truth | prediction
 
-    import numpy as np
     img = np.zeros((30, 50, 3), np.uint8)
     img[5:25, 10:30] = 200
     mask = np.zeros((30, 50), np.uint8)
@@ -2000,6 +1999,31 @@ def test_stage_vis_predict_and_bench(tiny, tmp_path, capsys):
     assert fields["host_syncs"] == "0" and "host syncs: 0 per training step" in text
 
 
+def test_user_masks_of_any_mode_and_missing_files(tmp_path):
+    grey = np.zeros((4, 5), np.uint8)
+    grey[1:3, 2:4] = 200
+    rgb = np.zeros((4, 5, 3), np.uint8)
+    rgb[1:3, 2:4, 2] = 1  # a faint blue object: nonzero in one channel only
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(np.dstack([rgb, np.full((4, 5), 255, np.uint8)])).save(tmp_path / "rgba.png")
+    expected = torch.from_numpy((grey > 0).astype(np.int64))
+    for name in ("grey.png", "rgb.png", "rgba.png"):
+        assert torch.equal(train.read_user_mask(tmp_path / name), expected), name
+    with pytest.raises(SystemExit, match="cannot read mask"):
+        train.read_user_mask(tmp_path / "absent.png")
+    # a phone photo stored landscape with EXIF orientation 6 (shown turned 90 degrees clockwise): --predict
+    # reads it upright, as the user sees it and drew its mask; the datasets' images are read as stored
+    photo = np.zeros((4, 6, 3), np.uint8)
+    photo[0, 0] = 255  # top-left as stored -> top-right as shown
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(photo).save(tmp_path / "phone.png", exif=exif)
+    stored, upright = data.load_image(tmp_path / "phone.png"), data.load_image(tmp_path / "phone.png", upright=True)
+    assert stored.shape == (3, 4, 6) and upright.shape == (3, 6, 4)
+    assert stored[0, 0, 0] == 255 and upright[0, 0, -1] == 255
+
+
 def test_count_flops_by_hand_and_backbone_share():
     class Net(nn.Module):
         def __init__(self):
@@ -2021,6 +2045,16 @@ def test_count_flops_by_hand_and_backbone_share():
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())  # hooks removed
 
 
+def test_bf16_peak_matches_whole_gpu_names(monkeypatch):
+    args, cuda = argparse.Namespace(peak_tflops=None), torch.device("cuda")
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.5), ("NVIDIA H100 NVL", 835.5),
+                       ("NVIDIA L40", 181.0), ("NVIDIA L40S", 362.1), ("NVIDIA L4", 121.0), ("NVIDIA A10G", None),
+                       ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H200", 989.4)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert train.bf16_peak_tflops(cuda, args) == peak, name
+    assert train.bf16_peak_tflops(cuda, argparse.Namespace(peak_tflops=500.0)) == 500.0  # --peak-tflops wins
+
+
 def test_bench_data_on_generated_pascal_jpegs(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "BENCH_DATA_IMAGES", 20)
     monkeypatch.setattr(train, "BENCH_DATA_SECONDS", 0.5)
@@ -2036,6 +2070,8 @@ def test_bench_data_on_generated_pascal_jpegs(tmp_path, monkeypatch, capsys):
     assert img.size == (500, 375) and label.shape == (375, 500) and 5 in np.unique(label)  # class 1 + 4 % 20
     assert (root / "ImageSets" / "Segmentation" / "val.txt").read_text() == "000004\n"
 
+
+# ---------------- arguments, and checkpoints given with flags ---------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [
     (["--fold", "7"], "argument --fold: must be 0, 1, 2, 3 or all, got '7'"),
@@ -2076,31 +2112,6 @@ def test_offline_pretrained_run_stops_with_instructions(tmp_path, monkeypatch):
     assert "--no-pretrained" in str(stop.value)
 
 
-def test_user_masks_of_any_mode_and_missing_files(tmp_path):
-    grey = np.zeros((4, 5), np.uint8)
-    grey[1:3, 2:4] = 200
-    rgb = np.zeros((4, 5, 3), np.uint8)
-    rgb[1:3, 2:4, 2] = 1  # a faint blue object: nonzero in one channel only
-    Image.fromarray(grey).save(tmp_path / "grey.png")
-    Image.fromarray(rgb).save(tmp_path / "rgb.png")
-    Image.fromarray(np.dstack([rgb, np.full((4, 5), 255, np.uint8)])).save(tmp_path / "rgba.png")
-    expected = torch.from_numpy((grey > 0).astype(np.int64))
-    for name in ("grey.png", "rgb.png", "rgba.png"):
-        assert torch.equal(train.read_user_mask(tmp_path / name), expected), name
-    with pytest.raises(SystemExit, match="cannot read mask"):
-        train.read_user_mask(tmp_path / "absent.png")
-    # a phone photo stored landscape with EXIF orientation 6 (shown turned 90 degrees clockwise): --predict
-    # reads it upright, as the user sees it and drew its mask; the datasets' images are read as stored
-    photo = np.zeros((4, 6, 3), np.uint8)
-    photo[0, 0] = 255  # top-left as stored -> top-right as shown
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    Image.fromarray(photo).save(tmp_path / "phone.png", exif=exif)
-    stored, upright = data.load_image(tmp_path / "phone.png"), data.load_image(tmp_path / "phone.png", upright=True)
-    assert stored.shape == (3, 4, 6) and upright.shape == (3, 6, 4)
-    assert stored[0, 0, 0] == 255 and upright[0, 0, -1] == 255
-
-
 def test_model_flags_given_with_a_checkpoint_apply(tiny, tmp_path):
     train.main(tiny_args(tiny, tmp_path / "run", "--epochs", "1", "--test-episodes", "4", "--test-seeds", "1"))
     flags = ["--eval-only", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--dataset", "synthetic",
@@ -2132,23 +2143,13 @@ def test_a_checkpoint_is_tested_on_its_own_fold_unless_told_otherwise(tiny, tmp_
             train.main(["--eval-only", "--checkpoint", str(tmp_path / name)])
 
 
-def test_bf16_peak_matches_whole_gpu_names(monkeypatch):
-    args, cuda = argparse.Namespace(peak_tflops=None), torch.device("cuda")
-    for name, peak in (("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.5), ("NVIDIA H100 NVL", 835.5),
-                       ("NVIDIA L40", 181.0), ("NVIDIA L40S", 362.1), ("NVIDIA L4", 121.0), ("NVIDIA A10G", None),
-                       ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H200", 989.4)):
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
-        assert train.bf16_peak_tflops(cuda, args) == peak, name
-    assert train.bf16_peak_tflops(cuda, argparse.Namespace(peak_tflops=500.0)) == 500.0  # --peak-tflops wins
-
-
 def test_eval_only_without_checkpoint_is_refused(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(tiny_args(tiny, tmp_path, "--eval-only"))
     assert "--eval-only needs --checkpoint" in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------- the recipes, and the protocol's scores
+# ---------------- the recipes, and the protocol's scores --------------------------------------------------
 
 RECIPES = {  # model -> dataset -> (lr, batch, epochs, crop, augmentation): the run behind each paper's table
     "ocnet": {"pascal": (0.05, 4, 200, 473, "pfenet"), "coco": (0.05, 4, 75, 641, "pfenet")},
@@ -2171,12 +2172,17 @@ def test_default_recipe_is_the_run_behind_each_papers_table(model, dataset):
     assert (given.lr, given.augment, given.test_episodes, given.batch_size) == (0.1, "pfenet", 7, args.batch_size)
 
 
-@pytest.mark.parametrize("dataset, epochs", [("pascal", 100), ("coco", 20)])
-def test_symnet_base_stage_takes_bams_base_recipe(dataset, epochs):
-    args, _ = train.parse_args(["--model", "symnet", "--stage", "base", "--dataset", dataset])
-    assert (args.lr, args.batch_size, args.epochs, args.img_size) == (0.0025, 12, epochs, 417)
-    meta, _ = train.parse_args(["--model", "symnet", "--dataset", dataset])  # the meta learner keeps its own
-    assert (meta.lr, meta.batch_size) == (0.05, 32)
+@pytest.mark.parametrize("dataset, end_to_end, scales", [("pascal", True, (0.75, 1.0, 1.25)),
+                                                         ("coco", True, (0.75, 1.0, 1.25)),
+                                                         ("synthetic", False, (1.0,))])
+def test_crcnet_recipe_trains_end_to_end_and_tests_at_three_scales(dataset, end_to_end, scales):
+    args, module = train.parse_args(["--model", "crcnet", "--dataset", dataset])
+    cfg = train.make_config(module, args)  # §5.1; the synthetic quick start keeps the encoder frozen, one scale
+    assert (cfg.train_encoder, tuple(cfg.test_scales)) == (end_to_end, scales)
+    args, module = train.parse_args(["--model", "crcnet", "--dataset", dataset, "--freeze-encoder",
+                                     "--test-scales", "1", "1.5"])
+    assert (train.make_config(module, args).train_encoder, train.make_config(module, args).test_scales) == \
+        (False, [1.0, 1.5])
 
 
 def test_a_recipe_value_that_names_no_flag_is_refused(tmp_path):
@@ -2189,7 +2195,7 @@ def test_a_recipe_value_that_names_no_flag_is_refused(tmp_path):
 def test_result_reports_the_mean_and_spread_over_the_test_seeds(tiny, tmp_path, capsys):
     train.main(tiny_args(tiny, tmp_path, "--epochs", "1", "--test-episodes", "6", "--test-seeds", "3"))
     out = capsys.readouterr().out
-    record = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    record = read_metrics(tmp_path)[-1]
     printed = [float(line.split("mIoU ")[1].split()[0]) for line in out.splitlines() if line.startswith("test seed")]
     assert printed == pytest.approx([100 * v for v in record["seed_miou"]], abs=0.006) and len(printed) == 3
     assert record["miou"] == pytest.approx(np.mean(record["seed_miou"]))
@@ -2223,50 +2229,7 @@ def test_evaluation_is_fp32_unless_asked_and_training_bf16_unless_fp32(tiny, tmp
     assert isinstance(real(torch.device("cpu"), True), contextlib.nullcontext)
 
 
-def _write_pascal_val(root, n):
-    """A PASCAL tree whose n val images (60x60) each hold a 48x48 object of class 1..5 (fold 0), train one image."""
-    for sub in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    names = [f"v{i:03d}" for i in range(n)] + ["t000"]
-    for i, name in enumerate(names):
-        _save_jpeg(root / "JPEGImages" / f"{name}.jpg", (60, 60))
-        Image.fromarray(_label((1 + i % 5 if name[0] == "v" else 6, 6, 6, 48, 48), shape=(60, 60))).save(
-            root / "SegmentationClassAug" / f"{name}.png")
-    sets = root / "ImageSets" / "Segmentation"
-    (sets / "train.txt").write_text("t000\n")
-    (sets / "val.txt").write_text("\n".join(names[:n]) + "\n")
-    return root
-
-
-def test_each_test_seed_visits_every_image_in_its_own_order(tmp_path, capsys):
-    ds = data.build_dataset("pascal", "test", 0, img_size=32, root=_write_pascal_val(tmp_path, 20), episodes=30)
-    n = len(ds.images)
-    assert n == 20
-    orders = [[ds._query(i, seed) for i in range(n)] for seed in (0, 1)]
-    assert sorted(orders[0]) == sorted(orders[1]) == ds.images  # one pass: every image once
-    assert orders[0] != orders[1] and orders[0] != ds.images  # not the sorted list, and not shared by the seeds
-    assert len(set(orders[0][:5]) | set(orders[1][:5])) > 5  # two seeds of 5 episodes see more than one seed
-    assert [ds._query(n + i, 0) for i in range(n)] != orders[0]  # the second pass has its own order
-    assert ds[(1, 3)]["m_q_orig"].sum() > 0 and ds._query(3, 1) == orders[1][3]
-
-    def episodes(workers, batch):
-        sampler = train.EpisodeSampler(len(ds))
-        sampler.set_stream(1)
-        loader = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
-                            collate_fn=data.collate_episodes)
-        return [(int(i), int(c), m.tolist()) for b in loader for i, c, m in
-                zip(b["index"], b["class_id"], b["m_q_orig"])]
-
-    assert episodes(0, 1) == episodes(2, 4)  # a function of (seed, index): no worker or batch dependence
-    train_ds = data.build_dataset("pascal", "train", 0, img_size=32, root=tmp_path)
-    assert train_ds._query(0, 5) == train_ds.images[0]  # training: the sampler shuffles, the index names it
-
-
-# ---------------------------------------------------------------- no run is ever lost; bad input gets one line
-
-def _records(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
+# ---------------- no run is ever lost; bad input gets one line --------------------------------------------
 
 def test_a_new_run_does_not_replace_the_run_in_its_folder(tiny, tmp_path):
     flags = ["--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"]
@@ -2277,11 +2240,11 @@ def test_a_new_run_does_not_replace_the_run_in_its_folder(tiny, tmp_path):
     assert str(err.value.code) == (f"error: {tmp_path} holds a run already (tinynet on synthetic fold 1, 1-shot, "
                                    "resnet50, epoch 1 of 1): continue it with --resume, replace it with --overwrite, "
                                    "or give another --out")
-    assert (tmp_path / "last.pt").read_bytes() == before and len(_records(tmp_path)) == 3  # start, train, result
+    assert (tmp_path / "last.pt").read_bytes() == before and len(read_metrics(tmp_path)) == 3  # start, train, result
     train.main(tiny_args(tiny, tmp_path, *flags, "--seed", "5", "--overwrite"))
     assert (tmp_path / "last.pt").read_bytes() != before
-    assert [r["event"] for r in _records(tmp_path)] == ["start", "train", "result"]  # one run's log
-    assert _records(tmp_path)[0]["args"]["seed"] == "5"
+    assert [r["event"] for r in read_metrics(tmp_path)] == ["start", "train", "result"]  # one run's log
+    assert read_metrics(tmp_path)[0]["args"]["seed"] == "5"
 
 
 def test_a_second_run_on_a_folder_in_use_is_refused_with_the_first_ones_pid(tiny, tmp_path):
@@ -2311,9 +2274,10 @@ def test_resume_cleans_a_stale_temporary_and_its_log_reads_as_one_run(tiny, tmp_
     train.main(tiny_args(tiny, tmp_path / "cut", *flags, "--resume"))
     assert f"removed {tmp_path / 'cut' / '.last.pt.k2j4x.tmp'}" in capsys.readouterr().out
     assert not list((tmp_path / "cut").glob("*.tmp"))
-    steps = lambda out: [(r["epoch"], r["step"], round(r["loss"], 6)) for r in _records(out) if r["event"] == "train"]
+    steps = lambda out: [(r["epoch"], r["step"], round(r["loss"], 6)) for r in read_metrics(out)
+                         if r["event"] == "train"]
     assert steps(tmp_path / "cut") == steps(tmp_path / "whole")  # epoch 2's first records are not there twice
-    assert [r["event"] for r in _records(tmp_path / "cut")].count("resume") == 1
+    assert [r["event"] for r in read_metrics(tmp_path / "cut")].count("resume") == 1
 
 
 def test_resume_or_evaluate_with_another_runs_checkpoint_says_what_it_is(tiny, tmp_path):
@@ -2324,7 +2288,7 @@ def test_resume_or_evaluate_with_another_runs_checkpoint_says_what_it_is(tiny, t
                                    "synthetic fold 1, 1-shot, resnet50, not of tinynet on synthetic fold 2, 1-shot, "
                                    "resnet50 (fold differ): give the flags it was trained with, or another --out")
     other = tmp_path / "othernet.py"
-    other.write_text(TINY_MODEL.replace("self.head = nn.Conv2d(2 * w + 1, 2, 1)", "self.head2 = nn.Conv2d(2 * w + 1, 2, 1)")
+    other.write_text(TINY_MODEL.replace("self.head = nn.Conv2d(", "self.head2 = nn.Conv2d(")
                      .replace("self.head(x)", "self.head2(x)"))
     with pytest.raises(SystemExit) as err:
         train.main(["--model", str(other), "--eval-only", "--checkpoint", str(tmp_path / "a" / "last.pt"),
@@ -2406,7 +2370,8 @@ def test_fold_all_table_equals_the_four_single_fold_runs_and_is_collected_again(
     assert result_line(out) == res and [r["miou"] for r in again] == [r["miou"] for r in records]
     # --eval-only over the four checkpoints gives the same table
     evaluated = train.main(tiny_args(tiny, tmp_path / "all", *flags, "--fold", "all", "--eval-only"))
-    assert [r["miou"] for r in evaluated] == [r["miou"] for r in records] and result_line(capsys.readouterr().out) == res
+    assert [r["miou"] for r in evaluated] == [r["miou"] for r in records]
+    assert result_line(capsys.readouterr().out) == res
 
 
 def test_fold_all_resumes_where_it_stopped(tiny, tmp_path, capsys):
@@ -2446,1281 +2411,112 @@ def test_bad_dataset_files_stop_the_run_with_one_message(tiny, tmp_path):
     assert proc.stderr.startswith("error: no data root given for pascal: pass --data-root DIR")
 
 
-# ==========================================================================================================
-# The model files: one episode builder for the shape, loss and gradient tests
-# ==========================================================================================================
-
-def box_episode(B, S, size, q_box, s_box, shot_step=0, seed=0):
-    """Random images img_q (B,3,size,size), img_s (B,S,3,size,size) with rectangular masks: the query's
-    foreground q_box = (top, bottom, left, right), its first 2 rows 255; support k's foreground s_box moved down
-    k * shot_step rows, its last 2 rows 255. -> img_q, img_s, m_s, m_q (forward's order, then the label)."""
-    g = torch.Generator().manual_seed(seed)
-    img_q, img_s = torch.randn(B, 3, size, size, generator=g), torch.randn(B, S, 3, size, size, generator=g)
-    m_q = torch.zeros(B, size, size, dtype=torch.long)
-    top, bottom, left, right = q_box
-    m_q[:, top:bottom, left:right] = 1
-    m_q[:, :2] = IGNORE_INDEX
-    m_s = torch.zeros(B, S, size, size, dtype=torch.long)
-    top, bottom, left, right = s_box
-    for k in range(S):
-        m_s[:, k, top + k * shot_step:bottom + k * shot_step, left:right] = 1
-    m_s[:, :, -2:] = IGNORE_INDEX
-    return img_q, img_s, m_s, m_q
-
-
-# ==========================================================================================================
-# symnet.py: Sym-Net (SPM, APA, co-triplet loss, TDC, base learner, word vectors)
-# ==========================================================================================================
-
-SYMNET_SIZE = 41  # -> 6x6 features at output stride 8
-
-
-def symnet_episode(B=2, S=1, size=SYMNET_SIZE, seed=0):
-    """A rendered synthetic episode batch: img_q (B,3,H,W), img_s (B,S,3,H,W), m_s (B,S,H,W), m_q, class_ids."""
-    ds = data.build_dataset("synthetic", "train", 0, shot=S, img_size=size, seed=seed, train_length=B)
-    return data.collate_episodes([ds[i] for i in range(B)])
-
-
-def make_symnet(where, **kw):
-    """A synthetic-data Sym-Net built in the folder `where`, so that no runs/ base learner is found by chance."""
-    where.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings(), contextlib.chdir(where):
-        warnings.simplefilter("ignore")
-        return symnet.SymNet(symnet.Config(pretrained=False, dataset="synthetic", **kw))
-
-
-def fake_word2vec(path, vectors, newline=True):
-    """A word2vec C binary: header, then word + space + float32 vector (+ newline)."""
-    dim = len(next(iter(vectors.values())))
-    with open(path, "wb") as f:
-        f.write(f"{len(vectors)} {dim}\n".encode())
-        for word, vec in vectors.items():
-            f.write(word.encode() + b" " + struct.pack(f"<{dim}f", *vec) + (b"\n" if newline else b""))
-
-
-@pytest.fixture(scope="module")
-def word_vectors(tmp_path_factory):
-    """A .pt word-vector file covering the synthetic class names (random unit vectors)."""
-    path = tmp_path_factory.mktemp("w2v") / "vectors.pt"
-    g = torch.Generator().manual_seed(0)
-    names = data.class_names("synthetic").values()
-    torch.save({n: F.normalize(torch.randn(symnet.TEXT_DIM, generator=g), dim=0) for n in names}, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def symnet_model(word_vectors, tmp_path_factory):
-    torch.manual_seed(0)
-    return make_symnet(tmp_path_factory.mktemp("m"), word_vectors=str(word_vectors))
-
-
-# ---------------------------------------------------------------- forward, loss, gradients
-
-@pytest.mark.parametrize("shot", [1, 5])
-def test_forward_shapes_and_finite_loss(symnet_model, shot):
-    B = 2 if shot == 1 else 1
-    ep = symnet_episode(B=B, S=shot)
-    symnet_model.train()
-    out = symnet_model(ep["img_q"], ep["img_s"], ep["m_s"], ep["class_id"])
-    assert out["logits"].shape == (B, 2, SYMNET_SIZE, SYMNET_SIZE)
-    assert out["meta"].shape == (B, 2, 6, 6) and out["prior"].shape == (B, 1, 6, 6)
-    assert [a.shape[-1] for a in out["aux"]] == [6, 3, 2, 1]  # FEM bins 1, 1/2, 1/4, 1/8 of 6
-    assert 0 <= out["prior"].min() and out["prior"].max() <= 1 + 1e-6
-    total, terms = symnet_model.loss(out, ep["m_q"], ep["m_s"])
-    assert set(terms) == {"final", "inter", "triplet"} and torch.isfinite(total)
-    assert math.isclose(total.item(), sum(v.item() for v in terms.values()), rel_tol=1e-5)
-    assert terms["triplet"] > 0
-    symnet_model.eval()
-    with torch.no_grad():
-        out = symnet_model(ep["img_q"], ep["img_s"], ep["m_s"], ep["class_id"])
-    assert out["triplet"].item() == 0 and out["logits"].shape == (B, 2, SYMNET_SIZE, SYMNET_SIZE)  # same keys in eval
-
-
-def test_every_parameter_gets_a_gradient_and_the_backbone_none(symnet_model):
-    ep = symnet_episode(B=1, S=2, seed=1)
-    symnet_model.train()
-    symnet_model.zero_grad(set_to_none=True)
-    out = symnet_model(ep["img_q"], ep["img_s"], ep["m_s"], ep["class_id"])
-    total, _ = symnet_model.loss(out, ep["m_q"], ep["m_s"])
-    total.backward()
-    for name, p in symnet_model.named_parameters():
-        if name.startswith("backbone."):
-            assert not p.requires_grad and p.grad is None, name
-        else:
-            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
-    # the word vectors feed W^Q's text columns
-    assert symnet_model.apa.w_q.weight.grad[:, symnet_model.cfg.reduce_dim:].abs().sum() > 0
-    symnet_model.zero_grad(set_to_none=True)
-
-
-def test_empty_support_mask_gives_no_nan(symnet_model):
-    ep = symnet_episode(B=2, S=1, seed=2)
-    m_s = ep["m_s"].clone()
-    m_s[0] = 0  # episode 0: nothing marked
-    m_s[1][m_s[1] == 1] = 255  # episode 1: only ignore pixels
-    symnet_model.train()
-    symnet_model.zero_grad(set_to_none=True)
-    out = symnet_model(ep["img_q"], ep["img_s"], m_s, ep["class_id"])
-    total, terms = symnet_model.loss(out, ep["m_q"], m_s)
-    assert torch.isfinite(out["logits"]).all() and torch.isfinite(total)
-    assert torch.isfinite(out["prior"]).all() and (out["prior"] == 0).all()  # no support pixel to match
-    total.backward()
-    grads = [p.grad for p in symnet_model.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads), sum(g is None for g in grads)
-    symnet_model.zero_grad(set_to_none=True)
-
-
-def test_vgg_is_refused_and_no_class_id_works(symnet_model):
-    with pytest.raises(ValueError, match="ResNet"):
-        symnet.SymNet(symnet.Config(backbone="vgg16_bn", pretrained=False, dataset="synthetic"))
-    ep = symnet_episode(B=1, S=1, seed=3)
-    symnet_model.eval()
-    with torch.no_grad():
-        out = symnet_model(ep["img_q"], ep["img_s"], ep["m_s"], None)  # --predict passes no class: no text
-    assert torch.isfinite(out["logits"]).all()
-
-
-def test_short_training_lowers_the_loss(tmp_path):
-    torch.manual_seed(0)
-    net = make_symnet(tmp_path)
-    ep = symnet_episode(B=2, S=1, seed=4)
-    args = (ep["img_q"], ep["img_s"], ep["m_s"], ep["class_id"])
-
-    def eval_loss():
-        net.eval()
-        with torch.no_grad():
-            return net.loss(net(*args), ep["m_q"], ep["m_s"])[0].item()
-
-    before = eval_loss()
-    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
-    net.train()
-    for _ in range(6):
-        total, _ = net.loss(net(*args), ep["m_q"], ep["m_s"])
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-    after = eval_loss()
-    assert after < 0.9 * before, (before, after)
-
-
-# ---------------------------------------------------------------- SPM, triplet, TDC against direct computations
-
-def test_spm_matches_a_direct_computation():
-    g = torch.Generator().manual_seed(0)
-    f_q = torch.rand(1, 3, 4, 5, generator=g)
-    f_s = torch.rand(1, 2, 3, 4, 5, generator=g)
-    m = torch.zeros(1, 2, 4, 5)
-    m[0, 0, 1:3, 1:4] = 1
-    m[0, 1, 0, 0] = 1
-    windows = ((3, 3), (3, 1), (1, 3))
-
-    def pooled(f, dh, dw):  # average over the window, padded zeros counted
-        C, h, w = f.shape
-        out = torch.zeros(C, h, w)
-        for i in range(h):
-            for j in range(w):
-                for di in range(-(dh // 2), dh // 2 + 1):
-                    for dj in range(-(dw // 2), dw // 2 + 1):
-                        if 0 <= i + di < h and 0 <= j + dj < w:
-                            out[:, i, j] += f[:, i + di, j + dj] / (dh * dw)
-        return out.flatten(1)  # (C, hw)
-
-    shots = []
-    for k in range(2):
-        maps = []
-        for dh, dw in windows:
-            r_q, r_s = pooled(f_q[0], dh, dw), pooled(f_s[0, k] * m[0, k], dh, dw)
-            s_r = torch.zeros(20, 20)  # Eq. (2): cos(r_q, r_s) * |r_q|
-            for i in range(20):
-                for j in range(20):
-                    if r_s[:, j].norm() > 0:
-                        s_r[i, j] = F.cosine_similarity(r_q[:, i], r_s[:, j], dim=0) * r_q[:, i].norm()
-            mean = s_r.mean(1)  # Eq. (3): mean over the support positions, then min-max
-            maps.append((mean - mean.min()) / (mean.max() - mean.min()))
-        shots.append(torch.stack(maps).mean(0))
-    expected = torch.stack(shots).mean(0).view(1, 1, 4, 5)
-    prior = symnet.self_activation_prior(f_q, f_s, m, windows)
-    assert torch.allclose(prior, expected, atol=1e-5)
-
-
-def test_spm_hand_case_one_window():
-    # 1x1 window: the support's only foreground pixel points along (1, 0); the query scores are r_q . (1, 0)
-    f_q = torch.tensor([[[[1.0, 2.0], [0.0, 3.0]], [[5.0, 0.0], [1.0, 0.0]]]])  # (1, 2, 2, 2)
-    f_s = torch.zeros(1, 1, 2, 2, 2)
-    f_s[0, 0, 0, 0, 0] = 4.0
-    m = torch.zeros(1, 1, 2, 2)
-    m[0, 0, 0, 0] = 1
-    # mean over the 4 support positions of cos * |r_q| = (x-component of r_q) / 4 -> [1, 2, 0, 3] / 4
-    prior = symnet.self_activation_prior(f_q, f_s, m, ((1, 1),))
-    assert torch.allclose(prior.flatten(), torch.tensor([1 / 3, 2 / 3, 0.0, 1.0]), atol=1e-6)
-
-
-def test_triplet_term_zero_when_margin_met_positive_otherwise():
-    e1, e2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
-    assert symnet.triplet_term(e1, 3 * e1, -e1, 0.5).item() == 0  # 0 + 0.5 - 2 < 0
-    assert symnet.triplet_term(e1, e1, e2, 0.5).item() == 0  # 0 + 0.5 - sqrt(2) < 0
-    assert math.isclose(symnet.triplet_term(e1, -e1, e1, 0.5).item(), 2.5, abs_tol=1e-4)
-    assert math.isclose(symnet.triplet_term(e1, e2, 2 * e1, 0.5).item(), math.sqrt(2) + 0.5, abs_tol=1e-4)
-
-
-def test_co_triplet_zero_when_every_margin_is_met(symnet_model):
-    # support foreground pixels all equal the anchor's direction, background opposite; query regions likewise
-    c, h = symnet_model.cfg.reduce_dim, 4
-    d = torch.zeros(c)
-    d[0] = 1
-    m_s = torch.zeros(1, 1, h, h, dtype=torch.long)
-    m_s[..., :2, :] = 1
-    f_s = torch.where(m_s[:, :, None] == 1, d.view(1, 1, c, 1, 1), -d.view(1, 1, c, 1, 1)).float()
-    prior = torch.zeros(1, 1, h, h)
-    prior[..., 0, 0] = 0.5  # ambiguous band: one pixel; background: the rest
-    f_q = (-d).view(1, c, 1, 1).repeat(1, 1, h, h)
-    f_q[..., 0, 0] = d
-    anchor = d[None]
-    assert symnet_model.co_triplet(f_q, f_s, m_s, prior, anchor, anchor).item() == 0
-    # swapped: the hard positives point away from the anchor
-    assert symnet_model.co_triplet(-f_q, -f_s, m_s, prior, anchor, anchor).item() > 2
-    # a support whose only non-object pixels are 255 keeps its negative: 255 counts as background, as in SN
-    f_s[..., 2:, :] = d.view(1, 1, c, 1, 1)  # a background like the anchor: the margin is not met
-    ignored = m_s.masked_fill(m_s == 0, IGNORE_INDEX)
-    assert symnet_model.co_triplet(f_q, f_s, ignored, prior, anchor, anchor) == \
-        symnet_model.co_triplet(f_q, f_s, m_s, prior, anchor, anchor) > 0
-
-
-def test_prior_region_fallbacks():
-    f = torch.arange(16.0).view(1, 1, 4, 4)
-    prior = torch.arange(16.0).view(1, 1, 4, 4) / 15
-    none = torch.zeros_like(prior, dtype=torch.bool)
-    top = symnet.prior_region_mean(f, none, prior, "top")
-    bottom = symnet.prior_region_mean(f, none, prior, "bottom")
-    median = symnet.prior_region_mean(f, none, prior, "median")
-    # 12 of 16 pixels: the highest 4..15, the lowest 0..11, around the median 2..13
-    assert torch.allclose(top, torch.tensor([[9.5]]), atol=1e-2)
-    assert torch.allclose(bottom, torch.tensor([[5.5]]), atol=1e-2)
-    assert torch.allclose(median, torch.tensor([[7.5]]), atol=1e-2)
-    assert torch.allclose(symnet.prior_region_mean(f, prior > 0.9, prior, "top"), torch.tensor([[14.5]]), atol=1e-2)
-
-
-def test_block_correlation_direct():
-    g = torch.Generator().manual_seed(1)
-    f_q, f_s = torch.randn(1, 5, 3, 3, generator=g), torch.randn(1, 5, 3, 3, generator=g)
-    m = torch.zeros(1, 3, 3)
-    m[0, 1:, 1:] = 1
-    q, s = f_q[0].flatten(1), f_s[0].flatten(1)
-    fg = m[0].flatten().nonzero().flatten()
-    expected = torch.stack([torch.stack([F.cosine_similarity(q[:, i], s[:, j], dim=0).clamp(min=0)
-                                         for j in fg]).mean() for i in range(9)]).view(1, 1, 3, 3)
-    assert torch.allclose(symnet.block_correlation(f_q, f_s, m), expected, atol=1e-3)
-    assert (symnet.block_correlation(f_q, f_s, torch.zeros(1, 3, 3)) == 0).all()  # empty mask -> 0
-
-
-# ---------------------------------------------------------------- word vectors
-
-def unit(v):
-    return torch.from_numpy(v / np.linalg.norm(v))
-
-
-def test_word_vectors_from_a_fake_word2vec_binary(tmp_path):
-    g = np.random.default_rng(0)
-    vocab = {w: g.standard_normal(symnet.TEXT_DIM).astype(np.float32)
-             for w in ["cat", "potted_plant", "potted", "plant", "red", "disc", "table", "tv", "</s>"]}
-    for newline in (True, False):
-        binary = tmp_path / f"w2v{newline}.bin"
-        fake_word2vec(binary, vocab, newline)
-        with pytest.warns(UserWarning, match="nosuchword"):
-            vectors = symnet.build_word_vectors(binary, tmp_path / "v.pt",
-                                                ["cat", "pottedplant", "red striped disc", "diningtable",
-                                                 "nosuchword"])
-        assert set(vectors) == {"cat", "pottedplant", "red striped disc", "diningtable"}
-        assert torch.allclose(vectors["cat"], unit(vocab["cat"]), atol=1e-6)
-        assert torch.allclose(vectors["pottedplant"], unit(vocab["potted_plant"]), atol=1e-6)  # phrase first
-        mean = (vocab["red"] + vocab["disc"]) / 2  # "striped" is not in the binary: mean of the others
-        assert torch.allclose(vectors["red striped disc"], unit(mean), atol=1e-6)
-        assert torch.allclose(vectors["diningtable"], unit(vocab["table"]), atol=1e-6)  # MIANet's word
-        assert torch.load(tmp_path / "v.pt").keys() == vectors.keys()
-
-
-def test_load_word_vectors_rows_by_class_id(word_vectors, tmp_path):
-    table = symnet.load_word_vectors(word_vectors, "synthetic")
-    stored = torch.load(word_vectors)
-    assert table.shape == (21, symnet.TEXT_DIM) and (table[0] == 0).all()
-    assert torch.equal(table[7], stored[data.class_names("synthetic")[7]])
-    torch.save({"cat": torch.ones(symnet.TEXT_DIM)}, tmp_path / "few.pt")
-    with pytest.raises(ValueError, match="lack"):
-        symnet.load_word_vectors(tmp_path / "few.pt", "pascal")
-
-
-def test_without_word_vectors_one_warning_and_text_off(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # no runs/ here: no base learner either
-    with pytest.warns(UserWarning) as record:
-        net = symnet.SymNet(symnet.Config(pretrained=False, dataset="synthetic"))
-    messages = [str(r.message) for r in record]
-    assert sum("text branch is off" in m for m in messages) == 1
-    assert sum("meta learner alone" in m for m in messages) == 1
-    assert (net.text == 0).all() and net.ensemble is None
-    with warnings.catch_warnings(record=True) as record:  # evaluating a checkpoint: it holds the base learner
-        warnings.simplefilter("always")
-        symnet.SymNet(symnet.Config(pretrained=False, dataset="synthetic", from_checkpoint=True))
-    assert not any("meta learner alone" in str(r.message) for r in record)
-
-
-# ---------------------------------------------------------------- base learner, ensemble, stage, harness
-
-def test_bam_ensemble_identity_at_init_and_leaves_the_episode_class_out():
-    ens = common.BAMEnsemble()
-    meta = torch.randn(2, 2, 3, 3)
-    base = torch.full((2, 4, 3, 3), -20.0)
-    base[:, 2] = 20.0  # every pixel: base channel 2 = class 7 of classes [6, 7, 8]
-    classes = torch.tensor([6, 7, 8])
-    out = ens(meta, base, torch.zeros(2), classes, torch.tensor([7, 1]))
-    assert torch.allclose(out, meta.softmax(1), atol=1e-6)  # weights [1, 0]: the meta learner alone
-    with torch.no_grad():
-        ens.cls_merge.weight.copy_(torch.tensor([1.0, -1.0]).view(1, 2, 1, 1))  # base classes -> background
-    out = ens(meta, base, torch.zeros(2), classes, torch.tensor([7, 1]))
-    assert torch.allclose(out[0, 0], meta.softmax(1)[0, 0], atol=1e-6)  # episode class 7: its channel left out
-    assert torch.allclose(out[1, 0], meta.softmax(1)[1, 0] - 1, atol=1e-6)  # novel class 1: nothing left out
-    with torch.no_grad():  # the scene difference enters both scores through gram_merge's second weight
-        ens.gram_merge.weight.copy_(torch.tensor([1.0, 1.0]).view(1, 2, 1, 1))
-        ens.cls_merge.weight.copy_(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1))
-    out = ens(meta, base, torch.tensor([0.5, 0.0]), classes, torch.tensor([7, 1]))
-    assert torch.allclose(out[0], meta.softmax(1)[0] + 0.5, atol=1e-6)  # episode 0: est 0.5 added to bg and fg
-    assert torch.allclose(out[1], meta.softmax(1)[1], atol=1e-6)  # episode 1: est 0
-
-
-def test_gram_distance_zero_for_same_scene_and_mean_over_shots():
-    g = torch.Generator().manual_seed(0)
-    f_q = torch.rand(2, 4, 3, 3, generator=g)
-    other = torch.rand(2, 4, 3, 3, generator=g)
-    assert torch.allclose(common.gram_distance(f_q, f_q[:, None]), torch.zeros(2), atol=1e-6)
-    one = common.gram_distance(f_q, other[:, None])
-    both = common.gram_distance(f_q, torch.stack([f_q, other], 1))
-    assert (one > 0).all() and torch.allclose(both, one / 2, atol=1e-6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 inside: the bf16 matmuls were 1-2% off
-        amp = common.gram_distance(f_q, other[:, None])
-    assert amp.dtype == torch.float32 and torch.allclose(amp, one, rtol=1e-5)
-
-
-def test_resume_follows_the_checkpoint_when_a_base_learner_appears(tmp_path, monkeypatch):
-    # trained without a base learner, resumed after --stage base wrote one at the default path: the checkpoint
-    # decides (no ensemble), and the optimizer matches it (it was built before the checkpoint was read: crash)
-    monkeypatch.chdir(tmp_path)
-    argv = ["--model", "symnet", "--dataset", "synthetic", "--fold", "1", "--no-pretrained", "--img-size", "33",
-            "--train-length", "4", "--batch-size", "2", "--workers", "0", "--test-episodes", "2",
-            "--test-seeds", "1", "--out", str(tmp_path / "run")]
-    with warnings.catch_warnings(record=True) as caught:  # and: no --word-vectors, the text branch is off
-        warnings.simplefilter("always")
-        train.main([*argv, "--epochs", "1"])
-    assert any("meta learner alone" in str(w.message) for w in caught)
-    train.main(["--model", "symnet", "--stage", "base", "--dataset", "synthetic", "--fold", "1", "--no-pretrained",
-                "--img-size", "33", "--train-length", "4", "--batch-size", "2", "--epochs", "1", "--workers", "0"])
-    assert common.base_learner_path("synthetic", 1, "resnet50").is_file()
-    with pytest.warns(UserWarning, match="text branch is off"):
-        train.main([*argv, "--epochs", "2", "--resume"])
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
-    assert state["epoch"] == 2 and not any(k.startswith("ensemble.") for k in state["model"])
-
-
-def test_base_stage_trains_and_sym_net_uses_it(tmp_path):
-    path = tmp_path / "base.pt"
-    argv = ["--model", "symnet", "--stage", "base", "--dataset", "synthetic", "--fold", "1", "--no-pretrained",
-            "--img-size", "33", "--train-length", "4", "--batch-size", "2", "--epochs", "1", "--workers", "0",
-            "--log-every", "1", "--base-learner", str(path)]
-    with pytest.raises(SystemExit, match="needs --batch-size >= 2"):
-        train.main([*argv, "--batch-size", "1"])
-    assert train.main(argv) == path and path.is_file()  # 2 steps
-    state = torch.load(path, weights_only=False)
-    assert state["classes"] == common.base_classes("synthetic", 1) == [c for c in range(1, 21) if c not in
-                                                                       range(6, 11)]
-    assert state["model"]["cls.4.weight"].shape[0] == 16  # background + 15 base classes
-    torch.manual_seed(0)
-    net = make_symnet(tmp_path, fold=1, base_learner=str(path))
-    assert net.ensemble is not None and not any(p.requires_grad for p in net.base_learner.parameters())
-    # random weights: the meta learner's backbone takes the BN statistics the base learner was trained on, and
-    # the harness leaves them (same seed, so the same weights: the head sees the features it learned on)
-    buffers = dict(net.backbone.named_buffers())
-    assert all(torch.equal(buffers[k], v) for k, v in state["backbone_buffers"].items())
-    assert net.backbone.calibrated and any(v.abs().sum() > 0 for k, v in buffers.items() if "running_mean" in k)
-    weights = dict(net.backbone.named_parameters())
-    torch.manual_seed(0)  # what --stage base built, with its default --seed 0
-    stage_weights = common.Backbone("resnet50", pretrained=False)
-    assert all(torch.equal(weights[k], v) for k, v in stage_weights.named_parameters())
-    train.calibrate_random_backbones(net, train.parse_args(["--model", "symnet", "--dataset", "synthetic",
-                                     "--no-pretrained", "--img-size", "33", "--workers", "0"])[0], "cpu", 0)
-    assert all(torch.equal(v, state["backbone_buffers"][k]) for k, v in net.backbone.named_buffers())
-    with pytest.raises(ValueError, match="trained on random .* this model uses ImageNet"):
-        symnet.read_base_learner(symnet.Config(dataset="synthetic", fold=1, base_learner=str(path)))
-    net.train()
-    assert not net.base_learner.training  # frozen BN
-    ep = symnet_episode(B=2, S=1, size=33, seed=5)
-    total, terms = net.loss(net(ep["img_q"], ep["img_s"], ep["m_s"], ep["class_id"]), ep["m_q"], ep["m_s"])
-    assert set(terms) == {"final", "inter", "triplet", "meta"} and torch.isfinite(total)
-    total.backward()
-    assert net.ensemble.cls_merge.weight.grad is not None and net.ensemble.gram_merge.weight.grad is not None
-    assert all(p.grad is None for p in net.base_learner.parameters())
-    # a checkpoint decides: trained without the base learner -> none; with it -> rebuilt from the checkpoint
-    with_base = {k: v.clone() for k, v in net.state_dict().items()}
-    net.load_state_dict({k: v for k, v in with_base.items() if not k.startswith(("base_learner.", "ensemble."))})
-    assert net.base_learner is None and net.ensemble is None
-    net.load_state_dict(with_base)
-    assert net.ensemble is not None and torch.equal(net.base_learner.classes, torch.tensor(state["classes"]))
-    assert not any(p.requires_grad for p in net.base_learner.parameters())
-    with pytest.raises(ValueError, match="trained for"):
-        make_symnet(tmp_path, fold=2, base_learner=str(path))
-    # a flag naming an absent file: an error at the first forward, unless a checkpoint supplies the weights
-    absent = make_symnet(tmp_path, fold=1, base_learner=str(tmp_path / "no.pt"), word_vectors=str(tmp_path / "x"))
-    with pytest.raises(FileNotFoundError, match="--word-vectors .*x, --base-learner .*no.pt"):
-        absent(ep["img_q"], ep["img_s"], ep["m_s"], ep["class_id"])
-    absent.load_state_dict(with_base)
-    assert absent.ensemble is not None and absent.missing_files == []
-
-
-def test_harness_fills_the_config_and_defaults(word_vectors, tmp_path):
-    args, module = train.parse_args(["--model", "symnet", "--dataset", "coco", "--fold", "2", "--shot", "5",
-                                     "--word-vectors", str(word_vectors), "--base-learner", "b.pt",
-                                     "--coco-split", "contiguous", "--no-pretrained"])
-    cfg = train.make_config(module, args)
-    assert (cfg.dataset, cfg.fold, cfg.shot, cfg.coco_split, cfg.pretrained) == ("coco", 2, 5, "contiguous", False)
-    assert cfg.word_vectors == str(word_vectors) and cfg.base_learner == "b.pt"
-    assert (args.lr, args.batch_size, args.epochs, args.img_size) == (0.05, 32, 50, 641)  # §4.1 as SN runs it
-    assert json.loads(json.dumps(dataclasses.asdict(cfg)))["tau1"] == 0.7
-    assert set(symnet.STAGES) == {"base"}
-
-
-SYM_GRID = 6  # SYMNET_SIZE 41 -> 6x6 features; (41 - 1) / (6 - 1) = 8 is whole, so the bilinear
-SYM_STEP = (SYMNET_SIZE - 1) // (SYM_GRID - 1)  # align_corners resize of a mask samples every 8th pixel exactly
-
-
-def sym_grid_mask(m_s):
-    """(m_s == 1) on the 6x6 feature grid, read off by hand: pixels 0, 8, ..., 40 of each axis."""
-    return (m_s == 1).float()[..., ::SYM_STEP, ::SYM_STEP]  # (..., 6, 6)
-
-
-def sym_record_forward(net, img_q, img_s, m_s, class_ids):
-    """An eval forward pass (dropout off) with hooks that keep F^m of the query and the supports, every APA call
-    (proto, text, keys/values input, output), TDC's input correlations and FEM's inputs."""
-    rec = {"apa": []}
-    hooks = [net.down_query.register_forward_hook(lambda mod, i, o: rec.__setitem__("f_q", o.clone())),
-             net.down_supp.register_forward_hook(lambda mod, i, o: rec.__setitem__("f_s", o.clone())),
-             net.apa.register_forward_hook(lambda mod, i, o: rec["apa"].append([*(x.clone() for x in i), o.clone()])),
-             net.tdc.register_forward_pre_hook(lambda mod, i: rec.__setitem__("corr", [c.clone() for c in i[0]])),
-             net.fem.register_forward_pre_hook(lambda mod, i: rec.__setitem__("fem", [x.clone() for x in i]))]
-    net.eval()
-    try:
-        with torch.no_grad():
-            out = net(img_q, img_s, m_s, class_ids)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return out, rec
-
-
-def sym_co_triplet(f_q, f_s, m_s, prior, p_q_aug, p_s_aug, **cfg):
-    """SymNet.co_triplet needs nothing of the model but its Config: no backbone is built for these cases."""
-    owner = types.SimpleNamespace(cfg=symnet.Config(pretrained=False, dataset="synthetic", **cfg))
-    return symnet.SymNet.co_triplet(owner, f_q, f_s, m_s, prior, p_q_aug, p_s_aug)
-
-
-def sym_unit(*v):
-    v = torch.tensor(v, dtype=torch.float64)
-    return v / v.norm()
-
-
-def sym_dist(a, b):
-    return (a - b).norm().item()
-
-
-# ---------------------------------------------------------------- APA (Eq. 6-8) by hand
-
-def test_symnet_apa_hand_case_two_pixels():
-    # W^Q passes the prototype and adds the text to its first channel, W^K = identity, W^V = 2 * identity, FFN =
-    # identity: p_aug = sum_n softmax(q . k_n / sqrt(2))_n * 2 f_n + p
-    apa = symnet.APA(2, 1, dropout=0.0)
-    with torch.no_grad():
-        apa.w_q.weight.copy_(torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
-        apa.w_k.weight.copy_(torch.eye(2).view(2, 2, 1, 1))
-        apa.w_v.weight.copy_(2 * torch.eye(2).view(2, 2, 1, 1))
-        apa.ffn[0].weight.copy_(torch.eye(2))
-        apa.ffn[0].bias.zero_()
-    proto, text = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0]])  # q = (2, 0)
-    f = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 2)  # pixel 0 = (1, 0), pixel 1 = (0, 1)
-    a0 = math.exp(2 / math.sqrt(2)) / (math.exp(2 / math.sqrt(2)) + 1)  # scores 2 / sqrt(2) and 0
-    expected = torch.tensor([[2 * a0 + 1.0, 2 * (1 - a0)]])
-    assert torch.allclose(apa(proto, text, f), expected, atol=1e-6)
-    # no text: q = p = (1, 0), scores 1/sqrt(2) and 0
-    a0 = math.exp(1 / math.sqrt(2)) / (math.exp(1 / math.sqrt(2)) + 1)
-    assert torch.allclose(apa(proto, torch.zeros(1, 1), f), torch.tensor([[2 * a0 + 1.0, 2 * (1 - a0)]]), atol=1e-6)
-
-
-# ---------------------------------------------------------------- the forward pass: Eq. (4), (5), (7), (9)
-
-def test_symnet_forward_prototypes_follow_eq4_eq5_eq7_and_eq9(symnet_model):
-    # Recomputed by hand from the recorded F^m, the prior and the APA outputs, for 2 shots:
-    #   Eq. (4): p_s of shot k = the mean of that SUPPORT's F^m over its mask (MAP, area eps 5e-4);
-    #   Eq. (5): p_q = the mean of the query's F^m where prior > tau1 (top-12 fallback when none);
-    #   Eq. (7): APA's keys/values = F^m_s * mask (support), F^m_q * prior (query);
-    #   Eq. (9): FEM's prototype = alpha p_q_aug + beta p_s_aug, p_s_aug the mean of the shots' APA outputs.
-    net = symnet_model
-    B, S, c = 2, 2, net.cfg.reduce_dim
-    ep = symnet_episode(B=B, S=S, seed=1)
-    out, rec = sym_record_forward(net, ep["img_q"], ep["img_s"], ep["m_s"], ep["class_id"])
-    f_q, f_s = rec["f_q"], rec["f_s"].view(B, S, c, SYM_GRID, SYM_GRID)
-    m, prior = sym_grid_mask(ep["m_s"]), out["prior"]
-    assert len(rec["apa"]) == S + 1  # one call per shot, then the query
-    text = net.text[ep["class_id"]]
-    assert text.abs().sum() > 0  # the word vectors are on
-    for k in range(S):
-        proto, t, keys, _ = rec["apa"][k]
-        p_s = (f_s[:, k] * m[:, k, None]).sum((2, 3)) / (m[:, k].sum((1, 2))[:, None] + MAP_EPS)
-        assert torch.allclose(proto, p_s, atol=1e-5), k  # Eq. (4) from the support's own features
-        assert torch.allclose(keys, f_s[:, k] * m[:, k, None], atol=1e-6) and torch.equal(t, text)
-    p_q, t, keys, p_q_aug = rec["apa"][S]
-    for b in range(B):
-        scores = prior[b, 0].flatten()
-        chosen = (scores > net.cfg.tau1).nonzero().flatten()
-        if len(chosen) == 0:
-            chosen = scores.argsort()[-symnet.QUERY_FALLBACK:]
-        assert 0 < len(chosen) < SYM_GRID * SYM_GRID  # a real selection, not every pixel
-        expected = f_q[b].flatten(1)[:, chosen].sum(1) / (len(chosen) + MAP_EPS)
-        assert torch.allclose(p_q[b], expected, atol=1e-5), b  # Eq. (5)
-    assert torch.allclose(keys, f_q * prior, atol=1e-6) and torch.equal(t, text)  # Eq. (7): prior-weighted
-    assert not torch.allclose(keys, f_q, atol=1e-3)  # the weighting is not a no-op here
-    p_s_aug = (rec["apa"][0][-1] + rec["apa"][1][-1]) / 2  # K shots averaged (Fig. 2)
-    hybrid = rec["fem"][1]
-    assert torch.allclose(hybrid, 0.5 * p_q_aug + 0.5 * p_s_aug, atol=1e-5)  # Eq. (9), alpha = beta = 0.5
-    assert (p_s_aug - p_q_aug).abs().max() > 1e-2  # both terms matter: neither alone would match
-
-
-def test_symnet_eq5_takes_the_high_prior_pixels_of_a_planted_prior(symnet_model, monkeypatch):
-    # A prior planted by hand (SPM replaced): 3 pixels above tau1 = 0.7, the rest below. p_q must be the mean of
-    # the query features at exactly those 3 pixels, and the APA keys the features times this prior.
-    net = symnet_model
-    ep = symnet_episode(B=1, S=1, seed=2)
-    planted = torch.full((1, 1, SYM_GRID, SYM_GRID), 0.2)
-    planted[0, 0, 1, 2], planted[0, 0, 4, 4], planted[0, 0, 5, 0] = 0.9, 0.75, 1.0
-    planted[0, 0, 3, 3] = 0.7  # on the threshold: not above it
-    monkeypatch.setattr(symnet, "self_activation_prior", lambda *a: planted.clone())
-    out, rec = sym_record_forward(net, ep["img_q"], ep["img_s"], ep["m_s"], ep["class_id"])
-    f_q = rec["f_q"][0]
-    p_q, _, keys, _ = rec["apa"][1]
-    expected = (f_q[:, 1, 2] + f_q[:, 4, 4] + f_q[:, 5, 0]) / (3 + MAP_EPS)
-    assert torch.allclose(p_q[0], expected, atol=1e-5)
-    assert torch.allclose(keys, rec["f_q"] * planted, atol=1e-6)
-    assert torch.equal(out["prior"], planted) and torch.equal(rec["fem"][2][:, -1:], planted)  # FEM gets it too
-
-
-# ---------------------------------------------------------------- K shots
-
-@pytest.fixture(scope="module")
-def sym_two_shot(symnet_model):
-    """A 2-shot episode (seed 0) and its recorded eval forward pass, shared by the K-shot tests."""
-    ep = symnet_episode(B=1, S=2, seed=0)
-    return ep, *sym_record_forward(symnet_model, ep["img_q"], ep["img_s"], ep["m_s"], ep["class_id"])
-
-
-def test_symnet_shot_order_does_not_matter_but_each_shot_does(symnet_model, sym_two_shot):
-    # K shots are averaged (priors, prototypes, correlations): permuting the supports leaves every output as it
-    # was; changing the content of either shot changes the TDC input, the support prototype and the output
-    net, (ep, out, rec) = symnet_model, sym_two_shot
-    other = symnet_episode(B=1, S=2, seed=2)
-    img_q, img_s, m_s, cls = ep["img_q"], ep["img_s"], ep["m_s"], ep["class_id"]
-    swapped, rec_sw = sym_record_forward(net, img_q, img_s[:, [1, 0]], m_s[:, [1, 0]], cls)
-    for key in ("logits", "meta", "prior"):
-        assert torch.allclose(out[key], swapped[key], atol=1e-5), key
-    for a, b in zip(rec["corr"], rec_sw["corr"]):
-        assert torch.allclose(a, b, atol=1e-5)  # TDC input
-    assert torch.allclose(rec["fem"][1], rec_sw["fem"][1], atol=1e-5)  # p_hybrid
-    for k in range(2):  # shot k replaced by another image and mask
-        img2, m2 = img_s.clone(), m_s.clone()
-        img2[:, k], m2[:, k] = other["img_s"][:, k], other["m_s"][:, k]
-        changed, rec2 = sym_record_forward(net, img_q, img2, m2, cls)
-        assert (changed["logits"] - out["logits"]).abs().max() > 1e-4, k
-        assert max((a - b).abs().max() for a, b in zip(rec["corr"], rec2["corr"])) > 1e-3, k  # TDC sees shot k
-        p_s_aug, p_s_aug2 = (sum(r["apa"][j][-1] for j in range(2)) / 2 for r in (rec, rec2))
-        assert (p_s_aug - p_s_aug2).abs().max() > 1e-3, k  # and so does the support prototype
-        assert torch.allclose(rec["apa"][1 - k][-1], rec2["apa"][1 - k][-1], atol=1e-5)  # the other shot's alone
-
-
-def test_symnet_k_shot_is_the_mean_of_the_one_shot_quantities(symnet_model, sym_two_shot):
-    # Fig. 2: a 2-shot episode's prior, block correlations (TDC input) and p_s_aug are the means of those of the
-    # two 1-shot episodes made of each support alone; each shot's APA output is its 1-shot one
-    net, (ep, out, rec) = symnet_model, sym_two_shot
-    singles = [sym_record_forward(net, ep["img_q"], ep["img_s"][:, k:k + 1], ep["m_s"][:, k:k + 1], ep["class_id"])
-               for k in range(2)]
-    assert torch.allclose(out["prior"], (singles[0][0]["prior"] + singles[1][0]["prior"]) / 2, atol=1e-5)
-    assert not torch.allclose(singles[0][0]["prior"], singles[1][0]["prior"], atol=1e-3)  # the shots differ
-    for level, corr in enumerate(rec["corr"]):
-        one = [single[1]["corr"][level] for single in singles]
-        assert torch.allclose(corr, (one[0] + one[1]) / 2, atol=1e-5), level
-        assert (one[0] - one[1]).abs().max() > 1e-3, level
-    for k in range(2):
-        assert torch.allclose(rec["apa"][k][-1], singles[k][1]["apa"][0][-1], atol=1e-5), k
-    p_s_aug = (singles[0][1]["apa"][0][-1] + singles[1][1]["apa"][0][-1]) / 2
-    p_q_aug = rec["apa"][2][-1]
-    assert torch.allclose(rec["fem"][1], 0.5 * p_q_aug + 0.5 * p_s_aug, atol=1e-5)
-
-
-# ---------------------------------------------------------------- co-triplet loss (Eq. 10-12) by hand
-
-def test_symnet_co_triplet_support_positive_is_the_farthest_foreground_pixel():
-    # 2x2 support grid, c = 2, anchor e1. Foreground: 3*e1 (normalised distance 0) and 0.5*e2 (sqrt 2): the hard
-    # positive is the FARTHEST in normalised distance, 0.5*e2 (unnormalised, 3*e1 would be the farther one).
-    # Background: two pixels (-1, 1), so p_s^- points along (-1, 1) (the mean over all four pixels would point
-    # along (1, 2.5)). The query term is 0 by construction (positive = anchor, negative = -anchor).
-    f_s = torch.tensor([[3.0, 0.0], [0.0, 0.5], [-1.0, 1.0], [-1.0, 1.0]]).T.reshape(1, 1, 2, 2, 2)
-    m_s = torch.tensor([[1, 1], [0, 0]]).view(1, 1, 2, 2)
-    e1 = torch.tensor([[1.0, 0.0]])
-    prior = torch.tensor([[0.5, 0.1], [0.1, 0.9]]).view(1, 1, 2, 2)  # band: pixel 0; below tau2: pixels 1, 2
-    f_q = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0], [5.0, 5.0]]).T.reshape(1, 2, 2, 2)
-    a = sym_unit(1, 0)
-    expected = max(sym_dist(a, sym_unit(0, 1)) + 0.5 - sym_dist(a, sym_unit(-1, 1)), 0)  # sqrt(2) + 0.5 - 1.848 = 0.066
-    assert expected > 0.05
-    loss = sym_co_triplet(f_q, f_s, m_s, prior, e1, e1)
-    assert math.isclose(loss.item(), expected, abs_tol=1e-5)
-    # what the wrong choices would give: nearest positive max(0 + 0.5 - 1.848, 0) = 0; negative over every
-    # pixel sqrt(2) + 0.5 - |a - unit(1, 2.5)| = 0.79
-    assert not math.isclose(loss.item(), 0.0, abs_tol=1e-3)
-    every_pixel = sym_dist(a, sym_unit(0, 1)) + 0.5 - sym_dist(a, sym_unit(1, 2.5))
-    assert not math.isclose(loss.item(), every_pixel, abs_tol=1e-3)
-
-
-def test_symnet_co_triplet_support_negative_is_the_background_mean_only():
-    # 1x3 support: foreground (1, 1) (the only positive: |a - p+| = 0.765), background (1, 0.5) and a 255 pixel
-    # (1, -0.3), which counts as background (SN): p_s^- along (2, 0.2). With every pixel the negative would be
-    # along (3, 1.2); without the 255 pixel along (1, 0.5): each gives another loss.
-    f_s = torch.tensor([[1.0, 1.0], [1.0, 0.5], [1.0, -0.3]]).T.reshape(1, 1, 2, 1, 3)
-    m_s = torch.tensor([1, 0, IGNORE_INDEX]).view(1, 1, 1, 3)
-    f_q = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]]).T.reshape(1, 2, 1, 3)
-    prior = torch.tensor([0.5, 0.9, 0.1]).view(1, 1, 1, 3)  # query term: positive = a, negative = -a: 0
-    e1 = torch.tensor([[1.0, 0.0]])
-    a = sym_unit(1, 0)
-    pos = sym_dist(a, sym_unit(1, 1))
-    expected = max(pos + 0.5 - sym_dist(a, sym_unit(2, 0.2)), 0)  # 0.765 + 0.5 - 0.0998 = 1.165
-    loss = sym_co_triplet(f_q, f_s, m_s, prior, e1, e1).item()
-    assert math.isclose(loss, expected, abs_tol=1e-5)
-    assert not math.isclose(loss, pos + 0.5 - sym_dist(a, sym_unit(3, 1.2)), abs_tol=1e-2)  # every pixel: 0.887
-    assert not math.isclose(loss, pos + 0.5 - sym_dist(a, sym_unit(1, 0.5)), abs_tol=1e-2)  # 255 left out: 0.806
-
-
-def test_symnet_co_triplet_query_regions_by_hand():
-    # The query term alone (support margins met): 3x1 pixels with prior 0.9 (tau1 region: no part in the loss),
-    # 0.5 (ambiguous band tau3 < p < tau4: p_q^+) and 0.2 (< tau2: p_q^-).
-    f_q = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]).T.reshape(1, 2, 3, 1)
-    prior = torch.tensor([0.9, 0.5, 0.2]).view(1, 1, 3, 1)
-    f_s = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]]).T.reshape(1, 1, 2, 3, 1)
-    m_s = torch.tensor([1, 0, 0]).view(1, 1, 3, 1)
-    anchor = torch.tensor([[0.0, 2.0]])  # along e2: the negative's direction
-    a = sym_unit(0, 1)
-    expected = max(sym_dist(a, sym_unit(1, 1)) + 0.5 - sym_dist(a, sym_unit(0, 1)), 0)  # 0.765 + 0.5 - 0
-    loss = sym_co_triplet(f_q, f_s, m_s, prior, anchor, torch.tensor([[1.0, 0.0]]))
-    assert math.isclose(loss.item(), expected, abs_tol=1e-5)
-
-
-def test_symnet_co_triplet_support_term_is_the_mean_over_shots_of_the_valid_items():
-    # B = 2, S = 2, 1x2 supports (pixel 0 foreground, pixel 1 background). Shot 0: item 0 loss L_a, item 1 L_b;
-    # shot 1: item 0 L_c, item 1 all foreground (no background: skipped, SN; it would add 1.5).
-    # Support term = ((L_a + L_b) / 2 + L_c) / 2; the query term is 0.
-    def support(fg, bg, all_fg=False):
-        return torch.tensor([fg, bg]).T.reshape(2, 1, 2), torch.tensor([[1, 1 if all_fg else 0]])
-
-    cases = [[support((0.0, 1.0), (0.0, 1.0)), support((1.0, -1.0), (1.0, 0.3))],  # shot 0: items 0, 1
-             [support((-1.0, 0.0), (0.0, 1.0)), support((-1.0, 0.0), (-1.0, 0.0), all_fg=True)]]  # shot 1
-    f_s = torch.stack([torch.stack([cases[k][b][0] for k in range(2)]) for b in range(2)])  # (2, 2, 2, 1, 2)
-    m_s = torch.stack([torch.stack([cases[k][b][1] for k in range(2)]) for b in range(2)])  # (2, 2, 1, 2)
-    e1 = torch.tensor([1.0, 0.0])
-    f_q = torch.stack([e1, -e1], 1).view(1, 2, 1, 2).repeat(2, 1, 1, 1)
-    prior = torch.tensor([0.5, 0.1]).view(1, 1, 1, 2).repeat(2, 1, 1, 1)
-    anchor = e1[None].repeat(2, 1)
-    a = sym_unit(1, 0)
-    l_a = max(sym_dist(a, sym_unit(0, 1)) + 0.5 - sym_dist(a, sym_unit(0, 1)), 0)  # 0.5
-    l_b = max(sym_dist(a, sym_unit(1, -1)) + 0.5 - sym_dist(a, sym_unit(1, 0.3)), 0)  # 0.975
-    l_c = max(sym_dist(a, sym_unit(-1, 0)) + 0.5 - sym_dist(a, sym_unit(0, 1)), 0)  # 1.086
-    expected = ((l_a + l_b) / 2 + l_c) / 2
-    assert math.isclose(sym_co_triplet(f_q, f_s, m_s, prior, anchor, anchor).item(), expected, abs_tol=1e-5)
-
-
-# ---------------------------------------------------------------- loss (Eq. 15 + BAM's "meta" term)
-
-def sym_hand_ce(logits, labels):
-    """Mean over the labelled pixels of logsumexp - the true class's logit, written out; logits (B,2,H,W)."""
-    total, count = 0.0, 0
-    for b, i, j in (labels != IGNORE_INDEX).nonzero().tolist():
-        x = logits[b, :, i, j].double()
-        total += (torch.logsumexp(x, 0) - x[labels[b, i, j]]).item()
-        count += 1
-    return total / count
-
-
-def test_symnet_loss_terms_by_hand_with_the_ensemble(symnet_model):
-    # With a base learner the final output is the ensemble's, and BAM's CE on the meta learner's own output is
-    # added: every term against a hand cross-entropy, on outputs given at the label size (no resize involved)
-    net = copy.deepcopy(symnet_model)
-    net._attach_base_learner(common.base_classes("synthetic", 0))
-    g = torch.Generator().manual_seed(0)
-    B, H = 2, 5
-    m_q = torch.randint(0, 2, (B, H, H), generator=g)
-    m_q[0, 0] = IGNORE_INDEX
-    out = {"logits": torch.randn(B, 2, H, H, generator=g), "meta": 3 * torch.randn(B, 2, H, H, generator=g),
-           "aux": [torch.randn(B, 2, H, H, generator=g) for _ in range(4)], "triplet": torch.tensor(0.25)}
-    total, terms = net.loss(out, m_q, None)
-    assert set(terms) == {"final", "inter", "triplet", "meta"}
-    meta = sym_hand_ce(out["meta"], m_q)
-    assert meta > 0.5
-    assert math.isclose(terms["meta"].item(), meta, rel_tol=1e-5)
-    assert math.isclose(terms["final"].item(), sym_hand_ce(out["logits"], m_q), rel_tol=1e-5)
-    inter = sum(sym_hand_ce(a, m_q) for a in out["aux"]) / 4
-    assert math.isclose(terms["inter"].item(), inter, rel_tol=1e-5)
-    assert math.isclose(total.item(), sym_hand_ce(out["logits"], m_q) + inter + 0.25 + meta, rel_tol=1e-5)
-    # the meta term trains the meta learner's output
-    out["meta"].requires_grad_(True)
-    net.loss(out, m_q, None)[0].backward()
-    assert out["meta"].grad is not None and out["meta"].grad.abs().sum() > 0
+# ---------------- the folder dataset through the harness --------------------------------------------------
+
+def test_folder_dataset_trains_evaluates_visualises_and_predicts_through_the_harness(tiny, tmp_path, capsys):
+    root, out = _write_folder(tmp_path / "mine"), tmp_path / "run"
+    train.main(["--model", str(tiny), "--dataset", "folder", "--data-root", str(root), "--fold", "1", "--img-size",
+                "48", "--epochs", "1", "--batch-size", "2", "--test-episodes", "6", "--test-seeds", "1", "--workers",
+                "0", "--vis", "2", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "training: 14 episodes/epoch, 7 steps of 2" in text  # the 14 training images of fold 1
+    result = read_metrics(out)[-1]
+    assert result["event"] == "result" and result["dataset"] == "folder" and sorted(result["per_class"]) == ["2", "5"]
+    assert "dog" in text and "tree" in text  # the class table names them from classes.txt
+    vis = sorted(p.name for p in (out / "vis").glob("*.png"))
+    assert len(vis) == 2 and all(name.endswith(("_dog.png", "_tree.png")) for name in vis)
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert state["args"]["dataset"] == "folder" and state["args"]["augment"] == "pfenet"
+    train.main(["--predict", "--checkpoint", str(out / "last.pt"), "--support", str(root / "images" / "dog_0.jpg"),
+                "--support-mask", str(root / "labels" / "dog_0.png"), "--query", str(root / "images" / "dog_1.jpg"),
+                "--out", str(tmp_path / "pred"), "--workers", "0"])
+    pred = np.array(Image.open(tmp_path / "pred" / "dog_1_mask.png"))
+    assert pred.shape == (80, 80) and set(np.unique(pred)) <= {0, 255}
+
+
+def test_folder_baseline_fold_all_test_classes_and_run_folders(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(common, "RUNS_DIR", str(tmp_path / "runs"))
+    root = _write_folder(tmp_path / "mine")
+    flags = ["--model", "baseline", "--baseline-features", "image", "--dataset", "folder", "--data-root", str(root),
+             "--img-size", "48", "--test-episodes", "4", "--test-seeds", "1", "--workers", "0"]
+    records = train.main([*flags, "--fold", "all"])
+    assert [sorted(map(int, r["per_class"])) for r in records] == [[1, 4], [2, 5], [3], [6]]  # folds.txt
+    assert "| baseline | 1 |" in capsys.readouterr().out  # the four-fold table
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    digest = folders[0].split("-")[3]  # the root's name, then a hash of its path
+    assert len(digest) == 6 and set(digest) <= set("0123456789abcdef")
+    tag = f"folder-mine-{digest}"
+    assert folders == [f"baseline-{tag}-fold{k}-1shot" for k in range(4)]
+    train.main([*flags, "--test-classes", "6,3"])
+    assert read_metrics(tmp_path / "runs" / f"baseline-{tag}-classes3-6-1shot")[-1]["per_class"].keys() == {"3", "6"}
+    # two roots of one name, two sets of test classes: four run folders
+    other = _write_folder(tmp_path / "elsewhere" / "mine")
+    outs = {train.parse_args([*flags, "--data-root", str(r), *extra])[0].out
+            for r in (root, other) for extra in (["--test-classes", "3"], ["--test-classes", "3,6"])}
+    assert len(outs) == 4
+    capsys.readouterr()
+    for extra, message in (
+            (["--fold", "all", "--test-classes", "3"],
+             "--test-classes names the novel classes itself: drop --fold all"),
+            (["--fold", "1", "--test-classes", "3"], "drop --fold 1 (--fold K and --fold all take a folder dataset's "
+                                                     "folds from its folds.txt)"),
+            (["--test-classes", "3,x"], "must be class ids >= 1 separated by commas (e.g. 3,7,9), got '3,x'"),
+            (["--test-classes", "3", "--dataset", "pascal"],
+             "--test-classes chooses the novel classes of --dataset folder; pascal's are its folds (--fold)")):
+        with pytest.raises(SystemExit):
+            train.parse_args([*flags, *extra])
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["tiny", "baseline", "ocnet", "qgnet", "crcnet", "symnet", "qpenet"])
+def test_folder_runs_take_the_harness_recipe_where_a_model_has_none(model, tiny, tmp_path):
+    name = str(tiny) if model == "tiny" else model
+    module = train.load_model_module(name)
+    assert "folder" not in getattr(module, "DEFAULTS", {})  # no model file has a folder recipe: the harness's
+    args = train.parse_args(["--model", name, "--dataset", "folder", "--data-root", str(tmp_path)])[0]
+    got = {k: getattr(args, k) for k in ("lr", "batch_size", "epochs", "img_size", "augment", "test_episodes",
+                                         "test_seeds")}
+    assert got == dict(lr=0.025, batch_size=4, epochs=200, img_size=473, augment="pfenet", test_episodes=1000,
+                       test_seeds=5)  # PASCAL-5i's harness recipe and protocol
+    assert train.HARNESS_DEFAULTS["folder"] == train.HARNESS_DEFAULTS["pascal"]
+
+
+# ---------------- host syncs: what --bench counts and the GPU relies on, on the CPU -----------------------
+
+def test_host_syncs_finds_each_kind_of_wait_and_nothing_else():
+    x = torch.randn(6, requires_grad=True)
+    m = x.detach() > 0
+
+    def waits(fn):
+        return train.host_syncs(fn)
+
+    assert waits(lambda: x.sum().item()) == ["_local_scalar_dense"]
+    assert waits(lambda: bool(x.sum() > 0)) == ["_local_scalar_dense"]  # `if t:` and float(t) too
+    assert waits(lambda: torch.where(m)) == ["nonzero"]
+    assert waits(lambda: x[m].sum().backward()) == ["index (boolean mask)", "index_put (boolean mask)"]
+    assert waits(lambda: torch.unique(m)) == ["_unique2"]
+    assert waits(lambda: x.detach().masked_select(m)) == ["masked_select"]
+    assert waits(lambda: torch.equal(x, x)) == ["equal"] and waits(lambda: torch.bincount(m.long())) == ["bincount"]
+    assert waits(lambda: x.repeat_interleave(torch.tensor([1, 2, 1, 1, 1, 1]))) == ["repeat_interleave"]
+    assert waits(lambda: x.repeat_interleave(3)) == []  # an int says the size: nothing to wait for
+    assert waits(lambda: (x.masked_fill(m, 0) * 2).sum().backward()) == []  # masks used arithmetically are fine
+    assert waits(lambda: x[torch.tensor([0, 2])]) == []  # integer indexing knows its size
+    with FakeTensorMode():  # device tensors without a device: only their place matters here
+        on_gpu, on_cpu = torch.empty(3, device="cuda"), torch.empty(3)
+    assert train.sync_op(torch.ops.aten._to_copy.default, (on_gpu,), {"device": torch.device("cpu")})
+    assert not train.sync_op(torch.ops.aten._to_copy.default, (on_cpu,), {"device": torch.device("cuda")})
+    assert not train.sync_op(torch.ops.aten._to_copy.default, (on_gpu,), {"dtype": torch.float16})
+    assert train.sync_op(torch.ops.aten.copy_.default, (on_cpu, on_gpu), {})
+    assert not train.sync_op(torch.ops.aten.copy_.default, (on_gpu, on_cpu), {})  # host to device: queued
 
 
 # ==========================================================================================================
-# qpenet.py: QPENet (PPG, DPE, GBC, FFA, losses)
-# ==========================================================================================================
-
-QPENET_SIZE = 33  # output stride 8 -> 5 x 5 features
-QPENET_H_FEAT = 5
-
-
-def qpe_episode(B=2, S=1, size=QPENET_SIZE, seed=0):
-    return box_episode(B, S, size, (5, 20, 8, 25), (3, 18, 10, 28), shot_step=2, seed=seed)
-
-
-@pytest.fixture(scope="module")
-def qpe_model():
-    torch.manual_seed(0)
-    return qpenet.Model(qpenet.Config(pretrained=False))
-
-
-@pytest.fixture(scope="module")
-def qpe_step(qpe_model):
-    """One 2-shot training step: the outputs, the loss and a snapshot of the gradients."""
-    img_q, img_s, m_s, m_q = qpe_episode(S=2)
-    qpe_model.train()
-    qpe_model.zero_grad()
-    out = qpe_model(img_q, img_s, m_s)
-    total, terms = qpe_model.loss(out, m_q, m_s)
-    total.backward()
-    grads = {n: None if p.grad is None else p.grad.clone() for n, p in qpe_model.named_parameters()}
-    return dict(out=out, total=total, terms=terms, grads=grads, m_s=m_s, m_q=m_q)
-
-
-@pytest.mark.parametrize("shot", [1, 5])
-def test_qpenet_forward_shapes(qpe_model, qpe_step, shot):
-    img_q, img_s, m_s, _ = qpe_episode(S=shot)
-    with torch.no_grad():
-        out = qpe_model.eval()(img_q, img_s, m_s)
-    assert out["logits"].shape == (2, 2, QPENET_SIZE, QPENET_SIZE)
-    assert out["y_pre"].shape == out["y_bg_q"].shape == (2, 2, QPENET_H_FEAT, QPENET_H_FEAT)
-    assert out["y_rev"].shape == out["y_bg_s"].shape == (2, shot, 2, QPENET_H_FEAT, QPENET_H_FEAT)
-    assert out["m_main"].shape == out["m_aux"].shape == out["m_s_down"].shape == (2, shot, QPENET_H_FEAT, QPENET_H_FEAT)
-    assert all(torch.isfinite(v).all() for v in out.values())
-    assert set(qpe_step["out"]) == set(out)  # one dict in train and eval mode
-
-
-def test_qpenet_shot_order_does_not_matter(qpe_model):
-    img_q, img_s, m_s, _ = qpe_episode(S=2)
-    qpe_model.eval()
-    with torch.no_grad():
-        a = qpe_model(img_q, img_s, m_s)["logits"]
-        b = qpe_model(img_q, img_s.flip(1), m_s.flip(1))["logits"]
-    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-
-
-def test_qpenet_loss_terms_and_gradients(qpe_model, qpe_step):
-    out, total, terms = qpe_step["out"], qpe_step["total"], qpe_step["terms"]
-    assert set(terms) == {"pre", "rev", "final", "bm_s", "bm_q"}
-    assert all(torch.isfinite(v) and v > 0 for v in terms.values())
-    cfg = qpe_model.cfg
-    expected = cfg.alpha * (terms["pre"] + terms["rev"] + terms["final"]) + cfg.beta * (terms["bm_s"] + terms["bm_q"])
-    torch.testing.assert_close(total, expected)
-    torch.testing.assert_close(terms["final"], common.seg_loss(out["logits"], qpe_step["m_q"]))
-    torch.testing.assert_close(terms["rev"], common.seg_loss(out["y_rev"].flatten(0, 1), qpe_step["m_s"].flatten(0, 1)))
-    grads = qpe_step["grads"]
-    missing = [n for n, p in qpe_model.named_parameters() if p.requires_grad and
-               (grads[n] is None or not torch.isfinite(grads[n]).all() or grads[n].abs().sum() == 0)]
-    assert not missing, f"no gradient: {missing}"
-    assert all(grads[n] is None for n, _ in qpe_model.named_parameters() if n.startswith("backbone."))
-    assert all(not p.requires_grad for p in qpe_model.backbone.parameters())
-
-
-def test_qpenet_main_and_aux_partition_the_support_mask(qpe_step):
-    out, m_s = qpe_step["out"], qpe_step["m_s"]
-    m, main, aux = out["m_s_down"], out["m_main"], out["m_aux"]
-    torch.testing.assert_close(main + aux, m)  # Eq. (5) + (6) = M_s
-    assert (main * aux == 0).all()  # disjoint
-    rev = (out["y_rev"].argmax(2) == 1).float()
-    torch.testing.assert_close(main, m * rev)  # main = inside the mask and reverse-predicted foreground
-    expected = F.interpolate((m_s == 1).float(), (QPENET_H_FEAT, QPENET_H_FEAT), mode="bilinear", align_corners=True)
-    torch.testing.assert_close(m, expected)
-    assert 0 < m.sum() and (m > 0).sum() < m.numel()
-
-
-def test_qpenet_shot_map_pools_all_shots_jointly():
-    f_s = torch.randn(2, 3, 4, 5, 6)
-    m = (torch.rand(2, 3, 5, 6) > 0.5).float()
-    m[0, 1] = 0  # an empty shot adds nothing
-    expected = (f_s * m[:, :, None]).sum((1, 3, 4)) / (m.sum((1, 2, 3))[:, None] + common.MAP_EPS)
-    torch.testing.assert_close(qpenet.shot_map(f_s, m), expected)
-
-
-def test_qpenet_empty_support_mask_gives_no_nan(qpe_model):
-    img_q, img_s, _, m_q = qpe_episode(S=2)
-    m_s = torch.zeros(2, 2, QPENET_SIZE, QPENET_SIZE, dtype=torch.long)
-    qpe_model.train()
-    qpe_model.zero_grad()
-    out = qpe_model(img_q, img_s, m_s)
-    total, terms = qpe_model.loss(out, m_q, m_s)
-    assert all(torch.isfinite(v).all() for v in out.values())
-    assert torch.isfinite(total) and all(torch.isfinite(v) for v in terms.values())
-    total.backward()
-    grads = [p.grad for p in qpe_model.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads), sum(g is None for g in grads)
-
-
-def test_qpenet_cross_attention_matches_formula():
-    torch.manual_seed(0)
-    B, N, L, C, heads = 2, 5, 7, 8, 2
-    layer = qpenet.CrossAttention(C, heads, ffn_dim=16, dropout=0.1).eval()
-    x, tokens = torch.randn(B, N, C), torch.randn(B, L, C)
-    valid = torch.ones(B, L, dtype=torch.bool)
-    valid[0, 4:] = False
-    valid[1, :2] = False
-    d = C // heads
-    q = (x @ layer.to_q.weight.T).view(B, N, heads, d).transpose(1, 2)
-    k = (tokens @ layer.to_k.weight.T).view(B, L, heads, d).transpose(1, 2)
-    v = (tokens @ layer.to_v.weight.T).view(B, L, heads, d).transpose(1, 2)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(d)  # (B, heads, N, L)
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    direct = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, N, C) @ layer.to_out.weight.T
-    torch.testing.assert_close(layer.attend(x, tokens, valid), direct, atol=1e-5, rtol=1e-5)
-    h = layer.norm_attn(x + direct)
-    torch.testing.assert_close(layer(x, tokens, valid), layer.norm_ffn(h + layer.ffn(h)), atol=1e-5, rtol=1e-5)
-    # the masked tokens do not matter
-    changed = tokens.clone()
-    changed[0, 4:] = 100.0
-    torch.testing.assert_close(layer.attend(x, changed, valid), direct, atol=1e-5, rtol=1e-5)
-    # all-zero tokens (a support without foreground) add exactly nothing
-    zero = layer.attend(x, torch.zeros(B, L, C), torch.ones(B, L, dtype=torch.bool))
-    assert zero.abs().max() == 0
-
-
-def test_qpenet_gbc_cleaner_by_hand():
-    torch.manual_seed(0)
-    gbc = qpenet.GBC(qpenet.Config(dim=8)).eval()
-    f_q, f_s = torch.rand(2, 8, 4, 4), torch.rand(2, 3, 8, 4, 4)
-    p_bg, y_bg_q, y_bg_s = gbc(f_q, f_s)
-    assert y_bg_s.shape == (2, 3, 2, 4, 4)
-    bg = (y_bg_q[:, 1] > y_bg_q[:, 0]).float()  # channel 1 = background
-    gap = (f_q * bg[:, None]).sum((2, 3)) / 16  # GAP over all h*w pixels, not MAP
-    fc1, fc2 = gbc.cleaner[0], gbc.cleaner[2]
-    gate = torch.sigmoid(fc2(torch.relu(fc1(gap))))
-    torch.testing.assert_close(p_bg, gbc.p_global * gate)
-    # Eq. (9) uses the same Convs as Eq. (10)
-    torch.testing.assert_close(y_bg_s[:, 0], gbc.convs(torch.cat([f_s[:, 0], qpenet.broadcast(
-        gbc.p_global.expand(2, -1), f_q)], 1)))
-
-
-def test_qpenet_background_mining_loss_by_hand():
-    # one 1x2 image: pixel 0 foreground, pixel 1 background; logits equal except pixel 0 (p_bg = sigmoid(1))
-    y_bg = torch.zeros(1, 2, 1, 2)
-    y_bg[0, qpenet.BACKGROUND, 0, 0] = 1.0
-    m = torch.tensor([[[1, 0]]])
-    p = torch.sigmoid(torch.tensor(1.0))
-    not_bg = -torch.log(1 - p) / (1 + qpenet.BM_EPS)
-    every = (-torch.log(p) - math.log(0.5)) / 2
-    torch.testing.assert_close(qpenet.background_mining_loss(y_bg, m, 0.5), not_bg + 0.5 * every)
-    # 255 counts nowhere; no foreground: only the every-pixel term
-    m = torch.tensor([[[255, 0]]])
-    torch.testing.assert_close(qpenet.background_mining_loss(y_bg, m, 0.5), 0.5 * torch.tensor(math.log(2)))
-
-
-def test_qpenet_parameter_counts(qpe_model):
-    learnable, total = train.count_parameters(qpe_model)
-    head = 2 * 256 * 256 + 2 * 9 * 256 * 256 + 9 * 256 * 256 + 256 * 2 + 2  # Convs(512 -> 256 -> 2)
-    assert sum(p.numel() for p in qpe_model.foreground.parameters()) == head == 1_901_058  # paper: 34.6M - 32.7M
-    assert learnable == 7_738_118
-    assert total - learnable == sum(p.numel() for p in qpe_model.backbone.parameters()) == 23_508_032
-
-
-def test_qpenet_short_synthetic_training_lowers_the_loss(tmp_path):
-    train.main(["--model", "qpenet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
-                "--img-size", "32", "--train-length", "8", "--batch-size", "4", "--epochs", "3",
-                "--lr", "0.01", "--test-episodes", "2", "--test-seeds", "1", "--log-every", "2",
-                "--out", str(tmp_path)])
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in records if r["event"] == "train"]
-    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
-    assert losses[-1] < losses[0]
-    assert any(r["event"] == "result" for r in records)
-
-
-TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-class Scripted(nn.Module):
-    """Stands in for a Convs: records every input and returns the next of the given logits."""
-
-    def __init__(self, *outputs):
-        super().__init__()
-        self.outputs, self.inputs = list(outputs), []
-
-    def forward(self, x):
-        self.inputs.append(x.detach().clone())
-        return self.outputs[len(self.inputs) - 1]
-
-
-def logits_of(fg):
-    """Two-channel logits whose argmax is the binary mask fg (..., h, w): channel 1 wins exactly where fg = 1."""
-    fg = fg.float()
-    return torch.stack([1 - fg, fg], -3)
-
-
-def map_by_hand(f, m):
-    """MAP written out: f (C, n) features of n pixels, m (n,) weights -> sum_i f(i) m(i) / (sum_i m(i) + eps)."""
-    return (f * m).sum(1) / (m.sum() + MAP_EPS)
-
-
-def pixels(f):
-    """(..., C, h, w) -> (C, n): the pixels of one image (or of all K shots of one episode) as columns."""
-    return f.movedim(-3, 0).reshape(f.shape[-3], -1)
-
-
-def cosine_by_hand(f, p):
-    """Eq. (13)/(14) written out: f (C, h, w), p (C,) -> p.f(i) / (|p| |f(i)|), (h, w)."""
-    return (f * p[:, None, None]).sum(0) / (p.norm() * f.norm(dim=0))
-
-
-def expect_broadcast(x, p):
-    """Assert that every pixel of x (N, C, h, w) holds the prototype p (N, C)."""
-    torch.testing.assert_close(x, p[:, :, None, None].expand_as(x), **TOL)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# PPG and DPE with a scripted Convs
-# ----------------------------------------------------------------------------------------------------------
-
-def test_qpenet_ppg_pools_the_pseudo_prototype_from_the_predicted_query_foreground():
-    # Eq. (1)-(3): Convs sees Concat(F_q, BC(P_pre)); P_psd is the mean of F_q over the pixels y_pre calls
-    # foreground (channel 1), not over its background
-    torch.manual_seed(0)
-    C, h, w = 4, 3, 3
-    fe = qpenet.ForegroundEvolution(qpenet.Config(dim=C))
-    f_q, f_s = torch.randn(2, C, h, w), torch.randn(2, 2, C, h, w)
-    m = torch.zeros(2, 2, h, w)
-    m[0, 0, 0, :2] = 1.0
-    m[0, 1, 2, 2] = 0.5  # a soft edge pixel of the downsampled mask, in the second shot
-    m[1, 1, 1:, 1:] = 1.0  # image 1: foreground only in the second shot
-    fg_pre = torch.zeros(2, h, w)
-    fg_pre[0, 0, 0] = fg_pre[0, 2, 1] = 1  # image 0: two query pixels predicted foreground
-    fg_pre[1, 1, 2] = 1  # image 1: one
-    fe.convs = Scripted(logits_of(fg_pre))
-    p_pre, y_pre, p_psd = fe.ppg(f_q, f_s, m)
-
-    for b in range(2):
-        torch.testing.assert_close(p_pre[b], map_by_hand(pixels(f_s[b]), m[b].flatten()), **TOL)
-    (x,) = fe.convs.inputs
-    torch.testing.assert_close(x[:, :C], f_q)  # F_q first
-    expect_broadcast(x[:, C:], p_pre)  # then BC(P_pre)
-    assert torch.equal(y_pre, logits_of(fg_pre))
-    expected = torch.stack([(f_q[0, :, 0, 0] + f_q[0, :, 2, 1]) / (2 + MAP_EPS), f_q[1, :, 1, 2] / (1 + MAP_EPS)])
-    torch.testing.assert_close(p_psd, expected, **TOL)
-
-
-def test_qpenet_dpe_splits_the_support_mask_by_the_reverse_segmentation():
-    # Eq. (4)-(8): every shot of episode b is reverse-segmented with episode b's P_psd; M_main / M_aux are
-    # M_s inside / outside the predicted foreground; P_main / P_aux pool all shots of an episode
-    torch.manual_seed(0)
-    B, S, C, h, w = 2, 2, 4, 3, 3
-    fe = qpenet.ForegroundEvolution(qpenet.Config(dim=C))
-    f_s = torch.randn(B, S, C, h, w)
-    m = torch.rand(B, S, h, w) * (torch.rand(B, S, h, w) > 0.3)  # soft, with zeros
-    m[:, :, 0, 0] = 1.0
-    p_psd = torch.randn(B, C)
-    rev = torch.zeros(B, S, h, w)
-    rev[0, 0, 0] = 1  # first row of (0, 0)
-    rev[0, 1, :, 1] = 1  # middle column of (0, 1)
-    rev[1, 1, 1:, :2] = 1  # a corner of (1, 1); shot (1, 0) predicts no foreground
-    fe.convs = Scripted(logits_of(rev).flatten(0, 1))
-    y_rev, m_main, m_aux, p_main, p_aux = fe.dpe(f_s, m, p_psd)
-
-    (x,) = fe.convs.inputs
-    assert x.shape == (B * S, 2 * C, h, w)
-    for b in range(B):
-        for k in range(S):
-            torch.testing.assert_close(x[b * S + k, :C], f_s[b, k])
-            expect_broadcast(x[b * S + k, None, C:], p_psd[b, None])  # episode b's pseudo-prototype
-    assert y_rev.shape == (B, S, 2, h, w)
-    torch.testing.assert_close(m_main, m * rev)
-    torch.testing.assert_close(m_aux, m * (1 - rev))
-    for b in range(B):
-        torch.testing.assert_close(p_main[b], map_by_hand(pixels(f_s[b]), (m[b] * rev[b]).flatten()), **TOL)
-        torch.testing.assert_close(p_aux[b], map_by_hand(pixels(f_s[b]), (m[b] * (1 - rev[b])).flatten()), **TOL)
-
-
-def test_qpenet_model_feeds_each_prototype_to_its_equation(qpe_model, monkeypatch):
-    # The wiring of Model.forward, end to end with scripted heads: Eq. (2) gets P_pre, Eq. (3) pools the
-    # query under y_pre's foreground, Eq. (4) is driven by that P_psd (not P_pre), and FFA receives
-    # P_bg from GBC, P_pre, and P_main / P_aux from y_rev, all worked out here by hand
-    torch.manual_seed(0)
-    B, S, C, h = 2, 2, qpe_model.cfg.dim, QPENET_H_FEAT
-    img_q, img_s, m_s, _ = qpe_episode(B=B, S=S)
-    f = torch.randn(B + B * S, C, h, h)  # stands in for the backbone features of query and supports
-    monkeypatch.setattr(qpe_model, "features", lambda img: f)
-    f_q, f_s = f[:B], f[B:].view(B, S, C, h, h)
-    fg_pre = torch.zeros(B, h, h)
-    fg_pre[0, 1:3, 1:4] = 1
-    fg_pre[1, 4, 0] = 1
-    rev = torch.zeros(B, S, h, h)
-    rev[0, 0, :2] = 1
-    rev[0, 1, :, 2:] = 1
-    rev[1, 0, 2:, :3] = 1
-    rev[1, 1] = 1
-    scripted = Scripted(logits_of(fg_pre), logits_of(rev).flatten(0, 1))
-    convs, qpe_model.foreground.convs = qpe_model.foreground.convs, scripted  # not monkeypatch: its undo
-    seen = {}  # deletes a submodule (it is not in the instance __dict__)
-    hooks = [qpe_model.ffa.register_forward_pre_hook(lambda mod, args: seen.update(ffa=args)),
-             qpe_model.gbc.register_forward_hook(lambda mod, args, out: seen.update(gbc=out))]
-    try:
-        with torch.no_grad():
-            out = qpe_model.eval()(img_q, img_s, m_s)
-    finally:
-        qpe_model.foreground.convs = convs
-        for hook in hooks:
-            hook.remove()
-
-    m = F.interpolate((m_s == 1).float(), (h, h), mode="bilinear", align_corners=True)
-    p_pre = torch.stack([map_by_hand(pixels(f_s[b]), m[b].flatten()) for b in range(B)])
-    p_psd = torch.stack([map_by_hand(pixels(f_q[b]), fg_pre[b].flatten()) for b in range(B)])
-    p_main = torch.stack([map_by_hand(pixels(f_s[b]), (m[b] * rev[b]).flatten()) for b in range(B)])
-    p_aux = torch.stack([map_by_hand(pixels(f_s[b]), (m[b] * (1 - rev[b])).flatten()) for b in range(B)])
-    assert (p_psd - p_pre).abs().max() > 0.1 and (p_main - p_aux).abs().max() > 0.1  # the test can tell them apart
-
-    assert len(scripted.inputs) == 2  # one Convs for Eq. (2) and Eq. (4)
-    x_pre, x_rev = scripted.inputs
-    torch.testing.assert_close(x_pre[:, :C], f_q)
-    expect_broadcast(x_pre[:, C:], p_pre)  # Eq. (2)
-    torch.testing.assert_close(x_rev[:, :C], f_s.flatten(0, 1))
-    expect_broadcast(x_rev[:, C:], p_psd.repeat_interleave(S, 0))  # Eq. (4): P_psd of Eq. (3)
-    torch.testing.assert_close(out["m_main"], m * rev)
-    torch.testing.assert_close(out["m_aux"], m * (1 - rev))
-
-    ffa_f_q, ffa_f_s, ffa_m, p_bg, ffa_p_pre, ffa_p_main, ffa_p_aux = seen["ffa"]
-    torch.testing.assert_close(ffa_f_q, f_q)
-    torch.testing.assert_close(ffa_f_s, f_s)
-    assert torch.equal(ffa_m, m_s)  # Eq. (16) selects its keys from the label itself (the keys tests below)
-    assert torch.equal(p_bg, seen["gbc"][0])  # Eq. (12): GBC's P_bg
-    torch.testing.assert_close(ffa_p_pre, p_pre, **TOL)
-    torch.testing.assert_close(ffa_p_main, p_main, **TOL)
-    torch.testing.assert_close(ffa_p_aux, p_aux, **TOL)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# FFA: Eq. (12)-(15) inputs, Eq. (16) keys
-# ----------------------------------------------------------------------------------------------------------
-
-def small_ffa():
-    torch.manual_seed(0)
-    return qpenet.FFA(qpenet.Config(dim=8, heads=2, ffn_dim=16)).eval()
-
-
-def test_qpenet_ffa_filter_and_fusion_inputs_by_hand():
-    # Eq. (12): Conv_1 sees Concat(F_q, BC(P_bg)); Eq. (13)-(15): Conv_1 sees Concat(F_q', BC(P_pre), A_main,
-    # A_aux) with A_main = cos(P_main, F_q) and A_aux = cos(P_aux, F_q), in that order
-    ffa = small_ffa()
-    B, S, C, h, w = 2, 1, 8, 3, 4
-    f_q, f_s = torch.randn(B, C, h, w), torch.randn(B, S, C, h, w)
-    m_s = (torch.rand(B, S, 8 * h, 8 * w) > 0.5).long()  # support labels
-    p_bg, p_pre, p_main, p_aux = (torch.randn(B, C) for _ in range(4))
-    seen = {}
-    hooks = [ffa.filter.register_forward_pre_hook(lambda mod, args: seen.update(filter_in=args[0].clone())),
-             ffa.filter.register_forward_hook(lambda mod, args, out: seen.update(filter_out=out.clone())),
-             ffa.fuse.register_forward_pre_hook(lambda mod, args: seen.update(fuse_in=args[0].clone()))]
-    try:
-        with torch.no_grad():
-            ffa(f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux)
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-    x = seen["filter_in"]
-    assert x.shape == (B, 2 * C, h, w)
-    torch.testing.assert_close(x[:, :C], f_q)
-    expect_broadcast(x[:, C:], p_bg)
-    x = seen["fuse_in"]
-    assert x.shape == (B, 2 * C + 2, h, w)
-    torch.testing.assert_close(x[:, :C], seen["filter_out"])  # F_q' of Eq. (12)
-    expect_broadcast(x[:, C:2 * C], p_pre)
-    for b in range(B):
-        torch.testing.assert_close(x[b, 2 * C], cosine_by_hand(f_q[b], p_main[b]), **TOL)
-        torch.testing.assert_close(x[b, 2 * C + 1], cosine_by_hand(f_q[b], p_aux[b]), **TOL)
-
-
-def cross_by_hand(layer, x, tokens):
-    """One Cross layer written out for one image: x (N, C) query pixels, tokens (L, C) the support foreground
-    pixels F_s * M_s (L may be 0: then attention adds nothing). Weights taken from layer, masking done here."""
-    N, C = x.shape
-    heads = layer.heads
-    d = C // heads
-    if len(tokens) == 0:
-        attn = torch.zeros(N, C)
-    else:
-        q = (x @ layer.to_q.weight.T).view(N, heads, d).transpose(0, 1)  # (heads, N, d)
-        k = (tokens @ layer.to_k.weight.T).view(-1, heads, d).transpose(0, 1)  # (heads, L, d)
-        v = (tokens @ layer.to_v.weight.T).view(-1, heads, d).transpose(0, 1)
-        a = (q @ k.transpose(1, 2) / math.sqrt(d)).softmax(-1) @ v  # (heads, N, d)
-        attn = a.transpose(0, 1).reshape(N, C) @ layer.to_out.weight.T
-    x = layer.norm_attn(x + attn)
-    return layer.norm_ffn(x + layer.ffn(x))
-
-
-def keys_episode():
-    """B=3 episodes of 2 shots, features 3x3, labels m_s 6x6 (nearest samples label rows/columns 0, 2, 4; the
-    bilinear M_s samples 0, 2.5, 5). Episode 1 has foreground only in its second shot, episode 2 none at all
-    (a 255 row). -> f_q, f_s, m_s, the four prototypes (FFA's order), and the bilinear M_s (B,S,3,3)."""
-    torch.manual_seed(1)
-    B, S, C, h, w = 3, 2, 8, 3, 3
-    f_q, f_s = torch.randn(B, C, h, w), torch.randn(B, S, C, h, w)
-    m_s = torch.zeros(B, S, 2 * h, 2 * w, dtype=torch.long)
-    m_s[0, 0, :3, :3] = 1  # keys (0,0) (0,1) (1,0) (1,1); bilinear M_s 1, 0.5, 0.5, 0.25 there
-    m_s[0, 0, 3, 5] = 1  # bilinear M_s 0.5 at (1,2), no key: nearest reads label (2,4) = 0
-    m_s[0, 1, 4:] = 1
-    m_s[0, 1, 4, 4] = IGNORE_INDEX  # (2,2): bilinear M_s 1 (label row 5), no key: nearest reads this 255
-    m_s[1, 1, 2:, 2:] = 1  # keys (1,1) (1,2) (2,1) (2,2)
-    m_s[1, 1, 0, 4] = 1  # key (0,2), where the bilinear M_s is 0
-    m_s[2, :, 0] = IGNORE_INDEX
-    p_bg, p_pre, p_main, p_aux = (torch.randn(B, C) for _ in range(4))
-    m_bilinear = F.interpolate((m_s == 1).float(), (h, w), mode="bilinear", align_corners=True)
-    return f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux, m_bilinear
-
-
-def nearest_keys(m_s, h, w):
-    """The keys of Eq. (16) by hand: the label (..., H, W) read at row i * H // h, column j * W // w, == 1."""
-    H, W = m_s.shape[-2:]
-    rows, cols = [i * H // h for i in range(h)], [j * W // w for j in range(w)]
-    return m_s[..., rows, :][..., cols] == 1  # (..., h, w) bool
-
-
-def test_qpenet_cross_attention_keys_are_the_labelled_support_foreground_pixels_by_hand():
-    # Eq. (16), Choices 6: the keys/values are the support pixels labelled 1 at feature resolution (nearest, as
-    # the official), of all shots together, unweighted (F_s * M_s with M_s that 0/1 mask). Other pixels are no
-    # keys (zero keys would still take a share of the softmax), even where the bilinear M_s is fractional, and
-    # a key counts fully where the bilinear M_s is 0.25 or 0. The reference attends over those pixels only.
-    ffa = small_ffa()
-    f_q, f_s, m_s, *protos, m_bilinear = keys_episode()
-    B, S, C, h, w = f_s.shape
-    keys = nearest_keys(m_s, h, w)  # (B, S, h, w)
-    assert keys[0, 0].tolist() == [[True, True, False], [True, True, False], [False] * 3]
-    assert m_bilinear[0, 0, 1, 2] == 0.5 and m_bilinear[0, 1, 2, 2] == 1  # the old M_s > 0 rule's keys ...
-    assert not keys[0, 0, 1, 2] and not keys[0, 1, 2, 2]  # ... that are none here (a 0 and a 255 read)
-    assert m_bilinear[0, 0, 1, 1] == 0.25 and m_bilinear[1, 1, 0, 2] == 0 and keys[0, 0, 1, 1] and keys[1, 1, 0, 2]
-    seen = {}
-    hook = ffa.fuse.register_forward_hook(lambda mod, args, out: seen.update(x=out.clone()))
-    try:
-        with torch.no_grad():
-            y = ffa(f_q, f_s, m_s, *protos)
-    finally:
-        hook.remove()
-
-    with torch.no_grad():
-        for b in range(B):
-            tokens = f_s[b].permute(0, 2, 3, 1)[keys[b]]  # (L, C): the key pixels' features, unweighted
-            assert len(tokens) == [6, 5, 0][b]
-            x = seen["x"][b].flatten(1).T  # (h*w, C): F_q'' of Eq. (15)
-            for layer in ffa.cross:
-                x = cross_by_hand(layer, x, tokens)
-            expected = ffa.convs(x.T.reshape(1, C, h, w))
-            torch.testing.assert_close(y[b:b + 1], expected, **TOL)
-
-
-def test_qpenet_support_features_matter_only_at_the_keys():
-    # Eq. (16) attends to F_s * M_s, M_s the label at feature resolution: support features off the keys cannot
-    # change y_final, even where the bilinear M_s is 0.5 or 1 (episode 0: (0,1,2) and (0,2,2), which the old
-    # M_s > 0 rule made keys), features at the keys (bilinear M_s 1, 0.5, 0.25; episode 1: 0) do
-    ffa = small_ffa()
-    f_q, f_s, m_s, *protos, m_bilinear = keys_episode()
-    keys = nearest_keys(m_s, *f_s.shape[-2:])  # (B, S, h, w)
-    with torch.no_grad():
-        y = ffa(f_q, f_s, m_s, *protos)
-        outside = f_s + 5.0 * torch.randn_like(f_s) * (~keys)[:, :, None]
-        assert (m_bilinear * ~keys).max() == 1  # the changed pixels include some with M_s > 0
-        torch.testing.assert_close(ffa(f_q, outside, m_s, *protos), y)
-        for b, k, i, j in [(0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 1), (1, 1, 0, 2)]:
-            inside = f_s.clone()
-            inside[b, k, :, i, j] += 5.0 * torch.randn(f_s.shape[2])
-            changed = ffa(f_q, inside, m_s, *protos)
-            assert (changed[b] - y[b]).abs().max() > 1e-3
-            others = [e for e in range(len(y)) if e != b]
-            torch.testing.assert_close(changed[others], y[others])  # the other episodes keep their own keys
-
-
-def test_qpenet_model_takes_the_cross_attention_keys_from_the_label(qpe_model, monkeypatch):
-    # Model.forward, with 4x4 stand-in features for 33 px labels: nearest reads label rows/columns 0, 8, 16, 24,
-    # the bilinear M_s of Eq. (1) samples 0, 10.67, 21.33, 32. The support boxes (rows 11-21 and 13-23, columns
-    # 5-29) make row 1 of shot 0 fractional in M_s (0.67) but no key, and column 3 keys where M_s is 0. Both
-    # Cross layers get exactly those pixels' features, unweighted, as their valid tokens.
-    torch.manual_seed(0)
-    B, S, C, h = 2, 2, qpe_model.cfg.dim, 4
-    img_q, img_s, m_s, _ = box_episode(B, S, QPENET_SIZE, (5, 20, 8, 25), (11, 22, 5, 30), shot_step=2)
-    f = torch.randn(B + B * S, C, h, h)
-    monkeypatch.setattr(qpe_model, "features", lambda img: f)
-    f_s = f[B:].view(B, S, C, h, h)
-    seen = []
-    hooks = [cross.register_forward_pre_hook(lambda mod, args: seen.append(args[1:])) for cross in qpe_model.ffa.cross]
-    try:
-        with torch.no_grad():
-            out = qpe_model.eval()(img_q, img_s, m_s)
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-    keys = nearest_keys(m_s, h, h)  # (B, S, h, w)
-    row = [[False] * 4, [False] * 4, [False, True, True, True], [False] * 4]
-    assert keys[:, 0].tolist() == keys[:, 1].tolist() == [row] * B
-    m = out["m_s_down"]  # the bilinear M_s
-    assert 0.6 < m[0, 0, 1, 1] < 0.7 and not keys[0, 0, 1, 1]  # the old M_s > 0 rule's key, none now
-    assert m[0, 0, 2, 3] == 0 and keys[0, 0, 2, 3]
-    assert len(seen) == 2  # both layers, the same keys
-    for tokens, valid in seen:
-        assert torch.equal(valid, keys.flatten(1))  # (B, S*h*w), shot by shot
-        expected = (f_s * keys[:, :, None]).permute(0, 1, 3, 4, 2).reshape(B, -1, C)  # zero off the keys
-        torch.testing.assert_close(tokens, expected)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# L_bm per image
-# ----------------------------------------------------------------------------------------------------------
-
-def test_qpenet_background_mining_loss_foreground_term_is_per_image():
-    # L_bm's first term is -log(1 - p_bg) averaged over each image's own foreground, then over the images, so a
-    # 1-pixel object counts as much as a 3-pixel one; the second is -log p_bg over every labelled pixel of the
-    # batch (255 left out). Constant logits per image: p_bg = sigmoid(a_n) everywhere in image n.
-    a = [0.5, -1.0]
-    y_bg = torch.zeros(2, 2, 1, 4)
-    y_bg[0, qpenet.BACKGROUND] = a[0]
-    y_bg[1, qpenet.BACKGROUND] = a[1]
-    m = torch.tensor([[[1, 0, 0, IGNORE_INDEX]],  # 1 foreground pixel, 3 labelled
-                      [[1, 1, 1, 0]]])  # 3 foreground pixels, 4 labelled
-    not_bg = [math.log1p(math.exp(a_n)) for a_n in a]  # -log(1 - sigmoid(a)) = softplus(a)
-    is_bg = [math.log1p(math.exp(-a_n)) for a_n in a]  # -log sigmoid(a)
-    first = (not_bg[0] * 1 / (1 + qpenet.BM_EPS) + not_bg[1] * 3 / (3 + qpenet.BM_EPS)) / 2
-    every = (3 * is_bg[0] + 4 * is_bg[1]) / 7
-    loss = qpenet.background_mining_loss(y_bg, m, 0.5)
-    torch.testing.assert_close(loss, torch.tensor(first + 0.5 * every))
-    pooled = (not_bg[0] + 3 * not_bg[1]) / 4 + 0.5 * every  # one mean over the batch's foreground: not L_bm
-    assert abs(loss.item() - pooled) > 0.1
-
-
-# ==========================================================================================================
-# ocnet.py: OCNet (GOMM, CCM with DCT pooling and Sinkhorn, FPN decoder)
+# ocnet.py: OCNet (GOMM, CCM with DCT pooling and Sinkhorn): shapes at 1 and 5 shots, losses, gradients; Sinkhorn,
+# MFP, the CAM; GOMM, CCM and one episode through the whole model against direct computations
 # ==========================================================================================================
 
 OCNET_SIZE = 49  # ResNet: 7x7 features (output stride 8); VGG: 4x4 (stride 16). Not 33: dilated convs crawl there
-
-
-def ocnet_episode(batch=2, shot=1, size=OCNET_SIZE, seed=0):
-    return box_episode(batch, shot, size, (8, 30, 12, 38), (15, 42, 5, 28), seed=seed)
+OCNET_EPISODE = dict(size=OCNET_SIZE, q_box=(8, 30, 12, 38), s_box=(15, 42, 5, 28), shot_step=0)  # episode(B, S, **)
 
 
 @pytest.fixture(scope="module")
@@ -3729,12 +2525,52 @@ def ocnet_models():
     return {b: ocnet.Model(ocnet.Config(backbone=b, pretrained=False)) for b in ("resnet50", "vgg16_bn")}
 
 
+@pytest.fixture(scope="module")
+def ocnet_resnet():
+    # ResNet-50 only: the VGG model's 124M-parameter classifier would cost seconds to build
+    torch.manual_seed(0)
+    return ocnet.Model(ocnet.Config(backbone="resnet50", pretrained=False)).eval()
+
+
+def _cos(a, b):
+    """Cosine of two vectors, written out."""
+    return (a * b).sum() / (a.norm() * b.norm())
+
+
+def _set_identity(*linears):
+    with torch.no_grad():
+        for lin in linears:
+            lin.weight.copy_(torch.eye(lin.weight.shape[0]))
+            lin.bias.zero_()
+
+
+def _capture_inputs(module):
+    """Forward pre-hook that records the positional inputs of module's next calls."""
+    seen = []
+    handle = module.register_forward_pre_hook(lambda mod, args: seen.append([a.detach().clone() for a in args]))
+    return seen, handle
+
+
+def _slot_prototypes(cost, f_q, p_s):
+    """The index into p_s (1,L,C) of the prototype behind each cost channel, found by matching 1 - cos(F_q, p)."""
+    ids = []
+    for c in range(cost.shape[1]):
+        errs = [(cost[0, c] - (1 - F.cosine_similarity(f_q[0], p_s[0, l, :, None, None], dim=0))).abs().max().item()
+                for l in range(p_s.shape[1])]
+        l = min(range(len(errs)), key=errs.__getitem__)
+        assert errs[l] < 1e-5, (c, errs)
+        ids.append(l)
+    return ids
+
+
+# ---------------- shapes at 1 and 5 shots, channels_last, bf16, losses, gradients, empty masks ------------
+
 @pytest.mark.parametrize("backbone,feat", [("resnet50", 7), ("vgg16_bn", 4)])
 def test_ocnet_forward_shapes_one_and_five_shot(ocnet_models, backbone, feat):
     model = ocnet_models[backbone].eval()
     n2 = 2 * model.cfg.num_select
     for batch, shot in ((2, 1), (1, 5)):
-        img_q, img_s, m_s, _ = ocnet_episode(batch, shot)
+        img_q, img_s, m_s, _ = episode(batch, shot, **OCNET_EPISODE)
         with torch.no_grad():
             out = model(img_q, img_s, m_s)
         assert out["logits"].shape == (batch, 2, OCNET_SIZE, OCNET_SIZE)
@@ -3748,7 +2584,7 @@ def test_ocnet_forward_shapes_one_and_five_shot(ocnet_models, backbone, feat):
 def test_ocnet_channels_last_gives_the_same_outputs(ocnet_models):
     # train.py converts the model to channels_last on CUDA: reshapes must not assume contiguous features
     model = copy.deepcopy(ocnet_models["resnet50"]).eval()
-    img_q, img_s, m_s, _ = ocnet_episode(shot=2)
+    img_q, img_s, m_s, _ = episode(2, 2, **OCNET_EPISODE)
     with torch.no_grad():
         ref = model(img_q, img_s, m_s)
         out = model.to(memory_format=torch.channels_last)(img_q, img_s, m_s)
@@ -3758,7 +2594,7 @@ def test_ocnet_channels_last_gives_the_same_outputs(ocnet_models):
 def test_ocnet_transport_cost_stays_fp32_under_bf16_autocast(ocnet_models):
     # Sinkhorn divides the cost by eps = 0.05: bf16's 1/128 steps would become 0.16 in the exponent
     model = ocnet_models["resnet50"].eval()
-    img_q, img_s, m_s, _ = ocnet_episode()
+    img_q, img_s, m_s, _ = episode(2, 1, **OCNET_EPISODE)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(img_q, img_s, m_s)
     assert out["logits_pa"].dtype == torch.bfloat16 and out["cost_pa"].dtype == torch.float32
@@ -3767,7 +2603,7 @@ def test_ocnet_transport_cost_stays_fp32_under_bf16_autocast(ocnet_models):
 
 def test_ocnet_loss_terms_and_gradients(ocnet_models):
     model = ocnet_models["resnet50"].train()
-    img_q, img_s, m_s, m_q = ocnet_episode(shot=2)
+    img_q, img_s, m_s, m_q = episode(2, 2, **OCNET_EPISODE)
     model.zero_grad(set_to_none=True)
     out = model(img_q, img_s, m_s)
     total, terms = model.loss(out, m_q, m_s)
@@ -3785,7 +2621,7 @@ def test_ocnet_loss_terms_and_gradients(ocnet_models):
 
 def test_ocnet_empty_support_or_query_mask_gives_no_nan(ocnet_models):
     model = ocnet_models["resnet50"].train()
-    img_q, img_s, m_s, m_q = ocnet_episode(batch=4)
+    img_q, img_s, m_s, m_q = episode(4, 1, **OCNET_EPISODE)
     m_s[0] = 0  # empty support mask
     m_q[1], m_q[2], m_q[3] = 0, 255, 1  # query: no foreground, nothing labelled, no background
     model.zero_grad(set_to_none=True)
@@ -3797,6 +2633,8 @@ def test_ocnet_empty_support_or_query_mask_gives_no_nan(ocnet_models):
     assert all(g is not None and torch.isfinite(g).all() for g in grads), sum(g is None for g in grads)
     assert torch.isfinite(model(img_q[:1], img_s[:1], torch.zeros_like(m_s[:1]))["logits"]).all()
 
+
+# ---------------- Sinkhorn, the allocation target, MFP and the prototype selection ------------------------
 
 def test_ocnet_sinkhorn_meets_marginals_and_prefers_low_cost():
     g = torch.Generator().manual_seed(0)
@@ -3864,6 +2702,40 @@ def test_ocnet_prototype_selection_by_hand():
     assert f_c.shape == (1, 2 * C, 2, 2) and logits_pa.shape == (1, 2, 2, 2) and logits_pa.abs().max() <= 10 + 1e-4
 
 
+# ---------------- the ImageNet CAM and the general object mask --------------------------------------------
+
+def test_ocnet_cam_takes_the_weight_files_own_classifier(pfenet_file, tmp_path):
+    path, ref = pfenet_file
+    torch.manual_seed(0)
+    model = ocnet.Model(ocnet.Config(backbone="resnet50_deep", pretrained=str(path)))
+    fc = model.cam.classifier[-1]
+    assert fc is model.backbone.head and torch.equal(fc.weight, ref.fc.weight) and torch.equal(fc.bias, ref.fc.bias)
+    assert not any(p.requires_grad for p in model.cam.parameters())
+    state = model.state_dict()  # the classifier is saved once, as the CAM's, as for the torchvision backbones
+    assert "cam.classifier.2.weight" in state and not any(k.startswith("backbone.head") for k in state)
+    f_h = torch.rand(2, 2048, 4, 5)
+    top = ref.fc(f_h.mean((2, 3))).argmax(1)  # CAM [65] of the file's top class
+    expected = ocnet.minmax(F.relu(torch.einsum("bc,bchw->bhw", ref.fc.weight[top], f_h))[:, None])
+    torch.testing.assert_close(model.cam(f_h), expected, atol=1e-5, rtol=1e-4)
+    # a file without a classifier: a clear error, and cam_source="none" needs none
+    bare = tmp_path / "no_fc.pth"
+    torch.save({k: v for k, v in torch.load(path, weights_only=True).items() if not k.startswith("fc.")}, bare)
+    with pytest.raises(common.WeightsFileError, match="no ImageNet classifier.*--cam-source none"):
+        ocnet.Model(ocnet.Config(backbone="resnet50_deep", pretrained=str(bare)))
+    assert ocnet.Model(ocnet.Config(backbone="resnet50_deep", pretrained=str(bare), cam_source="none")).cam is None
+
+
+def test_ocnet_cam_of_torchvision_backbones_unchanged():
+    torch.manual_seed(7)
+    cam = ocnet.ImageNetCAM("resnet50", pretrained=False)
+    torch.manual_seed(7)
+    fc = torchvision.models.resnet50(weights=None).fc  # as ImageNetCAM built it before weight files existed
+    assert torch.equal(cam.classifier[-1].weight, fc.weight) and torch.equal(cam.classifier[-1].bias, fc.bias)
+    assert [type(m) for m in cam.classifier] == [nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear]
+    deep = ocnet.ImageNetCAM("resnet50_deep", pretrained=False)  # random, like its backbone (checkpoints fill it)
+    assert deep.classifier[-1].weight.shape == (1000, 2048)
+
+
 def test_ocnet_gradcam_is_cam_for_resnet_and_runs_under_no_grad():
     torch.manual_seed(0)
     cam = ocnet.ImageNetCAM("resnet50", pretrained=False)
@@ -3881,7 +2753,7 @@ def test_ocnet_gradcam_is_cam_for_resnet_and_runs_under_no_grad():
 @pytest.mark.parametrize("backbone", ["resnet50", "vgg16_bn"])
 def test_ocnet_general_object_mask_is_thresholded_max_of_prior_and_cam(ocnet_models, backbone):
     model = ocnet_models[backbone].eval()
-    img_q, img_s, m_s, _ = ocnet_episode(shot=2)
+    img_q, img_s, m_s, _ = episode(2, 2, **OCNET_EPISODE)
     with torch.no_grad():
         out = model(img_q, img_s, m_s)
         f_q4 = model.backbone(img_q)["layer4"]
@@ -3894,6 +2766,8 @@ def test_ocnet_general_object_mask_is_thresholded_max_of_prior_and_cam(ocnet_mod
     assert torch.equal(out["m_g"], (torch.maximum(prior, cam)[:, 0] >= 0.6).long())
     assert out["m_g"].flatten(1).sum(1).min() >= 1  # the prior's maximum is 1 >= tau in each image
 
+
+# ---------------- configuration and a short training ------------------------------------------------------
 
 def test_ocnet_config_cam_source_and_bad_values():
     model = ocnet.Model(ocnet.Config(pretrained=False, cam_source="none"))
@@ -3908,11 +2782,10 @@ def test_ocnet_short_synthetic_training_lowers_the_loss(ocnet_models):
     # four steps of the harness's SGD at the paper's lr (§5.1) on two synthetic episodes; loss compared in eval mode
     torch.manual_seed(0)  # dropout: the loss falls by 0.13 to 0.38 over the seeds 0-5
     model = copy.deepcopy(ocnet_models["resnet50"]).eval()
-    episodes = data.build_dataset("synthetic", "train", 0, img_size=OCNET_SIZE, train_length=2)
-    batch = data.collate_episodes([episodes[(0, i)] for i in range(2)])
+    img_q, img_s, m_s, m_q, _ = synthetic_episode(2, 1, OCNET_SIZE)
 
     def loss():
-        return model.loss(model(batch["img_q"], batch["img_s"], batch["m_s"]), batch["m_q"], batch["m_s"])[0]
+        return model.loss(model(img_q, img_s, m_s), m_q, m_s)[0]
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.005, momentum=0.9, weight_decay=1e-4)  # §5.1, before the x 10
@@ -3929,34 +2802,7 @@ def test_ocnet_short_synthetic_training_lowers_the_loss(ocnet_models):
     assert math.isfinite(after) and after < before - 0.05
 
 
-@pytest.fixture(scope="module")
-def ocnet_resnet():
-    # ResNet-50 only: the VGG model's 124M-parameter classifier would cost seconds to build
-    torch.manual_seed(0)
-    return ocnet.Model(ocnet.Config(backbone="resnet50", pretrained=False)).eval()
-
-
-def _cos(a, b):
-    """Cosine of two vectors, written out."""
-    return (a * b).sum() / (a.norm() * b.norm())
-
-
-def _set_identity(*linears):
-    with torch.no_grad():
-        for lin in linears:
-            lin.weight.copy_(torch.eye(lin.weight.shape[0]))
-            lin.bias.zero_()
-
-
-def _capture_inputs(module):
-    """Forward pre-hook that records the positional inputs of module's next calls."""
-    seen = []
-    handle = module.register_forward_pre_hook(lambda mod, args: seen.append([a.detach().clone() for a in args]))
-    return seen, handle
-
-
-# ---------------------------------------------------------------- Eq. (6): multi-frequency pooling
-
+# ---------------- Eq. (6): multi-frequency pooling --------------------------------------------------------
 
 def test_ocnet_mfp_every_component_by_hand():
     # each of the n*n components against sum(f * m * basis_l) / sum(m), the DCT-II cosines written out here;
@@ -3980,8 +2826,7 @@ def test_ocnet_mfp_every_component_by_hand():
                 assert torch.allclose(p[b, u * n + v], expected / area, atol=1e-5), (b, u, v)
 
 
-# ---------------------------------------------------------------- Eq. (3-5): GOMM
-
+# ---------------- Eq. (3-5): GOMM -------------------------------------------------------------------------
 
 def test_ocnet_gomm_allocation_residual_and_attention_by_hand():
     # Identity projections make every step of Eq. (3-5) computable by hand: Conv1x1 = [I, I] (then ReLU), so
@@ -4024,20 +2869,7 @@ def test_ocnet_gomm_allocation_residual_and_attention_by_hand():
     assert torch.allclose(f_g, attended + f_q, atol=1e-5)
 
 
-# ---------------------------------------------------------------- Eq. (7-10, 13-15): CCM
-
-
-def _slot_prototypes(cost, f_q, p_s):
-    """The index into p_s (1,L,C) of the prototype behind each cost channel, found by matching 1 - cos(F_q, p)."""
-    ids = []
-    for c in range(cost.shape[1]):
-        errs = [(cost[0, c] - (1 - F.cosine_similarity(f_q[0], p_s[0, l, :, None, None], dim=0))).abs().max().item()
-                for l in range(p_s.shape[1])]
-        l = min(range(len(errs)), key=errs.__getitem__)
-        assert errs[l] < 1e-5, (c, errs)
-        ids.append(l)
-    return ids
-
+# ---------------- Eq. (7-10, 13-15): CCM ------------------------------------------------------------------
 
 def test_ocnet_ccm_correlation_by_hand():
     # Support: e0 on the object (left half), e1 elsewhere. Distances of the prototypes' M_sp to M_s:
@@ -4103,13 +2935,15 @@ def test_ocnet_ccm_selection_averages_the_shot_distances():
     assert set(slots[:n_s]) == bg and set(slots[n_s:]) == fg
 
 
-# ---------------------------------------------------------------- the whole model
-# One 2-shot episode, run once with hooks and shared by the tests below (each forward costs 0.3 s or more
-# on 2 cores)
+# ---------------- one 2-shot episode through the whole model, by hand -------------------------------------
 
+# One 2-shot episode, run once with hooks and shared by the tests below (a forward of the whole model is the
+# costly part of each test)
 
-def _two_shot_episode(seed=0):
-    img_q, img_s, m_s, m_q = ocnet_episode(batch=1, shot=2, seed=seed)
+def ocnet_two_shot_episode(seed=0):
+    """episode(1, 2, **OCNET_EPISODE) with shot 1's mask replaced: another box, and a wide band of 255 across it.
+    -> img_q, img_s, m_s, m_q."""
+    img_q, img_s, m_s, m_q = episode(1, 2, seed=seed, **OCNET_EPISODE)
     m_s[:, 1] = 0
     m_s[:, 1, 20:44, 10:40] = 1  # shot 1: another box than shot 0
     m_s[:, 1, 32:] = IGNORE_INDEX  # a wide ignored band over the lower part of shot 1 and of its object
@@ -4121,7 +2955,7 @@ def ocnet_run(ocnet_resnet):
     """The 2-shot episode through the model, with the inputs of the CCM and of the query generalization, the
     GOMM's F_g and the backbone's layer4 recorded."""
     model = ocnet_resnet
-    img_q, img_s, m_s, m_q = _two_shot_episode()
+    img_q, img_s, m_s, m_q = ocnet_two_shot_episode()
     ccm_in, h1 = _capture_inputs(model.ccm)
     gen_in, h2 = _capture_inputs(model.generalize)
     seen = {}
@@ -4224,7 +3058,7 @@ def test_ocnet_loss_terms_by_hand(ocnet_resnet, ocnet_run):
 def test_ocnet_allocation_target_is_made_without_dropout(ocnet_resnet, ocnet_run):
     # Eq. (7-11) take F_q, F_s, P_s before the features' Dropout2d (Choices): in train mode, under two dropout
     # draws, the costs and the target M_pa are those eval mode computes from the same weights, while M̂_pa does
-    # see the dropout. The CCM's inputs are the 1x1 reduction's own output (hooked before its Dropout2d).
+    # see the dropout. The CCM's inputs are the 1x1 reduction's own output (its ReLU's, hooked before the Dropout2d).
     model, ref = ocnet_resnet, ocnet_run["out"]  # ref: eval mode, no dropout
     img_q, img_s, m_s, m_q = ocnet_run["episode"]
     B, S = img_s.shape[:2]
@@ -4232,7 +3066,7 @@ def test_ocnet_allocation_target_is_made_without_dropout(ocnet_resnet, ocnet_run
     assert len(target[target != IGNORE_INDEX].unique()) > 2  # several slots are taught
     outs, reduced = [], []
     ccm_in, h1 = _capture_inputs(model.ccm)
-    h2 = model.down[0].register_forward_hook(lambda mod, args, out: reduced.append(out.detach().clone()))
+    h2 = model.down[1].register_forward_hook(lambda mod, args, out: reduced.append(out.detach().clone()))
     model.train()
     try:
         for seed in (1, 2):
@@ -4256,637 +3090,11 @@ def test_ocnet_allocation_target_is_made_without_dropout(ocnet_resnet, ocnet_run
 
 
 # ==========================================================================================================
-# crcnet.py: CRCNet (cross-reference, conditional modules, refinement, test-time fine-tuning, boxes)
+# qgnet.py: QGNet: SLIC by hand; the contrastive stage (InfoNCE, queues, momentum, shuffled BN); its file; the
+# few-shot stage (shapes, gradients, FEM's inputs and the loss by hand); both stages through train.py
 # ==========================================================================================================
 
-CRCNET_SIZE = 33  # 33 -> 5x5 features at output stride 8 (the backbone dominates the CPU time)
-
-
-def _episode(B=2, S=1, seed=0):
-    img_q, img_s, m_s, m_q = box_episode(B, S, CRCNET_SIZE, (5, 20, 8, 25), (3, 18, 10, 28), shot_step=2, seed=seed)
-    return img_q, img_s, m_q, m_s
-
-
-def _model(**kw):
-    """A narrow CRCNet (dim 32 instead of 256) keeps the CPU tests fast; the structure is the paper's."""
-    torch.manual_seed(0)
-    return crcnet.Model(crcnet.Config(pretrained=False, **{"dim": 32, "cr_reduction": 4, **kw}))
-
-
-@pytest.fixture(scope="module")
-def crcnet_model():
-    # one test scale: predict is compared with forward below; the default three scales have their own test
-    return _model(refine_steps=3, ft_steps=3, ft_lr=0.05, test_scales=(1.0,))
-
-
-def test_paper_configuration_shapes_and_size():
-    net = crcnet.Model(crcnet.Config(pretrained=False))
-    assert net.head.refinement.steps == 10 and net.cfg.sub_weight == 0.1 and net.cfg.dim == 256
-    assert net.cfg.train_encoder and net.cfg.test_scales == (0.75, 1.0, 1.25)  # §5.1 end to end; §5.3
-    learnable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    backbone = sum(p.numel() for p in net.encoder.backbone.parameters())
-    assert backbone == 23_508_032  # ResNet-50 without its fc, trained end to end (§5.1)
-    assert learnable == backbone + 20_137_492  # the 3x3 reduction of [layer3, layer4] (3072 -> 256) alone is 7.08M
-    img_q, img_s, m_q, m_s = _episode(B=1, S=1)
-    with torch.no_grad():
-        out = net(img_q, img_s, m_s, m_q=m_q)
-    assert out["logits"].shape == (1, 2, CRCNET_SIZE, CRCNET_SIZE) and out["support"].shape == (1, 2, 5, 5)
-    assert torch.isfinite(out["logits"]).all()
-
-
-@pytest.mark.parametrize("S", [1, 5])
-def test_forward_shapes_query_and_support(crcnet_model, S):
-    img_q, img_s, m_q, m_s = _episode(B=2, S=S)
-    out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
-    assert out["logits"].shape == (2, 2, CRCNET_SIZE, CRCNET_SIZE)
-    for key in ("query", "support", "query_sub", "support_sub"):
-        assert out[key].shape == (2 * S, 2, 5, 5) and torch.isfinite(out[key]).all()
-    # logits: the log of the query probabilities averaged over the shots, upsampled bilinearly
-    log_p = F.log_softmax(out["query"], 1).view(2, S, 2, 5, 5).exp().mean(1).log()
-    up = F.interpolate(log_p, (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear", align_corners=True)
-    assert torch.allclose(out["logits"], up, atol=1e-5)
-    loss, terms = crcnet_model.loss(out, m_q, m_s)
-    assert torch.isfinite(loss)
-
-
-def test_loss_has_four_terms_eq5(crcnet_model):
-    img_q, img_s, m_q, m_s = _episode()
-    out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
-    total, terms = crcnet_model.loss(out, m_q, m_s)
-    assert set(terms) == {"query", "support", "query_sub", "support_sub"}
-    assert all(torch.isfinite(t) and t > 0 for t in terms.values())
-    expected = terms["query"] + terms["support"] + 0.1 * (terms["query_sub"] + terms["support_sub"])
-    assert torch.allclose(total, expected)
-    # L_SM is the 2-class cross-entropy of the support prediction against m_s (255 ignored), Eq. (4)
-    up = F.interpolate(out["support"], (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear", align_corners=True)
-    valid = m_s[:, 0] != 255
-    ce = F.cross_entropy(up, m_s[:, 0].clamp(max=1), reduction="none")[valid].mean()
-    assert torch.allclose(terms["support"], ce, atol=1e-6)
-
-
-@pytest.mark.parametrize("train_encoder", [True, False])
-def test_gradients_reach_every_learnable_parameter_and_the_backbone_only_when_trained(train_encoder):
-    # §5.1 end to end (the default): every parameter, the ResNet's included, gets a gradient from Eq. (5);
-    # --freeze-encoder: none of the ResNet's does, every other one still does
-    net = _model(refine_steps=2, train_encoder=train_encoder)  # 2 steps: the cached branch is in the graph
-    net.train()
-    img_q, img_s, m_q, m_s = _episode()
-    loss, _ = net.loss(net(img_q, img_s, m_s, m_q=m_q), m_q, m_s)
-    loss.backward()
-    learnable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
-    missing = [n for n, p in learnable if p.grad is None or p.grad.abs().sum() == 0]
-    assert not missing, missing
-    backbone = list(net.encoder.backbone.parameters())
-    if train_encoder:
-        assert len(learnable) == len(list(net.parameters())) and all(p.requires_grad for p in backbone)
-    else:
-        assert learnable and all(not n.startswith("encoder.backbone") for n, _ in learnable)
-        assert all(p.grad is None for p in backbone) and all(p.requires_grad for p in net.encoder.reduce.parameters())
-    assert not net.encoder.backbone.training  # BN stays in eval either way
-
-
-def test_refinement_runs_configured_steps_and_updates_cache():
-    torch.manual_seed(0)
-    refine = crcnet.MaskRefinement(in_dim=12, dim=8, k=7, steps=4)
-    calls = []
-    refine.cached.register_forward_hook(lambda m, i, o: calls.append(i[0].clone()))
-    logits, caches = refine(torch.randn(2, 12, 5, 5))
-    assert len(calls) == 4 and len(caches) == 5
-    assert (caches[0] == 0).all() and (calls[0] == 0).all()  # the cache starts as zeros
-    for t in range(1, 5):
-        assert not torch.equal(caches[t], caches[t - 1])  # updated every step
-        assert torch.equal(calls[t - 1], caches[t - 1])  # and each step reads the previous one
-    assert torch.allclose(caches[-1], logits.softmax(1)[:, 1:])
-    assert ((caches[-1] > 0) & (caches[-1] < 1)).all()
-
-
-def test_cross_reference_is_symmetric_and_by_hand():
-    torch.manual_seed(0)
-    cr = crcnet.CrossReference(dim=32, reduction=16)
-    f_q, f_s = torch.randn(2, 32, 5, 5), torch.randn(2, 32, 5, 5)
-    g_q, g_s = cr(f_q, f_s)
-    h_s, h_q = cr(f_s, f_q)
-    assert torch.allclose(g_q, h_q) and torch.allclose(g_s, h_s)
-    w = torch.sigmoid(cr.importance[2](torch.relu(cr.importance[0](f_q.mean((2, 3))))))
-    w = w * torch.sigmoid(cr.importance[2](torch.relu(cr.importance[0](f_s.mean((2, 3))))))
-    assert torch.allclose(g_q, f_q * w[:, :, None, None]) and ((w >= 0) & (w <= 1)).all()
-
-
-def test_local_conditional_eq1_to_3_by_hand():
-    torch.manual_seed(0)
-    local = crcnet.LocalConditional(dim=4)
-    f, f_s = torch.randn(1, 4, 2, 3), torch.randn(1, 4, 2, 3)
-    m = torch.tensor([[[[1.0, 0.0, 0.5], [0.0, 1.0, 0.0]]]])
-    out = local(f, f_s, m)
-    theta, delta = local.theta(f)[0].flatten(1), local.delta(f_s)[0].flatten(1)  # (4, 6)
-    expected = torch.zeros(4, 6)
-    for i in range(6):  # every query position
-        sim = torch.stack([theta[:, i] @ delta[:, j] * m.flatten()[j] for j in range(6)])  # Eq. (1), (2)
-        expected[:, i] = f_s[0].flatten(1) @ torch.softmax(sim, 0)  # Eq. (3)
-    assert torch.allclose(out[0].flatten(1), expected, atol=1e-5)
-    # an empty support mask gives the plain average of the support features, not NaN
-    empty = local(f, f_s, torch.zeros_like(m))
-    assert torch.allclose(empty, f_s.mean((2, 3), keepdim=True).expand_as(empty), atol=1e-6)
-
-
-def test_finetuning_changes_prediction_and_restores_everything(crcnet_model):
-    img_q, img_s, m_q, m_s = _episode(B=2, S=3)
-    before = {k: v.clone() for k, v in crcnet_model.state_dict().items()}
-    crcnet_model.eval()
-    rng = torch.get_rng_state()
-    with torch.no_grad():
-        tuned = crcnet_model.predict(img_q, img_s, m_s)
-        first_support = crcnet_model(img_q, img_s[:, :1], m_s[:, :1])["logits"]  # "finetune" predicts from support 0
-    assert tuned.shape == (2, 2, CRCNET_SIZE, CRCNET_SIZE) and torch.isfinite(tuned).all()
-    assert not torch.allclose(tuned, first_support, atol=1e-4)
-    assert not crcnet_model.training and torch.equal(torch.get_rng_state(), rng)
-    crcnet_model.train()
-    with torch.no_grad():
-        alone = crcnet_model.predict(img_q[1:], img_s[1:], m_s[1:])
-    assert crcnet_model.training
-    crcnet_model.eval()
-    assert torch.allclose(alone, tuned[1:], atol=1e-6)  # per episode, deterministic (a fixed generator)
-    after = crcnet_model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(p.grad is None for p in crcnet_model.parameters())
-    crcnet_model.cfg.ft_steps = 0  # no step: exactly the plain 1-shot prediction
-    try:
-        with torch.no_grad():
-            assert torch.allclose(crcnet_model.predict(img_q, img_s, m_s), first_support, atol=1e-5)
-    finally:
-        crcnet_model.cfg.ft_steps = 3
-
-
-def test_finetune_trains_the_head_on_pairs_of_distinct_supports_and_keeps_the_encoder_fixed(crcnet_model,
-                                                                                             monkeypatch):
-    # §4.6: "We kept the parameters in the Siamese encoder fixed", also when training tunes it (train_encoder)
-    img_q, img_s, m_q, m_s = _episode(B=1, S=2)
-    encoder = {k: v.clone() for k, v in crcnet_model.encoder.state_dict().items()}
-    assert crcnet_model.cfg.train_encoder and all(p.requires_grad for p in crcnet_model.encoder.parameters())
-    seen = []
-    original = crcnet.pair_loss
-    monkeypatch.setattr(crcnet, "pair_loss", lambda out, mq, ms, w: seen.append((mq, ms)) or original(out, mq, ms, w))
-    weights = crcnet_model.finetune(img_s[0], m_s[0])
-    assert len(seen) == 3
-    for mq, ms in seen:  # with two supports, every pair is (0, 1) or (1, 0)
-        assert not torch.equal(mq, ms)
-    names = dict(crcnet_model.head.named_parameters())
-    assert set(weights) == set(names) and any(not torch.equal(weights[n], names[n]) for n in names)
-    # the encoder is neither tuned nor in the fine-tuning graph: its weights unchanged, no gradient reached it
-    assert all(torch.equal(encoder[k], v) for k, v in crcnet_model.encoder.state_dict().items())
-    assert all(p.grad is None for p in crcnet_model.parameters())
-
-
-def test_fusion_averages_one_shot_probabilities(crcnet_model):
-    img_q, img_s, m_q, m_s = _episode(B=2, S=3)
-    crcnet_model.cfg.kshot = "fusion"
-    try:
-        with torch.no_grad():
-            fused = crcnet_model.predict(img_q, img_s, m_s)
-            probs = [crcnet_model(img_q, img_s[:, k:k + 1], m_s[:, k:k + 1])["query"].softmax(1) for k in range(3)]
-    finally:
-        crcnet_model.cfg.kshot = "finetune"
-    expected = F.interpolate((sum(probs) / 3).log(), (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear", align_corners=True)
-    assert torch.allclose(fused, expected, atol=1e-5)
-
-
-def test_multi_scale_inference_by_default(crcnet_model):
-    # §5.3: by default both images are resized to 0.75, 1 and 1.25 of their size (images bilinearly, masks
-    # nearest) and the query probabilities, resized back, are averaged; one scale is plain forward
-    net = crcnet_model
-    img_q, img_s, m_q, m_s = _episode(B=1, S=1)
-    with torch.no_grad():
-        plain = net(img_q, img_s, m_s)["logits"]
-        assert torch.allclose(net.predict(img_q, img_s, m_s), plain, atol=1e-6)  # the fixture's one scale
-        net.cfg.test_scales = crcnet.Config().test_scales
-        try:
-            multi = net.predict(img_q, img_s, m_s)
-        finally:
-            net.cfg.test_scales = (1.0,)
-        probs = []
-        for size in (25, 33, 41):  # round(33 * scale)
-            q = F.interpolate(img_q, (size, size), mode="bilinear", align_corners=True)
-            s = F.interpolate(img_s[:, 0], (size, size), mode="bilinear", align_corners=True)[:, None]
-            m = F.interpolate(m_s.float(), (size, size), mode="nearest").long()
-            logits = net(q, s, m)["logits"]  # (1, 2, size, size)
-            probs.append(F.interpolate(logits, (33, 33), mode="bilinear", align_corners=True).exp())
-    assert multi.shape == (1, 2, CRCNET_SIZE, CRCNET_SIZE)
-    assert torch.allclose(multi, (sum(probs) / 3).log(), atol=1e-5)
-    assert not torch.allclose(multi, plain, atol=1e-4)
-
-
-def test_bad_input_raises():
-    with pytest.raises(ValueError, match="kshot"):
-        crcnet.Model(crcnet.Config(pretrained=False, kshot="vote"))
-    with pytest.raises(ValueError, match="refine_steps must be >= 1"):
-        _model(refine_steps=0)  # the refinement loop is what predicts
-    net = _model(refine_steps=1)
-    img_q, img_s, m_q, m_s = _episode(B=2, S=2)
-    with pytest.raises(ValueError, match="same episodes"):
-        net(img_q, img_s, m_s[:, :1])
-    with pytest.raises(ValueError, match="same episodes"):
-        net(img_q, img_s, m_s, m_q=m_q[:, :-1])
-    with torch.no_grad():
-        out = net(img_q, img_s, m_s)  # no m_q (evaluation): no support prediction to score
-    with pytest.raises(ValueError, match="forward needs m_q"):
-        net.loss(out, m_q, m_s)
-
-
-def test_crcnet_freeze_encoder_and_test_scales_flags_map_to_the_config():
-    parser = train.build_parser()
-    crcnet.add_args(parser)
-    assert train.make_config(crcnet, parser.parse_args([])).train_encoder is True  # §5.1: end to end
-    assert train.make_config(crcnet, parser.parse_args(["--freeze-encoder"])).train_encoder is False
-    assert train.make_config(crcnet, parser.parse_args([])).test_scales == (0.75, 1.0, 1.25)
-    assert list(train.make_config(crcnet, parser.parse_args(["--test-scales", "1"])).test_scales) == [1.0]
-
-
-# ---------------------------------------------------------------- weakly supervised supports (data.py)
-
-def test_mask_to_boxes_by_hand():
-    mask = torch.zeros(8, 10, dtype=torch.long)
-    mask[1, 1:4] = 1  # an L-shaped object ...
-    mask[2:4, 1] = 1
-    mask[4, 2] = 1  # ... with a diagonal neighbour (8-connected, same object)
-    mask[6, 6:9] = 1  # a second object
-    mask[7, 8] = 1
-    mask[2, 2] = 255  # inside the first box: becomes 1
-    mask[0, 9] = 255  # outside every box: stays 255
-    expected = torch.zeros(8, 10, dtype=torch.long)
-    expected[1:5, 1:4] = 1  # rows 1-4, columns 1-3
-    expected[6:8, 6:9] = 1
-    expected[0, 9] = 255
-    assert torch.equal(data.mask_to_boxes(mask), expected)
-    assert mask[2, 2] == 255  # the input is not modified
-    empty = torch.full((4, 4), 255)
-    empty[:2] = 0
-    assert torch.equal(data.mask_to_boxes(empty), empty)
-
-
-def test_mask_to_boxes_covers_every_object_with_its_box():
-    g = torch.Generator().manual_seed(0)
-    mask = (torch.rand(40, 50, generator=g) < 0.05).long()
-    mask[5:15, 5:30] = 1
-    mask[30:35, 40:48] = 255
-    boxes = data.mask_to_boxes(mask)
-    assert ((boxes == 1) | (mask != 1)).all()  # every foreground pixel is inside a box
-    assert torch.equal(boxes[boxes != 1], mask[boxes != 1])  # outside the boxes nothing changed
-    # a box never grows beyond its object: a single object's box is its exact extent
-    single = torch.zeros(20, 20, dtype=torch.long)
-    single[3:9, 4:5] = 1
-    single[8, 4:15] = 1
-    assert data.mask_to_boxes(single).nonzero().amin(0).tolist() == [3, 4]
-    assert data.mask_to_boxes(single).nonzero().amax(0).tolist() == [8, 14]
-    assert int(data.mask_to_boxes(single).sum()) == 6 * 11
-
-
-def test_support_boxes_option_touches_supports_only():
-    args = dict(name="synthetic", split="test", fold=0, shot=2, img_size=64, episodes=3)
-    plain, boxed = data.build_dataset(**args), data.build_dataset(**args, support_boxes=True)
-    assert not plain.support_boxes and boxed.support_boxes
-    for i in range(3):
-        a, b = plain[i], boxed[i]
-        assert torch.equal(a["img_q"], b["img_q"]) and torch.equal(a["img_s"], b["img_s"])
-        assert torch.equal(a["m_q"], b["m_q"]) and torch.equal(a["m_q_orig"], b["m_q_orig"])
-        for k in range(2):
-            assert torch.equal(b["m_s"][k], data.mask_to_boxes(a["m_s"][k]))
-            assert ((b["m_s"][k] == 1) | (a["m_s"][k] != 1)).all()
-        assert (b["m_s"] == 1).sum() >= (a["m_s"] == 1).sum()
-    train_set = data.build_dataset("synthetic", "train", 0, img_size=64, train_length=2, support_boxes=True)
-    assert train_set.support_boxes and train_set[0]["m_s"].shape == (1, 64, 64)
-
-
-# ---------------------------------------------------------------- the harness
-
-def test_short_synthetic_training_lowers_the_loss():
-    net = _model(refine_steps=2)
-    net.train()
-    episodes = data.build_dataset("synthetic", "train", 0, img_size=32, train_length=16)
-    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.0025, momentum=0.9)
-    losses = []
-    for step in range(8):  # fresh episodes every step
-        batch = data.collate_episodes([episodes[i] for i in (2 * step, 2 * step + 1)])
-        out = net(batch["img_q"], batch["img_s"], batch["m_s"], m_q=batch["m_q"])
-        loss, _ = net.loss(out, batch["m_q"], batch["m_s"])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert all(math.isfinite(x) for x in losses)
-    assert sum(losses[-2:]) < 0.8 * sum(losses[:2])
-
-
-def test_harness_trains_and_evaluates_two_shot_by_finetuning(tmp_path):
-    out = tmp_path / "run"
-    train.main(["--model", "crcnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
-                "--img-size", "32", "--train-length", "2", "--batch-size", "2", "--epochs", "1", "--shot", "2",
-                "--test-episodes", "1", "--test-seeds", "1", "--refine-steps", "1", "--ft-steps", "1",
-                "--out", str(out)])
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert records[0]["args"]["lr"] == "0.01" != str(train.HARNESS_DEFAULTS["synthetic"]["lr"])  # its own
-    assert records[0]["args"]["ft_steps"] == "1" and records[0]["args"]["kshot"] == "None"  # Config default
-    assert records[0]["args"]["train_encoder"] == "None"  # Config default: end to end
-    step = [r for r in records if r["event"] == "train"][0]
-    # a support term: the harness passed m_q in training (train.query_mask); without it the loss raises
-    assert math.isfinite(step["loss"]) and {"query", "support", "query_sub", "support_sub"} <= set(step)
-    result = [r for r in records if r["event"] == "result"][0]
-    assert result["shot"] == 2 and 0 <= result["miou"] <= 1
-
-
-# boxes (top, bottom, left, right) at 33 x 33: each covers a different set of the pixels 0, 8, 16, 24, 32 that
-# the 5 x 5 features sample (see _at_features), so every episode and shot has its own feature-level mask
-Q_BOXES = [(5, 20, 8, 25), (14, 33, 0, 12)]
-S_BOXES = [[(3, 18, 10, 28), (20, 31, 2, 20), (0, 12, 20, 33)],
-           [(0, 12, 0, 12), (6, 26, 6, 26), (14, 31, 14, 33)]]
-
-
-def _mixed_episode(B=2, S=2, seed=0):
-    """box_episode's images, with masks that differ per episode (query) and per episode and shot (supports);
-    query rows 0-1 and support rows 31-32 are 255 as in box_episode. -> img_q, img_s, m_q, m_s (as _episode)."""
-    img_q, img_s, m_s, m_q = box_episode(B, S, CRCNET_SIZE, Q_BOXES[0], S_BOXES[0][0], seed=seed)
-    m_q.zero_()
-    m_s.zero_()
-    for b in range(B):
-        top, bottom, left, right = Q_BOXES[b]
-        m_q[b, top:bottom, left:right] = 1
-        for k in range(S):
-            top, bottom, left, right = S_BOXES[b][k]
-            m_s[b, k, top:bottom, left:right] = 1
-    m_q[:, :2] = IGNORE_INDEX
-    m_s[:, :, -2:] = IGNORE_INDEX
-    return img_q, img_s, m_q, m_s
-
-
-def _at_features(m):
-    """Labels (..., 33, 33) -> the support foreground at the 5 x 5 features, by hand: bilinear resizing with
-    aligned corners from 33 = 4 * 8 + 1 to 5 samples exactly the pixels 0, 8, 16, 24, 32; 255 is background."""
-    return (m[..., ::8, ::8] == 1).float()
-
-
-def _ce(logits, labels):
-    """Eq. (4) by hand: 2-class cross-entropy of logits (N,2,5,5) upsampled to labels (N,33,33), averaged over
-    the labelled pixels of all N images together (255 ignored)."""
-    up = F.interpolate(logits, labels.shape[-2:], mode="bilinear", align_corners=True)
-    valid = labels != IGNORE_INDEX
-    return F.cross_entropy(up, labels.clamp(max=1), reduction="none")[valid].mean()
-
-
-def test_crcnet_mixed_episode_masks_differ_per_episode_and_shot():
-    # the premise of the tests below: no two episodes (or shots) share a feature-level mask
-    img_q, img_s, m_q, m_s = _mixed_episode(B=2, S=3)
-    assert not torch.equal(_at_features(m_q[0]), _at_features(m_q[1]))
-    masks = _at_features(m_s).flatten(0, 1)  # (6, 5, 5)
-    assert all(not torch.equal(masks[a], masks[b]) for a in range(6) for b in range(a))
-    assert (masks.sum((1, 2)) > 0).all() and (m_s[..., ::8, ::8] == IGNORE_INDEX).any()
-
-
-def test_crcnet_loss_gives_each_pair_its_own_episodes_labels(crcnet_model):
-    # Model.loss on made-up logits: pair n = b * S + k (episode-major, as forward builds them) must be scored
-    # against the query mask of episode b and the mask of support k of episode b (Eq. 5, lambda = 0.1)
-    B, S = 2, 3
-    img_q, img_s, m_q, m_s = _mixed_episode(B=B, S=S)
-    g = torch.Generator().manual_seed(1)
-    out = {key: 3 * torch.randn(B * S, 2, 5, 5, generator=g)
-           for key in ("query", "support", "query_sub", "support_sub")}
-    total, terms = crcnet_model.loss(out, m_q, m_s)
-    q_labels = torch.stack([m_q[b] for b in range(B) for k in range(S)])  # (6, 33, 33)
-    s_labels = torch.stack([m_s[b, k] for b in range(B) for k in range(S)])
-    assert torch.allclose(terms["query"], _ce(out["query"], q_labels), atol=1e-6)
-    assert torch.allclose(terms["support"], _ce(out["support"], s_labels), atol=1e-6)
-    assert torch.allclose(terms["query_sub"], _ce(out["query_sub"], q_labels), atol=1e-6)
-    assert torch.allclose(terms["support_sub"], _ce(out["support_sub"], s_labels), atol=1e-6)
-    by_hand = _ce(out["query"], q_labels) + _ce(out["support"], s_labels)
-    by_hand = by_hand + 0.1 * (_ce(out["query_sub"], q_labels) + _ce(out["support_sub"], s_labels))
-    assert torch.allclose(total, by_hand, atol=1e-6)
-    # the check has teeth: the episode-interleaved pairing (episode b's label on pair b') scores differently
-    wrong = torch.stack([m_q[n % B] for n in range(B * S)])
-    assert abs(_ce(out["query"], wrong) - terms["query"]) > 1e-2
-
-
-@pytest.fixture(scope="module")
-def traced(crcnet_model):
-    """One training forward (with m_q) of a mixed B=2, S=2 batch with the inputs of the global conditional
-    module and of the refinement recorded, the encoder features computed separately (query, supports), and
-    both masks at the features by hand."""
-    net = crcnet_model
-    img_q, img_s, m_q, m_s = _mixed_episode(B=2, S=2)
-    seen = {}
-    hooks = [net.head.global_conditional.register_forward_pre_hook(lambda m, a: seen.__setitem__("global", a)),
-             net.head.refinement.register_forward_pre_hook(lambda m, a: seen.__setitem__("refine", a[0]))]
-    try:
-        with torch.no_grad():
-            seen["out"] = net(img_q, img_s, m_s, m_q=m_q)
-            f_q = net.encoder(img_q).repeat_interleave(2, 0)  # (4, C, 5, 5): query b for its two pairs
-            f_s = net.encoder(img_s.flatten(0, 1))  # (4, C, 5, 5): support k of episode b at b * 2 + k
-    finally:
-        for h in hooks:
-            h.remove()
-    m = _at_features(m_s).flatten(0, 1)[:, None]  # (4, 1, 5, 5)
-    m_q_feat = _at_features(m_q).repeat_interleave(2, 0)[:, None]  # (4, 1, 5, 5): query b's for its two pairs
-    return net, f_q, f_s, m, m_q_feat, seen, (img_q, img_s, m_q, m_s)
-
-
-def test_crcnet_forward_pairs_are_episode_major(traced):
-    # the order the loss assumes: out[...][b * S + k] is the pair (query b, support k of episode b)
-    net, f_q, f_s, m, m_q_feat, seen, (img_q, img_s, m_q, m_s) = traced
-    with torch.no_grad():
-        for b in range(2):
-            alone = net(img_q[b:b + 1], img_s[b:b + 1], m_s[b:b + 1], m_q=m_q[b:b + 1])
-            for key in ("query", "support", "query_sub", "support_sub"):
-                assert torch.allclose(seen["out"][key][2 * b:2 * b + 2], alone[key], atol=1e-5)
-
-
-def test_crcnet_global_vector_is_the_other_images_foreground_average(traced):
-    # §4.4: the query branch's category vector is the foreground average of the support features under the
-    # support's mask; §4.7 (roles interchangeable): the support branch's is the query's under the query's mask
-    # (255 as background in both)
-    net, f_q, f_s, m, m_q_feat, seen, _ = traced
-    f, proto = seen["global"]
-    assert torch.allclose(f, torch.cat([f_q, f_s]), atol=1e-5)  # both branches, query branch first
-    support_avg = (f_s * m).sum((2, 3)) / (m.sum((2, 3)) + common.MAP_EPS)  # (4, C)
-    query_avg = (f_q * m_q_feat).sum((2, 3)) / (m_q_feat.sum((2, 3)) + common.MAP_EPS)  # (4, C)
-    assert torch.allclose(proto, torch.cat([support_avg, query_avg]), atol=1e-5)
-    assert not torch.allclose(support_avg[0], support_avg[1], atol=1e-3)  # the two supports give different vectors
-    assert not torch.allclose(query_avg[0], query_avg[2], atol=1e-3)  # and so do the two episodes' queries
-    assert not torch.allclose(support_avg, query_avg, atol=1e-3)  # the two branches are conditioned differently
-
-
-def test_crcnet_refinement_input_is_global_local_then_cross_reference(traced):
-    # §4.5: the refinement reads [global conditional, local conditional, cross-reference output G]; G is the
-    # encoder features re-weighted by the product of both images' importance vectors (§4.3), not F itself
-    net, f_q, f_s, m, m_q_feat, seen, _ = traced
-    head, C = net.head, f_q.shape[1]
-    x = seen["refine"]
-    assert x.shape == (8, 3 * C, 5, 5)
-    fc = head.cross_reference.importance
-
-    def importance(feat):
-        return torch.sigmoid(fc[2](torch.relu(fc[0](feat.mean((2, 3))))))
-
-    w = (importance(f_q) * importance(f_s))[:, :, None, None]
-    assert torch.allclose(x[:, 2 * C:], torch.cat([f_q * w, f_s * w]), atol=1e-5)
-    assert not torch.allclose(x[:, 2 * C:], torch.cat([f_q, f_s]), atol=1e-3)  # G != F: w < 1
-    with torch.no_grad():
-        # each branch conditioned on the other image: the query on (f_s, m_s), the support on (f_q, m_q)
-        f, f_ref, m_ref = torch.cat([f_q, f_s]), torch.cat([f_s, f_q]), torch.cat([m, m_q_feat])
-        proto = (f_ref * m_ref).sum((2, 3)) / (m_ref.sum((2, 3)) + common.MAP_EPS)
-        glob = head.global_conditional(f, proto)
-        local = head.local_conditional(f, f_ref, m_ref)
-        own = head.local_conditional(f, torch.cat([f_s, f_s]), torch.cat([m, m]))  # the support on itself
-    assert torch.allclose(x[:, :C], glob, atol=1e-5)
-    # |local| ~ 10 and the softmax of Eq. (2) is sharp: the encoder's batching alone moves it by ~5e-5
-    assert torch.allclose(x[:, C:2 * C], local, atol=2e-4)
-    assert not torch.allclose(x[4:, C:2 * C], own[4:], atol=1e-1)  # the support branch is not its own reference
-
-
-def test_crcnet_each_branch_is_conditioned_on_the_other_images_mask(crcnet_model):
-    # §4.7: the support prediction depends on the query's mask and not on its own (no shortcut through its own
-    # foreground), the query prediction on the support's and not on the query's; the co-occurrence
-    # sub-predictions (§4.3) on neither. Other masks: the two episodes' query masks swapped, the two shots'
-    # support masks swapped (all differ at the features, test_crcnet_mixed_episode_masks_differ_...)
-    net = crcnet_model
-    img_q, img_s, m_q, m_s = _mixed_episode(B=2, S=2)
-    with torch.no_grad():
-        out = net(img_q, img_s, m_s, m_q=m_q)
-        other_s = net(img_q, img_s, m_s.flip(1), m_q=m_q)
-        other_q = net(img_q, img_s, m_s, m_q=m_q.flip(0))
-        evaluation = net(img_q, img_s, m_s)  # no m_q: the query branch alone
-    assert torch.allclose(other_s["support"], out["support"], atol=1e-6)
-    assert torch.allclose(other_q["query"], out["query"], atol=1e-6)
-    for n in range(4):  # every pair's prediction follows the other image's mask
-        assert not torch.allclose(other_q["support"][n], out["support"][n], atol=1e-4), n
-        assert not torch.allclose(other_s["query"][n], out["query"][n], atol=1e-4), n
-    for key in ("query_sub", "support_sub"):
-        assert torch.allclose(other_s[key], out[key], atol=1e-6) and torch.allclose(other_q[key], out[key], atol=1e-6)
-    assert set(evaluation) == {"logits", "query", "query_sub"}  # the support branch is not computed
-    for key in evaluation:
-        assert torch.allclose(evaluation[key], out[key], atol=1e-5), key
-
-
-def test_crcnet_swapping_query_and_support_swaps_the_predictions(crcnet_model):
-    # §4.7 "Their roles are interchangeable": the pair read the other way round (the support as the query with
-    # its mask, the query as the support) gives the same two predictions, swapped
-    img_q, img_s, m_q, m_s = _mixed_episode(B=2, S=1)
-    with torch.no_grad():
-        out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
-        swapped = crcnet_model(img_s[:, 0], img_q[:, None], m_q[:, None], m_q=m_s[:, 0])
-    for key, mirror in (("query", "support"), ("support", "query"), ("query_sub", "support_sub"),
-                        ("support_sub", "query_sub")):
-        assert torch.allclose(swapped[key], out[mirror], atol=1e-5), key
-    assert not torch.allclose(out["query"], out["support"], atol=1e-3)  # two different predictions
-
-
-def test_crcnet_255_in_a_support_or_query_mask_counts_as_background(crcnet_model):
-    # 255 (unlabelled) is not foreground, in a support's mask (the query branch's reference) nor in the query's
-    # (the support branch's): replacing it by 0 changes nothing, in any output
-    img_q, img_s, m_q, m_s = _mixed_episode(B=1, S=2)
-    m_s[:, :, 14:18] = IGNORE_INDEX  # row 16 is sampled by the features, and it crosses both support boxes
-    m_q[:, 14:18] = IGNORE_INDEX  # and the query box; rows 0-1 are 255 already
-    for mask in (m_s, m_q):
-        assert ((mask[..., ::8, ::8] == IGNORE_INDEX) & (mask[..., ::8, ::8] != 1)).any()
-        foreground = crcnet_model.foreground(mask.flatten(0, -3), (5, 5))
-        assert torch.equal(foreground, _at_features(mask).flatten(0, -3)[:, None])
-    zero_s, zero_q = (mask.masked_fill(mask == IGNORE_INDEX, 0) for mask in (m_s, m_q))
-    with torch.no_grad():
-        out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
-        out_zero = crcnet_model(img_q, img_s, zero_s, m_q=zero_q)
-    for key in ("logits", "query", "support", "query_sub", "support_sub"):
-        assert torch.equal(out[key], out_zero[key]), key
-
-
-def test_crcnet_finetune_step_is_sgd_on_a_pair_conditioned_on_each_others_mask(crcnet_model):
-    # §4.6 by hand for one step: the tuned head weights are p - lr * grad of Eq. (5) for an ordered pair (i, j)
-    # of distinct supports, where support i plays the query (labels m_s[i]) and support j the support (labels
-    # m_s[j]); the query branch is conditioned on j's features and mask, the support branch on i's (§4.7).
-    # SGD's first momentum step is a plain gradient step
-    net = crcnet_model
-    img_q, img_s, m_q, m_s = _mixed_episode(B=1, S=2)
-    steps, lr = net.cfg.ft_steps, net.cfg.ft_lr
-    net.cfg.ft_steps, net.cfg.ft_lr = 1, 0.5
-    try:
-        tuned = net.finetune(img_s[0], m_s[0])
-    finally:
-        net.cfg.ft_steps, net.cfg.ft_lr = steps, lr
-    with torch.no_grad():
-        f_s = net.encoder(img_s[0])  # (2, C, 5, 5)
-    m, labels = _at_features(m_s[0])[:, None], m_s[0]
-    params = dict(net.head.named_parameters())
-    candidates = []
-    for i, j in [(0, 1), (1, 0), (0, 0), (1, 1)]:
-        w = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
-        out = functional_call(net.head, w, (f_s[i:i + 1], f_s[j:j + 1], m[j:j + 1], m[i:i + 1]))
-        loss = _ce(out["query"], labels[i:i + 1]) + _ce(out["support"], labels[j:j + 1])
-        loss = loss + 0.1 * (_ce(out["query_sub"], labels[i:i + 1]) + _ce(out["support_sub"], labels[j:j + 1]))
-        grads = torch.autograd.grad(loss, list(w.values()))
-        candidates.append({n: p.detach() - 0.5 * g for (n, p), g in zip(params.items(), grads)})
-    matches = [all(torch.allclose(tuned[n], cand[n], rtol=1e-4, atol=1e-6) for n in params) for cand in candidates]
-    # (0, 1) and (1, 0) are mirror images (§4.7): the same two predictions swapped, so one loss and one step,
-    # whichever the generator drew; a support paired with itself is never drawn
-    assert matches == [True, True, False, False], matches
-    assert any(not torch.equal(tuned[n], params[n]) for n in params)  # the step moved the weights
-
-
-@pytest.fixture(scope="module")
-def tuned_episodes(crcnet_model):
-    """A mixed B=2, S=2 batch and each episode's fine-tuned head weights (finetune is checked by hand above)."""
-    img_q, img_s, m_q, m_s = _mixed_episode(B=2, S=2)
-    with torch.no_grad():
-        weights = [crcnet_model.finetune(img_s[b], m_s[b]) for b in range(2)]
-    return img_q, img_s, m_s, weights
-
-
-def _predict(net, kshot, img_q, img_s, m_s):
-    """net.predict under cfg.kshot = kshot; checks that the weights and gradients are left as they were."""
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    net.cfg.kshot = kshot
-    try:
-        with torch.no_grad():
-            pred = net.predict(img_q, img_s, m_s)
-    finally:
-        net.cfg.kshot = "finetune"
-    after = net.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(p.grad is None for p in net.parameters())
-    return pred
-
-
-def test_crcnet_finetune_predicts_each_episode_from_its_tuned_weights_and_first_support(crcnet_model, tuned_episodes):
-    # "finetune": episode b is tuned on its own supports and masks, then predicted from its first support
-    net = crcnet_model
-    img_q, img_s, m_s, weights = tuned_episodes
-    pred = _predict(net, "finetune", img_q, img_s, m_s)
-    with torch.no_grad():
-        for b in range(2):
-            expected = net._forward(img_q[b:b + 1], img_s[b:b + 1, :1], m_s[b:b + 1, :1],
-                                    head_weights=weights[b])["logits"]
-            assert torch.allclose(pred[b:b + 1], expected, atol=1e-5), b
-        # the fine-tuning depends on which support carries which mask: swapping two supports' masks changes it
-        swapped = net.finetune(img_s[0], m_s[0].flip(0))
-    assert any(not torch.allclose(swapped[n], weights[0][n], atol=1e-6) for n in weights[0])
-
-
-def test_crcnet_finetune_plus_fusion_averages_every_support_under_the_tuned_weights(crcnet_model, tuned_episodes):
-    # "finetune+fusion" (Table 4, last row): the same tuned weights, then the query probabilities of both
-    # 1-shot pairs averaged; it must differ from "finetune", which uses the first support only
-    net = crcnet_model
-    img_q, img_s, m_s, weights = tuned_episodes
-    fused = _predict(net, "finetune+fusion", img_q, img_s, m_s)
-    with torch.no_grad():
-        for b in range(2):
-            probs = [net._forward(img_q[b:b + 1], img_s[b:b + 1, k:k + 1], m_s[b:b + 1, k:k + 1],
-                                  head_weights=weights[b])["query"].softmax(1) for k in range(2)]
-            expected = F.interpolate((sum(probs) / 2).log(), (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear",
-                                     align_corners=True)
-            assert torch.allclose(fused[b:b + 1], expected, atol=1e-5), b
-            first = F.interpolate(probs[0].log(), (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear", align_corners=True)
-            assert not torch.allclose(fused[b:b + 1], first, atol=1e-3)
-
-
-# ==========================================================================================================
-# qgnet.py: QGNet (SLIC, contrastive prior extractor, few-shot stage)
-# ==========================================================================================================
-
-QGNET_TINY_PRIOR = dict(prior_batch_size=4, prior_queue=8, prior_img_size=32, patch_size=32, bn_splits=2)
+QGNET_TINY_PRIOR = dict(prior_batch_size=4, prior_queue=8, prior_img_size=32, prior_patch_size=32, bn_splits=2)
 
 
 @pytest.fixture(scope="module")
@@ -4896,10 +3104,26 @@ def qgnet_contrast():
 
 
 @pytest.fixture(scope="module")
+def qgnet_noisy_contrast():
+    """A tiny GlobalLocalContrast whose encoder_q differs from encoder_k (its copy at construction) by ~10% noise,
+    so that a check can tell which encoder a key came from. Relative noise: in eval mode a random ResNet-50's
+    activations already grow with depth, and uniformly larger weights would overflow them."""
+    torch.manual_seed(12)
+    model = qgnet.GlobalLocalContrast(qgnet.PriorConfig(**QGNET_TINY_PRIOR))
+    with torch.no_grad():
+        for p in model.encoder_q.parameters():
+            scale = p.abs().mean() if p.abs().max() > 0 else 0.01  # BN biases start at 0
+            p.add_(0.1 * scale * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
 def qgnet_model():
     torch.manual_seed(0)
-    return qgnet.Model(qgnet.Config(pretrained=False, untrained_prior=True))
+    return qgnet.build(qgnet.Config(pretrained=False, untrained_prior=True), common.Run(pretrained=False))
 
+
+# ---------------- SLIC (§4.1.2, Eq. 4-7, Algorithm 2) -----------------------------------------------------
 
 def qgnet_flat_regions(size=64):
     """A synthetic image of four flat colours: background, a disc, a right band, a bottom-left block."""
@@ -4911,8 +3135,6 @@ def qgnet_flat_regions(size=64):
     colours = torch.tensor([[0.2, 0.3, 0.8], [0.9, 0.1, 0.1], [0.1, 0.8, 0.2], [0.9, 0.9, 0.2]])
     return colours[region].permute(2, 0, 1), region  # (3, H, W), (H, W)
 
-
-# ---------------------------------------------------------------- SLIC (§4.1.2, Eq. 4-7, Algorithm 2)
 
 def test_qgnet_rgb_to_lab_reference_colours():
     rgb = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]).T[:, :, None]  # (3, 3, 1)
@@ -5003,7 +3225,17 @@ def test_qgnet_unlabeled_images_give_two_views_of_image_and_patch():
     assert rendered.dtype == torch.uint8 and rendered.shape == (3, 64, 64)
 
 
-# ---------------------------------------------------------------- contrastive stage (§4.1, Eq. 1-3)
+# ---------------- contrastive stage (§4.1, Eq. 1-3) -------------------------------------------------------
+
+def qgnet_info_nce_by_hand(q, k, queue, tau):
+    """Eq. (1)/(2) per sample: -log exp(q.k+/tau) / (exp(q.k+/tau) + sum_i exp(q.n_i/tau)), mean over the batch."""
+    losses = []
+    for n in range(len(q)):
+        pos = q[n] @ k[n] / tau
+        neg = q[n] @ queue / tau  # (K,)
+        losses.append(torch.logsumexp(torch.cat([pos[None], neg]), 0) - pos)
+    return torch.stack(losses).mean()
+
 
 def test_qgnet_info_nce_equals_eq1_by_hand():
     torch.manual_seed(1)
@@ -5030,39 +3262,185 @@ def test_qgnet_queue_advances_and_wraps(qgnet_contrast):
     assert sorted(qgnet_contrast.queue_global[0].tolist()) == list(range(2, 10))  # the newest 8 kept
 
 
+def test_qgnet_one_pretraining_step_moves_query_encoder_and_momentum_key(qgnet_contrast):
+    qgnet_contrast = copy.deepcopy(qgnet_contrast)  # the step moves weights and queues: the fixture's stay as they are
+    torch.manual_seed(2)
+    qgnet_contrast.train()
+    optimizer = torch.optim.SGD(qgnet_contrast.encoder_q.parameters(), lr=0.1, momentum=0.9)
+    with torch.no_grad():  # encoder_k starts as a copy of encoder_q: make them differ, or a missing update can't show
+        for p in qgnet_contrast.encoder_q.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    q0 = [p.detach().clone() for p in qgnet_contrast.encoder_q.parameters()]
+    k0 = [p.detach().clone() for p in qgnet_contrast.encoder_k.parameters()]
+    assert not any(torch.equal(a, b) for a, b in zip(k0, q0))
+    ptr0 = qgnet_contrast.queue_local_ptr.item()
+    batch = {name: torch.randn(4, 3, 32, 32) for name in ("img_q", "img_k", "patch_q", "patch_k")}
+    loss, terms = qgnet_contrast(**batch)
+    assert set(terms) == {"global", "local"} and torch.isfinite(loss)
+    assert loss.item() == pytest.approx((terms["global"] + terms["local"]).item())  # Eq. (3)
+    m = qgnet_contrast.cfg.momentum
+    for p_k, a, b in zip(qgnet_contrast.encoder_k.parameters(), k0, q0):
+        # theta_k <- m theta_k + (1 - m) theta_q, to rounding; without the update p_k stays at a, 1e-3 |b - a| away
+        assert torch.allclose(p_k, m * a + (1 - m) * b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(qgnet_contrast.encoder_k.conv1.weight, k0[0])
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    assert all(p.grad is None for p in qgnet_contrast.encoder_k.parameters())
+    assert all(p.grad is not None for p in qgnet_contrast.encoder_q.parameters())
+    assert not torch.equal(qgnet_contrast.encoder_q.conv1.weight, q0[0])
+    for p_k, a, b in zip(qgnet_contrast.encoder_k.parameters(), k0, q0):  # the optimizer step leaves encoder_k alone
+        assert torch.allclose(p_k, m * a + (1 - m) * b, rtol=1e-6, atol=1e-7)
+    assert qgnet_contrast.queue_local_ptr.item() == (ptr0 + 4) % 8
+    fresh = qgnet_contrast.queue_local[:, [(ptr0 + i) % 8 for i in range(4)]]
+    assert torch.allclose(fresh.norm(dim=0), torch.ones(4), atol=1e-5)  # normalised keys went in
+
+
+def test_qgnet_keys_come_from_the_momentum_encoder_in_input_order(qgnet_noisy_contrast):
+    torch.manual_seed(6)
+    qgnet_noisy_contrast.eval()  # BN from running statistics: shuffling can then change only the order of the keys
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        expected = F.normalize(qgnet_noisy_contrast.encoder_k(x), dim=1)  # (6, D), row i = image i
+        from_q = F.normalize(qgnet_noisy_contrast.encoder_q(x), dim=1)
+    assert (expected @ expected.T - torch.eye(6)).max() < 1 - 1e-3  # distinct keys: a permutation would show
+    assert not torch.allclose(from_q, expected, atol=1e-3)  # and the two encoders can be told apart
+    for _ in range(2):  # a new random shuffle each call, always undone
+        keys = qgnet_noisy_contrast.keys(x)
+        assert keys.shape == (6, qgnet_noisy_contrast.cfg.dim)
+        assert torch.allclose(keys, expected, atol=1e-5)
+
+
+def test_qgnet_shuffle_bn_uses_shuffled_sub_batches_and_restores_the_order(qgnet_noisy_contrast, monkeypatch):
+    torch.manual_seed(7)
+    qgnet_noisy_contrast.train()  # BN from batch statistics: a key depends on the sub-batch it was computed in
+    x = torch.randn(4, 3, 32, 32)
+    order = torch.tensor([2, 0, 3, 1])
+    monkeypatch.setattr(torch, "randperm", lambda n, **kwargs: order.clone())
+    keys = qgnet_noisy_contrast.keys(x)  # bn_splits 2: sub-batches x[[2, 0]] and x[[3, 1]]
+    # by hand: each sub-batch through encoder_k, its keys written back to the rows of their own images
+    expected = torch.empty_like(keys)
+    with torch.no_grad():
+        expected[[2, 0]] = F.normalize(qgnet_noisy_contrast.encoder_k(x[[2, 0]]), dim=1)
+        expected[[3, 1]] = F.normalize(qgnet_noisy_contrast.encoder_k(x[[3, 1]]), dim=1)
+        unshuffled = F.normalize(torch.cat([qgnet_noisy_contrast.encoder_k(x[:2]),
+                                            qgnet_noisy_contrast.encoder_k(x[2:])]), dim=1)
+    assert torch.allclose(keys, expected, atol=1e-5)
+    assert not torch.allclose(keys, unshuffled, atol=1e-3)  # the sub-batches really were the shuffled ones
+    assert not torch.allclose(keys, keys[order], atol=1e-3)  # and the order matters
+
+
+def test_qgnet_step_contrasts_images_with_image_queue_and_patches_with_patch_queue(qgnet_noisy_contrast):
+    torch.manual_seed(8)
+    qgnet_noisy_contrast.eval()  # deterministic queries and keys, so they can be recomputed after the step
+    batch = {name: torch.randn(4, 3, 32, 32) for name in ("img_q", "img_k", "patch_q", "patch_k")}
+    queue_g, queue_l = qgnet_noisy_contrast.queue_global.clone(), qgnet_noisy_contrast.queue_local.clone()
+    ptr_g, ptr_l = qgnet_noisy_contrast.queue_global_ptr.item(), qgnet_noisy_contrast.queue_local_ptr.item()
+    assert not torch.allclose(queue_g, queue_l, atol=1e-2)  # two different dictionaries, so a mix-up shows
+    loss, terms = qgnet_noisy_contrast(**batch)
+    with torch.no_grad():  # queries from encoder_q, keys from encoder_k as it is after this step's momentum update
+        q, q_p = (F.normalize(qgnet_noisy_contrast.encoder_q(batch[n]), dim=1) for n in ("img_q", "patch_q"))
+        k, k_p = (F.normalize(qgnet_noisy_contrast.encoder_k(batch[n]), dim=1) for n in ("img_k", "patch_k"))
+    tau = qgnet_noisy_contrast.cfg.temperature
+    # Eq. (1): images against the image keys K; Eq. (2): patches against the patch keys M; queues as before the step
+    assert terms["global"].item() == pytest.approx(qgnet_info_nce_by_hand(q, k, queue_g, tau).item(), rel=1e-4)
+    assert terms["local"].item() == pytest.approx(qgnet_info_nce_by_hand(q_p, k_p, queue_l, tau).item(), rel=1e-4)
+    assert loss.item() == pytest.approx((terms["global"] + terms["local"]).item())  # Eq. (3)
+    # then this batch's image keys replace the 4 oldest image keys, its patch keys the 4 oldest patch keys
+    for queue, before, ptr, new in ((qgnet_noisy_contrast.queue_global, queue_g, ptr_g, k),
+                                    (qgnet_noisy_contrast.queue_local, queue_l, ptr_l, k_p)):
+        slots = [(ptr + i) % 8 for i in range(4)]
+        kept = [i for i in range(8) if i not in slots]
+        assert torch.allclose(queue[:, slots], new.T, atol=1e-5)
+        assert torch.equal(queue[:, kept], before[:, kept])
+
+
+# ---------------- the stage-1 file: the prior extractor it loads, its paths and errors, the prior stage ---
+
 def test_qgnet_prior_checkpoint_is_loaded_as_dilated_momentum_encoder(qgnet_contrast, tmp_path):
     path = tmp_path / "prior.pt"
     torch.save({"model": qgnet_contrast.state_dict()}, path)
-    prior = qgnet.load_prior_extractor(qgnet.Config(pretrained=False, prior_checkpoint=str(path)))
+    model = qgnet.build(qgnet.Config(pretrained=False, prior_checkpoint=str(path)), common.Run(pretrained=False))
+    prior = model.prior_extractor
     assert torch.equal(prior.stages["layer0"][0].weight, qgnet_contrast.encoder_k.conv1.weight)
     assert torch.equal(prior.stages["layer0"][1].running_var, qgnet_contrast.encoder_k.bn1.running_var)
     assert torch.equal(prior.stages["layer4"][2].conv3.weight, qgnet_contrast.encoder_k.layer4[2].conv3.weight)
     assert prior.stages["layer4"][0].conv2.dilation == (4, 4)  # output stride 8 in the few-shot stage
     assert not any(p.requires_grad for p in prior.parameters())
-    assert prior.pretrained  # so train.calibrate_random_backbones leaves stage 1's BatchNorm statistics alone
-    untrained = qgnet.load_prior_extractor(qgnet.Config(pretrained=False, untrained_prior=True))
-    assert not untrained.pretrained
+    # so train.calibrate_random_backbones leaves stage 1's BatchNorm statistics alone (and estimates F's)
+    assert prior.calibrated and not prior.needs_statistics
+    assert [m for m in model.modules() if isinstance(m, Backbone) and m.needs_statistics] == [model.backbone]
+    # a random F_p, from no file: --untrained-prior, or a checkpoint's (its weights replace these)
+    for cfg, run in ((qgnet.Config(pretrained=False, untrained_prior=True), common.Run(pretrained=False)),
+                     (qgnet.Config(pretrained=False, prior_checkpoint=str(tmp_path / "absent.pt")),
+                      common.Run(pretrained=False, from_checkpoint=True))):
+        assert qgnet.build(cfg, run).prior_extractor.needs_statistics
 
 
-def test_qgnet_missing_prior_checkpoint_names_the_command(tmp_path):
+def test_qgnet_build_without_the_stage_1_file_raises_with_the_command(qgnet_contrast, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/ here
+
+    def never(*args, **kwargs):
+        raise AssertionError("QGNet built before its stage-1 file was checked")
+    monkeypatch.setattr(qgnet.QGNet, "__init__", never)  # the file is checked first: no network, no forward
     path = tmp_path / "absent.pt"
-    with pytest.raises(SystemExit) as err:
-        qgnet.Model(qgnet.Config(pretrained=False, dataset="synthetic", fold=2, prior_checkpoint=str(path)))
+    with pytest.raises(common.WeightsUnavailableError) as err:
+        qgnet.build(qgnet.Config(pretrained=False, prior_checkpoint=str(path)), common.Run(dataset="synthetic", fold=2))
     message = str(err.value)
     assert "python train.py --model qgnet --stage prior --dataset synthetic --fold 2" in message
     assert str(path) in message
+    # the default file of the run, and the command that writes it there
+    with pytest.raises(common.WeightsUnavailableError) as err:
+        qgnet.build(qgnet.Config(pretrained=False, prior_all_images=True),
+                    common.Run(dataset="pascal", fold=1, data_root="/d/VOC2012"))
+    assert "runs/qgnet-prior-pascal-fold1-all/prior_extractor.pt does not exist" in str(err.value)
+    assert "--stage prior --dataset pascal --fold 1 --data-root /d/VOC2012 --prior-all-images\n" in str(err.value)
+    root = str(tmp_path / "mine")  # a folder dataset's novel classes name the file and the command
+    with pytest.raises(common.WeightsUnavailableError) as err:
+        qgnet.build(qgnet.Config(pretrained=False), common.Run(dataset="folder", data_root=root, test_classes=(3, 7)))
+    assert f"runs/qgnet-prior-{data.split_name('folder', 0, root, (3, 7))}/prior_extractor.pt" in str(err.value)
+    assert f"--stage prior --dataset folder --test-classes 3,7 --data-root {root}\n" in str(err.value)
+    # a file that is there but is not stage 1's
+    state = qgnet_contrast.state_dict()
+    for name, content in (("text.pt", None), ("other.pt", {"model": {"conv.weight": torch.zeros(1)}}),
+                          ("cut.pt", {"model": {k: v for k, v in state.items() if "layer4.2" not in k}})):
+        bad = tmp_path / name
+        if content is None:
+            bad.write_text("not a torch file")
+        else:
+            torch.save(content, bad)
+        with pytest.raises(common.WeightsUnavailableError, match="stage 1") as err:
+            qgnet.build(qgnet.Config(pretrained=False, prior_checkpoint=str(bad)), common.Run(dataset="synthetic"))
+        assert str(bad) in str(err.value) and "--model qgnet --stage prior --dataset synthetic" in str(err.value)
 
 
-def test_qgnet_prior_paths_and_config_from_flags():
-    assert str(qgnet.prior_checkpoint_path("pascal", 1)) == "runs/qgnet-prior-pascal-fold1/prior_extractor.pt"
-    assert str(qgnet.prior_checkpoint_path("coco", 0, True)) == "runs/qgnet-prior-coco-fold0-all/prior_extractor.pt"
-    assert str(qgnet.prior_checkpoint_path("coco", 0, True, "x/y.pt")) == "x/y.pt"
-    args = argparse.Namespace(dataset="coco", prior_queue=1024, prior_lr=None)
-    cfg = qgnet.prior_config(args)
+def test_qgnet_prior_paths():
+    assert str(qgnet.prior_checkpoint_path(common.Run(dataset="pascal", fold=1))) == \
+        "runs/qgnet-prior-pascal-fold1/prior_extractor.pt"
+    assert str(qgnet.prior_checkpoint_path(common.Run(dataset="coco"), True)) == \
+        "runs/qgnet-prior-coco-fold0-all/prior_extractor.pt"
+    assert str(qgnet.prior_checkpoint_path(common.Run(dataset="coco"), True, "x/y.pt")) == "x/y.pt"
+
+
+def test_qgnet_prior_stage_gets_the_run_the_schedule_and_its_recipe_from_train_py(monkeypatch, tmp_path):
+    got = []
+    monkeypatch.setitem(qgnet.STAGES, "prior", lambda *given: got.append(given) or "written")
+    flags = ["--model", "qgnet", "--stage", "prior", "--workers", "0", "--seed", "5", "--out", str(tmp_path / "o")]
+    assert train.main([*flags, "--dataset", "coco", "--fold", "2", "--data-root", str(tmp_path),
+                       "--prior-queue", "1024"]) == "written"
+    run, schedule, options = got[-1]
+    assert (run.dataset, run.fold, run.data_root, run.from_checkpoint) == ("coco", 2, str(tmp_path), False)
+    assert (schedule.seed, schedule.workers) == (5, 0)
+    cfg = qgnet.prior_config(options)
     assert (cfg.prior_epochs, cfg.prior_queue, cfg.prior_batch_size) == (200, 1024, 256)  # §5.1, flag, MoCo v2
+    assert (cfg.prior_lr, cfg.prior_img_size, cfg.prior_patch_size) == (None, 224, 96)  # lr: MoCo's, by the batch
+    train.main([*flags, "--dataset", "synthetic", "--prior-epochs", "2"])
+    cfg = qgnet.prior_config(got[-1][2])  # the synthetic quick start, but the flag given wins
+    assert (cfg.prior_epochs, cfg.prior_batch_size, cfg.prior_queue, cfg.prior_img_size, cfg.prior_patch_size) == (
+        2, 32, 4096, 64, 32)
 
 
-# ---------------------------------------------------------------- few-shot stage (§4.2)
+# ---------------- few-shot stage (§4.2) -------------------------------------------------------------------
 
 def test_qgnet_prior_region_map_is_eq_9_to_12_with_gradients():
     torch.manual_seed(3)
@@ -5121,156 +3499,10 @@ def test_qgnet_fewshot_gradients_only_in_the_learnable_heads(qgnet_model):
     assert not qgnet_model.prior_extractor.training and not qgnet_model.backbone.training  # frozen BN stays in eval
 
 
-# ---------------------------------------------------------------- both stages through train.py
-
-def test_qgnet_two_stages_on_synthetic(tmp_path):
-    prior = tmp_path / "prior" / "prior_extractor.pt"
-    common_flags = ["--model", "qgnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
-                    "--img-size", "64", "--prior-checkpoint", str(prior)]
-    assert train.main([*common_flags, "--stage", "prior", "--train-length", "8", "--prior-epochs", "1",
-                       "--prior-batch-size", "4", "--prior-queue", "8", "--prior-img-size", "32",
-                       "--log-every", "1"]) == prior
-    records = [json.loads(line) for line in (prior.parent / "prior_metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 2 and all(math.isfinite(r["global"]) and math.isfinite(r["local"]) for r in records)
-    out = tmp_path / "fewshot"
-    miou, fbiou = train.main([*common_flags, "--train-length", "8", "--batch-size", "4", "--epochs", "2",
-                              "--test-episodes", "4", "--test-seeds", "1", "--log-every", "1", "--out", str(out)])
-    assert 0 <= miou <= 1 and 0 <= fbiou <= 1
-    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
-              if json.loads(line)["event"] == "train"]
-    assert len(losses) == 4 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]
-    encoder_k = torch.load(prior, weights_only=True)["model"]["encoder_k.layer3.1.conv2.weight"]
-    trained = torch.load(out / "last.pt", weights_only=False)["model"]
-    assert torch.equal(trained["prior_extractor.stages.layer3.1.conv2.weight"], encoder_k)
-    bn_var = torch.load(prior, weights_only=True)["model"]["encoder_k.bn1.running_var"]
-    assert torch.equal(trained["prior_extractor.stages.layer0.1.running_var"], bn_var)  # stage 1's statistics kept
-    prior.unlink()  # the checkpoint holds every weight: evaluating it needs no stage-1 file
-    again = train.main(["--eval-only", "--checkpoint", str(out / "last.pt"), "--dataset", "synthetic",
-                        "--workers", "0", "--test-episodes", "4", "--test-seeds", "1", "--out", str(tmp_path / "e")])
-    assert again == (miou, fbiou)
-
-
-@pytest.fixture(scope="module")
-def noisy_contrast():
-    """A tiny GlobalLocalContrast whose encoder_q differs from encoder_k (its copy at construction) by ~10% noise,
-    so that a check can tell which encoder a key came from. Relative noise: in eval mode a random ResNet-50's
-    activations already grow with depth, and uniformly larger weights would overflow them."""
-    torch.manual_seed(12)
-    model = qgnet.GlobalLocalContrast(qgnet.PriorConfig(**QGNET_TINY_PRIOR))
-    with torch.no_grad():
-        for p in model.encoder_q.parameters():
-            scale = p.abs().mean() if p.abs().max() > 0 else 0.01  # BN biases start at 0
-            p.add_(0.1 * scale * torch.randn_like(p))
-    return model
-
-
-def info_nce_by_hand(q, k, queue, tau):
-    """Eq. (1)/(2) per sample: -log exp(q.k+/tau) / (exp(q.k+/tau) + sum_i exp(q.n_i/tau)), mean over the batch."""
-    losses = []
-    for n in range(len(q)):
-        pos = q[n] @ k[n] / tau
-        neg = q[n] @ queue / tau  # (K,)
-        losses.append(torch.logsumexp(torch.cat([pos[None], neg]), 0) - pos)
-    return torch.stack(losses).mean()
-
-
-# ---------------------------------------------------------------- contrastive stage (§4.1, Eq. 1-3)
-
-def test_qgnet_one_pretraining_step_moves_query_encoder_and_momentum_key(qgnet_contrast):
-    torch.manual_seed(2)
-    qgnet_contrast.train()
-    optimizer = torch.optim.SGD(qgnet_contrast.encoder_q.parameters(), lr=0.1, momentum=0.9)
-    with torch.no_grad():  # encoder_k starts as a copy of encoder_q: make them differ, or a missing update can't show
-        for p in qgnet_contrast.encoder_q.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    q0 = [p.detach().clone() for p in qgnet_contrast.encoder_q.parameters()]
-    k0 = [p.detach().clone() for p in qgnet_contrast.encoder_k.parameters()]
-    assert not any(torch.equal(a, b) for a, b in zip(k0, q0))
-    ptr0 = qgnet_contrast.queue_local_ptr.item()
-    batch = {name: torch.randn(4, 3, 32, 32) for name in ("img_q", "img_k", "patch_q", "patch_k")}
-    loss, terms = qgnet_contrast(**batch)
-    assert set(terms) == {"global", "local"} and torch.isfinite(loss)
-    assert loss.item() == pytest.approx((terms["global"] + terms["local"]).item())  # Eq. (3)
-    m = qgnet_contrast.cfg.momentum
-    for p_k, a, b in zip(qgnet_contrast.encoder_k.parameters(), k0, q0):
-        # theta_k <- m theta_k + (1 - m) theta_q, to rounding; without the update p_k stays at a, 1e-3 |b - a| away
-        assert torch.allclose(p_k, m * a + (1 - m) * b, rtol=1e-6, atol=1e-7)
-    assert not torch.equal(qgnet_contrast.encoder_k.conv1.weight, k0[0])
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    assert all(p.grad is None for p in qgnet_contrast.encoder_k.parameters())
-    assert all(p.grad is not None for p in qgnet_contrast.encoder_q.parameters())
-    assert not torch.equal(qgnet_contrast.encoder_q.conv1.weight, q0[0])
-    for p_k, a, b in zip(qgnet_contrast.encoder_k.parameters(), k0, q0):  # the optimizer step leaves encoder_k alone
-        assert torch.allclose(p_k, m * a + (1 - m) * b, rtol=1e-6, atol=1e-7)
-    assert qgnet_contrast.queue_local_ptr.item() == (ptr0 + 4) % 8
-    fresh = qgnet_contrast.queue_local[:, [(ptr0 + i) % 8 for i in range(4)]]
-    assert torch.allclose(fresh.norm(dim=0), torch.ones(4), atol=1e-5)  # normalised keys went in
-
-
-def test_qgnet_keys_come_from_the_momentum_encoder_in_input_order(noisy_contrast):
-    torch.manual_seed(6)
-    noisy_contrast.eval()  # BN from running statistics: shuffling can then change only the order of the keys
-    x = torch.randn(6, 3, 32, 32)
-    with torch.no_grad():
-        expected = F.normalize(noisy_contrast.encoder_k(x), dim=1)  # (6, D), row i = image i
-        from_q = F.normalize(noisy_contrast.encoder_q(x), dim=1)
-    assert (expected @ expected.T - torch.eye(6)).max() < 1 - 1e-3  # distinct keys: a permutation would show
-    assert not torch.allclose(from_q, expected, atol=1e-3)  # and the two encoders can be told apart
-    for _ in range(2):  # a new random shuffle each call, always undone
-        keys = noisy_contrast.keys(x)
-        assert keys.shape == (6, noisy_contrast.cfg.dim)
-        assert torch.allclose(keys, expected, atol=1e-5)
-
-
-def test_qgnet_shuffle_bn_uses_shuffled_sub_batches_and_restores_the_order(noisy_contrast, monkeypatch):
-    torch.manual_seed(7)
-    noisy_contrast.train()  # BN from batch statistics: a key depends on the sub-batch it was computed in
-    x = torch.randn(4, 3, 32, 32)
-    order = torch.tensor([2, 0, 3, 1])
-    monkeypatch.setattr(torch, "randperm", lambda n, **kwargs: order.clone())
-    keys = noisy_contrast.keys(x)  # bn_splits 2: sub-batches x[[2, 0]] and x[[3, 1]]
-    # by hand: each sub-batch through encoder_k, its keys written back to the rows of their own images
-    expected = torch.empty_like(keys)
-    with torch.no_grad():
-        expected[[2, 0]] = F.normalize(noisy_contrast.encoder_k(x[[2, 0]]), dim=1)
-        expected[[3, 1]] = F.normalize(noisy_contrast.encoder_k(x[[3, 1]]), dim=1)
-        unshuffled = F.normalize(torch.cat([noisy_contrast.encoder_k(x[:2]), noisy_contrast.encoder_k(x[2:])]), dim=1)
-    assert torch.allclose(keys, expected, atol=1e-5)
-    assert not torch.allclose(keys, unshuffled, atol=1e-3)  # the sub-batches really were the shuffled ones
-    assert not torch.allclose(keys, keys[order], atol=1e-3)  # and the order matters
-
-
-def test_qgnet_step_contrasts_images_with_image_queue_and_patches_with_patch_queue(noisy_contrast):
-    torch.manual_seed(8)
-    noisy_contrast.eval()  # deterministic queries and keys, so they can be recomputed after the step
-    batch = {name: torch.randn(4, 3, 32, 32) for name in ("img_q", "img_k", "patch_q", "patch_k")}
-    queue_g, queue_l = noisy_contrast.queue_global.clone(), noisy_contrast.queue_local.clone()
-    ptr_g, ptr_l = noisy_contrast.queue_global_ptr.item(), noisy_contrast.queue_local_ptr.item()
-    assert not torch.allclose(queue_g, queue_l, atol=1e-2)  # two different dictionaries, so a mix-up shows
-    loss, terms = noisy_contrast(**batch)
-    with torch.no_grad():  # queries from encoder_q, keys from encoder_k as it is after this step's momentum update
-        q, q_p = (F.normalize(noisy_contrast.encoder_q(batch[n]), dim=1) for n in ("img_q", "patch_q"))
-        k, k_p = (F.normalize(noisy_contrast.encoder_k(batch[n]), dim=1) for n in ("img_k", "patch_k"))
-    tau = noisy_contrast.cfg.temperature
-    # Eq. (1): images against the image keys K; Eq. (2): patches against the patch keys M; queues as before the step
-    assert terms["global"].item() == pytest.approx(info_nce_by_hand(q, k, queue_g, tau).item(), rel=1e-4)
-    assert terms["local"].item() == pytest.approx(info_nce_by_hand(q_p, k_p, queue_l, tau).item(), rel=1e-4)
-    assert loss.item() == pytest.approx((terms["global"] + terms["local"]).item())  # Eq. (3)
-    # then this batch's image keys replace the 4 oldest image keys, its patch keys the 4 oldest patch keys
-    for queue, before, ptr, new in ((noisy_contrast.queue_global, queue_g, ptr_g, k),
-                                    (noisy_contrast.queue_local, queue_l, ptr_l, k_p)):
-        slots = [(ptr + i) % 8 for i in range(4)]
-        kept = [i for i in range(8) if i not in slots]
-        assert torch.allclose(queue[:, slots], new.T, atol=1e-5)
-        assert torch.equal(queue[:, kept], before[:, kept])
-
-
-# ---------------------------------------------------------------- few-shot stage (§4.2)
-
-def qgnet_episode(B=2, S=2, size=65, seed=9):
-    """A random episode whose shots have different foreground boxes, with 255 borders (background for the maps)."""
+def qgnet_shifted_shots_episode(B=2, S=2, size=65, seed=9):
+    """B random episodes whose shots have foreground boxes of their own (shifted per shot and per episode), the
+    first 4 columns 255 (background for the maps). -> img_q, img_s, m_s (no query label: the tests read FEM's
+    inputs)."""
     g = torch.Generator().manual_seed(seed)
     img_q, img_s = torch.randn(B, 3, size, size, generator=g), torch.randn(B, S, 3, size, size, generator=g)
     m_s = torch.zeros(B, S, size, size, dtype=torch.long)
@@ -5282,7 +3514,7 @@ def qgnet_episode(B=2, S=2, size=65, seed=9):
     return img_q, img_s, m_s
 
 
-def fem_inputs(model, img_q, img_s, m_s):
+def qgnet_fem_inputs(model, img_q, img_s, m_s):
     """(f_q, guider, maps) as FEM receives them in model's forward."""
     captured = []
     handle = model.fem.register_forward_pre_hook(lambda module, args: captured.append(args))
@@ -5297,8 +3529,8 @@ def fem_inputs(model, img_q, img_s, m_s):
 def test_qgnet_fem_receives_hand_computed_guided_map_prior_map_and_guider(qgnet_model):
     qgnet_model.eval()  # no dropout in the projections: the forward is deterministic
     B, S = 2, 2
-    img_q, img_s, m_s = qgnet_episode(B, S)
-    f_q23, guider, maps = fem_inputs(qgnet_model, img_q, img_s, m_s)
+    img_q, img_s, m_s = qgnet_shifted_shots_episode(B, S)
+    f_q23, guider, maps = qgnet_fem_inputs(qgnet_model, img_q, img_s, m_s)
     assert maps.shape == (B, 2, 9, 9) and guider.shape == (B, 256)
     stages = qgnet_model.backbone.stages
     with torch.no_grad():
@@ -5325,11 +3557,13 @@ def test_qgnet_fem_receives_hand_computed_guided_map_prior_map_and_guider(qgnet_
         lo, hi = s_q.min(1, keepdim=True).values, s_q.max(1, keepdim=True).values
         prior = ((s_q - lo) / (hi - lo + 1e-7)).view(B, 1, 9, 9)  # Eq. (12)
         # category guider: Weighted_GAP of down_supp(layer3 | layer2) under the resized support mask, mean over shots
-        f_s23 = qgnet_model.down_supp(torch.cat([f_s["layer3"], f_s["layer2"]], 1))  # (B*S, 256, 9, 9)
+        def mid_level(f, reduction):  # 1x1 conv (no bias) of cat(layer3, layer2), ReLU; Dropout2d is off in eval
+            return F.relu(F.conv2d(torch.cat([f["layer3"], f["layer2"]], 1), reduction[0].weight))
+        f_s23 = mid_level(f_s, qgnet_model.down_supp)  # (B*S, 256, 9, 9)
         m = F.interpolate((m_s.flatten(0, 1) == 1).float()[:, None], (9, 9), mode="bilinear", align_corners=True)
         proto = (f_s23 * m).sum((2, 3)) / (m.sum((2, 3)) + common.MAP_EPS)  # (B*S, 256)
         expected_guider = proto.view(B, S, -1).mean(1)
-        expected_f_q23 = qgnet_model.down_query(torch.cat([f_q["layer3"], f_q["layer2"]], 1))
+        expected_f_q23 = mid_level(f_q, qgnet_model.down_query)
     assert torch.allclose(maps[:, :1], guided, atol=1e-4)
     assert torch.allclose(maps[:, 1:], prior, atol=1e-4)
     assert torch.allclose(guider, expected_guider, rtol=1e-4, atol=1e-5)
@@ -5345,10 +3579,10 @@ def test_qgnet_fem_receives_hand_computed_guided_map_prior_map_and_guider(qgnet_
 
 def test_qgnet_guider_and_guided_map_are_shot_symmetric_and_prior_map_ignores_the_support(qgnet_model):
     qgnet_model.eval()
-    img_q, img_s, m_s = qgnet_episode(1, 2, seed=10)
-    _, guider, maps = fem_inputs(qgnet_model, img_q, img_s, m_s)
+    img_q, img_s, m_s = qgnet_shifted_shots_episode(1, 2, seed=10)
+    _, guider, maps = qgnet_fem_inputs(qgnet_model, img_q, img_s, m_s)
     # the shots in the other order: a mean over shots does not change
-    _, guider_swapped, maps_swapped = fem_inputs(qgnet_model, img_q, img_s.flip(1), m_s.flip(1))
+    _, guider_swapped, maps_swapped = qgnet_fem_inputs(qgnet_model, img_q, img_s.flip(1), m_s.flip(1))
     assert torch.allclose(guider_swapped, guider, rtol=1e-5, atol=1e-6)
     assert torch.allclose(maps_swapped, maps, atol=1e-5)
     # a different second shot (its mask moved): both support-derived inputs change, the prior map does not (§4.2.1:
@@ -5356,7 +3590,7 @@ def test_qgnet_guider_and_guided_map_are_shot_symmetric_and_prior_map_ignores_th
     m_other = m_s.clone()
     m_other[0, 1] = torch.where(m_s[0, 1] == 255, 255, 0)
     m_other[0, 1, 35:60, 30:60] = 1
-    _, guider_other, maps_other = fem_inputs(qgnet_model, img_q, img_s, m_other)
+    _, guider_other, maps_other = qgnet_fem_inputs(qgnet_model, img_q, img_s, m_other)
     assert (guider_other - guider).abs().max() > 1e-3
     assert (maps_other[:, 0] - maps[:, 0]).abs().max() > 1e-2
     assert torch.equal(maps_other[:, 1], maps[:, 1])
@@ -5384,36 +3618,2025 @@ def test_qgnet_loss_is_main_plus_aux_weight_times_mean_aux_by_hand(qgnet_model, 
         assert total.item() == pytest.approx(main.item() + weight * aux_mean.item(), rel=1e-5)
 
 
+# ---------------- both stages through train.py ------------------------------------------------------------
+
+def test_qgnet_two_stages_on_synthetic(tmp_path):
+    prior = tmp_path / "prior" / "prior_extractor.pt"
+    common_flags = ["--model", "qgnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
+                    "--img-size", "64", "--prior-checkpoint", str(prior)]
+    assert train.main([*common_flags, "--stage", "prior", "--train-length", "8", "--prior-epochs", "1",
+                       "--prior-batch-size", "4", "--prior-queue", "8", "--prior-img-size", "32",
+                       "--log-every", "1"]) == prior
+    records = read_metrics(prior.parent, "prior_metrics.jsonl")
+    assert len(records) == 2 and all(math.isfinite(r["global"]) and math.isfinite(r["local"]) for r in records)
+    out = tmp_path / "fewshot"
+    miou, fbiou = train.main([*common_flags, "--train-length", "8", "--batch-size", "4", "--epochs", "2",
+                              "--test-episodes", "4", "--test-seeds", "1", "--log-every", "1", "--out", str(out)])
+    assert 0 <= miou <= 1 and 0 <= fbiou <= 1
+    losses = [r["loss"] for r in read_metrics(out) if r["event"] == "train"]
+    assert len(losses) == 4 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    encoder_k = torch.load(prior, weights_only=True)["model"]["encoder_k.layer3.1.conv2.weight"]
+    trained = torch.load(out / "last.pt", weights_only=False)["model"]
+    assert torch.equal(trained["prior_extractor.stages.layer3.1.conv2.weight"], encoder_k)
+    bn_var = torch.load(prior, weights_only=True)["model"]["encoder_k.bn1.running_var"]
+    assert torch.equal(trained["prior_extractor.stages.layer0.1.running_var"], bn_var)  # stage 1's statistics kept
+    prior.unlink()  # the checkpoint holds every weight: evaluating it needs no stage-1 file
+    again = train.main(["--eval-only", "--checkpoint", str(out / "last.pt"), "--dataset", "synthetic",
+                        "--workers", "0", "--test-episodes", "4", "--test-seeds", "1", "--out", str(tmp_path / "e")])
+    assert again == (miou, fbiou)
+
+
+def test_qgnet_checkpoint_evaluates_and_resumes_without_the_stage_1_file(qgnet_contrast, tmp_path):
+    prior = tmp_path / "prior_extractor.pt"
+    torch.save({"model": qgnet_contrast.state_dict()}, prior)  # a stage-1 file (untrained: its weights are what counts)
+    encoder_k = qgnet_contrast.encoder_k.layer3[1].conv2.weight.detach().clone()
+    out = tmp_path / "run"
+    flags = ["--model", "qgnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0", "--img-size", "64",
+             "--prior-checkpoint", str(prior), "--train-length", "4", "--batch-size", "2", "--test-episodes", "2",
+             "--test-seeds", "1", "--log-every", "1", "--out", str(out)]
+    train.main([*flags, "--epochs", "1"])
+    prior.unlink()  # from here on every weight of F_p comes from the run's checkpoints
+    scores = train.main(["--eval-only", "--checkpoint", str(out / "last.pt"), "--workers", "0", "--test-episodes", "2",
+                         "--test-seeds", "1", "--out", str(tmp_path / "eval")])
+    assert all(0 <= s <= 1 for s in scores)
+    train.main([*flags, "--epochs", "2", "--resume"])
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert state["epoch"] == 2
+    assert torch.equal(state["model"]["prior_extractor.stages.layer3.1.conv2.weight"], encoder_k)  # still stage 1's
+
+
 # ==========================================================================================================
-# What the GPU path relies on, checked on the CPU
+# crcnet.py: CRCNet: shapes at 1 and 5 shots, the loss, gradients with and without the encoder; its modules by
+# hand; K shots by fine-tuning, fusion and scales; the pairs of query and support and their masks
 # ==========================================================================================================
 
+CRCNET_SIZE = 33  # 33 -> 5x5 features at output stride 8 (the backbone dominates the CPU time)
 
-def test_host_syncs_finds_each_kind_of_wait_and_nothing_else():
-    x = torch.randn(6, requires_grad=True)
-    m = x.detach() > 0
 
-    def waits(fn):
-        return train.host_syncs(fn)
+def make_crcnet(**kw):
+    """A narrow CRCNet (dim 32 instead of 256) keeps the CPU tests fast; the structure is the paper's."""
+    torch.manual_seed(0)
+    return crcnet.Model(crcnet.Config(pretrained=False, **{"dim": 32, "cr_reduction": 4, **kw}))
 
-    assert waits(lambda: x.sum().item()) == ["_local_scalar_dense"]
-    assert waits(lambda: bool(x.sum() > 0)) == ["_local_scalar_dense"]  # `if t:` and float(t) too
-    assert waits(lambda: torch.where(m)) == ["nonzero"]
-    assert waits(lambda: x[m].sum().backward()) == ["index (boolean mask)", "index_put (boolean mask)"]
-    assert waits(lambda: torch.unique(m)) == ["_unique2"]
-    assert waits(lambda: x.detach().masked_select(m)) == ["masked_select"]
-    assert waits(lambda: torch.equal(x, x)) == ["equal"] and waits(lambda: torch.bincount(m.long())) == ["bincount"]
-    assert waits(lambda: x.repeat_interleave(torch.tensor([1, 2, 1, 1, 1, 1]))) == ["repeat_interleave"]
-    assert waits(lambda: x.repeat_interleave(3)) == []  # an int says the size: nothing to wait for
-    assert waits(lambda: (x.masked_fill(m, 0) * 2).sum().backward()) == []  # masks used arithmetically are fine
-    assert waits(lambda: x[torch.tensor([0, 2])]) == []  # integer indexing knows its size
-    with FakeTensorMode():  # device tensors without a device: only their place matters here
-        on_gpu, on_cpu = torch.empty(3, device="cuda"), torch.empty(3)
-    assert train.sync_op(torch.ops.aten._to_copy.default, (on_gpu,), {"device": torch.device("cpu")})
-    assert not train.sync_op(torch.ops.aten._to_copy.default, (on_cpu,), {"device": torch.device("cuda")})
-    assert not train.sync_op(torch.ops.aten._to_copy.default, (on_gpu,), {"dtype": torch.float16})
-    assert train.sync_op(torch.ops.aten.copy_.default, (on_cpu, on_gpu), {})
-    assert not train.sync_op(torch.ops.aten.copy_.default, (on_gpu, on_cpu), {})  # host to device: queued
+
+@pytest.fixture(scope="module")
+def crcnet_model():
+    # one test scale: predict is compared with forward below; the default three scales have their own test
+    return make_crcnet(refine_steps=3, ft_steps=3, ft_lr=0.05, test_scales=(1.0,))
+
+
+# boxes (top, bottom, left, right) at 33 x 33: each covers a different set of the pixels 0, 8, 16, 24, 32 that
+# the 5 x 5 features sample (see _at_features), so every episode and shot has its own feature-level mask
+Q_BOXES = [(5, 20, 8, 25), (14, 33, 0, 12)]
+S_BOXES = [[(3, 18, 10, 28), (20, 31, 2, 20), (0, 12, 20, 33)],
+           [(0, 12, 0, 12), (6, 26, 6, 26), (14, 31, 14, 33)]]
+
+
+def crcnet_mixed_episode(B=2, S=2, seed=0):
+    """episode(B, S, CRCNET_SIZE, seed=seed)'s images, with masks that differ per episode (the query's, Q_BOXES)
+    and per episode and shot (the supports', S_BOXES); query rows 0-1 and support rows 31-32 are 255 as in
+    episode. -> img_q, img_s, m_s, m_q."""
+    img_q, img_s, m_s, m_q = episode(B, S, CRCNET_SIZE, seed=seed)
+    m_q.zero_()
+    m_s.zero_()
+    for b in range(B):
+        top, bottom, left, right = Q_BOXES[b]
+        m_q[b, top:bottom, left:right] = 1
+        for k in range(S):
+            top, bottom, left, right = S_BOXES[b][k]
+            m_s[b, k, top:bottom, left:right] = 1
+    m_q[:, :2] = IGNORE_INDEX
+    m_s[:, :, -2:] = IGNORE_INDEX
+    return img_q, img_s, m_s, m_q
+
+
+def _at_features(m):
+    """Labels (..., 33, 33) -> the support foreground at the 5 x 5 features, by hand: bilinear resizing with
+    aligned corners from 33 = 4 * 8 + 1 to 5 samples exactly the pixels 0, 8, 16, 24, 32; 255 is background."""
+    return (m[..., ::8, ::8] == 1).float()
+
+
+def _ce(logits, labels):
+    """Eq. (4) by hand: 2-class cross-entropy of logits (N,2,5,5) upsampled to labels (N,33,33), averaged over
+    the labelled pixels of all N images together (255 ignored)."""
+    up = F.interpolate(logits, labels.shape[-2:], mode="bilinear", align_corners=True)
+    valid = labels != IGNORE_INDEX
+    return F.cross_entropy(up, labels.clamp(max=1), reduction="none")[valid].mean()
+
+
+# ---------------- the paper's configuration, shapes at 1 and 5 shots, the loss (Eq. 4-5), gradients -------
+
+def test_crcnet_paper_configuration_shapes_and_size():
+    net = crcnet.Model(crcnet.Config(pretrained=False))
+    assert net.head.refinement.steps == 10 and net.cfg.sub_weight == 0.1 and net.cfg.dim == 256
+    assert net.cfg.train_encoder and net.cfg.test_scales == (0.75, 1.0, 1.25)  # §5.1 end to end; §5.3
+    learnable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    backbone = sum(p.numel() for p in net.encoder.backbone.parameters())
+    assert backbone == 23_508_032  # ResNet-50 without its fc, trained end to end (§5.1)
+    assert learnable == backbone + 20_137_492  # the 3x3 reduction of [layer3, layer4] (3072 -> 256) alone is 7.08M
+    img_q, img_s, m_s, m_q = episode(1, 1, CRCNET_SIZE)
+    with torch.no_grad():
+        out = net(img_q, img_s, m_s, m_q=m_q)
+    assert out["logits"].shape == (1, 2, CRCNET_SIZE, CRCNET_SIZE) and out["support"].shape == (1, 2, 5, 5)
+    assert torch.isfinite(out["logits"]).all()
+
+
+@pytest.mark.parametrize("S", [1, 5])
+def test_crcnet_forward_shapes_query_and_support(crcnet_model, S):
+    img_q, img_s, m_s, m_q = episode(2, S, CRCNET_SIZE)
+    out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
+    assert out["logits"].shape == (2, 2, CRCNET_SIZE, CRCNET_SIZE)
+    for key in ("query", "support", "query_sub", "support_sub"):
+        assert out[key].shape == (2 * S, 2, 5, 5) and torch.isfinite(out[key]).all()
+    # logits: the log of the query probabilities averaged over the shots, upsampled bilinearly
+    log_p = F.log_softmax(out["query"], 1).view(2, S, 2, 5, 5).exp().mean(1).log()
+    up = F.interpolate(log_p, (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear", align_corners=True)
+    assert torch.allclose(out["logits"], up, atol=1e-5)
+    loss, terms = crcnet_model.loss(out, m_q, m_s)
+    assert torch.isfinite(loss)
+
+
+def test_crcnet_loss_has_four_terms_eq5(crcnet_model):
+    img_q, img_s, m_s, m_q = episode(2, 1, CRCNET_SIZE)
+    out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
+    total, terms = crcnet_model.loss(out, m_q, m_s)
+    assert set(terms) == {"query", "support", "query_sub", "support_sub"}
+    assert all(torch.isfinite(t) and t > 0 for t in terms.values())
+    expected = terms["query"] + terms["support"] + 0.1 * (terms["query_sub"] + terms["support_sub"])
+    assert torch.allclose(total, expected)
+    # L_SM is the 2-class cross-entropy of the support prediction against m_s (255 ignored), Eq. (4)
+    up = F.interpolate(out["support"], (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear", align_corners=True)
+    valid = m_s[:, 0] != 255
+    ce = F.cross_entropy(up, m_s[:, 0].clamp(max=1), reduction="none")[valid].mean()
+    assert torch.allclose(terms["support"], ce, atol=1e-6)
+
+
+@pytest.mark.parametrize("train_encoder", [True, False])
+def test_crcnet_gradients_reach_every_learnable_parameter_and_the_backbone_only_when_trained(train_encoder):
+    # §5.1 end to end (the default): every parameter, the ResNet's included, gets a gradient from Eq. (5);
+    # --freeze-encoder: none of the ResNet's does, every other one still does
+    net = make_crcnet(refine_steps=2, train_encoder=train_encoder)  # 2 steps: the cached branch is in the graph
+    net.train()
+    img_q, img_s, m_s, m_q = episode(2, 1, CRCNET_SIZE)
+    loss, _ = net.loss(net(img_q, img_s, m_s, m_q=m_q), m_q, m_s)
+    loss.backward()
+    learnable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    missing = [n for n, p in learnable if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing, missing
+    backbone = list(net.encoder.backbone.parameters())
+    if train_encoder:
+        assert len(learnable) == len(list(net.parameters())) and all(p.requires_grad for p in backbone)
+    else:
+        assert learnable and all(not n.startswith("encoder.backbone") for n, _ in learnable)
+        assert all(p.grad is None for p in backbone) and all(p.requires_grad for p in net.encoder.reduce.parameters())
+    assert not net.encoder.backbone.training  # BN stays in eval either way
+
+
+# ---------------- the refinement, the cross-reference and the local conditional module by hand ------------
+
+def test_crcnet_refinement_runs_configured_steps_and_updates_cache():
+    torch.manual_seed(0)
+    refine = crcnet.MaskRefinement(in_dim=12, dim=8, k=7, steps=4)
+    calls = []
+    refine.cached.register_forward_hook(lambda m, i, o: calls.append(i[0].clone()))
+    logits, caches = refine(torch.randn(2, 12, 5, 5))
+    assert len(calls) == 4 and len(caches) == 5
+    assert (caches[0] == 0).all() and (calls[0] == 0).all()  # the cache starts as zeros
+    for t in range(1, 5):
+        assert not torch.equal(caches[t], caches[t - 1])  # updated every step
+        assert torch.equal(calls[t - 1], caches[t - 1])  # and each step reads the previous one
+    assert torch.allclose(caches[-1], logits.softmax(1)[:, 1:])
+    assert ((caches[-1] > 0) & (caches[-1] < 1)).all()
+
+
+def test_crcnet_cross_reference_is_symmetric_and_by_hand():
+    torch.manual_seed(0)
+    cr = crcnet.CrossReference(dim=32, reduction=16)
+    f_q, f_s = torch.randn(2, 32, 5, 5), torch.randn(2, 32, 5, 5)
+    g_q, g_s = cr(f_q, f_s)
+    h_s, h_q = cr(f_s, f_q)
+    assert torch.allclose(g_q, h_q) and torch.allclose(g_s, h_s)
+    w = torch.sigmoid(cr.importance[2](torch.relu(cr.importance[0](f_q.mean((2, 3))))))
+    w = w * torch.sigmoid(cr.importance[2](torch.relu(cr.importance[0](f_s.mean((2, 3))))))
+    assert torch.allclose(g_q, f_q * w[:, :, None, None]) and ((w >= 0) & (w <= 1)).all()
+
+
+def test_crcnet_local_conditional_eq1_to_3_by_hand():
+    torch.manual_seed(0)
+    local = crcnet.LocalConditional(dim=4)
+    f, f_s = torch.randn(1, 4, 2, 3), torch.randn(1, 4, 2, 3)
+    m = torch.tensor([[[[1.0, 0.0, 0.5], [0.0, 1.0, 0.0]]]])
+    out = local(f, f_s, m)
+    theta, delta = local.theta(f)[0].flatten(1), local.delta(f_s)[0].flatten(1)  # (4, 6)
+    expected = torch.zeros(4, 6)
+    for i in range(6):  # every query position
+        sim = torch.stack([theta[:, i] @ delta[:, j] * m.flatten()[j] for j in range(6)])  # Eq. (1), (2)
+        expected[:, i] = f_s[0].flatten(1) @ torch.softmax(sim, 0)  # Eq. (3)
+    assert torch.allclose(out[0].flatten(1), expected, atol=1e-5)
+    # an empty support mask gives the plain average of the support features, not NaN
+    empty = local(f, f_s, torch.zeros_like(m))
+    assert torch.allclose(empty, f_s.mean((2, 3), keepdim=True).expand_as(empty), atol=1e-6)
+
+
+# ---------------- K shots: fine-tuning (§4.6), fusion, multi-scale inference (§5.3) -----------------------
+
+def test_crcnet_finetuning_changes_prediction_and_restores_everything(crcnet_model):
+    img_q, img_s, m_s, m_q = episode(2, 3, CRCNET_SIZE)
+    before = {k: v.clone() for k, v in crcnet_model.state_dict().items()}
+    crcnet_model.eval()
+    rng = torch.get_rng_state()
+    with torch.no_grad():
+        tuned = crcnet_model.predict(img_q, img_s, m_s)
+        first_support = crcnet_model(img_q, img_s[:, :1], m_s[:, :1])["logits"]  # "finetune" predicts from support 0
+    assert tuned.shape == (2, 2, CRCNET_SIZE, CRCNET_SIZE) and torch.isfinite(tuned).all()
+    assert not torch.allclose(tuned, first_support, atol=1e-4)
+    assert not crcnet_model.training and torch.equal(torch.get_rng_state(), rng)
+    crcnet_model.train()
+    with torch.no_grad():
+        alone = crcnet_model.predict(img_q[1:], img_s[1:], m_s[1:])
+    assert crcnet_model.training
+    crcnet_model.eval()
+    assert torch.allclose(alone, tuned[1:], atol=1e-6)  # per episode, deterministic (a fixed generator)
+    after = crcnet_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in crcnet_model.parameters())
+    crcnet_model.cfg.ft_steps = 0  # no step: exactly the plain 1-shot prediction
+    try:
+        with torch.no_grad():
+            assert torch.allclose(crcnet_model.predict(img_q, img_s, m_s), first_support, atol=1e-5)
+    finally:
+        crcnet_model.cfg.ft_steps = 3
+
+
+def test_crcnet_finetune_trains_the_head_on_pairs_of_distinct_supports_and_keeps_the_encoder_fixed(crcnet_model,
+                                                                                                   monkeypatch):
+    # §4.6: "We kept the parameters in the Siamese encoder fixed", also when training tunes it (train_encoder)
+    img_q, img_s, m_s, m_q = episode(1, 2, CRCNET_SIZE)
+    encoder = {k: v.clone() for k, v in crcnet_model.encoder.state_dict().items()}
+    assert crcnet_model.cfg.train_encoder and all(p.requires_grad for p in crcnet_model.encoder.parameters())
+    seen = []
+    original = crcnet.pair_loss
+    monkeypatch.setattr(crcnet, "pair_loss", lambda out, mq, ms, w: seen.append((mq, ms)) or original(out, mq, ms, w))
+    weights = crcnet_model.finetune(img_s[0], m_s[0])
+    assert len(seen) == 3
+    for mq, ms in seen:  # with two supports, every pair is (0, 1) or (1, 0)
+        assert not torch.equal(mq, ms)
+    names = dict(crcnet_model.head.named_parameters())
+    assert set(weights) == set(names) and any(not torch.equal(weights[n], names[n]) for n in names)
+    # the encoder is neither tuned nor in the fine-tuning graph: its weights unchanged, no gradient reached it
+    assert all(torch.equal(encoder[k], v) for k, v in crcnet_model.encoder.state_dict().items())
+    assert all(p.grad is None for p in crcnet_model.parameters())
+
+
+def test_crcnet_fusion_averages_one_shot_probabilities(crcnet_model):
+    img_q, img_s, m_s, m_q = episode(2, 3, CRCNET_SIZE)
+    crcnet_model.cfg.kshot = "fusion"
+    try:
+        with torch.no_grad():
+            fused = crcnet_model.predict(img_q, img_s, m_s)
+            probs = [crcnet_model(img_q, img_s[:, k:k + 1], m_s[:, k:k + 1])["query"].softmax(1) for k in range(3)]
+    finally:
+        crcnet_model.cfg.kshot = "finetune"
+    expected = F.interpolate((sum(probs) / 3).log(), (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear", align_corners=True)
+    assert torch.allclose(fused, expected, atol=1e-5)
+
+
+def test_crcnet_multi_scale_inference_by_default(crcnet_model):
+    # §5.3: by default both images are resized to 0.75, 1 and 1.25 of their size (images bilinearly, masks
+    # nearest) and the query probabilities, resized back, are averaged; one scale is plain forward
+    net = crcnet_model
+    img_q, img_s, m_s, m_q = episode(1, 1, CRCNET_SIZE)
+    with torch.no_grad():
+        plain = net(img_q, img_s, m_s)["logits"]
+        assert torch.allclose(net.predict(img_q, img_s, m_s), plain, atol=1e-6)  # the fixture's one scale
+        net.cfg.test_scales = crcnet.Config().test_scales
+        try:
+            multi = net.predict(img_q, img_s, m_s)
+        finally:
+            net.cfg.test_scales = (1.0,)
+        probs = []
+        for size in (25, 33, 41):  # round(33 * scale)
+            q = F.interpolate(img_q, (size, size), mode="bilinear", align_corners=True)
+            s = F.interpolate(img_s[:, 0], (size, size), mode="bilinear", align_corners=True)[:, None]
+            m = F.interpolate(m_s.float(), (size, size), mode="nearest").long()
+            logits = net(q, s, m)["logits"]  # (1, 2, size, size)
+            probs.append(F.interpolate(logits, (33, 33), mode="bilinear", align_corners=True).exp())
+    assert multi.shape == (1, 2, CRCNET_SIZE, CRCNET_SIZE)
+    assert torch.allclose(multi, (sum(probs) / 3).log(), atol=1e-5)
+    assert not torch.allclose(multi, plain, atol=1e-4)
+
+
+# ---------------- bad input, flags, a short training and the harness --------------------------------------
+
+def test_crcnet_bad_input_raises():
+    with pytest.raises(ValueError, match="kshot"):
+        crcnet.Model(crcnet.Config(pretrained=False, kshot="vote"))
+    with pytest.raises(ValueError, match="refine_steps must be >= 1"):
+        make_crcnet(refine_steps=0)  # the refinement loop is what predicts
+    net = make_crcnet(refine_steps=1)
+    img_q, img_s, m_s, m_q = episode(2, 2, CRCNET_SIZE)
+    with pytest.raises(ValueError, match="same episodes"):
+        net(img_q, img_s, m_s[:, :1])
+    with pytest.raises(ValueError, match="same episodes"):
+        net(img_q, img_s, m_s, m_q=m_q[:, :-1])
+    with torch.no_grad():
+        out = net(img_q, img_s, m_s)  # no m_q (evaluation): no support prediction to score
+    with pytest.raises(ValueError, match="forward needs m_q"):
+        net.loss(out, m_q, m_s)
+
+
+def test_crcnet_freeze_encoder_and_test_scales_flags_map_to_the_config():
+    def config(*flags):
+        args, module = train.parse_args(["--model", "crcnet", *flags])
+        assert module is crcnet
+        return train.make_config(module, args)
+
+    assert config().train_encoder is True  # §5.1: end to end
+    assert config("--freeze-encoder").train_encoder is False
+    assert config().test_scales == (0.75, 1.0, 1.25)
+    assert list(config("--test-scales", "1").test_scales) == [1.0]
+
+
+def test_crcnet_short_synthetic_training_lowers_the_loss():
+    net = make_crcnet(refine_steps=2)
+    net.train()
+    episodes = data.build_dataset("synthetic", "train", 0, img_size=32, train_length=16)
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.0025, momentum=0.9)
+    losses = []
+    for step in range(8):  # fresh episodes every step
+        batch = data.collate_episodes([episodes[i] for i in (2 * step, 2 * step + 1)])
+        out = net(batch["img_q"], batch["img_s"], batch["m_s"], m_q=batch["m_q"])
+        loss, _ = net.loss(out, batch["m_q"], batch["m_s"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-2:]) < 0.8 * sum(losses[:2])
+
+
+def test_crcnet_harness_trains_and_evaluates_two_shot_by_finetuning(tmp_path):
+    out = tmp_path / "run"
+    train.main(["--model", "crcnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
+                "--img-size", "32", "--train-length", "2", "--batch-size", "2", "--epochs", "1", "--shot", "2",
+                "--test-episodes", "1", "--test-seeds", "1", "--refine-steps", "1", "--ft-steps", "1",
+                "--out", str(out)])
+    records = read_metrics(out)
+    assert records[0]["args"]["lr"] == "0.01" != str(train.HARNESS_DEFAULTS["synthetic"]["lr"])  # its own
+    assert records[0]["args"]["ft_steps"] == "1" and records[0]["args"]["kshot"] == "None"  # Config default
+    assert records[0]["args"]["train_encoder"] == "False"  # synthetic DEFAULTS: the quick start's frozen encoder
+    step = [r for r in records if r["event"] == "train"][0]
+    # a support term: the harness passed m_q in training (train.query_mask); without it the loss raises
+    assert math.isfinite(step["loss"]) and {"query", "support", "query_sub", "support_sub"} <= set(step)
+    result = [r for r in records if r["event"] == "result"][0]
+    assert result["shot"] == 2 and 0 <= result["miou"] <= 1
+
+
+# ---------------- masks of their own per episode and shot: pairs, conditioning, roles (§4.4-4.7) ----------
+
+def test_crcnet_mixed_episode_masks_differ_per_episode_and_shot():
+    # the premise of the tests below: no two episodes (or shots) share a feature-level mask
+    img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=3)
+    assert not torch.equal(_at_features(m_q[0]), _at_features(m_q[1]))
+    masks = _at_features(m_s).flatten(0, 1)  # (6, 5, 5)
+    assert all(not torch.equal(masks[a], masks[b]) for a in range(6) for b in range(a))
+    assert (masks.sum((1, 2)) > 0).all() and (m_s[..., ::8, ::8] == IGNORE_INDEX).any()
+
+
+def test_crcnet_loss_gives_each_pair_its_own_episodes_labels(crcnet_model):
+    # Model.loss on made-up logits: pair n = b * S + k (episode-major, as forward builds them) must be scored
+    # against the query mask of episode b and the mask of support k of episode b (Eq. 5, lambda = 0.1)
+    B, S = 2, 3
+    img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=B, S=S)
+    g = torch.Generator().manual_seed(1)
+    out = {key: 3 * torch.randn(B * S, 2, 5, 5, generator=g)
+           for key in ("query", "support", "query_sub", "support_sub")}
+    total, terms = crcnet_model.loss(out, m_q, m_s)
+    q_labels = torch.stack([m_q[b] for b in range(B) for k in range(S)])  # (6, 33, 33)
+    s_labels = torch.stack([m_s[b, k] for b in range(B) for k in range(S)])
+    assert torch.allclose(terms["query"], _ce(out["query"], q_labels), atol=1e-6)
+    assert torch.allclose(terms["support"], _ce(out["support"], s_labels), atol=1e-6)
+    assert torch.allclose(terms["query_sub"], _ce(out["query_sub"], q_labels), atol=1e-6)
+    assert torch.allclose(terms["support_sub"], _ce(out["support_sub"], s_labels), atol=1e-6)
+    by_hand = _ce(out["query"], q_labels) + _ce(out["support"], s_labels)
+    by_hand = by_hand + 0.1 * (_ce(out["query_sub"], q_labels) + _ce(out["support_sub"], s_labels))
+    assert torch.allclose(total, by_hand, atol=1e-6)
+    # the check has teeth: the episode-interleaved pairing (episode b's label on pair b') scores differently
+    wrong = torch.stack([m_q[n % B] for n in range(B * S)])
+    assert abs(_ce(out["query"], wrong) - terms["query"]) > 1e-2
+
+
+@pytest.fixture(scope="module")
+def crcnet_traced(crcnet_model):
+    """One training forward (with m_q) of a mixed B=2, S=2 batch with the inputs of the global conditional
+    module and of the refinement recorded, the encoder features computed separately (query, supports), and
+    both masks at the features by hand."""
+    net = crcnet_model
+    img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=2)
+    seen = {}
+    hooks = [net.head.global_conditional.register_forward_pre_hook(lambda m, a: seen.__setitem__("global", a)),
+             net.head.refinement.register_forward_pre_hook(lambda m, a: seen.__setitem__("refine", a[0]))]
+    try:
+        with torch.no_grad():
+            seen["out"] = net(img_q, img_s, m_s, m_q=m_q)
+            f_q = net.encoder(img_q).repeat_interleave(2, 0)  # (4, C, 5, 5): query b for its two pairs
+            f_s = net.encoder(img_s.flatten(0, 1))  # (4, C, 5, 5): support k of episode b at b * 2 + k
+    finally:
+        for h in hooks:
+            h.remove()
+    m = _at_features(m_s).flatten(0, 1)[:, None]  # (4, 1, 5, 5)
+    m_q_feat = _at_features(m_q).repeat_interleave(2, 0)[:, None]  # (4, 1, 5, 5): query b's for its two pairs
+    return net, f_q, f_s, m, m_q_feat, seen, (img_q, img_s, m_s, m_q)
+
+
+def test_crcnet_forward_pairs_are_episode_major(crcnet_traced):
+    # the order the loss assumes: out[...][b * S + k] is the pair (query b, support k of episode b)
+    net, f_q, f_s, m, m_q_feat, seen, (img_q, img_s, m_s, m_q) = crcnet_traced
+    with torch.no_grad():
+        for b in range(2):
+            alone = net(img_q[b:b + 1], img_s[b:b + 1], m_s[b:b + 1], m_q=m_q[b:b + 1])
+            for key in ("query", "support", "query_sub", "support_sub"):
+                assert torch.allclose(seen["out"][key][2 * b:2 * b + 2], alone[key], atol=1e-5)
+
+
+def test_crcnet_global_vector_is_the_other_images_foreground_average(crcnet_traced):
+    # §4.4: the query branch's category vector is the foreground average of the support features under the
+    # support's mask; §4.7 (roles interchangeable): the support branch's is the query's under the query's mask
+    # (255 as background in both)
+    net, f_q, f_s, m, m_q_feat, seen, _ = crcnet_traced
+    f, proto = seen["global"]
+    assert torch.allclose(f, torch.cat([f_q, f_s]), atol=1e-5)  # both branches, query branch first
+    support_avg = (f_s * m).sum((2, 3)) / (m.sum((2, 3)) + common.MAP_EPS)  # (4, C)
+    query_avg = (f_q * m_q_feat).sum((2, 3)) / (m_q_feat.sum((2, 3)) + common.MAP_EPS)  # (4, C)
+    assert torch.allclose(proto, torch.cat([support_avg, query_avg]), atol=1e-5)
+    assert not torch.allclose(support_avg[0], support_avg[1], atol=1e-3)  # the two supports give different vectors
+    assert not torch.allclose(query_avg[0], query_avg[2], atol=1e-3)  # and so do the two episodes' queries
+    assert not torch.allclose(support_avg, query_avg, atol=1e-3)  # the two branches are conditioned differently
+
+
+def test_crcnet_refinement_input_is_global_local_then_cross_reference(crcnet_traced):
+    # §4.5: the refinement reads [global conditional, local conditional, cross-reference output G]; G is the
+    # encoder features re-weighted by the product of both images' importance vectors (§4.3), not F itself
+    net, f_q, f_s, m, m_q_feat, seen, _ = crcnet_traced
+    head, C = net.head, f_q.shape[1]
+    x = seen["refine"]
+    assert x.shape == (8, 3 * C, 5, 5)
+    fc = head.cross_reference.importance
+
+    def importance(feat):
+        return torch.sigmoid(fc[2](torch.relu(fc[0](feat.mean((2, 3))))))
+
+    w = (importance(f_q) * importance(f_s))[:, :, None, None]
+    assert torch.allclose(x[:, 2 * C:], torch.cat([f_q * w, f_s * w]), atol=1e-5)
+    assert not torch.allclose(x[:, 2 * C:], torch.cat([f_q, f_s]), atol=1e-3)  # G != F: w < 1
+    with torch.no_grad():
+        # each branch conditioned on the other image: the query on (f_s, m_s), the support on (f_q, m_q)
+        f, f_ref, m_ref = torch.cat([f_q, f_s]), torch.cat([f_s, f_q]), torch.cat([m, m_q_feat])
+        proto = (f_ref * m_ref).sum((2, 3)) / (m_ref.sum((2, 3)) + common.MAP_EPS)
+        glob = head.global_conditional(f, proto)
+        local = head.local_conditional(f, f_ref, m_ref)
+        own = head.local_conditional(f, torch.cat([f_s, f_s]), torch.cat([m, m]))  # the support on itself
+    assert torch.allclose(x[:, :C], glob, atol=1e-5)
+    # |local| ~ 10 and the softmax of Eq. (2) is sharp: the encoder's batching alone moves it by ~5e-5
+    assert torch.allclose(x[:, C:2 * C], local, atol=2e-4)
+    assert not torch.allclose(x[4:, C:2 * C], own[4:], atol=1e-1)  # the support branch is not its own reference
+
+
+def test_crcnet_each_branch_is_conditioned_on_the_other_images_mask(crcnet_model):
+    # §4.7: the support prediction depends on the query's mask and not on its own (no shortcut through its own
+    # foreground), the query prediction on the support's and not on the query's; the co-occurrence
+    # sub-predictions (§4.3) on neither. Other masks: the two episodes' query masks swapped, the two shots'
+    # support masks swapped (all differ at the features, test_crcnet_mixed_episode_masks_differ_...)
+    net = crcnet_model
+    img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=2)
+    with torch.no_grad():
+        out = net(img_q, img_s, m_s, m_q=m_q)
+        other_s = net(img_q, img_s, m_s.flip(1), m_q=m_q)
+        other_q = net(img_q, img_s, m_s, m_q=m_q.flip(0))
+        evaluation = net(img_q, img_s, m_s)  # no m_q: the query branch alone
+    assert torch.allclose(other_s["support"], out["support"], atol=1e-6)
+    assert torch.allclose(other_q["query"], out["query"], atol=1e-6)
+    for n in range(4):  # every pair's prediction follows the other image's mask
+        assert not torch.allclose(other_q["support"][n], out["support"][n], atol=1e-4), n
+        assert not torch.allclose(other_s["query"][n], out["query"][n], atol=1e-4), n
+    for key in ("query_sub", "support_sub"):
+        assert torch.allclose(other_s[key], out[key], atol=1e-6) and torch.allclose(other_q[key], out[key], atol=1e-6)
+    assert set(evaluation) == {"logits", "query", "query_sub"}  # the support branch is not computed
+    for key in evaluation:
+        assert torch.allclose(evaluation[key], out[key], atol=1e-5), key
+
+
+def test_crcnet_swapping_query_and_support_swaps_the_predictions(crcnet_model):
+    # §4.7 "Their roles are interchangeable": the pair read the other way round (the support as the query with
+    # its mask, the query as the support) gives the same two predictions, swapped
+    img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=1)
+    with torch.no_grad():
+        out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
+        swapped = crcnet_model(img_s[:, 0], img_q[:, None], m_q[:, None], m_q=m_s[:, 0])
+    for key, mirror in (("query", "support"), ("support", "query"), ("query_sub", "support_sub"),
+                        ("support_sub", "query_sub")):
+        assert torch.allclose(swapped[key], out[mirror], atol=1e-5), key
+    assert not torch.allclose(out["query"], out["support"], atol=1e-3)  # two different predictions
+
+
+def test_crcnet_255_in_a_support_or_query_mask_counts_as_background(crcnet_model):
+    # 255 (unlabelled) is not foreground, in a support's mask (the query branch's reference) nor in the query's
+    # (the support branch's): replacing it by 0 changes nothing, in any output
+    img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=1, S=2)
+    m_s[:, :, 14:18] = IGNORE_INDEX  # row 16 is sampled by the features, and it crosses both support boxes
+    m_q[:, 14:18] = IGNORE_INDEX  # and the query box; rows 0-1 are 255 already
+    for mask in (m_s, m_q):
+        assert ((mask[..., ::8, ::8] == IGNORE_INDEX) & (mask[..., ::8, ::8] != 1)).any()
+        foreground = common.foreground_at(mask.flatten(0, -3)[:, None], (5, 5))  # as crcnet.Model._forward
+        assert torch.equal(foreground, _at_features(mask).flatten(0, -3)[:, None])
+    zero_s, zero_q = (mask.masked_fill(mask == IGNORE_INDEX, 0) for mask in (m_s, m_q))
+    with torch.no_grad():
+        out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
+        out_zero = crcnet_model(img_q, img_s, zero_s, m_q=zero_q)
+    for key in ("logits", "query", "support", "query_sub", "support_sub"):
+        assert torch.equal(out[key], out_zero[key]), key
+
+
+def test_crcnet_finetune_step_is_sgd_on_a_pair_conditioned_on_each_others_mask(crcnet_model):
+    # §4.6 by hand for one step: the tuned head weights are p - lr * grad of Eq. (5) for an ordered pair (i, j)
+    # of distinct supports, where support i plays the query (labels m_s[i]) and support j the support (labels
+    # m_s[j]); the query branch is conditioned on j's features and mask, the support branch on i's (§4.7).
+    # SGD's first momentum step is a plain gradient step
+    net = crcnet_model
+    img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=1, S=2)
+    steps, lr = net.cfg.ft_steps, net.cfg.ft_lr
+    net.cfg.ft_steps, net.cfg.ft_lr = 1, 0.5
+    try:
+        tuned = net.finetune(img_s[0], m_s[0])
+    finally:
+        net.cfg.ft_steps, net.cfg.ft_lr = steps, lr
+    with torch.no_grad():
+        f_s = net.encoder(img_s[0])  # (2, C, 5, 5)
+    m, labels = _at_features(m_s[0])[:, None], m_s[0]
+    params = dict(net.head.named_parameters())
+    candidates = []
+    for i, j in [(0, 1), (1, 0), (0, 0), (1, 1)]:
+        w = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
+        out = functional_call(net.head, w, (f_s[i:i + 1], f_s[j:j + 1], m[j:j + 1], m[i:i + 1]))
+        loss = _ce(out["query"], labels[i:i + 1]) + _ce(out["support"], labels[j:j + 1])
+        loss = loss + 0.1 * (_ce(out["query_sub"], labels[i:i + 1]) + _ce(out["support_sub"], labels[j:j + 1]))
+        grads = torch.autograd.grad(loss, list(w.values()))
+        candidates.append({n: p.detach() - 0.5 * g for (n, p), g in zip(params.items(), grads)})
+    matches = [all(torch.allclose(tuned[n], cand[n], rtol=1e-4, atol=1e-6) for n in params) for cand in candidates]
+    # (0, 1) and (1, 0) are mirror images (§4.7): the same two predictions swapped, so one loss and one step,
+    # whichever the generator drew; a support paired with itself is never drawn
+    assert matches == [True, True, False, False], matches
+    assert any(not torch.equal(tuned[n], params[n]) for n in params)  # the step moved the weights
+
+
+# ---------------- the predictions of fine-tuned heads -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def crcnet_tuned_episodes(crcnet_model):
+    """A mixed B=2, S=2 batch and each episode's fine-tuned head weights (finetune is checked by hand above)."""
+    img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=2)
+    with torch.no_grad():
+        weights = [crcnet_model.finetune(img_s[b], m_s[b]) for b in range(2)]
+    return img_q, img_s, m_s, weights
+
+
+def crcnet_tuned_outputs(net, tuned, kshot):
+    """net.predict of the episodes `tuned` (crcnet_tuned_episodes) under cfg.kshot = kshot, checking that it leaves
+    the weights and gradients as they were; and for each episode b and support k, net._forward of the query with
+    that support alone under the head weights tuned on episode b. -> prediction, outs[b][k]"""
+    img_q, img_s, m_s, weights = tuned
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net.cfg.kshot = kshot
+    try:
+        with torch.no_grad():
+            pred = net.predict(img_q, img_s, m_s)
+    finally:
+        net.cfg.kshot = "finetune"
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in net.parameters())
+    with torch.no_grad():
+        outs = [[net._forward(img_q[b:b + 1], img_s[b:b + 1, k:k + 1], m_s[b:b + 1, k:k + 1],
+                              head_weights=weights[b]) for k in range(img_s.shape[1])] for b in range(len(img_q))]
+    return pred, outs
+
+
+def test_crcnet_finetune_predicts_each_episode_from_its_tuned_weights_and_first_support(crcnet_model,
+                                                                                        crcnet_tuned_episodes):
+    # "finetune": episode b is tuned on its own supports and masks, then predicted from its first support
+    pred, outs = crcnet_tuned_outputs(crcnet_model, crcnet_tuned_episodes, "finetune")
+    for b in range(2):
+        assert torch.allclose(pred[b:b + 1], outs[b][0]["logits"], atol=1e-5), b
+    # the fine-tuning depends on which support carries which mask: swapping two supports' masks changes it
+    _, img_s, m_s, weights = crcnet_tuned_episodes
+    with torch.no_grad():
+        swapped = crcnet_model.finetune(img_s[0], m_s[0].flip(0))
+    assert any(not torch.allclose(swapped[n], weights[0][n], atol=1e-6) for n in weights[0])
+
+
+def test_crcnet_finetune_plus_fusion_averages_every_support_under_the_tuned_weights(crcnet_model,
+                                                                                    crcnet_tuned_episodes):
+    # "finetune+fusion" (Table 4, last row): the same tuned weights, then the query probabilities of both
+    # 1-shot pairs averaged; it must differ from "finetune", which uses the first support only
+    fused, outs = crcnet_tuned_outputs(crcnet_model, crcnet_tuned_episodes, "finetune+fusion")
+    for b in range(2):
+        probs = [out["query"].softmax(1) for out in outs[b]]
+        expected = F.interpolate((sum(probs) / 2).log(), (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear",
+                                 align_corners=True)
+        assert torch.allclose(fused[b:b + 1], expected, atol=1e-5), b
+        first = F.interpolate(probs[0].log(), (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear", align_corners=True)
+        assert not torch.allclose(fused[b:b + 1], first, atol=1e-3)
+
+
+# ==========================================================================================================
+# symnet.py: Sym-Net: shapes, loss, gradients; SPM, APA, TDC and the co-triplet loss by hand; K shots; word
+# vectors, BAM's base learner and ensemble, the side files and the checkpoints that hold them
+# ==========================================================================================================
+
+SYMNET_SIZE = 41  # -> 6x6 features at output stride 8; the episodes are synthetic_episode's (class ids for the text)
+
+
+def symnet_run(fold=0, **kw):
+    """The common.Run of a synthetic-data Sym-Net with random backbone weights."""
+    return common.Run(dataset="synthetic", fold=fold, pretrained=False, **kw)
+
+
+def make_symnet(where, fold=0, **kw):
+    """A synthetic-data Sym-Net from symnet.build (Config fields kw), built in the folder `where`, so that no
+    runs/ base learner is found by chance."""
+    where.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), contextlib.chdir(where):
+        warnings.simplefilter("ignore")
+        return symnet.build(symnet.Config(pretrained=False, **kw), symnet_run(fold))
+
+
+def fake_word2vec(path, vectors, newline=True):
+    """A word2vec C binary: header, then word + space + float32 vector (+ newline)."""
+    dim = len(next(iter(vectors.values())))
+    with open(path, "wb") as f:
+        f.write(f"{len(vectors)} {dim}\n".encode())
+        for word, vec in vectors.items():
+            f.write(word.encode() + b" " + struct.pack(f"<{dim}f", *vec) + (b"\n" if newline else b""))
+
+
+@pytest.fixture(scope="module")
+def word_vectors(tmp_path_factory):
+    """A .pt word-vector file covering the synthetic class names (random unit vectors)."""
+    path = tmp_path_factory.mktemp("w2v") / "vectors.pt"
+    g = torch.Generator().manual_seed(0)
+    names = data.class_names("synthetic").values()
+    torch.save({n: F.normalize(torch.randn(symnet.TEXT_DIM, generator=g), dim=0) for n in names}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def symnet_model(word_vectors, tmp_path_factory):
+    torch.manual_seed(0)
+    return make_symnet(tmp_path_factory.mktemp("m"), word_vectors=str(word_vectors))
+
+
+def unit_vector(v):
+    return torch.from_numpy(v / np.linalg.norm(v))
+
+
+SYMNET_GRID = 6  # SYMNET_SIZE 41 -> 6x6 features; (41 - 1) / (6 - 1) = 8 is whole, so the bilinear
+SYMNET_STEP = (SYMNET_SIZE - 1) // (SYMNET_GRID - 1)  # align_corners resize of a mask samples every 8th pixel exactly
+
+
+def symnet_grid_mask(m_s):
+    """(m_s == 1) on the 6x6 feature grid, read off by hand: pixels 0, 8, ..., 40 of each axis."""
+    return (m_s == 1).float()[..., ::SYMNET_STEP, ::SYMNET_STEP]  # (..., 6, 6)
+
+
+def symnet_record_forward(net, img_q, img_s, m_s, class_ids):
+    """An eval forward pass (dropout off) with hooks that keep F^m of the query and the supports, every APA call
+    (proto, text, keys/values input, output), TDC's input correlations and FEM's inputs."""
+    rec = {"apa": []}
+    hooks = [net.down_query.register_forward_hook(lambda mod, i, o: rec.__setitem__("f_q", o.clone())),
+             net.down_supp.register_forward_hook(lambda mod, i, o: rec.__setitem__("f_s", o.clone())),
+             net.apa.register_forward_hook(lambda mod, i, o: rec["apa"].append([*(x.clone() for x in i), o.clone()])),
+             net.tdc.register_forward_pre_hook(lambda mod, i: rec.__setitem__("corr", [c.clone() for c in i[0]])),
+             net.fem.register_forward_pre_hook(lambda mod, i: rec.__setitem__("fem", [x.clone() for x in i]))]
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = net(img_q, img_s, m_s, class_ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out, rec
+
+
+def symnet_co_triplet(f_q, f_s, m_s, prior, p_q_aug, p_s_aug, **cfg):
+    """SymNet.co_triplet needs nothing of the model but its Config: no backbone is built for these cases."""
+    owner = types.SimpleNamespace(cfg=symnet.Config(pretrained=False, **cfg))
+    return symnet.SymNet.co_triplet(owner, f_q, f_s, m_s, prior, p_q_aug, p_s_aug)
+
+
+def symnet_unit(*v):
+    v = torch.tensor(v, dtype=torch.float64)
+    return v / v.norm()
+
+
+def symnet_dist(a, b):
+    return (a - b).norm().item()
+
+
+# ---------------- forward, loss, gradients ----------------------------------------------------------------
+
+@pytest.mark.parametrize("shot", [1, 5])
+def test_symnet_forward_shapes_and_finite_loss(symnet_model, shot):
+    B = 2 if shot == 1 else 1
+    img_q, img_s, m_s, m_q, class_ids = synthetic_episode(B, shot, SYMNET_SIZE)
+    symnet_model.train()
+    out = symnet_model(img_q, img_s, m_s, class_ids)
+    assert out["logits"].shape == (B, 2, SYMNET_SIZE, SYMNET_SIZE)
+    assert out["meta"].shape == (B, 2, 6, 6) and out["prior"].shape == (B, 1, 6, 6)
+    assert [a.shape[-1] for a in out["aux"]] == [6, 3, 2, 1]  # FEM bins 1, 1/2, 1/4, 1/8 of 6
+    assert 0 <= out["prior"].min() and out["prior"].max() <= 1 + 1e-6
+    total, terms = symnet_model.loss(out, m_q, m_s)
+    assert set(terms) == {"final", "inter", "triplet"} and torch.isfinite(total)
+    assert math.isclose(total.item(), sum(v.item() for v in terms.values()), rel_tol=1e-5)
+    assert terms["triplet"] > 0
+    symnet_model.eval()
+    with torch.no_grad():
+        out = symnet_model(img_q, img_s, m_s, class_ids)
+    assert out["triplet"].item() == 0 and out["logits"].shape == (B, 2, SYMNET_SIZE, SYMNET_SIZE)  # same keys in eval
+
+
+def test_symnet_every_parameter_gets_a_gradient_and_the_backbone_none(symnet_model):
+    img_q, img_s, m_s, m_q, class_ids = synthetic_episode(1, 2, SYMNET_SIZE, seed=1)
+    symnet_model.train()
+    symnet_model.zero_grad(set_to_none=True)
+    out = symnet_model(img_q, img_s, m_s, class_ids)
+    total, _ = symnet_model.loss(out, m_q, m_s)
+    total.backward()
+    for name, p in symnet_model.named_parameters():
+        if name.startswith("backbone."):
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    # the word vectors feed W^Q's text columns
+    assert symnet_model.apa.w_q.weight.grad[:, symnet_model.cfg.reduce_dim:].abs().sum() > 0
+    symnet_model.zero_grad(set_to_none=True)
+
+
+def test_symnet_empty_support_mask_gives_no_nan(symnet_model):
+    img_q, img_s, m_s, m_q, class_ids = synthetic_episode(2, 1, SYMNET_SIZE, seed=2)
+    m_s[0] = 0  # episode 0: nothing marked
+    m_s[1][m_s[1] == 1] = 255  # episode 1: only ignore pixels
+    symnet_model.train()
+    symnet_model.zero_grad(set_to_none=True)
+    out = symnet_model(img_q, img_s, m_s, class_ids)
+    total, terms = symnet_model.loss(out, m_q, m_s)
+    assert torch.isfinite(out["logits"]).all() and torch.isfinite(total)
+    assert torch.isfinite(out["prior"]).all() and (out["prior"] == 0).all()  # no support pixel to match
+    total.backward()
+    grads = [p.grad for p in symnet_model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads), sum(g is None for g in grads)
+    symnet_model.zero_grad(set_to_none=True)
+
+
+def test_symnet_vgg_is_refused_and_no_class_id_works(symnet_model):
+    with pytest.raises(ValueError, match="ResNet"):
+        symnet.SymNet(symnet.Config(backbone="vgg16_bn", pretrained=False), symnet_run())
+    img_q, img_s, m_s, _, _ = synthetic_episode(1, 1, SYMNET_SIZE, seed=3)
+    symnet_model.eval()
+    with torch.no_grad():
+        out = symnet_model(img_q, img_s, m_s, None)  # --predict passes no class: no text
+    assert torch.isfinite(out["logits"]).all()
+
+
+def test_symnet_short_training_lowers_the_loss(tmp_path):
+    torch.manual_seed(0)
+    net = make_symnet(tmp_path)
+    img_q, img_s, m_s, m_q, class_ids = synthetic_episode(2, 1, SYMNET_SIZE, seed=4)
+    args = (img_q, img_s, m_s, class_ids)
+
+    def eval_loss():
+        net.eval()
+        with torch.no_grad():
+            return net.loss(net(*args), m_q, m_s)[0].item()
+
+    before = eval_loss()
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    net.train()
+    for _ in range(6):
+        total, _ = net.loss(net(*args), m_q, m_s)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+    after = eval_loss()
+    assert after < 0.9 * before, (before, after)
+
+
+# ---------------- SPM, triplet, TDC against direct computations -------------------------------------------
+
+def test_symnet_spm_matches_a_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    f_q = torch.rand(1, 3, 4, 5, generator=g)
+    f_s = torch.rand(1, 2, 3, 4, 5, generator=g)
+    m = torch.zeros(1, 2, 4, 5)
+    m[0, 0, 1:3, 1:4] = 1
+    m[0, 1, 0, 0] = 1
+    windows = ((3, 3), (3, 1), (1, 3))
+
+    def pooled(f, dh, dw):  # average over the window, padded zeros counted
+        C, h, w = f.shape
+        out = torch.zeros(C, h, w)
+        for i in range(h):
+            for j in range(w):
+                for di in range(-(dh // 2), dh // 2 + 1):
+                    for dj in range(-(dw // 2), dw // 2 + 1):
+                        if 0 <= i + di < h and 0 <= j + dj < w:
+                            out[:, i, j] += f[:, i + di, j + dj] / (dh * dw)
+        return out.flatten(1)  # (C, hw)
+
+    shots = []
+    for k in range(2):
+        maps = []
+        for dh, dw in windows:
+            r_q, r_s = pooled(f_q[0], dh, dw), pooled(f_s[0, k] * m[0, k], dh, dw)
+            s_r = torch.zeros(20, 20)  # Eq. (2): cos(r_q, r_s) * |r_q|
+            for i in range(20):
+                for j in range(20):
+                    if r_s[:, j].norm() > 0:
+                        s_r[i, j] = F.cosine_similarity(r_q[:, i], r_s[:, j], dim=0) * r_q[:, i].norm()
+            mean = s_r.mean(1)  # Eq. (3): mean over the support positions, then min-max
+            maps.append((mean - mean.min()) / (mean.max() - mean.min()))
+        shots.append(torch.stack(maps).mean(0))
+    expected = torch.stack(shots).mean(0).view(1, 1, 4, 5)
+    prior = symnet.self_activation_prior(f_q, f_s, m, windows)
+    assert torch.allclose(prior, expected, atol=1e-5)
+
+
+def test_symnet_spm_hand_case_one_window():
+    # 1x1 window: the support's only foreground pixel points along (1, 0); the query scores are r_q . (1, 0)
+    f_q = torch.tensor([[[[1.0, 2.0], [0.0, 3.0]], [[5.0, 0.0], [1.0, 0.0]]]])  # (1, 2, 2, 2)
+    f_s = torch.zeros(1, 1, 2, 2, 2)
+    f_s[0, 0, 0, 0, 0] = 4.0
+    m = torch.zeros(1, 1, 2, 2)
+    m[0, 0, 0, 0] = 1
+    # mean over the 4 support positions of cos * |r_q| = (x-component of r_q) / 4 -> [1, 2, 0, 3] / 4
+    prior = symnet.self_activation_prior(f_q, f_s, m, ((1, 1),))
+    assert torch.allclose(prior.flatten(), torch.tensor([1 / 3, 2 / 3, 0.0, 1.0]), atol=1e-6)
+
+
+def test_symnet_triplet_term_zero_when_margin_met_positive_otherwise():
+    e1, e2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert symnet.triplet_term(e1, 3 * e1, -e1, 0.5).item() == 0  # 0 + 0.5 - 2 < 0
+    assert symnet.triplet_term(e1, e1, e2, 0.5).item() == 0  # 0 + 0.5 - sqrt(2) < 0
+    assert math.isclose(symnet.triplet_term(e1, -e1, e1, 0.5).item(), 2.5, abs_tol=1e-4)
+    assert math.isclose(symnet.triplet_term(e1, e2, 2 * e1, 0.5).item(), math.sqrt(2) + 0.5, abs_tol=1e-4)
+
+
+def test_symnet_co_triplet_zero_when_every_margin_is_met(symnet_model):
+    # support foreground pixels all equal the anchor's direction, background opposite; query regions likewise
+    c, h = symnet_model.cfg.reduce_dim, 4
+    d = torch.zeros(c)
+    d[0] = 1
+    m_s = torch.zeros(1, 1, h, h, dtype=torch.long)
+    m_s[..., :2, :] = 1
+    f_s = torch.where(m_s[:, :, None] == 1, d.view(1, 1, c, 1, 1), -d.view(1, 1, c, 1, 1)).float()
+    prior = torch.zeros(1, 1, h, h)
+    prior[..., 0, 0] = 0.5  # ambiguous band: one pixel; background: the rest
+    f_q = (-d).view(1, c, 1, 1).repeat(1, 1, h, h)
+    f_q[..., 0, 0] = d
+    anchor = d[None]
+    assert symnet_model.co_triplet(f_q, f_s, m_s, prior, anchor, anchor).item() == 0
+    # swapped: the hard positives point away from the anchor
+    assert symnet_model.co_triplet(-f_q, -f_s, m_s, prior, anchor, anchor).item() > 2
+    # a support whose only non-object pixels are 255 keeps its negative: 255 counts as background, as in SN
+    f_s[..., 2:, :] = d.view(1, 1, c, 1, 1)  # a background like the anchor: the margin is not met
+    ignored = m_s.masked_fill(m_s == 0, IGNORE_INDEX)
+    assert symnet_model.co_triplet(f_q, f_s, ignored, prior, anchor, anchor) == \
+        symnet_model.co_triplet(f_q, f_s, m_s, prior, anchor, anchor) > 0
+
+
+def test_symnet_prior_region_fallbacks():
+    f = torch.arange(16.0).view(1, 1, 4, 4)
+    prior = torch.arange(16.0).view(1, 1, 4, 4) / 15
+    none = torch.zeros_like(prior, dtype=torch.bool)
+    top = symnet.prior_region_mean(f, none, prior, "top")
+    bottom = symnet.prior_region_mean(f, none, prior, "bottom")
+    median = symnet.prior_region_mean(f, none, prior, "median")
+    # 12 of 16 pixels: the highest 4..15, the lowest 0..11, around the median 2..13
+    assert torch.allclose(top, torch.tensor([[9.5]]), atol=1e-2)
+    assert torch.allclose(bottom, torch.tensor([[5.5]]), atol=1e-2)
+    assert torch.allclose(median, torch.tensor([[7.5]]), atol=1e-2)
+    assert torch.allclose(symnet.prior_region_mean(f, prior > 0.9, prior, "top"), torch.tensor([[14.5]]), atol=1e-2)
+
+
+def test_symnet_block_correlation_direct():
+    g = torch.Generator().manual_seed(1)
+    f_q, f_s = torch.randn(1, 5, 3, 3, generator=g), torch.randn(1, 5, 3, 3, generator=g)
+    m = torch.zeros(1, 3, 3)
+    m[0, 1:, 1:] = 1
+    q, s = f_q[0].flatten(1), f_s[0].flatten(1)
+    fg = m[0].flatten().nonzero().flatten()
+    expected = torch.stack([torch.stack([F.cosine_similarity(q[:, i], s[:, j], dim=0).clamp(min=0)
+                                         for j in fg]).mean() for i in range(9)]).view(1, 1, 3, 3)
+    assert torch.allclose(symnet.block_correlation(f_q, f_s, m), expected, atol=1e-3)
+    assert (symnet.block_correlation(f_q, f_s, torch.zeros(1, 3, 3)) == 0).all()  # empty mask -> 0
+
+
+# ---------------- word vectors ----------------------------------------------------------------------------
+
+def test_symnet_word_vectors_from_a_fake_word2vec_binary(tmp_path):
+    g = np.random.default_rng(0)
+    vocab = {w: g.standard_normal(symnet.TEXT_DIM).astype(np.float32)
+             for w in ["cat", "potted_plant", "potted", "plant", "red", "disc", "table", "tv", "</s>"]}
+    for newline in (True, False):
+        binary = tmp_path / f"w2v{newline}.bin"
+        fake_word2vec(binary, vocab, newline)
+        with pytest.warns(UserWarning, match="nosuchword"):
+            vectors = symnet.build_word_vectors(binary, tmp_path / "v.pt",
+                                                ["cat", "pottedplant", "red striped disc", "diningtable",
+                                                 "nosuchword"])
+        assert set(vectors) == {"cat", "pottedplant", "red striped disc", "diningtable"}
+        assert torch.allclose(vectors["cat"], unit_vector(vocab["cat"]), atol=1e-6)
+        assert torch.allclose(vectors["pottedplant"], unit_vector(vocab["potted_plant"]), atol=1e-6)  # phrase first
+        mean = (vocab["red"] + vocab["disc"]) / 2  # "striped" is not in the binary: mean of the others
+        assert torch.allclose(vectors["red striped disc"], unit_vector(mean), atol=1e-6)
+        assert torch.allclose(vectors["diningtable"], unit_vector(vocab["table"]), atol=1e-6)  # MIANet's word
+        assert torch.load(tmp_path / "v.pt").keys() == vectors.keys()
+
+
+def test_symnet_load_word_vectors_rows_by_class_id(word_vectors, tmp_path):
+    table = symnet.load_word_vectors(word_vectors, "synthetic")
+    stored = torch.load(word_vectors)
+    assert table.shape == (21, symnet.TEXT_DIM) and (table[0] == 0).all()
+    assert torch.equal(table[7], stored[data.class_names("synthetic")[7]])
+    torch.save({"cat": torch.ones(symnet.TEXT_DIM)}, tmp_path / "few.pt")
+    with pytest.raises(common.WeightsUnavailableError, match="lack"):
+        symnet.load_word_vectors(tmp_path / "few.pt", "pascal")
+
+
+def test_symnet_without_word_vectors_one_warning_and_text_off(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/ here: no base learner either
+    with pytest.warns(UserWarning) as record:
+        net = symnet.build(symnet.Config(pretrained=False), symnet_run())
+    messages = [str(r.message) for r in record]
+    assert sum("text branch is off" in m for m in messages) == 1
+    assert sum("meta learner alone" in m for m in messages) == 1
+    assert (net.text == 0).all() and net.ensemble is None and net.cfg.base_classes is None
+    with warnings.catch_warnings(record=True) as record:  # evaluating a checkpoint: it holds the base learner
+        warnings.simplefilter("always")
+        symnet.build(symnet.Config(pretrained=False), symnet_run(from_checkpoint=True))
+    assert not any("meta learner alone" in str(r.message) for r in record)
+
+
+def test_symnet_build_refuses_a_named_side_file_that_is_missing_or_does_not_fit(tmp_path, monkeypatch, word_vectors):
+    # build reads the files: a named one that is absent, or lacks the run's classes, is a WeightsUnavailableError
+    # that names it, raised before any model is built (a forward never sees it); train.py says it in one line
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built although a named file is missing")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(symnet, "SymNet", no_model)
+    cases = {"--word-vectors .*absent_vectors.pt$": dict(word_vectors=str(tmp_path / "absent_vectors.pt")),
+             "--base-learner .*absent_base.pt$": dict(base_learner=str(tmp_path / "absent_base.pt"),
+                                                      word_vectors=str(word_vectors)),
+             "--word-vectors .*x.pt, --base-learner .*no.pt$": dict(word_vectors=str(tmp_path / "x.pt"),
+                                                                    base_learner=str(tmp_path / "no.pt"))}
+    for message, flags in cases.items():
+        with pytest.raises(common.WeightsUnavailableError, match="no such file: " + message):
+            symnet.build(symnet.Config(pretrained=False, **flags), symnet_run())
+    torch.save({"cat": torch.ones(symnet.TEXT_DIM)}, tmp_path / "few.pt")
+    with pytest.raises(common.WeightsUnavailableError, match=r"few.pt lack the synthetic classes"):
+        symnet.build(symnet.Config(pretrained=False, word_vectors=str(tmp_path / "few.pt")), symnet_run())
+    with pytest.raises(SystemExit, match=r"^error: no such file: --base-learner .*absent_base.pt$"):
+        train.main(["--model", "symnet", "--dataset", "synthetic", "--no-pretrained", "--img-size", "33",
+                    "--train-length", "2", "--batch-size", "2", "--epochs", "1", "--workers", "0",
+                    "--base-learner", str(tmp_path / "absent_base.pt"), "--out", str(tmp_path / "run")])
+
+
+def test_symnet_folder_classes_size_the_text_and_word_vectors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/ here: no base learner
+    root = _write_folder(tmp_path / "mine")
+    torch.save({name: torch.full((symnet.TEXT_DIM,), float(c)) for c, name in enumerate(FOLDER_NAMES, 1)},
+               tmp_path / "v.pt")
+    table = symnet.load_word_vectors(tmp_path / "v.pt", "folder", root=root)
+    assert table.shape == (7, symnet.TEXT_DIM) and (table[0] == 0).all() and (table[4] == 4).all()  # row 4: car
+    with pytest.warns(UserWarning) as record:  # no word vectors, no base learner: one warning each
+        net = symnet.build(symnet.Config(pretrained=False),
+                           common.Run(dataset="folder", data_root=str(root), fold=1, pretrained=False))
+    assert any("meta learner alone" in str(r.message) for r in record)
+    assert net.text.shape == (7, symnet.TEXT_DIM) and (net.text == 0).all()
+    # a base learner of fold 1 (base classes 1, 3, 4, 6) does not fit the run with --test-classes 3,6
+    torch.save({"model": {}, "classes": [1, 3, 4, 6], "backbone": "resnet50"}, tmp_path / "base.pt")
+    with pytest.raises(common.WeightsUnavailableError,
+                       match=r"classes \[1, 3, 4, 6\]; this model needs resnet50, classes \[1, 2, 4, 5\]"):
+        symnet.build(symnet.Config(pretrained=False, base_learner=str(tmp_path / "base.pt"),
+                                   word_vectors=str(tmp_path / "v.pt")),
+                     common.Run(dataset="folder", data_root=str(root), test_classes=(3, 6), pretrained=False))
+
+
+# ---------------- base learner, ensemble, stage, harness --------------------------------------------------
+
+def test_symnet_base_learner_images_are_bams_whole_list_with_novel_pixels_as_background(tmp_path, monkeypatch):
+    root = _write_pascal(tmp_path / "voc")
+    # fold 0: classes 1-5 novel, 6-20 base
+    images = symnet.BaseClassImages(common.Run(dataset="pascal", fold=0, img_size=80, data_root=root))
+    # every training image, c_small (under 2048 px) and d_mixed (novel class 2) too, unlike the episodes
+    assert images.names == ["a_voc", "b_sbd", "c_small", "d_mixed", "f_multi"] and len(images) == 5
+    monkeypatch.setattr(data, "train_transform", lambda img, label, *a: (img, label))  # the labels as read
+    _, label = images[(0, images.names.index("d_mixed"))]
+    raw = torch.from_numpy(_PASCAL_LABELS["d_mixed"]).long()
+    assert torch.equal(label, torch.where(raw == 6, 1, 0))  # base class 6 -> channel 1, novel class 2 -> 0
+    _, label = images[(0, images.names.index("b_sbd"))]
+    assert set(label.unique().tolist()) == {0, 2, IGNORE_INDEX}  # class 7 -> channel 2; 255 stays
+
+
+def test_symnet_bam_ensemble_identity_at_init_and_leaves_the_episode_class_out():
+    ens = symnet.BAMEnsemble()
+    meta = torch.randn(2, 2, 3, 3)
+    base = torch.full((2, 4, 3, 3), -20.0)
+    base[:, 2] = 20.0  # every pixel: base channel 2 = class 7 of classes [6, 7, 8]
+    classes = torch.tensor([6, 7, 8])
+    out = ens(meta, base, torch.zeros(2), classes, torch.tensor([7, 1]))
+    assert torch.allclose(out, meta.softmax(1), atol=1e-6)  # weights [1, 0]: the meta learner alone
+    with torch.no_grad():
+        ens.cls_merge.weight.copy_(torch.tensor([1.0, -1.0]).view(1, 2, 1, 1))  # base classes -> background
+    out = ens(meta, base, torch.zeros(2), classes, torch.tensor([7, 1]))
+    assert torch.allclose(out[0, 0], meta.softmax(1)[0, 0], atol=1e-6)  # episode class 7: its channel left out
+    assert torch.allclose(out[1, 0], meta.softmax(1)[1, 0] - 1, atol=1e-6)  # novel class 1: nothing left out
+    with torch.no_grad():  # the scene difference enters both scores through gram_merge's second weight
+        ens.gram_merge.weight.copy_(torch.tensor([1.0, 1.0]).view(1, 2, 1, 1))
+        ens.cls_merge.weight.copy_(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1))
+    out = ens(meta, base, torch.tensor([0.5, 0.0]), classes, torch.tensor([7, 1]))
+    assert torch.allclose(out[0], meta.softmax(1)[0] + 0.5, atol=1e-6)  # episode 0: est 0.5 added to bg and fg
+    assert torch.allclose(out[1], meta.softmax(1)[1], atol=1e-6)  # episode 1: est 0
+
+
+def test_symnet_gram_distance_zero_for_same_scene_and_mean_over_shots():
+    g = torch.Generator().manual_seed(0)
+    f_q = torch.rand(2, 4, 3, 3, generator=g)
+    other = torch.rand(2, 4, 3, 3, generator=g)
+    assert torch.allclose(symnet.gram_distance(f_q, f_q[:, None]), torch.zeros(2), atol=1e-6)
+    one = symnet.gram_distance(f_q, other[:, None])
+    both = symnet.gram_distance(f_q, torch.stack([f_q, other], 1))
+    assert (one > 0).all() and torch.allclose(both, one / 2, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 inside: the bf16 matmuls were 1-2% off
+        amp = symnet.gram_distance(f_q, other[:, None])
+    assert amp.dtype == torch.float32 and torch.allclose(amp, one, rtol=1e-5)
+
+
+def test_symnet_resume_follows_the_checkpoint_when_a_base_learner_appears(tmp_path, monkeypatch):
+    # trained without a base learner, resumed after --stage base wrote one at the default path: the checkpoint
+    # decides (no ensemble), and the optimizer matches it (it was built before the checkpoint was read: crash)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", "symnet", "--dataset", "synthetic", "--fold", "1", "--no-pretrained", "--img-size", "33",
+            "--train-length", "4", "--batch-size", "2", "--workers", "0", "--test-episodes", "2",
+            "--test-seeds", "1", "--out", str(tmp_path / "run")]
+    with warnings.catch_warnings(record=True) as caught:  # and: no --word-vectors, the text branch is off
+        warnings.simplefilter("always")
+        train.main([*argv, "--epochs", "1"])
+    assert any("meta learner alone" in str(w.message) for w in caught)
+    train.main(["--model", "symnet", "--stage", "base", "--dataset", "synthetic", "--fold", "1", "--no-pretrained",
+                "--img-size", "33", "--train-length", "4", "--batch-size", "2", "--epochs", "1", "--workers", "0"])
+    assert symnet.base_learner_path(symnet_run(1)).is_file()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # resumed from its checkpoint: no side file is read, nothing to warn about
+        train.main([*argv, "--epochs", "2", "--resume"])
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert state["epoch"] == 2 and not any(k.startswith("ensemble.") for k in state["model"])
+
+
+def test_symnet_base_stage_trains_and_sym_net_uses_it(tmp_path):
+    path = tmp_path / "base.pt"
+    argv = ["--model", "symnet", "--stage", "base", "--dataset", "synthetic", "--fold", "1", "--no-pretrained",
+            "--img-size", "33", "--train-length", "4", "--batch-size", "2", "--epochs", "1", "--workers", "0",
+            "--log-every", "1", "--base-learner", str(path)]
+    with pytest.raises(SystemExit, match="needs --batch-size >= 2"):
+        train.main([*argv, "--batch-size", "1"])
+    assert train.main(argv) == path and path.is_file()  # 2 steps
+    state = torch.load(path, weights_only=False)
+    assert state["classes"] == symnet.base_classes(symnet_run(1)) == [c for c in range(1, 21) if c not in range(6, 11)]
+    assert state["model"]["cls.4.weight"].shape[0] == 16  # background + 15 base classes
+    torch.manual_seed(0)
+    net = make_symnet(tmp_path, fold=1, base_learner=str(path))
+    assert net.ensemble is not None and not any(p.requires_grad for p in net.base_learner.parameters())
+    assert net.cfg.base_classes == tuple(state["classes"])  # recorded in the Config that checkpoints keep
+    # random weights: the meta learner's backbone takes the BN statistics the base learner was trained on, and
+    # the harness leaves them (same seed, so the same weights: the head sees the features it learned on)
+    buffers = dict(net.backbone.named_buffers())
+    assert all(torch.equal(buffers[k], v) for k, v in state["backbone_buffers"].items())
+    assert net.backbone.calibrated and any(v.abs().sum() > 0 for k, v in buffers.items() if "running_mean" in k)
+    weights = dict(net.backbone.named_parameters())
+    torch.manual_seed(0)  # what --stage base built, with its default --seed 0
+    stage_weights = common.Backbone("resnet50", pretrained=False)
+    assert all(torch.equal(weights[k], v) for k, v in stage_weights.named_parameters())
+    train.calibrate_random_backbones(net, train.parse_args(["--model", "symnet", "--dataset", "synthetic",
+                                     "--no-pretrained", "--img-size", "33", "--workers", "0"])[0], "cpu", 0)
+    assert all(torch.equal(v, state["backbone_buffers"][k]) for k, v in net.backbone.named_buffers())
+    with pytest.raises(common.WeightsUnavailableError, match="trained on random .* this model uses ImageNet"):
+        symnet.read_base_learner(symnet.Config(base_learner=str(path)), symnet_run(1))
+    with pytest.raises(common.WeightsUnavailableError, match="trained on random .* --backbone-weights"):
+        symnet.read_base_learner(symnet.Config(base_learner=str(path), pretrained="resnet50.pth"), symnet_run(1))
+    net.train()
+    assert not net.base_learner.training  # frozen BN
+    img_q, img_s, m_s, m_q, class_ids = synthetic_episode(2, 1, 33, seed=5)
+    total, terms = net.loss(net(img_q, img_s, m_s, class_ids), m_q, m_s)
+    assert set(terms) == {"final", "inter", "triplet", "meta"} and torch.isfinite(total)
+    total.backward()
+    assert net.ensemble.cls_merge.weight.grad is not None and net.ensemble.gram_merge.weight.grad is not None
+    assert all(p.grad is None for p in net.base_learner.parameters())
+    # a checkpoint decides, through its Config: trained without the base learner -> none; with it -> rebuilt
+    # (from_checkpoint: no file is read, so flags naming absent files do not matter) and loaded strictly
+    with_base = {k: v.clone() for k, v in net.state_dict().items()}
+    alone = symnet.build(dataclasses.replace(net.cfg, base_classes=None), symnet_run(1, from_checkpoint=True))
+    alone.load_state_dict({k: v for k, v in with_base.items() if not k.startswith(("base_learner.", "ensemble."))})
+    assert alone.base_learner is None and alone.ensemble is None
+    absent = dataclasses.replace(net.cfg, base_learner=str(tmp_path / "no.pt"), word_vectors=str(tmp_path / "x"))
+    restored = symnet.build(absent, symnet_run(1, from_checkpoint=True))
+    restored.load_state_dict(with_base)
+    assert restored.ensemble is not None and torch.equal(restored.base_learner.classes, torch.tensor(state["classes"]))
+    assert not any(p.requires_grad for p in restored.base_learner.parameters())
+    assert all(torch.equal(v, with_base[k]) for k, v in restored.state_dict().items())
+    with pytest.raises(common.WeightsUnavailableError, match="trained for"):
+        make_symnet(tmp_path, fold=2, base_learner=str(path))
+
+
+def test_symnet_checkpoints_restore_through_train_py_without_their_side_files(tmp_path, monkeypatch, word_vectors):
+    # Two runs, one with a base learner and word vectors, one without either; then every side file is deleted
+    # and a base learner is put at the default path. --eval-only --checkpoint rebuilds each model as its
+    # checkpoint's Config describes it (base learner or none), reads no file and loads every weight strictly.
+    monkeypatch.chdir(tmp_path)
+    side = tmp_path / "side"
+    side.mkdir()
+    vectors, base = side / "vectors.pt", side / "base.pt"
+    vectors.write_bytes(word_vectors.read_bytes())
+    common_argv = ["--model", "symnet", "--dataset", "synthetic", "--fold", "1", "--no-pretrained", "--img-size",
+                   "33", "--train-length", "4", "--batch-size", "2", "--workers", "0"]
+    test_argv = ["--test-episodes", "2", "--test-seeds", "1"]
+    train.main([*common_argv, "--stage", "base", "--epochs", "1", "--base-learner", str(base)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train.main([*common_argv, *test_argv, "--epochs", "1", "--out", str(tmp_path / "with"),
+                    "--base-learner", str(base), "--word-vectors", str(vectors)])
+        train.main([*common_argv, *test_argv, "--epochs", "1", "--out", str(tmp_path / "alone")])
+    default = symnet.base_learner_path(symnet_run(1))
+    default.parent.mkdir(parents=True)
+    base.rename(default)  # a base learner the checkpoint trained without must not be taken
+    vectors.unlink()
+    built, construct = [], train.construct
+    monkeypatch.setattr(train, "construct", lambda *args: built.append(construct(*args)) or built[-1])
+    for name in ("with", "alone"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train.main([*common_argv, *test_argv, "--eval-only", "--checkpoint", str(tmp_path / name / "last.pt"),
+                        "--out", str(tmp_path / f"{name}-eval")])
+        saved = torch.load(tmp_path / name / "last.pt", weights_only=False)["model"]
+        restored = built[-1].state_dict()
+        assert restored.keys() == saved.keys() and all(torch.equal(restored[k], v) for k, v in saved.items()), name
+    with_base, alone = built
+    assert with_base.cfg.base_classes == tuple(symnet.base_classes(symnet_run(1))) and with_base.ensemble is not None
+    assert with_base.text.abs().sum() > 0  # the word vectors, from the checkpoint
+    assert alone.cfg.base_classes is None and alone.base_learner is None and alone.ensemble is None
+    assert (alone.text == 0).all()
+
+
+def test_symnet_harness_fills_the_config_and_defaults(word_vectors, tmp_path):
+    args, module = train.parse_args(["--model", "symnet", "--dataset", "coco", "--fold", "2", "--shot", "5",
+                                     "--word-vectors", str(word_vectors), "--base-learner", "b.pt",
+                                     "--coco-split", "contiguous", "--no-pretrained"])
+    cfg, run = train.make_config(module, args), train.run_context(args)
+    assert (run.dataset, run.fold, run.shot, run.coco_split, run.pretrained) == ("coco", 2, 5, "contiguous", False)
+    assert cfg.pretrained is False and cfg.word_vectors == str(word_vectors) and cfg.base_learner == "b.pt"
+    harness = {"shot", "img_size", "dataset", "fold", "coco_split", "from_checkpoint", "data_root", "test_classes"}
+    assert not harness & {field.name for field in dataclasses.fields(cfg)}  # the run's context is the Run's
+    assert (args.lr, args.batch_size, args.epochs, args.img_size) == (0.05, 32, 50, 641)  # §4.1 as SN runs it
+    assert json.loads(json.dumps(dataclasses.asdict(cfg)))["tau1"] == 0.7
+    assert set(symnet.STAGES) == {"base"}
+
+
+@pytest.mark.parametrize("dataset, epochs", [("pascal", 100), ("coco", 20)])
+def test_symnet_base_stage_takes_bams_base_recipe(dataset, epochs):
+    args, _ = train.parse_args(["--model", "symnet", "--stage", "base", "--dataset", dataset])
+    assert (args.lr, args.batch_size, args.epochs, args.img_size) == (0.0025, 12, epochs, 417)
+    meta, _ = train.parse_args(["--model", "symnet", "--dataset", dataset])  # the meta learner keeps its own
+    assert (meta.lr, meta.batch_size) == (0.05, 32)
+
+
+# ---------------- APA (Eq. 6-8) by hand -------------------------------------------------------------------
+
+def test_symnet_apa_hand_case_two_pixels():
+    # W^Q passes the prototype and adds the text to its first channel, W^K = identity, W^V = 2 * identity, FFN =
+    # identity: p_aug = sum_n softmax(q . k_n / sqrt(2))_n * 2 f_n + p
+    apa = symnet.APA(2, 1, dropout=0.0)
+    with torch.no_grad():
+        apa.w_q.weight.copy_(torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
+        apa.w_k.weight.copy_(torch.eye(2).view(2, 2, 1, 1))
+        apa.w_v.weight.copy_(2 * torch.eye(2).view(2, 2, 1, 1))
+        apa.ffn[0].weight.copy_(torch.eye(2))
+        apa.ffn[0].bias.zero_()
+    proto, text = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0]])  # q = (2, 0)
+    f = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 2)  # pixel 0 = (1, 0), pixel 1 = (0, 1)
+    a0 = math.exp(2 / math.sqrt(2)) / (math.exp(2 / math.sqrt(2)) + 1)  # scores 2 / sqrt(2) and 0
+    expected = torch.tensor([[2 * a0 + 1.0, 2 * (1 - a0)]])
+    assert torch.allclose(apa(proto, text, f), expected, atol=1e-6)
+    # no text: q = p = (1, 0), scores 1/sqrt(2) and 0
+    a0 = math.exp(1 / math.sqrt(2)) / (math.exp(1 / math.sqrt(2)) + 1)
+    assert torch.allclose(apa(proto, torch.zeros(1, 1), f), torch.tensor([[2 * a0 + 1.0, 2 * (1 - a0)]]), atol=1e-6)
+
+
+# ---------------- the forward pass: Eq. (4), (5), (7), (9) ------------------------------------------------
+
+def test_symnet_forward_prototypes_follow_eq4_eq5_eq7_and_eq9(symnet_model):
+    # Recomputed by hand from the recorded F^m, the prior and the APA outputs, for 2 shots:
+    #   Eq. (4): p_s of shot k = the mean of that SUPPORT's F^m over its mask (MAP, area eps 5e-4);
+    #   Eq. (5): p_q = the mean of the query's F^m where prior > tau1 (top-12 fallback when none);
+    #   Eq. (7): APA's keys/values = F^m_s * mask (support), F^m_q * prior (query);
+    #   Eq. (9): FEM's prototype = alpha p_q_aug + beta p_s_aug, p_s_aug the mean of the shots' APA outputs.
+    net = symnet_model
+    B, S, c = 2, 2, net.cfg.reduce_dim
+    img_q, img_s, m_s, _, class_ids = synthetic_episode(B, S, SYMNET_SIZE, seed=1)
+    out, rec = symnet_record_forward(net, img_q, img_s, m_s, class_ids)
+    f_q, f_s = rec["f_q"], rec["f_s"].view(B, S, c, SYMNET_GRID, SYMNET_GRID)
+    m, prior = symnet_grid_mask(m_s), out["prior"]
+    assert len(rec["apa"]) == S + 1  # one call per shot, then the query
+    text = net.text[class_ids]
+    assert text.abs().sum() > 0  # the word vectors are on
+    for k in range(S):
+        proto, t, keys, _ = rec["apa"][k]
+        p_s = (f_s[:, k] * m[:, k, None]).sum((2, 3)) / (m[:, k].sum((1, 2))[:, None] + MAP_EPS)
+        assert torch.allclose(proto, p_s, atol=1e-5), k  # Eq. (4) from the support's own features
+        assert torch.allclose(keys, f_s[:, k] * m[:, k, None], atol=1e-6) and torch.equal(t, text)
+    p_q, t, keys, p_q_aug = rec["apa"][S]
+    for b in range(B):
+        scores = prior[b, 0].flatten()
+        chosen = (scores > net.cfg.tau1).nonzero().flatten()
+        if len(chosen) == 0:
+            chosen = scores.argsort()[-symnet.QUERY_FALLBACK:]
+        assert 0 < len(chosen) < SYMNET_GRID * SYMNET_GRID  # a real selection, not every pixel
+        expected = f_q[b].flatten(1)[:, chosen].sum(1) / (len(chosen) + MAP_EPS)
+        assert torch.allclose(p_q[b], expected, atol=1e-5), b  # Eq. (5)
+    assert torch.allclose(keys, f_q * prior, atol=1e-6) and torch.equal(t, text)  # Eq. (7): prior-weighted
+    assert not torch.allclose(keys, f_q, atol=1e-3)  # the weighting is not a no-op here
+    p_s_aug = (rec["apa"][0][-1] + rec["apa"][1][-1]) / 2  # K shots averaged (Fig. 2)
+    hybrid = rec["fem"][1]
+    assert torch.allclose(hybrid, 0.5 * p_q_aug + 0.5 * p_s_aug, atol=1e-5)  # Eq. (9), alpha = beta = 0.5
+    assert (p_s_aug - p_q_aug).abs().max() > 1e-2  # both terms matter: neither alone would match
+
+
+def test_symnet_eq5_takes_the_high_prior_pixels_of_a_planted_prior(symnet_model, monkeypatch):
+    # A prior planted by hand (SPM replaced): 3 pixels above tau1 = 0.7, the rest below. p_q must be the mean of
+    # the query features at exactly those 3 pixels, and the APA keys the features times this prior.
+    net = symnet_model
+    img_q, img_s, m_s, _, class_ids = synthetic_episode(1, 1, SYMNET_SIZE, seed=2)
+    planted = torch.full((1, 1, SYMNET_GRID, SYMNET_GRID), 0.2)
+    planted[0, 0, 1, 2], planted[0, 0, 4, 4], planted[0, 0, 5, 0] = 0.9, 0.75, 1.0
+    planted[0, 0, 3, 3] = 0.7  # on the threshold: not above it
+    monkeypatch.setattr(symnet, "self_activation_prior", lambda *a: planted.clone())
+    out, rec = symnet_record_forward(net, img_q, img_s, m_s, class_ids)
+    f_q = rec["f_q"][0]
+    p_q, _, keys, _ = rec["apa"][1]
+    expected = (f_q[:, 1, 2] + f_q[:, 4, 4] + f_q[:, 5, 0]) / (3 + MAP_EPS)
+    assert torch.allclose(p_q[0], expected, atol=1e-5)
+    assert torch.allclose(keys, rec["f_q"] * planted, atol=1e-6)
+    assert torch.equal(out["prior"], planted) and torch.equal(rec["fem"][2][:, -1:], planted)  # FEM gets it too
+
+
+# ---------------- K shots ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def symnet_two_shot(symnet_model):
+    """A 2-shot episode (seed 0) and its recorded eval forward pass, shared by the K-shot tests."""
+    img_q, img_s, m_s, m_q, class_ids = synthetic_episode(1, 2, SYMNET_SIZE)
+    return (img_q, img_s, m_s, m_q, class_ids), *symnet_record_forward(symnet_model, img_q, img_s, m_s, class_ids)
+
+
+def test_symnet_shot_order_does_not_matter_but_each_shot_does(symnet_model, symnet_two_shot):
+    # K shots are averaged (priors, prototypes, correlations): permuting the supports leaves every output as it
+    # was; changing the content of either shot changes the TDC input, the support prototype and the output
+    net, ((img_q, img_s, m_s, _, cls), out, rec) = symnet_model, symnet_two_shot
+    _, other_img_s, other_m_s, _, _ = synthetic_episode(1, 2, SYMNET_SIZE, seed=2)
+    swapped, rec_sw = symnet_record_forward(net, img_q, img_s[:, [1, 0]], m_s[:, [1, 0]], cls)
+    for key in ("logits", "meta", "prior"):
+        assert torch.allclose(out[key], swapped[key], atol=1e-5), key
+    for a, b in zip(rec["corr"], rec_sw["corr"]):
+        assert torch.allclose(a, b, atol=1e-5)  # TDC input
+    assert torch.allclose(rec["fem"][1], rec_sw["fem"][1], atol=1e-5)  # p_hybrid
+    for k in range(2):  # shot k replaced by another image and mask
+        img2, m2 = img_s.clone(), m_s.clone()
+        img2[:, k], m2[:, k] = other_img_s[:, k], other_m_s[:, k]
+        changed, rec2 = symnet_record_forward(net, img_q, img2, m2, cls)
+        assert (changed["logits"] - out["logits"]).abs().max() > 1e-4, k
+        assert max((a - b).abs().max() for a, b in zip(rec["corr"], rec2["corr"])) > 1e-3, k  # TDC sees shot k
+        p_s_aug, p_s_aug2 = (sum(r["apa"][j][-1] for j in range(2)) / 2 for r in (rec, rec2))
+        assert (p_s_aug - p_s_aug2).abs().max() > 1e-3, k  # and so does the support prototype
+        assert torch.allclose(rec["apa"][1 - k][-1], rec2["apa"][1 - k][-1], atol=1e-5)  # the other shot's alone
+
+
+def test_symnet_k_shot_is_the_mean_of_the_one_shot_quantities(symnet_model, symnet_two_shot):
+    # Fig. 2: a 2-shot episode's prior, block correlations (TDC input) and p_s_aug are the means of those of the
+    # two 1-shot episodes made of each support alone; each shot's APA output is its 1-shot one
+    net, ((img_q, img_s, m_s, _, class_ids), out, rec) = symnet_model, symnet_two_shot
+    singles = [symnet_record_forward(net, img_q, img_s[:, k:k + 1], m_s[:, k:k + 1], class_ids) for k in range(2)]
+    assert torch.allclose(out["prior"], (singles[0][0]["prior"] + singles[1][0]["prior"]) / 2, atol=1e-5)
+    assert not torch.allclose(singles[0][0]["prior"], singles[1][0]["prior"], atol=1e-3)  # the shots differ
+    for level, corr in enumerate(rec["corr"]):
+        one = [single[1]["corr"][level] for single in singles]
+        assert torch.allclose(corr, (one[0] + one[1]) / 2, atol=1e-5), level
+        assert (one[0] - one[1]).abs().max() > 1e-3, level
+    for k in range(2):
+        assert torch.allclose(rec["apa"][k][-1], singles[k][1]["apa"][0][-1], atol=1e-5), k
+    p_s_aug = (singles[0][1]["apa"][0][-1] + singles[1][1]["apa"][0][-1]) / 2
+    p_q_aug = rec["apa"][2][-1]
+    assert torch.allclose(rec["fem"][1], 0.5 * p_q_aug + 0.5 * p_s_aug, atol=1e-5)
+
+
+# ---------------- co-triplet loss (Eq. 10-12) by hand -----------------------------------------------------
+
+def test_symnet_co_triplet_support_positive_is_the_farthest_foreground_pixel():
+    # 2x2 support grid, c = 2, anchor e1. Foreground: 3*e1 (normalised distance 0) and 0.5*e2 (sqrt 2): the hard
+    # positive is the FARTHEST in normalised distance, 0.5*e2 (unnormalised, 3*e1 would be the farther one).
+    # Background: two pixels (-1, 1), so p_s^- points along (-1, 1) (the mean over all four pixels would point
+    # along (1, 2.5)). The query term is 0 by construction (positive = anchor, negative = -anchor).
+    f_s = torch.tensor([[3.0, 0.0], [0.0, 0.5], [-1.0, 1.0], [-1.0, 1.0]]).T.reshape(1, 1, 2, 2, 2)
+    m_s = torch.tensor([[1, 1], [0, 0]]).view(1, 1, 2, 2)
+    e1 = torch.tensor([[1.0, 0.0]])
+    prior = torch.tensor([[0.5, 0.1], [0.1, 0.9]]).view(1, 1, 2, 2)  # band: pixel 0; below tau2: pixels 1, 2
+    f_q = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0], [5.0, 5.0]]).T.reshape(1, 2, 2, 2)
+    a = symnet_unit(1, 0)
+    # sqrt(2) + 0.5 - 1.848 = 0.066
+    expected = max(symnet_dist(a, symnet_unit(0, 1)) + 0.5 - symnet_dist(a, symnet_unit(-1, 1)), 0)
+    assert expected > 0.05
+    loss = symnet_co_triplet(f_q, f_s, m_s, prior, e1, e1)
+    assert math.isclose(loss.item(), expected, abs_tol=1e-5)
+    # what the wrong choices would give: nearest positive max(0 + 0.5 - 1.848, 0) = 0; negative over every
+    # pixel sqrt(2) + 0.5 - |a - unit(1, 2.5)| = 0.79
+    assert not math.isclose(loss.item(), 0.0, abs_tol=1e-3)
+    every_pixel = symnet_dist(a, symnet_unit(0, 1)) + 0.5 - symnet_dist(a, symnet_unit(1, 2.5))
+    assert not math.isclose(loss.item(), every_pixel, abs_tol=1e-3)
+
+
+def test_symnet_co_triplet_support_negative_is_the_background_mean_only():
+    # 1x3 support: foreground (1, 1) (the only positive: |a - p+| = 0.765), background (1, 0.5) and a 255 pixel
+    # (1, -0.3), which counts as background (SN): p_s^- along (2, 0.2). With every pixel the negative would be
+    # along (3, 1.2); without the 255 pixel along (1, 0.5): each gives another loss.
+    f_s = torch.tensor([[1.0, 1.0], [1.0, 0.5], [1.0, -0.3]]).T.reshape(1, 1, 2, 1, 3)
+    m_s = torch.tensor([1, 0, IGNORE_INDEX]).view(1, 1, 1, 3)
+    f_q = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]]).T.reshape(1, 2, 1, 3)
+    prior = torch.tensor([0.5, 0.9, 0.1]).view(1, 1, 1, 3)  # query term: positive = a, negative = -a: 0
+    e1 = torch.tensor([[1.0, 0.0]])
+    a = symnet_unit(1, 0)
+    pos = symnet_dist(a, symnet_unit(1, 1))
+    expected = max(pos + 0.5 - symnet_dist(a, symnet_unit(2, 0.2)), 0)  # 0.765 + 0.5 - 0.0998 = 1.165
+    loss = symnet_co_triplet(f_q, f_s, m_s, prior, e1, e1).item()
+    assert math.isclose(loss, expected, abs_tol=1e-5)
+    assert not math.isclose(loss, pos + 0.5 - symnet_dist(a, symnet_unit(3, 1.2)), abs_tol=1e-2)  # every pixel: 0.887
+    assert not math.isclose(loss, pos + 0.5 - symnet_dist(a, symnet_unit(1, 0.5)), abs_tol=1e-2)  # 255 left out: 0.806
+
+
+def test_symnet_co_triplet_query_regions_by_hand():
+    # The query term alone (support margins met): 3x1 pixels with prior 0.9 (tau1 region: no part in the loss),
+    # 0.5 (ambiguous band tau3 < p < tau4: p_q^+) and 0.2 (< tau2: p_q^-).
+    f_q = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]).T.reshape(1, 2, 3, 1)
+    prior = torch.tensor([0.9, 0.5, 0.2]).view(1, 1, 3, 1)
+    f_s = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]]).T.reshape(1, 1, 2, 3, 1)
+    m_s = torch.tensor([1, 0, 0]).view(1, 1, 3, 1)
+    anchor = torch.tensor([[0.0, 2.0]])  # along e2: the negative's direction
+    a = symnet_unit(0, 1)
+    expected = max(symnet_dist(a, symnet_unit(1, 1)) + 0.5 - symnet_dist(a, symnet_unit(0, 1)), 0)  # 0.765 + 0.5 - 0
+    loss = symnet_co_triplet(f_q, f_s, m_s, prior, anchor, torch.tensor([[1.0, 0.0]]))
+    assert math.isclose(loss.item(), expected, abs_tol=1e-5)
+
+
+def test_symnet_co_triplet_support_term_is_the_mean_over_shots_of_the_valid_items():
+    # B = 2, S = 2, 1x2 supports (pixel 0 foreground, pixel 1 background). Shot 0: item 0 loss L_a, item 1 L_b;
+    # shot 1: item 0 L_c, item 1 all foreground (no background: skipped, SN; it would add 1.5).
+    # Support term = ((L_a + L_b) / 2 + L_c) / 2; the query term is 0.
+    def support(fg, bg, all_fg=False):
+        return torch.tensor([fg, bg]).T.reshape(2, 1, 2), torch.tensor([[1, 1 if all_fg else 0]])
+
+    cases = [[support((0.0, 1.0), (0.0, 1.0)), support((1.0, -1.0), (1.0, 0.3))],  # shot 0: items 0, 1
+             [support((-1.0, 0.0), (0.0, 1.0)), support((-1.0, 0.0), (-1.0, 0.0), all_fg=True)]]  # shot 1
+    f_s = torch.stack([torch.stack([cases[k][b][0] for k in range(2)]) for b in range(2)])  # (2, 2, 2, 1, 2)
+    m_s = torch.stack([torch.stack([cases[k][b][1] for k in range(2)]) for b in range(2)])  # (2, 2, 1, 2)
+    e1 = torch.tensor([1.0, 0.0])
+    f_q = torch.stack([e1, -e1], 1).view(1, 2, 1, 2).repeat(2, 1, 1, 1)
+    prior = torch.tensor([0.5, 0.1]).view(1, 1, 1, 2).repeat(2, 1, 1, 1)
+    anchor = e1[None].repeat(2, 1)
+    a = symnet_unit(1, 0)
+    l_a = max(symnet_dist(a, symnet_unit(0, 1)) + 0.5 - symnet_dist(a, symnet_unit(0, 1)), 0)  # 0.5
+    l_b = max(symnet_dist(a, symnet_unit(1, -1)) + 0.5 - symnet_dist(a, symnet_unit(1, 0.3)), 0)  # 0.975
+    l_c = max(symnet_dist(a, symnet_unit(-1, 0)) + 0.5 - symnet_dist(a, symnet_unit(0, 1)), 0)  # 1.086
+    expected = ((l_a + l_b) / 2 + l_c) / 2
+    assert math.isclose(symnet_co_triplet(f_q, f_s, m_s, prior, anchor, anchor).item(), expected, abs_tol=1e-5)
+
+
+# ---------------- loss (Eq. 15 + BAM's "meta" term) -------------------------------------------------------
+
+def symnet_hand_ce(logits, labels):
+    """Mean over the labelled pixels of logsumexp - the true class's logit, written out; logits (B,2,H,W)."""
+    total, count = 0.0, 0
+    for b, i, j in (labels != IGNORE_INDEX).nonzero().tolist():
+        x = logits[b, :, i, j].double()
+        total += (torch.logsumexp(x, 0) - x[labels[b, i, j]]).item()
+        count += 1
+    return total / count
+
+
+def test_symnet_loss_terms_by_hand_with_the_ensemble(symnet_model):
+    # With a base learner the final output is the ensemble's, and BAM's CE on the meta learner's own output is
+    # added: every term against a hand cross-entropy, on outputs given at the label size (no resize involved)
+    classes = tuple(symnet.base_classes(symnet_run()))
+    net = symnet.SymNet(dataclasses.replace(symnet_model.cfg, base_classes=classes), symnet_run())
+    assert net.ensemble is not None
+    g = torch.Generator().manual_seed(0)
+    B, H = 2, 5
+    m_q = torch.randint(0, 2, (B, H, H), generator=g)
+    m_q[0, 0] = IGNORE_INDEX
+    out = {"logits": torch.randn(B, 2, H, H, generator=g), "meta": 3 * torch.randn(B, 2, H, H, generator=g),
+           "aux": [torch.randn(B, 2, H, H, generator=g) for _ in range(4)], "triplet": torch.tensor(0.25)}
+    total, terms = net.loss(out, m_q, None)
+    assert set(terms) == {"final", "inter", "triplet", "meta"}
+    meta = symnet_hand_ce(out["meta"], m_q)
+    assert meta > 0.5
+    assert math.isclose(terms["meta"].item(), meta, rel_tol=1e-5)
+    assert math.isclose(terms["final"].item(), symnet_hand_ce(out["logits"], m_q), rel_tol=1e-5)
+    inter = sum(symnet_hand_ce(a, m_q) for a in out["aux"]) / 4
+    assert math.isclose(terms["inter"].item(), inter, rel_tol=1e-5)
+    assert math.isclose(total.item(), symnet_hand_ce(out["logits"], m_q) + inter + 0.25 + meta, rel_tol=1e-5)
+    # the meta term trains the meta learner's output
+    out["meta"].requires_grad_(True)
+    net.loss(out, m_q, None)[0].backward()
+    assert out["meta"].grad is not None and out["meta"].grad.abs().sum() > 0
+
+
+# ==========================================================================================================
+# qpenet.py: QPENet: shapes at 1 and 5 shots, the loss terms, gradients; cross attention, GBC and L_bm by hand;
+# PPG, DPE and FFA with scripted layers (Eq. 1-16)
+# ==========================================================================================================
+
+QPENET_SIZE = 33  # output stride 8 -> 5 x 5 features; episode's default boxes
+QPENET_H_FEAT = 5
+
+
+@pytest.fixture(scope="module")
+def qpenet_model():
+    torch.manual_seed(0)
+    return qpenet.Model(qpenet.Config(pretrained=False))
+
+
+@pytest.fixture(scope="module")
+def qpenet_step(qpenet_model):
+    """One 2-shot training step: the outputs, the loss and a snapshot of the gradients."""
+    img_q, img_s, m_s, m_q = episode(2, 2, QPENET_SIZE)
+    qpenet_model.train()
+    qpenet_model.zero_grad()
+    out = qpenet_model(img_q, img_s, m_s)
+    total, terms = qpenet_model.loss(out, m_q, m_s)
+    total.backward()
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in qpenet_model.named_parameters()}
+    return dict(out=out, total=total, terms=terms, grads=grads, m_s=m_s, m_q=m_q)
+
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+class Scripted(nn.Module):
+    """Stands in for a Convs: records every input and returns the next of the given logits."""
+
+    def __init__(self, *outputs):
+        super().__init__()
+        self.outputs, self.inputs = list(outputs), []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return self.outputs[len(self.inputs) - 1]
+
+
+def logits_of(fg):
+    """Two-channel logits whose argmax is the binary mask fg (..., h, w): channel 1 wins exactly where fg = 1."""
+    fg = fg.float()
+    return torch.stack([1 - fg, fg], -3)
+
+
+def map_by_hand(f, m):
+    """MAP written out: f (C, n) features of n pixels, m (n,) weights -> sum_i f(i) m(i) / (sum_i m(i) + eps)."""
+    return (f * m).sum(1) / (m.sum() + MAP_EPS)
+
+
+def pixels(f):
+    """(..., C, h, w) -> (C, n): the pixels of one image (or of all K shots of one episode) as columns."""
+    return f.movedim(-3, 0).reshape(f.shape[-3], -1)
+
+
+def cosine_by_hand(f, p):
+    """Eq. (13)/(14) written out: f (C, h, w), p (C,) -> p.f(i) / (|p| |f(i)|), (h, w)."""
+    return (f * p[:, None, None]).sum(0) / (p.norm() * f.norm(dim=0))
+
+
+def expect_broadcast(x, p):
+    """Assert that every pixel of x (N, C, h, w) holds the prototype p (N, C)."""
+    torch.testing.assert_close(x, p[:, :, None, None].expand_as(x), **TOL)
+
+
+# ---------------- shapes at 1 and 5 shots, K shots, the loss terms, gradients, empty masks ----------------
+
+@pytest.mark.parametrize("shot", [1, 5])
+def test_qpenet_forward_shapes(qpenet_model, qpenet_step, shot):
+    img_q, img_s, m_s, _ = episode(2, shot, QPENET_SIZE)
+    with torch.no_grad():
+        out = qpenet_model.eval()(img_q, img_s, m_s)
+    assert out["logits"].shape == (2, 2, QPENET_SIZE, QPENET_SIZE)
+    assert out["y_pre"].shape == out["y_bg_q"].shape == (2, 2, QPENET_H_FEAT, QPENET_H_FEAT)
+    assert out["y_rev"].shape == out["y_bg_s"].shape == (2, shot, 2, QPENET_H_FEAT, QPENET_H_FEAT)
+    assert out["m_main"].shape == out["m_aux"].shape == out["m_s_down"].shape == (2, shot, QPENET_H_FEAT, QPENET_H_FEAT)
+    assert all(torch.isfinite(v).all() for v in out.values())
+    assert set(qpenet_step["out"]) == set(out)  # one dict in train and eval mode
+
+
+def test_qpenet_shot_order_does_not_matter(qpenet_model):
+    img_q, img_s, m_s, _ = episode(2, 2, QPENET_SIZE)
+    qpenet_model.eval()
+    with torch.no_grad():
+        a = qpenet_model(img_q, img_s, m_s)["logits"]
+        b = qpenet_model(img_q, img_s.flip(1), m_s.flip(1))["logits"]
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_qpenet_loss_terms_and_gradients(qpenet_model, qpenet_step):
+    out, total, terms = qpenet_step["out"], qpenet_step["total"], qpenet_step["terms"]
+    assert set(terms) == {"pre", "rev", "final", "bm_s", "bm_q"}
+    assert all(torch.isfinite(v) and v > 0 for v in terms.values())
+    cfg = qpenet_model.cfg
+    expected = cfg.alpha * (terms["pre"] + terms["rev"] + terms["final"]) + cfg.beta * (terms["bm_s"] + terms["bm_q"])
+    torch.testing.assert_close(total, expected)
+    torch.testing.assert_close(terms["final"], common.seg_loss(out["logits"], qpenet_step["m_q"]))
+    torch.testing.assert_close(terms["rev"],
+                               common.seg_loss(out["y_rev"].flatten(0, 1), qpenet_step["m_s"].flatten(0, 1)))
+    grads = qpenet_step["grads"]
+    missing = [n for n, p in qpenet_model.named_parameters() if p.requires_grad and
+               (grads[n] is None or not torch.isfinite(grads[n]).all() or grads[n].abs().sum() == 0)]
+    assert not missing, f"no gradient: {missing}"
+    assert all(grads[n] is None for n, _ in qpenet_model.named_parameters() if n.startswith("backbone."))
+    assert all(not p.requires_grad for p in qpenet_model.backbone.parameters())
+
+
+def test_qpenet_main_and_aux_partition_the_support_mask(qpenet_step):
+    out, m_s = qpenet_step["out"], qpenet_step["m_s"]
+    m, main, aux = out["m_s_down"], out["m_main"], out["m_aux"]
+    torch.testing.assert_close(main + aux, m)  # Eq. (5) + (6) = M_s
+    assert (main * aux == 0).all()  # disjoint
+    rev = (out["y_rev"].argmax(2) == 1).float()
+    torch.testing.assert_close(main, m * rev)  # main = inside the mask and reverse-predicted foreground
+    expected = F.interpolate((m_s == 1).float(), (QPENET_H_FEAT, QPENET_H_FEAT), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(m, expected)
+    assert 0 < m.sum() and (m > 0).sum() < m.numel()
+
+
+def test_qpenet_shot_map_pools_all_shots_jointly():
+    f_s = torch.randn(2, 3, 4, 5, 6)
+    m = (torch.rand(2, 3, 5, 6) > 0.5).float()
+    m[0, 1] = 0  # an empty shot adds nothing
+    expected = (f_s * m[:, :, None]).sum((1, 3, 4)) / (m.sum((1, 2, 3))[:, None] + common.MAP_EPS)
+    torch.testing.assert_close(qpenet.shot_map(f_s, m), expected)
+
+
+def test_qpenet_empty_support_mask_gives_no_nan(qpenet_model):
+    img_q, img_s, _, m_q = episode(2, 2, QPENET_SIZE)
+    m_s = torch.zeros(2, 2, QPENET_SIZE, QPENET_SIZE, dtype=torch.long)
+    qpenet_model.train()
+    qpenet_model.zero_grad()
+    out = qpenet_model(img_q, img_s, m_s)
+    total, terms = qpenet_model.loss(out, m_q, m_s)
+    assert all(torch.isfinite(v).all() for v in out.values())
+    assert torch.isfinite(total) and all(torch.isfinite(v) for v in terms.values())
+    total.backward()
+    grads = [p.grad for p in qpenet_model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads), sum(g is None for g in grads)
+
+
+# ---------------- the cross attention, GBC and L_bm by hand -----------------------------------------------
+
+def test_qpenet_cross_attention_matches_formula():
+    torch.manual_seed(0)
+    B, N, L, C, heads = 2, 5, 7, 8, 2
+    layer = qpenet.CrossAttention(C, heads, ffn_dim=16, dropout=0.1).eval()
+    x, tokens = torch.randn(B, N, C), torch.randn(B, L, C)
+    valid = torch.ones(B, L, dtype=torch.bool)
+    valid[0, 4:] = False
+    valid[1, :2] = False
+    d = C // heads
+    q = (x @ layer.to_q.weight.T).view(B, N, heads, d).transpose(1, 2)
+    k = (tokens @ layer.to_k.weight.T).view(B, L, heads, d).transpose(1, 2)
+    v = (tokens @ layer.to_v.weight.T).view(B, L, heads, d).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d)  # (B, heads, N, L)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    direct = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, N, C) @ layer.to_out.weight.T
+    torch.testing.assert_close(layer.attend(x, tokens, valid), direct, atol=1e-5, rtol=1e-5)
+    h = layer.norm_attn(x + direct)
+    torch.testing.assert_close(layer(x, tokens, valid), layer.norm_ffn(h + layer.ffn(h)), atol=1e-5, rtol=1e-5)
+    # the masked tokens do not matter
+    changed = tokens.clone()
+    changed[0, 4:] = 100.0
+    torch.testing.assert_close(layer.attend(x, changed, valid), direct, atol=1e-5, rtol=1e-5)
+    # all-zero tokens (a support without foreground) add exactly nothing
+    zero = layer.attend(x, torch.zeros(B, L, C), torch.ones(B, L, dtype=torch.bool))
+    assert zero.abs().max() == 0
+
+
+def test_qpenet_gbc_cleaner_by_hand():
+    torch.manual_seed(0)
+    gbc = qpenet.GBC(qpenet.Config(dim=8)).eval()
+    f_q, f_s = torch.rand(2, 8, 4, 4), torch.rand(2, 3, 8, 4, 4)
+    p_bg, y_bg_q, y_bg_s = gbc(f_q, f_s)
+    assert y_bg_s.shape == (2, 3, 2, 4, 4)
+    bg = (y_bg_q[:, 1] > y_bg_q[:, 0]).float()  # channel 1 = background
+    gap = (f_q * bg[:, None]).sum((2, 3)) / 16  # GAP over all h*w pixels, not MAP
+    fc1, fc2 = gbc.cleaner[0], gbc.cleaner[2]
+    gate = torch.sigmoid(fc2(torch.relu(fc1(gap))))
+    torch.testing.assert_close(p_bg, gbc.p_global * gate)
+    # Eq. (9) uses the same Convs as Eq. (10)
+    torch.testing.assert_close(y_bg_s[:, 0], gbc.convs(torch.cat([f_s[:, 0], qpenet.broadcast(
+        gbc.p_global.expand(2, -1), f_q)], 1)))
+
+
+def test_qpenet_background_mining_loss_by_hand():
+    # one 1x2 image: pixel 0 foreground, pixel 1 background; logits equal except pixel 0 (p_bg = sigmoid(1))
+    y_bg = torch.zeros(1, 2, 1, 2)
+    y_bg[0, qpenet.BACKGROUND, 0, 0] = 1.0
+    m = torch.tensor([[[1, 0]]])
+    p = torch.sigmoid(torch.tensor(1.0))
+    not_bg = -torch.log(1 - p) / (1 + qpenet.BM_EPS)
+    every = (-torch.log(p) - math.log(0.5)) / 2
+    torch.testing.assert_close(qpenet.background_mining_loss(y_bg, m, 0.5), not_bg + 0.5 * every)
+    # 255 counts nowhere; no foreground: only the every-pixel term
+    m = torch.tensor([[[255, 0]]])
+    torch.testing.assert_close(qpenet.background_mining_loss(y_bg, m, 0.5), 0.5 * torch.tensor(math.log(2)))
+
+
+def test_qpenet_background_mining_loss_foreground_term_is_per_image():
+    # L_bm's first term is -log(1 - p_bg) averaged over each image's own foreground, then over the images, so a
+    # 1-pixel object counts as much as a 3-pixel one; the second is -log p_bg over every labelled pixel of the
+    # batch (255 left out). Constant logits per image: p_bg = sigmoid(a_n) everywhere in image n.
+    a = [0.5, -1.0]
+    y_bg = torch.zeros(2, 2, 1, 4)
+    y_bg[0, qpenet.BACKGROUND] = a[0]
+    y_bg[1, qpenet.BACKGROUND] = a[1]
+    m = torch.tensor([[[1, 0, 0, IGNORE_INDEX]],  # 1 foreground pixel, 3 labelled
+                      [[1, 1, 1, 0]]])  # 3 foreground pixels, 4 labelled
+    not_bg = [math.log1p(math.exp(a_n)) for a_n in a]  # -log(1 - sigmoid(a)) = softplus(a)
+    is_bg = [math.log1p(math.exp(-a_n)) for a_n in a]  # -log sigmoid(a)
+    first = (not_bg[0] * 1 / (1 + qpenet.BM_EPS) + not_bg[1] * 3 / (3 + qpenet.BM_EPS)) / 2
+    every = (3 * is_bg[0] + 4 * is_bg[1]) / 7
+    loss = qpenet.background_mining_loss(y_bg, m, 0.5)
+    torch.testing.assert_close(loss, torch.tensor(first + 0.5 * every))
+    pooled = (not_bg[0] + 3 * not_bg[1]) / 4 + 0.5 * every  # one mean over the batch's foreground: not L_bm
+    assert abs(loss.item() - pooled) > 0.1
+
+
+# ---------------- parameter counts and a short training ---------------------------------------------------
+
+def test_qpenet_parameter_counts(qpenet_model):
+    learnable, total = train.count_parameters(qpenet_model)
+    head = 2 * 256 * 256 + 2 * 9 * 256 * 256 + 9 * 256 * 256 + 256 * 2 + 2  # Convs(512 -> 256 -> 2)
+    assert sum(p.numel() for p in qpenet_model.foreground.parameters()) == head == 1_901_058  # paper: 34.6M - 32.7M
+    assert learnable == 7_738_118
+    assert total - learnable == sum(p.numel() for p in qpenet_model.backbone.parameters()) == 23_508_032
+
+
+def test_qpenet_short_synthetic_training_lowers_the_loss(tmp_path):
+    train.main(["--model", "qpenet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
+                "--img-size", "32", "--train-length", "8", "--batch-size", "4", "--epochs", "3",
+                "--lr", "0.01", "--test-episodes", "2", "--test-seeds", "1", "--log-every", "2",
+                "--out", str(tmp_path)])
+    records = read_metrics(tmp_path)
+    losses = [r["loss"] for r in records if r["event"] == "train"]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]
+    assert any(r["event"] == "result" for r in records)
+
+
+# ---------------- PPG and DPE with a scripted Convs -------------------------------------------------------
+
+def test_qpenet_ppg_pools_the_pseudo_prototype_from_the_predicted_query_foreground():
+    # Eq. (1)-(3): Convs sees Concat(F_q, BC(P_pre)); P_psd is the mean of F_q over the pixels y_pre calls
+    # foreground (channel 1), not over its background
+    torch.manual_seed(0)
+    C, h, w = 4, 3, 3
+    fe = qpenet.ForegroundEvolution(qpenet.Config(dim=C))
+    f_q, f_s = torch.randn(2, C, h, w), torch.randn(2, 2, C, h, w)
+    m = torch.zeros(2, 2, h, w)
+    m[0, 0, 0, :2] = 1.0
+    m[0, 1, 2, 2] = 0.5  # a soft edge pixel of the downsampled mask, in the second shot
+    m[1, 1, 1:, 1:] = 1.0  # image 1: foreground only in the second shot
+    fg_pre = torch.zeros(2, h, w)
+    fg_pre[0, 0, 0] = fg_pre[0, 2, 1] = 1  # image 0: two query pixels predicted foreground
+    fg_pre[1, 1, 2] = 1  # image 1: one
+    fe.convs = Scripted(logits_of(fg_pre))
+    p_pre, y_pre, p_psd = fe.ppg(f_q, f_s, m)
+
+    for b in range(2):
+        torch.testing.assert_close(p_pre[b], map_by_hand(pixels(f_s[b]), m[b].flatten()), **TOL)
+    (x,) = fe.convs.inputs
+    torch.testing.assert_close(x[:, :C], f_q)  # F_q first
+    expect_broadcast(x[:, C:], p_pre)  # then BC(P_pre)
+    assert torch.equal(y_pre, logits_of(fg_pre))
+    expected = torch.stack([(f_q[0, :, 0, 0] + f_q[0, :, 2, 1]) / (2 + MAP_EPS), f_q[1, :, 1, 2] / (1 + MAP_EPS)])
+    torch.testing.assert_close(p_psd, expected, **TOL)
+
+
+def test_qpenet_dpe_splits_the_support_mask_by_the_reverse_segmentation():
+    # Eq. (4)-(8): every shot of episode b is reverse-segmented with episode b's P_psd; M_main / M_aux are
+    # M_s inside / outside the predicted foreground; P_main / P_aux pool all shots of an episode
+    torch.manual_seed(0)
+    B, S, C, h, w = 2, 2, 4, 3, 3
+    fe = qpenet.ForegroundEvolution(qpenet.Config(dim=C))
+    f_s = torch.randn(B, S, C, h, w)
+    m = torch.rand(B, S, h, w) * (torch.rand(B, S, h, w) > 0.3)  # soft, with zeros
+    m[:, :, 0, 0] = 1.0
+    p_psd = torch.randn(B, C)
+    rev = torch.zeros(B, S, h, w)
+    rev[0, 0, 0] = 1  # first row of (0, 0)
+    rev[0, 1, :, 1] = 1  # middle column of (0, 1)
+    rev[1, 1, 1:, :2] = 1  # a corner of (1, 1); shot (1, 0) predicts no foreground
+    fe.convs = Scripted(logits_of(rev).flatten(0, 1))
+    y_rev, m_main, m_aux, p_main, p_aux = fe.dpe(f_s, m, p_psd)
+
+    (x,) = fe.convs.inputs
+    assert x.shape == (B * S, 2 * C, h, w)
+    for b in range(B):
+        for k in range(S):
+            torch.testing.assert_close(x[b * S + k, :C], f_s[b, k])
+            expect_broadcast(x[b * S + k, None, C:], p_psd[b, None])  # episode b's pseudo-prototype
+    assert y_rev.shape == (B, S, 2, h, w)
+    torch.testing.assert_close(m_main, m * rev)
+    torch.testing.assert_close(m_aux, m * (1 - rev))
+    for b in range(B):
+        torch.testing.assert_close(p_main[b], map_by_hand(pixels(f_s[b]), (m[b] * rev[b]).flatten()), **TOL)
+        torch.testing.assert_close(p_aux[b], map_by_hand(pixels(f_s[b]), (m[b] * (1 - rev[b])).flatten()), **TOL)
+
+
+def test_qpenet_model_feeds_each_prototype_to_its_equation(qpenet_model, monkeypatch):
+    # The wiring of Model.forward, end to end with scripted heads: Eq. (2) gets P_pre, Eq. (3) pools the
+    # query under y_pre's foreground, Eq. (4) is driven by that P_psd (not P_pre), and FFA receives
+    # P_bg from GBC, P_pre, and P_main / P_aux from y_rev, all worked out here by hand
+    torch.manual_seed(0)
+    B, S, C, h = 2, 2, qpenet_model.cfg.dim, QPENET_H_FEAT
+    img_q, img_s, m_s, _ = episode(B, S, QPENET_SIZE)
+    f = torch.randn(B + B * S, C, h, h)  # stands in for the backbone features of query and supports
+    monkeypatch.setattr(qpenet_model, "features", lambda img: f)
+    f_q, f_s = f[:B], f[B:].view(B, S, C, h, h)
+    fg_pre = torch.zeros(B, h, h)
+    fg_pre[0, 1:3, 1:4] = 1
+    fg_pre[1, 4, 0] = 1
+    rev = torch.zeros(B, S, h, h)
+    rev[0, 0, :2] = 1
+    rev[0, 1, :, 2:] = 1
+    rev[1, 0, 2:, :3] = 1
+    rev[1, 1] = 1
+    scripted = Scripted(logits_of(fg_pre), logits_of(rev).flatten(0, 1))
+    convs, qpenet_model.foreground.convs = qpenet_model.foreground.convs, scripted  # not monkeypatch: its undo
+    seen = {}  # deletes a submodule (it is not in the instance __dict__)
+    hooks = [qpenet_model.ffa.register_forward_pre_hook(lambda mod, args: seen.update(ffa=args)),
+             qpenet_model.gbc.register_forward_hook(lambda mod, args, out: seen.update(gbc=out))]
+    try:
+        with torch.no_grad():
+            out = qpenet_model.eval()(img_q, img_s, m_s)
+    finally:
+        qpenet_model.foreground.convs = convs
+        for hook in hooks:
+            hook.remove()
+
+    m = F.interpolate((m_s == 1).float(), (h, h), mode="bilinear", align_corners=True)
+    p_pre = torch.stack([map_by_hand(pixels(f_s[b]), m[b].flatten()) for b in range(B)])
+    p_psd = torch.stack([map_by_hand(pixels(f_q[b]), fg_pre[b].flatten()) for b in range(B)])
+    p_main = torch.stack([map_by_hand(pixels(f_s[b]), (m[b] * rev[b]).flatten()) for b in range(B)])
+    p_aux = torch.stack([map_by_hand(pixels(f_s[b]), (m[b] * (1 - rev[b])).flatten()) for b in range(B)])
+    assert (p_psd - p_pre).abs().max() > 0.1 and (p_main - p_aux).abs().max() > 0.1  # the test can tell them apart
+
+    assert len(scripted.inputs) == 2  # one Convs for Eq. (2) and Eq. (4)
+    x_pre, x_rev = scripted.inputs
+    torch.testing.assert_close(x_pre[:, :C], f_q)
+    expect_broadcast(x_pre[:, C:], p_pre)  # Eq. (2)
+    torch.testing.assert_close(x_rev[:, :C], f_s.flatten(0, 1))
+    expect_broadcast(x_rev[:, C:], p_psd.repeat_interleave(S, 0))  # Eq. (4): P_psd of Eq. (3)
+    torch.testing.assert_close(out["m_main"], m * rev)
+    torch.testing.assert_close(out["m_aux"], m * (1 - rev))
+
+    ffa_f_q, ffa_f_s, ffa_m, p_bg, ffa_p_pre, ffa_p_main, ffa_p_aux = seen["ffa"]
+    torch.testing.assert_close(ffa_f_q, f_q)
+    torch.testing.assert_close(ffa_f_s, f_s)
+    assert torch.equal(ffa_m, m_s)  # Eq. (16) selects its keys from the label itself (the keys tests below)
+    assert torch.equal(p_bg, seen["gbc"][0])  # Eq. (12): GBC's P_bg
+    torch.testing.assert_close(ffa_p_pre, p_pre, **TOL)
+    torch.testing.assert_close(ffa_p_main, p_main, **TOL)
+    torch.testing.assert_close(ffa_p_aux, p_aux, **TOL)
+
+
+# ---------------- FFA: Eq. (12)-(15) inputs, Eq. (16) keys ------------------------------------------------
+
+def qpenet_small_ffa():
+    torch.manual_seed(0)
+    return qpenet.FFA(qpenet.Config(dim=8, heads=2, ffn_dim=16)).eval()
+
+
+def test_qpenet_ffa_filter_and_fusion_inputs_by_hand():
+    # Eq. (12): Conv_1 sees Concat(F_q, BC(P_bg)); Eq. (13)-(15): Conv_1 sees Concat(F_q', BC(P_pre), A_main,
+    # A_aux) with A_main = cos(P_main, F_q) and A_aux = cos(P_aux, F_q), in that order
+    ffa = qpenet_small_ffa()
+    B, S, C, h, w = 2, 1, 8, 3, 4
+    f_q, f_s = torch.randn(B, C, h, w), torch.randn(B, S, C, h, w)
+    m_s = (torch.rand(B, S, 8 * h, 8 * w) > 0.5).long()  # support labels
+    p_bg, p_pre, p_main, p_aux = (torch.randn(B, C) for _ in range(4))
+    seen = {}
+    hooks = [ffa.filter.register_forward_pre_hook(lambda mod, args: seen.update(filter_in=args[0].clone())),
+             ffa.filter.register_forward_hook(lambda mod, args, out: seen.update(filter_out=out.clone())),
+             ffa.fuse.register_forward_pre_hook(lambda mod, args: seen.update(fuse_in=args[0].clone()))]
+    try:
+        with torch.no_grad():
+            ffa(f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    x = seen["filter_in"]
+    assert x.shape == (B, 2 * C, h, w)
+    torch.testing.assert_close(x[:, :C], f_q)
+    expect_broadcast(x[:, C:], p_bg)
+    x = seen["fuse_in"]
+    assert x.shape == (B, 2 * C + 2, h, w)
+    torch.testing.assert_close(x[:, :C], seen["filter_out"])  # F_q' of Eq. (12)
+    expect_broadcast(x[:, C:2 * C], p_pre)
+    for b in range(B):
+        torch.testing.assert_close(x[b, 2 * C], cosine_by_hand(f_q[b], p_main[b]), **TOL)
+        torch.testing.assert_close(x[b, 2 * C + 1], cosine_by_hand(f_q[b], p_aux[b]), **TOL)
+
+
+def qpenet_cross_by_hand(layer, x, tokens):
+    """One Cross layer written out for one image: x (N, C) query pixels, tokens (L, C) the support foreground
+    pixels F_s * M_s (L may be 0: then attention adds nothing). Weights taken from layer, masking done here."""
+    N, C = x.shape
+    heads = layer.heads
+    d = C // heads
+    if len(tokens) == 0:
+        attn = torch.zeros(N, C)
+    else:
+        q = (x @ layer.to_q.weight.T).view(N, heads, d).transpose(0, 1)  # (heads, N, d)
+        k = (tokens @ layer.to_k.weight.T).view(-1, heads, d).transpose(0, 1)  # (heads, L, d)
+        v = (tokens @ layer.to_v.weight.T).view(-1, heads, d).transpose(0, 1)
+        a = (q @ k.transpose(1, 2) / math.sqrt(d)).softmax(-1) @ v  # (heads, N, d)
+        attn = a.transpose(0, 1).reshape(N, C) @ layer.to_out.weight.T
+    x = layer.norm_attn(x + attn)
+    return layer.norm_ffn(x + layer.ffn(x))
+
+
+def qpenet_keys_episode():
+    """B=3 episodes of 2 shots, features 3x3, labels m_s 6x6 (nearest samples label rows/columns 0, 2, 4; the
+    bilinear M_s samples 0, 2.5, 5). Episode 1 has foreground only in its second shot, episode 2 none at all
+    (a 255 row). -> f_q, f_s, m_s, the four prototypes (FFA's order), and the bilinear M_s (B,S,3,3)."""
+    torch.manual_seed(1)
+    B, S, C, h, w = 3, 2, 8, 3, 3
+    f_q, f_s = torch.randn(B, C, h, w), torch.randn(B, S, C, h, w)
+    m_s = torch.zeros(B, S, 2 * h, 2 * w, dtype=torch.long)
+    m_s[0, 0, :3, :3] = 1  # keys (0,0) (0,1) (1,0) (1,1); bilinear M_s 1, 0.5, 0.5, 0.25 there
+    m_s[0, 0, 3, 5] = 1  # bilinear M_s 0.5 at (1,2), no key: nearest reads label (2,4) = 0
+    m_s[0, 1, 4:] = 1
+    m_s[0, 1, 4, 4] = IGNORE_INDEX  # (2,2): bilinear M_s 1 (label row 5), no key: nearest reads this 255
+    m_s[1, 1, 2:, 2:] = 1  # keys (1,1) (1,2) (2,1) (2,2)
+    m_s[1, 1, 0, 4] = 1  # key (0,2), where the bilinear M_s is 0
+    m_s[2, :, 0] = IGNORE_INDEX
+    p_bg, p_pre, p_main, p_aux = (torch.randn(B, C) for _ in range(4))
+    m_bilinear = F.interpolate((m_s == 1).float(), (h, w), mode="bilinear", align_corners=True)
+    return f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux, m_bilinear
+
+
+def qpenet_nearest_keys(m_s, h, w):
+    """The keys of Eq. (16) by hand: the label (..., H, W) read at row i * H // h, column j * W // w, == 1."""
+    H, W = m_s.shape[-2:]
+    rows, cols = [i * H // h for i in range(h)], [j * W // w for j in range(w)]
+    return m_s[..., rows, :][..., cols] == 1  # (..., h, w) bool
+
+
+def test_qpenet_cross_attention_keys_are_the_labelled_support_foreground_pixels_by_hand():
+    # Eq. (16), Choices 6: the keys/values are the support pixels labelled 1 at feature resolution (nearest, as
+    # the official), of all shots together, unweighted (F_s * M_s with M_s that 0/1 mask). Other pixels are no
+    # keys (zero keys would still take a share of the softmax), even where the bilinear M_s is fractional, and
+    # a key counts fully where the bilinear M_s is 0.25 or 0. The reference attends over those pixels only.
+    ffa = qpenet_small_ffa()
+    f_q, f_s, m_s, *protos, m_bilinear = qpenet_keys_episode()
+    B, S, C, h, w = f_s.shape
+    keys = qpenet_nearest_keys(m_s, h, w)  # (B, S, h, w)
+    assert keys[0, 0].tolist() == [[True, True, False], [True, True, False], [False] * 3]
+    assert m_bilinear[0, 0, 1, 2] == 0.5 and m_bilinear[0, 1, 2, 2] == 1  # the old M_s > 0 rule's keys ...
+    assert not keys[0, 0, 1, 2] and not keys[0, 1, 2, 2]  # ... that are none here (a 0 and a 255 read)
+    assert m_bilinear[0, 0, 1, 1] == 0.25 and m_bilinear[1, 1, 0, 2] == 0 and keys[0, 0, 1, 1] and keys[1, 1, 0, 2]
+    seen = {}
+    hook = ffa.fuse.register_forward_hook(lambda mod, args, out: seen.update(x=out.clone()))
+    try:
+        with torch.no_grad():
+            y = ffa(f_q, f_s, m_s, *protos)
+    finally:
+        hook.remove()
+
+    with torch.no_grad():
+        for b in range(B):
+            tokens = f_s[b].permute(0, 2, 3, 1)[keys[b]]  # (L, C): the key pixels' features, unweighted
+            assert len(tokens) == [6, 5, 0][b]
+            x = seen["x"][b].flatten(1).T  # (h*w, C): F_q'' of Eq. (15)
+            for layer in ffa.cross:
+                x = qpenet_cross_by_hand(layer, x, tokens)
+            expected = ffa.convs(x.T.reshape(1, C, h, w))
+            torch.testing.assert_close(y[b:b + 1], expected, **TOL)
+
+
+def test_qpenet_support_features_matter_only_at_the_keys():
+    # Eq. (16) attends to F_s * M_s, M_s the label at feature resolution: support features off the keys cannot
+    # change y_final, even where the bilinear M_s is 0.5 or 1 (episode 0: (0,1,2) and (0,2,2), which the old
+    # M_s > 0 rule made keys), features at the keys (bilinear M_s 1, 0.5, 0.25; episode 1: 0) do
+    ffa = qpenet_small_ffa()
+    f_q, f_s, m_s, *protos, m_bilinear = qpenet_keys_episode()
+    keys = qpenet_nearest_keys(m_s, *f_s.shape[-2:])  # (B, S, h, w)
+    with torch.no_grad():
+        y = ffa(f_q, f_s, m_s, *protos)
+        outside = f_s + 5.0 * torch.randn_like(f_s) * (~keys)[:, :, None]
+        assert (m_bilinear * ~keys).max() == 1  # the changed pixels include some with M_s > 0
+        torch.testing.assert_close(ffa(f_q, outside, m_s, *protos), y)
+        for b, k, i, j in [(0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 1), (1, 1, 0, 2)]:
+            inside = f_s.clone()
+            inside[b, k, :, i, j] += 5.0 * torch.randn(f_s.shape[2])
+            changed = ffa(f_q, inside, m_s, *protos)
+            assert (changed[b] - y[b]).abs().max() > 1e-3
+            others = [e for e in range(len(y)) if e != b]
+            torch.testing.assert_close(changed[others], y[others])  # the other episodes keep their own keys
+
+
+def test_qpenet_model_takes_the_cross_attention_keys_from_the_label(qpenet_model, monkeypatch):
+    # Model.forward, with 4x4 stand-in features for 33 px labels: nearest reads label rows/columns 0, 8, 16, 24,
+    # the bilinear M_s of Eq. (1) samples 0, 10.67, 21.33, 32. The support boxes (rows 11-21 and 13-23, columns
+    # 5-29) make row 1 of shot 0 fractional in M_s (0.67) but no key, and column 3 keys where M_s is 0. Both
+    # Cross layers get exactly those pixels' features, unweighted, as their valid tokens.
+    torch.manual_seed(0)
+    B, S, C, h = 2, 2, qpenet_model.cfg.dim, 4
+    img_q, img_s, m_s, _ = episode(B, S, QPENET_SIZE, s_box=(11, 22, 5, 30))
+    f = torch.randn(B + B * S, C, h, h)
+    monkeypatch.setattr(qpenet_model, "features", lambda img: f)
+    f_s = f[B:].view(B, S, C, h, h)
+    seen = []
+    hooks = [cross.register_forward_pre_hook(lambda mod, args: seen.append(args[1:]))
+             for cross in qpenet_model.ffa.cross]
+    try:
+        with torch.no_grad():
+            out = qpenet_model.eval()(img_q, img_s, m_s)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    keys = qpenet_nearest_keys(m_s, h, h)  # (B, S, h, w)
+    row = [[False] * 4, [False] * 4, [False, True, True, True], [False] * 4]
+    assert keys[:, 0].tolist() == keys[:, 1].tolist() == [row] * B
+    m = out["m_s_down"]  # the bilinear M_s
+    assert 0.6 < m[0, 0, 1, 1] < 0.7 and not keys[0, 0, 1, 1]  # the old M_s > 0 rule's key, none now
+    assert m[0, 0, 2, 3] == 0 and keys[0, 0, 2, 3]
+    assert len(seen) == 2  # both layers, the same keys
+    for tokens, valid in seen:
+        assert torch.equal(valid, keys.flatten(1))  # (B, S*h*w), shot by shot
+        expected = (f_s * keys[:, :, None]).permute(0, 1, 3, 4, 2).reshape(B, -1, C)  # zero off the keys
+        torch.testing.assert_close(tokens, expected)
+
+
+# ==========================================================================================================
+# All five models: a training step on PFENet's deep-stem ResNet, and none that waits for the device
+# ==========================================================================================================
+
+def deep_stem_model(name, where):
+    """`name`'s model on the deep-stem ResNet-50 with random weights, built small where the file's tests do."""
+    if name == "symnet":
+        return make_symnet(where, backbone="resnet50_deep")  # pretrained=False
+    cfg = dict(backbone="resnet50_deep", pretrained=False)
+    if name == "crcnet":
+        return crcnet.Model(crcnet.Config(dim=32, cr_reduction=4, **cfg))
+    if name == "qgnet":
+        return qgnet.Model(qgnet.Config(untrained_prior=True, **cfg))  # a random prior extractor: no stage 1 file
+    module = {"ocnet": ocnet, "qpenet": qpenet}[name]
+    return module.Model(module.Config(**cfg))
+
+
+@pytest.mark.parametrize("name", ["ocnet", "qpenet", "crcnet", "symnet", "qgnet"])
+def test_every_model_trains_one_step_on_the_deep_stem(name, tmp_path):
+    torch.manual_seed(0)
+    model = deep_stem_model(name, tmp_path).train()
+    backbone, = [m for m in model.modules() if isinstance(m, Backbone) and m.name == "resnet50_deep"]
+    assert backbone.stages["layer0"][6].out_channels == 128  # PFENet's stem
+    stats = backbone.stages["layer0"][4].running_mean.clone()
+    img_q, img_s, m_s, m_q = episode(1, 1, 33)
+    out = model(img_q, img_s, m_s, **train.query_mask(model, {"m_q": m_q}))
+    total, _ = model.loss(out, m_q, m_s)
+    total.backward()
+    assert out["logits"].shape == (1, 2, 33, 33) and torch.isfinite(total)
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    stem = backbone.stages["layer0"][3].weight.grad  # the deep stem's second conv
+    if backbone.trainable:  # CRCNet trains its encoder end to end (§5.1)
+        assert stem is not None and stem.abs().sum() > 0
+    else:
+        assert all(p.grad is None for p in backbone.parameters())
+    assert not backbone.training and torch.equal(backbone.stages["layer0"][4].running_mean, stats)  # BN in eval
 
 
 @pytest.mark.parametrize("name", ["ocnet", "qpenet", "crcnet", "symnet", "qgnet"])
@@ -5421,12 +5644,12 @@ def test_training_step_never_waits_for_the_device(name, request):
     """A training step (forward, loss, backward, SGD step) that reads a value back from the GPU stalls the
     queue of kernels until that value exists; none of the five models may do that (train.py reads the loss
     once per progress line)."""
-    model, size = {"ocnet": ("ocnet_models", OCNET_SIZE), "qpenet": ("qpe_model", QPENET_SIZE),
+    model, size = {"ocnet": ("ocnet_models", OCNET_SIZE), "qpenet": ("qpenet_model", QPENET_SIZE),
                    "crcnet": ("crcnet_model", CRCNET_SIZE), "symnet": ("symnet_model", SYMNET_SIZE),
                    "qgnet": ("qgnet_model", 65)}[name]
     model = request.getfixturevalue(model)
     model = model["resnet50"] if name == "ocnet" else model
-    img_q, img_s, m_s, m_q = box_episode(2, 2, size, (8, 24, 8, 24), (6, 22, 10, 26), shot_step=2)
+    img_q, img_s, m_s, m_q = episode(2, 2, size, (8, 24, 8, 24), (6, 22, 10, 26))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-9, momentum=0.9)
     state = copy.deepcopy(model.state_dict())
     model.train()

@@ -2,36 +2,38 @@
 
     python train.py --model symnet --dataset synthetic --fold 0      # quick start, CPU, a few minutes
     python train.py --model symnet --fold 1 --data-root ~/data/VOC2012            # PASCAL-5i, fold 1, 1-shot
-    python train.py --model symnet --fold 1 --shot 5 --eval-only --checkpoint runs/x/last.pt --data-root ~/data/VOC2012
-    python train.py --model qpenet --dataset coco --fold 0 --data-root ~/data/coco
+    python train.py --model qpenet --fold all --data-root ~/data/VOC2012          # four folds and their table
+    python train.py --eval-only --checkpoint runs/x/last.pt --shot 5 --data-root ~/data/VOC2012
     torchrun --nproc_per_node 4 train.py --model ocnet --dataset coco --fold 2 --data-root ~/data/coco
     python train.py --model qgnet --stage prior --fold 0 --data-root ~/data/VOC2012   # a model's extra stage
     python train.py --model symnet --bench                           # speed, work, memory, parameters
-    python train.py --bench-data --workers 16                        # episodes/s the data path delivers
     python train.py --predict --checkpoint runs/x/last.pt --support s.jpg --support-mask s.png --query q.jpg
 
 A model is one of the five paper files, `baseline` (the parameter-free floor every model must beat), or the
 path of your own `.py` file with the same interface, which then gets exactly the same protocol:
 
-    Config                 dataclass; fields named like a flag (backbone, shot, pretrained, img_size, dataset,
-                           and any flag the module adds) are filled from the command line. With --checkpoint:
-                           the checkpoint's Config, then --shot, --img-size and the module's flags given now;
-                           pretrained=False and, if the field exists, from_checkpoint=True (every weight comes
-                           from the checkpoint: no other weight file is needed)
-    Model(cfg)             nn.Module; forward(img_q, img_s, m_s, class_ids=None) -> dict with "logits" (B,2,H,W)
-                           and whatever its loss needs; loss(out, m_q, m_s) -> (total, {name: term}). A forward
-                           with an `m_q` argument gets the query mask in training (never in evaluation)
-    DEFAULTS               optional {"pascal"|"coco"|"synthetic": {lr, batch_size, epochs, img_size}}, cited
+    Config                 dataclass of the model's hyperparameters: the paper's values, then `backbone`,
+                           `pretrained` (True, False or a weight file) and the model's own flags from the
+                           command line (make_config); saved in every checkpoint
+    Model(cfg[, run])      nn.Module. run: common.Run, the run's context (dataset, fold, shots, crop...).
+                           forward(img_q, img_s, m_s, class_ids=None) -> dict with "logits" (B,2,H,W) and
+                           whatever its loss needs; loss(out, m_q, m_s) -> (total, {name: term}). A forward
+                           with an `m_q` argument gets the query mask in training, never in evaluation
+    build(cfg, run)        optional: the model with the files its stages wrote (construct); none are read when
+                           run.from_checkpoint, as every weight is in the checkpoint
+    DEFAULTS               optional {dataset: {flag: value}}: the paper's recipe (lr, batch_size, epochs,
+                           img_size, augment, the model's flags); STAGE_DEFAULTS {stage: {dataset: ...}} a stage's
     add_args(parser)       optional: the model's own flags
-    STAGES                 optional {name: fn(args)}: extra training stages, run by --stage NAME
+    STAGES                 optional {name: fn(run, schedule, options)}: extra training stages (--stage NAME),
+                           with common.Run, common.Schedule and the model's own flags {dest: value}
     Model.predict(...)     optional: inference hook (test-time fine-tuning, multi-scale), same arguments as
-                           forward, returns logits; evaluation uses it instead of forward when present
+                           forward, returns logits; evaluation uses it instead of forward
 
-Protocol (README.md, "Protocol"): SGD with momentum 0.9 and weight decay 1e-4 on the learnable parameters,
-poly learning rate (power 0.9) per iteration; the last checkpoint is evaluated (`--select-best` chooses on the
-test fold, as the official repositories do, which is optimistic); test episodes depend only on (test seed,
-index), so every model sees the same episodes; 1000 episodes x 5 seeds, the mean reported; IoU scored at the
-query's original resolution.
+Values left unset on the command line come from the checkpoint, the stage's and the paper's recipe, then the
+harness's, in that order (resolve_defaults). The protocol (README.md, "Protocol"): SGD with momentum 0.9 and
+weight decay 1e-4, poly learning rate (power 0.9) per iteration; the last checkpoint is evaluated; test episodes
+depend only on (test seed, index), 1000 per seed (COCO 5000) x 5 seeds, mean and standard deviation reported;
+IoU scored at the query's original resolution, in fp32.
 """
 import argparse
 import dataclasses
@@ -100,121 +102,7 @@ RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # a training run's files in
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The built-in parameter-free baseline: the floor that every model must clearly beat
-
-
-@dataclasses.dataclass
-class BaselineConfig:
-    backbone: str = "resnet50"
-    pretrained: bool = True
-    baseline_features: str = "layer3"  # mid-level features, PFENet's prototype level; "image": the pixels
-
-
-class PrototypeBaseline(nn.Module):
-    """PANet's parameter-free rule: foreground and background prototypes of the support by masked average
-    pooling, cosine with every query pixel, foreground where cos(fg) > cos(bg), i.e. a threshold at 0 on the
-    difference. K shots: the prototypes are averaged. No learnable parameter: train.py evaluates it directly.
-    Features: a level of the frozen backbone, or the normalised pixels ("image"), which need no weights at all.
-    """
-
-    def __init__(self, cfg: BaselineConfig):
-        super().__init__()
-        self.cfg = cfg
-        if cfg.baseline_features != "image":
-            self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained)
-
-    def features(self, img):
-        return img if self.cfg.baseline_features == "image" else self.backbone(img)[self.cfg.baseline_features]
-
-    def forward(self, img_q, img_s, m_s, class_ids=None):
-        B, S = img_s.shape[:2]
-        f_q = self.features(img_q)  # (B,C,h,w)
-        f_s = self.features(img_s.flatten(0, 1))  # (B*S,C,h,w)
-        m = m_s.flatten(0, 1)  # (B*S,H,W); 255 belongs to neither prototype
-        protos = [common.masked_average_pooling(f_s, (m == c).float()).view(B, S, -1).mean(1) for c in (0, 1)]
-        cos = [F.cosine_similarity(f_q, p[:, :, None, None], dim=1) for p in protos]  # 2 x (B,h,w)
-        logits = torch.stack(cos, 1)  # (B,2,h,w): background, foreground
-        return {"logits": F.interpolate(logits, img_q.shape[-2:], mode="bilinear", align_corners=True)}
-
-    def loss(self, out, m_q, m_s):
-        total = common.seg_loss(out["logits"], m_q)
-        return total, {"main": total}
-
-
-class BaselineModule:
-    """Stands in for a model file, so that the baseline goes through exactly the same code path."""
-    Config = BaselineConfig
-    Model = PrototypeBaseline
-    DEFAULTS = {}
-    __name__ = "baseline"
-
-    @staticmethod
-    def add_args(parser):
-        parser.add_argument("--baseline-features", choices=["layer1", "layer2", "layer3", "layer4", "image"],
-                            help="features of the baseline (default layer3)")
-
-
-def load_model_module(name):
-    """A model file by name (`symnet`), the built-in `baseline`, or the path of a user's own .py file."""
-    if name == "baseline":
-        return BaselineModule
-    if name.endswith(".py"):
-        path = Path(name)
-        if not path.is_file():
-            sys.exit(f"error: --model {name}: no such file")
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = module  # so that checkpoints and pickling can find it
-        spec.loader.exec_module(module)
-    elif name in MODELS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:
-                raise
-            sys.exit(f"error: --model {name}: {name}.py is not in this checkout yet")
-    else:
-        sys.exit(f"error: --model {name}: choose one of {', '.join(MODELS)} or give the path of a .py file")
-    for attr in ("Config", "Model"):
-        if not hasattr(module, attr):
-            sys.exit(f"error: --model {name}: the module defines no `{attr}` (see train.py's docstring)")
-    return module
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def fold_arg(text):
-    """argparse type of --fold: 0..3, or "all"."""
-    if text == "all":
-        return text
-    if text not in ("0", "1", "2", "3"):
-        raise argparse.ArgumentTypeError(f"must be 0, 1, 2, 3 or all, got {text!r}")
-    return int(text)
-
-
-def class_ids_arg(text):
-    """argparse type of --test-classes: comma-separated class ids >= 1 -> their sorted tuple, each once."""
-    words = [w.strip() for w in text.split(",") if w.strip()]
-    if not words or not all(w.isascii() and w.isdigit() and int(w) >= 1 for w in words):
-        raise argparse.ArgumentTypeError(f"must be class ids >= 1 separated by commas (e.g. 3,7,9), got {text!r}")
-    return tuple(sorted({int(w) for w in words}))
-
-
-def positive_int(text):
-    """argparse type of a count that must be at least 1 (0 would divide by zero or silently mean the default)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
+# Command line: the flags, and the one order in which a run's values are resolved
 
 
 def build_parser(add_help=True):
@@ -303,8 +191,8 @@ def parse_args(argv=None):
         module.add_args(parser.add_argument_group(f"{known.model} options"))
     args = parser.parse_args(argv)
     args.model, args.checkpoint = known.model, known.checkpoint
-    own = set(vars(args)) - set(vars(build_parser().parse_args([])))  # add_args's dests
-    args.model_flags = sorted(k for k in own if getattr(args, k) is not None)  # the model's flags given now
+    args.own_flags = sorted(set(vars(args)) - set(vars(build_parser().parse_args([]))))  # add_args's dests
+    args.model_flags = [k for k in args.own_flags if getattr(args, k) is not None]  # the model's flags given now
     if args.test_classes and args.fold is not None:
         parser.error(f"--test-classes names the novel classes itself: drop --fold {args.fold} (--fold K and --fold "
                      "all take a folder dataset's folds from its folds.txt)")
@@ -329,12 +217,6 @@ def parse_args(argv=None):
     else:
         args.out = Path(args.out) if args.out else default_out(args, args.fold)
     return args, module
-
-
-def default_out(args, fold):
-    """runs/MODEL-SPLIT-Sshot, SPLIT as data.split_name: a run's folder when --out does not name one."""
-    split = data.split_name(args.dataset, fold, args.data_root, args.test_classes)
-    return Path(common.RUNS_DIR) / f"{Path(args.model).stem}-{split}-{args.shot}shot"
 
 
 def resolve_defaults(args, module, trained, checkpoint=None):
@@ -374,8 +256,10 @@ def resolve_defaults(args, module, trained, checkpoint=None):
                 setattr(args, key, value)
 
 
-def model_is_parameter_free(module):
-    return module is BaselineModule
+def default_out(args, fold):
+    """runs/MODEL-SPLIT-Sshot, SPLIT as data.split_name: a run's folder when --out does not name one."""
+    split = data.split_name(args.dataset, fold, args.data_root, args.test_classes)
+    return Path(common.RUNS_DIR) / f"{Path(args.model).stem}-{split}-{args.shot}shot"
 
 
 def backbone_weights(args):
@@ -383,42 +267,324 @@ def backbone_weights(args):
     return args.backbone_weights or not args.no_pretrained
 
 
-def make_config(module, args):
-    """Fill the model's Config from the flags of the same name; everything else keeps the paper's default."""
-    values = {}
-    for field in dataclasses.fields(module.Config):
-        if field.name == "pretrained":
-            values["pretrained"] = backbone_weights(args)
-        elif getattr(args, field.name, None) is not None:
-            values[field.name] = getattr(args, field.name)
-    return module.Config(**values)
+def model_is_parameter_free(module):
+    return module is BaselineModule
+
+
+def fold_arg(text):
+    """argparse type of --fold: 0..3, or "all"."""
+    if text == "all":
+        return text
+    if text not in ("0", "1", "2", "3"):
+        raise argparse.ArgumentTypeError(f"must be 0, 1, 2, 3 or all, got {text!r}")
+    return int(text)
+
+
+def class_ids_arg(text):
+    """argparse type of --test-classes: comma-separated class ids >= 1 -> their sorted tuple, each once."""
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    if not words or not all(w.isascii() and w.isdigit() and int(w) >= 1 for w in words):
+        raise argparse.ArgumentTypeError(f"must be class ids >= 1 separated by commas (e.g. 3,7,9), got {text!r}")
+    return tuple(sorted({int(w) for w in words}))
+
+
+def positive_int(text):
+    """argparse type of a count that must be at least 1 (0 would divide by zero or silently mean the default)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Devices, processes, checkpoints
+# A run, from the command line to the RESULT line
 
 
-def setup_device():
-    """(device, rank, world). Under torchrun every process takes its own GPU (or CPU with gloo)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+def main(argv=None):
+    """Parse the command line and run it. A bad dataset file, a failed save and Ctrl-C end in one clear line and
+    a non-zero exit status (130 for Ctrl-C, as shells report it), never a traceback."""
+    args, module = parse_args(argv)
+    try:
+        return run_all_folds(args, module) if args.fold == "all" else run(args, module)
+    except KeyboardInterrupt:
+        stop_interrupted(args, sys.argv[1:] if argv is None else argv)
+    except data.DatasetError as err:  # also when a DataLoader worker re-raised it
+        sys.exit(f"error: {original_message(err)}")
+    except common.SaveError as err:
+        sys.exit(f"error: {err}")
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args, module):
+    """One run of the command line: a stage, a benchmark, a prediction, or training and evaluation."""
+    device, rank, world = setup_device()
+    if args.batch_size % world:
+        sys.exit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
+    if args.bench_data:
+        return bench_data(args, device)
+    if args.stage:  # an extra training stage that the model file provides, instead of the episodic training
+        return run_stage(args, module, rank)
+    if args.bench or args.predict:
+        model, optimizer, *_ = build_model(module, args, device, rank, world)
+        return bench(model, optimizer, args, device) if args.bench else predict(model, args, device)
+    training = not args.eval_only and not model_is_parameter_free(module)
+    with hold_run_folder(args, training) if rank == 0 else nullcontext():
+        for split in ("train", "test") if training else ("test",):  # every listed file checked before the model
+            build_dataset(args, split)
+        model, optimizer, cfg, resumed = build_model(module, args, device, rank, world)
+        learnable, total = count_parameters(model)
+        log_file = args.out / "metrics.jsonl" if rank == 0 else None
+        if resumed is not None and rank == 0:
+            truncate_log(log_file, resumed["epoch"])
+        log(rank, f"{Path(args.model).stem} on {args.dataset} {split_text(vars(args))}, {args.shot}-shot, "
+                  f"{args.img_size}px, {device}, {world} process(es); {learnable:,} learnable / {total:,} "
+                  f"parameters\nrun folder {args.out}")
+        write_log(log_file, {"event": "start", "args": {k: str(v) for k, v in vars(args).items()}})
+        # 1. training (skipped for --eval-only and for a model with nothing to learn)
+        if training and learnable:
+            train(model, optimizer, args, cfg, device, rank, world, log_file, resumed)
+            if args.select_best and (args.out / "best.pt").exists():
+                unwrap(model).load_state_dict(read_checkpoint(args.out / "best.pt")["model"])
+                log(rank, "evaluating best.pt (chosen on the test fold: an optimistic estimate)")
+        # 2. evaluation under the shared protocol, and pictures of it
+        if args.vis and rank == 0:
+            visualise(model, args, device, rank)
+        scores = evaluate_protocol(model, args, device, rank, world)
+        report(args, scores, rank, log_file)
+    return scores["miou"], scores["fbiou"]
+
+
+def run_all_folds(args, module):
+    """--fold all: the four folds one after another, each in its own folder (OUT/foldK, or each fold's default
+    folder), then their table. Resumable: a fold whose training is complete and whose last result was made
+    under this protocol is taken as it is, an interrupted one resumes, a complete one without that result is
+    evaluated. With --eval-only, every fold's checkpoint (--checkpoint with {fold} in it, else the fold folder's
+    last.pt) is evaluated. Under torchrun every fold uses every process."""
+    rank, records = int(os.environ.get("RANK", 0)), []
+    for fold in range(data.NUM_FOLDS):
+        one = argparse.Namespace(**{**vars(args), "fold": fold})
+        one.out = args.out / f"fold{fold}" if args.out else default_out(args, fold)
+        last = one.out / "last.pt"
+        if args.checkpoint:
+            one.checkpoint = args.checkpoint.format(fold=fold)
+        elif args.eval_only:
+            one.checkpoint = str(last)
+        if args.stage:  # a model's extra stage, for every fold (e.g. Sym-Net's four base learners)
+            run(one, module)
+            continue
+        fresh = args.eval_only or args.overwrite
+        record = None if fresh else finished_result(one)
+        if record is not None:
+            log(rank, f"fold {fold}: complete in {one.out}, its result taken from metrics.jsonl")
+        else:
+            if not fresh and last.exists():
+                done = read_checkpoint(last)["epoch"] >= one.epochs
+                one.eval_only, one.checkpoint, one.resume = (True, str(last), False) if done else (False, None, True)
+            elif not fresh and (one.out / "metrics.jsonl").exists():
+                one.overwrite = True  # a fold that died before its first checkpoint: nothing of it to keep
+            log(rank, f"\n=== fold {fold} of --fold all: {one.out}")
+            run(one, module)
+            record = read_result(one.out) if rank == 0 else None
+        records.append(record)
+    if rank == 0 and not args.stage:
+        report_folds(args, records)
+    return records
+
+
+def run_stage(args, module, rank):
+    """--stage NAME: the model file's STAGES[NAME](run, schedule, options), options being the model's own flags
+    ({dest: value}); a NaN loss stops it with exit status 3."""
+    stages = getattr(module, "STAGES", {})
+    if args.stage not in stages:
+        sys.exit(f"error: --stage {args.stage}: {args.model} offers {sorted(stages) or 'no extra stage'}")
+    options = {k: getattr(args, k) for k in args.own_flags}
+    schedule = common.Schedule(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                               train_length=args.train_length, workers=args.workers, seed=args.seed,
+                               log_every=args.log_every, bf16=not args.fp32, out=args.out, resume=args.resume)
+    try:
+        return stages[args.stage](run_context(args), schedule, options)
+    except common.WeightsUnavailableError as err:
+        sys.exit(f"error: {err}")
+    except common.NonFiniteLossError as err:
+        log(rank, f"error: {err} in --stage {args.stage}; stopping (try a lower learning rate, or --fp32).")
+        sys.exit(EXIT_NONFINITE)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data and model: the episodes, the model file, the built-in baseline
+
+
+def build_dataset(args, split):
+    try:
+        return data.build_dataset(args.dataset, split, args.fold, shot=args.shot, img_size=args.img_size,
+                                  root=args.data_root, seed=args.seed if split == "train" else 0,
+                                  episodes=args.test_episodes,
+                                  coco_split=args.coco_split, train_length=args.train_length,
+                                  support_boxes=args.support_boxes, augment=args.augment,
+                                  test_classes=args.test_classes)
+    except FileNotFoundError as err:  # a missing or incomplete data root: the message names the layout
+        sys.exit(f"error: {err}")
+
+
+class EpisodeSampler(Sampler):
+    """Yields (stream, index) keys. Training: a permutation seeded by (seed, epoch), split across ranks,
+    trimmed to whole global batches. Test: episodes 0..n-1 of one test seed, rank r taking r, r+world, ...
+    The key carries the stream (epoch or test seed), so that persistent DataLoader workers draw the right
+    episode without being told about the epoch."""
+
+    def __init__(self, length, rank=0, world=1, shuffle=False, seed=0, batch_size=1):
+        self.length, self.rank, self.world = length, rank, world
+        self.shuffle, self.seed, self.batch_size = shuffle, seed, batch_size
+        self.stream = 0
+
+    def set_stream(self, stream):
+        self.stream = stream
+
+    def _indices(self):
+        if not self.shuffle:
+            return list(range(self.rank, self.length, self.world))
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.stream)
+        order = torch.randperm(self.length, generator=g).tolist()
+        per_rank = self.length // (self.world * self.batch_size) * self.batch_size
+        return order[self.rank::self.world][:per_rank]
+
+    def __iter__(self):
+        return iter([(self.stream, i) for i in self._indices()])
+
+    def __len__(self):
+        return len(self._indices())
+
+
+def make_loader(dataset, sampler, batch_size, args, device, drop_last):
+    workers = args.workers
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      collate_fn=data.collate_episodes, drop_last=drop_last,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None)
+
+
+def load_model_module(name):
+    """A model file by name (`symnet`), the built-in `baseline`, or the path of a user's own .py file."""
+    if name == "baseline":
+        return BaselineModule
+    if name.endswith(".py"):
+        path = Path(name)
+        if not path.is_file():
+            sys.exit(f"error: --model {name}: no such file")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module  # so that checkpoints and pickling can find it
+        spec.loader.exec_module(module)
+    elif name in MODELS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:
+                raise
+            sys.exit(f"error: --model {name}: {name}.py is not in this checkout yet")
     else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, rank, world
+        sys.exit(f"error: --model {name}: choose one of {', '.join(MODELS)} or give the path of a .py file")
+    for attr in ("Config", "Model"):
+        if not hasattr(module, attr):
+            sys.exit(f"error: --model {name}: the module defines no `{attr}` (see train.py's docstring)")
+    return module
 
 
-def log(rank, *msg):
-    if rank == 0:
-        print(*msg, flush=True)
+def make_config(module, args):
+    """The model's Config: its paper's defaults, then the backbone flags and the model's own flags (add_args,
+    given or from its recipe). Nothing else of the command line reaches a Config: the run's context is a
+    common.Run (run_context)."""
+    values = {"backbone": args.backbone, "pretrained": backbone_weights(args),
+              **{k: getattr(args, k) for k in args.own_flags if getattr(args, k) is not None}}
+    names = {field.name for field in dataclasses.fields(module.Config)}
+    return module.Config(**{k: v for k, v in values.items() if k in names})
+
+
+def run_context(args, from_checkpoint=False):
+    """The common.Run a model and a stage get: the run's dataset, fold, shots, crop and backbone."""
+    return common.Run(dataset=args.dataset, fold=args.fold, coco_split=args.coco_split, data_root=args.data_root,
+                      test_classes=tuple(args.test_classes) if args.test_classes else None, shot=args.shot,
+                      img_size=args.img_size, backbone=args.backbone, pretrained=backbone_weights(args),
+                      from_checkpoint=from_checkpoint)
+
+
+def construct(module, cfg, run):
+    """A model file's model for a run: its build(cfg, run) where it has one (which reads the files its stages
+    wrote), else Model(cfg, run), else Model(cfg) (a model that needs no run context)."""
+    if hasattr(module, "build"):
+        return module.build(cfg, run)
+    if "run" in inspect.signature(module.Model).parameters:
+        return module.Model(cfg, run)
+    return module.Model(cfg)
+
+
+def build_model(module, args, device, rank, world):
+    """(model, optimizer, cfg, resumed): the model from the paper's Config and the flags, or from --checkpoint's
+    Config and weights (the model's own flags given now apply), or from OUT/last.pt for --resume; random backbones
+    get their BatchNorm statistics (--no-pretrained); channels-last, compiled, wrapped in DDP as asked. resumed is
+    the --resume checkpoint's state (its optimizer and epoch), else None."""
+    state = read_checkpoint(args.checkpoint) if args.checkpoint else None
+    resumed = read_resumable(args) if args.resume else None
+    names = {field.name for field in dataclasses.fields(module.Config)}  # a saved field that is gone is left out
+    if state is not None:  # every weight is in the checkpoint; the model's own flags given now apply (--kshot)
+        given = {"pretrained": False, **{k: getattr(args, k) for k in args.model_flags}}
+        saved = {k: v for k, v in {**state["config"], **given}.items() if k in names}
+        cfg = module.Config(**saved)
+    else:
+        cfg = make_config(module, args)
+    if resumed is not None:  # the flags as now; the fields no flag sets (the structure a model recorded) as saved
+        flagged = {"backbone", "pretrained", *args.own_flags}
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in resumed["config"].items() if k in names - flagged})
+    torch.manual_seed(args.seed)
+    try:
+        model = construct(module, cfg, run_context(args, from_checkpoint=state is not None or resumed is not None))
+    except common.WeightsUnavailableError as err:  # offline, a missing stage file: say what to do, no traceback
+        sys.exit(f"error: {err}")
+    cfg = getattr(model, "cfg", cfg)  # as built: a build(cfg, run) may record the structure it found (Sym-Net)
+    model = model.to(device)
+    if state is not None or resumed is not None:
+        load_weights(model, state or resumed, args.checkpoint or args.out / "last.pt")
+    elif not (args.bench or args.predict):
+        calibrate_random_backbones(model, args, device, rank)
+    # NHWC: cuDNN's tensor-core convolutions and oneDNN's CPU ones are faster on it
+    model = model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY) if params else None
+    if args.compile:
+        model = torch.compile(model)
+    if world > 1 and params:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=getattr(unwrap(model), "find_unused_parameters", False))
+    return model, optimizer, cfg, resumed
+
+
+def calibrate_random_backbones(model, args, device, rank):
+    """--no-pretrained: every random-weight common.Backbone of the model gets BatchNorm statistics estimated on
+    the first common.CALIBRATION_IMAGES images of the training episodes (the same for every model and process).
+    They are saved in the checkpoints with every other weight."""
+    backbones = [m for m in model.modules() if isinstance(m, common.Backbone) and m.needs_statistics]
+    if not backbones:
+        return
+    dataset, images = build_dataset(args, "train"), []
+    for i in range(len(dataset)):
+        if len(images) >= common.CALIBRATION_IMAGES:
+            break
+        episode = dataset[(0, i)]
+        images += [episode["img_q"], *episode["img_s"]]
+    images = torch.stack(images[:common.CALIBRATION_IMAGES]).to(device)  # (N,3,H,W)
+    for backbone in backbones:
+        backbone.calibrate(images)
+    log(rank, f"random backbone weights: BatchNorm statistics estimated on {len(images)} training images\n"
+              "(the models are built for ImageNet features: on random ones expect ~0 mIoU, README, quick start)")
 
 
 def read_checkpoint(path):
@@ -435,6 +601,131 @@ def read_checkpoint(path):
     return state
 
 
+def load_weights(model, state, path):
+    """model.load_state_dict(state["model"]), with one line naming the file when its weights do not fit."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        sys.exit(f"error: the weights in {path} do not fit this model ({describe_run(state['args'])} saved "
+                 f"them): {detail[:400]}{'...' if len(detail) > 400 else ''}")
+
+
+# The built-in parameter-free baseline: the floor that every model must clearly beat (--model baseline)
+@dataclasses.dataclass
+class BaselineConfig:
+    backbone: str = "resnet50"
+    pretrained: bool = True
+    baseline_features: str = "layer3"  # mid-level features, PFENet's prototype level; "image": the pixels
+
+
+class PrototypeBaseline(nn.Module):
+    """PANet's parameter-free rule: foreground and background prototypes of the support by masked average
+    pooling, cosine with every query pixel, foreground where cos(fg) > cos(bg), i.e. a threshold at 0 on the
+    difference. K shots: the prototypes are averaged. No learnable parameter: train.py evaluates it directly.
+    Features: a level of the frozen backbone, or the normalised pixels ("image"), which need no weights at all.
+    """
+
+    def __init__(self, cfg: BaselineConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.baseline_features != "image":
+            self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained)
+
+    def features(self, img):
+        return img if self.cfg.baseline_features == "image" else self.backbone(img)[self.cfg.baseline_features]
+
+    def forward(self, img_q, img_s, m_s, class_ids=None):
+        B, S = img_s.shape[:2]
+        f_q = self.features(img_q)  # (B,C,h,w)
+        f_s = self.features(img_s.flatten(0, 1))  # (B*S,C,h,w)
+        m = m_s.flatten(0, 1)  # (B*S,H,W); 255 belongs to neither prototype
+        protos = [common.masked_average_pooling(f_s, (m == c).float()).view(B, S, -1).mean(1) for c in (0, 1)]
+        cos = [F.cosine_similarity(f_q, p[:, :, None, None], dim=1) for p in protos]  # 2 x (B,h,w)
+        logits = torch.stack(cos, 1)  # (B,2,h,w): background, foreground
+        return {"logits": F.interpolate(logits, img_q.shape[-2:], mode="bilinear", align_corners=True)}
+
+    def loss(self, out, m_q, m_s):
+        total = common.seg_loss(out["logits"], m_q)
+        return total, {"main": total}
+
+
+class BaselineModule:
+    """Stands in for a model file, so that the baseline goes through exactly the same code path."""
+    Config = BaselineConfig
+    Model = PrototypeBaseline
+    DEFAULTS = {}
+    __name__ = "baseline"
+
+    @staticmethod
+    def add_args(parser):
+        parser.add_argument("--baseline-features", choices=["layer1", "layer2", "layer3", "layer4", "image"],
+                            help="features of the baseline (default layer3)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training: epochs of episodic SGD through common.fit, a checkpoint after each
+
+
+def train(model, optimizer, args, cfg, device, rank, world, log_file, resumed=None):
+    """Epochs of episodic SGD with a per-iteration poly schedule; a checkpoint every epoch; returns best mIoU.
+    resumed: the state of OUT/last.pt for --resume (main has loaded its model weights already)."""
+    dataset = build_dataset(args, "train")
+    per_rank = args.batch_size // world
+    sampler = EpisodeSampler(len(dataset), rank, world, shuffle=True, seed=args.seed, batch_size=per_rank)
+    loader = make_loader(dataset, sampler, per_rank, args, device, drop_last=True)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        sys.exit(f"error: {len(dataset)} training episodes do not fill one batch of {args.batch_size}")
+    max_iter = args.epochs * steps_per_epoch
+    start_epoch, best = 0, -1.0
+    last = args.out / "last.pt"
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        start_epoch, best = resumed["epoch"], resumed["best"]
+        log(rank, f"resumed from {last} after epoch {start_epoch}")
+    log(rank, f"training: {len(dataset)} episodes/epoch, {steps_per_epoch} steps of {args.batch_size}, "
+              f"{args.epochs} epochs, lr {args.lr}")
+
+    def batches(epoch):
+        sampler.set_stream(epoch)
+        epoch_batches = iter(loader)  # starting workers draws from the global RNG: seed after it, so that
+        torch.manual_seed(args.seed * 100003 + epoch * 101 + rank)  # dropout is the same whether or not we resumed
+        model.train()
+        return epoch_batches
+
+    def step(batch):
+        batch = to_device(batch, device)
+        with autocast(device, not args.fp32):
+            out = model(batch["img_q"], batch["img_s"], batch["m_s"], batch["class_id"], **query_mask(model, batch))
+            return unwrap(model).loss(out, batch["m_q"], batch["m_s"])
+
+    def end_epoch(epoch):
+        nonlocal best
+        if args.select_best and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
+            scores = evaluate_protocol(model, args, device, rank, world)
+            miou = scores["miou"]
+            write_log(log_file, {"event": "val", "epoch": epoch + 1, "miou": miou, "fbiou": scores["fbiou"]})
+            if miou > best:
+                best = miou
+                if rank == 0:
+                    save_checkpoint(args.out / "best.pt", model, optimizer, epoch + 1, cfg, args, best)
+        if rank == 0:
+            save_checkpoint(last, model, optimizer, epoch + 1, cfg, args, best)
+        if world > 1:
+            dist.barrier()
+
+    try:
+        common.fit(step, optimizer, batches, lambda it: args.lr * (1 - it / max_iter) ** POLY_POWER, args.epochs,
+                   steps_per_epoch, start_epoch=start_epoch, log_every=args.log_every, per_step=args.batch_size,
+                   log=lambda line: log(rank, line), log_file=log_file, end_epoch=end_epoch)
+    except common.NonFiniteLossError as err:
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+        log(rank, f"error: {err}; stopping. {kept} (try a lower --lr, or --fp32).")
+        sys.exit(EXIT_NONFINITE)
+    return best
+
+
 def save_checkpoint(path, model, optimizer, epoch, cfg, args, best):
     state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
              "config": dataclasses.asdict(cfg), "args": {k: str(v) if isinstance(v, Path) else v
@@ -442,16 +733,160 @@ def save_checkpoint(path, model, optimizer, epoch, cfg, args, best):
     common.save_atomic(state, path)
 
 
-def split_text(run):
-    """"fold K", or "classes 3,7,9" for --test-classes: which novel classes a run (its arguments as a dict) tests."""
-    classes = run.get("test_classes")
-    return f"classes {','.join(map(str, classes))}" if classes else f"fold {run['fold']}"
+def query_mask(model, batch):
+    """{"m_q": the query mask} for a model whose forward takes one in training (CRCNet predicts the support with
+    the query as its labelled reference), else {}. Evaluation never passes it."""
+    return {"m_q": batch["m_q"]} if "m_q" in inspect.signature(unwrap(model).forward).parameters else {}
 
 
-def describe_run(saved):
-    """The run that saved arguments `saved` (a checkpoint's "args") belong to, in words."""
-    return (f"{Path(saved['model']).stem} on {saved['dataset']} {split_text(saved)}, {saved['shot']}-shot, "
-            f"{saved.get('backbone', 'resnet50')}")
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: the shared protocol, the report, the four-fold table
+
+
+@torch.no_grad()
+def evaluate(model, loader, dataset, device, args, rank, seed):
+    """One test seed: class mIoU and FB-IoU (PFENet's definitions, common.IoUMeter) at original resolution."""
+    net = unwrap(model)
+    net.eval()
+    infer = getattr(net, "predict", None) or (lambda *a: net(*a)["logits"])
+    meter = common.IoUMeter(dataset.num_classes, device=device)
+    loader.sampler.set_stream(seed)
+    for batch in loader:
+        batch = to_device(batch, device)
+        with autocast(device, args.bf16_eval):
+            logits = infer(batch["img_q"], batch["img_s"], batch["m_s"], batch["class_id"])  # (B,2,H,W)
+        for b, target in enumerate(batch["m_q_orig"]):
+            probs = data.logits_to_original(logits[b].float(), target.shape[-2:]).softmax(0)  # (2,H0,W0)
+            meter.update(probs.argmax(0)[None], target[None].to(device), batch["class_id"][b:b + 1], probs[1][None])
+    meter.all_reduce()
+    return meter
+
+
+def evaluate_protocol(model, args, device, rank, world):
+    """All test seeds; returns a dict of fractions: miou, fbiou (means over the seeds), miou_std, fbiou_std (their
+    standard deviations over the seeds), per_class {class: IoU, mean over the seeds}, fg_prob [mean p(fg) on true
+    background, on true foreground], seeds (per-seed miou and fbiou), and the dataset under "dataset"."""
+    dataset = build_dataset(args, "test")
+    sampler = EpisodeSampler(len(dataset), rank, world)
+    loader = make_loader(dataset, sampler, max(1, args.batch_size // world), args, device, drop_last=False)
+    mious, fbious, per_class, probs = [], [], {}, []
+    for seed in range(args.test_seeds):
+        t0 = time.perf_counter()
+        meter = evaluate(model, loader, dataset, device, args, rank, seed)
+        classes = [int(c) for c in dataset.classes]
+        unseen = sorted(set(classes) - set(meter.seen()))
+        if unseen:
+            names = ", ".join(dataset.class_names.get(c, str(c)) for c in unseen)
+            log(rank, f"WARNING: test seed {seed} has no episode of {names}: IoU 0 in the mIoU, as PFENet and HSNet "
+                      "count it (more --test-episodes would cover every class)")
+        mious.append(meter.miou(classes))
+        fbious.append(meter.fbiou())
+        probs.append(meter.mean_probability())
+        for c, iou in meter.class_iou(classes).items():
+            per_class.setdefault(c, []).append(iou)
+        log(rank, f"test seed {seed}: mIoU {100 * mious[-1]:.2f}  FB-IoU {100 * fbious[-1]:.2f}  "
+                  f"({len(dataset)} episodes, {time.perf_counter() - t0:.1f}s)")
+    (miou, miou_std), (fbiou, fbiou_std) = spread(mious), spread(fbious)
+    return {"miou": miou, "miou_std": miou_std, "fbiou": fbiou, "fbiou_std": fbiou_std,
+            "per_class": {c: float(np.mean(v)) for c, v in per_class.items()}, "fg_prob": np.mean(probs, 0).tolist(),
+            "seeds": {"miou": mious, "fbiou": fbious}, "dataset": dataset}
+
+
+def spread(values):
+    """(mean, sample standard deviation) of a list; the deviation is NaN for a single value."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
+def report(args, scores, rank, log_file):
+    """The class table, the mean and spread over the test seeds, a metrics.jsonl record and the RESULT line."""
+    if rank != 0:
+        return
+    dataset, per_class, probs = scores["dataset"], scores["per_class"], scores["fg_prob"]
+    names = {c: dataset.class_names.get(c, str(c)) for c in per_class}
+    width = max(map(len, names.values()), default=4)
+    print(f"\n{'class':>6}  {'name':<{width}}  IoU")
+    for c in sorted(per_class):
+        print(f"{c:>6}  {names[c]:<{width}}  {100 * per_class[c]:6.2f}")
+    if args.test_seeds > 1:
+        print(f"\nmIoU {100 * scores['miou']:.2f} +- {100 * scores['miou_std']:.2f}  "
+              f"FB-IoU {100 * scores['fbiou']:.2f} +- {100 * scores['fbiou_std']:.2f}  (mean +- standard deviation "
+              f"over {args.test_seeds} test seeds of {args.test_episodes} episodes)")
+    else:
+        print(f"\nmIoU {100 * scores['miou']:.2f}  FB-IoU {100 * scores['fbiou']:.2f}  (one test seed of "
+              f"{args.test_episodes} episodes, so no spread: --test-seeds 5 gives one)")
+    print(f"mean p(foreground): {probs[1]:.3f} on object pixels, {probs[0]:.3f} on background (a diagnostic: a "
+          "pixel counts as foreground from 0.5 on)")
+    record = {"event": "result", "model": Path(args.model).stem, "dataset": args.dataset, "fold": args.fold,
+              "test_classes": args.test_classes,
+              "shot": args.shot, "img_size": args.img_size, "coco_split": args.coco_split,
+              **{k: scores[k] for k in ("miou", "miou_std", "fbiou", "fbiou_std", "per_class")},
+              "seed_miou": scores["seeds"]["miou"], "seed_fbiou": scores["seeds"]["fbiou"],
+              "fg_prob_object": probs[1], "fg_prob_background": probs[0],
+              "episodes": args.test_episodes, "seeds": args.test_seeds}
+    write_log(log_file, record)
+    print(result_line(record), flush=True)
+
+
+def result_line(record):
+    """The line for scripts: RESULT model=.. dataset=.. fold=.. shot=.. miou=.. miou_std=.. fbiou=.. fbiou_std=.."""
+    scores = " ".join(f"{k}={100 * record[k]:.2f}" for k in ("miou", "miou_std", "fbiou", "fbiou_std"))
+    split = split_text(record).replace(" ", "=", 1)  # fold=K, or classes=3,7,9
+    return f"RESULT model={record['model']} dataset={record['dataset']} {split} " \
+           f"shot={record['shot']} {scores}"
+
+
+def write_log(log_file, record):
+    if log_file is not None:
+        with open(log_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_result(out):
+    """The last result record of OUT/metrics.jsonl, or None."""
+    log_file = out / "metrics.jsonl"
+    records = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.exists() else []
+    return next((r for r in reversed(records) if r.get("event") == "result"), None)
+
+
+def finished_result(args):
+    """The result record of a fold whose training is complete (last.pt at --epochs) and whose last result was
+    made under this run's protocol (shot, crop, test episodes and seeds), else None."""
+    record = read_result(args.out)
+    if record is None or not (args.out / "last.pt").exists():
+        return None
+    protocol = ("shot", "img_size", "episodes", "seeds")
+    asked = (args.shot, args.img_size, args.test_episodes, args.test_seeds)
+    if tuple(record.get(k) for k in protocol) != asked or read_checkpoint(args.out / "last.pt")["epoch"] < args.epochs:
+        return None
+    return record
+
+
+def report_folds(args, records):
+    """The papers' four-fold table: per-fold mIoU and FB-IoU and their means, each with its standard deviation
+    over the test seeds (the mean's: of the per-seed means over the folds), as text and as Markdown, then one
+    RESULT line for the mean."""
+    per_seed = {k: np.array([r[f"seed_{k}"] for r in records]) for k in ("miou", "fbiou")}  # (folds, seeds)
+    mean = {k: spread(v.mean(0).tolist()) for k, v in per_seed.items()}
+    cell = lambda m, sd: f"{100 * m:.2f}" + ("" if math.isnan(sd) else f" +- {100 * sd:.2f}")
+    name, seeds = Path(args.model).stem, records[0]["seeds"]
+    print(f"\n{name} on {args.dataset}, {args.shot}-shot, four folds ({seeds} test seed(s) of "
+          f"{records[0]['episodes']} episodes; +- is the standard deviation over the seeds)")
+    print(f"{'fold':>6}  {'mIoU':>15}  {'FB-IoU':>15}")
+    for fold, r in enumerate(records):
+        print(f"{fold:>6}  {cell(r['miou'], r['miou_std']):>15}  {cell(r['fbiou'], r['fbiou_std']):>15}")
+    print(f"{'mean':>6}  {cell(*mean['miou']):>15}  {cell(*mean['fbiou']):>15}")
+    md = lambda m, sd: f"{100 * m:.1f}" + ("" if math.isnan(sd) else f" ± {100 * sd:.1f}")
+    print("\n| model | shot | fold 0 | fold 1 | fold 2 | fold 3 | mean mIoU | mean FB-IoU |\n"
+          "|---|---|---|---|---|---|---|---|")
+    print(f"| {name} | {args.shot} | " + " | ".join(md(r["miou"], r["miou_std"]) for r in records)
+          + f" | {md(*mean['miou'])} | {md(*mean['fbiou'])} |\n")
+    print(result_line({"model": name, "dataset": args.dataset, "fold": "all", "shot": args.shot,
+                       "miou": mean["miou"][0], "miou_std": mean["miou"][1], "fbiou": mean["fbiou"][0],
+                       "fbiou_std": mean["fbiou"][1]}), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run folders: nothing a user made is lost
 
 
 @contextmanager
@@ -524,16 +959,6 @@ def read_resumable(args):
     return state
 
 
-def load_weights(model, state, path):
-    """model.load_state_dict(state["model"]), with one line naming the file when its weights do not fit."""
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())
-        sys.exit(f"error: the weights in {path} do not fit this model ({describe_run(state['args'])} saved "
-                 f"them): {detail[:400]}{'...' if len(detail) > 400 else ''}")
-
-
 def truncate_log(log_file, epoch):
     """--resume: drop the records of epochs after the checkpoint's (an interrupted epoch's, which the resumed run
     writes again) and mark the resume point, so that metrics.jsonl reads as one run."""
@@ -572,20 +997,43 @@ def original_message(err):
     return text
 
 
-def unwrap(model):
-    model = model.module if isinstance(model, DDP) else model
-    return getattr(model, "_orig_mod", model)  # torch.compile wraps the module
+def describe_run(saved):
+    """The run that saved arguments `saved` (a checkpoint's "args") belong to, in words."""
+    return (f"{Path(saved['model']).stem} on {saved['dataset']} {split_text(saved)}, {saved['shot']}-shot, "
+            f"{saved.get('backbone', 'resnet50')}")
 
 
-def query_mask(model, batch):
-    """{"m_q": the query mask} for a model whose forward takes one in training (CRCNet predicts the support with
-    the query as its labelled reference), else {}. Evaluation never passes it."""
-    return {"m_q": batch["m_q"]} if "m_q" in inspect.signature(unwrap(model).forward).parameters else {}
+def split_text(run):
+    """"fold K", or "classes 3,7,9" for --test-classes: which novel classes a run (its arguments as a dict) tests."""
+    classes = run.get("test_classes")
+    return f"classes {','.join(map(str, classes))}" if classes else f"fold {run['fold']}"
 
 
-def count_parameters(model):
-    learnable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return learnable, sum(p.numel() for p in model.parameters())
+# ----------------------------------------------------------------------------------------------------------
+# Devices and processes
+
+
+def setup_device():
+    """(device, rank, world). Under torchrun every process takes its own GPU (or CPU with gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, rank, world
+
+
+def log(rank, *msg):
+    if rank == 0:
+        print(*msg, flush=True)
 
 
 def autocast(device, bf16):
@@ -599,248 +1047,18 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Episodes: the sampler carries the stream (epoch or test seed) with each index, so that persistent
-# DataLoader workers draw the right episode without being told about the epoch.
+def unwrap(model):
+    model = model.module if isinstance(model, DDP) else model
+    return getattr(model, "_orig_mod", model)  # torch.compile wraps the module
 
 
-class EpisodeSampler(Sampler):
-    """Yields (stream, index) keys. Training: a permutation seeded by (seed, epoch), split across ranks,
-    trimmed to whole global batches. Test: episodes 0..n-1 of one test seed, rank r taking r, r+world, ..."""
-
-    def __init__(self, length, rank=0, world=1, shuffle=False, seed=0, batch_size=1):
-        self.length, self.rank, self.world = length, rank, world
-        self.shuffle, self.seed, self.batch_size = shuffle, seed, batch_size
-        self.stream = 0
-
-    def set_stream(self, stream):
-        self.stream = stream
-
-    def _indices(self):
-        if not self.shuffle:
-            return list(range(self.rank, self.length, self.world))
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.stream)
-        order = torch.randperm(self.length, generator=g).tolist()
-        per_rank = self.length // (self.world * self.batch_size) * self.batch_size
-        return order[self.rank::self.world][:per_rank]
-
-    def __iter__(self):
-        return iter([(self.stream, i) for i in self._indices()])
-
-    def __len__(self):
-        return len(self._indices())
-
-
-def make_loader(dataset, sampler, batch_size, args, device, drop_last):
-    workers = args.workers
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      collate_fn=data.collate_episodes, drop_last=drop_last,
-                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None)
-
-
-def build_dataset(args, split):
-    try:
-        return data.build_dataset(args.dataset, split, args.fold, shot=args.shot, img_size=args.img_size,
-                                  root=args.data_root, seed=args.seed if split == "train" else 0,
-                                  episodes=args.test_episodes,
-                                  coco_split=args.coco_split, train_length=args.train_length,
-                                  support_boxes=args.support_boxes, augment=args.augment,
-                                  test_classes=args.test_classes)
-    except FileNotFoundError as err:  # a missing or incomplete data root: the message names the layout
-        sys.exit(f"error: {err}")
+def count_parameters(model):
+    learnable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return learnable, sum(p.numel() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Evaluation: the same for every model
-
-
-@torch.no_grad()
-def evaluate(model, loader, dataset, device, args, rank, seed):
-    """One test seed: class mIoU and FB-IoU (PFENet's definitions, common.IoUMeter) at original resolution."""
-    net = unwrap(model)
-    net.eval()
-    infer = getattr(net, "predict", None) or (lambda *a: net(*a)["logits"])
-    meter = common.IoUMeter(dataset.num_classes, device=device)
-    loader.sampler.set_stream(seed)
-    for batch in loader:
-        batch = to_device(batch, device)
-        with autocast(device, args.bf16_eval):
-            logits = infer(batch["img_q"], batch["img_s"], batch["m_s"], batch["class_id"])  # (B,2,H,W)
-        for b, target in enumerate(batch["m_q_orig"]):
-            probs = data.logits_to_original(logits[b].float(), target.shape[-2:]).softmax(0)  # (2,H0,W0)
-            meter.update(probs.argmax(0)[None], target[None].to(device), batch["class_id"][b:b + 1], probs[1][None])
-    meter.all_reduce()
-    return meter
-
-
-def spread(values):
-    """(mean, sample standard deviation) of a list; the deviation is NaN for a single value."""
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
-
-
-def evaluate_protocol(model, args, device, rank, world):
-    """All test seeds; returns a dict of fractions: miou, fbiou (means over the seeds), miou_std, fbiou_std (their
-    standard deviations over the seeds), per_class {class: IoU, mean over the seeds}, fg_prob [mean p(fg) on true
-    background, on true foreground], seeds (per-seed miou and fbiou), and the dataset under "dataset"."""
-    dataset = build_dataset(args, "test")
-    sampler = EpisodeSampler(len(dataset), rank, world)
-    loader = make_loader(dataset, sampler, max(1, args.batch_size // world), args, device, drop_last=False)
-    mious, fbious, per_class, probs = [], [], {}, []
-    for seed in range(args.test_seeds):
-        t0 = time.perf_counter()
-        meter = evaluate(model, loader, dataset, device, args, rank, seed)
-        classes = [int(c) for c in dataset.classes]
-        unseen = sorted(set(classes) - set(meter.seen()))
-        if unseen:
-            names = ", ".join(dataset.class_names.get(c, str(c)) for c in unseen)
-            log(rank, f"WARNING: test seed {seed} has no episode of {names}: IoU 0 in the mIoU, as PFENet and HSNet "
-                      "count it (more --test-episodes would cover every class)")
-        mious.append(meter.miou(classes))
-        fbious.append(meter.fbiou())
-        probs.append(meter.mean_probability())
-        for c, iou in meter.class_iou(classes).items():
-            per_class.setdefault(c, []).append(iou)
-        log(rank, f"test seed {seed}: mIoU {100 * mious[-1]:.2f}  FB-IoU {100 * fbious[-1]:.2f}  "
-                  f"({len(dataset)} episodes, {time.perf_counter() - t0:.1f}s)")
-    (miou, miou_std), (fbiou, fbiou_std) = spread(mious), spread(fbious)
-    return {"miou": miou, "miou_std": miou_std, "fbiou": fbiou, "fbiou_std": fbiou_std,
-            "per_class": {c: float(np.mean(v)) for c, v in per_class.items()}, "fg_prob": np.mean(probs, 0).tolist(),
-            "seeds": {"miou": mious, "fbiou": fbious}, "dataset": dataset}
-
-
-def report(args, scores, rank, log_file):
-    """The class table, the mean and spread over the test seeds, a metrics.jsonl record and the RESULT line."""
-    if rank != 0:
-        return
-    dataset, per_class, probs = scores["dataset"], scores["per_class"], scores["fg_prob"]
-    names = {c: dataset.class_names.get(c, str(c)) for c in per_class}
-    width = max(map(len, names.values()), default=4)
-    print(f"\n{'class':>6}  {'name':<{width}}  IoU")
-    for c in sorted(per_class):
-        print(f"{c:>6}  {names[c]:<{width}}  {100 * per_class[c]:6.2f}")
-    if args.test_seeds > 1:
-        print(f"\nmIoU {100 * scores['miou']:.2f} +- {100 * scores['miou_std']:.2f}  FB-IoU {100 * scores['fbiou']:.2f} "
-              f"+- {100 * scores['fbiou_std']:.2f}  (mean +- standard deviation over {args.test_seeds} test seeds of "
-              f"{args.test_episodes} episodes)")
-    else:
-        print(f"\nmIoU {100 * scores['miou']:.2f}  FB-IoU {100 * scores['fbiou']:.2f}  (one test seed of "
-              f"{args.test_episodes} episodes, so no spread: --test-seeds 5 gives one)")
-    print(f"mean predicted p(foreground): {probs[1]:.3f} on object pixels, {probs[0]:.3f} on background "
-          "(a diagnostic, not the protocol: a pixel counts as foreground from 0.5 on)")
-    record = {"event": "result", "model": Path(args.model).stem, "dataset": args.dataset, "fold": args.fold,
-              "test_classes": args.test_classes,
-              "shot": args.shot, "img_size": args.img_size, "coco_split": args.coco_split,
-              **{k: scores[k] for k in ("miou", "miou_std", "fbiou", "fbiou_std", "per_class")},
-              "seed_miou": scores["seeds"]["miou"], "seed_fbiou": scores["seeds"]["fbiou"],
-              "fg_prob_object": probs[1], "fg_prob_background": probs[0],
-              "episodes": args.test_episodes, "seeds": args.test_seeds}
-    write_log(log_file, record)
-    print(result_line(record), flush=True)
-
-
-def result_line(record):
-    """The line for scripts: RESULT model=.. dataset=.. fold=.. shot=.. miou=.. miou_std=.. fbiou=.. fbiou_std=.."""
-    scores = " ".join(f"{k}={100 * record[k]:.2f}" for k in ("miou", "miou_std", "fbiou", "fbiou_std"))
-    split = split_text(record).replace(" ", "=", 1)  # fold=K, or classes=3,7,9
-    return f"RESULT model={record['model']} dataset={record['dataset']} {split} " \
-           f"shot={record['shot']} {scores}"
-
-
-def write_log(log_file, record):
-    if log_file is not None:
-        with open(log_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def calibrate_random_backbones(model, args, device, rank):
-    """--no-pretrained: every random-weight common.Backbone of the model gets BatchNorm statistics estimated on
-    the first common.CALIBRATION_IMAGES images of the training episodes (the same for every model and process).
-    They are saved in the checkpoints with every other weight."""
-    backbones = [m for m in model.modules() if isinstance(m, common.Backbone) and not m.pretrained
-                 and not m.calibrated]  # calibrated: statistics from a stage's checkpoint (Sym-Net's base learner)
-    if not backbones:
-        return
-    dataset, images = build_dataset(args, "train"), []
-    for i in range(len(dataset)):
-        if len(images) >= common.CALIBRATION_IMAGES:
-            break
-        episode = dataset[(0, i)]
-        images += [episode["img_q"], *episode["img_s"]]
-    images = torch.stack(images[:common.CALIBRATION_IMAGES]).to(device)  # (N,3,H,W)
-    for backbone in backbones:
-        backbone.calibrate(images)
-    log(rank, f"random backbone weights (--no-pretrained): BatchNorm statistics estimated on {len(images)} "
-              "training images. The models are built for ImageNet features; on random ones the quick start leaves "
-              "them under p 0.5 on the objects, so expect ~0 mIoU (the report's p(foreground) line shows what they "
-              "learned; README, quick start)")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training
-
-
-def train(model, optimizer, args, cfg, device, rank, world, log_file, resumed=None):
-    """Epochs of episodic SGD with a per-iteration poly schedule; a checkpoint every epoch; returns best mIoU.
-    resumed: the state of OUT/last.pt for --resume (main has loaded its model weights already)."""
-    dataset = build_dataset(args, "train")
-    per_rank = args.batch_size // world
-    sampler = EpisodeSampler(len(dataset), rank, world, shuffle=True, seed=args.seed, batch_size=per_rank)
-    loader = make_loader(dataset, sampler, per_rank, args, device, drop_last=True)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        sys.exit(f"error: {len(dataset)} training episodes do not fill one batch of {args.batch_size}")
-    max_iter = args.epochs * steps_per_epoch
-    start_epoch, best = 0, -1.0
-    last = args.out / "last.pt"
-    if resumed is not None:
-        optimizer.load_state_dict(resumed["optimizer"])
-        start_epoch, best = resumed["epoch"], resumed["best"]
-        log(rank, f"resumed from {last} after epoch {start_epoch}")
-    log(rank, f"training: {len(dataset)} episodes/epoch, {steps_per_epoch} steps of {args.batch_size}, "
-              f"{args.epochs} epochs, lr {args.lr}")
-
-    def batches(epoch):
-        sampler.set_stream(epoch)
-        epoch_batches = iter(loader)  # starting workers draws from the global RNG: seed after it, so that
-        torch.manual_seed(args.seed * 100003 + epoch * 101 + rank)  # dropout is the same whether or not we resumed
-        model.train()
-        return epoch_batches
-
-    def step(batch):
-        batch = to_device(batch, device)
-        with autocast(device, not args.fp32):
-            out = model(batch["img_q"], batch["img_s"], batch["m_s"], batch["class_id"], **query_mask(model, batch))
-            return unwrap(model).loss(out, batch["m_q"], batch["m_s"])
-
-    def end_epoch(epoch):
-        nonlocal best
-        if args.select_best and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
-            scores = evaluate_protocol(model, args, device, rank, world)
-            miou = scores["miou"]
-            write_log(log_file, {"event": "val", "epoch": epoch + 1, "miou": miou, "fbiou": scores["fbiou"]})
-            if miou > best:
-                best = miou
-                if rank == 0:
-                    save_checkpoint(args.out / "best.pt", model, optimizer, epoch + 1, cfg, args, best)
-        if rank == 0:
-            save_checkpoint(last, model, optimizer, epoch + 1, cfg, args, best)
-        if world > 1:
-            dist.barrier()
-
-    try:
-        common.fit(step, optimizer, batches, lambda it: args.lr * (1 - it / max_iter) ** POLY_POWER, args.epochs,
-                   steps_per_epoch, start_epoch=start_epoch, log_every=args.log_every, per_step=args.batch_size,
-                   log=lambda line: log(rank, line), log_file=log_file, end_epoch=end_epoch)
-    except common.NonFiniteLossError as err:
-        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-        log(rank, f"error: {err}; stopping. {kept} (try a lower --lr, or --fp32).")
-        sys.exit(EXIT_NONFINITE)
-    return best
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Benchmark, visualisation, prediction on a user's own files
+# Tools: --bench (speed, host syncs, work) and --bench-data
 
 
 def bench(model, optimizer, args, device):
@@ -1010,23 +1228,6 @@ def bf16_peak_tflops(device, args):
     return next((tflops for key, tflops in BF16_PEAK_TFLOPS if re.search(rf"\b{key}\b", name)), None)
 
 
-def write_pascal_like(root, n, seed=0):
-    """n PASCAL-sized (500x375) JPEGs with their label PNGs and VOC's list files under root, for --bench-data
-    without the dataset: the synthetic renderer's objects (its 20 classes stand in for VOC's 20)."""
-    for sub in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    rng, names = np.random.default_rng(seed), [f"{i:06d}" for i in range(n)]
-    for i, name in enumerate(names):
-        img, label = data.render_synthetic(rng, 1 + i % 20, np.arange(1, 21), 500)  # (3,500,500), (500,500)
-        rgb = (img[:, :375] * 255).round().byte().permute(1, 2, 0).numpy()  # (375,500,3): landscape, as VOC's
-        Image.fromarray(rgb).save(root / "JPEGImages" / f"{name}.jpg", quality=90)
-        Image.fromarray(label[:375].numpy().astype(np.uint8)).save(root / "SegmentationClassAug" / f"{name}.png")
-    sets = root / "ImageSets" / "Segmentation"
-    (sets / "train.txt").write_text("\n".join(names[: n * 4 // 5]) + "\n")
-    (sets / "sbd_train_noval.txt").write_text("")
-    (sets / "val.txt").write_text("\n".join(names[n * 4 // 5:]) + "\n")
-
-
 def bench_data(args, device):
     """Training episodes/s that data.py delivers (decode, augment, collate) with 0, 1, 2, 4, ... --workers
     DataLoader workers. PASCAL without --data-root: BENCH_DATA_IMAGES generated JPEGs in a temporary folder."""
@@ -1058,6 +1259,27 @@ def bench_data(args, device):
             print(f"  {workers:2d} workers: {rate:7.1f} episodes/s ({rate / max(workers, 1):.1f} per worker, "
                   f"{1000 * max(workers, 1) / rate / (1 + args.shot):.1f} ms of one process per image)", flush=True)
             del loader
+
+
+def write_pascal_like(root, n, seed=0):
+    """n PASCAL-sized (500x375) JPEGs with their label PNGs and VOC's list files under root, for --bench-data
+    without the dataset: the synthetic renderer's objects (its 20 classes stand in for VOC's 20)."""
+    for sub in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    rng, names = np.random.default_rng(seed), [f"{i:06d}" for i in range(n)]
+    for i, name in enumerate(names):
+        img, label = data.render_synthetic(rng, 1 + i % 20, np.arange(1, 21), 500)  # (3,500,500), (500,500)
+        rgb = (img[:, :375] * 255).round().byte().permute(1, 2, 0).numpy()  # (375,500,3): landscape, as VOC's
+        Image.fromarray(rgb).save(root / "JPEGImages" / f"{name}.jpg", quality=90)
+        Image.fromarray(label[:375].numpy().astype(np.uint8)).save(root / "SegmentationClassAug" / f"{name}.png")
+    sets = root / "ImageSets" / "Segmentation"
+    (sets / "train.txt").write_text("\n".join(names[: n * 4 // 5]) + "\n")
+    (sets / "sbd_train_noval.txt").write_text("")
+    (sets / "val.txt").write_text("\n".join(names[n * 4 // 5:]) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tools: --vis and --predict
 
 
 def overlay(img, mask, colour):
@@ -1132,196 +1354,6 @@ def predict(model, args, device):
         Image.fromarray((pred * 255).to(torch.uint8).numpy()).save(f"{stem}_mask.png")
         Image.fromarray(overlay(img, pred, (255, 0, 0))).save(f"{stem}_overlay.png")
         print(f"{path}: {100 * pred.float().mean():.1f}% of the pixels -> {stem}_mask.png, {stem}_overlay.png")
-
-
-# ----------------------------------------------------------------------------------------------------------
-
-
-def main(argv=None):
-    """Parse the command line and run it. A bad dataset file, a failed save and Ctrl-C end in one clear line and
-    a non-zero exit status (130 for Ctrl-C, as shells report it), never a traceback."""
-    args, module = parse_args(argv)
-    try:
-        return run_all_folds(args, module) if args.fold == "all" else run(args, module)
-    except KeyboardInterrupt:
-        stop_interrupted(args, sys.argv[1:] if argv is None else argv)
-    except data.DatasetError as err:  # also when a DataLoader worker re-raised it
-        sys.exit(f"error: {original_message(err)}")
-    except common.SaveError as err:
-        sys.exit(f"error: {err}")
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run(args, module):
-    """One run of the command line: a stage, a benchmark, a prediction, or training and evaluation."""
-    device, rank, world = setup_device()
-    if args.batch_size % world:
-        sys.exit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
-    if args.bench_data:
-        return bench_data(args, device)
-    if args.stage:  # an extra training stage that the model file provides, instead of the episodic training
-        return run_stage(args, module, rank)
-    if args.bench or args.predict:
-        model, optimizer, *_ = build_model(module, args, device, rank, world)
-        return bench(model, optimizer, args, device) if args.bench else predict(model, args, device)
-    training = not args.eval_only and not model_is_parameter_free(module)
-    with hold_run_folder(args, training) if rank == 0 else nullcontext():
-        for split in ("train", "test") if training else ("test",):  # every listed file checked before the model
-            build_dataset(args, split)
-        model, optimizer, cfg, resumed = build_model(module, args, device, rank, world)
-        learnable, total = count_parameters(model)
-        log_file = args.out / "metrics.jsonl" if rank == 0 else None
-        if resumed is not None and rank == 0:
-            truncate_log(log_file, resumed["epoch"])
-        log(rank, f"{Path(args.model).stem} on {args.dataset} {split_text(vars(args))}, {args.shot}-shot, "
-                  f"{args.img_size}px, {device}, {world} process(es); {learnable:,} learnable / {total:,} "
-                  f"parameters; run folder {args.out}")
-        write_log(log_file, {"event": "start", "args": {k: str(v) for k, v in vars(args).items()}})
-        # 1. training (skipped for --eval-only and for a model with nothing to learn)
-        if training and learnable:
-            train(model, optimizer, args, cfg, device, rank, world, log_file, resumed)
-            if args.select_best and (args.out / "best.pt").exists():
-                unwrap(model).load_state_dict(read_checkpoint(args.out / "best.pt")["model"])
-                log(rank, "evaluating best.pt (chosen on the test fold: an optimistic estimate)")
-        # 2. evaluation under the shared protocol, and pictures of it
-        if args.vis and rank == 0:
-            visualise(model, args, device, rank)
-        scores = evaluate_protocol(model, args, device, rank, world)
-        report(args, scores, rank, log_file)
-    return scores["miou"], scores["fbiou"]
-
-
-def run_all_folds(args, module):
-    """--fold all: the four folds one after another, each in its own folder (OUT/foldK, or each fold's default
-    folder), then their table. Resumable: a fold whose training is complete and whose last result was made
-    under this protocol is taken as it is, an interrupted one resumes, a complete one without that result is
-    evaluated. With --eval-only, every fold's checkpoint (--checkpoint with {fold} in it, else the fold folder's
-    last.pt) is evaluated. Under torchrun every fold uses every process."""
-    rank, records = int(os.environ.get("RANK", 0)), []
-    for fold in range(data.NUM_FOLDS):
-        one = argparse.Namespace(**{**vars(args), "fold": fold})
-        one.out = args.out / f"fold{fold}" if args.out else default_out(args, fold)
-        last = one.out / "last.pt"
-        if args.checkpoint:
-            one.checkpoint = args.checkpoint.format(fold=fold)
-        elif args.eval_only:
-            one.checkpoint = str(last)
-        if args.stage:  # a model's extra stage, for every fold (e.g. Sym-Net's four base learners)
-            run(one, module)
-            continue
-        fresh = args.eval_only or args.overwrite
-        record = None if fresh else finished_result(one)
-        if record is not None:
-            log(rank, f"fold {fold}: complete in {one.out}, its result taken from metrics.jsonl")
-        else:
-            if not fresh and last.exists():
-                done = read_checkpoint(last)["epoch"] >= one.epochs
-                one.eval_only, one.checkpoint, one.resume = (True, str(last), False) if done else (False, None, True)
-            elif not fresh and (one.out / "metrics.jsonl").exists():
-                one.overwrite = True  # a fold that died before its first checkpoint: nothing of it to keep
-            log(rank, f"\n=== fold {fold} of --fold all: {one.out}")
-            run(one, module)
-            record = read_result(one.out) if rank == 0 else None
-        records.append(record)
-    if rank == 0 and not args.stage:
-        report_folds(args, records)
-    return records
-
-
-def read_result(out):
-    """The last result record of OUT/metrics.jsonl, or None."""
-    log_file = out / "metrics.jsonl"
-    records = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.exists() else []
-    return next((r for r in reversed(records) if r.get("event") == "result"), None)
-
-
-def finished_result(args):
-    """The result record of a fold whose training is complete (last.pt at --epochs) and whose last result was
-    made under this run's protocol (shot, crop, test episodes and seeds), else None."""
-    record = read_result(args.out)
-    if record is None or not (args.out / "last.pt").exists():
-        return None
-    protocol = ("shot", "img_size", "episodes", "seeds")
-    asked = (args.shot, args.img_size, args.test_episodes, args.test_seeds)
-    if tuple(record.get(k) for k in protocol) != asked or read_checkpoint(args.out / "last.pt")["epoch"] < args.epochs:
-        return None
-    return record
-
-
-def report_folds(args, records):
-    """The papers' four-fold table: per-fold mIoU and FB-IoU and their means, each with its standard deviation
-    over the test seeds (the mean's: of the per-seed means over the folds), as text and as Markdown, then one
-    RESULT line for the mean."""
-    per_seed = {k: np.array([r[f"seed_{k}"] for r in records]) for k in ("miou", "fbiou")}  # (folds, seeds)
-    mean = {k: spread(v.mean(0).tolist()) for k, v in per_seed.items()}
-    cell = lambda m, sd: f"{100 * m:.2f}" + ("" if math.isnan(sd) else f" +- {100 * sd:.2f}")
-    name, seeds = Path(args.model).stem, records[0]["seeds"]
-    print(f"\n{name} on {args.dataset}, {args.shot}-shot, four folds ({seeds} test seed(s) of "
-          f"{records[0]['episodes']} episodes; +- is the standard deviation over the seeds)")
-    print(f"{'fold':>6}  {'mIoU':>15}  {'FB-IoU':>15}")
-    for fold, r in enumerate(records):
-        print(f"{fold:>6}  {cell(r['miou'], r['miou_std']):>15}  {cell(r['fbiou'], r['fbiou_std']):>15}")
-    print(f"{'mean':>6}  {cell(*mean['miou']):>15}  {cell(*mean['fbiou']):>15}")
-    md = lambda m, sd: f"{100 * m:.1f}" + ("" if math.isnan(sd) else f" ± {100 * sd:.1f}")
-    print("\n| model | shot | fold 0 | fold 1 | fold 2 | fold 3 | mean mIoU | mean FB-IoU |\n|---|---|---|---|---|---|---|---|")
-    print(f"| {name} | {args.shot} | " + " | ".join(md(r["miou"], r["miou_std"]) for r in records)
-          + f" | {md(*mean['miou'])} | {md(*mean['fbiou'])} |\n")
-    print(result_line({"model": name, "dataset": args.dataset, "fold": "all", "shot": args.shot,
-                       "miou": mean["miou"][0], "miou_std": mean["miou"][1], "fbiou": mean["fbiou"][0],
-                       "fbiou_std": mean["fbiou"][1]}), flush=True)
-
-
-def run_stage(args, module, rank):
-    """--stage NAME: the model file's STAGES[NAME](args); a NaN loss stops it with exit status 3."""
-    stages = getattr(module, "STAGES", {})
-    if args.stage not in stages:
-        sys.exit(f"error: --stage {args.stage}: {args.model} offers {sorted(stages) or 'no extra stage'}")
-    try:
-        return stages[args.stage](args)
-    except common.WeightsUnavailableError as err:
-        sys.exit(f"error: {err}")
-    except common.NonFiniteLossError as err:
-        log(rank, f"error: {err} in --stage {args.stage}; stopping (try a lower learning rate, or --fp32).")
-        sys.exit(EXIT_NONFINITE)
-
-
-def build_model(module, args, device, rank, world):
-    """(model, optimizer, cfg, resumed): the model from the paper's Config and the flags, or from --checkpoint's
-    Config and weights (the model's own flags given now apply), or from OUT/last.pt for --resume; random backbones
-    get their BatchNorm statistics (--no-pretrained); channels-last, compiled, wrapped in DDP as asked. resumed is
-    the --resume checkpoint's state (its optimizer and epoch), else None."""
-    state = read_checkpoint(args.checkpoint) if args.checkpoint else None
-    if state is not None:
-        cfg = module.Config(**state["config"])
-        overrides = {"pretrained": False, "from_checkpoint": True, "shot": args.shot, "img_size": args.img_size}
-        overrides.update({k: getattr(args, k) for k in args.model_flags})
-        for key, value in overrides.items():  # every weight is in the checkpoint; a 1-shot model may be tested
-            if hasattr(cfg, key):  # 5-shot, and the model's own flags given now (e.g. --kshot) apply
-                setattr(cfg, key, value)
-    else:
-        cfg = make_config(module, args)
-    torch.manual_seed(args.seed)
-    try:
-        model = module.Model(cfg).to(device)
-    except common.WeightsUnavailableError as err:  # offline: say what to do, without a traceback
-        sys.exit(f"error: {err}")
-    resumed = read_resumable(args) if args.resume else None
-    if state is not None or resumed is not None:  # before the optimizer is built: the checkpoint decides which
-        load_weights(model, state or resumed, args.checkpoint or args.out / "last.pt")  # parts exist (Sym-Net)
-    elif not (args.bench or args.predict):
-        calibrate_random_backbones(model, args, device, rank)
-    # NHWC: cuDNN's tensor-core convolutions want it, and oneDNN's CPU ones ran 5-18% faster in every model (README)
-    model = model.to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY) if params else None
-    if args.compile:
-        model = torch.compile(model)
-    if world > 1 and params:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    find_unused_parameters=getattr(unwrap(model), "find_unused_parameters", False))
-    return model, optimizer, cfg, resumed
 
 
 if __name__ == "__main__":
