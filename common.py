@@ -192,19 +192,26 @@ def imagenet_classifier(name, pretrained):
     return getattr(_load_torchvision(name, pretrained), _head_name(name))
 
 
+def read_torch_file(path, what, error=WeightsUnavailableError, hint=""):
+    """torch.load(path) with weights_only (tensors and plain values: no code from the file runs). A file that
+    cannot be read so (not a torch file, truncated, other objects): `error` with one line, "cannot read {what}
+    (the reason)" and `hint`, not torch's traceback."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # loading raises many kinds
+        text = " ".join(str(err).split())
+        detail = text[text.find("WeightsUnpickler"):].split(". ")[0] if "WeightsUnpickler" in text else text[:200]
+        raise error(f"cannot read {what} ({type(err).__name__}: {detail}){hint}") from err
+
+
 def _read_weight_file(path):
     """{key: tensor} of a weight file: a state dict, or one nested under "state_dict" or "model" (a training
     checkpoint's), DataParallel's "module." prefix removed. Read with weights_only: no code from the file runs."""
     if not Path(path).is_file():
         raise WeightsFileError(f"the weight file {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # not a torch file, truncated, or objects other than tensors (an argparse Namespace)
-        text = " ".join(str(err).split())
-        detail = text[text.find("WeightsUnpickler"):].split(". ")[0] if "WeightsUnpickler" in text else text[:200]
-        raise WeightsFileError(f"cannot read the weight file {path} as tensors ({type(err).__name__}: {detail}); "
-                               f"for a checkpoint holding other objects, save its state dict alone with "
-                               f"torch.save(state_dict, PATH)") from err
+    state = read_torch_file(path, f"the weight file {path} as tensors", WeightsFileError,
+                            "; for a checkpoint holding other objects, save its state dict alone with "
+                            "torch.save(state_dict, PATH)")
     while isinstance(state, dict):  # {"state_dict": ...}, {"model": ...}, {"model": {"state_dict": ...}}
         inner = next((state[k] for k in ("state_dict", "model") if isinstance(state.get(k), dict)), None)
         if inner is None:

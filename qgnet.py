@@ -512,12 +512,10 @@ def read_prior_extractor(cfg, run):
     def rename(key):
         head = next((old for old in stem if key.startswith(old)), "")
         return "stages." + stem.get(head, "") + key[len(head):]
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)["model"]
-        weights = {rename(k[len("encoder_k."):]): v for k, v in state.items()
-                   if k.startswith("encoder_k.") and not k.startswith("encoder_k.fc.")}
-    except Exception as err:  # not a torch file, truncated, not a dict, ...: loading raises many kinds
-        raise common.WeightsUnavailableError(f"cannot read {path} as stage 1's prior extractor: {err}. {make}") from err
+    state = common.read_torch_file(path, f"{path} as stage 1's prior extractor", hint=f". {make}")
+    model = state.get("model") if isinstance(state, dict) else None  # not a dict: caught by the check below
+    weights = {rename(k[len("encoder_k."):]): v for k, v in (model if isinstance(model, dict) else {}).items()
+               if k.startswith("encoder_k.") and not k.startswith("encoder_k.fc.")}
     with torch.device("meta"):  # F_p's keys and shapes, no weights initialised (no random numbers drawn)
         expected = {k: v.shape for k, v in common.Backbone("resnet50", pretrained=False).state_dict().items()}
     if {k: v.shape for k, v in weights.items()} != expected:

@@ -191,10 +191,21 @@ def build_word_vectors(word2vec_bin, out_path, names=None):
     return vectors
 
 
+def read_side_file(path, what, keys):
+    """A side file as a dict holding `keys` (common.read_torch_file); a file that is not one:
+    WeightsUnavailableError naming it and `what` it should be."""
+    state = common.read_torch_file(path, f"{path} as {what}")
+    missing = [] if isinstance(state, dict) else ["a dict"]
+    missing += [key for key in keys if isinstance(state, dict) and key not in state]
+    if missing:
+        raise common.WeightsUnavailableError(f"{path} is not {what}: it lacks {', '.join(missing)}")
+    return state
+
+
 def load_word_vectors(path, dataset, dim=TEXT_DIM, root=None):
     """Rows for the class ids of `dataset` (a folder dataset's: of its `root`) from a build_word_vectors file
     -> (num_classes+1, dim), row 0 zero. A file without some of the classes: WeightsUnavailableError."""
-    vectors = torch.load(path, map_location="cpu")
+    vectors = read_side_file(path, "word vectors (symnet.build_word_vectors)", ())
     names = data.class_names(dataset, root)
     missing = [name for name in names.values() if name not in vectors]
     if missing:
@@ -667,9 +678,11 @@ def read_base_learner(cfg, run):
     path = Path(cfg.base_learner or base_learner_path(run))
     if not path.is_file():
         warnings.warn(f"no base learner at {path}: Sym-Net runs as the meta learner alone "
-                      f"(train one with: python train.py --model symnet --stage base --fold {run.fold})")
+                      f"(train one with: python train.py --model symnet --stage base --dataset {run.dataset} "
+                      f"--fold {run.fold})")
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_side_file(path, "a base learner (python train.py --model symnet --stage base)",
+                           ("model", "classes", "backbone"))
     expected = base_classes(run)
     if state["backbone"] != cfg.backbone or list(state["classes"]) != expected:
         raise common.WeightsUnavailableError(

@@ -3402,7 +3402,8 @@ def test_qgnet_build_without_the_stage_1_file_raises_with_the_command(qgnet_cont
     assert f"--stage prior --dataset folder --test-classes 3,7 --data-root {root}\n" in str(err.value)
     # a file that is there but is not stage 1's
     state = qgnet_contrast.state_dict()
-    for name, content in (("text.pt", None), ("other.pt", {"model": {"conv.weight": torch.zeros(1)}}),
+    for name, content in (("text.pt", None), ("list.pt", [1, 2]),
+                          ("other.pt", {"model": {"conv.weight": torch.zeros(1)}}),
                           ("cut.pt", {"model": {k: v for k, v in state.items() if "layer4.2" not in k}})):
         bad = tmp_path / name
         if content is None:
@@ -4605,6 +4606,19 @@ def test_symnet_build_refuses_a_named_side_file_that_is_missing_or_does_not_fit(
     torch.save({"cat": torch.ones(symnet.TEXT_DIM)}, tmp_path / "few.pt")
     with pytest.raises(common.WeightsUnavailableError, match=r"few.pt lack the synthetic classes"):
         symnet.build(symnet.Config(pretrained=False, word_vectors=str(tmp_path / "few.pt")), symnet_run())
+    # a file that is no torch file, or a torch file of something else: named, not torch's traceback
+    (tmp_path / "text.pt").write_text("not a torch file")
+    with pytest.raises(common.WeightsUnavailableError, match=r"cannot read .*text.pt as word vectors"):
+        symnet.build(symnet.Config(pretrained=False, word_vectors=str(tmp_path / "text.pt")), symnet_run())
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    with pytest.raises(common.WeightsUnavailableError,
+                       match=r"other.pt is not a base learner .*lacks classes, backbone$"):
+        symnet.build(symnet.Config(pretrained=False, base_learner=str(tmp_path / "other.pt"),
+                                   word_vectors=str(word_vectors)), symnet_run())
+    with pytest.raises(SystemExit, match=r"^error: cannot read .*text.pt as a base learner"):
+        train.main(["--model", "symnet", "--dataset", "synthetic", "--no-pretrained", "--img-size", "33",
+                    "--train-length", "2", "--batch-size", "2", "--epochs", "1", "--workers", "0",
+                    "--base-learner", str(tmp_path / "text.pt"), "--out", str(tmp_path / "run0")])
     with pytest.raises(SystemExit, match=r"^error: no such file: --base-learner .*absent_base.pt$"):
         train.main(["--model", "symnet", "--dataset", "synthetic", "--no-pretrained", "--img-size", "33",
                     "--train-length", "2", "--batch-size", "2", "--epochs", "1", "--workers", "0",
