@@ -32,8 +32,11 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -133,7 +136,7 @@ class Schedule:
     workers: int = 0  # DataLoader workers
     seed: int = 0
     log_every: int = 20
-    bf16: bool = True  # bf16 autocast on CUDA (False: --fp32)
+    bf16: bool = False  # bf16 autocast on CUDA (--bf16)
     resume: bool = False  # continue the stage's own checkpoint (--resume)
     out: Path = None  # the run folder (--out, or train.py's default); a stage's files may have paths of their own
 
@@ -632,8 +635,8 @@ class IoUMeter:
 
 
 # ==========================================================================================================
-# The training loop: train.py's episodic training and the models' extra stages (Sym-Net's base learner, QGNet's
-# prior extractor) all run through fit, so they log, schedule and stop alike.
+# Training utilities: train.py's episodic loop and the models' extra stages (Sym-Net's base learner, QGNet's prior
+# extractor) update, log, save and stop alike through these.
 # ==========================================================================================================
 
 
@@ -644,78 +647,236 @@ class NonFiniteLossError(ArithmeticError):
         super().__init__(f"the loss became {value} in epoch {epoch + 1} at step {step + 1}")
 
 
-def fit(step, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch=0, log_every=20, per_step=1,
-        unit="episodes", tag="", log=print, log_file=None, event="train", end_epoch=None):
-    """Epochs start_epoch..epochs-1 of: for each batch of batches(epoch) (steps_per_epoch of them), every
-    parameter group's learning rate = lr_at(it) (it counts steps from 0 across epochs), (loss, terms) =
-    step(batch), backward, optimizer step. end_epoch(epoch) runs after each epoch (checkpoints, validation).
+class NonFiniteWeightsError(ArithmeticError):
+    """A checkpoint was about to be written from weights that are not all finite: it is not written."""
 
-    Every log_every steps and at the end of an epoch, and only then, the device hands back the mean loss and
-    terms (one host sync; under torch.distributed, averaged over the ranks, so that all of them log the same
-    numbers and stop together): a non-finite loss raises NonFiniteLossError, else `log` gets a progress line
-    (epoch, step, loss and terms, lr, per_step * steps / s in `unit`, ETA) and log_file a JSON record
-    {"event": event, ...}. The caller does what differs: autocast inside step, model.train() and seeding
-    inside batches."""
-    total, t_start = epochs * steps_per_epoch, time.perf_counter()
+
+class SaveError(OSError):
+    """A checkpoint or a log record could not be written (a full disk, a lost mount); what was written before is
+    intact."""
+
+
+def sgd(params, lr, momentum, weight_decay):
+    """The optimiser of every training here: SGD with momentum and weight decay, fused, so that `update` can skip a
+    step on the device (its found_inf, which AMP's GradScaler uses too) without waiting for it."""
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def update(optimizer, loss):
+    """One optimiser step on `loss` (an `sgd`): backward, then the step, unless the loss or a gradient is not
+    finite. The test runs on the device, so the host never waits here: a skipped step leaves the weights and the
+    momentum as they were, and the run stops at the next log line (Progress), which sees the non-finite loss.
+    Under torch.distributed every rank skips together."""
+    if not optimizer.defaults.get("fused"):
+        raise ValueError("common.update skips steps on the device: it needs the fused SGD of common.sgd")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    found = (~torch.isfinite(loss.detach().float())).float().reshape(1)  # (1,) 1.0: skip
+    if grads:  # sets found to 1 when a gradient holds inf or NaN (and multiplies the gradients by 1)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones_like(found))
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(found, op=dist.ReduceOp.MAX)
+    optimizer.found_inf = found
+    optimizer.step()
+
+
+def check_finite(module):
+    """NonFiniteWeightsError unless every floating-point parameter and buffer of `module` is finite (one host sync:
+    call it before a checkpoint is written, not every step)."""
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    if tensors and not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
+        raise NonFiniteWeightsError("the weights are no longer finite")
+
+
+class Progress:
+    """The progress of a training: the loss and its terms summed on the device step after step; every `every`
+    steps and at the end of an epoch, and only then, one host sync hands back their means (under
+    torch.distributed, averaged over the ranks, so that all of them log the same numbers and stop together). A
+    non-finite mean loss raises NonFiniteLossError; else `log` gets a line (epoch, step, loss and terms, lr,
+    per_step * steps / s in `unit`, ETA) and `log_file` a JSON record {"event": event, ...} (append_jsonl)."""
+
+    def __init__(self, epochs, steps_per_epoch, start_epoch=0, every=20, per_step=1, unit="episodes", tag="",
+                 log=print, log_file=None, event="train"):
+        self.epochs, self.steps_per_epoch, self.start_epoch, self.every = epochs, steps_per_epoch, start_epoch, every
+        self.per_step, self.unit, self.tag = per_step, unit, tag
+        self.log, self.log_file, self.event = log, log_file, event
+        self.t_start = time.perf_counter()
+        self._reset()
+
+    def _reset(self):
+        self.sums, self.seen, self.t0 = {}, 0, time.perf_counter()
+
+    def add(self, epoch, step, loss, terms, lr):
+        """Step `step` (from 0) of epoch `epoch` (from 0) made `loss` and `terms` {name: tensor} at `lr`."""
+        for name, value in {"loss": loss, **terms}.items():
+            self.sums[name] = self.sums.get(name, 0) + value.detach().float()
+        self.seen += 1
+        if (step + 1) % self.every and step + 1 != self.steps_per_epoch:
+            return
+        means = torch.stack(list(self.sums.values())) / self.seen  # (terms,)
+        if dist.is_available() and dist.is_initialized():  # every rank logs, and stops, on the global means
+            dist.all_reduce(means)
+            means /= dist.get_world_size()
+        means = dict(zip(self.sums, means.tolist()))  # the host sync
+        if not math.isfinite(means["loss"]):
+            raise NonFiniteLossError(means["loss"], epoch, step)
+        now = time.perf_counter()
+        rate = self.seen * self.per_step / (now - self.t0)
+        done = epoch * self.steps_per_epoch + step + 1
+        eta = (now - self.t_start) / (done - self.start_epoch * self.steps_per_epoch) * (
+            self.epochs * self.steps_per_epoch - done)
+        terms_text = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
+        self.log(f"{self.tag}epoch {epoch + 1}/{self.epochs} step {step + 1}/{self.steps_per_epoch} loss "
+                 f"{means['loss']:.4f}{f' ({terms_text})' if terms_text else ''} lr {lr:.2e} {rate:.1f} {self.unit}/s "
+                 f"ETA {eta // 3600:.0f}:{eta // 60 % 60:02.0f}:{eta % 60:02.0f}")
+        if self.log_file is not None:
+            append_jsonl(self.log_file, {"event": self.event, "epoch": epoch + 1, "step": step + 1, **means,
+                                         "lr": lr, f"{self.unit}_per_s": rate})
+        self._reset()
+
+
+def fit(step, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch=0, log_every=20, per_step=1,
+        unit="images", tag="", log=print, log_file=None, event="train", end_epoch=None):
+    """The loop of the models' extra stages (train.py writes its episodic loop out): epochs start_epoch..epochs-1
+    of, for each batch of batches(epoch) (steps_per_epoch of them), lr = lr_at(it) (it counts steps from 0 across
+    epochs), (loss, terms) = step(batch), update(optimizer, loss), progress (Progress). end_epoch(epoch) runs
+    after each epoch (checkpoints). The caller does what differs: autocast inside step, model.train() and
+    seeding inside batches."""
+    progress = Progress(epochs, steps_per_epoch, start_epoch, log_every, per_step, unit, tag, log, log_file, event)
     for epoch in range(start_epoch, epochs):
-        sums, seen, t0 = {}, 0, time.perf_counter()
         for s, batch in enumerate(batches(epoch)):
-            it = epoch * steps_per_epoch + s
-            lr = lr_at(it)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = lr_at(epoch * steps_per_epoch + s)
+            set_lr(optimizer, lr)
             loss, terms = step(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for name, value in {"loss": loss, **terms}.items():
-                sums[name] = sums.get(name, 0) + value.detach().float()
-            seen += 1
-            if (s + 1) % log_every and s + 1 != steps_per_epoch:
-                continue
-            means = torch.stack(list(sums.values())) / seen  # (terms,)
-            if dist.is_available() and dist.is_initialized():  # every rank logs, and stops, on the global means
-                dist.all_reduce(means)
-                means /= dist.get_world_size()
-            means = dict(zip(sums, means.tolist()))  # the host sync
-            if not math.isfinite(means["loss"]):
-                raise NonFiniteLossError(means["loss"], epoch, s)
-            rate = seen * per_step / (time.perf_counter() - t0)
-            eta = (time.perf_counter() - t_start) / (it + 1 - start_epoch * steps_per_epoch) * (total - it - 1)
-            terms_text = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
-            log(f"{tag}epoch {epoch + 1}/{epochs} step {s + 1}/{steps_per_epoch} loss {means['loss']:.4f}"
-                f"{f' ({terms_text})' if terms_text else ''} lr {lr:.2e} {rate:.1f} {unit}/s "
-                f"ETA {eta // 3600:.0f}:{eta // 60 % 60:02.0f}:{eta % 60:02.0f}")
-            if log_file is not None:
-                with open(log_file, "a") as f:
-                    f.write(json.dumps({"event": event, "epoch": epoch + 1, "step": s + 1, **means, "lr": lr,
-                                        f"{unit}_per_s": rate}) + "\n")
-            sums, seen, t0 = {}, 0, time.perf_counter()
+            update(optimizer, loss)
+            progress.add(epoch, s, loss, terms, lr)
         if end_epoch is not None:
             end_epoch(epoch)
 
 
-class SaveError(OSError):
-    """A checkpoint could not be written (a full disk, a lost mount); the previous file at its path is intact."""
+@contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM while the block runs (a checkpoint being written), then act on one that came: the
+    file is whole either way. Outside the main thread, where Python delivers no signal, it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught, previous = [], {}
+
+    def hold(signum, frame):
+        caught.append(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, hold)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in caught[:1]:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
+
+
+def plain(value):
+    """value as the plain types a weights_only torch.load reads (dict, list, tuple, str, int, float, bool, None,
+    tensors): paths become strings; anything else is a TypeError naming it, so that no file of ours needs
+    unpickling of code to be read."""
+    if isinstance(value, dict):
+        return {plain(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, os.PathLike):
+        return str(value)
+    if isinstance(value, (str, int, float, bool, type(None), torch.Tensor)):
+        return value
+    raise TypeError(f"{value!r} ({type(value).__name__}) is not a plain value for a checkpoint")
+
+
+def _replace_file(path, write):
+    """write(f) into a temporary of its own (.NAME.XXXX.tmp, unique per write) beside path, flushed to the disk,
+    then renamed over path, with SIGINT and SIGTERM held meanwhile: a crash, a signal or a full disk never leaves
+    a half-written file at path, and two writers never share a temporary. On failure the temporary is removed and
+    SaveError says what failed and where."""
+    path = Path(path)
+    with signals_deferred():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as err:
+            raise SaveError(f"could not write {path} ({err.strerror or err})") from err
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as err:
+            Path(tmp).unlink(missing_ok=True)
+            if isinstance(err, (OSError, RuntimeError)):  # torch reports a failed write as a RuntimeError
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                kept = f"{path} is left as it was" if path.exists() else f"nothing was written at {path}"
+                raise SaveError(f"could not write {path} ({reason}; is the disk full?): {kept}") from err
+            raise
 
 
 def save_atomic(state, path):
-    """torch.save to a temporary of its own (.NAME.XXXX.tmp, unique per write) beside path, flushed to the disk,
-    then renamed over path: a crash or a full disk never leaves a half-written file at path, and two writers
-    never share a temporary. On failure the temporary is removed and SaveError says what failed and where."""
+    """torch.save(plain(state)) to path, whole or not at all (_replace_file); it loads with weights_only=True."""
+    state = plain(state)
+    _replace_file(path, lambda f: torch.save(state, f))
+
+
+def write_text_atomic(path, text):
+    """path's text replaced by `text`, whole or not at all (_replace_file)."""
+    _replace_file(path, lambda f: f.write(text.encode()))
+
+
+def append_jsonl(path, record):
+    """Append one JSON line to a log. A write that fails (a full disk) is undone, so that no torn line stays, and
+    SaveError says so; a signal meanwhile waits for the line to be whole."""
+    line = (json.dumps(plain(record)) + "\n").encode()
+    with signals_deferred():
+        try:
+            with open(path, "ab") as f:
+                start = f.tell()
+                try:
+                    f.write(line)
+                    f.flush()
+                except OSError:
+                    f.truncate(start)
+                    raise
+        except OSError as err:
+            raise SaveError(f"could not append to {path} ({err.strerror or err}; is the disk full?): the records "
+                            "before it are kept") from err
+
+
+def read_jsonl(path, note=print):
+    """The records of a JSON-lines log (none when it does not exist). A last line that is not whole JSON (a write
+    cut short by a crash) is dropped with a note; any other bad line is an error naming it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, (OSError, RuntimeError)):  # torch reports a failed write as a RuntimeError
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            kept = f"{path} is left as it was" if path.exists() else f"nothing was written at {path}"
-            raise SaveError(f"could not write {path} ({reason}; is the disk full?): {kept}") from err
-        raise
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:
+                note(f"note: dropped the last line of {path}: a record that a crash cut short")
+                continue
+            raise SaveError(f"{path} line {i + 1} is not a JSON record: {line[:80]!r}") from None
+    return records

@@ -117,9 +117,9 @@ AUGMENTATIONS = {
 # Test episodes per seed, for every model alike: BAM's 1000 x 5 seeds (test.py:36-39, 193-198) on PASCAL; on COCO
 # Sym-Net's paper samples 5000 per seed (QPENet's 4000: --test-episodes 4000), so that each of a fold's 20
 # classes gets ~250 episodes and a seed's queries are a sample of the 10,000+ test images
-TEST_EPISODES = {"pascal": 1000, "coco": 5000, "synthetic": 1000, "folder": 1000}
+TEST_EPISODES = {"pascal": 1000, "coco": 5000, "synthetic": 300, "folder": 1000}
 TEST_SEEDS = 5
-SYNTHETIC_TRAIN_LENGTH = 1000  # synthetic episodes per epoch
+SYNTHETIC_TRAIN_LENGTH = 500  # synthetic episodes per epoch (the quick start: a few CPU minutes per model)
 CACHE_VERSION = 2  # bump when the cached per-image counts change meaning (2: written only after every file checked)
 # COCO label PNGs: bump when they would be rasterised differently (1: Pillow's polygon fill, outline included;
 # 2: pycocotools' rule). Each label folder records its version in COCO_LABEL_STAMP (no file: version 1).
@@ -1133,11 +1133,12 @@ class SyntheticEpisodes(EpisodeDataset):
         return TF.normalize(img, MEAN, STD), mask
 
 
-def split_name(name, fold, root=None, test_classes=None):
-    """The name of a dataset's split in file names: "pascal-fold0"; a folder dataset by its root's name and a hash of
-    its path, so that two roots never share a name ("folder-NAME-1a2b3c-fold0"); --test-classes 3,7,9 in place of
-    the fold ("...-classes3-7-9"). Run folders, base learners and prior extractors are named by it."""
-    dataset = name
+def split_name(name, fold, root=None, test_classes=None, coco_split="interleaved"):
+    """The name of a dataset's split in file names: "pascal-fold0"; COCO's contiguous split "coco-contiguous-fold0"
+    (its folds hold other classes than the interleaved ones of "coco-fold0"); a folder dataset by its root's name
+    and a hash of its path, so that two roots never share a name ("folder-NAME-1a2b3c-fold0"); --test-classes 3,7,9
+    in place of the fold ("...-classes3-7-9"). Run folders, base learners and prior extractors are named by it."""
+    dataset = f"coco-{coco_split}" if name == "coco" and coco_split != "interleaved" else name
     if name == "folder" and root:
         path = Path(root).expanduser().resolve()
         dataset = f"folder-{path.name}-{hashlib.sha1(str(path).encode()).hexdigest()[:6]}"

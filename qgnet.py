@@ -446,7 +446,7 @@ def train_prior_extractor(run, schedule, options):
         sys.exit(f"error: {len(items)} images do not fill one batch of {cfg.prior_batch_size} (--prior-batch-size)")
     model = GlobalLocalContrast(cfg).to(device, memory_format=layout)
     lr = cfg.prior_lr or MOCO_LR * cfg.prior_batch_size / MOCO_BATCH
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr, momentum=SGD_MOMENTUM, weight_decay=WEIGHT_DECAY)
+    optimizer = common.sgd(model.encoder_q.parameters(), lr, SGD_MOMENTUM, WEIGHT_DECAY)
     start = 0
     if schedule.resume and path.is_file():
         state = torch.load(path, map_location=device, weights_only=True)

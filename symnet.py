@@ -507,8 +507,7 @@ def train_base_learner(run, schedule, options):
         count = min(common.CALIBRATION_IMAGES, len(images))
         backbone.calibrate(torch.stack([images[(0, i)][0] for i in range(count)]).to(device))
     learner = BaseLearner(backbone.channels["layer4"], images.classes).to(device)
-    optimizer = torch.optim.SGD(learner.parameters(), lr=schedule.lr, momentum=BASE_MOMENTUM,
-                                weight_decay=BASE_WEIGHT_DECAY)
+    optimizer = common.sgd(learner.parameters(), schedule.lr, BASE_MOMENTUM, BASE_WEIGHT_DECAY)
     steps = len(images) // schedule.batch_size
     if steps == 0:
         sys.exit(f"error: {len(images)} base-class images do not fill one batch of {schedule.batch_size}")

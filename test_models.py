@@ -733,7 +733,7 @@ def test_deep_stem_without_a_weight_file_says_where_pfenets_are(monkeypatch):
 def test_fit_schedules_averages_logs_and_stops_on_a_nonfinite_loss(tmp_path):
     """common.fit, the loop of train.py and of the stages, on loss = w^2 with plain SGD (w <- w - lr * 2w)."""
     w = nn.Parameter(torch.tensor(2.0))
-    optimizer = torch.optim.SGD([w], lr=0.0)
+    optimizer = common.sgd([w], 0.0, 0.0, 0.0)
     lrs, lines, ends, log_file = [], [], [], tmp_path / "log.jsonl"
 
     def step(x):
@@ -763,13 +763,15 @@ def test_fit_under_ddp_logs_and_stops_on_the_mean_over_ranks(monkeypatch):
     other_rank = {"loss": float("nan")}
 
     def all_reduce(t, op=None):  # a 2-process SUM in which the other rank holds other_rank's mean loss
+        if op == dist.ReduceOp.MAX:  # common.update's skip flag: the other rank's is 0 (its loss is finite)
+            return
         t += torch.tensor([other_rank["loss"], 0.0])
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
     w = nn.Parameter(torch.tensor(1.0))
-    optimizer, lines = torch.optim.SGD([w], lr=0.0), []
+    optimizer, lines = common.sgd([w], 0.0, 0.0, 0.0), []
     step = (lambda x: ((w * x) ** 2, {"zero": torch.tensor(0.0)}))
     with pytest.raises(common.NonFiniteLossError, match="became nan in epoch 1 at step 1"):
         common.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)], lambda it: 0.0, 1, 1, log=lines.append)
@@ -1671,12 +1673,14 @@ REPO = Path(__file__).resolve().parent
 TINY_MODEL = '''
 """A tiny model with the repository's model interface, for testing the harness quickly."""
 import dataclasses
+from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import common
 
 DEFAULTS = {"synthetic": dict(lr=0.05, batch_size=4, epochs=2, img_size=48)}
+EVALUATION_FLAGS = ("nan_after", "crash_after", "invert", "crash_fold")  # test hooks: --resume lets them change
 
 
 @dataclasses.dataclass
@@ -1689,6 +1693,7 @@ class Config:
 
 
 def add_args(parser):
+    parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--nan-after", type=int, default=None)
     parser.add_argument("--crash-after", type=int, default=None)
     parser.add_argument("--invert", type=int, default=None)
@@ -1702,11 +1707,34 @@ def stage_hello(run, schedule, options):
 
 def stage_nan(run, schedule, options):  # a stage whose loss is NaN from the first step, through the shared loop
     w = nn.Parameter(torch.zeros(()))
-    common.fit(lambda batch: (w * float("nan"), {}), torch.optim.SGD([w], lr=0.1), lambda epoch: [0],
+    common.fit(lambda batch: (w * float("nan"), {}), common.sgd([w], 0.1, 0.9, 0.0), lambda epoch: [0],
                lambda it: 0.1, 1, 1, log_every=1)
 
 
-STAGES = {"hello": stage_hello, "nan": stage_nan}
+def count_file(setting, options):
+    return Path(common.RUNS_DIR) / f"tiny-count-fold{setting.fold}" / "count.pt"
+
+
+def stage_count(setting, schedule, options):
+    """A stage like the models' own: it saves its file after every epoch and continues it with --resume."""
+    path = count_file(setting, options)
+    w = nn.Parameter(torch.zeros(()))
+    optimizer, start = common.sgd([w], 0.1, 0.9, 0.0), 0
+    if schedule.resume:
+        state = common.read_torch_file(path, str(path))
+        w.data.fill_(float(state["w"]))
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["epoch"]
+
+    def end_epoch(epoch):
+        common.save_atomic({"w": w.detach(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1}, path)
+
+    common.fit(lambda batch: ((w - 1) ** 2, {}), optimizer, lambda epoch: [0, 0], lambda it: 0.1, schedule.epochs,
+               2, start_epoch=start, log_every=2, tag="[count] ", end_epoch=end_epoch)
+
+
+STAGES = {"hello": stage_hello, "nan": stage_nan, "count": stage_count}
+STAGE_FILES = {"count": count_file}
 
 
 class Model(nn.Module):
@@ -1811,9 +1839,9 @@ def test_evaluation_scores_at_original_resolution_by_hand(tmp_path):
     train.write_pascal_like(root, 30)
     args = train.parse_args(["--model", "baseline", "--dataset", "pascal", "--data-root", str(root), "--img-size",
                              "64", "--test-episodes", "5", "--test-seeds", "1", "--workers", "0"])[0]
-    dataset = train.build_dataset(args, "test")
+    dataset = train.episodes(args, "test")
     loader = train.make_loader(dataset, train.EpisodeSampler(len(dataset)), 2, args, torch.device("cpu"), False)
-    meter = train.evaluate(AllForeground(), loader, dataset, torch.device("cpu"), args, 0, seed=0)
+    meter = train.evaluate(AllForeground(), loader, dataset, torch.device("cpu"), args, seed=0)
     inter, union = {}, {}
     for i in range(len(dataset)):
         episode = dataset[(0, i)]
@@ -2084,6 +2112,10 @@ def test_bench_data_on_generated_pascal_jpegs(tmp_path, monkeypatch, capsys):
     (["--workers", "-1"], "argument --workers: must be at least 0"),
     (["--seed", "-1"], "argument --seed: must be at least 0"),
     (["--batch-size", "two"], "argument --batch-size: invalid positive_int value"),
+    (["--lr", "-1"], "argument --lr: must be a number above 0 and at most 10, got '-1'"),
+    (["--lr", "1e300"], "argument --lr: must be a number above 0 and at most 10, got '1e300'"),
+    (["--lr", "nan"], "argument --lr: must be a number above 0 and at most 10, got 'nan'"),
+    (["--lr", "inf"], "argument --lr: must be a number above 0 and at most 10, got 'inf'"),
     (["--model", "nosuchnet"], "choose one of"),
     (["--model", "missing.py"], "no such file"),
     (["--dataset", "pascal", "--data-root", "/nonexistent/voc", "--model", "baseline", "--no-pretrained"],
@@ -2208,7 +2240,7 @@ def test_result_reports_the_mean_and_spread_over_the_test_seeds(tiny, tmp_path, 
     assert train.spread([0.5])[0] == 0.5 and math.isnan(train.spread([0.5])[1])  # one seed: no spread
 
 
-def test_evaluation_is_fp32_unless_asked_and_training_bf16_unless_fp32(tiny, tmp_path, monkeypatch):
+def test_training_and_evaluation_are_fp32_unless_bf16_is_asked(tiny, tmp_path, monkeypatch):
     real, calls = train.autocast, []
 
     def recording(device, bf16):
@@ -2216,8 +2248,8 @@ def test_evaluation_is_fp32_unless_asked_and_training_bf16_unless_fp32(tiny, tmp
         return real(device, bf16)
 
     monkeypatch.setattr(train, "autocast", recording)
-    for flags, expected in [((), {("step", True), ("evaluate", False)}),
-                            (("--fp32", "--bf16-eval"), {("step", False), ("evaluate", True)})]:
+    for flags, expected in [((), {("train", False), ("evaluate", False)}),
+                            (("--bf16", "--bf16-eval"), {("train", True), ("evaluate", True)})]:
         calls.clear()
         train.main(tiny_args(tiny, tmp_path / str(len(flags)), "--epochs", "1", "--test-episodes", "2",
                              "--test-seeds", "1", *flags))
@@ -2244,12 +2276,12 @@ def test_a_new_run_does_not_replace_the_run_in_its_folder(tiny, tmp_path):
     train.main(tiny_args(tiny, tmp_path, *flags, "--seed", "5", "--overwrite"))
     assert (tmp_path / "last.pt").read_bytes() != before
     assert [r["event"] for r in read_metrics(tmp_path)] == ["start", "train", "result"]  # one run's log
-    assert read_metrics(tmp_path)[0]["args"]["seed"] == "5"
+    assert read_metrics(tmp_path)[0]["args"]["seed"] == 5
 
 
 def test_a_second_run_on_a_folder_in_use_is_refused_with_the_first_ones_pid(tiny, tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); fcntl.lockf(f, fcntl.LOCK_EX); "
         "f.write(f'{os.getpid()}\\n'); f.flush(); print('held', flush=True); time.sleep(60)"), str(tmp_path / ".lock")],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -2409,6 +2441,326 @@ def test_bad_dataset_files_stop_the_run_with_one_message(tiny, tmp_path):
     proc = run_cli(["train.py", "--model", "baseline", "--dataset", "pascal", "--out", str(tmp_path / "c")])
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: no data root given for pascal: pass --data-root DIR")
+
+
+# ---------------- resume keeps the recipe; logs, NaN, signals, locks and flags that lose nothing ----------
+
+def test_resume_takes_the_recipe_of_its_checkpoint_and_refuses_another(tiny, tmp_path, capsys):
+    """`--resume` alone continues the run as it was trained (epochs, batch, lr, seed, the model's flags), a flag
+    given with another value is refused with both, and one that may change (workers, evaluation) is taken."""
+    recipe = ["--epochs", "3", "--batch-size", "2", "--lr", "0.01", "--seed", "4", "--width", "8"]
+    whole = train.main(tiny_args(tiny, tmp_path / "whole", *recipe, "--train-length", "8"))
+    with pytest.raises(RuntimeError, match="simulated crash"):  # 4 steps an epoch: dies in epoch 2
+        train.main(tiny_args(tiny, tmp_path / "cut", *recipe, "--train-length", "8", "--crash-after", "5"))
+    bare = ["--model", str(tiny), "--dataset", "synthetic", "--fold", "1", "--out", str(tmp_path / "cut")]
+    for flag, value, saved in (("--lr", "0.02", "0.01"), ("--epochs", "6", "3"), ("--batch-size", "4", "2"),
+                               ("--seed", "0", "4"), ("--train-length", "16", "8"), ("--width", "16", "8")):
+        with pytest.raises(SystemExit) as err:
+            train.main([*bare, "--resume", flag, value])
+        message = str(err.value.code)
+        assert message.startswith(f"error: --resume: {tmp_path / 'cut' / 'last.pt'} was trained with {flag} {saved}")
+        assert f"(now {value})" in message.replace("'", "") and "--lr, " in message and "\n" not in message
+    capsys.readouterr()
+    resumed = train.main([*bare, "--resume", "--workers", "0", "--test-episodes", "12", "--test-seeds", "2"])
+    out = capsys.readouterr().out
+    assert "training: 8 episodes/epoch, 4 steps of 2, 3 epochs, lr 0.01" in out and resumed == whole
+    state = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert state["epoch"] == 3 and state["args"]["lr"] == 0.01 and state["args"]["width"] == 8  # the model's flag
+    assert state["args"]["crash_after"] is None  # a flag that may change on resume (EVALUATION_FLAGS) is not kept
+
+
+def test_resume_before_the_first_checkpoint_starts_the_run(tiny, tmp_path, capsys):
+    """A run killed before its first checkpoint leaves a log: a plain rerun points to --resume, which starts it."""
+    flags = ["--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.main(tiny_args(tiny, tmp_path, *flags, "--crash-after", "1"))
+    assert not (tmp_path / "last.pt").exists() and (tmp_path / "metrics.jsonl").exists()
+    with pytest.raises(SystemExit, match="continue it with --resume"):
+        train.main(tiny_args(tiny, tmp_path, *flags))
+    train.main(tiny_args(tiny, tmp_path, *flags, "--resume"))
+    assert "has no checkpoint yet: the run starts from its first epoch" in capsys.readouterr().out
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
+    assert [r["event"] for r in read_metrics(tmp_path)] == ["start", "resume", "start", "train", "result"]
+
+
+def test_checkpoints_hold_plain_values_and_files_that_would_run_code_are_refused(tiny, tmp_path, capsys):
+    """Every file train.py writes loads with weights_only=True; a last.pt crafted to run a command when unpickled
+    is refused with one line by every entry point, and its command never runs."""
+    flags = ["--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"]
+    train.main(tiny_args(tiny, tmp_path / "good", *flags))
+    state = torch.load(tmp_path / "good" / "last.pt", weights_only=True)  # raises on anything but plain values
+    assert state["epoch"] == 1 and isinstance(state["args"]["out"], str)
+    marker = tmp_path / "ran"
+
+    class Payload:  # unpickling calls os.system(...): what a malicious checkpoint would do
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    torch.save({**state, "epoch": Payload()}, bad / "last.pt")
+    img = np.zeros((20, 20, 3), np.uint8)
+    Image.fromarray(img).save(tmp_path / "q.jpg")
+    Image.fromarray(np.full((20, 20), 255, np.uint8)).save(tmp_path / "m.png")
+    calls = [
+        tiny_args(tiny, bad, *flags, "--resume"),  # --resume
+        ["--eval-only", "--checkpoint", str(bad / "last.pt"), "--out", str(tmp_path / "e")],  # --eval-only
+        ["--predict", "--checkpoint", str(bad / "last.pt"), "--support", str(tmp_path / "q.jpg"), "--support-mask",
+         str(tmp_path / "m.png"), "--query", str(tmp_path / "q.jpg")],  # --predict
+        ["--eval-only", "--vis", "1", "--checkpoint", str(bad / "last.pt"), "--out", str(tmp_path / "v")],  # --vis
+        ["--model", str(tiny), "--eval-only", "--fold", "all", "--checkpoint",
+         str(tmp_path / "fold{fold}" / "last.pt")],  # --fold all
+    ]
+    (tmp_path / "fold0").mkdir()
+    (tmp_path / "fold0" / "last.pt").write_bytes((bad / "last.pt").read_bytes())
+    for argv in calls:
+        with pytest.raises(SystemExit) as err:
+            train.main(argv)
+        assert "cannot read checkpoint" in str(err.value.code) and "\n" not in str(err.value.code), argv
+    with pytest.raises(SystemExit, match="holds a run already .*cannot be read"):  # a new run into its folder
+        train.main(tiny_args(tiny, bad, *flags))
+    assert not marker.exists()
+
+
+def test_evaluation_scores_do_not_depend_on_the_evaluation_batch(tiny, tmp_path):
+    train.main(tiny_args(tiny, tmp_path / "t", "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"))
+    evals = ["--eval-only", "--checkpoint", str(tmp_path / "t" / "last.pt"), "--test-episodes", "7"]
+    scores = {b: train.main(tiny_args(tiny, tmp_path / f"e{b}", *evals, "--eval-batch-size", str(b)))
+              for b in (1, 3, 7)}
+    assert scores[1] == pytest.approx(scores[3], abs=1e-12) and scores[1] == pytest.approx(scores[7], abs=1e-12)
+    assert train.parse_args(tiny_args(tiny, tmp_path))[0].eval_batch_size == 1  # the official codes' one
+
+
+def test_update_never_steps_on_a_nonfinite_loss_or_gradient():
+    w = nn.Parameter(torch.tensor([1.0, 2.0]))
+    optimizer = common.sgd([w], 0.1, 0.9, 1e-4)
+    common.update(optimizer, (w ** 2).sum())  # a finite step: w <- w - 0.1 * (2w + 1e-4 w)
+    expected = torch.tensor([1.0, 2.0]) * (1 - 0.1 * (2 + 1e-4))
+    assert torch.allclose(w.detach(), expected)
+    momentum = optimizer.state[w]["momentum_buffer"].clone()
+    for loss in ((w ** 2).sum() * float("nan"), (w ** 2).sum() * float("inf"), (w * torch.tensor([1e38, 1e38])
+                                                                                ).pow(2).sum() * 0):
+        before = w.detach().clone()
+        common.update(optimizer, loss)  # NaN, inf, and a finite loss (0) whose gradient is NaN
+        assert torch.equal(w.detach(), before) and torch.equal(optimizer.state[w]["momentum_buffer"], momentum)
+    assert train.host_syncs(lambda: common.update(optimizer, (w ** 2).sum())) == []  # decided on the device
+    with pytest.raises(ValueError, match="fused SGD of common.sgd"):
+        common.update(torch.optim.SGD([w], lr=0.1), (w ** 2).sum())
+
+
+def test_a_checkpoint_is_never_written_from_nonfinite_weights(tiny, tmp_path, monkeypatch, capsys):
+    real, steps = common.update, []
+
+    def poison(optimizer, loss):  # the last step of epoch 2 makes the weights infinite: its own loss was finite
+        real(optimizer, loss)
+        steps.append(1)
+        if len(steps) == 8:
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0].fill_(float("inf"))
+
+    monkeypatch.setattr(common, "update", poison)
+    with pytest.raises(SystemExit) as stop:
+        train.main(tiny_args(tiny, tmp_path, "--epochs", "2", "--test-episodes", "2", "--test-seeds", "1"))
+    assert stop.value.code == train.EXIT_NONFINITE
+    assert (f"error: the weights are no longer finite; stopping. the last good checkpoint is {tmp_path / 'last.pt'}"
+            in capsys.readouterr().out)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_a_log_that_cannot_be_appended_stops_in_one_line_and_a_torn_line_is_dropped(tiny, tmp_path, monkeypatch,
+                                                                                    capsys):
+    flags = ["--epochs", "2", "--log-every", "1", "--test-episodes", "2", "--test-seeds", "1"]
+    real_open, writes = open, []
+
+    class FullDisk:  # the 6th record written to metrics.jsonl: part of it reaches the file, then ENOSPC
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def write(self, line):
+            writes.append(line)
+            if len(writes) == 6:
+                self.f.write(line[:7])
+                raise OSError(28, "No space left on device")
+            return self.f.write(line)
+
+    def opening(path, mode="r", *a, **kw):
+        f = real_open(path, mode, *a, **kw)
+        return FullDisk(f) if str(path).endswith("metrics.jsonl") and "a" in mode else f
+
+    monkeypatch.setattr("builtins.open", opening)
+    with pytest.raises(SystemExit) as err:
+        train.main(tiny_args(tiny, tmp_path, *flags))
+    monkeypatch.undo()
+    assert str(err.value.code) == (f"error: could not append to {tmp_path / 'metrics.jsonl'} (No space left on "
+                                   "device; is the disk full?): the records before it are kept")
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 5 and all(json.loads(line) for line in lines)  # no torn line
+    # a torn last line (a crash in the middle of a write) is dropped on resume, with a note
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"event": "tra')
+    capsys.readouterr()
+    train.main(tiny_args(tiny, tmp_path, *flags, "--resume"))
+    assert "dropped the last line of" in capsys.readouterr().err
+    assert read_metrics(tmp_path)[-1]["event"] == "result"
+
+
+def test_a_signal_during_a_checkpoint_write_waits_for_the_file_to_be_whole(tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def interrupted_save(obj, f, *a, **kw):  # Ctrl-C arrives in the middle of the write
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_atomic({"w": torch.ones(3)}, tmp_path / "last.pt")
+    assert torch.equal(torch.load(tmp_path / "last.pt", weights_only=True)["w"], torch.ones(3))
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(TypeError, match="is not a plain value"):  # nothing but plain values is ever saved
+        common.save_atomic({"w": object()}, tmp_path / "other.pt")
+
+
+def _stop_while_training(argv, sig, until):
+    """Run train.py with argv, send `sig` once until() is true, -> (returncode, stdout, stderr)."""
+    proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(1200):
+            if until() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return proc.returncode, out, err
+
+
+def test_sigterm_stops_like_ctrl_c_with_a_whole_checkpoint_and_the_command_that_continues(tiny, tmp_path):
+    argv = tiny_args(tiny, tmp_path, "--epochs", "400", "--log-every", "1", "--workers", "2")
+    code, out, err = _stop_while_training(argv, signal.SIGTERM, (tmp_path / "last.pt").exists)
+    assert code == train.EXIT_TERMINATED, err[-2000:]
+    assert "Traceback" not in err and err.strip().count("\n") == 0
+    assert err.strip() == (f"stopped by SIGTERM: {tmp_path / 'last.pt'} holds the last finished epoch; continue "
+                           f"with: python train.py {' '.join(argv)} --resume")
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] >= 1
+
+
+@pytest.mark.parametrize("with_out", [False, True])
+def test_ctrl_c_inside_fold_all_names_the_fold_and_what_it_kept(tiny, tmp_path, with_out):
+    base = ["--model", str(tiny), "--dataset", "synthetic", "--train-length", "16", "--test-episodes", "2",
+            "--test-seeds", "1", "--workers", "0"]
+    folder = (lambda k: tmp_path / "all" / f"fold{k}") if with_out else (
+        lambda k: Path("runs") / f"tinynet-synthetic-fold{k}-1shot")  # relative to the working directory
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *base, "--fold", "0", "--epochs", "1", "--out",
+                           str(tmp_path / folder(0))], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # fold 0 is complete: --fold all takes it as it is
+    argv = [*base, *(["--out", str(tmp_path / "all")] if with_out else []), "--fold", "all", "--epochs", "400",
+            "--log-every", "1"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *argv], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(1200):  # until fold 1 has a checkpoint
+            if (tmp_path / folder(1) / "last.pt").exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip() == (f"interrupted in fold 1 of --fold all: {folder(1) / 'last.pt'} holds the last finished "
+                           f"epoch; continue with: python train.py {' '.join(argv)}")
+
+
+def test_the_run_folder_lock_is_the_run_process_alone(tmp_path):
+    """DataLoader workers are forked with the lock file open: when the run is killed, a worker that lingers must
+    not hold the folder (a requeued job would be refused, naming a dead process)."""
+    script = (f"import os, sys, time, argparse; sys.path.insert(0, {str(REPO)!r}); import train; "
+              "from pathlib import Path; args = argparse.Namespace(out=Path(sys.argv[1]), resume=False, "
+              "overwrite=False); handle = open(Path(sys.argv[1]) / '.lock', 'a+'); "
+              "train.take_run_folder(handle, args, False, ()); child = os.fork(); "
+              "(time.sleep(60), os._exit(0)) if child == 0 else None; print(child, flush=True); time.sleep(60)")
+    run = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    child = int(run.stdout.readline())
+    try:
+        args = argparse.Namespace(out=tmp_path, resume=False, overwrite=False)
+        with pytest.raises(SystemExit, match=f"in use by another run \\(process {run.pid}\\)"):
+            with train.hold_run_folder(args, False, ()):
+                pass
+        run.kill()  # SIGKILL: its forked child still has the lock file open
+        run.wait()
+        os.kill(child, 0)  # still alive
+        with train.hold_run_folder(args, False, ()):  # the folder is free at once
+            assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+    finally:
+        run.kill()
+        os.kill(child, signal.SIGKILL)
+
+
+def test_checkpoint_paths_and_files_of_other_tools_get_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):  # braces other than {fold} are part of the name
+        train.main(["--eval-only", "--checkpoint", str(tmp_path / "{x}" / "last.pt")])
+    for name, state in (("a.pt", {"model": {"w": torch.ones(1)}, "config": [1], "args": {"model": "m"}}),
+                        ("b.pt", {"model": "weights", "config": {}, "args": {}, "epoch": 1}),
+                        ("c.pt", {"model": {"w": torch.ones(1)}, "config": {}, "args": {"lr": 1}, "epoch": 1})):
+        torch.save(state, tmp_path / name)
+        with pytest.raises(SystemExit, match="is not a checkpoint of train.py"):
+            train.main(["--eval-only", "--checkpoint", str(tmp_path / name)])
+
+
+def test_predict_names_each_query_apart_and_an_unwritable_folder_in_one_line(tiny, tmp_path):
+    train.main(tiny_args(tiny, tmp_path / "run", "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"))
+    img = np.zeros((30, 40, 3), np.uint8)
+    img[5:25, 10:30] = 200
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        Image.fromarray(img).save(tmp_path / sub / "photo.jpg")
+    Image.fromarray((img[..., 0] > 0).astype(np.uint8) * 255).save(tmp_path / "m.png")
+    predict = ["--predict", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--support",
+               str(tmp_path / "a" / "photo.jpg"), "--support-mask", str(tmp_path / "m.png"), "--query",
+               str(tmp_path / "a" / "photo.jpg"), "--query", str(tmp_path / "b" / "photo.jpg"), "--workers", "0"]
+    train.main(predict)  # default folder: the checkpoint's folder/predict
+    assert sorted(p.name for p in (tmp_path / "run" / "predict").iterdir()) == [
+        "photo-2_mask.png", "photo-2_overlay.png", "photo_mask.png", "photo_overlay.png"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as err:
+        train.main([*predict, "--out", str(tmp_path / "file" / "pred")])
+    assert str(err.value.code).startswith(f"error: cannot write the predictions to {tmp_path / 'file' / 'pred'}")
+
+
+def test_a_stage_is_a_run_locked_never_replaced_resumable_and_cleaned(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "RUNS_DIR", str(tmp_path / "runs"))
+    path = tmp_path / "runs" / "tiny-count-fold1" / "count.pt"
+    flags = tiny_args(tiny, tmp_path / "ignored", "--stage", "count")
+    train.main([*flags, "--epochs", "2"])
+    assert torch.load(path, weights_only=True)["epoch"] == 2
+    before = path.read_bytes()
+    with pytest.raises(SystemExit) as err:  # run again: the file is not replaced
+        train.main([*flags, "--epochs", "2"])
+    assert str(err.value.code).startswith(f"error: {path.parent} holds a run already (count.pt, epoch 2)")
+    assert path.read_bytes() == before
+    (path.parent / ".count.pt.x1y2.tmp").write_bytes(b"half")  # a save that SIGKILL cut short
+    capsys.readouterr()
+    train.main([*flags, "--epochs", "4", "--resume"])
+    out = capsys.readouterr().out
+    assert f"removed {path.parent / '.count.pt.x1y2.tmp'}" in out and "[count] epoch 3/4" in out
+    assert "[count] epoch 1/4" not in out and torch.load(path, weights_only=True)["epoch"] == 4
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    with pytest.raises(SystemExit) as err:
+        train.main([*flags, "--epochs", "5", "--resume"])
+    assert str(err.value.code).startswith(f"error: cannot read {path}") and "\n" not in str(err.value.code)
+    train.main([*flags, "--epochs", "1", "--overwrite"])
+    assert torch.load(path, weights_only=True)["epoch"] == 1
 
 
 # ---------------- the folder dataset through the harness --------------------------------------------------
@@ -3655,12 +4007,14 @@ def test_qgnet_checkpoint_evaluates_and_resumes_without_the_stage_1_file(qgnet_c
     flags = ["--model", "qgnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0", "--img-size", "64",
              "--prior-checkpoint", str(prior), "--train-length", "4", "--batch-size", "2", "--test-episodes", "2",
              "--test-seeds", "1", "--log-every", "1", "--out", str(out)]
-    train.main([*flags, "--epochs", "1"])
+    train.main([*flags, "--epochs", "2"])
     prior.unlink()  # from here on every weight of F_p comes from the run's checkpoints
     scores = train.main(["--eval-only", "--checkpoint", str(out / "last.pt"), "--workers", "0", "--test-episodes", "2",
                          "--test-seeds", "1", "--out", str(tmp_path / "eval")])
     assert all(0 <= s <= 1 for s in scores)
-    train.main([*flags, "--epochs", "2", "--resume"])
+    state = torch.load(out / "last.pt", weights_only=True)
+    torch.save({**state, "epoch": 1}, out / "last.pt")  # as if it had stopped after epoch 1
+    train.main([*flags, "--resume"])
     state = torch.load(out / "last.pt", weights_only=False)
     assert state["epoch"] == 2
     assert torch.equal(state["model"]["prior_extractor.stages.layer3.1.conv2.weight"], encoder_k)  # still stage 1's
@@ -3983,9 +4337,9 @@ def test_crcnet_harness_trains_and_evaluates_two_shot_by_finetuning(tmp_path):
                 "--test-episodes", "1", "--test-seeds", "1", "--refine-steps", "1", "--ft-steps", "1",
                 "--out", str(out)])
     records = read_metrics(out)
-    assert records[0]["args"]["lr"] == "0.01" != str(train.HARNESS_DEFAULTS["synthetic"]["lr"])  # its own
-    assert records[0]["args"]["ft_steps"] == "1" and records[0]["args"]["kshot"] == "None"  # Config default
-    assert records[0]["args"]["train_encoder"] == "False"  # synthetic DEFAULTS: the quick start's frozen encoder
+    assert records[0]["args"]["lr"] == 0.01 != train.HARNESS_DEFAULTS["synthetic"]["lr"]  # its own
+    assert records[0]["args"]["ft_steps"] == 1 and records[0]["args"]["kshot"] is None  # Config default
+    assert records[0]["args"]["train_encoder"] is False  # synthetic DEFAULTS: the quick start's frozen encoder
     step = [r for r in records if r["event"] == "train"][0]
     # a support term: the harness passed m_q in training (train.query_mask); without it the loss raises
     assert math.isfinite(step["loss"]) and {"query", "support", "query_sub", "support_sub"} <= set(step)

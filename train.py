@@ -5,37 +5,43 @@
     python train.py --model qpenet --fold all --data-root ~/data/VOC2012          # four folds and their table
     python train.py --eval-only --checkpoint runs/x/last.pt --shot 5 --data-root ~/data/VOC2012
     torchrun --nproc_per_node 4 train.py --model ocnet --dataset coco --fold 2 --data-root ~/data/coco
-    python train.py --model qgnet --stage prior --fold 0 --data-root ~/data/VOC2012   # a model's extra stage
-    python train.py --model symnet --bench                           # speed, work, memory, parameters
-    python train.py --predict --checkpoint runs/x/last.pt --support s.jpg --support-mask s.png --query q.jpg
+
+What a run does, top to bottom (main, then train_and_evaluate): the flags are parsed and every value the command
+line leaves open is taken from the checkpoint, the paper's recipe or the harness (resolve_defaults); the run
+folder is locked (hold_run_folder); every listed data file is checked (check_data); the model is built from its
+file and the optimiser made; training runs epochs of episodic SGD (train); the last checkpoint is evaluated on
+the test episodes of every test seed (evaluate_protocol) and reported (report). Below the run, fenced: the
+arguments, the pieces of a run, the run folders, and the tools that main dispatches to instead: --fold all,
+--stage, --bench, --bench-data, --vis and --predict.
+
+The protocol (README.md, "Protocol"): SGD with momentum 0.9 and weight decay 1e-4, poly learning rate (power 0.9)
+per iteration, fp32 (--bf16: bf16 autocast on CUDA); the last checkpoint is evaluated; test episodes depend only
+on (test seed, index), 1000 per seed (COCO 5000) x 5 seeds, mean and standard deviation reported; IoU scored at
+the query's original resolution, in fp32.
 
 A model is one of the five paper files, `baseline` (the parameter-free floor every model must beat), or the
 path of your own `.py` file with the same interface, which then gets exactly the same protocol:
 
     Config                 dataclass of the model's hyperparameters: the paper's values, then `backbone`,
-                           `pretrained` (True, False or a weight file) and the model's own flags from the
-                           command line (make_config); saved in every checkpoint
-    Model(cfg[, run])      nn.Module. run: common.Run, the run's context (dataset, fold, shots, crop...).
+                           `pretrained` (True, False or a weight file) and the model's own flags
+    Model(cfg[, setting])  nn.Module. setting: common.Setting, the run's dataset, fold, shots, crop, backbone.
                            forward(img_q, img_s, m_s, class_ids=None) -> dict with "logits" (B,2,H,W) and
-                           whatever its loss needs; loss(out, m_q, m_s) -> (total, {name: term}). A forward
-                           with an `m_q` argument gets the query mask in training, never in evaluation
-    build(cfg, run)        optional: the model with the files its stages wrote (construct); none are read when
-                           run.from_checkpoint, as every weight is in the checkpoint
-    DEFAULTS               optional {dataset: {flag: value}}: the paper's recipe (lr, batch_size, epochs,
-                           img_size, augment, the model's flags); STAGE_DEFAULTS {stage: {dataset: ...}} a stage's
-    add_args(parser)       optional: the model's own flags
-    STAGES                 optional {name: fn(run, schedule, options)}: extra training stages (--stage NAME),
-                           with common.Run, common.Schedule and the model's own flags {dest: value}
-    Model.predict(...)     optional: inference hook (test-time fine-tuning, multi-scale), same arguments as
-                           forward, returns logits; evaluation uses it instead of forward
-
-Values left unset on the command line come from the checkpoint, the stage's and the paper's recipe, then the
-harness's, in that order (resolve_defaults). The protocol (README.md, "Protocol"): SGD with momentum 0.9 and
-weight decay 1e-4, poly learning rate (power 0.9) per iteration; the last checkpoint is evaluated; test episodes
-depend only on (test seed, index), 1000 per seed (COCO 5000) x 5 seeds, mean and standard deviation reported;
-IoU scored at the query's original resolution, in fp32.
+                           whatever its loss needs; loss(out, m_q, m_s) -> (total, {name: term}).
+                           Model.query_mask_in_training = True: forward also gets m_q= in training (never in
+                           evaluation). Model.infer(img_q, img_s, m_s, class_ids), optional: what evaluation
+                           calls instead of forward (test-time fine-tuning, multi-scale); returns logits
+    build(cfg, setting)    optional: the model with the files its stages wrote; none is read when
+                           setting.from_checkpoint (every weight is in the checkpoint)
+    DEFAULTS               optional {dataset: {flag: value}}: the paper's recipe (lr, batch_size, epochs, img_size,
+                           augment, the model's flags); a value may depend on the fold ({0: 100, 3: 50}) or the
+                           backbone ({"resnet50": .., "resnet101": ..}). STAGE_DEFAULTS {stage: {dataset: ...}}
+    add_args(parser)       optional: the model's own flags; EVALUATION_FLAGS: those --resume lets change
+    STAGES, STAGE_FILES    optional {name: fn(setting, schedule, options)}: extra training stages (--stage NAME),
+                           and {name: fn(setting, options) -> Path}: the file each writes (its folder is held as
+                           a run folder is)
 """
 import argparse
+import copy
 import dataclasses
 import importlib
 import importlib.util
@@ -45,9 +51,12 @@ import math
 import os
 import re
 import shlex
+import signal
 import sys
 import tempfile
+import threading
 import time
+import types
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -74,35 +83,257 @@ MODELS = ("ocnet", "qgnet", "crcnet", "symnet", "qpenet", "baseline")
 MOMENTUM = 0.9  # PFENet, BAM, HSNet-era FSS all use SGD with momentum 0.9
 WEIGHT_DECAY = 1e-4  # PFENet train.py
 POLY_POWER = 0.9  # PFENet util.poly_learning_rate
-# Dense (no sparsity) bf16 tensor-core TFLOP/s from NVIDIA's data sheets, matched in order against the device
-# name: the denominator of --bench's achieved fraction.
-BF16_PEAK_TFLOPS = (("H200 NVL", 835.5), ("H200", 989.4), ("H100 NVL", 835.5), ("H100 PCIe", 756.5),
-                    ("H100", 989.4), ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0),
-                    ("A10", 125.0))  # a key matches whole words of the name: "A10" is not the A10G
-BENCH_DATA_IMAGES = 300  # --bench-data without a dataset: this many PASCAL-sized JPEGs in a temporary folder
-BENCH_DATA_SECONDS = 10.0  # --bench-data: time spent per worker count
-# The run's episodes: a checkpoint's own where it has one (resolve_defaults), else these.
-EPISODE_DEFAULTS = dict(dataset="pascal", fold=0, coco_split="interleaved")
+MAX_LR = 10.0  # --lr above this is a typo (the recipes run 0.0025-0.05)
 # The recipe where a model file gives none for a dataset (the baseline, your own model file). PASCAL and COCO:
 # PFENet's configs as its code runs them, every learning rate x10 (poly_learning_rate(..., scale_lr=10)):
 # PASCAL base_lr 0.0025 -> 0.025 at batch 4; COCO the one-GPU setting of its config's comment, base_lr 0.005 ->
 # 0.05 at batch 8 (its 4-GPU run: 0.02 x 10 at batch 32, the same rate per episode). Synthetic: the quick start,
-# any model trained and evaluated in a few minutes on 2 CPU cores (README, quick start). Folder (your own data,
-# where no model file has a recipe): PASCAL's.
+# any model trained and evaluated in a few minutes on 2 CPU cores (README, quick start); its episodes per epoch
+# and test episodes are data.py's. Folder (your own data, where no model file has a recipe): PASCAL's.
 HARNESS_DEFAULTS = {
     "pascal": dict(lr=0.025, batch_size=4, epochs=200, img_size=473, augment="pfenet"),
     "folder": dict(lr=0.025, batch_size=4, epochs=200, img_size=473, augment="pfenet"),
     "coco": dict(lr=0.05, batch_size=8, epochs=50, img_size=641, augment="pfenet"),
-    "synthetic": dict(lr=0.05, batch_size=8, epochs=2, img_size=128, train_length=500, augment="pfenet",
-                      test_episodes=300, test_seeds=1),
+    "synthetic": dict(lr=0.05, batch_size=8, epochs=2, img_size=128, augment="pfenet", test_seeds=1),
 }
-EXIT_NONFINITE = 3  # exit status when the loss becomes NaN or infinite
-EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+EPISODE_DEFAULTS = dict(dataset="pascal", fold=0, coco_split="interleaved")  # unless a checkpoint has its own
+# --resume takes these from the checkpoint (with the model's own flags, but for its EVALUATION_FLAGS): a run
+# trained with other values would not be the run it continues. Everything else may change on resume.
+RESUME_RECIPE = ("epochs", "batch_size", "lr", "img_size", "train_length", "seed", "augment", "bf16",
+                 "support_boxes", "backbone_weights", "no_pretrained", "select_best", "val_every")
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # a training run's files in its folder (--overwrite removes)
+EXIT_NONFINITE = 3  # exit status when the loss or the weights become NaN or infinite
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+EXIT_TERMINATED = 143  # SIGTERM (a scheduler's preemption or time limit), as shells report it
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Command line: the flags, and the one order in which a run's values are resolved
+# ==========================================================================================================
+# The run, top to bottom: arguments, device, data, model, optimiser, training, evaluation, report
+# ==========================================================================================================
+
+
+def main(argv=None):
+    """Parse the command line and run it (or the tool it names). Every way a run can end badly (a bad dataset
+    file, a full disk, Ctrl-C, SIGTERM, a NaN loss) ends in one clear line and a non-zero exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, module = parse_args(argv)
+    with stops_cleanly(args, argv):
+        tool = tool_for(args)
+        return tool(args, module) if tool else train_and_evaluate(args, module)
+
+
+def train_and_evaluate(args, module):
+    """One run: train (unless --eval-only or there is nothing to learn), evaluate, report. -> (mIoU, FB-IoU)."""
+    device, rank, world = setup_device(args)
+    training = not args.eval_only and not is_baseline(module)
+    with hold_run_folder(args, training, RUN_FILES) if rank == 0 else nullcontext():
+        check_data(args, ("train", "test") if training else ("test",))  # every listed file, before the model
+        model, optimizer, cfg, resumed = build_model(module, args, device, rank, world)
+        learnable, total = count_parameters(model)
+        log_file = args.out / "metrics.jsonl" if rank == 0 else None
+        if rank == 0 and args.resume:
+            truncate_log(log_file, resumed["epoch"] if resumed else 0)
+        log(rank, f"{Path(args.model).stem} on {args.dataset} {split_text(vars(args))}, {args.shot}-shot, "
+                  f"{args.img_size}px, {device}, {world} process(es), {'bf16' if bf16(args, device) else 'fp32'}; "
+                  f"{learnable:,} learnable / {total:,} parameters\nrun folder {args.out}")
+        write_log(log_file, {"event": "start", "args": saved_args(args)})
+        if training and learnable:
+            train(model, optimizer, args, cfg, device, rank, world, log_file, resumed)
+            if args.select_best and (args.out / "best.pt").exists():
+                load_weights(unwrap(model), read_checkpoint(args.out / "best.pt"), args.out / "best.pt")
+                log(rank, "evaluating best.pt (chosen on the test fold: an optimistic estimate)")
+        if args.vis and rank == 0:
+            visualise(model, args, device, rank)
+        scores = evaluate_protocol(model, args, device, rank, world)
+        report(args, scores, rank, log_file)
+    return scores["miou"], scores["fbiou"]
+
+
+def train(model, optimizer, args, cfg, device, rank, world, log_file, resumed=None):
+    """Epochs of episodic SGD, the learning rate on PFENet's poly schedule per iteration; a checkpoint after every
+    epoch (and best.pt with --select-best). resumed: the --resume checkpoint (its weights are loaded already)."""
+    dataset = episodes(args, "train")
+    per_rank = args.batch_size // world
+    sampler = EpisodeSampler(len(dataset), rank, world, shuffle=True, seed=args.seed, batch_size=per_rank)
+    loader = make_loader(dataset, sampler, per_rank, args, device, drop_last=True)
+    steps_per_epoch, net = len(loader), unwrap(model)
+    if steps_per_epoch == 0:
+        sys.exit(f"error: {len(dataset)} training episodes do not fill one batch of {args.batch_size}")
+    max_iter, start_epoch, best = args.epochs * steps_per_epoch, 0, -1.0
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        start_epoch, best = resumed["epoch"], resumed["best"]
+        log(rank, f"resumed from {args.out / 'last.pt'} after epoch {start_epoch}")
+    log(rank, f"training: {len(dataset)} episodes/epoch, {steps_per_epoch} steps of {args.batch_size}, "
+              f"{args.epochs} epochs, lr {args.lr}")
+    progress = common.Progress(args.epochs, steps_per_epoch, start_epoch, args.log_every, args.batch_size,
+                               log=lambda line: log(rank, line), log_file=log_file)
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            sampler.set_stream(epoch)  # the epoch's episodes
+            batches = iter(loader)  # starting workers draws from the global RNG: seed after it, so that
+            torch.manual_seed(args.seed * 100003 + epoch * 101 + rank)  # dropout is the same, resumed or not
+            model.train()
+            for s, batch in enumerate(batches):
+                lr = args.lr * (1 - (epoch * steps_per_epoch + s) / max_iter) ** POLY_POWER  # poly, per step
+                common.set_lr(optimizer, lr)
+                batch = to_device(batch, device)
+                with autocast(device, args.bf16):
+                    out = model(batch["img_q"], batch["img_s"], batch["m_s"], batch["class_id"],
+                                **query_mask(net, batch))
+                    loss, terms = net.loss(out, batch["m_q"], batch["m_s"])
+                common.update(optimizer, loss)  # backward and step; a non-finite loss never reaches the weights
+                progress.add(epoch, s, loss, terms, lr)  # every --log-every steps: a line, a record, the NaN check
+            if args.select_best and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
+                scores = evaluate_protocol(model, args, device, rank, world)
+                write_log(log_file, {"event": "val", "epoch": epoch + 1, "miou": scores["miou"],
+                                     "fbiou": scores["fbiou"]})
+                if scores["miou"] > best:
+                    best = scores["miou"]
+                    if rank == 0:
+                        save_checkpoint(args.out / "best.pt", model, optimizer, epoch + 1, cfg, args, best)
+            if rank == 0:
+                save_checkpoint(args.out / "last.pt", model, optimizer, epoch + 1, cfg, args, best)
+            if world > 1:
+                dist.barrier()
+    except (common.NonFiniteLossError, common.NonFiniteWeightsError) as err:
+        last = args.out / "last.pt"
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+        log(rank, f"error: {err}; stopping. {kept} (try a lower --lr{' or no --bf16' if args.bf16 else ''}).")
+        sys.exit(EXIT_NONFINITE)
+
+
+@torch.no_grad()
+def evaluate(model, loader, dataset, device, args, seed):
+    """One test seed: class mIoU and FB-IoU (PFENet's definitions, common.IoUMeter) at the original resolution."""
+    net = unwrap(model).eval()
+    infer = inference(net)
+    meter = common.IoUMeter(dataset.num_classes, device=device)
+    loader.sampler.set_stream(seed)
+    for batch in loader:
+        batch = to_device(batch, device)
+        with autocast(device, args.bf16_eval):
+            logits = infer(batch["img_q"], batch["img_s"], batch["m_s"], batch["class_id"])  # (B,2,H,W)
+        for b, target in enumerate(batch["m_q_orig"]):  # each query at its own original size (H0,W0)
+            probs = data.logits_to_original(logits[b].float(), target.shape[-2:]).softmax(0)  # (2,H0,W0)
+            meter.update(probs.argmax(0)[None], target[None].to(device), batch["class_id"][b:b + 1], probs[1][None])
+    meter.all_reduce()
+    return meter
+
+
+def evaluate_protocol(model, args, device, rank, world):
+    """Every test seed, --eval-batch-size episodes at a time on each process (the scores do not depend on it);
+    returns a dict of fractions: miou, fbiou (means over the seeds), miou_std, fbiou_std (their standard
+    deviations over the seeds), per_class {class: IoU, mean over the seeds}, fg_prob [mean p(fg) on true
+    background, on true foreground], seeds (per-seed miou and fbiou), and the dataset under "dataset"."""
+    dataset = episodes(args, "test")
+    loader = make_loader(dataset, EpisodeSampler(len(dataset), rank, world), args.eval_batch_size, args, device,
+                         drop_last=False)
+    mious, fbious, per_class, probs = [], [], {}, []
+    for seed in range(args.test_seeds):
+        t0 = time.perf_counter()
+        meter = evaluate(model, loader, dataset, device, args, seed)
+        classes = [int(c) for c in dataset.classes]
+        unseen = sorted(set(classes) - set(meter.seen()))
+        if unseen:
+            names = ", ".join(dataset.class_names.get(c, str(c)) for c in unseen)
+            log(rank, f"WARNING: test seed {seed} has no episode of {names}: IoU 0 in the mIoU, as PFENet and HSNet "
+                      "count it (more --test-episodes would cover every class)")
+        mious.append(meter.miou(classes))
+        fbious.append(meter.fbiou())
+        probs.append(meter.mean_probability())
+        for c, iou in meter.class_iou(classes).items():
+            per_class.setdefault(c, []).append(iou)
+        log(rank, f"test seed {seed}: mIoU {100 * mious[-1]:.2f}  FB-IoU {100 * fbious[-1]:.2f}  "
+                  f"({len(dataset)} episodes, {time.perf_counter() - t0:.1f}s)")
+    (miou, miou_std), (fbiou, fbiou_std) = spread(mious), spread(fbious)
+    return {"miou": miou, "miou_std": miou_std, "fbiou": fbiou, "fbiou_std": fbiou_std,
+            "per_class": {c: float(np.mean(v)) for c, v in per_class.items()}, "fg_prob": np.mean(probs, 0).tolist(),
+            "seeds": {"miou": mious, "fbiou": fbious}, "dataset": dataset}
+
+
+def report(args, scores, rank, log_file):
+    """The class table, the mean and spread over the test seeds, a metrics.jsonl record and the RESULT line."""
+    if rank != 0:
+        return
+    dataset, per_class, probs = scores["dataset"], scores["per_class"], scores["fg_prob"]
+    names = {c: dataset.class_names.get(c, str(c)) for c in per_class}
+    width = max(map(len, names.values()), default=4)
+    print(f"\n{'class':>6}  {'name':<{width}}  IoU")
+    for c in sorted(per_class):
+        print(f"{c:>6}  {names[c]:<{width}}  {100 * per_class[c]:6.2f}")
+    if args.test_seeds > 1:
+        print(f"\nmIoU {100 * scores['miou']:.2f} +- {100 * scores['miou_std']:.2f}  "
+              f"FB-IoU {100 * scores['fbiou']:.2f} +- {100 * scores['fbiou_std']:.2f}  (mean +- standard deviation "
+              f"over {args.test_seeds} test seeds of {args.test_episodes} episodes)")
+    else:
+        print(f"\nmIoU {100 * scores['miou']:.2f}  FB-IoU {100 * scores['fbiou']:.2f}  (one test seed of "
+              f"{args.test_episodes} episodes, so no spread: --test-seeds 5 gives one)")
+    print(f"mean p(foreground): {probs[1]:.3f} on object pixels, {probs[0]:.3f} on background (a diagnostic: a "
+          "pixel counts as foreground from 0.5 on)")
+    record = {"event": "result", "model": Path(args.model).stem, "dataset": args.dataset, "fold": args.fold,
+              "test_classes": args.test_classes, "shot": args.shot, "img_size": args.img_size,
+              "coco_split": args.coco_split,
+              **{k: scores[k] for k in ("miou", "miou_std", "fbiou", "fbiou_std", "per_class")},
+              "seed_miou": scores["seeds"]["miou"], "seed_fbiou": scores["seeds"]["fbiou"],
+              "fg_prob_object": probs[1], "fg_prob_background": probs[0],
+              "episodes": args.test_episodes, "seeds": args.test_seeds}
+    write_log(log_file, record)
+    print(result_line(record), flush=True)
+
+
+def result_line(record):
+    """The line for scripts: RESULT model=.. dataset=.. fold=.. shot=.. miou=.. miou_std=.. fbiou=.. fbiou_std=.."""
+    scores = " ".join(f"{k}={100 * record[k]:.2f}" for k in ("miou", "miou_std", "fbiou", "fbiou_std"))
+    split = split_text(record).replace(" ", "=", 1)  # fold=K, or classes=3,7,9
+    return f"RESULT model={record['model']} dataset={record['dataset']} {split} shot={record['shot']} {scores}"
+
+
+def spread(values):
+    """(mean, sample standard deviation) of a list; the deviation is NaN for a single value."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
+class Terminated(Exception):
+    """SIGTERM arrived (a scheduler preempts the job or its time is up): stopped as Ctrl-C stops a run."""
+
+
+@contextmanager
+def stops_cleanly(args, argv):
+    """Run the block; end every way it can stop badly with one line and an exit status: Ctrl-C (130) and SIGTERM
+    (143) say what was kept and the command that continues, a bad dataset file or a failed write say what and
+    where (1). Under torchrun the process group is closed in any case."""
+    def terminate(signum, frame):
+        raise Terminated()
+
+    main_thread = threading.current_thread() is threading.main_thread()  # where Python delivers signals
+    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
+    try:
+        yield
+    except (KeyboardInterrupt, Terminated) as stop:
+        stop_interrupted(getattr(stop, "run", args), argv, isinstance(stop, Terminated))
+    except data.DatasetError as err:  # also when a DataLoader worker re-raised it
+        sys.exit(f"error: {original_message(err)}")
+    except (common.SaveError, common.WeightsUnavailableError) as err:
+        sys.exit(f"error: {err}")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def tool_for(args):
+    """The tool a command line asks for instead of a plain run (fenced at the end of this file), or None."""
+    if args.fold == "all":
+        return run_all_folds
+    return (args.bench_data and bench_data or args.stage and train_stage or args.bench and bench
+            or args.predict and predict_files or None)
+
+
+# ==========================================================================================================
+# Arguments: the flags, and the one order in which a run's values are resolved
+# ==========================================================================================================
 
 
 def build_parser(add_help=True):
@@ -120,7 +351,8 @@ def build_parser(add_help=True):
                    help="--dataset folder: the novel class ids, comma-separated (e.g. 3,7,9), in place of --fold")
     p.add_argument("--shot", type=positive_int, default=1)
     p.add_argument("--coco-split", default=None, choices=["interleaved", "contiguous"],
-                   help="default: the --checkpoint's, else interleaved")
+                   help="COCO-20i's folds: interleaved (PFENet's: fold i tests 4k+i+1) or contiguous (20i+1..20i+20); "
+                        "default: the --checkpoint's, else interleaved")
     p.add_argument("--support-boxes", action="store_true",
                    help="weak supervision: every support mask becomes its objects' bounding boxes (CRCNet §5.4)")
     p.add_argument("--backbone", default="resnet50", choices=sorted(common.BACKBONES),
@@ -132,18 +364,31 @@ def build_parser(add_help=True):
     p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (no ImageNet download)")
     p.add_argument("--epochs", type=positive_int, default=None, help="default: the model's, per dataset")
     p.add_argument("--batch-size", type=positive_int, default=None, help="global batch, split across processes")
-    p.add_argument("--lr", type=float, default=None, help="base learning rate of the poly schedule")
+    p.add_argument("--lr", type=learning_rate, default=None, help="base learning rate of the poly schedule")
     p.add_argument("--img-size", type=positive_int, default=None, help="train crop and test canvas size")
     p.add_argument("--train-length", type=positive_int, default=None,
-                   help="training episodes per epoch (default: every filtered training image; synthetic 500)")
+                   help="training episodes per epoch (default: every filtered training image; synthetic "
+                        f"{data.SYNTHETIC_TRAIN_LENGTH})")
     p.add_argument("--workers", type=non_negative_int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
     p.add_argument("--seed", type=non_negative_int, default=0, help="training seed (test episodes do not depend on it)")
+    p.add_argument("--bf16", action="store_true",
+                   help="train under bf16 autocast on CUDA (default fp32, as the official code trains)")
+    p.add_argument("--bf16-eval", action="store_true",
+                   help="evaluate under bf16 autocast on CUDA (default fp32, as the official code evaluates)")
+    p.add_argument("--augment", default=None, choices=sorted(data.AUGMENTATIONS),
+                   help="training augmentation recipe (default: the model's, for most PFENet's)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     p.add_argument("--out", default=None, help="run folder (default runs/MODEL-DATASET-foldK-Sshot)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue OUT/last.pt with the recipe it was trained with (or start, if it has none yet)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an OUT that holds a run: its last.pt, best.pt and metrics.jsonl are deleted")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint, do not train")
-    p.add_argument("--checkpoint", default=None, help="weights for --eval-only, --predict, --vis")
+    p.add_argument("--checkpoint", default=None,
+                   help="weights for --eval-only, --predict, --vis (with --fold all: a path with {fold} in it)")
+    p.add_argument("--eval-batch-size", type=positive_int, default=1,
+                   help="test episodes a process evaluates at once (default 1, as the official code; the scores "
+                        "do not depend on it)")
     p.add_argument("--select-best", action="store_true",
                    help="validate on the test fold during training and evaluate the best (optimistic)")
     p.add_argument("--val-every", type=positive_int, default=5, help="epochs between validations for --select-best")
@@ -152,53 +397,83 @@ def build_parser(add_help=True):
     p.add_argument("--test-seeds", type=positive_int, default=None,
                    help=f"test seeds, the mean reported (default {data.TEST_SEEDS})")
     p.add_argument("--log-every", type=positive_int, default=20, help="optimizer steps between progress lines")
-    p.add_argument("--fp32", action="store_true", help="train without bf16 autocast on CUDA")
-    p.add_argument("--bf16-eval", action="store_true",
-                   help="evaluate under bf16 autocast on CUDA (default fp32, as the official code evaluates)")
-    p.add_argument("--augment", default=None, choices=sorted(data.AUGMENTATIONS),
-                   help="training augmentation recipe (default: the model's, for most PFENet's)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--stage", default=None, help="run a model's extra training stage (Sym-Net: base, QGNet: prior)")
     p.add_argument("--bench", action="store_true", help="time training steps and inference, then exit")
-    p.add_argument("--bench-steps", type=positive_int, default=10)
+    p.add_argument("--bench-steps", type=positive_int, default=10, help="--bench: training steps timed")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="--bench: the GPU's dense bf16 TFLOP/s, for one not in BF16_PEAK_TFLOPS")
     p.add_argument("--bench-data", action="store_true",
                    help="episodes/s that data.py delivers with 0..--workers workers (PASCAL without --data-root: "
                         f"{BENCH_DATA_IMAGES} generated 500x375 JPEGs), then exit")
-    p.add_argument("--vis", type=non_negative_int, default=0, metavar="N", help="write N PNGs of test episodes")
-    p.add_argument("--stage", default=None, help="run a model's extra training stage (e.g. qgnet: prior)")
-    p.add_argument("--predict", action="store_true", help="segment --query given --support/--support-mask")
+    p.add_argument("--vis", type=non_negative_int, default=0, metavar="N",
+                   help="write N PNGs of test episodes to OUT/vis")
+    p.add_argument("--predict", action="store_true",
+                   help="segment --query given --support/--support-mask; writes QUERY_mask.png and "
+                        "QUERY_overlay.png to --out (default: the checkpoint's folder/predict)")
     p.add_argument("--support", action="append", default=[], help="support image (repeat for K shots)")
     p.add_argument("--support-mask", action="append", default=[], help="its mask: nonzero pixels = object")
     p.add_argument("--query", action="append", default=[], help="query image (repeatable)")
     return p
 
 
-def parse_args(argv=None):
-    """Two passes: --model (or the checkpoint's model) first, so the model file can add its own flags."""
-    known, _ = build_parser(add_help=False).parse_known_args(argv)  # --help waits for the model's own flags
+def full_parser(module):
+    """The parser of train.py's flags and the model file's own (its add_args)."""
     parser = build_parser()
+    if hasattr(module, "add_args"):
+        module.add_args(parser.add_argument_group(f"{getattr(module, '__name__', 'model')} options"))
+    return parser
+
+
+def parse_args(argv=None):
+    """The command line -> (args, module), every value resolved (resolve_defaults). Two passes: --model (or the
+    checkpoint's model) first, so that the model file can add its own flags. With --fold all, args.folds holds
+    each fold's resolved arguments (a recipe may differ by fold)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    known, _ = build_parser(add_help=False).parse_known_args(argv)  # --help waits for the model's own flags
     if known.checkpoint and "{fold}" in known.checkpoint and known.fold not in (None, "all"):
-        known.checkpoint = known.checkpoint.format(fold=known.fold)  # one fold of a pattern
-    trained = read_checkpoint(known.checkpoint.format(fold=0))["args"] if known.checkpoint else {}
+        known.checkpoint = fold_path(known.checkpoint, known.fold)  # one fold of a pattern
+    trained = read_checkpoint(fold_path(known.checkpoint, 0))["args"] if known.checkpoint else {}
     if known.checkpoint and "{fold}" in known.checkpoint:
         trained["fold"] = "all"  # a pattern names the four folds' checkpoints
-    given = sys.argv[1:] if argv is None else argv
-    if trained and not any(a == "--model" or a.startswith("--model=") for a in given):
+    if trained and not any(a == "--model" or a.startswith("--model=") for a in argv):
         known.model = trained["model"]  # --predict and --eval-only need not repeat it
     module = load_model_module(known.model)
-    if hasattr(module, "add_args"):
-        module.add_args(parser.add_argument_group(f"{known.model} options"))
+    parser = full_parser(module)
     args = parser.parse_args(argv)
     args.model, args.checkpoint = known.model, known.checkpoint
     args.own_flags = sorted(set(vars(args)) - set(vars(build_parser().parse_args([]))))  # add_args's dests
-    args.model_flags = [k for k in args.own_flags if getattr(args, k) is not None]  # the model's flags given now
+    args.given = given_flags(parser, argv)
+    check_flags(parser, args, module)
+    if args.fold == "all":  # each fold's own arguments: its folder, its checkpoint, its recipe
+        parent = Path(args.out) if args.out else None
+        args.folds = [resolve_defaults(argparse.Namespace(**{
+            **vars(args), "fold": k, "out": parent / f"fold{k}" if parent else None,
+            "checkpoint": fold_path(args.checkpoint, k) if args.checkpoint else None}), module, trained,
+            known.checkpoint) for k in range(data.NUM_FOLDS)]
+        args.out = parent
+    resolve_defaults(args, module, trained, known.checkpoint)
+    if args.test_classes and args.dataset != "folder":
+        parser.error(f"--test-classes chooses the novel classes of --dataset folder; {args.dataset}'s are its folds "
+                     "(--fold)")
+    return args, module
+
+
+def given_flags(parser, argv):
+    """The dests of the flags that argv itself gives (not their defaults)."""
+    quiet = copy.deepcopy(parser)
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_known_args(argv)[0]))
+
+
+def check_flags(parser, args, module):
+    """Flags that exclude each other, or that a run cannot do: argparse's error (exit 2) with the reason."""
     if args.test_classes and args.fold is not None:
         parser.error(f"--test-classes names the novel classes itself: drop --fold {args.fold} (--fold K and --fold "
                      "all take a folder dataset's folds from its folds.txt)")
     if args.fold == "all" and (args.bench or args.bench_data or args.predict or args.resume):
         parser.error("--fold all trains and evaluates (or runs a --stage) for each fold, and resumes by itself")
-    if args.eval_only and not args.checkpoint and args.fold != "all" and not model_is_parameter_free(module):
+    if args.eval_only and not args.checkpoint and args.fold != "all" and not is_baseline(module):
         parser.error("--eval-only needs --checkpoint (only the parameter-free baseline has none)")
     if args.predict and not (args.support and args.query and len(args.support) == len(args.support_mask)):
         parser.error("--predict needs --query, and one --support-mask for every --support")
@@ -206,29 +481,22 @@ def parse_args(argv=None):
         parser.error("--backbone-weights and --no-pretrained exclude each other")
     if args.resume and (args.eval_only or args.overwrite):
         parser.error("--resume excludes --eval-only and --overwrite")
-    if args.predict and not args.checkpoint and not model_is_parameter_free(module):
+    if args.predict and not args.checkpoint and not is_baseline(module):
         parser.error("--predict needs --checkpoint (only the parameter-free baseline has none)")
-    resolve_defaults(args, module, trained, known.checkpoint)
-    if args.test_classes and args.dataset != "folder":
-        parser.error(f"--test-classes chooses the novel classes of --dataset folder; {args.dataset}'s are its folds "
-                     "(--fold)")
-    if args.fold == "all":
-        args.out = Path(args.out) if args.out else None  # the parent of the folds' folders, given or default
-    else:
-        args.out = Path(args.out) if args.out else default_out(args, args.fold)
-    return args, module
 
 
 def resolve_defaults(args, module, trained, checkpoint=None):
-    """Fill every flag left unset (None) from the first of these that gives it, in this order:
+    """Fill every flag left unset (None) from the first of these that gives it, in this order, and return args:
         1. the command line (already in args: it always wins)
-        2. the checkpoint (--checkpoint, its saved arguments `trained`): its dataset, fold and COCO split, so that
-           a model is tested on the classes it never trained on; its crop size when tested on its own dataset
-        3. the stage's recipe, module.STAGE_DEFAULTS[stage][dataset], when --stage runs one
-        4. the paper's recipe, module.DEFAULTS[dataset] (lr, batch, epochs, crop, augmentation, model flags)
-        5. the harness's: HARNESS_DEFAULTS[dataset], data.TEST_EPISODES[dataset], data.TEST_SEEDS
+        2. --resume: OUT/last.pt's recipe (RESUME_RECIPE and the model's flags); a flag given now that differs
+           from it is refused with both values
+        3. --checkpoint (its saved arguments `trained`): its dataset, fold and COCO split, so that a model is
+           tested on the classes it never trained on; its crop size when tested on its own dataset
+        4. the stage's recipe, module.STAGE_DEFAULTS[stage][dataset], when --stage runs one
+        5. the paper's recipe, module.DEFAULTS[dataset] (lr, batch, epochs, crop, augmentation, model flags)
+        6. the harness's: HARNESS_DEFAULTS[dataset], data.TEST_EPISODES[dataset], data.TEST_SEEDS
     A recipe key that is not a flag of this run is an error, so that renaming a flag cannot silently drop a
-    paper's value."""
+    paper's value. A recipe value may depend on the fold or the backbone (recipe_value)."""
     if args.test_classes is None and args.fold is None:  # a --test-classes run is tested on its classes, unless
         args.test_classes = trained.get("test_classes")  # --fold names a fold
     for key, default in EPISODE_DEFAULTS.items():
@@ -244,31 +512,85 @@ def resolve_defaults(args, module, trained, checkpoint=None):
         args.data_root = args.data_root or trained.get("data_root")  # the files it was trained on
     if args.img_size is None and (args.predict or trained.get("dataset") == args.dataset):
         args.img_size = trained.get("img_size")  # test at the size the model was trained at
+    if args.fold != "all":
+        args.out = Path(args.out) if args.out else default_out(args, args.fold)
+        if args.resume:
+            restore_recipe(args, module)
     layers = [getattr(module, "STAGE_DEFAULTS", {}).get(args.stage, {}).get(args.dataset, {}) if args.stage else {},
               getattr(module, "DEFAULTS", {}).get(args.dataset, {}),
               {"test_episodes": data.TEST_EPISODES[args.dataset], "test_seeds": data.TEST_SEEDS,
+               "train_length": data.SYNTHETIC_TRAIN_LENGTH if args.dataset == "synthetic" else None,
                **HARNESS_DEFAULTS[args.dataset]}]
     for layer in layers:
         for key, value in layer.items():
             if not hasattr(args, key):
                 sys.exit(f"error: {args.model}: recipe value {key}={value!r} names no flag of train.py or the model")
             if getattr(args, key) is None:
-                setattr(args, key, value)
+                setattr(args, key, recipe_value(value, args))
+    return args
+
+
+def recipe_value(value, args):
+    """A recipe's value for this run: a dict is keyed by fold ({0: 100, 3: 50}: the fold's, for a folder dataset's
+    --test-classes the first fold's) or by backbone ({"resnet50": .., "resnet101": ..}: the backbone's, a *_deep
+    one by its plain name), and may nest."""
+    while isinstance(value, dict):
+        if all(isinstance(k, int) for k in value):
+            value = value[args.fold if isinstance(args.fold, int) else min(value)]
+        else:
+            value = value[args.backbone.replace("_deep", "")]
+    return value
+
+
+def restore_recipe(args, module):
+    """--resume: the recipe of OUT/last.pt (RESUME_RECIPE and the model's own flags, but for its
+    EVALUATION_FLAGS), so that `--resume` alone continues the run it names. A checkpoint of another run (model,
+    data, fold, shots, backbone), or a flag given now with another value than the run was trained with, is refused
+    with both. Without OUT/last.pt (a run stopped before its first checkpoint) the run starts from the beginning."""
+    last = args.out / "last.pt"
+    if not last.exists():
+        print(f"--resume: {args.out} has no checkpoint yet: the run starts from its first epoch", flush=True)
+        return
+    saved, asked = read_checkpoint(last)["args"], {**vars(args), "model": args.model}
+    differ = [k for k in ("model", "dataset", "fold", "test_classes", "shot", "coco_split", "backbone")
+              if not same_value(Path(str(saved.get(k))).stem if k == "model" else saved.get(k, asked[k]),
+                                Path(str(asked[k])).stem if k == "model" else asked[k])]
+    if differ:
+        sys.exit(f"error: --resume: {last} is a checkpoint of {describe_run(saved)}, not of {describe_run(asked)} "
+                 f"({', '.join(differ)} differ): give the flags it was trained with, or another --out")
+    free = set(getattr(module, "EVALUATION_FLAGS", ()))
+    keys = [k for k in (*RESUME_RECIPE, *args.own_flags) if k in saved and k not in free]
+    differ = [k for k in keys if k in args.given and not same_value(getattr(args, k), saved[k])]
+    if differ:
+        parser = full_parser(module)
+        values = ", ".join(f"{option(parser, k)} {saved[k]!r} (now {getattr(args, k)!r})" for k in differ)
+        fixed = ", ".join(option(parser, k) for k in keys)
+        sys.exit(f"error: --resume: {last} was trained with {values}: a resumed run keeps its recipe ({fixed}); "
+                 "drop the flag, or start another run with another --out")
+    for k in keys:
+        setattr(args, k, saved[k])
+
+
+def same_value(a, b):
+    """Whether a flag's value now and as saved in a checkpoint (lists for tuples, strings for paths) are one."""
+    norm = lambda v: list(v) if isinstance(v, (list, tuple)) else str(v) if isinstance(v, Path) else v  # noqa: E731
+    return norm(a) == norm(b)
+
+
+def option(parser, dest):
+    """The command-line spelling of a dest: --batch-size for batch_size."""
+    return next((a.option_strings[0] for a in parser._actions if a.dest == dest and a.option_strings), dest)
 
 
 def default_out(args, fold):
     """runs/MODEL-SPLIT-Sshot, SPLIT as data.split_name: a run's folder when --out does not name one."""
-    split = data.split_name(args.dataset, fold, args.data_root, args.test_classes)
+    split = data.split_name(args.dataset, fold, args.data_root, args.test_classes, args.coco_split)
     return Path(common.RUNS_DIR) / f"{Path(args.model).stem}-{split}-{args.shot}shot"
 
 
-def backbone_weights(args):
-    """A Backbone's `pretrained`: the --backbone-weights file, else True (ImageNet) or False (--no-pretrained)."""
-    return args.backbone_weights or not args.no_pretrained
-
-
-def model_is_parameter_free(module):
-    return module is BaselineModule
+def fold_path(pattern, fold):
+    """--checkpoint 'dir/fold{fold}/last.pt' for one fold ({fold} the one placeholder; other braces stay)."""
+    return pattern.replace("{fold}", str(fold))
 
 
 def fold_arg(text):
@@ -303,136 +625,43 @@ def non_negative_int(text):
     return value
 
 
-# ----------------------------------------------------------------------------------------------------------
-# A run, from the command line to the RESULT line
+def learning_rate(text):
+    """argparse type of --lr: a number in (0, MAX_LR]."""
+    value = float(text)
+    if not 0 < value <= MAX_LR:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be a number above 0 and at most {MAX_LR:g}, got {text!r}")
+    return value
 
 
-def main(argv=None):
-    """Parse the command line and run it. A bad dataset file, a failed save and Ctrl-C end in one clear line and
-    a non-zero exit status (130 for Ctrl-C, as shells report it), never a traceback."""
-    args, module = parse_args(argv)
-    try:
-        return run_all_folds(args, module) if args.fold == "all" else run(args, module)
-    except KeyboardInterrupt:
-        stop_interrupted(args, sys.argv[1:] if argv is None else argv)
-    except data.DatasetError as err:  # also when a DataLoader worker re-raised it
-        sys.exit(f"error: {original_message(err)}")
-    except common.SaveError as err:
-        sys.exit(f"error: {err}")
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+# ==========================================================================================================
+# The pieces of a run: data, the model file, the model and its checkpoints, the built-in baseline, devices
+# ==========================================================================================================
 
 
-def run(args, module):
-    """One run of the command line: a stage, a benchmark, a prediction, or training and evaluation."""
-    device, rank, world = setup_device()
-    if args.batch_size % world:
-        sys.exit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
-    if args.bench_data:
-        return bench_data(args, device)
-    if args.stage:  # an extra training stage that the model file provides, instead of the episodic training
-        return run_stage(args, module, rank)
-    if args.bench or args.predict:
-        model, optimizer, *_ = build_model(module, args, device, rank, world)
-        return bench(model, optimizer, args, device) if args.bench else predict(model, args, device)
-    training = not args.eval_only and not model_is_parameter_free(module)
-    with hold_run_folder(args, training) if rank == 0 else nullcontext():
-        for split in ("train", "test") if training else ("test",):  # every listed file checked before the model
-            build_dataset(args, split)
-        model, optimizer, cfg, resumed = build_model(module, args, device, rank, world)
-        learnable, total = count_parameters(model)
-        log_file = args.out / "metrics.jsonl" if rank == 0 else None
-        if resumed is not None and rank == 0:
-            truncate_log(log_file, resumed["epoch"])
-        log(rank, f"{Path(args.model).stem} on {args.dataset} {split_text(vars(args))}, {args.shot}-shot, "
-                  f"{args.img_size}px, {device}, {world} process(es); {learnable:,} learnable / {total:,} "
-                  f"parameters\nrun folder {args.out}")
-        write_log(log_file, {"event": "start", "args": {k: str(v) for k, v in vars(args).items()}})
-        # 1. training (skipped for --eval-only and for a model with nothing to learn)
-        if training and learnable:
-            train(model, optimizer, args, cfg, device, rank, world, log_file, resumed)
-            if args.select_best and (args.out / "best.pt").exists():
-                unwrap(model).load_state_dict(read_checkpoint(args.out / "best.pt")["model"])
-                log(rank, "evaluating best.pt (chosen on the test fold: an optimistic estimate)")
-        # 2. evaluation under the shared protocol, and pictures of it
-        if args.vis and rank == 0:
-            visualise(model, args, device, rank)
-        scores = evaluate_protocol(model, args, device, rank, world)
-        report(args, scores, rank, log_file)
-    return scores["miou"], scores["fbiou"]
-
-
-def run_all_folds(args, module):
-    """--fold all: the four folds one after another, each in its own folder (OUT/foldK, or each fold's default
-    folder), then their table. Resumable: a fold whose training is complete and whose last result was made
-    under this protocol is taken as it is, an interrupted one resumes, a complete one without that result is
-    evaluated. With --eval-only, every fold's checkpoint (--checkpoint with {fold} in it, else the fold folder's
-    last.pt) is evaluated. Under torchrun every fold uses every process."""
-    rank, records = int(os.environ.get("RANK", 0)), []
-    for fold in range(data.NUM_FOLDS):
-        one = argparse.Namespace(**{**vars(args), "fold": fold})
-        one.out = args.out / f"fold{fold}" if args.out else default_out(args, fold)
-        last = one.out / "last.pt"
-        if args.checkpoint:
-            one.checkpoint = args.checkpoint.format(fold=fold)
-        elif args.eval_only:
-            one.checkpoint = str(last)
-        if args.stage:  # a model's extra stage, for every fold (e.g. Sym-Net's four base learners)
-            run(one, module)
-            continue
-        fresh = args.eval_only or args.overwrite
-        record = None if fresh else finished_result(one)
-        if record is not None:
-            log(rank, f"fold {fold}: complete in {one.out}, its result taken from metrics.jsonl")
-        else:
-            if not fresh and last.exists():
-                done = read_checkpoint(last)["epoch"] >= one.epochs
-                one.eval_only, one.checkpoint, one.resume = (True, str(last), False) if done else (False, None, True)
-            elif not fresh and (one.out / "metrics.jsonl").exists():
-                one.overwrite = True  # a fold that died before its first checkpoint: nothing of it to keep
-            log(rank, f"\n=== fold {fold} of --fold all: {one.out}")
-            run(one, module)
-            record = read_result(one.out) if rank == 0 else None
-        records.append(record)
-    if rank == 0 and not args.stage:
-        report_folds(args, records)
-    return records
-
-
-def run_stage(args, module, rank):
-    """--stage NAME: the model file's STAGES[NAME](run, schedule, options), options being the model's own flags
-    ({dest: value}); a NaN loss stops it with exit status 3."""
-    stages = getattr(module, "STAGES", {})
-    if args.stage not in stages:
-        sys.exit(f"error: --stage {args.stage}: {args.model} offers {sorted(stages) or 'no extra stage'}")
-    options = {k: getattr(args, k) for k in args.own_flags}
-    schedule = common.Schedule(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                               train_length=args.train_length, workers=args.workers, seed=args.seed,
-                               log_every=args.log_every, bf16=not args.fp32, out=args.out, resume=args.resume)
-    try:
-        return stages[args.stage](run_context(args), schedule, options)
-    except common.WeightsUnavailableError as err:
-        sys.exit(f"error: {err}")
-    except common.NonFiniteLossError as err:
-        log(rank, f"error: {err} in --stage {args.stage}; stopping (try a lower learning rate, or --fp32).")
-        sys.exit(EXIT_NONFINITE)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data and model: the episodes, the model file, the built-in baseline
-
-
-def build_dataset(args, split):
+def episodes(args, split):
+    """The run's episodes of `split` ("train" or "test"): data.build_dataset with the run's flags."""
     try:
         return data.build_dataset(args.dataset, split, args.fold, shot=args.shot, img_size=args.img_size,
                                   root=args.data_root, seed=args.seed if split == "train" else 0,
-                                  episodes=args.test_episodes,
-                                  coco_split=args.coco_split, train_length=args.train_length,
-                                  support_boxes=args.support_boxes, augment=args.augment,
-                                  test_classes=args.test_classes)
+                                  episodes=args.test_episodes, coco_split=args.coco_split,
+                                  train_length=args.train_length, support_boxes=args.support_boxes,
+                                  augment=args.augment, test_classes=args.test_classes)
     except FileNotFoundError as err:  # a missing or incomplete data root: the message names the layout
         sys.exit(f"error: {err}")
+
+
+def check_data(args, splits):
+    """Build the episodes of every split once before anything else, which checks every listed file (data.py
+    decodes each image and label once per dataset and caches the result): the bad files of all splits are named
+    in one message."""
+    problems = []
+    for split in splits:
+        try:
+            episodes(args, split)
+        except data.DatasetFileError as err:
+            problems.append(str(err))
+    if problems:
+        raise data.DatasetFileError("\n".join(problems))
 
 
 class EpisodeSampler(Sampler):
@@ -469,20 +698,36 @@ def make_loader(dataset, sampler, batch_size, args, device, drop_last):
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=data.collate_episodes, drop_last=drop_last,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None)
+                      prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_stop_signals)
+
+
+def ignore_stop_signals(worker_id):
+    """A DataLoader worker leaves SIGINT and SIGTERM to the main process, which stops the run and then its workers
+    (a scheduler signals the whole process group: a worker that died first would turn the clean stop into a crash);
+    and a worker whose main process went away in the middle of a handover (multiprocessing's resource sharer) says
+    nothing about it on the shared stderr."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    report = sys.excepthook
+    sys.excepthook = lambda kind, err, tb: None if issubclass(kind, (ConnectionError, EOFError)) else report(
+        kind, err, tb)
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def load_model_module(name):
     """A model file by name (`symnet`), the built-in `baseline`, or the path of a user's own .py file."""
     if name == "baseline":
-        return BaselineModule
+        return baseline_module()
     if name.endswith(".py"):
         path = Path(name)
         if not path.is_file():
             sys.exit(f"error: --model {name}: no such file")
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = module  # so that checkpoints and pickling can find it
+        sys.modules[path.stem] = module  # so that pickling (DataLoader workers) can find it
         spec.loader.exec_module(module)
     elif name in MODELS:
         try:
@@ -501,64 +746,63 @@ def load_model_module(name):
 
 def make_config(module, args):
     """The model's Config: its paper's defaults, then the backbone flags and the model's own flags (add_args,
-    given or from its recipe). Nothing else of the command line reaches a Config: the run's context is a
-    common.Run (run_context)."""
+    given or from its recipe). Nothing else of the command line reaches a Config: the run's setting is a
+    common.Setting (setting_of)."""
     values = {"backbone": args.backbone, "pretrained": backbone_weights(args),
               **{k: getattr(args, k) for k in args.own_flags if getattr(args, k) is not None}}
     names = {field.name for field in dataclasses.fields(module.Config)}
     return module.Config(**{k: v for k, v in values.items() if k in names})
 
 
-def run_context(args, from_checkpoint=False):
-    """The common.Run a model and a stage get: the run's dataset, fold, shots, crop and backbone."""
+def backbone_weights(args):
+    """A Backbone's `pretrained`: the --backbone-weights file, else True (ImageNet) or False (--no-pretrained)."""
+    return args.backbone_weights or not args.no_pretrained
+
+
+def setting_of(args, from_checkpoint=False):
+    """The common.Setting a model and a stage get: the run's dataset, fold, shots, crop and backbone."""
     return common.Run(dataset=args.dataset, fold=args.fold, coco_split=args.coco_split, data_root=args.data_root,
-                      test_classes=tuple(args.test_classes) if args.test_classes else None, shot=args.shot,
-                      img_size=args.img_size, backbone=args.backbone, pretrained=backbone_weights(args),
-                      from_checkpoint=from_checkpoint)
+                          test_classes=tuple(args.test_classes) if args.test_classes else None, shot=args.shot,
+                          img_size=args.img_size, backbone=args.backbone, pretrained=backbone_weights(args),
+                          from_checkpoint=from_checkpoint)
 
 
-def construct(module, cfg, run):
-    """A model file's model for a run: its build(cfg, run) where it has one (which reads the files its stages
-    wrote), else Model(cfg, run), else Model(cfg) (a model that needs no run context)."""
+def construct(module, cfg, setting):
+    """A model file's model for a run: its build(cfg, setting) where it has one (which reads the files its stages
+    wrote), else Model(cfg, setting), else Model(cfg) (a model that needs no setting)."""
     if hasattr(module, "build"):
-        return module.build(cfg, run)
-    if "run" in inspect.signature(module.Model).parameters:
-        return module.Model(cfg, run)
-    return module.Model(cfg)
+        return module.build(cfg, setting)
+    takes_setting = len(inspect.signature(module.Model).parameters) > 1
+    return module.Model(cfg, setting) if takes_setting else module.Model(cfg)
 
 
 def build_model(module, args, device, rank, world):
     """(model, optimizer, cfg, resumed): the model from the paper's Config and the flags, or from --checkpoint's
     Config and weights (the model's own flags given now apply), or from OUT/last.pt for --resume; random backbones
     get their BatchNorm statistics (--no-pretrained); channels-last, compiled, wrapped in DDP as asked. resumed is
-    the --resume checkpoint's state (its optimizer and epoch), else None."""
+    the --resume checkpoint's state (its optimizer and epoch), or None."""
     state = read_checkpoint(args.checkpoint) if args.checkpoint else None
     resumed = read_resumable(args) if args.resume else None
     names = {field.name for field in dataclasses.fields(module.Config)}  # a saved field that is gone is left out
     if state is not None:  # every weight is in the checkpoint; the model's own flags given now apply (--kshot)
-        given = {"pretrained": False, **{k: getattr(args, k) for k in args.model_flags}}
-        saved = {k: v for k, v in {**state["config"], **given}.items() if k in names}
-        cfg = module.Config(**saved)
+        given = {"pretrained": False, **{k: getattr(args, k) for k in args.own_flags if getattr(args, k) is not None}}
+        cfg = module.Config(**{k: v for k, v in {**state["config"], **given}.items() if k in names})
     else:
         cfg = make_config(module, args)
     if resumed is not None:  # the flags as now; the fields no flag sets (the structure a model recorded) as saved
         flagged = {"backbone", "pretrained", *args.own_flags}
         cfg = dataclasses.replace(cfg, **{k: v for k, v in resumed["config"].items() if k in names - flagged})
     torch.manual_seed(args.seed)
-    try:
-        model = construct(module, cfg, run_context(args, from_checkpoint=state is not None or resumed is not None))
-    except common.WeightsUnavailableError as err:  # offline, a missing stage file: say what to do, no traceback
-        sys.exit(f"error: {err}")
-    cfg = getattr(model, "cfg", cfg)  # as built: a build(cfg, run) may record the structure it found (Sym-Net)
+    model = construct(module, cfg, setting_of(args, from_checkpoint=state is not None or resumed is not None))
+    cfg = getattr(model, "cfg", cfg)  # as built: a build(cfg, setting) may record the structure it found (Sym-Net)
     model = model.to(device)
     if state is not None or resumed is not None:
         load_weights(model, state or resumed, args.checkpoint or args.out / "last.pt")
     elif not (args.bench or args.predict):
         calibrate_random_backbones(model, args, device, rank)
-    # NHWC: cuDNN's tensor-core convolutions and oneDNN's CPU ones are faster on it
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)  # NHWC: cuDNN's and oneDNN's fast convolutions
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY) if params else None
+    optimizer = common.sgd(params, args.lr, MOMENTUM, WEIGHT_DECAY) if params else None
     if args.compile:
         model = torch.compile(model)
     if world > 1 and params:
@@ -574,7 +818,7 @@ def calibrate_random_backbones(model, args, device, rank):
     backbones = [m for m in model.modules() if isinstance(m, common.Backbone) and m.needs_statistics]
     if not backbones:
         return
-    dataset, images = build_dataset(args, "train"), []
+    dataset, images = episodes(args, "train"), []
     for i in range(len(dataset)):
         if len(images) >= common.CALIBRATION_IMAGES:
             break
@@ -584,18 +828,38 @@ def calibrate_random_backbones(model, args, device, rank):
     for backbone in backbones:
         backbone.calibrate(images)
     log(rank, f"random backbone weights: BatchNorm statistics estimated on {len(images)} training images\n"
-              "(the models are built for ImageNet features: on random ones expect ~0 mIoU, README, quick start)")
+              "(the models are built for ImageNet features: README's quick start says what to expect on random ones)")
+
+
+def saved_args(args):
+    """The run's arguments as a checkpoint and the log keep them: plain values (common.plain), paths as text."""
+    skip = {"folds", "given"}
+    return common.plain({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in skip})
+
+
+def save_checkpoint(path, model, optimizer, epoch, cfg, args, best):
+    """OUT/last.pt (or best.pt): weights, optimiser, epoch, Config, arguments, best validation mIoU; plain values
+    only, so that it loads with weights_only; never from weights that are not finite."""
+    net = unwrap(model)
+    common.check_finite(net)
+    state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+             "config": dataclasses.asdict(cfg), "args": saved_args(args), "best": best}
+    common.save_atomic(state, path)
 
 
 def read_checkpoint(path):
-    """A checkpoint train.py wrote (last.pt, best.pt); anything else stops with a message naming the file."""
+    """A checkpoint train.py wrote (last.pt, best.pt), read with weights_only (no code in the file can run);
+    anything else stops with one line naming the file."""
     if not Path(path).is_file():
         sys.exit(f"error: checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # not a torch file, truncated, ...: unpickling raises many kinds
-        sys.exit(f"error: cannot read checkpoint {path}: {err}")
-    if not isinstance(state, dict) or not {"model", "config", "args"} <= set(state):
+        state = common.read_torch_file(path, f"checkpoint {path}")
+    except common.WeightsUnavailableError as err:
+        sys.exit(f"error: {err}")
+    kinds = {"model": dict, "config": dict, "args": dict, "epoch": int}
+    if not (isinstance(state, dict) and all(isinstance(state.get(k), kind) for k, kind in kinds.items())
+            and all(isinstance(v, torch.Tensor) for v in state["model"].values())
+            and all(isinstance(state["args"].get(k), str) for k in ("model", "dataset"))):
         sys.exit(f"error: {path} is not a checkpoint of train.py (last.pt or best.pt of a run folder); a stage's "
                  "file (a base learner, a prior extractor) is found by the model itself")
     return state
@@ -609,6 +873,21 @@ def load_weights(model, state, path):
         detail = " ".join(str(err).split())
         sys.exit(f"error: the weights in {path} do not fit this model ({describe_run(state['args'])} saved "
                  f"them): {detail[:400]}{'...' if len(detail) > 400 else ''}")
+
+
+def query_mask(net, batch):
+    """{"m_q": the query mask} for a model that takes it in training (Model.query_mask_in_training: CRCNet predicts
+    the support with the query as its labelled reference), else {}. Evaluation never passes it."""
+    takes = getattr(net, "query_mask_in_training", None)
+    if takes is None:
+        takes = "m_q" in inspect.signature(net.forward).parameters
+    return {"m_q": batch["m_q"]} if takes else {}
+
+
+def inference(net):
+    """What evaluation calls: the model's infer(img_q, img_s, m_s, class_ids) where it has one (test-time
+    fine-tuning, multi-scale), else forward's logits."""
+    return getattr(net, "infer", None) or getattr(net, "predict", None) or (lambda *inputs: net(*inputs)["logits"])
 
 
 # The built-in parameter-free baseline: the floor that every model must clearly beat (--model baseline)
@@ -650,251 +929,81 @@ class PrototypeBaseline(nn.Module):
         return total, {"main": total}
 
 
-class BaselineModule:
-    """Stands in for a model file, so that the baseline goes through exactly the same code path."""
-    Config = BaselineConfig
-    Model = PrototypeBaseline
-    DEFAULTS = {}
-    __name__ = "baseline"
-
-    @staticmethod
-    def add_args(parser):
-        parser.add_argument("--baseline-features", choices=["layer1", "layer2", "layer3", "layer4", "image"],
-                            help="features of the baseline (default layer3)")
+def add_baseline_args(parser):
+    parser.add_argument("--baseline-features", choices=["layer1", "layer2", "layer3", "layer4", "image"],
+                        help="features of the baseline (default layer3)")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Training: epochs of episodic SGD through common.fit, a checkpoint after each
+def baseline_module():
+    """`--model baseline` as a module with a model file's interface, so that it takes the same code path."""
+    module = types.ModuleType("baseline", PrototypeBaseline.__doc__)
+    module.Config, module.Model, module.add_args = BaselineConfig, PrototypeBaseline, add_baseline_args
+    return module
 
 
-def train(model, optimizer, args, cfg, device, rank, world, log_file, resumed=None):
-    """Epochs of episodic SGD with a per-iteration poly schedule; a checkpoint every epoch; returns best mIoU.
-    resumed: the state of OUT/last.pt for --resume (main has loaded its model weights already)."""
-    dataset = build_dataset(args, "train")
-    per_rank = args.batch_size // world
-    sampler = EpisodeSampler(len(dataset), rank, world, shuffle=True, seed=args.seed, batch_size=per_rank)
-    loader = make_loader(dataset, sampler, per_rank, args, device, drop_last=True)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        sys.exit(f"error: {len(dataset)} training episodes do not fill one batch of {args.batch_size}")
-    max_iter = args.epochs * steps_per_epoch
-    start_epoch, best = 0, -1.0
-    last = args.out / "last.pt"
-    if resumed is not None:
-        optimizer.load_state_dict(resumed["optimizer"])
-        start_epoch, best = resumed["epoch"], resumed["best"]
-        log(rank, f"resumed from {last} after epoch {start_epoch}")
-    log(rank, f"training: {len(dataset)} episodes/epoch, {steps_per_epoch} steps of {args.batch_size}, "
-              f"{args.epochs} epochs, lr {args.lr}")
-
-    def batches(epoch):
-        sampler.set_stream(epoch)
-        epoch_batches = iter(loader)  # starting workers draws from the global RNG: seed after it, so that
-        torch.manual_seed(args.seed * 100003 + epoch * 101 + rank)  # dropout is the same whether or not we resumed
-        model.train()
-        return epoch_batches
-
-    def step(batch):
-        batch = to_device(batch, device)
-        with autocast(device, not args.fp32):
-            out = model(batch["img_q"], batch["img_s"], batch["m_s"], batch["class_id"], **query_mask(model, batch))
-            return unwrap(model).loss(out, batch["m_q"], batch["m_s"])
-
-    def end_epoch(epoch):
-        nonlocal best
-        if args.select_best and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
-            scores = evaluate_protocol(model, args, device, rank, world)
-            miou = scores["miou"]
-            write_log(log_file, {"event": "val", "epoch": epoch + 1, "miou": miou, "fbiou": scores["fbiou"]})
-            if miou > best:
-                best = miou
-                if rank == 0:
-                    save_checkpoint(args.out / "best.pt", model, optimizer, epoch + 1, cfg, args, best)
-        if rank == 0:
-            save_checkpoint(last, model, optimizer, epoch + 1, cfg, args, best)
-        if world > 1:
-            dist.barrier()
-
-    try:
-        common.fit(step, optimizer, batches, lambda it: args.lr * (1 - it / max_iter) ** POLY_POWER, args.epochs,
-                   steps_per_epoch, start_epoch=start_epoch, log_every=args.log_every, per_step=args.batch_size,
-                   log=lambda line: log(rank, line), log_file=log_file, end_epoch=end_epoch)
-    except common.NonFiniteLossError as err:
-        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-        log(rank, f"error: {err}; stopping. {kept} (try a lower --lr, or --fp32).")
-        sys.exit(EXIT_NONFINITE)
-    return best
+def is_baseline(module):
+    """Whether a run's model is the parameter-free baseline (nothing to train, no checkpoint needed)."""
+    return module.__name__ == "baseline" and module.Model is PrototypeBaseline
 
 
-def save_checkpoint(path, model, optimizer, epoch, cfg, args, best):
-    state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-             "config": dataclasses.asdict(cfg), "args": {k: str(v) if isinstance(v, Path) else v
-                                                         for k, v in vars(args).items()}, "best": best}
-    common.save_atomic(state, path)
-
-
-def query_mask(model, batch):
-    """{"m_q": the query mask} for a model whose forward takes one in training (CRCNet predicts the support with
-    the query as its labelled reference), else {}. Evaluation never passes it."""
-    return {"m_q": batch["m_q"]} if "m_q" in inspect.signature(unwrap(model).forward).parameters else {}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Evaluation: the shared protocol, the report, the four-fold table
-
-
-@torch.no_grad()
-def evaluate(model, loader, dataset, device, args, rank, seed):
-    """One test seed: class mIoU and FB-IoU (PFENet's definitions, common.IoUMeter) at original resolution."""
-    net = unwrap(model)
-    net.eval()
-    infer = getattr(net, "predict", None) or (lambda *a: net(*a)["logits"])
-    meter = common.IoUMeter(dataset.num_classes, device=device)
-    loader.sampler.set_stream(seed)
-    for batch in loader:
-        batch = to_device(batch, device)
-        with autocast(device, args.bf16_eval):
-            logits = infer(batch["img_q"], batch["img_s"], batch["m_s"], batch["class_id"])  # (B,2,H,W)
-        for b, target in enumerate(batch["m_q_orig"]):
-            probs = data.logits_to_original(logits[b].float(), target.shape[-2:]).softmax(0)  # (2,H0,W0)
-            meter.update(probs.argmax(0)[None], target[None].to(device), batch["class_id"][b:b + 1], probs[1][None])
-    meter.all_reduce()
-    return meter
-
-
-def evaluate_protocol(model, args, device, rank, world):
-    """All test seeds; returns a dict of fractions: miou, fbiou (means over the seeds), miou_std, fbiou_std (their
-    standard deviations over the seeds), per_class {class: IoU, mean over the seeds}, fg_prob [mean p(fg) on true
-    background, on true foreground], seeds (per-seed miou and fbiou), and the dataset under "dataset"."""
-    dataset = build_dataset(args, "test")
-    sampler = EpisodeSampler(len(dataset), rank, world)
-    loader = make_loader(dataset, sampler, max(1, args.batch_size // world), args, device, drop_last=False)
-    mious, fbious, per_class, probs = [], [], {}, []
-    for seed in range(args.test_seeds):
-        t0 = time.perf_counter()
-        meter = evaluate(model, loader, dataset, device, args, rank, seed)
-        classes = [int(c) for c in dataset.classes]
-        unseen = sorted(set(classes) - set(meter.seen()))
-        if unseen:
-            names = ", ".join(dataset.class_names.get(c, str(c)) for c in unseen)
-            log(rank, f"WARNING: test seed {seed} has no episode of {names}: IoU 0 in the mIoU, as PFENet and HSNet "
-                      "count it (more --test-episodes would cover every class)")
-        mious.append(meter.miou(classes))
-        fbious.append(meter.fbiou())
-        probs.append(meter.mean_probability())
-        for c, iou in meter.class_iou(classes).items():
-            per_class.setdefault(c, []).append(iou)
-        log(rank, f"test seed {seed}: mIoU {100 * mious[-1]:.2f}  FB-IoU {100 * fbious[-1]:.2f}  "
-                  f"({len(dataset)} episodes, {time.perf_counter() - t0:.1f}s)")
-    (miou, miou_std), (fbiou, fbiou_std) = spread(mious), spread(fbious)
-    return {"miou": miou, "miou_std": miou_std, "fbiou": fbiou, "fbiou_std": fbiou_std,
-            "per_class": {c: float(np.mean(v)) for c, v in per_class.items()}, "fg_prob": np.mean(probs, 0).tolist(),
-            "seeds": {"miou": mious, "fbiou": fbious}, "dataset": dataset}
-
-
-def spread(values):
-    """(mean, sample standard deviation) of a list; the deviation is NaN for a single value."""
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
-
-
-def report(args, scores, rank, log_file):
-    """The class table, the mean and spread over the test seeds, a metrics.jsonl record and the RESULT line."""
-    if rank != 0:
-        return
-    dataset, per_class, probs = scores["dataset"], scores["per_class"], scores["fg_prob"]
-    names = {c: dataset.class_names.get(c, str(c)) for c in per_class}
-    width = max(map(len, names.values()), default=4)
-    print(f"\n{'class':>6}  {'name':<{width}}  IoU")
-    for c in sorted(per_class):
-        print(f"{c:>6}  {names[c]:<{width}}  {100 * per_class[c]:6.2f}")
-    if args.test_seeds > 1:
-        print(f"\nmIoU {100 * scores['miou']:.2f} +- {100 * scores['miou_std']:.2f}  "
-              f"FB-IoU {100 * scores['fbiou']:.2f} +- {100 * scores['fbiou_std']:.2f}  (mean +- standard deviation "
-              f"over {args.test_seeds} test seeds of {args.test_episodes} episodes)")
+def setup_device(args=None):
+    """(device, rank, world). Under torchrun every process takes its own GPU (or CPU with gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matrix products: torch's default for convolutions
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     else:
-        print(f"\nmIoU {100 * scores['miou']:.2f}  FB-IoU {100 * scores['fbiou']:.2f}  (one test seed of "
-              f"{args.test_episodes} episodes, so no spread: --test-seeds 5 gives one)")
-    print(f"mean p(foreground): {probs[1]:.3f} on object pixels, {probs[0]:.3f} on background (a diagnostic: a "
-          "pixel counts as foreground from 0.5 on)")
-    record = {"event": "result", "model": Path(args.model).stem, "dataset": args.dataset, "fold": args.fold,
-              "test_classes": args.test_classes,
-              "shot": args.shot, "img_size": args.img_size, "coco_split": args.coco_split,
-              **{k: scores[k] for k in ("miou", "miou_std", "fbiou", "fbiou_std", "per_class")},
-              "seed_miou": scores["seeds"]["miou"], "seed_fbiou": scores["seeds"]["fbiou"],
-              "fg_prob_object": probs[1], "fg_prob_background": probs[0],
-              "episodes": args.test_episodes, "seeds": args.test_seeds}
-    write_log(log_file, record)
-    print(result_line(record), flush=True)
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if args is not None and args.batch_size % world:
+        sys.exit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
+    return device, rank, world
 
 
-def result_line(record):
-    """The line for scripts: RESULT model=.. dataset=.. fold=.. shot=.. miou=.. miou_std=.. fbiou=.. fbiou_std=.."""
-    scores = " ".join(f"{k}={100 * record[k]:.2f}" for k in ("miou", "miou_std", "fbiou", "fbiou_std"))
-    split = split_text(record).replace(" ", "=", 1)  # fold=K, or classes=3,7,9
-    return f"RESULT model={record['model']} dataset={record['dataset']} {split} " \
-           f"shot={record['shot']} {scores}"
+def log(rank, *msg):
+    if rank == 0:
+        print(*msg, flush=True)
 
 
-def write_log(log_file, record):
-    if log_file is not None:
-        with open(log_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
+def bf16(args, device):
+    """Whether training runs under bf16 autocast: --bf16, on CUDA."""
+    return bool(args.bf16) and device.type == "cuda"
 
 
-def read_result(out):
-    """The last result record of OUT/metrics.jsonl, or None."""
-    log_file = out / "metrics.jsonl"
-    records = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.exists() else []
-    return next((r for r in reversed(records) if r.get("event") == "result"), None)
+def autocast(device, enabled):
+    """bf16 autocast on CUDA where enabled (training with --bf16, evaluation with --bf16-eval), else fp32."""
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
 
 
-def finished_result(args):
-    """The result record of a fold whose training is complete (last.pt at --epochs) and whose last result was
-    made under this run's protocol (shot, crop, test episodes and seeds), else None."""
-    record = read_result(args.out)
-    if record is None or not (args.out / "last.pt").exists():
-        return None
-    protocol = ("shot", "img_size", "episodes", "seeds")
-    asked = (args.shot, args.img_size, args.test_episodes, args.test_seeds)
-    if tuple(record.get(k) for k in protocol) != asked or read_checkpoint(args.out / "last.pt")["epoch"] < args.epochs:
-        return None
-    return record
+def unwrap(model):
+    model = model.module if isinstance(model, DDP) else model
+    return getattr(model, "_orig_mod", model)  # torch.compile wraps the module
 
 
-def report_folds(args, records):
-    """The papers' four-fold table: per-fold mIoU and FB-IoU and their means, each with its standard deviation
-    over the test seeds (the mean's: of the per-seed means over the folds), as text and as Markdown, then one
-    RESULT line for the mean."""
-    per_seed = {k: np.array([r[f"seed_{k}"] for r in records]) for k in ("miou", "fbiou")}  # (folds, seeds)
-    mean = {k: spread(v.mean(0).tolist()) for k, v in per_seed.items()}
-    cell = lambda m, sd: f"{100 * m:.2f}" + ("" if math.isnan(sd) else f" +- {100 * sd:.2f}")
-    name, seeds = Path(args.model).stem, records[0]["seeds"]
-    print(f"\n{name} on {args.dataset}, {args.shot}-shot, four folds ({seeds} test seed(s) of "
-          f"{records[0]['episodes']} episodes; +- is the standard deviation over the seeds)")
-    print(f"{'fold':>6}  {'mIoU':>15}  {'FB-IoU':>15}")
-    for fold, r in enumerate(records):
-        print(f"{fold:>6}  {cell(r['miou'], r['miou_std']):>15}  {cell(r['fbiou'], r['fbiou_std']):>15}")
-    print(f"{'mean':>6}  {cell(*mean['miou']):>15}  {cell(*mean['fbiou']):>15}")
-    md = lambda m, sd: f"{100 * m:.1f}" + ("" if math.isnan(sd) else f" ± {100 * sd:.1f}")
-    print("\n| model | shot | fold 0 | fold 1 | fold 2 | fold 3 | mean mIoU | mean FB-IoU |\n"
-          "|---|---|---|---|---|---|---|---|")
-    print(f"| {name} | {args.shot} | " + " | ".join(md(r["miou"], r["miou_std"]) for r in records)
-          + f" | {md(*mean['miou'])} | {md(*mean['fbiou'])} |\n")
-    print(result_line({"model": name, "dataset": args.dataset, "fold": "all", "shot": args.shot,
-                       "miou": mean["miou"][0], "miou_std": mean["miou"][1], "fbiou": mean["fbiou"][0],
-                       "fbiou_std": mean["fbiou"][1]}), flush=True)
+def count_parameters(model):
+    learnable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return learnable, sum(p.numel() for p in model.parameters())
 
 
-# ----------------------------------------------------------------------------------------------------------
+# ==========================================================================================================
 # Run folders: nothing a user made is lost
+# ==========================================================================================================
 
 
 @contextmanager
-def hold_run_folder(args, training):
-    """Make args.out ready for this run and hold it while the block runs. The folder must be writable; a lock
+def hold_run_folder(args, training, files):
+    """Make args.out ready for a run and hold it while the block runs. The folder must be writable; a lock
     (OUT/.lock, released by the system however the process ends) refuses a second run on it, naming the first
-    one's process; temporaries that an interrupted save left are removed; and a training run does not start
-    over a run that is there unless --resume continues it or --overwrite replaces it."""
+    one's process; temporaries that an interrupted save left are removed; and a training run (or a stage) does
+    not start over the run that is there (its `files`) unless --resume continues it or --overwrite replaces it."""
     out = args.out
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -902,18 +1011,20 @@ def hold_run_folder(args, training):
     except OSError as err:
         sys.exit(f"error: cannot write to the run folder {out}: {err.strerror or err} (give a writable --out)")
     try:
-        take_run_folder(handle, args, training)
+        take_run_folder(handle, args, training, files)
         yield
     finally:
         handle.close()  # the lock with it: the next run (another fold of --fold all) may take the folder
 
 
-def take_run_folder(handle, args, training):
-    """hold_run_folder's checks, with the lock file `handle` open: lock it, write our pid, clean, refuse."""
+def take_run_folder(handle, args, training, files):
+    """hold_run_folder's checks, with the lock file `handle` open: lock it, write our pid, clean, refuse.
+    The lock is a POSIX record lock (lockf): it belongs to this process alone, so DataLoader workers, which
+    inherit the open file, do not hold it after the run is killed."""
     out = args.out
     if fcntl is not None:  # POSIX; elsewhere runs are not locked
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
@@ -923,40 +1034,49 @@ def take_run_folder(handle, args, training):
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
     handle.flush()
-    for stale in sorted(out.glob("*.tmp")):  # the folder is ours now: no other save is under way in it
+    for stale in sorted(out.glob(".*.tmp")):  # the folder is ours now: no other save is under way in it
         stale.unlink(missing_ok=True)
         print(f"removed {stale}: a temporary left by an interrupted save", flush=True)
-    last = out / "last.pt"
-    if training and not args.resume and (last.exists() or (out / "metrics.jsonl").exists()):
-        try:
-            state = torch.load(last, map_location="cpu", weights_only=False)
-            held = f"{describe_run(state['args'])}, epoch {state['epoch']} of {state['args']['epochs']}"
-        except FileNotFoundError:
-            held = "the log of a run that saved no checkpoint, or of an evaluation"
-        except Exception as err:  # an unreadable file is a run too: say so, and still refuse
-            held = f"a last.pt that cannot be read: {' '.join(str(err).split())[:200]}"
+    present = [name for name in files if (out / name).exists()]
+    if training and not args.resume and present:
+        held = describe_folder(out, files)
         if not args.overwrite:
             sys.exit(f"error: {out} holds a run already ({held}): continue it with --resume, replace it with "
                      "--overwrite, or give another --out")
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
+        for name in present:
+            (out / name).unlink()
         print(f"--overwrite: removed the run that was in {out} ({held})", flush=True)
 
 
+def describe_folder(out, files):
+    """What the run in folder `out` is, in words, from its checkpoint (the first of `files`) if it has one."""
+    path = out / files[0]
+    if not path.exists():
+        return "the log of a run that saved no checkpoint, or of an evaluation"
+    try:
+        state = common.read_torch_file(path, str(path))
+    except common.WeightsUnavailableError as err:  # unreadable: still a run; say so, and refuse all the same
+        return f"a {files[0]} that cannot be read: {' '.join(str(err).split())[:200]}"
+    saved = state.get("args") if isinstance(state, dict) else None
+    if isinstance(saved, dict) and {"model", "dataset", "shot", "epochs"} <= set(saved):
+        return f"{describe_run(saved)}, epoch {state.get('epoch')} of {saved['epochs']}"
+    return f"{files[0]}, epoch {state.get('epoch', '?') if isinstance(state, dict) else '?'}"
+
+
 def read_resumable(args):
-    """OUT/last.pt for --resume, refused with a message when it belongs to another run than the one asked for."""
+    """OUT/last.pt for --resume (restore_recipe checked that it is this run's), or None when it has none yet."""
     last = args.out / "last.pt"
-    if not last.exists():
-        sys.exit(f"error: --resume: {args.out} has no last.pt to continue (start the run without --resume)")
-    state = read_checkpoint(last)
-    saved, asked = state["args"], {**vars(args), "model": args.model}
-    differ = [k for k in ("model", "dataset", "fold", "test_classes", "shot", "coco_split", "backbone")
-              if (Path(str(saved.get(k))).stem if k == "model" else saved.get(k, asked[k])) !=
-              (Path(str(asked[k])).stem if k == "model" else asked[k])]
-    if differ:
-        sys.exit(f"error: --resume: {last} is a checkpoint of {describe_run(saved)}, not of {describe_run(asked)} "
-                 f"({', '.join(differ)} differ): give the flags it was trained with, or another --out")
-    return state
+    return read_checkpoint(last) if last.exists() else None
+
+
+def write_log(log_file, record):
+    if log_file is not None:
+        common.append_jsonl(log_file, record)
+
+
+def read_log(out):
+    """The records of OUT/metrics.jsonl (a torn last line dropped, with a note on stderr)."""
+    return common.read_jsonl(out / "metrics.jsonl", note=lambda text: print(text, file=sys.stderr, flush=True))
 
 
 def truncate_log(log_file, epoch):
@@ -964,27 +1084,37 @@ def truncate_log(log_file, epoch):
     writes again) and mark the resume point, so that metrics.jsonl reads as one run."""
     if not log_file.exists():
         return
-    records = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
-    kept = [r for r in records if not (r.get("event") in ("train", "val") and r.get("epoch", 0) > epoch)]
-    tmp = log_file.with_name(f".{log_file.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept + [{"event": "resume", "epoch": epoch}]))
-    os.replace(tmp, log_file)
+    kept = [r for r in read_log(log_file.parent)
+            if not (r.get("event") in ("train", "val") and r.get("epoch", 0) > epoch)]
+    records = kept + [{"event": "resume", "epoch": epoch}]
+    common.write_text_atomic(log_file, "".join(json.dumps(r) + "\n" for r in records))
 
 
-def stop_interrupted(args, argv):
-    """Ctrl-C: one line that says what was kept and how to continue; exit status 130."""
-    last = args.out / "last.pt"
-    if args.eval_only or args.stage or args.bench or args.predict or args.bench_data:
+def read_result(out):
+    """The last result record of OUT/metrics.jsonl, or None."""
+    return next((r for r in reversed(read_log(out)) if r.get("event") == "result"), None)
+
+
+def stop_interrupted(args, argv, terminated=False):
+    """Ctrl-C or SIGTERM: one line that says what was kept and how to continue; exit status 130 or 143. args: the
+    run that was stopped (a fold's, inside --fold all)."""
+    last = getattr(args, "stage_file", None) if args.stage else args.out / "last.pt" if args.out else None
+    inside = f" in fold {args.fold} of --fold all" if getattr(args, "in_fold_all", False) else ""
+    tool = args.eval_only or args.bench or args.predict or args.bench_data
+    if tool or last is None:
         message = "interrupted"
     elif last.exists():
-        command = " ".join(["python train.py", *[shlex.quote(a) for a in argv if a != "--overwrite"]]
-                           + ([] if "--resume" in argv else ["--resume"]))
-        message = f"interrupted: {last} holds the last finished epoch; continue with: {command}"
+        again = [a for a in argv if a != "--overwrite"] + ([] if "--resume" in argv or inside else ["--resume"])
+        command = " ".join(["python train.py", *map(shlex.quote, again)])
+        what = "the stage's file" if args.stage else "the last finished epoch"
+        message = f"interrupted{inside}: {last} holds {what}; continue with: {command}"
     else:
-        message = "interrupted before the first epoch ended: nothing was saved"
+        message = f"interrupted{inside} before the first epoch ended: nothing was saved"
+    if terminated:
+        message = message.replace("interrupted", "stopped by SIGTERM", 1)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"\n{message}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_INTERRUPTED)
+    sys.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
 
 
 def original_message(err):
@@ -1009,69 +1139,137 @@ def split_text(run):
     return f"classes {','.join(map(str, classes))}" if classes else f"fold {run['fold']}"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Devices and processes
+# ==========================================================================================================
+# Tools, each reached from main's one dispatch (tool_for): --fold all, --stage, --bench, --bench-data, --vis,
+# --predict
+# ==========================================================================================================
 
 
-def setup_device():
-    """(device, rank, world). Under torchrun every process takes its own GPU (or CPU with gloo)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, rank, world
+def run_all_folds(args, module):
+    """--fold all: the four folds one after another, each in its own folder (OUT/foldK, or each fold's default
+    folder) with its own recipe (args.folds), then their table. Resumable: a fold whose training is complete and
+    whose last result was made under this protocol is taken as it is, an interrupted one resumes (with the recipe
+    it was trained with), a complete one without that result is evaluated. With --eval-only, every fold's
+    checkpoint (--checkpoint with {fold} in it, else the fold folder's last.pt) is evaluated. Under torchrun every
+    fold uses every process. A stop (Ctrl-C, SIGTERM) names the fold it stopped in."""
+    rank, records = int(os.environ.get("RANK", 0)), []
+    for fold, one in enumerate(args.folds):
+        one.in_fold_all = True
+        try:
+            record = run_fold(one, args, module, rank)
+        except (KeyboardInterrupt, Terminated) as stop:
+            stop.run = one
+            raise
+        records.append(record)
+    if rank == 0 and not args.stage:
+        report_folds(args, records)
+    return records
 
 
-def log(rank, *msg):
-    if rank == 0:
-        print(*msg, flush=True)
+def run_fold(one, args, module, rank):
+    """One fold of --fold all (its arguments `one`): its result record (None for a stage, and on ranks > 0)."""
+    last = one.out / "last.pt"
+    if args.eval_only and not args.checkpoint:
+        one.checkpoint = str(last)
+    if args.stage:  # a model's extra stage, for every fold (e.g. Sym-Net's four base learners)
+        train_stage(one, module)
+        return None
+    fresh = args.eval_only or args.overwrite
+    record = None if fresh else finished_result(one)
+    if record is not None:
+        log(rank, f"fold {one.fold}: complete in {one.out}, its result taken from metrics.jsonl")
+        return record
+    if not fresh and last.exists() and read_checkpoint(last)["epoch"] >= read_checkpoint(last)["args"]["epochs"]:
+        one.eval_only, one.checkpoint = True, str(last)  # trained to the end: evaluate it
+    elif not fresh and (last.exists() or (one.out / "metrics.jsonl").exists()):
+        one.resume = True  # an interrupted fold continues as it was trained
+        restore_recipe(one, module)
+    log(rank, f"\n=== fold {one.fold} of --fold all: {one.out}")
+    train_and_evaluate(one, module)
+    return read_result(one.out) if rank == 0 else None
 
 
-def autocast(device, bf16):
-    """bf16 autocast on CUDA where bf16 is set (training, unless --fp32), else fp32 (evaluation, unless --bf16-eval)."""
-    if device.type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+def finished_result(args):
+    """The result record of a fold whose training is complete (last.pt at its epochs) and whose last result was
+    made under this run's protocol (shot, crop, test episodes and seeds), else None."""
+    record = read_result(args.out)
+    last = args.out / "last.pt"
+    if record is None or not last.exists():
+        return None
+    protocol = ("shot", "img_size", "episodes", "seeds")
+    asked = (args.shot, args.img_size, args.test_episodes, args.test_seeds)
+    state = read_checkpoint(last)
+    if tuple(record.get(k) for k in protocol) != asked or state["epoch"] < state["args"]["epochs"]:
+        return None
+    return record
 
 
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+def report_folds(args, records):
+    """The papers' four-fold table: per-fold mIoU and FB-IoU and their means, each with its standard deviation
+    over the test seeds (the mean's: of the per-seed means over the folds), as text and as Markdown, then one
+    RESULT line for the mean."""
+    per_seed = {k: np.array([r[f"seed_{k}"] for r in records]) for k in ("miou", "fbiou")}  # (folds, seeds)
+    mean = {k: spread(v.mean(0).tolist()) for k, v in per_seed.items()}
+    cell = lambda m, sd: f"{100 * m:.2f}" + ("" if math.isnan(sd) else f" +- {100 * sd:.2f}")  # noqa: E731
+    name, seeds = Path(args.model).stem, records[0]["seeds"]
+    print(f"\n{name} on {args.dataset}, {args.shot}-shot, four folds ({seeds} test seed(s) of "
+          f"{records[0]['episodes']} episodes; +- is the standard deviation over the seeds)")
+    print(f"{'fold':>6}  {'mIoU':>15}  {'FB-IoU':>15}")
+    for fold, r in enumerate(records):
+        print(f"{fold:>6}  {cell(r['miou'], r['miou_std']):>15}  {cell(r['fbiou'], r['fbiou_std']):>15}")
+    print(f"{'mean':>6}  {cell(*mean['miou']):>15}  {cell(*mean['fbiou']):>15}")
+    md = lambda m, sd: f"{100 * m:.1f}" + ("" if math.isnan(sd) else f" ± {100 * sd:.1f}")  # noqa: E731
+    print("\n| model | shot | fold 0 | fold 1 | fold 2 | fold 3 | mean mIoU | mean FB-IoU |\n"
+          "|---|---|---|---|---|---|---|---|")
+    print(f"| {name} | {args.shot} | " + " | ".join(md(r["miou"], r["miou_std"]) for r in records)
+          + f" | {md(*mean['miou'])} | {md(*mean['fbiou'])} |\n")
+    print(result_line({"model": name, "dataset": args.dataset, "fold": "all", "shot": args.shot,
+                       "miou": mean["miou"][0], "miou_std": mean["miou"][1], "fbiou": mean["fbiou"][0],
+                       "fbiou_std": mean["fbiou"][1]}), flush=True)
 
 
-def unwrap(model):
-    model = model.module if isinstance(model, DDP) else model
-    return getattr(model, "_orig_mod", model)  # torch.compile wraps the module
+def train_stage(args, module):
+    """--stage NAME: the model file's STAGES[NAME](setting, schedule, options), options being the model's own
+    flags ({dest: value}). A stage is a run like the others: its folder (that of the file it writes,
+    STAGE_FILES[NAME], else OUT) is locked and cleaned, the file is not replaced without --overwrite, --resume
+    continues it, and a NaN loss stops it with exit status 3."""
+    stages = getattr(module, "STAGES", {})
+    if args.stage not in stages:
+        sys.exit(f"error: --stage {args.stage}: {args.model} offers {sorted(stages) or 'no extra stage'}")
+    _, rank, _ = setup_device(args)
+    options = {k: getattr(args, k) for k in args.own_flags}
+    setting = setting_of(args)
+    file_of = getattr(module, "STAGE_FILES", {}).get(args.stage)
+    files = ()
+    if file_of is not None:
+        path = Path(file_of(setting, options))
+        args.out, files = path.parent, (path.name, f"{path.stem}_metrics.jsonl")
+    args.stage_file = args.out / files[0] if files else None
+    schedule = common.Schedule(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                               train_length=args.train_length, workers=args.workers, seed=args.seed,
+                               log_every=args.log_every, bf16=args.bf16, out=args.out, resume=args.resume)
+    with hold_run_folder(args, True, files) if rank == 0 else nullcontext():
+        try:
+            return stages[args.stage](setting, schedule, options)
+        except (common.NonFiniteLossError, common.NonFiniteWeightsError) as err:
+            log(rank, f"error: {err} in --stage {args.stage}; stopping (try a lower learning rate).")
+            sys.exit(EXIT_NONFINITE)
 
 
-def count_parameters(model):
-    learnable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return learnable, sum(p.numel() for p in model.parameters())
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Tools: --bench (speed, host syncs, work) and --bench-data
-
-
-def bench(model, optimizer, args, device):
-    """Training steps and inference on random episodes at the configured size; no data loading in the timing."""
-    B, S, size = args.batch_size, args.shot, args.img_size
+def bench(args, module):
+    """--bench: training steps and inference on random episodes at the configured size, without data loading:
+    ms per step, episodes/s, the floating-point work and its share of the GPU's bf16 peak, the operations a
+    step runs (each one or more GPU kernels) and those that make the host wait, memory, parameters."""
+    device, rank, world = setup_device(args)
+    model, optimizer, *_ = build_model(module, args, device, rank, world)
+    B, S, size, E = args.batch_size, args.shot, args.img_size, args.eval_batch_size
     img_q, img_s = torch.randn(B, 3, size, size, device=device), torch.randn(B, S, 3, size, size, device=device)
     m_q = torch.zeros(B, size, size, dtype=torch.long, device=device)
     m_q[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
     m_s = m_q[:, None].expand(B, S, size, size).contiguous()
     class_ids = torch.ones(B, dtype=torch.long, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    net = unwrap(model)
 
     def timed(fn, steps):
         for _ in range(max(2, steps // 5)):  # warm-up (and compilation)
@@ -1083,34 +1281,36 @@ def bench(model, optimizer, args, device):
         sync()
         return (time.perf_counter() - t0) / steps
 
-    def train_step(net=model):
-        with autocast(device, not args.fp32):
-            out = net(img_q, img_s, m_s, class_ids, **query_mask(net, {"m_q": m_q}))
-            loss, _ = unwrap(net).loss(out, m_q, m_s)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def train_step(model=model):
+        with autocast(device, args.bf16):
+            out = model(img_q, img_s, m_s, class_ids, **query_mask(net, {"m_q": m_q}))
+            loss, _ = net.loss(out, m_q, m_s)
+        common.update(optimizer, loss)
 
     @torch.no_grad()
     def infer():
         with autocast(device, args.bf16_eval):
-            model(img_q[:1], img_s[:1], m_s[:1], class_ids[:1])
+            inference(net)(img_q[:E], img_s[:E], m_s[:E], class_ids[:E])
 
     learnable, total = count_parameters(model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     model.train()
     t_train = timed(train_step, args.bench_steps) if learnable else float("nan")
+    train_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else peak_rss_gib()
     syncs = host_syncs(train_step) if learnable else []
-    flops, backbone_flops = count_flops(unwrap(model), lambda: train_step(unwrap(model))) if learnable else (0, 0)
-    model.eval()
-    t_infer = timed(infer, args.bench_steps)
+    ops = count_ops(train_step) if learnable else 0
+    flops, backbone_flops = count_flops(net, lambda: train_step(net)) if learnable else (0, 0)
+    net.eval()
     if device.type == "cuda":
-        peak, memory = torch.cuda.max_memory_allocated() / 2**30, "peak GPU memory: {:.2f} GiB"
-    else:
-        peak, memory = peak_rss_gib(), "peak process memory: {:.2f} GiB (resident, since the program started)"
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t_infer = timed(infer, args.bench_steps) / E
+    eval_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"bench {Path(args.model).stem} on {name}, torch {torch.__version__}, {size}x{size}, {S}-shot, "
-          f"batch {B}, training {'fp32' if args.fp32 or device.type != 'cuda' else 'bf16 autocast'}, inference "
-          f"{'bf16 autocast' if args.bf16_eval and device.type == 'cuda' else 'fp32'}")
+          f"batch {B}, training {'bf16 autocast' if bf16(args, device) else 'fp32'}, evaluation "
+          f"{'bf16 autocast' if args.bf16_eval and device.type == 'cuda' else 'fp32'}, {E} episode(s) at once")
     print(f"  train: {1000 * t_train:.1f} ms/step, {B / t_train:.1f} episodes/s")
     tflops = bf16_peak_tflops(device, args)
     achieved = 100 * flops / t_train / (tflops * 1e12) if flops and tflops else float("nan")
@@ -1122,16 +1322,33 @@ def bench(model, optimizer, args, device):
             print(f"  bf16 peak {tflops:.0f} TFLOP/s: {achieved:.1f}% achieved; "
                   f"the backbone alone at peak takes {1000 * floor:.1f} ms, {100 * floor / t_train:.1f}% of the step")
     if learnable:
+        print(f"  operations: {ops} per training step (aten operations, forward, backward and update: each launches "
+              "one or more GPU kernels)")
         print(f"  host syncs: {len(syncs)} per training step{': ' + ', '.join(sorted(set(syncs))) if syncs else ''} "
               f"(operations that make the CPU wait for a GPU; with none it queues the next step while one runs)")
     print(f"  inference: {1000 * t_infer:.1f} ms/episode")
-    print(f"  {memory.format(peak)}")
+    if device.type == "cuda":
+        print(f"  peak GPU memory: {train_peak:.2f} GiB training, {eval_peak:.2f} GiB evaluating {E} episode(s) "
+              "at once (--eval-batch-size)")
+    else:
+        print(f"  peak process memory: {train_peak:.2f} GiB (resident, since the program started)")
     print(f"  parameters: {learnable / 1e6:.2f}M learnable, {total / 1e6:.2f}M total")
     print(f"BENCH model={Path(args.model).stem} device={name.replace(' ', '_')} size={size} shot={S} batch={B} "
-          f"train_ms={1000 * t_train:.1f} episodes_per_s={B / t_train:.1f} infer_ms={1000 * t_infer:.1f} "
-          f"peak_gib={peak:.2f} tflop_per_step={flops / 1e12:.3f} bf16_peak_pct={achieved:.1f} "
-          f"backbone_floor_pct={100 * floor / t_train:.1f} learnable_m={learnable / 1e6:.2f} "
-          f"total_m={total / 1e6:.2f} host_syncs={len(syncs)}", flush=True)  # one line for scripts, as RESULT
+          f"precision={'bf16' if bf16(args, device) else 'fp32'} train_ms={1000 * t_train:.1f} "
+          f"episodes_per_s={B / t_train:.1f} infer_ms={1000 * t_infer:.1f} peak_gib={train_peak:.2f} "
+          f"eval_batch={E} eval_peak_gib={eval_peak:.2f} tflop_per_step={flops / 1e12:.3f} "
+          f"bf16_peak_pct={achieved:.1f} backbone_floor_pct={100 * floor / t_train:.1f} ops_per_step={ops} "
+          f"learnable_m={learnable / 1e6:.2f} total_m={total / 1e6:.2f} host_syncs={len(syncs)}",
+          flush=True)  # one line for scripts, as RESULT
+
+
+# Dense (no sparsity) bf16 tensor-core TFLOP/s from NVIDIA's data sheets, matched in order against the device
+# name: the denominator of --bench's achieved fraction.
+BF16_PEAK_TFLOPS = (("H200 NVL", 835.5), ("H200", 989.4), ("H100 NVL", 835.5), ("H100 PCIe", 756.5),
+                    ("H100", 989.4), ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0),
+                    ("A10", 125.0))  # a key matches whole words of the name: "A10" is not the A10G
+BENCH_DATA_IMAGES = 300  # --bench-data without a dataset: this many PASCAL-sized JPEGs in a temporary folder
+BENCH_DATA_SECONDS = 10.0  # --bench-data: time spent per worker count
 
 
 # Operations after which the host must wait for a GPU: a value read back (.item(), float(t), `if t:`), an output
@@ -1174,6 +1391,21 @@ def host_syncs(fn):
     with Watch():
         fn()
     return found
+
+
+def count_ops(fn):
+    """The number of aten operations fn() runs, forward and backward (on a GPU each launches one or more kernels;
+    counted on the CPU too, as host_syncs is)."""
+    count = [0]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            count[0] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return count[0]
 
 
 def peak_rss_gib():
@@ -1228,15 +1460,16 @@ def bf16_peak_tflops(device, args):
     return next((tflops for key, tflops in BF16_PEAK_TFLOPS if re.search(rf"\b{key}\b", name)), None)
 
 
-def bench_data(args, device):
+def bench_data(args, module):
     """Training episodes/s that data.py delivers (decode, augment, collate) with 0, 1, 2, 4, ... --workers
     DataLoader workers. PASCAL without --data-root: BENCH_DATA_IMAGES generated JPEGs in a temporary folder."""
+    device, _, _ = setup_device(args)
     with tempfile.TemporaryDirectory() as tmp:
         if args.dataset == "pascal" and args.data_root is None:
             print(f"bench-data: writing {BENCH_DATA_IMAGES} PASCAL-sized JPEGs to {tmp}", flush=True)
             args.data_root = tmp
             write_pascal_like(Path(tmp), BENCH_DATA_IMAGES)
-        dataset = build_dataset(args, "train")
+        dataset = episodes(args, "train")
         if len(dataset) < args.batch_size:
             sys.exit(f"error: {len(dataset)} training episodes do not fill one batch of {args.batch_size}")
         print(f"bench-data {args.dataset}, {args.img_size}x{args.img_size}, {args.shot}-shot, batch "
@@ -1247,15 +1480,15 @@ def bench_data(args, device):
             sampler = EpisodeSampler(len(dataset), shuffle=True, seed=args.seed, batch_size=args.batch_size)
             loader = make_loader(dataset, sampler, args.batch_size, args, device, drop_last=True)
             next(iter(loader))  # the workers start; persistent, they stay for the epochs below
-            t0, episodes, epoch = time.perf_counter(), 0, 0
+            t0, count, epoch = time.perf_counter(), 0, 0
             while time.perf_counter() - t0 < BENCH_DATA_SECONDS:
                 epoch += 1
                 sampler.set_stream(epoch)
                 for batch in loader:
-                    episodes += len(batch["class_id"])
+                    count += len(batch["class_id"])
                     if time.perf_counter() - t0 > BENCH_DATA_SECONDS:
                         break
-            rate = episodes / (time.perf_counter() - t0)
+            rate = count / (time.perf_counter() - t0)
             print(f"  {workers:2d} workers: {rate:7.1f} episodes/s ({rate / max(workers, 1):.1f} per worker, "
                   f"{1000 * max(workers, 1) / rate / (1 + args.shot):.1f} ms of one process per image)", flush=True)
             del loader
@@ -1292,10 +1525,11 @@ def overlay(img, mask, colour):
 
 
 def visualise(model, args, device, rank):
-    """N PNGs of test episodes (seed 0): supports with their masks | query with ground truth | prediction."""
+    """--vis N: N PNGs of test episodes (seed 0) in OUT/vis: supports with their masks | query with ground truth |
+    prediction."""
     net = unwrap(model).eval()
-    infer = getattr(net, "predict", None) or (lambda *a: net(*a)["logits"])
-    dataset = build_dataset(args, "test")
+    infer = inference(net)
+    dataset = episodes(args, "test")
     folder = args.out / "vis"
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(min(args.vis, len(dataset))):
@@ -1325,11 +1559,27 @@ def read_user_mask(path):
     return torch.from_numpy((pixels.reshape(*pixels.shape[:2], -1) != 0).any(-1).astype(np.int64))
 
 
+def output_stems(paths):
+    """The file stem each query's outputs are named by: its own, numbered where two queries share one
+    (a/photo.jpg, b/photo.jpg -> photo, photo-2), so that no output replaces another of the same call."""
+    stems, seen = [], {}
+    for path in paths:
+        stem = Path(path).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return stems
+
+
 @torch.no_grad()
-def predict(model, args, device):
-    """A trained model on the user's own images: writes QUERY_mask.png (0/255) and QUERY_overlay.png."""
+def predict_files(args, module):
+    """--predict: a trained model on the user's own images; writes QUERY_mask.png (0/255) and QUERY_overlay.png
+    for every --query into --out (default: the checkpoint's folder/predict)."""
+    device, rank, world = setup_device(args)
+    if "out" not in args.given:
+        args.out = (Path(args.checkpoint).parent if args.checkpoint else Path(common.RUNS_DIR) / "baseline") / "predict"
+    model, *_ = build_model(module, args, device, rank, world)
     net = unwrap(model).eval()
-    infer = getattr(net, "predict", None) or (lambda *a: net(*a)["logits"])
+    infer = inference(net)
     try:
         images = [data.load_image(path, upright=True) for path in [*args.support, *args.query]]  # as shown
     except OSError as err:  # names the file
@@ -1344,16 +1594,19 @@ def predict(model, args, device):
     m_s = torch.stack([s[1] for s in supports])[None].to(device)  # (1,S,H,W)
     if (m_s == 1).sum() == 0:
         sys.exit("error: every --support-mask is empty: mark the object with nonzero pixels")
-    args.out.mkdir(parents=True, exist_ok=True)
-    for path, img in zip(args.query, images[len(args.support):]):
-        img_q, _ = data.test_transform(img, torch.zeros(img.shape[1:], dtype=torch.long), args.img_size)
-        with autocast(device, args.bf16_eval):
-            logits = infer(img_q[None].to(device), img_s, m_s, None)
-        pred = data.logits_to_original(logits[0].float().cpu(), img.shape[1:]).argmax(0)  # (H0,W0)
-        stem = args.out / Path(path).stem
-        Image.fromarray((pred * 255).to(torch.uint8).numpy()).save(f"{stem}_mask.png")
-        Image.fromarray(overlay(img, pred, (255, 0, 0))).save(f"{stem}_overlay.png")
-        print(f"{path}: {100 * pred.float().mean():.1f}% of the pixels -> {stem}_mask.png, {stem}_overlay.png")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for path, img, stem in zip(args.query, images[len(args.support):], output_stems(args.query)):
+            img_q, _ = data.test_transform(img, torch.zeros(img.shape[1:], dtype=torch.long), args.img_size)
+            with autocast(device, args.bf16_eval):
+                logits = infer(img_q[None].to(device), img_s, m_s, None)
+            pred = data.logits_to_original(logits[0].float().cpu(), img.shape[1:]).argmax(0)  # (H0,W0)
+            stem = args.out / stem
+            Image.fromarray((pred * 255).to(torch.uint8).numpy()).save(f"{stem}_mask.png")
+            Image.fromarray(overlay(img, pred, (255, 0, 0))).save(f"{stem}_overlay.png")
+            print(f"{path}: {100 * pred.float().mean():.1f}% of the pixels -> {stem}_mask.png, {stem}_overlay.png")
+    except OSError as err:
+        sys.exit(f"error: cannot write the predictions to {args.out}: {err.strerror or err} (give a writable --out)")
 
 
 if __name__ == "__main__":
