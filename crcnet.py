@@ -56,6 +56,8 @@ Choices (the paper is silent unless a section is named):
       (evaluation) the support branch, which nothing then needs, is not computed.
     - Eq. (2) is taken literally: similarities are multiplied by the reference mask (bilinearly resized, 255 counts
       as background), so background entries score 0 rather than -inf; an empty mask gives a uniform row, no NaN.
+      Eq. (1) is not scaled either (no 1/sqrt(C)): its logits reach hundreds, so Eq. (1)-(2) run in fp32 under
+      bf16 autocast.
     - Refinement: the feature branch is a 3x3 conv and the global convolution block (GCN [41]: k x 1 -> 1 x k
       plus 1 x k -> k x 1, no ReLU inside, residual); it does not depend on the cache, so it runs once. Each step
       the combined block fuses both feature levels (skip) with the cached branch. The cache is the foreground
@@ -235,11 +237,14 @@ class LocalConditional(nn.Module):
         """f (N,C,h,w) features to condition; f_s (N,C,h,w), m (N,1,h,w) the reference image's features and
         foreground: the support's for the query branch, the query's for the support branch (Eq. 1-3's F_s)."""
         N, C, h, w = f.shape
-        # Eq. (1): M_sim = theta(F_q)^T (x) delta(F_s)
-        sim = self.theta(f).flatten(2).transpose(1, 2) @ self.delta(f_s).flatten(2)  # (N, hw, hw_s)
-        # Eq. (2): M'_sim = Softmax(M_sim . Phi(Mask_sup)), row-wise
-        attn = torch.softmax(sim * m.flatten(2), dim=2)  # (N, hw, hw_s)
-        # Eq. (3): F'_q = F_s (x) M'_sim
+        # Eq. (1)-(2) in fp32, theta and delta included: the products are not scaled and reach hundreds, where
+        # bf16 (rounding them, and theta's and delta's outputs) moves logits by up to 1, and the softmax with them
+        with torch.autocast(f.device.type, enabled=False):
+            # Eq. (1): M_sim = theta(F_q)^T (x) delta(F_s)
+            sim = self.theta(f.float()).flatten(2).transpose(1, 2) @ self.delta(f_s.float()).flatten(2)  # (N, hw, hw_s)
+            # Eq. (2): M'_sim = Softmax(M_sim . Phi(Mask_sup)), row-wise
+            attn = torch.softmax(sim * m.flatten(2), dim=2)  # (N, hw, hw_s)
+        # Eq. (3): F'_q = F_s (x) M'_sim, a weighted mean, which bf16 (under autocast) rounds as any feature
         return (f_s.flatten(2) @ attn.transpose(1, 2)).reshape(N, C, h, w)  # (N, C, h, w)
 
 

@@ -3839,6 +3839,26 @@ def test_crcnet_local_conditional_eq1_to_3_by_hand():
     assert torch.allclose(empty, f_s.mean((2, 3), keepdim=True).expand_as(empty), atol=1e-6)
 
 
+def test_crcnet_local_conditional_logits_stay_fp32_under_bf16_autocast():
+    # Eq. (1)'s products are not scaled: logits of 100-400 here, where bf16 steps by 0.5-2 and the softmax's
+    # mass moves (the module's output was 9% off, of its largest value). theta, delta, Eq. (1)-(2) run in fp32,
+    # so only Eq. (3)'s bf16 rounding remains (0.25%); the tolerance is 1%. Inputs are bf16 values, so that
+    # autocast's rounding of them is no part of the difference.
+    torch.manual_seed(0)
+    local = crcnet.LocalConditional(dim=32)
+    g = torch.Generator().manual_seed(0)
+    f, f_s = (8 * torch.randn(2, 2, 32, 5, 5, generator=g)).bfloat16().float()
+    m = (torch.rand(2, 1, 5, 5, generator=g) > 0.3).float()
+    with torch.no_grad():
+        sim = local.theta(f).flatten(2).transpose(1, 2) @ local.delta(f_s).flatten(2)  # Eq. (1), fp32
+        assert sim.median() > 100 and sim.max() > 400
+        expected = local(f, f_s, m)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            amp = local(f, f_s, m)
+    assert amp.dtype == torch.bfloat16  # Eq. (3) is left to autocast
+    assert (amp.float() - expected).abs().max() < 0.01 * expected.abs().max()
+
+
 # ---------------- K shots: fine-tuning (§4.6), fusion, multi-scale inference (§5.3) -----------------------
 
 def test_crcnet_finetuning_changes_prediction_and_restores_everything(crcnet_model):
