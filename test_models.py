@@ -2669,6 +2669,28 @@ def test_ocnet_allocation_target_by_hand():
     assert m_pa.tolist() == [[[1, 0, 255], [3, 3, 2]]]
 
 
+def test_ocnet_allocation_target_solves_both_problems_as_one_batch():
+    # Eq. (11) for the background and the foreground pixels as one Sinkhorn batch: the plans and M_pa equal
+    # those of two separate solves, an image without foreground (an empty problem) among them
+    g = torch.Generator().manual_seed(0)
+    B, N_s, h, w = 3, 4, 6, 5
+    cost = 2 * torch.rand(B, 2 * N_s, h, w, generator=g)
+    m_q = torch.randint(0, 2, (B, h, w), generator=g)
+    m_q[0, 0] = IGNORE_INDEX
+    m_q[2] = 0
+    m_pa = ocnet.allocation_target(cost, m_q, eps=0.05, iters=100)
+    c, region = cost.flatten(2).transpose(1, 2), m_q.flatten(1)  # (B, hw, 2N_s), (B, hw)
+    background = ocnet.sinkhorn(c[..., :N_s], region == 0, 0.05, 100)  # (B, hw, N_s)
+    foreground = ocnet.sinkhorn(c[..., N_s:], region == 1, 0.05, 100)
+    both = ocnet.sinkhorn(torch.cat([c[..., :N_s], c[..., N_s:]]), torch.cat([region == 0, region == 1]), 0.05, 100)
+    torch.testing.assert_close(both, torch.cat([background, foreground]), rtol=0, atol=1e-6)
+    expected = torch.cat([background, foreground], 2).argmax(2).view(B, h, w).masked_fill(m_q == 255, 255)
+    assert torch.equal(m_pa, expected)
+    assert (m_pa[2] < N_s).all() and (foreground[2] == 0).all()  # no foreground: background slots only
+    labelled = m_q != IGNORE_INDEX
+    assert ((m_pa >= N_s) == (m_q == 1))[labelled].all()  # each pixel goes to a slot of its own kind
+
+
 def test_ocnet_mfp_first_component_is_map_and_dct_is_orthogonal():
     g = torch.Generator().manual_seed(0)
     f = torch.randn(3, 8, 6, 5, generator=g)
