@@ -3832,6 +3832,40 @@ def test_crcnet_refinement_runs_configured_steps_and_updates_cache():
     assert ((caches[-1] > 0) & (caches[-1] < 1)).all()
 
 
+def _refine_by_concatenation(refine, x):
+    """MaskRefinement's logits written plainly: every step convolves [x, x_global, cached(cache)] with combine."""
+    x = refine.entry(x)
+    x_global = x + refine.global_conv(x)
+    cache = torch.zeros(x.shape[0], 1, *x.shape[-2:])
+    for step in range(refine.steps):
+        with torch.set_grad_enabled(step == refine.steps - 1):
+            y = refine.combine(torch.cat([x, x_global, refine.cached(cache)], 1))
+            logits = refine.cls(y + refine.combine_residual(y))
+        cache = logits.softmax(1)[:, 1:].detach()
+    return logits
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_crcnet_refinement_convolves_the_feature_levels_once_as_the_concatenation_would(layout):
+    # the combined conv is split by input channels (features once, the cached branch every step): the same
+    # logits, caches and gradients as the plain concatenation, and the same state_dict (old checkpoints load)
+    torch.manual_seed(0)
+    refine = crcnet.MaskRefinement(in_dim=12, dim=8, k=7, steps=4).to(memory_format=layout)
+    assert refine.state_dict()["combine.0.weight"].shape == (8, 3 * 8, 3, 3)
+    assert not any(key.startswith("combine.") and key not in ("combine.0.weight", "combine.0.bias")
+                   for key in refine.state_dict())
+    x = torch.randn(2, 12, 5, 5).to(memory_format=layout).requires_grad_()
+    logits, caches = refine(x)
+    grads = torch.autograd.grad(logits.square().sum(), [x, *refine.parameters()])
+    expected = _refine_by_concatenation(refine, x)
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, *refine.parameters()])
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(caches[-1], expected.softmax(1)[:, 1:], rtol=1e-5, atol=1e-6)
+    assert all(g.abs().sum() > 0 for g in grads)  # the combined weight among them, from both of its parts
+    for name, g, e in zip(["x", *dict(refine.named_parameters())], grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_crcnet_cross_reference_is_symmetric_and_by_hand():
     torch.manual_seed(0)
     cr = crcnet.CrossReference(dim=32, reduction=16)
