@@ -18,16 +18,19 @@ in every learnable parameter (none in a frozen backbone), empty masks without Na
 background, a short training, and its key equations against direct computations, with layers set to identity
 or scripted where that pins down which tensor feeds which equation:
 ocnet.py   GOMM (Eq. 3-5), multi-frequency pooling (Eq. 6), the CCM (Eq. 7-15), Sinkhorn's marginals and the
-           allocation target, the CAM and the general object mask, the loss terms (Eq. 16); bf16, channels_last.
+           allocation target (both problems as one batch), the CAM and the general object mask, the loss terms
+           (Eq. 16); bf16, channels_last.
 qgnet.py   SLIC; InfoNCE (Eq. 1-3), the queues, the momentum encoder and shuffled BN; the stage-1 file; the prior
            region map (Eq. 9-12), FEM's inputs and the loss; both stages through train.py.
-crcnet.py  the cross-reference, the local conditional module (Eq. 1-3), the refinement, the loss (Eq. 4-5), the
-           fine-tuning (§4.6) that restores every weight, fusion, multi-scale inference, pairs and their masks.
+crcnet.py  the cross-reference, the local conditional module (Eq. 1-3; fp32 logits under bf16), the refinement
+           (equal to its plain concatenation), the loss (Eq. 4-5), the fine-tuning (§4.6) that restores every
+           weight, fusion, multi-scale inference, pairs and their masks.
 symnet.py  SPM, APA (Eq. 6-8), the prototypes (Eq. 4, 5, 7, 9), TDC's input, the co-triplet loss (Eq. 10-12),
            the loss with BAM's ensemble; the word vectors and the base learner, their files and checkpoints.
 qpenet.py  PPG and DPE (Eq. 1-8) with a scripted Convs, GBC, the cross attention, FFA's inputs and keys
            (Eq. 12-16), L_bm per image, the parameter counts.
-All five   a training step on PFENet's deep-stem ResNet, and a training step that never waits for the device.
+All five   a training step on PFENet's deep-stem ResNet, a training step that never waits for the device, and
+           torch.compile's training step equal to the eager one.
 
 Everything runs on the CPU with random backbone weights (pretrained=False) and data built here (the synthetic
 set, or tiny PASCAL/COCO/folder trees in a temp folder): no download, no dataset on disk.
@@ -5691,7 +5694,7 @@ def test_qpenet_model_takes_the_cross_attention_keys_from_the_label(qpenet_model
 
 
 # ==========================================================================================================
-# All five models: a training step on PFENet's deep-stem ResNet, and none that waits for the device
+# All five models: a training step on PFENet's deep-stem ResNet, none that waits for the device, compiled ones
 # ==========================================================================================================
 
 def deep_stem_model(name, where):
@@ -5754,3 +5757,38 @@ def test_training_step_never_waits_for_the_device(name, request):
     seen = train.host_syncs(step)  # the detector --bench reports with
     model.load_state_dict(state)  # the module-scoped model stays as the other tests expect it
     assert seen == [], f"{name} synchronises with the host: {sorted(set(seen))}"
+
+
+@pytest.mark.parametrize("name", ["ocnet", "qgnet", "crcnet", "symnet", "qpenet"])
+def test_every_model_compiles_to_the_eager_loss_and_gradients(name, request):
+    """torch.compile (train.py --compile) of each model, with AOTAutograd's tracing of forward and backward
+    (backend aot_eager: inductor's front end, no code generation), gives the eager training step's loss and
+    gradients: the frames dynamo cannot trace (OCNet's Grad-CAM takes torch.autograd.grad inside forward) run
+    eagerly between graphs. Train mode, every dropout at p = 0 so that both runs draw nothing."""
+    fixture, size = {"ocnet": ("ocnet_resnet", OCNET_SIZE), "qgnet": ("qgnet_model", 65),
+                     "crcnet": ("crcnet_model", CRCNET_SIZE), "symnet": ("symnet_model", SYMNET_SIZE),
+                     "qpenet": ("qpenet_model", QPENET_SIZE)}[name]
+    model = copy.deepcopy(request.getfixturevalue(fixture)).train()  # the module-scoped fixture stays as it is
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        if isinstance(module, qpenet.CrossAttention):
+            module.dropout = 0.0  # its attention's dropout_p
+    img_q, img_s, m_s, m_q = episode(1, 1, size, (8, 24, 8, 24), (6, 22, 10, 26))
+
+    def step(net):
+        model.zero_grad(set_to_none=True)
+        out = net(img_q, img_s, m_s, torch.tensor([1]), **train.query_mask(model, {"m_q": m_q}))
+        loss, _ = model.loss(out, m_q, m_s)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = step(model)
+    try:
+        compiled_loss, compiled_grads = step(torch.compile(model, backend="aot_eager"))
+    finally:
+        torch._dynamo.reset()  # no compiled frame outlives the test
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=0)
+    assert compiled_grads.keys() == grads.keys() and len(grads) > 0
+    for n, g in grads.items():
+        torch.testing.assert_close(compiled_grads[n], g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=n)
