@@ -56,11 +56,14 @@ Choices (the paper is silent unless a section is named):
       (evaluation) the support branch, which nothing then needs, is not computed.
     - Eq. (2) is taken literally: similarities are multiplied by the reference mask (bilinearly resized, 255 counts
       as background), so background entries score 0 rather than -inf; an empty mask gives a uniform row, no NaN.
+      Eq. (1) is not scaled either (no 1/sqrt(C)): its logits reach hundreds, so Eq. (1)-(2) run in fp32 under
+      bf16 autocast.
     - Refinement: the feature branch is a 3x3 conv and the global convolution block (GCN [41]: k x 1 -> 1 x k
       plus 1 x k -> k x 1, no ReLU inside, residual); it does not depend on the cache, so it runs once. Each step
-      the combined block fuses both feature levels (skip) with the cached branch. The cache is the foreground
-      probability (1 channel), stored as a value (detached, as CANet's [63] code stores its history masks,
-      icoz69/CaNet train.py), so only the last step is differentiated; only it is supervised (Eq. 5).
+      the combined block fuses both feature levels (skip) with the cached branch (its conv's share of the feature
+      levels, linear in them, is computed once too). The cache is the foreground probability (1 channel), stored
+      as a value (detached, as CANet's [63] code stores its history masks, icoz69/CaNet train.py), so only the
+      last step is differentiated; only it is supervised (Eq. 5).
     - Eq. (4)'s BCE on the foreground probability equals 2-class cross-entropy: common.seg_loss, 255 ignored.
     - Roles interchangeable (§4.7): the two branches mirror each other (shared modules, a symmetric
       cross-reference, each conditioned on the other image), so swapping query and support swaps the two
@@ -235,11 +238,14 @@ class LocalConditional(nn.Module):
         """f (N,C,h,w) features to condition; f_s (N,C,h,w), m (N,1,h,w) the reference image's features and
         foreground: the support's for the query branch, the query's for the support branch (Eq. 1-3's F_s)."""
         N, C, h, w = f.shape
-        # Eq. (1): M_sim = theta(F_q)^T (x) delta(F_s)
-        sim = self.theta(f).flatten(2).transpose(1, 2) @ self.delta(f_s).flatten(2)  # (N, hw, hw_s)
-        # Eq. (2): M'_sim = Softmax(M_sim . Phi(Mask_sup)), row-wise
-        attn = torch.softmax(sim * m.flatten(2), dim=2)  # (N, hw, hw_s)
-        # Eq. (3): F'_q = F_s (x) M'_sim
+        # Eq. (1)-(2) in fp32, theta and delta included: the products are not scaled and reach hundreds, where
+        # bf16 (rounding them, and theta's and delta's outputs) moves logits by up to 1, and the softmax with them
+        with torch.autocast(f.device.type, enabled=False):
+            # Eq. (1): M_sim = theta(F_q)^T (x) delta(F_s)
+            sim = self.theta(f.float()).flatten(2).transpose(1, 2) @ self.delta(f_s.float()).flatten(2)  # (N, hw, hw_s)
+            # Eq. (2): M'_sim = Softmax(M_sim . Phi(Mask_sup)), row-wise
+            attn = torch.softmax(sim * m.flatten(2), dim=2)  # (N, hw, hw_s)
+        # Eq. (3): F'_q = F_s (x) M'_sim, a weighted mean, which bf16 (under autocast) rounds as any feature
         return (f_s.flatten(2) @ attn.transpose(1, 2)).reshape(N, C, h, w)  # (N, C, h, w)
 
 
@@ -276,13 +282,20 @@ class MaskRefinement(nn.Module):
         # feature branch: two levels (3x3 conv, then the large field of view), independent of the cache
         x = self.entry(x)  # (N, dim, h, w)
         x_global = x + self.global_conv(x)
+        # combined block = ReLU(conv([x, x_global, cached])); a conv is linear in its input channels, so the
+        # feature levels' part (the first 2 dim input channels of its one weight: checkpoints keep their keys) is
+        # convolved once, here, and each step convolves the cached branch alone
+        conv, relu = self.combine
+        w_features, w_cached = conv.weight.split([2 * x.shape[1], x.shape[1]], 1)
+        features = F.conv2d(torch.cat([x, x_global], 1), w_features, conv.bias, padding=conv.padding)  # (N, dim, h, w)
+        # the cached block's weight made dense in the conv's dtype once, not copied (or cast by autocast) every step
+        w_cached = w_cached.to(features.dtype, memory_format=torch.preserve_format, copy=True)
         cache = x.new_zeros(x.shape[0], 1, *x.shape[-2:])  # (N, 1, h, w): no prediction yet
         caches = [cache]
         for step in range(self.steps):
             # the cache holds a value, so only the last step needs a graph
             with torch.set_grad_enabled(torch.is_grad_enabled() and step == self.steps - 1):
-                # combined block: the feature levels and the cached branch
-                y = self.combine(torch.cat([x, x_global, self.cached(cache)], 1))  # (N, dim, h, w)
+                y = relu(features + F.conv2d(self.cached(cache), w_cached, padding=conv.padding))  # (N, dim, h, w)
                 logits = self.cls(y + self.combine_residual(y))  # (N, 2, h, w)
             cache = logits.softmax(1)[:, 1:].detach()  # (N, 1, h, w): the cache update
             caches.append(cache)

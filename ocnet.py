@@ -179,12 +179,14 @@ def allocation_target(cost, m_q, eps, iters):
     """Eq. (11-12): the prototype allocating mask M_pa (B,h,w), values 0..2N_s-1 (background prototypes first) and
     255 where m_q is ignored. cost (B,2N_s,h,w) = 1 - [M_qb, M_qf]: background pixels are transported to the N_s
     background prototypes, foreground pixels to the N_s foreground ones; m_q (B,H,W) downsampled by nearest."""
-    B, K2, h, w = cost.shape
+    B, h, w = cost.shape[0], *cost.shape[-2:]
     m = F.interpolate(m_q[:, None].float(), (h, w), mode="nearest")[:, 0].long()  # (B, h, w)
     c = cost.float().flatten(2).transpose(1, 2)  # (B, hw, 2N_s)
     region = m.flatten(1)  # (B, hw)
-    m_oqb = sinkhorn(c[..., :K2 // 2], region == 0, eps, iters)  # (B, hw, N_s), zero at foreground pixels
-    m_oqf = sinkhorn(c[..., K2 // 2:], region == 1, eps, iters)  # (B, hw, N_s), zero at background pixels
+    # the background and the foreground problem have the same size: one batch of 2B problems, one Sinkhorn loop
+    # (each iteration's kernels launched once for both, not twice)
+    plans = sinkhorn(torch.cat(c.chunk(2, dim=2)), torch.cat([region == 0, region == 1]), eps, iters)  # (2B, hw, N_s)
+    m_oqb, m_oqf = plans.chunk(2)  # (B, hw, N_s) each, zero at foreground / background pixels
     # Eq. (12): M_pa = Argmax(M_oqb ⊕ M_oqf)
     m_pa = torch.cat([m_oqb, m_oqf], 2).argmax(2).view(B, h, w)
     return m_pa.masked_fill(m == common.IGNORE_INDEX, common.IGNORE_INDEX)
@@ -367,8 +369,10 @@ class Model(nn.Module):
 
         # 4. Eq. (6): P_s = MFP(F_s, M_s), averaged over the K shots (§5.1)
         m = common.foreground_at(m_s, (h, w))  # (B, S, h, w)
-        p_s, p_s_clean = (multi_frequency_pooling(f.flatten(0, 1), m.flatten(0, 1), self.cfg.dct_size)
-                          .unflatten(0, (B, S)).mean(1) for f in (f_s, f_s_clean))  # (B, L, C) after / before dropout
+        # P_s after and before the features' dropout, pooled as one batch of 2B*S images: one pass, not two
+        both = torch.cat([f_s, f_s_clean]).flatten(0, 1)  # (2B*S, C, h, w)
+        p_s, p_s_clean = multi_frequency_pooling(both, m.repeat(2, 1, 1, 1).flatten(0, 1), self.cfg.dct_size
+                                                 ).unflatten(0, (2, B, S)).mean(2)  # (B, L, C) each
 
         # 5. query generalization [49] (§5.1): the support prototype (MAP) and the prior fused into F_g
         f_g = self.generalize(torch.cat([f_g, p_s[:, 0, :, None, None].expand(-1, -1, h, w), prior], 1))

@@ -265,10 +265,10 @@ class FFA(nn.Module):
         # Eq. (12): F_q' = Conv_1(Concat(F_q, BC(P_bg)))
         f_q1 = self.filter(torch.cat([f_q, broadcast(p_bg, f_q)], 1))  # (B, C, h, w)
         # Eq. (13), (14): A(i) = cos(P, F_q(i)) for P_main and P_aux
-        a_main = F.cosine_similarity(f_q, p_main[:, :, None, None], dim=1).unsqueeze(1)  # (B, 1, h, w)
-        a_aux = F.cosine_similarity(f_q, p_aux[:, :, None, None], dim=1).unsqueeze(1)  # (B, 1, h, w)
+        protos = torch.stack([p_main, p_aux], 1)[..., None, None]  # (B, 2, C, 1, 1): both maps in one call
+        a_main_aux = F.cosine_similarity(f_q[:, None], protos, dim=2)  # (B, 2, h, w): A_main, A_aux
         # Eq. (15): F_q'' = Conv_1(Concat(F_q', BC(P_pre), A_main, A_aux))
-        f_q2 = self.fuse(torch.cat([f_q1, broadcast(p_pre, f_q), a_main, a_aux], 1))  # (B, C, h, w)
+        f_q2 = self.fuse(torch.cat([f_q1, broadcast(p_pre, f_q), a_main_aux], 1))  # (B, C, h, w)
         # Eq. (16): y_final = Convs(Cross(Cross(F_q'', F_s * M_s), F_s * M_s)); keys: foreground pixels of all shots,
         # M_s the label at feature resolution, nearest as the official (Choices 6)
         keys = common.foreground_at(m_s, (h, w), mode="nearest")  # (B, S, h, w), 1 on a key, else 0

@@ -18,16 +18,19 @@ in every learnable parameter (none in a frozen backbone), empty masks without Na
 background, a short training, and its key equations against direct computations, with layers set to identity
 or scripted where that pins down which tensor feeds which equation:
 ocnet.py   GOMM (Eq. 3-5), multi-frequency pooling (Eq. 6), the CCM (Eq. 7-15), Sinkhorn's marginals and the
-           allocation target, the CAM and the general object mask, the loss terms (Eq. 16); bf16, channels_last.
+           allocation target (both problems as one batch), the CAM and the general object mask, the loss terms
+           (Eq. 16); bf16, channels_last.
 qgnet.py   SLIC; InfoNCE (Eq. 1-3), the queues, the momentum encoder and shuffled BN; the stage-1 file; the prior
            region map (Eq. 9-12), FEM's inputs and the loss; both stages through train.py.
-crcnet.py  the cross-reference, the local conditional module (Eq. 1-3), the refinement, the loss (Eq. 4-5), the
-           fine-tuning (§4.6) that restores every weight, fusion, multi-scale inference, pairs and their masks.
+crcnet.py  the cross-reference, the local conditional module (Eq. 1-3; fp32 logits under bf16), the refinement
+           (equal to its plain concatenation), the loss (Eq. 4-5), the fine-tuning (§4.6) that restores every
+           weight, fusion, multi-scale inference, pairs and their masks.
 symnet.py  SPM, APA (Eq. 6-8), the prototypes (Eq. 4, 5, 7, 9), TDC's input, the co-triplet loss (Eq. 10-12),
            the loss with BAM's ensemble; the word vectors and the base learner, their files and checkpoints.
 qpenet.py  PPG and DPE (Eq. 1-8) with a scripted Convs, GBC, the cross attention, FFA's inputs and keys
            (Eq. 12-16), L_bm per image, the parameter counts.
-All five   a training step on PFENet's deep-stem ResNet, and a training step that never waits for the device.
+All five   a training step on PFENet's deep-stem ResNet, a training step that never waits for the device, and
+           torch.compile's training step equal to the eager one.
 
 Everything runs on the CPU with random backbone weights (pretrained=False) and data built here (the synthetic
 set, or tiny PASCAL/COCO/folder trees in a temp folder): no download, no dataset on disk.
@@ -3021,6 +3024,28 @@ def test_ocnet_allocation_target_by_hand():
     assert m_pa.tolist() == [[[1, 0, 255], [3, 3, 2]]]
 
 
+def test_ocnet_allocation_target_solves_both_problems_as_one_batch():
+    # Eq. (11) for the background and the foreground pixels as one Sinkhorn batch: the plans and M_pa equal
+    # those of two separate solves, an image without foreground (an empty problem) among them
+    g = torch.Generator().manual_seed(0)
+    B, N_s, h, w = 3, 4, 6, 5
+    cost = 2 * torch.rand(B, 2 * N_s, h, w, generator=g)
+    m_q = torch.randint(0, 2, (B, h, w), generator=g)
+    m_q[0, 0] = IGNORE_INDEX
+    m_q[2] = 0
+    m_pa = ocnet.allocation_target(cost, m_q, eps=0.05, iters=100)
+    c, region = cost.flatten(2).transpose(1, 2), m_q.flatten(1)  # (B, hw, 2N_s), (B, hw)
+    background = ocnet.sinkhorn(c[..., :N_s], region == 0, 0.05, 100)  # (B, hw, N_s)
+    foreground = ocnet.sinkhorn(c[..., N_s:], region == 1, 0.05, 100)
+    both = ocnet.sinkhorn(torch.cat([c[..., :N_s], c[..., N_s:]]), torch.cat([region == 0, region == 1]), 0.05, 100)
+    torch.testing.assert_close(both, torch.cat([background, foreground]), rtol=0, atol=1e-6)
+    expected = torch.cat([background, foreground], 2).argmax(2).view(B, h, w).masked_fill(m_q == 255, 255)
+    assert torch.equal(m_pa, expected)
+    assert (m_pa[2] < N_s).all() and (foreground[2] == 0).all()  # no foreground: background slots only
+    labelled = m_q != IGNORE_INDEX
+    assert ((m_pa >= N_s) == (m_q == 1))[labelled].all()  # each pixel goes to a slot of its own kind
+
+
 def test_ocnet_mfp_first_component_is_map_and_dct_is_orthogonal():
     g = torch.Generator().manual_seed(0)
     f = torch.randn(3, 8, 6, 5, generator=g)
@@ -4164,6 +4189,40 @@ def test_crcnet_refinement_runs_configured_steps_and_updates_cache():
     assert ((caches[-1] > 0) & (caches[-1] < 1)).all()
 
 
+def _refine_by_concatenation(refine, x):
+    """MaskRefinement's logits written plainly: every step convolves [x, x_global, cached(cache)] with combine."""
+    x = refine.entry(x)
+    x_global = x + refine.global_conv(x)
+    cache = torch.zeros(x.shape[0], 1, *x.shape[-2:])
+    for step in range(refine.steps):
+        with torch.set_grad_enabled(step == refine.steps - 1):
+            y = refine.combine(torch.cat([x, x_global, refine.cached(cache)], 1))
+            logits = refine.cls(y + refine.combine_residual(y))
+        cache = logits.softmax(1)[:, 1:].detach()
+    return logits
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_crcnet_refinement_convolves_the_feature_levels_once_as_the_concatenation_would(layout):
+    # the combined conv is split by input channels (features once, the cached branch every step): the same
+    # logits, caches and gradients as the plain concatenation, and the same state_dict (old checkpoints load)
+    torch.manual_seed(0)
+    refine = crcnet.MaskRefinement(in_dim=12, dim=8, k=7, steps=4).to(memory_format=layout)
+    assert refine.state_dict()["combine.0.weight"].shape == (8, 3 * 8, 3, 3)
+    assert not any(key.startswith("combine.") and key not in ("combine.0.weight", "combine.0.bias")
+                   for key in refine.state_dict())
+    x = torch.randn(2, 12, 5, 5).to(memory_format=layout).requires_grad_()
+    logits, caches = refine(x)
+    grads = torch.autograd.grad(logits.square().sum(), [x, *refine.parameters()])
+    expected = _refine_by_concatenation(refine, x)
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, *refine.parameters()])
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(caches[-1], expected.softmax(1)[:, 1:], rtol=1e-5, atol=1e-6)
+    assert all(g.abs().sum() > 0 for g in grads)  # the combined weight among them, from both of its parts
+    for name, g, e in zip(["x", *dict(refine.named_parameters())], grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_crcnet_cross_reference_is_symmetric_and_by_hand():
     torch.manual_seed(0)
     cr = crcnet.CrossReference(dim=32, reduction=16)
@@ -4191,6 +4250,26 @@ def test_crcnet_local_conditional_eq1_to_3_by_hand():
     # an empty support mask gives the plain average of the support features, not NaN
     empty = local(f, f_s, torch.zeros_like(m))
     assert torch.allclose(empty, f_s.mean((2, 3), keepdim=True).expand_as(empty), atol=1e-6)
+
+
+def test_crcnet_local_conditional_logits_stay_fp32_under_bf16_autocast():
+    # Eq. (1)'s products are not scaled: logits of 100-400 here, where bf16 steps by 0.5-2 and the softmax's
+    # mass moves (the module's output was 9% off, of its largest value). theta, delta, Eq. (1)-(2) run in fp32,
+    # so only Eq. (3)'s bf16 rounding remains (0.25%); the tolerance is 1%. Inputs are bf16 values, so that
+    # autocast's rounding of them is no part of the difference.
+    torch.manual_seed(0)
+    local = crcnet.LocalConditional(dim=32)
+    g = torch.Generator().manual_seed(0)
+    f, f_s = (8 * torch.randn(2, 2, 32, 5, 5, generator=g)).bfloat16().float()
+    m = (torch.rand(2, 1, 5, 5, generator=g) > 0.3).float()
+    with torch.no_grad():
+        sim = local.theta(f).flatten(2).transpose(1, 2) @ local.delta(f_s).flatten(2)  # Eq. (1), fp32
+        assert sim.median() > 100 and sim.max() > 400
+        expected = local(f, f_s, m)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            amp = local(f, f_s, m)
+    assert amp.dtype == torch.bfloat16  # Eq. (3) is left to autocast
+    assert (amp.float() - expected).abs().max() < 0.01 * expected.abs().max()
 
 
 # ---------------- K shots: fine-tuning (§4.6), fusion, multi-scale inference (§5.3) -----------------------
@@ -5969,7 +6048,7 @@ def test_qpenet_model_takes_the_cross_attention_keys_from_the_label(qpenet_model
 
 
 # ==========================================================================================================
-# All five models: a training step on PFENet's deep-stem ResNet, and none that waits for the device
+# All five models: a training step on PFENet's deep-stem ResNet, none that waits for the device, compiled ones
 # ==========================================================================================================
 
 def deep_stem_model(name, where):
@@ -6032,3 +6111,38 @@ def test_training_step_never_waits_for_the_device(name, request):
     seen = train.host_syncs(step)  # the detector --bench reports with
     model.load_state_dict(state)  # the module-scoped model stays as the other tests expect it
     assert seen == [], f"{name} synchronises with the host: {sorted(set(seen))}"
+
+
+@pytest.mark.parametrize("name", ["ocnet", "qgnet", "crcnet", "symnet", "qpenet"])
+def test_every_model_compiles_to_the_eager_loss_and_gradients(name, request):
+    """torch.compile (train.py --compile) of each model, with AOTAutograd's tracing of forward and backward
+    (backend aot_eager: inductor's front end, no code generation), gives the eager training step's loss and
+    gradients: the frames dynamo cannot trace (OCNet's Grad-CAM takes torch.autograd.grad inside forward) run
+    eagerly between graphs. Train mode, every dropout at p = 0 so that both runs draw nothing."""
+    fixture, size = {"ocnet": ("ocnet_resnet", OCNET_SIZE), "qgnet": ("qgnet_model", 65),
+                     "crcnet": ("crcnet_model", CRCNET_SIZE), "symnet": ("symnet_model", SYMNET_SIZE),
+                     "qpenet": ("qpenet_model", QPENET_SIZE)}[name]
+    model = copy.deepcopy(request.getfixturevalue(fixture)).train()  # the module-scoped fixture stays as it is
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        if isinstance(module, qpenet.CrossAttention):
+            module.dropout = 0.0  # its attention's dropout_p
+    img_q, img_s, m_s, m_q = episode(1, 1, size, (8, 24, 8, 24), (6, 22, 10, 26))
+
+    def step(net):
+        model.zero_grad(set_to_none=True)
+        out = net(img_q, img_s, m_s, torch.tensor([1]), **train.query_mask(model, {"m_q": m_q}))
+        loss, _ = model.loss(out, m_q, m_s)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = step(model)
+    try:
+        compiled_loss, compiled_grads = step(torch.compile(model, backend="aot_eager"))
+    finally:
+        torch._dynamo.reset()  # no compiled frame outlives the test
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=0)
+    assert compiled_grads.keys() == grads.keys() and len(grads) > 0
+    for n, g in grads.items():
+        torch.testing.assert_close(compiled_grads[n], g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=n)
