@@ -865,6 +865,16 @@ def append_jsonl(path, record):
                             "before it are kept") from err
 
 
+def cut_log(path, epoch, note=print):
+    """--resume: drop the records of a log's epochs after `epoch` (an interrupted epoch's, which the resumed run
+    writes again) and mark the resume point, so that the log reads as one run. No log: nothing to do."""
+    if not Path(path).exists():
+        return
+    kept = [r for r in read_jsonl(path, note) if r.get("event") in ("start", "resume") or r.get("epoch", 0) <= epoch]
+    kept.append({"event": "resume", "epoch": epoch})
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
 def read_jsonl(path, note=print):
     """The records of a JSON-lines log (none when it does not exist). A last line that is not whole JSON (a write
     cut short by a crash) is dropped with a note; any other bad line is an error naming it."""

@@ -22,7 +22,7 @@ Paper -> code:
     Fig. 2 one (query, support) pair through §4.3-§4.5, both heads    PairHead
     §4.7 interchangeable roles: each branch conditioned on the other  PairHead, Model.forward(m_q=)
     Eq. (4)-(5) loss with lambda = 0.1                               pair_loss, Model.loss
-    §4.6 k-shot fine-tuning; Table 4 fusion                          Model.predict, Model.finetune, Model._forward
+    §4.6 k-shot fine-tuning; Table 4 fusion                          Model.infer, Model.finetune, Model._forward
     §5.1, §5.3 multi-scale test                                      Model._multi_scale, _log_mean_exp
     Eq. (6)-(8) mIoU and FB-IoU                                      common.IoUMeter (train.py evaluates)
 
@@ -127,6 +127,9 @@ def add_args(parser):
     parser.add_argument("--refine-steps", type=int, help="mask refinement iterations, >= 1 (default 10, §5.1)")
     parser.add_argument("--freeze-encoder", action="store_const", const=False, dest="train_encoder", default=None,
                         help="keep the ResNet frozen, as the other models (default: trained end to end, §5.1)")
+
+
+EVALUATION_FLAGS = ("kshot", "ft_steps", "ft_lr", "test_scales")  # evaluation only: --resume lets them change
 
 
 # Table 8: CRCNet trains at 321; §5.1: SGD, lr 0.0025, 200 epochs. Batch sizes and COCO's epochs are not given:
@@ -351,8 +354,9 @@ def pair_loss(out, m_q, m_s, sub_weight):
 class Model(nn.Module):
     """CRCNet. forward(img_q, img_s, m_s, class_ids=None, m_q=None) -> {"logits" (B,2,H,W): log of the query
     foreground probabilities averaged over the S supports, and per pair (B*S,2,h,w): "query", "query_sub", and
-    with m_q (B,H,W) (training: the support branch is conditioned on it) "support", "support_sub"}. predict()
+    with m_q (B,H,W) (training: the support branch is conditioned on it) "support", "support_sub"}. infer()
     adds §4.6's test-time fine-tuning and §5.1's multi-scale inference."""
+    query_mask_in_training = True  # train.py passes m_q in training: the support branch is conditioned on it
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -418,7 +422,7 @@ class Model(nn.Module):
                 optimizer.step()
         return {name: w.detach() for name, w in weights.items()}
 
-    def predict(self, img_q, img_s, m_s, class_ids=None):
+    def infer(self, img_q, img_s, m_s, class_ids=None):
         """Evaluation hook: K > 1 shots fine-tune per episode (cfg.kshot) and every prediction is the average
         over cfg.test_scales. Returns log-probabilities (B,2,H,W). Weights and train/eval mode are unchanged."""
         S = img_s.shape[1]

@@ -62,10 +62,12 @@ Choices (the paper leaves these open; there is no official code to follow)
       10 is untuned: a logit range of 20 already lets the softmax over 16 prototypes reach p > 0.999).
     - FPN decoder: 4 levels (F_c and three stride-2 3x3 convs), lateral 1x1 + bilinear top-down + 3x3 smoothing
       with ReLU, all 256 wide (FPN's width); the finest level predicts. L_g and L_p are taken at h x w.
-    - lr 0.05 = the paper's 0.005 x 10 (§5.1 gives 0.005 and batch 4). OCNet has no public code, but its setup
-      follows BAM, HDMNet and PFENet [21, 35, 42], whose code multiplies every learning rate by 10
-      (poly_learning_rate(..., scale_lr=10); BAM's configs say "base_lr: 0.005" and train at 0.05), so a
-      table made in that lineage was trained at 0.05. Batch 4 on COCO too, as §5.1 states one batch size.
+    - lr 0.025: BAM's rate per episode at §5.1's batch 4. §5.1 gives SGD at 0.005 with batch 4; OCNet has no
+      public code, and it builds on BAM [21] (its base learner and episodes): BAM's code multiplies its
+      configured "base_lr: 0.005" by 10 (util/util.py poly_learning_rate, scale_lr=10) and trains at 0.05 with
+      a global batch of 8 (2 per GPU on 4 GPUs, train.sh), 0.05 / 8 per episode, which is 0.025 at batch 4.
+      HDMNet [35], also cited, trains with AdamW at 1e-4, no guide to an SGD rate. Batch 4 on COCO too, as §5.1
+      states one batch size.
 """
 import math
 from dataclasses import dataclass
@@ -76,10 +78,10 @@ import torch.nn.functional as F
 
 import common
 
-DEFAULTS = {  # §5.1: SGD, batch 4, lr 0.005 (x 10 as its lineage's code runs it: Choices); 200 epochs at 473 px on
-    # PASCAL, 75 at 641 px on COCO; PFENet's augmentation ("the same data augmentation setting as [42]")
-    "pascal": dict(lr=0.05, batch_size=4, epochs=200, img_size=473, augment="pfenet"),
-    "coco": dict(lr=0.05, batch_size=4, epochs=75, img_size=641, augment="pfenet"),
+DEFAULTS = {  # §5.1: SGD, batch 4, lr 0.005 (BAM's code runs it as 0.025 per 4 episodes: Choices); 200 epochs at
+    # 473 px on PASCAL, 75 at 641 px on COCO; PFENet's augmentation ("the same data augmentation setting as [42]")
+    "pascal": dict(lr=0.025, batch_size=4, epochs=200, img_size=473, augment="pfenet"),
+    "coco": dict(lr=0.025, batch_size=4, epochs=75, img_size=641, augment="pfenet"),
 }
 
 

@@ -45,6 +45,9 @@ Choices (the paper is silent unless said otherwise; the official code has no sta
   code does not support and whose schedule the paper does not give: PFENet's one-GPU setting as it runs (lr
   0.005 x 10, batch 8, 50 epochs) with the paper's 473 px crop. Augmentation: PFENet's (the official train.py's;
   §5.1 names its crop, scale and flip).
+- Training images: the harness's list, filtered as BAM's (no image with a pixel of a novel class; data.py), like
+  every model here. The official code trains on PFENet's list, which keeps those images and relabels their
+  novel-class pixels as background.
 - K shots: the guided map and the guider are averaged over shots (official); the prior map sees only the query.
 - Eq. (9) compares X_q and P_q after a learnable 3x3 conv (256, ReLU, Dropout 0.5) on each: the official
   down_learn_super / down_learn_unsuper (L153-162); the paper compares the raw features.
@@ -57,6 +60,7 @@ Choices (the paper is silent unless said otherwise; the official code has no sta
 import dataclasses
 import math
 import sys
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -154,12 +158,30 @@ def add_args(parser):
 
 def prior_checkpoint_path(run, all_images=False, explicit=None):
     """`explicit` (--prior-checkpoint), else runs/qgnet-prior-SPLIT[-all]/prior_extractor.pt under the working
-    directory (like train.py's runs/; SPLIT as data.split_name of the common.Run, e.g. pascal-fold0). Both stages
-    derive it from the same flags."""
+    directory (like train.py's runs/; SPLIT as data.split_name of the common.Run, e.g. pascal-fold0 or
+    coco-contiguous-fold0): a name for each set of images stage 1 can see. Both stages derive it from the same
+    flags."""
     if explicit:
         return Path(explicit)
-    name = f"qgnet-prior-{data.split_name(run.dataset, run.fold, run.data_root, run.test_classes)}"
-    return Path(common.RUNS_DIR) / f"{name}{'-all' if all_images else ''}" / "prior_extractor.pt"
+    split = data.split_name(run.dataset, run.fold, run.data_root, run.test_classes, run.coco_split)
+    return Path(common.RUNS_DIR) / f"qgnet-prior-{split}{'-all' if all_images else ''}" / "prior_extractor.pt"
+
+
+def prior_file(run, options):
+    """STAGE_FILES["prior"]: the file stage 1 writes for a run and its QGNet options (train.py holds its folder)."""
+    return prior_checkpoint_path(run, options.get("prior_all_images"), options.get("prior_checkpoint"))
+
+
+def images_seen(run, all_images):
+    """What decides which images stage 1 trains on, as its file records it: the dataset, its root, and, unless it
+    sees every image, the fold's split. A prior extractor made for other images is refused (it may have seen the
+    run's novel classes)."""
+    seen = {"dataset": run.dataset, "data_root": str(run.data_root) if run.data_root else None,
+            "all_images": bool(all_images)}
+    if not all_images:
+        seen.update(fold=run.fold, test_classes=list(run.test_classes) if run.test_classes else None,
+                    coco_split=run.coco_split)
+    return seen
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -417,6 +439,7 @@ def stage_flags(run, all_images, checkpoint):
     """The flags that name a run's stage-1 checkpoint, for the messages that point from one stage to the other."""
     split = f"--test-classes {','.join(map(str, run.test_classes))}" if run.test_classes else f"--fold {run.fold}"
     return (f"--dataset {run.dataset} {split}" + (f" --data-root {run.data_root}" if run.data_root else "")
+            + (f" --coco-split {run.coco_split}" if run.dataset == "coco" and run.coco_split != "interleaved" else "")
             + (" --prior-all-images" if all_images else "")
             + (f" --prior-checkpoint {checkpoint}" if checkpoint else ""))
 
@@ -425,15 +448,27 @@ def train_prior_extractor(run, schedule, options):
     """Stage 1 (§4.1, §5.1), STAGES["prior"]: global-local contrastive training of the prior extractor on the
     unlabeled images of the run's dataset and fold (common.Run). The schedule is PriorConfig's, set by the prior_*
     options (QGNet's flags); of the common.Schedule it takes train_length, workers, seed, log_every, bf16 and
-    resume. Writes prior_checkpoint_path(...) (the whole state, continued by --resume; every PRIOR_SAVE_EVERY
-    epochs and at the end) and prior_metrics.jsonl next to it. Returns the checkpoint's path."""
+    resume. Writes prior_file(...) (the whole state, every PRIOR_SAVE_EVERY epochs and at the end; --resume
+    continues it, with the PriorConfig and the images it was made with) and its log, NAME_metrics.jsonl, next to
+    it. Returns the file's path."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         sys.exit("error: --stage prior runs in one process (queues, shuffle BN); start it without torchrun")
     cfg = prior_config(options)
-    path = prior_checkpoint_path(run, options.get("prior_all_images"), options.get("prior_checkpoint"))
+    path, seen = prior_file(run, options), images_seen(run, options.get("prior_all_images"))
+    log_file = path.with_name(f"{path.stem}_metrics.jsonl")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     torch.manual_seed(schedule.seed)
+    model = GlobalLocalContrast(cfg).to(device, memory_format=layout)
+    lr = cfg.prior_lr or MOCO_LR * cfg.prior_batch_size / MOCO_BATCH
+    optimizer = common.sgd(model.encoder_q.parameters(), lr, SGD_MOMENTUM, WEIGHT_DECAY)
+    start = 0
+    if schedule.resume and path.is_file():
+        state = read_stage1_file(path, cfg, seen)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["epoch"]
+        common.cut_log(log_file, start)
     items = unlabeled_images(run, schedule, options.get("prior_all_images"))
     print(f"qgnet stage 1: SLIC superpixels of {len(items)} images (once per run)", flush=True)
     boxes = [b for chunk in DataLoader(SuperpixelBoxes(items, cfg), SLIC_BATCH, num_workers=schedule.workers,
@@ -444,21 +479,11 @@ def train_prior_extractor(run, schedule, options):
                         generator=torch.Generator().manual_seed(schedule.seed))
     if len(loader) == 0:
         sys.exit(f"error: {len(items)} images do not fill one batch of {cfg.prior_batch_size} (--prior-batch-size)")
-    model = GlobalLocalContrast(cfg).to(device, memory_format=layout)
-    lr = cfg.prior_lr or MOCO_LR * cfg.prior_batch_size / MOCO_BATCH
-    optimizer = common.sgd(model.encoder_q.parameters(), lr, SGD_MOMENTUM, WEIGHT_DECAY)
-    start = 0
-    if schedule.resume and path.is_file():
-        state = torch.load(path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["epoch"]
-    path.parent.mkdir(parents=True, exist_ok=True)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and schedule.bf16 else nullcontext()
     total = cfg.prior_epochs * len(loader)
-    print(f"qgnet stage 1 on {data.split_name(run.dataset, run.fold, run.data_root, run.test_classes)}: "
-          f"{len(items)} images, {len(loader)} steps of {cfg.prior_batch_size}, epochs {start + 1}.."
-          f"{cfg.prior_epochs}, lr {lr:g}, queues {cfg.prior_queue}, {device} -> {path}", flush=True)
+    split = data.split_name(run.dataset, run.fold, run.data_root, run.test_classes, run.coco_split)
+    print(f"qgnet stage 1 on {split}: {len(items)} images, {len(loader)} steps of {cfg.prior_batch_size}, epochs "
+          f"{start + 1}..{cfg.prior_epochs}, lr {lr:g}, queues {cfg.prior_queue}, {device} -> {path}", flush=True)
 
     def batches(epoch):
         model.train()
@@ -468,12 +493,11 @@ def train_prior_extractor(run, schedule, options):
         with amp:
             return model(**{k: v.to(device, non_blocking=True, memory_format=layout) for k, v in batch.items()})
 
-    settings = {**dataclasses.asdict(run), **dataclasses.asdict(schedule), **options}  # saved as text, for reading
-
     def end_epoch(epoch):
         if (epoch + 1) % PRIOR_SAVE_EVERY == 0 or epoch + 1 == cfg.prior_epochs:
+            common.check_finite(model)
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                     "config": dataclasses.asdict(cfg), "args": {k: str(v) for k, v in settings.items()}}
+                     "config": dataclasses.asdict(cfg), "images": seen, "seed": schedule.seed}
             common.save_atomic(state, path)
 
     def cosine(it):  # MoCo v2's schedule, per iteration
@@ -481,14 +505,43 @@ def train_prior_extractor(run, schedule, options):
 
     common.fit(step, optimizer, batches, cosine, cfg.prior_epochs, len(loader), start_epoch=start,
                log_every=schedule.log_every, per_step=cfg.prior_batch_size, unit="images", tag="[prior] ",
-               log=partial(print, flush=True), log_file=path.with_name("prior_metrics.jsonl"), event="prior",
-               end_epoch=end_epoch)
+               log=partial(print, flush=True), log_file=log_file, event="prior", end_epoch=end_epoch)
     print(f"prior extractor saved to {path}; the few-shot stage:\n    python train.py --model qgnet "
           f"{stage_flags(run, options.get('prior_all_images'), options.get('prior_checkpoint'))}", flush=True)
     return path
 
 
+def read_stage1_file(path, cfg=None, seen=None, hint=""):
+    """Stage 1's file, as common.read_torch_file reads it: one line (common.WeightsUnavailableError, `hint` at its
+    end) for a file that is not one, or, when given, whose PriorConfig (`cfg`, a resume's recipe) or images
+    (`seen`) differ."""
+    state = common.read_torch_file(path, f"{path} as stage 1's prior extractor", hint=hint)
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise common.WeightsUnavailableError(f"{path} is not a file of QGNet's stage 1 (--stage prior){hint}")
+    saved = state.get("config")
+    if cfg is not None and saved != dataclasses.asdict(cfg):
+        differ = ", ".join(f"{k} {saved.get(k)} (now {v})" for k, v in dataclasses.asdict(cfg).items()
+                           if saved.get(k) != v)
+        raise common.WeightsUnavailableError(f"--resume: {path} was made with other stage-1 values ({differ}): a "
+                                             "resumed stage keeps them; drop the flags, or --overwrite to start again")
+    if seen is not None and state.get("images") not in (None, seen):
+        raise common.WeightsUnavailableError(
+            f"{path} was made on other images ({describe_images(state['images'])}) than this run's "
+            f"({describe_images(seen)}): it may have seen the run's novel classes; use the run's own file")
+    return state
+
+
+def describe_images(seen):
+    """images_seen(...) in words."""
+    where = f"{seen['dataset']}{' at ' + seen['data_root'] if seen.get('data_root') else ''}"
+    if seen.get("all_images"):
+        return f"every image of {where}"
+    which = f"classes {seen['test_classes']}" if seen.get("test_classes") else f"fold {seen['fold']}"
+    return f"{where}, {which}{' (' + seen['coco_split'] + ')' if seen['dataset'] == 'coco' else ''} training images"
+
+
 STAGES = {"prior": train_prior_extractor}
+STAGE_FILES = {"prior": prior_file}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -498,8 +551,9 @@ STAGES = {"prior": train_prior_extractor}
 def read_prior_extractor(cfg, run):
     """F_p's weights (Eq. 8) from the run's stage-1 file (prior_checkpoint_path), in common.Backbone's keys:
     stage 1's momentum encoder without its MLP head (official resnet.py L201-217), BatchNorm statistics included.
-    A file that is missing or holds no such encoder raises common.WeightsUnavailableError with the command of
-    stage 1."""
+    A file that is missing, unfinished, made on other images than this run's, or holding no such encoder raises
+    common.WeightsUnavailableError with the command of stage 1. A file that does not say which images it saw (one
+    converted from elsewhere) is taken with a warning."""
     path = prior_checkpoint_path(run, cfg.prior_all_images, cfg.prior_checkpoint)
     make = (f"Make it with\n    python train.py --model qgnet --stage prior "
             f"{stage_flags(run, cfg.prior_all_images, cfg.prior_checkpoint)}\nor name an existing one with "
@@ -507,14 +561,20 @@ def read_prior_extractor(cfg, run):
     if not path.is_file():
         raise common.WeightsUnavailableError(f"QGNet needs the prior extractor of stage 1, and {path} does not "
                                              f"exist. {make}")
+    state = read_stage1_file(path, seen=images_seen(run, cfg.prior_all_images), hint=f". {make}")
+    epochs = (state.get("config") or {}).get("prior_epochs")
+    if epochs is not None and state.get("epoch", epochs) < epochs:
+        raise common.WeightsUnavailableError(
+            f"{path} is stage 1 stopped after epoch {state['epoch']} of {epochs}: finish it with\n    python train.py "
+            f"--model qgnet --stage prior {stage_flags(run, cfg.prior_all_images, cfg.prior_checkpoint)} --resume")
+    if "images" not in state:
+        warnings.warn(f"{path} does not say which images it was trained on: taken as it is")
     stem = {"conv1.": "layer0.0.", "bn1.": "layer0.1."}  # torchvision's stem -> common.Backbone's layer0
 
     def rename(key):
         head = next((old for old in stem if key.startswith(old)), "")
         return "stages." + stem.get(head, "") + key[len(head):]
-    state = common.read_torch_file(path, f"{path} as stage 1's prior extractor", hint=f". {make}")
-    model = state.get("model") if isinstance(state, dict) else None  # not a dict: caught by the check below
-    weights = {rename(k[len("encoder_k."):]): v for k, v in (model if isinstance(model, dict) else {}).items()
+    weights = {rename(k[len("encoder_k."):]): v for k, v in state["model"].items()
                if k.startswith("encoder_k.") and not k.startswith("encoder_k.fc.")}
     with torch.device("meta"):  # F_p's keys and shapes, no weights initialised (no random numbers drawn)
         expected = {k: v.shape for k, v in common.Backbone("resnet50", pretrained=False).state_dict().items()}

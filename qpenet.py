@@ -75,9 +75,10 @@ Choices (paper silent, or where we differ from the official code; the notes list
     0.5 x -log p_bg averaged over every pixel; ours leaves out the 255 pixels, which the official counts.
  9. y_bg^s (Eq. 9) is computed in eval mode too (the paper skips it at test), so forward returns one dict.
 10. Recipe as the official configs run it: lr 0.025, the paper's 0.0025 (§IV-B) x 10, as the official
-    poly_learning_rate multiplies every group's; batch 4 on one GPU (§IV-B); 100 epochs on PASCAL (the
-    ResNet-50 configs of folds 0-2; fold 3's says 50 and ResNet-101's 150: pass --epochs; the paper says 200)
-    and 50 on COCO; 473 px for both datasets (§IV-B); PFENet's augmentation (the official train.py's). The
+    poly_learning_rate multiplies every group's; batch 4 on one GPU (§IV-B); PASCAL epochs per fold and
+    backbone as config/pascal/pascal_split{0-3}_resnet{50,101}.yaml: ResNet-50 100, 100, 100 and 50 (fold 3),
+    ResNet-101 150 (the paper says 200); COCO 50; 473 px for both datasets (§IV-B); PFENet's augmentation
+    (the official train.py's). The
     official stops early and keeps the best checkpoint on the test classes; the harness evaluates the last
     (--select-best does as the official). Synthetic data: the harness's quick-start values.
 11. The official cannot run K > 1 (its transformer reshapes the shot-averaged support map per shot) and keeps
@@ -97,7 +98,8 @@ BACKGROUND = 1  # channel of y_bg that means "background" (Fig. 3; official QPEN
 BM_EPS = 1e-5  # L_bm foreground-area epsilon (official weighted_BCE, from NERTNet)
 
 DEFAULTS = {  # the official configs (Choices 10); nominal lr 0.0025 (§IV-B), 200 PASCAL epochs in the paper
-    "pascal": dict(lr=0.025, batch_size=4, epochs=100, img_size=473, augment="pfenet"),
+    "pascal": dict(lr=0.025, batch_size=4, epochs={"resnet50": {0: 100, 1: 100, 2: 100, 3: 50}, "resnet101": 150},
+                   img_size=473, augment="pfenet"),
     "coco": dict(lr=0.025, batch_size=4, epochs=50, img_size=473, augment="pfenet"),  # §IV-B: 473 px for both
 }
 

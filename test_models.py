@@ -2187,7 +2187,7 @@ def test_eval_only_without_checkpoint_is_refused(tiny, tmp_path, capsys):
 # ---------------- the recipes, and the protocol's scores --------------------------------------------------
 
 RECIPES = {  # model -> dataset -> (lr, batch, epochs, crop, augmentation): the run behind each paper's table
-    "ocnet": {"pascal": (0.05, 4, 200, 473, "pfenet"), "coco": (0.05, 4, 75, 641, "pfenet")},
+    "ocnet": {"pascal": (0.025, 4, 200, 473, "pfenet"), "coco": (0.025, 4, 75, 641, "pfenet")},
     "qpenet": {"pascal": (0.025, 4, 100, 473, "pfenet"), "coco": (0.025, 4, 50, 473, "pfenet")},
     "crcnet": {"pascal": (0.0025, 4, 200, 321, "crop-scale-flip"), "coco": (0.0025, 8, 50, 321, "crop-scale-flip")},
     "symnet": {"pascal": (0.05, 32, 200, 473, "pfenet"), "coco": (0.05, 32, 50, 641, "pfenet")},
@@ -2205,6 +2205,18 @@ def test_default_recipe_is_the_run_behind_each_papers_table(model, dataset):
     given, _ = train.parse_args(["--model", model, "--dataset", dataset, "--lr", "0.1", "--augment", "pfenet",
                                  "--test-episodes", "7"])  # the command line wins over every recipe
     assert (given.lr, given.augment, given.test_episodes, given.batch_size) == (0.1, "pfenet", 7, args.batch_size)
+
+
+def test_qpenet_epochs_follow_the_official_config_of_each_fold_and_backbone():
+    """config/pascal/pascal_split{0-3}_resnet50.yaml: 100, 100, 100, 50 epochs; resnet101: 150 (its deep stem too);
+    --fold all resolves each fold's own; the command line wins."""
+    epochs = lambda *flags: train.parse_args(["--model", "qpenet", *flags])[0]  # noqa: E731
+    assert [epochs("--fold", str(k)).epochs for k in range(4)] == [100, 100, 100, 50]
+    assert [one.epochs for one in epochs("--fold", "all").folds] == [100, 100, 100, 50]
+    assert epochs("--backbone", "resnet101", "--fold", "3").epochs == 150
+    assert epochs("--backbone", "resnet101_deep").epochs == 150 and epochs("--backbone", "resnet50_deep").epochs == 100
+    assert epochs("--backbone", "vgg16_bn").epochs == 100  # a backbone the configs do not name: ResNet-50's
+    assert epochs("--fold", "3", "--epochs", "7").epochs == 7 and epochs("--dataset", "coco", "--fold", "3").epochs == 50
 
 
 @pytest.mark.parametrize("dataset, end_to_end, scales", [("pascal", True, (0.75, 1.0, 1.25)),
@@ -3798,6 +3810,43 @@ def test_qgnet_prior_paths():
     assert str(qgnet.prior_checkpoint_path(common.Run(dataset="coco"), True)) == \
         "runs/qgnet-prior-coco-fold0-all/prior_extractor.pt"
     assert str(qgnet.prior_checkpoint_path(common.Run(dataset="coco"), True, "x/y.pt")) == "x/y.pt"
+    # COCO's two splits hold other classes in a fold: each has its own file
+    assert str(qgnet.prior_checkpoint_path(common.Run(dataset="coco", fold=2, coco_split="contiguous"))) == \
+        "runs/qgnet-prior-coco-contiguous-fold2/prior_extractor.pt"
+
+
+def test_qgnet_stage_1_is_a_run_and_its_file_serves_only_the_images_it_saw(tmp_path, monkeypatch, capsys):
+    """--stage prior keeps its file unless --resume (with its own values) or --overwrite; the few-shot stage refuses
+    a file of other images (another fold or split could hold its novel classes) and an unfinished one."""
+    monkeypatch.chdir(tmp_path)
+    flags = ["--model", "qgnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0", "--img-size", "64",
+             "--stage", "prior", "--train-length", "8", "--prior-batch-size", "4", "--prior-queue", "8",
+             "--prior-img-size", "32", "--log-every", "1", "--fold", "1"]
+    path = tmp_path / "runs" / "qgnet-prior-synthetic-fold1" / "prior_extractor.pt"
+    assert train.main([*flags, "--prior-epochs", "1"]) == Path("runs/qgnet-prior-synthetic-fold1/prior_extractor.pt")
+    before = path.read_bytes()
+    with pytest.raises(SystemExit, match="holds a run already .prior_extractor.pt, epoch 1."):
+        train.main([*flags, "--prior-epochs", "1"])
+    with pytest.raises(SystemExit) as err:  # a resumed stage keeps its values
+        train.main([*flags, "--prior-epochs", "2", "--resume"])
+    assert "was made with other stage-1 values (prior_epochs 1 (now 2))" in str(err.value.code)
+    assert path.read_bytes() == before
+    state = torch.load(path, weights_only=True)
+    assert state["images"] == {"dataset": "synthetic", "data_root": None, "all_images": False, "fold": 1,
+                               "test_classes": None, "coco_split": "interleaved"}
+    build = lambda fold: qgnet.build(qgnet.Config(pretrained=False, prior_checkpoint=str(path)),  # noqa: E731
+                                     common.Run(dataset="synthetic", fold=fold, pretrained=False))
+    assert build(1).prior_extractor.calibrated  # its own fold: taken
+    with pytest.raises(common.WeightsUnavailableError, match="was made on other images .synthetic, fold 1 training "
+                                                             "images. than this run's .synthetic, fold 2 training"):
+        build(2)
+    torch.save({**state, "epoch": 0, "config": {**state["config"], "prior_epochs": 3}}, path)
+    with pytest.raises(common.WeightsUnavailableError, match="stopped after epoch 0 of 3: finish it with"):
+        build(1)
+    path.write_bytes(before[:1000])  # cut short: one line, no traceback
+    with pytest.raises(SystemExit) as err:
+        train.main([*flags, "--prior-epochs", "1", "--resume"])
+    assert str(err.value.code).startswith(f"error: cannot read {Path('runs/qgnet-prior-synthetic-fold1')}")
 
 
 def test_qgnet_prior_stage_gets_the_run_the_schedule_and_its_recipe_from_train_py(monkeypatch, tmp_path):
@@ -4005,7 +4054,7 @@ def test_qgnet_two_stages_on_synthetic(tmp_path):
     assert train.main([*common_flags, "--stage", "prior", "--train-length", "8", "--prior-epochs", "1",
                        "--prior-batch-size", "4", "--prior-queue", "8", "--prior-img-size", "32",
                        "--log-every", "1"]) == prior
-    records = read_metrics(prior.parent, "prior_metrics.jsonl")
+    records = read_metrics(prior.parent, "prior_extractor_metrics.jsonl")
     assert len(records) == 2 and all(math.isfinite(r["global"]) and math.isfinite(r["local"]) for r in records)
     out = tmp_path / "fewshot"
     miou, fbiou = train.main([*common_flags, "--train-length", "8", "--batch-size", "4", "--epochs", "2",
@@ -4280,14 +4329,14 @@ def test_crcnet_finetuning_changes_prediction_and_restores_everything(crcnet_mod
     crcnet_model.eval()
     rng = torch.get_rng_state()
     with torch.no_grad():
-        tuned = crcnet_model.predict(img_q, img_s, m_s)
+        tuned = crcnet_model.infer(img_q, img_s, m_s)
         first_support = crcnet_model(img_q, img_s[:, :1], m_s[:, :1])["logits"]  # "finetune" predicts from support 0
     assert tuned.shape == (2, 2, CRCNET_SIZE, CRCNET_SIZE) and torch.isfinite(tuned).all()
     assert not torch.allclose(tuned, first_support, atol=1e-4)
     assert not crcnet_model.training and torch.equal(torch.get_rng_state(), rng)
     crcnet_model.train()
     with torch.no_grad():
-        alone = crcnet_model.predict(img_q[1:], img_s[1:], m_s[1:])
+        alone = crcnet_model.infer(img_q[1:], img_s[1:], m_s[1:])
     assert crcnet_model.training
     crcnet_model.eval()
     assert torch.allclose(alone, tuned[1:], atol=1e-6)  # per episode, deterministic (a fixed generator)
@@ -4297,7 +4346,7 @@ def test_crcnet_finetuning_changes_prediction_and_restores_everything(crcnet_mod
     crcnet_model.cfg.ft_steps = 0  # no step: exactly the plain 1-shot prediction
     try:
         with torch.no_grad():
-            assert torch.allclose(crcnet_model.predict(img_q, img_s, m_s), first_support, atol=1e-5)
+            assert torch.allclose(crcnet_model.infer(img_q, img_s, m_s), first_support, atol=1e-5)
     finally:
         crcnet_model.cfg.ft_steps = 3
 
@@ -4327,7 +4376,7 @@ def test_crcnet_fusion_averages_one_shot_probabilities(crcnet_model):
     crcnet_model.cfg.kshot = "fusion"
     try:
         with torch.no_grad():
-            fused = crcnet_model.predict(img_q, img_s, m_s)
+            fused = crcnet_model.infer(img_q, img_s, m_s)
             probs = [crcnet_model(img_q, img_s[:, k:k + 1], m_s[:, k:k + 1])["query"].softmax(1) for k in range(3)]
     finally:
         crcnet_model.cfg.kshot = "finetune"
@@ -4342,10 +4391,10 @@ def test_crcnet_multi_scale_inference_by_default(crcnet_model):
     img_q, img_s, m_s, m_q = episode(1, 1, CRCNET_SIZE)
     with torch.no_grad():
         plain = net(img_q, img_s, m_s)["logits"]
-        assert torch.allclose(net.predict(img_q, img_s, m_s), plain, atol=1e-6)  # the fixture's one scale
+        assert torch.allclose(net.infer(img_q, img_s, m_s), plain, atol=1e-6)  # the fixture's one scale
         net.cfg.test_scales = crcnet.Config().test_scales
         try:
-            multi = net.predict(img_q, img_s, m_s)
+            multi = net.infer(img_q, img_s, m_s)
         finally:
             net.cfg.test_scales = (1.0,)
         probs = []
@@ -4635,7 +4684,7 @@ def crcnet_tuned_episodes(crcnet_model):
 
 
 def crcnet_tuned_outputs(net, tuned, kshot):
-    """net.predict of the episodes `tuned` (crcnet_tuned_episodes) under cfg.kshot = kshot, checking that it leaves
+    """net.infer of the episodes `tuned` (crcnet_tuned_episodes) under cfg.kshot = kshot, checking that it leaves
     the weights and gradients as they were; and for each episode b and support k, net._forward of the query with
     that support alone under the head weights tuned on episode b. -> prediction, outs[b][k]"""
     img_q, img_s, m_s, weights = tuned
@@ -4643,7 +4692,7 @@ def crcnet_tuned_outputs(net, tuned, kshot):
     net.cfg.kshot = kshot
     try:
         with torch.no_grad():
-            pred = net.predict(img_q, img_s, m_s)
+            pred = net.infer(img_q, img_s, m_s)
     finally:
         net.cfg.kshot = "finetune"
     after = net.state_dict()

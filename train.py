@@ -514,7 +514,7 @@ def resolve_defaults(args, module, trained, checkpoint=None):
         args.img_size = trained.get("img_size")  # test at the size the model was trained at
     if args.fold != "all":
         args.out = Path(args.out) if args.out else default_out(args, args.fold)
-        if args.resume:
+        if args.resume and not args.stage:  # a stage's file keeps its own recipe, and the stage checks it
             restore_recipe(args, module)
     layers = [getattr(module, "STAGE_DEFAULTS", {}).get(args.stage, {}).get(args.dataset, {}) if args.stage else {},
               getattr(module, "DEFAULTS", {}).get(args.dataset, {}),
@@ -533,12 +533,12 @@ def resolve_defaults(args, module, trained, checkpoint=None):
 def recipe_value(value, args):
     """A recipe's value for this run: a dict is keyed by fold ({0: 100, 3: 50}: the fold's, for a folder dataset's
     --test-classes the first fold's) or by backbone ({"resnet50": .., "resnet101": ..}: the backbone's, a *_deep
-    one by its plain name), and may nest."""
+    one by its plain name, a backbone it does not name by its first entry), and may nest."""
     while isinstance(value, dict):
         if all(isinstance(k, int) for k in value):
             value = value[args.fold if isinstance(args.fold, int) else min(value)]
         else:
-            value = value[args.backbone.replace("_deep", "")]
+            value = value.get(args.backbone.replace("_deep", ""), next(iter(value.values())))
     return value
 
 
@@ -878,16 +878,13 @@ def load_weights(model, state, path):
 def query_mask(net, batch):
     """{"m_q": the query mask} for a model that takes it in training (Model.query_mask_in_training: CRCNet predicts
     the support with the query as its labelled reference), else {}. Evaluation never passes it."""
-    takes = getattr(net, "query_mask_in_training", None)
-    if takes is None:
-        takes = "m_q" in inspect.signature(net.forward).parameters
-    return {"m_q": batch["m_q"]} if takes else {}
+    return {"m_q": batch["m_q"]} if getattr(net, "query_mask_in_training", False) else {}
 
 
 def inference(net):
     """What evaluation calls: the model's infer(img_q, img_s, m_s, class_ids) where it has one (test-time
     fine-tuning, multi-scale), else forward's logits."""
-    return getattr(net, "infer", None) or getattr(net, "predict", None) or (lambda *inputs: net(*inputs)["logits"])
+    return getattr(net, "infer", None) or (lambda *inputs: net(*inputs)["logits"])
 
 
 # The built-in parameter-free baseline: the floor that every model must clearly beat (--model baseline)
@@ -1080,14 +1077,8 @@ def read_log(out):
 
 
 def truncate_log(log_file, epoch):
-    """--resume: drop the records of epochs after the checkpoint's (an interrupted epoch's, which the resumed run
-    writes again) and mark the resume point, so that metrics.jsonl reads as one run."""
-    if not log_file.exists():
-        return
-    kept = [r for r in read_log(log_file.parent)
-            if not (r.get("event") in ("train", "val") and r.get("epoch", 0) > epoch)]
-    records = kept + [{"event": "resume", "epoch": epoch}]
-    common.write_text_atomic(log_file, "".join(json.dumps(r) + "\n" for r in records))
+    """--resume: metrics.jsonl as the run of the checkpoint left it, then a resume mark (common.cut_log)."""
+    common.cut_log(log_file, epoch, note=lambda text: print(text, file=sys.stderr, flush=True))
 
 
 def read_result(out):
