@@ -120,7 +120,9 @@ AUGMENTATIONS = {
 TEST_EPISODES = {"pascal": 1000, "coco": 5000, "synthetic": 1000, "folder": 1000}
 TEST_SEEDS = 5
 SYNTHETIC_TRAIN_LENGTH = 1000  # synthetic episodes per epoch
-CACHE_VERSION = 2  # bump when the cached per-image counts change meaning (2: written only after every file checked)
+# bump when the cached per-image counts change meaning (2: written only after every file checked; 3: every image
+# decoded in full, and class ids checked against the dataset's classes)
+CACHE_VERSION = 3
 # COCO label PNGs: bump when they would be rasterised differently (1: Pillow's polygon fill, outline included;
 # 2: pycocotools' rule). Each label folder records its version in COCO_LABEL_STAMP (no file: version 1).
 COCO_LABEL_VERSION = 2
@@ -191,7 +193,8 @@ class DatasetNotFoundError(DatasetError, FileNotFoundError):
 
 
 class DatasetFileError(DatasetError, OSError):
-    """A file of the dataset cannot be read, or an image and its label differ in size; the message names it."""
+    """A file of the dataset cannot be read (or, COCO's labels, written), an image and its label differ in size, or
+    a label holds a class id that the dataset does not have; the message names it."""
 
 
 class DatasetClassError(DatasetError, ValueError):
@@ -241,14 +244,22 @@ def load_mask(path):
     return torch.from_numpy(label)
 
 
-def _scan_pair(pair):
-    """One listed (image, label) pair -> (class pixel counts, None), or (None, "path: what is wrong") when the label
-    cannot be read, the image's header cannot be read, or their sizes differ. The image is not decoded: its header
-    gives its size; a file that fails to decode later is named by load_image."""
+def _decoded_size(path):
+    """(width, height) of an image file, after decoding all of its pixels: a truncated or corrupt file raises
+    (OSError, ValueError or SyntaxError) here, where a header alone would pass it."""
+    with Image.open(path) as im:
+        im.load()
+        return im.size
+
+
+def _scan_pair(pair, max_id=IGNORE - 1):
+    """One listed (image, label) pair -> (class pixel counts, None), or (None, "path: what is wrong") when the image
+    does not decode in full (_decoded_size: a file cut short is found here, once, not by the last evaluation),
+    the label cannot be read, their sizes differ, or the label holds a class id outside 1..max_id (0 background,
+    255 ignore): an id the dataset does not have would otherwise count as background without a word."""
     image_path, label_path = pair
     try:
-        with Image.open(image_path) as im:
-            width, height = im.size
+        width, height = _decoded_size(image_path)
     except (OSError, ValueError, SyntaxError) as err:
         return None, f"{image_path}: not a readable image ({err})"
     try:
@@ -257,10 +268,13 @@ def _scan_pair(pair):
         return None, str(err).replace("cannot read label ", "", 1)
     if tuple(label.shape) != (height, width):
         return None, f"{label_path}: {label.shape[1]}x{label.shape[0]} pixels, its image {image_path} {width}x{height}"
-    counts = np.bincount(label.numpy().ravel(), minlength=256)
-    if len(counts) > IGNORE + 1:  # a 16-bit label with an id over 255, which no count below would hold
-        top = len(counts) - 1
-        return None, f"{label_path}: class id {top}; ids are 1..{IGNORE - 1} (0 background, {IGNORE} ignore)"
+    values = label.numpy().ravel()
+    wrong = np.unique(values[(values < 0) | ((values > max_id) & (values != IGNORE))]).tolist()
+    if wrong:
+        ids = ", ".join(map(str, wrong[:5])) + (", ..." if len(wrong) > 5 else "")
+        return None, (f"{label_path}: class id{'s' if len(wrong) > 1 else ''} {ids}; ids are 1..{max_id} "
+                      f"(0 background, {IGNORE} ignore)")
+    counts = np.bincount(values, minlength=IGNORE + 1)
     return {int(c): int(counts[c]) for c in np.flatnonzero(counts[1:IGNORE]) + 1}, None
 
 
@@ -322,10 +336,25 @@ def _read_cache(path, key):
     return cached["payload"] if cached.get("key") == key else None
 
 
+def _remove(path):
+    """Remove a file if it is there; a failure to (a read-only folder) is no error."""
+    try:
+        Path(path).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def _write_cache(path, key, payload):
+    """Write the cache atomically. One that cannot be written (a full disk, a folder gone read-only) stops nothing:
+    its temporary is removed, one note says so, and the run goes on with the payload in memory."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"key": key, "payload": payload}))
-    os.replace(tmp, path)  # atomic: concurrent runs never see half a file
+    try:
+        tmp.write_text(json.dumps({"key": key, "payload": payload}))
+        os.replace(tmp, path)  # atomic: concurrent runs never see half a file
+    except OSError as err:
+        _remove(tmp)
+        print(f"[data] note: could not cache the scan in {path} ({err.strerror or err}): the scan runs again next "
+              "time", file=sys.stderr, flush=True)
 
 
 def _int_keys(counts):
@@ -387,7 +416,8 @@ def _pascal_index(root, split):
     key = [CACHE_VERSION, hashlib.sha1("\n".join(ids).encode()).hexdigest()]
     counts = _read_cache(cache, key)
     if counts is None:
-        scanned = _parallel_map(_scan_pair, [files[i] for i in ids], f"checking and scanning PASCAL {split} files")
+        scanned = _parallel_map(functools.partial(_scan_pair, max_id=NUM_CLASSES["pascal"]), [files[i] for i in ids],
+                                f"checking and scanning PASCAL {split} files")
         counts = dict(zip(ids, check_scan(scanned, f"the PASCAL {split} list of {root}")))
         _write_cache(cache, key, counts)
     return files, _int_keys(counts), class_names("pascal")
@@ -502,12 +532,20 @@ def _stale_coco_labels(label_dir, split):
     return True
 
 
+def _label_write_error(label_dir, split, err):
+    """The one line for COCO labels that cannot be written: training needs them, so the run stops here."""
+    return DatasetFileError(f"cannot write the COCO {split}2014 labels in {label_dir}: {err.strerror or err} (they "
+                            "are needed: free space there, or make it writable, and run again)")
+
+
 def _coco_label_counts(job):
     """Write one semantic label PNG (skipped if present, unless `rewrite`) and scan it with its image, as
-    _scan_pair does: -> (class pixel counts, None), or (None, what is wrong with the image)."""
-    image_path, path, height, width, annotations, rewrite = job
+    _scan_pair does (the image decoded in full, ids 1..num_classes): -> (class pixel counts, None), or (None,
+    what is wrong with the image). A label that cannot be written raises _label_write_error, its temporary
+    removed."""
+    image_path, path, height, width, annotations, rewrite, split, num_classes = job
     try:
-        with Image.open(image_path) as im:
+        with Image.open(image_path) as im:  # the header: the whole image is decoded by _scan_pair below
             if im.size != (width, height):
                 return None, f"{image_path}: {im.size[0]}x{im.size[1]} pixels, its annotations say {width}x{height}"
     except (OSError, ValueError, SyntaxError) as err:
@@ -517,9 +555,13 @@ def _coco_label_counts(job):
         for class_id, segmentation in annotations:  # file order: later annotations overwrite earlier ones
             label[segmentation_to_mask(segmentation, height, width)] = class_id
         tmp = f"{path}.{os.getpid()}.tmp.png"
-        Image.fromarray(label).save(tmp)
-        os.replace(tmp, path)
-    return _scan_pair((image_path, path))
+        try:
+            Image.fromarray(label).save(tmp)
+            os.replace(tmp, path)
+        except OSError as err:
+            _remove(tmp)
+            raise _label_write_error(Path(path).parent, split, err) from None
+    return _scan_pair((image_path, path), max_id=num_classes)
 
 
 def _coco_index(root, split):
@@ -543,12 +585,18 @@ def _coco_index(root, split):
             per_image.setdefault(ann["image_id"], []).append((to_class[ann["category_id"]], ann["segmentation"]))
         images = sorted((im for im in coco["images"] if im["id"] in per_image), key=lambda im: im["file_name"])
         stems = [Path(im["file_name"]).stem for im in images]
-        rewrite = _stale_coco_labels(label_dir, split)
+        try:
+            rewrite = _stale_coco_labels(label_dir, split)
+        except OSError as err:
+            raise _label_write_error(label_dir, split, err) from None
         jobs = [(str(root / f"{split}2014" / f"{stem}.jpg"), str(label_dir / f"{stem}.png"), im["height"],
-                 im["width"], per_image[im["id"]], rewrite) for stem, im in zip(stems, images)]
+                 im["width"], per_image[im["id"]], rewrite, split, len(to_class)) for stem, im in zip(stems, images)]
         scanned = _parallel_map(_coco_label_counts, jobs, f"writing COCO {split}2014 labels to {label_dir}")
         counts = check_scan(scanned, f"COCO {split}2014 under {root}")
-        (label_dir / COCO_LABEL_STAMP).write_text(f"{COCO_LABEL_VERSION}\n")  # every label is current now
+        try:
+            (label_dir / COCO_LABEL_STAMP).write_text(f"{COCO_LABEL_VERSION}\n")  # every label is current now
+        except OSError as err:
+            raise _label_write_error(label_dir, split, err) from None
         payload = {"class_names": names, "counts": dict(zip(stems, counts))}
         _write_cache(cache, key, payload)
     files = {stem: (root / f"{split}2014" / f"{stem}.jpg", label_dir / f"{stem}.png") for stem in payload["counts"]}

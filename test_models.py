@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -1015,7 +1016,7 @@ def test_pascal_cache_written_reused_and_rebuilt(tmp_path, monkeypatch):
     first = data.build_dataset("pascal", "train", 0, img_size=64, root=root)
     assert (root / ".fss_cache" / "pascal_train_counts.json").is_file()
 
-    def fail(pair):
+    def fail(pair, max_id=None):
         raise AssertionError("rescanned although cached")
     monkeypatch.setattr(data, "_scan_pair", fail)
     monkeypatch.setattr(data, "PARALLEL_MIN_FILES", 10 ** 6)
@@ -1063,11 +1064,111 @@ def test_bad_files_are_all_reported_by_the_first_scan_one_line_each(tmp_path):
     assert not (root / ".fss_cache" / "pascal_test_counts.json").exists()  # nothing cached: the next run checks again
 
 
+def test_class_ids_the_dataset_does_not_have_are_named(tmp_path):
+    root = _write_pascal(tmp_path / "voc")
+    labels = root / "SegmentationClassAug"
+    Image.fromarray(_label((1, 0, 0, 50, 50), (21, 60, 60, 5, 5))).save(labels / "v2.png")  # VOC has 1..20
+    Image.fromarray(_label((2, 0, 0, 50, 50), (254, 60, 60, 5, 5), (30, 70, 0, 2, 2))).save(labels / "v3.png")
+    with pytest.raises(data.DatasetFileError) as err:
+        data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+    assert str(err.value).splitlines() == [
+        f"2 bad file(s) in the PASCAL test list of {root}; fix or remove them (and their list entries):",
+        f"  {labels / 'v2.png'}: class id 21; ids are 1..20 (0 background, 255 ignore)",
+        f"  {labels / 'v3.png'}: class ids 30, 254; ids are 1..20 (0 background, 255 ignore)"]
+    Image.fromarray(_label((3, 0, 0, 50, 50), (20, 60, 60, 5, 5), ignore_rows=(75, 80))).save(labels / "v2.png")
+    Image.fromarray(_label((2, 0, 0, 50, 50))).save(labels / "v3.png")
+    assert data.build_dataset("pascal", "test", 0, img_size=64, root=root).counts["v2"] == {3: 2500, 20: 25}
+    # COCO: the labels written here hold 1..(its categories: 3 in this tree); one found with another id is named
+    coco = _write_coco(tmp_path / "coco")
+    label_dir = coco / "labels" / "val2014"
+    label_dir.mkdir(parents=True)
+    (label_dir / data.COCO_LABEL_STAMP).write_text(f"{data.COCO_LABEL_VERSION}\n")  # current: kept as it is
+    Image.fromarray(_label((4, 0, 0, 50, 50))).save(label_dir / "COCO_val2014_000000000001.png")
+    with pytest.raises(data.DatasetFileError, match=rf"\n  {label_dir / 'COCO_val2014_000000000001.png'}: class id "
+                       r"4; ids are 1\.\.3 \(0 background, 255 ignore\)$"):
+        data.build_dataset("coco", "test", 0, img_size=64, root=coco)
+
+
+def _full_disk(path):
+    """A writer on a full disk: a few bytes reach the file, then ENOSPC."""
+    Path(path).write_bytes(b"0123456789")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_cache_that_cannot_be_written_stops_nothing_and_leaves_no_temporary(tmp_path, monkeypatch, capsys):
+    root = _write_pascal(tmp_path / "voc")
+    expected = data.build_dataset("pascal", "test", 0, img_size=64, root=tmp_path / "voc").counts
+    (root / ".fss_cache" / "pascal_test_counts.json").unlink()
+    capsys.readouterr()
+    monkeypatch.setattr(Path, "write_text", lambda self, *args, **kwargs: _full_disk(self))
+    ds = data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+    assert ds.counts == expected and ds[0]["img_q"].shape == (3, 64, 64)  # the counts in memory serve the run
+    cache = root / ".fss_cache" / "pascal_test_counts.json"
+    assert list((root / ".fss_cache").iterdir()) == []  # no temporary, no cache
+    assert capsys.readouterr().err.splitlines() == [
+        f"[data] note: could not cache the scan in {cache} (No space left on device): the scan runs again next time"]
+    monkeypatch.undo()
+    decoded = _count_decodes(monkeypatch)
+    data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+    assert len(decoded) == 5 and cache.is_file()  # scanned again, and cached now
+
+
+def test_coco_labels_that_cannot_be_written_stop_the_run_with_one_line(tmp_path, monkeypatch):
+    root = _write_coco(tmp_path / "coco")
+    monkeypatch.setattr(data, "PARALLEL_MIN_FILES", 1)  # the error comes back from the process pool
+    monkeypatch.setattr(Image.Image, "save", lambda self, fp, *args, **kwargs: _full_disk(fp))
+    label_dir = root / "labels" / "train2014"
+    with pytest.raises(data.DatasetFileError) as err:
+        data.build_dataset("coco", "train", 0, img_size=64, root=root)
+    assert str(err.value) == (f"cannot write the COCO train2014 labels in {label_dir}: No space left on device "
+                              "(they are needed: free space there, or make it writable, and run again)")
+    assert sorted(p.name for p in label_dir.iterdir()) == [data.COCO_LABEL_STAMP]  # no temporary, no label
+    assert not list(root.rglob("*.tmp*"))
+
+
+def _count_decodes(monkeypatch):
+    """Counts the scan's full decodes of an image (data._decoded_size) in this process: a list of the paths."""
+    decoded, decode = [], data._decoded_size
+    monkeypatch.setattr(data, "_decoded_size", lambda path: decoded.append(Path(path).name) or decode(path))
+    return decoded
+
+
+def test_the_scan_decodes_every_image_once_and_names_a_truncated_one(tmp_path, monkeypatch):
+    decoded = _count_decodes(monkeypatch)
+    root = _write_pascal(tmp_path / "voc")
+    data.build_dataset("pascal", "test", 0, img_size=64, root=root)  # an intact tree passes
+    assert sorted(decoded) == ["e_dup.jpg", "v1.jpg", "v2.jpg", "v3.jpg", "v4.jpg"]
+    data.build_dataset("pascal", "test", 0, img_size=64, root=root)  # cached: no image is decoded again
+    assert len(decoded) == 5
+    cache = root / ".fss_cache" / "pascal_test_counts.json"
+    written = json.loads(cache.read_text())
+    cache.write_text(json.dumps({**written, "key": [2, *written["key"][1:]]}))  # a cache of the header-only rule
+    data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+    assert len(decoded) == 10  # scanned again
+    for jpeg in (root / "JPEGImages" / "v2.jpg", root / "JPEGImages" / "v4.jpg"):  # real JPEGs, header intact
+        assert len(jpeg.read_bytes()) > 4000
+        jpeg.write_bytes(jpeg.read_bytes()[:3000])
+    cache.unlink()
+    with pytest.raises(data.DatasetFileError) as err:  # at the dataset's build, before any training
+        data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+    lines = str(err.value).splitlines()
+    assert lines[0].startswith("2 bad file(s) in the PASCAL test list") and len(lines) == 3
+    for line, name in zip(lines[1:], ("v2.jpg", "v4.jpg")):
+        assert line.startswith(f"  {root / 'JPEGImages' / name}: not a readable image (image file is truncated")
+    assert not cache.exists()
+    folder = _write_folder(tmp_path / "mine")  # the folder dataset's scan likewise
+    jpeg = folder / "images" / "cup_1.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:3000])
+    with pytest.raises(data.DatasetFileError, match=rf"^1 bad file\(s\) in the folder dataset .*\n  {jpeg}: not a "
+                       r"readable image \(image file is truncated"):
+        data.build_dataset("folder", "train", 1, img_size=48, root=folder)
+
+
 def test_a_file_that_fails_to_decode_later_is_named(tmp_path):
     root = _write_pascal(tmp_path / "voc")
+    ds = data.build_dataset("pascal", "test", 0, img_size=64, root=root)  # scanned whole, and cached
     jpeg = root / "JPEGImages" / "v1.jpg"
-    jpeg.write_bytes(jpeg.read_bytes()[:2000])  # the header is intact, the pixels are cut off
-    ds = data.build_dataset("pascal", "test", 0, img_size=64, root=root)  # the header check passes it
+    jpeg.write_bytes(jpeg.read_bytes()[:2000])  # cut after the scan: the header is intact, the pixels are cut off
     index = next(i for i in range(len(ds.images)) if ds._query(i, 0) == "v1")
     with pytest.raises(data.DatasetFileError, match="cannot read image .*v1.jpg"):
         ds[index]
@@ -1569,7 +1670,7 @@ def test_folder_scan_is_cached_and_done_again_when_a_label_changes(tmp_path, mon
     assert (root / ".fss_cache" / "folder_counts.json").is_file()
     assert "checking and scanning the files of" in capsys.readouterr().out
 
-    def fail(pair):
+    def fail(pair, max_id=None):
         raise AssertionError("rescanned although cached")
     monkeypatch.setattr(data, "_scan_pair", fail)
     again = data.build_dataset("folder", "train", 1, img_size=48, root=root)
@@ -2395,6 +2496,8 @@ def test_bad_dataset_files_stop_the_run_with_one_message(tiny, tmp_path):
     flags = ["--model", str(tiny), "--dataset", "pascal", "--data-root", str(root), "--img-size", "32",
              "--batch-size", "2", "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"]
     # a training image that decodes badly inside a DataLoader worker: one line naming it, not the worker's traceback
+    # (cut after the scan, which decodes every image, has passed it and cached its counts)
+    data.build_dataset("pascal", "train", 0, img_size=32, root=root)
     jpeg = root / "JPEGImages" / "a_voc.jpg"
     jpeg.write_bytes(jpeg.read_bytes()[:2000])
     with pytest.raises(SystemExit) as err:
