@@ -4,6 +4,10 @@ Every dataset returns the same episode (see contract.md):
     img_q (3,H,W) float32 normalised     m_q (H,W) int64 in {0,1,255}
     img_s (S,3,H,W)                      m_s (S,H,W) int64
     class_id int; for split "test" also m_q_orig (H0,W0) int64 (query mask at original resolution) and index int.
+With dataset.compact = True (train.py's loaders set it) the same episode has uint8 images (the 8-bit image before
+normalising) and uint8 masks, m_q_orig included: a fifth of the bytes to cross from the DataLoader workers to the
+main process, and to the device, where to_device turns a batch into the default one (normalise, int64 masks).
+The default episode is the compact one passed through to_device on the CPU, so the two are equal to the bit.
 Masks are binarised as PFENet does (util/dataset.py:176-181, 215-219): the episode class -> 1, every other class
 -> 0, 255 (VOC's "ignore" border) stays 255.
 
@@ -50,15 +54,21 @@ Protocol (notes: shared/notes/protocol.md; PFENet = dvlab-research/PFENet, BAM =
   symmetric padding (mean colour / 255) to the crop size, then a random crop redrawn (32 draws in all) while it
   keeps under 85% of the foreground pixels; the last draw is kept. Resizing uses antialias=True (cv2 does not
   antialias; the scales here are close to 1, so this only matters for --predict on large photos).
+- 8 bits. The augmented (train) or resized (test) image is worked on in floats in [0,1] and rounded to 8 bits, the
+  JPEG's own precision, before it is normalised (PFENet keeps cv2's float32 result): each value moves by at most
+  0.5/255 before normalising, and the padding is the mean colour rounded to 8 bits (124, 116, 104), so a padded
+  pixel normalises to (0.0056, -0.0049, 0.0082), not 0. It lets the workers hand over uint8 images (compact)
+  that normalise to exactly the default episode's values on any device (normalize: a multiply, then an add).
 - Test transform. Long side resized to img_size (aspect kept, small images upscaled too, as PFENet's Resize;
   PFENet also floors both sides to a multiple of 8, we do not), pasted top-left on an img_size^2 canvas.
-  Image padding is the ImageNet mean (0 after normalisation; PFENet pads black before normalising); mask
-  padding 255. Scores use m_q_orig with logits mapped back by logits_to_original (PFENet's ori_resize).
+  Image padding is the ImageNet mean colour rounded to 8 bits (~0 after normalisation; PFENet pads black before
+  normalising); mask padding 255. Scores use m_q_orig with logits mapped back by logits_to_original (PFENet's
+  ori_resize).
 - Synthetic (default, no files): 20 classes = 10 shape families x 10 appearances (hue + texture), each shape and
   each appearance used by two classes in different folds, so neither cue alone names a class. 1-3 objects of
   the episode class and 0-2 distractors of other classes (train: base classes only, never a test-fold class,
-  mirroring BAM's rule) over a cluttered background, rendered at img_size with exact masks. No augmentation:
-  the renderer already randomises size, position, rotation and aspect.
+  mirroring BAM's rule) over a cluttered background, rendered at img_size with exact masks and rounded to 8 bits
+  as the photos are. No augmentation: the renderer already randomises size, position, rotation and aspect.
 - Folder (your own data, FOLDER_LAYOUT): images/ and labels/ paired by stem, classes.txt, folds.txt, optional
   train.txt / val.txt. It knows its classes only from its root, so dataset_classes(name, fold, root,
   test_classes) is the one lookup of (number of classes, names, novel ids) for every dataset. Novel classes:
@@ -88,7 +98,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
@@ -120,7 +130,9 @@ AUGMENTATIONS = {
 TEST_EPISODES = {"pascal": 1000, "coco": 5000, "synthetic": 300, "folder": 1000}
 TEST_SEEDS = 5
 SYNTHETIC_TRAIN_LENGTH = 500  # synthetic episodes per epoch (the quick start: a few CPU minutes per model)
-CACHE_VERSION = 2  # bump when the cached per-image counts change meaning (2: written only after every file checked)
+# bump when the cached per-image counts change meaning (2: written only after every file checked; 3: every image
+# decoded in full, and class ids checked against the dataset's classes)
+CACHE_VERSION = 3
 # COCO label PNGs: bump when they would be rasterised differently (1: Pillow's polygon fill, outline included;
 # 2: pycocotools' rule). Each label folder records its version in COCO_LABEL_STAMP (no file: version 1).
 COCO_LABEL_VERSION = 2
@@ -191,7 +203,8 @@ class DatasetNotFoundError(DatasetError, FileNotFoundError):
 
 
 class DatasetFileError(DatasetError, OSError):
-    """A file of the dataset cannot be read, or an image and its label differ in size; the message names it."""
+    """A file of the dataset cannot be read (or, COCO's labels, written), an image and its label differ in size, or
+    a label holds a class id that the dataset does not have; the message names it."""
 
 
 class DatasetClassError(DatasetError, ValueError):
@@ -241,14 +254,22 @@ def load_mask(path):
     return torch.from_numpy(label)
 
 
-def _scan_pair(pair):
-    """One listed (image, label) pair -> (class pixel counts, None), or (None, "path: what is wrong") when the label
-    cannot be read, the image's header cannot be read, or their sizes differ. The image is not decoded: its header
-    gives its size; a file that fails to decode later is named by load_image."""
+def _decoded_size(path):
+    """(width, height) of an image file, after decoding all of its pixels: a truncated or corrupt file raises
+    (OSError, ValueError or SyntaxError) here, where a header alone would pass it."""
+    with Image.open(path) as im:
+        im.load()
+        return im.size
+
+
+def _scan_pair(pair, max_id=IGNORE - 1):
+    """One listed (image, label) pair -> (class pixel counts, None), or (None, "path: what is wrong") when the image
+    does not decode in full (_decoded_size: a file cut short is found here, once, not by the last evaluation),
+    the label cannot be read, their sizes differ, or the label holds a class id outside 1..max_id (0 background,
+    255 ignore): an id the dataset does not have would otherwise count as background without a word."""
     image_path, label_path = pair
     try:
-        with Image.open(image_path) as im:
-            width, height = im.size
+        width, height = _decoded_size(image_path)
     except (OSError, ValueError, SyntaxError) as err:
         return None, f"{image_path}: not a readable image ({err})"
     try:
@@ -257,10 +278,13 @@ def _scan_pair(pair):
         return None, str(err).replace("cannot read label ", "", 1)
     if tuple(label.shape) != (height, width):
         return None, f"{label_path}: {label.shape[1]}x{label.shape[0]} pixels, its image {image_path} {width}x{height}"
-    counts = np.bincount(label.numpy().ravel(), minlength=256)
-    if len(counts) > IGNORE + 1:  # a 16-bit label with an id over 255, which no count below would hold
-        top = len(counts) - 1
-        return None, f"{label_path}: class id {top}; ids are 1..{IGNORE - 1} (0 background, {IGNORE} ignore)"
+    values = label.numpy().ravel()
+    wrong = np.unique(values[(values < 0) | ((values > max_id) & (values != IGNORE))]).tolist()
+    if wrong:
+        ids = ", ".join(map(str, wrong[:5])) + (", ..." if len(wrong) > 5 else "")
+        return None, (f"{label_path}: class id{'s' if len(wrong) > 1 else ''} {ids}; ids are 1..{max_id} "
+                      f"(0 background, {IGNORE} ignore)")
+    counts = np.bincount(values, minlength=IGNORE + 1)
     return {int(c): int(counts[c]) for c in np.flatnonzero(counts[1:IGNORE]) + 1}, None
 
 
@@ -322,10 +346,25 @@ def _read_cache(path, key):
     return cached["payload"] if cached.get("key") == key else None
 
 
+def _remove(path):
+    """Remove a file if it is there; a failure to (a read-only folder) is no error."""
+    try:
+        Path(path).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def _write_cache(path, key, payload):
+    """Write the cache atomically. One that cannot be written (a full disk, a folder gone read-only) stops nothing:
+    its temporary is removed, one note says so, and the run goes on with the payload in memory."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"key": key, "payload": payload}))
-    os.replace(tmp, path)  # atomic: concurrent runs never see half a file
+    try:
+        tmp.write_text(json.dumps({"key": key, "payload": payload}))
+        os.replace(tmp, path)  # atomic: concurrent runs never see half a file
+    except OSError as err:
+        _remove(tmp)
+        print(f"[data] note: could not cache the scan in {path} ({err.strerror or err}): the scan runs again next "
+              "time", file=sys.stderr, flush=True)
 
 
 def _int_keys(counts):
@@ -387,7 +426,8 @@ def _pascal_index(root, split):
     key = [CACHE_VERSION, hashlib.sha1("\n".join(ids).encode()).hexdigest()]
     counts = _read_cache(cache, key)
     if counts is None:
-        scanned = _parallel_map(_scan_pair, [files[i] for i in ids], f"checking and scanning PASCAL {split} files")
+        scanned = _parallel_map(functools.partial(_scan_pair, max_id=NUM_CLASSES["pascal"]), [files[i] for i in ids],
+                                f"checking and scanning PASCAL {split} files")
         counts = dict(zip(ids, check_scan(scanned, f"the PASCAL {split} list of {root}")))
         _write_cache(cache, key, counts)
     return files, _int_keys(counts), class_names("pascal")
@@ -502,12 +542,20 @@ def _stale_coco_labels(label_dir, split):
     return True
 
 
+def _label_write_error(label_dir, split, err):
+    """The one line for COCO labels that cannot be written: training needs them, so the run stops here."""
+    return DatasetFileError(f"cannot write the COCO {split}2014 labels in {label_dir}: {err.strerror or err} (they "
+                            "are needed: free space there, or make it writable, and run again)")
+
+
 def _coco_label_counts(job):
     """Write one semantic label PNG (skipped if present, unless `rewrite`) and scan it with its image, as
-    _scan_pair does: -> (class pixel counts, None), or (None, what is wrong with the image)."""
-    image_path, path, height, width, annotations, rewrite = job
+    _scan_pair does (the image decoded in full, ids 1..num_classes): -> (class pixel counts, None), or (None,
+    what is wrong with the image). A label that cannot be written raises _label_write_error, its temporary
+    removed."""
+    image_path, path, height, width, annotations, rewrite, split, num_classes = job
     try:
-        with Image.open(image_path) as im:
+        with Image.open(image_path) as im:  # the header: the whole image is decoded by _scan_pair below
             if im.size != (width, height):
                 return None, f"{image_path}: {im.size[0]}x{im.size[1]} pixels, its annotations say {width}x{height}"
     except (OSError, ValueError, SyntaxError) as err:
@@ -517,9 +565,13 @@ def _coco_label_counts(job):
         for class_id, segmentation in annotations:  # file order: later annotations overwrite earlier ones
             label[segmentation_to_mask(segmentation, height, width)] = class_id
         tmp = f"{path}.{os.getpid()}.tmp.png"
-        Image.fromarray(label).save(tmp)
-        os.replace(tmp, path)
-    return _scan_pair((image_path, path))
+        try:
+            Image.fromarray(label).save(tmp)
+            os.replace(tmp, path)
+        except OSError as err:
+            _remove(tmp)
+            raise _label_write_error(Path(path).parent, split, err) from None
+    return _scan_pair((image_path, path), max_id=num_classes)
 
 
 def _coco_index(root, split):
@@ -543,12 +595,18 @@ def _coco_index(root, split):
             per_image.setdefault(ann["image_id"], []).append((to_class[ann["category_id"]], ann["segmentation"]))
         images = sorted((im for im in coco["images"] if im["id"] in per_image), key=lambda im: im["file_name"])
         stems = [Path(im["file_name"]).stem for im in images]
-        rewrite = _stale_coco_labels(label_dir, split)
+        try:
+            rewrite = _stale_coco_labels(label_dir, split)
+        except OSError as err:
+            raise _label_write_error(label_dir, split, err) from None
         jobs = [(str(root / f"{split}2014" / f"{stem}.jpg"), str(label_dir / f"{stem}.png"), im["height"],
-                 im["width"], per_image[im["id"]], rewrite) for stem, im in zip(stems, images)]
+                 im["width"], per_image[im["id"]], rewrite, split, len(to_class)) for stem, im in zip(stems, images)]
         scanned = _parallel_map(_coco_label_counts, jobs, f"writing COCO {split}2014 labels to {label_dir}")
         counts = check_scan(scanned, f"COCO {split}2014 under {root}")
-        (label_dir / COCO_LABEL_STAMP).write_text(f"{COCO_LABEL_VERSION}\n")  # every label is current now
+        try:
+            (label_dir / COCO_LABEL_STAMP).write_text(f"{COCO_LABEL_VERSION}\n")  # every label is current now
+        except OSError as err:
+            raise _label_write_error(label_dir, split, err) from None
         payload = {"class_names": names, "counts": dict(zip(stems, counts))}
         _write_cache(cache, key, payload)
     files = {stem: (root / f"{split}2014" / f"{stem}.jpg", label_dir / f"{stem}.png") for stem in payload["counts"]}
@@ -725,9 +783,9 @@ def _check_test_shots(counts, classes, names, shot, root):
 
 # ----------------------------------------------------------------------------- transforms
 
-def binary_mask(label, class_id):
-    """Semantic label (H,W) -> int64 (H,W): class_id -> 1, other classes -> 0, 255 kept (PFENet L176-181)."""
-    mask = (label == class_id).long()
+def binary_mask(label, class_id, dtype=torch.int64):
+    """Semantic label (H,W) -> (H,W) of dtype: class_id -> 1, other classes -> 0, 255 kept (PFENet L176-181)."""
+    mask = (label == class_id).to(dtype)
     mask[label == IGNORE] = IGNORE
     return mask
 
@@ -791,12 +849,12 @@ def gaussian_blur(image, kernel=BLUR_TAPS):
 
 
 def rotate(image, label, angle, fill=MEAN, ignore=IGNORE):
-    """Rotate image (C,H,W) float and label (H,W) int64 about the centre by `angle` degrees counter-clockwise,
-    as PFENet's RandRotate does with cv2.warpAffine: bilinear image, nearest label, corners filled with `fill`
-    (one value per channel) and `ignore`. One sampling grid serves both. At the rotated border the image blends
-    inside pixels with the fill by their bilinear weights, as cv2's BORDER_CONSTANT does; torchvision weights that
-    blend by the inside share a second time (v2 _apply_grid_transform), so edge pixels differ from its output by
-    up to 0.25."""
+    """Rotate image (C,H,W) float and label (H,W) (any integer dtype, kept) about the centre by `angle` degrees
+    counter-clockwise, as PFENet's RandRotate does with cv2.warpAffine: bilinear image, nearest label, corners
+    filled with `fill` (one value per channel) and `ignore`. One sampling grid serves both. At the rotated border
+    the image blends inside pixels with the fill by their bilinear weights, as cv2's BORDER_CONSTANT does;
+    torchvision weights that blend by the inside share a second time (v2 _apply_grid_transform), so edge pixels
+    differ from its output by up to 0.25."""
     h, w = image.shape[-2:]
     cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
     # Output -> input map of every pixel centre, in grid_sample's coordinates (-1..1 across each axis): the
@@ -807,42 +865,63 @@ def rotate(image, label, angle, fill=MEAN, ignore=IGNORE):
     fill = torch.tensor(fill, dtype=image.dtype)[:, None, None]  # (C,1,1)
     # sampling x - fill with zeros outside, then adding fill back, gives sum_inside(w x) + (1 - sum_inside w) fill
     image = F.grid_sample((image - fill)[None], grid, mode="bilinear", align_corners=False)[0] + fill  # (C,H,W)
-    shifted = (label - ignore).to(image.dtype)[None, None]  # (1,1,H,W), outside samples 0 -> ignore
-    label = F.grid_sample(shifted, grid, mode="nearest", align_corners=False)[0, 0].round().long() + ignore
+    shifted = (label.to(image.dtype) - ignore)[None, None]  # (1,1,H,W), outside samples 0 -> ignore
+    label = (F.grid_sample(shifted, grid, mode="nearest", align_corners=False)[0, 0].round() + ignore).to(label.dtype)
     return image, label  # (C,H,W), (H,W)
 
 
-def train_transform(img, mask, rng, size, scale_range, recipe="pfenet"):
+def _quantize(image):
+    """Float image in [0,1] -> uint8: each value rounded to the nearest of the 256 levels (the 8 bits of a JPEG)."""
+    return (image * 255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _output(image, label, compact):
+    """A transform's result: uint8 image and mask (compact), else the image normalised and the mask int64."""
+    if compact:
+        return image, None if label is None else label.to(torch.uint8)
+    return normalize(image), None if label is None else label.long()
+
+
+def train_transform(img, mask, rng, size, scale_range, recipe="pfenet", compact=False):
     """PFENet's training augmentation (protocol.md §4) on an image and its mask together, with the steps that
     AUGMENTATIONS[recipe] names (a step left out draws nothing from rng).
 
-    img uint8 (3,H0,W0), mask int64 (H0,W0) in {0,1,255}, rng numpy Generator (every random draw)
-    -> img (3,size,size) float32 normalised, mask (size,size) int64."""
+    img uint8 (3,H0,W0), mask (H0,W0) integer (episodes: {0,1,255}), rng numpy Generator (every random draw)
+    -> img (3,size,size) float32 normalised, mask (size,size) int64; compact: both uint8 (the mask's values must
+    fit), the image as it is before normalising. The image is worked on in [0,1] floats up to the blur and then
+    rounded to 8 bits (module docstring); flip, padding and crop only move values, so they take the crop window
+    alone, rounded, mirrored and pasted on a canvas of the padding colour: the values of rounding the whole padded,
+    flipped image and cropping it, without its full-size copies."""
     steps = AUGMENTATIONS[recipe]
-    image, label = img.float() / 255, mask  # (3,H0,W0) in [0,1], (H0,W0)
+    image, label = img.float().div_(255), mask  # (3,H0,W0) in [0,1], (H0,W0)
     # 1. RandScale: one isotropic factor, image bilinear, mask nearest
     if steps["scale"]:
         factor = rng.uniform(*scale_range)
         hw = [max(1, round(s * factor)) for s in mask.shape]
-        image, label = TF.resize(image, hw, antialias=True), TF.resize(tv_tensors.Mask(mask[None]), hw)[0]  # (3,h,w)
+        image = TF.resize(image, hw, antialias=True)  # (3,h,w)
+        label = TF.resize(tv_tensors.Mask(label[None]), hw)[0].as_subclass(torch.Tensor)  # (h,w)
     # 2. RandRotate about the centre; corners filled with the mean colour / ignore
     if steps["rotate"] and rng.random() < ROTATE_P:
         image, label = rotate(image, label, rng.uniform(-ROTATE_DEGREES, ROTATE_DEGREES))
     # 3. Gaussian blur of the image only (5x5, cv2's taps for sigma 0: BLUR_TAPS)
     if steps["blur"] and rng.random() < BLUR_P:
         image = gaussian_blur(image)
-    image, label = tv_tensors.Image(image), tv_tensors.Mask(label[None])  # (1,h,w): v2 ops pad a Mask with fill
-    # 4. horizontal flip
-    if steps["flip"] and rng.random() < FLIP_P:
-        image, label = TF.horizontal_flip(image), TF.horizontal_flip(label)
-    # 5. pad symmetrically to at least size x size, then the foreground-keeping random crop
-    pad_h, pad_w = max(size - label.shape[-2], 0), max(size - label.shape[-1], 0)
-    if pad_h or pad_w:
-        padding = [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2]  # left, top, right, bottom
-        image, label = TF.pad(image, padding, fill=list(MEAN)), TF.pad(label, padding, fill=IGNORE)
-    top, left = _draw_crop(label[0] == 1, size, rng)
-    image, label = TF.crop(image, top, left, size, size), TF.crop(label, top, left, size, size)
-    return TF.normalize(image, MEAN, STD).as_subclass(torch.Tensor), label[0].as_subclass(torch.Tensor)
+    # 4. horizontal flip (the image's: of the crop window, below)
+    flip = steps["flip"] and rng.random() < FLIP_P
+    label = label.flip(-1) if flip else label
+    # 5. pad symmetrically to at least size x size (mean colour / ignore), then the foreground-keeping random crop
+    h, w = label.shape
+    pad_top, pad_left = max(size - h, 0) // 2, max(size - w, 0) // 2
+    padded = label.new_full((max(h, size), max(w, size)), IGNORE)  # (H,W) >= (size,size)
+    padded[pad_top:pad_top + h, pad_left:pad_left + w] = label
+    top, left = _draw_crop(padded == 1, size, rng)
+    label = padded[top:top + size, left:left + size].contiguous()  # (size,size)
+    y0, x0 = top - pad_top, left - pad_left  # the crop's corner in the (flipped) image; < 0 inside the padding
+    r0, r1, c0, c1 = max(y0, 0), min(y0 + size, h), max(x0, 0), min(x0 + size, w)
+    window = image[:, r0:r1, w - c1:w - c0].flip(-1) if flip else image[:, r0:r1, c0:c1]  # (3,r1-r0,c1-c0)
+    out = _quantize(torch.tensor(MEAN))[:, None, None].repeat(1, size, size)  # (3,size,size) padding colour
+    out[:, r0 - y0:r1 - y0, c0 - x0:c1 - x0] = _quantize(window)
+    return _output(out, label, compact)
 
 
 def test_content_size(h0, w0, size):
@@ -852,17 +931,18 @@ def test_content_size(h0, w0, size):
     return max(1, round(h0 * size / w0)), size
 
 
-def test_transform(img_u8, mask=None, size=TRAIN_SIZE["pascal"]):
+def test_transform(img_u8, mask=None, size=TRAIN_SIZE["pascal"], compact=False):
     """Test geometry (PFENet's Resize): uint8 (3,H0,W0) [+ mask (H0,W0)] -> img (3,size,size) normalised with
-    the content top-left and 0 (the mean colour) elsewhere [+ mask (size,size), padding 255]."""
+    the content top-left, resized in [0,1] floats and rounded to 8 bits, and the mean colour rounded to 8 bits
+    (~0 after normalising) elsewhere [+ mask (size,size) int64, padding 255]; compact: uint8 image and mask."""
     h, w = test_content_size(img_u8.shape[-2], img_u8.shape[-1], size)
-    padding = [0, 0, size - w, size - h]  # left, top, right, bottom
-    image = TF.resize(tv_tensors.Image(img_u8.float() / 255), [h, w], antialias=True)  # (3,h,w)
-    image = TF.pad(TF.normalize(image, MEAN, STD), padding, fill=0.0).as_subclass(torch.Tensor)  # (3,size,size)
-    if mask is None:
-        return image, None
-    label = TF.pad(TF.resize(tv_tensors.Mask(mask[None]), [h, w]), padding, fill=IGNORE)  # (1,size,size)
-    return image, label[0].as_subclass(torch.Tensor)
+    image = _quantize(torch.tensor(MEAN))[:, None, None].repeat(1, size, size)  # (3,size,size) padding colour
+    image[:, :h, :w] = _quantize(TF.resize(img_u8.float().div_(255), [h, w], antialias=True))
+    label = None
+    if mask is not None:
+        label = mask.new_full((size, size), IGNORE)
+        label[:h, :w] = TF.resize(tv_tensors.Mask(mask[None]), [h, w])[0]
+    return _output(image, label, compact)
 
 
 def logits_to_original(logits, orig_hw):
@@ -873,6 +953,39 @@ def logits_to_original(logits, orig_hw):
     content = logits[..., :h, :w]
     out = F.interpolate(content.reshape(-1, *content.shape[-3:]), (h0, w0), mode="bilinear", align_corners=False)
     return out.reshape(*content.shape[:-2], h0, w0)
+
+
+@functools.lru_cache(maxsize=None)
+def _normalize_factors(device):
+    """(scale, shift) (3,1,1) float32 on device: 1 / (255 STD) and -MEAN / STD, each computed in float64 and rounded
+    once (kept, so that normalising a batch copies nothing to the device)."""
+    mean, std = torch.tensor(MEAN, dtype=torch.float64), torch.tensor(STD, dtype=torch.float64)
+    return tuple(t.float().view(3, 1, 1).to(device) for t in (1 / (255 * std), -mean / std))
+
+
+def normalize(img):
+    """uint8 image(s) (...,3,H,W) -> float32 (...,3,H,W), (img / 255 - MEAN) / STD, on img's device, as two
+    float32 operations, a multiply and then an add (_normalize_factors). Each is rounded once by IEEE 754 on every
+    device, so a GPU gives the CPU's bits (a division by a scalar would not: CUDA multiplies by its reciprocal)."""
+    scale, shift = _normalize_factors(img.device)
+    return img.to(torch.float32).mul_(scale).add_(shift)
+
+
+def to_device(batch, device):
+    """An episode or a batch of them (collate_episodes), compact or not, on `device` as the default one: every
+    tensor copied with non_blocking=True (asynchronous from pinned memory), then, there, uint8 images (img_q,
+    img_s) normalised (normalize) and other uint8 tensors (the masks, m_q_orig's included) made int64. Lists
+    (a batch's m_q_orig) are moved element by element; other values stay as they are."""
+    def move(key, value):
+        if isinstance(value, list):
+            return [move(key, v) for v in value]
+        if not torch.is_tensor(value):
+            return value
+        value = value.to(device, non_blocking=True)
+        if value.dtype != torch.uint8:
+            return value
+        return normalize(value) if key.startswith("img") else value.long()
+    return {key: move(key, value) for key, value in batch.items()}
 
 
 def denormalize(img):
@@ -1035,13 +1148,17 @@ class EpisodeDataset(Dataset):
     Attributes: classes (class ids of this split), num_classes (ids 1..num_classes), class_names {id: name}, seed,
     support_boxes (settable: each support mask is replaced by mask_to_boxes of its original-resolution mask,
     before the transforms, as a box annotation would be; the query mask is untouched), augment (settable: the
-    name of the training recipe in AUGMENTATIONS; the synthetic set has none, its renderer already randomises).
+    name of the training recipe in AUGMENTATIONS; the synthetic set has none, its renderer already randomises),
+    compact (settable: uint8 images and masks, to_device's input; module docstring).
+    Subclasses' _transform return the compact pair (uint8 image, uint8 mask); the default episode is the compact
+    one through to_device on the CPU.
     An episode is a function of (seed, stream, index) alone: the key dataset[(stream, index)] names the stream,
     the epoch in training or the test seed in evaluation (dataset[index] is stream 0). Because the sampler
     carries it with every index, persistent DataLoader workers need no message when the epoch changes, and
     the episodes are the same for any number of workers."""
     support_boxes = False
     augment = "pfenet"
+    compact = False
 
     def __init__(self, name, split, fold, shot, img_size, classes, class_names, seed, length, num_classes):
         self.name, self.split, self.fold, self.shot, self.img_size = name, split, fold, shot, img_size
@@ -1061,15 +1178,15 @@ class EpisodeDataset(Dataset):
             raise IndexError(f"episode {index} out of range {self.length}")
         rng = self._rng(index, stream)
         class_id, pairs = self._draw(index, rng, stream)  # [(img, label (H0,W0))]: the query, then the supports
-        masks = [binary_mask(label, class_id) for _, label in pairs]
+        masks = [binary_mask(label, class_id, torch.uint8) for _, label in pairs]  # (H0,W0) each
         if self.support_boxes:  # weakly supervised supports (CRCNet §5.4)
             masks[1:] = [mask_to_boxes(mask) for mask in masks[1:]]
-        out = [self._transform(img, mask, rng) for (img, _), mask in zip(pairs, masks)]
+        out = [self._transform(img, mask, rng) for (img, _), mask in zip(pairs, masks)]  # uint8 (3,H,W), (H,W)
         episode = {"img_q": out[0][0], "m_q": out[0][1], "img_s": torch.stack([img for img, _ in out[1:]]),
                    "m_s": torch.stack([mask for _, mask in out[1:]]), "class_id": int(class_id)}
         if self.split == "test":
             episode.update(m_q_orig=masks[0], index=index)
-        return episode
+        return episode if self.compact else to_device(episode, torch.device("cpu"))
 
 
 class ImageEpisodes(EpisodeDataset):
@@ -1112,8 +1229,8 @@ class ImageEpisodes(EpisodeDataset):
 
     def _transform(self, img, mask, rng):
         if self.split == "train":
-            return train_transform(img, mask, rng, self.img_size, self.scale_range, self.augment)
-        return test_transform(img, mask, self.img_size)
+            return train_transform(img, mask, rng, self.img_size, self.scale_range, self.augment, compact=True)
+        return test_transform(img, mask, self.img_size, compact=True)
 
 
 class SyntheticEpisodes(EpisodeDataset):
@@ -1130,7 +1247,7 @@ class SyntheticEpisodes(EpisodeDataset):
         return self._draw(index, self._rng(index))
 
     def _transform(self, img, mask, rng):
-        return TF.normalize(img, MEAN, STD), mask
+        return _quantize(img), mask
 
 
 def split_name(name, fold, root=None, test_classes=None, coco_split="interleaved"):
@@ -1222,14 +1339,7 @@ def build_dataset(name, split, fold, shot=1, img_size=473, root=None, seed=0, ep
 
 def collate_episodes(batch):
     """List of episodes -> dict: tensors stacked (B,...), class_id and index -> LongTensor (B,),
-    m_q_orig -> list of (H0,W0) tensors (their sizes differ)."""
-    out = {}
-    for key in batch[0]:
-        values = [episode[key] for episode in batch]
-        if key == "m_q_orig":
-            out[key] = values
-        elif isinstance(values[0], torch.Tensor):
-            out[key] = torch.stack(values)
-        else:
-            out[key] = torch.tensor(values, dtype=torch.long)
-    return out
+    m_q_orig -> list of (H0,W0) tensors (their sizes differ). default_collate stacks: in a DataLoader worker it
+    writes the stack into shared memory, so the batch crosses to the main process without another copy."""
+    return {key: [episode[key] for episode in batch] if key == "m_q_orig"
+            else default_collate([episode[key] for episode in batch]) for key in batch[0]}

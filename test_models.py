@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -1020,7 +1021,7 @@ def test_pascal_cache_written_reused_and_rebuilt(tmp_path, monkeypatch):
     first = data.build_dataset("pascal", "train", 0, img_size=64, root=root)
     assert (root / ".fss_cache" / "pascal_train_counts.json").is_file()
 
-    def fail(pair):
+    def fail(pair, max_id=None):
         raise AssertionError("rescanned although cached")
     monkeypatch.setattr(data, "_scan_pair", fail)
     monkeypatch.setattr(data, "PARALLEL_MIN_FILES", 10 ** 6)
@@ -1068,11 +1069,111 @@ def test_bad_files_are_all_reported_by_the_first_scan_one_line_each(tmp_path):
     assert not (root / ".fss_cache" / "pascal_test_counts.json").exists()  # nothing cached: the next run checks again
 
 
+def test_class_ids_the_dataset_does_not_have_are_named(tmp_path):
+    root = _write_pascal(tmp_path / "voc")
+    labels = root / "SegmentationClassAug"
+    Image.fromarray(_label((1, 0, 0, 50, 50), (21, 60, 60, 5, 5))).save(labels / "v2.png")  # VOC has 1..20
+    Image.fromarray(_label((2, 0, 0, 50, 50), (254, 60, 60, 5, 5), (30, 70, 0, 2, 2))).save(labels / "v3.png")
+    with pytest.raises(data.DatasetFileError) as err:
+        data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+    assert str(err.value).splitlines() == [
+        f"2 bad file(s) in the PASCAL test list of {root}; fix or remove them (and their list entries):",
+        f"  {labels / 'v2.png'}: class id 21; ids are 1..20 (0 background, 255 ignore)",
+        f"  {labels / 'v3.png'}: class ids 30, 254; ids are 1..20 (0 background, 255 ignore)"]
+    Image.fromarray(_label((3, 0, 0, 50, 50), (20, 60, 60, 5, 5), ignore_rows=(75, 80))).save(labels / "v2.png")
+    Image.fromarray(_label((2, 0, 0, 50, 50))).save(labels / "v3.png")
+    assert data.build_dataset("pascal", "test", 0, img_size=64, root=root).counts["v2"] == {3: 2500, 20: 25}
+    # COCO: the labels written here hold 1..(its categories: 3 in this tree); one found with another id is named
+    coco = _write_coco(tmp_path / "coco")
+    label_dir = coco / "labels" / "val2014"
+    label_dir.mkdir(parents=True)
+    (label_dir / data.COCO_LABEL_STAMP).write_text(f"{data.COCO_LABEL_VERSION}\n")  # current: kept as it is
+    Image.fromarray(_label((4, 0, 0, 50, 50))).save(label_dir / "COCO_val2014_000000000001.png")
+    with pytest.raises(data.DatasetFileError, match=rf"\n  {label_dir / 'COCO_val2014_000000000001.png'}: class id "
+                       r"4; ids are 1\.\.3 \(0 background, 255 ignore\)$"):
+        data.build_dataset("coco", "test", 0, img_size=64, root=coco)
+
+
+def _full_disk(path):
+    """A writer on a full disk: a few bytes reach the file, then ENOSPC."""
+    Path(path).write_bytes(b"0123456789")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_cache_that_cannot_be_written_stops_nothing_and_leaves_no_temporary(tmp_path, monkeypatch, capsys):
+    root = _write_pascal(tmp_path / "voc")
+    expected = data.build_dataset("pascal", "test", 0, img_size=64, root=tmp_path / "voc").counts
+    (root / ".fss_cache" / "pascal_test_counts.json").unlink()
+    capsys.readouterr()
+    monkeypatch.setattr(Path, "write_text", lambda self, *args, **kwargs: _full_disk(self))
+    ds = data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+    assert ds.counts == expected and ds[0]["img_q"].shape == (3, 64, 64)  # the counts in memory serve the run
+    cache = root / ".fss_cache" / "pascal_test_counts.json"
+    assert list((root / ".fss_cache").iterdir()) == []  # no temporary, no cache
+    assert capsys.readouterr().err.splitlines() == [
+        f"[data] note: could not cache the scan in {cache} (No space left on device): the scan runs again next time"]
+    monkeypatch.undo()
+    decoded = _count_decodes(monkeypatch)
+    data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+    assert len(decoded) == 5 and cache.is_file()  # scanned again, and cached now
+
+
+def test_coco_labels_that_cannot_be_written_stop_the_run_with_one_line(tmp_path, monkeypatch):
+    root = _write_coco(tmp_path / "coco")
+    monkeypatch.setattr(data, "PARALLEL_MIN_FILES", 1)  # the error comes back from the process pool
+    monkeypatch.setattr(Image.Image, "save", lambda self, fp, *args, **kwargs: _full_disk(fp))
+    label_dir = root / "labels" / "train2014"
+    with pytest.raises(data.DatasetFileError) as err:
+        data.build_dataset("coco", "train", 0, img_size=64, root=root)
+    assert str(err.value) == (f"cannot write the COCO train2014 labels in {label_dir}: No space left on device "
+                              "(they are needed: free space there, or make it writable, and run again)")
+    assert sorted(p.name for p in label_dir.iterdir()) == [data.COCO_LABEL_STAMP]  # no temporary, no label
+    assert not list(root.rglob("*.tmp*"))
+
+
+def _count_decodes(monkeypatch):
+    """Counts the scan's full decodes of an image (data._decoded_size) in this process: a list of the paths."""
+    decoded, decode = [], data._decoded_size
+    monkeypatch.setattr(data, "_decoded_size", lambda path: decoded.append(Path(path).name) or decode(path))
+    return decoded
+
+
+def test_the_scan_decodes_every_image_once_and_names_a_truncated_one(tmp_path, monkeypatch):
+    decoded = _count_decodes(monkeypatch)
+    root = _write_pascal(tmp_path / "voc")
+    data.build_dataset("pascal", "test", 0, img_size=64, root=root)  # an intact tree passes
+    assert sorted(decoded) == ["e_dup.jpg", "v1.jpg", "v2.jpg", "v3.jpg", "v4.jpg"]
+    data.build_dataset("pascal", "test", 0, img_size=64, root=root)  # cached: no image is decoded again
+    assert len(decoded) == 5
+    cache = root / ".fss_cache" / "pascal_test_counts.json"
+    written = json.loads(cache.read_text())
+    cache.write_text(json.dumps({**written, "key": [2, *written["key"][1:]]}))  # a cache of the header-only rule
+    data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+    assert len(decoded) == 10  # scanned again
+    for jpeg in (root / "JPEGImages" / "v2.jpg", root / "JPEGImages" / "v4.jpg"):  # real JPEGs, header intact
+        assert len(jpeg.read_bytes()) > 4000
+        jpeg.write_bytes(jpeg.read_bytes()[:3000])
+    cache.unlink()
+    with pytest.raises(data.DatasetFileError) as err:  # at the dataset's build, before any training
+        data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+    lines = str(err.value).splitlines()
+    assert lines[0].startswith("2 bad file(s) in the PASCAL test list") and len(lines) == 3
+    for line, name in zip(lines[1:], ("v2.jpg", "v4.jpg")):
+        assert line.startswith(f"  {root / 'JPEGImages' / name}: not a readable image (image file is truncated")
+    assert not cache.exists()
+    folder = _write_folder(tmp_path / "mine")  # the folder dataset's scan likewise
+    jpeg = folder / "images" / "cup_1.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:3000])
+    with pytest.raises(data.DatasetFileError, match=rf"^1 bad file\(s\) in the folder dataset .*\n  {jpeg}: not a "
+                       r"readable image \(image file is truncated"):
+        data.build_dataset("folder", "train", 1, img_size=48, root=folder)
+
+
 def test_a_file_that_fails_to_decode_later_is_named(tmp_path):
     root = _write_pascal(tmp_path / "voc")
+    ds = data.build_dataset("pascal", "test", 0, img_size=64, root=root)  # scanned whole, and cached
     jpeg = root / "JPEGImages" / "v1.jpg"
-    jpeg.write_bytes(jpeg.read_bytes()[:2000])  # the header is intact, the pixels are cut off
-    ds = data.build_dataset("pascal", "test", 0, img_size=64, root=root)  # the header check passes it
+    jpeg.write_bytes(jpeg.read_bytes()[:2000])  # cut after the scan: the header is intact, the pixels are cut off
     index = next(i for i in range(len(ds.images)) if ds._query(i, 0) == "v1")
     with pytest.raises(data.DatasetFileError, match="cannot read image .*v1.jpg"):
         ds[index]
@@ -1384,7 +1485,10 @@ def test_test_geometry_round_trip():
     img, m = data.test_transform(_colour_coded(mask), mask, size=96)
     h, w = data.test_content_size(75, 130, 96)
     assert img.shape == (3, 96, 96) and m.shape == (96, 96) and (h, w) == (55, 96)
-    assert (m[h:] == 255).all() and (img[:, h:] == 0).all()  # padding: ignore label, mean colour
+    # padding: ignore label, the mean colour rounded to 8 bits (124, 116, 104), normalised: ~0, not 0
+    pad = (torch.tensor([124.0, 116.0, 104.0]) / 255 - torch.tensor(data.MEAN)) / torch.tensor(data.STD)
+    assert (m[h:] == 255).all() and torch.allclose(img[:, h:], pad[:, None, None].expand(3, 96 - h, 96), atol=1e-6)
+    assert pad.abs().max() < 0.5 / 255 / min(data.STD)
     assert (m[:h] != 255).float().mean() > 0.9
     logits = torch.stack([(m != 1).float(), (m == 1).float()])  # (2,96,96) one-hot
     back = data.logits_to_original(logits, (75, 130))
@@ -1413,6 +1517,145 @@ def test_eval_episodes_identical_for_any_worker_count():
         for key in ("img_q", "m_q", "img_s", "m_s"):
             assert torch.equal(a[key], b[key])
         assert all(torch.equal(x, y) for x, y in zip(a["m_q_orig"], b["m_q_orig"]))
+
+
+# ---------------- 8-bit images, compact episodes and to_device --------------------------------------------
+
+def _float_train_transform(img, mask, rng, size, scale_range, recipe):
+    """The augmentation as data.py had it before images were rounded to 8 bits: every step in [0,1] floats on the
+    whole image (torchvision v2 ops) -> image (3,size,size) in [0,1], not normalised, and the mask."""
+    steps = data.AUGMENTATIONS[recipe]
+    image, label = img.float() / 255, mask
+    if steps["scale"]:
+        factor = rng.uniform(*scale_range)
+        hw = [max(1, round(s * factor)) for s in mask.shape]
+        image, label = TF.resize(image, hw, antialias=True), TF.resize(tv_tensors.Mask(mask[None]), hw)[0]
+    if steps["rotate"] and rng.random() < data.ROTATE_P:
+        image, label = data.rotate(image, label, rng.uniform(-data.ROTATE_DEGREES, data.ROTATE_DEGREES))
+    if steps["blur"] and rng.random() < data.BLUR_P:
+        image = data.gaussian_blur(image)
+    image, label = tv_tensors.Image(image), tv_tensors.Mask(label[None])
+    if steps["flip"] and rng.random() < data.FLIP_P:
+        image, label = TF.horizontal_flip(image), TF.horizontal_flip(label)
+    pad_h, pad_w = max(size - label.shape[-2], 0), max(size - label.shape[-1], 0)
+    if pad_h or pad_w:
+        padding = [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2]
+        image, label = TF.pad(image, padding, fill=list(data.MEAN)), TF.pad(label, padding, fill=IGNORE_INDEX)
+    top, left = data._draw_crop(label[0] == 1, size, rng)
+    image, label = TF.crop(image, top, left, size, size), TF.crop(label, top, left, size, size)
+    return image.as_subclass(torch.Tensor), label[0].as_subclass(torch.Tensor)
+
+
+def _photo(h, w, seed):
+    """A smooth random uint8 image (3,h,w) and a mask (h,w) int64 with an object of 1 and a band of 255."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, h // 8 + 2, w // 8 + 2, generator=g)
+    img = F.interpolate(coarse, (h, w), mode="bilinear", align_corners=False)[0]
+    img = img + 0.05 * torch.rand(3, h, w, generator=g)
+    mask = torch.zeros(h, w, dtype=torch.long)
+    top, left = int(torch.randint(0, h // 2, (1,), generator=g)), int(torch.randint(0, w // 2, (1,), generator=g))
+    mask[top:top + h // 3, left:left + w // 3] = 1
+    mask[h - 3:h - 1] = 255
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8), mask
+
+
+def _old_normalise(image):
+    return (image - torch.tensor(data.MEAN)[:, None, None]) / torch.tensor(data.STD)[:, None, None]
+
+
+def test_augmentation_rounds_to_8_bits_once_and_equals_the_float_steps():
+    """train_transform = the float steps, rounded to 8 bits, normalised: to the bit, compact or not, with the same
+    random draws (its crop window alone is rounded, mirrored and pasted); within 0.5/255/std of the float image.
+    The sizes pad both sides, pad one and crop the other, crop both, or either; 48 seeds draw every step."""
+    half_level = 0.5 / 255 / torch.tensor(data.STD)[:, None, None] + 1e-6
+    for seed in range(48):
+        (h, w), size = [((90, 70), 96), ((60, 120), 80), ((130, 150), 64), ((75, 75), 75)][seed % 4]
+        recipe = ("pfenet", "crop-scale-flip")[seed % 5 == 4]
+        img, mask = _photo(h, w, seed)
+        draws = [np.random.default_rng(seed) for _ in range(3)]
+        image, label = _float_train_transform(img, mask, draws[0], size, (0.8, 1.25), recipe)
+        rounded = (image * 255).round().clamp(0, 255).to(torch.uint8)
+        out, m = data.train_transform(img, mask, draws[1], size, (0.8, 1.25), recipe)
+        small, small_m = data.train_transform(img, mask.to(torch.uint8), draws[2], size, (0.8, 1.25), recipe,
+                                              compact=True)
+        assert small.dtype == small_m.dtype == torch.uint8 and out.dtype == torch.float32 and m.dtype == torch.int64
+        assert torch.equal(small, rounded) and torch.equal(small_m, label.to(torch.uint8))
+        assert torch.equal(out, data.normalize(rounded)) and torch.equal(m, label)
+        assert ((out - _old_normalise(image)).abs() <= half_level).all()
+        assert len({rng.random() for rng in draws}) == 1  # the same number of draws
+
+
+def test_test_transform_rounds_to_8_bits_and_pads_with_the_rounded_mean():
+    half_level = 0.5 / 255 / torch.tensor(data.STD)[:, None, None] + 1e-6
+    for (h0, w0), size in (((75, 130), 96), ((130, 75), 64), ((40, 50), 96)):
+        img, mask = _photo(h0, w0, h0)
+        h, w = data.test_content_size(h0, w0, size)
+        image = TF.resize(img.float() / 255, [h, w], antialias=True)  # (3,h,w): the float resize
+        expected = torch.tensor([124, 116, 104], dtype=torch.uint8)[:, None, None].repeat(1, size, size)
+        expected[:, :h, :w] = (image * 255).round().clamp(0, 255).to(torch.uint8)
+        label = TF.pad(TF.resize(tv_tensors.Mask(mask[None]), [h, w]), [0, 0, size - w, size - h], fill=255)[0]
+        out, m = data.test_transform(img, mask, size)
+        small, small_m = data.test_transform(img, mask, size, compact=True)
+        assert torch.equal(small, expected) and torch.equal(small_m, label.to(torch.uint8))
+        assert torch.equal(out, data.normalize(expected)) and torch.equal(m, label) and m.dtype == torch.int64
+        old = F.pad(_old_normalise(image), [0, size - w, 0, size - h])  # the float image, padded with 0
+        assert ((out - old).abs() <= half_level).all()
+        assert data.test_transform(img, None, size)[1] is None
+
+
+def test_normalize_is_a_float32_multiply_and_add_and_to_device_makes_the_default_batch():
+    levels = torch.arange(256, dtype=torch.uint8).repeat(2, 3, 2, 1)  # (2,3,2,256): every level in every channel
+    mean, std = (torch.tensor(v, dtype=torch.float64)[:, None, None] for v in (data.MEAN, data.STD))
+    out = data.normalize(levels)
+    scale, shift = (t.float() for t in (1 / (255 * std), -mean / std))  # float64, rounded once
+    assert out.dtype == torch.float32 and torch.equal(out, levels.float() * scale + shift)
+    assert (out.double() - (levels.double() / 255 - mean) / std).abs().max() < 1e-6
+    g = torch.Generator().manual_seed(0)
+    compact = {"img_q": torch.randint(0, 256, (2, 3, 4, 5), generator=g).to(torch.uint8),
+               "img_s": torch.randint(0, 256, (2, 2, 3, 4, 5), generator=g).to(torch.uint8),
+               "m_q": torch.tensor([0, 1, 255]).repeat(2, 4, 2)[..., :5].to(torch.uint8),
+               "m_s": torch.full((2, 2, 4, 5), 255, dtype=torch.uint8), "class_id": torch.tensor([3, 7]),
+               "m_q_orig": [torch.ones(3, 2, dtype=torch.uint8), torch.zeros(4, 6, dtype=torch.uint8)], "name": "x"}
+    batch = data.to_device(compact, torch.device("cpu"))
+    assert torch.equal(batch["img_q"], data.normalize(compact["img_q"])) and batch["img_s"].shape == (2, 2, 3, 4, 5)
+    assert torch.equal(batch["img_s"][1, 0], data.normalize(compact["img_s"][1, 0]))
+    for key in ("m_q", "m_s"):
+        assert batch[key].dtype == torch.int64 and torch.equal(batch[key], compact[key].long())
+    assert [m.dtype for m in batch["m_q_orig"]] == [torch.int64] * 2 and batch["m_q_orig"][1].shape == (4, 6)
+    assert torch.equal(batch["class_id"], compact["class_id"]) and batch["name"] == "x"
+    again = data.to_device(batch, torch.device("cpu"))  # a default batch stays as it is
+    assert all(torch.equal(again[k], batch[k]) for k in ("img_q", "img_s", "m_q", "m_s", "class_id"))
+
+
+def test_compact_batches_from_workers_are_the_in_process_episodes(tmp_path):
+    """What the models receive: compact batches from 2 DataLoader workers (train.make_loader, no pinning on the
+    CPU) through train.to_device equal the default episodes made in this process, for PASCAL train (padding and
+    crops) and test episodes and synthetic ones; the batches cross as uint8, a fifth of the default's bytes."""
+    root = _write_pascal(tmp_path / "voc")
+    args = argparse.Namespace(workers=2)
+    for ds in (data.build_dataset("pascal", "train", 0, shot=2, img_size=76, root=root, train_length=8),
+               data.build_dataset("pascal", "test", 0, img_size=64, root=root, episodes=6),
+               data.build_dataset("synthetic", "train", 1, shot=2, img_size=48, train_length=6),
+               data.build_dataset("synthetic", "test", 1, img_size=48, episodes=4)):
+        expected = [data.collate_episodes([ds[(3, i)] for i in range(b, min(b + 2, len(ds)))])
+                    for b in range(0, len(ds), 2)]
+        sampler = train.EpisodeSampler(len(ds))
+        sampler.set_stream(3)
+        loader = train.make_loader(ds, sampler, 2, args, torch.device("cpu"), drop_last=False)
+        assert ds.compact and not loader.pin_memory and loader.num_workers == 2
+        batches = list(loader)
+        assert len(batches) == len(expected)
+        for batch, want in zip(batches, expected):
+            assert batch["img_q"].dtype == batch["img_s"].dtype == batch["m_q"].dtype == torch.uint8
+            size = sum(t.nbytes for k in ("img_q", "img_s", "m_q", "m_s") for t in [batch[k]])
+            assert 5 * size == sum(want[k].nbytes for k in ("img_q", "img_s", "m_q", "m_s"))
+            got = train.to_device(batch, torch.device("cpu"))
+            assert got.keys() == want.keys()
+            for key, value in want.items():
+                if key == "m_q_orig":
+                    assert all(torch.equal(a, b) and a.dtype == torch.int64 for a, b in zip(got[key], value))
+                else:
+                    assert torch.equal(got[key], value) and got[key].dtype == value.dtype, key
 
 
 # ---------------- box supports (weak supervision, CRCNet's Table 5) ---------------------------------------
@@ -1574,7 +1817,7 @@ def test_folder_scan_is_cached_and_done_again_when_a_label_changes(tmp_path, mon
     assert (root / ".fss_cache" / "folder_counts.json").is_file()
     assert "checking and scanning the files of" in capsys.readouterr().out
 
-    def fail(pair):
+    def fail(pair, max_id=None):
         raise AssertionError("rescanned although cached")
     monkeypatch.setattr(data, "_scan_pair", fail)
     again = data.build_dataset("folder", "train", 1, img_size=48, root=root)
@@ -2092,8 +2335,11 @@ def test_bench_data_on_generated_pascal_jpegs(tmp_path, monkeypatch, capsys):
     train.main(["--bench-data", "--model", "baseline", "--workers", "1", "--img-size", "64", "--batch-size", "2"])
     text = capsys.readouterr().out
     assert "writing 20 PASCAL-sized JPEGs" in text
-    rates = [float(line.split()[2]) for line in text.splitlines() if line.strip().endswith("per image)")]
+    lines = [line for line in text.splitlines() if line.strip().endswith("per image)")]
+    rates = [float(line.split()[2]) for line in lines]
     assert len(rates) == 2 and all(r > 0 for r in rates)  # 0 and 1 workers
+    # a compact batch of 2 1-shot episodes at 64 px: 4 images of 3 x 64 x 64 bytes, 4 masks, 2 class ids of 8 bytes
+    assert all(f"{(4 * 4 * 64 * 64 + 2 * 8) / 2 ** 20:.1f} MiB a batch" in line for line in lines)
     root = tmp_path / "voc"
     train.write_pascal_like(root, 5)
     img = Image.open(root / "JPEGImages" / "000004.jpg")
@@ -2442,6 +2688,8 @@ def test_bad_dataset_files_stop_the_run_with_one_message(tiny, tmp_path):
     flags = ["--model", str(tiny), "--dataset", "pascal", "--data-root", str(root), "--img-size", "32",
              "--batch-size", "2", "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"]
     # a training image that decodes badly inside a DataLoader worker: one line naming it, not the worker's traceback
+    # (cut after the scan, which decodes every image, has passed it and cached its counts)
+    data.build_dataset("pascal", "train", 0, img_size=32, root=root)
     jpeg = root / "JPEGImages" / "a_voc.jpg"
     jpeg.write_bytes(jpeg.read_bytes()[:2000])
     with pytest.raises(SystemExit) as err:

@@ -177,7 +177,7 @@ def train(model, optimizer, args, cfg, device, rank, world, log_file, resumed=No
             for s, batch in enumerate(batches):
                 lr = args.lr * (1 - (epoch * steps_per_epoch + s) / max_iter) ** POLY_POWER  # poly, per step
                 common.set_lr(optimizer, lr)
-                batch = to_device(batch, device)
+                batch = data.to_device(batch, device)
                 with autocast(device, args.bf16):
                     out = model(batch["img_q"], batch["img_s"], batch["m_s"], batch["class_id"],
                                 **query_mask(net, batch))
@@ -211,7 +211,7 @@ def evaluate(model, loader, dataset, device, args, seed):
     meter = common.IoUMeter(dataset.num_classes, device=device)
     loader.sampler.set_stream(seed)
     for batch in loader:
-        batch = to_device(batch, device)
+        batch = data.to_device(batch, device)
         with autocast(device, args.bf16_eval):
             logits = infer(batch["img_q"], batch["img_s"], batch["m_s"], batch["class_id"])  # (B,2,H,W)
         for b, target in enumerate(batch["m_q_orig"]):  # each query at its own original size (H0,W0)
@@ -694,7 +694,10 @@ class EpisodeSampler(Sampler):
 
 
 def make_loader(dataset, sampler, batch_size, args, device, drop_last):
+    """The episodes' DataLoader. It sets dataset.compact: batches carry uint8 images and masks (a fifth of the
+    bytes through shared memory and pinning), which data.to_device turns into the default episodes on the device."""
     workers = args.workers
+    dataset.compact = True
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=data.collate_episodes, drop_last=drop_last,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
@@ -711,10 +714,6 @@ def ignore_stop_signals(worker_id):
     report = sys.excepthook
     sys.excepthook = lambda kind, err, tb: None if issubclass(kind, (ConnectionError, EOFError)) else report(
         kind, err, tb)
-
-
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def load_model_module(name):
@@ -1452,8 +1451,9 @@ def bf16_peak_tflops(device, args):
 
 
 def bench_data(args, module):
-    """Training episodes/s that data.py delivers (decode, augment, collate) with 0, 1, 2, 4, ... --workers
-    DataLoader workers. PASCAL without --data-root: BENCH_DATA_IMAGES generated JPEGs in a temporary folder."""
+    """Training episodes/s that data.py delivers to the device (decode, augment, collate, to_device) with 0, 1, 2,
+    4, ... --workers DataLoader workers, per worker, and the bytes of one batch, which cross from a worker to the
+    main process. PASCAL without --data-root: BENCH_DATA_IMAGES generated JPEGs in a temporary folder."""
     device, _, _ = setup_device(args)
     with tempfile.TemporaryDirectory() as tmp:
         if args.dataset == "pascal" and args.data_root is None:
@@ -1470,18 +1470,22 @@ def bench_data(args, module):
             args.workers = workers
             sampler = EpisodeSampler(len(dataset), shuffle=True, seed=args.seed, batch_size=args.batch_size)
             loader = make_loader(dataset, sampler, args.batch_size, args, device, drop_last=True)
-            next(iter(loader))  # the workers start; persistent, they stay for the epochs below
+            first = next(iter(loader))  # the workers start; persistent, they stay for the epochs below
+            size = sum(t.nbytes for v in first.values() for t in (v if isinstance(v, list) else [v]))
             t0, count, epoch = time.perf_counter(), 0, 0
             while time.perf_counter() - t0 < BENCH_DATA_SECONDS:
                 epoch += 1
                 sampler.set_stream(epoch)
                 for batch in loader:
-                    count += len(batch["class_id"])
+                    count += len(data.to_device(batch, device)["class_id"])
                     if time.perf_counter() - t0 > BENCH_DATA_SECONDS:
                         break
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             rate = count / (time.perf_counter() - t0)
             print(f"  {workers:2d} workers: {rate:7.1f} episodes/s ({rate / max(workers, 1):.1f} per worker, "
-                  f"{1000 * max(workers, 1) / rate / (1 + args.shot):.1f} ms of one process per image)", flush=True)
+                  f"{size / 2 ** 20:.1f} MiB a batch, {1000 * max(workers, 1) / rate / (1 + args.shot):.1f} ms of "
+                  "one process per image)", flush=True)
             del loader
 
 
