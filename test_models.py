@@ -1629,7 +1629,7 @@ def test_normalize_is_a_float32_multiply_and_add_and_to_device_makes_the_default
 
 def test_compact_batches_from_workers_are_the_in_process_episodes(tmp_path):
     """What the models receive: compact batches from 2 DataLoader workers (train.make_loader, no pinning on the
-    CPU) through train.to_device equal the default episodes made in this process, for PASCAL train (padding and
+    CPU) through data.to_device equal the default episodes made in this process, for PASCAL train (padding and
     crops) and test episodes and synthetic ones; the batches cross as uint8, a fifth of the default's bytes."""
     root = _write_pascal(tmp_path / "voc")
     args = argparse.Namespace(workers=2)
@@ -1649,7 +1649,7 @@ def test_compact_batches_from_workers_are_the_in_process_episodes(tmp_path):
             assert batch["img_q"].dtype == batch["img_s"].dtype == batch["m_q"].dtype == torch.uint8
             size = sum(t.nbytes for k in ("img_q", "img_s", "m_q", "m_s") for t in [batch[k]])
             assert 5 * size == sum(want[k].nbytes for k in ("img_q", "img_s", "m_q", "m_s"))
-            got = train.to_device(batch, torch.device("cpu"))
+            got = data.to_device(batch, torch.device("cpu"))
             assert got.keys() == want.keys()
             for key, value in want.items():
                 if key == "m_q_orig":
