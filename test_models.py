@@ -5435,15 +5435,17 @@ def test_symnet_resume_follows_the_checkpoint_when_a_base_learner_appears(tmp_pa
             "--test-seeds", "1", "--out", str(tmp_path / "run")]
     with warnings.catch_warnings(record=True) as caught:  # and: no --word-vectors, the text branch is off
         warnings.simplefilter("always")
-        train.main([*argv, "--epochs", "1"])
+        train.main([*argv, "--epochs", "2"])
     assert any("meta learner alone" in str(w.message) for w in caught)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    torch.save({**state, "epoch": 1}, tmp_path / "run" / "last.pt")  # as if it had stopped after epoch 1
     train.main(["--model", "symnet", "--stage", "base", "--dataset", "synthetic", "--fold", "1", "--no-pretrained",
                 "--img-size", "33", "--train-length", "4", "--batch-size", "2", "--epochs", "1", "--workers", "0"])
     assert symnet.base_learner_path(symnet_run(1)).is_file()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # resumed from its checkpoint: no side file is read, nothing to warn about
-        train.main([*argv, "--epochs", "2", "--resume"])
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+        train.main([*argv, "--resume"])
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert state["epoch"] == 2 and not any(k.startswith("ensemble.") for k in state["model"])
 
 
@@ -5545,7 +5547,7 @@ def test_symnet_harness_fills_the_config_and_defaults(word_vectors, tmp_path):
     args, module = train.parse_args(["--model", "symnet", "--dataset", "coco", "--fold", "2", "--shot", "5",
                                      "--word-vectors", str(word_vectors), "--base-learner", "b.pt",
                                      "--coco-split", "contiguous", "--no-pretrained"])
-    cfg, run = train.make_config(module, args), train.run_context(args)
+    cfg, run = train.make_config(module, args), train.setting_of(args)
     assert (run.dataset, run.fold, run.shot, run.coco_split, run.pretrained) == ("coco", 2, 5, "contiguous", False)
     assert cfg.pretrained is False and cfg.word_vectors == str(word_vectors) and cfg.base_learner == "b.pt"
     harness = {"shot", "img_size", "dataset", "fold", "coco_split", "from_checkpoint", "data_root", "test_classes"}
