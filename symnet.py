@@ -30,7 +30,8 @@ Paper -> code:
               base training: BAM train_base.py, config/*_base.yaml      train_base_learner, the stage `base`
     side files (word vectors, base learner) and checkpoints            build, read_base_learner
 K shots: K priors, K support prototypes (each through APA) and K sets of correlations, averaged (Fig. 2); the
-co-triplet support term is averaged over the shots. Shots are averaged with equal weights (paper), not with
+co-triplet support term is averaged over the shots. Each is computed for all shots at once (a shot axis, or the
+B*S supports as one batch), not in a loop over the shots. Shots are averaged with equal weights (paper), not with
 BAM's learned K-shot weights.
 
 Choices (where the paper is silent we follow SN; differences from SN are said):
@@ -228,24 +229,21 @@ def split_shots(x, S):
 def self_activation_prior(f_q, f_s, m, windows):
     """SPM (§3.3): f_q (B,C,h,w), f_s (B,S,C,h,w) high-level (layer4) features, m (B,S,h,w) resized support
     masks. For each shot and window, the min-max normalised mean over support positions of cos(r_q, r_s) * |r_q|.
-    These maps are averaged over the windows and then over the shots. Returns prior (B,1,h,w) in [0, 1]."""
+    These maps are averaged over the windows and the shots. Returns prior (B,1,h,w) in [0, 1]."""
     with torch.autocast(f_q.device.type, enabled=False):
         f_q, f_s = f_q.float(), f_s.float() * m.float()[:, :, None]  # (B,S,C,h,w): support background out
         B, S, C, h, w = f_s.shape
-        shots = []
-        for k in range(S):
-            maps = []
-            for dh, dw in windows:
-                # Eq. (1): r = AvgPool_{dh x dw}(F), padding keeping the size (padded zeros counted, as SN)
-                r_q = F.avg_pool2d(f_q, (dh, dw), 1, (dh // 2, dw // 2)).flatten(2)  # (B, C, hw)
-                r_s = F.avg_pool2d(f_s[:, k], (dh, dw), 1, (dh // 2, dw // 2)).flatten(2)  # (B, C, hw)
-                # Eq. (2)-(3): Mean_j cos(r_q, r_s_j) * |r_q| = r_q . mean_j (r_s_j / |r_s_j|)
-                direction = (r_s / (r_s.norm(dim=1, keepdim=True) + common.COSINE_EPS)).mean(2)  # (B, C)
-                score = torch.einsum("bcn,bc->bn", r_q, direction)  # (B, hw)
-                low, high = score.min(1, keepdim=True).values, score.max(1, keepdim=True).values
-                maps.append((score - low) / (high - low + common.COSINE_EPS))  # Norm(.)
-            shots.append(torch.stack(maps).mean(0))  # (B, hw): the prior M^pri of shot k
-        return torch.stack(shots).mean(0).view(B, 1, h, w)  # (B, 1, h, w)
+        maps = []
+        for dh, dw in windows:
+            # Eq. (1): r = AvgPool_{dh x dw}(F), padding keeping the size (padded zeros counted, as SN)
+            r_q = F.avg_pool2d(f_q, (dh, dw), 1, (dh // 2, dw // 2)).flatten(2)  # (B, C, hw)
+            r_s = F.avg_pool2d(f_s.flatten(0, 1), (dh, dw), 1, (dh // 2, dw // 2)).view(B, S, C, h * w)
+            # Eq. (2)-(3): Mean_j cos(r_q, r_s_j) * |r_q| = r_q . mean_j (r_s_j / |r_s_j|), every shot at once
+            direction = (r_s / (r_s.norm(dim=2, keepdim=True) + common.COSINE_EPS)).mean(3)  # (B, S, C)
+            score = torch.einsum("bcn,bsc->bsn", r_q, direction)  # (B, S, hw)
+            low, high = score.min(2, keepdim=True).values, score.max(2, keepdim=True).values
+            maps.append((score - low) / (high - low + common.COSINE_EPS))  # Norm(.): the prior of each shot
+        return torch.stack(maps).mean((0, 2)).view(B, 1, h, w)  # (B, 1, h, w)
 
 
 def prior_region_mean(f, inside, prior, fallback):
@@ -285,23 +283,25 @@ class APA(nn.Module):
 
 
 def triplet_term(anchor, positive, negative, margin):
-    """Eq. (12), one branch: max(|a - p+| + margin - |a - p-|, 0) on L2-normalised (B,c) vectors -> (B,)."""
-    a, p, n = (F.normalize(x.float(), dim=1) for x in (anchor, positive, negative))
+    """Eq. (12), one branch: max(|a - p+| + margin - |a - p-|, 0) on L2-normalised (..., c) vectors -> (...)."""
+    a, p, n = (F.normalize(x.float(), dim=-1) for x in (anchor, positive, negative))
     return F.relu(F.pairwise_distance(a, p) + margin - F.pairwise_distance(a, n))
 
 
 def block_correlation(f_q, f_s, m):
-    """One TDC channel: for every query pixel, the mask-weighted mean over support pixels of ReLU(cos).
-    f_q (B,C,h,w), f_s (B,C,h,w) features of one block, m (B,h,w) support mask -> (B,1,h,w)."""
+    """One TDC channel: for every query pixel, the mean over the shots of the mask-weighted mean over the
+    shot's support pixels of ReLU(cos). f_q (B,C,h,w), f_s (B,S,C,h,w) features of one block, m (B,S,h,w)
+    support masks -> (B,1,h,w). The shots share one matrix of cosines (B, hw, S*hw)."""
     B, C, h, w = f_q.shape
-    q, s = f_q.flatten(2), f_s.flatten(2)  # (B, C, hw)
+    q, s = f_q.flatten(2), f_s.transpose(1, 2).flatten(2)  # (B, C, hw), (B, C, S*hw)
     q = q / (q.norm(dim=1, keepdim=True) + TDC_EPS)
     s = s / (s.norm(dim=1, keepdim=True) + TDC_EPS)
-    cos = torch.bmm(q.transpose(1, 2), s).clamp(min=0)  # (B, hw_q, hw_s)
-    weights = m.flatten(1).to(cos.dtype)  # (B, hw_s)
-    # mean over the support mask, with the area eps of PFENet's prototype pooling (common.MAP_EPS)
-    corr = torch.bmm(cos, weights[:, :, None])[:, :, 0] / (weights.sum(1, keepdim=True) + common.MAP_EPS)
-    return corr.view(B, 1, h, w)  # (B, 1, h, w)
+    cos = torch.bmm(q.transpose(1, 2), s).clamp(min=0)  # (B, hw, S*hw)
+    # each shot's mask over its area, with the area eps of PFENet's prototype pooling (common.MAP_EPS), / S:
+    # one product gives the mean over the shots of the mask-weighted means
+    weights = m.flatten(2).to(cos.dtype)  # (B, S, hw)
+    weights = (weights / (weights.sum(2, keepdim=True) + common.MAP_EPS) / m.shape[1]).flatten(1)  # (B, S*hw)
+    return torch.bmm(cos, weights[:, :, None]).view(B, 1, h, w)  # (B, 1, h, w)
 
 
 class TDC(nn.Module):
@@ -394,9 +394,9 @@ def gram_distance(f_q, f_s):
     the shots (BAM weights the shots by a learned kshot_rw instead; Sym-Net's paper averages its K shots).
     In float32 even under bf16 autocast: a small difference of two near-equal C x C matrices (cf. cosine_prior)."""
     with torch.autocast(f_q.device.type, enabled=False):
-        g_q = gram_matrix(f_q.float())  # (B, C, C)
-        dists = [(g_q - gram_matrix(f_s[:, k].float())).flatten(1).norm(dim=1) for k in range(f_s.shape[1])]
-        return torch.stack(dists, 1).mean(1) / f_q.shape[1]  # (B,)
+        (B, S, C), g_q = f_s.shape[:3], gram_matrix(f_q.float())  # (B, C, C)
+        g_s = gram_matrix(f_s.flatten(0, 1).float()).view(B, S, C, C)  # every shot at once
+        return (g_q[:, None] - g_s).flatten(2).norm(dim=2).mean(1) / C  # (B,)
 
 
 class BAMEnsemble(nn.Module):
@@ -600,21 +600,19 @@ class SymNet(nn.Module):
         p_q_neg = prior_region_mean(f_q, prior < cfg.tau2, prior, "bottom")  # (B, c)
         p_q_pos = prior_region_mean(f_q, (prior > cfg.tau3) & (prior < cfg.tau4), prior, "median")  # (B, c)
         loss_q = triplet_term(p_q_aug, p_q_pos, p_q_neg, cfg.margin).mean()  # Eq. (12), query branch
-        # support: the foreground pixel farthest from the anchor, and the mean background feature, per shot
+        # support, per shot (all shots at once): the foreground pixel farthest from the anchor, the mean background
         fg = common.foreground_at(m_s, f_s.shape[-2:], mode="nearest")  # (B, S, h, w)
         bg = 1 - fg  # (B, S, h, w): 255 counts as background, as in SN and in the rest of this file
-        anchor = F.normalize(p_s_aug.float(), dim=1)  # (B, c)
-        losses_s = []
-        for k in range(f_s.shape[1]):
-            pixels = f_s[:, k].flatten(2)  # (B, c, hw)
-            dist = (F.normalize(pixels.float(), dim=1) - anchor[:, :, None]).norm(dim=1)  # (B, hw)
-            hardest = dist.masked_fill(fg[:, k].flatten(1) == 0, -1).argmax(1)  # (B,)
-            p_s_pos = pixels.gather(2, hardest.view(-1, 1, 1).expand(-1, pixels.shape[1], 1))[:, :, 0]  # (B, c)
-            p_s_neg = common.masked_average_pooling(f_s[:, k], bg[:, k])  # (B, c)
-            valid = ((fg[:, k].flatten(1).sum(1) > 0) & (bg[:, k].flatten(1).sum(1) > 0)).float()  # (B,)
-            terms = triplet_term(p_s_aug, p_s_pos, p_s_neg, cfg.margin)  # Eq. (12), support branch: (B,)
-            losses_s.append((terms * valid).sum() / valid.sum().clamp(min=1))
-        return loss_q + torch.stack(losses_s).mean()
+        pixels = f_s.flatten(3)  # (B, S, c, hw)
+        anchor = F.normalize(p_s_aug.float(), dim=1)[:, None, :, None]  # (B, 1, c, 1)
+        dist = (F.normalize(pixels.float(), dim=2) - anchor).norm(dim=2)  # (B, S, hw)
+        hardest = dist.masked_fill(fg.flatten(2) == 0, -1).argmax(2)  # (B, S)
+        p_s_pos = pixels.gather(3, hardest[:, :, None, None].expand(-1, -1, pixels.shape[2], 1))[..., 0]  # (B, S, c)
+        p_s_neg = common.masked_average_pooling(f_s.flatten(0, 1), bg.flatten(0, 1)).view_as(p_s_pos)  # (B, S, c)
+        valid = ((fg.sum((2, 3)) > 0) & (bg.sum((2, 3)) > 0)).float()  # (B, S)
+        terms = triplet_term(p_s_aug[:, None].expand_as(p_s_pos), p_s_pos, p_s_neg, cfg.margin)  # Eq. 12: (B, S)
+        loss_s = (terms * valid).sum(0) / valid.sum(0).clamp(min=1)  # (S,): per shot, the mean over valid items
+        return loss_q + loss_s.mean()
 
     def forward(self, img_q, img_s, m_s, class_ids=None):
         cfg, (B, S), (H, W) = self.cfg, img_s.shape[:2], img_q.shape[-2:]
@@ -628,16 +626,17 @@ class SymNet(nn.Module):
         prior = self_activation_prior(feats_q["layer4"], split_shots(feats_s["layer4"], S), m, cfg.windows)  # (B,1,h,w)
         # 4. APA: symmetrical prototypes aligned with the word vector (Eq. 4-9)
         text = self.text[class_ids] if class_ids is not None else self.text.new_zeros(B, TEXT_DIM)  # (B, d)
-        p_s_aug = torch.stack([self.apa(common.masked_average_pooling(f_s[:, k], m[:, k]),  # Eq. (4)
-                                        text, f_s[:, k] * m[:, k, None]) for k in range(S)]).mean(0)  # (B, c)
+        # the shots as one batch of B*S supports: Eq. (4) per shot, APA per shot, then their mean
+        p_s = common.masked_average_pooling(f_s.flatten(0, 1), m.flatten(0, 1))  # Eq. (4): (B*S, c)
+        p_s_aug = self.apa(p_s, text.repeat_interleave(S, 0), (f_s * m[:, :, None]).flatten(0, 1))  # (B*S, c)
+        p_s_aug = p_s_aug.view(B, S, -1).mean(1)  # (B, c)
         p_q = prior_region_mean(f_q, prior > cfg.tau1, prior, "top")  # Eq. (5)
         p_q_aug = self.apa(p_q, text, f_q * prior.to(f_q.dtype))  # (B, c)
         # Eq. (9): p_hybrid = alpha p_q_aug + beta p_s_aug
         p_hybrid = cfg.alpha * p_q_aug + cfg.beta * p_s_aug  # (B, c)
         # 5. TDC: block correlations per stage, averaged over shots, fused top-down (Eq. 13)
         blocks_q, blocks_s = feats_q["blocks"], [split_shots(x, S) for x in feats_s["blocks"]]
-        corr = [torch.stack([block_correlation(q, s[:, k], m[:, k]) for k in range(S)]).mean(0)
-                for q, s in zip(blocks_q, blocks_s)]  # 13 x (B, 1, h, w)
+        corr = [block_correlation(q, s, m) for q, s in zip(blocks_q, blocks_s)]  # 13 x (B, 1, h, w)
         ends = np.cumsum([0, *self.blocks])
         hyper = self.tdc([torch.cat(corr[a:b], 1) for a, b in zip(ends[:-1], ends[1:])])  # (B, N', h, w)
         # 6. FEM decoder on query features, hybrid prototype, hyper-correlation and prior

@@ -4310,8 +4310,9 @@ def symnet_grid_mask(m_s):
 
 
 def symnet_record_forward(net, img_q, img_s, m_s, class_ids):
-    """An eval forward pass (dropout off) with hooks that keep F^m of the query and the supports, every APA call
-    (proto, text, keys/values input, output), TDC's input correlations and FEM's inputs."""
+    """An eval forward pass (dropout off) with hooks that keep F^m of the query and the supports, the APA inputs
+    and outputs (proto, text, keys/values input, output) of each shot, then of the query, TDC's input correlations
+    and FEM's inputs."""
     rec = {"apa": []}
     hooks = [net.down_query.register_forward_hook(lambda mod, i, o: rec.__setitem__("f_q", o.clone())),
              net.down_supp.register_forward_hook(lambda mod, i, o: rec.__setitem__("f_s", o.clone())),
@@ -4325,6 +4326,9 @@ def symnet_record_forward(net, img_q, img_s, m_s, class_ids):
     finally:
         for hook in hooks:
             hook.remove()
+    (B, S), (shots, query) = img_s.shape[:2], rec["apa"]  # APA ran twice: the B*S supports, then the B queries
+    assert shots[0].shape[0] == B * S and query[0].shape[0] == B
+    rec["apa"] = [[x.view(B, S, *x.shape[1:])[:, k] for x in shots] for k in range(S)] + [query]
     return out, rec
 
 
@@ -4529,16 +4533,24 @@ def test_symnet_prior_region_fallbacks():
 
 
 def test_symnet_block_correlation_direct():
+    # two shots with masks of 4 and 2 pixels: per shot the mean of ReLU(cos) over its mask, then the mean of the
+    # shots (not the mean over all 6 masked pixels)
     g = torch.Generator().manual_seed(1)
-    f_q, f_s = torch.randn(1, 5, 3, 3, generator=g), torch.randn(1, 5, 3, 3, generator=g)
-    m = torch.zeros(1, 3, 3)
-    m[0, 1:, 1:] = 1
-    q, s = f_q[0].flatten(1), f_s[0].flatten(1)
-    fg = m[0].flatten().nonzero().flatten()
-    expected = torch.stack([torch.stack([F.cosine_similarity(q[:, i], s[:, j], dim=0).clamp(min=0)
-                                         for j in fg]).mean() for i in range(9)]).view(1, 1, 3, 3)
-    assert torch.allclose(symnet.block_correlation(f_q, f_s, m), expected, atol=1e-3)
-    assert (symnet.block_correlation(f_q, f_s, torch.zeros(1, 3, 3)) == 0).all()  # empty mask -> 0
+    f_q, f_s = torch.randn(1, 5, 3, 3, generator=g), torch.randn(1, 2, 5, 3, 3, generator=g)
+    m = torch.zeros(1, 2, 3, 3)
+    m[0, 0, 1:, 1:] = 1
+    m[0, 1, 0, :2] = 1
+    q = f_q[0].flatten(1)
+    shots = []
+    for k in range(2):
+        s, fg = f_s[0, k].flatten(1), m[0, k].flatten().nonzero().flatten()
+        shots.append(torch.stack([torch.stack([F.cosine_similarity(q[:, i], s[:, j], dim=0).clamp(min=0)
+                                               for j in fg]).mean() for i in range(9)]).view(1, 1, 3, 3))
+    corr = symnet.block_correlation(f_q, f_s, m)
+    assert torch.allclose(corr, (shots[0] + shots[1]) / 2, atol=1e-3)
+    assert (shots[0] - shots[1]).abs().max() > 0.05  # the shots differ: the mean is not either one
+    assert torch.allclose(symnet.block_correlation(f_q, f_s[:, :1], m[:, :1]), shots[0], atol=1e-3)  # one shot
+    assert (symnet.block_correlation(f_q, f_s, torch.zeros(1, 2, 3, 3)) == 0).all()  # empty masks -> 0
 
 
 # ---------------- word vectors ----------------------------------------------------------------------------
@@ -4869,7 +4881,7 @@ def test_symnet_forward_prototypes_follow_eq4_eq5_eq7_and_eq9(symnet_model):
     out, rec = symnet_record_forward(net, img_q, img_s, m_s, class_ids)
     f_q, f_s = rec["f_q"], rec["f_s"].view(B, S, c, SYMNET_GRID, SYMNET_GRID)
     m, prior = symnet_grid_mask(m_s), out["prior"]
-    assert len(rec["apa"]) == S + 1  # one call per shot, then the query
+    assert len(rec["apa"]) == S + 1  # each shot, then the query
     text = net.text[class_ids]
     assert text.abs().sum() > 0  # the word vectors are on
     for k in range(S):
@@ -4959,6 +4971,70 @@ def test_symnet_k_shot_is_the_mean_of_the_one_shot_quantities(symnet_model, symn
     p_s_aug = (singles[0][1]["apa"][0][-1] + singles[1][1]["apa"][0][-1]) / 2
     p_q_aug = rec["apa"][2][-1]
     assert torch.allclose(rec["fem"][1], 0.5 * p_q_aug + 0.5 * p_s_aug, atol=1e-5)
+
+
+def symnet_per_shot_forward(net, img_q, img_s, m_s, class_ids):
+    """SymNet.forward (with BAM's ensemble) one shot at a time: each shot's prior, APA prototype, block
+    correlations, co-triplet support term and scene difference from that shot alone, then their means (Fig. 2)."""
+    cfg, S = net.cfg, img_s.shape[1]
+    feats_q, feats_s = net.backbone.episode(img_q, img_s, blocks=True)
+    f_q, f_s = net.down_query(feats_q), symnet.split_shots(net.down_supp(feats_s), S)  # (B,c,h,w), (B,S,c,h,w)
+    m = common.foreground_at(m_s, f_q.shape[-2:])  # (B, S, h, w)
+
+    def mean_of_shots(one_shot):  # one_shot(k, shot_of) with shot_of(x) = shot k of x, keeping a shot axis of 1
+        return torch.stack([one_shot(k, lambda x: x[:, k:k + 1]) for k in range(S)]).mean(0)
+
+    prior = mean_of_shots(lambda k, shot: symnet.self_activation_prior(
+        feats_q["layer4"], shot(symnet.split_shots(feats_s["layer4"], S)), shot(m), cfg.windows))
+    text = net.text[class_ids]
+    p_s_aug = mean_of_shots(lambda k, shot: net.apa(masked_average_pooling(f_s[:, k], m[:, k]), text,
+                                                    f_s[:, k] * m[:, k, None]))
+    p_q_aug = net.apa(symnet.prior_region_mean(f_q, prior > cfg.tau1, prior, "top"), text, f_q * prior)
+    corr = [mean_of_shots(lambda k, shot: symnet.block_correlation(q, shot(symnet.split_shots(s, S)), shot(m)))
+            for q, s in zip(feats_q["blocks"], feats_s["blocks"])]
+    ends = np.cumsum([0, *net.blocks])
+    hyper = net.tdc([torch.cat(corr[a:b], 1) for a, b in zip(ends[:-1], ends[1:])])
+    meta, aux = net.fem(f_q, cfg.alpha * p_q_aug + cfg.beta * p_s_aug, torch.cat([hyper, prior], 1))
+    est = mean_of_shots(lambda k, shot: symnet.gram_distance(feats_q["layer2"],
+                                                             shot(symnet.split_shots(feats_s["layer2"], S))))
+    logits = net.ensemble(meta, net.base_learner(feats_q["layer4"]), est, net.base_learner.classes, class_ids)
+    triplet = mean_of_shots(lambda k, shot: net.co_triplet(f_q, shot(f_s), shot(m_s), prior, p_q_aug, p_s_aug))
+    logits = F.interpolate(logits, img_q.shape[-2:], mode="bilinear", align_corners=True)
+    return {"logits": logits, "meta": meta, "aux": aux, "triplet": triplet, "prior": prior}
+
+
+@pytest.mark.parametrize("shot", [1, 5])
+def test_symnet_all_shots_at_once_equal_the_per_shot_formulation(symnet_model, shot):
+    # forward takes the K shots as one batch (one APA call for the B*S supports, one matrix of cosines per block,
+    # a shot axis in SPM, the co-triplet support term and the scene difference); computing each shot alone and
+    # averaging gives the same outputs, loss terms and gradients of every parameter, to float32 rounding
+    classes = tuple(symnet.base_classes(symnet_run()))
+    torch.manual_seed(0)
+    net = symnet.SymNet(dataclasses.replace(symnet_model.cfg, base_classes=classes), symnet_run(), symnet_model.text)
+    for module in net.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0  # the two formulations would draw different dropout masks
+    with torch.no_grad():  # weights away from the identity at initialisation, so that the scene difference counts
+        net.ensemble.gram_merge.weight.copy_(torch.tensor([1.0, 0.5]).view(1, 2, 1, 1))
+        net.ensemble.cls_merge.weight.copy_(torch.tensor([0.8, -0.5]).view(1, 2, 1, 1))
+    img_q, img_s, m_s, m_q, class_ids = synthetic_episode(2, shot, SYMNET_SIZE, seed=6)
+    net.train()
+    results = []
+    for forward in (net, lambda *args: symnet_per_shot_forward(net, *args)):
+        net.zero_grad(set_to_none=True)
+        out = forward(img_q, img_s, m_s, class_ids)
+        total, terms = net.loss(out, m_q, m_s)
+        total.backward()
+        results.append({**{key: out[key].detach() for key in ("logits", "meta", "prior", "triplet")},
+                        **{f"aux {i}": a.detach() for i, a in enumerate(out["aux"])},
+                        **{f"loss {key}": value.detach() for key, value in terms.items()},
+                        **{name: p.grad for name, p in net.named_parameters() if p.grad is not None}})
+    at_once, per_shot = results
+    assert at_once.keys() == per_shot.keys() and len(at_once) > 60  # outputs, 4 loss terms, every gradient
+    for key, expected in per_shot.items():
+        assert torch.allclose(at_once[key], expected, rtol=1e-4, atol=1e-5 * expected.abs().max()), key
+    assert per_shot["triplet"] > 0 and per_shot["ensemble.gram_merge.weight"].abs().max() > 0
+    net.zero_grad(set_to_none=True)
 
 
 # ---------------- co-triplet loss (Eq. 10-12) by hand -----------------------------------------------------
