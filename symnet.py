@@ -57,6 +57,7 @@ Choices (where the paper is silent we follow SN; differences from SN are said):
 - APA as the paper: separate W^V, scores scaled by 1/sqrt(d), d = 256 (§4.1; §3.5 also calls the text width
   d, 300: the scale uses the prototype width c = 256); SN has V = K and an unscaled
   bilinear score. The undefined "FFN" is SN's Linear + Dropout(0.1). One APA serves both branches (SN).
+  Q K^T is computed as (Q W^K^T) F~^T and A V as (A F~) W^V: the same products, without keys and values per pixel.
 - Word vectors: GoogleNews word2vec, unit length (as SN's rows); a name is its underscore-joined phrase if the
   binary has it, else the mean of its words; VOC's compound names use MIANet's words (WORD2VEC_ALIASES).
   Without --word-vectors the text input is zero (Table 5, row "Support & Query"); it is zero too whenever
@@ -68,6 +69,12 @@ Choices (where the paper is silent we follow SN; differences from SN are said):
   binary); 1x1 convs to 16 channels, GroupNorm + ReLU after the 3x3 merges and a last 3x3 conv to N' (SN).
   Top-down (layer4 with layer3, then layer2) as the name, the text and SN; Eq. (13) with §4.1's N1..N3 reads
   bottom-up. Concatenation as Eq. (13); SN adds.
+- bf16 autocast (train.py --bf16): convolutions, linear layers and the blocks' cosine matrices run in bf16 (their
+  rounding is the bf16 features' own); float32 wherever bf16's 8 significant bits would lose the result: SPM and
+  the scene difference (near-equal values, then min-max or a difference), APA's logits and softmax (logits
+  grow to hundreds: bf16 steps of 1-2), the block features' norms and the mean of their cosines over the
+  support mask (steps of 0.004 near 0.5), the query region means (Eq. 5, 10, 11), the co-triplet distances and
+  BAM's ensemble (probabilities in steps of 0.004).
 - Loss: 2-class cross-entropy (= Eq. 14's BCE on the logit difference). With the base learner, BAM's CE on
   the meta learner's own output is added ("meta"), as SN.
 - Base learner: --base-learner, else base_learner_path(run) when that file exists (else the meta learner alone,
@@ -254,10 +261,10 @@ def prior_region_mean(f, inside, prior, fallback):
     n = order.shape[1]
     k = min(QUERY_FALLBACK, n)
     start = {"bottom": 0, "median": n // 2 - k // 2, "top": n - k}[fallback]
-    ranked = torch.zeros_like(order, dtype=f.dtype).scatter_(1, order[:, start:start + k], 1.0).view_as(prior)
+    ranked = torch.zeros_like(order, dtype=torch.float32).scatter_(1, order[:, start:start + k], 1.0).view_as(prior)
     empty = inside.flatten(1).sum(1) == 0  # (B,)
-    region = torch.where(empty[:, None, None, None], ranked, inside.to(f.dtype))  # (B, 1, h, w)
-    return common.masked_average_pooling(f, region)  # (B, C)
+    region = torch.where(empty[:, None, None, None], ranked, inside.float())  # (B, 1, h, w)
+    return common.masked_average_pooling(f.float(), region)  # (B, C); fp32: bf16 sums over many pixels are ~1% off
 
 
 class APA(nn.Module):
@@ -274,12 +281,16 @@ class APA(nn.Module):
         self.scale = dim ** -0.5  # 1/sqrt(d), d = 256 (§4.1)
 
     def forward(self, proto, text, f):
-        # Eq. (6)-(7): Q = (p ⊕ t) W^Q, K = F~ W^K, V = F~ W^V
-        q = self.w_q(torch.cat([proto, text.to(proto.dtype)], 1))  # (B, c)
-        k, v = self.w_k(f).flatten(2), self.w_v(f).flatten(2)  # (B, c, hw) each
+        f = f.flatten(2)  # (B, c, hw)
+        # Eq. (6)-(7): Q = (p ⊕ t) W^Q, K = F~ W^K, V = F~ W^V, taken as Q K^T = (Q W^K^T) F~^T and A V = (A F~) W^V:
+        # the same products, with W^K and W^V applied to one vector per item instead of to every pixel
+        with torch.autocast(f.device.type, enabled=False):  # fp32: logits grow to hundreds, where bf16's step is 1-2
+            q = self.w_q(torch.cat([proto.float(), text.float()], 1))  # (B, c)
+            logits = torch.einsum("bc,bcn->bn", q @ self.w_k.weight.flatten(1), f.float()) * self.scale  # (B, hw)
+            attention = torch.softmax(logits, dim=1)  # (B, hw)
         # Eq. (8): p_aug = FFN(Softmax(Q K^T / sqrt(d)) V) + p
-        attention = torch.softmax(torch.einsum("bc,bcn->bn", q, k) * self.scale, dim=1)  # (B, hw)
-        return self.ffn(torch.einsum("bn,bcn->bc", attention, v)) + proto  # (B, c)
+        attended = torch.einsum("bn,bcn->bc", attention, f)  # (B, c): the attention-weighted F~
+        return self.ffn(F.linear(attended, self.w_v.weight.flatten(1))) + proto  # (B, c)
 
 
 def triplet_term(anchor, positive, negative, margin):
@@ -293,15 +304,18 @@ def block_correlation(f_q, f_s, m):
     shot's support pixels of ReLU(cos). f_q (B,C,h,w), f_s (B,S,C,h,w) features of one block, m (B,S,h,w)
     support masks -> (B,1,h,w). The shots share one matrix of cosines (B, hw, S*hw)."""
     B, C, h, w = f_q.shape
-    q, s = f_q.flatten(2), f_s.transpose(1, 2).flatten(2)  # (B, C, hw), (B, C, S*hw)
-    q = q / (q.norm(dim=1, keepdim=True) + TDC_EPS)
-    s = s / (s.norm(dim=1, keepdim=True) + TDC_EPS)
+    with torch.autocast(f_q.device.type, enabled=False):  # fp32: a bf16 norm scales a pixel's cosines by up to 0.4%
+        q, s = f_q.flatten(2).float(), f_s.transpose(1, 2).flatten(2).float()  # (B, C, hw), (B, C, S*hw)
+        q = q / (q.norm(dim=1, keepdim=True) + TDC_EPS)
+        s = s / (s.norm(dim=1, keepdim=True) + TDC_EPS)
+        # each shot's mask over its area, with the area eps of PFENet's prototype pooling (common.MAP_EPS), / S:
+        # one product gives the mean over the shots of the mask-weighted means
+        weights = m.flatten(2).float()  # (B, S, hw)
+        weights = (weights / (weights.sum(2, keepdim=True) + common.MAP_EPS) / m.shape[1]).flatten(1)  # (B, S*hw)
+    # the big product stays bf16 under autocast: it rounds no more than the bf16 block features it reads
     cos = torch.bmm(q.transpose(1, 2), s).clamp(min=0)  # (B, hw, S*hw)
-    # each shot's mask over its area, with the area eps of PFENet's prototype pooling (common.MAP_EPS), / S:
-    # one product gives the mean over the shots of the mask-weighted means
-    weights = m.flatten(2).to(cos.dtype)  # (B, S, hw)
-    weights = (weights / (weights.sum(2, keepdim=True) + common.MAP_EPS) / m.shape[1]).flatten(1)  # (B, S*hw)
-    return torch.bmm(cos, weights[:, :, None]).view(B, 1, h, w)  # (B, 1, h, w)
+    with torch.autocast(f_q.device.type, enabled=False):  # fp32: bf16's step near 0.5 (0.004) rivals the pixels' spread
+        return torch.bmm(cos.float(), weights[:, :, None]).view(B, 1, h, w)  # (B, 1, h, w)
 
 
 class TDC(nn.Module):
@@ -421,15 +435,16 @@ class BAMEnsemble(nn.Module):
                 conv.weight.copy_(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1))
 
     def forward(self, meta_logits, base_logits, est, base_classes, class_ids=None):
-        p, q = meta_logits.softmax(1), base_logits.softmax(1)  # (B, 2, h, w), (B, 1+n, h, w)
-        keep = torch.ones_like(q[:, 1:, 0, 0])  # (B, n)
-        if class_ids is not None:
-            keep = (base_classes[None] != class_ids.view(-1, 1)).to(q.dtype)  # (B, n)
-        base_map = (q[:, 1:] * keep[:, :, None, None]).sum(1, keepdim=True)  # (B, 1, h, w)
-        est_map = est.view(-1, 1, 1, 1).to(p.dtype).expand_as(base_map)  # (B, 1, h, w)
-        bg = self.gram_merge(torch.cat([p[:, :1], est_map], 1))  # (B, 1, h, w)
-        fg = self.gram_merge(torch.cat([p[:, 1:], est_map], 1))
-        return torch.cat([self.cls_merge(torch.cat([bg, base_map.to(bg.dtype)], 1)), fg], 1)  # (B, 2, h, w)
+        with torch.autocast(meta_logits.device.type, enabled=False):  # fp32: bf16 probabilities move in steps of 0.004
+            p, q = meta_logits.float().softmax(1), base_logits.float().softmax(1)  # (B, 2, h, w), (B, 1+n, h, w)
+            keep = torch.ones_like(q[:, 1:, 0, 0])  # (B, n)
+            if class_ids is not None:
+                keep = (base_classes[None] != class_ids.view(-1, 1)).float()  # (B, n)
+            base_map = (q[:, 1:] * keep[:, :, None, None]).sum(1, keepdim=True)  # (B, 1, h, w)
+            est_map = est.float().view(-1, 1, 1, 1).expand_as(base_map)  # (B, 1, h, w)
+            bg = self.gram_merge(torch.cat([p[:, :1], est_map], 1))  # (B, 1, h, w)
+            fg = self.gram_merge(torch.cat([p[:, 1:], est_map], 1))
+            return torch.cat([self.cls_merge(torch.cat([bg, base_map], 1)), fg], 1)  # (B, 2, h, w)
 
 
 class BaseClassImages(Dataset):

@@ -4251,7 +4251,7 @@ def test_crcnet_finetune_plus_fusion_averages_every_support_under_the_tuned_weig
 
 # ==========================================================================================================
 # symnet.py: Sym-Net: shapes, loss, gradients; SPM, APA, TDC and the co-triplet loss by hand; K shots; word
-# vectors, BAM's base learner and ensemble, the side files and the checkpoints that hold them
+# vectors, BAM's base learner and ensemble, the side files and the checkpoints that hold them; bf16 autocast
 # ==========================================================================================================
 
 SYMNET_SIZE = 41  # -> 6x6 features at output stride 8; the episodes are synthetic_episode's (class ids for the text)
@@ -5154,6 +5154,129 @@ def test_symnet_loss_terms_by_hand_with_the_ensemble(symnet_model):
     out["meta"].requires_grad_(True)
     net.loss(out, m_q, None)[0].backward()
     assert out["meta"].grad is not None and out["meta"].grad.abs().sum() > 0
+
+
+# ---------------- bf16 autocast: what would lose the result runs in float32; a short bf16 training ---------
+# CPU autocast stands in for CUDA's: convolutions, linear layers and matrix products run in bf16 on both (CUDA
+# also keeps softmax, norms and sums in float32; the CPU does not, so these cases are the stricter ones).
+
+def test_symnet_apa_attention_under_bf16_autocast():
+    # W^Q passes the prototype, W^K = W^V = identity, FFN = identity. Channel 0 of the 64 pixels is 100 plus an
+    # offset in (-1, 1), so that the logits are 300 +- 3 (bf16's step there: 2); channel 1 is the pixel's index,
+    # so that the output's channel 1 is the attention-weighted index, 33.40 by hand. bf16 logits gave 30.5;
+    # float32 logits leave the output's own rounding (bf16's step at 33: 0.25).
+    c, hw = 8, 64
+    apa = symnet.APA(c, 4, dropout=0.0)
+    with torch.no_grad():
+        apa.w_q.weight.copy_(torch.cat([torch.eye(c), torch.zeros(c, 4)], 1))
+        apa.w_k.weight.copy_(torch.eye(c).view(c, c, 1, 1))
+        apa.w_v.weight.copy_(torch.eye(c).view(c, c, 1, 1))
+        apa.ffn[0].weight.copy_(torch.eye(c))
+        apa.ffn[0].bias.zero_()
+    g = torch.Generator().manual_seed(0)
+    f = torch.zeros(1, c, 1, hw)
+    f[0, 0, 0] = 100 + 2 * torch.rand(hw, generator=g) - 1
+    f[0, 1, 0] = torch.arange(hw).float()
+    proto, text = torch.zeros(1, c), torch.zeros(1, 4)
+    proto[0, 0] = 3 * math.sqrt(c)  # q = proto: logits = proto_0 f_0 / sqrt(c) = 3 f_0
+    expected = (torch.softmax(3 * f[0, 0, 0].double(), 0) * torch.arange(hw)).sum().item()
+    with torch.no_grad():
+        assert math.isclose(apa(proto, text, f)[0, 1].item(), expected, abs_tol=1e-3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            amp = apa(proto, text, f)[0, 1].item()
+    assert math.isclose(amp, expected, abs_tol=0.25), (amp, expected)
+
+
+def test_symnet_block_correlation_under_bf16_autocast():
+    # Two shots of post-ReLU block features of magnitude 10, 100 and 1000 (bf16 values, as a bf16 backbone gives
+    # them) with cosines of 0.5-0.8: the correlations of the query pixels differ by ~0.01. With the norms and the
+    # masked mean in float32 and the cosine matrix in bf16 they are within 1e-3 of float32's (measured 5e-4); a
+    # bf16 mean was 2.4e-3 off (bf16's step near 0.6: 0.004).
+    g = torch.Generator().manual_seed(0)
+    B, C, h, S = 2, 256, 8, 2
+    shared = torch.rand(1, 1, C, 1, 1, generator=g)
+    feats = F.relu(shared + 0.5 * torch.randn(B, 1 + S, C, h, h, generator=g))
+    feats = (feats * torch.tensor([10.0, 100.0, 1000.0]).view(1, 3, 1, 1, 1)).bfloat16().float()
+    m = (torch.rand(B, S, h, h, generator=g) > 0.3).float()
+    expected = symnet.block_correlation(feats[:, 0], feats[:, 1:], m)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = symnet.block_correlation(feats[:, 0], feats[:, 1:], m)
+    assert 0.5 < expected.min() and expected.max() < 0.8 and expected.std() > 5e-3
+    assert amp.dtype == torch.float32 and (amp - expected).abs().max() < 1e-3
+
+
+def test_symnet_query_regions_and_co_triplet_under_bf16_autocast():
+    # bf16 features of magnitude up to 1000 on a 32x32 grid, as F^m's 1x1 convs give them under autocast: the query
+    # region means (Eq. 5, 10, 11) and the co-triplet loss equal float32's on the same values (bf16 sums over
+    # hundreds of pixels were 0.6% off, the loss 3e-4)
+    g = torch.Generator().manual_seed(0)
+    c, h, S = 64, 32, 2
+    f_q = (1000 * torch.rand(2, c, h, h, generator=g)).bfloat16()
+    f_s = (1000 * torch.rand(2, S, c, h, h, generator=g)).bfloat16()
+    m_s = (torch.rand(2, S, h, h, generator=g) > 0.5).long()
+    prior = torch.rand(2, 1, h, h, generator=g)
+    anchors = torch.randn(2, c, generator=g), torch.randn(2, c, generator=g)
+    expected = symnet.prior_region_mean(f_q.float(), prior > 0.3, prior, "top")
+    expected_loss = symnet_co_triplet(f_q.float(), f_s.float(), m_s, prior, *anchors).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        p_q = symnet.prior_region_mean(f_q, prior > 0.3, prior, "top")
+        loss = symnet_co_triplet(f_q, f_s, m_s, prior, *anchors).item()
+    assert p_q.dtype == torch.float32 and torch.allclose(p_q, expected, rtol=1e-5)
+    assert expected_loss > 0.5 and math.isclose(loss, expected_loss, rel_tol=1e-5)
+
+
+def test_symnet_bam_ensemble_and_spm_under_bf16_autocast():
+    # BAM's ensemble on bf16 logits: meta logits 300 +- a few (bf16's step: 2), base logits of +-300. Softmaxes and
+    # merges in float32 give float32's result on the same logits; bf16 probabilities were 4e-3 off.
+    g = torch.Generator().manual_seed(0)
+    meta = (3 * torch.randn(2, 2, 8, 8, generator=g) + 300).bfloat16()
+    base = (300 * torch.randn(2, 16, 8, 8, generator=g)).bfloat16()
+    est, classes, class_ids = torch.rand(2, generator=g), torch.arange(6, 21), torch.tensor([7, 1])
+    ens = symnet.BAMEnsemble()
+    with torch.no_grad():
+        ens.gram_merge.weight.copy_(torch.tensor([1.0, 0.5]).view(1, 2, 1, 1))
+        ens.cls_merge.weight.copy_(torch.tensor([1.0, -1.0]).view(1, 2, 1, 1))
+        expected = ens(meta.float(), base.float(), est, classes, class_ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            amp = ens(meta, base, est, classes, class_ids)
+    assert amp.dtype == torch.float32 and torch.allclose(amp, expected, atol=1e-6)
+    # SPM on layer4-like features of magnitude 1000 (float32 inside, Choices): float32's prior
+    f_q = 1000 * F.relu(torch.randn(2, 512, 8, 8, generator=g))
+    f_s = 1000 * F.relu(torch.randn(2, 2, 512, 8, 8, generator=g))
+    m = (torch.rand(2, 2, 8, 8, generator=g) > 0.5).float()
+    expected = symnet.self_activation_prior(f_q, f_s, m, symnet.Config.windows)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = symnet.self_activation_prior(f_q, f_s, m, symnet.Config.windows)
+    assert amp.dtype == torch.float32 and torch.allclose(amp, expected, atol=1e-6)
+
+
+def test_symnet_short_bf16_training_stays_finite(tmp_path, word_vectors):
+    # The synthetic recipe's optimiser (SGD, lr 0.05, momentum 0.9, weight decay 1e-4) for a few steps of 2-shot
+    # episodes under bf16 autocast: every loss term and weight stays finite, and the loss (in float32) falls
+    torch.manual_seed(0)
+    net = make_symnet(tmp_path, word_vectors=str(word_vectors))
+    img_q, img_s, m_s, m_q, class_ids = synthetic_episode(2, 2, SYMNET_SIZE, seed=7)
+    args = (img_q, img_s, m_s, class_ids)
+
+    def eval_loss():
+        net.eval()
+        with torch.no_grad():
+            return net.loss(net(*args), m_q, m_s)[0].item()
+
+    before = eval_loss()
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.05, momentum=0.9,
+                                weight_decay=1e-4)
+    net.train()
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            total, terms = net.loss(net(*args), m_q, m_s)
+        assert all(math.isfinite(v.item()) for v in (total, *terms.values())), terms
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    after = eval_loss()
+    assert after < 0.9 * before, (before, after)
 
 
 # ==========================================================================================================
