@@ -30,7 +30,8 @@ Paper -> code:
               base training: BAM train_base.py, config/*_base.yaml      train_base_learner, the stage `base`
     side files (word vectors, base learner) and checkpoints            build, read_base_learner
 K shots: K priors, K support prototypes (each through APA) and K sets of correlations, averaged (Fig. 2); the
-co-triplet support term is averaged over the shots. Shots are averaged with equal weights (paper), not with
+co-triplet support term is averaged over the shots. Each is computed for all shots at once (a shot axis, or the
+B*S supports as one batch), not in a loop over the shots. Shots are averaged with equal weights (paper), not with
 BAM's learned K-shot weights.
 
 Choices (where the paper is silent we follow SN; differences from SN are said):
@@ -56,6 +57,7 @@ Choices (where the paper is silent we follow SN; differences from SN are said):
 - APA as the paper: separate W^V, scores scaled by 1/sqrt(d), d = 256 (§4.1; §3.5 also calls the text width
   d, 300: the scale uses the prototype width c = 256); SN has V = K and an unscaled
   bilinear score. The undefined "FFN" is SN's Linear + Dropout(0.1). One APA serves both branches (SN).
+  Q K^T is computed as (Q W^K^T) F~^T and A V as (A F~) W^V: the same products, without keys and values per pixel.
 - Word vectors: GoogleNews word2vec, unit length (as SN's rows); a name is its underscore-joined phrase if the
   binary has it, else the mean of its words; VOC's compound names use MIANet's words (WORD2VEC_ALIASES).
   Without --word-vectors the text input is zero (Table 5, row "Support & Query"); it is zero too whenever
@@ -67,6 +69,12 @@ Choices (where the paper is silent we follow SN; differences from SN are said):
   binary); 1x1 convs to 16 channels, GroupNorm + ReLU after the 3x3 merges and a last 3x3 conv to N' (SN).
   Top-down (layer4 with layer3, then layer2) as the name, the text and SN; Eq. (13) with §4.1's N1..N3 reads
   bottom-up. Concatenation as Eq. (13); SN adds.
+- bf16 autocast (train.py --bf16): convolutions, linear layers and the blocks' cosine matrices run in bf16 (their
+  rounding is the bf16 features' own); float32 wherever bf16's 8 significant bits would lose the result: SPM and
+  the scene difference (near-equal values, then min-max or a difference), APA's logits and softmax (logits
+  grow to hundreds: bf16 steps of 1-2), the block features' norms and the mean of their cosines over the
+  support mask (steps of 0.004 near 0.5), the query region means (Eq. 5, 10, 11), the co-triplet distances and
+  BAM's ensemble (probabilities in steps of 0.004).
 - Loss: 2-class cross-entropy (= Eq. 14's BCE on the logit difference). With the base learner, BAM's CE on
   the meta learner's own output is added ("meta"), as SN.
 - Base learner: --base-learner, else base_learner_path(run) when that file exists (else the meta learner alone,
@@ -228,24 +236,21 @@ def split_shots(x, S):
 def self_activation_prior(f_q, f_s, m, windows):
     """SPM (§3.3): f_q (B,C,h,w), f_s (B,S,C,h,w) high-level (layer4) features, m (B,S,h,w) resized support
     masks. For each shot and window, the min-max normalised mean over support positions of cos(r_q, r_s) * |r_q|.
-    These maps are averaged over the windows and then over the shots. Returns prior (B,1,h,w) in [0, 1]."""
+    These maps are averaged over the windows and the shots. Returns prior (B,1,h,w) in [0, 1]."""
     with torch.autocast(f_q.device.type, enabled=False):
         f_q, f_s = f_q.float(), f_s.float() * m.float()[:, :, None]  # (B,S,C,h,w): support background out
         B, S, C, h, w = f_s.shape
-        shots = []
-        for k in range(S):
-            maps = []
-            for dh, dw in windows:
-                # Eq. (1): r = AvgPool_{dh x dw}(F), padding keeping the size (padded zeros counted, as SN)
-                r_q = F.avg_pool2d(f_q, (dh, dw), 1, (dh // 2, dw // 2)).flatten(2)  # (B, C, hw)
-                r_s = F.avg_pool2d(f_s[:, k], (dh, dw), 1, (dh // 2, dw // 2)).flatten(2)  # (B, C, hw)
-                # Eq. (2)-(3): Mean_j cos(r_q, r_s_j) * |r_q| = r_q . mean_j (r_s_j / |r_s_j|)
-                direction = (r_s / (r_s.norm(dim=1, keepdim=True) + common.COSINE_EPS)).mean(2)  # (B, C)
-                score = torch.einsum("bcn,bc->bn", r_q, direction)  # (B, hw)
-                low, high = score.min(1, keepdim=True).values, score.max(1, keepdim=True).values
-                maps.append((score - low) / (high - low + common.COSINE_EPS))  # Norm(.)
-            shots.append(torch.stack(maps).mean(0))  # (B, hw): the prior M^pri of shot k
-        return torch.stack(shots).mean(0).view(B, 1, h, w)  # (B, 1, h, w)
+        maps = []
+        for dh, dw in windows:
+            # Eq. (1): r = AvgPool_{dh x dw}(F), padding keeping the size (padded zeros counted, as SN)
+            r_q = F.avg_pool2d(f_q, (dh, dw), 1, (dh // 2, dw // 2)).flatten(2)  # (B, C, hw)
+            r_s = F.avg_pool2d(f_s.flatten(0, 1), (dh, dw), 1, (dh // 2, dw // 2)).view(B, S, C, h * w)
+            # Eq. (2)-(3): Mean_j cos(r_q, r_s_j) * |r_q| = r_q . mean_j (r_s_j / |r_s_j|), every shot at once
+            direction = (r_s / (r_s.norm(dim=2, keepdim=True) + common.COSINE_EPS)).mean(3)  # (B, S, C)
+            score = torch.einsum("bcn,bsc->bsn", r_q, direction)  # (B, S, hw)
+            low, high = score.min(2, keepdim=True).values, score.max(2, keepdim=True).values
+            maps.append((score - low) / (high - low + common.COSINE_EPS))  # Norm(.): the prior of each shot
+        return torch.stack(maps).mean((0, 2)).view(B, 1, h, w)  # (B, 1, h, w)
 
 
 def prior_region_mean(f, inside, prior, fallback):
@@ -256,10 +261,10 @@ def prior_region_mean(f, inside, prior, fallback):
     n = order.shape[1]
     k = min(QUERY_FALLBACK, n)
     start = {"bottom": 0, "median": n // 2 - k // 2, "top": n - k}[fallback]
-    ranked = torch.zeros_like(order, dtype=f.dtype).scatter_(1, order[:, start:start + k], 1.0).view_as(prior)
+    ranked = torch.zeros_like(order, dtype=torch.float32).scatter_(1, order[:, start:start + k], 1.0).view_as(prior)
     empty = inside.flatten(1).sum(1) == 0  # (B,)
-    region = torch.where(empty[:, None, None, None], ranked, inside.to(f.dtype))  # (B, 1, h, w)
-    return common.masked_average_pooling(f, region)  # (B, C)
+    region = torch.where(empty[:, None, None, None], ranked, inside.float())  # (B, 1, h, w)
+    return common.masked_average_pooling(f.float(), region)  # (B, C); fp32: bf16 sums over many pixels are ~1% off
 
 
 class APA(nn.Module):
@@ -276,32 +281,41 @@ class APA(nn.Module):
         self.scale = dim ** -0.5  # 1/sqrt(d), d = 256 (§4.1)
 
     def forward(self, proto, text, f):
-        # Eq. (6)-(7): Q = (p ⊕ t) W^Q, K = F~ W^K, V = F~ W^V
-        q = self.w_q(torch.cat([proto, text.to(proto.dtype)], 1))  # (B, c)
-        k, v = self.w_k(f).flatten(2), self.w_v(f).flatten(2)  # (B, c, hw) each
+        f = f.flatten(2)  # (B, c, hw)
+        # Eq. (6)-(7): Q = (p ⊕ t) W^Q, K = F~ W^K, V = F~ W^V, taken as Q K^T = (Q W^K^T) F~^T and A V = (A F~) W^V:
+        # the same products, with W^K and W^V applied to one vector per item instead of to every pixel
+        with torch.autocast(f.device.type, enabled=False):  # fp32: logits grow to hundreds, where bf16's step is 1-2
+            q = self.w_q(torch.cat([proto.float(), text.float()], 1))  # (B, c)
+            logits = torch.einsum("bc,bcn->bn", q @ self.w_k.weight.flatten(1), f.float()) * self.scale  # (B, hw)
+            attention = torch.softmax(logits, dim=1)  # (B, hw)
         # Eq. (8): p_aug = FFN(Softmax(Q K^T / sqrt(d)) V) + p
-        attention = torch.softmax(torch.einsum("bc,bcn->bn", q, k) * self.scale, dim=1)  # (B, hw)
-        return self.ffn(torch.einsum("bn,bcn->bc", attention, v)) + proto  # (B, c)
+        attended = torch.einsum("bn,bcn->bc", attention, f)  # (B, c): the attention-weighted F~
+        return self.ffn(F.linear(attended, self.w_v.weight.flatten(1))) + proto  # (B, c)
 
 
 def triplet_term(anchor, positive, negative, margin):
-    """Eq. (12), one branch: max(|a - p+| + margin - |a - p-|, 0) on L2-normalised (B,c) vectors -> (B,)."""
-    a, p, n = (F.normalize(x.float(), dim=1) for x in (anchor, positive, negative))
+    """Eq. (12), one branch: max(|a - p+| + margin - |a - p-|, 0) on L2-normalised (..., c) vectors -> (...)."""
+    a, p, n = (F.normalize(x.float(), dim=-1) for x in (anchor, positive, negative))
     return F.relu(F.pairwise_distance(a, p) + margin - F.pairwise_distance(a, n))
 
 
 def block_correlation(f_q, f_s, m):
-    """One TDC channel: for every query pixel, the mask-weighted mean over support pixels of ReLU(cos).
-    f_q (B,C,h,w), f_s (B,C,h,w) features of one block, m (B,h,w) support mask -> (B,1,h,w)."""
+    """One TDC channel: for every query pixel, the mean over the shots of the mask-weighted mean over the
+    shot's support pixels of ReLU(cos). f_q (B,C,h,w), f_s (B,S,C,h,w) features of one block, m (B,S,h,w)
+    support masks -> (B,1,h,w). The shots share one matrix of cosines (B, hw, S*hw)."""
     B, C, h, w = f_q.shape
-    q, s = f_q.flatten(2), f_s.flatten(2)  # (B, C, hw)
-    q = q / (q.norm(dim=1, keepdim=True) + TDC_EPS)
-    s = s / (s.norm(dim=1, keepdim=True) + TDC_EPS)
-    cos = torch.bmm(q.transpose(1, 2), s).clamp(min=0)  # (B, hw_q, hw_s)
-    weights = m.flatten(1).to(cos.dtype)  # (B, hw_s)
-    # mean over the support mask, with the area eps of PFENet's prototype pooling (common.MAP_EPS)
-    corr = torch.bmm(cos, weights[:, :, None])[:, :, 0] / (weights.sum(1, keepdim=True) + common.MAP_EPS)
-    return corr.view(B, 1, h, w)  # (B, 1, h, w)
+    with torch.autocast(f_q.device.type, enabled=False):  # fp32: a bf16 norm scales a pixel's cosines by up to 0.4%
+        q, s = f_q.flatten(2).float(), f_s.transpose(1, 2).flatten(2).float()  # (B, C, hw), (B, C, S*hw)
+        q = q / (q.norm(dim=1, keepdim=True) + TDC_EPS)
+        s = s / (s.norm(dim=1, keepdim=True) + TDC_EPS)
+        # each shot's mask over its area, with the area eps of PFENet's prototype pooling (common.MAP_EPS), / S:
+        # one product gives the mean over the shots of the mask-weighted means
+        weights = m.flatten(2).float()  # (B, S, hw)
+        weights = (weights / (weights.sum(2, keepdim=True) + common.MAP_EPS) / m.shape[1]).flatten(1)  # (B, S*hw)
+    # the big product stays bf16 under autocast: it rounds no more than the bf16 block features it reads
+    cos = torch.bmm(q.transpose(1, 2), s).clamp(min=0)  # (B, hw, S*hw)
+    with torch.autocast(f_q.device.type, enabled=False):  # fp32: bf16's step near 0.5 (0.004) rivals the pixels' spread
+        return torch.bmm(cos.float(), weights[:, :, None]).view(B, 1, h, w)  # (B, 1, h, w)
 
 
 class TDC(nn.Module):
@@ -394,9 +408,9 @@ def gram_distance(f_q, f_s):
     the shots (BAM weights the shots by a learned kshot_rw instead; Sym-Net's paper averages its K shots).
     In float32 even under bf16 autocast: a small difference of two near-equal C x C matrices (cf. cosine_prior)."""
     with torch.autocast(f_q.device.type, enabled=False):
-        g_q = gram_matrix(f_q.float())  # (B, C, C)
-        dists = [(g_q - gram_matrix(f_s[:, k].float())).flatten(1).norm(dim=1) for k in range(f_s.shape[1])]
-        return torch.stack(dists, 1).mean(1) / f_q.shape[1]  # (B,)
+        (B, S, C), g_q = f_s.shape[:3], gram_matrix(f_q.float())  # (B, C, C)
+        g_s = gram_matrix(f_s.flatten(0, 1).float()).view(B, S, C, C)  # every shot at once
+        return (g_q[:, None] - g_s).flatten(2).norm(dim=2).mean(1) / C  # (B,)
 
 
 class BAMEnsemble(nn.Module):
@@ -421,15 +435,16 @@ class BAMEnsemble(nn.Module):
                 conv.weight.copy_(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1))
 
     def forward(self, meta_logits, base_logits, est, base_classes, class_ids=None):
-        p, q = meta_logits.softmax(1), base_logits.softmax(1)  # (B, 2, h, w), (B, 1+n, h, w)
-        keep = torch.ones_like(q[:, 1:, 0, 0])  # (B, n)
-        if class_ids is not None:
-            keep = (base_classes[None] != class_ids.view(-1, 1)).to(q.dtype)  # (B, n)
-        base_map = (q[:, 1:] * keep[:, :, None, None]).sum(1, keepdim=True)  # (B, 1, h, w)
-        est_map = est.view(-1, 1, 1, 1).to(p.dtype).expand_as(base_map)  # (B, 1, h, w)
-        bg = self.gram_merge(torch.cat([p[:, :1], est_map], 1))  # (B, 1, h, w)
-        fg = self.gram_merge(torch.cat([p[:, 1:], est_map], 1))
-        return torch.cat([self.cls_merge(torch.cat([bg, base_map.to(bg.dtype)], 1)), fg], 1)  # (B, 2, h, w)
+        with torch.autocast(meta_logits.device.type, enabled=False):  # fp32: bf16 probabilities move in steps of 0.004
+            p, q = meta_logits.float().softmax(1), base_logits.float().softmax(1)  # (B, 2, h, w), (B, 1+n, h, w)
+            keep = torch.ones_like(q[:, 1:, 0, 0])  # (B, n)
+            if class_ids is not None:
+                keep = (base_classes[None] != class_ids.view(-1, 1)).float()  # (B, n)
+            base_map = (q[:, 1:] * keep[:, :, None, None]).sum(1, keepdim=True)  # (B, 1, h, w)
+            est_map = est.float().view(-1, 1, 1, 1).expand_as(base_map)  # (B, 1, h, w)
+            bg = self.gram_merge(torch.cat([p[:, :1], est_map], 1))  # (B, 1, h, w)
+            fg = self.gram_merge(torch.cat([p[:, 1:], est_map], 1))
+            return torch.cat([self.cls_merge(torch.cat([bg, base_map], 1)), fg], 1)  # (B, 2, h, w)
 
 
 class BaseClassImages(Dataset):
@@ -599,21 +614,19 @@ class SymNet(nn.Module):
         p_q_neg = prior_region_mean(f_q, prior < cfg.tau2, prior, "bottom")  # (B, c)
         p_q_pos = prior_region_mean(f_q, (prior > cfg.tau3) & (prior < cfg.tau4), prior, "median")  # (B, c)
         loss_q = triplet_term(p_q_aug, p_q_pos, p_q_neg, cfg.margin).mean()  # Eq. (12), query branch
-        # support: the foreground pixel farthest from the anchor, and the mean background feature, per shot
+        # support, per shot (all shots at once): the foreground pixel farthest from the anchor, the mean background
         fg = common.foreground_at(m_s, f_s.shape[-2:], mode="nearest")  # (B, S, h, w)
         bg = 1 - fg  # (B, S, h, w): 255 counts as background, as in SN and in the rest of this file
-        anchor = F.normalize(p_s_aug.float(), dim=1)  # (B, c)
-        losses_s = []
-        for k in range(f_s.shape[1]):
-            pixels = f_s[:, k].flatten(2)  # (B, c, hw)
-            dist = (F.normalize(pixels.float(), dim=1) - anchor[:, :, None]).norm(dim=1)  # (B, hw)
-            hardest = dist.masked_fill(fg[:, k].flatten(1) == 0, -1).argmax(1)  # (B,)
-            p_s_pos = pixels.gather(2, hardest.view(-1, 1, 1).expand(-1, pixels.shape[1], 1))[:, :, 0]  # (B, c)
-            p_s_neg = common.masked_average_pooling(f_s[:, k], bg[:, k])  # (B, c)
-            valid = ((fg[:, k].flatten(1).sum(1) > 0) & (bg[:, k].flatten(1).sum(1) > 0)).float()  # (B,)
-            terms = triplet_term(p_s_aug, p_s_pos, p_s_neg, cfg.margin)  # Eq. (12), support branch: (B,)
-            losses_s.append((terms * valid).sum() / valid.sum().clamp(min=1))
-        return loss_q + torch.stack(losses_s).mean()
+        pixels = f_s.flatten(3)  # (B, S, c, hw)
+        anchor = F.normalize(p_s_aug.float(), dim=1)[:, None, :, None]  # (B, 1, c, 1)
+        dist = (F.normalize(pixels.float(), dim=2) - anchor).norm(dim=2)  # (B, S, hw)
+        hardest = dist.masked_fill(fg.flatten(2) == 0, -1).argmax(2)  # (B, S)
+        p_s_pos = pixels.gather(3, hardest[:, :, None, None].expand(-1, -1, pixels.shape[2], 1))[..., 0]  # (B, S, c)
+        p_s_neg = common.masked_average_pooling(f_s.flatten(0, 1), bg.flatten(0, 1)).view_as(p_s_pos)  # (B, S, c)
+        valid = ((fg.sum((2, 3)) > 0) & (bg.sum((2, 3)) > 0)).float()  # (B, S)
+        terms = triplet_term(p_s_aug[:, None].expand_as(p_s_pos), p_s_pos, p_s_neg, cfg.margin)  # Eq. 12: (B, S)
+        loss_s = (terms * valid).sum(0) / valid.sum(0).clamp(min=1)  # (S,): per shot, the mean over valid items
+        return loss_q + loss_s.mean()
 
     def forward(self, img_q, img_s, m_s, class_ids=None):
         cfg, (B, S), (H, W) = self.cfg, img_s.shape[:2], img_q.shape[-2:]
@@ -627,16 +640,17 @@ class SymNet(nn.Module):
         prior = self_activation_prior(feats_q["layer4"], split_shots(feats_s["layer4"], S), m, cfg.windows)  # (B,1,h,w)
         # 4. APA: symmetrical prototypes aligned with the word vector (Eq. 4-9)
         text = self.text[class_ids] if class_ids is not None else self.text.new_zeros(B, TEXT_DIM)  # (B, d)
-        p_s_aug = torch.stack([self.apa(common.masked_average_pooling(f_s[:, k], m[:, k]),  # Eq. (4)
-                                        text, f_s[:, k] * m[:, k, None]) for k in range(S)]).mean(0)  # (B, c)
+        # the shots as one batch of B*S supports: Eq. (4) per shot, APA per shot, then their mean
+        p_s = common.masked_average_pooling(f_s.flatten(0, 1), m.flatten(0, 1))  # Eq. (4): (B*S, c)
+        p_s_aug = self.apa(p_s, text.repeat_interleave(S, 0), (f_s * m[:, :, None]).flatten(0, 1))  # (B*S, c)
+        p_s_aug = p_s_aug.view(B, S, -1).mean(1)  # (B, c)
         p_q = prior_region_mean(f_q, prior > cfg.tau1, prior, "top")  # Eq. (5)
         p_q_aug = self.apa(p_q, text, f_q * prior.to(f_q.dtype))  # (B, c)
         # Eq. (9): p_hybrid = alpha p_q_aug + beta p_s_aug
         p_hybrid = cfg.alpha * p_q_aug + cfg.beta * p_s_aug  # (B, c)
         # 5. TDC: block correlations per stage, averaged over shots, fused top-down (Eq. 13)
         blocks_q, blocks_s = feats_q["blocks"], [split_shots(x, S) for x in feats_s["blocks"]]
-        corr = [torch.stack([block_correlation(q, s[:, k], m[:, k]) for k in range(S)]).mean(0)
-                for q, s in zip(blocks_q, blocks_s)]  # 13 x (B, 1, h, w)
+        corr = [block_correlation(q, s, m) for q, s in zip(blocks_q, blocks_s)]  # 13 x (B, 1, h, w)
         ends = np.cumsum([0, *self.blocks])
         hyper = self.tdc([torch.cat(corr[a:b], 1) for a, b in zip(ends[:-1], ends[1:])])  # (B, N', h, w)
         # 6. FEM decoder on query features, hybrid prototype, hyper-correlation and prior

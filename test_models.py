@@ -4981,7 +4981,7 @@ def test_crcnet_finetune_plus_fusion_averages_every_support_under_the_tuned_weig
 
 # ==========================================================================================================
 # symnet.py: Sym-Net: shapes, loss, gradients; SPM, APA, TDC and the co-triplet loss by hand; K shots; word
-# vectors, BAM's base learner and ensemble, the side files and the checkpoints that hold them
+# vectors, BAM's base learner and ensemble, the side files and the checkpoints that hold them; bf16 autocast
 # ==========================================================================================================
 
 SYMNET_SIZE = 41  # -> 6x6 features at output stride 8; the episodes are synthetic_episode's (class ids for the text)
@@ -5040,8 +5040,9 @@ def symnet_grid_mask(m_s):
 
 
 def symnet_record_forward(net, img_q, img_s, m_s, class_ids):
-    """An eval forward pass (dropout off) with hooks that keep F^m of the query and the supports, every APA call
-    (proto, text, keys/values input, output), TDC's input correlations and FEM's inputs."""
+    """An eval forward pass (dropout off) with hooks that keep F^m of the query and the supports, the APA inputs
+    and outputs (proto, text, keys/values input, output) of each shot, then of the query, TDC's input correlations
+    and FEM's inputs."""
     rec = {"apa": []}
     hooks = [net.down_query.register_forward_hook(lambda mod, i, o: rec.__setitem__("f_q", o.clone())),
              net.down_supp.register_forward_hook(lambda mod, i, o: rec.__setitem__("f_s", o.clone())),
@@ -5055,6 +5056,9 @@ def symnet_record_forward(net, img_q, img_s, m_s, class_ids):
     finally:
         for hook in hooks:
             hook.remove()
+    (B, S), (shots, query) = img_s.shape[:2], rec["apa"]  # APA ran twice: the B*S supports, then the B queries
+    assert shots[0].shape[0] == B * S and query[0].shape[0] == B
+    rec["apa"] = [[x.view(B, S, *x.shape[1:])[:, k] for x in shots] for k in range(S)] + [query]
     return out, rec
 
 
@@ -5259,16 +5263,24 @@ def test_symnet_prior_region_fallbacks():
 
 
 def test_symnet_block_correlation_direct():
+    # two shots with masks of 4 and 2 pixels: per shot the mean of ReLU(cos) over its mask, then the mean of the
+    # shots (not the mean over all 6 masked pixels)
     g = torch.Generator().manual_seed(1)
-    f_q, f_s = torch.randn(1, 5, 3, 3, generator=g), torch.randn(1, 5, 3, 3, generator=g)
-    m = torch.zeros(1, 3, 3)
-    m[0, 1:, 1:] = 1
-    q, s = f_q[0].flatten(1), f_s[0].flatten(1)
-    fg = m[0].flatten().nonzero().flatten()
-    expected = torch.stack([torch.stack([F.cosine_similarity(q[:, i], s[:, j], dim=0).clamp(min=0)
-                                         for j in fg]).mean() for i in range(9)]).view(1, 1, 3, 3)
-    assert torch.allclose(symnet.block_correlation(f_q, f_s, m), expected, atol=1e-3)
-    assert (symnet.block_correlation(f_q, f_s, torch.zeros(1, 3, 3)) == 0).all()  # empty mask -> 0
+    f_q, f_s = torch.randn(1, 5, 3, 3, generator=g), torch.randn(1, 2, 5, 3, 3, generator=g)
+    m = torch.zeros(1, 2, 3, 3)
+    m[0, 0, 1:, 1:] = 1
+    m[0, 1, 0, :2] = 1
+    q = f_q[0].flatten(1)
+    shots = []
+    for k in range(2):
+        s, fg = f_s[0, k].flatten(1), m[0, k].flatten().nonzero().flatten()
+        shots.append(torch.stack([torch.stack([F.cosine_similarity(q[:, i], s[:, j], dim=0).clamp(min=0)
+                                               for j in fg]).mean() for i in range(9)]).view(1, 1, 3, 3))
+    corr = symnet.block_correlation(f_q, f_s, m)
+    assert torch.allclose(corr, (shots[0] + shots[1]) / 2, atol=1e-3)
+    assert (shots[0] - shots[1]).abs().max() > 0.05  # the shots differ: the mean is not either one
+    assert torch.allclose(symnet.block_correlation(f_q, f_s[:, :1], m[:, :1]), shots[0], atol=1e-3)  # one shot
+    assert (symnet.block_correlation(f_q, f_s, torch.zeros(1, 2, 3, 3)) == 0).all()  # empty masks -> 0
 
 
 # ---------------- word vectors ----------------------------------------------------------------------------
@@ -5601,7 +5613,7 @@ def test_symnet_forward_prototypes_follow_eq4_eq5_eq7_and_eq9(symnet_model):
     out, rec = symnet_record_forward(net, img_q, img_s, m_s, class_ids)
     f_q, f_s = rec["f_q"], rec["f_s"].view(B, S, c, SYMNET_GRID, SYMNET_GRID)
     m, prior = symnet_grid_mask(m_s), out["prior"]
-    assert len(rec["apa"]) == S + 1  # one call per shot, then the query
+    assert len(rec["apa"]) == S + 1  # each shot, then the query
     text = net.text[class_ids]
     assert text.abs().sum() > 0  # the word vectors are on
     for k in range(S):
@@ -5691,6 +5703,70 @@ def test_symnet_k_shot_is_the_mean_of_the_one_shot_quantities(symnet_model, symn
     p_s_aug = (singles[0][1]["apa"][0][-1] + singles[1][1]["apa"][0][-1]) / 2
     p_q_aug = rec["apa"][2][-1]
     assert torch.allclose(rec["fem"][1], 0.5 * p_q_aug + 0.5 * p_s_aug, atol=1e-5)
+
+
+def symnet_per_shot_forward(net, img_q, img_s, m_s, class_ids):
+    """SymNet.forward (with BAM's ensemble) one shot at a time: each shot's prior, APA prototype, block
+    correlations, co-triplet support term and scene difference from that shot alone, then their means (Fig. 2)."""
+    cfg, S = net.cfg, img_s.shape[1]
+    feats_q, feats_s = net.backbone.episode(img_q, img_s, blocks=True)
+    f_q, f_s = net.down_query(feats_q), symnet.split_shots(net.down_supp(feats_s), S)  # (B,c,h,w), (B,S,c,h,w)
+    m = common.foreground_at(m_s, f_q.shape[-2:])  # (B, S, h, w)
+
+    def mean_of_shots(one_shot):  # one_shot(k, shot_of) with shot_of(x) = shot k of x, keeping a shot axis of 1
+        return torch.stack([one_shot(k, lambda x: x[:, k:k + 1]) for k in range(S)]).mean(0)
+
+    prior = mean_of_shots(lambda k, shot: symnet.self_activation_prior(
+        feats_q["layer4"], shot(symnet.split_shots(feats_s["layer4"], S)), shot(m), cfg.windows))
+    text = net.text[class_ids]
+    p_s_aug = mean_of_shots(lambda k, shot: net.apa(masked_average_pooling(f_s[:, k], m[:, k]), text,
+                                                    f_s[:, k] * m[:, k, None]))
+    p_q_aug = net.apa(symnet.prior_region_mean(f_q, prior > cfg.tau1, prior, "top"), text, f_q * prior)
+    corr = [mean_of_shots(lambda k, shot: symnet.block_correlation(q, shot(symnet.split_shots(s, S)), shot(m)))
+            for q, s in zip(feats_q["blocks"], feats_s["blocks"])]
+    ends = np.cumsum([0, *net.blocks])
+    hyper = net.tdc([torch.cat(corr[a:b], 1) for a, b in zip(ends[:-1], ends[1:])])
+    meta, aux = net.fem(f_q, cfg.alpha * p_q_aug + cfg.beta * p_s_aug, torch.cat([hyper, prior], 1))
+    est = mean_of_shots(lambda k, shot: symnet.gram_distance(feats_q["layer2"],
+                                                             shot(symnet.split_shots(feats_s["layer2"], S))))
+    logits = net.ensemble(meta, net.base_learner(feats_q["layer4"]), est, net.base_learner.classes, class_ids)
+    triplet = mean_of_shots(lambda k, shot: net.co_triplet(f_q, shot(f_s), shot(m_s), prior, p_q_aug, p_s_aug))
+    logits = F.interpolate(logits, img_q.shape[-2:], mode="bilinear", align_corners=True)
+    return {"logits": logits, "meta": meta, "aux": aux, "triplet": triplet, "prior": prior}
+
+
+@pytest.mark.parametrize("shot", [1, 5])
+def test_symnet_all_shots_at_once_equal_the_per_shot_formulation(symnet_model, shot):
+    # forward takes the K shots as one batch (one APA call for the B*S supports, one matrix of cosines per block,
+    # a shot axis in SPM, the co-triplet support term and the scene difference); computing each shot alone and
+    # averaging gives the same outputs, loss terms and gradients of every parameter, to float32 rounding
+    classes = tuple(symnet.base_classes(symnet_run()))
+    torch.manual_seed(0)
+    net = symnet.SymNet(dataclasses.replace(symnet_model.cfg, base_classes=classes), symnet_run(), symnet_model.text)
+    for module in net.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0  # the two formulations would draw different dropout masks
+    with torch.no_grad():  # weights away from the identity at initialisation, so that the scene difference counts
+        net.ensemble.gram_merge.weight.copy_(torch.tensor([1.0, 0.5]).view(1, 2, 1, 1))
+        net.ensemble.cls_merge.weight.copy_(torch.tensor([0.8, -0.5]).view(1, 2, 1, 1))
+    img_q, img_s, m_s, m_q, class_ids = synthetic_episode(2, shot, SYMNET_SIZE, seed=6)
+    net.train()
+    results = []
+    for forward in (net, lambda *args: symnet_per_shot_forward(net, *args)):
+        net.zero_grad(set_to_none=True)
+        out = forward(img_q, img_s, m_s, class_ids)
+        total, terms = net.loss(out, m_q, m_s)
+        total.backward()
+        results.append({**{key: out[key].detach() for key in ("logits", "meta", "prior", "triplet")},
+                        **{f"aux {i}": a.detach() for i, a in enumerate(out["aux"])},
+                        **{f"loss {key}": value.detach() for key, value in terms.items()},
+                        **{name: p.grad for name, p in net.named_parameters() if p.grad is not None}})
+    at_once, per_shot = results
+    assert at_once.keys() == per_shot.keys() and len(at_once) > 60  # outputs, 4 loss terms, every gradient
+    for key, expected in per_shot.items():
+        assert torch.allclose(at_once[key], expected, rtol=1e-4, atol=1e-5 * expected.abs().max()), key
+    assert per_shot["triplet"] > 0 and per_shot["ensemble.gram_merge.weight"].abs().max() > 0
+    net.zero_grad(set_to_none=True)
 
 
 # ---------------- co-triplet loss (Eq. 10-12) by hand -----------------------------------------------------
@@ -5810,6 +5886,129 @@ def test_symnet_loss_terms_by_hand_with_the_ensemble(symnet_model):
     out["meta"].requires_grad_(True)
     net.loss(out, m_q, None)[0].backward()
     assert out["meta"].grad is not None and out["meta"].grad.abs().sum() > 0
+
+
+# ---------------- bf16 autocast: what would lose the result runs in float32; a short bf16 training ---------
+# CPU autocast stands in for CUDA's: convolutions, linear layers and matrix products run in bf16 on both (CUDA
+# also keeps softmax, norms and sums in float32; the CPU does not, so these cases are the stricter ones).
+
+def test_symnet_apa_attention_under_bf16_autocast():
+    # W^Q passes the prototype, W^K = W^V = identity, FFN = identity. Channel 0 of the 64 pixels is 100 plus an
+    # offset in (-1, 1), so that the logits are 300 +- 3 (bf16's step there: 2); channel 1 is the pixel's index,
+    # so that the output's channel 1 is the attention-weighted index, 33.40 by hand. bf16 logits gave 30.5;
+    # float32 logits leave the output's own rounding (bf16's step at 33: 0.25).
+    c, hw = 8, 64
+    apa = symnet.APA(c, 4, dropout=0.0)
+    with torch.no_grad():
+        apa.w_q.weight.copy_(torch.cat([torch.eye(c), torch.zeros(c, 4)], 1))
+        apa.w_k.weight.copy_(torch.eye(c).view(c, c, 1, 1))
+        apa.w_v.weight.copy_(torch.eye(c).view(c, c, 1, 1))
+        apa.ffn[0].weight.copy_(torch.eye(c))
+        apa.ffn[0].bias.zero_()
+    g = torch.Generator().manual_seed(0)
+    f = torch.zeros(1, c, 1, hw)
+    f[0, 0, 0] = 100 + 2 * torch.rand(hw, generator=g) - 1
+    f[0, 1, 0] = torch.arange(hw).float()
+    proto, text = torch.zeros(1, c), torch.zeros(1, 4)
+    proto[0, 0] = 3 * math.sqrt(c)  # q = proto: logits = proto_0 f_0 / sqrt(c) = 3 f_0
+    expected = (torch.softmax(3 * f[0, 0, 0].double(), 0) * torch.arange(hw)).sum().item()
+    with torch.no_grad():
+        assert math.isclose(apa(proto, text, f)[0, 1].item(), expected, abs_tol=1e-3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            amp = apa(proto, text, f)[0, 1].item()
+    assert math.isclose(amp, expected, abs_tol=0.25), (amp, expected)
+
+
+def test_symnet_block_correlation_under_bf16_autocast():
+    # Two shots of post-ReLU block features of magnitude 10, 100 and 1000 (bf16 values, as a bf16 backbone gives
+    # them) with cosines of 0.5-0.8: the correlations of the query pixels differ by ~0.01. With the norms and the
+    # masked mean in float32 and the cosine matrix in bf16 they are within 1e-3 of float32's (measured 5e-4); a
+    # bf16 mean was 2.4e-3 off (bf16's step near 0.6: 0.004).
+    g = torch.Generator().manual_seed(0)
+    B, C, h, S = 2, 256, 8, 2
+    shared = torch.rand(1, 1, C, 1, 1, generator=g)
+    feats = F.relu(shared + 0.5 * torch.randn(B, 1 + S, C, h, h, generator=g))
+    feats = (feats * torch.tensor([10.0, 100.0, 1000.0]).view(1, 3, 1, 1, 1)).bfloat16().float()
+    m = (torch.rand(B, S, h, h, generator=g) > 0.3).float()
+    expected = symnet.block_correlation(feats[:, 0], feats[:, 1:], m)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = symnet.block_correlation(feats[:, 0], feats[:, 1:], m)
+    assert 0.5 < expected.min() and expected.max() < 0.8 and expected.std() > 5e-3
+    assert amp.dtype == torch.float32 and (amp - expected).abs().max() < 1e-3
+
+
+def test_symnet_query_regions_and_co_triplet_under_bf16_autocast():
+    # bf16 features of magnitude up to 1000 on a 32x32 grid, as F^m's 1x1 convs give them under autocast: the query
+    # region means (Eq. 5, 10, 11) and the co-triplet loss equal float32's on the same values (bf16 sums over
+    # hundreds of pixels were 0.6% off, the loss 3e-4)
+    g = torch.Generator().manual_seed(0)
+    c, h, S = 64, 32, 2
+    f_q = (1000 * torch.rand(2, c, h, h, generator=g)).bfloat16()
+    f_s = (1000 * torch.rand(2, S, c, h, h, generator=g)).bfloat16()
+    m_s = (torch.rand(2, S, h, h, generator=g) > 0.5).long()
+    prior = torch.rand(2, 1, h, h, generator=g)
+    anchors = torch.randn(2, c, generator=g), torch.randn(2, c, generator=g)
+    expected = symnet.prior_region_mean(f_q.float(), prior > 0.3, prior, "top")
+    expected_loss = symnet_co_triplet(f_q.float(), f_s.float(), m_s, prior, *anchors).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        p_q = symnet.prior_region_mean(f_q, prior > 0.3, prior, "top")
+        loss = symnet_co_triplet(f_q, f_s, m_s, prior, *anchors).item()
+    assert p_q.dtype == torch.float32 and torch.allclose(p_q, expected, rtol=1e-5)
+    assert expected_loss > 0.5 and math.isclose(loss, expected_loss, rel_tol=1e-5)
+
+
+def test_symnet_bam_ensemble_and_spm_under_bf16_autocast():
+    # BAM's ensemble on bf16 logits: meta logits 300 +- a few (bf16's step: 2), base logits of +-300. Softmaxes and
+    # merges in float32 give float32's result on the same logits; bf16 probabilities were 4e-3 off.
+    g = torch.Generator().manual_seed(0)
+    meta = (3 * torch.randn(2, 2, 8, 8, generator=g) + 300).bfloat16()
+    base = (300 * torch.randn(2, 16, 8, 8, generator=g)).bfloat16()
+    est, classes, class_ids = torch.rand(2, generator=g), torch.arange(6, 21), torch.tensor([7, 1])
+    ens = symnet.BAMEnsemble()
+    with torch.no_grad():
+        ens.gram_merge.weight.copy_(torch.tensor([1.0, 0.5]).view(1, 2, 1, 1))
+        ens.cls_merge.weight.copy_(torch.tensor([1.0, -1.0]).view(1, 2, 1, 1))
+        expected = ens(meta.float(), base.float(), est, classes, class_ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            amp = ens(meta, base, est, classes, class_ids)
+    assert amp.dtype == torch.float32 and torch.allclose(amp, expected, atol=1e-6)
+    # SPM on layer4-like features of magnitude 1000 (float32 inside, Choices): float32's prior
+    f_q = 1000 * F.relu(torch.randn(2, 512, 8, 8, generator=g))
+    f_s = 1000 * F.relu(torch.randn(2, 2, 512, 8, 8, generator=g))
+    m = (torch.rand(2, 2, 8, 8, generator=g) > 0.5).float()
+    expected = symnet.self_activation_prior(f_q, f_s, m, symnet.Config.windows)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = symnet.self_activation_prior(f_q, f_s, m, symnet.Config.windows)
+    assert amp.dtype == torch.float32 and torch.allclose(amp, expected, atol=1e-6)
+
+
+def test_symnet_short_bf16_training_stays_finite(tmp_path, word_vectors):
+    # The synthetic recipe's optimiser (SGD, lr 0.05, momentum 0.9, weight decay 1e-4) for a few steps of 2-shot
+    # episodes under bf16 autocast: every loss term and weight stays finite, and the loss (in float32) falls
+    torch.manual_seed(0)
+    net = make_symnet(tmp_path, word_vectors=str(word_vectors))
+    img_q, img_s, m_s, m_q, class_ids = synthetic_episode(2, 2, SYMNET_SIZE, seed=7)
+    args = (img_q, img_s, m_s, class_ids)
+
+    def eval_loss():
+        net.eval()
+        with torch.no_grad():
+            return net.loss(net(*args), m_q, m_s)[0].item()
+
+    before = eval_loss()
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.05, momentum=0.9,
+                                weight_decay=1e-4)
+    net.train()
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            total, terms = net.loss(net(*args), m_q, m_s)
+        assert all(math.isfinite(v.item()) for v in (total, *terms.values())), terms
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    after = eval_loss()
+    assert after < 0.9 * before, (before, after)
 
 
 # ==========================================================================================================
