@@ -651,8 +651,8 @@ class SymNet(nn.Module):
         # 5. TDC: block correlations per stage, averaged over shots, fused top-down (Eq. 13)
         blocks_q, blocks_s = feats_q["blocks"], [split_shots(x, S) for x in feats_s["blocks"]]
         corr = [block_correlation(q, s, m) for q, s in zip(blocks_q, blocks_s)]  # 13 x (B, 1, h, w)
-        ends = np.cumsum([0, *self.blocks])
-        hyper = self.tdc([torch.cat(corr[a:b], 1) for a, b in zip(ends[:-1], ends[1:])])  # (B, N', h, w)
+        stages = [sum(self.blocks[:i]) for i in range(len(self.blocks) + 1)]  # [0, 4, 10, 13]: stage boundaries
+        hyper = self.tdc([torch.cat(corr[a:b], 1) for a, b in zip(stages[:-1], stages[1:])])  # (B, N', h, w)
         # 6. FEM decoder on query features, hybrid prototype, hyper-correlation and prior
         meta, aux = self.fem(f_q, p_hybrid, torch.cat([hyper, prior.to(hyper.dtype)], 1))  # (B, 2, h, w)
         # 7. BAM's ensemble with the base learner, when there is one
