@@ -173,11 +173,10 @@ def prior_file(run, options):
 
 
 def images_seen(run, all_images):
-    """What decides which images stage 1 trains on, as its file records it: the dataset, its root, and, unless it
-    sees every image, the fold's split. A prior extractor made for other images is refused (it may have seen the
+    """What decides which images stage 1 trains on, as its file records it: the dataset and, unless it sees every
+    image, the fold's split. A prior extractor made for other images is refused (it may have seen the
     run's novel classes)."""
-    seen = {"dataset": run.dataset, "data_root": str(run.data_root) if run.data_root else None,
-            "all_images": bool(all_images)}
+    seen = {"dataset": run.dataset, "all_images": bool(all_images)}
     if not all_images:
         seen.update(fold=run.fold, test_classes=list(run.test_classes) if run.test_classes else None,
                     coco_split=run.coco_split)
@@ -533,7 +532,7 @@ def read_stage1_file(path, cfg=None, seen=None, hint=""):
 
 def describe_images(seen):
     """images_seen(...) in words."""
-    where = f"{seen['dataset']}{' at ' + seen['data_root'] if seen.get('data_root') else ''}"
+    where = seen["dataset"]
     if seen.get("all_images"):
         return f"every image of {where}"
     which = f"classes {seen['test_classes']}" if seen.get("test_classes") else f"fold {seen['fold']}"

@@ -352,9 +352,21 @@ def base_classes(run):
 
 
 def base_learner_path(run):
-    """Where --stage base writes the base learner and where Sym-Net looks for it by default."""
-    split = data.split_name(run.dataset, run.fold, run.data_root, run.test_classes)
+    """Where --stage base writes the base learner and where Sym-Net looks for it by default: one file for each
+    split (COCO's two included) and backbone."""
+    split = data.split_name(run.dataset, run.fold, run.data_root, run.test_classes, run.coco_split)
     return Path(common.RUNS_DIR) / f"base-{split}-{run.backbone}" / "base_learner.pt"
+
+
+def base_file(run, options):
+    """STAGE_FILES["base"]: --base-learner, else base_learner_path(run) (train.py holds its folder as a run's)."""
+    return Path(options.get("base_learner") or base_learner_path(run))
+
+
+def base_images(run):
+    """What decides the base learner's training images, as its file records it (read_base_learner compares)."""
+    return {"dataset": run.dataset, "fold": run.fold, "coco_split": run.coco_split,
+            "test_classes": list(run.test_classes) if run.test_classes else None}
 
 
 class BaseLearner(nn.Module):
@@ -503,37 +515,58 @@ def train_base_learner(run, schedule, options):
     head only (BAM also fine-tunes the backbone at a tenth of the rate; ours stays frozen and shared). The last
     epoch's weights are kept, as the harness does for every model: BAM validates every epoch on the test images
     (base-class labels), keeps the best and stops after 75 epochs without improvement. One process. Writes
-    {model, classes, backbone, dataset, fold} and returns its path; with random backbone weights also
-    backbone_buffers, the BatchNorm statistics estimated here, which the meta learner's backbone (the same random
-    weights: same seed) then takes instead of estimating its own.
+    base_file(run, options) after every epoch: {model, optimizer, epoch, epochs, recipe, classes, backbone,
+    images} (with random backbone weights also backbone_buffers, the BatchNorm statistics estimated here, which the
+    meta learner's backbone, the same random weights by the same seed, then takes instead of estimating its own),
+    and its log NAME_metrics.jsonl beside it; schedule.resume continues the file with the recipe it was made with.
+    Returns its path.
     """
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         sys.exit("error: --stage base runs in one process: start it with python, not torchrun")
     if schedule.batch_size < 2:  # the pyramid's 1x1 bin leaves BatchNorm one value per channel
         sys.exit(f"error: --stage base needs --batch-size >= 2 (BAM uses 12), got {schedule.batch_size}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    path = base_file(run, options)
+    log_file = path.with_name(f"{path.stem}_metrics.jsonl")
+    recipe = {"lr": schedule.lr, "batch_size": schedule.batch_size, "epochs": schedule.epochs, "img_size": run.img_size,
+              "seed": schedule.seed, "train_length": schedule.train_length}
     torch.manual_seed(schedule.seed)  # before the backbone, as train.py: random weights equal the meta learner's
     backbone = common.Backbone(run.backbone, pretrained=run.pretrained).to(device)
     try:
         images = BaseClassImages(run, schedule.seed, schedule.train_length)
     except FileNotFoundError as err:  # a missing or incomplete data root: the message names the layout
         sys.exit(f"error: {err}")
-    if backbone.needs_statistics:  # as train.py does for the meta learner's backbone
+    resumed = read_side_file(path, "a base learner (--stage base)", ("model", "optimizer", "epoch", "recipe")) if (
+        schedule.resume and path.is_file()) else None
+    if resumed is not None and resumed["recipe"] != recipe:
+        differ = ", ".join(f"{k} {resumed['recipe'].get(k)} (now {v})" for k, v in recipe.items()
+                           if resumed["recipe"].get(k) != v)
+        raise common.WeightsUnavailableError(f"--resume: {path} was made with {differ}: a resumed stage keeps its "
+                                             "recipe; drop the flags, or --overwrite to start it again")
+    if resumed is not None and "backbone_buffers" in resumed:  # the statistics it trained on, not new ones
+        backbone.load_state_dict(resumed["backbone_buffers"], strict=False)
+    elif backbone.needs_statistics:  # as train.py does for the meta learner's backbone
         count = min(common.CALIBRATION_IMAGES, len(images))
         backbone.calibrate(torch.stack([images[(0, i)][0] for i in range(count)]).to(device))
     learner = BaseLearner(backbone.channels["layer4"], images.classes).to(device)
     optimizer = common.sgd(learner.parameters(), schedule.lr, BASE_MOMENTUM, BASE_WEIGHT_DECAY)
+    start = 0
+    if resumed is not None:
+        learner.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        start = resumed["epoch"]
+        common.cut_log(log_file, start)
     steps = len(images) // schedule.batch_size
     if steps == 0:
         sys.exit(f"error: {len(images)} base-class images do not fill one batch of {schedule.batch_size}")
-    path = Path(options.get("base_learner") or base_learner_path(run))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if schedule.bf16 and device.type == "cuda" else nullcontext()
-    print(f"[base] {len(images)} images of base classes {images.classes}, {schedule.epochs} epochs of {steps} "
-          f"steps of {schedule.batch_size}, lr {schedule.lr}, {device} -> {path}", flush=True)
+    print(f"[base] {len(images)} images of base classes {images.classes}, epochs {start + 1}..{schedule.epochs} of "
+          f"{steps} steps of {schedule.batch_size}, lr {schedule.lr}, {device} -> {path}", flush=True)
 
     def batches(epoch):
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(schedule.seed * 100003 + epoch))
         keys = [(epoch, i) for i in order[:steps * schedule.batch_size].tolist()]
+        torch.manual_seed(schedule.seed * 100003 + epoch * 101)  # dropout: the same, resumed or not
         learner.train()
         return DataLoader(images, batch_size=schedule.batch_size, sampler=keys, num_workers=schedule.workers,
                           pin_memory=device.type == "cuda")
@@ -548,15 +581,20 @@ def train_base_learner(run, schedule, options):
         hits = (scores.argmax(1) == label) & valid  # (B, H, W)
         return loss, {"pixel_accuracy": hits.sum() / valid.sum().clamp(min=1)}
 
+    def end_epoch(epoch):
+        common.check_finite(learner)
+        state = {"model": learner.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                 "epochs": schedule.epochs, "recipe": recipe, "classes": images.classes, "backbone": run.backbone,
+                 "images": base_images(run)}
+        if not backbone.pretrained:  # the meta learner's random backbone must give the features this head learned on
+            state["backbone_buffers"] = dict(backbone.named_buffers())
+        common.save_atomic(state, path)
+
     total = schedule.epochs * steps
     common.fit(step, optimizer, batches, lambda it: schedule.lr * (1 - it / total) ** BASE_POLY_POWER,
-               schedule.epochs, steps, log_every=schedule.log_every, per_step=schedule.batch_size, unit="images",
-               tag="[base] ", log=partial(print, flush=True))
-    state = {"model": learner.state_dict(), "classes": images.classes, "backbone": run.backbone,
-             "dataset": run.dataset, "fold": run.fold}
-    if not backbone.pretrained:  # the meta learner's random backbone must give the features this head learned on
-        state["backbone_buffers"] = dict(backbone.named_buffers())
-    common.save_atomic(state, path)
+               schedule.epochs, steps, start_epoch=start, log_every=schedule.log_every, per_step=schedule.batch_size,
+               unit="images", tag="[base] ", log=partial(print, flush=True), log_file=log_file, event="base",
+               end_epoch=end_epoch)
     print(f"[base] wrote {path}", flush=True)
     return path
 
@@ -684,23 +722,30 @@ class SymNet(nn.Module):
 
 
 def read_base_learner(cfg, run):
-    """The base stage's file for this run, {model, classes, backbone, dataset, fold[, backbone_buffers]}:
-    cfg.base_learner, else base_learner_path(run); None, with one warning, when the default file does not exist.
-    A file for another backbone, other classes or the other kind of backbone weights (random or not):
-    WeightsUnavailableError."""
+    """The base stage's file for this run (train_base_learner writes it): cfg.base_learner, else
+    base_learner_path(run); None, with one warning, when the default file does not exist. A file that is not
+    finished, or made for another backbone, other classes or images (another dataset or split), or the other
+    kind of backbone weights (random or not): WeightsUnavailableError."""
     path = Path(cfg.base_learner or base_learner_path(run))
+    command = (f"python train.py --model symnet --stage base --dataset {run.dataset} --fold {run.fold}"
+               + (f" --coco-split {run.coco_split}" if run.dataset == "coco" else ""))
     if not path.is_file():
-        warnings.warn(f"no base learner at {path}: Sym-Net runs as the meta learner alone "
-                      f"(train one with: python train.py --model symnet --stage base --dataset {run.dataset} "
-                      f"--fold {run.fold})")
+        warnings.warn(f"no base learner at {path}: Sym-Net runs as the meta learner alone (train one with: {command})")
         return None
     state = read_side_file(path, "a base learner (python train.py --model symnet --stage base)",
                            ("model", "classes", "backbone"))
+    if state.get("epoch", 0) < state.get("epochs", 0):
+        raise common.WeightsUnavailableError(f"base learner {path} stopped after epoch {state['epoch']} of "
+                                             f"{state['epochs']}: finish it with {command} --resume")
     expected = base_classes(run)
     if state["backbone"] != cfg.backbone or list(state["classes"]) != expected:
         raise common.WeightsUnavailableError(
             f"base learner {path} was trained for {state['backbone']}, classes {state['classes']}; this model "
             f"needs {cfg.backbone}, classes {expected}")
+    seen, own = state.get("images"), base_images(run)
+    if seen is not None and (seen.get("dataset"), seen.get("coco_split")) != (own["dataset"], own["coco_split"]):
+        raise common.WeightsUnavailableError(f"base learner {path} was trained on {seen['dataset']} ({seen}); this "
+                                             f"run is on {own['dataset']} ({own})")
     random = "backbone_buffers" in state  # saved with the random backbone's BatchNorm statistics
     if random == bool(cfg.pretrained):
         kinds = {True: "random (--no-pretrained)", False: "ImageNet (or --backbone-weights)"}
@@ -733,3 +778,4 @@ def build(cfg, run):
 
 Model = SymNet
 STAGES = {"base": train_base_learner}
+STAGE_FILES = {"base": base_file}

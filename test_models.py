@@ -4080,8 +4080,8 @@ def test_qgnet_stage_1_is_a_run_and_its_file_serves_only_the_images_it_saw(tmp_p
     assert "was made with other stage-1 values (prior_epochs 1 (now 2))" in str(err.value.code)
     assert path.read_bytes() == before
     state = torch.load(path, weights_only=True)
-    assert state["images"] == {"dataset": "synthetic", "data_root": None, "all_images": False, "fold": 1,
-                               "test_classes": None, "coco_split": "interleaved"}
+    assert state["images"] == {"dataset": "synthetic", "all_images": False, "fold": 1, "test_classes": None,
+                               "coco_split": "interleaved"}
     build = lambda fold: qgnet.build(qgnet.Config(pretrained=False, prior_checkpoint=str(path)),  # noqa: E731
                                      common.Run(dataset="synthetic", fold=fold, pretrained=False))
     assert build(1).prior_extractor.calibrated  # its own fold: taken
@@ -5459,6 +5459,37 @@ def test_symnet_resume_follows_the_checkpoint_when_a_base_learner_appears(tmp_pa
         train.main([*argv, "--resume"])
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert state["epoch"] == 2 and not any(k.startswith("ensemble.") for k in state["model"])
+
+
+def test_symnet_base_stage_resumes_exactly_and_an_unfinished_file_is_refused(tmp_path, monkeypatch):
+    """The base stage writes its file after every epoch; one killed after epoch 1 of 2 is refused by Sym-Net with
+    the command that finishes it, and --stage base --resume gives the weights of the run that was never killed."""
+    argv = ["--model", "symnet", "--stage", "base", "--dataset", "synthetic", "--fold", "1", "--no-pretrained",
+            "--img-size", "33", "--train-length", "4", "--batch-size", "2", "--epochs", "2", "--workers", "0"]
+    whole, cut = tmp_path / "whole" / "base.pt", tmp_path / "cut" / "base.pt"
+    train.main([*argv, "--base-learner", str(whole)])
+    real = common.save_atomic
+
+    def killed_in_epoch_2(state, path):
+        if state.get("epoch") == 2:
+            raise RuntimeError("killed")
+        real(state, path)
+
+    monkeypatch.setattr(common, "save_atomic", killed_in_epoch_2)
+    with pytest.raises(RuntimeError, match="killed"):
+        train.main([*argv, "--base-learner", str(cut)])
+    monkeypatch.undo()
+    with pytest.raises(common.WeightsUnavailableError, match="stopped after epoch 1 of 2: finish it with python "
+                                                             "train.py --model symnet --stage base .* --resume"):
+        symnet.read_base_learner(symnet.Config(base_learner=str(cut), pretrained=False), symnet_run(1))
+    with pytest.raises(SystemExit, match="holds a run already"):  # not replaced without --resume or --overwrite
+        train.main([*argv, "--base-learner", str(cut)])
+    with pytest.raises(SystemExit, match="was made with lr 0.05 .now 0.01."):  # its own recipe, or none
+        train.main([*argv, "--base-learner", str(cut), "--resume", "--lr", "0.01"])
+    train.main([*argv, "--base-learner", str(cut), "--resume"])
+    a, b = torch.load(whole, weights_only=True), torch.load(cut, weights_only=True)
+    assert b["epoch"] == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [r["epoch"] for r in read_metrics(cut.parent, "base_metrics.jsonl") if r["event"] == "base"] == [1, 2]
 
 
 def test_symnet_base_stage_trains_and_sym_net_uses_it(tmp_path):
