@@ -1,86 +1,44 @@
-"""Few-shot segmentation episodes: PASCAL-5i, COCO-20i and an embedded synthetic set, all in this file.
+"""Few-shot segmentation episodes: PASCAL-5i, COCO-20i, a folder of your own labelled images and a synthetic set.
 
-Every dataset returns the same episode (see contract.md):
-    img_q (3,H,W) float32 normalised     m_q (H,W) int64 in {0,1,255}
+The file, in order:
+    (top)        what every section uses: MEAN, STD, IGNORE, the class counts and folds, the filter's
+                 MIN_FG_PIXELS, and the errors a user can fix (DatasetError and its kinds)
+    episodes     the episode (EpisodeDataset: ImageEpisodes over files, SyntheticEpisodes rendered), build_dataset,
+                 the class lookups (dataset_classes, fold_classes, class_names, split_name), batches
+                 (collate_episodes, to_device) and their DataLoader (EpisodeSampler, make_loader)
+    transforms   masks (binary_mask, mask_to_boxes), the training augmentation (train_transform), the test
+                 geometry (test_transform, logits_to_original), 8 bits and normalising (normalize)
+    PASCAL-5i    VOC2012 + SBD's image lists (_pascal_index)
+    COCO-20i     COCO 2014's image lists and its semantic labels, rasterised from the annotations (_coco_index)
+    folder       your own data: pairs, classes, folds, splits (_folder)
+    files        reading and checking every image and label once, the cached per-class pixel counts
+    synthetic    the renderer of the synthetic set (render_synthetic)
+
+The episode, dataset[(stream, index)] (dataset[index] is stream 0), the same for every dataset:
+    img_q (3,H,W) float32 normalised     m_q (H,W) int64: 1 the episode class, 0 the rest, 255 ignore
     img_s (S,3,H,W)                      m_s (S,H,W) int64
-    class_id int; for split "test" also m_q_orig (H0,W0) int64 (query mask at original resolution) and index int.
-With dataset.compact = True (train.py's loaders set it) the same episode has uint8 images (the 8-bit image before
+    class_id int; for split "test" also m_q_orig (H0,W0) int64 (the query mask at the image's original size, which
+    the scores use) and index int.
+With dataset.compact = True (make_loader sets it) the same episode has uint8 images (the 8-bit image before
 normalising) and uint8 masks, m_q_orig included: a fifth of the bytes to cross from the DataLoader workers to the
 main process, and to the device, where to_device turns a batch into the default one (normalise, int64 masks).
 The default episode is the compact one passed through to_device on the CPU, so the two are equal to the bit.
-Masks are binarised as PFENet does (util/dataset.py:176-181, 215-219): the episode class -> 1, every other class
--> 0, 255 (VOC's "ignore" border) stays 255.
 
-Protocol (notes: shared/notes/protocol.md; PFENet = dvlab-research/PFENet, BAM = chunbolang/BAM):
-- Folds. PASCAL-5i fold i tests classes 5i+1..5i+5. COCO-20i fold i tests 4k+i+1 (k = 0..19, the "interleaved"
-  split that both PFENet COCO configs select); coco_split="contiguous" tests 20i+1..20i+20. The other classes
-  are the base (training) classes.
-- PASCAL lists. Train ids = VOC2012 train (1464) U SBD's train_noval (5623, PFENet's lists/pascal/sbd_data.txt),
-  minus any VOC2012 val id: PFENet's 5953-image voc_sbd_merge_noduplicate list (a note says so when the count
-  differs); test = VOC2012 val (1449). SBD's own train.txt (8498) is not it: it would add 1,700 or more images.
-  Without sbd_train_noval.txt every SegmentationClassAug label not in VOC val is used (10582, the "trainaug" set:
-  larger than PFENet's list; a warning says so).
-- COCO lists. Every 2014 train (test: val) image with at least one annotation (82081 / 40137, the counts in
-  PFENet's README). Semantic labels are rasterised once, by pycocotools' rules without the package: polygons
-  as its rleFrPoly does (polygon_to_mask: pixel centres inside the polygon digitised on a 1/5-pixel grid; the
-  same masks, pixel for pixel), the polygons of one annotation united, RLE (list or compressed string) decoded
-  with numpy in COCO's column-major order. Category ids (1..90 with gaps) map to 1..80 in sorted id order.
-  Annotations are painted in file order, so a later one overwrites an earlier one where they overlap; crowd
-  annotations get their class like any other (there is no ignore label in COCO). A label folder records the
-  rule it was written under (COCO_LABEL_VERSION); labels of an older rule are rewritten once, with a note.
-- Filtering (PFENet util/dataset.py:55-69). A class counts in an image only with >= 2*32*32 pixels. An image is
-  listed under every class of the split that counts in it, and is a query candidate if one does. For TRAIN,
-  every image with a pixel of a test-fold class is dropped (BAM's filter_intersection, also used by Sym-Net and
-  QPENet); PFENet itself keeps them and relabels those pixels as background.
-- Episodes. Train: query = the filtered image at `index` (length = number of filtered images, or
-  `train_length`), class uniform among the base classes present in it. Test: every pass over the filtered val
-  list visits it in an order drawn from (test seed, pass) alone (ImageEpisodes._query), class uniform among the
-  test classes present in the query. "Present" means at least one pixel: like
-  PFENet (util/dataset.py:157-174) the 2048-pixel threshold is not re-checked for the query, so a query may hold
-  a tiny object; supports always pass it. K supports are drawn without replacement from the class's list minus
-  the query; repeats only when the class has fewer than K+1 images (PFENet would loop forever there).
-  Default protocol BAM-style: 1000 episodes per seed (COCO 5000, TEST_EPISODES), 5 seeds (train.py passes the
-  seed as the stream).
-- Randomness. An episode uses one numpy Generator seeded with (seed, stream, index), where dataset[(stream,
-  index)] names the stream: the training epoch, or the test seed. The class, the supports and every
-  augmentation parameter come from it, never from a global RNG, so episodes are identical for any DataLoader
-  worker count (PFENet's depend on the worker count) and for every model.
-- Train augmentation (PFENet util/transform.py, protocol.md §4; AUGMENTATIONS names the recipes that run a subset
-  of its steps, e.g. CRCNet's crop, scale and flip), independently on the query and each support,
-  written with torchvision.transforms.v2 functional ops, and our own rotate and gaussian_blur (one sampling grid
-  for image and mask; two 1-D passes, cv2's taps): RandScale (PASCAL [0.9,1.1], COCO [0.8,1.25], isotropic),
-  RandRotate +-10 deg with p=0.5 (image filled with the mean colour, blended at the border as cv2's, mask with
-  255), 5x5 Gaussian blur (the taps cv2 uses for sigma 0: 1 4 6 4 1 / 16) with p=0.5, horizontal flip p=0.5,
-  symmetric padding (mean colour / 255) to the crop size, then a random crop redrawn (32 draws in all) while it
-  keeps under 85% of the foreground pixels; the last draw is kept. Resizing uses antialias=True (cv2 does not
-  antialias; the scales here are close to 1, so this only matters for --predict on large photos).
-- 8 bits. The augmented (train) or resized (test) image is worked on in floats in [0,1] and rounded to 8 bits, the
-  JPEG's own precision, before it is normalised (PFENet keeps cv2's float32 result): each value moves by at most
-  0.5/255 before normalising, and the padding is the mean colour rounded to 8 bits (124, 116, 104), so a padded
-  pixel normalises to (0.0056, -0.0049, 0.0082), not 0. It lets the workers hand over uint8 images (compact)
-  that normalise to exactly the default episode's values on any device (normalize: a multiply, then an add).
-- Test transform. Long side resized to img_size (aspect kept, small images upscaled too, as PFENet's Resize;
-  PFENet also floors both sides to a multiple of 8, we do not), pasted top-left on an img_size^2 canvas.
-  Image padding is the ImageNet mean colour rounded to 8 bits (~0 after normalisation; PFENet pads black before
-  normalising); mask padding 255. Scores use m_q_orig with logits mapped back by logits_to_original (PFENet's
-  ori_resize).
-- Synthetic (default, no files): 20 classes = 10 shape families x 10 appearances (hue + texture), each shape and
-  each appearance used by two classes in different folds, so neither cue alone names a class. 1-3 objects of
-  the episode class and 0-2 distractors of other classes (train: base classes only, never a test-fold class,
-  mirroring BAM's rule) over a cluttered background, rendered at img_size with exact masks and rounded to 8 bits
-  as the photos are. No augmentation: the renderer already randomises size, position, rotation and aspect.
-- Folder (your own data, FOLDER_LAYOUT): images/ and labels/ paired by stem, classes.txt, folds.txt, optional
-  train.txt / val.txt. It knows its classes only from its root, so dataset_classes(name, fold, root,
-  test_classes) is the one lookup of (number of classes, names, novel ids) for every dataset. Novel classes:
-  test_classes, else fold K of folds.txt, else (with a one-line note) the K-th of four contiguous quarters of
-  the ids, PASCAL-5i's rule. Split: train.txt minus val.txt / val.txt when both exist (as PASCAL's lists),
-  else the images with a pixel of a novel class are the test images and the others the training images (so
-  that BAM's filter drops no training image). Then exactly PASCAL's pipeline (ImageEpisodes): one checking scan
-  of every pair, cached under a key of the files' names, sizes and modification times (an edited label is
-  scanned again), the 2048-pixel filter, BAM's filter, the same episodes and augmentation. Refused with a
-  message: unpaired files, ids that classes.txt does not name, a bad folds.txt, a novel class in no label, and
-  a novel class with fewer than shot + 1 test images over the filter (a query and `shot` other images as
-  supports; PASCAL would repeat supports).
+What the code does not show at a glance:
+- Randomness. An episode uses one numpy Generator seeded with (seed, stream, index), the stream being the
+  training epoch or the test seed: the class, the supports and every augmentation parameter come from it, never
+  from a global RNG, so episodes are identical for any DataLoader worker count (PFENet's depend on it) and for
+  every model.
+- 8 bits. The augmented (train) or resized (test) image is worked on in floats in [0,1] and rounded to 8 bits,
+  the JPEG's own precision, before it is normalised (_quantize). It lets the workers hand over uint8 images
+  (compact) that normalise to exactly the default episode's values on any device (normalize).
+- Filters. A class counts in an image from MIN_FG_PIXELS pixels on; supports always pass it, a query needs one
+  pixel of the episode class (ImageEpisodes._draw). Training drops every image with a pixel of a test-fold class
+  (BAM's rule; PFENet keeps them: class_file_lists). The synthetic set follows the same rule (SyntheticEpisodes).
+
+The protocol, and where it departs from the reference code: README.md, "Protocol". Each rule cites its source in
+the docstring of the function that implements it: PFENet = github.com/dvlab-research/PFENet, BAM =
+github.com/chunbolang/BAM, file paths and line numbers in those repositories.
 """
 import collections
 import colorsys
@@ -98,7 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
@@ -108,87 +66,6 @@ IGNORE = 255  # VOC's object-border label; also the padding label everywhere
 NUM_CLASSES = {"pascal": 20, "coco": 80, "synthetic": 20}
 NUM_FOLDS = 4
 MIN_FG_PIXELS = 2 * 32 * 32  # a class counts in an image from this area on (PFENet util/dataset.py:55-61)
-TRAIN_SIZE = {"pascal": 473, "coco": 641, "synthetic": 128, "folder": 473}  # configs' crop size (caller decides)
-# RandScale (PFENet configs, protocol.md §4); a folder dataset takes PASCAL's recipe
-SCALE_RANGE = {"pascal": (0.9, 1.1), "coco": (0.8, 1.25), "folder": (0.9, 1.1)}
-ROTATE_DEGREES, ROTATE_P = 10.0, 0.5  # RandRotate (util/transform.py:305-330)
-BLUR_P = 0.5  # RandomGaussianBlur (util/transform.py:355-362): cv2.GaussianBlur(image, (5, 5), 0)
-# cv2.getGaussianKernel(5, sigma=0) takes this from its fixed table for sizes <= 7 (small_gaussian_tab), not the
-# Gaussian of its sigma formula (0.3*((k-1)/2-1)+0.8 = 1.1, which gives .071 .245 .370 .245 .071)
-BLUR_TAPS = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
-FLIP_P = 0.5  # RandomHorizontalFlip
-CROP_KEEP, CROP_TRIES = 0.85, 32  # Crop 'rand': 1 draw + 31 redraws (util/transform.py:277-293)
-# Training augmentation recipes, by name (a model file picks one with AUGMENTATION; --augment overrides): which of
-# PFENet's steps run. The scale range is the dataset's (SCALE_RANGE); the padded, foreground-keeping crop always runs.
-AUGMENTATIONS = {
-    "pfenet": dict(scale=True, rotate=True, blur=True, flip=True),  # PFENet util/transform.py, and its descendants
-    "crop-scale-flip": dict(scale=True, rotate=False, blur=False, flip=True),  # CRCNet §5.1's list
-}
-# Test episodes per seed, for every model alike: BAM's 1000 x 5 seeds (test.py:36-39, 193-198) on PASCAL; on COCO
-# Sym-Net's paper samples 5000 per seed (QPENet's 4000: --test-episodes 4000), so that each of a fold's 20
-# classes gets ~250 episodes and a seed's queries are a sample of the 10,000+ test images
-TEST_EPISODES = {"pascal": 1000, "coco": 5000, "synthetic": 300, "folder": 1000}
-TEST_SEEDS = 5
-SYNTHETIC_TRAIN_LENGTH = 500  # synthetic episodes per epoch (the quick start: a few CPU minutes per model)
-# bump when the cached per-image counts change meaning (2: written only after every file checked; 3: every image
-# decoded in full, and class ids checked against the dataset's classes)
-CACHE_VERSION = 3
-# COCO label PNGs: bump when they would be rasterised differently (1: Pillow's polygon fill, outline included;
-# 2: pycocotools' rule). Each label folder records its version in COCO_LABEL_STAMP (no file: version 1).
-COCO_LABEL_VERSION = 2
-COCO_LABEL_STAMP = "label_version.txt"
-POLYGON_UPSAMPLE = 5  # pycocotools' rleFrPoly digitises polygon edges on a grid 5x finer than the pixels
-PARALLEL_MIN_FILES = 256  # scan with a process pool from this many files on
-QUERY_ORDER_KEY = 1  # test queries: the order of a pass comes from its own stream, apart from the episodes' draws
-
-SBD_LIST = "sbd_train_noval.txt"  # under ImageSets/Segmentation: SBD's train_noval ids, PFENet's sbd_data.txt
-PFENET_TRAIN_IMAGES = 5953  # VOC2012 train U SBD train_noval: PFENet's lists/pascal/voc_sbd_merge_noduplicate.txt
-PASCAL_LAYOUT = """expected PASCAL-5i layout:
-  <root>/
-    JPEGImages/2007_000032.jpg ...            VOC2012 images (VOCtrainval_11-May-2012.tar, VOC2012 devkit)
-    SegmentationClassAug/2007_000032.png ...  VOC+SBD labels, 0 bg, 1..20, 255 ignore (SegmentationClassAug.zip,
-                                              the SBD-augmented labels linked from the PFENet and HSNet READMEs)
-    ImageSets/Segmentation/train.txt          VOC2012 train ids (1464), from the devkit
-    ImageSets/Segmentation/val.txt            VOC2012 val ids (1449), from the devkit
-    ImageSets/Segmentation/sbd_train_noval.txt
-                                              SBD's train_noval ids (5623) = PFENet's lists/pascal/sbd_data.txt,
-                                              its 'JPEGImages/X.jpg SegmentationClassAug/X.png' lines read as they
-                                              are; NOT SBD's dataset/train.txt (8498 ids)"""
-COCO_LAYOUT = """expected COCO-20i layout (COCO 2014, cocodataset.org):
-  <root>/
-    train2014/COCO_train2014_000000000009.jpg ...   train2014.zip
-    val2014/COCO_val2014_000000000042.jpg ...       val2014.zip
-    annotations/instances_train2014.json            annotations_trainval2014.zip
-    annotations/instances_val2014.json
-    labels/{train2014,val2014}/*.png                written here on first use (semantic labels 0..80)"""
-FOLDER_LAYOUT = """expected folder layout (--dataset folder, your own data):
-  <root>/
-    images/NAME.jpg ...     the images (.jpg, .jpeg or .png)
-    labels/NAME.png ...     one per image, same NAME and size, single channel (grayscale or palette): the class
-                            id of each pixel, 1..254; 0 background, 255 ignore (a 0/255 mask is all ignore)
-    classes.txt             optional: one class name a line, line i naming class id i (default: ids 1..the
-                            largest id in the labels, named by their numbers)
-    folds.txt               optional: 4 lines, line K the test (novel) class ids of fold K, e.g. "1 5 9" (default:
-                            fold K tests the K-th of four contiguous quarters of the ids; --test-classes: any ids)
-    train.txt, val.txt      optional, both or neither: the NAMEs of the training and test images, one a line
-                            (default: the images with a pixel of a test class are the test images, the rest train)"""
-FOLDER_IMAGES = (".jpg", ".jpeg", ".png")  # images/ files of these suffixes (any case) are the images
-PASCAL_NAMES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-                "tvmonitor")
-
-# COCO 2014 category names, in the order of their sorted ids (= class ids 1..80 here)
-COCO_NAMES = ("person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-              "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-              "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-              "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-              "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-              "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-              "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-              "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-              "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-              "teddy bear", "hair drier", "toothbrush")
-
 
 # dataset_classes' answer: the number of classes (ids 1..count), {id: name}, the novel (test) ids of the run
 Classes = collections.namedtuple("Classes", "count names novel")
@@ -212,8 +89,218 @@ class DatasetClassError(DatasetError, ValueError):
     too few test images for the shots); the message names the class and the file."""
 
 
+# ----------------------------------------------------------------------------- episodes
+
+# Test episodes per seed, for every model alike: BAM's 1000 x 5 seeds (test.py:36-39, 193-198) on PASCAL; on COCO
+# Sym-Net's paper samples 5000 per seed (QPENet's 4000: --test-episodes 4000), so that each of a fold's 20
+# classes gets ~250 episodes and a seed's queries are a sample of the 10,000+ test images
+TEST_EPISODES = {"pascal": 1000, "coco": 5000, "synthetic": 300, "folder": 1000}
+TEST_SEEDS = 5
+SYNTHETIC_TRAIN_LENGTH = 500  # synthetic episodes per epoch (the quick start: a few CPU minutes per model)
+QUERY_ORDER_KEY = 1  # test queries: the order of a pass comes from its own stream, apart from the episodes' draws
+
+
+class EpisodeDataset(Dataset):
+    """Episodes of one split of one fold (the episode: module docstring). Subclasses implement _draw (the class
+    and the raw images: the query, then the supports) and _transform, which returns the compact pair (uint8
+    image, uint8 mask); each image of an episode is transformed on its own.
+
+    Attributes: classes (class ids of this split), num_classes (ids 1..num_classes), class_names {id: name}, seed,
+    support_boxes (settable: each support mask is replaced by mask_to_boxes of its original-resolution mask,
+    before the transforms, as a box annotation would be; the query mask is untouched), augment (settable: the
+    name of the training recipe in AUGMENTATIONS; the synthetic set has none: SyntheticEpisodes), compact
+    (settable: uint8 images and masks, to_device's input).
+    The key dataset[(stream, index)] names the stream: the epoch in training, the test seed in evaluation
+    (EpisodeSampler carries it with every index)."""
+    support_boxes = False
+    augment = "pfenet"
+    compact = False
+
+    def __init__(self, name, split, fold, shot, img_size, classes, class_names, seed, length, num_classes):
+        self.name, self.split, self.fold, self.shot, self.img_size = name, split, fold, shot, img_size
+        self.classes, self.num_classes, self.class_names = classes, num_classes, class_names
+        self.seed, self.length = seed, length
+
+    def __len__(self):
+        return self.length
+
+    def _rng(self, index, stream=0):
+        return np.random.default_rng((self.seed, stream, index))
+
+    def __getitem__(self, key):
+        """key: an index, or (stream, index)."""
+        stream, index = key if isinstance(key, tuple) else (0, key)
+        if not 0 <= index < self.length:
+            raise IndexError(f"episode {index} out of range {self.length}")
+        rng = self._rng(index, stream)
+        class_id, pairs = self._draw(index, rng, stream)  # [(img, label (H0,W0))]: the query, then the supports
+        masks = [binary_mask(label, class_id, torch.uint8) for _, label in pairs]  # (H0,W0) each
+        if self.support_boxes:  # weakly supervised supports (CRCNet §5.4)
+            masks[1:] = [mask_to_boxes(mask) for mask in masks[1:]]
+        out = [self._transform(img, mask, rng) for (img, _), mask in zip(pairs, masks)]  # uint8 (3,H,W), (H,W)
+        episode = {"img_q": out[0][0], "m_q": out[0][1], "img_s": torch.stack([img for img, _ in out[1:]]),
+                   "m_s": torch.stack([mask for _, mask in out[1:]]), "class_id": int(class_id)}
+        if self.split == "test":
+            episode.update(m_q_orig=masks[0], index=index)
+        return episode if self.compact else to_device(episode, torch.device("cpu"))
+
+
+def build_dataset(name, split, fold, shot=1, img_size=473, root=None, seed=0, episodes=None,
+                  coco_split="interleaved", train_length=None, support_boxes=False, augment="pfenet",
+                  test_classes=None):
+    """The episodes of `split` ("train": base classes, augmented by the recipe AUGMENTATIONS[augment]; "test":
+    the fold's novel classes, `episodes` episodes, default TEST_EPISODES[name]) of fold `fold` of dataset `name`
+    ("pascal", "coco", "synthetic", "folder"; for a folder, test_classes (ids) may replace the fold).
+    train_length: training episodes per epoch (default: one per image over the filter, the query of episode i
+    being image i; synthetic: SYNTHETIC_TRAIN_LENGTH).
+    support_boxes: every support mask becomes the union of its objects' bounding boxes (mask_to_boxes)."""
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augment!r}; choose one of {sorted(AUGMENTATIONS)}")
+    if name not in (*NUM_CLASSES, "folder") or split not in ("train", "test") or shot < 1:
+        raise ValueError(f"bad dataset {name!r}, split {split!r} or shot {shot}")
+    if name == "folder":
+        root = _data_root(name, root)
+        files, counts, (num_classes, names, test_classes) = _folder(root, fold, test_classes)
+    else:
+        num_classes, names, test_classes = dataset_classes(name, fold, test_classes=test_classes,
+                                                           coco_split=coco_split)
+    classes = test_classes if split == "test" else [c for c in range(1, num_classes + 1) if c not in test_classes]
+    length = (episodes or TEST_EPISODES[name]) if split == "test" else train_length
+    if name == "synthetic":
+        dataset = SyntheticEpisodes(name, split, fold, shot, img_size, classes, names, seed,
+                                    length or SYNTHETIC_TRAIN_LENGTH, num_classes)
+        dataset.support_boxes = support_boxes
+        return dataset
+    if name == "folder":  # the split's images, then the same filter and episodes as PASCAL's
+        listed = _folder_split(root, counts, test_classes, split)
+        files, counts = {i: files[i] for i in listed}, {i: counts[i] for i in listed}
+        if split == "test":
+            _check_test_shots(counts, classes, names, shot, root)
+    else:
+        root = _data_root(name, root)
+        if name == "pascal":
+            files, counts, names = _pascal_index(root, split)
+        else:
+            files, counts, names = _coco_index(root, "train" if split == "train" else "val")
+    exclude = test_classes if split == "train" else ()
+    dataset = ImageEpisodes(name, split, fold, shot, img_size, classes, names, seed, length, num_classes, files,
+                            counts, exclude)
+    dataset.support_boxes, dataset.augment = support_boxes, augment
+    return dataset
+
+
+class ImageEpisodes(EpisodeDataset):
+    """PASCAL-5i / COCO-20i / folder episodes over files {name: (image, label)} and their class pixel counts."""
+
+    def __init__(self, name, split, fold, shot, img_size, classes, class_names, seed, length, num_classes, files,
+                 counts, exclude):
+        self.files, self.counts, self.scale_range = files, counts, SCALE_RANGE[name]
+        self.images, self.class_files = class_file_lists(counts, classes, exclude)
+        if not self.images:
+            raise DatasetError(f"no {name} {split} image has a class of {classes} with >= {MIN_FG_PIXELS} pixels: "
+                               "there is nothing to draw episodes from (are the labels class ids 0..N, 255?)")
+        super().__init__(name, split, fold, shot, img_size, classes, class_names, seed, length or len(self.images),
+                         num_classes)
+
+    def _load(self, name):
+        image_path, label_path = self.files[name]
+        img, label = load_image(image_path), load_mask(label_path)
+        if img.shape[-2:] != label.shape:
+            raise DatasetFileError(f"image {image_path} {tuple(img.shape[-2:])} and label {label_path} "
+                               f"{tuple(label.shape)} differ in size")
+        return img, label
+
+    def _query(self, index, stream):
+        """Training: the image at `index` (the sampler shuffles). Test: pass p = index // n over the n images
+        takes them in an order drawn from (seed, stream, p) alone, so that each test seed visits its own sample
+        of a large list (COCO: 1000 episodes of 10,000+ images) and every model sees the same queries."""
+        n = len(self.images)
+        if self.split == "train":
+            return self.images[index % n]
+        order = np.random.default_rng((self.seed, stream, index // n, QUERY_ORDER_KEY)).permutation(n)
+        return self.images[order[index % n]]
+
+    def _draw(self, index, rng, stream=0):
+        """The episode class is drawn uniformly among the split's classes present in the query: one pixel is
+        enough, as PFENet (util/dataset.py:157-174) does not re-check the MIN_FG_PIXELS filter for the query, so a
+        query may hold a tiny object; supports always pass it (class_files)."""
+        query = self._query(index, stream)
+        present = [c for c in self.classes if self.counts[query].get(c, 0) > 0 and self.class_files[c]]
+        class_id = present[rng.integers(len(present))]
+        supports = _draw_supports(rng, self.class_files[class_id], query, self.shot)
+        return class_id, [self._load(name) for name in [query, *supports]]
+
+    def _transform(self, img, mask, rng):
+        if self.split == "train":
+            return train_transform(img, mask, rng, self.img_size, self.scale_range, self.augment, compact=True)
+        return test_transform(img, mask, self.img_size, compact=True)
+
+
+def class_file_lists(counts, classes, exclude=()):
+    """Apply the filter rules to per-image pixel counts {name: {class: pixels}} (PFENet util/dataset.py:55-69).
+
+    Returns (images, class_files): the sorted names where at least one of `classes` has >= MIN_FG_PIXELS
+    pixels (the query candidates), and {class: sorted names where it does} (the supports: an image is listed
+    under every class that counts in it). Names with any pixel of a class in `exclude` are dropped first: in
+    training, the test-fold classes (BAM's filter_intersection, util/dataset.py:59-67, also used by Sym-Net and
+    QPENet); PFENet itself keeps those images and relabels those pixels as background."""
+    images, class_files = [], {c: [] for c in classes}
+    for name in sorted(counts):
+        if any(counts[name].get(c, 0) > 0 for c in exclude):
+            continue
+        counted = [c for c in classes if counts[name].get(c, 0) >= MIN_FG_PIXELS]
+        images += [name] if counted else []
+        for c in counted:
+            class_files[c].append(name)
+    return images, class_files
+
+
+def _draw_supports(rng, class_files, query, shot):
+    """`shot` names from class_files other than the query, without replacement while there are enough: repeats
+    only when the class has fewer than shot + 1 images (PFENet would loop forever there)."""
+    pool = [name for name in class_files if name != query] or list(class_files)  # only the query: use it
+    picks = list(rng.permutation(len(pool)))
+    picks += list(rng.integers(0, len(pool), shot - len(picks))) if len(picks) < shot else []
+    return [pool[i] for i in picks[:shot]]
+
+
+class SyntheticEpisodes(EpisodeDataset):
+    """Rendered episodes (render_synthetic), no files: train images never contain a test-fold class (BAM's rule),
+    test images may hold any other class as a distractor. Images are rounded to 8 bits as the photos are; no
+    augmentation: the renderer already randomises size, position, rotation and aspect."""
+
+    def _draw(self, index, rng, stream=0):
+        class_id = int(self.classes[rng.integers(len(self.classes))])
+        pool = self.classes if self.split == "train" else range(1, NUM_CLASSES["synthetic"] + 1)
+        distractors = np.array([c for c in pool if c != class_id])
+        return class_id, [render_synthetic(rng, class_id, distractors, self.img_size) for _ in range(1 + self.shot)]
+
+    def render_episode(self, index):
+        """(class_id, [(img (3,H,W) in [0,1], label (H,W) class ids)]) of episode `index`, before binarising."""
+        return self._draw(index, self._rng(index))
+
+    def _transform(self, img, mask, rng):
+        return _quantize(img), mask
+
+
+def dataset_classes(name, fold=0, root=None, test_classes=None, coco_split="interleaved"):
+    """Classes(count, names, novel) of a run: the number of classes of dataset `name` (ids 1..count), {id: name},
+    and the novel (test) ids of fold `fold`; the other ids are the base classes. A folder dataset reads them from
+    its root (_folder: classes.txt, folds.txt, its labels), and `test_classes` (ids) replace its fold: since it
+    knows its classes only from its root, this is the one lookup of them for every dataset."""
+    if name == "folder":
+        return _folder(_data_root(name, root), fold, test_classes)[2]
+    if test_classes is not None:
+        raise ValueError(f"test_classes choose a folder dataset's novel classes; {name}'s are its folds")
+    novel = fold_classes(name, fold, coco_split)
+    return Classes(NUM_CLASSES[name], class_names(name), novel)
+
+
 def fold_classes(dataset, fold, coco_split="interleaved"):
-    """Test (novel) class ids of `fold`; the remaining classes of the dataset are the base classes."""
+    """Test (novel) class ids of `fold`; the remaining classes of the dataset are the base classes (PFENet
+    util/dataset.py:85-130). PASCAL-5i (and synthetic) fold i: 5i+1..5i+5. COCO-20i fold i: 4k+i+1, k = 0..19,
+    the "interleaved" split that both PFENet COCO configs select (use_split_coco,
+    config/coco/coco_split0_resnet101.yaml:45); coco_split="contiguous": 20i+1..20i+20."""
     if fold not in range(NUM_FOLDS):
         raise ValueError(f"fold must be 0..{NUM_FOLDS - 1}, got {fold}")
     if dataset in ("pascal", "synthetic"):
@@ -228,177 +315,359 @@ def fold_classes(dataset, fold, coco_split="interleaved"):
     raise ValueError(f"coco_split must be 'interleaved' or 'contiguous', got {coco_split!r}")
 
 
-# ----------------------------------------------------------------------------- files
-
-def load_image(path, upright=False):
-    """RGB image file -> uint8 (3,H,W). A missing, truncated or corrupt file raises OSError naming it.
-    upright: turn it as its EXIF orientation says, as viewers show it (for a user's photos; not for the
-    datasets, whose masks were drawn on the stored pixels)."""
-    try:
-        with Image.open(path) as im:
-            rgb = np.array((ImageOps.exif_transpose(im) if upright else im).convert("RGB"))  # decodes it all
-    except (OSError, ValueError, SyntaxError) as err:
-        raise DatasetFileError(f"cannot read image {path}: {err}") from err
-    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+def class_names(name, root=None):
+    """{class id: name} of a dataset: the built-in ones' need no files (e.g. to look up word vectors); a folder
+    dataset's come from its root (classes.txt, else the ids its labels hold)."""
+    if name == "folder":
+        root = _data_root(name, root)
+        return _folder_names(root, *_folder_index(root))
+    if name == "synthetic":
+        return {c: f"{APPEARANCES[look][0]} {shape}" for c, (shape, look) in SYNTHETIC_CLASSES.items()}
+    return dict(enumerate({"pascal": PASCAL_NAMES, "coco": COCO_NAMES}[name], 1))
 
 
-def load_mask(path):
-    """Single-channel label PNG (grayscale or palette indices) -> int64 (H,W)."""
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ("L", "P", "I", "I;16"):
-                raise ValueError(f"mode {im.mode}, expected a single-channel label image")
-            label = np.array(im).astype(np.int64)
-    except (OSError, ValueError, SyntaxError) as err:
-        raise DatasetFileError(f"cannot read label {path}: {err}") from err
-    return torch.from_numpy(label)
+def split_name(name, fold, root=None, test_classes=None, coco_split="interleaved"):
+    """The name of a dataset's split in file names: "pascal-fold0"; COCO's contiguous split "coco-contiguous-fold0"
+    (its folds hold other classes than the interleaved ones of "coco-fold0"); a folder dataset by its root's name
+    and a hash of its path, so that two roots never share a name ("folder-NAME-1a2b3c-fold0"); --test-classes 3,7,9
+    in place of the fold ("...-classes3-7-9"). Run folders, base learners and prior extractors are named by it."""
+    dataset = f"coco-{coco_split}" if name == "coco" and coco_split != "interleaved" else name
+    if name == "folder" and root:
+        path = Path(root).expanduser().resolve()
+        dataset = f"folder-{path.name}-{hashlib.sha1(str(path).encode()).hexdigest()[:6]}"
+    return f"{dataset}-" + ("classes" + "-".join(map(str, test_classes)) if test_classes else f"fold{fold}")
 
 
-def _decoded_size(path):
-    """(width, height) of an image file, after decoding all of its pixels: a truncated or corrupt file raises
-    (OSError, ValueError or SyntaxError) here, where a header alone would pass it."""
-    with Image.open(path) as im:
-        im.load()
-        return im.size
+def _data_root(name, root):
+    """The data root as a Path; DatasetNotFoundError with the dataset's layout when there is none."""
+    layout = {"pascal": PASCAL_LAYOUT, "coco": COCO_LAYOUT, "folder": FOLDER_LAYOUT}[name]
+    if root is None:
+        raise DatasetNotFoundError(f"no data root given for {name}: pass --data-root DIR\n{layout}")
+    if not Path(root).expanduser().is_dir():
+        raise DatasetNotFoundError(f"{name} data root {root} is not a directory\n{layout}")
+    return Path(root).expanduser()
 
 
-def _scan_pair(pair, max_id=IGNORE - 1):
-    """One listed (image, label) pair -> (class pixel counts, None), or (None, "path: what is wrong") when the image
-    does not decode in full (_decoded_size: a file cut short is found here, once, not by the last evaluation),
-    the label cannot be read, their sizes differ, or the label holds a class id outside 1..max_id (0 background,
-    255 ignore): an id the dataset does not have would otherwise count as background without a word."""
-    image_path, label_path = pair
-    try:
-        width, height = _decoded_size(image_path)
-    except (OSError, ValueError, SyntaxError) as err:
-        return None, f"{image_path}: not a readable image ({err})"
-    try:
-        label = load_mask(label_path)
-    except DatasetFileError as err:
-        return None, str(err).replace("cannot read label ", "", 1)
-    if tuple(label.shape) != (height, width):
-        return None, f"{label_path}: {label.shape[1]}x{label.shape[0]} pixels, its image {image_path} {width}x{height}"
-    values = label.numpy().ravel()
-    wrong = np.unique(values[(values < 0) | ((values > max_id) & (values != IGNORE))]).tolist()
-    if wrong:
-        ids = ", ".join(map(str, wrong[:5])) + (", ..." if len(wrong) > 5 else "")
-        return None, (f"{label_path}: class id{'s' if len(wrong) > 1 else ''} {ids}; ids are 1..{max_id} "
-                      f"(0 background, {IGNORE} ignore)")
-    counts = np.bincount(values, minlength=IGNORE + 1)
-    return {int(c): int(counts[c]) for c in np.flatnonzero(counts[1:IGNORE]) + 1}, None
+def collate_episodes(batch):
+    """List of episodes -> dict: tensors stacked (B,...), class_id and index -> LongTensor (B,),
+    m_q_orig -> list of (H0,W0) tensors (their sizes differ). default_collate stacks: in a DataLoader worker it
+    writes the stack into shared memory, so the batch crosses to the main process without another copy."""
+    return {key: [episode[key] for episode in batch] if key == "m_q_orig"
+            else default_collate([episode[key] for episode in batch]) for key in batch[0]}
 
 
-def check_scan(results, what, shown=20):
-    """The counts of _scan_pair's results; if any file was bad, DatasetFileError listing them, one line each."""
-    bad = [problem for _, problem in results if problem]
-    if bad:
-        more = f"\n  ... and {len(bad) - shown} more" if len(bad) > shown else ""
-        raise DatasetFileError(f"{len(bad)} bad file(s) in {what}; fix or remove them (and their list entries):\n  "
-                               + "\n  ".join(bad[:shown]) + more)
-    return [counts for counts, _ in results]
+def to_device(batch, device):
+    """An episode or a batch of them (collate_episodes), compact or not, on `device` as the default one: every
+    tensor copied with non_blocking=True (asynchronous from pinned memory), then, there, uint8 images (img_q,
+    img_s) normalised (normalize) and other uint8 tensors (the masks, m_q_orig's included) made int64. Lists
+    (a batch's m_q_orig) are moved element by element; other values stay as they are."""
+    def move(key, value):
+        if isinstance(value, list):
+            return [move(key, v) for v in value]
+        if not torch.is_tensor(value):
+            return value
+        value = value.to(device, non_blocking=True)
+        if value.dtype != torch.uint8:
+            return value
+        return normalize(value) if key.startswith("img") else value.long()
+    return {key: move(key, value) for key, value in batch.items()}
 
 
-def _parallel_map(fn, items, what):
-    """[fn(x) for x in items] over a process pool when there are many items, with a progress line now and then."""
-    every = max(len(items) // 10, 1)
-    print(f"[data] {what}: {len(items)} files (once; the result is cached)", flush=True)
-    pool = None
-    if len(items) >= PARALLEL_MIN_FILES:
-        # fork: spawn/forkserver would re-import the caller's __main__ (a flat train.py) in every worker
-        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-        pool = concurrent.futures.ProcessPoolExecutor(min(os.cpu_count() or 1, 16), mp_context=context)
-    results = []
-    try:
-        for i, result in enumerate(pool.map(fn, items, chunksize=32) if pool else map(fn, items), 1):
-            results.append(result)
-            if i % every == 0:
-                print(f"[data] {what}: {i}/{len(items)}", flush=True)
-    finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)
-    return results
+class EpisodeSampler(Sampler):
+    """Yields (stream, index) keys. Training: a permutation seeded by (seed, epoch), split across ranks,
+    trimmed to whole global batches. Test: episodes 0..n-1 of one test seed, rank r taking r, r+world, ...
+    The key carries the stream (epoch or test seed), so that persistent DataLoader workers draw the right
+    episode without being told about the epoch."""
+
+    def __init__(self, length, rank=0, world=1, shuffle=False, seed=0, batch_size=1):
+        self.length, self.rank, self.world = length, rank, world
+        self.shuffle, self.seed, self.batch_size = shuffle, seed, batch_size
+        self.stream = 0
+
+    def set_stream(self, stream):
+        self.stream = stream
+
+    def _indices(self):
+        if not self.shuffle:
+            return list(range(self.rank, self.length, self.world))
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.stream)
+        order = torch.randperm(self.length, generator=g).tolist()
+        per_rank = self.length // (self.world * self.batch_size) * self.batch_size
+        return order[self.rank::self.world][:per_rank]
+
+    def __iter__(self):
+        return iter([(self.stream, i) for i in self._indices()])
+
+    def __len__(self):
+        return len(self._indices())
 
 
-def _writable_dir(*candidates):
-    """The first candidate directory that exists (or can be made) and is writable."""
-    for path in candidates:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(path, os.W_OK):
-            return path
-    raise OSError(f"none of these directories is writable: {', '.join(map(str, candidates))}")
+def make_loader(dataset, sampler, batch_size, workers, device, drop_last, worker_init_fn=None):
+    """The episodes' DataLoader, `workers` processes (persistent; 0: in this one), memory pinned for a CUDA
+    device, worker_init_fn run in every worker (train.py passes ignore_stop_signals). It sets dataset.compact:
+    batches carry uint8 images and masks (a fifth of the bytes through shared memory and pinning), which
+    to_device turns into the default episodes on the device."""
+    dataset.compact = True
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      collate_fn=collate_episodes, drop_last=drop_last,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None, worker_init_fn=worker_init_fn)
 
 
-def _cache_dir(root):
-    """<root>/.fss_cache, or ~/.cache/fss/<hash of root> when the data root is read-only."""
-    digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
-    return _writable_dir(root / ".fss_cache", Path.home() / ".cache" / "fss" / digest)
+# ----------------------------------------------------------------------------- transforms
+
+# Training augmentation recipes, by name (a model file picks one with AUGMENTATION; --augment overrides): which of
+# PFENet's steps run. The scale range is the dataset's (SCALE_RANGE); the padded, foreground-keeping crop always runs.
+AUGMENTATIONS = {
+    "pfenet": dict(scale=True, rotate=True, blur=True, flip=True),  # PFENet util/transform.py, and its descendants
+    "crop-scale-flip": dict(scale=True, rotate=False, blur=False, flip=True),  # CRCNet §5.1's list
+}
+# RandScale (PFENet config/pascal/pascal_split0_resnet50.yaml:14-15, config/coco/coco_split0_resnet101.yaml:13-14);
+# a folder dataset takes PASCAL's recipe
+SCALE_RANGE = {"pascal": (0.9, 1.1), "coco": (0.8, 1.25), "folder": (0.9, 1.1)}
+ROTATE_DEGREES, ROTATE_P = 10.0, 0.5  # RandRotate (util/transform.py:305-330)
+BLUR_P = 0.5  # RandomGaussianBlur (util/transform.py:355-362): cv2.GaussianBlur(image, (5, 5), 0)
+# cv2.getGaussianKernel(5, sigma=0) takes this from its fixed table for sizes <= 7 (small_gaussian_tab), not the
+# Gaussian of its sigma formula (0.3*((k-1)/2-1)+0.8 = 1.1, which gives .071 .245 .370 .245 .071)
+BLUR_TAPS = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
+FLIP_P = 0.5  # RandomHorizontalFlip
+CROP_KEEP, CROP_TRIES = 0.85, 32  # Crop 'rand': 1 draw + 31 redraws (util/transform.py:277-293)
 
 
-def _read_cache(path, key):
-    """The cached payload if the file exists and was written under the same key, else None."""
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return cached["payload"] if cached.get("key") == key else None
+def binary_mask(label, class_id, dtype=torch.int64):
+    """Semantic label (H,W) -> (H,W) of dtype: class_id -> 1, other classes -> 0, 255 (VOC's "ignore" border)
+    kept, as PFENet binarises the query and the supports (util/dataset.py:176-181, 215-219)."""
+    mask = (label == class_id).to(dtype)
+    mask[label == IGNORE] = IGNORE
+    return mask
 
 
-def _remove(path):
-    """Remove a file if it is there; a failure to (a read-only folder) is no error."""
-    try:
-        Path(path).unlink(missing_ok=True)
-    except OSError:
-        pass
+def mask_to_boxes(mask):
+    """Binary mask (H,W) int64 {0,1,255} -> the union of its objects' bounding boxes, the weak support
+    annotation of CRCNet §5.4 (after CANet). Objects are the 8-connected components of the foreground (== 1);
+    255 pixels belong to no object. Inside a box every pixel becomes 1, 255 included (a box does not know the
+    object's border); outside the boxes 0 and 255 stay as they were."""
+    fg = (mask == 1).numpy()
+    h, w = fg.shape
+    none = h * w  # the label of background pixels, above every pixel index
+    labels = np.where(fg, np.arange(h * w).reshape(h, w), none)
+    while True:  # each pixel takes the smallest label of its 3x3 neighbourhood, then that label's own label
+        padded = np.pad(labels, 1, constant_values=none)
+        rows = np.minimum(np.minimum(padded[:-2], padded[1:-1]), padded[2:])  # (h, w+2)
+        smallest = np.where(fg, np.minimum(np.minimum(rows[:, :-2], rows[:, 1:-1]), rows[:, 2:]), none)
+        jumped = np.append(smallest.ravel(), none)[smallest]  # pointer jumping: few rounds per object
+        if (jumped == labels).all():  # every object carries the index of its first pixel
+            break
+        labels = jumped
+    ys, xs = np.nonzero(fg)
+    roots, objects = np.unique(labels[ys, xs], return_inverse=True)
+    top, left = np.full(len(roots), h), np.full(len(roots), w)
+    bottom, right = np.zeros(len(roots), np.int64), np.zeros(len(roots), np.int64)
+    np.minimum.at(top, objects, ys)
+    np.minimum.at(left, objects, xs)
+    np.maximum.at(bottom, objects, ys)
+    np.maximum.at(right, objects, xs)
+    boxes = mask.clone()
+    for y0, x0, y1, x1 in zip(top, left, bottom, right):
+        boxes[y0:y1 + 1, x0:x1 + 1] = 1
+    return boxes
 
 
-def _write_cache(path, key, payload):
-    """Write the cache atomically. One that cannot be written (a full disk, a folder gone read-only) stops nothing:
-    its temporary is removed, one note says so, and the run goes on with the payload in memory."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps({"key": key, "payload": payload}))
-        os.replace(tmp, path)  # atomic: concurrent runs never see half a file
-    except OSError as err:
-        _remove(tmp)
-        print(f"[data] note: could not cache the scan in {path} ({err.strerror or err}): the scan runs again next "
-              "time", file=sys.stderr, flush=True)
+def train_transform(img, mask, rng, size, scale_range, recipe="pfenet", compact=False):
+    """PFENet's training augmentation (util/transform.py, composed at train.py:165-172) on an image and its mask
+    together, with the steps that AUGMENTATIONS[recipe] names (a step left out draws nothing from rng), written
+    with torchvision.transforms.v2 functional ops and our own rotate and gaussian_blur; resized with antialiasing
+    as test_transform is.
+
+    img uint8 (3,H0,W0), mask (H0,W0) integer (episodes: {0,1,255}), rng numpy Generator (every random draw)
+    -> img (3,size,size) float32 normalised, mask (size,size) int64; compact: both uint8 (the mask's values must
+    fit), the image as it is before normalising. The image is worked on in [0,1] floats up to the blur and then
+    rounded to 8 bits (_quantize); flip, padding and crop only move values, so they take the crop window
+    alone, rounded, mirrored and pasted on a canvas of the padding colour: the values of rounding the whole padded,
+    flipped image and cropping it, without its full-size copies."""
+    steps = AUGMENTATIONS[recipe]
+    image, label = img.float().div_(255), mask  # (3,H0,W0) in [0,1], (H0,W0)
+    # 1. RandScale: one isotropic factor, image bilinear, mask nearest
+    if steps["scale"]:
+        factor = rng.uniform(*scale_range)
+        hw = [max(1, round(s * factor)) for s in mask.shape]
+        image = TF.resize(image, hw, antialias=True)  # (3,h,w)
+        label = TF.resize(tv_tensors.Mask(label[None]), hw)[0].as_subclass(torch.Tensor)  # (h,w)
+    # 2. RandRotate about the centre; corners filled with the mean colour / ignore
+    if steps["rotate"] and rng.random() < ROTATE_P:
+        image, label = rotate(image, label, rng.uniform(-ROTATE_DEGREES, ROTATE_DEGREES))
+    # 3. Gaussian blur of the image only (5x5, cv2's taps for sigma 0: BLUR_TAPS)
+    if steps["blur"] and rng.random() < BLUR_P:
+        image = gaussian_blur(image)
+    # 4. horizontal flip (the image's: of the crop window, below)
+    flip = steps["flip"] and rng.random() < FLIP_P
+    label = label.flip(-1) if flip else label
+    # 5. pad symmetrically to at least size x size (mean colour / ignore), then the foreground-keeping random crop
+    h, w = label.shape
+    pad_top, pad_left = max(size - h, 0) // 2, max(size - w, 0) // 2
+    padded = label.new_full((max(h, size), max(w, size)), IGNORE)  # (H,W) >= (size,size)
+    padded[pad_top:pad_top + h, pad_left:pad_left + w] = label
+    top, left = _draw_crop(padded == 1, size, rng)
+    label = padded[top:top + size, left:left + size].contiguous()  # (size,size)
+    y0, x0 = top - pad_top, left - pad_left  # the crop's corner in the (flipped) image; < 0 inside the padding
+    r0, r1, c0, c1 = max(y0, 0), min(y0 + size, h), max(x0, 0), min(x0 + size, w)
+    window = image[:, r0:r1, w - c1:w - c0].flip(-1) if flip else image[:, r0:r1, c0:c1]  # (3,r1-r0,c1-c0)
+    out = _quantize(torch.tensor(MEAN))[:, None, None].repeat(1, size, size)  # (3,size,size) padding colour
+    out[:, r0 - y0:r1 - y0, c0 - x0:c1 - x0] = _quantize(window)
+    return _compact_or_default(out, label, compact)
 
 
-def _int_keys(counts):
-    """JSON turns int keys into strings: {name: {"3": n}} -> {name: {3: n}}."""
-    return {name: {int(c): n for c, n in per_image.items()} for name, per_image in counts.items()}
+def _draw_crop(fg, size, rng):
+    """PFENet's 'rand' crop: redraw (CROP_TRIES draws in all) while the crop keeps < CROP_KEEP of fg (H,W); the
+    last draw is kept."""
+    h, w = fg.shape
+    total = int(fg.sum())
+    for _ in range(CROP_TRIES):
+        top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+        if int(fg[top:top + size, left:left + size].sum()) >= CROP_KEEP * total:
+            break
+    return top, left
 
 
-def class_file_lists(counts, classes, exclude=()):
-    """Apply the filter rules to per-image pixel counts {name: {class: pixels}}.
+def rotate(image, label, angle, fill=MEAN, ignore=IGNORE):
+    """Rotate image (C,H,W) float and label (H,W) (any integer dtype, kept) about the centre by `angle` degrees
+    counter-clockwise, as PFENet's RandRotate does with cv2.warpAffine: bilinear image, nearest label, corners
+    filled with `fill` (one value per channel) and `ignore`. One sampling grid serves both. At the rotated border
+    the image blends inside pixels with the fill by their bilinear weights, as cv2's BORDER_CONSTANT does;
+    torchvision weights that blend by the inside share a second time (v2 _apply_grid_transform), so edge pixels
+    differ from its output by up to 0.25."""
+    h, w = image.shape[-2:]
+    cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    # Output -> input map of every pixel centre, in grid_sample's coordinates (-1..1 across each axis): the
+    # pixel rotation rescaled by h/w; F.affine_grid's result, built from two outer sums in a quarter of its time
+    x = (2 * torch.arange(w, dtype=image.dtype) + 1) / w - 1  # (W,)
+    y = (2 * torch.arange(h, dtype=image.dtype) + 1) / h - 1  # (H,)
+    grid = torch.stack([cos * x + (-sin * h / w) * y[:, None], (sin * w / h) * x + cos * y[:, None]], -1)[None]
+    fill = torch.tensor(fill, dtype=image.dtype)[:, None, None]  # (C,1,1)
+    # sampling x - fill with zeros outside, then adding fill back, gives sum_inside(w x) + (1 - sum_inside w) fill
+    image = F.grid_sample((image - fill)[None], grid, mode="bilinear", align_corners=False)[0] + fill  # (C,H,W)
+    shifted = (label.to(image.dtype) - ignore)[None, None]  # (1,1,H,W), outside samples 0 -> ignore
+    label = (F.grid_sample(shifted, grid, mode="nearest", align_corners=False)[0, 0].round() + ignore).to(label.dtype)
+    return image, label  # (C,H,W), (H,W)
 
-    Returns (images, class_files): the sorted names where at least one of `classes` has >= MIN_FG_PIXELS
-    pixels, and {class: sorted names where it does}. Names with any pixel of a class in `exclude` are dropped
-    first (BAM's filter_intersection, for training)."""
-    images, class_files = [], {c: [] for c in classes}
-    for name in sorted(counts):
-        if any(counts[name].get(c, 0) > 0 for c in exclude):
-            continue
-        counted = [c for c in classes if counts[name].get(c, 0) >= MIN_FG_PIXELS]
-        images += [name] if counted else []
-        for c in counted:
-            class_files[c].append(name)
-    return images, class_files
+
+def gaussian_blur(image, kernel=BLUR_TAPS):
+    """cv2.GaussianBlur(image, (5, 5), 0) on a float image (C,H,W): the separable kernel `kernel` (k taps, summing
+    to 1) along columns, then rows, with cv2's default border (reflect without repeating the edge pixel). Two 1-D
+    passes of in-place multiply-adds: 2k per pixel, not k^2, and no temporary per tap."""
+    k = len(kernel)
+    h, w = image.shape[-2:]
+    padded = F.pad(image[None], [k // 2] * 4, mode="reflect")[0]  # (C,H+k-1,W+k-1)
+    cols = padded[:, :h] * kernel[0]  # along columns: (C,H,W+k-1), whole contiguous rows at a time
+    for i in range(1, k):
+        cols.add_(padded[:, i:i + h], alpha=kernel[i])
+    out = cols[..., :w] * kernel[0]  # along rows: (C,H,W)
+    for i in range(1, k):
+        out.add_(cols[..., i:i + w], alpha=kernel[i])
+    return out
+
+
+def test_transform(img_u8, mask, size, compact=False):
+    """Test geometry (PFENet's Resize, util/transform.py:70-122): uint8 (3,H0,W0) [+ mask (H0,W0), or None] -> img
+    (3,size,size) normalised with the content top-left, resized in [0,1] floats and rounded to 8 bits, and the mean
+    colour rounded to 8 bits (~0 after normalising; PFENet pads black before normalising) elsewhere [+ mask
+    (size,size) int64, padding 255]; compact: uint8 image and mask.
+    The content: long side resized to size, aspect kept, small images upscaled too, as PFENet's Resize (which also
+    floors both sides to a multiple of 8; we do not). Resizing antialiases (cv2 does not; the training scales are
+    close to 1, so this only matters for --predict on large photos)."""
+    h, w = test_content_size(img_u8.shape[-2], img_u8.shape[-1], size)
+    image = _quantize(torch.tensor(MEAN))[:, None, None].repeat(1, size, size)  # (3,size,size) padding colour
+    image[:, :h, :w] = _quantize(TF.resize(img_u8.float().div_(255), [h, w], antialias=True))
+    label = None
+    if mask is not None:
+        label = mask.new_full((size, size), IGNORE)
+        label[:h, :w] = TF.resize(tv_tensors.Mask(mask[None]), [h, w])[0]
+    return _compact_or_default(image, label, compact)
+
+
+def test_content_size(h0, w0, size):
+    """Size (h, w) of an h0 x w0 image inside the size x size test canvas: long side = size, aspect kept."""
+    if h0 >= w0:
+        return size, max(1, round(w0 * size / h0))
+    return max(1, round(h0 * size / w0)), size
+
+
+def logits_to_original(logits, orig_hw):
+    """Undo test_transform: logits (2,size,size) (or (B,2,size,size)) -> (2,H0,W0): crop the content region,
+    resize bilinearly (align_corners=False) to the original size, where m_q_orig scores them (PFENet's
+    ori_resize, test.py:196-202)."""
+    h0, w0 = orig_hw
+    h, w = test_content_size(h0, w0, logits.shape[-1])
+    content = logits[..., :h, :w]
+    out = F.interpolate(content.reshape(-1, *content.shape[-3:]), (h0, w0), mode="bilinear", align_corners=False)
+    return out.reshape(*content.shape[:-2], h0, w0)
+
+
+def _quantize(image):
+    """Float image in [0,1] -> uint8: each value rounded to the nearest of the 256 levels (the 8 bits of a JPEG;
+    PFENet keeps cv2's float32 result). Each value moves by at most 0.5/255 before normalising, and the padding
+    is the mean colour rounded to 8 bits (124, 116, 104), so a padded pixel normalises to (0.0056, -0.0049,
+    0.0082), not 0."""
+    return (image * 255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _compact_or_default(image, label, compact):
+    """A transform's result: uint8 image and mask (compact), else the image normalised and the mask int64."""
+    if compact:
+        return image, None if label is None else label.to(torch.uint8)
+    return normalize(image), None if label is None else label.long()
+
+
+def normalize(img):
+    """uint8 image(s) (...,3,H,W) -> float32 (...,3,H,W), (img / 255 - MEAN) / STD, on img's device, as two
+    float32 operations, a multiply and then an add (_normalize_factors). Each is rounded once by IEEE 754 on every
+    device, so a GPU gives the CPU's bits (a division by a scalar would not: CUDA multiplies by its reciprocal)."""
+    scale, shift = _normalize_factors(img.device)
+    return img.to(torch.float32).mul_(scale).add_(shift)
+
+
+@functools.lru_cache(maxsize=None)
+def _normalize_factors(device):
+    """(scale, shift) (3,1,1) float32 on device: 1 / (255 STD) and -MEAN / STD, each computed in float64 and rounded
+    once (kept, so that normalising a batch copies nothing to the device)."""
+    mean, std = torch.tensor(MEAN, dtype=torch.float64), torch.tensor(STD, dtype=torch.float64)
+    return tuple(t.float().view(3, 1, 1).to(device) for t in (1 / (255 * std), -mean / std))
+
+
+def denormalize(img):
+    """Normalised img (3,H,W) -> uint8 (3,H,W) for visualisation."""
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    return ((img.detach().cpu().float() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
 
 
 # ----------------------------------------------------------------------------- PASCAL-5i
 
-def _read_ids(path):
-    """Image ids of a list file: one id a line (VOC's lists), or PFENet's lines
-    'JPEGImages/X.jpg SegmentationClassAug/X.png'."""
-    return [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
+SBD_LIST = "sbd_train_noval.txt"  # under ImageSets/Segmentation: SBD's train_noval ids, PFENet's sbd_data.txt
+PFENET_TRAIN_IMAGES = 5953  # VOC2012 train U SBD train_noval: PFENet's lists/pascal/voc_sbd_merge_noduplicate.txt
+PASCAL_LAYOUT = """expected PASCAL-5i layout:
+  <root>/
+    JPEGImages/2007_000032.jpg ...            VOC2012 images (VOCtrainval_11-May-2012.tar, VOC2012 devkit)
+    SegmentationClassAug/2007_000032.png ...  VOC+SBD labels, 0 bg, 1..20, 255 ignore (SegmentationClassAug.zip,
+                                              the SBD-augmented labels linked from the PFENet and HSNet READMEs)
+    ImageSets/Segmentation/train.txt          VOC2012 train ids (1464), from the devkit
+    ImageSets/Segmentation/val.txt            VOC2012 val ids (1449), from the devkit
+    ImageSets/Segmentation/sbd_train_noval.txt
+                                              SBD's train_noval ids (5623) = PFENet's lists/pascal/sbd_data.txt,
+                                              its 'JPEGImages/X.jpg SegmentationClassAug/X.png' lines read as they
+                                              are; NOT SBD's dataset/train.txt (8498 ids)"""
+PASCAL_NAMES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+                "tvmonitor")
 
 
 def _pascal_index(root, split):
-    """-> files {id: (jpg, png)}, counts {id: {class: pixels}}, class_names for the split's image list."""
+    """-> files {id: (jpg, png)}, counts {id: {class: pixels}}, class_names for the split's image list.
+
+    Test: VOC2012 val (1449). Train: VOC2012 train (1464) U SBD's train_noval (5623, SBD_LIST) minus any VOC2012
+    val id, PFENet's 5953-image lists/pascal/voc_sbd_merge_noduplicate.txt (a note says so when the count
+    differs). SBD's own train.txt (8498) is not it: it would add 1,700 or more images. Without SBD_LIST every
+    SegmentationClassAug label not in VOC val is used (10582, the "trainaug" set: larger than PFENet's list; a
+    warning says so)."""
     sets = root / "ImageSets" / "Segmentation"
     needed = [root / "JPEGImages", root / "SegmentationClassAug", sets / "train.txt", sets / "val.txt"]
     missing = [str(p) for p in needed if not p.exists()]
@@ -435,38 +704,139 @@ def _pascal_index(root, split):
 
 # ----------------------------------------------------------------------------- COCO-20i
 
-def rle_string_to_counts(text):
-    """COCO's compressed RLE string -> run lengths (pycocotools rleFrString): 5 bits per character (offset 48),
-    0x20 = more characters follow, 0x10 in the last one = negative; from the 3rd run on, a run is stored as the
-    difference to the run two places back."""
-    counts, i = [], 0
-    while i < len(text):
-        value, shift, more = 0, 0, True
-        while more:
-            c = ord(text[i]) - 48
-            value |= (c & 0x1F) << shift
-            more = bool(c & 0x20)
-            i, shift = i + 1, shift + 5
-            if not more and c & 0x10:
-                value |= -1 << shift  # sign extension
-        counts.append(value + (counts[-2] if len(counts) > 2 else 0))
-    return counts
+COCO_LAYOUT = """expected COCO-20i layout (COCO 2014, cocodataset.org):
+  <root>/
+    train2014/COCO_train2014_000000000009.jpg ...   train2014.zip
+    val2014/COCO_val2014_000000000042.jpg ...       val2014.zip
+    annotations/instances_train2014.json            annotations_trainval2014.zip
+    annotations/instances_val2014.json
+    labels/{train2014,val2014}/*.png                written here on first use (semantic labels 0..80)"""
+# COCO 2014 category names, in the order of their sorted ids (= class ids 1..80 here)
+COCO_NAMES = ("person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+              "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+              "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+              "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+              "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+              "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+              "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+              "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+              "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+              "teddy bear", "hair drier", "toothbrush")
+# COCO label PNGs: bump when they would be rasterised differently (1: Pillow's polygon fill, outline included;
+# 2: pycocotools' rule). Each label folder records its version in COCO_LABEL_STAMP (no file: version 1).
+COCO_LABEL_VERSION = 2
+COCO_LABEL_STAMP = "label_version.txt"
+POLYGON_UPSAMPLE = 5  # pycocotools' rleFrPoly digitises polygon edges on a grid 5x finer than the pixels
 
 
-def rle_decode(counts, height, width):
-    """COCO RLE (run-length list or compressed string) -> bool (height,width). Runs alternate 0,1,0,... and
-    follow column-major order (down the first column, then the next)."""
-    runs = rle_string_to_counts(counts) if isinstance(counts, str) else list(counts)
-    values = np.arange(len(runs)) % 2 == 1  # False, True, False, ...
-    flat = np.repeat(values, runs)
-    if flat.size != height * width:
-        raise ValueError(f"RLE covers {flat.size} pixels, expected {height}x{width}")
-    return flat.reshape(width, height).T
+def _coco_index(root, split):
+    """split "train" or "val" -> files {stem: (jpg, png)}, counts {stem: {class: pixels}}, class_names.
+
+    The images: every 2014 train (val) image with at least one annotation (82081 / 40137, the counts in PFENet's
+    README). Category ids (1..90 with gaps) map to 1..80 in sorted id order. The semantic labels are written once,
+    by pycocotools' rules without the package (_write_and_scan_coco_label); a label folder records the rule it was
+    written under (COCO_LABEL_VERSION), and labels of an older rule are rewritten once, with a note."""
+    ann_path = root / "annotations" / f"instances_{split}2014.json"
+    missing = [str(p) for p in (root / f"{split}2014", ann_path) if not p.exists()]
+    if missing:
+        raise DatasetNotFoundError(f"COCO root {root} is missing {', '.join(missing)}\n{COCO_LAYOUT}")
+    cache_dir = _cache_dir(root)
+    label_dir = _writable_dir(root / "labels" / f"{split}2014", cache_dir / "labels" / f"{split}2014")
+    cache = cache_dir / f"coco_{split}_counts.json"
+    key = [CACHE_VERSION, COCO_LABEL_VERSION, ann_path.stat().st_size, str(label_dir)]
+    payload = _read_cache(cache, key)
+    if payload is None:
+        coco = json.loads(ann_path.read_text())
+        category_ids = sorted(c["id"] for c in coco["categories"])
+        to_class = {cid: i + 1 for i, cid in enumerate(category_ids)}  # 1..90 with gaps -> 1..80
+        names = {to_class[c["id"]]: c["name"] for c in coco["categories"]}
+        per_image = {}
+        for ann in coco["annotations"]:
+            per_image.setdefault(ann["image_id"], []).append((to_class[ann["category_id"]], ann["segmentation"]))
+        images = sorted((im for im in coco["images"] if im["id"] in per_image), key=lambda im: im["file_name"])
+        stems = [Path(im["file_name"]).stem for im in images]
+        try:
+            rewrite = _stale_coco_labels(label_dir, split)
+        except OSError as err:
+            raise _label_write_error(label_dir, split, err) from None
+        jobs = [(str(root / f"{split}2014" / f"{stem}.jpg"), str(label_dir / f"{stem}.png"), im["height"],
+                 im["width"], per_image[im["id"]], rewrite, split, len(to_class)) for stem, im in zip(stems, images)]
+        scanned = _parallel_map(_write_and_scan_coco_label, jobs, f"writing COCO {split}2014 labels to {label_dir}")
+        counts = check_scan(scanned, f"COCO {split}2014 under {root}")
+        try:
+            (label_dir / COCO_LABEL_STAMP).write_text(f"{COCO_LABEL_VERSION}\n")  # every label is current now
+        except OSError as err:
+            raise _label_write_error(label_dir, split, err) from None
+        payload = {"class_names": names, "counts": dict(zip(stems, counts))}
+        _write_cache(cache, key, payload)
+    files = {stem: (root / f"{split}2014" / f"{stem}.jpg", label_dir / f"{stem}.png") for stem in payload["counts"]}
+    names = {int(c): name for c, name in payload["class_names"].items()}
+    return files, _int_keys(payload["counts"]), names
+
+
+def _write_and_scan_coco_label(job):
+    """Write one semantic label PNG (skipped if present, unless `rewrite`) and scan it with its image, as
+    _scan_pair does (the image decoded in full, ids 1..num_classes): -> (class pixel counts, None), or (None,
+    what is wrong with the image). A label that cannot be written raises _label_write_error, its temporary
+    removed. Annotations (segmentation_to_mask) are painted in file order, so a later one overwrites an earlier
+    one where they overlap; crowd annotations get their class like any other (there is no ignore label in COCO)."""
+    image_path, path, height, width, annotations, rewrite, split, num_classes = job
+    try:
+        with Image.open(image_path) as im:  # the header: the whole image is decoded by _scan_pair below
+            if im.size != (width, height):
+                return None, f"{image_path}: {im.size[0]}x{im.size[1]} pixels, its annotations say {width}x{height}"
+    except (OSError, ValueError, SyntaxError) as err:
+        return None, f"{image_path}: not a readable image ({err})"
+    if rewrite or not Path(path).exists():
+        label = np.zeros((height, width), np.uint8)
+        for class_id, segmentation in annotations:  # file order: later annotations overwrite earlier ones
+            label[segmentation_to_mask(segmentation, height, width)] = class_id
+        tmp = f"{path}.{os.getpid()}.tmp.png"
+        try:
+            Image.fromarray(label).save(tmp)
+            os.replace(tmp, path)
+        except OSError as err:
+            _remove(tmp)
+            raise _label_write_error(Path(path).parent, split, err) from None
+    return _scan_pair((image_path, path), max_id=num_classes)
+
+
+def _stale_coco_labels(label_dir, split):
+    """Whether label_dir holds label PNGs written under another COCO_LABEL_VERSION (with a one-line note): they
+    must all be rewritten. A folder without PNGs is stamped with the current version at once, so that an
+    interrupted first run resumes where it stopped."""
+    stamp = label_dir / COCO_LABEL_STAMP
+    found = stamp.read_text().strip() if stamp.is_file() else "1" if any(label_dir.glob("*.png")) else None
+    if found in (None, str(COCO_LABEL_VERSION)):
+        stamp.write_text(f"{COCO_LABEL_VERSION}\n")
+        return False
+    print(f"[data] note: rewriting the COCO {split}2014 labels in {label_dir}: they were rasterised under label "
+          f"version {found}, now {COCO_LABEL_VERSION} (pycocotools' polygon rule)", file=sys.stderr, flush=True)
+    return True
+
+
+def _label_write_error(label_dir, split, err):
+    """The one line for COCO labels that cannot be written: training needs them, so the run stops here."""
+    return DatasetFileError(f"cannot write the COCO {split}2014 labels in {label_dir}: {err.strerror or err} (they "
+                            "are needed: free space there, or make it writable, and run again)")
+
+
+def segmentation_to_mask(segmentation, height, width):
+    """One COCO annotation's `segmentation` -> bool (height,width): an RLE dict decoded, or a list of polygons
+    (the parts of one object) rasterised by polygon_to_mask and united, as pycocotools' frPyObjects + merge do."""
+    if isinstance(segmentation, dict):
+        return rle_decode(segmentation["counts"], *segmentation["size"])
+    mask = np.zeros((height, width), bool)
+    for polygon in segmentation:
+        if len(polygon) >= 6:  # at least 3 points: fewer enclose nothing
+            mask |= polygon_to_mask(polygon, height, width)
+    return mask
 
 
 def polygon_to_mask(polygon, height, width):
     """One COCO polygon [x1, y1, x2, y2, ...] -> bool (height,width), by pycocotools' rule (rleFrPoly in
-    common/maskApi.c), vectorised. Pixel (r, c) spans [c, c+1) x [r, r+1); "fine" coordinates are 5x finer.
+    common/maskApi.c: the same masks, pixel for pixel), vectorised. Pixel (r, c) spans [c, c+1) x [r, r+1);
+    "fine" coordinates are 5x finer.
     1. Each vertex snaps to the fine grid: X = int(5x + 0.5) with C's cast (halves round up; toward zero below 0,
        so x = -0.15 snaps to 0, not -1).
     2. Each edge becomes one fine point per step along its longer axis (x on a tie), the other coordinate rounded
@@ -516,115 +886,78 @@ def polygon_to_mask(polygon, height, width):
     return mask
 
 
-def segmentation_to_mask(segmentation, height, width):
-    """One COCO annotation's `segmentation` -> bool (height,width): an RLE dict decoded, or a list of polygons
-    (the parts of one object) rasterised by polygon_to_mask and united, as pycocotools' frPyObjects + merge do."""
-    if isinstance(segmentation, dict):
-        return rle_decode(segmentation["counts"], *segmentation["size"])
-    mask = np.zeros((height, width), bool)
-    for polygon in segmentation:
-        if len(polygon) >= 6:  # at least 3 points: fewer enclose nothing
-            mask |= polygon_to_mask(polygon, height, width)
-    return mask
+def rle_decode(counts, height, width):
+    """COCO RLE (run-length list or compressed string) -> bool (height,width). Runs alternate 0,1,0,... and
+    follow column-major order (down the first column, then the next)."""
+    runs = rle_string_to_counts(counts) if isinstance(counts, str) else list(counts)
+    values = np.arange(len(runs)) % 2 == 1  # False, True, False, ...
+    flat = np.repeat(values, runs)
+    if flat.size != height * width:
+        raise ValueError(f"RLE covers {flat.size} pixels, expected {height}x{width}")
+    return flat.reshape(width, height).T
 
 
-def _stale_coco_labels(label_dir, split):
-    """Whether label_dir holds label PNGs written under another COCO_LABEL_VERSION (with a one-line note): they
-    must all be rewritten. A folder without PNGs is stamped with the current version at once, so that an
-    interrupted first run resumes where it stopped."""
-    stamp = label_dir / COCO_LABEL_STAMP
-    found = stamp.read_text().strip() if stamp.is_file() else "1" if any(label_dir.glob("*.png")) else None
-    if found in (None, str(COCO_LABEL_VERSION)):
-        stamp.write_text(f"{COCO_LABEL_VERSION}\n")
-        return False
-    print(f"[data] note: rewriting the COCO {split}2014 labels in {label_dir}: they were rasterised under label "
-          f"version {found}, now {COCO_LABEL_VERSION} (pycocotools' polygon rule)", file=sys.stderr, flush=True)
-    return True
-
-
-def _label_write_error(label_dir, split, err):
-    """The one line for COCO labels that cannot be written: training needs them, so the run stops here."""
-    return DatasetFileError(f"cannot write the COCO {split}2014 labels in {label_dir}: {err.strerror or err} (they "
-                            "are needed: free space there, or make it writable, and run again)")
-
-
-def _coco_label_counts(job):
-    """Write one semantic label PNG (skipped if present, unless `rewrite`) and scan it with its image, as
-    _scan_pair does (the image decoded in full, ids 1..num_classes): -> (class pixel counts, None), or (None,
-    what is wrong with the image). A label that cannot be written raises _label_write_error, its temporary
-    removed."""
-    image_path, path, height, width, annotations, rewrite, split, num_classes = job
-    try:
-        with Image.open(image_path) as im:  # the header: the whole image is decoded by _scan_pair below
-            if im.size != (width, height):
-                return None, f"{image_path}: {im.size[0]}x{im.size[1]} pixels, its annotations say {width}x{height}"
-    except (OSError, ValueError, SyntaxError) as err:
-        return None, f"{image_path}: not a readable image ({err})"
-    if rewrite or not Path(path).exists():
-        label = np.zeros((height, width), np.uint8)
-        for class_id, segmentation in annotations:  # file order: later annotations overwrite earlier ones
-            label[segmentation_to_mask(segmentation, height, width)] = class_id
-        tmp = f"{path}.{os.getpid()}.tmp.png"
-        try:
-            Image.fromarray(label).save(tmp)
-            os.replace(tmp, path)
-        except OSError as err:
-            _remove(tmp)
-            raise _label_write_error(Path(path).parent, split, err) from None
-    return _scan_pair((image_path, path), max_id=num_classes)
-
-
-def _coco_index(root, split):
-    """split "train" or "val" -> files {stem: (jpg, png)}, counts {stem: {class: pixels}}, class_names."""
-    ann_path = root / "annotations" / f"instances_{split}2014.json"
-    missing = [str(p) for p in (root / f"{split}2014", ann_path) if not p.exists()]
-    if missing:
-        raise DatasetNotFoundError(f"COCO root {root} is missing {', '.join(missing)}\n{COCO_LAYOUT}")
-    cache_dir = _cache_dir(root)
-    label_dir = _writable_dir(root / "labels" / f"{split}2014", cache_dir / "labels" / f"{split}2014")
-    cache = cache_dir / f"coco_{split}_counts.json"
-    key = [CACHE_VERSION, COCO_LABEL_VERSION, ann_path.stat().st_size, str(label_dir)]
-    payload = _read_cache(cache, key)
-    if payload is None:
-        coco = json.loads(ann_path.read_text())
-        category_ids = sorted(c["id"] for c in coco["categories"])
-        to_class = {cid: i + 1 for i, cid in enumerate(category_ids)}  # 1..90 with gaps -> 1..80
-        names = {to_class[c["id"]]: c["name"] for c in coco["categories"]}
-        per_image = {}
-        for ann in coco["annotations"]:
-            per_image.setdefault(ann["image_id"], []).append((to_class[ann["category_id"]], ann["segmentation"]))
-        images = sorted((im for im in coco["images"] if im["id"] in per_image), key=lambda im: im["file_name"])
-        stems = [Path(im["file_name"]).stem for im in images]
-        try:
-            rewrite = _stale_coco_labels(label_dir, split)
-        except OSError as err:
-            raise _label_write_error(label_dir, split, err) from None
-        jobs = [(str(root / f"{split}2014" / f"{stem}.jpg"), str(label_dir / f"{stem}.png"), im["height"],
-                 im["width"], per_image[im["id"]], rewrite, split, len(to_class)) for stem, im in zip(stems, images)]
-        scanned = _parallel_map(_coco_label_counts, jobs, f"writing COCO {split}2014 labels to {label_dir}")
-        counts = check_scan(scanned, f"COCO {split}2014 under {root}")
-        try:
-            (label_dir / COCO_LABEL_STAMP).write_text(f"{COCO_LABEL_VERSION}\n")  # every label is current now
-        except OSError as err:
-            raise _label_write_error(label_dir, split, err) from None
-        payload = {"class_names": names, "counts": dict(zip(stems, counts))}
-        _write_cache(cache, key, payload)
-    files = {stem: (root / f"{split}2014" / f"{stem}.jpg", label_dir / f"{stem}.png") for stem in payload["counts"]}
-    names = {int(c): name for c, name in payload["class_names"].items()}
-    return files, _int_keys(payload["counts"]), names
+def rle_string_to_counts(text):
+    """COCO's compressed RLE string -> run lengths (pycocotools rleFrString): 5 bits per character (offset 48),
+    0x20 = more characters follow, 0x10 in the last one = negative; from the 3rd run on, a run is stored as the
+    difference to the run two places back."""
+    counts, i = [], 0
+    while i < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            c = ord(text[i]) - 48
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            i, shift = i + 1, shift + 5
+            if not more and c & 0x10:
+                value |= -1 << shift  # sign extension
+        counts.append(value + (counts[-2] if len(counts) > 2 else 0))
+    return counts
 
 
 # ----------------------------------------------------------------------------- folder (your own data)
 
-def _file_key(path):
-    """What the scan cache remembers of a file: its name, size and modification time."""
-    stat = path.stat()
-    return f"{path.name} {stat.st_size} {stat.st_mtime_ns}"
+# A folder dataset runs PASCAL-5i's pipeline (ImageEpisodes: the filter, BAM's rule, the episodes, the
+# augmentation) on the images of its split (_folder_split). What PASCAL's fixed lists guarantee it checks, and
+# refuses with a message: unpaired files (_folder_index), ids that classes.txt does not name (_folder_names), a bad
+# folds.txt (_folder_folds), a novel class in no label (_folder), too few test images for the shots
+# (_check_test_shots).
+FOLDER_LAYOUT = """expected folder layout (--dataset folder, your own data):
+  <root>/
+    images/NAME.jpg ...     the images (.jpg, .jpeg or .png)
+    labels/NAME.png ...     one per image, same NAME and size, single channel (grayscale or palette): the class
+                            id of each pixel, 1..254; 0 background, 255 ignore (a 0/255 mask is all ignore)
+    classes.txt             optional: one class name a line, line i naming class id i (default: ids 1..the
+                            largest id in the labels, named by their numbers)
+    folds.txt               optional: 4 lines, line K the test (novel) class ids of fold K, e.g. "1 5 9" (default:
+                            fold K tests the K-th of four contiguous quarters of the ids; --test-classes: any ids)
+    train.txt, val.txt      optional, both or neither: the NAMEs of the training and test images, one a line
+                            (default: the images with a pixel of a test class are the test images, the rest train)"""
+FOLDER_IMAGES = (".jpg", ".jpeg", ".png")  # images/ files of these suffixes (any case) are the images
 
 
-def _listed(folder, suffixes):
-    """The files of `folder` with one of these suffixes (any case), sorted; hidden ones (macOS's ._NAME) left out."""
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith("."))
+def _folder(root, fold, test_classes):
+    """-> files and counts (_folder_index) and Classes of the folder dataset at root, for `test_classes` (ids)
+    or, when None, fold `fold` of _folder_folds. Every novel id must be a class that some label holds."""
+    files, counts = _folder_index(root)
+    names = _folder_names(root, files, counts)
+    if test_classes is not None:
+        novel, source = sorted(set(test_classes)), f"--test-classes {','.join(map(str, test_classes))}"
+        unknown = [c for c in novel if c not in names]
+        if unknown:
+            raise DatasetClassError(f"{source}: {unknown} are not class ids of {root} (1..{len(names)})")
+    elif fold in range(NUM_FOLDS):
+        novel, source = list(_folder_folds(root, len(names))[fold]), f"fold {fold}"
+    else:
+        raise ValueError(f"fold must be 0..{NUM_FOLDS - 1}, got {fold}")
+    held = {c for per_image in counts.values() for c in per_image}
+    absent = [_class_label(c, names) for c in novel if c not in held]
+    if absent:
+        raise DatasetClassError(f"{source}: no label in {root / 'labels'} holds test class {', '.join(absent)}: "
+                                "there is no image to test it on")
+    if len(novel) == len(names):
+        raise DatasetClassError(f"{source} makes every class of {root} a test class: none is left to train on")
+    return files, counts, Classes(len(names), names, novel)
 
 
 def _folder_index(root):
@@ -638,11 +971,11 @@ def _folder_index(root):
     if missing:
         raise DatasetNotFoundError(f"folder data root {root} is missing {', '.join(missing)}\n{FOLDER_LAYOUT}")
     images, problems = {}, []
-    for path in _listed(root / "images", FOLDER_IMAGES):
+    for path in _files_with_suffix(root / "images", FOLDER_IMAGES):
         if path.stem in images:
             problems.append(f"{path}: a second image named {path.stem} (with {images[path.stem].name}): keep one")
         images.setdefault(path.stem, path)
-    labels = {p.stem: p for p in _listed(root / "labels", (".png",))}
+    labels = {p.stem: p for p in _files_with_suffix(root / "labels", (".png",))}
     if not images and not labels:
         raise DatasetNotFoundError(f"folder data root {root} holds no image: {root / 'images'} has no "
                                    f"{', '.join(FOLDER_IMAGES)} file and {root / 'labels'} no .png\n{FOLDER_LAYOUT}")
@@ -664,9 +997,15 @@ def _folder_index(root):
     return files, _int_keys(counts)
 
 
-def _class_label(c, names):
-    """'7 (cat)', or '7' when the class is named by its number."""
-    return str(c) if names[c] == str(c) else f"{c} ({names[c]})"
+def _file_key(path):
+    """What the scan cache remembers of a file: its name, size and modification time."""
+    stat = path.stat()
+    return f"{path.name} {stat.st_size} {stat.st_mtime_ns}"
+
+
+def _files_with_suffix(folder, suffixes):
+    """The files of `folder` with one of these suffixes (any case), sorted; hidden ones (macOS's ._NAME) left out."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith("."))
 
 
 def _folder_names(root, files, counts):
@@ -695,12 +1034,9 @@ def _folder_names(root, files, counts):
     return names
 
 
-@functools.lru_cache(maxsize=None)
-def _note_default_folds(root, folds):
-    """The one line, once a process for each root, that says which folds the default rule gave."""
-    parts = ", ".join(f"fold {k} = {ids[0]}" + (f"..{ids[-1]}" if len(ids) > 1 else "") for k, ids in enumerate(folds))
-    print(f"[data] note: {root} has no folds.txt: fold K tests the K-th of four contiguous quarters of the class "
-          f"ids (PASCAL-5i's rule): {parts}", file=sys.stderr, flush=True)
+def _class_label(c, names):
+    """'7 (cat)', or '7' when the class is named by its number."""
+    return str(c) if names[c] == str(c) else f"{c} ({names[c]})"
 
 
 def _folder_folds(root, count):
@@ -727,33 +1063,18 @@ def _folder_folds(root, count):
     return folds
 
 
-def _folder(root, fold, test_classes):
-    """-> files and counts (_folder_index) and Classes of the folder dataset at root, for `test_classes` (ids)
-    or, when None, fold `fold` of _folder_folds. Every novel id must be a class that some label holds."""
-    files, counts = _folder_index(root)
-    names = _folder_names(root, files, counts)
-    if test_classes is not None:
-        novel, source = sorted(set(test_classes)), f"--test-classes {','.join(map(str, test_classes))}"
-        unknown = [c for c in novel if c not in names]
-        if unknown:
-            raise DatasetClassError(f"{source}: {unknown} are not class ids of {root} (1..{len(names)})")
-    elif fold in range(NUM_FOLDS):
-        novel, source = list(_folder_folds(root, len(names))[fold]), f"fold {fold}"
-    else:
-        raise ValueError(f"fold must be 0..{NUM_FOLDS - 1}, got {fold}")
-    held = {c for per_image in counts.values() for c in per_image}
-    absent = [_class_label(c, names) for c in novel if c not in held]
-    if absent:
-        raise DatasetClassError(f"{source}: no label in {root / 'labels'} holds test class {', '.join(absent)}: "
-                                "there is no image to test it on")
-    if len(novel) == len(names):
-        raise DatasetClassError(f"{source} makes every class of {root} a test class: none is left to train on")
-    return files, counts, Classes(len(names), names, novel)
+@functools.lru_cache(maxsize=None)
+def _note_default_folds(root, folds):
+    """The one line, once a process for each root, that says which folds the default rule gave."""
+    parts = ", ".join(f"fold {k} = {ids[0]}" + (f"..{ids[-1]}" if len(ids) > 1 else "") for k, ids in enumerate(folds))
+    print(f"[data] note: {root} has no folds.txt: fold K tests the K-th of four contiguous quarters of the class "
+          f"ids (PASCAL-5i's rule): {parts}", file=sys.stderr, flush=True)
 
 
 def _folder_split(root, counts, novel, split):
     """The image names of `split`: with DIR/train.txt and DIR/val.txt, train.txt's minus val.txt's / val.txt's
-    (as PASCAL's lists); else the images with a pixel of a novel class (test) / the others (train)."""
+    (as PASCAL's lists); else the images with a pixel of a novel class (test) / the others (train), so that
+    BAM's filter drops no training image."""
     lists = (root / "train.txt", root / "val.txt")
     if lists[0].is_file() != lists[1].is_file():
         have, lack = lists if lists[0].is_file() else lists[::-1]
@@ -771,7 +1092,8 @@ def _folder_split(root, counts, novel, split):
 
 
 def _check_test_shots(counts, classes, names, shot, root):
-    """Every test class needs shot + 1 test images that pass the filter: a query and `shot` other images."""
+    """Every test class needs shot + 1 test images that pass the filter: a query and `shot` other images
+    (PASCAL's episodes would repeat supports instead: _draw_supports)."""
     _, class_files = class_file_lists(counts, classes)
     few = [f"class {_class_label(c, names)} has {len(class_files[c])}" for c in classes if len(class_files[c]) <= shot]
     if few:
@@ -781,217 +1103,160 @@ def _check_test_shots(counts, classes, names, shot, root):
                                 "test classes")
 
 
-# ----------------------------------------------------------------------------- transforms
+# ----------------------------------------------------------------------------- files: reading, checking, caches
 
-def binary_mask(label, class_id, dtype=torch.int64):
-    """Semantic label (H,W) -> (H,W) of dtype: class_id -> 1, other classes -> 0, 255 kept (PFENet L176-181)."""
-    mask = (label == class_id).to(dtype)
-    mask[label == IGNORE] = IGNORE
-    return mask
-
-
-def mask_to_boxes(mask):
-    """Binary mask (H,W) int64 {0,1,255} -> the union of its objects' bounding boxes, the weak support
-    annotation of CRCNet §5.4 (after CANet). Objects are the 8-connected components of the foreground (== 1);
-    255 pixels belong to no object. Inside a box every pixel becomes 1, 255 included (a box does not know the
-    object's border); outside the boxes 0 and 255 stay as they were."""
-    fg = (mask == 1).numpy()
-    h, w = fg.shape
-    none = h * w  # the label of background pixels, above every pixel index
-    labels = np.where(fg, np.arange(h * w).reshape(h, w), none)
-    while True:  # each pixel takes the smallest label of its 3x3 neighbourhood, then that label's own label
-        padded = np.pad(labels, 1, constant_values=none)
-        rows = np.minimum(np.minimum(padded[:-2], padded[1:-1]), padded[2:])  # (h, w+2)
-        smallest = np.where(fg, np.minimum(np.minimum(rows[:, :-2], rows[:, 1:-1]), rows[:, 2:]), none)
-        jumped = np.append(smallest.ravel(), none)[smallest]  # pointer jumping: few rounds per object
-        if (jumped == labels).all():  # every object carries the index of its first pixel
-            break
-        labels = jumped
-    ys, xs = np.nonzero(fg)
-    roots, objects = np.unique(labels[ys, xs], return_inverse=True)
-    top, left = np.full(len(roots), h), np.full(len(roots), w)
-    bottom, right = np.zeros(len(roots), np.int64), np.zeros(len(roots), np.int64)
-    np.minimum.at(top, objects, ys)
-    np.minimum.at(left, objects, xs)
-    np.maximum.at(bottom, objects, ys)
-    np.maximum.at(right, objects, xs)
-    boxes = mask.clone()
-    for y0, x0, y1, x1 in zip(top, left, bottom, right):
-        boxes[y0:y1 + 1, x0:x1 + 1] = 1
-    return boxes
+# bump when the cached per-image counts change meaning (2: written only after every file checked; 3: every image
+# decoded in full, and class ids checked against the dataset's classes)
+CACHE_VERSION = 3
+PARALLEL_MIN_FILES = 256  # scan with a process pool from this many files on
 
 
-def _draw_crop(fg, size, rng):
-    """PFENet's 'rand' crop: redraw (CROP_TRIES draws in all) while the crop keeps < CROP_KEEP of fg (H,W)."""
-    h, w = fg.shape
-    total = int(fg.sum())
-    for _ in range(CROP_TRIES):
-        top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-        if int(fg[top:top + size, left:left + size].sum()) >= CROP_KEEP * total:
-            break
-    return top, left
+def load_image(path, upright=False):
+    """RGB image file -> uint8 (3,H,W). A missing, truncated or corrupt file raises OSError naming it.
+    upright: turn it as its EXIF orientation says, as viewers show it (for a user's photos; not for the
+    datasets, whose masks were drawn on the stored pixels)."""
+    try:
+        with Image.open(path) as im:
+            rgb = np.array((ImageOps.exif_transpose(im) if upright else im).convert("RGB"))  # decodes it all
+    except (OSError, ValueError, SyntaxError) as err:
+        raise DatasetFileError(f"cannot read image {path}: {err}") from err
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
 
 
-def gaussian_blur(image, kernel=BLUR_TAPS):
-    """cv2.GaussianBlur(image, (5, 5), 0) on a float image (C,H,W): the separable kernel `kernel` (k taps, summing
-    to 1) along columns, then rows, with cv2's default border (reflect without repeating the edge pixel). Two 1-D
-    passes of in-place multiply-adds: 2k per pixel, not k^2, and no temporary per tap."""
-    k = len(kernel)
-    h, w = image.shape[-2:]
-    padded = F.pad(image[None], [k // 2] * 4, mode="reflect")[0]  # (C,H+k-1,W+k-1)
-    cols = padded[:, :h] * kernel[0]  # along columns: (C,H,W+k-1), whole contiguous rows at a time
-    for i in range(1, k):
-        cols.add_(padded[:, i:i + h], alpha=kernel[i])
-    out = cols[..., :w] * kernel[0]  # along rows: (C,H,W)
-    for i in range(1, k):
-        out.add_(cols[..., i:i + w], alpha=kernel[i])
-    return out
+def load_mask(path):
+    """Single-channel label PNG (grayscale or palette indices) -> int64 (H,W)."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16"):
+                raise ValueError(f"mode {im.mode}, expected a single-channel label image")
+            label = np.array(im).astype(np.int64)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise DatasetFileError(f"cannot read label {path}: {err}") from err
+    return torch.from_numpy(label)
 
 
-def rotate(image, label, angle, fill=MEAN, ignore=IGNORE):
-    """Rotate image (C,H,W) float and label (H,W) (any integer dtype, kept) about the centre by `angle` degrees
-    counter-clockwise, as PFENet's RandRotate does with cv2.warpAffine: bilinear image, nearest label, corners
-    filled with `fill` (one value per channel) and `ignore`. One sampling grid serves both. At the rotated border
-    the image blends inside pixels with the fill by their bilinear weights, as cv2's BORDER_CONSTANT does;
-    torchvision weights that blend by the inside share a second time (v2 _apply_grid_transform), so edge pixels
-    differ from its output by up to 0.25."""
-    h, w = image.shape[-2:]
-    cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
-    # Output -> input map of every pixel centre, in grid_sample's coordinates (-1..1 across each axis): the
-    # pixel rotation rescaled by h/w; F.affine_grid's result, built from two outer sums in a quarter of its time
-    x = (2 * torch.arange(w, dtype=image.dtype) + 1) / w - 1  # (W,)
-    y = (2 * torch.arange(h, dtype=image.dtype) + 1) / h - 1  # (H,)
-    grid = torch.stack([cos * x + (-sin * h / w) * y[:, None], (sin * w / h) * x + cos * y[:, None]], -1)[None]
-    fill = torch.tensor(fill, dtype=image.dtype)[:, None, None]  # (C,1,1)
-    # sampling x - fill with zeros outside, then adding fill back, gives sum_inside(w x) + (1 - sum_inside w) fill
-    image = F.grid_sample((image - fill)[None], grid, mode="bilinear", align_corners=False)[0] + fill  # (C,H,W)
-    shifted = (label.to(image.dtype) - ignore)[None, None]  # (1,1,H,W), outside samples 0 -> ignore
-    label = (F.grid_sample(shifted, grid, mode="nearest", align_corners=False)[0, 0].round() + ignore).to(label.dtype)
-    return image, label  # (C,H,W), (H,W)
+def _read_ids(path):
+    """Image ids of a list file: one id a line (VOC's lists), or PFENet's lines
+    'JPEGImages/X.jpg SegmentationClassAug/X.png'."""
+    return [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
 
 
-def _quantize(image):
-    """Float image in [0,1] -> uint8: each value rounded to the nearest of the 256 levels (the 8 bits of a JPEG)."""
-    return (image * 255).round_().clamp_(0, 255).to(torch.uint8)
+def _scan_pair(pair, max_id=IGNORE - 1):
+    """One listed (image, label) pair -> (class pixel counts, None), or (None, "path: what is wrong") when the image
+    does not decode in full (_decoded_size: a file cut short is found here, once, not by the last evaluation),
+    the label cannot be read, their sizes differ, or the label holds a class id outside 1..max_id (0 background,
+    255 ignore): an id the dataset does not have would otherwise count as background without a word."""
+    image_path, label_path = pair
+    try:
+        width, height = _decoded_size(image_path)
+    except (OSError, ValueError, SyntaxError) as err:
+        return None, f"{image_path}: not a readable image ({err})"
+    try:
+        label = load_mask(label_path)
+    except DatasetFileError as err:
+        return None, str(err).replace("cannot read label ", "", 1)
+    if tuple(label.shape) != (height, width):
+        return None, f"{label_path}: {label.shape[1]}x{label.shape[0]} pixels, its image {image_path} {width}x{height}"
+    values = label.numpy().ravel()
+    wrong = np.unique(values[(values < 0) | ((values > max_id) & (values != IGNORE))]).tolist()
+    if wrong:
+        ids = ", ".join(map(str, wrong[:5])) + (", ..." if len(wrong) > 5 else "")
+        return None, (f"{label_path}: class id{'s' if len(wrong) > 1 else ''} {ids}; ids are 1..{max_id} "
+                      f"(0 background, {IGNORE} ignore)")
+    counts = np.bincount(values, minlength=IGNORE + 1)
+    return {int(c): int(counts[c]) for c in np.flatnonzero(counts[1:IGNORE]) + 1}, None
 
 
-def _output(image, label, compact):
-    """A transform's result: uint8 image and mask (compact), else the image normalised and the mask int64."""
-    if compact:
-        return image, None if label is None else label.to(torch.uint8)
-    return normalize(image), None if label is None else label.long()
+def _decoded_size(path):
+    """(width, height) of an image file, after decoding all of its pixels: a truncated or corrupt file raises
+    (OSError, ValueError or SyntaxError) here, where a header alone would pass it."""
+    with Image.open(path) as im:
+        im.load()
+        return im.size
 
 
-def train_transform(img, mask, rng, size, scale_range, recipe="pfenet", compact=False):
-    """PFENet's training augmentation (protocol.md §4) on an image and its mask together, with the steps that
-    AUGMENTATIONS[recipe] names (a step left out draws nothing from rng).
-
-    img uint8 (3,H0,W0), mask (H0,W0) integer (episodes: {0,1,255}), rng numpy Generator (every random draw)
-    -> img (3,size,size) float32 normalised, mask (size,size) int64; compact: both uint8 (the mask's values must
-    fit), the image as it is before normalising. The image is worked on in [0,1] floats up to the blur and then
-    rounded to 8 bits (module docstring); flip, padding and crop only move values, so they take the crop window
-    alone, rounded, mirrored and pasted on a canvas of the padding colour: the values of rounding the whole padded,
-    flipped image and cropping it, without its full-size copies."""
-    steps = AUGMENTATIONS[recipe]
-    image, label = img.float().div_(255), mask  # (3,H0,W0) in [0,1], (H0,W0)
-    # 1. RandScale: one isotropic factor, image bilinear, mask nearest
-    if steps["scale"]:
-        factor = rng.uniform(*scale_range)
-        hw = [max(1, round(s * factor)) for s in mask.shape]
-        image = TF.resize(image, hw, antialias=True)  # (3,h,w)
-        label = TF.resize(tv_tensors.Mask(label[None]), hw)[0].as_subclass(torch.Tensor)  # (h,w)
-    # 2. RandRotate about the centre; corners filled with the mean colour / ignore
-    if steps["rotate"] and rng.random() < ROTATE_P:
-        image, label = rotate(image, label, rng.uniform(-ROTATE_DEGREES, ROTATE_DEGREES))
-    # 3. Gaussian blur of the image only (5x5, cv2's taps for sigma 0: BLUR_TAPS)
-    if steps["blur"] and rng.random() < BLUR_P:
-        image = gaussian_blur(image)
-    # 4. horizontal flip (the image's: of the crop window, below)
-    flip = steps["flip"] and rng.random() < FLIP_P
-    label = label.flip(-1) if flip else label
-    # 5. pad symmetrically to at least size x size (mean colour / ignore), then the foreground-keeping random crop
-    h, w = label.shape
-    pad_top, pad_left = max(size - h, 0) // 2, max(size - w, 0) // 2
-    padded = label.new_full((max(h, size), max(w, size)), IGNORE)  # (H,W) >= (size,size)
-    padded[pad_top:pad_top + h, pad_left:pad_left + w] = label
-    top, left = _draw_crop(padded == 1, size, rng)
-    label = padded[top:top + size, left:left + size].contiguous()  # (size,size)
-    y0, x0 = top - pad_top, left - pad_left  # the crop's corner in the (flipped) image; < 0 inside the padding
-    r0, r1, c0, c1 = max(y0, 0), min(y0 + size, h), max(x0, 0), min(x0 + size, w)
-    window = image[:, r0:r1, w - c1:w - c0].flip(-1) if flip else image[:, r0:r1, c0:c1]  # (3,r1-r0,c1-c0)
-    out = _quantize(torch.tensor(MEAN))[:, None, None].repeat(1, size, size)  # (3,size,size) padding colour
-    out[:, r0 - y0:r1 - y0, c0 - x0:c1 - x0] = _quantize(window)
-    return _output(out, label, compact)
+def check_scan(results, what, shown=20):
+    """The counts of _scan_pair's results; if any file was bad, DatasetFileError listing them, one line each."""
+    bad = [problem for _, problem in results if problem]
+    if bad:
+        more = f"\n  ... and {len(bad) - shown} more" if len(bad) > shown else ""
+        raise DatasetFileError(f"{len(bad)} bad file(s) in {what}; fix or remove them (and their list entries):\n  "
+                               + "\n  ".join(bad[:shown]) + more)
+    return [counts for counts, _ in results]
 
 
-def test_content_size(h0, w0, size):
-    """Size (h, w) of an h0 x w0 image inside the size x size test canvas: long side = size, aspect kept."""
-    if h0 >= w0:
-        return size, max(1, round(w0 * size / h0))
-    return max(1, round(h0 * size / w0)), size
+def _parallel_map(fn, items, what):
+    """[fn(x) for x in items] over a process pool when there are many items, with a progress line now and then."""
+    every = max(len(items) // 10, 1)
+    print(f"[data] {what}: {len(items)} files (once; the result is cached)", flush=True)
+    pool = None
+    if len(items) >= PARALLEL_MIN_FILES:
+        # fork: spawn/forkserver would re-import the caller's __main__ (a flat train.py) in every worker
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        pool = concurrent.futures.ProcessPoolExecutor(min(os.cpu_count() or 1, 16), mp_context=context)
+    results = []
+    try:
+        for i, result in enumerate(pool.map(fn, items, chunksize=32) if pool else map(fn, items), 1):
+            results.append(result)
+            if i % every == 0:
+                print(f"[data] {what}: {i}/{len(items)}", flush=True)
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    return results
 
 
-def test_transform(img_u8, mask=None, size=TRAIN_SIZE["pascal"], compact=False):
-    """Test geometry (PFENet's Resize): uint8 (3,H0,W0) [+ mask (H0,W0)] -> img (3,size,size) normalised with
-    the content top-left, resized in [0,1] floats and rounded to 8 bits, and the mean colour rounded to 8 bits
-    (~0 after normalising) elsewhere [+ mask (size,size) int64, padding 255]; compact: uint8 image and mask."""
-    h, w = test_content_size(img_u8.shape[-2], img_u8.shape[-1], size)
-    image = _quantize(torch.tensor(MEAN))[:, None, None].repeat(1, size, size)  # (3,size,size) padding colour
-    image[:, :h, :w] = _quantize(TF.resize(img_u8.float().div_(255), [h, w], antialias=True))
-    label = None
-    if mask is not None:
-        label = mask.new_full((size, size), IGNORE)
-        label[:h, :w] = TF.resize(tv_tensors.Mask(mask[None]), [h, w])[0]
-    return _output(image, label, compact)
+def _cache_dir(root):
+    """<root>/.fss_cache, or ~/.cache/fss/<hash of root> when the data root is read-only."""
+    digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+    return _writable_dir(root / ".fss_cache", Path.home() / ".cache" / "fss" / digest)
 
 
-def logits_to_original(logits, orig_hw):
-    """Undo test_transform: logits (2,size,size) (or (B,2,size,size)) -> (2,H0,W0): crop the content region,
-    resize bilinearly (align_corners=False) to the original size."""
-    h0, w0 = orig_hw
-    h, w = test_content_size(h0, w0, logits.shape[-1])
-    content = logits[..., :h, :w]
-    out = F.interpolate(content.reshape(-1, *content.shape[-3:]), (h0, w0), mode="bilinear", align_corners=False)
-    return out.reshape(*content.shape[:-2], h0, w0)
+def _writable_dir(*candidates):
+    """The first candidate directory that exists (or can be made) and is writable."""
+    for path in candidates:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(path, os.W_OK):
+            return path
+    raise OSError(f"none of these directories is writable: {', '.join(map(str, candidates))}")
 
 
-@functools.lru_cache(maxsize=None)
-def _normalize_factors(device):
-    """(scale, shift) (3,1,1) float32 on device: 1 / (255 STD) and -MEAN / STD, each computed in float64 and rounded
-    once (kept, so that normalising a batch copies nothing to the device)."""
-    mean, std = torch.tensor(MEAN, dtype=torch.float64), torch.tensor(STD, dtype=torch.float64)
-    return tuple(t.float().view(3, 1, 1).to(device) for t in (1 / (255 * std), -mean / std))
+def _read_cache(path, key):
+    """The cached payload if the file exists and was written under the same key, else None."""
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return cached["payload"] if cached.get("key") == key else None
 
 
-def normalize(img):
-    """uint8 image(s) (...,3,H,W) -> float32 (...,3,H,W), (img / 255 - MEAN) / STD, on img's device, as two
-    float32 operations, a multiply and then an add (_normalize_factors). Each is rounded once by IEEE 754 on every
-    device, so a GPU gives the CPU's bits (a division by a scalar would not: CUDA multiplies by its reciprocal)."""
-    scale, shift = _normalize_factors(img.device)
-    return img.to(torch.float32).mul_(scale).add_(shift)
+def _write_cache(path, key, payload):
+    """Write the cache atomically. One that cannot be written (a full disk, a folder gone read-only) stops nothing:
+    its temporary is removed, one note says so, and the run goes on with the payload in memory."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({"key": key, "payload": payload}))
+        os.replace(tmp, path)  # atomic: concurrent runs never see half a file
+    except OSError as err:
+        _remove(tmp)
+        print(f"[data] note: could not cache the scan in {path} ({err.strerror or err}): the scan runs again next "
+              "time", file=sys.stderr, flush=True)
 
 
-def to_device(batch, device):
-    """An episode or a batch of them (collate_episodes), compact or not, on `device` as the default one: every
-    tensor copied with non_blocking=True (asynchronous from pinned memory), then, there, uint8 images (img_q,
-    img_s) normalised (normalize) and other uint8 tensors (the masks, m_q_orig's included) made int64. Lists
-    (a batch's m_q_orig) are moved element by element; other values stay as they are."""
-    def move(key, value):
-        if isinstance(value, list):
-            return [move(key, v) for v in value]
-        if not torch.is_tensor(value):
-            return value
-        value = value.to(device, non_blocking=True)
-        if value.dtype != torch.uint8:
-            return value
-        return normalize(value) if key.startswith("img") else value.long()
-    return {key: move(key, value) for key, value in batch.items()}
+def _remove(path):
+    """Remove a file if it is there; a failure to (a read-only folder) is no error."""
+    try:
+        Path(path).unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
-def denormalize(img):
-    """Normalised img (3,H,W) -> uint8 (3,H,W) for visualisation."""
-    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
-    return ((img.detach().cpu().float() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+def _int_keys(counts):
+    """JSON turns int keys into strings: {name: {"3": n}} -> {name: {3: n}}."""
+    return {name: {int(c): n for c, n in per_image.items()} for name, per_image in counts.items()}
 
 
 # ----------------------------------------------------------------------------- synthetic images
@@ -1011,63 +1276,33 @@ RADIUS_RANGE = (0.09, 0.2)  # object radius as a fraction of the image side
 MIN_VISIBLE = 0.004  # the episode class covers at least this fraction of every image
 
 
-def _shape_inside(shape, u, v):
-    """Inside test of a unit-size shape in its own frame (u right, v down) -> bool array."""
-    rho2 = u * u + v * v
-    if shape == "disc":
-        return rho2 <= 1
-    if shape == "ring":
-        return (rho2 <= 1) & (rho2 >= 0.55 ** 2)
-    if shape in ("triangle", "square", "hexagon"):  # regular n-gon, circumradius 1
-        n = {"triangle": 3, "square": 4, "hexagon": 6}[shape]
-        phi = np.arctan2(v, u) % (2 * np.pi / n) - np.pi / n
-        return np.sqrt(rho2) * np.cos(phi) <= np.cos(np.pi / n)
-    if shape == "star":  # 5 points, inner radius 0.4
-        tip = np.abs((np.arctan2(v, u) * 5 / (2 * np.pi)) % 1 - 0.5) * 2  # 1 at a tip, 0 between two tips
-        return np.sqrt(rho2) <= 0.4 + 0.6 * tip ** 2
-    if shape == "cross":
-        return ((np.abs(u) <= 0.3) & (np.abs(v) <= 1)) | ((np.abs(v) <= 0.3) & (np.abs(u) <= 1))
-    if shape == "crescent":
-        return (rho2 <= 1) & ((u - 0.45) ** 2 + v * v >= 0.75 ** 2)
-    if shape == "heart":
-        x, y = 1.1 * u, 0.15 - 1.1 * v
-        return (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0
-    return u * u + (v / 0.35) ** 2 <= 1  # bar: an elongated ellipse
+def render_synthetic(rng, class_id, distractor_classes, size):
+    """One synthetic image with 1-3 objects of class_id and 0-2 of distractor_classes, in random order, over a
+    smooth background with unlabelled clutter; the label is exact (the pixels each object painted).
 
-
-def _texture(kind, period, tu, tv, u, noise):
-    """Brightness pattern in [0,1]; tu, tv are object-frame coordinates in image sides, u the unit frame."""
-    if kind == "stripes":
-        return 0.5 + 0.5 * np.sin(2 * np.pi * tu / period)
-    if kind == "checker":
-        return ((np.floor(tu / period) + np.floor(tv / period)) % 2).astype(np.float32)
-    if kind == "dots":
-        du, dv = tu / period - np.round(tu / period), tv / period - np.round(tv / period)
-        return 0.25 + 0.75 * (du * du + dv * dv < 0.09)
-    if kind == "gradient":
-        return np.clip(0.5 + 0.5 * u, 0, 1)
-    if kind == "waves":
-        return 0.5 + 0.5 * np.sin(2 * np.pi / period * (tu + 0.3 * period * np.sin(2 * np.pi * tv / period)))
-    return np.clip(0.5 + 0.35 * noise, 0, 1)  # speckle
-
-
-def _random_rgb(rng, hue=None, sat=(0.6, 0.95), val=(0.6, 1.0)):
-    hue = rng.uniform(0, 360) if hue is None else hue + rng.uniform(-HUE_JITTER, HUE_JITTER)
-    return np.array(colorsys.hsv_to_rgb(hue / 360 % 1, rng.uniform(*sat), rng.uniform(*val)), np.float32)
-
-
-def _object_frame(rng, size, sx, sy, extent):
-    """Random centre and rotation of a shape with semi-axes sx, sy (pixels) -> (box slices, offsets du, dv (h,w)
-    in pixels along the shape's rotated axes), where the box holds everything within extent * max(sx, sy)."""
-    angle = rng.uniform(0, 2 * np.pi)
-    cx, cy = rng.uniform(0.1, 0.9) * size, rng.uniform(0.1, 0.9) * size
-    reach = extent * max(sx, sy)
-    y0, y1 = max(int(cy - reach), 0), min(int(cy + reach) + 2, size)
-    x0, x1 = max(int(cx - reach), 0), min(int(cx + reach) + 2, size)
-    dy = np.arange(y0, y1, dtype=np.float32)[:, None] + 0.5 - cy  # (h,1)
-    dx = np.arange(x0, x1, dtype=np.float32)[None, :] + 0.5 - cx  # (1,w)
-    du, dv = np.cos(angle) * dx + np.sin(angle) * dy, -np.sin(angle) * dx + np.cos(angle) * dy  # (h,w)
-    return (slice(y0, y1), slice(x0, x1)), du, dv
+    -> img float32 (3,size,size) in [0,1], label int64 (size,size) with class ids 0..20 (0 = background)."""
+    noise = rng.standard_normal((size, size), dtype=np.float32)  # (H,W) grain and speckle
+    # smooth background: a low-saturation base colour plus two separable low-frequency waves per channel
+    axis = np.arange(size, dtype=np.float32) / size
+    freq = rng.uniform(0.5, 3.0, (2, 3, 2, 1)).astype(np.float32) * 2 * np.pi  # cycles per image side
+    phase = rng.uniform(0, 2 * np.pi, (2, 3, 2, 1)).astype(np.float32)
+    waves_y, waves_x = np.cos(freq[0] * axis + phase[0]), np.cos(freq[1] * axis + phase[1])  # (3,2,H), (3,2,W)
+    amplitude = rng.uniform(0.05, 0.2, (3, 2)).astype(np.float32)
+    img = np.einsum("ck,ckh,ckw->chw", amplitude, waves_y, waves_x)  # (3,H,W)
+    img += _random_rgb(rng, sat=(0.0, 0.35), val=(0.3, 0.8))[:, None, None]
+    _paint_clutter(img, noise, rng)
+    label = np.zeros((size, size), np.int64)
+    objects = [class_id] * int(rng.integers(1, 4))
+    if len(distractor_classes):
+        objects += list(rng.choice(distractor_classes, int(rng.integers(0, 3))))
+    for c in rng.permutation(objects):  # random occlusion order
+        _paint_object(img, label, noise, int(c), rng)
+    for _ in range(10):  # a distractor may hide the episode class: paint one more on top until it shows
+        if (label == class_id).sum() >= MIN_VISIBLE * size * size:
+            break
+        _paint_object(img, label, noise, class_id, rng)
+    img = img * rng.uniform(0.8, 1.2) + rng.uniform(-0.1, 0.1) + 0.03 * noise  # contrast, brightness, grain
+    return torch.from_numpy(np.clip(img, 0, 1).astype(np.float32)), torch.from_numpy(label)
 
 
 def _paint_object(img, label, noise, class_id, rng):
@@ -1104,242 +1339,60 @@ def _paint_clutter(img, noise, rng):
         img[(slice(None), *box)] = np.where(inside, colour, img[(slice(None), *box)])
 
 
-def render_synthetic(rng, class_id, distractor_classes, size):
-    """One synthetic image with 1-3 objects of class_id and 0-2 of distractor_classes, in random order.
-
-    -> img float32 (3,size,size) in [0,1], label int64 (size,size) with class ids 0..20 (0 = background)."""
-    noise = rng.standard_normal((size, size), dtype=np.float32)  # (H,W) grain and speckle
-    # smooth background: a low-saturation base colour plus two separable low-frequency waves per channel
-    axis = np.arange(size, dtype=np.float32) / size
-    freq = rng.uniform(0.5, 3.0, (2, 3, 2, 1)).astype(np.float32) * 2 * np.pi  # cycles per image side
-    phase = rng.uniform(0, 2 * np.pi, (2, 3, 2, 1)).astype(np.float32)
-    waves_y, waves_x = np.cos(freq[0] * axis + phase[0]), np.cos(freq[1] * axis + phase[1])  # (3,2,H), (3,2,W)
-    amplitude = rng.uniform(0.05, 0.2, (3, 2)).astype(np.float32)
-    img = np.einsum("ck,ckh,ckw->chw", amplitude, waves_y, waves_x)  # (3,H,W)
-    img += _random_rgb(rng, sat=(0.0, 0.35), val=(0.3, 0.8))[:, None, None]
-    _paint_clutter(img, noise, rng)
-    label = np.zeros((size, size), np.int64)
-    objects = [class_id] * int(rng.integers(1, 4))
-    if len(distractor_classes):
-        objects += list(rng.choice(distractor_classes, int(rng.integers(0, 3))))
-    for c in rng.permutation(objects):  # random occlusion order
-        _paint_object(img, label, noise, int(c), rng)
-    for _ in range(10):  # a distractor may hide the episode class: paint one more on top until it shows
-        if (label == class_id).sum() >= MIN_VISIBLE * size * size:
-            break
-        _paint_object(img, label, noise, class_id, rng)
-    img = img * rng.uniform(0.8, 1.2) + rng.uniform(-0.1, 0.1) + 0.03 * noise  # contrast, brightness, grain
-    return torch.from_numpy(np.clip(img, 0, 1).astype(np.float32)), torch.from_numpy(label)
+def _object_frame(rng, size, sx, sy, extent):
+    """Random centre and rotation of a shape with semi-axes sx, sy (pixels) -> (box slices, offsets du, dv (h,w)
+    in pixels along the shape's rotated axes), where the box holds everything within extent * max(sx, sy)."""
+    angle = rng.uniform(0, 2 * np.pi)
+    cx, cy = rng.uniform(0.1, 0.9) * size, rng.uniform(0.1, 0.9) * size
+    reach = extent * max(sx, sy)
+    y0, y1 = max(int(cy - reach), 0), min(int(cy + reach) + 2, size)
+    x0, x1 = max(int(cx - reach), 0), min(int(cx + reach) + 2, size)
+    dy = np.arange(y0, y1, dtype=np.float32)[:, None] + 0.5 - cy  # (h,1)
+    dx = np.arange(x0, x1, dtype=np.float32)[None, :] + 0.5 - cx  # (1,w)
+    du, dv = np.cos(angle) * dx + np.sin(angle) * dy, -np.sin(angle) * dx + np.cos(angle) * dy  # (h,w)
+    return (slice(y0, y1), slice(x0, x1)), du, dv
 
 
-# ----------------------------------------------------------------------------- episodes
-
-def _draw_supports(rng, class_files, query, shot):
-    """`shot` names from class_files other than the query, without replacement while there are enough."""
-    pool = [name for name in class_files if name != query] or list(class_files)  # only the query: use it
-    picks = list(rng.permutation(len(pool)))
-    picks += list(rng.integers(0, len(pool), shot - len(picks))) if len(picks) < shot else []
-    return [pool[i] for i in picks[:shot]]
+def _random_rgb(rng, hue=None, sat=(0.6, 0.95), val=(0.6, 1.0)):
+    hue = rng.uniform(0, 360) if hue is None else hue + rng.uniform(-HUE_JITTER, HUE_JITTER)
+    return np.array(colorsys.hsv_to_rgb(hue / 360 % 1, rng.uniform(*sat), rng.uniform(*val)), np.float32)
 
 
-class EpisodeDataset(Dataset):
-    """Episodes of one split of one fold. Subclasses implement _draw (class and raw images) and _transform.
-
-    Attributes: classes (class ids of this split), num_classes (ids 1..num_classes), class_names {id: name}, seed,
-    support_boxes (settable: each support mask is replaced by mask_to_boxes of its original-resolution mask,
-    before the transforms, as a box annotation would be; the query mask is untouched), augment (settable: the
-    name of the training recipe in AUGMENTATIONS; the synthetic set has none, its renderer already randomises),
-    compact (settable: uint8 images and masks, to_device's input; module docstring).
-    Subclasses' _transform return the compact pair (uint8 image, uint8 mask); the default episode is the compact
-    one through to_device on the CPU.
-    An episode is a function of (seed, stream, index) alone: the key dataset[(stream, index)] names the stream,
-    the epoch in training or the test seed in evaluation (dataset[index] is stream 0). Because the sampler
-    carries it with every index, persistent DataLoader workers need no message when the epoch changes, and
-    the episodes are the same for any number of workers."""
-    support_boxes = False
-    augment = "pfenet"
-    compact = False
-
-    def __init__(self, name, split, fold, shot, img_size, classes, class_names, seed, length, num_classes):
-        self.name, self.split, self.fold, self.shot, self.img_size = name, split, fold, shot, img_size
-        self.classes, self.num_classes, self.class_names = classes, num_classes, class_names
-        self.seed, self.length = seed, length
-
-    def __len__(self):
-        return self.length
-
-    def _rng(self, index, stream=0):
-        return np.random.default_rng((self.seed, stream, index))
-
-    def __getitem__(self, key):
-        """key: an index, or (stream, index)."""
-        stream, index = key if isinstance(key, tuple) else (0, key)
-        if not 0 <= index < self.length:
-            raise IndexError(f"episode {index} out of range {self.length}")
-        rng = self._rng(index, stream)
-        class_id, pairs = self._draw(index, rng, stream)  # [(img, label (H0,W0))]: the query, then the supports
-        masks = [binary_mask(label, class_id, torch.uint8) for _, label in pairs]  # (H0,W0) each
-        if self.support_boxes:  # weakly supervised supports (CRCNet §5.4)
-            masks[1:] = [mask_to_boxes(mask) for mask in masks[1:]]
-        out = [self._transform(img, mask, rng) for (img, _), mask in zip(pairs, masks)]  # uint8 (3,H,W), (H,W)
-        episode = {"img_q": out[0][0], "m_q": out[0][1], "img_s": torch.stack([img for img, _ in out[1:]]),
-                   "m_s": torch.stack([mask for _, mask in out[1:]]), "class_id": int(class_id)}
-        if self.split == "test":
-            episode.update(m_q_orig=masks[0], index=index)
-        return episode if self.compact else to_device(episode, torch.device("cpu"))
+def _texture(kind, period, tu, tv, u, noise):
+    """Brightness pattern in [0,1]; tu, tv are object-frame coordinates in image sides, u the unit frame."""
+    if kind == "stripes":
+        return 0.5 + 0.5 * np.sin(2 * np.pi * tu / period)
+    if kind == "checker":
+        return ((np.floor(tu / period) + np.floor(tv / period)) % 2).astype(np.float32)
+    if kind == "dots":
+        du, dv = tu / period - np.round(tu / period), tv / period - np.round(tv / period)
+        return 0.25 + 0.75 * (du * du + dv * dv < 0.09)
+    if kind == "gradient":
+        return np.clip(0.5 + 0.5 * u, 0, 1)
+    if kind == "waves":
+        return 0.5 + 0.5 * np.sin(2 * np.pi / period * (tu + 0.3 * period * np.sin(2 * np.pi * tv / period)))
+    return np.clip(0.5 + 0.35 * noise, 0, 1)  # speckle
 
 
-class ImageEpisodes(EpisodeDataset):
-    """PASCAL-5i / COCO-20i / folder episodes over files {name: (image, label)} and their class pixel counts."""
-
-    def __init__(self, name, split, fold, shot, img_size, classes, class_names, seed, length, num_classes, files,
-                 counts, exclude):
-        self.files, self.counts, self.scale_range = files, counts, SCALE_RANGE[name]
-        self.images, self.class_files = class_file_lists(counts, classes, exclude)
-        if not self.images:
-            raise DatasetError(f"no {name} {split} image has a class of {classes} with >= {MIN_FG_PIXELS} pixels: "
-                               "there is nothing to draw episodes from (are the labels class ids 0..N, 255?)")
-        super().__init__(name, split, fold, shot, img_size, classes, class_names, seed, length or len(self.images),
-                         num_classes)
-
-    def _load(self, name):
-        image_path, label_path = self.files[name]
-        img, label = load_image(image_path), load_mask(label_path)
-        if img.shape[-2:] != label.shape:
-            raise DatasetFileError(f"image {image_path} {tuple(img.shape[-2:])} and label {label_path} "
-                               f"{tuple(label.shape)} differ in size")
-        return img, label
-
-    def _query(self, index, stream):
-        """Training: the image at `index` (the sampler shuffles). Test: pass p = index // n over the n images
-        takes them in an order drawn from (seed, stream, p) alone, so that each test seed visits its own sample
-        of a large list (COCO: 1000 episodes of 10,000+ images) and every model sees the same queries."""
-        n = len(self.images)
-        if self.split == "train":
-            return self.images[index % n]
-        order = np.random.default_rng((self.seed, stream, index // n, QUERY_ORDER_KEY)).permutation(n)
-        return self.images[order[index % n]]
-
-    def _draw(self, index, rng, stream=0):
-        query = self._query(index, stream)
-        present = [c for c in self.classes if self.counts[query].get(c, 0) > 0 and self.class_files[c]]
-        class_id = present[rng.integers(len(present))]
-        supports = _draw_supports(rng, self.class_files[class_id], query, self.shot)
-        return class_id, [self._load(name) for name in [query, *supports]]
-
-    def _transform(self, img, mask, rng):
-        if self.split == "train":
-            return train_transform(img, mask, rng, self.img_size, self.scale_range, self.augment, compact=True)
-        return test_transform(img, mask, self.img_size, compact=True)
-
-
-class SyntheticEpisodes(EpisodeDataset):
-    """Rendered episodes; train images never contain a test-fold class (BAM's rule)."""
-
-    def _draw(self, index, rng, stream=0):
-        class_id = int(self.classes[rng.integers(len(self.classes))])
-        pool = self.classes if self.split == "train" else range(1, NUM_CLASSES["synthetic"] + 1)
-        distractors = np.array([c for c in pool if c != class_id])
-        return class_id, [render_synthetic(rng, class_id, distractors, self.img_size) for _ in range(1 + self.shot)]
-
-    def render_episode(self, index):
-        """(class_id, [(img (3,H,W) in [0,1], label (H,W) class ids)]) of episode `index`, before binarising."""
-        return self._draw(index, self._rng(index))
-
-    def _transform(self, img, mask, rng):
-        return _quantize(img), mask
-
-
-def split_name(name, fold, root=None, test_classes=None, coco_split="interleaved"):
-    """The name of a dataset's split in file names: "pascal-fold0"; COCO's contiguous split "coco-contiguous-fold0"
-    (its folds hold other classes than the interleaved ones of "coco-fold0"); a folder dataset by its root's name
-    and a hash of its path, so that two roots never share a name ("folder-NAME-1a2b3c-fold0"); --test-classes 3,7,9
-    in place of the fold ("...-classes3-7-9"). Run folders, base learners and prior extractors are named by it."""
-    dataset = f"coco-{coco_split}" if name == "coco" and coco_split != "interleaved" else name
-    if name == "folder" and root:
-        path = Path(root).expanduser().resolve()
-        dataset = f"folder-{path.name}-{hashlib.sha1(str(path).encode()).hexdigest()[:6]}"
-    return f"{dataset}-" + ("classes" + "-".join(map(str, test_classes)) if test_classes else f"fold{fold}")
-
-
-def class_names(name, root=None):
-    """{class id: name} of a dataset: the built-in ones' need no files (e.g. to look up word vectors); a folder
-    dataset's come from its root (classes.txt, else the ids its labels hold)."""
-    if name == "folder":
-        root = _data_root(name, root)
-        return _folder_names(root, *_folder_index(root))
-    if name == "synthetic":
-        return {c: f"{APPEARANCES[look][0]} {shape}" for c, (shape, look) in SYNTHETIC_CLASSES.items()}
-    return dict(enumerate({"pascal": PASCAL_NAMES, "coco": COCO_NAMES}[name], 1))
-
-
-def dataset_classes(name, fold=0, root=None, test_classes=None, coco_split="interleaved"):
-    """Classes(count, names, novel) of a run: the number of classes of dataset `name` (ids 1..count), {id: name},
-    and the novel (test) ids of fold `fold`; the other ids are the base classes. A folder dataset reads them from
-    its root (_folder: classes.txt, folds.txt, its labels), and `test_classes` (ids) replace its fold."""
-    if name == "folder":
-        return _folder(_data_root(name, root), fold, test_classes)[2]
-    if test_classes is not None:
-        raise ValueError(f"test_classes choose a folder dataset's novel classes; {name}'s are its folds")
-    novel = fold_classes(name, fold, coco_split)
-    return Classes(NUM_CLASSES[name], class_names(name), novel)
-
-
-def _data_root(name, root):
-    """The data root as a Path; DatasetNotFoundError with the dataset's layout when there is none."""
-    layout = {"pascal": PASCAL_LAYOUT, "coco": COCO_LAYOUT, "folder": FOLDER_LAYOUT}[name]
-    if root is None:
-        raise DatasetNotFoundError(f"no data root given for {name}: pass --data-root DIR\n{layout}")
-    if not Path(root).expanduser().is_dir():
-        raise DatasetNotFoundError(f"{name} data root {root} is not a directory\n{layout}")
-    return Path(root).expanduser()
-
-
-def build_dataset(name, split, fold, shot=1, img_size=473, root=None, seed=0, episodes=None,
-                  coco_split="interleaved", train_length=None, support_boxes=False, augment="pfenet",
-                  test_classes=None):
-    """The episodes of `split` ("train": base classes, augmented by the recipe AUGMENTATIONS[augment]; "test":
-    the fold's novel classes, `episodes` episodes, default TEST_EPISODES[name]) of fold `fold` of dataset `name`
-    ("pascal", "coco", "synthetic", "folder"; for a folder, test_classes (ids) may replace the fold).
-    support_boxes: every support mask becomes the union of its objects' bounding boxes (mask_to_boxes)."""
-    if augment not in AUGMENTATIONS:
-        raise ValueError(f"unknown augmentation {augment!r}; choose one of {sorted(AUGMENTATIONS)}")
-    if name not in (*NUM_CLASSES, "folder") or split not in ("train", "test") or shot < 1:
-        raise ValueError(f"bad dataset {name!r}, split {split!r} or shot {shot}")
-    if name == "folder":
-        root = _data_root(name, root)
-        files, counts, (num_classes, names, test_classes) = _folder(root, fold, test_classes)
-    else:
-        num_classes, names, test_classes = dataset_classes(name, fold, test_classes=test_classes,
-                                                           coco_split=coco_split)
-    classes = test_classes if split == "test" else [c for c in range(1, num_classes + 1) if c not in test_classes]
-    length = (episodes or TEST_EPISODES[name]) if split == "test" else train_length
-    if name == "synthetic":
-        dataset = SyntheticEpisodes(name, split, fold, shot, img_size, classes, names, seed,
-                                    length or SYNTHETIC_TRAIN_LENGTH, num_classes)
-        dataset.support_boxes = support_boxes
-        return dataset
-    if name == "folder":  # the split's images, then the same filter and episodes as PASCAL's
-        listed = _folder_split(root, counts, test_classes, split)
-        files, counts = {i: files[i] for i in listed}, {i: counts[i] for i in listed}
-        if split == "test":
-            _check_test_shots(counts, classes, names, shot, root)
-    else:
-        root = _data_root(name, root)
-        if name == "pascal":
-            files, counts, names = _pascal_index(root, split)
-        else:
-            files, counts, names = _coco_index(root, "train" if split == "train" else "val")
-    exclude = test_classes if split == "train" else ()
-    dataset = ImageEpisodes(name, split, fold, shot, img_size, classes, names, seed, length, num_classes, files,
-                            counts, exclude)
-    dataset.support_boxes, dataset.augment = support_boxes, augment
-    return dataset
-
-
-def collate_episodes(batch):
-    """List of episodes -> dict: tensors stacked (B,...), class_id and index -> LongTensor (B,),
-    m_q_orig -> list of (H0,W0) tensors (their sizes differ). default_collate stacks: in a DataLoader worker it
-    writes the stack into shared memory, so the batch crosses to the main process without another copy."""
-    return {key: [episode[key] for episode in batch] if key == "m_q_orig"
-            else default_collate([episode[key] for episode in batch]) for key in batch[0]}
+def _shape_inside(shape, u, v):
+    """Inside test of a unit-size shape in its own frame (u right, v down) -> bool array."""
+    rho2 = u * u + v * v
+    if shape == "disc":
+        return rho2 <= 1
+    if shape == "ring":
+        return (rho2 <= 1) & (rho2 >= 0.55 ** 2)
+    if shape in ("triangle", "square", "hexagon"):  # regular n-gon, circumradius 1
+        n = {"triangle": 3, "square": 4, "hexagon": 6}[shape]
+        phi = np.arctan2(v, u) % (2 * np.pi / n) - np.pi / n
+        return np.sqrt(rho2) * np.cos(phi) <= np.cos(np.pi / n)
+    if shape == "star":  # 5 points, inner radius 0.4
+        tip = np.abs((np.arctan2(v, u) * 5 / (2 * np.pi)) % 1 - 0.5) * 2  # 1 at a tip, 0 between two tips
+        return np.sqrt(rho2) <= 0.4 + 0.6 * tip ** 2
+    if shape == "cross":
+        return ((np.abs(u) <= 0.3) & (np.abs(v) <= 1)) | ((np.abs(v) <= 0.3) & (np.abs(u) <= 1))
+    if shape == "crescent":
+        return (rho2 <= 1) & ((u - 0.45) ** 2 + v * v >= 0.75 ** 2)
+    if shape == "heart":
+        x, y = 1.1 * u, 0.15 - 1.1 * v
+        return (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0
+    return u * u + (v / 0.35) ** 2 <= 1  # bar: an elongated ellipse

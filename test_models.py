@@ -1210,7 +1210,7 @@ def test_each_test_seed_visits_every_image_in_its_own_order(tmp_path, capsys):
     assert ds[(1, 3)]["m_q_orig"].sum() > 0 and ds._query(3, 1) == orders[1][3]
 
     def episodes(workers, batch):
-        sampler = train.EpisodeSampler(len(ds))
+        sampler = data.EpisodeSampler(len(ds))
         sampler.set_stream(1)
         loader = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
                             collate_fn=data.collate_episodes)
@@ -1378,7 +1378,7 @@ def test_coco_labels_category_map_and_folds(tmp_path, monkeypatch):
 
     val_names = [f"COCO_val2014_{i:012d}" for i in (1, 2)]
     assert data.build_dataset("coco", "test", 0, img_size=64, root=root).images == [val_names[1]]  # class 1
-    monkeypatch.setattr(data, "_coco_label_counts", lambda job: 1 / 0)  # val2014 is cached now
+    monkeypatch.setattr(data, "_write_and_scan_coco_label", lambda job: 1 / 0)  # val2014 is cached now
     assert data.build_dataset("coco", "test", 1, img_size=64, root=root).images == [val_names[0]]  # class 2
     contiguous = data.build_dataset("coco", "test", 0, img_size=64, root=root, coco_split="contiguous")
     assert contiguous.images == val_names and contiguous.classes == list(range(1, 21))
@@ -1628,20 +1628,20 @@ def test_normalize_is_a_float32_multiply_and_add_and_to_device_makes_the_default
 
 
 def test_compact_batches_from_workers_are_the_in_process_episodes(tmp_path):
-    """What the models receive: compact batches from 2 DataLoader workers (train.make_loader, no pinning on the
+    """What the models receive: compact batches from 2 DataLoader workers (data.make_loader, no pinning on the
     CPU) through data.to_device equal the default episodes made in this process, for PASCAL train (padding and
     crops) and test episodes and synthetic ones; the batches cross as uint8, a fifth of the default's bytes."""
     root = _write_pascal(tmp_path / "voc")
-    args = argparse.Namespace(workers=2)
     for ds in (data.build_dataset("pascal", "train", 0, shot=2, img_size=76, root=root, train_length=8),
                data.build_dataset("pascal", "test", 0, img_size=64, root=root, episodes=6),
                data.build_dataset("synthetic", "train", 1, shot=2, img_size=48, train_length=6),
                data.build_dataset("synthetic", "test", 1, img_size=48, episodes=4)):
         expected = [data.collate_episodes([ds[(3, i)] for i in range(b, min(b + 2, len(ds)))])
                     for b in range(0, len(ds), 2)]
-        sampler = train.EpisodeSampler(len(ds))
+        sampler = data.EpisodeSampler(len(ds))
         sampler.set_stream(3)
-        loader = train.make_loader(ds, sampler, 2, args, torch.device("cpu"), drop_last=False)
+        loader = data.make_loader(ds, sampler, 2, 2, torch.device("cpu"), drop_last=False,
+                                  worker_init_fn=train.ignore_stop_signals)  # as train.py's
         assert ds.compact and not loader.pin_memory and loader.num_workers == 2
         batches = list(loader)
         assert len(batches) == len(expected)
@@ -2086,7 +2086,7 @@ def test_evaluation_scores_at_original_resolution_by_hand(tmp_path):
     args = train.parse_args(["--model", "baseline", "--dataset", "pascal", "--data-root", str(root), "--img-size",
                              "64", "--test-episodes", "5", "--test-seeds", "1", "--workers", "0"])[0]
     dataset = train.episodes(args, "test")
-    loader = train.make_loader(dataset, train.EpisodeSampler(len(dataset)), 2, args, torch.device("cpu"), False)
+    loader = data.make_loader(dataset, data.EpisodeSampler(len(dataset)), 2, args.workers, torch.device("cpu"), False)
     meter = train.evaluate(AllForeground(), loader, dataset, torch.device("cpu"), args, seed=0)
     inter, union = {}, {}
     for i in range(len(dataset)):
@@ -2105,13 +2105,13 @@ def test_episode_sampler_streams_ranks_and_test_split():
         sampler.set_stream(stream)
         return list(sampler)
 
-    ranks = [train.EpisodeSampler(10, rank, 2, shuffle=True, seed=3, batch_size=2) for rank in (0, 1)]
+    ranks = [data.EpisodeSampler(10, rank, 2, shuffle=True, seed=3, batch_size=2) for rank in (0, 1)]
     epoch0 = [keys(s, 0) for s in ranks]
     assert all(len(k) == len(s) == 4 for k, s in zip(epoch0, ranks))  # 10 // (2 ranks x 2) x 2: whole batches
     assert all(stream == 0 for k in epoch0 for stream, _ in k)  # the key carries the epoch to the workers
     assert not {i for _, i in epoch0[0]} & {i for _, i in epoch0[1]}  # the ranks see different episodes
     assert keys(ranks[0], 0) == epoch0[0] and [i for _, i in keys(ranks[0], 1)] != [i for _, i in epoch0[0]]
-    test = [train.EpisodeSampler(7, rank, 2) for rank in (0, 1)]
+    test = [data.EpisodeSampler(7, rank, 2) for rank in (0, 1)]
     assert [i for _, i in keys(test[0], 4)] == [0, 2, 4, 6] and [i for _, i in keys(test[1], 4)] == [1, 3, 5]
 
 

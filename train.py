@@ -73,7 +73,6 @@ except ImportError:
     fcntl = None
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.data import DataLoader, Sampler
 from torch.utils.flop_counter import flop_registry
 
 import common
@@ -154,8 +153,9 @@ def train(model, optimizer, args, cfg, device, rank, world, log_file, resumed=No
     epoch (and best.pt with --select-best). resumed: the --resume checkpoint (its weights are loaded already)."""
     dataset = episodes(args, "train")
     per_rank = args.batch_size // world
-    sampler = EpisodeSampler(len(dataset), rank, world, shuffle=True, seed=args.seed, batch_size=per_rank)
-    loader = make_loader(dataset, sampler, per_rank, args, device, drop_last=True)
+    sampler = data.EpisodeSampler(len(dataset), rank, world, shuffle=True, seed=args.seed, batch_size=per_rank)
+    loader = data.make_loader(dataset, sampler, per_rank, args.workers, device, drop_last=True,
+                              worker_init_fn=ignore_stop_signals)
     steps_per_epoch, net = len(loader), unwrap(model)
     if steps_per_epoch == 0:
         sys.exit(f"error: {len(dataset)} training episodes do not fill one batch of {args.batch_size}")
@@ -227,8 +227,8 @@ def evaluate_protocol(model, args, device, rank, world):
     deviations over the seeds), per_class {class: IoU, mean over the seeds}, fg_prob [mean p(fg) on true
     background, on true foreground], seeds (per-seed miou and fbiou), and the dataset under "dataset"."""
     dataset = episodes(args, "test")
-    loader = make_loader(dataset, EpisodeSampler(len(dataset), rank, world), args.eval_batch_size, args, device,
-                         drop_last=False)
+    loader = data.make_loader(dataset, data.EpisodeSampler(len(dataset), rank, world), args.eval_batch_size,
+                              args.workers, device, drop_last=False, worker_init_fn=ignore_stop_signals)
     mious, fbious, per_class, probs = [], [], {}, []
     for seed in range(args.test_seeds):
         t0 = time.perf_counter()
@@ -662,46 +662,6 @@ def check_data(args, splits):
             problems.append(str(err))
     if problems:
         raise data.DatasetFileError("\n".join(problems))
-
-
-class EpisodeSampler(Sampler):
-    """Yields (stream, index) keys. Training: a permutation seeded by (seed, epoch), split across ranks,
-    trimmed to whole global batches. Test: episodes 0..n-1 of one test seed, rank r taking r, r+world, ...
-    The key carries the stream (epoch or test seed), so that persistent DataLoader workers draw the right
-    episode without being told about the epoch."""
-
-    def __init__(self, length, rank=0, world=1, shuffle=False, seed=0, batch_size=1):
-        self.length, self.rank, self.world = length, rank, world
-        self.shuffle, self.seed, self.batch_size = shuffle, seed, batch_size
-        self.stream = 0
-
-    def set_stream(self, stream):
-        self.stream = stream
-
-    def _indices(self):
-        if not self.shuffle:
-            return list(range(self.rank, self.length, self.world))
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.stream)
-        order = torch.randperm(self.length, generator=g).tolist()
-        per_rank = self.length // (self.world * self.batch_size) * self.batch_size
-        return order[self.rank::self.world][:per_rank]
-
-    def __iter__(self):
-        return iter([(self.stream, i) for i in self._indices()])
-
-    def __len__(self):
-        return len(self._indices())
-
-
-def make_loader(dataset, sampler, batch_size, args, device, drop_last):
-    """The episodes' DataLoader. It sets dataset.compact: batches carry uint8 images and masks (a fifth of the
-    bytes through shared memory and pinning), which data.to_device turns into the default episodes on the device."""
-    workers = args.workers
-    dataset.compact = True
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      collate_fn=data.collate_episodes, drop_last=drop_last,
-                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_stop_signals)
 
 
 def ignore_stop_signals(worker_id):
@@ -1468,8 +1428,9 @@ def bench_data(args, module):
         counts = sorted({0, args.workers} | {2 ** k for k in range(8) if 2 ** k < args.workers})
         for workers in counts:
             args.workers = workers
-            sampler = EpisodeSampler(len(dataset), shuffle=True, seed=args.seed, batch_size=args.batch_size)
-            loader = make_loader(dataset, sampler, args.batch_size, args, device, drop_last=True)
+            sampler = data.EpisodeSampler(len(dataset), shuffle=True, seed=args.seed, batch_size=args.batch_size)
+            loader = data.make_loader(dataset, sampler, args.batch_size, args.workers, device, drop_last=True,
+                                      worker_init_fn=ignore_stop_signals)
             first = next(iter(loader))  # the workers start; persistent, they stay for the epochs below
             size = sum(t.nbytes for v in first.values() for t in (v if isinstance(v, list) else [v]))
             t0, count, epoch = time.perf_counter(), 0, 0
