@@ -46,7 +46,6 @@ import dataclasses
 import importlib
 import importlib.util
 import inspect
-import json
 import math
 import os
 import re
