@@ -4,7 +4,7 @@ Contents, bottom-up:
     IGNORE_INDEX            label of pixels that count nowhere (loss and metrics)
     Backbone                frozen ImageNet ResNet-50/101 (torchvision's or PSPNet's deep stem; dilated, output
                             stride 8) or VGG-16-BN; torchvision's weights or a weight file (PFENet's resnet50_v2)
-    Run, Schedule           the run's context for a model and a stage, and a stage's training schedule
+    Setting, Schedule       the run's setting for a model and a stage, and a stage's training schedule
     foreground_at           a label map's foreground at a feature grid
     MidLevelReduction       PFENet's mid-level features: cat(layer3, layer2), 1x1 conv, ReLU, Dropout2d
     masked_average_pooling  support prototype: mean of the features under a mask (PFENet Weighted_GAP)
@@ -110,10 +110,11 @@ def _resize(x, size):
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
-    """What the harness tells a model (Model(cfg, run) or the module's build(cfg, run)) and an extra stage about
-    the run they are made for. A model's Config holds its own hyperparameters; this holds the run's context, so
-    that a harness flag can be renamed without silently changing a model. train.py fills every field."""
+class Setting:
+    """The setting of a run, which the harness gives a model (Model(cfg, setting) or the module's build(cfg,
+    setting)) and an extra stage: its data, shots, crop and backbone. A model's Config holds its own
+    hyperparameters; this holds the run's context, so that a harness flag can be renamed without silently changing
+    a model. train.py fills every field (setting_of)."""
     dataset: str = "pascal"  # pascal, coco, synthetic, folder
     fold: int = 0
     coco_split: str = "interleaved"

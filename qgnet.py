@@ -156,30 +156,30 @@ def add_args(parser):
                             "STAGE_DEFAULTS for coco and synthetic)")
 
 
-def prior_checkpoint_path(run, all_images=False, explicit=None):
+def prior_checkpoint_path(setting, all_images=False, explicit=None):
     """`explicit` (--prior-checkpoint), else runs/qgnet-prior-SPLIT[-all]/prior_extractor.pt under the working
-    directory (like train.py's runs/; SPLIT as data.split_name of the common.Run, e.g. pascal-fold0 or
+    directory (like train.py's runs/; SPLIT as data.split_name of the common.Setting, e.g. pascal-fold0 or
     coco-contiguous-fold0): a name for each set of images stage 1 can see. Both stages derive it from the same
     flags."""
     if explicit:
         return Path(explicit)
-    split = data.split_name(run.dataset, run.fold, run.data_root, run.test_classes, run.coco_split)
+    split = data.split_name(setting.dataset, setting.fold, setting.data_root, setting.test_classes, setting.coco_split)
     return Path(common.RUNS_DIR) / f"qgnet-prior-{split}{'-all' if all_images else ''}" / "prior_extractor.pt"
 
 
-def prior_file(run, options):
+def prior_file(setting, options):
     """STAGE_FILES["prior"]: the file stage 1 writes for a run and its QGNet options (train.py holds its folder)."""
-    return prior_checkpoint_path(run, options.get("prior_all_images"), options.get("prior_checkpoint"))
+    return prior_checkpoint_path(setting, options.get("prior_all_images"), options.get("prior_checkpoint"))
 
 
-def images_seen(run, all_images):
+def images_seen(setting, all_images):
     """What decides which images stage 1 trains on, as its file records it: the dataset and, unless it sees every
     image, the fold's split. A prior extractor made for other images is refused (it may have seen the
     run's novel classes)."""
-    seen = {"dataset": run.dataset, "all_images": bool(all_images)}
+    seen = {"dataset": setting.dataset, "all_images": bool(all_images)}
     if not all_images:
-        seen.update(fold=run.fold, test_classes=list(run.test_classes) if run.test_classes else None,
-                    coco_split=run.coco_split)
+        seen.update(fold=setting.fold, test_classes=list(setting.test_classes) if setting.test_classes else None,
+                    coco_split=setting.coco_split)
     return seen
 
 
@@ -415,18 +415,19 @@ def prior_config(options):
     return PriorConfig(**{k: v for k, v in options.items() if k in fields and v is not None})
 
 
-def unlabeled_images(run, schedule, all_images):
+def unlabeled_images(setting, schedule, all_images):
     """Stage 1's images: the fold's few-shot training images (train.py's list, labels unused), or with all_images
     every listed image of the train and test splits. Synthetic: the rendered query images."""
     items = []
     for split in ("train", "test") if all_images else ("train",):
         try:
-            episodes = data.build_dataset(run.dataset, split, run.fold, img_size=run.img_size, root=run.data_root,
-                                          seed=schedule.seed if split == "train" else 0, coco_split=run.coco_split,
-                                          train_length=schedule.train_length, test_classes=run.test_classes)
+            episodes = data.build_dataset(setting.dataset, split, setting.fold, img_size=setting.img_size,
+                                          root=setting.data_root, seed=schedule.seed if split == "train" else 0,
+                                          coco_split=setting.coco_split, train_length=schedule.train_length,
+                                          test_classes=setting.test_classes)
         except FileNotFoundError as err:
             sys.exit(f"error: {err}")
-        if run.dataset == "synthetic":
+        if setting.dataset == "synthetic":
             items += [(episodes, i) for i in range(len(episodes))]
         else:
             names = episodes.files if all_images else episodes.images
@@ -434,18 +435,19 @@ def unlabeled_images(run, schedule, all_images):
     return items
 
 
-def stage_flags(run, all_images, checkpoint):
+def stage_flags(setting, all_images, checkpoint):
     """The flags that name a run's stage-1 checkpoint, for the messages that point from one stage to the other."""
-    split = f"--test-classes {','.join(map(str, run.test_classes))}" if run.test_classes else f"--fold {run.fold}"
-    return (f"--dataset {run.dataset} {split}" + (f" --data-root {run.data_root}" if run.data_root else "")
-            + (f" --coco-split {run.coco_split}" if run.dataset == "coco" and run.coco_split != "interleaved" else "")
+    s = setting
+    split = f"--test-classes {','.join(map(str, s.test_classes))}" if s.test_classes else f"--fold {s.fold}"
+    return (f"--dataset {s.dataset} {split}" + (f" --data-root {s.data_root}" if s.data_root else "")
+            + (f" --coco-split {s.coco_split}" if s.dataset == "coco" and s.coco_split != "interleaved" else "")
             + (" --prior-all-images" if all_images else "")
             + (f" --prior-checkpoint {checkpoint}" if checkpoint else ""))
 
 
-def train_prior_extractor(run, schedule, options):
+def train_prior_extractor(setting, schedule, options):
     """Stage 1 (§4.1, §5.1), STAGES["prior"]: global-local contrastive training of the prior extractor on the
-    unlabeled images of the run's dataset and fold (common.Run). The schedule is PriorConfig's, set by the prior_*
+    unlabeled images of the run's dataset and fold (common.Setting). The schedule is PriorConfig's, set by the prior_*
     options (QGNet's flags); of the common.Schedule it takes train_length, workers, seed, log_every, bf16 and
     resume. Writes prior_file(...) (the whole state, every PRIOR_SAVE_EVERY epochs and at the end; --resume
     continues it, with the PriorConfig and the images it was made with) and its log, NAME_metrics.jsonl, next to
@@ -453,7 +455,7 @@ def train_prior_extractor(run, schedule, options):
     if dist.is_initialized() and dist.get_world_size() > 1:
         sys.exit("error: --stage prior runs in one process (queues, shuffle BN); start it without torchrun")
     cfg = prior_config(options)
-    path, seen = prior_file(run, options), images_seen(run, options.get("prior_all_images"))
+    path, seen = prior_file(setting, options), images_seen(setting, options.get("prior_all_images"))
     log_file = path.with_name(f"{path.stem}_metrics.jsonl")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -468,7 +470,7 @@ def train_prior_extractor(run, schedule, options):
         optimizer.load_state_dict(state["optimizer"])
         start = state["epoch"]
         common.cut_log(log_file, start)
-    items = unlabeled_images(run, schedule, options.get("prior_all_images"))
+    items = unlabeled_images(setting, schedule, options.get("prior_all_images"))
     print(f"qgnet stage 1: SLIC superpixels of {len(items)} images (once per run)", flush=True)
     boxes = [b for chunk in DataLoader(SuperpixelBoxes(items, cfg), SLIC_BATCH, num_workers=schedule.workers,
                                        collate_fn=list) for b in chunk]
@@ -480,7 +482,7 @@ def train_prior_extractor(run, schedule, options):
         sys.exit(f"error: {len(items)} images do not fill one batch of {cfg.prior_batch_size} (--prior-batch-size)")
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and schedule.bf16 else nullcontext()
     total = cfg.prior_epochs * len(loader)
-    split = data.split_name(run.dataset, run.fold, run.data_root, run.test_classes, run.coco_split)
+    split = data.split_name(setting.dataset, setting.fold, setting.data_root, setting.test_classes, setting.coco_split)
     print(f"qgnet stage 1 on {split}: {len(items)} images, {len(loader)} steps of {cfg.prior_batch_size}, epochs "
           f"{start + 1}..{cfg.prior_epochs}, lr {lr:g}, queues {cfg.prior_queue}, {device} -> {path}", flush=True)
 
@@ -506,7 +508,7 @@ def train_prior_extractor(run, schedule, options):
                log_every=schedule.log_every, per_step=cfg.prior_batch_size, unit="images", tag="[prior] ",
                log=partial(print, flush=True), log_file=log_file, event="prior", end_epoch=end_epoch)
     print(f"prior extractor saved to {path}; the few-shot stage:\n    python train.py --model qgnet "
-          f"{stage_flags(run, options.get('prior_all_images'), options.get('prior_checkpoint'))}", flush=True)
+          f"{stage_flags(setting, options.get('prior_all_images'), options.get('prior_checkpoint'))}", flush=True)
     return path
 
 
@@ -547,25 +549,25 @@ STAGE_FILES = {"prior": prior_file}
 # Stage 2, §4.2: the few-shot network
 
 
-def read_prior_extractor(cfg, run):
+def read_prior_extractor(cfg, setting):
     """F_p's weights (Eq. 8) from the run's stage-1 file (prior_checkpoint_path), in common.Backbone's keys:
     stage 1's momentum encoder without its MLP head (official resnet.py L201-217), BatchNorm statistics included.
     A file that is missing, unfinished, made on other images than this run's, or holding no such encoder raises
     common.WeightsUnavailableError with the command of stage 1. A file that does not say which images it saw (one
     converted from elsewhere) is taken with a warning."""
-    path = prior_checkpoint_path(run, cfg.prior_all_images, cfg.prior_checkpoint)
+    path = prior_checkpoint_path(setting, cfg.prior_all_images, cfg.prior_checkpoint)
     make = (f"Make it with\n    python train.py --model qgnet --stage prior "
-            f"{stage_flags(run, cfg.prior_all_images, cfg.prior_checkpoint)}\nor name an existing one with "
+            f"{stage_flags(setting, cfg.prior_all_images, cfg.prior_checkpoint)}\nor name an existing one with "
             "--prior-checkpoint PATH (--untrained-prior: a random one, for tests).")
     if not path.is_file():
         raise common.WeightsUnavailableError(f"QGNet needs the prior extractor of stage 1, and {path} does not "
                                              f"exist. {make}")
-    state = read_stage1_file(path, seen=images_seen(run, cfg.prior_all_images), hint=f". {make}")
+    state = read_stage1_file(path, seen=images_seen(setting, cfg.prior_all_images), hint=f". {make}")
     epochs = (state.get("config") or {}).get("prior_epochs")
     if epochs is not None and state.get("epoch", epochs) < epochs:
         raise common.WeightsUnavailableError(
             f"{path} is stage 1 stopped after epoch {state['epoch']} of {epochs}: finish it with\n    python train.py "
-            f"--model qgnet --stage prior {stage_flags(run, cfg.prior_all_images, cfg.prior_checkpoint)} --resume")
+            f"--model qgnet --stage prior {stage_flags(setting, cfg.prior_all_images, cfg.prior_checkpoint)} --resume")
     if "images" not in state:
         warnings.warn(f"{path} does not say which images it was trained on: taken as it is")
     stem = {"conv1.": "layer0.0.", "bn1.": "layer0.1."}  # torchvision's stem -> common.Backbone's layer0
@@ -599,7 +601,7 @@ class QGNet(nn.Module):
     """forward(img_q, img_s, m_s) -> {"logits" (B,2,H,W), "aux": FEM's per-scale logits}.
 
     prior_weights: F_p's state dict (build reads it from stage 1's file); None: a random F_p, for a checkpoint's
-    weights to replace (or --untrained-prior). Built with build(cfg, run)."""
+    weights to replace (or --untrained-prior). Built with build(cfg, setting)."""
 
     def __init__(self, cfg: Config, prior_weights=None):
         super().__init__()
@@ -650,7 +652,7 @@ class QGNet(nn.Module):
 Model = QGNet
 
 
-def build(cfg, run):
-    """QGNet for a common.Run (train.construct): F_p's weights from the run's stage-1 file (read_prior_extractor),
-    unless cfg.untrained_prior or run.from_checkpoint (the checkpoint holds them): then no file is read."""
-    return QGNet(cfg, None if cfg.untrained_prior or run.from_checkpoint else read_prior_extractor(cfg, run))
+def build(cfg, setting):
+    """QGNet for a common.Setting (train.construct): F_p's weights from the run's stage-1 file (read_prior_extractor),
+    unless cfg.untrained_prior or setting.from_checkpoint (the checkpoint holds them): then no file is read."""
+    return QGNet(cfg, None if cfg.untrained_prior or setting.from_checkpoint else read_prior_extractor(cfg, setting))

@@ -77,7 +77,7 @@ Choices (where the paper is silent we follow SN; differences from SN are said):
   BAM's ensemble (probabilities in steps of 0.004).
 - Loss: 2-class cross-entropy (= Eq. 14's BCE on the logit difference). With the base learner, BAM's CE on
   the meta learner's own output is added ("meta"), as SN.
-- Base learner: --base-learner, else base_learner_path(run) when that file exists (else the meta learner alone,
+- Base learner: --base-learner, else base_learner_path(setting) when that file exists (else the meta learner alone,
   with one warning). Config.base_classes records its class ids (None: none), and checkpoints carry its weights
   and the word vectors, so a trained model needs neither file. It is trained on our frozen, shared backbone
   (BAM also fine-tunes the backbone at a tenth of the rate) and the last epoch is kept (BAM keeps the best on
@@ -120,7 +120,7 @@ class Config:
     backbone: str = "resnet50"  # §4.1
     pretrained: bool = True
     word_vectors: str = None  # --word-vectors: file of build_word_vectors; None: no text branch
-    base_learner: str = None  # --base-learner; None: base_learner_path(run) if that file exists
+    base_learner: str = None  # --base-learner; None: base_learner_path(setting) if that file exists
     base_classes: tuple = None  # set by build: the base learner's class ids (its channels 1..n); None: none
     reduce_dim: int = 256  # c = d = 256 (§4.1)
     windows: tuple = ((5, 5), (7, 1), (1, 7))  # SPM pooling windows d_h x d_w (§4.1)
@@ -344,29 +344,30 @@ class TDC(nn.Module):
 # class.
 
 
-def base_classes(run):
+def base_classes(setting):
     """Base (training) class ids of the run's fold, in the base learner's channel order 1..n (channel 0:
-    background). A folder dataset's come from its root, with run.test_classes in place of the fold when given."""
-    count, _, novel = data.dataset_classes(run.dataset, run.fold, run.data_root, run.test_classes, run.coco_split)
+    background). A folder dataset's come from its root, with setting.test_classes in place of the fold when given."""
+    count, _, novel = data.dataset_classes(setting.dataset, setting.fold, setting.data_root, setting.test_classes,
+                                           setting.coco_split)
     return [c for c in range(1, count + 1) if c not in novel]
 
 
-def base_learner_path(run):
+def base_learner_path(setting):
     """Where --stage base writes the base learner and where Sym-Net looks for it by default: one file for each
     split (COCO's two included) and backbone."""
-    split = data.split_name(run.dataset, run.fold, run.data_root, run.test_classes, run.coco_split)
-    return Path(common.RUNS_DIR) / f"base-{split}-{run.backbone}" / "base_learner.pt"
+    split = data.split_name(setting.dataset, setting.fold, setting.data_root, setting.test_classes, setting.coco_split)
+    return Path(common.RUNS_DIR) / f"base-{split}-{setting.backbone}" / "base_learner.pt"
 
 
-def base_file(run, options):
-    """STAGE_FILES["base"]: --base-learner, else base_learner_path(run) (train.py holds its folder as a run's)."""
-    return Path(options.get("base_learner") or base_learner_path(run))
+def base_file(setting, options):
+    """STAGE_FILES["base"]: --base-learner, else base_learner_path(setting) (train.py holds its folder as a run's)."""
+    return Path(options.get("base_learner") or base_learner_path(setting))
 
 
-def base_images(run):
+def base_images(setting):
     """What decides the base learner's training images, as its file records it (read_base_learner compares)."""
-    return {"dataset": run.dataset, "fold": run.fold, "coco_split": run.coco_split,
-            "test_classes": list(run.test_classes) if run.test_classes else None}
+    return {"dataset": setting.dataset, "fold": setting.fold, "coco_split": setting.coco_split,
+            "test_classes": list(setting.test_classes) if setting.test_classes else None}
 
 
 class BaseLearner(nn.Module):
@@ -466,7 +467,7 @@ class BaseClassImages(Dataset):
     train_noval; COCO train2014; a folder's train.txt, else its images without a novel pixel), the pixels of
     novel classes relabelled background, as BAM's BaseData (util/dataset.py, "Pre-Training") does: neither the
     episodes' 2048-pixel rule nor their filter of images with novel pixels applies here. data.train_transform
-    at BAM's base scale range 0.5-2.0, cropped to run.img_size. Synthetic: data.render_synthetic with one base
+    at BAM's base scale range 0.5-2.0, cropped to setting.img_size. Synthetic: data.render_synthetic with one base
     class (1-3 objects) and base-class distractors, `length` images. Item (epoch, index) ->
     img (3,H,W) normalised, label (H,W) int64 channel ids (0 background, i = classes[i-1], 255 ignore; a class
     of no channel -> 0); every random draw comes from a numpy Generator seeded with (seed, epoch, index).
@@ -474,14 +475,14 @@ class BaseClassImages(Dataset):
     episode class): a harmless bias of the crop position.
     """
 
-    def __init__(self, run, seed=0, length=None):
-        self.classes = base_classes(run)
-        self.dataset, self.img_size, self.seed = run.dataset, run.img_size, seed
-        self.episodes = data.build_dataset(run.dataset, "train", run.fold, img_size=run.img_size, root=run.data_root,
-                                           seed=seed, coco_split=run.coco_split, train_length=length,
-                                           test_classes=run.test_classes)
-        self.names = sorted(self.episodes.files) if run.dataset != "synthetic" else None  # the whole training list
-        self.length = len(self.episodes) if run.dataset == "synthetic" else len(self.names)
+    def __init__(self, setting, seed=0, length=None):
+        self.classes = base_classes(setting)
+        self.dataset, self.img_size, self.seed = setting.dataset, setting.img_size, seed
+        self.episodes = data.build_dataset(setting.dataset, "train", setting.fold, img_size=setting.img_size,
+                                           root=setting.data_root, seed=seed, coco_split=setting.coco_split,
+                                           train_length=length, test_classes=setting.test_classes)
+        self.names = sorted(self.episodes.files) if setting.dataset != "synthetic" else None  # the whole training list
+        self.length = len(self.episodes) if setting.dataset == "synthetic" else len(self.names)
         self.lut = torch.zeros(256, dtype=torch.long)  # dataset class id -> channel id
         self.lut[self.classes] = torch.arange(1, len(self.classes) + 1)
         self.lut[common.IGNORE_INDEX] = common.IGNORE_INDEX
@@ -503,19 +504,19 @@ class BaseClassImages(Dataset):
         return data.train_transform(img, label, rng, self.img_size, BASE_SCALE_RANGE)
 
 
-def train_base_learner(run, schedule, options):
+def train_base_learner(setting, schedule, options):
     """The stage `base`: BaseLearner on the frozen backbone, trained on the fold's base classes.
 
     python train.py --model symnet --stage base --fold K [--dataset D --data-root R]
-    run (common.Run): the dataset, fold (or test classes), COCO split, crop size, backbone and its weights.
+    setting (common.Setting): the dataset, fold (or test classes), COCO split, crop size, backbone and its weights.
     schedule (common.Schedule): epochs, batch size, lr, train_length (synthetic), workers, seed, log_every, bf16;
     train.py fills it from STAGE_DEFAULTS["base"] (BAM's base recipe) where no flag is given. options: Sym-Net's
-    flags, options["base_learner"] the file to write (None: base_learner_path(run)).
+    flags, options["base_learner"] the file to write (None: base_learner_path(setting)).
     SGD (momentum 0.9, weight decay 1e-4) with the poly schedule per iteration, as BAM's train_base.py, on the
     head only (BAM also fine-tunes the backbone at a tenth of the rate; ours stays frozen and shared). The last
     epoch's weights are kept, as the harness does for every model: BAM validates every epoch on the test images
     (base-class labels), keeps the best and stops after 75 epochs without improvement. One process. Writes
-    base_file(run, options) after every epoch: {model, optimizer, epoch, epochs, recipe, classes, backbone,
+    base_file(setting, options) after every epoch: {model, optimizer, epoch, epochs, recipe, classes, backbone,
     images} (with random backbone weights also backbone_buffers, the BatchNorm statistics estimated here, which the
     meta learner's backbone, the same random weights by the same seed, then takes instead of estimating its own),
     and its log NAME_metrics.jsonl beside it; schedule.resume continues the file with the recipe it was made with.
@@ -526,14 +527,14 @@ def train_base_learner(run, schedule, options):
     if schedule.batch_size < 2:  # the pyramid's 1x1 bin leaves BatchNorm one value per channel
         sys.exit(f"error: --stage base needs --batch-size >= 2 (BAM uses 12), got {schedule.batch_size}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    path = base_file(run, options)
+    path = base_file(setting, options)
     log_file = path.with_name(f"{path.stem}_metrics.jsonl")
-    recipe = {"lr": schedule.lr, "batch_size": schedule.batch_size, "epochs": schedule.epochs, "img_size": run.img_size,
-              "seed": schedule.seed, "train_length": schedule.train_length}
+    recipe = {"lr": schedule.lr, "batch_size": schedule.batch_size, "epochs": schedule.epochs,
+              "img_size": setting.img_size, "seed": schedule.seed, "train_length": schedule.train_length}
     torch.manual_seed(schedule.seed)  # before the backbone, as train.py: random weights equal the meta learner's
-    backbone = common.Backbone(run.backbone, pretrained=run.pretrained).to(device)
+    backbone = common.Backbone(setting.backbone, pretrained=setting.pretrained).to(device)
     try:
-        images = BaseClassImages(run, schedule.seed, schedule.train_length)
+        images = BaseClassImages(setting, schedule.seed, schedule.train_length)
     except FileNotFoundError as err:  # a missing or incomplete data root: the message names the layout
         sys.exit(f"error: {err}")
     resumed = read_side_file(path, "a base learner (--stage base)", ("model", "optimizer", "epoch", "recipe")) if (
@@ -584,8 +585,8 @@ def train_base_learner(run, schedule, options):
     def end_epoch(epoch):
         common.check_finite(learner)
         state = {"model": learner.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                 "epochs": schedule.epochs, "recipe": recipe, "classes": images.classes, "backbone": run.backbone,
-                 "images": base_images(run)}
+                 "epochs": schedule.epochs, "recipe": recipe, "classes": images.classes, "backbone": setting.backbone,
+                 "images": base_images(setting)}
         if not backbone.pretrained:  # the meta learner's random backbone must give the features this head learned on
             state["backbone_buffers"] = dict(backbone.named_buffers())
         common.save_atomic(state, path)
@@ -606,8 +607,9 @@ def train_base_learner(run, schedule, options):
 class SymNet(nn.Module):
     """Sym-Net (Fig. 2) as the meta learner, with BAM's base learner ensemble when cfg.base_classes names one.
 
-    SymNet(cfg, run, text=None, base_state=None), made by build(cfg, run), which reads the side files. run
-    (common.Run) names the dataset whose class ids index `text`, the (num_classes+1, 300) word-vector table of
+    SymNet(cfg, setting, text=None, base_state=None), made by build(cfg, setting), which reads the side files.
+    setting
+    (common.Setting) names the dataset whose class ids index `text`, the (num_classes+1, 300) word-vector table of
     load_word_vectors (None: zeros, i.e. the text branch off, or a checkpoint's to be loaded). The base learner
     and the ensemble exist when cfg.base_classes names the base learner's classes: base_state, the base stage's
     file (read_base_learner), fills the base learner, and its backbone_buffers (random weights) become the
@@ -615,7 +617,7 @@ class SymNet(nn.Module):
     forward(img_q (B,3,H,W), img_s (B,S,3,H,W), m_s (B,S,H,W), class_ids (B,) or None) -> {"logits" (B,2,H,W),
     "meta" (B,2,h,w) FEM output, "aux" [4 x (B,2,b,b)], "triplet" () (0 in eval), "prior" (B,1,h,w)}."""
 
-    def __init__(self, cfg: Config, run: common.Run, text=None, base_state=None):
+    def __init__(self, cfg: Config, setting: common.Setting, text=None, base_state=None):
         super().__init__()
         if not cfg.backbone.startswith("resnet"):
             raise ValueError(f"Sym-Net's TDC correlates every bottleneck block: it needs a ResNet, not {cfg.backbone}")
@@ -632,7 +634,7 @@ class SymNet(nn.Module):
         self.fem = common.FEM(c, extra_dim=cfg.hyper_dim + 1)  # extra: [F^hyper, M^pri]
         # row c: the word vector of class c (zeros: text off); a buffer, so that checkpoints carry it
         if text is None:
-            text = torch.zeros(len(data.class_names(run.dataset, run.data_root)) + 1, TEXT_DIM)
+            text = torch.zeros(len(data.class_names(setting.dataset, setting.data_root)) + 1, TEXT_DIM)
         self.register_buffer("text", text)
         self.base_learner = self.ensemble = None
         if cfg.base_classes is not None:
@@ -721,14 +723,14 @@ class SymNet(nn.Module):
 # The side files (word vectors, base learner): read in one place, build
 
 
-def read_base_learner(cfg, run):
+def read_base_learner(cfg, setting):
     """The base stage's file for this run (train_base_learner writes it): cfg.base_learner, else
-    base_learner_path(run); None, with one warning, when the default file does not exist. A file that is not
+    base_learner_path(setting); None, with one warning, when the default file does not exist. A file that is not
     finished, or made for another backbone, other classes or images (another dataset or split), or the other
     kind of backbone weights (random or not): WeightsUnavailableError."""
-    path = Path(cfg.base_learner or base_learner_path(run))
-    command = (f"python train.py --model symnet --stage base --dataset {run.dataset} --fold {run.fold}"
-               + (f" --coco-split {run.coco_split}" if run.dataset == "coco" else ""))
+    path = Path(cfg.base_learner or base_learner_path(setting))
+    command = (f"python train.py --model symnet --stage base --dataset {setting.dataset} --fold {setting.fold}"
+               + (f" --coco-split {setting.coco_split}" if setting.dataset == "coco" else ""))
     if not path.is_file():
         warnings.warn(f"no base learner at {path}: Sym-Net runs as the meta learner alone (train one with: {command})")
         return None
@@ -737,12 +739,12 @@ def read_base_learner(cfg, run):
     if state.get("epoch", 0) < state.get("epochs", 0):
         raise common.WeightsUnavailableError(f"base learner {path} stopped after epoch {state['epoch']} of "
                                              f"{state['epochs']}: finish it with {command} --resume")
-    expected = base_classes(run)
+    expected = base_classes(setting)
     if state["backbone"] != cfg.backbone or list(state["classes"]) != expected:
         raise common.WeightsUnavailableError(
             f"base learner {path} was trained for {state['backbone']}, classes {state['classes']}; this model "
             f"needs {cfg.backbone}, classes {expected}")
-    seen, own = state.get("images"), base_images(run)
+    seen, own = state.get("images"), base_images(setting)
     if seen is not None and (seen.get("dataset"), seen.get("coco_split")) != (own["dataset"], own["coco_split"]):
         raise common.WeightsUnavailableError(f"base learner {path} was trained on {seen['dataset']} ({seen}); this "
                                              f"run is on {own['dataset']} ({own})")
@@ -755,25 +757,25 @@ def read_base_learner(cfg, run):
     return state
 
 
-def build(cfg, run):
+def build(cfg, setting):
     """Sym-Net for a run (train.construct): reads the word vectors (cfg.word_vectors) and the base learner
     (read_base_learner), records the base learner's classes in the model's Config (cfg.base_classes; None
     without one) and hands both to SymNet. A named file that does not exist, or that does not fit the run:
-    WeightsUnavailableError, before anything is built. With run.from_checkpoint no file is read: the checkpoint
+    WeightsUnavailableError, before anything is built. With setting.from_checkpoint no file is read: the checkpoint
     holds the word vectors and the base learner, and its Config says whether it has one."""
     text = base_state = None
-    if not run.from_checkpoint:
+    if not setting.from_checkpoint:
         named = {"--word-vectors": cfg.word_vectors, "--base-learner": cfg.base_learner}
         missing = [f"{flag} {path}" for flag, path in named.items() if path and not Path(path).is_file()]
         if missing:
             raise common.WeightsUnavailableError(f"no such file: {', '.join(missing)}")
         if cfg.word_vectors:
-            text = load_word_vectors(cfg.word_vectors, run.dataset, root=run.data_root)
-        base_state = read_base_learner(cfg, run)
+            text = load_word_vectors(cfg.word_vectors, setting.dataset, root=setting.data_root)
+        base_state = read_base_learner(cfg, setting)
         cfg = dataclasses.replace(cfg, base_classes=None if base_state is None else tuple(base_state["classes"]))
         if not cfg.word_vectors:  # (a checkpoint's text rows come with its weights, zero or not)
             warnings.warn("Sym-Net without --word-vectors: APA's text branch is off (Table 5, 'Support & Query')")
-    return SymNet(cfg, run, text, base_state)
+    return SymNet(cfg, setting, text, base_state)
 
 
 Model = SymNet

@@ -1748,7 +1748,7 @@ def test_folder_dataset_folds_splits_and_bams_filter(tmp_path):
     names = dict(enumerate(FOLDER_NAMES, 1))
     assert data.dataset_classes("folder", 1, root) == (6, names, [2, 5])  # folds.txt, line 2
     assert data.class_names("folder", root) == names
-    assert symnet.base_classes(common.Run(dataset="folder", fold=1, data_root=root)) == [1, 3, 4, 6]
+    assert symnet.base_classes(common.Setting(dataset="folder", fold=1, data_root=root)) == [1, 3, 4, 6]
     train_set = data.build_dataset("folder", "train", 1, img_size=48, root=root, augment="crop-scale-flip")
     test_set = data.build_dataset("folder", "test", 1, shot=3, img_size=48, root=root, episodes=5)
     # test: every image with a pixel of dog or tree, so cat_3 and car_3 for their 100-pixel patches too ...
@@ -1774,7 +1774,7 @@ def test_folder_dataset_folds_splits_and_bams_filter(tmp_path):
     assert data.dataset_classes("folder", 1, root, test_classes=[6, 3]).novel == [3, 6]
     assert data.build_dataset("folder", "test", 1, img_size=48, root=root, test_classes=(6, 3)).classes == [3, 6]
     assert data.build_dataset("folder", "train", 1, img_size=48, root=root, test_classes=(3, 6)).classes == [1, 2, 4, 5]
-    assert symnet.base_classes(common.Run(dataset="folder", data_root=root, test_classes=(3, 6))) == [1, 2, 4, 5]
+    assert symnet.base_classes(common.Setting(dataset="folder", data_root=root, test_classes=(3, 6))) == [1, 2, 4, 5]
     with pytest.raises(ValueError, match="folder dataset's novel classes"):
         data.dataset_classes("pascal", 0, test_classes=[3])
 
@@ -1800,7 +1800,7 @@ def test_folder_train_and_val_lists_split_as_pascals_and_feed_the_base_learner(t
     assert sorted(test_set.files) == ["dog_1", "dog_2", "dog_3", "tree_0", "tree_1", "tree_2"]
     assert test_set.class_files == {2: ["dog_1", "dog_2", "dog_3"], 5: ["tree_0", "tree_1", "tree_2"]}
     # the whole training list, novel pixels -> background
-    images = symnet.BaseClassImages(common.Run(dataset="folder", fold=1, img_size=80, data_root=root))
+    images = symnet.BaseClassImages(common.Setting(dataset="folder", fold=1, img_size=80, data_root=root))
     assert images.classes == [1, 3, 4, 6] and images.names == ["cat_0", "cat_3", "cup_0", "dog_0"]
     monkeypatch.setattr(data, "train_transform", lambda img, label, *a: (img, label))  # the labels as read
     _, label = images[(0, images.names.index("cat_3"))]
@@ -1984,9 +1984,9 @@ STAGE_FILES = {"count": count_file}
 
 
 class Model(nn.Module):
-    def __init__(self, cfg, run):
+    def __init__(self, cfg, setting):
         super().__init__()
-        self.cfg, self.run = cfg, run
+        self.cfg, self.setting = cfg, setting
         w = cfg.width
         self.encoder = nn.Sequential(nn.Conv2d(3, w, 3, 2, 1), nn.ReLU(), nn.Conv2d(w, w, 3, 2, 1), nn.ReLU(),
                                      nn.Dropout2d(0.1))
@@ -2007,7 +2007,7 @@ class Model(nn.Module):
         total = common.seg_loss(out["logits"], m_q)
         if self.training:
             self.steps += 1
-            crashing = self.cfg.crash_after and self.cfg.crash_fold in (-1, self.run.fold)
+            crashing = self.cfg.crash_after and self.cfg.crash_fold in (-1, self.setting.fold)
             if crashing and self.steps > self.cfg.crash_after:
                 raise RuntimeError("simulated crash")
             if self.cfg.nan_after and self.steps > self.cfg.nan_after:
@@ -3757,7 +3757,7 @@ def qgnet_noisy_contrast():
 @pytest.fixture(scope="module")
 def qgnet_model():
     torch.manual_seed(0)
-    return qgnet.build(qgnet.Config(pretrained=False, untrained_prior=True), common.Run(pretrained=False))
+    return qgnet.build(qgnet.Config(pretrained=False, untrained_prior=True), common.Setting(pretrained=False))
 
 
 # ---------------- SLIC (§4.1.2, Eq. 4-7, Algorithm 2) -----------------------------------------------------
@@ -3997,7 +3997,7 @@ def test_qgnet_step_contrasts_images_with_image_queue_and_patches_with_patch_que
 def test_qgnet_prior_checkpoint_is_loaded_as_dilated_momentum_encoder(qgnet_contrast, tmp_path):
     path = tmp_path / "prior.pt"
     torch.save({"model": qgnet_contrast.state_dict()}, path)
-    model = qgnet.build(qgnet.Config(pretrained=False, prior_checkpoint=str(path)), common.Run(pretrained=False))
+    model = qgnet.build(qgnet.Config(pretrained=False, prior_checkpoint=str(path)), common.Setting(pretrained=False))
     prior = model.prior_extractor
     assert torch.equal(prior.stages["layer0"][0].weight, qgnet_contrast.encoder_k.conv1.weight)
     assert torch.equal(prior.stages["layer0"][1].running_var, qgnet_contrast.encoder_k.bn1.running_var)
@@ -4008,9 +4008,9 @@ def test_qgnet_prior_checkpoint_is_loaded_as_dilated_momentum_encoder(qgnet_cont
     assert prior.calibrated and not prior.needs_statistics
     assert [m for m in model.modules() if isinstance(m, Backbone) and m.needs_statistics] == [model.backbone]
     # a random F_p, from no file: --untrained-prior, or a checkpoint's (its weights replace these)
-    for cfg, run in ((qgnet.Config(pretrained=False, untrained_prior=True), common.Run(pretrained=False)),
+    for cfg, run in ((qgnet.Config(pretrained=False, untrained_prior=True), common.Setting(pretrained=False)),
                      (qgnet.Config(pretrained=False, prior_checkpoint=str(tmp_path / "absent.pt")),
-                      common.Run(pretrained=False, from_checkpoint=True))):
+                      common.Setting(pretrained=False, from_checkpoint=True))):
         assert qgnet.build(cfg, run).prior_extractor.needs_statistics
 
 
@@ -4022,19 +4022,19 @@ def test_qgnet_build_without_the_stage_1_file_raises_with_the_command(qgnet_cont
     monkeypatch.setattr(qgnet.QGNet, "__init__", never)  # the file is checked first: no network, no forward
     path = tmp_path / "absent.pt"
     with pytest.raises(common.WeightsUnavailableError) as err:
-        qgnet.build(qgnet.Config(pretrained=False, prior_checkpoint=str(path)), common.Run(dataset="synthetic", fold=2))
+        qgnet.build(qgnet.Config(pretrained=False, prior_checkpoint=str(path)), common.Setting(dataset="synthetic", fold=2))
     message = str(err.value)
     assert "python train.py --model qgnet --stage prior --dataset synthetic --fold 2" in message
     assert str(path) in message
     # the default file of the run, and the command that writes it there
     with pytest.raises(common.WeightsUnavailableError) as err:
         qgnet.build(qgnet.Config(pretrained=False, prior_all_images=True),
-                    common.Run(dataset="pascal", fold=1, data_root="/d/VOC2012"))
+                    common.Setting(dataset="pascal", fold=1, data_root="/d/VOC2012"))
     assert "runs/qgnet-prior-pascal-fold1-all/prior_extractor.pt does not exist" in str(err.value)
     assert "--stage prior --dataset pascal --fold 1 --data-root /d/VOC2012 --prior-all-images\n" in str(err.value)
     root = str(tmp_path / "mine")  # a folder dataset's novel classes name the file and the command
     with pytest.raises(common.WeightsUnavailableError) as err:
-        qgnet.build(qgnet.Config(pretrained=False), common.Run(dataset="folder", data_root=root, test_classes=(3, 7)))
+        qgnet.build(qgnet.Config(pretrained=False), common.Setting(dataset="folder", data_root=root, test_classes=(3, 7)))
     assert f"runs/qgnet-prior-{data.split_name('folder', 0, root, (3, 7))}/prior_extractor.pt" in str(err.value)
     assert f"--stage prior --dataset folder --test-classes 3,7 --data-root {root}\n" in str(err.value)
     # a file that is there but is not stage 1's
@@ -4048,18 +4048,18 @@ def test_qgnet_build_without_the_stage_1_file_raises_with_the_command(qgnet_cont
         else:
             torch.save(content, bad)
         with pytest.raises(common.WeightsUnavailableError, match="stage 1") as err:
-            qgnet.build(qgnet.Config(pretrained=False, prior_checkpoint=str(bad)), common.Run(dataset="synthetic"))
+            qgnet.build(qgnet.Config(pretrained=False, prior_checkpoint=str(bad)), common.Setting(dataset="synthetic"))
         assert str(bad) in str(err.value) and "--model qgnet --stage prior --dataset synthetic" in str(err.value)
 
 
 def test_qgnet_prior_paths():
-    assert str(qgnet.prior_checkpoint_path(common.Run(dataset="pascal", fold=1))) == \
+    assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="pascal", fold=1))) == \
         "runs/qgnet-prior-pascal-fold1/prior_extractor.pt"
-    assert str(qgnet.prior_checkpoint_path(common.Run(dataset="coco"), True)) == \
+    assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="coco"), True)) == \
         "runs/qgnet-prior-coco-fold0-all/prior_extractor.pt"
-    assert str(qgnet.prior_checkpoint_path(common.Run(dataset="coco"), True, "x/y.pt")) == "x/y.pt"
+    assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="coco"), True, "x/y.pt")) == "x/y.pt"
     # COCO's two splits hold other classes in a fold: each has its own file
-    assert str(qgnet.prior_checkpoint_path(common.Run(dataset="coco", fold=2, coco_split="contiguous"))) == \
+    assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="coco", fold=2, coco_split="contiguous"))) == \
         "runs/qgnet-prior-coco-contiguous-fold2/prior_extractor.pt"
 
 
@@ -4083,7 +4083,7 @@ def test_qgnet_stage_1_is_a_run_and_its_file_serves_only_the_images_it_saw(tmp_p
     assert state["images"] == {"dataset": "synthetic", "all_images": False, "fold": 1, "test_classes": None,
                                "coco_split": "interleaved"}
     build = lambda fold: qgnet.build(qgnet.Config(pretrained=False, prior_checkpoint=str(path)),  # noqa: E731
-                                     common.Run(dataset="synthetic", fold=fold, pretrained=False))
+                                     common.Setting(dataset="synthetic", fold=fold, pretrained=False))
     assert build(1).prior_extractor.calibrated  # its own fold: taken
     with pytest.raises(common.WeightsUnavailableError, match="was made on other images .synthetic, fold 1 training "
                                                              "images. than this run's .synthetic, fold 2 training"):
@@ -4988,8 +4988,8 @@ SYMNET_SIZE = 41  # -> 6x6 features at output stride 8; the episodes are synthet
 
 
 def symnet_run(fold=0, **kw):
-    """The common.Run of a synthetic-data Sym-Net with random backbone weights."""
-    return common.Run(dataset="synthetic", fold=fold, pretrained=False, **kw)
+    """The common.Setting of a synthetic-data Sym-Net with random backbone weights."""
+    return common.Setting(dataset="synthetic", fold=fold, pretrained=False, **kw)
 
 
 def make_symnet(where, fold=0, **kw):
@@ -5376,7 +5376,7 @@ def test_symnet_folder_classes_size_the_text_and_word_vectors(tmp_path, monkeypa
     assert table.shape == (7, symnet.TEXT_DIM) and (table[0] == 0).all() and (table[4] == 4).all()  # row 4: car
     with pytest.warns(UserWarning) as record:  # no word vectors, no base learner: one warning each
         net = symnet.build(symnet.Config(pretrained=False),
-                           common.Run(dataset="folder", data_root=str(root), fold=1, pretrained=False))
+                           common.Setting(dataset="folder", data_root=str(root), fold=1, pretrained=False))
     assert any("meta learner alone" in str(r.message) for r in record)
     assert net.text.shape == (7, symnet.TEXT_DIM) and (net.text == 0).all()
     # a base learner of fold 1 (base classes 1, 3, 4, 6) does not fit the run with --test-classes 3,6
@@ -5385,7 +5385,7 @@ def test_symnet_folder_classes_size_the_text_and_word_vectors(tmp_path, monkeypa
                        match=r"classes \[1, 3, 4, 6\]; this model needs resnet50, classes \[1, 2, 4, 5\]"):
         symnet.build(symnet.Config(pretrained=False, base_learner=str(tmp_path / "base.pt"),
                                    word_vectors=str(tmp_path / "v.pt")),
-                     common.Run(dataset="folder", data_root=str(root), test_classes=(3, 6), pretrained=False))
+                     common.Setting(dataset="folder", data_root=str(root), test_classes=(3, 6), pretrained=False))
 
 
 # ---------------- base learner, ensemble, stage, harness --------------------------------------------------
@@ -5393,7 +5393,7 @@ def test_symnet_folder_classes_size_the_text_and_word_vectors(tmp_path, monkeypa
 def test_symnet_base_learner_images_are_bams_whole_list_with_novel_pixels_as_background(tmp_path, monkeypatch):
     root = _write_pascal(tmp_path / "voc")
     # fold 0: classes 1-5 novel, 6-20 base
-    images = symnet.BaseClassImages(common.Run(dataset="pascal", fold=0, img_size=80, data_root=root))
+    images = symnet.BaseClassImages(common.Setting(dataset="pascal", fold=0, img_size=80, data_root=root))
     # every training image, c_small (under 2048 px) and d_mixed (novel class 2) too, unlike the episodes
     assert images.names == ["a_voc", "b_sbd", "c_small", "d_mixed", "f_multi"] and len(images) == 5
     monkeypatch.setattr(data, "train_transform", lambda img, label, *a: (img, label))  # the labels as read

@@ -719,7 +719,7 @@ def backbone_weights(args):
 
 def setting_of(args, from_checkpoint=False):
     """The common.Setting a model and a stage get: the run's dataset, fold, shots, crop and backbone."""
-    return common.Run(dataset=args.dataset, fold=args.fold, coco_split=args.coco_split, data_root=args.data_root,
+    return common.Setting(dataset=args.dataset, fold=args.fold, coco_split=args.coco_split, data_root=args.data_root,
                           test_classes=tuple(args.test_classes) if args.test_classes else None, shot=args.shot,
                           img_size=args.img_size, backbone=args.backbone, pretrained=backbone_weights(args),
                           from_checkpoint=from_checkpoint)
