@@ -186,7 +186,8 @@ def train(model, optimizer, args, cfg, device, rank, world, log_file, resumed=No
             if args.select_best and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
                 scores = evaluate_protocol(model, args, device, rank, world)
                 write_log(log_file, {"event": "val", "epoch": epoch + 1, "miou": scores["miou"],
-                                     "fbiou": scores["fbiou"]})
+                                     "fbiou": scores["fbiou"], "fg_prob_object": scores["fg_prob"][1],
+                                     "fg_prob_background": scores["fg_prob"][0]})
                 if scores["miou"] > best:
                     best = scores["miou"]
                     if rank == 0:
