@@ -7,6 +7,7 @@ Contents, bottom-up:
     Setting, Schedule       the run's setting for a model and a stage, and a stage's training schedule
     foreground_at           a label map's foreground at a feature grid
     MidLevelReduction       PFENet's mid-level features: cat(layer3, layer2), 1x1 conv, ReLU, Dropout2d
+    resize, conv_relu       PFENet's bilinear resize and head layer
     masked_average_pooling  support prototype: mean of the features under a mask (PFENet Weighted_GAP)
     cosine_prior            PFENet's training-free prior mask from high-level features
     FEM                     PFENet's Feature Enrichment Module (multi-scale decoder with auxiliary heads)
@@ -104,9 +105,17 @@ BLOCK_STAGES = ("layer2", "layer3", "layer4")  # stages whose block outputs bloc
 CALIBRATION_IMAGES = 64  # --no-pretrained: Backbone.calibrate's BatchNorm statistics from this many training images
 
 
-def _resize(x, size):
-    """Bilinear resize with align_corners=True, PFENet's choice throughout (e.g. PFENet.py:267, 273, 279)."""
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+def resize(x, size, mode="bilinear"):
+    """x (N,C,h,w) resized to size: bilinear with align_corners=True, PFENet's choice throughout (e.g. PFENet.py:267,
+    273, 279), or mode="nearest" (label maps)."""
+    return F.interpolate(x, size=size, mode=mode, align_corners=True if mode == "bilinear" else None)
+
+
+def conv_relu(c_in, c_out, k, stride=1, dilation=1, bias=False):
+    """nn.Sequential(k x k conv keeping the size at stride 1, ReLU): the layer of PFENet's heads (no BatchNorm, no
+    bias); unpack it (*conv_relu(...)) to lay its two modules flat inside another nn.Sequential."""
+    conv = nn.Conv2d(c_in, c_out, k, stride, padding=dilation * (k // 2), dilation=dilation, bias=bias)
+    return nn.Sequential(conv, nn.ReLU(inplace=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,7 +374,7 @@ class Backbone(nn.Module):
             x = self.stages["layer0"](x)
             for name in ("layer1", "layer2", "layer3", "layer4"):
                 if name == "layer4" and mask is not None:
-                    x = x * _resize((mask == 1).to(x.dtype)[:, None], x.shape[-2:])  # (N, C3, h, w)
+                    x = x * resize((mask == 1).to(x.dtype)[:, None], x.shape[-2:])  # (N, C3, h, w)
                 if blocks and name in BLOCK_STAGES:
                     for block in self.stages[name]:
                         x = block(x)
@@ -374,7 +383,7 @@ class Backbone(nn.Module):
                     x = self.stages[name](x)
                 feats[name] = x  # (N, channels[name], h, w)
             if not self.name.startswith("resnet"):
-                feats["layer2"] = _resize(feats["layer2"], feats["layer3"].shape[-2:])
+                feats["layer2"] = resize(feats["layer2"], feats["layer3"].shape[-2:])
         if blocks:
             feats["blocks"] = block_feats
         return feats
@@ -437,7 +446,7 @@ def masked_average_pooling(f, m):
     if m.dim() == 3:
         m = m.unsqueeze(1)  # (B, 1, H, W)
     if m.shape[-2:] != f.shape[-2:]:
-        m = _resize(m, f.shape[-2:])  # (B, 1, h, w)
+        m = resize(m, f.shape[-2:])  # (B, 1, h, w)
     return (f * m).sum((2, 3)) / (m.sum((2, 3)) + MAP_EPS)  # (B, C)
 
 
@@ -465,7 +474,7 @@ def _cosine_prior_fp32(f_q, f_s, m_s):
     B, C, h, w = f_q.shape
     q = f_q.reshape(B, C, h * w)  # (B, C, hw)
     q_norm = q.norm(dim=1, keepdim=True)  # (B, 1, hw)
-    m = _resize((m_s == 1).float(), f_s.shape[-2:])  # (B, S, h', w'), PFENet.py:209,225
+    m = resize((m_s == 1).float(), f_s.shape[-2:])  # (B, S, h', w'), PFENet.py:209,225
     best = []
     for shot in range(f_s.shape[1]):  # one shot at a time: the similarity matrix is (B, h'w', hw)
         s = (f_s[:, shot] * m[:, shot, None]).flatten(2).transpose(1, 2)  # (B, h'w', C)
@@ -477,14 +486,9 @@ def _cosine_prior_fp32(f_q, f_s, m_s):
     return ((p - p_min) / (p_max - p_min + COSINE_EPS)).mean(1).reshape(B, 1, h, w)  # (B, 1, h, w)
 
 
-def _conv_relu(c_in, c_out, k):
-    """k x k conv without bias (PFENet's head has neither BN nor biases) followed by ReLU."""
-    return [nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.ReLU(inplace=True)]
-
-
 def _classifier(dim, classes):
     """PFENet's cls / inner_cls head (PFENet.py:101-106, 144-149): 3x3 conv, ReLU, Dropout2d, 1x1 conv."""
-    return nn.Sequential(*_conv_relu(dim, dim, 3), nn.Dropout2d(FEM_DROPOUT), nn.Conv2d(dim, classes, 1))
+    return nn.Sequential(*conv_relu(dim, dim, 3), nn.Dropout2d(FEM_DROPOUT), nn.Conv2d(dim, classes, 1))
 
 
 class FEM(nn.Module):
@@ -507,13 +511,13 @@ class FEM(nn.Module):
         super().__init__()
         self.bins = tuple(bins)
         self.init_merge = nn.ModuleList(
-            nn.Sequential(*_conv_relu(2 * in_dim + extra_dim, in_dim, 1)) for _ in self.bins)
-        self.alpha_conv = nn.ModuleList(nn.Sequential(*_conv_relu(2 * in_dim, in_dim, 1)) for _ in self.bins[1:])
+            nn.Sequential(*conv_relu(2 * in_dim + extra_dim, in_dim, 1)) for _ in self.bins)
+        self.alpha_conv = nn.ModuleList(nn.Sequential(*conv_relu(2 * in_dim, in_dim, 1)) for _ in self.bins[1:])
         self.beta_conv = nn.ModuleList(
-            nn.Sequential(*_conv_relu(in_dim, in_dim, 3), *_conv_relu(in_dim, in_dim, 3)) for _ in self.bins)
+            nn.Sequential(*conv_relu(in_dim, in_dim, 3), *conv_relu(in_dim, in_dim, 3)) for _ in self.bins)
         self.inner_cls = nn.ModuleList(_classifier(in_dim, classes) for _ in self.bins)
-        self.res1 = nn.Sequential(*_conv_relu(len(self.bins) * in_dim, in_dim, 1))
-        self.res2 = nn.Sequential(*_conv_relu(in_dim, in_dim, 3), *_conv_relu(in_dim, in_dim, 3))
+        self.res1 = nn.Sequential(*conv_relu(len(self.bins) * in_dim, in_dim, 1))
+        self.res2 = nn.Sequential(*conv_relu(in_dim, in_dim, 3), *conv_relu(in_dim, in_dim, 3))
         self.cls = _classifier(in_dim, classes)
 
     @staticmethod
@@ -530,14 +534,14 @@ class FEM(nn.Module):
             size = self.bin_size(b, h, w)
             x = torch.cat([F.adaptive_avg_pool2d(f_q, size),
                            proto[:, :, None, None].expand(-1, -1, *size),
-                           _resize(extra, size)], 1)  # (B, 2*in_dim + extra_dim, bh, bw)
+                           resize(extra, size)], 1)  # (B, 2*in_dim + extra_dim, bh, bw)
             x = self.init_merge[i](x)  # (B, in_dim, bh, bw)
             if i > 0:  # inter-scale merging with the previous (finer) scale, kept at h,w
-                previous = _resize(scales[-1], size)
+                previous = resize(scales[-1], size)
                 x = self.alpha_conv[i - 1](torch.cat([x, previous], 1)) + x
             x = self.beta_conv[i](x) + x
             aux.append(self.inner_cls[i](x))  # (B, classes, bh, bw)
-            scales.append(_resize(x, (h, w)))
+            scales.append(resize(x, (h, w)))
         x = self.res1(torch.cat(scales, 1))  # (B, len(bins)*in_dim, h, w) -> (B, in_dim, h, w)
         x = self.res2(x) + x
         return self.cls(x), aux  # (B, classes, h, w)
@@ -548,7 +552,7 @@ def seg_loss(logits, m_q):
     labels m_q (B,H,W); 255 ignored (PFENet.py:290-300). Mean over the labelled pixels; 0 when there are none
     (where F.cross_entropy's mean would give NaN and poison the gradients). Returns a scalar."""
     if logits.shape[-2:] != m_q.shape[-2:]:
-        logits = _resize(logits, m_q.shape[-2:])  # (B, 2, H, W)
+        logits = resize(logits, m_q.shape[-2:])  # (B, 2, H, W)
     total = F.cross_entropy(logits, m_q, ignore_index=IGNORE_INDEX, reduction="sum")
     return total / (m_q != IGNORE_INDEX).sum().clamp(min=1)
 

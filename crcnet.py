@@ -88,6 +88,7 @@ Choices (the paper is silent unless a section is named):
 """
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -144,14 +145,8 @@ DEFAULTS = {  # §5.1's augmentation: random crop, scale and flip (no rotation, 
 }
 
 
-def _conv_relu(c_in, c_out, k=3, dilation=1):
-    """k x k conv + ReLU, the only layer type of the paper's modules (§5.1)."""
-    return nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=dilation * (k // 2), dilation=dilation),
-                         nn.ReLU(inplace=True))
-
-
-def _resize(x, size, mode="bilinear"):
-    return F.interpolate(x, size=size, mode=mode, align_corners=True if mode == "bilinear" else None)
+# the only layer type of the paper's modules (§5.1): a conv and a ReLU, with a bias (no BatchNorm anywhere: Choices)
+conv_relu = partial(common.conv_relu, bias=True)
 
 
 def _log_mean_exp(log_p, dim):
@@ -167,7 +162,7 @@ class SiameseEncoder(nn.Module):
         super().__init__()
         self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained, trainable=cfg.train_encoder)
         self.levels = cfg.levels
-        self.reduce = _conv_relu(sum(self.backbone.channels[name] for name in cfg.levels), cfg.dim)
+        self.reduce = conv_relu(sum(self.backbone.channels[name] for name in cfg.levels), cfg.dim, 3)
 
     def forward(self, img):
         feats = self.backbone(img)
@@ -194,9 +189,9 @@ class ASPP(nn.Module):
 
     def __init__(self, dim, rates):
         super().__init__()
-        self.branches = nn.ModuleList([_conv_relu(dim, dim, 1)] + [_conv_relu(dim, dim, 3, r) for r in rates])
-        self.pool = _conv_relu(dim, dim, 1)
-        self.project = _conv_relu(dim * (len(rates) + 2), dim, 1)
+        self.branches = nn.ModuleList([conv_relu(dim, dim, 1), *(conv_relu(dim, dim, 3, dilation=r) for r in rates)])
+        self.pool = conv_relu(dim, dim, 1)
+        self.project = conv_relu(dim * (len(rates) + 2), dim, 1)
 
     def forward(self, x):
         pooled = self.pool(x.mean((2, 3), keepdim=True)).expand_as(x)  # (N, dim, h, w)
@@ -208,7 +203,7 @@ class CoOccurrenceHead(nn.Module):
 
     def __init__(self, dim, rates):
         super().__init__()
-        self.decode = nn.Sequential(_conv_relu(dim, dim), ASPP(dim, rates), _conv_relu(dim, dim),
+        self.decode = nn.Sequential(conv_relu(dim, dim, 3), ASPP(dim, rates), conv_relu(dim, dim, 3),
                                     nn.Conv2d(dim, 2, 1))
 
     def forward(self, g):
@@ -220,8 +215,8 @@ class GlobalConditional(nn.Module):
 
     def __init__(self, dim):
         super().__init__()
-        self.merge = _conv_relu(2 * dim, dim)
-        self.residual = nn.Sequential(_conv_relu(dim, dim), _conv_relu(dim, dim))
+        self.merge = conv_relu(2 * dim, dim, 3)
+        self.residual = nn.Sequential(conv_relu(dim, dim, 3), conv_relu(dim, dim, 3))
 
     def forward(self, f, proto):
         x = self.merge(torch.cat([f, proto[:, :, None, None].expand_as(f)], 1))  # (N, dim, h, w)
@@ -234,8 +229,8 @@ class LocalConditional(nn.Module):
 
     def __init__(self, dim):
         super().__init__()
-        self.theta = _conv_relu(dim, dim, 1)
-        self.delta = _conv_relu(dim, dim, 1)
+        self.theta = conv_relu(dim, dim, 1)
+        self.delta = conv_relu(dim, dim, 1)
 
     def forward(self, f, f_s, m):
         """f (N,C,h,w) features to condition; f_s (N,C,h,w), m (N,1,h,w) the reference image's features and
@@ -274,12 +269,12 @@ class MaskRefinement(nn.Module):
     def __init__(self, in_dim, dim, k, steps):
         super().__init__()
         self.steps = steps
-        self.entry = _conv_relu(in_dim, dim)
+        self.entry = conv_relu(in_dim, dim, 3)
         self.global_conv = GlobalConvBlock(dim, k)
-        self.cached = _conv_relu(1, dim)
-        self.combine = _conv_relu(3 * dim, dim)
-        self.combine_residual = nn.Sequential(_conv_relu(dim, dim), _conv_relu(dim, dim))
-        self.cls = nn.Sequential(_conv_relu(dim, dim), nn.Conv2d(dim, 2, 1))
+        self.cached = conv_relu(1, dim, 3)
+        self.combine = conv_relu(3 * dim, dim, 3)
+        self.combine_residual = nn.Sequential(conv_relu(dim, dim, 3), conv_relu(dim, dim, 3))
+        self.cls = nn.Sequential(conv_relu(dim, dim, 3), nn.Conv2d(dim, 2, 1))
 
     def forward(self, x):
         # feature branch: two levels (3x3 conv, then the large field of view), independent of the cache
@@ -390,7 +385,7 @@ class Model(nn.Module):
         out = functional_call(self.head, head_weights, args) if head_weights else self.head(*args)
         # 5. K shots: average the query probabilities of the pairs (Table 4's fusion); S = 1 is the identity
         log_p = F.log_softmax(out["query"].float(), 1).view(B, S, 2, *f.shape[-2:])  # (B, S, 2, h, w)
-        out["logits"] = _resize(_log_mean_exp(log_p, 1), img_q.shape[-2:])  # (B, 2, H, W)
+        out["logits"] = common.resize(_log_mean_exp(log_p, 1), img_q.shape[-2:])  # (B, 2, H, W)
         return out
 
     def loss(self, out, m_q, m_s):
@@ -440,7 +435,9 @@ class Model(nn.Module):
             size = (round(H * scale), round(W * scale))
             q, s, m = img_q, img_s, m_s
             if size != (H, W):
-                q, s = _resize(img_q, size), _resize(img_s.flatten(0, 1), size).view(*img_s.shape[:3], *size)
-                m = _resize(m_s.float(), size, mode="nearest").long()  # (B, S, h', w')
-            log_p.append(_resize(self._forward(q, s, m, head_weights=head_weights)["logits"], (H, W)))  # (B, 2, H, W)
+                q = common.resize(img_q, size)
+                s = common.resize(img_s.flatten(0, 1), size).view(*img_s.shape[:3], *size)
+                m = common.resize(m_s.float(), size, mode="nearest").long()  # (B, S, h', w')
+            logits = self._forward(q, s, m, head_weights=head_weights)["logits"]  # (B, 2, h', w')
+            log_p.append(common.resize(logits, (H, W)))  # (B, 2, H, W)
         return _log_mean_exp(torch.stack(log_p), 0)

@@ -110,17 +110,9 @@ def add_args(parser):
                              "or none (prior only; saves VGG's 124M classifier parameters)")
 
 
-def _resize(x, size):
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)  # PFENet's resize, as common.py
-
-
-def conv_relu(c_in, c_out, k, stride=1):
-    return nn.Sequential(nn.Conv2d(c_in, c_out, k, stride, padding=k // 2, bias=False), nn.ReLU(inplace=True))
-
-
 def seg_head(dim, dropout, classes=2):
     """PFENet's classifier: 3x3 conv, ReLU, Dropout2d, 1x1 conv to the class logits."""
-    return nn.Sequential(conv_relu(dim, dim, 3), nn.Dropout2d(dropout), nn.Conv2d(dim, classes, 1))
+    return nn.Sequential(common.conv_relu(dim, dim, 3), nn.Dropout2d(dropout), nn.Conv2d(dim, classes, 1))
 
 
 def cosine_map(f, protos):
@@ -155,7 +147,7 @@ def multi_frequency_pooling(f, m, n):
     f (B,C,h,w); m (B,H,W) float foreground, resized as common.masked_average_pooling does -> (B,L,C).
     Component 0 is exactly masked_average_pooling(f, m); an empty mask gives zeros. On a grid smaller than n
     (tiny test images) the components of frequency >= h vanish or repeat: an h-point DCT has h frequencies."""
-    m = _resize(m[:, None], f.shape[-2:])  # (B, 1, h, w)
+    m = common.resize(m[:, None], f.shape[-2:])  # (B, 1, h, w)
     basis = dct_basis(*f.shape[-2:], n, f.device).flatten(1)  # (L, hw)
     pooled = (f * m).flatten(2) @ basis.T.to(f.dtype)  # (B, C, L)
     return (pooled / (m.sum((2, 3))[..., None] + common.MAP_EPS)).transpose(1, 2)  # (B, L, C)
@@ -240,7 +232,7 @@ class GOMM(nn.Module):
     def __init__(self, dim, num_general, heads, dropout):
         super().__init__()
         self.prototypes = nn.Parameter(torch.randn(num_general, dim))  # P_g, "randomly initialized"
-        self.fuse = conv_relu(2 * dim, dim, 1)
+        self.fuse = common.conv_relu(2 * dim, dim, 1)
         self.head = seg_head(dim, dropout)
         self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
 
@@ -305,10 +297,10 @@ class FPNDecoder(nn.Module):
 
     def __init__(self, in_dim, dim, levels, dropout):
         super().__init__()
-        self.stem = conv_relu(in_dim, dim, 1)
-        self.down = nn.ModuleList(conv_relu(dim, dim, 3, stride=2) for _ in range(levels - 1))
+        self.stem = common.conv_relu(in_dim, dim, 1)
+        self.down = nn.ModuleList(common.conv_relu(dim, dim, 3, stride=2) for _ in range(levels - 1))
         self.lateral = nn.ModuleList(nn.Conv2d(dim, dim, 1, bias=False) for _ in range(levels - 1))
-        self.smooth = nn.ModuleList(conv_relu(dim, dim, 3) for _ in range(levels - 1))
+        self.smooth = nn.ModuleList(common.conv_relu(dim, dim, 3) for _ in range(levels - 1))
         self.head = seg_head(dim, dropout)
 
     def forward(self, f_c):
@@ -317,7 +309,7 @@ class FPNDecoder(nn.Module):
             pyramid.append(down(pyramid[-1]))  # h/2, h/4, h/8 (rounded up)
         x = pyramid[-1]
         for i in reversed(range(len(self.down))):
-            x = self.smooth[i](self.lateral[i](pyramid[i]) + _resize(x, pyramid[i].shape[-2:]))  # top-down
+            x = self.smooth[i](self.lateral[i](pyramid[i]) + common.resize(x, pyramid[i].shape[-2:]))  # top-down
         return self.head(x)  # (B, 2, h, w)
 
 
@@ -340,7 +332,7 @@ class Model(nn.Module):
         self.cam = (ImageNetCAM(cfg.backbone, cfg.pretrained, self.backbone.head) if cfg.cam_source == "imagenet"
                     else None)
         self.gomm = GOMM(C, cfg.num_general, cfg.attn_heads, cfg.head_dropout)
-        self.generalize = conv_relu(2 * C + 1, C, 1)
+        self.generalize = common.conv_relu(2 * C + 1, C, 1)
         self.ccm = CCM(C, cfg.num_select, cfg.pa_scale)
         self.decoder = FPNDecoder(2 * C, C, cfg.fpn_levels, cfg.head_dropout)
 
@@ -384,7 +376,7 @@ class Model(nn.Module):
         f_c, logits_pa, cost_pa = self.ccm(f_q_clean, f_g, f_s_clean, m, p_s_clean, p_s)
 
         # 7. FPN decoder -> M̂_q
-        logits = _resize(self.decoder(f_c), img_q.shape[-2:])  # (B, 2, H, W)
+        logits = common.resize(self.decoder(f_c), img_q.shape[-2:])  # (B, 2, H, W)
         return {"logits": logits, "logits_g": logits_g, "m_g": m_g, "logits_pa": logits_pa, "cost_pa": cost_pa}
 
     def loss(self, out, m_q, m_s):

@@ -138,19 +138,15 @@ def shot_map(f_s, m):
     return common.masked_average_pooling(f, m.reshape(B, 1, S * h, w))  # (B, C)
 
 
-def conv_relu(c_in, c_out, k):
-    return [nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.ReLU(inplace=True)]
-
-
 class Convs(nn.Module):
     """The segmentation head "Convs" of Eq. (2), (4), (9), (10), (16): 3x3 and 1x1 convolutions (§III-C1).
     x (N,in_dim,h,w) -> logits (N,2,h,w). Layout of the official head (Choices 2)."""
 
     def __init__(self, in_dim, dim, reduce_dropout, head_dropout):
         super().__init__()
-        self.reduce = nn.Sequential(*conv_relu(in_dim, dim, 1), nn.Dropout2d(reduce_dropout))
-        self.res = nn.Sequential(*conv_relu(dim, dim, 3), *conv_relu(dim, dim, 3))
-        self.cls = nn.Sequential(*conv_relu(dim, dim, 3), nn.Dropout2d(head_dropout), nn.Conv2d(dim, 2, 1))
+        self.reduce = nn.Sequential(*common.conv_relu(in_dim, dim, 1), nn.Dropout2d(reduce_dropout))
+        self.res = nn.Sequential(*common.conv_relu(dim, dim, 3), *common.conv_relu(dim, dim, 3))
+        self.cls = nn.Sequential(*common.conv_relu(dim, dim, 3), nn.Dropout2d(head_dropout), nn.Conv2d(dim, 2, 1))
 
     def forward(self, x):
         x = self.reduce(x)  # (N, dim, h, w)
@@ -255,8 +251,8 @@ class FFA(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.filter = nn.Sequential(*conv_relu(2 * cfg.dim, cfg.dim, 1))  # Conv_1 of Eq. (12)
-        self.fuse = nn.Sequential(*conv_relu(2 * cfg.dim + 2, cfg.dim, 1))  # Conv_1 of Eq. (15)
+        self.filter = nn.Sequential(*common.conv_relu(2 * cfg.dim, cfg.dim, 1))  # Conv_1 of Eq. (12)
+        self.fuse = nn.Sequential(*common.conv_relu(2 * cfg.dim + 2, cfg.dim, 1))  # Conv_1 of Eq. (15)
         self.cross = nn.ModuleList(CrossAttention(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.attn_dropout)
                                    for _ in range(cfg.cross_layers))
         self.convs = Convs(cfg.dim, cfg.dim, 0.0, cfg.head_dropout)
