@@ -80,46 +80,6 @@ import common
 import data
 
 PRIOR_CHANNELS = 2048  # ResNet-50 layer4, the prior features P_q (official L184-188)
-MOCO_LR, MOCO_BATCH = 0.03, 256  # MoCo v2: lr 0.03 for batch 256, scaled linearly for other batches
-SGD_MOMENTUM, WEIGHT_DECAY = 0.9, 1e-4  # MoCo v2
-COLOR_JITTER, COLOR_P, GRAY_P = (0.4, 0.4, 0.4, 0.1), 0.8, 0.2  # MoCo v2 aug_plus
-BLUR_SIGMA, BLUR_P, BLUR_KERNEL = (0.1, 2.0), 0.5, 0.1  # MoCo v2; kernel ~10% of the crop side (SimCLR)
-GLOBAL_SCALE, PATCH_SCALE = (0.2, 1.0), (0.5, 1.0)  # RandomResizedCrop area: MoCo v2 / ours for patches
-SRGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
-D65_WHITE = (0.950456, 1.0, 1.088754)  # reference white of the CIELAB conversion
-SLIC_RECENTRE = 3  # §4.1.2: centres move to the lowest gradient within n x n, n = 3
-SLIC_ITERS, SLIC_TOL = 10, 0.5  # Achanta et al.: 10 iterations suffice; stop once centres move < 0.5 px on average
-SLIC_MIN_SIZE = 0.5  # fragments smaller than this x S^2 join their largest neighbour (scikit-image's default)
-OUTSIDE_WINDOW = 1e6  # added to D_s outside a centre's 2S x 2S window: a pixel goes there only if no window reaches it
-NEIGHBOURS = ((np.s_[1:, :], np.s_[:-1, :]), (np.s_[:-1, :], np.s_[1:, :]),
-              (np.s_[:, 1:], np.s_[:, :-1]), (np.s_[:, :-1], np.s_[:, 1:]))  # 4-neighbourhood: (pixels, neighbours)
-PRIOR_SAVE_EVERY = 10  # stage-1 epochs between checkpoints
-SLIC_BATCH = 32  # images per DataLoader batch of the SLIC pass
-
-
-@dataclass
-class PriorConfig:
-    """Stage 1 (§4.1, §5.1). Fields named like a flag (prior_*) are filled from the command line."""
-    prior_epochs: int = 1000  # §5.1 PASCAL; Table 5: 1000 epochs with SLIC is the best setting
-    prior_batch_size: int = 256  # MoCo v2
-    prior_lr: float = None  # None: MOCO_LR * batch / MOCO_BATCH
-    prior_queue: int = 65536  # §4.1.1 K and §4.1.2 M
-    prior_img_size: int = 224  # MoCo v2 crop
-    prior_patch_size: int = 96  # ours: SwAV's small-crop size, for a superpixel of ~1/16 of the image
-    dim: int = 128  # MoCo v2 embedding
-    temperature: float = 0.2  # MoCo v2 (the paper names tau without a value)
-    momentum: float = 0.999  # MoCo key-encoder momentum
-    bn_splits: int = 8  # MoCo's shuffle BN over 8 GPUs
-    slic_segments: int = 16  # ours, see Choices
-    slic_compactness: float = 10.0  # m of Eq. (4), Achanta et al.'s default for CIELAB
-    slic_side: int = 128  # ours: long side of the image copy that SLIC runs on
-
-
-# Stage 1's per-dataset recipe, on its prior_* flags (train.py applies it to those it was not given; PASCAL and
-# folder datasets keep PriorConfig's). Synthetic: a CPU-sized quick start (its images are 128 px).
-STAGE_DEFAULTS = {"prior": {"coco": dict(prior_epochs=200),  # §5.1
-                            "synthetic": dict(prior_epochs=4, prior_batch_size=32, prior_queue=4096,
-                                              prior_img_size=64, prior_patch_size=32)}}
 
 
 @dataclass
@@ -156,6 +116,123 @@ def add_args(parser):
                             "STAGE_DEFAULTS for coco and synthetic)")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Stage 2, §4.2: the few-shot network
+
+
+def prior_region_map(x_q, p_q):
+    """Eq. (9)-(12): s_q = max over prior pixels q' of cos(x_q, p_q'), then (S - min) / (max - min + 1e-7) per image:
+    PFENet's prior with P_q as an unmasked "support". x_q (B,C,h,w) bridge, p_q (B,C,h',w') prior -> (B,1,h,w)."""
+    everywhere = torch.ones(p_q.shape[0], *p_q.shape[-2:], dtype=torch.long, device=p_q.device)  # (B, h', w')
+    return common.cosine_prior(x_q, p_q, everywhere)
+
+
+def projection(c_in, c_out, p):
+    """3x3 conv (no bias) + ReLU + Dropout2d: official down_learn_super/unsuper (L153-162)."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(p))
+
+
+class QGNet(nn.Module):
+    """forward(img_q, img_s, m_s) -> {"logits" (B,2,H,W), "aux": FEM's per-scale logits}.
+
+    prior_weights: F_p's state dict (build reads it from stage 1's file); None: a random F_p, for a checkpoint's
+    weights to replace (or --untrained-prior). Built with build(cfg, setting)."""
+
+    def __init__(self, cfg: Config, prior_weights=None):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained)  # F, frozen
+        # F_p, frozen: a ResNet-50 dilated to output stride 8 as the official code (L62-71) and common.Backbone
+        self.prior_extractor = common.Backbone("resnet50", pretrained=False)
+        if prior_weights is not None:
+            self.prior_extractor.load_state_dict(prior_weights)
+            self.prior_extractor.calibrated = True  # stage 1's BatchNorm statistics: train.py keeps them
+        c, d = self.backbone.channels, cfg.reduce_dim
+        self.bridge_proj = projection(c["layer4"], d, cfg.projection_dropout)  # official down_learn_super
+        self.prior_proj = projection(PRIOR_CHANNELS, d, cfg.projection_dropout)  # official down_learn_unsuper
+        self.down_query = common.MidLevelReduction(c["layer3"] + c["layer2"], d, cfg.feature_dropout)
+        self.down_supp = common.MidLevelReduction(c["layer3"] + c["layer2"], d, cfg.feature_dropout)
+        self.fem = common.FEM(d, extra_dim=2, bins=cfg.bins)  # [guided map, prior map]: official init_merge 514
+
+    def forward(self, img_q, img_s, m_s, class_ids=None):
+        B, S = img_s.shape[:2]
+        # 1. Eq. (8): X_q = F(I_q), X_s = F(I_s), P_q = F_p(I_q), all frozen
+        f_q, f_s = self.backbone.episode(img_q, img_s, m_s=m_s)  # layer2..4: (B, C, h, w), (B*S, C, h, w)
+        p_q = self.prior_extractor(img_q)["layer4"]  # (B, 2048, h, w)
+        # 2. prior region map, Eq. (9)-(12), between the projected bridge and prior features of the query alone.
+        # §4.3: this map is LOW on the object and high on the background, opposite to the guided map (F_p moved
+        # object features away from the bridge feature space, backgrounds stayed close); FEM learns to read both.
+        prior_map = prior_region_map(self.bridge_proj(f_q["layer4"]), self.prior_proj(p_q))  # (B, 1, h, w)
+        # 3. guided region map (§4.2.2): the support's layer4 of its masked layer3 (PFENet; episode's m_s),
+        # masked again by cosine_prior, averaged over the shots
+        f_s4 = f_s["layer4"]  # (B*S, C4, h, w)
+        guided_map = common.cosine_prior(f_q["layer4"], f_s4.view(B, S, *f_s4.shape[1:]), m_s)  # (B, 1, h, w)
+        # 4. category guider: masked average pooling of the support's mid-level features, mean over shots
+        m = common.foreground_at(m_s.flatten(0, 1), f_s["layer3"].shape[-2:])  # (B*S, h, w), PFENet
+        f_s23 = self.down_supp(f_s)  # cat(layer3, layer2) reduced: (B*S, 256, h, w)
+        guider = common.masked_average_pooling(f_s23, m).view(B, S, -1).mean(1)  # (B, 256)
+        # 5. FEM on the query's mid-level features, the guider and both maps
+        f_q23 = self.down_query(f_q)  # (B, 256, h, w)
+        logits, aux = self.fem(f_q23, guider, torch.cat([guided_map, prior_map], 1))  # (B, 2, h, w)
+        logits = F.interpolate(logits, img_q.shape[-2:], mode="bilinear", align_corners=True)  # (B, 2, H, W)
+        return {"logits": logits, "aux": aux}
+
+    def loss(self, out, m_q, m_s=None):
+        """Cross-entropy of the prediction plus aux_weight x the mean of FEM's per-scale ones (official L307-316)."""
+        main = common.seg_loss(out["logits"], m_q)
+        aux = torch.stack([common.seg_loss(a, m_q) for a in out["aux"]]).mean()
+        return main + self.cfg.aux_weight * aux, {"main": main, "aux": aux}
+
+
+Model = QGNet
+
+
+def build(cfg, setting):
+    """QGNet for a common.Setting (train.construct): F_p's weights from the run's stage-1 file (read_prior_extractor),
+    unless cfg.untrained_prior or setting.from_checkpoint (the checkpoint holds them): then no file is read."""
+    return QGNet(cfg, None if cfg.untrained_prior or setting.from_checkpoint else read_prior_extractor(cfg, setting))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The stage-1 file: where it is, which images it saw, how the few-shot stage reads it
+
+
+def read_prior_extractor(cfg, setting):
+    """F_p's weights (Eq. 8) from the run's stage-1 file (prior_checkpoint_path), in common.Backbone's keys:
+    stage 1's momentum encoder without its MLP head (official resnet.py L201-217), BatchNorm statistics included.
+    A file that is missing, unfinished, made on other images than this run's, or holding no such encoder raises
+    common.WeightsUnavailableError with the command of stage 1. A file that does not say which images it saw (one
+    converted from elsewhere) is taken with a warning."""
+    path = prior_checkpoint_path(setting, cfg.prior_all_images, cfg.prior_checkpoint)
+    make = (f"Make it with\n    python train.py --model qgnet --stage prior "
+            f"{stage_flags(setting, cfg.prior_all_images, cfg.prior_checkpoint)}\nor name an existing one with "
+            "--prior-checkpoint PATH (--untrained-prior: a random one, for tests).")
+    if not path.is_file():
+        raise common.WeightsUnavailableError(f"QGNet needs the prior extractor of stage 1, and {path} does not "
+                                             f"exist. {make}")
+    state = read_stage1_file(path, seen=images_seen(setting, cfg.prior_all_images), hint=f". {make}")
+    epochs = (state.get("config") or {}).get("prior_epochs")
+    if epochs is not None and state.get("epoch", epochs) < epochs:
+        raise common.WeightsUnavailableError(
+            f"{path} is stage 1 stopped after epoch {state['epoch']} of {epochs}: finish it with\n    python train.py "
+            f"--model qgnet --stage prior {stage_flags(setting, cfg.prior_all_images, cfg.prior_checkpoint)} --resume")
+    if "images" not in state:
+        warnings.warn(f"{path} does not say which images it was trained on: taken as it is")
+    stem = {"conv1.": "layer0.0.", "bn1.": "layer0.1."}  # torchvision's stem -> common.Backbone's layer0
+
+    def rename(key):
+        head = next((old for old in stem if key.startswith(old)), "")
+        return "stages." + stem.get(head, "") + key[len(head):]
+    weights = {rename(k[len("encoder_k."):]): v for k, v in state["model"].items()
+               if k.startswith("encoder_k.") and not k.startswith("encoder_k.fc.")}
+    with torch.device("meta"):  # F_p's keys and shapes, no weights initialised (no random numbers drawn)
+        expected = {k: v.shape for k, v in common.Backbone("resnet50", pretrained=False).state_dict().items()}
+    if {k: v.shape for k, v in weights.items()} != expected:
+        raise common.WeightsUnavailableError(f"{path} holds no ResNet-50 momentum encoder (encoder_k.*) of stage 1. "
+                                             f"{make}")
+    return weights
+
+
 def prior_checkpoint_path(setting, all_images=False, explicit=None):
     """`explicit` (--prior-checkpoint), else runs/qgnet-prior-SPLIT[-all]/prior_extractor.pt under the working
     directory (like train.py's runs/; SPLIT as data.split_name of the common.Setting, e.g. pascal-fold0 or
@@ -165,11 +242,6 @@ def prior_checkpoint_path(setting, all_images=False, explicit=None):
         return Path(explicit)
     split = data.split_name(setting.dataset, setting.fold, setting.data_root, setting.test_classes, setting.coco_split)
     return Path(common.RUNS_DIR) / f"qgnet-prior-{split}{'-all' if all_images else ''}" / "prior_extractor.pt"
-
-
-def prior_file(setting, options):
-    """STAGE_FILES["prior"]: the file stage 1 writes for a run and its QGNet options (train.py holds its folder)."""
-    return prior_checkpoint_path(setting, options.get("prior_all_images"), options.get("prior_checkpoint"))
 
 
 def images_seen(setting, all_images):
@@ -183,8 +255,197 @@ def images_seen(setting, all_images):
     return seen
 
 
+def read_stage1_file(path, cfg=None, seen=None, hint=""):
+    """Stage 1's file, as common.read_torch_file reads it: one line (common.WeightsUnavailableError, `hint` at its
+    end) for a file that is not one, or, when given, whose PriorConfig (`cfg`, a resume's recipe) or images
+    (`seen`) differ."""
+    state = common.read_torch_file(path, f"{path} as stage 1's prior extractor", hint=hint)
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise common.WeightsUnavailableError(f"{path} is not a file of QGNet's stage 1 (--stage prior){hint}")
+    saved = state.get("config")
+    if cfg is not None and saved != dataclasses.asdict(cfg):
+        differ = ", ".join(f"{k} {saved.get(k)} (now {v})" for k, v in dataclasses.asdict(cfg).items()
+                           if saved.get(k) != v)
+        raise common.WeightsUnavailableError(f"--resume: {path} was made with other stage-1 values ({differ}): a "
+                                             "resumed stage keeps them; drop the flags, or --overwrite to start again")
+    if seen is not None and state.get("images") not in (None, seen):
+        raise common.WeightsUnavailableError(
+            f"{path} was made on other images ({describe_images(state['images'])}) than this run's "
+            f"({describe_images(seen)}): it may have seen the run's novel classes; use the run's own file")
+    return state
+
+
+def describe_images(seen):
+    """images_seen(...) in words."""
+    where = seen["dataset"]
+    if seen.get("all_images"):
+        return f"every image of {where}"
+    which = f"classes {seen['test_classes']}" if seen.get("test_classes") else f"fold {seen['fold']}"
+    return f"{where}, {which}{' (' + seen['coco_split'] + ')' if seen['dataset'] == 'coco' else ''} training images"
+
+
+def stage_flags(setting, all_images, checkpoint):
+    """The flags that name a run's stage-1 checkpoint, for the messages that point from one stage to the other."""
+    s = setting
+    split = f"--test-classes {','.join(map(str, s.test_classes))}" if s.test_classes else f"--fold {s.fold}"
+    return (f"--dataset {s.dataset} {split}" + (f" --data-root {s.data_root}" if s.data_root else "")
+            + (f" --coco-split {s.coco_split}" if s.dataset == "coco" and s.coco_split != "interleaved" else "")
+            + (" --prior-all-images" if all_images else "")
+            + (f" --prior-checkpoint {checkpoint}" if checkpoint else ""))
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Stage 1, §4.1.2: SLIC superpixels (Achanta et al. 2012) as local patches
+# Stage 1, §4.1 (--stage prior): the prior extractor, trained by global and local contrast
+
+
+@dataclass
+class PriorConfig:
+    """Stage 1 (§4.1, §5.1). Fields named like a flag (prior_*) are filled from the command line."""
+    prior_epochs: int = 1000  # §5.1 PASCAL; Table 5: 1000 epochs with SLIC is the best setting
+    prior_batch_size: int = 256  # MoCo v2
+    prior_lr: float = None  # None: MOCO_LR * batch / MOCO_BATCH
+    prior_queue: int = 65536  # §4.1.1 K and §4.1.2 M
+    prior_img_size: int = 224  # MoCo v2 crop
+    prior_patch_size: int = 96  # ours: SwAV's small-crop size, for a superpixel of ~1/16 of the image
+    dim: int = 128  # MoCo v2 embedding
+    temperature: float = 0.2  # MoCo v2 (the paper names tau without a value)
+    momentum: float = 0.999  # MoCo key-encoder momentum
+    bn_splits: int = 8  # MoCo's shuffle BN over 8 GPUs
+    slic_segments: int = 16  # ours, see Choices
+    slic_compactness: float = 10.0  # m of Eq. (4), Achanta et al.'s default for CIELAB
+    slic_side: int = 128  # ours: long side of the image copy that SLIC runs on
+
+
+# Stage 1's per-dataset recipe, on its prior_* flags (train.py applies it to those it was not given; PASCAL and
+# folder datasets keep PriorConfig's). Synthetic: a CPU-sized quick start (its images are 128 px).
+STAGE_DEFAULTS = {"prior": {"coco": dict(prior_epochs=200),  # §5.1
+                            "synthetic": dict(prior_epochs=4, prior_batch_size=32, prior_queue=4096,
+                                              prior_img_size=64, prior_patch_size=32)}}
+
+
+def prior_config(options):
+    """PriorConfig: the paper's values, then the prior_* options (the flags, or the dataset's STAGE_DEFAULTS)."""
+    fields = {f.name for f in dataclasses.fields(PriorConfig)}
+    return PriorConfig(**{k: v for k, v in options.items() if k in fields and v is not None})
+
+
+MOCO_LR, MOCO_BATCH = 0.03, 256  # MoCo v2: lr 0.03 for batch 256, scaled linearly for other batches
+SGD_MOMENTUM, WEIGHT_DECAY = 0.9, 1e-4  # MoCo v2
+COLOR_JITTER, COLOR_P, GRAY_P = (0.4, 0.4, 0.4, 0.1), 0.8, 0.2  # MoCo v2 aug_plus
+BLUR_SIGMA, BLUR_P, BLUR_KERNEL = (0.1, 2.0), 0.5, 0.1  # MoCo v2; kernel ~10% of the crop side (SimCLR)
+GLOBAL_SCALE, PATCH_SCALE = (0.2, 1.0), (0.5, 1.0)  # RandomResizedCrop area: MoCo v2 / ours for patches
+PRIOR_SAVE_EVERY = 10  # stage-1 epochs between checkpoints
+
+
+def train_prior_extractor(setting, schedule, options):
+    """Stage 1 (§4.1, §5.1), STAGES["prior"]: global-local contrastive training of the prior extractor on the
+    unlabeled images of the run's dataset and fold (common.Setting). The schedule is PriorConfig's, set by the prior_*
+    options (QGNet's flags); of the common.Schedule it takes train_length, workers, seed, log_every, bf16 and
+    resume. Writes prior_file(...) (the whole state, every PRIOR_SAVE_EVERY epochs and at the end; --resume
+    continues it, with the PriorConfig and the images it was made with) and its log, NAME_metrics.jsonl, next to
+    it. Returns the file's path."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        sys.exit("error: --stage prior runs in one process (queues, shuffle BN); start it without torchrun")
+    cfg = prior_config(options)
+    path, seen = prior_file(setting, options), images_seen(setting, options.get("prior_all_images"))
+    log_file = path.with_name(f"{path.stem}_metrics.jsonl")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    torch.manual_seed(schedule.seed)
+    model = GlobalLocalContrast(cfg).to(device, memory_format=layout)
+    lr = cfg.prior_lr or MOCO_LR * cfg.prior_batch_size / MOCO_BATCH
+    optimizer = common.sgd(model.encoder_q.parameters(), lr, SGD_MOMENTUM, WEIGHT_DECAY)
+    start = 0
+    if schedule.resume and path.is_file():
+        state = read_stage1_file(path, cfg, seen)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["epoch"]
+        common.cut_log(log_file, start)
+    items = unlabeled_images(setting, schedule, options.get("prior_all_images"))
+    print(f"qgnet stage 1: SLIC superpixels of {len(items)} images (once per run)", flush=True)
+    boxes = [b for chunk in DataLoader(SuperpixelBoxes(items, cfg), SLIC_BATCH, num_workers=schedule.workers,
+                                       collate_fn=list) for b in chunk]
+    loader = DataLoader(UnlabeledImages(items, boxes, cfg), cfg.prior_batch_size, shuffle=True, drop_last=True,
+                        num_workers=schedule.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=schedule.workers > 0,
+                        generator=torch.Generator().manual_seed(schedule.seed))
+    if len(loader) == 0:
+        sys.exit(f"error: {len(items)} images do not fill one batch of {cfg.prior_batch_size} (--prior-batch-size)")
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and schedule.bf16 else nullcontext()
+    total = cfg.prior_epochs * len(loader)
+    split = data.split_name(setting.dataset, setting.fold, setting.data_root, setting.test_classes, setting.coco_split)
+    print(f"qgnet stage 1 on {split}: {len(items)} images, {len(loader)} steps of {cfg.prior_batch_size}, epochs "
+          f"{start + 1}..{cfg.prior_epochs}, lr {lr:g}, queues {cfg.prior_queue}, {device} -> {path}", flush=True)
+
+    def batches(epoch):
+        model.train()
+        return loader
+
+    def step(batch):
+        with amp:
+            return model(**{k: v.to(device, non_blocking=True, memory_format=layout) for k, v in batch.items()})
+
+    def end_epoch(epoch):
+        if (epoch + 1) % PRIOR_SAVE_EVERY == 0 or epoch + 1 == cfg.prior_epochs:
+            common.check_finite(model)
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                     "config": dataclasses.asdict(cfg), "images": seen, "seed": schedule.seed}
+            common.save_atomic(state, path)
+
+    def cosine(it):  # MoCo v2's schedule, per iteration
+        return lr * 0.5 * (1 + math.cos(math.pi * it / total))
+
+    common.fit(step, optimizer, batches, cosine, cfg.prior_epochs, len(loader), start_epoch=start,
+               log_every=schedule.log_every, per_step=cfg.prior_batch_size, unit="images", tag="[prior] ",
+               log=partial(print, flush=True), log_file=log_file, event="prior", end_epoch=end_epoch)
+    print(f"prior extractor saved to {path}; the few-shot stage:\n    python train.py --model qgnet "
+          f"{stage_flags(setting, options.get('prior_all_images'), options.get('prior_checkpoint'))}", flush=True)
+    return path
+
+
+def prior_file(setting, options):
+    """STAGE_FILES["prior"]: the file stage 1 writes for a run and its QGNet options (train.py holds its folder)."""
+    return prior_checkpoint_path(setting, options.get("prior_all_images"), options.get("prior_checkpoint"))
+
+
+STAGES = {"prior": train_prior_extractor}
+STAGE_FILES = {"prior": prior_file}
+
+
+def unlabeled_images(setting, schedule, all_images):
+    """Stage 1's images: the fold's few-shot training images (train.py's list, labels unused), or with all_images
+    every listed image of the train and test splits. Synthetic: the rendered query images."""
+    items = []
+    for split in ("train", "test") if all_images else ("train",):
+        try:
+            episodes = data.build_dataset(setting.dataset, split, setting.fold, img_size=setting.img_size,
+                                          root=setting.data_root, seed=schedule.seed if split == "train" else 0,
+                                          coco_split=setting.coco_split, train_length=schedule.train_length,
+                                          test_classes=setting.test_classes)
+        except FileNotFoundError as err:
+            sys.exit(f"error: {err}")
+        if setting.dataset == "synthetic":
+            items += [(episodes, i) for i in range(len(episodes))]
+        else:
+            names = episodes.files if all_images else episodes.images
+            items += [episodes.files[name][0] for name in sorted(names)]
+    return items
+
+
+# ----------------------------------------------------------------------------------------------------------
+# §4.1.2: SLIC superpixels (Achanta et al. 2012) as local patches
+
+
+SRGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
+D65_WHITE = (0.950456, 1.0, 1.088754)  # reference white of the CIELAB conversion
+SLIC_RECENTRE = 3  # §4.1.2: centres move to the lowest gradient within n x n, n = 3
+SLIC_ITERS, SLIC_TOL = 10, 0.5  # Achanta et al.: 10 iterations suffice; stop once centres move < 0.5 px on average
+SLIC_MIN_SIZE = 0.5  # fragments smaller than this x S^2 join their largest neighbour (scikit-image's default)
+OUTSIDE_WINDOW = 1e6  # added to D_s outside a centre's 2S x 2S window: a pixel goes there only if no window reaches it
+NEIGHBOURS = ((np.s_[1:, :], np.s_[:-1, :]), (np.s_[:-1, :], np.s_[1:, :]),
+              (np.s_[:, 1:], np.s_[:, :-1]), (np.s_[:, :-1], np.s_[:, 1:]))  # 4-neighbourhood: (pixels, neighbours)
+SLIC_BATCH = 32  # images per DataLoader batch of the SLIC pass
 
 
 def rgb_to_lab(img):
@@ -269,7 +530,7 @@ def slic(img, n_segments, compactness):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Stage 1, §4.1 and §5.1: data and the global-local contrastive objective
+# §4.1, §5.1: MoCo v2 views of images and patches, InfoNCE, the momentum encoder and its queues
 
 
 def moco_v2_augmentation(size, scale):
@@ -407,252 +668,3 @@ class GlobalLocalContrast(nn.Module):
         self.enqueue("queue_global", k)
         self.enqueue("queue_local", k_p)
         return l_local + l_global, {"global": l_global.detach(), "local": l_local.detach()}
-
-
-def prior_config(options):
-    """PriorConfig: the paper's values, then the prior_* options (the flags, or the dataset's STAGE_DEFAULTS)."""
-    fields = {f.name for f in dataclasses.fields(PriorConfig)}
-    return PriorConfig(**{k: v for k, v in options.items() if k in fields and v is not None})
-
-
-def unlabeled_images(setting, schedule, all_images):
-    """Stage 1's images: the fold's few-shot training images (train.py's list, labels unused), or with all_images
-    every listed image of the train and test splits. Synthetic: the rendered query images."""
-    items = []
-    for split in ("train", "test") if all_images else ("train",):
-        try:
-            episodes = data.build_dataset(setting.dataset, split, setting.fold, img_size=setting.img_size,
-                                          root=setting.data_root, seed=schedule.seed if split == "train" else 0,
-                                          coco_split=setting.coco_split, train_length=schedule.train_length,
-                                          test_classes=setting.test_classes)
-        except FileNotFoundError as err:
-            sys.exit(f"error: {err}")
-        if setting.dataset == "synthetic":
-            items += [(episodes, i) for i in range(len(episodes))]
-        else:
-            names = episodes.files if all_images else episodes.images
-            items += [episodes.files[name][0] for name in sorted(names)]
-    return items
-
-
-def stage_flags(setting, all_images, checkpoint):
-    """The flags that name a run's stage-1 checkpoint, for the messages that point from one stage to the other."""
-    s = setting
-    split = f"--test-classes {','.join(map(str, s.test_classes))}" if s.test_classes else f"--fold {s.fold}"
-    return (f"--dataset {s.dataset} {split}" + (f" --data-root {s.data_root}" if s.data_root else "")
-            + (f" --coco-split {s.coco_split}" if s.dataset == "coco" and s.coco_split != "interleaved" else "")
-            + (" --prior-all-images" if all_images else "")
-            + (f" --prior-checkpoint {checkpoint}" if checkpoint else ""))
-
-
-def train_prior_extractor(setting, schedule, options):
-    """Stage 1 (§4.1, §5.1), STAGES["prior"]: global-local contrastive training of the prior extractor on the
-    unlabeled images of the run's dataset and fold (common.Setting). The schedule is PriorConfig's, set by the prior_*
-    options (QGNet's flags); of the common.Schedule it takes train_length, workers, seed, log_every, bf16 and
-    resume. Writes prior_file(...) (the whole state, every PRIOR_SAVE_EVERY epochs and at the end; --resume
-    continues it, with the PriorConfig and the images it was made with) and its log, NAME_metrics.jsonl, next to
-    it. Returns the file's path."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        sys.exit("error: --stage prior runs in one process (queues, shuffle BN); start it without torchrun")
-    cfg = prior_config(options)
-    path, seen = prior_file(setting, options), images_seen(setting, options.get("prior_all_images"))
-    log_file = path.with_name(f"{path.stem}_metrics.jsonl")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    torch.manual_seed(schedule.seed)
-    model = GlobalLocalContrast(cfg).to(device, memory_format=layout)
-    lr = cfg.prior_lr or MOCO_LR * cfg.prior_batch_size / MOCO_BATCH
-    optimizer = common.sgd(model.encoder_q.parameters(), lr, SGD_MOMENTUM, WEIGHT_DECAY)
-    start = 0
-    if schedule.resume and path.is_file():
-        state = read_stage1_file(path, cfg, seen)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["epoch"]
-        common.cut_log(log_file, start)
-    items = unlabeled_images(setting, schedule, options.get("prior_all_images"))
-    print(f"qgnet stage 1: SLIC superpixels of {len(items)} images (once per run)", flush=True)
-    boxes = [b for chunk in DataLoader(SuperpixelBoxes(items, cfg), SLIC_BATCH, num_workers=schedule.workers,
-                                       collate_fn=list) for b in chunk]
-    loader = DataLoader(UnlabeledImages(items, boxes, cfg), cfg.prior_batch_size, shuffle=True, drop_last=True,
-                        num_workers=schedule.workers, pin_memory=device.type == "cuda",
-                        persistent_workers=schedule.workers > 0,
-                        generator=torch.Generator().manual_seed(schedule.seed))
-    if len(loader) == 0:
-        sys.exit(f"error: {len(items)} images do not fill one batch of {cfg.prior_batch_size} (--prior-batch-size)")
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and schedule.bf16 else nullcontext()
-    total = cfg.prior_epochs * len(loader)
-    split = data.split_name(setting.dataset, setting.fold, setting.data_root, setting.test_classes, setting.coco_split)
-    print(f"qgnet stage 1 on {split}: {len(items)} images, {len(loader)} steps of {cfg.prior_batch_size}, epochs "
-          f"{start + 1}..{cfg.prior_epochs}, lr {lr:g}, queues {cfg.prior_queue}, {device} -> {path}", flush=True)
-
-    def batches(epoch):
-        model.train()
-        return loader
-
-    def step(batch):
-        with amp:
-            return model(**{k: v.to(device, non_blocking=True, memory_format=layout) for k, v in batch.items()})
-
-    def end_epoch(epoch):
-        if (epoch + 1) % PRIOR_SAVE_EVERY == 0 or epoch + 1 == cfg.prior_epochs:
-            common.check_finite(model)
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                     "config": dataclasses.asdict(cfg), "images": seen, "seed": schedule.seed}
-            common.save_atomic(state, path)
-
-    def cosine(it):  # MoCo v2's schedule, per iteration
-        return lr * 0.5 * (1 + math.cos(math.pi * it / total))
-
-    common.fit(step, optimizer, batches, cosine, cfg.prior_epochs, len(loader), start_epoch=start,
-               log_every=schedule.log_every, per_step=cfg.prior_batch_size, unit="images", tag="[prior] ",
-               log=partial(print, flush=True), log_file=log_file, event="prior", end_epoch=end_epoch)
-    print(f"prior extractor saved to {path}; the few-shot stage:\n    python train.py --model qgnet "
-          f"{stage_flags(setting, options.get('prior_all_images'), options.get('prior_checkpoint'))}", flush=True)
-    return path
-
-
-def read_stage1_file(path, cfg=None, seen=None, hint=""):
-    """Stage 1's file, as common.read_torch_file reads it: one line (common.WeightsUnavailableError, `hint` at its
-    end) for a file that is not one, or, when given, whose PriorConfig (`cfg`, a resume's recipe) or images
-    (`seen`) differ."""
-    state = common.read_torch_file(path, f"{path} as stage 1's prior extractor", hint=hint)
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise common.WeightsUnavailableError(f"{path} is not a file of QGNet's stage 1 (--stage prior){hint}")
-    saved = state.get("config")
-    if cfg is not None and saved != dataclasses.asdict(cfg):
-        differ = ", ".join(f"{k} {saved.get(k)} (now {v})" for k, v in dataclasses.asdict(cfg).items()
-                           if saved.get(k) != v)
-        raise common.WeightsUnavailableError(f"--resume: {path} was made with other stage-1 values ({differ}): a "
-                                             "resumed stage keeps them; drop the flags, or --overwrite to start again")
-    if seen is not None and state.get("images") not in (None, seen):
-        raise common.WeightsUnavailableError(
-            f"{path} was made on other images ({describe_images(state['images'])}) than this run's "
-            f"({describe_images(seen)}): it may have seen the run's novel classes; use the run's own file")
-    return state
-
-
-def describe_images(seen):
-    """images_seen(...) in words."""
-    where = seen["dataset"]
-    if seen.get("all_images"):
-        return f"every image of {where}"
-    which = f"classes {seen['test_classes']}" if seen.get("test_classes") else f"fold {seen['fold']}"
-    return f"{where}, {which}{' (' + seen['coco_split'] + ')' if seen['dataset'] == 'coco' else ''} training images"
-
-
-STAGES = {"prior": train_prior_extractor}
-STAGE_FILES = {"prior": prior_file}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Stage 2, §4.2: the few-shot network
-
-
-def read_prior_extractor(cfg, setting):
-    """F_p's weights (Eq. 8) from the run's stage-1 file (prior_checkpoint_path), in common.Backbone's keys:
-    stage 1's momentum encoder without its MLP head (official resnet.py L201-217), BatchNorm statistics included.
-    A file that is missing, unfinished, made on other images than this run's, or holding no such encoder raises
-    common.WeightsUnavailableError with the command of stage 1. A file that does not say which images it saw (one
-    converted from elsewhere) is taken with a warning."""
-    path = prior_checkpoint_path(setting, cfg.prior_all_images, cfg.prior_checkpoint)
-    make = (f"Make it with\n    python train.py --model qgnet --stage prior "
-            f"{stage_flags(setting, cfg.prior_all_images, cfg.prior_checkpoint)}\nor name an existing one with "
-            "--prior-checkpoint PATH (--untrained-prior: a random one, for tests).")
-    if not path.is_file():
-        raise common.WeightsUnavailableError(f"QGNet needs the prior extractor of stage 1, and {path} does not "
-                                             f"exist. {make}")
-    state = read_stage1_file(path, seen=images_seen(setting, cfg.prior_all_images), hint=f". {make}")
-    epochs = (state.get("config") or {}).get("prior_epochs")
-    if epochs is not None and state.get("epoch", epochs) < epochs:
-        raise common.WeightsUnavailableError(
-            f"{path} is stage 1 stopped after epoch {state['epoch']} of {epochs}: finish it with\n    python train.py "
-            f"--model qgnet --stage prior {stage_flags(setting, cfg.prior_all_images, cfg.prior_checkpoint)} --resume")
-    if "images" not in state:
-        warnings.warn(f"{path} does not say which images it was trained on: taken as it is")
-    stem = {"conv1.": "layer0.0.", "bn1.": "layer0.1."}  # torchvision's stem -> common.Backbone's layer0
-
-    def rename(key):
-        head = next((old for old in stem if key.startswith(old)), "")
-        return "stages." + stem.get(head, "") + key[len(head):]
-    weights = {rename(k[len("encoder_k."):]): v for k, v in state["model"].items()
-               if k.startswith("encoder_k.") and not k.startswith("encoder_k.fc.")}
-    with torch.device("meta"):  # F_p's keys and shapes, no weights initialised (no random numbers drawn)
-        expected = {k: v.shape for k, v in common.Backbone("resnet50", pretrained=False).state_dict().items()}
-    if {k: v.shape for k, v in weights.items()} != expected:
-        raise common.WeightsUnavailableError(f"{path} holds no ResNet-50 momentum encoder (encoder_k.*) of stage 1. "
-                                             f"{make}")
-    return weights
-
-
-def prior_region_map(x_q, p_q):
-    """Eq. (9)-(12): s_q = max over prior pixels q' of cos(x_q, p_q'), then (S - min) / (max - min + 1e-7) per image:
-    PFENet's prior with P_q as an unmasked "support". x_q (B,C,h,w) bridge, p_q (B,C,h',w') prior -> (B,1,h,w)."""
-    everywhere = torch.ones(p_q.shape[0], *p_q.shape[-2:], dtype=torch.long, device=p_q.device)  # (B, h', w')
-    return common.cosine_prior(x_q, p_q, everywhere)
-
-
-def projection(c_in, c_out, p):
-    """3x3 conv (no bias) + ReLU + Dropout2d: official down_learn_super/unsuper (L153-162)."""
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(p))
-
-
-class QGNet(nn.Module):
-    """forward(img_q, img_s, m_s) -> {"logits" (B,2,H,W), "aux": FEM's per-scale logits}.
-
-    prior_weights: F_p's state dict (build reads it from stage 1's file); None: a random F_p, for a checkpoint's
-    weights to replace (or --untrained-prior). Built with build(cfg, setting)."""
-
-    def __init__(self, cfg: Config, prior_weights=None):
-        super().__init__()
-        self.cfg = cfg
-        self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained)  # F, frozen
-        # F_p, frozen: a ResNet-50 dilated to output stride 8 as the official code (L62-71) and common.Backbone
-        self.prior_extractor = common.Backbone("resnet50", pretrained=False)
-        if prior_weights is not None:
-            self.prior_extractor.load_state_dict(prior_weights)
-            self.prior_extractor.calibrated = True  # stage 1's BatchNorm statistics: train.py keeps them
-        c, d = self.backbone.channels, cfg.reduce_dim
-        self.bridge_proj = projection(c["layer4"], d, cfg.projection_dropout)  # official down_learn_super
-        self.prior_proj = projection(PRIOR_CHANNELS, d, cfg.projection_dropout)  # official down_learn_unsuper
-        self.down_query = common.MidLevelReduction(c["layer3"] + c["layer2"], d, cfg.feature_dropout)
-        self.down_supp = common.MidLevelReduction(c["layer3"] + c["layer2"], d, cfg.feature_dropout)
-        self.fem = common.FEM(d, extra_dim=2, bins=cfg.bins)  # [guided map, prior map]: official init_merge 514
-
-    def forward(self, img_q, img_s, m_s, class_ids=None):
-        B, S = img_s.shape[:2]
-        # 1. Eq. (8): X_q = F(I_q), X_s = F(I_s), P_q = F_p(I_q), all frozen
-        f_q, f_s = self.backbone.episode(img_q, img_s, m_s=m_s)  # layer2..4: (B, C, h, w), (B*S, C, h, w)
-        p_q = self.prior_extractor(img_q)["layer4"]  # (B, 2048, h, w)
-        # 2. prior region map, Eq. (9)-(12), between the projected bridge and prior features of the query alone.
-        # §4.3: this map is LOW on the object and high on the background, opposite to the guided map (F_p moved
-        # object features away from the bridge feature space, backgrounds stayed close); FEM learns to read both.
-        prior_map = prior_region_map(self.bridge_proj(f_q["layer4"]), self.prior_proj(p_q))  # (B, 1, h, w)
-        # 3. guided region map (§4.2.2): the support's layer4 of its masked layer3 (PFENet; episode's m_s),
-        # masked again by cosine_prior, averaged over the shots
-        f_s4 = f_s["layer4"]  # (B*S, C4, h, w)
-        guided_map = common.cosine_prior(f_q["layer4"], f_s4.view(B, S, *f_s4.shape[1:]), m_s)  # (B, 1, h, w)
-        # 4. category guider: masked average pooling of the support's mid-level features, mean over shots
-        m = common.foreground_at(m_s.flatten(0, 1), f_s["layer3"].shape[-2:])  # (B*S, h, w), PFENet
-        f_s23 = self.down_supp(f_s)  # cat(layer3, layer2) reduced: (B*S, 256, h, w)
-        guider = common.masked_average_pooling(f_s23, m).view(B, S, -1).mean(1)  # (B, 256)
-        # 5. FEM on the query's mid-level features, the guider and both maps
-        f_q23 = self.down_query(f_q)  # (B, 256, h, w)
-        logits, aux = self.fem(f_q23, guider, torch.cat([guided_map, prior_map], 1))  # (B, 2, h, w)
-        logits = F.interpolate(logits, img_q.shape[-2:], mode="bilinear", align_corners=True)  # (B, 2, H, W)
-        return {"logits": logits, "aux": aux}
-
-    def loss(self, out, m_q, m_s=None):
-        """Cross-entropy of the prediction plus aux_weight x the mean of FEM's per-scale ones (official L307-316)."""
-        main = common.seg_loss(out["logits"], m_q)
-        aux = torch.stack([common.seg_loss(a, m_q) for a in out["aux"]]).mean()
-        return main + self.cfg.aux_weight * aux, {"main": main, "aux": aux}
-
-
-Model = QGNet
-
-
-def build(cfg, setting):
-    """QGNet for a common.Setting (train.construct): F_p's weights from the run's stage-1 file (read_prior_extractor),
-    unless cfg.untrained_prior or setting.from_checkpoint (the checkpoint holds them): then no file is read."""
-    return QGNet(cfg, None if cfg.untrained_prior or setting.from_checkpoint else read_prior_extractor(cfg, setting))

@@ -1,7 +1,7 @@
 """QPENet: Query-guided Prototype Evolution Network for Few-Shot Segmentation.
 
 R. Cong, H. Xiong, J. Chen, W. Zhang, Q. Huang, Y. Zhao. IEEE Transactions on Multimedia, 2024.
-Official code: github.com/rmcong/QPENet_TMM24 @ c0d3df3 ("official" below; notes: shared/notes/qpenet-official.md).
+Official code: github.com/rmcong/QPENet_TMM24 @ c0d3df3 ("official" below: model/QPENet.py and its configs).
 
 The query shapes the prototypes. PPG segments the query coarsely with the support prototype and pools a
 pseudo-prototype from the query under that prediction; DPE reverse-segments the support with it and splits the
@@ -26,7 +26,7 @@ K shots: P_pre, P_main and P_aux are each one MAP over the pixels of all K suppo
 prediction y_pre and one pseudo-prototype P_psd follow from P_pre; P_psd reverse-segments every support, and
 the cross-attention keys are the foreground pixels of all K supports together.
 
-Choices (paper silent, or where we differ from the official code; the notes list the official behaviour):
+Choices (paper silent, or where we differ from the official code, whose behaviour each entry states):
  1. F_s and F_q: cat(layer3, layer2) of the frozen backbone -> 1x1 conv (256, no bias) + ReLU + Dropout2d 0.5,
     PFENet's mid-level features as the official. One reduction for query and support ("two weight-shared CNNs",
     §III-B); the official has separate down_query / down_supp. The backbone is common.Backbone (torchvision's

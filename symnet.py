@@ -105,14 +105,6 @@ import data
 TEXT_DIM = 300  # word2vec GoogleNews vectors (§4.1)
 QUERY_FALLBACK = 12  # pixels used when a prior region is empty (SN feat_aggregation: topk 12, median +- 6)
 TDC_EPS = 1e-5  # SN correlation.py: feature norms + 1e-5
-# VOC's compound class names -> the words MIANet's embeddings use (notes §3; SN's vectors are MIANet's)
-WORD2VEC_ALIASES = {"diningtable": "table", "pottedplant": "potted plant", "tvmonitor": "tv"}
-PPM_BINS = (1, 2, 3, 6)  # PSPNet pyramid pooling bins (BAM model/PSPNet.py: bins=(1, 2, 3, 6))
-PSP_HIDDEN = 512  # width of PSPNet's classifier (BAM model/PSPNet.py: cls, fea_dim*2 -> 512)
-PSP_DROPOUT = 0.1  # PSPNet cls Dropout2d (BAM model/PSPNet.py)
-GRAM_EPS = 1e-7  # BAM get_gram_matrix denominator (model/BAM.py)
-BASE_SCALE_RANGE = (0.5, 2.0)  # BAM config/*_base.yaml scale_min / scale_max (episodic training: 0.9-1.1)
-BASE_MOMENTUM, BASE_WEIGHT_DECAY, BASE_POLY_POWER = 0.9, 1e-4, 0.9  # BAM config/*_base.yaml
 
 
 @dataclasses.dataclass
@@ -141,11 +133,6 @@ DEFAULTS = {  # SN's run (Choices): nominal lr 0.005 and batch 8 per GPU (§4.1)
     "pascal": dict(lr=0.05, batch_size=32, epochs=200, img_size=473, augment="pfenet"),
     "coco": dict(lr=0.05, batch_size=32, epochs=50, img_size=641, augment="pfenet"),
 }
-STAGE_DEFAULTS = {"base": {  # BAM config/*_base.yaml: batch 3 x 4 GPUs ("bs12 for 1GPU"), head lr 2.5e-4 x 10
-    "pascal": dict(lr=0.0025, batch_size=12, epochs=100, img_size=417),
-    "folder": dict(lr=0.0025, batch_size=12, epochs=100, img_size=417),  # PASCAL's
-    "coco": dict(lr=0.0025, batch_size=12, epochs=20, img_size=417),
-}}
 
 
 def add_args(parser):
@@ -154,74 +141,6 @@ def add_args(parser):
     parser.add_argument("--base-learner", help="base learner checkpoint: where --stage base writes it and Sym-Net "
                                                "reads it (default runs/base-DATASET-foldK-BACKBONE/base_learner.pt; "
                                                "without it Sym-Net is the meta learner alone)")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Word vectors: GoogleNews word2vec binary -> {class name: unit 300-d vector}
-
-
-def read_word2vec(path, words):
-    """{word: float32 vector} for the `words` present in a word2vec C binary (header "COUNT DIM\\n", then per
-    entry the word, a space, DIM little-endian float32, and an optional newline), read with numpy alone."""
-    wanted, found = {w.encode(): w for w in words}, {}
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        end = mm.find(b"\n")
-        count, dim = map(int, mm[:end].split())
-        pos = end + 1
-        for _ in range(count):
-            space = mm.find(b" ", pos)
-            word = mm[pos:space].lstrip(b"\n")
-            pos = space + 1 + 4 * dim
-            if word in wanted:
-                found[wanted[word]] = np.frombuffer(mm[space + 1:pos], dtype="<f4").copy()  # (dim,)
-    return found
-
-
-def build_word_vectors(word2vec_bin, out_path, names=None):
-    """Write {class name: unit-length vector} for the class names of PASCAL, COCO and synthetic (or `names`).
-    A name is looked up (after WORD2VEC_ALIASES) as its underscore-joined phrase, else as the mean of its
-    words; names with no word in the binary are left out, with a warning. Returns the dict."""
-    names = names or sorted({n for ds in ("pascal", "coco", "synthetic") for n in data.class_names(ds).values()})
-    keys = {name: WORD2VEC_ALIASES.get(name, name) for name in names}
-    words = {w for key in keys.values() for w in [key.replace(" ", "_"), *key.split()]}
-    found = read_word2vec(word2vec_bin, words)
-    vectors, missing = {}, []
-    for name, key in keys.items():
-        parts = [found[w] for w in key.split() if w in found]
-        vec = found.get(key.replace(" ", "_"), np.mean(parts, 0) if parts else None)
-        if vec is None:
-            missing.append(name)
-            continue
-        vectors[name] = torch.from_numpy(vec / np.linalg.norm(vec)).float()  # (300,)
-    if missing:
-        warnings.warn(f"no word of these class names is in {word2vec_bin}: {missing}")
-    torch.save(vectors, out_path)
-    return vectors
-
-
-def read_side_file(path, what, keys):
-    """A side file as a dict holding `keys` (common.read_torch_file); a file that is not one:
-    WeightsUnavailableError naming it and `what` it should be."""
-    state = common.read_torch_file(path, f"{path} as {what}")
-    missing = [] if isinstance(state, dict) else ["a dict"]
-    missing += [key for key in keys if isinstance(state, dict) and key not in state]
-    if missing:
-        raise common.WeightsUnavailableError(f"{path} is not {what}: it lacks {', '.join(missing)}")
-    return state
-
-
-def load_word_vectors(path, dataset, dim=TEXT_DIM, root=None):
-    """Rows for the class ids of `dataset` (a folder dataset's: of its `root`) from a build_word_vectors file
-    -> (num_classes+1, dim), row 0 zero. A file without some of the classes: WeightsUnavailableError."""
-    vectors = read_side_file(path, "word vectors (symnet.build_word_vectors)", ())
-    names = data.class_names(dataset, root)
-    missing = [name for name in names.values() if name not in vectors]
-    if missing:
-        raise common.WeightsUnavailableError(f"the word vectors {path} lack the {dataset} classes {missing}")
-    table = torch.zeros(len(names) + 1, dim)
-    for c, name in names.items():
-        table[c] = vectors[name]
-    return table
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -338,36 +257,14 @@ class TDC(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The base learner (§4.1, BAM): a PSPNet head trained on the frozen backbone with the full semantic labels of
-# the fold's base classes (the stage `base`); Sym-Net, the meta learner, hands its background / foreground
-# probabilities to BAMEnsemble, which moves to the background whatever the base learner recognises as a base
-# class.
+# BAM's base learner and ensemble (§4.1): a PSPNet head trained on the base classes (the stage `base`, below) and
+# the ensemble that moves to the background whatever it recognises as a base class
 
 
-def base_classes(setting):
-    """Base (training) class ids of the run's fold, in the base learner's channel order 1..n (channel 0:
-    background). A folder dataset's come from its root, with setting.test_classes in place of the fold when given."""
-    count, _, novel = data.dataset_classes(setting.dataset, setting.fold, setting.data_root, setting.test_classes,
-                                           setting.coco_split)
-    return [c for c in range(1, count + 1) if c not in novel]
-
-
-def base_learner_path(setting):
-    """Where --stage base writes the base learner and where Sym-Net looks for it by default: one file for each
-    split (COCO's two included) and backbone."""
-    split = data.split_name(setting.dataset, setting.fold, setting.data_root, setting.test_classes, setting.coco_split)
-    return Path(common.RUNS_DIR) / f"base-{split}-{setting.backbone}" / "base_learner.pt"
-
-
-def base_file(setting, options):
-    """STAGE_FILES["base"]: --base-learner, else base_learner_path(setting) (train.py holds its folder as a run's)."""
-    return Path(options.get("base_learner") or base_learner_path(setting))
-
-
-def base_images(setting):
-    """What decides the base learner's training images, as its file records it (read_base_learner compares)."""
-    return {"dataset": setting.dataset, "fold": setting.fold, "coco_split": setting.coco_split,
-            "test_classes": list(setting.test_classes) if setting.test_classes else None}
+PPM_BINS = (1, 2, 3, 6)  # PSPNet pyramid pooling bins (BAM model/PSPNet.py: bins=(1, 2, 3, 6))
+PSP_HIDDEN = 512  # width of PSPNet's classifier (BAM model/PSPNet.py: cls, fea_dim*2 -> 512)
+PSP_DROPOUT = 0.1  # PSPNet cls Dropout2d (BAM model/PSPNet.py)
+GRAM_EPS = 1e-7  # BAM get_gram_matrix denominator (model/BAM.py)
 
 
 class BaseLearner(nn.Module):
@@ -458,146 +355,6 @@ class BAMEnsemble(nn.Module):
             bg = self.gram_merge(torch.cat([p[:, :1], est_map], 1))  # (B, 1, h, w)
             fg = self.gram_merge(torch.cat([p[:, 1:], est_map], 1))
             return torch.cat([self.cls_merge(torch.cat([bg, base_map], 1)), fg], 1)  # (B, 2, h, w)
-
-
-class BaseClassImages(Dataset):
-    """Training images of the run's fold with the semantic labels of its base classes, for the base learner.
-
-    PASCAL / COCO / folder: every image of the training list (data.build_dataset's train files: VOC train U SBD
-    train_noval; COCO train2014; a folder's train.txt, else its images without a novel pixel), the pixels of
-    novel classes relabelled background, as BAM's BaseData (util/dataset.py, "Pre-Training") does: neither the
-    episodes' 2048-pixel rule nor their filter of images with novel pixels applies here. data.train_transform
-    at BAM's base scale range 0.5-2.0, cropped to setting.img_size. Synthetic: data.render_synthetic with one base
-    class (1-3 objects) and base-class distractors, `length` images. Item (epoch, index) ->
-    img (3,H,W) normalised, label (H,W) int64 channel ids (0 background, i = classes[i-1], 255 ignore; a class
-    of no channel -> 0); every random draw comes from a numpy Generator seeded with (seed, epoch, index).
-    Note: data.train_transform's crop keeps the pixels labelled 1, here base channel 1 (for episodes, the
-    episode class): a harmless bias of the crop position.
-    """
-
-    def __init__(self, setting, seed=0, length=None):
-        self.classes = base_classes(setting)
-        self.dataset, self.img_size, self.seed = setting.dataset, setting.img_size, seed
-        self.episodes = data.build_dataset(setting.dataset, "train", setting.fold, img_size=setting.img_size,
-                                           root=setting.data_root, seed=seed, coco_split=setting.coco_split,
-                                           train_length=length, test_classes=setting.test_classes)
-        self.names = sorted(self.episodes.files) if setting.dataset != "synthetic" else None  # the whole training list
-        self.length = len(self.episodes) if setting.dataset == "synthetic" else len(self.names)
-        self.lut = torch.zeros(256, dtype=torch.long)  # dataset class id -> channel id
-        self.lut[self.classes] = torch.arange(1, len(self.classes) + 1)
-        self.lut[common.IGNORE_INDEX] = common.IGNORE_INDEX
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, key):
-        epoch, index = key
-        rng = np.random.default_rng((self.seed, epoch, index))
-        if self.dataset == "synthetic":
-            class_id = self.classes[rng.integers(len(self.classes))]
-            others = np.array([c for c in self.classes if c != class_id])
-            img, label = data.render_synthetic(rng, class_id, others, self.img_size)  # (3,H,W) in [0,1], (H,W)
-            mean, std = torch.tensor(data.MEAN).view(3, 1, 1), torch.tensor(data.STD).view(3, 1, 1)
-            return (img - mean) / std, self.lut[label]
-        image_path, label_path = self.episodes.files[self.names[index]]
-        img, label = data.load_image(image_path), self.lut[data.load_mask(label_path)]  # (3,H0,W0), (H0,W0)
-        return data.train_transform(img, label, rng, self.img_size, BASE_SCALE_RANGE)
-
-
-def train_base_learner(setting, schedule, options):
-    """The stage `base`: BaseLearner on the frozen backbone, trained on the fold's base classes.
-
-    python train.py --model symnet --stage base --fold K [--dataset D --data-root R]
-    setting (common.Setting): the dataset, fold (or test classes), COCO split, crop size, backbone and its weights.
-    schedule (common.Schedule): epochs, batch size, lr, train_length (synthetic), workers, seed, log_every, bf16;
-    train.py fills it from STAGE_DEFAULTS["base"] (BAM's base recipe) where no flag is given. options: Sym-Net's
-    flags, options["base_learner"] the file to write (None: base_learner_path(setting)).
-    SGD (momentum 0.9, weight decay 1e-4) with the poly schedule per iteration, as BAM's train_base.py, on the
-    head only (BAM also fine-tunes the backbone at a tenth of the rate; ours stays frozen and shared). The last
-    epoch's weights are kept, as the harness does for every model: BAM validates every epoch on the test images
-    (base-class labels), keeps the best and stops after 75 epochs without improvement. One process. Writes
-    base_file(setting, options) after every epoch: {model, optimizer, epoch, epochs, recipe, classes, backbone,
-    images} (with random backbone weights also backbone_buffers, the BatchNorm statistics estimated here, which the
-    meta learner's backbone, the same random weights by the same seed, then takes instead of estimating its own),
-    and its log NAME_metrics.jsonl beside it; schedule.resume continues the file with the recipe it was made with.
-    Returns its path.
-    """
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        sys.exit("error: --stage base runs in one process: start it with python, not torchrun")
-    if schedule.batch_size < 2:  # the pyramid's 1x1 bin leaves BatchNorm one value per channel
-        sys.exit(f"error: --stage base needs --batch-size >= 2 (BAM uses 12), got {schedule.batch_size}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    path = base_file(setting, options)
-    log_file = path.with_name(f"{path.stem}_metrics.jsonl")
-    recipe = {"lr": schedule.lr, "batch_size": schedule.batch_size, "epochs": schedule.epochs,
-              "img_size": setting.img_size, "seed": schedule.seed, "train_length": schedule.train_length}
-    torch.manual_seed(schedule.seed)  # before the backbone, as train.py: random weights equal the meta learner's
-    backbone = common.Backbone(setting.backbone, pretrained=setting.pretrained).to(device)
-    try:
-        images = BaseClassImages(setting, schedule.seed, schedule.train_length)
-    except FileNotFoundError as err:  # a missing or incomplete data root: the message names the layout
-        sys.exit(f"error: {err}")
-    resumed = read_side_file(path, "a base learner (--stage base)", ("model", "optimizer", "epoch", "recipe")) if (
-        schedule.resume and path.is_file()) else None
-    if resumed is not None and resumed["recipe"] != recipe:
-        differ = ", ".join(f"{k} {resumed['recipe'].get(k)} (now {v})" for k, v in recipe.items()
-                           if resumed["recipe"].get(k) != v)
-        raise common.WeightsUnavailableError(f"--resume: {path} was made with {differ}: a resumed stage keeps its "
-                                             "recipe; drop the flags, or --overwrite to start it again")
-    if resumed is not None and "backbone_buffers" in resumed:  # the statistics it trained on, not new ones
-        backbone.load_state_dict(resumed["backbone_buffers"], strict=False)
-    elif backbone.needs_statistics:  # as train.py does for the meta learner's backbone
-        count = min(common.CALIBRATION_IMAGES, len(images))
-        backbone.calibrate(torch.stack([images[(0, i)][0] for i in range(count)]).to(device))
-    learner = BaseLearner(backbone.channels["layer4"], images.classes).to(device)
-    optimizer = common.sgd(learner.parameters(), schedule.lr, BASE_MOMENTUM, BASE_WEIGHT_DECAY)
-    start = 0
-    if resumed is not None:
-        learner.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        start = resumed["epoch"]
-        common.cut_log(log_file, start)
-    steps = len(images) // schedule.batch_size
-    if steps == 0:
-        sys.exit(f"error: {len(images)} base-class images do not fill one batch of {schedule.batch_size}")
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if schedule.bf16 and device.type == "cuda" else nullcontext()
-    print(f"[base] {len(images)} images of base classes {images.classes}, epochs {start + 1}..{schedule.epochs} of "
-          f"{steps} steps of {schedule.batch_size}, lr {schedule.lr}, {device} -> {path}", flush=True)
-
-    def batches(epoch):
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(schedule.seed * 100003 + epoch))
-        keys = [(epoch, i) for i in order[:steps * schedule.batch_size].tolist()]
-        torch.manual_seed(schedule.seed * 100003 + epoch * 101)  # dropout: the same, resumed or not
-        learner.train()
-        return DataLoader(images, batch_size=schedule.batch_size, sampler=keys, num_workers=schedule.workers,
-                          pin_memory=device.type == "cuda")
-
-    def step(batch):
-        img, label = (x.to(device, non_blocking=True) for x in batch)  # (B,3,H,W), (B,H,W)
-        with amp:
-            logits = learner(backbone(img)["layer4"])  # (B, 1+n, h, w)
-            loss = common.seg_loss(logits, label)
-        valid = label != common.IGNORE_INDEX
-        scores = F.interpolate(logits.detach().float(), label.shape[-2:], mode="bilinear", align_corners=True)
-        hits = (scores.argmax(1) == label) & valid  # (B, H, W)
-        return loss, {"pixel_accuracy": hits.sum() / valid.sum().clamp(min=1)}
-
-    def end_epoch(epoch):
-        common.check_finite(learner)
-        state = {"model": learner.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                 "epochs": schedule.epochs, "recipe": recipe, "classes": images.classes, "backbone": setting.backbone,
-                 "images": base_images(setting)}
-        if not backbone.pretrained:  # the meta learner's random backbone must give the features this head learned on
-            state["backbone_buffers"] = dict(backbone.named_buffers())
-        common.save_atomic(state, path)
-
-    total = schedule.epochs * steps
-    common.fit(step, optimizer, batches, lambda it: schedule.lr * (1 - it / total) ** BASE_POLY_POWER,
-               schedule.epochs, steps, start_epoch=start, log_every=schedule.log_every, per_step=schedule.batch_size,
-               unit="images", tag="[base] ", log=partial(print, flush=True), log_file=log_file, event="base",
-               end_epoch=end_epoch)
-    print(f"[base] wrote {path}", flush=True)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -719,8 +476,57 @@ class SymNet(nn.Module):
         return sum(terms.values()), terms
 
 
+Model = SymNet
+
+
+def build(cfg, setting):
+    """Sym-Net for a run (train.construct): reads the word vectors (cfg.word_vectors) and the base learner
+    (read_base_learner), records the base learner's classes in the model's Config (cfg.base_classes; None
+    without one) and hands both to SymNet. A named file that does not exist, or that does not fit the run:
+    WeightsUnavailableError, before anything is built. With setting.from_checkpoint no file is read: the checkpoint
+    holds the word vectors and the base learner, and its Config says whether it has one."""
+    text = base_state = None
+    if not setting.from_checkpoint:
+        named = {"--word-vectors": cfg.word_vectors, "--base-learner": cfg.base_learner}
+        missing = [f"{flag} {path}" for flag, path in named.items() if path and not Path(path).is_file()]
+        if missing:
+            raise common.WeightsUnavailableError(f"no such file: {', '.join(missing)}")
+        if cfg.word_vectors:
+            text = load_word_vectors(cfg.word_vectors, setting.dataset, root=setting.data_root)
+        base_state = read_base_learner(cfg, setting)
+        cfg = dataclasses.replace(cfg, base_classes=None if base_state is None else tuple(base_state["classes"]))
+        if not cfg.word_vectors:  # (a checkpoint's text rows come with its weights, zero or not)
+            warnings.warn("Sym-Net without --word-vectors: APA's text branch is off (Table 5, 'Support & Query')")
+    return SymNet(cfg, setting, text, base_state)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# The side files (word vectors, base learner): read in one place, build
+# The side files, read in one place: the word vectors and the base learner
+
+
+def read_side_file(path, what, keys):
+    """A side file as a dict holding `keys` (common.read_torch_file); a file that is not one:
+    WeightsUnavailableError naming it and `what` it should be."""
+    state = common.read_torch_file(path, f"{path} as {what}")
+    missing = [] if isinstance(state, dict) else ["a dict"]
+    missing += [key for key in keys if isinstance(state, dict) and key not in state]
+    if missing:
+        raise common.WeightsUnavailableError(f"{path} is not {what}: it lacks {', '.join(missing)}")
+    return state
+
+
+def load_word_vectors(path, dataset, dim=TEXT_DIM, root=None):
+    """Rows for the class ids of `dataset` (a folder dataset's: of its `root`) from a build_word_vectors file
+    -> (num_classes+1, dim), row 0 zero. A file without some of the classes: WeightsUnavailableError."""
+    vectors = read_side_file(path, "word vectors (symnet.build_word_vectors)", ())
+    names = data.class_names(dataset, root)
+    missing = [name for name in names.values() if name not in vectors]
+    if missing:
+        raise common.WeightsUnavailableError(f"the word vectors {path} lack the {dataset} classes {missing}")
+    table = torch.zeros(len(names) + 1, dim)
+    for c, name in names.items():
+        table[c] = vectors[name]
+    return table
 
 
 def read_base_learner(cfg, setting):
@@ -757,27 +563,227 @@ def read_base_learner(cfg, setting):
     return state
 
 
-def build(cfg, setting):
-    """Sym-Net for a run (train.construct): reads the word vectors (cfg.word_vectors) and the base learner
-    (read_base_learner), records the base learner's classes in the model's Config (cfg.base_classes; None
-    without one) and hands both to SymNet. A named file that does not exist, or that does not fit the run:
-    WeightsUnavailableError, before anything is built. With setting.from_checkpoint no file is read: the checkpoint
-    holds the word vectors and the base learner, and its Config says whether it has one."""
-    text = base_state = None
-    if not setting.from_checkpoint:
-        named = {"--word-vectors": cfg.word_vectors, "--base-learner": cfg.base_learner}
-        missing = [f"{flag} {path}" for flag, path in named.items() if path and not Path(path).is_file()]
-        if missing:
-            raise common.WeightsUnavailableError(f"no such file: {', '.join(missing)}")
-        if cfg.word_vectors:
-            text = load_word_vectors(cfg.word_vectors, setting.dataset, root=setting.data_root)
-        base_state = read_base_learner(cfg, setting)
-        cfg = dataclasses.replace(cfg, base_classes=None if base_state is None else tuple(base_state["classes"]))
-        if not cfg.word_vectors:  # (a checkpoint's text rows come with its weights, zero or not)
-            warnings.warn("Sym-Net without --word-vectors: APA's text branch is off (Table 5, 'Support & Query')")
-    return SymNet(cfg, setting, text, base_state)
+def base_classes(setting):
+    """Base (training) class ids of the run's fold, in the base learner's channel order 1..n (channel 0:
+    background). A folder dataset's come from its root, with setting.test_classes in place of the fold when given."""
+    count, _, novel = data.dataset_classes(setting.dataset, setting.fold, setting.data_root, setting.test_classes,
+                                           setting.coco_split)
+    return [c for c in range(1, count + 1) if c not in novel]
 
 
-Model = SymNet
+def base_learner_path(setting):
+    """Where --stage base writes the base learner and where Sym-Net looks for it by default: one file for each
+    split (COCO's two included) and backbone."""
+    split = data.split_name(setting.dataset, setting.fold, setting.data_root, setting.test_classes, setting.coco_split)
+    return Path(common.RUNS_DIR) / f"base-{split}-{setting.backbone}" / "base_learner.pt"
+
+
+def base_images(setting):
+    """What decides the base learner's training images, as its file records it (read_base_learner compares)."""
+    return {"dataset": setting.dataset, "fold": setting.fold, "coco_split": setting.coco_split,
+            "test_classes": list(setting.test_classes) if setting.test_classes else None}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Made once before training: the word vectors (build_word_vectors) and the base learner (--stage base)
+
+
+# VOC's compound class names -> the words of MIANet's embeddings/pascal.txt (SN ships MIANet's vectors)
+WORD2VEC_ALIASES = {"diningtable": "table", "pottedplant": "potted plant", "tvmonitor": "tv"}
+
+
+def read_word2vec(path, words):
+    """{word: float32 vector} for the `words` present in a word2vec C binary (header "COUNT DIM\\n", then per
+    entry the word, a space, DIM little-endian float32, and an optional newline), read with numpy alone."""
+    wanted, found = {w.encode(): w for w in words}, {}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        end = mm.find(b"\n")
+        count, dim = map(int, mm[:end].split())
+        pos = end + 1
+        for _ in range(count):
+            space = mm.find(b" ", pos)
+            word = mm[pos:space].lstrip(b"\n")
+            pos = space + 1 + 4 * dim
+            if word in wanted:
+                found[wanted[word]] = np.frombuffer(mm[space + 1:pos], dtype="<f4").copy()  # (dim,)
+    return found
+
+
+def build_word_vectors(word2vec_bin, out_path, names=None):
+    """Write {class name: unit-length vector} for the class names of PASCAL, COCO and synthetic (or `names`).
+    A name is looked up (after WORD2VEC_ALIASES) as its underscore-joined phrase, else as the mean of its
+    words; names with no word in the binary are left out, with a warning. Returns the dict."""
+    names = names or sorted({n for ds in ("pascal", "coco", "synthetic") for n in data.class_names(ds).values()})
+    keys = {name: WORD2VEC_ALIASES.get(name, name) for name in names}
+    words = {w for key in keys.values() for w in [key.replace(" ", "_"), *key.split()]}
+    found = read_word2vec(word2vec_bin, words)
+    vectors, missing = {}, []
+    for name, key in keys.items():
+        parts = [found[w] for w in key.split() if w in found]
+        vec = found.get(key.replace(" ", "_"), np.mean(parts, 0) if parts else None)
+        if vec is None:
+            missing.append(name)
+            continue
+        vectors[name] = torch.from_numpy(vec / np.linalg.norm(vec)).float()  # (300,)
+    if missing:
+        warnings.warn(f"no word of these class names is in {word2vec_bin}: {missing}")
+    torch.save(vectors, out_path)
+    return vectors
+
+
+BASE_SCALE_RANGE = (0.5, 2.0)  # BAM config/*_base.yaml scale_min / scale_max (episodic training: 0.9-1.1)
+BASE_MOMENTUM, BASE_WEIGHT_DECAY, BASE_POLY_POWER = 0.9, 1e-4, 0.9  # BAM config/*_base.yaml
+STAGE_DEFAULTS = {"base": {  # BAM config/*_base.yaml: batch 3 x 4 GPUs ("bs12 for 1GPU"), head lr 2.5e-4 x 10
+    "pascal": dict(lr=0.0025, batch_size=12, epochs=100, img_size=417),
+    "folder": dict(lr=0.0025, batch_size=12, epochs=100, img_size=417),  # PASCAL's
+    "coco": dict(lr=0.0025, batch_size=12, epochs=20, img_size=417),
+}}
+
+
+def train_base_learner(setting, schedule, options):
+    """The stage `base`: BaseLearner on the frozen backbone, trained on the fold's base classes.
+
+    python train.py --model symnet --stage base --fold K [--dataset D --data-root R]
+    setting (common.Setting): the dataset, fold (or test classes), COCO split, crop size, backbone and its weights.
+    schedule (common.Schedule): epochs, batch size, lr, train_length (synthetic), workers, seed, log_every, bf16;
+    train.py fills it from STAGE_DEFAULTS["base"] (BAM's base recipe) where no flag is given. options: Sym-Net's
+    flags, options["base_learner"] the file to write (None: base_learner_path(setting)).
+    SGD (momentum 0.9, weight decay 1e-4) with the poly schedule per iteration, as BAM's train_base.py, on the
+    head only (BAM also fine-tunes the backbone at a tenth of the rate; ours stays frozen and shared). The last
+    epoch's weights are kept, as the harness does for every model: BAM validates every epoch on the test images
+    (base-class labels), keeps the best and stops after 75 epochs without improvement. One process. Writes
+    base_file(setting, options) after every epoch: {model, optimizer, epoch, epochs, recipe, classes, backbone,
+    images} (with random backbone weights also backbone_buffers, the BatchNorm statistics estimated here, which the
+    meta learner's backbone, the same random weights by the same seed, then takes instead of estimating its own),
+    and its log NAME_metrics.jsonl beside it; schedule.resume continues the file with the recipe it was made with.
+    Returns its path.
+    """
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        sys.exit("error: --stage base runs in one process: start it with python, not torchrun")
+    if schedule.batch_size < 2:  # the pyramid's 1x1 bin leaves BatchNorm one value per channel
+        sys.exit(f"error: --stage base needs --batch-size >= 2 (BAM uses 12), got {schedule.batch_size}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    path = base_file(setting, options)
+    log_file = path.with_name(f"{path.stem}_metrics.jsonl")
+    recipe = {"lr": schedule.lr, "batch_size": schedule.batch_size, "epochs": schedule.epochs,
+              "img_size": setting.img_size, "seed": schedule.seed, "train_length": schedule.train_length}
+    torch.manual_seed(schedule.seed)  # before the backbone, as train.py: random weights equal the meta learner's
+    backbone = common.Backbone(setting.backbone, pretrained=setting.pretrained).to(device)
+    try:
+        images = BaseClassImages(setting, schedule.seed, schedule.train_length)
+    except FileNotFoundError as err:  # a missing or incomplete data root: the message names the layout
+        sys.exit(f"error: {err}")
+    resumed = read_side_file(path, "a base learner (--stage base)", ("model", "optimizer", "epoch", "recipe")) if (
+        schedule.resume and path.is_file()) else None
+    if resumed is not None and resumed["recipe"] != recipe:
+        differ = ", ".join(f"{k} {resumed['recipe'].get(k)} (now {v})" for k, v in recipe.items()
+                           if resumed["recipe"].get(k) != v)
+        raise common.WeightsUnavailableError(f"--resume: {path} was made with {differ}: a resumed stage keeps its "
+                                             "recipe; drop the flags, or --overwrite to start it again")
+    if resumed is not None and "backbone_buffers" in resumed:  # the statistics it trained on, not new ones
+        backbone.load_state_dict(resumed["backbone_buffers"], strict=False)
+    elif backbone.needs_statistics:  # as train.py does for the meta learner's backbone
+        count = min(common.CALIBRATION_IMAGES, len(images))
+        backbone.calibrate(torch.stack([images[(0, i)][0] for i in range(count)]).to(device))
+    learner = BaseLearner(backbone.channels["layer4"], images.classes).to(device)
+    optimizer = common.sgd(learner.parameters(), schedule.lr, BASE_MOMENTUM, BASE_WEIGHT_DECAY)
+    start = 0
+    if resumed is not None:
+        learner.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        start = resumed["epoch"]
+        common.cut_log(log_file, start)
+    steps = len(images) // schedule.batch_size
+    if steps == 0:
+        sys.exit(f"error: {len(images)} base-class images do not fill one batch of {schedule.batch_size}")
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if schedule.bf16 and device.type == "cuda" else nullcontext()
+    print(f"[base] {len(images)} images of base classes {images.classes}, epochs {start + 1}..{schedule.epochs} of "
+          f"{steps} steps of {schedule.batch_size}, lr {schedule.lr}, {device} -> {path}", flush=True)
+
+    def batches(epoch):
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(schedule.seed * 100003 + epoch))
+        keys = [(epoch, i) for i in order[:steps * schedule.batch_size].tolist()]
+        torch.manual_seed(schedule.seed * 100003 + epoch * 101)  # dropout: the same, resumed or not
+        learner.train()
+        return DataLoader(images, batch_size=schedule.batch_size, sampler=keys, num_workers=schedule.workers,
+                          pin_memory=device.type == "cuda")
+
+    def step(batch):
+        img, label = (x.to(device, non_blocking=True) for x in batch)  # (B,3,H,W), (B,H,W)
+        with amp:
+            logits = learner(backbone(img)["layer4"])  # (B, 1+n, h, w)
+            loss = common.seg_loss(logits, label)
+        valid = label != common.IGNORE_INDEX
+        scores = F.interpolate(logits.detach().float(), label.shape[-2:], mode="bilinear", align_corners=True)
+        hits = (scores.argmax(1) == label) & valid  # (B, H, W)
+        return loss, {"pixel_accuracy": hits.sum() / valid.sum().clamp(min=1)}
+
+    def end_epoch(epoch):
+        common.check_finite(learner)
+        state = {"model": learner.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                 "epochs": schedule.epochs, "recipe": recipe, "classes": images.classes, "backbone": setting.backbone,
+                 "images": base_images(setting)}
+        if not backbone.pretrained:  # the meta learner's random backbone must give the features this head learned on
+            state["backbone_buffers"] = dict(backbone.named_buffers())
+        common.save_atomic(state, path)
+
+    total = schedule.epochs * steps
+    common.fit(step, optimizer, batches, lambda it: schedule.lr * (1 - it / total) ** BASE_POLY_POWER,
+               schedule.epochs, steps, start_epoch=start, log_every=schedule.log_every, per_step=schedule.batch_size,
+               unit="images", tag="[base] ", log=partial(print, flush=True), log_file=log_file, event="base",
+               end_epoch=end_epoch)
+    print(f"[base] wrote {path}", flush=True)
+    return path
+
+
+def base_file(setting, options):
+    """STAGE_FILES["base"]: --base-learner, else base_learner_path(setting) (train.py holds its folder as a run's)."""
+    return Path(options.get("base_learner") or base_learner_path(setting))
+
+
 STAGES = {"base": train_base_learner}
 STAGE_FILES = {"base": base_file}
+
+
+class BaseClassImages(Dataset):
+    """Training images of the run's fold with the semantic labels of its base classes, for the base learner.
+
+    PASCAL / COCO / folder: every image of the training list (data.build_dataset's train files: VOC train U SBD
+    train_noval; COCO train2014; a folder's train.txt, else its images without a novel pixel), the pixels of
+    novel classes relabelled background, as BAM's BaseData (util/dataset.py, "Pre-Training") does: neither the
+    episodes' 2048-pixel rule nor their filter of images with novel pixels applies here. data.train_transform
+    at BAM's base scale range 0.5-2.0, cropped to setting.img_size. Synthetic: data.render_synthetic with one base
+    class (1-3 objects) and base-class distractors, `length` images. Item (epoch, index) ->
+    img (3,H,W) normalised, label (H,W) int64 channel ids (0 background, i = classes[i-1], 255 ignore; a class
+    of no channel -> 0); every random draw comes from a numpy Generator seeded with (seed, epoch, index).
+    Note: data.train_transform's crop keeps the pixels labelled 1, here base channel 1 (for episodes, the
+    episode class): a harmless bias of the crop position.
+    """
+
+    def __init__(self, setting, seed=0, length=None):
+        self.classes = base_classes(setting)
+        self.dataset, self.img_size, self.seed = setting.dataset, setting.img_size, seed
+        self.episodes = data.build_dataset(setting.dataset, "train", setting.fold, img_size=setting.img_size,
+                                           root=setting.data_root, seed=seed, coco_split=setting.coco_split,
+                                           train_length=length, test_classes=setting.test_classes)
+        self.names = sorted(self.episodes.files) if setting.dataset != "synthetic" else None  # the whole training list
+        self.length = len(self.episodes) if setting.dataset == "synthetic" else len(self.names)
+        self.lut = torch.zeros(256, dtype=torch.long)  # dataset class id -> channel id
+        self.lut[self.classes] = torch.arange(1, len(self.classes) + 1)
+        self.lut[common.IGNORE_INDEX] = common.IGNORE_INDEX
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, key):
+        epoch, index = key
+        rng = np.random.default_rng((self.seed, epoch, index))
+        if self.dataset == "synthetic":
+            class_id = self.classes[rng.integers(len(self.classes))]
+            others = np.array([c for c in self.classes if c != class_id])
+            img, label = data.render_synthetic(rng, class_id, others, self.img_size)  # (3,H,W) in [0,1], (H,W)
+            mean, std = torch.tensor(data.MEAN).view(3, 1, 1), torch.tensor(data.STD).view(3, 1, 1)
+            return (img - mean) / std, self.lut[label]
+        image_path, label_path = self.episodes.files[self.names[index]]
+        img, label = data.load_image(image_path), self.lut[data.load_mask(label_path)]  # (3,H0,W0), (H0,W0)
+        return data.train_transform(img, label, rng, self.img_size, BASE_SCALE_RANGE)
