@@ -130,7 +130,7 @@ class Setting:
     data_root: str = None
     test_classes: tuple = None  # a folder dataset's novel ids in place of the fold
     shot: int = 1
-    img_size: int = 473  # train crop and test canvas
+    img_size: int = None  # train crop and test canvas: the run's recipe (a model's DEFAULTS, else train.py's)
     backbone: str = "resnet50"
     pretrained: object = True  # True: the backbone's ImageNet weights; False: random; a path: a weight file
     from_checkpoint: bool = False  # every weight comes from a checkpoint: no side file (stage output) is read

@@ -2706,6 +2706,35 @@ def test_bad_dataset_files_stop_the_run_with_one_message(tiny, tmp_path):
     assert proc.stderr.startswith("error: no data root given for pascal: pass --data-root DIR")
 
 
+def test_bad_files_of_the_training_and_the_test_list_come_in_one_message(tiny, tmp_path):
+    """Every listed file is decoded once before anything else (check_data), and the bad files of both lists are
+    named together: one round of fixing, not one per list."""
+    root = _write_pascal(tmp_path / "voc")
+    for name in ("a_voc", "v1"):  # a_voc is a training image, v1 a test image
+        jpeg = root / "JPEGImages" / f"{name}.jpg"
+        jpeg.write_bytes(jpeg.read_bytes()[:2000])
+    with pytest.raises(SystemExit) as err:
+        train.main(["--model", str(tiny), "--dataset", "pascal", "--data-root", str(root), "--img-size", "32",
+                    "--epochs", "1", "--workers", "0", "--out", str(tmp_path / "run")])
+    message = str(err.value.code)
+    assert "PASCAL train list" in message and "PASCAL test list" in message
+    assert str(root / "JPEGImages" / "a_voc.jpg") in message and str(root / "JPEGImages" / "v1.jpg") in message
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing ran
+
+
+def test_a_rewrite_that_fails_leaves_the_file_and_no_temporary(tmp_path, monkeypatch):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"event": "start"}\n{"event": "train", "epoch": 2}\n')
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(common.SaveError, match="is the disk full.*is left as it was"):
+        common.cut_log(log, 1)  # what --resume does to the log: its rewrite fails
+    assert log.read_text() == '{"event": "start"}\n{"event": "train", "epoch": 2}\n' and not list(tmp_path.glob(".*"))
+
+
 # ---------------- resume keeps the recipe; logs, NaN, signals, locks and flags that lose nothing ----------
 
 def test_resume_takes_the_recipe_of_its_checkpoint_and_refuses_another(tiny, tmp_path, capsys):
@@ -2782,6 +2811,11 @@ def test_checkpoints_hold_plain_values_and_files_that_would_run_code_are_refused
         assert "cannot read checkpoint" in str(err.value.code) and "\n" not in str(err.value.code), argv
     with pytest.raises(SystemExit, match="holds a run already .*cannot be read"):  # a new run into its folder
         train.main(tiny_args(tiny, bad, *flags))
+    torch.save({"model": {}, "classes": [1], "backbone": Payload()}, tmp_path / "base.pt")  # a stage's file
+    with pytest.raises(common.WeightsUnavailableError, match="cannot read"):
+        symnet.read_base_learner(symnet.Config(base_learner=str(tmp_path / "base.pt")), common.Setting())
+    with pytest.raises(common.WeightsUnavailableError, match="cannot read"):
+        qgnet.read_stage1_file(tmp_path / "base.pt")
     assert not marker.exists()
 
 
