@@ -2620,18 +2620,8 @@ def test_an_unwritable_run_folder_is_refused_before_anything_runs(tiny, tmp_path
 
 def test_ctrl_c_prints_one_line_that_says_how_to_resume_and_exits_130(tiny, tmp_path):
     argv = tiny_args(tiny, tmp_path, "--epochs", "400", "--log-every", "1")
-    proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        for _ in range(600):  # until the first checkpoint is there
-            if (tmp_path / "last.pt").exists() or proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err[-2000:]
+    code, out, err = _stop_while_training(argv, signal.SIGINT, (tmp_path / "last.pt").exists)  # at a checkpoint
+    assert code == 130, err[-2000:]
     assert "Traceback" not in err and err.strip().count("\n") == 0
     assert err.strip() == (f"interrupted: {tmp_path / 'last.pt'} holds the last finished epoch; continue with: "
                            f"python train.py {' '.join(argv)} --resume")
@@ -2926,9 +2916,9 @@ def test_a_signal_during_a_checkpoint_write_waits_for_the_file_to_be_whole(tmp_p
         common.save_atomic({"w": object()}, tmp_path / "other.pt")
 
 
-def _stop_while_training(argv, sig, until):
-    """Run train.py with argv, send `sig` once until() is true, -> (returncode, stdout, stderr)."""
-    proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, stdout=subprocess.PIPE,
+def _stop_while_training(argv, sig, until, cwd=REPO):
+    """Run train.py with argv in cwd, send `sig` once until() is true, -> (returncode, stdout, stderr)."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *argv], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(1200):
@@ -2963,18 +2953,8 @@ def test_ctrl_c_inside_fold_all_names_the_fold_and_what_it_kept(tiny, tmp_path, 
     assert proc.returncode == 0, proc.stderr[-2000:]  # fold 0 is complete: --fold all takes it as it is
     argv = [*base, *(["--out", str(tmp_path / "all")] if with_out else []), "--fold", "all", "--epochs", "400",
             "--log-every", "1"]
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *argv], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        for _ in range(1200):  # until fold 1 has a checkpoint
-            if (tmp_path / folder(1) / "last.pt").exists() or proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    code, out, err = _stop_while_training(argv, signal.SIGINT, (tmp_path / folder(1) / "last.pt").exists, tmp_path)
+    assert code == 130 and "Traceback" not in err, err[-2000:]
     assert err.strip() == (f"interrupted in fold 1 of --fold all: {folder(1) / 'last.pt'} holds the last finished "
                            f"epoch; continue with: python train.py {' '.join(argv)}")
 
@@ -5176,10 +5156,10 @@ def test_symnet_vgg_is_refused_and_no_class_id_works(symnet_model):
     assert torch.isfinite(out["logits"]).all()
 
 
-def test_symnet_short_training_lowers_the_loss(tmp_path):
-    torch.manual_seed(0)
-    net = make_symnet(tmp_path)
-    img_q, img_s, m_s, m_q, class_ids = synthetic_episode(2, 1, SYMNET_SIZE, seed=4)
+def symnet_trains(net, episode, steps, lr, weight_decay=0.0, precision=contextlib.nullcontext):
+    """Sym-Net after `steps` SGD steps (momentum 0.9) on one episode (img_q, img_s, m_s, m_q, class_ids), each
+    under precision(): the loss in eval mode (fp32) before and after; every loss term and weight stays finite."""
+    img_q, img_s, m_s, m_q, class_ids = episode
     args = (img_q, img_s, m_s, class_ids)
 
     def eval_loss():
@@ -5188,14 +5168,23 @@ def test_symnet_short_training_lowers_the_loss(tmp_path):
             return net.loss(net(*args), m_q, m_s)[0].item()
 
     before = eval_loss()
-    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=lr, momentum=0.9,
+                                weight_decay=weight_decay)
     net.train()
-    for _ in range(6):
-        total, _ = net.loss(net(*args), m_q, m_s)
+    for _ in range(steps):
+        with precision():
+            total, terms = net.loss(net(*args), m_q, m_s)
+        assert all(math.isfinite(v.item()) for v in (total, *terms.values())), terms
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
-    after = eval_loss()
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    return before, eval_loss()
+
+
+def test_symnet_short_training_lowers_the_loss(tmp_path):
+    torch.manual_seed(0)
+    before, after = symnet_trains(make_symnet(tmp_path), synthetic_episode(2, 1, SYMNET_SIZE, seed=4), 6, 0.01)
     assert after < 0.9 * before, (before, after)
 
 
@@ -6051,28 +6040,9 @@ def test_symnet_short_bf16_training_stays_finite(tmp_path, word_vectors):
     # The synthetic recipe's optimiser (SGD, lr 0.05, momentum 0.9, weight decay 1e-4) for a few steps of 2-shot
     # episodes under bf16 autocast: every loss term and weight stays finite, and the loss (in float32) falls
     torch.manual_seed(0)
-    net = make_symnet(tmp_path, word_vectors=str(word_vectors))
-    img_q, img_s, m_s, m_q, class_ids = synthetic_episode(2, 2, SYMNET_SIZE, seed=7)
-    args = (img_q, img_s, m_s, class_ids)
-
-    def eval_loss():
-        net.eval()
-        with torch.no_grad():
-            return net.loss(net(*args), m_q, m_s)[0].item()
-
-    before = eval_loss()
-    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.05, momentum=0.9,
-                                weight_decay=1e-4)
-    net.train()
-    for _ in range(3):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            total, terms = net.loss(net(*args), m_q, m_s)
-        assert all(math.isfinite(v.item()) for v in (total, *terms.values())), terms
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-    assert all(torch.isfinite(p).all() for p in net.parameters())
-    after = eval_loss()
+    before, after = symnet_trains(make_symnet(tmp_path, word_vectors=str(word_vectors)),
+                                  synthetic_episode(2, 2, SYMNET_SIZE, seed=7), 3, 0.05, 1e-4,
+                                  lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     assert after < 0.9 * before, (before, after)
 
 
