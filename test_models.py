@@ -1,36 +1,38 @@
-"""The test suite: one section per file, in this order, each opening with a banner.
+"""The test suite: one class per file, in this order (`pytest test_models.py::TestData`, or `-k "TestTrain and
+resume"`), after one section of the fixtures and helpers they share.
 
-common.py  the IoU metrics, masked average pooling and PFENet's prior against hand-computed values; the FEM
-           against PFENet's order of operations; the loss (255 ignored, PFENet's upsampling); the frozen backbone
-           (BatchNorm in eval, output stride 8, calibrated statistics), PFENet's deep-stem ResNet and weight files
-           of either layout; the training loop fit (its schedule, means, logs and NaN stop, under DDP too).
-data.py    the folds; synthetic episodes; PASCAL and COCO on tiny trees: splits, filters, caches, bad files;
-           COCO's polygon (pycocotools' rule) and RLE decoding; image and mask alignment under augmentation, the
-           rotation and the blur against cv2's formulas, the test geometry; episodes that depend on no worker
-           count and each test seed's query order; box supports; the folder dataset and its error messages.
-train.py   the harness end to end with a tiny model file: training (the loss falling on the poly schedule),
-           scoring at the original size by hand, exact --resume, --select-best, --compile, the NaN stop, DDP;
-           the baseline, --stage, --vis, --predict, --bench (FLOPs by hand, host syncs), --bench-data; clear
-           messages for bad arguments; the recipes and the protocol's spread; run folders that lose no run,
-           --fold all; the folder dataset through the harness.
+TestCommon     common.py: the IoU metrics, masked average pooling and PFENet's prior against hand-computed values; the
+               FEM against PFENet's order of operations; the loss (255 ignored, PFENet's upsampling); the frozen
+               backbone (BatchNorm in eval, output stride 8, calibrated statistics), PFENet's deep-stem ResNet and
+               weight files of either layout; common.fit, the extra stages' loop (its schedule, means, logs and NaN stop,
+               under DDP too).
+TestData       data.py: the folds; synthetic episodes; PASCAL and COCO on tiny trees: splits, filters, caches, bad
+               files; COCO's polygon (pycocotools' rule) and RLE decoding; image and mask alignment under augmentation,
+               the rotation and the blur against cv2's formulas, the test geometry; episodes that depend on no worker
+               count and each test seed's query order; box supports; the folder dataset and its error messages.
+TestTrain      train.py: the harness end to end with a tiny model file: training (the loss falling on the poly
+               schedule), scoring at the original size by hand, exact --resume, --select-best, --compile, the NaN stop,
+               DDP; the baseline, --stage, --vis, --predict, --bench (FLOPs by hand, host syncs), --bench-data; clear
+               messages for bad arguments; the recipes and the protocol's spread; run folders that lose no run, --fold
+               all; the folder dataset through the harness.
 The models, in the order of the files, each: its shapes at 1 and 5 shots, finite losses with every term, gradients
 in every learnable parameter (none in a frozen backbone), empty masks without NaN, how its K shots combine, 255 as
 background, a short training, and its key equations against direct computations, with layers set to identity
 or scripted where that pins down which tensor feeds which equation:
-ocnet.py   GOMM (Eq. 3-5), multi-frequency pooling (Eq. 6), the CCM (Eq. 7-15), Sinkhorn's marginals and the
-           allocation target (both problems as one batch), the CAM and the general object mask, the loss terms
-           (Eq. 16); bf16, channels_last.
-qgnet.py   SLIC; InfoNCE (Eq. 1-3), the queues, the momentum encoder and shuffled BN; the stage-1 file; the prior
-           region map (Eq. 9-12), FEM's inputs and the loss; both stages through train.py.
-crcnet.py  the cross-reference, the local conditional module (Eq. 1-3; fp32 logits under bf16), the refinement
-           (equal to its plain concatenation), the loss (Eq. 4-5), the fine-tuning (§4.6) that restores every
-           weight, fusion, multi-scale inference, pairs and their masks.
-symnet.py  SPM, APA (Eq. 6-8), the prototypes (Eq. 4, 5, 7, 9), TDC's input, the co-triplet loss (Eq. 10-12),
-           the loss with BAM's ensemble; the word vectors and the base learner, their files and checkpoints.
-qpenet.py  PPG and DPE (Eq. 1-8) with a scripted Convs, GBC, the cross attention, FFA's inputs and keys
-           (Eq. 12-16), L_bm per image, the parameter counts.
-All five   a training step on PFENet's deep-stem ResNet, a training step that never waits for the device, and
-           torch.compile's training step equal to the eager one.
+TestOCNet      GOMM (Eq. 3-5), multi-frequency pooling (Eq. 6), the CCM (Eq. 7-15), Sinkhorn's marginals and the
+               allocation target (both problems as one batch), the CAM and the general object mask, the loss terms (Eq.
+               16); bf16, channels_last.
+TestQGNet      SLIC; InfoNCE (Eq. 1-3), the queues, the momentum encoder and shuffled BN; the stage-1 file; the prior
+               region map (Eq. 9-12), FEM's inputs and the loss; both stages through train.py.
+TestCRCNet     the cross-reference, the local conditional module (Eq. 1-3; fp32 logits under bf16), the refinement
+               (equal to its plain concatenation), the loss (Eq. 4-5), the fine-tuning (§4.6) that restores every
+               weight, fusion, multi-scale inference, pairs and their masks.
+TestSymNet     SPM, APA (Eq. 6-8), the prototypes (Eq. 4, 5, 7, 9), TDC's input, the co-triplet loss (Eq. 10-12), the
+               loss with BAM's ensemble; the word vectors and the base learner, their files and checkpoints.
+TestQPENet     PPG and DPE (Eq. 1-8) with a scripted Convs, GBC, the cross attention, FFA's inputs and keys (Eq. 12-16),
+               L_bm per image, the parameter counts.
+TestAllModels  a training step on PFENet's deep-stem ResNet, a training step that never waits for the device, and
+               torch.compile's training step equal to the eager one.
 
 Everything runs on the CPU with random backbone weights (pretrained=False) and data built here (the synthetic
 set, or tiny PASCAL/COCO/folder trees in a temp folder): no download, no dataset on disk.
@@ -81,6 +83,11 @@ from common import (FEM, IGNORE_INDEX, MAP_EPS, Backbone, IoUMeter, cosine_prior
                     masked_average_pooling, seg_loss)
 
 
+# ==========================================================================================================
+# Fixtures and helpers: the episodes, tiny datasets, model files and runs that the test classes below share
+# ==========================================================================================================
+
+
 # The episodes of the model tests, which several sections draw. Every builder returns forward's inputs in forward's
 # order, then the query's label: img_q, img_s, m_s, m_q.
 
@@ -111,17 +118,14 @@ def synthetic_episode(B, S, size, seed=0):
     return batch["img_q"], batch["img_s"], batch["m_s"], batch["m_q"], batch["class_id"]
 
 
-# ==========================================================================================================
-# common.py: the IoU metrics, pooling and the prior by hand; the FEM against PFENet's order of operations; the
-# loss; the frozen backbone, PFENet's deep-stem ResNet and weight files; the training loop fit
-# ==========================================================================================================
-
 # A 4x4 episode worked out by hand. Valid pixels (target != 255): 12.
 # background: I = 5, U = 9; foreground: I = 3, U = 7; the two pixels with pred 1 under target 255 count nowhere.
 PRED_4x4 = torch.tensor([[1, 1, 0, 0],
                          [1, 1, 0, 0],
                          [0, 0, 0, 0],
                          [1, 1, 1, 1]])
+
+
 TARGET_4x4 = torch.tensor([[1, 1, 1, 0],
                            [1, 0, 0, 0],
                            [0, 0, 255, 255],
@@ -133,348 +137,10 @@ def resnet50():
     return Backbone("resnet50", pretrained=False)
 
 
-# ---------------- metrics ---------------------------------------------------------------------------------
-
-def test_intersection_and_union_by_hand():
-    inter, union = intersection_and_union(PRED_4x4, TARGET_4x4)
-    assert inter.dtype == union.dtype == torch.float64
-    assert inter.tolist() == [[5.0, 3.0]] and union.tolist() == [[9.0, 7.0]]
-    # batched: the second episode is all background, predicted all foreground
-    pred = torch.stack([PRED_4x4, torch.ones(4, 4, dtype=torch.long)])
-    target = torch.stack([TARGET_4x4, torch.zeros(4, 4, dtype=torch.long)])
-    inter, union = intersection_and_union(pred, target)
-    assert inter.tolist() == [[5.0, 3.0], [0.0, 0.0]] and union.tolist() == [[9.0, 7.0], [16.0, 16.0]]
-
-
-def test_iou_meter_two_classes_by_hand():
-    meter = IoUMeter(num_classes=5)
-    assert math.isnan(meter.miou())
-    meter.update(PRED_4x4, TARGET_4x4, torch.tensor([3]))  # class 3: fg I 3, U 7; bg I 5, U 9
-    pred = torch.tensor([[[1, 0], [0, 0]], [[0, 0], [0, 0]]])
-    target = torch.tensor([[[1, 1], [0, 255]], [[0, 0], [0, 1]]])
-    meter.update(pred, target, torch.tensor([5, 3]))  # class 5: fg 1/2, bg 1/2; class 3: fg 0/1, bg 3/4
-    # class 3: 3 / 8, class 5: 1 / 2; FB: bg 9 / 15, fg 4 / 10
-    ious = meter.class_iou()
-    assert set(ious) == {3, 5}
-    assert ious[3] == pytest.approx(3 / 8) and ious[5] == pytest.approx(1 / 2)
-    assert meter.miou() == pytest.approx((3 / 8 + 1 / 2) / 2)
-    assert meter.fbiou() == pytest.approx((9 / 15 + 4 / 10) / 2)
-    assert meter.class_inter.dtype == torch.float64 and meter.class_count.tolist() == [0, 0, 0, 2, 0, 1]
-    assert meter.seen() == [3, 5] and meter.class_iou([3, 4, 5])[4] == 0  # the fold's class 4 had no episode
-    assert meter.miou([3, 4, 5]) == pytest.approx((3 / 8 + 0 + 1 / 2) / 3)  # PFENet divides by every fold class
-    # an episode whose target is all 255 adds nothing to any I or U, whatever the prediction
-    meter.update(torch.ones(1, 3, 3, dtype=torch.long), torch.full((1, 3, 3), IGNORE_INDEX), torch.tensor([5]))
-    assert meter.class_iou()[5] == pytest.approx(1 / 2)
-    assert meter.fbiou() == pytest.approx((9 / 15 + 4 / 10) / 2)
-
-
-def test_iou_meter_mean_probability_by_true_label():
-    meter = IoUMeter(num_classes=5)
-    assert all(math.isnan(p) for p in meter.mean_probability())
-    target = torch.tensor([[[1, 1], [0, 255]], [[0, 0], [0, 1]]])
-    prob = torch.tensor([[[0.4, 0.2], [0.1, 0.9]], [[0.0, 0.3], [0.2, 0.3]]])  # the 255 pixel's 0.9 counts nowhere
-    meter.update((prob > 0.5).long(), target, torch.tensor([5, 3]), prob)
-    bg, fg = meter.mean_probability()
-    assert bg == pytest.approx((0.1 + 0.0 + 0.3 + 0.2) / 4) and fg == pytest.approx((0.4 + 0.2 + 0.3) / 3)
-    assert meter.miou() == 0  # under 0.5 everywhere on the objects: 0 mIoU, though fg > bg on average
-    meter.update(PRED_4x4, TARGET_4x4, torch.tensor([3]))  # without prob: IoU counts, the means do not move
-    assert meter.mean_probability() == pytest.approx([bg, fg])
-
-
-def test_iou_meter_all_reduce_single_rank(tmp_path, monkeypatch):
-    meter = IoUMeter(num_classes=5)
-    meter.update(PRED_4x4, TARGET_4x4, torch.tensor([3]))
-    meter.all_reduce()  # not initialised: a no-op
-    before = meter.miou(), meter.fbiou()
-    reduced = []
-    real_all_reduce = dist.all_reduce
-
-    def spy(tensor, *args, **kwargs):
-        reduced.append(tensor)
-        return real_all_reduce(tensor, *args, **kwargs)
-
-    monkeypatch.setattr(dist, "all_reduce", spy)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    try:
-        meter.all_reduce()
-    finally:
-        dist.destroy_process_group()
-    state = [meter.class_inter, meter.class_union, meter.class_count, meter.inter, meter.union, meter.prob_sum,
-             meter.pixels]
-    assert len(reduced) == len(state) and all(any(t is r for r in reduced) for t in state)
-    assert (meter.miou(), meter.fbiou()) == before
-
-
-# ---------------- pooling and prior -----------------------------------------------------------------------
-
-def test_masked_average_pooling_direct():
-    torch.manual_seed(0)
-    f = torch.randn(2, 3, 4, 4)
-    m = (torch.rand(2, 1, 4, 4) > 0.5).float()
-    expected = torch.stack([torch.stack([(f[b, c] * m[b, 0]).sum() / (m[b, 0].sum() + MAP_EPS) for c in range(3)])
-                            for b in range(2)])
-    assert torch.allclose(masked_average_pooling(f, m), expected, atol=1e-6)
-    assert torch.allclose(masked_average_pooling(f, m[:, 0]), expected, atol=1e-6)  # (B,H,W) form
-    # 7x7 -> 4x4 bilinear with align_corners=True samples exactly the even rows and columns
-    m7 = torch.zeros(2, 1, 7, 7)
-    m7[:, :, ::2, ::2] = m
-    assert torch.allclose(masked_average_pooling(f, m7), expected, atol=1e-6)
-    zero = masked_average_pooling(f, torch.zeros(2, 4, 4))
-    assert torch.equal(zero, torch.zeros(2, 3))
-
-
-def test_cosine_prior_double_loop():
-    torch.manual_seed(0)
-    f_q, f_s = torch.rand(1, 3, 3, 3), torch.rand(1, 3, 3, 3)
-    m_small = torch.tensor([[1, 0, 1], [255, 1, 0], [0, 0, 1]])  # 255 counts as background
-    m_s = torch.zeros(1, 5, 5, dtype=torch.long)
-    m_s[0, ::2, ::2] = m_small  # 5x5 -> 3x3 bilinear, align_corners=True: exactly these pixels
-    m_s[0, 1::2, :] = 1  # the in-between pixels are never sampled
-    fg = (m_small == 1).float()
-    sim = torch.zeros(3, 3)
-    for i in range(9):
-        q = f_q[0, :, i // 3, i % 3]
-        best = -1.0
-        for j in range(9):
-            s = f_s[0, :, j // 3, j % 3] * fg[j // 3, j % 3]
-            best = max(best, (q @ s / (q.norm() * s.norm() + 1e-7)).item())
-        sim[i // 3, i % 3] = best
-    expected = (sim - sim.min()) / (sim.max() - sim.min() + 1e-7)
-    prior = cosine_prior(f_q, f_s, m_s)
-    assert prior.shape == (1, 1, 3, 3)
-    assert torch.allclose(prior[0, 0], expected, atol=1e-5)
-    assert prior.min() >= 0 and prior.max() <= 1
-
-
-def test_cosine_prior_shots_and_empty_mask():
-    torch.manual_seed(0)
-    f_q, f_s = torch.rand(2, 8, 6, 6), torch.rand(2, 5, 8, 6, 6)
-    m_s = (torch.rand(2, 5, 11, 11) > 0.5).long()
-    prior = cosine_prior(f_q, f_s, m_s)
-    one_shot = torch.stack([cosine_prior(f_q, f_s[:, k], m_s[:, k]) for k in range(5)])  # (5, B, 1, h, w)
-    assert prior.shape == (2, 1, 6, 6)
-    assert torch.allclose(prior, one_shot.mean(0), atol=1e-6)
-    empty = cosine_prior(f_q, f_s[:, 0], torch.zeros(2, 11, 11, dtype=torch.long))
-    assert torch.isfinite(empty).all() and torch.equal(empty, torch.zeros_like(empty))
-    # min-max per image, not over the batch: each image's prior spans [0, 1] on its own
-    one = cosine_prior(f_q * torch.tensor([1.0, 5.0])[:, None, None, None], f_s[:, 0], m_s[:, 0])
-    assert torch.allclose(one.amax((1, 2, 3)), torch.ones(2), atol=1e-5) and (one.amin((1, 2, 3)) == 0).all()
-    alone = torch.cat([cosine_prior(f_q[b:b + 1], f_s[b:b + 1, 0], m_s[b:b + 1, 0]) for b in range(2)])
-    assert torch.allclose(one, alone, atol=1e-6)  # and the batch items do not interact
-
-
 # ---------------- FEM -------------------------------------------------------------------------------------
 
 def _fem_inputs(in_dim, hw, extra_dim=1, batch=2):
     return torch.rand(batch, in_dim, hw, hw), torch.rand(batch, in_dim), torch.rand(batch, extra_dim, hw, hw)
-
-
-@pytest.mark.parametrize("hw, bins, sizes", [
-    (60, (1.0, 0.5, 0.25, 0.125), [60, 30, 15, 8]),  # PFENet PASCAL at 473
-    (60, (60, 30, 15, 8), [60, 30, 15, 8]),  # the same bins written as PFENet's absolute config
-    (81, (1.0, 0.5, 0.25, 0.125), [81, 40, 20, 10]),  # PFENet COCO at 641
-])
-def test_fem_shapes(hw, bins, sizes):
-    fem = FEM(in_dim=8, bins=bins)
-    logits, aux = fem(*_fem_inputs(8, hw))
-    assert logits.shape == (2, 2, hw, hw)
-    assert [tuple(a.shape) for a in aux] == [(2, 2, s, s) for s in sizes]
-
-
-def test_fem_structure_matches_pfenet():
-    d, e, n, k = 256, 1, 4, 2  # PFENet: reduce_dim 256, the prior, 4 bins, 2 classes -> 10,030,602 parameters
-    fem = FEM(in_dim=d, extra_dim=e, classes=k)
-    conv3 = 9 * d * d
-    expected = (n * (2 * d + e) * d  # init_merge
-                + (n - 1) * 2 * d * d  # alpha_conv
-                + n * 2 * conv3  # beta_conv
-                + n * (conv3 + d * k + k)  # inner_cls
-                + n * d * d + 2 * conv3  # res1, res2
-                + conv3 + d * k + k)  # cls
-    assert sum(p.numel() for p in fem.parameters()) == expected == 10_030_602
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fem.modules())
-    convs_with_bias = [m for m in fem.modules() if isinstance(m, nn.Conv2d) and m.bias is not None]
-    assert len(convs_with_bias) == n + 1 and all(m.kernel_size == (1, 1) and m.out_channels == k
-                                                 for m in convs_with_bias)
-    for head in [fem.cls, *fem.inner_cls]:  # 3x3, ReLU, Dropout2d(0.1), 1x1 (PFENet.py:101-106, 144-149)
-        assert [type(m) for m in head] == [nn.Conv2d, nn.ReLU, nn.Dropout2d, nn.Conv2d] and head[2].p == 0.1
-
-
-def test_fem_forward_follows_pfenet_order():
-    # PFENet.py:259-286 re-traced step by step with FEM's own layers (eval: dropout off)
-    torch.manual_seed(0)
-    fem = FEM(in_dim=8, bins=(12, 6, 3, 2)).eval()
-    f_q, proto, prior = _fem_inputs(8, 12)
-
-    def up(x, size):
-        return nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)
-
-    pyramid, outs = [], []
-    for idx, b in enumerate((12, 6, 3, 2)):
-        proto_bin = proto[:, :, None, None].expand(-1, -1, b, b)
-        merge = torch.cat([nn.AdaptiveAvgPool2d(b)(f_q), proto_bin, up(prior, b)], 1)
-        merge = fem.init_merge[idx](merge)
-        if idx >= 1:
-            merge = fem.alpha_conv[idx - 1](torch.cat([merge, up(pyramid[idx - 1], b)], 1)) + merge
-        merge = fem.beta_conv[idx](merge) + merge
-        outs.append(fem.inner_cls[idx](merge))
-        pyramid.append(up(merge, 12))
-    feat = fem.res1(torch.cat(pyramid, 1))
-    feat = fem.res2(feat) + feat
-    logits, aux = fem(f_q, proto, prior)
-    assert torch.allclose(logits, fem.cls(feat), atol=1e-6)
-    assert all(torch.allclose(a, o, atol=1e-6) for a, o in zip(aux, outs))
-
-
-def test_fem_gradients_reach_every_parameter_with_wide_extra():
-    torch.manual_seed(0)
-    fem = FEM(in_dim=8, extra_dim=3).eval()  # eval: no dropout zeroing
-    logits, aux = fem(*_fem_inputs(8, 16, extra_dim=3))
-    assert logits.shape == (2, 2, 16, 16) and len(aux) == 4
-    (logits.square().mean() + sum(a.square().mean() for a in aux)).backward()
-    for name, p in fem.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-
-
-# ---------------- loss ------------------------------------------------------------------------------------
-
-def test_seg_loss_ignores_255_by_hand():
-    ln3 = math.log(3)
-    logits = torch.tensor([[[0.0, ln3], [0.0, 100.0]],  # channel 0 (background)
-                           [[0.0, 0.0], [ln3, -100.0]]])[None]  # channel 1 (foreground)
-    m_q = torch.tensor([[[1, 0], [0, IGNORE_INDEX]]])
-    # CE: log 2 (equal logits), -log(3/4), -log(1/4); the 255 pixel (would be ~200 with label 1) is ignored
-    expected = (math.log(2) + math.log(4 / 3) + math.log(4)) / 3
-    assert seg_loss(logits, m_q).item() == pytest.approx(expected, rel=1e-5)
-
-
-def test_seg_loss_upsamples_and_survives_all_ignored():
-    logits = torch.zeros(1, 2, 2, 2)
-    logits[:, 1] = math.log(3)  # p(fg) = 3/4 everywhere, also after bilinear upsampling
-    m_q = torch.tensor([[[0, 1, 1, 255, 255]] * 5])  # (1, 5, 5): 5 background, 10 foreground, 10 ignored
-    expected = (5 * math.log(4) + 10 * math.log(4 / 3)) / 15
-    assert seg_loss(logits, m_q).item() == pytest.approx(expected, rel=1e-5)
-    # the upsampling is bilinear with align_corners=True (PFENet): 2x2 -> 3x3 puts the mean of the four in the
-    # centre and the corners unchanged; nearest or align_corners=False would not
-    corners = torch.zeros(1, 2, 2, 2)
-    corners[0, 1] = torch.tensor([[0.0, 4.0], [8.0, 12.0]])  # foreground logit; background 0
-    target = torch.full((1, 3, 3), IGNORE_INDEX)
-    target[0, 1, 1] = 1  # only the centre is labelled: the loss is -log sigmoid(6)
-    assert seg_loss(corners, target).item() == pytest.approx(F.softplus(torch.tensor(-6.0)).item(), rel=1e-4)
-    target[0, 1, 1], target[0, 0, 2] = IGNORE_INDEX, 0  # the top-right corner alone: -log(1 - sigmoid(4))
-    assert seg_loss(corners, target).item() == pytest.approx(F.softplus(torch.tensor(4.0)).item(), rel=1e-4)
-    logits.requires_grad_(True)
-    loss = seg_loss(logits, torch.full((1, 5, 5), IGNORE_INDEX))
-    loss.backward()
-    assert loss.item() == 0 and torch.isfinite(logits.grad).all()
-
-
-# ---------------- backbone --------------------------------------------------------------------------------
-
-def test_resnet50_output_stride_and_blocks(resnet50):
-    x = torch.randn(1, 3, 65, 65, requires_grad=True)
-    out = resnet50(x, blocks=True)
-    assert tuple(out["layer1"].shape) == (1, 256, 17, 17)
-    for name in ("layer2", "layer3", "layer4"):
-        assert tuple(out[name].shape) == (1, resnet50.channels[name], 9, 9)  # output stride 8
-        assert not out[name].requires_grad
-    assert resnet50.channels == {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
-    blocks = out["blocks"]
-    assert [b.shape[1] for b in blocks] == [512] * 4 + [1024] * 6 + [2048] * 3
-    assert blocks[3] is out["layer2"] and blocks[9] is out["layer3"] and blocks[-1] is out["layer4"]
-    assert torch.equal(resnet50(x)["layer4"], out["layer4"])
-    for name, d in (("layer3", 2), ("layer4", 4)):  # PFENet dilates every block, the first one too
-        assert all(b.conv2.dilation == (d, d) and b.conv2.stride == (1, 1) for b in resnet50.stages[name])
-
-
-def test_backbone_frozen_and_bn_stays_in_eval(resnet50):
-    assert not any(p.requires_grad for p in resnet50.parameters())
-    parent = nn.Sequential(resnet50).train()  # a model calling .train() must not wake the backbone's BN
-    bns = [m for m in resnet50.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert not resnet50.training and bns and not any(m.training for m in bns)
-    stats = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
-    parent(torch.randn(2, 3, 33, 33) * 5 + 3)
-    assert all(torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
-               for m, (mean, var) in zip(bns, stats))
-
-
-def test_random_backbone_calibration_sets_batchnorm_statistics():
-    torch.manual_seed(0)
-    net = Backbone("resnet50", pretrained=False)
-    images = torch.rand(6, 3, 41, 41) * 4 - 2
-    before = net(images)["layer4"].abs().mean().item()
-    net.calibrate(images, batch_size=3)
-    conv = net.stages["layer0"][0](images)  # (6,64,21,21): the stem's BatchNorm sees this, in two batches
-    mean = (conv[:3].mean((0, 2, 3)) + conv[3:].mean((0, 2, 3))) / 2
-    var = (conv[:3].var((0, 2, 3)) + conv[3:].var((0, 2, 3))) / 2  # unbiased per batch, as BatchNorm stores it
-    stem = net.stages["layer0"][1]
-    assert torch.allclose(stem.running_mean, mean, atol=1e-5) and torch.allclose(stem.running_var, var, rtol=1e-4)
-    after = net(images)["layer4"].abs().mean().item()
-    assert before > 4 and 0.1 < after < 2, (before, after)  # random BN statistics let activations grow with depth
-    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert not net.training and not any(m.training for m in bns) and all(m.momentum == 0.1 for m in bns)
-    assert not any(p.requires_grad for p in net.parameters())
-
-
-def test_backbone_episode_equals_separate_calls(resnet50):
-    g = torch.Generator().manual_seed(3)
-    img_q, img_s = torch.randn(2, 3, 33, 33, generator=g), torch.randn(2, 3, 3, 33, 33, generator=g)
-    feats_q, feats_s = resnet50.episode(img_q, img_s, blocks=True)
-    alone_q, alone_s = resnet50(img_q, blocks=True), resnet50(img_s.flatten(0, 1), blocks=True)
-    assert set(feats_q) == set(feats_s) == set(alone_q)
-    for name in ("layer1", "layer2", "layer3", "layer4"):
-        assert feats_q[name].shape[0] == 2 and feats_s[name].shape[0] == 6  # B and B*S
-        torch.testing.assert_close(feats_q[name], alone_q[name], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(feats_s[name], alone_s[name], rtol=1e-4, atol=1e-4)
-    assert len(feats_q["blocks"]) == len(feats_s["blocks"]) == 13
-    for q, s, a_q, a_s in zip(feats_q["blocks"], feats_s["blocks"], alone_q["blocks"], alone_s["blocks"]):
-        torch.testing.assert_close(q, a_q, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(s, a_s, rtol=1e-4, atol=1e-4)
-    # with the support masks: PFENet's support layer4, of the masked layer3 (PFENet.py:209-210); the rest as is
-    m_s = torch.zeros(2, 3, 33, 33, dtype=torch.long)
-    m_s[:, :, 5:20, 8:30], m_s[:, :, 0] = 1, IGNORE_INDEX
-    masked_q, masked_s = resnet50.episode(img_q, img_s, m_s=m_s)
-    m = F.interpolate((m_s.flatten(0, 1) == 1).float()[:, None], alone_s["layer3"].shape[-2:], mode="bilinear",
-                      align_corners=True)
-    torch.testing.assert_close(masked_s["layer4"], resnet50.stages["layer4"](alone_s["layer3"] * m), rtol=1e-4,
-                               atol=1e-4)
-    assert not torch.allclose(masked_s["layer4"], alone_s["layer4"], atol=1e-2)
-    for name in ("layer1", "layer2", "layer3", "layer4"):
-        torch.testing.assert_close(masked_q[name], alone_q[name], rtol=1e-4, atol=1e-4)  # the query: unmasked
-    torch.testing.assert_close(masked_s["layer3"], alone_s["layer3"], rtol=1e-4, atol=1e-4)
-
-
-def test_resnet101_has_30_blocks():
-    out = Backbone("resnet101", pretrained=False)(torch.randn(1, 3, 33, 33), blocks=True)
-    assert len(out["blocks"]) == 30 and out["blocks"][-1] is out["layer4"]
-
-
-def test_vgg16_bn_split():
-    vgg = Backbone("vgg16_bn", pretrained=False)
-    out = vgg(torch.randn(1, 3, 65, 65))
-    assert vgg.channels == {"layer1": 128, "layer2": 256, "layer3": 512, "layer4": 512}
-    assert tuple(out["layer1"].shape) == (1, 128, 17, 17)  # ceil-mode pooling as PFENet: 65 -> 33 -> 17
-    for name in ("layer2", "layer3", "layer4"):
-        assert tuple(out[name].shape) == (1, vgg.channels[name], 5, 5)  # layer2 (9x9) resized to layer3's 5x5
-    with pytest.raises(ValueError):
-        vgg(torch.randn(1, 3, 65, 65), blocks=True)
-
-
-def test_backbone_unknown_name():
-    with pytest.raises(ValueError, match="resnet50"):
-        Backbone("resnet18", pretrained=False)
-
-
-def test_backbone_download_failure_message(monkeypatch):
-    def offline(*args, **kwargs):
-        raise OSError("network is unreachable")
-
-    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
-    with pytest.raises(common.WeightsUnavailableError) as err:
-        Backbone("resnet50", pretrained=True)
-    message = str(err.value)
-    assert "--no-pretrained" in message and "network is unreachable" in message
-    assert "torchvision.models.resnet50(weights='IMAGENET1K_V1')" in message
 
 
 # ---------------- deep-stem ResNet (PFENet's) and weight files --------------------------------------------
@@ -560,234 +226,6 @@ def torchvision_net():
     torch.manual_seed(2)
     return randomise_batchnorm(torchvision.models.resnet50(), seed=3)
 
-
-def test_deep_stem_resnet_is_pfenets_network():
-    net = common.DeepStemResNet((3, 4, 6, 3))
-    keys = list(net.state_dict())
-    assert len(keys) == len(set(keys)) and set(keys) == set(pfenet_resnet_keys((3, 4, 6, 3)))
-    stem = [(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.bias)
-            for c in (net.conv1, net.conv2, net.conv3)]
-    assert stem == [(3, 64, (3, 3), (2, 2), (1, 1), None), (64, 64, (3, 3), (1, 1), (1, 1), None),
-                    (64, 128, (3, 3), (1, 1), (1, 1), None)]
-    assert (net.maxpool.kernel_size, net.maxpool.stride, net.maxpool.padding) == (3, 2, 1)
-    first = net.layer1[0]
-    assert first.conv1.in_channels == first.downsample[0].in_channels == 128 and first.conv3.out_channels == 256
-    block = net.layer2[0]  # the stride sits on the 3x3 conv2 (PFENet resnet.py:66-67) and the downsample conv
-    assert (block.conv1.stride, block.conv2.stride, block.downsample[0].stride) == ((1, 1), (2, 2), (2, 2))
-    assert block.downsample[0].kernel_size == (1, 1) and isinstance(block.downsample[1], nn.BatchNorm2d)
-    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert len(bns) == 3 + 3 * 16 + 4 and all((m.eps, m.momentum) == (1e-5, 0.1) for m in bns)
-    assert bottleneck_params(128, 64, True) == 8192 + 36864 + 16384 + 768 + 32768 + 512  # by hand
-    assert sum(p.numel() for p in net.parameters()) == pfenet_resnet_params((3, 4, 6, 3)) + 2048 * 1000 + 1000
-    assert pfenet_resnet_params((3, 4, 6, 3)) == 23_631_808  # torchvision's 7x7-stem ResNet-50: 23_508_032
-    logits = net.eval()(torch.randn(1, 3, 64, 64))  # its forward runs the deep stem, as PFENet's
-    assert logits.shape == (1, 1000)
-
-
-@pytest.mark.parametrize("name,layers,blocks", [("resnet50_deep", (3, 4, 6, 3), 13),
-                                                ("resnet101_deep", (3, 4, 23, 3), 30)])
-def test_deep_stem_backbone_shapes_dilation_and_size(deep50, name, layers, blocks):
-    net = deep50 if name == "resnet50_deep" else Backbone(name, pretrained=False)
-    x = torch.randn(1, 3, 41, 41)
-    assert tuple(net.stages["layer0"](x).shape) == (1, 128, 11, 11)  # 128 channels at stride 4: 41 -> 21 -> 11
-    out = net(x, blocks=True)
-    assert tuple(out["layer1"].shape) == (1, 256, 11, 11)
-    assert net.channels == {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
-    for stage in ("layer2", "layer3", "layer4"):
-        assert tuple(out[stage].shape) == (1, net.channels[stage], 6, 6)  # output stride 8
-    assert len(out["blocks"]) == blocks and out["blocks"][-1] is out["layer4"]
-    for stage, d in (("layer3", 2), ("layer4", 4)):  # every block dilated, the first one too; no stride left
-        assert all(b.conv2.dilation == (d, d) and b.conv2.padding == (d, d) and b.conv2.stride == (1, 1)
-                   for b in net.stages[stage])
-        assert net.stages[stage][0].downsample[0].stride == (1, 1)
-    assert sum(p.numel() for p in net.parameters()) == pfenet_resnet_params(layers)
-    assert not any(p.requires_grad for p in net.parameters()) and not net.training and net.head is None
-
-
-def test_deep_stem_backbone_mask_and_episode_as_torchvisions(deep50):
-    g = torch.Generator().manual_seed(5)
-    img_q, img_s = torch.randn(1, 3, 33, 33, generator=g), torch.randn(1, 2, 3, 33, 33, generator=g)
-    m_s = torch.zeros(1, 2, 33, 33, dtype=torch.long)
-    m_s[:, :, 5:25, 3:20], m_s[:, :, 0] = 1, IGNORE_INDEX
-    feats_q, feats_s = deep50.episode(img_q, img_s, blocks=True, m_s=m_s)
-    alone_s = deep50(img_s.flatten(0, 1))
-    m = F.interpolate((m_s.flatten(0, 1) == 1).float()[:, None], alone_s["layer3"].shape[-2:], mode="bilinear",
-                      align_corners=True)  # PFENet.py:209-210: the support's layer4 is of its masked layer3
-    torch.testing.assert_close(feats_s["layer4"], deep50.stages["layer4"](alone_s["layer3"] * m), rtol=1e-4,
-                               atol=1e-4)
-    torch.testing.assert_close(feats_s["layer3"], alone_s["layer3"], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(feats_q["layer4"], deep50(img_q)["layer4"], rtol=1e-4, atol=1e-4)
-    assert len(feats_q["blocks"]) == len(feats_s["blocks"]) == 13
-
-
-def test_pfenet_layout_weight_file_gives_the_nets_own_features(pfenet_file):
-    path, ref = pfenet_file
-    assert set(torch.load(path, weights_only=True)) == {k for k in pfenet_resnet_keys((3, 4, 6, 3))
-                                                          if not k.endswith("num_batches_tracked")}
-    net = Backbone("resnet50_deep", pretrained=path)
-    assert net.pretrained == path  # not random: train.py estimates no BatchNorm statistics for it
-    assert_backbone_holds(net, ref)
-    # the file's own net, dilated as PFENet dilates it after loading (PFENet.py:84-93), runs by hand
-    dilated = copy.deepcopy(ref)
-    for stage, d in (("layer3", 2), ("layer4", 4)):
-        for block in getattr(dilated, stage):
-            block.conv2.dilation, block.conv2.padding, block.conv2.stride = (d, d), (d, d), (1, 1)
-            if block.downsample is not None:
-                block.downsample[0].stride = (1, 1)
-    x = torch.randn(2, 3, 41, 41)
-    with torch.no_grad():
-        f = dilated.relu(dilated.bn1(dilated.conv1(x)))
-        f = dilated.relu(dilated.bn2(dilated.conv2(f)))
-        f = dilated.maxpool(dilated.relu(dilated.bn3(dilated.conv3(f))))
-        expected = {}
-        for stage in ("layer1", "layer2", "layer3", "layer4"):
-            f = expected[stage] = getattr(dilated, stage)(f)
-    feats = net(x)
-    for stage in expected:
-        torch.testing.assert_close(feats[stage], expected[stage])
-    assert feats["layer4"].shape[-2:] == (6, 6)  # output stride 8
-    # the file's classifier: kept, frozen, outside the module tree
-    assert torch.equal(net.head.weight, ref.fc.weight) and torch.equal(net.head.bias, ref.fc.bias)
-    assert not net.head.weight.requires_grad and not any(k.startswith("head") for k in net.state_dict())
-    assert sum(p.numel() for p in net.parameters()) == pfenet_resnet_params((3, 4, 6, 3))
-
-
-@pytest.mark.parametrize("wrap", ["plain, no fc", "state_dict, module.", "model"])
-def test_torchvision_layout_weight_file_loads_plain_or_wrapped(tmp_path, torchvision_net, wrap):
-    state = torchvision_net.state_dict()
-    if wrap == "plain, no fc":  # a features-only file: no classifier kept, nothing else missing
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    elif wrap == "state_dict, module.":  # a training checkpoint of a model in nn.DataParallel
-        state = {"state_dict": {"module." + k: v for k, v in state.items()}, "epoch": 3, "best_miou": 0.5}
-    else:
-        state = {"model": state, "optimizer": {"state": {}, "param_groups": []}}
-    path = tmp_path / "weights.pth"
-    torch.save(state, path)
-    net = Backbone("resnet50", pretrained=path)
-    assert_backbone_holds(net, torchvision_net)
-    if wrap == "plain, no fc":
-        assert net.head is None
-    else:
-        assert torch.equal(net.head.weight, torchvision_net.fc.weight)
-        assert torch.equal(net.head.bias, torchvision_net.fc.bias)
-
-
-@pytest.mark.parametrize("fault", ["missing", "unexpected", "mis-shaped"])
-def test_weight_file_that_does_not_fit_names_the_key(tmp_path, torchvision_net, fault):
-    state = torchvision_net.state_dict()
-    if fault == "missing":
-        key, shown = "layer2.1.bn2.running_var", "layer2.1.bn2.running_var"
-        del state[key]
-    elif fault == "unexpected":
-        key, shown = "layer5.0.conv1.weight", "layer5.0.conv1.weight"
-        state[key] = torch.zeros(3)
-    else:
-        key, shown = "layer4.0.conv1.weight", "layer4.0.conv1.weight (512, 1024, 3, 3) instead of (512, 1024, 1, 1)"
-        state[key] = torch.zeros(512, 1024, 3, 3)
-    path = tmp_path / "broken.pth"
-    torch.save(state, path)
-    with pytest.raises(common.WeightsFileError) as err:
-        Backbone("resnet50", pretrained=path)
-    message = str(err.value)
-    assert isinstance(err.value, common.WeightsUnavailableError)  # train.py prints it as one error line
-    assert f"1 {fault} key ({shown})" in message and str(path) in message and "\n" not in message
-
-
-def test_weight_file_of_the_other_stem_names_its_keys_and_the_backbone(tmp_path, pfenet_file, torchvision_net):
-    pfenet_path, _ = pfenet_file
-    with pytest.raises(common.WeightsFileError) as err:
-        Backbone("resnet50", pretrained=pfenet_path)
-    message = str(err.value)
-    # conv2, conv3 and their BatchNorms (5 tensors each, num_batches_tracked absent in this file: 4)
-    assert "10 unexpected keys (conv2.weight, bn2.weight, bn2.bias, ...)" in message
-    assert "3 mis-shaped keys (conv1.weight (64, 3, 3, 3) instead of (64, 3, 7, 7), layer1.0.conv1.weight" in message
-    assert "--backbone resnet50_deep" in message and "missing" not in message
-    path = tmp_path / "resnet50-torchvision.pth"
-    torch.save(torchvision_net.state_dict(), path)
-    with pytest.raises(common.WeightsFileError, match=r"10 missing keys \(conv2.weight, .*--backbone resnet50$"):
-        Backbone("resnet50_deep", pretrained=path)
-    with pytest.raises(common.WeightsFileError, match="does not exist"):
-        Backbone("resnet50", pretrained=tmp_path / "absent.pth")
-    torch.save([1, 2, 3], tmp_path / "list.pth")
-    with pytest.raises(common.WeightsFileError, match="holds no state dict"):
-        Backbone("resnet50", pretrained=tmp_path / "list.pth")
-    (tmp_path / "text.pth").write_text("not a torch file")
-    with pytest.raises(common.WeightsFileError, match="cannot read the weight file"):
-        Backbone("resnet50", pretrained=str(tmp_path / "text.pth"))
-
-
-def test_deep_stem_without_a_weight_file_says_where_pfenets_are(monkeypatch):
-    def offline(*args, **kwargs):
-        raise AssertionError("no download may be tried: torchvision has no such weights")
-
-    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
-    for name, file in (("resnet50_deep", "resnet50_v2.pth"), ("resnet101_deep", "resnet101_v2.pth")):
-        with pytest.raises(common.WeightsUnavailableError) as err:
-            Backbone(name, pretrained=True)
-        message = str(err.value)
-        assert "torchvision does not ship" in message and file in message and "initmodel" in message
-        assert "https://drive.google.com/drive/folders/1Hrz1wOxOZm4nIIS7UMJeL79AQrdvpj6v" in message  # PFENet README
-        assert "--backbone-weights PATH" in message and "--no-pretrained" in message
-    with pytest.raises(common.WeightsUnavailableError, match="torchvision does not ship"):
-        ocnet.ImageNetCAM("resnet50_deep", pretrained=True)  # the classifier alone is never silently random
-
-
-# ---------------- the training loop (fit) -----------------------------------------------------------------
-
-def test_fit_schedules_averages_logs_and_stops_on_a_nonfinite_loss(tmp_path):
-    """common.fit, the loop of train.py and of the stages, on loss = w^2 with plain SGD (w <- w - lr * 2w)."""
-    w = nn.Parameter(torch.tensor(2.0))
-    optimizer = common.sgd([w], 0.0, 0.0, 0.0)
-    lrs, lines, ends, log_file = [], [], [], tmp_path / "log.jsonl"
-
-    def step(x):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        loss = (w * x) ** 2
-        return loss, {"double": 2 * loss}
-
-    common.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)] * 3, lambda it: 0.1 / (it + 1), 2, 3,
-               log_every=2, per_step=4, unit="images", tag="[t] ", log=lines.append, log_file=log_file,
-               event="t", end_epoch=ends.append)
-    assert lrs == pytest.approx([0.1 / (it + 1) for it in range(6)]) and ends == [0, 1]
-    records = [json.loads(line) for line in log_file.read_text().splitlines()]
-    assert [(r["event"], r["epoch"], r["step"]) for r in records] == [("t", 1, 2), ("t", 1, 3), ("t", 2, 2),
-                                                                       ("t", 2, 3)]
-    # steps 1 and 2: w = 2, then 2 - 0.1 * 4 = 1.6; the mean loss of the interval is (4 + 2.56) / 2
-    assert records[0]["loss"] == pytest.approx(3.28) and records[0]["double"] == pytest.approx(6.56)
-    assert records[1]["loss"] == pytest.approx((1.6 - 0.05 * 3.2) ** 2)  # step 3 alone: w = 1.44
-    assert lines[0].startswith("[t] epoch 1/2 step 2/3 loss 3.2800 (double 6.5600) lr 5.00e-02 ")
-    assert "images/s ETA 0:00:" in lines[0] and "images_per_s" in records[0]
-    with pytest.raises(common.NonFiniteLossError, match="became nan in epoch 1 at step 2"):
-        common.fit(lambda x: (w * float("nan"), {}), optimizer, lambda epoch: [0] * 3, lambda it: 0.1, 1, 3,
-                   log_every=2, log=lines.append)
-
-
-def test_fit_under_ddp_logs_and_stops_on_the_mean_over_ranks(monkeypatch):
-    # another rank's loss went NaN: this rank's own is finite, and it must stop too (or it waits forever)
-    other_rank = {"loss": float("nan")}
-
-    def all_reduce(t, op=None):  # a 2-process SUM in which the other rank holds other_rank's mean loss
-        if op == dist.ReduceOp.MAX:  # common.update's skip flag: the other rank's is 0 (its loss is finite)
-            return
-        t += torch.tensor([other_rank["loss"], 0.0])
-
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(dist, "all_reduce", all_reduce)
-    w = nn.Parameter(torch.tensor(1.0))
-    optimizer, lines = common.sgd([w], 0.0, 0.0, 0.0), []
-    step = (lambda x: ((w * x) ** 2, {"zero": torch.tensor(0.0)}))
-    with pytest.raises(common.NonFiniteLossError, match="became nan in epoch 1 at step 1"):
-        common.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)], lambda it: 0.0, 1, 1, log=lines.append)
-    other_rank["loss"] = 3.0
-    common.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)], lambda it: 0.0, 1, 1, log=lines.append)
-    assert lines[-1].startswith("epoch 1/1 step 1/1 loss 2.0000")  # (1 + 3) / 2: the mean over the ranks
-
-
-# ==========================================================================================================
-# data.py: folds, synthetic episodes, PASCAL and COCO on tiny trees (splits, filters, caches, bad files), COCO's
-# polygons and RLE, augmentation and geometry, each test seed's order, box supports, the folder dataset
-# ==========================================================================================================
 
 # ---------------- helpers: tiny datasets written in a temp folder -----------------------------------------
 
@@ -896,239 +334,10 @@ def _assert_episode(ep, shot, size, test):
     assert ("m_q_orig" in ep) == test and ("index" in ep) == test
 
 
-# ---------------- folds -----------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("dataset,split,n", [("pascal", "interleaved", 20), ("synthetic", "interleaved", 20),
-                                             ("coco", "interleaved", 80), ("coco", "contiguous", 80)])
-def test_fold_classes_partition(dataset, split, n):
-    folds = [data.fold_classes(dataset, f, split) for f in range(4)]
-    assert sorted(c for fold in folds for c in fold) == list(range(1, n + 1))  # disjoint and complete
-    for f, test in enumerate(folds):
-        base = [c for c in range(1, n + 1) if c not in test]
-        assert len(test) == n // 4 and not set(base) & set(test)
-        if dataset == "synthetic":
-            ds = data.build_dataset(dataset, "train", f, img_size=32)
-            assert ds.classes == base and data.build_dataset(dataset, "test", f, img_size=32).classes == test
-
-
-def test_fold_classes_values():
-    assert data.fold_classes("pascal", 2) == [11, 12, 13, 14, 15]
-    assert data.fold_classes("coco", 0) == list(range(1, 78, 4))
-    assert data.fold_classes("coco", 3)[:3] == [4, 8, 12]
-    assert data.fold_classes("coco", 1, "contiguous") == list(range(21, 41))
-    with pytest.raises(ValueError):
-        data.fold_classes("pascal", 4)
-
-
-# ---------------- synthetic -------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("shot,size", [(1, 64), (5, 64), (1, 96), (5, 96)])
-def test_synthetic_episode_shapes_and_determinism(shot, size):
-    ds = data.build_dataset("synthetic", "test", 1, shot=shot, img_size=size, episodes=10)
-    assert len(ds) == 10 and ds.num_classes == 20 and len(ds.class_names) == 20
-    ep = ds[3]
-    _assert_episode(ep, shot, size, test=True)
-    assert ep["class_id"] in data.fold_classes("synthetic", 1) and ep["index"] == 3
-    assert torch.equal(ep["m_q_orig"], ep["m_q"])
-    again, other = ds[3], ds[4]
-    for key in ("img_q", "m_q", "img_s", "m_s"):
-        assert torch.equal(ep[key], again[key])
-    assert not torch.equal(ep["img_q"], other["img_q"])
-    assert torch.equal(ep["img_q"], ds[(0, 3)]["img_q"])  # a plain index is stream (test seed) 0
-    assert not torch.equal(ep["img_q"], ds[(1, 3)]["img_q"])  # another test seed, another episode
-    ds.seed = 1
-    assert not torch.equal(ds[(0, 3)]["img_q"], ep["img_q"])
-
-
-def test_class_names_need_no_files():
-    pascal, coco, synthetic = (data.class_names(name) for name in ("pascal", "coco", "synthetic"))
-    assert list(pascal) == list(range(1, 21)) and pascal[1] == "aeroplane" and pascal[20] == "tvmonitor"
-    assert list(coco) == list(range(1, 81)) and coco[1] == "person" and coco[80] == "toothbrush"
-    assert len(set(synthetic.values())) == 20  # every synthetic class has its own name
-
-
-@pytest.mark.parametrize("fold", range(4))
-def test_synthetic_train_never_shows_test_classes(fold):
-    ds = data.build_dataset("synthetic", "train", fold, shot=2, img_size=48, train_length=30)
-    test = set(data.fold_classes("synthetic", fold))
-    seen = set()
-    for index in range(30):
-        class_id, pairs = ds.render_episode(index)
-        assert class_id in ds.classes
-        for _, label in pairs:
-            classes = set(label.unique().tolist()) - {0}
-            assert class_id in classes and not classes & test
-            seen |= classes
-    assert len(seen - {class_id}) > 3, "distractors of other base classes should appear"
-    first = ds[0]["img_q"]
-    assert not torch.equal(first, ds[(1, 0)]["img_q"])  # epoch 1 draws other episodes
-    assert torch.equal(first, ds[(0, 0)]["img_q"])
-
-
-# ---------------- PASCAL ----------------------------------------------------------------------------------
-
-def test_pascal_split_and_filters(tmp_path, capsys):
-    root = _write_pascal(tmp_path / "voc")
-    train = data.build_dataset("pascal", "train", 0, img_size=64, root=root)
-    assert sorted(train.files) == ["a_voc", "b_sbd", "c_small", "d_mixed", "f_multi"]  # VOC+SBD train - val
-    assert "5 PASCAL training images from train.txt and sbd_train_noval.txt; PFENet's list has 5953" in \
-        capsys.readouterr().err
-    assert train.images == ["a_voc", "b_sbd", "f_multi"]  # c_small too small, d_mixed has class-2 pixels
-    assert train.class_files[6] == ["a_voc", "f_multi"] and train.class_files[7] == ["b_sbd", "f_multi"]
-    assert len(train) == 3
-    fold3 = data.build_dataset("pascal", "train", 3, img_size=64, root=root)
-    assert fold3.images == ["a_voc", "b_sbd", "d_mixed", "f_multi"]  # class 2 is a base class in fold 3
-    test = data.build_dataset("pascal", "test", 0, img_size=64, root=root, episodes=7)
-    assert sorted(test.files) == ["e_dup", "v1", "v2", "v3", "v4"] and len(test) == 7
-    assert test.class_files[1] == ["e_dup", "v1", "v2"] and test.class_files[3] == []
-    assert test.class_names[1] == "aeroplane" and test.class_names[20] == "tvmonitor"
-    for index in range(3):
-        ep = train[index]
-        _assert_episode(ep, 1, 64, test=False)
-        assert ep["class_id"] in (6, 7)
-
-
-def test_pascal_masks_keep_ignore_and_zero_other_classes(tmp_path):
-    root = _write_pascal(tmp_path / "voc")
-    ds = data.build_dataset("pascal", "test", 0, shot=2, img_size=64, root=root)
-    def index_of(query):  # the episode of test seed 0 whose query is `query`
-        return next(i for i in range(len(ds.images)) if ds._query(i, 0) == query)
-
-    ep = ds[index_of("v1")]  # query v1: class 1 (class 3 is present but has no support list)
-    _assert_episode(ep, 2, 64, test=True)
-    expected = torch.from_numpy(_PASCAL_LABELS["v1"]).long()
-    expected = torch.where(expected == 1, 1, torch.where(expected == 255, 255, 0))  # class 3 -> 0
-    assert ep["class_id"] == 1 and torch.equal(ep["m_q_orig"], expected)
-    assert (ep["m_q"] == 255).any() and (ep["m_q"] == 1).any()
-    # PFENet's query rule: a class present in the query counts even under the threshold (v4: class 1)
-    picked = set()
-    for seed in range(12):
-        ds.seed = seed
-        picked.add(ds[index_of("v4")]["class_id"])
-    assert picked == {1, 2}
-
-
-def test_draw_supports_excludes_query_and_repeats_only_when_needed():
-    rng = np.random.default_rng(0)
-    assert sorted(data._draw_supports(rng, ["a", "b", "c"], "a", 2)) == ["b", "c"]
-    assert data._draw_supports(rng, ["a", "b"], "a", 3) == ["b", "b", "b"]
-    assert data._draw_supports(rng, ["a"], "a", 1) == ["a"]
-
-
-def test_pascal_cache_written_reused_and_rebuilt(tmp_path, monkeypatch):
-    root = _write_pascal(tmp_path / "voc")
-    monkeypatch.setattr(data, "PARALLEL_MIN_FILES", 1)  # exercise the process pool once
-    first = data.build_dataset("pascal", "train", 0, img_size=64, root=root)
-    assert (root / ".fss_cache" / "pascal_train_counts.json").is_file()
-
-    def fail(pair, max_id=None):
-        raise AssertionError("rescanned although cached")
-    monkeypatch.setattr(data, "_scan_pair", fail)
-    monkeypatch.setattr(data, "PARALLEL_MIN_FILES", 10 ** 6)
-    again = data.build_dataset("pascal", "train", 0, img_size=64, root=root)
-    assert again.counts == first.counts and again.images == first.images
-    with (root / "ImageSets/Segmentation/sbd_train_noval.txt").open("a") as f:
-        f.write("g_extra\n")  # a changed list must rebuild the cache
-    with pytest.raises(AssertionError, match="rescanned"):
-        data.build_dataset("pascal", "train", 0, img_size=64, root=root)
-
-
-def test_pascal_without_sbd_list_warns_and_uses_all_labels(tmp_path, capsys):
-    root = _write_pascal(tmp_path / "voc", sbd=False)
-    ds = data.build_dataset("pascal", "train", 0, img_size=64, root=root)
-    assert "WARNING" in capsys.readouterr().err
-    assert sorted(ds.files) == ["a_voc", "b_sbd", "c_small", "d_mixed", "f_multi", "g_extra"]
-
-
-def test_missing_root_error_names_layout(tmp_path):
-    for root, first in ((None, "no data root given for pascal: pass --data-root DIR"),
-                        (tmp_path / "nope", f"pascal data root {tmp_path / 'nope'} is not a directory")):
-        with pytest.raises(data.DatasetNotFoundError, match="SegmentationClassAug") as err:
-            data.build_dataset("pascal", "test", 0, root=root)
-        assert str(err.value).splitlines()[0] == first
-        assert "JPEGImages" in str(err.value) and "sbd_train_noval.txt" in str(err.value)
-    (tmp_path / "voc" / "JPEGImages").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="val.txt"):
-        data.build_dataset("pascal", "test", 0, root=tmp_path / "voc")
-    (tmp_path / "coco").mkdir()
-    with pytest.raises(data.DatasetNotFoundError, match="instances_train2014.json"):
-        data.build_dataset("coco", "train", 0, root=tmp_path / "coco")
-
-
-def test_bad_files_are_all_reported_by_the_first_scan_one_line_each(tmp_path):
-    root = _write_pascal(tmp_path / "voc")
-    (root / "JPEGImages" / "v1.jpg").write_bytes(b"not a jpeg")  # unreadable header
-    Image.new("RGB", (80, 80)).save(root / "SegmentationClassAug" / "v2.png")  # a colour image, not a label
-    Image.fromarray(_label((2, 0, 0, 50, 50), shape=(80, 70))).save(root / "SegmentationClassAug" / "v3.png")
-    with pytest.raises(data.DatasetFileError) as err:
-        data.build_dataset("pascal", "test", 0, img_size=64, root=root)
-    lines = str(err.value).splitlines()
-    assert lines[0].startswith("3 bad file(s) in the PASCAL test list") and len(lines) == 4
-    assert "v1.jpg: not a readable image" in lines[1] and "v2.png" in lines[2] and "mode RGB" in lines[2]
-    assert "v3.png: 70x80 pixels, its image" in lines[3] and "80x80" in lines[3]
-    assert not (root / ".fss_cache" / "pascal_test_counts.json").exists()  # nothing cached: the next run checks again
-
-
-def test_class_ids_the_dataset_does_not_have_are_named(tmp_path):
-    root = _write_pascal(tmp_path / "voc")
-    labels = root / "SegmentationClassAug"
-    Image.fromarray(_label((1, 0, 0, 50, 50), (21, 60, 60, 5, 5))).save(labels / "v2.png")  # VOC has 1..20
-    Image.fromarray(_label((2, 0, 0, 50, 50), (254, 60, 60, 5, 5), (30, 70, 0, 2, 2))).save(labels / "v3.png")
-    with pytest.raises(data.DatasetFileError) as err:
-        data.build_dataset("pascal", "test", 0, img_size=64, root=root)
-    assert str(err.value).splitlines() == [
-        f"2 bad file(s) in the PASCAL test list of {root}; fix or remove them (and their list entries):",
-        f"  {labels / 'v2.png'}: class id 21; ids are 1..20 (0 background, 255 ignore)",
-        f"  {labels / 'v3.png'}: class ids 30, 254; ids are 1..20 (0 background, 255 ignore)"]
-    Image.fromarray(_label((3, 0, 0, 50, 50), (20, 60, 60, 5, 5), ignore_rows=(75, 80))).save(labels / "v2.png")
-    Image.fromarray(_label((2, 0, 0, 50, 50))).save(labels / "v3.png")
-    assert data.build_dataset("pascal", "test", 0, img_size=64, root=root).counts["v2"] == {3: 2500, 20: 25}
-    # COCO: the labels written here hold 1..(its categories: 3 in this tree); one found with another id is named
-    coco = _write_coco(tmp_path / "coco")
-    label_dir = coco / "labels" / "val2014"
-    label_dir.mkdir(parents=True)
-    (label_dir / data.COCO_LABEL_STAMP).write_text(f"{data.COCO_LABEL_VERSION}\n")  # current: kept as it is
-    Image.fromarray(_label((4, 0, 0, 50, 50))).save(label_dir / "COCO_val2014_000000000001.png")
-    with pytest.raises(data.DatasetFileError, match=rf"\n  {label_dir / 'COCO_val2014_000000000001.png'}: class id "
-                       r"4; ids are 1\.\.3 \(0 background, 255 ignore\)$"):
-        data.build_dataset("coco", "test", 0, img_size=64, root=coco)
-
-
 def _full_disk(path):
     """A writer on a full disk: a few bytes reach the file, then ENOSPC."""
     Path(path).write_bytes(b"0123456789")
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-def test_a_cache_that_cannot_be_written_stops_nothing_and_leaves_no_temporary(tmp_path, monkeypatch, capsys):
-    root = _write_pascal(tmp_path / "voc")
-    expected = data.build_dataset("pascal", "test", 0, img_size=64, root=tmp_path / "voc").counts
-    (root / ".fss_cache" / "pascal_test_counts.json").unlink()
-    capsys.readouterr()
-    monkeypatch.setattr(Path, "write_text", lambda self, *args, **kwargs: _full_disk(self))
-    ds = data.build_dataset("pascal", "test", 0, img_size=64, root=root)
-    assert ds.counts == expected and ds[0]["img_q"].shape == (3, 64, 64)  # the counts in memory serve the run
-    cache = root / ".fss_cache" / "pascal_test_counts.json"
-    assert list((root / ".fss_cache").iterdir()) == []  # no temporary, no cache
-    assert capsys.readouterr().err.splitlines() == [
-        f"[data] note: could not cache the scan in {cache} (No space left on device): the scan runs again next time"]
-    monkeypatch.undo()
-    decoded = _count_decodes(monkeypatch)
-    data.build_dataset("pascal", "test", 0, img_size=64, root=root)
-    assert len(decoded) == 5 and cache.is_file()  # scanned again, and cached now
-
-
-def test_coco_labels_that_cannot_be_written_stop_the_run_with_one_line(tmp_path, monkeypatch):
-    root = _write_coco(tmp_path / "coco")
-    monkeypatch.setattr(data, "PARALLEL_MIN_FILES", 1)  # the error comes back from the process pool
-    monkeypatch.setattr(Image.Image, "save", lambda self, fp, *args, **kwargs: _full_disk(fp))
-    label_dir = root / "labels" / "train2014"
-    with pytest.raises(data.DatasetFileError) as err:
-        data.build_dataset("coco", "train", 0, img_size=64, root=root)
-    assert str(err.value) == (f"cannot write the COCO train2014 labels in {label_dir}: No space left on device "
-                              "(they are needed: free space there, or make it writable, and run again)")
-    assert sorted(p.name for p in label_dir.iterdir()) == [data.COCO_LABEL_STAMP]  # no temporary, no label
-    assert not list(root.rglob("*.tmp*"))
 
 
 def _count_decodes(monkeypatch):
@@ -1136,51 +345,6 @@ def _count_decodes(monkeypatch):
     decoded, decode = [], data._decoded_size
     monkeypatch.setattr(data, "_decoded_size", lambda path: decoded.append(Path(path).name) or decode(path))
     return decoded
-
-
-def test_the_scan_decodes_every_image_once_and_names_a_truncated_one(tmp_path, monkeypatch):
-    decoded = _count_decodes(monkeypatch)
-    root = _write_pascal(tmp_path / "voc")
-    data.build_dataset("pascal", "test", 0, img_size=64, root=root)  # an intact tree passes
-    assert sorted(decoded) == ["e_dup.jpg", "v1.jpg", "v2.jpg", "v3.jpg", "v4.jpg"]
-    data.build_dataset("pascal", "test", 0, img_size=64, root=root)  # cached: no image is decoded again
-    assert len(decoded) == 5
-    cache = root / ".fss_cache" / "pascal_test_counts.json"
-    written = json.loads(cache.read_text())
-    cache.write_text(json.dumps({**written, "key": [2, *written["key"][1:]]}))  # a cache of the header-only rule
-    data.build_dataset("pascal", "test", 0, img_size=64, root=root)
-    assert len(decoded) == 10  # scanned again
-    for jpeg in (root / "JPEGImages" / "v2.jpg", root / "JPEGImages" / "v4.jpg"):  # real JPEGs, header intact
-        assert len(jpeg.read_bytes()) > 4000
-        jpeg.write_bytes(jpeg.read_bytes()[:3000])
-    cache.unlink()
-    with pytest.raises(data.DatasetFileError) as err:  # at the dataset's build, before any training
-        data.build_dataset("pascal", "test", 0, img_size=64, root=root)
-    lines = str(err.value).splitlines()
-    assert lines[0].startswith("2 bad file(s) in the PASCAL test list") and len(lines) == 3
-    for line, name in zip(lines[1:], ("v2.jpg", "v4.jpg")):
-        assert line.startswith(f"  {root / 'JPEGImages' / name}: not a readable image (image file is truncated")
-    assert not cache.exists()
-    folder = _write_folder(tmp_path / "mine")  # the folder dataset's scan likewise
-    jpeg = folder / "images" / "cup_1.jpg"
-    jpeg.write_bytes(jpeg.read_bytes()[:3000])
-    with pytest.raises(data.DatasetFileError, match=rf"^1 bad file\(s\) in the folder dataset .*\n  {jpeg}: not a "
-                       r"readable image \(image file is truncated"):
-        data.build_dataset("folder", "train", 1, img_size=48, root=folder)
-
-
-def test_a_file_that_fails_to_decode_later_is_named(tmp_path):
-    root = _write_pascal(tmp_path / "voc")
-    ds = data.build_dataset("pascal", "test", 0, img_size=64, root=root)  # scanned whole, and cached
-    jpeg = root / "JPEGImages" / "v1.jpg"
-    jpeg.write_bytes(jpeg.read_bytes()[:2000])  # cut after the scan: the header is intact, the pixels are cut off
-    index = next(i for i in range(len(ds.images)) if ds._query(i, 0) == "v1")
-    with pytest.raises(data.DatasetFileError, match="cannot read image .*v1.jpg"):
-        ds[index]
-    rgb_label = tmp_path / "rgb.png"
-    Image.new("RGB", (8, 8)).save(rgb_label)
-    with pytest.raises(data.DatasetFileError, match="rgb.png"):
-        data.load_mask(rgb_label)
 
 
 def _write_pascal_val(root, n):
@@ -1198,193 +362,8 @@ def _write_pascal_val(root, n):
     return root
 
 
-def test_each_test_seed_visits_every_image_in_its_own_order(tmp_path, capsys):
-    ds = data.build_dataset("pascal", "test", 0, img_size=32, root=_write_pascal_val(tmp_path, 20), episodes=30)
-    n = len(ds.images)
-    assert n == 20
-    orders = [[ds._query(i, seed) for i in range(n)] for seed in (0, 1)]
-    assert sorted(orders[0]) == sorted(orders[1]) == ds.images  # one pass: every image once
-    assert orders[0] != orders[1] and orders[0] != ds.images  # not the sorted list, and not shared by the seeds
-    assert len(set(orders[0][:5]) | set(orders[1][:5])) > 5  # two seeds of 5 episodes see more than one seed
-    assert [ds._query(n + i, 0) for i in range(n)] != orders[0]  # the second pass has its own order
-    assert ds[(1, 3)]["m_q_orig"].sum() > 0 and ds._query(3, 1) == orders[1][3]
-
-    def episodes(workers, batch):
-        sampler = data.EpisodeSampler(len(ds))
-        sampler.set_stream(1)
-        loader = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
-                            collate_fn=data.collate_episodes)
-        return [(int(i), int(c), m.tolist()) for b in loader for i, c, m in
-                zip(b["index"], b["class_id"], b["m_q_orig"])]
-
-    assert episodes(0, 1) == episodes(2, 4)  # a function of (seed, index): no worker or batch dependence
-    train_ds = data.build_dataset("pascal", "train", 0, img_size=32, root=tmp_path)
-    assert train_ds._query(0, 5) == train_ds.images[0]  # training: the sampler shuffles, the index names it
-
-
-# ---------------- COCO ------------------------------------------------------------------------------------
-
-def test_rle_decode_known_and_random_masks():
-    assert data.rle_string_to_counts("11110") == [1, 1, 1, 2, 1]  # hand-encoded
-    assert data.rle_decode("11110", 3, 2).tolist() == [[False, True], [True, True], [False, False]]
-    rng = np.random.default_rng(0)
-    for h, w in ((13, 17), (40, 31)):
-        mask = rng.random((h, w)) < 0.3
-        mask[:, : w // 2] = mask[:, : w // 2] | (rng.random((h, 1)) < 0.5)  # long runs too
-        runs = _rle_runs(mask)
-        assert np.array_equal(data.rle_decode(runs, h, w), mask)
-        assert np.array_equal(data.rle_decode(_rle_string(runs), h, w), mask)
-    runs = [5, 1000, 3, 70000, 2, 40]  # multi-character values and negative differences
-    assert data.rle_string_to_counts(_rle_string(runs)) == runs
-
-
 def _polygon_mask(polygon, height, width):
     return data.segmentation_to_mask([polygon], height, width).astype(int)
-
-
-# pycocotools' rule (data.polygon_to_mask): vertices snap to a 1/5-pixel ("fine") grid, X = int(5x + 0.5); edges
-# are walked on it; the walk cuts column c where it steps from fine x 5c+2 to 5c+3, at the upper fine y V of the
-# two, and a cut toggles rows r >= ceil((V - 2) / 5). Every mask below worked out by hand was also checked against
-# pycocotools 2.0.11 (its wheel in a scratch venv outside this repository), which gives the same.
-
-def test_polygon_rectangles_by_hand():
-    # x 1.25..4.5, y 0.5..3.75 -> fine x 6..23 (int(6.75), int(23.0)), y 3..19 (int(3.0), int(19.25)). Only the
-    # horizontal edges cut: columns with 6 <= 5c+2 and 5c+3 <= 23 (c = 1..4), at V = 3 (rows >= 1 on) and V = 19
-    # (rows >= 4 off): rows 1..3. The top edge runs through row 0's centres (y 0.5) and leaves them out, the right
-    # edge through column 4's (x 4.5) and keeps them.
-    expected = np.zeros((5, 6), int)
-    expected[1:4, 1:5] = 1
-    rectangle = [1.25, 0.5, 4.5, 0.5, 4.5, 3.75, 1.25, 3.75]
-    assert np.array_equal(_polygon_mask(rectangle, 5, 6), expected)  # Pillow's fill: 16 pixels, not 12
-    reversed_order = [1.25, 3.75, 4.5, 3.75, 4.5, 0.5, 1.25, 0.5]  # the other direction, another first vertex
-    assert np.array_equal(_polygon_mask(reversed_order, 5, 6), expected)
-    # integer corners (on pixel boundaries, between centres): exactly the rectangle's 3 x 2 pixels
-    expected = np.zeros((5, 6), int)
-    expected[1:3, 1:4] = 1
-    assert np.array_equal(_polygon_mask([1, 1, 4, 1, 4, 3, 1, 3], 5, 6), expected)
-
-
-def test_polygon_thin_triangle_by_hand():
-    # (1,1), (7.2,2), (1,1.6): exact area 1.86. Fine (5,5), (36,10), (5,8). Upper edge: fine y = int(5 + 5t/31 +
-    # 0.5) at fine x 5+t; lower edge, walked from its left end (5,8): int(8 + 2t/31 + 0.5); the vertical edge cuts
-    # nothing. Columns 1..6 (fine x 7|8 ... 32|33): upper cuts V = 5 6 7 8 9 9, lower cuts 8 8 9 9 9 10. Row 1's
-    # centre (fine 7.5) lies between the two in columns 1..3 only; row 0's (2.5) is above both, row 2's (12.5) below.
-    expected = np.zeros((3, 8), int)
-    expected[1, 1:4] = 1
-    assert np.array_equal(_polygon_mask([1, 1, 7.2, 2, 1, 1.6], 3, 8), expected)  # Pillow's fill: 12 pixels
-
-
-def test_polygon_at_and_across_the_image_border():
-    # (-1.25,-1.25), (5.75,-1.25), (-1.25,5.75) -> fine (-5,-5) (C's cast: int(-5.75) = -5), (29,-5), (-5,29). The
-    # top edge cuts every column above the image (V = -5): toggles from row 0. The hypotenuse, walked from (-5,29)
-    # with slope -1: fine y = int(29.5 - (x + 5)) = 24 - x, so column c is cut at V = 24 - (5c+3) = 21 - 5c and
-    # rows >= ceil((19 - 5c) / 5) = 4 - c are off again: column c holds rows 0..3-c.
-    expected = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]])
-    assert np.array_equal(_polygon_mask([-1.25, -1.25, 5.75, -1.25, -1.25, 5.75], 4, 5), expected)
-    touching = np.zeros((4, 5), int)
-    touching[0, 3:] = 1  # x 3..5, y 0..1: the top and right borders
-    touching[3, 0] = 1  # x 0..1, y 3..4: the left and bottom borders
-    touching[3, 1] = 1  # x 1..2, y 2.5..10: row 2's centres on the top edge are out, the cut at fine y 50 is below
-    assert np.array_equal(data.segmentation_to_mask(
-        [[3, 0, 5, 0, 5, 1, 3, 1], [0, 3, 1, 3, 1, 4, 0, 4], [1, 2.5, 2, 2.5, 2, 10, 1, 10]], 4, 5), touching)
-    assert not data.segmentation_to_mask([[-3, -3, -1, -3, -1, -1], [6, 1, 9, 1, 9, 3]], 4, 5).any()  # outside
-    # pycocotools' mask of a triangle over three borders: -0.2 snaps to fine 0 (int(-0.5)); rounding down to -1
-    # would lose pixel (row 3, column 3). Sampling the exact triangle at pixel centres would give (0,3), not (3,3).
-    reference = np.array([[0, 0, 0, 0, 1, 1, 1],
-                          [1, 1, 1, 1, 1, 1, 0],
-                          [1, 1, 1, 1, 1, 0, 0],
-                          [1, 1, 1, 1, 0, 0, 0],
-                          [1, 1, 0, 0, 0, 0, 0]])
-    assert np.array_equal(_polygon_mask([-0.2, 6.5, 7.7, -0.1, -1.4, 1.1], 5, 7), reference)
-
-
-def test_polygon_self_intersecting_and_united_parts():
-    # pycocotools' mask of a bow tie whose edges run through pixel centres (even-odd rule; the crossing at (3.5,2.5))
-    reference = np.array([[0, 0, 0, 0, 0, 0, 0],
-                          [0, 1, 0, 0, 0, 1, 1],
-                          [0, 1, 1, 1, 1, 1, 1],
-                          [0, 1, 0, 0, 0, 1, 1],
-                          [0, 0, 0, 0, 0, 0, 0]])
-    assert np.array_equal(_polygon_mask([0.5, 0.5, 6.5, 4.5, 6.5, 0.5, 0.5, 4.5], 5, 7), reference)
-    # the parts of one annotation are united (frPyObjects + merge), overlap included; < 3 points enclose nothing
-    parts = [[0, 0, 3, 0, 3, 2, 0, 2], [2, 1, 5, 1, 5, 3, 2, 3], [1, 1, 4, 3], [0, 0, 5, 4, 2]]
-    expected = np.zeros((4, 6), int)
-    expected[0:2, 0:3] = 1
-    expected[1:3, 2:5] = 1
-    assert np.array_equal(data.segmentation_to_mask(parts, 4, 6).astype(int), expected)
-
-
-def test_polygon_area_unbiased_on_random_convex_polygons():
-    """Rasterised minus exact (shoelace) area over 100 random convex polygons (perimeter ~46 px): one polygon's
-    error has an sd of ~2 px, so their mean one of ~0.2 px. Pillow's fill, outline included, adds ~16 px on
-    average, to every one of them."""
-    rng = np.random.default_rng(0)
-    errors = []
-    for _ in range(100):
-        angles = np.sort(rng.uniform(0, 2 * np.pi, rng.integers(3, 12)))
-        xy = rng.uniform(16, 24, 2) + rng.uniform(2, 14) * np.stack([np.cos(angles), np.sin(angles)], 1)  # (k,2)
-        x, y = xy.T
-        area = 0.5 * abs(x @ np.roll(y, -1) - y @ np.roll(x, -1))
-        errors.append(data.segmentation_to_mask([xy.ravel().tolist()], 40, 40).sum() - area)
-    errors = np.array(errors)
-    assert abs(errors.mean()) < 1.0
-    assert 0.3 < (errors > 0).mean() < 0.7  # errors of both signs
-
-
-def test_coco_labels_of_an_older_rule_are_rewritten_once(tmp_path, capsys):
-    root = _write_coco(tmp_path / "coco")
-    labels, name = root / "labels" / "train2014", "COCO_train2014_000000000001"
-    stamp = labels / data.COCO_LABEL_STAMP
-    assert data.build_dataset("coco", "train", 3, img_size=64, root=root).counts[name] == {2: 2500}
-    assert "rewriting" not in capsys.readouterr().err and stamp.read_text().strip() == str(data.COCO_LABEL_VERSION)
-    # the folder as the Pillow fill left it: no stamp, a fat 51 x 51 label, its counts cached under the old key
-    fat = np.zeros((80, 80), np.uint8)
-    fat[10:61, 10:61] = 2
-    Image.fromarray(fat).save(labels / f"{name}.png")
-    stamp.unlink()
-    cache = root / ".fss_cache" / "coco_train_counts.json"
-    payload = json.loads(cache.read_text())["payload"]
-    payload["counts"][name] = {"2": 2601}
-    old_key = [data.CACHE_VERSION, (root / "annotations" / "instances_train2014.json").stat().st_size, str(labels)]
-    cache.write_text(json.dumps({"key": old_key, "payload": payload}))
-    assert data.build_dataset("coco", "train", 3, img_size=64, root=root).counts[name] == {2: 2500}
-    notes = [line for line in capsys.readouterr().err.splitlines() if "rewriting" in line]
-    assert len(notes) == 1 and "train2014" in notes[0] and f"version 1, now {data.COCO_LABEL_VERSION}" in notes[0]
-    assert (np.array(Image.open(labels / f"{name}.png")) == 2).sum() == 2500
-    assert stamp.read_text().strip() == str(data.COCO_LABEL_VERSION)
-    # stamped: a label present is kept as it is (written once), even when the counts are scanned again
-    Image.fromarray(fat).save(labels / f"{name}.png")
-    cache.unlink()
-    assert data.build_dataset("coco", "train", 3, img_size=64, root=root).counts[name] == {2: 2601}
-    assert "rewriting" not in capsys.readouterr().err
-
-
-def test_coco_labels_category_map_and_folds(tmp_path, monkeypatch):
-    root = _write_coco(tmp_path / "coco")
-    train = data.build_dataset("coco", "train", 3, img_size=64, root=root)  # fold 3 tests 4, 8, ...
-    names = [f"COCO_train2014_{i:012d}" for i in (1, 2)]
-    assert train.class_names == {1: "person", 2: "car", 3: "toothbrush"}  # ids 1, 3, 90 -> 1, 2, 3
-    assert train.images == names  # the image without annotations is not listed
-    assert train.class_files[1] == [names[1]] and train.class_files[2] == [names[0]]
-    assert train.class_files[3] == [names[1]]
-    assert not (root / "labels" / "train2014" / "COCO_train2014_000000000003.png").exists()
-    label1 = np.array(Image.open(root / "labels" / "train2014" / f"{names[0]}.png"))
-    assert (label1[10:60, 10:60] == 2).all() and (label1 == 2).sum() == 2500  # integer corners: exactly 50 x 50
-    label2 = np.array(Image.open(root / "labels" / "train2014" / f"{names[1]}.png"))
-    assert label2.shape == (80, 90) and (label2[:30, :30] == 3).all()  # crowd RLE
-    assert (label2[30:79, 30:89] == 1).all() and (label2 == 1).sum() == 49 * 59  # the later polygon wins
-    assert (label2[79] == 0).all() and (label2[:, 89] == 0).all() and (label2[65:, :20] == 0).all()
-    _assert_episode(train[0], 1, 64, test=False)
-
-    val_names = [f"COCO_val2014_{i:012d}" for i in (1, 2)]
-    assert data.build_dataset("coco", "test", 0, img_size=64, root=root).images == [val_names[1]]  # class 1
-    monkeypatch.setattr(data, "_write_and_scan_coco_label", lambda job: 1 / 0)  # val2014 is cached now
-    assert data.build_dataset("coco", "test", 1, img_size=64, root=root).images == [val_names[0]]  # class 2
-    contiguous = data.build_dataset("coco", "test", 0, img_size=64, root=root, coco_split="contiguous")
-    assert contiguous.images == val_names and contiguous.classes == list(range(1, 21))
-    ep = contiguous[1]
-    _assert_episode(ep, 1, 64, test=True)
-    assert ep["m_q_orig"].shape == (80, 90)
 
 
 # ---------------- transforms and geometry -----------------------------------------------------------------
@@ -1401,122 +380,6 @@ def _erode(mask, r=3):
     """True where every pixel within a (2r+1)^2 window is True (away from any boundary)."""
     pooled = -torch.nn.functional.max_pool2d(-mask[None, None].float(), 2 * r + 1, 1, r)
     return pooled[0, 0] > 0.5
-
-
-def test_train_transform_keeps_image_and_mask_aligned():
-    mask = torch.zeros(90, 70, dtype=torch.long)
-    mask[20:60, 15:50] = 1
-    mean = torch.tensor(data.MEAN) * 255
-    for seed in range(12):
-        img, m = data.train_transform(_colour_coded(mask), mask, np.random.default_rng(seed), 128, (0.8, 1.25))
-        assert img.shape == (3, 128, 128) and m.shape == (128, 128) and m.dtype == torch.int64
-        rgb = data.denormalize(img).float()
-        fg, bg, pad = _erode(m == 1), _erode(m == 0), _erode(m == 255)
-        assert fg.any() and bg.any() and pad.any()  # 90x70 is always padded up to 128
-        assert (rgb[0][fg] > 180).all() and (rgb[2][fg] < 75).all()
-        assert (rgb[2][bg] > 180).all() and (rgb[0][bg] < 75).all()
-        assert ((rgb[:, pad] - mean[:, None]).abs() < 3).all()  # padding and rotated-in corners: mean colour
-
-
-def test_gaussian_blur_is_cv2s_5x5_with_sigma_0():
-    assert [16 * t for t in data.BLUR_TAPS] == [1, 4, 6, 4, 1]  # cv2.getGaussianKernel(5, 0), its fixed table
-    torch.manual_seed(0)
-    taps = torch.tensor(data.BLUR_TAPS)
-    for shape in [(3, 41, 57), (3, 5, 6)]:  # 5x6: reflect padding reaches across the whole image
-        img = torch.rand(*shape)
-        padded = F.pad(img[None], [2, 2, 2, 2], mode="reflect")  # cv2's BORDER_REFLECT_101: e.g. row -1 = row 1
-        reference = F.conv2d(padded, torch.outer(taps, taps).expand(3, 1, 5, 5), groups=3)[0]  # one 5x5 pass
-        assert torch.allclose(data.gaussian_blur(img), reference, atol=1e-6)
-    img = torch.zeros(1, 9, 9)
-    img[0, 4, 4] = 1  # an impulse gives the 5x5 kernel back around it: (6/16)^2 at the centre, (1/16)^2 at corners
-    out = data.gaussian_blur(img)[0]
-    assert out[4, 4] == pytest.approx(36 / 256) and out[2, 2] == pytest.approx(1 / 256)
-    assert out[2, 4] == pytest.approx(6 / 256) and out[1].abs().max() == 0
-    flat = torch.full((3, 9, 9), 0.25)
-    assert torch.allclose(data.gaussian_blur(flat), flat)  # the kernel sums to 1
-
-
-def test_rotate_quarter_turn_identity_and_corners():
-    g = torch.Generator().manual_seed(0)
-    img, label = torch.rand(3, 6, 6, generator=g), torch.randint(0, 3, (6, 6), generator=g)
-    out, out_label = data.rotate(img, label, 90.0)  # counter-clockwise, as cv2 and torchvision
-    assert torch.allclose(out, torch.rot90(img, 1, (-2, -1)), atol=1e-6)
-    assert torch.equal(out_label, torch.rot90(label, 1, (-2, -1)))
-    out, out_label = data.rotate(img, label, 0.0)
-    assert torch.allclose(out, img, atol=1e-6) and torch.equal(out_label, label)
-    out, out_label = data.rotate(img, label, 45.0)  # the corners come from outside the image
-    assert torch.allclose(out[:, 0, 0], torch.tensor(data.MEAN)) and out_label[0, 0] == IGNORE_INDEX
-
-
-def test_rotate_matches_torchvision_and_blends_the_border_as_cv2():
-    g = torch.Generator().manual_seed(1)
-    img, label = torch.rand(3, 41, 57, generator=g), torch.randint(0, 3, (41, 57), generator=g)
-    fill = torch.tensor(data.MEAN)[:, None, None]
-    for angle in (7.3, -9.6):
-        out, out_label = data.rotate(img, label, angle)
-        # sum_inside(w x) + (1 - sum_inside w) fill: torchvision's rotate without fill, of x - fill, plus fill
-        shifted = TF.rotate(tv_tensors.Image(img - fill), angle, InterpolationMode.BILINEAR).as_subclass(torch.Tensor)
-        assert torch.allclose(out, shifted + fill, atol=1e-4)
-        reference = TF.rotate(tv_tensors.Mask(label[None]), angle, fill=IGNORE_INDEX)[0].as_subclass(torch.Tensor)
-        assert (out_label != reference).float().mean() < 0.002  # ties at exactly half a pixel may round apart
-        inside = TF.rotate(tv_tensors.Image(torch.ones(1, 41, 57)), angle, InterpolationMode.BILINEAR)[0] > 1 - 1e-6
-        with_fill = TF.rotate(tv_tensors.Image(img), angle, InterpolationMode.BILINEAR, fill=data.MEAN)
-        assert torch.allclose(out[:, inside], with_fill[:, inside], atol=1e-4)  # the interior is torchvision's
-
-
-def test_train_crop_keeps_foreground():
-    for seed in range(10):
-        rng = np.random.default_rng(seed)
-        mask = torch.zeros(200, 200, dtype=torch.long)
-        top, left = rng.integers(0, 160, 2)
-        mask[top:top + 40, left:left + 40] = 1
-        _, m = data.train_transform(_colour_coded(mask), mask, rng, 96, (1.0, 1.0))
-        assert (m == 1).sum() >= 0.8 * 1600
-
-
-def test_test_geometry_round_trip():
-    assert data.test_content_size(375, 500, 473) == (355, 473)
-    assert data.test_content_size(500, 375, 473) == (473, 355)
-    assert data.test_content_size(100, 100, 473) == (473, 473)  # small images are upscaled
-    mask = torch.zeros(75, 130, dtype=torch.long)
-    mask[10:60, 20:70] = 1
-    mask[30:70, 90:125] = 1
-    mask[0:3, :] = 255
-    img, m = data.test_transform(_colour_coded(mask), mask, size=96)
-    h, w = data.test_content_size(75, 130, 96)
-    assert img.shape == (3, 96, 96) and m.shape == (96, 96) and (h, w) == (55, 96)
-    # padding: ignore label, the mean colour rounded to 8 bits (124, 116, 104), normalised: ~0, not 0
-    pad = (torch.tensor([124.0, 116.0, 104.0]) / 255 - torch.tensor(data.MEAN)) / torch.tensor(data.STD)
-    assert (m[h:] == 255).all() and torch.allclose(img[:, h:], pad[:, None, None].expand(3, 96 - h, 96), atol=1e-6)
-    assert pad.abs().max() < 0.5 / 255 / min(data.STD)
-    assert (m[:h] != 255).float().mean() > 0.9
-    logits = torch.stack([(m != 1).float(), (m == 1).float()])  # (2,96,96) one-hot
-    back = data.logits_to_original(logits, (75, 130))
-    assert back.shape == (2, 75, 130)
-    valid = mask != 255
-    agreement = (back.argmax(0) == mask)[valid].float().mean()
-    assert agreement > 0.97
-    assert data.logits_to_original(logits[None], (75, 130)).shape == (1, 2, 75, 130)
-    # a horizontal ramp maps pixel centres to pixel centres (align_corners=False): x0 = (x + 0.5) * w / 130 - 0.5
-    ramp = torch.arange(96.0).expand(2, 96, 96)
-    x = torch.arange(2, 128)
-    expected = (x + 0.5) * w / 130 - 0.5
-    assert torch.allclose(data.logits_to_original(ramp, (75, 130))[1, 40, 2:128], expected, atol=1e-4)
-
-
-def test_eval_episodes_identical_for_any_worker_count():
-    ds = data.build_dataset("synthetic", "test", 2, shot=2, img_size=48, episodes=6)
-    runs = []
-    for workers in (0, 2):
-        loader = DataLoader(ds, batch_size=2, num_workers=workers, collate_fn=data.collate_episodes)
-        runs.append(list(loader))
-    for a, b in zip(*runs):
-        assert a["class_id"].dtype == torch.long and a["class_id"].shape == (2,)
-        assert a["img_s"].shape == (2, 2, 3, 48, 48) and isinstance(a["m_q_orig"], list)
-        assert torch.equal(a["class_id"], b["class_id"]) and torch.equal(a["index"], b["index"])
-        for key in ("img_q", "m_q", "img_s", "m_s"):
-            assert torch.equal(a[key], b[key])
-        assert all(torch.equal(x, y) for x, y in zip(a["m_q_orig"], b["m_q_orig"]))
 
 
 # ---------------- 8-bit images, compact episodes and to_device --------------------------------------------
@@ -1563,159 +426,11 @@ def _old_normalise(image):
     return (image - torch.tensor(data.MEAN)[:, None, None]) / torch.tensor(data.STD)[:, None, None]
 
 
-def test_augmentation_rounds_to_8_bits_once_and_equals_the_float_steps():
-    """train_transform = the float steps, rounded to 8 bits, normalised: to the bit, compact or not, with the same
-    random draws (its crop window alone is rounded, mirrored and pasted); within 0.5/255/std of the float image.
-    The sizes pad both sides, pad one and crop the other, crop both, or either; 48 seeds draw every step."""
-    half_level = 0.5 / 255 / torch.tensor(data.STD)[:, None, None] + 1e-6
-    for seed in range(48):
-        (h, w), size = [((90, 70), 96), ((60, 120), 80), ((130, 150), 64), ((75, 75), 75)][seed % 4]
-        recipe = ("pfenet", "crop-scale-flip")[seed % 5 == 4]
-        img, mask = _photo(h, w, seed)
-        draws = [np.random.default_rng(seed) for _ in range(3)]
-        image, label = _float_train_transform(img, mask, draws[0], size, (0.8, 1.25), recipe)
-        rounded = (image * 255).round().clamp(0, 255).to(torch.uint8)
-        out, m = data.train_transform(img, mask, draws[1], size, (0.8, 1.25), recipe)
-        small, small_m = data.train_transform(img, mask.to(torch.uint8), draws[2], size, (0.8, 1.25), recipe,
-                                              compact=True)
-        assert small.dtype == small_m.dtype == torch.uint8 and out.dtype == torch.float32 and m.dtype == torch.int64
-        assert torch.equal(small, rounded) and torch.equal(small_m, label.to(torch.uint8))
-        assert torch.equal(out, data.normalize(rounded)) and torch.equal(m, label)
-        assert ((out - _old_normalise(image)).abs() <= half_level).all()
-        assert len({rng.random() for rng in draws}) == 1  # the same number of draws
-
-
-def test_test_transform_rounds_to_8_bits_and_pads_with_the_rounded_mean():
-    half_level = 0.5 / 255 / torch.tensor(data.STD)[:, None, None] + 1e-6
-    for (h0, w0), size in (((75, 130), 96), ((130, 75), 64), ((40, 50), 96)):
-        img, mask = _photo(h0, w0, h0)
-        h, w = data.test_content_size(h0, w0, size)
-        image = TF.resize(img.float() / 255, [h, w], antialias=True)  # (3,h,w): the float resize
-        expected = torch.tensor([124, 116, 104], dtype=torch.uint8)[:, None, None].repeat(1, size, size)
-        expected[:, :h, :w] = (image * 255).round().clamp(0, 255).to(torch.uint8)
-        label = TF.pad(TF.resize(tv_tensors.Mask(mask[None]), [h, w]), [0, 0, size - w, size - h], fill=255)[0]
-        out, m = data.test_transform(img, mask, size)
-        small, small_m = data.test_transform(img, mask, size, compact=True)
-        assert torch.equal(small, expected) and torch.equal(small_m, label.to(torch.uint8))
-        assert torch.equal(out, data.normalize(expected)) and torch.equal(m, label) and m.dtype == torch.int64
-        old = F.pad(_old_normalise(image), [0, size - w, 0, size - h])  # the float image, padded with 0
-        assert ((out - old).abs() <= half_level).all()
-        assert data.test_transform(img, None, size)[1] is None
-
-
-def test_normalize_is_a_float32_multiply_and_add_and_to_device_makes_the_default_batch():
-    levels = torch.arange(256, dtype=torch.uint8).repeat(2, 3, 2, 1)  # (2,3,2,256): every level in every channel
-    mean, std = (torch.tensor(v, dtype=torch.float64)[:, None, None] for v in (data.MEAN, data.STD))
-    out = data.normalize(levels)
-    scale, shift = (t.float() for t in (1 / (255 * std), -mean / std))  # float64, rounded once
-    assert out.dtype == torch.float32 and torch.equal(out, levels.float() * scale + shift)
-    assert (out.double() - (levels.double() / 255 - mean) / std).abs().max() < 1e-6
-    g = torch.Generator().manual_seed(0)
-    compact = {"img_q": torch.randint(0, 256, (2, 3, 4, 5), generator=g).to(torch.uint8),
-               "img_s": torch.randint(0, 256, (2, 2, 3, 4, 5), generator=g).to(torch.uint8),
-               "m_q": torch.tensor([0, 1, 255]).repeat(2, 4, 2)[..., :5].to(torch.uint8),
-               "m_s": torch.full((2, 2, 4, 5), 255, dtype=torch.uint8), "class_id": torch.tensor([3, 7]),
-               "m_q_orig": [torch.ones(3, 2, dtype=torch.uint8), torch.zeros(4, 6, dtype=torch.uint8)], "name": "x"}
-    batch = data.to_device(compact, torch.device("cpu"))
-    assert torch.equal(batch["img_q"], data.normalize(compact["img_q"])) and batch["img_s"].shape == (2, 2, 3, 4, 5)
-    assert torch.equal(batch["img_s"][1, 0], data.normalize(compact["img_s"][1, 0]))
-    for key in ("m_q", "m_s"):
-        assert batch[key].dtype == torch.int64 and torch.equal(batch[key], compact[key].long())
-    assert [m.dtype for m in batch["m_q_orig"]] == [torch.int64] * 2 and batch["m_q_orig"][1].shape == (4, 6)
-    assert torch.equal(batch["class_id"], compact["class_id"]) and batch["name"] == "x"
-    again = data.to_device(batch, torch.device("cpu"))  # a default batch stays as it is
-    assert all(torch.equal(again[k], batch[k]) for k in ("img_q", "img_s", "m_q", "m_s", "class_id"))
-
-
-def test_compact_batches_from_workers_are_the_in_process_episodes(tmp_path):
-    """What the models receive: compact batches from 2 DataLoader workers (data.make_loader, no pinning on the
-    CPU) through data.to_device equal the default episodes made in this process, for PASCAL train (padding and
-    crops) and test episodes and synthetic ones; the batches cross as uint8, a fifth of the default's bytes."""
-    root = _write_pascal(tmp_path / "voc")
-    for ds in (data.build_dataset("pascal", "train", 0, shot=2, img_size=76, root=root, train_length=8),
-               data.build_dataset("pascal", "test", 0, img_size=64, root=root, episodes=6),
-               data.build_dataset("synthetic", "train", 1, shot=2, img_size=48, train_length=6),
-               data.build_dataset("synthetic", "test", 1, img_size=48, episodes=4)):
-        expected = [data.collate_episodes([ds[(3, i)] for i in range(b, min(b + 2, len(ds)))])
-                    for b in range(0, len(ds), 2)]
-        sampler = data.EpisodeSampler(len(ds))
-        sampler.set_stream(3)
-        loader = data.make_loader(ds, sampler, 2, 2, torch.device("cpu"), drop_last=False,
-                                  worker_init_fn=train.ignore_stop_signals)  # as train.py's
-        assert ds.compact and not loader.pin_memory and loader.num_workers == 2
-        batches = list(loader)
-        assert len(batches) == len(expected)
-        for batch, want in zip(batches, expected):
-            assert batch["img_q"].dtype == batch["img_s"].dtype == batch["m_q"].dtype == torch.uint8
-            size = sum(t.nbytes for k in ("img_q", "img_s", "m_q", "m_s") for t in [batch[k]])
-            assert 5 * size == sum(want[k].nbytes for k in ("img_q", "img_s", "m_q", "m_s"))
-            got = data.to_device(batch, torch.device("cpu"))
-            assert got.keys() == want.keys()
-            for key, value in want.items():
-                if key == "m_q_orig":
-                    assert all(torch.equal(a, b) and a.dtype == torch.int64 for a, b in zip(got[key], value))
-                else:
-                    assert torch.equal(got[key], value) and got[key].dtype == value.dtype, key
-
-
-# ---------------- box supports (weak supervision, CRCNet's Table 5) ---------------------------------------
-
-def test_mask_to_boxes_by_hand():
-    mask = torch.zeros(8, 10, dtype=torch.long)
-    mask[1, 1:4] = 1  # an L-shaped object ...
-    mask[2:4, 1] = 1
-    mask[4, 2] = 1  # ... with a diagonal neighbour (8-connected, same object)
-    mask[6, 6:9] = 1  # a second object
-    mask[7, 8] = 1
-    mask[2, 2] = 255  # inside the first box: becomes 1
-    mask[0, 9] = 255  # outside every box: stays 255
-    expected = torch.zeros(8, 10, dtype=torch.long)
-    expected[1:5, 1:4] = 1  # rows 1-4, columns 1-3
-    expected[6:8, 6:9] = 1
-    expected[0, 9] = 255
-    assert torch.equal(data.mask_to_boxes(mask), expected)
-    assert mask[2, 2] == 255  # the input is not modified
-    empty = torch.full((4, 4), 255)
-    empty[:2] = 0
-    assert torch.equal(data.mask_to_boxes(empty), empty)
-
-
-def test_mask_to_boxes_covers_every_object_with_its_box():
-    g = torch.Generator().manual_seed(0)
-    mask = (torch.rand(40, 50, generator=g) < 0.05).long()
-    mask[5:15, 5:30] = 1
-    mask[30:35, 40:48] = 255
-    boxes = data.mask_to_boxes(mask)
-    assert ((boxes == 1) | (mask != 1)).all()  # every foreground pixel is inside a box
-    assert torch.equal(boxes[boxes != 1], mask[boxes != 1])  # outside the boxes nothing changed
-    # a box never grows beyond its object: a single object's box is its exact extent
-    single = torch.zeros(20, 20, dtype=torch.long)
-    single[3:9, 4:5] = 1
-    single[8, 4:15] = 1
-    assert data.mask_to_boxes(single).nonzero().amin(0).tolist() == [3, 4]
-    assert data.mask_to_boxes(single).nonzero().amax(0).tolist() == [8, 14]
-    assert int(data.mask_to_boxes(single).sum()) == 6 * 11
-
-
-def test_support_boxes_option_touches_supports_only():
-    args = dict(name="synthetic", split="test", fold=0, shot=2, img_size=64, episodes=3)
-    plain, boxed = data.build_dataset(**args), data.build_dataset(**args, support_boxes=True)
-    assert not plain.support_boxes and boxed.support_boxes
-    for i in range(3):
-        a, b = plain[i], boxed[i]
-        assert torch.equal(a["img_q"], b["img_q"]) and torch.equal(a["img_s"], b["img_s"])
-        assert torch.equal(a["m_q"], b["m_q"]) and torch.equal(a["m_q_orig"], b["m_q_orig"])
-        for k in range(2):
-            assert torch.equal(b["m_s"][k], data.mask_to_boxes(a["m_s"][k]))
-            assert ((b["m_s"][k] == 1) | (a["m_s"][k] != 1)).all()
-        assert (b["m_s"] == 1).sum() >= (a["m_s"] == 1).sum()
-    train_set = data.build_dataset("synthetic", "train", 0, img_size=64, train_length=2, support_boxes=True)
-    assert train_set.support_boxes and train_set[0]["m_s"].shape == (1, 64, 64)
-
-
 # ---------------- folder (your own data) ------------------------------------------------------------------
 
 FOLDER_NAMES = ("cat", "dog", "cup", "car", "tree", "lamp")  # class ids 1..6
+
+
 FOLDER_FOLDS = "1 4\n2 5\n3\n6\n"  # fold 1 tests dog and tree
 
 
@@ -1741,177 +456,12 @@ def _stems(*names, k=range(4)):
     return sorted(f"{name}_{i}" for name in names for i in k)
 
 
-def test_folder_dataset_folds_splits_and_bams_filter(tmp_path):
-    root = _write_folder(tmp_path / "mine")
-    (root / "images" / "._cat_0.jpg").write_bytes(b"macOS metadata")  # hidden files are no images
-    (root / "labels" / "notes.txt").write_text("nor are other files")
-    names = dict(enumerate(FOLDER_NAMES, 1))
-    assert data.dataset_classes("folder", 1, root) == (6, names, [2, 5])  # folds.txt, line 2
-    assert data.class_names("folder", root) == names
-    assert symnet.base_classes(common.Setting(dataset="folder", fold=1, data_root=root)) == [1, 3, 4, 6]
-    train_set = data.build_dataset("folder", "train", 1, img_size=48, root=root, augment="crop-scale-flip")
-    test_set = data.build_dataset("folder", "test", 1, shot=3, img_size=48, root=root, episodes=5)
-    # test: every image with a pixel of dog or tree, so cat_3 and car_3 for their 100-pixel patches too ...
-    assert sorted(test_set.files) == sorted(_stems("dog", "tree") + ["cat_3", "car_3"])
-    # ... but only those over the 2048-pixel filter are queries and supports, as in PASCAL-5i
-    assert test_set.images == _stems("dog", "tree")
-    assert test_set.class_files == {2: _stems("dog"), 5: _stems("tree")}
-    # train: the others, none with a novel pixel (BAM's rule), each over the filter for its base class
-    train_stems = sorted(_stems("cat", "car", k=range(3)) + _stems("cup", "lamp"))
-    assert sorted(train_set.files) == train_set.images == train_stems and len(train_set) == 14
-    for _, label_path in train_set.files.values():
-        assert not set(np.unique(np.array(Image.open(label_path))).tolist()) & {2, 5}
-    assert train_set.classes == [1, 3, 4, 6] and test_set.classes == [2, 5] and len(test_set) == 5
-    assert train_set.num_classes == test_set.num_classes == 6 and test_set.class_names == names
-    # PASCAL's pipeline: its episodes, scale range and the run's augmentation recipe
-    assert type(train_set) is type(test_set) is data.ImageEpisodes
-    assert train_set.scale_range == data.SCALE_RANGE["pascal"] and train_set.augment == "crop-scale-flip"
-    _assert_episode(train_set[0], 1, 48, test=False)
-    ep = test_set[0]
-    _assert_episode(ep, 3, 48, test=True)
-    assert ep["class_id"] in (2, 5) and ep["m_q_orig"].shape == (80, 80)
-    # --test-classes replace the fold (whatever fold is passed)
-    assert data.dataset_classes("folder", 1, root, test_classes=[6, 3]).novel == [3, 6]
-    assert data.build_dataset("folder", "test", 1, img_size=48, root=root, test_classes=(6, 3)).classes == [3, 6]
-    assert data.build_dataset("folder", "train", 1, img_size=48, root=root, test_classes=(3, 6)).classes == [1, 2, 4, 5]
-    assert symnet.base_classes(common.Setting(dataset="folder", data_root=root, test_classes=(3, 6))) == [1, 2, 4, 5]
-    with pytest.raises(ValueError, match="folder dataset's novel classes"):
-        data.dataset_classes("pascal", 0, test_classes=[3])
-
-
-def test_folder_without_classes_and_folds_numbers_its_ids_and_says_the_default_folds_once(tmp_path, capsys):
-    root = _write_folder(tmp_path / "plain", classes_txt=False, folds_txt=None)
-    assert data.dataset_classes("folder", 0, root) == (6, {c: str(c) for c in range(1, 7)}, [1, 2])
-    assert [data.dataset_classes("folder", k, root).novel for k in range(4)] == [[1, 2], [3, 4], [5], [6]]
-    data.build_dataset("folder", "test", 3, img_size=48, root=root)
-    notes = [line for line in capsys.readouterr().err.splitlines() if "no folds.txt" in line]
-    assert notes == [f"[data] note: {root} has no folds.txt: fold K tests the K-th of four contiguous quarters of "
-                     "the class ids (PASCAL-5i's rule): fold 0 = 1..2, fold 1 = 3..4, fold 2 = 5, fold 3 = 6"]
-
-
-def test_folder_train_and_val_lists_split_as_pascals_and_feed_the_base_learner(tmp_path, monkeypatch):
-    root = _write_folder(tmp_path / "listed")
-    (root / "train.txt").write_text("cat_0\ncat_3\ncup_0\ndog_0\ndog_1\n")  # dog_1 is in val.txt too: a test image
-    (root / "val.txt").write_text("dog_1\ndog_2\ndog_3\ntree_0\ntree_1\ntree_2.jpg\n")
-    train_set = data.build_dataset("folder", "train", 1, img_size=48, root=root)
-    assert sorted(train_set.files) == ["cat_0", "cat_3", "cup_0", "dog_0"]
-    assert train_set.images == ["cat_0", "cup_0"]  # cat_3 (a dog patch) and dog_0 hold novel pixels: BAM drops them
-    test_set = data.build_dataset("folder", "test", 1, shot=2, img_size=48, root=root)
-    assert sorted(test_set.files) == ["dog_1", "dog_2", "dog_3", "tree_0", "tree_1", "tree_2"]
-    assert test_set.class_files == {2: ["dog_1", "dog_2", "dog_3"], 5: ["tree_0", "tree_1", "tree_2"]}
-    # the whole training list, novel pixels -> background
-    images = symnet.BaseClassImages(common.Setting(dataset="folder", fold=1, img_size=80, data_root=root))
-    assert images.classes == [1, 3, 4, 6] and images.names == ["cat_0", "cat_3", "cup_0", "dog_0"]
-    monkeypatch.setattr(data, "train_transform", lambda img, label, *a: (img, label))  # the labels as read
-    _, label = images[(0, images.names.index("cat_3"))]
-    raw = torch.from_numpy(_label((1, 15, 15, 50, 50), (2, 65, 65, 10, 10))).long()
-    assert torch.equal(label, torch.where(raw == 1, 1, 0))  # cat -> channel 1, the dog patch (novel) -> 0
-    (root / "val.txt").write_text("dog_1\nnosuch\n")
-    with pytest.raises(data.DatasetFileError, match=r"val.txt lists 1 name\(s\) with no image and label .*: nosuch$"):
-        data.build_dataset("folder", "test", 1, img_size=48, root=root)
-
-
-def test_folder_scan_is_cached_and_done_again_when_a_label_changes(tmp_path, monkeypatch, capsys):
-    root = _write_folder(tmp_path / "cached")
-    first = data.build_dataset("folder", "train", 1, img_size=48, root=root)
-    assert (root / ".fss_cache" / "folder_counts.json").is_file()
-    assert "checking and scanning the files of" in capsys.readouterr().out
-
-    def fail(pair, max_id=None):
-        raise AssertionError("rescanned although cached")
-    monkeypatch.setattr(data, "_scan_pair", fail)
-    again = data.build_dataset("folder", "train", 1, img_size=48, root=root)
-    assert again.counts == first.counts and again.images == first.images
-    data.build_dataset("folder", "test", 1, img_size=48, root=root)  # one scan serves both splits and every fold
-    data.build_dataset("folder", "train", 2, img_size=48, root=root)
-    label = root / "labels" / "cat_0.png"
-    Image.fromarray(_label((1, 0, 0, 60, 60))).save(label)  # the same name, edited
-    os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 10 ** 9))
-    with pytest.raises(AssertionError, match="rescanned"):
-        data.build_dataset("folder", "train", 1, img_size=48, root=root)
-    monkeypatch.undo()
-    assert data.build_dataset("folder", "train", 1, img_size=48, root=root).counts["cat_0"] == {1: 3600}
-
-
 def _folder_eval(root, out, *flags):
     """The parameter-free baseline on the pixels evaluated on a folder dataset through train.main."""
     return train.main(["--model", "baseline", "--baseline-features", "image", "--dataset", "folder", "--data-root",
                        str(root), "--img-size", "48", "--test-episodes", "4", "--test-seeds", "1", "--workers", "0",
                        "--out", str(out), *flags])
 
-
-@pytest.mark.parametrize("case", ["image without label", "label without image", "label of another size",
-                                  "two images of one name", "id not in classes.txt", "folds.txt of 2 lines",
-                                  "folds.txt with an unknown id",
-                                  "test class in no image", "test class not an id", "too few for the shots",
-                                  "0/255 masks", "16-bit id over 255", "empty folder", "no images folder",
-                                  "train.txt alone"])
-def test_folder_bad_input_gets_one_clear_line(case, tmp_path, capsys):
-    root = _write_folder(tmp_path / "bad")
-    images, labels = root / "images", root / "labels"
-
-    def rewrite_labels(fn):
-        for path in labels.iterdir():
-            Image.fromarray(fn(np.array(Image.open(path)))).save(path)
-
-    bad = f"1 bad file(s) in the folder dataset {root}; fix or remove them (and their list entries):\n  "
-    cases = {  # what is done to the folder, the flags, the message
-        "image without label": (lambda: (labels / "cup_1.png").unlink(), [],
-                                f"{bad}{images / 'cup_1.jpg'}: no label {labels / 'cup_1.png'}"),
-        "label without image": (lambda: (images / "cup_1.jpg").unlink(), [],
-                                f"{bad}{labels / 'cup_1.png'}: no image {images / 'cup_1'}.jpg (or .jpeg, .png)"),
-        "two images of one name": (lambda: _save_jpeg(images / "cup_1.png", (80, 80)), [],
-                                   f"{bad}{images / 'cup_1.png'}: a second image named cup_1 (with cup_1.jpg): keep "
-                                   "one"),
-        "label of another size": (
-            lambda: Image.fromarray(_label((3, 0, 0, 50, 50), shape=(80, 70))).save(labels / "cup_1.png"), [],
-            f"{bad}{labels / 'cup_1.png'}: 70x80 pixels, its image {images / 'cup_1.jpg'} 80x80"),
-        "id not in classes.txt": (
-            lambda: Image.fromarray(_label((3, 0, 0, 50, 50), (7, 60, 0, 20, 20))).save(labels / "cup_2.png"), [],
-            f"the labels of {root} hold class id(s) [7], which {root / 'classes.txt'} does not name (it names 6 "
-            f"classes, ids 1..6): e.g. {labels / 'cup_2.png'} holds 7"),
-        "folds.txt of 2 lines": (lambda: (root / "folds.txt").write_text("1 2\n3\n"), [],
-                                 f"{root / 'folds.txt'} has 2 line(s); it needs 4, line K the test class ids of fold "
-                                 "K (1..6, separated by spaces or commas)"),
-        "folds.txt with an unknown id": (lambda: (root / "folds.txt").write_text("1 4\n2, 9\n3\n6\n"), [],
-                                         f"{root / 'folds.txt'} line 2 '2, 9': not class ids of {root} (1..6, "
-                                         "separated by spaces or commas)"),
-        "test class in no image": (
-            lambda: (root / "classes.txt").write_text("\n".join(FOLDER_NAMES + ("bird",))), ["--test-classes", "2,7"],
-            f"--test-classes 2,7: no label in {labels} holds test class 7 (bird): there is no image to test it on"),
-        "test class not an id": (lambda: None, ["--test-classes", "3,9"],
-                                 f"--test-classes 3,9: [9] are not class ids of {root} (1..6)"),
-        "too few for the shots": (lambda: None, ["--fold", "1", "--shot", "4"],
-                                  f"too few test images in {root} for 4-shot episodes, which need 5 images with >= "
-                                  "2048 pixels of the class (the query and 4 other images as supports): class 2 (dog) "
-                                  "has 4; class 5 (tree) has 4. Add images, lower --shot, or choose other test "
-                                  "classes"),
-        "0/255 masks": (lambda: rewrite_labels(lambda a: np.where(a > 0, 255, 0).astype(np.uint8)), [],
-                        f"no label in {labels} holds a class id (1..254): every pixel is 0 or 255, and 255 means "
-                        "'ignore' (write an object mask as 0/1, not 0/255)"),
-        "16-bit id over 255": (  # would be dropped by the 1..254 count: named instead
-            lambda: Image.fromarray(_label((3, 0, 0, 50, 50)).astype(np.uint16) * 100).save(labels / "cup_2.png"), [],
-            f"{bad}{labels / 'cup_2.png'}: class id 300; ids are 1..254 (0 background, 255 ignore)"),
-        "empty folder": (lambda: [p.unlink() for d in (images, labels) for p in d.iterdir()], [],
-                         f"folder data root {root} holds no image: {images} has no .jpg, .jpeg, .png file and "
-                         f"{labels} no .png\n{data.FOLDER_LAYOUT}"),
-        "no images folder": (lambda: [p.unlink() for p in images.iterdir()] and images.rmdir(), [],
-                             f"folder data root {root} is missing {images}\n{data.FOLDER_LAYOUT}"),
-        "train.txt alone": (lambda: (root / "train.txt").write_text("cat_0\n"), [],
-                            f"{root / 'train.txt'} without {root / 'val.txt'}: give both lists, or neither\n"
-                            f"{data.FOLDER_LAYOUT}"),
-    }
-    change, flags, message = cases[case]
-    change()
-    with pytest.raises(SystemExit) as err:
-        _folder_eval(root, tmp_path / "run", *flags)
-    assert str(err.value.code) == f"error: {message}"  # train.main's one line, no traceback
-    assert "Traceback" not in capsys.readouterr().err
-
-
-# ==========================================================================================================
-# train.py: the harness end to end on synthetic data, with a tiny model file written to a temp folder
-# ==========================================================================================================
 
 REPO = Path(__file__).resolve().parent
 
@@ -2045,391 +595,6 @@ def read_metrics(out, name="metrics.jsonl"):
     return [json.loads(line) for line in (out / name).read_text().splitlines()]
 
 
-# ---------------- training, evaluation, --resume, --select-best, --compile, NaN stop, DDP -----------------
-
-def test_cli_trains_and_evaluates_end_to_end(tiny, tmp_path):
-    out = tmp_path / "run"
-    proc = run_cli(["train.py", *tiny_args(tiny, out, "--epochs", "3", "--log-every", "2", "--workers", "2")])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = result_line(proc.stdout)
-    assert res["model"] == "tinynet" and res["dataset"] == "synthetic" and res["fold"] == "1"
-    assert 0 <= float(res["miou"]) <= 100 and 0 <= float(res["fbiou"]) <= 100
-    assert "episodes/s" in proc.stdout and "ETA" in proc.stdout and "test seed 1" in proc.stdout
-    records = read_metrics(out)
-    assert records[0]["event"] == "start" and records[-1]["event"] == "result"
-    assert set(records[-1]["per_class"]) == {"6", "7", "8", "9", "10"}  # fold 1's test classes
-    state = torch.load(out / "last.pt", weights_only=False)
-    assert state["epoch"] == 3 and state["args"]["model"] == str(tiny)
-
-
-def test_training_lowers_the_loss(tiny, tmp_path):
-    train.main(tiny_args(tiny, tmp_path, "--epochs", "6", "--train-length", "32", "--log-every", "8",
-                         "--test-episodes", "4", "--test-seeds", "1"))
-    losses = [r["loss"] for r in read_metrics(tmp_path) if r["event"] == "train"]
-    assert len(losses) == 6 and sum(losses[-2:]) < 0.9 * sum(losses[:2]), losses
-    # the poly schedule per step: 32 episodes / batch 4 = 8 steps an epoch, 48 in all, logged at each 8th
-    lrs = [r["lr"] for r in read_metrics(tmp_path) if r["event"] == "train"]
-    assert lrs == pytest.approx([0.05 * (1 - (8 * e + 7) / 48) ** 0.9 for e in range(6)])
-
-
-def test_evaluation_scores_at_original_resolution_by_hand(tmp_path):
-    """A model that calls every pixel foreground, on PASCAL-sized (500x375) images tested at 64 px: per class,
-    I = its object pixels and U = every labelled pixel of the ORIGINAL label (not the resized, padded one)."""
-    class AllForeground(nn.Module):
-        def forward(self, img_q, img_s, m_s, class_ids=None):
-            logits = torch.zeros(img_q.shape[0], 2, *img_q.shape[-2:])
-            logits[:, 1] = 10.0  # p(fg) = sigmoid(10) everywhere
-            return {"logits": logits}
-
-    root = tmp_path / "voc"
-    train.write_pascal_like(root, 30)
-    args = train.parse_args(["--model", "baseline", "--dataset", "pascal", "--data-root", str(root), "--img-size",
-                             "64", "--test-episodes", "5", "--test-seeds", "1", "--workers", "0"])[0]
-    dataset = train.episodes(args, "test")
-    loader = data.make_loader(dataset, data.EpisodeSampler(len(dataset)), 2, args.workers, torch.device("cpu"), False)
-    meter = train.evaluate(AllForeground(), loader, dataset, torch.device("cpu"), args, seed=0)
-    inter, union = {}, {}
-    for i in range(len(dataset)):
-        episode = dataset[(0, i)]
-        target, c = episode["m_q_orig"], episode["class_id"]
-        assert target.shape == (375, 500)
-        inter[c] = inter.get(c, 0) + (target == 1).sum().item()
-        union[c] = union.get(c, 0) + (target != IGNORE_INDEX).sum().item()
-    assert meter.class_iou() == pytest.approx({c: inter[c] / union[c] for c in inter}, rel=1e-9)
-    assert meter.fbiou() == pytest.approx(sum(inter.values()) / sum(union.values()) / 2, rel=1e-9)  # bg IoU 0
-    assert meter.mean_probability() == pytest.approx([torch.sigmoid(torch.tensor(10.0)).item()] * 2)
-
-
-def test_episode_sampler_streams_ranks_and_test_split():
-    def keys(sampler, stream):
-        sampler.set_stream(stream)
-        return list(sampler)
-
-    ranks = [data.EpisodeSampler(10, rank, 2, shuffle=True, seed=3, batch_size=2) for rank in (0, 1)]
-    epoch0 = [keys(s, 0) for s in ranks]
-    assert all(len(k) == len(s) == 4 for k, s in zip(epoch0, ranks))  # 10 // (2 ranks x 2) x 2: whole batches
-    assert all(stream == 0 for k in epoch0 for stream, _ in k)  # the key carries the epoch to the workers
-    assert not {i for _, i in epoch0[0]} & {i for _, i in epoch0[1]}  # the ranks see different episodes
-    assert keys(ranks[0], 0) == epoch0[0] and [i for _, i in keys(ranks[0], 1)] != [i for _, i in epoch0[0]]
-    test = [data.EpisodeSampler(7, rank, 2) for rank in (0, 1)]
-    assert [i for _, i in keys(test[0], 4)] == [0, 2, 4, 6] and [i for _, i in keys(test[1], 4)] == [1, 3, 5]
-
-
-def test_resume_after_a_crash_gives_the_same_weights(tiny, tmp_path):
-    common_args = ["--epochs", "3", "--workers", "2", "--test-episodes", "2", "--test-seeds", "1"]
-    train.main(tiny_args(tiny, tmp_path / "a", *common_args))
-    with pytest.raises(RuntimeError, match="simulated crash"):  # 4 steps per epoch: dies inside epoch 2
-        train.main(tiny_args(tiny, tmp_path / "b", *common_args, "--crash-after", "6"))
-    assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["epoch"] == 1
-    train.main(tiny_args(tiny, tmp_path / "b", *common_args, "--resume"))
-    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
-    assert b["epoch"] == 3
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    assert torch.equal(a["optimizer"]["state"][0]["momentum_buffer"], b["optimizer"]["state"][0]["momentum_buffer"])
-
-
-def test_select_best_validates_keeps_the_best_and_evaluates_it(tiny, tmp_path, capsys):
-    train.main(tiny_args(tiny, tmp_path, "--epochs", "3", "--select-best", "--val-every", "1",
-                         "--test-episodes", "4", "--test-seeds", "1"))
-    text = capsys.readouterr().out
-    records = read_metrics(tmp_path)
-    vals = [r["miou"] for r in records if r["event"] == "val"]
-    assert len(vals) == 3 and "evaluating best.pt" in text and "optimistic" in text
-    best = torch.load(tmp_path / "best.pt", weights_only=False)
-    assert best["best"] == max(vals) and best["epoch"] == 1 + vals.index(max(vals))
-    assert records[-1]["miou"] == pytest.approx(max(vals))  # the final evaluation is best.pt's
-
-
-def test_compile_trains_as_eager_and_saves_plain_weights(tiny, tmp_path):
-    """--compile (torch.compile; inductor's C++ backend on a CPU) gives eager's losses, and the checkpoint has the
-    module's own keys, so that it loads without --compile."""
-    losses = {}
-    for name, extra in (("eager", ()), ("compiled", ("--compile",))):
-        out = tmp_path / name
-        proc = run_cli(["train.py", *tiny_args(tiny, out, "--epochs", "1", "--log-every", "1", "--test-seeds", "1",
-                                               *extra)])
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        losses[name] = [r["loss"] for r in read_metrics(out) if r["event"] == "train"]
-    assert len(losses["eager"]) == 4 and losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
-    keys = torch.load(tmp_path / "compiled" / "last.pt", weights_only=False)["model"]
-    assert keys.keys() == torch.load(tmp_path / "eager" / "last.pt", weights_only=False)["model"].keys()
-
-
-def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, capsys):
-    with pytest.raises(SystemExit) as stop:
-        train.main(tiny_args(tiny, tmp_path, "--epochs", "3", "--nan-after", "5", "--log-every", "1"))
-    assert stop.value.code == train.EXIT_NONFINITE
-    assert "loss became nan" in capsys.readouterr().out
-    state = torch.load(tmp_path / "last.pt", weights_only=False)
-    assert state["epoch"] == 1  # 4 steps per epoch: epoch 1 was good, epoch 2 went bad
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-
-
-def test_evaluation_is_reproducible_and_matches_across_processes(tiny, tmp_path):
-    train.main(tiny_args(tiny, tmp_path / "t", "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"))
-    ckpt = str(tmp_path / "t" / "last.pt")
-    evals = ["--eval-only", "--checkpoint", ckpt, "--batch-size", "2"]
-    first = train.main(tiny_args(tiny, tmp_path / "e1", *evals))
-    second = train.main(tiny_args(tiny, tmp_path / "e2", *evals, "--workers", "2"))
-    assert first == second
-    # 2 processes (gloo on CPU): each rank takes every second episode, the meters are summed across ranks
-    proc = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                    "train.py", *tiny_args(tiny, tmp_path / "ddp", *evals)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = result_line(proc.stdout)
-    assert float(res["miou"]) == pytest.approx(100 * first[0], abs=0.006)
-    assert float(res["fbiou"]) == pytest.approx(100 * first[1], abs=0.006)
-
-
-def test_ddp_training_on_cpu(tiny, tmp_path):
-    proc = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
-                    "train.py", *tiny_args(tiny, tmp_path, "--epochs", "2", "--test-episodes", "4")])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("RESULT ") == 1  # rank 0 alone reports
-    assert "2 process(es)" in proc.stdout
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 2
-
-
-# ---------------- the baseline; --stage, --vis, --predict, --bench ----------------------------------------
-
-def test_baseline_segments_a_colour_coded_episode_exactly():
-    """On pixel features, a red square on blue is found exactly by the fg/bg prototype rule."""
-    baseline = train.PrototypeBaseline(train.BaselineConfig(baseline_features="image"))
-    img_s, img_q = torch.zeros(1, 2, 3, 16, 16), torch.zeros(1, 3, 16, 16)
-    img_s[:, :, 2], img_q[:, 2] = 1.0, 1.0  # blue everywhere
-    m_s = torch.zeros(1, 2, 16, 16, dtype=torch.long)
-    m_s[0, 0, 2:8, 2:8], m_s[0, 1, 8:14, 1:5], m_s[0, 1, 0, :] = 1, 1, 255
-    for k, (top, left, h, w) in enumerate([(2, 2, 6, 6), (8, 1, 6, 4)]):
-        img_s[0, k, :, top:top + h, left:left + w] = torch.tensor([1.0, 0, 0])[:, None, None]  # red object
-    img_q[0, :, 9:15, 5:12] = torch.tensor([1.0, 0, 0])[:, None, None]
-    logits = baseline(img_q, img_s, m_s)["logits"]
-    assert logits.shape == (1, 2, 16, 16) and not any(p.requires_grad for p in baseline.parameters())
-    expected = torch.zeros(16, 16, dtype=torch.long)
-    expected[9:15, 5:12] = 1
-    assert torch.equal(logits[0].argmax(0), expected)
-
-
-def test_baseline_evaluates_without_training(tmp_path, capsys):
-    miou, fbiou = train.main(["--model", "baseline", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
-                              "--img-size", "64", "--test-episodes", "2", "--test-seeds", "1",
-                              "--out", str(tmp_path)])
-    assert 0 <= miou < 1 and 0 < fbiou < 1  # 2 episodes at 64 px: the floor may find nothing
-    out = capsys.readouterr().out
-    assert "training:" not in out and "BatchNorm statistics estimated on 64 training images" in out
-    # 2 episodes cannot cover fold 0's 5 classes: the others count 0, as in PFENet's mIoU, and the user is told
-    result = read_metrics(tmp_path)[-1]
-    assert sorted(map(int, result["per_class"])) == list(data.fold_classes("synthetic", 0))
-    assert miou == pytest.approx(sum(result["per_class"].values()) / 5)
-    assert "WARNING: test seed 0 has no episode of" in out and "IoU 0 in the mIoU" in out
-
-
-def test_stage_vis_predict_and_bench(tiny, tmp_path, capsys):
-    train.main(tiny_args(tiny, tmp_path, "--stage", "hello"))
-    assert (tmp_path / "stage.txt").read_text() == "fold 1"
-    with pytest.raises(SystemExit, match="offers"):
-        train.main(tiny_args(tiny, tmp_path, "--stage", "nosuch"))
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:  # a stage's NaN loss stops as training's does
-        train.main(tiny_args(tiny, tmp_path, "--stage", "nan"))
-    assert stop.value.code == train.EXIT_NONFINITE
-    assert "the loss became nan in epoch 1 at step 1 in --stage nan" in capsys.readouterr().out
-
-    train.main(tiny_args(tiny, tmp_path, "--epochs", "1", "--vis", "3", "--test-episodes", "4", "--test-seeds", "1"))
-    pngs = sorted((tmp_path / "vis").glob("*.png"))
-    assert len(pngs) == 3
-    assert Image.open(pngs[0]).size == (3 * 48, 48)  # 1 support | ground truth | prediction
-
-    img = np.zeros((30, 50, 3), np.uint8)
-    img[5:25, 10:30] = 200
-    mask = np.zeros((30, 50), np.uint8)
-    mask[5:25, 10:30] = 255  # a white-on-black mask, as people draw them
-    Image.fromarray(img).save(tmp_path / "s.jpg")
-    Image.fromarray(mask).save(tmp_path / "s.png")
-    Image.fromarray(img[:, ::-1].copy()).save(tmp_path / "q.jpg")
-    pred_out = tmp_path / "pred"
-    train.main(["--predict", "--checkpoint", str(tmp_path / "last.pt"), "--support", str(tmp_path / "s.jpg"),
-                "--support-mask", str(tmp_path / "s.png"), "--query", str(tmp_path / "q.jpg"),
-                "--out", str(pred_out), "--workers", "0"])
-    pred = np.array(Image.open(pred_out / "q_mask.png"))
-    assert pred.shape == (30, 50) and set(np.unique(pred)) <= {0, 255}
-    assert Image.open(pred_out / "q_overlay.png").size == (50, 30)
-    Image.fromarray(mask.T.copy()).save(tmp_path / "turned.png")  # 30x50 image, 50x30 mask: would be stretched
-    with pytest.raises(SystemExit, match="is 30x50 pixels but its image .* is 50x30"):
-        train.main(["--predict", "--checkpoint", str(tmp_path / "last.pt"), "--support", str(tmp_path / "s.jpg"),
-                    "--support-mask", str(tmp_path / "turned.png"), "--query", str(tmp_path / "q.jpg"),
-                    "--out", str(pred_out), "--workers", "0"])
-
-    capsys.readouterr()
-    train.main(tiny_args(tiny, tmp_path, "--bench", "--bench-steps", "2", "--batch-size", "2"))
-    text = capsys.readouterr().out
-    assert "ms/step" in text and "ms/episode" in text and "learnable" in text and "TFLOP/step" in text
-    peak = float(text.split("peak process memory: ")[1].split(" GiB")[0])  # on the CPU: the resident peak
-    assert 0.1 < peak < 64
-    fields = dict(kv.split("=") for kv in text.split("BENCH ")[1].split())  # the line for scripts
-    assert fields["shot"] == "1" and fields["batch"] == "2" and float(fields["peak_gib"]) == pytest.approx(peak)
-    assert float(fields["episodes_per_s"]) == pytest.approx(2000 / float(fields["train_ms"]), rel=0.1)  # rounded
-    assert fields["host_syncs"] == "0" and "host syncs: 0 per training step" in text
-
-
-def test_user_masks_of_any_mode_and_missing_files(tmp_path):
-    grey = np.zeros((4, 5), np.uint8)
-    grey[1:3, 2:4] = 200
-    rgb = np.zeros((4, 5, 3), np.uint8)
-    rgb[1:3, 2:4, 2] = 1  # a faint blue object: nonzero in one channel only
-    Image.fromarray(grey).save(tmp_path / "grey.png")
-    Image.fromarray(rgb).save(tmp_path / "rgb.png")
-    Image.fromarray(np.dstack([rgb, np.full((4, 5), 255, np.uint8)])).save(tmp_path / "rgba.png")
-    expected = torch.from_numpy((grey > 0).astype(np.int64))
-    for name in ("grey.png", "rgb.png", "rgba.png"):
-        assert torch.equal(train.read_user_mask(tmp_path / name), expected), name
-    with pytest.raises(SystemExit, match="cannot read mask"):
-        train.read_user_mask(tmp_path / "absent.png")
-    # a phone photo stored landscape with EXIF orientation 6 (shown turned 90 degrees clockwise): --predict
-    # reads it upright, as the user sees it and drew its mask; the datasets' images are read as stored
-    photo = np.zeros((4, 6, 3), np.uint8)
-    photo[0, 0] = 255  # top-left as stored -> top-right as shown
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    Image.fromarray(photo).save(tmp_path / "phone.png", exif=exif)
-    stored, upright = data.load_image(tmp_path / "phone.png"), data.load_image(tmp_path / "phone.png", upright=True)
-    assert stored.shape == (3, 4, 6) and upright.shape == (3, 6, 4)
-    assert stored[0, 0, 0] == 255 and upright[0, 0, -1] == 255
-
-
-def test_count_flops_by_hand_and_backbone_share():
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone = Backbone("resnet50", pretrained=False)
-            self.head = nn.Conv2d(2048, 2, 1)
-
-        def forward(self, x):
-            return self.head(self.backbone(x)["layer4"])  # (1,2,5,5)
-
-    torch.manual_seed(0)
-    net, x = Net(), torch.randn(1, 3, 33, 33)
-    with torch.utils.flop_counter.FlopCounterMode(display=False) as reference:
-        net.backbone(x)
-    head = 2 * 2048 * 2 * 5 * 5  # 2 flops per multiply-add, 2048 -> 2 channels at 5x5
-    total, backbone = train.count_flops(net, lambda: net(x).sum().backward())
-    assert backbone == reference.get_total_flops() > 0
-    assert total == backbone + head + head  # the head's forward and its weight gradient (x needs none)
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())  # hooks removed
-
-
-def test_bf16_peak_matches_whole_gpu_names(monkeypatch):
-    args, cuda = argparse.Namespace(peak_tflops=None), torch.device("cuda")
-    for name, peak in (("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.5), ("NVIDIA H100 NVL", 835.5),
-                       ("NVIDIA L40", 181.0), ("NVIDIA L40S", 362.1), ("NVIDIA L4", 121.0), ("NVIDIA A10G", None),
-                       ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H200", 989.4)):
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
-        assert train.bf16_peak_tflops(cuda, args) == peak, name
-    assert train.bf16_peak_tflops(cuda, argparse.Namespace(peak_tflops=500.0)) == 500.0  # --peak-tflops wins
-
-
-def test_bench_data_on_generated_pascal_jpegs(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "BENCH_DATA_IMAGES", 20)
-    monkeypatch.setattr(train, "BENCH_DATA_SECONDS", 0.5)
-    train.main(["--bench-data", "--model", "baseline", "--workers", "1", "--img-size", "64", "--batch-size", "2"])
-    text = capsys.readouterr().out
-    assert "writing 20 PASCAL-sized JPEGs" in text
-    lines = [line for line in text.splitlines() if line.strip().endswith("per image)")]
-    rates = [float(line.split()[2]) for line in lines]
-    assert len(rates) == 2 and all(r > 0 for r in rates)  # 0 and 1 workers
-    # a compact batch of 2 1-shot episodes at 64 px: 4 images of 3 x 64 x 64 bytes, 4 masks, 2 class ids of 8 bytes
-    assert all(f"{(4 * 4 * 64 * 64 + 2 * 8) / 2 ** 20:.1f} MiB a batch" in line for line in lines)
-    root = tmp_path / "voc"
-    train.write_pascal_like(root, 5)
-    img = Image.open(root / "JPEGImages" / "000004.jpg")
-    label = np.array(Image.open(root / "SegmentationClassAug" / "000004.png"))
-    assert img.size == (500, 375) and label.shape == (375, 500) and 5 in np.unique(label)  # class 1 + 4 % 20
-    assert (root / "ImageSets" / "Segmentation" / "val.txt").read_text() == "000004\n"
-
-
-# ---------------- arguments, and checkpoints given with flags ---------------------------------------------
-
-@pytest.mark.parametrize("argv, message", [
-    (["--fold", "7"], "argument --fold: must be 0, 1, 2, 3 or all, got '7'"),
-    (["--fold", "all", "--bench"], "--fold all trains and evaluates"),
-    (["--backbone-weights", "w.pth", "--no-pretrained"], "--backbone-weights and --no-pretrained exclude"),
-    (["--resume", "--overwrite"], "--resume excludes --eval-only and --overwrite"),
-    (["--shot", "0"], "argument --shot: must be at least 1, got 0"),
-    (["--log-every", "0"], "argument --log-every: must be at least 1"),
-    (["--test-episodes", "0"], "argument --test-episodes: must be at least 1"),
-    (["--workers", "-1"], "argument --workers: must be at least 0"),
-    (["--seed", "-1"], "argument --seed: must be at least 0"),
-    (["--batch-size", "two"], "argument --batch-size: invalid positive_int value"),
-    (["--lr", "-1"], "argument --lr: must be a number above 0 and at most 10, got '-1'"),
-    (["--lr", "1e300"], "argument --lr: must be a number above 0 and at most 10, got '1e300'"),
-    (["--lr", "nan"], "argument --lr: must be a number above 0 and at most 10, got 'nan'"),
-    (["--lr", "inf"], "argument --lr: must be a number above 0 and at most 10, got 'inf'"),
-    (["--model", "nosuchnet"], "choose one of"),
-    (["--model", "missing.py"], "no such file"),
-    (["--dataset", "pascal", "--data-root", "/nonexistent/voc", "--model", "baseline", "--no-pretrained"],
-     "JPEGImages"),
-])
-def test_bad_arguments_get_clear_messages(argv, message, tmp_path):
-    proc = run_cli(["train.py", *argv, "--workers", "0", "--out", str(tmp_path)])
-    assert proc.returncode != 0
-    assert message in proc.stdout + proc.stderr, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
-def test_help_lists_the_models_own_flags():
-    proc = run_cli(["train.py", "--model", "crcnet", "--help"])
-    assert proc.returncode == 0 and "crcnet options" in proc.stdout and "--kshot" in proc.stdout
-
-
-def test_offline_pretrained_run_stops_with_instructions(tmp_path, monkeypatch):
-    def offline(*args, **kwargs):
-        raise OSError("network is unreachable")
-
-    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
-    with pytest.raises(SystemExit) as stop:
-        train.main(["--model", "baseline", "--dataset", "synthetic", "--workers", "0", "--out", str(tmp_path)])
-    assert str(stop.value).startswith("error: could not load the ImageNet weights")
-    assert "--no-pretrained" in str(stop.value)
-
-
-def test_model_flags_given_with_a_checkpoint_apply(tiny, tmp_path):
-    train.main(tiny_args(tiny, tmp_path / "run", "--epochs", "1", "--test-episodes", "4", "--test-seeds", "1"))
-    flags = ["--eval-only", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--dataset", "synthetic",
-             "--fold", "1", "--workers", "0", "--test-episodes", "4", "--test-seeds", "1"]
-    plain = train.main([*flags, "--out", str(tmp_path / "a")])
-    inverted = train.main([*flags, "--invert", "1", "--out", str(tmp_path / "b")])
-    assert plain == train.main([*flags, "--out", str(tmp_path / "c")])  # evaluation is deterministic
-    assert inverted != plain  # --invert, a model flag not in the checkpoint's config, took effect
-
-
-def test_a_checkpoint_is_tested_on_its_own_fold_unless_told_otherwise(tiny, tmp_path, capsys):
-    train.main(tiny_args(tiny, tmp_path / "run", "--epochs", "1", "--test-episodes", "4", "--test-seeds", "1"))
-    flags = ["--eval-only", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--workers", "0",
-             "--test-episodes", "4", "--test-seeds", "1"]
-    capsys.readouterr()
-    train.main([*flags, "--out", str(tmp_path / "a")])  # trained on synthetic fold 1; neither flag given
-    out, err = capsys.readouterr()
-    assert result_line(out)["dataset"] == "synthetic" and result_line(out)["fold"] == "1" and "WARNING" not in err
-    train.main([*flags, "--fold", "2", "--out", str(tmp_path / "b")])  # allowed, but its classes were trained on
-    out, err = capsys.readouterr()
-    assert result_line(out)["fold"] == "2" and "was trained on synthetic fold 1" in err
-    # --model=X is --model X: it overrides the checkpoint's model, as the spaced form does
-    assert train.parse_args(["--model=baseline", "--checkpoint", flags[2]])[0].model == "baseline"
-    # files that are not train.py checkpoints: a message naming the file, not a traceback
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    torch.save({"model": {}, "classes": [1]}, tmp_path / "stage.pt")  # a stage's file, e.g. a base learner
-    for name, message in (("junk.pt", "cannot read checkpoint"), ("stage.pt", "is not a checkpoint of train.py")):
-        with pytest.raises(SystemExit, match=message):
-            train.main(["--eval-only", "--checkpoint", str(tmp_path / name)])
-
-
-def test_eval_only_without_checkpoint_is_refused(tiny, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        train.main(tiny_args(tiny, tmp_path, "--eval-only"))
-    assert "--eval-only needs --checkpoint" in capsys.readouterr().err
-
-
 # ---------------- the recipes, and the protocol's scores --------------------------------------------------
 
 RECIPES = {  # model -> dataset -> (lr, batch, epochs, crop, augmentation): the run behind each paper's table
@@ -2440,480 +605,6 @@ RECIPES = {  # model -> dataset -> (lr, batch, epochs, crop, augmentation): the 
     "qgnet": {"pascal": (0.025, 4, 200, 473, "pfenet"), "coco": (0.05, 8, 50, 473, "pfenet")},
     "baseline": {"pascal": (0.025, 4, 200, 473, "pfenet"), "coco": (0.05, 8, 50, 641, "pfenet")},
 }
-
-
-@pytest.mark.parametrize("dataset", ["pascal", "coco"])
-@pytest.mark.parametrize("model", sorted(RECIPES))
-def test_default_recipe_is_the_run_behind_each_papers_table(model, dataset):
-    args, _ = train.parse_args(["--model", model, "--dataset", dataset])
-    assert (args.lr, args.batch_size, args.epochs, args.img_size, args.augment) == RECIPES[model][dataset]
-    assert (args.test_episodes, args.test_seeds) == ({"pascal": 1000, "coco": 5000}[dataset], 5)
-    given, _ = train.parse_args(["--model", model, "--dataset", dataset, "--lr", "0.1", "--augment", "pfenet",
-                                 "--test-episodes", "7"])  # the command line wins over every recipe
-    assert (given.lr, given.augment, given.test_episodes, given.batch_size) == (0.1, "pfenet", 7, args.batch_size)
-
-
-def test_qpenet_epochs_follow_the_official_config_of_each_fold_and_backbone():
-    """config/pascal/pascal_split{0-3}_resnet50.yaml: 100, 100, 100, 50 epochs; resnet101: 150 (its deep stem too);
-    --fold all resolves each fold's own; the command line wins."""
-    epochs = lambda *flags: train.parse_args(["--model", "qpenet", *flags])[0]  # noqa: E731
-    assert [epochs("--fold", str(k)).epochs for k in range(4)] == [100, 100, 100, 50]
-    assert [one.epochs for one in epochs("--fold", "all").folds] == [100, 100, 100, 50]
-    assert epochs("--backbone", "resnet101", "--fold", "3").epochs == 150
-    assert epochs("--backbone", "resnet101_deep").epochs == 150 and epochs("--backbone", "resnet50_deep").epochs == 100
-    assert epochs("--backbone", "vgg16_bn").epochs == 100  # a backbone the configs do not name: ResNet-50's
-    assert epochs("--fold", "3", "--epochs", "7").epochs == 7 and epochs("--dataset", "coco", "--fold", "3").epochs == 50
-
-
-@pytest.mark.parametrize("dataset, end_to_end, scales", [("pascal", True, (0.75, 1.0, 1.25)),
-                                                         ("coco", True, (0.75, 1.0, 1.25)),
-                                                         ("synthetic", False, (1.0,))])
-def test_crcnet_recipe_trains_end_to_end_and_tests_at_three_scales(dataset, end_to_end, scales):
-    args, module = train.parse_args(["--model", "crcnet", "--dataset", dataset])
-    cfg = train.make_config(module, args)  # §5.1; the synthetic quick start keeps the encoder frozen, one scale
-    assert (cfg.train_encoder, tuple(cfg.test_scales)) == (end_to_end, scales)
-    args, module = train.parse_args(["--model", "crcnet", "--dataset", dataset, "--freeze-encoder",
-                                     "--test-scales", "1", "1.5"])
-    assert (train.make_config(module, args).train_encoder, train.make_config(module, args).test_scales) == \
-        (False, [1.0, 1.5])
-
-
-def test_a_recipe_value_that_names_no_flag_is_refused(tmp_path):
-    path = tmp_path / "badrecipe.py"
-    path.write_text(TINY_MODEL.replace('dict(lr=0.05, batch_size=4', 'dict(no_such_flag=3, lr=0.05, batch_size=4'))
-    with pytest.raises(SystemExit, match="recipe value no_such_flag=3 names no flag"):
-        train.parse_args(["--model", str(path), "--dataset", "synthetic"])
-
-
-def test_result_reports_the_mean_and_spread_over_the_test_seeds(tiny, tmp_path, capsys):
-    train.main(tiny_args(tiny, tmp_path, "--epochs", "1", "--test-episodes", "6", "--test-seeds", "3"))
-    out = capsys.readouterr().out
-    record = read_metrics(tmp_path)[-1]
-    printed = [float(line.split("mIoU ")[1].split()[0]) for line in out.splitlines() if line.startswith("test seed")]
-    assert printed == pytest.approx([100 * v for v in record["seed_miou"]], abs=0.006) and len(printed) == 3
-    assert record["miou"] == pytest.approx(np.mean(record["seed_miou"]))
-    assert record["miou_std"] == pytest.approx(np.std(record["seed_miou"], ddof=1))
-    assert record["fbiou_std"] == pytest.approx(np.std(record["seed_fbiou"], ddof=1))
-    res = result_line(out)
-    assert float(res["miou_std"]) == pytest.approx(100 * record["miou_std"], abs=0.006)
-    assert float(res["fbiou"]) == pytest.approx(100 * record["fbiou"], abs=0.006)
-    assert f"+- {100 * record['miou_std']:.2f}" in out
-    assert train.spread([0.5])[0] == 0.5 and math.isnan(train.spread([0.5])[1])  # one seed: no spread
-
-
-def test_training_and_evaluation_are_fp32_unless_bf16_is_asked(tiny, tmp_path, monkeypatch):
-    real, calls = train.autocast, []
-
-    def recording(device, bf16):
-        calls.append((sys._getframe(1).f_code.co_name, bf16))
-        return real(device, bf16)
-
-    monkeypatch.setattr(train, "autocast", recording)
-    for flags, expected in [((), {("train", False), ("evaluate", False)}),
-                            (("--bf16", "--bf16-eval"), {("train", True), ("evaluate", True)})]:
-        calls.clear()
-        train.main(tiny_args(tiny, tmp_path / str(len(flags)), "--epochs", "1", "--test-episodes", "2",
-                             "--test-seeds", "1", *flags))
-        assert set(calls) == expected
-    with warnings.catch_warnings():  # torch warns that CUDA is absent here; only the context's kind matters
-        warnings.simplefilter("ignore")
-        assert isinstance(real(torch.device("cuda"), False), contextlib.nullcontext)
-        assert isinstance(real(torch.device("cuda"), True), torch.autocast)
-    assert isinstance(real(torch.device("cpu"), True), contextlib.nullcontext)
-
-
-# ---------------- no run is ever lost; bad input gets one line --------------------------------------------
-
-def test_a_new_run_does_not_replace_the_run_in_its_folder(tiny, tmp_path):
-    flags = ["--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"]
-    train.main(tiny_args(tiny, tmp_path, *flags))
-    before = (tmp_path / "last.pt").read_bytes()
-    with pytest.raises(SystemExit) as err:
-        train.main(tiny_args(tiny, tmp_path, *flags, "--seed", "5"))
-    assert str(err.value.code) == (f"error: {tmp_path} holds a run already (tinynet on synthetic fold 1, 1-shot, "
-                                   "resnet50, epoch 1 of 1): continue it with --resume, replace it with --overwrite, "
-                                   "or give another --out")
-    assert (tmp_path / "last.pt").read_bytes() == before and len(read_metrics(tmp_path)) == 3  # start, train, result
-    train.main(tiny_args(tiny, tmp_path, *flags, "--seed", "5", "--overwrite"))
-    assert (tmp_path / "last.pt").read_bytes() != before
-    assert [r["event"] for r in read_metrics(tmp_path)] == ["start", "train", "result"]  # one run's log
-    assert read_metrics(tmp_path)[0]["args"]["seed"] == 5
-
-
-def test_a_second_run_on_a_folder_in_use_is_refused_with_the_first_ones_pid(tiny, tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); fcntl.lockf(f, fcntl.LOCK_EX); "
-        "f.write(f'{os.getpid()}\\n'); f.flush(); print('held', flush=True); time.sleep(60)"), str(tmp_path / ".lock")],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(SystemExit) as err:
-            train.main(tiny_args(tiny, tmp_path, "--epochs", "1"))
-        assert str(err.value.code) == (f"error: the run folder {tmp_path} is in use by another run (process "
-                                       f"{holder.pid}); wait for it to end or give another --out")
-        assert not (tmp_path / "metrics.jsonl").exists()
-    finally:
-        holder.kill()
-        holder.wait()
-    train.main(tiny_args(tiny, tmp_path, "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"))  # free now
-
-
-def test_resume_cleans_a_stale_temporary_and_its_log_reads_as_one_run(tiny, tmp_path, capsys):
-    flags = ["--epochs", "3", "--log-every", "1", "--test-episodes", "2", "--test-seeds", "1"]
-    train.main(tiny_args(tiny, tmp_path / "whole", *flags))
-    with pytest.raises(RuntimeError, match="simulated crash"):  # 4 steps an epoch: dies in epoch 2 after 2 steps
-        train.main(tiny_args(tiny, tmp_path / "cut", *flags, "--crash-after", "6"))
-    (tmp_path / "cut" / ".last.pt.k2j4x.tmp").write_bytes(b"half a checkpoint")  # a save that SIGKILL cut short
-    train.main(tiny_args(tiny, tmp_path / "cut", *flags, "--resume"))
-    assert f"removed {tmp_path / 'cut' / '.last.pt.k2j4x.tmp'}" in capsys.readouterr().out
-    assert not list((tmp_path / "cut").glob("*.tmp"))
-    steps = lambda out: [(r["epoch"], r["step"], round(r["loss"], 6)) for r in read_metrics(out)
-                         if r["event"] == "train"]
-    assert steps(tmp_path / "cut") == steps(tmp_path / "whole")  # epoch 2's first records are not there twice
-    assert [r["event"] for r in read_metrics(tmp_path / "cut")].count("resume") == 1
-
-
-def test_resume_or_evaluate_with_another_runs_checkpoint_says_what_it_is(tiny, tmp_path):
-    train.main(tiny_args(tiny, tmp_path / "a", "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"))
-    with pytest.raises(SystemExit) as err:
-        train.main([*tiny_args(tiny, tmp_path / "a", "--epochs", "2", "--resume"), "--fold", "2"])
-    assert str(err.value.code) == (f"error: --resume: {tmp_path / 'a' / 'last.pt'} is a checkpoint of tinynet on "
-                                   "synthetic fold 1, 1-shot, resnet50, not of tinynet on synthetic fold 2, 1-shot, "
-                                   "resnet50 (fold differ): give the flags it was trained with, or another --out")
-    other = tmp_path / "othernet.py"
-    other.write_text(TINY_MODEL.replace("self.head = nn.Conv2d(", "self.head2 = nn.Conv2d(")
-                     .replace("self.head(x)", "self.head2(x)"))
-    with pytest.raises(SystemExit) as err:
-        train.main(["--model", str(other), "--eval-only", "--checkpoint", str(tmp_path / "a" / "last.pt"),
-                    "--out", str(tmp_path / "b"), "--workers", "0"])
-    message = str(err.value.code)
-    assert message.startswith(f"error: the weights in {tmp_path / 'a' / 'last.pt'} do not fit this model (tinynet "
-                              "on synthetic fold 1") and "head2.weight" in message and "\n" not in message
-
-
-def test_a_failed_save_keeps_the_last_checkpoint_and_leaves_no_temporary(tiny, tmp_path, monkeypatch):
-    real_save, saves = torch.save, []
-
-    def full_disk(obj, f, *a, **kw):
-        saves.append(f)
-        if len(saves) == 2:  # epoch 2's checkpoint: part of it is written, then the disk is full
-            f.write(b"\0" * 1000)
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0\nmore")
-        return real_save(obj, f, *a, **kw)
-
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(SystemExit) as err:
-        train.main(tiny_args(tiny, tmp_path, "--epochs", "3"))
-    last = tmp_path / "last.pt"
-    assert str(err.value.code) == (f"error: could not write {last} ([enforce fail at inline_container.cc:672] . "
-                                   f"unexpected pos 64 vs 0; is the disk full?): {last} is left as it was")
-    assert torch.load(last, weights_only=False)["epoch"] == 1 and not list(tmp_path.glob("*.tmp"))
-
-
-def test_an_unwritable_run_folder_is_refused_before_anything_runs(tiny, tmp_path, capsys):
-    (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(SystemExit) as err:
-        train.main(tiny_args(tiny, tmp_path / "file" / "run", "--epochs", "1"))
-    assert str(err.value.code).startswith(f"error: cannot write to the run folder {tmp_path / 'file' / 'run'}: ")
-    assert "training:" not in capsys.readouterr().out
-
-
-def test_ctrl_c_prints_one_line_that_says_how_to_resume_and_exits_130(tiny, tmp_path):
-    argv = tiny_args(tiny, tmp_path, "--epochs", "400", "--log-every", "1")
-    code, out, err = _stop_while_training(argv, signal.SIGINT, (tmp_path / "last.pt").exists)  # at a checkpoint
-    assert code == 130, err[-2000:]
-    assert "Traceback" not in err and err.strip().count("\n") == 0
-    assert err.strip() == (f"interrupted: {tmp_path / 'last.pt'} holds the last finished epoch; continue with: "
-                           f"python train.py {' '.join(argv)} --resume")
-
-
-def test_fold_all_table_equals_the_four_single_fold_runs_and_is_collected_again(tiny, tmp_path, capsys):
-    flags = ["--epochs", "1", "--test-episodes", "6", "--test-seeds", "2"]
-    singles = [train.main(tiny_args(tiny, tmp_path / f"fold{k}", *flags, "--fold", str(k))) for k in range(4)]
-    capsys.readouterr()
-    records = train.main(tiny_args(tiny, tmp_path / "all", *flags, "--fold", "all"))
-    out = capsys.readouterr().out
-    assert [(r["fold"], r["miou"], r["fbiou"]) for r in records] == [(k, *s) for k, s in enumerate(singles)]
-    per_seed = np.array([r["seed_miou"] for r in records]).mean(0)  # the mean's spread: of the per-seed means
-    res = result_line(out)
-    assert res["fold"] == "all" and float(res["miou"]) == pytest.approx(100 * np.mean(singles, 0)[0], abs=0.006)
-    assert float(res["miou_std"]) == pytest.approx(100 * np.std(per_seed, ddof=1), abs=0.006)
-    table = out[out.index("four folds"):]
-    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[2:7]}
-    for k, r in enumerate(records):
-        assert rows[str(k)] == [f"{100 * r['miou']:.2f}", "+-", f"{100 * r['miou_std']:.2f}",
-                                f"{100 * r['fbiou']:.2f}", "+-", f"{100 * r['fbiou_std']:.2f}"]
-    assert rows["mean"][:3] == [res["miou"], "+-", res["miou_std"]]
-    assert "| model | shot | fold 0 | fold 1 | fold 2 | fold 3 | mean mIoU | mean FB-IoU |" in table
-    assert f"| tinynet | 1 | {100 * records[0]['miou']:.1f} ± {100 * records[0]['miou_std']:.1f} |" in table
-    # run again: every fold is complete, so nothing trains and the table is collected from the folds' logs
-    again = train.main(tiny_args(tiny, tmp_path / "all", *flags, "--fold", "all"))
-    out = capsys.readouterr().out
-    assert out.count("its result taken from metrics.jsonl") == 4 and "training:" not in out
-    assert result_line(out) == res and [r["miou"] for r in again] == [r["miou"] for r in records]
-    # --eval-only over the four checkpoints gives the same table
-    evaluated = train.main(tiny_args(tiny, tmp_path / "all", *flags, "--fold", "all", "--eval-only"))
-    assert [r["miou"] for r in evaluated] == [r["miou"] for r in records]
-    assert result_line(capsys.readouterr().out) == res
-
-
-def test_fold_all_resumes_where_it_stopped(tiny, tmp_path, capsys):
-    flags = ["--epochs", "2", "--test-episodes", "4", "--test-seeds", "1"]
-    with pytest.raises(RuntimeError, match="simulated crash"):  # fold 0 completes, fold 1 dies in its 2nd epoch
-        train.main(tiny_args(tiny, tmp_path / "all", *flags, "--fold", "all", "--crash-after", "6",
-                             "--crash-fold", "1"))
-    assert train.read_result(tmp_path / "all" / "fold0") is not None and not (tmp_path / "all" / "fold2").exists()
-    assert torch.load(tmp_path / "all" / "fold1" / "last.pt", weights_only=False)["epoch"] == 1
-    capsys.readouterr()
-    records = train.main(tiny_args(tiny, tmp_path / "all", *flags, "--fold", "all"))
-    out = capsys.readouterr().out
-    assert "fold 0: complete" in out and f"resumed from {tmp_path / 'all' / 'fold1' / 'last.pt'} after epoch 1" in out
-    assert out.count("training:") == 3  # folds 1 (resumed), 2 and 3
-    whole = train.main(tiny_args(tiny, tmp_path / "one", *flags, "--fold", "1"))
-    assert (records[1]["miou"], records[1]["fbiou"]) == whole  # as if it had never stopped
-
-
-def test_bad_dataset_files_stop_the_run_with_one_message(tiny, tmp_path):
-    root = _write_pascal(tmp_path / "voc")
-    flags = ["--model", str(tiny), "--dataset", "pascal", "--data-root", str(root), "--img-size", "32",
-             "--batch-size", "2", "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"]
-    # a training image that decodes badly inside a DataLoader worker: one line naming it, not the worker's traceback
-    # (cut after the scan, which decodes every image, has passed it and cached its counts)
-    data.build_dataset("pascal", "train", 0, img_size=32, root=root)
-    jpeg = root / "JPEGImages" / "a_voc.jpg"
-    jpeg.write_bytes(jpeg.read_bytes()[:2000])
-    with pytest.raises(SystemExit) as err:
-        train.main([*flags, "--workers", "1", "--out", str(tmp_path / "a")])
-    assert str(err.value.code).startswith(f"error: cannot read image {jpeg}: ") and "\n" not in str(err.value.code)
-    # no test image holds a class of fold 3 (16-20) with 2048 pixels
-    with pytest.raises(SystemExit) as err:
-        train.main([*flags, "--workers", "0", "--fold", "3", "--eval-only", "--model", "baseline",
-                    "--baseline-features", "image", "--out", str(tmp_path / "b")])
-    assert str(err.value.code).startswith("error: no pascal test image has a class of [16, 17, 18, 19, 20] with "
-                                          ">= 2048 pixels")
-    proc = run_cli(["train.py", "--model", "baseline", "--dataset", "pascal", "--out", str(tmp_path / "c")])
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("error: no data root given for pascal: pass --data-root DIR")
-
-
-def test_bad_files_of_the_training_and_the_test_list_come_in_one_message(tiny, tmp_path):
-    """Every listed file is decoded once before anything else (check_data), and the bad files of both lists are
-    named together: one round of fixing, not one per list."""
-    root = _write_pascal(tmp_path / "voc")
-    for name in ("a_voc", "v1"):  # a_voc is a training image, v1 a test image
-        jpeg = root / "JPEGImages" / f"{name}.jpg"
-        jpeg.write_bytes(jpeg.read_bytes()[:2000])
-    with pytest.raises(SystemExit) as err:
-        train.main(["--model", str(tiny), "--dataset", "pascal", "--data-root", str(root), "--img-size", "32",
-                    "--epochs", "1", "--workers", "0", "--out", str(tmp_path / "run")])
-    message = str(err.value.code)
-    assert "PASCAL train list" in message and "PASCAL test list" in message
-    assert str(root / "JPEGImages" / "a_voc.jpg") in message and str(root / "JPEGImages" / "v1.jpg") in message
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing ran
-
-
-def test_a_rewrite_that_fails_leaves_the_file_and_no_temporary(tmp_path, monkeypatch):
-    log = tmp_path / "metrics.jsonl"
-    log.write_text('{"event": "start"}\n{"event": "train", "epoch": 2}\n')
-
-    def full(fd):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(common.SaveError, match="is the disk full.*is left as it was"):
-        common.cut_log(log, 1)  # what --resume does to the log: its rewrite fails
-    assert log.read_text() == '{"event": "start"}\n{"event": "train", "epoch": 2}\n' and not list(tmp_path.glob(".*"))
-
-
-# ---------------- resume keeps the recipe; logs, NaN, signals, locks and flags that lose nothing ----------
-
-def test_resume_takes_the_recipe_of_its_checkpoint_and_refuses_another(tiny, tmp_path, capsys):
-    """`--resume` alone continues the run as it was trained (epochs, batch, lr, seed, the model's flags), a flag
-    given with another value is refused with both, and one that may change (workers, evaluation) is taken."""
-    recipe = ["--epochs", "3", "--batch-size", "2", "--lr", "0.01", "--seed", "4", "--width", "8"]
-    whole = train.main(tiny_args(tiny, tmp_path / "whole", *recipe, "--train-length", "8"))
-    with pytest.raises(RuntimeError, match="simulated crash"):  # 4 steps an epoch: dies in epoch 2
-        train.main(tiny_args(tiny, tmp_path / "cut", *recipe, "--train-length", "8", "--crash-after", "5"))
-    bare = ["--model", str(tiny), "--dataset", "synthetic", "--fold", "1", "--out", str(tmp_path / "cut")]
-    for flag, value, saved in (("--lr", "0.02", "0.01"), ("--epochs", "6", "3"), ("--batch-size", "4", "2"),
-                               ("--seed", "0", "4"), ("--train-length", "16", "8"), ("--width", "16", "8")):
-        with pytest.raises(SystemExit) as err:
-            train.main([*bare, "--resume", flag, value])
-        message = str(err.value.code)
-        assert message.startswith(f"error: --resume: {tmp_path / 'cut' / 'last.pt'} was trained with {flag} {saved}")
-        assert f"(now {value})" in message.replace("'", "") and "--lr, " in message and "\n" not in message
-    capsys.readouterr()
-    resumed = train.main([*bare, "--resume", "--workers", "0", "--test-episodes", "12", "--test-seeds", "2"])
-    out = capsys.readouterr().out
-    assert "training: 8 episodes/epoch, 4 steps of 2, 3 epochs, lr 0.01" in out and resumed == whole
-    state = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
-    assert state["epoch"] == 3 and state["args"]["lr"] == 0.01 and state["args"]["width"] == 8  # the model's flag
-    assert state["args"]["crash_after"] is None  # a flag that may change on resume (EVALUATION_FLAGS) is not kept
-
-
-def test_resume_before_the_first_checkpoint_starts_the_run(tiny, tmp_path, capsys):
-    """A run killed before its first checkpoint leaves a log: a plain rerun points to --resume, which starts it."""
-    flags = ["--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"]
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train.main(tiny_args(tiny, tmp_path, *flags, "--crash-after", "1"))
-    assert not (tmp_path / "last.pt").exists() and (tmp_path / "metrics.jsonl").exists()
-    with pytest.raises(SystemExit, match="continue it with --resume"):
-        train.main(tiny_args(tiny, tmp_path, *flags))
-    train.main(tiny_args(tiny, tmp_path, *flags, "--resume"))
-    assert "has no checkpoint yet: the run starts from its first epoch" in capsys.readouterr().out
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
-    assert [r["event"] for r in read_metrics(tmp_path)] == ["start", "resume", "start", "train", "result"]
-
-
-def test_checkpoints_hold_plain_values_and_files_that_would_run_code_are_refused(tiny, tmp_path, capsys):
-    """Every file train.py writes loads with weights_only=True; a last.pt crafted to run a command when unpickled
-    is refused with one line by every entry point, and its command never runs."""
-    flags = ["--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"]
-    train.main(tiny_args(tiny, tmp_path / "good", *flags))
-    state = torch.load(tmp_path / "good" / "last.pt", weights_only=True)  # raises on anything but plain values
-    assert state["epoch"] == 1 and isinstance(state["args"]["out"], str)
-    marker = tmp_path / "ran"
-
-    class Payload:  # unpickling calls os.system(...): what a malicious checkpoint would do
-        def __reduce__(self):
-            return os.system, (f"touch {marker}",)
-
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    torch.save({**state, "epoch": Payload()}, bad / "last.pt")
-    img = np.zeros((20, 20, 3), np.uint8)
-    Image.fromarray(img).save(tmp_path / "q.jpg")
-    Image.fromarray(np.full((20, 20), 255, np.uint8)).save(tmp_path / "m.png")
-    calls = [
-        tiny_args(tiny, bad, *flags, "--resume"),  # --resume
-        ["--eval-only", "--checkpoint", str(bad / "last.pt"), "--out", str(tmp_path / "e")],  # --eval-only
-        ["--predict", "--checkpoint", str(bad / "last.pt"), "--support", str(tmp_path / "q.jpg"), "--support-mask",
-         str(tmp_path / "m.png"), "--query", str(tmp_path / "q.jpg")],  # --predict
-        ["--eval-only", "--vis", "1", "--checkpoint", str(bad / "last.pt"), "--out", str(tmp_path / "v")],  # --vis
-        ["--model", str(tiny), "--eval-only", "--fold", "all", "--checkpoint",
-         str(tmp_path / "fold{fold}" / "last.pt")],  # --fold all
-    ]
-    (tmp_path / "fold0").mkdir()
-    (tmp_path / "fold0" / "last.pt").write_bytes((bad / "last.pt").read_bytes())
-    for argv in calls:
-        with pytest.raises(SystemExit) as err:
-            train.main(argv)
-        assert "cannot read checkpoint" in str(err.value.code) and "\n" not in str(err.value.code), argv
-    with pytest.raises(SystemExit, match="holds a run already .*cannot be read"):  # a new run into its folder
-        train.main(tiny_args(tiny, bad, *flags))
-    torch.save({"model": {}, "classes": [1], "backbone": Payload()}, tmp_path / "base.pt")  # a stage's file
-    with pytest.raises(common.WeightsUnavailableError, match="cannot read"):
-        symnet.read_base_learner(symnet.Config(base_learner=str(tmp_path / "base.pt")), common.Setting())
-    with pytest.raises(common.WeightsUnavailableError, match="cannot read"):
-        qgnet.read_stage1_file(tmp_path / "base.pt")
-    assert not marker.exists()
-
-
-def test_evaluation_scores_do_not_depend_on_the_evaluation_batch(tiny, tmp_path):
-    train.main(tiny_args(tiny, tmp_path / "t", "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"))
-    evals = ["--eval-only", "--checkpoint", str(tmp_path / "t" / "last.pt"), "--test-episodes", "7"]
-    scores = {b: train.main(tiny_args(tiny, tmp_path / f"e{b}", *evals, "--eval-batch-size", str(b)))
-              for b in (1, 3, 7)}
-    assert scores[1] == pytest.approx(scores[3], abs=1e-12) and scores[1] == pytest.approx(scores[7], abs=1e-12)
-    assert train.parse_args(tiny_args(tiny, tmp_path))[0].eval_batch_size == 1  # the official codes' one
-
-
-def test_update_never_steps_on_a_nonfinite_loss_or_gradient():
-    w = nn.Parameter(torch.tensor([1.0, 2.0]))
-    optimizer = common.sgd([w], 0.1, 0.9, 1e-4)
-    common.update(optimizer, (w ** 2).sum())  # a finite step: w <- w - 0.1 * (2w + 1e-4 w)
-    expected = torch.tensor([1.0, 2.0]) * (1 - 0.1 * (2 + 1e-4))
-    assert torch.allclose(w.detach(), expected)
-    momentum = optimizer.state[w]["momentum_buffer"].clone()
-    for loss in ((w ** 2).sum() * float("nan"), (w ** 2).sum() * float("inf"), (w * torch.tensor([1e38, 1e38])
-                                                                                ).pow(2).sum() * 0):
-        before = w.detach().clone()
-        common.update(optimizer, loss)  # NaN, inf, and a finite loss (0) whose gradient is NaN
-        assert torch.equal(w.detach(), before) and torch.equal(optimizer.state[w]["momentum_buffer"], momentum)
-    assert train.host_syncs(lambda: common.update(optimizer, (w ** 2).sum())) == []  # decided on the device
-    with pytest.raises(ValueError, match="fused SGD of common.sgd"):
-        common.update(torch.optim.SGD([w], lr=0.1), (w ** 2).sum())
-
-
-def test_a_checkpoint_is_never_written_from_nonfinite_weights(tiny, tmp_path, monkeypatch, capsys):
-    real, steps = common.update, []
-
-    def poison(optimizer, loss):  # the last step of epoch 2 makes the weights infinite: its own loss was finite
-        real(optimizer, loss)
-        steps.append(1)
-        if len(steps) == 8:
-            with torch.no_grad():
-                optimizer.param_groups[0]["params"][0].fill_(float("inf"))
-
-    monkeypatch.setattr(common, "update", poison)
-    with pytest.raises(SystemExit) as stop:
-        train.main(tiny_args(tiny, tmp_path, "--epochs", "2", "--test-episodes", "2", "--test-seeds", "1"))
-    assert stop.value.code == train.EXIT_NONFINITE
-    assert (f"error: the weights are no longer finite; stopping. the last good checkpoint is {tmp_path / 'last.pt'}"
-            in capsys.readouterr().out)
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
-
-
-def test_a_log_that_cannot_be_appended_stops_in_one_line_and_a_torn_line_is_dropped(tiny, tmp_path, monkeypatch,
-                                                                                    capsys):
-    flags = ["--epochs", "2", "--log-every", "1", "--test-episodes", "2", "--test-seeds", "1"]
-    real_open, writes = open, []
-
-    class FullDisk:  # the 6th record written to metrics.jsonl: part of it reaches the file, then ENOSPC
-        def __init__(self, f):
-            self.f = f
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
-
-        def write(self, line):
-            writes.append(line)
-            if len(writes) == 6:
-                self.f.write(line[:7])
-                raise OSError(28, "No space left on device")
-            return self.f.write(line)
-
-    def opening(path, mode="r", *a, **kw):
-        f = real_open(path, mode, *a, **kw)
-        return FullDisk(f) if str(path).endswith("metrics.jsonl") and "a" in mode else f
-
-    monkeypatch.setattr("builtins.open", opening)
-    with pytest.raises(SystemExit) as err:
-        train.main(tiny_args(tiny, tmp_path, *flags))
-    monkeypatch.undo()
-    assert str(err.value.code) == (f"error: could not append to {tmp_path / 'metrics.jsonl'} (No space left on "
-                                   "device; is the disk full?): the records before it are kept")
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 5 and all(json.loads(line) for line in lines)  # no torn line
-    # a torn last line (a crash in the middle of a write) is dropped on resume, with a note
-    with open(tmp_path / "metrics.jsonl", "a") as f:
-        f.write('{"event": "tra')
-    capsys.readouterr()
-    train.main(tiny_args(tiny, tmp_path, *flags, "--resume"))
-    assert "dropped the last line of" in capsys.readouterr().err
-    assert read_metrics(tmp_path)[-1]["event"] == "result"
-
-
-def test_a_signal_during_a_checkpoint_write_waits_for_the_file_to_be_whole(tmp_path, monkeypatch):
-    real_save = torch.save
-
-    def interrupted_save(obj, f, *a, **kw):  # Ctrl-C arrives in the middle of the write
-        os.kill(os.getpid(), signal.SIGINT)
-        return real_save(obj, f, *a, **kw)
-
-    monkeypatch.setattr(torch, "save", interrupted_save)
-    with pytest.raises(KeyboardInterrupt):
-        common.save_atomic({"w": torch.ones(3)}, tmp_path / "last.pt")
-    assert torch.equal(torch.load(tmp_path / "last.pt", weights_only=True)["w"], torch.ones(3))
-    assert not list(tmp_path.glob("*.tmp"))
-    with pytest.raises(TypeError, match="is not a plain value"):  # nothing but plain values is ever saved
-        common.save_atomic({"w": object()}, tmp_path / "other.pt")
 
 
 def _stop_while_training(argv, sig, until, cwd=REPO):
@@ -2932,219 +623,9 @@ def _stop_while_training(argv, sig, until, cwd=REPO):
     return proc.returncode, out, err
 
 
-def test_sigterm_stops_like_ctrl_c_with_a_whole_checkpoint_and_the_command_that_continues(tiny, tmp_path):
-    argv = tiny_args(tiny, tmp_path, "--epochs", "400", "--log-every", "1", "--workers", "2")
-    code, out, err = _stop_while_training(argv, signal.SIGTERM, (tmp_path / "last.pt").exists)
-    assert code == train.EXIT_TERMINATED, err[-2000:]
-    assert "Traceback" not in err and err.strip().count("\n") == 0
-    assert err.strip() == (f"stopped by SIGTERM: {tmp_path / 'last.pt'} holds the last finished epoch; continue "
-                           f"with: python train.py {' '.join(argv)} --resume")
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] >= 1
-
-
-@pytest.mark.parametrize("with_out", [False, True])
-def test_ctrl_c_inside_fold_all_names_the_fold_and_what_it_kept(tiny, tmp_path, with_out):
-    base = ["--model", str(tiny), "--dataset", "synthetic", "--train-length", "16", "--test-episodes", "2",
-            "--test-seeds", "1", "--workers", "0"]
-    folder = (lambda k: tmp_path / "all" / f"fold{k}") if with_out else (
-        lambda k: Path("runs") / f"tinynet-synthetic-fold{k}-1shot")  # relative to the working directory
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *base, "--fold", "0", "--epochs", "1", "--out",
-                           str(tmp_path / folder(0))], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]  # fold 0 is complete: --fold all takes it as it is
-    argv = [*base, *(["--out", str(tmp_path / "all")] if with_out else []), "--fold", "all", "--epochs", "400",
-            "--log-every", "1"]
-    code, out, err = _stop_while_training(argv, signal.SIGINT, (tmp_path / folder(1) / "last.pt").exists, tmp_path)
-    assert code == 130 and "Traceback" not in err, err[-2000:]
-    assert err.strip() == (f"interrupted in fold 1 of --fold all: {folder(1) / 'last.pt'} holds the last finished "
-                           f"epoch; continue with: python train.py {' '.join(argv)}")
-
-
-def test_the_run_folder_lock_is_the_run_process_alone(tmp_path):
-    """DataLoader workers are forked with the lock file open: when the run is killed, a worker that lingers must
-    not hold the folder (a requeued job would be refused, naming a dead process)."""
-    script = (f"import os, sys, time, argparse; sys.path.insert(0, {str(REPO)!r}); import train; "
-              "from pathlib import Path; args = argparse.Namespace(out=Path(sys.argv[1]), resume=False, "
-              "overwrite=False); handle = open(Path(sys.argv[1]) / '.lock', 'a+'); "
-              "train.take_run_folder(handle, args, False, ()); child = os.fork(); "
-              "(time.sleep(60), os._exit(0)) if child == 0 else None; print(child, flush=True); time.sleep(60)")
-    run = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    child = int(run.stdout.readline())
-    try:
-        args = argparse.Namespace(out=tmp_path, resume=False, overwrite=False)
-        with pytest.raises(SystemExit, match=f"in use by another run \\(process {run.pid}\\)"):
-            with train.hold_run_folder(args, False, ()):
-                pass
-        run.kill()  # SIGKILL: its forked child still has the lock file open
-        run.wait()
-        os.kill(child, 0)  # still alive
-        with train.hold_run_folder(args, False, ()):  # the folder is free at once
-            assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
-    finally:
-        run.kill()
-        os.kill(child, signal.SIGKILL)
-
-
-def test_checkpoint_paths_and_files_of_other_tools_get_one_line(tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):  # braces other than {fold} are part of the name
-        train.main(["--eval-only", "--checkpoint", str(tmp_path / "{x}" / "last.pt")])
-    for name, state in (("a.pt", {"model": {"w": torch.ones(1)}, "config": [1], "args": {"model": "m"}}),
-                        ("b.pt", {"model": "weights", "config": {}, "args": {}, "epoch": 1}),
-                        ("c.pt", {"model": {"w": torch.ones(1)}, "config": {}, "args": {"lr": 1}, "epoch": 1})):
-        torch.save(state, tmp_path / name)
-        with pytest.raises(SystemExit, match="is not a checkpoint of train.py"):
-            train.main(["--eval-only", "--checkpoint", str(tmp_path / name)])
-
-
-def test_predict_names_each_query_apart_and_an_unwritable_folder_in_one_line(tiny, tmp_path):
-    train.main(tiny_args(tiny, tmp_path / "run", "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"))
-    img = np.zeros((30, 40, 3), np.uint8)
-    img[5:25, 10:30] = 200
-    for sub in ("a", "b"):
-        (tmp_path / sub).mkdir()
-        Image.fromarray(img).save(tmp_path / sub / "photo.jpg")
-    Image.fromarray((img[..., 0] > 0).astype(np.uint8) * 255).save(tmp_path / "m.png")
-    predict = ["--predict", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--support",
-               str(tmp_path / "a" / "photo.jpg"), "--support-mask", str(tmp_path / "m.png"), "--query",
-               str(tmp_path / "a" / "photo.jpg"), "--query", str(tmp_path / "b" / "photo.jpg"), "--workers", "0"]
-    train.main(predict)  # default folder: the checkpoint's folder/predict
-    assert sorted(p.name for p in (tmp_path / "run" / "predict").iterdir()) == [
-        "photo-2_mask.png", "photo-2_overlay.png", "photo_mask.png", "photo_overlay.png"]
-    (tmp_path / "file").write_text("")
-    with pytest.raises(SystemExit) as err:
-        train.main([*predict, "--out", str(tmp_path / "file" / "pred")])
-    assert str(err.value.code).startswith(f"error: cannot write the predictions to {tmp_path / 'file' / 'pred'}")
-
-
-def test_a_stage_is_a_run_locked_never_replaced_resumable_and_cleaned(tiny, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(common, "RUNS_DIR", str(tmp_path / "runs"))
-    path = tmp_path / "runs" / "tiny-count-fold1" / "count.pt"
-    flags = tiny_args(tiny, tmp_path / "ignored", "--stage", "count")
-    train.main([*flags, "--epochs", "2"])
-    assert torch.load(path, weights_only=True)["epoch"] == 2
-    before = path.read_bytes()
-    with pytest.raises(SystemExit) as err:  # run again: the file is not replaced
-        train.main([*flags, "--epochs", "2"])
-    assert str(err.value.code).startswith(f"error: {path.parent} holds a run already (count.pt, epoch 2)")
-    assert path.read_bytes() == before
-    (path.parent / ".count.pt.x1y2.tmp").write_bytes(b"half")  # a save that SIGKILL cut short
-    capsys.readouterr()
-    train.main([*flags, "--epochs", "4", "--resume"])
-    out = capsys.readouterr().out
-    assert f"removed {path.parent / '.count.pt.x1y2.tmp'}" in out and "[count] epoch 3/4" in out
-    assert "[count] epoch 1/4" not in out and torch.load(path, weights_only=True)["epoch"] == 4
-    path.write_bytes(path.read_bytes()[:100])  # truncated
-    with pytest.raises(SystemExit) as err:
-        train.main([*flags, "--epochs", "5", "--resume"])
-    assert str(err.value.code).startswith(f"error: cannot read {path}") and "\n" not in str(err.value.code)
-    train.main([*flags, "--epochs", "1", "--overwrite"])
-    assert torch.load(path, weights_only=True)["epoch"] == 1
-
-
-# ---------------- the folder dataset through the harness --------------------------------------------------
-
-def test_folder_dataset_trains_evaluates_visualises_and_predicts_through_the_harness(tiny, tmp_path, capsys):
-    root, out = _write_folder(tmp_path / "mine"), tmp_path / "run"
-    train.main(["--model", str(tiny), "--dataset", "folder", "--data-root", str(root), "--fold", "1", "--img-size",
-                "48", "--epochs", "1", "--batch-size", "2", "--test-episodes", "6", "--test-seeds", "1", "--workers",
-                "0", "--vis", "2", "--out", str(out)])
-    text = capsys.readouterr().out
-    assert "training: 14 episodes/epoch, 7 steps of 2" in text  # the 14 training images of fold 1
-    result = read_metrics(out)[-1]
-    assert result["event"] == "result" and result["dataset"] == "folder" and sorted(result["per_class"]) == ["2", "5"]
-    assert "dog" in text and "tree" in text  # the class table names them from classes.txt
-    vis = sorted(p.name for p in (out / "vis").glob("*.png"))
-    assert len(vis) == 2 and all(name.endswith(("_dog.png", "_tree.png")) for name in vis)
-    state = torch.load(out / "last.pt", weights_only=False)
-    assert state["args"]["dataset"] == "folder" and state["args"]["augment"] == "pfenet"
-    train.main(["--predict", "--checkpoint", str(out / "last.pt"), "--support", str(root / "images" / "dog_0.jpg"),
-                "--support-mask", str(root / "labels" / "dog_0.png"), "--query", str(root / "images" / "dog_1.jpg"),
-                "--out", str(tmp_path / "pred"), "--workers", "0"])
-    pred = np.array(Image.open(tmp_path / "pred" / "dog_1_mask.png"))
-    assert pred.shape == (80, 80) and set(np.unique(pred)) <= {0, 255}
-
-
-def test_folder_baseline_fold_all_test_classes_and_run_folders(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(common, "RUNS_DIR", str(tmp_path / "runs"))
-    root = _write_folder(tmp_path / "mine")
-    flags = ["--model", "baseline", "--baseline-features", "image", "--dataset", "folder", "--data-root", str(root),
-             "--img-size", "48", "--test-episodes", "4", "--test-seeds", "1", "--workers", "0"]
-    records = train.main([*flags, "--fold", "all"])
-    assert [sorted(map(int, r["per_class"])) for r in records] == [[1, 4], [2, 5], [3], [6]]  # folds.txt
-    assert "| baseline | 1 |" in capsys.readouterr().out  # the four-fold table
-    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
-    digest = folders[0].split("-")[3]  # the root's name, then a hash of its path
-    assert len(digest) == 6 and set(digest) <= set("0123456789abcdef")
-    tag = f"folder-mine-{digest}"
-    assert folders == [f"baseline-{tag}-fold{k}-1shot" for k in range(4)]
-    train.main([*flags, "--test-classes", "6,3"])
-    assert read_metrics(tmp_path / "runs" / f"baseline-{tag}-classes3-6-1shot")[-1]["per_class"].keys() == {"3", "6"}
-    # two roots of one name, two sets of test classes: four run folders
-    other = _write_folder(tmp_path / "elsewhere" / "mine")
-    outs = {train.parse_args([*flags, "--data-root", str(r), *extra])[0].out
-            for r in (root, other) for extra in (["--test-classes", "3"], ["--test-classes", "3,6"])}
-    assert len(outs) == 4
-    capsys.readouterr()
-    for extra, message in (
-            (["--fold", "all", "--test-classes", "3"],
-             "--test-classes names the novel classes itself: drop --fold all"),
-            (["--fold", "1", "--test-classes", "3"], "drop --fold 1 (--fold K and --fold all take a folder dataset's "
-                                                     "folds from its folds.txt)"),
-            (["--test-classes", "3,x"], "must be class ids >= 1 separated by commas (e.g. 3,7,9), got '3,x'"),
-            (["--test-classes", "3", "--dataset", "pascal"],
-             "--test-classes chooses the novel classes of --dataset folder; pascal's are its folds (--fold)")):
-        with pytest.raises(SystemExit):
-            train.parse_args([*flags, *extra])
-        assert message in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("model", ["tiny", "baseline", "ocnet", "qgnet", "crcnet", "symnet", "qpenet"])
-def test_folder_runs_take_the_harness_recipe_where_a_model_has_none(model, tiny, tmp_path):
-    name = str(tiny) if model == "tiny" else model
-    module = train.load_model_module(name)
-    assert "folder" not in getattr(module, "DEFAULTS", {})  # no model file has a folder recipe: the harness's
-    args = train.parse_args(["--model", name, "--dataset", "folder", "--data-root", str(tmp_path)])[0]
-    got = {k: getattr(args, k) for k in ("lr", "batch_size", "epochs", "img_size", "augment", "test_episodes",
-                                         "test_seeds")}
-    assert got == dict(lr=0.025, batch_size=4, epochs=200, img_size=473, augment="pfenet", test_episodes=1000,
-                       test_seeds=5)  # PASCAL-5i's harness recipe and protocol
-    assert train.HARNESS_DEFAULTS["folder"] == train.HARNESS_DEFAULTS["pascal"]
-
-
-# ---------------- host syncs: what --bench counts and the GPU relies on, on the CPU -----------------------
-
-def test_host_syncs_finds_each_kind_of_wait_and_nothing_else():
-    x = torch.randn(6, requires_grad=True)
-    m = x.detach() > 0
-
-    def waits(fn):
-        return train.host_syncs(fn)
-
-    assert waits(lambda: x.sum().item()) == ["_local_scalar_dense"]
-    assert waits(lambda: bool(x.sum() > 0)) == ["_local_scalar_dense"]  # `if t:` and float(t) too
-    assert waits(lambda: torch.where(m)) == ["nonzero"]
-    assert waits(lambda: x[m].sum().backward()) == ["index (boolean mask)", "index_put (boolean mask)"]
-    assert waits(lambda: torch.unique(m)) == ["_unique2"]
-    assert waits(lambda: x.detach().masked_select(m)) == ["masked_select"]
-    assert waits(lambda: torch.equal(x, x)) == ["equal"] and waits(lambda: torch.bincount(m.long())) == ["bincount"]
-    assert waits(lambda: x.repeat_interleave(torch.tensor([1, 2, 1, 1, 1, 1]))) == ["repeat_interleave"]
-    assert waits(lambda: x.repeat_interleave(3)) == []  # an int says the size: nothing to wait for
-    assert waits(lambda: (x.masked_fill(m, 0) * 2).sum().backward()) == []  # masks used arithmetically are fine
-    assert waits(lambda: x[torch.tensor([0, 2])]) == []  # integer indexing knows its size
-    with FakeTensorMode():  # device tensors without a device: only their place matters here
-        on_gpu, on_cpu = torch.empty(3, device="cuda"), torch.empty(3)
-    assert train.sync_op(torch.ops.aten._to_copy.default, (on_gpu,), {"device": torch.device("cpu")})
-    assert not train.sync_op(torch.ops.aten._to_copy.default, (on_cpu,), {"device": torch.device("cuda")})
-    assert not train.sync_op(torch.ops.aten._to_copy.default, (on_gpu,), {"dtype": torch.float16})
-    assert train.sync_op(torch.ops.aten.copy_.default, (on_cpu, on_gpu), {})
-    assert not train.sync_op(torch.ops.aten.copy_.default, (on_gpu, on_cpu), {})  # host to device: queued
-
-
-# ==========================================================================================================
-# ocnet.py: OCNet (GOMM, CCM with DCT pooling and Sinkhorn): shapes at 1 and 5 shots, losses, gradients; Sinkhorn,
-# MFP, the CAM; GOMM, CCM and one episode through the whole model against direct computations
-# ==========================================================================================================
-
 OCNET_SIZE = 49  # ResNet: 7x7 features (output stride 8); VGG: 4x4 (stride 16). Not 33: dilated convs crawl there
+
+
 OCNET_EPISODE = dict(size=OCNET_SIZE, q_box=(8, 30, 12, 38), s_box=(15, 42, 5, 28), shot_step=0)  # episode(B, S, **)
 
 
@@ -3192,400 +673,6 @@ def _slot_prototypes(cost, f_q, p_s):
     return ids
 
 
-# ---------------- shapes at 1 and 5 shots, channels_last, bf16, losses, gradients, empty masks ------------
-
-@pytest.mark.parametrize("backbone,feat", [("resnet50", 7), ("vgg16_bn", 4)])
-def test_ocnet_forward_shapes_one_and_five_shot(ocnet_models, backbone, feat):
-    model = ocnet_models[backbone].eval()
-    n2 = 2 * model.cfg.num_select
-    for batch, shot in ((2, 1), (1, 5)):
-        img_q, img_s, m_s, _ = episode(batch, shot, **OCNET_EPISODE)
-        with torch.no_grad():
-            out = model(img_q, img_s, m_s)
-        assert out["logits"].shape == (batch, 2, OCNET_SIZE, OCNET_SIZE)
-        assert out["logits_g"].shape == (batch, 2, feat, feat) and out["m_g"].shape == (batch, feat, feat)
-        assert out["logits_pa"].shape == out["cost_pa"].shape == (batch, n2, feat, feat)
-        assert set(out["m_g"].unique().tolist()) <= {0, 1} and out["m_g"].dtype == torch.long
-        assert all(torch.isfinite(v.float()).all() for v in out.values())
-        assert (out["cost_pa"] >= -1e-5).all() and (out["cost_pa"] <= 2 + 1e-5).all()  # 1 - cosine
-
-
-def test_ocnet_channels_last_gives_the_same_outputs(ocnet_models):
-    # train.py converts the model to channels_last on CUDA: reshapes must not assume contiguous features
-    model = copy.deepcopy(ocnet_models["resnet50"]).eval()
-    img_q, img_s, m_s, _ = episode(2, 2, **OCNET_EPISODE)
-    with torch.no_grad():
-        ref = model(img_q, img_s, m_s)
-        out = model.to(memory_format=torch.channels_last)(img_q, img_s, m_s)
-    assert all(torch.allclose(ref[k].float(), out[k].float(), atol=1e-4) for k in ref)
-
-
-def test_ocnet_transport_cost_stays_fp32_under_bf16_autocast(ocnet_models):
-    # Sinkhorn divides the cost by eps = 0.05: bf16's 1/128 steps would become 0.16 in the exponent
-    model = ocnet_models["resnet50"].eval()
-    img_q, img_s, m_s, _ = episode(2, 1, **OCNET_EPISODE)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(img_q, img_s, m_s)
-    assert out["logits_pa"].dtype == torch.bfloat16 and out["cost_pa"].dtype == torch.float32
-    assert not torch.equal(out["cost_pa"], out["cost_pa"].bfloat16().float())  # values between bf16's steps
-
-
-def test_ocnet_loss_terms_and_gradients(ocnet_models):
-    model = ocnet_models["resnet50"].train()
-    img_q, img_s, m_s, m_q = episode(2, 2, **OCNET_EPISODE)
-    model.zero_grad(set_to_none=True)
-    out = model(img_q, img_s, m_s)
-    total, terms = model.loss(out, m_q, m_s)
-    assert set(terms) == {"target", "general", "allocation"}
-    assert all(torch.isfinite(t) and t > 0 for t in terms.values())
-    assert torch.allclose(total, sum(terms.values()))
-    total.backward()
-    for name, p in model.named_parameters():
-        if name.startswith(("backbone.", "cam.")):
-            assert not p.requires_grad and p.grad is None, name
-        else:
-            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
-    assert model.backbone.training is False and model.cam.training is False  # frozen parts stay in eval
-
-
-def test_ocnet_empty_support_or_query_mask_gives_no_nan(ocnet_models):
-    model = ocnet_models["resnet50"].train()
-    img_q, img_s, m_s, m_q = episode(4, 1, **OCNET_EPISODE)
-    m_s[0] = 0  # empty support mask
-    m_q[1], m_q[2], m_q[3] = 0, 255, 1  # query: no foreground, nothing labelled, no background
-    model.zero_grad(set_to_none=True)
-    out = model(img_q, img_s, m_s)
-    total, terms = model.loss(out, m_q, m_s)
-    total.backward()
-    assert torch.isfinite(total) and all(torch.isfinite(t) for t in terms.values())
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads), sum(g is None for g in grads)
-    assert torch.isfinite(model(img_q[:1], img_s[:1], torch.zeros_like(m_s[:1]))["logits"]).all()
-
-
-# ---------------- Sinkhorn, the allocation target, MFP and the prototype selection ------------------------
-
-def test_ocnet_sinkhorn_meets_marginals_and_prefers_low_cost():
-    g = torch.Generator().manual_seed(0)
-    N, K = 48, 6
-    cost = 2 * torch.rand(3, N, K, generator=g)  # 1 - cosine lies in [0, 2]
-    region = torch.ones(3, N, dtype=torch.bool)
-    region[1, ::3] = False  # a partial region: zero padding elsewhere
-    region[2] = False  # an empty region
-    plan = ocnet.sinkhorn(cost, region, eps=0.05, iters=ocnet.Config.sinkhorn_iters)
-    assert torch.isfinite(plan).all() and (plan >= 0).all()
-    for b in (0, 1):
-        n_f = region[b].sum()
-        assert torch.allclose(plan[b].sum(1)[region[b]], torch.full((n_f,), 1 / n_f), atol=1e-4 / n_f)
-        assert (plan[b][~region[b]] == 0).all()
-        assert torch.allclose(plan[b].sum(0), torch.full((K,), 1 / K), atol=1e-5)
-    assert (plan[2] == 0).all()
-    # every row has one free column, each column free for N/K rows: the plan follows them
-    cheap = torch.ones(1, N, K)
-    cheap[0, torch.arange(N), torch.arange(N) % K] = 0
-    plan = ocnet.sinkhorn(cheap, torch.ones(1, N, dtype=torch.bool), eps=0.05, iters=50)
-    assert (plan[0].argmax(1) == torch.arange(N) % K).all()
-    assert (plan * cheap).sum() < 1e-3  # the independent coupling 1/(N K) everywhere would pay 5/6
-
-
-def test_ocnet_allocation_target_by_hand():
-    # 2x3 feature map, N_s = 2: background slots 0, 1; foreground slots 2, 3
-    m_q = torch.tensor([[[0, 0, 255], [1, 1, 1]]])  # one row of background (and an ignored pixel), one of fg
-    cost = torch.ones(1, 4, 2, 3)
-    cost[0, 1, 0, 0] = cost[0, 0, 0, 1] = 0  # pixel (0,0) is cheap for bg slot 1, pixel (0,1) for bg slot 0
-    cost[0, 3, 1, :2] = 0  # foreground: two pixels cheap for slot 3, (1,2) has no preference: uniform
-    m_pa = ocnet.allocation_target(cost, m_q, eps=0.05, iters=50)  # marginals: slot 2 must take (1,2)
-    assert m_pa.tolist() == [[[1, 0, 255], [3, 3, 2]]]
-
-
-def test_ocnet_allocation_target_solves_both_problems_as_one_batch():
-    # Eq. (11) for the background and the foreground pixels as one Sinkhorn batch: the plans and M_pa equal
-    # those of two separate solves, an image without foreground (an empty problem) among them
-    g = torch.Generator().manual_seed(0)
-    B, N_s, h, w = 3, 4, 6, 5
-    cost = 2 * torch.rand(B, 2 * N_s, h, w, generator=g)
-    m_q = torch.randint(0, 2, (B, h, w), generator=g)
-    m_q[0, 0] = IGNORE_INDEX
-    m_q[2] = 0
-    m_pa = ocnet.allocation_target(cost, m_q, eps=0.05, iters=100)
-    c, region = cost.flatten(2).transpose(1, 2), m_q.flatten(1)  # (B, hw, 2N_s), (B, hw)
-    background = ocnet.sinkhorn(c[..., :N_s], region == 0, 0.05, 100)  # (B, hw, N_s)
-    foreground = ocnet.sinkhorn(c[..., N_s:], region == 1, 0.05, 100)
-    both = ocnet.sinkhorn(torch.cat([c[..., :N_s], c[..., N_s:]]), torch.cat([region == 0, region == 1]), 0.05, 100)
-    torch.testing.assert_close(both, torch.cat([background, foreground]), rtol=0, atol=1e-6)
-    expected = torch.cat([background, foreground], 2).argmax(2).view(B, h, w).masked_fill(m_q == 255, 255)
-    assert torch.equal(m_pa, expected)
-    assert (m_pa[2] < N_s).all() and (foreground[2] == 0).all()  # no foreground: background slots only
-    labelled = m_q != IGNORE_INDEX
-    assert ((m_pa >= N_s) == (m_q == 1))[labelled].all()  # each pixel goes to a slot of its own kind
-
-
-def test_ocnet_mfp_first_component_is_map_and_dct_is_orthogonal():
-    g = torch.Generator().manual_seed(0)
-    f = torch.randn(3, 8, 6, 5, generator=g)
-    m = (torch.rand(3, 24, 20, generator=g) > 0.5).float()
-    m[2] = 0  # empty mask: zeros
-    p = ocnet.multi_frequency_pooling(f, m, 7)
-    assert p.shape == (3, 49, 8)
-    assert torch.allclose(p[:, 0], common.masked_average_pooling(f, m), atol=1e-6)
-    assert (p[2] == 0).all()
-    basis = ocnet.dct_basis(6, 5, 3, "cpu").flatten(1)  # (9, 30)
-    gram = basis @ basis.T
-    assert torch.allclose(gram - torch.diag(gram.diag()), torch.zeros(9, 9), atol=1e-5)
-    assert torch.allclose(basis[0], torch.ones(30)) and math.isclose(gram[0, 0].item(), 30, rel_tol=1e-6)
-    # one component by hand: u = 1 along the rows, v = 0
-    assert torch.allclose(basis[3].view(6, 5)[:, 0], torch.cos(math.pi * (torch.arange(6) + 0.5) / 6))
-
-
-def test_ocnet_prototype_selection_by_hand():
-    # support: e0 on the object (left half), e1 elsewhere; prototypes e0 (mask = M_s), e1, -e0, e0 + e1
-    C, h, w = 4, 4, 4
-    e = torch.eye(C)
-    m = torch.zeros(1, 1, h, w)
-    m[..., :2] = 1
-    f_s = (m[:, :, None] * e[0, :, None, None] + (1 - m[:, :, None]) * e[1, :, None, None])  # (1, 1, C, h, w)
-    p_s = torch.stack([e[1], e[0] + e[1], e[0], -e[0]])[None]  # (1, 4, C); nearest: e0, farthest: -e0
-    ccm = ocnet.CCM(C, num_select=1, pa_scale=10.0)
-    f_q = e[0, None, :, None, None].expand(1, C, 2, 2)  # every query pixel is e0
-    f_c, logits_pa, cost = ccm(f_q, torch.randn(1, C, 2, 2), f_s, m[:, :, :, :], p_s, p_s)
-    assert torch.allclose(cost[0, 0], torch.full((2, 2), 2.0))  # background slot: -e0, cosine -1
-    assert torch.allclose(cost[0, 1], torch.zeros(2, 2), atol=1e-6)  # foreground slot: e0, cosine 1
-    assert f_c.shape == (1, 2 * C, 2, 2) and logits_pa.shape == (1, 2, 2, 2) and logits_pa.abs().max() <= 10 + 1e-4
-
-
-# ---------------- the ImageNet CAM and the general object mask --------------------------------------------
-
-def test_ocnet_cam_takes_the_weight_files_own_classifier(pfenet_file, tmp_path):
-    path, ref = pfenet_file
-    torch.manual_seed(0)
-    model = ocnet.Model(ocnet.Config(backbone="resnet50_deep", pretrained=str(path)))
-    fc = model.cam.classifier[-1]
-    assert fc is model.backbone.head and torch.equal(fc.weight, ref.fc.weight) and torch.equal(fc.bias, ref.fc.bias)
-    assert not any(p.requires_grad for p in model.cam.parameters())
-    state = model.state_dict()  # the classifier is saved once, as the CAM's, as for the torchvision backbones
-    assert "cam.classifier.2.weight" in state and not any(k.startswith("backbone.head") for k in state)
-    f_h = torch.rand(2, 2048, 4, 5)
-    top = ref.fc(f_h.mean((2, 3))).argmax(1)  # CAM [65] of the file's top class
-    expected = ocnet.minmax(F.relu(torch.einsum("bc,bchw->bhw", ref.fc.weight[top], f_h))[:, None])
-    torch.testing.assert_close(model.cam(f_h), expected, atol=1e-5, rtol=1e-4)
-    # a file without a classifier: a clear error, and cam_source="none" needs none
-    bare = tmp_path / "no_fc.pth"
-    torch.save({k: v for k, v in torch.load(path, weights_only=True).items() if not k.startswith("fc.")}, bare)
-    with pytest.raises(common.WeightsFileError, match="no ImageNet classifier.*--cam-source none"):
-        ocnet.Model(ocnet.Config(backbone="resnet50_deep", pretrained=str(bare)))
-    assert ocnet.Model(ocnet.Config(backbone="resnet50_deep", pretrained=str(bare), cam_source="none")).cam is None
-
-
-def test_ocnet_cam_of_torchvision_backbones_unchanged():
-    torch.manual_seed(7)
-    cam = ocnet.ImageNetCAM("resnet50", pretrained=False)
-    torch.manual_seed(7)
-    fc = torchvision.models.resnet50(weights=None).fc  # as ImageNetCAM built it before weight files existed
-    assert torch.equal(cam.classifier[-1].weight, fc.weight) and torch.equal(cam.classifier[-1].bias, fc.bias)
-    assert [type(m) for m in cam.classifier] == [nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear]
-    deep = ocnet.ImageNetCAM("resnet50_deep", pretrained=False)  # random, like its backbone (checkpoints fill it)
-    assert deep.classifier[-1].weight.shape == (1000, 2048)
-
-
-def test_ocnet_gradcam_is_cam_for_resnet_and_runs_under_no_grad():
-    torch.manual_seed(0)
-    cam = ocnet.ImageNetCAM("resnet50", pretrained=False)
-    f_h = torch.rand(2, 2048, 5, 6)
-    with torch.no_grad():  # as in evaluation
-        out = cam(f_h)
-    fc = cam.classifier[-1]
-    top = fc(f_h.mean((2, 3))).argmax(1)  # (2,)
-    expected = F.relu(torch.einsum("bc,bchw->bhw", fc.weight[top], f_h))[:, None]  # CAM [65] of the top class
-    expected = ocnet.minmax(expected)
-    assert out.shape == (2, 1, 5, 6) and torch.allclose(out, expected, atol=1e-5)
-    assert out.amax((2, 3)).allclose(torch.ones(2, 1), atol=1e-5) and out.min() >= 0
-
-
-@pytest.mark.parametrize("backbone", ["resnet50", "vgg16_bn"])
-def test_ocnet_general_object_mask_is_thresholded_max_of_prior_and_cam(ocnet_models, backbone):
-    model = ocnet_models[backbone].eval()
-    img_q, img_s, m_s, _ = episode(2, 2, **OCNET_EPISODE)
-    with torch.no_grad():
-        out = model(img_q, img_s, m_s)
-        f_q4 = model.backbone(img_q)["layer4"]
-        f_s3 = model.backbone(img_s.flatten(0, 1))["layer3"]  # PFENet.py:209-210: layer4 of the masked layer3
-        m = F.interpolate((m_s.flatten(0, 1) == 1).float()[:, None], f_s3.shape[-2:], mode="bilinear",
-                          align_corners=True)
-        f_s4 = model.backbone.stages["layer4"](f_s3 * m).view(2, 2, *f_q4.shape[1:])
-        prior, cam = common.cosine_prior(f_q4, f_s4, m_s), model.cam(f_q4)
-    assert cam.shape == prior.shape and cam.min() >= 0 and cam.max() <= 1
-    assert torch.equal(out["m_g"], (torch.maximum(prior, cam)[:, 0] >= 0.6).long())
-    assert out["m_g"].flatten(1).sum(1).min() >= 1  # the prior's maximum is 1 >= tau in each image
-
-
-# ---------------- configuration and a short training ------------------------------------------------------
-
-def test_ocnet_config_cam_source_and_bad_values():
-    model = ocnet.Model(ocnet.Config(pretrained=False, cam_source="none"))
-    assert model.cam is None
-    with pytest.raises(ValueError, match="cam_source"):
-        ocnet.Model(ocnet.Config(pretrained=False, cam_source="saliency"))
-    with pytest.raises(ValueError, match="num_select"):
-        ocnet.Model(ocnet.Config(pretrained=False, num_select=25))
-
-
-def test_ocnet_short_synthetic_training_lowers_the_loss(ocnet_models):
-    # four steps of the harness's SGD at the paper's lr (§5.1) on two synthetic episodes; loss compared in eval mode
-    torch.manual_seed(0)  # dropout: the loss falls by 0.13 to 0.38 over the seeds 0-5
-    model = copy.deepcopy(ocnet_models["resnet50"]).eval()
-    img_q, img_s, m_s, m_q, _ = synthetic_episode(2, 1, OCNET_SIZE)
-
-    def loss():
-        return model.loss(model(img_q, img_s, m_s), m_q, m_s)[0]
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.005, momentum=0.9, weight_decay=1e-4)  # §5.1, before the x 10
-    with torch.no_grad():
-        before = loss().item()
-    model.train()
-    for _ in range(4):
-        optimizer.zero_grad()
-        loss().backward()
-        optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        after = loss().item()
-    assert math.isfinite(after) and after < before - 0.05
-
-
-# ---------------- Eq. (6): multi-frequency pooling --------------------------------------------------------
-
-def test_ocnet_mfp_every_component_by_hand():
-    # each of the n*n components against sum(f * m * basis_l) / sum(m), the DCT-II cosines written out here;
-    # component l = u * n + v (u along the rows). A soft mask checks that m weights the pixels linearly.
-    g = torch.Generator().manual_seed(1)
-    B, C, h, w, n = 2, 3, 6, 5, 4
-    f = torch.randn(B, C, h, w, generator=g)
-    m = torch.rand(B, h, w, generator=g)
-    m[1, :3] = 0  # a partial mask
-    p = ocnet.multi_frequency_pooling(f, m, n)
-    assert p.shape == (B, n * n, C)
-    for b in range(B):
-        area = m[b].sum().item() + common.MAP_EPS
-        for u in range(n):
-            for v in range(n):
-                expected = torch.zeros(C)
-                for i in range(h):
-                    for j in range(w):
-                        basis = math.cos(math.pi * u * (i + 0.5) / h) * math.cos(math.pi * v * (j + 0.5) / w)
-                        expected += f[b, :, i, j] * m[b, i, j] * basis
-                assert torch.allclose(p[b, u * n + v], expected / area, atol=1e-5), (b, u, v)
-
-
-# ---------------- Eq. (3-5): GOMM -------------------------------------------------------------------------
-
-def test_ocnet_gomm_allocation_residual_and_attention_by_hand():
-    # Identity projections make every step of Eq. (3-5) computable by hand: Conv1x1 = [I, I] (then ReLU), so
-    # F_ig = ReLU(Alloc(P_g, Argmax cos(F_q, P_g)) + F_q); attention with identity in/out projections and 2 heads
-    # is softmax(q k^T / sqrt(C/2)) v per half of the channels; F_g = that + F_q (Eq. 5's residual).
-    g = torch.Generator().manual_seed(2)
-    C, N_g, h, w = 4, 3, 2, 3
-    gomm = ocnet.GOMM(C, N_g, heads=2, dropout=0.1).eval()
-    with torch.no_grad():
-        gomm.prototypes.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 1.0]]))
-        gomm.fuse[0].weight.copy_(torch.cat([torch.eye(C), torch.eye(C)], 1)[..., None, None])
-        gomm.attention.in_proj_weight.copy_(torch.eye(C).repeat(3, 1))
-        gomm.attention.in_proj_bias.zero_()
-    _set_identity(gomm.attention.out_proj)
-    f_q = torch.randn(1, C, h, w, generator=g)
-    with torch.no_grad():
-        f_g, logits_g = gomm(f_q)
-
-    # Eq. (3-4): the nearest prototype (largest cosine) at each pixel, found by a loop
-    f_ig = torch.zeros(1, C, h, w)
-    nearest = []
-    for i in range(h):
-        for j in range(w):
-            sims = [_cos(f_q[0, :, i, j], gomm.prototypes[k]).item() for k in range(N_g)]
-            k = max(range(N_g), key=sims.__getitem__)
-            nearest.append(k)
-            f_ig[0, :, i, j] = F.relu(gomm.prototypes[k].detach() + f_q[0, :, i, j])
-    assert len(set(nearest)) > 1  # the pixels do not all pick one prototype: argmax and argmin differ here
-    with torch.no_grad():
-        assert torch.allclose(logits_g, gomm.head(f_ig), atol=1e-5)  # M̂_g is the head on F_ig
-
-    # Eq. (5): multi-head attention by hand, plus the residual F_q
-    q, kv = f_q.flatten(2)[0].T, f_ig.flatten(2)[0].T  # (hw, C)
-    d = C // 2
-    heads = []
-    for s in (slice(0, d), slice(d, C)):
-        weights = torch.softmax(q[:, s] @ kv[:, s].T / math.sqrt(d), dim=1)  # (hw, hw)
-        heads.append(weights @ kv[:, s])
-    attended = torch.cat(heads, 1).T.reshape(1, C, h, w)
-    assert torch.allclose(f_g, attended + f_q, atol=1e-5)
-
-
-# ---------------- Eq. (7-10, 13-15): CCM ------------------------------------------------------------------
-
-def test_ocnet_ccm_correlation_by_hand():
-    # Support: e0 on the object (left half), e1 elsewhere. Distances of the prototypes' M_sp to M_s:
-    # e0 -> 0, e0+e1 -> 2.16, e2 -> 2.83, e1 -> 4, -e0 -> 5.66; N_s = 2: foreground {e0, e0+e1}, background
-    # {-e0, e1}, e2 unused. With the four "LN" set to identity, Eq. (13-15) are computed here from F_g (not F_q)
-    # and from P_s after dropout (p_s_drop, other prototypes here), at the slots the dropout-free P_s selected:
-    # M̂_pa = cos(F_g, p_s_drop[slots]), P_q = M̂_pa^T F_g / (h w), F_c = [P_q at each pixel's argmax, F_g].
-    g = torch.Generator().manual_seed(3)
-    C, h, w = 4, 2, 3
-    e = torch.eye(C)
-    m = torch.zeros(1, 1, 4, 4)
-    m[..., :2] = 1
-    f_s = m[:, :, None] * e[0, :, None, None] + (1 - m[:, :, None]) * e[1, :, None, None]  # (1, 1, C, 4, 4)
-    p_s = torch.stack([e[2], e[1], e[0] + e[1], -e[0], e[0]])[None]  # (1, 5, C), shuffled order
-    ccm = ocnet.CCM(C, num_select=2, pa_scale=10.0)
-    _set_identity(ccm.key_g, ccm.key_p, ccm.value_g, ccm.out)
-    f_q = torch.randn(1, C, h, w, generator=g)
-    f_g = torch.randn(1, C, h, w, generator=g)  # a different feature: Eq. (10) uses F_q, Eq. (13-15) use F_g
-    p_s_drop = torch.randn(1, 5, C, generator=g)
-    with torch.no_grad():
-        f_c, logits_pa, cost = ccm(f_q, f_g, f_s, m, p_s, p_s_drop)
-
-    slots = _slot_prototypes(cost, f_q, p_s)  # Eq. (10): cost = 1 - cos(F_q, selected), background first
-    assert set(slots[:2]) == {3, 1} and set(slots[2:]) == {4, 2}
-    selected = p_s_drop[0, slots]  # (4, C) in the module's slot order
-    tokens = f_g[0].flatten(1).T  # (hw, C)
-    m_pa = torch.tensor([[_cos(t, s).item() for s in selected] for t in tokens])  # (hw, 2N_s)
-    assert torch.allclose(logits_pa[0].flatten(1).T, 10 * m_pa, atol=1e-5)  # Eq. (13), scaled by pa_scale
-    clean = torch.tensor([[_cos(t, s).item() for s in p_s[0, slots]] for t in tokens])
-    assert (m_pa - clean).abs().max() > 0.1  # the case tells the two prototype sets apart
-    p_q = m_pa.T @ tokens / (h * w)  # Eq. (14): (2N_s, C)
-    best = m_pa.argmax(1)  # Eq. (15)
-    assert not torch.equal(best, m_pa.argmin(1))
-    expected = torch.cat([p_q[best].T.reshape(1, C, h, w), f_g], 1)
-    assert torch.allclose(f_c, expected, atol=1e-5)
-
-
-def test_ocnet_ccm_selection_averages_the_shot_distances():
-    # K shots (§5.1): Eq. (8-9) rank the prototypes by the distance averaged over the shots; the case is picked
-    # so that shot 0 alone would select other prototypes
-    g = torch.Generator().manual_seed(4)
-    B, S, C, hs, L, n_s = 1, 2, 6, 5, 8, 2
-    f_s = torch.randn(B, S, C, hs, hs, generator=g)
-    m = torch.zeros(B, S, hs, hs)
-    m[0, 0, 1:4, 1:3] = 1
-    m[0, 1, 2:5, 2:5] = 1
-    p_s = torch.randn(B, L, C, generator=g)
-    f_q = torch.randn(B, C, 3, 3, generator=g)
-    dist = torch.zeros(S, L)
-    for k in range(S):
-        for l in range(L):
-            sim = torch.stack([torch.stack([_cos(f_s[0, k, :, i, j], p_s[0, l]) for j in range(hs)])
-                               for i in range(hs)])  # M_sp of shot k, prototype l
-            dist[k, l] = ((sim - m[0, k]) ** 2).sum().sqrt()
-    order = dist.mean(0).argsort().tolist()
-    fg, bg = set(order[:n_s]), set(order[-n_s:])
-    order0 = dist[0].argsort().tolist()
-    assert (set(order0[:n_s]), set(order0[-n_s:])) != (fg, bg)  # the case discriminates
-    ccm = ocnet.CCM(C, num_select=n_s, pa_scale=10.0)
-    with torch.no_grad():
-        _, _, cost = ccm(f_q, torch.randn(B, C, 3, 3, generator=g), f_s, m, p_s, p_s)
-    slots = _slot_prototypes(cost, f_q, p_s)
-    assert set(slots[:n_s]) == bg and set(slots[n_s:]) == fg
-
-
 # ---------------- one 2-shot episode through the whole model, by hand -------------------------------------
 
 # One 2-shot episode, run once with hooks and shared by the tests below (a forward of the whole model is the
@@ -3623,127 +710,6 @@ def ocnet_run(ocnet_resnet):
         h1.remove(), h2.remove(), h3.remove(), h4.remove()
     return dict(episode=(img_q, img_s, m_s, m_q), out=out, ccm_in=ccm_in[0], gen_in=gen_in[0][0], **seen)
 
-
-def test_ocnet_support_prototypes_prior_and_generalization_inputs_by_hand(ocnet_run):
-    # Step 4-5 with K = 2: the CCM receives P_s = the shot mean of Eq. (6)'s MFP of each shot (foreground = label 1
-    # only, 255 is not foreground), and the query generalization gets [F_g from GOMM, P_s component 0 (MAP),
-    # the prior of both shots]
-    _, _, m_s, _ = ocnet_run["episode"]
-    _, f_g, f_s, m, p_s, p_s_drop = ocnet_run["ccm_in"]
-    assert torch.equal(p_s_drop, p_s)  # eval mode: no dropout, so P_s before and after it are one
-    B, S, C, h, w = f_s.shape
-    n = ocnet.Config.dct_size
-    fg = F.interpolate((m_s == 1).float(), (h, w), mode="bilinear", align_corners=True)  # (B, S, h, w)
-    assert torch.allclose(m, fg)
-    ii, jj = torch.arange(h)[:, None] + 0.5, torch.arange(w)[None] + 0.5
-    expected = torch.zeros(B, n * n, C)
-    for u in range(n):
-        for v in range(n):
-            basis = torch.cos(math.pi * u * ii / h) * torch.cos(math.pi * v * jj / w)  # (h, w)
-            for k in range(S):
-                pooled = (f_s[:, k] * (fg[:, k] * basis)[:, None]).sum((2, 3))  # (B, C)
-                expected[:, u * n + v] += pooled / (fg[:, k].sum((1, 2))[:, None] + common.MAP_EPS) / S
-    assert torch.allclose(p_s, expected, atol=1e-4 * expected.abs().max().item())
-    map_mean = sum(common.masked_average_pooling(f_s[:, k], (m_s[:, k] == 1).float()) for k in range(S)) / S
-    x = ocnet_run["gen_in"]  # (B, 2C + 1, h, w)
-    assert x.shape == (B, 2 * C + 1, h, w)
-    assert torch.allclose(x[:, :C], ocnet_run["f_g"])
-    assert torch.allclose(x[:, C:2 * C], map_mean[..., None, None].expand(-1, -1, h, w), atol=1e-5)
-    f4 = ocnet_run["layer4"]  # the backbone's one call: [query, masked supports]
-    f_q4, f_s4 = f4[:B], f4[B:].unflatten(0, (B, S))
-    prior = sum(common.cosine_prior(f_q4, f_s4[:, k], m_s[:, k]) for k in range(S)) / S  # PFENet: shot mean
-    assert torch.allclose(x[:, 2 * C:], prior, atol=1e-5)
-    assert not torch.allclose(prior, common.cosine_prior(f_q4, f_s4[:, 0], m_s[:, 0]), atol=1e-3)  # both count
-
-
-def test_ocnet_shot_order_does_not_matter_but_every_shot_does(ocnet_resnet, ocnet_run):
-    # §5.1: the K supports are averaged, so permuting them leaves every output unchanged; replacing shot 1 alone
-    # (shot 0 kept) must change the prediction
-    img_q, img_s, m_s, _ = ocnet_run["episode"]
-    ref = ocnet_run["out"]
-    img_other = img_s.clone()
-    img_other[:, 1] = torch.randn(1, 3, OCNET_SIZE, OCNET_SIZE, generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        out = ocnet_resnet(img_q, img_s.flip(1), m_s.flip(1))
-        other = ocnet_resnet(img_q, img_other, m_s)
-    for k in ref:
-        assert torch.allclose(ref[k].float(), out[k].float(), atol=1e-4), k
-    assert not torch.allclose(ref["logits"], other["logits"], atol=1e-5)
-
-
-def test_ocnet_ignored_support_pixels_count_as_background(ocnet_resnet, ocnet_run):
-    # 255 in the support mask (object borders, padding) is not foreground: the episode's 255 bands (17 rows of
-    # shot 1, 2 of shot 0) give exactly the outputs of the same bands labelled 0
-    img_q, img_s, m_s, _ = ocnet_run["episode"]
-    zeroed = m_s.masked_fill(m_s == IGNORE_INDEX, 0)
-    assert (zeroed != (m_s != 0).long()).sum() > 500  # the bands would change the foreground if they counted
-    with torch.no_grad():
-        ref = ocnet_resnet(img_q, img_s, zeroed)
-    out = ocnet_run["out"]
-    for k in ref:
-        assert torch.allclose(ref[k].float(), out[k].float(), atol=1e-5), k
-
-
-def test_ocnet_loss_terms_by_hand(ocnet_resnet, ocnet_run):
-    # Eq. (16): L_t = CE(M̂_q, M_q) over the labelled pixels, L_g = CE(M̂_g, M_g) against the mask M_g itself
-    # (1 = general object), L_p = CE(M̂_pa, M_pa) against the Sinkhorn target
-    model, out = ocnet_resnet, ocnet_run["out"]
-    _, _, m_s, m_q = ocnet_run["episode"]
-    with torch.no_grad():
-        total, terms = model.loss(out, m_q, m_s)
-    m_g = out["m_g"]
-    assert 0 < m_g.float().mean() < 1  # both classes present, so M_g and 1 - M_g give different losses
-    assert torch.allclose(terms["general"], F.cross_entropy(out["logits_g"], m_g), atol=1e-6)
-    # the untrained head is near 50/50, yet the inverted mask moves the loss by ~1e-3, 1000x the tolerance above
-    assert not torch.allclose(terms["general"], F.cross_entropy(out["logits_g"], 1 - m_g), atol=1e-4)
-    labelled = m_q != IGNORE_INDEX
-    logp = F.log_softmax(out["logits"], 1)  # (B, 2, H, W), already at the label's size
-    l_t = -logp.gather(1, m_q.clamp(max=1)[:, None])[:, 0][labelled].mean()
-    assert torch.allclose(terms["target"], l_t, atol=1e-6)
-    m_pa = ocnet.allocation_target(out["cost_pa"], m_q, model.cfg.ot_eps, model.cfg.sinkhorn_iters)
-    assert torch.allclose(terms["allocation"], F.cross_entropy(out["logits_pa"], m_pa, ignore_index=IGNORE_INDEX),
-                          atol=1e-6)
-    assert torch.allclose(total, terms["target"] + terms["general"] + terms["allocation"])
-
-
-def test_ocnet_allocation_target_is_made_without_dropout(ocnet_resnet, ocnet_run):
-    # Eq. (7-11) take F_q, F_s, P_s before the features' Dropout2d (Choices): in train mode, under two dropout
-    # draws, the costs and the target M_pa are those eval mode computes from the same weights, while M̂_pa does
-    # see the dropout. The CCM's inputs are the 1x1 reduction's own output (its ReLU's, hooked before the Dropout2d).
-    model, ref = ocnet_resnet, ocnet_run["out"]  # ref: eval mode, no dropout
-    img_q, img_s, m_s, m_q = ocnet_run["episode"]
-    B, S = img_s.shape[:2]
-    target = ocnet.allocation_target(ref["cost_pa"], m_q, model.cfg.ot_eps, model.cfg.sinkhorn_iters)
-    assert len(target[target != IGNORE_INDEX].unique()) > 2  # several slots are taught
-    outs, reduced = [], []
-    ccm_in, h1 = _capture_inputs(model.ccm)
-    h2 = model.down[1].register_forward_hook(lambda mod, args, out: reduced.append(out.detach().clone()))
-    model.train()
-    try:
-        for seed in (1, 2):
-            torch.manual_seed(seed)
-            with torch.no_grad():
-                outs.append(model(img_q, img_s, m_s))
-    finally:
-        model.eval()
-        h1.remove(), h2.remove()
-    assert not torch.allclose(outs[0]["logits_pa"], outs[1]["logits_pa"], atol=1e-3)  # the draws differ
-    for out in outs:
-        assert torch.allclose(out["cost_pa"], ref["cost_pa"], atol=1e-6)
-        m_pa = ocnet.allocation_target(out["cost_pa"], m_q, model.cfg.ot_eps, model.cfg.sinkhorn_iters)
-        assert torch.equal(m_pa, target)
-    f_q, _, f_s, m, p_s, p_s_drop = ccm_in[0]
-    assert torch.equal(f_q, reduced[0]) and torch.equal(f_s, reduced[1].unflatten(0, (B, S)))  # query, supports
-    mfp = ocnet.multi_frequency_pooling(f_s.flatten(0, 1), m.flatten(0, 1), model.cfg.dct_size)
-    assert torch.allclose(p_s, mfp.unflatten(0, (B, S)).mean(1), atol=1e-6)
-    _slot_prototypes(outs[0]["cost_pa"], reduced[0], p_s)  # every cost channel: 1 - cos(F_q, P_s[l]), no dropout
-    assert (p_s_drop - p_s).abs().max() > 0.1  # while Eq. (13) gets the prototypes after dropout
-
-
-# ==========================================================================================================
-# qgnet.py: QGNet: SLIC by hand; the contrastive stage (InfoNCE, queues, momentum, shuffled BN); its file; the
-# few-shot stage (shapes, gradients, FEM's inputs and the loss by hand); both stages through train.py
-# ==========================================================================================================
 
 QGNET_TINY_PRIOR = dict(prior_batch_size=4, prior_queue=8, prior_img_size=32, prior_patch_size=32, bn_splits=2)
 
@@ -3787,95 +753,6 @@ def qgnet_flat_regions(size=64):
     return colours[region].permute(2, 0, 1), region  # (3, H, W), (H, W)
 
 
-def test_qgnet_rgb_to_lab_reference_colours():
-    rgb = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]).T[:, :, None]  # (3, 3, 1)
-    lab = qgnet.rgb_to_lab(rgb)[:, :, 0].T
-    expected = torch.tensor([[100.0, 0.0, 0.0], [0.0, 0.0, 0.0], [53.24, 80.09, 67.20]])  # CIELAB tables, D65
-    assert torch.allclose(lab, expected, atol=0.02)
-
-
-def test_qgnet_connected_components_by_hand():
-    labels = torch.tensor([[1, 0, 1], [1, 0, 1], [1, 1, 1]])
-    assert qgnet.connected_components(labels).tolist() == [[0, 1, 0], [0, 1, 0], [0, 0, 0]]
-    labels = torch.tensor([[1, 0, 1], [1, 0, 1]])  # the right column is a second part of label 1
-    assert qgnet.connected_components(labels).tolist() == [[0, 1, 2], [0, 1, 2]]
-
-
-def test_qgnet_enforce_connectivity_merges_fragments_into_largest_neighbour():
-    labels = torch.tensor([[0, 0, 0, 1, 1, 1, 1],
-                           [0, 1, 0, 1, 1, 1, 1],  # a one-pixel fragment of label 1 inside label 0 (10 px)
-                           [0, 0, 0, 2, 1, 1, 1],  # label 2 (3 px) touches label 0 (10 px) and label 1 (14 px)
-                           [0, 0, 2, 2, 1, 1, 1]])
-    out = qgnet.enforce_connectivity(labels, min_size=4)
-    expected = torch.tensor([[0, 0, 0, 1, 1, 1, 1],
-                             [0, 0, 0, 1, 1, 1, 1],
-                             [0, 0, 0, 1, 1, 1, 1],
-                             [0, 0, 1, 1, 1, 1, 1]])  # the fragment joins 0 (its only neighbour), label 2 joins 1
-    assert torch.equal(out, expected)
-    assert torch.equal(qgnet.enforce_connectivity(labels, min_size=1), qgnet.connected_components(labels).unique(
-        return_inverse=True)[1])  # nothing to merge: just the 4-connected parts, relabelled 0..n-1
-    # A (0) and D (2), 6 px each, touch only B (1, 8 px), which joins C (3, 10 px). Merged in the same round,
-    # A and D would keep B's old label after B moved on: one label of 12 >= min_size px on two separate pieces.
-    chain = torch.tensor([[0, 0, 0, 1, 3, 3],
-                          [0, 0, 0, 1, 3, 3],
-                          [1, 1, 1, 1, 3, 3],
-                          [2, 2, 2, 1, 3, 3],
-                          [2, 2, 2, 1, 3, 3]])
-    assert qgnet.enforce_connectivity(chain, min_size=9).unique().numel() == 1  # all joins C, round by round
-    for seed in range(20):  # random maps: every label ends 4-connected and at least min_size pixels
-        labels = torch.randint(0, 5, (12, 12), generator=torch.Generator().manual_seed(seed))
-        out = qgnet.enforce_connectivity(labels, min_size=8)
-        assert out.unique().numel() == qgnet.connected_components(out).unique().numel(), seed
-        assert torch.bincount(out.flatten()).min() >= 8, seed
-
-
-def test_qgnet_slic_recovers_flat_regions_with_connected_s_spaced_superpixels():
-    img, region = qgnet_flat_regions()
-    labels = qgnet.slic(img, n_segments=16, compactness=10.0)
-    n = int(labels.max()) + 1
-    assert labels.dtype == torch.long and labels.unique().tolist() == list(range(n))
-    assert 8 <= n <= 32  # about K = 16 superpixels
-    assert qgnet.connected_components(labels).unique().numel() == n  # every superpixel is 4-connected
-    step = math.sqrt(64 * 64 / 16)
-    for s in range(n):
-        ys, xs = torch.nonzero(labels == s, as_tuple=True)
-        assert region[ys, xs].unique().numel() == 1  # pure: inside one flat region
-        assert ys.max() - ys.min() < 3 * step and xs.max() - xs.min() < 3 * step  # compact, ~S-spaced
-    for a, b in (((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
-                 ((slice(1, None), slice(None)), (slice(None, -1), slice(None)))):
-        edge = region[a] != region[b]
-        assert (labels[a][edge] != labels[b][edge]).all()  # every region boundary is a superpixel boundary
-
-
-def test_qgnet_superpixel_boxes_cover_the_image_in_original_pixels():
-    img = (qgnet_flat_regions(64)[0] * 255).round().to(torch.uint8)
-    img = torch.nn.functional.interpolate(img[None].float(), size=(120, 90), mode="nearest")[0].to(torch.uint8)
-    cfg = qgnet.PriorConfig(slic_side=64, slic_segments=8)
-    boxes = qgnet.superpixel_boxes(img, cfg)  # SLIC on a 64 x 48 copy, boxes in the 120 x 90 pixels
-    assert boxes.shape[1] == 4 and len(boxes) >= 4
-    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 120).all() and (boxes[:, 3] <= 90).all()
-    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
-    covered = torch.zeros(120, 90, dtype=torch.bool)
-    for top, left, bottom, right in boxes.tolist():
-        covered[top:bottom, left:right] = True
-    assert covered.all()
-    assert (boxes == torch.tensor([0, 0, 120, 90])).all(1).sum() == 0  # boxes of parts, not of the whole image
-
-
-def test_qgnet_unlabeled_images_give_two_views_of_image_and_patch():
-    episodes = data.build_dataset("synthetic", "train", 0, img_size=64, train_length=2)
-    items = [(episodes, 0), (episodes, 1)]
-    cfg = qgnet.PriorConfig(**QGNET_TINY_PRIOR, slic_side=64)
-    boxes = [qgnet.SuperpixelBoxes(items, cfg)[i] for i in range(2)]
-    sample = qgnet.UnlabeledImages(items, boxes, cfg)[1]
-    assert {k: tuple(v.shape) for k, v in sample.items()} == {
-        "img_q": (3, 32, 32), "img_k": (3, 32, 32), "patch_q": (3, 32, 32), "patch_k": (3, 32, 32)}
-    assert not torch.equal(sample["img_q"], sample["img_k"])  # two random views
-    assert all(torch.isfinite(v).all() for v in sample.values())
-    rendered = qgnet.load_unlabeled(items[1])
-    assert rendered.dtype == torch.uint8 and rendered.shape == (3, 64, 64)
-
-
 # ---------------- contrastive stage (§4.1, Eq. 1-3) -------------------------------------------------------
 
 def qgnet_info_nce_by_hand(q, k, queue, tau):
@@ -3886,306 +763,6 @@ def qgnet_info_nce_by_hand(q, k, queue, tau):
         neg = q[n] @ queue / tau  # (K,)
         losses.append(torch.logsumexp(torch.cat([pos[None], neg]), 0) - pos)
     return torch.stack(losses).mean()
-
-
-def test_qgnet_info_nce_equals_eq1_by_hand():
-    torch.manual_seed(1)
-    q = torch.nn.functional.normalize(torch.randn(2, 3), dim=1)
-    k = torch.nn.functional.normalize(torch.randn(2, 3), dim=1)
-    queue = torch.nn.functional.normalize(torch.randn(3, 4), dim=0)
-    tau = 0.2
-    direct = 0.0
-    for n in range(2):
-        pos = math.exp(float(q[n] @ k[n]) / tau)
-        neg = sum(math.exp(float(q[n] @ queue[:, i]) / tau) for i in range(4))
-        direct += -math.log(pos / (neg + pos)) / 2
-    assert qgnet.info_nce(q, k, queue, tau).item() == pytest.approx(direct, rel=1e-5)
-
-
-def test_qgnet_queue_advances_and_wraps(qgnet_contrast):
-    qgnet_contrast.queue_global_ptr.zero_()
-    batches = [torch.full((3, 128), float(i)) for i in (1, 2, 3)]
-    for keys in batches:
-        qgnet_contrast.enqueue("queue_global", keys)
-    assert qgnet_contrast.queue_global_ptr.item() == 9 % 8
-    assert qgnet_contrast.queue_global[0].tolist() == [3, 1, 1, 2, 2, 2, 3, 3]  # slots 6, 7, 0 took the third batch
-    qgnet_contrast.enqueue("queue_global", torch.arange(10.0)[:, None].expand(10, 128))  # more keys than slots
-    assert sorted(qgnet_contrast.queue_global[0].tolist()) == list(range(2, 10))  # the newest 8 kept
-
-
-def test_qgnet_one_pretraining_step_moves_query_encoder_and_momentum_key(qgnet_contrast):
-    qgnet_contrast = copy.deepcopy(qgnet_contrast)  # the step moves weights and queues: the fixture's stay as they are
-    torch.manual_seed(2)
-    qgnet_contrast.train()
-    optimizer = torch.optim.SGD(qgnet_contrast.encoder_q.parameters(), lr=0.1, momentum=0.9)
-    with torch.no_grad():  # encoder_k starts as a copy of encoder_q: make them differ, or a missing update can't show
-        for p in qgnet_contrast.encoder_q.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    q0 = [p.detach().clone() for p in qgnet_contrast.encoder_q.parameters()]
-    k0 = [p.detach().clone() for p in qgnet_contrast.encoder_k.parameters()]
-    assert not any(torch.equal(a, b) for a, b in zip(k0, q0))
-    ptr0 = qgnet_contrast.queue_local_ptr.item()
-    batch = {name: torch.randn(4, 3, 32, 32) for name in ("img_q", "img_k", "patch_q", "patch_k")}
-    loss, terms = qgnet_contrast(**batch)
-    assert set(terms) == {"global", "local"} and torch.isfinite(loss)
-    assert loss.item() == pytest.approx((terms["global"] + terms["local"]).item())  # Eq. (3)
-    m = qgnet_contrast.cfg.momentum
-    for p_k, a, b in zip(qgnet_contrast.encoder_k.parameters(), k0, q0):
-        # theta_k <- m theta_k + (1 - m) theta_q, to rounding; without the update p_k stays at a, 1e-3 |b - a| away
-        assert torch.allclose(p_k, m * a + (1 - m) * b, rtol=1e-6, atol=1e-7)
-    assert not torch.equal(qgnet_contrast.encoder_k.conv1.weight, k0[0])
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    assert all(p.grad is None for p in qgnet_contrast.encoder_k.parameters())
-    assert all(p.grad is not None for p in qgnet_contrast.encoder_q.parameters())
-    assert not torch.equal(qgnet_contrast.encoder_q.conv1.weight, q0[0])
-    for p_k, a, b in zip(qgnet_contrast.encoder_k.parameters(), k0, q0):  # the optimizer step leaves encoder_k alone
-        assert torch.allclose(p_k, m * a + (1 - m) * b, rtol=1e-6, atol=1e-7)
-    assert qgnet_contrast.queue_local_ptr.item() == (ptr0 + 4) % 8
-    fresh = qgnet_contrast.queue_local[:, [(ptr0 + i) % 8 for i in range(4)]]
-    assert torch.allclose(fresh.norm(dim=0), torch.ones(4), atol=1e-5)  # normalised keys went in
-
-
-def test_qgnet_keys_come_from_the_momentum_encoder_in_input_order(qgnet_noisy_contrast):
-    torch.manual_seed(6)
-    qgnet_noisy_contrast.eval()  # BN from running statistics: shuffling can then change only the order of the keys
-    x = torch.randn(6, 3, 32, 32)
-    with torch.no_grad():
-        expected = F.normalize(qgnet_noisy_contrast.encoder_k(x), dim=1)  # (6, D), row i = image i
-        from_q = F.normalize(qgnet_noisy_contrast.encoder_q(x), dim=1)
-    assert (expected @ expected.T - torch.eye(6)).max() < 1 - 1e-3  # distinct keys: a permutation would show
-    assert not torch.allclose(from_q, expected, atol=1e-3)  # and the two encoders can be told apart
-    for _ in range(2):  # a new random shuffle each call, always undone
-        keys = qgnet_noisy_contrast.keys(x)
-        assert keys.shape == (6, qgnet_noisy_contrast.cfg.dim)
-        assert torch.allclose(keys, expected, atol=1e-5)
-
-
-def test_qgnet_shuffle_bn_uses_shuffled_sub_batches_and_restores_the_order(qgnet_noisy_contrast, monkeypatch):
-    torch.manual_seed(7)
-    qgnet_noisy_contrast.train()  # BN from batch statistics: a key depends on the sub-batch it was computed in
-    x = torch.randn(4, 3, 32, 32)
-    order = torch.tensor([2, 0, 3, 1])
-    monkeypatch.setattr(torch, "randperm", lambda n, **kwargs: order.clone())
-    keys = qgnet_noisy_contrast.keys(x)  # bn_splits 2: sub-batches x[[2, 0]] and x[[3, 1]]
-    # by hand: each sub-batch through encoder_k, its keys written back to the rows of their own images
-    expected = torch.empty_like(keys)
-    with torch.no_grad():
-        expected[[2, 0]] = F.normalize(qgnet_noisy_contrast.encoder_k(x[[2, 0]]), dim=1)
-        expected[[3, 1]] = F.normalize(qgnet_noisy_contrast.encoder_k(x[[3, 1]]), dim=1)
-        unshuffled = F.normalize(torch.cat([qgnet_noisy_contrast.encoder_k(x[:2]),
-                                            qgnet_noisy_contrast.encoder_k(x[2:])]), dim=1)
-    assert torch.allclose(keys, expected, atol=1e-5)
-    assert not torch.allclose(keys, unshuffled, atol=1e-3)  # the sub-batches really were the shuffled ones
-    assert not torch.allclose(keys, keys[order], atol=1e-3)  # and the order matters
-
-
-def test_qgnet_step_contrasts_images_with_image_queue_and_patches_with_patch_queue(qgnet_noisy_contrast):
-    torch.manual_seed(8)
-    qgnet_noisy_contrast.eval()  # deterministic queries and keys, so they can be recomputed after the step
-    batch = {name: torch.randn(4, 3, 32, 32) for name in ("img_q", "img_k", "patch_q", "patch_k")}
-    queue_g, queue_l = qgnet_noisy_contrast.queue_global.clone(), qgnet_noisy_contrast.queue_local.clone()
-    ptr_g, ptr_l = qgnet_noisy_contrast.queue_global_ptr.item(), qgnet_noisy_contrast.queue_local_ptr.item()
-    assert not torch.allclose(queue_g, queue_l, atol=1e-2)  # two different dictionaries, so a mix-up shows
-    loss, terms = qgnet_noisy_contrast(**batch)
-    with torch.no_grad():  # queries from encoder_q, keys from encoder_k as it is after this step's momentum update
-        q, q_p = (F.normalize(qgnet_noisy_contrast.encoder_q(batch[n]), dim=1) for n in ("img_q", "patch_q"))
-        k, k_p = (F.normalize(qgnet_noisy_contrast.encoder_k(batch[n]), dim=1) for n in ("img_k", "patch_k"))
-    tau = qgnet_noisy_contrast.cfg.temperature
-    # Eq. (1): images against the image keys K; Eq. (2): patches against the patch keys M; queues as before the step
-    assert terms["global"].item() == pytest.approx(qgnet_info_nce_by_hand(q, k, queue_g, tau).item(), rel=1e-4)
-    assert terms["local"].item() == pytest.approx(qgnet_info_nce_by_hand(q_p, k_p, queue_l, tau).item(), rel=1e-4)
-    assert loss.item() == pytest.approx((terms["global"] + terms["local"]).item())  # Eq. (3)
-    # then this batch's image keys replace the 4 oldest image keys, its patch keys the 4 oldest patch keys
-    for queue, before, ptr, new in ((qgnet_noisy_contrast.queue_global, queue_g, ptr_g, k),
-                                    (qgnet_noisy_contrast.queue_local, queue_l, ptr_l, k_p)):
-        slots = [(ptr + i) % 8 for i in range(4)]
-        kept = [i for i in range(8) if i not in slots]
-        assert torch.allclose(queue[:, slots], new.T, atol=1e-5)
-        assert torch.equal(queue[:, kept], before[:, kept])
-
-
-# ---------------- the stage-1 file: the prior extractor it loads, its paths and errors, the prior stage ---
-
-def test_qgnet_prior_checkpoint_is_loaded_as_dilated_momentum_encoder(qgnet_contrast, tmp_path):
-    path = tmp_path / "prior.pt"
-    torch.save({"model": qgnet_contrast.state_dict()}, path)
-    model = qgnet.build(qgnet.Config(pretrained=False, prior_checkpoint=str(path)), common.Setting(pretrained=False))
-    prior = model.prior_extractor
-    assert torch.equal(prior.stages["layer0"][0].weight, qgnet_contrast.encoder_k.conv1.weight)
-    assert torch.equal(prior.stages["layer0"][1].running_var, qgnet_contrast.encoder_k.bn1.running_var)
-    assert torch.equal(prior.stages["layer4"][2].conv3.weight, qgnet_contrast.encoder_k.layer4[2].conv3.weight)
-    assert prior.stages["layer4"][0].conv2.dilation == (4, 4)  # output stride 8 in the few-shot stage
-    assert not any(p.requires_grad for p in prior.parameters())
-    # so train.calibrate_random_backbones leaves stage 1's BatchNorm statistics alone (and estimates F's)
-    assert prior.calibrated and not prior.needs_statistics
-    assert [m for m in model.modules() if isinstance(m, Backbone) and m.needs_statistics] == [model.backbone]
-    # a random F_p, from no file: --untrained-prior, or a checkpoint's (its weights replace these)
-    for cfg, run in ((qgnet.Config(pretrained=False, untrained_prior=True), common.Setting(pretrained=False)),
-                     (qgnet.Config(pretrained=False, prior_checkpoint=str(tmp_path / "absent.pt")),
-                      common.Setting(pretrained=False, from_checkpoint=True))):
-        assert qgnet.build(cfg, run).prior_extractor.needs_statistics
-
-
-def test_qgnet_build_without_the_stage_1_file_raises_with_the_command(qgnet_contrast, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # no runs/ here
-
-    def never(*args, **kwargs):
-        raise AssertionError("QGNet built before its stage-1 file was checked")
-    monkeypatch.setattr(qgnet.QGNet, "__init__", never)  # the file is checked first: no network, no forward
-    path = tmp_path / "absent.pt"
-    with pytest.raises(common.WeightsUnavailableError) as err:
-        qgnet.build(qgnet.Config(pretrained=False, prior_checkpoint=str(path)), common.Setting(dataset="synthetic", fold=2))
-    message = str(err.value)
-    assert "python train.py --model qgnet --stage prior --dataset synthetic --fold 2" in message
-    assert str(path) in message
-    # the default file of the run, and the command that writes it there
-    with pytest.raises(common.WeightsUnavailableError) as err:
-        qgnet.build(qgnet.Config(pretrained=False, prior_all_images=True),
-                    common.Setting(dataset="pascal", fold=1, data_root="/d/VOC2012"))
-    assert "runs/qgnet-prior-pascal-fold1-all/prior_extractor.pt does not exist" in str(err.value)
-    assert "--stage prior --dataset pascal --fold 1 --data-root /d/VOC2012 --prior-all-images\n" in str(err.value)
-    root = str(tmp_path / "mine")  # a folder dataset's novel classes name the file and the command
-    with pytest.raises(common.WeightsUnavailableError) as err:
-        qgnet.build(qgnet.Config(pretrained=False), common.Setting(dataset="folder", data_root=root, test_classes=(3, 7)))
-    assert f"runs/qgnet-prior-{data.split_name('folder', 0, root, (3, 7))}/prior_extractor.pt" in str(err.value)
-    assert f"--stage prior --dataset folder --test-classes 3,7 --data-root {root}\n" in str(err.value)
-    # a file that is there but is not stage 1's
-    state = qgnet_contrast.state_dict()
-    for name, content in (("text.pt", None), ("list.pt", [1, 2]),
-                          ("other.pt", {"model": {"conv.weight": torch.zeros(1)}}),
-                          ("cut.pt", {"model": {k: v for k, v in state.items() if "layer4.2" not in k}})):
-        bad = tmp_path / name
-        if content is None:
-            bad.write_text("not a torch file")
-        else:
-            torch.save(content, bad)
-        with pytest.raises(common.WeightsUnavailableError, match="stage 1") as err:
-            qgnet.build(qgnet.Config(pretrained=False, prior_checkpoint=str(bad)), common.Setting(dataset="synthetic"))
-        assert str(bad) in str(err.value) and "--model qgnet --stage prior --dataset synthetic" in str(err.value)
-
-
-def test_qgnet_prior_paths():
-    assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="pascal", fold=1))) == \
-        "runs/qgnet-prior-pascal-fold1/prior_extractor.pt"
-    assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="coco"), True)) == \
-        "runs/qgnet-prior-coco-fold0-all/prior_extractor.pt"
-    assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="coco"), True, "x/y.pt")) == "x/y.pt"
-    # COCO's two splits hold other classes in a fold: each has its own file
-    assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="coco", fold=2, coco_split="contiguous"))) == \
-        "runs/qgnet-prior-coco-contiguous-fold2/prior_extractor.pt"
-
-
-def test_qgnet_stage_1_is_a_run_and_its_file_serves_only_the_images_it_saw(tmp_path, monkeypatch, capsys):
-    """--stage prior keeps its file unless --resume (with its own values) or --overwrite; the few-shot stage refuses
-    a file of other images (another fold or split could hold its novel classes) and an unfinished one."""
-    monkeypatch.chdir(tmp_path)
-    flags = ["--model", "qgnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0", "--img-size", "64",
-             "--stage", "prior", "--train-length", "8", "--prior-batch-size", "4", "--prior-queue", "8",
-             "--prior-img-size", "32", "--log-every", "1", "--fold", "1"]
-    path = tmp_path / "runs" / "qgnet-prior-synthetic-fold1" / "prior_extractor.pt"
-    assert train.main([*flags, "--prior-epochs", "1"]) == Path("runs/qgnet-prior-synthetic-fold1/prior_extractor.pt")
-    before = path.read_bytes()
-    with pytest.raises(SystemExit, match="holds a run already .prior_extractor.pt, epoch 1."):
-        train.main([*flags, "--prior-epochs", "1"])
-    with pytest.raises(SystemExit) as err:  # a resumed stage keeps its values
-        train.main([*flags, "--prior-epochs", "2", "--resume"])
-    assert "was made with other stage-1 values (prior_epochs 1 (now 2))" in str(err.value.code)
-    assert path.read_bytes() == before
-    state = torch.load(path, weights_only=True)
-    assert state["images"] == {"dataset": "synthetic", "all_images": False, "fold": 1, "test_classes": None,
-                               "coco_split": "interleaved"}
-    build = lambda fold: qgnet.build(qgnet.Config(pretrained=False, prior_checkpoint=str(path)),  # noqa: E731
-                                     common.Setting(dataset="synthetic", fold=fold, pretrained=False))
-    assert build(1).prior_extractor.calibrated  # its own fold: taken
-    with pytest.raises(common.WeightsUnavailableError, match="was made on other images .synthetic, fold 1 training "
-                                                             "images. than this run's .synthetic, fold 2 training"):
-        build(2)
-    torch.save({**state, "epoch": 0, "config": {**state["config"], "prior_epochs": 3}}, path)
-    with pytest.raises(common.WeightsUnavailableError, match="stopped after epoch 0 of 3: finish it with"):
-        build(1)
-    path.write_bytes(before[:1000])  # cut short: one line, no traceback
-    with pytest.raises(SystemExit) as err:
-        train.main([*flags, "--prior-epochs", "1", "--resume"])
-    assert str(err.value.code).startswith(f"error: cannot read {Path('runs/qgnet-prior-synthetic-fold1')}")
-
-
-def test_qgnet_prior_stage_gets_the_run_the_schedule_and_its_recipe_from_train_py(monkeypatch, tmp_path):
-    got = []
-    monkeypatch.setitem(qgnet.STAGES, "prior", lambda *given: got.append(given) or "written")
-    flags = ["--model", "qgnet", "--stage", "prior", "--workers", "0", "--seed", "5", "--out", str(tmp_path / "o")]
-    assert train.main([*flags, "--dataset", "coco", "--fold", "2", "--data-root", str(tmp_path),
-                       "--prior-queue", "1024"]) == "written"
-    run, schedule, options = got[-1]
-    assert (run.dataset, run.fold, run.data_root, run.from_checkpoint) == ("coco", 2, str(tmp_path), False)
-    assert (schedule.seed, schedule.workers) == (5, 0)
-    cfg = qgnet.prior_config(options)
-    assert (cfg.prior_epochs, cfg.prior_queue, cfg.prior_batch_size) == (200, 1024, 256)  # §5.1, flag, MoCo v2
-    assert (cfg.prior_lr, cfg.prior_img_size, cfg.prior_patch_size) == (None, 224, 96)  # lr: MoCo's, by the batch
-    train.main([*flags, "--dataset", "synthetic", "--prior-epochs", "2"])
-    cfg = qgnet.prior_config(got[-1][2])  # the synthetic quick start, but the flag given wins
-    assert (cfg.prior_epochs, cfg.prior_batch_size, cfg.prior_queue, cfg.prior_img_size, cfg.prior_patch_size) == (
-        2, 32, 4096, 64, 32)
-
-
-# ---------------- few-shot stage (§4.2) -------------------------------------------------------------------
-
-def test_qgnet_prior_region_map_is_eq_9_to_12_with_gradients():
-    torch.manual_seed(3)
-    x = torch.randn(2, 4, 3, 3, requires_grad=True)
-    p = torch.randn(2, 4, 2, 2, requires_grad=True)
-    out = qgnet.prior_region_map(x, p)
-    assert out.shape == (2, 1, 3, 3)
-    for b in range(2):
-        xs, ps = x[b].detach().flatten(1).T, p[b].detach().flatten(1).T  # (9, 4), (4, 4)
-        s = torch.tensor([max(float(xi @ pj / (xi.norm() * pj.norm() + 1e-7)) for pj in ps) for xi in xs])
-        s = (s - s.min()) / (s.max() - s.min() + 1e-7)
-        assert torch.allclose(out[b].flatten().detach(), s, atol=1e-5)
-    out.sum().backward()
-    assert x.grad.abs().sum() > 0 and p.grad.abs().sum() > 0  # no detach: both projections learn through it
-
-
-@pytest.mark.parametrize("B,S", [(2, 1), (1, 5)])
-def test_qgnet_fewshot_forward_shapes_and_finite_loss(qgnet_model, B, S):
-    torch.manual_seed(4)
-    qgnet_model.eval()
-    img_q, img_s = torch.randn(B, 3, 65, 65), torch.randn(B, S, 3, 65, 65)
-    m_s = torch.zeros(B, S, 65, 65, dtype=torch.long)
-    m_s[..., 20:45, 20:45] = 1
-    m_s[..., :3, :] = 255
-    with torch.no_grad():
-        out = qgnet_model(img_q, img_s, m_s)
-        loss, terms = qgnet_model.loss(out, m_s[:, 0], m_s)
-    assert out["logits"].shape == (B, 2, 65, 65)
-    assert [tuple(a.shape[-2:]) for a in out["aux"]] == [(9, 9), (4, 4), (2, 2), (1, 1)]  # 65 px -> 9 x 9
-    assert set(terms) == {"main", "aux"} and torch.isfinite(loss)
-    with torch.no_grad():  # an empty support mask: no NaN anywhere
-        empty = qgnet_model(img_q, img_s, torch.zeros_like(m_s))["logits"]
-    assert torch.isfinite(empty).all()
-
-
-def test_qgnet_fewshot_gradients_only_in_the_learnable_heads(qgnet_model):
-    torch.manual_seed(5)
-    qgnet_model.train()
-    qgnet_model.zero_grad()
-    img_q, img_s = torch.randn(2, 3, 65, 65), torch.randn(2, 2, 3, 65, 65)
-    m_s = torch.zeros(2, 2, 65, 65, dtype=torch.long)
-    m_s[..., 10:40, 15:50] = 1
-    m_q = torch.zeros(2, 65, 65, dtype=torch.long)
-    m_q[:, 20:50, 20:50] = 1
-    loss, _ = qgnet_model.loss(qgnet_model(img_q, img_s, m_s), m_q, m_s)
-    loss.backward()
-    learnable = {n.split(".")[0] for n, p in qgnet_model.named_parameters() if p.requires_grad}
-    assert learnable == {"bridge_proj", "prior_proj", "down_query", "down_supp", "fem"}
-    for name, p in qgnet_model.named_parameters():
-        if p.requires_grad:
-            assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        else:
-            assert p.grad is None and name.split(".")[0] in ("backbone", "prior_extractor"), name
-    for module in learnable:
-        assert any(p.grad.abs().sum() > 0 for p in getattr(qgnet_model, module).parameters()), module
-    assert not qgnet_model.prior_extractor.training and not qgnet_model.backbone.training  # frozen BN stays in eval
 
 
 def qgnet_shifted_shots_episode(B=2, S=2, size=65, seed=9):
@@ -4215,152 +792,6 @@ def qgnet_fem_inputs(model, img_q, img_s, m_s):
     return captured[0]
 
 
-def test_qgnet_fem_receives_hand_computed_guided_map_prior_map_and_guider(qgnet_model):
-    qgnet_model.eval()  # no dropout in the projections: the forward is deterministic
-    B, S = 2, 2
-    img_q, img_s, m_s = qgnet_shifted_shots_episode(B, S)
-    f_q23, guider, maps = qgnet_fem_inputs(qgnet_model, img_q, img_s, m_s)
-    assert maps.shape == (B, 2, 9, 9) and guider.shape == (B, 256)
-    stages = qgnet_model.backbone.stages
-    with torch.no_grad():
-        def layers(x, mask=None):  # the frozen backbone stage by stage; mask: PFENet's support layer4 (layer3 x mask)
-            f = {"layer1": stages["layer1"](stages["layer0"](x))}
-            f["layer2"] = stages["layer2"](f["layer1"])
-            f["layer3"] = stages["layer3"](f["layer2"])
-            x3 = f["layer3"]
-            if mask is not None:
-                x3 = x3 * F.interpolate((mask == 1).float()[:, None], x3.shape[-2:], mode="bilinear",
-                                        align_corners=True)
-            f["layer4"] = stages["layer4"](x3)
-            return f
-        f_q = layers(img_q)
-        f_s = layers(img_s.flatten(0, 1), m_s.flatten(0, 1))
-        # guided region map: PFENet's prior of the query layer4 against the masked supports' layer4, mean over shots
-        f_s4 = f_s["layer4"].view(B, S, *f_s["layer4"].shape[1:])
-        guided = common.cosine_prior(f_q["layer4"], f_s4, m_s)  # (B, 1, 9, 9)
-        # prior region map, Eq. (9)-(12): projected bridge X_q against projected prior P_q of the same query
-        x = qgnet_model.bridge_proj(f_q["layer4"]).flatten(2)  # (B, 256, hw)
-        p = qgnet_model.prior_proj(qgnet_model.prior_extractor(img_q)["layer4"]).flatten(2)  # (B, 256, h'w')
-        cos = torch.einsum("bcq,bcr->bqr", x, p) / (x.norm(dim=1)[:, :, None] * p.norm(dim=1)[:, None, :] + 1e-7)
-        s_q = cos.max(dim=2).values  # Eq. (10): best prior pixel for each bridge pixel, (B, hw)
-        lo, hi = s_q.min(1, keepdim=True).values, s_q.max(1, keepdim=True).values
-        prior = ((s_q - lo) / (hi - lo + 1e-7)).view(B, 1, 9, 9)  # Eq. (12)
-        # category guider: Weighted_GAP of down_supp(layer3 | layer2) under the resized support mask, mean over shots
-        def mid_level(f, reduction):  # 1x1 conv (no bias) of cat(layer3, layer2), ReLU; Dropout2d is off in eval
-            return F.relu(F.conv2d(torch.cat([f["layer3"], f["layer2"]], 1), reduction[0].weight))
-        f_s23 = mid_level(f_s, qgnet_model.down_supp)  # (B*S, 256, 9, 9)
-        m = F.interpolate((m_s.flatten(0, 1) == 1).float()[:, None], (9, 9), mode="bilinear", align_corners=True)
-        proto = (f_s23 * m).sum((2, 3)) / (m.sum((2, 3)) + common.MAP_EPS)  # (B*S, 256)
-        expected_guider = proto.view(B, S, -1).mean(1)
-        expected_f_q23 = mid_level(f_q, qgnet_model.down_query)
-    assert torch.allclose(maps[:, :1], guided, atol=1e-4)
-    assert torch.allclose(maps[:, 1:], prior, atol=1e-4)
-    assert torch.allclose(guider, expected_guider, rtol=1e-4, atol=1e-5)
-    assert torch.allclose(f_q23, expected_f_q23, rtol=1e-4, atol=1e-5)
-    # the hand computations are not degenerate: the prior map spans [0, 1] (Eq. 12); the guided map, a mean of two
-    # such maps, lies in [0, 1] and varies; masking the support's layer3 changes it
-    assert torch.allclose(prior.amin((1, 2, 3)), torch.zeros(B), atol=1e-6)
-    assert torch.allclose(prior.amax((1, 2, 3)), torch.ones(B), atol=1e-5)
-    assert guided.min() >= 0 and guided.max() <= 1 and (guided.amax((1, 2, 3)) - guided.amin((1, 2, 3)) > 0.3).all()
-    unmasked4 = layers(img_s.flatten(0, 1))["layer4"].view_as(f_s4)
-    assert (common.cosine_prior(f_q["layer4"], unmasked4, m_s) - guided).abs().max() > 1e-2
-
-
-def test_qgnet_guider_and_guided_map_are_shot_symmetric_and_prior_map_ignores_the_support(qgnet_model):
-    qgnet_model.eval()
-    img_q, img_s, m_s = qgnet_shifted_shots_episode(1, 2, seed=10)
-    _, guider, maps = qgnet_fem_inputs(qgnet_model, img_q, img_s, m_s)
-    # the shots in the other order: a mean over shots does not change
-    _, guider_swapped, maps_swapped = qgnet_fem_inputs(qgnet_model, img_q, img_s.flip(1), m_s.flip(1))
-    assert torch.allclose(guider_swapped, guider, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(maps_swapped, maps, atol=1e-5)
-    # a different second shot (its mask moved): both support-derived inputs change, the prior map does not (§4.2.1:
-    # it comes from the query alone)
-    m_other = m_s.clone()
-    m_other[0, 1] = torch.where(m_s[0, 1] == 255, 255, 0)
-    m_other[0, 1, 35:60, 30:60] = 1
-    _, guider_other, maps_other = qgnet_fem_inputs(qgnet_model, img_q, img_s, m_other)
-    assert (guider_other - guider).abs().max() > 1e-3
-    assert (maps_other[:, 0] - maps[:, 0]).abs().max() > 1e-2
-    assert torch.equal(maps_other[:, 1], maps[:, 1])
-
-
-def test_qgnet_loss_is_main_plus_aux_weight_times_mean_aux_by_hand(qgnet_model, monkeypatch):
-    torch.manual_seed(11)
-    logits = torch.randn(2, 2, 17, 17)
-    aux = [torch.randn(2, 2, s, s) for s in (9, 4, 2, 1)]
-    m_q = torch.randint(0, 2, (2, 17, 17))
-    m_q[:, :3] = 255  # ignored rows
-
-    def ce(z):  # mean cross-entropy over the labelled pixels, z upsampled bilinearly (align_corners) to the labels
-        z = F.interpolate(z, (17, 17), mode="bilinear", align_corners=True).log_softmax(1)
-        valid = m_q != 255
-        picked = z.gather(1, m_q.clamp(max=1)[:, None])[:, 0]  # (B, H, W) log-probability of the true label
-        return -picked[valid].mean()
-
-    main, aux_mean = ce(logits), torch.stack([ce(a) for a in aux]).mean()
-    for weight in (0.0, 0.4, 2.5):
-        monkeypatch.setattr(qgnet_model, "cfg", dataclasses.replace(qgnet_model.cfg, aux_weight=weight))
-        total, terms = qgnet_model.loss({"logits": logits, "aux": aux}, m_q)
-        assert terms["main"].item() == pytest.approx(main.item(), rel=1e-5)
-        assert terms["aux"].item() == pytest.approx(aux_mean.item(), rel=1e-5)
-        assert total.item() == pytest.approx(main.item() + weight * aux_mean.item(), rel=1e-5)
-
-
-# ---------------- both stages through train.py ------------------------------------------------------------
-
-def test_qgnet_two_stages_on_synthetic(tmp_path):
-    prior = tmp_path / "prior" / "prior_extractor.pt"
-    common_flags = ["--model", "qgnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
-                    "--img-size", "64", "--prior-checkpoint", str(prior)]
-    assert train.main([*common_flags, "--stage", "prior", "--train-length", "8", "--prior-epochs", "1",
-                       "--prior-batch-size", "4", "--prior-queue", "8", "--prior-img-size", "32",
-                       "--log-every", "1"]) == prior
-    records = read_metrics(prior.parent, "prior_extractor_metrics.jsonl")
-    assert len(records) == 2 and all(math.isfinite(r["global"]) and math.isfinite(r["local"]) for r in records)
-    out = tmp_path / "fewshot"
-    miou, fbiou = train.main([*common_flags, "--train-length", "8", "--batch-size", "4", "--epochs", "2",
-                              "--test-episodes", "4", "--test-seeds", "1", "--log-every", "1", "--out", str(out)])
-    assert 0 <= miou <= 1 and 0 <= fbiou <= 1
-    losses = [r["loss"] for r in read_metrics(out) if r["event"] == "train"]
-    assert len(losses) == 4 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]
-    encoder_k = torch.load(prior, weights_only=True)["model"]["encoder_k.layer3.1.conv2.weight"]
-    trained = torch.load(out / "last.pt", weights_only=False)["model"]
-    assert torch.equal(trained["prior_extractor.stages.layer3.1.conv2.weight"], encoder_k)
-    bn_var = torch.load(prior, weights_only=True)["model"]["encoder_k.bn1.running_var"]
-    assert torch.equal(trained["prior_extractor.stages.layer0.1.running_var"], bn_var)  # stage 1's statistics kept
-    prior.unlink()  # the checkpoint holds every weight: evaluating it needs no stage-1 file
-    again = train.main(["--eval-only", "--checkpoint", str(out / "last.pt"), "--dataset", "synthetic",
-                        "--workers", "0", "--test-episodes", "4", "--test-seeds", "1", "--out", str(tmp_path / "e")])
-    assert again == (miou, fbiou)
-
-
-def test_qgnet_checkpoint_evaluates_and_resumes_without_the_stage_1_file(qgnet_contrast, tmp_path):
-    prior = tmp_path / "prior_extractor.pt"
-    torch.save({"model": qgnet_contrast.state_dict()}, prior)  # a stage-1 file (untrained: its weights are what counts)
-    encoder_k = qgnet_contrast.encoder_k.layer3[1].conv2.weight.detach().clone()
-    out = tmp_path / "run"
-    flags = ["--model", "qgnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0", "--img-size", "64",
-             "--prior-checkpoint", str(prior), "--train-length", "4", "--batch-size", "2", "--test-episodes", "2",
-             "--test-seeds", "1", "--log-every", "1", "--out", str(out)]
-    train.main([*flags, "--epochs", "2"])
-    prior.unlink()  # from here on every weight of F_p comes from the run's checkpoints
-    scores = train.main(["--eval-only", "--checkpoint", str(out / "last.pt"), "--workers", "0", "--test-episodes", "2",
-                         "--test-seeds", "1", "--out", str(tmp_path / "eval")])
-    assert all(0 <= s <= 1 for s in scores)
-    state = torch.load(out / "last.pt", weights_only=True)
-    torch.save({**state, "epoch": 1}, out / "last.pt")  # as if it had stopped after epoch 1
-    train.main([*flags, "--resume"])
-    state = torch.load(out / "last.pt", weights_only=False)
-    assert state["epoch"] == 2
-    assert torch.equal(state["model"]["prior_extractor.stages.layer3.1.conv2.weight"], encoder_k)  # still stage 1's
-
-
-# ==========================================================================================================
-# crcnet.py: CRCNet: shapes at 1 and 5 shots, the loss, gradients with and without the encoder; its modules by
-# hand; K shots by fine-tuning, fusion and scales; the pairs of query and support and their masks
-# ==========================================================================================================
-
 CRCNET_SIZE = 33  # 33 -> 5x5 features at output stride 8 (the backbone dominates the CPU time)
 
 
@@ -4379,6 +810,8 @@ def crcnet_model():
 # boxes (top, bottom, left, right) at 33 x 33: each covers a different set of the pixels 0, 8, 16, 24, 32 that
 # the 5 x 5 features sample (see _at_features), so every episode and shot has its own feature-level mask
 Q_BOXES = [(5, 20, 8, 25), (14, 33, 0, 12)]
+
+
 S_BOXES = [[(3, 18, 10, 28), (20, 31, 2, 20), (0, 12, 20, 33)],
            [(0, 12, 0, 12), (6, 26, 6, 26), (14, 31, 14, 33)]]
 
@@ -4415,91 +848,6 @@ def _ce(logits, labels):
     return F.cross_entropy(up, labels.clamp(max=1), reduction="none")[valid].mean()
 
 
-# ---------------- the paper's configuration, shapes at 1 and 5 shots, the loss (Eq. 4-5), gradients -------
-
-def test_crcnet_paper_configuration_shapes_and_size():
-    net = crcnet.Model(crcnet.Config(pretrained=False))
-    assert net.head.refinement.steps == 10 and net.cfg.sub_weight == 0.1 and net.cfg.dim == 256
-    assert net.cfg.train_encoder and net.cfg.test_scales == (0.75, 1.0, 1.25)  # §5.1 end to end; §5.3
-    learnable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    backbone = sum(p.numel() for p in net.encoder.backbone.parameters())
-    assert backbone == 23_508_032  # ResNet-50 without its fc, trained end to end (§5.1)
-    assert learnable == backbone + 20_137_492  # the 3x3 reduction of [layer3, layer4] (3072 -> 256) alone is 7.08M
-    img_q, img_s, m_s, m_q = episode(1, 1, CRCNET_SIZE)
-    with torch.no_grad():
-        out = net(img_q, img_s, m_s, m_q=m_q)
-    assert out["logits"].shape == (1, 2, CRCNET_SIZE, CRCNET_SIZE) and out["support"].shape == (1, 2, 5, 5)
-    assert torch.isfinite(out["logits"]).all()
-
-
-@pytest.mark.parametrize("S", [1, 5])
-def test_crcnet_forward_shapes_query_and_support(crcnet_model, S):
-    img_q, img_s, m_s, m_q = episode(2, S, CRCNET_SIZE)
-    out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
-    assert out["logits"].shape == (2, 2, CRCNET_SIZE, CRCNET_SIZE)
-    for key in ("query", "support", "query_sub", "support_sub"):
-        assert out[key].shape == (2 * S, 2, 5, 5) and torch.isfinite(out[key]).all()
-    # logits: the log of the query probabilities averaged over the shots, upsampled bilinearly
-    log_p = F.log_softmax(out["query"], 1).view(2, S, 2, 5, 5).exp().mean(1).log()
-    up = F.interpolate(log_p, (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear", align_corners=True)
-    assert torch.allclose(out["logits"], up, atol=1e-5)
-    loss, terms = crcnet_model.loss(out, m_q, m_s)
-    assert torch.isfinite(loss)
-
-
-def test_crcnet_loss_has_four_terms_eq5(crcnet_model):
-    img_q, img_s, m_s, m_q = episode(2, 1, CRCNET_SIZE)
-    out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
-    total, terms = crcnet_model.loss(out, m_q, m_s)
-    assert set(terms) == {"query", "support", "query_sub", "support_sub"}
-    assert all(torch.isfinite(t) and t > 0 for t in terms.values())
-    expected = terms["query"] + terms["support"] + 0.1 * (terms["query_sub"] + terms["support_sub"])
-    assert torch.allclose(total, expected)
-    # L_SM is the 2-class cross-entropy of the support prediction against m_s (255 ignored), Eq. (4)
-    up = F.interpolate(out["support"], (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear", align_corners=True)
-    valid = m_s[:, 0] != 255
-    ce = F.cross_entropy(up, m_s[:, 0].clamp(max=1), reduction="none")[valid].mean()
-    assert torch.allclose(terms["support"], ce, atol=1e-6)
-
-
-@pytest.mark.parametrize("train_encoder", [True, False])
-def test_crcnet_gradients_reach_every_learnable_parameter_and_the_backbone_only_when_trained(train_encoder):
-    # §5.1 end to end (the default): every parameter, the ResNet's included, gets a gradient from Eq. (5);
-    # --freeze-encoder: none of the ResNet's does, every other one still does
-    net = make_crcnet(refine_steps=2, train_encoder=train_encoder)  # 2 steps: the cached branch is in the graph
-    net.train()
-    img_q, img_s, m_s, m_q = episode(2, 1, CRCNET_SIZE)
-    loss, _ = net.loss(net(img_q, img_s, m_s, m_q=m_q), m_q, m_s)
-    loss.backward()
-    learnable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
-    missing = [n for n, p in learnable if p.grad is None or p.grad.abs().sum() == 0]
-    assert not missing, missing
-    backbone = list(net.encoder.backbone.parameters())
-    if train_encoder:
-        assert len(learnable) == len(list(net.parameters())) and all(p.requires_grad for p in backbone)
-    else:
-        assert learnable and all(not n.startswith("encoder.backbone") for n, _ in learnable)
-        assert all(p.grad is None for p in backbone) and all(p.requires_grad for p in net.encoder.reduce.parameters())
-    assert not net.encoder.backbone.training  # BN stays in eval either way
-
-
-# ---------------- the refinement, the cross-reference and the local conditional module by hand ------------
-
-def test_crcnet_refinement_runs_configured_steps_and_updates_cache():
-    torch.manual_seed(0)
-    refine = crcnet.MaskRefinement(in_dim=12, dim=8, k=7, steps=4)
-    calls = []
-    refine.cached.register_forward_hook(lambda m, i, o: calls.append(i[0].clone()))
-    logits, caches = refine(torch.randn(2, 12, 5, 5))
-    assert len(calls) == 4 and len(caches) == 5
-    assert (caches[0] == 0).all() and (calls[0] == 0).all()  # the cache starts as zeros
-    for t in range(1, 5):
-        assert not torch.equal(caches[t], caches[t - 1])  # updated every step
-        assert torch.equal(calls[t - 1], caches[t - 1])  # and each step reads the previous one
-    assert torch.allclose(caches[-1], logits.softmax(1)[:, 1:])
-    assert ((caches[-1] > 0) & (caches[-1] < 1)).all()
-
-
 def _refine_by_concatenation(refine, x):
     """MaskRefinement's logits written plainly: every step convolves [x, x_global, cached(cache)] with combine."""
     x = refine.entry(x)
@@ -4511,264 +859,6 @@ def _refine_by_concatenation(refine, x):
             logits = refine.cls(y + refine.combine_residual(y))
         cache = logits.softmax(1)[:, 1:].detach()
     return logits
-
-
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_crcnet_refinement_convolves_the_feature_levels_once_as_the_concatenation_would(layout):
-    # the combined conv is split by input channels (features once, the cached branch every step): the same
-    # logits, caches and gradients as the plain concatenation, and the same state_dict (old checkpoints load)
-    torch.manual_seed(0)
-    refine = crcnet.MaskRefinement(in_dim=12, dim=8, k=7, steps=4).to(memory_format=layout)
-    assert refine.state_dict()["combine.0.weight"].shape == (8, 3 * 8, 3, 3)
-    assert not any(key.startswith("combine.") and key not in ("combine.0.weight", "combine.0.bias")
-                   for key in refine.state_dict())
-    x = torch.randn(2, 12, 5, 5).to(memory_format=layout).requires_grad_()
-    logits, caches = refine(x)
-    grads = torch.autograd.grad(logits.square().sum(), [x, *refine.parameters()])
-    expected = _refine_by_concatenation(refine, x)
-    expected_grads = torch.autograd.grad(expected.square().sum(), [x, *refine.parameters()])
-    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(caches[-1], expected.softmax(1)[:, 1:], rtol=1e-5, atol=1e-6)
-    assert all(g.abs().sum() > 0 for g in grads)  # the combined weight among them, from both of its parts
-    for name, g, e in zip(["x", *dict(refine.named_parameters())], grads, expected_grads):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6, msg=name)
-
-
-def test_crcnet_cross_reference_is_symmetric_and_by_hand():
-    torch.manual_seed(0)
-    cr = crcnet.CrossReference(dim=32, reduction=16)
-    f_q, f_s = torch.randn(2, 32, 5, 5), torch.randn(2, 32, 5, 5)
-    g_q, g_s = cr(f_q, f_s)
-    h_s, h_q = cr(f_s, f_q)
-    assert torch.allclose(g_q, h_q) and torch.allclose(g_s, h_s)
-    w = torch.sigmoid(cr.importance[2](torch.relu(cr.importance[0](f_q.mean((2, 3))))))
-    w = w * torch.sigmoid(cr.importance[2](torch.relu(cr.importance[0](f_s.mean((2, 3))))))
-    assert torch.allclose(g_q, f_q * w[:, :, None, None]) and ((w >= 0) & (w <= 1)).all()
-
-
-def test_crcnet_local_conditional_eq1_to_3_by_hand():
-    torch.manual_seed(0)
-    local = crcnet.LocalConditional(dim=4)
-    f, f_s = torch.randn(1, 4, 2, 3), torch.randn(1, 4, 2, 3)
-    m = torch.tensor([[[[1.0, 0.0, 0.5], [0.0, 1.0, 0.0]]]])
-    out = local(f, f_s, m)
-    theta, delta = local.theta(f)[0].flatten(1), local.delta(f_s)[0].flatten(1)  # (4, 6)
-    expected = torch.zeros(4, 6)
-    for i in range(6):  # every query position
-        sim = torch.stack([theta[:, i] @ delta[:, j] * m.flatten()[j] for j in range(6)])  # Eq. (1), (2)
-        expected[:, i] = f_s[0].flatten(1) @ torch.softmax(sim, 0)  # Eq. (3)
-    assert torch.allclose(out[0].flatten(1), expected, atol=1e-5)
-    # an empty support mask gives the plain average of the support features, not NaN
-    empty = local(f, f_s, torch.zeros_like(m))
-    assert torch.allclose(empty, f_s.mean((2, 3), keepdim=True).expand_as(empty), atol=1e-6)
-
-
-def test_crcnet_local_conditional_logits_stay_fp32_under_bf16_autocast():
-    # Eq. (1)'s products are not scaled: logits of 100-400 here, where bf16 steps by 0.5-2 and the softmax's
-    # mass moves (the module's output was 9% off, of its largest value). theta, delta, Eq. (1)-(2) run in fp32,
-    # so only Eq. (3)'s bf16 rounding remains (0.25%); the tolerance is 1%. Inputs are bf16 values, so that
-    # autocast's rounding of them is no part of the difference.
-    torch.manual_seed(0)
-    local = crcnet.LocalConditional(dim=32)
-    g = torch.Generator().manual_seed(0)
-    f, f_s = (8 * torch.randn(2, 2, 32, 5, 5, generator=g)).bfloat16().float()
-    m = (torch.rand(2, 1, 5, 5, generator=g) > 0.3).float()
-    with torch.no_grad():
-        sim = local.theta(f).flatten(2).transpose(1, 2) @ local.delta(f_s).flatten(2)  # Eq. (1), fp32
-        assert sim.median() > 100 and sim.max() > 400
-        expected = local(f, f_s, m)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            amp = local(f, f_s, m)
-    assert amp.dtype == torch.bfloat16  # Eq. (3) is left to autocast
-    assert (amp.float() - expected).abs().max() < 0.01 * expected.abs().max()
-
-
-# ---------------- K shots: fine-tuning (§4.6), fusion, multi-scale inference (§5.3) -----------------------
-
-def test_crcnet_finetuning_changes_prediction_and_restores_everything(crcnet_model):
-    img_q, img_s, m_s, m_q = episode(2, 3, CRCNET_SIZE)
-    before = {k: v.clone() for k, v in crcnet_model.state_dict().items()}
-    crcnet_model.eval()
-    rng = torch.get_rng_state()
-    with torch.no_grad():
-        tuned = crcnet_model.infer(img_q, img_s, m_s)
-        first_support = crcnet_model(img_q, img_s[:, :1], m_s[:, :1])["logits"]  # "finetune" predicts from support 0
-    assert tuned.shape == (2, 2, CRCNET_SIZE, CRCNET_SIZE) and torch.isfinite(tuned).all()
-    assert not torch.allclose(tuned, first_support, atol=1e-4)
-    assert not crcnet_model.training and torch.equal(torch.get_rng_state(), rng)
-    crcnet_model.train()
-    with torch.no_grad():
-        alone = crcnet_model.infer(img_q[1:], img_s[1:], m_s[1:])
-    assert crcnet_model.training
-    crcnet_model.eval()
-    assert torch.allclose(alone, tuned[1:], atol=1e-6)  # per episode, deterministic (a fixed generator)
-    after = crcnet_model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(p.grad is None for p in crcnet_model.parameters())
-    crcnet_model.cfg.ft_steps = 0  # no step: exactly the plain 1-shot prediction
-    try:
-        with torch.no_grad():
-            assert torch.allclose(crcnet_model.infer(img_q, img_s, m_s), first_support, atol=1e-5)
-    finally:
-        crcnet_model.cfg.ft_steps = 3
-
-
-def test_crcnet_finetune_trains_the_head_on_pairs_of_distinct_supports_and_keeps_the_encoder_fixed(crcnet_model,
-                                                                                                   monkeypatch):
-    # §4.6: "We kept the parameters in the Siamese encoder fixed", also when training tunes it (train_encoder)
-    img_q, img_s, m_s, m_q = episode(1, 2, CRCNET_SIZE)
-    encoder = {k: v.clone() for k, v in crcnet_model.encoder.state_dict().items()}
-    assert crcnet_model.cfg.train_encoder and all(p.requires_grad for p in crcnet_model.encoder.parameters())
-    seen = []
-    original = crcnet.pair_loss
-    monkeypatch.setattr(crcnet, "pair_loss", lambda out, mq, ms, w: seen.append((mq, ms)) or original(out, mq, ms, w))
-    weights = crcnet_model.finetune(img_s[0], m_s[0])
-    assert len(seen) == 3
-    for mq, ms in seen:  # with two supports, every pair is (0, 1) or (1, 0)
-        assert not torch.equal(mq, ms)
-    names = dict(crcnet_model.head.named_parameters())
-    assert set(weights) == set(names) and any(not torch.equal(weights[n], names[n]) for n in names)
-    # the encoder is neither tuned nor in the fine-tuning graph: its weights unchanged, no gradient reached it
-    assert all(torch.equal(encoder[k], v) for k, v in crcnet_model.encoder.state_dict().items())
-    assert all(p.grad is None for p in crcnet_model.parameters())
-
-
-def test_crcnet_fusion_averages_one_shot_probabilities(crcnet_model):
-    img_q, img_s, m_s, m_q = episode(2, 3, CRCNET_SIZE)
-    crcnet_model.cfg.kshot = "fusion"
-    try:
-        with torch.no_grad():
-            fused = crcnet_model.infer(img_q, img_s, m_s)
-            probs = [crcnet_model(img_q, img_s[:, k:k + 1], m_s[:, k:k + 1])["query"].softmax(1) for k in range(3)]
-    finally:
-        crcnet_model.cfg.kshot = "finetune"
-    expected = F.interpolate((sum(probs) / 3).log(), (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear", align_corners=True)
-    assert torch.allclose(fused, expected, atol=1e-5)
-
-
-def test_crcnet_multi_scale_inference_by_default(crcnet_model):
-    # §5.3: by default both images are resized to 0.75, 1 and 1.25 of their size (images bilinearly, masks
-    # nearest) and the query probabilities, resized back, are averaged; one scale is plain forward
-    net = crcnet_model
-    img_q, img_s, m_s, m_q = episode(1, 1, CRCNET_SIZE)
-    with torch.no_grad():
-        plain = net(img_q, img_s, m_s)["logits"]
-        assert torch.allclose(net.infer(img_q, img_s, m_s), plain, atol=1e-6)  # the fixture's one scale
-        net.cfg.test_scales = crcnet.Config().test_scales
-        try:
-            multi = net.infer(img_q, img_s, m_s)
-        finally:
-            net.cfg.test_scales = (1.0,)
-        probs = []
-        for size in (25, 33, 41):  # round(33 * scale)
-            q = F.interpolate(img_q, (size, size), mode="bilinear", align_corners=True)
-            s = F.interpolate(img_s[:, 0], (size, size), mode="bilinear", align_corners=True)[:, None]
-            m = F.interpolate(m_s.float(), (size, size), mode="nearest").long()
-            logits = net(q, s, m)["logits"]  # (1, 2, size, size)
-            probs.append(F.interpolate(logits, (33, 33), mode="bilinear", align_corners=True).exp())
-    assert multi.shape == (1, 2, CRCNET_SIZE, CRCNET_SIZE)
-    assert torch.allclose(multi, (sum(probs) / 3).log(), atol=1e-5)
-    assert not torch.allclose(multi, plain, atol=1e-4)
-
-
-# ---------------- bad input, flags, a short training and the harness --------------------------------------
-
-def test_crcnet_bad_input_raises():
-    with pytest.raises(ValueError, match="kshot"):
-        crcnet.Model(crcnet.Config(pretrained=False, kshot="vote"))
-    with pytest.raises(ValueError, match="refine_steps must be >= 1"):
-        make_crcnet(refine_steps=0)  # the refinement loop is what predicts
-    net = make_crcnet(refine_steps=1)
-    img_q, img_s, m_s, m_q = episode(2, 2, CRCNET_SIZE)
-    with pytest.raises(ValueError, match="same episodes"):
-        net(img_q, img_s, m_s[:, :1])
-    with pytest.raises(ValueError, match="same episodes"):
-        net(img_q, img_s, m_s, m_q=m_q[:, :-1])
-    with torch.no_grad():
-        out = net(img_q, img_s, m_s)  # no m_q (evaluation): no support prediction to score
-    with pytest.raises(ValueError, match="forward needs m_q"):
-        net.loss(out, m_q, m_s)
-
-
-def test_crcnet_freeze_encoder_and_test_scales_flags_map_to_the_config():
-    def config(*flags):
-        args, module = train.parse_args(["--model", "crcnet", *flags])
-        assert module is crcnet
-        return train.make_config(module, args)
-
-    assert config().train_encoder is True  # §5.1: end to end
-    assert config("--freeze-encoder").train_encoder is False
-    assert config().test_scales == (0.75, 1.0, 1.25)
-    assert list(config("--test-scales", "1").test_scales) == [1.0]
-
-
-def test_crcnet_short_synthetic_training_lowers_the_loss():
-    net = make_crcnet(refine_steps=2)
-    net.train()
-    episodes = data.build_dataset("synthetic", "train", 0, img_size=32, train_length=16)
-    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.0025, momentum=0.9)
-    losses = []
-    for step in range(8):  # fresh episodes every step
-        batch = data.collate_episodes([episodes[i] for i in (2 * step, 2 * step + 1)])
-        out = net(batch["img_q"], batch["img_s"], batch["m_s"], m_q=batch["m_q"])
-        loss, _ = net.loss(out, batch["m_q"], batch["m_s"])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert all(math.isfinite(x) for x in losses)
-    assert sum(losses[-2:]) < 0.8 * sum(losses[:2])
-
-
-def test_crcnet_harness_trains_and_evaluates_two_shot_by_finetuning(tmp_path):
-    out = tmp_path / "run"
-    train.main(["--model", "crcnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
-                "--img-size", "32", "--train-length", "2", "--batch-size", "2", "--epochs", "1", "--shot", "2",
-                "--test-episodes", "1", "--test-seeds", "1", "--refine-steps", "1", "--ft-steps", "1",
-                "--out", str(out)])
-    records = read_metrics(out)
-    assert records[0]["args"]["lr"] == 0.01 != train.HARNESS_DEFAULTS["synthetic"]["lr"]  # its own
-    assert records[0]["args"]["ft_steps"] == 1 and records[0]["args"]["kshot"] is None  # Config default
-    assert records[0]["args"]["train_encoder"] is False  # synthetic DEFAULTS: the quick start's frozen encoder
-    step = [r for r in records if r["event"] == "train"][0]
-    # a support term: the harness passed m_q in training (train.query_mask); without it the loss raises
-    assert math.isfinite(step["loss"]) and {"query", "support", "query_sub", "support_sub"} <= set(step)
-    result = [r for r in records if r["event"] == "result"][0]
-    assert result["shot"] == 2 and 0 <= result["miou"] <= 1
-
-
-# ---------------- masks of their own per episode and shot: pairs, conditioning, roles (§4.4-4.7) ----------
-
-def test_crcnet_mixed_episode_masks_differ_per_episode_and_shot():
-    # the premise of the tests below: no two episodes (or shots) share a feature-level mask
-    img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=3)
-    assert not torch.equal(_at_features(m_q[0]), _at_features(m_q[1]))
-    masks = _at_features(m_s).flatten(0, 1)  # (6, 5, 5)
-    assert all(not torch.equal(masks[a], masks[b]) for a in range(6) for b in range(a))
-    assert (masks.sum((1, 2)) > 0).all() and (m_s[..., ::8, ::8] == IGNORE_INDEX).any()
-
-
-def test_crcnet_loss_gives_each_pair_its_own_episodes_labels(crcnet_model):
-    # Model.loss on made-up logits: pair n = b * S + k (episode-major, as forward builds them) must be scored
-    # against the query mask of episode b and the mask of support k of episode b (Eq. 5, lambda = 0.1)
-    B, S = 2, 3
-    img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=B, S=S)
-    g = torch.Generator().manual_seed(1)
-    out = {key: 3 * torch.randn(B * S, 2, 5, 5, generator=g)
-           for key in ("query", "support", "query_sub", "support_sub")}
-    total, terms = crcnet_model.loss(out, m_q, m_s)
-    q_labels = torch.stack([m_q[b] for b in range(B) for k in range(S)])  # (6, 33, 33)
-    s_labels = torch.stack([m_s[b, k] for b in range(B) for k in range(S)])
-    assert torch.allclose(terms["query"], _ce(out["query"], q_labels), atol=1e-6)
-    assert torch.allclose(terms["support"], _ce(out["support"], s_labels), atol=1e-6)
-    assert torch.allclose(terms["query_sub"], _ce(out["query_sub"], q_labels), atol=1e-6)
-    assert torch.allclose(terms["support_sub"], _ce(out["support_sub"], s_labels), atol=1e-6)
-    by_hand = _ce(out["query"], q_labels) + _ce(out["support"], s_labels)
-    by_hand = by_hand + 0.1 * (_ce(out["query_sub"], q_labels) + _ce(out["support_sub"], s_labels))
-    assert torch.allclose(total, by_hand, atol=1e-6)
-    # the check has teeth: the episode-interleaved pairing (episode b's label on pair b') scores differently
-    wrong = torch.stack([m_q[n % B] for n in range(B * S)])
-    assert abs(_ce(out["query"], wrong) - terms["query"]) > 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -4792,146 +882,6 @@ def crcnet_traced(crcnet_model):
     m = _at_features(m_s).flatten(0, 1)[:, None]  # (4, 1, 5, 5)
     m_q_feat = _at_features(m_q).repeat_interleave(2, 0)[:, None]  # (4, 1, 5, 5): query b's for its two pairs
     return net, f_q, f_s, m, m_q_feat, seen, (img_q, img_s, m_s, m_q)
-
-
-def test_crcnet_forward_pairs_are_episode_major(crcnet_traced):
-    # the order the loss assumes: out[...][b * S + k] is the pair (query b, support k of episode b)
-    net, f_q, f_s, m, m_q_feat, seen, (img_q, img_s, m_s, m_q) = crcnet_traced
-    with torch.no_grad():
-        for b in range(2):
-            alone = net(img_q[b:b + 1], img_s[b:b + 1], m_s[b:b + 1], m_q=m_q[b:b + 1])
-            for key in ("query", "support", "query_sub", "support_sub"):
-                assert torch.allclose(seen["out"][key][2 * b:2 * b + 2], alone[key], atol=1e-5)
-
-
-def test_crcnet_global_vector_is_the_other_images_foreground_average(crcnet_traced):
-    # §4.4: the query branch's category vector is the foreground average of the support features under the
-    # support's mask; §4.7 (roles interchangeable): the support branch's is the query's under the query's mask
-    # (255 as background in both)
-    net, f_q, f_s, m, m_q_feat, seen, _ = crcnet_traced
-    f, proto = seen["global"]
-    assert torch.allclose(f, torch.cat([f_q, f_s]), atol=1e-5)  # both branches, query branch first
-    support_avg = (f_s * m).sum((2, 3)) / (m.sum((2, 3)) + common.MAP_EPS)  # (4, C)
-    query_avg = (f_q * m_q_feat).sum((2, 3)) / (m_q_feat.sum((2, 3)) + common.MAP_EPS)  # (4, C)
-    assert torch.allclose(proto, torch.cat([support_avg, query_avg]), atol=1e-5)
-    assert not torch.allclose(support_avg[0], support_avg[1], atol=1e-3)  # the two supports give different vectors
-    assert not torch.allclose(query_avg[0], query_avg[2], atol=1e-3)  # and so do the two episodes' queries
-    assert not torch.allclose(support_avg, query_avg, atol=1e-3)  # the two branches are conditioned differently
-
-
-def test_crcnet_refinement_input_is_global_local_then_cross_reference(crcnet_traced):
-    # §4.5: the refinement reads [global conditional, local conditional, cross-reference output G]; G is the
-    # encoder features re-weighted by the product of both images' importance vectors (§4.3), not F itself
-    net, f_q, f_s, m, m_q_feat, seen, _ = crcnet_traced
-    head, C = net.head, f_q.shape[1]
-    x = seen["refine"]
-    assert x.shape == (8, 3 * C, 5, 5)
-    fc = head.cross_reference.importance
-
-    def importance(feat):
-        return torch.sigmoid(fc[2](torch.relu(fc[0](feat.mean((2, 3))))))
-
-    w = (importance(f_q) * importance(f_s))[:, :, None, None]
-    assert torch.allclose(x[:, 2 * C:], torch.cat([f_q * w, f_s * w]), atol=1e-5)
-    assert not torch.allclose(x[:, 2 * C:], torch.cat([f_q, f_s]), atol=1e-3)  # G != F: w < 1
-    with torch.no_grad():
-        # each branch conditioned on the other image: the query on (f_s, m_s), the support on (f_q, m_q)
-        f, f_ref, m_ref = torch.cat([f_q, f_s]), torch.cat([f_s, f_q]), torch.cat([m, m_q_feat])
-        proto = (f_ref * m_ref).sum((2, 3)) / (m_ref.sum((2, 3)) + common.MAP_EPS)
-        glob = head.global_conditional(f, proto)
-        local = head.local_conditional(f, f_ref, m_ref)
-        own = head.local_conditional(f, torch.cat([f_s, f_s]), torch.cat([m, m]))  # the support on itself
-    assert torch.allclose(x[:, :C], glob, atol=1e-5)
-    # |local| ~ 10 and the softmax of Eq. (2) is sharp: the encoder's batching alone moves it by ~5e-5
-    assert torch.allclose(x[:, C:2 * C], local, atol=2e-4)
-    assert not torch.allclose(x[4:, C:2 * C], own[4:], atol=1e-1)  # the support branch is not its own reference
-
-
-def test_crcnet_each_branch_is_conditioned_on_the_other_images_mask(crcnet_model):
-    # §4.7: the support prediction depends on the query's mask and not on its own (no shortcut through its own
-    # foreground), the query prediction on the support's and not on the query's; the co-occurrence
-    # sub-predictions (§4.3) on neither. Other masks: the two episodes' query masks swapped, the two shots'
-    # support masks swapped (all differ at the features, test_crcnet_mixed_episode_masks_differ_...)
-    net = crcnet_model
-    img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=2)
-    with torch.no_grad():
-        out = net(img_q, img_s, m_s, m_q=m_q)
-        other_s = net(img_q, img_s, m_s.flip(1), m_q=m_q)
-        other_q = net(img_q, img_s, m_s, m_q=m_q.flip(0))
-        evaluation = net(img_q, img_s, m_s)  # no m_q: the query branch alone
-    assert torch.allclose(other_s["support"], out["support"], atol=1e-6)
-    assert torch.allclose(other_q["query"], out["query"], atol=1e-6)
-    for n in range(4):  # every pair's prediction follows the other image's mask
-        assert not torch.allclose(other_q["support"][n], out["support"][n], atol=1e-4), n
-        assert not torch.allclose(other_s["query"][n], out["query"][n], atol=1e-4), n
-    for key in ("query_sub", "support_sub"):
-        assert torch.allclose(other_s[key], out[key], atol=1e-6) and torch.allclose(other_q[key], out[key], atol=1e-6)
-    assert set(evaluation) == {"logits", "query", "query_sub"}  # the support branch is not computed
-    for key in evaluation:
-        assert torch.allclose(evaluation[key], out[key], atol=1e-5), key
-
-
-def test_crcnet_swapping_query_and_support_swaps_the_predictions(crcnet_model):
-    # §4.7 "Their roles are interchangeable": the pair read the other way round (the support as the query with
-    # its mask, the query as the support) gives the same two predictions, swapped
-    img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=1)
-    with torch.no_grad():
-        out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
-        swapped = crcnet_model(img_s[:, 0], img_q[:, None], m_q[:, None], m_q=m_s[:, 0])
-    for key, mirror in (("query", "support"), ("support", "query"), ("query_sub", "support_sub"),
-                        ("support_sub", "query_sub")):
-        assert torch.allclose(swapped[key], out[mirror], atol=1e-5), key
-    assert not torch.allclose(out["query"], out["support"], atol=1e-3)  # two different predictions
-
-
-def test_crcnet_255_in_a_support_or_query_mask_counts_as_background(crcnet_model):
-    # 255 (unlabelled) is not foreground, in a support's mask (the query branch's reference) nor in the query's
-    # (the support branch's): replacing it by 0 changes nothing, in any output
-    img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=1, S=2)
-    m_s[:, :, 14:18] = IGNORE_INDEX  # row 16 is sampled by the features, and it crosses both support boxes
-    m_q[:, 14:18] = IGNORE_INDEX  # and the query box; rows 0-1 are 255 already
-    for mask in (m_s, m_q):
-        assert ((mask[..., ::8, ::8] == IGNORE_INDEX) & (mask[..., ::8, ::8] != 1)).any()
-        foreground = common.foreground_at(mask.flatten(0, -3)[:, None], (5, 5))  # as crcnet.Model._forward
-        assert torch.equal(foreground, _at_features(mask).flatten(0, -3)[:, None])
-    zero_s, zero_q = (mask.masked_fill(mask == IGNORE_INDEX, 0) for mask in (m_s, m_q))
-    with torch.no_grad():
-        out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
-        out_zero = crcnet_model(img_q, img_s, zero_s, m_q=zero_q)
-    for key in ("logits", "query", "support", "query_sub", "support_sub"):
-        assert torch.equal(out[key], out_zero[key]), key
-
-
-def test_crcnet_finetune_step_is_sgd_on_a_pair_conditioned_on_each_others_mask(crcnet_model):
-    # §4.6 by hand for one step: the tuned head weights are p - lr * grad of Eq. (5) for an ordered pair (i, j)
-    # of distinct supports, where support i plays the query (labels m_s[i]) and support j the support (labels
-    # m_s[j]); the query branch is conditioned on j's features and mask, the support branch on i's (§4.7).
-    # SGD's first momentum step is a plain gradient step
-    net = crcnet_model
-    img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=1, S=2)
-    steps, lr = net.cfg.ft_steps, net.cfg.ft_lr
-    net.cfg.ft_steps, net.cfg.ft_lr = 1, 0.5
-    try:
-        tuned = net.finetune(img_s[0], m_s[0])
-    finally:
-        net.cfg.ft_steps, net.cfg.ft_lr = steps, lr
-    with torch.no_grad():
-        f_s = net.encoder(img_s[0])  # (2, C, 5, 5)
-    m, labels = _at_features(m_s[0])[:, None], m_s[0]
-    params = dict(net.head.named_parameters())
-    candidates = []
-    for i, j in [(0, 1), (1, 0), (0, 0), (1, 1)]:
-        w = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
-        out = functional_call(net.head, w, (f_s[i:i + 1], f_s[j:j + 1], m[j:j + 1], m[i:i + 1]))
-        loss = _ce(out["query"], labels[i:i + 1]) + _ce(out["support"], labels[j:j + 1])
-        loss = loss + 0.1 * (_ce(out["query_sub"], labels[i:i + 1]) + _ce(out["support_sub"], labels[j:j + 1]))
-        grads = torch.autograd.grad(loss, list(w.values()))
-        candidates.append({n: p.detach() - 0.5 * g for (n, p), g in zip(params.items(), grads)})
-    matches = [all(torch.allclose(tuned[n], cand[n], rtol=1e-4, atol=1e-6) for n in params) for cand in candidates]
-    # (0, 1) and (1, 0) are mirror images (§4.7): the same two predictions swapped, so one loss and one step,
-    # whichever the generator drew; a support paired with itself is never drawn
-    assert matches == [True, True, False, False], matches
-    assert any(not torch.equal(tuned[n], params[n]) for n in params)  # the step moved the weights
 
 
 # ---------------- the predictions of fine-tuned heads -----------------------------------------------------
@@ -4965,38 +915,6 @@ def crcnet_tuned_outputs(net, tuned, kshot):
                               head_weights=weights[b]) for k in range(img_s.shape[1])] for b in range(len(img_q))]
     return pred, outs
 
-
-def test_crcnet_finetune_predicts_each_episode_from_its_tuned_weights_and_first_support(crcnet_model,
-                                                                                        crcnet_tuned_episodes):
-    # "finetune": episode b is tuned on its own supports and masks, then predicted from its first support
-    pred, outs = crcnet_tuned_outputs(crcnet_model, crcnet_tuned_episodes, "finetune")
-    for b in range(2):
-        assert torch.allclose(pred[b:b + 1], outs[b][0]["logits"], atol=1e-5), b
-    # the fine-tuning depends on which support carries which mask: swapping two supports' masks changes it
-    _, img_s, m_s, weights = crcnet_tuned_episodes
-    with torch.no_grad():
-        swapped = crcnet_model.finetune(img_s[0], m_s[0].flip(0))
-    assert any(not torch.allclose(swapped[n], weights[0][n], atol=1e-6) for n in weights[0])
-
-
-def test_crcnet_finetune_plus_fusion_averages_every_support_under_the_tuned_weights(crcnet_model,
-                                                                                    crcnet_tuned_episodes):
-    # "finetune+fusion" (Table 4, last row): the same tuned weights, then the query probabilities of both
-    # 1-shot pairs averaged; it must differ from "finetune", which uses the first support only
-    fused, outs = crcnet_tuned_outputs(crcnet_model, crcnet_tuned_episodes, "finetune+fusion")
-    for b in range(2):
-        probs = [out["query"].softmax(1) for out in outs[b]]
-        expected = F.interpolate((sum(probs) / 2).log(), (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear",
-                                 align_corners=True)
-        assert torch.allclose(fused[b:b + 1], expected, atol=1e-5), b
-        first = F.interpolate(probs[0].log(), (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear", align_corners=True)
-        assert not torch.allclose(fused[b:b + 1], first, atol=1e-3)
-
-
-# ==========================================================================================================
-# symnet.py: Sym-Net: shapes, loss, gradients; SPM, APA, TDC and the co-triplet loss by hand; K shots; word
-# vectors, BAM's base learner and ensemble, the side files and the checkpoints that hold them; bf16 autocast
-# ==========================================================================================================
 
 SYMNET_SIZE = 41  # -> 6x6 features at output stride 8; the episodes are synthetic_episode's (class ids for the text)
 
@@ -5045,6 +963,8 @@ def unit_vector(v):
 
 
 SYMNET_GRID = 6  # SYMNET_SIZE 41 -> 6x6 features; (41 - 1) / (6 - 1) = 8 is whole, so the bilinear
+
+
 SYMNET_STEP = (SYMNET_SIZE - 1) // (SYMNET_GRID - 1)  # align_corners resize of a mask samples every 8th pixel exactly
 
 
@@ -5091,71 +1011,6 @@ def symnet_dist(a, b):
     return (a - b).norm().item()
 
 
-# ---------------- forward, loss, gradients ----------------------------------------------------------------
-
-@pytest.mark.parametrize("shot", [1, 5])
-def test_symnet_forward_shapes_and_finite_loss(symnet_model, shot):
-    B = 2 if shot == 1 else 1
-    img_q, img_s, m_s, m_q, class_ids = synthetic_episode(B, shot, SYMNET_SIZE)
-    symnet_model.train()
-    out = symnet_model(img_q, img_s, m_s, class_ids)
-    assert out["logits"].shape == (B, 2, SYMNET_SIZE, SYMNET_SIZE)
-    assert out["meta"].shape == (B, 2, 6, 6) and out["prior"].shape == (B, 1, 6, 6)
-    assert [a.shape[-1] for a in out["aux"]] == [6, 3, 2, 1]  # FEM bins 1, 1/2, 1/4, 1/8 of 6
-    assert 0 <= out["prior"].min() and out["prior"].max() <= 1 + 1e-6
-    total, terms = symnet_model.loss(out, m_q, m_s)
-    assert set(terms) == {"final", "inter", "triplet"} and torch.isfinite(total)
-    assert math.isclose(total.item(), sum(v.item() for v in terms.values()), rel_tol=1e-5)
-    assert terms["triplet"] > 0
-    symnet_model.eval()
-    with torch.no_grad():
-        out = symnet_model(img_q, img_s, m_s, class_ids)
-    assert out["triplet"].item() == 0 and out["logits"].shape == (B, 2, SYMNET_SIZE, SYMNET_SIZE)  # same keys in eval
-
-
-def test_symnet_every_parameter_gets_a_gradient_and_the_backbone_none(symnet_model):
-    img_q, img_s, m_s, m_q, class_ids = synthetic_episode(1, 2, SYMNET_SIZE, seed=1)
-    symnet_model.train()
-    symnet_model.zero_grad(set_to_none=True)
-    out = symnet_model(img_q, img_s, m_s, class_ids)
-    total, _ = symnet_model.loss(out, m_q, m_s)
-    total.backward()
-    for name, p in symnet_model.named_parameters():
-        if name.startswith("backbone."):
-            assert not p.requires_grad and p.grad is None, name
-        else:
-            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
-    # the word vectors feed W^Q's text columns
-    assert symnet_model.apa.w_q.weight.grad[:, symnet_model.cfg.reduce_dim:].abs().sum() > 0
-    symnet_model.zero_grad(set_to_none=True)
-
-
-def test_symnet_empty_support_mask_gives_no_nan(symnet_model):
-    img_q, img_s, m_s, m_q, class_ids = synthetic_episode(2, 1, SYMNET_SIZE, seed=2)
-    m_s[0] = 0  # episode 0: nothing marked
-    m_s[1][m_s[1] == 1] = 255  # episode 1: only ignore pixels
-    symnet_model.train()
-    symnet_model.zero_grad(set_to_none=True)
-    out = symnet_model(img_q, img_s, m_s, class_ids)
-    total, terms = symnet_model.loss(out, m_q, m_s)
-    assert torch.isfinite(out["logits"]).all() and torch.isfinite(total)
-    assert torch.isfinite(out["prior"]).all() and (out["prior"] == 0).all()  # no support pixel to match
-    total.backward()
-    grads = [p.grad for p in symnet_model.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads), sum(g is None for g in grads)
-    symnet_model.zero_grad(set_to_none=True)
-
-
-def test_symnet_vgg_is_refused_and_no_class_id_works(symnet_model):
-    with pytest.raises(ValueError, match="ResNet"):
-        symnet.SymNet(symnet.Config(backbone="vgg16_bn", pretrained=False), symnet_run())
-    img_q, img_s, m_s, _, _ = synthetic_episode(1, 1, SYMNET_SIZE, seed=3)
-    symnet_model.eval()
-    with torch.no_grad():
-        out = symnet_model(img_q, img_s, m_s, None)  # --predict passes no class: no text
-    assert torch.isfinite(out["logits"]).all()
-
-
 def symnet_trains(net, episode, steps, lr, weight_decay=0.0, precision=contextlib.nullcontext):
     """Sym-Net after `steps` SGD steps (momentum 0.9) on one episode (img_q, img_s, m_s, m_q, class_ids), each
     under precision(): the loss in eval mode (fp32) before and after; every loss term and weight stays finite."""
@@ -5182,534 +1037,6 @@ def symnet_trains(net, episode, steps, lr, weight_decay=0.0, precision=contextli
     return before, eval_loss()
 
 
-def test_symnet_short_training_lowers_the_loss(tmp_path):
-    torch.manual_seed(0)
-    before, after = symnet_trains(make_symnet(tmp_path), synthetic_episode(2, 1, SYMNET_SIZE, seed=4), 6, 0.01)
-    assert after < 0.9 * before, (before, after)
-
-
-# ---------------- SPM, triplet, TDC against direct computations -------------------------------------------
-
-def test_symnet_spm_matches_a_direct_computation():
-    g = torch.Generator().manual_seed(0)
-    f_q = torch.rand(1, 3, 4, 5, generator=g)
-    f_s = torch.rand(1, 2, 3, 4, 5, generator=g)
-    m = torch.zeros(1, 2, 4, 5)
-    m[0, 0, 1:3, 1:4] = 1
-    m[0, 1, 0, 0] = 1
-    windows = ((3, 3), (3, 1), (1, 3))
-
-    def pooled(f, dh, dw):  # average over the window, padded zeros counted
-        C, h, w = f.shape
-        out = torch.zeros(C, h, w)
-        for i in range(h):
-            for j in range(w):
-                for di in range(-(dh // 2), dh // 2 + 1):
-                    for dj in range(-(dw // 2), dw // 2 + 1):
-                        if 0 <= i + di < h and 0 <= j + dj < w:
-                            out[:, i, j] += f[:, i + di, j + dj] / (dh * dw)
-        return out.flatten(1)  # (C, hw)
-
-    shots = []
-    for k in range(2):
-        maps = []
-        for dh, dw in windows:
-            r_q, r_s = pooled(f_q[0], dh, dw), pooled(f_s[0, k] * m[0, k], dh, dw)
-            s_r = torch.zeros(20, 20)  # Eq. (2): cos(r_q, r_s) * |r_q|
-            for i in range(20):
-                for j in range(20):
-                    if r_s[:, j].norm() > 0:
-                        s_r[i, j] = F.cosine_similarity(r_q[:, i], r_s[:, j], dim=0) * r_q[:, i].norm()
-            mean = s_r.mean(1)  # Eq. (3): mean over the support positions, then min-max
-            maps.append((mean - mean.min()) / (mean.max() - mean.min()))
-        shots.append(torch.stack(maps).mean(0))
-    expected = torch.stack(shots).mean(0).view(1, 1, 4, 5)
-    prior = symnet.self_activation_prior(f_q, f_s, m, windows)
-    assert torch.allclose(prior, expected, atol=1e-5)
-
-
-def test_symnet_spm_hand_case_one_window():
-    # 1x1 window: the support's only foreground pixel points along (1, 0); the query scores are r_q . (1, 0)
-    f_q = torch.tensor([[[[1.0, 2.0], [0.0, 3.0]], [[5.0, 0.0], [1.0, 0.0]]]])  # (1, 2, 2, 2)
-    f_s = torch.zeros(1, 1, 2, 2, 2)
-    f_s[0, 0, 0, 0, 0] = 4.0
-    m = torch.zeros(1, 1, 2, 2)
-    m[0, 0, 0, 0] = 1
-    # mean over the 4 support positions of cos * |r_q| = (x-component of r_q) / 4 -> [1, 2, 0, 3] / 4
-    prior = symnet.self_activation_prior(f_q, f_s, m, ((1, 1),))
-    assert torch.allclose(prior.flatten(), torch.tensor([1 / 3, 2 / 3, 0.0, 1.0]), atol=1e-6)
-
-
-def test_symnet_triplet_term_zero_when_margin_met_positive_otherwise():
-    e1, e2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
-    assert symnet.triplet_term(e1, 3 * e1, -e1, 0.5).item() == 0  # 0 + 0.5 - 2 < 0
-    assert symnet.triplet_term(e1, e1, e2, 0.5).item() == 0  # 0 + 0.5 - sqrt(2) < 0
-    assert math.isclose(symnet.triplet_term(e1, -e1, e1, 0.5).item(), 2.5, abs_tol=1e-4)
-    assert math.isclose(symnet.triplet_term(e1, e2, 2 * e1, 0.5).item(), math.sqrt(2) + 0.5, abs_tol=1e-4)
-
-
-def test_symnet_co_triplet_zero_when_every_margin_is_met(symnet_model):
-    # support foreground pixels all equal the anchor's direction, background opposite; query regions likewise
-    c, h = symnet_model.cfg.reduce_dim, 4
-    d = torch.zeros(c)
-    d[0] = 1
-    m_s = torch.zeros(1, 1, h, h, dtype=torch.long)
-    m_s[..., :2, :] = 1
-    f_s = torch.where(m_s[:, :, None] == 1, d.view(1, 1, c, 1, 1), -d.view(1, 1, c, 1, 1)).float()
-    prior = torch.zeros(1, 1, h, h)
-    prior[..., 0, 0] = 0.5  # ambiguous band: one pixel; background: the rest
-    f_q = (-d).view(1, c, 1, 1).repeat(1, 1, h, h)
-    f_q[..., 0, 0] = d
-    anchor = d[None]
-    assert symnet_model.co_triplet(f_q, f_s, m_s, prior, anchor, anchor).item() == 0
-    # swapped: the hard positives point away from the anchor
-    assert symnet_model.co_triplet(-f_q, -f_s, m_s, prior, anchor, anchor).item() > 2
-    # a support whose only non-object pixels are 255 keeps its negative: 255 counts as background, as in SN
-    f_s[..., 2:, :] = d.view(1, 1, c, 1, 1)  # a background like the anchor: the margin is not met
-    ignored = m_s.masked_fill(m_s == 0, IGNORE_INDEX)
-    assert symnet_model.co_triplet(f_q, f_s, ignored, prior, anchor, anchor) == \
-        symnet_model.co_triplet(f_q, f_s, m_s, prior, anchor, anchor) > 0
-
-
-def test_symnet_prior_region_fallbacks():
-    f = torch.arange(16.0).view(1, 1, 4, 4)
-    prior = torch.arange(16.0).view(1, 1, 4, 4) / 15
-    none = torch.zeros_like(prior, dtype=torch.bool)
-    top = symnet.prior_region_mean(f, none, prior, "top")
-    bottom = symnet.prior_region_mean(f, none, prior, "bottom")
-    median = symnet.prior_region_mean(f, none, prior, "median")
-    # 12 of 16 pixels: the highest 4..15, the lowest 0..11, around the median 2..13
-    assert torch.allclose(top, torch.tensor([[9.5]]), atol=1e-2)
-    assert torch.allclose(bottom, torch.tensor([[5.5]]), atol=1e-2)
-    assert torch.allclose(median, torch.tensor([[7.5]]), atol=1e-2)
-    assert torch.allclose(symnet.prior_region_mean(f, prior > 0.9, prior, "top"), torch.tensor([[14.5]]), atol=1e-2)
-
-
-def test_symnet_block_correlation_direct():
-    # two shots with masks of 4 and 2 pixels: per shot the mean of ReLU(cos) over its mask, then the mean of the
-    # shots (not the mean over all 6 masked pixels)
-    g = torch.Generator().manual_seed(1)
-    f_q, f_s = torch.randn(1, 5, 3, 3, generator=g), torch.randn(1, 2, 5, 3, 3, generator=g)
-    m = torch.zeros(1, 2, 3, 3)
-    m[0, 0, 1:, 1:] = 1
-    m[0, 1, 0, :2] = 1
-    q = f_q[0].flatten(1)
-    shots = []
-    for k in range(2):
-        s, fg = f_s[0, k].flatten(1), m[0, k].flatten().nonzero().flatten()
-        shots.append(torch.stack([torch.stack([F.cosine_similarity(q[:, i], s[:, j], dim=0).clamp(min=0)
-                                               for j in fg]).mean() for i in range(9)]).view(1, 1, 3, 3))
-    corr = symnet.block_correlation(f_q, f_s, m)
-    assert torch.allclose(corr, (shots[0] + shots[1]) / 2, atol=1e-3)
-    assert (shots[0] - shots[1]).abs().max() > 0.05  # the shots differ: the mean is not either one
-    assert torch.allclose(symnet.block_correlation(f_q, f_s[:, :1], m[:, :1]), shots[0], atol=1e-3)  # one shot
-    assert (symnet.block_correlation(f_q, f_s, torch.zeros(1, 2, 3, 3)) == 0).all()  # empty masks -> 0
-
-
-# ---------------- word vectors ----------------------------------------------------------------------------
-
-def test_symnet_word_vectors_from_a_fake_word2vec_binary(tmp_path):
-    g = np.random.default_rng(0)
-    vocab = {w: g.standard_normal(symnet.TEXT_DIM).astype(np.float32)
-             for w in ["cat", "potted_plant", "potted", "plant", "red", "disc", "table", "tv", "</s>"]}
-    for newline in (True, False):
-        binary = tmp_path / f"w2v{newline}.bin"
-        fake_word2vec(binary, vocab, newline)
-        with pytest.warns(UserWarning, match="nosuchword"):
-            vectors = symnet.build_word_vectors(binary, tmp_path / "v.pt",
-                                                ["cat", "pottedplant", "red striped disc", "diningtable",
-                                                 "nosuchword"])
-        assert set(vectors) == {"cat", "pottedplant", "red striped disc", "diningtable"}
-        assert torch.allclose(vectors["cat"], unit_vector(vocab["cat"]), atol=1e-6)
-        assert torch.allclose(vectors["pottedplant"], unit_vector(vocab["potted_plant"]), atol=1e-6)  # phrase first
-        mean = (vocab["red"] + vocab["disc"]) / 2  # "striped" is not in the binary: mean of the others
-        assert torch.allclose(vectors["red striped disc"], unit_vector(mean), atol=1e-6)
-        assert torch.allclose(vectors["diningtable"], unit_vector(vocab["table"]), atol=1e-6)  # MIANet's word
-        assert torch.load(tmp_path / "v.pt").keys() == vectors.keys()
-
-
-def test_symnet_load_word_vectors_rows_by_class_id(word_vectors, tmp_path):
-    table = symnet.load_word_vectors(word_vectors, "synthetic")
-    stored = torch.load(word_vectors)
-    assert table.shape == (21, symnet.TEXT_DIM) and (table[0] == 0).all()
-    assert torch.equal(table[7], stored[data.class_names("synthetic")[7]])
-    torch.save({"cat": torch.ones(symnet.TEXT_DIM)}, tmp_path / "few.pt")
-    with pytest.raises(common.WeightsUnavailableError, match="lack"):
-        symnet.load_word_vectors(tmp_path / "few.pt", "pascal")
-
-
-def test_symnet_without_word_vectors_one_warning_and_text_off(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # no runs/ here: no base learner either
-    with pytest.warns(UserWarning) as record:
-        net = symnet.build(symnet.Config(pretrained=False), symnet_run())
-    messages = [str(r.message) for r in record]
-    assert sum("text branch is off" in m for m in messages) == 1
-    assert sum("meta learner alone" in m for m in messages) == 1
-    assert (net.text == 0).all() and net.ensemble is None and net.cfg.base_classes is None
-    with warnings.catch_warnings(record=True) as record:  # evaluating a checkpoint: it holds the base learner
-        warnings.simplefilter("always")
-        symnet.build(symnet.Config(pretrained=False), symnet_run(from_checkpoint=True))
-    assert not any("meta learner alone" in str(r.message) for r in record)
-
-
-def test_symnet_build_refuses_a_named_side_file_that_is_missing_or_does_not_fit(tmp_path, monkeypatch, word_vectors):
-    # build reads the files: a named one that is absent, or lacks the run's classes, is a WeightsUnavailableError
-    # that names it, raised before any model is built (a forward never sees it); train.py says it in one line
-    def no_model(*args, **kwargs):
-        raise AssertionError("a model was built although a named file is missing")
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(symnet, "SymNet", no_model)
-    cases = {"--word-vectors .*absent_vectors.pt$": dict(word_vectors=str(tmp_path / "absent_vectors.pt")),
-             "--base-learner .*absent_base.pt$": dict(base_learner=str(tmp_path / "absent_base.pt"),
-                                                      word_vectors=str(word_vectors)),
-             "--word-vectors .*x.pt, --base-learner .*no.pt$": dict(word_vectors=str(tmp_path / "x.pt"),
-                                                                    base_learner=str(tmp_path / "no.pt"))}
-    for message, flags in cases.items():
-        with pytest.raises(common.WeightsUnavailableError, match="no such file: " + message):
-            symnet.build(symnet.Config(pretrained=False, **flags), symnet_run())
-    torch.save({"cat": torch.ones(symnet.TEXT_DIM)}, tmp_path / "few.pt")
-    with pytest.raises(common.WeightsUnavailableError, match=r"few.pt lack the synthetic classes"):
-        symnet.build(symnet.Config(pretrained=False, word_vectors=str(tmp_path / "few.pt")), symnet_run())
-    # a file that is no torch file, or a torch file of something else: named, not torch's traceback
-    (tmp_path / "text.pt").write_text("not a torch file")
-    with pytest.raises(common.WeightsUnavailableError, match=r"cannot read .*text.pt as word vectors"):
-        symnet.build(symnet.Config(pretrained=False, word_vectors=str(tmp_path / "text.pt")), symnet_run())
-    torch.save({"model": {}}, tmp_path / "other.pt")
-    with pytest.raises(common.WeightsUnavailableError,
-                       match=r"other.pt is not a base learner .*lacks classes, backbone$"):
-        symnet.build(symnet.Config(pretrained=False, base_learner=str(tmp_path / "other.pt"),
-                                   word_vectors=str(word_vectors)), symnet_run())
-    with pytest.raises(SystemExit, match=r"^error: cannot read .*text.pt as a base learner"):
-        train.main(["--model", "symnet", "--dataset", "synthetic", "--no-pretrained", "--img-size", "33",
-                    "--train-length", "2", "--batch-size", "2", "--epochs", "1", "--workers", "0",
-                    "--base-learner", str(tmp_path / "text.pt"), "--out", str(tmp_path / "run0")])
-    with pytest.raises(SystemExit, match=r"^error: no such file: --base-learner .*absent_base.pt$"):
-        train.main(["--model", "symnet", "--dataset", "synthetic", "--no-pretrained", "--img-size", "33",
-                    "--train-length", "2", "--batch-size", "2", "--epochs", "1", "--workers", "0",
-                    "--base-learner", str(tmp_path / "absent_base.pt"), "--out", str(tmp_path / "run")])
-
-
-def test_symnet_folder_classes_size_the_text_and_word_vectors(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # no runs/ here: no base learner
-    root = _write_folder(tmp_path / "mine")
-    torch.save({name: torch.full((symnet.TEXT_DIM,), float(c)) for c, name in enumerate(FOLDER_NAMES, 1)},
-               tmp_path / "v.pt")
-    table = symnet.load_word_vectors(tmp_path / "v.pt", "folder", root=root)
-    assert table.shape == (7, symnet.TEXT_DIM) and (table[0] == 0).all() and (table[4] == 4).all()  # row 4: car
-    with pytest.warns(UserWarning) as record:  # no word vectors, no base learner: one warning each
-        net = symnet.build(symnet.Config(pretrained=False),
-                           common.Setting(dataset="folder", data_root=str(root), fold=1, pretrained=False))
-    assert any("meta learner alone" in str(r.message) for r in record)
-    assert net.text.shape == (7, symnet.TEXT_DIM) and (net.text == 0).all()
-    # a base learner of fold 1 (base classes 1, 3, 4, 6) does not fit the run with --test-classes 3,6
-    torch.save({"model": {}, "classes": [1, 3, 4, 6], "backbone": "resnet50"}, tmp_path / "base.pt")
-    with pytest.raises(common.WeightsUnavailableError,
-                       match=r"classes \[1, 3, 4, 6\]; this model needs resnet50, classes \[1, 2, 4, 5\]"):
-        symnet.build(symnet.Config(pretrained=False, base_learner=str(tmp_path / "base.pt"),
-                                   word_vectors=str(tmp_path / "v.pt")),
-                     common.Setting(dataset="folder", data_root=str(root), test_classes=(3, 6), pretrained=False))
-
-
-# ---------------- base learner, ensemble, stage, harness --------------------------------------------------
-
-def test_symnet_base_learner_images_are_bams_whole_list_with_novel_pixels_as_background(tmp_path, monkeypatch):
-    root = _write_pascal(tmp_path / "voc")
-    # fold 0: classes 1-5 novel, 6-20 base
-    images = symnet.BaseClassImages(common.Setting(dataset="pascal", fold=0, img_size=80, data_root=root))
-    # every training image, c_small (under 2048 px) and d_mixed (novel class 2) too, unlike the episodes
-    assert images.names == ["a_voc", "b_sbd", "c_small", "d_mixed", "f_multi"] and len(images) == 5
-    monkeypatch.setattr(data, "train_transform", lambda img, label, *a: (img, label))  # the labels as read
-    _, label = images[(0, images.names.index("d_mixed"))]
-    raw = torch.from_numpy(_PASCAL_LABELS["d_mixed"]).long()
-    assert torch.equal(label, torch.where(raw == 6, 1, 0))  # base class 6 -> channel 1, novel class 2 -> 0
-    _, label = images[(0, images.names.index("b_sbd"))]
-    assert set(label.unique().tolist()) == {0, 2, IGNORE_INDEX}  # class 7 -> channel 2; 255 stays
-
-
-def test_symnet_bam_ensemble_identity_at_init_and_leaves_the_episode_class_out():
-    ens = symnet.BAMEnsemble()
-    meta = torch.randn(2, 2, 3, 3)
-    base = torch.full((2, 4, 3, 3), -20.0)
-    base[:, 2] = 20.0  # every pixel: base channel 2 = class 7 of classes [6, 7, 8]
-    classes = torch.tensor([6, 7, 8])
-    out = ens(meta, base, torch.zeros(2), classes, torch.tensor([7, 1]))
-    assert torch.allclose(out, meta.softmax(1), atol=1e-6)  # weights [1, 0]: the meta learner alone
-    with torch.no_grad():
-        ens.cls_merge.weight.copy_(torch.tensor([1.0, -1.0]).view(1, 2, 1, 1))  # base classes -> background
-    out = ens(meta, base, torch.zeros(2), classes, torch.tensor([7, 1]))
-    assert torch.allclose(out[0, 0], meta.softmax(1)[0, 0], atol=1e-6)  # episode class 7: its channel left out
-    assert torch.allclose(out[1, 0], meta.softmax(1)[1, 0] - 1, atol=1e-6)  # novel class 1: nothing left out
-    with torch.no_grad():  # the scene difference enters both scores through gram_merge's second weight
-        ens.gram_merge.weight.copy_(torch.tensor([1.0, 1.0]).view(1, 2, 1, 1))
-        ens.cls_merge.weight.copy_(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1))
-    out = ens(meta, base, torch.tensor([0.5, 0.0]), classes, torch.tensor([7, 1]))
-    assert torch.allclose(out[0], meta.softmax(1)[0] + 0.5, atol=1e-6)  # episode 0: est 0.5 added to bg and fg
-    assert torch.allclose(out[1], meta.softmax(1)[1], atol=1e-6)  # episode 1: est 0
-
-
-def test_symnet_gram_distance_zero_for_same_scene_and_mean_over_shots():
-    g = torch.Generator().manual_seed(0)
-    f_q = torch.rand(2, 4, 3, 3, generator=g)
-    other = torch.rand(2, 4, 3, 3, generator=g)
-    assert torch.allclose(symnet.gram_distance(f_q, f_q[:, None]), torch.zeros(2), atol=1e-6)
-    one = symnet.gram_distance(f_q, other[:, None])
-    both = symnet.gram_distance(f_q, torch.stack([f_q, other], 1))
-    assert (one > 0).all() and torch.allclose(both, one / 2, atol=1e-6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 inside: the bf16 matmuls were 1-2% off
-        amp = symnet.gram_distance(f_q, other[:, None])
-    assert amp.dtype == torch.float32 and torch.allclose(amp, one, rtol=1e-5)
-
-
-def test_symnet_resume_follows_the_checkpoint_when_a_base_learner_appears(tmp_path, monkeypatch):
-    # trained without a base learner, resumed after --stage base wrote one at the default path: the checkpoint
-    # decides (no ensemble), and the optimizer matches it (it was built before the checkpoint was read: crash)
-    monkeypatch.chdir(tmp_path)
-    argv = ["--model", "symnet", "--dataset", "synthetic", "--fold", "1", "--no-pretrained", "--img-size", "33",
-            "--train-length", "4", "--batch-size", "2", "--workers", "0", "--test-episodes", "2",
-            "--test-seeds", "1", "--out", str(tmp_path / "run")]
-    with warnings.catch_warnings(record=True) as caught:  # and: no --word-vectors, the text branch is off
-        warnings.simplefilter("always")
-        train.main([*argv, "--epochs", "2"])
-    assert any("meta learner alone" in str(w.message) for w in caught)
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    torch.save({**state, "epoch": 1}, tmp_path / "run" / "last.pt")  # as if it had stopped after epoch 1
-    train.main(["--model", "symnet", "--stage", "base", "--dataset", "synthetic", "--fold", "1", "--no-pretrained",
-                "--img-size", "33", "--train-length", "4", "--batch-size", "2", "--epochs", "1", "--workers", "0"])
-    assert symnet.base_learner_path(symnet_run(1)).is_file()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # resumed from its checkpoint: no side file is read, nothing to warn about
-        train.main([*argv, "--resume"])
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert state["epoch"] == 2 and not any(k.startswith("ensemble.") for k in state["model"])
-
-
-def test_symnet_base_stage_resumes_exactly_and_an_unfinished_file_is_refused(tmp_path, monkeypatch):
-    """The base stage writes its file after every epoch; one killed after epoch 1 of 2 is refused by Sym-Net with
-    the command that finishes it, and --stage base --resume gives the weights of the run that was never killed."""
-    argv = ["--model", "symnet", "--stage", "base", "--dataset", "synthetic", "--fold", "1", "--no-pretrained",
-            "--img-size", "33", "--train-length", "4", "--batch-size", "2", "--epochs", "2", "--workers", "0"]
-    whole, cut = tmp_path / "whole" / "base.pt", tmp_path / "cut" / "base.pt"
-    train.main([*argv, "--base-learner", str(whole)])
-    real = common.save_atomic
-
-    def killed_in_epoch_2(state, path):
-        if state.get("epoch") == 2:
-            raise RuntimeError("killed")
-        real(state, path)
-
-    monkeypatch.setattr(common, "save_atomic", killed_in_epoch_2)
-    with pytest.raises(RuntimeError, match="killed"):
-        train.main([*argv, "--base-learner", str(cut)])
-    monkeypatch.undo()
-    with pytest.raises(common.WeightsUnavailableError, match="stopped after epoch 1 of 2: finish it with python "
-                                                             "train.py --model symnet --stage base .* --resume"):
-        symnet.read_base_learner(symnet.Config(base_learner=str(cut), pretrained=False), symnet_run(1))
-    with pytest.raises(SystemExit, match="holds a run already"):  # not replaced without --resume or --overwrite
-        train.main([*argv, "--base-learner", str(cut)])
-    with pytest.raises(SystemExit, match="was made with lr 0.05 .now 0.01."):  # its own recipe, or none
-        train.main([*argv, "--base-learner", str(cut), "--resume", "--lr", "0.01"])
-    train.main([*argv, "--base-learner", str(cut), "--resume"])
-    a, b = torch.load(whole, weights_only=True), torch.load(cut, weights_only=True)
-    assert b["epoch"] == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert [r["epoch"] for r in read_metrics(cut.parent, "base_metrics.jsonl") if r["event"] == "base"] == [1, 2]
-
-
-def test_symnet_base_stage_trains_and_sym_net_uses_it(tmp_path):
-    path = tmp_path / "base.pt"
-    argv = ["--model", "symnet", "--stage", "base", "--dataset", "synthetic", "--fold", "1", "--no-pretrained",
-            "--img-size", "33", "--train-length", "4", "--batch-size", "2", "--epochs", "1", "--workers", "0",
-            "--log-every", "1", "--base-learner", str(path)]
-    with pytest.raises(SystemExit, match="needs --batch-size >= 2"):
-        train.main([*argv, "--batch-size", "1"])
-    assert train.main(argv) == path and path.is_file()  # 2 steps
-    state = torch.load(path, weights_only=False)
-    assert state["classes"] == symnet.base_classes(symnet_run(1)) == [c for c in range(1, 21) if c not in range(6, 11)]
-    assert state["model"]["cls.4.weight"].shape[0] == 16  # background + 15 base classes
-    torch.manual_seed(0)
-    net = make_symnet(tmp_path, fold=1, base_learner=str(path))
-    assert net.ensemble is not None and not any(p.requires_grad for p in net.base_learner.parameters())
-    assert net.cfg.base_classes == tuple(state["classes"])  # recorded in the Config that checkpoints keep
-    # random weights: the meta learner's backbone takes the BN statistics the base learner was trained on, and
-    # the harness leaves them (same seed, so the same weights: the head sees the features it learned on)
-    buffers = dict(net.backbone.named_buffers())
-    assert all(torch.equal(buffers[k], v) for k, v in state["backbone_buffers"].items())
-    assert net.backbone.calibrated and any(v.abs().sum() > 0 for k, v in buffers.items() if "running_mean" in k)
-    weights = dict(net.backbone.named_parameters())
-    torch.manual_seed(0)  # what --stage base built, with its default --seed 0
-    stage_weights = common.Backbone("resnet50", pretrained=False)
-    assert all(torch.equal(weights[k], v) for k, v in stage_weights.named_parameters())
-    train.calibrate_random_backbones(net, train.parse_args(["--model", "symnet", "--dataset", "synthetic",
-                                     "--no-pretrained", "--img-size", "33", "--workers", "0"])[0], "cpu", 0)
-    assert all(torch.equal(v, state["backbone_buffers"][k]) for k, v in net.backbone.named_buffers())
-    with pytest.raises(common.WeightsUnavailableError, match="trained on random .* this model uses ImageNet"):
-        symnet.read_base_learner(symnet.Config(base_learner=str(path)), symnet_run(1))
-    with pytest.raises(common.WeightsUnavailableError, match="trained on random .* --backbone-weights"):
-        symnet.read_base_learner(symnet.Config(base_learner=str(path), pretrained="resnet50.pth"), symnet_run(1))
-    net.train()
-    assert not net.base_learner.training  # frozen BN
-    img_q, img_s, m_s, m_q, class_ids = synthetic_episode(2, 1, 33, seed=5)
-    total, terms = net.loss(net(img_q, img_s, m_s, class_ids), m_q, m_s)
-    assert set(terms) == {"final", "inter", "triplet", "meta"} and torch.isfinite(total)
-    total.backward()
-    assert net.ensemble.cls_merge.weight.grad is not None and net.ensemble.gram_merge.weight.grad is not None
-    assert all(p.grad is None for p in net.base_learner.parameters())
-    # a checkpoint decides, through its Config: trained without the base learner -> none; with it -> rebuilt
-    # (from_checkpoint: no file is read, so flags naming absent files do not matter) and loaded strictly
-    with_base = {k: v.clone() for k, v in net.state_dict().items()}
-    alone = symnet.build(dataclasses.replace(net.cfg, base_classes=None), symnet_run(1, from_checkpoint=True))
-    alone.load_state_dict({k: v for k, v in with_base.items() if not k.startswith(("base_learner.", "ensemble."))})
-    assert alone.base_learner is None and alone.ensemble is None
-    absent = dataclasses.replace(net.cfg, base_learner=str(tmp_path / "no.pt"), word_vectors=str(tmp_path / "x"))
-    restored = symnet.build(absent, symnet_run(1, from_checkpoint=True))
-    restored.load_state_dict(with_base)
-    assert restored.ensemble is not None and torch.equal(restored.base_learner.classes, torch.tensor(state["classes"]))
-    assert not any(p.requires_grad for p in restored.base_learner.parameters())
-    assert all(torch.equal(v, with_base[k]) for k, v in restored.state_dict().items())
-    with pytest.raises(common.WeightsUnavailableError, match="trained for"):
-        make_symnet(tmp_path, fold=2, base_learner=str(path))
-
-
-def test_symnet_checkpoints_restore_through_train_py_without_their_side_files(tmp_path, monkeypatch, word_vectors):
-    # Two runs, one with a base learner and word vectors, one without either; then every side file is deleted
-    # and a base learner is put at the default path. --eval-only --checkpoint rebuilds each model as its
-    # checkpoint's Config describes it (base learner or none), reads no file and loads every weight strictly.
-    monkeypatch.chdir(tmp_path)
-    side = tmp_path / "side"
-    side.mkdir()
-    vectors, base = side / "vectors.pt", side / "base.pt"
-    vectors.write_bytes(word_vectors.read_bytes())
-    common_argv = ["--model", "symnet", "--dataset", "synthetic", "--fold", "1", "--no-pretrained", "--img-size",
-                   "33", "--train-length", "4", "--batch-size", "2", "--workers", "0"]
-    test_argv = ["--test-episodes", "2", "--test-seeds", "1"]
-    train.main([*common_argv, "--stage", "base", "--epochs", "1", "--base-learner", str(base)])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        train.main([*common_argv, *test_argv, "--epochs", "1", "--out", str(tmp_path / "with"),
-                    "--base-learner", str(base), "--word-vectors", str(vectors)])
-        train.main([*common_argv, *test_argv, "--epochs", "1", "--out", str(tmp_path / "alone")])
-    default = symnet.base_learner_path(symnet_run(1))
-    default.parent.mkdir(parents=True)
-    base.rename(default)  # a base learner the checkpoint trained without must not be taken
-    vectors.unlink()
-    built, construct = [], train.construct
-    monkeypatch.setattr(train, "construct", lambda *args: built.append(construct(*args)) or built[-1])
-    for name in ("with", "alone"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            train.main([*common_argv, *test_argv, "--eval-only", "--checkpoint", str(tmp_path / name / "last.pt"),
-                        "--out", str(tmp_path / f"{name}-eval")])
-        saved = torch.load(tmp_path / name / "last.pt", weights_only=False)["model"]
-        restored = built[-1].state_dict()
-        assert restored.keys() == saved.keys() and all(torch.equal(restored[k], v) for k, v in saved.items()), name
-    with_base, alone = built
-    assert with_base.cfg.base_classes == tuple(symnet.base_classes(symnet_run(1))) and with_base.ensemble is not None
-    assert with_base.text.abs().sum() > 0  # the word vectors, from the checkpoint
-    assert alone.cfg.base_classes is None and alone.base_learner is None and alone.ensemble is None
-    assert (alone.text == 0).all()
-
-
-def test_symnet_harness_fills_the_config_and_defaults(word_vectors, tmp_path):
-    args, module = train.parse_args(["--model", "symnet", "--dataset", "coco", "--fold", "2", "--shot", "5",
-                                     "--word-vectors", str(word_vectors), "--base-learner", "b.pt",
-                                     "--coco-split", "contiguous", "--no-pretrained"])
-    cfg, run = train.make_config(module, args), train.setting_of(args)
-    assert (run.dataset, run.fold, run.shot, run.coco_split, run.pretrained) == ("coco", 2, 5, "contiguous", False)
-    assert cfg.pretrained is False and cfg.word_vectors == str(word_vectors) and cfg.base_learner == "b.pt"
-    harness = {"shot", "img_size", "dataset", "fold", "coco_split", "from_checkpoint", "data_root", "test_classes"}
-    assert not harness & {field.name for field in dataclasses.fields(cfg)}  # the run's context is the Run's
-    assert (args.lr, args.batch_size, args.epochs, args.img_size) == (0.05, 32, 50, 641)  # §4.1 as SN runs it
-    assert json.loads(json.dumps(dataclasses.asdict(cfg)))["tau1"] == 0.7
-    assert set(symnet.STAGES) == {"base"}
-
-
-@pytest.mark.parametrize("dataset, epochs", [("pascal", 100), ("coco", 20)])
-def test_symnet_base_stage_takes_bams_base_recipe(dataset, epochs):
-    args, _ = train.parse_args(["--model", "symnet", "--stage", "base", "--dataset", dataset])
-    assert (args.lr, args.batch_size, args.epochs, args.img_size) == (0.0025, 12, epochs, 417)
-    meta, _ = train.parse_args(["--model", "symnet", "--dataset", dataset])  # the meta learner keeps its own
-    assert (meta.lr, meta.batch_size) == (0.05, 32)
-
-
-# ---------------- APA (Eq. 6-8) by hand -------------------------------------------------------------------
-
-def test_symnet_apa_hand_case_two_pixels():
-    # W^Q passes the prototype and adds the text to its first channel, W^K = identity, W^V = 2 * identity, FFN =
-    # identity: p_aug = sum_n softmax(q . k_n / sqrt(2))_n * 2 f_n + p
-    apa = symnet.APA(2, 1, dropout=0.0)
-    with torch.no_grad():
-        apa.w_q.weight.copy_(torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
-        apa.w_k.weight.copy_(torch.eye(2).view(2, 2, 1, 1))
-        apa.w_v.weight.copy_(2 * torch.eye(2).view(2, 2, 1, 1))
-        apa.ffn[0].weight.copy_(torch.eye(2))
-        apa.ffn[0].bias.zero_()
-    proto, text = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0]])  # q = (2, 0)
-    f = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 2)  # pixel 0 = (1, 0), pixel 1 = (0, 1)
-    a0 = math.exp(2 / math.sqrt(2)) / (math.exp(2 / math.sqrt(2)) + 1)  # scores 2 / sqrt(2) and 0
-    expected = torch.tensor([[2 * a0 + 1.0, 2 * (1 - a0)]])
-    assert torch.allclose(apa(proto, text, f), expected, atol=1e-6)
-    # no text: q = p = (1, 0), scores 1/sqrt(2) and 0
-    a0 = math.exp(1 / math.sqrt(2)) / (math.exp(1 / math.sqrt(2)) + 1)
-    assert torch.allclose(apa(proto, torch.zeros(1, 1), f), torch.tensor([[2 * a0 + 1.0, 2 * (1 - a0)]]), atol=1e-6)
-
-
-# ---------------- the forward pass: Eq. (4), (5), (7), (9) ------------------------------------------------
-
-def test_symnet_forward_prototypes_follow_eq4_eq5_eq7_and_eq9(symnet_model):
-    # Recomputed by hand from the recorded F^m, the prior and the APA outputs, for 2 shots:
-    #   Eq. (4): p_s of shot k = the mean of that SUPPORT's F^m over its mask (MAP, area eps 5e-4);
-    #   Eq. (5): p_q = the mean of the query's F^m where prior > tau1 (top-12 fallback when none);
-    #   Eq. (7): APA's keys/values = F^m_s * mask (support), F^m_q * prior (query);
-    #   Eq. (9): FEM's prototype = alpha p_q_aug + beta p_s_aug, p_s_aug the mean of the shots' APA outputs.
-    net = symnet_model
-    B, S, c = 2, 2, net.cfg.reduce_dim
-    img_q, img_s, m_s, _, class_ids = synthetic_episode(B, S, SYMNET_SIZE, seed=1)
-    out, rec = symnet_record_forward(net, img_q, img_s, m_s, class_ids)
-    f_q, f_s = rec["f_q"], rec["f_s"].view(B, S, c, SYMNET_GRID, SYMNET_GRID)
-    m, prior = symnet_grid_mask(m_s), out["prior"]
-    assert len(rec["apa"]) == S + 1  # each shot, then the query
-    text = net.text[class_ids]
-    assert text.abs().sum() > 0  # the word vectors are on
-    for k in range(S):
-        proto, t, keys, _ = rec["apa"][k]
-        p_s = (f_s[:, k] * m[:, k, None]).sum((2, 3)) / (m[:, k].sum((1, 2))[:, None] + MAP_EPS)
-        assert torch.allclose(proto, p_s, atol=1e-5), k  # Eq. (4) from the support's own features
-        assert torch.allclose(keys, f_s[:, k] * m[:, k, None], atol=1e-6) and torch.equal(t, text)
-    p_q, t, keys, p_q_aug = rec["apa"][S]
-    for b in range(B):
-        scores = prior[b, 0].flatten()
-        chosen = (scores > net.cfg.tau1).nonzero().flatten()
-        if len(chosen) == 0:
-            chosen = scores.argsort()[-symnet.QUERY_FALLBACK:]
-        assert 0 < len(chosen) < SYMNET_GRID * SYMNET_GRID  # a real selection, not every pixel
-        expected = f_q[b].flatten(1)[:, chosen].sum(1) / (len(chosen) + MAP_EPS)
-        assert torch.allclose(p_q[b], expected, atol=1e-5), b  # Eq. (5)
-    assert torch.allclose(keys, f_q * prior, atol=1e-6) and torch.equal(t, text)  # Eq. (7): prior-weighted
-    assert not torch.allclose(keys, f_q, atol=1e-3)  # the weighting is not a no-op here
-    p_s_aug = (rec["apa"][0][-1] + rec["apa"][1][-1]) / 2  # K shots averaged (Fig. 2)
-    hybrid = rec["fem"][1]
-    assert torch.allclose(hybrid, 0.5 * p_q_aug + 0.5 * p_s_aug, atol=1e-5)  # Eq. (9), alpha = beta = 0.5
-    assert (p_s_aug - p_q_aug).abs().max() > 1e-2  # both terms matter: neither alone would match
-
-
-def test_symnet_eq5_takes_the_high_prior_pixels_of_a_planted_prior(symnet_model, monkeypatch):
-    # A prior planted by hand (SPM replaced): 3 pixels above tau1 = 0.7, the rest below. p_q must be the mean of
-    # the query features at exactly those 3 pixels, and the APA keys the features times this prior.
-    net = symnet_model
-    img_q, img_s, m_s, _, class_ids = synthetic_episode(1, 1, SYMNET_SIZE, seed=2)
-    planted = torch.full((1, 1, SYMNET_GRID, SYMNET_GRID), 0.2)
-    planted[0, 0, 1, 2], planted[0, 0, 4, 4], planted[0, 0, 5, 0] = 0.9, 0.75, 1.0
-    planted[0, 0, 3, 3] = 0.7  # on the threshold: not above it
-    monkeypatch.setattr(symnet, "self_activation_prior", lambda *a: planted.clone())
-    out, rec = symnet_record_forward(net, img_q, img_s, m_s, class_ids)
-    f_q = rec["f_q"][0]
-    p_q, _, keys, _ = rec["apa"][1]
-    expected = (f_q[:, 1, 2] + f_q[:, 4, 4] + f_q[:, 5, 0]) / (3 + MAP_EPS)
-    assert torch.allclose(p_q[0], expected, atol=1e-5)
-    assert torch.allclose(keys, rec["f_q"] * planted, atol=1e-6)
-    assert torch.equal(out["prior"], planted) and torch.equal(rec["fem"][2][:, -1:], planted)  # FEM gets it too
-
-
 # ---------------- K shots ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -5717,46 +1044,6 @@ def symnet_two_shot(symnet_model):
     """A 2-shot episode (seed 0) and its recorded eval forward pass, shared by the K-shot tests."""
     img_q, img_s, m_s, m_q, class_ids = synthetic_episode(1, 2, SYMNET_SIZE)
     return (img_q, img_s, m_s, m_q, class_ids), *symnet_record_forward(symnet_model, img_q, img_s, m_s, class_ids)
-
-
-def test_symnet_shot_order_does_not_matter_but_each_shot_does(symnet_model, symnet_two_shot):
-    # K shots are averaged (priors, prototypes, correlations): permuting the supports leaves every output as it
-    # was; changing the content of either shot changes the TDC input, the support prototype and the output
-    net, ((img_q, img_s, m_s, _, cls), out, rec) = symnet_model, symnet_two_shot
-    _, other_img_s, other_m_s, _, _ = synthetic_episode(1, 2, SYMNET_SIZE, seed=2)
-    swapped, rec_sw = symnet_record_forward(net, img_q, img_s[:, [1, 0]], m_s[:, [1, 0]], cls)
-    for key in ("logits", "meta", "prior"):
-        assert torch.allclose(out[key], swapped[key], atol=1e-5), key
-    for a, b in zip(rec["corr"], rec_sw["corr"]):
-        assert torch.allclose(a, b, atol=1e-5)  # TDC input
-    assert torch.allclose(rec["fem"][1], rec_sw["fem"][1], atol=1e-5)  # p_hybrid
-    for k in range(2):  # shot k replaced by another image and mask
-        img2, m2 = img_s.clone(), m_s.clone()
-        img2[:, k], m2[:, k] = other_img_s[:, k], other_m_s[:, k]
-        changed, rec2 = symnet_record_forward(net, img_q, img2, m2, cls)
-        assert (changed["logits"] - out["logits"]).abs().max() > 1e-4, k
-        assert max((a - b).abs().max() for a, b in zip(rec["corr"], rec2["corr"])) > 1e-3, k  # TDC sees shot k
-        p_s_aug, p_s_aug2 = (sum(r["apa"][j][-1] for j in range(2)) / 2 for r in (rec, rec2))
-        assert (p_s_aug - p_s_aug2).abs().max() > 1e-3, k  # and so does the support prototype
-        assert torch.allclose(rec["apa"][1 - k][-1], rec2["apa"][1 - k][-1], atol=1e-5)  # the other shot's alone
-
-
-def test_symnet_k_shot_is_the_mean_of_the_one_shot_quantities(symnet_model, symnet_two_shot):
-    # Fig. 2: a 2-shot episode's prior, block correlations (TDC input) and p_s_aug are the means of those of the
-    # two 1-shot episodes made of each support alone; each shot's APA output is its 1-shot one
-    net, ((img_q, img_s, m_s, _, class_ids), out, rec) = symnet_model, symnet_two_shot
-    singles = [symnet_record_forward(net, img_q, img_s[:, k:k + 1], m_s[:, k:k + 1], class_ids) for k in range(2)]
-    assert torch.allclose(out["prior"], (singles[0][0]["prior"] + singles[1][0]["prior"]) / 2, atol=1e-5)
-    assert not torch.allclose(singles[0][0]["prior"], singles[1][0]["prior"], atol=1e-3)  # the shots differ
-    for level, corr in enumerate(rec["corr"]):
-        one = [single[1]["corr"][level] for single in singles]
-        assert torch.allclose(corr, (one[0] + one[1]) / 2, atol=1e-5), level
-        assert (one[0] - one[1]).abs().max() > 1e-3, level
-    for k in range(2):
-        assert torch.allclose(rec["apa"][k][-1], singles[k][1]["apa"][0][-1], atol=1e-5), k
-    p_s_aug = (singles[0][1]["apa"][0][-1] + singles[1][1]["apa"][0][-1]) / 2
-    p_q_aug = rec["apa"][2][-1]
-    assert torch.allclose(rec["fem"][1], 0.5 * p_q_aug + 0.5 * p_s_aug, atol=1e-5)
 
 
 def symnet_per_shot_forward(net, img_q, img_s, m_s, class_ids):
@@ -5789,120 +1076,6 @@ def symnet_per_shot_forward(net, img_q, img_s, m_s, class_ids):
     return {"logits": logits, "meta": meta, "aux": aux, "triplet": triplet, "prior": prior}
 
 
-@pytest.mark.parametrize("shot", [1, 5])
-def test_symnet_all_shots_at_once_equal_the_per_shot_formulation(symnet_model, shot):
-    # forward takes the K shots as one batch (one APA call for the B*S supports, one matrix of cosines per block,
-    # a shot axis in SPM, the co-triplet support term and the scene difference); computing each shot alone and
-    # averaging gives the same outputs, loss terms and gradients of every parameter, to float32 rounding
-    classes = tuple(symnet.base_classes(symnet_run()))
-    torch.manual_seed(0)
-    net = symnet.SymNet(dataclasses.replace(symnet_model.cfg, base_classes=classes), symnet_run(), symnet_model.text)
-    for module in net.modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd):
-            module.p = 0.0  # the two formulations would draw different dropout masks
-    with torch.no_grad():  # weights away from the identity at initialisation, so that the scene difference counts
-        net.ensemble.gram_merge.weight.copy_(torch.tensor([1.0, 0.5]).view(1, 2, 1, 1))
-        net.ensemble.cls_merge.weight.copy_(torch.tensor([0.8, -0.5]).view(1, 2, 1, 1))
-    img_q, img_s, m_s, m_q, class_ids = synthetic_episode(2, shot, SYMNET_SIZE, seed=6)
-    net.train()
-    results = []
-    for forward in (net, lambda *args: symnet_per_shot_forward(net, *args)):
-        net.zero_grad(set_to_none=True)
-        out = forward(img_q, img_s, m_s, class_ids)
-        total, terms = net.loss(out, m_q, m_s)
-        total.backward()
-        results.append({**{key: out[key].detach() for key in ("logits", "meta", "prior", "triplet")},
-                        **{f"aux {i}": a.detach() for i, a in enumerate(out["aux"])},
-                        **{f"loss {key}": value.detach() for key, value in terms.items()},
-                        **{name: p.grad for name, p in net.named_parameters() if p.grad is not None}})
-    at_once, per_shot = results
-    assert at_once.keys() == per_shot.keys() and len(at_once) > 60  # outputs, 4 loss terms, every gradient
-    for key, expected in per_shot.items():
-        assert torch.allclose(at_once[key], expected, rtol=1e-4, atol=1e-5 * expected.abs().max()), key
-    assert per_shot["triplet"] > 0 and per_shot["ensemble.gram_merge.weight"].abs().max() > 0
-    net.zero_grad(set_to_none=True)
-
-
-# ---------------- co-triplet loss (Eq. 10-12) by hand -----------------------------------------------------
-
-def test_symnet_co_triplet_support_positive_is_the_farthest_foreground_pixel():
-    # 2x2 support grid, c = 2, anchor e1. Foreground: 3*e1 (normalised distance 0) and 0.5*e2 (sqrt 2): the hard
-    # positive is the FARTHEST in normalised distance, 0.5*e2 (unnormalised, 3*e1 would be the farther one).
-    # Background: two pixels (-1, 1), so p_s^- points along (-1, 1) (the mean over all four pixels would point
-    # along (1, 2.5)). The query term is 0 by construction (positive = anchor, negative = -anchor).
-    f_s = torch.tensor([[3.0, 0.0], [0.0, 0.5], [-1.0, 1.0], [-1.0, 1.0]]).T.reshape(1, 1, 2, 2, 2)
-    m_s = torch.tensor([[1, 1], [0, 0]]).view(1, 1, 2, 2)
-    e1 = torch.tensor([[1.0, 0.0]])
-    prior = torch.tensor([[0.5, 0.1], [0.1, 0.9]]).view(1, 1, 2, 2)  # band: pixel 0; below tau2: pixels 1, 2
-    f_q = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0], [5.0, 5.0]]).T.reshape(1, 2, 2, 2)
-    a = symnet_unit(1, 0)
-    # sqrt(2) + 0.5 - 1.848 = 0.066
-    expected = max(symnet_dist(a, symnet_unit(0, 1)) + 0.5 - symnet_dist(a, symnet_unit(-1, 1)), 0)
-    assert expected > 0.05
-    loss = symnet_co_triplet(f_q, f_s, m_s, prior, e1, e1)
-    assert math.isclose(loss.item(), expected, abs_tol=1e-5)
-    # what the wrong choices would give: nearest positive max(0 + 0.5 - 1.848, 0) = 0; negative over every
-    # pixel sqrt(2) + 0.5 - |a - unit(1, 2.5)| = 0.79
-    assert not math.isclose(loss.item(), 0.0, abs_tol=1e-3)
-    every_pixel = symnet_dist(a, symnet_unit(0, 1)) + 0.5 - symnet_dist(a, symnet_unit(1, 2.5))
-    assert not math.isclose(loss.item(), every_pixel, abs_tol=1e-3)
-
-
-def test_symnet_co_triplet_support_negative_is_the_background_mean_only():
-    # 1x3 support: foreground (1, 1) (the only positive: |a - p+| = 0.765), background (1, 0.5) and a 255 pixel
-    # (1, -0.3), which counts as background (SN): p_s^- along (2, 0.2). With every pixel the negative would be
-    # along (3, 1.2); without the 255 pixel along (1, 0.5): each gives another loss.
-    f_s = torch.tensor([[1.0, 1.0], [1.0, 0.5], [1.0, -0.3]]).T.reshape(1, 1, 2, 1, 3)
-    m_s = torch.tensor([1, 0, IGNORE_INDEX]).view(1, 1, 1, 3)
-    f_q = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]]).T.reshape(1, 2, 1, 3)
-    prior = torch.tensor([0.5, 0.9, 0.1]).view(1, 1, 1, 3)  # query term: positive = a, negative = -a: 0
-    e1 = torch.tensor([[1.0, 0.0]])
-    a = symnet_unit(1, 0)
-    pos = symnet_dist(a, symnet_unit(1, 1))
-    expected = max(pos + 0.5 - symnet_dist(a, symnet_unit(2, 0.2)), 0)  # 0.765 + 0.5 - 0.0998 = 1.165
-    loss = symnet_co_triplet(f_q, f_s, m_s, prior, e1, e1).item()
-    assert math.isclose(loss, expected, abs_tol=1e-5)
-    assert not math.isclose(loss, pos + 0.5 - symnet_dist(a, symnet_unit(3, 1.2)), abs_tol=1e-2)  # every pixel: 0.887
-    assert not math.isclose(loss, pos + 0.5 - symnet_dist(a, symnet_unit(1, 0.5)), abs_tol=1e-2)  # 255 left out: 0.806
-
-
-def test_symnet_co_triplet_query_regions_by_hand():
-    # The query term alone (support margins met): 3x1 pixels with prior 0.9 (tau1 region: no part in the loss),
-    # 0.5 (ambiguous band tau3 < p < tau4: p_q^+) and 0.2 (< tau2: p_q^-).
-    f_q = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]).T.reshape(1, 2, 3, 1)
-    prior = torch.tensor([0.9, 0.5, 0.2]).view(1, 1, 3, 1)
-    f_s = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]]).T.reshape(1, 1, 2, 3, 1)
-    m_s = torch.tensor([1, 0, 0]).view(1, 1, 3, 1)
-    anchor = torch.tensor([[0.0, 2.0]])  # along e2: the negative's direction
-    a = symnet_unit(0, 1)
-    expected = max(symnet_dist(a, symnet_unit(1, 1)) + 0.5 - symnet_dist(a, symnet_unit(0, 1)), 0)  # 0.765 + 0.5 - 0
-    loss = symnet_co_triplet(f_q, f_s, m_s, prior, anchor, torch.tensor([[1.0, 0.0]]))
-    assert math.isclose(loss.item(), expected, abs_tol=1e-5)
-
-
-def test_symnet_co_triplet_support_term_is_the_mean_over_shots_of_the_valid_items():
-    # B = 2, S = 2, 1x2 supports (pixel 0 foreground, pixel 1 background). Shot 0: item 0 loss L_a, item 1 L_b;
-    # shot 1: item 0 L_c, item 1 all foreground (no background: skipped, SN; it would add 1.5).
-    # Support term = ((L_a + L_b) / 2 + L_c) / 2; the query term is 0.
-    def support(fg, bg, all_fg=False):
-        return torch.tensor([fg, bg]).T.reshape(2, 1, 2), torch.tensor([[1, 1 if all_fg else 0]])
-
-    cases = [[support((0.0, 1.0), (0.0, 1.0)), support((1.0, -1.0), (1.0, 0.3))],  # shot 0: items 0, 1
-             [support((-1.0, 0.0), (0.0, 1.0)), support((-1.0, 0.0), (-1.0, 0.0), all_fg=True)]]  # shot 1
-    f_s = torch.stack([torch.stack([cases[k][b][0] for k in range(2)]) for b in range(2)])  # (2, 2, 2, 1, 2)
-    m_s = torch.stack([torch.stack([cases[k][b][1] for k in range(2)]) for b in range(2)])  # (2, 2, 1, 2)
-    e1 = torch.tensor([1.0, 0.0])
-    f_q = torch.stack([e1, -e1], 1).view(1, 2, 1, 2).repeat(2, 1, 1, 1)
-    prior = torch.tensor([0.5, 0.1]).view(1, 1, 1, 2).repeat(2, 1, 1, 1)
-    anchor = e1[None].repeat(2, 1)
-    a = symnet_unit(1, 0)
-    l_a = max(symnet_dist(a, symnet_unit(0, 1)) + 0.5 - symnet_dist(a, symnet_unit(0, 1)), 0)  # 0.5
-    l_b = max(symnet_dist(a, symnet_unit(1, -1)) + 0.5 - symnet_dist(a, symnet_unit(1, 0.3)), 0)  # 0.975
-    l_c = max(symnet_dist(a, symnet_unit(-1, 0)) + 0.5 - symnet_dist(a, symnet_unit(0, 1)), 0)  # 1.086
-    expected = ((l_a + l_b) / 2 + l_c) / 2
-    assert math.isclose(symnet_co_triplet(f_q, f_s, m_s, prior, anchor, anchor).item(), expected, abs_tol=1e-5)
-
-
 # ---------------- loss (Eq. 15 + BAM's "meta" term) -------------------------------------------------------
 
 def symnet_hand_ce(logits, labels):
@@ -5915,143 +1088,9 @@ def symnet_hand_ce(logits, labels):
     return total / count
 
 
-def test_symnet_loss_terms_by_hand_with_the_ensemble(symnet_model):
-    # With a base learner the final output is the ensemble's, and BAM's CE on the meta learner's own output is
-    # added: every term against a hand cross-entropy, on outputs given at the label size (no resize involved)
-    classes = tuple(symnet.base_classes(symnet_run()))
-    net = symnet.SymNet(dataclasses.replace(symnet_model.cfg, base_classes=classes), symnet_run())
-    assert net.ensemble is not None
-    g = torch.Generator().manual_seed(0)
-    B, H = 2, 5
-    m_q = torch.randint(0, 2, (B, H, H), generator=g)
-    m_q[0, 0] = IGNORE_INDEX
-    out = {"logits": torch.randn(B, 2, H, H, generator=g), "meta": 3 * torch.randn(B, 2, H, H, generator=g),
-           "aux": [torch.randn(B, 2, H, H, generator=g) for _ in range(4)], "triplet": torch.tensor(0.25)}
-    total, terms = net.loss(out, m_q, None)
-    assert set(terms) == {"final", "inter", "triplet", "meta"}
-    meta = symnet_hand_ce(out["meta"], m_q)
-    assert meta > 0.5
-    assert math.isclose(terms["meta"].item(), meta, rel_tol=1e-5)
-    assert math.isclose(terms["final"].item(), symnet_hand_ce(out["logits"], m_q), rel_tol=1e-5)
-    inter = sum(symnet_hand_ce(a, m_q) for a in out["aux"]) / 4
-    assert math.isclose(terms["inter"].item(), inter, rel_tol=1e-5)
-    assert math.isclose(total.item(), symnet_hand_ce(out["logits"], m_q) + inter + 0.25 + meta, rel_tol=1e-5)
-    # the meta term trains the meta learner's output
-    out["meta"].requires_grad_(True)
-    net.loss(out, m_q, None)[0].backward()
-    assert out["meta"].grad is not None and out["meta"].grad.abs().sum() > 0
-
-
-# ---------------- bf16 autocast: what would lose the result runs in float32; a short bf16 training ---------
-# CPU autocast stands in for CUDA's: convolutions, linear layers and matrix products run in bf16 on both (CUDA
-# also keeps softmax, norms and sums in float32; the CPU does not, so these cases are the stricter ones).
-
-def test_symnet_apa_attention_under_bf16_autocast():
-    # W^Q passes the prototype, W^K = W^V = identity, FFN = identity. Channel 0 of the 64 pixels is 100 plus an
-    # offset in (-1, 1), so that the logits are 300 +- 3 (bf16's step there: 2); channel 1 is the pixel's index,
-    # so that the output's channel 1 is the attention-weighted index, 33.40 by hand. bf16 logits gave 30.5;
-    # float32 logits leave the output's own rounding (bf16's step at 33: 0.25).
-    c, hw = 8, 64
-    apa = symnet.APA(c, 4, dropout=0.0)
-    with torch.no_grad():
-        apa.w_q.weight.copy_(torch.cat([torch.eye(c), torch.zeros(c, 4)], 1))
-        apa.w_k.weight.copy_(torch.eye(c).view(c, c, 1, 1))
-        apa.w_v.weight.copy_(torch.eye(c).view(c, c, 1, 1))
-        apa.ffn[0].weight.copy_(torch.eye(c))
-        apa.ffn[0].bias.zero_()
-    g = torch.Generator().manual_seed(0)
-    f = torch.zeros(1, c, 1, hw)
-    f[0, 0, 0] = 100 + 2 * torch.rand(hw, generator=g) - 1
-    f[0, 1, 0] = torch.arange(hw).float()
-    proto, text = torch.zeros(1, c), torch.zeros(1, 4)
-    proto[0, 0] = 3 * math.sqrt(c)  # q = proto: logits = proto_0 f_0 / sqrt(c) = 3 f_0
-    expected = (torch.softmax(3 * f[0, 0, 0].double(), 0) * torch.arange(hw)).sum().item()
-    with torch.no_grad():
-        assert math.isclose(apa(proto, text, f)[0, 1].item(), expected, abs_tol=1e-3)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            amp = apa(proto, text, f)[0, 1].item()
-    assert math.isclose(amp, expected, abs_tol=0.25), (amp, expected)
-
-
-def test_symnet_block_correlation_under_bf16_autocast():
-    # Two shots of post-ReLU block features of magnitude 10, 100 and 1000 (bf16 values, as a bf16 backbone gives
-    # them) with cosines of 0.5-0.8: the correlations of the query pixels differ by ~0.01. With the norms and the
-    # masked mean in float32 and the cosine matrix in bf16 they are within 1e-3 of float32's (measured 5e-4); a
-    # bf16 mean was 2.4e-3 off (bf16's step near 0.6: 0.004).
-    g = torch.Generator().manual_seed(0)
-    B, C, h, S = 2, 256, 8, 2
-    shared = torch.rand(1, 1, C, 1, 1, generator=g)
-    feats = F.relu(shared + 0.5 * torch.randn(B, 1 + S, C, h, h, generator=g))
-    feats = (feats * torch.tensor([10.0, 100.0, 1000.0]).view(1, 3, 1, 1, 1)).bfloat16().float()
-    m = (torch.rand(B, S, h, h, generator=g) > 0.3).float()
-    expected = symnet.block_correlation(feats[:, 0], feats[:, 1:], m)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        amp = symnet.block_correlation(feats[:, 0], feats[:, 1:], m)
-    assert 0.5 < expected.min() and expected.max() < 0.8 and expected.std() > 5e-3
-    assert amp.dtype == torch.float32 and (amp - expected).abs().max() < 1e-3
-
-
-def test_symnet_query_regions_and_co_triplet_under_bf16_autocast():
-    # bf16 features of magnitude up to 1000 on a 32x32 grid, as F^m's 1x1 convs give them under autocast: the query
-    # region means (Eq. 5, 10, 11) and the co-triplet loss equal float32's on the same values (bf16 sums over
-    # hundreds of pixels were 0.6% off, the loss 3e-4)
-    g = torch.Generator().manual_seed(0)
-    c, h, S = 64, 32, 2
-    f_q = (1000 * torch.rand(2, c, h, h, generator=g)).bfloat16()
-    f_s = (1000 * torch.rand(2, S, c, h, h, generator=g)).bfloat16()
-    m_s = (torch.rand(2, S, h, h, generator=g) > 0.5).long()
-    prior = torch.rand(2, 1, h, h, generator=g)
-    anchors = torch.randn(2, c, generator=g), torch.randn(2, c, generator=g)
-    expected = symnet.prior_region_mean(f_q.float(), prior > 0.3, prior, "top")
-    expected_loss = symnet_co_triplet(f_q.float(), f_s.float(), m_s, prior, *anchors).item()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        p_q = symnet.prior_region_mean(f_q, prior > 0.3, prior, "top")
-        loss = symnet_co_triplet(f_q, f_s, m_s, prior, *anchors).item()
-    assert p_q.dtype == torch.float32 and torch.allclose(p_q, expected, rtol=1e-5)
-    assert expected_loss > 0.5 and math.isclose(loss, expected_loss, rel_tol=1e-5)
-
-
-def test_symnet_bam_ensemble_and_spm_under_bf16_autocast():
-    # BAM's ensemble on bf16 logits: meta logits 300 +- a few (bf16's step: 2), base logits of +-300. Softmaxes and
-    # merges in float32 give float32's result on the same logits; bf16 probabilities were 4e-3 off.
-    g = torch.Generator().manual_seed(0)
-    meta = (3 * torch.randn(2, 2, 8, 8, generator=g) + 300).bfloat16()
-    base = (300 * torch.randn(2, 16, 8, 8, generator=g)).bfloat16()
-    est, classes, class_ids = torch.rand(2, generator=g), torch.arange(6, 21), torch.tensor([7, 1])
-    ens = symnet.BAMEnsemble()
-    with torch.no_grad():
-        ens.gram_merge.weight.copy_(torch.tensor([1.0, 0.5]).view(1, 2, 1, 1))
-        ens.cls_merge.weight.copy_(torch.tensor([1.0, -1.0]).view(1, 2, 1, 1))
-        expected = ens(meta.float(), base.float(), est, classes, class_ids)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            amp = ens(meta, base, est, classes, class_ids)
-    assert amp.dtype == torch.float32 and torch.allclose(amp, expected, atol=1e-6)
-    # SPM on layer4-like features of magnitude 1000 (float32 inside, Choices): float32's prior
-    f_q = 1000 * F.relu(torch.randn(2, 512, 8, 8, generator=g))
-    f_s = 1000 * F.relu(torch.randn(2, 2, 512, 8, 8, generator=g))
-    m = (torch.rand(2, 2, 8, 8, generator=g) > 0.5).float()
-    expected = symnet.self_activation_prior(f_q, f_s, m, symnet.Config.windows)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        amp = symnet.self_activation_prior(f_q, f_s, m, symnet.Config.windows)
-    assert amp.dtype == torch.float32 and torch.allclose(amp, expected, atol=1e-6)
-
-
-def test_symnet_short_bf16_training_stays_finite(tmp_path, word_vectors):
-    # The synthetic recipe's optimiser (SGD, lr 0.05, momentum 0.9, weight decay 1e-4) for a few steps of 2-shot
-    # episodes under bf16 autocast: every loss term and weight stays finite, and the loss (in float32) falls
-    torch.manual_seed(0)
-    before, after = symnet_trains(make_symnet(tmp_path, word_vectors=str(word_vectors)),
-                                  synthetic_episode(2, 2, SYMNET_SIZE, seed=7), 3, 0.05, 1e-4,
-                                  lambda: torch.autocast("cpu", dtype=torch.bfloat16))
-    assert after < 0.9 * before, (before, after)
-
-
-# ==========================================================================================================
-# qpenet.py: QPENet: shapes at 1 and 5 shots, the loss terms, gradients; cross attention, GBC and L_bm by hand;
-# PPG, DPE and FFA with scripted layers (Eq. 1-16)
-# ==========================================================================================================
-
 QPENET_SIZE = 33  # output stride 8 -> 5 x 5 features; episode's default boxes
+
+
 QPENET_H_FEAT = 5
 
 
@@ -6115,337 +1154,11 @@ def expect_broadcast(x, p):
     torch.testing.assert_close(x, p[:, :, None, None].expand_as(x), **TOL)
 
 
-# ---------------- shapes at 1 and 5 shots, K shots, the loss terms, gradients, empty masks ----------------
-
-@pytest.mark.parametrize("shot", [1, 5])
-def test_qpenet_forward_shapes(qpenet_model, qpenet_step, shot):
-    img_q, img_s, m_s, _ = episode(2, shot, QPENET_SIZE)
-    with torch.no_grad():
-        out = qpenet_model.eval()(img_q, img_s, m_s)
-    assert out["logits"].shape == (2, 2, QPENET_SIZE, QPENET_SIZE)
-    assert out["y_pre"].shape == out["y_bg_q"].shape == (2, 2, QPENET_H_FEAT, QPENET_H_FEAT)
-    assert out["y_rev"].shape == out["y_bg_s"].shape == (2, shot, 2, QPENET_H_FEAT, QPENET_H_FEAT)
-    assert out["m_main"].shape == out["m_aux"].shape == out["m_s_down"].shape == (2, shot, QPENET_H_FEAT, QPENET_H_FEAT)
-    assert all(torch.isfinite(v).all() for v in out.values())
-    assert set(qpenet_step["out"]) == set(out)  # one dict in train and eval mode
-
-
-def test_qpenet_shot_order_does_not_matter(qpenet_model):
-    img_q, img_s, m_s, _ = episode(2, 2, QPENET_SIZE)
-    qpenet_model.eval()
-    with torch.no_grad():
-        a = qpenet_model(img_q, img_s, m_s)["logits"]
-        b = qpenet_model(img_q, img_s.flip(1), m_s.flip(1))["logits"]
-    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-
-
-def test_qpenet_loss_terms_and_gradients(qpenet_model, qpenet_step):
-    out, total, terms = qpenet_step["out"], qpenet_step["total"], qpenet_step["terms"]
-    assert set(terms) == {"pre", "rev", "final", "bm_s", "bm_q"}
-    assert all(torch.isfinite(v) and v > 0 for v in terms.values())
-    cfg = qpenet_model.cfg
-    expected = cfg.alpha * (terms["pre"] + terms["rev"] + terms["final"]) + cfg.beta * (terms["bm_s"] + terms["bm_q"])
-    torch.testing.assert_close(total, expected)
-    torch.testing.assert_close(terms["final"], common.seg_loss(out["logits"], qpenet_step["m_q"]))
-    torch.testing.assert_close(terms["rev"],
-                               common.seg_loss(out["y_rev"].flatten(0, 1), qpenet_step["m_s"].flatten(0, 1)))
-    grads = qpenet_step["grads"]
-    missing = [n for n, p in qpenet_model.named_parameters() if p.requires_grad and
-               (grads[n] is None or not torch.isfinite(grads[n]).all() or grads[n].abs().sum() == 0)]
-    assert not missing, f"no gradient: {missing}"
-    assert all(grads[n] is None for n, _ in qpenet_model.named_parameters() if n.startswith("backbone."))
-    assert all(not p.requires_grad for p in qpenet_model.backbone.parameters())
-
-
-def test_qpenet_main_and_aux_partition_the_support_mask(qpenet_step):
-    out, m_s = qpenet_step["out"], qpenet_step["m_s"]
-    m, main, aux = out["m_s_down"], out["m_main"], out["m_aux"]
-    torch.testing.assert_close(main + aux, m)  # Eq. (5) + (6) = M_s
-    assert (main * aux == 0).all()  # disjoint
-    rev = (out["y_rev"].argmax(2) == 1).float()
-    torch.testing.assert_close(main, m * rev)  # main = inside the mask and reverse-predicted foreground
-    expected = F.interpolate((m_s == 1).float(), (QPENET_H_FEAT, QPENET_H_FEAT), mode="bilinear", align_corners=True)
-    torch.testing.assert_close(m, expected)
-    assert 0 < m.sum() and (m > 0).sum() < m.numel()
-
-
-def test_qpenet_shot_map_pools_all_shots_jointly():
-    f_s = torch.randn(2, 3, 4, 5, 6)
-    m = (torch.rand(2, 3, 5, 6) > 0.5).float()
-    m[0, 1] = 0  # an empty shot adds nothing
-    expected = (f_s * m[:, :, None]).sum((1, 3, 4)) / (m.sum((1, 2, 3))[:, None] + common.MAP_EPS)
-    torch.testing.assert_close(qpenet.shot_map(f_s, m), expected)
-
-
-def test_qpenet_empty_support_mask_gives_no_nan(qpenet_model):
-    img_q, img_s, _, m_q = episode(2, 2, QPENET_SIZE)
-    m_s = torch.zeros(2, 2, QPENET_SIZE, QPENET_SIZE, dtype=torch.long)
-    qpenet_model.train()
-    qpenet_model.zero_grad()
-    out = qpenet_model(img_q, img_s, m_s)
-    total, terms = qpenet_model.loss(out, m_q, m_s)
-    assert all(torch.isfinite(v).all() for v in out.values())
-    assert torch.isfinite(total) and all(torch.isfinite(v) for v in terms.values())
-    total.backward()
-    grads = [p.grad for p in qpenet_model.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads), sum(g is None for g in grads)
-
-
-# ---------------- the cross attention, GBC and L_bm by hand -----------------------------------------------
-
-def test_qpenet_cross_attention_matches_formula():
-    torch.manual_seed(0)
-    B, N, L, C, heads = 2, 5, 7, 8, 2
-    layer = qpenet.CrossAttention(C, heads, ffn_dim=16, dropout=0.1).eval()
-    x, tokens = torch.randn(B, N, C), torch.randn(B, L, C)
-    valid = torch.ones(B, L, dtype=torch.bool)
-    valid[0, 4:] = False
-    valid[1, :2] = False
-    d = C // heads
-    q = (x @ layer.to_q.weight.T).view(B, N, heads, d).transpose(1, 2)
-    k = (tokens @ layer.to_k.weight.T).view(B, L, heads, d).transpose(1, 2)
-    v = (tokens @ layer.to_v.weight.T).view(B, L, heads, d).transpose(1, 2)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(d)  # (B, heads, N, L)
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    direct = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, N, C) @ layer.to_out.weight.T
-    torch.testing.assert_close(layer.attend(x, tokens, valid), direct, atol=1e-5, rtol=1e-5)
-    h = layer.norm_attn(x + direct)
-    torch.testing.assert_close(layer(x, tokens, valid), layer.norm_ffn(h + layer.ffn(h)), atol=1e-5, rtol=1e-5)
-    # the masked tokens do not matter
-    changed = tokens.clone()
-    changed[0, 4:] = 100.0
-    torch.testing.assert_close(layer.attend(x, changed, valid), direct, atol=1e-5, rtol=1e-5)
-    # all-zero tokens (a support without foreground) add exactly nothing
-    zero = layer.attend(x, torch.zeros(B, L, C), torch.ones(B, L, dtype=torch.bool))
-    assert zero.abs().max() == 0
-
-
-def test_qpenet_gbc_cleaner_by_hand():
-    torch.manual_seed(0)
-    gbc = qpenet.GBC(qpenet.Config(dim=8)).eval()
-    f_q, f_s = torch.rand(2, 8, 4, 4), torch.rand(2, 3, 8, 4, 4)
-    p_bg, y_bg_q, y_bg_s = gbc(f_q, f_s)
-    assert y_bg_s.shape == (2, 3, 2, 4, 4)
-    bg = (y_bg_q[:, 1] > y_bg_q[:, 0]).float()  # channel 1 = background
-    gap = (f_q * bg[:, None]).sum((2, 3)) / 16  # GAP over all h*w pixels, not MAP
-    fc1, fc2 = gbc.cleaner[0], gbc.cleaner[2]
-    gate = torch.sigmoid(fc2(torch.relu(fc1(gap))))
-    torch.testing.assert_close(p_bg, gbc.p_global * gate)
-    # Eq. (9) uses the same Convs as Eq. (10)
-    torch.testing.assert_close(y_bg_s[:, 0], gbc.convs(torch.cat([f_s[:, 0], qpenet.broadcast(
-        gbc.p_global.expand(2, -1), f_q)], 1)))
-
-
-def test_qpenet_background_mining_loss_by_hand():
-    # one 1x2 image: pixel 0 foreground, pixel 1 background; logits equal except pixel 0 (p_bg = sigmoid(1))
-    y_bg = torch.zeros(1, 2, 1, 2)
-    y_bg[0, qpenet.BACKGROUND, 0, 0] = 1.0
-    m = torch.tensor([[[1, 0]]])
-    p = torch.sigmoid(torch.tensor(1.0))
-    not_bg = -torch.log(1 - p) / (1 + qpenet.BM_EPS)
-    every = (-torch.log(p) - math.log(0.5)) / 2
-    torch.testing.assert_close(qpenet.background_mining_loss(y_bg, m, 0.5), not_bg + 0.5 * every)
-    # 255 counts nowhere; no foreground: only the every-pixel term
-    m = torch.tensor([[[255, 0]]])
-    torch.testing.assert_close(qpenet.background_mining_loss(y_bg, m, 0.5), 0.5 * torch.tensor(math.log(2)))
-
-
-def test_qpenet_background_mining_loss_foreground_term_is_per_image():
-    # L_bm's first term is -log(1 - p_bg) averaged over each image's own foreground, then over the images, so a
-    # 1-pixel object counts as much as a 3-pixel one; the second is -log p_bg over every labelled pixel of the
-    # batch (255 left out). Constant logits per image: p_bg = sigmoid(a_n) everywhere in image n.
-    a = [0.5, -1.0]
-    y_bg = torch.zeros(2, 2, 1, 4)
-    y_bg[0, qpenet.BACKGROUND] = a[0]
-    y_bg[1, qpenet.BACKGROUND] = a[1]
-    m = torch.tensor([[[1, 0, 0, IGNORE_INDEX]],  # 1 foreground pixel, 3 labelled
-                      [[1, 1, 1, 0]]])  # 3 foreground pixels, 4 labelled
-    not_bg = [math.log1p(math.exp(a_n)) for a_n in a]  # -log(1 - sigmoid(a)) = softplus(a)
-    is_bg = [math.log1p(math.exp(-a_n)) for a_n in a]  # -log sigmoid(a)
-    first = (not_bg[0] * 1 / (1 + qpenet.BM_EPS) + not_bg[1] * 3 / (3 + qpenet.BM_EPS)) / 2
-    every = (3 * is_bg[0] + 4 * is_bg[1]) / 7
-    loss = qpenet.background_mining_loss(y_bg, m, 0.5)
-    torch.testing.assert_close(loss, torch.tensor(first + 0.5 * every))
-    pooled = (not_bg[0] + 3 * not_bg[1]) / 4 + 0.5 * every  # one mean over the batch's foreground: not L_bm
-    assert abs(loss.item() - pooled) > 0.1
-
-
-# ---------------- parameter counts and a short training ---------------------------------------------------
-
-def test_qpenet_parameter_counts(qpenet_model):
-    learnable, total = train.count_parameters(qpenet_model)
-    head = 2 * 256 * 256 + 2 * 9 * 256 * 256 + 9 * 256 * 256 + 256 * 2 + 2  # Convs(512 -> 256 -> 2)
-    assert sum(p.numel() for p in qpenet_model.foreground.parameters()) == head == 1_901_058  # paper: 34.6M - 32.7M
-    assert learnable == 7_738_118
-    assert total - learnable == sum(p.numel() for p in qpenet_model.backbone.parameters()) == 23_508_032
-
-
-def test_qpenet_short_synthetic_training_lowers_the_loss(tmp_path):
-    train.main(["--model", "qpenet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
-                "--img-size", "32", "--train-length", "8", "--batch-size", "4", "--epochs", "3",
-                "--lr", "0.01", "--test-episodes", "2", "--test-seeds", "1", "--log-every", "2",
-                "--out", str(tmp_path)])
-    records = read_metrics(tmp_path)
-    losses = [r["loss"] for r in records if r["event"] == "train"]
-    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
-    assert losses[-1] < losses[0]
-    assert any(r["event"] == "result" for r in records)
-
-
-# ---------------- PPG and DPE with a scripted Convs -------------------------------------------------------
-
-def test_qpenet_ppg_pools_the_pseudo_prototype_from_the_predicted_query_foreground():
-    # Eq. (1)-(3): Convs sees Concat(F_q, BC(P_pre)); P_psd is the mean of F_q over the pixels y_pre calls
-    # foreground (channel 1), not over its background
-    torch.manual_seed(0)
-    C, h, w = 4, 3, 3
-    fe = qpenet.ForegroundEvolution(qpenet.Config(dim=C))
-    f_q, f_s = torch.randn(2, C, h, w), torch.randn(2, 2, C, h, w)
-    m = torch.zeros(2, 2, h, w)
-    m[0, 0, 0, :2] = 1.0
-    m[0, 1, 2, 2] = 0.5  # a soft edge pixel of the downsampled mask, in the second shot
-    m[1, 1, 1:, 1:] = 1.0  # image 1: foreground only in the second shot
-    fg_pre = torch.zeros(2, h, w)
-    fg_pre[0, 0, 0] = fg_pre[0, 2, 1] = 1  # image 0: two query pixels predicted foreground
-    fg_pre[1, 1, 2] = 1  # image 1: one
-    fe.convs = Scripted(logits_of(fg_pre))
-    p_pre, y_pre, p_psd = fe.ppg(f_q, f_s, m)
-
-    for b in range(2):
-        torch.testing.assert_close(p_pre[b], map_by_hand(pixels(f_s[b]), m[b].flatten()), **TOL)
-    (x,) = fe.convs.inputs
-    torch.testing.assert_close(x[:, :C], f_q)  # F_q first
-    expect_broadcast(x[:, C:], p_pre)  # then BC(P_pre)
-    assert torch.equal(y_pre, logits_of(fg_pre))
-    expected = torch.stack([(f_q[0, :, 0, 0] + f_q[0, :, 2, 1]) / (2 + MAP_EPS), f_q[1, :, 1, 2] / (1 + MAP_EPS)])
-    torch.testing.assert_close(p_psd, expected, **TOL)
-
-
-def test_qpenet_dpe_splits_the_support_mask_by_the_reverse_segmentation():
-    # Eq. (4)-(8): every shot of episode b is reverse-segmented with episode b's P_psd; M_main / M_aux are
-    # M_s inside / outside the predicted foreground; P_main / P_aux pool all shots of an episode
-    torch.manual_seed(0)
-    B, S, C, h, w = 2, 2, 4, 3, 3
-    fe = qpenet.ForegroundEvolution(qpenet.Config(dim=C))
-    f_s = torch.randn(B, S, C, h, w)
-    m = torch.rand(B, S, h, w) * (torch.rand(B, S, h, w) > 0.3)  # soft, with zeros
-    m[:, :, 0, 0] = 1.0
-    p_psd = torch.randn(B, C)
-    rev = torch.zeros(B, S, h, w)
-    rev[0, 0, 0] = 1  # first row of (0, 0)
-    rev[0, 1, :, 1] = 1  # middle column of (0, 1)
-    rev[1, 1, 1:, :2] = 1  # a corner of (1, 1); shot (1, 0) predicts no foreground
-    fe.convs = Scripted(logits_of(rev).flatten(0, 1))
-    y_rev, m_main, m_aux, p_main, p_aux = fe.dpe(f_s, m, p_psd)
-
-    (x,) = fe.convs.inputs
-    assert x.shape == (B * S, 2 * C, h, w)
-    for b in range(B):
-        for k in range(S):
-            torch.testing.assert_close(x[b * S + k, :C], f_s[b, k])
-            expect_broadcast(x[b * S + k, None, C:], p_psd[b, None])  # episode b's pseudo-prototype
-    assert y_rev.shape == (B, S, 2, h, w)
-    torch.testing.assert_close(m_main, m * rev)
-    torch.testing.assert_close(m_aux, m * (1 - rev))
-    for b in range(B):
-        torch.testing.assert_close(p_main[b], map_by_hand(pixels(f_s[b]), (m[b] * rev[b]).flatten()), **TOL)
-        torch.testing.assert_close(p_aux[b], map_by_hand(pixels(f_s[b]), (m[b] * (1 - rev[b])).flatten()), **TOL)
-
-
-def test_qpenet_model_feeds_each_prototype_to_its_equation(qpenet_model, monkeypatch):
-    # The wiring of Model.forward, end to end with scripted heads: Eq. (2) gets P_pre, Eq. (3) pools the
-    # query under y_pre's foreground, Eq. (4) is driven by that P_psd (not P_pre), and FFA receives
-    # P_bg from GBC, P_pre, and P_main / P_aux from y_rev, all worked out here by hand
-    torch.manual_seed(0)
-    B, S, C, h = 2, 2, qpenet_model.cfg.dim, QPENET_H_FEAT
-    img_q, img_s, m_s, _ = episode(B, S, QPENET_SIZE)
-    f = torch.randn(B + B * S, C, h, h)  # stands in for the backbone features of query and supports
-    monkeypatch.setattr(qpenet_model, "features", lambda img: f)
-    f_q, f_s = f[:B], f[B:].view(B, S, C, h, h)
-    fg_pre = torch.zeros(B, h, h)
-    fg_pre[0, 1:3, 1:4] = 1
-    fg_pre[1, 4, 0] = 1
-    rev = torch.zeros(B, S, h, h)
-    rev[0, 0, :2] = 1
-    rev[0, 1, :, 2:] = 1
-    rev[1, 0, 2:, :3] = 1
-    rev[1, 1] = 1
-    scripted = Scripted(logits_of(fg_pre), logits_of(rev).flatten(0, 1))
-    convs, qpenet_model.foreground.convs = qpenet_model.foreground.convs, scripted  # not monkeypatch: its undo
-    seen = {}  # deletes a submodule (it is not in the instance __dict__)
-    hooks = [qpenet_model.ffa.register_forward_pre_hook(lambda mod, args: seen.update(ffa=args)),
-             qpenet_model.gbc.register_forward_hook(lambda mod, args, out: seen.update(gbc=out))]
-    try:
-        with torch.no_grad():
-            out = qpenet_model.eval()(img_q, img_s, m_s)
-    finally:
-        qpenet_model.foreground.convs = convs
-        for hook in hooks:
-            hook.remove()
-
-    m = F.interpolate((m_s == 1).float(), (h, h), mode="bilinear", align_corners=True)
-    p_pre = torch.stack([map_by_hand(pixels(f_s[b]), m[b].flatten()) for b in range(B)])
-    p_psd = torch.stack([map_by_hand(pixels(f_q[b]), fg_pre[b].flatten()) for b in range(B)])
-    p_main = torch.stack([map_by_hand(pixels(f_s[b]), (m[b] * rev[b]).flatten()) for b in range(B)])
-    p_aux = torch.stack([map_by_hand(pixels(f_s[b]), (m[b] * (1 - rev[b])).flatten()) for b in range(B)])
-    assert (p_psd - p_pre).abs().max() > 0.1 and (p_main - p_aux).abs().max() > 0.1  # the test can tell them apart
-
-    assert len(scripted.inputs) == 2  # one Convs for Eq. (2) and Eq. (4)
-    x_pre, x_rev = scripted.inputs
-    torch.testing.assert_close(x_pre[:, :C], f_q)
-    expect_broadcast(x_pre[:, C:], p_pre)  # Eq. (2)
-    torch.testing.assert_close(x_rev[:, :C], f_s.flatten(0, 1))
-    expect_broadcast(x_rev[:, C:], p_psd.repeat_interleave(S, 0))  # Eq. (4): P_psd of Eq. (3)
-    torch.testing.assert_close(out["m_main"], m * rev)
-    torch.testing.assert_close(out["m_aux"], m * (1 - rev))
-
-    ffa_f_q, ffa_f_s, ffa_m, p_bg, ffa_p_pre, ffa_p_main, ffa_p_aux = seen["ffa"]
-    torch.testing.assert_close(ffa_f_q, f_q)
-    torch.testing.assert_close(ffa_f_s, f_s)
-    assert torch.equal(ffa_m, m_s)  # Eq. (16) selects its keys from the label itself (the keys tests below)
-    assert torch.equal(p_bg, seen["gbc"][0])  # Eq. (12): GBC's P_bg
-    torch.testing.assert_close(ffa_p_pre, p_pre, **TOL)
-    torch.testing.assert_close(ffa_p_main, p_main, **TOL)
-    torch.testing.assert_close(ffa_p_aux, p_aux, **TOL)
-
-
 # ---------------- FFA: Eq. (12)-(15) inputs, Eq. (16) keys ------------------------------------------------
 
 def qpenet_small_ffa():
     torch.manual_seed(0)
     return qpenet.FFA(qpenet.Config(dim=8, heads=2, ffn_dim=16)).eval()
-
-
-def test_qpenet_ffa_filter_and_fusion_inputs_by_hand():
-    # Eq. (12): Conv_1 sees Concat(F_q, BC(P_bg)); Eq. (13)-(15): Conv_1 sees Concat(F_q', BC(P_pre), A_main,
-    # A_aux) with A_main = cos(P_main, F_q) and A_aux = cos(P_aux, F_q), in that order
-    ffa = qpenet_small_ffa()
-    B, S, C, h, w = 2, 1, 8, 3, 4
-    f_q, f_s = torch.randn(B, C, h, w), torch.randn(B, S, C, h, w)
-    m_s = (torch.rand(B, S, 8 * h, 8 * w) > 0.5).long()  # support labels
-    p_bg, p_pre, p_main, p_aux = (torch.randn(B, C) for _ in range(4))
-    seen = {}
-    hooks = [ffa.filter.register_forward_pre_hook(lambda mod, args: seen.update(filter_in=args[0].clone())),
-             ffa.filter.register_forward_hook(lambda mod, args, out: seen.update(filter_out=out.clone())),
-             ffa.fuse.register_forward_pre_hook(lambda mod, args: seen.update(fuse_in=args[0].clone()))]
-    try:
-        with torch.no_grad():
-            ffa(f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux)
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-    x = seen["filter_in"]
-    assert x.shape == (B, 2 * C, h, w)
-    torch.testing.assert_close(x[:, :C], f_q)
-    expect_broadcast(x[:, C:], p_bg)
-    x = seen["fuse_in"]
-    assert x.shape == (B, 2 * C + 2, h, w)
-    torch.testing.assert_close(x[:, :C], seen["filter_out"])  # F_q' of Eq. (12)
-    expect_broadcast(x[:, C:2 * C], p_pre)
-    for b in range(B):
-        torch.testing.assert_close(x[b, 2 * C], cosine_by_hand(f_q[b], p_main[b]), **TOL)
-        torch.testing.assert_close(x[b, 2 * C + 1], cosine_by_hand(f_q[b], p_aux[b]), **TOL)
 
 
 def qpenet_cross_by_hand(layer, x, tokens):
@@ -6493,97 +1206,6 @@ def qpenet_nearest_keys(m_s, h, w):
     return m_s[..., rows, :][..., cols] == 1  # (..., h, w) bool
 
 
-def test_qpenet_cross_attention_keys_are_the_labelled_support_foreground_pixels_by_hand():
-    # Eq. (16), Choices 6: the keys/values are the support pixels labelled 1 at feature resolution (nearest, as
-    # the official), of all shots together, unweighted (F_s * M_s with M_s that 0/1 mask). Other pixels are no
-    # keys (zero keys would still take a share of the softmax), even where the bilinear M_s is fractional, and
-    # a key counts fully where the bilinear M_s is 0.25 or 0. The reference attends over those pixels only.
-    ffa = qpenet_small_ffa()
-    f_q, f_s, m_s, *protos, m_bilinear = qpenet_keys_episode()
-    B, S, C, h, w = f_s.shape
-    keys = qpenet_nearest_keys(m_s, h, w)  # (B, S, h, w)
-    assert keys[0, 0].tolist() == [[True, True, False], [True, True, False], [False] * 3]
-    assert m_bilinear[0, 0, 1, 2] == 0.5 and m_bilinear[0, 1, 2, 2] == 1  # the old M_s > 0 rule's keys ...
-    assert not keys[0, 0, 1, 2] and not keys[0, 1, 2, 2]  # ... that are none here (a 0 and a 255 read)
-    assert m_bilinear[0, 0, 1, 1] == 0.25 and m_bilinear[1, 1, 0, 2] == 0 and keys[0, 0, 1, 1] and keys[1, 1, 0, 2]
-    seen = {}
-    hook = ffa.fuse.register_forward_hook(lambda mod, args, out: seen.update(x=out.clone()))
-    try:
-        with torch.no_grad():
-            y = ffa(f_q, f_s, m_s, *protos)
-    finally:
-        hook.remove()
-
-    with torch.no_grad():
-        for b in range(B):
-            tokens = f_s[b].permute(0, 2, 3, 1)[keys[b]]  # (L, C): the key pixels' features, unweighted
-            assert len(tokens) == [6, 5, 0][b]
-            x = seen["x"][b].flatten(1).T  # (h*w, C): F_q'' of Eq. (15)
-            for layer in ffa.cross:
-                x = qpenet_cross_by_hand(layer, x, tokens)
-            expected = ffa.convs(x.T.reshape(1, C, h, w))
-            torch.testing.assert_close(y[b:b + 1], expected, **TOL)
-
-
-def test_qpenet_support_features_matter_only_at_the_keys():
-    # Eq. (16) attends to F_s * M_s, M_s the label at feature resolution: support features off the keys cannot
-    # change y_final, even where the bilinear M_s is 0.5 or 1 (episode 0: (0,1,2) and (0,2,2), which the old
-    # M_s > 0 rule made keys), features at the keys (bilinear M_s 1, 0.5, 0.25; episode 1: 0) do
-    ffa = qpenet_small_ffa()
-    f_q, f_s, m_s, *protos, m_bilinear = qpenet_keys_episode()
-    keys = qpenet_nearest_keys(m_s, *f_s.shape[-2:])  # (B, S, h, w)
-    with torch.no_grad():
-        y = ffa(f_q, f_s, m_s, *protos)
-        outside = f_s + 5.0 * torch.randn_like(f_s) * (~keys)[:, :, None]
-        assert (m_bilinear * ~keys).max() == 1  # the changed pixels include some with M_s > 0
-        torch.testing.assert_close(ffa(f_q, outside, m_s, *protos), y)
-        for b, k, i, j in [(0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 1), (1, 1, 0, 2)]:
-            inside = f_s.clone()
-            inside[b, k, :, i, j] += 5.0 * torch.randn(f_s.shape[2])
-            changed = ffa(f_q, inside, m_s, *protos)
-            assert (changed[b] - y[b]).abs().max() > 1e-3
-            others = [e for e in range(len(y)) if e != b]
-            torch.testing.assert_close(changed[others], y[others])  # the other episodes keep their own keys
-
-
-def test_qpenet_model_takes_the_cross_attention_keys_from_the_label(qpenet_model, monkeypatch):
-    # Model.forward, with 4x4 stand-in features for 33 px labels: nearest reads label rows/columns 0, 8, 16, 24,
-    # the bilinear M_s of Eq. (1) samples 0, 10.67, 21.33, 32. The support boxes (rows 11-21 and 13-23, columns
-    # 5-29) make row 1 of shot 0 fractional in M_s (0.67) but no key, and column 3 keys where M_s is 0. Both
-    # Cross layers get exactly those pixels' features, unweighted, as their valid tokens.
-    torch.manual_seed(0)
-    B, S, C, h = 2, 2, qpenet_model.cfg.dim, 4
-    img_q, img_s, m_s, _ = episode(B, S, QPENET_SIZE, s_box=(11, 22, 5, 30))
-    f = torch.randn(B + B * S, C, h, h)
-    monkeypatch.setattr(qpenet_model, "features", lambda img: f)
-    f_s = f[B:].view(B, S, C, h, h)
-    seen = []
-    hooks = [cross.register_forward_pre_hook(lambda mod, args: seen.append(args[1:]))
-             for cross in qpenet_model.ffa.cross]
-    try:
-        with torch.no_grad():
-            out = qpenet_model.eval()(img_q, img_s, m_s)
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-    keys = qpenet_nearest_keys(m_s, h, h)  # (B, S, h, w)
-    row = [[False] * 4, [False] * 4, [False, True, True, True], [False] * 4]
-    assert keys[:, 0].tolist() == keys[:, 1].tolist() == [row] * B
-    m = out["m_s_down"]  # the bilinear M_s
-    assert 0.6 < m[0, 0, 1, 1] < 0.7 and not keys[0, 0, 1, 1]  # the old M_s > 0 rule's key, none now
-    assert m[0, 0, 2, 3] == 0 and keys[0, 0, 2, 3]
-    assert len(seen) == 2  # both layers, the same keys
-    for tokens, valid in seen:
-        assert torch.equal(valid, keys.flatten(1))  # (B, S*h*w), shot by shot
-        expected = (f_s * keys[:, :, None]).permute(0, 1, 3, 4, 2).reshape(B, -1, C)  # zero off the keys
-        torch.testing.assert_close(tokens, expected)
-
-
-# ==========================================================================================================
-# All five models: a training step on PFENet's deep-stem ResNet, none that waits for the device, compiled ones
-# ==========================================================================================================
-
 def deep_stem_model(name, where):
     """`name`'s model on the deep-stem ResNet-50 with random weights, built small where the file's tests do."""
     if name == "symnet":
@@ -6597,85 +1219,5285 @@ def deep_stem_model(name, where):
     return module.Model(module.Config(**cfg))
 
 
-@pytest.mark.parametrize("name", ["ocnet", "qpenet", "crcnet", "symnet", "qgnet"])
-def test_every_model_trains_one_step_on_the_deep_stem(name, tmp_path):
-    torch.manual_seed(0)
-    model = deep_stem_model(name, tmp_path).train()
-    backbone, = [m for m in model.modules() if isinstance(m, Backbone) and m.name == "resnet50_deep"]
-    assert backbone.stages["layer0"][6].out_channels == 128  # PFENet's stem
-    stats = backbone.stages["layer0"][4].running_mean.clone()
-    img_q, img_s, m_s, m_q = episode(1, 1, 33)
-    out = model(img_q, img_s, m_s, **train.query_mask(model, {"m_q": m_q}))
-    total, _ = model.loss(out, m_q, m_s)
-    total.backward()
-    assert out["logits"].shape == (1, 2, 33, 33) and torch.isfinite(total)
-    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
-    stem = backbone.stages["layer0"][3].weight.grad  # the deep stem's second conv
-    if backbone.trainable:  # CRCNet trains its encoder end to end (§5.1)
-        assert stem is not None and stem.abs().sum() > 0
-    else:
-        assert all(p.grad is None for p in backbone.parameters())
-    assert not backbone.training and torch.equal(backbone.stages["layer0"][4].running_mean, stats)  # BN in eval
+# ==========================================================================================================
+# common.py: the IoU metrics, pooling and the prior by hand; the FEM against PFENet's order of operations; the
+# loss; the frozen backbone, PFENet's deep-stem ResNet and weight files; the training loop fit
+# ==========================================================================================================
+
+class TestCommon:
+    # ---------------- metrics ---------------------------------------------------------------------------------
+
+    def test_intersection_and_union_by_hand(self):
+        inter, union = intersection_and_union(PRED_4x4, TARGET_4x4)
+        assert inter.dtype == union.dtype == torch.float64
+        assert inter.tolist() == [[5.0, 3.0]] and union.tolist() == [[9.0, 7.0]]
+        # batched: the second episode is all background, predicted all foreground
+        pred = torch.stack([PRED_4x4, torch.ones(4, 4, dtype=torch.long)])
+        target = torch.stack([TARGET_4x4, torch.zeros(4, 4, dtype=torch.long)])
+        inter, union = intersection_and_union(pred, target)
+        assert inter.tolist() == [[5.0, 3.0], [0.0, 0.0]] and union.tolist() == [[9.0, 7.0], [16.0, 16.0]]
+
+    def test_iou_meter_two_classes_by_hand(self):
+        meter = IoUMeter(num_classes=5)
+        assert math.isnan(meter.miou())
+        meter.update(PRED_4x4, TARGET_4x4, torch.tensor([3]))  # class 3: fg I 3, U 7; bg I 5, U 9
+        pred = torch.tensor([[[1, 0], [0, 0]], [[0, 0], [0, 0]]])
+        target = torch.tensor([[[1, 1], [0, 255]], [[0, 0], [0, 1]]])
+        meter.update(pred, target, torch.tensor([5, 3]))  # class 5: fg 1/2, bg 1/2; class 3: fg 0/1, bg 3/4
+        # class 3: 3 / 8, class 5: 1 / 2; FB: bg 9 / 15, fg 4 / 10
+        ious = meter.class_iou()
+        assert set(ious) == {3, 5}
+        assert ious[3] == pytest.approx(3 / 8) and ious[5] == pytest.approx(1 / 2)
+        assert meter.miou() == pytest.approx((3 / 8 + 1 / 2) / 2)
+        assert meter.fbiou() == pytest.approx((9 / 15 + 4 / 10) / 2)
+        assert meter.class_inter.dtype == torch.float64 and meter.class_count.tolist() == [0, 0, 0, 2, 0, 1]
+        assert meter.seen() == [3, 5] and meter.class_iou([3, 4, 5])[4] == 0  # the fold's class 4 had no episode
+        assert meter.miou([3, 4, 5]) == pytest.approx((3 / 8 + 0 + 1 / 2) / 3)  # PFENet divides by every fold class
+        # an episode whose target is all 255 adds nothing to any I or U, whatever the prediction
+        meter.update(torch.ones(1, 3, 3, dtype=torch.long), torch.full((1, 3, 3), IGNORE_INDEX), torch.tensor([5]))
+        assert meter.class_iou()[5] == pytest.approx(1 / 2)
+        assert meter.fbiou() == pytest.approx((9 / 15 + 4 / 10) / 2)
+
+    def test_iou_meter_mean_probability_by_true_label(self):
+        meter = IoUMeter(num_classes=5)
+        assert all(math.isnan(p) for p in meter.mean_probability())
+        target = torch.tensor([[[1, 1], [0, 255]], [[0, 0], [0, 1]]])
+        prob = torch.tensor([[[0.4, 0.2], [0.1, 0.9]], [[0.0, 0.3], [0.2, 0.3]]])  # the 255 pixel's 0.9 counts nowhere
+        meter.update((prob > 0.5).long(), target, torch.tensor([5, 3]), prob)
+        bg, fg = meter.mean_probability()
+        assert bg == pytest.approx((0.1 + 0.0 + 0.3 + 0.2) / 4) and fg == pytest.approx((0.4 + 0.2 + 0.3) / 3)
+        assert meter.miou() == 0  # under 0.5 everywhere on the objects: 0 mIoU, though fg > bg on average
+        meter.update(PRED_4x4, TARGET_4x4, torch.tensor([3]))  # without prob: IoU counts, the means do not move
+        assert meter.mean_probability() == pytest.approx([bg, fg])
+
+    def test_iou_meter_all_reduce_single_rank(self, tmp_path, monkeypatch):
+        meter = IoUMeter(num_classes=5)
+        meter.update(PRED_4x4, TARGET_4x4, torch.tensor([3]))
+        meter.all_reduce()  # not initialised: a no-op
+        before = meter.miou(), meter.fbiou()
+        reduced = []
+        real_all_reduce = dist.all_reduce
+
+        def spy(tensor, *args, **kwargs):
+            reduced.append(tensor)
+            return real_all_reduce(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(dist, "all_reduce", spy)
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+        try:
+            meter.all_reduce()
+        finally:
+            dist.destroy_process_group()
+        state = [meter.class_inter, meter.class_union, meter.class_count, meter.inter, meter.union, meter.prob_sum,
+                 meter.pixels]
+        assert len(reduced) == len(state) and all(any(t is r for r in reduced) for t in state)
+        assert (meter.miou(), meter.fbiou()) == before
+
+    # ---------------- pooling and prior -----------------------------------------------------------------------
+
+    def test_masked_average_pooling_direct(self):
+        torch.manual_seed(0)
+        f = torch.randn(2, 3, 4, 4)
+        m = (torch.rand(2, 1, 4, 4) > 0.5).float()
+        expected = torch.stack([torch.stack([(f[b, c] * m[b, 0]).sum() / (m[b, 0].sum() + MAP_EPS) for c in range(3)])
+                                for b in range(2)])
+        assert torch.allclose(masked_average_pooling(f, m), expected, atol=1e-6)
+        assert torch.allclose(masked_average_pooling(f, m[:, 0]), expected, atol=1e-6)  # (B,H,W) form
+        # 7x7 -> 4x4 bilinear with align_corners=True samples exactly the even rows and columns
+        m7 = torch.zeros(2, 1, 7, 7)
+        m7[:, :, ::2, ::2] = m
+        assert torch.allclose(masked_average_pooling(f, m7), expected, atol=1e-6)
+        zero = masked_average_pooling(f, torch.zeros(2, 4, 4))
+        assert torch.equal(zero, torch.zeros(2, 3))
+
+    def test_cosine_prior_double_loop(self):
+        torch.manual_seed(0)
+        f_q, f_s = torch.rand(1, 3, 3, 3), torch.rand(1, 3, 3, 3)
+        m_small = torch.tensor([[1, 0, 1], [255, 1, 0], [0, 0, 1]])  # 255 counts as background
+        m_s = torch.zeros(1, 5, 5, dtype=torch.long)
+        m_s[0, ::2, ::2] = m_small  # 5x5 -> 3x3 bilinear, align_corners=True: exactly these pixels
+        m_s[0, 1::2, :] = 1  # the in-between pixels are never sampled
+        fg = (m_small == 1).float()
+        sim = torch.zeros(3, 3)
+        for i in range(9):
+            q = f_q[0, :, i // 3, i % 3]
+            best = -1.0
+            for j in range(9):
+                s = f_s[0, :, j // 3, j % 3] * fg[j // 3, j % 3]
+                best = max(best, (q @ s / (q.norm() * s.norm() + 1e-7)).item())
+            sim[i // 3, i % 3] = best
+        expected = (sim - sim.min()) / (sim.max() - sim.min() + 1e-7)
+        prior = cosine_prior(f_q, f_s, m_s)
+        assert prior.shape == (1, 1, 3, 3)
+        assert torch.allclose(prior[0, 0], expected, atol=1e-5)
+        assert prior.min() >= 0 and prior.max() <= 1
+
+    def test_cosine_prior_shots_and_empty_mask(self):
+        torch.manual_seed(0)
+        f_q, f_s = torch.rand(2, 8, 6, 6), torch.rand(2, 5, 8, 6, 6)
+        m_s = (torch.rand(2, 5, 11, 11) > 0.5).long()
+        prior = cosine_prior(f_q, f_s, m_s)
+        one_shot = torch.stack([cosine_prior(f_q, f_s[:, k], m_s[:, k]) for k in range(5)])  # (5, B, 1, h, w)
+        assert prior.shape == (2, 1, 6, 6)
+        assert torch.allclose(prior, one_shot.mean(0), atol=1e-6)
+        empty = cosine_prior(f_q, f_s[:, 0], torch.zeros(2, 11, 11, dtype=torch.long))
+        assert torch.isfinite(empty).all() and torch.equal(empty, torch.zeros_like(empty))
+        # min-max per image, not over the batch: each image's prior spans [0, 1] on its own
+        one = cosine_prior(f_q * torch.tensor([1.0, 5.0])[:, None, None, None], f_s[:, 0], m_s[:, 0])
+        assert torch.allclose(one.amax((1, 2, 3)), torch.ones(2), atol=1e-5) and (one.amin((1, 2, 3)) == 0).all()
+        alone = torch.cat([cosine_prior(f_q[b:b + 1], f_s[b:b + 1, 0], m_s[b:b + 1, 0]) for b in range(2)])
+        assert torch.allclose(one, alone, atol=1e-6)  # and the batch items do not interact
+
+    @pytest.mark.parametrize("hw, bins, sizes", [
+        (60, (1.0, 0.5, 0.25, 0.125), [60, 30, 15, 8]),  # PFENet PASCAL at 473
+        (60, (60, 30, 15, 8), [60, 30, 15, 8]),  # the same bins written as PFENet's absolute config
+        (81, (1.0, 0.5, 0.25, 0.125), [81, 40, 20, 10]),  # PFENet COCO at 641
+    ])
+    def test_fem_shapes(self, hw, bins, sizes):
+        fem = FEM(in_dim=8, bins=bins)
+        logits, aux = fem(*_fem_inputs(8, hw))
+        assert logits.shape == (2, 2, hw, hw)
+        assert [tuple(a.shape) for a in aux] == [(2, 2, s, s) for s in sizes]
+
+    def test_fem_structure_matches_pfenet(self):
+        d, e, n, k = 256, 1, 4, 2  # PFENet: reduce_dim 256, the prior, 4 bins, 2 classes -> 10,030,602 parameters
+        fem = FEM(in_dim=d, extra_dim=e, classes=k)
+        conv3 = 9 * d * d
+        expected = (n * (2 * d + e) * d  # init_merge
+                    + (n - 1) * 2 * d * d  # alpha_conv
+                    + n * 2 * conv3  # beta_conv
+                    + n * (conv3 + d * k + k)  # inner_cls
+                    + n * d * d + 2 * conv3  # res1, res2
+                    + conv3 + d * k + k)  # cls
+        assert sum(p.numel() for p in fem.parameters()) == expected == 10_030_602
+        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fem.modules())
+        convs_with_bias = [m for m in fem.modules() if isinstance(m, nn.Conv2d) and m.bias is not None]
+        assert len(convs_with_bias) == n + 1 and all(m.kernel_size == (1, 1) and m.out_channels == k
+                                                     for m in convs_with_bias)
+        for head in [fem.cls, *fem.inner_cls]:  # 3x3, ReLU, Dropout2d(0.1), 1x1 (PFENet.py:101-106, 144-149)
+            assert [type(m) for m in head] == [nn.Conv2d, nn.ReLU, nn.Dropout2d, nn.Conv2d] and head[2].p == 0.1
+
+    def test_fem_forward_follows_pfenet_order(self):
+        # PFENet.py:259-286 re-traced step by step with FEM's own layers (eval: dropout off)
+        torch.manual_seed(0)
+        fem = FEM(in_dim=8, bins=(12, 6, 3, 2)).eval()
+        f_q, proto, prior = _fem_inputs(8, 12)
+
+        def up(x, size):
+            return nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)
+
+        pyramid, outs = [], []
+        for idx, b in enumerate((12, 6, 3, 2)):
+            proto_bin = proto[:, :, None, None].expand(-1, -1, b, b)
+            merge = torch.cat([nn.AdaptiveAvgPool2d(b)(f_q), proto_bin, up(prior, b)], 1)
+            merge = fem.init_merge[idx](merge)
+            if idx >= 1:
+                merge = fem.alpha_conv[idx - 1](torch.cat([merge, up(pyramid[idx - 1], b)], 1)) + merge
+            merge = fem.beta_conv[idx](merge) + merge
+            outs.append(fem.inner_cls[idx](merge))
+            pyramid.append(up(merge, 12))
+        feat = fem.res1(torch.cat(pyramid, 1))
+        feat = fem.res2(feat) + feat
+        logits, aux = fem(f_q, proto, prior)
+        assert torch.allclose(logits, fem.cls(feat), atol=1e-6)
+        assert all(torch.allclose(a, o, atol=1e-6) for a, o in zip(aux, outs))
+
+    def test_fem_gradients_reach_every_parameter_with_wide_extra(self):
+        torch.manual_seed(0)
+        fem = FEM(in_dim=8, extra_dim=3).eval()  # eval: no dropout zeroing
+        logits, aux = fem(*_fem_inputs(8, 16, extra_dim=3))
+        assert logits.shape == (2, 2, 16, 16) and len(aux) == 4
+        (logits.square().mean() + sum(a.square().mean() for a in aux)).backward()
+        for name, p in fem.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+    # ---------------- loss ------------------------------------------------------------------------------------
+
+    def test_seg_loss_ignores_255_by_hand(self):
+        ln3 = math.log(3)
+        logits = torch.tensor([[[0.0, ln3], [0.0, 100.0]],  # channel 0 (background)
+                               [[0.0, 0.0], [ln3, -100.0]]])[None]  # channel 1 (foreground)
+        m_q = torch.tensor([[[1, 0], [0, IGNORE_INDEX]]])
+        # CE: log 2 (equal logits), -log(3/4), -log(1/4); the 255 pixel (would be ~200 with label 1) is ignored
+        expected = (math.log(2) + math.log(4 / 3) + math.log(4)) / 3
+        assert seg_loss(logits, m_q).item() == pytest.approx(expected, rel=1e-5)
+
+    def test_seg_loss_upsamples_and_survives_all_ignored(self):
+        logits = torch.zeros(1, 2, 2, 2)
+        logits[:, 1] = math.log(3)  # p(fg) = 3/4 everywhere, also after bilinear upsampling
+        m_q = torch.tensor([[[0, 1, 1, 255, 255]] * 5])  # (1, 5, 5): 5 background, 10 foreground, 10 ignored
+        expected = (5 * math.log(4) + 10 * math.log(4 / 3)) / 15
+        assert seg_loss(logits, m_q).item() == pytest.approx(expected, rel=1e-5)
+        # the upsampling is bilinear with align_corners=True (PFENet): 2x2 -> 3x3 puts the mean of the four in the
+        # centre and the corners unchanged; nearest or align_corners=False would not
+        corners = torch.zeros(1, 2, 2, 2)
+        corners[0, 1] = torch.tensor([[0.0, 4.0], [8.0, 12.0]])  # foreground logit; background 0
+        target = torch.full((1, 3, 3), IGNORE_INDEX)
+        target[0, 1, 1] = 1  # only the centre is labelled: the loss is -log sigmoid(6)
+        assert seg_loss(corners, target).item() == pytest.approx(F.softplus(torch.tensor(-6.0)).item(), rel=1e-4)
+        target[0, 1, 1], target[0, 0, 2] = IGNORE_INDEX, 0  # the top-right corner alone: -log(1 - sigmoid(4))
+        assert seg_loss(corners, target).item() == pytest.approx(F.softplus(torch.tensor(4.0)).item(), rel=1e-4)
+        logits.requires_grad_(True)
+        loss = seg_loss(logits, torch.full((1, 5, 5), IGNORE_INDEX))
+        loss.backward()
+        assert loss.item() == 0 and torch.isfinite(logits.grad).all()
+
+    # ---------------- backbone --------------------------------------------------------------------------------
+
+    def test_resnet50_output_stride_and_blocks(self, resnet50):
+        x = torch.randn(1, 3, 65, 65, requires_grad=True)
+        out = resnet50(x, blocks=True)
+        assert tuple(out["layer1"].shape) == (1, 256, 17, 17)
+        for name in ("layer2", "layer3", "layer4"):
+            assert tuple(out[name].shape) == (1, resnet50.channels[name], 9, 9)  # output stride 8
+            assert not out[name].requires_grad
+        assert resnet50.channels == {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
+        blocks = out["blocks"]
+        assert [b.shape[1] for b in blocks] == [512] * 4 + [1024] * 6 + [2048] * 3
+        assert blocks[3] is out["layer2"] and blocks[9] is out["layer3"] and blocks[-1] is out["layer4"]
+        assert torch.equal(resnet50(x)["layer4"], out["layer4"])
+        for name, d in (("layer3", 2), ("layer4", 4)):  # PFENet dilates every block, the first one too
+            assert all(b.conv2.dilation == (d, d) and b.conv2.stride == (1, 1) for b in resnet50.stages[name])
+
+    def test_backbone_frozen_and_bn_stays_in_eval(self, resnet50):
+        assert not any(p.requires_grad for p in resnet50.parameters())
+        parent = nn.Sequential(resnet50).train()  # a model calling .train() must not wake the backbone's BN
+        bns = [m for m in resnet50.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert not resnet50.training and bns and not any(m.training for m in bns)
+        stats = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
+        parent(torch.randn(2, 3, 33, 33) * 5 + 3)
+        assert all(torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+                   for m, (mean, var) in zip(bns, stats))
+
+    def test_random_backbone_calibration_sets_batchnorm_statistics(self):
+        torch.manual_seed(0)
+        net = Backbone("resnet50", pretrained=False)
+        images = torch.rand(6, 3, 41, 41) * 4 - 2
+        before = net(images)["layer4"].abs().mean().item()
+        net.calibrate(images, batch_size=3)
+        conv = net.stages["layer0"][0](images)  # (6,64,21,21): the stem's BatchNorm sees this, in two batches
+        mean = (conv[:3].mean((0, 2, 3)) + conv[3:].mean((0, 2, 3))) / 2
+        var = (conv[:3].var((0, 2, 3)) + conv[3:].var((0, 2, 3))) / 2  # unbiased per batch, as BatchNorm stores it
+        stem = net.stages["layer0"][1]
+        assert torch.allclose(stem.running_mean, mean, atol=1e-5) and torch.allclose(stem.running_var, var, rtol=1e-4)
+        after = net(images)["layer4"].abs().mean().item()
+        assert before > 4 and 0.1 < after < 2, (before, after)  # random BN statistics let activations grow with depth
+        bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert not net.training and not any(m.training for m in bns) and all(m.momentum == 0.1 for m in bns)
+        assert not any(p.requires_grad for p in net.parameters())
+
+    def test_backbone_episode_equals_separate_calls(self, resnet50):
+        g = torch.Generator().manual_seed(3)
+        img_q, img_s = torch.randn(2, 3, 33, 33, generator=g), torch.randn(2, 3, 3, 33, 33, generator=g)
+        feats_q, feats_s = resnet50.episode(img_q, img_s, blocks=True)
+        alone_q, alone_s = resnet50(img_q, blocks=True), resnet50(img_s.flatten(0, 1), blocks=True)
+        assert set(feats_q) == set(feats_s) == set(alone_q)
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            assert feats_q[name].shape[0] == 2 and feats_s[name].shape[0] == 6  # B and B*S
+            torch.testing.assert_close(feats_q[name], alone_q[name], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(feats_s[name], alone_s[name], rtol=1e-4, atol=1e-4)
+        assert len(feats_q["blocks"]) == len(feats_s["blocks"]) == 13
+        for q, s, a_q, a_s in zip(feats_q["blocks"], feats_s["blocks"], alone_q["blocks"], alone_s["blocks"]):
+            torch.testing.assert_close(q, a_q, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(s, a_s, rtol=1e-4, atol=1e-4)
+        # with the support masks: PFENet's support layer4, of the masked layer3 (PFENet.py:209-210); the rest as is
+        m_s = torch.zeros(2, 3, 33, 33, dtype=torch.long)
+        m_s[:, :, 5:20, 8:30], m_s[:, :, 0] = 1, IGNORE_INDEX
+        masked_q, masked_s = resnet50.episode(img_q, img_s, m_s=m_s)
+        m = F.interpolate((m_s.flatten(0, 1) == 1).float()[:, None], alone_s["layer3"].shape[-2:], mode="bilinear",
+                          align_corners=True)
+        torch.testing.assert_close(masked_s["layer4"], resnet50.stages["layer4"](alone_s["layer3"] * m), rtol=1e-4,
+                                   atol=1e-4)
+        assert not torch.allclose(masked_s["layer4"], alone_s["layer4"], atol=1e-2)
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            torch.testing.assert_close(masked_q[name], alone_q[name], rtol=1e-4, atol=1e-4)  # the query: unmasked
+        torch.testing.assert_close(masked_s["layer3"], alone_s["layer3"], rtol=1e-4, atol=1e-4)
+
+    def test_resnet101_has_30_blocks(self):
+        out = Backbone("resnet101", pretrained=False)(torch.randn(1, 3, 33, 33), blocks=True)
+        assert len(out["blocks"]) == 30 and out["blocks"][-1] is out["layer4"]
+
+    def test_vgg16_bn_split(self):
+        vgg = Backbone("vgg16_bn", pretrained=False)
+        out = vgg(torch.randn(1, 3, 65, 65))
+        assert vgg.channels == {"layer1": 128, "layer2": 256, "layer3": 512, "layer4": 512}
+        assert tuple(out["layer1"].shape) == (1, 128, 17, 17)  # ceil-mode pooling as PFENet: 65 -> 33 -> 17
+        for name in ("layer2", "layer3", "layer4"):
+            assert tuple(out[name].shape) == (1, vgg.channels[name], 5, 5)  # layer2 (9x9) resized to layer3's 5x5
+        with pytest.raises(ValueError):
+            vgg(torch.randn(1, 3, 65, 65), blocks=True)
+
+    def test_backbone_unknown_name(self):
+        with pytest.raises(ValueError, match="resnet50"):
+            Backbone("resnet18", pretrained=False)
+
+    def test_backbone_download_failure_message(self, monkeypatch):
+        def offline(*args, **kwargs):
+            raise OSError("network is unreachable")
+
+        monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+        with pytest.raises(common.WeightsUnavailableError) as err:
+            Backbone("resnet50", pretrained=True)
+        message = str(err.value)
+        assert "--no-pretrained" in message and "network is unreachable" in message
+        assert "torchvision.models.resnet50(weights='IMAGENET1K_V1')" in message
+
+    def test_deep_stem_resnet_is_pfenets_network(self):
+        net = common.DeepStemResNet((3, 4, 6, 3))
+        keys = list(net.state_dict())
+        assert len(keys) == len(set(keys)) and set(keys) == set(pfenet_resnet_keys((3, 4, 6, 3)))
+        stem = [(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.bias)
+                for c in (net.conv1, net.conv2, net.conv3)]
+        assert stem == [(3, 64, (3, 3), (2, 2), (1, 1), None), (64, 64, (3, 3), (1, 1), (1, 1), None),
+                        (64, 128, (3, 3), (1, 1), (1, 1), None)]
+        assert (net.maxpool.kernel_size, net.maxpool.stride, net.maxpool.padding) == (3, 2, 1)
+        first = net.layer1[0]
+        assert first.conv1.in_channels == first.downsample[0].in_channels == 128 and first.conv3.out_channels == 256
+        block = net.layer2[0]  # the stride sits on the 3x3 conv2 (PFENet resnet.py:66-67) and the downsample conv
+        assert (block.conv1.stride, block.conv2.stride, block.downsample[0].stride) == ((1, 1), (2, 2), (2, 2))
+        assert block.downsample[0].kernel_size == (1, 1) and isinstance(block.downsample[1], nn.BatchNorm2d)
+        bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert len(bns) == 3 + 3 * 16 + 4 and all((m.eps, m.momentum) == (1e-5, 0.1) for m in bns)
+        assert bottleneck_params(128, 64, True) == 8192 + 36864 + 16384 + 768 + 32768 + 512  # by hand
+        assert sum(p.numel() for p in net.parameters()) == pfenet_resnet_params((3, 4, 6, 3)) + 2048 * 1000 + 1000
+        assert pfenet_resnet_params((3, 4, 6, 3)) == 23_631_808  # torchvision's 7x7-stem ResNet-50: 23_508_032
+        logits = net.eval()(torch.randn(1, 3, 64, 64))  # its forward runs the deep stem, as PFENet's
+        assert logits.shape == (1, 1000)
+
+    @pytest.mark.parametrize("name,layers,blocks", [("resnet50_deep", (3, 4, 6, 3), 13),
+                                                    ("resnet101_deep", (3, 4, 23, 3), 30)])
+    def test_deep_stem_backbone_shapes_dilation_and_size(self, deep50, name, layers, blocks):
+        net = deep50 if name == "resnet50_deep" else Backbone(name, pretrained=False)
+        x = torch.randn(1, 3, 41, 41)
+        assert tuple(net.stages["layer0"](x).shape) == (1, 128, 11, 11)  # 128 channels at stride 4: 41 -> 21 -> 11
+        out = net(x, blocks=True)
+        assert tuple(out["layer1"].shape) == (1, 256, 11, 11)
+        assert net.channels == {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
+        for stage in ("layer2", "layer3", "layer4"):
+            assert tuple(out[stage].shape) == (1, net.channels[stage], 6, 6)  # output stride 8
+        assert len(out["blocks"]) == blocks and out["blocks"][-1] is out["layer4"]
+        for stage, d in (("layer3", 2), ("layer4", 4)):  # every block dilated, the first one too; no stride left
+            assert all(b.conv2.dilation == (d, d) and b.conv2.padding == (d, d) and b.conv2.stride == (1, 1)
+                       for b in net.stages[stage])
+            assert net.stages[stage][0].downsample[0].stride == (1, 1)
+        assert sum(p.numel() for p in net.parameters()) == pfenet_resnet_params(layers)
+        assert not any(p.requires_grad for p in net.parameters()) and not net.training and net.head is None
+
+    def test_deep_stem_backbone_mask_and_episode_as_torchvisions(self, deep50):
+        g = torch.Generator().manual_seed(5)
+        img_q, img_s = torch.randn(1, 3, 33, 33, generator=g), torch.randn(1, 2, 3, 33, 33, generator=g)
+        m_s = torch.zeros(1, 2, 33, 33, dtype=torch.long)
+        m_s[:, :, 5:25, 3:20], m_s[:, :, 0] = 1, IGNORE_INDEX
+        feats_q, feats_s = deep50.episode(img_q, img_s, blocks=True, m_s=m_s)
+        alone_s = deep50(img_s.flatten(0, 1))
+        m = F.interpolate((m_s.flatten(0, 1) == 1).float()[:, None], alone_s["layer3"].shape[-2:], mode="bilinear",
+                          align_corners=True)  # PFENet.py:209-210: the support's layer4 is of its masked layer3
+        torch.testing.assert_close(feats_s["layer4"], deep50.stages["layer4"](alone_s["layer3"] * m), rtol=1e-4,
+                                   atol=1e-4)
+        torch.testing.assert_close(feats_s["layer3"], alone_s["layer3"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(feats_q["layer4"], deep50(img_q)["layer4"], rtol=1e-4, atol=1e-4)
+        assert len(feats_q["blocks"]) == len(feats_s["blocks"]) == 13
+
+    def test_pfenet_layout_weight_file_gives_the_nets_own_features(self, pfenet_file):
+        path, ref = pfenet_file
+        assert set(torch.load(path, weights_only=True)) == {k for k in pfenet_resnet_keys((3, 4, 6, 3))
+                                                              if not k.endswith("num_batches_tracked")}
+        net = Backbone("resnet50_deep", pretrained=path)
+        assert net.pretrained == path  # not random: train.py estimates no BatchNorm statistics for it
+        assert_backbone_holds(net, ref)
+        # the file's own net, dilated as PFENet dilates it after loading (PFENet.py:84-93), runs by hand
+        dilated = copy.deepcopy(ref)
+        for stage, d in (("layer3", 2), ("layer4", 4)):
+            for block in getattr(dilated, stage):
+                block.conv2.dilation, block.conv2.padding, block.conv2.stride = (d, d), (d, d), (1, 1)
+                if block.downsample is not None:
+                    block.downsample[0].stride = (1, 1)
+        x = torch.randn(2, 3, 41, 41)
+        with torch.no_grad():
+            f = dilated.relu(dilated.bn1(dilated.conv1(x)))
+            f = dilated.relu(dilated.bn2(dilated.conv2(f)))
+            f = dilated.maxpool(dilated.relu(dilated.bn3(dilated.conv3(f))))
+            expected = {}
+            for stage in ("layer1", "layer2", "layer3", "layer4"):
+                f = expected[stage] = getattr(dilated, stage)(f)
+        feats = net(x)
+        for stage in expected:
+            torch.testing.assert_close(feats[stage], expected[stage])
+        assert feats["layer4"].shape[-2:] == (6, 6)  # output stride 8
+        # the file's classifier: kept, frozen, outside the module tree
+        assert torch.equal(net.head.weight, ref.fc.weight) and torch.equal(net.head.bias, ref.fc.bias)
+        assert not net.head.weight.requires_grad and not any(k.startswith("head") for k in net.state_dict())
+        assert sum(p.numel() for p in net.parameters()) == pfenet_resnet_params((3, 4, 6, 3))
+
+    @pytest.mark.parametrize("wrap", ["plain, no fc", "state_dict, module.", "model"])
+    def test_torchvision_layout_weight_file_loads_plain_or_wrapped(self, tmp_path, torchvision_net, wrap):
+        state = torchvision_net.state_dict()
+        if wrap == "plain, no fc":  # a features-only file: no classifier kept, nothing else missing
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        elif wrap == "state_dict, module.":  # a training checkpoint of a model in nn.DataParallel
+            state = {"state_dict": {"module." + k: v for k, v in state.items()}, "epoch": 3, "best_miou": 0.5}
+        else:
+            state = {"model": state, "optimizer": {"state": {}, "param_groups": []}}
+        path = tmp_path / "weights.pth"
+        torch.save(state, path)
+        net = Backbone("resnet50", pretrained=path)
+        assert_backbone_holds(net, torchvision_net)
+        if wrap == "plain, no fc":
+            assert net.head is None
+        else:
+            assert torch.equal(net.head.weight, torchvision_net.fc.weight)
+            assert torch.equal(net.head.bias, torchvision_net.fc.bias)
+
+    @pytest.mark.parametrize("fault", ["missing", "unexpected", "mis-shaped"])
+    def test_weight_file_that_does_not_fit_names_the_key(self, tmp_path, torchvision_net, fault):
+        state = torchvision_net.state_dict()
+        if fault == "missing":
+            key, shown = "layer2.1.bn2.running_var", "layer2.1.bn2.running_var"
+            del state[key]
+        elif fault == "unexpected":
+            key, shown = "layer5.0.conv1.weight", "layer5.0.conv1.weight"
+            state[key] = torch.zeros(3)
+        else:
+            key, shown = "layer4.0.conv1.weight", "layer4.0.conv1.weight (512, 1024, 3, 3) instead of (512, 1024, 1, 1)"
+            state[key] = torch.zeros(512, 1024, 3, 3)
+        path = tmp_path / "broken.pth"
+        torch.save(state, path)
+        with pytest.raises(common.WeightsFileError) as err:
+            Backbone("resnet50", pretrained=path)
+        message = str(err.value)
+        assert isinstance(err.value, common.WeightsUnavailableError)  # train.py prints it as one error line
+        assert f"1 {fault} key ({shown})" in message and str(path) in message and "\n" not in message
+
+    def test_weight_file_of_the_other_stem_names_its_keys_and_the_backbone(self, tmp_path, pfenet_file,
+                                                                           torchvision_net):
+        pfenet_path, _ = pfenet_file
+        with pytest.raises(common.WeightsFileError) as err:
+            Backbone("resnet50", pretrained=pfenet_path)
+        message = str(err.value)
+        # conv2, conv3 and their BatchNorms (5 tensors each, num_batches_tracked absent in this file: 4)
+        assert "10 unexpected keys (conv2.weight, bn2.weight, bn2.bias, ...)" in message
+        assert ("3 mis-shaped keys (conv1.weight (64, 3, 3, 3) instead of (64, 3, 7, 7), layer1.0.conv1.weight"
+                in message)
+        assert "--backbone resnet50_deep" in message and "missing" not in message
+        path = tmp_path / "resnet50-torchvision.pth"
+        torch.save(torchvision_net.state_dict(), path)
+        with pytest.raises(common.WeightsFileError, match=r"10 missing keys \(conv2.weight, .*--backbone resnet50$"):
+            Backbone("resnet50_deep", pretrained=path)
+        with pytest.raises(common.WeightsFileError, match="does not exist"):
+            Backbone("resnet50", pretrained=tmp_path / "absent.pth")
+        torch.save([1, 2, 3], tmp_path / "list.pth")
+        with pytest.raises(common.WeightsFileError, match="holds no state dict"):
+            Backbone("resnet50", pretrained=tmp_path / "list.pth")
+        (tmp_path / "text.pth").write_text("not a torch file")
+        with pytest.raises(common.WeightsFileError, match="cannot read the weight file"):
+            Backbone("resnet50", pretrained=str(tmp_path / "text.pth"))
+
+    def test_deep_stem_without_a_weight_file_says_where_pfenets_are(self, monkeypatch):
+        def offline(*args, **kwargs):
+            raise AssertionError("no download may be tried: torchvision has no such weights")
+
+        monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+        for name, file in (("resnet50_deep", "resnet50_v2.pth"), ("resnet101_deep", "resnet101_v2.pth")):
+            with pytest.raises(common.WeightsUnavailableError) as err:
+                Backbone(name, pretrained=True)
+            message = str(err.value)
+            assert "torchvision does not ship" in message and file in message and "initmodel" in message
+            # PFENet README
+            assert "https://drive.google.com/drive/folders/1Hrz1wOxOZm4nIIS7UMJeL79AQrdvpj6v" in message
+            assert "--backbone-weights PATH" in message and "--no-pretrained" in message
+        with pytest.raises(common.WeightsUnavailableError, match="torchvision does not ship"):
+            ocnet.ImageNetCAM("resnet50_deep", pretrained=True)  # the classifier alone is never silently random
+
+    # ---------------- the training loop (fit) -----------------------------------------------------------------
+
+    def test_fit_schedules_averages_logs_and_stops_on_a_nonfinite_loss(self, tmp_path):
+        """common.fit, the loop of the extra stages (QGNet's prior, Sym-Net's base learner), on loss = w^2 with
+        plain SGD (w <- w - lr * 2w)."""
+        w = nn.Parameter(torch.tensor(2.0))
+        optimizer = common.sgd([w], 0.0, 0.0, 0.0)
+        lrs, lines, ends, log_file = [], [], [], tmp_path / "log.jsonl"
+
+        def step(x):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            loss = (w * x) ** 2
+            return loss, {"double": 2 * loss}
+
+        common.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)] * 3, lambda it: 0.1 / (it + 1), 2, 3,
+                   log_every=2, per_step=4, unit="images", tag="[t] ", log=lines.append, log_file=log_file,
+                   event="t", end_epoch=ends.append)
+        assert lrs == pytest.approx([0.1 / (it + 1) for it in range(6)]) and ends == [0, 1]
+        records = [json.loads(line) for line in log_file.read_text().splitlines()]
+        assert [(r["event"], r["epoch"], r["step"]) for r in records] == [("t", 1, 2), ("t", 1, 3), ("t", 2, 2),
+                                                                           ("t", 2, 3)]
+        # steps 1 and 2: w = 2, then 2 - 0.1 * 4 = 1.6; the mean loss of the interval is (4 + 2.56) / 2
+        assert records[0]["loss"] == pytest.approx(3.28) and records[0]["double"] == pytest.approx(6.56)
+        assert records[1]["loss"] == pytest.approx((1.6 - 0.05 * 3.2) ** 2)  # step 3 alone: w = 1.44
+        assert lines[0].startswith("[t] epoch 1/2 step 2/3 loss 3.2800 (double 6.5600) lr 5.00e-02 ")
+        assert "images/s ETA 0:00:" in lines[0] and "images_per_s" in records[0]
+        with pytest.raises(common.NonFiniteLossError, match="became nan in epoch 1 at step 2"):
+            common.fit(lambda x: (w * float("nan"), {}), optimizer, lambda epoch: [0] * 3, lambda it: 0.1, 1, 3,
+                       log_every=2, log=lines.append)
+
+    def test_fit_under_ddp_logs_and_stops_on_the_mean_over_ranks(self, monkeypatch):
+        # another rank's loss went NaN: this rank's own is finite, and it must stop too (or it waits forever)
+        other_rank = {"loss": float("nan")}
+
+        def all_reduce(t, op=None):  # a 2-process SUM in which the other rank holds other_rank's mean loss
+            if op == dist.ReduceOp.MAX:  # common.update's skip flag: the other rank's is 0 (its loss is finite)
+                return
+            t += torch.tensor([other_rank["loss"], 0.0])
+
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+        monkeypatch.setattr(dist, "all_reduce", all_reduce)
+        w = nn.Parameter(torch.tensor(1.0))
+        optimizer, lines = common.sgd([w], 0.0, 0.0, 0.0), []
+        step = (lambda x: ((w * x) ** 2, {"zero": torch.tensor(0.0)}))
+        with pytest.raises(common.NonFiniteLossError, match="became nan in epoch 1 at step 1"):
+            common.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)], lambda it: 0.0, 1, 1, log=lines.append)
+        other_rank["loss"] = 3.0
+        common.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)], lambda it: 0.0, 1, 1, log=lines.append)
+        assert lines[-1].startswith("epoch 1/1 step 1/1 loss 2.0000")  # (1 + 3) / 2: the mean over the ranks
 
 
-@pytest.mark.parametrize("name", ["ocnet", "qpenet", "crcnet", "symnet", "qgnet"])
-def test_training_step_never_waits_for_the_device(name, request):
-    """A training step (forward, loss, backward, SGD step) that reads a value back from the GPU stalls the
-    queue of kernels until that value exists; none of the five models may do that (train.py reads the loss
-    once per progress line)."""
-    model, size = {"ocnet": ("ocnet_models", OCNET_SIZE), "qpenet": ("qpenet_model", QPENET_SIZE),
-                   "crcnet": ("crcnet_model", CRCNET_SIZE), "symnet": ("symnet_model", SYMNET_SIZE),
-                   "qgnet": ("qgnet_model", 65)}[name]
-    model = request.getfixturevalue(model)
-    model = model["resnet50"] if name == "ocnet" else model
-    img_q, img_s, m_s, m_q = episode(2, 2, size, (8, 24, 8, 24), (6, 22, 10, 26))
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-9, momentum=0.9)
-    state = copy.deepcopy(model.state_dict())
-    model.train()
+# ==========================================================================================================
+# data.py: folds, synthetic episodes, PASCAL and COCO on tiny trees (splits, filters, caches, bad files), COCO's
+# polygons and RLE, augmentation and geometry, each test seed's order, box supports, the folder dataset
+# ==========================================================================================================
 
-    def step():
-        out = model(img_q, img_s, m_s, torch.tensor([1, 2]), **train.query_mask(model, {"m_q": m_q}))
-        loss, _ = model.loss(out, m_q, m_s)
-        optimizer.zero_grad(set_to_none=True)
+class TestData:
+    # ---------------- folds -----------------------------------------------------------------------------------
+
+    @pytest.mark.parametrize("dataset,split,n", [("pascal", "interleaved", 20), ("synthetic", "interleaved", 20),
+                                                 ("coco", "interleaved", 80), ("coco", "contiguous", 80)])
+    def test_fold_classes_partition(self, dataset, split, n):
+        folds = [data.fold_classes(dataset, f, split) for f in range(4)]
+        assert sorted(c for fold in folds for c in fold) == list(range(1, n + 1))  # disjoint and complete
+        for f, test in enumerate(folds):
+            base = [c for c in range(1, n + 1) if c not in test]
+            assert len(test) == n // 4 and not set(base) & set(test)
+            if dataset == "synthetic":
+                ds = data.build_dataset(dataset, "train", f, img_size=32)
+                assert ds.classes == base and data.build_dataset(dataset, "test", f, img_size=32).classes == test
+
+    def test_fold_classes_values(self):
+        assert data.fold_classes("pascal", 2) == [11, 12, 13, 14, 15]
+        assert data.fold_classes("coco", 0) == list(range(1, 78, 4))
+        assert data.fold_classes("coco", 3)[:3] == [4, 8, 12]
+        assert data.fold_classes("coco", 1, "contiguous") == list(range(21, 41))
+        with pytest.raises(ValueError):
+            data.fold_classes("pascal", 4)
+
+    # ---------------- synthetic -------------------------------------------------------------------------------
+
+    @pytest.mark.parametrize("shot,size", [(1, 64), (5, 64), (1, 96), (5, 96)])
+    def test_synthetic_episode_shapes_and_determinism(self, shot, size):
+        ds = data.build_dataset("synthetic", "test", 1, shot=shot, img_size=size, episodes=10)
+        assert len(ds) == 10 and ds.num_classes == 20 and len(ds.class_names) == 20
+        ep = ds[3]
+        _assert_episode(ep, shot, size, test=True)
+        assert ep["class_id"] in data.fold_classes("synthetic", 1) and ep["index"] == 3
+        assert torch.equal(ep["m_q_orig"], ep["m_q"])
+        again, other = ds[3], ds[4]
+        for key in ("img_q", "m_q", "img_s", "m_s"):
+            assert torch.equal(ep[key], again[key])
+        assert not torch.equal(ep["img_q"], other["img_q"])
+        assert torch.equal(ep["img_q"], ds[(0, 3)]["img_q"])  # a plain index is stream (test seed) 0
+        assert not torch.equal(ep["img_q"], ds[(1, 3)]["img_q"])  # another test seed, another episode
+        ds.seed = 1
+        assert not torch.equal(ds[(0, 3)]["img_q"], ep["img_q"])
+
+    def test_class_names_need_no_files(self):
+        pascal, coco, synthetic = (data.class_names(name) for name in ("pascal", "coco", "synthetic"))
+        assert list(pascal) == list(range(1, 21)) and pascal[1] == "aeroplane" and pascal[20] == "tvmonitor"
+        assert list(coco) == list(range(1, 81)) and coco[1] == "person" and coco[80] == "toothbrush"
+        assert len(set(synthetic.values())) == 20  # every synthetic class has its own name
+
+    @pytest.mark.parametrize("fold", range(4))
+    def test_synthetic_train_never_shows_test_classes(self, fold):
+        ds = data.build_dataset("synthetic", "train", fold, shot=2, img_size=48, train_length=30)
+        test = set(data.fold_classes("synthetic", fold))
+        seen = set()
+        for index in range(30):
+            class_id, pairs = ds.render_episode(index)
+            assert class_id in ds.classes
+            for _, label in pairs:
+                classes = set(label.unique().tolist()) - {0}
+                assert class_id in classes and not classes & test
+                seen |= classes
+        assert len(seen - {class_id}) > 3, "distractors of other base classes should appear"
+        first = ds[0]["img_q"]
+        assert not torch.equal(first, ds[(1, 0)]["img_q"])  # epoch 1 draws other episodes
+        assert torch.equal(first, ds[(0, 0)]["img_q"])
+
+    # ---------------- PASCAL ----------------------------------------------------------------------------------
+
+    def test_pascal_split_and_filters(self, tmp_path, capsys):
+        root = _write_pascal(tmp_path / "voc")
+        train = data.build_dataset("pascal", "train", 0, img_size=64, root=root)
+        assert sorted(train.files) == ["a_voc", "b_sbd", "c_small", "d_mixed", "f_multi"]  # VOC+SBD train - val
+        assert "5 PASCAL training images from train.txt and sbd_train_noval.txt; PFENet's list has 5953" in \
+            capsys.readouterr().err
+        assert train.images == ["a_voc", "b_sbd", "f_multi"]  # c_small too small, d_mixed has class-2 pixels
+        assert train.class_files[6] == ["a_voc", "f_multi"] and train.class_files[7] == ["b_sbd", "f_multi"]
+        assert len(train) == 3
+        fold3 = data.build_dataset("pascal", "train", 3, img_size=64, root=root)
+        assert fold3.images == ["a_voc", "b_sbd", "d_mixed", "f_multi"]  # class 2 is a base class in fold 3
+        test = data.build_dataset("pascal", "test", 0, img_size=64, root=root, episodes=7)
+        assert sorted(test.files) == ["e_dup", "v1", "v2", "v3", "v4"] and len(test) == 7
+        assert test.class_files[1] == ["e_dup", "v1", "v2"] and test.class_files[3] == []
+        assert test.class_names[1] == "aeroplane" and test.class_names[20] == "tvmonitor"
+        for index in range(3):
+            ep = train[index]
+            _assert_episode(ep, 1, 64, test=False)
+            assert ep["class_id"] in (6, 7)
+
+    def test_pascal_masks_keep_ignore_and_zero_other_classes(self, tmp_path):
+        root = _write_pascal(tmp_path / "voc")
+        ds = data.build_dataset("pascal", "test", 0, shot=2, img_size=64, root=root)
+        def index_of(query):  # the episode of test seed 0 whose query is `query`
+            return next(i for i in range(len(ds.images)) if ds._query(i, 0) == query)
+
+        ep = ds[index_of("v1")]  # query v1: class 1 (class 3 is present but has no support list)
+        _assert_episode(ep, 2, 64, test=True)
+        expected = torch.from_numpy(_PASCAL_LABELS["v1"]).long()
+        expected = torch.where(expected == 1, 1, torch.where(expected == 255, 255, 0))  # class 3 -> 0
+        assert ep["class_id"] == 1 and torch.equal(ep["m_q_orig"], expected)
+        assert (ep["m_q"] == 255).any() and (ep["m_q"] == 1).any()
+        # PFENet's query rule: a class present in the query counts even under the threshold (v4: class 1)
+        picked = set()
+        for seed in range(12):
+            ds.seed = seed
+            picked.add(ds[index_of("v4")]["class_id"])
+        assert picked == {1, 2}
+
+    def test_draw_supports_excludes_query_and_repeats_only_when_needed(self):
+        rng = np.random.default_rng(0)
+        assert sorted(data._draw_supports(rng, ["a", "b", "c"], "a", 2)) == ["b", "c"]
+        assert data._draw_supports(rng, ["a", "b"], "a", 3) == ["b", "b", "b"]
+        assert data._draw_supports(rng, ["a"], "a", 1) == ["a"]
+
+    def test_pascal_cache_written_reused_and_rebuilt(self, tmp_path, monkeypatch):
+        root = _write_pascal(tmp_path / "voc")
+        monkeypatch.setattr(data, "PARALLEL_MIN_FILES", 1)  # exercise the process pool once
+        first = data.build_dataset("pascal", "train", 0, img_size=64, root=root)
+        assert (root / ".fss_cache" / "pascal_train_counts.json").is_file()
+
+        def fail(pair, max_id=None):
+            raise AssertionError("rescanned although cached")
+        monkeypatch.setattr(data, "_scan_pair", fail)
+        monkeypatch.setattr(data, "PARALLEL_MIN_FILES", 10 ** 6)
+        again = data.build_dataset("pascal", "train", 0, img_size=64, root=root)
+        assert again.counts == first.counts and again.images == first.images
+        with (root / "ImageSets/Segmentation/sbd_train_noval.txt").open("a") as f:
+            f.write("g_extra\n")  # a changed list must rebuild the cache
+        with pytest.raises(AssertionError, match="rescanned"):
+            data.build_dataset("pascal", "train", 0, img_size=64, root=root)
+
+    def test_pascal_without_sbd_list_warns_and_uses_all_labels(self, tmp_path, capsys):
+        root = _write_pascal(tmp_path / "voc", sbd=False)
+        ds = data.build_dataset("pascal", "train", 0, img_size=64, root=root)
+        assert "WARNING" in capsys.readouterr().err
+        assert sorted(ds.files) == ["a_voc", "b_sbd", "c_small", "d_mixed", "f_multi", "g_extra"]
+
+    def test_missing_root_error_names_layout(self, tmp_path):
+        for root, first in ((None, "no data root given for pascal: pass --data-root DIR"),
+                            (tmp_path / "nope", f"pascal data root {tmp_path / 'nope'} is not a directory")):
+            with pytest.raises(data.DatasetNotFoundError, match="SegmentationClassAug") as err:
+                data.build_dataset("pascal", "test", 0, root=root)
+            assert str(err.value).splitlines()[0] == first
+            assert "JPEGImages" in str(err.value) and "sbd_train_noval.txt" in str(err.value)
+        (tmp_path / "voc" / "JPEGImages").mkdir(parents=True)
+        with pytest.raises(FileNotFoundError, match="val.txt"):
+            data.build_dataset("pascal", "test", 0, root=tmp_path / "voc")
+        (tmp_path / "coco").mkdir()
+        with pytest.raises(data.DatasetNotFoundError, match="instances_train2014.json"):
+            data.build_dataset("coco", "train", 0, root=tmp_path / "coco")
+
+    def test_bad_files_are_all_reported_by_the_first_scan_one_line_each(self, tmp_path):
+        root = _write_pascal(tmp_path / "voc")
+        (root / "JPEGImages" / "v1.jpg").write_bytes(b"not a jpeg")  # unreadable header
+        Image.new("RGB", (80, 80)).save(root / "SegmentationClassAug" / "v2.png")  # a colour image, not a label
+        Image.fromarray(_label((2, 0, 0, 50, 50), shape=(80, 70))).save(root / "SegmentationClassAug" / "v3.png")
+        with pytest.raises(data.DatasetFileError) as err:
+            data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+        lines = str(err.value).splitlines()
+        assert lines[0].startswith("3 bad file(s) in the PASCAL test list") and len(lines) == 4
+        assert "v1.jpg: not a readable image" in lines[1] and "v2.png" in lines[2] and "mode RGB" in lines[2]
+        assert "v3.png: 70x80 pixels, its image" in lines[3] and "80x80" in lines[3]
+        # nothing cached: the next run checks again
+        assert not (root / ".fss_cache" / "pascal_test_counts.json").exists()
+
+    def test_class_ids_the_dataset_does_not_have_are_named(self, tmp_path):
+        root = _write_pascal(tmp_path / "voc")
+        labels = root / "SegmentationClassAug"
+        Image.fromarray(_label((1, 0, 0, 50, 50), (21, 60, 60, 5, 5))).save(labels / "v2.png")  # VOC has 1..20
+        Image.fromarray(_label((2, 0, 0, 50, 50), (254, 60, 60, 5, 5), (30, 70, 0, 2, 2))).save(labels / "v3.png")
+        with pytest.raises(data.DatasetFileError) as err:
+            data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+        assert str(err.value).splitlines() == [
+            f"2 bad file(s) in the PASCAL test list of {root}; fix or remove them (and their list entries):",
+            f"  {labels / 'v2.png'}: class id 21; ids are 1..20 (0 background, 255 ignore)",
+            f"  {labels / 'v3.png'}: class ids 30, 254; ids are 1..20 (0 background, 255 ignore)"]
+        Image.fromarray(_label((3, 0, 0, 50, 50), (20, 60, 60, 5, 5), ignore_rows=(75, 80))).save(labels / "v2.png")
+        Image.fromarray(_label((2, 0, 0, 50, 50))).save(labels / "v3.png")
+        assert data.build_dataset("pascal", "test", 0, img_size=64, root=root).counts["v2"] == {3: 2500, 20: 25}
+        # COCO: the labels written here hold 1..(its categories: 3 in this tree); one found with another id is named
+        coco = _write_coco(tmp_path / "coco")
+        label_dir = coco / "labels" / "val2014"
+        label_dir.mkdir(parents=True)
+        (label_dir / data.COCO_LABEL_STAMP).write_text(f"{data.COCO_LABEL_VERSION}\n")  # current: kept as it is
+        Image.fromarray(_label((4, 0, 0, 50, 50))).save(label_dir / "COCO_val2014_000000000001.png")
+        with pytest.raises(data.DatasetFileError, match=rf"\n  {label_dir / 'COCO_val2014_000000000001.png'}: class id "
+                           r"4; ids are 1\.\.3 \(0 background, 255 ignore\)$"):
+            data.build_dataset("coco", "test", 0, img_size=64, root=coco)
+
+    def test_a_cache_that_cannot_be_written_stops_nothing_and_leaves_no_temporary(self, tmp_path, monkeypatch, capsys):
+        root = _write_pascal(tmp_path / "voc")
+        expected = data.build_dataset("pascal", "test", 0, img_size=64, root=tmp_path / "voc").counts
+        (root / ".fss_cache" / "pascal_test_counts.json").unlink()
+        capsys.readouterr()
+        monkeypatch.setattr(Path, "write_text", lambda self, *args, **kwargs: _full_disk(self))
+        ds = data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+        assert ds.counts == expected and ds[0]["img_q"].shape == (3, 64, 64)  # the counts in memory serve the run
+        cache = root / ".fss_cache" / "pascal_test_counts.json"
+        assert list((root / ".fss_cache").iterdir()) == []  # no temporary, no cache
+        assert capsys.readouterr().err.splitlines() == [
+            f"[data] note: could not cache the scan in {cache} (No space left on device): the scan runs again "
+            "next time"]
+        monkeypatch.undo()
+        decoded = _count_decodes(monkeypatch)
+        data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+        assert len(decoded) == 5 and cache.is_file()  # scanned again, and cached now
+
+    def test_coco_labels_that_cannot_be_written_stop_the_run_with_one_line(self, tmp_path, monkeypatch):
+        root = _write_coco(tmp_path / "coco")
+        monkeypatch.setattr(data, "PARALLEL_MIN_FILES", 1)  # the error comes back from the process pool
+        monkeypatch.setattr(Image.Image, "save", lambda self, fp, *args, **kwargs: _full_disk(fp))
+        label_dir = root / "labels" / "train2014"
+        with pytest.raises(data.DatasetFileError) as err:
+            data.build_dataset("coco", "train", 0, img_size=64, root=root)
+        assert str(err.value) == (f"cannot write the COCO train2014 labels in {label_dir}: No space left on device "
+                                  "(they are needed: free space there, or make it writable, and run again)")
+        assert sorted(p.name for p in label_dir.iterdir()) == [data.COCO_LABEL_STAMP]  # no temporary, no label
+        assert not list(root.rglob("*.tmp*"))
+
+    def test_the_scan_decodes_every_image_once_and_names_a_truncated_one(self, tmp_path, monkeypatch):
+        decoded = _count_decodes(monkeypatch)
+        root = _write_pascal(tmp_path / "voc")
+        data.build_dataset("pascal", "test", 0, img_size=64, root=root)  # an intact tree passes
+        assert sorted(decoded) == ["e_dup.jpg", "v1.jpg", "v2.jpg", "v3.jpg", "v4.jpg"]
+        data.build_dataset("pascal", "test", 0, img_size=64, root=root)  # cached: no image is decoded again
+        assert len(decoded) == 5
+        cache = root / ".fss_cache" / "pascal_test_counts.json"
+        written = json.loads(cache.read_text())
+        cache.write_text(json.dumps({**written, "key": [2, *written["key"][1:]]}))  # a cache of the header-only rule
+        data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+        assert len(decoded) == 10  # scanned again
+        for jpeg in (root / "JPEGImages" / "v2.jpg", root / "JPEGImages" / "v4.jpg"):  # real JPEGs, header intact
+            assert len(jpeg.read_bytes()) > 4000
+            jpeg.write_bytes(jpeg.read_bytes()[:3000])
+        cache.unlink()
+        with pytest.raises(data.DatasetFileError) as err:  # at the dataset's build, before any training
+            data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+        lines = str(err.value).splitlines()
+        assert lines[0].startswith("2 bad file(s) in the PASCAL test list") and len(lines) == 3
+        for line, name in zip(lines[1:], ("v2.jpg", "v4.jpg")):
+            assert line.startswith(f"  {root / 'JPEGImages' / name}: not a readable image (image file is truncated")
+        assert not cache.exists()
+        folder = _write_folder(tmp_path / "mine")  # the folder dataset's scan likewise
+        jpeg = folder / "images" / "cup_1.jpg"
+        jpeg.write_bytes(jpeg.read_bytes()[:3000])
+        with pytest.raises(data.DatasetFileError, match=rf"^1 bad file\(s\) in the folder dataset .*\n  {jpeg}: not a "
+                           r"readable image \(image file is truncated"):
+            data.build_dataset("folder", "train", 1, img_size=48, root=folder)
+
+    def test_a_file_that_fails_to_decode_later_is_named(self, tmp_path):
+        root = _write_pascal(tmp_path / "voc")
+        ds = data.build_dataset("pascal", "test", 0, img_size=64, root=root)  # scanned whole, and cached
+        jpeg = root / "JPEGImages" / "v1.jpg"
+        jpeg.write_bytes(jpeg.read_bytes()[:2000])  # cut after the scan: the header is intact, the pixels are cut off
+        index = next(i for i in range(len(ds.images)) if ds._query(i, 0) == "v1")
+        with pytest.raises(data.DatasetFileError, match="cannot read image .*v1.jpg"):
+            ds[index]
+        rgb_label = tmp_path / "rgb.png"
+        Image.new("RGB", (8, 8)).save(rgb_label)
+        with pytest.raises(data.DatasetFileError, match="rgb.png"):
+            data.load_mask(rgb_label)
+
+    def test_each_test_seed_visits_every_image_in_its_own_order(self, tmp_path, capsys):
+        ds = data.build_dataset("pascal", "test", 0, img_size=32, root=_write_pascal_val(tmp_path, 20), episodes=30)
+        n = len(ds.images)
+        assert n == 20
+        orders = [[ds._query(i, seed) for i in range(n)] for seed in (0, 1)]
+        assert sorted(orders[0]) == sorted(orders[1]) == ds.images  # one pass: every image once
+        assert orders[0] != orders[1] and orders[0] != ds.images  # not the sorted list, and not shared by the seeds
+        assert len(set(orders[0][:5]) | set(orders[1][:5])) > 5  # two seeds of 5 episodes see more than one seed
+        assert [ds._query(n + i, 0) for i in range(n)] != orders[0]  # the second pass has its own order
+        assert ds[(1, 3)]["m_q_orig"].sum() > 0 and ds._query(3, 1) == orders[1][3]
+
+        def episodes(workers, batch):
+            sampler = data.EpisodeSampler(len(ds))
+            sampler.set_stream(1)
+            loader = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
+                                collate_fn=data.collate_episodes)
+            return [(int(i), int(c), m.tolist()) for b in loader for i, c, m in
+                    zip(b["index"], b["class_id"], b["m_q_orig"])]
+
+        assert episodes(0, 1) == episodes(2, 4)  # a function of (seed, index): no worker or batch dependence
+        train_ds = data.build_dataset("pascal", "train", 0, img_size=32, root=tmp_path)
+        assert train_ds._query(0, 5) == train_ds.images[0]  # training: the sampler shuffles, the index names it
+
+    # ---------------- COCO ------------------------------------------------------------------------------------
+
+    def test_rle_decode_known_and_random_masks(self):
+        assert data.rle_string_to_counts("11110") == [1, 1, 1, 2, 1]  # hand-encoded
+        assert data.rle_decode("11110", 3, 2).tolist() == [[False, True], [True, True], [False, False]]
+        rng = np.random.default_rng(0)
+        for h, w in ((13, 17), (40, 31)):
+            mask = rng.random((h, w)) < 0.3
+            mask[:, : w // 2] = mask[:, : w // 2] | (rng.random((h, 1)) < 0.5)  # long runs too
+            runs = _rle_runs(mask)
+            assert np.array_equal(data.rle_decode(runs, h, w), mask)
+            assert np.array_equal(data.rle_decode(_rle_string(runs), h, w), mask)
+        runs = [5, 1000, 3, 70000, 2, 40]  # multi-character values and negative differences
+        assert data.rle_string_to_counts(_rle_string(runs)) == runs
+
+    # pycocotools' rule (data.polygon_to_mask): vertices snap to a 1/5-pixel ("fine") grid, X = int(5x + 0.5); edges
+    # are walked on it; the walk cuts column c where it steps from fine x 5c+2 to 5c+3, at the upper fine y V of the
+    # two, and a cut toggles rows r >= ceil((V - 2) / 5). Every mask below worked out by hand was also checked against
+    # pycocotools 2.0.11 (its wheel in a scratch venv outside this repository), which gives the same.
+
+    def test_polygon_rectangles_by_hand(self):
+        # x 1.25..4.5, y 0.5..3.75 -> fine x 6..23 (int(6.75), int(23.0)), y 3..19 (int(3.0), int(19.25)). Only the
+        # horizontal edges cut: columns with 6 <= 5c+2 and 5c+3 <= 23 (c = 1..4), at V = 3 (rows >= 1 on) and V = 19
+        # (rows >= 4 off): rows 1..3. The top edge runs through row 0's centres (y 0.5) and leaves them out, the right
+        # edge through column 4's (x 4.5) and keeps them.
+        expected = np.zeros((5, 6), int)
+        expected[1:4, 1:5] = 1
+        rectangle = [1.25, 0.5, 4.5, 0.5, 4.5, 3.75, 1.25, 3.75]
+        assert np.array_equal(_polygon_mask(rectangle, 5, 6), expected)  # Pillow's fill: 16 pixels, not 12
+        reversed_order = [1.25, 3.75, 4.5, 3.75, 4.5, 0.5, 1.25, 0.5]  # the other direction, another first vertex
+        assert np.array_equal(_polygon_mask(reversed_order, 5, 6), expected)
+        # integer corners (on pixel boundaries, between centres): exactly the rectangle's 3 x 2 pixels
+        expected = np.zeros((5, 6), int)
+        expected[1:3, 1:4] = 1
+        assert np.array_equal(_polygon_mask([1, 1, 4, 1, 4, 3, 1, 3], 5, 6), expected)
+
+    def test_polygon_thin_triangle_by_hand(self):
+        # (1,1), (7.2,2), (1,1.6): exact area 1.86. Fine (5,5), (36,10), (5,8). Upper edge: fine y = int(5 + 5t/31 +
+        # 0.5) at fine x 5+t; lower edge, walked from its left end (5,8): int(8 + 2t/31 + 0.5); the vertical edge cuts
+        # nothing. Columns 1..6 (fine x 7|8 ... 32|33): upper cuts V = 5 6 7 8 9 9, lower cuts 8 8 9 9 9 10. Row 1's
+        # centre (fine 7.5) lies between the two in columns 1..3 only; row 0's (2.5) is above both, row 2's (12.5)
+        # below.
+        expected = np.zeros((3, 8), int)
+        expected[1, 1:4] = 1
+        assert np.array_equal(_polygon_mask([1, 1, 7.2, 2, 1, 1.6], 3, 8), expected)  # Pillow's fill: 12 pixels
+
+    def test_polygon_at_and_across_the_image_border(self):
+        # (-1.25,-1.25), (5.75,-1.25), (-1.25,5.75) -> fine (-5,-5) (C's cast: int(-5.75) = -5), (29,-5), (-5,29). The
+        # top edge cuts every column above the image (V = -5): toggles from row 0. The hypotenuse, walked from (-5,29)
+        # with slope -1: fine y = int(29.5 - (x + 5)) = 24 - x, so column c is cut at V = 24 - (5c+3) = 21 - 5c and
+        # rows >= ceil((19 - 5c) / 5) = 4 - c are off again: column c holds rows 0..3-c.
+        expected = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]])
+        assert np.array_equal(_polygon_mask([-1.25, -1.25, 5.75, -1.25, -1.25, 5.75], 4, 5), expected)
+        touching = np.zeros((4, 5), int)
+        touching[0, 3:] = 1  # x 3..5, y 0..1: the top and right borders
+        touching[3, 0] = 1  # x 0..1, y 3..4: the left and bottom borders
+        touching[3, 1] = 1  # x 1..2, y 2.5..10: row 2's centres on the top edge are out, the cut at fine y 50 is below
+        assert np.array_equal(data.segmentation_to_mask(
+            [[3, 0, 5, 0, 5, 1, 3, 1], [0, 3, 1, 3, 1, 4, 0, 4], [1, 2.5, 2, 2.5, 2, 10, 1, 10]], 4, 5), touching)
+        assert not data.segmentation_to_mask([[-3, -3, -1, -3, -1, -1], [6, 1, 9, 1, 9, 3]], 4, 5).any()  # outside
+        # pycocotools' mask of a triangle over three borders: -0.2 snaps to fine 0 (int(-0.5)); rounding down to -1
+        # would lose pixel (row 3, column 3). Sampling the exact triangle at pixel centres would give (0,3), not (3,3).
+        reference = np.array([[0, 0, 0, 0, 1, 1, 1],
+                              [1, 1, 1, 1, 1, 1, 0],
+                              [1, 1, 1, 1, 1, 0, 0],
+                              [1, 1, 1, 1, 0, 0, 0],
+                              [1, 1, 0, 0, 0, 0, 0]])
+        assert np.array_equal(_polygon_mask([-0.2, 6.5, 7.7, -0.1, -1.4, 1.1], 5, 7), reference)
+
+    def test_polygon_self_intersecting_and_united_parts(self):
+        # pycocotools' mask of a bow tie whose edges run through pixel centres (even-odd rule; the crossing at
+        # (3.5,2.5))
+        reference = np.array([[0, 0, 0, 0, 0, 0, 0],
+                              [0, 1, 0, 0, 0, 1, 1],
+                              [0, 1, 1, 1, 1, 1, 1],
+                              [0, 1, 0, 0, 0, 1, 1],
+                              [0, 0, 0, 0, 0, 0, 0]])
+        assert np.array_equal(_polygon_mask([0.5, 0.5, 6.5, 4.5, 6.5, 0.5, 0.5, 4.5], 5, 7), reference)
+        # the parts of one annotation are united (frPyObjects + merge), overlap included; < 3 points enclose nothing
+        parts = [[0, 0, 3, 0, 3, 2, 0, 2], [2, 1, 5, 1, 5, 3, 2, 3], [1, 1, 4, 3], [0, 0, 5, 4, 2]]
+        expected = np.zeros((4, 6), int)
+        expected[0:2, 0:3] = 1
+        expected[1:3, 2:5] = 1
+        assert np.array_equal(data.segmentation_to_mask(parts, 4, 6).astype(int), expected)
+
+    def test_polygon_area_unbiased_on_random_convex_polygons(self):
+        """Rasterised minus exact (shoelace) area over 100 random convex polygons (perimeter ~46 px): one polygon's
+        error has an sd of ~2 px, so their mean one of ~0.2 px. Pillow's fill, outline included, adds ~16 px on
+        average, to every one of them."""
+        rng = np.random.default_rng(0)
+        errors = []
+        for _ in range(100):
+            angles = np.sort(rng.uniform(0, 2 * np.pi, rng.integers(3, 12)))
+            xy = rng.uniform(16, 24, 2) + rng.uniform(2, 14) * np.stack([np.cos(angles), np.sin(angles)], 1)  # (k,2)
+            x, y = xy.T
+            area = 0.5 * abs(x @ np.roll(y, -1) - y @ np.roll(x, -1))
+            errors.append(data.segmentation_to_mask([xy.ravel().tolist()], 40, 40).sum() - area)
+        errors = np.array(errors)
+        assert abs(errors.mean()) < 1.0
+        assert 0.3 < (errors > 0).mean() < 0.7  # errors of both signs
+
+    def test_coco_labels_of_an_older_rule_are_rewritten_once(self, tmp_path, capsys):
+        root = _write_coco(tmp_path / "coco")
+        labels, name = root / "labels" / "train2014", "COCO_train2014_000000000001"
+        stamp = labels / data.COCO_LABEL_STAMP
+        assert data.build_dataset("coco", "train", 3, img_size=64, root=root).counts[name] == {2: 2500}
+        assert "rewriting" not in capsys.readouterr().err and stamp.read_text().strip() == str(data.COCO_LABEL_VERSION)
+        # the folder as the Pillow fill left it: no stamp, a fat 51 x 51 label, its counts cached under the old key
+        fat = np.zeros((80, 80), np.uint8)
+        fat[10:61, 10:61] = 2
+        Image.fromarray(fat).save(labels / f"{name}.png")
+        stamp.unlink()
+        cache = root / ".fss_cache" / "coco_train_counts.json"
+        payload = json.loads(cache.read_text())["payload"]
+        payload["counts"][name] = {"2": 2601}
+        old_key = [data.CACHE_VERSION, (root / "annotations" / "instances_train2014.json").stat().st_size, str(labels)]
+        cache.write_text(json.dumps({"key": old_key, "payload": payload}))
+        assert data.build_dataset("coco", "train", 3, img_size=64, root=root).counts[name] == {2: 2500}
+        notes = [line for line in capsys.readouterr().err.splitlines() if "rewriting" in line]
+        assert len(notes) == 1 and "train2014" in notes[0] and f"version 1, now {data.COCO_LABEL_VERSION}" in notes[0]
+        assert (np.array(Image.open(labels / f"{name}.png")) == 2).sum() == 2500
+        assert stamp.read_text().strip() == str(data.COCO_LABEL_VERSION)
+        # stamped: a label present is kept as it is (written once), even when the counts are scanned again
+        Image.fromarray(fat).save(labels / f"{name}.png")
+        cache.unlink()
+        assert data.build_dataset("coco", "train", 3, img_size=64, root=root).counts[name] == {2: 2601}
+        assert "rewriting" not in capsys.readouterr().err
+
+    def test_coco_labels_category_map_and_folds(self, tmp_path, monkeypatch):
+        root = _write_coco(tmp_path / "coco")
+        train = data.build_dataset("coco", "train", 3, img_size=64, root=root)  # fold 3 tests 4, 8, ...
+        names = [f"COCO_train2014_{i:012d}" for i in (1, 2)]
+        assert train.class_names == {1: "person", 2: "car", 3: "toothbrush"}  # ids 1, 3, 90 -> 1, 2, 3
+        assert train.images == names  # the image without annotations is not listed
+        assert train.class_files[1] == [names[1]] and train.class_files[2] == [names[0]]
+        assert train.class_files[3] == [names[1]]
+        assert not (root / "labels" / "train2014" / "COCO_train2014_000000000003.png").exists()
+        label1 = np.array(Image.open(root / "labels" / "train2014" / f"{names[0]}.png"))
+        assert (label1[10:60, 10:60] == 2).all() and (label1 == 2).sum() == 2500  # integer corners: exactly 50 x 50
+        label2 = np.array(Image.open(root / "labels" / "train2014" / f"{names[1]}.png"))
+        assert label2.shape == (80, 90) and (label2[:30, :30] == 3).all()  # crowd RLE
+        assert (label2[30:79, 30:89] == 1).all() and (label2 == 1).sum() == 49 * 59  # the later polygon wins
+        assert (label2[79] == 0).all() and (label2[:, 89] == 0).all() and (label2[65:, :20] == 0).all()
+        _assert_episode(train[0], 1, 64, test=False)
+
+        val_names = [f"COCO_val2014_{i:012d}" for i in (1, 2)]
+        assert data.build_dataset("coco", "test", 0, img_size=64, root=root).images == [val_names[1]]  # class 1
+        monkeypatch.setattr(data, "_write_and_scan_coco_label", lambda job: 1 / 0)  # val2014 is cached now
+        assert data.build_dataset("coco", "test", 1, img_size=64, root=root).images == [val_names[0]]  # class 2
+        contiguous = data.build_dataset("coco", "test", 0, img_size=64, root=root, coco_split="contiguous")
+        assert contiguous.images == val_names and contiguous.classes == list(range(1, 21))
+        ep = contiguous[1]
+        _assert_episode(ep, 1, 64, test=True)
+        assert ep["m_q_orig"].shape == (80, 90)
+
+    def test_train_transform_keeps_image_and_mask_aligned(self):
+        mask = torch.zeros(90, 70, dtype=torch.long)
+        mask[20:60, 15:50] = 1
+        mean = torch.tensor(data.MEAN) * 255
+        for seed in range(12):
+            img, m = data.train_transform(_colour_coded(mask), mask, np.random.default_rng(seed), 128, (0.8, 1.25))
+            assert img.shape == (3, 128, 128) and m.shape == (128, 128) and m.dtype == torch.int64
+            rgb = data.denormalize(img).float()
+            fg, bg, pad = _erode(m == 1), _erode(m == 0), _erode(m == 255)
+            assert fg.any() and bg.any() and pad.any()  # 90x70 is always padded up to 128
+            assert (rgb[0][fg] > 180).all() and (rgb[2][fg] < 75).all()
+            assert (rgb[2][bg] > 180).all() and (rgb[0][bg] < 75).all()
+            assert ((rgb[:, pad] - mean[:, None]).abs() < 3).all()  # padding and rotated-in corners: mean colour
+
+    def test_gaussian_blur_is_cv2s_5x5_with_sigma_0(self):
+        assert [16 * t for t in data.BLUR_TAPS] == [1, 4, 6, 4, 1]  # cv2.getGaussianKernel(5, 0), its fixed table
+        torch.manual_seed(0)
+        taps = torch.tensor(data.BLUR_TAPS)
+        for shape in [(3, 41, 57), (3, 5, 6)]:  # 5x6: reflect padding reaches across the whole image
+            img = torch.rand(*shape)
+            padded = F.pad(img[None], [2, 2, 2, 2], mode="reflect")  # cv2's BORDER_REFLECT_101: e.g. row -1 = row 1
+            reference = F.conv2d(padded, torch.outer(taps, taps).expand(3, 1, 5, 5), groups=3)[0]  # one 5x5 pass
+            assert torch.allclose(data.gaussian_blur(img), reference, atol=1e-6)
+        img = torch.zeros(1, 9, 9)
+        img[0, 4, 4] = 1  # an impulse gives the 5x5 kernel back around it: (6/16)^2 at the centre, (1/16)^2 at corners
+        out = data.gaussian_blur(img)[0]
+        assert out[4, 4] == pytest.approx(36 / 256) and out[2, 2] == pytest.approx(1 / 256)
+        assert out[2, 4] == pytest.approx(6 / 256) and out[1].abs().max() == 0
+        flat = torch.full((3, 9, 9), 0.25)
+        assert torch.allclose(data.gaussian_blur(flat), flat)  # the kernel sums to 1
+
+    def test_rotate_quarter_turn_identity_and_corners(self):
+        g = torch.Generator().manual_seed(0)
+        img, label = torch.rand(3, 6, 6, generator=g), torch.randint(0, 3, (6, 6), generator=g)
+        out, out_label = data.rotate(img, label, 90.0)  # counter-clockwise, as cv2 and torchvision
+        assert torch.allclose(out, torch.rot90(img, 1, (-2, -1)), atol=1e-6)
+        assert torch.equal(out_label, torch.rot90(label, 1, (-2, -1)))
+        out, out_label = data.rotate(img, label, 0.0)
+        assert torch.allclose(out, img, atol=1e-6) and torch.equal(out_label, label)
+        out, out_label = data.rotate(img, label, 45.0)  # the corners come from outside the image
+        assert torch.allclose(out[:, 0, 0], torch.tensor(data.MEAN)) and out_label[0, 0] == IGNORE_INDEX
+
+    def test_rotate_matches_torchvision_and_blends_the_border_as_cv2(self):
+        g = torch.Generator().manual_seed(1)
+        img, label = torch.rand(3, 41, 57, generator=g), torch.randint(0, 3, (41, 57), generator=g)
+        fill = torch.tensor(data.MEAN)[:, None, None]
+        for angle in (7.3, -9.6):
+            out, out_label = data.rotate(img, label, angle)
+            # sum_inside(w x) + (1 - sum_inside w) fill: torchvision's rotate without fill, of x - fill, plus fill
+            shifted = TF.rotate(tv_tensors.Image(img - fill), angle,
+                                InterpolationMode.BILINEAR).as_subclass(torch.Tensor)
+            assert torch.allclose(out, shifted + fill, atol=1e-4)
+            reference = TF.rotate(tv_tensors.Mask(label[None]), angle, fill=IGNORE_INDEX)[0].as_subclass(torch.Tensor)
+            assert (out_label != reference).float().mean() < 0.002  # ties at exactly half a pixel may round apart
+            inside = TF.rotate(tv_tensors.Image(torch.ones(1, 41, 57)), angle, InterpolationMode.BILINEAR)[0] > 1 - 1e-6
+            with_fill = TF.rotate(tv_tensors.Image(img), angle, InterpolationMode.BILINEAR, fill=data.MEAN)
+            assert torch.allclose(out[:, inside], with_fill[:, inside], atol=1e-4)  # the interior is torchvision's
+
+    def test_train_crop_keeps_foreground(self):
+        for seed in range(10):
+            rng = np.random.default_rng(seed)
+            mask = torch.zeros(200, 200, dtype=torch.long)
+            top, left = rng.integers(0, 160, 2)
+            mask[top:top + 40, left:left + 40] = 1
+            _, m = data.train_transform(_colour_coded(mask), mask, rng, 96, (1.0, 1.0))
+            assert (m == 1).sum() >= 0.8 * 1600
+
+    def test_test_geometry_round_trip(self):
+        assert data.test_content_size(375, 500, 473) == (355, 473)
+        assert data.test_content_size(500, 375, 473) == (473, 355)
+        assert data.test_content_size(100, 100, 473) == (473, 473)  # small images are upscaled
+        mask = torch.zeros(75, 130, dtype=torch.long)
+        mask[10:60, 20:70] = 1
+        mask[30:70, 90:125] = 1
+        mask[0:3, :] = 255
+        img, m = data.test_transform(_colour_coded(mask), mask, size=96)
+        h, w = data.test_content_size(75, 130, 96)
+        assert img.shape == (3, 96, 96) and m.shape == (96, 96) and (h, w) == (55, 96)
+        # padding: ignore label, the mean colour rounded to 8 bits (124, 116, 104), normalised: ~0, not 0
+        pad = (torch.tensor([124.0, 116.0, 104.0]) / 255 - torch.tensor(data.MEAN)) / torch.tensor(data.STD)
+        assert (m[h:] == 255).all() and torch.allclose(img[:, h:], pad[:, None, None].expand(3, 96 - h, 96), atol=1e-6)
+        assert pad.abs().max() < 0.5 / 255 / min(data.STD)
+        assert (m[:h] != 255).float().mean() > 0.9
+        logits = torch.stack([(m != 1).float(), (m == 1).float()])  # (2,96,96) one-hot
+        back = data.logits_to_original(logits, (75, 130))
+        assert back.shape == (2, 75, 130)
+        valid = mask != 255
+        agreement = (back.argmax(0) == mask)[valid].float().mean()
+        assert agreement > 0.97
+        assert data.logits_to_original(logits[None], (75, 130)).shape == (1, 2, 75, 130)
+        # a horizontal ramp maps pixel centres to pixel centres (align_corners=False): x0 = (x + 0.5) * w / 130 - 0.5
+        ramp = torch.arange(96.0).expand(2, 96, 96)
+        x = torch.arange(2, 128)
+        expected = (x + 0.5) * w / 130 - 0.5
+        assert torch.allclose(data.logits_to_original(ramp, (75, 130))[1, 40, 2:128], expected, atol=1e-4)
+
+    def test_eval_episodes_identical_for_any_worker_count(self):
+        ds = data.build_dataset("synthetic", "test", 2, shot=2, img_size=48, episodes=6)
+        runs = []
+        for workers in (0, 2):
+            loader = DataLoader(ds, batch_size=2, num_workers=workers, collate_fn=data.collate_episodes)
+            runs.append(list(loader))
+        for a, b in zip(*runs):
+            assert a["class_id"].dtype == torch.long and a["class_id"].shape == (2,)
+            assert a["img_s"].shape == (2, 2, 3, 48, 48) and isinstance(a["m_q_orig"], list)
+            assert torch.equal(a["class_id"], b["class_id"]) and torch.equal(a["index"], b["index"])
+            for key in ("img_q", "m_q", "img_s", "m_s"):
+                assert torch.equal(a[key], b[key])
+            assert all(torch.equal(x, y) for x, y in zip(a["m_q_orig"], b["m_q_orig"]))
+
+    def test_augmentation_rounds_to_8_bits_once_and_equals_the_float_steps(self):
+        """train_transform = the float steps, rounded to 8 bits, normalised: to the bit, compact or not, with the same
+        random draws (its crop window alone is rounded, mirrored and pasted); within 0.5/255/std of the float image.
+        The sizes pad both sides, pad one and crop the other, crop both, or either; 48 seeds draw every step."""
+        half_level = 0.5 / 255 / torch.tensor(data.STD)[:, None, None] + 1e-6
+        for seed in range(48):
+            (h, w), size = [((90, 70), 96), ((60, 120), 80), ((130, 150), 64), ((75, 75), 75)][seed % 4]
+            recipe = ("pfenet", "crop-scale-flip")[seed % 5 == 4]
+            img, mask = _photo(h, w, seed)
+            draws = [np.random.default_rng(seed) for _ in range(3)]
+            image, label = _float_train_transform(img, mask, draws[0], size, (0.8, 1.25), recipe)
+            rounded = (image * 255).round().clamp(0, 255).to(torch.uint8)
+            out, m = data.train_transform(img, mask, draws[1], size, (0.8, 1.25), recipe)
+            small, small_m = data.train_transform(img, mask.to(torch.uint8), draws[2], size, (0.8, 1.25), recipe,
+                                                  compact=True)
+            assert small.dtype == small_m.dtype == torch.uint8 and out.dtype == torch.float32 and m.dtype == torch.int64
+            assert torch.equal(small, rounded) and torch.equal(small_m, label.to(torch.uint8))
+            assert torch.equal(out, data.normalize(rounded)) and torch.equal(m, label)
+            assert ((out - _old_normalise(image)).abs() <= half_level).all()
+            assert len({rng.random() for rng in draws}) == 1  # the same number of draws
+
+    def test_test_transform_rounds_to_8_bits_and_pads_with_the_rounded_mean(self):
+        half_level = 0.5 / 255 / torch.tensor(data.STD)[:, None, None] + 1e-6
+        for (h0, w0), size in (((75, 130), 96), ((130, 75), 64), ((40, 50), 96)):
+            img, mask = _photo(h0, w0, h0)
+            h, w = data.test_content_size(h0, w0, size)
+            image = TF.resize(img.float() / 255, [h, w], antialias=True)  # (3,h,w): the float resize
+            expected = torch.tensor([124, 116, 104], dtype=torch.uint8)[:, None, None].repeat(1, size, size)
+            expected[:, :h, :w] = (image * 255).round().clamp(0, 255).to(torch.uint8)
+            label = TF.pad(TF.resize(tv_tensors.Mask(mask[None]), [h, w]), [0, 0, size - w, size - h], fill=255)[0]
+            out, m = data.test_transform(img, mask, size)
+            small, small_m = data.test_transform(img, mask, size, compact=True)
+            assert torch.equal(small, expected) and torch.equal(small_m, label.to(torch.uint8))
+            assert torch.equal(out, data.normalize(expected)) and torch.equal(m, label) and m.dtype == torch.int64
+            old = F.pad(_old_normalise(image), [0, size - w, 0, size - h])  # the float image, padded with 0
+            assert ((out - old).abs() <= half_level).all()
+            assert data.test_transform(img, None, size)[1] is None
+
+    def test_normalize_is_a_float32_multiply_and_add_and_to_device_makes_the_default_batch(self):
+        levels = torch.arange(256, dtype=torch.uint8).repeat(2, 3, 2, 1)  # (2,3,2,256): every level in every channel
+        mean, std = (torch.tensor(v, dtype=torch.float64)[:, None, None] for v in (data.MEAN, data.STD))
+        out = data.normalize(levels)
+        scale, shift = (t.float() for t in (1 / (255 * std), -mean / std))  # float64, rounded once
+        assert out.dtype == torch.float32 and torch.equal(out, levels.float() * scale + shift)
+        assert (out.double() - (levels.double() / 255 - mean) / std).abs().max() < 1e-6
+        g = torch.Generator().manual_seed(0)
+        compact = {"img_q": torch.randint(0, 256, (2, 3, 4, 5), generator=g).to(torch.uint8),
+                   "img_s": torch.randint(0, 256, (2, 2, 3, 4, 5), generator=g).to(torch.uint8),
+                   "m_q": torch.tensor([0, 1, 255]).repeat(2, 4, 2)[..., :5].to(torch.uint8),
+                   "m_s": torch.full((2, 2, 4, 5), 255, dtype=torch.uint8), "class_id": torch.tensor([3, 7]),
+                   "m_q_orig": [torch.ones(3, 2, dtype=torch.uint8), torch.zeros(4, 6, dtype=torch.uint8)], "name": "x"}
+        batch = data.to_device(compact, torch.device("cpu"))
+        assert torch.equal(batch["img_q"], data.normalize(compact["img_q"])) and batch["img_s"].shape == (2, 2, 3, 4, 5)
+        assert torch.equal(batch["img_s"][1, 0], data.normalize(compact["img_s"][1, 0]))
+        for key in ("m_q", "m_s"):
+            assert batch[key].dtype == torch.int64 and torch.equal(batch[key], compact[key].long())
+        assert [m.dtype for m in batch["m_q_orig"]] == [torch.int64] * 2 and batch["m_q_orig"][1].shape == (4, 6)
+        assert torch.equal(batch["class_id"], compact["class_id"]) and batch["name"] == "x"
+        again = data.to_device(batch, torch.device("cpu"))  # a default batch stays as it is
+        assert all(torch.equal(again[k], batch[k]) for k in ("img_q", "img_s", "m_q", "m_s", "class_id"))
+
+    def test_compact_batches_from_workers_are_the_in_process_episodes(self, tmp_path):
+        """What the models receive: compact batches from 2 DataLoader workers (data.make_loader, no pinning on the
+        CPU) through data.to_device equal the default episodes made in this process, for PASCAL train (padding and
+        crops) and test episodes and synthetic ones; the batches cross as uint8, a fifth of the default's bytes."""
+        root = _write_pascal(tmp_path / "voc")
+        for ds in (data.build_dataset("pascal", "train", 0, shot=2, img_size=76, root=root, train_length=8),
+                   data.build_dataset("pascal", "test", 0, img_size=64, root=root, episodes=6),
+                   data.build_dataset("synthetic", "train", 1, shot=2, img_size=48, train_length=6),
+                   data.build_dataset("synthetic", "test", 1, img_size=48, episodes=4)):
+            expected = [data.collate_episodes([ds[(3, i)] for i in range(b, min(b + 2, len(ds)))])
+                        for b in range(0, len(ds), 2)]
+            sampler = data.EpisodeSampler(len(ds))
+            sampler.set_stream(3)
+            loader = data.make_loader(ds, sampler, 2, 2, torch.device("cpu"), drop_last=False,
+                                      worker_init_fn=train.ignore_stop_signals)  # as train.py's
+            assert ds.compact and not loader.pin_memory and loader.num_workers == 2
+            batches = list(loader)
+            assert len(batches) == len(expected)
+            for batch, want in zip(batches, expected):
+                assert batch["img_q"].dtype == batch["img_s"].dtype == batch["m_q"].dtype == torch.uint8
+                size = sum(t.nbytes for k in ("img_q", "img_s", "m_q", "m_s") for t in [batch[k]])
+                assert 5 * size == sum(want[k].nbytes for k in ("img_q", "img_s", "m_q", "m_s"))
+                got = data.to_device(batch, torch.device("cpu"))
+                assert got.keys() == want.keys()
+                for key, value in want.items():
+                    if key == "m_q_orig":
+                        assert all(torch.equal(a, b) and a.dtype == torch.int64 for a, b in zip(got[key], value))
+                    else:
+                        assert torch.equal(got[key], value) and got[key].dtype == value.dtype, key
+
+    # ---------------- box supports (weak supervision, CRCNet's Table 5) ---------------------------------------
+
+    def test_mask_to_boxes_by_hand(self):
+        mask = torch.zeros(8, 10, dtype=torch.long)
+        mask[1, 1:4] = 1  # an L-shaped object ...
+        mask[2:4, 1] = 1
+        mask[4, 2] = 1  # ... with a diagonal neighbour (8-connected, same object)
+        mask[6, 6:9] = 1  # a second object
+        mask[7, 8] = 1
+        mask[2, 2] = 255  # inside the first box: becomes 1
+        mask[0, 9] = 255  # outside every box: stays 255
+        expected = torch.zeros(8, 10, dtype=torch.long)
+        expected[1:5, 1:4] = 1  # rows 1-4, columns 1-3
+        expected[6:8, 6:9] = 1
+        expected[0, 9] = 255
+        assert torch.equal(data.mask_to_boxes(mask), expected)
+        assert mask[2, 2] == 255  # the input is not modified
+        empty = torch.full((4, 4), 255)
+        empty[:2] = 0
+        assert torch.equal(data.mask_to_boxes(empty), empty)
+
+    def test_mask_to_boxes_covers_every_object_with_its_box(self):
+        g = torch.Generator().manual_seed(0)
+        mask = (torch.rand(40, 50, generator=g) < 0.05).long()
+        mask[5:15, 5:30] = 1
+        mask[30:35, 40:48] = 255
+        boxes = data.mask_to_boxes(mask)
+        assert ((boxes == 1) | (mask != 1)).all()  # every foreground pixel is inside a box
+        assert torch.equal(boxes[boxes != 1], mask[boxes != 1])  # outside the boxes nothing changed
+        # a box never grows beyond its object: a single object's box is its exact extent
+        single = torch.zeros(20, 20, dtype=torch.long)
+        single[3:9, 4:5] = 1
+        single[8, 4:15] = 1
+        assert data.mask_to_boxes(single).nonzero().amin(0).tolist() == [3, 4]
+        assert data.mask_to_boxes(single).nonzero().amax(0).tolist() == [8, 14]
+        assert int(data.mask_to_boxes(single).sum()) == 6 * 11
+
+    def test_support_boxes_option_touches_supports_only(self):
+        args = dict(name="synthetic", split="test", fold=0, shot=2, img_size=64, episodes=3)
+        plain, boxed = data.build_dataset(**args), data.build_dataset(**args, support_boxes=True)
+        assert not plain.support_boxes and boxed.support_boxes
+        for i in range(3):
+            a, b = plain[i], boxed[i]
+            assert torch.equal(a["img_q"], b["img_q"]) and torch.equal(a["img_s"], b["img_s"])
+            assert torch.equal(a["m_q"], b["m_q"]) and torch.equal(a["m_q_orig"], b["m_q_orig"])
+            for k in range(2):
+                assert torch.equal(b["m_s"][k], data.mask_to_boxes(a["m_s"][k]))
+                assert ((b["m_s"][k] == 1) | (a["m_s"][k] != 1)).all()
+            assert (b["m_s"] == 1).sum() >= (a["m_s"] == 1).sum()
+        train_set = data.build_dataset("synthetic", "train", 0, img_size=64, train_length=2, support_boxes=True)
+        assert train_set.support_boxes and train_set[0]["m_s"].shape == (1, 64, 64)
+
+    def test_folder_dataset_folds_splits_and_bams_filter(self, tmp_path):
+        root = _write_folder(tmp_path / "mine")
+        (root / "images" / "._cat_0.jpg").write_bytes(b"macOS metadata")  # hidden files are no images
+        (root / "labels" / "notes.txt").write_text("nor are other files")
+        names = dict(enumerate(FOLDER_NAMES, 1))
+        assert data.dataset_classes("folder", 1, root) == (6, names, [2, 5])  # folds.txt, line 2
+        assert data.class_names("folder", root) == names
+        assert symnet.base_classes(common.Setting(dataset="folder", fold=1, data_root=root)) == [1, 3, 4, 6]
+        train_set = data.build_dataset("folder", "train", 1, img_size=48, root=root, augment="crop-scale-flip")
+        test_set = data.build_dataset("folder", "test", 1, shot=3, img_size=48, root=root, episodes=5)
+        # test: every image with a pixel of dog or tree, so cat_3 and car_3 for their 100-pixel patches too ...
+        assert sorted(test_set.files) == sorted(_stems("dog", "tree") + ["cat_3", "car_3"])
+        # ... but only those over the 2048-pixel filter are queries and supports, as in PASCAL-5i
+        assert test_set.images == _stems("dog", "tree")
+        assert test_set.class_files == {2: _stems("dog"), 5: _stems("tree")}
+        # train: the others, none with a novel pixel (BAM's rule), each over the filter for its base class
+        train_stems = sorted(_stems("cat", "car", k=range(3)) + _stems("cup", "lamp"))
+        assert sorted(train_set.files) == train_set.images == train_stems and len(train_set) == 14
+        for _, label_path in train_set.files.values():
+            assert not set(np.unique(np.array(Image.open(label_path))).tolist()) & {2, 5}
+        assert train_set.classes == [1, 3, 4, 6] and test_set.classes == [2, 5] and len(test_set) == 5
+        assert train_set.num_classes == test_set.num_classes == 6 and test_set.class_names == names
+        # PASCAL's pipeline: its episodes, scale range and the run's augmentation recipe
+        assert type(train_set) is type(test_set) is data.ImageEpisodes
+        assert train_set.scale_range == data.SCALE_RANGE["pascal"] and train_set.augment == "crop-scale-flip"
+        _assert_episode(train_set[0], 1, 48, test=False)
+        ep = test_set[0]
+        _assert_episode(ep, 3, 48, test=True)
+        assert ep["class_id"] in (2, 5) and ep["m_q_orig"].shape == (80, 80)
+        # --test-classes replace the fold (whatever fold is passed)
+        assert data.dataset_classes("folder", 1, root, test_classes=[6, 3]).novel == [3, 6]
+        assert data.build_dataset("folder", "test", 1, img_size=48, root=root, test_classes=(6, 3)).classes == [3, 6]
+        assert data.build_dataset("folder", "train", 1, img_size=48, root=root,
+                                  test_classes=(3, 6)).classes == [1, 2, 4, 5]
+        assert symnet.base_classes(common.Setting(dataset="folder", data_root=root,
+                                                  test_classes=(3, 6))) == [1, 2, 4, 5]
+        with pytest.raises(ValueError, match="folder dataset's novel classes"):
+            data.dataset_classes("pascal", 0, test_classes=[3])
+
+    def test_folder_without_classes_and_folds_numbers_its_ids_and_says_the_default_folds_once(self, tmp_path, capsys):
+        root = _write_folder(tmp_path / "plain", classes_txt=False, folds_txt=None)
+        assert data.dataset_classes("folder", 0, root) == (6, {c: str(c) for c in range(1, 7)}, [1, 2])
+        assert [data.dataset_classes("folder", k, root).novel for k in range(4)] == [[1, 2], [3, 4], [5], [6]]
+        data.build_dataset("folder", "test", 3, img_size=48, root=root)
+        notes = [line for line in capsys.readouterr().err.splitlines() if "no folds.txt" in line]
+        assert notes == [f"[data] note: {root} has no folds.txt: fold K tests the K-th of four contiguous quarters of "
+                         "the class ids (PASCAL-5i's rule): fold 0 = 1..2, fold 1 = 3..4, fold 2 = 5, fold 3 = 6"]
+
+    def test_folder_train_and_val_lists_split_as_pascals_and_feed_the_base_learner(self, tmp_path, monkeypatch):
+        root = _write_folder(tmp_path / "listed")
+        (root / "train.txt").write_text("cat_0\ncat_3\ncup_0\ndog_0\ndog_1\n")  # dog_1 is in val.txt too: a test image
+        (root / "val.txt").write_text("dog_1\ndog_2\ndog_3\ntree_0\ntree_1\ntree_2.jpg\n")
+        train_set = data.build_dataset("folder", "train", 1, img_size=48, root=root)
+        assert sorted(train_set.files) == ["cat_0", "cat_3", "cup_0", "dog_0"]
+        assert train_set.images == ["cat_0", "cup_0"]  # cat_3 (a dog patch) and dog_0 hold novel pixels: BAM drops them
+        test_set = data.build_dataset("folder", "test", 1, shot=2, img_size=48, root=root)
+        assert sorted(test_set.files) == ["dog_1", "dog_2", "dog_3", "tree_0", "tree_1", "tree_2"]
+        assert test_set.class_files == {2: ["dog_1", "dog_2", "dog_3"], 5: ["tree_0", "tree_1", "tree_2"]}
+        # the whole training list, novel pixels -> background
+        images = symnet.BaseClassImages(common.Setting(dataset="folder", fold=1, img_size=80, data_root=root))
+        assert images.classes == [1, 3, 4, 6] and images.names == ["cat_0", "cat_3", "cup_0", "dog_0"]
+        monkeypatch.setattr(data, "train_transform", lambda img, label, *a: (img, label))  # the labels as read
+        _, label = images[(0, images.names.index("cat_3"))]
+        raw = torch.from_numpy(_label((1, 15, 15, 50, 50), (2, 65, 65, 10, 10))).long()
+        assert torch.equal(label, torch.where(raw == 1, 1, 0))  # cat -> channel 1, the dog patch (novel) -> 0
+        (root / "val.txt").write_text("dog_1\nnosuch\n")
+        with pytest.raises(data.DatasetFileError,
+                           match=r"val.txt lists 1 name\(s\) with no image and label .*: nosuch$"):
+            data.build_dataset("folder", "test", 1, img_size=48, root=root)
+
+    def test_folder_scan_is_cached_and_done_again_when_a_label_changes(self, tmp_path, monkeypatch, capsys):
+        root = _write_folder(tmp_path / "cached")
+        first = data.build_dataset("folder", "train", 1, img_size=48, root=root)
+        assert (root / ".fss_cache" / "folder_counts.json").is_file()
+        assert "checking and scanning the files of" in capsys.readouterr().out
+
+        def fail(pair, max_id=None):
+            raise AssertionError("rescanned although cached")
+        monkeypatch.setattr(data, "_scan_pair", fail)
+        again = data.build_dataset("folder", "train", 1, img_size=48, root=root)
+        assert again.counts == first.counts and again.images == first.images
+        data.build_dataset("folder", "test", 1, img_size=48, root=root)  # one scan serves both splits and every fold
+        data.build_dataset("folder", "train", 2, img_size=48, root=root)
+        label = root / "labels" / "cat_0.png"
+        Image.fromarray(_label((1, 0, 0, 60, 60))).save(label)  # the same name, edited
+        os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 10 ** 9))
+        with pytest.raises(AssertionError, match="rescanned"):
+            data.build_dataset("folder", "train", 1, img_size=48, root=root)
+        monkeypatch.undo()
+        assert data.build_dataset("folder", "train", 1, img_size=48, root=root).counts["cat_0"] == {1: 3600}
+
+    @pytest.mark.parametrize("case", ["image without label", "label without image", "label of another size",
+                                      "two images of one name", "id not in classes.txt", "folds.txt of 2 lines",
+                                      "folds.txt with an unknown id",
+                                      "test class in no image", "test class not an id", "too few for the shots",
+                                      "0/255 masks", "16-bit id over 255", "empty folder", "no images folder",
+                                      "train.txt alone"])
+    def test_folder_bad_input_gets_one_clear_line(self, case, tmp_path, capsys):
+        root = _write_folder(tmp_path / "bad")
+        images, labels = root / "images", root / "labels"
+
+        def rewrite_labels(fn):
+            for path in labels.iterdir():
+                Image.fromarray(fn(np.array(Image.open(path)))).save(path)
+
+        bad = f"1 bad file(s) in the folder dataset {root}; fix or remove them (and their list entries):\n  "
+        cases = {  # what is done to the folder, the flags, the message
+            "image without label": (lambda: (labels / "cup_1.png").unlink(), [],
+                                    f"{bad}{images / 'cup_1.jpg'}: no label {labels / 'cup_1.png'}"),
+            "label without image": (lambda: (images / "cup_1.jpg").unlink(), [],
+                                    f"{bad}{labels / 'cup_1.png'}: no image {images / 'cup_1'}.jpg (or .jpeg, .png)"),
+            "two images of one name": (lambda: _save_jpeg(images / "cup_1.png", (80, 80)), [],
+                                       f"{bad}{images / 'cup_1.png'}: a second image named cup_1 (with cup_1.jpg): "
+                                       "keep one"),
+            "label of another size": (
+                lambda: Image.fromarray(_label((3, 0, 0, 50, 50), shape=(80, 70))).save(labels / "cup_1.png"), [],
+                f"{bad}{labels / 'cup_1.png'}: 70x80 pixels, its image {images / 'cup_1.jpg'} 80x80"),
+            "id not in classes.txt": (
+                lambda: Image.fromarray(_label((3, 0, 0, 50, 50), (7, 60, 0, 20, 20))).save(labels / "cup_2.png"), [],
+                f"the labels of {root} hold class id(s) [7], which {root / 'classes.txt'} does not name (it names 6 "
+                f"classes, ids 1..6): e.g. {labels / 'cup_2.png'} holds 7"),
+            "folds.txt of 2 lines": (lambda: (root / "folds.txt").write_text("1 2\n3\n"), [],
+                                     f"{root / 'folds.txt'} has 2 line(s); it needs 4, line K the test class ids of "
+                                     "fold K (1..6, separated by spaces or commas)"),
+            "folds.txt with an unknown id": (lambda: (root / "folds.txt").write_text("1 4\n2, 9\n3\n6\n"), [],
+                                             f"{root / 'folds.txt'} line 2 '2, 9': not class ids of {root} (1..6, "
+                                             "separated by spaces or commas)"),
+            "test class in no image": (
+                lambda: (root / "classes.txt").write_text("\n".join(FOLDER_NAMES + ("bird",))),
+                ["--test-classes", "2,7"],
+                f"--test-classes 2,7: no label in {labels} holds test class 7 (bird): there is no image to test it on"),
+            "test class not an id": (lambda: None, ["--test-classes", "3,9"],
+                                     f"--test-classes 3,9: [9] are not class ids of {root} (1..6)"),
+            "too few for the shots": (lambda: None, ["--fold", "1", "--shot", "4"],
+                                      f"too few test images in {root} for 4-shot episodes, which need 5 images with >= "
+                                      "2048 pixels of the class (the query and 4 other images as supports): class 2 "
+                                      "(dog) has 4; class 5 (tree) has 4. Add images, lower --shot, or choose other "
+                                      "test classes"),
+            "0/255 masks": (lambda: rewrite_labels(lambda a: np.where(a > 0, 255, 0).astype(np.uint8)), [],
+                            f"no label in {labels} holds a class id (1..254): every pixel is 0 or 255, and 255 means "
+                            "'ignore' (write an object mask as 0/1, not 0/255)"),
+            "16-bit id over 255": (  # would be dropped by the 1..254 count: named instead
+                lambda: Image.fromarray(_label((3, 0, 0, 50, 50)).astype(np.uint16) * 100).save(labels / "cup_2.png"),
+                [],
+                f"{bad}{labels / 'cup_2.png'}: class id 300; ids are 1..254 (0 background, 255 ignore)"),
+            "empty folder": (lambda: [p.unlink() for d in (images, labels) for p in d.iterdir()], [],
+                             f"folder data root {root} holds no image: {images} has no .jpg, .jpeg, .png file and "
+                             f"{labels} no .png\n{data.FOLDER_LAYOUT}"),
+            "no images folder": (lambda: [p.unlink() for p in images.iterdir()] and images.rmdir(), [],
+                                 f"folder data root {root} is missing {images}\n{data.FOLDER_LAYOUT}"),
+            "train.txt alone": (lambda: (root / "train.txt").write_text("cat_0\n"), [],
+                                f"{root / 'train.txt'} without {root / 'val.txt'}: give both lists, or neither\n"
+                                f"{data.FOLDER_LAYOUT}"),
+        }
+        change, flags, message = cases[case]
+        change()
+        with pytest.raises(SystemExit) as err:
+            _folder_eval(root, tmp_path / "run", *flags)
+        assert str(err.value.code) == f"error: {message}"  # train.main's one line, no traceback
+        assert "Traceback" not in capsys.readouterr().err
+
+
+# ==========================================================================================================
+# train.py: the harness end to end on synthetic data, with a tiny model file written to a temp folder
+# ==========================================================================================================
+
+class TestTrain:
+    # ---------------- training, evaluation, --resume, --select-best, --compile, NaN stop, DDP -----------------
+
+    def test_cli_trains_and_evaluates_end_to_end(self, tiny, tmp_path):
+        out = tmp_path / "run"
+        proc = run_cli(["train.py", *tiny_args(tiny, out, "--epochs", "3", "--log-every", "2", "--workers", "2")])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        res = result_line(proc.stdout)
+        assert res["model"] == "tinynet" and res["dataset"] == "synthetic" and res["fold"] == "1"
+        assert 0 <= float(res["miou"]) <= 100 and 0 <= float(res["fbiou"]) <= 100
+        assert "episodes/s" in proc.stdout and "ETA" in proc.stdout and "test seed 1" in proc.stdout
+        records = read_metrics(out)
+        assert records[0]["event"] == "start" and records[-1]["event"] == "result"
+        assert set(records[-1]["per_class"]) == {"6", "7", "8", "9", "10"}  # fold 1's test classes
+        state = torch.load(out / "last.pt", weights_only=False)
+        assert state["epoch"] == 3 and state["args"]["model"] == str(tiny)
+
+    def test_training_lowers_the_loss(self, tiny, tmp_path):
+        train.main(tiny_args(tiny, tmp_path, "--epochs", "6", "--train-length", "32", "--log-every", "8",
+                             "--test-episodes", "4", "--test-seeds", "1"))
+        losses = [r["loss"] for r in read_metrics(tmp_path) if r["event"] == "train"]
+        assert len(losses) == 6 and sum(losses[-2:]) < 0.9 * sum(losses[:2]), losses
+        # the poly schedule per step: 32 episodes / batch 4 = 8 steps an epoch, 48 in all, logged at each 8th
+        lrs = [r["lr"] for r in read_metrics(tmp_path) if r["event"] == "train"]
+        assert lrs == pytest.approx([0.05 * (1 - (8 * e + 7) / 48) ** 0.9 for e in range(6)])
+
+    def test_evaluation_scores_at_original_resolution_by_hand(self, tmp_path):
+        """A model that calls every pixel foreground, on PASCAL-sized (500x375) images tested at 64 px: per class,
+        I = its object pixels and U = every labelled pixel of the ORIGINAL label (not the resized, padded one)."""
+        class AllForeground(nn.Module):
+            def forward(self, img_q, img_s, m_s, class_ids=None):
+                logits = torch.zeros(img_q.shape[0], 2, *img_q.shape[-2:])
+                logits[:, 1] = 10.0  # p(fg) = sigmoid(10) everywhere
+                return {"logits": logits}
+
+        root = tmp_path / "voc"
+        train.write_pascal_like(root, 30)
+        args = train.parse_args(["--model", "baseline", "--dataset", "pascal", "--data-root", str(root), "--img-size",
+                                 "64", "--test-episodes", "5", "--test-seeds", "1", "--workers", "0"])[0]
+        dataset = train.episodes(args, "test")
+        loader = data.make_loader(dataset, data.EpisodeSampler(len(dataset)), 2, args.workers, torch.device("cpu"),
+                                  False)
+        meter = train.evaluate(AllForeground(), loader, dataset, torch.device("cpu"), args, seed=0)
+        inter, union = {}, {}
+        for i in range(len(dataset)):
+            episode = dataset[(0, i)]
+            target, c = episode["m_q_orig"], episode["class_id"]
+            assert target.shape == (375, 500)
+            inter[c] = inter.get(c, 0) + (target == 1).sum().item()
+            union[c] = union.get(c, 0) + (target != IGNORE_INDEX).sum().item()
+        assert meter.class_iou() == pytest.approx({c: inter[c] / union[c] for c in inter}, rel=1e-9)
+        assert meter.fbiou() == pytest.approx(sum(inter.values()) / sum(union.values()) / 2, rel=1e-9)  # bg IoU 0
+        assert meter.mean_probability() == pytest.approx([torch.sigmoid(torch.tensor(10.0)).item()] * 2)
+
+    def test_episode_sampler_streams_ranks_and_test_split(self):
+        def keys(sampler, stream):
+            sampler.set_stream(stream)
+            return list(sampler)
+
+        ranks = [data.EpisodeSampler(10, rank, 2, shuffle=True, seed=3, batch_size=2) for rank in (0, 1)]
+        epoch0 = [keys(s, 0) for s in ranks]
+        assert all(len(k) == len(s) == 4 for k, s in zip(epoch0, ranks))  # 10 // (2 ranks x 2) x 2: whole batches
+        assert all(stream == 0 for k in epoch0 for stream, _ in k)  # the key carries the epoch to the workers
+        assert not {i for _, i in epoch0[0]} & {i for _, i in epoch0[1]}  # the ranks see different episodes
+        assert keys(ranks[0], 0) == epoch0[0] and [i for _, i in keys(ranks[0], 1)] != [i for _, i in epoch0[0]]
+        test = [data.EpisodeSampler(7, rank, 2) for rank in (0, 1)]
+        assert [i for _, i in keys(test[0], 4)] == [0, 2, 4, 6] and [i for _, i in keys(test[1], 4)] == [1, 3, 5]
+
+    def test_resume_after_a_crash_gives_the_same_weights(self, tiny, tmp_path):
+        common_args = ["--epochs", "3", "--workers", "2", "--test-episodes", "2", "--test-seeds", "1"]
+        train.main(tiny_args(tiny, tmp_path / "a", *common_args))
+        with pytest.raises(RuntimeError, match="simulated crash"):  # 4 steps per epoch: dies inside epoch 2
+            train.main(tiny_args(tiny, tmp_path / "b", *common_args, "--crash-after", "6"))
+        assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["epoch"] == 1
+        train.main(tiny_args(tiny, tmp_path / "b", *common_args, "--resume"))
+        a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
+        b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+        assert b["epoch"] == 3
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), k
+        assert torch.equal(a["optimizer"]["state"][0]["momentum_buffer"], b["optimizer"]["state"][0]["momentum_buffer"])
+
+    def test_select_best_validates_keeps_the_best_and_evaluates_it(self, tiny, tmp_path, capsys):
+        train.main(tiny_args(tiny, tmp_path, "--epochs", "3", "--select-best", "--val-every", "1",
+                             "--test-episodes", "4", "--test-seeds", "1"))
+        text = capsys.readouterr().out
+        records = read_metrics(tmp_path)
+        vals = [r["miou"] for r in records if r["event"] == "val"]
+        assert len(vals) == 3 and "evaluating best.pt" in text and "optimistic" in text
+        best = torch.load(tmp_path / "best.pt", weights_only=False)
+        assert best["best"] == max(vals) and best["epoch"] == 1 + vals.index(max(vals))
+        assert records[-1]["miou"] == pytest.approx(max(vals))  # the final evaluation is best.pt's
+
+    def test_compile_trains_as_eager_and_saves_plain_weights(self, tiny, tmp_path):
+        """--compile (torch.compile; inductor's C++ backend on a CPU) gives eager's losses, and the checkpoint has the
+        module's own keys, so that it loads without --compile."""
+        losses = {}
+        for name, extra in (("eager", ()), ("compiled", ("--compile",))):
+            out = tmp_path / name
+            proc = run_cli(["train.py", *tiny_args(tiny, out, "--epochs", "1", "--log-every", "1", "--test-seeds", "1",
+                                                   *extra)])
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            losses[name] = [r["loss"] for r in read_metrics(out) if r["event"] == "train"]
+        assert len(losses["eager"]) == 4 and losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
+        keys = torch.load(tmp_path / "compiled" / "last.pt", weights_only=False)["model"]
+        assert keys.keys() == torch.load(tmp_path / "eager" / "last.pt", weights_only=False)["model"].keys()
+
+    def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(self, tiny, tmp_path, capsys):
+        with pytest.raises(SystemExit) as stop:
+            train.main(tiny_args(tiny, tmp_path, "--epochs", "3", "--nan-after", "5", "--log-every", "1"))
+        assert stop.value.code == train.EXIT_NONFINITE
+        assert "loss became nan" in capsys.readouterr().out
+        state = torch.load(tmp_path / "last.pt", weights_only=False)
+        assert state["epoch"] == 1  # 4 steps per epoch: epoch 1 was good, epoch 2 went bad
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+    def test_evaluation_is_reproducible_and_matches_across_processes(self, tiny, tmp_path):
+        train.main(tiny_args(tiny, tmp_path / "t", "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"))
+        ckpt = str(tmp_path / "t" / "last.pt")
+        evals = ["--eval-only", "--checkpoint", ckpt, "--batch-size", "2"]
+        first = train.main(tiny_args(tiny, tmp_path / "e1", *evals))
+        second = train.main(tiny_args(tiny, tmp_path / "e2", *evals, "--workers", "2"))
+        assert first == second
+        # 2 processes (gloo on CPU): each rank takes every second episode, the meters are summed across ranks
+        proc = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                        "train.py", *tiny_args(tiny, tmp_path / "ddp", *evals)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        res = result_line(proc.stdout)
+        assert float(res["miou"]) == pytest.approx(100 * first[0], abs=0.006)
+        assert float(res["fbiou"]) == pytest.approx(100 * first[1], abs=0.006)
+
+    def test_ddp_training_on_cpu(self, tiny, tmp_path):
+        proc = run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+                        "train.py", *tiny_args(tiny, tmp_path, "--epochs", "2", "--test-episodes", "4")])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("RESULT ") == 1  # rank 0 alone reports
+        assert "2 process(es)" in proc.stdout
+        assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 2
+
+    # ---------------- the baseline; --stage, --vis, --predict, --bench ----------------------------------------
+
+    def test_baseline_segments_a_colour_coded_episode_exactly(self):
+        """On pixel features, a red square on blue is found exactly by the fg/bg prototype rule."""
+        baseline = train.PrototypeBaseline(train.BaselineConfig(baseline_features="image"))
+        img_s, img_q = torch.zeros(1, 2, 3, 16, 16), torch.zeros(1, 3, 16, 16)
+        img_s[:, :, 2], img_q[:, 2] = 1.0, 1.0  # blue everywhere
+        m_s = torch.zeros(1, 2, 16, 16, dtype=torch.long)
+        m_s[0, 0, 2:8, 2:8], m_s[0, 1, 8:14, 1:5], m_s[0, 1, 0, :] = 1, 1, 255
+        for k, (top, left, h, w) in enumerate([(2, 2, 6, 6), (8, 1, 6, 4)]):
+            img_s[0, k, :, top:top + h, left:left + w] = torch.tensor([1.0, 0, 0])[:, None, None]  # red object
+        img_q[0, :, 9:15, 5:12] = torch.tensor([1.0, 0, 0])[:, None, None]
+        logits = baseline(img_q, img_s, m_s)["logits"]
+        assert logits.shape == (1, 2, 16, 16) and not any(p.requires_grad for p in baseline.parameters())
+        expected = torch.zeros(16, 16, dtype=torch.long)
+        expected[9:15, 5:12] = 1
+        assert torch.equal(logits[0].argmax(0), expected)
+
+    def test_baseline_evaluates_without_training(self, tmp_path, capsys):
+        miou, fbiou = train.main(["--model", "baseline", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
+                                  "--img-size", "64", "--test-episodes", "2", "--test-seeds", "1",
+                                  "--out", str(tmp_path)])
+        assert 0 <= miou < 1 and 0 < fbiou < 1  # 2 episodes at 64 px: the floor may find nothing
+        out = capsys.readouterr().out
+        assert "training:" not in out and "BatchNorm statistics estimated on 64 training images" in out
+        # 2 episodes cannot cover fold 0's 5 classes: the others count 0, as in PFENet's mIoU, and the user is told
+        result = read_metrics(tmp_path)[-1]
+        assert sorted(map(int, result["per_class"])) == list(data.fold_classes("synthetic", 0))
+        assert miou == pytest.approx(sum(result["per_class"].values()) / 5)
+        assert "WARNING: test seed 0 has no episode of" in out and "IoU 0 in the mIoU" in out
+
+    def test_stage_vis_predict_and_bench(self, tiny, tmp_path, capsys):
+        train.main(tiny_args(tiny, tmp_path, "--stage", "hello"))
+        assert (tmp_path / "stage.txt").read_text() == "fold 1"
+        with pytest.raises(SystemExit, match="offers"):
+            train.main(tiny_args(tiny, tmp_path, "--stage", "nosuch"))
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:  # a stage's NaN loss stops as training's does
+            train.main(tiny_args(tiny, tmp_path, "--stage", "nan"))
+        assert stop.value.code == train.EXIT_NONFINITE
+        assert "the loss became nan in epoch 1 at step 1 in --stage nan" in capsys.readouterr().out
+
+        train.main(tiny_args(tiny, tmp_path, "--epochs", "1", "--vis", "3", "--test-episodes", "4",
+                             "--test-seeds", "1"))
+        pngs = sorted((tmp_path / "vis").glob("*.png"))
+        assert len(pngs) == 3
+        assert Image.open(pngs[0]).size == (3 * 48, 48)  # 1 support | ground truth | prediction
+
+        img = np.zeros((30, 50, 3), np.uint8)
+        img[5:25, 10:30] = 200
+        mask = np.zeros((30, 50), np.uint8)
+        mask[5:25, 10:30] = 255  # a white-on-black mask, as people draw them
+        Image.fromarray(img).save(tmp_path / "s.jpg")
+        Image.fromarray(mask).save(tmp_path / "s.png")
+        Image.fromarray(img[:, ::-1].copy()).save(tmp_path / "q.jpg")
+        pred_out = tmp_path / "pred"
+        train.main(["--predict", "--checkpoint", str(tmp_path / "last.pt"), "--support", str(tmp_path / "s.jpg"),
+                    "--support-mask", str(tmp_path / "s.png"), "--query", str(tmp_path / "q.jpg"),
+                    "--out", str(pred_out), "--workers", "0"])
+        pred = np.array(Image.open(pred_out / "q_mask.png"))
+        assert pred.shape == (30, 50) and set(np.unique(pred)) <= {0, 255}
+        assert Image.open(pred_out / "q_overlay.png").size == (50, 30)
+        Image.fromarray(mask.T.copy()).save(tmp_path / "turned.png")  # 30x50 image, 50x30 mask: would be stretched
+        with pytest.raises(SystemExit, match="is 30x50 pixels but its image .* is 50x30"):
+            train.main(["--predict", "--checkpoint", str(tmp_path / "last.pt"), "--support", str(tmp_path / "s.jpg"),
+                        "--support-mask", str(tmp_path / "turned.png"), "--query", str(tmp_path / "q.jpg"),
+                        "--out", str(pred_out), "--workers", "0"])
+
+        capsys.readouterr()
+        train.main(tiny_args(tiny, tmp_path, "--bench", "--bench-steps", "2", "--batch-size", "2"))
+        text = capsys.readouterr().out
+        assert "ms/step" in text and "ms/episode" in text and "learnable" in text and "TFLOP/step" in text
+        peak = float(text.split("peak process memory: ")[1].split(" GiB")[0])  # on the CPU: the resident peak
+        assert 0.1 < peak < 64
+        fields = dict(kv.split("=") for kv in text.split("BENCH ")[1].split())  # the line for scripts
+        assert fields["shot"] == "1" and fields["batch"] == "2" and float(fields["peak_gib"]) == pytest.approx(peak)
+        assert float(fields["episodes_per_s"]) == pytest.approx(2000 / float(fields["train_ms"]), rel=0.1)  # rounded
+        assert fields["host_syncs"] == "0" and "host syncs: 0 per training step" in text
+
+    def test_user_masks_of_any_mode_and_missing_files(self, tmp_path):
+        grey = np.zeros((4, 5), np.uint8)
+        grey[1:3, 2:4] = 200
+        rgb = np.zeros((4, 5, 3), np.uint8)
+        rgb[1:3, 2:4, 2] = 1  # a faint blue object: nonzero in one channel only
+        Image.fromarray(grey).save(tmp_path / "grey.png")
+        Image.fromarray(rgb).save(tmp_path / "rgb.png")
+        Image.fromarray(np.dstack([rgb, np.full((4, 5), 255, np.uint8)])).save(tmp_path / "rgba.png")
+        expected = torch.from_numpy((grey > 0).astype(np.int64))
+        for name in ("grey.png", "rgb.png", "rgba.png"):
+            assert torch.equal(train.read_user_mask(tmp_path / name), expected), name
+        with pytest.raises(SystemExit, match="cannot read mask"):
+            train.read_user_mask(tmp_path / "absent.png")
+        # a phone photo stored landscape with EXIF orientation 6 (shown turned 90 degrees clockwise): --predict
+        # reads it upright, as the user sees it and drew its mask; the datasets' images are read as stored
+        photo = np.zeros((4, 6, 3), np.uint8)
+        photo[0, 0] = 255  # top-left as stored -> top-right as shown
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        Image.fromarray(photo).save(tmp_path / "phone.png", exif=exif)
+        stored, upright = data.load_image(tmp_path / "phone.png"), data.load_image(tmp_path / "phone.png", upright=True)
+        assert stored.shape == (3, 4, 6) and upright.shape == (3, 6, 4)
+        assert stored[0, 0, 0] == 255 and upright[0, 0, -1] == 255
+
+    def test_count_flops_by_hand_and_backbone_share(self):
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.backbone = Backbone("resnet50", pretrained=False)
+                self.head = nn.Conv2d(2048, 2, 1)
+
+            def forward(self, x):
+                return self.head(self.backbone(x)["layer4"])  # (1,2,5,5)
+
+        torch.manual_seed(0)
+        net, x = Net(), torch.randn(1, 3, 33, 33)
+        with torch.utils.flop_counter.FlopCounterMode(display=False) as reference:
+            net.backbone(x)
+        head = 2 * 2048 * 2 * 5 * 5  # 2 flops per multiply-add, 2048 -> 2 channels at 5x5
+        total, backbone = train.count_flops(net, lambda: net(x).sum().backward())
+        assert backbone == reference.get_total_flops() > 0
+        assert total == backbone + head + head  # the head's forward and its weight gradient (x needs none)
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())  # hooks removed
+
+    def test_bf16_peak_matches_whole_gpu_names(self, monkeypatch):
+        args, cuda = argparse.Namespace(peak_tflops=None), torch.device("cuda")
+        for name, peak in (("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.5), ("NVIDIA H100 NVL", 835.5),
+                           ("NVIDIA L40", 181.0), ("NVIDIA L40S", 362.1), ("NVIDIA L4", 121.0), ("NVIDIA A10G", None),
+                           ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H200", 989.4)):
+            monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+            assert train.bf16_peak_tflops(cuda, args) == peak, name
+        assert train.bf16_peak_tflops(cuda, argparse.Namespace(peak_tflops=500.0)) == 500.0  # --peak-tflops wins
+
+    def test_bench_data_on_generated_pascal_jpegs(self, tmp_path, monkeypatch, capsys):
+        monkeypatch.setattr(train, "BENCH_DATA_IMAGES", 20)
+        monkeypatch.setattr(train, "BENCH_DATA_SECONDS", 0.5)
+        train.main(["--bench-data", "--model", "baseline", "--workers", "1", "--img-size", "64", "--batch-size", "2"])
+        text = capsys.readouterr().out
+        assert "writing 20 PASCAL-sized JPEGs" in text
+        lines = [line for line in text.splitlines() if line.strip().endswith("per image)")]
+        rates = [float(line.split()[2]) for line in lines]
+        assert len(rates) == 2 and all(r > 0 for r in rates)  # 0 and 1 workers
+        # a compact batch of 2 1-shot episodes at 64 px: 4 images of 3 x 64 x 64 bytes, 4 masks, 2 class ids of 8 bytes
+        assert all(f"{(4 * 4 * 64 * 64 + 2 * 8) / 2 ** 20:.1f} MiB a batch" in line for line in lines)
+        root = tmp_path / "voc"
+        train.write_pascal_like(root, 5)
+        img = Image.open(root / "JPEGImages" / "000004.jpg")
+        label = np.array(Image.open(root / "SegmentationClassAug" / "000004.png"))
+        assert img.size == (500, 375) and label.shape == (375, 500) and 5 in np.unique(label)  # class 1 + 4 % 20
+        assert (root / "ImageSets" / "Segmentation" / "val.txt").read_text() == "000004\n"
+
+    # ---------------- arguments, and checkpoints given with flags ---------------------------------------------
+
+    @pytest.mark.parametrize("argv, message", [
+        (["--fold", "7"], "argument --fold: must be 0, 1, 2, 3 or all, got '7'"),
+        (["--fold", "all", "--bench"], "--fold all trains and evaluates"),
+        (["--backbone-weights", "w.pth", "--no-pretrained"], "--backbone-weights and --no-pretrained exclude"),
+        (["--resume", "--overwrite"], "--resume excludes --eval-only and --overwrite"),
+        (["--shot", "0"], "argument --shot: must be at least 1, got 0"),
+        (["--log-every", "0"], "argument --log-every: must be at least 1"),
+        (["--test-episodes", "0"], "argument --test-episodes: must be at least 1"),
+        (["--workers", "-1"], "argument --workers: must be at least 0"),
+        (["--seed", "-1"], "argument --seed: must be at least 0"),
+        (["--batch-size", "two"], "argument --batch-size: invalid positive_int value"),
+        (["--lr", "-1"], "argument --lr: must be a number above 0 and at most 10, got '-1'"),
+        (["--lr", "1e300"], "argument --lr: must be a number above 0 and at most 10, got '1e300'"),
+        (["--lr", "nan"], "argument --lr: must be a number above 0 and at most 10, got 'nan'"),
+        (["--lr", "inf"], "argument --lr: must be a number above 0 and at most 10, got 'inf'"),
+        (["--model", "nosuchnet"], "choose one of"),
+        (["--model", "missing.py"], "no such file"),
+        (["--dataset", "pascal", "--data-root", "/nonexistent/voc", "--model", "baseline", "--no-pretrained"],
+         "JPEGImages"),
+    ])
+    def test_bad_arguments_get_clear_messages(self, argv, message, tmp_path):
+        proc = run_cli(["train.py", *argv, "--workers", "0", "--out", str(tmp_path)])
+        assert proc.returncode != 0
+        assert message in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr
+
+    def test_help_lists_the_models_own_flags(self):
+        proc = run_cli(["train.py", "--model", "crcnet", "--help"])
+        assert proc.returncode == 0 and "crcnet options" in proc.stdout and "--kshot" in proc.stdout
+
+    def test_offline_pretrained_run_stops_with_instructions(self, tmp_path, monkeypatch):
+        def offline(*args, **kwargs):
+            raise OSError("network is unreachable")
+
+        monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+        with pytest.raises(SystemExit) as stop:
+            train.main(["--model", "baseline", "--dataset", "synthetic", "--workers", "0", "--out", str(tmp_path)])
+        assert str(stop.value).startswith("error: could not load the ImageNet weights")
+        assert "--no-pretrained" in str(stop.value)
+
+    def test_model_flags_given_with_a_checkpoint_apply(self, tiny, tmp_path):
+        train.main(tiny_args(tiny, tmp_path / "run", "--epochs", "1", "--test-episodes", "4", "--test-seeds", "1"))
+        flags = ["--eval-only", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--dataset", "synthetic",
+                 "--fold", "1", "--workers", "0", "--test-episodes", "4", "--test-seeds", "1"]
+        plain = train.main([*flags, "--out", str(tmp_path / "a")])
+        inverted = train.main([*flags, "--invert", "1", "--out", str(tmp_path / "b")])
+        assert plain == train.main([*flags, "--out", str(tmp_path / "c")])  # evaluation is deterministic
+        assert inverted != plain  # --invert, a model flag not in the checkpoint's config, took effect
+
+    def test_a_checkpoint_is_tested_on_its_own_fold_unless_told_otherwise(self, tiny, tmp_path, capsys):
+        train.main(tiny_args(tiny, tmp_path / "run", "--epochs", "1", "--test-episodes", "4", "--test-seeds", "1"))
+        flags = ["--eval-only", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--workers", "0",
+                 "--test-episodes", "4", "--test-seeds", "1"]
+        capsys.readouterr()
+        train.main([*flags, "--out", str(tmp_path / "a")])  # trained on synthetic fold 1; neither flag given
+        out, err = capsys.readouterr()
+        assert result_line(out)["dataset"] == "synthetic" and result_line(out)["fold"] == "1" and "WARNING" not in err
+        train.main([*flags, "--fold", "2", "--out", str(tmp_path / "b")])  # allowed, but its classes were trained on
+        out, err = capsys.readouterr()
+        assert result_line(out)["fold"] == "2" and "was trained on synthetic fold 1" in err
+        # --model=X is --model X: it overrides the checkpoint's model, as the spaced form does
+        assert train.parse_args(["--model=baseline", "--checkpoint", flags[2]])[0].model == "baseline"
+        # files that are not train.py checkpoints: a message naming the file, not a traceback
+        (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+        torch.save({"model": {}, "classes": [1]}, tmp_path / "stage.pt")  # a stage's file, e.g. a base learner
+        for name, message in (("junk.pt", "cannot read checkpoint"), ("stage.pt", "is not a checkpoint of train.py")):
+            with pytest.raises(SystemExit, match=message):
+                train.main(["--eval-only", "--checkpoint", str(tmp_path / name)])
+
+    def test_eval_only_without_checkpoint_is_refused(self, tiny, tmp_path, capsys):
+        with pytest.raises(SystemExit):
+            train.main(tiny_args(tiny, tmp_path, "--eval-only"))
+        assert "--eval-only needs --checkpoint" in capsys.readouterr().err
+
+    @pytest.mark.parametrize("dataset", ["pascal", "coco"])
+    @pytest.mark.parametrize("model", sorted(RECIPES))
+    def test_default_recipe_is_the_run_behind_each_papers_table(self, model, dataset):
+        args, _ = train.parse_args(["--model", model, "--dataset", dataset])
+        assert (args.lr, args.batch_size, args.epochs, args.img_size, args.augment) == RECIPES[model][dataset]
+        assert (args.test_episodes, args.test_seeds) == ({"pascal": 1000, "coco": 5000}[dataset], 5)
+        given, _ = train.parse_args(["--model", model, "--dataset", dataset, "--lr", "0.1", "--augment", "pfenet",
+                                     "--test-episodes", "7"])  # the command line wins over every recipe
+        assert (given.lr, given.augment, given.test_episodes, given.batch_size) == (0.1, "pfenet", 7, args.batch_size)
+
+    def test_qpenet_epochs_follow_the_official_config_of_each_fold_and_backbone(self):
+        """config/pascal/pascal_split{0-3}_resnet50.yaml: 100, 100, 100, 50 epochs; resnet101: 150 (its deep stem too);
+        --fold all resolves each fold's own; the command line wins."""
+        epochs = lambda *flags: train.parse_args(["--model", "qpenet", *flags])[0]  # noqa: E731
+        assert [epochs("--fold", str(k)).epochs for k in range(4)] == [100, 100, 100, 50]
+        assert [one.epochs for one in epochs("--fold", "all").folds] == [100, 100, 100, 50]
+        assert epochs("--backbone", "resnet101", "--fold", "3").epochs == 150
+        assert (epochs("--backbone", "resnet101_deep").epochs == 150
+                and epochs("--backbone", "resnet50_deep").epochs == 100)
+        assert epochs("--backbone", "vgg16_bn").epochs == 100  # a backbone the configs do not name: ResNet-50's
+        assert (epochs("--fold", "3", "--epochs", "7").epochs == 7
+                and epochs("--dataset", "coco", "--fold", "3").epochs == 50)
+
+    @pytest.mark.parametrize("dataset, end_to_end, scales", [("pascal", True, (0.75, 1.0, 1.25)),
+                                                             ("coco", True, (0.75, 1.0, 1.25)),
+                                                             ("synthetic", False, (1.0,))])
+    def test_crcnet_recipe_trains_end_to_end_and_tests_at_three_scales(self, dataset, end_to_end, scales):
+        args, module = train.parse_args(["--model", "crcnet", "--dataset", dataset])
+        cfg = train.make_config(module, args)  # §5.1; the synthetic quick start keeps the encoder frozen, one scale
+        assert (cfg.train_encoder, tuple(cfg.test_scales)) == (end_to_end, scales)
+        args, module = train.parse_args(["--model", "crcnet", "--dataset", dataset, "--freeze-encoder",
+                                         "--test-scales", "1", "1.5"])
+        assert (train.make_config(module, args).train_encoder, train.make_config(module, args).test_scales) == \
+            (False, [1.0, 1.5])
+
+    def test_a_recipe_value_that_names_no_flag_is_refused(self, tmp_path):
+        path = tmp_path / "badrecipe.py"
+        path.write_text(TINY_MODEL.replace('dict(lr=0.05, batch_size=4', 'dict(no_such_flag=3, lr=0.05, batch_size=4'))
+        with pytest.raises(SystemExit, match="recipe value no_such_flag=3 names no flag"):
+            train.parse_args(["--model", str(path), "--dataset", "synthetic"])
+
+    def test_result_reports_the_mean_and_spread_over_the_test_seeds(self, tiny, tmp_path, capsys):
+        train.main(tiny_args(tiny, tmp_path, "--epochs", "1", "--test-episodes", "6", "--test-seeds", "3"))
+        out = capsys.readouterr().out
+        record = read_metrics(tmp_path)[-1]
+        printed = [float(line.split("mIoU ")[1].split()[0]) for line in out.splitlines()
+                   if line.startswith("test seed")]
+        assert printed == pytest.approx([100 * v for v in record["seed_miou"]], abs=0.006) and len(printed) == 3
+        assert record["miou"] == pytest.approx(np.mean(record["seed_miou"]))
+        assert record["miou_std"] == pytest.approx(np.std(record["seed_miou"], ddof=1))
+        assert record["fbiou_std"] == pytest.approx(np.std(record["seed_fbiou"], ddof=1))
+        res = result_line(out)
+        assert float(res["miou_std"]) == pytest.approx(100 * record["miou_std"], abs=0.006)
+        assert float(res["fbiou"]) == pytest.approx(100 * record["fbiou"], abs=0.006)
+        assert f"+- {100 * record['miou_std']:.2f}" in out
+        assert train.spread([0.5])[0] == 0.5 and math.isnan(train.spread([0.5])[1])  # one seed: no spread
+
+    def test_training_and_evaluation_are_fp32_unless_bf16_is_asked(self, tiny, tmp_path, monkeypatch):
+        real, calls = train.autocast, []
+
+        def recording(device, bf16):
+            calls.append((sys._getframe(1).f_code.co_name, bf16))
+            return real(device, bf16)
+
+        monkeypatch.setattr(train, "autocast", recording)
+        for flags, expected in [((), {("train", False), ("evaluate", False)}),
+                                (("--bf16", "--bf16-eval"), {("train", True), ("evaluate", True)})]:
+            calls.clear()
+            train.main(tiny_args(tiny, tmp_path / str(len(flags)), "--epochs", "1", "--test-episodes", "2",
+                                 "--test-seeds", "1", *flags))
+            assert set(calls) == expected
+        with warnings.catch_warnings():  # torch warns that CUDA is absent here; only the context's kind matters
+            warnings.simplefilter("ignore")
+            assert isinstance(real(torch.device("cuda"), False), contextlib.nullcontext)
+            assert isinstance(real(torch.device("cuda"), True), torch.autocast)
+        assert isinstance(real(torch.device("cpu"), True), contextlib.nullcontext)
+
+    # ---------------- no run is ever lost; bad input gets one line --------------------------------------------
+
+    def test_a_new_run_does_not_replace_the_run_in_its_folder(self, tiny, tmp_path):
+        flags = ["--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"]
+        train.main(tiny_args(tiny, tmp_path, *flags))
+        before = (tmp_path / "last.pt").read_bytes()
+        with pytest.raises(SystemExit) as err:
+            train.main(tiny_args(tiny, tmp_path, *flags, "--seed", "5"))
+        assert str(err.value.code) == (f"error: {tmp_path} holds a run already (tinynet on synthetic fold 1, 1-shot, "
+                                       "resnet50, epoch 1 of 1): continue it with --resume, replace it with "
+                                       "--overwrite, or give another --out")
+        # start, train, result
+        assert (tmp_path / "last.pt").read_bytes() == before and len(read_metrics(tmp_path)) == 3
+        train.main(tiny_args(tiny, tmp_path, *flags, "--seed", "5", "--overwrite"))
+        assert (tmp_path / "last.pt").read_bytes() != before
+        assert [r["event"] for r in read_metrics(tmp_path)] == ["start", "train", "result"]  # one run's log
+        assert read_metrics(tmp_path)[0]["args"]["seed"] == 5
+
+    def test_a_second_run_on_a_folder_in_use_is_refused_with_the_first_ones_pid(self, tiny, tmp_path):
+        holder = subprocess.Popen([sys.executable, "-c", (
+            "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); fcntl.lockf(f, fcntl.LOCK_EX); "
+            "f.write(f'{os.getpid()}\\n'); f.flush(); print('held', flush=True); time.sleep(60)"),
+            str(tmp_path / ".lock")],
+            stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            with pytest.raises(SystemExit) as err:
+                train.main(tiny_args(tiny, tmp_path, "--epochs", "1"))
+            assert str(err.value.code) == (f"error: the run folder {tmp_path} is in use by another run (process "
+                                           f"{holder.pid}); wait for it to end or give another --out")
+            assert not (tmp_path / "metrics.jsonl").exists()
+        finally:
+            holder.kill()
+            holder.wait()
+        train.main(tiny_args(tiny, tmp_path, "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"))  # free now
+
+    def test_resume_cleans_a_stale_temporary_and_its_log_reads_as_one_run(self, tiny, tmp_path, capsys):
+        flags = ["--epochs", "3", "--log-every", "1", "--test-episodes", "2", "--test-seeds", "1"]
+        train.main(tiny_args(tiny, tmp_path / "whole", *flags))
+        with pytest.raises(RuntimeError, match="simulated crash"):  # 4 steps an epoch: dies in epoch 2 after 2 steps
+            train.main(tiny_args(tiny, tmp_path / "cut", *flags, "--crash-after", "6"))
+        (tmp_path / "cut" / ".last.pt.k2j4x.tmp").write_bytes(b"half a checkpoint")  # a save that SIGKILL cut short
+        train.main(tiny_args(tiny, tmp_path / "cut", *flags, "--resume"))
+        assert f"removed {tmp_path / 'cut' / '.last.pt.k2j4x.tmp'}" in capsys.readouterr().out
+        assert not list((tmp_path / "cut").glob("*.tmp"))
+        steps = lambda out: [(r["epoch"], r["step"], round(r["loss"], 6)) for r in read_metrics(out)
+                             if r["event"] == "train"]
+        assert steps(tmp_path / "cut") == steps(tmp_path / "whole")  # epoch 2's first records are not there twice
+        assert [r["event"] for r in read_metrics(tmp_path / "cut")].count("resume") == 1
+
+    def test_resume_or_evaluate_with_another_runs_checkpoint_says_what_it_is(self, tiny, tmp_path):
+        train.main(tiny_args(tiny, tmp_path / "a", "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"))
+        with pytest.raises(SystemExit) as err:
+            train.main([*tiny_args(tiny, tmp_path / "a", "--epochs", "2", "--resume"), "--fold", "2"])
+        assert str(err.value.code) == (f"error: --resume: {tmp_path / 'a' / 'last.pt'} is a checkpoint of tinynet on "
+                                       "synthetic fold 1, 1-shot, resnet50, not of tinynet on synthetic fold 2, "
+                                       "1-shot, resnet50 (fold differ): give the flags it was trained with, or "
+                                       "another --out")
+        other = tmp_path / "othernet.py"
+        other.write_text(TINY_MODEL.replace("self.head = nn.Conv2d(", "self.head2 = nn.Conv2d(")
+                         .replace("self.head(x)", "self.head2(x)"))
+        with pytest.raises(SystemExit) as err:
+            train.main(["--model", str(other), "--eval-only", "--checkpoint", str(tmp_path / "a" / "last.pt"),
+                        "--out", str(tmp_path / "b"), "--workers", "0"])
+        message = str(err.value.code)
+        assert message.startswith(f"error: the weights in {tmp_path / 'a' / 'last.pt'} do not fit this model (tinynet "
+                                  "on synthetic fold 1") and "head2.weight" in message and "\n" not in message
+
+    def test_a_failed_save_keeps_the_last_checkpoint_and_leaves_no_temporary(self, tiny, tmp_path, monkeypatch):
+        real_save, saves = torch.save, []
+
+        def full_disk(obj, f, *a, **kw):
+            saves.append(f)
+            if len(saves) == 2:  # epoch 2's checkpoint: part of it is written, then the disk is full
+                f.write(b"\0" * 1000)
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0\nmore")
+            return real_save(obj, f, *a, **kw)
+
+        monkeypatch.setattr(torch, "save", full_disk)
+        with pytest.raises(SystemExit) as err:
+            train.main(tiny_args(tiny, tmp_path, "--epochs", "3"))
+        last = tmp_path / "last.pt"
+        assert str(err.value.code) == (f"error: could not write {last} ([enforce fail at inline_container.cc:672] . "
+                                       f"unexpected pos 64 vs 0; is the disk full?): {last} is left as it was")
+        assert torch.load(last, weights_only=False)["epoch"] == 1 and not list(tmp_path.glob("*.tmp"))
+
+    def test_an_unwritable_run_folder_is_refused_before_anything_runs(self, tiny, tmp_path, capsys):
+        (tmp_path / "file").write_text("not a folder")
+        with pytest.raises(SystemExit) as err:
+            train.main(tiny_args(tiny, tmp_path / "file" / "run", "--epochs", "1"))
+        assert str(err.value.code).startswith(f"error: cannot write to the run folder {tmp_path / 'file' / 'run'}: ")
+        assert "training:" not in capsys.readouterr().out
+
+    def test_ctrl_c_prints_one_line_that_says_how_to_resume_and_exits_130(self, tiny, tmp_path):
+        argv = tiny_args(tiny, tmp_path, "--epochs", "400", "--log-every", "1")
+        code, out, err = _stop_while_training(argv, signal.SIGINT, (tmp_path / "last.pt").exists)  # at a checkpoint
+        assert code == 130, err[-2000:]
+        assert "Traceback" not in err and err.strip().count("\n") == 0
+        assert err.strip() == (f"interrupted: {tmp_path / 'last.pt'} holds the last finished epoch; continue with: "
+                               f"python train.py {' '.join(argv)} --resume")
+
+    def test_fold_all_table_equals_the_four_single_fold_runs_and_is_collected_again(self, tiny, tmp_path, capsys):
+        flags = ["--epochs", "1", "--test-episodes", "6", "--test-seeds", "2"]
+        singles = [train.main(tiny_args(tiny, tmp_path / f"fold{k}", *flags, "--fold", str(k))) for k in range(4)]
+        capsys.readouterr()
+        records = train.main(tiny_args(tiny, tmp_path / "all", *flags, "--fold", "all"))
+        out = capsys.readouterr().out
+        assert [(r["fold"], r["miou"], r["fbiou"]) for r in records] == [(k, *s) for k, s in enumerate(singles)]
+        per_seed = np.array([r["seed_miou"] for r in records]).mean(0)  # the mean's spread: of the per-seed means
+        res = result_line(out)
+        assert res["fold"] == "all" and float(res["miou"]) == pytest.approx(100 * np.mean(singles, 0)[0], abs=0.006)
+        assert float(res["miou_std"]) == pytest.approx(100 * np.std(per_seed, ddof=1), abs=0.006)
+        table = out[out.index("four folds"):]
+        rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[2:7]}
+        for k, r in enumerate(records):
+            assert rows[str(k)] == [f"{100 * r['miou']:.2f}", "+-", f"{100 * r['miou_std']:.2f}",
+                                    f"{100 * r['fbiou']:.2f}", "+-", f"{100 * r['fbiou_std']:.2f}"]
+        assert rows["mean"][:3] == [res["miou"], "+-", res["miou_std"]]
+        assert "| model | shot | fold 0 | fold 1 | fold 2 | fold 3 | mean mIoU | mean FB-IoU |" in table
+        assert f"| tinynet | 1 | {100 * records[0]['miou']:.1f} ± {100 * records[0]['miou_std']:.1f} |" in table
+        # run again: every fold is complete, so nothing trains and the table is collected from the folds' logs
+        again = train.main(tiny_args(tiny, tmp_path / "all", *flags, "--fold", "all"))
+        out = capsys.readouterr().out
+        assert out.count("its result taken from metrics.jsonl") == 4 and "training:" not in out
+        assert result_line(out) == res and [r["miou"] for r in again] == [r["miou"] for r in records]
+        # --eval-only over the four checkpoints gives the same table
+        evaluated = train.main(tiny_args(tiny, tmp_path / "all", *flags, "--fold", "all", "--eval-only"))
+        assert [r["miou"] for r in evaluated] == [r["miou"] for r in records]
+        assert result_line(capsys.readouterr().out) == res
+
+    def test_fold_all_resumes_where_it_stopped(self, tiny, tmp_path, capsys):
+        flags = ["--epochs", "2", "--test-episodes", "4", "--test-seeds", "1"]
+        with pytest.raises(RuntimeError, match="simulated crash"):  # fold 0 completes, fold 1 dies in its 2nd epoch
+            train.main(tiny_args(tiny, tmp_path / "all", *flags, "--fold", "all", "--crash-after", "6",
+                                 "--crash-fold", "1"))
+        assert train.read_result(tmp_path / "all" / "fold0") is not None and not (tmp_path / "all" / "fold2").exists()
+        assert torch.load(tmp_path / "all" / "fold1" / "last.pt", weights_only=False)["epoch"] == 1
+        capsys.readouterr()
+        records = train.main(tiny_args(tiny, tmp_path / "all", *flags, "--fold", "all"))
+        out = capsys.readouterr().out
+        assert ("fold 0: complete" in out
+                and f"resumed from {tmp_path / 'all' / 'fold1' / 'last.pt'} after epoch 1" in out)
+        assert out.count("training:") == 3  # folds 1 (resumed), 2 and 3
+        whole = train.main(tiny_args(tiny, tmp_path / "one", *flags, "--fold", "1"))
+        assert (records[1]["miou"], records[1]["fbiou"]) == whole  # as if it had never stopped
+
+    def test_bad_dataset_files_stop_the_run_with_one_message(self, tiny, tmp_path):
+        root = _write_pascal(tmp_path / "voc")
+        flags = ["--model", str(tiny), "--dataset", "pascal", "--data-root", str(root), "--img-size", "32",
+                 "--batch-size", "2", "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"]
+        # a training image that decodes badly inside a DataLoader worker: one line naming it, not the worker's traceback
+        # (cut after the scan, which decodes every image, has passed it and cached its counts)
+        data.build_dataset("pascal", "train", 0, img_size=32, root=root)
+        jpeg = root / "JPEGImages" / "a_voc.jpg"
+        jpeg.write_bytes(jpeg.read_bytes()[:2000])
+        with pytest.raises(SystemExit) as err:
+            train.main([*flags, "--workers", "1", "--out", str(tmp_path / "a")])
+        assert str(err.value.code).startswith(f"error: cannot read image {jpeg}: ") and "\n" not in str(err.value.code)
+        # no test image holds a class of fold 3 (16-20) with 2048 pixels
+        with pytest.raises(SystemExit) as err:
+            train.main([*flags, "--workers", "0", "--fold", "3", "--eval-only", "--model", "baseline",
+                        "--baseline-features", "image", "--out", str(tmp_path / "b")])
+        assert str(err.value.code).startswith("error: no pascal test image has a class of [16, 17, 18, 19, 20] with "
+                                              ">= 2048 pixels")
+        proc = run_cli(["train.py", "--model", "baseline", "--dataset", "pascal", "--out", str(tmp_path / "c")])
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert proc.stderr.startswith("error: no data root given for pascal: pass --data-root DIR")
+
+    def test_bad_files_of_the_training_and_the_test_list_come_in_one_message(self, tiny, tmp_path):
+        """Every listed file is decoded once before anything else (check_data), and the bad files of both lists are
+        named together: one round of fixing, not one per list."""
+        root = _write_pascal(tmp_path / "voc")
+        for name in ("a_voc", "v1"):  # a_voc is a training image, v1 a test image
+            jpeg = root / "JPEGImages" / f"{name}.jpg"
+            jpeg.write_bytes(jpeg.read_bytes()[:2000])
+        with pytest.raises(SystemExit) as err:
+            train.main(["--model", str(tiny), "--dataset", "pascal", "--data-root", str(root), "--img-size", "32",
+                        "--epochs", "1", "--workers", "0", "--out", str(tmp_path / "run")])
+        message = str(err.value.code)
+        assert "PASCAL train list" in message and "PASCAL test list" in message
+        assert str(root / "JPEGImages" / "a_voc.jpg") in message and str(root / "JPEGImages" / "v1.jpg") in message
+        assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing ran
+
+    def test_a_rewrite_that_fails_leaves_the_file_and_no_temporary(self, tmp_path, monkeypatch):
+        log = tmp_path / "metrics.jsonl"
+        log.write_text('{"event": "start"}\n{"event": "train", "epoch": 2}\n')
+
+        def full(fd):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "fsync", full)
+        with pytest.raises(common.SaveError, match="is the disk full.*is left as it was"):
+            common.cut_log(log, 1)  # what --resume does to the log: its rewrite fails
+        assert (log.read_text() == '{"event": "start"}\n{"event": "train", "epoch": 2}\n'
+                and not list(tmp_path.glob(".*")))
+
+    # ---------------- resume keeps the recipe; logs, NaN, signals, locks and flags that lose nothing ----------
+
+    def test_resume_takes_the_recipe_of_its_checkpoint_and_refuses_another(self, tiny, tmp_path, capsys):
+        """`--resume` alone continues the run as it was trained (epochs, batch, lr, seed, the model's flags), a flag
+        given with another value is refused with both, and one that may change (workers, evaluation) is taken."""
+        recipe = ["--epochs", "3", "--batch-size", "2", "--lr", "0.01", "--seed", "4", "--width", "8"]
+        whole = train.main(tiny_args(tiny, tmp_path / "whole", *recipe, "--train-length", "8"))
+        with pytest.raises(RuntimeError, match="simulated crash"):  # 4 steps an epoch: dies in epoch 2
+            train.main(tiny_args(tiny, tmp_path / "cut", *recipe, "--train-length", "8", "--crash-after", "5"))
+        bare = ["--model", str(tiny), "--dataset", "synthetic", "--fold", "1", "--out", str(tmp_path / "cut")]
+        for flag, value, saved in (("--lr", "0.02", "0.01"), ("--epochs", "6", "3"), ("--batch-size", "4", "2"),
+                                   ("--seed", "0", "4"), ("--train-length", "16", "8"), ("--width", "16", "8")):
+            with pytest.raises(SystemExit) as err:
+                train.main([*bare, "--resume", flag, value])
+            message = str(err.value.code)
+            assert message.startswith(f"error: --resume: {tmp_path / 'cut' / 'last.pt'} was trained with "
+                                      f"{flag} {saved}")
+            assert f"(now {value})" in message.replace("'", "") and "--lr, " in message and "\n" not in message
+        capsys.readouterr()
+        resumed = train.main([*bare, "--resume", "--workers", "0", "--test-episodes", "12", "--test-seeds", "2"])
+        out = capsys.readouterr().out
+        assert "training: 8 episodes/epoch, 4 steps of 2, 3 epochs, lr 0.01" in out and resumed == whole
+        state = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+        assert state["epoch"] == 3 and state["args"]["lr"] == 0.01 and state["args"]["width"] == 8  # the model's flag
+        assert state["args"]["crash_after"] is None  # a flag that may change on resume (EVALUATION_FLAGS) is not kept
+
+    def test_resume_before_the_first_checkpoint_starts_the_run(self, tiny, tmp_path, capsys):
+        """A run killed before its first checkpoint leaves a log: a plain rerun points to --resume, which starts it."""
+        flags = ["--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"]
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train.main(tiny_args(tiny, tmp_path, *flags, "--crash-after", "1"))
+        assert not (tmp_path / "last.pt").exists() and (tmp_path / "metrics.jsonl").exists()
+        with pytest.raises(SystemExit, match="continue it with --resume"):
+            train.main(tiny_args(tiny, tmp_path, *flags))
+        train.main(tiny_args(tiny, tmp_path, *flags, "--resume"))
+        assert "has no checkpoint yet: the run starts from its first epoch" in capsys.readouterr().out
+        assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
+        assert [r["event"] for r in read_metrics(tmp_path)] == ["start", "resume", "start", "train", "result"]
+
+    def test_checkpoints_hold_plain_values_and_files_that_would_run_code_are_refused(self, tiny, tmp_path, capsys):
+        """Every file train.py writes loads with weights_only=True; a last.pt crafted to run a command when unpickled
+        is refused with one line by every entry point, and its command never runs."""
+        flags = ["--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"]
+        train.main(tiny_args(tiny, tmp_path / "good", *flags))
+        state = torch.load(tmp_path / "good" / "last.pt", weights_only=True)  # raises on anything but plain values
+        assert state["epoch"] == 1 and isinstance(state["args"]["out"], str)
+        marker = tmp_path / "ran"
+
+        class Payload:  # unpickling calls os.system(...): what a malicious checkpoint would do
+            def __reduce__(self):
+                return os.system, (f"touch {marker}",)
+
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        torch.save({**state, "epoch": Payload()}, bad / "last.pt")
+        img = np.zeros((20, 20, 3), np.uint8)
+        Image.fromarray(img).save(tmp_path / "q.jpg")
+        Image.fromarray(np.full((20, 20), 255, np.uint8)).save(tmp_path / "m.png")
+        calls = [
+            tiny_args(tiny, bad, *flags, "--resume"),  # --resume
+            ["--eval-only", "--checkpoint", str(bad / "last.pt"), "--out", str(tmp_path / "e")],  # --eval-only
+            ["--predict", "--checkpoint", str(bad / "last.pt"), "--support", str(tmp_path / "q.jpg"), "--support-mask",
+             str(tmp_path / "m.png"), "--query", str(tmp_path / "q.jpg")],  # --predict
+            ["--eval-only", "--vis", "1", "--checkpoint", str(bad / "last.pt"), "--out", str(tmp_path / "v")],  # --vis
+            ["--model", str(tiny), "--eval-only", "--fold", "all", "--checkpoint",
+             str(tmp_path / "fold{fold}" / "last.pt")],  # --fold all
+        ]
+        (tmp_path / "fold0").mkdir()
+        (tmp_path / "fold0" / "last.pt").write_bytes((bad / "last.pt").read_bytes())
+        for argv in calls:
+            with pytest.raises(SystemExit) as err:
+                train.main(argv)
+            assert "cannot read checkpoint" in str(err.value.code) and "\n" not in str(err.value.code), argv
+        with pytest.raises(SystemExit, match="holds a run already .*cannot be read"):  # a new run into its folder
+            train.main(tiny_args(tiny, bad, *flags))
+        torch.save({"model": {}, "classes": [1], "backbone": Payload()}, tmp_path / "base.pt")  # a stage's file
+        with pytest.raises(common.WeightsUnavailableError, match="cannot read"):
+            symnet.read_base_learner(symnet.Config(base_learner=str(tmp_path / "base.pt")), common.Setting())
+        with pytest.raises(common.WeightsUnavailableError, match="cannot read"):
+            qgnet.read_stage1_file(tmp_path / "base.pt")
+        assert not marker.exists()
+
+    def test_evaluation_scores_do_not_depend_on_the_evaluation_batch(self, tiny, tmp_path):
+        train.main(tiny_args(tiny, tmp_path / "t", "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"))
+        evals = ["--eval-only", "--checkpoint", str(tmp_path / "t" / "last.pt"), "--test-episodes", "7"]
+        scores = {b: train.main(tiny_args(tiny, tmp_path / f"e{b}", *evals, "--eval-batch-size", str(b)))
+                  for b in (1, 3, 7)}
+        assert scores[1] == pytest.approx(scores[3], abs=1e-12) and scores[1] == pytest.approx(scores[7], abs=1e-12)
+        assert train.parse_args(tiny_args(tiny, tmp_path))[0].eval_batch_size == 1  # the official codes' one
+
+    def test_update_never_steps_on_a_nonfinite_loss_or_gradient(self):
+        w = nn.Parameter(torch.tensor([1.0, 2.0]))
+        optimizer = common.sgd([w], 0.1, 0.9, 1e-4)
+        common.update(optimizer, (w ** 2).sum())  # a finite step: w <- w - 0.1 * (2w + 1e-4 w)
+        expected = torch.tensor([1.0, 2.0]) * (1 - 0.1 * (2 + 1e-4))
+        assert torch.allclose(w.detach(), expected)
+        momentum = optimizer.state[w]["momentum_buffer"].clone()
+        for loss in ((w ** 2).sum() * float("nan"), (w ** 2).sum() * float("inf"), (w * torch.tensor([1e38, 1e38])
+                                                                                    ).pow(2).sum() * 0):
+            before = w.detach().clone()
+            common.update(optimizer, loss)  # NaN, inf, and a finite loss (0) whose gradient is NaN
+            assert torch.equal(w.detach(), before) and torch.equal(optimizer.state[w]["momentum_buffer"], momentum)
+        assert train.host_syncs(lambda: common.update(optimizer, (w ** 2).sum())) == []  # decided on the device
+        with pytest.raises(ValueError, match="fused SGD of common.sgd"):
+            common.update(torch.optim.SGD([w], lr=0.1), (w ** 2).sum())
+
+    def test_a_checkpoint_is_never_written_from_nonfinite_weights(self, tiny, tmp_path, monkeypatch, capsys):
+        real, steps = common.update, []
+
+        def poison(optimizer, loss):  # the last step of epoch 2 makes the weights infinite: its own loss was finite
+            real(optimizer, loss)
+            steps.append(1)
+            if len(steps) == 8:
+                with torch.no_grad():
+                    optimizer.param_groups[0]["params"][0].fill_(float("inf"))
+
+        monkeypatch.setattr(common, "update", poison)
+        with pytest.raises(SystemExit) as stop:
+            train.main(tiny_args(tiny, tmp_path, "--epochs", "2", "--test-episodes", "2", "--test-seeds", "1"))
+        assert stop.value.code == train.EXIT_NONFINITE
+        assert (f"error: the weights are no longer finite; stopping. the last good checkpoint is {tmp_path / 'last.pt'}"
+                in capsys.readouterr().out)
+        assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
+
+    def test_a_log_that_cannot_be_appended_stops_in_one_line_and_a_torn_line_is_dropped(self, tiny, tmp_path,
+                                                                                        monkeypatch, capsys):
+        flags = ["--epochs", "2", "--log-every", "1", "--test-episodes", "2", "--test-seeds", "1"]
+        real_open, writes = open, []
+
+        class FullDisk:  # the 6th record written to metrics.jsonl: part of it reaches the file, then ENOSPC
+            def __init__(self, f):
+                self.f = f
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return self.f.__exit__(*exc)
+
+            def write(self, line):
+                writes.append(line)
+                if len(writes) == 6:
+                    self.f.write(line[:7])
+                    raise OSError(28, "No space left on device")
+                return self.f.write(line)
+
+        def opening(path, mode="r", *a, **kw):
+            f = real_open(path, mode, *a, **kw)
+            return FullDisk(f) if str(path).endswith("metrics.jsonl") and "a" in mode else f
+
+        monkeypatch.setattr("builtins.open", opening)
+        with pytest.raises(SystemExit) as err:
+            train.main(tiny_args(tiny, tmp_path, *flags))
+        monkeypatch.undo()
+        assert str(err.value.code) == (f"error: could not append to {tmp_path / 'metrics.jsonl'} (No space left on "
+                                       "device; is the disk full?): the records before it are kept")
+        lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 5 and all(json.loads(line) for line in lines)  # no torn line
+        # a torn last line (a crash in the middle of a write) is dropped on resume, with a note
+        with open(tmp_path / "metrics.jsonl", "a") as f:
+            f.write('{"event": "tra')
+        capsys.readouterr()
+        train.main(tiny_args(tiny, tmp_path, *flags, "--resume"))
+        assert "dropped the last line of" in capsys.readouterr().err
+        assert read_metrics(tmp_path)[-1]["event"] == "result"
+
+    def test_a_signal_during_a_checkpoint_write_waits_for_the_file_to_be_whole(self, tmp_path, monkeypatch):
+        real_save = torch.save
+
+        def interrupted_save(obj, f, *a, **kw):  # Ctrl-C arrives in the middle of the write
+            os.kill(os.getpid(), signal.SIGINT)
+            return real_save(obj, f, *a, **kw)
+
+        monkeypatch.setattr(torch, "save", interrupted_save)
+        with pytest.raises(KeyboardInterrupt):
+            common.save_atomic({"w": torch.ones(3)}, tmp_path / "last.pt")
+        assert torch.equal(torch.load(tmp_path / "last.pt", weights_only=True)["w"], torch.ones(3))
+        assert not list(tmp_path.glob("*.tmp"))
+        with pytest.raises(TypeError, match="is not a plain value"):  # nothing but plain values is ever saved
+            common.save_atomic({"w": object()}, tmp_path / "other.pt")
+
+    def test_sigterm_stops_like_ctrl_c_with_a_whole_checkpoint_and_the_command_that_continues(self, tiny, tmp_path):
+        argv = tiny_args(tiny, tmp_path, "--epochs", "400", "--log-every", "1", "--workers", "2")
+        code, out, err = _stop_while_training(argv, signal.SIGTERM, (tmp_path / "last.pt").exists)
+        assert code == train.EXIT_TERMINATED, err[-2000:]
+        assert "Traceback" not in err and err.strip().count("\n") == 0
+        assert err.strip() == (f"stopped by SIGTERM: {tmp_path / 'last.pt'} holds the last finished epoch; continue "
+                               f"with: python train.py {' '.join(argv)} --resume")
+        assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] >= 1
+
+    @pytest.mark.parametrize("with_out", [False, True])
+    def test_ctrl_c_inside_fold_all_names_the_fold_and_what_it_kept(self, tiny, tmp_path, with_out):
+        base = ["--model", str(tiny), "--dataset", "synthetic", "--train-length", "16", "--test-episodes", "2",
+                "--test-seeds", "1", "--workers", "0"]
+        folder = (lambda k: tmp_path / "all" / f"fold{k}") if with_out else (
+            lambda k: Path("runs") / f"tinynet-synthetic-fold{k}-1shot")  # relative to the working directory
+        proc = subprocess.run([sys.executable, str(REPO / "train.py"), *base, "--fold", "0", "--epochs", "1", "--out",
+                               str(tmp_path / folder(0))], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]  # fold 0 is complete: --fold all takes it as it is
+        argv = [*base, *(["--out", str(tmp_path / "all")] if with_out else []), "--fold", "all", "--epochs", "400",
+                "--log-every", "1"]
+        code, out, err = _stop_while_training(argv, signal.SIGINT, (tmp_path / folder(1) / "last.pt").exists, tmp_path)
+        assert code == 130 and "Traceback" not in err, err[-2000:]
+        assert err.strip() == (f"interrupted in fold 1 of --fold all: {folder(1) / 'last.pt'} holds the last finished "
+                               f"epoch; continue with: python train.py {' '.join(argv)}")
+
+    def test_the_run_folder_lock_is_the_run_process_alone(self, tmp_path):
+        """DataLoader workers are forked with the lock file open: when the run is killed, a worker that lingers must
+        not hold the folder (a requeued job would be refused, naming a dead process)."""
+        script = (f"import os, sys, time, argparse; sys.path.insert(0, {str(REPO)!r}); import train; "
+                  "from pathlib import Path; args = argparse.Namespace(out=Path(sys.argv[1]), resume=False, "
+                  "overwrite=False); handle = open(Path(sys.argv[1]) / '.lock', 'a+'); "
+                  "train.take_run_folder(handle, args, False, ()); child = os.fork(); "
+                  "(time.sleep(60), os._exit(0)) if child == 0 else None; print(child, flush=True); time.sleep(60)")
+        run = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        child = int(run.stdout.readline())
+        try:
+            args = argparse.Namespace(out=tmp_path, resume=False, overwrite=False)
+            with pytest.raises(SystemExit, match=f"in use by another run \\(process {run.pid}\\)"):
+                with train.hold_run_folder(args, False, ()):
+                    pass
+            run.kill()  # SIGKILL: its forked child still has the lock file open
+            run.wait()
+            os.kill(child, 0)  # still alive
+            with train.hold_run_folder(args, False, ()):  # the folder is free at once
+                assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+        finally:
+            run.kill()
+            os.kill(child, signal.SIGKILL)
+
+    def test_checkpoint_paths_and_files_of_other_tools_get_one_line(self, tmp_path):
+        with pytest.raises(SystemExit, match="does not exist"):  # braces other than {fold} are part of the name
+            train.main(["--eval-only", "--checkpoint", str(tmp_path / "{x}" / "last.pt")])
+        for name, state in (("a.pt", {"model": {"w": torch.ones(1)}, "config": [1], "args": {"model": "m"}}),
+                            ("b.pt", {"model": "weights", "config": {}, "args": {}, "epoch": 1}),
+                            ("c.pt", {"model": {"w": torch.ones(1)}, "config": {}, "args": {"lr": 1}, "epoch": 1})):
+            torch.save(state, tmp_path / name)
+            with pytest.raises(SystemExit, match="is not a checkpoint of train.py"):
+                train.main(["--eval-only", "--checkpoint", str(tmp_path / name)])
+
+    def test_predict_names_each_query_apart_and_an_unwritable_folder_in_one_line(self, tiny, tmp_path):
+        train.main(tiny_args(tiny, tmp_path / "run", "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"))
+        img = np.zeros((30, 40, 3), np.uint8)
+        img[5:25, 10:30] = 200
+        for sub in ("a", "b"):
+            (tmp_path / sub).mkdir()
+            Image.fromarray(img).save(tmp_path / sub / "photo.jpg")
+        Image.fromarray((img[..., 0] > 0).astype(np.uint8) * 255).save(tmp_path / "m.png")
+        predict = ["--predict", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--support",
+                   str(tmp_path / "a" / "photo.jpg"), "--support-mask", str(tmp_path / "m.png"), "--query",
+                   str(tmp_path / "a" / "photo.jpg"), "--query", str(tmp_path / "b" / "photo.jpg"), "--workers", "0"]
+        train.main(predict)  # default folder: the checkpoint's folder/predict
+        assert sorted(p.name for p in (tmp_path / "run" / "predict").iterdir()) == [
+            "photo-2_mask.png", "photo-2_overlay.png", "photo_mask.png", "photo_overlay.png"]
+        (tmp_path / "file").write_text("")
+        with pytest.raises(SystemExit) as err:
+            train.main([*predict, "--out", str(tmp_path / "file" / "pred")])
+        assert str(err.value.code).startswith(f"error: cannot write the predictions to {tmp_path / 'file' / 'pred'}")
+
+    def test_a_stage_is_a_run_locked_never_replaced_resumable_and_cleaned(self, tiny, tmp_path, monkeypatch, capsys):
+        monkeypatch.setattr(common, "RUNS_DIR", str(tmp_path / "runs"))
+        path = tmp_path / "runs" / "tiny-count-fold1" / "count.pt"
+        flags = tiny_args(tiny, tmp_path / "ignored", "--stage", "count")
+        train.main([*flags, "--epochs", "2"])
+        assert torch.load(path, weights_only=True)["epoch"] == 2
+        before = path.read_bytes()
+        with pytest.raises(SystemExit) as err:  # run again: the file is not replaced
+            train.main([*flags, "--epochs", "2"])
+        assert str(err.value.code).startswith(f"error: {path.parent} holds a run already (count.pt, epoch 2)")
+        assert path.read_bytes() == before
+        (path.parent / ".count.pt.x1y2.tmp").write_bytes(b"half")  # a save that SIGKILL cut short
+        capsys.readouterr()
+        train.main([*flags, "--epochs", "4", "--resume"])
+        out = capsys.readouterr().out
+        assert f"removed {path.parent / '.count.pt.x1y2.tmp'}" in out and "[count] epoch 3/4" in out
+        assert "[count] epoch 1/4" not in out and torch.load(path, weights_only=True)["epoch"] == 4
+        path.write_bytes(path.read_bytes()[:100])  # truncated
+        with pytest.raises(SystemExit) as err:
+            train.main([*flags, "--epochs", "5", "--resume"])
+        assert str(err.value.code).startswith(f"error: cannot read {path}") and "\n" not in str(err.value.code)
+        train.main([*flags, "--epochs", "1", "--overwrite"])
+        assert torch.load(path, weights_only=True)["epoch"] == 1
+
+    # ---------------- the folder dataset through the harness --------------------------------------------------
+
+    def test_folder_dataset_trains_evaluates_visualises_and_predicts_through_the_harness(self, tiny, tmp_path, capsys):
+        root, out = _write_folder(tmp_path / "mine"), tmp_path / "run"
+        train.main(["--model", str(tiny), "--dataset", "folder", "--data-root", str(root), "--fold", "1", "--img-size",
+                    "48", "--epochs", "1", "--batch-size", "2", "--test-episodes", "6", "--test-seeds", "1",
+                    "--workers", "0", "--vis", "2", "--out", str(out)])
+        text = capsys.readouterr().out
+        assert "training: 14 episodes/epoch, 7 steps of 2" in text  # the 14 training images of fold 1
+        result = read_metrics(out)[-1]
+        assert (result["event"] == "result" and result["dataset"] == "folder"
+                and sorted(result["per_class"]) == ["2", "5"])
+        assert "dog" in text and "tree" in text  # the class table names them from classes.txt
+        vis = sorted(p.name for p in (out / "vis").glob("*.png"))
+        assert len(vis) == 2 and all(name.endswith(("_dog.png", "_tree.png")) for name in vis)
+        state = torch.load(out / "last.pt", weights_only=False)
+        assert state["args"]["dataset"] == "folder" and state["args"]["augment"] == "pfenet"
+        train.main(["--predict", "--checkpoint", str(out / "last.pt"), "--support", str(root / "images" / "dog_0.jpg"),
+                    "--support-mask", str(root / "labels" / "dog_0.png"), "--query", str(root / "images" / "dog_1.jpg"),
+                    "--out", str(tmp_path / "pred"), "--workers", "0"])
+        pred = np.array(Image.open(tmp_path / "pred" / "dog_1_mask.png"))
+        assert pred.shape == (80, 80) and set(np.unique(pred)) <= {0, 255}
+
+    def test_folder_baseline_fold_all_test_classes_and_run_folders(self, tmp_path, capsys, monkeypatch):
+        monkeypatch.setattr(common, "RUNS_DIR", str(tmp_path / "runs"))
+        root = _write_folder(tmp_path / "mine")
+        flags = ["--model", "baseline", "--baseline-features", "image", "--dataset", "folder", "--data-root", str(root),
+                 "--img-size", "48", "--test-episodes", "4", "--test-seeds", "1", "--workers", "0"]
+        records = train.main([*flags, "--fold", "all"])
+        assert [sorted(map(int, r["per_class"])) for r in records] == [[1, 4], [2, 5], [3], [6]]  # folds.txt
+        assert "| baseline | 1 |" in capsys.readouterr().out  # the four-fold table
+        folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
+        digest = folders[0].split("-")[3]  # the root's name, then a hash of its path
+        assert len(digest) == 6 and set(digest) <= set("0123456789abcdef")
+        tag = f"folder-mine-{digest}"
+        assert folders == [f"baseline-{tag}-fold{k}-1shot" for k in range(4)]
+        train.main([*flags, "--test-classes", "6,3"])
+        assert (read_metrics(tmp_path / "runs" / f"baseline-{tag}-classes3-6-1shot")[-1]["per_class"].keys()
+                == {"3", "6"})
+        # two roots of one name, two sets of test classes: four run folders
+        other = _write_folder(tmp_path / "elsewhere" / "mine")
+        outs = {train.parse_args([*flags, "--data-root", str(r), *extra])[0].out
+                for r in (root, other) for extra in (["--test-classes", "3"], ["--test-classes", "3,6"])}
+        assert len(outs) == 4
+        capsys.readouterr()
+        for extra, message in (
+                (["--fold", "all", "--test-classes", "3"],
+                 "--test-classes names the novel classes itself: drop --fold all"),
+                (["--fold", "1", "--test-classes", "3"],
+                 "drop --fold 1 (--fold K and --fold all take a folder dataset's folds from its folds.txt)"),
+                (["--test-classes", "3,x"], "must be class ids >= 1 separated by commas (e.g. 3,7,9), got '3,x'"),
+                (["--test-classes", "3", "--dataset", "pascal"],
+                 "--test-classes chooses the novel classes of --dataset folder; pascal's are its folds (--fold)")):
+            with pytest.raises(SystemExit):
+                train.parse_args([*flags, *extra])
+            assert message in capsys.readouterr().err
+
+    @pytest.mark.parametrize("model", ["tiny", "baseline", "ocnet", "qgnet", "crcnet", "symnet", "qpenet"])
+    def test_folder_runs_take_the_harness_recipe_where_a_model_has_none(self, model, tiny, tmp_path):
+        name = str(tiny) if model == "tiny" else model
+        module = train.load_model_module(name)
+        assert "folder" not in getattr(module, "DEFAULTS", {})  # no model file has a folder recipe: the harness's
+        args = train.parse_args(["--model", name, "--dataset", "folder", "--data-root", str(tmp_path)])[0]
+        got = {k: getattr(args, k) for k in ("lr", "batch_size", "epochs", "img_size", "augment", "test_episodes",
+                                             "test_seeds")}
+        assert got == dict(lr=0.025, batch_size=4, epochs=200, img_size=473, augment="pfenet", test_episodes=1000,
+                           test_seeds=5)  # PASCAL-5i's harness recipe and protocol
+        assert train.HARNESS_DEFAULTS["folder"] == train.HARNESS_DEFAULTS["pascal"]
+
+    # ---------------- host syncs: what --bench counts and the GPU relies on, on the CPU -----------------------
+
+    def test_host_syncs_finds_each_kind_of_wait_and_nothing_else(self):
+        x = torch.randn(6, requires_grad=True)
+        m = x.detach() > 0
+
+        def waits(fn):
+            return train.host_syncs(fn)
+
+        assert waits(lambda: x.sum().item()) == ["_local_scalar_dense"]
+        assert waits(lambda: bool(x.sum() > 0)) == ["_local_scalar_dense"]  # `if t:` and float(t) too
+        assert waits(lambda: torch.where(m)) == ["nonzero"]
+        assert waits(lambda: x[m].sum().backward()) == ["index (boolean mask)", "index_put (boolean mask)"]
+        assert waits(lambda: torch.unique(m)) == ["_unique2"]
+        assert waits(lambda: x.detach().masked_select(m)) == ["masked_select"]
+        assert waits(lambda: torch.equal(x, x)) == ["equal"] and waits(lambda: torch.bincount(m.long())) == ["bincount"]
+        assert waits(lambda: x.repeat_interleave(torch.tensor([1, 2, 1, 1, 1, 1]))) == ["repeat_interleave"]
+        assert waits(lambda: x.repeat_interleave(3)) == []  # an int says the size: nothing to wait for
+        assert waits(lambda: (x.masked_fill(m, 0) * 2).sum().backward()) == []  # masks used arithmetically are fine
+        assert waits(lambda: x[torch.tensor([0, 2])]) == []  # integer indexing knows its size
+        with FakeTensorMode():  # device tensors without a device: only their place matters here
+            on_gpu, on_cpu = torch.empty(3, device="cuda"), torch.empty(3)
+        assert train.sync_op(torch.ops.aten._to_copy.default, (on_gpu,), {"device": torch.device("cpu")})
+        assert not train.sync_op(torch.ops.aten._to_copy.default, (on_cpu,), {"device": torch.device("cuda")})
+        assert not train.sync_op(torch.ops.aten._to_copy.default, (on_gpu,), {"dtype": torch.float16})
+        assert train.sync_op(torch.ops.aten.copy_.default, (on_cpu, on_gpu), {})
+        assert not train.sync_op(torch.ops.aten.copy_.default, (on_gpu, on_cpu), {})  # host to device: queued
+
+
+# ==========================================================================================================
+# ocnet.py: OCNet (GOMM, CCM with DCT pooling and Sinkhorn): shapes at 1 and 5 shots, losses, gradients; Sinkhorn,
+# MFP, the CAM; GOMM, CCM and one episode through the whole model against direct computations
+# ==========================================================================================================
+
+class TestOCNet:
+    # ---------------- shapes at 1 and 5 shots, channels_last, bf16, losses, gradients, empty masks ------------
+
+    @pytest.mark.parametrize("backbone,feat", [("resnet50", 7), ("vgg16_bn", 4)])
+    def test_ocnet_forward_shapes_one_and_five_shot(self, ocnet_models, backbone, feat):
+        model = ocnet_models[backbone].eval()
+        n2 = 2 * model.cfg.num_select
+        for batch, shot in ((2, 1), (1, 5)):
+            img_q, img_s, m_s, _ = episode(batch, shot, **OCNET_EPISODE)
+            with torch.no_grad():
+                out = model(img_q, img_s, m_s)
+            assert out["logits"].shape == (batch, 2, OCNET_SIZE, OCNET_SIZE)
+            assert out["logits_g"].shape == (batch, 2, feat, feat) and out["m_g"].shape == (batch, feat, feat)
+            assert out["logits_pa"].shape == out["cost_pa"].shape == (batch, n2, feat, feat)
+            assert set(out["m_g"].unique().tolist()) <= {0, 1} and out["m_g"].dtype == torch.long
+            assert all(torch.isfinite(v.float()).all() for v in out.values())
+            assert (out["cost_pa"] >= -1e-5).all() and (out["cost_pa"] <= 2 + 1e-5).all()  # 1 - cosine
+
+    def test_ocnet_channels_last_gives_the_same_outputs(self, ocnet_models):
+        # train.py converts the model to channels_last on CUDA: reshapes must not assume contiguous features
+        model = copy.deepcopy(ocnet_models["resnet50"]).eval()
+        img_q, img_s, m_s, _ = episode(2, 2, **OCNET_EPISODE)
+        with torch.no_grad():
+            ref = model(img_q, img_s, m_s)
+            out = model.to(memory_format=torch.channels_last)(img_q, img_s, m_s)
+        assert all(torch.allclose(ref[k].float(), out[k].float(), atol=1e-4) for k in ref)
+
+    def test_ocnet_transport_cost_stays_fp32_under_bf16_autocast(self, ocnet_models):
+        # Sinkhorn divides the cost by eps = 0.05: bf16's 1/128 steps would become 0.16 in the exponent
+        model = ocnet_models["resnet50"].eval()
+        img_q, img_s, m_s, _ = episode(2, 1, **OCNET_EPISODE)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(img_q, img_s, m_s)
+        assert out["logits_pa"].dtype == torch.bfloat16 and out["cost_pa"].dtype == torch.float32
+        assert not torch.equal(out["cost_pa"], out["cost_pa"].bfloat16().float())  # values between bf16's steps
+
+    def test_ocnet_loss_terms_and_gradients(self, ocnet_models):
+        model = ocnet_models["resnet50"].train()
+        img_q, img_s, m_s, m_q = episode(2, 2, **OCNET_EPISODE)
+        model.zero_grad(set_to_none=True)
+        out = model(img_q, img_s, m_s)
+        total, terms = model.loss(out, m_q, m_s)
+        assert set(terms) == {"target", "general", "allocation"}
+        assert all(torch.isfinite(t) and t > 0 for t in terms.values())
+        assert torch.allclose(total, sum(terms.values()))
+        total.backward()
+        for name, p in model.named_parameters():
+            if name.startswith(("backbone.", "cam.")):
+                assert not p.requires_grad and p.grad is None, name
+            else:
+                assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+        assert model.backbone.training is False and model.cam.training is False  # frozen parts stay in eval
+
+    def test_ocnet_empty_support_or_query_mask_gives_no_nan(self, ocnet_models):
+        model = ocnet_models["resnet50"].train()
+        img_q, img_s, m_s, m_q = episode(4, 1, **OCNET_EPISODE)
+        m_s[0] = 0  # empty support mask
+        m_q[1], m_q[2], m_q[3] = 0, 255, 1  # query: no foreground, nothing labelled, no background
+        model.zero_grad(set_to_none=True)
+        out = model(img_q, img_s, m_s)
+        total, terms = model.loss(out, m_q, m_s)
+        total.backward()
+        assert torch.isfinite(total) and all(torch.isfinite(t) for t in terms.values())
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads), sum(g is None for g in grads)
+        assert torch.isfinite(model(img_q[:1], img_s[:1], torch.zeros_like(m_s[:1]))["logits"]).all()
+
+    # ---------------- Sinkhorn, the allocation target, MFP and the prototype selection ------------------------
+
+    def test_ocnet_sinkhorn_meets_marginals_and_prefers_low_cost(self):
+        g = torch.Generator().manual_seed(0)
+        N, K = 48, 6
+        cost = 2 * torch.rand(3, N, K, generator=g)  # 1 - cosine lies in [0, 2]
+        region = torch.ones(3, N, dtype=torch.bool)
+        region[1, ::3] = False  # a partial region: zero padding elsewhere
+        region[2] = False  # an empty region
+        plan = ocnet.sinkhorn(cost, region, eps=0.05, iters=ocnet.Config.sinkhorn_iters)
+        assert torch.isfinite(plan).all() and (plan >= 0).all()
+        for b in (0, 1):
+            n_f = region[b].sum()
+            assert torch.allclose(plan[b].sum(1)[region[b]], torch.full((n_f,), 1 / n_f), atol=1e-4 / n_f)
+            assert (plan[b][~region[b]] == 0).all()
+            assert torch.allclose(plan[b].sum(0), torch.full((K,), 1 / K), atol=1e-5)
+        assert (plan[2] == 0).all()
+        # every row has one free column, each column free for N/K rows: the plan follows them
+        cheap = torch.ones(1, N, K)
+        cheap[0, torch.arange(N), torch.arange(N) % K] = 0
+        plan = ocnet.sinkhorn(cheap, torch.ones(1, N, dtype=torch.bool), eps=0.05, iters=50)
+        assert (plan[0].argmax(1) == torch.arange(N) % K).all()
+        assert (plan * cheap).sum() < 1e-3  # the independent coupling 1/(N K) everywhere would pay 5/6
+
+    def test_ocnet_allocation_target_by_hand(self):
+        # 2x3 feature map, N_s = 2: background slots 0, 1; foreground slots 2, 3
+        m_q = torch.tensor([[[0, 0, 255], [1, 1, 1]]])  # one row of background (and an ignored pixel), one of fg
+        cost = torch.ones(1, 4, 2, 3)
+        cost[0, 1, 0, 0] = cost[0, 0, 0, 1] = 0  # pixel (0,0) is cheap for bg slot 1, pixel (0,1) for bg slot 0
+        cost[0, 3, 1, :2] = 0  # foreground: two pixels cheap for slot 3, (1,2) has no preference: uniform
+        m_pa = ocnet.allocation_target(cost, m_q, eps=0.05, iters=50)  # marginals: slot 2 must take (1,2)
+        assert m_pa.tolist() == [[[1, 0, 255], [3, 3, 2]]]
+
+    def test_ocnet_allocation_target_solves_both_problems_as_one_batch(self):
+        # Eq. (11) for the background and the foreground pixels as one Sinkhorn batch: the plans and M_pa equal
+        # those of two separate solves, an image without foreground (an empty problem) among them
+        g = torch.Generator().manual_seed(0)
+        B, N_s, h, w = 3, 4, 6, 5
+        cost = 2 * torch.rand(B, 2 * N_s, h, w, generator=g)
+        m_q = torch.randint(0, 2, (B, h, w), generator=g)
+        m_q[0, 0] = IGNORE_INDEX
+        m_q[2] = 0
+        m_pa = ocnet.allocation_target(cost, m_q, eps=0.05, iters=100)
+        c, region = cost.flatten(2).transpose(1, 2), m_q.flatten(1)  # (B, hw, 2N_s), (B, hw)
+        background = ocnet.sinkhorn(c[..., :N_s], region == 0, 0.05, 100)  # (B, hw, N_s)
+        foreground = ocnet.sinkhorn(c[..., N_s:], region == 1, 0.05, 100)
+        both = ocnet.sinkhorn(torch.cat([c[..., :N_s], c[..., N_s:]]), torch.cat([region == 0, region == 1]), 0.05, 100)
+        torch.testing.assert_close(both, torch.cat([background, foreground]), rtol=0, atol=1e-6)
+        expected = torch.cat([background, foreground], 2).argmax(2).view(B, h, w).masked_fill(m_q == 255, 255)
+        assert torch.equal(m_pa, expected)
+        assert (m_pa[2] < N_s).all() and (foreground[2] == 0).all()  # no foreground: background slots only
+        labelled = m_q != IGNORE_INDEX
+        assert ((m_pa >= N_s) == (m_q == 1))[labelled].all()  # each pixel goes to a slot of its own kind
+
+    def test_ocnet_mfp_first_component_is_map_and_dct_is_orthogonal(self):
+        g = torch.Generator().manual_seed(0)
+        f = torch.randn(3, 8, 6, 5, generator=g)
+        m = (torch.rand(3, 24, 20, generator=g) > 0.5).float()
+        m[2] = 0  # empty mask: zeros
+        p = ocnet.multi_frequency_pooling(f, m, 7)
+        assert p.shape == (3, 49, 8)
+        assert torch.allclose(p[:, 0], common.masked_average_pooling(f, m), atol=1e-6)
+        assert (p[2] == 0).all()
+        basis = ocnet.dct_basis(6, 5, 3, "cpu").flatten(1)  # (9, 30)
+        gram = basis @ basis.T
+        assert torch.allclose(gram - torch.diag(gram.diag()), torch.zeros(9, 9), atol=1e-5)
+        assert torch.allclose(basis[0], torch.ones(30)) and math.isclose(gram[0, 0].item(), 30, rel_tol=1e-6)
+        # one component by hand: u = 1 along the rows, v = 0
+        assert torch.allclose(basis[3].view(6, 5)[:, 0], torch.cos(math.pi * (torch.arange(6) + 0.5) / 6))
+
+    def test_ocnet_prototype_selection_by_hand(self):
+        # support: e0 on the object (left half), e1 elsewhere; prototypes e0 (mask = M_s), e1, -e0, e0 + e1
+        C, h, w = 4, 4, 4
+        e = torch.eye(C)
+        m = torch.zeros(1, 1, h, w)
+        m[..., :2] = 1
+        f_s = (m[:, :, None] * e[0, :, None, None] + (1 - m[:, :, None]) * e[1, :, None, None])  # (1, 1, C, h, w)
+        p_s = torch.stack([e[1], e[0] + e[1], e[0], -e[0]])[None]  # (1, 4, C); nearest: e0, farthest: -e0
+        ccm = ocnet.CCM(C, num_select=1, pa_scale=10.0)
+        f_q = e[0, None, :, None, None].expand(1, C, 2, 2)  # every query pixel is e0
+        f_c, logits_pa, cost = ccm(f_q, torch.randn(1, C, 2, 2), f_s, m[:, :, :, :], p_s, p_s)
+        assert torch.allclose(cost[0, 0], torch.full((2, 2), 2.0))  # background slot: -e0, cosine -1
+        assert torch.allclose(cost[0, 1], torch.zeros(2, 2), atol=1e-6)  # foreground slot: e0, cosine 1
+        assert f_c.shape == (1, 2 * C, 2, 2) and logits_pa.shape == (1, 2, 2, 2) and logits_pa.abs().max() <= 10 + 1e-4
+
+    # ---------------- the ImageNet CAM and the general object mask --------------------------------------------
+
+    def test_ocnet_cam_takes_the_weight_files_own_classifier(self, pfenet_file, tmp_path):
+        path, ref = pfenet_file
+        torch.manual_seed(0)
+        model = ocnet.Model(ocnet.Config(backbone="resnet50_deep", pretrained=str(path)))
+        fc = model.cam.classifier[-1]
+        assert fc is model.backbone.head and torch.equal(fc.weight, ref.fc.weight) and torch.equal(fc.bias, ref.fc.bias)
+        assert not any(p.requires_grad for p in model.cam.parameters())
+        state = model.state_dict()  # the classifier is saved once, as the CAM's, as for the torchvision backbones
+        assert "cam.classifier.2.weight" in state and not any(k.startswith("backbone.head") for k in state)
+        f_h = torch.rand(2, 2048, 4, 5)
+        top = ref.fc(f_h.mean((2, 3))).argmax(1)  # CAM [65] of the file's top class
+        expected = ocnet.minmax(F.relu(torch.einsum("bc,bchw->bhw", ref.fc.weight[top], f_h))[:, None])
+        torch.testing.assert_close(model.cam(f_h), expected, atol=1e-5, rtol=1e-4)
+        # a file without a classifier: a clear error, and cam_source="none" needs none
+        bare = tmp_path / "no_fc.pth"
+        torch.save({k: v for k, v in torch.load(path, weights_only=True).items() if not k.startswith("fc.")}, bare)
+        with pytest.raises(common.WeightsFileError, match="no ImageNet classifier.*--cam-source none"):
+            ocnet.Model(ocnet.Config(backbone="resnet50_deep", pretrained=str(bare)))
+        assert ocnet.Model(ocnet.Config(backbone="resnet50_deep", pretrained=str(bare), cam_source="none")).cam is None
+
+    def test_ocnet_cam_of_torchvision_backbones_unchanged(self):
+        torch.manual_seed(7)
+        cam = ocnet.ImageNetCAM("resnet50", pretrained=False)
+        torch.manual_seed(7)
+        fc = torchvision.models.resnet50(weights=None).fc  # as ImageNetCAM built it before weight files existed
+        assert torch.equal(cam.classifier[-1].weight, fc.weight) and torch.equal(cam.classifier[-1].bias, fc.bias)
+        assert [type(m) for m in cam.classifier] == [nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear]
+        deep = ocnet.ImageNetCAM("resnet50_deep", pretrained=False)  # random, like its backbone (checkpoints fill it)
+        assert deep.classifier[-1].weight.shape == (1000, 2048)
+
+    def test_ocnet_gradcam_is_cam_for_resnet_and_runs_under_no_grad(self):
+        torch.manual_seed(0)
+        cam = ocnet.ImageNetCAM("resnet50", pretrained=False)
+        f_h = torch.rand(2, 2048, 5, 6)
+        with torch.no_grad():  # as in evaluation
+            out = cam(f_h)
+        fc = cam.classifier[-1]
+        top = fc(f_h.mean((2, 3))).argmax(1)  # (2,)
+        expected = F.relu(torch.einsum("bc,bchw->bhw", fc.weight[top], f_h))[:, None]  # CAM [65] of the top class
+        expected = ocnet.minmax(expected)
+        assert out.shape == (2, 1, 5, 6) and torch.allclose(out, expected, atol=1e-5)
+        assert out.amax((2, 3)).allclose(torch.ones(2, 1), atol=1e-5) and out.min() >= 0
+
+    @pytest.mark.parametrize("backbone", ["resnet50", "vgg16_bn"])
+    def test_ocnet_general_object_mask_is_thresholded_max_of_prior_and_cam(self, ocnet_models, backbone):
+        model = ocnet_models[backbone].eval()
+        img_q, img_s, m_s, _ = episode(2, 2, **OCNET_EPISODE)
+        with torch.no_grad():
+            out = model(img_q, img_s, m_s)
+            f_q4 = model.backbone(img_q)["layer4"]
+            f_s3 = model.backbone(img_s.flatten(0, 1))["layer3"]  # PFENet.py:209-210: layer4 of the masked layer3
+            m = F.interpolate((m_s.flatten(0, 1) == 1).float()[:, None], f_s3.shape[-2:], mode="bilinear",
+                              align_corners=True)
+            f_s4 = model.backbone.stages["layer4"](f_s3 * m).view(2, 2, *f_q4.shape[1:])
+            prior, cam = common.cosine_prior(f_q4, f_s4, m_s), model.cam(f_q4)
+        assert cam.shape == prior.shape and cam.min() >= 0 and cam.max() <= 1
+        assert torch.equal(out["m_g"], (torch.maximum(prior, cam)[:, 0] >= 0.6).long())
+        assert out["m_g"].flatten(1).sum(1).min() >= 1  # the prior's maximum is 1 >= tau in each image
+
+    # ---------------- configuration and a short training ------------------------------------------------------
+
+    def test_ocnet_config_cam_source_and_bad_values(self):
+        model = ocnet.Model(ocnet.Config(pretrained=False, cam_source="none"))
+        assert model.cam is None
+        with pytest.raises(ValueError, match="cam_source"):
+            ocnet.Model(ocnet.Config(pretrained=False, cam_source="saliency"))
+        with pytest.raises(ValueError, match="num_select"):
+            ocnet.Model(ocnet.Config(pretrained=False, num_select=25))
+
+    def test_ocnet_short_synthetic_training_lowers_the_loss(self, ocnet_models):
+        # four steps of the harness's SGD at the paper's lr (§5.1) on two synthetic episodes;
+        # loss compared in eval mode
+        torch.manual_seed(0)  # dropout: the loss falls by 0.13 to 0.38 over the seeds 0-5
+        model = copy.deepcopy(ocnet_models["resnet50"]).eval()
+        img_q, img_s, m_s, m_q, _ = synthetic_episode(2, 1, OCNET_SIZE)
+
+        def loss():
+            return model.loss(model(img_q, img_s, m_s), m_q, m_s)[0]
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=0.005, momentum=0.9, weight_decay=1e-4)  # §5.1, before the x 10
+        with torch.no_grad():
+            before = loss().item()
+        model.train()
+        for _ in range(4):
+            optimizer.zero_grad()
+            loss().backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            after = loss().item()
+        assert math.isfinite(after) and after < before - 0.05
+
+    # ---------------- Eq. (6): multi-frequency pooling --------------------------------------------------------
+
+    def test_ocnet_mfp_every_component_by_hand(self):
+        # each of the n*n components against sum(f * m * basis_l) / sum(m), the DCT-II cosines written out here;
+        # component l = u * n + v (u along the rows). A soft mask checks that m weights the pixels linearly.
+        g = torch.Generator().manual_seed(1)
+        B, C, h, w, n = 2, 3, 6, 5, 4
+        f = torch.randn(B, C, h, w, generator=g)
+        m = torch.rand(B, h, w, generator=g)
+        m[1, :3] = 0  # a partial mask
+        p = ocnet.multi_frequency_pooling(f, m, n)
+        assert p.shape == (B, n * n, C)
+        for b in range(B):
+            area = m[b].sum().item() + common.MAP_EPS
+            for u in range(n):
+                for v in range(n):
+                    expected = torch.zeros(C)
+                    for i in range(h):
+                        for j in range(w):
+                            basis = math.cos(math.pi * u * (i + 0.5) / h) * math.cos(math.pi * v * (j + 0.5) / w)
+                            expected += f[b, :, i, j] * m[b, i, j] * basis
+                    assert torch.allclose(p[b, u * n + v], expected / area, atol=1e-5), (b, u, v)
+
+    # ---------------- Eq. (3-5): GOMM -------------------------------------------------------------------------
+
+    def test_ocnet_gomm_allocation_residual_and_attention_by_hand(self):
+        # Identity projections make every step of Eq. (3-5) computable by hand: Conv1x1 = [I, I] (then ReLU), so
+        # F_ig = ReLU(Alloc(P_g, Argmax cos(F_q, P_g)) + F_q); attention with identity in/out projections and 2 heads
+        # is softmax(q k^T / sqrt(C/2)) v per half of the channels; F_g = that + F_q (Eq. 5's residual).
+        g = torch.Generator().manual_seed(2)
+        C, N_g, h, w = 4, 3, 2, 3
+        gomm = ocnet.GOMM(C, N_g, heads=2, dropout=0.1).eval()
+        with torch.no_grad():
+            gomm.prototypes.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 1.0]]))
+            gomm.fuse[0].weight.copy_(torch.cat([torch.eye(C), torch.eye(C)], 1)[..., None, None])
+            gomm.attention.in_proj_weight.copy_(torch.eye(C).repeat(3, 1))
+            gomm.attention.in_proj_bias.zero_()
+        _set_identity(gomm.attention.out_proj)
+        f_q = torch.randn(1, C, h, w, generator=g)
+        with torch.no_grad():
+            f_g, logits_g = gomm(f_q)
+
+        # Eq. (3-4): the nearest prototype (largest cosine) at each pixel, found by a loop
+        f_ig = torch.zeros(1, C, h, w)
+        nearest = []
+        for i in range(h):
+            for j in range(w):
+                sims = [_cos(f_q[0, :, i, j], gomm.prototypes[k]).item() for k in range(N_g)]
+                k = max(range(N_g), key=sims.__getitem__)
+                nearest.append(k)
+                f_ig[0, :, i, j] = F.relu(gomm.prototypes[k].detach() + f_q[0, :, i, j])
+        assert len(set(nearest)) > 1  # the pixels do not all pick one prototype: argmax and argmin differ here
+        with torch.no_grad():
+            assert torch.allclose(logits_g, gomm.head(f_ig), atol=1e-5)  # M̂_g is the head on F_ig
+
+        # Eq. (5): multi-head attention by hand, plus the residual F_q
+        q, kv = f_q.flatten(2)[0].T, f_ig.flatten(2)[0].T  # (hw, C)
+        d = C // 2
+        heads = []
+        for s in (slice(0, d), slice(d, C)):
+            weights = torch.softmax(q[:, s] @ kv[:, s].T / math.sqrt(d), dim=1)  # (hw, hw)
+            heads.append(weights @ kv[:, s])
+        attended = torch.cat(heads, 1).T.reshape(1, C, h, w)
+        assert torch.allclose(f_g, attended + f_q, atol=1e-5)
+
+    # ---------------- Eq. (7-10, 13-15): CCM ------------------------------------------------------------------
+
+    def test_ocnet_ccm_correlation_by_hand(self):
+        # Support: e0 on the object (left half), e1 elsewhere. Distances of the prototypes' M_sp to M_s:
+        # e0 -> 0, e0+e1 -> 2.16, e2 -> 2.83, e1 -> 4, -e0 -> 5.66; N_s = 2: foreground {e0, e0+e1}, background
+        # {-e0, e1}, e2 unused. With the four "LN" set to identity, Eq. (13-15) are computed here from F_g (not F_q)
+        # and from P_s after dropout (p_s_drop, other prototypes here), at the slots the dropout-free P_s selected:
+        # M̂_pa = cos(F_g, p_s_drop[slots]), P_q = M̂_pa^T F_g / (h w), F_c = [P_q at each pixel's argmax, F_g].
+        g = torch.Generator().manual_seed(3)
+        C, h, w = 4, 2, 3
+        e = torch.eye(C)
+        m = torch.zeros(1, 1, 4, 4)
+        m[..., :2] = 1
+        f_s = m[:, :, None] * e[0, :, None, None] + (1 - m[:, :, None]) * e[1, :, None, None]  # (1, 1, C, 4, 4)
+        p_s = torch.stack([e[2], e[1], e[0] + e[1], -e[0], e[0]])[None]  # (1, 5, C), shuffled order
+        ccm = ocnet.CCM(C, num_select=2, pa_scale=10.0)
+        _set_identity(ccm.key_g, ccm.key_p, ccm.value_g, ccm.out)
+        f_q = torch.randn(1, C, h, w, generator=g)
+        f_g = torch.randn(1, C, h, w, generator=g)  # a different feature: Eq. (10) uses F_q, Eq. (13-15) use F_g
+        p_s_drop = torch.randn(1, 5, C, generator=g)
+        with torch.no_grad():
+            f_c, logits_pa, cost = ccm(f_q, f_g, f_s, m, p_s, p_s_drop)
+
+        slots = _slot_prototypes(cost, f_q, p_s)  # Eq. (10): cost = 1 - cos(F_q, selected), background first
+        assert set(slots[:2]) == {3, 1} and set(slots[2:]) == {4, 2}
+        selected = p_s_drop[0, slots]  # (4, C) in the module's slot order
+        tokens = f_g[0].flatten(1).T  # (hw, C)
+        m_pa = torch.tensor([[_cos(t, s).item() for s in selected] for t in tokens])  # (hw, 2N_s)
+        assert torch.allclose(logits_pa[0].flatten(1).T, 10 * m_pa, atol=1e-5)  # Eq. (13), scaled by pa_scale
+        clean = torch.tensor([[_cos(t, s).item() for s in p_s[0, slots]] for t in tokens])
+        assert (m_pa - clean).abs().max() > 0.1  # the case tells the two prototype sets apart
+        p_q = m_pa.T @ tokens / (h * w)  # Eq. (14): (2N_s, C)
+        best = m_pa.argmax(1)  # Eq. (15)
+        assert not torch.equal(best, m_pa.argmin(1))
+        expected = torch.cat([p_q[best].T.reshape(1, C, h, w), f_g], 1)
+        assert torch.allclose(f_c, expected, atol=1e-5)
+
+    def test_ocnet_ccm_selection_averages_the_shot_distances(self):
+        # K shots (§5.1): Eq. (8-9) rank the prototypes by the distance averaged over the shots; the case is picked
+        # so that shot 0 alone would select other prototypes
+        g = torch.Generator().manual_seed(4)
+        B, S, C, hs, L, n_s = 1, 2, 6, 5, 8, 2
+        f_s = torch.randn(B, S, C, hs, hs, generator=g)
+        m = torch.zeros(B, S, hs, hs)
+        m[0, 0, 1:4, 1:3] = 1
+        m[0, 1, 2:5, 2:5] = 1
+        p_s = torch.randn(B, L, C, generator=g)
+        f_q = torch.randn(B, C, 3, 3, generator=g)
+        dist = torch.zeros(S, L)
+        for k in range(S):
+            for l in range(L):
+                sim = torch.stack([torch.stack([_cos(f_s[0, k, :, i, j], p_s[0, l]) for j in range(hs)])
+                                   for i in range(hs)])  # M_sp of shot k, prototype l
+                dist[k, l] = ((sim - m[0, k]) ** 2).sum().sqrt()
+        order = dist.mean(0).argsort().tolist()
+        fg, bg = set(order[:n_s]), set(order[-n_s:])
+        order0 = dist[0].argsort().tolist()
+        assert (set(order0[:n_s]), set(order0[-n_s:])) != (fg, bg)  # the case discriminates
+        ccm = ocnet.CCM(C, num_select=n_s, pa_scale=10.0)
+        with torch.no_grad():
+            _, _, cost = ccm(f_q, torch.randn(B, C, 3, 3, generator=g), f_s, m, p_s, p_s)
+        slots = _slot_prototypes(cost, f_q, p_s)
+        assert set(slots[:n_s]) == bg and set(slots[n_s:]) == fg
+
+    def test_ocnet_support_prototypes_prior_and_generalization_inputs_by_hand(self, ocnet_run):
+        # Step 4-5 with K = 2: the CCM receives P_s = the shot mean of Eq. (6)'s MFP of each shot (foreground = label 1
+        # only, 255 is not foreground), and the query generalization gets [F_g from GOMM, P_s component 0 (MAP),
+        # the prior of both shots]
+        _, _, m_s, _ = ocnet_run["episode"]
+        _, f_g, f_s, m, p_s, p_s_drop = ocnet_run["ccm_in"]
+        assert torch.equal(p_s_drop, p_s)  # eval mode: no dropout, so P_s before and after it are one
+        B, S, C, h, w = f_s.shape
+        n = ocnet.Config.dct_size
+        fg = F.interpolate((m_s == 1).float(), (h, w), mode="bilinear", align_corners=True)  # (B, S, h, w)
+        assert torch.allclose(m, fg)
+        ii, jj = torch.arange(h)[:, None] + 0.5, torch.arange(w)[None] + 0.5
+        expected = torch.zeros(B, n * n, C)
+        for u in range(n):
+            for v in range(n):
+                basis = torch.cos(math.pi * u * ii / h) * torch.cos(math.pi * v * jj / w)  # (h, w)
+                for k in range(S):
+                    pooled = (f_s[:, k] * (fg[:, k] * basis)[:, None]).sum((2, 3))  # (B, C)
+                    expected[:, u * n + v] += pooled / (fg[:, k].sum((1, 2))[:, None] + common.MAP_EPS) / S
+        assert torch.allclose(p_s, expected, atol=1e-4 * expected.abs().max().item())
+        map_mean = sum(common.masked_average_pooling(f_s[:, k], (m_s[:, k] == 1).float()) for k in range(S)) / S
+        x = ocnet_run["gen_in"]  # (B, 2C + 1, h, w)
+        assert x.shape == (B, 2 * C + 1, h, w)
+        assert torch.allclose(x[:, :C], ocnet_run["f_g"])
+        assert torch.allclose(x[:, C:2 * C], map_mean[..., None, None].expand(-1, -1, h, w), atol=1e-5)
+        f4 = ocnet_run["layer4"]  # the backbone's one call: [query, masked supports]
+        f_q4, f_s4 = f4[:B], f4[B:].unflatten(0, (B, S))
+        prior = sum(common.cosine_prior(f_q4, f_s4[:, k], m_s[:, k]) for k in range(S)) / S  # PFENet: shot mean
+        assert torch.allclose(x[:, 2 * C:], prior, atol=1e-5)
+        assert not torch.allclose(prior, common.cosine_prior(f_q4, f_s4[:, 0], m_s[:, 0]), atol=1e-3)  # both count
+
+    def test_ocnet_shot_order_does_not_matter_but_every_shot_does(self, ocnet_resnet, ocnet_run):
+        # §5.1: the K supports are averaged, so permuting them leaves every output unchanged; replacing shot 1 alone
+        # (shot 0 kept) must change the prediction
+        img_q, img_s, m_s, _ = ocnet_run["episode"]
+        ref = ocnet_run["out"]
+        img_other = img_s.clone()
+        img_other[:, 1] = torch.randn(1, 3, OCNET_SIZE, OCNET_SIZE, generator=torch.Generator().manual_seed(6))
+        with torch.no_grad():
+            out = ocnet_resnet(img_q, img_s.flip(1), m_s.flip(1))
+            other = ocnet_resnet(img_q, img_other, m_s)
+        for k in ref:
+            assert torch.allclose(ref[k].float(), out[k].float(), atol=1e-4), k
+        assert not torch.allclose(ref["logits"], other["logits"], atol=1e-5)
+
+    def test_ocnet_ignored_support_pixels_count_as_background(self, ocnet_resnet, ocnet_run):
+        # 255 in the support mask (object borders, padding) is not foreground: the episode's 255 bands (17 rows of
+        # shot 1, 2 of shot 0) give exactly the outputs of the same bands labelled 0
+        img_q, img_s, m_s, _ = ocnet_run["episode"]
+        zeroed = m_s.masked_fill(m_s == IGNORE_INDEX, 0)
+        assert (zeroed != (m_s != 0).long()).sum() > 500  # the bands would change the foreground if they counted
+        with torch.no_grad():
+            ref = ocnet_resnet(img_q, img_s, zeroed)
+        out = ocnet_run["out"]
+        for k in ref:
+            assert torch.allclose(ref[k].float(), out[k].float(), atol=1e-5), k
+
+    def test_ocnet_loss_terms_by_hand(self, ocnet_resnet, ocnet_run):
+        # Eq. (16): L_t = CE(M̂_q, M_q) over the labelled pixels, L_g = CE(M̂_g, M_g) against the mask M_g itself
+        # (1 = general object), L_p = CE(M̂_pa, M_pa) against the Sinkhorn target
+        model, out = ocnet_resnet, ocnet_run["out"]
+        _, _, m_s, m_q = ocnet_run["episode"]
+        with torch.no_grad():
+            total, terms = model.loss(out, m_q, m_s)
+        m_g = out["m_g"]
+        assert 0 < m_g.float().mean() < 1  # both classes present, so M_g and 1 - M_g give different losses
+        assert torch.allclose(terms["general"], F.cross_entropy(out["logits_g"], m_g), atol=1e-6)
+        # the untrained head is near 50/50, yet the inverted mask moves the loss by ~1e-3, 1000x the tolerance above
+        assert not torch.allclose(terms["general"], F.cross_entropy(out["logits_g"], 1 - m_g), atol=1e-4)
+        labelled = m_q != IGNORE_INDEX
+        logp = F.log_softmax(out["logits"], 1)  # (B, 2, H, W), already at the label's size
+        l_t = -logp.gather(1, m_q.clamp(max=1)[:, None])[:, 0][labelled].mean()
+        assert torch.allclose(terms["target"], l_t, atol=1e-6)
+        m_pa = ocnet.allocation_target(out["cost_pa"], m_q, model.cfg.ot_eps, model.cfg.sinkhorn_iters)
+        assert torch.allclose(terms["allocation"], F.cross_entropy(out["logits_pa"], m_pa, ignore_index=IGNORE_INDEX),
+                              atol=1e-6)
+        assert torch.allclose(total, terms["target"] + terms["general"] + terms["allocation"])
+
+    def test_ocnet_allocation_target_is_made_without_dropout(self, ocnet_resnet, ocnet_run):
+        # Eq. (7-11) take F_q, F_s, P_s before the features' Dropout2d (Choices): in train mode, under two dropout
+        # draws, the costs and the target M_pa are those eval mode computes from the same weights, while M̂_pa does
+        # see the dropout. The CCM's inputs are the 1x1 reduction's own output (its ReLU's, hooked before the
+        # Dropout2d).
+        model, ref = ocnet_resnet, ocnet_run["out"]  # ref: eval mode, no dropout
+        img_q, img_s, m_s, m_q = ocnet_run["episode"]
+        B, S = img_s.shape[:2]
+        target = ocnet.allocation_target(ref["cost_pa"], m_q, model.cfg.ot_eps, model.cfg.sinkhorn_iters)
+        assert len(target[target != IGNORE_INDEX].unique()) > 2  # several slots are taught
+        outs, reduced = [], []
+        ccm_in, h1 = _capture_inputs(model.ccm)
+        h2 = model.down[1].register_forward_hook(lambda mod, args, out: reduced.append(out.detach().clone()))
+        model.train()
+        try:
+            for seed in (1, 2):
+                torch.manual_seed(seed)
+                with torch.no_grad():
+                    outs.append(model(img_q, img_s, m_s))
+        finally:
+            model.eval()
+            h1.remove(), h2.remove()
+        assert not torch.allclose(outs[0]["logits_pa"], outs[1]["logits_pa"], atol=1e-3)  # the draws differ
+        for out in outs:
+            assert torch.allclose(out["cost_pa"], ref["cost_pa"], atol=1e-6)
+            m_pa = ocnet.allocation_target(out["cost_pa"], m_q, model.cfg.ot_eps, model.cfg.sinkhorn_iters)
+            assert torch.equal(m_pa, target)
+        f_q, _, f_s, m, p_s, p_s_drop = ccm_in[0]
+        assert torch.equal(f_q, reduced[0]) and torch.equal(f_s, reduced[1].unflatten(0, (B, S)))  # query, supports
+        mfp = ocnet.multi_frequency_pooling(f_s.flatten(0, 1), m.flatten(0, 1), model.cfg.dct_size)
+        assert torch.allclose(p_s, mfp.unflatten(0, (B, S)).mean(1), atol=1e-6)
+        _slot_prototypes(outs[0]["cost_pa"], reduced[0], p_s)  # every cost channel: 1 - cos(F_q, P_s[l]), no dropout
+        assert (p_s_drop - p_s).abs().max() > 0.1  # while Eq. (13) gets the prototypes after dropout
+
+
+# ==========================================================================================================
+# qgnet.py: QGNet: SLIC by hand; the contrastive stage (InfoNCE, queues, momentum, shuffled BN); its file; the
+# few-shot stage (shapes, gradients, FEM's inputs and the loss by hand); both stages through train.py
+# ==========================================================================================================
+
+class TestQGNet:
+    def test_qgnet_rgb_to_lab_reference_colours(self):
+        rgb = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]).T[:, :, None]  # (3, 3, 1)
+        lab = qgnet.rgb_to_lab(rgb)[:, :, 0].T
+        expected = torch.tensor([[100.0, 0.0, 0.0], [0.0, 0.0, 0.0], [53.24, 80.09, 67.20]])  # CIELAB tables, D65
+        assert torch.allclose(lab, expected, atol=0.02)
+
+    def test_qgnet_connected_components_by_hand(self):
+        labels = torch.tensor([[1, 0, 1], [1, 0, 1], [1, 1, 1]])
+        assert qgnet.connected_components(labels).tolist() == [[0, 1, 0], [0, 1, 0], [0, 0, 0]]
+        labels = torch.tensor([[1, 0, 1], [1, 0, 1]])  # the right column is a second part of label 1
+        assert qgnet.connected_components(labels).tolist() == [[0, 1, 2], [0, 1, 2]]
+
+    def test_qgnet_enforce_connectivity_merges_fragments_into_largest_neighbour(self):
+        labels = torch.tensor([[0, 0, 0, 1, 1, 1, 1],
+                               [0, 1, 0, 1, 1, 1, 1],  # a one-pixel fragment of label 1 inside label 0 (10 px)
+                               [0, 0, 0, 2, 1, 1, 1],  # label 2 (3 px) touches label 0 (10 px) and label 1 (14 px)
+                               [0, 0, 2, 2, 1, 1, 1]])
+        out = qgnet.enforce_connectivity(labels, min_size=4)
+        expected = torch.tensor([[0, 0, 0, 1, 1, 1, 1],
+                                 [0, 0, 0, 1, 1, 1, 1],
+                                 [0, 0, 0, 1, 1, 1, 1],
+                                 [0, 0, 1, 1, 1, 1, 1]])  # the fragment joins 0 (its only neighbour), label 2 joins 1
+        assert torch.equal(out, expected)
+        assert torch.equal(qgnet.enforce_connectivity(labels, min_size=1), qgnet.connected_components(labels).unique(
+            return_inverse=True)[1])  # nothing to merge: just the 4-connected parts, relabelled 0..n-1
+        # A (0) and D (2), 6 px each, touch only B (1, 8 px), which joins C (3, 10 px). Merged in the same round,
+        # A and D would keep B's old label after B moved on: one label of 12 >= min_size px on two separate pieces.
+        chain = torch.tensor([[0, 0, 0, 1, 3, 3],
+                              [0, 0, 0, 1, 3, 3],
+                              [1, 1, 1, 1, 3, 3],
+                              [2, 2, 2, 1, 3, 3],
+                              [2, 2, 2, 1, 3, 3]])
+        assert qgnet.enforce_connectivity(chain, min_size=9).unique().numel() == 1  # all joins C, round by round
+        for seed in range(20):  # random maps: every label ends 4-connected and at least min_size pixels
+            labels = torch.randint(0, 5, (12, 12), generator=torch.Generator().manual_seed(seed))
+            out = qgnet.enforce_connectivity(labels, min_size=8)
+            assert out.unique().numel() == qgnet.connected_components(out).unique().numel(), seed
+            assert torch.bincount(out.flatten()).min() >= 8, seed
+
+    def test_qgnet_slic_recovers_flat_regions_with_connected_s_spaced_superpixels(self):
+        img, region = qgnet_flat_regions()
+        labels = qgnet.slic(img, n_segments=16, compactness=10.0)
+        n = int(labels.max()) + 1
+        assert labels.dtype == torch.long and labels.unique().tolist() == list(range(n))
+        assert 8 <= n <= 32  # about K = 16 superpixels
+        assert qgnet.connected_components(labels).unique().numel() == n  # every superpixel is 4-connected
+        step = math.sqrt(64 * 64 / 16)
+        for s in range(n):
+            ys, xs = torch.nonzero(labels == s, as_tuple=True)
+            assert region[ys, xs].unique().numel() == 1  # pure: inside one flat region
+            assert ys.max() - ys.min() < 3 * step and xs.max() - xs.min() < 3 * step  # compact, ~S-spaced
+        for a, b in (((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
+                     ((slice(1, None), slice(None)), (slice(None, -1), slice(None)))):
+            edge = region[a] != region[b]
+            assert (labels[a][edge] != labels[b][edge]).all()  # every region boundary is a superpixel boundary
+
+    def test_qgnet_superpixel_boxes_cover_the_image_in_original_pixels(self):
+        img = (qgnet_flat_regions(64)[0] * 255).round().to(torch.uint8)
+        img = torch.nn.functional.interpolate(img[None].float(), size=(120, 90), mode="nearest")[0].to(torch.uint8)
+        cfg = qgnet.PriorConfig(slic_side=64, slic_segments=8)
+        boxes = qgnet.superpixel_boxes(img, cfg)  # SLIC on a 64 x 48 copy, boxes in the 120 x 90 pixels
+        assert boxes.shape[1] == 4 and len(boxes) >= 4
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 120).all() and (boxes[:, 3] <= 90).all()
+        assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+        covered = torch.zeros(120, 90, dtype=torch.bool)
+        for top, left, bottom, right in boxes.tolist():
+            covered[top:bottom, left:right] = True
+        assert covered.all()
+        assert (boxes == torch.tensor([0, 0, 120, 90])).all(1).sum() == 0  # boxes of parts, not of the whole image
+
+    def test_qgnet_unlabeled_images_give_two_views_of_image_and_patch(self):
+        episodes = data.build_dataset("synthetic", "train", 0, img_size=64, train_length=2)
+        items = [(episodes, 0), (episodes, 1)]
+        cfg = qgnet.PriorConfig(**QGNET_TINY_PRIOR, slic_side=64)
+        boxes = [qgnet.SuperpixelBoxes(items, cfg)[i] for i in range(2)]
+        sample = qgnet.UnlabeledImages(items, boxes, cfg)[1]
+        assert {k: tuple(v.shape) for k, v in sample.items()} == {
+            "img_q": (3, 32, 32), "img_k": (3, 32, 32), "patch_q": (3, 32, 32), "patch_k": (3, 32, 32)}
+        assert not torch.equal(sample["img_q"], sample["img_k"])  # two random views
+        assert all(torch.isfinite(v).all() for v in sample.values())
+        rendered = qgnet.load_unlabeled(items[1])
+        assert rendered.dtype == torch.uint8 and rendered.shape == (3, 64, 64)
+
+    def test_qgnet_info_nce_equals_eq1_by_hand(self):
+        torch.manual_seed(1)
+        q = torch.nn.functional.normalize(torch.randn(2, 3), dim=1)
+        k = torch.nn.functional.normalize(torch.randn(2, 3), dim=1)
+        queue = torch.nn.functional.normalize(torch.randn(3, 4), dim=0)
+        tau = 0.2
+        direct = 0.0
+        for n in range(2):
+            pos = math.exp(float(q[n] @ k[n]) / tau)
+            neg = sum(math.exp(float(q[n] @ queue[:, i]) / tau) for i in range(4))
+            direct += -math.log(pos / (neg + pos)) / 2
+        assert qgnet.info_nce(q, k, queue, tau).item() == pytest.approx(direct, rel=1e-5)
+
+    def test_qgnet_queue_advances_and_wraps(self, qgnet_contrast):
+        qgnet_contrast.queue_global_ptr.zero_()
+        batches = [torch.full((3, 128), float(i)) for i in (1, 2, 3)]
+        for keys in batches:
+            qgnet_contrast.enqueue("queue_global", keys)
+        assert qgnet_contrast.queue_global_ptr.item() == 9 % 8
+        assert qgnet_contrast.queue_global[0].tolist() == [3, 1, 1, 2, 2, 2, 3, 3]  # slots 6, 7, 0 took the third batch
+        qgnet_contrast.enqueue("queue_global", torch.arange(10.0)[:, None].expand(10, 128))  # more keys than slots
+        assert sorted(qgnet_contrast.queue_global[0].tolist()) == list(range(2, 10))  # the newest 8 kept
+
+    def test_qgnet_one_pretraining_step_moves_query_encoder_and_momentum_key(self, qgnet_contrast):
+        # the step moves weights and queues: the fixture's stay as they are
+        qgnet_contrast = copy.deepcopy(qgnet_contrast)
+        torch.manual_seed(2)
+        qgnet_contrast.train()
+        optimizer = torch.optim.SGD(qgnet_contrast.encoder_q.parameters(), lr=0.1, momentum=0.9)
+        # encoder_k starts as a copy of encoder_q: make them differ, or a missing update can't show
+        with torch.no_grad():
+            for p in qgnet_contrast.encoder_q.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        q0 = [p.detach().clone() for p in qgnet_contrast.encoder_q.parameters()]
+        k0 = [p.detach().clone() for p in qgnet_contrast.encoder_k.parameters()]
+        assert not any(torch.equal(a, b) for a, b in zip(k0, q0))
+        ptr0 = qgnet_contrast.queue_local_ptr.item()
+        batch = {name: torch.randn(4, 3, 32, 32) for name in ("img_q", "img_k", "patch_q", "patch_k")}
+        loss, terms = qgnet_contrast(**batch)
+        assert set(terms) == {"global", "local"} and torch.isfinite(loss)
+        assert loss.item() == pytest.approx((terms["global"] + terms["local"]).item())  # Eq. (3)
+        m = qgnet_contrast.cfg.momentum
+        for p_k, a, b in zip(qgnet_contrast.encoder_k.parameters(), k0, q0):
+            # theta_k <- m theta_k + (1 - m) theta_q, to rounding; without the update p_k stays at a, 1e-3 |b - a| away
+            assert torch.allclose(p_k, m * a + (1 - m) * b, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(qgnet_contrast.encoder_k.conv1.weight, k0[0])
+        optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        assert all(p.grad is None for p in qgnet_contrast.encoder_k.parameters())
+        assert all(p.grad is not None for p in qgnet_contrast.encoder_q.parameters())
+        assert not torch.equal(qgnet_contrast.encoder_q.conv1.weight, q0[0])
+        # the optimizer step leaves encoder_k alone
+        for p_k, a, b in zip(qgnet_contrast.encoder_k.parameters(), k0, q0):
+            assert torch.allclose(p_k, m * a + (1 - m) * b, rtol=1e-6, atol=1e-7)
+        assert qgnet_contrast.queue_local_ptr.item() == (ptr0 + 4) % 8
+        fresh = qgnet_contrast.queue_local[:, [(ptr0 + i) % 8 for i in range(4)]]
+        assert torch.allclose(fresh.norm(dim=0), torch.ones(4), atol=1e-5)  # normalised keys went in
 
-    seen = train.host_syncs(step)  # the detector --bench reports with
-    model.load_state_dict(state)  # the module-scoped model stays as the other tests expect it
-    assert seen == [], f"{name} synchronises with the host: {sorted(set(seen))}"
+    def test_qgnet_keys_come_from_the_momentum_encoder_in_input_order(self, qgnet_noisy_contrast):
+        torch.manual_seed(6)
+        qgnet_noisy_contrast.eval()  # BN from running statistics: shuffling can then change only the order of the keys
+        x = torch.randn(6, 3, 32, 32)
+        with torch.no_grad():
+            expected = F.normalize(qgnet_noisy_contrast.encoder_k(x), dim=1)  # (6, D), row i = image i
+            from_q = F.normalize(qgnet_noisy_contrast.encoder_q(x), dim=1)
+        assert (expected @ expected.T - torch.eye(6)).max() < 1 - 1e-3  # distinct keys: a permutation would show
+        assert not torch.allclose(from_q, expected, atol=1e-3)  # and the two encoders can be told apart
+        for _ in range(2):  # a new random shuffle each call, always undone
+            keys = qgnet_noisy_contrast.keys(x)
+            assert keys.shape == (6, qgnet_noisy_contrast.cfg.dim)
+            assert torch.allclose(keys, expected, atol=1e-5)
 
+    def test_qgnet_shuffle_bn_uses_shuffled_sub_batches_and_restores_the_order(self, qgnet_noisy_contrast, monkeypatch):
+        torch.manual_seed(7)
+        qgnet_noisy_contrast.train()  # BN from batch statistics: a key depends on the sub-batch it was computed in
+        x = torch.randn(4, 3, 32, 32)
+        order = torch.tensor([2, 0, 3, 1])
+        monkeypatch.setattr(torch, "randperm", lambda n, **kwargs: order.clone())
+        keys = qgnet_noisy_contrast.keys(x)  # bn_splits 2: sub-batches x[[2, 0]] and x[[3, 1]]
+        # by hand: each sub-batch through encoder_k, its keys written back to the rows of their own images
+        expected = torch.empty_like(keys)
+        with torch.no_grad():
+            expected[[2, 0]] = F.normalize(qgnet_noisy_contrast.encoder_k(x[[2, 0]]), dim=1)
+            expected[[3, 1]] = F.normalize(qgnet_noisy_contrast.encoder_k(x[[3, 1]]), dim=1)
+            unshuffled = F.normalize(torch.cat([qgnet_noisy_contrast.encoder_k(x[:2]),
+                                                qgnet_noisy_contrast.encoder_k(x[2:])]), dim=1)
+        assert torch.allclose(keys, expected, atol=1e-5)
+        assert not torch.allclose(keys, unshuffled, atol=1e-3)  # the sub-batches really were the shuffled ones
+        assert not torch.allclose(keys, keys[order], atol=1e-3)  # and the order matters
 
-@pytest.mark.parametrize("name", ["ocnet", "qgnet", "crcnet", "symnet", "qpenet"])
-def test_every_model_compiles_to_the_eager_loss_and_gradients(name, request):
-    """torch.compile (train.py --compile) of each model, with AOTAutograd's tracing of forward and backward
-    (backend aot_eager: inductor's front end, no code generation), gives the eager training step's loss and
-    gradients: the frames dynamo cannot trace (OCNet's Grad-CAM takes torch.autograd.grad inside forward) run
-    eagerly between graphs. Train mode, every dropout at p = 0 so that both runs draw nothing."""
-    fixture, size = {"ocnet": ("ocnet_resnet", OCNET_SIZE), "qgnet": ("qgnet_model", 65),
-                     "crcnet": ("crcnet_model", CRCNET_SIZE), "symnet": ("symnet_model", SYMNET_SIZE),
-                     "qpenet": ("qpenet_model", QPENET_SIZE)}[name]
-    model = copy.deepcopy(request.getfixturevalue(fixture)).train()  # the module-scoped fixture stays as it is
-    for module in model.modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd):
-            module.p = 0.0
-        if isinstance(module, qpenet.CrossAttention):
-            module.dropout = 0.0  # its attention's dropout_p
-    img_q, img_s, m_s, m_q = episode(1, 1, size, (8, 24, 8, 24), (6, 22, 10, 26))
+    def test_qgnet_step_contrasts_images_with_image_queue_and_patches_with_patch_queue(self, qgnet_noisy_contrast):
+        torch.manual_seed(8)
+        qgnet_noisy_contrast.eval()  # deterministic queries and keys, so they can be recomputed after the step
+        batch = {name: torch.randn(4, 3, 32, 32) for name in ("img_q", "img_k", "patch_q", "patch_k")}
+        queue_g, queue_l = qgnet_noisy_contrast.queue_global.clone(), qgnet_noisy_contrast.queue_local.clone()
+        ptr_g, ptr_l = qgnet_noisy_contrast.queue_global_ptr.item(), qgnet_noisy_contrast.queue_local_ptr.item()
+        assert not torch.allclose(queue_g, queue_l, atol=1e-2)  # two different dictionaries, so a mix-up shows
+        loss, terms = qgnet_noisy_contrast(**batch)
+        with torch.no_grad():  # queries from encoder_q, keys from encoder_k as it is after this step's momentum update
+            q, q_p = (F.normalize(qgnet_noisy_contrast.encoder_q(batch[n]), dim=1) for n in ("img_q", "patch_q"))
+            k, k_p = (F.normalize(qgnet_noisy_contrast.encoder_k(batch[n]), dim=1) for n in ("img_k", "patch_k"))
+        tau = qgnet_noisy_contrast.cfg.temperature
+        # Eq. (1): images against the image keys K; Eq. (2): patches against the patch keys M; queues as before the step
+        assert terms["global"].item() == pytest.approx(qgnet_info_nce_by_hand(q, k, queue_g, tau).item(), rel=1e-4)
+        assert terms["local"].item() == pytest.approx(qgnet_info_nce_by_hand(q_p, k_p, queue_l, tau).item(), rel=1e-4)
+        assert loss.item() == pytest.approx((terms["global"] + terms["local"]).item())  # Eq. (3)
+        # then this batch's image keys replace the 4 oldest image keys, its patch keys the 4 oldest patch keys
+        for queue, before, ptr, new in ((qgnet_noisy_contrast.queue_global, queue_g, ptr_g, k),
+                                        (qgnet_noisy_contrast.queue_local, queue_l, ptr_l, k_p)):
+            slots = [(ptr + i) % 8 for i in range(4)]
+            kept = [i for i in range(8) if i not in slots]
+            assert torch.allclose(queue[:, slots], new.T, atol=1e-5)
+            assert torch.equal(queue[:, kept], before[:, kept])
 
-    def step(net):
-        model.zero_grad(set_to_none=True)
-        out = net(img_q, img_s, m_s, torch.tensor([1]), **train.query_mask(model, {"m_q": m_q}))
-        loss, _ = model.loss(out, m_q, m_s)
+    # ---------------- the stage-1 file: the prior extractor it loads, its paths and errors, the prior stage ---
+
+    def test_qgnet_prior_checkpoint_is_loaded_as_dilated_momentum_encoder(self, qgnet_contrast, tmp_path):
+        path = tmp_path / "prior.pt"
+        torch.save({"model": qgnet_contrast.state_dict()}, path)
+        model = qgnet.build(qgnet.Config(pretrained=False, prior_checkpoint=str(path)),
+                            common.Setting(pretrained=False))
+        prior = model.prior_extractor
+        assert torch.equal(prior.stages["layer0"][0].weight, qgnet_contrast.encoder_k.conv1.weight)
+        assert torch.equal(prior.stages["layer0"][1].running_var, qgnet_contrast.encoder_k.bn1.running_var)
+        assert torch.equal(prior.stages["layer4"][2].conv3.weight, qgnet_contrast.encoder_k.layer4[2].conv3.weight)
+        assert prior.stages["layer4"][0].conv2.dilation == (4, 4)  # output stride 8 in the few-shot stage
+        assert not any(p.requires_grad for p in prior.parameters())
+        # so train.calibrate_random_backbones leaves stage 1's BatchNorm statistics alone (and estimates F's)
+        assert prior.calibrated and not prior.needs_statistics
+        assert [m for m in model.modules() if isinstance(m, Backbone) and m.needs_statistics] == [model.backbone]
+        # a random F_p, from no file: --untrained-prior, or a checkpoint's (its weights replace these)
+        for cfg, run in ((qgnet.Config(pretrained=False, untrained_prior=True), common.Setting(pretrained=False)),
+                         (qgnet.Config(pretrained=False, prior_checkpoint=str(tmp_path / "absent.pt")),
+                          common.Setting(pretrained=False, from_checkpoint=True))):
+            assert qgnet.build(cfg, run).prior_extractor.needs_statistics
+
+    def test_qgnet_build_without_the_stage_1_file_raises_with_the_command(self, qgnet_contrast, tmp_path, monkeypatch):
+        monkeypatch.chdir(tmp_path)  # no runs/ here
+
+        def never(*args, **kwargs):
+            raise AssertionError("QGNet built before its stage-1 file was checked")
+        monkeypatch.setattr(qgnet.QGNet, "__init__", never)  # the file is checked first: no network, no forward
+        path = tmp_path / "absent.pt"
+        with pytest.raises(common.WeightsUnavailableError) as err:
+            qgnet.build(qgnet.Config(pretrained=False, prior_checkpoint=str(path)),
+                        common.Setting(dataset="synthetic", fold=2))
+        message = str(err.value)
+        assert "python train.py --model qgnet --stage prior --dataset synthetic --fold 2" in message
+        assert str(path) in message
+        # the default file of the run, and the command that writes it there
+        with pytest.raises(common.WeightsUnavailableError) as err:
+            qgnet.build(qgnet.Config(pretrained=False, prior_all_images=True),
+                        common.Setting(dataset="pascal", fold=1, data_root="/d/VOC2012"))
+        assert "runs/qgnet-prior-pascal-fold1-all/prior_extractor.pt does not exist" in str(err.value)
+        assert "--stage prior --dataset pascal --fold 1 --data-root /d/VOC2012 --prior-all-images\n" in str(err.value)
+        root = str(tmp_path / "mine")  # a folder dataset's novel classes name the file and the command
+        with pytest.raises(common.WeightsUnavailableError) as err:
+            qgnet.build(qgnet.Config(pretrained=False), common.Setting(dataset="folder", data_root=root,
+                                                                       test_classes=(3, 7)))
+        assert f"runs/qgnet-prior-{data.split_name('folder', 0, root, (3, 7))}/prior_extractor.pt" in str(err.value)
+        assert f"--stage prior --dataset folder --test-classes 3,7 --data-root {root}\n" in str(err.value)
+        # a file that is there but is not stage 1's
+        state = qgnet_contrast.state_dict()
+        for name, content in (("text.pt", None), ("list.pt", [1, 2]),
+                              ("other.pt", {"model": {"conv.weight": torch.zeros(1)}}),
+                              ("cut.pt", {"model": {k: v for k, v in state.items() if "layer4.2" not in k}})):
+            bad = tmp_path / name
+            if content is None:
+                bad.write_text("not a torch file")
+            else:
+                torch.save(content, bad)
+            with pytest.raises(common.WeightsUnavailableError, match="stage 1") as err:
+                qgnet.build(qgnet.Config(pretrained=False, prior_checkpoint=str(bad)),
+                            common.Setting(dataset="synthetic"))
+            assert str(bad) in str(err.value) and "--model qgnet --stage prior --dataset synthetic" in str(err.value)
+
+    def test_qgnet_prior_paths(self):
+        assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="pascal", fold=1))) == \
+            "runs/qgnet-prior-pascal-fold1/prior_extractor.pt"
+        assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="coco"), True)) == \
+            "runs/qgnet-prior-coco-fold0-all/prior_extractor.pt"
+        assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="coco"), True, "x/y.pt")) == "x/y.pt"
+        # COCO's two splits hold other classes in a fold: each has its own file
+        assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="coco", fold=2, coco_split="contiguous"))) == \
+            "runs/qgnet-prior-coco-contiguous-fold2/prior_extractor.pt"
+
+    def test_qgnet_stage_1_is_a_run_and_its_file_serves_only_the_images_it_saw(self, tmp_path, monkeypatch, capsys):
+        """--stage prior keeps its file unless --resume (with its own values) or --overwrite; the few-shot stage refuses
+        a file of other images (another fold or split could hold its novel classes) and an unfinished one."""
+        monkeypatch.chdir(tmp_path)
+        flags = ["--model", "qgnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0", "--img-size", "64",
+                 "--stage", "prior", "--train-length", "8", "--prior-batch-size", "4", "--prior-queue", "8",
+                 "--prior-img-size", "32", "--log-every", "1", "--fold", "1"]
+        path = tmp_path / "runs" / "qgnet-prior-synthetic-fold1" / "prior_extractor.pt"
+        assert (train.main([*flags, "--prior-epochs", "1"])
+                == Path("runs/qgnet-prior-synthetic-fold1/prior_extractor.pt"))
+        before = path.read_bytes()
+        with pytest.raises(SystemExit, match="holds a run already .prior_extractor.pt, epoch 1."):
+            train.main([*flags, "--prior-epochs", "1"])
+        with pytest.raises(SystemExit) as err:  # a resumed stage keeps its values
+            train.main([*flags, "--prior-epochs", "2", "--resume"])
+        assert "was made with other stage-1 values (prior_epochs 1 (now 2))" in str(err.value.code)
+        assert path.read_bytes() == before
+        state = torch.load(path, weights_only=True)
+        assert state["images"] == {"dataset": "synthetic", "all_images": False, "fold": 1, "test_classes": None,
+                                   "coco_split": "interleaved"}
+        build = lambda fold: qgnet.build(qgnet.Config(pretrained=False, prior_checkpoint=str(path)),  # noqa: E731
+                                         common.Setting(dataset="synthetic", fold=fold, pretrained=False))
+        assert build(1).prior_extractor.calibrated  # its own fold: taken
+        with pytest.raises(common.WeightsUnavailableError, match="was made on other images .synthetic, fold 1 training "
+                                                                 "images. than this run's .synthetic, fold 2 training"):
+            build(2)
+        torch.save({**state, "epoch": 0, "config": {**state["config"], "prior_epochs": 3}}, path)
+        with pytest.raises(common.WeightsUnavailableError, match="stopped after epoch 0 of 3: finish it with"):
+            build(1)
+        path.write_bytes(before[:1000])  # cut short: one line, no traceback
+        with pytest.raises(SystemExit) as err:
+            train.main([*flags, "--prior-epochs", "1", "--resume"])
+        assert str(err.value.code).startswith(f"error: cannot read {Path('runs/qgnet-prior-synthetic-fold1')}")
+
+    def test_qgnet_prior_stage_gets_the_run_the_schedule_and_its_recipe_from_train_py(self, monkeypatch, tmp_path):
+        got = []
+        monkeypatch.setitem(qgnet.STAGES, "prior", lambda *given: got.append(given) or "written")
+        flags = ["--model", "qgnet", "--stage", "prior", "--workers", "0", "--seed", "5", "--out", str(tmp_path / "o")]
+        assert train.main([*flags, "--dataset", "coco", "--fold", "2", "--data-root", str(tmp_path),
+                           "--prior-queue", "1024"]) == "written"
+        run, schedule, options = got[-1]
+        assert (run.dataset, run.fold, run.data_root, run.from_checkpoint) == ("coco", 2, str(tmp_path), False)
+        assert (schedule.seed, schedule.workers) == (5, 0)
+        cfg = qgnet.prior_config(options)
+        assert (cfg.prior_epochs, cfg.prior_queue, cfg.prior_batch_size) == (200, 1024, 256)  # §5.1, flag, MoCo v2
+        assert (cfg.prior_lr, cfg.prior_img_size, cfg.prior_patch_size) == (None, 224, 96)  # lr: MoCo's, by the batch
+        train.main([*flags, "--dataset", "synthetic", "--prior-epochs", "2"])
+        cfg = qgnet.prior_config(got[-1][2])  # the synthetic quick start, but the flag given wins
+        assert (cfg.prior_epochs, cfg.prior_batch_size, cfg.prior_queue, cfg.prior_img_size, cfg.prior_patch_size) == (
+            2, 32, 4096, 64, 32)
+
+    # ---------------- few-shot stage (§4.2) -------------------------------------------------------------------
+
+    def test_qgnet_prior_region_map_is_eq_9_to_12_with_gradients(self):
+        torch.manual_seed(3)
+        x = torch.randn(2, 4, 3, 3, requires_grad=True)
+        p = torch.randn(2, 4, 2, 2, requires_grad=True)
+        out = qgnet.prior_region_map(x, p)
+        assert out.shape == (2, 1, 3, 3)
+        for b in range(2):
+            xs, ps = x[b].detach().flatten(1).T, p[b].detach().flatten(1).T  # (9, 4), (4, 4)
+            s = torch.tensor([max(float(xi @ pj / (xi.norm() * pj.norm() + 1e-7)) for pj in ps) for xi in xs])
+            s = (s - s.min()) / (s.max() - s.min() + 1e-7)
+            assert torch.allclose(out[b].flatten().detach(), s, atol=1e-5)
+        out.sum().backward()
+        assert x.grad.abs().sum() > 0 and p.grad.abs().sum() > 0  # no detach: both projections learn through it
+
+    @pytest.mark.parametrize("B,S", [(2, 1), (1, 5)])
+    def test_qgnet_fewshot_forward_shapes_and_finite_loss(self, qgnet_model, B, S):
+        torch.manual_seed(4)
+        qgnet_model.eval()
+        img_q, img_s = torch.randn(B, 3, 65, 65), torch.randn(B, S, 3, 65, 65)
+        m_s = torch.zeros(B, S, 65, 65, dtype=torch.long)
+        m_s[..., 20:45, 20:45] = 1
+        m_s[..., :3, :] = 255
+        with torch.no_grad():
+            out = qgnet_model(img_q, img_s, m_s)
+            loss, terms = qgnet_model.loss(out, m_s[:, 0], m_s)
+        assert out["logits"].shape == (B, 2, 65, 65)
+        assert [tuple(a.shape[-2:]) for a in out["aux"]] == [(9, 9), (4, 4), (2, 2), (1, 1)]  # 65 px -> 9 x 9
+        assert set(terms) == {"main", "aux"} and torch.isfinite(loss)
+        with torch.no_grad():  # an empty support mask: no NaN anywhere
+            empty = qgnet_model(img_q, img_s, torch.zeros_like(m_s))["logits"]
+        assert torch.isfinite(empty).all()
+
+    def test_qgnet_fewshot_gradients_only_in_the_learnable_heads(self, qgnet_model):
+        torch.manual_seed(5)
+        qgnet_model.train()
+        qgnet_model.zero_grad()
+        img_q, img_s = torch.randn(2, 3, 65, 65), torch.randn(2, 2, 3, 65, 65)
+        m_s = torch.zeros(2, 2, 65, 65, dtype=torch.long)
+        m_s[..., 10:40, 15:50] = 1
+        m_q = torch.zeros(2, 65, 65, dtype=torch.long)
+        m_q[:, 20:50, 20:50] = 1
+        loss, _ = qgnet_model.loss(qgnet_model(img_q, img_s, m_s), m_q, m_s)
         loss.backward()
-        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        learnable = {n.split(".")[0] for n, p in qgnet_model.named_parameters() if p.requires_grad}
+        assert learnable == {"bridge_proj", "prior_proj", "down_query", "down_supp", "fem"}
+        for name, p in qgnet_model.named_parameters():
+            if p.requires_grad:
+                assert p.grad is not None and torch.isfinite(p.grad).all(), name
+            else:
+                assert p.grad is None and name.split(".")[0] in ("backbone", "prior_extractor"), name
+        for module in learnable:
+            assert any(p.grad.abs().sum() > 0 for p in getattr(qgnet_model, module).parameters()), module
+        assert not qgnet_model.prior_extractor.training and not qgnet_model.backbone.training  # frozen BN stays in eval
 
-    loss, grads = step(model)
-    try:
-        compiled_loss, compiled_grads = step(torch.compile(model, backend="aot_eager"))
-    finally:
-        torch._dynamo.reset()  # no compiled frame outlives the test
-    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=0)
-    assert compiled_grads.keys() == grads.keys() and len(grads) > 0
-    for n, g in grads.items():
-        torch.testing.assert_close(compiled_grads[n], g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=n)
+    def test_qgnet_fem_receives_hand_computed_guided_map_prior_map_and_guider(self, qgnet_model):
+        qgnet_model.eval()  # no dropout in the projections: the forward is deterministic
+        B, S = 2, 2
+        img_q, img_s, m_s = qgnet_shifted_shots_episode(B, S)
+        f_q23, guider, maps = qgnet_fem_inputs(qgnet_model, img_q, img_s, m_s)
+        assert maps.shape == (B, 2, 9, 9) and guider.shape == (B, 256)
+        stages = qgnet_model.backbone.stages
+        with torch.no_grad():
+            # the frozen backbone stage by stage; mask: PFENet's support layer4 (layer3 x mask)
+            def layers(x, mask=None):
+                f = {"layer1": stages["layer1"](stages["layer0"](x))}
+                f["layer2"] = stages["layer2"](f["layer1"])
+                f["layer3"] = stages["layer3"](f["layer2"])
+                x3 = f["layer3"]
+                if mask is not None:
+                    x3 = x3 * F.interpolate((mask == 1).float()[:, None], x3.shape[-2:], mode="bilinear",
+                                            align_corners=True)
+                f["layer4"] = stages["layer4"](x3)
+                return f
+            f_q = layers(img_q)
+            f_s = layers(img_s.flatten(0, 1), m_s.flatten(0, 1))
+            # guided region map: PFENet's prior of the query layer4 against the masked supports' layer4, mean over shots
+            f_s4 = f_s["layer4"].view(B, S, *f_s["layer4"].shape[1:])
+            guided = common.cosine_prior(f_q["layer4"], f_s4, m_s)  # (B, 1, 9, 9)
+            # prior region map, Eq. (9)-(12): projected bridge X_q against projected prior P_q of the same query
+            x = qgnet_model.bridge_proj(f_q["layer4"]).flatten(2)  # (B, 256, hw)
+            p = qgnet_model.prior_proj(qgnet_model.prior_extractor(img_q)["layer4"]).flatten(2)  # (B, 256, h'w')
+            cos = torch.einsum("bcq,bcr->bqr", x, p) / (x.norm(dim=1)[:, :, None] * p.norm(dim=1)[:, None, :] + 1e-7)
+            s_q = cos.max(dim=2).values  # Eq. (10): best prior pixel for each bridge pixel, (B, hw)
+            lo, hi = s_q.min(1, keepdim=True).values, s_q.max(1, keepdim=True).values
+            prior = ((s_q - lo) / (hi - lo + 1e-7)).view(B, 1, 9, 9)  # Eq. (12)
+            # category guider: Weighted_GAP of down_supp(layer3 | layer2) under the resized support mask,
+            # mean over shots
+            def mid_level(f, reduction):  # 1x1 conv (no bias) of cat(layer3, layer2), ReLU; Dropout2d is off in eval
+                return F.relu(F.conv2d(torch.cat([f["layer3"], f["layer2"]], 1), reduction[0].weight))
+            f_s23 = mid_level(f_s, qgnet_model.down_supp)  # (B*S, 256, 9, 9)
+            m = F.interpolate((m_s.flatten(0, 1) == 1).float()[:, None], (9, 9), mode="bilinear", align_corners=True)
+            proto = (f_s23 * m).sum((2, 3)) / (m.sum((2, 3)) + common.MAP_EPS)  # (B*S, 256)
+            expected_guider = proto.view(B, S, -1).mean(1)
+            expected_f_q23 = mid_level(f_q, qgnet_model.down_query)
+        assert torch.allclose(maps[:, :1], guided, atol=1e-4)
+        assert torch.allclose(maps[:, 1:], prior, atol=1e-4)
+        assert torch.allclose(guider, expected_guider, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(f_q23, expected_f_q23, rtol=1e-4, atol=1e-5)
+        # the hand computations are not degenerate: the prior map spans [0, 1] (Eq. 12); the guided map, a mean of two
+        # such maps, lies in [0, 1] and varies; masking the support's layer3 changes it
+        assert torch.allclose(prior.amin((1, 2, 3)), torch.zeros(B), atol=1e-6)
+        assert torch.allclose(prior.amax((1, 2, 3)), torch.ones(B), atol=1e-5)
+        assert guided.min() >= 0 and guided.max() <= 1 and (guided.amax((1, 2, 3)) - guided.amin((1, 2, 3)) > 0.3).all()
+        unmasked4 = layers(img_s.flatten(0, 1))["layer4"].view_as(f_s4)
+        assert (common.cosine_prior(f_q["layer4"], unmasked4, m_s) - guided).abs().max() > 1e-2
+
+    def test_qgnet_guider_and_guided_map_are_shot_symmetric_and_prior_map_ignores_the_support(self, qgnet_model):
+        qgnet_model.eval()
+        img_q, img_s, m_s = qgnet_shifted_shots_episode(1, 2, seed=10)
+        _, guider, maps = qgnet_fem_inputs(qgnet_model, img_q, img_s, m_s)
+        # the shots in the other order: a mean over shots does not change
+        _, guider_swapped, maps_swapped = qgnet_fem_inputs(qgnet_model, img_q, img_s.flip(1), m_s.flip(1))
+        assert torch.allclose(guider_swapped, guider, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(maps_swapped, maps, atol=1e-5)
+        # a different second shot (its mask moved): both support-derived inputs change, the prior map does not (§4.2.1:
+        # it comes from the query alone)
+        m_other = m_s.clone()
+        m_other[0, 1] = torch.where(m_s[0, 1] == 255, 255, 0)
+        m_other[0, 1, 35:60, 30:60] = 1
+        _, guider_other, maps_other = qgnet_fem_inputs(qgnet_model, img_q, img_s, m_other)
+        assert (guider_other - guider).abs().max() > 1e-3
+        assert (maps_other[:, 0] - maps[:, 0]).abs().max() > 1e-2
+        assert torch.equal(maps_other[:, 1], maps[:, 1])
+
+    def test_qgnet_loss_is_main_plus_aux_weight_times_mean_aux_by_hand(self, qgnet_model, monkeypatch):
+        torch.manual_seed(11)
+        logits = torch.randn(2, 2, 17, 17)
+        aux = [torch.randn(2, 2, s, s) for s in (9, 4, 2, 1)]
+        m_q = torch.randint(0, 2, (2, 17, 17))
+        m_q[:, :3] = 255  # ignored rows
+
+        def ce(z):  # mean cross-entropy over the labelled pixels, z upsampled bilinearly (align_corners) to the labels
+            z = F.interpolate(z, (17, 17), mode="bilinear", align_corners=True).log_softmax(1)
+            valid = m_q != 255
+            picked = z.gather(1, m_q.clamp(max=1)[:, None])[:, 0]  # (B, H, W) log-probability of the true label
+            return -picked[valid].mean()
+
+        main, aux_mean = ce(logits), torch.stack([ce(a) for a in aux]).mean()
+        for weight in (0.0, 0.4, 2.5):
+            monkeypatch.setattr(qgnet_model, "cfg", dataclasses.replace(qgnet_model.cfg, aux_weight=weight))
+            total, terms = qgnet_model.loss({"logits": logits, "aux": aux}, m_q)
+            assert terms["main"].item() == pytest.approx(main.item(), rel=1e-5)
+            assert terms["aux"].item() == pytest.approx(aux_mean.item(), rel=1e-5)
+            assert total.item() == pytest.approx(main.item() + weight * aux_mean.item(), rel=1e-5)
+
+    # ---------------- both stages through train.py ------------------------------------------------------------
+
+    def test_qgnet_two_stages_on_synthetic(self, tmp_path):
+        prior = tmp_path / "prior" / "prior_extractor.pt"
+        common_flags = ["--model", "qgnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
+                        "--img-size", "64", "--prior-checkpoint", str(prior)]
+        assert train.main([*common_flags, "--stage", "prior", "--train-length", "8", "--prior-epochs", "1",
+                           "--prior-batch-size", "4", "--prior-queue", "8", "--prior-img-size", "32",
+                           "--log-every", "1"]) == prior
+        records = read_metrics(prior.parent, "prior_extractor_metrics.jsonl")
+        assert len(records) == 2 and all(math.isfinite(r["global"]) and math.isfinite(r["local"]) for r in records)
+        out = tmp_path / "fewshot"
+        miou, fbiou = train.main([*common_flags, "--train-length", "8", "--batch-size", "4", "--epochs", "2",
+                                  "--test-episodes", "4", "--test-seeds", "1", "--log-every", "1", "--out", str(out)])
+        assert 0 <= miou <= 1 and 0 <= fbiou <= 1
+        losses = [r["loss"] for r in read_metrics(out) if r["event"] == "train"]
+        assert len(losses) == 4 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+        encoder_k = torch.load(prior, weights_only=True)["model"]["encoder_k.layer3.1.conv2.weight"]
+        trained = torch.load(out / "last.pt", weights_only=False)["model"]
+        assert torch.equal(trained["prior_extractor.stages.layer3.1.conv2.weight"], encoder_k)
+        bn_var = torch.load(prior, weights_only=True)["model"]["encoder_k.bn1.running_var"]
+        assert torch.equal(trained["prior_extractor.stages.layer0.1.running_var"], bn_var)  # stage 1's statistics kept
+        prior.unlink()  # the checkpoint holds every weight: evaluating it needs no stage-1 file
+        again = train.main(["--eval-only", "--checkpoint", str(out / "last.pt"), "--dataset", "synthetic",
+                            "--workers", "0", "--test-episodes", "4", "--test-seeds", "1",
+                            "--out", str(tmp_path / "e")])
+        assert again == (miou, fbiou)
+
+    def test_qgnet_checkpoint_evaluates_and_resumes_without_the_stage_1_file(self, qgnet_contrast, tmp_path):
+        prior = tmp_path / "prior_extractor.pt"
+        # a stage-1 file (untrained: its weights are what counts)
+        torch.save({"model": qgnet_contrast.state_dict()}, prior)
+        encoder_k = qgnet_contrast.encoder_k.layer3[1].conv2.weight.detach().clone()
+        out = tmp_path / "run"
+        flags = ["--model", "qgnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0", "--img-size", "64",
+                 "--prior-checkpoint", str(prior), "--train-length", "4", "--batch-size", "2", "--test-episodes", "2",
+                 "--test-seeds", "1", "--log-every", "1", "--out", str(out)]
+        train.main([*flags, "--epochs", "2"])
+        prior.unlink()  # from here on every weight of F_p comes from the run's checkpoints
+        scores = train.main(["--eval-only", "--checkpoint", str(out / "last.pt"), "--workers", "0",
+                             "--test-episodes", "2", "--test-seeds", "1", "--out", str(tmp_path / "eval")])
+        assert all(0 <= s <= 1 for s in scores)
+        state = torch.load(out / "last.pt", weights_only=True)
+        torch.save({**state, "epoch": 1}, out / "last.pt")  # as if it had stopped after epoch 1
+        train.main([*flags, "--resume"])
+        state = torch.load(out / "last.pt", weights_only=False)
+        assert state["epoch"] == 2
+        assert torch.equal(state["model"]["prior_extractor.stages.layer3.1.conv2.weight"], encoder_k)  # still stage 1's
+
+
+# ==========================================================================================================
+# crcnet.py: CRCNet: shapes at 1 and 5 shots, the loss, gradients with and without the encoder; its modules by
+# hand; K shots by fine-tuning, fusion and scales; the pairs of query and support and their masks
+# ==========================================================================================================
+
+class TestCRCNet:
+    # ---------------- the paper's configuration, shapes at 1 and 5 shots, the loss (Eq. 4-5), gradients -------
+
+    def test_crcnet_paper_configuration_shapes_and_size(self):
+        net = crcnet.Model(crcnet.Config(pretrained=False))
+        assert net.head.refinement.steps == 10 and net.cfg.sub_weight == 0.1 and net.cfg.dim == 256
+        assert net.cfg.train_encoder and net.cfg.test_scales == (0.75, 1.0, 1.25)  # §5.1 end to end; §5.3
+        learnable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        backbone = sum(p.numel() for p in net.encoder.backbone.parameters())
+        assert backbone == 23_508_032  # ResNet-50 without its fc, trained end to end (§5.1)
+        assert learnable == backbone + 20_137_492  # the 3x3 reduction of [layer3, layer4] (3072 -> 256) alone is 7.08M
+        img_q, img_s, m_s, m_q = episode(1, 1, CRCNET_SIZE)
+        with torch.no_grad():
+            out = net(img_q, img_s, m_s, m_q=m_q)
+        assert out["logits"].shape == (1, 2, CRCNET_SIZE, CRCNET_SIZE) and out["support"].shape == (1, 2, 5, 5)
+        assert torch.isfinite(out["logits"]).all()
+
+    @pytest.mark.parametrize("S", [1, 5])
+    def test_crcnet_forward_shapes_query_and_support(self, crcnet_model, S):
+        img_q, img_s, m_s, m_q = episode(2, S, CRCNET_SIZE)
+        out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
+        assert out["logits"].shape == (2, 2, CRCNET_SIZE, CRCNET_SIZE)
+        for key in ("query", "support", "query_sub", "support_sub"):
+            assert out[key].shape == (2 * S, 2, 5, 5) and torch.isfinite(out[key]).all()
+        # logits: the log of the query probabilities averaged over the shots, upsampled bilinearly
+        log_p = F.log_softmax(out["query"], 1).view(2, S, 2, 5, 5).exp().mean(1).log()
+        up = F.interpolate(log_p, (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear", align_corners=True)
+        assert torch.allclose(out["logits"], up, atol=1e-5)
+        loss, terms = crcnet_model.loss(out, m_q, m_s)
+        assert torch.isfinite(loss)
+
+    def test_crcnet_loss_has_four_terms_eq5(self, crcnet_model):
+        img_q, img_s, m_s, m_q = episode(2, 1, CRCNET_SIZE)
+        out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
+        total, terms = crcnet_model.loss(out, m_q, m_s)
+        assert set(terms) == {"query", "support", "query_sub", "support_sub"}
+        assert all(torch.isfinite(t) and t > 0 for t in terms.values())
+        expected = terms["query"] + terms["support"] + 0.1 * (terms["query_sub"] + terms["support_sub"])
+        assert torch.allclose(total, expected)
+        # L_SM is the 2-class cross-entropy of the support prediction against m_s (255 ignored), Eq. (4)
+        up = F.interpolate(out["support"], (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear", align_corners=True)
+        valid = m_s[:, 0] != 255
+        ce = F.cross_entropy(up, m_s[:, 0].clamp(max=1), reduction="none")[valid].mean()
+        assert torch.allclose(terms["support"], ce, atol=1e-6)
+
+    @pytest.mark.parametrize("train_encoder", [True, False])
+    def test_crcnet_gradients_reach_every_learnable_parameter_and_the_backbone_only_when_trained(self, train_encoder):
+        # §5.1 end to end (the default): every parameter, the ResNet's included, gets a gradient from Eq. (5);
+        # --freeze-encoder: none of the ResNet's does, every other one still does
+        net = make_crcnet(refine_steps=2, train_encoder=train_encoder)  # 2 steps: the cached branch is in the graph
+        net.train()
+        img_q, img_s, m_s, m_q = episode(2, 1, CRCNET_SIZE)
+        loss, _ = net.loss(net(img_q, img_s, m_s, m_q=m_q), m_q, m_s)
+        loss.backward()
+        learnable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+        missing = [n for n, p in learnable if p.grad is None or p.grad.abs().sum() == 0]
+        assert not missing, missing
+        backbone = list(net.encoder.backbone.parameters())
+        if train_encoder:
+            assert len(learnable) == len(list(net.parameters())) and all(p.requires_grad for p in backbone)
+        else:
+            assert learnable and all(not n.startswith("encoder.backbone") for n, _ in learnable)
+            assert (all(p.grad is None for p in backbone)
+                    and all(p.requires_grad for p in net.encoder.reduce.parameters()))
+        assert not net.encoder.backbone.training  # BN stays in eval either way
+
+    # ---------------- the refinement, the cross-reference and the local conditional module by hand ------------
+
+    def test_crcnet_refinement_runs_configured_steps_and_updates_cache(self):
+        torch.manual_seed(0)
+        refine = crcnet.MaskRefinement(in_dim=12, dim=8, k=7, steps=4)
+        calls = []
+        refine.cached.register_forward_hook(lambda m, i, o: calls.append(i[0].clone()))
+        logits, caches = refine(torch.randn(2, 12, 5, 5))
+        assert len(calls) == 4 and len(caches) == 5
+        assert (caches[0] == 0).all() and (calls[0] == 0).all()  # the cache starts as zeros
+        for t in range(1, 5):
+            assert not torch.equal(caches[t], caches[t - 1])  # updated every step
+            assert torch.equal(calls[t - 1], caches[t - 1])  # and each step reads the previous one
+        assert torch.allclose(caches[-1], logits.softmax(1)[:, 1:])
+        assert ((caches[-1] > 0) & (caches[-1] < 1)).all()
+
+    @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+    def test_crcnet_refinement_convolves_the_feature_levels_once_as_the_concatenation_would(self, layout):
+        # the combined conv is split by input channels (features once, the cached branch every step): the same
+        # logits, caches and gradients as the plain concatenation, and the same state_dict (old checkpoints load)
+        torch.manual_seed(0)
+        refine = crcnet.MaskRefinement(in_dim=12, dim=8, k=7, steps=4).to(memory_format=layout)
+        assert refine.state_dict()["combine.0.weight"].shape == (8, 3 * 8, 3, 3)
+        assert not any(key.startswith("combine.") and key not in ("combine.0.weight", "combine.0.bias")
+                       for key in refine.state_dict())
+        x = torch.randn(2, 12, 5, 5).to(memory_format=layout).requires_grad_()
+        logits, caches = refine(x)
+        grads = torch.autograd.grad(logits.square().sum(), [x, *refine.parameters()])
+        expected = _refine_by_concatenation(refine, x)
+        expected_grads = torch.autograd.grad(expected.square().sum(), [x, *refine.parameters()])
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(caches[-1], expected.softmax(1)[:, 1:], rtol=1e-5, atol=1e-6)
+        assert all(g.abs().sum() > 0 for g in grads)  # the combined weight among them, from both of its parts
+        for name, g, e in zip(["x", *dict(refine.named_parameters())], grads, expected_grads):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6, msg=name)
+
+    def test_crcnet_cross_reference_is_symmetric_and_by_hand(self):
+        torch.manual_seed(0)
+        cr = crcnet.CrossReference(dim=32, reduction=16)
+        f_q, f_s = torch.randn(2, 32, 5, 5), torch.randn(2, 32, 5, 5)
+        g_q, g_s = cr(f_q, f_s)
+        h_s, h_q = cr(f_s, f_q)
+        assert torch.allclose(g_q, h_q) and torch.allclose(g_s, h_s)
+        w = torch.sigmoid(cr.importance[2](torch.relu(cr.importance[0](f_q.mean((2, 3))))))
+        w = w * torch.sigmoid(cr.importance[2](torch.relu(cr.importance[0](f_s.mean((2, 3))))))
+        assert torch.allclose(g_q, f_q * w[:, :, None, None]) and ((w >= 0) & (w <= 1)).all()
+
+    def test_crcnet_local_conditional_eq1_to_3_by_hand(self):
+        torch.manual_seed(0)
+        local = crcnet.LocalConditional(dim=4)
+        f, f_s = torch.randn(1, 4, 2, 3), torch.randn(1, 4, 2, 3)
+        m = torch.tensor([[[[1.0, 0.0, 0.5], [0.0, 1.0, 0.0]]]])
+        out = local(f, f_s, m)
+        theta, delta = local.theta(f)[0].flatten(1), local.delta(f_s)[0].flatten(1)  # (4, 6)
+        expected = torch.zeros(4, 6)
+        for i in range(6):  # every query position
+            sim = torch.stack([theta[:, i] @ delta[:, j] * m.flatten()[j] for j in range(6)])  # Eq. (1), (2)
+            expected[:, i] = f_s[0].flatten(1) @ torch.softmax(sim, 0)  # Eq. (3)
+        assert torch.allclose(out[0].flatten(1), expected, atol=1e-5)
+        # an empty support mask gives the plain average of the support features, not NaN
+        empty = local(f, f_s, torch.zeros_like(m))
+        assert torch.allclose(empty, f_s.mean((2, 3), keepdim=True).expand_as(empty), atol=1e-6)
+
+    def test_crcnet_local_conditional_logits_stay_fp32_under_bf16_autocast(self):
+        # Eq. (1)'s products are not scaled: logits of 100-400 here, where bf16 steps by 0.5-2 and the softmax's
+        # mass moves (the module's output was 9% off, of its largest value). theta, delta, Eq. (1)-(2) run in fp32,
+        # so only Eq. (3)'s bf16 rounding remains (0.25%); the tolerance is 1%. Inputs are bf16 values, so that
+        # autocast's rounding of them is no part of the difference.
+        torch.manual_seed(0)
+        local = crcnet.LocalConditional(dim=32)
+        g = torch.Generator().manual_seed(0)
+        f, f_s = (8 * torch.randn(2, 2, 32, 5, 5, generator=g)).bfloat16().float()
+        m = (torch.rand(2, 1, 5, 5, generator=g) > 0.3).float()
+        with torch.no_grad():
+            sim = local.theta(f).flatten(2).transpose(1, 2) @ local.delta(f_s).flatten(2)  # Eq. (1), fp32
+            assert sim.median() > 100 and sim.max() > 400
+            expected = local(f, f_s, m)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                amp = local(f, f_s, m)
+        assert amp.dtype == torch.bfloat16  # Eq. (3) is left to autocast
+        assert (amp.float() - expected).abs().max() < 0.01 * expected.abs().max()
+
+    # ---------------- K shots: fine-tuning (§4.6), fusion, multi-scale inference (§5.3) -----------------------
+
+    def test_crcnet_finetuning_changes_prediction_and_restores_everything(self, crcnet_model):
+        img_q, img_s, m_s, m_q = episode(2, 3, CRCNET_SIZE)
+        before = {k: v.clone() for k, v in crcnet_model.state_dict().items()}
+        crcnet_model.eval()
+        rng = torch.get_rng_state()
+        with torch.no_grad():
+            tuned = crcnet_model.infer(img_q, img_s, m_s)
+            # "finetune" predicts from support 0
+            first_support = crcnet_model(img_q, img_s[:, :1], m_s[:, :1])["logits"]
+        assert tuned.shape == (2, 2, CRCNET_SIZE, CRCNET_SIZE) and torch.isfinite(tuned).all()
+        assert not torch.allclose(tuned, first_support, atol=1e-4)
+        assert not crcnet_model.training and torch.equal(torch.get_rng_state(), rng)
+        crcnet_model.train()
+        with torch.no_grad():
+            alone = crcnet_model.infer(img_q[1:], img_s[1:], m_s[1:])
+        assert crcnet_model.training
+        crcnet_model.eval()
+        assert torch.allclose(alone, tuned[1:], atol=1e-6)  # per episode, deterministic (a fixed generator)
+        after = crcnet_model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert all(p.grad is None for p in crcnet_model.parameters())
+        crcnet_model.cfg.ft_steps = 0  # no step: exactly the plain 1-shot prediction
+        try:
+            with torch.no_grad():
+                assert torch.allclose(crcnet_model.infer(img_q, img_s, m_s), first_support, atol=1e-5)
+        finally:
+            crcnet_model.cfg.ft_steps = 3
+
+    def test_crcnet_finetune_trains_the_head_on_pairs_of_distinct_supports_and_keeps_the_encoder_fixed(self,
+                                                                                                       crcnet_model,
+                                                                                                       monkeypatch):
+        # §4.6: "We kept the parameters in the Siamese encoder fixed", also when training tunes it (train_encoder)
+        img_q, img_s, m_s, m_q = episode(1, 2, CRCNET_SIZE)
+        encoder = {k: v.clone() for k, v in crcnet_model.encoder.state_dict().items()}
+        assert crcnet_model.cfg.train_encoder and all(p.requires_grad for p in crcnet_model.encoder.parameters())
+        seen = []
+        original = crcnet.pair_loss
+        monkeypatch.setattr(crcnet, "pair_loss",
+                            lambda out, mq, ms, w: seen.append((mq, ms)) or original(out, mq, ms, w))
+        weights = crcnet_model.finetune(img_s[0], m_s[0])
+        assert len(seen) == 3
+        for mq, ms in seen:  # with two supports, every pair is (0, 1) or (1, 0)
+            assert not torch.equal(mq, ms)
+        names = dict(crcnet_model.head.named_parameters())
+        assert set(weights) == set(names) and any(not torch.equal(weights[n], names[n]) for n in names)
+        # the encoder is neither tuned nor in the fine-tuning graph: its weights unchanged, no gradient reached it
+        assert all(torch.equal(encoder[k], v) for k, v in crcnet_model.encoder.state_dict().items())
+        assert all(p.grad is None for p in crcnet_model.parameters())
+
+    def test_crcnet_fusion_averages_one_shot_probabilities(self, crcnet_model):
+        img_q, img_s, m_s, m_q = episode(2, 3, CRCNET_SIZE)
+        crcnet_model.cfg.kshot = "fusion"
+        try:
+            with torch.no_grad():
+                fused = crcnet_model.infer(img_q, img_s, m_s)
+                probs = [crcnet_model(img_q, img_s[:, k:k + 1], m_s[:, k:k + 1])["query"].softmax(1) for k in range(3)]
+        finally:
+            crcnet_model.cfg.kshot = "finetune"
+        expected = F.interpolate((sum(probs) / 3).log(), (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear",
+                                 align_corners=True)
+        assert torch.allclose(fused, expected, atol=1e-5)
+
+    def test_crcnet_multi_scale_inference_by_default(self, crcnet_model):
+        # §5.3: by default both images are resized to 0.75, 1 and 1.25 of their size (images bilinearly, masks
+        # nearest) and the query probabilities, resized back, are averaged; one scale is plain forward
+        net = crcnet_model
+        img_q, img_s, m_s, m_q = episode(1, 1, CRCNET_SIZE)
+        with torch.no_grad():
+            plain = net(img_q, img_s, m_s)["logits"]
+            assert torch.allclose(net.infer(img_q, img_s, m_s), plain, atol=1e-6)  # the fixture's one scale
+            net.cfg.test_scales = crcnet.Config().test_scales
+            try:
+                multi = net.infer(img_q, img_s, m_s)
+            finally:
+                net.cfg.test_scales = (1.0,)
+            probs = []
+            for size in (25, 33, 41):  # round(33 * scale)
+                q = F.interpolate(img_q, (size, size), mode="bilinear", align_corners=True)
+                s = F.interpolate(img_s[:, 0], (size, size), mode="bilinear", align_corners=True)[:, None]
+                m = F.interpolate(m_s.float(), (size, size), mode="nearest").long()
+                logits = net(q, s, m)["logits"]  # (1, 2, size, size)
+                probs.append(F.interpolate(logits, (33, 33), mode="bilinear", align_corners=True).exp())
+        assert multi.shape == (1, 2, CRCNET_SIZE, CRCNET_SIZE)
+        assert torch.allclose(multi, (sum(probs) / 3).log(), atol=1e-5)
+        assert not torch.allclose(multi, plain, atol=1e-4)
+
+    # ---------------- bad input, flags, a short training and the harness --------------------------------------
+
+    def test_crcnet_bad_input_raises(self):
+        with pytest.raises(ValueError, match="kshot"):
+            crcnet.Model(crcnet.Config(pretrained=False, kshot="vote"))
+        with pytest.raises(ValueError, match="refine_steps must be >= 1"):
+            make_crcnet(refine_steps=0)  # the refinement loop is what predicts
+        net = make_crcnet(refine_steps=1)
+        img_q, img_s, m_s, m_q = episode(2, 2, CRCNET_SIZE)
+        with pytest.raises(ValueError, match="same episodes"):
+            net(img_q, img_s, m_s[:, :1])
+        with pytest.raises(ValueError, match="same episodes"):
+            net(img_q, img_s, m_s, m_q=m_q[:, :-1])
+        with torch.no_grad():
+            out = net(img_q, img_s, m_s)  # no m_q (evaluation): no support prediction to score
+        with pytest.raises(ValueError, match="forward needs m_q"):
+            net.loss(out, m_q, m_s)
+
+    def test_crcnet_freeze_encoder_and_test_scales_flags_map_to_the_config(self):
+        def config(*flags):
+            args, module = train.parse_args(["--model", "crcnet", *flags])
+            assert module is crcnet
+            return train.make_config(module, args)
+
+        assert config().train_encoder is True  # §5.1: end to end
+        assert config("--freeze-encoder").train_encoder is False
+        assert config().test_scales == (0.75, 1.0, 1.25)
+        assert list(config("--test-scales", "1").test_scales) == [1.0]
+
+    def test_crcnet_short_synthetic_training_lowers_the_loss(self):
+        net = make_crcnet(refine_steps=2)
+        net.train()
+        episodes = data.build_dataset("synthetic", "train", 0, img_size=32, train_length=16)
+        optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.0025, momentum=0.9)
+        losses = []
+        for step in range(8):  # fresh episodes every step
+            batch = data.collate_episodes([episodes[i] for i in (2 * step, 2 * step + 1)])
+            out = net(batch["img_q"], batch["img_s"], batch["m_s"], m_q=batch["m_q"])
+            loss, _ = net.loss(out, batch["m_q"], batch["m_s"])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert all(math.isfinite(x) for x in losses)
+        assert sum(losses[-2:]) < 0.8 * sum(losses[:2])
+
+    def test_crcnet_harness_trains_and_evaluates_two_shot_by_finetuning(self, tmp_path):
+        out = tmp_path / "run"
+        train.main(["--model", "crcnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
+                    "--img-size", "32", "--train-length", "2", "--batch-size", "2", "--epochs", "1", "--shot", "2",
+                    "--test-episodes", "1", "--test-seeds", "1", "--refine-steps", "1", "--ft-steps", "1",
+                    "--out", str(out)])
+        records = read_metrics(out)
+        assert records[0]["args"]["lr"] == 0.01 != train.HARNESS_DEFAULTS["synthetic"]["lr"]  # its own
+        assert records[0]["args"]["ft_steps"] == 1 and records[0]["args"]["kshot"] is None  # Config default
+        assert records[0]["args"]["train_encoder"] is False  # synthetic DEFAULTS: the quick start's frozen encoder
+        step = [r for r in records if r["event"] == "train"][0]
+        # a support term: the harness passed m_q in training (train.query_mask); without it the loss raises
+        assert math.isfinite(step["loss"]) and {"query", "support", "query_sub", "support_sub"} <= set(step)
+        result = [r for r in records if r["event"] == "result"][0]
+        assert result["shot"] == 2 and 0 <= result["miou"] <= 1
+
+    # ---------------- masks of their own per episode and shot: pairs, conditioning, roles (§4.4-4.7) ----------
+
+    def test_crcnet_mixed_episode_masks_differ_per_episode_and_shot(self):
+        # the premise of the tests below: no two episodes (or shots) share a feature-level mask
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=3)
+        assert not torch.equal(_at_features(m_q[0]), _at_features(m_q[1]))
+        masks = _at_features(m_s).flatten(0, 1)  # (6, 5, 5)
+        assert all(not torch.equal(masks[a], masks[b]) for a in range(6) for b in range(a))
+        assert (masks.sum((1, 2)) > 0).all() and (m_s[..., ::8, ::8] == IGNORE_INDEX).any()
+
+    def test_crcnet_loss_gives_each_pair_its_own_episodes_labels(self, crcnet_model):
+        # Model.loss on made-up logits: pair n = b * S + k (episode-major, as forward builds them) must be scored
+        # against the query mask of episode b and the mask of support k of episode b (Eq. 5, lambda = 0.1)
+        B, S = 2, 3
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=B, S=S)
+        g = torch.Generator().manual_seed(1)
+        out = {key: 3 * torch.randn(B * S, 2, 5, 5, generator=g)
+               for key in ("query", "support", "query_sub", "support_sub")}
+        total, terms = crcnet_model.loss(out, m_q, m_s)
+        q_labels = torch.stack([m_q[b] for b in range(B) for k in range(S)])  # (6, 33, 33)
+        s_labels = torch.stack([m_s[b, k] for b in range(B) for k in range(S)])
+        assert torch.allclose(terms["query"], _ce(out["query"], q_labels), atol=1e-6)
+        assert torch.allclose(terms["support"], _ce(out["support"], s_labels), atol=1e-6)
+        assert torch.allclose(terms["query_sub"], _ce(out["query_sub"], q_labels), atol=1e-6)
+        assert torch.allclose(terms["support_sub"], _ce(out["support_sub"], s_labels), atol=1e-6)
+        by_hand = _ce(out["query"], q_labels) + _ce(out["support"], s_labels)
+        by_hand = by_hand + 0.1 * (_ce(out["query_sub"], q_labels) + _ce(out["support_sub"], s_labels))
+        assert torch.allclose(total, by_hand, atol=1e-6)
+        # the check has teeth: the episode-interleaved pairing (episode b's label on pair b') scores differently
+        wrong = torch.stack([m_q[n % B] for n in range(B * S)])
+        assert abs(_ce(out["query"], wrong) - terms["query"]) > 1e-2
+
+    def test_crcnet_forward_pairs_are_episode_major(self, crcnet_traced):
+        # the order the loss assumes: out[...][b * S + k] is the pair (query b, support k of episode b)
+        net, f_q, f_s, m, m_q_feat, seen, (img_q, img_s, m_s, m_q) = crcnet_traced
+        with torch.no_grad():
+            for b in range(2):
+                alone = net(img_q[b:b + 1], img_s[b:b + 1], m_s[b:b + 1], m_q=m_q[b:b + 1])
+                for key in ("query", "support", "query_sub", "support_sub"):
+                    assert torch.allclose(seen["out"][key][2 * b:2 * b + 2], alone[key], atol=1e-5)
+
+    def test_crcnet_global_vector_is_the_other_images_foreground_average(self, crcnet_traced):
+        # §4.4: the query branch's category vector is the foreground average of the support features under the
+        # support's mask; §4.7 (roles interchangeable): the support branch's is the query's under the query's mask
+        # (255 as background in both)
+        net, f_q, f_s, m, m_q_feat, seen, _ = crcnet_traced
+        f, proto = seen["global"]
+        assert torch.allclose(f, torch.cat([f_q, f_s]), atol=1e-5)  # both branches, query branch first
+        support_avg = (f_s * m).sum((2, 3)) / (m.sum((2, 3)) + common.MAP_EPS)  # (4, C)
+        query_avg = (f_q * m_q_feat).sum((2, 3)) / (m_q_feat.sum((2, 3)) + common.MAP_EPS)  # (4, C)
+        assert torch.allclose(proto, torch.cat([support_avg, query_avg]), atol=1e-5)
+        assert not torch.allclose(support_avg[0], support_avg[1], atol=1e-3)  # the two supports give different vectors
+        assert not torch.allclose(query_avg[0], query_avg[2], atol=1e-3)  # and so do the two episodes' queries
+        assert not torch.allclose(support_avg, query_avg, atol=1e-3)  # the two branches are conditioned differently
+
+    def test_crcnet_refinement_input_is_global_local_then_cross_reference(self, crcnet_traced):
+        # §4.5: the refinement reads [global conditional, local conditional, cross-reference output G]; G is the
+        # encoder features re-weighted by the product of both images' importance vectors (§4.3), not F itself
+        net, f_q, f_s, m, m_q_feat, seen, _ = crcnet_traced
+        head, C = net.head, f_q.shape[1]
+        x = seen["refine"]
+        assert x.shape == (8, 3 * C, 5, 5)
+        fc = head.cross_reference.importance
+
+        def importance(feat):
+            return torch.sigmoid(fc[2](torch.relu(fc[0](feat.mean((2, 3))))))
+
+        w = (importance(f_q) * importance(f_s))[:, :, None, None]
+        assert torch.allclose(x[:, 2 * C:], torch.cat([f_q * w, f_s * w]), atol=1e-5)
+        assert not torch.allclose(x[:, 2 * C:], torch.cat([f_q, f_s]), atol=1e-3)  # G != F: w < 1
+        with torch.no_grad():
+            # each branch conditioned on the other image: the query on (f_s, m_s), the support on (f_q, m_q)
+            f, f_ref, m_ref = torch.cat([f_q, f_s]), torch.cat([f_s, f_q]), torch.cat([m, m_q_feat])
+            proto = (f_ref * m_ref).sum((2, 3)) / (m_ref.sum((2, 3)) + common.MAP_EPS)
+            glob = head.global_conditional(f, proto)
+            local = head.local_conditional(f, f_ref, m_ref)
+            own = head.local_conditional(f, torch.cat([f_s, f_s]), torch.cat([m, m]))  # the support on itself
+        assert torch.allclose(x[:, :C], glob, atol=1e-5)
+        # |local| ~ 10 and the softmax of Eq. (2) is sharp: the encoder's batching alone moves it by ~5e-5
+        assert torch.allclose(x[:, C:2 * C], local, atol=2e-4)
+        assert not torch.allclose(x[4:, C:2 * C], own[4:], atol=1e-1)  # the support branch is not its own reference
+
+    def test_crcnet_each_branch_is_conditioned_on_the_other_images_mask(self, crcnet_model):
+        # §4.7: the support prediction depends on the query's mask and not on its own (no shortcut through its own
+        # foreground), the query prediction on the support's and not on the query's; the co-occurrence
+        # sub-predictions (§4.3) on neither. Other masks: the two episodes' query masks swapped, the two shots'
+        # support masks swapped (all differ at the features, test_crcnet_mixed_episode_masks_differ_...)
+        net = crcnet_model
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=2)
+        with torch.no_grad():
+            out = net(img_q, img_s, m_s, m_q=m_q)
+            other_s = net(img_q, img_s, m_s.flip(1), m_q=m_q)
+            other_q = net(img_q, img_s, m_s, m_q=m_q.flip(0))
+            evaluation = net(img_q, img_s, m_s)  # no m_q: the query branch alone
+        assert torch.allclose(other_s["support"], out["support"], atol=1e-6)
+        assert torch.allclose(other_q["query"], out["query"], atol=1e-6)
+        for n in range(4):  # every pair's prediction follows the other image's mask
+            assert not torch.allclose(other_q["support"][n], out["support"][n], atol=1e-4), n
+            assert not torch.allclose(other_s["query"][n], out["query"][n], atol=1e-4), n
+        for key in ("query_sub", "support_sub"):
+            assert (torch.allclose(other_s[key], out[key], atol=1e-6)
+                    and torch.allclose(other_q[key], out[key], atol=1e-6))
+        assert set(evaluation) == {"logits", "query", "query_sub"}  # the support branch is not computed
+        for key in evaluation:
+            assert torch.allclose(evaluation[key], out[key], atol=1e-5), key
+
+    def test_crcnet_swapping_query_and_support_swaps_the_predictions(self, crcnet_model):
+        # §4.7 "Their roles are interchangeable": the pair read the other way round (the support as the query with
+        # its mask, the query as the support) gives the same two predictions, swapped
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=1)
+        with torch.no_grad():
+            out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
+            swapped = crcnet_model(img_s[:, 0], img_q[:, None], m_q[:, None], m_q=m_s[:, 0])
+        for key, mirror in (("query", "support"), ("support", "query"), ("query_sub", "support_sub"),
+                            ("support_sub", "query_sub")):
+            assert torch.allclose(swapped[key], out[mirror], atol=1e-5), key
+        assert not torch.allclose(out["query"], out["support"], atol=1e-3)  # two different predictions
+
+    def test_crcnet_255_in_a_support_or_query_mask_counts_as_background(self, crcnet_model):
+        # 255 (unlabelled) is not foreground, in a support's mask (the query branch's reference) nor in the query's
+        # (the support branch's): replacing it by 0 changes nothing, in any output
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=1, S=2)
+        m_s[:, :, 14:18] = IGNORE_INDEX  # row 16 is sampled by the features, and it crosses both support boxes
+        m_q[:, 14:18] = IGNORE_INDEX  # and the query box; rows 0-1 are 255 already
+        for mask in (m_s, m_q):
+            assert ((mask[..., ::8, ::8] == IGNORE_INDEX) & (mask[..., ::8, ::8] != 1)).any()
+            foreground = common.foreground_at(mask.flatten(0, -3)[:, None], (5, 5))  # as crcnet.Model._forward
+            assert torch.equal(foreground, _at_features(mask).flatten(0, -3)[:, None])
+        zero_s, zero_q = (mask.masked_fill(mask == IGNORE_INDEX, 0) for mask in (m_s, m_q))
+        with torch.no_grad():
+            out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
+            out_zero = crcnet_model(img_q, img_s, zero_s, m_q=zero_q)
+        for key in ("logits", "query", "support", "query_sub", "support_sub"):
+            assert torch.equal(out[key], out_zero[key]), key
+
+    def test_crcnet_finetune_step_is_sgd_on_a_pair_conditioned_on_each_others_mask(self, crcnet_model):
+        # §4.6 by hand for one step: the tuned head weights are p - lr * grad of Eq. (5) for an ordered pair (i, j)
+        # of distinct supports, where support i plays the query (labels m_s[i]) and support j the support (labels
+        # m_s[j]); the query branch is conditioned on j's features and mask, the support branch on i's (§4.7).
+        # SGD's first momentum step is a plain gradient step
+        net = crcnet_model
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=1, S=2)
+        steps, lr = net.cfg.ft_steps, net.cfg.ft_lr
+        net.cfg.ft_steps, net.cfg.ft_lr = 1, 0.5
+        try:
+            tuned = net.finetune(img_s[0], m_s[0])
+        finally:
+            net.cfg.ft_steps, net.cfg.ft_lr = steps, lr
+        with torch.no_grad():
+            f_s = net.encoder(img_s[0])  # (2, C, 5, 5)
+        m, labels = _at_features(m_s[0])[:, None], m_s[0]
+        params = dict(net.head.named_parameters())
+        candidates = []
+        for i, j in [(0, 1), (1, 0), (0, 0), (1, 1)]:
+            w = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
+            out = functional_call(net.head, w, (f_s[i:i + 1], f_s[j:j + 1], m[j:j + 1], m[i:i + 1]))
+            loss = _ce(out["query"], labels[i:i + 1]) + _ce(out["support"], labels[j:j + 1])
+            loss = loss + 0.1 * (_ce(out["query_sub"], labels[i:i + 1]) + _ce(out["support_sub"], labels[j:j + 1]))
+            grads = torch.autograd.grad(loss, list(w.values()))
+            candidates.append({n: p.detach() - 0.5 * g for (n, p), g in zip(params.items(), grads)})
+        matches = [all(torch.allclose(tuned[n], cand[n], rtol=1e-4, atol=1e-6) for n in params) for cand in candidates]
+        # (0, 1) and (1, 0) are mirror images (§4.7): the same two predictions swapped, so one loss and one step,
+        # whichever the generator drew; a support paired with itself is never drawn
+        assert matches == [True, True, False, False], matches
+        assert any(not torch.equal(tuned[n], params[n]) for n in params)  # the step moved the weights
+
+    def test_crcnet_finetune_predicts_each_episode_from_its_tuned_weights_and_first_support(self, crcnet_model,
+                                                                                            crcnet_tuned_episodes):
+        # "finetune": episode b is tuned on its own supports and masks, then predicted from its first support
+        pred, outs = crcnet_tuned_outputs(crcnet_model, crcnet_tuned_episodes, "finetune")
+        for b in range(2):
+            assert torch.allclose(pred[b:b + 1], outs[b][0]["logits"], atol=1e-5), b
+        # the fine-tuning depends on which support carries which mask: swapping two supports' masks changes it
+        _, img_s, m_s, weights = crcnet_tuned_episodes
+        with torch.no_grad():
+            swapped = crcnet_model.finetune(img_s[0], m_s[0].flip(0))
+        assert any(not torch.allclose(swapped[n], weights[0][n], atol=1e-6) for n in weights[0])
+
+    def test_crcnet_finetune_plus_fusion_averages_every_support_under_the_tuned_weights(self, crcnet_model,
+                                                                                        crcnet_tuned_episodes):
+        # "finetune+fusion" (Table 4, last row): the same tuned weights, then the query probabilities of both
+        # 1-shot pairs averaged; it must differ from "finetune", which uses the first support only
+        fused, outs = crcnet_tuned_outputs(crcnet_model, crcnet_tuned_episodes, "finetune+fusion")
+        for b in range(2):
+            probs = [out["query"].softmax(1) for out in outs[b]]
+            expected = F.interpolate((sum(probs) / 2).log(), (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear",
+                                     align_corners=True)
+            assert torch.allclose(fused[b:b + 1], expected, atol=1e-5), b
+            first = F.interpolate(probs[0].log(), (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear", align_corners=True)
+            assert not torch.allclose(fused[b:b + 1], first, atol=1e-3)
+
+
+# ==========================================================================================================
+# symnet.py: Sym-Net: shapes, loss, gradients; SPM, APA, TDC and the co-triplet loss by hand; K shots; word
+# vectors, BAM's base learner and ensemble, the side files and the checkpoints that hold them; bf16 autocast
+# ==========================================================================================================
+
+class TestSymNet:
+    # ---------------- forward, loss, gradients ----------------------------------------------------------------
+
+    @pytest.mark.parametrize("shot", [1, 5])
+    def test_symnet_forward_shapes_and_finite_loss(self, symnet_model, shot):
+        B = 2 if shot == 1 else 1
+        img_q, img_s, m_s, m_q, class_ids = synthetic_episode(B, shot, SYMNET_SIZE)
+        symnet_model.train()
+        out = symnet_model(img_q, img_s, m_s, class_ids)
+        assert out["logits"].shape == (B, 2, SYMNET_SIZE, SYMNET_SIZE)
+        assert out["meta"].shape == (B, 2, 6, 6) and out["prior"].shape == (B, 1, 6, 6)
+        assert [a.shape[-1] for a in out["aux"]] == [6, 3, 2, 1]  # FEM bins 1, 1/2, 1/4, 1/8 of 6
+        assert 0 <= out["prior"].min() and out["prior"].max() <= 1 + 1e-6
+        total, terms = symnet_model.loss(out, m_q, m_s)
+        assert set(terms) == {"final", "inter", "triplet"} and torch.isfinite(total)
+        assert math.isclose(total.item(), sum(v.item() for v in terms.values()), rel_tol=1e-5)
+        assert terms["triplet"] > 0
+        symnet_model.eval()
+        with torch.no_grad():
+            out = symnet_model(img_q, img_s, m_s, class_ids)
+        # same keys in eval
+        assert out["triplet"].item() == 0 and out["logits"].shape == (B, 2, SYMNET_SIZE, SYMNET_SIZE)
+
+    def test_symnet_every_parameter_gets_a_gradient_and_the_backbone_none(self, symnet_model):
+        img_q, img_s, m_s, m_q, class_ids = synthetic_episode(1, 2, SYMNET_SIZE, seed=1)
+        symnet_model.train()
+        symnet_model.zero_grad(set_to_none=True)
+        out = symnet_model(img_q, img_s, m_s, class_ids)
+        total, _ = symnet_model.loss(out, m_q, m_s)
+        total.backward()
+        for name, p in symnet_model.named_parameters():
+            if name.startswith("backbone."):
+                assert not p.requires_grad and p.grad is None, name
+            else:
+                assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+        # the word vectors feed W^Q's text columns
+        assert symnet_model.apa.w_q.weight.grad[:, symnet_model.cfg.reduce_dim:].abs().sum() > 0
+        symnet_model.zero_grad(set_to_none=True)
+
+    def test_symnet_empty_support_mask_gives_no_nan(self, symnet_model):
+        img_q, img_s, m_s, m_q, class_ids = synthetic_episode(2, 1, SYMNET_SIZE, seed=2)
+        m_s[0] = 0  # episode 0: nothing marked
+        m_s[1][m_s[1] == 1] = 255  # episode 1: only ignore pixels
+        symnet_model.train()
+        symnet_model.zero_grad(set_to_none=True)
+        out = symnet_model(img_q, img_s, m_s, class_ids)
+        total, terms = symnet_model.loss(out, m_q, m_s)
+        assert torch.isfinite(out["logits"]).all() and torch.isfinite(total)
+        assert torch.isfinite(out["prior"]).all() and (out["prior"] == 0).all()  # no support pixel to match
+        total.backward()
+        grads = [p.grad for p in symnet_model.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads), sum(g is None for g in grads)
+        symnet_model.zero_grad(set_to_none=True)
+
+    def test_symnet_vgg_is_refused_and_no_class_id_works(self, symnet_model):
+        with pytest.raises(ValueError, match="ResNet"):
+            symnet.SymNet(symnet.Config(backbone="vgg16_bn", pretrained=False), symnet_run())
+        img_q, img_s, m_s, _, _ = synthetic_episode(1, 1, SYMNET_SIZE, seed=3)
+        symnet_model.eval()
+        with torch.no_grad():
+            out = symnet_model(img_q, img_s, m_s, None)  # --predict passes no class: no text
+        assert torch.isfinite(out["logits"]).all()
+
+    def test_symnet_short_training_lowers_the_loss(self, tmp_path):
+        torch.manual_seed(0)
+        before, after = symnet_trains(make_symnet(tmp_path), synthetic_episode(2, 1, SYMNET_SIZE, seed=4), 6, 0.01)
+        assert after < 0.9 * before, (before, after)
+
+    # ---------------- SPM, triplet, TDC against direct computations -------------------------------------------
+
+    def test_symnet_spm_matches_a_direct_computation(self):
+        g = torch.Generator().manual_seed(0)
+        f_q = torch.rand(1, 3, 4, 5, generator=g)
+        f_s = torch.rand(1, 2, 3, 4, 5, generator=g)
+        m = torch.zeros(1, 2, 4, 5)
+        m[0, 0, 1:3, 1:4] = 1
+        m[0, 1, 0, 0] = 1
+        windows = ((3, 3), (3, 1), (1, 3))
+
+        def pooled(f, dh, dw):  # average over the window, padded zeros counted
+            C, h, w = f.shape
+            out = torch.zeros(C, h, w)
+            for i in range(h):
+                for j in range(w):
+                    for di in range(-(dh // 2), dh // 2 + 1):
+                        for dj in range(-(dw // 2), dw // 2 + 1):
+                            if 0 <= i + di < h and 0 <= j + dj < w:
+                                out[:, i, j] += f[:, i + di, j + dj] / (dh * dw)
+            return out.flatten(1)  # (C, hw)
+
+        shots = []
+        for k in range(2):
+            maps = []
+            for dh, dw in windows:
+                r_q, r_s = pooled(f_q[0], dh, dw), pooled(f_s[0, k] * m[0, k], dh, dw)
+                s_r = torch.zeros(20, 20)  # Eq. (2): cos(r_q, r_s) * |r_q|
+                for i in range(20):
+                    for j in range(20):
+                        if r_s[:, j].norm() > 0:
+                            s_r[i, j] = F.cosine_similarity(r_q[:, i], r_s[:, j], dim=0) * r_q[:, i].norm()
+                mean = s_r.mean(1)  # Eq. (3): mean over the support positions, then min-max
+                maps.append((mean - mean.min()) / (mean.max() - mean.min()))
+            shots.append(torch.stack(maps).mean(0))
+        expected = torch.stack(shots).mean(0).view(1, 1, 4, 5)
+        prior = symnet.self_activation_prior(f_q, f_s, m, windows)
+        assert torch.allclose(prior, expected, atol=1e-5)
+
+    def test_symnet_spm_hand_case_one_window(self):
+        # 1x1 window: the support's only foreground pixel points along (1, 0); the query scores are r_q . (1, 0)
+        f_q = torch.tensor([[[[1.0, 2.0], [0.0, 3.0]], [[5.0, 0.0], [1.0, 0.0]]]])  # (1, 2, 2, 2)
+        f_s = torch.zeros(1, 1, 2, 2, 2)
+        f_s[0, 0, 0, 0, 0] = 4.0
+        m = torch.zeros(1, 1, 2, 2)
+        m[0, 0, 0, 0] = 1
+        # mean over the 4 support positions of cos * |r_q| = (x-component of r_q) / 4 -> [1, 2, 0, 3] / 4
+        prior = symnet.self_activation_prior(f_q, f_s, m, ((1, 1),))
+        assert torch.allclose(prior.flatten(), torch.tensor([1 / 3, 2 / 3, 0.0, 1.0]), atol=1e-6)
+
+    def test_symnet_triplet_term_zero_when_margin_met_positive_otherwise(self):
+        e1, e2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+        assert symnet.triplet_term(e1, 3 * e1, -e1, 0.5).item() == 0  # 0 + 0.5 - 2 < 0
+        assert symnet.triplet_term(e1, e1, e2, 0.5).item() == 0  # 0 + 0.5 - sqrt(2) < 0
+        assert math.isclose(symnet.triplet_term(e1, -e1, e1, 0.5).item(), 2.5, abs_tol=1e-4)
+        assert math.isclose(symnet.triplet_term(e1, e2, 2 * e1, 0.5).item(), math.sqrt(2) + 0.5, abs_tol=1e-4)
+
+    def test_symnet_co_triplet_zero_when_every_margin_is_met(self, symnet_model):
+        # support foreground pixels all equal the anchor's direction, background opposite; query regions likewise
+        c, h = symnet_model.cfg.reduce_dim, 4
+        d = torch.zeros(c)
+        d[0] = 1
+        m_s = torch.zeros(1, 1, h, h, dtype=torch.long)
+        m_s[..., :2, :] = 1
+        f_s = torch.where(m_s[:, :, None] == 1, d.view(1, 1, c, 1, 1), -d.view(1, 1, c, 1, 1)).float()
+        prior = torch.zeros(1, 1, h, h)
+        prior[..., 0, 0] = 0.5  # ambiguous band: one pixel; background: the rest
+        f_q = (-d).view(1, c, 1, 1).repeat(1, 1, h, h)
+        f_q[..., 0, 0] = d
+        anchor = d[None]
+        assert symnet_model.co_triplet(f_q, f_s, m_s, prior, anchor, anchor).item() == 0
+        # swapped: the hard positives point away from the anchor
+        assert symnet_model.co_triplet(-f_q, -f_s, m_s, prior, anchor, anchor).item() > 2
+        # a support whose only non-object pixels are 255 keeps its negative: 255 counts as background, as in SN
+        f_s[..., 2:, :] = d.view(1, 1, c, 1, 1)  # a background like the anchor: the margin is not met
+        ignored = m_s.masked_fill(m_s == 0, IGNORE_INDEX)
+        assert symnet_model.co_triplet(f_q, f_s, ignored, prior, anchor, anchor) == \
+            symnet_model.co_triplet(f_q, f_s, m_s, prior, anchor, anchor) > 0
+
+    def test_symnet_prior_region_fallbacks(self):
+        f = torch.arange(16.0).view(1, 1, 4, 4)
+        prior = torch.arange(16.0).view(1, 1, 4, 4) / 15
+        none = torch.zeros_like(prior, dtype=torch.bool)
+        top = symnet.prior_region_mean(f, none, prior, "top")
+        bottom = symnet.prior_region_mean(f, none, prior, "bottom")
+        median = symnet.prior_region_mean(f, none, prior, "median")
+        # 12 of 16 pixels: the highest 4..15, the lowest 0..11, around the median 2..13
+        assert torch.allclose(top, torch.tensor([[9.5]]), atol=1e-2)
+        assert torch.allclose(bottom, torch.tensor([[5.5]]), atol=1e-2)
+        assert torch.allclose(median, torch.tensor([[7.5]]), atol=1e-2)
+        assert torch.allclose(symnet.prior_region_mean(f, prior > 0.9, prior, "top"), torch.tensor([[14.5]]), atol=1e-2)
+
+    def test_symnet_block_correlation_direct(self):
+        # two shots with masks of 4 and 2 pixels: per shot the mean of ReLU(cos) over its mask, then the mean of the
+        # shots (not the mean over all 6 masked pixels)
+        g = torch.Generator().manual_seed(1)
+        f_q, f_s = torch.randn(1, 5, 3, 3, generator=g), torch.randn(1, 2, 5, 3, 3, generator=g)
+        m = torch.zeros(1, 2, 3, 3)
+        m[0, 0, 1:, 1:] = 1
+        m[0, 1, 0, :2] = 1
+        q = f_q[0].flatten(1)
+        shots = []
+        for k in range(2):
+            s, fg = f_s[0, k].flatten(1), m[0, k].flatten().nonzero().flatten()
+            shots.append(torch.stack([torch.stack([F.cosine_similarity(q[:, i], s[:, j], dim=0).clamp(min=0)
+                                                   for j in fg]).mean() for i in range(9)]).view(1, 1, 3, 3))
+        corr = symnet.block_correlation(f_q, f_s, m)
+        assert torch.allclose(corr, (shots[0] + shots[1]) / 2, atol=1e-3)
+        assert (shots[0] - shots[1]).abs().max() > 0.05  # the shots differ: the mean is not either one
+        assert torch.allclose(symnet.block_correlation(f_q, f_s[:, :1], m[:, :1]), shots[0], atol=1e-3)  # one shot
+        assert (symnet.block_correlation(f_q, f_s, torch.zeros(1, 2, 3, 3)) == 0).all()  # empty masks -> 0
+
+    # ---------------- word vectors ----------------------------------------------------------------------------
+
+    def test_symnet_word_vectors_from_a_fake_word2vec_binary(self, tmp_path):
+        g = np.random.default_rng(0)
+        vocab = {w: g.standard_normal(symnet.TEXT_DIM).astype(np.float32)
+                 for w in ["cat", "potted_plant", "potted", "plant", "red", "disc", "table", "tv", "</s>"]}
+        for newline in (True, False):
+            binary = tmp_path / f"w2v{newline}.bin"
+            fake_word2vec(binary, vocab, newline)
+            with pytest.warns(UserWarning, match="nosuchword"):
+                vectors = symnet.build_word_vectors(binary, tmp_path / "v.pt",
+                                                    ["cat", "pottedplant", "red striped disc", "diningtable",
+                                                     "nosuchword"])
+            assert set(vectors) == {"cat", "pottedplant", "red striped disc", "diningtable"}
+            assert torch.allclose(vectors["cat"], unit_vector(vocab["cat"]), atol=1e-6)
+            assert torch.allclose(vectors["pottedplant"], unit_vector(vocab["potted_plant"]), atol=1e-6)  # phrase first
+            mean = (vocab["red"] + vocab["disc"]) / 2  # "striped" is not in the binary: mean of the others
+            assert torch.allclose(vectors["red striped disc"], unit_vector(mean), atol=1e-6)
+            assert torch.allclose(vectors["diningtable"], unit_vector(vocab["table"]), atol=1e-6)  # MIANet's word
+            assert torch.load(tmp_path / "v.pt").keys() == vectors.keys()
+
+    def test_symnet_load_word_vectors_rows_by_class_id(self, word_vectors, tmp_path):
+        table = symnet.load_word_vectors(word_vectors, "synthetic")
+        stored = torch.load(word_vectors)
+        assert table.shape == (21, symnet.TEXT_DIM) and (table[0] == 0).all()
+        assert torch.equal(table[7], stored[data.class_names("synthetic")[7]])
+        torch.save({"cat": torch.ones(symnet.TEXT_DIM)}, tmp_path / "few.pt")
+        with pytest.raises(common.WeightsUnavailableError, match="lack"):
+            symnet.load_word_vectors(tmp_path / "few.pt", "pascal")
+
+    def test_symnet_without_word_vectors_one_warning_and_text_off(self, tmp_path, monkeypatch):
+        monkeypatch.chdir(tmp_path)  # no runs/ here: no base learner either
+        with pytest.warns(UserWarning) as record:
+            net = symnet.build(symnet.Config(pretrained=False), symnet_run())
+        messages = [str(r.message) for r in record]
+        assert sum("text branch is off" in m for m in messages) == 1
+        assert sum("meta learner alone" in m for m in messages) == 1
+        assert (net.text == 0).all() and net.ensemble is None and net.cfg.base_classes is None
+        with warnings.catch_warnings(record=True) as record:  # evaluating a checkpoint: it holds the base learner
+            warnings.simplefilter("always")
+            symnet.build(symnet.Config(pretrained=False), symnet_run(from_checkpoint=True))
+        assert not any("meta learner alone" in str(r.message) for r in record)
+
+    def test_symnet_build_refuses_a_named_side_file_that_is_missing_or_does_not_fit(self, tmp_path, monkeypatch,
+                                                                                    word_vectors):
+        # build reads the files: a named one that is absent, or lacks the run's classes, is a WeightsUnavailableError
+        # that names it, raised before any model is built (a forward never sees it); train.py says it in one line
+        def no_model(*args, **kwargs):
+            raise AssertionError("a model was built although a named file is missing")
+
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr(symnet, "SymNet", no_model)
+        cases = {"--word-vectors .*absent_vectors.pt$": dict(word_vectors=str(tmp_path / "absent_vectors.pt")),
+                 "--base-learner .*absent_base.pt$": dict(base_learner=str(tmp_path / "absent_base.pt"),
+                                                          word_vectors=str(word_vectors)),
+                 "--word-vectors .*x.pt, --base-learner .*no.pt$": dict(word_vectors=str(tmp_path / "x.pt"),
+                                                                        base_learner=str(tmp_path / "no.pt"))}
+        for message, flags in cases.items():
+            with pytest.raises(common.WeightsUnavailableError, match="no such file: " + message):
+                symnet.build(symnet.Config(pretrained=False, **flags), symnet_run())
+        torch.save({"cat": torch.ones(symnet.TEXT_DIM)}, tmp_path / "few.pt")
+        with pytest.raises(common.WeightsUnavailableError, match=r"few.pt lack the synthetic classes"):
+            symnet.build(symnet.Config(pretrained=False, word_vectors=str(tmp_path / "few.pt")), symnet_run())
+        # a file that is no torch file, or a torch file of something else: named, not torch's traceback
+        (tmp_path / "text.pt").write_text("not a torch file")
+        with pytest.raises(common.WeightsUnavailableError, match=r"cannot read .*text.pt as word vectors"):
+            symnet.build(symnet.Config(pretrained=False, word_vectors=str(tmp_path / "text.pt")), symnet_run())
+        torch.save({"model": {}}, tmp_path / "other.pt")
+        with pytest.raises(common.WeightsUnavailableError,
+                           match=r"other.pt is not a base learner .*lacks classes, backbone$"):
+            symnet.build(symnet.Config(pretrained=False, base_learner=str(tmp_path / "other.pt"),
+                                       word_vectors=str(word_vectors)), symnet_run())
+        with pytest.raises(SystemExit, match=r"^error: cannot read .*text.pt as a base learner"):
+            train.main(["--model", "symnet", "--dataset", "synthetic", "--no-pretrained", "--img-size", "33",
+                        "--train-length", "2", "--batch-size", "2", "--epochs", "1", "--workers", "0",
+                        "--base-learner", str(tmp_path / "text.pt"), "--out", str(tmp_path / "run0")])
+        with pytest.raises(SystemExit, match=r"^error: no such file: --base-learner .*absent_base.pt$"):
+            train.main(["--model", "symnet", "--dataset", "synthetic", "--no-pretrained", "--img-size", "33",
+                        "--train-length", "2", "--batch-size", "2", "--epochs", "1", "--workers", "0",
+                        "--base-learner", str(tmp_path / "absent_base.pt"), "--out", str(tmp_path / "run")])
+
+    def test_symnet_folder_classes_size_the_text_and_word_vectors(self, tmp_path, monkeypatch):
+        monkeypatch.chdir(tmp_path)  # no runs/ here: no base learner
+        root = _write_folder(tmp_path / "mine")
+        torch.save({name: torch.full((symnet.TEXT_DIM,), float(c)) for c, name in enumerate(FOLDER_NAMES, 1)},
+                   tmp_path / "v.pt")
+        table = symnet.load_word_vectors(tmp_path / "v.pt", "folder", root=root)
+        assert table.shape == (7, symnet.TEXT_DIM) and (table[0] == 0).all() and (table[4] == 4).all()  # row 4: car
+        with pytest.warns(UserWarning) as record:  # no word vectors, no base learner: one warning each
+            net = symnet.build(symnet.Config(pretrained=False),
+                               common.Setting(dataset="folder", data_root=str(root), fold=1, pretrained=False))
+        assert any("meta learner alone" in str(r.message) for r in record)
+        assert net.text.shape == (7, symnet.TEXT_DIM) and (net.text == 0).all()
+        # a base learner of fold 1 (base classes 1, 3, 4, 6) does not fit the run with --test-classes 3,6
+        torch.save({"model": {}, "classes": [1, 3, 4, 6], "backbone": "resnet50"}, tmp_path / "base.pt")
+        with pytest.raises(common.WeightsUnavailableError,
+                           match=r"classes \[1, 3, 4, 6\]; this model needs resnet50, classes \[1, 2, 4, 5\]"):
+            symnet.build(symnet.Config(pretrained=False, base_learner=str(tmp_path / "base.pt"),
+                                       word_vectors=str(tmp_path / "v.pt")),
+                         common.Setting(dataset="folder", data_root=str(root), test_classes=(3, 6), pretrained=False))
+
+    # ---------------- base learner, ensemble, stage, harness --------------------------------------------------
+
+    def test_symnet_base_learner_images_are_bams_whole_list_with_novel_pixels_as_background(self, tmp_path,
+                                                                                            monkeypatch):
+        root = _write_pascal(tmp_path / "voc")
+        # fold 0: classes 1-5 novel, 6-20 base
+        images = symnet.BaseClassImages(common.Setting(dataset="pascal", fold=0, img_size=80, data_root=root))
+        # every training image, c_small (under 2048 px) and d_mixed (novel class 2) too, unlike the episodes
+        assert images.names == ["a_voc", "b_sbd", "c_small", "d_mixed", "f_multi"] and len(images) == 5
+        monkeypatch.setattr(data, "train_transform", lambda img, label, *a: (img, label))  # the labels as read
+        _, label = images[(0, images.names.index("d_mixed"))]
+        raw = torch.from_numpy(_PASCAL_LABELS["d_mixed"]).long()
+        assert torch.equal(label, torch.where(raw == 6, 1, 0))  # base class 6 -> channel 1, novel class 2 -> 0
+        _, label = images[(0, images.names.index("b_sbd"))]
+        assert set(label.unique().tolist()) == {0, 2, IGNORE_INDEX}  # class 7 -> channel 2; 255 stays
+
+    def test_symnet_bam_ensemble_identity_at_init_and_leaves_the_episode_class_out(self):
+        ens = symnet.BAMEnsemble()
+        meta = torch.randn(2, 2, 3, 3)
+        base = torch.full((2, 4, 3, 3), -20.0)
+        base[:, 2] = 20.0  # every pixel: base channel 2 = class 7 of classes [6, 7, 8]
+        classes = torch.tensor([6, 7, 8])
+        out = ens(meta, base, torch.zeros(2), classes, torch.tensor([7, 1]))
+        assert torch.allclose(out, meta.softmax(1), atol=1e-6)  # weights [1, 0]: the meta learner alone
+        with torch.no_grad():
+            ens.cls_merge.weight.copy_(torch.tensor([1.0, -1.0]).view(1, 2, 1, 1))  # base classes -> background
+        out = ens(meta, base, torch.zeros(2), classes, torch.tensor([7, 1]))
+        assert torch.allclose(out[0, 0], meta.softmax(1)[0, 0], atol=1e-6)  # episode class 7: its channel left out
+        assert torch.allclose(out[1, 0], meta.softmax(1)[1, 0] - 1, atol=1e-6)  # novel class 1: nothing left out
+        with torch.no_grad():  # the scene difference enters both scores through gram_merge's second weight
+            ens.gram_merge.weight.copy_(torch.tensor([1.0, 1.0]).view(1, 2, 1, 1))
+            ens.cls_merge.weight.copy_(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1))
+        out = ens(meta, base, torch.tensor([0.5, 0.0]), classes, torch.tensor([7, 1]))
+        assert torch.allclose(out[0], meta.softmax(1)[0] + 0.5, atol=1e-6)  # episode 0: est 0.5 added to bg and fg
+        assert torch.allclose(out[1], meta.softmax(1)[1], atol=1e-6)  # episode 1: est 0
+
+    def test_symnet_gram_distance_zero_for_same_scene_and_mean_over_shots(self):
+        g = torch.Generator().manual_seed(0)
+        f_q = torch.rand(2, 4, 3, 3, generator=g)
+        other = torch.rand(2, 4, 3, 3, generator=g)
+        assert torch.allclose(symnet.gram_distance(f_q, f_q[:, None]), torch.zeros(2), atol=1e-6)
+        one = symnet.gram_distance(f_q, other[:, None])
+        both = symnet.gram_distance(f_q, torch.stack([f_q, other], 1))
+        assert (one > 0).all() and torch.allclose(both, one / 2, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 inside: the bf16 matmuls were 1-2% off
+            amp = symnet.gram_distance(f_q, other[:, None])
+        assert amp.dtype == torch.float32 and torch.allclose(amp, one, rtol=1e-5)
+
+    def test_symnet_resume_follows_the_checkpoint_when_a_base_learner_appears(self, tmp_path, monkeypatch):
+        # trained without a base learner, resumed after --stage base wrote one at the default path: the checkpoint
+        # decides (no ensemble), and the optimizer matches it (it was built before the checkpoint was read: crash)
+        monkeypatch.chdir(tmp_path)
+        argv = ["--model", "symnet", "--dataset", "synthetic", "--fold", "1", "--no-pretrained", "--img-size", "33",
+                "--train-length", "4", "--batch-size", "2", "--workers", "0", "--test-episodes", "2",
+                "--test-seeds", "1", "--out", str(tmp_path / "run")]
+        with warnings.catch_warnings(record=True) as caught:  # and: no --word-vectors, the text branch is off
+            warnings.simplefilter("always")
+            train.main([*argv, "--epochs", "2"])
+        assert any("meta learner alone" in str(w.message) for w in caught)
+        state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+        torch.save({**state, "epoch": 1}, tmp_path / "run" / "last.pt")  # as if it had stopped after epoch 1
+        train.main(["--model", "symnet", "--stage", "base", "--dataset", "synthetic", "--fold", "1", "--no-pretrained",
+                    "--img-size", "33", "--train-length", "4", "--batch-size", "2", "--epochs", "1", "--workers", "0"])
+        assert symnet.base_learner_path(symnet_run(1)).is_file()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # resumed from its checkpoint: no side file is read, nothing to warn about
+            train.main([*argv, "--resume"])
+        state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+        assert state["epoch"] == 2 and not any(k.startswith("ensemble.") for k in state["model"])
+
+    def test_symnet_base_stage_resumes_exactly_and_an_unfinished_file_is_refused(self, tmp_path, monkeypatch):
+        """The base stage writes its file after every epoch; one killed after epoch 1 of 2 is refused by Sym-Net with
+        the command that finishes it, and --stage base --resume gives the weights of the run that was never killed."""
+        argv = ["--model", "symnet", "--stage", "base", "--dataset", "synthetic", "--fold", "1", "--no-pretrained",
+                "--img-size", "33", "--train-length", "4", "--batch-size", "2", "--epochs", "2", "--workers", "0"]
+        whole, cut = tmp_path / "whole" / "base.pt", tmp_path / "cut" / "base.pt"
+        train.main([*argv, "--base-learner", str(whole)])
+        real = common.save_atomic
+
+        def killed_in_epoch_2(state, path):
+            if state.get("epoch") == 2:
+                raise RuntimeError("killed")
+            real(state, path)
+
+        monkeypatch.setattr(common, "save_atomic", killed_in_epoch_2)
+        with pytest.raises(RuntimeError, match="killed"):
+            train.main([*argv, "--base-learner", str(cut)])
+        monkeypatch.undo()
+        with pytest.raises(common.WeightsUnavailableError, match="stopped after epoch 1 of 2: finish it with python "
+                                                                 "train.py --model symnet --stage base .* --resume"):
+            symnet.read_base_learner(symnet.Config(base_learner=str(cut), pretrained=False), symnet_run(1))
+        with pytest.raises(SystemExit, match="holds a run already"):  # not replaced without --resume or --overwrite
+            train.main([*argv, "--base-learner", str(cut)])
+        with pytest.raises(SystemExit, match="was made with lr 0.05 .now 0.01."):  # its own recipe, or none
+            train.main([*argv, "--base-learner", str(cut), "--resume", "--lr", "0.01"])
+        train.main([*argv, "--base-learner", str(cut), "--resume"])
+        a, b = torch.load(whole, weights_only=True), torch.load(cut, weights_only=True)
+        assert b["epoch"] == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+        assert [r["epoch"] for r in read_metrics(cut.parent, "base_metrics.jsonl") if r["event"] == "base"] == [1, 2]
+
+    def test_symnet_base_stage_trains_and_sym_net_uses_it(self, tmp_path):
+        path = tmp_path / "base.pt"
+        argv = ["--model", "symnet", "--stage", "base", "--dataset", "synthetic", "--fold", "1", "--no-pretrained",
+                "--img-size", "33", "--train-length", "4", "--batch-size", "2", "--epochs", "1", "--workers", "0",
+                "--log-every", "1", "--base-learner", str(path)]
+        with pytest.raises(SystemExit, match="needs --batch-size >= 2"):
+            train.main([*argv, "--batch-size", "1"])
+        assert train.main(argv) == path and path.is_file()  # 2 steps
+        state = torch.load(path, weights_only=False)
+        assert (state["classes"] == symnet.base_classes(symnet_run(1))
+                == [c for c in range(1, 21) if c not in range(6, 11)])
+        assert state["model"]["cls.4.weight"].shape[0] == 16  # background + 15 base classes
+        torch.manual_seed(0)
+        net = make_symnet(tmp_path, fold=1, base_learner=str(path))
+        assert net.ensemble is not None and not any(p.requires_grad for p in net.base_learner.parameters())
+        assert net.cfg.base_classes == tuple(state["classes"])  # recorded in the Config that checkpoints keep
+        # random weights: the meta learner's backbone takes the BN statistics the base learner was trained on, and
+        # the harness leaves them (same seed, so the same weights: the head sees the features it learned on)
+        buffers = dict(net.backbone.named_buffers())
+        assert all(torch.equal(buffers[k], v) for k, v in state["backbone_buffers"].items())
+        assert net.backbone.calibrated and any(v.abs().sum() > 0 for k, v in buffers.items() if "running_mean" in k)
+        weights = dict(net.backbone.named_parameters())
+        torch.manual_seed(0)  # what --stage base built, with its default --seed 0
+        stage_weights = common.Backbone("resnet50", pretrained=False)
+        assert all(torch.equal(weights[k], v) for k, v in stage_weights.named_parameters())
+        train.calibrate_random_backbones(net, train.parse_args(["--model", "symnet", "--dataset", "synthetic",
+                                         "--no-pretrained", "--img-size", "33", "--workers", "0"])[0], "cpu", 0)
+        assert all(torch.equal(v, state["backbone_buffers"][k]) for k, v in net.backbone.named_buffers())
+        with pytest.raises(common.WeightsUnavailableError, match="trained on random .* this model uses ImageNet"):
+            symnet.read_base_learner(symnet.Config(base_learner=str(path)), symnet_run(1))
+        with pytest.raises(common.WeightsUnavailableError, match="trained on random .* --backbone-weights"):
+            symnet.read_base_learner(symnet.Config(base_learner=str(path), pretrained="resnet50.pth"), symnet_run(1))
+        net.train()
+        assert not net.base_learner.training  # frozen BN
+        img_q, img_s, m_s, m_q, class_ids = synthetic_episode(2, 1, 33, seed=5)
+        total, terms = net.loss(net(img_q, img_s, m_s, class_ids), m_q, m_s)
+        assert set(terms) == {"final", "inter", "triplet", "meta"} and torch.isfinite(total)
+        total.backward()
+        assert net.ensemble.cls_merge.weight.grad is not None and net.ensemble.gram_merge.weight.grad is not None
+        assert all(p.grad is None for p in net.base_learner.parameters())
+        # a checkpoint decides, through its Config: trained without the base learner -> none; with it -> rebuilt
+        # (from_checkpoint: no file is read, so flags naming absent files do not matter) and loaded strictly
+        with_base = {k: v.clone() for k, v in net.state_dict().items()}
+        alone = symnet.build(dataclasses.replace(net.cfg, base_classes=None), symnet_run(1, from_checkpoint=True))
+        alone.load_state_dict({k: v for k, v in with_base.items() if not k.startswith(("base_learner.", "ensemble."))})
+        assert alone.base_learner is None and alone.ensemble is None
+        absent = dataclasses.replace(net.cfg, base_learner=str(tmp_path / "no.pt"), word_vectors=str(tmp_path / "x"))
+        restored = symnet.build(absent, symnet_run(1, from_checkpoint=True))
+        restored.load_state_dict(with_base)
+        assert (restored.ensemble is not None
+                and torch.equal(restored.base_learner.classes, torch.tensor(state["classes"])))
+        assert not any(p.requires_grad for p in restored.base_learner.parameters())
+        assert all(torch.equal(v, with_base[k]) for k, v in restored.state_dict().items())
+        with pytest.raises(common.WeightsUnavailableError, match="trained for"):
+            make_symnet(tmp_path, fold=2, base_learner=str(path))
+
+    def test_symnet_checkpoints_restore_through_train_py_without_their_side_files(self, tmp_path, monkeypatch,
+                                                                                  word_vectors):
+        # Two runs, one with a base learner and word vectors, one without either; then every side file is deleted
+        # and a base learner is put at the default path. --eval-only --checkpoint rebuilds each model as its
+        # checkpoint's Config describes it (base learner or none), reads no file and loads every weight strictly.
+        monkeypatch.chdir(tmp_path)
+        side = tmp_path / "side"
+        side.mkdir()
+        vectors, base = side / "vectors.pt", side / "base.pt"
+        vectors.write_bytes(word_vectors.read_bytes())
+        common_argv = ["--model", "symnet", "--dataset", "synthetic", "--fold", "1", "--no-pretrained", "--img-size",
+                       "33", "--train-length", "4", "--batch-size", "2", "--workers", "0"]
+        test_argv = ["--test-episodes", "2", "--test-seeds", "1"]
+        train.main([*common_argv, "--stage", "base", "--epochs", "1", "--base-learner", str(base)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train.main([*common_argv, *test_argv, "--epochs", "1", "--out", str(tmp_path / "with"),
+                        "--base-learner", str(base), "--word-vectors", str(vectors)])
+            train.main([*common_argv, *test_argv, "--epochs", "1", "--out", str(tmp_path / "alone")])
+        default = symnet.base_learner_path(symnet_run(1))
+        default.parent.mkdir(parents=True)
+        base.rename(default)  # a base learner the checkpoint trained without must not be taken
+        vectors.unlink()
+        built, construct = [], train.construct
+        monkeypatch.setattr(train, "construct", lambda *args: built.append(construct(*args)) or built[-1])
+        for name in ("with", "alone"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                train.main([*common_argv, *test_argv, "--eval-only", "--checkpoint", str(tmp_path / name / "last.pt"),
+                            "--out", str(tmp_path / f"{name}-eval")])
+            saved = torch.load(tmp_path / name / "last.pt", weights_only=False)["model"]
+            restored = built[-1].state_dict()
+            assert restored.keys() == saved.keys() and all(torch.equal(restored[k], v) for k, v in saved.items()), name
+        with_base, alone = built
+        assert (with_base.cfg.base_classes == tuple(symnet.base_classes(symnet_run(1)))
+                and with_base.ensemble is not None)
+        assert with_base.text.abs().sum() > 0  # the word vectors, from the checkpoint
+        assert alone.cfg.base_classes is None and alone.base_learner is None and alone.ensemble is None
+        assert (alone.text == 0).all()
+
+    def test_symnet_harness_fills_the_config_and_defaults(self, word_vectors, tmp_path):
+        args, module = train.parse_args(["--model", "symnet", "--dataset", "coco", "--fold", "2", "--shot", "5",
+                                         "--word-vectors", str(word_vectors), "--base-learner", "b.pt",
+                                         "--coco-split", "contiguous", "--no-pretrained"])
+        cfg, run = train.make_config(module, args), train.setting_of(args)
+        assert (run.dataset, run.fold, run.shot, run.coco_split, run.pretrained) == ("coco", 2, 5, "contiguous", False)
+        assert cfg.pretrained is False and cfg.word_vectors == str(word_vectors) and cfg.base_learner == "b.pt"
+        harness = {"shot", "img_size", "dataset", "fold", "coco_split", "from_checkpoint", "data_root", "test_classes"}
+        assert not harness & {field.name for field in dataclasses.fields(cfg)}  # the run's context is the Run's
+        assert (args.lr, args.batch_size, args.epochs, args.img_size) == (0.05, 32, 50, 641)  # §4.1 as SN runs it
+        assert json.loads(json.dumps(dataclasses.asdict(cfg)))["tau1"] == 0.7
+        assert set(symnet.STAGES) == {"base"}
+
+    @pytest.mark.parametrize("dataset, epochs", [("pascal", 100), ("coco", 20)])
+    def test_symnet_base_stage_takes_bams_base_recipe(self, dataset, epochs):
+        args, _ = train.parse_args(["--model", "symnet", "--stage", "base", "--dataset", dataset])
+        assert (args.lr, args.batch_size, args.epochs, args.img_size) == (0.0025, 12, epochs, 417)
+        meta, _ = train.parse_args(["--model", "symnet", "--dataset", dataset])  # the meta learner keeps its own
+        assert (meta.lr, meta.batch_size) == (0.05, 32)
+
+    # ---------------- APA (Eq. 6-8) by hand -------------------------------------------------------------------
+
+    def test_symnet_apa_hand_case_two_pixels(self):
+        # W^Q passes the prototype and adds the text to its first channel, W^K = identity, W^V = 2 * identity, FFN =
+        # identity: p_aug = sum_n softmax(q . k_n / sqrt(2))_n * 2 f_n + p
+        apa = symnet.APA(2, 1, dropout=0.0)
+        with torch.no_grad():
+            apa.w_q.weight.copy_(torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
+            apa.w_k.weight.copy_(torch.eye(2).view(2, 2, 1, 1))
+            apa.w_v.weight.copy_(2 * torch.eye(2).view(2, 2, 1, 1))
+            apa.ffn[0].weight.copy_(torch.eye(2))
+            apa.ffn[0].bias.zero_()
+        proto, text = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0]])  # q = (2, 0)
+        f = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 2)  # pixel 0 = (1, 0), pixel 1 = (0, 1)
+        a0 = math.exp(2 / math.sqrt(2)) / (math.exp(2 / math.sqrt(2)) + 1)  # scores 2 / sqrt(2) and 0
+        expected = torch.tensor([[2 * a0 + 1.0, 2 * (1 - a0)]])
+        assert torch.allclose(apa(proto, text, f), expected, atol=1e-6)
+        # no text: q = p = (1, 0), scores 1/sqrt(2) and 0
+        a0 = math.exp(1 / math.sqrt(2)) / (math.exp(1 / math.sqrt(2)) + 1)
+        assert torch.allclose(apa(proto, torch.zeros(1, 1), f), torch.tensor([[2 * a0 + 1.0, 2 * (1 - a0)]]), atol=1e-6)
+
+    # ---------------- the forward pass: Eq. (4), (5), (7), (9) ------------------------------------------------
+
+    def test_symnet_forward_prototypes_follow_eq4_eq5_eq7_and_eq9(self, symnet_model):
+        # Recomputed by hand from the recorded F^m, the prior and the APA outputs, for 2 shots:
+        #   Eq. (4): p_s of shot k = the mean of that SUPPORT's F^m over its mask (MAP, area eps 5e-4);
+        #   Eq. (5): p_q = the mean of the query's F^m where prior > tau1 (top-12 fallback when none);
+        #   Eq. (7): APA's keys/values = F^m_s * mask (support), F^m_q * prior (query);
+        #   Eq. (9): FEM's prototype = alpha p_q_aug + beta p_s_aug, p_s_aug the mean of the shots' APA outputs.
+        net = symnet_model
+        B, S, c = 2, 2, net.cfg.reduce_dim
+        img_q, img_s, m_s, _, class_ids = synthetic_episode(B, S, SYMNET_SIZE, seed=1)
+        out, rec = symnet_record_forward(net, img_q, img_s, m_s, class_ids)
+        f_q, f_s = rec["f_q"], rec["f_s"].view(B, S, c, SYMNET_GRID, SYMNET_GRID)
+        m, prior = symnet_grid_mask(m_s), out["prior"]
+        assert len(rec["apa"]) == S + 1  # each shot, then the query
+        text = net.text[class_ids]
+        assert text.abs().sum() > 0  # the word vectors are on
+        for k in range(S):
+            proto, t, keys, _ = rec["apa"][k]
+            p_s = (f_s[:, k] * m[:, k, None]).sum((2, 3)) / (m[:, k].sum((1, 2))[:, None] + MAP_EPS)
+            assert torch.allclose(proto, p_s, atol=1e-5), k  # Eq. (4) from the support's own features
+            assert torch.allclose(keys, f_s[:, k] * m[:, k, None], atol=1e-6) and torch.equal(t, text)
+        p_q, t, keys, p_q_aug = rec["apa"][S]
+        for b in range(B):
+            scores = prior[b, 0].flatten()
+            chosen = (scores > net.cfg.tau1).nonzero().flatten()
+            if len(chosen) == 0:
+                chosen = scores.argsort()[-symnet.QUERY_FALLBACK:]
+            assert 0 < len(chosen) < SYMNET_GRID * SYMNET_GRID  # a real selection, not every pixel
+            expected = f_q[b].flatten(1)[:, chosen].sum(1) / (len(chosen) + MAP_EPS)
+            assert torch.allclose(p_q[b], expected, atol=1e-5), b  # Eq. (5)
+        assert torch.allclose(keys, f_q * prior, atol=1e-6) and torch.equal(t, text)  # Eq. (7): prior-weighted
+        assert not torch.allclose(keys, f_q, atol=1e-3)  # the weighting is not a no-op here
+        p_s_aug = (rec["apa"][0][-1] + rec["apa"][1][-1]) / 2  # K shots averaged (Fig. 2)
+        hybrid = rec["fem"][1]
+        assert torch.allclose(hybrid, 0.5 * p_q_aug + 0.5 * p_s_aug, atol=1e-5)  # Eq. (9), alpha = beta = 0.5
+        assert (p_s_aug - p_q_aug).abs().max() > 1e-2  # both terms matter: neither alone would match
+
+    def test_symnet_eq5_takes_the_high_prior_pixels_of_a_planted_prior(self, symnet_model, monkeypatch):
+        # A prior planted by hand (SPM replaced): 3 pixels above tau1 = 0.7, the rest below. p_q must be the mean of
+        # the query features at exactly those 3 pixels, and the APA keys the features times this prior.
+        net = symnet_model
+        img_q, img_s, m_s, _, class_ids = synthetic_episode(1, 1, SYMNET_SIZE, seed=2)
+        planted = torch.full((1, 1, SYMNET_GRID, SYMNET_GRID), 0.2)
+        planted[0, 0, 1, 2], planted[0, 0, 4, 4], planted[0, 0, 5, 0] = 0.9, 0.75, 1.0
+        planted[0, 0, 3, 3] = 0.7  # on the threshold: not above it
+        monkeypatch.setattr(symnet, "self_activation_prior", lambda *a: planted.clone())
+        out, rec = symnet_record_forward(net, img_q, img_s, m_s, class_ids)
+        f_q = rec["f_q"][0]
+        p_q, _, keys, _ = rec["apa"][1]
+        expected = (f_q[:, 1, 2] + f_q[:, 4, 4] + f_q[:, 5, 0]) / (3 + MAP_EPS)
+        assert torch.allclose(p_q[0], expected, atol=1e-5)
+        assert torch.allclose(keys, rec["f_q"] * planted, atol=1e-6)
+        assert torch.equal(out["prior"], planted) and torch.equal(rec["fem"][2][:, -1:], planted)  # FEM gets it too
+
+    def test_symnet_shot_order_does_not_matter_but_each_shot_does(self, symnet_model, symnet_two_shot):
+        # K shots are averaged (priors, prototypes, correlations): permuting the supports leaves every output as it
+        # was; changing the content of either shot changes the TDC input, the support prototype and the output
+        net, ((img_q, img_s, m_s, _, cls), out, rec) = symnet_model, symnet_two_shot
+        _, other_img_s, other_m_s, _, _ = synthetic_episode(1, 2, SYMNET_SIZE, seed=2)
+        swapped, rec_sw = symnet_record_forward(net, img_q, img_s[:, [1, 0]], m_s[:, [1, 0]], cls)
+        for key in ("logits", "meta", "prior"):
+            assert torch.allclose(out[key], swapped[key], atol=1e-5), key
+        for a, b in zip(rec["corr"], rec_sw["corr"]):
+            assert torch.allclose(a, b, atol=1e-5)  # TDC input
+        assert torch.allclose(rec["fem"][1], rec_sw["fem"][1], atol=1e-5)  # p_hybrid
+        for k in range(2):  # shot k replaced by another image and mask
+            img2, m2 = img_s.clone(), m_s.clone()
+            img2[:, k], m2[:, k] = other_img_s[:, k], other_m_s[:, k]
+            changed, rec2 = symnet_record_forward(net, img_q, img2, m2, cls)
+            assert (changed["logits"] - out["logits"]).abs().max() > 1e-4, k
+            assert max((a - b).abs().max() for a, b in zip(rec["corr"], rec2["corr"])) > 1e-3, k  # TDC sees shot k
+            p_s_aug, p_s_aug2 = (sum(r["apa"][j][-1] for j in range(2)) / 2 for r in (rec, rec2))
+            assert (p_s_aug - p_s_aug2).abs().max() > 1e-3, k  # and so does the support prototype
+            assert torch.allclose(rec["apa"][1 - k][-1], rec2["apa"][1 - k][-1], atol=1e-5)  # the other shot's alone
+
+    def test_symnet_k_shot_is_the_mean_of_the_one_shot_quantities(self, symnet_model, symnet_two_shot):
+        # Fig. 2: a 2-shot episode's prior, block correlations (TDC input) and p_s_aug are the means of those of the
+        # two 1-shot episodes made of each support alone; each shot's APA output is its 1-shot one
+        net, ((img_q, img_s, m_s, _, class_ids), out, rec) = symnet_model, symnet_two_shot
+        singles = [symnet_record_forward(net, img_q, img_s[:, k:k + 1], m_s[:, k:k + 1], class_ids) for k in range(2)]
+        assert torch.allclose(out["prior"], (singles[0][0]["prior"] + singles[1][0]["prior"]) / 2, atol=1e-5)
+        assert not torch.allclose(singles[0][0]["prior"], singles[1][0]["prior"], atol=1e-3)  # the shots differ
+        for level, corr in enumerate(rec["corr"]):
+            one = [single[1]["corr"][level] for single in singles]
+            assert torch.allclose(corr, (one[0] + one[1]) / 2, atol=1e-5), level
+            assert (one[0] - one[1]).abs().max() > 1e-3, level
+        for k in range(2):
+            assert torch.allclose(rec["apa"][k][-1], singles[k][1]["apa"][0][-1], atol=1e-5), k
+        p_s_aug = (singles[0][1]["apa"][0][-1] + singles[1][1]["apa"][0][-1]) / 2
+        p_q_aug = rec["apa"][2][-1]
+        assert torch.allclose(rec["fem"][1], 0.5 * p_q_aug + 0.5 * p_s_aug, atol=1e-5)
+
+    @pytest.mark.parametrize("shot", [1, 5])
+    def test_symnet_all_shots_at_once_equal_the_per_shot_formulation(self, symnet_model, shot):
+        # forward takes the K shots as one batch (one APA call for the B*S supports, one matrix of cosines per block,
+        # a shot axis in SPM, the co-triplet support term and the scene difference); computing each shot alone and
+        # averaging gives the same outputs, loss terms and gradients of every parameter, to float32 rounding
+        classes = tuple(symnet.base_classes(symnet_run()))
+        torch.manual_seed(0)
+        net = symnet.SymNet(dataclasses.replace(symnet_model.cfg, base_classes=classes), symnet_run(),
+                            symnet_model.text)
+        for module in net.modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                module.p = 0.0  # the two formulations would draw different dropout masks
+        with torch.no_grad():  # weights away from the identity at initialisation, so that the scene difference counts
+            net.ensemble.gram_merge.weight.copy_(torch.tensor([1.0, 0.5]).view(1, 2, 1, 1))
+            net.ensemble.cls_merge.weight.copy_(torch.tensor([0.8, -0.5]).view(1, 2, 1, 1))
+        img_q, img_s, m_s, m_q, class_ids = synthetic_episode(2, shot, SYMNET_SIZE, seed=6)
+        net.train()
+        results = []
+        for forward in (net, lambda *args: symnet_per_shot_forward(net, *args)):
+            net.zero_grad(set_to_none=True)
+            out = forward(img_q, img_s, m_s, class_ids)
+            total, terms = net.loss(out, m_q, m_s)
+            total.backward()
+            results.append({**{key: out[key].detach() for key in ("logits", "meta", "prior", "triplet")},
+                            **{f"aux {i}": a.detach() for i, a in enumerate(out["aux"])},
+                            **{f"loss {key}": value.detach() for key, value in terms.items()},
+                            **{name: p.grad for name, p in net.named_parameters() if p.grad is not None}})
+        at_once, per_shot = results
+        assert at_once.keys() == per_shot.keys() and len(at_once) > 60  # outputs, 4 loss terms, every gradient
+        for key, expected in per_shot.items():
+            assert torch.allclose(at_once[key], expected, rtol=1e-4, atol=1e-5 * expected.abs().max()), key
+        assert per_shot["triplet"] > 0 and per_shot["ensemble.gram_merge.weight"].abs().max() > 0
+        net.zero_grad(set_to_none=True)
+
+    # ---------------- co-triplet loss (Eq. 10-12) by hand -----------------------------------------------------
+
+    def test_symnet_co_triplet_support_positive_is_the_farthest_foreground_pixel(self):
+        # 2x2 support grid, c = 2, anchor e1. Foreground: 3*e1 (normalised distance 0) and 0.5*e2 (sqrt 2): the hard
+        # positive is the FARTHEST in normalised distance, 0.5*e2 (unnormalised, 3*e1 would be the farther one).
+        # Background: two pixels (-1, 1), so p_s^- points along (-1, 1) (the mean over all four pixels would point
+        # along (1, 2.5)). The query term is 0 by construction (positive = anchor, negative = -anchor).
+        f_s = torch.tensor([[3.0, 0.0], [0.0, 0.5], [-1.0, 1.0], [-1.0, 1.0]]).T.reshape(1, 1, 2, 2, 2)
+        m_s = torch.tensor([[1, 1], [0, 0]]).view(1, 1, 2, 2)
+        e1 = torch.tensor([[1.0, 0.0]])
+        prior = torch.tensor([[0.5, 0.1], [0.1, 0.9]]).view(1, 1, 2, 2)  # band: pixel 0; below tau2: pixels 1, 2
+        f_q = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0], [5.0, 5.0]]).T.reshape(1, 2, 2, 2)
+        a = symnet_unit(1, 0)
+        # sqrt(2) + 0.5 - 1.848 = 0.066
+        expected = max(symnet_dist(a, symnet_unit(0, 1)) + 0.5 - symnet_dist(a, symnet_unit(-1, 1)), 0)
+        assert expected > 0.05
+        loss = symnet_co_triplet(f_q, f_s, m_s, prior, e1, e1)
+        assert math.isclose(loss.item(), expected, abs_tol=1e-5)
+        # what the wrong choices would give: nearest positive max(0 + 0.5 - 1.848, 0) = 0; negative over every
+        # pixel sqrt(2) + 0.5 - |a - unit(1, 2.5)| = 0.79
+        assert not math.isclose(loss.item(), 0.0, abs_tol=1e-3)
+        every_pixel = symnet_dist(a, symnet_unit(0, 1)) + 0.5 - symnet_dist(a, symnet_unit(1, 2.5))
+        assert not math.isclose(loss.item(), every_pixel, abs_tol=1e-3)
+
+    def test_symnet_co_triplet_support_negative_is_the_background_mean_only(self):
+        # 1x3 support: foreground (1, 1) (the only positive: |a - p+| = 0.765), background (1, 0.5) and a 255 pixel
+        # (1, -0.3), which counts as background (SN): p_s^- along (2, 0.2). With every pixel the negative would be
+        # along (3, 1.2); without the 255 pixel along (1, 0.5): each gives another loss.
+        f_s = torch.tensor([[1.0, 1.0], [1.0, 0.5], [1.0, -0.3]]).T.reshape(1, 1, 2, 1, 3)
+        m_s = torch.tensor([1, 0, IGNORE_INDEX]).view(1, 1, 1, 3)
+        f_q = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]]).T.reshape(1, 2, 1, 3)
+        prior = torch.tensor([0.5, 0.9, 0.1]).view(1, 1, 1, 3)  # query term: positive = a, negative = -a: 0
+        e1 = torch.tensor([[1.0, 0.0]])
+        a = symnet_unit(1, 0)
+        pos = symnet_dist(a, symnet_unit(1, 1))
+        expected = max(pos + 0.5 - symnet_dist(a, symnet_unit(2, 0.2)), 0)  # 0.765 + 0.5 - 0.0998 = 1.165
+        loss = symnet_co_triplet(f_q, f_s, m_s, prior, e1, e1).item()
+        assert math.isclose(loss, expected, abs_tol=1e-5)
+        # every pixel: 0.887
+        assert not math.isclose(loss, pos + 0.5 - symnet_dist(a, symnet_unit(3, 1.2)), abs_tol=1e-2)
+        # 255 left out: 0.806
+        assert not math.isclose(loss, pos + 0.5 - symnet_dist(a, symnet_unit(1, 0.5)), abs_tol=1e-2)
+
+    def test_symnet_co_triplet_query_regions_by_hand(self):
+        # The query term alone (support margins met): 3x1 pixels with prior 0.9 (tau1 region: no part in the loss),
+        # 0.5 (ambiguous band tau3 < p < tau4: p_q^+) and 0.2 (< tau2: p_q^-).
+        f_q = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]).T.reshape(1, 2, 3, 1)
+        prior = torch.tensor([0.9, 0.5, 0.2]).view(1, 1, 3, 1)
+        f_s = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]]).T.reshape(1, 1, 2, 3, 1)
+        m_s = torch.tensor([1, 0, 0]).view(1, 1, 3, 1)
+        anchor = torch.tensor([[0.0, 2.0]])  # along e2: the negative's direction
+        a = symnet_unit(0, 1)
+        # 0.765 + 0.5 - 0
+        expected = max(symnet_dist(a, symnet_unit(1, 1)) + 0.5 - symnet_dist(a, symnet_unit(0, 1)), 0)
+        loss = symnet_co_triplet(f_q, f_s, m_s, prior, anchor, torch.tensor([[1.0, 0.0]]))
+        assert math.isclose(loss.item(), expected, abs_tol=1e-5)
+
+    def test_symnet_co_triplet_support_term_is_the_mean_over_shots_of_the_valid_items(self):
+        # B = 2, S = 2, 1x2 supports (pixel 0 foreground, pixel 1 background). Shot 0: item 0 loss L_a, item 1 L_b;
+        # shot 1: item 0 L_c, item 1 all foreground (no background: skipped, SN; it would add 1.5).
+        # Support term = ((L_a + L_b) / 2 + L_c) / 2; the query term is 0.
+        def support(fg, bg, all_fg=False):
+            return torch.tensor([fg, bg]).T.reshape(2, 1, 2), torch.tensor([[1, 1 if all_fg else 0]])
+
+        cases = [[support((0.0, 1.0), (0.0, 1.0)), support((1.0, -1.0), (1.0, 0.3))],  # shot 0: items 0, 1
+                 [support((-1.0, 0.0), (0.0, 1.0)), support((-1.0, 0.0), (-1.0, 0.0), all_fg=True)]]  # shot 1
+        f_s = torch.stack([torch.stack([cases[k][b][0] for k in range(2)]) for b in range(2)])  # (2, 2, 2, 1, 2)
+        m_s = torch.stack([torch.stack([cases[k][b][1] for k in range(2)]) for b in range(2)])  # (2, 2, 1, 2)
+        e1 = torch.tensor([1.0, 0.0])
+        f_q = torch.stack([e1, -e1], 1).view(1, 2, 1, 2).repeat(2, 1, 1, 1)
+        prior = torch.tensor([0.5, 0.1]).view(1, 1, 1, 2).repeat(2, 1, 1, 1)
+        anchor = e1[None].repeat(2, 1)
+        a = symnet_unit(1, 0)
+        l_a = max(symnet_dist(a, symnet_unit(0, 1)) + 0.5 - symnet_dist(a, symnet_unit(0, 1)), 0)  # 0.5
+        l_b = max(symnet_dist(a, symnet_unit(1, -1)) + 0.5 - symnet_dist(a, symnet_unit(1, 0.3)), 0)  # 0.975
+        l_c = max(symnet_dist(a, symnet_unit(-1, 0)) + 0.5 - symnet_dist(a, symnet_unit(0, 1)), 0)  # 1.086
+        expected = ((l_a + l_b) / 2 + l_c) / 2
+        assert math.isclose(symnet_co_triplet(f_q, f_s, m_s, prior, anchor, anchor).item(), expected, abs_tol=1e-5)
+
+    def test_symnet_loss_terms_by_hand_with_the_ensemble(self, symnet_model):
+        # With a base learner the final output is the ensemble's, and BAM's CE on the meta learner's own output is
+        # added: every term against a hand cross-entropy, on outputs given at the label size (no resize involved)
+        classes = tuple(symnet.base_classes(symnet_run()))
+        net = symnet.SymNet(dataclasses.replace(symnet_model.cfg, base_classes=classes), symnet_run())
+        assert net.ensemble is not None
+        g = torch.Generator().manual_seed(0)
+        B, H = 2, 5
+        m_q = torch.randint(0, 2, (B, H, H), generator=g)
+        m_q[0, 0] = IGNORE_INDEX
+        out = {"logits": torch.randn(B, 2, H, H, generator=g), "meta": 3 * torch.randn(B, 2, H, H, generator=g),
+               "aux": [torch.randn(B, 2, H, H, generator=g) for _ in range(4)], "triplet": torch.tensor(0.25)}
+        total, terms = net.loss(out, m_q, None)
+        assert set(terms) == {"final", "inter", "triplet", "meta"}
+        meta = symnet_hand_ce(out["meta"], m_q)
+        assert meta > 0.5
+        assert math.isclose(terms["meta"].item(), meta, rel_tol=1e-5)
+        assert math.isclose(terms["final"].item(), symnet_hand_ce(out["logits"], m_q), rel_tol=1e-5)
+        inter = sum(symnet_hand_ce(a, m_q) for a in out["aux"]) / 4
+        assert math.isclose(terms["inter"].item(), inter, rel_tol=1e-5)
+        assert math.isclose(total.item(), symnet_hand_ce(out["logits"], m_q) + inter + 0.25 + meta, rel_tol=1e-5)
+        # the meta term trains the meta learner's output
+        out["meta"].requires_grad_(True)
+        net.loss(out, m_q, None)[0].backward()
+        assert out["meta"].grad is not None and out["meta"].grad.abs().sum() > 0
+
+    # ---------------- bf16 autocast: what would lose the result runs in float32; a short bf16 training ---------
+    # CPU autocast stands in for CUDA's: convolutions, linear layers and matrix products run in bf16 on both (CUDA
+    # also keeps softmax, norms and sums in float32; the CPU does not, so these cases are the stricter ones).
+
+    def test_symnet_apa_attention_under_bf16_autocast(self):
+        # W^Q passes the prototype, W^K = W^V = identity, FFN = identity. Channel 0 of the 64 pixels is 100 plus an
+        # offset in (-1, 1), so that the logits are 300 +- 3 (bf16's step there: 2); channel 1 is the pixel's index,
+        # so that the output's channel 1 is the attention-weighted index, 33.40 by hand. bf16 logits gave 30.5;
+        # float32 logits leave the output's own rounding (bf16's step at 33: 0.25).
+        c, hw = 8, 64
+        apa = symnet.APA(c, 4, dropout=0.0)
+        with torch.no_grad():
+            apa.w_q.weight.copy_(torch.cat([torch.eye(c), torch.zeros(c, 4)], 1))
+            apa.w_k.weight.copy_(torch.eye(c).view(c, c, 1, 1))
+            apa.w_v.weight.copy_(torch.eye(c).view(c, c, 1, 1))
+            apa.ffn[0].weight.copy_(torch.eye(c))
+            apa.ffn[0].bias.zero_()
+        g = torch.Generator().manual_seed(0)
+        f = torch.zeros(1, c, 1, hw)
+        f[0, 0, 0] = 100 + 2 * torch.rand(hw, generator=g) - 1
+        f[0, 1, 0] = torch.arange(hw).float()
+        proto, text = torch.zeros(1, c), torch.zeros(1, 4)
+        proto[0, 0] = 3 * math.sqrt(c)  # q = proto: logits = proto_0 f_0 / sqrt(c) = 3 f_0
+        expected = (torch.softmax(3 * f[0, 0, 0].double(), 0) * torch.arange(hw)).sum().item()
+        with torch.no_grad():
+            assert math.isclose(apa(proto, text, f)[0, 1].item(), expected, abs_tol=1e-3)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                amp = apa(proto, text, f)[0, 1].item()
+        assert math.isclose(amp, expected, abs_tol=0.25), (amp, expected)
+
+    def test_symnet_block_correlation_under_bf16_autocast(self):
+        # Two shots of post-ReLU block features of magnitude 10, 100 and 1000 (bf16 values, as a bf16 backbone gives
+        # them) with cosines of 0.5-0.8: the correlations of the query pixels differ by ~0.01. With the norms and the
+        # masked mean in float32 and the cosine matrix in bf16 they are within 1e-3 of float32's (measured 5e-4); a
+        # bf16 mean was 2.4e-3 off (bf16's step near 0.6: 0.004).
+        g = torch.Generator().manual_seed(0)
+        B, C, h, S = 2, 256, 8, 2
+        shared = torch.rand(1, 1, C, 1, 1, generator=g)
+        feats = F.relu(shared + 0.5 * torch.randn(B, 1 + S, C, h, h, generator=g))
+        feats = (feats * torch.tensor([10.0, 100.0, 1000.0]).view(1, 3, 1, 1, 1)).bfloat16().float()
+        m = (torch.rand(B, S, h, h, generator=g) > 0.3).float()
+        expected = symnet.block_correlation(feats[:, 0], feats[:, 1:], m)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            amp = symnet.block_correlation(feats[:, 0], feats[:, 1:], m)
+        assert 0.5 < expected.min() and expected.max() < 0.8 and expected.std() > 5e-3
+        assert amp.dtype == torch.float32 and (amp - expected).abs().max() < 1e-3
+
+    def test_symnet_query_regions_and_co_triplet_under_bf16_autocast(self):
+        # bf16 features of magnitude up to 1000 on a 32x32 grid, as F^m's 1x1 convs give them under autocast: the query
+        # region means (Eq. 5, 10, 11) and the co-triplet loss equal float32's on the same values (bf16 sums over
+        # hundreds of pixels were 0.6% off, the loss 3e-4)
+        g = torch.Generator().manual_seed(0)
+        c, h, S = 64, 32, 2
+        f_q = (1000 * torch.rand(2, c, h, h, generator=g)).bfloat16()
+        f_s = (1000 * torch.rand(2, S, c, h, h, generator=g)).bfloat16()
+        m_s = (torch.rand(2, S, h, h, generator=g) > 0.5).long()
+        prior = torch.rand(2, 1, h, h, generator=g)
+        anchors = torch.randn(2, c, generator=g), torch.randn(2, c, generator=g)
+        expected = symnet.prior_region_mean(f_q.float(), prior > 0.3, prior, "top")
+        expected_loss = symnet_co_triplet(f_q.float(), f_s.float(), m_s, prior, *anchors).item()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            p_q = symnet.prior_region_mean(f_q, prior > 0.3, prior, "top")
+            loss = symnet_co_triplet(f_q, f_s, m_s, prior, *anchors).item()
+        assert p_q.dtype == torch.float32 and torch.allclose(p_q, expected, rtol=1e-5)
+        assert expected_loss > 0.5 and math.isclose(loss, expected_loss, rel_tol=1e-5)
+
+    def test_symnet_bam_ensemble_and_spm_under_bf16_autocast(self):
+        # BAM's ensemble on bf16 logits: meta logits 300 +- a few (bf16's step: 2), base logits of +-300. Softmaxes and
+        # merges in float32 give float32's result on the same logits; bf16 probabilities were 4e-3 off.
+        g = torch.Generator().manual_seed(0)
+        meta = (3 * torch.randn(2, 2, 8, 8, generator=g) + 300).bfloat16()
+        base = (300 * torch.randn(2, 16, 8, 8, generator=g)).bfloat16()
+        est, classes, class_ids = torch.rand(2, generator=g), torch.arange(6, 21), torch.tensor([7, 1])
+        ens = symnet.BAMEnsemble()
+        with torch.no_grad():
+            ens.gram_merge.weight.copy_(torch.tensor([1.0, 0.5]).view(1, 2, 1, 1))
+            ens.cls_merge.weight.copy_(torch.tensor([1.0, -1.0]).view(1, 2, 1, 1))
+            expected = ens(meta.float(), base.float(), est, classes, class_ids)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                amp = ens(meta, base, est, classes, class_ids)
+        assert amp.dtype == torch.float32 and torch.allclose(amp, expected, atol=1e-6)
+        # SPM on layer4-like features of magnitude 1000 (float32 inside, Choices): float32's prior
+        f_q = 1000 * F.relu(torch.randn(2, 512, 8, 8, generator=g))
+        f_s = 1000 * F.relu(torch.randn(2, 2, 512, 8, 8, generator=g))
+        m = (torch.rand(2, 2, 8, 8, generator=g) > 0.5).float()
+        expected = symnet.self_activation_prior(f_q, f_s, m, symnet.Config.windows)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            amp = symnet.self_activation_prior(f_q, f_s, m, symnet.Config.windows)
+        assert amp.dtype == torch.float32 and torch.allclose(amp, expected, atol=1e-6)
+
+    def test_symnet_short_bf16_training_stays_finite(self, tmp_path, word_vectors):
+        # The synthetic recipe's optimiser (SGD, lr 0.05, momentum 0.9, weight decay 1e-4) for a few steps of 2-shot
+        # episodes under bf16 autocast: every loss term and weight stays finite, and the loss (in float32) falls
+        torch.manual_seed(0)
+        before, after = symnet_trains(make_symnet(tmp_path, word_vectors=str(word_vectors)),
+                                      synthetic_episode(2, 2, SYMNET_SIZE, seed=7), 3, 0.05, 1e-4,
+                                      lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+        assert after < 0.9 * before, (before, after)
+
+
+# ==========================================================================================================
+# qpenet.py: QPENet: shapes at 1 and 5 shots, the loss terms, gradients; cross attention, GBC and L_bm by hand;
+# PPG, DPE and FFA with scripted layers (Eq. 1-16)
+# ==========================================================================================================
+
+class TestQPENet:
+    # ---------------- shapes at 1 and 5 shots, K shots, the loss terms, gradients, empty masks ----------------
+
+    @pytest.mark.parametrize("shot", [1, 5])
+    def test_qpenet_forward_shapes(self, qpenet_model, qpenet_step, shot):
+        img_q, img_s, m_s, _ = episode(2, shot, QPENET_SIZE)
+        with torch.no_grad():
+            out = qpenet_model.eval()(img_q, img_s, m_s)
+        assert out["logits"].shape == (2, 2, QPENET_SIZE, QPENET_SIZE)
+        assert out["y_pre"].shape == out["y_bg_q"].shape == (2, 2, QPENET_H_FEAT, QPENET_H_FEAT)
+        assert out["y_rev"].shape == out["y_bg_s"].shape == (2, shot, 2, QPENET_H_FEAT, QPENET_H_FEAT)
+        assert (out["m_main"].shape == out["m_aux"].shape == out["m_s_down"].shape
+                == (2, shot, QPENET_H_FEAT, QPENET_H_FEAT))
+        assert all(torch.isfinite(v).all() for v in out.values())
+        assert set(qpenet_step["out"]) == set(out)  # one dict in train and eval mode
+
+    def test_qpenet_shot_order_does_not_matter(self, qpenet_model):
+        img_q, img_s, m_s, _ = episode(2, 2, QPENET_SIZE)
+        qpenet_model.eval()
+        with torch.no_grad():
+            a = qpenet_model(img_q, img_s, m_s)["logits"]
+            b = qpenet_model(img_q, img_s.flip(1), m_s.flip(1))["logits"]
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+    def test_qpenet_loss_terms_and_gradients(self, qpenet_model, qpenet_step):
+        out, total, terms = qpenet_step["out"], qpenet_step["total"], qpenet_step["terms"]
+        assert set(terms) == {"pre", "rev", "final", "bm_s", "bm_q"}
+        assert all(torch.isfinite(v) and v > 0 for v in terms.values())
+        cfg = qpenet_model.cfg
+        expected = (cfg.alpha * (terms["pre"] + terms["rev"] + terms["final"])
+                    + cfg.beta * (terms["bm_s"] + terms["bm_q"]))
+        torch.testing.assert_close(total, expected)
+        torch.testing.assert_close(terms["final"], common.seg_loss(out["logits"], qpenet_step["m_q"]))
+        torch.testing.assert_close(terms["rev"],
+                                   common.seg_loss(out["y_rev"].flatten(0, 1), qpenet_step["m_s"].flatten(0, 1)))
+        grads = qpenet_step["grads"]
+        missing = [n for n, p in qpenet_model.named_parameters() if p.requires_grad and
+                   (grads[n] is None or not torch.isfinite(grads[n]).all() or grads[n].abs().sum() == 0)]
+        assert not missing, f"no gradient: {missing}"
+        assert all(grads[n] is None for n, _ in qpenet_model.named_parameters() if n.startswith("backbone."))
+        assert all(not p.requires_grad for p in qpenet_model.backbone.parameters())
+
+    def test_qpenet_main_and_aux_partition_the_support_mask(self, qpenet_step):
+        out, m_s = qpenet_step["out"], qpenet_step["m_s"]
+        m, main, aux = out["m_s_down"], out["m_main"], out["m_aux"]
+        torch.testing.assert_close(main + aux, m)  # Eq. (5) + (6) = M_s
+        assert (main * aux == 0).all()  # disjoint
+        rev = (out["y_rev"].argmax(2) == 1).float()
+        torch.testing.assert_close(main, m * rev)  # main = inside the mask and reverse-predicted foreground
+        expected = F.interpolate((m_s == 1).float(), (QPENET_H_FEAT, QPENET_H_FEAT), mode="bilinear",
+                                 align_corners=True)
+        torch.testing.assert_close(m, expected)
+        assert 0 < m.sum() and (m > 0).sum() < m.numel()
+
+    def test_qpenet_shot_map_pools_all_shots_jointly(self):
+        f_s = torch.randn(2, 3, 4, 5, 6)
+        m = (torch.rand(2, 3, 5, 6) > 0.5).float()
+        m[0, 1] = 0  # an empty shot adds nothing
+        expected = (f_s * m[:, :, None]).sum((1, 3, 4)) / (m.sum((1, 2, 3))[:, None] + common.MAP_EPS)
+        torch.testing.assert_close(qpenet.shot_map(f_s, m), expected)
+
+    def test_qpenet_empty_support_mask_gives_no_nan(self, qpenet_model):
+        img_q, img_s, _, m_q = episode(2, 2, QPENET_SIZE)
+        m_s = torch.zeros(2, 2, QPENET_SIZE, QPENET_SIZE, dtype=torch.long)
+        qpenet_model.train()
+        qpenet_model.zero_grad()
+        out = qpenet_model(img_q, img_s, m_s)
+        total, terms = qpenet_model.loss(out, m_q, m_s)
+        assert all(torch.isfinite(v).all() for v in out.values())
+        assert torch.isfinite(total) and all(torch.isfinite(v) for v in terms.values())
+        total.backward()
+        grads = [p.grad for p in qpenet_model.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads), sum(g is None for g in grads)
+
+    # ---------------- the cross attention, GBC and L_bm by hand -----------------------------------------------
+
+    def test_qpenet_cross_attention_matches_formula(self):
+        torch.manual_seed(0)
+        B, N, L, C, heads = 2, 5, 7, 8, 2
+        layer = qpenet.CrossAttention(C, heads, ffn_dim=16, dropout=0.1).eval()
+        x, tokens = torch.randn(B, N, C), torch.randn(B, L, C)
+        valid = torch.ones(B, L, dtype=torch.bool)
+        valid[0, 4:] = False
+        valid[1, :2] = False
+        d = C // heads
+        q = (x @ layer.to_q.weight.T).view(B, N, heads, d).transpose(1, 2)
+        k = (tokens @ layer.to_k.weight.T).view(B, L, heads, d).transpose(1, 2)
+        v = (tokens @ layer.to_v.weight.T).view(B, L, heads, d).transpose(1, 2)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d)  # (B, heads, N, L)
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        direct = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, N, C) @ layer.to_out.weight.T
+        torch.testing.assert_close(layer.attend(x, tokens, valid), direct, atol=1e-5, rtol=1e-5)
+        h = layer.norm_attn(x + direct)
+        torch.testing.assert_close(layer(x, tokens, valid), layer.norm_ffn(h + layer.ffn(h)), atol=1e-5, rtol=1e-5)
+        # the masked tokens do not matter
+        changed = tokens.clone()
+        changed[0, 4:] = 100.0
+        torch.testing.assert_close(layer.attend(x, changed, valid), direct, atol=1e-5, rtol=1e-5)
+        # all-zero tokens (a support without foreground) add exactly nothing
+        zero = layer.attend(x, torch.zeros(B, L, C), torch.ones(B, L, dtype=torch.bool))
+        assert zero.abs().max() == 0
+
+    def test_qpenet_gbc_cleaner_by_hand(self):
+        torch.manual_seed(0)
+        gbc = qpenet.GBC(qpenet.Config(dim=8)).eval()
+        f_q, f_s = torch.rand(2, 8, 4, 4), torch.rand(2, 3, 8, 4, 4)
+        p_bg, y_bg_q, y_bg_s = gbc(f_q, f_s)
+        assert y_bg_s.shape == (2, 3, 2, 4, 4)
+        bg = (y_bg_q[:, 1] > y_bg_q[:, 0]).float()  # channel 1 = background
+        gap = (f_q * bg[:, None]).sum((2, 3)) / 16  # GAP over all h*w pixels, not MAP
+        fc1, fc2 = gbc.cleaner[0], gbc.cleaner[2]
+        gate = torch.sigmoid(fc2(torch.relu(fc1(gap))))
+        torch.testing.assert_close(p_bg, gbc.p_global * gate)
+        # Eq. (9) uses the same Convs as Eq. (10)
+        torch.testing.assert_close(y_bg_s[:, 0], gbc.convs(torch.cat([f_s[:, 0], qpenet.broadcast(
+            gbc.p_global.expand(2, -1), f_q)], 1)))
+
+    def test_qpenet_background_mining_loss_by_hand(self):
+        # one 1x2 image: pixel 0 foreground, pixel 1 background; logits equal except pixel 0 (p_bg = sigmoid(1))
+        y_bg = torch.zeros(1, 2, 1, 2)
+        y_bg[0, qpenet.BACKGROUND, 0, 0] = 1.0
+        m = torch.tensor([[[1, 0]]])
+        p = torch.sigmoid(torch.tensor(1.0))
+        not_bg = -torch.log(1 - p) / (1 + qpenet.BM_EPS)
+        every = (-torch.log(p) - math.log(0.5)) / 2
+        torch.testing.assert_close(qpenet.background_mining_loss(y_bg, m, 0.5), not_bg + 0.5 * every)
+        # 255 counts nowhere; no foreground: only the every-pixel term
+        m = torch.tensor([[[255, 0]]])
+        torch.testing.assert_close(qpenet.background_mining_loss(y_bg, m, 0.5), 0.5 * torch.tensor(math.log(2)))
+
+    def test_qpenet_background_mining_loss_foreground_term_is_per_image(self):
+        # L_bm's first term is -log(1 - p_bg) averaged over each image's own foreground, then over the images, so a
+        # 1-pixel object counts as much as a 3-pixel one; the second is -log p_bg over every labelled pixel of the
+        # batch (255 left out). Constant logits per image: p_bg = sigmoid(a_n) everywhere in image n.
+        a = [0.5, -1.0]
+        y_bg = torch.zeros(2, 2, 1, 4)
+        y_bg[0, qpenet.BACKGROUND] = a[0]
+        y_bg[1, qpenet.BACKGROUND] = a[1]
+        m = torch.tensor([[[1, 0, 0, IGNORE_INDEX]],  # 1 foreground pixel, 3 labelled
+                          [[1, 1, 1, 0]]])  # 3 foreground pixels, 4 labelled
+        not_bg = [math.log1p(math.exp(a_n)) for a_n in a]  # -log(1 - sigmoid(a)) = softplus(a)
+        is_bg = [math.log1p(math.exp(-a_n)) for a_n in a]  # -log sigmoid(a)
+        first = (not_bg[0] * 1 / (1 + qpenet.BM_EPS) + not_bg[1] * 3 / (3 + qpenet.BM_EPS)) / 2
+        every = (3 * is_bg[0] + 4 * is_bg[1]) / 7
+        loss = qpenet.background_mining_loss(y_bg, m, 0.5)
+        torch.testing.assert_close(loss, torch.tensor(first + 0.5 * every))
+        pooled = (not_bg[0] + 3 * not_bg[1]) / 4 + 0.5 * every  # one mean over the batch's foreground: not L_bm
+        assert abs(loss.item() - pooled) > 0.1
+
+    # ---------------- parameter counts and a short training ---------------------------------------------------
+
+    def test_qpenet_parameter_counts(self, qpenet_model):
+        learnable, total = train.count_parameters(qpenet_model)
+        head = 2 * 256 * 256 + 2 * 9 * 256 * 256 + 9 * 256 * 256 + 256 * 2 + 2  # Convs(512 -> 256 -> 2)
+        assert sum(p.numel() for p in qpenet_model.foreground.parameters()) == head == 1_901_058  # paper: 34.6M - 32.7M
+        assert learnable == 7_738_118
+        assert total - learnable == sum(p.numel() for p in qpenet_model.backbone.parameters()) == 23_508_032
+
+    def test_qpenet_short_synthetic_training_lowers_the_loss(self, tmp_path):
+        train.main(["--model", "qpenet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
+                    "--img-size", "32", "--train-length", "8", "--batch-size", "4", "--epochs", "3",
+                    "--lr", "0.01", "--test-episodes", "2", "--test-seeds", "1", "--log-every", "2",
+                    "--out", str(tmp_path)])
+        records = read_metrics(tmp_path)
+        losses = [r["loss"] for r in records if r["event"] == "train"]
+        assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+        assert losses[-1] < losses[0]
+        assert any(r["event"] == "result" for r in records)
+
+    # ---------------- PPG and DPE with a scripted Convs -------------------------------------------------------
+
+    def test_qpenet_ppg_pools_the_pseudo_prototype_from_the_predicted_query_foreground(self):
+        # Eq. (1)-(3): Convs sees Concat(F_q, BC(P_pre)); P_psd is the mean of F_q over the pixels y_pre calls
+        # foreground (channel 1), not over its background
+        torch.manual_seed(0)
+        C, h, w = 4, 3, 3
+        fe = qpenet.ForegroundEvolution(qpenet.Config(dim=C))
+        f_q, f_s = torch.randn(2, C, h, w), torch.randn(2, 2, C, h, w)
+        m = torch.zeros(2, 2, h, w)
+        m[0, 0, 0, :2] = 1.0
+        m[0, 1, 2, 2] = 0.5  # a soft edge pixel of the downsampled mask, in the second shot
+        m[1, 1, 1:, 1:] = 1.0  # image 1: foreground only in the second shot
+        fg_pre = torch.zeros(2, h, w)
+        fg_pre[0, 0, 0] = fg_pre[0, 2, 1] = 1  # image 0: two query pixels predicted foreground
+        fg_pre[1, 1, 2] = 1  # image 1: one
+        fe.convs = Scripted(logits_of(fg_pre))
+        p_pre, y_pre, p_psd = fe.ppg(f_q, f_s, m)
+
+        for b in range(2):
+            torch.testing.assert_close(p_pre[b], map_by_hand(pixels(f_s[b]), m[b].flatten()), **TOL)
+        (x,) = fe.convs.inputs
+        torch.testing.assert_close(x[:, :C], f_q)  # F_q first
+        expect_broadcast(x[:, C:], p_pre)  # then BC(P_pre)
+        assert torch.equal(y_pre, logits_of(fg_pre))
+        expected = torch.stack([(f_q[0, :, 0, 0] + f_q[0, :, 2, 1]) / (2 + MAP_EPS), f_q[1, :, 1, 2] / (1 + MAP_EPS)])
+        torch.testing.assert_close(p_psd, expected, **TOL)
+
+    def test_qpenet_dpe_splits_the_support_mask_by_the_reverse_segmentation(self):
+        # Eq. (4)-(8): every shot of episode b is reverse-segmented with episode b's P_psd; M_main / M_aux are
+        # M_s inside / outside the predicted foreground; P_main / P_aux pool all shots of an episode
+        torch.manual_seed(0)
+        B, S, C, h, w = 2, 2, 4, 3, 3
+        fe = qpenet.ForegroundEvolution(qpenet.Config(dim=C))
+        f_s = torch.randn(B, S, C, h, w)
+        m = torch.rand(B, S, h, w) * (torch.rand(B, S, h, w) > 0.3)  # soft, with zeros
+        m[:, :, 0, 0] = 1.0
+        p_psd = torch.randn(B, C)
+        rev = torch.zeros(B, S, h, w)
+        rev[0, 0, 0] = 1  # first row of (0, 0)
+        rev[0, 1, :, 1] = 1  # middle column of (0, 1)
+        rev[1, 1, 1:, :2] = 1  # a corner of (1, 1); shot (1, 0) predicts no foreground
+        fe.convs = Scripted(logits_of(rev).flatten(0, 1))
+        y_rev, m_main, m_aux, p_main, p_aux = fe.dpe(f_s, m, p_psd)
+
+        (x,) = fe.convs.inputs
+        assert x.shape == (B * S, 2 * C, h, w)
+        for b in range(B):
+            for k in range(S):
+                torch.testing.assert_close(x[b * S + k, :C], f_s[b, k])
+                expect_broadcast(x[b * S + k, None, C:], p_psd[b, None])  # episode b's pseudo-prototype
+        assert y_rev.shape == (B, S, 2, h, w)
+        torch.testing.assert_close(m_main, m * rev)
+        torch.testing.assert_close(m_aux, m * (1 - rev))
+        for b in range(B):
+            torch.testing.assert_close(p_main[b], map_by_hand(pixels(f_s[b]), (m[b] * rev[b]).flatten()), **TOL)
+            torch.testing.assert_close(p_aux[b], map_by_hand(pixels(f_s[b]), (m[b] * (1 - rev[b])).flatten()), **TOL)
+
+    def test_qpenet_model_feeds_each_prototype_to_its_equation(self, qpenet_model, monkeypatch):
+        # The wiring of Model.forward, end to end with scripted heads: Eq. (2) gets P_pre, Eq. (3) pools the
+        # query under y_pre's foreground, Eq. (4) is driven by that P_psd (not P_pre), and FFA receives
+        # P_bg from GBC, P_pre, and P_main / P_aux from y_rev, all worked out here by hand
+        torch.manual_seed(0)
+        B, S, C, h = 2, 2, qpenet_model.cfg.dim, QPENET_H_FEAT
+        img_q, img_s, m_s, _ = episode(B, S, QPENET_SIZE)
+        f = torch.randn(B + B * S, C, h, h)  # stands in for the backbone features of query and supports
+        monkeypatch.setattr(qpenet_model, "features", lambda img: f)
+        f_q, f_s = f[:B], f[B:].view(B, S, C, h, h)
+        fg_pre = torch.zeros(B, h, h)
+        fg_pre[0, 1:3, 1:4] = 1
+        fg_pre[1, 4, 0] = 1
+        rev = torch.zeros(B, S, h, h)
+        rev[0, 0, :2] = 1
+        rev[0, 1, :, 2:] = 1
+        rev[1, 0, 2:, :3] = 1
+        rev[1, 1] = 1
+        scripted = Scripted(logits_of(fg_pre), logits_of(rev).flatten(0, 1))
+        convs, qpenet_model.foreground.convs = qpenet_model.foreground.convs, scripted  # not monkeypatch: its undo
+        seen = {}  # deletes a submodule (it is not in the instance __dict__)
+        hooks = [qpenet_model.ffa.register_forward_pre_hook(lambda mod, args: seen.update(ffa=args)),
+                 qpenet_model.gbc.register_forward_hook(lambda mod, args, out: seen.update(gbc=out))]
+        try:
+            with torch.no_grad():
+                out = qpenet_model.eval()(img_q, img_s, m_s)
+        finally:
+            qpenet_model.foreground.convs = convs
+            for hook in hooks:
+                hook.remove()
+
+        m = F.interpolate((m_s == 1).float(), (h, h), mode="bilinear", align_corners=True)
+        p_pre = torch.stack([map_by_hand(pixels(f_s[b]), m[b].flatten()) for b in range(B)])
+        p_psd = torch.stack([map_by_hand(pixels(f_q[b]), fg_pre[b].flatten()) for b in range(B)])
+        p_main = torch.stack([map_by_hand(pixels(f_s[b]), (m[b] * rev[b]).flatten()) for b in range(B)])
+        p_aux = torch.stack([map_by_hand(pixels(f_s[b]), (m[b] * (1 - rev[b])).flatten()) for b in range(B)])
+        assert (p_psd - p_pre).abs().max() > 0.1 and (p_main - p_aux).abs().max() > 0.1  # the test can tell them apart
+
+        assert len(scripted.inputs) == 2  # one Convs for Eq. (2) and Eq. (4)
+        x_pre, x_rev = scripted.inputs
+        torch.testing.assert_close(x_pre[:, :C], f_q)
+        expect_broadcast(x_pre[:, C:], p_pre)  # Eq. (2)
+        torch.testing.assert_close(x_rev[:, :C], f_s.flatten(0, 1))
+        expect_broadcast(x_rev[:, C:], p_psd.repeat_interleave(S, 0))  # Eq. (4): P_psd of Eq. (3)
+        torch.testing.assert_close(out["m_main"], m * rev)
+        torch.testing.assert_close(out["m_aux"], m * (1 - rev))
+
+        ffa_f_q, ffa_f_s, ffa_m, p_bg, ffa_p_pre, ffa_p_main, ffa_p_aux = seen["ffa"]
+        torch.testing.assert_close(ffa_f_q, f_q)
+        torch.testing.assert_close(ffa_f_s, f_s)
+        assert torch.equal(ffa_m, m_s)  # Eq. (16) selects its keys from the label itself (the keys tests below)
+        assert torch.equal(p_bg, seen["gbc"][0])  # Eq. (12): GBC's P_bg
+        torch.testing.assert_close(ffa_p_pre, p_pre, **TOL)
+        torch.testing.assert_close(ffa_p_main, p_main, **TOL)
+        torch.testing.assert_close(ffa_p_aux, p_aux, **TOL)
+
+    def test_qpenet_ffa_filter_and_fusion_inputs_by_hand(self):
+        # Eq. (12): Conv_1 sees Concat(F_q, BC(P_bg)); Eq. (13)-(15): Conv_1 sees Concat(F_q', BC(P_pre), A_main,
+        # A_aux) with A_main = cos(P_main, F_q) and A_aux = cos(P_aux, F_q), in that order
+        ffa = qpenet_small_ffa()
+        B, S, C, h, w = 2, 1, 8, 3, 4
+        f_q, f_s = torch.randn(B, C, h, w), torch.randn(B, S, C, h, w)
+        m_s = (torch.rand(B, S, 8 * h, 8 * w) > 0.5).long()  # support labels
+        p_bg, p_pre, p_main, p_aux = (torch.randn(B, C) for _ in range(4))
+        seen = {}
+        hooks = [ffa.filter.register_forward_pre_hook(lambda mod, args: seen.update(filter_in=args[0].clone())),
+                 ffa.filter.register_forward_hook(lambda mod, args, out: seen.update(filter_out=out.clone())),
+                 ffa.fuse.register_forward_pre_hook(lambda mod, args: seen.update(fuse_in=args[0].clone()))]
+        try:
+            with torch.no_grad():
+                ffa(f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+        x = seen["filter_in"]
+        assert x.shape == (B, 2 * C, h, w)
+        torch.testing.assert_close(x[:, :C], f_q)
+        expect_broadcast(x[:, C:], p_bg)
+        x = seen["fuse_in"]
+        assert x.shape == (B, 2 * C + 2, h, w)
+        torch.testing.assert_close(x[:, :C], seen["filter_out"])  # F_q' of Eq. (12)
+        expect_broadcast(x[:, C:2 * C], p_pre)
+        for b in range(B):
+            torch.testing.assert_close(x[b, 2 * C], cosine_by_hand(f_q[b], p_main[b]), **TOL)
+            torch.testing.assert_close(x[b, 2 * C + 1], cosine_by_hand(f_q[b], p_aux[b]), **TOL)
+
+    def test_qpenet_cross_attention_keys_are_the_labelled_support_foreground_pixels_by_hand(self):
+        # Eq. (16), Choices 6: the keys/values are the support pixels labelled 1 at feature resolution (nearest, as
+        # the official), of all shots together, unweighted (F_s * M_s with M_s that 0/1 mask). Other pixels are no
+        # keys (zero keys would still take a share of the softmax), even where the bilinear M_s is fractional, and
+        # a key counts fully where the bilinear M_s is 0.25 or 0. The reference attends over those pixels only.
+        ffa = qpenet_small_ffa()
+        f_q, f_s, m_s, *protos, m_bilinear = qpenet_keys_episode()
+        B, S, C, h, w = f_s.shape
+        keys = qpenet_nearest_keys(m_s, h, w)  # (B, S, h, w)
+        assert keys[0, 0].tolist() == [[True, True, False], [True, True, False], [False] * 3]
+        assert m_bilinear[0, 0, 1, 2] == 0.5 and m_bilinear[0, 1, 2, 2] == 1  # the old M_s > 0 rule's keys ...
+        assert not keys[0, 0, 1, 2] and not keys[0, 1, 2, 2]  # ... that are none here (a 0 and a 255 read)
+        assert m_bilinear[0, 0, 1, 1] == 0.25 and m_bilinear[1, 1, 0, 2] == 0 and keys[0, 0, 1, 1] and keys[1, 1, 0, 2]
+        seen = {}
+        hook = ffa.fuse.register_forward_hook(lambda mod, args, out: seen.update(x=out.clone()))
+        try:
+            with torch.no_grad():
+                y = ffa(f_q, f_s, m_s, *protos)
+        finally:
+            hook.remove()
+
+        with torch.no_grad():
+            for b in range(B):
+                tokens = f_s[b].permute(0, 2, 3, 1)[keys[b]]  # (L, C): the key pixels' features, unweighted
+                assert len(tokens) == [6, 5, 0][b]
+                x = seen["x"][b].flatten(1).T  # (h*w, C): F_q'' of Eq. (15)
+                for layer in ffa.cross:
+                    x = qpenet_cross_by_hand(layer, x, tokens)
+                expected = ffa.convs(x.T.reshape(1, C, h, w))
+                torch.testing.assert_close(y[b:b + 1], expected, **TOL)
+
+    def test_qpenet_support_features_matter_only_at_the_keys(self):
+        # Eq. (16) attends to F_s * M_s, M_s the label at feature resolution: support features off the keys cannot
+        # change y_final, even where the bilinear M_s is 0.5 or 1 (episode 0: (0,1,2) and (0,2,2), which the old
+        # M_s > 0 rule made keys), features at the keys (bilinear M_s 1, 0.5, 0.25; episode 1: 0) do
+        ffa = qpenet_small_ffa()
+        f_q, f_s, m_s, *protos, m_bilinear = qpenet_keys_episode()
+        keys = qpenet_nearest_keys(m_s, *f_s.shape[-2:])  # (B, S, h, w)
+        with torch.no_grad():
+            y = ffa(f_q, f_s, m_s, *protos)
+            outside = f_s + 5.0 * torch.randn_like(f_s) * (~keys)[:, :, None]
+            assert (m_bilinear * ~keys).max() == 1  # the changed pixels include some with M_s > 0
+            torch.testing.assert_close(ffa(f_q, outside, m_s, *protos), y)
+            for b, k, i, j in [(0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 1), (1, 1, 0, 2)]:
+                inside = f_s.clone()
+                inside[b, k, :, i, j] += 5.0 * torch.randn(f_s.shape[2])
+                changed = ffa(f_q, inside, m_s, *protos)
+                assert (changed[b] - y[b]).abs().max() > 1e-3
+                others = [e for e in range(len(y)) if e != b]
+                torch.testing.assert_close(changed[others], y[others])  # the other episodes keep their own keys
+
+    def test_qpenet_model_takes_the_cross_attention_keys_from_the_label(self, qpenet_model, monkeypatch):
+        # Model.forward, with 4x4 stand-in features for 33 px labels: nearest reads label rows/columns 0, 8, 16, 24,
+        # the bilinear M_s of Eq. (1) samples 0, 10.67, 21.33, 32. The support boxes (rows 11-21 and 13-23, columns
+        # 5-29) make row 1 of shot 0 fractional in M_s (0.67) but no key, and column 3 keys where M_s is 0. Both
+        # Cross layers get exactly those pixels' features, unweighted, as their valid tokens.
+        torch.manual_seed(0)
+        B, S, C, h = 2, 2, qpenet_model.cfg.dim, 4
+        img_q, img_s, m_s, _ = episode(B, S, QPENET_SIZE, s_box=(11, 22, 5, 30))
+        f = torch.randn(B + B * S, C, h, h)
+        monkeypatch.setattr(qpenet_model, "features", lambda img: f)
+        f_s = f[B:].view(B, S, C, h, h)
+        seen = []
+        hooks = [cross.register_forward_pre_hook(lambda mod, args: seen.append(args[1:]))
+                 for cross in qpenet_model.ffa.cross]
+        try:
+            with torch.no_grad():
+                out = qpenet_model.eval()(img_q, img_s, m_s)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+        keys = qpenet_nearest_keys(m_s, h, h)  # (B, S, h, w)
+        row = [[False] * 4, [False] * 4, [False, True, True, True], [False] * 4]
+        assert keys[:, 0].tolist() == keys[:, 1].tolist() == [row] * B
+        m = out["m_s_down"]  # the bilinear M_s
+        assert 0.6 < m[0, 0, 1, 1] < 0.7 and not keys[0, 0, 1, 1]  # the old M_s > 0 rule's key, none now
+        assert m[0, 0, 2, 3] == 0 and keys[0, 0, 2, 3]
+        assert len(seen) == 2  # both layers, the same keys
+        for tokens, valid in seen:
+            assert torch.equal(valid, keys.flatten(1))  # (B, S*h*w), shot by shot
+            expected = (f_s * keys[:, :, None]).permute(0, 1, 3, 4, 2).reshape(B, -1, C)  # zero off the keys
+            torch.testing.assert_close(tokens, expected)
+
+
+# ==========================================================================================================
+# All five models: a training step on PFENet's deep-stem ResNet, none that waits for the device, compiled ones
+# ==========================================================================================================
+
+class TestAllModels:
+    @pytest.mark.parametrize("name", ["ocnet", "qpenet", "crcnet", "symnet", "qgnet"])
+    def test_every_model_trains_one_step_on_the_deep_stem(self, name, tmp_path):
+        torch.manual_seed(0)
+        model = deep_stem_model(name, tmp_path).train()
+        backbone, = [m for m in model.modules() if isinstance(m, Backbone) and m.name == "resnet50_deep"]
+        assert backbone.stages["layer0"][6].out_channels == 128  # PFENet's stem
+        stats = backbone.stages["layer0"][4].running_mean.clone()
+        img_q, img_s, m_s, m_q = episode(1, 1, 33)
+        out = model(img_q, img_s, m_s, **train.query_mask(model, {"m_q": m_q}))
+        total, _ = model.loss(out, m_q, m_s)
+        total.backward()
+        assert out["logits"].shape == (1, 2, 33, 33) and torch.isfinite(total)
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+        stem = backbone.stages["layer0"][3].weight.grad  # the deep stem's second conv
+        if backbone.trainable:  # CRCNet trains its encoder end to end (§5.1)
+            assert stem is not None and stem.abs().sum() > 0
+        else:
+            assert all(p.grad is None for p in backbone.parameters())
+        assert not backbone.training and torch.equal(backbone.stages["layer0"][4].running_mean, stats)  # BN in eval
+
+    @pytest.mark.parametrize("name", ["ocnet", "qpenet", "crcnet", "symnet", "qgnet"])
+    def test_training_step_never_waits_for_the_device(self, name, request):
+        """A training step (forward, loss, backward, SGD step) that reads a value back from the GPU stalls the
+        queue of kernels until that value exists; none of the five models may do that (train.py reads the loss
+        once per progress line)."""
+        model, size = {"ocnet": ("ocnet_models", OCNET_SIZE), "qpenet": ("qpenet_model", QPENET_SIZE),
+                       "crcnet": ("crcnet_model", CRCNET_SIZE), "symnet": ("symnet_model", SYMNET_SIZE),
+                       "qgnet": ("qgnet_model", 65)}[name]
+        model = request.getfixturevalue(model)
+        model = model["resnet50"] if name == "ocnet" else model
+        img_q, img_s, m_s, m_q = episode(2, 2, size, (8, 24, 8, 24), (6, 22, 10, 26))
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-9, momentum=0.9)
+        state = copy.deepcopy(model.state_dict())
+        model.train()
+
+        def step():
+            out = model(img_q, img_s, m_s, torch.tensor([1, 2]), **train.query_mask(model, {"m_q": m_q}))
+            loss, _ = model.loss(out, m_q, m_s)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        seen = train.host_syncs(step)  # the detector --bench reports with
+        model.load_state_dict(state)  # the module-scoped model stays as the other tests expect it
+        assert seen == [], f"{name} synchronises with the host: {sorted(set(seen))}"
+
+    @pytest.mark.parametrize("name", ["ocnet", "qgnet", "crcnet", "symnet", "qpenet"])
+    def test_every_model_compiles_to_the_eager_loss_and_gradients(self, name, request):
+        """torch.compile (train.py --compile) of each model, with AOTAutograd's tracing of forward and backward
+        (backend aot_eager: inductor's front end, no code generation), gives the eager training step's loss and
+        gradients: the frames dynamo cannot trace (OCNet's Grad-CAM takes torch.autograd.grad inside forward) run
+        eagerly between graphs. Train mode, every dropout at p = 0 so that both runs draw nothing."""
+        fixture, size = {"ocnet": ("ocnet_resnet", OCNET_SIZE), "qgnet": ("qgnet_model", 65),
+                         "crcnet": ("crcnet_model", CRCNET_SIZE), "symnet": ("symnet_model", SYMNET_SIZE),
+                         "qpenet": ("qpenet_model", QPENET_SIZE)}[name]
+        model = copy.deepcopy(request.getfixturevalue(fixture)).train()  # the module-scoped fixture stays as it is
+        for module in model.modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                module.p = 0.0
+            if isinstance(module, qpenet.CrossAttention):
+                module.dropout = 0.0  # its attention's dropout_p
+        img_q, img_s, m_s, m_q = episode(1, 1, size, (8, 24, 8, 24), (6, 22, 10, 26))
+
+        def step(net):
+            model.zero_grad(set_to_none=True)
+            out = net(img_q, img_s, m_s, torch.tensor([1]), **train.query_mask(model, {"m_q": m_q}))
+            loss, _ = model.loss(out, m_q, m_s)
+            loss.backward()
+            return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+        loss, grads = step(model)
+        try:
+            compiled_loss, compiled_grads = step(torch.compile(model, backend="aot_eager"))
+        finally:
+            torch._dynamo.reset()  # no compiled frame outlives the test
+        torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=0)
+        assert compiled_grads.keys() == grads.keys() and len(grads) > 0
+        for n, g in grads.items():
+            torch.testing.assert_close(compiled_grads[n], g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=n)
