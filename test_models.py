@@ -4,8 +4,8 @@ resume"`), after one section of the fixtures and helpers they share.
 TestCommon     common.py: the IoU metrics, masked average pooling and PFENet's prior against hand-computed values; the
                FEM against PFENet's order of operations; the loss (255 ignored, PFENet's upsampling); the frozen
                backbone (BatchNorm in eval, output stride 8, calibrated statistics), PFENet's deep-stem ResNet and
-               weight files of either layout; common.fit, the extra stages' loop (its schedule, means, logs and NaN stop,
-               under DDP too).
+               weight files of either layout; common.fit, the extra stages' loop (its schedule, means, logs and NaN
+               stop, under DDP too).
 TestData       data.py: the folds; synthetic episodes; PASCAL and COCO on tiny trees: splits, filters, caches, bad
                files; COCO's polygon (pycocotools' rule) and RLE decoding; image and mask alignment under augmentation,
                the rotation and the blur against cv2's formulas, the test geometry; episodes that depend on no worker
