@@ -608,9 +608,12 @@ RECIPES = {  # model -> dataset -> (lr, batch, epochs, crop, augmentation): the 
 
 
 def _stop_while_training(argv, sig, until, cwd=REPO):
-    """Run train.py with argv in cwd, send `sig` once until() is true, -> (returncode, stdout, stderr)."""
+    """Run train.py with argv in cwd, send `sig` once until() is true, -> (returncode, stdout, stderr). The child
+    starts with SIGINT's default action, as a terminal's foreground job: a shell that runs the tests in the
+    background ignores SIGINT, and a child would inherit that."""
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *argv], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for _ in range(1200):
             if until() or proc.poll() is not None:
@@ -3437,8 +3440,12 @@ class TestTrain:
             return real_save(obj, f, *a, **kw)
 
         monkeypatch.setattr(torch, "save", interrupted_save)
-        with pytest.raises(KeyboardInterrupt):
-            common.save_atomic({"w": torch.ones(3)}, tmp_path / "last.pt")
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's, whatever the shell left
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                common.save_atomic({"w": torch.ones(3)}, tmp_path / "last.pt")
+        finally:
+            signal.signal(signal.SIGINT, previous)
         assert torch.equal(torch.load(tmp_path / "last.pt", weights_only=True)["w"], torch.ones(3))
         assert not list(tmp_path.glob("*.tmp"))
         with pytest.raises(TypeError, match="is not a plain value"):  # nothing but plain values is ever saved
