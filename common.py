@@ -101,6 +101,7 @@ BACKBONES = {
 PFENET_BACKBONES_URL = "https://drive.google.com/drive/folders/1Hrz1wOxOZm4nIIS7UMJeL79AQrdvpj6v"
 RESNET_DILATION = {"layer3": 2, "layer4": 4}  # PFENet.py:84-93: strides 1, output stride 8 (473 -> 60)
 VGG_SPLIT = ((0, 7), (7, 14), (14, 24), (24, 34), (34, 43))  # PFENet.py:21-25, indices into vgg16_bn.features
+LAYERS = ("layer1", "layer2", "layer3", "layer4")  # a Backbone's stages after its stem, layer0
 BLOCK_STAGES = ("layer2", "layer3", "layer4")  # stages whose block outputs blocks=True returns (as HSNet)
 CALIBRATION_IMAGES = 64  # --no-pretrained: Backbone.calibrate's BatchNorm statistics from this many training images
 
@@ -134,6 +135,7 @@ class Setting:
     backbone: str = "resnet50"
     pretrained: object = True  # True: the backbone's ImageNet weights; False: random; a path: a weight file
     from_checkpoint: bool = False  # every weight comes from a checkpoint: no side file (stage output) is read
+    num_classes: int = None  # the dataset's classes, ids 1..num_classes (base and novel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,6 +290,7 @@ class Backbone(nn.Module):
     bilinearly to layer3's size (PFENet.py:192) so layer2..layer4 always share one size.
     forward(x (N,3,H,W), blocks=False) -> {"layer1".."layer4": (N,C,h,w)} plus, with blocks=True (ResNet
     only), "blocks": the output of every bottleneck of layer2..layer4 in order (13 for ResNet-50, 30 for 101).
+    last: the last stage a model reads ("layer3": layer4 is neither built nor run, its keys not in state_dict).
     trainable=True: the weights learn with the model (CRCNet §5.1 trains end to end); BatchNorm stays in eval
     mode with its statistics fixed all the same (a batch of 4 episodes would give noisy ones).
     pretrained: True: torchvision's ImageNet weights (none exist for the *_deep names: an error says where
@@ -298,10 +301,12 @@ class Backbone(nn.Module):
     includes it): OCNet's Grad-CAM takes it, so that its classifier and the features share their weights.
     """
 
-    def __init__(self, name="resnet50", pretrained=True, trainable=False):
+    def __init__(self, name="resnet50", pretrained=True, trainable=False, last="layer4"):
         super().__init__()
         if name not in BACKBONES:
             raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+        if last not in LAYERS:
+            raise ValueError(f"last must be one of {LAYERS}, got {last!r}")
         self.name = name
         net = _load_torchvision(name, False if is_weight_file(pretrained) else pretrained)
         head = _load_weight_file(net, name, pretrained) if is_weight_file(pretrained) else None
@@ -323,7 +328,8 @@ class Backbone(nn.Module):
                     layer.ceil_mode = True
             stages = [net.features[start:end] for start, end in VGG_SPLIT]  # last pool and classifier dropped
             self.channels = {"layer1": 128, "layer2": 256, "layer3": 512, "layer4": 512}
-        self.stages = nn.ModuleDict(zip(["layer0", "layer1", "layer2", "layer3", "layer4"], stages))
+        self.layers = LAYERS[:LAYERS.index(last) + 1]  # the stages run; a stage after `last` is not even built
+        self.stages = nn.ModuleDict(zip(["layer0", *self.layers], stages))
         self.pretrained, self.trainable = pretrained, trainable
         self.calibrated = False  # random weights: set by calibrate() or by a model that loads estimated statistics
         self.requires_grad_(trainable)
@@ -367,12 +373,14 @@ class Backbone(nn.Module):
         (PFENet.py:209-210); "layer3" stays unmasked."""
         if blocks and not self.name.startswith("resnet"):
             raise ValueError(f"blocks=True needs a ResNet backbone; {self.name} has no bottleneck blocks")
+        if mask is not None and "layer4" not in self.layers:
+            raise ValueError("mask masks layer4's input, and this backbone stops at " + self.layers[-1])
         feats, block_feats = {}, []
         # no_grad, not inference_mode: an inference tensor cannot be saved for the learnable layers' backward,
         # nor take OCNet's Grad-CAM gradient, so it would need a copy, which costs more than it saves
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             x = self.stages["layer0"](x)
-            for name in ("layer1", "layer2", "layer3", "layer4"):
+            for name in self.layers:
                 if name == "layer4" and mask is not None:
                     x = x * resize((mask == 1).to(x.dtype)[:, None], x.shape[-2:])  # (N, C3, h, w)
                 if blocks and name in BLOCK_STAGES:
@@ -382,8 +390,8 @@ class Backbone(nn.Module):
                 else:
                     x = self.stages[name](x)
                 feats[name] = x  # (N, channels[name], h, w)
-            if not self.name.startswith("resnet"):
-                feats["layer2"] = resize(feats["layer2"], feats["layer3"].shape[-2:])
+            if not self.name.startswith("resnet") and "layer2" in feats:  # to layer3's size: its pool's ceil(h/2)
+                feats["layer2"] = resize(feats["layer2"], [-(-d // 2) for d in feats["layer2"].shape[-2:]])
         if blocks:
             feats["blocks"] = block_feats
         return feats

@@ -161,7 +161,8 @@ class SiameseEncoder(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained, trainable=cfg.train_encoder)
+        self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained, trainable=cfg.train_encoder,
+                                        last=max(cfg.levels, key=common.LAYERS.index))
         self.levels = cfg.levels
         self.reduce = conv_relu(sum(self.backbone.channels[name] for name in cfg.levels), cfg.dim, 3)
 

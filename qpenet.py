@@ -299,7 +299,7 @@ class Model(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained)
+        self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained, last="layer3")  # layer4: unread
         mid = self.backbone.channels["layer2"] + self.backbone.channels["layer3"]
         self.down = common.MidLevelReduction(mid, cfg.dim, cfg.feature_dropout)
         self.foreground = ForegroundEvolution(cfg)
