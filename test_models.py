@@ -52,6 +52,7 @@ import subprocess
 import sys
 import time
 import types
+import typing
 import warnings
 from pathlib import Path
 
@@ -1516,6 +1517,38 @@ class TestCommon:
             torch.testing.assert_close(masked_q[name], alone_q[name], rtol=1e-4, atol=1e-4)  # the query: unmasked
         torch.testing.assert_close(masked_s["layer3"], alone_s["layer3"], rtol=1e-4, atol=1e-4)
 
+    def test_backbone_runs_only_up_to_the_last_stage_a_model_reads(self, resnet50):
+        """QPENet reads layer2 and layer3: its backbone neither builds nor runs layer4, and its features and outputs
+        are those of the whole backbone with the same weights. VGG's layer2 keeps layer3's size without it."""
+        x = torch.randn(2, 3, 33, 33, generator=torch.Generator().manual_seed(1))
+        short = Backbone("resnet50", pretrained=False, last="layer3")
+        short.load_state_dict({k: v for k, v in resnet50.state_dict().items() if ".layer4." not in k})
+        assert "layer4" not in short.stages and not any(".layer4." in k for k in short.state_dict())
+        full, cut = resnet50(x, blocks=True), short(x, blocks=True)
+        assert set(cut) == {"layer1", "layer2", "layer3", "blocks"} and len(cut["blocks"]) == 4 + 6
+        for name in ("layer1", "layer2", "layer3"):
+            assert torch.equal(cut[name], full[name])
+        with pytest.raises(ValueError, match="stops at layer3"):
+            short(x, mask=torch.ones(2, 33, 33, dtype=torch.long))
+        torch.manual_seed(0)
+        model = qpenet.Model(qpenet.Config(pretrained=False)).eval()
+        ran = []
+        for block in model.modules():
+            if isinstance(block, torchvision.models.resnet.Bottleneck):
+                block.register_forward_hook(lambda *a: ran.append(1))
+        img_q, img_s, m_s, _ = episode(1, 2, 33)
+        with torch.no_grad():
+            out = model(img_q, img_s, m_s)["logits"]
+            assert len(ran) == 3 + 4 + 6  # layer1-layer3 once, for the query and the supports as one batch
+            whole = Backbone("resnet50", pretrained=False)
+            whole.load_state_dict({**whole.state_dict(), **model.backbone.state_dict()})
+            model.backbone = whole
+            assert torch.equal(model(img_q, img_s, m_s)["logits"], out)
+        vgg = Backbone("vgg16_bn", pretrained=False)
+        vgg2 = Backbone("vgg16_bn", pretrained=False, last="layer2")
+        vgg2.load_state_dict({k: v for k, v in vgg.state_dict().items() if k in vgg2.state_dict()})
+        assert torch.equal(vgg2(x)["layer2"], vgg(x)["layer2"]) and "layer3" not in vgg2(x)
+
     def test_resnet101_has_30_blocks(self):
         out = Backbone("resnet101", pretrained=False)(torch.randn(1, 3, 33, 33), blocks=True)
         assert len(out["blocks"]) == 30 and out["blocks"][-1] is out["layer4"]
@@ -2942,6 +2975,87 @@ class TestTrain:
         assert message in proc.stdout + proc.stderr, proc.stdout + proc.stderr
         assert "Traceback" not in proc.stderr
 
+    def test_set_values_are_typed_by_the_config_field_and_bad_ones_refused(self):
+        @dataclasses.dataclass
+        class Config:
+            on: bool = True
+            n: int = 3
+            x: float = 0.5
+            path: str = None
+            mode: typing.Literal["a", "b"] = "a"
+            scales: tuple = (0.75, 1.0)
+            levels: tuple = ("layer3", "layer4")
+            windows: tuple = ((5, 5), (7, 1))
+        field = {f.name: f for f in dataclasses.fields(Config)}
+        for name, text, value in (("on", "false", False), ("on", "Yes", True), ("on", "0", False), ("n", "-4", -4),
+                                  ("x", "2", 2.0), ("path", "none", None), ("path", "w.pt", "w.pt"), ("mode", "b", "b"),
+                                  ("scales", "1", (1.0,)), ("scales", "0.5,1,2", (0.5, 1.0, 2.0)),
+                                  ("levels", "layer4", ("layer4",)), ("levels", "layer2,layer4", ("layer2", "layer4")),
+                                  ("windows", "((3,3),)", ((3, 3),))):
+            got = train.field_value(field[name], text)
+            assert got == value and type(got) is type(value), (name, text, got)
+            assert train.field_value(field[name], train.format_value(value)) == value  # as folder names write it
+        for name, text, message in (("on", "maybe", "true or false"), ("n", "2.5", "an integer"),
+                                    ("x", "nan", "a finite number"), ("mode", "c", "one of a, b"),
+                                    ("scales", "1,x", "a finite number")):
+            with pytest.raises(ValueError, match=message):
+                train.field_value(field[name], text)
+
+    @pytest.mark.parametrize("argv, message", [
+        (["--set", "depth=3"], "--set depth=3: tinynet's Config has no field 'depth' (FIELD=VALUE; its fields: width, "),
+        (["--set", "width"], "--set width: tinynet's Config has no field 'width'"),
+        (["--set", "width=wide"], "--set width=wide: width takes an integer, not 'wide'"),
+        (["--set", "width=8", "--width", "8"], "--set width=8 and --width both set width: give one"),
+        (["--set", "backbone=resnet101"], "--set backbone=resnet101: the backbone has flags of its own: --backbone"),
+    ])
+    def test_bad_set_values_get_one_line_and_exit_2(self, tiny, tmp_path, argv, message):
+        proc = run_cli(["train.py", "--model", str(tiny), "--dataset", "synthetic", *argv, "--out", str(tmp_path)])
+        assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith(f"error: {message}"), proc.stderr
+
+    def test_set_is_saved_resumed_shown_and_names_the_default_folder(self, tiny, tmp_path, capsys, monkeypatch):
+        monkeypatch.chdir(tmp_path)
+        args, _ = train.parse_args(["--model", str(tiny), "--dataset", "synthetic", "--set", "width=8", "invert=0"])
+        assert args.set == {"width": 8, "invert": 0}
+        assert args.out == Path("runs") / "tinynet-synthetic-fold0-1shot-invert=0-width=8"
+        args, _ = train.parse_args(["--model", str(tiny), "--dataset", "synthetic", "--backbone", "resnet101"])
+        assert args.out == Path("runs") / "tinynet-synthetic-fold0-1shot-resnet101"
+        with pytest.raises(RuntimeError, match="simulated crash"):  # 4 steps an epoch: dies in epoch 2
+            train.main(tiny_args(tiny, tmp_path / "cut", "--epochs", "2", "--set", "width=8", "crash_after=5"))
+        state = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+        assert state["args"]["set"] == {"width": 8, "crash_after": 5} and state["config"]["width"] == 8
+        bare = ["--model", str(tiny), "--dataset", "synthetic", "--fold", "1", "--out", str(tmp_path / "cut")]
+        with pytest.raises(SystemExit) as err:
+            train.main([*bare, "--resume", "--set", "width=16"])
+        assert "was trained with --set crash_after=5 width=8 (now width=16)" not in str(err.value.code)
+        assert "was trained with --set width=8 (now width=16)" in str(err.value.code)  # crash_after: evaluation's
+        capsys.readouterr()
+        train.main([*bare, "--resume", "--test-episodes", "4", "--test-seeds", "1"])  # the crash hook is not kept
+        out = capsys.readouterr().out
+        assert out.startswith("tinynet --set width=8 on synthetic fold 1") and "resumed from" in out
+        state = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+        assert state["epoch"] == 2 and state["args"]["set"] == {"width": 8} and state["config"]["width"] == 8
+        assert read_metrics(tmp_path / "cut")[-1]["set"] == {"width": 8}
+
+    def test_fold_all_never_reports_the_folds_of_another_recipe(self, tiny, tmp_path, capsys, monkeypatch):
+        """The issue's case: --fold all, then --fold all with another backbone, reported the first run's folds."""
+        monkeypatch.chdir(tmp_path)
+        base = ["--model", str(tiny), "--dataset", "synthetic", "--train-length", "8", "--epochs", "1",
+                "--test-episodes", "2", "--test-seeds", "1", "--workers", "0", "--fold", "all"]
+        first = train.main(base)
+        capsys.readouterr()
+        other = train.main([*base, "--backbone", "resnet101"])  # its own folders: all four folds train
+        out = capsys.readouterr().out
+        assert out.count("training:") == 4 and "taken from metrics.jsonl" not in out
+        assert all((Path("runs") / f"tinynet-synthetic-fold{k}-1shot-resnet101" / "last.pt").exists() for k in range(4))
+        assert [r["backbone"] for r in other] == ["resnet101"] * 4 and [r["backbone"] for r in first] == ["resnet50"] * 4
+        train.main([*base, "--out", "runs/x"])
+        with pytest.raises(SystemExit) as err:  # one folder, another recipe: refused, naming the difference
+            train.main([*base, "--out", "runs/x", "--lr", "0.01"])
+        assert str(err.value.code) == (f"error: fold 0: {Path('runs/x/fold0')} holds a run trained with --lr 0.05 (now "
+                                       "0.01): not the run asked for; give another --out, or --overwrite to train it "
+                                       "again")
+
     def test_help_lists_the_models_own_flags(self):
         proc = run_cli(["train.py", "--model", "crcnet", "--help"])
         assert proc.returncode == 0 and "crcnet options" in proc.stdout and "--kshot" in proc.stdout
@@ -3012,6 +3126,14 @@ class TestTrain:
         assert epochs("--backbone", "vgg16_bn").epochs == 100  # a backbone the configs do not name: ResNet-50's
         assert (epochs("--fold", "3", "--epochs", "7").epochs == 7
                 and epochs("--dataset", "coco", "--fold", "3").epochs == 50)
+
+    def test_a_recipe_value_may_depend_on_a_set_value_the_fold_and_the_backbone(self):
+        value = {"width=8": {"resnet101": 1, "resnet50": {0: 2, 3: 3}}, "width=16": 4}
+        run = lambda fold, backbone, values: argparse.Namespace(fold=fold, backbone=backbone, set=values)  # noqa: E731
+        assert train.recipe_value(value, run(0, "resnet50", {"width": 16})) == 4
+        assert train.recipe_value(value, run(0, "resnet101", {"width": 8})) == 1
+        assert train.recipe_value(value, run(3, "resnet50_deep", {})) == 3  # no --set: the first entry, the default's
+        assert train.recipe_value(value, run("all", "vgg16_bn", {"width": 4})) == 1  # no such entry: the first one
 
     @pytest.mark.parametrize("dataset, end_to_end, scales", [("pascal", True, (0.75, 1.0, 1.25)),
                                                              ("coco", True, (0.75, 1.0, 1.25)),
@@ -3460,17 +3582,46 @@ class TestTrain:
                                f"with: python train.py {' '.join(argv)} --resume")
         assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] >= 1
 
+    def test_sigterm_to_the_whole_process_group_stops_cleanly_and_a_stuck_worker_is_ended(self, tiny, tmp_path):
+        """A scheduler signals the process group: the workers outlive the main process's stop (WORKER_GRACE), so
+        it ends with its line, not with a worker's death. A worker that does not end when the DataLoader tells it
+        (here: one stuck in its episode) ends by the DataLoader's SIGTERM: the run does not wait for ever."""
+        argv = tiny_args(tiny, tmp_path, "--epochs", "400", "--log-every", "1", "--workers", "2")
+        proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *argv], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            for _ in range(1200):
+                if (tmp_path / "last.pt").exists() or proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+            os.killpg(proc.pid, signal.SIGTERM)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+        assert proc.returncode == train.EXIT_TERMINATED and err.startswith("\nstopped by SIGTERM"), err[-2000:]
+        stuck = (f"import sys, time, torch; sys.path.insert(0, {str(REPO)!r}); import train\n"
+                 "class Stuck(torch.utils.data.Dataset):\n"
+                 "    def __len__(self): return 4\n"
+                 "    def __getitem__(self, i): time.sleep(0 if i == 0 else 1000); return i\n"
+                 "loader = iter(torch.utils.data.DataLoader(Stuck(), num_workers=1, prefetch_factor=2,\n"
+                 "                                          worker_init_fn=train.ignore_stop_signals))\n"
+                 "print(next(loader).item(), flush=True)\n"
+                 "del loader  # shutdown: the worker, stuck, does not end when told; the DataLoader's SIGTERM ends it\n"
+                 "print('done')\n")
+        proc = subprocess.run([sys.executable, "-c", stuck], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.split() == ["0", "done"], proc.stderr[-2000:]
+
     @pytest.mark.parametrize("with_out", [False, True])
     def test_ctrl_c_inside_fold_all_names_the_fold_and_what_it_kept(self, tiny, tmp_path, with_out):
+        tiny.write_text(TINY_MODEL.replace("epochs=2,", "epochs={0: 1, 1: 400, 2: 400, 3: 400},"))  # by fold
         base = ["--model", str(tiny), "--dataset", "synthetic", "--train-length", "16", "--test-episodes", "2",
                 "--test-seeds", "1", "--workers", "0"]
         folder = (lambda k: tmp_path / "all" / f"fold{k}") if with_out else (
             lambda k: Path("runs") / f"tinynet-synthetic-fold{k}-1shot")  # relative to the working directory
-        proc = subprocess.run([sys.executable, str(REPO / "train.py"), *base, "--fold", "0", "--epochs", "1", "--out",
+        proc = subprocess.run([sys.executable, str(REPO / "train.py"), *base, "--fold", "0", "--out",
                                str(tmp_path / folder(0))], cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]  # fold 0 is complete: --fold all takes it as it is
-        argv = [*base, *(["--out", str(tmp_path / "all")] if with_out else []), "--fold", "all", "--epochs", "400",
-                "--log-every", "1"]
+        argv = [*base, *(["--out", str(tmp_path / "all")] if with_out else []), "--fold", "all", "--log-every", "1"]
         code, out, err = _stop_while_training(argv, signal.SIGINT, (tmp_path / folder(1) / "last.pt").exists, tmp_path)
         assert code == 130 and "Traceback" not in err, err[-2000:]
         assert err.strip() == (f"interrupted in fold 1 of --fold all: {folder(1) / 'last.pt'} holds the last finished "
@@ -6180,7 +6331,9 @@ class TestQPENet:
         head = 2 * 256 * 256 + 2 * 9 * 256 * 256 + 9 * 256 * 256 + 256 * 2 + 2  # Convs(512 -> 256 -> 2)
         assert sum(p.numel() for p in qpenet_model.foreground.parameters()) == head == 1_901_058  # paper: 34.6M - 32.7M
         assert learnable == 7_738_118
-        assert total - learnable == sum(p.numel() for p in qpenet_model.backbone.parameters()) == 23_508_032
+        # ResNet-50 up to layer3: layer4's 14,964,736 weights are not built, as QPENet never reads them
+        assert total - learnable == sum(p.numel() for p in qpenet_model.backbone.parameters()) == 8_543_296
+        assert 23_508_032 - 8_543_296 == sum(p.numel() for p in Backbone("resnet50", False).stages["layer4"].parameters())
 
     def test_qpenet_short_synthetic_training_lowers_the_loss(self, tmp_path):
         train.main(["--model", "qpenet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",

@@ -33,7 +33,8 @@ path of your own `.py` file with the same interface, which then gets exactly the
     build(cfg, setting)    optional: the model with the files its stages wrote; none is read when
                            setting.from_checkpoint (every weight is in the checkpoint)
     DEFAULTS               optional {dataset: {flag: value}}: the paper's recipe (lr, batch_size, epochs, img_size,
-                           augment, the model's flags); a value may depend on the fold ({0: 100, 3: 50}) or the
+                           augment, the model's flags); a value may depend on the fold ({0: 100, 3: 50}), a
+                           --set value ({"network=pfenet": .., ...}) or the
                            backbone ({"resnet50": .., "resnet101": ..}). STAGE_DEFAULTS {stage: {dataset: ...}}
     add_args(parser)       optional: the model's own flags; EVALUATION_FLAGS: those --resume lets change
     STAGES, STAGE_FILES    optional {name: fn(setting, schedule, options)}: extra training stages (--stage NAME),
@@ -41,6 +42,7 @@ path of your own `.py` file with the same interface, which then gets exactly the
                            a run folder is)
 """
 import argparse
+import ast
 import copy
 import dataclasses
 import importlib
@@ -56,6 +58,7 @@ import tempfile
 import threading
 import time
 import types
+import typing
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -98,11 +101,12 @@ EPISODE_DEFAULTS = dict(dataset="pascal", fold=0, coco_split="interleaved")  # u
 # --resume takes these from the checkpoint (with the model's own flags, but for its EVALUATION_FLAGS): a run
 # trained with other values would not be the run it continues. Everything else may change on resume.
 RESUME_RECIPE = ("epochs", "batch_size", "lr", "img_size", "train_length", "seed", "augment", "bf16",
-                 "support_boxes", "backbone_weights", "no_pretrained", "select_best", "val_every")
+                 "support_boxes", "backbone_weights", "no_pretrained", "select_best", "val_every")  # and --set's
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # a training run's files in its folder (--overwrite removes)
 EXIT_NONFINITE = 3  # exit status when the loss or the weights become NaN or infinite
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 EXIT_TERMINATED = 143  # SIGTERM (a scheduler's preemption or time limit), as shells report it
+WORKER_GRACE = 2.0  # seconds a DataLoader worker outlives a SIGTERM: the main process stops first
 
 
 # ==========================================================================================================
@@ -131,9 +135,10 @@ def train_and_evaluate(args, module):
         log_file = args.out / "metrics.jsonl" if rank == 0 else None
         if rank == 0 and args.resume:
             truncate_log(log_file, resumed["epoch"] if resumed else 0)
-        log(rank, f"{Path(args.model).stem} on {args.dataset} {split_text(vars(args))}, {args.shot}-shot, "
-                  f"{args.img_size}px, {device}, {world} process(es), {'bf16' if bf16(args, device) else 'fp32'}; "
-                  f"{learnable:,} learnable / {total:,} parameters\nrun folder {args.out}")
+        log(rank, f"{Path(args.model).stem}{' --set ' + show(args.set) if args.set else ''} on {args.dataset} "
+                  f"{split_text(vars(args))}, {args.shot}-shot, {args.img_size}px, {device}, {world} process(es), "
+                  f"{'bf16' if bf16(args, device) else 'fp32'}; {learnable:,} learnable / {total:,} parameters\n"
+                  f"run folder {args.out}")
         write_log(log_file, {"event": "start", "args": saved_args(args)})
         if training and learnable:
             train(model, optimizer, args, cfg, device, rank, world, log_file, resumed)
@@ -273,7 +278,7 @@ def report(args, scores, rank, log_file):
           "pixel counts as foreground from 0.5 on)")
     record = {"event": "result", "model": Path(args.model).stem, "dataset": args.dataset, "fold": args.fold,
               "test_classes": args.test_classes, "shot": args.shot, "img_size": args.img_size,
-              "coco_split": args.coco_split,
+              "coco_split": args.coco_split, "backbone": args.backbone, "set": args.set,
               **{k: scores[k] for k in ("miou", "miou_std", "fbiou", "fbiou_std", "per_class")},
               "seed_miou": scores["seeds"]["miou"], "seed_fbiou": scores["seeds"]["fbiou"],
               "fg_prob_object": probs[1], "fg_prob_background": probs[0],
@@ -336,9 +341,15 @@ def tool_for(args):
 # ==========================================================================================================
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose error is one line (and exit status 2), not its usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (--help lists the flags)\n")
+
+
 def build_parser(add_help=True):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter,
-                                add_help=add_help)
+    p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter, add_help=add_help)
     p.add_argument("--model", default="baseline", help=f"{', '.join(MODELS)}, or path/to/your_model.py")
     p.add_argument("--dataset", default=None, choices=["pascal", "coco", "synthetic", "folder"],
                    help="default: the --checkpoint's, else pascal; folder: your own images and labels under "
@@ -397,6 +408,9 @@ def build_parser(add_help=True):
     p.add_argument("--test-seeds", type=positive_int, default=None,
                    help=f"test seeds, the mean reported (default {data.TEST_SEEDS})")
     p.add_argument("--log-every", type=positive_int, default=20, help="optimizer steps between progress lines")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
+                   help="the model's Config fields, named as its paper names its modules (e.g. --set gomm=false "
+                        "ccm=false): a paper's ablation row; --model X --help lists them")
     p.add_argument("--stage", default=None, help="run a model's extra training stage (Sym-Net: base, QGNet: prior)")
     p.add_argument("--bench", action="store_true", help="time training steps and inference, then exit")
     p.add_argument("--bench-steps", type=positive_int, default=10, help="--bench: training steps timed")
@@ -417,11 +431,94 @@ def build_parser(add_help=True):
 
 
 def full_parser(module):
-    """The parser of train.py's flags and the model file's own (its add_args)."""
+    """The parser of train.py's flags and the model file's own (its add_args), its help listing the Config fields
+    that --set takes."""
     parser = build_parser()
+    fields = " ".join(f"{f.name}={format_value(f.default)}" for f in settable_fields(module).values())
+    group = parser.add_argument_group(f"{getattr(module, '__name__', 'model')} options",
+                                      f"--set takes these Config fields (the defaults shown): {fields}")
     if hasattr(module, "add_args"):
-        module.add_args(parser.add_argument_group(f"{getattr(module, '__name__', 'model')} options"))
+        module.add_args(group)
     return parser
+
+
+def settable_fields(module):
+    """{name: dataclasses.Field} of the model's Config that --set takes: all but the backbone's (its own flags)."""
+    return {f.name: f for f in dataclasses.fields(module.Config) if f.name not in ("backbone", "pretrained")}
+
+
+def config_values(parser, module, items, args):
+    """--set FIELD=VALUE ... -> {field: value}, each typed by its Config field (field_value); an unknown field, a
+    value that does not fit, or a field that the model's own flag sets too: one line (argparse's error)."""
+    fields, values = settable_fields(module), {}
+    for item in items:
+        name, equals, text = item.partition("=")
+        if name in ("backbone", "pretrained"):
+            parser.error(f"--set {item}: the backbone has flags of its own: --backbone, --backbone-weights, "
+                         "--no-pretrained")
+        if not equals or name not in fields:
+            parser.error(f"--set {item}: {Path(args.model).stem}'s Config has no field {name!r} (FIELD=VALUE; "
+                         f"its fields: {', '.join(fields)})")
+        try:
+            values[name] = field_value(fields[name], text)
+        except ValueError as err:
+            parser.error(f"--set {item}: {err}")
+        if name in args.given and name in args.own_flags:
+            parser.error(f"--set {item} and {option(parser, name)} both set {name}: give one")
+    return values
+
+
+def field_value(field, text):
+    """A --set value as its Config field's type: bool (true/false, yes/no, on/off, 1/0), int, float, str (none:
+    None where the default is None), one of a typing.Literal's choices, a tuple (0.75,1,1.25 or a Python
+    literal, elements as the default's). ValueError says what fits."""
+    kind, default = field.type, field.default
+    if typing.get_origin(kind) is typing.Literal:
+        choices = {str(c): c for c in typing.get_args(kind)}
+        if text not in choices:
+            raise ValueError(f"{field.name} is one of {', '.join(choices)}")
+        return choices[text]
+    if default is None and text.lower() == "none":
+        return None
+    if kind is bool or isinstance(default, bool):
+        words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+        if text.lower() not in words:
+            raise ValueError(f"{field.name} is true or false")
+        return words[text.lower()]
+    if kind is tuple or isinstance(default, tuple):
+        try:
+            value = ast.literal_eval(text)  # numbers, strings and tuples only: no code runs
+        except (ValueError, SyntaxError):
+            value = tuple(word.strip() for word in text.split(","))
+        value = value if isinstance(value, tuple) else (value,)
+        if default:  # elements of the default's type (ints where it has ints, 1 -> 1.0 where it has floats)
+            value = tuple(scalar(v, type(default[0]), field.name) if not isinstance(default[0], tuple) else v
+                          for v in value)
+        return value
+    return scalar(text, kind if kind in (int, float, str) else type(default), field.name)
+
+
+def scalar(value, kind, name):
+    """value (text, or a literal's number) as an int, float or str; ValueError when it is not one."""
+    try:
+        if kind is int and not isinstance(value, float) and str(value).lstrip("-").isdigit():
+            return int(value)
+        if kind is float and not isinstance(value, bool) and math.isfinite(float(value)):
+            return float(value)
+    except ValueError:
+        pass
+    if kind is str:
+        return str(value)
+    raise ValueError(f"{name} takes {'an integer' if kind is int else 'a finite number' if kind is float else kind}, "
+                     f"not {value!r}")
+
+
+def format_value(value):
+    """A Config value as --set writes it: false, 0.5, 0.75,1.0, none."""
+    if isinstance(value, tuple):
+        return ",".join(map(format_value, value)) if not any(isinstance(v, tuple) for v in value) else \
+            repr(value).replace(" ", "")
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def parse_args(argv=None):
@@ -443,6 +540,7 @@ def parse_args(argv=None):
     args.model, args.checkpoint = known.model, known.checkpoint
     args.own_flags = sorted(set(vars(args)) - set(vars(build_parser().parse_args([]))))  # add_args's dests
     args.given = given_flags(parser, argv)
+    args.set = config_values(parser, module, args.set, args)
     check_flags(parser, args, module)
     if args.fold == "all":  # each fold's own arguments: its folder, its checkpoint, its recipe
         parent = Path(args.out) if args.out else None
@@ -532,13 +630,18 @@ def resolve_defaults(args, module, trained, checkpoint=None):
 
 def recipe_value(value, args):
     """A recipe's value for this run: a dict is keyed by fold ({0: 100, 3: 50}: the fold's, for a folder dataset's
-    --test-classes the first fold's) or by backbone ({"resnet50": .., "resnet101": ..}: the backbone's, a *_deep
-    one by its plain name, a backbone it does not name by its first entry), and may nest."""
+    --test-classes the first fold's), by a --set value ({"network=pfenet": .., "network=crcnet": ..}: the one
+    --set gives, else the first entry, the default's), or by backbone ({"resnet50": .., "resnet101": ..}: the
+    backbone's, a *_deep one by its plain name, a backbone it does not name by its first entry), and may nest."""
     while isinstance(value, dict):
-        if all(isinstance(k, int) for k in value):
+        keys = list(value)
+        if all(isinstance(k, int) for k in keys):
             value = value[args.fold if isinstance(args.fold, int) else min(value)]
+        elif all("=" in k for k in keys):
+            given = [f"{k}={format_value(v)}" for k, v in args.set.items()]
+            value = value[next((k for k in keys if k in given), keys[0])]
         else:
-            value = value.get(args.backbone.replace("_deep", ""), next(iter(value.values())))
+            value = value.get(args.backbone.replace("_deep", ""), value[keys[0]])
     return value
 
 
@@ -558,22 +661,51 @@ def restore_recipe(args, module):
     if differ:
         sys.exit(f"error: --resume: {last} is a checkpoint of {describe_run(saved)}, not of {describe_run(asked)} "
                  f"({', '.join(differ)} differ): give the flags it was trained with, or another --out")
-    free = set(getattr(module, "EVALUATION_FLAGS", ()))
-    keys = [k for k in (*RESUME_RECIPE, *args.own_flags) if k in saved and k not in free]
-    differ = [k for k in keys if k in args.given and not same_value(getattr(args, k), saved[k])]
+    keys, saved, now = recipes(args, module, saved)
+    differ = [k for k in keys if k in args.given and not same_value(now[k], saved[k])]
     if differ:
-        parser = full_parser(module)
-        values = ", ".join(f"{option(parser, k)} {saved[k]!r} (now {getattr(args, k)!r})" for k in differ)
-        fixed = ", ".join(option(parser, k) for k in keys)
-        sys.exit(f"error: --resume: {last} was trained with {values}: a resumed run keeps its recipe ({fixed}); "
-                 "drop the flag, or start another run with another --out")
+        sys.exit(f"error: --resume: {last} was trained with {differences(module, differ, saved, now)}: a resumed "
+                 f"run keeps its recipe ({', '.join(option(full_parser(module), k) for k in keys)}); drop the flag, "
+                 "or start another run with another --out")
     for k in keys:
         setattr(args, k, saved[k])
+    args.set = {**saved["set"], **{k: v for k, v in args.set.items() if k in evaluation_flags(module)}}
+
+
+def evaluation_flags(module):
+    """The model's flags and Config fields that only evaluation reads (EVALUATION_FLAGS): a run may change them."""
+    return set(getattr(module, "EVALUATION_FLAGS", ()))
+
+
+def recipes(args, module, saved):
+    """(keys, then, now): the recipe's keys that a checkpoint's arguments `saved` hold (RESUME_RECIPE, the model's
+    own flags, "set"; evaluation flags and fields left out), and the recipe as saved and as asked, by key."""
+    free = evaluation_flags(module)
+    keys = [k for k in (*RESUME_RECIPE, *args.own_flags) if k in saved and k not in free] + ["set"]
+    recipe_set = lambda values: {k: v for k, v in values.items() if k not in free}  # noqa: E731
+    return keys, {**saved, "set": recipe_set(saved.get("set", {}))}, {**vars(args), "set": recipe_set(args.set)}
+
+
+def differences(module, keys, saved, now):
+    """'--lr 0.025 (now 0.05), --set ccm=false (now (none))': the recipe values that differ, as flags."""
+    parser = full_parser(module)
+    return ", ".join(f"{option(parser, k)} {show(saved[k])} (now {show(now[k])})" for k in keys)
+
+
+def show(value):
+    """A flag's value in a message: --set's as FIELD=VALUE words, others as Python writes them."""
+    if isinstance(value, dict):
+        return " ".join(f"{k}={format_value(v)}" for k, v in sorted(value.items())) or "(none)"
+    return repr(value)
 
 
 def same_value(a, b):
-    """Whether a flag's value now and as saved in a checkpoint (lists for tuples, strings for paths) are one."""
-    norm = lambda v: list(v) if isinstance(v, (list, tuple)) else str(v) if isinstance(v, Path) else v  # noqa: E731
+    """Whether a flag's value now and as saved in a checkpoint (lists for tuples, strings for paths, also inside
+    --set's dict) are one."""
+    def norm(v):
+        if isinstance(v, dict):
+            return {k: norm(x) for k, x in v.items()}
+        return [norm(x) for x in v] if isinstance(v, (list, tuple)) else str(v) if isinstance(v, Path) else v
     return norm(a) == norm(b)
 
 
@@ -583,9 +715,13 @@ def option(parser, dest):
 
 
 def default_out(args, fold):
-    """runs/MODEL-SPLIT-Sshot, SPLIT as data.split_name: a run's folder when --out does not name one."""
+    """runs/MODEL-SPLIT-Sshot[-BACKBONE][-FIELD=VALUE...], SPLIT as data.split_name, the backbone when it is not
+    resnet50 and the --set fields: a run's folder when --out does not name one, so that the rows of a paper's
+    table (another backbone, an ablation) never share one."""
     split = data.split_name(args.dataset, fold, args.data_root, args.test_classes, args.coco_split)
-    return Path(common.RUNS_DIR) / f"{Path(args.model).stem}-{split}-{args.shot}shot"
+    parts = [Path(args.model).stem, split, f"{args.shot}shot", *([args.backbone] if args.backbone != "resnet50" else []),
+             *(f"{k}={format_value(v)}" for k, v in sorted(args.set.items()))]
+    return Path(common.RUNS_DIR) / "-".join(parts)
 
 
 def fold_path(pattern, fold):
@@ -665,12 +801,13 @@ def check_data(args, splits):
 
 
 def ignore_stop_signals(worker_id):
-    """A DataLoader worker leaves SIGINT and SIGTERM to the main process, which stops the run and then its workers
-    (a scheduler signals the whole process group: a worker that died first would turn the clean stop into a crash);
-    and a worker whose main process went away in the middle of a handover (multiprocessing's resource sharer) says
-    nothing about it on the shared stderr."""
+    """A DataLoader worker leaves SIGINT to the main process, which stops the run and then its workers, and ends
+    WORKER_GRACE seconds after a SIGTERM: a scheduler signals the whole process group, and a worker that died first
+    would turn the main process's clean stop into a crash; the DataLoader's own SIGTERM (a worker that does not
+    end when told) must end it, or the main process waits for it for ever. A worker whose main process went away
+    in the middle of a handover (multiprocessing's resource sharer) says nothing about it on the shared stderr."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: (time.sleep(WORKER_GRACE), os._exit(0)))
     report = sys.excepthook
     sys.excepthook = lambda kind, err, tb: None if issubclass(kind, (ConnectionError, EOFError)) else report(
         kind, err, tb)
@@ -704,13 +841,17 @@ def load_model_module(name):
 
 
 def make_config(module, args):
-    """The model's Config: its paper's defaults, then the backbone flags and the model's own flags (add_args,
-    given or from its recipe). Nothing else of the command line reaches a Config: the run's setting is a
+    """The model's Config: its paper's defaults, then the backbone flags, the model's own flags (add_args, given
+    or from its recipe) and --set. Nothing else of the command line reaches a Config: the run's setting is a
     common.Setting (setting_of)."""
-    values = {"backbone": args.backbone, "pretrained": backbone_weights(args),
-              **{k: getattr(args, k) for k in args.own_flags if getattr(args, k) is not None}}
+    values = {"backbone": args.backbone, "pretrained": backbone_weights(args), **model_values(args)}
     names = {field.name for field in dataclasses.fields(module.Config)}
     return module.Config(**{k: v for k, v in values.items() if k in names})
+
+
+def model_values(args):
+    """The Config values the command line (or the recipe) gives: the model's own flags that are set, then --set."""
+    return {**{k: getattr(args, k) for k in args.own_flags if getattr(args, k) is not None}, **args.set}
 
 
 def backbone_weights(args):
@@ -719,11 +860,17 @@ def backbone_weights(args):
 
 
 def setting_of(args, from_checkpoint=False):
-    """The common.Setting a model and a stage get: the run's dataset, fold, shots, crop and backbone."""
+    """The common.Setting a model and a stage get: the run's dataset (its class count: None for a folder dataset
+    that cannot be read here), fold, shots, crop and backbone."""
+    fold = args.fold if isinstance(args.fold, int) else 0
+    try:
+        count = data.dataset_classes(args.dataset, fold, args.data_root, args.test_classes, args.coco_split).count
+    except (data.DatasetError, ValueError):
+        count = None
     return common.Setting(dataset=args.dataset, fold=args.fold, coco_split=args.coco_split, data_root=args.data_root,
                           test_classes=tuple(args.test_classes) if args.test_classes else None, shot=args.shot,
                           img_size=args.img_size, backbone=args.backbone, pretrained=backbone_weights(args),
-                          from_checkpoint=from_checkpoint)
+                          from_checkpoint=from_checkpoint, num_classes=count)
 
 
 def construct(module, cfg, setting):
@@ -744,12 +891,12 @@ def build_model(module, args, device, rank, world):
     resumed = read_resumable(args) if args.resume else None
     names = {field.name for field in dataclasses.fields(module.Config)}  # a saved field that is gone is left out
     if state is not None:  # every weight is in the checkpoint; the model's own flags given now apply (--kshot)
-        given = {"pretrained": False, **{k: getattr(args, k) for k in args.own_flags if getattr(args, k) is not None}}
+        given = {"pretrained": False, **model_values(args)}
         cfg = module.Config(**{k: v for k, v in {**state["config"], **given}.items() if k in names})
     else:
         cfg = make_config(module, args)
     if resumed is not None:  # the flags as now; the fields no flag sets (the structure a model recorded) as saved
-        flagged = {"backbone", "pretrained", *args.own_flags}
+        flagged = {"backbone", "pretrained", *args.own_flags, *args.set}
         cfg = dataclasses.replace(cfg, **{k: v for k, v in resumed["config"].items() if k in names - flagged})
     torch.manual_seed(args.seed)
     model = construct(module, cfg, setting_of(args, from_checkpoint=state is not None or resumed is not None))
@@ -865,7 +1012,7 @@ class PrototypeBaseline(nn.Module):
         super().__init__()
         self.cfg = cfg
         if cfg.baseline_features != "image":
-            self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained)
+            self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained, last=cfg.baseline_features)
 
     def features(self, img):
         return img if self.cfg.baseline_features == "image" else self.backbone(img)[self.cfg.baseline_features]
@@ -1125,7 +1272,7 @@ def run_fold(one, args, module, rank):
         train_stage(one, module)
         return None
     fresh = args.eval_only or args.overwrite
-    record = None if fresh else finished_result(one)
+    record = None if fresh else finished_result(one, module)
     if record is not None:
         log(rank, f"fold {one.fold}: complete in {one.out}, its result taken from metrics.jsonl")
         return record
@@ -1139,16 +1286,23 @@ def run_fold(one, args, module, rank):
     return read_result(one.out) if rank == 0 else None
 
 
-def finished_result(args):
+def finished_result(args, module):
     """The result record of a fold whose training is complete (last.pt at its epochs) and whose last result was
-    made under this run's protocol (shot, crop, test episodes and seeds), else None."""
+    made under this run's protocol (shot, crop, test episodes and seeds), else None. A fold trained with another
+    recipe than the one asked for (backbone, lr, epochs, crop, the model's flags and --set) stops the run with one
+    line naming the difference: its result is not this run's."""
     record = read_result(args.out)
     last = args.out / "last.pt"
     if record is None or not last.exists():
         return None
+    state = read_checkpoint(last)
+    keys, saved, now = recipes(args, module, state["args"])
+    differ = [k for k in ("backbone", *keys) if not same_value(now[k], saved.get(k, now[k]))]
+    if differ:
+        sys.exit(f"error: fold {args.fold}: {args.out} holds a run trained with {differences(module, differ, saved, now)}"
+                 ": not the run asked for; give another --out, or --overwrite to train it again")
     protocol = ("shot", "img_size", "episodes", "seeds")
     asked = (args.shot, args.img_size, args.test_episodes, args.test_seeds)
-    state = read_checkpoint(last)
     if tuple(record.get(k) for k in protocol) != asked or state["epoch"] < state["args"]["epochs"]:
         return None
     return record
