@@ -14,6 +14,7 @@ Contents, bottom-up:
     seg_loss                cross-entropy on logits upsampled to the label size, 255 ignored
     intersection_and_union  per-episode background/foreground intersection and union
     IoUMeter                class mIoU and FB-IoU accumulated over episodes (and the mean p(fg) per true label)
+    RecallMeter             recall of a model's region maps against the query mask (QGNet's Table 7)
     fit, save_atomic        the training loop of train.py and of the models' extra stages; crash-safe saving
 
 Source: Z. Tian, H. Zhao, M. Shu, Z. Yang, R. Li, J. Jia, "Prior Guided Feature Enrichment Network
@@ -649,6 +650,38 @@ class IoUMeter:
             for t in (self.class_inter, self.class_union, self.class_count, self.inter, self.union, self.prob_sum,
                       self.pixels):
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+class RecallMeter:
+    """Recall of a model's region maps against the query mask (QGNet §5, Eq. 16, Table 7): for each map V and
+    threshold t, |{V > t} & mask| / |mask|, the pixels summed over every episode (255 counts as neither). A map
+    (B,1,h,w) is resized bilinearly (align_corners=True, as the logits) to the mask's size (B,H,W)."""
+    THRESHOLDS = tuple(k / 10 for k in range(1, 10))
+
+    def __init__(self, device="cpu"):
+        self.device, self.hits, self.mask = torch.device(device), {}, torch.zeros((), dtype=torch.float64,
+                                                                                device=device)
+
+    def update(self, maps, m_q):
+        """maps {name: (B,1,h,w) in [0, 1]}, m_q (B,H,W) labels."""
+        fg = m_q == 1  # (B, H, W)
+        self.mask += fg.sum()
+        t = torch.tensor(self.THRESHOLDS, device=fg.device)[:, None, None, None]  # (T, 1, 1, 1)
+        for name, v in maps.items():
+            above = resize(v.float(), fg.shape[-2:])[:, 0] > t  # (T, B, H, W)
+            hits = (above & fg).flatten(1).sum(1).to(self.device, torch.float64)  # (T,)
+            self.hits[name] = self.hits.get(name, 0) + hits
+
+    def all_reduce(self):
+        """Sum over the ranks of torch.distributed (no-op when it is not initialised); returns self."""
+        if dist.is_available() and dist.is_initialized():
+            for t in (self.mask, *self.hits.values()):
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return self
+
+    def recall(self):
+        """{name: [recall at each of THRESHOLDS]} as fractions."""
+        return {name: (hits / self.mask.clamp(min=1)).tolist() for name, hits in self.hits.items()}
 
 
 # ==========================================================================================================

@@ -524,14 +524,21 @@ def stage_count(setting, schedule, options):
         start = state["epoch"]
 
     def end_epoch(epoch):
-        common.save_atomic({"w": w.detach(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1}, path)
+        common.save_atomic({"w": w.detach(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                            "target": options.get("target")}, path)
 
     common.fit(lambda batch: ((w - 1) ** 2, {}), optimizer, lambda epoch: [0, 0], lambda it: 0.1, schedule.epochs,
                2, start_epoch=start, log_every=2, tag="[count] ", end_epoch=end_epoch)
 
 
+@dataclasses.dataclass
+class CountConfig:  # the fields --set takes with --stage count
+    target: float = 1.0
+
+
 STAGES = {"hello": stage_hello, "nan": stage_nan, "count": stage_count}
 STAGE_FILES = {"count": count_file}
+STAGE_CONFIGS = {"count": CountConfig}
 
 
 class Model(nn.Module):
@@ -552,7 +559,8 @@ class Model(nn.Module):
         cos = F.cosine_similarity(f_q, proto[:, :, None, None], dim=1)[:, None]
         x = torch.cat([f_q, proto[:, :, None, None].expand_as(f_q), cos], 1)
         logits = self.head(x).flip(1) if self.cfg.invert else self.head(x)
-        return {"logits": F.interpolate(logits, img_q.shape[-2:], mode="bilinear", align_corners=True)}
+        return {"logits": F.interpolate(logits, img_q.shape[-2:], mode="bilinear", align_corners=True),
+                "region_maps": {"cosine": (cos + 1) / 2}}
 
     def loss(self, out, m_q, m_s):
         total = common.seg_loss(out["logits"], m_q)
@@ -3056,6 +3064,27 @@ class TestTrain:
                                        "0.01): not the run asked for; give another --out, or --overwrite to train it "
                                        "again")
 
+    def test_region_recall_counts_the_map_above_each_threshold_inside_the_mask(self, tiny, tmp_path, capsys):
+        """QGNet's Table 7 (Eq. 16): |{V > t} & mask| / |mask| over every episode; 255 is not mask."""
+        meter = common.RecallMeter()
+        v = torch.tensor([[[[0.05, 0.35], [0.65, 0.95]]], [[[0.5, 0.5], [0.5, 0.5]]]])  # (2,1,2,2)
+        meter.update({"a": v, "b": 1 - v}, torch.tensor([[[1, 1], [1, 255]], [[0, 0], [0, 1]]]))
+        by_hand = lambda values: [sum(x > t for x in values) / 4 for t in meter.THRESHOLDS]  # noqa: E731
+        assert meter.all_reduce().recall() == {"a": pytest.approx(by_hand([0.05, 0.35, 0.65, 0.5])),
+                                               "b": pytest.approx(by_hand([0.95, 0.65, 0.35, 0.5]))}
+        train.main(tiny_args(tiny, tmp_path / "run", "--epochs", "1", "--test-seeds", "1", "--region-recall"))
+        out = capsys.readouterr().out
+        assert "recall of the region maps against the query mask" in out
+        record = read_metrics(tmp_path / "run")[-1]
+        row = next(line.split() for line in out.splitlines() if line.strip().startswith("cosine"))
+        assert row[1:] == [f"{100 * r:.1f}" for r in record["recall"]["cosine"]] and len(row) == 10
+        assert record["recall"]["cosine"] == sorted(record["recall"]["cosine"], reverse=True)  # falls with t
+        with pytest.raises(SystemExit) as err:  # a model without region maps: one line
+            train.main(["--model", "baseline", "--dataset", "synthetic", "--baseline-features", "image",
+                        "--no-pretrained", "--test-episodes", "2", "--test-seeds", "1", "--workers", "0",
+                        "--region-recall", "--out", str(tmp_path / "base")])
+        assert str(err.value.code).startswith("error: --region-recall: baseline returns no region maps")
+
     def test_help_lists_the_models_own_flags(self):
         proc = run_cli(["train.py", "--model", "crcnet", "--help"])
         assert proc.returncode == 0 and "crcnet options" in proc.stdout and "--kshot" in proc.stdout
@@ -3701,8 +3730,12 @@ class TestTrain:
         with pytest.raises(SystemExit) as err:
             train.main([*flags, "--epochs", "5", "--resume"])
         assert str(err.value.code).startswith(f"error: cannot read {path}") and "\n" not in str(err.value.code)
-        train.main([*flags, "--epochs", "1", "--overwrite"])
-        assert torch.load(path, weights_only=True)["epoch"] == 1
+        train.main([*flags, "--epochs", "1", "--overwrite", "--set", "target=3"])  # --set: the stage's own fields
+        assert torch.load(path, weights_only=True)["epoch"] == 1 and torch.load(path)["target"] == 3.0
+        with pytest.raises(SystemExit) as err:
+            train.main([*flags, "--set", "width=8"])
+        assert err.value.code == 2 and "tinynet --stage count has no field 'width' (FIELD=VALUE; its fields: " \
+            "target)" in capsys.readouterr().err
 
     # ---------------- the folder dataset through the harness --------------------------------------------------
 

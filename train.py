@@ -39,7 +39,8 @@ path of your own `.py` file with the same interface, which then gets exactly the
     add_args(parser)       optional: the model's own flags; EVALUATION_FLAGS: those --resume lets change
     STAGES, STAGE_FILES    optional {name: fn(setting, schedule, options)}: extra training stages (--stage NAME),
                            and {name: fn(setting, options) -> Path}: the file each writes (its folder is held as
-                           a run folder is)
+                           a run folder is); options: the model's own flags and --set. STAGE_CONFIGS, optional
+                           {name: dataclass}: the fields --set takes with --stage NAME (else Config's)
 """
 import argparse
 import ast
@@ -209,16 +210,26 @@ def train(model, optimizer, args, cfg, device, rank, world, log_file, resumed=No
 
 
 @torch.no_grad()
-def evaluate(model, loader, dataset, device, args, seed):
-    """One test seed: class mIoU and FB-IoU (PFENet's definitions, common.IoUMeter) at the original resolution."""
+def evaluate(model, loader, dataset, device, args, seed, recall=None):
+    """One test seed: class mIoU and FB-IoU (PFENet's definitions, common.IoUMeter) at the original resolution;
+    with `recall` (a common.RecallMeter, --region-recall) the recall of the model's region maps too."""
     net = unwrap(model).eval()
     infer = inference(net)
     meter = common.IoUMeter(dataset.num_classes, device=device)
     loader.sampler.set_stream(seed)
     for batch in loader:
         batch = data.to_device(batch, device)
+        inputs = (batch["img_q"], batch["img_s"], batch["m_s"], batch["class_id"])
         with autocast(device, args.bf16_eval):
-            logits = infer(batch["img_q"], batch["img_s"], batch["m_s"], batch["class_id"])  # (B,2,H,W)
+            if recall is None:
+                logits = infer(*inputs)  # (B,2,H,W)
+            else:  # forward's dict: its region maps scored against the query mask, then its logits
+                out = net(*inputs)
+                if "region_maps" not in out or hasattr(net, "infer"):
+                    sys.exit(f"error: --region-recall: {Path(args.model).stem} returns no region maps from forward "
+                             "(the dict entry region_maps: {name: (B,1,h,w) in [0, 1]}; QGNet has them)")
+                recall.update(out["region_maps"], batch["m_q"])
+                logits = out["logits"]
         for b, target in enumerate(batch["m_q_orig"]):  # each query at its own original size (H0,W0)
             probs = data.logits_to_original(logits[b].float(), target.shape[-2:]).softmax(0)  # (2,H0,W0)
             meter.update(probs.argmax(0)[None], target[None].to(device), batch["class_id"][b:b + 1], probs[1][None])
@@ -235,9 +246,10 @@ def evaluate_protocol(model, args, device, rank, world):
     loader = data.make_loader(dataset, data.EpisodeSampler(len(dataset), rank, world), args.eval_batch_size,
                               args.workers, device, drop_last=False, worker_init_fn=ignore_stop_signals)
     mious, fbious, per_class, probs = [], [], {}, []
+    recall = common.RecallMeter(device) if args.region_recall else None
     for seed in range(args.test_seeds):
         t0 = time.perf_counter()
-        meter = evaluate(model, loader, dataset, device, args, seed)
+        meter = evaluate(model, loader, dataset, device, args, seed, recall)
         classes = [int(c) for c in dataset.classes]
         unseen = sorted(set(classes) - set(meter.seen()))
         if unseen:
@@ -254,7 +266,8 @@ def evaluate_protocol(model, args, device, rank, world):
     (miou, miou_std), (fbiou, fbiou_std) = spread(mious), spread(fbious)
     return {"miou": miou, "miou_std": miou_std, "fbiou": fbiou, "fbiou_std": fbiou_std,
             "per_class": {c: float(np.mean(v)) for c, v in per_class.items()}, "fg_prob": np.mean(probs, 0).tolist(),
-            "seeds": {"miou": mious, "fbiou": fbious}, "dataset": dataset}
+            "seeds": {"miou": mious, "fbiou": fbious}, "dataset": dataset,
+            "recall": recall.all_reduce().recall() if recall else None}
 
 
 def report(args, scores, rank, log_file):
@@ -276,12 +289,17 @@ def report(args, scores, rank, log_file):
               f"{args.test_episodes} episodes, so no spread: --test-seeds 5 gives one)")
     print(f"mean p(foreground): {probs[1]:.3f} on object pixels, {probs[0]:.3f} on background (a diagnostic: a "
           "pixel counts as foreground from 0.5 on)")
+    if scores["recall"]:  # --region-recall: QGNet's Table 7
+        print("\nrecall of the region maps against the query mask, |{map > t} & mask| / |mask|, over every test seed")
+        print(f"{'t':>8}  " + "  ".join(f"{t:5.1f}" for t in common.RecallMeter.THRESHOLDS))
+        for name, values in scores["recall"].items():
+            print(f"{name:>8}  " + "  ".join(f"{100 * v:5.1f}" for v in values))
     record = {"event": "result", "model": Path(args.model).stem, "dataset": args.dataset, "fold": args.fold,
               "test_classes": args.test_classes, "shot": args.shot, "img_size": args.img_size,
               "coco_split": args.coco_split, "backbone": args.backbone, "set": args.set,
               **{k: scores[k] for k in ("miou", "miou_std", "fbiou", "fbiou_std", "per_class")},
               "seed_miou": scores["seeds"]["miou"], "seed_fbiou": scores["seeds"]["fbiou"],
-              "fg_prob_object": probs[1], "fg_prob_background": probs[0],
+              "fg_prob_object": probs[1], "fg_prob_background": probs[0], "recall": scores["recall"],
               "episodes": args.test_episodes, "seeds": args.test_seeds}
     write_log(log_file, record)
     print(result_line(record), flush=True)
@@ -408,6 +426,9 @@ def build_parser(add_help=True):
     p.add_argument("--test-seeds", type=positive_int, default=None,
                    help=f"test seeds, the mean reported (default {data.TEST_SEEDS})")
     p.add_argument("--log-every", type=positive_int, default=20, help="optimizer steps between progress lines")
+    p.add_argument("--region-recall", action="store_true",
+                   help="evaluation also reports the recall of the model's region maps against the query mask at "
+                        "thresholds 0.1-0.9 (QGNet's Table 7)")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
                    help="the model's Config fields, named as its paper names its modules (e.g. --set gomm=false "
                         "ccm=false): a paper's ablation row; --model X --help lists them")
@@ -434,31 +455,36 @@ def full_parser(module):
     """The parser of train.py's flags and the model file's own (its add_args), its help listing the Config fields
     that --set takes."""
     parser = build_parser()
-    fields = " ".join(f"{f.name}={format_value(f.default)}" for f in settable_fields(module).values())
+    fields = lambda stage=None: " ".join(f"{f.name}={format_value(f.default)}"  # noqa: E731
+                                         for f in settable_fields(module, stage).values())
+    stages = "".join(f"; with --stage {name}: {fields(name)}" for name in getattr(module, "STAGE_CONFIGS", {}))
     group = parser.add_argument_group(f"{getattr(module, '__name__', 'model')} options",
-                                      f"--set takes these Config fields (the defaults shown): {fields}")
+                                      f"--set takes these Config fields (the defaults shown): {fields()}{stages}")
     if hasattr(module, "add_args"):
         module.add_args(group)
     return parser
 
 
-def settable_fields(module):
-    """{name: dataclasses.Field} of the model's Config that --set takes: all but the backbone's (its own flags)."""
-    return {f.name: f for f in dataclasses.fields(module.Config) if f.name not in ("backbone", "pretrained")}
+def settable_fields(module, stage=None):
+    """{name: dataclasses.Field} that --set takes: the model's Config but the backbone's fields (its own flags), or
+    with --stage, the stage's own dataclass where the model has one (STAGE_CONFIGS[stage])."""
+    config = getattr(module, "STAGE_CONFIGS", {}).get(stage, module.Config)
+    return {f.name: f for f in dataclasses.fields(config) if f.name not in ("backbone", "pretrained")}
 
 
 def config_values(parser, module, items, args):
     """--set FIELD=VALUE ... -> {field: value}, each typed by its Config field (field_value); an unknown field, a
     value that does not fit, or a field that the model's own flag sets too: one line (argparse's error)."""
-    fields, values = settable_fields(module), {}
+    fields, values = settable_fields(module, args.stage), {}
     for item in items:
         name, equals, text = item.partition("=")
         if name in ("backbone", "pretrained"):
             parser.error(f"--set {item}: the backbone has flags of its own: --backbone, --backbone-weights, "
                          "--no-pretrained")
         if not equals or name not in fields:
-            parser.error(f"--set {item}: {Path(args.model).stem}'s Config has no field {name!r} (FIELD=VALUE; "
-                         f"its fields: {', '.join(fields)})")
+            stem, staged = Path(args.model).stem, args.stage in getattr(module, "STAGE_CONFIGS", {})
+            owner = f"{stem} --stage {args.stage}" if staged else f"{stem}'s Config"
+            parser.error(f"--set {item}: {owner} has no field {name!r} (FIELD=VALUE; its fields: {', '.join(fields)})")
         try:
             values[name] = field_value(fields[name], text)
         except ValueError as err:
@@ -1341,7 +1367,7 @@ def train_stage(args, module):
     if args.stage not in stages:
         sys.exit(f"error: --stage {args.stage}: {args.model} offers {sorted(stages) or 'no extra stage'}")
     _, rank, _ = setup_device(args)
-    options = {k: getattr(args, k) for k in args.own_flags}
+    options = {**{k: getattr(args, k) for k in args.own_flags}, **args.set}
     setting = setting_of(args)
     file_of = getattr(module, "STAGE_FILES", {}).get(args.stage)
     files = ()
