@@ -34,10 +34,12 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import signal
 import tempfile
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -210,14 +212,22 @@ def imagenet_classifier(name, pretrained):
 
 def read_torch_file(path, what, error=WeightsUnavailableError, hint=""):
     """torch.load(path) with weights_only (tensors and plain values: no code from the file runs). A file that
-    cannot be read so (not a torch file, truncated, other objects): `error` with one line, "cannot read {what}
-    (the reason)" and `hint`, not torch's traceback."""
+    cannot be read so raises `error` with one line, not torch's traceback: one holding other objects is refused
+    (naming the first object torch names, never the way around the refusal); one that is not a whole torch file
+    (truncated, another format) says so and adds `hint` (where a right one comes from)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # loading raises many kinds
-        text = " ".join(str(err).split())
-        detail = text[text.find("WeightsUnpickler"):].split(". ")[0] if "WeightsUnpickler" in text else text[:200]
-        raise error(f"cannot read {what} ({type(err).__name__}: {detail}){hint}") from err
+        with warnings.catch_warnings():  # torch's warning about a pickle protocol: the refusal below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a crafted, truncated or foreign file raises many kinds
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        found = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else "")
+        if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in found:  # a class or function to call
+            raise error(f"cannot read {what}: it holds objects other than tensors and plain values "
+                        f"({found.rstrip('.')}), and loading them could run code: refused") from err
+        detail = found[:found.find(". ")] if ". " in found else found[:120]
+        raise error(f"cannot read {what}: not a whole file of torch.save ({type(err).__name__}: {detail}){hint}") \
+            from err
 
 
 def _read_weight_file(path):
@@ -938,5 +948,6 @@ def read_jsonl(path, note=print):
             if i == len(lines) - 1:
                 note(f"note: dropped the last line of {path}: a record that a crash cut short")
                 continue
-            raise SaveError(f"{path} line {i + 1} is not a JSON record: {line[:80]!r}") from None
+            raise SaveError(f"{path} line {i + 1} is not a JSON record ({line[:80]!r}): repair or delete that line "
+                            "(the other records and the checkpoints are intact)") from None
     return records

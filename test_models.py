@@ -46,6 +46,7 @@ import errno
 import json
 import math
 import os
+import pickle
 import signal
 import struct
 import subprocess
@@ -2774,10 +2775,16 @@ class TestTrain:
         assert keys.keys() == torch.load(tmp_path / "eager" / "last.pt", weights_only=False)["model"].keys()
 
     def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(self, tiny, tmp_path, capsys):
+        argv = tiny_args(tiny, tmp_path / "run", "--epochs", "3", "--nan-after", "5", "--log-every", "1")
         with pytest.raises(SystemExit) as stop:
-            train.main(tiny_args(tiny, tmp_path, "--epochs", "3", "--nan-after", "5", "--log-every", "1"))
+            train.main(argv)
         assert stop.value.code == train.EXIT_NONFINITE
-        assert "loss became nan" in capsys.readouterr().out
+        again = [a for a in argv if a != str(tmp_path / "run")]
+        again = " ".join(again[:again.index("--out")] + again[again.index("--out") + 1:])
+        assert (f"error: the loss became nan in epoch 2 at step 2; stopping. the last good checkpoint is "
+                f"{tmp_path / 'run' / 'last.pt'}; try a lower learning rate (a new run: a run keeps its recipe), e.g. "
+                f"python train.py {again} --lr 0.025 --out {tmp_path / 'run'}-lr0.025\n") in capsys.readouterr().out
+        tmp_path = tmp_path / "run"
         state = torch.load(tmp_path / "last.pt", weights_only=False)
         assert state["epoch"] == 1  # 4 steps per epoch: epoch 1 was good, epoch 2 went bad
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
@@ -2845,7 +2852,8 @@ class TestTrain:
         with pytest.raises(SystemExit) as stop:  # a stage's NaN loss stops as training's does
             train.main(tiny_args(tiny, tmp_path, "--stage", "nan"))
         assert stop.value.code == train.EXIT_NONFINITE
-        assert "the loss became nan in epoch 1 at step 1 in --stage nan" in capsys.readouterr().out
+        assert ("the loss became nan in epoch 1 at step 1 in --stage nan; stopping. nothing was saved; run the stage "
+                "again with a lower learning rate and --overwrite") in capsys.readouterr().out
 
         train.main(tiny_args(tiny, tmp_path, "--epochs", "1", "--vis", "3", "--test-episodes", "4",
                              "--test-seeds", "1"))
@@ -2974,6 +2982,8 @@ class TestTrain:
         (["--lr", "inf"], "argument --lr: must be a number above 0 and at most 10, got 'inf'"),
         (["--model", "nosuchnet"], "choose one of"),
         (["--model", "missing.py"], "no such file"),
+        (["--img-size", "31"], "argument --img-size: must be at least 32 (a 4x4 feature grid at the backbones' output "
+                               "stride 8), got 31"),
         (["--dataset", "pascal", "--data-root", "/nonexistent/voc", "--model", "baseline", "--no-pretrained"],
          "JPEGImages"),
     ])
@@ -3084,6 +3094,16 @@ class TestTrain:
                         "--no-pretrained", "--test-episodes", "2", "--test-seeds", "1", "--workers", "0",
                         "--region-recall", "--out", str(tmp_path / "base")])
         assert str(err.value.code).startswith("error: --region-recall: baseline returns no region maps")
+
+    @pytest.mark.parametrize("text, message", [
+        ("class Config:\n    x = (1,\n", "line 2: SyntaxError: '(' was never closed"),
+        ("import torch\nimport nosuchmodule\n", "line 2: ModuleNotFoundError: No module named 'nosuchmodule'"),
+        ("x = 1\nraise ValueError('two\\nlines')\n", "line 2: ValueError: two lines"),
+        ("x = 1\n", "the module defines no `Config` (see train.py's docstring)")])
+    def test_a_model_file_that_does_not_load_gets_one_line(self, tmp_path, text, message):
+        (tmp_path / "mine.py").write_text(text)
+        proc = run_cli(["train.py", "--model", str(tmp_path / "mine.py"), "--dataset", "synthetic"])
+        assert proc.returncode == 1 and proc.stderr == f"error: --model {tmp_path / 'mine.py'}: {message}\n"
 
     def test_help_lists_the_models_own_flags(self):
         proc = run_cli(["train.py", "--model", "crcnet", "--help"])
@@ -3297,12 +3317,18 @@ class TestTrain:
             return real_save(obj, f, *a, **kw)
 
         monkeypatch.setattr(torch, "save", full_disk)
+        argv = tiny_args(tiny, tmp_path, "--epochs", "3")
         with pytest.raises(SystemExit) as err:
-            train.main(tiny_args(tiny, tmp_path, "--epochs", "3"))
+            train.main(argv)
         last = tmp_path / "last.pt"
         assert str(err.value.code) == (f"error: could not write {last} ([enforce fail at inline_container.cc:672] . "
-                                       f"unexpected pos 64 vs 0; is the disk full?): {last} is left as it was")
+                                       f"unexpected pos 64 vs 0; is the disk full?): {last} is left as it was; free "
+                                       f"space there (or give another --out), then continue with: python train.py "
+                                       f"{' '.join(argv)} --resume")
         assert torch.load(last, weights_only=False)["epoch"] == 1 and not list(tmp_path.glob("*.tmp"))
+        monkeypatch.setattr(torch, "save", real_save)  # space again: the command it gave continues the run
+        train.main([*argv, "--resume"])
+        assert torch.load(last, weights_only=False)["epoch"] == 3
 
     def test_an_unwritable_run_folder_is_refused_before_anything_runs(self, tiny, tmp_path, capsys):
         (tmp_path / "file").write_text("not a folder")
@@ -3318,6 +3344,19 @@ class TestTrain:
         assert "Traceback" not in err and err.strip().count("\n") == 0
         assert err.strip() == (f"interrupted: {tmp_path / 'last.pt'} holds the last finished epoch; continue with: "
                                f"python train.py {' '.join(argv)} --resume")
+
+    def test_a_run_stopped_before_its_first_checkpoint_is_started_again_by_the_command_it_gives(self, tiny, tmp_path):
+        argv = tiny_args(tiny, tmp_path, "--epochs", "400", "--train-length", "4000", "--log-every", "1")
+        log = tmp_path / "metrics.jsonl"
+        code, out, err = _stop_while_training(argv, signal.SIGTERM, lambda: log.exists() and '"train"' in log.read_text())
+        assert code == train.EXIT_TERMINATED and not (tmp_path / "last.pt").exists(), err[-2000:]
+        command = f"python train.py {' '.join(argv)} --resume"
+        assert err.strip() == (f"stopped by SIGTERM before the first epoch was saved: nothing was kept; start it again "
+                               f"with: {command}")
+        # that command is taken (the folder holds the stopped run's log): --resume starts the run afresh (here
+        # shortened, which a run without a checkpoint allows)
+        train.main([*command.split()[2:], "--epochs", "1", "--train-length", "8"])
+        assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
 
     def test_fold_all_table_equals_the_four_single_fold_runs_and_is_collected_again(self, tiny, tmp_path, capsys):
         flags = ["--epochs", "1", "--test-episodes", "6", "--test-seeds", "2"]
@@ -3486,14 +3525,29 @@ class TestTrain:
         for argv in calls:
             with pytest.raises(SystemExit) as err:
                 train.main(argv)
-            assert "cannot read checkpoint" in str(err.value.code) and "\n" not in str(err.value.code), argv
+            message = str(err.value.code)
+            assert "cannot read checkpoint" in message and "\n" not in message, argv
+            assert message.endswith("holds objects other than tensors and plain values (Trying to load unsupported "
+                                    "GLOBAL posix.system whose module posix is blocked), and loading them could run "
+                                    "code: refused") and "weights_only" not in message, message  # never the way around
+        with open(tmp_path / "plain.pkl", "wb") as f:  # a plain pickle, a text file: not torch.save's, in one line
+            pickle.dump({"epoch": Payload()}, f, protocol=4)
+        (tmp_path / "text.pt").write_text("not a checkpoint\n")
+        for name, reason in (("plain.pkl", "Unsupported operand 149"), ("text.pt", "Unsupported operand 110")):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # and without torch's warning first
+                with pytest.raises(SystemExit) as err:
+                    train.main(["--eval-only", "--checkpoint", str(tmp_path / name), "--out", str(tmp_path / "p")])
+            assert str(err.value.code) == (f"error: cannot read checkpoint {tmp_path / name}: not a whole file of "
+                                           f"torch.save (UnpicklingError: {reason})")
         with pytest.raises(SystemExit, match="holds a run already .*cannot be read"):  # a new run into its folder
             train.main(tiny_args(tiny, bad, *flags))
         torch.save({"model": {}, "classes": [1], "backbone": Payload()}, tmp_path / "base.pt")  # a stage's file
         with pytest.raises(common.WeightsUnavailableError, match="cannot read"):
             symnet.read_base_learner(symnet.Config(base_learner=str(tmp_path / "base.pt")), common.Setting())
-        with pytest.raises(common.WeightsUnavailableError, match="cannot read"):
-            qgnet.read_stage1_file(tmp_path / "base.pt")
+        with pytest.raises(common.WeightsUnavailableError, match="cannot read") as err:
+            qgnet.read_stage1_file(tmp_path / "base.pt", hint=". Make it with: python train.py --stage prior")
+        assert "Make it" not in str(err.value)  # a crafted file is refused, not offered to be made again
         assert not marker.exists()
 
     def test_evaluation_scores_do_not_depend_on_the_evaluation_batch(self, tiny, tmp_path):

@@ -58,6 +58,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import types
 import typing
 from contextlib import contextmanager, nullcontext
@@ -86,6 +87,9 @@ MOMENTUM = 0.9  # PFENet, BAM, HSNet-era FSS all use SGD with momentum 0.9
 WEIGHT_DECAY = 1e-4  # PFENet train.py
 POLY_POWER = 0.9  # PFENet util.poly_learning_rate
 MAX_LR = 10.0  # --lr above this is a typo (the recipes run 0.0025-0.05)
+# --img-size floor: a 4x4 grid at the ResNets' output stride 8 (2x2 at VGG's 16), the smallest on which every model's
+# windows and pyramids still see more than one pixel of context; a crop of a few pixels holds no object to segment
+MIN_IMG_SIZE = 32
 # The recipe where a model file gives none for a dataset (the baseline, your own model file). PASCAL and COCO:
 # PFENet's configs as its code runs them, every learning rate x10 (poly_learning_rate(..., scale_lr=10)):
 # PASCAL base_lr 0.0025 -> 0.025 at batch 4; COCO the one-GPU setting of its config's comment, base_lr 0.005 ->
@@ -173,40 +177,34 @@ def train(model, optimizer, args, cfg, device, rank, world, log_file, resumed=No
               f"{args.epochs} epochs, lr {args.lr}")
     progress = common.Progress(args.epochs, steps_per_epoch, start_epoch, args.log_every, args.batch_size,
                                log=lambda line: log(rank, line), log_file=log_file)
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            sampler.set_stream(epoch)  # the epoch's episodes
-            batches = iter(loader)  # starting workers draws from the global RNG: seed after it, so that
-            torch.manual_seed(args.seed * 100003 + epoch * 101 + rank)  # dropout is the same, resumed or not
-            model.train()
-            for s, batch in enumerate(batches):
-                lr = args.lr * (1 - (epoch * steps_per_epoch + s) / max_iter) ** POLY_POWER  # poly, per step
-                common.set_lr(optimizer, lr)
-                batch = data.to_device(batch, device)
-                with autocast(device, args.bf16):
-                    out = model(batch["img_q"], batch["img_s"], batch["m_s"], batch["class_id"],
-                                **query_mask(net, batch))
-                    loss, terms = net.loss(out, batch["m_q"], batch["m_s"])
-                common.update(optimizer, loss)  # backward and step; a non-finite loss never reaches the weights
-                progress.add(epoch, s, loss, terms, lr)  # every --log-every steps: a line, a record, the NaN check
-            if args.select_best and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
-                scores = evaluate_protocol(model, args, device, rank, world)
-                write_log(log_file, {"event": "val", "epoch": epoch + 1, "miou": scores["miou"],
-                                     "fbiou": scores["fbiou"], "fg_prob_object": scores["fg_prob"][1],
-                                     "fg_prob_background": scores["fg_prob"][0]})
-                if scores["miou"] > best:
-                    best = scores["miou"]
-                    if rank == 0:
-                        save_checkpoint(args.out / "best.pt", model, optimizer, epoch + 1, cfg, args, best)
-            if rank == 0:
-                save_checkpoint(args.out / "last.pt", model, optimizer, epoch + 1, cfg, args, best)
-            if world > 1:
-                dist.barrier()
-    except (common.NonFiniteLossError, common.NonFiniteWeightsError) as err:
-        last = args.out / "last.pt"
-        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-        log(rank, f"error: {err}; stopping. {kept} (try a lower --lr{' or no --bf16' if args.bf16 else ''}).")
-        sys.exit(EXIT_NONFINITE)
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_stream(epoch)  # the epoch's episodes
+        batches = iter(loader)  # starting workers draws from the global RNG: seed after it, so that
+        torch.manual_seed(args.seed * 100003 + epoch * 101 + rank)  # dropout is the same, resumed or not
+        model.train()
+        for s, batch in enumerate(batches):
+            lr = args.lr * (1 - (epoch * steps_per_epoch + s) / max_iter) ** POLY_POWER  # poly, per step
+            common.set_lr(optimizer, lr)
+            batch = data.to_device(batch, device)
+            with autocast(device, args.bf16):
+                out = model(batch["img_q"], batch["img_s"], batch["m_s"], batch["class_id"],
+                            **query_mask(net, batch))
+                loss, terms = net.loss(out, batch["m_q"], batch["m_s"])
+            common.update(optimizer, loss)  # backward and step; a non-finite loss never reaches the weights
+            progress.add(epoch, s, loss, terms, lr)  # every --log-every steps: a line, a record, the NaN check
+        if args.select_best and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
+            scores = evaluate_protocol(model, args, device, rank, world)
+            write_log(log_file, {"event": "val", "epoch": epoch + 1, "miou": scores["miou"],
+                                 "fbiou": scores["fbiou"], "fg_prob_object": scores["fg_prob"][1],
+                                 "fg_prob_background": scores["fg_prob"][0]})
+            if scores["miou"] > best:
+                best = scores["miou"]
+                if rank == 0:
+                    save_checkpoint(args.out / "best.pt", model, optimizer, epoch + 1, cfg, args, best)
+        if rank == 0:
+            save_checkpoint(args.out / "last.pt", model, optimizer, epoch + 1, cfg, args, best)
+        if world > 1:
+            dist.barrier()
 
 
 @torch.no_grad()
@@ -335,9 +333,15 @@ def stops_cleanly(args, argv):
         yield
     except (KeyboardInterrupt, Terminated) as stop:
         stop_interrupted(getattr(stop, "run", args), argv, isinstance(stop, Terminated))
+    except (common.NonFiniteLossError, common.NonFiniteWeightsError) as err:
+        stop_nonfinite(getattr(err, "run", args), argv, err)
     except data.DatasetError as err:  # also when a DataLoader worker re-raised it
         sys.exit(f"error: {original_message(err)}")
-    except (common.SaveError, common.WeightsUnavailableError) as err:
+    except common.SaveError as err:  # a full disk, a lost mount: what was written before is intact
+        run = getattr(err, "run", args)
+        again = resume_command(run, argv) if is_training(run) else "the same command"
+        sys.exit(f"error: {err}; free space there (or give another --out), then continue with: {again}")
+    except common.WeightsUnavailableError as err:
         sys.exit(f"error: {err}")
     finally:
         if previous is not None:
@@ -394,7 +398,8 @@ def build_parser(add_help=True):
     p.add_argument("--epochs", type=positive_int, default=None, help="default: the model's, per dataset")
     p.add_argument("--batch-size", type=positive_int, default=None, help="global batch, split across processes")
     p.add_argument("--lr", type=learning_rate, default=None, help="base learning rate of the poly schedule")
-    p.add_argument("--img-size", type=positive_int, default=None, help="train crop and test canvas size")
+    p.add_argument("--img-size", type=img_size_arg, default=None,
+                   help=f"train crop and test canvas size (at least {MIN_IMG_SIZE})")
     p.add_argument("--train-length", type=positive_int, default=None,
                    help="training episodes per epoch (default: every filtered training image; synthetic "
                         f"{data.SYNTHETIC_TRAIN_LENGTH})")
@@ -780,6 +785,15 @@ def positive_int(text):
     return value
 
 
+def img_size_arg(text):
+    """argparse type of --img-size: at least MIN_IMG_SIZE."""
+    value = int(text)
+    if value < MIN_IMG_SIZE:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_IMG_SIZE} (a 4x4 feature grid at the backbones' "
+                                         f"output stride 8), got {value}")
+    return value
+
+
 def non_negative_int(text):
     value = int(text)
     if value < 0:
@@ -850,7 +864,14 @@ def load_model_module(name):
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[path.stem] = module  # so that pickling (DataLoader workers) can find it
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except SyntaxError as err:
+            sys.exit(f"error: --model {name}: line {err.lineno}: {type(err).__name__}: {err.msg}")
+        except Exception as err:  # the file's own code failed as it was imported: its message, in one line
+            where = next((f" line {f.lineno}" for f in reversed(traceback.extract_tb(err.__traceback__))
+                          if Path(f.filename) == path), "")
+            sys.exit(f"error: --model {name}:{where}: {type(err).__name__}: {' '.join(str(err).split())}")
     elif name in MODELS:
         try:
             module = importlib.import_module(name)
@@ -1223,21 +1244,64 @@ def stop_interrupted(args, argv, terminated=False):
     run that was stopped (a fold's, inside --fold all)."""
     last = getattr(args, "stage_file", None) if args.stage else args.out / "last.pt" if args.out else None
     inside = f" in fold {args.fold} of --fold all" if getattr(args, "in_fold_all", False) else ""
-    tool = args.eval_only or args.bench or args.predict or args.bench_data
-    if tool or last is None:
+    if not is_training(args) or last is None:
         message = "interrupted"
     elif last.exists():
-        again = [a for a in argv if a != "--overwrite"] + ([] if "--resume" in argv or inside else ["--resume"])
-        command = " ".join(["python train.py", *map(shlex.quote, again)])
         what = "the stage's file" if args.stage else "the last finished epoch"
-        message = f"interrupted{inside}: {last} holds {what}; continue with: {command}"
+        message = f"interrupted{inside}: {last} holds {what}; continue with: {resume_command(args, argv)}"
     else:
-        message = f"interrupted{inside} before the first epoch ended: nothing was saved"
+        message = (f"interrupted{inside} before {'its file' if args.stage else 'the first epoch'} was saved: "
+                   f"nothing was kept; start it again with: {resume_command(args, argv)}")
     if terminated:
         message = message.replace("interrupted", "stopped by SIGTERM", 1)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"\n{message}", file=sys.stderr, flush=True)
     sys.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
+
+
+def stop_nonfinite(args, argv, err):
+    """A NaN or infinite loss (or weights): one line that says what was kept and how to try again (exit status 3).
+    A run keeps its recipe, so a lower learning rate is a new run: the command with half the rate and its own
+    --out. args: the run that stopped (a fold's, inside --fold all)."""
+    last = getattr(args, "stage_file", None) if args.stage else args.out / "last.pt"
+    kept = f"the last good {'file' if args.stage else 'checkpoint'} is {last}" if last and last.exists() else \
+        "nothing was saved"
+    if args.stage:
+        again = "run the stage again with a lower learning rate and --overwrite"
+    else:
+        lr = f"{args.lr / 2:g}"
+        out = f"{args.out.parent if getattr(args, 'in_fold_all', False) else args.out}-lr{lr}"
+        again = ("try a lower learning rate (a new run: a run keeps its recipe)"
+                 f"{' or no --bf16' if args.bf16 else ''}, e.g. {command(argv, {'--lr': lr, '--out': out})}")
+    where = f" in --stage {args.stage}" if args.stage else ""
+    log(int(os.environ.get("RANK", 0)), f"error: {err}{where}; stopping. {kept}; {again}")
+    sys.exit(EXIT_NONFINITE)
+
+
+def is_training(args):
+    """Whether a run trains (or runs a stage), as opposed to a tool that only reads (evaluation, bench, predict)."""
+    return not (args.eval_only or args.bench or args.predict or args.bench_data)
+
+
+def resume_command(args, argv):
+    """The command that continues a stopped run (or starts it again where it saved nothing): argv with --resume,
+    without --overwrite; inside --fold all, which resumes by itself, argv as it is."""
+    inside = getattr(args, "in_fold_all", False)
+    return command([a for a in argv if a != "--overwrite"], {} if "--resume" in argv or inside else {"--resume": None})
+
+
+def command(argv, flags):
+    """'python train.py ...' for argv with `flags` {flag: value, or None for a switch} set in place of its own."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a.split("=")[0] in flags:
+            skip = "=" not in a
+        else:
+            kept.append(a)
+    added = [w for flag, value in flags.items() for w in ([flag] if value is None else [flag, str(value)])]
+    return " ".join(["python train.py", *map(shlex.quote, kept + added)])
 
 
 def original_message(err):
@@ -1280,8 +1344,9 @@ def run_all_folds(args, module):
         one.in_fold_all = True
         try:
             record = run_fold(one, args, module, rank)
-        except (KeyboardInterrupt, Terminated) as stop:
-            stop.run = one
+        except (KeyboardInterrupt, Terminated, common.SaveError, common.NonFiniteLossError,
+                common.NonFiniteWeightsError) as stop:
+            stop.run = one  # the message names the fold and the command that continues it
             raise
         records.append(record)
     if rank == 0 and not args.stage:
@@ -1379,11 +1444,7 @@ def train_stage(args, module):
                                train_length=args.train_length, workers=args.workers, seed=args.seed,
                                log_every=args.log_every, bf16=args.bf16, out=args.out, resume=args.resume)
     with hold_run_folder(args, True, files) if rank == 0 else nullcontext():
-        try:
-            return stages[args.stage](setting, schedule, options)
-        except (common.NonFiniteLossError, common.NonFiniteWeightsError) as err:
-            log(rank, f"error: {err} in --stage {args.stage}; stopping (try a lower learning rate).")
-            sys.exit(EXIT_NONFINITE)
+        return stages[args.stage](setting, schedule, options)
 
 
 def bench(args, module):
