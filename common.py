@@ -711,6 +711,10 @@ class NonFiniteWeightsError(ArithmeticError):
     """A checkpoint was about to be written from weights that are not all finite: it is not written."""
 
 
+class LogError(ValueError):
+    """A log's record in the middle is damaged (a torn last line is dropped instead): the message names the line."""
+
+
 class SaveError(OSError):
     """A checkpoint or a log record could not be written (a full disk, a lost mount); what was written before is
     intact."""
@@ -933,7 +937,7 @@ def cut_log(path, epoch, note=print):
 
 def read_jsonl(path, note=print):
     """The records of a JSON-lines log (none when it does not exist). A last line that is not whole JSON (a write
-    cut short by a crash) is dropped with a note; any other bad line is an error naming it."""
+    cut short by a crash) is dropped with a note; any other bad line is a LogError naming it."""
     path = Path(path)
     if not path.exists():
         return []
@@ -948,6 +952,6 @@ def read_jsonl(path, note=print):
             if i == len(lines) - 1:
                 note(f"note: dropped the last line of {path}: a record that a crash cut short")
                 continue
-            raise SaveError(f"{path} line {i + 1} is not a JSON record ({line[:80]!r}): repair or delete that line "
-                            "(the other records and the checkpoints are intact)") from None
+            raise LogError(f"{path} line {i + 1} is not a JSON record ({line[:80]!r}): repair or delete that line "
+                           "(the other records and the checkpoints are intact)") from None
     return records

@@ -3622,11 +3622,14 @@ class TestTrain:
             return FullDisk(f) if str(path).endswith("metrics.jsonl") and "a" in mode else f
 
         monkeypatch.setattr("builtins.open", opening)
+        argv = tiny_args(tiny, tmp_path, *flags)
         with pytest.raises(SystemExit) as err:
-            train.main(tiny_args(tiny, tmp_path, *flags))
+            train.main(argv)
         monkeypatch.undo()
         assert str(err.value.code) == (f"error: could not append to {tmp_path / 'metrics.jsonl'} (No space left on "
-                                       "device; is the disk full?): the records before it are kept")
+                                       "device; is the disk full?): the records before it are kept; free space there "
+                                       f"(or give another --out), then continue with: python train.py {' '.join(argv)} "
+                                       "--resume")
         lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == 5 and all(json.loads(line) for line in lines)  # no torn line
         # a torn last line (a crash in the middle of a write) is dropped on resume, with a note
@@ -3636,6 +3639,14 @@ class TestTrain:
         train.main(tiny_args(tiny, tmp_path, *flags, "--resume"))
         assert "dropped the last line of" in capsys.readouterr().err
         assert read_metrics(tmp_path)[-1]["event"] == "result"
+        # a damaged record in the middle (by hand, or by the disk): one line that says how to mend it
+        lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+        (tmp_path / "metrics.jsonl").write_text("\n".join([*lines[:2], lines[2][:9], *lines[3:]]) + "\n")
+        with pytest.raises(SystemExit) as err:
+            train.main(tiny_args(tiny, tmp_path, *flags, "--resume"))
+        assert str(err.value.code) == (f"error: {tmp_path / 'metrics.jsonl'} line 3 is not a JSON record "
+                                       f"({lines[2][:9]!r}): repair or delete that line (the other records and the "
+                                       "checkpoints are intact)")
 
     def test_a_signal_during_a_checkpoint_write_waits_for_the_file_to_be_whole(self, tmp_path, monkeypatch):
         real_save = torch.save

@@ -341,7 +341,7 @@ def stops_cleanly(args, argv):
         run = getattr(err, "run", args)
         again = resume_command(run, argv) if is_training(run) else "the same command"
         sys.exit(f"error: {err}; free space there (or give another --out), then continue with: {again}")
-    except common.WeightsUnavailableError as err:
+    except (common.WeightsUnavailableError, common.LogError) as err:
         sys.exit(f"error: {err}")
     finally:
         if previous is not None:
@@ -1007,7 +1007,7 @@ def read_checkpoint(path):
         sys.exit(f"error: checkpoint {path} does not exist")
     try:
         state = common.read_torch_file(path, f"checkpoint {path}")
-    except common.WeightsUnavailableError as err:
+    except (common.WeightsUnavailableError, common.LogError) as err:
         sys.exit(f"error: {err}")
     kinds = {"model": dict, "config": dict, "args": dict, "epoch": int}
     if not (isinstance(state, dict) and all(isinstance(state.get(k), kind) for k, kind in kinds.items())
