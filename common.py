@@ -154,6 +154,7 @@ class Schedule:
     bf16: bool = False  # bf16 autocast on CUDA (--bf16)
     resume: bool = False  # continue the stage's own checkpoint (--resume)
     out: Path = None  # the run folder (--out, or train.py's default); a stage's files may have paths of their own
+    fit: object = None  # train.fit, the training loop of every run: fit(step, optimizer, batches, lr_at, ...)
 
 
 class WeightsUnavailableError(RuntimeError):

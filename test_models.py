@@ -505,8 +505,8 @@ def stage_hello(run, schedule, options):
 
 def stage_nan(run, schedule, options):  # a stage whose loss is NaN from the first step, through the shared loop
     w = nn.Parameter(torch.zeros(()))
-    common.fit(lambda batch: (w * float("nan"), {}), common.sgd([w], 0.1, 0.9, 0.0), lambda epoch: [0],
-               lambda it: 0.1, 1, 1, log_every=1)
+    schedule.fit(lambda batch: (w * float("nan"), {}), torch.optim.SGD([w], 0.1, 0.9, fused=True), lambda epoch: [0],
+                 lambda it: 0.1, 1, 1, log_every=1)
 
 
 def count_file(setting, options):
@@ -517,7 +517,7 @@ def stage_count(setting, schedule, options):
     """A stage like the models' own: it saves its file after every epoch and continues it with --resume."""
     path = count_file(setting, options)
     w = nn.Parameter(torch.zeros(()))
-    optimizer, start = common.sgd([w], 0.1, 0.9, 0.0), 0
+    optimizer, start = torch.optim.SGD([w], 0.1, 0.9, fused=True), 0
     if schedule.resume:
         state = common.read_torch_file(path, str(path))
         w.data.fill_(float(state["w"]))
@@ -528,8 +528,8 @@ def stage_count(setting, schedule, options):
         common.save_atomic({"w": w.detach(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                             "target": options.get("target")}, path)
 
-    common.fit(lambda batch: ((w - 1) ** 2, {}), optimizer, lambda epoch: [0, 0], lambda it: 0.1, schedule.epochs,
-               2, start_epoch=start, log_every=2, tag="[count] ", end_epoch=end_epoch)
+    schedule.fit(lambda batch: ((w - 1) ** 2, {}), optimizer, lambda epoch: [0, 0], lambda it: 0.1, schedule.epochs,
+                 2, start_epoch=start, log_every=2, tag="[count] ", end_epoch=end_epoch)
 
 
 @dataclasses.dataclass
@@ -1756,10 +1756,10 @@ class TestCommon:
     # ---------------- the training loop (fit) -----------------------------------------------------------------
 
     def test_fit_schedules_averages_logs_and_stops_on_a_nonfinite_loss(self, tmp_path):
-        """common.fit, the loop of the extra stages (QGNet's prior, Sym-Net's base learner), on loss = w^2 with
-        plain SGD (w <- w - lr * 2w)."""
+        """train.fit, the loop of every run and extra stage (QGNet's prior, Sym-Net's base learner), on loss = w^2
+        with plain SGD (w <- w - lr * 2w)."""
         w = nn.Parameter(torch.tensor(2.0))
-        optimizer = common.sgd([w], 0.0, 0.0, 0.0)
+        optimizer = torch.optim.SGD([w], 0.0, fused=True)
         lrs, lines, ends, log_file = [], [], [], tmp_path / "log.jsonl"
 
         def step(x):
@@ -1767,9 +1767,9 @@ class TestCommon:
             loss = (w * x) ** 2
             return loss, {"double": 2 * loss}
 
-        common.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)] * 3, lambda it: 0.1 / (it + 1), 2, 3,
-                   log_every=2, per_step=4, unit="images", tag="[t] ", log=lines.append, log_file=log_file,
-                   event="t", end_epoch=ends.append)
+        train.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)] * 3, lambda it: 0.1 / (it + 1), 2, 3,
+                  log_every=2, per_step=4, unit="images", tag="[t] ", log=lines.append, log_file=log_file,
+                  event="t", end_epoch=ends.append)
         assert lrs == pytest.approx([0.1 / (it + 1) for it in range(6)]) and ends == [0, 1]
         records = [json.loads(line) for line in log_file.read_text().splitlines()]
         assert [(r["event"], r["epoch"], r["step"]) for r in records] == [("t", 1, 2), ("t", 1, 3), ("t", 2, 2),
@@ -1780,15 +1780,15 @@ class TestCommon:
         assert lines[0].startswith("[t] epoch 1/2 step 2/3 loss 3.2800 (double 6.5600) lr 5.00e-02 ")
         assert "images/s ETA 0:00:" in lines[0] and "images_per_s" in records[0]
         with pytest.raises(common.NonFiniteLossError, match="became nan in epoch 1 at step 2"):
-            common.fit(lambda x: (w * float("nan"), {}), optimizer, lambda epoch: [0] * 3, lambda it: 0.1, 1, 3,
-                       log_every=2, log=lines.append)
+            train.fit(lambda x: (w * float("nan"), {}), optimizer, lambda epoch: [0] * 3, lambda it: 0.1, 1, 3,
+                      log_every=2, log=lines.append)
 
     def test_fit_under_ddp_logs_and_stops_on_the_mean_over_ranks(self, monkeypatch):
         # another rank's loss went NaN: this rank's own is finite, and it must stop too (or it waits forever)
         other_rank = {"loss": float("nan")}
 
         def all_reduce(t, op=None):  # a 2-process SUM in which the other rank holds other_rank's mean loss
-            if op == dist.ReduceOp.MAX:  # common.update's skip flag: the other rank's is 0 (its loss is finite)
+            if op == dist.ReduceOp.MAX:  # step_if_finite's skip flag: the other rank's is 0 (its loss is finite)
                 return
             t += torch.tensor([other_rank["loss"], 0.0])
 
@@ -1796,12 +1796,12 @@ class TestCommon:
         monkeypatch.setattr(dist, "get_world_size", lambda: 2)
         monkeypatch.setattr(dist, "all_reduce", all_reduce)
         w = nn.Parameter(torch.tensor(1.0))
-        optimizer, lines = common.sgd([w], 0.0, 0.0, 0.0), []
+        optimizer, lines = torch.optim.SGD([w], 0.0, fused=True), []
         step = (lambda x: ((w * x) ** 2, {"zero": torch.tensor(0.0)}))
         with pytest.raises(common.NonFiniteLossError, match="became nan in epoch 1 at step 1"):
-            common.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)], lambda it: 0.0, 1, 1, log=lines.append)
+            train.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)], lambda it: 0.0, 1, 1, log=lines.append)
         other_rank["loss"] = 3.0
-        common.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)], lambda it: 0.0, 1, 1, log=lines.append)
+        train.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)], lambda it: 0.0, 1, 1, log=lines.append)
         assert lines[-1].startswith("epoch 1/1 step 1/1 loss 2.0000")  # (1 + 3) / 2: the mean over the ranks
 
 
@@ -2931,7 +2931,8 @@ class TestTrain:
         with torch.utils.flop_counter.FlopCounterMode(display=False) as reference:
             net.backbone(x)
         head = 2 * 2048 * 2 * 5 * 5  # 2 flops per multiply-add, 2048 -> 2 channels at 5x5
-        total, backbone = train.count_flops(net, lambda: net(x).sum().backward())
+        counted = train.count_step(lambda: net(x).sum().backward(), net)
+        total, backbone = counted["flops"], counted["backbone"]
         assert backbone == reference.get_total_flops() > 0
         assert total == backbone + head + head  # the head's forward and its weight gradient (x needs none)
         assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())  # hooks removed
@@ -3226,8 +3227,8 @@ class TestTrain:
             return real(device, bf16)
 
         monkeypatch.setattr(train, "autocast", recording)
-        for flags, expected in [((), {("train", False), ("evaluate", False)}),
-                                (("--bf16", "--bf16-eval"), {("train", True), ("evaluate", True)})]:
+        for flags, expected in [((), {("step", False), ("evaluate", False)}),  # train's step and evaluate
+                                (("--bf16", "--bf16-eval"), {("step", True), ("evaluate", True)})]:
             calls.clear()
             train.main(tiny_args(tiny, tmp_path / str(len(flags)), "--epochs", "1", "--test-episodes", "2",
                                  "--test-seeds", "1", *flags))
@@ -3560,31 +3561,38 @@ class TestTrain:
 
     def test_update_never_steps_on_a_nonfinite_loss_or_gradient(self):
         w = nn.Parameter(torch.tensor([1.0, 2.0]))
-        optimizer = common.sgd([w], 0.1, 0.9, 1e-4)
-        common.update(optimizer, (w ** 2).sum())  # a finite step: w <- w - 0.1 * (2w + 1e-4 w)
+        optimizer = torch.optim.SGD([w], 0.1, 0.9, weight_decay=1e-4, fused=True)
+
+        def update(loss):  # fit's step
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            train.step_if_finite(optimizer, [w], loss)
+
+        update((w ** 2).sum())  # a finite step: w <- w - 0.1 * (2w + 1e-4 w)
         expected = torch.tensor([1.0, 2.0]) * (1 - 0.1 * (2 + 1e-4))
         assert torch.allclose(w.detach(), expected)
         momentum = optimizer.state[w]["momentum_buffer"].clone()
         for loss in ((w ** 2).sum() * float("nan"), (w ** 2).sum() * float("inf"), (w * torch.tensor([1e38, 1e38])
                                                                                     ).pow(2).sum() * 0):
             before = w.detach().clone()
-            common.update(optimizer, loss)  # NaN, inf, and a finite loss (0) whose gradient is NaN
+            update(loss)  # NaN, inf, and a NaN loss (inf * 0) whose gradient is finite (0)
             assert torch.equal(w.detach(), before) and torch.equal(optimizer.state[w]["momentum_buffer"], momentum)
-        assert train.host_syncs(lambda: common.update(optimizer, (w ** 2).sum())) == []  # decided on the device
-        with pytest.raises(ValueError, match="fused SGD of common.sgd"):
-            common.update(torch.optim.SGD([w], lr=0.1), (w ** 2).sum())
+        assert train.count_step(lambda: update((w ** 2).sum()))["syncs"] == []  # decided on the device
+        with pytest.raises(ValueError, match=r"needs torch.optim.SGD\(..., fused=True\)"):
+            train.fit(lambda batch: ((w ** 2).sum(), {}), torch.optim.SGD([w], lr=0.1), lambda epoch: [0],
+                      lambda it: 0.1, 1, 1)
 
     def test_a_checkpoint_is_never_written_from_nonfinite_weights(self, tiny, tmp_path, monkeypatch, capsys):
-        real, steps = common.update, []
+        real, steps = train.step_if_finite, []
 
-        def poison(optimizer, loss):  # the last step of epoch 2 makes the weights infinite: its own loss was finite
-            real(optimizer, loss)
+        def poison(optimizer, params, loss):  # epoch 2's last step makes the weights infinite: its loss was finite
+            real(optimizer, params, loss)
             steps.append(1)
             if len(steps) == 8:
                 with torch.no_grad():
                     optimizer.param_groups[0]["params"][0].fill_(float("inf"))
 
-        monkeypatch.setattr(common, "update", poison)
+        monkeypatch.setattr(train, "step_if_finite", poison)
         with pytest.raises(SystemExit) as stop:
             train.main(tiny_args(tiny, tmp_path, "--epochs", "2", "--test-episodes", "2", "--test-seeds", "1"))
         assert stop.value.code == train.EXIT_NONFINITE
@@ -3726,8 +3734,8 @@ class TestTrain:
         not hold the folder (a requeued job would be refused, naming a dead process)."""
         script = (f"import os, sys, time, argparse; sys.path.insert(0, {str(REPO)!r}); import train; "
                   "from pathlib import Path; args = argparse.Namespace(out=Path(sys.argv[1]), resume=False, "
-                  "overwrite=False); handle = open(Path(sys.argv[1]) / '.lock', 'a+'); "
-                  "train.take_run_folder(handle, args, False, ()); child = os.fork(); "
+                  "overwrite=False); "
+                  "held = train.hold_run_folder(args, False, ()); held.__enter__(); child = os.fork(); "
                   "(time.sleep(60), os._exit(0)) if child == 0 else None; print(child, flush=True); time.sleep(60)")
         run = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
         child = int(run.stdout.readline())
@@ -3878,7 +3886,7 @@ class TestTrain:
         m = x.detach() > 0
 
         def waits(fn):
-            return train.host_syncs(fn)
+            return train.count_step(fn)["syncs"]
 
         assert waits(lambda: x.sum().item()) == ["_local_scalar_dense"]
         assert waits(lambda: bool(x.sum() > 0)) == ["_local_scalar_dense"]  # `if t:` and float(t) too
@@ -6722,7 +6730,7 @@ class TestAllModels:
             loss.backward()
             optimizer.step()
 
-        seen = train.host_syncs(step)  # the detector --bench reports with
+        seen = train.count_step(step)["syncs"]  # the detector --bench reports with
         model.load_state_dict(state)  # the module-scoped model stays as the other tests expect it
         assert seen == [], f"{name} synchronises with the host: {sorted(set(seen))}"
 

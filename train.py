@@ -3,44 +3,37 @@
     python train.py --model symnet --dataset synthetic --fold 0      # quick start, CPU, a few minutes
     python train.py --model symnet --fold 1 --data-root ~/data/VOC2012            # PASCAL-5i, fold 1, 1-shot
     python train.py --model qpenet --fold all --data-root ~/data/VOC2012          # four folds and their table
+    python train.py --model ocnet --fold all --set ccm=false --data-root ~/data/VOC2012   # an ablation row
     python train.py --eval-only --checkpoint runs/x/last.pt --shot 5 --data-root ~/data/VOC2012
     torchrun --nproc_per_node 4 train.py --model ocnet --dataset coco --fold 2 --data-root ~/data/coco
 
-What a run does, top to bottom (main, then train_and_evaluate): the flags are parsed and every value the command
-line leaves open is taken from the checkpoint, the paper's recipe or the harness (resolve_defaults); the run
-folder is locked (hold_run_folder); every listed data file is checked (check_data); the model is built from its
-file and the optimiser made; training runs epochs of episodic SGD (train); the last checkpoint is evaluated on
-the test episodes of every test seed (evaluate_protocol) and reported (report). Below the run, fenced: the
-arguments, the pieces of a run, the run folders, and the tools that main dispatches to instead: --fold all,
---stage, --bench, --bench-data, --vis and --predict.
-
-The protocol (README.md, "Protocol"): SGD with momentum 0.9 and weight decay 1e-4, poly learning rate (power 0.9)
-per iteration, fp32 (--bf16: bf16 autocast on CUDA); the last checkpoint is evaluated; test episodes depend only
-on (test seed, index), 1000 per seed (COCO 5000) x 5 seeds, mean and standard deviation reported; IoU scored at
-the query's original resolution, in fp32.
+A run, top to bottom: main parses the flags and fills every value they leave open (resolve: the checkpoint's, the
+paper's recipe, the harness's), then train_and_evaluate locks the run folder, checks every data file, builds the
+model, trains it (train, fit: episodic SGD on PFENet's poly schedule, fp32), evaluates the last checkpoint on the
+test episodes of every test seed (evaluate_protocol) and reports (report). Below it: the arguments, the pieces of
+a run, run folders and stops, and the tools main runs instead: --fold all, --stage, --bench, --bench-data,
+--vis, --predict. The protocol: README.md, "Protocol".
 
 A model is one of the five paper files, `baseline` (the parameter-free floor every model must beat), or the
-path of your own `.py` file with the same interface, which then gets exactly the same protocol:
+path of your own `.py` file with this interface, which then gets exactly the same protocol:
 
-    Config                 dataclass of the model's hyperparameters: the paper's values, then `backbone`,
-                           `pretrained` (True, False or a weight file) and the model's own flags
-    Model(cfg[, setting])  nn.Module. setting: common.Setting, the run's dataset, fold, shots, crop, backbone.
-                           forward(img_q, img_s, m_s, class_ids=None) -> dict with "logits" (B,2,H,W) and
-                           whatever its loss needs; loss(out, m_q, m_s) -> (total, {name: term}).
-                           Model.query_mask_in_training = True: forward also gets m_q= in training (never in
-                           evaluation). Model.infer(img_q, img_s, m_s, class_ids), optional: what evaluation
-                           calls instead of forward (test-time fine-tuning, multi-scale); returns logits
-    build(cfg, setting)    optional: the model with the files its stages wrote; none is read when
-                           setting.from_checkpoint (every weight is in the checkpoint)
+    Config                 dataclass: the paper's values, `backbone`, `pretrained` (True, False or a weight file);
+                           --set FIELD=VALUE sets any field (typed by it: bool, int, float, str, Literal, tuple)
+    Model(cfg[, setting])  nn.Module; setting: common.Setting, the run's dataset, fold, shots, crop, backbone.
+                           forward(img_q, img_s, m_s, class_ids=None) -> dict with "logits" (B,2,H,W) and whatever
+                           loss(out, m_q, m_s) -> (total, {name: term}) needs. Optional: query_mask_in_training =
+                           True (forward gets m_q= in training), infer(img_q, img_s, m_s, class_ids) -> logits (what
+                           evaluation calls instead), "region_maps" {name: (B,1,h,w)} in forward's dict
+                           (--region-recall)
+    build(cfg, setting)    optional: the model with the files its stages wrote (none read if setting.from_checkpoint)
     DEFAULTS               optional {dataset: {flag: value}}: the paper's recipe (lr, batch_size, epochs, img_size,
-                           augment, the model's flags); a value may depend on the fold ({0: 100, 3: 50}), a
-                           --set value ({"network=pfenet": .., ...}) or the
-                           backbone ({"resnet50": .., "resnet101": ..}). STAGE_DEFAULTS {stage: {dataset: ...}}
-    add_args(parser)       optional: the model's own flags; EVALUATION_FLAGS: those --resume lets change
-    STAGES, STAGE_FILES    optional {name: fn(setting, schedule, options)}: extra training stages (--stage NAME),
-                           and {name: fn(setting, options) -> Path}: the file each writes (its folder is held as
-                           a run folder is); options: the model's own flags and --set. STAGE_CONFIGS, optional
-                           {name: dataclass}: the fields --set takes with --stage NAME (else Config's)
+                           augment, the model's flags); a value may be keyed by fold ({0: 100, 3: 50}), by a --set
+                           value ({"network=pfenet": ..}) or by backbone ({"resnet101": ..})
+    add_args(parser)       optional: the model's own flags; EVALUATION_FLAGS: the flags and fields --resume lets change
+    STAGES                 optional {name: fn(setting, schedule, options)}: extra training stages (--stage NAME);
+                           STAGE_FILES {name: fn(setting, options) -> Path}: the file each writes (its folder is held
+                           as a run folder is); STAGE_DEFAULTS {name: {dataset: recipe}}; STAGE_CONFIGS {name:
+                           dataclass}: the fields --set takes with --stage NAME; options: own flags and --set
 """
 import argparse
 import ast
@@ -83,9 +76,7 @@ import common
 import data
 
 MODELS = ("ocnet", "qgnet", "crcnet", "symnet", "qpenet", "baseline")
-MOMENTUM = 0.9  # PFENet, BAM, HSNet-era FSS all use SGD with momentum 0.9
-WEIGHT_DECAY = 1e-4  # PFENet train.py
-POLY_POWER = 0.9  # PFENet util.poly_learning_rate
+MOMENTUM, WEIGHT_DECAY, POLY_POWER = 0.9, 1e-4, 0.9  # PFENet train.py and util.poly_learning_rate, as its lineage
 MAX_LR = 10.0  # --lr above this is a typo (the recipes run 0.0025-0.05)
 # --img-size floor: a 4x4 grid at the ResNets' output stride 8 (2x2 at VGG's 16), the smallest on which every model's
 # windows and pyramids still see more than one pixel of context; a crop of a few pixels holds no object to segment
@@ -94,8 +85,7 @@ MIN_IMG_SIZE = 32
 # PFENet's configs as its code runs them, every learning rate x10 (poly_learning_rate(..., scale_lr=10)):
 # PASCAL base_lr 0.0025 -> 0.025 at batch 4; COCO the one-GPU setting of its config's comment, base_lr 0.005 ->
 # 0.05 at batch 8 (its 4-GPU run: 0.02 x 10 at batch 32, the same rate per episode). Synthetic: the quick start,
-# any model trained and evaluated in a few minutes on 2 CPU cores (README, quick start); its episodes per epoch
-# and test episodes are data.py's. Folder (your own data, where no model file has a recipe): PASCAL's.
+# a few minutes on 2 CPU cores (README). Folder (your own data): PASCAL's.
 HARNESS_DEFAULTS = {
     "pascal": dict(lr=0.025, batch_size=4, epochs=200, img_size=473, augment="pfenet"),
     "folder": dict(lr=0.025, batch_size=4, epochs=200, img_size=473, augment="pfenet"),
@@ -103,14 +93,12 @@ HARNESS_DEFAULTS = {
     "synthetic": dict(lr=0.05, batch_size=8, epochs=2, img_size=128, augment="pfenet", test_seeds=1),
 }
 EPISODE_DEFAULTS = dict(dataset="pascal", fold=0, coco_split="interleaved")  # unless a checkpoint has its own
-# --resume takes these from the checkpoint (with the model's own flags, but for its EVALUATION_FLAGS): a run
-# trained with other values would not be the run it continues. Everything else may change on resume.
+# The recipe --resume restores (with the model's own flags and --set, but for its EVALUATION_FLAGS) and --fold all
+# checks: a run trained with other values would not be the run it continues. Everything else may change.
 RESUME_RECIPE = ("epochs", "batch_size", "lr", "img_size", "train_length", "seed", "augment", "bf16",
-                 "support_boxes", "backbone_weights", "no_pretrained", "select_best", "val_every")  # and --set's
+                 "support_boxes", "backbone_weights", "no_pretrained", "select_best", "val_every")
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # a training run's files in its folder (--overwrite removes)
-EXIT_NONFINITE = 3  # exit status when the loss or the weights become NaN or infinite
-EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
-EXIT_TERMINATED = 143  # SIGTERM (a scheduler's preemption or time limit), as shells report it
+EXIT_NONFINITE, EXIT_INTERRUPTED, EXIT_TERMINATED = 3, 130, 143  # NaN loss; Ctrl-C and SIGTERM, as shells report
 WORKER_GRACE = 2.0  # seconds a DataLoader worker outlives a SIGTERM: the main process stops first
 
 
@@ -120,8 +108,8 @@ WORKER_GRACE = 2.0  # seconds a DataLoader worker outlives a SIGTERM: the main p
 
 
 def main(argv=None):
-    """Parse the command line and run it (or the tool it names). Every way a run can end badly (a bad dataset
-    file, a full disk, Ctrl-C, SIGTERM, a NaN loss) ends in one clear line and a non-zero exit status."""
+    """Parse the command line and run it, or the tool it names. Every way a run can end badly (a bad dataset file,
+    a full disk, Ctrl-C, SIGTERM, a NaN loss) ends in one line and a non-zero exit status (stops_cleanly)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args, module = parse_args(argv)
     with stops_cleanly(args, argv):
@@ -138,12 +126,12 @@ def train_and_evaluate(args, module):
         model, optimizer, cfg, resumed = build_model(module, args, device, rank, world)
         learnable, total = count_parameters(model)
         log_file = args.out / "metrics.jsonl" if rank == 0 else None
-        if rank == 0 and args.resume:
-            truncate_log(log_file, resumed["epoch"] if resumed else 0)
+        if rank == 0 and args.resume:  # the log as the checkpoint's run left it, then a resume mark
+            common.cut_log(log_file, resumed["epoch"] if resumed else 0, note=note)
         log(rank, f"{Path(args.model).stem}{' --set ' + show(args.set) if args.set else ''} on {args.dataset} "
                   f"{split_text(vars(args))}, {args.shot}-shot, {args.img_size}px, {device}, {world} process(es), "
-                  f"{'bf16' if bf16(args, device) else 'fp32'}; {learnable:,} learnable / {total:,} parameters\n"
-                  f"run folder {args.out}")
+                  f"{'bf16' if args.bf16 and device.type == 'cuda' else 'fp32'}; {learnable:,} learnable / "
+                  f"{total:,} parameters\nrun folder {args.out}")
         write_log(log_file, {"event": "start", "args": saved_args(args)})
         if training and learnable:
             train(model, optimizer, args, cfg, device, rank, world, log_file, resumed)
@@ -158,45 +146,43 @@ def train_and_evaluate(args, module):
 
 
 def train(model, optimizer, args, cfg, device, rank, world, log_file, resumed=None):
-    """Epochs of episodic SGD, the learning rate on PFENet's poly schedule per iteration; a checkpoint after every
-    epoch (and best.pt with --select-best). resumed: the --resume checkpoint (its weights are loaded already)."""
+    """Epochs of episodic SGD (fit), the learning rate on PFENet's poly schedule per step; after every epoch the
+    checkpoint (and, with --select-best, a validation and best.pt). resumed: the --resume checkpoint (its
+    weights are loaded already; its optimizer and epoch are taken here)."""
     dataset = episodes(args, "train")
     per_rank = args.batch_size // world
     sampler = data.EpisodeSampler(len(dataset), rank, world, shuffle=True, seed=args.seed, batch_size=per_rank)
     loader = data.make_loader(dataset, sampler, per_rank, args.workers, device, drop_last=True,
                               worker_init_fn=ignore_stop_signals)
-    steps_per_epoch, net = len(loader), unwrap(model)
-    if steps_per_epoch == 0:
+    steps, net, start, best = len(loader), unwrap(model), 0, -1.0
+    if steps == 0:
         sys.exit(f"error: {len(dataset)} training episodes do not fill one batch of {args.batch_size}")
-    max_iter, start_epoch, best = args.epochs * steps_per_epoch, 0, -1.0
     if resumed is not None:
         optimizer.load_state_dict(resumed["optimizer"])
-        start_epoch, best = resumed["epoch"], resumed["best"]
-        log(rank, f"resumed from {args.out / 'last.pt'} after epoch {start_epoch}")
-    log(rank, f"training: {len(dataset)} episodes/epoch, {steps_per_epoch} steps of {args.batch_size}, "
-              f"{args.epochs} epochs, lr {args.lr}")
-    progress = common.Progress(args.epochs, steps_per_epoch, start_epoch, args.log_every, args.batch_size,
-                               log=lambda line: log(rank, line), log_file=log_file)
-    for epoch in range(start_epoch, args.epochs):
+        start, best = resumed["epoch"], resumed["best"]
+        log(rank, f"resumed from {args.out / 'last.pt'} after epoch {start}")
+    log(rank, f"training: {len(dataset)} episodes/epoch, {steps} steps of {args.batch_size}, {args.epochs} epochs, "
+              f"lr {args.lr}")
+
+    def batches(epoch):
         sampler.set_stream(epoch)  # the epoch's episodes
-        batches = iter(loader)  # starting workers draws from the global RNG: seed after it, so that
+        epoch_batches = iter(loader)  # starting the workers draws from the global RNG: seed after it, so that
         torch.manual_seed(args.seed * 100003 + epoch * 101 + rank)  # dropout is the same, resumed or not
         model.train()
-        for s, batch in enumerate(batches):
-            lr = args.lr * (1 - (epoch * steps_per_epoch + s) / max_iter) ** POLY_POWER  # poly, per step
-            common.set_lr(optimizer, lr)
-            batch = data.to_device(batch, device)
-            with autocast(device, args.bf16):
-                out = model(batch["img_q"], batch["img_s"], batch["m_s"], batch["class_id"],
-                            **query_mask(net, batch))
-                loss, terms = net.loss(out, batch["m_q"], batch["m_s"])
-            common.update(optimizer, loss)  # backward and step; a non-finite loss never reaches the weights
-            progress.add(epoch, s, loss, terms, lr)  # every --log-every steps: a line, a record, the NaN check
+        return epoch_batches
+
+    def step(batch):
+        batch = data.to_device(batch, device)
+        with autocast(device, args.bf16):
+            out = model(batch["img_q"], batch["img_s"], batch["m_s"], batch["class_id"], **query_mask(net, batch))
+            return net.loss(out, batch["m_q"], batch["m_s"])  # (loss, {name: term})
+
+    def end_epoch(epoch):
+        nonlocal best
         if args.select_best and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
             scores = evaluate_protocol(model, args, device, rank, world)
-            write_log(log_file, {"event": "val", "epoch": epoch + 1, "miou": scores["miou"],
-                                 "fbiou": scores["fbiou"], "fg_prob_object": scores["fg_prob"][1],
-                                 "fg_prob_background": scores["fg_prob"][0]})
+            write_log(log_file, {"event": "val", "epoch": epoch + 1, "miou": scores["miou"], "fbiou": scores["fbiou"],
+                                 "fg_prob_object": scores["fg_prob"][1], "fg_prob_background": scores["fg_prob"][0]})
             if scores["miou"] > best:
                 best = scores["miou"]
                 if rank == 0:
@@ -205,6 +191,86 @@ def train(model, optimizer, args, cfg, device, rank, world, log_file, resumed=No
             save_checkpoint(args.out / "last.pt", model, optimizer, epoch + 1, cfg, args, best)
         if world > 1:
             dist.barrier()
+
+    poly = lambda it: args.lr * (1 - it / (args.epochs * steps)) ** POLY_POWER  # noqa: E731
+    fit(step, optimizer, batches, poly, args.epochs, steps, start_epoch=start, log_every=args.log_every,
+        per_step=args.batch_size, unit="episodes", log=lambda line: log(rank, line), log_file=log_file,
+        end_epoch=end_epoch)
+
+
+def fit(step, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch=0, log_every=20, per_step=1,
+        unit="images", tag="", log=print, log_file=None, event="train", end_epoch=None):
+    """The training loop of every run and extra stage (which get it as schedule.fit): epochs start_epoch..epochs-1
+    of steps_per_epoch batches (batches(epoch)); a step sets lr = lr_at(it) (it counts steps from 0 across epochs),
+    takes (loss, terms) = step(batch) and updates the weights; every log_every steps and at an epoch's end, one
+    line and one log record (Progress: the loop's one host sync); end_epoch(epoch) after each epoch (checkpoints).
+    A NaN or infinite loss stops it there (NonFiniteLossError); the weights never see a non-finite gradient."""
+    if not optimizer.defaults.get("fused"):  # found_inf, below, is the fused kernels' protocol
+        raise ValueError("fit skips non-finite steps on the device: it needs torch.optim.SGD(..., fused=True)")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    progress = Progress(epochs, steps_per_epoch, start_epoch, per_step, unit, tag, log, log_file, event)
+    for epoch in range(start_epoch, epochs):
+        for s, batch in enumerate(batches(epoch)):
+            lr = lr_at(epoch * steps_per_epoch + s)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, terms = step(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            step_if_finite(optimizer, params, loss)  # a NaN or infinite loss never reaches the weights
+            progress.add(loss, terms)
+            if (s + 1) % log_every == 0 or s + 1 == steps_per_epoch:
+                means = progress.report(epoch, s, lr)  # the host syncs here only; the means of every rank
+                if not math.isfinite(means["loss"]):
+                    raise common.NonFiniteLossError(means["loss"], epoch, s)
+        if end_epoch is not None:
+            end_epoch(epoch)
+
+
+def step_if_finite(optimizer, params, loss):
+    """optimizer.step() unless the loss or a gradient of `params` is NaN or infinite, decided on the device: the
+    fused SGD skips its step (weights and momentum alike) where found_inf is 1, as AMP's GradScaler has it do, so
+    the host never waits for the check. Under torch.distributed every rank skips where one does."""
+    grads = [p.grad for p in params if p.grad is not None]
+    found = ~torch.isfinite(loss.detach()) | (~torch.nn.utils.get_total_norm(grads).isfinite() if grads else False)
+    optimizer.found_inf = found.float()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(optimizer.found_inf, op=dist.ReduceOp.MAX)
+    optimizer.step()
+
+
+class Progress:
+    """The loss and its terms, summed on the device step after step (add); report() hands back their means since
+    the last report (averaged over the ranks under torch.distributed: every rank logs, and stops, alike) and logs a
+    line (epoch, step, loss, terms, lr, per_step * steps / s in `unit`, ETA) and a record {"event": event, ...}."""
+
+    def __init__(self, epochs, steps_per_epoch, start_epoch, per_step, unit, tag, log, log_file, event):
+        self.epochs, self.steps, self.start, self.per_step = epochs, steps_per_epoch, start_epoch, per_step
+        self.unit, self.tag, self.log, self.log_file, self.event = unit, tag, log, log_file, event
+        self.t_start, self.sums, self.seen, self.t0 = time.perf_counter(), {}, 0, time.perf_counter()
+
+    def add(self, loss, terms):
+        for name, value in {"loss": loss, **terms}.items():
+            self.sums[name] = self.sums.get(name, 0) + value.detach().float()
+        self.seen += 1
+
+    def report(self, epoch, step, lr):
+        means = torch.stack(list(self.sums.values())) / self.seen  # (terms,)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(means)
+            means /= dist.get_world_size()
+        means = dict(zip(self.sums, means.tolist()))  # the host sync
+        now = time.perf_counter()
+        rate, done = self.seen * self.per_step / (now - self.t0), epoch * self.steps + step + 1
+        eta = (now - self.t_start) / (done - self.start * self.steps) * (self.epochs * self.steps - done)
+        terms = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
+        self.log(f"{self.tag}epoch {epoch + 1}/{self.epochs} step {step + 1}/{self.steps} loss {means['loss']:.4f}"
+                 f"{f' ({terms})' if terms else ''} lr {lr:.2e} {rate:.1f} {self.unit}/s "
+                 f"ETA {eta // 3600:.0f}:{eta // 60 % 60:02.0f}:{eta % 60:02.0f}")
+        write_log(self.log_file, {"event": self.event, "epoch": epoch + 1, "step": step + 1, **means, "lr": lr,
+                                  f"{self.unit}_per_s": rate})
+        self.sums, self.seen, self.t0 = {}, 0, now
+        return means
 
 
 @torch.no_grad()
@@ -236,19 +302,19 @@ def evaluate(model, loader, dataset, device, args, seed, recall=None):
 
 
 def evaluate_protocol(model, args, device, rank, world):
-    """Every test seed, --eval-batch-size episodes at a time on each process (the scores do not depend on it);
-    returns a dict of fractions: miou, fbiou (means over the seeds), miou_std, fbiou_std (their standard
-    deviations over the seeds), per_class {class: IoU, mean over the seeds}, fg_prob [mean p(fg) on true
-    background, on true foreground], seeds (per-seed miou and fbiou), and the dataset under "dataset"."""
+    """Every test seed, --eval-batch-size episodes at a time on each process (the scores do not depend on it) ->
+    fractions: miou, fbiou (means over the seeds), miou_std, fbiou_std (over the seeds), per_class {class: mean
+    IoU}, fg_prob [mean p(fg) on true background, on true foreground], seeds (per-seed scores), the dataset, and
+    the region maps' recall (--region-recall, else None)."""
     dataset = episodes(args, "test")
     loader = data.make_loader(dataset, data.EpisodeSampler(len(dataset), rank, world), args.eval_batch_size,
                               args.workers, device, drop_last=False, worker_init_fn=ignore_stop_signals)
     mious, fbious, per_class, probs = [], [], {}, []
     recall = common.RecallMeter(device) if args.region_recall else None
+    classes = [int(c) for c in dataset.classes]
     for seed in range(args.test_seeds):
         t0 = time.perf_counter()
         meter = evaluate(model, loader, dataset, device, args, seed, recall)
-        classes = [int(c) for c in dataset.classes]
         unseen = sorted(set(classes) - set(meter.seen()))
         if unseen:
             names = ", ".join(dataset.class_names.get(c, str(c)) for c in unseen)
@@ -315,43 +381,8 @@ def spread(values):
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
 
 
-class Terminated(Exception):
-    """SIGTERM arrived (a scheduler preempts the job or its time is up): stopped as Ctrl-C stops a run."""
-
-
-@contextmanager
-def stops_cleanly(args, argv):
-    """Run the block; end every way it can stop badly with one line and an exit status: Ctrl-C (130) and SIGTERM
-    (143) say what was kept and the command that continues, a bad dataset file or a failed write say what and
-    where (1). Under torchrun the process group is closed in any case."""
-    def terminate(signum, frame):
-        raise Terminated()
-
-    main_thread = threading.current_thread() is threading.main_thread()  # where Python delivers signals
-    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
-    try:
-        yield
-    except (KeyboardInterrupt, Terminated) as stop:
-        stop_interrupted(getattr(stop, "run", args), argv, isinstance(stop, Terminated))
-    except (common.NonFiniteLossError, common.NonFiniteWeightsError) as err:
-        stop_nonfinite(getattr(err, "run", args), argv, err)
-    except data.DatasetError as err:  # also when a DataLoader worker re-raised it
-        sys.exit(f"error: {original_message(err)}")
-    except common.SaveError as err:  # a full disk, a lost mount: what was written before is intact
-        run = getattr(err, "run", args)
-        again = resume_command(run, argv) if is_training(run) else "the same command"
-        sys.exit(f"error: {err}; free space there (or give another --out), then continue with: {again}")
-    except (common.WeightsUnavailableError, common.LogError) as err:
-        sys.exit(f"error: {err}")
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def tool_for(args):
-    """The tool a command line asks for instead of a plain run (fenced at the end of this file), or None."""
+    """The tool a command line asks for instead of a plain run (at the end of this file), or None."""
     if args.fold == "all":
         return run_all_folds
     return (args.bench_data and bench_data or args.stage and train_stage or args.bench and bench
@@ -359,7 +390,7 @@ def tool_for(args):
 
 
 # ==========================================================================================================
-# Arguments: the flags, and the one order in which a run's values are resolved
+# Arguments: the flags, --set, and the one order in which a run's values are chosen (resolve)
 # ==========================================================================================================
 
 
@@ -374,68 +405,57 @@ def build_parser(add_help=True):
     p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter, add_help=add_help)
     p.add_argument("--model", default="baseline", help=f"{', '.join(MODELS)}, or path/to/your_model.py")
     p.add_argument("--dataset", default=None, choices=["pascal", "coco", "synthetic", "folder"],
-                   help="default: the --checkpoint's, else pascal; folder: your own images and labels under "
-                        "--data-root (README: 'Your own data')")
-    p.add_argument("--data-root", default=None, help="dataset folder (README: 'Datasets' gives the layout)")
+                   help="default: the --checkpoint's, else pascal; folder: your own data under --data-root")
+    p.add_argument("--data-root", default=None, help="dataset folder (README: 'Datasets' gives the layouts)")
     p.add_argument("--fold", type=fold_arg, default=None, metavar="{0,1,2,3,all}",
-                   help="test fold (default: the --checkpoint's, else 0); all: the four folds one after another, "
-                        "then their table. A folder dataset's folds: its folds.txt, else four quarters of its ids")
+                   help="test fold (default: the --checkpoint's, else 0); all: the four folds, then their table")
     p.add_argument("--test-classes", type=class_ids_arg, default=None, metavar="IDS",
-                   help="--dataset folder: the novel class ids, comma-separated (e.g. 3,7,9), in place of --fold")
+                   help="--dataset folder: the novel class ids (e.g. 3,7,9), in place of --fold")
     p.add_argument("--shot", type=positive_int, default=1)
     p.add_argument("--coco-split", default=None, choices=["interleaved", "contiguous"],
-                   help="COCO-20i's folds: interleaved (PFENet's: fold i tests 4k+i+1) or contiguous (20i+1..20i+20); "
-                        "default: the --checkpoint's, else interleaved")
+                   help="COCO-20i's folds: interleaved (PFENet's: fold i tests 4k+i+1) or contiguous (20i+1..20i+20)")
     p.add_argument("--support-boxes", action="store_true",
                    help="weak supervision: every support mask becomes its objects' bounding boxes (CRCNet §5.4)")
     p.add_argument("--backbone", default="resnet50", choices=sorted(common.BACKBONES),
-                   help="resnet50 (default), resnet101, vgg16_bn: torchvision's; resnet50_deep, resnet101_deep: the "
-                        "papers' deep-stem ResNet (PSPNet's), whose weights need --backbone-weights")
+                   help="torchvision's resnet50, resnet101, vgg16_bn; the papers' deep-stem resnet50_deep, "
+                        "resnet101_deep (need --backbone-weights)")
     p.add_argument("--backbone-weights", default=None, metavar="PATH",
-                   help="a weight file for the backbone: PFENet's resnet50_v2.pth / resnet101_v2.pth, torchvision's, "
-                        "or any state dict with the backbone's key names")
+                   help="a weight file for the backbone: PFENet's resnet50_v2.pth, torchvision's, any state dict")
     p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (no ImageNet download)")
-    p.add_argument("--epochs", type=positive_int, default=None, help="default: the model's, per dataset")
+    p.add_argument("--epochs", type=positive_int, default=None, help="default: the model's recipe, per dataset")
     p.add_argument("--batch-size", type=positive_int, default=None, help="global batch, split across processes")
     p.add_argument("--lr", type=learning_rate, default=None, help="base learning rate of the poly schedule")
     p.add_argument("--img-size", type=img_size_arg, default=None,
                    help=f"train crop and test canvas size (at least {MIN_IMG_SIZE})")
     p.add_argument("--train-length", type=positive_int, default=None,
-                   help="training episodes per epoch (default: every filtered training image; synthetic "
+                   help=f"training episodes per epoch (default: every filtered image; synthetic "
                         f"{data.SYNTHETIC_TRAIN_LENGTH})")
     p.add_argument("--workers", type=non_negative_int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
     p.add_argument("--seed", type=non_negative_int, default=0, help="training seed (test episodes do not depend on it)")
-    p.add_argument("--bf16", action="store_true",
-                   help="train under bf16 autocast on CUDA (default fp32, as the official code trains)")
-    p.add_argument("--bf16-eval", action="store_true",
-                   help="evaluate under bf16 autocast on CUDA (default fp32, as the official code evaluates)")
+    p.add_argument("--bf16", action="store_true", help="train under bf16 autocast on CUDA (default fp32)")
+    p.add_argument("--bf16-eval", action="store_true", help="evaluate under bf16 autocast on CUDA (default fp32)")
     p.add_argument("--augment", default=None, choices=sorted(data.AUGMENTATIONS),
-                   help="training augmentation recipe (default: the model's, for most PFENet's)")
+                   help="training augmentation (default: the model's, for most PFENet's)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    p.add_argument("--out", default=None, help="run folder (default runs/MODEL-DATASET-foldK-Sshot)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue OUT/last.pt with the recipe it was trained with (or start, if it has none yet)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over in an OUT that holds a run: its last.pt, best.pt and metrics.jsonl are deleted")
+    p.add_argument("--out", default=None, help="run folder (default runs/MODEL-DATASET-foldK-Sshot[-...])")
+    p.add_argument("--resume", action="store_true", help="continue OUT/last.pt with the recipe it was trained with")
+    p.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds a run (its files go)")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint, do not train")
     p.add_argument("--checkpoint", default=None,
                    help="weights for --eval-only, --predict, --vis (with --fold all: a path with {fold} in it)")
     p.add_argument("--eval-batch-size", type=positive_int, default=1,
-                   help="test episodes a process evaluates at once (default 1, as the official code; the scores "
-                        "do not depend on it)")
+                   help="test episodes a process evaluates at once (1, as the official codes; scores do not change)")
     p.add_argument("--select-best", action="store_true",
                    help="validate on the test fold during training and evaluate the best (optimistic)")
     p.add_argument("--val-every", type=positive_int, default=5, help="epochs between validations for --select-best")
     p.add_argument("--test-episodes", type=positive_int, default=None,
                    help="episodes per seed (default: PASCAL 1000, COCO 5000; data.TEST_EPISODES)")
-    p.add_argument("--test-seeds", type=positive_int, default=None,
-                   help=f"test seeds, the mean reported (default {data.TEST_SEEDS})")
+    p.add_argument("--test-seeds", type=positive_int, default=None, help=f"test seeds (default {data.TEST_SEEDS})")
     p.add_argument("--log-every", type=positive_int, default=20, help="optimizer steps between progress lines")
     p.add_argument("--region-recall", action="store_true",
-                   help="evaluation also reports the recall of the model's region maps against the query mask at "
-                        "thresholds 0.1-0.9 (QGNet's Table 7)")
+                   help="evaluation also reports the recall of the model's region maps (QGNet's Table 7)")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
-                   help="the model's Config fields, named as its paper names its modules (e.g. --set gomm=false "
+                   help="the model's Config fields, named as its paper names its modules (--set gomm=false "
                         "ccm=false): a paper's ablation row; --model X --help lists them")
     p.add_argument("--stage", default=None, help="run a model's extra training stage (Sym-Net: base, QGNet: prior)")
     p.add_argument("--bench", action="store_true", help="time training steps and inference, then exit")
@@ -443,13 +463,11 @@ def build_parser(add_help=True):
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="--bench: the GPU's dense bf16 TFLOP/s, for one not in BF16_PEAK_TFLOPS")
     p.add_argument("--bench-data", action="store_true",
-                   help="episodes/s that data.py delivers with 0..--workers workers (PASCAL without --data-root: "
-                        f"{BENCH_DATA_IMAGES} generated 500x375 JPEGs), then exit")
-    p.add_argument("--vis", type=non_negative_int, default=0, metavar="N",
-                   help="write N PNGs of test episodes to OUT/vis")
+                   help=f"episodes/s of the data path with 0..--workers workers (PASCAL without --data-root: "
+                        f"{BENCH_DATA_IMAGES} generated JPEGs), then exit")
+    p.add_argument("--vis", type=non_negative_int, default=0, metavar="N", help="write N pictures of test episodes")
     p.add_argument("--predict", action="store_true",
-                   help="segment --query given --support/--support-mask; writes QUERY_mask.png and "
-                        "QUERY_overlay.png to --out (default: the checkpoint's folder/predict)")
+                   help="segment --query with --support/--support-mask; QUERY_mask.png and QUERY_overlay.png to --out")
     p.add_argument("--support", action="append", default=[], help="support image (repeat for K shots)")
     p.add_argument("--support-mask", action="append", default=[], help="its mask: nonzero pixels = object")
     p.add_argument("--query", action="append", default=[], help="query image (repeatable)")
@@ -457,8 +475,7 @@ def build_parser(add_help=True):
 
 
 def full_parser(module):
-    """The parser of train.py's flags and the model file's own (its add_args), its help listing the Config fields
-    that --set takes."""
+    """train.py's flags and the model file's own (add_args), its help listing the fields --set takes."""
     parser = build_parser()
     fields = lambda stage=None: " ".join(f"{f.name}={format_value(f.default)}"  # noqa: E731
                                          for f in settable_fields(module, stage).values())
@@ -470,92 +487,10 @@ def full_parser(module):
     return parser
 
 
-def settable_fields(module, stage=None):
-    """{name: dataclasses.Field} that --set takes: the model's Config but the backbone's fields (its own flags), or
-    with --stage, the stage's own dataclass where the model has one (STAGE_CONFIGS[stage])."""
-    config = getattr(module, "STAGE_CONFIGS", {}).get(stage, module.Config)
-    return {f.name: f for f in dataclasses.fields(config) if f.name not in ("backbone", "pretrained")}
-
-
-def config_values(parser, module, items, args):
-    """--set FIELD=VALUE ... -> {field: value}, each typed by its Config field (field_value); an unknown field, a
-    value that does not fit, or a field that the model's own flag sets too: one line (argparse's error)."""
-    fields, values = settable_fields(module, args.stage), {}
-    for item in items:
-        name, equals, text = item.partition("=")
-        if name in ("backbone", "pretrained"):
-            parser.error(f"--set {item}: the backbone has flags of its own: --backbone, --backbone-weights, "
-                         "--no-pretrained")
-        if not equals or name not in fields:
-            stem, staged = Path(args.model).stem, args.stage in getattr(module, "STAGE_CONFIGS", {})
-            owner = f"{stem} --stage {args.stage}" if staged else f"{stem}'s Config"
-            parser.error(f"--set {item}: {owner} has no field {name!r} (FIELD=VALUE; its fields: {', '.join(fields)})")
-        try:
-            values[name] = field_value(fields[name], text)
-        except ValueError as err:
-            parser.error(f"--set {item}: {err}")
-        if name in args.given and name in args.own_flags:
-            parser.error(f"--set {item} and {option(parser, name)} both set {name}: give one")
-    return values
-
-
-def field_value(field, text):
-    """A --set value as its Config field's type: bool (true/false, yes/no, on/off, 1/0), int, float, str (none:
-    None where the default is None), one of a typing.Literal's choices, a tuple (0.75,1,1.25 or a Python
-    literal, elements as the default's). ValueError says what fits."""
-    kind, default = field.type, field.default
-    if typing.get_origin(kind) is typing.Literal:
-        choices = {str(c): c for c in typing.get_args(kind)}
-        if text not in choices:
-            raise ValueError(f"{field.name} is one of {', '.join(choices)}")
-        return choices[text]
-    if default is None and text.lower() == "none":
-        return None
-    if kind is bool or isinstance(default, bool):
-        words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
-        if text.lower() not in words:
-            raise ValueError(f"{field.name} is true or false")
-        return words[text.lower()]
-    if kind is tuple or isinstance(default, tuple):
-        try:
-            value = ast.literal_eval(text)  # numbers, strings and tuples only: no code runs
-        except (ValueError, SyntaxError):
-            value = tuple(word.strip() for word in text.split(","))
-        value = value if isinstance(value, tuple) else (value,)
-        if default:  # elements of the default's type (ints where it has ints, 1 -> 1.0 where it has floats)
-            value = tuple(scalar(v, type(default[0]), field.name) if not isinstance(default[0], tuple) else v
-                          for v in value)
-        return value
-    return scalar(text, kind if kind in (int, float, str) else type(default), field.name)
-
-
-def scalar(value, kind, name):
-    """value (text, or a literal's number) as an int, float or str; ValueError when it is not one."""
-    try:
-        if kind is int and not isinstance(value, float) and str(value).lstrip("-").isdigit():
-            return int(value)
-        if kind is float and not isinstance(value, bool) and math.isfinite(float(value)):
-            return float(value)
-    except ValueError:
-        pass
-    if kind is str:
-        return str(value)
-    raise ValueError(f"{name} takes {'an integer' if kind is int else 'a finite number' if kind is float else kind}, "
-                     f"not {value!r}")
-
-
-def format_value(value):
-    """A Config value as --set writes it: false, 0.5, 0.75,1.0, none."""
-    if isinstance(value, tuple):
-        return ",".join(map(format_value, value)) if not any(isinstance(v, tuple) for v in value) else \
-            repr(value).replace(" ", "")
-    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-
 def parse_args(argv=None):
-    """The command line -> (args, module), every value resolved (resolve_defaults). Two passes: --model (or the
-    checkpoint's model) first, so that the model file can add its own flags. With --fold all, args.folds holds
-    each fold's resolved arguments (a recipe may differ by fold)."""
+    """The command line -> (args, module), every value resolved. Two passes: --model (or the checkpoint's model)
+    first, so that the model file can add its own flags. --fold all: args.folds holds each fold's resolved
+    arguments (a recipe may differ by fold)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     known, _ = build_parser(add_help=False).parse_known_args(argv)  # --help waits for the model's own flags
     if known.checkpoint and "{fold}" in known.checkpoint and known.fold not in (None, "all"):
@@ -575,83 +510,49 @@ def parse_args(argv=None):
     check_flags(parser, args, module)
     if args.fold == "all":  # each fold's own arguments: its folder, its checkpoint, its recipe
         parent = Path(args.out) if args.out else None
-        args.folds = [resolve_defaults(argparse.Namespace(**{
+        args.folds = [resolve(argparse.Namespace(**{
             **vars(args), "fold": k, "out": parent / f"fold{k}" if parent else None,
-            "checkpoint": fold_path(args.checkpoint, k) if args.checkpoint else None}), module, trained,
-            known.checkpoint) for k in range(data.NUM_FOLDS)]
+            "checkpoint": fold_path(args.checkpoint, k) if args.checkpoint else None}), module, trained)
+            for k in range(data.NUM_FOLDS)]
         args.out = parent
-    resolve_defaults(args, module, trained, known.checkpoint)
+    resolve(args, module, trained)
     if args.test_classes and args.dataset != "folder":
         parser.error(f"--test-classes chooses the novel classes of --dataset folder; {args.dataset}'s are its folds "
                      "(--fold)")
+    was = {**EPISODE_DEFAULTS, **trained}  # a checkpoint tested on classes it was trained on: said, not refused
+    if trained and "all" not in (was["fold"], args.fold) and was["dataset"] == args.dataset and (
+            was["fold"] != args.fold or args.dataset == "coco" and was["coco_split"] != args.coco_split):
+        print(f"WARNING: {known.checkpoint} was trained on {args.dataset} fold {was['fold']}: the test classes of "
+              f"fold {args.fold} are among those it was trained on", file=sys.stderr)
     return args, module
 
 
-def given_flags(parser, argv):
-    """The dests of the flags that argv itself gives (not their defaults)."""
-    quiet = copy.deepcopy(parser)
-    for action in quiet._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(quiet.parse_known_args(argv)[0]))
-
-
-def check_flags(parser, args, module):
-    """Flags that exclude each other, or that a run cannot do: argparse's error (exit 2) with the reason."""
-    if args.test_classes and args.fold is not None:
-        parser.error(f"--test-classes names the novel classes itself: drop --fold {args.fold} (--fold K and --fold "
-                     "all take a folder dataset's folds from its folds.txt)")
-    if args.fold == "all" and (args.bench or args.bench_data or args.predict or args.resume):
-        parser.error("--fold all trains and evaluates (or runs a --stage) for each fold, and resumes by itself")
-    if args.eval_only and not args.checkpoint and args.fold != "all" and not is_baseline(module):
-        parser.error("--eval-only needs --checkpoint (only the parameter-free baseline has none)")
-    if args.predict and not (args.support and args.query and len(args.support) == len(args.support_mask)):
-        parser.error("--predict needs --query, and one --support-mask for every --support")
-    if args.backbone_weights and args.no_pretrained:
-        parser.error("--backbone-weights and --no-pretrained exclude each other")
-    if args.resume and (args.eval_only or args.overwrite):
-        parser.error("--resume excludes --eval-only and --overwrite")
-    if args.predict and not args.checkpoint and not is_baseline(module):
-        parser.error("--predict needs --checkpoint (only the parameter-free baseline has none)")
-
-
-def resolve_defaults(args, module, trained, checkpoint=None):
-    """Fill every flag left unset (None) from the first of these that gives it, in this order, and return args:
-        1. the command line (already in args: it always wins)
-        2. --resume: OUT/last.pt's recipe (RESUME_RECIPE and the model's flags); a flag given now that differs
-           from it is refused with both values
-        3. --checkpoint (its saved arguments `trained`): its dataset, fold and COCO split, so that a model is
-           tested on the classes it never trained on; its crop size when tested on its own dataset
-        4. the stage's recipe, module.STAGE_DEFAULTS[stage][dataset], when --stage runs one
-        5. the paper's recipe, module.DEFAULTS[dataset] (lr, batch, epochs, crop, augmentation, model flags)
-        6. the harness's: HARNESS_DEFAULTS[dataset], data.TEST_EPISODES[dataset], data.TEST_SEEDS
-    A recipe key that is not a flag of this run is an error, so that renaming a flag cannot silently drop a
-    paper's value. A recipe value may depend on the fold or the backbone (recipe_value)."""
-    if args.test_classes is None and args.fold is None:  # a --test-classes run is tested on its classes, unless
-        args.test_classes = trained.get("test_classes")  # --fold names a fold
-    for key, default in EPISODE_DEFAULTS.items():
+def resolve(args, module, trained):
+    """Fill every value the command line left open (None), each from the first of these that gives it: 1. the
+    command line; 2. with --resume, OUT/last.pt's recipe (restore_recipe refuses a flag given now with another
+    value); 3. --checkpoint's arguments `trained`: its classes, dataset, fold and split, and on its own dataset its
+    data root and crop; 4. the stage's recipe (STAGE_DEFAULTS); 5. the paper's (DEFAULTS); 6. the harness's.
+    A recipe value may depend on the fold, a --set value or the backbone (recipe_value); a recipe key that is no
+    flag of the run stops it (a renamed flag must not drop a paper's value silently). Returns args."""
+    if args.test_classes is None and args.fold is None:  # 3. (--fold overrides a checkpoint's --test-classes)
+        args.test_classes = trained.get("test_classes")
+    for key, default in EPISODE_DEFAULTS.items():  # 3., else 6.
         if getattr(args, key) is None:
             setattr(args, key, trained.get(key, default))
-    was = {**EPISODE_DEFAULTS, **{k: trained[k] for k in EPISODE_DEFAULTS if k in trained}}
-    other_split = args.dataset == "coco" and was["coco_split"] != args.coco_split  # folds partition the classes
-    if trained and "all" not in (was["fold"], args.fold) and was["dataset"] == args.dataset and (
-            was["fold"] != args.fold or other_split):
-        print(f"WARNING: {checkpoint} was trained on {args.dataset} fold {was['fold']}: the test classes of "
-              f"fold {args.fold} are among those it was trained on", file=sys.stderr)
-    if trained.get("dataset") == args.dataset:
-        args.data_root = args.data_root or trained.get("data_root")  # the files it was trained on
-    if args.img_size is None and (args.predict or trained.get("dataset") == args.dataset):
-        args.img_size = trained.get("img_size")  # test at the size the model was trained at
+    if trained.get("dataset") == args.dataset:  # 3. the files it was trained on
+        args.data_root = args.data_root or trained.get("data_root")
+    if trained.get("dataset") == args.dataset or args.predict:  # 3. tested at the size it was trained at
+        args.img_size = args.img_size or trained.get("img_size")
     if args.fold != "all":
         args.out = Path(args.out) if args.out else default_out(args, args.fold)
-        if args.resume and not args.stage:  # a stage's file keeps its own recipe, and the stage checks it
+        if args.resume and not args.stage:  # 2. (a stage's file keeps its own recipe, which the stage checks)
             restore_recipe(args, module)
-    layers = [getattr(module, "STAGE_DEFAULTS", {}).get(args.stage, {}).get(args.dataset, {}) if args.stage else {},
-              getattr(module, "DEFAULTS", {}).get(args.dataset, {}),
-              {"test_episodes": data.TEST_EPISODES[args.dataset], "test_seeds": data.TEST_SEEDS,
+    stage = getattr(module, "STAGE_DEFAULTS", {}).get(args.stage, {}) if args.stage else {}
+    harness = {"test_episodes": data.TEST_EPISODES[args.dataset], "test_seeds": data.TEST_SEEDS,
                "train_length": data.SYNTHETIC_TRAIN_LENGTH if args.dataset == "synthetic" else None,
-               **HARNESS_DEFAULTS[args.dataset]}]
-    for layer in layers:
-        for key, value in layer.items():
+               **HARNESS_DEFAULTS[args.dataset]}
+    for recipe in (stage.get(args.dataset, {}), getattr(module, "DEFAULTS", {}).get(args.dataset, {}), harness):
+        for key, value in recipe.items():  # 4., 5., 6.
             if not hasattr(args, key):
                 sys.exit(f"error: {args.model}: recipe value {key}={value!r} names no flag of train.py or the model")
             if getattr(args, key) is None:
@@ -677,7 +578,7 @@ def recipe_value(value, args):
 
 
 def restore_recipe(args, module):
-    """--resume: the recipe of OUT/last.pt (RESUME_RECIPE and the model's own flags, but for its
+    """--resume: the recipe of OUT/last.pt (RESUME_RECIPE, the model's own flags and --set, but for its
     EVALUATION_FLAGS), so that `--resume` alone continues the run it names. A checkpoint of another run (model,
     data, fold, shots, backbone), or a flag given now with another value than the run was trained with, is refused
     with both. Without OUT/last.pt (a run stopped before its first checkpoint) the run starts from the beginning."""
@@ -703,11 +604,6 @@ def restore_recipe(args, module):
     args.set = {**saved["set"], **{k: v for k, v in args.set.items() if k in evaluation_flags(module)}}
 
 
-def evaluation_flags(module):
-    """The model's flags and Config fields that only evaluation reads (EVALUATION_FLAGS): a run may change them."""
-    return set(getattr(module, "EVALUATION_FLAGS", ()))
-
-
 def recipes(args, module, saved):
     """(keys, then, now): the recipe's keys that a checkpoint's arguments `saved` hold (RESUME_RECIPE, the model's
     own flags, "set"; evaluation flags and fields left out), and the recipe as saved and as asked, by key."""
@@ -717,10 +613,122 @@ def recipes(args, module, saved):
     return keys, {**saved, "set": recipe_set(saved.get("set", {}))}, {**vars(args), "set": recipe_set(args.set)}
 
 
+def evaluation_flags(module):
+    """The model's flags and Config fields that only evaluation reads (EVALUATION_FLAGS): a run may change them."""
+    return set(getattr(module, "EVALUATION_FLAGS", ()))
+
+
 def differences(module, keys, saved, now):
     """'--lr 0.025 (now 0.05), --set ccm=false (now (none))': the recipe values that differ, as flags."""
     parser = full_parser(module)
     return ", ".join(f"{option(parser, k)} {show(saved[k])} (now {show(now[k])})" for k in keys)
+
+
+def given_flags(parser, argv):
+    """The dests of the flags that argv itself gives (not their defaults)."""
+    quiet = copy.deepcopy(parser)
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_known_args(argv)[0]))
+
+
+def check_flags(parser, args, module):
+    """Flags that exclude each other, or that a run cannot do: argparse's error (exit 2) with the reason."""
+    if args.test_classes and args.fold is not None:
+        parser.error(f"--test-classes names the novel classes itself: drop --fold {args.fold} (--fold K and --fold "
+                     "all take a folder dataset's folds from its folds.txt)")
+    if args.fold == "all" and (args.bench or args.bench_data or args.predict or args.resume):
+        parser.error("--fold all trains and evaluates (or runs a --stage) for each fold, and resumes by itself")
+    if (args.eval_only and args.fold != "all" or args.predict) and not args.checkpoint and not is_baseline(module):
+        parser.error(f"{'--predict' if args.predict else '--eval-only'} needs --checkpoint (only the parameter-free "
+                     "baseline has none)")
+    if args.predict and not (args.support and args.query and len(args.support) == len(args.support_mask)):
+        parser.error("--predict needs --query, and one --support-mask for every --support")
+    if args.backbone_weights and args.no_pretrained:
+        parser.error("--backbone-weights and --no-pretrained exclude each other")
+    if args.resume and (args.eval_only or args.overwrite):
+        parser.error("--resume excludes --eval-only and --overwrite")
+
+
+def settable_fields(module, stage=None):
+    """{name: dataclasses.Field} that --set takes: the model's Config but the backbone's fields (its own flags), or
+    with --stage, the stage's own dataclass where the model has one (STAGE_CONFIGS[stage])."""
+    config = getattr(module, "STAGE_CONFIGS", {}).get(stage, module.Config)
+    return {f.name: f for f in dataclasses.fields(config) if f.name not in ("backbone", "pretrained")}
+
+
+def config_values(parser, module, items, args):
+    """--set FIELD=VALUE ... -> {field: value}, each typed by its field (field_value); an unknown field, a value
+    that does not fit, or a field that the model's own flag sets too: one line (argparse's error)."""
+    fields, values = settable_fields(module, args.stage), {}
+    for item in items:
+        name, equals, text = item.partition("=")
+        if name in ("backbone", "pretrained"):
+            parser.error(f"--set {item}: the backbone has flags of its own: --backbone, --backbone-weights, "
+                         "--no-pretrained")
+        if not equals or name not in fields:
+            stem, staged = Path(args.model).stem, args.stage in getattr(module, "STAGE_CONFIGS", {})
+            owner = f"{stem} --stage {args.stage}" if staged else f"{stem}'s Config"
+            parser.error(f"--set {item}: {owner} has no field {name!r} (FIELD=VALUE; its fields: {', '.join(fields)})")
+        try:
+            values[name] = field_value(fields[name], text)
+        except ValueError as err:
+            parser.error(f"--set {item}: {err}")
+        if name in args.given and name in args.own_flags:
+            parser.error(f"--set {item} and {option(parser, name)} both set {name}: give one")
+    return values
+
+
+def field_value(field, text):
+    """A --set value as its field's type: bool (true/false, yes/no, on/off, 1/0), int, float, str (none: None where
+    the default is None), one of a typing.Literal's choices, a tuple (0.75,1,1.25 or a Python literal, elements as
+    the default's). ValueError says what fits."""
+    kind, default = field.type, field.default
+    if typing.get_origin(kind) is typing.Literal:
+        choices = {str(c): c for c in typing.get_args(kind)}
+        if text not in choices:
+            raise ValueError(f"{field.name} is one of {', '.join(choices)}")
+        return choices[text]
+    if default is None and text.lower() == "none":
+        return None
+    if kind is bool or isinstance(default, bool):
+        words = {**dict.fromkeys(("true", "yes", "on", "1"), True), **dict.fromkeys(("false", "no", "off", "0"), False)}
+        if text.lower() not in words:
+            raise ValueError(f"{field.name} is true or false")
+        return words[text.lower()]
+    if kind is tuple or isinstance(default, tuple):
+        try:
+            value = ast.literal_eval(text)  # numbers, strings and tuples only: no code runs
+        except (ValueError, SyntaxError):
+            value = tuple(word.strip() for word in text.split(","))
+        value = value if isinstance(value, tuple) else (value,)
+        if default and not isinstance(default[0], tuple):  # elements of the default's type (1 -> 1.0 for floats)
+            value = tuple(scalar(v, type(default[0]), field.name) for v in value)
+        return value
+    return scalar(text, kind if kind in (int, float, str) else type(default), field.name)
+
+
+def scalar(value, kind, name):
+    """value (text, or a literal's number) as an int, float or str; ValueError when it is not one."""
+    try:
+        if kind is int and not isinstance(value, float) and str(value).lstrip("-").isdigit():
+            return int(value)
+        if kind is float and not isinstance(value, bool) and math.isfinite(float(value)):
+            return float(value)
+    except ValueError:
+        pass
+    if kind is str:
+        return str(value)
+    raise ValueError(f"{name} takes {'an integer' if kind is int else 'a finite number' if kind is float else kind}, "
+                     f"not {value!r}")
+
+
+def format_value(value):
+    """A Config value as --set writes it: false, 0.5, 0.75,1.0, none."""
+    if isinstance(value, tuple):
+        flat = not any(isinstance(v, tuple) for v in value)
+        return ",".join(map(format_value, value)) if flat else repr(value).replace(" ", "")
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def show(value):
@@ -731,8 +739,7 @@ def show(value):
 
 
 def same_value(a, b):
-    """Whether a flag's value now and as saved in a checkpoint (lists for tuples, strings for paths, also inside
-    --set's dict) are one."""
+    """Whether a value now and as a checkpoint saved it (lists for tuples, strings for paths) are one."""
     def norm(v):
         if isinstance(v, dict):
             return {k: norm(x) for k, x in v.items()}
@@ -746,11 +753,11 @@ def option(parser, dest):
 
 
 def default_out(args, fold):
-    """runs/MODEL-SPLIT-Sshot[-BACKBONE][-FIELD=VALUE...], SPLIT as data.split_name, the backbone when it is not
-    resnet50 and the --set fields: a run's folder when --out does not name one, so that the rows of a paper's
-    table (another backbone, an ablation) never share one."""
+    """runs/MODEL-SPLIT-Sshot[-BACKBONE][-FIELD=VALUE...] (SPLIT: data.split_name; the backbone unless resnet50; the
+    --set fields): a run's folder when --out names none, so that the rows of a paper's table never share one."""
     split = data.split_name(args.dataset, fold, args.data_root, args.test_classes, args.coco_split)
-    parts = [Path(args.model).stem, split, f"{args.shot}shot", *([args.backbone] if args.backbone != "resnet50" else []),
+    backbone = [args.backbone] if args.backbone != "resnet50" else []
+    parts = [Path(args.model).stem, split, f"{args.shot}shot", *backbone,
              *(f"{k}={format_value(v)}" for k, v in sorted(args.set.items()))]
     return Path(common.RUNS_DIR) / "-".join(parts)
 
@@ -777,28 +784,19 @@ def class_ids_arg(text):
     return tuple(sorted({int(w) for w in words}))
 
 
-def positive_int(text):
-    """argparse type of a count that must be at least 1 (0 would divide by zero or silently mean the default)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def at_least(low, name, why=""):
+    """An argparse type: an integer >= low (0 shots or steps would divide by zero or mean a default silently)."""
+    def parse(text):
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}{why}, got {value}")
+        return value
+    parse.__name__ = name  # argparse's "invalid NAME value"
+    return parse
 
 
-def img_size_arg(text):
-    """argparse type of --img-size: at least MIN_IMG_SIZE."""
-    value = int(text)
-    if value < MIN_IMG_SIZE:
-        raise argparse.ArgumentTypeError(f"must be at least {MIN_IMG_SIZE} (a 4x4 feature grid at the backbones' "
-                                         f"output stride 8), got {value}")
-    return value
-
-
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
+positive_int, non_negative_int = at_least(1, "positive_int"), at_least(0, "non_negative_int")
+img_size_arg = at_least(MIN_IMG_SIZE, "img_size", " (a 4x4 feature grid at the backbones' output stride 8)")
 
 
 def learning_rate(text):
@@ -827,9 +825,9 @@ def episodes(args, split):
 
 
 def check_data(args, splits):
-    """Build the episodes of every split once before anything else, which checks every listed file (data.py
-    decodes each image and label once per dataset and caches the result): the bad files of all splits are named
-    in one message."""
+    """The episodes of every split, built once before anything else, which checks every listed file (data.py
+    decodes each image and label once per dataset and caches the result): the bad files of all splits in one
+    message."""
     problems = []
     for split in splits:
         try:
@@ -854,7 +852,8 @@ def ignore_stop_signals(worker_id):
 
 
 def load_model_module(name):
-    """A model file by name (`symnet`), the built-in `baseline`, or the path of a user's own .py file."""
+    """A model file by name (`symnet`), the built-in `baseline`, or the path of a user's own .py file; one that
+    does not load (a syntax error, a failed import) stops with one line."""
     if name == "baseline":
         return baseline_module()
     if name.endswith(".py"):
@@ -887,18 +886,15 @@ def load_model_module(name):
     return module
 
 
-def make_config(module, args):
-    """The model's Config: its paper's defaults, then the backbone flags, the model's own flags (add_args, given
-    or from its recipe) and --set. Nothing else of the command line reaches a Config: the run's setting is a
-    common.Setting (setting_of)."""
-    values = {"backbone": args.backbone, "pretrained": backbone_weights(args), **model_values(args)}
+def make_config(module, args, saved=None):
+    """The model's Config: the paper's defaults (or a checkpoint's `saved` Config), then the backbone flags (not
+    for a checkpoint: its weights are all in it), the model's own flags (given or from its recipe) and --set. A
+    saved field that no longer exists is left out. Nothing else of the command line reaches a Config: the run's
+    setting is a common.Setting (setting_of)."""
+    given = {k: getattr(args, k) for k in args.own_flags if getattr(args, k) is not None}
+    backbone = {"pretrained": False} if saved else {"backbone": args.backbone, "pretrained": backbone_weights(args)}
     names = {field.name for field in dataclasses.fields(module.Config)}
-    return module.Config(**{k: v for k, v in values.items() if k in names})
-
-
-def model_values(args):
-    """The Config values the command line (or the recipe) gives: the model's own flags that are set, then --set."""
-    return {**{k: getattr(args, k) for k in args.own_flags if getattr(args, k) is not None}, **args.set}
+    return module.Config(**{k: v for k, v in {**(saved or {}), **backbone, **given, **args.set}.items() if k in names})
 
 
 def backbone_weights(args):
@@ -931,20 +927,16 @@ def construct(module, cfg, setting):
 
 def build_model(module, args, device, rank, world):
     """(model, optimizer, cfg, resumed): the model from the paper's Config and the flags, or from --checkpoint's
-    Config and weights (the model's own flags given now apply), or from OUT/last.pt for --resume; random backbones
-    get their BatchNorm statistics (--no-pretrained); channels-last, compiled, wrapped in DDP as asked. resumed is
-    the --resume checkpoint's state (its optimizer and epoch), or None."""
+    Config and weights (the model's flags and --set given now apply), or from OUT/last.pt for --resume; random
+    backbones get their BatchNorm statistics (--no-pretrained); channels-last, compiled, wrapped in DDP as asked.
+    resumed: the --resume checkpoint's state (its optimizer and epoch), or None."""
     state = read_checkpoint(args.checkpoint) if args.checkpoint else None
-    resumed = read_resumable(args) if args.resume else None
-    names = {field.name for field in dataclasses.fields(module.Config)}  # a saved field that is gone is left out
-    if state is not None:  # every weight is in the checkpoint; the model's own flags given now apply (--kshot)
-        given = {"pretrained": False, **model_values(args)}
-        cfg = module.Config(**{k: v for k, v in {**state["config"], **given}.items() if k in names})
-    else:
-        cfg = make_config(module, args)
+    resumed = read_checkpoint(args.out / "last.pt") if args.resume and (args.out / "last.pt").exists() else None
+    cfg = make_config(module, args, state and state["config"])
     if resumed is not None:  # the flags as now; the fields no flag sets (the structure a model recorded) as saved
         flagged = {"backbone", "pretrained", *args.own_flags, *args.set}
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in resumed["config"].items() if k in names - flagged})
+        names = {field.name for field in dataclasses.fields(module.Config)} - flagged
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in resumed["config"].items() if k in names})
     torch.manual_seed(args.seed)
     model = construct(module, cfg, setting_of(args, from_checkpoint=state is not None or resumed is not None))
     cfg = getattr(model, "cfg", cfg)  # as built: a build(cfg, setting) may record the structure it found (Sym-Net)
@@ -955,7 +947,7 @@ def build_model(module, args, device, rank, world):
         calibrate_random_backbones(model, args, device, rank)
     model = model.to(memory_format=torch.channels_last)  # NHWC: cuDNN's and oneDNN's fast convolutions
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = common.sgd(params, args.lr, MOMENTUM, WEIGHT_DECAY) if params else None
+    optimizer = torch.optim.SGD(params, args.lr, MOMENTUM, weight_decay=WEIGHT_DECAY, fused=True) if params else None
     if args.compile:
         model = torch.compile(model)
     if world > 1 and params:
@@ -986,8 +978,8 @@ def calibrate_random_backbones(model, args, device, rank):
 
 def saved_args(args):
     """The run's arguments as a checkpoint and the log keep them: plain values (common.plain), paths as text."""
-    skip = {"folds", "given"}
-    return common.plain({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in skip})
+    return common.plain({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                         if k not in ("folds", "given")})
 
 
 def save_checkpoint(path, model, optimizer, epoch, cfg, args, best):
@@ -1007,7 +999,7 @@ def read_checkpoint(path):
         sys.exit(f"error: checkpoint {path} does not exist")
     try:
         state = common.read_torch_file(path, f"checkpoint {path}")
-    except (common.WeightsUnavailableError, common.LogError) as err:
+    except common.WeightsUnavailableError as err:
         sys.exit(f"error: {err}")
     kinds = {"model": dict, "config": dict, "args": dict, "epoch": int}
     if not (isinstance(state, dict) and all(isinstance(state.get(k), kind) for k, kind in kinds.items())
@@ -1098,12 +1090,10 @@ def is_baseline(module):
 
 def setup_device(args=None):
     """(device, rank, world). Under torchrun every process takes its own GPU (or CPU with gloo)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matrix products: torch's default for convolutions
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
@@ -1121,16 +1111,14 @@ def log(rank, *msg):
         print(*msg, flush=True)
 
 
-def bf16(args, device):
-    """Whether training runs under bf16 autocast: --bf16, on CUDA."""
-    return bool(args.bf16) and device.type == "cuda"
+def note(text):
+    """A note on stderr (a torn log line dropped)."""
+    print(text, file=sys.stderr, flush=True)
 
 
 def autocast(device, enabled):
     """bf16 autocast on CUDA where enabled (training with --bf16, evaluation with --bf16-eval), else fp32."""
-    if device.type == "cuda" and enabled:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and enabled else nullcontext()
 
 
 def unwrap(model):
@@ -1144,16 +1132,17 @@ def count_parameters(model):
 
 
 # ==========================================================================================================
-# Run folders: nothing a user made is lost
+# Run folders and stops: nothing a user made is lost, and every stop says what was kept and what to do next
 # ==========================================================================================================
 
 
 @contextmanager
 def hold_run_folder(args, training, files):
-    """Make args.out ready for a run and hold it while the block runs. The folder must be writable; a lock
-    (OUT/.lock, released by the system however the process ends) refuses a second run on it, naming the first
-    one's process; temporaries that an interrupted save left are removed; and a training run (or a stage) does
-    not start over the run that is there (its `files`) unless --resume continues it or --overwrite replaces it."""
+    """Make args.out ready for a run and hold it while the block runs: the folder must be writable; a lock refuses a
+    second run on it, naming the first one's process (a POSIX record lock on OUT/.lock: it belongs to this process
+    alone, so forked DataLoader workers do not hold it after the run is killed, and the system releases it however
+    the process ends); temporaries an interrupted save left are removed; and a training run (or a stage) does not
+    start over the run that is there (its `files`) unless --resume continues it or --overwrite replaces it."""
     out = args.out
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -1161,41 +1150,32 @@ def hold_run_folder(args, training, files):
     except OSError as err:
         sys.exit(f"error: cannot write to the run folder {out}: {err.strerror or err} (give a writable --out)")
     try:
-        take_run_folder(handle, args, training, files)
+        if fcntl is not None:  # POSIX; elsewhere runs are not locked
+            try:
+                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                sys.exit(f"error: the run folder {out} is in use by another run (process "
+                         f"{handle.read().strip() or 'unknown'}); wait for it to end or give another --out")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        for stale in sorted(out.glob(".*.tmp")):  # the folder is ours now: no other save is under way in it
+            stale.unlink(missing_ok=True)
+            print(f"removed {stale}: a temporary left by an interrupted save", flush=True)
+        present = [name for name in files if (out / name).exists()]
+        if training and not args.resume and present:
+            held = describe_folder(out, files)
+            if not args.overwrite:
+                sys.exit(f"error: {out} holds a run already ({held}): continue it with --resume, replace it with "
+                         "--overwrite, or give another --out")
+            for name in present:
+                (out / name).unlink()
+            print(f"--overwrite: removed the run that was in {out} ({held})", flush=True)
         yield
     finally:
         handle.close()  # the lock with it: the next run (another fold of --fold all) may take the folder
-
-
-def take_run_folder(handle, args, training, files):
-    """hold_run_folder's checks, with the lock file `handle` open: lock it, write our pid, clean, refuse.
-    The lock is a POSIX record lock (lockf): it belongs to this process alone, so DataLoader workers, which
-    inherit the open file, do not hold it after the run is killed."""
-    out = args.out
-    if fcntl is not None:  # POSIX; elsewhere runs are not locked
-        try:
-            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            sys.exit(f"error: the run folder {out} is in use by another run (process {holder}); wait for it to end "
-                     "or give another --out")
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    for stale in sorted(out.glob(".*.tmp")):  # the folder is ours now: no other save is under way in it
-        stale.unlink(missing_ok=True)
-        print(f"removed {stale}: a temporary left by an interrupted save", flush=True)
-    present = [name for name in files if (out / name).exists()]
-    if training and not args.resume and present:
-        held = describe_folder(out, files)
-        if not args.overwrite:
-            sys.exit(f"error: {out} holds a run already ({held}): continue it with --resume, replace it with "
-                     "--overwrite, or give another --out")
-        for name in present:
-            (out / name).unlink()
-        print(f"--overwrite: removed the run that was in {out} ({held})", flush=True)
 
 
 def describe_folder(out, files):
@@ -1213,35 +1193,55 @@ def describe_folder(out, files):
     return f"{files[0]}, epoch {state.get('epoch', '?') if isinstance(state, dict) else '?'}"
 
 
-def read_resumable(args):
-    """OUT/last.pt for --resume (restore_recipe checked that it is this run's), or None when it has none yet."""
-    last = args.out / "last.pt"
-    return read_checkpoint(last) if last.exists() else None
-
-
 def write_log(log_file, record):
     if log_file is not None:
         common.append_jsonl(log_file, record)
 
 
-def read_log(out):
-    """The records of OUT/metrics.jsonl (a torn last line dropped, with a note on stderr)."""
-    return common.read_jsonl(out / "metrics.jsonl", note=lambda text: print(text, file=sys.stderr, flush=True))
-
-
-def truncate_log(log_file, epoch):
-    """--resume: metrics.jsonl as the run of the checkpoint left it, then a resume mark (common.cut_log)."""
-    common.cut_log(log_file, epoch, note=lambda text: print(text, file=sys.stderr, flush=True))
-
-
 def read_result(out):
-    """The last result record of OUT/metrics.jsonl, or None."""
-    return next((r for r in reversed(read_log(out)) if r.get("event") == "result"), None)
+    """The last result record of OUT/metrics.jsonl (a torn last line dropped, with a note), or None."""
+    records = common.read_jsonl(out / "metrics.jsonl", note=note)
+    return next((r for r in reversed(records) if r.get("event") == "result"), None)
+
+
+class Terminated(Exception):
+    """SIGTERM arrived (a scheduler preempts the job or its time is up): stopped as Ctrl-C stops a run."""
+
+
+@contextmanager
+def stops_cleanly(args, argv):
+    """Run the block; end every way it can stop badly with one line and an exit status: Ctrl-C (130) and SIGTERM
+    (143) say what was kept and the command that continues, a NaN loss (3) how to try again, a bad dataset file or
+    a failed write what and where (1). Under torchrun the process group is closed in any case. Inside --fold all
+    an exception carries the fold's arguments (`run`)."""
+    def terminate(signum, frame):
+        raise Terminated()
+
+    main_thread = threading.current_thread() is threading.main_thread()  # where Python delivers signals
+    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
+    try:
+        yield
+    except (KeyboardInterrupt, Terminated) as stop:
+        stop_interrupted(getattr(stop, "run", args), argv, isinstance(stop, Terminated))
+    except (common.NonFiniteLossError, common.NonFiniteWeightsError) as err:
+        stop_nonfinite(getattr(err, "run", args), argv, err)
+    except data.DatasetError as err:  # also when a DataLoader worker re-raised it
+        sys.exit(f"error: {original_message(err)}")
+    except common.SaveError as err:  # a full disk, a lost mount: what was written before is intact
+        run = getattr(err, "run", args)
+        again = resume_command(run, argv) if is_training(run) else "the same command"
+        sys.exit(f"error: {err}; free space there (or give another --out), then continue with: {again}")
+    except (common.WeightsUnavailableError, common.LogError) as err:
+        sys.exit(f"error: {err}")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def stop_interrupted(args, argv, terminated=False):
-    """Ctrl-C or SIGTERM: one line that says what was kept and how to continue; exit status 130 or 143. args: the
-    run that was stopped (a fold's, inside --fold all)."""
+    """Ctrl-C or SIGTERM: one line that says what was kept and how to continue; exit status 130 or 143."""
     last = getattr(args, "stage_file", None) if args.stage else args.out / "last.pt" if args.out else None
     inside = f" in fold {args.fold} of --fold all" if getattr(args, "in_fold_all", False) else ""
     if not is_training(args) or last is None:
@@ -1262,10 +1262,10 @@ def stop_interrupted(args, argv, terminated=False):
 def stop_nonfinite(args, argv, err):
     """A NaN or infinite loss (or weights): one line that says what was kept and how to try again (exit status 3).
     A run keeps its recipe, so a lower learning rate is a new run: the command with half the rate and its own
-    --out. args: the run that stopped (a fold's, inside --fold all)."""
+    --out."""
     last = getattr(args, "stage_file", None) if args.stage else args.out / "last.pt"
-    kept = f"the last good {'file' if args.stage else 'checkpoint'} is {last}" if last and last.exists() else \
-        "nothing was saved"
+    kept = (f"the last good {'file' if args.stage else 'checkpoint'} is {last}" if last and last.exists()
+            else "nothing was saved")
     if args.stage:
         again = "run the stage again with a lower learning rate and --overwrite"
     else:
@@ -1334,21 +1334,20 @@ def split_text(run):
 
 def run_all_folds(args, module):
     """--fold all: the four folds one after another, each in its own folder (OUT/foldK, or each fold's default
-    folder) with its own recipe (args.folds), then their table. Resumable: a fold whose training is complete and
-    whose last result was made under this protocol is taken as it is, an interrupted one resumes (with the recipe
-    it was trained with), a complete one without that result is evaluated. With --eval-only, every fold's
-    checkpoint (--checkpoint with {fold} in it, else the fold folder's last.pt) is evaluated. Under torchrun every
-    fold uses every process. A stop (Ctrl-C, SIGTERM) names the fold it stopped in."""
+    folder) with its own recipe (args.folds), then their table. Resumable: a fold trained to the end whose last
+    result was made under this protocol is taken as it is (one of another recipe stops the run with one line), an
+    interrupted one resumes (with the recipe it was trained with), a complete one without that result is evaluated.
+    With --eval-only, every fold's checkpoint (--checkpoint with {fold} in it, else the fold folder's last.pt) is
+    evaluated. Under torchrun every fold uses every process. A stop names the fold it stopped in."""
     rank, records = int(os.environ.get("RANK", 0)), []
-    for fold, one in enumerate(args.folds):
+    for one in args.folds:
         one.in_fold_all = True
         try:
-            record = run_fold(one, args, module, rank)
+            records.append(run_fold(one, args, module, rank))
         except (KeyboardInterrupt, Terminated, common.SaveError, common.NonFiniteLossError,
                 common.NonFiniteWeightsError) as stop:
             stop.run = one  # the message names the fold and the command that continues it
             raise
-        records.append(record)
     if rank == 0 and not args.stage:
         report_folds(args, records)
     return records
@@ -1363,40 +1362,27 @@ def run_fold(one, args, module, rank):
         train_stage(one, module)
         return None
     fresh = args.eval_only or args.overwrite
-    record = None if fresh else finished_result(one, module)
-    if record is not None:
-        log(rank, f"fold {one.fold}: complete in {one.out}, its result taken from metrics.jsonl")
-        return record
-    if not fresh and last.exists() and read_checkpoint(last)["epoch"] >= read_checkpoint(last)["args"]["epochs"]:
-        one.eval_only, one.checkpoint = True, str(last)  # trained to the end: evaluate it
-    elif not fresh and (last.exists() or (one.out / "metrics.jsonl").exists()):
+    state = read_checkpoint(last) if last.exists() and not fresh else None
+    if state is not None and state["epoch"] >= state["args"]["epochs"]:  # trained to the end
+        keys, saved, now = recipes(one, module, state["args"])
+        differ = [k for k in ("backbone", *keys) if not same_value(now[k], saved.get(k, now[k]))]
+        if differ:
+            sys.exit(f"error: fold {one.fold}: {one.out} holds a run trained with "
+                     f"{differences(module, differ, saved, now)}: not the run asked for; give another --out, or "
+                     "--overwrite to train it again")
+        record = read_result(one.out)
+        protocol = ("shot", "img_size", "episodes", "seeds")
+        if record is not None and [record.get(k) for k in protocol] == [
+                one.shot, one.img_size, one.test_episodes, one.test_seeds]:
+            log(rank, f"fold {one.fold}: complete in {one.out}, its result taken from metrics.jsonl")
+            return record
+        one.eval_only, one.checkpoint = True, str(last)  # evaluated under this protocol
+    elif not fresh and (state is not None or (one.out / "metrics.jsonl").exists()):
         one.resume = True  # an interrupted fold continues as it was trained
         restore_recipe(one, module)
     log(rank, f"\n=== fold {one.fold} of --fold all: {one.out}")
     train_and_evaluate(one, module)
     return read_result(one.out) if rank == 0 else None
-
-
-def finished_result(args, module):
-    """The result record of a fold whose training is complete (last.pt at its epochs) and whose last result was
-    made under this run's protocol (shot, crop, test episodes and seeds), else None. A fold trained with another
-    recipe than the one asked for (backbone, lr, epochs, crop, the model's flags and --set) stops the run with one
-    line naming the difference: its result is not this run's."""
-    record = read_result(args.out)
-    last = args.out / "last.pt"
-    if record is None or not last.exists():
-        return None
-    state = read_checkpoint(last)
-    keys, saved, now = recipes(args, module, state["args"])
-    differ = [k for k in ("backbone", *keys) if not same_value(now[k], saved.get(k, now[k]))]
-    if differ:
-        sys.exit(f"error: fold {args.fold}: {args.out} holds a run trained with {differences(module, differ, saved, now)}"
-                 ": not the run asked for; give another --out, or --overwrite to train it again")
-    protocol = ("shot", "img_size", "episodes", "seeds")
-    asked = (args.shot, args.img_size, args.test_episodes, args.test_seeds)
-    if tuple(record.get(k) for k in protocol) != asked or state["epoch"] < state["args"]["epochs"]:
-        return None
-    return record
 
 
 def report_folds(args, records):
@@ -1407,8 +1393,8 @@ def report_folds(args, records):
     mean = {k: spread(v.mean(0).tolist()) for k, v in per_seed.items()}
     cell = lambda m, sd: f"{100 * m:.2f}" + ("" if math.isnan(sd) else f" +- {100 * sd:.2f}")  # noqa: E731
     name, seeds = Path(args.model).stem, records[0]["seeds"]
-    print(f"\n{name} on {args.dataset}, {args.shot}-shot, four folds ({seeds} test seed(s) of "
-          f"{records[0]['episodes']} episodes; +- is the standard deviation over the seeds)")
+    print(f"\n{name}{' --set ' + show(args.set) if args.set else ''} on {args.dataset}, {args.shot}-shot, four folds "
+          f"({seeds} test seed(s) of {records[0]['episodes']} episodes; +- is the standard deviation over the seeds)")
     print(f"{'fold':>6}  {'mIoU':>15}  {'FB-IoU':>15}")
     for fold, r in enumerate(records):
         print(f"{fold:>6}  {cell(r['miou'], r['miou_std']):>15}  {cell(r['fbiou'], r['fbiou_std']):>15}")
@@ -1425,32 +1411,30 @@ def report_folds(args, records):
 
 def train_stage(args, module):
     """--stage NAME: the model file's STAGES[NAME](setting, schedule, options), options being the model's own
-    flags ({dest: value}). A stage is a run like the others: its folder (that of the file it writes,
+    flags and --set ({dest: value}). A stage is a run like the others: its folder (that of the file it writes,
     STAGE_FILES[NAME], else OUT) is locked and cleaned, the file is not replaced without --overwrite, --resume
     continues it, and a NaN loss stops it with exit status 3."""
     stages = getattr(module, "STAGES", {})
     if args.stage not in stages:
         sys.exit(f"error: --stage {args.stage}: {args.model} offers {sorted(stages) or 'no extra stage'}")
     _, rank, _ = setup_device(args)
-    options = {**{k: getattr(args, k) for k in args.own_flags}, **args.set}
-    setting = setting_of(args)
-    file_of = getattr(module, "STAGE_FILES", {}).get(args.stage)
-    files = ()
+    options, setting = {**{k: getattr(args, k) for k in args.own_flags}, **args.set}, setting_of(args)
+    file_of, files = getattr(module, "STAGE_FILES", {}).get(args.stage), ()
     if file_of is not None:
         path = Path(file_of(setting, options))
         args.out, files = path.parent, (path.name, f"{path.stem}_metrics.jsonl")
     args.stage_file = args.out / files[0] if files else None
     schedule = common.Schedule(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                train_length=args.train_length, workers=args.workers, seed=args.seed,
-                               log_every=args.log_every, bf16=args.bf16, out=args.out, resume=args.resume)
+                               log_every=args.log_every, bf16=args.bf16, out=args.out, resume=args.resume, fit=fit)
     with hold_run_folder(args, True, files) if rank == 0 else nullcontext():
         return stages[args.stage](setting, schedule, options)
 
 
 def bench(args, module):
     """--bench: training steps and inference on random episodes at the configured size, without data loading:
-    ms per step, episodes/s, the floating-point work and its share of the GPU's bf16 peak, the operations a
-    step runs (each one or more GPU kernels) and those that make the host wait, memory, parameters."""
+    ms per step, episodes/s, memory, parameters, and what one step runs (count_step): its floating-point work (and
+    share of the GPU's bf16 peak), its aten operations, and those that make the host wait for the GPU."""
     device, rank, world = setup_device(args)
     model, optimizer, *_ = build_model(module, args, device, rank, world)
     B, S, size, E = args.batch_size, args.shot, args.img_size, args.eval_batch_size
@@ -1460,7 +1444,7 @@ def bench(args, module):
     m_s = m_q[:, None].expand(B, S, size, size).contiguous()
     class_ids = torch.ones(B, dtype=torch.long, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    net = unwrap(model)
+    net, params = unwrap(model), [p for p in model.parameters() if p.requires_grad]
 
     def timed(fn, steps):
         for _ in range(max(2, steps // 5)):  # warm-up (and compilation)
@@ -1472,11 +1456,12 @@ def bench(args, module):
         sync()
         return (time.perf_counter() - t0) / steps
 
-    def train_step(model=model):
+    def train_step(model=model):  # fit's step
         with autocast(device, args.bf16):
-            out = model(img_q, img_s, m_s, class_ids, **query_mask(net, {"m_q": m_q}))
-            loss, _ = net.loss(out, m_q, m_s)
-        common.update(optimizer, loss)
+            loss, _ = net.loss(model(img_q, img_s, m_s, class_ids, **query_mask(net, {"m_q": m_q})), m_q, m_s)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        step_if_finite(optimizer, params, loss)
 
     @torch.no_grad()
     def infer():
@@ -1489,9 +1474,8 @@ def bench(args, module):
     model.train()
     t_train = timed(train_step, args.bench_steps) if learnable else float("nan")
     train_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else peak_rss_gib()
-    syncs = host_syncs(train_step) if learnable else []
-    ops = count_ops(train_step) if learnable else 0
-    flops, backbone_flops = count_flops(net, lambda: train_step(net)) if learnable else (0, 0)
+    counted = count_step(lambda: train_step(net), net) if learnable else dict(ops=0, syncs=[], flops=0, backbone=0)
+    flops, syncs = counted["flops"], counted["syncs"]
     net.eval()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -1499,24 +1483,24 @@ def bench(args, module):
     t_infer = timed(infer, args.bench_steps) / E
     eval_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(f"bench {Path(args.model).stem} on {name}, torch {torch.__version__}, {size}x{size}, {S}-shot, "
-          f"batch {B}, training {'bf16 autocast' if bf16(args, device) else 'fp32'}, evaluation "
-          f"{'bf16 autocast' if args.bf16_eval and device.type == 'cuda' else 'fp32'}, {E} episode(s) at once")
-    print(f"  train: {1000 * t_train:.1f} ms/step, {B / t_train:.1f} episodes/s")
+    precision = "bf16" if args.bf16 and device.type == "cuda" else "fp32"
+    print(f"bench {Path(args.model).stem} on {name}, torch {torch.__version__}, {size}x{size}, {S}-shot, batch {B}, "
+          f"training {precision}, evaluation {'bf16' if args.bf16_eval and device.type == 'cuda' else 'fp32'}, {E} "
+          f"episode(s) at once\n  train: {1000 * t_train:.1f} ms/step, {B / t_train:.1f} episodes/s")
     tflops = bf16_peak_tflops(device, args)
     achieved = 100 * flops / t_train / (tflops * 1e12) if flops and tflops else float("nan")
-    floor = backbone_flops / (tflops * 1e12) if tflops else float("nan")  # s: the backbone alone at the peak
+    floor = counted["backbone"] / (tflops * 1e12) if tflops else float("nan")  # s: the backbone alone at the peak
     if flops:
         print(f"  work: {flops / 1e12:.3f} TFLOP/step (convolutions and matrix products, forward and backward), "
-              f"{backbone_flops / 1e12:.3f} of them in the frozen backbone; {flops / t_train / 1e12:.2f} TFLOP/s")
+              f"{counted['backbone'] / 1e12:.3f} of them in the frozen backbone; {flops / t_train / 1e12:.2f} TFLOP/s")
         if tflops:
             print(f"  bf16 peak {tflops:.0f} TFLOP/s: {achieved:.1f}% achieved; "
                   f"the backbone alone at peak takes {1000 * floor:.1f} ms, {100 * floor / t_train:.1f}% of the step")
     if learnable:
-        print(f"  operations: {ops} per training step (aten operations, forward, backward and update: each launches "
-              "one or more GPU kernels)")
-        print(f"  host syncs: {len(syncs)} per training step{': ' + ', '.join(sorted(set(syncs))) if syncs else ''} "
-              f"(operations that make the CPU wait for a GPU; with none it queues the next step while one runs)")
+        print(f"  operations: {counted['ops']} per training step (aten operations, forward, backward and update: "
+              f"each launches one or more GPU kernels)\n  host syncs: {len(syncs)} per training step"
+              f"{': ' + ', '.join(sorted(set(syncs))) if syncs else ''} (operations that make the CPU wait for a GPU; "
+              "with none it queues the next step while one runs)")
     print(f"  inference: {1000 * t_infer:.1f} ms/episode")
     if device.type == "cuda":
         print(f"  peak GPU memory: {train_peak:.2f} GiB training, {eval_peak:.2f} GiB evaluating {E} episode(s) "
@@ -1525,10 +1509,10 @@ def bench(args, module):
         print(f"  peak process memory: {train_peak:.2f} GiB (resident, since the program started)")
     print(f"  parameters: {learnable / 1e6:.2f}M learnable, {total / 1e6:.2f}M total")
     print(f"BENCH model={Path(args.model).stem} device={name.replace(' ', '_')} size={size} shot={S} batch={B} "
-          f"precision={'bf16' if bf16(args, device) else 'fp32'} train_ms={1000 * t_train:.1f} "
-          f"episodes_per_s={B / t_train:.1f} infer_ms={1000 * t_infer:.1f} peak_gib={train_peak:.2f} "
-          f"eval_batch={E} eval_peak_gib={eval_peak:.2f} tflop_per_step={flops / 1e12:.3f} "
-          f"bf16_peak_pct={achieved:.1f} backbone_floor_pct={100 * floor / t_train:.1f} ops_per_step={ops} "
+          f"precision={precision} train_ms={1000 * t_train:.1f} episodes_per_s={B / t_train:.1f} "
+          f"infer_ms={1000 * t_infer:.1f} peak_gib={train_peak:.2f} eval_batch={E} eval_peak_gib={eval_peak:.2f} "
+          f"tflop_per_step={flops / 1e12:.3f} bf16_peak_pct={achieved:.1f} "
+          f"backbone_floor_pct={100 * floor / t_train:.1f} ops_per_step={counted['ops']} "
           f"learnable_m={learnable / 1e6:.2f} total_m={total / 1e6:.2f} host_syncs={len(syncs)}",
           flush=True)  # one line for scripts, as RESULT
 
@@ -1540,8 +1524,6 @@ BF16_PEAK_TFLOPS = (("H200 NVL", 835.5), ("H200", 989.4), ("H100 NVL", 835.5), (
                     ("A10", 125.0))  # a key matches whole words of the name: "A10" is not the A10G
 BENCH_DATA_IMAGES = 300  # --bench-data without a dataset: this many PASCAL-sized JPEGs in a temporary folder
 BENCH_DATA_SECONDS = 10.0  # --bench-data: time spent per worker count
-
-
 # Operations after which the host must wait for a GPU: a value read back (.item(), float(t), `if t:`), an output
 # whose size depends on the values (nonzero, torch.where(c), unique, masked_select, repeat_interleave by a tensor).
 # Boolean indexing and copies to the CPU are recognised by their arguments (sync_op).
@@ -1567,36 +1549,43 @@ def sync_op(func, args, kwargs):
     return None
 
 
-def host_syncs(fn):
-    """The operations of fn() that make the host wait for a GPU (sync_op), by name, in the order they ran. Found
-    by what they are, not by timing, so a CPU run finds them too; forward and backward both."""
-    found = []
-
-    class Watch(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = sync_op(func, args, kwargs or {})
-            if name is not None:
-                found.append(name)
-            return func(*args, **(kwargs or {}))
-
-    with Watch():
-        fn()
-    return found
-
-
-def count_ops(fn):
-    """The number of aten operations fn() runs, forward and backward (on a GPU each launches one or more kernels;
-    counted on the CPU too, as host_syncs is)."""
-    count = [0]
+def count_step(fn, net=None):
+    """What fn() runs, forward and backward: {"ops": its aten operations (on a GPU each launches one or more
+    kernels), "syncs": those that make the host wait for a GPU (sync_op), in order, "flops": the floating-point
+    operations of its convolutions and matrix products by torch.utils.flop_counter's formulas (2 per multiply-add;
+    elementwise work not counted), "backbone": those run inside a common.Backbone of `net`}. Found by what the
+    operations are, not by timing, so a CPU run counts them too. A dispatch mode with forward hooks, not
+    FlopCounterMode (its module hooks break OCNet's torch.autograd.grad) or torch.profiler (it finds no sync on a
+    CPU)."""
+    counted, inside = dict(ops=0, syncs=[], flops=0, backbone=0), [0]
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            count[0] += 1
-            return func(*args, **(kwargs or {}))
+            out = func(*args, **(kwargs or {}))
+            counted["ops"] += 1
+            name = sync_op(func, args, kwargs or {})
+            counted["syncs"] += [name] if name else []
+            formula = flop_registry.get(func._overloadpacket)
+            flops = formula(*args, **(kwargs or {}), out_val=out) if formula else 0
+            counted["flops"] += flops
+            counted["backbone"] += flops if inside[0] else 0
+            return out
 
-    with Count():
-        fn()
-    return count[0]
+    def enter(module, inputs):
+        inside[0] += 1
+
+    def leave(module, inputs, output):
+        inside[0] -= 1
+
+    backbones = [m for m in net.modules() if isinstance(m, common.Backbone)] if net is not None else []
+    handles = [h for m in backbones for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        with Count():
+            fn()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counted
 
 
 def peak_rss_gib():
@@ -1607,40 +1596,6 @@ def peak_rss_gib():
         return float("nan")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return peak / (2**30 if sys.platform == "darwin" else 2**20)
-
-
-def count_flops(net, step):
-    """(all, backbone) floating-point operations of step(): convolutions and matrix products (attention
-    included), forward and backward, 2 per multiply-add, by torch.utils.flop_counter's formulas; elementwise
-    work is not counted. The backbone's are those run inside any common.Backbone of net. Counted by a dispatch
-    mode and forward hooks rather than FlopCounterMode, whose backward hooks break OCNet's torch.autograd.grad."""
-    counted = {"all": 0, "backbone": 0, "inside": 0}
-
-    def enter(module, inputs):
-        counted["inside"] += 1
-
-    def leave(module, inputs, output):
-        counted["inside"] -= 1
-
-    class Count(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            formula = flop_registry.get(func._overloadpacket)
-            if formula is not None:
-                flops = formula(*args, **(kwargs or {}), out_val=out)
-                counted["all"] += flops
-                counted["backbone"] += flops if counted["inside"] else 0
-            return out
-
-    backbones = [m for m in net.modules() if isinstance(m, common.Backbone)]
-    handles = [h for m in backbones for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
-    try:
-        with Count():
-            step()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return counted["all"], counted["backbone"]
 
 
 def bf16_peak_tflops(device, args):
