@@ -29,12 +29,8 @@ Choices (the paper leaves these open; there is no official code to follow)
       the PFENet prior that Eq. (1) follows (PFENet.py:209-210). One projection for query and support (PFENet
       has two), so that the query-support cosines of Eq. 10 compare one space.
     - CAM source (cam_source="imagenet"): Grad-CAM (Selvaraju et al., ICCV 2017) of the top-1 class of the frozen
-      backbone's own ImageNet classifier on F_q^h, ReLU, min-max normalised: parameter-free and available for
-      every backbone. For ResNet (global pooling + fc) it equals CAM [65] exactly (up to ReLU and scale); VGG-16-BN
-      has no global pooling (three FC layers on its last block, max-pooled and pooled to 7x7), and Grad-CAM is
-      CAM's standard generalisation to such heads. The classifier is built here from torchvision's weights API
-      (common.Backbone drops it), random when pretrained=False like the backbone. VGG's costs 124M frozen
-      parameters (0.5 GB in checkpoints); cam_source="none" leaves M_g to the prior alone.
+      backbone's own ImageNet classifier on F_q^h, ReLU, min-max normalised: parameter-free, for every backbone;
+      CAM itself for ResNet, CAM's generalisation for VGG-16-BN's three-FC head (why, and the cost: ImageNetCAM).
     - N_g = 16 general object prototypes: a PASCAL fold's 15 base classes plus background.
     - Atten (Eq. 5): multi-head attention with 8 heads (the Transformer [43]), nothing else (Eq. 5 has only the
       residual). The general object head and the final head: PFENet's classifier (3x3, ReLU, Dropout 0.1, 1x1).
@@ -49,25 +45,17 @@ Choices (the paper leaves these open; there is no official code to follow)
       entropic OT of the cited Sinkhorn [5], Tr(T^T C) - eps H(T).
     - Eq. 11: log-domain Sinkhorn, 100 iterations (row marginals within 1e-5 at eps = 0.05), at feature resolution
       on detached cosines, M_q downsampled by nearest; it runs in loss(), the only place M_q is known.
-    - Eq. 7-11 on F_q, F_s, P_s before the features' Dropout2d: the selection ID_t / ID_l and the cosines of the
-      transport cost, so the whole target M_pa, are computed without dropout, and only Eq. 13-14 (M̂_pa, P_q)
-      see P_s after it. M_pa is a label. Dropout2d draws its channels per image, so after it the query and the
-      support prototypes lie in different random subspaces, and the distance ranking that orders the slots
-      changes with each draw: the slot a pixel is taught would move between steps. One channel mask shared by
-      query and support would put the cosines in one space but still redraw the target at every step; without
-      dropout the target in training is the one eval mode computes, from the same weights.
+    - Eq. 7-11 (the selection ID_t / ID_l and the transport costs, so the whole target M_pa) on F_q, F_s, P_s
+      before the features' Dropout2d; only Eq. 13-14 (M̂_pa, P_q) see P_s after it: a label drawn through
+      dropout would move between steps (the argument beside Model.features).
     - Eq. 13-14: the four "LN" are separate Linear(C, C): keys of F_g and of the prototypes, value of F_g, output.
       The MatMul of Eq. 14 is divided by h*w (a mean over pixels) so P_q does not grow with the image; L_p sees
-      10 x M̂_pa (raw cosines in [-1, 1] cannot fit a 2 N_s-way cross-entropy; PANet [46] scales them by 20;
-      10 is untuned: a logit range of 20 already lets the softmax over 16 prototypes reach p > 0.999).
+      10 x M̂_pa (raw cosines in [-1, 1] cannot fit a 2 N_s-way cross-entropy; PANet [46] scales them by 20; 10
+      is untuned: a logit range of 20 already lets the softmax over 16 prototypes reach p > 0.999).
     - FPN decoder: 4 levels (F_c and three stride-2 3x3 convs), lateral 1x1 + bilinear top-down + 3x3 smoothing
       with ReLU, all 256 wide (FPN's width); the finest level predicts. L_g and L_p are taken at h x w.
-    - lr 0.025: BAM's rate per episode at §5.1's batch 4. §5.1 gives SGD at 0.005 with batch 4; OCNet has no
-      public code, and it builds on BAM [21] (its base learner and episodes): BAM's code multiplies its
-      configured "base_lr: 0.005" by 10 (util/util.py poly_learning_rate, scale_lr=10) and trains at 0.05 with
-      a global batch of 8 (2 per GPU on 4 GPUs, train.sh), 0.05 / 8 per episode, which is 0.025 at batch 4.
-      HDMNet [35], also cited, trains with AdamW at 1e-4, no guide to an SGD rate. Batch 4 on COCO too, as §5.1
-      states one batch size.
+    - lr 0.025: BAM's rate per episode at §5.1's batch 4 (§5.1 prints 0.005, BAM's configured value, which its
+      code trains x 10 at batch 8: the arithmetic beside DEFAULTS). Batch 4 on COCO too: §5.1 states one.
 """
 import math
 from dataclasses import dataclass
@@ -78,8 +66,13 @@ import torch.nn.functional as F
 
 import common
 
-DEFAULTS = {  # §5.1: SGD, batch 4, lr 0.005 (BAM's code runs it as 0.025 per 4 episodes: Choices); 200 epochs at
-    # 473 px on PASCAL, 75 at 641 px on COCO; PFENet's augmentation ("the same data augmentation setting as [42]")
+# §5.1: SGD, batch 4, lr 0.005; 200 epochs at 473 px on PASCAL, 75 at 641 px on COCO; PFENet's augmentation ("the
+# same data augmentation setting as [42]"). The lr: OCNet has no public code and builds on BAM [21] (its base
+# learner and episodes); BAM's code multiplies its configured "base_lr: 0.005" by 10 (util/util.py
+# poly_learning_rate, scale_lr=10) and trains at 0.05 with a global batch of 8 (2 per GPU on 4 GPUs, train.sh):
+# 0.05 / 8 per episode, which is 0.025 at batch 4. HDMNet [35], also cited, trains with AdamW at 1e-4, no guide to
+# an SGD rate.
+DEFAULTS = {
     "pascal": dict(lr=0.025, batch_size=4, epochs=200, img_size=473, augment="pfenet"),
     "coco": dict(lr=0.025, batch_size=4, epochs=75, img_size=641, augment="pfenet"),
 }
@@ -203,11 +196,14 @@ class ImageNetCAM(nn.Module):
             raise common.WeightsFileError(
                 f"the weight file {pretrained} holds no ImageNet classifier of {backbone} (1000 classes) for "
                 f"OCNet's Grad-CAM: pass --cam-source none to build the general object mask from the prior alone")
-        if head is None:
-            head = common.imagenet_classifier(backbone, pretrained)  # common.Backbone already fetched the weights
-        if backbone.startswith("resnet"):
+        if head is None:  # torchvision's weights API (common.Backbone drops the classifier, and fetched the weights)
+            head = common.imagenet_classifier(backbone, pretrained)
+        if backbone.startswith("resnet"):  # global pooling + fc: Grad-CAM equals CAM [65] (up to ReLU and scale)
             self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
         else:
+            # VGG-16-BN has no global pooling: three FC layers on its last block, max-pooled and pooled to 7x7, and
+            # Grad-CAM is CAM's standard generalisation to such heads. They cost 124M frozen parameters (0.5 GB in
+            # checkpoints); cam_source="none" builds none and leaves M_g to the prior
             self.classifier = nn.Sequential(nn.MaxPool2d(2, 2, ceil_mode=True), nn.AdaptiveAvgPool2d(7),
                                             nn.Flatten(), head)
         self.requires_grad_(False)
@@ -339,6 +335,11 @@ class Model(nn.Module):
     def features(self, feats):
         """Mid-level F from the backbone's dict: PFENet's 1x1 reduction of [layer3, layer2] -> F (N,C,h,w) after
         its Dropout2d, and F before it (the allocation target's features: Choices)."""
+        # M_pa is a label. Dropout2d draws its channels per image, so after it the query and the support
+        # prototypes lie in different random subspaces, and the distance ranking that orders the slots changes
+        # with each draw: the slot a pixel is taught would move between steps. One channel mask shared by query
+        # and support would put the cosines in one space but still redraw the target at every step; without
+        # dropout the target in training is the one eval mode computes, from the same weights.
         f = self.down.reduce(feats)  # (N, C, h, w), before the dropout
         return self.down.dropout(f), f
 
