@@ -213,7 +213,7 @@ class ImageNetCAM(nn.Module):
         return super().train(False)  # frozen like the backbone: VGG's classifier dropout stays off
 
     def forward(self, f_h):
-        with torch.enable_grad():  # evaluation runs under no_grad; the gradient is w.r.t. f_h only
+        with torch.enable_grad():  # also under no_grad; the gradient is w.r.t. f_h only
             f_h = f_h.detach().requires_grad_(True)
             score = self.classifier(f_h).amax(1).sum()  # top-1 ImageNet class score of every image
             grad, = torch.autograd.grad(score, f_h)  # (B, C_h, h, w)
@@ -223,7 +223,8 @@ class ImageNetCAM(nn.Module):
 
 class GOMM(nn.Module):
     """General Object Mining Module (§4.2, Fig. 2a), Eq. (3-5); its supervision M_g (Eq. 1-2) is made in Model.
-    forward(f_q (B,C,h,w)) -> (f_g (B,C,h,w) general object feature, logits_g (B,2,h,w) = M̂_g)."""
+    forward(f_q (B,C,h,w), predict) -> (f_g (B,C,h,w) general object feature, logits_g (B,2,h,w) = M̂_g, or None
+    without predict: only L_g reads it)."""
 
     def __init__(self, dim, num_general, heads, dropout):
         super().__init__()
@@ -232,14 +233,14 @@ class GOMM(nn.Module):
         self.head = seg_head(dim, dropout)
         self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
 
-    def forward(self, f_q):
+    def forward(self, f_q, predict=True):
         B, C, h, w = f_q.shape
         p_g = self.prototypes.expand(B, -1, -1)  # (B, N_g, C)
         # Eq. (3): M_gp = Cosine(F_q, P_g)
         m_gp = cosine_map(f_q, p_g)  # (B, N_g, h, w)
         # Eq. (4): F_ig = Conv1x1(Alloc(P_g, Argmax(M_gp)) ⊕ F_q)
         f_ig = self.fuse(torch.cat([allocate(p_g, m_gp.argmax(1)), f_q], 1))  # (B, C, h, w)
-        logits_g = self.head(f_ig)  # (B, 2, h, w)
+        logits_g = self.head(f_ig) if predict else None  # (B, 2, h, w)
         # Eq. (5): F_g = Atten(F_q, F_ig, F_ig) + F_q
         q, kv = f_q.flatten(2).transpose(1, 2), f_ig.flatten(2).transpose(1, 2)  # (B, hw, C)
         attended = self.attention(q, kv, kv, need_weights=False)[0]  # (B, hw, C)
@@ -249,8 +250,9 @@ class GOMM(nn.Module):
 class CCM(nn.Module):
     """Correlation Construction Module (§4.3, Fig. 2b): prototype selection (Eq. 7-9), the transport costs of
     M_qf / M_qb (Eq. 10; the plan itself needs M_q and is made in the loss), M̂_pa, P_q and F_c (Eq. 13-15).
-    forward(f_q, f_g (B,C,h,w), f_s (B,S,C,h,w), m (B,S,h,w) support foreground, p_s, p_s_drop (B,L,C))
-    -> (f_c (B,2C,h,w), logits_pa (B,2N_s,h,w) = pa_scale * M̂_pa, cost (B,2N_s,h,w), background first).
+    forward(f_q, f_g (B,C,h,w), f_s (B,S,C,h,w), m (B,S,h,w) support foreground, p_s, p_s_drop (B,L,C), target)
+    -> (f_c (B,2C,h,w), logits_pa (B,2N_s,h,w) = pa_scale * M̂_pa, cost (B,2N_s,h,w)), background slots first;
+    logits_pa and cost (only L_p reads them) are None without target.
     f_q, f_s and p_s are taken before the features' dropout (they make the selection and the target: Choices);
     p_s_drop is P_s after it, the prototypes Eq. (13-14) learn from."""
 
@@ -259,7 +261,7 @@ class CCM(nn.Module):
         self.num_select, self.pa_scale = num_select, pa_scale
         self.key_g, self.key_p, self.value_g, self.out = (nn.Linear(dim, dim) for _ in range(4))  # the "LN"
 
-    def forward(self, f_q, f_g, f_s, m, p_s, p_s_drop):
+    def forward(self, f_q, f_g, f_s, m, p_s, p_s_drop, target=True):
         B, S, C = f_s.shape[:3]
         h, w = f_g.shape[-2:]
         # Eq. (7): M_sp = Cosine(F_s, P_s), every shot against the shot-averaged prototypes
@@ -269,11 +271,14 @@ class CCM(nn.Module):
         id_t = dist.topk(self.num_select, dim=1, largest=False).indices  # (B, N_s)
         id_l = dist.topk(self.num_select, dim=1).indices  # (B, N_s)
         ids = torch.cat([id_l, id_t], 1)[..., None].expand(-1, -1, C)  # (B, 2N_s, C): background slots first
-        selected = p_s.gather(1, ids)  # (B, 2N_s, C)
-        # Eq. (10): M_qb ⊕ M_qf = Cosine(F_q, Select(P_s, ID_l & ID_t)); 1 - it is the cost of Eq. (11), in fp32:
-        # Sinkhorn divides it by eps = 0.05, so bf16's steps of 1/128 would flip the argmax of near-equal plans
-        with torch.autocast(f_q.device.type, enabled=False):
-            cost = 1 - cosine_map(f_q.detach().float(), selected.detach().float())  # (B, 2N_s, h, w)
+        cost = None
+        if target:  # only the target M_pa (in the loss) reads the costs
+            selected = p_s.gather(1, ids)  # (B, 2N_s, C)
+            # Eq. (10): M_qb ⊕ M_qf = Cosine(F_q, Select(P_s, ID_l & ID_t)); 1 - it is the cost of Eq. (11), in
+            # fp32: Sinkhorn divides it by eps = 0.05, so bf16's steps of 1/128 would flip the argmax of near-equal
+            # plans
+            with torch.autocast(f_q.device.type, enabled=False):
+                cost = 1 - cosine_map(f_q.detach().float(), selected.detach().float())  # (B, 2N_s, h, w)
         # Eq. (13): M̂_pa = Cosine(LN(F_g), LN(Select(P_s, ID_l & ID_t))), the prototypes after dropout
         tokens = f_g.flatten(2).transpose(1, 2)  # (B, hw, C)
         keys = F.normalize(self.key_p(p_s_drop.gather(1, ids)), dim=2)  # (B, 2N_s, C)
@@ -283,7 +288,7 @@ class CCM(nn.Module):
         # Eq. (15): F_c = Alloc(P_q, Argmax(M̂_pa)) ⊕ F_g
         m_pa = m_pa.transpose(1, 2).reshape(B, -1, h, w)  # (B, 2N_s, h, w)
         f_c = torch.cat([allocate(p_q, m_pa.argmax(1)), f_g], 1)  # (B, 2C, h, w)
-        return f_c, self.pa_scale * m_pa, cost
+        return f_c, None if cost is None else self.pa_scale * m_pa, cost
 
 
 class FPNDecoder(nn.Module):
@@ -311,8 +316,9 @@ class FPNDecoder(nn.Module):
 
 class Model(nn.Module):
     """OCNet (Fig. 2). forward(img_q (B,3,H,W), img_s (B,S,3,H,W), m_s (B,S,H,W), class_ids unused) -> dict:
-    logits (B,2,H,W) = M̂_q; logits_g (B,2,h,w) = M̂_g and m_g (B,h,w) = M_g; logits_pa (B,2N_s,h,w) = scaled
-    M̂_pa and cost_pa (B,2N_s,h,w), from which loss() builds M_pa. K shots: P_s and the prior are averaged."""
+    logits (B,2,H,W) = M̂_q; in training also what only the loss reads: logits_g (B,2,h,w) = M̂_g and m_g (B,h,w)
+    = M_g, logits_pa (B,2N_s,h,w) = scaled M̂_pa and cost_pa (B,2N_s,h,w), from which loss() builds M_pa.
+    K shots: P_s and the prior are averaged."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -345,6 +351,7 @@ class Model(nn.Module):
 
     def forward(self, img_q, img_s, m_s, class_ids=None):
         B, S = img_s.shape[:2]
+        out = {}  # the logits, and in training what the loss reads (evaluation reads the logits alone)
         # 1. frozen backbone: mid-level F_q, F_s and high-level F_q^h, F_s^h (§4.1); F_s^h is layer4 of the
         # masked support layer3, as PFENet's prior, which Eq. (1) follows (episode's m_s). F_q, F_s after their
         # dropout, and f_q_clean, f_s_clean before it, for the allocation target (Choices)
@@ -354,31 +361,42 @@ class Model(nn.Module):
         f_s4 = feats_s["layer4"].unflatten(0, (B, S))  # (B, S, C_h, h, w)
         h, w = f_q.shape[-2:]
 
-        # 2. Eq. (1-2): M_g = 1_tau(Max(Cosine(F_q^h, F_s^h) ⊕ CAM(F_q^h))), support background removed by M_s
+        # 2. Eq. (1-2): M_g = 1_tau(Max(Cosine(F_q^h, F_s^h) ⊕ CAM(F_q^h))), support background removed by M_s;
+        # the cosine part is the prior mask, which the query generalization reads too; M_g is L_g's target alone
         prior = common.cosine_prior(f_q4, f_s4, m_s)  # (B, 1, h, w)
-        general = prior if self.cam is None else torch.maximum(prior, self.cam(f_q4))
-        m_g = (general[:, 0] >= self.cfg.tau).long()  # (B, h, w)
+        if self.training:
+            general = prior if self.cam is None else torch.maximum(prior, self.cam(f_q4))
+            out["m_g"] = (general[:, 0] >= self.cfg.tau).long()  # (B, h, w)
 
         # 3. GOMM, Eq. (3-5): general object prototypes -> F_ig, M̂_g; cross-attention -> F_g
-        f_g, logits_g = self.gomm(f_q)
+        f_g, logits_g = self.gomm(f_q, predict=self.training)
+        if self.training:
+            out["logits_g"] = logits_g
 
         # 4. Eq. (6): P_s = MFP(F_s, M_s), averaged over the K shots (§5.1)
         m = common.foreground_at(m_s, (h, w))  # (B, S, h, w)
-        # P_s after and before the features' dropout, pooled as one batch of 2B*S images: one pass, not two
-        both = torch.cat([f_s, f_s_clean]).flatten(0, 1)  # (2B*S, C, h, w)
-        p_s, p_s_clean = multi_frequency_pooling(both, m.repeat(2, 1, 1, 1).flatten(0, 1), self.cfg.dct_size
-                                                 ).unflatten(0, (2, B, S)).mean(2)  # (B, L, C) each
+        n = self.cfg.dct_size
+        if self.training:
+            # P_s after and before the features' dropout, pooled as one batch of 2B*S images: one pass, not two
+            both = torch.cat([f_s, f_s_clean]).flatten(0, 1)  # (2B*S, C, h, w)
+            p_s, p_s_clean = multi_frequency_pooling(both, m.repeat(2, 1, 1, 1).flatten(0, 1), n
+                                                     ).unflatten(0, (2, B, S)).mean(2)  # (B, L, C) each
+        else:  # evaluation draws no dropout: F_s is F_s before it, one P_s
+            p_s = p_s_clean = multi_frequency_pooling(f_s.flatten(0, 1), m.flatten(0, 1), n
+                                                      ).unflatten(0, (B, S)).mean(1)  # (B, L, C)
 
         # 5. query generalization [49] (§5.1): the support prototype (MAP) and the prior fused into F_g
         f_g = self.generalize(torch.cat([f_g, p_s[:, 0, :, None, None].expand(-1, -1, h, w), prior], 1))
 
         # 6. CCM, Eq. (7-10, 13-15): prototype selection and allocation -> object-level correlation F_c; the
         # selection and the target's costs from the features without dropout, M̂_pa from P_s with it
-        f_c, logits_pa, cost_pa = self.ccm(f_q_clean, f_g, f_s_clean, m, p_s_clean, p_s)
+        f_c, logits_pa, cost_pa = self.ccm(f_q_clean, f_g, f_s_clean, m, p_s_clean, p_s, target=self.training)
+        if self.training:
+            out.update(logits_pa=logits_pa, cost_pa=cost_pa)
 
         # 7. FPN decoder -> M̂_q
-        logits = common.resize(self.decoder(f_c), img_q.shape[-2:])  # (B, 2, H, W)
-        return {"logits": logits, "logits_g": logits_g, "m_g": m_g, "logits_pa": logits_pa, "cost_pa": cost_pa}
+        out["logits"] = common.resize(self.decoder(f_c), img_q.shape[-2:])  # (B, 2, H, W)
+        return out
 
     def loss(self, out, m_q, m_s):
         """Eq. (16): L = L_t + L_g + L_p, each a cross-entropy (255 ignored)."""

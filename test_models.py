@@ -692,10 +692,26 @@ def ocnet_two_shot_episode(seed=0):
     return img_q, img_s, m_s, m_q
 
 
+@contextlib.contextmanager
+def ocnet_training_without_dropout(model):
+    """model in training mode, so that forward also returns what only the loss reads (M_g, M̂_g, M̂_pa, the costs),
+    with every dropout at p = 0: deterministic outputs, the logits those of evaluation. Mode and rates restored."""
+    drops = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    rates, mode = [m.p for m in drops], model.training
+    for m in drops:
+        m.p = 0.0
+    try:
+        yield model.train()
+    finally:
+        for m, p in zip(drops, rates):
+            m.p = p
+        model.train(mode)
+
+
 @pytest.fixture(scope="module")
 def ocnet_run(ocnet_resnet):
-    """The 2-shot episode through the model, with the inputs of the CCM and of the query generalization, the
-    GOMM's F_g and the backbone's layer4 recorded."""
+    """The 2-shot episode through the model (training mode, dropout off: ocnet_training_without_dropout), with the
+    inputs of the CCM and of the query generalization, the GOMM's F_g and the backbone's layer4 recorded."""
     model = ocnet_resnet
     img_q, img_s, m_s, m_q = ocnet_two_shot_episode()
     ccm_in, h1 = _capture_inputs(model.ccm)
@@ -708,7 +724,7 @@ def ocnet_run(ocnet_resnet):
     h3 = model.gomm.register_forward_hook(lambda mod, args, out: record("f_g", out[0]))
     h4 = model.backbone.register_forward_hook(lambda mod, args, out: record("layer4", out["layer4"]))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), ocnet_training_without_dropout(model):
             out = model(img_q, img_s, m_s)
     finally:
         h1.remove(), h2.remove(), h3.remove(), h4.remove()
@@ -3812,12 +3828,17 @@ class TestOCNet:
 
     @pytest.mark.parametrize("backbone,feat", [("resnet50", 7), ("vgg16_bn", 4)])
     def test_ocnet_forward_shapes_one_and_five_shot(self, ocnet_models, backbone, feat):
-        model = ocnet_models[backbone].eval()
+        # training: the logits and what the loss reads; evaluation: the logits alone
+        model = ocnet_models[backbone]
         n2 = 2 * model.cfg.num_select
         for batch, shot in ((2, 1), (1, 5)):
             img_q, img_s, m_s, _ = episode(batch, shot, **OCNET_EPISODE)
             with torch.no_grad():
-                out = model(img_q, img_s, m_s)
+                logits = model.eval()(img_q, img_s, m_s)
+                out = model.train()(img_q, img_s, m_s)
+            model.eval()
+            assert set(logits) == {"logits"} and logits["logits"].shape == (batch, 2, OCNET_SIZE, OCNET_SIZE)
+            assert set(out) == {"logits", "logits_g", "m_g", "logits_pa", "cost_pa"}
             assert out["logits"].shape == (batch, 2, OCNET_SIZE, OCNET_SIZE)
             assert out["logits_g"].shape == (batch, 2, feat, feat) and out["m_g"].shape == (batch, feat, feat)
             assert out["logits_pa"].shape == out["cost_pa"].shape == (batch, n2, feat, feat)
@@ -3829,17 +3850,41 @@ class TestOCNet:
         # train.py converts the model to channels_last on CUDA: reshapes must not assume contiguous features
         model = copy.deepcopy(ocnet_models["resnet50"]).eval()
         img_q, img_s, m_s, _ = episode(2, 2, **OCNET_EPISODE)
-        with torch.no_grad():
+        with torch.no_grad(), ocnet_training_without_dropout(model):  # every output, the loss's too
             ref = model(img_q, img_s, m_s)
             out = model.to(memory_format=torch.channels_last)(img_q, img_s, m_s)
-        assert all(torch.allclose(ref[k].float(), out[k].float(), atol=1e-4) for k in ref)
+        assert len(ref) == 5 and all(torch.allclose(ref[k].float(), out[k].float(), atol=1e-4) for k in ref)
+
+    def test_ocnet_evaluation_computes_nothing_only_the_loss_reads(self, ocnet_resnet, ocnet_run, monkeypatch):
+        # M_g (so the CAM's Grad-CAM), M̂_g (GOMM's head), the transport costs and P_s before dropout are the loss's
+        # alone: evaluation computes none of them, and its logits are those of training without dropout
+        model = ocnet_resnet.eval()
+        img_q, img_s, m_s, _ = ocnet_run["episode"]
+        calls, pooled = {"cam": 0, "head": 0}, []
+        hooks = [model.cam.register_forward_hook(lambda *_: calls.update(cam=calls["cam"] + 1)),
+                 model.gomm.head.register_forward_hook(lambda *_: calls.update(head=calls["head"] + 1))]
+        ccm_out = []
+        hooks.append(model.ccm.register_forward_hook(lambda mod, args, out: ccm_out.append(out)))
+        mfp = ocnet.multi_frequency_pooling
+        monkeypatch.setattr(ocnet, "multi_frequency_pooling", lambda f, m, n: pooled.append(len(f)) or mfp(f, m, n))
+        try:
+            with torch.no_grad():
+                out = model(img_q, img_s, m_s)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        assert set(out) == {"logits"} and calls == {"cam": 0, "head": 0}
+        (_, logits_pa, cost), = ccm_out
+        assert logits_pa is None and cost is None
+        assert pooled == [2]  # P_s of the 2 shots once, not of the shots before and after dropout (4)
+        assert torch.equal(out["logits"], ocnet_run["out"]["logits"])
 
     def test_ocnet_transport_cost_stays_fp32_under_bf16_autocast(self, ocnet_models):
         # Sinkhorn divides the cost by eps = 0.05: bf16's 1/128 steps would become 0.16 in the exponent
-        model = ocnet_models["resnet50"].eval()
+        model = ocnet_models["resnet50"]
         img_q, img_s, m_s, _ = episode(2, 1, **OCNET_EPISODE)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(img_q, img_s, m_s)
+        with torch.no_grad(), ocnet_training_without_dropout(model), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(img_q, img_s, m_s)  # training: the costs are made
         assert out["logits_pa"].dtype == torch.bfloat16 and out["cost_pa"].dtype == torch.float32
         assert not torch.equal(out["cost_pa"], out["cost_pa"].bfloat16().float())  # values between bf16's steps
 
@@ -4009,7 +4054,8 @@ class TestOCNet:
         model = ocnet_models[backbone].eval()
         img_q, img_s, m_s, _ = episode(2, 2, **OCNET_EPISODE)
         with torch.no_grad():
-            out = model(img_q, img_s, m_s)
+            with ocnet_training_without_dropout(model):  # M_g is made in training
+                out = model(img_q, img_s, m_s)
             f_q4 = model.backbone(img_q)["layer4"]
             f_s3 = model.backbone(img_s.flatten(0, 1))["layer3"]  # PFENet.py:209-210: layer4 of the masked layer3
             m = F.interpolate((m_s.flatten(0, 1) == 1).float()[:, None], f_s3.shape[-2:], mode="bilinear",
@@ -4032,7 +4078,7 @@ class TestOCNet:
 
     def test_ocnet_short_synthetic_training_lowers_the_loss(self, ocnet_models):
         # four steps of the harness's SGD at the paper's lr (§5.1) on two synthetic episodes;
-        # loss compared in eval mode
+        # loss compared without dropout (the training forward: evaluation's lacks the loss's outputs)
         torch.manual_seed(0)  # dropout: the loss falls by 0.13 to 0.38 over the seeds 0-5
         model = copy.deepcopy(ocnet_models["resnet50"]).eval()
         img_q, img_s, m_s, m_q, _ = synthetic_episode(2, 1, OCNET_SIZE)
@@ -4042,15 +4088,14 @@ class TestOCNet:
 
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=0.005, momentum=0.9, weight_decay=1e-4)  # §5.1, before the x 10
-        with torch.no_grad():
+        with torch.no_grad(), ocnet_training_without_dropout(model):
             before = loss().item()
         model.train()
         for _ in range(4):
             optimizer.zero_grad()
             loss().backward()
             optimizer.step()
-        model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), ocnet_training_without_dropout(model):
             after = loss().item()
         assert math.isfinite(after) and after < before - 0.05
 
@@ -4189,7 +4234,7 @@ class TestOCNet:
         # the prior of both shots]
         _, _, m_s, _ = ocnet_run["episode"]
         _, f_g, f_s, m, p_s, p_s_drop = ocnet_run["ccm_in"]
-        assert torch.equal(p_s_drop, p_s)  # eval mode: no dropout, so P_s before and after it are one
+        assert torch.equal(p_s_drop, p_s)  # dropout off: P_s before and after it are one
         B, S, C, h, w = f_s.shape
         n = ocnet.Config.dct_size
         fg = F.interpolate((m_s == 1).float(), (h, w), mode="bilinear", align_corners=True)  # (B, S, h, w)
@@ -4221,7 +4266,7 @@ class TestOCNet:
         ref = ocnet_run["out"]
         img_other = img_s.clone()
         img_other[:, 1] = torch.randn(1, 3, OCNET_SIZE, OCNET_SIZE, generator=torch.Generator().manual_seed(6))
-        with torch.no_grad():
+        with torch.no_grad(), ocnet_training_without_dropout(ocnet_resnet):  # every output, as ref's
             out = ocnet_resnet(img_q, img_s.flip(1), m_s.flip(1))
             other = ocnet_resnet(img_q, img_other, m_s)
         for k in ref:
@@ -4234,7 +4279,7 @@ class TestOCNet:
         img_q, img_s, m_s, _ = ocnet_run["episode"]
         zeroed = m_s.masked_fill(m_s == IGNORE_INDEX, 0)
         assert (zeroed != (m_s != 0).long()).sum() > 500  # the bands would change the foreground if they counted
-        with torch.no_grad():
+        with torch.no_grad(), ocnet_training_without_dropout(ocnet_resnet):  # every output, as ocnet_run's
             ref = ocnet_resnet(img_q, img_s, zeroed)
         out = ocnet_run["out"]
         for k in ref:
@@ -4263,10 +4308,10 @@ class TestOCNet:
 
     def test_ocnet_allocation_target_is_made_without_dropout(self, ocnet_resnet, ocnet_run):
         # Eq. (7-11) take F_q, F_s, P_s before the features' Dropout2d (Choices): in train mode, under two dropout
-        # draws, the costs and the target M_pa are those eval mode computes from the same weights, while M̂_pa does
-        # see the dropout. The CCM's inputs are the 1x1 reduction's own output (its ReLU's, hooked before the
+        # draws, the costs and the target M_pa are those computed without dropout from the same weights, while
+        # M̂_pa does see the dropout. The CCM's inputs are the 1x1 reduction's own output (its ReLU's, hooked before the
         # Dropout2d).
-        model, ref = ocnet_resnet, ocnet_run["out"]  # ref: eval mode, no dropout
+        model, ref = ocnet_resnet, ocnet_run["out"]  # ref: dropout off
         img_q, img_s, m_s, m_q = ocnet_run["episode"]
         B, S = img_s.shape[:2]
         target = ocnet.allocation_target(ref["cost_pa"], m_q, model.cfg.ot_eps, model.cfg.sinkhorn_iters)
