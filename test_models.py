@@ -3823,6 +3823,42 @@ class TestTrain:
 # MFP, the CAM; GOMM, CCM and one episode through the whole model against direct computations
 # ==========================================================================================================
 
+# §5.3's ablations: each row's Config fields, the learnable and the frozen parameters it removes (written out for
+# ResNet-50 and C = 256, N_g = 16), the default model's modules those are, and the loss terms it keeps
+_C, _N_G = 256, 16
+_ATTEN = 4 * _C * _C + 4 * _C  # nn.MultiheadAttention: in_proj (3C x C + 3C), out_proj (C x C + C)
+_GOMM = _N_G * _C + 2 * _C * _C + 9 * _C * _C + 2 * _C + 2 + _ATTEN  # P_g, fuse 1x1, head 3x3 + 1x1 (no/with bias)
+_CCM = 4 * (_C * _C + _C)  # the four "LN" of Eq. (13-14)
+_CAM = 1000 * 2048 + 1000  # ResNet-50's ImageNet fc, frozen
+_ALL_TERMS = {"target", "general", "allocation"}
+OCNET_ABLATIONS = {  # row -> (fields, learnable removed, frozen removed, the default's modules removed, loss terms)
+    "gomm=false": (dict(gomm=False), _GOMM, _CAM, ("gomm", "cam"), {"target", "allocation"}),
+    "ccm=false": (dict(ccm=False), _CCM, 0, ("ccm",), {"target", "general"}),
+    "gomm=false ccm=false": (dict(gomm=False, ccm=False), _GOMM + _CCM, _CAM, ("gomm", "cam", "ccm"), {"target"}),
+    "cam=false": (dict(cam=False), 0, _CAM, ("cam",), _ALL_TERMS),
+    "mask=false": (dict(mask=False), 0, 0, (), _ALL_TERMS),
+    "atten=false": (dict(atten=False), _ATTEN, 0, ("gomm.attention",), _ALL_TERMS),
+    "mask=false atten=false": (dict(mask=False, atten=False), _ATTEN, 0, ("gomm.attention",), _ALL_TERMS),
+    # Mean: no "LN", and the decoder's 1x1 stem (no bias) reads 3C channels instead of 2C
+    "allocation=mean": (dict(allocation="mean"), _CCM - _C * _C, 0, ("ccm",), {"target", "general"}),
+    "allocation=cosine": (dict(allocation="cosine"), 0, 0, (), {"target", "general"}),
+    "allocation=fore": (dict(allocation="fore"), 0, 0, (), _ALL_TERMS),
+}
+
+
+def ocnet_prior_and_cam(model, img_q, img_s, m_s):
+    """The prior mask of Eq. (1) and the CAM (None without one) from model's backbone, recomputed here: F_s^h is
+    layer4 of the masked layer3 (PFENet.py:209-210). -> prior, cam (B,1,h,w)."""
+    B, S = img_s.shape[:2]
+    with torch.no_grad():
+        f_q4 = model.backbone(img_q)["layer4"]
+        f_s3 = model.backbone(img_s.flatten(0, 1))["layer3"]
+        m = F.interpolate((m_s.flatten(0, 1) == 1).float()[:, None], f_s3.shape[-2:], mode="bilinear",
+                          align_corners=True)
+        f_s4 = model.backbone.stages["layer4"](f_s3 * m).view(B, S, *f_q4.shape[1:])
+        return common.cosine_prior(f_q4, f_s4, m_s), None if model.cam is None else model.cam(f_q4)
+
+
 class TestOCNet:
     # ---------------- shapes at 1 and 5 shots, channels_last, bf16, losses, gradients, empty masks ------------
 
@@ -4019,12 +4055,12 @@ class TestOCNet:
         top = ref.fc(f_h.mean((2, 3))).argmax(1)  # CAM [65] of the file's top class
         expected = ocnet.minmax(F.relu(torch.einsum("bc,bchw->bhw", ref.fc.weight[top], f_h))[:, None])
         torch.testing.assert_close(model.cam(f_h), expected, atol=1e-5, rtol=1e-4)
-        # a file without a classifier: a clear error, and cam_source="none" needs none
+        # a file without a classifier: a clear error, and cam=false needs none
         bare = tmp_path / "no_fc.pth"
         torch.save({k: v for k, v in torch.load(path, weights_only=True).items() if not k.startswith("fc.")}, bare)
-        with pytest.raises(common.WeightsFileError, match="no ImageNet classifier.*--cam-source none"):
+        with pytest.raises(common.WeightsFileError, match="no ImageNet classifier.*--set cam=false"):
             ocnet.Model(ocnet.Config(backbone="resnet50_deep", pretrained=str(bare)))
-        assert ocnet.Model(ocnet.Config(backbone="resnet50_deep", pretrained=str(bare), cam_source="none")).cam is None
+        assert ocnet.Model(ocnet.Config(backbone="resnet50_deep", pretrained=str(bare), cam=False)).cam is None
 
     def test_ocnet_cam_of_torchvision_backbones_unchanged(self):
         torch.manual_seed(7)
@@ -4053,26 +4089,22 @@ class TestOCNet:
     def test_ocnet_general_object_mask_is_thresholded_max_of_prior_and_cam(self, ocnet_models, backbone):
         model = ocnet_models[backbone].eval()
         img_q, img_s, m_s, _ = episode(2, 2, **OCNET_EPISODE)
-        with torch.no_grad():
-            with ocnet_training_without_dropout(model):  # M_g is made in training
-                out = model(img_q, img_s, m_s)
-            f_q4 = model.backbone(img_q)["layer4"]
-            f_s3 = model.backbone(img_s.flatten(0, 1))["layer3"]  # PFENet.py:209-210: layer4 of the masked layer3
-            m = F.interpolate((m_s.flatten(0, 1) == 1).float()[:, None], f_s3.shape[-2:], mode="bilinear",
-                              align_corners=True)
-            f_s4 = model.backbone.stages["layer4"](f_s3 * m).view(2, 2, *f_q4.shape[1:])
-            prior, cam = common.cosine_prior(f_q4, f_s4, m_s), model.cam(f_q4)
+        with torch.no_grad(), ocnet_training_without_dropout(model):  # M_g is made in training
+            out = model(img_q, img_s, m_s)
+        prior, cam = ocnet_prior_and_cam(model, img_q, img_s, m_s)  # PFENet.py:209-210: layer4 of masked layer3
         assert cam.shape == prior.shape and cam.min() >= 0 and cam.max() <= 1
         assert torch.equal(out["m_g"], (torch.maximum(prior, cam)[:, 0] >= 0.6).long())
         assert out["m_g"].flatten(1).sum(1).min() >= 1  # the prior's maximum is 1 >= tau in each image
 
     # ---------------- configuration and a short training ------------------------------------------------------
 
-    def test_ocnet_config_cam_source_and_bad_values(self):
-        model = ocnet.Model(ocnet.Config(pretrained=False, cam_source="none"))
+    def test_ocnet_config_cam_switch_and_bad_values(self):
+        model = ocnet.Model(ocnet.Config(pretrained=False, cam=False))
         assert model.cam is None
-        with pytest.raises(ValueError, match="cam_source"):
-            ocnet.Model(ocnet.Config(pretrained=False, cam_source="saliency"))
+        with pytest.raises(ValueError, match="allocation must be one of fore\\+back, mean, cosine, fore, not 'back'"):
+            ocnet.Model(ocnet.Config(pretrained=False, allocation="back"))
+        with pytest.raises(ValueError, match="needs the CAM or the Mask"):
+            ocnet.Model(ocnet.Config(pretrained=False, cam=False, mask=False))
         with pytest.raises(ValueError, match="num_select"):
             ocnet.Model(ocnet.Config(pretrained=False, num_select=25))
 
@@ -4339,6 +4371,207 @@ class TestOCNet:
         assert torch.allclose(p_s, mfp.unflatten(0, (B, S)).mean(1), atol=1e-6)
         _slot_prototypes(outs[0]["cost_pa"], reduced[0], p_s)  # every cost channel: 1 - cos(F_q, P_s[l]), no dropout
         assert (p_s_drop - p_s).abs().max() > 0.1  # while Eq. (13) gets the prototypes after dropout
+
+    # ---------------- §5.3 ablations: Table 3 (GOMM, CCM), Table 4 (CAM, Mask, Atten), Table 5 (allocation) -----
+
+    @pytest.mark.parametrize("row", list(OCNET_ABLATIONS))
+    def test_ocnet_ablation_builds_trains_and_removes_its_parameters(self, ocnet_resnet, row, monkeypatch):
+        # each row of Tables 3-5: exactly its module's parameters gone (written out, and the default's modules),
+        # 1 and 5 shots train (finite loss of the terms the row keeps, gradients) and evaluate; Sinkhorn runs only
+        # where M_pa supervises the allocation
+        fields, learnable, frozen, modules, terms = OCNET_ABLATIONS[row]
+        torch.manual_seed(0)
+        model = ocnet.Model(ocnet.Config(backbone="resnet50", pretrained=False, **fields))
+
+        def count(net, trainable):
+            return sum(p.numel() for p in net.parameters() if p.requires_grad == trainable)
+
+        assert count(ocnet_resnet, True) - count(model, True) == learnable
+        assert count(ocnet_resnet, False) - count(model, False) == frozen
+        default = sum(count(ocnet_resnet.get_submodule(name), t) for name in modules for t in (True, False))
+        stem = model.decoder.stem[0].weight.shape[1] - ocnet_resnet.decoder.stem[0].weight.shape[1]  # Mean: C
+        assert default - _C * stem == learnable + frozen
+        solves = []
+        sinkhorn = ocnet.sinkhorn
+        monkeypatch.setattr(ocnet, "sinkhorn", lambda *a: solves.append(1) or sinkhorn(*a))
+        for batch, shot in ((2, 1), (1, 5)):
+            img_q, img_s, m_s, m_q = episode(batch, shot, **OCNET_EPISODE)
+            model.train().zero_grad(set_to_none=True)
+            total, got = model.loss(model(img_q, img_s, m_s), m_q, m_s)
+            total.backward()
+            assert set(got) == terms and torch.isfinite(total) and torch.allclose(total, sum(got.values()))
+            grads = [p.grad for p in model.parameters() if p.requires_grad]
+            assert all(g is not None and torch.isfinite(g).all() for g in grads)
+            with torch.no_grad():
+                out = model.eval()(img_q, img_s, m_s)
+            assert set(out) == {"logits"} and out["logits"].shape == (batch, 2, OCNET_SIZE, OCNET_SIZE)
+            assert torch.isfinite(out["logits"]).all()
+        assert len(solves) == (2 if "allocation" in terms else 0)  # one Sinkhorn batch per loss
+
+    def test_ocnet_table3_without_gomm_the_generalization_reads_f_q(self):
+        # GOMM off: no CAM, no GOMM, and the query generalization gets [F_q, P_s^0, prior] (F_q: the 1x1
+        # reduction's own output, hooked; evaluation: no dropout)
+        torch.manual_seed(0)
+        model = ocnet.Model(ocnet.Config(pretrained=False, gomm=False)).eval()
+        assert model.gomm is None and model.cam is None
+        img_q, img_s, m_s, _ = episode(1, 2, **OCNET_EPISODE)
+        gen_in, h1 = _capture_inputs(model.generalize)
+        reduced = []
+        h2 = model.down[1].register_forward_hook(lambda mod, args, out: reduced.append(out.detach().clone()))
+        try:
+            with torch.no_grad():
+                model(img_q, img_s, m_s)
+        finally:
+            h1.remove(), h2.remove()
+        assert torch.equal(gen_in[0][0][:, :_C], reduced[0][:1])  # the query's F_q, where F_g would be
+
+    def test_ocnet_table3_without_ccm_the_decoder_reads_the_global_prototype_beside_f_g(self, monkeypatch):
+        # CCM off: F_c = [P_s^0 at every pixel, F_g] (F_g after the generalization), with P_s^0 the shot mean of
+        # the supports' MAP; MFP pools the DC component alone (n = 1), and the loss has no L_p and no Sinkhorn
+        torch.manual_seed(0)
+        model = ocnet.Model(ocnet.Config(pretrained=False, ccm=False)).eval()
+        assert model.ccm is None and model.decoder.stem[0].weight.shape[1] == 2 * _C  # the decoder as OCNet's
+        img_q, img_s, m_s, m_q = episode(1, 2, **OCNET_EPISODE)
+        dec_in, h1 = _capture_inputs(model.decoder)
+        reduced, generalized, sizes = [], [], []
+        h2 = model.down[1].register_forward_hook(lambda mod, args, out: reduced.append(out.detach().clone()))
+        h3 = model.generalize.register_forward_hook(lambda mod, args, out: generalized.append(out.detach().clone()))
+        mfp = ocnet.multi_frequency_pooling
+        monkeypatch.setattr(ocnet, "multi_frequency_pooling", lambda f, m, n: sizes.append(n) or mfp(f, m, n))
+        try:
+            with torch.no_grad():
+                model(img_q, img_s, m_s)
+        finally:
+            h1.remove(), h2.remove(), h3.remove()
+        f_s = reduced[1]  # (S, C, h, w): the two supports
+        p_s0 = sum(common.masked_average_pooling(f_s[k:k + 1], (m_s[:, k] == 1).float()) for k in range(2)) / 2
+        f_c, = dec_in[0]
+        h, w = f_s.shape[-2:]
+        assert torch.allclose(f_c[:, :_C], p_s0[..., None, None].expand(-1, -1, h, w), atol=1e-6)
+        assert torch.equal(f_c[:, _C:], generalized[0]) and sizes == [1]
+        with torch.no_grad():
+            _, terms = model.train().loss(model(img_q, img_s, m_s), m_q, m_s)
+        assert set(terms) == {"target", "general"}
+
+    def test_ocnet_table4_general_object_mask_without_mask_or_cam(self):
+        # Mask off: M_g = 1_tau(CAM); CAM off: M_g = 1_tau(prior), no classifier built. The case discriminates:
+        # each rule gives another M_g than the max of both
+        img_q, img_s, m_s, _ = episode(2, 1, **OCNET_EPISODE)
+        masks = {}
+        for field in ("mask", "cam"):
+            torch.manual_seed(0)
+            model = ocnet.Model(ocnet.Config(pretrained=False, **{field: False}))
+            with torch.no_grad(), ocnet_training_without_dropout(model):
+                m_g = model(img_q, img_s, m_s)["m_g"]
+            prior, cam = ocnet_prior_and_cam(model, img_q, img_s, m_s)
+            if field == "mask":
+                assert torch.equal(m_g, (cam[:, 0] >= 0.6).long())
+                assert not torch.equal(m_g, (torch.maximum(prior, cam)[:, 0] >= 0.6).long())
+            else:
+                assert cam is None and torch.equal(m_g, (prior[:, 0] >= 0.6).long())
+            masks[field] = m_g
+        assert not torch.equal(masks["mask"], masks["cam"])
+
+    def test_ocnet_table4_without_atten_f_g_is_f_ig(self):
+        # Atten off: no attention module, F_g = F_ig = ReLU(P_g[argmax cos(F_q, P_g)] + F_q) with Conv1x1 = [I, I];
+        # M̂_g is still the head on F_ig
+        g = torch.Generator().manual_seed(2)
+        C, N_g, h, w = 4, 3, 2, 3
+        gomm = ocnet.GOMM(C, N_g, heads=2, dropout=0.1, atten=False).eval()
+        assert gomm.attention is None
+        with torch.no_grad():
+            gomm.prototypes.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 1.0]]))
+            gomm.fuse[0].weight.copy_(torch.cat([torch.eye(C), torch.eye(C)], 1)[..., None, None])
+        f_q = torch.randn(1, C, h, w, generator=g)
+        with torch.no_grad():
+            f_g, logits_g = gomm(f_q)
+            nearest = torch.einsum("chw,kc->khw", F.normalize(f_q[0], dim=0),
+                                   F.normalize(gomm.prototypes, dim=1)).argmax(0)  # (h, w)
+            f_ig = F.relu(gomm.prototypes[nearest].permute(2, 0, 1) + f_q[0])[None]  # (1, C, h, w)
+            assert len(nearest.unique()) > 1
+            assert torch.allclose(f_g, f_ig, atol=1e-6) and torch.allclose(logits_g, gomm.head(f_ig), atol=1e-6)
+            assert gomm(f_q, predict=False)[1] is None
+
+    def _by_hand_ccm_case(self):
+        """The support of test_ocnet_ccm_correlation_by_hand with P_s^0 = e0, the prototype nearest to M_s:
+        distances e0 -> 0, e0+e1 -> 2.16, e2 -> 2.83, e1 -> 4, -e0 -> 5.66. -> f_q, f_g, f_s, m, p_s, p_s_drop."""
+        g = torch.Generator().manual_seed(3)
+        C, h, w = 4, 2, 3
+        e = torch.eye(C)
+        m = torch.zeros(1, 1, 4, 4)
+        m[..., :2] = 1
+        f_s = m[:, :, None] * e[0, :, None, None] + (1 - m[:, :, None]) * e[1, :, None, None]  # (1, 1, C, 4, 4)
+        p_s = torch.stack([e[0], e[1], e[0] + e[1], -e[0], e[2]])[None]  # (1, 5, C)
+        f_q, f_g = torch.randn(1, C, h, w, generator=g), torch.randn(1, C, h, w, generator=g)
+        return f_q, f_g, f_s, m, p_s, torch.randn(1, 5, C, generator=g)
+
+    def test_ocnet_table5_mean_concatenates_the_global_and_the_mean_prototype(self):
+        # Mean: no allocation, no "LN": F_c = [P_s^0, mean of the other selected foreground prototypes, F_g] at
+        # every pixel, from P_s after dropout. N_s = 2: ID_t = {0, 2}, the mean is P_s[2] alone; N_s = 3: ID_t =
+        # {0, 2, 4}, the mean of P_s[2] and P_s[4]
+        f_q, f_g, f_s, m, p_s, p_s_drop = self._by_hand_ccm_case()
+        for n_s, rest in ((2, p_s_drop[0, 2]), (3, (p_s_drop[0, 2] + p_s_drop[0, 4]) / 2)):
+            ccm = ocnet.CCM(4, num_select=n_s, pa_scale=10.0, allocation="mean")
+            assert not list(ccm.parameters())
+            f_c, logits_pa, cost = ccm(f_q, f_g, f_s, m, p_s, p_s_drop)
+            expected = torch.cat([p_s_drop[0, 0], rest])[None, :, None, None].expand(-1, -1, 2, 3)
+            assert logits_pa is None and cost is None and f_c.shape == (1, 12, 2, 3)
+            assert torch.allclose(f_c[:, :8], expected, atol=1e-6) and torch.equal(f_c[:, 8:], f_g)
+        torch.manual_seed(0)
+        assert ocnet.Model(ocnet.Config(pretrained=False, allocation="mean")).decoder.stem[0].in_channels == 3 * _C
+
+    def test_ocnet_table5_cosine_allocates_as_ocnet_without_m_pa(self):
+        # Cosine: Eq. (13-15) unchanged (the same weights give the same F_c), but no transport costs, so no M_pa
+        # and no L_p, even when the target is asked for
+        f_q, f_g, f_s, m, p_s, p_s_drop = self._by_hand_ccm_case()
+        torch.manual_seed(0)
+        ours = ocnet.CCM(4, num_select=2, pa_scale=10.0)
+        cosine = ocnet.CCM(4, num_select=2, pa_scale=10.0, allocation="cosine")
+        cosine.load_state_dict(ours.state_dict())
+        with torch.no_grad():
+            ref, _, _ = ours(f_q, f_g, f_s, m, p_s, p_s_drop)
+            f_c, logits_pa, cost = cosine(f_q, f_g, f_s, m, p_s, p_s_drop, target=True)
+        assert logits_pa is None and cost is None and torch.equal(f_c, ref)
+
+    def test_ocnet_table5_fore_allocates_the_foreground_prototypes_alone(self):
+        # Fore: N_s slots, the foreground ID_t = {0, 2}: cost = 1 - cos(F_q, P_s[ID_t]), M̂_pa = cos(F_g,
+        # P_s_drop[ID_t]) with the "LN" set to identity, F_c = [P_q at each pixel's argmax, F_g]
+        f_q, f_g, f_s, m, p_s, p_s_drop = self._by_hand_ccm_case()
+        ccm = ocnet.CCM(4, num_select=2, pa_scale=10.0, allocation="fore")
+        _set_identity(ccm.key_g, ccm.key_p, ccm.value_g, ccm.out)
+        with torch.no_grad():
+            f_c, logits_pa, cost = ccm(f_q, f_g, f_s, m, p_s, p_s_drop)
+        slots = _slot_prototypes(cost, f_q, p_s)
+        assert cost.shape == logits_pa.shape == (1, 2, 2, 3) and set(slots) == {0, 2}
+        tokens = f_g[0].flatten(1).T  # (hw, C)
+        m_pa = torch.tensor([[_cos(t, p_s_drop[0, l]).item() for l in slots] for t in tokens])  # (hw, N_s)
+        assert torch.allclose(logits_pa[0].flatten(1).T, 10 * m_pa, atol=1e-5)
+        p_q = m_pa.T @ tokens / 6
+        expected = torch.cat([p_q[m_pa.argmax(1)].T.reshape(1, 4, 2, 3), f_g], 1)
+        assert torch.allclose(f_c, expected, atol=1e-5)
+
+    def test_ocnet_table5_fore_target_teaches_foreground_pixels_only(self):
+        # the case of test_ocnet_allocation_target_by_hand, its foreground slots alone: the foreground pixels as
+        # there (two cheap for slot 1, the third left to slot 0 by the marginals), background pixels ignored
+        m_q = torch.tensor([[[0, 0, 255], [1, 1, 1]]])
+        cost = torch.ones(1, 2, 2, 3)
+        cost[0, 1, 1, :2] = 0
+        m_pa = ocnet.allocation_target(cost, m_q, eps=0.05, iters=50, background=False)
+        assert m_pa.tolist() == [[[255, 255, 255], [1, 1, 0]]]
+
+    def test_ocnet_ablations_from_the_command_line(self, capsys):
+        # --set gives each switch its Config value (typed by the field); a value outside Table 5's is one line
+        argv = ["--model", "ocnet", "--dataset", "synthetic", "--set", "gomm=false", "ccm=false", "cam=false",
+                "mask=false", "atten=false", "allocation=fore"]
+        args, module = train.parse_args(argv)
+        cfg = train.make_config(module, args)
+        assert (cfg.gomm, cfg.ccm, cfg.cam, cfg.mask, cfg.atten, cfg.allocation) == (False,) * 5 + ("fore",)
+        assert train.make_config(module, train.parse_args(argv[:4])[0]) == ocnet.Config()  # the defaults
+        with pytest.raises(SystemExit):
+            train.parse_args([*argv[:4], "--set", "allocation=back"])
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith("error: --set allocation=back: allocation is one of fore+back, mean, "
+                                                  "cosine, fore")
 
 
 # ==========================================================================================================
