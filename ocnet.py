@@ -356,8 +356,7 @@ class Model(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         if cfg.gomm and not (cfg.cam or cfg.mask):
-            raise ValueError("GOMM's general object mask M_g (Eq. 1) needs the CAM or the Mask: cam and mask are "
-                             "both false")
+            raise ValueError("GOMM's M_g (Eq. 1) needs the CAM or the Mask: cam and mask are both false")
         if cfg.ccm and 2 * cfg.num_select > cfg.dct_size ** 2:
             raise ValueError(f"2 * num_select = {2 * cfg.num_select} exceeds the {cfg.dct_size ** 2} prototypes")
         self.cfg = cfg
@@ -366,13 +365,12 @@ class Model(nn.Module):
         channels = self.backbone.channels
         self.down = common.MidLevelReduction(channels["layer2"] + channels["layer3"], C, cfg.feature_dropout)
         # the CAM serves M_g alone, GOMM's supervision: no GOMM, no CAM
-        self.cam = (ImageNetCAM(cfg.backbone, cfg.pretrained, self.backbone.head) if cfg.gomm and cfg.cam
-                    else None)
+        self.cam = ImageNetCAM(cfg.backbone, cfg.pretrained, self.backbone.head) if cfg.gomm and cfg.cam else None
         self.gomm = GOMM(C, cfg.num_general, cfg.attn_heads, cfg.head_dropout, cfg.atten) if cfg.gomm else None
         self.generalize = common.conv_relu(2 * C + 1, C, 1)
         self.ccm = CCM(C, cfg.num_select, cfg.pa_scale, cfg.allocation) if cfg.ccm else None
-        wide = cfg.ccm and cfg.allocation == "mean"  # F_c = [P_s^0, mean, F_g]
-        self.decoder = FPNDecoder((3 if wide else 2) * C, C, cfg.fpn_levels, cfg.head_dropout)
+        wide = 3 if cfg.ccm and cfg.allocation == "mean" else 2  # F_c's width: "Mean" adds a prototype (Table 5)
+        self.decoder = FPNDecoder(wide * C, C, cfg.fpn_levels, cfg.head_dropout)
 
     def features(self, feats):
         """Mid-level F from the backbone's dict: PFENet's 1x1 reduction of [layer3, layer2] -> F (N,C,h,w) after
