@@ -19,9 +19,10 @@ The models, in the order of the files, each: its shapes at 1 and 5 shots, finite
 in every learnable parameter (none in a frozen backbone), empty masks without NaN, how its K shots combine, 255 as
 background, a short training, and its key equations against direct computations, with layers set to identity
 or scripted where that pins down which tensor feeds which equation:
-TestOCNet      GOMM (Eq. 3-5), multi-frequency pooling (Eq. 6), the CCM (Eq. 7-15), Sinkhorn's marginals and the
-               allocation target (both problems as one batch), the CAM and the general object mask, the loss terms (Eq.
-               16); bf16, channels_last.
+TestOCNet      the CAM and the general object mask, GOMM (Eq. 3-5), multi-frequency pooling (Eq. 6), the CCM (Eq.
+               7-15), Sinkhorn's marginals and the allocation target (both problems as one batch), the loss terms (Eq.
+               16); evaluation computes nothing only the loss reads; bf16, channels_last; each ablation of §5.3
+               (Tables 3-5): its parameters, its replacement by hand, its --set.
 TestQGNet      SLIC; InfoNCE (Eq. 1-3), the queues, the momentum encoder and shuffled BN; the stage-1 file; the prior
                region map (Eq. 9-12), FEM's inputs and the loss; both stages through train.py.
 TestCRCNet     the cross-reference, the local conditional module (Eq. 1-3; fp32 logits under bf16), the refinement
@@ -639,9 +640,6 @@ def _stop_while_training(argv, sig, until, cwd=REPO):
 OCNET_SIZE = 49  # ResNet: 7x7 features (output stride 8); VGG: 4x4 (stride 16). Not 33: dilated convs crawl there
 
 
-OCNET_EPISODE = dict(size=OCNET_SIZE, q_box=(8, 30, 12, 38), s_box=(15, 42, 5, 28), shot_step=0)  # episode(B, S, **)
-
-
 @pytest.fixture(scope="module")
 def ocnet_models():
     torch.manual_seed(0)
@@ -653,75 +651,6 @@ def ocnet_resnet():
     # ResNet-50 only: the VGG model's 124M-parameter classifier would cost seconds to build
     torch.manual_seed(0)
     return ocnet.Model(ocnet.Config(backbone="resnet50", pretrained=False)).eval()
-
-
-def _cos(a, b):
-    """Cosine of two vectors, written out."""
-    return (a * b).sum() / (a.norm() * b.norm())
-
-
-def _set_identity(*linears):
-    with torch.no_grad():
-        for lin in linears:
-            lin.weight.copy_(torch.eye(lin.weight.shape[0]))
-            lin.bias.zero_()
-
-
-def _capture_inputs(module):
-    """Forward pre-hook that records the positional inputs of module's next calls."""
-    seen = []
-    handle = module.register_forward_pre_hook(lambda mod, args: seen.append([a.detach().clone() for a in args]))
-    return seen, handle
-
-
-def _slot_prototypes(cost, f_q, p_s):
-    """The index into p_s (1,L,C) of the prototype behind each cost channel, found by matching 1 - cos(F_q, p)."""
-    ids = []
-    for c in range(cost.shape[1]):
-        errs = [(cost[0, c] - (1 - F.cosine_similarity(f_q[0], p_s[0, l, :, None, None], dim=0))).abs().max().item()
-                for l in range(p_s.shape[1])]
-        l = min(range(len(errs)), key=errs.__getitem__)
-        assert errs[l] < 1e-5, (c, errs)
-        ids.append(l)
-    return ids
-
-
-# ---------------- one 2-shot episode through the whole model, by hand -------------------------------------
-
-# One 2-shot episode, run once with hooks and shared by the tests below (a forward of the whole model is the
-# costly part of each test)
-
-def ocnet_two_shot_episode(seed=0):
-    """episode(1, 2, **OCNET_EPISODE) with shot 1's mask replaced: another box, and a wide band of 255 across it.
-    -> img_q, img_s, m_s, m_q."""
-    img_q, img_s, m_s, m_q = episode(1, 2, seed=seed, **OCNET_EPISODE)
-    m_s[:, 1] = 0
-    m_s[:, 1, 20:44, 10:40] = 1  # shot 1: another box than shot 0
-    m_s[:, 1, 32:] = IGNORE_INDEX  # a wide ignored band over the lower part of shot 1 and of its object
-    return img_q, img_s, m_s, m_q
-
-
-@pytest.fixture(scope="module")
-def ocnet_run(ocnet_resnet):
-    """The 2-shot episode through the model, with the inputs of the CCM and of the query generalization, the
-    GOMM's F_g and the backbone's layer4 recorded."""
-    model = ocnet_resnet
-    img_q, img_s, m_s, m_q = ocnet_two_shot_episode()
-    ccm_in, h1 = _capture_inputs(model.ccm)
-    gen_in, h2 = _capture_inputs(model.generalize)
-    seen = {}
-
-    def record(name, value):  # a forward hook must return None, or its value replaces the module's output
-        seen[name] = value.detach().clone()
-
-    h3 = model.gomm.register_forward_hook(lambda mod, args, out: record("f_g", out[0]))
-    h4 = model.backbone.register_forward_hook(lambda mod, args, out: record("layer4", out["layer4"]))
-    try:
-        with torch.no_grad():
-            out = model(img_q, img_s, m_s)
-    finally:
-        h1.remove(), h2.remove(), h3.remove(), h4.remove()
-    return dict(episode=(img_q, img_s, m_s, m_q), out=out, ccm_in=ccm_in[0], gen_in=gen_in[0][0], **seen)
 
 
 QGNET_TINY_PRIOR = dict(prior_batch_size=4, prior_queue=8, prior_img_size=32, prior_patch_size=32, bn_splits=2)
@@ -3909,21 +3838,151 @@ class TestTrain:
 
 
 # ==========================================================================================================
-# ocnet.py: OCNet (GOMM, CCM with DCT pooling and Sinkhorn): shapes at 1 and 5 shots, losses, gradients; Sinkhorn,
-# MFP, the CAM; GOMM, CCM and one episode through the whole model against direct computations
+# ocnet.py: OCNet (GOMM, CCM with DCT pooling and Sinkhorn), in the paper's order: the whole network at 1 and 5
+# shots; the CAM and M_g, GOMM, MFP, the selection, Sinkhorn's target, CCM, the loss against direct computations
+# (one episode through the whole model among them); K shots; every ablation row of §5.3
 # ==========================================================================================================
 
+OCNET_EPISODE = dict(size=OCNET_SIZE, q_box=(8, 30, 12, 38), s_box=(15, 42, 5, 28), shot_step=0)  # episode(B, S, **)
+
+
+def _cos(a, b):
+    """Cosine of two vectors, written out."""
+    return (a * b).sum() / (a.norm() * b.norm())
+
+
+def _set_identity(*linears):
+    with torch.no_grad():
+        for lin in linears:
+            lin.weight.copy_(torch.eye(lin.weight.shape[0]))
+            lin.bias.zero_()
+
+
+def _capture_inputs(module):
+    """Forward pre-hook that records the positional inputs of module's next calls."""
+    seen = []
+    handle = module.register_forward_pre_hook(lambda mod, args: seen.append([a.detach().clone() for a in args]))
+    return seen, handle
+
+
+def _slot_prototypes(cost, f_q, p_s):
+    """The index into p_s (1,L,C) of the prototype behind each cost channel, found by matching 1 - cos(F_q, p)."""
+    ids = []
+    for c in range(cost.shape[1]):
+        errs = [(cost[0, c] - (1 - F.cosine_similarity(f_q[0], p_s[0, l, :, None, None], dim=0))).abs().max().item()
+                for l in range(p_s.shape[1])]
+        l = min(range(len(errs)), key=errs.__getitem__)
+        assert errs[l] < 1e-5, (c, errs)
+        ids.append(l)
+    return ids
+
+
+# ---------------- one 2-shot episode through the whole model, by hand -------------------------------------
+
+# One 2-shot episode, run once with hooks and shared by the tests below (a forward of the whole model is the
+# costly part of each test)
+
+def ocnet_two_shot_episode(seed=0):
+    """episode(1, 2, **OCNET_EPISODE) with shot 1's mask replaced: another box, and a wide band of 255 across it.
+    -> img_q, img_s, m_s, m_q."""
+    img_q, img_s, m_s, m_q = episode(1, 2, seed=seed, **OCNET_EPISODE)
+    m_s[:, 1] = 0
+    m_s[:, 1, 20:44, 10:40] = 1  # shot 1: another box than shot 0
+    m_s[:, 1, 32:] = IGNORE_INDEX  # a wide ignored band over the lower part of shot 1 and of its object
+    return img_q, img_s, m_s, m_q
+
+
+@contextlib.contextmanager
+def ocnet_training_without_dropout(model):
+    """model in training mode, so that forward also returns what only the loss reads (M_g, M̂_g, M̂_pa, the costs),
+    with every dropout at p = 0: deterministic outputs, the logits those of evaluation. Mode and rates restored."""
+    drops = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    rates, mode = [m.p for m in drops], model.training
+    for m in drops:
+        m.p = 0.0
+    try:
+        yield model.train()
+    finally:
+        for m, p in zip(drops, rates):
+            m.p = p
+        model.train(mode)
+
+
+@pytest.fixture(scope="module")
+def ocnet_run(ocnet_resnet):
+    """The 2-shot episode through the model (training mode, dropout off: ocnet_training_without_dropout), with the
+    inputs of the CCM and of the query generalization, the GOMM's F_g and the backbone's layer4 recorded."""
+    model = ocnet_resnet
+    img_q, img_s, m_s, m_q = ocnet_two_shot_episode()
+    ccm_in, h1 = _capture_inputs(model.ccm)
+    gen_in, h2 = _capture_inputs(model.generalize)
+    seen = {}
+
+    def record(name, value):  # a forward hook must return None, or its value replaces the module's output
+        seen[name] = value.detach().clone()
+
+    h3 = model.gomm.register_forward_hook(lambda mod, args, out: record("f_g", out[0]))
+    h4 = model.backbone.register_forward_hook(lambda mod, args, out: record("layer4", out["layer4"]))
+    try:
+        with torch.no_grad(), ocnet_training_without_dropout(model):
+            out = model(img_q, img_s, m_s)
+    finally:
+        h1.remove(), h2.remove(), h3.remove(), h4.remove()
+    return dict(episode=(img_q, img_s, m_s, m_q), out=out, ccm_in=ccm_in[0], gen_in=gen_in[0][0], **seen)
+
+
+# §5.3's ablations: each row's Config fields, the learnable and the frozen parameters it removes (written out for
+# ResNet-50 and C = 256, N_g = 16), the default model's modules those are, and the loss terms it keeps
+_C, _N_G = 256, 16
+_ATTEN = 4 * _C * _C + 4 * _C  # nn.MultiheadAttention: in_proj (3C x C + 3C), out_proj (C x C + C)
+_GOMM = _N_G * _C + 2 * _C * _C + 9 * _C * _C + 2 * _C + 2 + _ATTEN  # P_g, fuse 1x1, head 3x3 + 1x1 (no/with bias)
+_CCM = 4 * (_C * _C + _C)  # the four "LN" of Eq. (13-14)
+_CAM = 1000 * 2048 + 1000  # ResNet-50's ImageNet fc, frozen
+_ALL_TERMS = {"target", "general", "allocation"}
+OCNET_ABLATIONS = {  # row -> (fields, learnable removed, frozen removed, the default's modules removed, loss terms)
+    "gomm=false": (dict(gomm=False), _GOMM, _CAM, ("gomm", "cam"), {"target", "allocation"}),
+    "ccm=false": (dict(ccm=False), _CCM, 0, ("ccm",), {"target", "general"}),
+    "gomm=false ccm=false": (dict(gomm=False, ccm=False), _GOMM + _CCM, _CAM, ("gomm", "cam", "ccm"), {"target"}),
+    "cam=false": (dict(cam=False), 0, _CAM, ("cam",), _ALL_TERMS),
+    "mask=false": (dict(mask=False), 0, 0, (), _ALL_TERMS),
+    "atten=false": (dict(atten=False), _ATTEN, 0, ("gomm.attention",), _ALL_TERMS),
+    "mask=false atten=false": (dict(mask=False, atten=False), _ATTEN, 0, ("gomm.attention",), _ALL_TERMS),
+    # Mean: no "LN", and the decoder's 1x1 stem (no bias) reads 3C channels instead of 2C
+    "allocation=mean": (dict(allocation="mean"), _CCM - _C * _C, 0, ("ccm",), {"target", "general"}),
+    "allocation=cosine": (dict(allocation="cosine"), 0, 0, (), {"target", "general"}),
+    "allocation=fore": (dict(allocation="fore"), 0, 0, (), _ALL_TERMS),
+}
+
+
+def ocnet_prior_and_cam(model, img_q, img_s, m_s):
+    """The prior mask of Eq. (1) and the CAM (None without one) from model's backbone, recomputed here: F_s^h is
+    layer4 of the masked layer3 (PFENet.py:209-210). -> prior, cam (B,1,h,w)."""
+    B, S = img_s.shape[:2]
+    with torch.no_grad():
+        f_q4 = model.backbone(img_q)["layer4"]
+        f_s3 = model.backbone(img_s.flatten(0, 1))["layer3"]
+        m = F.interpolate((m_s.flatten(0, 1) == 1).float()[:, None], f_s3.shape[-2:], mode="bilinear",
+                          align_corners=True)
+        f_s4 = model.backbone.stages["layer4"](f_s3 * m).view(B, S, *f_q4.shape[1:])
+        return common.cosine_prior(f_q4, f_s4, m_s), None if model.cam is None else model.cam(f_q4)
+
+
 class TestOCNet:
-    # ---------------- shapes at 1 and 5 shots, channels_last, bf16, losses, gradients, empty masks ------------
+    # ---------------- Fig. 2: 1 and 5 shots, evaluation's outputs, channels_last, empty masks, the Config -----
 
     @pytest.mark.parametrize("backbone,feat", [("resnet50", 7), ("vgg16_bn", 4)])
     def test_ocnet_forward_shapes_one_and_five_shot(self, ocnet_models, backbone, feat):
-        model = ocnet_models[backbone].eval()
+        # training: the logits and what the loss reads; evaluation: the logits alone
+        model = ocnet_models[backbone]
         n2 = 2 * model.cfg.num_select
         for batch, shot in ((2, 1), (1, 5)):
             img_q, img_s, m_s, _ = episode(batch, shot, **OCNET_EPISODE)
             with torch.no_grad():
-                out = model(img_q, img_s, m_s)
+                logits = model.eval()(img_q, img_s, m_s)
+                out = model.train()(img_q, img_s, m_s)
+            model.eval()
+            assert set(logits) == {"logits"} and logits["logits"].shape == (batch, 2, OCNET_SIZE, OCNET_SIZE)
+            assert set(out) == {"logits", "logits_g", "m_g", "logits_pa", "cost_pa"}
             assert out["logits"].shape == (batch, 2, OCNET_SIZE, OCNET_SIZE)
             assert out["logits_g"].shape == (batch, 2, feat, feat) and out["m_g"].shape == (batch, feat, feat)
             assert out["logits_pa"].shape == out["cost_pa"].shape == (batch, n2, feat, feat)
@@ -3931,40 +3990,38 @@ class TestOCNet:
             assert all(torch.isfinite(v.float()).all() for v in out.values())
             assert (out["cost_pa"] >= -1e-5).all() and (out["cost_pa"] <= 2 + 1e-5).all()  # 1 - cosine
 
+    def test_ocnet_evaluation_computes_nothing_only_the_loss_reads(self, ocnet_resnet, ocnet_run, monkeypatch):
+        # M_g (so the CAM's Grad-CAM), M̂_g (GOMM's head), the transport costs and P_s before dropout are the loss's
+        # alone: evaluation computes none of them, and its logits are those of training without dropout
+        model = ocnet_resnet.eval()
+        img_q, img_s, m_s, _ = ocnet_run["episode"]
+        calls, pooled = {"cam": 0, "head": 0}, []
+        hooks = [model.cam.register_forward_hook(lambda *_: calls.update(cam=calls["cam"] + 1)),
+                 model.gomm.head.register_forward_hook(lambda *_: calls.update(head=calls["head"] + 1))]
+        ccm_out = []
+        hooks.append(model.ccm.register_forward_hook(lambda mod, args, out: ccm_out.append(out)))
+        mfp = ocnet.multi_frequency_pooling
+        monkeypatch.setattr(ocnet, "multi_frequency_pooling", lambda f, m, n: pooled.append(len(f)) or mfp(f, m, n))
+        try:
+            with torch.no_grad():
+                out = model(img_q, img_s, m_s)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        assert set(out) == {"logits"} and calls == {"cam": 0, "head": 0}
+        (_, logits_pa, cost), = ccm_out
+        assert logits_pa is None and cost is None
+        assert pooled == [2]  # P_s of the 2 shots once, not of the shots before and after dropout (4)
+        assert torch.equal(out["logits"], ocnet_run["out"]["logits"])
+
     def test_ocnet_channels_last_gives_the_same_outputs(self, ocnet_models):
         # train.py converts the model to channels_last on CUDA: reshapes must not assume contiguous features
         model = copy.deepcopy(ocnet_models["resnet50"]).eval()
         img_q, img_s, m_s, _ = episode(2, 2, **OCNET_EPISODE)
-        with torch.no_grad():
+        with torch.no_grad(), ocnet_training_without_dropout(model):  # every output, the loss's too
             ref = model(img_q, img_s, m_s)
             out = model.to(memory_format=torch.channels_last)(img_q, img_s, m_s)
-        assert all(torch.allclose(ref[k].float(), out[k].float(), atol=1e-4) for k in ref)
-
-    def test_ocnet_transport_cost_stays_fp32_under_bf16_autocast(self, ocnet_models):
-        # Sinkhorn divides the cost by eps = 0.05: bf16's 1/128 steps would become 0.16 in the exponent
-        model = ocnet_models["resnet50"].eval()
-        img_q, img_s, m_s, _ = episode(2, 1, **OCNET_EPISODE)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(img_q, img_s, m_s)
-        assert out["logits_pa"].dtype == torch.bfloat16 and out["cost_pa"].dtype == torch.float32
-        assert not torch.equal(out["cost_pa"], out["cost_pa"].bfloat16().float())  # values between bf16's steps
-
-    def test_ocnet_loss_terms_and_gradients(self, ocnet_models):
-        model = ocnet_models["resnet50"].train()
-        img_q, img_s, m_s, m_q = episode(2, 2, **OCNET_EPISODE)
-        model.zero_grad(set_to_none=True)
-        out = model(img_q, img_s, m_s)
-        total, terms = model.loss(out, m_q, m_s)
-        assert set(terms) == {"target", "general", "allocation"}
-        assert all(torch.isfinite(t) and t > 0 for t in terms.values())
-        assert torch.allclose(total, sum(terms.values()))
-        total.backward()
-        for name, p in model.named_parameters():
-            if name.startswith(("backbone.", "cam.")):
-                assert not p.requires_grad and p.grad is None, name
-            else:
-                assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
-        assert model.backbone.training is False and model.cam.training is False  # frozen parts stay in eval
+        assert len(ref) == 5 and all(torch.allclose(ref[k].float(), out[k].float(), atol=1e-4) for k in ref)
 
     def test_ocnet_empty_support_or_query_mask_gives_no_nan(self, ocnet_models):
         model = ocnet_models["resnet50"].train()
@@ -3980,7 +4037,243 @@ class TestOCNet:
         assert all(g is not None and torch.isfinite(g).all() for g in grads), sum(g is None for g in grads)
         assert torch.isfinite(model(img_q[:1], img_s[:1], torch.zeros_like(m_s[:1]))["logits"]).all()
 
-    # ---------------- Sinkhorn, the allocation target, MFP and the prototype selection ------------------------
+    def test_ocnet_config_cam_switch_and_bad_values(self):
+        model = ocnet.Model(ocnet.Config(pretrained=False, cam=False))
+        assert model.cam is None
+        with pytest.raises(ValueError, match="allocation must be one of fore\\+back, mean, cosine, fore, not 'back'"):
+            ocnet.Model(ocnet.Config(pretrained=False, allocation="back"))
+        with pytest.raises(ValueError, match="needs the CAM or the Mask"):
+            ocnet.Model(ocnet.Config(pretrained=False, cam=False, mask=False))
+        with pytest.raises(ValueError, match="num_select"):
+            ocnet.Model(ocnet.Config(pretrained=False, num_select=25))
+
+
+    # ---------------- §4.2, Eq. (1-2): the ImageNet CAM and the general object mask M_g -----------------------
+
+    def test_ocnet_cam_takes_the_weight_files_own_classifier(self, pfenet_file, tmp_path):
+        path, ref = pfenet_file
+        torch.manual_seed(0)
+        model = ocnet.Model(ocnet.Config(backbone="resnet50_deep", pretrained=str(path)))
+        fc = model.cam.classifier[-1]
+        assert fc is model.backbone.head and torch.equal(fc.weight, ref.fc.weight) and torch.equal(fc.bias, ref.fc.bias)
+        assert not any(p.requires_grad for p in model.cam.parameters())
+        state = model.state_dict()  # the classifier is saved once, as the CAM's, as for the torchvision backbones
+        assert "cam.classifier.2.weight" in state and not any(k.startswith("backbone.head") for k in state)
+        f_h = torch.rand(2, 2048, 4, 5)
+        top = ref.fc(f_h.mean((2, 3))).argmax(1)  # CAM [65] of the file's top class
+        expected = ocnet.minmax(F.relu(torch.einsum("bc,bchw->bhw", ref.fc.weight[top], f_h))[:, None])
+        torch.testing.assert_close(model.cam(f_h), expected, atol=1e-5, rtol=1e-4)
+        # a file without a classifier: a clear error, and cam=false needs none
+        bare = tmp_path / "no_fc.pth"
+        torch.save({k: v for k, v in torch.load(path, weights_only=True).items() if not k.startswith("fc.")}, bare)
+        with pytest.raises(common.WeightsFileError, match="no ImageNet classifier.*--set cam=false"):
+            ocnet.Model(ocnet.Config(backbone="resnet50_deep", pretrained=str(bare)))
+        assert ocnet.Model(ocnet.Config(backbone="resnet50_deep", pretrained=str(bare), cam=False)).cam is None
+
+    def test_ocnet_cam_of_torchvision_backbones_unchanged(self):
+        torch.manual_seed(7)
+        cam = ocnet.ImageNetCAM("resnet50", pretrained=False)
+        torch.manual_seed(7)
+        fc = torchvision.models.resnet50(weights=None).fc  # as ImageNetCAM built it before weight files existed
+        assert torch.equal(cam.classifier[-1].weight, fc.weight) and torch.equal(cam.classifier[-1].bias, fc.bias)
+        assert [type(m) for m in cam.classifier] == [nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear]
+        deep = ocnet.ImageNetCAM("resnet50_deep", pretrained=False)  # random, like its backbone (checkpoints fill it)
+        assert deep.classifier[-1].weight.shape == (1000, 2048)
+
+    def test_ocnet_gradcam_is_cam_for_resnet_and_runs_under_no_grad(self):
+        torch.manual_seed(0)
+        cam = ocnet.ImageNetCAM("resnet50", pretrained=False)
+        f_h = torch.rand(2, 2048, 5, 6)
+        with torch.no_grad():  # as in evaluation
+            out = cam(f_h)
+        fc = cam.classifier[-1]
+        top = fc(f_h.mean((2, 3))).argmax(1)  # (2,)
+        expected = F.relu(torch.einsum("bc,bchw->bhw", fc.weight[top], f_h))[:, None]  # CAM [65] of the top class
+        expected = ocnet.minmax(expected)
+        assert out.shape == (2, 1, 5, 6) and torch.allclose(out, expected, atol=1e-5)
+        assert out.amax((2, 3)).allclose(torch.ones(2, 1), atol=1e-5) and out.min() >= 0
+
+    @pytest.mark.parametrize("backbone", ["resnet50", "vgg16_bn"])
+    def test_ocnet_general_object_mask_is_thresholded_max_of_prior_and_cam(self, ocnet_models, backbone):
+        model = ocnet_models[backbone].eval()
+        img_q, img_s, m_s, _ = episode(2, 2, **OCNET_EPISODE)
+        with torch.no_grad(), ocnet_training_without_dropout(model):  # M_g is made in training
+            out = model(img_q, img_s, m_s)
+        prior, cam = ocnet_prior_and_cam(model, img_q, img_s, m_s)  # PFENet.py:209-210: layer4 of masked layer3
+        assert cam.shape == prior.shape and cam.min() >= 0 and cam.max() <= 1
+        assert torch.equal(out["m_g"], (torch.maximum(prior, cam)[:, 0] >= 0.6).long())
+        assert out["m_g"].flatten(1).sum(1).min() >= 1  # the prior's maximum is 1 >= tau in each image
+
+
+    # ---------------- §4.2, Eq. (3-5): GOMM -------------------------------------------------------------------
+
+    def test_ocnet_gomm_allocation_residual_and_attention_by_hand(self):
+        # Identity projections make every step of Eq. (3-5) computable by hand: Conv1x1 = [I, I] (then ReLU), so
+        # F_ig = ReLU(Alloc(P_g, Argmax cos(F_q, P_g)) + F_q); attention with identity in/out projections and 2 heads
+        # is softmax(q k^T / sqrt(C/2)) v per half of the channels; F_g = that + F_q (Eq. 5's residual).
+        g = torch.Generator().manual_seed(2)
+        C, N_g, h, w = 4, 3, 2, 3
+        gomm = ocnet.GOMM(C, N_g, heads=2, dropout=0.1).eval()
+        with torch.no_grad():
+            gomm.prototypes.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 1.0]]))
+            gomm.fuse[0].weight.copy_(torch.cat([torch.eye(C), torch.eye(C)], 1)[..., None, None])
+            gomm.attention.in_proj_weight.copy_(torch.eye(C).repeat(3, 1))
+            gomm.attention.in_proj_bias.zero_()
+        _set_identity(gomm.attention.out_proj)
+        f_q = torch.randn(1, C, h, w, generator=g)
+        with torch.no_grad():
+            f_g, logits_g = gomm(f_q)
+
+        # Eq. (3-4): the nearest prototype (largest cosine) at each pixel, found by a loop
+        f_ig = torch.zeros(1, C, h, w)
+        nearest = []
+        for i in range(h):
+            for j in range(w):
+                sims = [_cos(f_q[0, :, i, j], gomm.prototypes[k]).item() for k in range(N_g)]
+                k = max(range(N_g), key=sims.__getitem__)
+                nearest.append(k)
+                f_ig[0, :, i, j] = F.relu(gomm.prototypes[k].detach() + f_q[0, :, i, j])
+        assert len(set(nearest)) > 1  # the pixels do not all pick one prototype: argmax and argmin differ here
+        with torch.no_grad():
+            assert torch.allclose(logits_g, gomm.head(f_ig), atol=1e-5)  # M̂_g is the head on F_ig
+
+        # Eq. (5): multi-head attention by hand, plus the residual F_q
+        q, kv = f_q.flatten(2)[0].T, f_ig.flatten(2)[0].T  # (hw, C)
+        d = C // 2
+        heads = []
+        for s in (slice(0, d), slice(d, C)):
+            weights = torch.softmax(q[:, s] @ kv[:, s].T / math.sqrt(d), dim=1)  # (hw, hw)
+            heads.append(weights @ kv[:, s])
+        attended = torch.cat(heads, 1).T.reshape(1, C, h, w)
+        assert torch.allclose(f_g, attended + f_q, atol=1e-5)
+
+
+    # ---------------- §4.3, Eq. (6): multi-frequency pooling, P_s; the query generalization's inputs (§5.1) ---
+
+    def test_ocnet_mfp_first_component_is_map_and_dct_is_orthogonal(self):
+        g = torch.Generator().manual_seed(0)
+        f = torch.randn(3, 8, 6, 5, generator=g)
+        m = (torch.rand(3, 24, 20, generator=g) > 0.5).float()
+        m[2] = 0  # empty mask: zeros
+        p = ocnet.multi_frequency_pooling(f, m, 7)
+        assert p.shape == (3, 49, 8)
+        assert torch.allclose(p[:, 0], common.masked_average_pooling(f, m), atol=1e-6)
+        assert (p[2] == 0).all()
+        basis = ocnet.dct_basis(6, 5, 3, "cpu").flatten(1)  # (9, 30)
+        gram = basis @ basis.T
+        assert torch.allclose(gram - torch.diag(gram.diag()), torch.zeros(9, 9), atol=1e-5)
+        assert torch.allclose(basis[0], torch.ones(30)) and math.isclose(gram[0, 0].item(), 30, rel_tol=1e-6)
+        # one component by hand: u = 1 along the rows, v = 0
+        assert torch.allclose(basis[3].view(6, 5)[:, 0], torch.cos(math.pi * (torch.arange(6) + 0.5) / 6))
+
+    def test_ocnet_mfp_every_component_by_hand(self):
+        # each of the n*n components against sum(f * m * basis_l) / sum(m), the DCT-II cosines written out here;
+        # component l = u * n + v (u along the rows). A soft mask checks that m weights the pixels linearly.
+        g = torch.Generator().manual_seed(1)
+        B, C, h, w, n = 2, 3, 6, 5, 4
+        f = torch.randn(B, C, h, w, generator=g)
+        m = torch.rand(B, h, w, generator=g)
+        m[1, :3] = 0  # a partial mask
+        p = ocnet.multi_frequency_pooling(f, m, n)
+        assert p.shape == (B, n * n, C)
+        for b in range(B):
+            area = m[b].sum().item() + common.MAP_EPS
+            for u in range(n):
+                for v in range(n):
+                    expected = torch.zeros(C)
+                    for i in range(h):
+                        for j in range(w):
+                            basis = math.cos(math.pi * u * (i + 0.5) / h) * math.cos(math.pi * v * (j + 0.5) / w)
+                            expected += f[b, :, i, j] * m[b, i, j] * basis
+                    assert torch.allclose(p[b, u * n + v], expected / area, atol=1e-5), (b, u, v)
+
+    def test_ocnet_support_prototypes_prior_and_generalization_inputs_by_hand(self, ocnet_run):
+        # Step 4-5 with K = 2: the CCM receives P_s = the shot mean of Eq. (6)'s MFP of each shot (foreground = label 1
+        # only, 255 is not foreground), and the query generalization gets [F_g from GOMM, P_s component 0 (MAP),
+        # the prior of both shots]
+        _, _, m_s, _ = ocnet_run["episode"]
+        _, f_g, f_s, m, p_s, p_s_drop = ocnet_run["ccm_in"]
+        assert torch.equal(p_s_drop, p_s)  # dropout off: P_s before and after it are one
+        B, S, C, h, w = f_s.shape
+        n = ocnet.Config.dct_size
+        fg = F.interpolate((m_s == 1).float(), (h, w), mode="bilinear", align_corners=True)  # (B, S, h, w)
+        assert torch.allclose(m, fg)
+        ii, jj = torch.arange(h)[:, None] + 0.5, torch.arange(w)[None] + 0.5
+        expected = torch.zeros(B, n * n, C)
+        for u in range(n):
+            for v in range(n):
+                basis = torch.cos(math.pi * u * ii / h) * torch.cos(math.pi * v * jj / w)  # (h, w)
+                for k in range(S):
+                    pooled = (f_s[:, k] * (fg[:, k] * basis)[:, None]).sum((2, 3))  # (B, C)
+                    expected[:, u * n + v] += pooled / (fg[:, k].sum((1, 2))[:, None] + common.MAP_EPS) / S
+        assert torch.allclose(p_s, expected, atol=1e-4 * expected.abs().max().item())
+        map_mean = sum(common.masked_average_pooling(f_s[:, k], (m_s[:, k] == 1).float()) for k in range(S)) / S
+        x = ocnet_run["gen_in"]  # (B, 2C + 1, h, w)
+        assert x.shape == (B, 2 * C + 1, h, w)
+        assert torch.allclose(x[:, :C], ocnet_run["f_g"])
+        assert torch.allclose(x[:, C:2 * C], map_mean[..., None, None].expand(-1, -1, h, w), atol=1e-5)
+        f4 = ocnet_run["layer4"]  # the backbone's one call: [query, masked supports]
+        f_q4, f_s4 = f4[:B], f4[B:].unflatten(0, (B, S))
+        prior = sum(common.cosine_prior(f_q4, f_s4[:, k], m_s[:, k]) for k in range(S)) / S  # PFENet: shot mean
+        assert torch.allclose(x[:, 2 * C:], prior, atol=1e-5)
+        assert not torch.allclose(prior, common.cosine_prior(f_q4, f_s4[:, 0], m_s[:, 0]), atol=1e-3)  # both count
+
+
+    # ---------------- §4.3, Eq. (7-10): prototype selection and the transport costs ---------------------------
+
+    def test_ocnet_prototype_selection_by_hand(self):
+        # support: e0 on the object (left half), e1 elsewhere; prototypes e0 (mask = M_s), e1, -e0, e0 + e1
+        C, h, w = 4, 4, 4
+        e = torch.eye(C)
+        m = torch.zeros(1, 1, h, w)
+        m[..., :2] = 1
+        f_s = (m[:, :, None] * e[0, :, None, None] + (1 - m[:, :, None]) * e[1, :, None, None])  # (1, 1, C, h, w)
+        p_s = torch.stack([e[1], e[0] + e[1], e[0], -e[0]])[None]  # (1, 4, C); nearest: e0, farthest: -e0
+        ccm = ocnet.CCM(C, num_select=1, pa_scale=10.0)
+        f_q = e[0, None, :, None, None].expand(1, C, 2, 2)  # every query pixel is e0
+        f_c, logits_pa, cost = ccm(f_q, torch.randn(1, C, 2, 2), f_s, m[:, :, :, :], p_s, p_s)
+        assert torch.allclose(cost[0, 0], torch.full((2, 2), 2.0))  # background slot: -e0, cosine -1
+        assert torch.allclose(cost[0, 1], torch.zeros(2, 2), atol=1e-6)  # foreground slot: e0, cosine 1
+        assert f_c.shape == (1, 2 * C, 2, 2) and logits_pa.shape == (1, 2, 2, 2) and logits_pa.abs().max() <= 10 + 1e-4
+
+    def test_ocnet_ccm_selection_averages_the_shot_distances(self):
+        # K shots (§5.1): Eq. (8-9) rank the prototypes by the distance averaged over the shots; the case is picked
+        # so that shot 0 alone would select other prototypes
+        g = torch.Generator().manual_seed(4)
+        B, S, C, hs, L, n_s = 1, 2, 6, 5, 8, 2
+        f_s = torch.randn(B, S, C, hs, hs, generator=g)
+        m = torch.zeros(B, S, hs, hs)
+        m[0, 0, 1:4, 1:3] = 1
+        m[0, 1, 2:5, 2:5] = 1
+        p_s = torch.randn(B, L, C, generator=g)
+        f_q = torch.randn(B, C, 3, 3, generator=g)
+        dist = torch.zeros(S, L)
+        for k in range(S):
+            for l in range(L):
+                sim = torch.stack([torch.stack([_cos(f_s[0, k, :, i, j], p_s[0, l]) for j in range(hs)])
+                                   for i in range(hs)])  # M_sp of shot k, prototype l
+                dist[k, l] = ((sim - m[0, k]) ** 2).sum().sqrt()
+        order = dist.mean(0).argsort().tolist()
+        fg, bg = set(order[:n_s]), set(order[-n_s:])
+        order0 = dist[0].argsort().tolist()
+        assert (set(order0[:n_s]), set(order0[-n_s:])) != (fg, bg)  # the case discriminates
+        ccm = ocnet.CCM(C, num_select=n_s, pa_scale=10.0)
+        with torch.no_grad():
+            _, _, cost = ccm(f_q, torch.randn(B, C, 3, 3, generator=g), f_s, m, p_s, p_s)
+        slots = _slot_prototypes(cost, f_q, p_s)
+        assert set(slots[:n_s]) == bg and set(slots[n_s:]) == fg
+
+    def test_ocnet_transport_cost_stays_fp32_under_bf16_autocast(self, ocnet_models):
+        # Sinkhorn divides the cost by eps = 0.05: bf16's 1/128 steps would become 0.16 in the exponent
+        model = ocnet_models["resnet50"]
+        img_q, img_s, m_s, _ = episode(2, 1, **OCNET_EPISODE)
+        with torch.no_grad(), ocnet_training_without_dropout(model), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(img_q, img_s, m_s)  # training: the costs are made
+        assert out["logits_pa"].dtype == torch.bfloat16 and out["cost_pa"].dtype == torch.float32
+        assert not torch.equal(out["cost_pa"], out["cost_pa"].bfloat16().float())  # values between bf16's steps
+
+
+    # ---------------- §4.3, Eq. (11-12): Sinkhorn and the prototype allocating mask M_pa ----------------------
 
     def test_ocnet_sinkhorn_meets_marginals_and_prefers_low_cost(self):
         g = torch.Generator().manual_seed(0)
@@ -4034,198 +4327,42 @@ class TestOCNet:
         labelled = m_q != IGNORE_INDEX
         assert ((m_pa >= N_s) == (m_q == 1))[labelled].all()  # each pixel goes to a slot of its own kind
 
-    def test_ocnet_mfp_first_component_is_map_and_dct_is_orthogonal(self):
-        g = torch.Generator().manual_seed(0)
-        f = torch.randn(3, 8, 6, 5, generator=g)
-        m = (torch.rand(3, 24, 20, generator=g) > 0.5).float()
-        m[2] = 0  # empty mask: zeros
-        p = ocnet.multi_frequency_pooling(f, m, 7)
-        assert p.shape == (3, 49, 8)
-        assert torch.allclose(p[:, 0], common.masked_average_pooling(f, m), atol=1e-6)
-        assert (p[2] == 0).all()
-        basis = ocnet.dct_basis(6, 5, 3, "cpu").flatten(1)  # (9, 30)
-        gram = basis @ basis.T
-        assert torch.allclose(gram - torch.diag(gram.diag()), torch.zeros(9, 9), atol=1e-5)
-        assert torch.allclose(basis[0], torch.ones(30)) and math.isclose(gram[0, 0].item(), 30, rel_tol=1e-6)
-        # one component by hand: u = 1 along the rows, v = 0
-        assert torch.allclose(basis[3].view(6, 5)[:, 0], torch.cos(math.pi * (torch.arange(6) + 0.5) / 6))
-
-    def test_ocnet_prototype_selection_by_hand(self):
-        # support: e0 on the object (left half), e1 elsewhere; prototypes e0 (mask = M_s), e1, -e0, e0 + e1
-        C, h, w = 4, 4, 4
-        e = torch.eye(C)
-        m = torch.zeros(1, 1, h, w)
-        m[..., :2] = 1
-        f_s = (m[:, :, None] * e[0, :, None, None] + (1 - m[:, :, None]) * e[1, :, None, None])  # (1, 1, C, h, w)
-        p_s = torch.stack([e[1], e[0] + e[1], e[0], -e[0]])[None]  # (1, 4, C); nearest: e0, farthest: -e0
-        ccm = ocnet.CCM(C, num_select=1, pa_scale=10.0)
-        f_q = e[0, None, :, None, None].expand(1, C, 2, 2)  # every query pixel is e0
-        f_c, logits_pa, cost = ccm(f_q, torch.randn(1, C, 2, 2), f_s, m[:, :, :, :], p_s, p_s)
-        assert torch.allclose(cost[0, 0], torch.full((2, 2), 2.0))  # background slot: -e0, cosine -1
-        assert torch.allclose(cost[0, 1], torch.zeros(2, 2), atol=1e-6)  # foreground slot: e0, cosine 1
-        assert f_c.shape == (1, 2 * C, 2, 2) and logits_pa.shape == (1, 2, 2, 2) and logits_pa.abs().max() <= 10 + 1e-4
-
-    # ---------------- the ImageNet CAM and the general object mask --------------------------------------------
-
-    def test_ocnet_cam_takes_the_weight_files_own_classifier(self, pfenet_file, tmp_path):
-        path, ref = pfenet_file
-        torch.manual_seed(0)
-        model = ocnet.Model(ocnet.Config(backbone="resnet50_deep", pretrained=str(path)))
-        fc = model.cam.classifier[-1]
-        assert fc is model.backbone.head and torch.equal(fc.weight, ref.fc.weight) and torch.equal(fc.bias, ref.fc.bias)
-        assert not any(p.requires_grad for p in model.cam.parameters())
-        state = model.state_dict()  # the classifier is saved once, as the CAM's, as for the torchvision backbones
-        assert "cam.classifier.2.weight" in state and not any(k.startswith("backbone.head") for k in state)
-        f_h = torch.rand(2, 2048, 4, 5)
-        top = ref.fc(f_h.mean((2, 3))).argmax(1)  # CAM [65] of the file's top class
-        expected = ocnet.minmax(F.relu(torch.einsum("bc,bchw->bhw", ref.fc.weight[top], f_h))[:, None])
-        torch.testing.assert_close(model.cam(f_h), expected, atol=1e-5, rtol=1e-4)
-        # a file without a classifier: a clear error, and cam_source="none" needs none
-        bare = tmp_path / "no_fc.pth"
-        torch.save({k: v for k, v in torch.load(path, weights_only=True).items() if not k.startswith("fc.")}, bare)
-        with pytest.raises(common.WeightsFileError, match="no ImageNet classifier.*--cam-source none"):
-            ocnet.Model(ocnet.Config(backbone="resnet50_deep", pretrained=str(bare)))
-        assert ocnet.Model(ocnet.Config(backbone="resnet50_deep", pretrained=str(bare), cam_source="none")).cam is None
-
-    def test_ocnet_cam_of_torchvision_backbones_unchanged(self):
-        torch.manual_seed(7)
-        cam = ocnet.ImageNetCAM("resnet50", pretrained=False)
-        torch.manual_seed(7)
-        fc = torchvision.models.resnet50(weights=None).fc  # as ImageNetCAM built it before weight files existed
-        assert torch.equal(cam.classifier[-1].weight, fc.weight) and torch.equal(cam.classifier[-1].bias, fc.bias)
-        assert [type(m) for m in cam.classifier] == [nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear]
-        deep = ocnet.ImageNetCAM("resnet50_deep", pretrained=False)  # random, like its backbone (checkpoints fill it)
-        assert deep.classifier[-1].weight.shape == (1000, 2048)
-
-    def test_ocnet_gradcam_is_cam_for_resnet_and_runs_under_no_grad(self):
-        torch.manual_seed(0)
-        cam = ocnet.ImageNetCAM("resnet50", pretrained=False)
-        f_h = torch.rand(2, 2048, 5, 6)
-        with torch.no_grad():  # as in evaluation
-            out = cam(f_h)
-        fc = cam.classifier[-1]
-        top = fc(f_h.mean((2, 3))).argmax(1)  # (2,)
-        expected = F.relu(torch.einsum("bc,bchw->bhw", fc.weight[top], f_h))[:, None]  # CAM [65] of the top class
-        expected = ocnet.minmax(expected)
-        assert out.shape == (2, 1, 5, 6) and torch.allclose(out, expected, atol=1e-5)
-        assert out.amax((2, 3)).allclose(torch.ones(2, 1), atol=1e-5) and out.min() >= 0
-
-    @pytest.mark.parametrize("backbone", ["resnet50", "vgg16_bn"])
-    def test_ocnet_general_object_mask_is_thresholded_max_of_prior_and_cam(self, ocnet_models, backbone):
-        model = ocnet_models[backbone].eval()
-        img_q, img_s, m_s, _ = episode(2, 2, **OCNET_EPISODE)
-        with torch.no_grad():
-            out = model(img_q, img_s, m_s)
-            f_q4 = model.backbone(img_q)["layer4"]
-            f_s3 = model.backbone(img_s.flatten(0, 1))["layer3"]  # PFENet.py:209-210: layer4 of the masked layer3
-            m = F.interpolate((m_s.flatten(0, 1) == 1).float()[:, None], f_s3.shape[-2:], mode="bilinear",
-                              align_corners=True)
-            f_s4 = model.backbone.stages["layer4"](f_s3 * m).view(2, 2, *f_q4.shape[1:])
-            prior, cam = common.cosine_prior(f_q4, f_s4, m_s), model.cam(f_q4)
-        assert cam.shape == prior.shape and cam.min() >= 0 and cam.max() <= 1
-        assert torch.equal(out["m_g"], (torch.maximum(prior, cam)[:, 0] >= 0.6).long())
-        assert out["m_g"].flatten(1).sum(1).min() >= 1  # the prior's maximum is 1 >= tau in each image
-
-    # ---------------- configuration and a short training ------------------------------------------------------
-
-    def test_ocnet_config_cam_source_and_bad_values(self):
-        model = ocnet.Model(ocnet.Config(pretrained=False, cam_source="none"))
-        assert model.cam is None
-        with pytest.raises(ValueError, match="cam_source"):
-            ocnet.Model(ocnet.Config(pretrained=False, cam_source="saliency"))
-        with pytest.raises(ValueError, match="num_select"):
-            ocnet.Model(ocnet.Config(pretrained=False, num_select=25))
-
-    def test_ocnet_short_synthetic_training_lowers_the_loss(self, ocnet_models):
-        # four steps of the harness's SGD at the paper's lr (§5.1) on two synthetic episodes;
-        # loss compared in eval mode
-        torch.manual_seed(0)  # dropout: the loss falls by 0.13 to 0.38 over the seeds 0-5
-        model = copy.deepcopy(ocnet_models["resnet50"]).eval()
-        img_q, img_s, m_s, m_q, _ = synthetic_episode(2, 1, OCNET_SIZE)
-
-        def loss():
-            return model.loss(model(img_q, img_s, m_s), m_q, m_s)[0]
-
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=0.005, momentum=0.9, weight_decay=1e-4)  # §5.1, before the x 10
-        with torch.no_grad():
-            before = loss().item()
+    def test_ocnet_allocation_target_is_made_without_dropout(self, ocnet_resnet, ocnet_run):
+        # Eq. (7-11) take F_q, F_s, P_s before the features' Dropout2d (Choices): in train mode, under two dropout
+        # draws, the costs and the target M_pa are those computed without dropout from the same weights, while
+        # M̂_pa does see the dropout. The CCM's inputs are the 1x1 reduction's own output (its ReLU's, hooked before the
+        # Dropout2d).
+        model, ref = ocnet_resnet, ocnet_run["out"]  # ref: dropout off
+        img_q, img_s, m_s, m_q = ocnet_run["episode"]
+        B, S = img_s.shape[:2]
+        target = ocnet.allocation_target(ref["cost_pa"], m_q, model.cfg.ot_eps, model.cfg.sinkhorn_iters)
+        assert len(target[target != IGNORE_INDEX].unique()) > 2  # several slots are taught
+        outs, reduced = [], []
+        ccm_in, h1 = _capture_inputs(model.ccm)
+        h2 = model.down[1].register_forward_hook(lambda mod, args, out: reduced.append(out.detach().clone()))
         model.train()
-        for _ in range(4):
-            optimizer.zero_grad()
-            loss().backward()
-            optimizer.step()
-        model.eval()
-        with torch.no_grad():
-            after = loss().item()
-        assert math.isfinite(after) and after < before - 0.05
+        try:
+            for seed in (1, 2):
+                torch.manual_seed(seed)
+                with torch.no_grad():
+                    outs.append(model(img_q, img_s, m_s))
+        finally:
+            model.eval()
+            h1.remove(), h2.remove()
+        assert not torch.allclose(outs[0]["logits_pa"], outs[1]["logits_pa"], atol=1e-3)  # the draws differ
+        for out in outs:
+            assert torch.allclose(out["cost_pa"], ref["cost_pa"], atol=1e-6)
+            m_pa = ocnet.allocation_target(out["cost_pa"], m_q, model.cfg.ot_eps, model.cfg.sinkhorn_iters)
+            assert torch.equal(m_pa, target)
+        f_q, _, f_s, m, p_s, p_s_drop = ccm_in[0]
+        assert torch.equal(f_q, reduced[0]) and torch.equal(f_s, reduced[1].unflatten(0, (B, S)))  # query, supports
+        mfp = ocnet.multi_frequency_pooling(f_s.flatten(0, 1), m.flatten(0, 1), model.cfg.dct_size)
+        assert torch.allclose(p_s, mfp.unflatten(0, (B, S)).mean(1), atol=1e-6)
+        _slot_prototypes(outs[0]["cost_pa"], reduced[0], p_s)  # every cost channel: 1 - cos(F_q, P_s[l]), no dropout
+        assert (p_s_drop - p_s).abs().max() > 0.1  # while Eq. (13) gets the prototypes after dropout
 
-    # ---------------- Eq. (6): multi-frequency pooling --------------------------------------------------------
 
-    def test_ocnet_mfp_every_component_by_hand(self):
-        # each of the n*n components against sum(f * m * basis_l) / sum(m), the DCT-II cosines written out here;
-        # component l = u * n + v (u along the rows). A soft mask checks that m weights the pixels linearly.
-        g = torch.Generator().manual_seed(1)
-        B, C, h, w, n = 2, 3, 6, 5, 4
-        f = torch.randn(B, C, h, w, generator=g)
-        m = torch.rand(B, h, w, generator=g)
-        m[1, :3] = 0  # a partial mask
-        p = ocnet.multi_frequency_pooling(f, m, n)
-        assert p.shape == (B, n * n, C)
-        for b in range(B):
-            area = m[b].sum().item() + common.MAP_EPS
-            for u in range(n):
-                for v in range(n):
-                    expected = torch.zeros(C)
-                    for i in range(h):
-                        for j in range(w):
-                            basis = math.cos(math.pi * u * (i + 0.5) / h) * math.cos(math.pi * v * (j + 0.5) / w)
-                            expected += f[b, :, i, j] * m[b, i, j] * basis
-                    assert torch.allclose(p[b, u * n + v], expected / area, atol=1e-5), (b, u, v)
-
-    # ---------------- Eq. (3-5): GOMM -------------------------------------------------------------------------
-
-    def test_ocnet_gomm_allocation_residual_and_attention_by_hand(self):
-        # Identity projections make every step of Eq. (3-5) computable by hand: Conv1x1 = [I, I] (then ReLU), so
-        # F_ig = ReLU(Alloc(P_g, Argmax cos(F_q, P_g)) + F_q); attention with identity in/out projections and 2 heads
-        # is softmax(q k^T / sqrt(C/2)) v per half of the channels; F_g = that + F_q (Eq. 5's residual).
-        g = torch.Generator().manual_seed(2)
-        C, N_g, h, w = 4, 3, 2, 3
-        gomm = ocnet.GOMM(C, N_g, heads=2, dropout=0.1).eval()
-        with torch.no_grad():
-            gomm.prototypes.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 1.0]]))
-            gomm.fuse[0].weight.copy_(torch.cat([torch.eye(C), torch.eye(C)], 1)[..., None, None])
-            gomm.attention.in_proj_weight.copy_(torch.eye(C).repeat(3, 1))
-            gomm.attention.in_proj_bias.zero_()
-        _set_identity(gomm.attention.out_proj)
-        f_q = torch.randn(1, C, h, w, generator=g)
-        with torch.no_grad():
-            f_g, logits_g = gomm(f_q)
-
-        # Eq. (3-4): the nearest prototype (largest cosine) at each pixel, found by a loop
-        f_ig = torch.zeros(1, C, h, w)
-        nearest = []
-        for i in range(h):
-            for j in range(w):
-                sims = [_cos(f_q[0, :, i, j], gomm.prototypes[k]).item() for k in range(N_g)]
-                k = max(range(N_g), key=sims.__getitem__)
-                nearest.append(k)
-                f_ig[0, :, i, j] = F.relu(gomm.prototypes[k].detach() + f_q[0, :, i, j])
-        assert len(set(nearest)) > 1  # the pixels do not all pick one prototype: argmax and argmin differ here
-        with torch.no_grad():
-            assert torch.allclose(logits_g, gomm.head(f_ig), atol=1e-5)  # M̂_g is the head on F_ig
-
-        # Eq. (5): multi-head attention by hand, plus the residual F_q
-        q, kv = f_q.flatten(2)[0].T, f_ig.flatten(2)[0].T  # (hw, C)
-        d = C // 2
-        heads = []
-        for s in (slice(0, d), slice(d, C)):
-            weights = torch.softmax(q[:, s] @ kv[:, s].T / math.sqrt(d), dim=1)  # (hw, hw)
-            heads.append(weights @ kv[:, s])
-        attended = torch.cat(heads, 1).T.reshape(1, C, h, w)
-        assert torch.allclose(f_g, attended + f_q, atol=1e-5)
-
-    # ---------------- Eq. (7-10, 13-15): CCM ------------------------------------------------------------------
+    # ---------------- §4.3, Eq. (13-15): the object-level correlation F_c -------------------------------------
 
     def test_ocnet_ccm_correlation_by_hand(self):
         # Support: e0 on the object (left half), e1 elsewhere. Distances of the prototypes' M_sp to M_s:
@@ -4262,89 +4399,25 @@ class TestOCNet:
         expected = torch.cat([p_q[best].T.reshape(1, C, h, w), f_g], 1)
         assert torch.allclose(f_c, expected, atol=1e-5)
 
-    def test_ocnet_ccm_selection_averages_the_shot_distances(self):
-        # K shots (§5.1): Eq. (8-9) rank the prototypes by the distance averaged over the shots; the case is picked
-        # so that shot 0 alone would select other prototypes
-        g = torch.Generator().manual_seed(4)
-        B, S, C, hs, L, n_s = 1, 2, 6, 5, 8, 2
-        f_s = torch.randn(B, S, C, hs, hs, generator=g)
-        m = torch.zeros(B, S, hs, hs)
-        m[0, 0, 1:4, 1:3] = 1
-        m[0, 1, 2:5, 2:5] = 1
-        p_s = torch.randn(B, L, C, generator=g)
-        f_q = torch.randn(B, C, 3, 3, generator=g)
-        dist = torch.zeros(S, L)
-        for k in range(S):
-            for l in range(L):
-                sim = torch.stack([torch.stack([_cos(f_s[0, k, :, i, j], p_s[0, l]) for j in range(hs)])
-                                   for i in range(hs)])  # M_sp of shot k, prototype l
-                dist[k, l] = ((sim - m[0, k]) ** 2).sum().sqrt()
-        order = dist.mean(0).argsort().tolist()
-        fg, bg = set(order[:n_s]), set(order[-n_s:])
-        order0 = dist[0].argsort().tolist()
-        assert (set(order0[:n_s]), set(order0[-n_s:])) != (fg, bg)  # the case discriminates
-        ccm = ocnet.CCM(C, num_select=n_s, pa_scale=10.0)
-        with torch.no_grad():
-            _, _, cost = ccm(f_q, torch.randn(B, C, 3, 3, generator=g), f_s, m, p_s, p_s)
-        slots = _slot_prototypes(cost, f_q, p_s)
-        assert set(slots[:n_s]) == bg and set(slots[n_s:]) == fg
 
-    def test_ocnet_support_prototypes_prior_and_generalization_inputs_by_hand(self, ocnet_run):
-        # Step 4-5 with K = 2: the CCM receives P_s = the shot mean of Eq. (6)'s MFP of each shot (foreground = label 1
-        # only, 255 is not foreground), and the query generalization gets [F_g from GOMM, P_s component 0 (MAP),
-        # the prior of both shots]
-        _, _, m_s, _ = ocnet_run["episode"]
-        _, f_g, f_s, m, p_s, p_s_drop = ocnet_run["ccm_in"]
-        assert torch.equal(p_s_drop, p_s)  # eval mode: no dropout, so P_s before and after it are one
-        B, S, C, h, w = f_s.shape
-        n = ocnet.Config.dct_size
-        fg = F.interpolate((m_s == 1).float(), (h, w), mode="bilinear", align_corners=True)  # (B, S, h, w)
-        assert torch.allclose(m, fg)
-        ii, jj = torch.arange(h)[:, None] + 0.5, torch.arange(w)[None] + 0.5
-        expected = torch.zeros(B, n * n, C)
-        for u in range(n):
-            for v in range(n):
-                basis = torch.cos(math.pi * u * ii / h) * torch.cos(math.pi * v * jj / w)  # (h, w)
-                for k in range(S):
-                    pooled = (f_s[:, k] * (fg[:, k] * basis)[:, None]).sum((2, 3))  # (B, C)
-                    expected[:, u * n + v] += pooled / (fg[:, k].sum((1, 2))[:, None] + common.MAP_EPS) / S
-        assert torch.allclose(p_s, expected, atol=1e-4 * expected.abs().max().item())
-        map_mean = sum(common.masked_average_pooling(f_s[:, k], (m_s[:, k] == 1).float()) for k in range(S)) / S
-        x = ocnet_run["gen_in"]  # (B, 2C + 1, h, w)
-        assert x.shape == (B, 2 * C + 1, h, w)
-        assert torch.allclose(x[:, :C], ocnet_run["f_g"])
-        assert torch.allclose(x[:, C:2 * C], map_mean[..., None, None].expand(-1, -1, h, w), atol=1e-5)
-        f4 = ocnet_run["layer4"]  # the backbone's one call: [query, masked supports]
-        f_q4, f_s4 = f4[:B], f4[B:].unflatten(0, (B, S))
-        prior = sum(common.cosine_prior(f_q4, f_s4[:, k], m_s[:, k]) for k in range(S)) / S  # PFENet: shot mean
-        assert torch.allclose(x[:, 2 * C:], prior, atol=1e-5)
-        assert not torch.allclose(prior, common.cosine_prior(f_q4, f_s4[:, 0], m_s[:, 0]), atol=1e-3)  # both count
+    # ---------------- §4.4, Eq. (16): the loss ----------------------------------------------------------------
 
-    def test_ocnet_shot_order_does_not_matter_but_every_shot_does(self, ocnet_resnet, ocnet_run):
-        # §5.1: the K supports are averaged, so permuting them leaves every output unchanged; replacing shot 1 alone
-        # (shot 0 kept) must change the prediction
-        img_q, img_s, m_s, _ = ocnet_run["episode"]
-        ref = ocnet_run["out"]
-        img_other = img_s.clone()
-        img_other[:, 1] = torch.randn(1, 3, OCNET_SIZE, OCNET_SIZE, generator=torch.Generator().manual_seed(6))
-        with torch.no_grad():
-            out = ocnet_resnet(img_q, img_s.flip(1), m_s.flip(1))
-            other = ocnet_resnet(img_q, img_other, m_s)
-        for k in ref:
-            assert torch.allclose(ref[k].float(), out[k].float(), atol=1e-4), k
-        assert not torch.allclose(ref["logits"], other["logits"], atol=1e-5)
-
-    def test_ocnet_ignored_support_pixels_count_as_background(self, ocnet_resnet, ocnet_run):
-        # 255 in the support mask (object borders, padding) is not foreground: the episode's 255 bands (17 rows of
-        # shot 1, 2 of shot 0) give exactly the outputs of the same bands labelled 0
-        img_q, img_s, m_s, _ = ocnet_run["episode"]
-        zeroed = m_s.masked_fill(m_s == IGNORE_INDEX, 0)
-        assert (zeroed != (m_s != 0).long()).sum() > 500  # the bands would change the foreground if they counted
-        with torch.no_grad():
-            ref = ocnet_resnet(img_q, img_s, zeroed)
-        out = ocnet_run["out"]
-        for k in ref:
-            assert torch.allclose(ref[k].float(), out[k].float(), atol=1e-5), k
+    def test_ocnet_loss_terms_and_gradients(self, ocnet_models):
+        model = ocnet_models["resnet50"].train()
+        img_q, img_s, m_s, m_q = episode(2, 2, **OCNET_EPISODE)
+        model.zero_grad(set_to_none=True)
+        out = model(img_q, img_s, m_s)
+        total, terms = model.loss(out, m_q, m_s)
+        assert set(terms) == {"target", "general", "allocation"}
+        assert all(torch.isfinite(t) and t > 0 for t in terms.values())
+        assert torch.allclose(total, sum(terms.values()))
+        total.backward()
+        for name, p in model.named_parameters():
+            if name.startswith(("backbone.", "cam.")):
+                assert not p.requires_grad and p.grad is None, name
+            else:
+                assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+        assert model.backbone.training is False and model.cam.training is False  # frozen parts stay in eval
 
     def test_ocnet_loss_terms_by_hand(self, ocnet_resnet, ocnet_run):
         # Eq. (16): L_t = CE(M̂_q, M_q) over the labelled pixels, L_g = CE(M̂_g, M_g) against the mask M_g itself
@@ -4367,39 +4440,259 @@ class TestOCNet:
                               atol=1e-6)
         assert torch.allclose(total, terms["target"] + terms["general"] + terms["allocation"])
 
-    def test_ocnet_allocation_target_is_made_without_dropout(self, ocnet_resnet, ocnet_run):
-        # Eq. (7-11) take F_q, F_s, P_s before the features' Dropout2d (Choices): in train mode, under two dropout
-        # draws, the costs and the target M_pa are those eval mode computes from the same weights, while M̂_pa does
-        # see the dropout. The CCM's inputs are the 1x1 reduction's own output (its ReLU's, hooked before the
-        # Dropout2d).
-        model, ref = ocnet_resnet, ocnet_run["out"]  # ref: eval mode, no dropout
-        img_q, img_s, m_s, m_q = ocnet_run["episode"]
-        B, S = img_s.shape[:2]
-        target = ocnet.allocation_target(ref["cost_pa"], m_q, model.cfg.ot_eps, model.cfg.sinkhorn_iters)
-        assert len(target[target != IGNORE_INDEX].unique()) > 2  # several slots are taught
-        outs, reduced = [], []
-        ccm_in, h1 = _capture_inputs(model.ccm)
-        h2 = model.down[1].register_forward_hook(lambda mod, args, out: reduced.append(out.detach().clone()))
+
+    # ---------------- §5.1: K shots, ignored support pixels, a short training ---------------------------------
+
+    def test_ocnet_shot_order_does_not_matter_but_every_shot_does(self, ocnet_resnet, ocnet_run):
+        # §5.1: the K supports are averaged, so permuting them leaves every output unchanged; replacing shot 1 alone
+        # (shot 0 kept) must change the prediction
+        img_q, img_s, m_s, _ = ocnet_run["episode"]
+        ref = ocnet_run["out"]
+        img_other = img_s.clone()
+        img_other[:, 1] = torch.randn(1, 3, OCNET_SIZE, OCNET_SIZE, generator=torch.Generator().manual_seed(6))
+        with torch.no_grad(), ocnet_training_without_dropout(ocnet_resnet):  # every output, as ref's
+            out = ocnet_resnet(img_q, img_s.flip(1), m_s.flip(1))
+            other = ocnet_resnet(img_q, img_other, m_s)
+        for k in ref:
+            assert torch.allclose(ref[k].float(), out[k].float(), atol=1e-4), k
+        assert not torch.allclose(ref["logits"], other["logits"], atol=1e-5)
+
+    def test_ocnet_ignored_support_pixels_count_as_background(self, ocnet_resnet, ocnet_run):
+        # 255 in the support mask (object borders, padding) is not foreground: the episode's 255 bands (17 rows of
+        # shot 1, 2 of shot 0) give exactly the outputs of the same bands labelled 0
+        img_q, img_s, m_s, _ = ocnet_run["episode"]
+        zeroed = m_s.masked_fill(m_s == IGNORE_INDEX, 0)
+        assert (zeroed != (m_s != 0).long()).sum() > 500  # the bands would change the foreground if they counted
+        with torch.no_grad(), ocnet_training_without_dropout(ocnet_resnet):  # every output, as ocnet_run's
+            ref = ocnet_resnet(img_q, img_s, zeroed)
+        out = ocnet_run["out"]
+        for k in ref:
+            assert torch.allclose(ref[k].float(), out[k].float(), atol=1e-5), k
+
+    def test_ocnet_short_synthetic_training_lowers_the_loss(self, ocnet_models):
+        # four steps of the harness's SGD at the paper's lr (§5.1) on two synthetic episodes;
+        # loss compared without dropout (the training forward: evaluation's lacks the loss's outputs)
+        torch.manual_seed(0)  # dropout: the loss falls by 0.13 to 0.38 over the seeds 0-5
+        model = copy.deepcopy(ocnet_models["resnet50"]).eval()
+        img_q, img_s, m_s, m_q, _ = synthetic_episode(2, 1, OCNET_SIZE)
+
+        def loss():
+            return model.loss(model(img_q, img_s, m_s), m_q, m_s)[0]
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=0.005, momentum=0.9, weight_decay=1e-4)  # §5.1, before the x 10
+        with torch.no_grad(), ocnet_training_without_dropout(model):
+            before = loss().item()
         model.train()
+        for _ in range(4):
+            optimizer.zero_grad()
+            loss().backward()
+            optimizer.step()
+        with torch.no_grad(), ocnet_training_without_dropout(model):
+            after = loss().item()
+        assert math.isfinite(after) and after < before - 0.05
+
+
+    # ---------------- §5.3 ablations: Table 3 (GOMM, CCM), Table 4 (CAM, Mask, Atten), Table 5 (allocation) ---
+
+    @pytest.mark.parametrize("row", list(OCNET_ABLATIONS))
+    def test_ocnet_ablation_builds_trains_and_removes_its_parameters(self, ocnet_resnet, row, monkeypatch):
+        # each row of Tables 3-5: exactly its module's parameters gone (written out, and the default's modules),
+        # 1 and 5 shots train (finite loss of the terms the row keeps, gradients) and evaluate; Sinkhorn runs only
+        # where M_pa supervises the allocation
+        fields, learnable, frozen, modules, terms = OCNET_ABLATIONS[row]
+        torch.manual_seed(0)
+        model = ocnet.Model(ocnet.Config(backbone="resnet50", pretrained=False, **fields))
+
+        def count(net, trainable):
+            return sum(p.numel() for p in net.parameters() if p.requires_grad == trainable)
+
+        assert count(ocnet_resnet, True) - count(model, True) == learnable
+        assert count(ocnet_resnet, False) - count(model, False) == frozen
+        default = sum(count(ocnet_resnet.get_submodule(name), t) for name in modules for t in (True, False))
+        stem = model.decoder.stem[0].weight.shape[1] - ocnet_resnet.decoder.stem[0].weight.shape[1]  # Mean: C
+        assert default - _C * stem == learnable + frozen
+        solves = []
+        sinkhorn = ocnet.sinkhorn
+        monkeypatch.setattr(ocnet, "sinkhorn", lambda *a: solves.append(1) or sinkhorn(*a))
+        for batch, shot in ((2, 1), (1, 5)):
+            img_q, img_s, m_s, m_q = episode(batch, shot, **OCNET_EPISODE)
+            model.train().zero_grad(set_to_none=True)
+            total, got = model.loss(model(img_q, img_s, m_s), m_q, m_s)
+            total.backward()
+            assert set(got) == terms and torch.isfinite(total) and torch.allclose(total, sum(got.values()))
+            grads = [p.grad for p in model.parameters() if p.requires_grad]
+            assert all(g is not None and torch.isfinite(g).all() for g in grads)
+            with torch.no_grad():
+                out = model.eval()(img_q, img_s, m_s)
+            assert set(out) == {"logits"} and out["logits"].shape == (batch, 2, OCNET_SIZE, OCNET_SIZE)
+            assert torch.isfinite(out["logits"]).all()
+        assert len(solves) == (2 if "allocation" in terms else 0)  # one Sinkhorn batch per loss
+
+    def test_ocnet_table3_without_gomm_the_generalization_reads_f_q(self):
+        # GOMM off: no CAM, no GOMM, and the query generalization gets [F_q, P_s^0, prior] (F_q: the 1x1
+        # reduction's own output, hooked; evaluation: no dropout)
+        torch.manual_seed(0)
+        model = ocnet.Model(ocnet.Config(pretrained=False, gomm=False)).eval()
+        assert model.gomm is None and model.cam is None
+        img_q, img_s, m_s, _ = episode(1, 2, **OCNET_EPISODE)
+        gen_in, h1 = _capture_inputs(model.generalize)
+        reduced = []
+        h2 = model.down[1].register_forward_hook(lambda mod, args, out: reduced.append(out.detach().clone()))
         try:
-            for seed in (1, 2):
-                torch.manual_seed(seed)
-                with torch.no_grad():
-                    outs.append(model(img_q, img_s, m_s))
+            with torch.no_grad():
+                model(img_q, img_s, m_s)
         finally:
-            model.eval()
             h1.remove(), h2.remove()
-        assert not torch.allclose(outs[0]["logits_pa"], outs[1]["logits_pa"], atol=1e-3)  # the draws differ
-        for out in outs:
-            assert torch.allclose(out["cost_pa"], ref["cost_pa"], atol=1e-6)
-            m_pa = ocnet.allocation_target(out["cost_pa"], m_q, model.cfg.ot_eps, model.cfg.sinkhorn_iters)
-            assert torch.equal(m_pa, target)
-        f_q, _, f_s, m, p_s, p_s_drop = ccm_in[0]
-        assert torch.equal(f_q, reduced[0]) and torch.equal(f_s, reduced[1].unflatten(0, (B, S)))  # query, supports
-        mfp = ocnet.multi_frequency_pooling(f_s.flatten(0, 1), m.flatten(0, 1), model.cfg.dct_size)
-        assert torch.allclose(p_s, mfp.unflatten(0, (B, S)).mean(1), atol=1e-6)
-        _slot_prototypes(outs[0]["cost_pa"], reduced[0], p_s)  # every cost channel: 1 - cos(F_q, P_s[l]), no dropout
-        assert (p_s_drop - p_s).abs().max() > 0.1  # while Eq. (13) gets the prototypes after dropout
+        assert torch.equal(gen_in[0][0][:, :_C], reduced[0][:1])  # the query's F_q, where F_g would be
+
+    def test_ocnet_table3_without_ccm_the_decoder_reads_the_global_prototype_beside_f_g(self, monkeypatch):
+        # CCM off: F_c = [P_s^0 at every pixel, F_g] (F_g after the generalization), with P_s^0 the shot mean of
+        # the supports' MAP; MFP pools the DC component alone (n = 1), and the loss has no L_p and no Sinkhorn
+        torch.manual_seed(0)
+        model = ocnet.Model(ocnet.Config(pretrained=False, ccm=False)).eval()
+        assert model.ccm is None and model.decoder.stem[0].weight.shape[1] == 2 * _C  # the decoder as OCNet's
+        img_q, img_s, m_s, m_q = episode(1, 2, **OCNET_EPISODE)
+        dec_in, h1 = _capture_inputs(model.decoder)
+        reduced, generalized, sizes = [], [], []
+        h2 = model.down[1].register_forward_hook(lambda mod, args, out: reduced.append(out.detach().clone()))
+        h3 = model.generalize.register_forward_hook(lambda mod, args, out: generalized.append(out.detach().clone()))
+        mfp = ocnet.multi_frequency_pooling
+        monkeypatch.setattr(ocnet, "multi_frequency_pooling", lambda f, m, n: sizes.append(n) or mfp(f, m, n))
+        try:
+            with torch.no_grad():
+                model(img_q, img_s, m_s)
+        finally:
+            h1.remove(), h2.remove(), h3.remove()
+        f_s = reduced[1]  # (S, C, h, w): the two supports
+        p_s0 = sum(common.masked_average_pooling(f_s[k:k + 1], (m_s[:, k] == 1).float()) for k in range(2)) / 2
+        f_c, = dec_in[0]
+        h, w = f_s.shape[-2:]
+        assert torch.allclose(f_c[:, :_C], p_s0[..., None, None].expand(-1, -1, h, w), atol=1e-6)
+        assert torch.equal(f_c[:, _C:], generalized[0]) and sizes == [1]
+        with torch.no_grad():
+            _, terms = model.train().loss(model(img_q, img_s, m_s), m_q, m_s)
+        assert set(terms) == {"target", "general"}
+
+    def test_ocnet_table4_general_object_mask_without_mask_or_cam(self):
+        # Mask off: M_g = 1_tau(CAM); CAM off: M_g = 1_tau(prior), no classifier built. The case discriminates:
+        # each rule gives another M_g than the max of both
+        img_q, img_s, m_s, _ = episode(2, 1, **OCNET_EPISODE)
+        masks = {}
+        for field in ("mask", "cam"):
+            torch.manual_seed(0)
+            model = ocnet.Model(ocnet.Config(pretrained=False, **{field: False}))
+            with torch.no_grad(), ocnet_training_without_dropout(model):
+                m_g = model(img_q, img_s, m_s)["m_g"]
+            prior, cam = ocnet_prior_and_cam(model, img_q, img_s, m_s)
+            if field == "mask":
+                assert torch.equal(m_g, (cam[:, 0] >= 0.6).long())
+                assert not torch.equal(m_g, (torch.maximum(prior, cam)[:, 0] >= 0.6).long())
+            else:
+                assert cam is None and torch.equal(m_g, (prior[:, 0] >= 0.6).long())
+            masks[field] = m_g
+        assert not torch.equal(masks["mask"], masks["cam"])
+
+    def test_ocnet_table4_without_atten_f_g_is_f_ig(self):
+        # Atten off: no attention module, F_g = F_ig = ReLU(P_g[argmax cos(F_q, P_g)] + F_q) with Conv1x1 = [I, I];
+        # M̂_g is still the head on F_ig
+        g = torch.Generator().manual_seed(2)
+        C, N_g, h, w = 4, 3, 2, 3
+        gomm = ocnet.GOMM(C, N_g, heads=2, dropout=0.1, atten=False).eval()
+        assert gomm.attention is None
+        with torch.no_grad():
+            gomm.prototypes.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 1.0]]))
+            gomm.fuse[0].weight.copy_(torch.cat([torch.eye(C), torch.eye(C)], 1)[..., None, None])
+        f_q = torch.randn(1, C, h, w, generator=g)
+        with torch.no_grad():
+            f_g, logits_g = gomm(f_q)
+            nearest = torch.einsum("chw,kc->khw", F.normalize(f_q[0], dim=0),
+                                   F.normalize(gomm.prototypes, dim=1)).argmax(0)  # (h, w)
+            f_ig = F.relu(gomm.prototypes[nearest].permute(2, 0, 1) + f_q[0])[None]  # (1, C, h, w)
+            assert len(nearest.unique()) > 1
+            assert torch.allclose(f_g, f_ig, atol=1e-6) and torch.allclose(logits_g, gomm.head(f_ig), atol=1e-6)
+            assert gomm(f_q, predict=False)[1] is None
+
+    def _by_hand_ccm_case(self):
+        """The support of test_ocnet_ccm_correlation_by_hand with P_s^0 = e0, the prototype nearest to M_s:
+        distances e0 -> 0, e0+e1 -> 2.16, e2 -> 2.83, e1 -> 4, -e0 -> 5.66. -> f_q, f_g, f_s, m, p_s, p_s_drop."""
+        g = torch.Generator().manual_seed(3)
+        C, h, w = 4, 2, 3
+        e = torch.eye(C)
+        m = torch.zeros(1, 1, 4, 4)
+        m[..., :2] = 1
+        f_s = m[:, :, None] * e[0, :, None, None] + (1 - m[:, :, None]) * e[1, :, None, None]  # (1, 1, C, 4, 4)
+        p_s = torch.stack([e[0], e[1], e[0] + e[1], -e[0], e[2]])[None]  # (1, 5, C)
+        f_q, f_g = torch.randn(1, C, h, w, generator=g), torch.randn(1, C, h, w, generator=g)
+        return f_q, f_g, f_s, m, p_s, torch.randn(1, 5, C, generator=g)
+
+    def test_ocnet_table5_mean_concatenates_the_global_and_the_mean_prototype(self):
+        # Mean: no allocation, no "LN": F_c = [P_s^0, mean of the other selected foreground prototypes, F_g] at
+        # every pixel, from P_s after dropout. N_s = 2: ID_t = {0, 2}, the mean is P_s[2] alone; N_s = 3: ID_t =
+        # {0, 2, 4}, the mean of P_s[2] and P_s[4]
+        f_q, f_g, f_s, m, p_s, p_s_drop = self._by_hand_ccm_case()
+        for n_s, rest in ((2, p_s_drop[0, 2]), (3, (p_s_drop[0, 2] + p_s_drop[0, 4]) / 2)):
+            ccm = ocnet.CCM(4, num_select=n_s, pa_scale=10.0, allocation="mean")
+            assert not list(ccm.parameters())
+            f_c, logits_pa, cost = ccm(f_q, f_g, f_s, m, p_s, p_s_drop)
+            expected = torch.cat([p_s_drop[0, 0], rest])[None, :, None, None].expand(-1, -1, 2, 3)
+            assert logits_pa is None and cost is None and f_c.shape == (1, 12, 2, 3)
+            assert torch.allclose(f_c[:, :8], expected, atol=1e-6) and torch.equal(f_c[:, 8:], f_g)
+        torch.manual_seed(0)
+        assert ocnet.Model(ocnet.Config(pretrained=False, allocation="mean")).decoder.stem[0].in_channels == 3 * _C
+
+    def test_ocnet_table5_cosine_allocates_as_ocnet_without_m_pa(self):
+        # Cosine: Eq. (13-15) unchanged (the same weights give the same F_c), but no transport costs, so no M_pa
+        # and no L_p, even when the target is asked for
+        f_q, f_g, f_s, m, p_s, p_s_drop = self._by_hand_ccm_case()
+        torch.manual_seed(0)
+        ours = ocnet.CCM(4, num_select=2, pa_scale=10.0)
+        cosine = ocnet.CCM(4, num_select=2, pa_scale=10.0, allocation="cosine")
+        cosine.load_state_dict(ours.state_dict())
+        with torch.no_grad():
+            ref, _, _ = ours(f_q, f_g, f_s, m, p_s, p_s_drop)
+            f_c, logits_pa, cost = cosine(f_q, f_g, f_s, m, p_s, p_s_drop, target=True)
+        assert logits_pa is None and cost is None and torch.equal(f_c, ref)
+
+    def test_ocnet_table5_fore_allocates_the_foreground_prototypes_alone(self):
+        # Fore: N_s slots, the foreground ID_t = {0, 2}: cost = 1 - cos(F_q, P_s[ID_t]), M̂_pa = cos(F_g,
+        # P_s_drop[ID_t]) with the "LN" set to identity, F_c = [P_q at each pixel's argmax, F_g]
+        f_q, f_g, f_s, m, p_s, p_s_drop = self._by_hand_ccm_case()
+        ccm = ocnet.CCM(4, num_select=2, pa_scale=10.0, allocation="fore")
+        _set_identity(ccm.key_g, ccm.key_p, ccm.value_g, ccm.out)
+        with torch.no_grad():
+            f_c, logits_pa, cost = ccm(f_q, f_g, f_s, m, p_s, p_s_drop)
+        slots = _slot_prototypes(cost, f_q, p_s)
+        assert cost.shape == logits_pa.shape == (1, 2, 2, 3) and set(slots) == {0, 2}
+        tokens = f_g[0].flatten(1).T  # (hw, C)
+        m_pa = torch.tensor([[_cos(t, p_s_drop[0, l]).item() for l in slots] for t in tokens])  # (hw, N_s)
+        assert torch.allclose(logits_pa[0].flatten(1).T, 10 * m_pa, atol=1e-5)
+        p_q = m_pa.T @ tokens / 6
+        expected = torch.cat([p_q[m_pa.argmax(1)].T.reshape(1, 4, 2, 3), f_g], 1)
+        assert torch.allclose(f_c, expected, atol=1e-5)
+
+    def test_ocnet_table5_fore_target_teaches_foreground_pixels_only(self):
+        # the case of test_ocnet_allocation_target_by_hand, its foreground slots alone: the foreground pixels as
+        # there (two cheap for slot 1, the third left to slot 0 by the marginals), background pixels ignored
+        m_q = torch.tensor([[[0, 0, 255], [1, 1, 1]]])
+        cost = torch.ones(1, 2, 2, 3)
+        cost[0, 1, 1, :2] = 0
+        m_pa = ocnet.allocation_target(cost, m_q, eps=0.05, iters=50, background=False)
+        assert m_pa.tolist() == [[[255, 255, 255], [1, 1, 0]]]
+
+    def test_ocnet_ablations_from_the_command_line(self, capsys):
+        # --set gives each switch its Config value (typed by the field); a value outside Table 5's is one line
+        argv = ["--model", "ocnet", "--dataset", "synthetic", "--set", "gomm=false", "ccm=false", "cam=false",
+                "mask=false", "atten=false", "allocation=fore"]
+        args, module = train.parse_args(argv)
+        cfg = train.make_config(module, args)
+        assert (cfg.gomm, cfg.ccm, cfg.cam, cfg.mask, cfg.atten, cfg.allocation) == (False,) * 5 + ("fore",)
+        assert train.make_config(module, train.parse_args(argv[:4])[0]) == ocnet.Config()  # the defaults
+        with pytest.raises(SystemExit):
+            train.parse_args([*argv[:4], "--set", "allocation=back"])
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith("error: --set allocation=back: allocation is one of fore+back, mean, "
+                                                  "cosine, fore")
 
 
 # ==========================================================================================================
