@@ -27,11 +27,10 @@ prediction y_pre and one pseudo-prototype P_psd follow from P_pre; P_psd reverse
 the cross-attention keys are the foreground pixels of all K supports together.
 
 Choices (paper silent, or where we differ from the official code, whose behaviour each entry states):
- 1. F_s and F_q: cat(layer3, layer2) of the frozen backbone -> 1x1 conv (256, no bias) + ReLU + Dropout2d 0.5,
-    PFENet's mid-level features as the official. One reduction for query and support ("two weight-shared CNNs",
-    §III-B); the official has separate down_query / down_supp. The backbone is common.Backbone (torchvision's
-    ResNet with PFENet's dilation), not the official deep-stem resnet50_v2. Conv_1 of Eq. (12) and (15) is a
-    1x1 conv without bias followed by ReLU, like that reduction; the paper names only the 1x1 conv.
+ 1. F_q, F_s: cat(layer3, layer2) of the frozen backbone -> 1x1 conv (256, no bias) + ReLU + Dropout2d 0.5 (PFENet's,
+    as the official), one reduction for both ("two weight-shared CNNs", §III-B; the official: down_query and
+    down_supp). The backbone is common.Backbone, not the official deep-stem resnet50_v2. Conv_1 of Eq. (12) and
+    (15) is a 1x1 conv without bias followed by ReLU, like that reduction.
  2. Convs: the official head (1x1 reduce + Dropout2d 0.5, two 3x3 residual, 3x3 + Dropout2d 0.1 + 1x1 -> 2).
     PPG and DPE share one (same "Convs" in Eq. 2 and 4; its 1.90M parameters are exactly the paper's 34.6M -
     32.7M); GBC has its own for Eq. 9 and 10; the final one of Eq. 16 reduces without dropout, as the official.
@@ -41,46 +40,24 @@ Choices (paper silent, or where we differ from the official code, whose behaviou
  4. The official also pools prototypes from "predicted foreground outside the mask" and "neither", and adds
     them, a prior mask, the activation of P_pre, a gated support map and 0.5 (P_pre + P_psd) to FFA, plus an
     auxiliary head on F_q'' (loss weight 0.6). We follow Eq. (12)-(16) only.
- 5. GBC: P_global is a random N(0, 1) vector (§III-D; the official starts from zeros). The cleaner
-    FC(FC(GAP(.))) is Linear(256, 256) - ReLU - Linear(256, 256) - sigmoid, a channel gate in (0, 1): the paper
-    gives no widths or activations (two linear layers in a row would collapse into one). The official
-    implements Eq. (11) as a 4-expert dynamic 3x3 convolution of the broadcast P_global instead. GAP is the
+ 5. GBC: P_global is a random N(0, 1) vector (§III-D; the official starts from zeros). FC(FC(GAP(.))) is
+    Linear(256, 256) - ReLU - Linear(256, 256) - sigmoid, a channel gate in (0, 1) (GBC says why). GAP is the
     plain mean over all h*w pixels of F_q * y_bg^q, as written. Channel 1 of y_bg is background (Fig. 3).
- 6. Eq. (16): "Cross" = 8-head attention of the query pixels (queries) over the foreground support pixels
-    F_s * M_s (keys and values: two projections of the same tokens), residual and LayerNorm, then a
-    256-768-256 FFN, residual and LayerNorm: the official cross-attention layer (no biases, dropout 0.1).
-    The keys are selected from the label as the official (CyCTR's get_supp_flatten_input): the support label
-    resized to h x w by nearest (PyTorch's, input pixel floor(i H / h)), then == 1, so 255 is no key. M_s of
-    Eq. (16) is that 0/1 mask, and a key enters unweighted, as F_s itself. Weighting the keys by the bilinear
-    M_s of Eq. (1) would not fit this selection: that mask samples the label at i (H - 1) / (h - 1), so a key
-    can sit where it is 0 and become a zero token; and a token scaled towards 0 still takes softmax mass (its
-    logit tends to 0, not to -inf) while adding almost nothing, why "M_s > 0" does not select either. A
-    support set without any key (no foreground, or an object between the sampled pixels) leaves all-zero
-    tokens, which add exactly nothing (the official marks the 2 x 2 central pixels as foreground instead).
-    Dropped from the official: the deformable self-attention block (with its own FFN and LayerNorm) and its
-    sine positional encoding, the cycle-consistency mask, the random sampling of 300 fg + 300 bg keys (which
-    mislabels its keys, a bug inherited from CyCTR, and makes test results seed-dependent), and its keys'
-    content (gated support features, foreground and background).
-    The attention itself is torch's F.scaled_dot_product_attention, exactly softmax(Q K^T / sqrt(d)) V
-    (tested against that formula), whose fused GPU kernels need not hold the (h*w) x (K*h*w) attention
-    matrix (3600 x 18000 per head at 473 px, 5-shot).
- 7. Losses: "BCE" on two logits is softmax cross-entropy (identical to BCE on the logit difference);
-    common.seg_loss upsamples to the label size and ignores 255, as the official for y_pre and y_final (its
-    y_rev target, s_y == 1, counts the support's 255 pixels as background). alpha = 1, beta = 0.5:
-    the official weighs y_final 1 and its L_bg is the mean of the query and support L_bm (0.5 x Eq. 18 for
-    K = 1); it weighs y_pre and y_rev 0.25 each, which Eq. (17)'s single alpha cannot express, so they keep
-    the paper's weight 1. K shots: the y_rev and support L_bm terms pool the labelled pixels of all shots
-    (the foreground part of L_bm is a mean per image, then over images and shots).
+ 6. Eq. (16) "Cross": the official cross-attention layer (8 heads, no biases, dropout 0.1; residual, LayerNorm,
+    FFN 256-768-256) over the support pixels labelled 1 at h x w (nearest, as the official), unweighted, all K
+    shots together; without the official's deformable self-attention, cycle-consistency mask and random key
+    sampling (CrossAttention and FFA.forward say why).
+ 7. Losses: "BCE" on two logits is softmax cross-entropy (common.seg_loss: upsampled to the label, 255 ignored).
+    alpha = 1, beta = 0.5: the official weighs y_final 1 and averages its two L_bm; it weighs y_pre and y_rev 0.25
+    each, which Eq. (19)'s single alpha cannot express, so they keep the paper's weight 1. K shots: the y_rev and
+    support L_bm terms pool all shots (Model.loss).
  8. L_bm (NERTNet, as the official): per image, -log(1 - p_bg) averaged over the foreground, plus
     0.5 x -log p_bg averaged over every pixel; ours leaves out the 255 pixels, which the official counts.
  9. y_bg^s (Eq. 9) is computed in eval mode too (the paper skips it at test), so forward returns one dict.
-10. Recipe as the official configs run it: lr 0.025, the paper's 0.0025 (§IV-B) x 10, as the official
-    poly_learning_rate multiplies every group's; batch 4 on one GPU (§IV-B); PASCAL epochs per fold and
-    backbone as config/pascal/pascal_split{0-3}_resnet{50,101}.yaml: ResNet-50 100, 100, 100 and 50 (fold 3),
-    ResNet-101 150 (the paper says 200); COCO 50; 473 px for both datasets (§IV-B); PFENet's augmentation
-    (the official train.py's). The
-    official stops early and keeps the best checkpoint on the test classes; the harness evaluates the last
-    (--select-best does as the official). Synthetic data: the harness's quick-start values.
+10. Recipe as the official configs run it (DEFAULTS lists it): lr 0.025, the paper's 0.0025 (§IV-B) x 10, as the
+    official poly_learning_rate multiplies every group's; its epochs (the paper: 200 on PASCAL). The official stops
+    early and keeps the best checkpoint on the test classes; the harness evaluates the last (--select-best does as
+    the official).
 11. The official cannot run K > 1 (its transformer reshapes the shot-averaged support map per shot) and keeps
     only the last shot's y_pre and P_psd; ours combines K shots as stated above. One MAP over all K supports
     weighs each shot by its object's area; the official computes prototypes per shot and would average them
@@ -97,10 +74,14 @@ import common
 BACKGROUND = 1  # channel of y_bg that means "background" (Fig. 3; official QPENet.py L503)
 BM_EPS = 1e-5  # L_bm foreground-area epsilon (official weighted_BCE, from NERTNet)
 
-DEFAULTS = {  # the official configs (Choices 10); nominal lr 0.0025 (§IV-B), 200 PASCAL epochs in the paper
+# The official configs (Choices 10): lr 0.025 (the paper's 0.0025 x 10); batch 4 on one GPU (§IV-B); PASCAL epochs
+# by fold and backbone as config/pascal/pascal_split{0-3}_resnet{50,101}.yaml: ResNet-50 100, 100, 100 and 50 (fold
+# 3), ResNet-101 150 (the paper: 200); COCO 50; 473 px for both datasets (§IV-B); PFENet's augmentation (the official
+# train.py's). Synthetic data: the harness's quick-start values.
+DEFAULTS = {
     "pascal": dict(lr=0.025, batch_size=4, epochs={"resnet50": {0: 100, 1: 100, 2: 100, 3: 50}, "resnet101": 150},
                    img_size=473, augment="pfenet"),
-    "coco": dict(lr=0.025, batch_size=4, epochs=50, img_size=473, augment="pfenet"),  # §IV-B: 473 px for both
+    "coco": dict(lr=0.025, batch_size=4, epochs=50, img_size=473, augment="pfenet"),
 }
 
 
@@ -157,9 +138,9 @@ class ForegroundEvolution(nn.Module):
     """§III-C: PPG and DPE, the support-query-support evolution of the foreground prototype. One Convs serves
     both the preliminary segmentation of the query (Eq. 2) and the reverse segmentation of the support (Eq. 4)."""
 
-    def __init__(self, cfg):
+    def __init__(self, dim, feature_dropout, head_dropout):
         super().__init__()
-        self.convs = Convs(2 * cfg.dim, cfg.dim, cfg.feature_dropout, cfg.head_dropout)
+        self.convs = Convs(2 * dim, dim, feature_dropout, head_dropout)
 
     def ppg(self, f_q, f_s, m):
         """Pseudo-prototype Generation. f_q (B,C,h,w), f_s (B,S,C,h,w), m (B,S,h,w) downsampled support mask.
@@ -193,12 +174,14 @@ class GBC(nn.Module):
     """§III-D Global Background Cleansing: a learned global background prototype segments the background of
     query and support (Eq. 9-10) and is cleaned channel-wise by a gate from the query's background (Eq. 11)."""
 
-    def __init__(self, cfg):
+    def __init__(self, dim, feature_dropout, head_dropout):
         super().__init__()
-        self.p_global = nn.Parameter(torch.randn(cfg.dim))  # "a randomly initialized vector" (§III-D)
-        self.convs = Convs(2 * cfg.dim, cfg.dim, cfg.feature_dropout, cfg.head_dropout)
-        self.cleaner = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.ReLU(inplace=True),
-                                     nn.Linear(cfg.dim, cfg.dim), nn.Sigmoid())  # FC(FC(.)): Choices 5
+        self.p_global = nn.Parameter(torch.randn(dim))  # "a randomly initialized vector" (§III-D)
+        self.convs = Convs(2 * dim, dim, feature_dropout, head_dropout)
+        # FC(FC(.)) of Eq. (11), Choices 5: the paper gives no widths or activations, and two linear layers in a row
+        # would collapse into one. The official implements Eq. (11) as a 4-expert dynamic 3x3 convolution of the
+        # broadcast P_global instead.
+        self.cleaner = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim), nn.Sigmoid())
 
     def forward(self, f_q, f_s):
         """f_q (B,C,h,w), f_s (B,S,C,h,w) -> P_bg (B,C), y_bg^q (B,2,h,w), y_bg^s (B,S,2,h,w)."""
@@ -216,8 +199,12 @@ class GBC(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """"Cross" of Eq. (16): multi-head attention of the query pixels over the support tokens, with residual,
-    LayerNorm and FFN as the official layer (Choices 6).
+    """"Cross" of Eq. (16), Choices 6: multi-head attention of the query pixels (queries) over the support tokens (keys
+    and values: two projections of the same tokens), residual and LayerNorm, then an FFN, residual and LayerNorm: the
+    official cross-attention layer. Dropped from the official: the deformable self-attention block (with its own FFN
+    and LayerNorm) and its sine positional encoding, the cycle-consistency mask, the random sampling of 300 fg + 300
+    bg keys (which mislabels its keys, a bug inherited from CyCTR, and makes test results seed-dependent), and its
+    keys' content (gated support features, foreground and background).
     x (B,N,C) query tokens, tokens (B,L,C), valid (B,L) bool (the tokens that may be attended) -> (B,N,C)."""
 
     def __init__(self, dim, heads, ffn_dim, dropout):
@@ -235,7 +222,9 @@ class CrossAttention(nn.Module):
         q = self.to_q(x).view(B, N, self.heads, d).transpose(1, 2)  # (B, heads, N, d)
         k = self.to_k(tokens).view(B, -1, self.heads, d).transpose(1, 2)  # (B, heads, L, d)
         v = self.to_v(tokens).view(B, -1, self.heads, d).transpose(1, 2)  # (B, heads, L, d)
-        # softmax(Q K^T / sqrt(d)) V per head, over the valid tokens only
+        # softmax(Q K^T / sqrt(d)) V per head, over the valid tokens only: torch's scaled_dot_product_attention, exactly
+        # that formula (tested), whose fused GPU kernels need not hold the (h*w) x (K*h*w) attention matrix (3600 x
+        # 18000 per head at 473 px, 5-shot)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :],
                                              dropout_p=self.dropout if self.training else 0.0)  # (B, heads, N, d)
         return self.to_out(out.transpose(1, 2).reshape(B, N, C))  # (B, N, C)
@@ -249,13 +238,13 @@ class FFA(nn.Module):
     """§III-E Feature Filtering and Activation: background filtering (Eq. 12), activation maps (Eq. 13-14),
     fusion with P_pre (Eq. 15), two cross-attentions over the support foreground and the final Convs (Eq. 16)."""
 
-    def __init__(self, cfg):
+    def __init__(self, dim, heads, ffn_dim, attn_dropout, head_dropout, layers):
         super().__init__()
-        self.filter = nn.Sequential(*common.conv_relu(2 * cfg.dim, cfg.dim, 1))  # Conv_1 of Eq. (12)
-        self.fuse = nn.Sequential(*common.conv_relu(2 * cfg.dim + 2, cfg.dim, 1))  # Conv_1 of Eq. (15)
-        self.cross = nn.ModuleList(CrossAttention(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.attn_dropout)
-                                   for _ in range(cfg.cross_layers))
-        self.convs = Convs(cfg.dim, cfg.dim, 0.0, cfg.head_dropout)
+        # Conv_1 of Eq. (12) and (15): the paper names only the 1x1 conv; + ReLU (Choices 1)
+        self.filter = nn.Sequential(*common.conv_relu(2 * dim, dim, 1))
+        self.fuse = nn.Sequential(*common.conv_relu(2 * dim + 2, dim, 1))
+        self.cross = nn.ModuleList(CrossAttention(dim, heads, ffn_dim, attn_dropout) for _ in range(layers))
+        self.convs = Convs(dim, dim, 0.0, head_dropout)
 
     def forward(self, f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux):
         """f_q (B,C,h,w), f_s (B,S,C,h,w), m_s (B,S,H,W) support labels, prototypes (B,C) -> y_final (B,2,h,w)."""
@@ -267,12 +256,19 @@ class FFA(nn.Module):
         a_main_aux = F.cosine_similarity(f_q[:, None], protos, dim=2)  # (B, 2, h, w): A_main, A_aux
         # Eq. (15): F_q'' = Conv_1(Concat(F_q', BC(P_pre), A_main, A_aux))
         f_q2 = self.fuse(torch.cat([f_q1, broadcast(p_pre, f_q), a_main_aux], 1))  # (B, C, h, w)
-        # Eq. (16): y_final = Convs(Cross(Cross(F_q'', F_s * M_s), F_s * M_s)); keys: foreground pixels of all shots,
-        # M_s the label at feature resolution, nearest as the official (Choices 6)
+        # Eq. (16): y_final = Convs(Cross(Cross(F_q'', F_s * M_s), F_s * M_s)), the keys the foreground pixels of all
+        # shots (Choices 6). As the official (CyCTR's get_supp_flatten_input): the support label resized to h x w by
+        # nearest (PyTorch's, input pixel floor(i H / h)), then == 1, so 255 is no key. M_s of Eq. (16) is that 0/1
+        # mask, and a key enters unweighted, as F_s itself. Weighting the keys by the bilinear M_s of Eq. (1) would
+        # not fit this selection: that mask samples the label at i (H - 1) / (h - 1), so a key can sit where it is 0
+        # and become a zero token; and a token scaled towards 0 still takes softmax mass (its logit tends to 0, not
+        # to -inf) while adding almost nothing, why "M_s > 0" does not select either.
         keys = common.foreground_at(m_s, (h, w), mode="nearest")  # (B, S, h, w), 1 on a key, else 0
         tokens = (f_s * keys[:, :, None]).permute(0, 1, 3, 4, 2).reshape(B, -1, C)  # (B, S*h*w, C)
         valid = keys.flatten(1) > 0  # (B, S*h*w)
-        valid = valid | ~valid.any(1, keepdim=True)  # no foreground at all: the all-zero tokens, which add nothing
+        # a support set without any key (no foreground, or an object between the sampled pixels) leaves all-zero
+        # tokens, which add exactly nothing (the official marks the 2 x 2 central pixels as foreground instead)
+        valid = valid | ~valid.any(1, keepdim=True)
         x = f_q2.flatten(2).transpose(1, 2)  # (B, h*w, C)
         for cross in self.cross:
             x = cross(x, tokens, valid)  # (B, h*w, C)
@@ -299,12 +295,13 @@ class Model(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained, last="layer3")  # layer4: unread
+        # torchvision's ResNet with PFENet's dilation (Choices 1), up to layer3: layer4 is never read
+        self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained, last="layer3")
         mid = self.backbone.channels["layer2"] + self.backbone.channels["layer3"]
         self.down = common.MidLevelReduction(mid, cfg.dim, cfg.feature_dropout)
-        self.foreground = ForegroundEvolution(cfg)
-        self.gbc = GBC(cfg)
-        self.ffa = FFA(cfg)
+        self.foreground = ForegroundEvolution(cfg.dim, cfg.feature_dropout, cfg.head_dropout)
+        self.gbc = GBC(cfg.dim, cfg.feature_dropout, cfg.head_dropout)
+        self.ffa = FFA(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.attn_dropout, cfg.head_dropout, cfg.cross_layers)
 
     def features(self, img):
         """F of §III-B for a batch of images (N,3,H,W) -> (N,C,h,w): mid-level features, reduced (Choices 1)."""
@@ -331,15 +328,20 @@ class Model(nn.Module):
     def loss(self, out, m_q, m_s):
         """Eq. (19): alpha L_fg + beta L_bg; every term returned by name. m_q (B,H,W), m_s (B,S,H,W)."""
         terms = {
-            # Eq. (17): L_fg = L_bce(y_pre, M_q) + L_bce(y_rev, M_s) + L_bce(y_final, M_q)
+            # Eq. (17): L_fg = L_bce(y_pre, M_q) + L_bce(y_rev, M_s) + L_bce(y_final, M_q), Choices 7: "BCE" on two
+            # logits is softmax cross-entropy, identical to BCE on the logit difference. 255 is ignored as the official
+            # does for y_pre and y_final (its y_rev target, s_y == 1, counts the support's 255 pixels as background).
+            # K shots: y_rev's term pools the labelled pixels of all shots.
             "pre": common.seg_loss(out["y_pre"], m_q),
             "rev": common.seg_loss(out["y_rev"].flatten(0, 1), m_s.flatten(0, 1)),
             "final": common.seg_loss(out["logits"], m_q),
-            # Eq. (18): L_bg = L_bm(y_bg^s, M_s) + L_bm(y_bg^q, M_q)
+            # Eq. (18): L_bg = L_bm(y_bg^s, M_s) + L_bm(y_bg^q, M_q); K shots: the support's foreground part is a mean
+            # per image, then over images and shots
             "bm_s": background_mining_loss(out["y_bg_s"].flatten(0, 1), m_s.flatten(0, 1), self.cfg.bm_all_weight),
             "bm_q": background_mining_loss(out["y_bg_q"], m_q, self.cfg.bm_all_weight),
         }
-        # Eq. (19): L = alpha (L_pre + L_rev + L_final) + beta (L_bm^s + L_bm^q)
+        # Eq. (19): L = alpha (L_pre + L_rev + L_final) + beta (L_bm^s + L_bm^q); beta = 0.5 as the official, whose
+        # L_bg is the mean of the query and support L_bm (0.5 x Eq. 18 for K = 1), Choices 7
         l_fg = terms["pre"] + terms["rev"] + terms["final"]
         l_bg = terms["bm_s"] + terms["bm_q"]
         return self.cfg.alpha * l_fg + self.cfg.beta * l_bg, terms

@@ -1162,7 +1162,7 @@ def expect_broadcast(x, p):
 
 def qpenet_small_ffa():
     torch.manual_seed(0)
-    return qpenet.FFA(qpenet.Config(dim=8, heads=2, ffn_dim=16)).eval()
+    return qpenet.FFA(8, heads=2, ffn_dim=16, attn_dropout=0.1, head_dropout=0.1, layers=2).eval()
 
 
 def qpenet_cross_by_hand(layer, x, tokens):
@@ -6279,7 +6279,7 @@ class TestQPENet:
 
     def test_qpenet_gbc_cleaner_by_hand(self):
         torch.manual_seed(0)
-        gbc = qpenet.GBC(qpenet.Config(dim=8)).eval()
+        gbc = qpenet.GBC(8, feature_dropout=0.5, head_dropout=0.1).eval()
         f_q, f_s = torch.rand(2, 8, 4, 4), torch.rand(2, 3, 8, 4, 4)
         p_bg, y_bg_q, y_bg_s = gbc(f_q, f_s)
         assert y_bg_s.shape == (2, 3, 2, 4, 4)
@@ -6353,7 +6353,7 @@ class TestQPENet:
         # foreground (channel 1), not over its background
         torch.manual_seed(0)
         C, h, w = 4, 3, 3
-        fe = qpenet.ForegroundEvolution(qpenet.Config(dim=C))
+        fe = qpenet.ForegroundEvolution(C, feature_dropout=0.5, head_dropout=0.1)
         f_q, f_s = torch.randn(2, C, h, w), torch.randn(2, 2, C, h, w)
         m = torch.zeros(2, 2, h, w)
         m[0, 0, 0, :2] = 1.0
@@ -6379,7 +6379,7 @@ class TestQPENet:
         # M_s inside / outside the predicted foreground; P_main / P_aux pool all shots of an episode
         torch.manual_seed(0)
         B, S, C, h, w = 2, 2, 4, 3, 3
-        fe = qpenet.ForegroundEvolution(qpenet.Config(dim=C))
+        fe = qpenet.ForegroundEvolution(C, feature_dropout=0.5, head_dropout=0.1)
         f_s = torch.randn(B, S, C, h, w)
         m = torch.rand(B, S, h, w) * (torch.rand(B, S, h, w) > 0.3)  # soft, with zeros
         m[:, :, 0, 0] = 1.0
