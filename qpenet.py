@@ -53,7 +53,8 @@ Choices (paper silent, or where we differ from the official code, whose behaviou
     support L_bm terms pool all shots (Model.loss).
  8. L_bm (NERTNet, as the official): per image, -log(1 - p_bg) averaged over the foreground, plus
     0.5 x -log p_bg averaged over every pixel; ours leaves out the 255 pixels, which the official counts.
- 9. y_bg^s (Eq. 9) is computed in eval mode too (the paper skips it at test), so forward returns one dict.
+ 9. Evaluation computes only what the logits read: y_bg^s (Eq. 9; "omitted during testing", §III-D) only in
+    training, so forward's dict lacks it in evaluation, and loss() takes a training forward's dict.
 10. Recipe as the official configs run it (DEFAULTS lists it): lr 0.025, the paper's 0.0025 (§IV-B) x 10, as the
     official poly_learning_rate multiplies every group's; its epochs (the paper: 200 on PASCAL). The official stops
     early and keeps the best checkpoint on the test classes; the harness evaluates the last (--select-best does as
@@ -184,18 +185,22 @@ class GBC(nn.Module):
         self.cleaner = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim), nn.Sigmoid())
 
     def forward(self, f_q, f_s):
-        """f_q (B,C,h,w), f_s (B,S,C,h,w) -> P_bg (B,C), y_bg^q (B,2,h,w), y_bg^s (B,S,2,h,w)."""
+        """f_q (B,C,h,w), f_s (B,S,C,h,w) -> P_bg (B,C), y_bg^q (B,2,h,w), y_bg^s (B,S,2,h,w); y_bg^s is None in
+        evaluation (Choices 9)."""
         B, S, _, h, w = f_s.shape
         p_global = self.p_global.expand(B, -1)  # (B, C)
         # Eq. (10): y_bg^q = Convs(Concat(F_q, BC(P_global)))
         y_bg_q = self.convs(torch.cat([f_q, broadcast(p_global, f_q)], 1))  # (B, 2, h, w)
-        # Eq. (9): y_bg^s = Convs(Concat(F_s, BC(P_global))), the same Convs
-        f = f_s.flatten(0, 1)  # (B*S, C, h, w)
-        y_bg_s = self.convs(torch.cat([f, broadcast(p_global.repeat_interleave(S, 0), f)], 1))  # (B*S, 2, h, w)
+        y_bg_s = None
+        if self.training:  # only the loss reads y_bg^s: it trains P_global, "omitted during testing" (§III-D)
+            # Eq. (9): y_bg^s = Convs(Concat(F_s, BC(P_global))), the same Convs
+            f = f_s.flatten(0, 1)  # (B*S, C, h, w)
+            y_bg_s = self.convs(torch.cat([f, broadcast(p_global.repeat_interleave(S, 0), f)], 1))  # (B*S, 2, h, w)
+            y_bg_s = y_bg_s.view(B, S, 2, h, w)
         # Eq. (11): P_bg = P_global * FC(FC(GAP(F_q * y_bg^q))), y_bg^q as its hard background mask
         background = (y_bg_q.argmax(1, keepdim=True) == BACKGROUND).float()  # (B, 1, h, w)
         p_bg = p_global * self.cleaner((f_q * background).mean((2, 3)))  # (B, C)
-        return p_bg, y_bg_q, y_bg_s.view(B, S, 2, h, w)
+        return p_bg, y_bg_q, y_bg_s
 
 
 class CrossAttention(nn.Module):
@@ -289,8 +294,8 @@ def background_mining_loss(y_bg, m, all_weight):
 
 class Model(nn.Module):
     """QPENet (Fig. 2). forward(img_q (B,3,H,W), img_s (B,S,3,H,W), m_s (B,S,H,W), class_ids unused) -> dict:
-    logits (B,2,H,W) = y_final upsampled; y_pre (B,2,h,w); y_rev, y_bg_s (B,S,2,h,w); y_bg_q (B,2,h,w);
-    m_main, m_aux, m_s_down (B,S,h,w). The same in train and eval mode."""
+    logits (B,2,H,W) = y_final upsampled; y_pre (B,2,h,w); y_rev (B,S,2,h,w); y_bg_q (B,2,h,w); m_main, m_aux,
+    m_s_down (B,S,h,w); in training also y_bg_s (B,S,2,h,w), which only the loss reads (Choices 9)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -318,15 +323,17 @@ class Model(nn.Module):
         # 3. DPE (Eq. 4-8): reverse segmentation of the supports, main and auxiliary prototypes
         y_rev, m_main, m_aux, p_main, p_aux = self.foreground.dpe(f_s, m, p_psd)  # y_rev (B, S, 2, h, w), P (B, C)
         # 4. GBC (Eq. 9-11): background maps and the cleaned background prototype
-        p_bg, y_bg_q, y_bg_s = self.gbc(f_q, f_s)  # (B, C), (B, 2, h, w), (B, S, 2, h, w)
+        p_bg, y_bg_q, y_bg_s = self.gbc(f_q, f_s)  # (B, C), (B, 2, h, w), (B, S, 2, h, w) or None
         # 5. FFA (Eq. 12-16): filtering, activation, cross-attention, final Convs
         y_final = self.ffa(f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux)  # (B, 2, h, w)
         logits = F.interpolate(y_final, img_q.shape[-2:], mode="bilinear", align_corners=True)  # (B, 2, H, W)
-        return {"logits": logits, "y_pre": y_pre, "y_rev": y_rev, "y_bg_q": y_bg_q, "y_bg_s": y_bg_s,
-                "m_main": m_main, "m_aux": m_aux, "m_s_down": m}
+        out = {"logits": logits, "y_pre": y_pre, "y_rev": y_rev, "y_bg_q": y_bg_q, "y_bg_s": y_bg_s,
+               "m_main": m_main, "m_aux": m_aux, "m_s_down": m}
+        return {k: v for k, v in out.items() if v is not None}  # evaluation: no y_bg_s (Choices 9)
 
     def loss(self, out, m_q, m_s):
-        """Eq. (19): alpha L_fg + beta L_bg; every term returned by name. m_q (B,H,W), m_s (B,S,H,W)."""
+        """Eq. (19): alpha L_fg + beta L_bg; every term returned by name. out: a training forward's dict (Choices 9),
+        m_q (B,H,W), m_s (B,S,H,W)."""
         terms = {
             # Eq. (17): L_fg = L_bce(y_pre, M_q) + L_bce(y_rev, M_s) + L_bce(y_final, M_q), Choices 7: "BCE" on two
             # logits is softmax cross-entropy, identical to BCE on the logit difference. 255 is ignored as the official

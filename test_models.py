@@ -6185,11 +6185,33 @@ class TestQPENet:
             out = qpenet_model.eval()(img_q, img_s, m_s)
         assert out["logits"].shape == (2, 2, QPENET_SIZE, QPENET_SIZE)
         assert out["y_pre"].shape == out["y_bg_q"].shape == (2, 2, QPENET_H_FEAT, QPENET_H_FEAT)
-        assert out["y_rev"].shape == out["y_bg_s"].shape == (2, shot, 2, QPENET_H_FEAT, QPENET_H_FEAT)
+        assert out["y_rev"].shape == (2, shot, 2, QPENET_H_FEAT, QPENET_H_FEAT)
+        assert qpenet_step["out"]["y_bg_s"].shape == (2, 2, 2, QPENET_H_FEAT, QPENET_H_FEAT)  # 2 shots, training
         assert (out["m_main"].shape == out["m_aux"].shape == out["m_s_down"].shape
                 == (2, shot, QPENET_H_FEAT, QPENET_H_FEAT))
         assert all(torch.isfinite(v).all() for v in out.values())
-        assert set(qpenet_step["out"]) == set(out)  # one dict in train and eval mode
+        assert set(qpenet_step["out"]) - set(out) == {"y_bg_s"}  # evaluation: all but what only the loss reads
+
+    def test_qpenet_evaluation_computes_only_what_the_logits_read(self, qpenet_model):
+        # Choices 9: Eq. (9)'s y_bg^s, read by the loss alone, is not computed in evaluation: GBC's Convs segments
+        # the query only (B images), where training also segments the B*S supports; the logits are those of a
+        # forward that computes it (training mode with every dropout at p = 0)
+        img_q, img_s, m_s, _ = episode(2, 3, QPENET_SIZE)
+        model = copy.deepcopy(qpenet_model)
+        for module in model.modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                module.p = 0.0
+            if isinstance(module, qpenet.CrossAttention):
+                module.dropout = 0.0
+        batches = []
+        model.gbc.convs.register_forward_pre_hook(lambda mod, args: batches.append(len(args[0])))
+        with torch.no_grad():
+            trained = model.train()(img_q, img_s, m_s)
+            assert batches == [2, 6] and "y_bg_s" in trained
+            batches.clear()
+            evaluated = model.eval()(img_q, img_s, m_s)
+        assert batches == [2] and "y_bg_s" not in evaluated
+        torch.testing.assert_close(evaluated["logits"], trained["logits"])
 
     def test_qpenet_shot_order_does_not_matter(self, qpenet_model):
         img_q, img_s, m_s, _ = episode(2, 2, QPENET_SIZE)
@@ -6279,10 +6301,13 @@ class TestQPENet:
 
     def test_qpenet_gbc_cleaner_by_hand(self):
         torch.manual_seed(0)
-        gbc = qpenet.GBC(8, feature_dropout=0.5, head_dropout=0.1).eval()
+        gbc = qpenet.GBC(8, feature_dropout=0.0, head_dropout=0.0).train()  # training (y_bg^s), nothing random
         f_q, f_s = torch.rand(2, 8, 4, 4), torch.rand(2, 3, 8, 4, 4)
         p_bg, y_bg_q, y_bg_s = gbc(f_q, f_s)
         assert y_bg_s.shape == (2, 3, 2, 4, 4)
+        evaluated = gbc.eval()(f_q, f_s)
+        assert evaluated[2] is None  # Eq. (9) only trains P_global: omitted in evaluation (§III-D)
+        assert torch.equal(evaluated[0], p_bg) and torch.equal(evaluated[1], y_bg_q)
         bg = (y_bg_q[:, 1] > y_bg_q[:, 0]).float()  # channel 1 = background
         gap = (f_q * bg[:, None]).sum((2, 3)) / 16  # GAP over all h*w pixels, not MAP
         fc1, fc2 = gbc.cleaner[0], gbc.cleaner[2]
