@@ -13,7 +13,7 @@ evolved prototypes, attends twice to the support foreground pixels and decodes t
 Paper -> code:
     §III-B features F_q, F_s (shared CNN)     Model.features: frozen common.Backbone + common.MidLevelReduction
     "Convs" (3x3 and 1x1 layers)              Convs
-    §III-C1 PPG, Eq. (1)-(3)                  ForegroundEvolution.ppg
+    §III-C1 PPG, Eq. (1)-(3)                  Model.forward (Eq. 1: shot_map), ForegroundEvolution.ppg
     §III-C2 DPE, Eq. (4)-(8)                  ForegroundEvolution.dpe
     MAP                                       common.masked_average_pooling (shot_map: over all K shots)
     §III-D GBC, Eq. (9)-(11)                  GBC
@@ -21,6 +21,13 @@ Paper -> code:
     Eq. (16) Cross(Cross(F_q'', F_s*M_s))     CrossAttention (x2), then FFA.convs
     §III-F loss, Eq. (17)-(19); L_bm          Model.loss, background_mining_loss
     §IV-B training setup                      DEFAULTS, Config
+    §IV-D ablations, Tables III-V             Config: fgpe, bgpe, decoder; foreground_prototypes; activation_maps, dpe
+
+The ablations of §IV-D (PASCAL-5i, 1-shot, ResNet-50) are runs: train.py --model qpenet --fold all --set ...
+    Table III  baseline: fgpe=false bgpe=false decoder=fem;  + FGPE: bgpe=false decoder=fem;  + FGPE + BGPE:
+               decoder=fem;  + FGPE + FFA: bgpe=false;  all three: the defaults
+    Table IV   foreground_prototypes=pre, =main, =aux, =main+aux; all three: the default (pre+main+aux)
+    Table V    "w/o activation maps": activation_maps=false;  "w SGM": dpe=sgm
 
 K shots: P_pre, P_main and P_aux are each one MAP over the pixels of all K supports; one preliminary query
 prediction y_pre and one pseudo-prototype P_psd follow from P_pre; P_psd reverse-segments every support, and
@@ -53,8 +60,9 @@ Choices (paper silent, or where we differ from the official code, whose behaviou
     support L_bm terms pool all shots (Model.loss).
  8. L_bm (NERTNet, as the official): per image, -log(1 - p_bg) averaged over the foreground, plus
     0.5 x -log p_bg averaged over every pixel; ours leaves out the 255 pixels, which the official counts.
- 9. Evaluation computes only what the logits read: y_bg^s (Eq. 9; "omitted during testing", §III-D) only in
-    training, so forward's dict lacks it in evaluation, and loss() takes a training forward's dict.
+ 9. Evaluation computes only what the logits read, so forward's dict is smaller there: never y_bg^s (Eq. 9, "omitted
+    during testing", §III-D), y_bg^q only for Eq. (11) (BGPE), PPG and DPE only where the decoder reads P_main or
+    P_aux, PPG not under SGM (which reads no P_psd). loss() takes a training forward's dict.
 10. Recipe as the official configs run it (DEFAULTS lists it): lr 0.025, the paper's 0.0025 (§IV-B) x 10, as the
     official poly_learning_rate multiplies every group's; its epochs (the paper: 200 on PASCAL). The official stops
     early and keeps the best checkpoint on the test classes; the harness evaluates the last (--select-best does as
@@ -63,8 +71,21 @@ Choices (paper silent, or where we differ from the official code, whose behaviou
     only the last shot's y_pre and P_psd; ours combines K shots as stated above. One MAP over all K supports
     weighs each shot by its object's area; the official computes prototypes per shot and would average them
     with equal weights (as PFENet does).
+12. Without FGPE (Table III) PPG and DPE are not built (-1.90M, Choices 2): P_main = P_aux = P_pre = MAP(F_s, M_s),
+    the baseline's prototype, so either decoder keeps the width of its inputs; L_fg loses y_pre and y_rev.
+13. Without BGPE (Table III) the cleaner of Eq. (11) is not built and P_bg = P_global. Eq. (9)-(10) and L_bg still
+    train P_global: that is how NERTNet [42] learns the global background prototype that the baseline uses.
+14. decoder="fem" (Table III): PFENet's FEM (common.FEM; no prior, Choices 4) replaces FFA (Eq. 12-16). It takes
+    P_pre as its prototype and BC(P_main), BC(P_aux), BC(P_bg) as extra maps (§III-E's "broadcasting ... and
+    concatenating"), and adds PFENet's auxiliary loss to L_fg (the mean over its per-scale logits, weight 1).
+15. foreground_prototypes (Table IV) chooses the inputs of Eq. (15) among BC(P_pre), A_main and A_aux; its Conv_1
+    narrows. PPG and DPE still run and learn in training (Eq. 17). Only FFA has Eq. (15): the FEM refuses a subset.
+16. Table V: activation_maps=false gives Eq. (15) BC(P_main), BC(P_aux) in place of A_main, A_aux ("directly
+    concatenate the broadcasted prototypes"); dpe="sgm" is SCL's self-guided module [41] in DPE's place: Eq. (4)
+    segments the support with its own P_pre, not with P_psd; Eq. (5)-(8) and PPG (its y_pre loss) stay.
 """
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -100,6 +121,14 @@ class Config:
     alpha: float = 1.0  # Eq. (19) weight of L_fg: Choices 7
     beta: float = 0.5  # Eq. (19) weight of L_bg: Choices 7
     bm_all_weight: float = 0.5  # L_bm weight of the every-pixel background term (official/NERTNet erfa)
+    # §IV-D ablations (train.py --set FIELD=VALUE); the defaults are the full model
+    fgpe: bool = True  # Table III "FGPE": foreground prototype evolution, PPG + DPE (Choices 12)
+    bgpe: bool = True  # Table III "BGPE": background prototype evolution, GBC's cleaning (Eq. 11; Choices 13)
+    decoder: Literal["ffa", "fem"] = "ffa"  # Table III "FFA", or the baseline's decoder, PFENet's FEM (Choices 14)
+    # Table IV: the foreground prototypes that FFA uses (Eq. 15; Choices 15)
+    foreground_prototypes: Literal["pre", "main", "aux", "main+aux", "pre+main+aux"] = "pre+main+aux"
+    activation_maps: bool = True  # Table V "w/o activation maps": Eq. (15) takes the broadcast prototypes (Choices 16)
+    dpe: Literal["dpe", "sgm"] = "dpe"  # Table V "w SGM": SCL's self-guided module replaces DPE (Choices 16)
 
 
 def add_args(parser):
@@ -143,23 +172,22 @@ class ForegroundEvolution(nn.Module):
         super().__init__()
         self.convs = Convs(2 * dim, dim, feature_dropout, head_dropout)
 
-    def ppg(self, f_q, f_s, m):
-        """Pseudo-prototype Generation. f_q (B,C,h,w), f_s (B,S,C,h,w), m (B,S,h,w) downsampled support mask.
-        Returns P_pre (B,C), y_pre (B,2,h,w), P_psd (B,C)."""
-        # Eq. (1): P_pre = MAP(F_s, M_s)
-        p_pre = shot_map(f_s, m)  # (B, C)
+    def ppg(self, f_q, p_pre):
+        """Pseudo-prototype Generation after Eq. (1) (P_pre, Model.forward). f_q (B,C,h,w), P_pre (B,C).
+        Returns y_pre (B,2,h,w), P_psd (B,C)."""
         # Eq. (2): y_pre = Convs(Concat(F_q, BC(P_pre)))
         y_pre = self.convs(torch.cat([f_q, broadcast(p_pre, f_q)], 1))  # (B, 2, h, w)
         # Eq. (3): P_psd = MAP(F_q, y_pre), y_pre as its hard foreground mask
         p_psd = common.masked_average_pooling(f_q, (y_pre.argmax(1) == 1).float())  # (B, C)
-        return p_pre, y_pre, p_psd
+        return y_pre, p_psd
 
     def dpe(self, f_s, m, p_psd):
-        """Dual Prototype Evolution. f_s (B,S,C,h,w), m (B,S,h,w), P_psd (B,C).
+        """Dual Prototype Evolution. f_s (B,S,C,h,w), m (B,S,h,w), P_psd (B,C) (SGM, Table V: P_pre in its place).
         Returns y_rev (B,S,2,h,w), M_main, M_aux (B,S,h,w), P_main, P_aux (B,C)."""
         B, S, C, h, w = f_s.shape
         f = f_s.flatten(0, 1)  # (B*S, C, h, w)
-        # Eq. (4): y_rev = Convs(Concat(F_s, BC(P_psd))), every shot with the one pseudo-prototype
+        # Eq. (4): y_rev = Convs(Concat(F_s, BC(P_psd))), every shot with the one pseudo-prototype (SGM: the support's
+        # own P_pre, Choices 16)
         y_rev = self.convs(torch.cat([f, broadcast(p_psd.repeat_interleave(S, 0), f)], 1))  # (B*S, 2, h, w)
         y_rev = y_rev.view(B, S, 2, h, w)
         rev = (y_rev.argmax(2) == 1).float()  # (B, S, h, w)
@@ -175,31 +203,35 @@ class GBC(nn.Module):
     """§III-D Global Background Cleansing: a learned global background prototype segments the background of
     query and support (Eq. 9-10) and is cleaned channel-wise by a gate from the query's background (Eq. 11)."""
 
-    def __init__(self, dim, feature_dropout, head_dropout):
+    def __init__(self, dim, feature_dropout, head_dropout, clean=True):
         super().__init__()
         self.p_global = nn.Parameter(torch.randn(dim))  # "a randomly initialized vector" (§III-D)
         self.convs = Convs(2 * dim, dim, feature_dropout, head_dropout)
         # FC(FC(.)) of Eq. (11), Choices 5: the paper gives no widths or activations, and two linear layers in a row
         # would collapse into one. The official implements Eq. (11) as a 4-expert dynamic 3x3 convolution of the
-        # broadcast P_global instead.
-        self.cleaner = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim), nn.Sigmoid())
+        # broadcast P_global instead. Without BGPE (Table III, clean=False) there is none: P_bg = P_global
+        self.cleaner = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim),
+                                     nn.Sigmoid()) if clean else None
 
     def forward(self, f_q, f_s):
-        """f_q (B,C,h,w), f_s (B,S,C,h,w) -> P_bg (B,C), y_bg^q (B,2,h,w), y_bg^s (B,S,2,h,w); y_bg^s is None in
-        evaluation (Choices 9)."""
+        """f_q (B,C,h,w), f_s (B,S,C,h,w) -> P_bg (B,C), y_bg^q (B,2,h,w), y_bg^s (B,S,2,h,w). In evaluation y_bg^s
+        is None, and y_bg^q too without the cleaner: only the loss reads them (Choices 9)."""
         B, S, _, h, w = f_s.shape
         p_global = self.p_global.expand(B, -1)  # (B, C)
-        # Eq. (10): y_bg^q = Convs(Concat(F_q, BC(P_global)))
-        y_bg_q = self.convs(torch.cat([f_q, broadcast(p_global, f_q)], 1))  # (B, 2, h, w)
-        y_bg_s = None
+        y_bg_q = y_bg_s = None
+        if self.training or self.cleaner is not None:
+            # Eq. (10): y_bg^q = Convs(Concat(F_q, BC(P_global)))
+            y_bg_q = self.convs(torch.cat([f_q, broadcast(p_global, f_q)], 1))  # (B, 2, h, w)
         if self.training:  # only the loss reads y_bg^s: it trains P_global, "omitted during testing" (§III-D)
             # Eq. (9): y_bg^s = Convs(Concat(F_s, BC(P_global))), the same Convs
             f = f_s.flatten(0, 1)  # (B*S, C, h, w)
             y_bg_s = self.convs(torch.cat([f, broadcast(p_global.repeat_interleave(S, 0), f)], 1))  # (B*S, 2, h, w)
             y_bg_s = y_bg_s.view(B, S, 2, h, w)
-        # Eq. (11): P_bg = P_global * FC(FC(GAP(F_q * y_bg^q))), y_bg^q as its hard background mask
-        background = (y_bg_q.argmax(1, keepdim=True) == BACKGROUND).float()  # (B, 1, h, w)
-        p_bg = p_global * self.cleaner((f_q * background).mean((2, 3)))  # (B, C)
+        p_bg = p_global  # without BGPE (Table III): the global prototype itself (Choices 13)
+        if self.cleaner is not None:
+            # Eq. (11): P_bg = P_global * FC(FC(GAP(F_q * y_bg^q))), y_bg^q as its hard background mask
+            background = (y_bg_q.argmax(1, keepdim=True) == BACKGROUND).float()  # (B, 1, h, w)
+            p_bg = p_global * self.cleaner((f_q * background).mean((2, 3)))  # (B, C)
         return p_bg, y_bg_q, y_bg_s
 
 
@@ -241,13 +273,19 @@ class CrossAttention(nn.Module):
 
 class FFA(nn.Module):
     """§III-E Feature Filtering and Activation: background filtering (Eq. 12), activation maps (Eq. 13-14),
-    fusion with P_pre (Eq. 15), two cross-attentions over the support foreground and the final Convs (Eq. 16)."""
+    fusion with P_pre (Eq. 15), two cross-attentions over the support foreground and the final Convs (Eq. 16).
+    prototypes: those Eq. (15) takes (Table IV); activation_maps=False: broadcast P_main, P_aux instead (Table V)."""
 
-    def __init__(self, dim, heads, ffn_dim, attn_dropout, head_dropout, layers):
+    def __init__(self, dim, heads, ffn_dim, attn_dropout, head_dropout, layers, prototypes=("pre", "main", "aux"),
+                 activation_maps=True):
         super().__init__()
-        # Conv_1 of Eq. (12) and (15): the paper names only the 1x1 conv; + ReLU (Choices 1)
+        self.prototypes, self.activation_maps = prototypes, activation_maps  # Table IV, Table V
+        evolved = ("main" in prototypes) + ("aux" in prototypes)
+        # Conv_1 of Eq. (12) and (15): the paper names only the 1x1 conv; + ReLU (Choices 1). Eq. (15) concatenates
+        # F_q', BC(P_pre) and an activation map (or, without them, a broadcast prototype) per evolved prototype
+        fused = dim + dim * ("pre" in prototypes) + evolved * (1 if activation_maps else dim)
         self.filter = nn.Sequential(*common.conv_relu(2 * dim, dim, 1))
-        self.fuse = nn.Sequential(*common.conv_relu(2 * dim + 2, dim, 1))
+        self.fuse = nn.Sequential(*common.conv_relu(fused, dim, 1))
         self.cross = nn.ModuleList(CrossAttention(dim, heads, ffn_dim, attn_dropout) for _ in range(layers))
         self.convs = Convs(dim, dim, 0.0, head_dropout)
 
@@ -256,11 +294,16 @@ class FFA(nn.Module):
         B, C, h, w = f_q.shape
         # Eq. (12): F_q' = Conv_1(Concat(F_q, BC(P_bg)))
         f_q1 = self.filter(torch.cat([f_q, broadcast(p_bg, f_q)], 1))  # (B, C, h, w)
-        # Eq. (13), (14): A(i) = cos(P, F_q(i)) for P_main and P_aux
-        protos = torch.stack([p_main, p_aux], 1)[..., None, None]  # (B, 2, C, 1, 1): both maps in one call
-        a_main_aux = F.cosine_similarity(f_q[:, None], protos, dim=2)  # (B, 2, h, w): A_main, A_aux
+        parts = [f_q1] + ([broadcast(p_pre, f_q)] if "pre" in self.prototypes else [])  # Table IV: Choices 15
+        evolved = [p for name, p in (("main", p_main), ("aux", p_aux)) if name in self.prototypes]
+        if not self.activation_maps:  # Table V "w/o activation maps": the broadcast prototypes (Choices 16)
+            parts += [broadcast(p, f_q) for p in evolved]  # n x (B, C, h, w)
+        elif evolved:
+            # Eq. (13), (14): A(i) = cos(P, F_q(i)) for P_main and P_aux
+            protos = torch.stack(evolved, 1)[..., None, None]  # (B, n, C, 1, 1): the maps in one call
+            parts.append(F.cosine_similarity(f_q[:, None], protos, dim=2))  # (B, n, h, w): A_main, A_aux
         # Eq. (15): F_q'' = Conv_1(Concat(F_q', BC(P_pre), A_main, A_aux))
-        f_q2 = self.fuse(torch.cat([f_q1, broadcast(p_pre, f_q), a_main_aux], 1))  # (B, C, h, w)
+        f_q2 = self.fuse(torch.cat(parts, 1))  # (B, C, h, w)
         # Eq. (16): y_final = Convs(Cross(Cross(F_q'', F_s * M_s), F_s * M_s)), the keys the foreground pixels of all
         # shots (Choices 6). As the official (CyCTR's get_supp_flatten_input): the support label resized to h x w by
         # nearest (PyTorch's, input pixel floor(i H / h)), then == 1, so 255 is no key. M_s of Eq. (16) is that 0/1
@@ -294,19 +337,33 @@ def background_mining_loss(y_bg, m, all_weight):
 
 class Model(nn.Module):
     """QPENet (Fig. 2). forward(img_q (B,3,H,W), img_s (B,S,3,H,W), m_s (B,S,H,W), class_ids unused) -> dict:
-    logits (B,2,H,W) = y_final upsampled; y_pre (B,2,h,w); y_rev (B,S,2,h,w); y_bg_q (B,2,h,w); m_main, m_aux,
-    m_s_down (B,S,h,w); in training also y_bg_s (B,S,2,h,w), which only the loss reads (Choices 9)."""
+    logits (B,2,H,W) = y_final upsampled; m_s_down (B,S,h,w); y_pre (B,2,h,w), y_rev (B,S,2,h,w), m_main, m_aux
+    (B,S,h,w) with FGPE; y_bg_q (B,2,h,w), y_bg_s (B,S,2,h,w); fem_aux (FEM's per-scale logits) with the FEM.
+    Evaluation leaves out what only the loss reads (Choices 9)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
+        if cfg.decoder == "fem" and (cfg.foreground_prototypes != "pre+main+aux" or not cfg.activation_maps):
+            raise ValueError("foreground_prototypes and activation_maps choose the inputs of FFA's Eq. (15) (Tables IV "
+                             "and V); the FEM decoder takes every prototype, broadcast (Choices 14)")
+        if cfg.dpe == "sgm" and not cfg.fgpe:
+            raise ValueError("dpe=sgm replaces DPE, which fgpe=false leaves out (Table V ablates the full model)")
         self.cfg = cfg
         # torchvision's ResNet with PFENet's dilation (Choices 1), up to layer3: layer4 is never read
         self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained, last="layer3")
         mid = self.backbone.channels["layer2"] + self.backbone.channels["layer3"]
         self.down = common.MidLevelReduction(mid, cfg.dim, cfg.feature_dropout)
-        self.foreground = ForegroundEvolution(cfg.dim, cfg.feature_dropout, cfg.head_dropout)
-        self.gbc = GBC(cfg.dim, cfg.feature_dropout, cfg.head_dropout)
-        self.ffa = FFA(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.attn_dropout, cfg.head_dropout, cfg.cross_layers)
+        # Table III: FGPE = PPG + DPE (Choices 12), BGPE = GBC's cleaner (Choices 13)
+        self.foreground = ForegroundEvolution(cfg.dim, cfg.feature_dropout, cfg.head_dropout) if cfg.fgpe else None
+        self.gbc = GBC(cfg.dim, cfg.feature_dropout, cfg.head_dropout, clean=cfg.bgpe)
+        prototypes = tuple(cfg.foreground_prototypes.split("+"))  # Table IV
+        if cfg.decoder == "ffa":
+            self.ffa = FFA(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.attn_dropout, cfg.head_dropout, cfg.cross_layers,
+                           prototypes, cfg.activation_maps)
+        else:  # Table III's baseline decoder: extra maps BC(P_main), BC(P_aux), BC(P_bg) (Choices 14)
+            self.fem = common.FEM(cfg.dim, extra_dim=3 * cfg.dim)
+        # evaluation runs PPG and DPE only for a decoder that reads P_main or P_aux (Choices 9)
+        self.reads_evolved = cfg.decoder == "fem" or "main" in prototypes or "aux" in prototypes
 
     def features(self, img):
         """F of §III-B for a batch of images (N,3,H,W) -> (N,C,h,w): mid-level features, reduced (Choices 1)."""
@@ -319,36 +376,50 @@ class Model(nn.Module):
         f_q, f_s = f[:B], f[B:].unflatten(0, (B, S))  # (B, C, h, w), (B, S, C, h, w)
         m = common.foreground_at(m_s, f.shape[-2:])  # (B, S, h, w)
         # 2. PPG (Eq. 1-3): preliminary prototype, preliminary query prediction, pseudo-prototype
-        p_pre, y_pre, p_psd = self.foreground.ppg(f_q, f_s, m)  # (B, C), (B, 2, h, w), (B, C)
-        # 3. DPE (Eq. 4-8): reverse segmentation of the supports, main and auxiliary prototypes
-        y_rev, m_main, m_aux, p_main, p_aux = self.foreground.dpe(f_s, m, p_psd)  # y_rev (B, S, 2, h, w), P (B, C)
-        # 4. GBC (Eq. 9-11): background maps and the cleaned background prototype
+        p_pre = shot_map(f_s, m)  # Eq. (1): P_pre = MAP(F_s, M_s), the baseline's prototype too: (B, C)
+        p_main = p_aux = p_pre  # without FGPE (Table III; Choices 12)
+        y_pre = y_rev = m_main = m_aux = fem_aux = None
+        evolve = self.foreground is not None and (self.training or self.reads_evolved)  # Choices 9
+        if evolve and (self.training or self.cfg.dpe == "dpe"):  # SGM reads no P_psd: y_pre for the loss only
+            y_pre, p_psd = self.foreground.ppg(f_q, p_pre)  # (B, 2, h, w), (B, C)
+        # 3. DPE (Eq. 4-8): reverse segmentation of the supports with P_psd (SGM, Table V: with P_pre), main and
+        # auxiliary prototypes
+        if evolve:
+            guide = p_psd if self.cfg.dpe == "dpe" else p_pre
+            y_rev, m_main, m_aux, p_main, p_aux = self.foreground.dpe(f_s, m, guide)  # y_rev (B, S, 2, h, w)
+        # 4. GBC (Eq. 9-11): background maps and the cleaned background prototype (without BGPE: P_global)
         p_bg, y_bg_q, y_bg_s = self.gbc(f_q, f_s)  # (B, C), (B, 2, h, w), (B, S, 2, h, w) or None
-        # 5. FFA (Eq. 12-16): filtering, activation, cross-attention, final Convs
-        y_final = self.ffa(f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux)  # (B, 2, h, w)
+        # 5. FFA (Eq. 12-16): filtering, activation, cross-attention, final Convs; or the baseline's FEM (Table III)
+        if self.cfg.decoder == "ffa":
+            y_final = self.ffa(f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux)  # (B, 2, h, w)
+        else:
+            extra = torch.cat([broadcast(p, f_q) for p in (p_main, p_aux, p_bg)], 1)  # (B, 3C, h, w)
+            y_final, fem_aux = self.fem(f_q, p_pre, extra)  # (B, 2, h, w), per scale (B, 2, b, b)
         logits = F.interpolate(y_final, img_q.shape[-2:], mode="bilinear", align_corners=True)  # (B, 2, H, W)
         out = {"logits": logits, "y_pre": y_pre, "y_rev": y_rev, "y_bg_q": y_bg_q, "y_bg_s": y_bg_s,
-               "m_main": m_main, "m_aux": m_aux, "m_s_down": m}
-        return {k: v for k, v in out.items() if v is not None}  # evaluation: no y_bg_s (Choices 9)
+               "m_main": m_main, "m_aux": m_aux, "m_s_down": m, "fem_aux": fem_aux}
+        return {k: v for k, v in out.items() if v is not None}  # what this run computes (Choices 9)
 
     def loss(self, out, m_q, m_s):
         """Eq. (19): alpha L_fg + beta L_bg; every term returned by name. out: a training forward's dict (Choices 9),
         m_q (B,H,W), m_s (B,S,H,W)."""
-        terms = {
-            # Eq. (17): L_fg = L_bce(y_pre, M_q) + L_bce(y_rev, M_s) + L_bce(y_final, M_q), Choices 7: "BCE" on two
-            # logits is softmax cross-entropy, identical to BCE on the logit difference. 255 is ignored as the official
-            # does for y_pre and y_final (its y_rev target, s_y == 1, counts the support's 255 pixels as background).
-            # K shots: y_rev's term pools the labelled pixels of all shots.
-            "pre": common.seg_loss(out["y_pre"], m_q),
-            "rev": common.seg_loss(out["y_rev"].flatten(0, 1), m_s.flatten(0, 1)),
-            "final": common.seg_loss(out["logits"], m_q),
-            # Eq. (18): L_bg = L_bm(y_bg^s, M_s) + L_bm(y_bg^q, M_q); K shots: the support's foreground part is a mean
-            # per image, then over images and shots
-            "bm_s": background_mining_loss(out["y_bg_s"].flatten(0, 1), m_s.flatten(0, 1), self.cfg.bm_all_weight),
-            "bm_q": background_mining_loss(out["y_bg_q"], m_q, self.cfg.bm_all_weight),
-        }
+        terms = {}
+        # Eq. (17): L_fg = L_bce(y_pre, M_q) + L_bce(y_rev, M_s) + L_bce(y_final, M_q), Choices 7: "BCE" on two
+        # logits is softmax cross-entropy, identical to BCE on the logit difference. 255 is ignored as the official
+        # does for y_pre and y_final (its y_rev target, s_y == 1, counts the support's 255 pixels as background).
+        # K shots: y_rev's term pools the labelled pixels of all shots.
+        if self.foreground is not None:  # FGPE's terms (Table III; Choices 12)
+            terms["pre"] = common.seg_loss(out["y_pre"], m_q)
+            terms["rev"] = common.seg_loss(out["y_rev"].flatten(0, 1), m_s.flatten(0, 1))
+        terms["final"] = common.seg_loss(out["logits"], m_q)
+        if "fem_aux" in out:  # the FEM decoder's auxiliary loss, PFENet's: the mean over its scales (Choices 14)
+            terms["fem_aux"] = torch.stack([common.seg_loss(a, m_q) for a in out["fem_aux"]]).mean()
+        # Eq. (18): L_bg = L_bm(y_bg^s, M_s) + L_bm(y_bg^q, M_q); K shots: the support's foreground part is a mean
+        # per image, then over images and shots
+        terms["bm_s"] = background_mining_loss(out["y_bg_s"].flatten(0, 1), m_s.flatten(0, 1), self.cfg.bm_all_weight)
+        terms["bm_q"] = background_mining_loss(out["y_bg_q"], m_q, self.cfg.bm_all_weight)
         # Eq. (19): L = alpha (L_pre + L_rev + L_final) + beta (L_bm^s + L_bm^q); beta = 0.5 as the official, whose
         # L_bg is the mean of the query and support L_bm (0.5 x Eq. 18 for K = 1), Choices 7
-        l_fg = terms["pre"] + terms["rev"] + terms["final"]
+        l_fg = sum(v for k, v in terms.items() if k not in ("bm_s", "bm_q"))  # ((pre + rev) + final) + fem_aux
         l_bg = terms["bm_s"] + terms["bm_q"]
         return self.cfg.alpha * l_fg + self.cfg.beta * l_bg, terms

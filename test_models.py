@@ -6388,7 +6388,8 @@ class TestQPENet:
         fg_pre[0, 0, 0] = fg_pre[0, 2, 1] = 1  # image 0: two query pixels predicted foreground
         fg_pre[1, 1, 2] = 1  # image 1: one
         fe.convs = Scripted(logits_of(fg_pre))
-        p_pre, y_pre, p_psd = fe.ppg(f_q, f_s, m)
+        p_pre = qpenet.shot_map(f_s, m)  # Eq. (1), in Model.forward (the baseline's prototype too)
+        y_pre, p_psd = fe.ppg(f_q, p_pre)
 
         for b in range(2):
             torch.testing.assert_close(p_pre[b], map_by_hand(pixels(f_s[b]), m[b].flatten()), **TOL)
