@@ -1095,119 +1095,10 @@ def symnet_hand_ce(logits, labels):
 QPENET_SIZE = 33  # output stride 8 -> 5 x 5 features; episode's default boxes
 
 
-QPENET_H_FEAT = 5
-
-
 @pytest.fixture(scope="module")
 def qpenet_model():
     torch.manual_seed(0)
     return qpenet.Model(qpenet.Config(pretrained=False))
-
-
-@pytest.fixture(scope="module")
-def qpenet_step(qpenet_model):
-    """One 2-shot training step: the outputs, the loss and a snapshot of the gradients."""
-    img_q, img_s, m_s, m_q = episode(2, 2, QPENET_SIZE)
-    qpenet_model.train()
-    qpenet_model.zero_grad()
-    out = qpenet_model(img_q, img_s, m_s)
-    total, terms = qpenet_model.loss(out, m_q, m_s)
-    total.backward()
-    grads = {n: None if p.grad is None else p.grad.clone() for n, p in qpenet_model.named_parameters()}
-    return dict(out=out, total=total, terms=terms, grads=grads, m_s=m_s, m_q=m_q)
-
-
-TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-class Scripted(nn.Module):
-    """Stands in for a Convs: records every input and returns the next of the given logits."""
-
-    def __init__(self, *outputs):
-        super().__init__()
-        self.outputs, self.inputs = list(outputs), []
-
-    def forward(self, x):
-        self.inputs.append(x.detach().clone())
-        return self.outputs[len(self.inputs) - 1]
-
-
-def logits_of(fg):
-    """Two-channel logits whose argmax is the binary mask fg (..., h, w): channel 1 wins exactly where fg = 1."""
-    fg = fg.float()
-    return torch.stack([1 - fg, fg], -3)
-
-
-def map_by_hand(f, m):
-    """MAP written out: f (C, n) features of n pixels, m (n,) weights -> sum_i f(i) m(i) / (sum_i m(i) + eps)."""
-    return (f * m).sum(1) / (m.sum() + MAP_EPS)
-
-
-def pixels(f):
-    """(..., C, h, w) -> (C, n): the pixels of one image (or of all K shots of one episode) as columns."""
-    return f.movedim(-3, 0).reshape(f.shape[-3], -1)
-
-
-def cosine_by_hand(f, p):
-    """Eq. (13)/(14) written out: f (C, h, w), p (C,) -> p.f(i) / (|p| |f(i)|), (h, w)."""
-    return (f * p[:, None, None]).sum(0) / (p.norm() * f.norm(dim=0))
-
-
-def expect_broadcast(x, p):
-    """Assert that every pixel of x (N, C, h, w) holds the prototype p (N, C)."""
-    torch.testing.assert_close(x, p[:, :, None, None].expand_as(x), **TOL)
-
-
-# ---------------- FFA: Eq. (12)-(15) inputs, Eq. (16) keys ------------------------------------------------
-
-def qpenet_small_ffa():
-    torch.manual_seed(0)
-    return qpenet.FFA(8, heads=2, ffn_dim=16, attn_dropout=0.1, head_dropout=0.1, layers=2).eval()
-
-
-def qpenet_cross_by_hand(layer, x, tokens):
-    """One Cross layer written out for one image: x (N, C) query pixels, tokens (L, C) the support foreground
-    pixels F_s * M_s (L may be 0: then attention adds nothing). Weights taken from layer, masking done here."""
-    N, C = x.shape
-    heads = layer.heads
-    d = C // heads
-    if len(tokens) == 0:
-        attn = torch.zeros(N, C)
-    else:
-        q = (x @ layer.to_q.weight.T).view(N, heads, d).transpose(0, 1)  # (heads, N, d)
-        k = (tokens @ layer.to_k.weight.T).view(-1, heads, d).transpose(0, 1)  # (heads, L, d)
-        v = (tokens @ layer.to_v.weight.T).view(-1, heads, d).transpose(0, 1)
-        a = (q @ k.transpose(1, 2) / math.sqrt(d)).softmax(-1) @ v  # (heads, N, d)
-        attn = a.transpose(0, 1).reshape(N, C) @ layer.to_out.weight.T
-    x = layer.norm_attn(x + attn)
-    return layer.norm_ffn(x + layer.ffn(x))
-
-
-def qpenet_keys_episode():
-    """B=3 episodes of 2 shots, features 3x3, labels m_s 6x6 (nearest samples label rows/columns 0, 2, 4; the
-    bilinear M_s samples 0, 2.5, 5). Episode 1 has foreground only in its second shot, episode 2 none at all
-    (a 255 row). -> f_q, f_s, m_s, the four prototypes (FFA's order), and the bilinear M_s (B,S,3,3)."""
-    torch.manual_seed(1)
-    B, S, C, h, w = 3, 2, 8, 3, 3
-    f_q, f_s = torch.randn(B, C, h, w), torch.randn(B, S, C, h, w)
-    m_s = torch.zeros(B, S, 2 * h, 2 * w, dtype=torch.long)
-    m_s[0, 0, :3, :3] = 1  # keys (0,0) (0,1) (1,0) (1,1); bilinear M_s 1, 0.5, 0.5, 0.25 there
-    m_s[0, 0, 3, 5] = 1  # bilinear M_s 0.5 at (1,2), no key: nearest reads label (2,4) = 0
-    m_s[0, 1, 4:] = 1
-    m_s[0, 1, 4, 4] = IGNORE_INDEX  # (2,2): bilinear M_s 1 (label row 5), no key: nearest reads this 255
-    m_s[1, 1, 2:, 2:] = 1  # keys (1,1) (1,2) (2,1) (2,2)
-    m_s[1, 1, 0, 4] = 1  # key (0,2), where the bilinear M_s is 0
-    m_s[2, :, 0] = IGNORE_INDEX
-    p_bg, p_pre, p_main, p_aux = (torch.randn(B, C) for _ in range(4))
-    m_bilinear = F.interpolate((m_s == 1).float(), (h, w), mode="bilinear", align_corners=True)
-    return f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux, m_bilinear
-
-
-def qpenet_nearest_keys(m_s, h, w):
-    """The keys of Eq. (16) by hand: the label (..., H, W) read at row i * H // h, column j * W // w, == 1."""
-    H, W = m_s.shape[-2:]
-    rows, cols = [i * H // h for i in range(h)], [j * W // w for j in range(w)]
-    return m_s[..., rows, :][..., cols] == 1  # (..., h, w) bool
 
 
 def deep_stem_model(name, where):
@@ -6171,12 +6062,121 @@ class TestSymNet:
 
 
 # ==========================================================================================================
-# qpenet.py: QPENet: shapes at 1 and 5 shots, the loss terms, gradients; cross attention, GBC and L_bm by hand;
-# PPG, DPE and FFA with scripted layers (Eq. 1-16)
+# qpenet.py: QPENet in the paper's order: the overview (shapes, K shots, what evaluation computes), PPG, DPE, GBC,
+# FFA and its cross attention, the loss, the parameter counts and the ablations of §IV-D (Tables III-V)
 # ==========================================================================================================
 
+QPENET_H_FEAT = 5
+
+
+@pytest.fixture(scope="module")
+def qpenet_step(qpenet_model):
+    """One 2-shot training step: the outputs, the loss and a snapshot of the gradients."""
+    img_q, img_s, m_s, m_q = episode(2, 2, QPENET_SIZE)
+    qpenet_model.train()
+    qpenet_model.zero_grad()
+    out = qpenet_model(img_q, img_s, m_s)
+    total, terms = qpenet_model.loss(out, m_q, m_s)
+    total.backward()
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in qpenet_model.named_parameters()}
+    return dict(out=out, total=total, terms=terms, grads=grads, m_s=m_s, m_q=m_q)
+
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+class Scripted(nn.Module):
+    """Stands in for a Convs: records every input and returns the next of the given logits."""
+
+    def __init__(self, *outputs):
+        super().__init__()
+        self.outputs, self.inputs = list(outputs), []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return self.outputs[len(self.inputs) - 1]
+
+
+def logits_of(fg):
+    """Two-channel logits whose argmax is the binary mask fg (..., h, w): channel 1 wins exactly where fg = 1."""
+    fg = fg.float()
+    return torch.stack([1 - fg, fg], -3)
+
+
+def map_by_hand(f, m):
+    """MAP written out: f (C, n) features of n pixels, m (n,) weights -> sum_i f(i) m(i) / (sum_i m(i) + eps)."""
+    return (f * m).sum(1) / (m.sum() + MAP_EPS)
+
+
+def pixels(f):
+    """(..., C, h, w) -> (C, n): the pixels of one image (or of all K shots of one episode) as columns."""
+    return f.movedim(-3, 0).reshape(f.shape[-3], -1)
+
+
+def cosine_by_hand(f, p):
+    """Eq. (13)/(14) written out: f (C, h, w), p (C,) -> p.f(i) / (|p| |f(i)|), (h, w)."""
+    return (f * p[:, None, None]).sum(0) / (p.norm() * f.norm(dim=0))
+
+
+def expect_broadcast(x, p):
+    """Assert that every pixel of x (N, C, h, w) holds the prototype p (N, C)."""
+    torch.testing.assert_close(x, p[:, :, None, None].expand_as(x), **TOL)
+
+
+# ---------------- FFA: Eq. (12)-(15) inputs, Eq. (16) keys ------------------------------------------------
+
+def qpenet_small_ffa():
+    torch.manual_seed(0)
+    return qpenet.FFA(8, heads=2, ffn_dim=16, attn_dropout=0.1, head_dropout=0.1, layers=2).eval()
+
+
+def qpenet_cross_by_hand(layer, x, tokens):
+    """One Cross layer written out for one image: x (N, C) query pixels, tokens (L, C) the support foreground
+    pixels F_s * M_s (L may be 0: then attention adds nothing). Weights taken from layer, masking done here."""
+    N, C = x.shape
+    heads = layer.heads
+    d = C // heads
+    if len(tokens) == 0:
+        attn = torch.zeros(N, C)
+    else:
+        q = (x @ layer.to_q.weight.T).view(N, heads, d).transpose(0, 1)  # (heads, N, d)
+        k = (tokens @ layer.to_k.weight.T).view(-1, heads, d).transpose(0, 1)  # (heads, L, d)
+        v = (tokens @ layer.to_v.weight.T).view(-1, heads, d).transpose(0, 1)
+        a = (q @ k.transpose(1, 2) / math.sqrt(d)).softmax(-1) @ v  # (heads, N, d)
+        attn = a.transpose(0, 1).reshape(N, C) @ layer.to_out.weight.T
+    x = layer.norm_attn(x + attn)
+    return layer.norm_ffn(x + layer.ffn(x))
+
+
+def qpenet_keys_episode():
+    """B=3 episodes of 2 shots, features 3x3, labels m_s 6x6 (nearest samples label rows/columns 0, 2, 4; the
+    bilinear M_s samples 0, 2.5, 5). Episode 1 has foreground only in its second shot, episode 2 none at all
+    (a 255 row). -> f_q, f_s, m_s, the four prototypes (FFA's order), and the bilinear M_s (B,S,3,3)."""
+    torch.manual_seed(1)
+    B, S, C, h, w = 3, 2, 8, 3, 3
+    f_q, f_s = torch.randn(B, C, h, w), torch.randn(B, S, C, h, w)
+    m_s = torch.zeros(B, S, 2 * h, 2 * w, dtype=torch.long)
+    m_s[0, 0, :3, :3] = 1  # keys (0,0) (0,1) (1,0) (1,1); bilinear M_s 1, 0.5, 0.5, 0.25 there
+    m_s[0, 0, 3, 5] = 1  # bilinear M_s 0.5 at (1,2), no key: nearest reads label (2,4) = 0
+    m_s[0, 1, 4:] = 1
+    m_s[0, 1, 4, 4] = IGNORE_INDEX  # (2,2): bilinear M_s 1 (label row 5), no key: nearest reads this 255
+    m_s[1, 1, 2:, 2:] = 1  # keys (1,1) (1,2) (2,1) (2,2)
+    m_s[1, 1, 0, 4] = 1  # key (0,2), where the bilinear M_s is 0
+    m_s[2, :, 0] = IGNORE_INDEX
+    p_bg, p_pre, p_main, p_aux = (torch.randn(B, C) for _ in range(4))
+    m_bilinear = F.interpolate((m_s == 1).float(), (h, w), mode="bilinear", align_corners=True)
+    return f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux, m_bilinear
+
+
+def qpenet_nearest_keys(m_s, h, w):
+    """The keys of Eq. (16) by hand: the label (..., H, W) read at row i * H // h, column j * W // w, == 1."""
+    H, W = m_s.shape[-2:]
+    rows, cols = [i * H // h for i in range(h)], [j * W // w for j in range(w)]
+    return m_s[..., rows, :][..., cols] == 1  # (..., h, w) bool
+
+
 class TestQPENet:
-    # ---------------- shapes at 1 and 5 shots, K shots, the loss terms, gradients, empty masks ----------------
+    # ---------------- §III-B overview: shapes, what evaluation computes, K shots, empty masks, the wiring ---------
 
     @pytest.mark.parametrize("shot", [1, 5])
     def test_qpenet_forward_shapes(self, qpenet_model, qpenet_step, shot):
@@ -6221,43 +6221,6 @@ class TestQPENet:
             b = qpenet_model(img_q, img_s.flip(1), m_s.flip(1))["logits"]
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
-    def test_qpenet_loss_terms_and_gradients(self, qpenet_model, qpenet_step):
-        out, total, terms = qpenet_step["out"], qpenet_step["total"], qpenet_step["terms"]
-        assert set(terms) == {"pre", "rev", "final", "bm_s", "bm_q"}
-        assert all(torch.isfinite(v) and v > 0 for v in terms.values())
-        cfg = qpenet_model.cfg
-        expected = (cfg.alpha * (terms["pre"] + terms["rev"] + terms["final"])
-                    + cfg.beta * (terms["bm_s"] + terms["bm_q"]))
-        torch.testing.assert_close(total, expected)
-        torch.testing.assert_close(terms["final"], common.seg_loss(out["logits"], qpenet_step["m_q"]))
-        torch.testing.assert_close(terms["rev"],
-                                   common.seg_loss(out["y_rev"].flatten(0, 1), qpenet_step["m_s"].flatten(0, 1)))
-        grads = qpenet_step["grads"]
-        missing = [n for n, p in qpenet_model.named_parameters() if p.requires_grad and
-                   (grads[n] is None or not torch.isfinite(grads[n]).all() or grads[n].abs().sum() == 0)]
-        assert not missing, f"no gradient: {missing}"
-        assert all(grads[n] is None for n, _ in qpenet_model.named_parameters() if n.startswith("backbone."))
-        assert all(not p.requires_grad for p in qpenet_model.backbone.parameters())
-
-    def test_qpenet_main_and_aux_partition_the_support_mask(self, qpenet_step):
-        out, m_s = qpenet_step["out"], qpenet_step["m_s"]
-        m, main, aux = out["m_s_down"], out["m_main"], out["m_aux"]
-        torch.testing.assert_close(main + aux, m)  # Eq. (5) + (6) = M_s
-        assert (main * aux == 0).all()  # disjoint
-        rev = (out["y_rev"].argmax(2) == 1).float()
-        torch.testing.assert_close(main, m * rev)  # main = inside the mask and reverse-predicted foreground
-        expected = F.interpolate((m_s == 1).float(), (QPENET_H_FEAT, QPENET_H_FEAT), mode="bilinear",
-                                 align_corners=True)
-        torch.testing.assert_close(m, expected)
-        assert 0 < m.sum() and (m > 0).sum() < m.numel()
-
-    def test_qpenet_shot_map_pools_all_shots_jointly(self):
-        f_s = torch.randn(2, 3, 4, 5, 6)
-        m = (torch.rand(2, 3, 5, 6) > 0.5).float()
-        m[0, 1] = 0  # an empty shot adds nothing
-        expected = (f_s * m[:, :, None]).sum((1, 3, 4)) / (m.sum((1, 2, 3))[:, None] + common.MAP_EPS)
-        torch.testing.assert_close(qpenet.shot_map(f_s, m), expected)
-
     def test_qpenet_empty_support_mask_gives_no_nan(self, qpenet_model):
         img_q, img_s, _, m_q = episode(2, 2, QPENET_SIZE)
         m_s = torch.zeros(2, 2, QPENET_SIZE, QPENET_SIZE, dtype=torch.long)
@@ -6270,165 +6233,6 @@ class TestQPENet:
         total.backward()
         grads = [p.grad for p in qpenet_model.parameters() if p.requires_grad]
         assert all(g is not None and torch.isfinite(g).all() for g in grads), sum(g is None for g in grads)
-
-    # ---------------- the cross attention, GBC and L_bm by hand -----------------------------------------------
-
-    def test_qpenet_cross_attention_matches_formula(self):
-        torch.manual_seed(0)
-        B, N, L, C, heads = 2, 5, 7, 8, 2
-        layer = qpenet.CrossAttention(C, heads, ffn_dim=16, dropout=0.1).eval()
-        x, tokens = torch.randn(B, N, C), torch.randn(B, L, C)
-        valid = torch.ones(B, L, dtype=torch.bool)
-        valid[0, 4:] = False
-        valid[1, :2] = False
-        d = C // heads
-        q = (x @ layer.to_q.weight.T).view(B, N, heads, d).transpose(1, 2)
-        k = (tokens @ layer.to_k.weight.T).view(B, L, heads, d).transpose(1, 2)
-        v = (tokens @ layer.to_v.weight.T).view(B, L, heads, d).transpose(1, 2)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(d)  # (B, heads, N, L)
-        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-        direct = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, N, C) @ layer.to_out.weight.T
-        torch.testing.assert_close(layer.attend(x, tokens, valid), direct, atol=1e-5, rtol=1e-5)
-        h = layer.norm_attn(x + direct)
-        torch.testing.assert_close(layer(x, tokens, valid), layer.norm_ffn(h + layer.ffn(h)), atol=1e-5, rtol=1e-5)
-        # the masked tokens do not matter
-        changed = tokens.clone()
-        changed[0, 4:] = 100.0
-        torch.testing.assert_close(layer.attend(x, changed, valid), direct, atol=1e-5, rtol=1e-5)
-        # all-zero tokens (a support without foreground) add exactly nothing
-        zero = layer.attend(x, torch.zeros(B, L, C), torch.ones(B, L, dtype=torch.bool))
-        assert zero.abs().max() == 0
-
-    def test_qpenet_gbc_cleaner_by_hand(self):
-        torch.manual_seed(0)
-        gbc = qpenet.GBC(8, feature_dropout=0.0, head_dropout=0.0).train()  # training (y_bg^s), nothing random
-        f_q, f_s = torch.rand(2, 8, 4, 4), torch.rand(2, 3, 8, 4, 4)
-        p_bg, y_bg_q, y_bg_s = gbc(f_q, f_s)
-        assert y_bg_s.shape == (2, 3, 2, 4, 4)
-        evaluated = gbc.eval()(f_q, f_s)
-        assert evaluated[2] is None  # Eq. (9) only trains P_global: omitted in evaluation (§III-D)
-        assert torch.equal(evaluated[0], p_bg) and torch.equal(evaluated[1], y_bg_q)
-        bg = (y_bg_q[:, 1] > y_bg_q[:, 0]).float()  # channel 1 = background
-        gap = (f_q * bg[:, None]).sum((2, 3)) / 16  # GAP over all h*w pixels, not MAP
-        fc1, fc2 = gbc.cleaner[0], gbc.cleaner[2]
-        gate = torch.sigmoid(fc2(torch.relu(fc1(gap))))
-        torch.testing.assert_close(p_bg, gbc.p_global * gate)
-        # Eq. (9) uses the same Convs as Eq. (10)
-        torch.testing.assert_close(y_bg_s[:, 0], gbc.convs(torch.cat([f_s[:, 0], qpenet.broadcast(
-            gbc.p_global.expand(2, -1), f_q)], 1)))
-
-    def test_qpenet_background_mining_loss_by_hand(self):
-        # one 1x2 image: pixel 0 foreground, pixel 1 background; logits equal except pixel 0 (p_bg = sigmoid(1))
-        y_bg = torch.zeros(1, 2, 1, 2)
-        y_bg[0, qpenet.BACKGROUND, 0, 0] = 1.0
-        m = torch.tensor([[[1, 0]]])
-        p = torch.sigmoid(torch.tensor(1.0))
-        not_bg = -torch.log(1 - p) / (1 + qpenet.BM_EPS)
-        every = (-torch.log(p) - math.log(0.5)) / 2
-        torch.testing.assert_close(qpenet.background_mining_loss(y_bg, m, 0.5), not_bg + 0.5 * every)
-        # 255 counts nowhere; no foreground: only the every-pixel term
-        m = torch.tensor([[[255, 0]]])
-        torch.testing.assert_close(qpenet.background_mining_loss(y_bg, m, 0.5), 0.5 * torch.tensor(math.log(2)))
-
-    def test_qpenet_background_mining_loss_foreground_term_is_per_image(self):
-        # L_bm's first term is -log(1 - p_bg) averaged over each image's own foreground, then over the images, so a
-        # 1-pixel object counts as much as a 3-pixel one; the second is -log p_bg over every labelled pixel of the
-        # batch (255 left out). Constant logits per image: p_bg = sigmoid(a_n) everywhere in image n.
-        a = [0.5, -1.0]
-        y_bg = torch.zeros(2, 2, 1, 4)
-        y_bg[0, qpenet.BACKGROUND] = a[0]
-        y_bg[1, qpenet.BACKGROUND] = a[1]
-        m = torch.tensor([[[1, 0, 0, IGNORE_INDEX]],  # 1 foreground pixel, 3 labelled
-                          [[1, 1, 1, 0]]])  # 3 foreground pixels, 4 labelled
-        not_bg = [math.log1p(math.exp(a_n)) for a_n in a]  # -log(1 - sigmoid(a)) = softplus(a)
-        is_bg = [math.log1p(math.exp(-a_n)) for a_n in a]  # -log sigmoid(a)
-        first = (not_bg[0] * 1 / (1 + qpenet.BM_EPS) + not_bg[1] * 3 / (3 + qpenet.BM_EPS)) / 2
-        every = (3 * is_bg[0] + 4 * is_bg[1]) / 7
-        loss = qpenet.background_mining_loss(y_bg, m, 0.5)
-        torch.testing.assert_close(loss, torch.tensor(first + 0.5 * every))
-        pooled = (not_bg[0] + 3 * not_bg[1]) / 4 + 0.5 * every  # one mean over the batch's foreground: not L_bm
-        assert abs(loss.item() - pooled) > 0.1
-
-    # ---------------- parameter counts and a short training ---------------------------------------------------
-
-    def test_qpenet_parameter_counts(self, qpenet_model):
-        learnable, total = train.count_parameters(qpenet_model)
-        head = 2 * 256 * 256 + 2 * 9 * 256 * 256 + 9 * 256 * 256 + 256 * 2 + 2  # Convs(512 -> 256 -> 2)
-        assert sum(p.numel() for p in qpenet_model.foreground.parameters()) == head == 1_901_058  # paper: 34.6M - 32.7M
-        assert learnable == 7_738_118
-        # ResNet-50 up to layer3: layer4's 14,964,736 weights are not built, as QPENet never reads them
-        assert total - learnable == sum(p.numel() for p in qpenet_model.backbone.parameters()) == 8_543_296
-        assert 23_508_032 - 8_543_296 == sum(p.numel() for p in Backbone("resnet50", False).stages["layer4"].parameters())
-
-    def test_qpenet_short_synthetic_training_lowers_the_loss(self, tmp_path):
-        train.main(["--model", "qpenet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
-                    "--img-size", "32", "--train-length", "8", "--batch-size", "4", "--epochs", "3",
-                    "--lr", "0.01", "--test-episodes", "2", "--test-seeds", "1", "--log-every", "2",
-                    "--out", str(tmp_path)])
-        records = read_metrics(tmp_path)
-        losses = [r["loss"] for r in records if r["event"] == "train"]
-        assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
-        assert losses[-1] < losses[0]
-        assert any(r["event"] == "result" for r in records)
-
-    # ---------------- PPG and DPE with a scripted Convs -------------------------------------------------------
-
-    def test_qpenet_ppg_pools_the_pseudo_prototype_from_the_predicted_query_foreground(self):
-        # Eq. (1)-(3): Convs sees Concat(F_q, BC(P_pre)); P_psd is the mean of F_q over the pixels y_pre calls
-        # foreground (channel 1), not over its background
-        torch.manual_seed(0)
-        C, h, w = 4, 3, 3
-        fe = qpenet.ForegroundEvolution(C, feature_dropout=0.5, head_dropout=0.1)
-        f_q, f_s = torch.randn(2, C, h, w), torch.randn(2, 2, C, h, w)
-        m = torch.zeros(2, 2, h, w)
-        m[0, 0, 0, :2] = 1.0
-        m[0, 1, 2, 2] = 0.5  # a soft edge pixel of the downsampled mask, in the second shot
-        m[1, 1, 1:, 1:] = 1.0  # image 1: foreground only in the second shot
-        fg_pre = torch.zeros(2, h, w)
-        fg_pre[0, 0, 0] = fg_pre[0, 2, 1] = 1  # image 0: two query pixels predicted foreground
-        fg_pre[1, 1, 2] = 1  # image 1: one
-        fe.convs = Scripted(logits_of(fg_pre))
-        p_pre = qpenet.shot_map(f_s, m)  # Eq. (1), in Model.forward (the baseline's prototype too)
-        y_pre, p_psd = fe.ppg(f_q, p_pre)
-
-        for b in range(2):
-            torch.testing.assert_close(p_pre[b], map_by_hand(pixels(f_s[b]), m[b].flatten()), **TOL)
-        (x,) = fe.convs.inputs
-        torch.testing.assert_close(x[:, :C], f_q)  # F_q first
-        expect_broadcast(x[:, C:], p_pre)  # then BC(P_pre)
-        assert torch.equal(y_pre, logits_of(fg_pre))
-        expected = torch.stack([(f_q[0, :, 0, 0] + f_q[0, :, 2, 1]) / (2 + MAP_EPS), f_q[1, :, 1, 2] / (1 + MAP_EPS)])
-        torch.testing.assert_close(p_psd, expected, **TOL)
-
-    def test_qpenet_dpe_splits_the_support_mask_by_the_reverse_segmentation(self):
-        # Eq. (4)-(8): every shot of episode b is reverse-segmented with episode b's P_psd; M_main / M_aux are
-        # M_s inside / outside the predicted foreground; P_main / P_aux pool all shots of an episode
-        torch.manual_seed(0)
-        B, S, C, h, w = 2, 2, 4, 3, 3
-        fe = qpenet.ForegroundEvolution(C, feature_dropout=0.5, head_dropout=0.1)
-        f_s = torch.randn(B, S, C, h, w)
-        m = torch.rand(B, S, h, w) * (torch.rand(B, S, h, w) > 0.3)  # soft, with zeros
-        m[:, :, 0, 0] = 1.0
-        p_psd = torch.randn(B, C)
-        rev = torch.zeros(B, S, h, w)
-        rev[0, 0, 0] = 1  # first row of (0, 0)
-        rev[0, 1, :, 1] = 1  # middle column of (0, 1)
-        rev[1, 1, 1:, :2] = 1  # a corner of (1, 1); shot (1, 0) predicts no foreground
-        fe.convs = Scripted(logits_of(rev).flatten(0, 1))
-        y_rev, m_main, m_aux, p_main, p_aux = fe.dpe(f_s, m, p_psd)
-
-        (x,) = fe.convs.inputs
-        assert x.shape == (B * S, 2 * C, h, w)
-        for b in range(B):
-            for k in range(S):
-                torch.testing.assert_close(x[b * S + k, :C], f_s[b, k])
-                expect_broadcast(x[b * S + k, None, C:], p_psd[b, None])  # episode b's pseudo-prototype
-        assert y_rev.shape == (B, S, 2, h, w)
-        torch.testing.assert_close(m_main, m * rev)
-        torch.testing.assert_close(m_aux, m * (1 - rev))
-        for b in range(B):
-            torch.testing.assert_close(p_main[b], map_by_hand(pixels(f_s[b]), (m[b] * rev[b]).flatten()), **TOL)
-            torch.testing.assert_close(p_aux[b], map_by_hand(pixels(f_s[b]), (m[b] * (1 - rev[b])).flatten()), **TOL)
 
     def test_qpenet_model_feeds_each_prototype_to_its_equation(self, qpenet_model, monkeypatch):
         # The wiring of Model.forward, end to end with scripted heads: Eq. (2) gets P_pre, Eq. (3) pools the
@@ -6486,6 +6290,108 @@ class TestQPENet:
         torch.testing.assert_close(ffa_p_main, p_main, **TOL)
         torch.testing.assert_close(ffa_p_aux, p_aux, **TOL)
 
+    # ---------------- §III-C1 PPG (Eq. 1-3): MAP over all shots, the pseudo-prototype with a scripted Convs -------
+
+    def test_qpenet_shot_map_pools_all_shots_jointly(self):
+        f_s = torch.randn(2, 3, 4, 5, 6)
+        m = (torch.rand(2, 3, 5, 6) > 0.5).float()
+        m[0, 1] = 0  # an empty shot adds nothing
+        expected = (f_s * m[:, :, None]).sum((1, 3, 4)) / (m.sum((1, 2, 3))[:, None] + common.MAP_EPS)
+        torch.testing.assert_close(qpenet.shot_map(f_s, m), expected)
+
+    def test_qpenet_ppg_pools_the_pseudo_prototype_from_the_predicted_query_foreground(self):
+        # Eq. (1)-(3): Convs sees Concat(F_q, BC(P_pre)); P_psd is the mean of F_q over the pixels y_pre calls
+        # foreground (channel 1), not over its background
+        torch.manual_seed(0)
+        C, h, w = 4, 3, 3
+        fe = qpenet.ForegroundEvolution(C, feature_dropout=0.5, head_dropout=0.1)
+        f_q, f_s = torch.randn(2, C, h, w), torch.randn(2, 2, C, h, w)
+        m = torch.zeros(2, 2, h, w)
+        m[0, 0, 0, :2] = 1.0
+        m[0, 1, 2, 2] = 0.5  # a soft edge pixel of the downsampled mask, in the second shot
+        m[1, 1, 1:, 1:] = 1.0  # image 1: foreground only in the second shot
+        fg_pre = torch.zeros(2, h, w)
+        fg_pre[0, 0, 0] = fg_pre[0, 2, 1] = 1  # image 0: two query pixels predicted foreground
+        fg_pre[1, 1, 2] = 1  # image 1: one
+        fe.convs = Scripted(logits_of(fg_pre))
+        p_pre = qpenet.shot_map(f_s, m)  # Eq. (1), in Model.forward (the baseline's prototype too)
+        y_pre, p_psd = fe.ppg(f_q, p_pre)
+
+        for b in range(2):
+            torch.testing.assert_close(p_pre[b], map_by_hand(pixels(f_s[b]), m[b].flatten()), **TOL)
+        (x,) = fe.convs.inputs
+        torch.testing.assert_close(x[:, :C], f_q)  # F_q first
+        expect_broadcast(x[:, C:], p_pre)  # then BC(P_pre)
+        assert torch.equal(y_pre, logits_of(fg_pre))
+        expected = torch.stack([(f_q[0, :, 0, 0] + f_q[0, :, 2, 1]) / (2 + MAP_EPS), f_q[1, :, 1, 2] / (1 + MAP_EPS)])
+        torch.testing.assert_close(p_psd, expected, **TOL)
+
+    # ---------------- §III-C2 DPE (Eq. 4-8): the reverse segmentation and the split of the support mask -----------
+
+    def test_qpenet_dpe_splits_the_support_mask_by_the_reverse_segmentation(self):
+        # Eq. (4)-(8): every shot of episode b is reverse-segmented with episode b's P_psd; M_main / M_aux are
+        # M_s inside / outside the predicted foreground; P_main / P_aux pool all shots of an episode
+        torch.manual_seed(0)
+        B, S, C, h, w = 2, 2, 4, 3, 3
+        fe = qpenet.ForegroundEvolution(C, feature_dropout=0.5, head_dropout=0.1)
+        f_s = torch.randn(B, S, C, h, w)
+        m = torch.rand(B, S, h, w) * (torch.rand(B, S, h, w) > 0.3)  # soft, with zeros
+        m[:, :, 0, 0] = 1.0
+        p_psd = torch.randn(B, C)
+        rev = torch.zeros(B, S, h, w)
+        rev[0, 0, 0] = 1  # first row of (0, 0)
+        rev[0, 1, :, 1] = 1  # middle column of (0, 1)
+        rev[1, 1, 1:, :2] = 1  # a corner of (1, 1); shot (1, 0) predicts no foreground
+        fe.convs = Scripted(logits_of(rev).flatten(0, 1))
+        y_rev, m_main, m_aux, p_main, p_aux = fe.dpe(f_s, m, p_psd)
+
+        (x,) = fe.convs.inputs
+        assert x.shape == (B * S, 2 * C, h, w)
+        for b in range(B):
+            for k in range(S):
+                torch.testing.assert_close(x[b * S + k, :C], f_s[b, k])
+                expect_broadcast(x[b * S + k, None, C:], p_psd[b, None])  # episode b's pseudo-prototype
+        assert y_rev.shape == (B, S, 2, h, w)
+        torch.testing.assert_close(m_main, m * rev)
+        torch.testing.assert_close(m_aux, m * (1 - rev))
+        for b in range(B):
+            torch.testing.assert_close(p_main[b], map_by_hand(pixels(f_s[b]), (m[b] * rev[b]).flatten()), **TOL)
+            torch.testing.assert_close(p_aux[b], map_by_hand(pixels(f_s[b]), (m[b] * (1 - rev[b])).flatten()), **TOL)
+
+    def test_qpenet_main_and_aux_partition_the_support_mask(self, qpenet_step):
+        out, m_s = qpenet_step["out"], qpenet_step["m_s"]
+        m, main, aux = out["m_s_down"], out["m_main"], out["m_aux"]
+        torch.testing.assert_close(main + aux, m)  # Eq. (5) + (6) = M_s
+        assert (main * aux == 0).all()  # disjoint
+        rev = (out["y_rev"].argmax(2) == 1).float()
+        torch.testing.assert_close(main, m * rev)  # main = inside the mask and reverse-predicted foreground
+        expected = F.interpolate((m_s == 1).float(), (QPENET_H_FEAT, QPENET_H_FEAT), mode="bilinear",
+                                 align_corners=True)
+        torch.testing.assert_close(m, expected)
+        assert 0 < m.sum() and (m > 0).sum() < m.numel()
+
+    # ---------------- §III-D GBC (Eq. 9-11) by hand ---------------------------------------------------------------
+
+    def test_qpenet_gbc_cleaner_by_hand(self):
+        torch.manual_seed(0)
+        gbc = qpenet.GBC(8, feature_dropout=0.0, head_dropout=0.0).train()  # training (y_bg^s), nothing random
+        f_q, f_s = torch.rand(2, 8, 4, 4), torch.rand(2, 3, 8, 4, 4)
+        p_bg, y_bg_q, y_bg_s = gbc(f_q, f_s)
+        assert y_bg_s.shape == (2, 3, 2, 4, 4)
+        evaluated = gbc.eval()(f_q, f_s)
+        assert evaluated[2] is None  # Eq. (9) only trains P_global: omitted in evaluation (§III-D)
+        assert torch.equal(evaluated[0], p_bg) and torch.equal(evaluated[1], y_bg_q)
+        bg = (y_bg_q[:, 1] > y_bg_q[:, 0]).float()  # channel 1 = background
+        gap = (f_q * bg[:, None]).sum((2, 3)) / 16  # GAP over all h*w pixels, not MAP
+        fc1, fc2 = gbc.cleaner[0], gbc.cleaner[2]
+        gate = torch.sigmoid(fc2(torch.relu(fc1(gap))))
+        torch.testing.assert_close(p_bg, gbc.p_global * gate)
+        # Eq. (9) uses the same Convs as Eq. (10)
+        torch.testing.assert_close(y_bg_s[:, 0], gbc.convs(torch.cat([f_s[:, 0], qpenet.broadcast(
+            gbc.p_global.expand(2, -1), f_q)], 1)))
+
+    # ---------------- §III-E FFA: Eq. (12)-(15) inputs, the cross attention and its keys (Eq. 16) -----------------
+
     def test_qpenet_ffa_filter_and_fusion_inputs_by_hand(self):
         # Eq. (12): Conv_1 sees Concat(F_q, BC(P_bg)); Eq. (13)-(15): Conv_1 sees Concat(F_q', BC(P_pre), A_main,
         # A_aux) with A_main = cos(P_main, F_q) and A_aux = cos(P_aux, F_q), in that order
@@ -6516,6 +6422,32 @@ class TestQPENet:
         for b in range(B):
             torch.testing.assert_close(x[b, 2 * C], cosine_by_hand(f_q[b], p_main[b]), **TOL)
             torch.testing.assert_close(x[b, 2 * C + 1], cosine_by_hand(f_q[b], p_aux[b]), **TOL)
+
+    def test_qpenet_cross_attention_matches_formula(self):
+        torch.manual_seed(0)
+        B, N, L, C, heads = 2, 5, 7, 8, 2
+        layer = qpenet.CrossAttention(C, heads, ffn_dim=16, dropout=0.1).eval()
+        x, tokens = torch.randn(B, N, C), torch.randn(B, L, C)
+        valid = torch.ones(B, L, dtype=torch.bool)
+        valid[0, 4:] = False
+        valid[1, :2] = False
+        d = C // heads
+        q = (x @ layer.to_q.weight.T).view(B, N, heads, d).transpose(1, 2)
+        k = (tokens @ layer.to_k.weight.T).view(B, L, heads, d).transpose(1, 2)
+        v = (tokens @ layer.to_v.weight.T).view(B, L, heads, d).transpose(1, 2)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d)  # (B, heads, N, L)
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        direct = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, N, C) @ layer.to_out.weight.T
+        torch.testing.assert_close(layer.attend(x, tokens, valid), direct, atol=1e-5, rtol=1e-5)
+        h = layer.norm_attn(x + direct)
+        torch.testing.assert_close(layer(x, tokens, valid), layer.norm_ffn(h + layer.ffn(h)), atol=1e-5, rtol=1e-5)
+        # the masked tokens do not matter
+        changed = tokens.clone()
+        changed[0, 4:] = 100.0
+        torch.testing.assert_close(layer.attend(x, changed, valid), direct, atol=1e-5, rtol=1e-5)
+        # all-zero tokens (a support without foreground) add exactly nothing
+        zero = layer.attend(x, torch.zeros(B, L, C), torch.ones(B, L, dtype=torch.bool))
+        assert zero.abs().max() == 0
 
     def test_qpenet_cross_attention_keys_are_the_labelled_support_foreground_pixels_by_hand(self):
         # Eq. (16), Choices 6: the keys/values are the support pixels labelled 1 at feature resolution (nearest, as
@@ -6600,6 +6532,82 @@ class TestQPENet:
             assert torch.equal(valid, keys.flatten(1))  # (B, S*h*w), shot by shot
             expected = (f_s * keys[:, :, None]).permute(0, 1, 3, 4, 2).reshape(B, -1, C)  # zero off the keys
             torch.testing.assert_close(tokens, expected)
+
+    # ---------------- §III-F loss (Eq. 17-19): the terms, gradients, L_bm by hand ---------------------------------
+
+    def test_qpenet_loss_terms_and_gradients(self, qpenet_model, qpenet_step):
+        out, total, terms = qpenet_step["out"], qpenet_step["total"], qpenet_step["terms"]
+        assert set(terms) == {"pre", "rev", "final", "bm_s", "bm_q"}
+        assert all(torch.isfinite(v) and v > 0 for v in terms.values())
+        cfg = qpenet_model.cfg
+        expected = (cfg.alpha * (terms["pre"] + terms["rev"] + terms["final"])
+                    + cfg.beta * (terms["bm_s"] + terms["bm_q"]))
+        torch.testing.assert_close(total, expected)
+        torch.testing.assert_close(terms["final"], common.seg_loss(out["logits"], qpenet_step["m_q"]))
+        torch.testing.assert_close(terms["rev"],
+                                   common.seg_loss(out["y_rev"].flatten(0, 1), qpenet_step["m_s"].flatten(0, 1)))
+        grads = qpenet_step["grads"]
+        missing = [n for n, p in qpenet_model.named_parameters() if p.requires_grad and
+                   (grads[n] is None or not torch.isfinite(grads[n]).all() or grads[n].abs().sum() == 0)]
+        assert not missing, f"no gradient: {missing}"
+        assert all(grads[n] is None for n, _ in qpenet_model.named_parameters() if n.startswith("backbone."))
+        assert all(not p.requires_grad for p in qpenet_model.backbone.parameters())
+
+    def test_qpenet_background_mining_loss_by_hand(self):
+        # one 1x2 image: pixel 0 foreground, pixel 1 background; logits equal except pixel 0 (p_bg = sigmoid(1))
+        y_bg = torch.zeros(1, 2, 1, 2)
+        y_bg[0, qpenet.BACKGROUND, 0, 0] = 1.0
+        m = torch.tensor([[[1, 0]]])
+        p = torch.sigmoid(torch.tensor(1.0))
+        not_bg = -torch.log(1 - p) / (1 + qpenet.BM_EPS)
+        every = (-torch.log(p) - math.log(0.5)) / 2
+        torch.testing.assert_close(qpenet.background_mining_loss(y_bg, m, 0.5), not_bg + 0.5 * every)
+        # 255 counts nowhere; no foreground: only the every-pixel term
+        m = torch.tensor([[[255, 0]]])
+        torch.testing.assert_close(qpenet.background_mining_loss(y_bg, m, 0.5), 0.5 * torch.tensor(math.log(2)))
+
+    def test_qpenet_background_mining_loss_foreground_term_is_per_image(self):
+        # L_bm's first term is -log(1 - p_bg) averaged over each image's own foreground, then over the images, so a
+        # 1-pixel object counts as much as a 3-pixel one; the second is -log p_bg over every labelled pixel of the
+        # batch (255 left out). Constant logits per image: p_bg = sigmoid(a_n) everywhere in image n.
+        a = [0.5, -1.0]
+        y_bg = torch.zeros(2, 2, 1, 4)
+        y_bg[0, qpenet.BACKGROUND] = a[0]
+        y_bg[1, qpenet.BACKGROUND] = a[1]
+        m = torch.tensor([[[1, 0, 0, IGNORE_INDEX]],  # 1 foreground pixel, 3 labelled
+                          [[1, 1, 1, 0]]])  # 3 foreground pixels, 4 labelled
+        not_bg = [math.log1p(math.exp(a_n)) for a_n in a]  # -log(1 - sigmoid(a)) = softplus(a)
+        is_bg = [math.log1p(math.exp(-a_n)) for a_n in a]  # -log sigmoid(a)
+        first = (not_bg[0] * 1 / (1 + qpenet.BM_EPS) + not_bg[1] * 3 / (3 + qpenet.BM_EPS)) / 2
+        every = (3 * is_bg[0] + 4 * is_bg[1]) / 7
+        loss = qpenet.background_mining_loss(y_bg, m, 0.5)
+        torch.testing.assert_close(loss, torch.tensor(first + 0.5 * every))
+        pooled = (not_bg[0] + 3 * not_bg[1]) / 4 + 0.5 * every  # one mean over the batch's foreground: not L_bm
+        assert abs(loss.item() - pooled) > 0.1
+
+    # ---------------- §IV-B, §IV-D: parameter counts and a short training -----------------------------------------
+
+    def test_qpenet_parameter_counts(self, qpenet_model):
+        learnable, total = train.count_parameters(qpenet_model)
+        head = 2 * 256 * 256 + 2 * 9 * 256 * 256 + 9 * 256 * 256 + 256 * 2 + 2  # Convs(512 -> 256 -> 2)
+        assert sum(p.numel() for p in qpenet_model.foreground.parameters()) == head == 1_901_058  # paper: 34.6M - 32.7M
+        assert learnable == 7_738_118
+        # ResNet-50 up to layer3: layer4's 14,964,736 weights are not built, as QPENet never reads them
+        assert total - learnable == sum(p.numel() for p in qpenet_model.backbone.parameters()) == 8_543_296
+        layer4 = Backbone("resnet50", False).stages["layer4"]
+        assert 23_508_032 - 8_543_296 == sum(p.numel() for p in layer4.parameters())
+
+    def test_qpenet_short_synthetic_training_lowers_the_loss(self, tmp_path):
+        train.main(["--model", "qpenet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
+                    "--img-size", "32", "--train-length", "8", "--batch-size", "4", "--epochs", "3",
+                    "--lr", "0.01", "--test-episodes", "2", "--test-seeds", "1", "--log-every", "2",
+                    "--out", str(tmp_path)])
+        records = read_metrics(tmp_path)
+        losses = [r["loss"] for r in records if r["event"] == "train"]
+        assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+        assert losses[-1] < losses[0]
+        assert any(r["event"] == "result" for r in records)
+
 
 
 # ==========================================================================================================
