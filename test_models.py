@@ -29,8 +29,9 @@ TestCRCNet     the cross-reference, the local conditional module (Eq. 1-3; fp32 
                weight, fusion, multi-scale inference, pairs and their masks.
 TestSymNet     SPM, APA (Eq. 6-8), the prototypes (Eq. 4, 5, 7, 9), TDC's input, the co-triplet loss (Eq. 10-12), the
                loss with BAM's ensemble; the word vectors and the base learner, their files and checkpoints.
-TestQPENet     PPG and DPE (Eq. 1-8) with a scripted Convs, GBC, the cross attention, FFA's inputs and keys (Eq. 12-16),
-               L_bm per image, the parameter counts.
+TestQPENet     what evaluation computes; PPG and DPE (Eq. 1-8) with a scripted Convs, GBC, the cross attention, FFA's
+               inputs and keys (Eq. 12-16), L_bm per image, the parameter counts; the ablations of Tables III-V (each
+               row's inputs, its parameters by hand, its command line).
 TestAllModels  a training step on PFENet's deep-stem ResNet, a training step that never waits for the device, and
                torch.compile's training step equal to the eager one.
 
@@ -6125,9 +6126,9 @@ def expect_broadcast(x, p):
 
 # ---------------- FFA: Eq. (12)-(15) inputs, Eq. (16) keys ------------------------------------------------
 
-def qpenet_small_ffa():
+def qpenet_small_ffa(**kw):
     torch.manual_seed(0)
-    return qpenet.FFA(8, heads=2, ffn_dim=16, attn_dropout=0.1, head_dropout=0.1, layers=2).eval()
+    return qpenet.FFA(8, heads=2, ffn_dim=16, attn_dropout=0.1, head_dropout=0.1, layers=2, **kw).eval()
 
 
 def qpenet_cross_by_hand(layer, x, tokens):
@@ -6173,6 +6174,91 @@ def qpenet_nearest_keys(m_s, h, w):
     H, W = m_s.shape[-2:]
     rows, cols = [i * H // h for i in range(h)], [j * W // w for j in range(w)]
     return m_s[..., rows, :][..., cols] == 1  # (..., h, w) bool
+
+
+# ---------------- §IV-D ablations: the rows of Tables III-V as Config fields, their parameters by hand ------------
+
+QPENET_ABLATIONS = {  # every row that differs from the full model (the defaults); "no FGPE" is the switch alone
+    "III-baseline": dict(fgpe=False, bgpe=False, decoder="fem"),
+    "III-FGPE": dict(bgpe=False, decoder="fem"),
+    "III-FGPE+BGPE": dict(decoder="fem"),
+    "III-FGPE+FFA": dict(bgpe=False),
+    "no-FGPE": dict(fgpe=False),
+    "IV-pre": dict(foreground_prototypes="pre"),
+    "IV-main": dict(foreground_prototypes="main"),
+    "IV-aux": dict(foreground_prototypes="aux"),
+    "IV-main+aux": dict(foreground_prototypes="main+aux"),
+    "V-no-activation-maps": dict(activation_maps=False),
+    "V-SGM": dict(dpe="sgm"),
+}
+
+
+def qpenet_variant(**kw):
+    """QPENet with random weights and the given Config fields (an ablation row)."""
+    torch.manual_seed(0)
+    return qpenet.Model(qpenet.Config(pretrained=False, **kw))
+
+
+def qpenet_convs_params(c_in, c):
+    """A Convs by hand: 1x1 reduce (no bias), two 3x3 residual, 3x3 + 1x1 -> 2 (with bias)."""
+    return c_in * c + 2 * 9 * c * c + 9 * c * c + 2 * c + 2
+
+
+def qpenet_ffa_params(c=256, ffn=768, layers=2):
+    """FFA by hand: Conv_1 of Eq. (12) and (15) (no bias), per Cross layer q/k/v/out, two LayerNorms and the FFN
+    (no biases), the final Convs."""
+    return 2 * c * c + (2 * c + 2) * c + layers * (4 * c * c + 2 * 2 * c + 2 * c * ffn) + qpenet_convs_params(c, c)
+
+
+def qpenet_fem_params(c=256, extra=3 * 256, bins=4):
+    """PFENet's FEM by hand: per scale init_merge (2c + extra -> c), beta_conv (two 3x3), inner_cls; alpha_conv
+    (2c -> c) on every scale but the first; res1 (bins * c -> c), res2 (two 3x3), cls (3x3, then 1x1 -> 2)."""
+    cls = 9 * c * c + 2 * c + 2
+    return (bins * ((2 * c + extra) * c + 2 * 9 * c * c + cls) + (bins - 1) * 2 * c * c + bins * c * c
+            + 2 * 9 * c * c + cls)
+
+
+def qpenet_parameter_change(kw, c=256):
+    """The learnable parameters that an ablation row adds (negative: removes), by hand."""
+    change = 0
+    if not kw.get("fgpe", True):
+        change -= qpenet_convs_params(2 * c, c)  # PPG and DPE's one Convs: the paper's 34.6M - 32.7M
+    if not kw.get("bgpe", True):
+        change -= 2 * (c * c + c)  # GBC's cleaner, two Linear(c, c) with biases
+    if kw.get("decoder") == "fem":
+        change += qpenet_fem_params(c) - qpenet_ffa_params(c)
+    inputs = {"pre": c, "main": 1, "aux": 1}  # Eq. (15)'s input channels per prototype: BC(P_pre), A_main, A_aux
+    kept = kw.get("foreground_prototypes", "pre+main+aux").split("+")
+    change -= c * sum(n for name, n in inputs.items() if name not in kept)  # Conv_1's columns, no bias
+    if not kw.get("activation_maps", True):
+        change += c * 2 * (c - 1)  # BC(P_main), BC(P_aux): c channels each instead of 1
+    return change
+
+
+def qpenet_scripted_episode(model, S=2):
+    """A 2-episode forward input whose features are random stand-ins (model.features replaced), with the masks
+    that scripted Convs give (the wiring test's): -> img_q, img_s, m_s, m_q, f_q, f_s, the bilinear M_s, fg_pre
+    (B,h,w) for Eq. (2) and rev (B,S,h,w) for Eq. (4)."""
+    torch.manual_seed(0)
+    B, C, h = 2, model.cfg.dim, QPENET_H_FEAT
+    img_q, img_s, m_s, m_q = episode(B, S, QPENET_SIZE)
+    f = torch.randn(B + B * S, C, h, h)
+    model.features = lambda img: f
+    fg_pre = torch.zeros(B, h, h)
+    fg_pre[0, 1:3, 1:4] = 1
+    fg_pre[1, 4, 0] = 1
+    rev = torch.zeros(B, S, h, h)
+    rev[0, 0, :2] = 1
+    rev[0, 1, :, 2:] = 1
+    rev[1, 0, 2:, :3] = 1
+    rev[1, 1] = 1
+    m = F.interpolate((m_s == 1).float(), (h, h), mode="bilinear", align_corners=True)
+    return img_q, img_s, m_s, m_q, f[:B], f[B:].view(B, S, C, h, h), m, fg_pre, rev
+
+
+def qpenet_map_each(f, m):
+    """MAP by hand for each episode: f (B,[S,]C,h,w), m (B,[S,]h,w) -> (B,C)."""
+    return torch.stack([map_by_hand(pixels(f[b]), m[b].flatten()) for b in range(len(f))])
 
 
 class TestQPENet:
@@ -6607,6 +6693,221 @@ class TestQPENet:
         assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
         assert losses[-1] < losses[0]
         assert any(r["event"] == "result" for r in records)
+
+    # ---------------- §IV-D ablations: Table III (FGPE, BGPE, FFA or FEM), Table IV, Table V, the command line ----
+
+    @pytest.mark.parametrize("row", QPENET_ABLATIONS)
+    def test_qpenet_ablation_trains_and_evaluates_at_1_and_5_shots(self, row):
+        # every row: finite logits and loss terms at 1 and 5 shots; the terms are Eq. (17)-(19)'s that the row keeps
+        # (FGPE: y_pre, y_rev; the FEM: its auxiliary loss), summed with alpha and beta; and every learnable
+        # parameter gets a gradient, so the row builds nothing it does not use
+        kw = QPENET_ABLATIONS[row]
+        model = qpenet_variant(**kw)
+        expected = {"final", "bm_s", "bm_q"} | ({"pre", "rev"} if kw.get("fgpe", True) else set())
+        expected |= {"fem_aux"} if kw.get("decoder") == "fem" else set()
+        for shot in (1, 5):
+            img_q, img_s, m_s, m_q = episode(2, shot, QPENET_SIZE)
+            model.train().zero_grad()
+            out = model(img_q, img_s, m_s)
+            total, terms = model.loss(out, m_q, m_s)
+            assert set(terms) == expected and all(torch.isfinite(v) and v > 0 for v in terms.values())
+            l_fg = sum(v for k, v in terms.items() if not k.startswith("bm_"))
+            torch.testing.assert_close(total, 1.0 * l_fg + 0.5 * (terms["bm_s"] + terms["bm_q"]))
+            total.backward()
+            missing = [n for n, p in model.named_parameters() if p.requires_grad and
+                       (p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0)]
+            assert not missing, f"{row}, {shot} shots: no gradient in {missing}"
+            with torch.no_grad():
+                logits = model.eval()(img_q, img_s, m_s)["logits"]
+            assert logits.shape == (2, 2, QPENET_SIZE, QPENET_SIZE) and torch.isfinite(logits).all()
+
+    @pytest.mark.parametrize("row", QPENET_ABLATIONS)
+    def test_qpenet_ablation_removes_exactly_its_module_parameters(self, row):
+        # the learnable parameters of a row against the full model's 7,738,118 differ by the module it removes
+        # (or the inputs it narrows), counted by hand; the hand counts are those of the full model's modules
+        with torch.device("meta"):  # shapes only
+            full, model = qpenet_variant(), qpenet_variant(**QPENET_ABLATIONS[row])
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        assert count(full.foreground) == qpenet_convs_params(512, 256) == 1_901_058
+        assert count(full.gbc.cleaner) == 2 * (256 * 256 + 256) == 131_584
+        assert count(full.ffa) == qpenet_ffa_params() == 3_410_946
+        if hasattr(model, "fem"):
+            assert count(model.fem) == qpenet_fem_params() == 10_816_010 and not hasattr(model, "ffa")
+        learnable = train.count_parameters(model)[0]
+        assert learnable - train.count_parameters(full)[0] == qpenet_parameter_change(QPENET_ABLATIONS[row])
+        assert (model.foreground is None) == (row in ("III-baseline", "no-FGPE"))
+        assert (model.gbc.cleaner is None) == (row in ("III-baseline", "III-FGPE", "III-FGPE+FFA"))
+
+    @pytest.mark.parametrize("row, foreground, background", [
+        ("full", [2, 6], [2]), ("no-FGPE", None, [2]), ("III-FGPE+FFA", [2, 6], []), ("IV-pre", [], [2]),
+        ("IV-aux", [2, 6], [2]), ("V-SGM", [6], [2])])
+    def test_qpenet_ablation_evaluation_runs_only_what_the_logits_read(self, row, foreground, background):
+        # Choices 9: training runs PPG and DPE (their Convs on the B queries, then the B*S supports) and GBC's Convs
+        # (Eq. 10 on the queries, Eq. 9 on the supports) for the loss; evaluation only what the decoder reads:
+        # without BGPE no background map, with P_pre alone no PPG or DPE, SGM no PPG. The evaluation logits are
+        # those of training mode with every dropout at p = 0
+        model = qpenet_variant(**QPENET_ABLATIONS.get(row, {}))
+        for module in model.modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                module.p = 0.0
+            if isinstance(module, qpenet.CrossAttention):
+                module.dropout = 0.0
+        runs = {"foreground": [], "background": []}
+        if model.foreground is not None:
+            model.foreground.convs.register_forward_pre_hook(lambda m, a: runs["foreground"].append(len(a[0])))
+        model.gbc.convs.register_forward_pre_hook(lambda m, a: runs["background"].append(len(a[0])))
+        img_q, img_s, m_s, _ = episode(2, 3, QPENET_SIZE)
+        with torch.no_grad():
+            trained = model.train()(img_q, img_s, m_s)
+            assert runs == {"foreground": [2, 6] if foreground is not None else [], "background": [2, 6]}
+            runs = {"foreground": [], "background": []}
+            evaluated = model.eval()(img_q, img_s, m_s)
+        assert runs == {"foreground": foreground or [], "background": background}
+        ran = foreground or []
+        assert ("y_pre" in evaluated) == (2 in ran) and ("y_rev" in evaluated) == (6 in ran)
+        assert ("y_bg_q" in evaluated) == (background == [2]) and "y_bg_s" not in evaluated
+        torch.testing.assert_close(evaluated["logits"], trained["logits"])
+
+    def test_qpenet_without_fgpe_the_decoder_gets_p_pre_for_every_foreground_prototype(self):
+        # Table III without FGPE (Choices 12): no PPG or DPE; FFA's P_pre, P_main and P_aux are all MAP(F_s, M_s),
+        # worked out here; no y_pre, y_rev or their loss terms
+        model = qpenet_variant(fgpe=False)
+        img_q, img_s, m_s, m_q, f_q, f_s, m, _, _ = qpenet_scripted_episode(model)
+        seen = {}
+        model.ffa.register_forward_pre_hook(lambda mod, args: seen.update(ffa=args))
+        out = model.train()(img_q, img_s, m_s)
+        p_pre = qpenet_map_each(f_s, m)
+        _, _, _, _, *prototypes = seen["ffa"]
+        for p in prototypes:
+            torch.testing.assert_close(p, p_pre, **TOL)
+        assert model.foreground is None and not {"y_pre", "y_rev", "m_main", "m_aux"} & set(out)
+        assert set(model.loss(out, m_q, m_s)[1]) == {"final", "bm_s", "bm_q"}
+
+    def test_qpenet_without_bgpe_the_decoder_gets_the_global_background_prototype(self):
+        # Table III without BGPE (Choices 13): no cleaner; Eq. (12) concatenates BC(P_global) itself, and P_global
+        # still learns from Eq. (9)-(10) through L_bm alone (as in NERTNet), besides Eq. (12)
+        model = qpenet_variant(bgpe=False)
+        img_q, img_s, m_s, m_q, f_q, *_ = qpenet_scripted_episode(model)
+        seen = []
+        model.ffa.filter.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+        out = model.train()(img_q, img_s, m_s)
+        x, = seen
+        torch.testing.assert_close(x[:, :256], f_q)
+        expect_broadcast(x[:, 256:], model.gbc.p_global.detach().expand(2, -1))
+        _, terms = model.loss(out, m_q, m_s)
+        (terms["bm_s"] + terms["bm_q"]).backward()
+        assert model.gbc.p_global.grad.abs().sum() > 0
+
+    def test_qpenet_fem_decoder_takes_the_prototypes_broadcast_and_adds_its_auxiliary_loss(self):
+        # Table III's baseline decoder (Choices 14): FEM(F_q, P_pre, [BC(P_main), BC(P_aux), BC(P_bg)]), the
+        # prototypes worked out from the model's own masks; L_fg gains the mean of its per-scale losses
+        model = qpenet_variant(decoder="fem")
+        img_q, img_s, m_s, m_q, f_q, f_s, m, _, _ = qpenet_scripted_episode(model)
+        seen = {}
+        model.fem.register_forward_pre_hook(lambda mod, args: seen.update(fem=args))
+        model.gbc.register_forward_hook(lambda mod, args, out: seen.update(gbc=out))
+        out = model.train()(img_q, img_s, m_s)
+        fem_f_q, proto, extra = seen["fem"]
+        assert torch.equal(fem_f_q, f_q) and extra.shape == (2, 3 * 256, QPENET_H_FEAT, QPENET_H_FEAT)
+        torch.testing.assert_close(proto, qpenet_map_each(f_s, m), **TOL)
+        expect_broadcast(extra[:, :256], qpenet_map_each(f_s, out["m_main"]))
+        expect_broadcast(extra[:, 256:512], qpenet_map_each(f_s, out["m_aux"]))
+        expect_broadcast(extra[:, 512:], seen["gbc"][0])
+        assert len(out["fem_aux"]) == 4  # one per scale
+        total, terms = model.loss(out, m_q, m_s)
+        torch.testing.assert_close(terms["fem_aux"], sum(common.seg_loss(a, m_q) for a in out["fem_aux"]) / 4)
+        torch.testing.assert_close(total, terms["pre"] + terms["rev"] + terms["final"] + terms["fem_aux"]
+                                   + 0.5 * (terms["bm_s"] + terms["bm_q"]))
+
+    @pytest.mark.parametrize("prototypes", ["pre", "main", "aux", "main+aux"])
+    def test_qpenet_table_iv_prototypes_are_the_inputs_of_eq_15(self, prototypes):
+        # Table IV (Choices 15): Eq. (15) concatenates F_q' with BC(P_pre), A_main = cos(P_main, F_q), A_aux =
+        # cos(P_aux, F_q) of the row's prototypes only, in that order; Conv_1 is as wide as that
+        names = tuple(prototypes.split("+"))
+        ffa = qpenet_small_ffa(prototypes=names)
+        f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux, _ = qpenet_keys_episode()
+        seen = {}
+        ffa.filter.register_forward_hook(lambda mod, args, out: seen.update(filter_out=out.clone()))
+        ffa.fuse.register_forward_pre_hook(lambda mod, args: seen.update(fuse_in=args[0].clone()))
+        with torch.no_grad():
+            ffa(f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux)
+        expected = [seen["filter_out"]] + ([p_pre[:, :, None, None].expand(-1, -1, 3, 3)] if "pre" in names else [])
+        for name, p in (("main", p_main), ("aux", p_aux)):
+            if name in names:
+                expected.append(torch.stack([cosine_by_hand(f_q[b], p[b]) for b in range(len(p))])[:, None])
+        expected = torch.cat(expected, 1)
+        torch.testing.assert_close(seen["fuse_in"], expected, **TOL)
+        assert ffa.fuse[0].in_channels == expected.shape[1] == {"pre": 16, "main": 9, "aux": 9, "main+aux": 10}[
+            prototypes]
+
+    @pytest.mark.parametrize("prototypes", ["pre+main+aux", "main+aux"])
+    def test_qpenet_without_activation_maps_eq_15_takes_the_broadcast_prototypes(self, prototypes, monkeypatch):
+        # Table V "w/o activation maps" (Choices 16): Eq. (15) concatenates F_q', BC(P_pre), BC(P_main), BC(P_aux)
+        # (of the row's prototypes); no cosine of Eq. (13)-(14) is computed
+        names = tuple(prototypes.split("+"))
+        ffa = qpenet_small_ffa(prototypes=names, activation_maps=False)
+        f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux, _ = qpenet_keys_episode()
+        seen = {}
+        ffa.filter.register_forward_hook(lambda mod, args, out: seen.update(filter_out=out.clone()))
+        ffa.fuse.register_forward_pre_hook(lambda mod, args: seen.update(fuse_in=args[0].clone()))
+
+        def no_activation_map(*args, **kw):
+            raise AssertionError("an activation map was computed")
+        monkeypatch.setattr(F, "cosine_similarity", no_activation_map)
+        with torch.no_grad():
+            ffa(f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux)
+        chosen = [p for name, p in (("pre", p_pre), ("main", p_main), ("aux", p_aux)) if name in names]
+        expected = torch.cat([seen["filter_out"]] + [p[:, :, None, None].expand(-1, -1, 3, 3) for p in chosen], 1)
+        torch.testing.assert_close(seen["fuse_in"], expected)
+        assert ffa.fuse[0].in_channels == 8 * (1 + len(names))
+
+    def test_qpenet_sgm_reverse_segments_the_support_with_its_own_prototype(self):
+        # Table V "w SGM" (Choices 16): Eq. (4)'s Convs gets BC(P_pre) = BC(MAP(F_s, M_s)) in place of BC(P_psd);
+        # Eq. (5)-(8) split M_s by that reverse segmentation as in DPE. Training still runs PPG (y_pre's loss);
+        # evaluation does not (nothing reads P_psd)
+        model = qpenet_variant(dpe="sgm")
+        img_q, img_s, m_s, _, f_q, f_s, m, fg_pre, rev = qpenet_scripted_episode(model)
+        p_pre, p_psd = qpenet_map_each(f_s, m), qpenet_map_each(f_q, fg_pre)
+        assert (p_psd - p_pre).abs().max() > 0.1  # the test can tell them apart
+        seen = {}
+        model.ffa.register_forward_pre_hook(lambda mod, args: seen.update(ffa=args))
+        for training, outputs in ((True, [logits_of(fg_pre), logits_of(rev).flatten(0, 1)]),
+                                  (False, [logits_of(rev).flatten(0, 1)])):
+            model.foreground.convs = scripted = Scripted(*outputs)
+            with torch.no_grad():
+                out = model.train(training)(img_q, img_s, m_s)
+            assert len(scripted.inputs) == len(outputs) and ("y_pre" in out) == training
+            x_rev = scripted.inputs[-1]
+            torch.testing.assert_close(x_rev[:, :256], f_s.flatten(0, 1))
+            expect_broadcast(x_rev[:, 256:], p_pre.repeat_interleave(2, 0))
+            torch.testing.assert_close(out["m_main"], m * rev)
+            torch.testing.assert_close(out["m_aux"], m * (1 - rev))
+            torch.testing.assert_close(seen["ffa"][5], qpenet_map_each(f_s, m * rev), **TOL)
+            torch.testing.assert_close(seen["ffa"][6], qpenet_map_each(f_s, m * (1 - rev)), **TOL)
+
+    def test_qpenet_ablations_from_the_command_line(self, capsys):
+        # each row is a --set of train.py, typed by its Config field; a value that is none of a field's choices and a
+        # combination that means nothing are refused with a line that says why
+        def config(*fields):
+            args, module = train.parse_args(["--model", "qpenet", "--set", *fields])
+            return train.make_config(module, args)
+
+        cfg = config("fgpe=false", "bgpe=false", "decoder=fem")
+        assert (cfg.fgpe, cfg.bgpe, cfg.decoder, cfg.foreground_prototypes) == (False, False, "fem", "pre+main+aux")
+        cfg = config("foreground_prototypes=main+aux", "activation_maps=false", "dpe=sgm")
+        assert (cfg.fgpe, cfg.foreground_prototypes, cfg.activation_maps, cfg.dpe) == (True, "main+aux", False, "sgm")
+        for field, message in (("decoder=pfenet", "decoder is one of ffa, fem"),
+                               ("foreground_prototypes=pre+aux", "one of pre, main, aux, main+aux, pre+main+aux"),
+                               ("dpe=scl", "dpe is one of dpe, sgm"), ("bgpe=maybe", "bgpe is true or false")):
+            with pytest.raises(SystemExit):
+                config(field)
+            assert message in capsys.readouterr().err
+        with pytest.raises(ValueError, match="FEM decoder takes every prototype"):
+            qpenet_variant(decoder="fem", foreground_prototypes="main+aux")
+        with pytest.raises(ValueError, match="FEM decoder takes every prototype"):
+            qpenet_variant(decoder="fem", activation_maps=False)
+        with pytest.raises(ValueError, match="dpe=sgm replaces DPE"):
+            qpenet_variant(fgpe=False, dpe="sgm")
 
 
 
