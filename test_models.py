@@ -30,8 +30,9 @@ TestCRCNet     the cross-reference, the local conditional module (Eq. 1-3; fp32 
                weight, fusion, multi-scale inference, pairs and their masks.
 TestSymNet     SPM, APA (Eq. 6-8), the prototypes (Eq. 4, 5, 7, 9), TDC's input, the co-triplet loss (Eq. 10-12), the
                loss with BAM's ensemble; the word vectors and the base learner, their files and checkpoints.
-TestQPENet     PPG and DPE (Eq. 1-8) with a scripted Convs, GBC, the cross attention, FFA's inputs and keys (Eq. 12-16),
-               L_bm per image, the parameter counts.
+TestQPENet     what evaluation computes; PPG and DPE (Eq. 1-8) with a scripted Convs, GBC, the cross attention, FFA's
+               inputs and keys (Eq. 12-16), L_bm per image, the parameter counts; the ablations of Tables III-V (each
+               row's inputs, its parameters by hand, its command line).
 TestAllModels  a training step on PFENet's deep-stem ResNet, a training step that never waits for the device, and
                torch.compile's training step equal to the eager one.
 
@@ -1033,119 +1034,10 @@ def symnet_hand_ce(logits, labels):
 QPENET_SIZE = 33  # output stride 8 -> 5 x 5 features; episode's default boxes
 
 
-QPENET_H_FEAT = 5
-
-
 @pytest.fixture(scope="module")
 def qpenet_model():
     torch.manual_seed(0)
     return qpenet.Model(qpenet.Config(pretrained=False))
-
-
-@pytest.fixture(scope="module")
-def qpenet_step(qpenet_model):
-    """One 2-shot training step: the outputs, the loss and a snapshot of the gradients."""
-    img_q, img_s, m_s, m_q = episode(2, 2, QPENET_SIZE)
-    qpenet_model.train()
-    qpenet_model.zero_grad()
-    out = qpenet_model(img_q, img_s, m_s)
-    total, terms = qpenet_model.loss(out, m_q, m_s)
-    total.backward()
-    grads = {n: None if p.grad is None else p.grad.clone() for n, p in qpenet_model.named_parameters()}
-    return dict(out=out, total=total, terms=terms, grads=grads, m_s=m_s, m_q=m_q)
-
-
-TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-class Scripted(nn.Module):
-    """Stands in for a Convs: records every input and returns the next of the given logits."""
-
-    def __init__(self, *outputs):
-        super().__init__()
-        self.outputs, self.inputs = list(outputs), []
-
-    def forward(self, x):
-        self.inputs.append(x.detach().clone())
-        return self.outputs[len(self.inputs) - 1]
-
-
-def logits_of(fg):
-    """Two-channel logits whose argmax is the binary mask fg (..., h, w): channel 1 wins exactly where fg = 1."""
-    fg = fg.float()
-    return torch.stack([1 - fg, fg], -3)
-
-
-def map_by_hand(f, m):
-    """MAP written out: f (C, n) features of n pixels, m (n,) weights -> sum_i f(i) m(i) / (sum_i m(i) + eps)."""
-    return (f * m).sum(1) / (m.sum() + MAP_EPS)
-
-
-def pixels(f):
-    """(..., C, h, w) -> (C, n): the pixels of one image (or of all K shots of one episode) as columns."""
-    return f.movedim(-3, 0).reshape(f.shape[-3], -1)
-
-
-def cosine_by_hand(f, p):
-    """Eq. (13)/(14) written out: f (C, h, w), p (C,) -> p.f(i) / (|p| |f(i)|), (h, w)."""
-    return (f * p[:, None, None]).sum(0) / (p.norm() * f.norm(dim=0))
-
-
-def expect_broadcast(x, p):
-    """Assert that every pixel of x (N, C, h, w) holds the prototype p (N, C)."""
-    torch.testing.assert_close(x, p[:, :, None, None].expand_as(x), **TOL)
-
-
-# ---------------- FFA: Eq. (12)-(15) inputs, Eq. (16) keys ------------------------------------------------
-
-def qpenet_small_ffa():
-    torch.manual_seed(0)
-    return qpenet.FFA(qpenet.Config(dim=8, heads=2, ffn_dim=16)).eval()
-
-
-def qpenet_cross_by_hand(layer, x, tokens):
-    """One Cross layer written out for one image: x (N, C) query pixels, tokens (L, C) the support foreground
-    pixels F_s * M_s (L may be 0: then attention adds nothing). Weights taken from layer, masking done here."""
-    N, C = x.shape
-    heads = layer.heads
-    d = C // heads
-    if len(tokens) == 0:
-        attn = torch.zeros(N, C)
-    else:
-        q = (x @ layer.to_q.weight.T).view(N, heads, d).transpose(0, 1)  # (heads, N, d)
-        k = (tokens @ layer.to_k.weight.T).view(-1, heads, d).transpose(0, 1)  # (heads, L, d)
-        v = (tokens @ layer.to_v.weight.T).view(-1, heads, d).transpose(0, 1)
-        a = (q @ k.transpose(1, 2) / math.sqrt(d)).softmax(-1) @ v  # (heads, N, d)
-        attn = a.transpose(0, 1).reshape(N, C) @ layer.to_out.weight.T
-    x = layer.norm_attn(x + attn)
-    return layer.norm_ffn(x + layer.ffn(x))
-
-
-def qpenet_keys_episode():
-    """B=3 episodes of 2 shots, features 3x3, labels m_s 6x6 (nearest samples label rows/columns 0, 2, 4; the
-    bilinear M_s samples 0, 2.5, 5). Episode 1 has foreground only in its second shot, episode 2 none at all
-    (a 255 row). -> f_q, f_s, m_s, the four prototypes (FFA's order), and the bilinear M_s (B,S,3,3)."""
-    torch.manual_seed(1)
-    B, S, C, h, w = 3, 2, 8, 3, 3
-    f_q, f_s = torch.randn(B, C, h, w), torch.randn(B, S, C, h, w)
-    m_s = torch.zeros(B, S, 2 * h, 2 * w, dtype=torch.long)
-    m_s[0, 0, :3, :3] = 1  # keys (0,0) (0,1) (1,0) (1,1); bilinear M_s 1, 0.5, 0.5, 0.25 there
-    m_s[0, 0, 3, 5] = 1  # bilinear M_s 0.5 at (1,2), no key: nearest reads label (2,4) = 0
-    m_s[0, 1, 4:] = 1
-    m_s[0, 1, 4, 4] = IGNORE_INDEX  # (2,2): bilinear M_s 1 (label row 5), no key: nearest reads this 255
-    m_s[1, 1, 2:, 2:] = 1  # keys (1,1) (1,2) (2,1) (2,2)
-    m_s[1, 1, 0, 4] = 1  # key (0,2), where the bilinear M_s is 0
-    m_s[2, :, 0] = IGNORE_INDEX
-    p_bg, p_pre, p_main, p_aux = (torch.randn(B, C) for _ in range(4))
-    m_bilinear = F.interpolate((m_s == 1).float(), (h, w), mode="bilinear", align_corners=True)
-    return f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux, m_bilinear
-
-
-def qpenet_nearest_keys(m_s, h, w):
-    """The keys of Eq. (16) by hand: the label (..., H, W) read at row i * H // h, column j * W // w, == 1."""
-    H, W = m_s.shape[-2:]
-    rows, cols = [i * H // h for i in range(h)], [j * W // w for j in range(w)]
-    return m_s[..., rows, :][..., cols] == 1  # (..., h, w) bool
 
 
 def deep_stem_model(name, where):
@@ -6570,12 +6462,206 @@ class TestSymNet:
 
 
 # ==========================================================================================================
-# qpenet.py: QPENet: shapes at 1 and 5 shots, the loss terms, gradients; cross attention, GBC and L_bm by hand;
-# PPG, DPE and FFA with scripted layers (Eq. 1-16)
+# qpenet.py: QPENet in the paper's order: the overview (shapes, K shots, what evaluation computes), PPG, DPE, GBC,
+# FFA and its cross attention, the loss, the parameter counts and the ablations of §IV-D (Tables III-V)
 # ==========================================================================================================
 
+QPENET_H_FEAT = 5
+
+
+@pytest.fixture(scope="module")
+def qpenet_step(qpenet_model):
+    """One 2-shot training step: the outputs, the loss and a snapshot of the gradients."""
+    img_q, img_s, m_s, m_q = episode(2, 2, QPENET_SIZE)
+    qpenet_model.train()
+    qpenet_model.zero_grad()
+    out = qpenet_model(img_q, img_s, m_s)
+    total, terms = qpenet_model.loss(out, m_q, m_s)
+    total.backward()
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in qpenet_model.named_parameters()}
+    return dict(out=out, total=total, terms=terms, grads=grads, m_s=m_s, m_q=m_q)
+
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+class Scripted(nn.Module):
+    """Stands in for a Convs: records every input and returns the next of the given logits."""
+
+    def __init__(self, *outputs):
+        super().__init__()
+        self.outputs, self.inputs = list(outputs), []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return self.outputs[len(self.inputs) - 1]
+
+
+def logits_of(fg):
+    """Two-channel logits whose argmax is the binary mask fg (..., h, w): channel 1 wins exactly where fg = 1."""
+    fg = fg.float()
+    return torch.stack([1 - fg, fg], -3)
+
+
+def map_by_hand(f, m):
+    """MAP written out: f (C, n) features of n pixels, m (n,) weights -> sum_i f(i) m(i) / (sum_i m(i) + eps)."""
+    return (f * m).sum(1) / (m.sum() + MAP_EPS)
+
+
+def pixels(f):
+    """(..., C, h, w) -> (C, n): the pixels of one image (or of all K shots of one episode) as columns."""
+    return f.movedim(-3, 0).reshape(f.shape[-3], -1)
+
+
+def cosine_by_hand(f, p):
+    """Eq. (13)/(14) written out: f (C, h, w), p (C,) -> p.f(i) / (|p| |f(i)|), (h, w)."""
+    return (f * p[:, None, None]).sum(0) / (p.norm() * f.norm(dim=0))
+
+
+def expect_broadcast(x, p):
+    """Assert that every pixel of x (N, C, h, w) holds the prototype p (N, C)."""
+    torch.testing.assert_close(x, p[:, :, None, None].expand_as(x), **TOL)
+
+
+# ---------------- FFA: Eq. (12)-(15) inputs, Eq. (16) keys ------------------------------------------------
+
+def qpenet_small_ffa(**kw):
+    torch.manual_seed(0)
+    return qpenet.FFA(8, heads=2, ffn_dim=16, attn_dropout=0.1, head_dropout=0.1, layers=2, **kw).eval()
+
+
+def qpenet_cross_by_hand(layer, x, tokens):
+    """One Cross layer written out for one image: x (N, C) query pixels, tokens (L, C) the support foreground
+    pixels F_s * M_s (L may be 0: then attention adds nothing). Weights taken from layer, masking done here."""
+    N, C = x.shape
+    heads = layer.heads
+    d = C // heads
+    if len(tokens) == 0:
+        attn = torch.zeros(N, C)
+    else:
+        q = (x @ layer.to_q.weight.T).view(N, heads, d).transpose(0, 1)  # (heads, N, d)
+        k = (tokens @ layer.to_k.weight.T).view(-1, heads, d).transpose(0, 1)  # (heads, L, d)
+        v = (tokens @ layer.to_v.weight.T).view(-1, heads, d).transpose(0, 1)
+        a = (q @ k.transpose(1, 2) / math.sqrt(d)).softmax(-1) @ v  # (heads, N, d)
+        attn = a.transpose(0, 1).reshape(N, C) @ layer.to_out.weight.T
+    x = layer.norm_attn(x + attn)
+    return layer.norm_ffn(x + layer.ffn(x))
+
+
+def qpenet_keys_episode():
+    """B=3 episodes of 2 shots, features 3x3, labels m_s 6x6 (nearest samples label rows/columns 0, 2, 4; the
+    bilinear M_s samples 0, 2.5, 5). Episode 1 has foreground only in its second shot, episode 2 none at all
+    (a 255 row). -> f_q, f_s, m_s, the four prototypes (FFA's order), and the bilinear M_s (B,S,3,3)."""
+    torch.manual_seed(1)
+    B, S, C, h, w = 3, 2, 8, 3, 3
+    f_q, f_s = torch.randn(B, C, h, w), torch.randn(B, S, C, h, w)
+    m_s = torch.zeros(B, S, 2 * h, 2 * w, dtype=torch.long)
+    m_s[0, 0, :3, :3] = 1  # keys (0,0) (0,1) (1,0) (1,1); bilinear M_s 1, 0.5, 0.5, 0.25 there
+    m_s[0, 0, 3, 5] = 1  # bilinear M_s 0.5 at (1,2), no key: nearest reads label (2,4) = 0
+    m_s[0, 1, 4:] = 1
+    m_s[0, 1, 4, 4] = IGNORE_INDEX  # (2,2): bilinear M_s 1 (label row 5), no key: nearest reads this 255
+    m_s[1, 1, 2:, 2:] = 1  # keys (1,1) (1,2) (2,1) (2,2)
+    m_s[1, 1, 0, 4] = 1  # key (0,2), where the bilinear M_s is 0
+    m_s[2, :, 0] = IGNORE_INDEX
+    p_bg, p_pre, p_main, p_aux = (torch.randn(B, C) for _ in range(4))
+    m_bilinear = F.interpolate((m_s == 1).float(), (h, w), mode="bilinear", align_corners=True)
+    return f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux, m_bilinear
+
+
+def qpenet_nearest_keys(m_s, h, w):
+    """The keys of Eq. (16) by hand: the label (..., H, W) read at row i * H // h, column j * W // w, == 1."""
+    H, W = m_s.shape[-2:]
+    rows, cols = [i * H // h for i in range(h)], [j * W // w for j in range(w)]
+    return m_s[..., rows, :][..., cols] == 1  # (..., h, w) bool
+
+
+# ---------------- §IV-D ablations: the rows of Tables III-V as Config fields, their parameters by hand ------------
+
+QPENET_ABLATIONS = {  # every row that differs from the full model (the defaults); "no FGPE" is the switch alone
+    "III-baseline": dict(fgpe=False, bgpe=False, decoder="fem"),
+    "III-FGPE": dict(bgpe=False, decoder="fem"),
+    "III-FGPE+BGPE": dict(decoder="fem"),
+    "III-FGPE+FFA": dict(bgpe=False),
+    "no-FGPE": dict(fgpe=False),
+    "IV-pre": dict(foreground_prototypes="pre"),
+    "IV-main": dict(foreground_prototypes="main"),
+    "IV-aux": dict(foreground_prototypes="aux"),
+    "IV-main+aux": dict(foreground_prototypes="main+aux"),
+    "V-no-activation-maps": dict(activation_maps=False),
+    "V-SGM": dict(dpe="sgm"),
+}
+
+
+def qpenet_variant(**kw):
+    """QPENet with random weights and the given Config fields (an ablation row)."""
+    torch.manual_seed(0)
+    return qpenet.Model(qpenet.Config(pretrained=False, **kw))
+
+
+def qpenet_convs_params(c_in, c):
+    """A Convs by hand: 1x1 reduce (no bias), two 3x3 residual, 3x3 + 1x1 -> 2 (with bias)."""
+    return c_in * c + 2 * 9 * c * c + 9 * c * c + 2 * c + 2
+
+
+def qpenet_ffa_params(c=256, ffn=768, layers=2):
+    """FFA by hand: Conv_1 of Eq. (12) and (15) (no bias), per Cross layer q/k/v/out, two LayerNorms and the FFN
+    (no biases), the final Convs."""
+    return 2 * c * c + (2 * c + 2) * c + layers * (4 * c * c + 2 * 2 * c + 2 * c * ffn) + qpenet_convs_params(c, c)
+
+
+def qpenet_fem_params(c=256, extra=3 * 256, bins=4):
+    """PFENet's FEM by hand: per scale init_merge (2c + extra -> c), beta_conv (two 3x3), inner_cls; alpha_conv
+    (2c -> c) on every scale but the first; res1 (bins * c -> c), res2 (two 3x3), cls (3x3, then 1x1 -> 2)."""
+    cls = 9 * c * c + 2 * c + 2
+    return (bins * ((2 * c + extra) * c + 2 * 9 * c * c + cls) + (bins - 1) * 2 * c * c + bins * c * c
+            + 2 * 9 * c * c + cls)
+
+
+def qpenet_parameter_change(kw, c=256):
+    """The learnable parameters that an ablation row adds (negative: removes), by hand."""
+    change = 0
+    if not kw.get("fgpe", True):
+        change -= qpenet_convs_params(2 * c, c)  # PPG and DPE's one Convs: the paper's 34.6M - 32.7M
+    if not kw.get("bgpe", True):
+        change -= 2 * (c * c + c)  # GBC's cleaner, two Linear(c, c) with biases
+    if kw.get("decoder") == "fem":
+        change += qpenet_fem_params(c) - qpenet_ffa_params(c)
+    inputs = {"pre": c, "main": 1, "aux": 1}  # Eq. (15)'s input channels per prototype: BC(P_pre), A_main, A_aux
+    kept = kw.get("foreground_prototypes", "pre+main+aux").split("+")
+    change -= c * sum(n for name, n in inputs.items() if name not in kept)  # Conv_1's columns, no bias
+    if not kw.get("activation_maps", True):
+        change += c * 2 * (c - 1)  # BC(P_main), BC(P_aux): c channels each instead of 1
+    return change
+
+
+def qpenet_scripted_episode(model, S=2):
+    """A 2-episode forward input whose features are random stand-ins (model.features replaced), with the masks
+    that scripted Convs give (the wiring test's): -> img_q, img_s, m_s, m_q, f_q, f_s, the bilinear M_s, fg_pre
+    (B,h,w) for Eq. (2) and rev (B,S,h,w) for Eq. (4)."""
+    torch.manual_seed(0)
+    B, C, h = 2, model.cfg.dim, QPENET_H_FEAT
+    img_q, img_s, m_s, m_q = episode(B, S, QPENET_SIZE)
+    f = torch.randn(B + B * S, C, h, h)
+    model.features = lambda img: f
+    fg_pre = torch.zeros(B, h, h)
+    fg_pre[0, 1:3, 1:4] = 1
+    fg_pre[1, 4, 0] = 1
+    rev = torch.zeros(B, S, h, h)
+    rev[0, 0, :2] = 1
+    rev[0, 1, :, 2:] = 1
+    rev[1, 0, 2:, :3] = 1
+    rev[1, 1] = 1
+    m = F.interpolate((m_s == 1).float(), (h, h), mode="bilinear", align_corners=True)
+    return img_q, img_s, m_s, m_q, f[:B], f[B:].view(B, S, C, h, h), m, fg_pre, rev
+
+
+def qpenet_map_each(f, m):
+    """MAP by hand for each episode: f (B,[S,]C,h,w), m (B,[S,]h,w) -> (B,C)."""
+    return torch.stack([map_by_hand(pixels(f[b]), m[b].flatten()) for b in range(len(f))])
+
+
 class TestQPENet:
-    # ---------------- shapes at 1 and 5 shots, K shots, the loss terms, gradients, empty masks ----------------
+    # ---------------- §III-B overview: shapes, what evaluation computes, K shots, empty masks, the wiring ---------
 
     @pytest.mark.parametrize("shot", [1, 5])
     def test_qpenet_forward_shapes(self, qpenet_model, qpenet_step, shot):
@@ -6584,11 +6670,33 @@ class TestQPENet:
             out = qpenet_model.eval()(img_q, img_s, m_s)
         assert out["logits"].shape == (2, 2, QPENET_SIZE, QPENET_SIZE)
         assert out["y_pre"].shape == out["y_bg_q"].shape == (2, 2, QPENET_H_FEAT, QPENET_H_FEAT)
-        assert out["y_rev"].shape == out["y_bg_s"].shape == (2, shot, 2, QPENET_H_FEAT, QPENET_H_FEAT)
+        assert out["y_rev"].shape == (2, shot, 2, QPENET_H_FEAT, QPENET_H_FEAT)
+        assert qpenet_step["out"]["y_bg_s"].shape == (2, 2, 2, QPENET_H_FEAT, QPENET_H_FEAT)  # 2 shots, training
         assert (out["m_main"].shape == out["m_aux"].shape == out["m_s_down"].shape
                 == (2, shot, QPENET_H_FEAT, QPENET_H_FEAT))
         assert all(torch.isfinite(v).all() for v in out.values())
-        assert set(qpenet_step["out"]) == set(out)  # one dict in train and eval mode
+        assert set(qpenet_step["out"]) - set(out) == {"y_bg_s"}  # evaluation: all but what only the loss reads
+
+    def test_qpenet_evaluation_computes_only_what_the_logits_read(self, qpenet_model):
+        # Choices 9: Eq. (9)'s y_bg^s, read by the loss alone, is not computed in evaluation: GBC's Convs segments
+        # the query only (B images), where training also segments the B*S supports; the logits are those of a
+        # forward that computes it (training mode with every dropout at p = 0)
+        img_q, img_s, m_s, _ = episode(2, 3, QPENET_SIZE)
+        model = copy.deepcopy(qpenet_model)
+        for module in model.modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                module.p = 0.0
+            if isinstance(module, qpenet.CrossAttention):
+                module.dropout = 0.0
+        batches = []
+        model.gbc.convs.register_forward_pre_hook(lambda mod, args: batches.append(len(args[0])))
+        with torch.no_grad():
+            trained = model.train()(img_q, img_s, m_s)
+            assert batches == [2, 6] and "y_bg_s" in trained
+            batches.clear()
+            evaluated = model.eval()(img_q, img_s, m_s)
+        assert batches == [2] and "y_bg_s" not in evaluated
+        torch.testing.assert_close(evaluated["logits"], trained["logits"])
 
     def test_qpenet_shot_order_does_not_matter(self, qpenet_model):
         img_q, img_s, m_s, _ = episode(2, 2, QPENET_SIZE)
@@ -6597,43 +6705,6 @@ class TestQPENet:
             a = qpenet_model(img_q, img_s, m_s)["logits"]
             b = qpenet_model(img_q, img_s.flip(1), m_s.flip(1))["logits"]
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-
-    def test_qpenet_loss_terms_and_gradients(self, qpenet_model, qpenet_step):
-        out, total, terms = qpenet_step["out"], qpenet_step["total"], qpenet_step["terms"]
-        assert set(terms) == {"pre", "rev", "final", "bm_s", "bm_q"}
-        assert all(torch.isfinite(v) and v > 0 for v in terms.values())
-        cfg = qpenet_model.cfg
-        expected = (cfg.alpha * (terms["pre"] + terms["rev"] + terms["final"])
-                    + cfg.beta * (terms["bm_s"] + terms["bm_q"]))
-        torch.testing.assert_close(total, expected)
-        torch.testing.assert_close(terms["final"], common.seg_loss(out["logits"], qpenet_step["m_q"]))
-        torch.testing.assert_close(terms["rev"],
-                                   common.seg_loss(out["y_rev"].flatten(0, 1), qpenet_step["m_s"].flatten(0, 1)))
-        grads = qpenet_step["grads"]
-        missing = [n for n, p in qpenet_model.named_parameters() if p.requires_grad and
-                   (grads[n] is None or not torch.isfinite(grads[n]).all() or grads[n].abs().sum() == 0)]
-        assert not missing, f"no gradient: {missing}"
-        assert all(grads[n] is None for n, _ in qpenet_model.named_parameters() if n.startswith("backbone."))
-        assert all(not p.requires_grad for p in qpenet_model.backbone.parameters())
-
-    def test_qpenet_main_and_aux_partition_the_support_mask(self, qpenet_step):
-        out, m_s = qpenet_step["out"], qpenet_step["m_s"]
-        m, main, aux = out["m_s_down"], out["m_main"], out["m_aux"]
-        torch.testing.assert_close(main + aux, m)  # Eq. (5) + (6) = M_s
-        assert (main * aux == 0).all()  # disjoint
-        rev = (out["y_rev"].argmax(2) == 1).float()
-        torch.testing.assert_close(main, m * rev)  # main = inside the mask and reverse-predicted foreground
-        expected = F.interpolate((m_s == 1).float(), (QPENET_H_FEAT, QPENET_H_FEAT), mode="bilinear",
-                                 align_corners=True)
-        torch.testing.assert_close(m, expected)
-        assert 0 < m.sum() and (m > 0).sum() < m.numel()
-
-    def test_qpenet_shot_map_pools_all_shots_jointly(self):
-        f_s = torch.randn(2, 3, 4, 5, 6)
-        m = (torch.rand(2, 3, 5, 6) > 0.5).float()
-        m[0, 1] = 0  # an empty shot adds nothing
-        expected = (f_s * m[:, :, None]).sum((1, 3, 4)) / (m.sum((1, 2, 3))[:, None] + common.MAP_EPS)
-        torch.testing.assert_close(qpenet.shot_map(f_s, m), expected)
 
     def test_qpenet_empty_support_mask_gives_no_nan(self, qpenet_model):
         img_q, img_s, _, m_q = episode(2, 2, QPENET_SIZE)
@@ -6647,161 +6718,6 @@ class TestQPENet:
         total.backward()
         grads = [p.grad for p in qpenet_model.parameters() if p.requires_grad]
         assert all(g is not None and torch.isfinite(g).all() for g in grads), sum(g is None for g in grads)
-
-    # ---------------- the cross attention, GBC and L_bm by hand -----------------------------------------------
-
-    def test_qpenet_cross_attention_matches_formula(self):
-        torch.manual_seed(0)
-        B, N, L, C, heads = 2, 5, 7, 8, 2
-        layer = qpenet.CrossAttention(C, heads, ffn_dim=16, dropout=0.1).eval()
-        x, tokens = torch.randn(B, N, C), torch.randn(B, L, C)
-        valid = torch.ones(B, L, dtype=torch.bool)
-        valid[0, 4:] = False
-        valid[1, :2] = False
-        d = C // heads
-        q = (x @ layer.to_q.weight.T).view(B, N, heads, d).transpose(1, 2)
-        k = (tokens @ layer.to_k.weight.T).view(B, L, heads, d).transpose(1, 2)
-        v = (tokens @ layer.to_v.weight.T).view(B, L, heads, d).transpose(1, 2)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(d)  # (B, heads, N, L)
-        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-        direct = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, N, C) @ layer.to_out.weight.T
-        torch.testing.assert_close(layer.attend(x, tokens, valid), direct, atol=1e-5, rtol=1e-5)
-        h = layer.norm_attn(x + direct)
-        torch.testing.assert_close(layer(x, tokens, valid), layer.norm_ffn(h + layer.ffn(h)), atol=1e-5, rtol=1e-5)
-        # the masked tokens do not matter
-        changed = tokens.clone()
-        changed[0, 4:] = 100.0
-        torch.testing.assert_close(layer.attend(x, changed, valid), direct, atol=1e-5, rtol=1e-5)
-        # all-zero tokens (a support without foreground) add exactly nothing
-        zero = layer.attend(x, torch.zeros(B, L, C), torch.ones(B, L, dtype=torch.bool))
-        assert zero.abs().max() == 0
-
-    def test_qpenet_gbc_cleaner_by_hand(self):
-        torch.manual_seed(0)
-        gbc = qpenet.GBC(qpenet.Config(dim=8)).eval()
-        f_q, f_s = torch.rand(2, 8, 4, 4), torch.rand(2, 3, 8, 4, 4)
-        p_bg, y_bg_q, y_bg_s = gbc(f_q, f_s)
-        assert y_bg_s.shape == (2, 3, 2, 4, 4)
-        bg = (y_bg_q[:, 1] > y_bg_q[:, 0]).float()  # channel 1 = background
-        gap = (f_q * bg[:, None]).sum((2, 3)) / 16  # GAP over all h*w pixels, not MAP
-        fc1, fc2 = gbc.cleaner[0], gbc.cleaner[2]
-        gate = torch.sigmoid(fc2(torch.relu(fc1(gap))))
-        torch.testing.assert_close(p_bg, gbc.p_global * gate)
-        # Eq. (9) uses the same Convs as Eq. (10)
-        torch.testing.assert_close(y_bg_s[:, 0], gbc.convs(torch.cat([f_s[:, 0], qpenet.broadcast(
-            gbc.p_global.expand(2, -1), f_q)], 1)))
-
-    def test_qpenet_background_mining_loss_by_hand(self):
-        # one 1x2 image: pixel 0 foreground, pixel 1 background; logits equal except pixel 0 (p_bg = sigmoid(1))
-        y_bg = torch.zeros(1, 2, 1, 2)
-        y_bg[0, qpenet.BACKGROUND, 0, 0] = 1.0
-        m = torch.tensor([[[1, 0]]])
-        p = torch.sigmoid(torch.tensor(1.0))
-        not_bg = -torch.log(1 - p) / (1 + qpenet.BM_EPS)
-        every = (-torch.log(p) - math.log(0.5)) / 2
-        torch.testing.assert_close(qpenet.background_mining_loss(y_bg, m, 0.5), not_bg + 0.5 * every)
-        # 255 counts nowhere; no foreground: only the every-pixel term
-        m = torch.tensor([[[255, 0]]])
-        torch.testing.assert_close(qpenet.background_mining_loss(y_bg, m, 0.5), 0.5 * torch.tensor(math.log(2)))
-
-    def test_qpenet_background_mining_loss_foreground_term_is_per_image(self):
-        # L_bm's first term is -log(1 - p_bg) averaged over each image's own foreground, then over the images, so a
-        # 1-pixel object counts as much as a 3-pixel one; the second is -log p_bg over every labelled pixel of the
-        # batch (255 left out). Constant logits per image: p_bg = sigmoid(a_n) everywhere in image n.
-        a = [0.5, -1.0]
-        y_bg = torch.zeros(2, 2, 1, 4)
-        y_bg[0, qpenet.BACKGROUND] = a[0]
-        y_bg[1, qpenet.BACKGROUND] = a[1]
-        m = torch.tensor([[[1, 0, 0, IGNORE_INDEX]],  # 1 foreground pixel, 3 labelled
-                          [[1, 1, 1, 0]]])  # 3 foreground pixels, 4 labelled
-        not_bg = [math.log1p(math.exp(a_n)) for a_n in a]  # -log(1 - sigmoid(a)) = softplus(a)
-        is_bg = [math.log1p(math.exp(-a_n)) for a_n in a]  # -log sigmoid(a)
-        first = (not_bg[0] * 1 / (1 + qpenet.BM_EPS) + not_bg[1] * 3 / (3 + qpenet.BM_EPS)) / 2
-        every = (3 * is_bg[0] + 4 * is_bg[1]) / 7
-        loss = qpenet.background_mining_loss(y_bg, m, 0.5)
-        torch.testing.assert_close(loss, torch.tensor(first + 0.5 * every))
-        pooled = (not_bg[0] + 3 * not_bg[1]) / 4 + 0.5 * every  # one mean over the batch's foreground: not L_bm
-        assert abs(loss.item() - pooled) > 0.1
-
-    # ---------------- parameter counts and a short training ---------------------------------------------------
-
-    def test_qpenet_parameter_counts(self, qpenet_model):
-        learnable, total = train.count_parameters(qpenet_model)
-        head = 2 * 256 * 256 + 2 * 9 * 256 * 256 + 9 * 256 * 256 + 256 * 2 + 2  # Convs(512 -> 256 -> 2)
-        assert sum(p.numel() for p in qpenet_model.foreground.parameters()) == head == 1_901_058  # paper: 34.6M - 32.7M
-        assert learnable == 7_738_118
-        # ResNet-50 up to layer3: layer4's 14,964,736 weights are not built, as QPENet never reads them
-        assert total - learnable == sum(p.numel() for p in qpenet_model.backbone.parameters()) == 8_543_296
-        assert 23_508_032 - 8_543_296 == sum(p.numel() for p in Backbone("resnet50", False).stages["layer4"].parameters())
-
-    def test_qpenet_short_synthetic_training_lowers_the_loss(self, tmp_path):
-        train.main(["--model", "qpenet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
-                    "--img-size", "32", "--train-length", "8", "--batch-size", "4", "--epochs", "3",
-                    "--lr", "0.01", "--test-episodes", "2", "--test-seeds", "1", "--log-every", "2",
-                    "--out", str(tmp_path)])
-        records = read_metrics(tmp_path)
-        losses = [r["loss"] for r in records if r["event"] == "train"]
-        assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
-        assert losses[-1] < losses[0]
-        assert any(r["event"] == "result" for r in records)
-
-    # ---------------- PPG and DPE with a scripted Convs -------------------------------------------------------
-
-    def test_qpenet_ppg_pools_the_pseudo_prototype_from_the_predicted_query_foreground(self):
-        # Eq. (1)-(3): Convs sees Concat(F_q, BC(P_pre)); P_psd is the mean of F_q over the pixels y_pre calls
-        # foreground (channel 1), not over its background
-        torch.manual_seed(0)
-        C, h, w = 4, 3, 3
-        fe = qpenet.ForegroundEvolution(qpenet.Config(dim=C))
-        f_q, f_s = torch.randn(2, C, h, w), torch.randn(2, 2, C, h, w)
-        m = torch.zeros(2, 2, h, w)
-        m[0, 0, 0, :2] = 1.0
-        m[0, 1, 2, 2] = 0.5  # a soft edge pixel of the downsampled mask, in the second shot
-        m[1, 1, 1:, 1:] = 1.0  # image 1: foreground only in the second shot
-        fg_pre = torch.zeros(2, h, w)
-        fg_pre[0, 0, 0] = fg_pre[0, 2, 1] = 1  # image 0: two query pixels predicted foreground
-        fg_pre[1, 1, 2] = 1  # image 1: one
-        fe.convs = Scripted(logits_of(fg_pre))
-        p_pre, y_pre, p_psd = fe.ppg(f_q, f_s, m)
-
-        for b in range(2):
-            torch.testing.assert_close(p_pre[b], map_by_hand(pixels(f_s[b]), m[b].flatten()), **TOL)
-        (x,) = fe.convs.inputs
-        torch.testing.assert_close(x[:, :C], f_q)  # F_q first
-        expect_broadcast(x[:, C:], p_pre)  # then BC(P_pre)
-        assert torch.equal(y_pre, logits_of(fg_pre))
-        expected = torch.stack([(f_q[0, :, 0, 0] + f_q[0, :, 2, 1]) / (2 + MAP_EPS), f_q[1, :, 1, 2] / (1 + MAP_EPS)])
-        torch.testing.assert_close(p_psd, expected, **TOL)
-
-    def test_qpenet_dpe_splits_the_support_mask_by_the_reverse_segmentation(self):
-        # Eq. (4)-(8): every shot of episode b is reverse-segmented with episode b's P_psd; M_main / M_aux are
-        # M_s inside / outside the predicted foreground; P_main / P_aux pool all shots of an episode
-        torch.manual_seed(0)
-        B, S, C, h, w = 2, 2, 4, 3, 3
-        fe = qpenet.ForegroundEvolution(qpenet.Config(dim=C))
-        f_s = torch.randn(B, S, C, h, w)
-        m = torch.rand(B, S, h, w) * (torch.rand(B, S, h, w) > 0.3)  # soft, with zeros
-        m[:, :, 0, 0] = 1.0
-        p_psd = torch.randn(B, C)
-        rev = torch.zeros(B, S, h, w)
-        rev[0, 0, 0] = 1  # first row of (0, 0)
-        rev[0, 1, :, 1] = 1  # middle column of (0, 1)
-        rev[1, 1, 1:, :2] = 1  # a corner of (1, 1); shot (1, 0) predicts no foreground
-        fe.convs = Scripted(logits_of(rev).flatten(0, 1))
-        y_rev, m_main, m_aux, p_main, p_aux = fe.dpe(f_s, m, p_psd)
-
-        (x,) = fe.convs.inputs
-        assert x.shape == (B * S, 2 * C, h, w)
-        for b in range(B):
-            for k in range(S):
-                torch.testing.assert_close(x[b * S + k, :C], f_s[b, k])
-                expect_broadcast(x[b * S + k, None, C:], p_psd[b, None])  # episode b's pseudo-prototype
-        assert y_rev.shape == (B, S, 2, h, w)
-        torch.testing.assert_close(m_main, m * rev)
-        torch.testing.assert_close(m_aux, m * (1 - rev))
-        for b in range(B):
-            torch.testing.assert_close(p_main[b], map_by_hand(pixels(f_s[b]), (m[b] * rev[b]).flatten()), **TOL)
-            torch.testing.assert_close(p_aux[b], map_by_hand(pixels(f_s[b]), (m[b] * (1 - rev[b])).flatten()), **TOL)
 
     def test_qpenet_model_feeds_each_prototype_to_its_equation(self, qpenet_model, monkeypatch):
         # The wiring of Model.forward, end to end with scripted heads: Eq. (2) gets P_pre, Eq. (3) pools the
@@ -6859,6 +6775,108 @@ class TestQPENet:
         torch.testing.assert_close(ffa_p_main, p_main, **TOL)
         torch.testing.assert_close(ffa_p_aux, p_aux, **TOL)
 
+    # ---------------- §III-C1 PPG (Eq. 1-3): MAP over all shots, the pseudo-prototype with a scripted Convs -------
+
+    def test_qpenet_shot_map_pools_all_shots_jointly(self):
+        f_s = torch.randn(2, 3, 4, 5, 6)
+        m = (torch.rand(2, 3, 5, 6) > 0.5).float()
+        m[0, 1] = 0  # an empty shot adds nothing
+        expected = (f_s * m[:, :, None]).sum((1, 3, 4)) / (m.sum((1, 2, 3))[:, None] + common.MAP_EPS)
+        torch.testing.assert_close(qpenet.shot_map(f_s, m), expected)
+
+    def test_qpenet_ppg_pools_the_pseudo_prototype_from_the_predicted_query_foreground(self):
+        # Eq. (1)-(3): Convs sees Concat(F_q, BC(P_pre)); P_psd is the mean of F_q over the pixels y_pre calls
+        # foreground (channel 1), not over its background
+        torch.manual_seed(0)
+        C, h, w = 4, 3, 3
+        fe = qpenet.ForegroundEvolution(C, feature_dropout=0.5, head_dropout=0.1)
+        f_q, f_s = torch.randn(2, C, h, w), torch.randn(2, 2, C, h, w)
+        m = torch.zeros(2, 2, h, w)
+        m[0, 0, 0, :2] = 1.0
+        m[0, 1, 2, 2] = 0.5  # a soft edge pixel of the downsampled mask, in the second shot
+        m[1, 1, 1:, 1:] = 1.0  # image 1: foreground only in the second shot
+        fg_pre = torch.zeros(2, h, w)
+        fg_pre[0, 0, 0] = fg_pre[0, 2, 1] = 1  # image 0: two query pixels predicted foreground
+        fg_pre[1, 1, 2] = 1  # image 1: one
+        fe.convs = Scripted(logits_of(fg_pre))
+        p_pre = qpenet.shot_map(f_s, m)  # Eq. (1), in Model.forward (the baseline's prototype too)
+        y_pre, p_psd = fe.ppg(f_q, p_pre)
+
+        for b in range(2):
+            torch.testing.assert_close(p_pre[b], map_by_hand(pixels(f_s[b]), m[b].flatten()), **TOL)
+        (x,) = fe.convs.inputs
+        torch.testing.assert_close(x[:, :C], f_q)  # F_q first
+        expect_broadcast(x[:, C:], p_pre)  # then BC(P_pre)
+        assert torch.equal(y_pre, logits_of(fg_pre))
+        expected = torch.stack([(f_q[0, :, 0, 0] + f_q[0, :, 2, 1]) / (2 + MAP_EPS), f_q[1, :, 1, 2] / (1 + MAP_EPS)])
+        torch.testing.assert_close(p_psd, expected, **TOL)
+
+    # ---------------- §III-C2 DPE (Eq. 4-8): the reverse segmentation and the split of the support mask -----------
+
+    def test_qpenet_dpe_splits_the_support_mask_by_the_reverse_segmentation(self):
+        # Eq. (4)-(8): every shot of episode b is reverse-segmented with episode b's P_psd; M_main / M_aux are
+        # M_s inside / outside the predicted foreground; P_main / P_aux pool all shots of an episode
+        torch.manual_seed(0)
+        B, S, C, h, w = 2, 2, 4, 3, 3
+        fe = qpenet.ForegroundEvolution(C, feature_dropout=0.5, head_dropout=0.1)
+        f_s = torch.randn(B, S, C, h, w)
+        m = torch.rand(B, S, h, w) * (torch.rand(B, S, h, w) > 0.3)  # soft, with zeros
+        m[:, :, 0, 0] = 1.0
+        p_psd = torch.randn(B, C)
+        rev = torch.zeros(B, S, h, w)
+        rev[0, 0, 0] = 1  # first row of (0, 0)
+        rev[0, 1, :, 1] = 1  # middle column of (0, 1)
+        rev[1, 1, 1:, :2] = 1  # a corner of (1, 1); shot (1, 0) predicts no foreground
+        fe.convs = Scripted(logits_of(rev).flatten(0, 1))
+        y_rev, m_main, m_aux, p_main, p_aux = fe.dpe(f_s, m, p_psd)
+
+        (x,) = fe.convs.inputs
+        assert x.shape == (B * S, 2 * C, h, w)
+        for b in range(B):
+            for k in range(S):
+                torch.testing.assert_close(x[b * S + k, :C], f_s[b, k])
+                expect_broadcast(x[b * S + k, None, C:], p_psd[b, None])  # episode b's pseudo-prototype
+        assert y_rev.shape == (B, S, 2, h, w)
+        torch.testing.assert_close(m_main, m * rev)
+        torch.testing.assert_close(m_aux, m * (1 - rev))
+        for b in range(B):
+            torch.testing.assert_close(p_main[b], map_by_hand(pixels(f_s[b]), (m[b] * rev[b]).flatten()), **TOL)
+            torch.testing.assert_close(p_aux[b], map_by_hand(pixels(f_s[b]), (m[b] * (1 - rev[b])).flatten()), **TOL)
+
+    def test_qpenet_main_and_aux_partition_the_support_mask(self, qpenet_step):
+        out, m_s = qpenet_step["out"], qpenet_step["m_s"]
+        m, main, aux = out["m_s_down"], out["m_main"], out["m_aux"]
+        torch.testing.assert_close(main + aux, m)  # Eq. (5) + (6) = M_s
+        assert (main * aux == 0).all()  # disjoint
+        rev = (out["y_rev"].argmax(2) == 1).float()
+        torch.testing.assert_close(main, m * rev)  # main = inside the mask and reverse-predicted foreground
+        expected = F.interpolate((m_s == 1).float(), (QPENET_H_FEAT, QPENET_H_FEAT), mode="bilinear",
+                                 align_corners=True)
+        torch.testing.assert_close(m, expected)
+        assert 0 < m.sum() and (m > 0).sum() < m.numel()
+
+    # ---------------- §III-D GBC (Eq. 9-11) by hand ---------------------------------------------------------------
+
+    def test_qpenet_gbc_cleaner_by_hand(self):
+        torch.manual_seed(0)
+        gbc = qpenet.GBC(8, feature_dropout=0.0, head_dropout=0.0).train()  # training (y_bg^s), nothing random
+        f_q, f_s = torch.rand(2, 8, 4, 4), torch.rand(2, 3, 8, 4, 4)
+        p_bg, y_bg_q, y_bg_s = gbc(f_q, f_s)
+        assert y_bg_s.shape == (2, 3, 2, 4, 4)
+        evaluated = gbc.eval()(f_q, f_s)
+        assert evaluated[2] is None  # Eq. (9) only trains P_global: omitted in evaluation (§III-D)
+        assert torch.equal(evaluated[0], p_bg) and torch.equal(evaluated[1], y_bg_q)
+        bg = (y_bg_q[:, 1] > y_bg_q[:, 0]).float()  # channel 1 = background
+        gap = (f_q * bg[:, None]).sum((2, 3)) / 16  # GAP over all h*w pixels, not MAP
+        fc1, fc2 = gbc.cleaner[0], gbc.cleaner[2]
+        gate = torch.sigmoid(fc2(torch.relu(fc1(gap))))
+        torch.testing.assert_close(p_bg, gbc.p_global * gate)
+        # Eq. (9) uses the same Convs as Eq. (10)
+        torch.testing.assert_close(y_bg_s[:, 0], gbc.convs(torch.cat([f_s[:, 0], qpenet.broadcast(
+            gbc.p_global.expand(2, -1), f_q)], 1)))
+
+    # ---------------- §III-E FFA: Eq. (12)-(15) inputs, the cross attention and its keys (Eq. 16) -----------------
+
     def test_qpenet_ffa_filter_and_fusion_inputs_by_hand(self):
         # Eq. (12): Conv_1 sees Concat(F_q, BC(P_bg)); Eq. (13)-(15): Conv_1 sees Concat(F_q', BC(P_pre), A_main,
         # A_aux) with A_main = cos(P_main, F_q) and A_aux = cos(P_aux, F_q), in that order
@@ -6889,6 +6907,32 @@ class TestQPENet:
         for b in range(B):
             torch.testing.assert_close(x[b, 2 * C], cosine_by_hand(f_q[b], p_main[b]), **TOL)
             torch.testing.assert_close(x[b, 2 * C + 1], cosine_by_hand(f_q[b], p_aux[b]), **TOL)
+
+    def test_qpenet_cross_attention_matches_formula(self):
+        torch.manual_seed(0)
+        B, N, L, C, heads = 2, 5, 7, 8, 2
+        layer = qpenet.CrossAttention(C, heads, ffn_dim=16, dropout=0.1).eval()
+        x, tokens = torch.randn(B, N, C), torch.randn(B, L, C)
+        valid = torch.ones(B, L, dtype=torch.bool)
+        valid[0, 4:] = False
+        valid[1, :2] = False
+        d = C // heads
+        q = (x @ layer.to_q.weight.T).view(B, N, heads, d).transpose(1, 2)
+        k = (tokens @ layer.to_k.weight.T).view(B, L, heads, d).transpose(1, 2)
+        v = (tokens @ layer.to_v.weight.T).view(B, L, heads, d).transpose(1, 2)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d)  # (B, heads, N, L)
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        direct = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, N, C) @ layer.to_out.weight.T
+        torch.testing.assert_close(layer.attend(x, tokens, valid), direct, atol=1e-5, rtol=1e-5)
+        h = layer.norm_attn(x + direct)
+        torch.testing.assert_close(layer(x, tokens, valid), layer.norm_ffn(h + layer.ffn(h)), atol=1e-5, rtol=1e-5)
+        # the masked tokens do not matter
+        changed = tokens.clone()
+        changed[0, 4:] = 100.0
+        torch.testing.assert_close(layer.attend(x, changed, valid), direct, atol=1e-5, rtol=1e-5)
+        # all-zero tokens (a support without foreground) add exactly nothing
+        zero = layer.attend(x, torch.zeros(B, L, C), torch.ones(B, L, dtype=torch.bool))
+        assert zero.abs().max() == 0
 
     def test_qpenet_cross_attention_keys_are_the_labelled_support_foreground_pixels_by_hand(self):
         # Eq. (16), Choices 6: the keys/values are the support pixels labelled 1 at feature resolution (nearest, as
@@ -6973,6 +7017,297 @@ class TestQPENet:
             assert torch.equal(valid, keys.flatten(1))  # (B, S*h*w), shot by shot
             expected = (f_s * keys[:, :, None]).permute(0, 1, 3, 4, 2).reshape(B, -1, C)  # zero off the keys
             torch.testing.assert_close(tokens, expected)
+
+    # ---------------- §III-F loss (Eq. 17-19): the terms, gradients, L_bm by hand ---------------------------------
+
+    def test_qpenet_loss_terms_and_gradients(self, qpenet_model, qpenet_step):
+        out, total, terms = qpenet_step["out"], qpenet_step["total"], qpenet_step["terms"]
+        assert set(terms) == {"pre", "rev", "final", "bm_s", "bm_q"}
+        assert all(torch.isfinite(v) and v > 0 for v in terms.values())
+        cfg = qpenet_model.cfg
+        expected = (cfg.alpha * (terms["pre"] + terms["rev"] + terms["final"])
+                    + cfg.beta * (terms["bm_s"] + terms["bm_q"]))
+        torch.testing.assert_close(total, expected)
+        torch.testing.assert_close(terms["final"], common.seg_loss(out["logits"], qpenet_step["m_q"]))
+        torch.testing.assert_close(terms["rev"],
+                                   common.seg_loss(out["y_rev"].flatten(0, 1), qpenet_step["m_s"].flatten(0, 1)))
+        grads = qpenet_step["grads"]
+        missing = [n for n, p in qpenet_model.named_parameters() if p.requires_grad and
+                   (grads[n] is None or not torch.isfinite(grads[n]).all() or grads[n].abs().sum() == 0)]
+        assert not missing, f"no gradient: {missing}"
+        assert all(grads[n] is None for n, _ in qpenet_model.named_parameters() if n.startswith("backbone."))
+        assert all(not p.requires_grad for p in qpenet_model.backbone.parameters())
+
+    def test_qpenet_background_mining_loss_by_hand(self):
+        # one 1x2 image: pixel 0 foreground, pixel 1 background; logits equal except pixel 0 (p_bg = sigmoid(1))
+        y_bg = torch.zeros(1, 2, 1, 2)
+        y_bg[0, qpenet.BACKGROUND, 0, 0] = 1.0
+        m = torch.tensor([[[1, 0]]])
+        p = torch.sigmoid(torch.tensor(1.0))
+        not_bg = -torch.log(1 - p) / (1 + qpenet.BM_EPS)
+        every = (-torch.log(p) - math.log(0.5)) / 2
+        torch.testing.assert_close(qpenet.background_mining_loss(y_bg, m, 0.5), not_bg + 0.5 * every)
+        # 255 counts nowhere; no foreground: only the every-pixel term
+        m = torch.tensor([[[255, 0]]])
+        torch.testing.assert_close(qpenet.background_mining_loss(y_bg, m, 0.5), 0.5 * torch.tensor(math.log(2)))
+
+    def test_qpenet_background_mining_loss_foreground_term_is_per_image(self):
+        # L_bm's first term is -log(1 - p_bg) averaged over each image's own foreground, then over the images, so a
+        # 1-pixel object counts as much as a 3-pixel one; the second is -log p_bg over every labelled pixel of the
+        # batch (255 left out). Constant logits per image: p_bg = sigmoid(a_n) everywhere in image n.
+        a = [0.5, -1.0]
+        y_bg = torch.zeros(2, 2, 1, 4)
+        y_bg[0, qpenet.BACKGROUND] = a[0]
+        y_bg[1, qpenet.BACKGROUND] = a[1]
+        m = torch.tensor([[[1, 0, 0, IGNORE_INDEX]],  # 1 foreground pixel, 3 labelled
+                          [[1, 1, 1, 0]]])  # 3 foreground pixels, 4 labelled
+        not_bg = [math.log1p(math.exp(a_n)) for a_n in a]  # -log(1 - sigmoid(a)) = softplus(a)
+        is_bg = [math.log1p(math.exp(-a_n)) for a_n in a]  # -log sigmoid(a)
+        first = (not_bg[0] * 1 / (1 + qpenet.BM_EPS) + not_bg[1] * 3 / (3 + qpenet.BM_EPS)) / 2
+        every = (3 * is_bg[0] + 4 * is_bg[1]) / 7
+        loss = qpenet.background_mining_loss(y_bg, m, 0.5)
+        torch.testing.assert_close(loss, torch.tensor(first + 0.5 * every))
+        pooled = (not_bg[0] + 3 * not_bg[1]) / 4 + 0.5 * every  # one mean over the batch's foreground: not L_bm
+        assert abs(loss.item() - pooled) > 0.1
+
+    # ---------------- §IV-B, §IV-D: parameter counts and a short training -----------------------------------------
+
+    def test_qpenet_parameter_counts(self, qpenet_model):
+        learnable, total = train.count_parameters(qpenet_model)
+        head = 2 * 256 * 256 + 2 * 9 * 256 * 256 + 9 * 256 * 256 + 256 * 2 + 2  # Convs(512 -> 256 -> 2)
+        assert sum(p.numel() for p in qpenet_model.foreground.parameters()) == head == 1_901_058  # paper: 34.6M - 32.7M
+        assert learnable == 7_738_118
+        # ResNet-50 up to layer3: layer4's 14,964,736 weights are not built, as QPENet never reads them
+        assert total - learnable == sum(p.numel() for p in qpenet_model.backbone.parameters()) == 8_543_296
+        layer4 = Backbone("resnet50", False).stages["layer4"]
+        assert 23_508_032 - 8_543_296 == sum(p.numel() for p in layer4.parameters())
+
+    def test_qpenet_short_synthetic_training_lowers_the_loss(self, tmp_path):
+        train.main(["--model", "qpenet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
+                    "--img-size", "32", "--train-length", "8", "--batch-size", "4", "--epochs", "3",
+                    "--lr", "0.01", "--test-episodes", "2", "--test-seeds", "1", "--log-every", "2",
+                    "--out", str(tmp_path)])
+        records = read_metrics(tmp_path)
+        losses = [r["loss"] for r in records if r["event"] == "train"]
+        assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+        assert losses[-1] < losses[0]
+        assert any(r["event"] == "result" for r in records)
+
+    # ---------------- §IV-D ablations: Table III (FGPE, BGPE, FFA or FEM), Table IV, Table V, the command line ----
+
+    @pytest.mark.parametrize("row", QPENET_ABLATIONS)
+    def test_qpenet_ablation_trains_and_evaluates_at_1_and_5_shots(self, row):
+        # every row: finite logits and loss terms at 1 and 5 shots; the terms are Eq. (17)-(19)'s that the row keeps
+        # (FGPE: y_pre, y_rev; the FEM: its auxiliary loss), summed with alpha and beta; and every learnable
+        # parameter gets a gradient, so the row builds nothing it does not use
+        kw = QPENET_ABLATIONS[row]
+        model = qpenet_variant(**kw)
+        expected = {"final", "bm_s", "bm_q"} | ({"pre", "rev"} if kw.get("fgpe", True) else set())
+        expected |= {"fem_aux"} if kw.get("decoder") == "fem" else set()
+        for shot in (1, 5):
+            img_q, img_s, m_s, m_q = episode(2, shot, QPENET_SIZE)
+            model.train().zero_grad()
+            out = model(img_q, img_s, m_s)
+            total, terms = model.loss(out, m_q, m_s)
+            assert set(terms) == expected and all(torch.isfinite(v) and v > 0 for v in terms.values())
+            l_fg = sum(v for k, v in terms.items() if not k.startswith("bm_"))
+            torch.testing.assert_close(total, 1.0 * l_fg + 0.5 * (terms["bm_s"] + terms["bm_q"]))
+            total.backward()
+            missing = [n for n, p in model.named_parameters() if p.requires_grad and
+                       (p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0)]
+            assert not missing, f"{row}, {shot} shots: no gradient in {missing}"
+            with torch.no_grad():
+                logits = model.eval()(img_q, img_s, m_s)["logits"]
+            assert logits.shape == (2, 2, QPENET_SIZE, QPENET_SIZE) and torch.isfinite(logits).all()
+
+    @pytest.mark.parametrize("row", QPENET_ABLATIONS)
+    def test_qpenet_ablation_removes_exactly_its_module_parameters(self, row):
+        # the learnable parameters of a row against the full model's 7,738,118 differ by the module it removes
+        # (or the inputs it narrows), counted by hand; the hand counts are those of the full model's modules
+        with torch.device("meta"):  # shapes only
+            full, model = qpenet_variant(), qpenet_variant(**QPENET_ABLATIONS[row])
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        assert count(full.foreground) == qpenet_convs_params(512, 256) == 1_901_058
+        assert count(full.gbc.cleaner) == 2 * (256 * 256 + 256) == 131_584
+        assert count(full.ffa) == qpenet_ffa_params() == 3_410_946
+        if hasattr(model, "fem"):
+            assert count(model.fem) == qpenet_fem_params() == 10_816_010 and not hasattr(model, "ffa")
+        learnable = train.count_parameters(model)[0]
+        assert learnable - train.count_parameters(full)[0] == qpenet_parameter_change(QPENET_ABLATIONS[row])
+        assert (model.foreground is None) == (row in ("III-baseline", "no-FGPE"))
+        assert (model.gbc.cleaner is None) == (row in ("III-baseline", "III-FGPE", "III-FGPE+FFA"))
+
+    @pytest.mark.parametrize("row, foreground, background", [
+        ("full", [2, 6], [2]), ("no-FGPE", None, [2]), ("III-FGPE+FFA", [2, 6], []), ("IV-pre", [], [2]),
+        ("IV-aux", [2, 6], [2]), ("V-SGM", [6], [2])])
+    def test_qpenet_ablation_evaluation_runs_only_what_the_logits_read(self, row, foreground, background):
+        # Choices 9: training runs PPG and DPE (their Convs on the B queries, then the B*S supports) and GBC's Convs
+        # (Eq. 10 on the queries, Eq. 9 on the supports) for the loss; evaluation only what the decoder reads:
+        # without BGPE no background map, with P_pre alone no PPG or DPE, SGM no PPG. The evaluation logits are
+        # those of training mode with every dropout at p = 0
+        model = qpenet_variant(**QPENET_ABLATIONS.get(row, {}))
+        for module in model.modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                module.p = 0.0
+            if isinstance(module, qpenet.CrossAttention):
+                module.dropout = 0.0
+        runs = {"foreground": [], "background": []}
+        if model.foreground is not None:
+            model.foreground.convs.register_forward_pre_hook(lambda m, a: runs["foreground"].append(len(a[0])))
+        model.gbc.convs.register_forward_pre_hook(lambda m, a: runs["background"].append(len(a[0])))
+        img_q, img_s, m_s, _ = episode(2, 3, QPENET_SIZE)
+        with torch.no_grad():
+            trained = model.train()(img_q, img_s, m_s)
+            assert runs == {"foreground": [2, 6] if foreground is not None else [], "background": [2, 6]}
+            runs = {"foreground": [], "background": []}
+            evaluated = model.eval()(img_q, img_s, m_s)
+        assert runs == {"foreground": foreground or [], "background": background}
+        ran = foreground or []
+        assert ("y_pre" in evaluated) == (2 in ran) and ("y_rev" in evaluated) == (6 in ran)
+        assert ("y_bg_q" in evaluated) == (background == [2]) and "y_bg_s" not in evaluated
+        torch.testing.assert_close(evaluated["logits"], trained["logits"])
+
+    def test_qpenet_without_fgpe_the_decoder_gets_p_pre_for_every_foreground_prototype(self):
+        # Table III without FGPE (Choices 12): no PPG or DPE; FFA's P_pre, P_main and P_aux are all MAP(F_s, M_s),
+        # worked out here; no y_pre, y_rev or their loss terms
+        model = qpenet_variant(fgpe=False)
+        img_q, img_s, m_s, m_q, f_q, f_s, m, _, _ = qpenet_scripted_episode(model)
+        seen = {}
+        model.ffa.register_forward_pre_hook(lambda mod, args: seen.update(ffa=args))
+        out = model.train()(img_q, img_s, m_s)
+        p_pre = qpenet_map_each(f_s, m)
+        _, _, _, _, *prototypes = seen["ffa"]
+        for p in prototypes:
+            torch.testing.assert_close(p, p_pre, **TOL)
+        assert model.foreground is None and not {"y_pre", "y_rev", "m_main", "m_aux"} & set(out)
+        assert set(model.loss(out, m_q, m_s)[1]) == {"final", "bm_s", "bm_q"}
+
+    def test_qpenet_without_bgpe_the_decoder_gets_the_global_background_prototype(self):
+        # Table III without BGPE (Choices 13): no cleaner; Eq. (12) concatenates BC(P_global) itself, and P_global
+        # still learns from Eq. (9)-(10) through L_bm alone (as in NERTNet), besides Eq. (12)
+        model = qpenet_variant(bgpe=False)
+        img_q, img_s, m_s, m_q, f_q, *_ = qpenet_scripted_episode(model)
+        seen = []
+        model.ffa.filter.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+        out = model.train()(img_q, img_s, m_s)
+        x, = seen
+        torch.testing.assert_close(x[:, :256], f_q)
+        expect_broadcast(x[:, 256:], model.gbc.p_global.detach().expand(2, -1))
+        _, terms = model.loss(out, m_q, m_s)
+        (terms["bm_s"] + terms["bm_q"]).backward()
+        assert model.gbc.p_global.grad.abs().sum() > 0
+
+    def test_qpenet_fem_decoder_takes_the_prototypes_broadcast_and_adds_its_auxiliary_loss(self):
+        # Table III's baseline decoder (Choices 14): FEM(F_q, P_pre, [BC(P_main), BC(P_aux), BC(P_bg)]), the
+        # prototypes worked out from the model's own masks; L_fg gains the mean of its per-scale losses
+        model = qpenet_variant(decoder="fem")
+        img_q, img_s, m_s, m_q, f_q, f_s, m, _, _ = qpenet_scripted_episode(model)
+        seen = {}
+        model.fem.register_forward_pre_hook(lambda mod, args: seen.update(fem=args))
+        model.gbc.register_forward_hook(lambda mod, args, out: seen.update(gbc=out))
+        out = model.train()(img_q, img_s, m_s)
+        fem_f_q, proto, extra = seen["fem"]
+        assert torch.equal(fem_f_q, f_q) and extra.shape == (2, 3 * 256, QPENET_H_FEAT, QPENET_H_FEAT)
+        torch.testing.assert_close(proto, qpenet_map_each(f_s, m), **TOL)
+        expect_broadcast(extra[:, :256], qpenet_map_each(f_s, out["m_main"]))
+        expect_broadcast(extra[:, 256:512], qpenet_map_each(f_s, out["m_aux"]))
+        expect_broadcast(extra[:, 512:], seen["gbc"][0])
+        assert len(out["fem_aux"]) == 4  # one per scale
+        total, terms = model.loss(out, m_q, m_s)
+        torch.testing.assert_close(terms["fem_aux"], sum(common.seg_loss(a, m_q) for a in out["fem_aux"]) / 4)
+        torch.testing.assert_close(total, terms["pre"] + terms["rev"] + terms["final"] + terms["fem_aux"]
+                                   + 0.5 * (terms["bm_s"] + terms["bm_q"]))
+
+    @pytest.mark.parametrize("prototypes", ["pre", "main", "aux", "main+aux"])
+    def test_qpenet_table_iv_prototypes_are_the_inputs_of_eq_15(self, prototypes):
+        # Table IV (Choices 15): Eq. (15) concatenates F_q' with BC(P_pre), A_main = cos(P_main, F_q), A_aux =
+        # cos(P_aux, F_q) of the row's prototypes only, in that order; Conv_1 is as wide as that
+        names = tuple(prototypes.split("+"))
+        ffa = qpenet_small_ffa(prototypes=names)
+        f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux, _ = qpenet_keys_episode()
+        seen = {}
+        ffa.filter.register_forward_hook(lambda mod, args, out: seen.update(filter_out=out.clone()))
+        ffa.fuse.register_forward_pre_hook(lambda mod, args: seen.update(fuse_in=args[0].clone()))
+        with torch.no_grad():
+            ffa(f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux)
+        expected = [seen["filter_out"]] + ([p_pre[:, :, None, None].expand(-1, -1, 3, 3)] if "pre" in names else [])
+        for name, p in (("main", p_main), ("aux", p_aux)):
+            if name in names:
+                expected.append(torch.stack([cosine_by_hand(f_q[b], p[b]) for b in range(len(p))])[:, None])
+        expected = torch.cat(expected, 1)
+        torch.testing.assert_close(seen["fuse_in"], expected, **TOL)
+        assert ffa.fuse[0].in_channels == expected.shape[1] == {"pre": 16, "main": 9, "aux": 9, "main+aux": 10}[
+            prototypes]
+
+    @pytest.mark.parametrize("prototypes", ["pre+main+aux", "main+aux"])
+    def test_qpenet_without_activation_maps_eq_15_takes_the_broadcast_prototypes(self, prototypes, monkeypatch):
+        # Table V "w/o activation maps" (Choices 16): Eq. (15) concatenates F_q', BC(P_pre), BC(P_main), BC(P_aux)
+        # (of the row's prototypes); no cosine of Eq. (13)-(14) is computed
+        names = tuple(prototypes.split("+"))
+        ffa = qpenet_small_ffa(prototypes=names, activation_maps=False)
+        f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux, _ = qpenet_keys_episode()
+        seen = {}
+        ffa.filter.register_forward_hook(lambda mod, args, out: seen.update(filter_out=out.clone()))
+        ffa.fuse.register_forward_pre_hook(lambda mod, args: seen.update(fuse_in=args[0].clone()))
+
+        def no_activation_map(*args, **kw):
+            raise AssertionError("an activation map was computed")
+        monkeypatch.setattr(F, "cosine_similarity", no_activation_map)
+        with torch.no_grad():
+            ffa(f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux)
+        chosen = [p for name, p in (("pre", p_pre), ("main", p_main), ("aux", p_aux)) if name in names]
+        expected = torch.cat([seen["filter_out"]] + [p[:, :, None, None].expand(-1, -1, 3, 3) for p in chosen], 1)
+        torch.testing.assert_close(seen["fuse_in"], expected)
+        assert ffa.fuse[0].in_channels == 8 * (1 + len(names))
+
+    def test_qpenet_sgm_reverse_segments_the_support_with_its_own_prototype(self):
+        # Table V "w SGM" (Choices 16): Eq. (4)'s Convs gets BC(P_pre) = BC(MAP(F_s, M_s)) in place of BC(P_psd);
+        # Eq. (5)-(8) split M_s by that reverse segmentation as in DPE. Training still runs PPG (y_pre's loss);
+        # evaluation does not (nothing reads P_psd)
+        model = qpenet_variant(dpe="sgm")
+        img_q, img_s, m_s, _, f_q, f_s, m, fg_pre, rev = qpenet_scripted_episode(model)
+        p_pre, p_psd = qpenet_map_each(f_s, m), qpenet_map_each(f_q, fg_pre)
+        assert (p_psd - p_pre).abs().max() > 0.1  # the test can tell them apart
+        seen = {}
+        model.ffa.register_forward_pre_hook(lambda mod, args: seen.update(ffa=args))
+        for training, outputs in ((True, [logits_of(fg_pre), logits_of(rev).flatten(0, 1)]),
+                                  (False, [logits_of(rev).flatten(0, 1)])):
+            model.foreground.convs = scripted = Scripted(*outputs)
+            with torch.no_grad():
+                out = model.train(training)(img_q, img_s, m_s)
+            assert len(scripted.inputs) == len(outputs) and ("y_pre" in out) == training
+            x_rev = scripted.inputs[-1]
+            torch.testing.assert_close(x_rev[:, :256], f_s.flatten(0, 1))
+            expect_broadcast(x_rev[:, 256:], p_pre.repeat_interleave(2, 0))
+            torch.testing.assert_close(out["m_main"], m * rev)
+            torch.testing.assert_close(out["m_aux"], m * (1 - rev))
+            torch.testing.assert_close(seen["ffa"][5], qpenet_map_each(f_s, m * rev), **TOL)
+            torch.testing.assert_close(seen["ffa"][6], qpenet_map_each(f_s, m * (1 - rev)), **TOL)
+
+    def test_qpenet_ablations_from_the_command_line(self, capsys):
+        # each row is a --set of train.py, typed by its Config field; a value that is none of a field's choices and a
+        # combination that means nothing are refused with a line that says why
+        def config(*fields):
+            args, module = train.parse_args(["--model", "qpenet", "--set", *fields])
+            return train.make_config(module, args)
+
+        cfg = config("fgpe=false", "bgpe=false", "decoder=fem")
+        assert (cfg.fgpe, cfg.bgpe, cfg.decoder, cfg.foreground_prototypes) == (False, False, "fem", "pre+main+aux")
+        cfg = config("foreground_prototypes=main+aux", "activation_maps=false", "dpe=sgm")
+        assert (cfg.fgpe, cfg.foreground_prototypes, cfg.activation_maps, cfg.dpe) == (True, "main+aux", False, "sgm")
+        for field, message in (("decoder=pfenet", "decoder is one of ffa, fem"),
+                               ("foreground_prototypes=pre+aux", "one of pre, main, aux, main+aux, pre+main+aux"),
+                               ("dpe=scl", "dpe is one of dpe, sgm"), ("bgpe=maybe", "bgpe is true or false")):
+            with pytest.raises(SystemExit):
+                config(field)
+            assert message in capsys.readouterr().err
+        with pytest.raises(ValueError, match="FEM decoder takes every prototype"):
+            qpenet_variant(decoder="fem", foreground_prototypes="main+aux")
+        with pytest.raises(ValueError, match="FEM decoder takes every prototype"):
+            qpenet_variant(decoder="fem", activation_maps=False)
+        with pytest.raises(ValueError, match="dpe=sgm replaces DPE"):
+            qpenet_variant(fgpe=False, dpe="sgm")
+
 
 
 # ==========================================================================================================
