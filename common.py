@@ -1,21 +1,16 @@
-"""Shared building blocks of the few-shot segmentation models, and the evaluation metrics.
-
-Contents, bottom-up:
-    IGNORE_INDEX            label of pixels that count nowhere (loss and metrics)
+"""The blocks the few-shot segmentation models share, the loss and the metrics, in this order:
     Backbone                frozen ImageNet ResNet-50/101 (torchvision's or PSPNet's deep stem; dilated, output
                             stride 8) or VGG-16-BN; torchvision's weights or a weight file (PFENet's resnet50_v2)
-    Setting, Schedule       the run's setting for a model and a stage, and a stage's training schedule
     foreground_at           a label map's foreground at a feature grid
-    MidLevelReduction       PFENet's mid-level features: cat(layer3, layer2), 1x1 conv, ReLU, Dropout2d
-    resize, conv_relu       PFENet's bilinear resize and head layer
     masked_average_pooling  support prototype: mean of the features under a mask (PFENet Weighted_GAP)
     cosine_prior            PFENet's training-free prior mask from high-level features
+    resize, conv_relu       PFENet's bilinear resize and head layer
+    MidLevelReduction       PFENet's mid-level features: cat(layer3, layer2), 1x1 conv, ReLU, Dropout2d
     FEM                     PFENet's Feature Enrichment Module (multi-scale decoder with auxiliary heads)
     seg_loss                cross-entropy on logits upsampled to the label size, 255 ignored
-    intersection_and_union  per-episode background/foreground intersection and union
-    IoUMeter                class mIoU and FB-IoU accumulated over episodes (and the mean p(fg) per true label)
-    RecallMeter             recall of a model's region maps against the query mask (QGNet's Table 7)
-    fit, save_atomic        the training loop of train.py and of the models' extra stages; crash-safe saving
+    IoUMeter, RecallMeter   class mIoU and FB-IoU over episodes; recall of region maps (QGNet's Table 7)
+    Setting, Schedule       the run's setting for a model and a stage, and a stage's training schedule
+    read_torch_file, save_atomic, append_jsonl, ...   files read without running code, written whole or not at all
 
 Source: Z. Tian, H. Zhao, M. Shu, Z. Yang, R. Li, J. Jia, "Prior Guided Feature Enrichment Network
 for Few-Shot Segmentation", TPAMI 2020, arXiv:2008.01449, github.com/dvlab-research/PFENet @ a5056754.
@@ -58,6 +53,10 @@ IOU_EPS = 1e-10  # PFENet test.py:233,243
 FEM_BINS = (1.0, 0.5, 0.25, 0.125)  # PFENet COCO config ppm_scales; rounded at h = 60: PASCAL's 60/30/15/8 (FEM)
 FEM_DROPOUT = 0.1  # PFENet.py:104,147 (cls and inner_cls heads)
 RUNS_DIR = "runs"  # parent of every default run folder (train.py's and the stages'), in the working directory
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The frozen backbone
 
 
 class DeepStemResNet(torchvision.models.ResNet):
@@ -107,54 +106,6 @@ VGG_SPLIT = ((0, 7), (7, 14), (14, 24), (24, 34), (34, 43))  # PFENet.py:21-25, 
 LAYERS = ("layer1", "layer2", "layer3", "layer4")  # a Backbone's stages after its stem, layer0
 BLOCK_STAGES = ("layer2", "layer3", "layer4")  # stages whose block outputs blocks=True returns (as HSNet)
 CALIBRATION_IMAGES = 64  # --no-pretrained: Backbone.calibrate's BatchNorm statistics from this many training images
-
-
-def resize(x, size, mode="bilinear"):
-    """x (N,C,h,w) resized to size: bilinear with align_corners=True, PFENet's choice throughout (e.g. PFENet.py:267,
-    273, 279), or mode="nearest" (label maps)."""
-    return F.interpolate(x, size=size, mode=mode, align_corners=True if mode == "bilinear" else None)
-
-
-def conv_relu(c_in, c_out, k, stride=1, dilation=1, bias=False):
-    """nn.Sequential(k x k conv keeping the size at stride 1, ReLU): the layer of PFENet's heads (no BatchNorm, no
-    bias); unpack it (*conv_relu(...)) to lay its two modules flat inside another nn.Sequential."""
-    conv = nn.Conv2d(c_in, c_out, k, stride, padding=dilation * (k // 2), dilation=dilation, bias=bias)
-    return nn.Sequential(conv, nn.ReLU(inplace=True))
-
-
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    """The setting of a run, which the harness gives a model (Model(cfg, setting) or the module's build(cfg,
-    setting)) and an extra stage: its data, shots, crop and backbone. A model's Config holds its own
-    hyperparameters; this holds the run's context, so that a harness flag can be renamed without silently changing
-    a model. train.py fills every field (setting_of)."""
-    dataset: str = "pascal"  # pascal, coco, synthetic, folder
-    fold: int = 0
-    coco_split: str = "interleaved"
-    data_root: str = None
-    test_classes: tuple = None  # a folder dataset's novel ids in place of the fold
-    shot: int = 1
-    img_size: int = None  # train crop and test canvas: the run's recipe (a model's DEFAULTS, else train.py's)
-    backbone: str = "resnet50"
-    pretrained: object = True  # True: the backbone's ImageNet weights; False: random; a path: a weight file
-    from_checkpoint: bool = False  # every weight comes from a checkpoint: no side file (stage output) is read
-    num_classes: int = None  # the dataset's classes, ids 1..num_classes (base and novel)
-
-
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-    """How an extra stage (a model's STAGES[name](run, schedule, options)) trains: train.py's flags."""
-    epochs: int
-    batch_size: int
-    lr: float
-    train_length: int = None  # synthetic: episodes (or images) per epoch
-    workers: int = 0  # DataLoader workers
-    seed: int = 0
-    log_every: int = 20
-    bf16: bool = False  # bf16 autocast on CUDA (--bf16)
-    resume: bool = False  # continue the stage's own checkpoint (--resume)
-    out: Path = None  # the run folder (--out, or train.py's default); a stage's files may have paths of their own
-    fit: object = None  # train.fit, the training loop of every run: fit(step, optimizer, batches, lr_at, ...)
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -209,26 +160,6 @@ def imagenet_classifier(name, pretrained):
     if is_weight_file(pretrained):
         raise ValueError(f"a weight file's classifier is common.Backbone.head, not torchvision's ({pretrained})")
     return getattr(_load_torchvision(name, pretrained), _head_name(name))
-
-
-def read_torch_file(path, what, error=WeightsUnavailableError, hint=""):
-    """torch.load(path) with weights_only (tensors and plain values: no code from the file runs). A file that
-    cannot be read so raises `error` with one line, not torch's traceback: one holding other objects is refused
-    (naming the first object torch names, never the way around the refusal); one that is not a whole torch file
-    (truncated, another format) says so and adds `hint` (where a right one comes from)."""
-    try:
-        with warnings.catch_warnings():  # torch's warning about a pickle protocol: the refusal below says it all
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a crafted, truncated or foreign file raises many kinds
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        found = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else "")
-        if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in found:  # a class or function to call
-            raise error(f"cannot read {what}: it holds objects other than tensors and plain values "
-                        f"({found.rstrip('.')}), and loading them could run code: refused") from err
-        detail = found[:found.find(". ")] if ". " in found else found[:120]
-        raise error(f"cannot read {what}: not a whole file of torch.save ({type(err).__name__}: {detail}){hint}") \
-            from err
 
 
 def _read_weight_file(path):
@@ -426,6 +357,10 @@ class Backbone(nn.Module):
         return feats_q, feats_s
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Masks, prototypes and priors
+
+
 def foreground_at(mask, size, mode="bilinear"):
     """Label maps (..., H, W) in {0, 1, 255} -> float (..., h, w): the foreground (== 1; 255 counts as background,
     PFENet.py:202) at a feature grid of `size`, resized bilinearly with align_corners=True (PFENet.py:209: a
@@ -435,25 +370,6 @@ def foreground_at(mask, size, mode="bilinear"):
     fg = F.interpolate(fg.reshape(-1, 1, *fg.shape[-2:]), size=size, mode=mode,
                        align_corners=True if mode == "bilinear" else None)  # (N, 1, h, w)
     return fg.reshape(*lead, *fg.shape[-2:])
-
-
-class MidLevelReduction(nn.Sequential):
-    """PFENet's mid-level features (PFENet.py:95-117, 194-195): cat(layer3, layer2) of the backbone, a 1x1 conv
-    without bias to `dim`, ReLU, Dropout2d (PFENet's down_query / down_supp; 1536 -> 256 for ResNet).
-    forward(feats: the backbone's dict) -> (N,dim,h,w); reduce(feats) is the same before the dropout."""
-
-    def __init__(self, in_dim, dim, dropout):
-        super().__init__(nn.Conv2d(in_dim, dim, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(dropout))
-
-    @property
-    def dropout(self):
-        return self[2]
-
-    def reduce(self, feats):
-        return self[1](self[0](torch.cat([feats["layer3"], feats["layer2"]], 1)))  # (N, dim, h, w)
-
-    def forward(self, feats):
-        return self.dropout(self.reduce(feats))
 
 
 def masked_average_pooling(f, m):
@@ -504,6 +420,42 @@ def _cosine_prior_fp32(f_q, f_s, m_s):
     p = torch.stack(best, 1)  # (B, S, hw)
     p_min, p_max = p.min(dim=2, keepdim=True).values, p.max(dim=2, keepdim=True).values  # per image and shot
     return ((p - p_min) / (p_max - p_min + COSINE_EPS)).mean(1).reshape(B, 1, h, w)  # (B, 1, h, w)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Blocks that two or more models share
+
+
+def resize(x, size, mode="bilinear"):
+    """x (N,C,h,w) resized to size: bilinear with align_corners=True, PFENet's choice throughout (e.g. PFENet.py:267,
+    273, 279), or mode="nearest" (label maps)."""
+    return F.interpolate(x, size=size, mode=mode, align_corners=True if mode == "bilinear" else None)
+
+
+def conv_relu(c_in, c_out, k, stride=1, dilation=1, bias=False):
+    """nn.Sequential(k x k conv keeping the size at stride 1, ReLU): the layer of PFENet's heads (no BatchNorm, no
+    bias); unpack it (*conv_relu(...)) to lay its two modules flat inside another nn.Sequential."""
+    conv = nn.Conv2d(c_in, c_out, k, stride, padding=dilation * (k // 2), dilation=dilation, bias=bias)
+    return nn.Sequential(conv, nn.ReLU(inplace=True))
+
+
+class MidLevelReduction(nn.Sequential):
+    """PFENet's mid-level features (PFENet.py:95-117, 194-195): cat(layer3, layer2) of the backbone, a 1x1 conv
+    without bias to `dim`, ReLU, Dropout2d (PFENet's down_query / down_supp; 1536 -> 256 for ResNet).
+    forward(feats: the backbone's dict) -> (N,dim,h,w); reduce(feats) is the same before the dropout."""
+
+    def __init__(self, in_dim, dim, dropout):
+        super().__init__(nn.Conv2d(in_dim, dim, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(dropout))
+
+    @property
+    def dropout(self):
+        return self[2]
+
+    def reduce(self, feats):
+        return self[1](self[0](torch.cat([feats["layer3"], feats["layer2"]], 1)))  # (N, dim, h, w)
+
+    def forward(self, feats):
+        return self.dropout(self.reduce(feats))
 
 
 def _classifier(dim, classes):
@@ -565,6 +517,10 @@ class FEM(nn.Module):
         x = self.res1(torch.cat(scales, 1))  # (B, len(bins)*in_dim, h, w) -> (B, in_dim, h, w)
         x = self.res2(x) + x
         return self.cls(x), aux  # (B, classes, h, w)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loss and the metrics
 
 
 def seg_loss(logits, m_q):
@@ -695,10 +651,67 @@ class RecallMeter:
         return {name: (hits / self.mask.clamp(min=1)).tolist() for name, hits in self.hits.items()}
 
 
-# ==========================================================================================================
-# Training utilities: train.py's episodic loop and the models' extra stages (Sym-Net's base learner, QGNet's prior
-# extractor) update, log, save and stop alike through these.
-# ==========================================================================================================
+# ----------------------------------------------------------------------------------------------------------
+# A run's setting, for a model and its stages
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """The setting of a run, which the harness gives a model (Model(cfg, setting) or the module's build(cfg,
+    setting)) and an extra stage: its data, shots, crop and backbone. A model's Config holds its own
+    hyperparameters; this holds the run's context, so that a harness flag can be renamed without silently changing
+    a model. train.py fills every field (setting_of)."""
+    dataset: str = "pascal"  # pascal, coco, synthetic, folder
+    fold: int = 0
+    coco_split: str = "interleaved"
+    data_root: str = None
+    test_classes: tuple = None  # a folder dataset's novel ids in place of the fold
+    shot: int = 1
+    img_size: int = None  # train crop and test canvas: the run's recipe (a model's DEFAULTS, else train.py's)
+    backbone: str = "resnet50"
+    pretrained: object = True  # True: the backbone's ImageNet weights; False: random; a path: a weight file
+    from_checkpoint: bool = False  # every weight comes from a checkpoint: no side file (stage output) is read
+    num_classes: int = None  # the dataset's classes, ids 1..num_classes (base and novel)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How an extra stage (a model's STAGES[name](run, schedule, options)) trains: train.py's flags."""
+    epochs: int
+    batch_size: int
+    lr: float
+    train_length: int = None  # synthetic: episodes (or images) per epoch
+    workers: int = 0  # DataLoader workers
+    seed: int = 0
+    log_every: int = 20
+    bf16: bool = False  # bf16 autocast on CUDA (--bf16)
+    resume: bool = False  # continue the stage's own checkpoint (--resume)
+    out: Path = None  # the run folder (--out, or train.py's default); a stage's files may have paths of their own
+    fit: object = None  # train.fit, the training loop of every run: fit(step, optimizer, batches, lr_at, ...)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files that lose nothing: read without running code, written whole or not at all
+
+
+def read_torch_file(path, what, error=WeightsUnavailableError, hint=""):
+    """torch.load(path) with weights_only (tensors and plain values: no code from the file runs). A file that
+    cannot be read so raises `error` with one line, not torch's traceback: one holding other objects is refused
+    (naming the first object torch names, never the way around the refusal); one that is not a whole torch file
+    (truncated, another format) says so and adds `hint` (where a right one comes from)."""
+    try:
+        with warnings.catch_warnings():  # torch's warning about a pickle protocol: the refusal below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a crafted, truncated or foreign file raises many kinds
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        found = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else "")
+        if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in found:  # a class or function to call
+            raise error(f"cannot read {what}: it holds objects other than tensors and plain values "
+                        f"({found.rstrip('.')}), and loading them could run code: refused") from err
+        detail = found[:found.find(". ")] if ". " in found else found[:120]
+        raise error(f"cannot read {what}: not a whole file of torch.save ({type(err).__name__}: {detail}){hint}") \
+            from err
 
 
 class NonFiniteLossError(ArithmeticError):
@@ -721,108 +734,12 @@ class SaveError(OSError):
     intact."""
 
 
-def sgd(params, lr, momentum, weight_decay):
-    """The optimiser of every training here: SGD with momentum and weight decay, fused, so that `update` can skip a
-    step on the device (its found_inf, which AMP's GradScaler uses too) without waiting for it."""
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
-
-
-def set_lr(optimizer, lr):
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def update(optimizer, loss):
-    """One optimiser step on `loss` (an `sgd`): backward, then the step, unless the loss or a gradient is not
-    finite. The test runs on the device, so the host never waits here: a skipped step leaves the weights and the
-    momentum as they were, and the run stops at the next log line (Progress), which sees the non-finite loss.
-    Under torch.distributed every rank skips together."""
-    if not optimizer.defaults.get("fused"):
-        raise ValueError("common.update skips steps on the device: it needs the fused SGD of common.sgd")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    found = (~torch.isfinite(loss.detach().float())).float().reshape(1)  # (1,) 1.0: skip
-    if grads:  # sets found to 1 when a gradient holds inf or NaN (and multiplies the gradients by 1)
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones_like(found))
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(found, op=dist.ReduceOp.MAX)
-    optimizer.found_inf = found
-    optimizer.step()
-
-
 def check_finite(module):
     """NonFiniteWeightsError unless every floating-point parameter and buffer of `module` is finite (one host sync:
     call it before a checkpoint is written, not every step)."""
     tensors = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
     if tensors and not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
         raise NonFiniteWeightsError("the weights are no longer finite")
-
-
-class Progress:
-    """The progress of a training: the loss and its terms summed on the device step after step; every `every`
-    steps and at the end of an epoch, and only then, one host sync hands back their means (under
-    torch.distributed, averaged over the ranks, so that all of them log the same numbers and stop together). A
-    non-finite mean loss raises NonFiniteLossError; else `log` gets a line (epoch, step, loss and terms, lr,
-    per_step * steps / s in `unit`, ETA) and `log_file` a JSON record {"event": event, ...} (append_jsonl)."""
-
-    def __init__(self, epochs, steps_per_epoch, start_epoch=0, every=20, per_step=1, unit="episodes", tag="",
-                 log=print, log_file=None, event="train"):
-        self.epochs, self.steps_per_epoch, self.start_epoch, self.every = epochs, steps_per_epoch, start_epoch, every
-        self.per_step, self.unit, self.tag = per_step, unit, tag
-        self.log, self.log_file, self.event = log, log_file, event
-        self.t_start = time.perf_counter()
-        self._reset()
-
-    def _reset(self):
-        self.sums, self.seen, self.t0 = {}, 0, time.perf_counter()
-
-    def add(self, epoch, step, loss, terms, lr):
-        """Step `step` (from 0) of epoch `epoch` (from 0) made `loss` and `terms` {name: tensor} at `lr`."""
-        for name, value in {"loss": loss, **terms}.items():
-            self.sums[name] = self.sums.get(name, 0) + value.detach().float()
-        self.seen += 1
-        if (step + 1) % self.every and step + 1 != self.steps_per_epoch:
-            return
-        means = torch.stack(list(self.sums.values())) / self.seen  # (terms,)
-        if dist.is_available() and dist.is_initialized():  # every rank logs, and stops, on the global means
-            dist.all_reduce(means)
-            means /= dist.get_world_size()
-        means = dict(zip(self.sums, means.tolist()))  # the host sync
-        if not math.isfinite(means["loss"]):
-            raise NonFiniteLossError(means["loss"], epoch, step)
-        now = time.perf_counter()
-        rate = self.seen * self.per_step / (now - self.t0)
-        done = epoch * self.steps_per_epoch + step + 1
-        eta = (now - self.t_start) / (done - self.start_epoch * self.steps_per_epoch) * (
-            self.epochs * self.steps_per_epoch - done)
-        terms_text = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
-        self.log(f"{self.tag}epoch {epoch + 1}/{self.epochs} step {step + 1}/{self.steps_per_epoch} loss "
-                 f"{means['loss']:.4f}{f' ({terms_text})' if terms_text else ''} lr {lr:.2e} {rate:.1f} {self.unit}/s "
-                 f"ETA {eta // 3600:.0f}:{eta // 60 % 60:02.0f}:{eta % 60:02.0f}")
-        if self.log_file is not None:
-            append_jsonl(self.log_file, {"event": self.event, "epoch": epoch + 1, "step": step + 1, **means,
-                                         "lr": lr, f"{self.unit}_per_s": rate})
-        self._reset()
-
-
-def fit(step, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch=0, log_every=20, per_step=1,
-        unit="images", tag="", log=print, log_file=None, event="train", end_epoch=None):
-    """The loop of the models' extra stages (train.py writes its episodic loop out): epochs start_epoch..epochs-1
-    of, for each batch of batches(epoch) (steps_per_epoch of them), lr = lr_at(it) (it counts steps from 0 across
-    epochs), (loss, terms) = step(batch), update(optimizer, loss), progress (Progress). end_epoch(epoch) runs
-    after each epoch (checkpoints). The caller does what differs: autocast inside step, model.train() and
-    seeding inside batches."""
-    progress = Progress(epochs, steps_per_epoch, start_epoch, log_every, per_step, unit, tag, log, log_file, event)
-    for epoch in range(start_epoch, epochs):
-        for s, batch in enumerate(batches(epoch)):
-            lr = lr_at(epoch * steps_per_epoch + s)
-            set_lr(optimizer, lr)
-            loss, terms = step(batch)
-            update(optimizer, loss)
-            progress.add(epoch, s, loss, terms, lr)
-        if end_epoch is not None:
-            end_epoch(epoch)
 
 
 @contextmanager
@@ -956,3 +873,103 @@ def read_jsonl(path, note=print):
             raise LogError(f"{path} line {i + 1} is not a JSON record ({line[:80]!r}): repair or delete that line "
                            "(the other records and the checkpoints are intact)") from None
     return records
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The stages' former loop (train.fit replaces it)
+
+
+def sgd(params, lr, momentum, weight_decay):
+    """The optimiser of every training here: SGD with momentum and weight decay, fused, so that `update` can skip a
+    step on the device (its found_inf, which AMP's GradScaler uses too) without waiting for it."""
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def update(optimizer, loss):
+    """One optimiser step on `loss` (an `sgd`): backward, then the step, unless the loss or a gradient is not
+    finite. The test runs on the device, so the host never waits here: a skipped step leaves the weights and the
+    momentum as they were, and the run stops at the next log line (Progress), which sees the non-finite loss.
+    Under torch.distributed every rank skips together."""
+    if not optimizer.defaults.get("fused"):
+        raise ValueError("common.update skips steps on the device: it needs the fused SGD of common.sgd")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    found = (~torch.isfinite(loss.detach().float())).float().reshape(1)  # (1,) 1.0: skip
+    if grads:  # sets found to 1 when a gradient holds inf or NaN (and multiplies the gradients by 1)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones_like(found))
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(found, op=dist.ReduceOp.MAX)
+    optimizer.found_inf = found
+    optimizer.step()
+
+
+class Progress:
+    """The progress of a training: the loss and its terms summed on the device step after step; every `every`
+    steps and at the end of an epoch, and only then, one host sync hands back their means (under
+    torch.distributed, averaged over the ranks, so that all of them log the same numbers and stop together). A
+    non-finite mean loss raises NonFiniteLossError; else `log` gets a line (epoch, step, loss and terms, lr,
+    per_step * steps / s in `unit`, ETA) and `log_file` a JSON record {"event": event, ...} (append_jsonl)."""
+
+    def __init__(self, epochs, steps_per_epoch, start_epoch=0, every=20, per_step=1, unit="episodes", tag="",
+                 log=print, log_file=None, event="train"):
+        self.epochs, self.steps_per_epoch, self.start_epoch, self.every = epochs, steps_per_epoch, start_epoch, every
+        self.per_step, self.unit, self.tag = per_step, unit, tag
+        self.log, self.log_file, self.event = log, log_file, event
+        self.t_start = time.perf_counter()
+        self._reset()
+
+    def _reset(self):
+        self.sums, self.seen, self.t0 = {}, 0, time.perf_counter()
+
+    def add(self, epoch, step, loss, terms, lr):
+        """Step `step` (from 0) of epoch `epoch` (from 0) made `loss` and `terms` {name: tensor} at `lr`."""
+        for name, value in {"loss": loss, **terms}.items():
+            self.sums[name] = self.sums.get(name, 0) + value.detach().float()
+        self.seen += 1
+        if (step + 1) % self.every and step + 1 != self.steps_per_epoch:
+            return
+        means = torch.stack(list(self.sums.values())) / self.seen  # (terms,)
+        if dist.is_available() and dist.is_initialized():  # every rank logs, and stops, on the global means
+            dist.all_reduce(means)
+            means /= dist.get_world_size()
+        means = dict(zip(self.sums, means.tolist()))  # the host sync
+        if not math.isfinite(means["loss"]):
+            raise NonFiniteLossError(means["loss"], epoch, step)
+        now = time.perf_counter()
+        rate = self.seen * self.per_step / (now - self.t0)
+        done = epoch * self.steps_per_epoch + step + 1
+        eta = (now - self.t_start) / (done - self.start_epoch * self.steps_per_epoch) * (
+            self.epochs * self.steps_per_epoch - done)
+        terms_text = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
+        self.log(f"{self.tag}epoch {epoch + 1}/{self.epochs} step {step + 1}/{self.steps_per_epoch} loss "
+                 f"{means['loss']:.4f}{f' ({terms_text})' if terms_text else ''} lr {lr:.2e} {rate:.1f} {self.unit}/s "
+                 f"ETA {eta // 3600:.0f}:{eta // 60 % 60:02.0f}:{eta % 60:02.0f}")
+        if self.log_file is not None:
+            append_jsonl(self.log_file, {"event": self.event, "epoch": epoch + 1, "step": step + 1, **means,
+                                         "lr": lr, f"{self.unit}_per_s": rate})
+        self._reset()
+
+
+def fit(step, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch=0, log_every=20, per_step=1,
+        unit="images", tag="", log=print, log_file=None, event="train", end_epoch=None):
+    """The loop of the models' extra stages (train.py writes its episodic loop out): epochs start_epoch..epochs-1
+    of, for each batch of batches(epoch) (steps_per_epoch of them), lr = lr_at(it) (it counts steps from 0 across
+    epochs), (loss, terms) = step(batch), update(optimizer, loss), progress (Progress). end_epoch(epoch) runs
+    after each epoch (checkpoints). The caller does what differs: autocast inside step, model.train() and
+    seeding inside batches."""
+    progress = Progress(epochs, steps_per_epoch, start_epoch, log_every, per_step, unit, tag, log, log_file, event)
+    for epoch in range(start_epoch, epochs):
+        for s, batch in enumerate(batches(epoch)):
+            lr = lr_at(epoch * steps_per_epoch + s)
+            set_lr(optimizer, lr)
+            loss, terms = step(batch)
+            update(optimizer, loss)
+            progress.add(epoch, s, loss, terms, lr)
+        if end_epoch is not None:
+            end_epoch(epoch)
