@@ -21,7 +21,7 @@ Paper -> code:
     §5.1 prior-extractor training, MoCo v2 augmentations    moco_v2_augmentation, UnlabeledImages, STAGES["prior"]
     §4.2 Eq. (8) X_q, X_s = F(I), P_q = F_p(I_q)             common.Backbone; build, read_prior_extractor
     §4.2.1 Eq. (9)-(12) prior region map; §4.3              prior_region_map (common.cosine_prior without a mask)
-    §4.2.2 guided region map, category guider, FEM          QGNet.forward (common.cosine_prior, MAP, FEM)
+    §4.2.2 guided region map, category guider, FEM          Model.forward (common.cosine_prior, MAP, FEM)
 
 Choices (the paper is silent unless said otherwise; the official code has no stage 1 at all):
 - Patch = the bounding box of a random superpixel, cropped from the image, two MoCo v2 views of it (96 px, crop
@@ -132,7 +132,7 @@ def projection(c_in, c_out, p):
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(p))
 
 
-class QGNet(nn.Module):
+class Model(nn.Module):
     """forward(img_q, img_s, m_s) -> {"logits" (B,2,H,W), "aux": FEM's per-scale logits}.
 
     prior_weights: F_p's state dict (build reads it from stage 1's file); None: a random F_p, for a checkpoint's
@@ -184,13 +184,11 @@ class QGNet(nn.Module):
         return main + self.cfg.aux_weight * aux, {"main": main, "aux": aux}
 
 
-Model = QGNet
-
 
 def build(cfg, setting):
-    """QGNet for a common.Setting (train.construct): F_p's weights from the run's stage-1 file (read_prior_extractor),
+    """Model for a common.Setting (train.construct): F_p's weights from the run's stage-1 file (read_prior_extractor),
     unless cfg.untrained_prior or setting.from_checkpoint (the checkpoint holds them): then no file is read."""
-    return QGNet(cfg, None if cfg.untrained_prior or setting.from_checkpoint else read_prior_extractor(cfg, setting))
+    return Model(cfg, None if cfg.untrained_prior or setting.from_checkpoint else read_prior_extractor(cfg, setting))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -352,7 +350,8 @@ def train_prior_extractor(setting, schedule, options):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     torch.manual_seed(schedule.seed)
-    model = GlobalLocalContrast(cfg).to(device, memory_format=layout)
+    model = GlobalLocalContrast(cfg.dim, cfg.prior_queue, cfg.temperature, cfg.momentum,
+                                cfg.bn_splits).to(device, memory_format=layout)
     lr = cfg.prior_lr or MOCO_LR * cfg.prior_batch_size / MOCO_BATCH
     optimizer = common.sgd(model.encoder_q.parameters(), lr, SGD_MOMENTUM, WEIGHT_DECAY)
     start = 0
@@ -364,9 +363,12 @@ def train_prior_extractor(setting, schedule, options):
         common.cut_log(log_file, start)
     items = unlabeled_images(setting, schedule, options.get("prior_all_images"))
     print(f"qgnet stage 1: SLIC superpixels of {len(items)} images (once per run)", flush=True)
-    boxes = [b for chunk in DataLoader(SuperpixelBoxes(items, cfg), SLIC_BATCH, num_workers=schedule.workers,
-                                       collate_fn=list) for b in chunk]
-    loader = DataLoader(UnlabeledImages(items, boxes, cfg), cfg.prior_batch_size, shuffle=True, drop_last=True,
+    segments = SuperpixelBoxes(items, partial(slic, n_segments=cfg.slic_segments, compactness=cfg.slic_compactness),
+                               cfg.slic_side)
+    boxes = [b for chunk in DataLoader(segments, SLIC_BATCH, num_workers=schedule.workers, collate_fn=list)
+             for b in chunk]
+    views = UnlabeledImages(items, cfg.prior_img_size, boxes, cfg.prior_patch_size)
+    loader = DataLoader(views, cfg.prior_batch_size, shuffle=True, drop_last=True,
                         num_workers=schedule.workers, pin_memory=device.type == "cuda",
                         persistent_workers=schedule.workers > 0,
                         generator=torch.Generator().manual_seed(schedule.seed))
@@ -554,13 +556,13 @@ def load_unlabeled(item):
     return data.load_image(item)
 
 
-def superpixel_boxes(img, cfg):
-    """Bounding boxes (n,4) [top, left, bottom, right) in img's pixels of the SLIC superpixels of img uint8
-    (3,H0,W0), computed on a copy whose long side is cfg.slic_side."""
+def superpixel_boxes(img, segment, side):
+    """Bounding boxes (n,4) [top, left, bottom, right) in img's pixels of the segments of img uint8 (3,H0,W0):
+    segment (e.g. slic with its values, a functools.partial) runs on a copy whose long side is `side`."""
     H0, W0 = img.shape[-2:]
-    scale = min(1.0, cfg.slic_side / max(H0, W0))
+    scale = min(1.0, side / max(H0, W0))
     h, w = max(1, round(H0 * scale)), max(1, round(W0 * scale))
-    labels = slic(TF.resize(img, [h, w], antialias=True).float() / 255, cfg.slic_segments, cfg.slic_compactness)
+    labels = segment(TF.resize(img, [h, w], antialias=True).float() / 255)  # (h, w)
     boxes = []
     for s in range(int(labels.max()) + 1):
         ys, xs = torch.nonzero(labels == s, as_tuple=True)
@@ -570,26 +572,28 @@ def superpixel_boxes(img, cfg):
 
 
 class SuperpixelBoxes(Dataset):
-    """superpixel_boxes of every image: SLIC depends on the image alone, so it runs once, before training."""
+    """superpixel_boxes of every image (segment, side as there): the segments depend on the image alone, so they
+    are computed once, before training."""
 
-    def __init__(self, items, cfg):
-        self.items, self.cfg = items, cfg
+    def __init__(self, items, segment, side):
+        self.items, self.segment, self.side = items, segment, side
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
-        return superpixel_boxes(load_unlabeled(self.items[i]), self.cfg).tolist()  # a list: no shared-memory handle
+        return superpixel_boxes(load_unlabeled(self.items[i]), self.segment, self.side).tolist()  # no shared memory
 
 
 class UnlabeledImages(Dataset):
-    """Two views of an image (global contrast) and two of one of its superpixels, the crop of its bounding box
-    (local contrast). items: what load_unlabeled reads; boxes: superpixel_boxes of each, as lists. No label is read."""
+    """Two views of an image, img_size px (global contrast), and two of one of its superpixels, the crop of its
+    bounding box, patch_size px (local contrast). items: what load_unlabeled reads; boxes: superpixel_boxes of each,
+    as lists. No label is read."""
 
-    def __init__(self, items, boxes, cfg):
+    def __init__(self, items, img_size, boxes, patch_size):
         self.items, self.boxes = items, boxes
-        self.global_view = moco_v2_augmentation(cfg.prior_img_size, GLOBAL_SCALE)
-        self.patch_view = moco_v2_augmentation(cfg.prior_patch_size, PATCH_SCALE)
+        self.global_view = moco_v2_augmentation(img_size, GLOBAL_SCALE)
+        self.patch_view = moco_v2_augmentation(patch_size, PATCH_SCALE)
 
     def __len__(self):
         return len(self.items)
@@ -621,27 +625,27 @@ def contrast_encoder(dim):
 class GlobalLocalContrast(nn.Module):
     """§4.1: MoCo (query encoder, momentum key encoder, queues of keys) with L = L_local + L_global (Eq. 3)."""
 
-    def __init__(self, cfg):
+    def __init__(self, dim, queue, temperature, key_momentum, bn_splits):
         super().__init__()
-        self.cfg = cfg
-        self.encoder_q, self.encoder_k = contrast_encoder(cfg.dim), contrast_encoder(cfg.dim)
+        self.dim, self.temperature, self.key_momentum, self.bn_splits = dim, temperature, key_momentum, bn_splits
+        self.encoder_q, self.encoder_k = contrast_encoder(dim), contrast_encoder(dim)
         self.encoder_k.load_state_dict(self.encoder_q.state_dict())
         self.encoder_k.requires_grad_(False)
         for name in ("queue_global", "queue_local"):  # K image keys (Eq. 1) and M patch keys (Eq. 2)
-            self.register_buffer(name, F.normalize(torch.randn(cfg.dim, cfg.prior_queue), dim=0))
+            self.register_buffer(name, F.normalize(torch.randn(dim, queue), dim=0))
             self.register_buffer(f"{name}_ptr", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
     def momentum_update(self):
         # MoCo: theta_k <- m * theta_k + (1 - m) * theta_q
         for p_k, p_q in zip(self.encoder_k.parameters(), self.encoder_q.parameters()):
-            p_k.mul_(self.cfg.momentum).add_(p_q.detach(), alpha=1 - self.cfg.momentum)
+            p_k.mul_(self.key_momentum).add_(p_q.detach(), alpha=1 - self.key_momentum)
 
     @torch.no_grad()
     def keys(self, x):
         """L2-normalised keys (N,D) of x (N,3,h,w), BN statistics from random sub-batches (MoCo's shuffle BN)."""
         order = torch.randperm(len(x), device=x.device)
-        splits = max(1, min(self.cfg.bn_splits, len(x) // 2))  # at least 2 samples per BatchNorm sub-batch
+        splits = max(1, min(self.bn_splits, len(x) // 2))  # at least 2 samples per BatchNorm sub-batch
         k = torch.cat([self.encoder_k(chunk) for chunk in x[order].chunk(splits)])  # (N, D), shuffled
         return F.normalize(k[torch.argsort(order)], dim=1)
 
@@ -662,8 +666,8 @@ class GlobalLocalContrast(nn.Module):
         self.momentum_update()
         k, k_p = self.keys(img_k), self.keys(patch_k)  # (N, D)
         # 3. Eq. (1), Eq. (2) against the queues (copies: they change below); Eq. (3): L = L_local + L_global
-        l_global = info_nce(q, k, self.queue_global.clone(), self.cfg.temperature)
-        l_local = info_nce(q_p, k_p, self.queue_local.clone(), self.cfg.temperature)
+        l_global = info_nce(q, k, self.queue_global.clone(), self.temperature)
+        l_local = info_nce(q_p, k_p, self.queue_local.clone(), self.temperature)
         # 4. this batch's keys become negatives for the next ones
         self.enqueue("queue_global", k)
         self.enqueue("queue_local", k_p)

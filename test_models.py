@@ -43,6 +43,7 @@ import contextlib
 import copy
 import dataclasses
 import errno
+import functools
 import json
 import math
 import os
@@ -718,10 +719,16 @@ def ocnet_run(ocnet_resnet):
 QGNET_TINY_PRIOR = dict(prior_batch_size=4, prior_queue=8, prior_img_size=32, prior_patch_size=32, bn_splits=2)
 
 
+def qgnet_tiny_contrast():
+    """GlobalLocalContrast with QGNET_TINY_PRIOR's queues of 8 keys and 2 shuffle-BN sub-batches, MoCo v2's rest."""
+    cfg = qgnet.PriorConfig(**QGNET_TINY_PRIOR)
+    return qgnet.GlobalLocalContrast(cfg.dim, cfg.prior_queue, cfg.temperature, cfg.momentum, cfg.bn_splits)
+
+
 @pytest.fixture(scope="module")
 def qgnet_contrast():
     torch.manual_seed(0)
-    return qgnet.GlobalLocalContrast(qgnet.PriorConfig(**QGNET_TINY_PRIOR))
+    return qgnet_tiny_contrast()
 
 
 @pytest.fixture(scope="module")
@@ -730,7 +737,7 @@ def qgnet_noisy_contrast():
     so that a check can tell which encoder a key came from. Relative noise: in eval mode a random ResNet-50's
     activations already grow with depth, and uniformly larger weights would overflow them."""
     torch.manual_seed(12)
-    model = qgnet.GlobalLocalContrast(qgnet.PriorConfig(**QGNET_TINY_PRIOR))
+    model = qgnet_tiny_contrast()
     with torch.no_grad():
         for p in model.encoder_q.parameters():
             scale = p.abs().mean() if p.abs().max() > 0 else 0.01  # BN biases start at 0
@@ -4361,8 +4368,8 @@ class TestQGNet:
     def test_qgnet_superpixel_boxes_cover_the_image_in_original_pixels(self):
         img = (qgnet_flat_regions(64)[0] * 255).round().to(torch.uint8)
         img = torch.nn.functional.interpolate(img[None].float(), size=(120, 90), mode="nearest")[0].to(torch.uint8)
-        cfg = qgnet.PriorConfig(slic_side=64, slic_segments=8)
-        boxes = qgnet.superpixel_boxes(img, cfg)  # SLIC on a 64 x 48 copy, boxes in the 120 x 90 pixels
+        slic = functools.partial(qgnet.slic, n_segments=8, compactness=10.0)
+        boxes = qgnet.superpixel_boxes(img, slic, 64)  # SLIC on a 64 x 48 copy, boxes in the 120 x 90 pixels
         assert boxes.shape[1] == 4 and len(boxes) >= 4
         assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 120).all() and (boxes[:, 3] <= 90).all()
         assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
@@ -4375,9 +4382,9 @@ class TestQGNet:
     def test_qgnet_unlabeled_images_give_two_views_of_image_and_patch(self):
         episodes = data.build_dataset("synthetic", "train", 0, img_size=64, train_length=2)
         items = [(episodes, 0), (episodes, 1)]
-        cfg = qgnet.PriorConfig(**QGNET_TINY_PRIOR, slic_side=64)
-        boxes = [qgnet.SuperpixelBoxes(items, cfg)[i] for i in range(2)]
-        sample = qgnet.UnlabeledImages(items, boxes, cfg)[1]
+        slic = functools.partial(qgnet.slic, n_segments=16, compactness=10.0)
+        boxes = [qgnet.SuperpixelBoxes(items, slic, 64)[i] for i in range(2)]
+        sample = qgnet.UnlabeledImages(items, 32, boxes, 32)[1]
         assert {k: tuple(v.shape) for k, v in sample.items()} == {
             "img_q": (3, 32, 32), "img_k": (3, 32, 32), "patch_q": (3, 32, 32), "patch_k": (3, 32, 32)}
         assert not torch.equal(sample["img_q"], sample["img_k"])  # two random views
@@ -4426,7 +4433,7 @@ class TestQGNet:
         loss, terms = qgnet_contrast(**batch)
         assert set(terms) == {"global", "local"} and torch.isfinite(loss)
         assert loss.item() == pytest.approx((terms["global"] + terms["local"]).item())  # Eq. (3)
-        m = qgnet_contrast.cfg.momentum
+        m = qgnet_contrast.key_momentum
         for p_k, a, b in zip(qgnet_contrast.encoder_k.parameters(), k0, q0):
             # theta_k <- m theta_k + (1 - m) theta_q, to rounding; without the update p_k stays at a, 1e-3 |b - a| away
             assert torch.allclose(p_k, m * a + (1 - m) * b, rtol=1e-6, atol=1e-7)
@@ -4455,7 +4462,7 @@ class TestQGNet:
         assert not torch.allclose(from_q, expected, atol=1e-3)  # and the two encoders can be told apart
         for _ in range(2):  # a new random shuffle each call, always undone
             keys = qgnet_noisy_contrast.keys(x)
-            assert keys.shape == (6, qgnet_noisy_contrast.cfg.dim)
+            assert keys.shape == (6, qgnet_noisy_contrast.dim)
             assert torch.allclose(keys, expected, atol=1e-5)
 
     def test_qgnet_shuffle_bn_uses_shuffled_sub_batches_and_restores_the_order(self, qgnet_noisy_contrast, monkeypatch):
@@ -4487,7 +4494,7 @@ class TestQGNet:
         with torch.no_grad():  # queries from encoder_q, keys from encoder_k as it is after this step's momentum update
             q, q_p = (F.normalize(qgnet_noisy_contrast.encoder_q(batch[n]), dim=1) for n in ("img_q", "patch_q"))
             k, k_p = (F.normalize(qgnet_noisy_contrast.encoder_k(batch[n]), dim=1) for n in ("img_k", "patch_k"))
-        tau = qgnet_noisy_contrast.cfg.temperature
+        tau = qgnet_noisy_contrast.temperature
         # Eq. (1): images against the image keys K; Eq. (2): patches against the patch keys M; queues as before the step
         assert terms["global"].item() == pytest.approx(qgnet_info_nce_by_hand(q, k, queue_g, tau).item(), rel=1e-4)
         assert terms["local"].item() == pytest.approx(qgnet_info_nce_by_hand(q_p, k_p, queue_l, tau).item(), rel=1e-4)
@@ -4527,7 +4534,7 @@ class TestQGNet:
 
         def never(*args, **kwargs):
             raise AssertionError("QGNet built before its stage-1 file was checked")
-        monkeypatch.setattr(qgnet.QGNet, "__init__", never)  # the file is checked first: no network, no forward
+        monkeypatch.setattr(qgnet.Model, "__init__", never)  # the file is checked first: no network, no forward
         path = tmp_path / "absent.pt"
         with pytest.raises(common.WeightsUnavailableError) as err:
             qgnet.build(qgnet.Config(pretrained=False, prior_checkpoint=str(path)),
