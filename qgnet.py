@@ -16,6 +16,7 @@ projection, give a "prior region map" that needs no support; FEM takes it with P
 Paper -> code:
     §4.1.1 Eq. (1) global InfoNCE, §4.1.2 Eq. (2) local    info_nce; GlobalLocalContrast (queues, momentum keys)
     §4.1.2 Eq. (3) L = L_local + L_global                   GlobalLocalContrast.forward
+    §4.1.2 Algorithm 1: Felzenszwalb patches; Table 5      felzenszwalb, gaussian_blur (PriorConfig.patches)
     §4.1.2 Eq. (4)-(7), Algorithm 2: SLIC patches           rgb_to_lab, slic, connected_components,
                                                             enforce_connectivity, superpixel_boxes
     §5.1 prior-extractor training, MoCo v2 augmentations    moco_v2_augmentation, UnlabeledImages, STAGES["prior"]
@@ -35,6 +36,8 @@ Choices (the paper is silent unless said otherwise; the official code has no sta
 - SLIC: 16 superpixels (Fig. 4: SLIC patches are large), m = 10 (Achanta et al.), on a copy with a 128 px long
   side, <= 10 iterations or mean centre shift < 0.5 px (Algorithm 2's threshold); parts below S^2/2 join their
   largest neighbour (scikit-image's min_size_factor). Computed once per image before training.
+- Felzenszwalb: the authors' own values for ~128 px images, k = 300 and sigma = 0.8, parts under 50 px merged:
+  smaller patches than SLIC's, as §5.4 says of Fig. 4 (measurements at PriorConfig.felzenszwalb_min_size).
 - Images: the fold's few-shot training images (labels unused). --prior-all-images takes every image of the dataset
   as §5.1 does; not the default, as it shows F_p the test images and their novel classes.
 - F_p = the momentum encoder (official loader: "encoder_k"), dilated to output stride 8 (official L62-71). Frozen
@@ -65,6 +68,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -311,7 +315,13 @@ class PriorConfig:
     bn_splits: int = 8  # MoCo's shuffle BN over 8 GPUs
     slic_segments: int = 16  # ours, see Choices
     slic_compactness: float = 10.0  # m of Eq. (4), Achanta et al.'s default for CIELAB
-    slic_side: int = 128  # ours: long side of the image copy that SLIC runs on
+    slic_side: int = 128  # ours: long side of the image copy that SLIC or Felzenszwalb segments
+    patches: Literal["slic", "felzenszwalb"] = "slic"  # Table 5: §4.1.2's patch generation method 2 or 1
+    felzenszwalb_k: float = 300.0  # tau(C) = k / |C| on 0-255 intensities: Felzenszwalb & Huttenlocher's, 128 px
+    felzenszwalb_sigma: float = 0.8  # their Gaussian smoothing before the graph
+    # Ours: 50 px of the 128 px copy (a box of >= ~7 px). On six scikit-image photos this gave 9-33 segments of
+    # median area 1.3-3% (SLIC: 11-15 of 6-9%); min 20 (their code's example) 14-51 segments of 0.2-1.2%.
+    felzenszwalb_min_size: int = 50
 
 
 # Stage 1's per-dataset recipe, on its prior_* flags (train.py applies it to those it was not given; PASCAL and
@@ -333,6 +343,7 @@ COLOR_JITTER, COLOR_P, GRAY_P = (0.4, 0.4, 0.4, 0.1), 0.8, 0.2  # MoCo v2 aug_pl
 BLUR_SIGMA, BLUR_P, BLUR_KERNEL = (0.1, 2.0), 0.5, 0.1  # MoCo v2; kernel ~10% of the crop side (SimCLR)
 GLOBAL_SCALE, PATCH_SCALE = (0.2, 1.0), (0.5, 1.0)  # RandomResizedCrop area: MoCo v2 / ours for patches
 PRIOR_SAVE_EVERY = 10  # stage-1 epochs between checkpoints
+SEGMENT_BATCH = 32  # images per DataLoader batch of the segmentation pass
 
 
 def train_prior_extractor(setting, schedule, options):
@@ -362,10 +373,9 @@ def train_prior_extractor(setting, schedule, options):
         start = state["epoch"]
         common.cut_log(log_file, start)
     items = unlabeled_images(setting, schedule, options.get("prior_all_images"))
-    print(f"qgnet stage 1: SLIC superpixels of {len(items)} images (once per run)", flush=True)
-    segments = SuperpixelBoxes(items, partial(slic, n_segments=cfg.slic_segments, compactness=cfg.slic_compactness),
-                               cfg.slic_side)
-    boxes = [b for chunk in DataLoader(segments, SLIC_BATCH, num_workers=schedule.workers, collate_fn=list)
+    print(f"qgnet stage 1: {cfg.patches} patches of {len(items)} images (once per run)", flush=True)
+    segments = SuperpixelBoxes(items, segmenter(cfg), cfg.slic_side)
+    boxes = [b for chunk in DataLoader(segments, SEGMENT_BATCH, num_workers=schedule.workers, collate_fn=list)
              for b in chunk]
     views = UnlabeledImages(items, cfg.prior_img_size, boxes, cfg.prior_patch_size)
     loader = DataLoader(views, cfg.prior_batch_size, shuffle=True, drop_last=True,
@@ -436,7 +446,78 @@ def unlabeled_images(setting, schedule, all_images):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# §4.1.2: SLIC superpixels (Achanta et al. 2012) as local patches
+# §4.1.2: local patches, Felzenszwalb's graph-based segments (Algorithm 1) or SLIC superpixels (Algorithm 2)
+
+
+def segmenter(cfg):
+    """Table 5's patch generation method of a PriorConfig: a picklable function img (3,h,w) in [0,1] -> labels."""
+    if cfg.patches == "felzenszwalb":
+        return partial(felzenszwalb, k=cfg.felzenszwalb_k, sigma=cfg.felzenszwalb_sigma,
+                       min_size=cfg.felzenszwalb_min_size)
+    return partial(slic, n_segments=cfg.slic_segments, compactness=cfg.slic_compactness)
+
+
+GAUSS_TRUNCATE = 4.0  # the smoothing kernel's radius in sigmas (Felzenszwalb & Huttenlocher's code, scipy's)
+GRAPH_EDGES = ((np.s_[:, 1:], np.s_[:, :-1]), (np.s_[1:, :], np.s_[:-1, :]),
+               (np.s_[1:, 1:], np.s_[:-1, :-1]), (np.s_[:-1, 1:], np.s_[1:, :-1]))  # 8-neighbours: -, |, \, /
+
+
+def gaussian_blur(x, sigma):
+    """x (C,H,W) numpy float64 smoothed by a Gaussian of std sigma (radius round(4 sigma)), edges mirrored with
+    the edge pixel repeated (scipy's "reflect"); sigma 0: x itself."""
+    if sigma <= 0:
+        return x
+    r = int(GAUSS_TRUNCATE * sigma + 0.5)
+    g = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    g /= g.sum()
+    for axis in (1, 2):  # separable: rows, then columns
+        pad = [(0, 0)] * 3
+        pad[axis] = (r, r)
+        p = np.pad(x, pad, mode="symmetric")
+        n = x.shape[axis]
+        x = sum(w * np.take(p, np.arange(i, i + n), axis=axis) for i, w in enumerate(g))
+    return x
+
+
+def felzenszwalb(img, k, sigma, min_size):
+    """Felzenszwalb & Huttenlocher's graph-based segmentation (IJCV 2004; §4.1.2, Algorithm 1) of img (3,H,W) in
+    [0,1] -> labels (H,W) int64 in 0..n-1. The graph: pixels, each joined to its 8 neighbours by an edge of weight
+    w = ||I_i - I_j|| (RGB in 0-255 units, after gaussian_blur with sigma). In ascending order of w, an edge joins
+    its two components when w <= MInt(C1, C2) = min(Int(C1) + k/|C1|, Int(C2) + k/|C2|), Int(C) being the largest
+    weight in C's minimum spanning tree (the edge that last joined it). Then, as the authors' code does, a
+    component under min_size pixels joins its neighbour across the next edge in the same order."""
+    x = gaussian_blur(img.double().numpy() * 255, sigma)  # (3, H, W)
+    H, W = x.shape[-2:]
+    pixel = np.arange(H * W).reshape(H, W)
+    a = np.concatenate([pixel[here].ravel() for here, _ in GRAPH_EDGES])  # (E,) one end of each edge
+    b = np.concatenate([pixel[there].ravel() for _, there in GRAPH_EDGES])  # (E,) the other
+    w = np.concatenate([np.sqrt(((x[:, here[0], here[1]] - x[:, there[0], there[1]]) ** 2).sum(0)).ravel()
+                        for here, there in GRAPH_EDGES])  # (E,)
+    order = np.argsort(w, kind="stable")
+    edges = list(zip(a[order].tolist(), b[order].tolist(), w[order].tolist()))
+    parent, size, internal = list(range(H * W)), [1] * (H * W), [0.0] * (H * W)  # union-find: |C|, Int(C) by root
+
+    def find(v):
+        while parent[v] != v:
+            parent[v] = parent[parent[v]]  # path halving
+            v = parent[v]
+        return v
+
+    def join(r, s, weight):
+        parent[s] = r
+        size[r] += size[s]
+        internal[r] = weight  # edges come in ascending order: the largest of the merged spanning tree
+
+    for i, j, weight in edges:
+        r, s = find(i), find(j)
+        if r != s and weight <= min(internal[r] + k / size[r], internal[s] + k / size[s]):
+            join(r, s, weight)
+    for i, j, weight in edges:
+        r, s = find(i), find(j)
+        if r != s and min(size[r], size[s]) < min_size:
+            join(r, s, weight)
+    roots = np.array([find(v) for v in range(H * W)])
+    return torch.from_numpy(np.unique(roots, return_inverse=True)[1].reshape(H, W))  # (H, W)
 
 
 SRGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
@@ -447,7 +528,6 @@ SLIC_MIN_SIZE = 0.5  # fragments smaller than this x S^2 join their largest neig
 OUTSIDE_WINDOW = 1e6  # added to D_s outside a centre's 2S x 2S window: a pixel goes there only if no window reaches it
 NEIGHBOURS = ((np.s_[1:, :], np.s_[:-1, :]), (np.s_[:-1, :], np.s_[1:, :]),
               (np.s_[:, 1:], np.s_[:, :-1]), (np.s_[:, :-1], np.s_[:, 1:]))  # 4-neighbourhood: (pixels, neighbours)
-SLIC_BATCH = 32  # images per DataLoader batch of the SLIC pass
 
 
 def rgb_to_lab(img):

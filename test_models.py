@@ -4309,6 +4309,85 @@ class TestOCNet:
 # ==========================================================================================================
 
 class TestQGNet:
+    def test_qgnet_felzenszwalb_merges_by_int_plus_k_over_size_by_hand(self):
+        """Algorithm 1 on a strip of four pixels, red 0, a, 3a, 6a (a = 31.875 in 0-255 units; green, blue 0): the
+        edges weigh a, 2a, 3a. A singleton's threshold is Int + k/|C| = k."""
+        strip = torch.zeros(3, 1, 4, dtype=torch.float64)
+        strip[0, 0] = torch.tensor([0, 1, 3, 6]) / 8  # x 255: 0, 31.875, 95.625, 191.25, exact in binary
+        a = 31.875
+
+        def segments(k):
+            return qgnet.felzenszwalb(strip, k, sigma=0, min_size=1)[0].tolist()
+        # k = 1.5a: edge a <= min(1.5a, 1.5a) joins {0, 1} (Int a); edge 2a > min(a + 1.5a/2, 1.5a) = 1.5a; 3a > 1.5a
+        assert segments(1.5 * a) == [0, 0, 1, 2]
+        # k = 2.5a: edge 2a <= min(Int a + 2.5a/2, 2.5a) = 2.25a joins {0, 1, 2} (Int 2a): Int counts, as k/|C| alone
+        # (1.25a) would refuse; edge 3a > min(2a + 2.5a/3, 2.5a) = 2.5a
+        assert segments(2.5 * a) == [0, 0, 0, 1]
+        # k = 3a: edge 3a <= min(2a + 3a/3, 3a) = 3a: equal, so joined (Algorithm 1's <=)
+        assert segments(3 * a) == [0, 0, 0, 0]
+        assert segments(2.999 * a) == [0, 0, 0, 1]
+
+    def test_qgnet_felzenszwalb_splits_two_flat_regions_exactly(self):
+        img = torch.zeros(3, 16, 32, dtype=torch.float64)
+        img[:, :, :16] = torch.tensor([0.25, 0.5, 0.75])[:, None, None]
+        img[:, :, 16:] = torch.tensor([0.25, 0.5, 0.25])[:, None, None]  # blue differs by 0.5: 127.5 in 0-255 units
+        halves = torch.zeros(16, 32, dtype=torch.long)
+        halves[:, 16:] = 1
+        # unblurred: each half joins along its zero-weight edges first (Int 0, 256 px); across the border every edge
+        # weighs 127.5, joined iff 127.5 <= k / 256, i.e. k >= 32640
+        assert torch.equal(qgnet.felzenszwalb(img, 32639.0, sigma=0, min_size=1), halves)
+        assert qgnet.felzenszwalb(img, 32640.0, sigma=0, min_size=1).unique().tolist() == [0]
+        cfg = qgnet.PriorConfig()  # the defaults (blurred border included) split it at the border too
+        assert torch.equal(qgnet.felzenszwalb(img, cfg.felzenszwalb_k, cfg.felzenszwalb_sigma,
+                                              cfg.felzenszwalb_min_size), halves)
+        region = qgnet_flat_regions()[1]  # four flat colours: exactly their four regions
+        labels = qgnet.felzenszwalb(qgnet_flat_regions()[0], 300.0, sigma=0, min_size=1)
+        assert len({(int(r), int(l)) for r, l in zip(region.flatten(), labels.flatten())}) == 4 == labels.max() + 1
+
+    def test_qgnet_felzenszwalb_graph_is_8_connected_and_small_components_join_the_cheapest_neighbour(self):
+        a, b = torch.tensor([0.0, 0.0, 0.0]), torch.tensor([1.0, 1.0, 1.0])
+        chequer = torch.stack([torch.stack([a, b]), torch.stack([b, a])]).permute(2, 0, 1)  # (3, 2, 2): a b / b a
+        # each colour's two pixels touch only diagonally: one component per diagonal
+        (p, q), (r, t) = qgnet.felzenszwalb(chequer, 1.0, sigma=0, min_size=1).tolist()
+        assert p == t and q == r and p != q
+        img = torch.zeros(3, 6, 8, dtype=torch.float64)
+        img[:, :, 4:] = 1.0  # left black (24 px), right white (24 px)
+        img[:, 2:4, 3] = 0.375  # a 2-px blob in the left half, at the border: 95.6 from black, 159.4 from white
+        labels = qgnet.felzenszwalb(img, 1.0, sigma=0, min_size=1)
+        assert labels.max() == 2  # k = 1 joins no different colours
+        merged = qgnet.felzenszwalb(img, 1.0, sigma=0, min_size=3)  # the blob is under 3 px: it joins black
+        expected = torch.zeros(6, 8, dtype=torch.long)
+        expected[:, 4:] = 1
+        assert torch.equal(merged, expected)
+        assert torch.equal(qgnet.felzenszwalb(img, 1.0, sigma=0, min_size=25), torch.zeros(6, 8, dtype=torch.long))
+
+    def test_qgnet_gaussian_blur_by_hand(self):
+        row = np.zeros((1, 1, 9))
+        row[0, 0, 4] = 1.0  # an impulse
+        g = np.exp(-0.5 * (np.arange(-3, 4) / 0.8) ** 2)  # radius int(4 x 0.8 + 0.5) = 3
+        g /= g.sum()
+        out = qgnet.gaussian_blur(row, 0.8)
+        assert np.allclose(out[0, 0, 1:8], g) and out[0, 0, 0] == 0 and out[0, 0, 8] == 0
+        row = np.zeros((1, 1, 9))
+        row[0, 0, 0] = 1.0  # at the edge, mirrored with the edge pixel repeated: ... x1 x0 | x0 x1 ...
+        out = qgnet.gaussian_blur(row, 0.8)
+        # padded x2 x1 x0 | x0 x1 ...: out[0] = g(0) x0 + g(-1) x0, out[1] = g(-1) x0 + g(-2) x0, ...
+        assert np.allclose(out[0, 0, :5], [g[3] + g[2], g[2] + g[1], g[1] + g[0], g[0], 0])
+        assert qgnet.gaussian_blur(row, 0) is row
+        assert np.allclose(qgnet.gaussian_blur(np.ones((3, 5, 7)), 0.8), 1.0)  # weights sum to 1, also at the edges
+
+    def test_qgnet_felzenszwalb_patches_are_smaller_than_slic_ones(self):
+        """§5.4 on Fig. 4: SLIC's patches are the larger. The defaults on synthetic images (128 px, as the stage's
+        copies): a smaller median segment than SLIC's 16 superpixels, none under min_size."""
+        cfg = qgnet.PriorConfig()
+        episodes = data.build_dataset("synthetic", "train", 0, img_size=128, train_length=4)
+        for i in range(4):
+            img = qgnet.load_unlabeled((episodes, i)).float() / 255
+            fh = torch.bincount(qgnet.felzenszwalb(img, cfg.felzenszwalb_k, cfg.felzenszwalb_sigma,
+                                                   cfg.felzenszwalb_min_size).flatten())
+            superpixels = torch.bincount(qgnet.slic(img, cfg.slic_segments, cfg.slic_compactness).flatten())
+            assert fh.float().median() < superpixels.float().median() and fh.min() >= cfg.felzenszwalb_min_size, i
+
     def test_qgnet_rgb_to_lab_reference_colours(self):
         rgb = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]).T[:, :, None]  # (3, 3, 1)
         lab = qgnet.rgb_to_lab(rgb)[:, :, 0].T
