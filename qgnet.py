@@ -15,7 +15,7 @@ projection, give a "prior region map" that needs no support; FEM takes it with P
 
 Paper -> code:
     §4.1.1 Eq. (1) global InfoNCE, §4.1.2 Eq. (2) local    info_nce; GlobalLocalContrast (queues, momentum keys)
-    §4.1.2 Eq. (3) L = L_local + L_global                   GlobalLocalContrast.forward
+    §4.1.2 Eq. (3) L = L_local + L_global; Table 6         GlobalLocalContrast.forward (PriorConfig.contrast)
     §4.1.2 Algorithm 1: Felzenszwalb patches; Table 5      felzenszwalb, gaussian_blur (PriorConfig.patches)
     §4.1.2 Eq. (4)-(7), Algorithm 2: SLIC patches           rgb_to_lab, slic, connected_components,
                                                             enforce_connectivity, superpixel_boxes
@@ -38,6 +38,8 @@ Choices (the paper is silent unless said otherwise; the official code has no sta
   largest neighbour (scikit-image's min_size_factor). Computed once per image before training.
 - Felzenszwalb: the authors' own values for ~128 px images, k = 300 and sigma = 0.8, parts under 50 px merged:
   smaller patches than SLIC's, as §5.4 says of Fig. 4 (measurements at PriorConfig.felzenszwalb_min_size).
+- Table 6's rows train on L_local or L_global alone; the other loss's queue, views and encoder passes are not
+  made (global alone segments no image).
 - Images: the fold's few-shot training images (labels unused). --prior-all-images takes every image of the dataset
   as §5.1 does; not the default, as it shows F_p the test images and their novel classes.
 - F_p = the momentum encoder (official loader: "encoder_k"), dilated to output stride 8 (official L62-71). Frozen
@@ -317,6 +319,7 @@ class PriorConfig:
     slic_compactness: float = 10.0  # m of Eq. (4), Achanta et al.'s default for CIELAB
     slic_side: int = 128  # ours: long side of the image copy that SLIC or Felzenszwalb segments
     patches: Literal["slic", "felzenszwalb"] = "slic"  # Table 5: §4.1.2's patch generation method 2 or 1
+    contrast: Literal["local+global", "local", "global"] = "local+global"  # Table 6; Eq. (3) L = L_local + L_global
     felzenszwalb_k: float = 300.0  # tau(C) = k / |C| on 0-255 intensities: Felzenszwalb & Huttenlocher's, 128 px
     felzenszwalb_sigma: float = 0.8  # their Gaussian smoothing before the graph
     # Ours: 50 px of the 128 px copy (a box of >= ~7 px). On six scikit-image photos this gave 9-33 segments of
@@ -361,7 +364,7 @@ def train_prior_extractor(setting, schedule, options):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     torch.manual_seed(schedule.seed)
-    model = GlobalLocalContrast(cfg.dim, cfg.prior_queue, cfg.temperature, cfg.momentum,
+    model = GlobalLocalContrast(cfg.contrast, cfg.dim, cfg.prior_queue, cfg.temperature, cfg.momentum,
                                 cfg.bn_splits).to(device, memory_format=layout)
     lr = cfg.prior_lr or MOCO_LR * cfg.prior_batch_size / MOCO_BATCH
     optimizer = common.sgd(model.encoder_q.parameters(), lr, SGD_MOMENTUM, WEIGHT_DECAY)
@@ -373,11 +376,14 @@ def train_prior_extractor(setting, schedule, options):
         start = state["epoch"]
         common.cut_log(log_file, start)
     items = unlabeled_images(setting, schedule, options.get("prior_all_images"))
-    print(f"qgnet stage 1: {cfg.patches} patches of {len(items)} images (once per run)", flush=True)
-    segments = SuperpixelBoxes(items, segmenter(cfg), cfg.slic_side)
-    boxes = [b for chunk in DataLoader(segments, SEGMENT_BATCH, num_workers=schedule.workers, collate_fn=list)
-             for b in chunk]
-    views = UnlabeledImages(items, cfg.prior_img_size, boxes, cfg.prior_patch_size)
+    boxes = None
+    if "local" in model.contrasts:
+        print(f"qgnet stage 1: {cfg.patches} patches of {len(items)} images (once per run)", flush=True)
+        segments = SuperpixelBoxes(items, segmenter(cfg), cfg.slic_side)
+        boxes = [b for chunk in DataLoader(segments, SEGMENT_BATCH, num_workers=schedule.workers, collate_fn=list)
+                 for b in chunk]
+    views = UnlabeledImages(items, cfg.prior_img_size if "global" in model.contrasts else None, boxes,
+                            cfg.prior_patch_size)
     loader = DataLoader(views, cfg.prior_batch_size, shuffle=True, drop_last=True,
                         num_workers=schedule.workers, pin_memory=device.type == "cuda",
                         persistent_workers=schedule.workers > 0,
@@ -388,7 +394,8 @@ def train_prior_extractor(setting, schedule, options):
     total = cfg.prior_epochs * len(loader)
     split = data.split_name(setting.dataset, setting.fold, setting.data_root, setting.test_classes, setting.coco_split)
     print(f"qgnet stage 1 on {split}: {len(items)} images, {len(loader)} steps of {cfg.prior_batch_size}, epochs "
-          f"{start + 1}..{cfg.prior_epochs}, lr {lr:g}, queues {cfg.prior_queue}, {device} -> {path}", flush=True)
+          f"{start + 1}..{cfg.prior_epochs}, lr {lr:g}, {cfg.contrast} contrast, queues {cfg.prior_queue}, {device} "
+          f"-> {path}", flush=True)
 
     def batches(epoch):
         model.train()
@@ -666,24 +673,28 @@ class SuperpixelBoxes(Dataset):
 
 
 class UnlabeledImages(Dataset):
-    """Two views of an image, img_size px (global contrast), and two of one of its superpixels, the crop of its
-    bounding box, patch_size px (local contrast). items: what load_unlabeled reads; boxes: superpixel_boxes of each,
-    as lists. No label is read."""
+    """What load_unlabeled reads of `items`, as views: two of the image, img_size px (global contrast; None: none),
+    and two of one of its patches, the crop of a random box of `boxes` (superpixel_boxes of each image, as lists),
+    patch_size px (local contrast; boxes None: none). No label is read."""
 
     def __init__(self, items, img_size, boxes, patch_size):
         self.items, self.boxes = items, boxes
-        self.global_view = moco_v2_augmentation(img_size, GLOBAL_SCALE)
-        self.patch_view = moco_v2_augmentation(patch_size, PATCH_SCALE)
+        self.global_view = moco_v2_augmentation(img_size, GLOBAL_SCALE) if img_size else None
+        self.patch_view = moco_v2_augmentation(patch_size, PATCH_SCALE) if boxes is not None else None
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
-        img = load_unlabeled(self.items[i])
-        top, left, bottom, right = map(int, self.boxes[i][int(torch.randint(len(self.boxes[i]), ()))])
-        patch = img[:, top:bottom, left:right]
-        return {"img_q": self.global_view(img), "img_k": self.global_view(img),
-                "patch_q": self.patch_view(patch), "patch_k": self.patch_view(patch)}
+        img, views = load_unlabeled(self.items[i]), {}
+        if self.patch_view:
+            top, left, bottom, right = map(int, self.boxes[i][int(torch.randint(len(self.boxes[i]), ()))])
+            patch = img[:, top:bottom, left:right]
+        if self.global_view:
+            views.update(img_q=self.global_view(img), img_k=self.global_view(img))
+        if self.patch_view:
+            views.update(patch_q=self.patch_view(patch), patch_k=self.patch_view(patch))
+        return views
 
 
 def info_nce(q, k, queue, tau):
@@ -703,17 +714,20 @@ def contrast_encoder(dim):
 
 
 class GlobalLocalContrast(nn.Module):
-    """§4.1: MoCo (query encoder, momentum key encoder, queues of keys) with L = L_local + L_global (Eq. 3)."""
+    """§4.1: MoCo (query encoder, momentum key encoder, a queue of keys per contrast) with the losses of `contrast`:
+    "local+global" Eq. (3), L = L_local + L_global; "local" or "global" alone (Table 6), whose forward takes only
+    its views (img_q, img_k: global; patch_q, patch_k: local) and whose other queue is not built."""
 
-    def __init__(self, dim, queue, temperature, key_momentum, bn_splits):
+    def __init__(self, contrast, dim, queue, temperature, key_momentum, bn_splits):
         super().__init__()
+        self.contrasts = [c for c in ("global", "local") if c in contrast.split("+")]
         self.dim, self.temperature, self.key_momentum, self.bn_splits = dim, temperature, key_momentum, bn_splits
         self.encoder_q, self.encoder_k = contrast_encoder(dim), contrast_encoder(dim)
         self.encoder_k.load_state_dict(self.encoder_q.state_dict())
         self.encoder_k.requires_grad_(False)
-        for name in ("queue_global", "queue_local"):  # K image keys (Eq. 1) and M patch keys (Eq. 2)
-            self.register_buffer(name, F.normalize(torch.randn(dim, queue), dim=0))
-            self.register_buffer(f"{name}_ptr", torch.zeros((), dtype=torch.long))
+        for name in self.contrasts:  # K image keys (Eq. 1), M patch keys (Eq. 2)
+            self.register_buffer(f"queue_{name}", F.normalize(torch.randn(dim, queue), dim=0))
+            self.register_buffer(f"queue_{name}_ptr", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
     def momentum_update(self):
@@ -738,17 +752,16 @@ class GlobalLocalContrast(nn.Module):
         queue[:, slots] = keys.T.to(queue.dtype)
         ptr.copy_((ptr + len(keys)) % queue.shape[1])
 
-    def forward(self, img_q, img_k, patch_q, patch_k):
-        # 1. queries: two views (q of an image, q_p of a patch) through the trained encoder
-        q = F.normalize(self.encoder_q(img_q), dim=1)  # (N, D)
-        q_p = F.normalize(self.encoder_q(patch_q), dim=1)  # (N, D)
+    def forward(self, img_q=None, img_k=None, patch_q=None, patch_k=None):
+        views = {"global": (img_q, img_k), "local": (patch_q, patch_k)}  # (N, 3, h, w) each
+        # 1. queries: a view of each image (q) and of each patch (q_p) through the trained encoder
+        q = {c: F.normalize(self.encoder_q(views[c][0]), dim=1) for c in self.contrasts}  # (N, D)
         # 2. positive keys: the other views through the momentum encoder
         self.momentum_update()
-        k, k_p = self.keys(img_k), self.keys(patch_k)  # (N, D)
-        # 3. Eq. (1), Eq. (2) against the queues (copies: they change below); Eq. (3): L = L_local + L_global
-        l_global = info_nce(q, k, self.queue_global.clone(), self.temperature)
-        l_local = info_nce(q_p, k_p, self.queue_local.clone(), self.temperature)
+        k = {c: self.keys(views[c][1]) for c in self.contrasts}  # (N, D)
+        # 3. Eq. (1) global, Eq. (2) local, each against its queue (a copy: it changes below); Eq. (3): their sum
+        terms = {c: info_nce(q[c], k[c], getattr(self, f"queue_{c}").clone(), self.temperature) for c in self.contrasts}
         # 4. this batch's keys become negatives for the next ones
-        self.enqueue("queue_global", k)
-        self.enqueue("queue_local", k_p)
-        return l_local + l_global, {"global": l_global.detach(), "local": l_local.detach()}
+        for c in self.contrasts:
+            self.enqueue(f"queue_{c}", k[c])
+        return sum(terms.values()), {c: t.detach() for c, t in terms.items()}

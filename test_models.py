@@ -719,10 +719,10 @@ def ocnet_run(ocnet_resnet):
 QGNET_TINY_PRIOR = dict(prior_batch_size=4, prior_queue=8, prior_img_size=32, prior_patch_size=32, bn_splits=2)
 
 
-def qgnet_tiny_contrast():
+def qgnet_tiny_contrast(contrast="local+global"):
     """GlobalLocalContrast with QGNET_TINY_PRIOR's queues of 8 keys and 2 shuffle-BN sub-batches, MoCo v2's rest."""
     cfg = qgnet.PriorConfig(**QGNET_TINY_PRIOR)
-    return qgnet.GlobalLocalContrast(cfg.dim, cfg.prior_queue, cfg.temperature, cfg.momentum, cfg.bn_splits)
+    return qgnet.GlobalLocalContrast(contrast, cfg.dim, cfg.prior_queue, cfg.temperature, cfg.momentum, cfg.bn_splits)
 
 
 @pytest.fixture(scope="module")
@@ -4585,6 +4585,44 @@ class TestQGNet:
             kept = [i for i in range(8) if i not in slots]
             assert torch.allclose(queue[:, slots], new.T, atol=1e-5)
             assert torch.equal(queue[:, kept], before[:, kept])
+
+    @pytest.mark.parametrize("contrast", ["global", "local"])
+    def test_qgnet_one_contrast_alone_builds_its_queue_and_encodes_its_views_only(self, contrast):
+        """Table 6: L_global or L_local alone. The other loss's queue is not built (its buffers missing, the
+        parameters shared), its views are neither loaded nor encoded, and the loss is the one term, by hand."""
+        torch.manual_seed(13)
+        both, alone = qgnet_tiny_contrast(), qgnet_tiny_contrast(contrast)
+        other = {"global": "local", "local": "global"}[contrast]
+        assert alone.contrasts == [contrast] and both.contrasts == ["global", "local"]
+        names = {n for n, _ in alone.named_buffers() if n.startswith("queue")}
+        assert names == {f"queue_{contrast}", f"queue_{contrast}_ptr"}
+        numel = lambda net, kind: sum(t.numel() for t in getattr(net, kind)())  # noqa: E731
+        assert numel(both, "buffers") - numel(alone, "buffers") == 128 * 8 + 1  # one queue (D x K) and its pointer
+        assert numel(both, "parameters") == numel(alone, "parameters")  # one encoder pair serves both losses
+        calls = {"encoder_q": [], "encoder_k": []}
+        for name, log in calls.items():
+            getattr(alone, name).register_forward_hook(lambda m, args, out, log=log: log.append(args[0]))
+        alone.eval()  # deterministic: the loss can be recomputed
+        views = {"global": ("img_q", "img_k"), "local": ("patch_q", "patch_k")}
+        batch = {name: torch.randn(4, 3, 32, 32) for name in views[contrast]}
+        queue = getattr(alone, f"queue_{contrast}").clone()
+        loss, terms = alone(**batch)
+        query, key = (batch[name] for name in views[contrast])
+        assert len(calls["encoder_q"]) == 1 and torch.equal(calls["encoder_q"][0], query)
+        assert len(calls["encoder_k"]) == 2 and sorted(torch.cat(calls["encoder_k"]).sum((1, 2, 3)).tolist()) == \
+            sorted(key.sum((1, 2, 3)).tolist())  # two shuffle-BN sub-batches of the key views, nothing else
+        with torch.no_grad():
+            q = F.normalize(alone.encoder_q(query), dim=1)
+            k = F.normalize(alone.encoder_k(key), dim=1)
+        assert set(terms) == {contrast} and loss.item() == terms[contrast].item()
+        assert loss.item() == pytest.approx(qgnet_info_nce_by_hand(q, k, queue, alone.temperature).item(), rel=1e-4)
+        assert torch.isfinite(loss) and loss.requires_grad
+        # the data side: a view set without the other loss's views; no boxes: no patch at all
+        episodes = data.build_dataset("synthetic", "train", 0, img_size=64, train_length=1)
+        boxes = [[[0, 0, 32, 32]]]
+        sample = qgnet.UnlabeledImages([(episodes, 0)], 32 if contrast == "global" else None,
+                                       boxes if contrast == "local" else None, 32)[0]
+        assert set(sample) == set(views[contrast]) and not set(sample) & set(views[other])
 
     # ---------------- the stage-1 file: the prior extractor it loads, its paths and errors, the prior stage ---
 
