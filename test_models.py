@@ -721,8 +721,9 @@ QGNET_TINY_PRIOR = dict(prior_batch_size=4, prior_queue=8, prior_img_size=32, pr
 
 def qgnet_tiny_contrast(contrast="local+global"):
     """GlobalLocalContrast with QGNET_TINY_PRIOR's queues of 8 keys and 2 shuffle-BN sub-batches, MoCo v2's rest."""
-    cfg = qgnet.PriorConfig(**QGNET_TINY_PRIOR)
-    return qgnet.GlobalLocalContrast(contrast, cfg.dim, cfg.prior_queue, cfg.temperature, cfg.momentum, cfg.bn_splits)
+    cfg = qgnet.prior_config(QGNET_TINY_PRIOR, "pascal")
+    return qgnet.GlobalLocalContrast(contrast, cfg.embedding_dim, cfg.prior_queue, cfg.temperature, cfg.key_momentum,
+                                     cfg.bn_splits)
 
 
 @pytest.fixture(scope="module")
@@ -4687,30 +4688,42 @@ class TestQGNet:
             assert str(bad) in str(err.value) and "--model qgnet --stage prior --dataset synthetic" in str(err.value)
 
     def test_qgnet_prior_paths(self):
-        assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="pascal", fold=1))) == \
+        assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="pascal", fold=1), {})) == \
             "runs/qgnet-prior-pascal-fold1/prior_extractor.pt"
-        assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="coco"), True)) == \
+        assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="coco"), {"prior_all_images": True})) == \
             "runs/qgnet-prior-coco-fold0-all/prior_extractor.pt"
-        assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="coco"), True, "x/y.pt")) == "x/y.pt"
+        assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="coco"), {
+            "prior_all_images": True, "prior_checkpoint": "x/y.pt", "patches": "felzenszwalb"})) == "x/y.pt"
         # COCO's two splits hold other classes in a fold: each has its own file
-        assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="coco", fold=2, coco_split="contiguous"))) == \
-            "runs/qgnet-prior-coco-contiguous-fold2/prior_extractor.pt"
+        assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="coco", fold=2, coco_split="contiguous"), {})) \
+            == "runs/qgnet-prior-coco-contiguous-fold2/prior_extractor.pt"
+        # every stage-1 value that differs from the dataset's recipe, sorted; one equal to it names nothing
+        pascal, coco = common.Setting(dataset="pascal"), common.Setting(dataset="coco")
+        path = lambda run, **values: str(qgnet.prior_checkpoint_path(run, values)).split("/")[1]  # noqa: E731
+        assert path(pascal, patches="felzenszwalb") == "qgnet-prior-pascal-fold0-patches=felzenszwalb"
+        assert path(pascal, prior_epochs=2000, patches="felzenszwalb", contrast="local", prior_all_images=True) == \
+            "qgnet-prior-pascal-fold0-all-contrast=local-patches=felzenszwalb-prior_epochs=2000"
+        assert path(pascal, prior_epochs=1000, patches="slic", contrast="local+global") == "qgnet-prior-pascal-fold0"
+        assert path(coco, prior_epochs=200) == "qgnet-prior-coco-fold0"  # §5.1: COCO's 200 is its recipe
+        assert path(coco, prior_epochs=1000) == "qgnet-prior-coco-fold0-prior_epochs=1000"
+        assert path(pascal, key_momentum=0.99, prior_lr=0.06) == \
+            "qgnet-prior-pascal-fold0-key_momentum=0.99-prior_lr=0.06"
 
     def test_qgnet_stage_1_is_a_run_and_its_file_serves_only_the_images_it_saw(self, tmp_path, monkeypatch, capsys):
         """--stage prior keeps its file unless --resume (with its own values) or --overwrite; the few-shot stage refuses
         a file of other images (another fold or split could hold its novel classes) and an unfinished one."""
         monkeypatch.chdir(tmp_path)
         flags = ["--model", "qgnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0", "--img-size", "64",
-                 "--stage", "prior", "--train-length", "8", "--prior-batch-size", "4", "--prior-queue", "8",
-                 "--prior-img-size", "32", "--log-every", "1", "--fold", "1"]
-        path = tmp_path / "runs" / "qgnet-prior-synthetic-fold1" / "prior_extractor.pt"
-        assert (train.main([*flags, "--prior-epochs", "1"])
-                == Path("runs/qgnet-prior-synthetic-fold1/prior_extractor.pt"))
+                 "--stage", "prior", "--train-length", "8", "--log-every", "1", "--fold", "1",
+                 "--set", "prior_batch_size=4", "prior_queue=8", "prior_img_size=32"]
+        folder = "runs/qgnet-prior-synthetic-fold1-prior_batch_size=4-prior_epochs=1-prior_img_size=32-prior_queue=8"
+        path = tmp_path / folder / "prior_extractor.pt"
+        assert train.main([*flags, "prior_epochs=1"]) == Path(folder) / "prior_extractor.pt"
         before = path.read_bytes()
         with pytest.raises(SystemExit, match="holds a run already .prior_extractor.pt, epoch 1."):
-            train.main([*flags, "--prior-epochs", "1"])
-        with pytest.raises(SystemExit) as err:  # a resumed stage keeps its values
-            train.main([*flags, "--prior-epochs", "2", "--resume"])
+            train.main([*flags, "prior_epochs=1"])
+        with pytest.raises(SystemExit) as err:  # a resumed stage keeps its values (here: a file named by its path)
+            train.main([*flags, "prior_epochs=2", "--prior-checkpoint", str(path), "--resume"])
         assert "was made with other stage-1 values (prior_epochs 1 (now 2))" in str(err.value.code)
         assert path.read_bytes() == before
         state = torch.load(path, weights_only=True)
@@ -4727,25 +4740,126 @@ class TestQGNet:
             build(1)
         path.write_bytes(before[:1000])  # cut short: one line, no traceback
         with pytest.raises(SystemExit) as err:
-            train.main([*flags, "--prior-epochs", "1", "--resume"])
-        assert str(err.value.code).startswith(f"error: cannot read {Path('runs/qgnet-prior-synthetic-fold1')}")
+            train.main([*flags, "prior_epochs=1", "--resume"])
+        assert str(err.value.code).startswith(f"error: cannot read {Path(folder)}")
 
     def test_qgnet_prior_stage_gets_the_run_the_schedule_and_its_recipe_from_train_py(self, monkeypatch, tmp_path):
+        monkeypatch.chdir(tmp_path)  # train.py holds the stage file's folder, under runs/
         got = []
         monkeypatch.setitem(qgnet.STAGES, "prior", lambda *given: got.append(given) or "written")
         flags = ["--model", "qgnet", "--stage", "prior", "--workers", "0", "--seed", "5", "--out", str(tmp_path / "o")]
         assert train.main([*flags, "--dataset", "coco", "--fold", "2", "--data-root", str(tmp_path),
-                           "--prior-queue", "1024"]) == "written"
+                           "--set", "prior_queue=1024"]) == "written"
         run, schedule, options = got[-1]
         assert (run.dataset, run.fold, run.data_root, run.from_checkpoint) == ("coco", 2, str(tmp_path), False)
         assert (schedule.seed, schedule.workers) == (5, 0)
-        cfg = qgnet.prior_config(options)
+        cfg = qgnet.prior_config(options, "coco")
         assert (cfg.prior_epochs, cfg.prior_queue, cfg.prior_batch_size) == (200, 1024, 256)  # §5.1, flag, MoCo v2
         assert (cfg.prior_lr, cfg.prior_img_size, cfg.prior_patch_size) == (None, 224, 96)  # lr: MoCo's, by the batch
-        train.main([*flags, "--dataset", "synthetic", "--prior-epochs", "2"])
-        cfg = qgnet.prior_config(got[-1][2])  # the synthetic quick start, but the flag given wins
+        train.main([*flags, "--dataset", "synthetic", "--set", "prior_epochs=2"])
+        cfg = qgnet.prior_config(got[-1][2], "synthetic")  # the synthetic quick start, but the value given wins
         assert (cfg.prior_epochs, cfg.prior_batch_size, cfg.prior_queue, cfg.prior_img_size, cfg.prior_patch_size) == (
             2, 32, 4096, 64, 32)
+
+    def test_qgnet_stage_1_values_are_set_fields_that_name_one_file_for_both_stages(self, monkeypatch, tmp_path,
+                                                                                   capsys):
+        """Tables 5 and 6: a row is one --set given to --stage prior (PriorConfig, STAGE_CONFIGS) and to the few-shot
+        stage (Config, which extends PriorConfig); both name the same stage-1 file, for every fold of --fold all."""
+        monkeypatch.chdir(tmp_path)
+        got = []
+        monkeypatch.setitem(qgnet.STAGES, "prior", lambda *given: got.append(given) or "written")
+        row = ["--set", "patches=felzenszwalb", "contrast=local", "prior_epochs=2000"]
+        train.main(["--model", "qgnet", "--stage", "prior", "--fold", "all", *row])
+        assert len(got) == 4
+        for fold, (run, schedule, options) in enumerate(got):
+            assert {k: options[k] for k in ("patches", "contrast", "prior_epochs")} == {
+                "patches": "felzenszwalb", "contrast": "local", "prior_epochs": 2000}
+            cfg = qgnet.prior_config(options, run.dataset)
+            assert (cfg.patches, cfg.contrast, cfg.prior_epochs, cfg.prior_queue) == ("felzenszwalb", "local", 2000,
+                                                                                      65536)
+            fewshot, module = train.parse_args(["--model", "qgnet", "--fold", str(fold), *row])
+            net_cfg = train.make_config(module, fewshot)
+            assert (net_cfg.patches, net_cfg.contrast, net_cfg.prior_epochs) == ("felzenszwalb", "local", 2000)
+            folder = f"qgnet-prior-pascal-fold{fold}-contrast=local-patches=felzenszwalb-prior_epochs=2000"
+            assert qgnet.prior_file(run, options) == Path("runs") / folder / "prior_extractor.pt"
+            assert qgnet.prior_checkpoint_path(train.setting_of(fewshot), dataclasses.asdict(net_cfg)) == \
+                qgnet.prior_file(run, options)
+            assert fewshot.out == Path("runs") / f"qgnet-pascal-fold{fold}-1shot-contrast=local-patches=felzenszwalb-" \
+                                                 "prior_epochs=2000"
+        fewshot, _ = train.parse_args(["--model", "qgnet", "--fold", "all", *row])
+        assert all(one.set == {"patches": "felzenszwalb", "contrast": "local", "prior_epochs": 2000}
+                   for one in fewshot.folds)
+        # at --stage prior --set takes PriorConfig's fields only, and Table 5 / 6's choices only
+        for item, message in (("aux_weight=0.5", "qgnet's PriorConfig has no field 'aux_weight'"),
+                              ("patches=quickshift", "patches is one of slic, felzenszwalb"),
+                              ("contrast=both", "contrast is one of local+global, local, global")):
+            with pytest.raises(SystemExit):
+                train.parse_args(["--model", "qgnet", "--stage", "prior", "--set", item])
+            assert message in capsys.readouterr().err
+
+    def test_qgnet_fewshot_stage_reads_the_stage_1_file_its_values_name(self, qgnet_contrast, tmp_path, monkeypatch):
+        """The few-shot stage of a Table 5 / 6 row (its stage-1 values as --set) reads the file they name, refuses
+        one made with other values, points to the command that makes it, and runs 1- and 5-shot."""
+        monkeypatch.chdir(tmp_path)
+        setting = common.Setting(dataset="synthetic", fold=0, pretrained=False)
+        rows = ({"patches": "felzenszwalb"}, {"contrast": "global"}, {"contrast": "local"}, {"prior_epochs": 8})
+        for values in rows:
+            (field, value), = values.items()
+            cfg = qgnet.Config(pretrained=False, **values)
+            path = tmp_path / qgnet.prior_checkpoint_path(setting, dataclasses.asdict(cfg))
+            assert path.parent.name == f"qgnet-prior-synthetic-fold0-{field}={value}"
+            with pytest.raises(common.WeightsUnavailableError) as err:
+                qgnet.build(cfg, setting)
+            assert f"--stage prior --dataset synthetic --fold 0 --set {field}={value}\n" in str(err.value)
+            made = qgnet.prior_config(values, "synthetic")
+            path.parent.mkdir(parents=True)
+            state = {"model": qgnet_contrast.state_dict(), "epoch": made.prior_epochs,
+                     "config": dataclasses.asdict(made), "images": qgnet.images_seen(setting, False)}
+            torch.save({**state, "config": dataclasses.asdict(qgnet.prior_config({}, "synthetic"))}, path)
+            if field != "prior_epochs":  # a file of the default values in its place is refused, one line
+                with pytest.raises(common.WeightsUnavailableError, match=f"made with {field}=.*, not the {field}="
+                                                                         f"{value} this run names"):
+                    qgnet.build(cfg, setting)
+            torch.save(state, path)
+            model = qgnet.build(cfg, setting)
+            assert torch.equal(model.prior_extractor.stages["layer0"][0].weight, qgnet_contrast.encoder_k.conv1.weight)
+        model.eval()
+        for S in (1, 5):
+            img_q, img_s, m_s, m_q = episode(1, S, 33)
+            with torch.no_grad():
+                out = model(img_q, img_s, m_s)
+                loss, _ = model.loss(out, m_q, m_s)
+            assert out["logits"].shape == (1, 2, 33, 33) and torch.isfinite(out["logits"]).all()
+            assert torch.isfinite(loss)
+
+    @pytest.mark.parametrize("row", ["patches=felzenszwalb", "contrast=global", "contrast=local"])
+    def test_qgnet_ablation_rows_are_two_commands(self, row, tmp_path, monkeypatch):
+        """A Table 5 / 6 row end to end on the synthetic set: stage 1 with the row's --set (no SLIC for Felzenszwalb's
+        row, no segmentation at all for global contrast; a log of its own terms), then (Felzenszwalb's row: the other
+        rows' few-shot stage reads its file as this one's) the few-shot stage with the same --set finds the file."""
+        monkeypatch.chdir(tmp_path)
+
+        def forbidden(*args, **kwargs):
+            raise AssertionError(f"{row} ran a segmentation it does not use")
+        unused = {"patches=felzenszwalb": ["slic"], "contrast=global": ["slic", "felzenszwalb"]}.get(row, [])
+        for name in unused:
+            monkeypatch.setattr(qgnet, name, forbidden)
+        run = ["--model", "qgnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0", "--img-size", "64",
+               "--train-length", "8", "--log-every", "1"]
+        tiny = ["prior_epochs=1", "prior_batch_size=4", "prior_queue=8", "prior_img_size=32", "prior_patch_size=32"]
+        path = train.main([*run, "--stage", "prior", "--set", *tiny, row])
+        assert row in path.parent.name
+        field, value = row.split("=")
+        assert torch.load(path, weights_only=True)["config"][field] == value
+        records = read_metrics(path.parent, "prior_extractor_metrics.jsonl")
+        terms = {"contrast=global": {"global"}, "contrast=local": {"local"}}.get(row, {"global", "local"})
+        assert all(terms <= set(r) and not {"global", "local"} - terms & set(r) for r in records)
+        assert all(math.isfinite(r[t]) for r in records for t in terms)
+        if row != "patches=felzenszwalb":
+            return
+        miou, fbiou = train.main([*run, "--set", *tiny, row, "--epochs", "1", "--batch-size", "4",
+                                  "--test-episodes", "2", "--test-seeds", "1"])
+        assert 0 <= miou <= 1 and 0 <= fbiou <= 1
 
     # ---------------- few-shot stage (§4.2) -------------------------------------------------------------------
 
@@ -4900,9 +5014,8 @@ class TestQGNet:
         prior = tmp_path / "prior" / "prior_extractor.pt"
         common_flags = ["--model", "qgnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
                         "--img-size", "64", "--prior-checkpoint", str(prior)]
-        assert train.main([*common_flags, "--stage", "prior", "--train-length", "8", "--prior-epochs", "1",
-                           "--prior-batch-size", "4", "--prior-queue", "8", "--prior-img-size", "32",
-                           "--log-every", "1"]) == prior
+        assert train.main([*common_flags, "--stage", "prior", "--train-length", "8", "--log-every", "1", "--set",
+                           "prior_epochs=1", "prior_batch_size=4", "prior_queue=8", "prior_img_size=32"]) == prior
         records = read_metrics(prior.parent, "prior_extractor_metrics.jsonl")
         assert len(records) == 2 and all(math.isfinite(r["global"]) and math.isfinite(r["local"]) for r in records)
         out = tmp_path / "fewshot"
