@@ -30,6 +30,7 @@ Paper -> code:
     §4.2 Eq. (8) X_q, X_s = F(I), P_q = F_p(I_q)             common.Backbone; build, read_prior_extractor
     §4.2.1 Eq. (9)-(12) prior region map; §4.3              prior_region_map (common.cosine_prior without a mask)
     §4.2.2 guided region map, category guider, FEM          Model.forward (common.cosine_prior, MAP, FEM)
+    §5.4 Eq. (16), Table 7: the region maps' recall         Model.forward's "region_maps" (train.py scores them)
 
 Choices (the paper is silent unless said otherwise; the official code has no stage 1 at all):
 - Patch = the bounding box of a random segment, cropped from the image, two MoCo v2 views of it (96 px, crop area
@@ -64,6 +65,8 @@ Choices (the paper is silent unless said otherwise; the official code has no sta
 - FEM's query input is the reduced mid-level query feature (cat(layer3, layer2) -> 1x1 conv, PFENet's down_query,
   official L208-209), not the bridge features §4.2.2 names; likewise the category guider pools the reduced
   mid-level support feature (down_supp, official L229-231), not X_s.
+- Table 7's region maps are oriented as Eq. (16) reads them, high on the object: the prior map as 1 - S_Q, since
+  §4.3 finds S_Q low on the object. S_Q's own recall at alpha is 1 - this one's at 1 - alpha.
 """
 import dataclasses
 import math
@@ -173,7 +176,8 @@ def projection(c_in, c_out, p):
 
 
 class Model(nn.Module):
-    """forward(img_q, img_s, m_s) -> {"logits" (B,2,H,W), "aux": FEM's per-scale logits}.
+    """forward(img_q, img_s, m_s) -> {"logits" (B,2,H,W), "aux": FEM's per-scale logits, "region_maps": {"guided",
+    "prior"}: (B,1,h,w) in [0, 1], high on the object (Table 7)}.
 
     prior_weights: F_p's state dict (build reads it from stage 1's file); None: a random F_p, for a checkpoint's
     weights to replace (or --untrained-prior). Built with build(cfg, setting)."""
@@ -215,7 +219,8 @@ class Model(nn.Module):
         f_q23 = self.down_query(f_q)  # (B, 256, h, w)
         logits, aux = self.fem(f_q23, guider, torch.cat([guided_map, prior_map], 1))  # (B, 2, h, w)
         logits = F.interpolate(logits, img_q.shape[-2:], mode="bilinear", align_corners=True)  # (B, 2, H, W)
-        return {"logits": logits, "aux": aux}
+        # Table 7, Eq. (16): the maps with R = V > alpha as their object region, so the prior map turned over (§4.3)
+        return {"logits": logits, "aux": aux, "region_maps": {"guided": guided_map, "prior": 1 - prior_map}}
 
     def loss(self, out, m_q, m_s=None):
         """Cross-entropy of the prediction plus aux_weight x the mean of FEM's per-scale ones (official L307-316)."""

@@ -4987,6 +4987,27 @@ class TestQGNet:
         assert (maps_other[:, 0] - maps[:, 0]).abs().max() > 1e-2
         assert torch.equal(maps_other[:, 1], maps[:, 1])
 
+    @pytest.mark.parametrize("S", [1, 5])
+    def test_qgnet_region_maps_are_fems_maps_high_on_the_object(self, qgnet_model, S):
+        """Table 7 (§5.4, Eq. 16): forward returns, in training and evaluation, the guided map FEM reads and the prior
+        map FEM reads turned over (1 - S_Q: §4.3 finds S_Q low on the object), each (B,1,h,w) in [0, 1]."""
+        img_q, img_s, m_s = qgnet_shifted_shots_episode(2, S, seed=14)
+        for training in (False, True):
+            qgnet_model.train(training)
+            seen = []
+            handle = qgnet_model.fem.register_forward_pre_hook(lambda module, args: seen.append(args[2]))
+            try:
+                with torch.no_grad():
+                    maps = qgnet_model(img_q, img_s, m_s)["region_maps"]
+            finally:
+                handle.remove()
+            assert set(maps) == {"guided", "prior"}
+            assert all(m.shape == (2, 1, 9, 9) and m.min() >= 0 and m.max() <= 1 for m in maps.values())
+            assert torch.equal(maps["guided"], seen[0][:, :1])
+            assert torch.equal(maps["prior"], 1 - seen[0][:, 1:])
+            assert torch.allclose(maps["prior"].amax((1, 2, 3)), torch.ones(2))  # min-max's 0 (Eq. 12) on top
+        qgnet_model.eval()
+
     def test_qgnet_loss_is_main_plus_aux_weight_times_mean_aux_by_hand(self, qgnet_model, monkeypatch):
         torch.manual_seed(11)
         logits = torch.randn(2, 2, 17, 17)
