@@ -23,7 +23,7 @@ An ablation of stage 1 is one --set, given to both commands:
 Paper -> code:
     §4.1.1 Eq. (1) global InfoNCE, §4.1.2 Eq. (2) local    info_nce; GlobalLocalContrast (queues, momentum keys)
     §4.1.2 Eq. (3) L = L_local + L_global; Table 6         GlobalLocalContrast.forward (PriorConfig.contrast)
-    §4.1.2 Algorithm 1: Felzenszwalb patches; Table 5      felzenszwalb, gaussian_blur (PriorConfig.patches)
+    §4.1.2 Algorithm 1: Felzenszwalb patches; Table 5      felzenszwalb, gaussian_blur; segmenter (PriorConfig.patches)
     §4.1.2 Eq. (4)-(7), Algorithm 2: SLIC patches          rgb_to_lab, slic, connected_components,
                                                             enforce_connectivity; superpixel_boxes
     §5.1 prior-extractor training, MoCo v2 augmentations    moco_v2_augmentation, UnlabeledImages, STAGES["prior"]
@@ -115,7 +115,7 @@ class PriorConfig:
     felzenszwalb_k: float = 300.0  # tau(C) = k / |C| on 0-255 intensities: Felzenszwalb & Huttenlocher's, 128 px
     felzenszwalb_sigma: float = 0.8  # their Gaussian smoothing before the graph
     # Ours: 50 px of the 128 px copy (a box of >= ~7 px). On six scikit-image photos this gave 9-33 segments of
-    # median area 1.3-3% (SLIC: 11-15 of 6-9%); min 20 (their code's example) 14-51 segments of 0.2-1.2%.
+    # median area 0.7-2.7% (SLIC: 11-15 of 6-9%); min 20 (their code's example) 14-51 of 0.2-1.2%.
     felzenszwalb_min_size: int = 50
 
 
