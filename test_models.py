@@ -45,6 +45,7 @@ import contextlib
 import copy
 import dataclasses
 import errno
+import functools
 import json
 import math
 import os
@@ -654,85 +655,12 @@ def ocnet_resnet():
     return ocnet.Model(ocnet.Config(backbone="resnet50", pretrained=False)).eval()
 
 
-QGNET_TINY_PRIOR = dict(prior_batch_size=4, prior_queue=8, prior_img_size=32, prior_patch_size=32, bn_splits=2)
-
-
-@pytest.fixture(scope="module")
-def qgnet_contrast():
-    torch.manual_seed(0)
-    return qgnet.GlobalLocalContrast(qgnet.PriorConfig(**QGNET_TINY_PRIOR))
-
-
-@pytest.fixture(scope="module")
-def qgnet_noisy_contrast():
-    """A tiny GlobalLocalContrast whose encoder_q differs from encoder_k (its copy at construction) by ~10% noise,
-    so that a check can tell which encoder a key came from. Relative noise: in eval mode a random ResNet-50's
-    activations already grow with depth, and uniformly larger weights would overflow them."""
-    torch.manual_seed(12)
-    model = qgnet.GlobalLocalContrast(qgnet.PriorConfig(**QGNET_TINY_PRIOR))
-    with torch.no_grad():
-        for p in model.encoder_q.parameters():
-            scale = p.abs().mean() if p.abs().max() > 0 else 0.01  # BN biases start at 0
-            p.add_(0.1 * scale * torch.randn_like(p))
-    return model
 
 
 @pytest.fixture(scope="module")
 def qgnet_model():
     torch.manual_seed(0)
     return qgnet.build(qgnet.Config(pretrained=False, untrained_prior=True), common.Setting(pretrained=False))
-
-
-# ---------------- SLIC (§4.1.2, Eq. 4-7, Algorithm 2) -----------------------------------------------------
-
-def qgnet_flat_regions(size=64):
-    """A synthetic image of four flat colours: background, a disc, a right band, a bottom-left block."""
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    region = torch.zeros(size, size, dtype=torch.long)
-    region[(yy - 30) ** 2 + (xx - 25) ** 2 < 15 ** 2] = 1
-    region[xx > 45] = 2
-    region[(yy > 50) & (xx < 30)] = 3
-    colours = torch.tensor([[0.2, 0.3, 0.8], [0.9, 0.1, 0.1], [0.1, 0.8, 0.2], [0.9, 0.9, 0.2]])
-    return colours[region].permute(2, 0, 1), region  # (3, H, W), (H, W)
-
-
-# ---------------- contrastive stage (§4.1, Eq. 1-3) -------------------------------------------------------
-
-def qgnet_info_nce_by_hand(q, k, queue, tau):
-    """Eq. (1)/(2) per sample: -log exp(q.k+/tau) / (exp(q.k+/tau) + sum_i exp(q.n_i/tau)), mean over the batch."""
-    losses = []
-    for n in range(len(q)):
-        pos = q[n] @ k[n] / tau
-        neg = q[n] @ queue / tau  # (K,)
-        losses.append(torch.logsumexp(torch.cat([pos[None], neg]), 0) - pos)
-    return torch.stack(losses).mean()
-
-
-def qgnet_shifted_shots_episode(B=2, S=2, size=65, seed=9):
-    """B random episodes whose shots have foreground boxes of their own (shifted per shot and per episode), the
-    first 4 columns 255 (background for the maps). -> img_q, img_s, m_s (no query label: the tests read FEM's
-    inputs)."""
-    g = torch.Generator().manual_seed(seed)
-    img_q, img_s = torch.randn(B, 3, size, size, generator=g), torch.randn(B, S, 3, size, size, generator=g)
-    m_s = torch.zeros(B, S, size, size, dtype=torch.long)
-    for b in range(B):
-        for s in range(S):
-            top, left = 5 + 12 * s + 3 * b, 8 + 9 * s
-            m_s[b, s, top:top + 25, left:left + 30] = 1
-    m_s[..., :4] = 255
-    return img_q, img_s, m_s
-
-
-def qgnet_fem_inputs(model, img_q, img_s, m_s):
-    """(f_q, guider, maps) as FEM receives them in model's forward."""
-    captured = []
-    handle = model.fem.register_forward_pre_hook(lambda module, args: captured.append(args))
-    try:
-        with torch.no_grad():
-            model(img_q, img_s, m_s)
-    finally:
-        handle.remove()
-    return captured[0]
 
 
 CRCNET_SIZE = 33  # 33 -> 5x5 features at output stride 8 (the backbone dominates the CPU time)
@@ -4592,7 +4520,309 @@ class TestOCNet:
 # few-shot stage (shapes, gradients, FEM's inputs and the loss by hand); both stages through train.py
 # ==========================================================================================================
 
+QGNET_TINY_PRIOR = dict(prior_batch_size=4, prior_queue=8, prior_img_size=32, prior_patch_size=32, bn_splits=2)
+
+
+def qgnet_tiny_contrast(contrast="local+global"):
+    """GlobalLocalContrast with QGNET_TINY_PRIOR's queues of 8 keys and 2 shuffle-BN sub-batches, MoCo v2's rest."""
+    cfg = qgnet.prior_config(QGNET_TINY_PRIOR, "pascal")
+    return qgnet.GlobalLocalContrast(contrast, cfg.embedding_dim, cfg.prior_queue, cfg.temperature, cfg.key_momentum,
+                                     cfg.bn_splits)
+
+
+@pytest.fixture(scope="module")
+def qgnet_contrast():
+    torch.manual_seed(0)
+    return qgnet_tiny_contrast()
+
+
+@pytest.fixture(scope="module")
+def qgnet_noisy_contrast():
+    """A tiny GlobalLocalContrast whose encoder_q differs from encoder_k (its copy at construction) by ~10% noise,
+    so that a check can tell which encoder a key came from. Relative noise: in eval mode a random ResNet-50's
+    activations already grow with depth, and uniformly larger weights would overflow them."""
+    torch.manual_seed(12)
+    model = qgnet_tiny_contrast()
+    with torch.no_grad():
+        for p in model.encoder_q.parameters():
+            scale = p.abs().mean() if p.abs().max() > 0 else 0.01  # BN biases start at 0
+            p.add_(0.1 * scale * torch.randn_like(p))
+    return model
+
+
+def qgnet_flat_regions(size=64):
+    """A synthetic image of four flat colours: background, a disc, a right band, a bottom-left block."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    region = torch.zeros(size, size, dtype=torch.long)
+    region[(yy - 30) ** 2 + (xx - 25) ** 2 < 15 ** 2] = 1
+    region[xx > 45] = 2
+    region[(yy > 50) & (xx < 30)] = 3
+    colours = torch.tensor([[0.2, 0.3, 0.8], [0.9, 0.1, 0.1], [0.1, 0.8, 0.2], [0.9, 0.9, 0.2]])
+    return colours[region].permute(2, 0, 1), region  # (3, H, W), (H, W)
+
+
+def qgnet_info_nce_by_hand(q, k, queue, tau):
+    """Eq. (1)/(2) per sample: -log exp(q.k+/tau) / (exp(q.k+/tau) + sum_i exp(q.n_i/tau)), mean over the batch."""
+    losses = []
+    for n in range(len(q)):
+        pos = q[n] @ k[n] / tau
+        neg = q[n] @ queue / tau  # (K,)
+        losses.append(torch.logsumexp(torch.cat([pos[None], neg]), 0) - pos)
+    return torch.stack(losses).mean()
+
+
+def qgnet_shifted_shots_episode(B=2, S=2, size=65, seed=9):
+    """B random episodes whose shots have foreground boxes of their own (shifted per shot and per episode), the
+    first 4 columns 255 (background for the maps). -> img_q, img_s, m_s (no query label: the tests read FEM's
+    inputs)."""
+    g = torch.Generator().manual_seed(seed)
+    img_q, img_s = torch.randn(B, 3, size, size, generator=g), torch.randn(B, S, 3, size, size, generator=g)
+    m_s = torch.zeros(B, S, size, size, dtype=torch.long)
+    for b in range(B):
+        for s in range(S):
+            top, left = 5 + 12 * s + 3 * b, 8 + 9 * s
+            m_s[b, s, top:top + 25, left:left + 30] = 1
+    m_s[..., :4] = 255
+    return img_q, img_s, m_s
+
+
+def qgnet_fem_inputs(model, img_q, img_s, m_s):
+    """(f_q, guider, maps) as FEM receives them in model's forward."""
+    captured = []
+    handle = model.fem.register_forward_pre_hook(lambda module, args: captured.append(args))
+    try:
+        with torch.no_grad():
+            model(img_q, img_s, m_s)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
 class TestQGNet:
+    # ---------------- contrastive learning (§4.1): InfoNCE (Eq. 1-2), queues, momentum keys, Eq. (3), Table 6 ------
+
+    def test_qgnet_info_nce_equals_eq1_by_hand(self):
+        torch.manual_seed(1)
+        q = torch.nn.functional.normalize(torch.randn(2, 3), dim=1)
+        k = torch.nn.functional.normalize(torch.randn(2, 3), dim=1)
+        queue = torch.nn.functional.normalize(torch.randn(3, 4), dim=0)
+        tau = 0.2
+        direct = 0.0
+        for n in range(2):
+            pos = math.exp(float(q[n] @ k[n]) / tau)
+            neg = sum(math.exp(float(q[n] @ queue[:, i]) / tau) for i in range(4))
+            direct += -math.log(pos / (neg + pos)) / 2
+        assert qgnet.info_nce(q, k, queue, tau).item() == pytest.approx(direct, rel=1e-5)
+
+    def test_qgnet_queue_advances_and_wraps(self, qgnet_contrast):
+        qgnet_contrast.queue_global_ptr.zero_()
+        batches = [torch.full((3, 128), float(i)) for i in (1, 2, 3)]
+        for keys in batches:
+            qgnet_contrast.enqueue("queue_global", keys)
+        assert qgnet_contrast.queue_global_ptr.item() == 9 % 8
+        assert qgnet_contrast.queue_global[0].tolist() == [3, 1, 1, 2, 2, 2, 3, 3]  # slots 6, 7, 0 took the third batch
+        qgnet_contrast.enqueue("queue_global", torch.arange(10.0)[:, None].expand(10, 128))  # more keys than slots
+        assert sorted(qgnet_contrast.queue_global[0].tolist()) == list(range(2, 10))  # the newest 8 kept
+
+    def test_qgnet_one_pretraining_step_moves_query_encoder_and_momentum_key(self, qgnet_contrast):
+        # the step moves weights and queues: the fixture's stay as they are
+        qgnet_contrast = copy.deepcopy(qgnet_contrast)
+        torch.manual_seed(2)
+        qgnet_contrast.train()
+        optimizer = torch.optim.SGD(qgnet_contrast.encoder_q.parameters(), lr=0.1, momentum=0.9)
+        # encoder_k starts as a copy of encoder_q: make them differ, or a missing update can't show
+        with torch.no_grad():
+            for p in qgnet_contrast.encoder_q.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        q0 = [p.detach().clone() for p in qgnet_contrast.encoder_q.parameters()]
+        k0 = [p.detach().clone() for p in qgnet_contrast.encoder_k.parameters()]
+        assert not any(torch.equal(a, b) for a, b in zip(k0, q0))
+        ptr0 = qgnet_contrast.queue_local_ptr.item()
+        batch = {name: torch.randn(4, 3, 32, 32) for name in ("img_q", "img_k", "patch_q", "patch_k")}
+        loss, terms = qgnet_contrast(**batch)
+        assert set(terms) == {"global", "local"} and torch.isfinite(loss)
+        assert loss.item() == pytest.approx((terms["global"] + terms["local"]).item())  # Eq. (3)
+        m = qgnet_contrast.key_momentum
+        for p_k, a, b in zip(qgnet_contrast.encoder_k.parameters(), k0, q0):
+            # theta_k <- m theta_k + (1 - m) theta_q, to rounding; without the update p_k stays at a, 1e-3 |b - a| away
+            assert torch.allclose(p_k, m * a + (1 - m) * b, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(qgnet_contrast.encoder_k.conv1.weight, k0[0])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert all(p.grad is None for p in qgnet_contrast.encoder_k.parameters())
+        assert all(p.grad is not None for p in qgnet_contrast.encoder_q.parameters())
+        assert not torch.equal(qgnet_contrast.encoder_q.conv1.weight, q0[0])
+        # the optimizer step leaves encoder_k alone
+        for p_k, a, b in zip(qgnet_contrast.encoder_k.parameters(), k0, q0):
+            assert torch.allclose(p_k, m * a + (1 - m) * b, rtol=1e-6, atol=1e-7)
+        assert qgnet_contrast.queue_local_ptr.item() == (ptr0 + 4) % 8
+        fresh = qgnet_contrast.queue_local[:, [(ptr0 + i) % 8 for i in range(4)]]
+        assert torch.allclose(fresh.norm(dim=0), torch.ones(4), atol=1e-5)  # normalised keys went in
+
+    def test_qgnet_keys_come_from_the_momentum_encoder_in_input_order(self, qgnet_noisy_contrast):
+        torch.manual_seed(6)
+        qgnet_noisy_contrast.eval()  # BN from running statistics: shuffling can then change only the order of the keys
+        x = torch.randn(6, 3, 32, 32)
+        with torch.no_grad():
+            expected = F.normalize(qgnet_noisy_contrast.encoder_k(x), dim=1)  # (6, D), row i = image i
+            from_q = F.normalize(qgnet_noisy_contrast.encoder_q(x), dim=1)
+        assert (expected @ expected.T - torch.eye(6)).max() < 1 - 1e-3  # distinct keys: a permutation would show
+        assert not torch.allclose(from_q, expected, atol=1e-3)  # and the two encoders can be told apart
+        for _ in range(2):  # a new random shuffle each call, always undone
+            keys = qgnet_noisy_contrast.keys(x)
+            assert keys.shape == (6, qgnet_noisy_contrast.dim)
+            assert torch.allclose(keys, expected, atol=1e-5)
+
+    def test_qgnet_shuffle_bn_uses_shuffled_sub_batches_and_restores_the_order(self, qgnet_noisy_contrast, monkeypatch):
+        torch.manual_seed(7)
+        qgnet_noisy_contrast.train()  # BN from batch statistics: a key depends on the sub-batch it was computed in
+        x = torch.randn(4, 3, 32, 32)
+        order = torch.tensor([2, 0, 3, 1])
+        monkeypatch.setattr(torch, "randperm", lambda n, **kwargs: order.clone())
+        keys = qgnet_noisy_contrast.keys(x)  # bn_splits 2: sub-batches x[[2, 0]] and x[[3, 1]]
+        # by hand: each sub-batch through encoder_k, its keys written back to the rows of their own images
+        expected = torch.empty_like(keys)
+        with torch.no_grad():
+            expected[[2, 0]] = F.normalize(qgnet_noisy_contrast.encoder_k(x[[2, 0]]), dim=1)
+            expected[[3, 1]] = F.normalize(qgnet_noisy_contrast.encoder_k(x[[3, 1]]), dim=1)
+            unshuffled = F.normalize(torch.cat([qgnet_noisy_contrast.encoder_k(x[:2]),
+                                                qgnet_noisy_contrast.encoder_k(x[2:])]), dim=1)
+        assert torch.allclose(keys, expected, atol=1e-5)
+        assert not torch.allclose(keys, unshuffled, atol=1e-3)  # the sub-batches really were the shuffled ones
+        assert not torch.allclose(keys, keys[order], atol=1e-3)  # and the order matters
+
+    def test_qgnet_step_contrasts_images_with_image_queue_and_patches_with_patch_queue(self, qgnet_noisy_contrast):
+        torch.manual_seed(8)
+        qgnet_noisy_contrast.eval()  # deterministic queries and keys, so they can be recomputed after the step
+        batch = {name: torch.randn(4, 3, 32, 32) for name in ("img_q", "img_k", "patch_q", "patch_k")}
+        queue_g, queue_l = qgnet_noisy_contrast.queue_global.clone(), qgnet_noisy_contrast.queue_local.clone()
+        ptr_g, ptr_l = qgnet_noisy_contrast.queue_global_ptr.item(), qgnet_noisy_contrast.queue_local_ptr.item()
+        assert not torch.allclose(queue_g, queue_l, atol=1e-2)  # two different dictionaries, so a mix-up shows
+        loss, terms = qgnet_noisy_contrast(**batch)
+        with torch.no_grad():  # queries from encoder_q, keys from encoder_k as it is after this step's momentum update
+            q, q_p = (F.normalize(qgnet_noisy_contrast.encoder_q(batch[n]), dim=1) for n in ("img_q", "patch_q"))
+            k, k_p = (F.normalize(qgnet_noisy_contrast.encoder_k(batch[n]), dim=1) for n in ("img_k", "patch_k"))
+        tau = qgnet_noisy_contrast.temperature
+        # Eq. (1): images against the image keys K; Eq. (2): patches against the patch keys M; queues as before the step
+        assert terms["global"].item() == pytest.approx(qgnet_info_nce_by_hand(q, k, queue_g, tau).item(), rel=1e-4)
+        assert terms["local"].item() == pytest.approx(qgnet_info_nce_by_hand(q_p, k_p, queue_l, tau).item(), rel=1e-4)
+        assert loss.item() == pytest.approx((terms["global"] + terms["local"]).item())  # Eq. (3)
+        # then this batch's image keys replace the 4 oldest image keys, its patch keys the 4 oldest patch keys
+        for queue, before, ptr, new in ((qgnet_noisy_contrast.queue_global, queue_g, ptr_g, k),
+                                        (qgnet_noisy_contrast.queue_local, queue_l, ptr_l, k_p)):
+            slots = [(ptr + i) % 8 for i in range(4)]
+            kept = [i for i in range(8) if i not in slots]
+            assert torch.allclose(queue[:, slots], new.T, atol=1e-5)
+            assert torch.equal(queue[:, kept], before[:, kept])
+
+    @pytest.mark.parametrize("contrast", ["global", "local"])
+    def test_qgnet_one_contrast_alone_builds_its_queue_and_encodes_its_views_only(self, contrast):
+        """Table 6: L_global or L_local alone. The other loss's queue is not built (its buffers missing, the
+        parameters shared), its views are neither loaded nor encoded, and the loss is the one term, by hand."""
+        torch.manual_seed(13)
+        both, alone = qgnet_tiny_contrast(), qgnet_tiny_contrast(contrast)
+        other = {"global": "local", "local": "global"}[contrast]
+        assert alone.contrasts == [contrast] and both.contrasts == ["global", "local"]
+        names = {n for n, _ in alone.named_buffers() if n.startswith("queue")}
+        assert names == {f"queue_{contrast}", f"queue_{contrast}_ptr"}
+        numel = lambda net, kind: sum(t.numel() for t in getattr(net, kind)())  # noqa: E731
+        assert numel(both, "buffers") - numel(alone, "buffers") == 128 * 8 + 1  # one queue (D x K) and its pointer
+        assert numel(both, "parameters") == numel(alone, "parameters")  # one encoder pair serves both losses
+        calls = {"encoder_q": [], "encoder_k": []}
+        for name, log in calls.items():
+            getattr(alone, name).register_forward_hook(lambda m, args, out, log=log: log.append(args[0]))
+        alone.eval()  # deterministic: the loss can be recomputed
+        views = {"global": ("img_q", "img_k"), "local": ("patch_q", "patch_k")}
+        batch = {name: torch.randn(4, 3, 32, 32) for name in views[contrast]}
+        queue = getattr(alone, f"queue_{contrast}").clone()
+        loss, terms = alone(**batch)
+        query, key = (batch[name] for name in views[contrast])
+        assert len(calls["encoder_q"]) == 1 and torch.equal(calls["encoder_q"][0], query)
+        assert len(calls["encoder_k"]) == 2 and sorted(torch.cat(calls["encoder_k"]).sum((1, 2, 3)).tolist()) == \
+            sorted(key.sum((1, 2, 3)).tolist())  # two shuffle-BN sub-batches of the key views, nothing else
+        with torch.no_grad():
+            q = F.normalize(alone.encoder_q(query), dim=1)
+            k = F.normalize(alone.encoder_k(key), dim=1)
+        assert set(terms) == {contrast} and loss.item() == terms[contrast].item()
+        assert loss.item() == pytest.approx(qgnet_info_nce_by_hand(q, k, queue, alone.temperature).item(), rel=1e-4)
+        assert torch.isfinite(loss) and loss.requires_grad
+        # the data side: a view set without the other loss's views; no boxes: no patch at all
+        episodes = data.build_dataset("synthetic", "train", 0, img_size=64, train_length=1)
+        boxes = [[[0, 0, 32, 32]]]
+        sample = qgnet.UnlabeledImages([(episodes, 0)], 32 if contrast == "global" else None,
+                                       boxes if contrast == "local" else None, 32)[0]
+        assert set(sample) == set(views[contrast]) and not set(sample) & set(views[other])
+
+    # ---------------- local patches (§4.1.2): Felzenszwalb (Algorithm 1), SLIC (Algorithm 2), boxes, views ---------
+
+    def test_qgnet_felzenszwalb_merges_by_int_plus_k_over_size_by_hand(self):
+        """Algorithm 1 on a strip of four pixels, red 0, a, 3a, 6a (a = 31.875 in 0-255 units; green, blue 0): the
+        edges weigh a, 2a, 3a. A singleton's threshold is Int + k/|C| = k."""
+        strip = torch.zeros(3, 1, 4, dtype=torch.float64)
+        strip[0, 0] = torch.tensor([0, 1, 3, 6]) / 8  # x 255: 0, 31.875, 95.625, 191.25, exact in binary
+        a = 31.875
+
+        def segments(k):
+            return qgnet.felzenszwalb(strip, k, sigma=0, min_size=1)[0].tolist()
+        # k = 1.5a: edge a <= min(1.5a, 1.5a) joins {0, 1} (Int a); edge 2a > min(a + 1.5a/2, 1.5a) = 1.5a; 3a > 1.5a
+        assert segments(1.5 * a) == [0, 0, 1, 2]
+        # k = 2.5a: edge 2a <= min(Int a + 2.5a/2, 2.5a) = 2.25a joins {0, 1, 2} (Int 2a): Int counts, as k/|C| alone
+        # (1.25a) would refuse; edge 3a > min(2a + 2.5a/3, 2.5a) = 2.5a
+        assert segments(2.5 * a) == [0, 0, 0, 1]
+        # k = 3a: edge 3a <= min(2a + 3a/3, 3a) = 3a: equal, so joined (Algorithm 1's <=)
+        assert segments(3 * a) == [0, 0, 0, 0]
+        assert segments(2.999 * a) == [0, 0, 0, 1]
+
+    def test_qgnet_felzenszwalb_splits_two_flat_regions_exactly(self):
+        img = torch.zeros(3, 16, 32, dtype=torch.float64)
+        img[:, :, :16] = torch.tensor([0.25, 0.5, 0.75])[:, None, None]
+        img[:, :, 16:] = torch.tensor([0.25, 0.5, 0.25])[:, None, None]  # blue differs by 0.5: 127.5 in 0-255 units
+        halves = torch.zeros(16, 32, dtype=torch.long)
+        halves[:, 16:] = 1
+        # unblurred: each half joins along its zero-weight edges first (Int 0, 256 px); across the border every edge
+        # weighs 127.5, joined iff 127.5 <= k / 256, i.e. k >= 32640
+        assert torch.equal(qgnet.felzenszwalb(img, 32639.0, sigma=0, min_size=1), halves)
+        assert qgnet.felzenszwalb(img, 32640.0, sigma=0, min_size=1).unique().tolist() == [0]
+        cfg = qgnet.PriorConfig()  # the defaults (blurred border included) split it at the border too
+        assert torch.equal(qgnet.felzenszwalb(img, cfg.felzenszwalb_k, cfg.felzenszwalb_sigma,
+                                              cfg.felzenszwalb_min_size), halves)
+        region = qgnet_flat_regions()[1]  # four flat colours: exactly their four regions
+        labels = qgnet.felzenszwalb(qgnet_flat_regions()[0], 300.0, sigma=0, min_size=1)
+        assert len({(int(r), int(l)) for r, l in zip(region.flatten(), labels.flatten())}) == 4 == labels.max() + 1
+
+    def test_qgnet_felzenszwalb_graph_is_8_connected_and_small_components_join_the_cheapest_neighbour(self):
+        a, b = torch.tensor([0.0, 0.0, 0.0]), torch.tensor([1.0, 1.0, 1.0])
+        chequer = torch.stack([torch.stack([a, b]), torch.stack([b, a])]).permute(2, 0, 1)  # (3, 2, 2): a b / b a
+        # each colour's two pixels touch only diagonally: one component per diagonal
+        (p, q), (r, t) = qgnet.felzenszwalb(chequer, 1.0, sigma=0, min_size=1).tolist()
+        assert p == t and q == r and p != q
+        img = torch.zeros(3, 6, 8, dtype=torch.float64)
+        img[:, :, 4:] = 1.0  # left black (24 px), right white (24 px)
+        img[:, 2:4, 3] = 0.375  # a 2-px blob in the left half, at the border: 95.6 from black, 159.4 from white
+        labels = qgnet.felzenszwalb(img, 1.0, sigma=0, min_size=1)
+        assert labels.max() == 2  # k = 1 joins no different colours
+        merged = qgnet.felzenszwalb(img, 1.0, sigma=0, min_size=3)  # the blob is under 3 px: it joins black
+        expected = torch.zeros(6, 8, dtype=torch.long)
+        expected[:, 4:] = 1
+        assert torch.equal(merged, expected)
+        assert torch.equal(qgnet.felzenszwalb(img, 1.0, sigma=0, min_size=25), torch.zeros(6, 8, dtype=torch.long))
+
+    def test_qgnet_gaussian_blur_by_hand(self):
+        row = np.zeros((1, 1, 9))
+        row[0, 0, 4] = 1.0  # an impulse
+        g = np.exp(-0.5 * (np.arange(-3, 4) / 0.8) ** 2)  # radius int(4 x 0.8 + 0.5) = 3
+        g /= g.sum()
+        out = qgnet.gaussian_blur(row, 0.8)
+        assert np.allclose(out[0, 0, 1:8], g) and out[0, 0, 0] == 0 and out[0, 0, 8] == 0
+        row = np.zeros((1, 1, 9))
+        row[0, 0, 0] = 1.0  # at the edge, mirrored with the edge pixel repeated: ... x1 x0 | x0 x1 ...
+        out = qgnet.gaussian_blur(row, 0.8)
+        # padded x2 x1 x0 | x0 x1 ...: out[0] = g(0) x0 + g(-1) x0, out[1] = g(-1) x0 + g(-2) x0, ...
+        assert np.allclose(out[0, 0, :5], [g[3] + g[2], g[2] + g[1], g[1] + g[0], g[0], 0])
+        assert qgnet.gaussian_blur(row, 0) is row
+        assert np.allclose(qgnet.gaussian_blur(np.ones((3, 5, 7)), 0.8), 1.0)  # weights sum to 1, also at the edges
+
     def test_qgnet_rgb_to_lab_reference_colours(self):
         rgb = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]).T[:, :, None]  # (3, 3, 1)
         lab = qgnet.rgb_to_lab(rgb)[:, :, 0].T
@@ -4649,11 +4879,23 @@ class TestQGNet:
             edge = region[a] != region[b]
             assert (labels[a][edge] != labels[b][edge]).all()  # every region boundary is a superpixel boundary
 
+    def test_qgnet_felzenszwalb_patches_are_smaller_than_slic_ones(self):
+        """§5.4 on Fig. 4: SLIC's patches are the larger. The defaults on synthetic images (128 px, as the stage's
+        copies): a smaller median segment than SLIC's 16 superpixels, none under min_size."""
+        cfg = qgnet.PriorConfig()
+        episodes = data.build_dataset("synthetic", "train", 0, img_size=128, train_length=4)
+        for i in range(4):
+            img = qgnet.load_unlabeled((episodes, i)).float() / 255
+            fh = torch.bincount(qgnet.felzenszwalb(img, cfg.felzenszwalb_k, cfg.felzenszwalb_sigma,
+                                                   cfg.felzenszwalb_min_size).flatten())
+            superpixels = torch.bincount(qgnet.slic(img, cfg.slic_segments, cfg.slic_compactness).flatten())
+            assert fh.float().median() < superpixels.float().median() and fh.min() >= cfg.felzenszwalb_min_size, i
+
     def test_qgnet_superpixel_boxes_cover_the_image_in_original_pixels(self):
         img = (qgnet_flat_regions(64)[0] * 255).round().to(torch.uint8)
         img = torch.nn.functional.interpolate(img[None].float(), size=(120, 90), mode="nearest")[0].to(torch.uint8)
-        cfg = qgnet.PriorConfig(slic_side=64, slic_segments=8)
-        boxes = qgnet.superpixel_boxes(img, cfg)  # SLIC on a 64 x 48 copy, boxes in the 120 x 90 pixels
+        slic = functools.partial(qgnet.slic, n_segments=8, compactness=10.0)
+        boxes = qgnet.superpixel_boxes(img, slic, 64)  # SLIC on a 64 x 48 copy, boxes in the 120 x 90 pixels
         assert boxes.shape[1] == 4 and len(boxes) >= 4
         assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 120).all() and (boxes[:, 3] <= 90).all()
         assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
@@ -4666,9 +4908,9 @@ class TestQGNet:
     def test_qgnet_unlabeled_images_give_two_views_of_image_and_patch(self):
         episodes = data.build_dataset("synthetic", "train", 0, img_size=64, train_length=2)
         items = [(episodes, 0), (episodes, 1)]
-        cfg = qgnet.PriorConfig(**QGNET_TINY_PRIOR, slic_side=64)
-        boxes = [qgnet.SuperpixelBoxes(items, cfg)[i] for i in range(2)]
-        sample = qgnet.UnlabeledImages(items, boxes, cfg)[1]
+        slic = functools.partial(qgnet.slic, n_segments=16, compactness=10.0)
+        boxes = [qgnet.SuperpixelBoxes(items, slic, 64)[i] for i in range(2)]
+        sample = qgnet.UnlabeledImages(items, 32, boxes, 32)[1]
         assert {k: tuple(v.shape) for k, v in sample.items()} == {
             "img_q": (3, 32, 32), "img_k": (3, 32, 32), "patch_q": (3, 32, 32), "patch_k": (3, 32, 32)}
         assert not torch.equal(sample["img_q"], sample["img_k"])  # two random views
@@ -4676,122 +4918,7 @@ class TestQGNet:
         rendered = qgnet.load_unlabeled(items[1])
         assert rendered.dtype == torch.uint8 and rendered.shape == (3, 64, 64)
 
-    def test_qgnet_info_nce_equals_eq1_by_hand(self):
-        torch.manual_seed(1)
-        q = torch.nn.functional.normalize(torch.randn(2, 3), dim=1)
-        k = torch.nn.functional.normalize(torch.randn(2, 3), dim=1)
-        queue = torch.nn.functional.normalize(torch.randn(3, 4), dim=0)
-        tau = 0.2
-        direct = 0.0
-        for n in range(2):
-            pos = math.exp(float(q[n] @ k[n]) / tau)
-            neg = sum(math.exp(float(q[n] @ queue[:, i]) / tau) for i in range(4))
-            direct += -math.log(pos / (neg + pos)) / 2
-        assert qgnet.info_nce(q, k, queue, tau).item() == pytest.approx(direct, rel=1e-5)
-
-    def test_qgnet_queue_advances_and_wraps(self, qgnet_contrast):
-        qgnet_contrast.queue_global_ptr.zero_()
-        batches = [torch.full((3, 128), float(i)) for i in (1, 2, 3)]
-        for keys in batches:
-            qgnet_contrast.enqueue("queue_global", keys)
-        assert qgnet_contrast.queue_global_ptr.item() == 9 % 8
-        assert qgnet_contrast.queue_global[0].tolist() == [3, 1, 1, 2, 2, 2, 3, 3]  # slots 6, 7, 0 took the third batch
-        qgnet_contrast.enqueue("queue_global", torch.arange(10.0)[:, None].expand(10, 128))  # more keys than slots
-        assert sorted(qgnet_contrast.queue_global[0].tolist()) == list(range(2, 10))  # the newest 8 kept
-
-    def test_qgnet_one_pretraining_step_moves_query_encoder_and_momentum_key(self, qgnet_contrast):
-        # the step moves weights and queues: the fixture's stay as they are
-        qgnet_contrast = copy.deepcopy(qgnet_contrast)
-        torch.manual_seed(2)
-        qgnet_contrast.train()
-        optimizer = torch.optim.SGD(qgnet_contrast.encoder_q.parameters(), lr=0.1, momentum=0.9)
-        # encoder_k starts as a copy of encoder_q: make them differ, or a missing update can't show
-        with torch.no_grad():
-            for p in qgnet_contrast.encoder_q.parameters():
-                p.add_(0.01 * torch.randn_like(p))
-        q0 = [p.detach().clone() for p in qgnet_contrast.encoder_q.parameters()]
-        k0 = [p.detach().clone() for p in qgnet_contrast.encoder_k.parameters()]
-        assert not any(torch.equal(a, b) for a, b in zip(k0, q0))
-        ptr0 = qgnet_contrast.queue_local_ptr.item()
-        batch = {name: torch.randn(4, 3, 32, 32) for name in ("img_q", "img_k", "patch_q", "patch_k")}
-        loss, terms = qgnet_contrast(**batch)
-        assert set(terms) == {"global", "local"} and torch.isfinite(loss)
-        assert loss.item() == pytest.approx((terms["global"] + terms["local"]).item())  # Eq. (3)
-        m = qgnet_contrast.cfg.momentum
-        for p_k, a, b in zip(qgnet_contrast.encoder_k.parameters(), k0, q0):
-            # theta_k <- m theta_k + (1 - m) theta_q, to rounding; without the update p_k stays at a, 1e-3 |b - a| away
-            assert torch.allclose(p_k, m * a + (1 - m) * b, rtol=1e-6, atol=1e-7)
-        assert not torch.equal(qgnet_contrast.encoder_k.conv1.weight, k0[0])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        assert all(p.grad is None for p in qgnet_contrast.encoder_k.parameters())
-        assert all(p.grad is not None for p in qgnet_contrast.encoder_q.parameters())
-        assert not torch.equal(qgnet_contrast.encoder_q.conv1.weight, q0[0])
-        # the optimizer step leaves encoder_k alone
-        for p_k, a, b in zip(qgnet_contrast.encoder_k.parameters(), k0, q0):
-            assert torch.allclose(p_k, m * a + (1 - m) * b, rtol=1e-6, atol=1e-7)
-        assert qgnet_contrast.queue_local_ptr.item() == (ptr0 + 4) % 8
-        fresh = qgnet_contrast.queue_local[:, [(ptr0 + i) % 8 for i in range(4)]]
-        assert torch.allclose(fresh.norm(dim=0), torch.ones(4), atol=1e-5)  # normalised keys went in
-
-    def test_qgnet_keys_come_from_the_momentum_encoder_in_input_order(self, qgnet_noisy_contrast):
-        torch.manual_seed(6)
-        qgnet_noisy_contrast.eval()  # BN from running statistics: shuffling can then change only the order of the keys
-        x = torch.randn(6, 3, 32, 32)
-        with torch.no_grad():
-            expected = F.normalize(qgnet_noisy_contrast.encoder_k(x), dim=1)  # (6, D), row i = image i
-            from_q = F.normalize(qgnet_noisy_contrast.encoder_q(x), dim=1)
-        assert (expected @ expected.T - torch.eye(6)).max() < 1 - 1e-3  # distinct keys: a permutation would show
-        assert not torch.allclose(from_q, expected, atol=1e-3)  # and the two encoders can be told apart
-        for _ in range(2):  # a new random shuffle each call, always undone
-            keys = qgnet_noisy_contrast.keys(x)
-            assert keys.shape == (6, qgnet_noisy_contrast.cfg.dim)
-            assert torch.allclose(keys, expected, atol=1e-5)
-
-    def test_qgnet_shuffle_bn_uses_shuffled_sub_batches_and_restores_the_order(self, qgnet_noisy_contrast, monkeypatch):
-        torch.manual_seed(7)
-        qgnet_noisy_contrast.train()  # BN from batch statistics: a key depends on the sub-batch it was computed in
-        x = torch.randn(4, 3, 32, 32)
-        order = torch.tensor([2, 0, 3, 1])
-        monkeypatch.setattr(torch, "randperm", lambda n, **kwargs: order.clone())
-        keys = qgnet_noisy_contrast.keys(x)  # bn_splits 2: sub-batches x[[2, 0]] and x[[3, 1]]
-        # by hand: each sub-batch through encoder_k, its keys written back to the rows of their own images
-        expected = torch.empty_like(keys)
-        with torch.no_grad():
-            expected[[2, 0]] = F.normalize(qgnet_noisy_contrast.encoder_k(x[[2, 0]]), dim=1)
-            expected[[3, 1]] = F.normalize(qgnet_noisy_contrast.encoder_k(x[[3, 1]]), dim=1)
-            unshuffled = F.normalize(torch.cat([qgnet_noisy_contrast.encoder_k(x[:2]),
-                                                qgnet_noisy_contrast.encoder_k(x[2:])]), dim=1)
-        assert torch.allclose(keys, expected, atol=1e-5)
-        assert not torch.allclose(keys, unshuffled, atol=1e-3)  # the sub-batches really were the shuffled ones
-        assert not torch.allclose(keys, keys[order], atol=1e-3)  # and the order matters
-
-    def test_qgnet_step_contrasts_images_with_image_queue_and_patches_with_patch_queue(self, qgnet_noisy_contrast):
-        torch.manual_seed(8)
-        qgnet_noisy_contrast.eval()  # deterministic queries and keys, so they can be recomputed after the step
-        batch = {name: torch.randn(4, 3, 32, 32) for name in ("img_q", "img_k", "patch_q", "patch_k")}
-        queue_g, queue_l = qgnet_noisy_contrast.queue_global.clone(), qgnet_noisy_contrast.queue_local.clone()
-        ptr_g, ptr_l = qgnet_noisy_contrast.queue_global_ptr.item(), qgnet_noisy_contrast.queue_local_ptr.item()
-        assert not torch.allclose(queue_g, queue_l, atol=1e-2)  # two different dictionaries, so a mix-up shows
-        loss, terms = qgnet_noisy_contrast(**batch)
-        with torch.no_grad():  # queries from encoder_q, keys from encoder_k as it is after this step's momentum update
-            q, q_p = (F.normalize(qgnet_noisy_contrast.encoder_q(batch[n]), dim=1) for n in ("img_q", "patch_q"))
-            k, k_p = (F.normalize(qgnet_noisy_contrast.encoder_k(batch[n]), dim=1) for n in ("img_k", "patch_k"))
-        tau = qgnet_noisy_contrast.cfg.temperature
-        # Eq. (1): images against the image keys K; Eq. (2): patches against the patch keys M; queues as before the step
-        assert terms["global"].item() == pytest.approx(qgnet_info_nce_by_hand(q, k, queue_g, tau).item(), rel=1e-4)
-        assert terms["local"].item() == pytest.approx(qgnet_info_nce_by_hand(q_p, k_p, queue_l, tau).item(), rel=1e-4)
-        assert loss.item() == pytest.approx((terms["global"] + terms["local"]).item())  # Eq. (3)
-        # then this batch's image keys replace the 4 oldest image keys, its patch keys the 4 oldest patch keys
-        for queue, before, ptr, new in ((qgnet_noisy_contrast.queue_global, queue_g, ptr_g, k),
-                                        (qgnet_noisy_contrast.queue_local, queue_l, ptr_l, k_p)):
-            slots = [(ptr + i) % 8 for i in range(4)]
-            kept = [i for i in range(8) if i not in slots]
-            assert torch.allclose(queue[:, slots], new.T, atol=1e-5)
-            assert torch.equal(queue[:, kept], before[:, kept])
-
-    # ---------------- the stage-1 file: the prior extractor it loads, its paths and errors, the prior stage ---
+    # ---------------- P_q = F_p(I_q) (§4.2, Eq. 8): the stage-1 file, its path and values --------------------------
 
     def test_qgnet_prior_checkpoint_is_loaded_as_dilated_momentum_encoder(self, qgnet_contrast, tmp_path):
         path = tmp_path / "prior.pt"
@@ -4818,7 +4945,7 @@ class TestQGNet:
 
         def never(*args, **kwargs):
             raise AssertionError("QGNet built before its stage-1 file was checked")
-        monkeypatch.setattr(qgnet.QGNet, "__init__", never)  # the file is checked first: no network, no forward
+        monkeypatch.setattr(qgnet.Model, "__init__", never)  # the file is checked first: no network, no forward
         path = tmp_path / "absent.pt"
         with pytest.raises(common.WeightsUnavailableError) as err:
             qgnet.build(qgnet.Config(pretrained=False, prior_checkpoint=str(path)),
@@ -4854,67 +4981,63 @@ class TestQGNet:
             assert str(bad) in str(err.value) and "--model qgnet --stage prior --dataset synthetic" in str(err.value)
 
     def test_qgnet_prior_paths(self):
-        assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="pascal", fold=1))) == \
+        assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="pascal", fold=1), {})) == \
             "runs/qgnet-prior-pascal-fold1/prior_extractor.pt"
-        assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="coco"), True)) == \
+        assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="coco"), {"prior_all_images": True})) == \
             "runs/qgnet-prior-coco-fold0-all/prior_extractor.pt"
-        assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="coco"), True, "x/y.pt")) == "x/y.pt"
+        assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="coco"), {
+            "prior_all_images": True, "prior_checkpoint": "x/y.pt", "patches": "felzenszwalb"})) == "x/y.pt"
         # COCO's two splits hold other classes in a fold: each has its own file
-        assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="coco", fold=2, coco_split="contiguous"))) == \
-            "runs/qgnet-prior-coco-contiguous-fold2/prior_extractor.pt"
+        assert str(qgnet.prior_checkpoint_path(common.Setting(dataset="coco", fold=2, coco_split="contiguous"), {})) \
+            == "runs/qgnet-prior-coco-contiguous-fold2/prior_extractor.pt"
+        # every stage-1 value that differs from the dataset's recipe, sorted; one equal to it names nothing
+        pascal, coco = common.Setting(dataset="pascal"), common.Setting(dataset="coco")
+        path = lambda run, **values: str(qgnet.prior_checkpoint_path(run, values)).split("/")[1]  # noqa: E731
+        assert path(pascal, patches="felzenszwalb") == "qgnet-prior-pascal-fold0-patches=felzenszwalb"
+        assert path(pascal, prior_epochs=2000, patches="felzenszwalb", contrast="local", prior_all_images=True) == \
+            "qgnet-prior-pascal-fold0-all-contrast=local-patches=felzenszwalb-prior_epochs=2000"
+        assert path(pascal, prior_epochs=1000, patches="slic", contrast="local+global") == "qgnet-prior-pascal-fold0"
+        assert path(coco, prior_epochs=200) == "qgnet-prior-coco-fold0"  # §5.1: COCO's 200 is its recipe
+        assert path(coco, prior_epochs=1000) == "qgnet-prior-coco-fold0-prior_epochs=1000"
+        assert path(pascal, key_momentum=0.99, prior_lr=0.06) == \
+            "qgnet-prior-pascal-fold0-key_momentum=0.99-prior_lr=0.06"
 
-    def test_qgnet_stage_1_is_a_run_and_its_file_serves_only_the_images_it_saw(self, tmp_path, monkeypatch, capsys):
-        """--stage prior keeps its file unless --resume (with its own values) or --overwrite; the few-shot stage refuses
-        a file of other images (another fold or split could hold its novel classes) and an unfinished one."""
+    def test_qgnet_fewshot_stage_reads_the_stage_1_file_its_values_name(self, qgnet_contrast, tmp_path, monkeypatch):
+        """The few-shot stage of a Table 5 / 6 row (its stage-1 values as --set) reads the file they name, refuses
+        one made with other values, points to the command that makes it, and runs 1- and 5-shot."""
         monkeypatch.chdir(tmp_path)
-        flags = ["--model", "qgnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0", "--img-size", "64",
-                 "--stage", "prior", "--train-length", "8", "--prior-batch-size", "4", "--prior-queue", "8",
-                 "--prior-img-size", "32", "--log-every", "1", "--fold", "1"]
-        path = tmp_path / "runs" / "qgnet-prior-synthetic-fold1" / "prior_extractor.pt"
-        assert (train.main([*flags, "--prior-epochs", "1"])
-                == Path("runs/qgnet-prior-synthetic-fold1/prior_extractor.pt"))
-        before = path.read_bytes()
-        with pytest.raises(SystemExit, match="holds a run already .prior_extractor.pt, epoch 1."):
-            train.main([*flags, "--prior-epochs", "1"])
-        with pytest.raises(SystemExit) as err:  # a resumed stage keeps its values
-            train.main([*flags, "--prior-epochs", "2", "--resume"])
-        assert "was made with other stage-1 values (prior_epochs 1 (now 2))" in str(err.value.code)
-        assert path.read_bytes() == before
-        state = torch.load(path, weights_only=True)
-        assert state["images"] == {"dataset": "synthetic", "all_images": False, "fold": 1, "test_classes": None,
-                                   "coco_split": "interleaved"}
-        build = lambda fold: qgnet.build(qgnet.Config(pretrained=False, prior_checkpoint=str(path)),  # noqa: E731
-                                         common.Setting(dataset="synthetic", fold=fold, pretrained=False))
-        assert build(1).prior_extractor.calibrated  # its own fold: taken
-        with pytest.raises(common.WeightsUnavailableError, match="was made on other images .synthetic, fold 1 training "
-                                                                 "images. than this run's .synthetic, fold 2 training"):
-            build(2)
-        torch.save({**state, "epoch": 0, "config": {**state["config"], "prior_epochs": 3}}, path)
-        with pytest.raises(common.WeightsUnavailableError, match="stopped after epoch 0 of 3: finish it with"):
-            build(1)
-        path.write_bytes(before[:1000])  # cut short: one line, no traceback
-        with pytest.raises(SystemExit) as err:
-            train.main([*flags, "--prior-epochs", "1", "--resume"])
-        assert str(err.value.code).startswith(f"error: cannot read {Path('runs/qgnet-prior-synthetic-fold1')}")
+        setting = common.Setting(dataset="synthetic", fold=0, pretrained=False)
+        rows = ({"patches": "felzenszwalb"}, {"contrast": "global"}, {"contrast": "local"}, {"prior_epochs": 8})
+        for values in rows:
+            (field, value), = values.items()
+            cfg = qgnet.Config(pretrained=False, **values)
+            path = tmp_path / qgnet.prior_checkpoint_path(setting, dataclasses.asdict(cfg))
+            assert path.parent.name == f"qgnet-prior-synthetic-fold0-{field}={value}"
+            with pytest.raises(common.WeightsUnavailableError) as err:
+                qgnet.build(cfg, setting)
+            assert f"--stage prior --dataset synthetic --fold 0 --set {field}={value}\n" in str(err.value)
+            made = qgnet.prior_config(values, "synthetic")
+            path.parent.mkdir(parents=True)
+            state = {"model": qgnet_contrast.state_dict(), "epoch": made.prior_epochs,
+                     "config": dataclasses.asdict(made), "images": qgnet.images_seen(setting, False)}
+            torch.save({**state, "config": dataclasses.asdict(qgnet.prior_config({}, "synthetic"))}, path)
+            if field != "prior_epochs":  # a file of the default values in its place is refused, one line
+                with pytest.raises(common.WeightsUnavailableError, match=f"made with {field}=.*, not the {field}="
+                                                                         f"{value} this run names"):
+                    qgnet.build(cfg, setting)
+            torch.save(state, path)
+            model = qgnet.build(cfg, setting)
+            assert torch.equal(model.prior_extractor.stages["layer0"][0].weight, qgnet_contrast.encoder_k.conv1.weight)
+        model.eval()
+        for S in (1, 5):
+            img_q, img_s, m_s, m_q = episode(1, S, 33)
+            with torch.no_grad():
+                out = model(img_q, img_s, m_s)
+                loss, _ = model.loss(out, m_q, m_s)
+            assert out["logits"].shape == (1, 2, 33, 33) and torch.isfinite(out["logits"]).all()
+            assert torch.isfinite(loss)
 
-    def test_qgnet_prior_stage_gets_the_run_the_schedule_and_its_recipe_from_train_py(self, monkeypatch, tmp_path):
-        got = []
-        monkeypatch.setitem(qgnet.STAGES, "prior", lambda *given: got.append(given) or "written")
-        flags = ["--model", "qgnet", "--stage", "prior", "--workers", "0", "--seed", "5", "--out", str(tmp_path / "o")]
-        assert train.main([*flags, "--dataset", "coco", "--fold", "2", "--data-root", str(tmp_path),
-                           "--prior-queue", "1024"]) == "written"
-        run, schedule, options = got[-1]
-        assert (run.dataset, run.fold, run.data_root, run.from_checkpoint) == ("coco", 2, str(tmp_path), False)
-        assert (schedule.seed, schedule.workers) == (5, 0)
-        cfg = qgnet.prior_config(options)
-        assert (cfg.prior_epochs, cfg.prior_queue, cfg.prior_batch_size) == (200, 1024, 256)  # §5.1, flag, MoCo v2
-        assert (cfg.prior_lr, cfg.prior_img_size, cfg.prior_patch_size) == (None, 224, 96)  # lr: MoCo's, by the batch
-        train.main([*flags, "--dataset", "synthetic", "--prior-epochs", "2"])
-        cfg = qgnet.prior_config(got[-1][2])  # the synthetic quick start, but the flag given wins
-        assert (cfg.prior_epochs, cfg.prior_batch_size, cfg.prior_queue, cfg.prior_img_size, cfg.prior_patch_size) == (
-            2, 32, 4096, 64, 32)
-
-    # ---------------- few-shot stage (§4.2) -------------------------------------------------------------------
+    # ---------------- few-shot stage (§4.2.1-4.2.2): prior map, shapes, gradients, FEM's inputs, loss --------------
 
     def test_qgnet_prior_region_map_is_eq_9_to_12_with_gradients(self):
         torch.manual_seed(3)
@@ -5061,15 +5184,89 @@ class TestQGNet:
             assert terms["aux"].item() == pytest.approx(aux_mean.item(), rel=1e-5)
             assert total.item() == pytest.approx(main.item() + weight * aux_mean.item(), rel=1e-5)
 
-    # ---------------- both stages through train.py ------------------------------------------------------------
+    # ---------------- opposite region maps (§4.3) and their recall (§5.4, Eq. 16, Table 7) -------------------------
+
+    @pytest.mark.parametrize("S", [1, 5])
+    def test_qgnet_region_maps_are_fems_maps_high_on_the_object(self, qgnet_model, S):
+        """Table 7 (§5.4, Eq. 16): forward returns, in training and evaluation, the guided map FEM reads and the prior
+        map FEM reads turned over (1 - S_Q: §4.3 finds S_Q low on the object), each (B,1,h,w) in [0, 1]."""
+        img_q, img_s, m_s = qgnet_shifted_shots_episode(2, S, seed=14)
+        for training in (False, True):
+            qgnet_model.train(training)
+            seen = []
+            handle = qgnet_model.fem.register_forward_pre_hook(lambda module, args: seen.append(args[2]))
+            try:
+                with torch.no_grad():
+                    maps = qgnet_model(img_q, img_s, m_s)["region_maps"]
+            finally:
+                handle.remove()
+            assert set(maps) == {"guided", "prior"}
+            assert all(m.shape == (2, 1, 9, 9) and m.min() >= 0 and m.max() <= 1 for m in maps.values())
+            assert torch.equal(maps["guided"], seen[0][:, :1])
+            assert torch.equal(maps["prior"], 1 - seen[0][:, 1:])
+            assert torch.allclose(maps["prior"].amax((1, 2, 3)), torch.ones(2))  # min-max's 0 (Eq. 12) on top
+        qgnet_model.eval()
+
+    # ---------------- both stages through train.py (§5.1) ----------------------------------------------------------
+
+    def test_qgnet_stage_1_is_a_run_and_its_file_serves_only_the_images_it_saw(self, tmp_path, monkeypatch, capsys):
+        """--stage prior keeps its file unless --resume (with its own values) or --overwrite; the few-shot stage refuses
+        a file of other images (another fold or split could hold its novel classes) and an unfinished one."""
+        monkeypatch.chdir(tmp_path)
+        flags = ["--model", "qgnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0", "--img-size", "64",
+                 "--stage", "prior", "--train-length", "8", "--log-every", "1", "--fold", "1",
+                 "--set", "prior_batch_size=4", "prior_queue=8", "prior_img_size=32"]
+        folder = "runs/qgnet-prior-synthetic-fold1-prior_batch_size=4-prior_epochs=1-prior_img_size=32-prior_queue=8"
+        path = tmp_path / folder / "prior_extractor.pt"
+        assert train.main([*flags, "prior_epochs=1"]) == Path(folder) / "prior_extractor.pt"
+        before = path.read_bytes()
+        with pytest.raises(SystemExit, match="holds a run already .prior_extractor.pt, epoch 1."):
+            train.main([*flags, "prior_epochs=1"])
+        with pytest.raises(SystemExit) as err:  # a resumed stage keeps its values (here: a file named by its path)
+            train.main([*flags, "prior_epochs=2", "--prior-checkpoint", str(path), "--resume"])
+        assert "was made with other stage-1 values (prior_epochs 1 (now 2))" in str(err.value.code)
+        assert path.read_bytes() == before
+        state = torch.load(path, weights_only=True)
+        assert state["images"] == {"dataset": "synthetic", "all_images": False, "fold": 1, "test_classes": None,
+                                   "coco_split": "interleaved"}
+        build = lambda fold: qgnet.build(qgnet.Config(pretrained=False, prior_checkpoint=str(path)),  # noqa: E731
+                                         common.Setting(dataset="synthetic", fold=fold, pretrained=False))
+        assert build(1).prior_extractor.calibrated  # its own fold: taken
+        with pytest.raises(common.WeightsUnavailableError, match="was made on other images .synthetic, fold 1 training "
+                                                                 "images. than this run's .synthetic, fold 2 training"):
+            build(2)
+        torch.save({**state, "epoch": 0, "config": {**state["config"], "prior_epochs": 3}}, path)
+        with pytest.raises(common.WeightsUnavailableError, match="stopped after epoch 0 of 3: finish it with"):
+            build(1)
+        path.write_bytes(before[:1000])  # cut short: one line, no traceback
+        with pytest.raises(SystemExit) as err:
+            train.main([*flags, "prior_epochs=1", "--resume"])
+        assert str(err.value.code).startswith(f"error: cannot read {Path(folder)}")
+
+    def test_qgnet_prior_stage_gets_the_run_the_schedule_and_its_recipe_from_train_py(self, monkeypatch, tmp_path):
+        monkeypatch.chdir(tmp_path)  # train.py holds the stage file's folder, under runs/
+        got = []
+        monkeypatch.setitem(qgnet.STAGES, "prior", lambda *given: got.append(given) or "written")
+        flags = ["--model", "qgnet", "--stage", "prior", "--workers", "0", "--seed", "5", "--out", str(tmp_path / "o")]
+        assert train.main([*flags, "--dataset", "coco", "--fold", "2", "--data-root", str(tmp_path),
+                           "--set", "prior_queue=1024"]) == "written"
+        run, schedule, options = got[-1]
+        assert (run.dataset, run.fold, run.data_root, run.from_checkpoint) == ("coco", 2, str(tmp_path), False)
+        assert (schedule.seed, schedule.workers) == (5, 0)
+        cfg = qgnet.prior_config(options, "coco")
+        assert (cfg.prior_epochs, cfg.prior_queue, cfg.prior_batch_size) == (200, 1024, 256)  # §5.1, flag, MoCo v2
+        assert (cfg.prior_lr, cfg.prior_img_size, cfg.prior_patch_size) == (None, 224, 96)  # lr: MoCo's, by the batch
+        train.main([*flags, "--dataset", "synthetic", "--set", "prior_epochs=2"])
+        cfg = qgnet.prior_config(got[-1][2], "synthetic")  # the synthetic quick start, but the value given wins
+        assert (cfg.prior_epochs, cfg.prior_batch_size, cfg.prior_queue, cfg.prior_img_size, cfg.prior_patch_size) == (
+            2, 32, 4096, 64, 32)
 
     def test_qgnet_two_stages_on_synthetic(self, tmp_path):
         prior = tmp_path / "prior" / "prior_extractor.pt"
         common_flags = ["--model", "qgnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
                         "--img-size", "64", "--prior-checkpoint", str(prior)]
-        assert train.main([*common_flags, "--stage", "prior", "--train-length", "8", "--prior-epochs", "1",
-                           "--prior-batch-size", "4", "--prior-queue", "8", "--prior-img-size", "32",
-                           "--log-every", "1"]) == prior
+        assert train.main([*common_flags, "--stage", "prior", "--train-length", "8", "--log-every", "1", "--set",
+                           "prior_epochs=1", "prior_batch_size=4", "prior_queue=8", "prior_img_size=32"]) == prior
         records = read_metrics(prior.parent, "prior_extractor_metrics.jsonl")
         assert len(records) == 2 and all(math.isfinite(r["global"]) and math.isfinite(r["local"]) for r in records)
         out = tmp_path / "fewshot"
@@ -5109,6 +5306,73 @@ class TestQGNet:
         state = torch.load(out / "last.pt", weights_only=False)
         assert state["epoch"] == 2
         assert torch.equal(state["model"]["prior_extractor.stages.layer3.1.conv2.weight"], encoder_k)  # still stage 1's
+
+    # ---------------- ablations (§5.4): Tables 5 and 6, a --set row for both stages --------------------------------
+
+    def test_qgnet_stage_1_values_are_set_fields_that_name_one_file_for_both_stages(self, monkeypatch, tmp_path,
+                                                                                   capsys):
+        """Tables 5 and 6: a row is one --set given to --stage prior (PriorConfig, STAGE_CONFIGS) and to the few-shot
+        stage (Config, which extends PriorConfig); both name the same stage-1 file, for every fold of --fold all."""
+        monkeypatch.chdir(tmp_path)
+        got = []
+        monkeypatch.setitem(qgnet.STAGES, "prior", lambda *given: got.append(given) or "written")
+        row = ["--set", "patches=felzenszwalb", "contrast=local", "prior_epochs=2000"]
+        train.main(["--model", "qgnet", "--stage", "prior", "--fold", "all", *row])
+        assert len(got) == 4
+        for fold, (run, schedule, options) in enumerate(got):
+            assert {k: options[k] for k in ("patches", "contrast", "prior_epochs")} == {
+                "patches": "felzenszwalb", "contrast": "local", "prior_epochs": 2000}
+            cfg = qgnet.prior_config(options, run.dataset)
+            assert (cfg.patches, cfg.contrast, cfg.prior_epochs, cfg.prior_queue) == ("felzenszwalb", "local", 2000,
+                                                                                      65536)
+            fewshot, module = train.parse_args(["--model", "qgnet", "--fold", str(fold), *row])
+            net_cfg = train.make_config(module, fewshot)
+            assert (net_cfg.patches, net_cfg.contrast, net_cfg.prior_epochs) == ("felzenszwalb", "local", 2000)
+            folder = f"qgnet-prior-pascal-fold{fold}-contrast=local-patches=felzenszwalb-prior_epochs=2000"
+            assert qgnet.prior_file(run, options) == Path("runs") / folder / "prior_extractor.pt"
+            assert qgnet.prior_checkpoint_path(train.setting_of(fewshot), dataclasses.asdict(net_cfg)) == \
+                qgnet.prior_file(run, options)
+            assert fewshot.out == Path("runs") / f"qgnet-pascal-fold{fold}-1shot-contrast=local-patches=felzenszwalb-" \
+                                                 "prior_epochs=2000"
+        fewshot, _ = train.parse_args(["--model", "qgnet", "--fold", "all", *row])
+        assert all(one.set == {"patches": "felzenszwalb", "contrast": "local", "prior_epochs": 2000}
+                   for one in fewshot.folds)
+        # at --stage prior --set takes PriorConfig's fields only, and Table 5 / 6's choices only
+        for item, message in (("aux_weight=0.5", "qgnet's PriorConfig has no field 'aux_weight'"),
+                              ("patches=quickshift", "patches is one of slic, felzenszwalb"),
+                              ("contrast=both", "contrast is one of local+global, local, global")):
+            with pytest.raises(SystemExit):
+                train.parse_args(["--model", "qgnet", "--stage", "prior", "--set", item])
+            assert message in capsys.readouterr().err
+
+    @pytest.mark.parametrize("row", ["patches=felzenszwalb", "contrast=global", "contrast=local"])
+    def test_qgnet_ablation_rows_are_two_commands(self, row, tmp_path, monkeypatch):
+        """A Table 5 / 6 row end to end on the synthetic set: stage 1 with the row's --set (no SLIC for Felzenszwalb's
+        row, no segmentation at all for global contrast; a log of its own terms), then (Felzenszwalb's row: the other
+        rows' few-shot stage reads its file as this one's) the few-shot stage with the same --set finds the file."""
+        monkeypatch.chdir(tmp_path)
+
+        def forbidden(*args, **kwargs):
+            raise AssertionError(f"{row} ran a segmentation it does not use")
+        unused = {"patches=felzenszwalb": ["slic"], "contrast=global": ["slic", "felzenszwalb"]}.get(row, [])
+        for name in unused:
+            monkeypatch.setattr(qgnet, name, forbidden)
+        run = ["--model", "qgnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0", "--img-size", "64",
+               "--train-length", "8", "--log-every", "1"]
+        tiny = ["prior_epochs=1", "prior_batch_size=4", "prior_queue=8", "prior_img_size=32", "prior_patch_size=32"]
+        path = train.main([*run, "--stage", "prior", "--set", *tiny, row])
+        assert row in path.parent.name
+        field, value = row.split("=")
+        assert torch.load(path, weights_only=True)["config"][field] == value
+        records = read_metrics(path.parent, "prior_extractor_metrics.jsonl")
+        terms = {"contrast=global": {"global"}, "contrast=local": {"local"}}.get(row, {"global", "local"})
+        assert all(terms <= set(r) and not {"global", "local"} - terms & set(r) for r in records)
+        assert all(math.isfinite(r[t]) for r in records for t in terms)
+        if row != "patches=felzenszwalb":
+            return
+        miou, fbiou = train.main([*run, "--set", *tiny, row, "--epochs", "1", "--batch-size", "4",
+                                  "--test-episodes", "2", "--test-seeds", "1"])
+        assert 0 <= miou <= 1 and 0 <= fbiou <= 1
 
 
 # ==========================================================================================================
