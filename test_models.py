@@ -3556,7 +3556,7 @@ class TestTrain:
         assert torch.load(path, weights_only=True)["epoch"] == 1 and torch.load(path)["target"] == 3.0
         with pytest.raises(SystemExit) as err:
             train.main([*flags, "--set", "width=8"])
-        assert err.value.code == 2 and "tinynet --stage count has no field 'width' (FIELD=VALUE; its fields: " \
+        assert err.value.code == 2 and "tinynet's CountConfig has no field 'width' (FIELD=VALUE; its fields: " \
             "target)" in capsys.readouterr().err
 
     # ---------------- the folder dataset through the harness --------------------------------------------------

@@ -667,9 +667,9 @@ def config_values(parser, module, items, args):
             parser.error(f"--set {item}: the backbone has flags of its own: --backbone, --backbone-weights, "
                          "--no-pretrained")
         if not equals or name not in fields:
-            stem, staged = Path(args.model).stem, args.stage in getattr(module, "STAGE_CONFIGS", {})
-            owner = f"{stem} --stage {args.stage}" if staged else f"{stem}'s Config"
-            parser.error(f"--set {item}: {owner} has no field {name!r} (FIELD=VALUE; its fields: {', '.join(fields)})")
+            config = getattr(module, "STAGE_CONFIGS", {}).get(args.stage, module.Config).__name__
+            parser.error(f"--set {item}: {Path(args.model).stem}'s {config} has no field {name!r} (FIELD=VALUE; its "
+                         f"fields: {', '.join(fields)})")
         try:
             values[name] = field_value(fields[name], text)
         except ValueError as err:
