@@ -687,17 +687,18 @@ def _pascal_index(root, split):
               f"than PFENet's {PFENET_TRAIN_IMAGES}-image list.\n{'!' * 78}\n", file=sys.stderr, flush=True)
         ids = sorted({p.stem for p in (root / "SegmentationClassAug").glob("*.png")} - set(val))
     files = {i: (root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClassAug" / f"{i}.png") for i in ids}
-    absent = [str(p) for pair in files.values() for p in pair if not p.is_file()]
-    if absent:
-        raise DatasetNotFoundError(f"PASCAL root {root} is incomplete: {len(absent)} listed files are missing, "
-                                   f"e.g. {', '.join(absent[:3])}\n{PASCAL_LAYOUT}")
-    cache = _cache_dir(root) / f"pascal_{split}_counts.json"
-    key = [CACHE_VERSION, hashlib.sha1("\n".join(ids).encode()).hexdigest()]
-    counts = _read_cache(cache, key)
+    digest, missing = _fingerprint(root, [path for pair in files.values() for path in pair])
+    cache = _cache_file(root, f"pascal_{split}_counts.json")
+    key = [CACHE_VERSION, hashlib.sha1("\n".join(ids).encode()).hexdigest(), digest]
+    counts = None if missing else _read_cache(cache, key)
     if counts is None:
-        scanned = _parallel_map(functools.partial(_scan_pair, max_id=NUM_CLASSES["pascal"]), [files[i] for i in ids],
-                                f"checking and scanning PASCAL {split} files")
-        counts = dict(zip(ids, check_scan(scanned, f"the PASCAL {split} list of {root}")))
+        absent = set(missing)
+        whole = [i for i in ids if not absent & set(files[i])]
+        scan = functools.partial(_scan_pair, max_id=NUM_CLASSES["pascal"])
+        what = f"checking and scanning PASCAL {split} files"
+        scanned = dict(zip(whole, _parallel_map(scan, [files[i] for i in whole], what)))
+        results = [scanned[i] if i in scanned else (None, _missing_files(files[i], absent)) for i in ids]
+        counts = dict(zip(ids, check_scan(results, f"the PASCAL {split} list of {root}")))
         _write_cache(cache, key, counts)
     return files, _int_keys(counts), class_names("pascal")
 
@@ -740,11 +741,15 @@ def _coco_index(root, split):
     missing = [str(p) for p in (root / f"{split}2014", ann_path) if not p.exists()]
     if missing:
         raise DatasetNotFoundError(f"COCO root {root} is missing {', '.join(missing)}\n{COCO_LAYOUT}")
-    cache_dir = _cache_dir(root)
-    label_dir = _writable_dir(root / "labels" / f"{split}2014", cache_dir / "labels" / f"{split}2014")
-    cache = cache_dir / f"coco_{split}_counts.json"
-    key = [CACHE_VERSION, COCO_LABEL_VERSION, ann_path.stat().st_size, str(label_dir)]
+    cache = _cache_file(root, f"coco_{split}_counts.json")
+    label_dir = _coco_label_dir(root, split)
+    stat = ann_path.stat()
+    key = [CACHE_VERSION, COCO_LABEL_VERSION, stat.st_size, stat.st_mtime_ns, str(label_dir)]
     payload = _read_cache(cache, key)
+    if payload is not None:  # trusted while every image and label it counted is as it was
+        pairs = [(root / f"{split}2014" / f"{stem}.jpg", label_dir / f"{stem}.png") for stem in payload["counts"]]
+        digest, missing = _fingerprint(root, [path for pair in pairs for path in pair])
+        payload = None if missing or digest != payload["files"] else payload
     if payload is None:
         coco = json.loads(ann_path.read_text())
         category_ids = sorted(c["id"] for c in coco["categories"])
@@ -763,15 +768,30 @@ def _coco_index(root, split):
                  im["width"], per_image[im["id"]], rewrite, split, len(to_class)) for stem, im in zip(stems, images)]
         scanned = _parallel_map(_write_and_scan_coco_label, jobs, f"writing COCO {split}2014 labels to {label_dir}")
         counts = check_scan(scanned, f"COCO {split}2014 under {root}")
+        stamp = label_dir / COCO_LABEL_STAMP
         try:
-            (label_dir / COCO_LABEL_STAMP).write_text(f"{COCO_LABEL_VERSION}\n")  # every label is current now
+            if rewrite or not stamp.is_file():  # every label is current now
+                stamp.write_text(f"{COCO_LABEL_VERSION}\n")
         except OSError as err:
             raise _label_write_error(label_dir, split, err) from None
-        payload = {"class_names": names, "counts": dict(zip(stems, counts))}
+        files = [path for stem in stems for path in (root / f"{split}2014" / f"{stem}.jpg", label_dir / f"{stem}.png")]
+        payload = {"class_names": names, "counts": dict(zip(stems, counts)), "files": _fingerprint(root, files)[0]}
         _write_cache(cache, key, payload)
     files = {stem: (root / f"{split}2014" / f"{stem}.jpg", label_dir / f"{stem}.png") for stem in payload["counts"]}
     names = {int(c): name for c, name in payload["class_names"].items()}
     return files, _int_keys(payload["counts"]), names
+
+
+def _coco_label_dir(root, split):
+    """Where COCO's labels of `split` are (or go): <root>/labels/<split>2014, else beside the cache in ~/.cache/fss
+    when the root is read-only; a read-only <root>/labels/<split>2014 when neither can be written (its labels are
+    read as they are). Training needs the labels: with no such place the run stops in one line."""
+    places = [root / "labels" / f"{split}2014", _cache_places(root)[1] / "labels" / f"{split}2014"]
+    label_dir = _writable_dir(*places)
+    if label_dir is None and not places[0].is_dir():
+        raise DatasetFileError(f"cannot write the COCO {split}2014 labels: neither {places[0]} nor {places[1]} can be "
+                               "written (they are needed: make one of them writable, and run again)")
+    return label_dir or places[0]
 
 
 def _write_and_scan_coco_label(job):
@@ -807,7 +827,9 @@ def _stale_coco_labels(label_dir, split):
     interrupted first run resumes where it stopped."""
     stamp = label_dir / COCO_LABEL_STAMP
     found = stamp.read_text().strip() if stamp.is_file() else "1" if any(label_dir.glob("*.png")) else None
-    if found in (None, str(COCO_LABEL_VERSION)):
+    if found == str(COCO_LABEL_VERSION):
+        return False
+    if found is None:
         stamp.write_text(f"{COCO_LABEL_VERSION}\n")
         return False
     print(f"[data] note: rewriting the COCO {split}2014 labels in {label_dir}: they were rasterised under label "
@@ -965,8 +987,8 @@ def _folder_index(root):
 
     Images and labels pair by stem. The first scan checks every pair (_scan_pair) and names every bad file at
     once, each unpaired image or label and each stem with two images among them; the counts are cached under a
-    key of every pair's names, sizes and modification times, so that adding, removing or editing a file scans
-    again (PASCAL's key is its id list: its files do not change)."""
+    key of every pair's names, sizes and modification times (_fingerprint, as every dataset's), so that adding,
+    removing or editing a file scans again."""
     missing = [str(root / sub) for sub in ("images", "labels") if not (root / sub).is_dir()]
     if missing:
         raise DatasetNotFoundError(f"folder data root {root} is missing {', '.join(missing)}\n{FOLDER_LAYOUT}")
@@ -985,9 +1007,8 @@ def _folder_index(root):
     unpaired = [(None, problem) for problem in problems]  # as _scan_pair reports a bad file
     files = {s: (images[s], labels[s]) for s in sorted(images.keys() & labels.keys())}
     what = f"the folder dataset {root}"
-    cache = _cache_dir(root) / "folder_counts.json"
-    pairs = "\n".join(f"{s} {_file_key(image)} {_file_key(label)}" for s, (image, label) in files.items())
-    key = [CACHE_VERSION, hashlib.sha1(pairs.encode()).hexdigest()]
+    cache = _cache_file(root, "folder_counts.json")
+    key = [CACHE_VERSION, _fingerprint(root, [path for pair in files.values() for path in pair])[0]]
     counts = _read_cache(cache, key)
     if counts is None:
         scanned = _parallel_map(_scan_pair, list(files.values()), f"checking and scanning the files of {root}")
@@ -995,12 +1016,6 @@ def _folder_index(root):
         _write_cache(cache, key, counts)
     check_scan(unpaired, what)  # counts from the cache: an unpaired file still stops the run
     return files, _int_keys(counts)
-
-
-def _file_key(path):
-    """What the scan cache remembers of a file: its name, size and modification time."""
-    stat = path.stat()
-    return f"{path.name} {stat.st_size} {stat.st_mtime_ns}"
 
 
 def _files_with_suffix(folder, suffixes):
@@ -1175,9 +1190,15 @@ def _decoded_size(path):
         return im.size
 
 
+def _missing_files(pair, absent):
+    """What a scan says of a listed pair with files that are not there (`absent`): a line for each."""
+    return [f"{path}: no such file (its list names it)" for path in pair if path in absent]
+
+
 def check_scan(results, what, shown=20):
-    """The counts of _scan_pair's results; if any file was bad, DatasetFileError listing them, one line each."""
-    bad = [problem for _, problem in results if problem]
+    """The counts of _scan_pair's results; if any file was bad, DatasetFileError listing them, one line each (a
+    problem is a line, or a list of them)."""
+    bad = [line for _, problem in results if problem for line in ([problem] if isinstance(problem, str) else problem)]
     if bad:
         more = f"\n  ... and {len(bad) - shown} more" if len(bad) > shown else ""
         raise DatasetFileError(f"{len(bad)} bad file(s) in {what}; fix or remove them (and their list entries):\n  "
@@ -1206,14 +1227,31 @@ def _parallel_map(fn, items, what):
     return results
 
 
-def _cache_dir(root):
-    """<root>/.fss_cache, or ~/.cache/fss/<hash of root> when the data root is read-only."""
+def _cache_places(root):
+    """Where a data root's caches go: <root>/.fss_cache, else ~/.cache/fss/<hash of root>."""
     digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
-    return _writable_dir(root / ".fss_cache", Path.home() / ".cache" / "fss" / digest)
+    return root / ".fss_cache", Path.home() / ".cache" / "fss" / digest
+
+
+def _cache_file(root, name):
+    """The cache file `name` of a data root: in <root>/.fss_cache, or ~/.cache/fss/<hash of root> when the data root
+    is read-only; None (one note a process) when neither can be written: every run then scans again."""
+    places = _cache_places(root)
+    folder = _writable_dir(*places)
+    if folder is None:
+        _note_no_cache(places)
+        return None
+    return folder / name
+
+
+@functools.lru_cache(maxsize=None)
+def _note_no_cache(places):
+    print(f"[data] note: neither {places[0]} nor {places[1]} can be written: the files are checked again on every run "
+          "(nothing is cached)", file=sys.stderr, flush=True)
 
 
 def _writable_dir(*candidates):
-    """The first candidate directory that exists (or can be made) and is writable."""
+    """The first candidate directory that exists (or can be made) and is writable, else None."""
     for path in candidates:
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -1221,11 +1259,30 @@ def _writable_dir(*candidates):
             continue
         if os.access(path, os.W_OK):
             return path
-    raise OSError(f"none of these directories is writable: {', '.join(map(str, candidates))}")
+    return None
+
+
+def _fingerprint(root, paths):
+    """-> (a digest of the name under `root`, size and modification time of every file of `paths`, [the paths that
+    are not there]): what a scan cache is trusted under, so that a file changed, replaced, cut short or removed after
+    the scan is scanned (or named) again. One stat a file, what checking that it is there costs: 0.2 s for PASCAL's
+    24,000 files on a local disk."""
+    lines, missing, prefix = [], [], os.fspath(root)
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            missing.append(path)
+            continue
+        name = os.fspath(path)
+        lines.append(f"{name.removeprefix(prefix)} {stat.st_size} {stat.st_mtime_ns}")
+    return hashlib.sha1("\n".join(lines).encode()).hexdigest(), missing
 
 
 def _read_cache(path, key):
-    """The cached payload if the file exists and was written under the same key, else None."""
+    """The cached payload if the file exists and was written under the same key, else None (also for path None)."""
+    if path is None:
+        return None
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -1234,8 +1291,11 @@ def _read_cache(path, key):
 
 
 def _write_cache(path, key, payload):
-    """Write the cache atomically. One that cannot be written (a full disk, a folder gone read-only) stops nothing:
-    its temporary is removed, one note says so, and the run goes on with the payload in memory."""
+    """Write the cache atomically. One that cannot be written (a full disk, a folder gone read-only, path None: no
+    place at all) stops nothing: its temporary is removed, one note says so, and the run goes on with the payload
+    in memory."""
+    if path is None:
+        return
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(json.dumps({"key": key, "payload": payload}))

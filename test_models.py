@@ -46,6 +46,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -346,6 +347,23 @@ def _count_decodes(monkeypatch):
     decoded, decode = [], data._decoded_size
     monkeypatch.setattr(data, "_decoded_size", lambda path: decoded.append(Path(path).name) or decode(path))
     return decoded
+
+
+def _read_only(monkeypatch, *folders):
+    """Nothing can be made or written inside these folders, as for a user without write permission there (chmod
+    alone would not do: the tests may run as root). An existing folder passes mkdir(exist_ok=True), as it does."""
+    def inside(path):
+        return any(Path(path) == f or f in Path(path).parents for f in folders)
+    mkdir, access = Path.mkdir, os.access
+
+    def no_mkdir(self, *args, **kwargs):
+        if not inside(self):
+            return mkdir(self, *args, **kwargs)
+        if not (self.is_dir() and kwargs.get("exist_ok")):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+    monkeypatch.setattr(Path, "mkdir", no_mkdir)
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: not (inside(path) and mode & os.W_OK)
+                        and access(path, mode, **kw))
 
 
 def _write_pascal_val(root, n):
@@ -2006,6 +2024,107 @@ class TestData:
         data.build_dataset("pascal", "test", 0, img_size=64, root=root)
         assert len(decoded) == 5 and cache.is_file()  # scanned again, and cached now
 
+    def test_a_scan_cache_is_trusted_only_while_its_files_are_unchanged(self, tmp_path, monkeypatch):
+        """Issue 33: after one clean scan, a label changed to hold class id 50, a JPEG cut short or a file removed
+        is found by the next run, not trained on: PASCAL's and COCO's caches hold every file's size and
+        modification time, as the folder dataset's does."""
+        root = _write_pascal(tmp_path / "voc")
+        data.build_dataset("pascal", "test", 0, img_size=64, root=root)  # a clean scan, cached
+        decoded = _count_decodes(monkeypatch)
+        data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+        assert decoded == []  # nothing changed: the cache serves
+        label = root / "SegmentationClassAug" / "v2.png"
+        Image.fromarray(_label((1, 0, 0, 50, 50), (50, 60, 60, 5, 5))).save(label)
+        with pytest.raises(data.DatasetFileError) as err:
+            data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+        assert str(err.value).splitlines()[1:] == [f"  {label}: class id 50; ids are 1..20 (0 background, 255 ignore)"]
+        Image.fromarray(_PASCAL_LABELS["v2"]).save(label)
+        data.build_dataset("pascal", "test", 0, img_size=64, root=root)  # fixed: scanned and cached again
+        jpeg = root / "JPEGImages" / "v3.jpg"
+        jpeg.write_bytes(jpeg.read_bytes()[:3000])
+        with pytest.raises(data.DatasetFileError, match=rf"\n  {jpeg}: not a readable image \(image file is truncated"):
+            data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+        _save_jpeg(jpeg, (80, 80))
+        data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+        jpeg.unlink()
+        with pytest.raises(data.DatasetFileError, match=rf"\n  {jpeg}: no such file \(its list names it\)$"):
+            data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+        # COCO's counts: its labels and its images
+        coco = _write_coco(tmp_path / "coco")
+        data.build_dataset("coco", "test", 0, img_size=64, root=coco)
+        label = coco / "labels" / "val2014" / "COCO_val2014_000000000001.png"
+        Image.fromarray(_label((50, 10, 10, 50, 50))).save(label)
+        with pytest.raises(data.DatasetFileError, match=rf"\n  {label}: class id 50; ids are 1\.\.3 "):
+            data.build_dataset("coco", "test", 0, img_size=64, root=coco)
+        label.unlink()  # written again from the annotations
+        data.build_dataset("coco", "test", 0, img_size=64, root=coco)
+        jpeg = coco / "val2014" / "COCO_val2014_000000000002.jpg"
+        jpeg.write_bytes(jpeg.read_bytes()[:3000])
+        with pytest.raises(data.DatasetFileError, match=rf"\n  {jpeg}: not a readable image \(image file is truncated"):
+            data.build_dataset("coco", "test", 0, img_size=64, root=coco)
+
+    def test_missing_and_damaged_files_are_named_in_one_message(self, tmp_path):
+        """Issue 33: a missing listed file is one more bad file of the scan, not an error of its own before it (which
+        left the damaged files for a second round); the whole check names the bad files of both lists at once."""
+        root = _write_pascal(tmp_path / "voc")
+        images, labels = root / "JPEGImages", root / "SegmentationClassAug"
+        (images / "v1.jpg").unlink()
+        (labels / "v3.png").unlink()
+        (images / "v2.jpg").write_bytes((images / "v2.jpg").read_bytes()[:3000])
+        Image.fromarray(_label((2, 0, 0, 50, 50), (50, 60, 60, 5, 5))).save(labels / "v4.png")
+        Image.fromarray(_label((1, 0, 0, 50, 50), shape=(80, 70))).save(labels / "e_dup.png")
+        with pytest.raises(data.DatasetFileError) as err:
+            data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+        lines = str(err.value).splitlines()
+        assert lines[0] == f"5 bad file(s) in the PASCAL test list of {root}; fix or remove them (and their list " \
+                           "entries):"
+        assert lines[1] == f"  {labels / 'e_dup.png'}: 70x80 pixels, its image {images / 'e_dup.jpg'} 80x80"
+        assert lines[2] == f"  {images / 'v1.jpg'}: no such file (its list names it)"
+        assert lines[3].startswith(f"  {images / 'v2.jpg'}: not a readable image (image file is truncated")
+        assert lines[4:] == [f"  {labels / 'v3.png'}: no such file (its list names it)",
+                             f"  {labels / 'v4.png'}: class id 50; ids are 1..20 (0 background, 255 ignore)"]
+        (images / "a_voc.jpg").unlink()  # and a training file: train.py's check names both lists' in one message
+        args, _ = train.parse_args(["--model", "baseline", "--data-root", str(root), "--out", str(tmp_path / "run")])
+        with pytest.raises(data.DatasetFileError) as err:
+            train.check_data(args, ("train", "test"))
+        lines = str(err.value).splitlines()
+        assert lines[0].startswith("1 bad file(s) in the PASCAL train list") and len(lines) == 8
+        assert lines[1] == f"  {images / 'a_voc.jpg'}: no such file (its list names it)"
+        assert lines[2].startswith("5 bad file(s) in the PASCAL test list")
+
+    def test_no_writable_cache_place_is_one_note_and_the_run_goes_on(self, tmp_path, monkeypatch, capsys):
+        """Issue 33: a read-only data root and a read-only home stopped the run with a 27-line OSError traceback; a
+        cache that cannot be written stops nothing (one note, every run scans again). COCO's labels, which training
+        needs, stop it in one line naming both places, unless they were written there before."""
+        root, home = _write_pascal(tmp_path / "voc"), tmp_path / "home"
+        home.mkdir()
+        monkeypatch.setattr(Path, "home", lambda: home)
+        coco = _write_coco(tmp_path / "coco")
+        data.build_dataset("coco", "train", 0, img_size=64, root=coco)  # its labels written while it could be
+        shutil.rmtree(coco / ".fss_cache")
+        _read_only(monkeypatch, root, coco, home)
+        decoded = _count_decodes(monkeypatch)
+        capsys.readouterr()
+        for split in ("test", "train", "test"):
+            ds = data.build_dataset("pascal", split, 0, img_size=64, root=root)
+            assert ds[0]["img_q"].shape == (3, 64, 64)
+        assert len(decoded) == 5 + 5 + 5  # nothing cached: each build scans (5 test, 5 training images)
+        places = data._cache_places(root)
+        assert [line for line in capsys.readouterr().err.splitlines() if "cache" in line] == [  # once a process
+            f"[data] note: neither {places[0]} nor {places[1]} can be written: the files are checked again on every "
+            "run (nothing is cached)"]
+        assert not places[0].exists() and not places[1].exists()
+        # COCO: the labels written before are read where they are; with none there, one line names both places
+        ds = data.build_dataset("coco", "train", 0, img_size=64, root=coco)
+        stem = "COCO_train2014_000000000002"
+        assert ds.files[stem] == (coco / "train2014" / f"{stem}.jpg", coco / "labels" / "train2014" / f"{stem}.png")
+        shutil.rmtree(coco / "labels" / "val2014", ignore_errors=True)
+        labels, home_labels = coco / "labels" / "val2014", data._cache_places(coco)[1] / "labels" / "val2014"
+        with pytest.raises(data.DatasetFileError) as err:
+            data.build_dataset("coco", "test", 0, img_size=64, root=coco)
+        assert str(err.value) == (f"cannot write the COCO val2014 labels: neither {labels} nor {home_labels} can be "
+                                  "written (they are needed: make one of them writable, and run again)")
+
     def test_coco_labels_that_cannot_be_written_stop_the_run_with_one_line(self, tmp_path, monkeypatch):
         root = _write_coco(tmp_path / "coco")
         monkeypatch.setattr(data, "PARALLEL_MIN_FILES", 1)  # the error comes back from the process pool
@@ -3340,10 +3459,13 @@ class TestTrain:
         flags = ["--model", str(tiny), "--dataset", "pascal", "--data-root", str(root), "--img-size", "32",
                  "--batch-size", "2", "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"]
         # a training image that decodes badly inside a DataLoader worker: one line naming it, not the worker's traceback
-        # (cut after the scan, which decodes every image, has passed it and cached its counts)
+        # (damaged after the scan, which decodes every image, has passed it and cached its counts, in a way its size
+        # and modification time do not show: the cache trusts it)
         data.build_dataset("pascal", "train", 0, img_size=32, root=root)
         jpeg = root / "JPEGImages" / "a_voc.jpg"
-        jpeg.write_bytes(jpeg.read_bytes()[:2000])
+        stat, size = jpeg.stat(), jpeg.stat().st_size
+        jpeg.write_bytes(jpeg.read_bytes()[:2000] + b"\xff" * (size - 2000))
+        os.utime(jpeg, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         with pytest.raises(SystemExit) as err:
             train.main([*flags, "--workers", "1", "--out", str(tmp_path / "a")])
         assert str(err.value.code).startswith(f"error: cannot read image {jpeg}: ") and "\n" not in str(err.value.code)
