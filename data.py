@@ -1055,8 +1055,8 @@ def _fss_names(root=None):
                                    f"{root / FSS_TEST_CLASSES[0]})" + (f": give {inner[0]}" if inner else "")
                                    + f"\n{FSS_LAYOUT}")
     if len(folders) != FSS_TRAIN_CLASSES:
-        _note_once(f"[data] note: {root} holds {len(folders)} class folders outside the test and validation lists; "
-                   f"FSS-1000's training classes are {FSS_TRAIN_CLASSES}")
+        _note_once(f"[data] note: {root} holds {len(folders)} class folders outside the test and validation lists, "
+                   f"the training classes; FSS-1000 has {FSS_TRAIN_CLASSES}")
     return {**names, **dict(enumerate(folders, test + val + 1))}
 
 
@@ -1087,8 +1087,7 @@ def _fss_index(root, split, names):
             continue
         pairs, unpaired = _fss_pairs(folder)
         files.update({f"{names[c]}/{stem}": pair for stem, pair in pairs.items()})
-        strays += [f"{names[c]}/{path.name} (pairs with no {'image' if path.suffix == '.png' else 'mask'})"
-                   for path in unpaired]
+        strays += [f"{names[c]}/{line}" for line in unpaired]
         if not pairs:
             problems.append(f"{folder}: no image N.jpg with its mask N.png")
     class_of = {names[c]: c for c in classes}
@@ -1103,13 +1102,13 @@ def _fss_index(root, split, names):
         _write_cache(cache, key, pixels)
     left = [f"{name}.png ({why})" for name, why in pixels.items() if isinstance(why, str)]
     if left or strays:
-        _note_once(f"[data] note: FSS-1000 {split} classes: left out {', '.join(left + strays)}")
+        _note_once(f"[data] note: {root}, FSS-1000 {split} classes: left out {', '.join(left + strays)}")
     kept = {name: n for name, n in pixels.items() if not isinstance(n, str)}
     return {name: files[name] for name in kept}, {name: {class_of[name.split("/")[0]]: n} for name, n in kept.items()}
 
 
 def _fss_pairs(folder):
-    """A class folder's pairs {N: (N.jpg, N.png)} and the files that pair with nothing (hidden files left aside)."""
+    """A class folder's pairs {N: (N.jpg, N.png)}, and ["FILE (why it pairs with nothing)"] (hidden files aside)."""
     images, masks, others = {}, {}, []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         path = Path(entry.path)
@@ -1120,13 +1119,14 @@ def _fss_pairs(folder):
         elif path.suffix.lower() == ".png":
             masks[path.stem] = path
         else:
-            others.append(path)
-    for candidates in images.values():
-        candidates.sort(key=lambda p: p.suffix.lower() != ".jpg")  # N.jpg first
+            others.append(f"{path.name} (not an image N.jpg or a mask N.png)")
+    for found in images.values():
+        found.sort(key=lambda p: p.suffix.lower() != ".jpg")  # N.jpg first
     pairs = {stem: (found[0], masks[stem]) for stem, found in images.items() if stem in masks}
-    unpaired = [p for stem, found in images.items() for p in found[stem in masks:]]
-    unpaired += [path for stem, path in masks.items() if stem not in images] + others
-    return pairs, sorted(unpaired)
+    unpaired = [f"{path.name} ({f'beside {found[0].name}' if stem in masks else 'no mask ' + stem + '.png'})"
+                for stem, found in images.items() for path in found[stem in masks:]]
+    unpaired += [f"{path.name} (no image {stem}.jpg)" for stem, path in masks.items() if stem not in images]
+    return pairs, sorted(unpaired + others)
 
 
 def _scan_fss_pair(pair):
