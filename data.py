@@ -1,4 +1,5 @@
-"""Few-shot segmentation episodes: PASCAL-5i, COCO-20i, a folder of your own labelled images and a synthetic set.
+"""Few-shot segmentation episodes: PASCAL-5i, COCO-20i, FSS-1000, a folder of your own labelled images and a synthetic
+set.
 
 The file, in order:
     (top)        what every section uses: MEAN, STD, IGNORE, the class counts and folds, the filter's
@@ -10,8 +11,10 @@ The file, in order:
                  geometry (test_transform, logits_to_original), 8 bits and normalising (normalize)
     PASCAL-5i    VOC2012 + SBD's image lists (_pascal_index)
     COCO-20i     COCO 2014's image lists and its semantic labels, rasterised from the annotations (_coco_index)
+    FSS-1000     its class folders in HSNet's split, their masks read as HSNet reads them (_fss_index, FSSEpisodes)
     folder       your own data: pairs, classes, folds, splits (_folder)
-    files        reading and checking every image and label once, the cached per-class pixel counts
+    files        reading and checking every image and label once, the per-class pixel counts cached while no file
+                 changes
     synthetic    the renderer of the synthetic set (render_synthetic)
 
 The episode, dataset[(stream, index)] (dataset[index] is stream 0), the same for every dataset:
@@ -35,6 +38,7 @@ What the code does not show at a glance:
 - Filters. A class counts in an image from MIN_FG_PIXELS pixels on; supports always pass it, a query needs one
   pixel of the episode class (ImageEpisodes._draw). Training drops every image with a pixel of a test-fold class
   (BAM's rule; PFENet keeps them: class_file_lists). The synthetic set follows the same rule (SyntheticEpisodes).
+  FSS-1000 has no filter (HSNet's): every image shows its class, one class an image (FSSEpisodes).
 
 The protocol, and where it departs from the reference code: README.md, "Protocol". Each rule cites its source in
 the docstring of the function that implements it: PFENet = github.com/dvlab-research/PFENet, BAM =
