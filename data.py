@@ -1211,7 +1211,8 @@ def _folder_index(root):
     """-> files {stem: (image, label)}, counts {stem: {class: pixels}} of every image of a folder dataset.
 
     Images and labels pair by stem. The first scan checks every pair (_scan_pair) and names every bad file at
-    once, each unpaired image or label and each stem with two images among them; the counts are cached under a
+    once, each unpaired image or label, each stem with two images among them and each name of train.txt or val.txt
+    with neither file; the counts are cached under a
     key of every pair's names, sizes and modification times (_fingerprint, as every dataset's), so that adding,
     removing or editing a file scans again."""
     missing = [str(root / sub) for sub in ("images", "labels") if not (root / sub).is_dir()]
@@ -1229,6 +1230,9 @@ def _folder_index(root):
     problems += [f"{images[s]}: no label {root / 'labels' / s}.png" for s in sorted(images.keys() - labels.keys())]
     problems += [f"{labels[s]}: no image {root / 'images' / s}.jpg (or .jpeg, .png)"
                  for s in sorted(labels.keys() - images.keys())]
+    for path in (root / "train.txt", root / "val.txt"):  # a listed name with neither file is a missing file
+        listed = set(_read_ids(path)) if path.is_file() else set()
+        problems += [f"{path}: {s} has no image and no label" for s in sorted(listed - images.keys() - labels.keys())]
     unpaired = [(None, problem) for problem in problems]  # as _scan_pair reports a bad file
     files = {s: (images[s], labels[s]) for s in sorted(images.keys() & labels.keys())}
     what = f"the folder dataset {root}"
@@ -1319,13 +1323,8 @@ def _folder_split(root, counts, novel, split):
     if lists[0].is_file() != lists[1].is_file():
         have, lack = lists if lists[0].is_file() else lists[::-1]
         raise DatasetNotFoundError(f"{have} without {lack}: give both lists, or neither\n{FOLDER_LAYOUT}")
-    if lists[0].is_file():
+    if lists[0].is_file():  # every name listed is a pair: _folder_index named the others
         train, val = (set(_read_ids(path)) for path in lists)
-        for path, ids in zip(lists, (train, val)):
-            unknown = sorted(ids - counts.keys())
-            if unknown:
-                raise DatasetFileError(f"{path} lists {len(unknown)} name(s) with no image and label in {root}: "
-                                       f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
         return sorted(val) if split == "test" else sorted(train - val)
     test = {name for name, per_image in counts.items() if any(c in per_image for c in novel)}
     return sorted(test) if split == "test" else sorted(counts.keys() - test)

@@ -351,6 +351,13 @@ def _count_decodes(monkeypatch):
     return decoded
 
 
+def _edited_later(path):
+    """Move a file's modification time a second on, as an edit made later than the scan would have (the test edits
+    it within one tick of a coarse file-system clock)."""
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
+
+
 def _read_only(monkeypatch, *folders):
     """Nothing can be made or written inside these folders, as for a user without write permission there (chmod
     alone would not do: the tests may run as root). An existing folder passes mkdir(exist_ok=True), as it does."""
@@ -2093,6 +2100,7 @@ class TestData:
         assert decoded == []  # nothing changed: the cache serves
         label = root / "SegmentationClassAug" / "v2.png"
         Image.fromarray(_label((1, 0, 0, 50, 50), (50, 60, 60, 5, 5))).save(label)
+        _edited_later(label)
         with pytest.raises(data.DatasetFileError) as err:
             data.build_dataset("pascal", "test", 0, img_size=64, root=root)
         assert str(err.value).splitlines()[1:] == [f"  {label}: class id 50; ids are 1..20 (0 background, 255 ignore)"]
@@ -2112,6 +2120,7 @@ class TestData:
         data.build_dataset("coco", "test", 0, img_size=64, root=coco)
         label = coco / "labels" / "val2014" / "COCO_val2014_000000000001.png"
         Image.fromarray(_label((50, 10, 10, 50, 50))).save(label)
+        _edited_later(label)
         with pytest.raises(data.DatasetFileError, match=rf"\n  {label}: class id 50; ids are 1\.\.3 "):
             data.build_dataset("coco", "test", 0, img_size=64, root=coco)
         label.unlink()  # written again from the annotations
@@ -2734,10 +2743,13 @@ class TestData:
         _, label = images[(0, images.names.index("cat_3"))]
         raw = torch.from_numpy(_label((1, 15, 15, 50, 50), (2, 65, 65, 10, 10))).long()
         assert torch.equal(label, torch.where(raw == 1, 1, 0))  # cat -> channel 1, the dog patch (novel) -> 0
-        (root / "val.txt").write_text("dog_1\nnosuch\n")
-        with pytest.raises(data.DatasetFileError,
-                           match=r"val.txt lists 1 name\(s\) with no image and label .*: nosuch$"):
+        (root / "val.txt").write_text("dog_1\nnosuch\n")  # a missing file, named with the scan's bad files
+        (root / "images" / "cup_1.jpg").write_bytes(b"not a jpeg")
+        with pytest.raises(data.DatasetFileError) as err:
             data.build_dataset("folder", "test", 1, img_size=48, root=root)
+        assert str(err.value).splitlines()[1:] == [f"  {root / 'images' / 'cup_1.jpg'}: not a readable image (cannot "
+                                                   f"identify image file '{root / 'images' / 'cup_1.jpg'}')",
+                                                   f"  {root / 'val.txt'}: nosuch has no image and no label"]
 
     def test_folder_scan_is_cached_and_done_again_when_a_label_changes(self, tmp_path, monkeypatch, capsys):
         root = _write_folder(tmp_path / "cached")
@@ -2915,6 +2927,7 @@ class TestData:
         again = data.build_dataset("fss1000", "test", 0, img_size=32, root=root)  # cached: nothing decoded again
         assert again.counts == test.counts
         Image.fromarray(_fss_mask(2, 4)[:, ::-1].copy()).save(cat / "4.png")  # a file changed: scanned again
+        _edited_later(cat / "4.png")
         with pytest.raises(ZeroDivisionError):
             data.build_dataset("fss1000", "test", 0, img_size=32, root=root)
 
