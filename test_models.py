@@ -6,10 +6,12 @@ TestCommon     common.py: the IoU metrics, masked average pooling and PFENet's p
                backbone (BatchNorm in eval, output stride 8, calibrated statistics), PFENet's deep-stem ResNet and
                weight files of either layout; common.fit, the extra stages' loop (its schedule, means, logs and NaN
                stop, under DDP too).
-TestData       data.py: the folds; synthetic episodes; PASCAL and COCO on tiny trees: splits, filters, caches, bad
-               files; COCO's polygon (pycocotools' rule) and RLE decoding; image and mask alignment under augmentation,
+TestData       data.py: the folds; synthetic episodes; PASCAL and COCO on tiny trees: splits, filters, caches (trusted
+               while their files are unchanged), bad files (missing ones too) in one message, read-only places;
+               COCO's polygon (pycocotools' rule) and RLE decoding; image and mask alignment under augmentation,
                the rotation and the blur against cv2's formulas, the test geometry; episodes that depend on no worker
-               count and each test seed's query order; box supports; the folder dataset and its error messages.
+               count and each test seed's query order; box supports; the folder dataset and its error messages;
+               FSS-1000 on a fake tree: its split, episodes, masks, defects and scores through train.py.
 TestTrain      train.py: the harness end to end with a tiny model file: training (the loss falling on the poly
                schedule), scoring at the original size by hand, exact --resume, --select-best, --compile, the NaN stop,
                DDP; the baseline, --stage, --vis, --predict, --bench (FLOPs by hand, host syncs), --bench-data; clear
@@ -50,6 +52,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import signal
 import struct
 import subprocess
@@ -352,6 +355,30 @@ def _count_decodes(monkeypatch):
     return decoded
 
 
+def _edited_later(path):
+    """Move a file's modification time a second on, as an edit made later than the scan would have (the test edits
+    it within one tick of a coarse file-system clock)."""
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
+
+
+def _read_only(monkeypatch, *folders):
+    """Nothing can be made or written inside these folders, as for a user without write permission there (chmod
+    alone would not do: the tests may run as root). An existing folder passes mkdir(exist_ok=True), as it does."""
+    def inside(path):
+        return any(Path(path) == f or f in Path(path).parents for f in folders)
+    mkdir, access = Path.mkdir, os.access
+
+    def no_mkdir(self, *args, **kwargs):
+        if not inside(self):
+            return mkdir(self, *args, **kwargs)
+        if not (self.is_dir() and kwargs.get("exist_ok")):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+    monkeypatch.setattr(Path, "mkdir", no_mkdir)
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: not (inside(path) and mode & os.W_OK)
+                        and access(path, mode, **kw))
+
+
 def _write_pascal_val(root, n):
     """A PASCAL tree whose n val images (60x60) each hold a 48x48 object of class 1..5 (fold 0), train one image."""
     for sub in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
@@ -466,6 +493,62 @@ def _folder_eval(root, out, *flags):
     return train.main(["--model", "baseline", "--baseline-features", "image", "--dataset", "folder", "--data-root",
                        str(root), "--img-size", "48", "--test-episodes", "4", "--test-seeds", "1", "--workers", "0",
                        "--out", str(out), *flags])
+
+
+# ---------------- FSS-1000 ------------------------------------------------------------------------------------
+
+FSS_TEST, FSS_VAL = ("t_bus", "t_cat", "t_cup"), ("v_one", "v_two")  # the fake tree's lists: ids 1-3, 4-5
+FSS_TRAIN = ("a_train", "b_train", "c_train", "d_train")  # the other folders: ids 6-9
+FSS_SIZE = 40
+
+
+@pytest.fixture
+def fss_lists(monkeypatch):
+    """FSS-1000's class lists cut to the fake tree's: 3 test and 2 validation classes, and 4 training folders."""
+    monkeypatch.setattr(data, "FSS_TEST_CLASSES", FSS_TEST)
+    monkeypatch.setattr(data, "FSS_VAL_CLASSES", FSS_VAL)
+    monkeypatch.setattr(data, "FSS_TRAIN_CLASSES", len(FSS_TRAIN))
+
+
+def _fss_mask(c, k):
+    """The mask of image k (1..4) of class id c of the fake tree: 255 on a box of a size of its own, 0 elsewhere."""
+    mask = np.zeros((FSS_SIZE, FSS_SIZE), np.uint8)
+    mask[2 * k:7 * k + 12, c:4 * c + 6] = 255
+    return mask
+
+
+def _write_fss(root):
+    """A fake FSS-1000 tree in the real layout: a folder a class (FSS_TEST, FSS_VAL, FSS_TRAIN), its images
+    1.jpg..4.jpg (40x40) with their masks 1.png..4.png (_fss_mask)."""
+    for c, name in enumerate(FSS_TEST + FSS_VAL + FSS_TRAIN, 1):
+        (root / name).mkdir(parents=True)
+        for k in range(1, 5):
+            _save_jpeg(root / name / f"{k}.jpg", (FSS_SIZE, FSS_SIZE))
+            Image.fromarray(_fss_mask(c, k)).save(root / name / f"{k}.png")
+    return root
+
+
+ALL_FOREGROUND_MODEL = '''
+"""A model without parameters that calls every pixel foreground: its scores are the masks' object fractions."""
+import dataclasses
+import torch
+import torch.nn as nn
+
+
+@dataclasses.dataclass
+class Config:
+    pass
+
+
+class Model(nn.Module):
+    def __init__(self, cfg, setting):
+        super().__init__()
+
+    def forward(self, img_q, img_s, m_s, class_ids=None):
+        logits = torch.zeros(img_q.shape[0], 2, *img_q.shape[-2:])
+        logits[:, 1] = 1.0
+        return {"logits": logits}
+'''
 
 
 REPO = Path(__file__).resolve().parent
@@ -1556,7 +1639,7 @@ class TestCommon:
 
 # ==========================================================================================================
 # data.py: folds, synthetic episodes, PASCAL and COCO on tiny trees (splits, filters, caches, bad files), COCO's
-# polygons and RLE, augmentation and geometry, each test seed's order, box supports, the folder dataset
+# polygons and RLE, augmentation and geometry, each test seed's order, box supports, the folder dataset, FSS-1000
 # ==========================================================================================================
 
 class TestData:
@@ -1763,6 +1846,109 @@ class TestData:
         decoded = _count_decodes(monkeypatch)
         data.build_dataset("pascal", "test", 0, img_size=64, root=root)
         assert len(decoded) == 5 and cache.is_file()  # scanned again, and cached now
+
+    def test_a_scan_cache_is_trusted_only_while_its_files_are_unchanged(self, tmp_path, monkeypatch):
+        """Issue 33: after one clean scan, a label changed to hold class id 50, a JPEG cut short or a file removed
+        is found by the next run, not trained on: PASCAL's and COCO's caches hold every file's size and
+        modification time, as the folder dataset's does."""
+        root = _write_pascal(tmp_path / "voc")
+        data.build_dataset("pascal", "test", 0, img_size=64, root=root)  # a clean scan, cached
+        decoded = _count_decodes(monkeypatch)
+        data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+        assert decoded == []  # nothing changed: the cache serves
+        label = root / "SegmentationClassAug" / "v2.png"
+        Image.fromarray(_label((1, 0, 0, 50, 50), (50, 60, 60, 5, 5))).save(label)
+        _edited_later(label)
+        with pytest.raises(data.DatasetFileError) as err:
+            data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+        assert str(err.value).splitlines()[1:] == [f"  {label}: class id 50; ids are 1..20 (0 background, 255 ignore)"]
+        Image.fromarray(_PASCAL_LABELS["v2"]).save(label)
+        data.build_dataset("pascal", "test", 0, img_size=64, root=root)  # fixed: scanned and cached again
+        jpeg = root / "JPEGImages" / "v3.jpg"
+        jpeg.write_bytes(jpeg.read_bytes()[:3000])
+        with pytest.raises(data.DatasetFileError, match=rf"\n  {jpeg}: not a readable image \(image file is truncated"):
+            data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+        _save_jpeg(jpeg, (80, 80))
+        data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+        jpeg.unlink()
+        with pytest.raises(data.DatasetFileError, match=rf"\n  {jpeg}: no such file \(its list names it\)$"):
+            data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+        # COCO's counts: its labels and its images
+        coco = _write_coco(tmp_path / "coco")
+        data.build_dataset("coco", "test", 0, img_size=64, root=coco)
+        label = coco / "labels" / "val2014" / "COCO_val2014_000000000001.png"
+        Image.fromarray(_label((50, 10, 10, 50, 50))).save(label)
+        _edited_later(label)
+        with pytest.raises(data.DatasetFileError, match=rf"\n  {label}: class id 50; ids are 1\.\.3 "):
+            data.build_dataset("coco", "test", 0, img_size=64, root=coco)
+        label.unlink()  # written again from the annotations
+        data.build_dataset("coco", "test", 0, img_size=64, root=coco)
+        jpeg = coco / "val2014" / "COCO_val2014_000000000002.jpg"
+        jpeg.write_bytes(jpeg.read_bytes()[:3000])
+        with pytest.raises(data.DatasetFileError, match=rf"\n  {jpeg}: not a readable image \(image file is truncated"):
+            data.build_dataset("coco", "test", 0, img_size=64, root=coco)
+
+    def test_missing_and_damaged_files_are_named_in_one_message(self, tmp_path):
+        """Issue 33: a missing listed file is one more bad file of the scan, not an error of its own before it (which
+        left the damaged files for a second round); the whole check names the bad files of both lists at once."""
+        root = _write_pascal(tmp_path / "voc")
+        images, labels = root / "JPEGImages", root / "SegmentationClassAug"
+        (images / "v1.jpg").unlink()
+        (labels / "v3.png").unlink()
+        (images / "v2.jpg").write_bytes((images / "v2.jpg").read_bytes()[:3000])
+        Image.fromarray(_label((2, 0, 0, 50, 50), (50, 60, 60, 5, 5))).save(labels / "v4.png")
+        Image.fromarray(_label((1, 0, 0, 50, 50), shape=(80, 70))).save(labels / "e_dup.png")
+        with pytest.raises(data.DatasetFileError) as err:
+            data.build_dataset("pascal", "test", 0, img_size=64, root=root)
+        lines = str(err.value).splitlines()
+        assert lines[0] == f"5 bad file(s) in the PASCAL test list of {root}; fix or remove them (and their list " \
+                           "entries):"
+        assert lines[1] == f"  {labels / 'e_dup.png'}: 70x80 pixels, its image {images / 'e_dup.jpg'} 80x80"
+        assert lines[2] == f"  {images / 'v1.jpg'}: no such file (its list names it)"
+        assert lines[3].startswith(f"  {images / 'v2.jpg'}: not a readable image (image file is truncated")
+        assert lines[4:] == [f"  {labels / 'v3.png'}: no such file (its list names it)",
+                             f"  {labels / 'v4.png'}: class id 50; ids are 1..20 (0 background, 255 ignore)"]
+        (images / "a_voc.jpg").unlink()  # and a training file: train.py's check names both lists' in one message
+        args, _ = train.parse_args(["--model", "baseline", "--data-root", str(root), "--out", str(tmp_path / "run")])
+        with pytest.raises(data.DatasetFileError) as err:
+            train.check_data(args, ("train", "test"))
+        lines = str(err.value).splitlines()
+        assert lines[0].startswith("1 bad file(s) in the PASCAL train list") and len(lines) == 8
+        assert lines[1] == f"  {images / 'a_voc.jpg'}: no such file (its list names it)"
+        assert lines[2].startswith("5 bad file(s) in the PASCAL test list")
+
+    def test_no_writable_cache_place_is_one_note_and_the_run_goes_on(self, tmp_path, monkeypatch, capsys):
+        """Issue 33: a read-only data root and a read-only home stopped the run with a 27-line OSError traceback; a
+        cache that cannot be written stops nothing (one note, every run scans again). COCO's labels, which training
+        needs, stop it in one line naming both places, unless they were written there before."""
+        root, home = _write_pascal(tmp_path / "voc"), tmp_path / "home"
+        home.mkdir()
+        monkeypatch.setattr(Path, "home", lambda: home)
+        coco = _write_coco(tmp_path / "coco")
+        data.build_dataset("coco", "train", 0, img_size=64, root=coco)  # its labels written while it could be
+        shutil.rmtree(coco / ".fss_cache")
+        _read_only(monkeypatch, root, coco, home)
+        decoded = _count_decodes(monkeypatch)
+        capsys.readouterr()
+        for split in ("test", "train", "test"):
+            ds = data.build_dataset("pascal", split, 0, img_size=64, root=root)
+            assert ds[0]["img_q"].shape == (3, 64, 64)
+        assert len(decoded) == 5 + 5 + 5  # nothing cached: each build scans (5 test, 5 training images)
+        places = data._cache_places(root)
+        assert [line for line in capsys.readouterr().err.splitlines() if "cache" in line] == [  # once a process
+            f"[data] note: neither {places[0]} nor {places[1]} can be written: the files are checked again on every "
+            "run (nothing is cached)"]
+        assert not places[0].exists() and not places[1].exists()
+        # COCO: the labels written before are read where they are; with none there, one line names both places
+        ds = data.build_dataset("coco", "train", 0, img_size=64, root=coco)
+        stem = "COCO_train2014_000000000002"
+        assert ds.files[stem] == (coco / "train2014" / f"{stem}.jpg", coco / "labels" / "train2014" / f"{stem}.png")
+        shutil.rmtree(coco / "labels" / "val2014", ignore_errors=True)
+        labels, home_labels = coco / "labels" / "val2014", data._cache_places(coco)[1] / "labels" / "val2014"
+        with pytest.raises(data.DatasetFileError) as err:
+            data.build_dataset("coco", "test", 0, img_size=64, root=coco)
+        assert str(err.value) == (f"cannot write the COCO val2014 labels: neither {labels} nor {home_labels} can be "
+                                  "written (they are needed: make one of them writable, and run again)")
 
     def test_coco_labels_that_cannot_be_written_stop_the_run_with_one_line(self, tmp_path, monkeypatch):
         root = _write_coco(tmp_path / "coco")
@@ -2315,10 +2501,13 @@ class TestData:
         _, label = images[(0, images.names.index("cat_3"))]
         raw = torch.from_numpy(_label((1, 15, 15, 50, 50), (2, 65, 65, 10, 10))).long()
         assert torch.equal(label, torch.where(raw == 1, 1, 0))  # cat -> channel 1, the dog patch (novel) -> 0
-        (root / "val.txt").write_text("dog_1\nnosuch\n")
-        with pytest.raises(data.DatasetFileError,
-                           match=r"val.txt lists 1 name\(s\) with no image and label .*: nosuch$"):
+        (root / "val.txt").write_text("dog_1\nnosuch\n")  # a missing file, named with the scan's bad files
+        (root / "images" / "cup_1.jpg").write_bytes(b"not a jpeg")
+        with pytest.raises(data.DatasetFileError) as err:
             data.build_dataset("folder", "test", 1, img_size=48, root=root)
+        assert str(err.value).splitlines()[1:] == [f"  {root / 'images' / 'cup_1.jpg'}: not a readable image (cannot "
+                                                   f"identify image file '{root / 'images' / 'cup_1.jpg'}')",
+                                                   f"  {root / 'val.txt'}: nosuch has no image and no label"]
 
     def test_folder_scan_is_cached_and_done_again_when_a_label_changes(self, tmp_path, monkeypatch, capsys):
         root = _write_folder(tmp_path / "cached")
@@ -2410,6 +2599,162 @@ class TestData:
             _folder_eval(root, tmp_path / "run", *flags)
         assert str(err.value.code) == f"error: {message}"  # train.main's one line, no traceback
         assert "Traceback" not in capsys.readouterr().err
+
+    # ---------------- FSS-1000 (CRCNet Tables 14, 15) ----------------------------------------------------------
+
+    def test_fss_class_lists_are_hsnets_and_one_split(self):
+        test, val = data.FSS_TEST_CLASSES, data.FSS_VAL_CLASSES
+        assert len(set(test)) == len(test) == 240 and len(set(val)) == len(val) == 240 and not set(test) & set(val)
+        assert list(test) == sorted(test) and list(val) == sorted(val)
+        assert (test[:3], test[-1], val[:2], val[-1]) == (("abe's_flyingfish", "accordion", "american_alligator"),
+                                                          "wooden_spoon", ("ab_wheel", "abacus"), "yonex_icon")
+        assert {"bus", "peregine_falcon", "bamboo_slip", "banana_boat", "wandering_albatross"} <= set(test)
+        names = data.class_names("fss1000")  # without a root: the training classes by their ids
+        assert (len(names), names[1], names[240], names[241], names[480], names[481]) == (
+            1000, "abe's_flyingfish", "wooden_spoon", "ab_wheel", "yonex_icon", "481")
+        assert data.dataset_classes("fss1000").novel == data.fold_classes("fss1000", 0) == list(range(1, 241))
+        assert data.split_name("fss1000", 0) == "fss1000" and data.TEST_EPISODES["fss1000"] is None
+        with pytest.raises(ValueError, match="^FSS-1000 has one class split, no folds: fold 0 only"):
+            data.fold_classes("fss1000", 1)
+
+    def test_fss_splits_and_episodes_on_a_fake_tree(self, tmp_path, fss_lists, capsys):
+        root = _write_fss(tmp_path / "FSS-1000")
+        (root / ".fss_cache").mkdir()  # hidden folders are no class
+        assert data.dataset_classes("fss1000", 0, root) == (9, dict(enumerate(FSS_TEST + FSS_VAL + FSS_TRAIN, 1)),
+                                                            [1, 2, 3])
+        for split, ids in (("test", [1, 2, 3]), ("val", [4, 5]), ("train", [6, 7, 8, 9])):
+            ds = data.build_dataset("fss1000", split, 0, shot=3, img_size=32, root=root, seed=5)
+            assert type(ds) is data.FSSEpisodes and ds.classes == ids and len(ds) == len(ds.images) == 4 * len(ids)
+            loaded, load = [], ds._load
+            ds._load = lambda name: loaded.append(name) or load(name)
+            for stream in (0, 1):
+                queries = []
+                for i in range(len(ds)):
+                    loaded.clear()
+                    ep = ds[(stream, i)]
+                    query, supports, folder = loaded[0], loaded[1:], loaded[0].split("/")[0]
+                    c = (FSS_TEST + FSS_VAL + FSS_TRAIN).index(folder) + 1
+                    assert ep["class_id"] == c  # the supports: the 3 other images of the query's class
+                    assert sorted([query, *supports]) == [n for n in ds.images if n.split("/")[0] == folder]
+                    _assert_episode(ep, 3, 32, test=split != "train")
+                    if split != "train":  # scored at the original size, against the mask as HSNet reads it
+                        k = int(query[-1])
+                        assert torch.equal(ep["m_q_orig"], torch.from_numpy(_fss_mask(c, k) >= 128).long())
+                    queries.append(query)
+                assert sorted(queries) == ds.images  # each image the query once: one pass a seed (an epoch)
+                assert (queries == ds.images) == (split == "train")  # test: each seed in its own order
+        assert "note" not in capsys.readouterr().err
+        (root / "e_train").mkdir()
+        data.dataset_classes("fss1000", 0, root)
+        assert capsys.readouterr().err.splitlines() == [
+            f"[data] note: {root} holds 5 class folders outside the test and validation lists, the training "
+            "classes; FSS-1000 has 4"]
+        with pytest.raises(data.DatasetNotFoundError) as err:  # the folder above the tree: named
+            data.build_dataset("fss1000", "test", 0, root=tmp_path)
+        assert str(err.value).splitlines()[0] == (f"FSS-1000 root {tmp_path} holds no class folder of the test or "
+                                                  f"validation list (e.g. {tmp_path / 't_bus'}): give {root}")
+
+    def test_fss_masks_read_as_hsnet_and_the_distributions_defects_left_out_in_one_note(self, tmp_path, fss_lists,
+                                                                                          monkeypatch, capsys):
+        root = _write_fss(tmp_path / "fss")
+        cat, cup, a_train, b_train = root / "t_cat", root / "t_cup", root / "a_train", root / "b_train"
+        Image.fromarray(np.stack([_fss_mask(2, 2)] * 3, -1)).save(cat / "2.png")  # a 3-channel mask
+        soft = _fss_mask(2, 3) // 255 * 200  # anti-aliased: 200 inside, edges of 127 and 128
+        soft[0], soft[1] = 127, 128
+        Image.fromarray(soft).save(cat / "3.png")
+        Image.new("L", (50, 30), 255).save(cup / "4.png")  # a mask of another size (peregine_falcon/8.png)
+        _save_jpeg(cup / "1.jpeg", (FSS_SIZE, FSS_SIZE))  # a stray .jpeg beside 1.jpg (banana_boat)
+        Image.new("L", (FSS_SIZE, FSS_SIZE), 90).save(a_train / "4.png")  # no pixel >= 128
+        (b_train / "2.jpg").rename(b_train / "2.jpeg")  # N.jpeg pairs where there is no N.jpg
+        (b_train / "Thumbs.db").write_text("x")
+        assert torch.equal(data.load_fss_mask(cat / "2.png"), torch.from_numpy(_fss_mask(2, 2) > 0))
+        assert torch.equal(data.load_fss_mask(cat / "3.png"), torch.from_numpy(soft >= 128))
+        test = data.build_dataset("fss1000", "test", 0, img_size=32, root=root)
+        train_ds = data.build_dataset("fss1000", "train", 0, img_size=32, root=root)
+        assert sorted(test.files) == [f"{name}/{k}" for name in FSS_TEST for k in range(1, 5)][:-1]
+        assert test.counts["t_cat/3"] == {2: int((soft >= 128).sum())}
+        assert test.counts["t_bus/1"] == {1: int((_fss_mask(1, 1) > 0).sum())}
+        assert "a_train/4" not in train_ds.files and train_ds.files["b_train/2"][0].name == "2.jpeg"
+        notes = [line for line in capsys.readouterr().err.splitlines() if "note" in line]
+        assert notes == [
+            f"[data] note: {root}, FSS-1000 test classes: left out t_cup/4.png (50x30, its image 40x40), t_cup/1.jpeg "
+            "(beside 1.jpg)",
+            f"[data] note: {root}, FSS-1000 train classes: left out a_train/4.png (no pixel >= 128), b_train/Thumbs.db "
+            "(not an image N.jpg or a mask N.png)"]
+        monkeypatch.setattr(data, "_scan_fss_pair", lambda pair: 1 / 0)
+        again = data.build_dataset("fss1000", "test", 0, img_size=32, root=root)  # cached: nothing decoded again
+        assert again.counts == test.counts
+        Image.fromarray(_fss_mask(2, 4)[:, ::-1].copy()).save(cat / "4.png")  # a file changed: scanned again
+        _edited_later(cat / "4.png")
+        with pytest.raises(ZeroDivisionError):
+            data.build_dataset("fss1000", "test", 0, img_size=32, root=root)
+
+    def test_fss_damaged_files_and_missing_classes_of_both_splits_in_one_message(self, tmp_path, fss_lists):
+        root = _write_fss(tmp_path / "fss")
+        jpeg = root / "t_bus" / "2.jpg"
+        jpeg.write_bytes(jpeg.read_bytes()[:1500])
+        (root / "a_train" / "1.png").write_bytes(b"not a png")
+        for mask in (root / "c_train").glob("*.png"):
+            mask.unlink()
+        shutil.rmtree(root / "t_cup")
+        args, _ = train.parse_args(["--model", "baseline", "--dataset", "fss1000", "--data-root", str(root), "--out",
+                                    str(tmp_path / "run")])
+        with pytest.raises(data.DatasetFileError) as err:
+            train.check_data(args, ("train", "test"))
+        lines = str(err.value).splitlines()
+        assert lines[0] == (f"2 bad file(s) in the FSS-1000 train classes of {root}; fix or remove them (and their "
+                            "list entries):")
+        assert lines[1].startswith(f"  {root / 'a_train' / '1.png'}: cannot identify image file")
+        assert lines[2] == f"  {root / 'c_train'}: no image N.jpg with its mask N.png"
+        assert lines[3].startswith("2 bad file(s) in the FSS-1000 test classes")
+        assert lines[4].startswith(f"  {jpeg}: not a readable image (image file is truncated")
+        assert lines[5:] == [f"  {root / 't_cup'}: no such class folder (FSS-1000's test list names it)"]
+
+    def test_fss_scores_through_train_py_by_hand(self, tmp_path, fss_lists, monkeypatch, capsys):
+        """Every pixel called foreground: class IoU = its test masks' object pixels / their pixels, counted over one
+        pass (each test image once), in the mean over the test classes; FB-IoU = (0 + the same over all) / 2."""
+        root = _write_fss(tmp_path / "fss")
+        (tmp_path / "allfg.py").write_text(ALL_FOREGROUND_MODEL)
+        monkeypatch.chdir(tmp_path)
+        argv = ["--model", "allfg.py", "--dataset", "fss1000", "--data-root", str(root), "--img-size", "32",
+                "--test-seeds", "2", "--workers", "0"]
+        args, _ = train.parse_args(argv)
+        assert (args.out, args.fold, args.test_episodes) == (Path("runs/allfg-fss1000-1shot"), 0, None)
+        assert (args.lr, args.batch_size, args.epochs, args.augment) == (0.025, 4, 200, "pfenet")  # PASCAL's recipe
+        miou, fbiou = train.main(argv)
+        objects = {c: sum(int((_fss_mask(c, k) > 0).sum()) for k in range(1, 5)) for c in (1, 2, 3)}
+        expected = {c: n / (4 * FSS_SIZE ** 2) for c, n in objects.items()}
+        assert miou == pytest.approx(np.mean(list(expected.values())), abs=1e-9)
+        assert fbiou == pytest.approx(sum(objects.values()) / (12 * FSS_SIZE ** 2) / 2, abs=1e-9)
+        record = read_metrics(args.out)[-1]
+        assert record["per_class"] == pytest.approx({str(c): v for c, v in expected.items()})
+        assert record["miou_std"] == 0  # every seed: the same pass over the test images
+        out = capsys.readouterr().out
+        assert "over 2 test seeds of 12 episodes" in out
+        assert "RESULT model=allfg dataset=fss1000 fold=0 shot=1 " in out
+        for fold in ("1", "all"):
+            with pytest.raises(SystemExit) as err:
+                train.main(["--model", "baseline", "--dataset", "fss1000", "--data-root", str(root), "--fold", fold])
+            assert err.value.code == 2 and capsys.readouterr().err == (
+                f"error: FSS-1000 has one class split, no folds: drop --fold {fold} (its test classes are fold 0) "
+                "(--help lists the flags)\n")
+
+    def test_fss_support_boxes(self, tmp_path, fss_lists):
+        root = _write_fss(tmp_path / "fss")
+        two = _fss_mask(1, 2)
+        two[24:26, 10:30] = 255  # an L-shaped object: its box covers the corner it leaves out
+        for k in range(1, 5):
+            Image.fromarray(two).save(root / "t_bus" / f"{k}.png")
+        args, _ = train.parse_args(["--model", "baseline", "--dataset", "fss1000", "--data-root", str(root),
+                                    "--support-boxes", "--shot", "2", "--img-size", str(FSS_SIZE)])
+        ds = train.episodes(args, "test")
+        assert ds.support_boxes
+        boxes = data.mask_to_boxes(torch.from_numpy(two > 0).long())
+        i = next(i for i in range(len(ds)) if ds._query(i, 0).startswith("t_bus/"))
+        ep = ds[(0, i)]
+        for m in ep["m_s"]:  # at the tree's size the test geometry is the identity
+            assert torch.equal(m, boxes) and not torch.equal(m, torch.from_numpy(two > 0).long())
+        assert torch.equal(ep["m_q"], torch.from_numpy(two > 0).long())  # the query keeps its mask
 
 
 # ==========================================================================================================
@@ -3158,10 +3503,13 @@ class TestTrain:
         flags = ["--model", str(tiny), "--dataset", "pascal", "--data-root", str(root), "--img-size", "32",
                  "--batch-size", "2", "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"]
         # a training image that decodes badly inside a DataLoader worker: one line naming it, not the worker's traceback
-        # (cut after the scan, which decodes every image, has passed it and cached its counts)
+        # (damaged after the scan, which decodes every image, has passed it and cached its counts, in a way its size
+        # and modification time do not show: the cache trusts it)
         data.build_dataset("pascal", "train", 0, img_size=32, root=root)
         jpeg = root / "JPEGImages" / "a_voc.jpg"
-        jpeg.write_bytes(jpeg.read_bytes()[:2000])
+        stat, size = jpeg.stat(), jpeg.stat().st_size
+        jpeg.write_bytes(jpeg.read_bytes()[:2000] + b"\xff" * (size - 2000))
+        os.utime(jpeg, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         with pytest.raises(SystemExit) as err:
             train.main([*flags, "--workers", "1", "--out", str(tmp_path / "a")])
         assert str(err.value.code).startswith(f"error: cannot read image {jpeg}: ") and "\n" not in str(err.value.code)

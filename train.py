@@ -85,12 +85,13 @@ MIN_IMG_SIZE = 32
 # PFENet's configs as its code runs them, every learning rate x10 (poly_learning_rate(..., scale_lr=10)):
 # PASCAL base_lr 0.0025 -> 0.025 at batch 4; COCO the one-GPU setting of its config's comment, base_lr 0.005 ->
 # 0.05 at batch 8 (its 4-GPU run: 0.02 x 10 at batch 32, the same rate per episode). Synthetic: the quick start,
-# a few minutes on 2 CPU cores (README). Folder (your own data): PASCAL's.
+# a few minutes on 2 CPU cores (README). Folder (your own data) and FSS-1000: PASCAL's.
 HARNESS_DEFAULTS = {
     "pascal": dict(lr=0.025, batch_size=4, epochs=200, img_size=473, augment="pfenet"),
     "folder": dict(lr=0.025, batch_size=4, epochs=200, img_size=473, augment="pfenet"),
     "coco": dict(lr=0.05, batch_size=8, epochs=50, img_size=641, augment="pfenet"),
     "synthetic": dict(lr=0.05, batch_size=8, epochs=2, img_size=128, augment="pfenet", test_seeds=1),
+    "fss1000": dict(lr=0.025, batch_size=4, epochs=200, img_size=473, augment="pfenet"),
 }
 EPISODE_DEFAULTS = dict(dataset="pascal", fold=0, coco_split="interleaved")  # unless a checkpoint has its own
 # The recipe --resume restores (with the model's own flags and --set, but for its EVALUATION_FLAGS) and --fold all
@@ -347,10 +348,10 @@ def report(args, scores, rank, log_file):
     if args.test_seeds > 1:
         print(f"\nmIoU {100 * scores['miou']:.2f} +- {100 * scores['miou_std']:.2f}  "
               f"FB-IoU {100 * scores['fbiou']:.2f} +- {100 * scores['fbiou_std']:.2f}  (mean +- standard deviation "
-              f"over {args.test_seeds} test seeds of {args.test_episodes} episodes)")
+              f"over {args.test_seeds} test seeds of {len(dataset)} episodes)")
     else:
         print(f"\nmIoU {100 * scores['miou']:.2f}  FB-IoU {100 * scores['fbiou']:.2f}  (one test seed of "
-              f"{args.test_episodes} episodes, so no spread: --test-seeds 5 gives one)")
+              f"{len(dataset)} episodes, so no spread: --test-seeds 5 gives one)")
     print(f"mean p(foreground): {probs[1]:.3f} on object pixels, {probs[0]:.3f} on background (a diagnostic: a "
           "pixel counts as foreground from 0.5 on)")
     if scores["recall"]:  # --region-recall: QGNet's Table 7
@@ -404,7 +405,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser(add_help=True):
     p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter, add_help=add_help)
     p.add_argument("--model", default="baseline", help=f"{', '.join(MODELS)}, or path/to/your_model.py")
-    p.add_argument("--dataset", default=None, choices=["pascal", "coco", "synthetic", "folder"],
+    p.add_argument("--dataset", default=None, choices=["pascal", "coco", "synthetic", "folder", "fss1000"],
                    help="default: the --checkpoint's, else pascal; folder: your own data under --data-root")
     p.add_argument("--data-root", default=None, help="dataset folder (README: 'Datasets' gives the layouts)")
     p.add_argument("--fold", type=fold_arg, default=None, metavar="{0,1,2,3,all}",
@@ -449,7 +450,7 @@ def build_parser(add_help=True):
                    help="validate on the test fold during training and evaluate the best (optimistic)")
     p.add_argument("--val-every", type=positive_int, default=5, help="epochs between validations for --select-best")
     p.add_argument("--test-episodes", type=positive_int, default=None,
-                   help="episodes per seed (default: PASCAL 1000, COCO 5000; data.TEST_EPISODES)")
+                   help="episodes per seed (default: PASCAL 1000, COCO 5000, FSS-1000 one pass over its test images)")
     p.add_argument("--test-seeds", type=positive_int, default=None, help=f"test seeds (default {data.TEST_SEEDS})")
     p.add_argument("--log-every", type=positive_int, default=20, help="optimizer steps between progress lines")
     p.add_argument("--region-recall", action="store_true",
@@ -519,6 +520,8 @@ def parse_args(argv=None):
     if args.test_classes and args.dataset != "folder":
         parser.error(f"--test-classes chooses the novel classes of --dataset folder; {args.dataset}'s are its folds "
                      "(--fold)")
+    if args.dataset == "fss1000" and args.fold != 0:
+        parser.error(f"FSS-1000 has one class split, no folds: drop --fold {args.fold} (its test classes are fold 0)")
     was = {**EPISODE_DEFAULTS, **trained}  # a checkpoint tested on classes it was trained on: said, not refused
     if trained and "all" not in (was["fold"], args.fold) and was["dataset"] == args.dataset and (
             was["fold"] != args.fold or args.dataset == "coco" and was["coco_split"] != args.coco_split):
