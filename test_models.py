@@ -796,130 +796,6 @@ def qgnet_fem_inputs(model, img_q, img_s, m_s):
     return captured[0]
 
 
-CRCNET_SIZE = 33  # 33 -> 5x5 features at output stride 8 (the backbone dominates the CPU time)
-
-
-def make_crcnet(**kw):
-    """A narrow CRCNet (dim 32 instead of 256) keeps the CPU tests fast; the structure is the paper's."""
-    torch.manual_seed(0)
-    return crcnet.Model(crcnet.Config(pretrained=False, **{"dim": 32, "cr_reduction": 4, **kw}))
-
-
-@pytest.fixture(scope="module")
-def crcnet_model():
-    # one test scale: predict is compared with forward below; the default three scales have their own test
-    return make_crcnet(refine_steps=3, ft_steps=3, ft_lr=0.05, test_scales=(1.0,))
-
-
-# boxes (top, bottom, left, right) at 33 x 33: each covers a different set of the pixels 0, 8, 16, 24, 32 that
-# the 5 x 5 features sample (see _at_features), so every episode and shot has its own feature-level mask
-Q_BOXES = [(5, 20, 8, 25), (14, 33, 0, 12)]
-
-
-S_BOXES = [[(3, 18, 10, 28), (20, 31, 2, 20), (0, 12, 20, 33)],
-           [(0, 12, 0, 12), (6, 26, 6, 26), (14, 31, 14, 33)]]
-
-
-def crcnet_mixed_episode(B=2, S=2, seed=0):
-    """episode(B, S, CRCNET_SIZE, seed=seed)'s images, with masks that differ per episode (the query's, Q_BOXES)
-    and per episode and shot (the supports', S_BOXES); query rows 0-1 and support rows 31-32 are 255 as in
-    episode. -> img_q, img_s, m_s, m_q."""
-    img_q, img_s, m_s, m_q = episode(B, S, CRCNET_SIZE, seed=seed)
-    m_q.zero_()
-    m_s.zero_()
-    for b in range(B):
-        top, bottom, left, right = Q_BOXES[b]
-        m_q[b, top:bottom, left:right] = 1
-        for k in range(S):
-            top, bottom, left, right = S_BOXES[b][k]
-            m_s[b, k, top:bottom, left:right] = 1
-    m_q[:, :2] = IGNORE_INDEX
-    m_s[:, :, -2:] = IGNORE_INDEX
-    return img_q, img_s, m_s, m_q
-
-
-def _at_features(m):
-    """Labels (..., 33, 33) -> the support foreground at the 5 x 5 features, by hand: bilinear resizing with
-    aligned corners from 33 = 4 * 8 + 1 to 5 samples exactly the pixels 0, 8, 16, 24, 32; 255 is background."""
-    return (m[..., ::8, ::8] == 1).float()
-
-
-def _ce(logits, labels):
-    """Eq. (4) by hand: 2-class cross-entropy of logits (N,2,5,5) upsampled to labels (N,33,33), averaged over
-    the labelled pixels of all N images together (255 ignored)."""
-    up = F.interpolate(logits, labels.shape[-2:], mode="bilinear", align_corners=True)
-    valid = labels != IGNORE_INDEX
-    return F.cross_entropy(up, labels.clamp(max=1), reduction="none")[valid].mean()
-
-
-def _refine_by_concatenation(refine, x):
-    """MaskRefinement's logits written plainly: every step convolves [x, x_global, cached(cache)] with combine."""
-    x = refine.entry(x)
-    x_global = x + refine.global_conv(x)
-    cache = torch.zeros(x.shape[0], 1, *x.shape[-2:])
-    for step in range(refine.steps):
-        with torch.set_grad_enabled(step == refine.steps - 1):
-            y = refine.combine(torch.cat([x, x_global, refine.cached(cache)], 1))
-            logits = refine.cls(y + refine.combine_residual(y))
-        cache = logits.softmax(1)[:, 1:].detach()
-    return logits
-
-
-@pytest.fixture(scope="module")
-def crcnet_traced(crcnet_model):
-    """One training forward (with m_q) of a mixed B=2, S=2 batch with the inputs of the global conditional
-    module and of the refinement recorded, the encoder features computed separately (query, supports), and
-    both masks at the features by hand."""
-    net = crcnet_model
-    img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=2)
-    seen = {}
-    hooks = [net.head.global_conditional.register_forward_pre_hook(lambda m, a: seen.__setitem__("global", a)),
-             net.head.refinement.register_forward_pre_hook(lambda m, a: seen.__setitem__("refine", a[0]))]
-    try:
-        with torch.no_grad():
-            seen["out"] = net(img_q, img_s, m_s, m_q=m_q)
-            f_q = net.encoder(img_q).repeat_interleave(2, 0)  # (4, C, 5, 5): query b for its two pairs
-            f_s = net.encoder(img_s.flatten(0, 1))  # (4, C, 5, 5): support k of episode b at b * 2 + k
-    finally:
-        for h in hooks:
-            h.remove()
-    m = _at_features(m_s).flatten(0, 1)[:, None]  # (4, 1, 5, 5)
-    m_q_feat = _at_features(m_q).repeat_interleave(2, 0)[:, None]  # (4, 1, 5, 5): query b's for its two pairs
-    return net, f_q, f_s, m, m_q_feat, seen, (img_q, img_s, m_s, m_q)
-
-
-# ---------------- the predictions of fine-tuned heads -----------------------------------------------------
-
-@pytest.fixture(scope="module")
-def crcnet_tuned_episodes(crcnet_model):
-    """A mixed B=2, S=2 batch and each episode's fine-tuned head weights (finetune is checked by hand above)."""
-    img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=2)
-    with torch.no_grad():
-        weights = [crcnet_model.finetune(img_s[b], m_s[b]) for b in range(2)]
-    return img_q, img_s, m_s, weights
-
-
-def crcnet_tuned_outputs(net, tuned, kshot):
-    """net.infer of the episodes `tuned` (crcnet_tuned_episodes) under cfg.kshot = kshot, checking that it leaves
-    the weights and gradients as they were; and for each episode b and support k, net._forward of the query with
-    that support alone under the head weights tuned on episode b. -> prediction, outs[b][k]"""
-    img_q, img_s, m_s, weights = tuned
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    net.cfg.kshot = kshot
-    try:
-        with torch.no_grad():
-            pred = net.infer(img_q, img_s, m_s)
-    finally:
-        net.cfg.kshot = "finetune"
-    after = net.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(p.grad is None for p in net.parameters())
-    with torch.no_grad():
-        outs = [[net._forward(img_q[b:b + 1], img_s[b:b + 1, k:k + 1], m_s[b:b + 1, k:k + 1],
-                              head_weights=weights[b]) for k in range(img_s.shape[1])] for b in range(len(img_q))]
-    return pred, outs
-
-
 SYMNET_SIZE = 41  # -> 6x6 features at output stride 8; the episodes are synthetic_episode's (class ids for the text)
 
 
@@ -4825,8 +4701,132 @@ class TestQGNet:
 # hand; K shots by fine-tuning, fusion and scales; the pairs of query and support and their masks
 # ==========================================================================================================
 
+CRCNET_SIZE = 33  # 33 -> 5x5 features at output stride 8 (the backbone dominates the CPU time)
+
+
+def make_crcnet(**kw):
+    """A narrow CRCNet (dim 32 instead of 256) keeps the CPU tests fast; the structure is the paper's."""
+    torch.manual_seed(0)
+    return crcnet.Model(crcnet.Config(pretrained=False, **{"dim": 32, "cr_reduction": 4, **kw}))
+
+
+@pytest.fixture(scope="module")
+def crcnet_model():
+    # one test scale: predict is compared with forward below; the default three scales have their own test
+    return make_crcnet(refine_steps=3, ft_steps=3, ft_lr=0.05, test_scales=(1.0,))
+
+
+# boxes (top, bottom, left, right) at 33 x 33: each covers a different set of the pixels 0, 8, 16, 24, 32 that
+# the 5 x 5 features sample (see _at_features), so every episode and shot has its own feature-level mask
+Q_BOXES = [(5, 20, 8, 25), (14, 33, 0, 12)]
+
+
+S_BOXES = [[(3, 18, 10, 28), (20, 31, 2, 20), (0, 12, 20, 33)],
+           [(0, 12, 0, 12), (6, 26, 6, 26), (14, 31, 14, 33)]]
+
+
+def crcnet_mixed_episode(B=2, S=2, seed=0):
+    """episode(B, S, CRCNET_SIZE, seed=seed)'s images, with masks that differ per episode (the query's, Q_BOXES)
+    and per episode and shot (the supports', S_BOXES); query rows 0-1 and support rows 31-32 are 255 as in
+    episode. -> img_q, img_s, m_s, m_q."""
+    img_q, img_s, m_s, m_q = episode(B, S, CRCNET_SIZE, seed=seed)
+    m_q.zero_()
+    m_s.zero_()
+    for b in range(B):
+        top, bottom, left, right = Q_BOXES[b]
+        m_q[b, top:bottom, left:right] = 1
+        for k in range(S):
+            top, bottom, left, right = S_BOXES[b][k]
+            m_s[b, k, top:bottom, left:right] = 1
+    m_q[:, :2] = IGNORE_INDEX
+    m_s[:, :, -2:] = IGNORE_INDEX
+    return img_q, img_s, m_s, m_q
+
+
+def _at_features(m):
+    """Labels (..., 33, 33) -> the support foreground at the 5 x 5 features, by hand: bilinear resizing with
+    aligned corners from 33 = 4 * 8 + 1 to 5 samples exactly the pixels 0, 8, 16, 24, 32; 255 is background."""
+    return (m[..., ::8, ::8] == 1).float()
+
+
+def _ce(logits, labels):
+    """Eq. (4) by hand: 2-class cross-entropy of logits (N,2,5,5) upsampled to labels (N,33,33), averaged over
+    the labelled pixels of all N images together (255 ignored)."""
+    up = F.interpolate(logits, labels.shape[-2:], mode="bilinear", align_corners=True)
+    valid = labels != IGNORE_INDEX
+    return F.cross_entropy(up, labels.clamp(max=1), reduction="none")[valid].mean()
+
+
+def _refine_by_concatenation(refine, x):
+    """MaskRefinement's logits written plainly: every step convolves [x, x_global, cached(cache)] with combine."""
+    x = refine.entry(x)
+    x_global = x + refine.global_conv(x)
+    cache = torch.zeros(x.shape[0], 1, *x.shape[-2:])
+    for step in range(refine.steps):
+        with torch.set_grad_enabled(step == refine.steps - 1):
+            y = refine.combine(torch.cat([x, x_global, refine.cached(cache)], 1))
+            logits = refine.cls(y + refine.combine_residual(y))
+        cache = logits.softmax(1)[:, 1:].detach()
+    return logits
+
+
+@pytest.fixture(scope="module")
+def crcnet_traced(crcnet_model):
+    """One training forward (with m_q) of a mixed B=2, S=2 batch with the inputs of the global conditional
+    module and of the refinement recorded, the encoder features computed separately (query, supports), and
+    both masks at the features by hand."""
+    net = crcnet_model
+    img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=2)
+    seen = {}
+    hooks = [net.head.global_conditional.register_forward_pre_hook(lambda m, a: seen.__setitem__("global", a)),
+             net.head.refinement.register_forward_pre_hook(lambda m, a: seen.__setitem__("refine", a[0]))]
+    try:
+        with torch.no_grad():
+            seen["out"] = net(img_q, img_s, m_s, m_q=m_q)
+            f_q = net.encoder(img_q).repeat_interleave(2, 0)  # (4, C, 5, 5): query b for its two pairs
+            f_s = net.encoder(img_s.flatten(0, 1))  # (4, C, 5, 5): support k of episode b at b * 2 + k
+    finally:
+        for h in hooks:
+            h.remove()
+    m = _at_features(m_s).flatten(0, 1)[:, None]  # (4, 1, 5, 5)
+    m_q_feat = _at_features(m_q).repeat_interleave(2, 0)[:, None]  # (4, 1, 5, 5): query b's for its two pairs
+    return net, f_q, f_s, m, m_q_feat, seen, (img_q, img_s, m_s, m_q)
+
+
+# ---------------- the predictions of fine-tuned heads -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def crcnet_tuned_episodes(crcnet_model):
+    """A mixed B=2, S=2 batch and each episode's fine-tuned head weights (finetune is checked by hand above)."""
+    img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=2)
+    with torch.no_grad():
+        weights = [crcnet_model.finetune(img_s[b], m_s[b]) for b in range(2)]
+    return img_q, img_s, m_s, weights
+
+
+def crcnet_tuned_outputs(net, tuned, kshot):
+    """net.infer of the episodes `tuned` (crcnet_tuned_episodes) under cfg.kshot = kshot, checking that it leaves
+    the weights and gradients as they were; and for each episode b and support k, net._forward of the query with
+    that support alone under the head weights tuned on episode b. -> prediction, outs[b][k]"""
+    img_q, img_s, m_s, weights = tuned
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net.cfg.kshot = kshot
+    try:
+        with torch.no_grad():
+            pred = net.infer(img_q, img_s, m_s)
+    finally:
+        net.cfg.kshot = "finetune"
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in net.parameters())
+    with torch.no_grad():
+        outs = [[net._forward(img_q[b:b + 1], img_s[b:b + 1, k:k + 1], m_s[b:b + 1, k:k + 1],
+                              head_weights=weights[b]) for k in range(img_s.shape[1])] for b in range(len(img_q))]
+    return pred, outs
+
+
 class TestCRCNet:
-    # ---------------- the paper's configuration, shapes at 1 and 5 shots, the loss (Eq. 4-5), gradients -------
+    # ---------------- §4.1 overview (Fig. 2): the paper's configuration, shapes at 1 and 5 shots, gradients --------
 
     def test_crcnet_paper_configuration_shapes_and_size(self):
         net = crcnet.Model(crcnet.Config(pretrained=False))
@@ -4856,20 +4856,6 @@ class TestCRCNet:
         loss, terms = crcnet_model.loss(out, m_q, m_s)
         assert torch.isfinite(loss)
 
-    def test_crcnet_loss_has_four_terms_eq5(self, crcnet_model):
-        img_q, img_s, m_s, m_q = episode(2, 1, CRCNET_SIZE)
-        out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
-        total, terms = crcnet_model.loss(out, m_q, m_s)
-        assert set(terms) == {"query", "support", "query_sub", "support_sub"}
-        assert all(torch.isfinite(t) and t > 0 for t in terms.values())
-        expected = terms["query"] + terms["support"] + 0.1 * (terms["query_sub"] + terms["support_sub"])
-        assert torch.allclose(total, expected)
-        # L_SM is the 2-class cross-entropy of the support prediction against m_s (255 ignored), Eq. (4)
-        up = F.interpolate(out["support"], (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear", align_corners=True)
-        valid = m_s[:, 0] != 255
-        ce = F.cross_entropy(up, m_s[:, 0].clamp(max=1), reduction="none")[valid].mean()
-        assert torch.allclose(terms["support"], ce, atol=1e-6)
-
     @pytest.mark.parametrize("train_encoder", [True, False])
     def test_crcnet_gradients_reach_every_learnable_parameter_and_the_backbone_only_when_trained(self, train_encoder):
         # §5.1 end to end (the default): every parameter, the ResNet's included, gets a gradient from Eq. (5);
@@ -4891,41 +4877,7 @@ class TestCRCNet:
                     and all(p.requires_grad for p in net.encoder.reduce.parameters()))
         assert not net.encoder.backbone.training  # BN stays in eval either way
 
-    # ---------------- the refinement, the cross-reference and the local conditional module by hand ------------
-
-    def test_crcnet_refinement_runs_configured_steps_and_updates_cache(self):
-        torch.manual_seed(0)
-        refine = crcnet.MaskRefinement(in_dim=12, dim=8, k=7, steps=4)
-        calls = []
-        refine.cached.register_forward_hook(lambda m, i, o: calls.append(i[0].clone()))
-        logits, caches = refine(torch.randn(2, 12, 5, 5))
-        assert len(calls) == 4 and len(caches) == 5
-        assert (caches[0] == 0).all() and (calls[0] == 0).all()  # the cache starts as zeros
-        for t in range(1, 5):
-            assert not torch.equal(caches[t], caches[t - 1])  # updated every step
-            assert torch.equal(calls[t - 1], caches[t - 1])  # and each step reads the previous one
-        assert torch.allclose(caches[-1], logits.softmax(1)[:, 1:])
-        assert ((caches[-1] > 0) & (caches[-1] < 1)).all()
-
-    @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-    def test_crcnet_refinement_convolves_the_feature_levels_once_as_the_concatenation_would(self, layout):
-        # the combined conv is split by input channels (features once, the cached branch every step): the same
-        # logits, caches and gradients as the plain concatenation, and the same state_dict (old checkpoints load)
-        torch.manual_seed(0)
-        refine = crcnet.MaskRefinement(in_dim=12, dim=8, k=7, steps=4).to(memory_format=layout)
-        assert refine.state_dict()["combine.0.weight"].shape == (8, 3 * 8, 3, 3)
-        assert not any(key.startswith("combine.") and key not in ("combine.0.weight", "combine.0.bias")
-                       for key in refine.state_dict())
-        x = torch.randn(2, 12, 5, 5).to(memory_format=layout).requires_grad_()
-        logits, caches = refine(x)
-        grads = torch.autograd.grad(logits.square().sum(), [x, *refine.parameters()])
-        expected = _refine_by_concatenation(refine, x)
-        expected_grads = torch.autograd.grad(expected.square().sum(), [x, *refine.parameters()])
-        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(caches[-1], expected.softmax(1)[:, 1:], rtol=1e-5, atol=1e-6)
-        assert all(g.abs().sum() > 0 for g in grads)  # the combined weight among them, from both of its parts
-        for name, g, e in zip(["x", *dict(refine.named_parameters())], grads, expected_grads):
-            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6, msg=name)
+    # ---------------- §4.3 the cross-reference module --------------------------------------------------------------
 
     def test_crcnet_cross_reference_is_symmetric_and_by_hand(self):
         torch.manual_seed(0)
@@ -4937,6 +4889,8 @@ class TestCRCNet:
         w = torch.sigmoid(cr.importance[2](torch.relu(cr.importance[0](f_q.mean((2, 3))))))
         w = w * torch.sigmoid(cr.importance[2](torch.relu(cr.importance[0](f_s.mean((2, 3))))))
         assert torch.allclose(g_q, f_q * w[:, :, None, None]) and ((w >= 0) & (w <= 1)).all()
+
+    # ---------------- §4.4 the conditional module, each branch conditioned on the other image (§4.7) ---------------
 
     def test_crcnet_local_conditional_eq1_to_3_by_hand(self):
         torch.manual_seed(0)
@@ -4973,7 +4927,133 @@ class TestCRCNet:
         assert amp.dtype == torch.bfloat16  # Eq. (3) is left to autocast
         assert (amp.float() - expected).abs().max() < 0.01 * expected.abs().max()
 
-    # ---------------- K shots: fine-tuning (§4.6), fusion, multi-scale inference (§5.3) -----------------------
+    def test_crcnet_mixed_episode_masks_differ_per_episode_and_shot(self):
+        # the premise of the tests below: no two episodes (or shots) share a feature-level mask
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=3)
+        assert not torch.equal(_at_features(m_q[0]), _at_features(m_q[1]))
+        masks = _at_features(m_s).flatten(0, 1)  # (6, 5, 5)
+        assert all(not torch.equal(masks[a], masks[b]) for a in range(6) for b in range(a))
+        assert (masks.sum((1, 2)) > 0).all() and (m_s[..., ::8, ::8] == IGNORE_INDEX).any()
+
+    def test_crcnet_global_vector_is_the_other_images_foreground_average(self, crcnet_traced):
+        # §4.4: the query branch's category vector is the foreground average of the support features under the
+        # support's mask; §4.7 (roles interchangeable): the support branch's is the query's under the query's mask
+        # (255 as background in both)
+        net, f_q, f_s, m, m_q_feat, seen, _ = crcnet_traced
+        f, proto = seen["global"]
+        assert torch.allclose(f, torch.cat([f_q, f_s]), atol=1e-5)  # both branches, query branch first
+        support_avg = (f_s * m).sum((2, 3)) / (m.sum((2, 3)) + common.MAP_EPS)  # (4, C)
+        query_avg = (f_q * m_q_feat).sum((2, 3)) / (m_q_feat.sum((2, 3)) + common.MAP_EPS)  # (4, C)
+        assert torch.allclose(proto, torch.cat([support_avg, query_avg]), atol=1e-5)
+        assert not torch.allclose(support_avg[0], support_avg[1], atol=1e-3)  # the two supports give different vectors
+        assert not torch.allclose(query_avg[0], query_avg[2], atol=1e-3)  # and so do the two episodes' queries
+        assert not torch.allclose(support_avg, query_avg, atol=1e-3)  # the two branches are conditioned differently
+
+    def test_crcnet_each_branch_is_conditioned_on_the_other_images_mask(self, crcnet_model):
+        # §4.7: the support prediction depends on the query's mask and not on its own (no shortcut through its own
+        # foreground), the query prediction on the support's and not on the query's; the co-occurrence
+        # sub-predictions (§4.3) on neither. Other masks: the two episodes' query masks swapped, the two shots'
+        # support masks swapped (all differ at the features, test_crcnet_mixed_episode_masks_differ_...)
+        net = crcnet_model
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=2)
+        with torch.no_grad():
+            out = net(img_q, img_s, m_s, m_q=m_q)
+            other_s = net(img_q, img_s, m_s.flip(1), m_q=m_q)
+            other_q = net(img_q, img_s, m_s, m_q=m_q.flip(0))
+            evaluation = net(img_q, img_s, m_s)  # no m_q: the query branch alone
+        assert torch.allclose(other_s["support"], out["support"], atol=1e-6)
+        assert torch.allclose(other_q["query"], out["query"], atol=1e-6)
+        for n in range(4):  # every pair's prediction follows the other image's mask
+            assert not torch.allclose(other_q["support"][n], out["support"][n], atol=1e-4), n
+            assert not torch.allclose(other_s["query"][n], out["query"][n], atol=1e-4), n
+        for key in ("query_sub", "support_sub"):
+            assert (torch.allclose(other_s[key], out[key], atol=1e-6)
+                    and torch.allclose(other_q[key], out[key], atol=1e-6))
+        assert set(evaluation) == {"logits", "query", "query_sub"}  # the support branch is not computed
+        for key in evaluation:
+            assert torch.allclose(evaluation[key], out[key], atol=1e-5), key
+
+    def test_crcnet_255_in_a_support_or_query_mask_counts_as_background(self, crcnet_model):
+        # 255 (unlabelled) is not foreground, in a support's mask (the query branch's reference) nor in the query's
+        # (the support branch's): replacing it by 0 changes nothing, in any output
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=1, S=2)
+        m_s[:, :, 14:18] = IGNORE_INDEX  # row 16 is sampled by the features, and it crosses both support boxes
+        m_q[:, 14:18] = IGNORE_INDEX  # and the query box; rows 0-1 are 255 already
+        for mask in (m_s, m_q):
+            assert ((mask[..., ::8, ::8] == IGNORE_INDEX) & (mask[..., ::8, ::8] != 1)).any()
+            foreground = common.foreground_at(mask.flatten(0, -3)[:, None], (5, 5))  # as crcnet.Model._forward
+            assert torch.equal(foreground, _at_features(mask).flatten(0, -3)[:, None])
+        zero_s, zero_q = (mask.masked_fill(mask == IGNORE_INDEX, 0) for mask in (m_s, m_q))
+        with torch.no_grad():
+            out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
+            out_zero = crcnet_model(img_q, img_s, zero_s, m_q=zero_q)
+        for key in ("logits", "query", "support", "query_sub", "support_sub"):
+            assert torch.equal(out[key], out_zero[key]), key
+
+    # ---------------- §4.5 the mask refinement module --------------------------------------------------------------
+
+    def test_crcnet_refinement_runs_configured_steps_and_updates_cache(self):
+        torch.manual_seed(0)
+        refine = crcnet.MaskRefinement(in_dim=12, dim=8, k=7, steps=4)
+        calls = []
+        refine.cached.register_forward_hook(lambda m, i, o: calls.append(i[0].clone()))
+        logits, caches = refine(torch.randn(2, 12, 5, 5))
+        assert len(calls) == 4 and len(caches) == 5
+        assert (caches[0] == 0).all() and (calls[0] == 0).all()  # the cache starts as zeros
+        for t in range(1, 5):
+            assert not torch.equal(caches[t], caches[t - 1])  # updated every step
+            assert torch.equal(calls[t - 1], caches[t - 1])  # and each step reads the previous one
+        assert torch.allclose(caches[-1], logits.softmax(1)[:, 1:])
+        assert ((caches[-1] > 0) & (caches[-1] < 1)).all()
+
+    @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+    def test_crcnet_refinement_convolves_the_feature_levels_once_as_the_concatenation_would(self, layout):
+        # the combined conv is split by input channels (features once, the cached branch every step): the same
+        # logits, caches and gradients as the plain concatenation, and the same state_dict (old checkpoints load)
+        torch.manual_seed(0)
+        refine = crcnet.MaskRefinement(in_dim=12, dim=8, k=7, steps=4).to(memory_format=layout)
+        assert refine.state_dict()["combine.0.weight"].shape == (8, 3 * 8, 3, 3)
+        assert not any(key.startswith("combine.") and key not in ("combine.0.weight", "combine.0.bias")
+                       for key in refine.state_dict())
+        x = torch.randn(2, 12, 5, 5).to(memory_format=layout).requires_grad_()
+        logits, caches = refine(x)
+        grads = torch.autograd.grad(logits.square().sum(), [x, *refine.parameters()])
+        expected = _refine_by_concatenation(refine, x)
+        expected_grads = torch.autograd.grad(expected.square().sum(), [x, *refine.parameters()])
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(caches[-1], expected.softmax(1)[:, 1:], rtol=1e-5, atol=1e-6)
+        assert all(g.abs().sum() > 0 for g in grads)  # the combined weight among them, from both of its parts
+        for name, g, e in zip(["x", *dict(refine.named_parameters())], grads, expected_grads):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6, msg=name)
+
+    def test_crcnet_refinement_input_is_global_local_then_cross_reference(self, crcnet_traced):
+        # §4.5: the refinement reads [global conditional, local conditional, cross-reference output G]; G is the
+        # encoder features re-weighted by the product of both images' importance vectors (§4.3), not F itself
+        net, f_q, f_s, m, m_q_feat, seen, _ = crcnet_traced
+        head, C = net.head, f_q.shape[1]
+        x = seen["refine"]
+        assert x.shape == (8, 3 * C, 5, 5)
+        fc = head.cross_reference.importance
+
+        def importance(feat):
+            return torch.sigmoid(fc[2](torch.relu(fc[0](feat.mean((2, 3))))))
+
+        w = (importance(f_q) * importance(f_s))[:, :, None, None]
+        assert torch.allclose(x[:, 2 * C:], torch.cat([f_q * w, f_s * w]), atol=1e-5)
+        assert not torch.allclose(x[:, 2 * C:], torch.cat([f_q, f_s]), atol=1e-3)  # G != F: w < 1
+        with torch.no_grad():
+            # each branch conditioned on the other image: the query on (f_s, m_s), the support on (f_q, m_q)
+            f, f_ref, m_ref = torch.cat([f_q, f_s]), torch.cat([f_s, f_q]), torch.cat([m, m_q_feat])
+            proto = (f_ref * m_ref).sum((2, 3)) / (m_ref.sum((2, 3)) + common.MAP_EPS)
+            glob = head.global_conditional(f, proto)
+            local = head.local_conditional(f, f_ref, m_ref)
+            own = head.local_conditional(f, torch.cat([f_s, f_s]), torch.cat([m, m]))  # the support on itself
+        assert torch.allclose(x[:, :C], glob, atol=1e-5)
+        # |local| ~ 10 and the softmax of Eq. (2) is sharp: the encoder's batching alone moves it by ~5e-5
+        assert torch.allclose(x[:, C:2 * C], local, atol=2e-4)
+        assert not torch.allclose(x[4:, C:2 * C], own[4:], atol=1e-1)  # the support branch is not its own reference
+
+    # ---------------- §4.6 K shots: fine-tuning, and Table 4's fusion ----------------------------------------------
 
     def test_crcnet_finetuning_changes_prediction_and_restores_everything(self, crcnet_model):
         img_q, img_s, m_s, m_q = episode(2, 3, CRCNET_SIZE)
@@ -5023,240 +5103,6 @@ class TestCRCNet:
         # the encoder is neither tuned nor in the fine-tuning graph: its weights unchanged, no gradient reached it
         assert all(torch.equal(encoder[k], v) for k, v in crcnet_model.encoder.state_dict().items())
         assert all(p.grad is None for p in crcnet_model.parameters())
-
-    def test_crcnet_fusion_averages_one_shot_probabilities(self, crcnet_model):
-        img_q, img_s, m_s, m_q = episode(2, 3, CRCNET_SIZE)
-        crcnet_model.cfg.kshot = "fusion"
-        try:
-            with torch.no_grad():
-                fused = crcnet_model.infer(img_q, img_s, m_s)
-                probs = [crcnet_model(img_q, img_s[:, k:k + 1], m_s[:, k:k + 1])["query"].softmax(1) for k in range(3)]
-        finally:
-            crcnet_model.cfg.kshot = "finetune"
-        expected = F.interpolate((sum(probs) / 3).log(), (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear",
-                                 align_corners=True)
-        assert torch.allclose(fused, expected, atol=1e-5)
-
-    def test_crcnet_multi_scale_inference_by_default(self, crcnet_model):
-        # §5.3: by default both images are resized to 0.75, 1 and 1.25 of their size (images bilinearly, masks
-        # nearest) and the query probabilities, resized back, are averaged; one scale is plain forward
-        net = crcnet_model
-        img_q, img_s, m_s, m_q = episode(1, 1, CRCNET_SIZE)
-        with torch.no_grad():
-            plain = net(img_q, img_s, m_s)["logits"]
-            assert torch.allclose(net.infer(img_q, img_s, m_s), plain, atol=1e-6)  # the fixture's one scale
-            net.cfg.test_scales = crcnet.Config().test_scales
-            try:
-                multi = net.infer(img_q, img_s, m_s)
-            finally:
-                net.cfg.test_scales = (1.0,)
-            probs = []
-            for size in (25, 33, 41):  # round(33 * scale)
-                q = F.interpolate(img_q, (size, size), mode="bilinear", align_corners=True)
-                s = F.interpolate(img_s[:, 0], (size, size), mode="bilinear", align_corners=True)[:, None]
-                m = F.interpolate(m_s.float(), (size, size), mode="nearest").long()
-                logits = net(q, s, m)["logits"]  # (1, 2, size, size)
-                probs.append(F.interpolate(logits, (33, 33), mode="bilinear", align_corners=True).exp())
-        assert multi.shape == (1, 2, CRCNET_SIZE, CRCNET_SIZE)
-        assert torch.allclose(multi, (sum(probs) / 3).log(), atol=1e-5)
-        assert not torch.allclose(multi, plain, atol=1e-4)
-
-    # ---------------- bad input, flags, a short training and the harness --------------------------------------
-
-    def test_crcnet_bad_input_raises(self):
-        with pytest.raises(ValueError, match="kshot"):
-            crcnet.Model(crcnet.Config(pretrained=False, kshot="vote"))
-        with pytest.raises(ValueError, match="refine_steps must be >= 1"):
-            make_crcnet(refine_steps=0)  # the refinement loop is what predicts
-        net = make_crcnet(refine_steps=1)
-        img_q, img_s, m_s, m_q = episode(2, 2, CRCNET_SIZE)
-        with pytest.raises(ValueError, match="same episodes"):
-            net(img_q, img_s, m_s[:, :1])
-        with pytest.raises(ValueError, match="same episodes"):
-            net(img_q, img_s, m_s, m_q=m_q[:, :-1])
-        with torch.no_grad():
-            out = net(img_q, img_s, m_s)  # no m_q (evaluation): no support prediction to score
-        with pytest.raises(ValueError, match="forward needs m_q"):
-            net.loss(out, m_q, m_s)
-
-    def test_crcnet_freeze_encoder_and_test_scales_flags_map_to_the_config(self):
-        def config(*flags):
-            args, module = train.parse_args(["--model", "crcnet", *flags])
-            assert module is crcnet
-            return train.make_config(module, args)
-
-        assert config().train_encoder is True  # §5.1: end to end
-        assert config("--freeze-encoder").train_encoder is False
-        assert config().test_scales == (0.75, 1.0, 1.25)
-        assert list(config("--test-scales", "1").test_scales) == [1.0]
-
-    def test_crcnet_short_synthetic_training_lowers_the_loss(self):
-        net = make_crcnet(refine_steps=2)
-        net.train()
-        episodes = data.build_dataset("synthetic", "train", 0, img_size=32, train_length=16)
-        optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.0025, momentum=0.9)
-        losses = []
-        for step in range(8):  # fresh episodes every step
-            batch = data.collate_episodes([episodes[i] for i in (2 * step, 2 * step + 1)])
-            out = net(batch["img_q"], batch["img_s"], batch["m_s"], m_q=batch["m_q"])
-            loss, _ = net.loss(out, batch["m_q"], batch["m_s"])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        assert all(math.isfinite(x) for x in losses)
-        assert sum(losses[-2:]) < 0.8 * sum(losses[:2])
-
-    def test_crcnet_harness_trains_and_evaluates_two_shot_by_finetuning(self, tmp_path):
-        out = tmp_path / "run"
-        train.main(["--model", "crcnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
-                    "--img-size", "32", "--train-length", "2", "--batch-size", "2", "--epochs", "1", "--shot", "2",
-                    "--test-episodes", "1", "--test-seeds", "1", "--refine-steps", "1", "--ft-steps", "1",
-                    "--out", str(out)])
-        records = read_metrics(out)
-        assert records[0]["args"]["lr"] == 0.01 != train.HARNESS_DEFAULTS["synthetic"]["lr"]  # its own
-        assert records[0]["args"]["ft_steps"] == 1 and records[0]["args"]["kshot"] is None  # Config default
-        assert records[0]["args"]["train_encoder"] is None  # no recipe sets it: trained end to end (Config, §5.1)
-        step = [r for r in records if r["event"] == "train"][0]
-        # a support term: the harness passed m_q in training (train.query_mask); without it the loss raises
-        assert math.isfinite(step["loss"]) and {"query", "support", "query_sub", "support_sub"} <= set(step)
-        result = [r for r in records if r["event"] == "result"][0]
-        assert result["shot"] == 2 and 0 <= result["miou"] <= 1
-
-    # ---------------- masks of their own per episode and shot: pairs, conditioning, roles (§4.4-4.7) ----------
-
-    def test_crcnet_mixed_episode_masks_differ_per_episode_and_shot(self):
-        # the premise of the tests below: no two episodes (or shots) share a feature-level mask
-        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=3)
-        assert not torch.equal(_at_features(m_q[0]), _at_features(m_q[1]))
-        masks = _at_features(m_s).flatten(0, 1)  # (6, 5, 5)
-        assert all(not torch.equal(masks[a], masks[b]) for a in range(6) for b in range(a))
-        assert (masks.sum((1, 2)) > 0).all() and (m_s[..., ::8, ::8] == IGNORE_INDEX).any()
-
-    def test_crcnet_loss_gives_each_pair_its_own_episodes_labels(self, crcnet_model):
-        # Model.loss on made-up logits: pair n = b * S + k (episode-major, as forward builds them) must be scored
-        # against the query mask of episode b and the mask of support k of episode b (Eq. 5, lambda = 0.1)
-        B, S = 2, 3
-        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=B, S=S)
-        g = torch.Generator().manual_seed(1)
-        out = {key: 3 * torch.randn(B * S, 2, 5, 5, generator=g)
-               for key in ("query", "support", "query_sub", "support_sub")}
-        total, terms = crcnet_model.loss(out, m_q, m_s)
-        q_labels = torch.stack([m_q[b] for b in range(B) for k in range(S)])  # (6, 33, 33)
-        s_labels = torch.stack([m_s[b, k] for b in range(B) for k in range(S)])
-        assert torch.allclose(terms["query"], _ce(out["query"], q_labels), atol=1e-6)
-        assert torch.allclose(terms["support"], _ce(out["support"], s_labels), atol=1e-6)
-        assert torch.allclose(terms["query_sub"], _ce(out["query_sub"], q_labels), atol=1e-6)
-        assert torch.allclose(terms["support_sub"], _ce(out["support_sub"], s_labels), atol=1e-6)
-        by_hand = _ce(out["query"], q_labels) + _ce(out["support"], s_labels)
-        by_hand = by_hand + 0.1 * (_ce(out["query_sub"], q_labels) + _ce(out["support_sub"], s_labels))
-        assert torch.allclose(total, by_hand, atol=1e-6)
-        # the check has teeth: the episode-interleaved pairing (episode b's label on pair b') scores differently
-        wrong = torch.stack([m_q[n % B] for n in range(B * S)])
-        assert abs(_ce(out["query"], wrong) - terms["query"]) > 1e-2
-
-    def test_crcnet_forward_pairs_are_episode_major(self, crcnet_traced):
-        # the order the loss assumes: out[...][b * S + k] is the pair (query b, support k of episode b)
-        net, f_q, f_s, m, m_q_feat, seen, (img_q, img_s, m_s, m_q) = crcnet_traced
-        with torch.no_grad():
-            for b in range(2):
-                alone = net(img_q[b:b + 1], img_s[b:b + 1], m_s[b:b + 1], m_q=m_q[b:b + 1])
-                for key in ("query", "support", "query_sub", "support_sub"):
-                    assert torch.allclose(seen["out"][key][2 * b:2 * b + 2], alone[key], atol=1e-5)
-
-    def test_crcnet_global_vector_is_the_other_images_foreground_average(self, crcnet_traced):
-        # §4.4: the query branch's category vector is the foreground average of the support features under the
-        # support's mask; §4.7 (roles interchangeable): the support branch's is the query's under the query's mask
-        # (255 as background in both)
-        net, f_q, f_s, m, m_q_feat, seen, _ = crcnet_traced
-        f, proto = seen["global"]
-        assert torch.allclose(f, torch.cat([f_q, f_s]), atol=1e-5)  # both branches, query branch first
-        support_avg = (f_s * m).sum((2, 3)) / (m.sum((2, 3)) + common.MAP_EPS)  # (4, C)
-        query_avg = (f_q * m_q_feat).sum((2, 3)) / (m_q_feat.sum((2, 3)) + common.MAP_EPS)  # (4, C)
-        assert torch.allclose(proto, torch.cat([support_avg, query_avg]), atol=1e-5)
-        assert not torch.allclose(support_avg[0], support_avg[1], atol=1e-3)  # the two supports give different vectors
-        assert not torch.allclose(query_avg[0], query_avg[2], atol=1e-3)  # and so do the two episodes' queries
-        assert not torch.allclose(support_avg, query_avg, atol=1e-3)  # the two branches are conditioned differently
-
-    def test_crcnet_refinement_input_is_global_local_then_cross_reference(self, crcnet_traced):
-        # §4.5: the refinement reads [global conditional, local conditional, cross-reference output G]; G is the
-        # encoder features re-weighted by the product of both images' importance vectors (§4.3), not F itself
-        net, f_q, f_s, m, m_q_feat, seen, _ = crcnet_traced
-        head, C = net.head, f_q.shape[1]
-        x = seen["refine"]
-        assert x.shape == (8, 3 * C, 5, 5)
-        fc = head.cross_reference.importance
-
-        def importance(feat):
-            return torch.sigmoid(fc[2](torch.relu(fc[0](feat.mean((2, 3))))))
-
-        w = (importance(f_q) * importance(f_s))[:, :, None, None]
-        assert torch.allclose(x[:, 2 * C:], torch.cat([f_q * w, f_s * w]), atol=1e-5)
-        assert not torch.allclose(x[:, 2 * C:], torch.cat([f_q, f_s]), atol=1e-3)  # G != F: w < 1
-        with torch.no_grad():
-            # each branch conditioned on the other image: the query on (f_s, m_s), the support on (f_q, m_q)
-            f, f_ref, m_ref = torch.cat([f_q, f_s]), torch.cat([f_s, f_q]), torch.cat([m, m_q_feat])
-            proto = (f_ref * m_ref).sum((2, 3)) / (m_ref.sum((2, 3)) + common.MAP_EPS)
-            glob = head.global_conditional(f, proto)
-            local = head.local_conditional(f, f_ref, m_ref)
-            own = head.local_conditional(f, torch.cat([f_s, f_s]), torch.cat([m, m]))  # the support on itself
-        assert torch.allclose(x[:, :C], glob, atol=1e-5)
-        # |local| ~ 10 and the softmax of Eq. (2) is sharp: the encoder's batching alone moves it by ~5e-5
-        assert torch.allclose(x[:, C:2 * C], local, atol=2e-4)
-        assert not torch.allclose(x[4:, C:2 * C], own[4:], atol=1e-1)  # the support branch is not its own reference
-
-    def test_crcnet_each_branch_is_conditioned_on_the_other_images_mask(self, crcnet_model):
-        # §4.7: the support prediction depends on the query's mask and not on its own (no shortcut through its own
-        # foreground), the query prediction on the support's and not on the query's; the co-occurrence
-        # sub-predictions (§4.3) on neither. Other masks: the two episodes' query masks swapped, the two shots'
-        # support masks swapped (all differ at the features, test_crcnet_mixed_episode_masks_differ_...)
-        net = crcnet_model
-        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=2)
-        with torch.no_grad():
-            out = net(img_q, img_s, m_s, m_q=m_q)
-            other_s = net(img_q, img_s, m_s.flip(1), m_q=m_q)
-            other_q = net(img_q, img_s, m_s, m_q=m_q.flip(0))
-            evaluation = net(img_q, img_s, m_s)  # no m_q: the query branch alone
-        assert torch.allclose(other_s["support"], out["support"], atol=1e-6)
-        assert torch.allclose(other_q["query"], out["query"], atol=1e-6)
-        for n in range(4):  # every pair's prediction follows the other image's mask
-            assert not torch.allclose(other_q["support"][n], out["support"][n], atol=1e-4), n
-            assert not torch.allclose(other_s["query"][n], out["query"][n], atol=1e-4), n
-        for key in ("query_sub", "support_sub"):
-            assert (torch.allclose(other_s[key], out[key], atol=1e-6)
-                    and torch.allclose(other_q[key], out[key], atol=1e-6))
-        assert set(evaluation) == {"logits", "query", "query_sub"}  # the support branch is not computed
-        for key in evaluation:
-            assert torch.allclose(evaluation[key], out[key], atol=1e-5), key
-
-    def test_crcnet_swapping_query_and_support_swaps_the_predictions(self, crcnet_model):
-        # §4.7 "Their roles are interchangeable": the pair read the other way round (the support as the query with
-        # its mask, the query as the support) gives the same two predictions, swapped
-        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=1)
-        with torch.no_grad():
-            out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
-            swapped = crcnet_model(img_s[:, 0], img_q[:, None], m_q[:, None], m_q=m_s[:, 0])
-        for key, mirror in (("query", "support"), ("support", "query"), ("query_sub", "support_sub"),
-                            ("support_sub", "query_sub")):
-            assert torch.allclose(swapped[key], out[mirror], atol=1e-5), key
-        assert not torch.allclose(out["query"], out["support"], atol=1e-3)  # two different predictions
-
-    def test_crcnet_255_in_a_support_or_query_mask_counts_as_background(self, crcnet_model):
-        # 255 (unlabelled) is not foreground, in a support's mask (the query branch's reference) nor in the query's
-        # (the support branch's): replacing it by 0 changes nothing, in any output
-        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=1, S=2)
-        m_s[:, :, 14:18] = IGNORE_INDEX  # row 16 is sampled by the features, and it crosses both support boxes
-        m_q[:, 14:18] = IGNORE_INDEX  # and the query box; rows 0-1 are 255 already
-        for mask in (m_s, m_q):
-            assert ((mask[..., ::8, ::8] == IGNORE_INDEX) & (mask[..., ::8, ::8] != 1)).any()
-            foreground = common.foreground_at(mask.flatten(0, -3)[:, None], (5, 5))  # as crcnet.Model._forward
-            assert torch.equal(foreground, _at_features(mask).flatten(0, -3)[:, None])
-        zero_s, zero_q = (mask.masked_fill(mask == IGNORE_INDEX, 0) for mask in (m_s, m_q))
-        with torch.no_grad():
-            out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
-            out_zero = crcnet_model(img_q, img_s, zero_s, m_q=zero_q)
-        for key in ("logits", "query", "support", "query_sub", "support_sub"):
-            assert torch.equal(out[key], out_zero[key]), key
 
     def test_crcnet_finetune_step_is_sgd_on_a_pair_conditioned_on_each_others_mask(self, crcnet_model):
         # §4.6 by hand for one step: the tuned head weights are p - lr * grad of Eq. (5) for an ordered pair (i, j)
@@ -5313,6 +5159,166 @@ class TestCRCNet:
             assert torch.allclose(fused[b:b + 1], expected, atol=1e-5), b
             first = F.interpolate(probs[0].log(), (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear", align_corners=True)
             assert not torch.allclose(fused[b:b + 1], first, atol=1e-3)
+
+    def test_crcnet_fusion_averages_one_shot_probabilities(self, crcnet_model):
+        img_q, img_s, m_s, m_q = episode(2, 3, CRCNET_SIZE)
+        crcnet_model.cfg.kshot = "fusion"
+        try:
+            with torch.no_grad():
+                fused = crcnet_model.infer(img_q, img_s, m_s)
+                probs = [crcnet_model(img_q, img_s[:, k:k + 1], m_s[:, k:k + 1])["query"].softmax(1) for k in range(3)]
+        finally:
+            crcnet_model.cfg.kshot = "finetune"
+        expected = F.interpolate((sum(probs) / 3).log(), (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear",
+                                 align_corners=True)
+        assert torch.allclose(fused, expected, atol=1e-5)
+
+    # ---------------- §4.7 training: the loss (Eq. 4-5), the pairs, interchangeable roles --------------------------
+
+    def test_crcnet_loss_has_four_terms_eq5(self, crcnet_model):
+        img_q, img_s, m_s, m_q = episode(2, 1, CRCNET_SIZE)
+        out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
+        total, terms = crcnet_model.loss(out, m_q, m_s)
+        assert set(terms) == {"query", "support", "query_sub", "support_sub"}
+        assert all(torch.isfinite(t) and t > 0 for t in terms.values())
+        expected = terms["query"] + terms["support"] + 0.1 * (terms["query_sub"] + terms["support_sub"])
+        assert torch.allclose(total, expected)
+        # L_SM is the 2-class cross-entropy of the support prediction against m_s (255 ignored), Eq. (4)
+        up = F.interpolate(out["support"], (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear", align_corners=True)
+        valid = m_s[:, 0] != 255
+        ce = F.cross_entropy(up, m_s[:, 0].clamp(max=1), reduction="none")[valid].mean()
+        assert torch.allclose(terms["support"], ce, atol=1e-6)
+
+    def test_crcnet_loss_gives_each_pair_its_own_episodes_labels(self, crcnet_model):
+        # Model.loss on made-up logits: pair n = b * S + k (episode-major, as forward builds them) must be scored
+        # against the query mask of episode b and the mask of support k of episode b (Eq. 5, lambda = 0.1)
+        B, S = 2, 3
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=B, S=S)
+        g = torch.Generator().manual_seed(1)
+        out = {key: 3 * torch.randn(B * S, 2, 5, 5, generator=g)
+               for key in ("query", "support", "query_sub", "support_sub")}
+        total, terms = crcnet_model.loss(out, m_q, m_s)
+        q_labels = torch.stack([m_q[b] for b in range(B) for k in range(S)])  # (6, 33, 33)
+        s_labels = torch.stack([m_s[b, k] for b in range(B) for k in range(S)])
+        assert torch.allclose(terms["query"], _ce(out["query"], q_labels), atol=1e-6)
+        assert torch.allclose(terms["support"], _ce(out["support"], s_labels), atol=1e-6)
+        assert torch.allclose(terms["query_sub"], _ce(out["query_sub"], q_labels), atol=1e-6)
+        assert torch.allclose(terms["support_sub"], _ce(out["support_sub"], s_labels), atol=1e-6)
+        by_hand = _ce(out["query"], q_labels) + _ce(out["support"], s_labels)
+        by_hand = by_hand + 0.1 * (_ce(out["query_sub"], q_labels) + _ce(out["support_sub"], s_labels))
+        assert torch.allclose(total, by_hand, atol=1e-6)
+        # the check has teeth: the episode-interleaved pairing (episode b's label on pair b') scores differently
+        wrong = torch.stack([m_q[n % B] for n in range(B * S)])
+        assert abs(_ce(out["query"], wrong) - terms["query"]) > 1e-2
+
+    def test_crcnet_forward_pairs_are_episode_major(self, crcnet_traced):
+        # the order the loss assumes: out[...][b * S + k] is the pair (query b, support k of episode b)
+        net, f_q, f_s, m, m_q_feat, seen, (img_q, img_s, m_s, m_q) = crcnet_traced
+        with torch.no_grad():
+            for b in range(2):
+                alone = net(img_q[b:b + 1], img_s[b:b + 1], m_s[b:b + 1], m_q=m_q[b:b + 1])
+                for key in ("query", "support", "query_sub", "support_sub"):
+                    assert torch.allclose(seen["out"][key][2 * b:2 * b + 2], alone[key], atol=1e-5)
+
+    def test_crcnet_swapping_query_and_support_swaps_the_predictions(self, crcnet_model):
+        # §4.7 "Their roles are interchangeable": the pair read the other way round (the support as the query with
+        # its mask, the query as the support) gives the same two predictions, swapped
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=1)
+        with torch.no_grad():
+            out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
+            swapped = crcnet_model(img_s[:, 0], img_q[:, None], m_q[:, None], m_q=m_s[:, 0])
+        for key, mirror in (("query", "support"), ("support", "query"), ("query_sub", "support_sub"),
+                            ("support_sub", "query_sub")):
+            assert torch.allclose(swapped[key], out[mirror], atol=1e-5), key
+        assert not torch.allclose(out["query"], out["support"], atol=1e-3)  # two different predictions
+
+    def test_crcnet_short_synthetic_training_lowers_the_loss(self):
+        net = make_crcnet(refine_steps=2)
+        net.train()
+        episodes = data.build_dataset("synthetic", "train", 0, img_size=32, train_length=16)
+        optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.0025, momentum=0.9)
+        losses = []
+        for step in range(8):  # fresh episodes every step
+            batch = data.collate_episodes([episodes[i] for i in (2 * step, 2 * step + 1)])
+            out = net(batch["img_q"], batch["img_s"], batch["m_s"], m_q=batch["m_q"])
+            loss, _ = net.loss(out, batch["m_q"], batch["m_s"])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert all(math.isfinite(x) for x in losses)
+        assert sum(losses[-2:]) < 0.8 * sum(losses[:2])
+
+    # ---------------- §5.1, §5.3 multi-scale inference -------------------------------------------------------------
+
+    def test_crcnet_multi_scale_inference_by_default(self, crcnet_model):
+        # §5.3: by default both images are resized to 0.75, 1 and 1.25 of their size (images bilinearly, masks
+        # nearest) and the query probabilities, resized back, are averaged; one scale is plain forward
+        net = crcnet_model
+        img_q, img_s, m_s, m_q = episode(1, 1, CRCNET_SIZE)
+        with torch.no_grad():
+            plain = net(img_q, img_s, m_s)["logits"]
+            assert torch.allclose(net.infer(img_q, img_s, m_s), plain, atol=1e-6)  # the fixture's one scale
+            net.cfg.test_scales = crcnet.Config().test_scales
+            try:
+                multi = net.infer(img_q, img_s, m_s)
+            finally:
+                net.cfg.test_scales = (1.0,)
+            probs = []
+            for size in (25, 33, 41):  # round(33 * scale)
+                q = F.interpolate(img_q, (size, size), mode="bilinear", align_corners=True)
+                s = F.interpolate(img_s[:, 0], (size, size), mode="bilinear", align_corners=True)[:, None]
+                m = F.interpolate(m_s.float(), (size, size), mode="nearest").long()
+                logits = net(q, s, m)["logits"]  # (1, 2, size, size)
+                probs.append(F.interpolate(logits, (33, 33), mode="bilinear", align_corners=True).exp())
+        assert multi.shape == (1, 2, CRCNET_SIZE, CRCNET_SIZE)
+        assert torch.allclose(multi, (sum(probs) / 3).log(), atol=1e-5)
+        assert not torch.allclose(multi, plain, atol=1e-4)
+
+    # ---------------- bad input, flags and the harness -------------------------------------------------------------
+
+    def test_crcnet_bad_input_raises(self):
+        with pytest.raises(ValueError, match="kshot"):
+            crcnet.Model(crcnet.Config(pretrained=False, kshot="vote"))
+        with pytest.raises(ValueError, match="refine_steps must be >= 1"):
+            make_crcnet(refine_steps=0)  # the refinement loop is what predicts
+        net = make_crcnet(refine_steps=1)
+        img_q, img_s, m_s, m_q = episode(2, 2, CRCNET_SIZE)
+        with pytest.raises(ValueError, match="same episodes"):
+            net(img_q, img_s, m_s[:, :1])
+        with pytest.raises(ValueError, match="same episodes"):
+            net(img_q, img_s, m_s, m_q=m_q[:, :-1])
+        with torch.no_grad():
+            out = net(img_q, img_s, m_s)  # no m_q (evaluation): no support prediction to score
+        with pytest.raises(ValueError, match="forward needs m_q"):
+            net.loss(out, m_q, m_s)
+
+    def test_crcnet_freeze_encoder_and_test_scales_flags_map_to_the_config(self):
+        def config(*flags):
+            args, module = train.parse_args(["--model", "crcnet", *flags])
+            assert module is crcnet
+            return train.make_config(module, args)
+
+        assert config().train_encoder is True  # §5.1: end to end
+        assert config("--freeze-encoder").train_encoder is False
+        assert config().test_scales == (0.75, 1.0, 1.25)
+        assert list(config("--test-scales", "1").test_scales) == [1.0]
+
+    def test_crcnet_harness_trains_and_evaluates_two_shot_by_finetuning(self, tmp_path):
+        out = tmp_path / "run"
+        train.main(["--model", "crcnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
+                    "--img-size", "32", "--train-length", "2", "--batch-size", "2", "--epochs", "1", "--shot", "2",
+                    "--test-episodes", "1", "--test-seeds", "1", "--refine-steps", "1", "--ft-steps", "1",
+                    "--out", str(out)])
+        records = read_metrics(out)
+        assert records[0]["args"]["lr"] == 0.01 != train.HARNESS_DEFAULTS["synthetic"]["lr"]  # its own
+        assert records[0]["args"]["ft_steps"] == 1 and records[0]["args"]["kshot"] is None  # Config default
+        assert records[0]["args"]["train_encoder"] is None  # no recipe sets it: trained end to end (Config, §5.1)
+        step = [r for r in records if r["event"] == "train"][0]
+        # a support term: the harness passed m_q in training (train.query_mask); without it the loss raises
+        assert math.isfinite(step["loss"]) and {"query", "support", "query_sub", "support_sub"} <= set(step)
+        result = [r for r in records if r["event"] == "result"][0]
+        assert result["shot"] == 2 and 0 <= result["miou"] <= 1
 
 
 # ==========================================================================================================
