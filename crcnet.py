@@ -306,8 +306,9 @@ class PairHead(nn.Module):
     """Everything after the Siamese encoder for N (query, support) pairs (Fig. 2): both images' predictions.
 
     forward(f_q, f_s (N,dim,h,w), m_s (N,1,h,w) support foreground at h x w, m_q (N,1,h,w) query foreground or
-    None) -> {"query", "query_sub"; with m_q also "support", "support_sub": logits (N,2,h,w)}. Each branch is
-    conditioned on the other image's features and mask; without m_q the support branch is not computed."""
+    None) -> {"query"; with m_q also "support", "query_sub", "support_sub": logits (N,2,h,w)}. Each branch is
+    conditioned on the other image's features and mask; without m_q (evaluation) what only the loss reads, the
+    support branch and the co-occurrent sub-predictions, is not computed."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -319,22 +320,22 @@ class PairHead(nn.Module):
 
     def forward(self, f_q, f_s, m_s, m_q=None):
         N = f_q.shape[0]
-        # 2. cross-reference module (§4.3): reinforced features and the co-occurrent sub-predictions
+        # 2. cross-reference module (§4.3): reinforced features
         g_q, g_s = self.cross_reference(f_q, f_s)
         # the branches as one batch (2N = query, then support; N = the query alone without m_q): features,
         # reinforced features, and the reference image that conditions them
         f, g, f_ref, m_ref = (f_q, g_q, f_s, m_s) if m_q is None else (
             torch.cat([f_q, f_s]), torch.cat([g_q, g_s]), torch.cat([f_s, f_q]), torch.cat([m_s, m_q]))
-        sub = self.co_occurrence(g)  # (2N, 2, h, w)
         # 3. conditional module (§4.4) on the encoder features, each branch conditioned on the other image
         proto = common.masked_average_pooling(f_ref, m_ref)  # (2N, C): foreground average pooling
         local = self.local_conditional(f, f_ref, m_ref)  # (2N, C, h, w)
         conditional = torch.cat([self.global_conditional(f, proto), local], 1)  # (2N, 2C, h, w)
         # 4. mask refinement (§4.5) on the concatenated conditional and cross-reference outputs
         logits, _ = self.refinement(torch.cat([conditional, g], 1))  # (2N, 2, h, w)
-        out = {"query": logits[:N], "query_sub": sub[:N]}
-        if m_q is not None:
-            out.update(support=logits[N:], support_sub=sub[N:])
+        out = {"query": logits[:N]}
+        if m_q is not None:  # the co-occurrent objects (§4.3) are read by the loss alone
+            sub = self.co_occurrence(g)  # (2N, 2, h, w)
+            out.update(support=logits[N:], query_sub=sub[:N], support_sub=sub[N:])
         return out
 
 
@@ -350,8 +351,8 @@ def pair_loss(out, m_q, m_s, sub_weight):
 
 class Model(nn.Module):
     """CRCNet. forward(img_q, img_s, m_s, class_ids=None, m_q=None) -> {"logits" (B,2,H,W): log of the query
-    foreground probabilities averaged over the S supports, and per pair (B*S,2,h,w): "query", "query_sub", and
-    with m_q (B,H,W) (training: the support branch is conditioned on it) "support", "support_sub"}. infer()
+    foreground probabilities averaged over the S supports, and per pair (B*S,2,h,w): "query", and with m_q (B,H,W)
+    (training: the support branch is conditioned on it) "support", "query_sub", "support_sub"}. infer()
     adds §4.6's test-time fine-tuning and §5.1's multi-scale inference."""
     query_mask_in_training = True  # train.py passes m_q in training: the support branch is conditioned on it
 

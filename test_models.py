@@ -4969,7 +4969,7 @@ class TestCRCNet:
         for key in ("query_sub", "support_sub"):
             assert (torch.allclose(other_s[key], out[key], atol=1e-6)
                     and torch.allclose(other_q[key], out[key], atol=1e-6))
-        assert set(evaluation) == {"logits", "query", "query_sub"}  # the support branch is not computed
+        assert set(evaluation) == {"logits", "query"}  # the support branch and the sub-predictions are not computed
         for key in evaluation:
             assert torch.allclose(evaluation[key], out[key], atol=1e-5), key
 
