@@ -4825,6 +4825,58 @@ def crcnet_tuned_outputs(net, tuned, kshot):
     return pred, outs
 
 
+# ---------------- the ablation switches: parameters by hand, a network that runs -----------------------------
+
+CRCNET_FAST = dict(refine_steps=2, ft_steps=2, test_scales=(1.0,))  # a switch's network: brief refinement and tuning
+
+
+def n_params(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+def conv_params(c_in, c_out, k=3):
+    """A k x k conv with a bias: every conv of CRCNet's modules."""
+    return k * k * c_in * c_out + c_out
+
+
+def co_occurrence_params(d, rates=3):
+    """§4.3's head by hand: 3x3; ASPP (1x1, a 3x3 per rate, the pooled 1x1, a 1x1 over the concatenation); 3x3; 1x1."""
+    aspp = 2 * conv_params(d, d, 1) + rates * conv_params(d, d) + conv_params((rates + 2) * d, d, 1)
+    return 2 * conv_params(d, d) + aspp + conv_params(d, 2, 1)
+
+
+def cross_reference_params(d, reduction):
+    """§4.3's two FC layers, d -> d / reduction -> d, with biases."""
+    return 2 * d * (d // reduction) + d // reduction + d
+
+
+def global_conditional_params(d):
+    """Fig. 5: the 3x3 merge of [f, vector] (2d -> d) and the residual's two 3x3 convs."""
+    return conv_params(2 * d, d) + 2 * conv_params(d, d)
+
+
+def local_conditional_params(d):
+    """Fig. 6: theta and delta, 1x1 convs."""
+    return 2 * conv_params(d, d, 1)
+
+
+def crcnet_runs(net, shots=(1, 5)):
+    """A switch's network trains and evaluates at each number of shots: forward (with m_q), the loss and infer
+    (K shots fine-tuned, cfg.kshot) all finite. -> {S: (forward's output, the loss terms)}."""
+    seen = {}
+    for S in shots:
+        img_q, img_s, m_s, m_q = episode(2, S, CRCNET_SIZE)
+        out = net(img_q, img_s, m_s, m_q=m_q)
+        loss, terms = net.loss(out, m_q, m_s)
+        assert torch.isfinite(loss) and all(torch.isfinite(t) for t in terms.values()), S
+        assert all(torch.isfinite(v).all() for v in out.values() if torch.is_tensor(v)), S
+        with torch.no_grad():
+            pred = net.infer(img_q, img_s, m_s)
+        assert pred.shape == (2, 2, CRCNET_SIZE, CRCNET_SIZE) and torch.isfinite(pred).all(), S
+        seen[S] = out, terms
+    return seen
+
+
 class TestCRCNet:
     # ---------------- §4.1 overview (Fig. 2): the paper's configuration, shapes at 1 and 5 shots, gradients --------
 
@@ -4877,6 +4929,24 @@ class TestCRCNet:
                     and all(p.requires_grad for p in net.encoder.reduce.parameters()))
         assert not net.encoder.backbone.training  # BN stays in eval either way
 
+    # ---------------- §4.2 the Siamese encoder, Table 2's multi-level features --------------------------------------
+
+    def test_crcnet_multi_level_off_reads_layer4_alone_table2(self):
+        # Table 2 "Multi-Level" off (§5.3: "the features solely from the last layer"): levels=("layer4",); the 3x3
+        # reduction loses exactly the weights that read layer3's 1024 channels
+        full, last = make_crcnet(**CRCNET_FAST), make_crcnet(levels=("layer4",), **CRCNET_FAST)
+        assert n_params(full) - n_params(last) == 9 * 1024 * 32
+        assert last.encoder.reduce[0].in_channels == 2048
+        img = episode(1, 1, CRCNET_SIZE)[0]
+        with torch.no_grad():
+            feats = full.encoder.backbone(img)  # the same backbone weights: both built from seed 0
+            assert all(torch.equal(a, b) for a, b in zip(full.encoder.backbone.parameters(),
+                                                         last.encoder.backbone.parameters()))
+            both = full.encoder.reduce(torch.cat([feats["layer3"], feats["layer4"]], 1))
+            assert torch.allclose(full.encoder(img), both, atol=1e-6)
+            assert torch.allclose(last.encoder(img), last.encoder.reduce(feats["layer4"]), atol=1e-6)
+        crcnet_runs(last)
+
     # ---------------- §4.3 the cross-reference module --------------------------------------------------------------
 
     def test_crcnet_cross_reference_is_symmetric_and_by_hand(self):
@@ -4889,6 +4959,52 @@ class TestCRCNet:
         w = torch.sigmoid(cr.importance[2](torch.relu(cr.importance[0](f_q.mean((2, 3))))))
         w = w * torch.sigmoid(cr.importance[2](torch.relu(cr.importance[0](f_s.mean((2, 3))))))
         assert torch.allclose(g_q, f_q * w[:, :, None, None]) and ((w >= 0) & (w <= 1)).all()
+
+    @pytest.mark.parametrize("activation", ["relu", "softmax"])
+    def test_crcnet_cross_reference_activation_table6(self, crcnet_model, activation):
+        # Table 6: ReLU, or a softmax over the channels, in the Sigmoid's place (§4.3); the product of both images'
+        # vectors re-weights both maps as before, and the activation has no parameters of its own
+        torch.manual_seed(0)
+        cr = crcnet.CrossReference(dim=32, reduction=4, activation=activation)
+        f_q, f_s = torch.randn(2, 32, 5, 5), torch.randn(2, 32, 5, 5)
+        g_q, g_s = cr(f_q, f_s)
+        fc = cr.importance
+        act = torch.relu if activation == "relu" else (lambda x: torch.softmax(x, 1))
+        v_q, v_s = (act(fc[2](torch.relu(fc[0](f.mean((2, 3)))))) for f in (f_q, f_s))
+        w = (v_q * v_s)[:, :, None, None]
+        assert torch.allclose(g_q, f_q * w, atol=1e-6) and torch.allclose(g_s, f_s * w, atol=1e-6)
+        if activation == "softmax":
+            assert torch.allclose(v_q.sum(1), torch.ones(2)) and torch.allclose(v_s.sum(1), torch.ones(2))
+        else:
+            assert (v_q >= 0).all() and (v_q == 0).any()  # ReLU: unbounded above, some channels cut to 0
+        net = make_crcnet(cr_activation=activation, **CRCNET_FAST)
+        assert n_params(net) == n_params(crcnet_model)
+        crcnet_runs(net)
+
+    def test_crcnet_without_cross_reference_g_is_f_and_no_sub_predictions_table1(self, crcnet_model):
+        # Table 1 "Conditional Module" only: the cross-reference module and its co-occurrence head (§4.3) are not
+        # built; G = F at its place, so the refinement reads [global, local, F], and Eq. (5) is L_QM + L_SM
+        net = make_crcnet(cross_reference=False, **CRCNET_FAST)
+        assert net.head.cross_reference is None and net.head.co_occurrence is None
+        assert n_params(crcnet_model) - n_params(net) == cross_reference_params(32, 4) + co_occurrence_params(32)
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=2)
+        seen = []
+        hook = net.head.refinement.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        try:
+            with torch.no_grad():
+                out = net(img_q, img_s, m_s, m_q=m_q)
+                f_q = net.encoder(img_q).repeat_interleave(2, 0)  # (4, C, 5, 5): query b for its two pairs
+                f_s = net.encoder(img_s.flatten(0, 1))
+        finally:
+            hook.remove()
+        assert seen[0].shape == (8, 3 * 32, 5, 5)
+        assert torch.allclose(seen[0][:, 2 * 32:], torch.cat([f_q, f_s]), atol=1e-5)  # F itself
+        assert set(out) == {"logits", "query", "support"}
+        total, terms = net.loss(out, m_q, m_s)
+        assert set(terms) == {"query", "support"} and torch.equal(total, terms["query"] + terms["support"])
+        q_labels, s_labels = m_q.repeat_interleave(2, 0), m_s.flatten(0, 1)
+        assert torch.allclose(total, _ce(out["query"], q_labels) + _ce(out["support"], s_labels), atol=1e-6)
+        crcnet_runs(net)
 
     # ---------------- §4.4 the conditional module, each branch conditioned on the other image (§4.7) ---------------
 
@@ -4990,6 +5106,43 @@ class TestCRCNet:
         for key in ("logits", "query", "support", "query_sub", "support_sub"):
             assert torch.equal(out[key], out_zero[key]), key
 
+    @pytest.mark.parametrize("off", [("global_conditional",), ("local_conditional",),
+                                     ("global_conditional", "local_conditional")])
+    def test_crcnet_conditional_modules_switch_off_table3(self, crcnet_model, off):
+        # Table 3 (and Table 1's "w/o conditional module": both off): a module switched off is not built, and the
+        # refinement's entry conv loses the 3x3 weights that read its 32 channels; with both off nothing reads a
+        # mask (the support's nor the query's): the network co-segments the two images
+        net = make_crcnet(**{name: False for name in off}, **CRCNET_FAST)
+        own = {"global_conditional": global_conditional_params(32), "local_conditional": local_conditional_params(32)}
+        assert n_params(crcnet_model) - n_params(net) == sum(own[name] + 9 * 32 * 32 for name in off)
+        assert all(getattr(net.head, name) is None for name in off)
+        assert net.head.refinement.entry[0].in_channels == (3 - len(off)) * 32
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=2)
+        with torch.no_grad():
+            out = net(img_q, img_s, m_s, m_q=m_q)
+            other = net(img_q, img_s, m_s.flip(1), m_q=m_q.flip(0))  # every pair's masks differ (mixed episode)
+        for key in ("query", "support"):
+            assert torch.allclose(other[key], out[key], atol=1e-4) == (len(off) == 2), key
+        crcnet_runs(net)
+
+    def test_crcnet_local_conditional_without_support_mask_table7(self, crcnet_model):
+        # Table 7 "w/o mask": Eq. (2) without Phi(Mask_sup), the softmax over every reference pixel; no mask is read
+        torch.manual_seed(0)
+        local = crcnet.LocalConditional(dim=4, support_mask=False)
+        f, f_s = torch.randn(1, 4, 2, 3), torch.randn(1, 4, 2, 3)
+        m = torch.tensor([[[[1.0, 0.0, 0.5], [0.0, 1.0, 0.0]]]])
+        theta, delta = local.theta(f)[0].flatten(1), local.delta(f_s)[0].flatten(1)  # (4, 6)
+        expected = f_s[0].flatten(1) @ torch.softmax(theta.T @ delta, 1).T  # Eq. (1), (2) unmasked, (3)
+        out = local(f, f_s, m)
+        assert torch.allclose(out[0].flatten(1), expected, atol=1e-5)
+        assert torch.equal(local(f, f_s, torch.zeros_like(m)), out)
+        masked = crcnet.LocalConditional(dim=4)
+        masked.load_state_dict(local.state_dict())
+        assert not torch.allclose(masked(f, f_s, m), out, atol=1e-3)  # the same weights with the mask differ
+        net = make_crcnet(local_support_mask=False, **CRCNET_FAST)
+        assert n_params(net) == n_params(crcnet_model)
+        crcnet_runs(net)
+
     # ---------------- §4.5 the mask refinement module --------------------------------------------------------------
 
     def test_crcnet_refinement_runs_configured_steps_and_updates_cache(self):
@@ -5052,6 +5205,35 @@ class TestCRCNet:
         # |local| ~ 10 and the softmax of Eq. (2) is sharp: the encoder's batching alone moves it by ~5e-5
         assert torch.allclose(x[:, C:2 * C], local, atol=2e-4)
         assert not torch.allclose(x[4:, C:2 * C], own[4:], atol=1e-1)  # the support branch is not its own reference
+
+    def test_crcnet_mask_refinement_off_runs_once_without_the_cache_table2(self, crcnet_model):
+        # Table 2 "Mask Refine" off, §5.3's baseline: the cached branch is removed (its conv, and the 32 input
+        # channels of the combined conv that read it) and the module predicts from the features once, whatever
+        # refine_steps
+        torch.manual_seed(0)
+        refine = crcnet.MaskRefinement(in_dim=12, dim=8, k=7, steps=4, cached=False)
+        assert refine.steps == 1 and refine.cached is None and refine.combine[0].in_channels == 16
+        x = torch.randn(2, 12, 5, 5)
+        logits, caches = refine(x)
+        h = refine.entry(x)
+        y = refine.combine(torch.cat([h, h + refine.global_conv(h)], 1))
+        assert torch.allclose(logits, refine.cls(y + refine.combine_residual(y)), atol=1e-6)
+        assert len(caches) == 2 and torch.allclose(caches[1], logits.softmax(1)[:, 1:])
+        net = make_crcnet(mask_refinement=False, **CRCNET_FAST)  # refine_steps=2
+        assert n_params(crcnet_model) - n_params(net) == conv_params(1, 32) + 9 * 32 * 32
+        calls = {"off": [], "on": []}
+        hooks = [net.head.refinement.cls.register_forward_hook(lambda *args: calls["off"].append(1)),
+                 crcnet_model.head.refinement.cls.register_forward_hook(lambda *args: calls["on"].append(1))]
+        img_q, img_s, m_s, m_q = episode(2, 1, CRCNET_SIZE)
+        try:
+            with torch.no_grad():
+                net(img_q, img_s, m_s)
+                crcnet_model(img_q, img_s, m_s)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        assert (len(calls["off"]), len(calls["on"])) == (1, 3)  # the fixture refines 3 times
+        crcnet_runs(net)
 
     # ---------------- §4.6 K shots: fine-tuning, and Table 4's fusion ----------------------------------------------
 
@@ -5172,6 +5354,28 @@ class TestCRCNet:
         expected = F.interpolate((sum(probs) / 3).log(), (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear",
                                  align_corners=True)
         assert torch.allclose(fused, expected, atol=1e-5)
+
+    def test_crcnet_table4_model_at_1_5_and_10_shots(self):
+        # Table 4 ablates Table 1's model (its 1-shot fusion, 49.6, is Table 1's full row and Table 2's first):
+        # one feature level, no cache, one scale; its rows fuse, fine-tune, or both, at 1, 5 and 10 shots
+        args, module = train.parse_args(["--model", "crcnet", "--shot", "10", "--set", "levels=layer4",
+                                         "mask_refinement=false", "test_scales=1", "kshot=finetune+fusion"])
+        cfg = train.make_config(module, args)
+        assert (cfg.levels, cfg.mask_refinement, cfg.test_scales, cfg.kshot, args.shot) == \
+            (("layer4",), False, (1.0,), "finetune+fusion", 10)
+        net = make_crcnet(levels=("layer4",), mask_refinement=False, **CRCNET_FAST)
+        img_q, img_s, m_s, m_q = episode(1, 10, CRCNET_SIZE)
+        preds = {}
+        for kshot in ("fusion", "finetune", "finetune+fusion"):
+            net.cfg.kshot = kshot
+            with torch.no_grad():
+                preds[kshot] = net.infer(img_q, img_s, m_s)
+            assert torch.isfinite(preds[kshot]).all(), kshot
+        assert not torch.allclose(preds["fusion"], preds["finetune+fusion"], atol=1e-4)
+        assert not torch.allclose(preds["finetune"], preds["finetune+fusion"], atol=1e-4)
+        loss, _ = net.loss(net(img_q, img_s, m_s, m_q=m_q), m_q, m_s)  # 10 pairs trained as 1-shot episodes
+        assert torch.isfinite(loss)
+        crcnet_runs(net)
 
     # ---------------- §4.7 training: the loss (Eq. 4-5), the pairs, interchangeable roles --------------------------
 
@@ -5303,6 +5507,28 @@ class TestCRCNet:
         assert config("--freeze-encoder").train_encoder is False
         assert config().test_scales == (0.75, 1.0, 1.25)
         assert list(config("--test-scales", "1").test_scales) == [1.0]
+
+    def test_crcnet_every_switch_is_a_set_field(self, capsys):
+        # every ablation row is a command: --set FIELD=VALUE gives the Config value; a choice outside a Literal's
+        # is refused in one line; all of them off at once still builds a network (the refinement on F alone)
+        switches = ["cross_reference=false", "global_conditional=false", "local_conditional=false",
+                    "local_support_mask=false", "mask_refinement=false", "cr_activation=softmax", "levels=layer4",
+                    "test_scales=1", "kshot=fusion"]
+        args, module = train.parse_args(["--model", "crcnet", "--set", *switches])
+        cfg = train.make_config(module, args)
+        assert (cfg.cross_reference, cfg.global_conditional, cfg.local_conditional, cfg.local_support_mask,
+                cfg.mask_refinement) == (False,) * 5
+        assert (cfg.cr_activation, cfg.levels, cfg.test_scales, cfg.kshot) == ("softmax", ("layer4",), (1.0,), "fusion")
+        assert train.make_config(*train.parse_args(["--model", "crcnet"])[::-1]) == crcnet.Config()
+        torch.manual_seed(0)
+        net = crcnet.Model(dataclasses.replace(cfg, pretrained=False, dim=32, cr_reduction=4))
+        assert net.head.refinement.entry[0].in_channels == 32
+        crcnet_runs(net, shots=(1,))
+        with pytest.raises(SystemExit):
+            train.parse_args(["--model", "crcnet", "--set", "cr_activation=tanh"])
+        assert "cr_activation is one of sigmoid, relu, softmax" in capsys.readouterr().err
+        with pytest.raises(ValueError, match="cr_activation must be one of"):
+            crcnet.Model(crcnet.Config(pretrained=False, cr_activation="tanh"))
 
     def test_crcnet_harness_trains_and_evaluates_two_shot_by_finetuning(self, tmp_path):
         out = tmp_path / "run"
