@@ -10,7 +10,8 @@ image's foreground vector (global) and an attention over its foreground pixels (
 conditioned on the support's mask, the support branch (training only, where the query's mask is known) on the
 query's. A mask refinement module with a confidence cache then predicts recurrently. K shots: the network is
 fine-tuned at test time on pairs of the labelled supports (§4.6), or the 1-shot probabilities are averaged (the
-fusion baseline, Table 4).
+fusion baseline, Table 4). network="pfenet" puts the global conditional and cross-reference modules into PFENet
+(Tian et al., TPAMI 2020 [50]): the paper's Tables 5, 8, 9, 11 and 12.
 
 Paper -> code:
     §4.2 Siamese encoder (ResNet, layer3 + layer4, §5.1; end to end) SiameseEncoder
@@ -24,6 +25,7 @@ Paper -> code:
     Eq. (4)-(5) loss with lambda = 0.1                               pair_loss, Model.loss
     §4.6 k-shot fine-tuning; Table 4 fusion                          Model.infer, Model.finetune, Model._forward
     §5.1, §5.3 multi-scale test                                      Model._multi_scale, _log_mean_exp
+    Tables 5, 8, 9, 11, 12: PFENet + GC / CR / CRC / FT              PFENetEncoder, PFENetHead, pfenet_loss
     Tables 1-4, 6, 7: the ablation switches                          Config (each field cites its table)
     Eq. (6)-(8) mIoU and FB-IoU                                      common.IoUMeter (train.py evaluates)
 
@@ -53,7 +55,6 @@ Choices (the paper is silent unless a section is named):
     - Eq. (2) literally: similarities are multiplied by the reference mask (bilinearly resized, 255 counts as
       background), so background scores 0, not -inf; an empty mask gives a uniform row. Eq. (1) is not scaled
       either (no 1/sqrt(C)): Eq. (1)-(2) run in fp32 under bf16 autocast (LocalConditional says why).
-    - Eq. (4)'s BCE on the foreground probability equals 2-class cross-entropy: common.seg_loss, 255 ignored.
     - Roles interchangeable (§4.7): the branches mirror each other, so swapping query and support swaps the two
       predictions and leaves Eq. (5) as it is: no explicit swap; both images are supervised every step.
     - K shots in forward: every support is paired with the query and the query probabilities are averaged
@@ -73,6 +74,17 @@ Choices (the paper is silent unless a section is named):
       the combined block) removed and the module run once; "w/o multi-level": layer4 alone (levels).
     - Table 4 ablates Table 1's model (its fusion 1-shot, 49.6, is Table 1's full row): one level, no cache,
       one scale. Table 6: ReLU or a softmax over the channels in the Sigmoid's place. Table 7: Eq. (2) unmasked.
+    - network="pfenet": PFENet as its code runs it (frozen backbone, cat(layer3, layer2) reduced per role with
+      dropout 0.5, layer4 prior, FEM, main + aux loss, K shots averaged in prototype and prior), its recipe.
+    - CR on PFENet: re-weights the reduced query and support features (the prototype pools G_s) and adds the
+      co-occurrence terms; K shots: each support by its pair's vector, the query by their mean.
+    - GC on PFENet: the query through the global conditional module with PFENet's prototype, before FEM (which
+      still reads the prototype). CRC = GC + CR (Table 8's caption); the local module is CRCNet's alone.
+    - FT on PFENet (Table 5): §4.6 with PFENet's backbone and reductions fixed, its loss on pairs of supports, at
+      its training lr; "finetune+fusion" predicts from all supports, as PFENet's 5-shot.
+    - PFENet on COCO at its config's 641 px (lr 0.005 x 10, batch 8, 50 epochs): Table 12's "473 x 473" is
+      PASCAL's size, which it gives PFENet [50] itself too, whose config trains COCO at 641.
+    - A field of the other network changed (levels on PFENet, bins on CRCNet, ...) is refused: it would do nothing.
 """
 import dataclasses
 import math
@@ -92,31 +104,37 @@ KShot = Literal["finetune", "fusion", "finetune+fusion"]  # §4.6 and Table 4's 
 FT_SEED = 0  # fine-tuning pairs come from their own generator: deterministic, global RNG untouched
 # Table 6: what turns the second FC's output into channel importance (§4.3: a Sigmoid, in [0, 1])
 IMPORTANCE = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "softmax": partial(nn.Softmax, dim=1)}
+CRCNET_FIELDS = ("levels", "local_conditional", "local_support_mask", "mask_refinement", "gcn_kernel", "refine_steps")
+PFENET_FIELDS = ("feature_dropout", "aux_weight", "bins")
 
 
 @dataclass
 class Config:
+    network: Literal["crcnet", "pfenet"] = "crcnet"  # "pfenet": Tables 5, 8, 9, 11, 12 (PFENet + GC/CR/CRC/FT)
     backbone: str = "resnet50"  # §5.1
     pretrained: bool = True  # §5.1 ImageNet
     levels: tuple = ("layer3", "layer4")  # §5.1 multi-level features at 1/8; Table 2 "Multi-Level" off: layer4
-    dim: int = 256  # §5.1: every conv of the modules gives 256 channels
-    cross_reference: bool = True  # §4.3 with its co-occurrence head; Table 1
+    dim: int = 256  # §5.1: every conv of the modules gives 256 channels (PFENet's reduce_dim too)
+    cross_reference: bool = True  # §4.3 with its co-occurrence head; Table 1, Tables 8 and 12 "CR"
     cr_activation: Literal["sigmoid", "relu", "softmax"] = "sigmoid"  # §4.3; Table 6
     cr_reduction: int = 16  # §4.3 two FC layers, width open: SE-Net's ratio
     aspp_rates: tuple = (6, 12, 18)  # §4.3 ASPP [4]; CANet's rates
-    global_conditional: bool = True  # §4.4 Fig. 5; Tables 1 and 3
-    local_conditional: bool = True  # §4.4 Fig. 6; Tables 1 and 3
+    global_conditional: bool = True  # §4.4 Fig. 5; Tables 1 and 3, Tables 8 and 12 "GC"
+    local_conditional: bool = True  # §4.4 Fig. 6; Tables 1 and 3 (CRCNet only)
     local_support_mask: bool = True  # Eq. (2)'s Phi(Mask_sup); Table 7 "w/o mask"
     mask_refinement: bool = True  # §4.5's cached branch, recurrent; Table 2 "Mask Refine" off: §5.3's baseline
     gcn_kernel: int = 7  # §4.5 1x7 and 7x1 kernels
     refine_steps: int = 10  # §5.1
     sub_weight: float = 0.1  # Eq. (5) lambda
-    kshot: KShot = "finetune"  # §4.6; "fusion": Table 4 baseline; "finetune+fusion": last row
+    kshot: KShot = "finetune"  # §4.6; "fusion": Table 4 baseline (PFENet: its own); "finetune+fusion": last row
     ft_steps: int = 20  # §4.6 silent: 5-shot has 20 ordered pairs of distinct supports, each seen once on average
-    ft_lr: float = 0.0025  # §4.6 silent: the training lr of §5.1
+    ft_lr: float = 0.0025  # §4.6 silent: the training lr of §5.1 (PFENet's recipe: its own)
     ft_momentum: float = 0.9  # §4.6 silent: the training optimiser's
     test_scales: tuple = (0.75, 1.0, 1.25)  # §5.3, Table 2 "Multi-Scale" (§5.1: 0.75, 1.25); Choices
     train_encoder: bool = True  # §5.1 "end-to-end training"; False: --freeze-encoder, the ResNet frozen (Choices)
+    feature_dropout: float = 0.5  # PFENet's down_query / down_supp Dropout2d
+    aux_weight: float = 1.0  # PFENet's FEM auxiliary loss weight
+    bins: tuple = common.FEM_BINS  # PFENet's FEM: PASCAL's 60/30/15/8 at 473 px
 
 
 def add_args(parser):
@@ -126,22 +144,38 @@ def add_args(parser):
     parser.add_argument("--test-scales", type=float, nargs="+", help="default 0.75 1 1.25 (§5.3); 1: one scale")
     parser.add_argument("--refine-steps", type=int, help="mask refinement iterations, >= 1 (default 10, §5.1)")
     parser.add_argument("--freeze-encoder", action="store_const", const=False, dest="train_encoder", default=None,
-                        help="keep the ResNet frozen, as the other models (default: trained end to end, §5.1)")
+                        help="keep the ResNet frozen, as the other models (default: CRCNet trained end to end, "
+                             "§5.1; network=pfenet frozen, as PFENet)")
 
 
 EVALUATION_FLAGS = ("kshot", "ft_steps", "ft_lr", "ft_momentum", "test_scales")  # --resume lets them change
 
 
-# Table 8: CRCNet trains at 321; §5.1: SGD, lr 0.0025, 200 epochs. Batch sizes and COCO's epochs are not given:
+def by_network(crcnet, pfenet=None):
+    """A recipe value by --set network=: CRCNet's (the default), or PFENet's (None: the next recipe's, the harness's,
+    which is PFENet's own: PASCAL lr 0.0025 x 10, batch 4, 200 epochs, 473 px; COCO its config's one-GPU run)."""
+    return {"network=crcnet": crcnet, "network=pfenet": pfenet}
+
+
+# PFENet's evaluation and encoder under network=pfenet: its frozen backbone, one test scale, its own K shots
+# (prototypes and priors averaged); fine-tuning (Table 5) at its training lr. CRCNet's: the Config's (None).
+PFENET_OWN = dict(train_encoder=by_network(None, False), test_scales=by_network(None, (1.0,)),
+                  kshot=by_network(None, "fusion"))
+# CRCNet: Table 8 trains at 321; §5.1: SGD, lr 0.0025, 200 epochs. Batch sizes and COCO's epochs are not given:
 # the harness's (PFENet's) values. Synthetic: the harness's quick-start values, at 88 px where the others use 128
 # (321/473 of it, to a multiple of 8), as CRCNet's crop is smaller than theirs, and at lr 0.01: 0.03 and the
 # harness's 0.05 drive its loss to NaN (no layer of its head normalises). Trained end to end as §5.1, the encoder
 # included: frozen, its head learned the synthetic novel classes far more slowly (barely above the baseline in 30
 # epochs); one test scale, so that the quick start stays a few minutes on a CPU (three scales triple evaluation).
-DEFAULTS = {  # §5.1's augmentation: random crop, scale and flip (no rotation, no blur)
-    "pascal": dict(lr=0.0025, batch_size=4, epochs=200, img_size=321, augment="crop-scale-flip"),
-    "coco": dict(lr=0.0025, batch_size=8, epochs=50, img_size=321, augment="crop-scale-flip"),
-    "synthetic": dict(img_size=88, lr=0.01, test_scales=(1.0,)),
+# PFENet on COCO: its config's 641 px (Choices). A folder dataset has the harness's recipe and the Config's fields
+# (no model file has a folder recipe): network=pfenet there adds --freeze-encoder --test-scales 1 --kshot fusion.
+DEFAULTS = {  # §5.1's augmentation: random crop, scale and flip (no rotation, no blur); PFENet's its own
+    "pascal": dict(lr=by_network(0.0025), batch_size=4, epochs=200, img_size=by_network(321),
+                   augment=by_network("crop-scale-flip"), ft_lr=by_network(None, 0.025), **PFENET_OWN),
+    "coco": dict(lr=by_network(0.0025), batch_size=8, epochs=50, img_size=by_network(321),
+                 augment=by_network("crop-scale-flip"), ft_lr=by_network(None, 0.05), **PFENET_OWN),
+    "synthetic": dict(img_size=by_network(88), lr=by_network(0.01), ft_lr=by_network(None, 0.05),
+                      **{**PFENET_OWN, "test_scales": (1.0,)}),
 }
 
 
@@ -195,7 +229,8 @@ class SiameseEncoder(nn.Module):
 
 class CrossReference(nn.Module):
     """§4.3, Fig. 3: importance = act(FC(ReLU(FC(GAP(f))))) per image (act: Sigmoid, Table 6 ReLU or softmax); the
-    product of the two re-weights both maps. forward(f_q, f_s (N,C,h,w)) -> G_q, G_s (N,C,h,w)."""
+    product of the two re-weights both maps. forward(f_q (N,C,h,w), f_s (N*S,C,h,w)): S supports per query (CRCNet's
+    pairs: 1); each support is re-weighted by its pair's product, the query by their mean (PFENet's K shots)."""
 
     def __init__(self, dim, reduction, activation="sigmoid"):
         super().__init__()
@@ -203,9 +238,11 @@ class CrossReference(nn.Module):
                                         nn.Linear(dim // reduction, dim), IMPORTANCE[activation]())
 
     def forward(self, f_q, f_s):
+        N, S = f_q.shape[0], f_s.shape[0] // f_q.shape[0]
         # only channels active in both images keep a high weight
-        w = self.importance(f_q.mean((2, 3))) * self.importance(f_s.mean((2, 3)))  # (N, C)
-        return f_q * w[:, :, None, None], f_s * w[:, :, None, None]  # G_q, G_s (N, C, h, w)
+        w = self.importance(f_q.mean((2, 3))).repeat_interleave(S, 0) * self.importance(f_s.mean((2, 3)))  # (N*S, C)
+        w_q = w.view(N, S, -1).mean(1)  # (N, C)
+        return f_q * w_q[:, :, None, None], f_s * w[:, :, None, None]  # G_q (N, C, h, w), G_s (N*S, C, h, w)
 
 
 class ASPP(nn.Module):
@@ -375,6 +412,75 @@ class PairHead(nn.Module):
         return out
 
 
+class PFENetEncoder(nn.Module):
+    """PFENet's features [50] (network="pfenet"): the backbone (frozen unless trainable), cat(layer3, layer2)
+    reduced by a 1x1 conv per role (down_query, down_supp: common.MidLevelReduction, with dropout), and the prior
+    from layer4, a support's of its masked layer3 (common.cosine_prior, averaged over the shots)."""
+
+    def __init__(self, backbone, pretrained, trainable, dim, dropout):
+        super().__init__()
+        self.backbone = common.Backbone(backbone, pretrained=pretrained, trainable=trainable)
+        mid = self.backbone.channels["layer3"] + self.backbone.channels["layer2"]
+        self.down_query = common.MidLevelReduction(mid, dim, dropout)
+        self.down_supp = common.MidLevelReduction(mid, dim, dropout)
+
+    def episode(self, img_q, img_s, m_s, m_q=None):
+        """PFENetHead's inputs: f_q (B,C,h,w), f_s (B*S,C,h,w), the supports' foreground (B*S,1,h,w) (PFENet's
+        bilinear mask), prior (B,1,h,w), and sub: whether the loss's labels m_q are given (training)."""
+        B, S = img_s.shape[:2]
+        feats_q, feats_s = self.backbone.episode(img_q, img_s, m_s=m_s)
+        m = common.foreground_at(m_s.flatten(0, 1)[:, None], feats_s["layer3"].shape[-2:])  # (B*S, 1, h, w)
+        f_s4 = feats_s["layer4"]  # (B*S, C4, h, w)
+        prior = common.cosine_prior(feats_q["layer4"], f_s4.view(B, S, *f_s4.shape[1:]), m_s)  # (B, 1, h, w)
+        return self.down_query(feats_q), self.down_supp(feats_s), m, prior, m_q is not None
+
+    def supports(self, img_s, m_s):
+        """One episode's supports img_s (S,3,H,W), m_s (S,H,W) for fine-tuning, in both roles: the query's (plain)
+        and the support's (layer4 of the masked layer3)."""
+        feats_q, feats_s = self.backbone(img_s), self.backbone(img_s, mask=m_s)
+        m = common.foreground_at(m_s[:, None], feats_s["layer3"].shape[-2:])  # (S, 1, h, w)
+        return self.down_query(feats_q), self.down_supp(feats_s), feats_q["layer4"], feats_s["layer4"], m, m_s
+
+    @staticmethod
+    def pair(supports, i, j):
+        """PFENetHead's inputs for support i as the query and j as its support, with the sub-predictions."""
+        f_q, f_s, f_q4, f_s4, m, m_s = supports
+        prior = common.cosine_prior(f_q4[i:i + 1], f_s4[j:j + 1], m_s[j:j + 1])  # (1, 1, h, w)
+        return f_q[i:i + 1], f_s[j:j + 1], m[j:j + 1], prior, True
+
+
+class PFENetHead(nn.Module):
+    """PFENet's decoder [50] with CRCNet's modules where they enter it (Tables 5, 8, 12; Choices), each None when
+    off (GC and CR off: PFENet alone).
+
+    forward(f_q (B,C,h,w), f_s (B*S,C,h,w) reduced features, m (B*S,1,h,w) support foreground, prior (B,1,h,w),
+    sub) -> {"query": logits (B,2,h,w), "aux": FEM's per-bin logits; with sub (what only the loss reads) and the
+    cross-reference module "query_sub" (B,2,h,w), "support_sub" (B*S,2,h,w)}."""
+
+    def __init__(self, cross_reference, co_occurrence, global_conditional, fem):
+        super().__init__()
+        self.cross_reference, self.co_occurrence = cross_reference, co_occurrence
+        self.global_conditional, self.fem = global_conditional, fem
+
+    def forward(self, f_q, f_s, m, prior, sub=False):
+        B, C = f_q.shape[:2]
+        out = {}
+        # 2. CR: the cross-reference module (§4.3) on both images' reduced features, and their co-occurrent objects
+        if self.cross_reference is not None:
+            f_q, f_s = self.cross_reference(f_q, f_s)  # G_q (B, C, h, w), G_s (B*S, C, h, w)
+            if sub:
+                pred = self.co_occurrence(torch.cat([f_q, f_s]))  # (B + B*S, 2, h, w)
+                out.update(query_sub=pred[:B], support_sub=pred[B:])
+        # 3. PFENet's prototype: every support's foreground average, averaged over the shots
+        proto = common.masked_average_pooling(f_s, m).view(B, -1, C).mean(1)  # (B, C)
+        # 4. GC: the global conditional module (§4.4, Fig. 5) conditions the query on the prototype
+        if self.global_conditional is not None:
+            f_q = self.global_conditional(f_q, proto)  # (B, C, h, w)
+        # 5. PFENet's feature enrichment module on the query, the prototype and the prior
+        out["query"], out["aux"] = self.fem(f_q, proto, prior)  # (B, 2, h, w), [(B, 2, b, b) per bin]
+        return out
+
+
 def seg_terms(terms, total, out, m_q, m_s, sub_weight):
     """Adds Eq. (5)'s lambda (L_QMsub + L_SMsub) to (total, terms) where the cross-reference module predicted."""
     if "query_sub" not in out:
@@ -385,13 +491,21 @@ def seg_terms(terms, total, out, m_q, m_s, sub_weight):
 
 def pair_loss(out, m_q, m_s, sub_weight):
     """Eq. (5): (L_QM + L_SM) + lambda (L_QMsub + L_SMsub); out from PairHead, m_q, m_s (N,H,W) per pair."""
-    # Eq. (4): each L is BCE on the foreground probability, i.e. 2-class cross-entropy on the logits
+    # Eq. (4): each L is BCE on the foreground probability, i.e. 2-class cross-entropy (common.seg_loss, 255 ignored)
     terms = {"query": common.seg_loss(out["query"], m_q), "support": common.seg_loss(out["support"], m_s)}
     return seg_terms(terms, terms["query"] + terms["support"], out, m_q, m_s, sub_weight)
 
 
+def pfenet_loss(out, m_q, m_s, aux_weight, sub_weight):
+    """PFENet's loss (main + aux_weight x the mean of FEM's per-bin ones, PFENet.py:290-300) and, with CR,
+    Eq. (5)'s lambda terms; out from PFENetHead, m_q (B,H,W), m_s (B*S,H,W)."""
+    terms = {"main": common.seg_loss(out["query"], m_q),
+             "aux": torch.stack([common.seg_loss(a, m_q) for a in out["aux"]]).mean()}
+    return seg_terms(terms, terms["main"] + aux_weight * terms["aux"], out, m_q, m_s, sub_weight)
+
+
 def check_config(cfg):
-    """A Literal field's value among its choices; steps that can predict."""
+    """A Literal field's value among its choices; steps that can predict; no field of the other network changed."""
     for field in dataclasses.fields(cfg):
         value = getattr(cfg, field.name)
         if typing.get_origin(field.type) is Literal and value not in typing.get_args(field.type):
@@ -399,29 +513,43 @@ def check_config(cfg):
     if cfg.refine_steps < 1 or cfg.ft_steps < 0:
         raise ValueError(f"refine_steps must be >= 1 (the refinement predicts; 1 = no re-use of the cache) and "
                          f"ft_steps >= 0, got {cfg.refine_steps} and {cfg.ft_steps}")
+    other = PFENET_FIELDS if cfg.network == "crcnet" else CRCNET_FIELDS
+    changed = [f.name for f in dataclasses.fields(cfg) if f.name in other and f.default != (
+        tuple(getattr(cfg, f.name)) if isinstance(getattr(cfg, f.name), list) else getattr(cfg, f.name))]
+    if changed:
+        raise ValueError(f"{', '.join(changed)}: no part of network={cfg.network} (it would change nothing)")
 
 
 class Model(nn.Module):
-    """CRCNet. forward(img_q, img_s, m_s, class_ids=None, m_q=None) -> {"logits" (B,2,H,W): log of the query
-    foreground probabilities averaged over the S supports, and per pair (B*S,2,h,w): "query", and with m_q (B,H,W)
-    (training: the support branch is conditioned on it) "support" and, with the cross-reference module,
-    "query_sub", "support_sub"}. infer() adds §4.6's test-time fine-tuning and §5.1's multi-scale inference."""
-    query_mask_in_training = True  # train.py passes m_q in training: the support branch is conditioned on it
+    """CRCNet (network="crcnet") or PFENet [50] with CRCNet's modules (network="pfenet").
+
+    forward(img_q, img_s, m_s, class_ids=None, m_q=None) -> {"logits" (B,2,H,W): log-probabilities of the query
+    (CRCNet: averaged over the S pairs), "query": the head's query logits at h x w (CRCNet: per pair, (B*S,2,h,w);
+    PFENet: (B,2,h,w) and "aux"), and with m_q (B,H,W) (training) what only the loss reads: "support" (CRCNet,
+    whose support branch is conditioned on it), "query_sub", "support_sub" (the cross-reference module's)}.
+    infer() adds §4.6's test-time fine-tuning and §5.1's multi-scale inference."""
+    query_mask_in_training = True  # train.py passes m_q in training (the loss's labels; CRCNet conditions on it)
 
     def __init__(self, cfg: Config):
         super().__init__()
         check_config(cfg)
         self.cfg = cfg
-        d = cfg.dim
-        self.encoder = SiameseEncoder(cfg.backbone, cfg.pretrained, cfg.train_encoder, cfg.levels, d)
-        # the modules that the ablation tables switch (Tables 1-3): None where a row removes one
+        d, pfenet = cfg.dim, cfg.network == "pfenet"
+        if pfenet:
+            self.encoder = PFENetEncoder(cfg.backbone, cfg.pretrained, cfg.train_encoder, d, cfg.feature_dropout)
+        else:
+            self.encoder = SiameseEncoder(cfg.backbone, cfg.pretrained, cfg.train_encoder, cfg.levels, d)
+        # the modules that the ablation tables switch (Tables 1, 3, 8, 12): None where a row removes one
         cross_reference = CrossReference(d, cfg.cr_reduction, cfg.cr_activation) if cfg.cross_reference else None
         co_occurrence = CoOccurrenceHead(d, cfg.aspp_rates) if cfg.cross_reference else None
         global_conditional = GlobalConditional(d) if cfg.global_conditional else None
-        local_conditional = LocalConditional(d, cfg.local_support_mask) if cfg.local_conditional else None
-        width = (cfg.global_conditional + cfg.local_conditional + 1) * d  # [global, local, G]
-        refinement = MaskRefinement(width, d, cfg.gcn_kernel, cfg.refine_steps, cfg.mask_refinement)
-        self.head = PairHead(cross_reference, co_occurrence, global_conditional, local_conditional, refinement)
+        if pfenet:
+            self.head = PFENetHead(cross_reference, co_occurrence, global_conditional, common.FEM(d, 1, cfg.bins))
+        else:
+            local_conditional = LocalConditional(d, cfg.local_support_mask) if cfg.local_conditional else None
+            width = (cfg.global_conditional + cfg.local_conditional + 1) * d  # [global, local, G]
+            refinement = MaskRefinement(width, d, cfg.gcn_kernel, cfg.refine_steps, cfg.mask_refinement)
+            self.head = PairHead(cross_reference, co_occurrence, global_conditional, local_conditional, refinement)
 
     def forward(self, img_q, img_s, m_s, class_ids=None, m_q=None):
         return self._forward(img_q, img_s, m_s, m_q)
@@ -432,21 +560,25 @@ class Model(nn.Module):
                 or m_q is not None and m_q.shape != (B, *img_q.shape[-2:])):
             raise ValueError(f"img_q {tuple(img_q.shape)}, img_s {tuple(img_s.shape)}, m_s {tuple(m_s.shape)} and "
                              f"m_q {None if m_q is None else tuple(m_q.shape)} do not describe the same episodes")
-        # 1. Siamese encoder (§4.2): one pass over the query and every support, one pair per support
+        # 1. the encoder: CRCNet's Siamese encoder (§4.2) on every (query, support) pair, or PFENet's features
         inputs = self.encoder.episode(img_q, img_s, m_s, m_q)
-        # 2.-4. cross-reference, conditional and refinement modules on every (query, support) pair
+        # 2.-4. the head: cross-reference, conditional and refinement modules (Fig. 2), or PFENet's with them
         out = functional_call(self.head, head_weights, inputs) if head_weights else self.head(*inputs)
-        # 5. K shots: average the query probabilities of the pairs (Table 4's fusion); S = 1 is the identity
+        # 5. K shots: CRCNet averages the query probabilities of its pairs (Table 4's fusion; S = 1 is the
+        # identity); PFENet fused its shots in the prototype and the prior: one prediction per episode
         log_p = F.log_softmax(out["query"].float(), 1)
-        log_p = log_p.view(B, S, *log_p.shape[1:])  # (B, S, 2, h, w)
+        log_p = log_p.view(B, -1, *log_p.shape[1:])  # (B, S or 1, 2, h, w)
         out["logits"] = common.resize(_log_mean_exp(log_p, 1), img_q.shape[-2:])  # (B, 2, H, W)
         return out
 
     def loss(self, out, m_q, m_s):
-        needs = ["support"] + ["query_sub"] * self.cfg.cross_reference
+        needs = ["support"] * (self.cfg.network == "crcnet") + ["query_sub"] * self.cfg.cross_reference
         if any(key not in out for key in needs):
-            raise ValueError(f"CRCNet's loss reads {', '.join(needs)}: in training, forward needs m_q (the support "
-                             "branch is conditioned on it; what only the loss reads is computed with it)")
+            raise ValueError(f"{self.cfg.network}'s loss reads {', '.join(needs)}: in training, forward needs m_q "
+                             "(what only the loss reads is computed with it; CRCNet's support branch is conditioned "
+                             "on it)")
+        if self.cfg.network == "pfenet":
+            return pfenet_loss(out, m_q, m_s.flatten(0, 1), self.cfg.aux_weight, self.cfg.sub_weight)
         return pair_loss(out, m_q.repeat_interleave(m_s.shape[1], 0), m_s.flatten(0, 1), self.cfg.sub_weight)
 
     def finetune(self, img_s, m_s):
