@@ -4698,7 +4698,8 @@ class TestQGNet:
 
 # ==========================================================================================================
 # crcnet.py: CRCNet: shapes at 1 and 5 shots, the loss, gradients with and without the encoder; its modules by
-# hand; K shots by fine-tuning, fusion and scales; the pairs of query and support and their masks
+# hand; K shots by fine-tuning, fusion and scales; the pairs of query and support and their masks; each ablation
+# switch (Tables 1-4, 6, 7); CRCNet's modules on PFENet (Tables 5, 8, 12)
 # ==========================================================================================================
 
 CRCNET_SIZE = 33  # 33 -> 5x5 features at output stride 8 (the backbone dominates the CPU time)
@@ -4875,6 +4876,47 @@ def crcnet_runs(net, shots=(1, 5)):
         assert pred.shape == (2, 2, CRCNET_SIZE, CRCNET_SIZE) and torch.isfinite(pred).all(), S
         seen[S] = out, terms
     return seen
+
+
+# ---------------- CRCNet's modules on PFENet (network="pfenet", Tables 5, 8, 12) -----------------------------
+
+PFENET_VARIANTS = {"PFENet": (False, False), "GC": (True, False), "CR": (False, True), "CRC": (True, True)}
+
+
+def make_pfenet(**kw):
+    """PFENet's variant as make_crcnet builds CRCNet (dim 32), with its recipe's frozen backbone, one test scale and
+    its own K-shot fusion (DEFAULTS under network=pfenet); fine-tuning takes 2 steps."""
+    return make_crcnet(network="pfenet", train_encoder=False, test_scales=(1.0,), kshot="fusion", ft_steps=2, **kw)
+
+
+@pytest.fixture(scope="module")
+def pfenet_variants():
+    """PFENet alone, + GC, + CR, + CRC (the rows of Tables 8 and 12), in eval mode: PFENet's dropout off."""
+    return {name: make_pfenet(global_conditional=gc, cross_reference=cr).eval()
+            for name, (gc, cr) in PFENET_VARIANTS.items()}
+
+
+def pfenet_by_hand(net, img_q, img_s, m_s):
+    """PFENetHead's FEM inputs by hand (eval mode): PFENet's reduced features and prior, the cross-reference
+    weights (each support by its pair's product, the query by their mean), the prototype averaged over the shots,
+    the global conditional module on the query. -> f_q, proto, prior for FEM, and G_q, G_s."""
+    B, S = img_s.shape[:2]
+    enc, head = net.encoder, net.head
+    feats_q, feats_s = enc.backbone(img_q), enc.backbone(img_s.flatten(0, 1), mask=m_s.flatten(0, 1))
+    f_q, f_s = enc.down_query.reduce(feats_q), enc.down_supp.reduce(feats_s)  # (B, C, 5, 5), (B*S, C, 5, 5)
+    s4 = feats_s["layer4"]
+    prior = common.cosine_prior(feats_q["layer4"], s4.view(B, S, *s4.shape[1:]), m_s)
+    if head.cross_reference is not None:
+        fc = head.cross_reference.importance
+        v_q, v_s = (torch.sigmoid(fc[2](torch.relu(fc[0](f.mean((2, 3)))))) for f in (f_q, f_s))
+        w = v_q.repeat_interleave(S, 0) * v_s  # (B*S, C): pair (b, k)
+        f_q, f_s = f_q * w.view(B, S, -1).mean(1)[:, :, None, None], f_s * w[:, :, None, None]
+    m = _at_features(m_s).flatten(0, 1)[:, None]  # (B*S, 1, 5, 5)
+    proto = ((f_s * m).sum((2, 3)) / (m.sum((2, 3)) + common.MAP_EPS)).view(B, S, -1).mean(1)  # (B, C)
+    g_q, g_s = f_q, f_s
+    if head.global_conditional is not None:
+        f_q = head.global_conditional(f_q, proto)
+    return f_q, proto, prior, g_q, g_s
 
 
 class TestCRCNet:
@@ -5479,6 +5521,175 @@ class TestCRCNet:
         assert torch.allclose(multi, (sum(probs) / 3).log(), atol=1e-5)
         assert not torch.allclose(multi, plain, atol=1e-4)
 
+    # ---------------- Tables 5, 8, 9, 11, 12: CRCNet's modules on PFENet (network="pfenet") ------------------------
+
+    def test_crcnet_pfenet_alone_is_pfenet_with_its_10_8m_parameters(self):
+        # GC and CR off: PFENet [50] at full width, its ResNet-50 frozen and its 10.8M learnable parameters counted
+        # by hand: down_query, down_supp (1536 -> 256, 1x1, no bias); FEM's four bins (init_merge 513 -> 256, three
+        # alpha_conv 512 -> 256, two 3x3 beta_conv and an inner_cls head each); res1 (1024 -> 256), res2, cls
+        net = crcnet.Model(crcnet.Config(pretrained=False, network="pfenet", train_encoder=False,
+                                         global_conditional=False, cross_reference=False))
+        d = 256
+        cls = 9 * d * d + 2 * d + 2
+        by_hand = 2 * 1536 * d + 4 * (2 * d + 1) * d + 3 * 2 * d * d + 4 * (2 * 9 * d * d + cls) + 4 * d * d + \
+            2 * 9 * d * d + cls
+        assert sum(p.numel() for p in net.parameters() if p.requires_grad) == by_hand == 10_817_034
+        assert not any(p.requires_grad for p in net.encoder.backbone.parameters())
+        assert (net.head.cross_reference, net.head.co_occurrence, net.head.global_conditional) == (None,) * 3
+        assert net.head.fem.bins == common.FEM_BINS
+
+    def test_crcnet_pfenet_gc_and_cr_add_exactly_their_modules(self, pfenet_variants):
+        # Tables 8 and 12's rows: GC adds the global conditional module, CR the cross-reference module with its
+        # co-occurrence head, CRC both; nothing else changes
+        count = {name: n_params(net) for name, net in pfenet_variants.items()}
+        gc, cr = global_conditional_params(32), cross_reference_params(32, 4) + co_occurrence_params(32)
+        assert (count["GC"] - count["PFENet"], count["CR"] - count["PFENet"], count["CRC"] - count["PFENet"]) == \
+            (gc, cr, gc + cr)
+
+    @pytest.mark.parametrize("S", [1, 5])
+    @pytest.mark.parametrize("variant", list(PFENET_VARIANTS))
+    def test_crcnet_pfenet_forward_places_gc_and_cr_in_pfenet(self, pfenet_variants, variant, S):
+        # FEM reads the query through CR (re-weighted) and GC (conditioned on the prototype), the prototype of the
+        # re-weighted supports averaged over the shots, and PFENet's prior; the co-occurrence head predicts both
+        # images from G_q, G_s when the loss's labels are given; the logits are the query's, upsampled
+        net = pfenet_variants[variant]
+        img_q, img_s, m_s, m_q = episode(2, S, CRCNET_SIZE)
+        seen = []
+        hook = net.head.fem.register_forward_pre_hook(lambda module, args: seen.append(args))
+        try:
+            with torch.no_grad():
+                out = net(img_q, img_s, m_s, m_q=m_q)
+                f_q, proto, prior, g_q, g_s = pfenet_by_hand(net, img_q, img_s, m_s)
+        finally:
+            hook.remove()
+        for got, expected in zip(seen[0], (f_q, proto, prior)):
+            assert torch.allclose(got, expected, atol=1e-5)
+        assert out["query"].shape == (2, 2, 5, 5) and len(out["aux"]) == len(common.FEM_BINS)
+        up = F.interpolate(F.log_softmax(out["query"], 1), (CRCNET_SIZE,) * 2, mode="bilinear", align_corners=True)
+        assert torch.allclose(out["logits"], up, atol=1e-5)
+        cr = PFENET_VARIANTS[variant][1]
+        assert ("query_sub" in out) == ("support_sub" in out) == cr
+        if cr:
+            with torch.no_grad():
+                sub = net.head.co_occurrence(torch.cat([g_q, g_s]))
+            assert torch.allclose(torch.cat([out["query_sub"], out["support_sub"]]), sub, atol=1e-5)
+        with torch.no_grad():
+            assert set(net(img_q, img_s, m_s)) == {"logits", "query", "aux"}  # evaluation: no sub-predictions
+        net.train()  # PFENet's dropout on: trains at 1 and 5 shots
+        try:
+            crcnet_runs(net, shots=(S,))
+        finally:
+            net.eval()
+
+    @pytest.mark.parametrize("cr", [False, True])
+    def test_crcnet_pfenet_loss_is_main_aux_and_the_co_occurrence_terms(self, pfenet_variants, cr):
+        # PFENet's loss (main + aux_weight 1 x the mean of FEM's per-bin terms) and, with CR, Eq. (5)'s lambda
+        # (L_QMsub + L_SMsub), on made-up logits: the query's terms against m_q, the supports' against m_s
+        net = pfenet_variants["CR" if cr else "PFENet"]
+        B, S = 2, 3
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=B, S=S)
+        g = torch.Generator().manual_seed(1)
+        out = {"query": 3 * torch.randn(B, 2, 5, 5, generator=g),
+               "aux": [3 * torch.randn(B, 2, b, b, generator=g) for b in (5, 2, 1, 1)]}
+        if cr:
+            out.update(query_sub=3 * torch.randn(B, 2, 5, 5, generator=g),
+                       support_sub=3 * torch.randn(B * S, 2, 5, 5, generator=g))
+        total, terms = net.loss(out, m_q, m_s)
+        main, aux = _ce(out["query"], m_q), torch.stack([_ce(a, m_q) for a in out["aux"]]).mean()
+        by_hand = main + aux
+        assert torch.allclose(terms["main"], main, atol=1e-6) and torch.allclose(terms["aux"], aux, atol=1e-6)
+        if cr:
+            q_sub, s_sub = _ce(out["query_sub"], m_q), _ce(out["support_sub"], m_s.flatten(0, 1))
+            assert torch.allclose(terms["query_sub"], q_sub, atol=1e-6)
+            assert torch.allclose(terms["support_sub"], s_sub, atol=1e-6)
+            by_hand = by_hand + 0.1 * (q_sub + s_sub)
+            with pytest.raises(ValueError, match="forward needs m_q"):  # CR's terms without its sub-predictions
+                net.loss({"query": out["query"], "aux": out["aux"]}, m_q, m_s)
+        assert set(terms) == ({"main", "aux", "query_sub", "support_sub"} if cr else {"main", "aux"})
+        assert torch.allclose(total, by_hand, atol=1e-6)
+
+    @pytest.mark.parametrize("variant", ["PFENet", "CRC"])
+    def test_crcnet_pfenet_fusion_is_its_own_and_finetuning_restores_every_weight_table5(self, pfenet_variants,
+                                                                                         variant):
+        # Table 5: PFENet's own K shots ("fusion": prototypes and priors averaged, one forward) against PFENet + FT
+        # (§4.6 on pairs of supports, then every support under the tuned head: "finetune+fusion"); fine-tuning
+        # writes no weight of the model, leaves no gradient, and with no step is PFENet's own prediction
+        net = pfenet_variants[variant]
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=3)
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        with torch.no_grad():
+            fused = net.infer(img_q, img_s, m_s)
+            assert torch.allclose(fused, net(img_q, img_s, m_s)["logits"], atol=1e-6)
+        net.cfg.kshot = "finetune+fusion"
+        try:
+            with torch.no_grad():
+                tuned = net.infer(img_q, img_s, m_s)
+                weights = net.finetune(img_s[1], m_s[1])
+                alone = net._forward(img_q[1:], img_s[1:], m_s[1:], head_weights=weights)["logits"]
+            net.cfg.ft_steps = 0
+            with torch.no_grad():
+                untuned = net.infer(img_q, img_s, m_s)
+        finally:
+            net.cfg.kshot, net.cfg.ft_steps = "fusion", 2
+        assert torch.isfinite(tuned).all() and not torch.allclose(tuned, fused, atol=1e-4)
+        assert torch.allclose(tuned[1:], alone, atol=1e-6)  # episode 1 under the head tuned on its own supports
+        assert torch.allclose(untuned, fused, atol=1e-6)
+        assert set(weights) == {name for name, _ in net.head.named_parameters()}  # the encoder is not tuned
+        after = net.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert all(p.grad is None for p in net.parameters())
+
+    def test_crcnet_pfenet_finetune_step_is_sgd_on_pfenets_loss_for_a_pair_of_supports(self, pfenet_variants):
+        # §4.6 on PFENet + CRC, one step by hand: support i plays the query (PFENet's query reduction and plain
+        # layer4, labels m_s[i]), support j the support (its reduction, the layer4 of its masked layer3, mask
+        # m_s[j]); the tuned head is p - lr * grad of PFENet's loss with the co-occurrence terms. PFENet is not
+        # symmetric, so exactly one of the two ordered pairs is the step taken; a support is never its own pair
+        net = pfenet_variants["CRC"]
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=1, S=2)
+        net.cfg.ft_steps, net.cfg.ft_lr = 1, 0.5
+        try:
+            tuned = net.finetune(img_s[0], m_s[0])
+        finally:
+            net.cfg.ft_steps, net.cfg.ft_lr = 2, crcnet.Config().ft_lr
+        enc, labels = net.encoder, m_s[0]
+        with torch.no_grad():
+            plain, masked = enc.backbone(img_s[0]), enc.backbone(img_s[0], mask=labels)
+            f_q, f_s = enc.down_query.reduce(plain), enc.down_supp.reduce(masked)
+        m = _at_features(labels)[:, None]
+        params = dict(net.head.named_parameters())
+        candidates = []
+        for i, j in [(0, 1), (1, 0), (0, 0), (1, 1)]:
+            prior = common.cosine_prior(plain["layer4"][i:i + 1], masked["layer4"][j:j + 1], labels[j:j + 1])
+            w = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
+            out = functional_call(net.head, w, (f_q[i:i + 1], f_s[j:j + 1], m[j:j + 1], prior, True))
+            q, s = labels[i:i + 1], labels[j:j + 1]
+            loss = _ce(out["query"], q) + torch.stack([_ce(a, q) for a in out["aux"]]).mean()
+            loss = loss + 0.1 * (_ce(out["query_sub"], q) + _ce(out["support_sub"], s))
+            grads = torch.autograd.grad(loss, list(w.values()))
+            candidates.append({n: p.detach() - 0.5 * g for (n, p), g in zip(params.items(), grads)})
+        matches = [all(torch.allclose(tuned[n], cand[n], rtol=1e-4, atol=1e-6) for n in params) for cand in candidates]
+        assert matches.count(True) == 1 and not any(matches[2:]), matches
+
+    def test_crcnet_pfenet_recipe_is_pfenets_and_the_other_networks_fields_are_refused(self):
+        # --set network=pfenet: PFENet's recipe as its code runs it (the harness's: lr x10, batch, epochs, crop,
+        # augmentation), its frozen backbone, one test scale, its own K shots, FT at its training lr; CRCNet's
+        # recipe unchanged; a field only the other network has is refused rather than silently ignored
+        for dataset in ("pascal", "coco"):
+            args, module = train.parse_args(["--model", "crcnet", "--dataset", dataset, "--set", "network=pfenet",
+                                             "global_conditional=false", "cross_reference=false"])
+            cfg = train.make_config(module, args)
+            harness = train.HARNESS_DEFAULTS[dataset]
+            assert {k: getattr(args, k) for k in harness} == harness
+            assert (cfg.network, cfg.global_conditional, cfg.cross_reference) == ("pfenet", False, False)
+            assert (cfg.train_encoder, cfg.test_scales, cfg.kshot, cfg.ft_lr) == (False, (1.0,), "fusion", args.lr)
+            args, module = train.parse_args(["--model", "crcnet", "--dataset", dataset])
+            assert (args.lr, args.img_size, args.augment) == (0.0025, 321, "crop-scale-flip")
+            assert train.make_config(module, args).kshot == "finetune"
+        with pytest.raises(ValueError, match="mask_refinement, refine_steps: no part of network=pfenet"):
+            crcnet.Model(crcnet.Config(pretrained=False, network="pfenet", mask_refinement=False, refine_steps=3))
+        with pytest.raises(ValueError, match="bins: no part of network=crcnet"):
+            crcnet.Model(crcnet.Config(pretrained=False, bins=(1.0, 0.5)))
+
     # ---------------- bad input, flags and the harness -------------------------------------------------------------
 
     def test_crcnet_bad_input_raises(self):
@@ -5543,6 +5754,22 @@ class TestCRCNet:
         step = [r for r in records if r["event"] == "train"][0]
         # a support term: the harness passed m_q in training (train.query_mask); without it the loss raises
         assert math.isfinite(step["loss"]) and {"query", "support", "query_sub", "support_sub"} <= set(step)
+        result = [r for r in records if r["event"] == "result"][0]
+        assert result["shot"] == 2 and 0 <= result["miou"] <= 1
+
+    def test_crcnet_harness_trains_and_evaluates_pfenet_crc_two_shot_with_finetuning(self, tmp_path):
+        # PFENet + CRC + FT through the harness: PFENet's recipe, m_q passed in training (the co-occurrence terms
+        # are computed), evaluation fine-tunes each episode's head and fuses both supports
+        out = tmp_path / "run"
+        train.main(["--model", "crcnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
+                    "--img-size", "32", "--train-length", "2", "--batch-size", "2", "--epochs", "1", "--shot", "2",
+                    "--test-episodes", "1", "--test-seeds", "1", "--ft-steps", "1", "--out", str(out),
+                    "--set", "network=pfenet", "kshot=finetune+fusion"])
+        records = read_metrics(out)
+        assert records[0]["args"]["lr"] == train.HARNESS_DEFAULTS["synthetic"]["lr"]  # PFENet's: the harness's
+        assert records[0]["args"]["train_encoder"] is False and records[0]["args"]["ft_lr"] == records[0]["args"]["lr"]
+        step = [r for r in records if r["event"] == "train"][0]
+        assert math.isfinite(step["loss"]) and {"main", "aux", "query_sub", "support_sub"} <= set(step)
         result = [r for r in records if r["event"] == "result"][0]
         assert result["shot"] == 2 and 0 <= result["miou"] <= 1
 
