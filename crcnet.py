@@ -140,7 +140,8 @@ class Config:
 def add_args(parser):
     parser.add_argument("--kshot", choices=typing.get_args(KShot), help="k-shot inference (default finetune, §4.6)")
     parser.add_argument("--ft-steps", type=int, help="test-time fine-tuning steps (default 20)")
-    parser.add_argument("--ft-lr", type=float, help="test-time fine-tuning learning rate (default 0.0025)")
+    parser.add_argument("--ft-lr", type=float,
+                        help="test-time fine-tuning learning rate (default: the training lr, CRCNet's 0.0025)")
     parser.add_argument("--test-scales", type=float, nargs="+", help="default 0.75 1 1.25 (§5.3); 1: one scale")
     parser.add_argument("--refine-steps", type=int, help="mask refinement iterations, >= 1 (default 10, §5.1)")
     parser.add_argument("--freeze-encoder", action="store_const", const=False, dest="train_encoder", default=None,
@@ -168,7 +169,7 @@ PFENET_OWN = dict(train_encoder=by_network(None, False), test_scales=by_network(
 # included: frozen, its head learned the synthetic novel classes far more slowly (barely above the baseline in 30
 # epochs); one test scale, so that the quick start stays a few minutes on a CPU (three scales triple evaluation).
 # PFENet on COCO: its config's 641 px (Choices). A folder dataset has the harness's recipe and the Config's fields
-# (no model file has a folder recipe): network=pfenet there adds --freeze-encoder --test-scales 1 --kshot fusion.
+# (no model file has one): network=pfenet there adds --freeze-encoder --test-scales 1 --kshot fusion --ft-lr 0.025.
 DEFAULTS = {  # §5.1's augmentation: random crop, scale and flip (no rotation, no blur); PFENet's its own
     "pascal": dict(lr=by_network(0.0025), batch_size=4, epochs=200, img_size=by_network(321),
                    augment=by_network("crop-scale-flip"), ft_lr=by_network(None, 0.025), **PFENET_OWN),
