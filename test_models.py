@@ -746,128 +746,6 @@ def qgnet_model():
     return qgnet.build(qgnet.Config(pretrained=False, untrained_prior=True), common.Setting(pretrained=False))
 
 
-CRCNET_SIZE = 33  # 33 -> 5x5 features at output stride 8 (the backbone dominates the CPU time)
-
-
-def make_crcnet(**kw):
-    """A narrow CRCNet (dim 32 instead of 256) keeps the CPU tests fast; the structure is the paper's."""
-    torch.manual_seed(0)
-    return crcnet.Model(crcnet.Config(pretrained=False, **{"dim": 32, "cr_reduction": 4, **kw}))
-
-
-@pytest.fixture(scope="module")
-def crcnet_model():
-    # one test scale: predict is compared with forward below; the default three scales have their own test
-    return make_crcnet(refine_steps=3, ft_steps=3, ft_lr=0.05, test_scales=(1.0,))
-
-
-# boxes (top, bottom, left, right) at 33 x 33: each covers a different set of the pixels 0, 8, 16, 24, 32 that
-# the 5 x 5 features sample (see _at_features), so every episode and shot has its own feature-level mask
-Q_BOXES = [(5, 20, 8, 25), (14, 33, 0, 12)]
-
-
-S_BOXES = [[(3, 18, 10, 28), (20, 31, 2, 20), (0, 12, 20, 33)],
-           [(0, 12, 0, 12), (6, 26, 6, 26), (14, 31, 14, 33)]]
-
-
-def crcnet_mixed_episode(B=2, S=2, seed=0):
-    """episode(B, S, CRCNET_SIZE, seed=seed)'s images, with masks that differ per episode (the query's, Q_BOXES)
-    and per episode and shot (the supports', S_BOXES); query rows 0-1 and support rows 31-32 are 255 as in
-    episode. -> img_q, img_s, m_s, m_q."""
-    img_q, img_s, m_s, m_q = episode(B, S, CRCNET_SIZE, seed=seed)
-    m_q.zero_()
-    m_s.zero_()
-    for b in range(B):
-        top, bottom, left, right = Q_BOXES[b]
-        m_q[b, top:bottom, left:right] = 1
-        for k in range(S):
-            top, bottom, left, right = S_BOXES[b][k]
-            m_s[b, k, top:bottom, left:right] = 1
-    m_q[:, :2] = IGNORE_INDEX
-    m_s[:, :, -2:] = IGNORE_INDEX
-    return img_q, img_s, m_s, m_q
-
-
-def _at_features(m):
-    """Labels (..., 33, 33) -> the support foreground at the 5 x 5 features, by hand: bilinear resizing with
-    aligned corners from 33 = 4 * 8 + 1 to 5 samples exactly the pixels 0, 8, 16, 24, 32; 255 is background."""
-    return (m[..., ::8, ::8] == 1).float()
-
-
-def _ce(logits, labels):
-    """Eq. (4) by hand: 2-class cross-entropy of logits (N,2,5,5) upsampled to labels (N,33,33), averaged over
-    the labelled pixels of all N images together (255 ignored)."""
-    up = F.interpolate(logits, labels.shape[-2:], mode="bilinear", align_corners=True)
-    valid = labels != IGNORE_INDEX
-    return F.cross_entropy(up, labels.clamp(max=1), reduction="none")[valid].mean()
-
-
-def _refine_by_concatenation(refine, x):
-    """MaskRefinement's logits written plainly: every step convolves [x, x_global, cached(cache)] with combine."""
-    x = refine.entry(x)
-    x_global = x + refine.global_conv(x)
-    cache = torch.zeros(x.shape[0], 1, *x.shape[-2:])
-    for step in range(refine.steps):
-        with torch.set_grad_enabled(step == refine.steps - 1):
-            y = refine.combine(torch.cat([x, x_global, refine.cached(cache)], 1))
-            logits = refine.cls(y + refine.combine_residual(y))
-        cache = logits.softmax(1)[:, 1:].detach()
-    return logits
-
-
-@pytest.fixture(scope="module")
-def crcnet_traced(crcnet_model):
-    """One training forward (with m_q) of a mixed B=2, S=2 batch with the inputs of the global conditional
-    module and of the refinement recorded, the encoder features computed separately (query, supports), and
-    both masks at the features by hand."""
-    net = crcnet_model
-    img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=2)
-    seen = {}
-    hooks = [net.head.global_conditional.register_forward_pre_hook(lambda m, a: seen.__setitem__("global", a)),
-             net.head.refinement.register_forward_pre_hook(lambda m, a: seen.__setitem__("refine", a[0]))]
-    try:
-        with torch.no_grad():
-            seen["out"] = net(img_q, img_s, m_s, m_q=m_q)
-            f_q = net.encoder(img_q).repeat_interleave(2, 0)  # (4, C, 5, 5): query b for its two pairs
-            f_s = net.encoder(img_s.flatten(0, 1))  # (4, C, 5, 5): support k of episode b at b * 2 + k
-    finally:
-        for h in hooks:
-            h.remove()
-    m = _at_features(m_s).flatten(0, 1)[:, None]  # (4, 1, 5, 5)
-    m_q_feat = _at_features(m_q).repeat_interleave(2, 0)[:, None]  # (4, 1, 5, 5): query b's for its two pairs
-    return net, f_q, f_s, m, m_q_feat, seen, (img_q, img_s, m_s, m_q)
-
-
-# ---------------- the predictions of fine-tuned heads -----------------------------------------------------
-
-@pytest.fixture(scope="module")
-def crcnet_tuned_episodes(crcnet_model):
-    """A mixed B=2, S=2 batch and each episode's fine-tuned head weights (finetune is checked by hand above)."""
-    img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=2)
-    with torch.no_grad():
-        weights = [crcnet_model.finetune(img_s[b], m_s[b]) for b in range(2)]
-    return img_q, img_s, m_s, weights
-
-
-def crcnet_tuned_outputs(net, tuned, kshot):
-    """net.infer of the episodes `tuned` (crcnet_tuned_episodes) under cfg.kshot = kshot, checking that it leaves
-    the weights and gradients as they were; and for each episode b and support k, net._forward of the query with
-    that support alone under the head weights tuned on episode b. -> prediction, outs[b][k]"""
-    img_q, img_s, m_s, weights = tuned
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    net.cfg.kshot = kshot
-    try:
-        with torch.no_grad():
-            pred = net.infer(img_q, img_s, m_s)
-    finally:
-        net.cfg.kshot = "finetune"
-    after = net.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(p.grad is None for p in net.parameters())
-    with torch.no_grad():
-        outs = [[net._forward(img_q[b:b + 1], img_s[b:b + 1, k:k + 1], m_s[b:b + 1, k:k + 1],
-                              head_weights=weights[b]) for k in range(img_s.shape[1])] for b in range(len(img_q))]
-    return pred, outs
 
 
 SYMNET_SIZE = 41  # -> 6x6 features at output stride 8; the episodes are synthetic_episode's (class ids for the text)
@@ -5725,11 +5603,229 @@ class TestQGNet:
 
 # ==========================================================================================================
 # crcnet.py: CRCNet: shapes at 1 and 5 shots, the loss, gradients with and without the encoder; its modules by
-# hand; K shots by fine-tuning, fusion and scales; the pairs of query and support and their masks
+# hand; K shots by fine-tuning, fusion and scales; the pairs of query and support and their masks; each ablation
+# switch (Tables 1-4, 6, 7); CRCNet's modules on PFENet (Tables 5, 8, 12)
 # ==========================================================================================================
 
+CRCNET_SIZE = 33  # 33 -> 5x5 features at output stride 8 (the backbone dominates the CPU time)
+
+
+def make_crcnet(**kw):
+    """A narrow CRCNet (dim 32 instead of 256) keeps the CPU tests fast; the structure is the paper's."""
+    torch.manual_seed(0)
+    return crcnet.Model(crcnet.Config(pretrained=False, **{"dim": 32, "cr_reduction": 4, **kw}))
+
+
+@pytest.fixture(scope="module")
+def crcnet_model():
+    # one test scale: predict is compared with forward below; the default three scales have their own test
+    return make_crcnet(refine_steps=3, ft_steps=3, ft_lr=0.05, test_scales=(1.0,))
+
+
+# boxes (top, bottom, left, right) at 33 x 33: each covers a different set of the pixels 0, 8, 16, 24, 32 that
+# the 5 x 5 features sample (see _at_features), so every episode and shot has its own feature-level mask
+Q_BOXES = [(5, 20, 8, 25), (14, 33, 0, 12)]
+
+
+S_BOXES = [[(3, 18, 10, 28), (20, 31, 2, 20), (0, 12, 20, 33)],
+           [(0, 12, 0, 12), (6, 26, 6, 26), (14, 31, 14, 33)]]
+
+
+def crcnet_mixed_episode(B=2, S=2, seed=0):
+    """episode(B, S, CRCNET_SIZE, seed=seed)'s images, with masks that differ per episode (the query's, Q_BOXES)
+    and per episode and shot (the supports', S_BOXES); query rows 0-1 and support rows 31-32 are 255 as in
+    episode. -> img_q, img_s, m_s, m_q."""
+    img_q, img_s, m_s, m_q = episode(B, S, CRCNET_SIZE, seed=seed)
+    m_q.zero_()
+    m_s.zero_()
+    for b in range(B):
+        top, bottom, left, right = Q_BOXES[b]
+        m_q[b, top:bottom, left:right] = 1
+        for k in range(S):
+            top, bottom, left, right = S_BOXES[b][k]
+            m_s[b, k, top:bottom, left:right] = 1
+    m_q[:, :2] = IGNORE_INDEX
+    m_s[:, :, -2:] = IGNORE_INDEX
+    return img_q, img_s, m_s, m_q
+
+
+def _at_features(m):
+    """Labels (..., 33, 33) -> the support foreground at the 5 x 5 features, by hand: bilinear resizing with
+    aligned corners from 33 = 4 * 8 + 1 to 5 samples exactly the pixels 0, 8, 16, 24, 32; 255 is background."""
+    return (m[..., ::8, ::8] == 1).float()
+
+
+def _ce(logits, labels):
+    """Eq. (4) by hand: 2-class cross-entropy of logits (N,2,5,5) upsampled to labels (N,33,33), averaged over
+    the labelled pixels of all N images together (255 ignored)."""
+    up = F.interpolate(logits, labels.shape[-2:], mode="bilinear", align_corners=True)
+    valid = labels != IGNORE_INDEX
+    return F.cross_entropy(up, labels.clamp(max=1), reduction="none")[valid].mean()
+
+
+def _refine_by_concatenation(refine, x):
+    """MaskRefinement's logits written plainly: every step convolves [x, x_global, cached(cache)] with combine."""
+    x = refine.entry(x)
+    x_global = x + refine.global_conv(x)
+    cache = torch.zeros(x.shape[0], 1, *x.shape[-2:])
+    for step in range(refine.steps):
+        with torch.set_grad_enabled(step == refine.steps - 1):
+            y = refine.combine(torch.cat([x, x_global, refine.cached(cache)], 1))
+            logits = refine.cls(y + refine.combine_residual(y))
+        cache = logits.softmax(1)[:, 1:].detach()
+    return logits
+
+
+@pytest.fixture(scope="module")
+def crcnet_traced(crcnet_model):
+    """One training forward (with m_q) of a mixed B=2, S=2 batch with the inputs of the global conditional
+    module and of the refinement recorded, the encoder features computed separately (query, supports), and
+    both masks at the features by hand."""
+    net = crcnet_model
+    img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=2)
+    seen = {}
+    hooks = [net.head.global_conditional.register_forward_pre_hook(lambda m, a: seen.__setitem__("global", a)),
+             net.head.refinement.register_forward_pre_hook(lambda m, a: seen.__setitem__("refine", a[0]))]
+    try:
+        with torch.no_grad():
+            seen["out"] = net(img_q, img_s, m_s, m_q=m_q)
+            f_q = net.encoder(img_q).repeat_interleave(2, 0)  # (4, C, 5, 5): query b for its two pairs
+            f_s = net.encoder(img_s.flatten(0, 1))  # (4, C, 5, 5): support k of episode b at b * 2 + k
+    finally:
+        for h in hooks:
+            h.remove()
+    m = _at_features(m_s).flatten(0, 1)[:, None]  # (4, 1, 5, 5)
+    m_q_feat = _at_features(m_q).repeat_interleave(2, 0)[:, None]  # (4, 1, 5, 5): query b's for its two pairs
+    return net, f_q, f_s, m, m_q_feat, seen, (img_q, img_s, m_s, m_q)
+
+
+# ---------------- the predictions of fine-tuned heads -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def crcnet_tuned_episodes(crcnet_model):
+    """A mixed B=2, S=2 batch and each episode's fine-tuned head weights (finetune is checked by hand above)."""
+    img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=2)
+    with torch.no_grad():
+        weights = [crcnet_model.finetune(img_s[b], m_s[b]) for b in range(2)]
+    return img_q, img_s, m_s, weights
+
+
+def crcnet_tuned_outputs(net, tuned, kshot):
+    """net.infer of the episodes `tuned` (crcnet_tuned_episodes) under cfg.kshot = kshot, checking that it leaves
+    the weights and gradients as they were; and for each episode b and support k, net._forward of the query with
+    that support alone under the head weights tuned on episode b. -> prediction, outs[b][k]"""
+    img_q, img_s, m_s, weights = tuned
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net.cfg.kshot = kshot
+    try:
+        with torch.no_grad():
+            pred = net.infer(img_q, img_s, m_s)
+    finally:
+        net.cfg.kshot = "finetune"
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in net.parameters())
+    with torch.no_grad():
+        outs = [[net._forward(img_q[b:b + 1], img_s[b:b + 1, k:k + 1], m_s[b:b + 1, k:k + 1],
+                              head_weights=weights[b]) for k in range(img_s.shape[1])] for b in range(len(img_q))]
+    return pred, outs
+
+
+# ---------------- the ablation switches: parameters by hand, a network that runs -----------------------------
+
+CRCNET_FAST = dict(refine_steps=2, ft_steps=2, test_scales=(1.0,))  # a switch's network: brief refinement and tuning
+
+
+def n_params(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+def conv_params(c_in, c_out, k=3):
+    """A k x k conv with a bias: every conv of CRCNet's modules."""
+    return k * k * c_in * c_out + c_out
+
+
+def co_occurrence_params(d, rates=3):
+    """§4.3's head by hand: 3x3; ASPP (1x1, a 3x3 per rate, the pooled 1x1, a 1x1 over the concatenation); 3x3; 1x1."""
+    aspp = 2 * conv_params(d, d, 1) + rates * conv_params(d, d) + conv_params((rates + 2) * d, d, 1)
+    return 2 * conv_params(d, d) + aspp + conv_params(d, 2, 1)
+
+
+def cross_reference_params(d, reduction):
+    """§4.3's two FC layers, d -> d / reduction -> d, with biases."""
+    return 2 * d * (d // reduction) + d // reduction + d
+
+
+def global_conditional_params(d):
+    """Fig. 5: the 3x3 merge of [f, vector] (2d -> d) and the residual's two 3x3 convs."""
+    return conv_params(2 * d, d) + 2 * conv_params(d, d)
+
+
+def local_conditional_params(d):
+    """Fig. 6: theta and delta, 1x1 convs."""
+    return 2 * conv_params(d, d, 1)
+
+
+def crcnet_runs(net, shots=(1, 5)):
+    """A switch's network trains and evaluates at each number of shots: forward (with m_q), the loss and infer
+    (K shots fine-tuned, cfg.kshot) all finite. -> {S: (forward's output, the loss terms)}."""
+    seen = {}
+    for S in shots:
+        img_q, img_s, m_s, m_q = episode(2, S, CRCNET_SIZE)
+        out = net(img_q, img_s, m_s, m_q=m_q)
+        loss, terms = net.loss(out, m_q, m_s)
+        assert torch.isfinite(loss) and all(torch.isfinite(t) for t in terms.values()), S
+        assert all(torch.isfinite(v).all() for v in out.values() if torch.is_tensor(v)), S
+        with torch.no_grad():
+            pred = net.infer(img_q, img_s, m_s)
+        assert pred.shape == (2, 2, CRCNET_SIZE, CRCNET_SIZE) and torch.isfinite(pred).all(), S
+        seen[S] = out, terms
+    return seen
+
+
+# ---------------- CRCNet's modules on PFENet (network="pfenet", Tables 5, 8, 12) -----------------------------
+
+PFENET_VARIANTS = {"PFENet": (False, False), "GC": (True, False), "CR": (False, True), "CRC": (True, True)}
+
+
+def make_pfenet(**kw):
+    """PFENet's variant as make_crcnet builds CRCNet (dim 32), with its recipe's frozen backbone, one test scale and
+    its own K-shot fusion (DEFAULTS under network=pfenet); fine-tuning takes 2 steps."""
+    return make_crcnet(network="pfenet", train_encoder=False, test_scales=(1.0,), kshot="fusion", ft_steps=2, **kw)
+
+
+@pytest.fixture(scope="module")
+def pfenet_variants():
+    """PFENet alone, + GC, + CR, + CRC (the rows of Tables 8 and 12), in eval mode: PFENet's dropout off."""
+    return {name: make_pfenet(global_conditional=gc, cross_reference=cr).eval()
+            for name, (gc, cr) in PFENET_VARIANTS.items()}
+
+
+def pfenet_by_hand(net, img_q, img_s, m_s):
+    """PFENetHead's FEM inputs by hand (eval mode): PFENet's reduced features and prior, the cross-reference
+    weights (each support by its pair's product, the query by their mean), the prototype averaged over the shots,
+    the global conditional module on the query. -> f_q, proto, prior for FEM, and G_q, G_s."""
+    B, S = img_s.shape[:2]
+    enc, head = net.encoder, net.head
+    feats_q, feats_s = enc.backbone(img_q), enc.backbone(img_s.flatten(0, 1), mask=m_s.flatten(0, 1))
+    f_q, f_s = enc.down_query.reduce(feats_q), enc.down_supp.reduce(feats_s)  # (B, C, 5, 5), (B*S, C, 5, 5)
+    s4 = feats_s["layer4"]
+    prior = common.cosine_prior(feats_q["layer4"], s4.view(B, S, *s4.shape[1:]), m_s)
+    if head.cross_reference is not None:
+        fc = head.cross_reference.importance
+        v_q, v_s = (torch.sigmoid(fc[2](torch.relu(fc[0](f.mean((2, 3)))))) for f in (f_q, f_s))
+        w = v_q.repeat_interleave(S, 0) * v_s  # (B*S, C): pair (b, k)
+        f_q, f_s = f_q * w.view(B, S, -1).mean(1)[:, :, None, None], f_s * w[:, :, None, None]
+    m = _at_features(m_s).flatten(0, 1)[:, None]  # (B*S, 1, 5, 5)
+    proto = ((f_s * m).sum((2, 3)) / (m.sum((2, 3)) + common.MAP_EPS)).view(B, S, -1).mean(1)  # (B, C)
+    g_q, g_s = f_q, f_s
+    if head.global_conditional is not None:
+        f_q = head.global_conditional(f_q, proto)
+    return f_q, proto, prior, g_q, g_s
+
+
 class TestCRCNet:
-    # ---------------- the paper's configuration, shapes at 1 and 5 shots, the loss (Eq. 4-5), gradients -------
+    # ---------------- §4.1 overview (Fig. 2): the paper's configuration, shapes at 1 and 5 shots, gradients --------
 
     def test_crcnet_paper_configuration_shapes_and_size(self):
         net = crcnet.Model(crcnet.Config(pretrained=False))
@@ -5759,20 +5855,6 @@ class TestCRCNet:
         loss, terms = crcnet_model.loss(out, m_q, m_s)
         assert torch.isfinite(loss)
 
-    def test_crcnet_loss_has_four_terms_eq5(self, crcnet_model):
-        img_q, img_s, m_s, m_q = episode(2, 1, CRCNET_SIZE)
-        out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
-        total, terms = crcnet_model.loss(out, m_q, m_s)
-        assert set(terms) == {"query", "support", "query_sub", "support_sub"}
-        assert all(torch.isfinite(t) and t > 0 for t in terms.values())
-        expected = terms["query"] + terms["support"] + 0.1 * (terms["query_sub"] + terms["support_sub"])
-        assert torch.allclose(total, expected)
-        # L_SM is the 2-class cross-entropy of the support prediction against m_s (255 ignored), Eq. (4)
-        up = F.interpolate(out["support"], (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear", align_corners=True)
-        valid = m_s[:, 0] != 255
-        ce = F.cross_entropy(up, m_s[:, 0].clamp(max=1), reduction="none")[valid].mean()
-        assert torch.allclose(terms["support"], ce, atol=1e-6)
-
     @pytest.mark.parametrize("train_encoder", [True, False])
     def test_crcnet_gradients_reach_every_learnable_parameter_and_the_backbone_only_when_trained(self, train_encoder):
         # §5.1 end to end (the default): every parameter, the ResNet's included, gets a gradient from Eq. (5);
@@ -5794,41 +5876,25 @@ class TestCRCNet:
                     and all(p.requires_grad for p in net.encoder.reduce.parameters()))
         assert not net.encoder.backbone.training  # BN stays in eval either way
 
-    # ---------------- the refinement, the cross-reference and the local conditional module by hand ------------
+    # ---------------- §4.2 the Siamese encoder, Table 2's multi-level features --------------------------------------
 
-    def test_crcnet_refinement_runs_configured_steps_and_updates_cache(self):
-        torch.manual_seed(0)
-        refine = crcnet.MaskRefinement(in_dim=12, dim=8, k=7, steps=4)
-        calls = []
-        refine.cached.register_forward_hook(lambda m, i, o: calls.append(i[0].clone()))
-        logits, caches = refine(torch.randn(2, 12, 5, 5))
-        assert len(calls) == 4 and len(caches) == 5
-        assert (caches[0] == 0).all() and (calls[0] == 0).all()  # the cache starts as zeros
-        for t in range(1, 5):
-            assert not torch.equal(caches[t], caches[t - 1])  # updated every step
-            assert torch.equal(calls[t - 1], caches[t - 1])  # and each step reads the previous one
-        assert torch.allclose(caches[-1], logits.softmax(1)[:, 1:])
-        assert ((caches[-1] > 0) & (caches[-1] < 1)).all()
+    def test_crcnet_multi_level_off_reads_layer4_alone_table2(self):
+        # Table 2 "Multi-Level" off (§5.3: "the features solely from the last layer"): levels=("layer4",); the 3x3
+        # reduction loses exactly the weights that read layer3's 1024 channels
+        full, last = make_crcnet(**CRCNET_FAST), make_crcnet(levels=("layer4",), **CRCNET_FAST)
+        assert n_params(full) - n_params(last) == 9 * 1024 * 32
+        assert last.encoder.reduce[0].in_channels == 2048
+        img = episode(1, 1, CRCNET_SIZE)[0]
+        with torch.no_grad():
+            feats = full.encoder.backbone(img)  # the same backbone weights: both built from seed 0
+            assert all(torch.equal(a, b) for a, b in zip(full.encoder.backbone.parameters(),
+                                                         last.encoder.backbone.parameters()))
+            both = full.encoder.reduce(torch.cat([feats["layer3"], feats["layer4"]], 1))
+            assert torch.allclose(full.encoder(img), both, atol=1e-6)
+            assert torch.allclose(last.encoder(img), last.encoder.reduce(feats["layer4"]), atol=1e-6)
+        crcnet_runs(last)
 
-    @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-    def test_crcnet_refinement_convolves_the_feature_levels_once_as_the_concatenation_would(self, layout):
-        # the combined conv is split by input channels (features once, the cached branch every step): the same
-        # logits, caches and gradients as the plain concatenation, and the same state_dict (old checkpoints load)
-        torch.manual_seed(0)
-        refine = crcnet.MaskRefinement(in_dim=12, dim=8, k=7, steps=4).to(memory_format=layout)
-        assert refine.state_dict()["combine.0.weight"].shape == (8, 3 * 8, 3, 3)
-        assert not any(key.startswith("combine.") and key not in ("combine.0.weight", "combine.0.bias")
-                       for key in refine.state_dict())
-        x = torch.randn(2, 12, 5, 5).to(memory_format=layout).requires_grad_()
-        logits, caches = refine(x)
-        grads = torch.autograd.grad(logits.square().sum(), [x, *refine.parameters()])
-        expected = _refine_by_concatenation(refine, x)
-        expected_grads = torch.autograd.grad(expected.square().sum(), [x, *refine.parameters()])
-        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(caches[-1], expected.softmax(1)[:, 1:], rtol=1e-5, atol=1e-6)
-        assert all(g.abs().sum() > 0 for g in grads)  # the combined weight among them, from both of its parts
-        for name, g, e in zip(["x", *dict(refine.named_parameters())], grads, expected_grads):
-            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6, msg=name)
+    # ---------------- §4.3 the cross-reference module --------------------------------------------------------------
 
     def test_crcnet_cross_reference_is_symmetric_and_by_hand(self):
         torch.manual_seed(0)
@@ -5840,6 +5906,54 @@ class TestCRCNet:
         w = torch.sigmoid(cr.importance[2](torch.relu(cr.importance[0](f_q.mean((2, 3))))))
         w = w * torch.sigmoid(cr.importance[2](torch.relu(cr.importance[0](f_s.mean((2, 3))))))
         assert torch.allclose(g_q, f_q * w[:, :, None, None]) and ((w >= 0) & (w <= 1)).all()
+
+    @pytest.mark.parametrize("activation", ["relu", "softmax"])
+    def test_crcnet_cross_reference_activation_table6(self, crcnet_model, activation):
+        # Table 6: ReLU, or a softmax over the channels, in the Sigmoid's place (§4.3); the product of both images'
+        # vectors re-weights both maps as before, and the activation has no parameters of its own
+        torch.manual_seed(0)
+        cr = crcnet.CrossReference(dim=32, reduction=4, activation=activation)
+        f_q, f_s = torch.randn(2, 32, 5, 5), torch.randn(2, 32, 5, 5)
+        g_q, g_s = cr(f_q, f_s)
+        fc = cr.importance
+        act = torch.relu if activation == "relu" else (lambda x: torch.softmax(x, 1))
+        v_q, v_s = (act(fc[2](torch.relu(fc[0](f.mean((2, 3)))))) for f in (f_q, f_s))
+        w = (v_q * v_s)[:, :, None, None]
+        assert torch.allclose(g_q, f_q * w, atol=1e-6) and torch.allclose(g_s, f_s * w, atol=1e-6)
+        if activation == "softmax":
+            assert torch.allclose(v_q.sum(1), torch.ones(2)) and torch.allclose(v_s.sum(1), torch.ones(2))
+        else:
+            assert (v_q >= 0).all() and (v_q == 0).any()  # ReLU: unbounded above, some channels cut to 0
+        net = make_crcnet(cr_activation=activation, **CRCNET_FAST)
+        assert n_params(net) == n_params(crcnet_model)
+        crcnet_runs(net)
+
+    def test_crcnet_without_cross_reference_g_is_f_and_no_sub_predictions_table1(self, crcnet_model):
+        # Table 1 "Conditional Module" only: the cross-reference module and its co-occurrence head (§4.3) are not
+        # built; G = F at its place, so the refinement reads [global, local, F], and Eq. (5) is L_QM + L_SM
+        net = make_crcnet(cross_reference=False, **CRCNET_FAST)
+        assert net.head.cross_reference is None and net.head.co_occurrence is None
+        assert n_params(crcnet_model) - n_params(net) == cross_reference_params(32, 4) + co_occurrence_params(32)
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=2)
+        seen = []
+        hook = net.head.refinement.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        try:
+            with torch.no_grad():
+                out = net(img_q, img_s, m_s, m_q=m_q)
+                f_q = net.encoder(img_q).repeat_interleave(2, 0)  # (4, C, 5, 5): query b for its two pairs
+                f_s = net.encoder(img_s.flatten(0, 1))
+        finally:
+            hook.remove()
+        assert seen[0].shape == (8, 3 * 32, 5, 5)
+        assert torch.allclose(seen[0][:, 2 * 32:], torch.cat([f_q, f_s]), atol=1e-5)  # F itself
+        assert set(out) == {"logits", "query", "support"}
+        total, terms = net.loss(out, m_q, m_s)
+        assert set(terms) == {"query", "support"} and torch.equal(total, terms["query"] + terms["support"])
+        q_labels, s_labels = m_q.repeat_interleave(2, 0), m_s.flatten(0, 1)
+        assert torch.allclose(total, _ce(out["query"], q_labels) + _ce(out["support"], s_labels), atol=1e-6)
+        crcnet_runs(net)
+
+    # ---------------- §4.4 the conditional module, each branch conditioned on the other image (§4.7) ---------------
 
     def test_crcnet_local_conditional_eq1_to_3_by_hand(self):
         torch.manual_seed(0)
@@ -5876,7 +5990,199 @@ class TestCRCNet:
         assert amp.dtype == torch.bfloat16  # Eq. (3) is left to autocast
         assert (amp.float() - expected).abs().max() < 0.01 * expected.abs().max()
 
-    # ---------------- K shots: fine-tuning (§4.6), fusion, multi-scale inference (§5.3) -----------------------
+    def test_crcnet_mixed_episode_masks_differ_per_episode_and_shot(self):
+        # the premise of the tests below: no two episodes (or shots) share a feature-level mask
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=3)
+        assert not torch.equal(_at_features(m_q[0]), _at_features(m_q[1]))
+        masks = _at_features(m_s).flatten(0, 1)  # (6, 5, 5)
+        assert all(not torch.equal(masks[a], masks[b]) for a in range(6) for b in range(a))
+        assert (masks.sum((1, 2)) > 0).all() and (m_s[..., ::8, ::8] == IGNORE_INDEX).any()
+
+    def test_crcnet_global_vector_is_the_other_images_foreground_average(self, crcnet_traced):
+        # §4.4: the query branch's category vector is the foreground average of the support features under the
+        # support's mask; §4.7 (roles interchangeable): the support branch's is the query's under the query's mask
+        # (255 as background in both)
+        net, f_q, f_s, m, m_q_feat, seen, _ = crcnet_traced
+        f, proto = seen["global"]
+        assert torch.allclose(f, torch.cat([f_q, f_s]), atol=1e-5)  # both branches, query branch first
+        support_avg = (f_s * m).sum((2, 3)) / (m.sum((2, 3)) + common.MAP_EPS)  # (4, C)
+        query_avg = (f_q * m_q_feat).sum((2, 3)) / (m_q_feat.sum((2, 3)) + common.MAP_EPS)  # (4, C)
+        assert torch.allclose(proto, torch.cat([support_avg, query_avg]), atol=1e-5)
+        assert not torch.allclose(support_avg[0], support_avg[1], atol=1e-3)  # the two supports give different vectors
+        assert not torch.allclose(query_avg[0], query_avg[2], atol=1e-3)  # and so do the two episodes' queries
+        assert not torch.allclose(support_avg, query_avg, atol=1e-3)  # the two branches are conditioned differently
+
+    def test_crcnet_each_branch_is_conditioned_on_the_other_images_mask(self, crcnet_model):
+        # §4.7: the support prediction depends on the query's mask and not on its own (no shortcut through its own
+        # foreground), the query prediction on the support's and not on the query's; the co-occurrence
+        # sub-predictions (§4.3) on neither. Other masks: the two episodes' query masks swapped, the two shots'
+        # support masks swapped (all differ at the features, test_crcnet_mixed_episode_masks_differ_...)
+        net = crcnet_model
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=2)
+        with torch.no_grad():
+            out = net(img_q, img_s, m_s, m_q=m_q)
+            other_s = net(img_q, img_s, m_s.flip(1), m_q=m_q)
+            other_q = net(img_q, img_s, m_s, m_q=m_q.flip(0))
+            evaluation = net(img_q, img_s, m_s)  # no m_q: the query branch alone
+        assert torch.allclose(other_s["support"], out["support"], atol=1e-6)
+        assert torch.allclose(other_q["query"], out["query"], atol=1e-6)
+        for n in range(4):  # every pair's prediction follows the other image's mask
+            assert not torch.allclose(other_q["support"][n], out["support"][n], atol=1e-4), n
+            assert not torch.allclose(other_s["query"][n], out["query"][n], atol=1e-4), n
+        for key in ("query_sub", "support_sub"):
+            assert (torch.allclose(other_s[key], out[key], atol=1e-6)
+                    and torch.allclose(other_q[key], out[key], atol=1e-6))
+        assert set(evaluation) == {"logits", "query"}  # the support branch and the sub-predictions are not computed
+        for key in evaluation:
+            assert torch.allclose(evaluation[key], out[key], atol=1e-5), key
+
+    def test_crcnet_255_in_a_support_or_query_mask_counts_as_background(self, crcnet_model):
+        # 255 (unlabelled) is not foreground, in a support's mask (the query branch's reference) nor in the query's
+        # (the support branch's): replacing it by 0 changes nothing, in any output
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=1, S=2)
+        m_s[:, :, 14:18] = IGNORE_INDEX  # row 16 is sampled by the features, and it crosses both support boxes
+        m_q[:, 14:18] = IGNORE_INDEX  # and the query box; rows 0-1 are 255 already
+        for mask in (m_s, m_q):
+            assert ((mask[..., ::8, ::8] == IGNORE_INDEX) & (mask[..., ::8, ::8] != 1)).any()
+            foreground = common.foreground_at(mask.flatten(0, -3)[:, None], (5, 5))  # as crcnet.Model._forward
+            assert torch.equal(foreground, _at_features(mask).flatten(0, -3)[:, None])
+        zero_s, zero_q = (mask.masked_fill(mask == IGNORE_INDEX, 0) for mask in (m_s, m_q))
+        with torch.no_grad():
+            out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
+            out_zero = crcnet_model(img_q, img_s, zero_s, m_q=zero_q)
+        for key in ("logits", "query", "support", "query_sub", "support_sub"):
+            assert torch.equal(out[key], out_zero[key]), key
+
+    @pytest.mark.parametrize("off", [("global_conditional",), ("local_conditional",),
+                                     ("global_conditional", "local_conditional")])
+    def test_crcnet_conditional_modules_switch_off_table3(self, crcnet_model, off):
+        # Table 3 (and Table 1's "w/o conditional module": both off): a module switched off is not built, and the
+        # refinement's entry conv loses the 3x3 weights that read its 32 channels; with both off nothing reads a
+        # mask (the support's nor the query's): the network co-segments the two images
+        net = make_crcnet(**{name: False for name in off}, **CRCNET_FAST)
+        own = {"global_conditional": global_conditional_params(32), "local_conditional": local_conditional_params(32)}
+        assert n_params(crcnet_model) - n_params(net) == sum(own[name] + 9 * 32 * 32 for name in off)
+        assert all(getattr(net.head, name) is None for name in off)
+        assert net.head.refinement.entry[0].in_channels == (3 - len(off)) * 32
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=2)
+        with torch.no_grad():
+            out = net(img_q, img_s, m_s, m_q=m_q)
+            other = net(img_q, img_s, m_s.flip(1), m_q=m_q.flip(0))  # every pair's masks differ (mixed episode)
+        for key in ("query", "support"):
+            assert torch.allclose(other[key], out[key], atol=1e-4) == (len(off) == 2), key
+        crcnet_runs(net)
+
+    def test_crcnet_local_conditional_without_support_mask_table7(self, crcnet_model):
+        # Table 7 "w/o mask": Eq. (2) without Phi(Mask_sup), the softmax over every reference pixel; no mask is read
+        torch.manual_seed(0)
+        local = crcnet.LocalConditional(dim=4, support_mask=False)
+        f, f_s = torch.randn(1, 4, 2, 3), torch.randn(1, 4, 2, 3)
+        m = torch.tensor([[[[1.0, 0.0, 0.5], [0.0, 1.0, 0.0]]]])
+        theta, delta = local.theta(f)[0].flatten(1), local.delta(f_s)[0].flatten(1)  # (4, 6)
+        expected = f_s[0].flatten(1) @ torch.softmax(theta.T @ delta, 1).T  # Eq. (1), (2) unmasked, (3)
+        out = local(f, f_s, m)
+        assert torch.allclose(out[0].flatten(1), expected, atol=1e-5)
+        assert torch.equal(local(f, f_s, torch.zeros_like(m)), out)
+        masked = crcnet.LocalConditional(dim=4)
+        masked.load_state_dict(local.state_dict())
+        assert not torch.allclose(masked(f, f_s, m), out, atol=1e-3)  # the same weights with the mask differ
+        net = make_crcnet(local_support_mask=False, **CRCNET_FAST)
+        assert n_params(net) == n_params(crcnet_model)
+        crcnet_runs(net)
+
+    # ---------------- §4.5 the mask refinement module --------------------------------------------------------------
+
+    def test_crcnet_refinement_runs_configured_steps_and_updates_cache(self):
+        torch.manual_seed(0)
+        refine = crcnet.MaskRefinement(in_dim=12, dim=8, k=7, steps=4)
+        calls = []
+        refine.cached.register_forward_hook(lambda m, i, o: calls.append(i[0].clone()))
+        logits, caches = refine(torch.randn(2, 12, 5, 5))
+        assert len(calls) == 4 and len(caches) == 5
+        assert (caches[0] == 0).all() and (calls[0] == 0).all()  # the cache starts as zeros
+        for t in range(1, 5):
+            assert not torch.equal(caches[t], caches[t - 1])  # updated every step
+            assert torch.equal(calls[t - 1], caches[t - 1])  # and each step reads the previous one
+        assert torch.allclose(caches[-1], logits.softmax(1)[:, 1:])
+        assert ((caches[-1] > 0) & (caches[-1] < 1)).all()
+
+    @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+    def test_crcnet_refinement_convolves_the_feature_levels_once_as_the_concatenation_would(self, layout):
+        # the combined conv is split by input channels (features once, the cached branch every step): the same
+        # logits, caches and gradients as the plain concatenation, and the same state_dict (old checkpoints load)
+        torch.manual_seed(0)
+        refine = crcnet.MaskRefinement(in_dim=12, dim=8, k=7, steps=4).to(memory_format=layout)
+        assert refine.state_dict()["combine.0.weight"].shape == (8, 3 * 8, 3, 3)
+        assert not any(key.startswith("combine.") and key not in ("combine.0.weight", "combine.0.bias")
+                       for key in refine.state_dict())
+        x = torch.randn(2, 12, 5, 5).to(memory_format=layout).requires_grad_()
+        logits, caches = refine(x)
+        grads = torch.autograd.grad(logits.square().sum(), [x, *refine.parameters()])
+        expected = _refine_by_concatenation(refine, x)
+        expected_grads = torch.autograd.grad(expected.square().sum(), [x, *refine.parameters()])
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(caches[-1], expected.softmax(1)[:, 1:], rtol=1e-5, atol=1e-6)
+        assert all(g.abs().sum() > 0 for g in grads)  # the combined weight among them, from both of its parts
+        for name, g, e in zip(["x", *dict(refine.named_parameters())], grads, expected_grads):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6, msg=name)
+
+    def test_crcnet_refinement_input_is_global_local_then_cross_reference(self, crcnet_traced):
+        # §4.5: the refinement reads [global conditional, local conditional, cross-reference output G]; G is the
+        # encoder features re-weighted by the product of both images' importance vectors (§4.3), not F itself
+        net, f_q, f_s, m, m_q_feat, seen, _ = crcnet_traced
+        head, C = net.head, f_q.shape[1]
+        x = seen["refine"]
+        assert x.shape == (8, 3 * C, 5, 5)
+        fc = head.cross_reference.importance
+
+        def importance(feat):
+            return torch.sigmoid(fc[2](torch.relu(fc[0](feat.mean((2, 3))))))
+
+        w = (importance(f_q) * importance(f_s))[:, :, None, None]
+        assert torch.allclose(x[:, 2 * C:], torch.cat([f_q * w, f_s * w]), atol=1e-5)
+        assert not torch.allclose(x[:, 2 * C:], torch.cat([f_q, f_s]), atol=1e-3)  # G != F: w < 1
+        with torch.no_grad():
+            # each branch conditioned on the other image: the query on (f_s, m_s), the support on (f_q, m_q)
+            f, f_ref, m_ref = torch.cat([f_q, f_s]), torch.cat([f_s, f_q]), torch.cat([m, m_q_feat])
+            proto = (f_ref * m_ref).sum((2, 3)) / (m_ref.sum((2, 3)) + common.MAP_EPS)
+            glob = head.global_conditional(f, proto)
+            local = head.local_conditional(f, f_ref, m_ref)
+            own = head.local_conditional(f, torch.cat([f_s, f_s]), torch.cat([m, m]))  # the support on itself
+        assert torch.allclose(x[:, :C], glob, atol=1e-5)
+        # |local| ~ 10 and the softmax of Eq. (2) is sharp: the encoder's batching alone moves it by ~5e-5
+        assert torch.allclose(x[:, C:2 * C], local, atol=2e-4)
+        assert not torch.allclose(x[4:, C:2 * C], own[4:], atol=1e-1)  # the support branch is not its own reference
+
+    def test_crcnet_mask_refinement_off_runs_once_without_the_cache_table2(self, crcnet_model):
+        # Table 2 "Mask Refine" off, §5.3's baseline: the cached branch is removed (its conv, and the 32 input
+        # channels of the combined conv that read it) and the module predicts from the features once, whatever
+        # refine_steps
+        torch.manual_seed(0)
+        refine = crcnet.MaskRefinement(in_dim=12, dim=8, k=7, steps=4, cached=False)
+        assert refine.steps == 1 and refine.cached is None and refine.combine[0].in_channels == 16
+        x = torch.randn(2, 12, 5, 5)
+        logits, caches = refine(x)
+        h = refine.entry(x)
+        y = refine.combine(torch.cat([h, h + refine.global_conv(h)], 1))
+        assert torch.allclose(logits, refine.cls(y + refine.combine_residual(y)), atol=1e-6)
+        assert len(caches) == 2 and torch.allclose(caches[1], logits.softmax(1)[:, 1:])
+        net = make_crcnet(mask_refinement=False, **CRCNET_FAST)  # refine_steps=2
+        assert n_params(crcnet_model) - n_params(net) == conv_params(1, 32) + 9 * 32 * 32
+        calls = {"off": [], "on": []}
+        hooks = [net.head.refinement.cls.register_forward_hook(lambda *args: calls["off"].append(1)),
+                 crcnet_model.head.refinement.cls.register_forward_hook(lambda *args: calls["on"].append(1))]
+        img_q, img_s, m_s, m_q = episode(2, 1, CRCNET_SIZE)
+        try:
+            with torch.no_grad():
+                net(img_q, img_s, m_s)
+                crcnet_model(img_q, img_s, m_s)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        assert (len(calls["off"]), len(calls["on"])) == (1, 3)  # the fixture refines 3 times
+        crcnet_runs(net)
+
+    # ---------------- §4.6 K shots: fine-tuning, and Table 4's fusion ----------------------------------------------
 
     def test_crcnet_finetuning_changes_prediction_and_restores_everything(self, crcnet_model):
         img_q, img_s, m_s, m_q = episode(2, 3, CRCNET_SIZE)
@@ -5926,240 +6232,6 @@ class TestCRCNet:
         # the encoder is neither tuned nor in the fine-tuning graph: its weights unchanged, no gradient reached it
         assert all(torch.equal(encoder[k], v) for k, v in crcnet_model.encoder.state_dict().items())
         assert all(p.grad is None for p in crcnet_model.parameters())
-
-    def test_crcnet_fusion_averages_one_shot_probabilities(self, crcnet_model):
-        img_q, img_s, m_s, m_q = episode(2, 3, CRCNET_SIZE)
-        crcnet_model.cfg.kshot = "fusion"
-        try:
-            with torch.no_grad():
-                fused = crcnet_model.infer(img_q, img_s, m_s)
-                probs = [crcnet_model(img_q, img_s[:, k:k + 1], m_s[:, k:k + 1])["query"].softmax(1) for k in range(3)]
-        finally:
-            crcnet_model.cfg.kshot = "finetune"
-        expected = F.interpolate((sum(probs) / 3).log(), (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear",
-                                 align_corners=True)
-        assert torch.allclose(fused, expected, atol=1e-5)
-
-    def test_crcnet_multi_scale_inference_by_default(self, crcnet_model):
-        # §5.3: by default both images are resized to 0.75, 1 and 1.25 of their size (images bilinearly, masks
-        # nearest) and the query probabilities, resized back, are averaged; one scale is plain forward
-        net = crcnet_model
-        img_q, img_s, m_s, m_q = episode(1, 1, CRCNET_SIZE)
-        with torch.no_grad():
-            plain = net(img_q, img_s, m_s)["logits"]
-            assert torch.allclose(net.infer(img_q, img_s, m_s), plain, atol=1e-6)  # the fixture's one scale
-            net.cfg.test_scales = crcnet.Config().test_scales
-            try:
-                multi = net.infer(img_q, img_s, m_s)
-            finally:
-                net.cfg.test_scales = (1.0,)
-            probs = []
-            for size in (25, 33, 41):  # round(33 * scale)
-                q = F.interpolate(img_q, (size, size), mode="bilinear", align_corners=True)
-                s = F.interpolate(img_s[:, 0], (size, size), mode="bilinear", align_corners=True)[:, None]
-                m = F.interpolate(m_s.float(), (size, size), mode="nearest").long()
-                logits = net(q, s, m)["logits"]  # (1, 2, size, size)
-                probs.append(F.interpolate(logits, (33, 33), mode="bilinear", align_corners=True).exp())
-        assert multi.shape == (1, 2, CRCNET_SIZE, CRCNET_SIZE)
-        assert torch.allclose(multi, (sum(probs) / 3).log(), atol=1e-5)
-        assert not torch.allclose(multi, plain, atol=1e-4)
-
-    # ---------------- bad input, flags, a short training and the harness --------------------------------------
-
-    def test_crcnet_bad_input_raises(self):
-        with pytest.raises(ValueError, match="kshot"):
-            crcnet.Model(crcnet.Config(pretrained=False, kshot="vote"))
-        with pytest.raises(ValueError, match="refine_steps must be >= 1"):
-            make_crcnet(refine_steps=0)  # the refinement loop is what predicts
-        net = make_crcnet(refine_steps=1)
-        img_q, img_s, m_s, m_q = episode(2, 2, CRCNET_SIZE)
-        with pytest.raises(ValueError, match="same episodes"):
-            net(img_q, img_s, m_s[:, :1])
-        with pytest.raises(ValueError, match="same episodes"):
-            net(img_q, img_s, m_s, m_q=m_q[:, :-1])
-        with torch.no_grad():
-            out = net(img_q, img_s, m_s)  # no m_q (evaluation): no support prediction to score
-        with pytest.raises(ValueError, match="forward needs m_q"):
-            net.loss(out, m_q, m_s)
-
-    def test_crcnet_freeze_encoder_and_test_scales_flags_map_to_the_config(self):
-        def config(*flags):
-            args, module = train.parse_args(["--model", "crcnet", *flags])
-            assert module is crcnet
-            return train.make_config(module, args)
-
-        assert config().train_encoder is True  # §5.1: end to end
-        assert config("--freeze-encoder").train_encoder is False
-        assert config().test_scales == (0.75, 1.0, 1.25)
-        assert list(config("--test-scales", "1").test_scales) == [1.0]
-
-    def test_crcnet_short_synthetic_training_lowers_the_loss(self):
-        net = make_crcnet(refine_steps=2)
-        net.train()
-        episodes = data.build_dataset("synthetic", "train", 0, img_size=32, train_length=16)
-        optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.0025, momentum=0.9)
-        losses = []
-        for step in range(8):  # fresh episodes every step
-            batch = data.collate_episodes([episodes[i] for i in (2 * step, 2 * step + 1)])
-            out = net(batch["img_q"], batch["img_s"], batch["m_s"], m_q=batch["m_q"])
-            loss, _ = net.loss(out, batch["m_q"], batch["m_s"])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        assert all(math.isfinite(x) for x in losses)
-        assert sum(losses[-2:]) < 0.8 * sum(losses[:2])
-
-    def test_crcnet_harness_trains_and_evaluates_two_shot_by_finetuning(self, tmp_path):
-        out = tmp_path / "run"
-        train.main(["--model", "crcnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
-                    "--img-size", "32", "--train-length", "2", "--batch-size", "2", "--epochs", "1", "--shot", "2",
-                    "--test-episodes", "1", "--test-seeds", "1", "--refine-steps", "1", "--ft-steps", "1",
-                    "--out", str(out)])
-        records = read_metrics(out)
-        assert records[0]["args"]["lr"] == 0.01 != train.HARNESS_DEFAULTS["synthetic"]["lr"]  # its own
-        assert records[0]["args"]["ft_steps"] == 1 and records[0]["args"]["kshot"] is None  # Config default
-        assert records[0]["args"]["train_encoder"] is None  # no recipe sets it: trained end to end (Config, §5.1)
-        step = [r for r in records if r["event"] == "train"][0]
-        # a support term: the harness passed m_q in training (train.query_mask); without it the loss raises
-        assert math.isfinite(step["loss"]) and {"query", "support", "query_sub", "support_sub"} <= set(step)
-        result = [r for r in records if r["event"] == "result"][0]
-        assert result["shot"] == 2 and 0 <= result["miou"] <= 1
-
-    # ---------------- masks of their own per episode and shot: pairs, conditioning, roles (§4.4-4.7) ----------
-
-    def test_crcnet_mixed_episode_masks_differ_per_episode_and_shot(self):
-        # the premise of the tests below: no two episodes (or shots) share a feature-level mask
-        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=3)
-        assert not torch.equal(_at_features(m_q[0]), _at_features(m_q[1]))
-        masks = _at_features(m_s).flatten(0, 1)  # (6, 5, 5)
-        assert all(not torch.equal(masks[a], masks[b]) for a in range(6) for b in range(a))
-        assert (masks.sum((1, 2)) > 0).all() and (m_s[..., ::8, ::8] == IGNORE_INDEX).any()
-
-    def test_crcnet_loss_gives_each_pair_its_own_episodes_labels(self, crcnet_model):
-        # Model.loss on made-up logits: pair n = b * S + k (episode-major, as forward builds them) must be scored
-        # against the query mask of episode b and the mask of support k of episode b (Eq. 5, lambda = 0.1)
-        B, S = 2, 3
-        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=B, S=S)
-        g = torch.Generator().manual_seed(1)
-        out = {key: 3 * torch.randn(B * S, 2, 5, 5, generator=g)
-               for key in ("query", "support", "query_sub", "support_sub")}
-        total, terms = crcnet_model.loss(out, m_q, m_s)
-        q_labels = torch.stack([m_q[b] for b in range(B) for k in range(S)])  # (6, 33, 33)
-        s_labels = torch.stack([m_s[b, k] for b in range(B) for k in range(S)])
-        assert torch.allclose(terms["query"], _ce(out["query"], q_labels), atol=1e-6)
-        assert torch.allclose(terms["support"], _ce(out["support"], s_labels), atol=1e-6)
-        assert torch.allclose(terms["query_sub"], _ce(out["query_sub"], q_labels), atol=1e-6)
-        assert torch.allclose(terms["support_sub"], _ce(out["support_sub"], s_labels), atol=1e-6)
-        by_hand = _ce(out["query"], q_labels) + _ce(out["support"], s_labels)
-        by_hand = by_hand + 0.1 * (_ce(out["query_sub"], q_labels) + _ce(out["support_sub"], s_labels))
-        assert torch.allclose(total, by_hand, atol=1e-6)
-        # the check has teeth: the episode-interleaved pairing (episode b's label on pair b') scores differently
-        wrong = torch.stack([m_q[n % B] for n in range(B * S)])
-        assert abs(_ce(out["query"], wrong) - terms["query"]) > 1e-2
-
-    def test_crcnet_forward_pairs_are_episode_major(self, crcnet_traced):
-        # the order the loss assumes: out[...][b * S + k] is the pair (query b, support k of episode b)
-        net, f_q, f_s, m, m_q_feat, seen, (img_q, img_s, m_s, m_q) = crcnet_traced
-        with torch.no_grad():
-            for b in range(2):
-                alone = net(img_q[b:b + 1], img_s[b:b + 1], m_s[b:b + 1], m_q=m_q[b:b + 1])
-                for key in ("query", "support", "query_sub", "support_sub"):
-                    assert torch.allclose(seen["out"][key][2 * b:2 * b + 2], alone[key], atol=1e-5)
-
-    def test_crcnet_global_vector_is_the_other_images_foreground_average(self, crcnet_traced):
-        # §4.4: the query branch's category vector is the foreground average of the support features under the
-        # support's mask; §4.7 (roles interchangeable): the support branch's is the query's under the query's mask
-        # (255 as background in both)
-        net, f_q, f_s, m, m_q_feat, seen, _ = crcnet_traced
-        f, proto = seen["global"]
-        assert torch.allclose(f, torch.cat([f_q, f_s]), atol=1e-5)  # both branches, query branch first
-        support_avg = (f_s * m).sum((2, 3)) / (m.sum((2, 3)) + common.MAP_EPS)  # (4, C)
-        query_avg = (f_q * m_q_feat).sum((2, 3)) / (m_q_feat.sum((2, 3)) + common.MAP_EPS)  # (4, C)
-        assert torch.allclose(proto, torch.cat([support_avg, query_avg]), atol=1e-5)
-        assert not torch.allclose(support_avg[0], support_avg[1], atol=1e-3)  # the two supports give different vectors
-        assert not torch.allclose(query_avg[0], query_avg[2], atol=1e-3)  # and so do the two episodes' queries
-        assert not torch.allclose(support_avg, query_avg, atol=1e-3)  # the two branches are conditioned differently
-
-    def test_crcnet_refinement_input_is_global_local_then_cross_reference(self, crcnet_traced):
-        # §4.5: the refinement reads [global conditional, local conditional, cross-reference output G]; G is the
-        # encoder features re-weighted by the product of both images' importance vectors (§4.3), not F itself
-        net, f_q, f_s, m, m_q_feat, seen, _ = crcnet_traced
-        head, C = net.head, f_q.shape[1]
-        x = seen["refine"]
-        assert x.shape == (8, 3 * C, 5, 5)
-        fc = head.cross_reference.importance
-
-        def importance(feat):
-            return torch.sigmoid(fc[2](torch.relu(fc[0](feat.mean((2, 3))))))
-
-        w = (importance(f_q) * importance(f_s))[:, :, None, None]
-        assert torch.allclose(x[:, 2 * C:], torch.cat([f_q * w, f_s * w]), atol=1e-5)
-        assert not torch.allclose(x[:, 2 * C:], torch.cat([f_q, f_s]), atol=1e-3)  # G != F: w < 1
-        with torch.no_grad():
-            # each branch conditioned on the other image: the query on (f_s, m_s), the support on (f_q, m_q)
-            f, f_ref, m_ref = torch.cat([f_q, f_s]), torch.cat([f_s, f_q]), torch.cat([m, m_q_feat])
-            proto = (f_ref * m_ref).sum((2, 3)) / (m_ref.sum((2, 3)) + common.MAP_EPS)
-            glob = head.global_conditional(f, proto)
-            local = head.local_conditional(f, f_ref, m_ref)
-            own = head.local_conditional(f, torch.cat([f_s, f_s]), torch.cat([m, m]))  # the support on itself
-        assert torch.allclose(x[:, :C], glob, atol=1e-5)
-        # |local| ~ 10 and the softmax of Eq. (2) is sharp: the encoder's batching alone moves it by ~5e-5
-        assert torch.allclose(x[:, C:2 * C], local, atol=2e-4)
-        assert not torch.allclose(x[4:, C:2 * C], own[4:], atol=1e-1)  # the support branch is not its own reference
-
-    def test_crcnet_each_branch_is_conditioned_on_the_other_images_mask(self, crcnet_model):
-        # §4.7: the support prediction depends on the query's mask and not on its own (no shortcut through its own
-        # foreground), the query prediction on the support's and not on the query's; the co-occurrence
-        # sub-predictions (§4.3) on neither. Other masks: the two episodes' query masks swapped, the two shots'
-        # support masks swapped (all differ at the features, test_crcnet_mixed_episode_masks_differ_...)
-        net = crcnet_model
-        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=2)
-        with torch.no_grad():
-            out = net(img_q, img_s, m_s, m_q=m_q)
-            other_s = net(img_q, img_s, m_s.flip(1), m_q=m_q)
-            other_q = net(img_q, img_s, m_s, m_q=m_q.flip(0))
-            evaluation = net(img_q, img_s, m_s)  # no m_q: the query branch alone
-        assert torch.allclose(other_s["support"], out["support"], atol=1e-6)
-        assert torch.allclose(other_q["query"], out["query"], atol=1e-6)
-        for n in range(4):  # every pair's prediction follows the other image's mask
-            assert not torch.allclose(other_q["support"][n], out["support"][n], atol=1e-4), n
-            assert not torch.allclose(other_s["query"][n], out["query"][n], atol=1e-4), n
-        for key in ("query_sub", "support_sub"):
-            assert (torch.allclose(other_s[key], out[key], atol=1e-6)
-                    and torch.allclose(other_q[key], out[key], atol=1e-6))
-        assert set(evaluation) == {"logits", "query", "query_sub"}  # the support branch is not computed
-        for key in evaluation:
-            assert torch.allclose(evaluation[key], out[key], atol=1e-5), key
-
-    def test_crcnet_swapping_query_and_support_swaps_the_predictions(self, crcnet_model):
-        # §4.7 "Their roles are interchangeable": the pair read the other way round (the support as the query with
-        # its mask, the query as the support) gives the same two predictions, swapped
-        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=1)
-        with torch.no_grad():
-            out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
-            swapped = crcnet_model(img_s[:, 0], img_q[:, None], m_q[:, None], m_q=m_s[:, 0])
-        for key, mirror in (("query", "support"), ("support", "query"), ("query_sub", "support_sub"),
-                            ("support_sub", "query_sub")):
-            assert torch.allclose(swapped[key], out[mirror], atol=1e-5), key
-        assert not torch.allclose(out["query"], out["support"], atol=1e-3)  # two different predictions
-
-    def test_crcnet_255_in_a_support_or_query_mask_counts_as_background(self, crcnet_model):
-        # 255 (unlabelled) is not foreground, in a support's mask (the query branch's reference) nor in the query's
-        # (the support branch's): replacing it by 0 changes nothing, in any output
-        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=1, S=2)
-        m_s[:, :, 14:18] = IGNORE_INDEX  # row 16 is sampled by the features, and it crosses both support boxes
-        m_q[:, 14:18] = IGNORE_INDEX  # and the query box; rows 0-1 are 255 already
-        for mask in (m_s, m_q):
-            assert ((mask[..., ::8, ::8] == IGNORE_INDEX) & (mask[..., ::8, ::8] != 1)).any()
-            foreground = common.foreground_at(mask.flatten(0, -3)[:, None], (5, 5))  # as crcnet.Model._forward
-            assert torch.equal(foreground, _at_features(mask).flatten(0, -3)[:, None])
-        zero_s, zero_q = (mask.masked_fill(mask == IGNORE_INDEX, 0) for mask in (m_s, m_q))
-        with torch.no_grad():
-            out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
-            out_zero = crcnet_model(img_q, img_s, zero_s, m_q=zero_q)
-        for key in ("logits", "query", "support", "query_sub", "support_sub"):
-            assert torch.equal(out[key], out_zero[key]), key
 
     def test_crcnet_finetune_step_is_sgd_on_a_pair_conditioned_on_each_others_mask(self, crcnet_model):
         # §4.6 by hand for one step: the tuned head weights are p - lr * grad of Eq. (5) for an ordered pair (i, j)
@@ -6216,6 +6288,395 @@ class TestCRCNet:
             assert torch.allclose(fused[b:b + 1], expected, atol=1e-5), b
             first = F.interpolate(probs[0].log(), (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear", align_corners=True)
             assert not torch.allclose(fused[b:b + 1], first, atol=1e-3)
+
+    def test_crcnet_fusion_averages_one_shot_probabilities(self, crcnet_model):
+        img_q, img_s, m_s, m_q = episode(2, 3, CRCNET_SIZE)
+        crcnet_model.cfg.kshot = "fusion"
+        try:
+            with torch.no_grad():
+                fused = crcnet_model.infer(img_q, img_s, m_s)
+                probs = [crcnet_model(img_q, img_s[:, k:k + 1], m_s[:, k:k + 1])["query"].softmax(1) for k in range(3)]
+        finally:
+            crcnet_model.cfg.kshot = "finetune"
+        expected = F.interpolate((sum(probs) / 3).log(), (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear",
+                                 align_corners=True)
+        assert torch.allclose(fused, expected, atol=1e-5)
+
+    def test_crcnet_table4_model_at_1_5_and_10_shots(self):
+        # Table 4 ablates Table 1's model (its 1-shot fusion, 49.6, is Table 1's full row and Table 2's first):
+        # one feature level, no cache, one scale; its rows fuse, fine-tune, or both, at 1, 5 and 10 shots
+        args, module = train.parse_args(["--model", "crcnet", "--shot", "10", "--set", "levels=layer4",
+                                         "mask_refinement=false", "test_scales=1", "kshot=finetune+fusion"])
+        cfg = train.make_config(module, args)
+        assert (cfg.levels, cfg.mask_refinement, cfg.test_scales, cfg.kshot, args.shot) == \
+            (("layer4",), False, (1.0,), "finetune+fusion", 10)
+        net = make_crcnet(levels=("layer4",), mask_refinement=False, **CRCNET_FAST)
+        img_q, img_s, m_s, m_q = episode(1, 10, CRCNET_SIZE)
+        preds = {}
+        for kshot in ("fusion", "finetune", "finetune+fusion"):
+            net.cfg.kshot = kshot
+            with torch.no_grad():
+                preds[kshot] = net.infer(img_q, img_s, m_s)
+            assert torch.isfinite(preds[kshot]).all(), kshot
+        assert not torch.allclose(preds["fusion"], preds["finetune+fusion"], atol=1e-4)
+        assert not torch.allclose(preds["finetune"], preds["finetune+fusion"], atol=1e-4)
+        loss, _ = net.loss(net(img_q, img_s, m_s, m_q=m_q), m_q, m_s)  # 10 pairs trained as 1-shot episodes
+        assert torch.isfinite(loss)
+        crcnet_runs(net)
+
+    # ---------------- §4.7 training: the loss (Eq. 4-5), the pairs, interchangeable roles --------------------------
+
+    def test_crcnet_loss_has_four_terms_eq5(self, crcnet_model):
+        img_q, img_s, m_s, m_q = episode(2, 1, CRCNET_SIZE)
+        out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
+        total, terms = crcnet_model.loss(out, m_q, m_s)
+        assert set(terms) == {"query", "support", "query_sub", "support_sub"}
+        assert all(torch.isfinite(t) and t > 0 for t in terms.values())
+        expected = terms["query"] + terms["support"] + 0.1 * (terms["query_sub"] + terms["support_sub"])
+        assert torch.allclose(total, expected)
+        # L_SM is the 2-class cross-entropy of the support prediction against m_s (255 ignored), Eq. (4)
+        up = F.interpolate(out["support"], (CRCNET_SIZE, CRCNET_SIZE), mode="bilinear", align_corners=True)
+        valid = m_s[:, 0] != 255
+        ce = F.cross_entropy(up, m_s[:, 0].clamp(max=1), reduction="none")[valid].mean()
+        assert torch.allclose(terms["support"], ce, atol=1e-6)
+
+    def test_crcnet_loss_gives_each_pair_its_own_episodes_labels(self, crcnet_model):
+        # Model.loss on made-up logits: pair n = b * S + k (episode-major, as forward builds them) must be scored
+        # against the query mask of episode b and the mask of support k of episode b (Eq. 5, lambda = 0.1)
+        B, S = 2, 3
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=B, S=S)
+        g = torch.Generator().manual_seed(1)
+        out = {key: 3 * torch.randn(B * S, 2, 5, 5, generator=g)
+               for key in ("query", "support", "query_sub", "support_sub")}
+        total, terms = crcnet_model.loss(out, m_q, m_s)
+        q_labels = torch.stack([m_q[b] for b in range(B) for k in range(S)])  # (6, 33, 33)
+        s_labels = torch.stack([m_s[b, k] for b in range(B) for k in range(S)])
+        assert torch.allclose(terms["query"], _ce(out["query"], q_labels), atol=1e-6)
+        assert torch.allclose(terms["support"], _ce(out["support"], s_labels), atol=1e-6)
+        assert torch.allclose(terms["query_sub"], _ce(out["query_sub"], q_labels), atol=1e-6)
+        assert torch.allclose(terms["support_sub"], _ce(out["support_sub"], s_labels), atol=1e-6)
+        by_hand = _ce(out["query"], q_labels) + _ce(out["support"], s_labels)
+        by_hand = by_hand + 0.1 * (_ce(out["query_sub"], q_labels) + _ce(out["support_sub"], s_labels))
+        assert torch.allclose(total, by_hand, atol=1e-6)
+        # the check has teeth: the episode-interleaved pairing (episode b's label on pair b') scores differently
+        wrong = torch.stack([m_q[n % B] for n in range(B * S)])
+        assert abs(_ce(out["query"], wrong) - terms["query"]) > 1e-2
+
+    def test_crcnet_forward_pairs_are_episode_major(self, crcnet_traced):
+        # the order the loss assumes: out[...][b * S + k] is the pair (query b, support k of episode b)
+        net, f_q, f_s, m, m_q_feat, seen, (img_q, img_s, m_s, m_q) = crcnet_traced
+        with torch.no_grad():
+            for b in range(2):
+                alone = net(img_q[b:b + 1], img_s[b:b + 1], m_s[b:b + 1], m_q=m_q[b:b + 1])
+                for key in ("query", "support", "query_sub", "support_sub"):
+                    assert torch.allclose(seen["out"][key][2 * b:2 * b + 2], alone[key], atol=1e-5)
+
+    def test_crcnet_swapping_query_and_support_swaps_the_predictions(self, crcnet_model):
+        # §4.7 "Their roles are interchangeable": the pair read the other way round (the support as the query with
+        # its mask, the query as the support) gives the same two predictions, swapped
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=1)
+        with torch.no_grad():
+            out = crcnet_model(img_q, img_s, m_s, m_q=m_q)
+            swapped = crcnet_model(img_s[:, 0], img_q[:, None], m_q[:, None], m_q=m_s[:, 0])
+        for key, mirror in (("query", "support"), ("support", "query"), ("query_sub", "support_sub"),
+                            ("support_sub", "query_sub")):
+            assert torch.allclose(swapped[key], out[mirror], atol=1e-5), key
+        assert not torch.allclose(out["query"], out["support"], atol=1e-3)  # two different predictions
+
+    def test_crcnet_short_synthetic_training_lowers_the_loss(self):
+        net = make_crcnet(refine_steps=2)
+        net.train()
+        episodes = data.build_dataset("synthetic", "train", 0, img_size=32, train_length=16)
+        optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.0025, momentum=0.9)
+        losses = []
+        for step in range(8):  # fresh episodes every step
+            batch = data.collate_episodes([episodes[i] for i in (2 * step, 2 * step + 1)])
+            out = net(batch["img_q"], batch["img_s"], batch["m_s"], m_q=batch["m_q"])
+            loss, _ = net.loss(out, batch["m_q"], batch["m_s"])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert all(math.isfinite(x) for x in losses)
+        assert sum(losses[-2:]) < 0.8 * sum(losses[:2])
+
+    # ---------------- §5.1, §5.3 multi-scale inference -------------------------------------------------------------
+
+    def test_crcnet_multi_scale_inference_by_default(self, crcnet_model):
+        # §5.3: by default both images are resized to 0.75, 1 and 1.25 of their size (images bilinearly, masks
+        # nearest) and the query probabilities, resized back, are averaged; one scale is plain forward
+        net = crcnet_model
+        img_q, img_s, m_s, m_q = episode(1, 1, CRCNET_SIZE)
+        with torch.no_grad():
+            plain = net(img_q, img_s, m_s)["logits"]
+            assert torch.allclose(net.infer(img_q, img_s, m_s), plain, atol=1e-6)  # the fixture's one scale
+            net.cfg.test_scales = crcnet.Config().test_scales
+            try:
+                multi = net.infer(img_q, img_s, m_s)
+            finally:
+                net.cfg.test_scales = (1.0,)
+            probs = []
+            for size in (25, 33, 41):  # round(33 * scale)
+                q = F.interpolate(img_q, (size, size), mode="bilinear", align_corners=True)
+                s = F.interpolate(img_s[:, 0], (size, size), mode="bilinear", align_corners=True)[:, None]
+                m = F.interpolate(m_s.float(), (size, size), mode="nearest").long()
+                logits = net(q, s, m)["logits"]  # (1, 2, size, size)
+                probs.append(F.interpolate(logits, (33, 33), mode="bilinear", align_corners=True).exp())
+        assert multi.shape == (1, 2, CRCNET_SIZE, CRCNET_SIZE)
+        assert torch.allclose(multi, (sum(probs) / 3).log(), atol=1e-5)
+        assert not torch.allclose(multi, plain, atol=1e-4)
+
+    # ---------------- Tables 5, 8, 9, 11, 12: CRCNet's modules on PFENet (network="pfenet") ------------------------
+
+    def test_crcnet_pfenet_alone_is_pfenet_with_its_10_8m_parameters(self):
+        # GC and CR off: PFENet [50] at full width, its ResNet-50 frozen and its 10.8M learnable parameters counted
+        # by hand: down_query, down_supp (1536 -> 256, 1x1, no bias); FEM's four bins (init_merge 513 -> 256, three
+        # alpha_conv 512 -> 256, two 3x3 beta_conv and an inner_cls head each); res1 (1024 -> 256), res2, cls
+        net = crcnet.Model(crcnet.Config(pretrained=False, network="pfenet", train_encoder=False,
+                                         global_conditional=False, cross_reference=False))
+        d = 256
+        cls = 9 * d * d + 2 * d + 2
+        by_hand = 2 * 1536 * d + 4 * (2 * d + 1) * d + 3 * 2 * d * d + 4 * (2 * 9 * d * d + cls) + 4 * d * d + \
+            2 * 9 * d * d + cls
+        assert sum(p.numel() for p in net.parameters() if p.requires_grad) == by_hand == 10_817_034
+        assert not any(p.requires_grad for p in net.encoder.backbone.parameters())
+        assert (net.head.cross_reference, net.head.co_occurrence, net.head.global_conditional) == (None,) * 3
+        assert net.head.fem.bins == common.FEM_BINS
+
+    def test_crcnet_pfenet_gc_and_cr_add_exactly_their_modules(self, pfenet_variants):
+        # Tables 8 and 12's rows: GC adds the global conditional module, CR the cross-reference module with its
+        # co-occurrence head, CRC both; nothing else changes
+        count = {name: n_params(net) for name, net in pfenet_variants.items()}
+        gc, cr = global_conditional_params(32), cross_reference_params(32, 4) + co_occurrence_params(32)
+        assert (count["GC"] - count["PFENet"], count["CR"] - count["PFENet"], count["CRC"] - count["PFENet"]) == \
+            (gc, cr, gc + cr)
+
+    @pytest.mark.parametrize("S", [1, 5])
+    @pytest.mark.parametrize("variant", list(PFENET_VARIANTS))
+    def test_crcnet_pfenet_forward_places_gc_and_cr_in_pfenet(self, pfenet_variants, variant, S):
+        # FEM reads the query through CR (re-weighted) and GC (conditioned on the prototype), the prototype of the
+        # re-weighted supports averaged over the shots, and PFENet's prior; the co-occurrence head predicts both
+        # images from G_q, G_s when the loss's labels are given; the logits are the query's, upsampled
+        net = pfenet_variants[variant]
+        img_q, img_s, m_s, m_q = episode(2, S, CRCNET_SIZE)
+        seen = []
+        hook = net.head.fem.register_forward_pre_hook(lambda module, args: seen.append(args))
+        try:
+            with torch.no_grad():
+                out = net(img_q, img_s, m_s, m_q=m_q)
+                f_q, proto, prior, g_q, g_s = pfenet_by_hand(net, img_q, img_s, m_s)
+        finally:
+            hook.remove()
+        for got, expected in zip(seen[0], (f_q, proto, prior)):
+            assert torch.allclose(got, expected, atol=1e-5)
+        assert out["query"].shape == (2, 2, 5, 5) and len(out["aux"]) == len(common.FEM_BINS)
+        up = F.interpolate(F.log_softmax(out["query"], 1), (CRCNET_SIZE,) * 2, mode="bilinear", align_corners=True)
+        assert torch.allclose(out["logits"], up, atol=1e-5)
+        cr = PFENET_VARIANTS[variant][1]
+        assert ("query_sub" in out) == ("support_sub" in out) == cr
+        if cr:
+            with torch.no_grad():
+                sub = net.head.co_occurrence(torch.cat([g_q, g_s]))
+            assert torch.allclose(torch.cat([out["query_sub"], out["support_sub"]]), sub, atol=1e-5)
+        with torch.no_grad():
+            assert set(net(img_q, img_s, m_s)) == {"logits", "query", "aux"}  # evaluation: no sub-predictions
+        net.train()  # PFENet's dropout on: trains at 1 and 5 shots
+        try:
+            crcnet_runs(net, shots=(S,))
+        finally:
+            net.eval()
+
+    @pytest.mark.parametrize("cr", [False, True])
+    def test_crcnet_pfenet_loss_is_main_aux_and_the_co_occurrence_terms(self, pfenet_variants, cr):
+        # PFENet's loss (main + aux_weight 1 x the mean of FEM's per-bin terms) and, with CR, Eq. (5)'s lambda
+        # (L_QMsub + L_SMsub), on made-up logits: the query's terms against m_q, the supports' against m_s
+        net = pfenet_variants["CR" if cr else "PFENet"]
+        B, S = 2, 3
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=B, S=S)
+        g = torch.Generator().manual_seed(1)
+        out = {"query": 3 * torch.randn(B, 2, 5, 5, generator=g),
+               "aux": [3 * torch.randn(B, 2, b, b, generator=g) for b in (5, 2, 1, 1)]}
+        if cr:
+            out.update(query_sub=3 * torch.randn(B, 2, 5, 5, generator=g),
+                       support_sub=3 * torch.randn(B * S, 2, 5, 5, generator=g))
+        total, terms = net.loss(out, m_q, m_s)
+        main, aux = _ce(out["query"], m_q), torch.stack([_ce(a, m_q) for a in out["aux"]]).mean()
+        by_hand = main + aux
+        assert torch.allclose(terms["main"], main, atol=1e-6) and torch.allclose(terms["aux"], aux, atol=1e-6)
+        if cr:
+            q_sub, s_sub = _ce(out["query_sub"], m_q), _ce(out["support_sub"], m_s.flatten(0, 1))
+            assert torch.allclose(terms["query_sub"], q_sub, atol=1e-6)
+            assert torch.allclose(terms["support_sub"], s_sub, atol=1e-6)
+            by_hand = by_hand + 0.1 * (q_sub + s_sub)
+            with pytest.raises(ValueError, match="forward needs m_q"):  # CR's terms without its sub-predictions
+                net.loss({"query": out["query"], "aux": out["aux"]}, m_q, m_s)
+        assert set(terms) == ({"main", "aux", "query_sub", "support_sub"} if cr else {"main", "aux"})
+        assert torch.allclose(total, by_hand, atol=1e-6)
+
+    @pytest.mark.parametrize("variant", ["PFENet", "CRC"])
+    def test_crcnet_pfenet_fusion_is_its_own_and_finetuning_restores_every_weight_table5(self, pfenet_variants,
+                                                                                         variant):
+        # Table 5: PFENet's own K shots ("fusion": prototypes and priors averaged, one forward) against PFENet + FT
+        # (§4.6 on pairs of supports, then every support under the tuned head: "finetune+fusion"); fine-tuning
+        # writes no weight of the model, leaves no gradient, and with no step is PFENet's own prediction
+        net = pfenet_variants[variant]
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=3)
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        with torch.no_grad():
+            fused = net.infer(img_q, img_s, m_s)
+            assert torch.allclose(fused, net(img_q, img_s, m_s)["logits"], atol=1e-6)
+        net.cfg.kshot = "finetune+fusion"
+        try:
+            with torch.no_grad():
+                tuned = net.infer(img_q, img_s, m_s)
+                weights = net.finetune(img_s[1], m_s[1])
+                alone = net._forward(img_q[1:], img_s[1:], m_s[1:], head_weights=weights)["logits"]
+            net.cfg.ft_steps = 0
+            with torch.no_grad():
+                untuned = net.infer(img_q, img_s, m_s)
+        finally:
+            net.cfg.kshot, net.cfg.ft_steps = "fusion", 2
+        assert torch.isfinite(tuned).all() and not torch.allclose(tuned, fused, atol=1e-4)
+        assert torch.allclose(tuned[1:], alone, atol=1e-6)  # episode 1 under the head tuned on its own supports
+        assert torch.allclose(untuned, fused, atol=1e-6)
+        assert set(weights) == {name for name, _ in net.head.named_parameters()}  # the encoder is not tuned
+        after = net.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert all(p.grad is None for p in net.parameters())
+
+    def test_crcnet_pfenet_finetune_step_is_sgd_on_pfenets_loss_for_a_pair_of_supports(self, pfenet_variants):
+        # §4.6 on PFENet + CRC, one step by hand: support i plays the query (PFENet's query reduction and plain
+        # layer4, labels m_s[i]), support j the support (its reduction, the layer4 of its masked layer3, mask
+        # m_s[j]); the tuned head is p - lr * grad of PFENet's loss with the co-occurrence terms. PFENet is not
+        # symmetric, so exactly one of the two ordered pairs is the step taken; a support is never its own pair
+        net = pfenet_variants["CRC"]
+        img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=1, S=2)
+        net.cfg.ft_steps, net.cfg.ft_lr = 1, 0.5
+        try:
+            tuned = net.finetune(img_s[0], m_s[0])
+        finally:
+            net.cfg.ft_steps, net.cfg.ft_lr = 2, crcnet.Config().ft_lr
+        enc, labels = net.encoder, m_s[0]
+        with torch.no_grad():
+            plain, masked = enc.backbone(img_s[0]), enc.backbone(img_s[0], mask=labels)
+            f_q, f_s = enc.down_query.reduce(plain), enc.down_supp.reduce(masked)
+        m = _at_features(labels)[:, None]
+        params = dict(net.head.named_parameters())
+        candidates = []
+        for i, j in [(0, 1), (1, 0), (0, 0), (1, 1)]:
+            prior = common.cosine_prior(plain["layer4"][i:i + 1], masked["layer4"][j:j + 1], labels[j:j + 1])
+            w = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
+            out = functional_call(net.head, w, (f_q[i:i + 1], f_s[j:j + 1], m[j:j + 1], prior, True))
+            q, s = labels[i:i + 1], labels[j:j + 1]
+            loss = _ce(out["query"], q) + torch.stack([_ce(a, q) for a in out["aux"]]).mean()
+            loss = loss + 0.1 * (_ce(out["query_sub"], q) + _ce(out["support_sub"], s))
+            grads = torch.autograd.grad(loss, list(w.values()))
+            candidates.append({n: p.detach() - 0.5 * g for (n, p), g in zip(params.items(), grads)})
+        matches = [all(torch.allclose(tuned[n], cand[n], rtol=1e-4, atol=1e-6) for n in params) for cand in candidates]
+        assert matches.count(True) == 1 and not any(matches[2:]), matches
+
+    def test_crcnet_pfenet_recipe_is_pfenets_and_the_other_networks_fields_are_refused(self):
+        # --set network=pfenet: PFENet's recipe as its code runs it (the harness's: lr x10, batch, epochs, crop,
+        # augmentation), its frozen backbone, one test scale, its own K shots, FT at its training lr; CRCNet's
+        # recipe unchanged; a field only the other network has is refused rather than silently ignored
+        for dataset in ("pascal", "coco"):
+            args, module = train.parse_args(["--model", "crcnet", "--dataset", dataset, "--set", "network=pfenet",
+                                             "global_conditional=false", "cross_reference=false"])
+            cfg = train.make_config(module, args)
+            harness = train.HARNESS_DEFAULTS[dataset]
+            assert {k: getattr(args, k) for k in harness} == harness
+            assert (cfg.network, cfg.global_conditional, cfg.cross_reference) == ("pfenet", False, False)
+            assert (cfg.train_encoder, cfg.test_scales, cfg.kshot, cfg.ft_lr) == (False, (1.0,), "fusion", args.lr)
+            args, module = train.parse_args(["--model", "crcnet", "--dataset", dataset])
+            assert (args.lr, args.img_size, args.augment) == (0.0025, 321, "crop-scale-flip")
+            assert train.make_config(module, args).kshot == "finetune"
+        with pytest.raises(ValueError, match="mask_refinement, refine_steps: no part of network=pfenet"):
+            crcnet.Model(crcnet.Config(pretrained=False, network="pfenet", mask_refinement=False, refine_steps=3))
+        with pytest.raises(ValueError, match="bins: no part of network=crcnet"):
+            crcnet.Model(crcnet.Config(pretrained=False, bins=(1.0, 0.5)))
+
+    # ---------------- bad input, flags and the harness -------------------------------------------------------------
+
+    def test_crcnet_bad_input_raises(self):
+        with pytest.raises(ValueError, match="kshot"):
+            crcnet.Model(crcnet.Config(pretrained=False, kshot="vote"))
+        with pytest.raises(ValueError, match="refine_steps must be >= 1"):
+            make_crcnet(refine_steps=0)  # the refinement loop is what predicts
+        net = make_crcnet(refine_steps=1)
+        img_q, img_s, m_s, m_q = episode(2, 2, CRCNET_SIZE)
+        with pytest.raises(ValueError, match="same episodes"):
+            net(img_q, img_s, m_s[:, :1])
+        with pytest.raises(ValueError, match="same episodes"):
+            net(img_q, img_s, m_s, m_q=m_q[:, :-1])
+        with torch.no_grad():
+            out = net(img_q, img_s, m_s)  # no m_q (evaluation): no support prediction to score
+        with pytest.raises(ValueError, match="forward needs m_q"):
+            net.loss(out, m_q, m_s)
+
+    def test_crcnet_freeze_encoder_and_test_scales_flags_map_to_the_config(self):
+        def config(*flags):
+            args, module = train.parse_args(["--model", "crcnet", *flags])
+            assert module is crcnet
+            return train.make_config(module, args)
+
+        assert config().train_encoder is True  # §5.1: end to end
+        assert config("--freeze-encoder").train_encoder is False
+        assert config().test_scales == (0.75, 1.0, 1.25)
+        assert list(config("--test-scales", "1").test_scales) == [1.0]
+
+    def test_crcnet_every_switch_is_a_set_field(self, capsys):
+        # every ablation row is a command: --set FIELD=VALUE gives the Config value; a choice outside a Literal's
+        # is refused in one line; all of them off at once still builds a network (the refinement on F alone)
+        switches = ["cross_reference=false", "global_conditional=false", "local_conditional=false",
+                    "local_support_mask=false", "mask_refinement=false", "cr_activation=softmax", "levels=layer4",
+                    "test_scales=1", "kshot=fusion"]
+        args, module = train.parse_args(["--model", "crcnet", "--set", *switches])
+        cfg = train.make_config(module, args)
+        assert (cfg.cross_reference, cfg.global_conditional, cfg.local_conditional, cfg.local_support_mask,
+                cfg.mask_refinement) == (False,) * 5
+        assert (cfg.cr_activation, cfg.levels, cfg.test_scales, cfg.kshot) == ("softmax", ("layer4",), (1.0,), "fusion")
+        assert train.make_config(*train.parse_args(["--model", "crcnet"])[::-1]) == crcnet.Config()
+        torch.manual_seed(0)
+        net = crcnet.Model(dataclasses.replace(cfg, pretrained=False, dim=32, cr_reduction=4))
+        assert net.head.refinement.entry[0].in_channels == 32
+        crcnet_runs(net, shots=(1,))
+        with pytest.raises(SystemExit):
+            train.parse_args(["--model", "crcnet", "--set", "cr_activation=tanh"])
+        assert "cr_activation is one of sigmoid, relu, softmax" in capsys.readouterr().err
+        with pytest.raises(ValueError, match="cr_activation must be one of"):
+            crcnet.Model(crcnet.Config(pretrained=False, cr_activation="tanh"))
+
+    def test_crcnet_harness_trains_and_evaluates_two_shot_by_finetuning(self, tmp_path):
+        out = tmp_path / "run"
+        train.main(["--model", "crcnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
+                    "--img-size", "32", "--train-length", "2", "--batch-size", "2", "--epochs", "1", "--shot", "2",
+                    "--test-episodes", "1", "--test-seeds", "1", "--refine-steps", "1", "--ft-steps", "1",
+                    "--out", str(out)])
+        records = read_metrics(out)
+        assert records[0]["args"]["lr"] == 0.01 != train.HARNESS_DEFAULTS["synthetic"]["lr"]  # its own
+        assert records[0]["args"]["ft_steps"] == 1 and records[0]["args"]["kshot"] is None  # Config default
+        assert records[0]["args"]["train_encoder"] is None  # no recipe sets it: trained end to end (Config, §5.1)
+        step = [r for r in records if r["event"] == "train"][0]
+        # a support term: the harness passed m_q in training (train.query_mask); without it the loss raises
+        assert math.isfinite(step["loss"]) and {"query", "support", "query_sub", "support_sub"} <= set(step)
+        result = [r for r in records if r["event"] == "result"][0]
+        assert result["shot"] == 2 and 0 <= result["miou"] <= 1
+
+    def test_crcnet_harness_trains_and_evaluates_pfenet_crc_two_shot_with_finetuning(self, tmp_path):
+        # PFENet + CRC + FT through the harness: PFENet's recipe, m_q passed in training (the co-occurrence terms
+        # are computed), evaluation fine-tunes each episode's head and fuses both supports
+        out = tmp_path / "run"
+        train.main(["--model", "crcnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",
+                    "--img-size", "32", "--train-length", "2", "--batch-size", "2", "--epochs", "1", "--shot", "2",
+                    "--test-episodes", "1", "--test-seeds", "1", "--ft-steps", "1", "--out", str(out),
+                    "--set", "network=pfenet", "kshot=finetune+fusion"])
+        records = read_metrics(out)
+        assert records[0]["args"]["lr"] == train.HARNESS_DEFAULTS["synthetic"]["lr"]  # PFENet's: the harness's
+        assert records[0]["args"]["train_encoder"] is False and records[0]["args"]["ft_lr"] == records[0]["args"]["lr"]
+        step = [r for r in records if r["event"] == "train"][0]
+        assert math.isfinite(step["loss"]) and {"main", "aux", "query_sub", "support_sub"} <= set(step)
+        result = [r for r in records if r["event"] == "result"][0]
+        assert result["shot"] == 2 and 0 <= result["miou"] <= 1
 
 
 # ==========================================================================================================
