@@ -924,8 +924,9 @@ SYMNET_SIZE = 41  # -> 6x6 features at output stride 8; the episodes are synthet
 
 
 def symnet_run(fold=0, **kw):
-    """The common.Setting of a synthetic-data Sym-Net with random backbone weights."""
-    return common.Setting(dataset="synthetic", fold=fold, pretrained=False, **kw)
+    """The common.Setting of a synthetic-data Sym-Net with random backbone weights (its 20 classes, as
+    train.setting_of fills them)."""
+    return common.Setting(dataset="synthetic", fold=fold, pretrained=False, num_classes=20, **kw)
 
 
 def make_symnet(where, fold=0, **kw):
@@ -1001,9 +1002,9 @@ def symnet_record_forward(net, img_q, img_s, m_s, class_ids):
 
 
 def symnet_co_triplet(f_q, f_s, m_s, prior, p_q_aug, p_s_aug, **cfg):
-    """SymNet.co_triplet needs nothing of the model but its Config: no backbone is built for these cases."""
+    """Model.co_triplet needs nothing of the model but its Config: no backbone is built for these cases."""
     owner = types.SimpleNamespace(cfg=symnet.Config(pretrained=False, **cfg))
-    return symnet.SymNet.co_triplet(owner, f_q, f_s, m_s, prior, p_q_aug, p_s_aug)
+    return symnet.Model.co_triplet(owner, f_q, f_s, m_s, prior, p_q_aug, p_s_aug)
 
 
 def symnet_unit(*v):
@@ -1051,7 +1052,7 @@ def symnet_two_shot(symnet_model):
 
 
 def symnet_per_shot_forward(net, img_q, img_s, m_s, class_ids):
-    """SymNet.forward (with BAM's ensemble) one shot at a time: each shot's prior, APA prototype, block
+    """Model.forward (with BAM's ensemble) one shot at a time: each shot's prior, APA prototype, block
     correlations, co-triplet support term and scene difference from that shot alone, then their means (Fig. 2)."""
     cfg, S = net.cfg, img_s.shape[1]
     feats_q, feats_s = net.backbone.episode(img_q, img_s, blocks=True)
@@ -5376,7 +5377,7 @@ class TestSymNet:
 
     def test_symnet_vgg_is_refused_and_no_class_id_works(self, symnet_model):
         with pytest.raises(ValueError, match="ResNet"):
-            symnet.SymNet(symnet.Config(backbone="vgg16_bn", pretrained=False), symnet_run())
+            symnet.Model(symnet.Config(backbone="vgg16_bn", pretrained=False), symnet_run())
         img_q, img_s, m_s, _, _ = synthetic_episode(1, 1, SYMNET_SIZE, seed=3)
         symnet_model.eval()
         with torch.no_grad():
@@ -5537,7 +5538,16 @@ class TestSymNet:
         messages = [str(r.message) for r in record]
         assert sum("text branch is off" in m for m in messages) == 1
         assert sum("meta learner alone" in m for m in messages) == 1
-        assert (net.text == 0).all() and net.ensemble is None and net.cfg.base_classes is None
+        assert any("--set aggregation=support+query" in m for m in messages)  # the row's own command
+        assert net.text is None and net.ensemble is None and net.cfg.base_classes is None  # no table of zeros
+        seen = []  # APA's text input: zero for the supports and the query
+        hook = net.apa.register_forward_pre_hook(lambda mod, args: seen.append(args[1]))
+        img_q, img_s, m_s, _, class_ids = synthetic_episode(1, 1, SYMNET_SIZE)
+        net.eval()
+        with torch.no_grad():
+            net(img_q, img_s, m_s, class_ids)
+        hook.remove()
+        assert [t.shape for t in seen] == [(1, symnet.TEXT_DIM)] * 2 and all((t == 0).all() for t in seen)
         with warnings.catch_warnings(record=True) as record:  # evaluating a checkpoint: it holds the base learner
             warnings.simplefilter("always")
             symnet.build(symnet.Config(pretrained=False), symnet_run(from_checkpoint=True))
@@ -5551,7 +5561,7 @@ class TestSymNet:
             raise AssertionError("a model was built although a named file is missing")
 
         monkeypatch.chdir(tmp_path)
-        monkeypatch.setattr(symnet, "SymNet", no_model)
+        monkeypatch.setattr(symnet, "Model", no_model)
         cases = {"--word-vectors .*absent_vectors.pt$": dict(word_vectors=str(tmp_path / "absent_vectors.pt")),
                  "--base-learner .*absent_base.pt$": dict(base_learner=str(tmp_path / "absent_base.pt"),
                                                           word_vectors=str(word_vectors)),
@@ -5592,7 +5602,16 @@ class TestSymNet:
             net = symnet.build(symnet.Config(pretrained=False),
                                common.Setting(dataset="folder", data_root=str(root), fold=1, pretrained=False))
         assert any("meta learner alone" in str(r.message) for r in record)
-        assert net.text.shape == (7, symnet.TEXT_DIM) and (net.text == 0).all()
+        assert net.text is None  # no word vectors: no table
+        # a checkpoint's table: as many rows as the run's classes + 1, which train.setting_of counts in the folder
+        args, _ = train.parse_args(["--model", "symnet", "--dataset", "folder", "--data-root", str(root), "--fold", "1",
+                                    "--no-pretrained", "--word-vectors", str(tmp_path / "v.pt")])
+        run = train.setting_of(args, from_checkpoint=True)
+        assert run.num_classes == 6
+        net = symnet.build(train.make_config(symnet, args), run)
+        assert net.text.shape == (7, symnet.TEXT_DIM) and (net.text == 0).all()  # zeros until the checkpoint loads
+        with pytest.raises(ValueError, match="setting.num_classes is needed"):
+            symnet.build(train.make_config(symnet, args), dataclasses.replace(run, num_classes=None))
         # a base learner of fold 1 (base classes 1, 3, 4, 6) does not fit the run with --test-classes 3,6
         torch.save({"model": {}, "classes": [1, 3, 4, 6], "backbone": "resnet50"}, tmp_path / "base.pt")
         with pytest.raises(common.WeightsUnavailableError,
@@ -5701,7 +5720,7 @@ class TestSymNet:
         assert b["epoch"] == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
         assert [r["epoch"] for r in read_metrics(cut.parent, "base_metrics.jsonl") if r["event"] == "base"] == [1, 2]
 
-    def test_symnet_base_stage_trains_and_sym_net_uses_it(self, tmp_path):
+    def test_symnet_base_stage_trains_and_sym_net_uses_it(self, tmp_path, word_vectors):
         path = tmp_path / "base.pt"
         argv = ["--model", "symnet", "--stage", "base", "--dataset", "synthetic", "--fold", "1", "--no-pretrained",
                 "--img-size", "33", "--train-length", "4", "--batch-size", "2", "--epochs", "1", "--workers", "0",
@@ -5714,7 +5733,7 @@ class TestSymNet:
                 == [c for c in range(1, 21) if c not in range(6, 11)])
         assert state["model"]["cls.4.weight"].shape[0] == 16  # background + 15 base classes
         torch.manual_seed(0)
-        net = make_symnet(tmp_path, fold=1, base_learner=str(path))
+        net = make_symnet(tmp_path, fold=1, base_learner=str(path), word_vectors=str(word_vectors))
         assert net.ensemble is not None and not any(p.requires_grad for p in net.base_learner.parameters())
         assert net.cfg.base_classes == tuple(state["classes"])  # recorded in the Config that checkpoints keep
         # random weights: the meta learner's backbone takes the BN statistics the base learner was trained on, and
@@ -5795,7 +5814,7 @@ class TestSymNet:
                 and with_base.ensemble is not None)
         assert with_base.text.abs().sum() > 0  # the word vectors, from the checkpoint
         assert alone.cfg.base_classes is None and alone.base_learner is None and alone.ensemble is None
-        assert (alone.text == 0).all()
+        assert alone.text is None  # trained without word vectors: no table of zeros
 
     def test_symnet_harness_fills_the_config_and_defaults(self, word_vectors, tmp_path):
         args, module = train.parse_args(["--model", "symnet", "--dataset", "coco", "--fold", "2", "--shot", "5",
@@ -5938,8 +5957,8 @@ class TestSymNet:
         # averaging gives the same outputs, loss terms and gradients of every parameter, to float32 rounding
         classes = tuple(symnet.base_classes(symnet_run()))
         torch.manual_seed(0)
-        net = symnet.SymNet(dataclasses.replace(symnet_model.cfg, base_classes=classes), symnet_run(),
-                            symnet_model.text)
+        net = symnet.Model(dataclasses.replace(symnet_model.cfg, base_classes=classes), symnet_run(),
+                           symnet_model.text)
         for module in net.modules():
             if isinstance(module, nn.modules.dropout._DropoutNd):
                 module.p = 0.0  # the two formulations would draw different dropout masks
@@ -6048,7 +6067,7 @@ class TestSymNet:
         # With a base learner the final output is the ensemble's, and BAM's CE on the meta learner's own output is
         # added: every term against a hand cross-entropy, on outputs given at the label size (no resize involved)
         classes = tuple(symnet.base_classes(symnet_run()))
-        net = symnet.SymNet(dataclasses.replace(symnet_model.cfg, base_classes=classes), symnet_run())
+        net = symnet.Model(dataclasses.replace(symnet_model.cfg, base_classes=classes), symnet_run())
         assert net.ensemble is not None
         g = torch.Generator().manual_seed(0)
         B, H = 2, 5
