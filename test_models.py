@@ -28,7 +28,8 @@ TestCRCNet     the cross-reference, the local conditional module (Eq. 1-3; fp32 
                (equal to its plain concatenation), the loss (Eq. 4-5), the fine-tuning (§4.6) that restores every
                weight, fusion, multi-scale inference, pairs and their masks.
 TestSymNet     SPM, APA (Eq. 6-8), the prototypes (Eq. 4, 5, 7, 9), TDC's input, the co-triplet loss (Eq. 10-12), the
-               loss with BAM's ensemble; the word vectors and the base learner, their files and checkpoints.
+               loss with BAM's ensemble; the word vectors and the base learner, their files and checkpoints; every
+               ablation row of Tables 3-6 from its command line, the parameters and computation each switch removes.
 TestQPENet     PPG and DPE (Eq. 1-8) with a scripted Convs, GBC, the cross attention, FFA's inputs and keys (Eq. 12-16),
                L_bm per image, the parameter counts.
 TestAllModels  a training step on PFENet's deep-stem ResNet, a training step that never waits for the device, and
@@ -5179,7 +5180,8 @@ class TestCRCNet:
 
 # ==========================================================================================================
 # symnet.py: Sym-Net: shapes, loss, gradients; SPM, APA, TDC and the co-triplet loss by hand; K shots; word
-# vectors, BAM's base learner and ensemble, the side files and the checkpoints that hold them; bf16 autocast
+# vectors, BAM's base learner and ensemble, the side files and the checkpoints that hold them; bf16 autocast;
+# the ablations of Tables 3-6
 # ==========================================================================================================
 
 # ---------------- the forward pass recorded; a short training ---------------------------------------------
@@ -5321,6 +5323,59 @@ def fake_word2vec(path, vectors, newline=True):
 
 def unit_vector(v):
     return torch.from_numpy(v / np.linalg.norm(v))
+
+
+# ---------------- ablations (§4.3, Tables 3-6) ------------------------------------------------------------
+
+SYMNET_ROWS = {  # every ablation row of the paper that is not the default model: its --set values
+    "Table 3, SPM x APA x TDC x": dict(spm=False, apa=False, tdc=False),
+    "Table 3, SPM only": dict(apa=False, tdc=False),
+    "Table 3, TDC only": dict(spm=False, apa=False),
+    "Table 3, SPM + APA": dict(tdc=False),
+    "Table 3, SPM + TDC (= Table 5, Support)": dict(apa=False),
+    "Table 4, 0.45 0.55": dict(tau3=0.45),
+    "Table 4, 0.45 0.60": dict(tau3=0.45, tau4=0.6),
+    "Table 4, 0.40 0.60": dict(tau4=0.6),
+    "Table 5, Support & Query": dict(aggregation="support+query"),
+    "Table 5, Support & Word2Vec": dict(aggregation="support+word2vec"),
+    "Table 5, w/o L_co-triplet": dict(co_triplet=False),
+    "Table 6, 32": dict(hyper_dim=32),
+    "Table 6, 64": dict(hyper_dim=64),
+}
+
+
+def symnet_meta(**fields):
+    """Sym-Net with Config `fields` on the meta device: its modules and parameter shapes, no values (fast)."""
+    with torch.device("meta"):
+        return symnet.Model(symnet.Config(pretrained=False, **fields), symnet_run())
+
+
+def symnet_learnable(net):
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+
+def symnet_count_calls(monkeypatch, owner, *names):
+    """{name: 0}, counting from now on the calls of owner.name (symnet's functions, Model's methods) for each name."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        def counted(*args, real=getattr(owner, name), name=name, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def symnet_fem_inputs(net, img_q, img_s, m_s, class_ids, train=False):
+    """forward's output and FEM's inputs (f_q, prototype, extra maps), in eval (no_grad) or train mode."""
+    seen = {}
+    hook = net.fem.register_forward_pre_hook(lambda mod, args: seen.__setitem__("fem", args))
+    net.train(train)
+    try:
+        with torch.no_grad() if not train else contextlib.nullcontext():
+            out = net(img_q, img_s, m_s, class_ids)
+    finally:
+        hook.remove()
+    return out, seen["fem"]
 
 
 class TestSymNet:
@@ -5613,6 +5668,8 @@ class TestSymNet:
         expected = max(symnet_dist(a, symnet_unit(1, 1)) + 0.5 - symnet_dist(a, symnet_unit(0, 1)), 0)
         loss = symnet_co_triplet(f_q, f_s, m_s, prior, anchor, torch.tensor([[1.0, 0.0]]))
         assert math.isclose(loss.item(), expected, abs_tol=1e-5)
+        # no query branch (Table 5, "Support & Word2Vec": no p_q_aug): the support term alone, 0 here
+        assert symnet_co_triplet(f_q, f_s, m_s, prior, None, torch.tensor([[1.0, 0.0]])).item() == 0
 
     def test_symnet_co_triplet_support_term_is_the_mean_over_shots_of_the_valid_items(self):
         # B = 2, S = 2, 1x2 supports (pixel 0 foreground, pixel 1 background). Shot 0: item 0 loss L_a, item 1 L_b;
@@ -6194,6 +6251,200 @@ class TestSymNet:
                                       lambda: torch.autocast("cpu", dtype=torch.bfloat16))
         assert after < 0.9 * before, (before, after)
 
+    # ---------------- §4.3 ablations: Table 3 (SPM, APA, TDC), 4 (tau3, tau4), 5 (aggregation), 6 (N') ---------
+
+    @pytest.mark.parametrize("row", list(SYMNET_ROWS))
+    def test_symnet_every_ablation_row_runs_from_its_command_line_at_1_and_5_shots(self, row, word_vectors, tmp_path,
+                                                                                  monkeypatch):
+        # The row's command (--set, and --word-vectors as every row has) gives its Config values and names its run
+        # folder; the model it builds trains a step at 1 and 5 shots with finite logits, loss terms and gradients,
+        # the co-triplet term exactly where APA and L_co-triplet are on
+        monkeypatch.chdir(tmp_path)  # no runs/ here: no base learner
+        values = SYMNET_ROWS[row]
+        words = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
+        args, module = train.parse_args(["--model", "symnet", "--dataset", "synthetic", "--no-pretrained",
+                                         "--word-vectors", str(word_vectors), "--set", *words])
+        cfg = train.make_config(module, args)
+        assert {k: getattr(cfg, k) for k in values} == values and all(w in str(args.out) for w in words)
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = symnet.build(cfg, train.setting_of(args))
+        for shot in (1, 5):
+            img_q, img_s, m_s, m_q, class_ids = synthetic_episode(1, shot, 33, seed=shot)
+            net.train()
+            net.zero_grad(set_to_none=True)
+            out = net(img_q, img_s, m_s, class_ids)
+            total, terms = net.loss(out, m_q, m_s)
+            total.backward()
+            assert out["logits"].shape == (1, 2, 33, 33) and torch.isfinite(out["logits"]).all(), shot
+            assert all(torch.isfinite(v) for v in terms.values()) and torch.isfinite(total), (shot, terms)
+            assert set(terms) == {"final", "inter"} | ({"triplet"} if cfg.apa and cfg.co_triplet else set())
+            grads = [p.grad for p in net.parameters() if p.requires_grad]
+            assert all(g is not None and torch.isfinite(g).all() for g in grads), shot
+
+    def test_symnet_each_switch_removes_exactly_its_modules_parameters(self):
+        # Parameter counts by hand (c = 256, d = 300, N' = 48 (§4.1), TDC's 16 hidden channels, ResNet-50's 4, 6, 3
+        # blocks) against the models each switch builds (on the meta device: shapes, no values)
+        c, d, n, hidden, blocks = 256, symnet.TEXT_DIM, 48, 16, (4, 6, 3)
+        apa = (c + d) * c + 3 * c * c + c  # W^Q (c+d -> c), W^K, W^V (1x1 convs, no bias), the FFN's linear + bias
+        merge = 2 * hidden * hidden * 9 + hidden + 2 * hidden  # 3x3 conv 2*hidden -> hidden with bias, GroupNorm
+        tdc = sum((k + 1) * hidden for k in blocks) + 2 * merge + hidden * n * 9 + n  # 1x1 per level, merges, 3x3 to N'
+        channel = 4 * c  # one FEM input map: a column of init_merge's 1x1 conv (no bias) at each of the 4 scales
+        full = symnet_meta()
+        assert symnet_learnable(full.apa) == apa and symnet_learnable(full.tdc) == tdc  # the formulas are right
+        count = {name: symnet_learnable(symnet_meta(**values)) for name, values in SYMNET_ROWS.items()}
+        whole = symnet_learnable(full)
+        assert whole - count["Table 3, SPM + TDC (= Table 5, Support)"] == apa  # APA off
+        assert count["Table 3, SPM + TDC (= Table 5, Support)"] - count["Table 3, TDC only"] == channel  # M^pri's map
+        assert whole - count["Table 3, SPM + APA"] == tdc + n * channel  # TDC off: TDC and F^hyper's N' maps
+        assert whole - count["Table 3, SPM only"] == apa + tdc + n * channel
+        # all three off: FEM keeps one map (a zero one: common.FEM needs a map), M^pri's channel
+        assert whole - count["Table 3, SPM x APA x TDC x"] == apa + tdc + n * channel
+        assert whole - count["Table 5, Support & Query"] == d * c  # W^Q's text columns
+        for row in ("Table 4, 0.45 0.55", "Table 4, 0.45 0.60", "Table 4, 0.40 0.60", "Table 5, Support & Word2Vec",
+                    "Table 5, w/o L_co-triplet"):
+            assert count[row] == whole, row  # what they change is computation (tests below), not parameters
+        for width in (32, 64):  # Table 6: TDC's last conv and F^hyper's maps in FEM
+            assert count[f"Table 6, {width}"] - whole == (width - n) * (hidden * 9 + 1 + channel), width
+        assert symnet_meta(apa=False).apa is None and symnet_meta(tdc=False).tdc is None  # not built at all
+        with pytest.raises(ValueError, match="spm=false needs apa=false"):  # APA reads SPM's prior (Table 3's note)
+            symnet_meta(spm=False)
+        with pytest.raises(ValueError, match="tau3 < tau4"):
+            symnet_meta(tau3=0.55, tau4=0.55)
+
+    def test_symnet_fem_gets_the_maps_of_the_modules_that_are_on(self, monkeypatch, symnet_model):
+        # FEM's extra maps are [F^hyper (N'), M^pri] of the modules that are on; SPM off runs no prior, TDC off no
+        # block correlation and asks the backbone for no block outputs; with neither, FEM gets one zero map
+        img_q, img_s, m_s, _, class_ids = synthetic_episode(1, 2, SYMNET_SIZE, seed=3)
+        calls = symnet_count_calls(monkeypatch, symnet, "self_activation_prior", "block_correlation")
+        out, fem = symnet_fem_inputs(symnet_model, img_q, img_s, m_s, class_ids)
+        assert calls == {"self_activation_prior": 1, "block_correlation": 13}  # the counters see the default's
+        assert fem[2].shape[1] == 48 + 1 and torch.equal(fem[2][:, -1:], out["prior"])
+        for values, maps in [(dict(spm=False, apa=False), "hyper"), (dict(tdc=False), "prior"),
+                             (dict(hyper_dim=32), "both"), (dict(spm=False, apa=False, tdc=False), "zero")]:
+            torch.manual_seed(0)
+            net = symnet.Model(symnet.Config(pretrained=False, **values), symnet_run())
+            hyper, blocks = [], []
+            if net.tdc is not None:
+                net.tdc.register_forward_hook(lambda mod, args, o: hyper.append(o))
+            real = net.backbone.episode
+            monkeypatch.setattr(net.backbone, "episode", lambda *a, **k: blocks.append(k["blocks"]) or real(*a, **k))
+            calls.update(dict.fromkeys(calls, 0))
+            out, fem = symnet_fem_inputs(net, img_q, img_s, m_s, class_ids)
+            assert calls == {"self_activation_prior": int(net.cfg.spm), "block_correlation": 13 * net.cfg.tdc}, values
+            assert blocks == [net.cfg.tdc] and (out["prior"] is None) == (not net.cfg.spm), values
+            if maps == "hyper":
+                assert torch.equal(fem[2], hyper[0]) and fem[2].shape[1] == 48
+            elif maps == "prior":
+                assert torch.equal(fem[2], out["prior"])  # one map
+            elif maps == "both":
+                assert fem[2].shape[1] == 32 + 1 and torch.equal(fem[2], torch.cat([hyper[0], out["prior"]], 1))
+            else:
+                assert fem[2].shape == (1, 1, SYMNET_GRID, SYMNET_GRID) and (fem[2] == 0).all()
+
+    def test_symnet_apa_off_gives_fem_the_support_map_prototype_and_no_co_triplet(self, monkeypatch, word_vectors,
+                                                                                tmp_path, symnet_model):
+        # §4.3's baseline: FEM's prototype is the mean over the shots of each support's MAP (Eq. 4), by hand; no query
+        # region (Eq. 5, 10, 11), no co-triplet loss, and the word vectors are not read
+        monkeypatch.chdir(tmp_path)
+        with pytest.warns(UserWarning) as record:  # and: no base learner here
+            net = symnet.build(symnet.Config(pretrained=False, apa=False, word_vectors=str(word_vectors)), symnet_run())
+        assert any("--word-vectors unused: Sym-Net with apa=false" in str(r.message) for r in record)
+        assert net.apa is None and net.text is None
+        img_q, img_s, m_s, m_q, class_ids = synthetic_episode(2, 2, SYMNET_SIZE, seed=4)
+        regions = symnet_count_calls(monkeypatch, symnet, "prior_region_mean")
+        triplets = symnet_count_calls(monkeypatch, symnet.Model, "co_triplet")
+        symnet_model.train()
+        symnet_model(img_q, img_s, m_s, class_ids)
+        assert regions["prior_region_mean"] == 3 and triplets["co_triplet"] == 1  # the default's: Eq. 5, 10, 11
+        regions["prior_region_mean"] = triplets["co_triplet"] = 0
+        f_s = []
+        hook = net.down_supp.register_forward_hook(lambda mod, args, o: f_s.append(o))
+        _, fem = symnet_fem_inputs(net, img_q, img_s, m_s, class_ids)
+        hook.remove()
+        f_s, m = f_s[0].view(2, 2, -1, SYMNET_GRID, SYMNET_GRID), symnet_grid_mask(m_s)
+        p_s = (f_s * m[:, :, None]).sum((3, 4)) / (m.sum((2, 3))[..., None] + MAP_EPS)  # (B, S, c): Eq. (4)
+        assert torch.allclose(fem[1], p_s.mean(1), atol=1e-5) and (p_s[:, 0] - p_s[:, 1]).abs().max() > 1e-3
+        out, _ = symnet_fem_inputs(net, img_q, img_s, m_s, class_ids, train=True)
+        total, terms = net.loss(out, m_q, m_s)
+        assert regions["prior_region_mean"] == triplets["co_triplet"] == 0 and out["triplet"] == 0
+        assert set(terms) == {"final", "inter"} and torch.allclose(total, terms["final"] + terms["inter"])
+
+    def test_symnet_support_and_word2vec_has_no_query_branch(self, monkeypatch, word_vectors, tmp_path):
+        # Table 5, "Support & Word2Vec": APA runs once, on the supports with the word vector; FEM takes the mean of
+        # the shots' APA outputs; no query region is pooled (Eq. 5, 10, 11); the co-triplet keeps its support term
+        net = make_symnet(tmp_path, aggregation="support+word2vec", word_vectors=str(word_vectors))
+        img_q, img_s, m_s, m_q, class_ids = synthetic_episode(2, 2, SYMNET_SIZE, seed=5)
+        regions = symnet_count_calls(monkeypatch, symnet, "prior_region_mean")
+        apa, feats = [], {}
+        net.apa.register_forward_hook(lambda mod, args, o: apa.append((args, o)))
+        net.down_query.register_forward_hook(lambda mod, args, o: feats.__setitem__("f_q", o))
+        net.down_supp.register_forward_hook(lambda mod, args, o: feats.__setitem__("f_s", o))
+        _, fem = symnet_fem_inputs(net, img_q, img_s, m_s, class_ids)
+        (args, p_s_aug), = apa  # one call: the B*S supports
+        assert torch.equal(args[1], net.text[class_ids].repeat_interleave(2, 0)) and args[1].abs().sum() > 0
+        assert torch.allclose(fem[1], p_s_aug.view(2, 2, -1).mean(1), atol=1e-6)
+        torch.manual_seed(1)
+        out, fem = symnet_fem_inputs(net, img_q, img_s, m_s, class_ids, train=True)
+        assert regions["prior_region_mean"] == 0
+        f_s = feats["f_s"].view(2, 2, *feats["f_q"].shape[1:])
+        support_term = net.co_triplet(feats["f_q"], f_s, m_s, out["prior"], None, fem[1])
+        both_terms = net.co_triplet(feats["f_q"], f_s, m_s, out["prior"], fem[1], fem[1])
+        assert torch.equal(out["triplet"], support_term) and (both_terms - support_term).abs() > 1e-4
+        assert "triplet" in net.loss(out, m_q, m_s)[1]
+
+    def test_symnet_support_and_query_has_no_word_vector(self, word_vectors, tmp_path):
+        # Table 5, "Support & Query": both branches, no text: W^Q maps the prototype alone (c -> c), the word vectors
+        # are not read (one warning), APA gets no text; FEM's prototype is Eq. (9)'s
+        with pytest.warns(UserWarning) as record, contextlib.chdir(tmp_path):  # and: no base learner here
+            net = symnet.build(symnet.Config(pretrained=False, aggregation="support+query",
+                                             word_vectors=str(word_vectors)), symnet_run())
+        assert any("--word-vectors unused: Sym-Net with apa=true, aggregation=support+query" in str(r.message)
+                   for r in record)
+        assert net.text is None and net.apa.w_q.in_features == net.cfg.reduce_dim
+        img_q, img_s, m_s, _, class_ids = synthetic_episode(1, 2, SYMNET_SIZE, seed=6)
+        apa = []
+        net.apa.register_forward_hook(lambda mod, args, o: apa.append((args, o)))
+        _, fem = symnet_fem_inputs(net, img_q, img_s, m_s, class_ids)
+        (supports, p_s_aug), (query, p_q_aug) = apa
+        assert supports[1] is None and query[1] is None
+        assert torch.allclose(fem[1], 0.5 * p_q_aug + 0.5 * p_s_aug.view(1, 2, -1).mean(1), atol=1e-6)
+
+    def test_symnet_without_co_triplet_the_loss_is_the_segmentation_terms(self, monkeypatch):
+        # Table 5, "w/o L_co-triplet": the co-triplet loss is not computed; L = L_inter-seg + L_final-seg, which
+        # still trains APA
+        torch.manual_seed(0)
+        net = symnet.Model(symnet.Config(pretrained=False, co_triplet=False), symnet_run())
+        triplets = symnet_count_calls(monkeypatch, symnet.Model, "co_triplet")
+        img_q, img_s, m_s, m_q, class_ids = synthetic_episode(2, 1, SYMNET_SIZE, seed=7)
+        out, _ = symnet_fem_inputs(net, img_q, img_s, m_s, class_ids, train=True)
+        total, terms = net.loss(out, m_q, m_s)
+        assert triplets["co_triplet"] == 0 and out["triplet"] == 0 and set(terms) == {"final", "inter"}
+        assert torch.allclose(total, terms["final"] + terms["inter"])
+        total.backward()
+        assert net.apa.w_q.weight.grad.abs().sum() > 0
+
+    def test_symnet_tau3_and_tau4_bound_eq11s_ambiguous_band(self):
+        # Table 4: the hard positive p_q^+ is the mean of the query pixels with tau3 < prior < tau4. Five 5x1 pixels
+        # (c = 2): (1,0) at 0.9, (1,1) at 0.42, (0,1) at 0.2 (the negative, < tau2), (0,1) at 0.5, (2,0) at 0.58;
+        # anchor along e2, the support's margins met (support term 0). Each row's band, by hand:
+        f_q = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.0, 1.0], [2.0, 0.0]]).T.reshape(1, 2, 5, 1)
+        prior = torch.tensor([0.9, 0.42, 0.2, 0.5, 0.58]).view(1, 1, 5, 1)
+        f_s = torch.tensor([[1.0, 0.0]] + [[-1.0, 0.0]] * 4).T.reshape(1, 1, 2, 5, 1)
+        m_s = torch.tensor([1, 0, 0, 0, 0]).view(1, 1, 5, 1)
+        a = symnet_unit(0, 1)
+        bands = {(0.40, 0.55): (1.0, 2.0),  # pixels 1 and 3: the mean (0.5, 1)
+                 (0.45, 0.55): (0.0, 1.0),  # pixel 3
+                 (0.45, 0.60): (2.0, 1.0),  # pixels 3 and 4: (1, 0.5)
+                 (0.40, 0.60): (3.0, 2.0)}  # pixels 1, 3, 4: (1, 2/3)
+        losses = {}
+        for (tau3, tau4), positive in bands.items():
+            expected = symnet_dist(a, symnet_unit(*positive)) + 0.5 - symnet_dist(a, symnet_unit(0, 1))
+            losses[tau3, tau4] = symnet_co_triplet(f_q, f_s, m_s, prior, torch.tensor([[0.0, 2.0]]),
+                                                   torch.tensor([[1.0, 0.0]]), tau3=tau3, tau4=tau4).item()
+            assert math.isclose(losses[tau3, tau4], expected, abs_tol=1e-5), (tau3, tau4)
+        assert len({round(v, 3) for v in losses.values()}) == 4  # each row pools another band
 
 # ==========================================================================================================
 # qpenet.py: QPENet: shapes at 1 and 5 shots, the loss terms, gradients; cross attention, GBC and L_bm by hand;
