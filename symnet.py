@@ -15,32 +15,31 @@ Paper -> code:
     §3.5 APA: Eq. (4)                  masked_average_pooling of the support (common.py)
               Eq. (5)                  prior_region_mean (the high-confidence query pixels)
               Eq. (6)-(8)              APA
-              Eq. (9)                  SymNet.forward, stage 4
+              Eq. (9)                  Model.prototypes (stage 4)
     §3.6 co-triplet loss: Eq. (10), (11) prior_region_mean (background and ambiguous query pixels)
-              Eq. (12)                 triplet_term, SymNet.co_triplet
+              Eq. (12)                 triplet_term, Model.co_triplet
     §3.7 TDC, Eq. (13)                 block_correlation, TDC
-    §3.8 decoder, Eq. (14)-(15)        common.FEM; SymNet.loss
+    §3.8 decoder, Eq. (14)-(15)        common.FEM; Model.loss
     §4.1 word2vec text embeddings      build_word_vectors (GoogleNews binary -> file), load_word_vectors
     §4.1 "PSPNet serves as the base learner", following [37], BAM (C. Lang, G. Cheng, B. Tu, J. Han, "Learning
          What Not to Segment", CVPR 2022; github.com/chunbolang/BAM, "BAM" below):
               PSPNet head: BAM model/PSPNet.py, model/PPM.py            BaseLearner
               scene difference: BAM model/BAM.py get_gram_matrix        gram_matrix, gram_distance
-              classifier ensemble: BAM model/BAM.py                     BAMEnsemble; SymNet.forward, stage 7
+              classifier ensemble: BAM model/BAM.py                     BAMEnsemble; Model.forward, stage 7
               base-class images: BAM util/dataset.py (Pre-Training)     base_classes, BaseClassImages
               base training: BAM train_base.py, config/*_base.yaml      train_base_learner, the stage `base`
     side files (word vectors, base learner) and checkpoints            build, read_base_learner
+    §4.3 ablations (--set FIELD=VALUE): Table 3 spm, apa, tdc; Table 4 tau3, tau4; Table 5 aggregation,
+         co_triplet (its "Support" row is apa=false); Table 6 hyper_dim (N')
 K shots: K priors, K support prototypes (each through APA) and K sets of correlations, averaged (Fig. 2); the
 co-triplet support term is averaged over the shots. Each is computed for all shots at once (a shot axis, or the
 B*S supports as one batch), not in a loop over the shots. Shots are averaged with equal weights (paper), not with
 BAM's learned K-shot weights.
 
 Choices (where the paper is silent we follow SN; differences from SN are said):
-- Recipe as SN runs it (DEFAULTS): lr 0.05, the paper's 0.005 (§4.1) x 10, as SN's poly_learning_rate
-  multiplies every group's (config: "base_lr: 0.005  # scale x 10"); global batch 32: the paper's "batch size
-  of 8" is per process (SN's DataLoader under DistributedSampler, train.sh on 4 GPUs, §4.1's four V100s), so
-  the run behind the tables took 32 episodes a step at lr 0.05. 200 / 50 epochs, 473 / 641 px, PFENet's
-  augmentation (§4.1). The base learner's stage takes BAM's base recipe (STAGE_DEFAULTS: its configs
-  *_base.yaml, one GPU's batch 12, the head's 10 x 2.5e-4, 417 px; 100 epochs on PASCAL, 20 on COCO).
+- Recipe as SN runs it (DEFAULTS, which says why): lr 0.05 (the paper's 0.005 x 10) and a global batch of 32
+  (8 per GPU on 4 GPUs), 200 / 50 epochs, 473 / 641 px, PFENet's augmentation (§4.1). The base learner's stage
+  takes BAM's base recipe (STAGE_DEFAULTS).
 - Backbone: the shared frozen ImageNet ResNet (common.Backbone) and its post-ReLU block outputs for TDC; SN
   uses BAM's PSPNet-fine-tuned deep-stem ResNet and pre-ReLU blocks. VGG is refused: TDC needs bottlenecks.
 - F^m (c = 256, §4.1): PFENet's cat(layer3, layer2) -> 1x1 conv, ReLU, Dropout2d(0.5), separate weights for
@@ -49,19 +48,17 @@ Choices (where the paper is silent we follow SN; differences from SN are said):
   it is binary only when (H-1)/(h-1) is whole (473 and 641 px), not at the synthetic 128 px.
 - SPM: support mask resized bilinearly, padded zeros counted by the pooling (SN). Eq. (2)'s omega_q = <r_q, r_q>
   is called "the L2-norm" in the text: we use the norm |r_q|, as SN. Mean_j cos(r_q, r_s_j)|r_q|
-  = r_q . mean_j(r_s_j / |r_s_j|) gives the same prior (within eps) without the HW x HW matrix S_r. Float32,
-  like common.cosine_prior: min-max would amplify bf16 rounding.
+  = r_q . mean_j(r_s_j / |r_s_j|) gives the same prior (within eps) without the HW x HW matrix S_r.
 - Empty regions (SN feat_aggregation): Eq. (5) falls back to the 12 highest-prior pixels (K-shot averaging or
   an empty support mask can leave none above tau1), Eq. (10) to the 12 lowest, Eq. (11) to the 12 around the
   median. Means via common.masked_average_pooling (area eps 5e-4, SN's Weighted_GAP for Eq. 4).
 - APA as the paper: separate W^V, scores scaled by 1/sqrt(d), d = 256 (§4.1; §3.5 also calls the text width
-  d, 300: the scale uses the prototype width c = 256); SN has V = K and an unscaled
-  bilinear score. The undefined "FFN" is SN's Linear + Dropout(0.1). One APA serves both branches (SN).
-  Q K^T is computed as (Q W^K^T) F~^T and A V as (A F~) W^V: the same products, without keys and values per pixel.
+  d, 300: the scale uses the prototype width c = 256); SN has V = K and an unscaled bilinear score. The
+  undefined "FFN" is SN's Linear + Dropout(0.1). One APA serves both branches (SN).
 - Word vectors: GoogleNews word2vec, unit length (as SN's rows); a name is its underscore-joined phrase if the
   binary has it, else the mean of its words; VOC's compound names use MIANet's words (WORD2VEC_ALIASES).
-  Without --word-vectors the text input is zero (Table 5, row "Support & Query"); it is zero too whenever
-  forward gets no class_ids (--predict), even with word vectors loaded.
+  Without --word-vectors, or without class_ids (--predict), the text input is zero: W^Q's text columns stay
+  but read nothing (aggregation=support+query has none).
 - Co-triplet: distances between L2-normalised vectors (SN; margin 0.5 assumes unit scale); the support
   negative is the mean background feature (paper; SN averages normalised ones); items without foreground or
   background have no support term (SN); L = support term + query term (SN).
@@ -69,20 +66,23 @@ Choices (where the paper is silent we follow SN; differences from SN are said):
   binary); 1x1 convs to 16 channels, GroupNorm + ReLU after the 3x3 merges and a last 3x3 conv to N' (SN).
   Top-down (layer4 with layer3, then layer2) as the name, the text and SN; Eq. (13) with §4.1's N1..N3 reads
   bottom-up. Concatenation as Eq. (13); SN adds.
-- bf16 autocast (train.py --bf16): convolutions, linear layers and the blocks' cosine matrices run in bf16 (their
-  rounding is the bf16 features' own); float32 wherever bf16's 8 significant bits would lose the result: SPM and
-  the scene difference (near-equal values, then min-max or a difference), APA's logits and softmax (logits
-  grow to hundreds: bf16 steps of 1-2), the block features' norms and the mean of their cosines over the
-  support mask (steps of 0.004 near 0.5), the query region means (Eq. 5, 10, 11), the co-triplet distances and
-  BAM's ensemble (probabilities in steps of 0.004).
+- bf16 autocast (train.py --bf16): convolutions, linear layers and the blocks' cosine matrices in bf16 (rounding
+  no more than the bf16 features they read); float32 where bf16's 8 significant bits would lose the result: SPM,
+  APA's logits and softmax, the blocks' norms and masked means, the query region means, the co-triplet
+  distances, the scene difference and BAM's ensemble (each place says why).
 - Loss: 2-class cross-entropy (= Eq. 14's BCE on the logit difference). With the base learner, BAM's CE on
   the meta learner's own output is added ("meta"), as SN.
-- Base learner: --base-learner, else base_learner_path(setting) when that file exists (else the meta learner alone,
-  with one warning). Config.base_classes records its class ids (None: none), and checkpoints carry its weights
-  and the word vectors, so a trained model needs neither file. It is trained on our frozen, shared backbone
-  (BAM also fine-tunes the backbone at a tenth of the rate) and the last epoch is kept (BAM keeps the best on
-  the test images' base-class labels); train_base_learner says the rest. The ensemble's scene difference is
-  the mean over the shots, as every other K-shot quantity (above).
+- Base learner: --base-learner, else base_learner_path(setting) if that file exists (else the meta learner
+  alone, with one warning). Config.base_classes records its classes; checkpoints carry its weights and the word
+  vectors. It trains on our frozen, shared backbone, its last epoch kept (train_base_learner says how BAM differs).
+- SPM off (Table 3): no prior at all; FEM loses M^pri's channel. Not PFENet's cosine prior in its place: the
+  table's note says APA, which reads the prior (Eq. 5, 7), cannot run without SPM, as it could with a stand-in.
+- APA off (Table 3): FEM's prototype is the support's MAP (Eq. 4; the mean of the shots'), §4.3's baseline; no
+  query prototype, word vector or co-triplet loss (APA gives its anchors). It is Table 5's "Support" row too:
+  both tables give it the same four folds.
+- Table 5: support+word2vec drops the query branch (FEM takes p_s_aug; the co-triplet keeps its support term);
+  support+query drops the word vector and W^Q's text columns. TDC off (Table 3): FEM loses F^hyper. With SPM
+  and TDC off FEM gets one zero map (common.FEM needs one), whose weights read nothing.
 """
 import dataclasses
 import mmap
@@ -92,6 +92,7 @@ import warnings
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -127,9 +128,19 @@ class Config:
     tdc_hidden: int = 16  # SN TDC hidden_dim
     mid_dropout: float = 0.5  # SN down_query / down_supp Dropout2d
     apa_dropout: float = 0.1  # SN APA dropout
+    # the modules of Table 3 (off: Choices); APA needs SPM (the table's note)
+    spm: bool = True  # SPM, §3.3
+    apa: bool = True  # APA with its co-triplet loss, §3.4-3.6
+    tdc: bool = True  # TDC, §3.7
+    # Table 5's prototype aggregation methods ("Support" alone: apa=false) and its row without L_co-triplet
+    aggregation: Literal["support+query+word2vec", "support+query", "support+word2vec"] = "support+query+word2vec"
+    co_triplet: bool = True  # Eq. (12)
 
 
-DEFAULTS = {  # SN's run (Choices): nominal lr 0.005 and batch 8 per GPU (§4.1), x 10 and x 4 GPUs
+# SN's run: lr 0.05 is the paper's 0.005 (§4.1) x 10, as SN's poly_learning_rate multiplies every group's (its
+# config: "base_lr: 0.005  # scale x 10"); the paper's "batch size of 8" is per process (SN's DataLoader under a
+# DistributedSampler, train.sh on 4 GPUs, §4.1's four V100s): the run behind the tables took 32 episodes a step
+DEFAULTS = {
     "pascal": dict(lr=0.05, batch_size=32, epochs=200, img_size=473, augment="pfenet"),
     "coco": dict(lr=0.05, batch_size=32, epochs=50, img_size=641, augment="pfenet"),
 }
@@ -156,7 +167,7 @@ def self_activation_prior(f_q, f_s, m, windows):
     """SPM (§3.3): f_q (B,C,h,w), f_s (B,S,C,h,w) high-level (layer4) features, m (B,S,h,w) resized support
     masks. For each shot and window, the min-max normalised mean over support positions of cos(r_q, r_s) * |r_q|.
     These maps are averaged over the windows and the shots. Returns prior (B,1,h,w) in [0, 1]."""
-    with torch.autocast(f_q.device.type, enabled=False):
+    with torch.autocast(f_q.device.type, enabled=False):  # fp32, as common.cosine_prior: min-max amplifies rounding
         f_q, f_s = f_q.float(), f_s.float() * m.float()[:, :, None]  # (B,S,C,h,w): support background out
         B, S, C, h, w = f_s.shape
         maps = []
@@ -189,7 +200,8 @@ def prior_region_mean(f, inside, prior, fallback):
 class APA(nn.Module):
     """Visual-text alignment (§3.5, Fig. 4): single-head attention whose query is the prototype concatenated
     with the word vector and whose keys / values are the mask- (support) or prior-weighted (query) features.
-    forward(proto (B,c), text (B,d), f (B,c,h,w) weighted features) -> augmented prototype (B,c)."""
+    forward(proto (B,c), text (B,d) or None when text_dim is 0 (Table 5: no word vector), f (B,c,h,w) weighted
+    features) -> augmented prototype (B,c)."""
 
     def __init__(self, dim, text_dim, dropout):
         super().__init__()
@@ -204,7 +216,7 @@ class APA(nn.Module):
         # Eq. (6)-(7): Q = (p ⊕ t) W^Q, K = F~ W^K, V = F~ W^V, taken as Q K^T = (Q W^K^T) F~^T and A V = (A F~) W^V:
         # the same products, with W^K and W^V applied to one vector per item instead of to every pixel
         with torch.autocast(f.device.type, enabled=False):  # fp32: logits grow to hundreds, where bf16's step is 1-2
-            q = self.w_q(torch.cat([proto.float(), text.float()], 1))  # (B, c)
+            q = self.w_q(proto.float() if text is None else torch.cat([proto.float(), text.float()], 1))  # (B, c)
             logits = torch.einsum("bc,bcn->bn", q @ self.w_k.weight.flatten(1), f.float()) * self.scale  # (B, hw)
             attention = torch.softmax(logits, dim=1)  # (B, hw)
         # Eq. (8): p_aug = FFN(Softmax(Q K^T / sqrt(d)) V) + p
@@ -214,7 +226,7 @@ class APA(nn.Module):
 
 def triplet_term(anchor, positive, negative, margin):
     """Eq. (12), one branch: max(|a - p+| + margin - |a - p-|, 0) on L2-normalised (..., c) vectors -> (...)."""
-    a, p, n = (F.normalize(x.float(), dim=-1) for x in (anchor, positive, negative))
+    a, p, n = (F.normalize(x.float(), dim=-1) for x in (anchor, positive, negative))  # fp32: |a - p| of unit vectors
     return F.relu(F.pairwise_distance(a, p) + margin - F.pairwise_distance(a, n))
 
 
@@ -361,23 +373,29 @@ class BAMEnsemble(nn.Module):
 # Sym-Net
 
 
-class SymNet(nn.Module):
+class Model(nn.Module):
     """Sym-Net (Fig. 2) as the meta learner, with BAM's base learner ensemble when cfg.base_classes names one.
 
-    SymNet(cfg, setting, text=None, base_state=None), made by build(cfg, setting), which reads the side files.
-    setting
-    (common.Setting) names the dataset whose class ids index `text`, the (num_classes+1, 300) word-vector table of
-    load_word_vectors (None: zeros, i.e. the text branch off, or a checkpoint's to be loaded). The base learner
-    and the ensemble exist when cfg.base_classes names the base learner's classes: base_state, the base stage's
-    file (read_base_learner), fills the base learner, and its backbone_buffers (random weights) become the
+    Model(cfg, setting, text=None, base_state=None), made by build(cfg, setting), which reads the side files.
+    text: the (num_classes+1, 300) word-vector table of load_word_vectors, rows by class id; a buffer, so that
+    checkpoints carry it. It exists when APA reads word vectors and cfg.word_vectors names them: None then means
+    a checkpoint's rows are to be loaded, into zeros of setting.num_classes + 1 rows. The base learner and the
+    ensemble exist when cfg.base_classes names the base learner's classes: base_state, the base stage's file
+    (read_base_learner), fills the base learner, and its backbone_buffers (random weights) become the
     backbone's BatchNorm statistics (backbone.calibrated); without base_state, a checkpoint fills them.
+    The ablation switches of Tables 3 and 5 (Config) leave out the modules they switch off.
     forward(img_q (B,3,H,W), img_s (B,S,3,H,W), m_s (B,S,H,W), class_ids (B,) or None) -> {"logits" (B,2,H,W),
-    "meta" (B,2,h,w) FEM output, "aux" [4 x (B,2,b,b)], "triplet" () (0 in eval), "prior" (B,1,h,w)}."""
+    "meta" (B,2,h,w) FEM output, "aux" [4 x (B,2,b,b)], "triplet" () (0 in eval and with the loss off),
+    "prior" (B,1,h,w) (None with SPM off)}."""
 
     def __init__(self, cfg: Config, setting: common.Setting, text=None, base_state=None):
         super().__init__()
         if not cfg.backbone.startswith("resnet"):
             raise ValueError(f"Sym-Net's TDC correlates every bottleneck block: it needs a ResNet, not {cfg.backbone}")
+        if cfg.apa and not cfg.spm:
+            raise ValueError("APA reads SPM's prior (Eq. 5, 7; Table 3's note): spm=false needs apa=false")
+        if not cfg.tau3 < cfg.tau4:
+            raise ValueError(f"Eq. (11)'s band needs tau3 < tau4, got {cfg.tau3}, {cfg.tau4}")
         if base_state is not None and cfg.base_classes is None:
             raise ValueError("a base learner's weights were given, but cfg.base_classes names no base learner")
         self.cfg = cfg
@@ -386,13 +404,16 @@ class SymNet(nn.Module):
         self.blocks = [len(self.backbone.stages[name]) for name in common.BLOCK_STAGES]  # [4, 6, 3] ResNet-50
         self.down_query, self.down_supp = (common.MidLevelReduction(ch["layer3"] + ch["layer2"], c, cfg.mid_dropout)
                                            for _ in range(2))
-        self.apa = APA(c, TEXT_DIM, cfg.apa_dropout)
-        self.tdc = TDC(self.blocks, cfg.tdc_hidden, cfg.hyper_dim)
-        self.fem = common.FEM(c, extra_dim=cfg.hyper_dim + 1)  # extra: [F^hyper, M^pri]
-        # row c: the word vector of class c (zeros: text off); a buffer, so that checkpoints carry it
-        if text is None:
-            text = torch.zeros(len(data.class_names(setting.dataset, setting.data_root)) + 1, TEXT_DIM)
-        self.register_buffer("text", text)
+        reads_text = cfg.apa and "word2vec" in cfg.aggregation
+        self.apa = APA(c, TEXT_DIM if reads_text else 0, cfg.apa_dropout) if cfg.apa else None
+        self.tdc = TDC(self.blocks, cfg.tdc_hidden, cfg.hyper_dim) if cfg.tdc else None
+        extra = cfg.hyper_dim * cfg.tdc + cfg.spm  # FEM's extra maps: [F^hyper, M^pri], as far as they are on
+        self.fem = common.FEM(c, extra_dim=max(extra, 1))  # one zero map when neither is on (Choices)
+        if reads_text and text is None and cfg.word_vectors:  # a checkpoint's rows, loaded after this
+            if setting.num_classes is None:
+                raise ValueError("Sym-Net's word-vector table has a row per class: setting.num_classes is needed")
+            text = torch.zeros(setting.num_classes + 1, TEXT_DIM)
+        self.register_buffer("text", text if reads_text else None)  # row c: class c's word vector
         self.base_learner = self.ensemble = None
         if cfg.base_classes is not None:
             self.base_learner = BaseLearner(ch["layer4"], cfg.base_classes).freeze()
@@ -403,14 +424,38 @@ class SymNet(nn.Module):
                 self.backbone.load_state_dict(base_state["backbone_buffers"], strict=False)
                 self.backbone.calibrated = True
 
+    def prototypes(self, f_q, f_s, m, prior, class_ids):
+        """Stage 4: FEM's prototype and the anchors of the co-triplet loss (None for a branch that is off).
+        f_q (B,c,h,w), f_s (B,S,c,h,w), m (B,S,h,w), prior (B,1,h,w) -> proto, p_q_aug, p_s_aug, each (B,c)."""
+        cfg, (B, S) = self.cfg, f_s.shape[:2]
+        p_s = common.masked_average_pooling(f_s.flatten(0, 1), m.flatten(0, 1))  # Eq. (4), the B*S shots: (B*S, c)
+        if self.apa is None:  # APA off (Table 3): MAP's support prototype, the mean of the shots'
+            return p_s.view(B, S, -1).mean(1), None, None
+        text = None
+        if "word2vec" in cfg.aggregation:  # t (Eq. 6): zero without word vectors or class ids (Choices)
+            known = self.text is not None and class_ids is not None
+            text = self.text[class_ids] if known else torch.zeros(B, TEXT_DIM, device=f_q.device)  # (B, d)
+        # APA per shot (the B*S supports as one batch), then the mean of the shots
+        p_s_aug = self.apa(p_s, None if text is None else text.repeat_interleave(S, 0),
+                           (f_s * m[:, :, None]).flatten(0, 1))  # (B*S, c)
+        p_s_aug = p_s_aug.view(B, S, -1).mean(1)  # (B, c)
+        if "query" not in cfg.aggregation:  # Table 5, "Support & Word2Vec": no query branch
+            return p_s_aug, None, p_s_aug
+        p_q = prior_region_mean(f_q, prior > cfg.tau1, prior, "top")  # Eq. (5)
+        p_q_aug = self.apa(p_q, text, f_q * prior.to(f_q.dtype))  # (B, c)
+        # Eq. (9): p_hybrid = alpha p_q_aug + beta p_s_aug
+        return cfg.alpha * p_q_aug + cfg.beta * p_s_aug, p_q_aug, p_s_aug
+
     def co_triplet(self, f_q, f_s, m_s, prior, p_q_aug, p_s_aug):
         """Eq. (10)-(12) (training only): f_q (B,c,h,w), f_s (B,S,c,h,w), m_s (B,S,H,W) labels, prior
-        (B,1,h,w), anchors p_q_aug, p_s_aug (B,c). Returns the scalar L_co-triplet."""
+        (B,1,h,w), anchors p_q_aug (None: no query branch, no query term), p_s_aug (B,c). Returns the scalar
+        L_co-triplet."""
         cfg = self.cfg
-        # Eq. (10), (11): query negative (prior < tau2) and hard positive (tau3 < prior < tau4)
-        p_q_neg = prior_region_mean(f_q, prior < cfg.tau2, prior, "bottom")  # (B, c)
-        p_q_pos = prior_region_mean(f_q, (prior > cfg.tau3) & (prior < cfg.tau4), prior, "median")  # (B, c)
-        loss_q = triplet_term(p_q_aug, p_q_pos, p_q_neg, cfg.margin).mean()  # Eq. (12), query branch
+        loss_q = 0
+        if p_q_aug is not None:  # Eq. (10), (11): query negative (prior < tau2) and hard positive (tau3 < prior < tau4)
+            p_q_neg = prior_region_mean(f_q, prior < cfg.tau2, prior, "bottom")  # (B, c)
+            p_q_pos = prior_region_mean(f_q, (prior > cfg.tau3) & (prior < cfg.tau4), prior, "median")  # (B, c)
+            loss_q = triplet_term(p_q_aug, p_q_pos, p_q_neg, cfg.margin).mean()  # Eq. (12), query branch
         # support, per shot (all shots at once): the foreground pixel farthest from the anchor, the mean background
         fg = common.foreground_at(m_s, f_s.shape[-2:], mode="nearest")  # (B, S, h, w)
         bg = 1 - fg  # (B, S, h, w): 255 counts as background, as in SN and in the rest of this file
@@ -427,31 +472,28 @@ class SymNet(nn.Module):
 
     def forward(self, img_q, img_s, m_s, class_ids=None):
         cfg, (B, S), (H, W) = self.cfg, img_s.shape[:2], img_q.shape[-2:]
-        # 1. frozen backbone: layer2-4 and every bottleneck block of query and supports
-        feats_q, feats_s = self.backbone.episode(img_q, img_s, blocks=True)  # (B, ...) and (B*S, ...) entries
+        # 1. frozen backbone: layer2-4 of query and supports, and every bottleneck block's output for TDC
+        feats_q, feats_s = self.backbone.episode(img_q, img_s, blocks=self.tdc is not None)  # (B, ...), (B*S, ...)
         # 2. mid-level features F^m and the resized support masks
         f_q = self.down_query(feats_q)  # (B, c, h, w)
         f_s = split_shots(self.down_supp(feats_s), S)  # (B, S, c, h, w)
         m = common.foreground_at(m_s, f_q.shape[-2:])  # (B, S, h, w)
         # 3. SPM: the prior mask M^pri (Eq. 1-3)
-        prior = self_activation_prior(feats_q["layer4"], split_shots(feats_s["layer4"], S), m, cfg.windows)  # (B,1,h,w)
+        prior = None
+        if cfg.spm:
+            prior = self_activation_prior(feats_q["layer4"], split_shots(feats_s["layer4"], S), m, cfg.windows)
         # 4. APA: symmetrical prototypes aligned with the word vector (Eq. 4-9)
-        text = self.text[class_ids] if class_ids is not None else self.text.new_zeros(B, TEXT_DIM)  # (B, d)
-        # the shots as one batch of B*S supports: Eq. (4) per shot, APA per shot, then their mean
-        p_s = common.masked_average_pooling(f_s.flatten(0, 1), m.flatten(0, 1))  # Eq. (4): (B*S, c)
-        p_s_aug = self.apa(p_s, text.repeat_interleave(S, 0), (f_s * m[:, :, None]).flatten(0, 1))  # (B*S, c)
-        p_s_aug = p_s_aug.view(B, S, -1).mean(1)  # (B, c)
-        p_q = prior_region_mean(f_q, prior > cfg.tau1, prior, "top")  # Eq. (5)
-        p_q_aug = self.apa(p_q, text, f_q * prior.to(f_q.dtype))  # (B, c)
-        # Eq. (9): p_hybrid = alpha p_q_aug + beta p_s_aug
-        p_hybrid = cfg.alpha * p_q_aug + cfg.beta * p_s_aug  # (B, c)
+        proto, p_q_aug, p_s_aug = self.prototypes(f_q, f_s, m, prior, class_ids)  # (B, c)
         # 5. TDC: block correlations per stage, averaged over shots, fused top-down (Eq. 13)
-        blocks_q, blocks_s = feats_q["blocks"], [split_shots(x, S) for x in feats_s["blocks"]]
-        corr = [block_correlation(q, s, m) for q, s in zip(blocks_q, blocks_s)]  # 13 x (B, 1, h, w)
-        stages = [sum(self.blocks[:i]) for i in range(len(self.blocks) + 1)]  # [0, 4, 10, 13]: stage boundaries
-        hyper = self.tdc([torch.cat(corr[a:b], 1) for a, b in zip(stages[:-1], stages[1:])])  # (B, N', h, w)
-        # 6. FEM decoder on query features, hybrid prototype, hyper-correlation and prior
-        meta, aux = self.fem(f_q, p_hybrid, torch.cat([hyper, prior.to(hyper.dtype)], 1))  # (B, 2, h, w)
+        hyper = None
+        if self.tdc is not None:
+            blocks_q, blocks_s = feats_q["blocks"], [split_shots(x, S) for x in feats_s["blocks"]]
+            corr = [block_correlation(q, s, m) for q, s in zip(blocks_q, blocks_s)]  # 13 x (B, 1, h, w)
+            stages = [sum(self.blocks[:i]) for i in range(len(self.blocks) + 1)]  # [0, 4, 10, 13]: stage boundaries
+            hyper = self.tdc([torch.cat(corr[a:b], 1) for a, b in zip(stages[:-1], stages[1:])])  # (B, N', h, w)
+        # 6. FEM decoder on query features, the prototype, hyper-correlation and prior
+        maps = [x.to(f_q.dtype) for x in (hyper, prior) if x is not None] or [f_q.new_zeros(B, 1, *f_q.shape[-2:])]
+        meta, aux = self.fem(f_q, proto, torch.cat(maps, 1))  # (B, 2, h, w)
         # 7. BAM's ensemble with the base learner, when there is one
         logits = meta
         if self.ensemble is not None:
@@ -459,45 +501,51 @@ class SymNet(nn.Module):
                 base = self.base_learner(feats_q["layer4"])  # (B, 1+n, h, w)
                 est = gram_distance(feats_q["layer2"], split_shots(feats_s["layer2"], S))  # (B,)
             logits = self.ensemble(meta, base, est, self.base_learner.classes, class_ids)  # (B, 2, h, w)
-        # 8. co-triplet loss (Eq. 10-12), training only
-        triplet = self.co_triplet(f_q, f_s, m_s, prior, p_q_aug, p_s_aug) if self.training else meta.new_zeros(())
+        # 8. co-triplet loss (Eq. 10-12), training only, on APA's anchors
+        triplet = meta.new_zeros(())
+        if self.training and self.apa is not None and cfg.co_triplet:
+            triplet = self.co_triplet(f_q, f_s, m_s, prior, p_q_aug, p_s_aug)
         logits = F.interpolate(logits, (H, W), mode="bilinear", align_corners=True)  # (B, 2, H, W)
         return {"logits": logits, "meta": meta, "aux": aux, "triplet": triplet, "prior": prior}
 
     def loss(self, out, m_q, m_s):
-        """Eq. (15): L = L_co-triplet + L_inter-seg (mean of the 4 FEM scales) + L_final-seg, plus "meta" (CE on
-        the meta learner's own output) when the ensemble gives the final output (BAM, SN)."""
+        """Eq. (15): L = L_co-triplet (where APA and Table 5 keep it) + L_inter-seg (mean of the 4 FEM scales) +
+        L_final-seg, plus "meta" (CE on the meta learner's own output) when the ensemble gives the final output
+        (BAM, SN)."""
         # Eq. (14): each L_seg is BCE, here 2-class cross-entropy (the same on the logit difference)
         terms = {"final": common.seg_loss(out["logits"], m_q),
-                 "inter": torch.stack([common.seg_loss(a, m_q) for a in out["aux"]]).mean(),
-                 "triplet": out["triplet"]}
+                 "inter": torch.stack([common.seg_loss(a, m_q) for a in out["aux"]]).mean()}
+        if self.apa is not None and self.cfg.co_triplet:
+            terms["triplet"] = out["triplet"]
         if self.ensemble is not None:
             terms["meta"] = common.seg_loss(out["meta"], m_q)
         return sum(terms.values()), terms
 
 
-Model = SymNet
-
-
 def build(cfg, setting):
     """Sym-Net for a run (train.construct): reads the word vectors (cfg.word_vectors) and the base learner
     (read_base_learner), records the base learner's classes in the model's Config (cfg.base_classes; None
-    without one) and hands both to SymNet. A named file that does not exist, or that does not fit the run:
+    without one) and hands both to Model. A named file that does not exist, or that does not fit the run:
     WeightsUnavailableError, before anything is built. With setting.from_checkpoint no file is read: the checkpoint
     holds the word vectors and the base learner, and its Config says whether it has one."""
     text = base_state = None
+    reads_text = cfg.apa and "word2vec" in cfg.aggregation
     if not setting.from_checkpoint:
         named = {"--word-vectors": cfg.word_vectors, "--base-learner": cfg.base_learner}
         missing = [f"{flag} {path}" for flag, path in named.items() if path and not Path(path).is_file()]
         if missing:
             raise common.WeightsUnavailableError(f"no such file: {', '.join(missing)}")
-        if cfg.word_vectors:
+        if cfg.word_vectors and reads_text:
             text = load_word_vectors(cfg.word_vectors, setting.dataset, root=setting.data_root)
         base_state = read_base_learner(cfg, setting)
         cfg = dataclasses.replace(cfg, base_classes=None if base_state is None else tuple(base_state["classes"]))
-        if not cfg.word_vectors:  # (a checkpoint's text rows come with its weights, zero or not)
-            warnings.warn("Sym-Net without --word-vectors: APA's text branch is off (Table 5, 'Support & Query')")
-    return SymNet(cfg, setting, text, base_state)
+        if cfg.word_vectors and not reads_text:
+            warnings.warn(f"--word-vectors unused: Sym-Net with apa={str(cfg.apa).lower()}, aggregation="
+                          f"{cfg.aggregation} reads no word vector")
+        elif reads_text and not cfg.word_vectors:
+            warnings.warn("Sym-Net without --word-vectors: APA's text branch is off, its input zero (Table 5's "
+                          "'Support & Query' row: --set aggregation=support+query)")
+    return Model(cfg, setting, text, base_state)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ TestCRCNet     the cross-reference, the local conditional module (Eq. 1-3; fp32 
                (equal to its plain concatenation), the loss (Eq. 4-5), the fine-tuning (§4.6) that restores every
                weight, fusion, multi-scale inference, pairs and their masks.
 TestSymNet     SPM, APA (Eq. 6-8), the prototypes (Eq. 4, 5, 7, 9), TDC's input, the co-triplet loss (Eq. 10-12), the
-               loss with BAM's ensemble; the word vectors and the base learner, their files and checkpoints.
+               loss with BAM's ensemble; the word vectors and the base learner, their files and checkpoints; every
+               ablation row of Tables 3-6 from its command line, the parameters and computation each switch removes.
 TestQPENet     what evaluation computes; PPG and DPE (Eq. 1-8) with a scripted Convs, GBC, the cross attention, FFA's
                inputs and keys (Eq. 12-16), L_bm per image, the parameter counts; the ablations of Tables III-V (each
                row's inputs, its parameters by hand, its command line).
@@ -752,8 +753,9 @@ SYMNET_SIZE = 41  # -> 6x6 features at output stride 8; the episodes are synthet
 
 
 def symnet_run(fold=0, **kw):
-    """The common.Setting of a synthetic-data Sym-Net with random backbone weights."""
-    return common.Setting(dataset="synthetic", fold=fold, pretrained=False, **kw)
+    """The common.Setting of a synthetic-data Sym-Net with random backbone weights (its 20 classes, as
+    train.setting_of fills them)."""
+    return common.Setting(dataset="synthetic", fold=fold, pretrained=False, num_classes=20, **kw)
 
 
 def make_symnet(where, fold=0, **kw):
@@ -763,15 +765,6 @@ def make_symnet(where, fold=0, **kw):
     with warnings.catch_warnings(), contextlib.chdir(where):
         warnings.simplefilter("ignore")
         return symnet.build(symnet.Config(pretrained=False, **kw), symnet_run(fold))
-
-
-def fake_word2vec(path, vectors, newline=True):
-    """A word2vec C binary: header, then word + space + float32 vector (+ newline)."""
-    dim = len(next(iter(vectors.values())))
-    with open(path, "wb") as f:
-        f.write(f"{len(vectors)} {dim}\n".encode())
-        for word, vec in vectors.items():
-            f.write(word.encode() + b" " + struct.pack(f"<{dim}f", *vec) + (b"\n" if newline else b""))
 
 
 @pytest.fixture(scope="module")
@@ -788,136 +781,6 @@ def word_vectors(tmp_path_factory):
 def symnet_model(word_vectors, tmp_path_factory):
     torch.manual_seed(0)
     return make_symnet(tmp_path_factory.mktemp("m"), word_vectors=str(word_vectors))
-
-
-def unit_vector(v):
-    return torch.from_numpy(v / np.linalg.norm(v))
-
-
-SYMNET_GRID = 6  # SYMNET_SIZE 41 -> 6x6 features; (41 - 1) / (6 - 1) = 8 is whole, so the bilinear
-
-
-SYMNET_STEP = (SYMNET_SIZE - 1) // (SYMNET_GRID - 1)  # align_corners resize of a mask samples every 8th pixel exactly
-
-
-def symnet_grid_mask(m_s):
-    """(m_s == 1) on the 6x6 feature grid, read off by hand: pixels 0, 8, ..., 40 of each axis."""
-    return (m_s == 1).float()[..., ::SYMNET_STEP, ::SYMNET_STEP]  # (..., 6, 6)
-
-
-def symnet_record_forward(net, img_q, img_s, m_s, class_ids):
-    """An eval forward pass (dropout off) with hooks that keep F^m of the query and the supports, the APA inputs
-    and outputs (proto, text, keys/values input, output) of each shot, then of the query, TDC's input correlations
-    and FEM's inputs."""
-    rec = {"apa": []}
-    hooks = [net.down_query.register_forward_hook(lambda mod, i, o: rec.__setitem__("f_q", o.clone())),
-             net.down_supp.register_forward_hook(lambda mod, i, o: rec.__setitem__("f_s", o.clone())),
-             net.apa.register_forward_hook(lambda mod, i, o: rec["apa"].append([*(x.clone() for x in i), o.clone()])),
-             net.tdc.register_forward_pre_hook(lambda mod, i: rec.__setitem__("corr", [c.clone() for c in i[0]])),
-             net.fem.register_forward_pre_hook(lambda mod, i: rec.__setitem__("fem", [x.clone() for x in i]))]
-    net.eval()
-    try:
-        with torch.no_grad():
-            out = net(img_q, img_s, m_s, class_ids)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    (B, S), (shots, query) = img_s.shape[:2], rec["apa"]  # APA ran twice: the B*S supports, then the B queries
-    assert shots[0].shape[0] == B * S and query[0].shape[0] == B
-    rec["apa"] = [[x.view(B, S, *x.shape[1:])[:, k] for x in shots] for k in range(S)] + [query]
-    return out, rec
-
-
-def symnet_co_triplet(f_q, f_s, m_s, prior, p_q_aug, p_s_aug, **cfg):
-    """SymNet.co_triplet needs nothing of the model but its Config: no backbone is built for these cases."""
-    owner = types.SimpleNamespace(cfg=symnet.Config(pretrained=False, **cfg))
-    return symnet.SymNet.co_triplet(owner, f_q, f_s, m_s, prior, p_q_aug, p_s_aug)
-
-
-def symnet_unit(*v):
-    v = torch.tensor(v, dtype=torch.float64)
-    return v / v.norm()
-
-
-def symnet_dist(a, b):
-    return (a - b).norm().item()
-
-
-def symnet_trains(net, episode, steps, lr, weight_decay=0.0, precision=contextlib.nullcontext):
-    """Sym-Net after `steps` SGD steps (momentum 0.9) on one episode (img_q, img_s, m_s, m_q, class_ids), each
-    under precision(): the loss in eval mode (fp32) before and after; every loss term and weight stays finite."""
-    img_q, img_s, m_s, m_q, class_ids = episode
-    args = (img_q, img_s, m_s, class_ids)
-
-    def eval_loss():
-        net.eval()
-        with torch.no_grad():
-            return net.loss(net(*args), m_q, m_s)[0].item()
-
-    before = eval_loss()
-    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=lr, momentum=0.9,
-                                weight_decay=weight_decay)
-    net.train()
-    for _ in range(steps):
-        with precision():
-            total, terms = net.loss(net(*args), m_q, m_s)
-        assert all(math.isfinite(v.item()) for v in (total, *terms.values())), terms
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-    assert all(torch.isfinite(p).all() for p in net.parameters())
-    return before, eval_loss()
-
-
-# ---------------- K shots ---------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def symnet_two_shot(symnet_model):
-    """A 2-shot episode (seed 0) and its recorded eval forward pass, shared by the K-shot tests."""
-    img_q, img_s, m_s, m_q, class_ids = synthetic_episode(1, 2, SYMNET_SIZE)
-    return (img_q, img_s, m_s, m_q, class_ids), *symnet_record_forward(symnet_model, img_q, img_s, m_s, class_ids)
-
-
-def symnet_per_shot_forward(net, img_q, img_s, m_s, class_ids):
-    """SymNet.forward (with BAM's ensemble) one shot at a time: each shot's prior, APA prototype, block
-    correlations, co-triplet support term and scene difference from that shot alone, then their means (Fig. 2)."""
-    cfg, S = net.cfg, img_s.shape[1]
-    feats_q, feats_s = net.backbone.episode(img_q, img_s, blocks=True)
-    f_q, f_s = net.down_query(feats_q), symnet.split_shots(net.down_supp(feats_s), S)  # (B,c,h,w), (B,S,c,h,w)
-    m = common.foreground_at(m_s, f_q.shape[-2:])  # (B, S, h, w)
-
-    def mean_of_shots(one_shot):  # one_shot(k, shot_of) with shot_of(x) = shot k of x, keeping a shot axis of 1
-        return torch.stack([one_shot(k, lambda x: x[:, k:k + 1]) for k in range(S)]).mean(0)
-
-    prior = mean_of_shots(lambda k, shot: symnet.self_activation_prior(
-        feats_q["layer4"], shot(symnet.split_shots(feats_s["layer4"], S)), shot(m), cfg.windows))
-    text = net.text[class_ids]
-    p_s_aug = mean_of_shots(lambda k, shot: net.apa(masked_average_pooling(f_s[:, k], m[:, k]), text,
-                                                    f_s[:, k] * m[:, k, None]))
-    p_q_aug = net.apa(symnet.prior_region_mean(f_q, prior > cfg.tau1, prior, "top"), text, f_q * prior)
-    corr = [mean_of_shots(lambda k, shot: symnet.block_correlation(q, shot(symnet.split_shots(s, S)), shot(m)))
-            for q, s in zip(feats_q["blocks"], feats_s["blocks"])]
-    ends = np.cumsum([0, *net.blocks])
-    hyper = net.tdc([torch.cat(corr[a:b], 1) for a, b in zip(ends[:-1], ends[1:])])
-    meta, aux = net.fem(f_q, cfg.alpha * p_q_aug + cfg.beta * p_s_aug, torch.cat([hyper, prior], 1))
-    est = mean_of_shots(lambda k, shot: symnet.gram_distance(feats_q["layer2"],
-                                                             shot(symnet.split_shots(feats_s["layer2"], S))))
-    logits = net.ensemble(meta, net.base_learner(feats_q["layer4"]), est, net.base_learner.classes, class_ids)
-    triplet = mean_of_shots(lambda k, shot: net.co_triplet(f_q, shot(f_s), shot(m_s), prior, p_q_aug, p_s_aug))
-    logits = F.interpolate(logits, img_q.shape[-2:], mode="bilinear", align_corners=True)
-    return {"logits": logits, "meta": meta, "aux": aux, "triplet": triplet, "prior": prior}
-
-
-# ---------------- loss (Eq. 15 + BAM's "meta" term) -------------------------------------------------------
-
-def symnet_hand_ce(logits, labels):
-    """Mean over the labelled pixels of logsumexp - the true class's logit, written out; logits (B,2,H,W)."""
-    total, count = 0.0, 0
-    for b, i, j in (labels != IGNORE_INDEX).nonzero().tolist():
-        x = logits[b, :, i, j].double()
-        total += (torch.logsumexp(x, 0) - x[labels[b, i, j]]).item()
-        count += 1
-    return total / count
 
 
 QPENET_SIZE = 33  # output stride 8 -> 5 x 5 features; episode's default boxes
@@ -6681,11 +6544,206 @@ class TestCRCNet:
 
 # ==========================================================================================================
 # symnet.py: Sym-Net: shapes, loss, gradients; SPM, APA, TDC and the co-triplet loss by hand; K shots; word
-# vectors, BAM's base learner and ensemble, the side files and the checkpoints that hold them; bf16 autocast
+# vectors, BAM's base learner and ensemble, the side files and the checkpoints that hold them; bf16 autocast;
+# the ablations of Tables 3-6
 # ==========================================================================================================
 
+# ---------------- the forward pass recorded; a short training ---------------------------------------------
+
+SYMNET_GRID = 6  # SYMNET_SIZE 41 -> 6x6 features; (41 - 1) / (6 - 1) = 8 is whole, so the bilinear
+SYMNET_STEP = (SYMNET_SIZE - 1) // (SYMNET_GRID - 1)  # align_corners resize of a mask samples every 8th pixel exactly
+
+
+def symnet_grid_mask(m_s):
+    """(m_s == 1) on the 6x6 feature grid, read off by hand: pixels 0, 8, ..., 40 of each axis."""
+    return (m_s == 1).float()[..., ::SYMNET_STEP, ::SYMNET_STEP]  # (..., 6, 6)
+
+
+def symnet_record_forward(net, img_q, img_s, m_s, class_ids):
+    """An eval forward pass (dropout off) with hooks that keep F^m of the query and the supports, the APA inputs
+    and outputs (proto, text, keys/values input, output) of each shot, then of the query, TDC's input correlations
+    and FEM's inputs."""
+    rec = {"apa": []}
+    hooks = [net.down_query.register_forward_hook(lambda mod, i, o: rec.__setitem__("f_q", o.clone())),
+             net.down_supp.register_forward_hook(lambda mod, i, o: rec.__setitem__("f_s", o.clone())),
+             net.apa.register_forward_hook(lambda mod, i, o: rec["apa"].append([*(x.clone() for x in i), o.clone()])),
+             net.tdc.register_forward_pre_hook(lambda mod, i: rec.__setitem__("corr", [c.clone() for c in i[0]])),
+             net.fem.register_forward_pre_hook(lambda mod, i: rec.__setitem__("fem", [x.clone() for x in i]))]
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = net(img_q, img_s, m_s, class_ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    (B, S), (shots, query) = img_s.shape[:2], rec["apa"]  # APA ran twice: the B*S supports, then the B queries
+    assert shots[0].shape[0] == B * S and query[0].shape[0] == B
+    rec["apa"] = [[x.view(B, S, *x.shape[1:])[:, k] for x in shots] for k in range(S)] + [query]
+    return out, rec
+
+
+def symnet_trains(net, episode, steps, lr, weight_decay=0.0, precision=contextlib.nullcontext):
+    """Sym-Net after `steps` SGD steps (momentum 0.9) on one episode (img_q, img_s, m_s, m_q, class_ids), each
+    under precision(): the loss in eval mode (fp32) before and after; every loss term and weight stays finite."""
+    img_q, img_s, m_s, m_q, class_ids = episode
+    args = (img_q, img_s, m_s, class_ids)
+
+    def eval_loss():
+        net.eval()
+        with torch.no_grad():
+            return net.loss(net(*args), m_q, m_s)[0].item()
+
+    before = eval_loss()
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=lr, momentum=0.9,
+                                weight_decay=weight_decay)
+    net.train()
+    for _ in range(steps):
+        with precision():
+            total, terms = net.loss(net(*args), m_q, m_s)
+        assert all(math.isfinite(v.item()) for v in (total, *terms.values())), terms
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    return before, eval_loss()
+
+
+# ---------------- the co-triplet loss and the loss by hand ------------------------------------------------
+
+def symnet_co_triplet(f_q, f_s, m_s, prior, p_q_aug, p_s_aug, **cfg):
+    """Model.co_triplet needs nothing of the model but its Config: no backbone is built for these cases."""
+    owner = types.SimpleNamespace(cfg=symnet.Config(pretrained=False, **cfg))
+    return symnet.Model.co_triplet(owner, f_q, f_s, m_s, prior, p_q_aug, p_s_aug)
+
+
+def symnet_unit(*v):
+    v = torch.tensor(v, dtype=torch.float64)
+    return v / v.norm()
+
+
+def symnet_dist(a, b):
+    return (a - b).norm().item()
+
+
+def symnet_hand_ce(logits, labels):
+    """Mean over the labelled pixels of logsumexp - the true class's logit, written out; logits (B,2,H,W)."""
+    total, count = 0.0, 0
+    for b, i, j in (labels != IGNORE_INDEX).nonzero().tolist():
+        x = logits[b, :, i, j].double()
+        total += (torch.logsumexp(x, 0) - x[labels[b, i, j]]).item()
+        count += 1
+    return total / count
+
+
+# ---------------- K shots ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def symnet_two_shot(symnet_model):
+    """A 2-shot episode (seed 0) and its recorded eval forward pass, shared by the K-shot tests."""
+    img_q, img_s, m_s, m_q, class_ids = synthetic_episode(1, 2, SYMNET_SIZE)
+    return (img_q, img_s, m_s, m_q, class_ids), *symnet_record_forward(symnet_model, img_q, img_s, m_s, class_ids)
+
+
+def symnet_per_shot_forward(net, img_q, img_s, m_s, class_ids):
+    """Model.forward (with BAM's ensemble) one shot at a time: each shot's prior, APA prototype, block
+    correlations, co-triplet support term and scene difference from that shot alone, then their means (Fig. 2)."""
+    cfg, S = net.cfg, img_s.shape[1]
+    feats_q, feats_s = net.backbone.episode(img_q, img_s, blocks=True)
+    f_q, f_s = net.down_query(feats_q), symnet.split_shots(net.down_supp(feats_s), S)  # (B,c,h,w), (B,S,c,h,w)
+    m = common.foreground_at(m_s, f_q.shape[-2:])  # (B, S, h, w)
+
+    def mean_of_shots(one_shot):  # one_shot(k, shot_of) with shot_of(x) = shot k of x, keeping a shot axis of 1
+        return torch.stack([one_shot(k, lambda x: x[:, k:k + 1]) for k in range(S)]).mean(0)
+
+    prior = mean_of_shots(lambda k, shot: symnet.self_activation_prior(
+        feats_q["layer4"], shot(symnet.split_shots(feats_s["layer4"], S)), shot(m), cfg.windows))
+    text = net.text[class_ids]
+    p_s_aug = mean_of_shots(lambda k, shot: net.apa(masked_average_pooling(f_s[:, k], m[:, k]), text,
+                                                    f_s[:, k] * m[:, k, None]))
+    p_q_aug = net.apa(symnet.prior_region_mean(f_q, prior > cfg.tau1, prior, "top"), text, f_q * prior)
+    corr = [mean_of_shots(lambda k, shot: symnet.block_correlation(q, shot(symnet.split_shots(s, S)), shot(m)))
+            for q, s in zip(feats_q["blocks"], feats_s["blocks"])]
+    ends = np.cumsum([0, *net.blocks])
+    hyper = net.tdc([torch.cat(corr[a:b], 1) for a, b in zip(ends[:-1], ends[1:])])
+    meta, aux = net.fem(f_q, cfg.alpha * p_q_aug + cfg.beta * p_s_aug, torch.cat([hyper, prior], 1))
+    est = mean_of_shots(lambda k, shot: symnet.gram_distance(feats_q["layer2"],
+                                                             shot(symnet.split_shots(feats_s["layer2"], S))))
+    logits = net.ensemble(meta, net.base_learner(feats_q["layer4"]), est, net.base_learner.classes, class_ids)
+    triplet = mean_of_shots(lambda k, shot: net.co_triplet(f_q, shot(f_s), shot(m_s), prior, p_q_aug, p_s_aug))
+    logits = F.interpolate(logits, img_q.shape[-2:], mode="bilinear", align_corners=True)
+    return {"logits": logits, "meta": meta, "aux": aux, "triplet": triplet, "prior": prior}
+
+
+# ---------------- word vectors ----------------------------------------------------------------------------
+
+def fake_word2vec(path, vectors, newline=True):
+    """A word2vec C binary: header, then word + space + float32 vector (+ newline)."""
+    dim = len(next(iter(vectors.values())))
+    with open(path, "wb") as f:
+        f.write(f"{len(vectors)} {dim}\n".encode())
+        for word, vec in vectors.items():
+            f.write(word.encode() + b" " + struct.pack(f"<{dim}f", *vec) + (b"\n" if newline else b""))
+
+
+def unit_vector(v):
+    return torch.from_numpy(v / np.linalg.norm(v))
+
+
+# ---------------- ablations (§4.3, Tables 3-6) ------------------------------------------------------------
+
+SYMNET_ROWS = {  # every ablation row of the paper that is not the default model: its --set values
+    "Table 3, SPM x APA x TDC x": dict(spm=False, apa=False, tdc=False),
+    "Table 3, SPM only": dict(apa=False, tdc=False),
+    "Table 3, TDC only": dict(spm=False, apa=False),
+    "Table 3, SPM + APA": dict(tdc=False),
+    "Table 3, SPM + TDC (= Table 5, Support)": dict(apa=False),
+    "Table 4, 0.45 0.55": dict(tau3=0.45),
+    "Table 4, 0.45 0.60": dict(tau3=0.45, tau4=0.6),
+    "Table 4, 0.40 0.60": dict(tau4=0.6),
+    "Table 5, Support & Query": dict(aggregation="support+query"),
+    "Table 5, Support & Word2Vec": dict(aggregation="support+word2vec"),
+    "Table 5, w/o L_co-triplet": dict(co_triplet=False),
+    "Table 6, 32": dict(hyper_dim=32),
+    "Table 6, 64": dict(hyper_dim=64),
+}
+
+
+def symnet_meta(**fields):
+    """Sym-Net with Config `fields` on the meta device: its modules and parameter shapes, no values (fast)."""
+    with torch.device("meta"):
+        return symnet.Model(symnet.Config(pretrained=False, **fields), symnet_run())
+
+
+def symnet_learnable(net):
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+
+def symnet_count_calls(monkeypatch, owner, *names):
+    """{name: 0}, counting from now on the calls of owner.name (symnet's functions, Model's methods) for each name."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        def counted(*args, real=getattr(owner, name), name=name, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def symnet_fem_inputs(net, img_q, img_s, m_s, class_ids, train=False):
+    """forward's output and FEM's inputs (f_q, prototype, extra maps), in eval (no_grad) or train mode."""
+    seen = {}
+    hook = net.fem.register_forward_pre_hook(lambda mod, args: seen.__setitem__("fem", args))
+    net.train(train)
+    try:
+        with torch.no_grad() if not train else contextlib.nullcontext():
+            out = net(img_q, img_s, m_s, class_ids)
+    finally:
+        hook.remove()
+    return out, seen["fem"]
+
+
 class TestSymNet:
-    # ---------------- forward, loss, gradients ----------------------------------------------------------------
+    # ---------------- Fig. 2, the whole model: shapes, loss, gradients, empty masks, a short training ---------
 
     @pytest.mark.parametrize("shot", [1, 5])
     def test_symnet_forward_shapes_and_finite_loss(self, symnet_model, shot):
@@ -6740,7 +6798,7 @@ class TestSymNet:
 
     def test_symnet_vgg_is_refused_and_no_class_id_works(self, symnet_model):
         with pytest.raises(ValueError, match="ResNet"):
-            symnet.SymNet(symnet.Config(backbone="vgg16_bn", pretrained=False), symnet_run())
+            symnet.Model(symnet.Config(backbone="vgg16_bn", pretrained=False), symnet_run())
         img_q, img_s, m_s, _, _ = synthetic_episode(1, 1, SYMNET_SIZE, seed=3)
         symnet_model.eval()
         with torch.no_grad():
@@ -6752,7 +6810,7 @@ class TestSymNet:
         before, after = symnet_trains(make_symnet(tmp_path), synthetic_episode(2, 1, SYMNET_SIZE, seed=4), 6, 0.01)
         assert after < 0.9 * before, (before, after)
 
-    # ---------------- SPM, triplet, TDC against direct computations -------------------------------------------
+    # ---------------- §3.3 SPM (Eq. 1-3) against direct computations ------------------------------------------
 
     def test_symnet_spm_matches_a_direct_computation(self):
         g = torch.Generator().manual_seed(0)
@@ -6802,6 +6860,95 @@ class TestSymNet:
         prior = symnet.self_activation_prior(f_q, f_s, m, ((1, 1),))
         assert torch.allclose(prior.flatten(), torch.tensor([1 / 3, 2 / 3, 0.0, 1.0]), atol=1e-6)
 
+    # ---------------- §3.5 APA (Eq. 6-8) by hand; the prototypes of the forward pass (Eq. 4, 5, 7, 9) ---------
+
+    def test_symnet_apa_hand_case_two_pixels(self):
+        # W^Q passes the prototype and adds the text to its first channel, W^K = identity, W^V = 2 * identity, FFN =
+        # identity: p_aug = sum_n softmax(q . k_n / sqrt(2))_n * 2 f_n + p
+        apa = symnet.APA(2, 1, dropout=0.0)
+        with torch.no_grad():
+            apa.w_q.weight.copy_(torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
+            apa.w_k.weight.copy_(torch.eye(2).view(2, 2, 1, 1))
+            apa.w_v.weight.copy_(2 * torch.eye(2).view(2, 2, 1, 1))
+            apa.ffn[0].weight.copy_(torch.eye(2))
+            apa.ffn[0].bias.zero_()
+        proto, text = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0]])  # q = (2, 0)
+        f = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 2)  # pixel 0 = (1, 0), pixel 1 = (0, 1)
+        a0 = math.exp(2 / math.sqrt(2)) / (math.exp(2 / math.sqrt(2)) + 1)  # scores 2 / sqrt(2) and 0
+        expected = torch.tensor([[2 * a0 + 1.0, 2 * (1 - a0)]])
+        assert torch.allclose(apa(proto, text, f), expected, atol=1e-6)
+        # no text: q = p = (1, 0), scores 1/sqrt(2) and 0
+        a0 = math.exp(1 / math.sqrt(2)) / (math.exp(1 / math.sqrt(2)) + 1)
+        assert torch.allclose(apa(proto, torch.zeros(1, 1), f), torch.tensor([[2 * a0 + 1.0, 2 * (1 - a0)]]), atol=1e-6)
+
+    def test_symnet_forward_prototypes_follow_eq4_eq5_eq7_and_eq9(self, symnet_model):
+        # Recomputed by hand from the recorded F^m, the prior and the APA outputs, for 2 shots:
+        #   Eq. (4): p_s of shot k = the mean of that SUPPORT's F^m over its mask (MAP, area eps 5e-4);
+        #   Eq. (5): p_q = the mean of the query's F^m where prior > tau1 (top-12 fallback when none);
+        #   Eq. (7): APA's keys/values = F^m_s * mask (support), F^m_q * prior (query);
+        #   Eq. (9): FEM's prototype = alpha p_q_aug + beta p_s_aug, p_s_aug the mean of the shots' APA outputs.
+        net = symnet_model
+        B, S, c = 2, 2, net.cfg.reduce_dim
+        img_q, img_s, m_s, _, class_ids = synthetic_episode(B, S, SYMNET_SIZE, seed=1)
+        out, rec = symnet_record_forward(net, img_q, img_s, m_s, class_ids)
+        f_q, f_s = rec["f_q"], rec["f_s"].view(B, S, c, SYMNET_GRID, SYMNET_GRID)
+        m, prior = symnet_grid_mask(m_s), out["prior"]
+        assert len(rec["apa"]) == S + 1  # each shot, then the query
+        text = net.text[class_ids]
+        assert text.abs().sum() > 0  # the word vectors are on
+        for k in range(S):
+            proto, t, keys, _ = rec["apa"][k]
+            p_s = (f_s[:, k] * m[:, k, None]).sum((2, 3)) / (m[:, k].sum((1, 2))[:, None] + MAP_EPS)
+            assert torch.allclose(proto, p_s, atol=1e-5), k  # Eq. (4) from the support's own features
+            assert torch.allclose(keys, f_s[:, k] * m[:, k, None], atol=1e-6) and torch.equal(t, text)
+        p_q, t, keys, p_q_aug = rec["apa"][S]
+        for b in range(B):
+            scores = prior[b, 0].flatten()
+            chosen = (scores > net.cfg.tau1).nonzero().flatten()
+            if len(chosen) == 0:
+                chosen = scores.argsort()[-symnet.QUERY_FALLBACK:]
+            assert 0 < len(chosen) < SYMNET_GRID * SYMNET_GRID  # a real selection, not every pixel
+            expected = f_q[b].flatten(1)[:, chosen].sum(1) / (len(chosen) + MAP_EPS)
+            assert torch.allclose(p_q[b], expected, atol=1e-5), b  # Eq. (5)
+        assert torch.allclose(keys, f_q * prior, atol=1e-6) and torch.equal(t, text)  # Eq. (7): prior-weighted
+        assert not torch.allclose(keys, f_q, atol=1e-3)  # the weighting is not a no-op here
+        p_s_aug = (rec["apa"][0][-1] + rec["apa"][1][-1]) / 2  # K shots averaged (Fig. 2)
+        hybrid = rec["fem"][1]
+        assert torch.allclose(hybrid, 0.5 * p_q_aug + 0.5 * p_s_aug, atol=1e-5)  # Eq. (9), alpha = beta = 0.5
+        assert (p_s_aug - p_q_aug).abs().max() > 1e-2  # both terms matter: neither alone would match
+
+    def test_symnet_eq5_takes_the_high_prior_pixels_of_a_planted_prior(self, symnet_model, monkeypatch):
+        # A prior planted by hand (SPM replaced): 3 pixels above tau1 = 0.7, the rest below. p_q must be the mean of
+        # the query features at exactly those 3 pixels, and the APA keys the features times this prior.
+        net = symnet_model
+        img_q, img_s, m_s, _, class_ids = synthetic_episode(1, 1, SYMNET_SIZE, seed=2)
+        planted = torch.full((1, 1, SYMNET_GRID, SYMNET_GRID), 0.2)
+        planted[0, 0, 1, 2], planted[0, 0, 4, 4], planted[0, 0, 5, 0] = 0.9, 0.75, 1.0
+        planted[0, 0, 3, 3] = 0.7  # on the threshold: not above it
+        monkeypatch.setattr(symnet, "self_activation_prior", lambda *a: planted.clone())
+        out, rec = symnet_record_forward(net, img_q, img_s, m_s, class_ids)
+        f_q = rec["f_q"][0]
+        p_q, _, keys, _ = rec["apa"][1]
+        expected = (f_q[:, 1, 2] + f_q[:, 4, 4] + f_q[:, 5, 0]) / (3 + MAP_EPS)
+        assert torch.allclose(p_q[0], expected, atol=1e-5)
+        assert torch.allclose(keys, rec["f_q"] * planted, atol=1e-6)
+        assert torch.equal(out["prior"], planted) and torch.equal(rec["fem"][2][:, -1:], planted)  # FEM gets it too
+
+    def test_symnet_prior_region_fallbacks(self):
+        f = torch.arange(16.0).view(1, 1, 4, 4)
+        prior = torch.arange(16.0).view(1, 1, 4, 4) / 15
+        none = torch.zeros_like(prior, dtype=torch.bool)
+        top = symnet.prior_region_mean(f, none, prior, "top")
+        bottom = symnet.prior_region_mean(f, none, prior, "bottom")
+        median = symnet.prior_region_mean(f, none, prior, "median")
+        # 12 of 16 pixels: the highest 4..15, the lowest 0..11, around the median 2..13
+        assert torch.allclose(top, torch.tensor([[9.5]]), atol=1e-2)
+        assert torch.allclose(bottom, torch.tensor([[5.5]]), atol=1e-2)
+        assert torch.allclose(median, torch.tensor([[7.5]]), atol=1e-2)
+        assert torch.allclose(symnet.prior_region_mean(f, prior > 0.9, prior, "top"), torch.tensor([[14.5]]), atol=1e-2)
+
+    # ---------------- §3.6 co-triplet loss (Eq. 10-12) by hand ------------------------------------------------
+
     def test_symnet_triplet_term_zero_when_margin_met_positive_otherwise(self):
         e1, e2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
         assert symnet.triplet_term(e1, 3 * e1, -e1, 0.5).item() == 0  # 0 + 0.5 - 2 < 0
@@ -6831,18 +6978,86 @@ class TestSymNet:
         assert symnet_model.co_triplet(f_q, f_s, ignored, prior, anchor, anchor) == \
             symnet_model.co_triplet(f_q, f_s, m_s, prior, anchor, anchor) > 0
 
-    def test_symnet_prior_region_fallbacks(self):
-        f = torch.arange(16.0).view(1, 1, 4, 4)
-        prior = torch.arange(16.0).view(1, 1, 4, 4) / 15
-        none = torch.zeros_like(prior, dtype=torch.bool)
-        top = symnet.prior_region_mean(f, none, prior, "top")
-        bottom = symnet.prior_region_mean(f, none, prior, "bottom")
-        median = symnet.prior_region_mean(f, none, prior, "median")
-        # 12 of 16 pixels: the highest 4..15, the lowest 0..11, around the median 2..13
-        assert torch.allclose(top, torch.tensor([[9.5]]), atol=1e-2)
-        assert torch.allclose(bottom, torch.tensor([[5.5]]), atol=1e-2)
-        assert torch.allclose(median, torch.tensor([[7.5]]), atol=1e-2)
-        assert torch.allclose(symnet.prior_region_mean(f, prior > 0.9, prior, "top"), torch.tensor([[14.5]]), atol=1e-2)
+    def test_symnet_co_triplet_support_positive_is_the_farthest_foreground_pixel(self):
+        # 2x2 support grid, c = 2, anchor e1. Foreground: 3*e1 (normalised distance 0) and 0.5*e2 (sqrt 2): the hard
+        # positive is the FARTHEST in normalised distance, 0.5*e2 (unnormalised, 3*e1 would be the farther one).
+        # Background: two pixels (-1, 1), so p_s^- points along (-1, 1) (the mean over all four pixels would point
+        # along (1, 2.5)). The query term is 0 by construction (positive = anchor, negative = -anchor).
+        f_s = torch.tensor([[3.0, 0.0], [0.0, 0.5], [-1.0, 1.0], [-1.0, 1.0]]).T.reshape(1, 1, 2, 2, 2)
+        m_s = torch.tensor([[1, 1], [0, 0]]).view(1, 1, 2, 2)
+        e1 = torch.tensor([[1.0, 0.0]])
+        prior = torch.tensor([[0.5, 0.1], [0.1, 0.9]]).view(1, 1, 2, 2)  # band: pixel 0; below tau2: pixels 1, 2
+        f_q = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0], [5.0, 5.0]]).T.reshape(1, 2, 2, 2)
+        a = symnet_unit(1, 0)
+        # sqrt(2) + 0.5 - 1.848 = 0.066
+        expected = max(symnet_dist(a, symnet_unit(0, 1)) + 0.5 - symnet_dist(a, symnet_unit(-1, 1)), 0)
+        assert expected > 0.05
+        loss = symnet_co_triplet(f_q, f_s, m_s, prior, e1, e1)
+        assert math.isclose(loss.item(), expected, abs_tol=1e-5)
+        # what the wrong choices would give: nearest positive max(0 + 0.5 - 1.848, 0) = 0; negative over every
+        # pixel sqrt(2) + 0.5 - |a - unit(1, 2.5)| = 0.79
+        assert not math.isclose(loss.item(), 0.0, abs_tol=1e-3)
+        every_pixel = symnet_dist(a, symnet_unit(0, 1)) + 0.5 - symnet_dist(a, symnet_unit(1, 2.5))
+        assert not math.isclose(loss.item(), every_pixel, abs_tol=1e-3)
+
+    def test_symnet_co_triplet_support_negative_is_the_background_mean_only(self):
+        # 1x3 support: foreground (1, 1) (the only positive: |a - p+| = 0.765), background (1, 0.5) and a 255 pixel
+        # (1, -0.3), which counts as background (SN): p_s^- along (2, 0.2). With every pixel the negative would be
+        # along (3, 1.2); without the 255 pixel along (1, 0.5): each gives another loss.
+        f_s = torch.tensor([[1.0, 1.0], [1.0, 0.5], [1.0, -0.3]]).T.reshape(1, 1, 2, 1, 3)
+        m_s = torch.tensor([1, 0, IGNORE_INDEX]).view(1, 1, 1, 3)
+        f_q = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]]).T.reshape(1, 2, 1, 3)
+        prior = torch.tensor([0.5, 0.9, 0.1]).view(1, 1, 1, 3)  # query term: positive = a, negative = -a: 0
+        e1 = torch.tensor([[1.0, 0.0]])
+        a = symnet_unit(1, 0)
+        pos = symnet_dist(a, symnet_unit(1, 1))
+        expected = max(pos + 0.5 - symnet_dist(a, symnet_unit(2, 0.2)), 0)  # 0.765 + 0.5 - 0.0998 = 1.165
+        loss = symnet_co_triplet(f_q, f_s, m_s, prior, e1, e1).item()
+        assert math.isclose(loss, expected, abs_tol=1e-5)
+        # every pixel: 0.887
+        assert not math.isclose(loss, pos + 0.5 - symnet_dist(a, symnet_unit(3, 1.2)), abs_tol=1e-2)
+        # 255 left out: 0.806
+        assert not math.isclose(loss, pos + 0.5 - symnet_dist(a, symnet_unit(1, 0.5)), abs_tol=1e-2)
+
+    def test_symnet_co_triplet_query_regions_by_hand(self):
+        # The query term alone (support margins met): 3x1 pixels with prior 0.9 (tau1 region: no part in the loss),
+        # 0.5 (ambiguous band tau3 < p < tau4: p_q^+) and 0.2 (< tau2: p_q^-).
+        f_q = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]).T.reshape(1, 2, 3, 1)
+        prior = torch.tensor([0.9, 0.5, 0.2]).view(1, 1, 3, 1)
+        f_s = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]]).T.reshape(1, 1, 2, 3, 1)
+        m_s = torch.tensor([1, 0, 0]).view(1, 1, 3, 1)
+        anchor = torch.tensor([[0.0, 2.0]])  # along e2: the negative's direction
+        a = symnet_unit(0, 1)
+        # 0.765 + 0.5 - 0
+        expected = max(symnet_dist(a, symnet_unit(1, 1)) + 0.5 - symnet_dist(a, symnet_unit(0, 1)), 0)
+        loss = symnet_co_triplet(f_q, f_s, m_s, prior, anchor, torch.tensor([[1.0, 0.0]]))
+        assert math.isclose(loss.item(), expected, abs_tol=1e-5)
+        # no query branch (Table 5, "Support & Word2Vec": no p_q_aug): the support term alone, 0 here
+        assert symnet_co_triplet(f_q, f_s, m_s, prior, None, torch.tensor([[1.0, 0.0]])).item() == 0
+
+    def test_symnet_co_triplet_support_term_is_the_mean_over_shots_of_the_valid_items(self):
+        # B = 2, S = 2, 1x2 supports (pixel 0 foreground, pixel 1 background). Shot 0: item 0 loss L_a, item 1 L_b;
+        # shot 1: item 0 L_c, item 1 all foreground (no background: skipped, SN; it would add 1.5).
+        # Support term = ((L_a + L_b) / 2 + L_c) / 2; the query term is 0.
+        def support(fg, bg, all_fg=False):
+            return torch.tensor([fg, bg]).T.reshape(2, 1, 2), torch.tensor([[1, 1 if all_fg else 0]])
+
+        cases = [[support((0.0, 1.0), (0.0, 1.0)), support((1.0, -1.0), (1.0, 0.3))],  # shot 0: items 0, 1
+                 [support((-1.0, 0.0), (0.0, 1.0)), support((-1.0, 0.0), (-1.0, 0.0), all_fg=True)]]  # shot 1
+        f_s = torch.stack([torch.stack([cases[k][b][0] for k in range(2)]) for b in range(2)])  # (2, 2, 2, 1, 2)
+        m_s = torch.stack([torch.stack([cases[k][b][1] for k in range(2)]) for b in range(2)])  # (2, 2, 1, 2)
+        e1 = torch.tensor([1.0, 0.0])
+        f_q = torch.stack([e1, -e1], 1).view(1, 2, 1, 2).repeat(2, 1, 1, 1)
+        prior = torch.tensor([0.5, 0.1]).view(1, 1, 1, 2).repeat(2, 1, 1, 1)
+        anchor = e1[None].repeat(2, 1)
+        a = symnet_unit(1, 0)
+        l_a = max(symnet_dist(a, symnet_unit(0, 1)) + 0.5 - symnet_dist(a, symnet_unit(0, 1)), 0)  # 0.5
+        l_b = max(symnet_dist(a, symnet_unit(1, -1)) + 0.5 - symnet_dist(a, symnet_unit(1, 0.3)), 0)  # 0.975
+        l_c = max(symnet_dist(a, symnet_unit(-1, 0)) + 0.5 - symnet_dist(a, symnet_unit(0, 1)), 0)  # 1.086
+        expected = ((l_a + l_b) / 2 + l_c) / 2
+        assert math.isclose(symnet_co_triplet(f_q, f_s, m_s, prior, anchor, anchor).item(), expected, abs_tol=1e-5)
+
+    # ---------------- §3.7 TDC (Eq. 13): the block correlations -----------------------------------------------
 
     def test_symnet_block_correlation_direct(self):
         # two shots with masks of 4 and 2 pixels: per shot the mean of ReLU(cos) over its mask, then the mean of the
@@ -6864,7 +7079,109 @@ class TestSymNet:
         assert torch.allclose(symnet.block_correlation(f_q, f_s[:, :1], m[:, :1]), shots[0], atol=1e-3)  # one shot
         assert (symnet.block_correlation(f_q, f_s, torch.zeros(1, 2, 3, 3)) == 0).all()  # empty masks -> 0
 
-    # ---------------- word vectors ----------------------------------------------------------------------------
+    # ---------------- §3.8 the loss (Eq. 14-15) with BAM's "meta" term ----------------------------------------
+
+    def test_symnet_loss_terms_by_hand_with_the_ensemble(self, symnet_model):
+        # With a base learner the final output is the ensemble's, and BAM's CE on the meta learner's own output is
+        # added: every term against a hand cross-entropy, on outputs given at the label size (no resize involved)
+        classes = tuple(symnet.base_classes(symnet_run()))
+        net = symnet.Model(dataclasses.replace(symnet_model.cfg, base_classes=classes), symnet_run())
+        assert net.ensemble is not None
+        g = torch.Generator().manual_seed(0)
+        B, H = 2, 5
+        m_q = torch.randint(0, 2, (B, H, H), generator=g)
+        m_q[0, 0] = IGNORE_INDEX
+        out = {"logits": torch.randn(B, 2, H, H, generator=g), "meta": 3 * torch.randn(B, 2, H, H, generator=g),
+               "aux": [torch.randn(B, 2, H, H, generator=g) for _ in range(4)], "triplet": torch.tensor(0.25)}
+        total, terms = net.loss(out, m_q, None)
+        assert set(terms) == {"final", "inter", "triplet", "meta"}
+        meta = symnet_hand_ce(out["meta"], m_q)
+        assert meta > 0.5
+        assert math.isclose(terms["meta"].item(), meta, rel_tol=1e-5)
+        assert math.isclose(terms["final"].item(), symnet_hand_ce(out["logits"], m_q), rel_tol=1e-5)
+        inter = sum(symnet_hand_ce(a, m_q) for a in out["aux"]) / 4
+        assert math.isclose(terms["inter"].item(), inter, rel_tol=1e-5)
+        assert math.isclose(total.item(), symnet_hand_ce(out["logits"], m_q) + inter + 0.25 + meta, rel_tol=1e-5)
+        # the meta term trains the meta learner's output
+        out["meta"].requires_grad_(True)
+        net.loss(out, m_q, None)[0].backward()
+        assert out["meta"].grad is not None and out["meta"].grad.abs().sum() > 0
+
+    # ---------------- K shots (Fig. 2): averaged, all at once -------------------------------------------------
+
+    def test_symnet_shot_order_does_not_matter_but_each_shot_does(self, symnet_model, symnet_two_shot):
+        # K shots are averaged (priors, prototypes, correlations): permuting the supports leaves every output as it
+        # was; changing the content of either shot changes the TDC input, the support prototype and the output
+        net, ((img_q, img_s, m_s, _, cls), out, rec) = symnet_model, symnet_two_shot
+        _, other_img_s, other_m_s, _, _ = synthetic_episode(1, 2, SYMNET_SIZE, seed=2)
+        swapped, rec_sw = symnet_record_forward(net, img_q, img_s[:, [1, 0]], m_s[:, [1, 0]], cls)
+        for key in ("logits", "meta", "prior"):
+            assert torch.allclose(out[key], swapped[key], atol=1e-5), key
+        for a, b in zip(rec["corr"], rec_sw["corr"]):
+            assert torch.allclose(a, b, atol=1e-5)  # TDC input
+        assert torch.allclose(rec["fem"][1], rec_sw["fem"][1], atol=1e-5)  # p_hybrid
+        for k in range(2):  # shot k replaced by another image and mask
+            img2, m2 = img_s.clone(), m_s.clone()
+            img2[:, k], m2[:, k] = other_img_s[:, k], other_m_s[:, k]
+            changed, rec2 = symnet_record_forward(net, img_q, img2, m2, cls)
+            assert (changed["logits"] - out["logits"]).abs().max() > 1e-4, k
+            assert max((a - b).abs().max() for a, b in zip(rec["corr"], rec2["corr"])) > 1e-3, k  # TDC sees shot k
+            p_s_aug, p_s_aug2 = (sum(r["apa"][j][-1] for j in range(2)) / 2 for r in (rec, rec2))
+            assert (p_s_aug - p_s_aug2).abs().max() > 1e-3, k  # and so does the support prototype
+            assert torch.allclose(rec["apa"][1 - k][-1], rec2["apa"][1 - k][-1], atol=1e-5)  # the other shot's alone
+
+    def test_symnet_k_shot_is_the_mean_of_the_one_shot_quantities(self, symnet_model, symnet_two_shot):
+        # Fig. 2: a 2-shot episode's prior, block correlations (TDC input) and p_s_aug are the means of those of the
+        # two 1-shot episodes made of each support alone; each shot's APA output is its 1-shot one
+        net, ((img_q, img_s, m_s, _, class_ids), out, rec) = symnet_model, symnet_two_shot
+        singles = [symnet_record_forward(net, img_q, img_s[:, k:k + 1], m_s[:, k:k + 1], class_ids) for k in range(2)]
+        assert torch.allclose(out["prior"], (singles[0][0]["prior"] + singles[1][0]["prior"]) / 2, atol=1e-5)
+        assert not torch.allclose(singles[0][0]["prior"], singles[1][0]["prior"], atol=1e-3)  # the shots differ
+        for level, corr in enumerate(rec["corr"]):
+            one = [single[1]["corr"][level] for single in singles]
+            assert torch.allclose(corr, (one[0] + one[1]) / 2, atol=1e-5), level
+            assert (one[0] - one[1]).abs().max() > 1e-3, level
+        for k in range(2):
+            assert torch.allclose(rec["apa"][k][-1], singles[k][1]["apa"][0][-1], atol=1e-5), k
+        p_s_aug = (singles[0][1]["apa"][0][-1] + singles[1][1]["apa"][0][-1]) / 2
+        p_q_aug = rec["apa"][2][-1]
+        assert torch.allclose(rec["fem"][1], 0.5 * p_q_aug + 0.5 * p_s_aug, atol=1e-5)
+
+    @pytest.mark.parametrize("shot", [1, 5])
+    def test_symnet_all_shots_at_once_equal_the_per_shot_formulation(self, symnet_model, shot):
+        # forward takes the K shots as one batch (one APA call for the B*S supports, one matrix of cosines per block,
+        # a shot axis in SPM, the co-triplet support term and the scene difference); computing each shot alone and
+        # averaging gives the same outputs, loss terms and gradients of every parameter, to float32 rounding
+        classes = tuple(symnet.base_classes(symnet_run()))
+        torch.manual_seed(0)
+        net = symnet.Model(dataclasses.replace(symnet_model.cfg, base_classes=classes), symnet_run(),
+                           symnet_model.text)
+        for module in net.modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                module.p = 0.0  # the two formulations would draw different dropout masks
+        with torch.no_grad():  # weights away from the identity at initialisation, so that the scene difference counts
+            net.ensemble.gram_merge.weight.copy_(torch.tensor([1.0, 0.5]).view(1, 2, 1, 1))
+            net.ensemble.cls_merge.weight.copy_(torch.tensor([0.8, -0.5]).view(1, 2, 1, 1))
+        img_q, img_s, m_s, m_q, class_ids = synthetic_episode(2, shot, SYMNET_SIZE, seed=6)
+        net.train()
+        results = []
+        for forward in (net, lambda *args: symnet_per_shot_forward(net, *args)):
+            net.zero_grad(set_to_none=True)
+            out = forward(img_q, img_s, m_s, class_ids)
+            total, terms = net.loss(out, m_q, m_s)
+            total.backward()
+            results.append({**{key: out[key].detach() for key in ("logits", "meta", "prior", "triplet")},
+                            **{f"aux {i}": a.detach() for i, a in enumerate(out["aux"])},
+                            **{f"loss {key}": value.detach() for key, value in terms.items()},
+                            **{name: p.grad for name, p in net.named_parameters() if p.grad is not None}})
+        at_once, per_shot = results
+        assert at_once.keys() == per_shot.keys() and len(at_once) > 60  # outputs, 4 loss terms, every gradient
+        for key, expected in per_shot.items():
+            assert torch.allclose(at_once[key], expected, rtol=1e-4, atol=1e-5 * expected.abs().max()), key
+        assert per_shot["triplet"] > 0 and per_shot["ensemble.gram_merge.weight"].abs().max() > 0
+        net.zero_grad(set_to_none=True)
+
+    # ---------------- §4.1 word vectors (word2vec) ------------------------------------------------------------
 
     def test_symnet_word_vectors_from_a_fake_word2vec_binary(self, tmp_path):
         g = np.random.default_rng(0)
@@ -6901,7 +7218,16 @@ class TestSymNet:
         messages = [str(r.message) for r in record]
         assert sum("text branch is off" in m for m in messages) == 1
         assert sum("meta learner alone" in m for m in messages) == 1
-        assert (net.text == 0).all() and net.ensemble is None and net.cfg.base_classes is None
+        assert any("--set aggregation=support+query" in m for m in messages)  # the row's own command
+        assert net.text is None and net.ensemble is None and net.cfg.base_classes is None  # no table of zeros
+        seen = []  # APA's text input: zero for the supports and the query
+        hook = net.apa.register_forward_pre_hook(lambda mod, args: seen.append(args[1]))
+        img_q, img_s, m_s, _, class_ids = synthetic_episode(1, 1, SYMNET_SIZE)
+        net.eval()
+        with torch.no_grad():
+            net(img_q, img_s, m_s, class_ids)
+        hook.remove()
+        assert [t.shape for t in seen] == [(1, symnet.TEXT_DIM)] * 2 and all((t == 0).all() for t in seen)
         with warnings.catch_warnings(record=True) as record:  # evaluating a checkpoint: it holds the base learner
             warnings.simplefilter("always")
             symnet.build(symnet.Config(pretrained=False), symnet_run(from_checkpoint=True))
@@ -6915,7 +7241,7 @@ class TestSymNet:
             raise AssertionError("a model was built although a named file is missing")
 
         monkeypatch.chdir(tmp_path)
-        monkeypatch.setattr(symnet, "SymNet", no_model)
+        monkeypatch.setattr(symnet, "Model", no_model)
         cases = {"--word-vectors .*absent_vectors.pt$": dict(word_vectors=str(tmp_path / "absent_vectors.pt")),
                  "--base-learner .*absent_base.pt$": dict(base_learner=str(tmp_path / "absent_base.pt"),
                                                           word_vectors=str(word_vectors)),
@@ -6956,7 +7282,16 @@ class TestSymNet:
             net = symnet.build(symnet.Config(pretrained=False),
                                common.Setting(dataset="folder", data_root=str(root), fold=1, pretrained=False))
         assert any("meta learner alone" in str(r.message) for r in record)
-        assert net.text.shape == (7, symnet.TEXT_DIM) and (net.text == 0).all()
+        assert net.text is None  # no word vectors: no table
+        # a checkpoint's table: as many rows as the run's classes + 1, which train.setting_of counts in the folder
+        args, _ = train.parse_args(["--model", "symnet", "--dataset", "folder", "--data-root", str(root), "--fold", "1",
+                                    "--no-pretrained", "--word-vectors", str(tmp_path / "v.pt")])
+        run = train.setting_of(args, from_checkpoint=True)
+        assert run.num_classes == 6
+        net = symnet.build(train.make_config(symnet, args), run)
+        assert net.text.shape == (7, symnet.TEXT_DIM) and (net.text == 0).all()  # zeros until the checkpoint loads
+        with pytest.raises(ValueError, match="setting.num_classes is needed"):
+            symnet.build(train.make_config(symnet, args), dataclasses.replace(run, num_classes=None))
         # a base learner of fold 1 (base classes 1, 3, 4, 6) does not fit the run with --test-classes 3,6
         torch.save({"model": {}, "classes": [1, 3, 4, 6], "backbone": "resnet50"}, tmp_path / "base.pt")
         with pytest.raises(common.WeightsUnavailableError,
@@ -6965,7 +7300,7 @@ class TestSymNet:
                                        word_vectors=str(tmp_path / "v.pt")),
                          common.Setting(dataset="folder", data_root=str(root), test_classes=(3, 6), pretrained=False))
 
-    # ---------------- base learner, ensemble, stage, harness --------------------------------------------------
+    # ---------------- §4.1 BAM's base learner and ensemble, its stage, the checkpoints, the harness -----------
 
     def test_symnet_base_learner_images_are_bams_whole_list_with_novel_pixels_as_background(self, tmp_path,
                                                                                             monkeypatch):
@@ -7065,7 +7400,7 @@ class TestSymNet:
         assert b["epoch"] == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
         assert [r["epoch"] for r in read_metrics(cut.parent, "base_metrics.jsonl") if r["event"] == "base"] == [1, 2]
 
-    def test_symnet_base_stage_trains_and_sym_net_uses_it(self, tmp_path):
+    def test_symnet_base_stage_trains_and_sym_net_uses_it(self, tmp_path, word_vectors):
         path = tmp_path / "base.pt"
         argv = ["--model", "symnet", "--stage", "base", "--dataset", "synthetic", "--fold", "1", "--no-pretrained",
                 "--img-size", "33", "--train-length", "4", "--batch-size", "2", "--epochs", "1", "--workers", "0",
@@ -7078,7 +7413,7 @@ class TestSymNet:
                 == [c for c in range(1, 21) if c not in range(6, 11)])
         assert state["model"]["cls.4.weight"].shape[0] == 16  # background + 15 base classes
         torch.manual_seed(0)
-        net = make_symnet(tmp_path, fold=1, base_learner=str(path))
+        net = make_symnet(tmp_path, fold=1, base_learner=str(path), word_vectors=str(word_vectors))
         assert net.ensemble is not None and not any(p.requires_grad for p in net.base_learner.parameters())
         assert net.cfg.base_classes == tuple(state["classes"])  # recorded in the Config that checkpoints keep
         # random weights: the meta learner's backbone takes the BN statistics the base learner was trained on, and
@@ -7159,7 +7494,7 @@ class TestSymNet:
                 and with_base.ensemble is not None)
         assert with_base.text.abs().sum() > 0  # the word vectors, from the checkpoint
         assert alone.cfg.base_classes is None and alone.base_learner is None and alone.ensemble is None
-        assert (alone.text == 0).all()
+        assert alone.text is None  # trained without word vectors: no table of zeros
 
     def test_symnet_harness_fills_the_config_and_defaults(self, word_vectors, tmp_path):
         args, module = train.parse_args(["--model", "symnet", "--dataset", "coco", "--fold", "2", "--shot", "5",
@@ -7181,260 +7516,7 @@ class TestSymNet:
         meta, _ = train.parse_args(["--model", "symnet", "--dataset", dataset])  # the meta learner keeps its own
         assert (meta.lr, meta.batch_size) == (0.05, 32)
 
-    # ---------------- APA (Eq. 6-8) by hand -------------------------------------------------------------------
-
-    def test_symnet_apa_hand_case_two_pixels(self):
-        # W^Q passes the prototype and adds the text to its first channel, W^K = identity, W^V = 2 * identity, FFN =
-        # identity: p_aug = sum_n softmax(q . k_n / sqrt(2))_n * 2 f_n + p
-        apa = symnet.APA(2, 1, dropout=0.0)
-        with torch.no_grad():
-            apa.w_q.weight.copy_(torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
-            apa.w_k.weight.copy_(torch.eye(2).view(2, 2, 1, 1))
-            apa.w_v.weight.copy_(2 * torch.eye(2).view(2, 2, 1, 1))
-            apa.ffn[0].weight.copy_(torch.eye(2))
-            apa.ffn[0].bias.zero_()
-        proto, text = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0]])  # q = (2, 0)
-        f = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 2)  # pixel 0 = (1, 0), pixel 1 = (0, 1)
-        a0 = math.exp(2 / math.sqrt(2)) / (math.exp(2 / math.sqrt(2)) + 1)  # scores 2 / sqrt(2) and 0
-        expected = torch.tensor([[2 * a0 + 1.0, 2 * (1 - a0)]])
-        assert torch.allclose(apa(proto, text, f), expected, atol=1e-6)
-        # no text: q = p = (1, 0), scores 1/sqrt(2) and 0
-        a0 = math.exp(1 / math.sqrt(2)) / (math.exp(1 / math.sqrt(2)) + 1)
-        assert torch.allclose(apa(proto, torch.zeros(1, 1), f), torch.tensor([[2 * a0 + 1.0, 2 * (1 - a0)]]), atol=1e-6)
-
-    # ---------------- the forward pass: Eq. (4), (5), (7), (9) ------------------------------------------------
-
-    def test_symnet_forward_prototypes_follow_eq4_eq5_eq7_and_eq9(self, symnet_model):
-        # Recomputed by hand from the recorded F^m, the prior and the APA outputs, for 2 shots:
-        #   Eq. (4): p_s of shot k = the mean of that SUPPORT's F^m over its mask (MAP, area eps 5e-4);
-        #   Eq. (5): p_q = the mean of the query's F^m where prior > tau1 (top-12 fallback when none);
-        #   Eq. (7): APA's keys/values = F^m_s * mask (support), F^m_q * prior (query);
-        #   Eq. (9): FEM's prototype = alpha p_q_aug + beta p_s_aug, p_s_aug the mean of the shots' APA outputs.
-        net = symnet_model
-        B, S, c = 2, 2, net.cfg.reduce_dim
-        img_q, img_s, m_s, _, class_ids = synthetic_episode(B, S, SYMNET_SIZE, seed=1)
-        out, rec = symnet_record_forward(net, img_q, img_s, m_s, class_ids)
-        f_q, f_s = rec["f_q"], rec["f_s"].view(B, S, c, SYMNET_GRID, SYMNET_GRID)
-        m, prior = symnet_grid_mask(m_s), out["prior"]
-        assert len(rec["apa"]) == S + 1  # each shot, then the query
-        text = net.text[class_ids]
-        assert text.abs().sum() > 0  # the word vectors are on
-        for k in range(S):
-            proto, t, keys, _ = rec["apa"][k]
-            p_s = (f_s[:, k] * m[:, k, None]).sum((2, 3)) / (m[:, k].sum((1, 2))[:, None] + MAP_EPS)
-            assert torch.allclose(proto, p_s, atol=1e-5), k  # Eq. (4) from the support's own features
-            assert torch.allclose(keys, f_s[:, k] * m[:, k, None], atol=1e-6) and torch.equal(t, text)
-        p_q, t, keys, p_q_aug = rec["apa"][S]
-        for b in range(B):
-            scores = prior[b, 0].flatten()
-            chosen = (scores > net.cfg.tau1).nonzero().flatten()
-            if len(chosen) == 0:
-                chosen = scores.argsort()[-symnet.QUERY_FALLBACK:]
-            assert 0 < len(chosen) < SYMNET_GRID * SYMNET_GRID  # a real selection, not every pixel
-            expected = f_q[b].flatten(1)[:, chosen].sum(1) / (len(chosen) + MAP_EPS)
-            assert torch.allclose(p_q[b], expected, atol=1e-5), b  # Eq. (5)
-        assert torch.allclose(keys, f_q * prior, atol=1e-6) and torch.equal(t, text)  # Eq. (7): prior-weighted
-        assert not torch.allclose(keys, f_q, atol=1e-3)  # the weighting is not a no-op here
-        p_s_aug = (rec["apa"][0][-1] + rec["apa"][1][-1]) / 2  # K shots averaged (Fig. 2)
-        hybrid = rec["fem"][1]
-        assert torch.allclose(hybrid, 0.5 * p_q_aug + 0.5 * p_s_aug, atol=1e-5)  # Eq. (9), alpha = beta = 0.5
-        assert (p_s_aug - p_q_aug).abs().max() > 1e-2  # both terms matter: neither alone would match
-
-    def test_symnet_eq5_takes_the_high_prior_pixels_of_a_planted_prior(self, symnet_model, monkeypatch):
-        # A prior planted by hand (SPM replaced): 3 pixels above tau1 = 0.7, the rest below. p_q must be the mean of
-        # the query features at exactly those 3 pixels, and the APA keys the features times this prior.
-        net = symnet_model
-        img_q, img_s, m_s, _, class_ids = synthetic_episode(1, 1, SYMNET_SIZE, seed=2)
-        planted = torch.full((1, 1, SYMNET_GRID, SYMNET_GRID), 0.2)
-        planted[0, 0, 1, 2], planted[0, 0, 4, 4], planted[0, 0, 5, 0] = 0.9, 0.75, 1.0
-        planted[0, 0, 3, 3] = 0.7  # on the threshold: not above it
-        monkeypatch.setattr(symnet, "self_activation_prior", lambda *a: planted.clone())
-        out, rec = symnet_record_forward(net, img_q, img_s, m_s, class_ids)
-        f_q = rec["f_q"][0]
-        p_q, _, keys, _ = rec["apa"][1]
-        expected = (f_q[:, 1, 2] + f_q[:, 4, 4] + f_q[:, 5, 0]) / (3 + MAP_EPS)
-        assert torch.allclose(p_q[0], expected, atol=1e-5)
-        assert torch.allclose(keys, rec["f_q"] * planted, atol=1e-6)
-        assert torch.equal(out["prior"], planted) and torch.equal(rec["fem"][2][:, -1:], planted)  # FEM gets it too
-
-    def test_symnet_shot_order_does_not_matter_but_each_shot_does(self, symnet_model, symnet_two_shot):
-        # K shots are averaged (priors, prototypes, correlations): permuting the supports leaves every output as it
-        # was; changing the content of either shot changes the TDC input, the support prototype and the output
-        net, ((img_q, img_s, m_s, _, cls), out, rec) = symnet_model, symnet_two_shot
-        _, other_img_s, other_m_s, _, _ = synthetic_episode(1, 2, SYMNET_SIZE, seed=2)
-        swapped, rec_sw = symnet_record_forward(net, img_q, img_s[:, [1, 0]], m_s[:, [1, 0]], cls)
-        for key in ("logits", "meta", "prior"):
-            assert torch.allclose(out[key], swapped[key], atol=1e-5), key
-        for a, b in zip(rec["corr"], rec_sw["corr"]):
-            assert torch.allclose(a, b, atol=1e-5)  # TDC input
-        assert torch.allclose(rec["fem"][1], rec_sw["fem"][1], atol=1e-5)  # p_hybrid
-        for k in range(2):  # shot k replaced by another image and mask
-            img2, m2 = img_s.clone(), m_s.clone()
-            img2[:, k], m2[:, k] = other_img_s[:, k], other_m_s[:, k]
-            changed, rec2 = symnet_record_forward(net, img_q, img2, m2, cls)
-            assert (changed["logits"] - out["logits"]).abs().max() > 1e-4, k
-            assert max((a - b).abs().max() for a, b in zip(rec["corr"], rec2["corr"])) > 1e-3, k  # TDC sees shot k
-            p_s_aug, p_s_aug2 = (sum(r["apa"][j][-1] for j in range(2)) / 2 for r in (rec, rec2))
-            assert (p_s_aug - p_s_aug2).abs().max() > 1e-3, k  # and so does the support prototype
-            assert torch.allclose(rec["apa"][1 - k][-1], rec2["apa"][1 - k][-1], atol=1e-5)  # the other shot's alone
-
-    def test_symnet_k_shot_is_the_mean_of_the_one_shot_quantities(self, symnet_model, symnet_two_shot):
-        # Fig. 2: a 2-shot episode's prior, block correlations (TDC input) and p_s_aug are the means of those of the
-        # two 1-shot episodes made of each support alone; each shot's APA output is its 1-shot one
-        net, ((img_q, img_s, m_s, _, class_ids), out, rec) = symnet_model, symnet_two_shot
-        singles = [symnet_record_forward(net, img_q, img_s[:, k:k + 1], m_s[:, k:k + 1], class_ids) for k in range(2)]
-        assert torch.allclose(out["prior"], (singles[0][0]["prior"] + singles[1][0]["prior"]) / 2, atol=1e-5)
-        assert not torch.allclose(singles[0][0]["prior"], singles[1][0]["prior"], atol=1e-3)  # the shots differ
-        for level, corr in enumerate(rec["corr"]):
-            one = [single[1]["corr"][level] for single in singles]
-            assert torch.allclose(corr, (one[0] + one[1]) / 2, atol=1e-5), level
-            assert (one[0] - one[1]).abs().max() > 1e-3, level
-        for k in range(2):
-            assert torch.allclose(rec["apa"][k][-1], singles[k][1]["apa"][0][-1], atol=1e-5), k
-        p_s_aug = (singles[0][1]["apa"][0][-1] + singles[1][1]["apa"][0][-1]) / 2
-        p_q_aug = rec["apa"][2][-1]
-        assert torch.allclose(rec["fem"][1], 0.5 * p_q_aug + 0.5 * p_s_aug, atol=1e-5)
-
-    @pytest.mark.parametrize("shot", [1, 5])
-    def test_symnet_all_shots_at_once_equal_the_per_shot_formulation(self, symnet_model, shot):
-        # forward takes the K shots as one batch (one APA call for the B*S supports, one matrix of cosines per block,
-        # a shot axis in SPM, the co-triplet support term and the scene difference); computing each shot alone and
-        # averaging gives the same outputs, loss terms and gradients of every parameter, to float32 rounding
-        classes = tuple(symnet.base_classes(symnet_run()))
-        torch.manual_seed(0)
-        net = symnet.SymNet(dataclasses.replace(symnet_model.cfg, base_classes=classes), symnet_run(),
-                            symnet_model.text)
-        for module in net.modules():
-            if isinstance(module, nn.modules.dropout._DropoutNd):
-                module.p = 0.0  # the two formulations would draw different dropout masks
-        with torch.no_grad():  # weights away from the identity at initialisation, so that the scene difference counts
-            net.ensemble.gram_merge.weight.copy_(torch.tensor([1.0, 0.5]).view(1, 2, 1, 1))
-            net.ensemble.cls_merge.weight.copy_(torch.tensor([0.8, -0.5]).view(1, 2, 1, 1))
-        img_q, img_s, m_s, m_q, class_ids = synthetic_episode(2, shot, SYMNET_SIZE, seed=6)
-        net.train()
-        results = []
-        for forward in (net, lambda *args: symnet_per_shot_forward(net, *args)):
-            net.zero_grad(set_to_none=True)
-            out = forward(img_q, img_s, m_s, class_ids)
-            total, terms = net.loss(out, m_q, m_s)
-            total.backward()
-            results.append({**{key: out[key].detach() for key in ("logits", "meta", "prior", "triplet")},
-                            **{f"aux {i}": a.detach() for i, a in enumerate(out["aux"])},
-                            **{f"loss {key}": value.detach() for key, value in terms.items()},
-                            **{name: p.grad for name, p in net.named_parameters() if p.grad is not None}})
-        at_once, per_shot = results
-        assert at_once.keys() == per_shot.keys() and len(at_once) > 60  # outputs, 4 loss terms, every gradient
-        for key, expected in per_shot.items():
-            assert torch.allclose(at_once[key], expected, rtol=1e-4, atol=1e-5 * expected.abs().max()), key
-        assert per_shot["triplet"] > 0 and per_shot["ensemble.gram_merge.weight"].abs().max() > 0
-        net.zero_grad(set_to_none=True)
-
-    # ---------------- co-triplet loss (Eq. 10-12) by hand -----------------------------------------------------
-
-    def test_symnet_co_triplet_support_positive_is_the_farthest_foreground_pixel(self):
-        # 2x2 support grid, c = 2, anchor e1. Foreground: 3*e1 (normalised distance 0) and 0.5*e2 (sqrt 2): the hard
-        # positive is the FARTHEST in normalised distance, 0.5*e2 (unnormalised, 3*e1 would be the farther one).
-        # Background: two pixels (-1, 1), so p_s^- points along (-1, 1) (the mean over all four pixels would point
-        # along (1, 2.5)). The query term is 0 by construction (positive = anchor, negative = -anchor).
-        f_s = torch.tensor([[3.0, 0.0], [0.0, 0.5], [-1.0, 1.0], [-1.0, 1.0]]).T.reshape(1, 1, 2, 2, 2)
-        m_s = torch.tensor([[1, 1], [0, 0]]).view(1, 1, 2, 2)
-        e1 = torch.tensor([[1.0, 0.0]])
-        prior = torch.tensor([[0.5, 0.1], [0.1, 0.9]]).view(1, 1, 2, 2)  # band: pixel 0; below tau2: pixels 1, 2
-        f_q = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0], [5.0, 5.0]]).T.reshape(1, 2, 2, 2)
-        a = symnet_unit(1, 0)
-        # sqrt(2) + 0.5 - 1.848 = 0.066
-        expected = max(symnet_dist(a, symnet_unit(0, 1)) + 0.5 - symnet_dist(a, symnet_unit(-1, 1)), 0)
-        assert expected > 0.05
-        loss = symnet_co_triplet(f_q, f_s, m_s, prior, e1, e1)
-        assert math.isclose(loss.item(), expected, abs_tol=1e-5)
-        # what the wrong choices would give: nearest positive max(0 + 0.5 - 1.848, 0) = 0; negative over every
-        # pixel sqrt(2) + 0.5 - |a - unit(1, 2.5)| = 0.79
-        assert not math.isclose(loss.item(), 0.0, abs_tol=1e-3)
-        every_pixel = symnet_dist(a, symnet_unit(0, 1)) + 0.5 - symnet_dist(a, symnet_unit(1, 2.5))
-        assert not math.isclose(loss.item(), every_pixel, abs_tol=1e-3)
-
-    def test_symnet_co_triplet_support_negative_is_the_background_mean_only(self):
-        # 1x3 support: foreground (1, 1) (the only positive: |a - p+| = 0.765), background (1, 0.5) and a 255 pixel
-        # (1, -0.3), which counts as background (SN): p_s^- along (2, 0.2). With every pixel the negative would be
-        # along (3, 1.2); without the 255 pixel along (1, 0.5): each gives another loss.
-        f_s = torch.tensor([[1.0, 1.0], [1.0, 0.5], [1.0, -0.3]]).T.reshape(1, 1, 2, 1, 3)
-        m_s = torch.tensor([1, 0, IGNORE_INDEX]).view(1, 1, 1, 3)
-        f_q = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]]).T.reshape(1, 2, 1, 3)
-        prior = torch.tensor([0.5, 0.9, 0.1]).view(1, 1, 1, 3)  # query term: positive = a, negative = -a: 0
-        e1 = torch.tensor([[1.0, 0.0]])
-        a = symnet_unit(1, 0)
-        pos = symnet_dist(a, symnet_unit(1, 1))
-        expected = max(pos + 0.5 - symnet_dist(a, symnet_unit(2, 0.2)), 0)  # 0.765 + 0.5 - 0.0998 = 1.165
-        loss = symnet_co_triplet(f_q, f_s, m_s, prior, e1, e1).item()
-        assert math.isclose(loss, expected, abs_tol=1e-5)
-        # every pixel: 0.887
-        assert not math.isclose(loss, pos + 0.5 - symnet_dist(a, symnet_unit(3, 1.2)), abs_tol=1e-2)
-        # 255 left out: 0.806
-        assert not math.isclose(loss, pos + 0.5 - symnet_dist(a, symnet_unit(1, 0.5)), abs_tol=1e-2)
-
-    def test_symnet_co_triplet_query_regions_by_hand(self):
-        # The query term alone (support margins met): 3x1 pixels with prior 0.9 (tau1 region: no part in the loss),
-        # 0.5 (ambiguous band tau3 < p < tau4: p_q^+) and 0.2 (< tau2: p_q^-).
-        f_q = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]).T.reshape(1, 2, 3, 1)
-        prior = torch.tensor([0.9, 0.5, 0.2]).view(1, 1, 3, 1)
-        f_s = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]]).T.reshape(1, 1, 2, 3, 1)
-        m_s = torch.tensor([1, 0, 0]).view(1, 1, 3, 1)
-        anchor = torch.tensor([[0.0, 2.0]])  # along e2: the negative's direction
-        a = symnet_unit(0, 1)
-        # 0.765 + 0.5 - 0
-        expected = max(symnet_dist(a, symnet_unit(1, 1)) + 0.5 - symnet_dist(a, symnet_unit(0, 1)), 0)
-        loss = symnet_co_triplet(f_q, f_s, m_s, prior, anchor, torch.tensor([[1.0, 0.0]]))
-        assert math.isclose(loss.item(), expected, abs_tol=1e-5)
-
-    def test_symnet_co_triplet_support_term_is_the_mean_over_shots_of_the_valid_items(self):
-        # B = 2, S = 2, 1x2 supports (pixel 0 foreground, pixel 1 background). Shot 0: item 0 loss L_a, item 1 L_b;
-        # shot 1: item 0 L_c, item 1 all foreground (no background: skipped, SN; it would add 1.5).
-        # Support term = ((L_a + L_b) / 2 + L_c) / 2; the query term is 0.
-        def support(fg, bg, all_fg=False):
-            return torch.tensor([fg, bg]).T.reshape(2, 1, 2), torch.tensor([[1, 1 if all_fg else 0]])
-
-        cases = [[support((0.0, 1.0), (0.0, 1.0)), support((1.0, -1.0), (1.0, 0.3))],  # shot 0: items 0, 1
-                 [support((-1.0, 0.0), (0.0, 1.0)), support((-1.0, 0.0), (-1.0, 0.0), all_fg=True)]]  # shot 1
-        f_s = torch.stack([torch.stack([cases[k][b][0] for k in range(2)]) for b in range(2)])  # (2, 2, 2, 1, 2)
-        m_s = torch.stack([torch.stack([cases[k][b][1] for k in range(2)]) for b in range(2)])  # (2, 2, 1, 2)
-        e1 = torch.tensor([1.0, 0.0])
-        f_q = torch.stack([e1, -e1], 1).view(1, 2, 1, 2).repeat(2, 1, 1, 1)
-        prior = torch.tensor([0.5, 0.1]).view(1, 1, 1, 2).repeat(2, 1, 1, 1)
-        anchor = e1[None].repeat(2, 1)
-        a = symnet_unit(1, 0)
-        l_a = max(symnet_dist(a, symnet_unit(0, 1)) + 0.5 - symnet_dist(a, symnet_unit(0, 1)), 0)  # 0.5
-        l_b = max(symnet_dist(a, symnet_unit(1, -1)) + 0.5 - symnet_dist(a, symnet_unit(1, 0.3)), 0)  # 0.975
-        l_c = max(symnet_dist(a, symnet_unit(-1, 0)) + 0.5 - symnet_dist(a, symnet_unit(0, 1)), 0)  # 1.086
-        expected = ((l_a + l_b) / 2 + l_c) / 2
-        assert math.isclose(symnet_co_triplet(f_q, f_s, m_s, prior, anchor, anchor).item(), expected, abs_tol=1e-5)
-
-    def test_symnet_loss_terms_by_hand_with_the_ensemble(self, symnet_model):
-        # With a base learner the final output is the ensemble's, and BAM's CE on the meta learner's own output is
-        # added: every term against a hand cross-entropy, on outputs given at the label size (no resize involved)
-        classes = tuple(symnet.base_classes(symnet_run()))
-        net = symnet.SymNet(dataclasses.replace(symnet_model.cfg, base_classes=classes), symnet_run())
-        assert net.ensemble is not None
-        g = torch.Generator().manual_seed(0)
-        B, H = 2, 5
-        m_q = torch.randint(0, 2, (B, H, H), generator=g)
-        m_q[0, 0] = IGNORE_INDEX
-        out = {"logits": torch.randn(B, 2, H, H, generator=g), "meta": 3 * torch.randn(B, 2, H, H, generator=g),
-               "aux": [torch.randn(B, 2, H, H, generator=g) for _ in range(4)], "triplet": torch.tensor(0.25)}
-        total, terms = net.loss(out, m_q, None)
-        assert set(terms) == {"final", "inter", "triplet", "meta"}
-        meta = symnet_hand_ce(out["meta"], m_q)
-        assert meta > 0.5
-        assert math.isclose(terms["meta"].item(), meta, rel_tol=1e-5)
-        assert math.isclose(terms["final"].item(), symnet_hand_ce(out["logits"], m_q), rel_tol=1e-5)
-        inter = sum(symnet_hand_ce(a, m_q) for a in out["aux"]) / 4
-        assert math.isclose(terms["inter"].item(), inter, rel_tol=1e-5)
-        assert math.isclose(total.item(), symnet_hand_ce(out["logits"], m_q) + inter + 0.25 + meta, rel_tol=1e-5)
-        # the meta term trains the meta learner's output
-        out["meta"].requires_grad_(True)
-        net.loss(out, m_q, None)[0].backward()
-        assert out["meta"].grad is not None and out["meta"].grad.abs().sum() > 0
-
-    # ---------------- bf16 autocast: what would lose the result runs in float32; a short bf16 training ---------
+    # ---------------- bf16 autocast: what would lose the result runs in float32; a short bf16 training --------
     # CPU autocast stands in for CUDA's: convolutions, linear layers and matrix products run in bf16 on both (CUDA
     # also keeps softmax, norms and sums in float32; the CPU does not, so these cases are the stricter ones).
 
@@ -7533,6 +7615,200 @@ class TestSymNet:
                                       lambda: torch.autocast("cpu", dtype=torch.bfloat16))
         assert after < 0.9 * before, (before, after)
 
+    # ---------------- §4.3 ablations: Table 3 (SPM, APA, TDC), 4 (tau3, tau4), 5 (aggregation), 6 (N') ---------
+
+    @pytest.mark.parametrize("row", list(SYMNET_ROWS))
+    def test_symnet_every_ablation_row_runs_from_its_command_line_at_1_and_5_shots(self, row, word_vectors, tmp_path,
+                                                                                  monkeypatch):
+        # The row's command (--set, and --word-vectors as every row has) gives its Config values and names its run
+        # folder; the model it builds trains a step at 1 and 5 shots with finite logits, loss terms and gradients,
+        # the co-triplet term exactly where APA and L_co-triplet are on
+        monkeypatch.chdir(tmp_path)  # no runs/ here: no base learner
+        values = SYMNET_ROWS[row]
+        words = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
+        args, module = train.parse_args(["--model", "symnet", "--dataset", "synthetic", "--no-pretrained",
+                                         "--word-vectors", str(word_vectors), "--set", *words])
+        cfg = train.make_config(module, args)
+        assert {k: getattr(cfg, k) for k in values} == values and all(w in str(args.out) for w in words)
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = symnet.build(cfg, train.setting_of(args))
+        for shot in (1, 5):
+            img_q, img_s, m_s, m_q, class_ids = synthetic_episode(1, shot, 33, seed=shot)
+            net.train()
+            net.zero_grad(set_to_none=True)
+            out = net(img_q, img_s, m_s, class_ids)
+            total, terms = net.loss(out, m_q, m_s)
+            total.backward()
+            assert out["logits"].shape == (1, 2, 33, 33) and torch.isfinite(out["logits"]).all(), shot
+            assert all(torch.isfinite(v) for v in terms.values()) and torch.isfinite(total), (shot, terms)
+            assert set(terms) == {"final", "inter"} | ({"triplet"} if cfg.apa and cfg.co_triplet else set())
+            grads = [p.grad for p in net.parameters() if p.requires_grad]
+            assert all(g is not None and torch.isfinite(g).all() for g in grads), shot
+
+    def test_symnet_each_switch_removes_exactly_its_modules_parameters(self):
+        # Parameter counts by hand (c = 256, d = 300, N' = 48 (§4.1), TDC's 16 hidden channels, ResNet-50's 4, 6, 3
+        # blocks) against the models each switch builds (on the meta device: shapes, no values)
+        c, d, n, hidden, blocks = 256, symnet.TEXT_DIM, 48, 16, (4, 6, 3)
+        apa = (c + d) * c + 3 * c * c + c  # W^Q (c+d -> c), W^K, W^V (1x1 convs, no bias), the FFN's linear + bias
+        merge = 2 * hidden * hidden * 9 + hidden + 2 * hidden  # 3x3 conv 2*hidden -> hidden with bias, GroupNorm
+        tdc = sum((k + 1) * hidden for k in blocks) + 2 * merge + hidden * n * 9 + n  # 1x1 per level, merges, 3x3 to N'
+        channel = 4 * c  # one FEM input map: a column of init_merge's 1x1 conv (no bias) at each of the 4 scales
+        full = symnet_meta()
+        assert symnet_learnable(full.apa) == apa and symnet_learnable(full.tdc) == tdc  # the formulas are right
+        count = {name: symnet_learnable(symnet_meta(**values)) for name, values in SYMNET_ROWS.items()}
+        whole = symnet_learnable(full)
+        assert whole - count["Table 3, SPM + TDC (= Table 5, Support)"] == apa  # APA off
+        assert count["Table 3, SPM + TDC (= Table 5, Support)"] - count["Table 3, TDC only"] == channel  # M^pri's map
+        assert whole - count["Table 3, SPM + APA"] == tdc + n * channel  # TDC off: TDC and F^hyper's N' maps
+        assert whole - count["Table 3, SPM only"] == apa + tdc + n * channel
+        # all three off: FEM keeps one map (a zero one: common.FEM needs a map), M^pri's channel
+        assert whole - count["Table 3, SPM x APA x TDC x"] == apa + tdc + n * channel
+        assert whole - count["Table 5, Support & Query"] == d * c  # W^Q's text columns
+        for row in ("Table 4, 0.45 0.55", "Table 4, 0.45 0.60", "Table 4, 0.40 0.60", "Table 5, Support & Word2Vec",
+                    "Table 5, w/o L_co-triplet"):
+            assert count[row] == whole, row  # what they change is computation (tests below), not parameters
+        for width in (32, 64):  # Table 6: TDC's last conv and F^hyper's maps in FEM
+            assert count[f"Table 6, {width}"] - whole == (width - n) * (hidden * 9 + 1 + channel), width
+        assert symnet_meta(apa=False).apa is None and symnet_meta(tdc=False).tdc is None  # not built at all
+        with pytest.raises(ValueError, match="spm=false needs apa=false"):  # APA reads SPM's prior (Table 3's note)
+            symnet_meta(spm=False)
+        with pytest.raises(ValueError, match="tau3 < tau4"):
+            symnet_meta(tau3=0.55, tau4=0.55)
+
+    def test_symnet_fem_gets_the_maps_of_the_modules_that_are_on(self, monkeypatch, symnet_model):
+        # FEM's extra maps are [F^hyper (N'), M^pri] of the modules that are on; SPM off runs no prior, TDC off no
+        # block correlation and asks the backbone for no block outputs; with neither, FEM gets one zero map
+        img_q, img_s, m_s, _, class_ids = synthetic_episode(1, 2, SYMNET_SIZE, seed=3)
+        calls = symnet_count_calls(monkeypatch, symnet, "self_activation_prior", "block_correlation")
+        out, fem = symnet_fem_inputs(symnet_model, img_q, img_s, m_s, class_ids)
+        assert calls == {"self_activation_prior": 1, "block_correlation": 13}  # the counters see the default's
+        assert fem[2].shape[1] == 48 + 1 and torch.equal(fem[2][:, -1:], out["prior"])
+        for values, maps in [(dict(spm=False, apa=False), "hyper"), (dict(tdc=False), "prior"),
+                             (dict(hyper_dim=32), "both"), (dict(spm=False, apa=False, tdc=False), "zero")]:
+            torch.manual_seed(0)
+            net = symnet.Model(symnet.Config(pretrained=False, **values), symnet_run())
+            hyper, blocks = [], []
+            if net.tdc is not None:
+                net.tdc.register_forward_hook(lambda mod, args, o: hyper.append(o))
+            real = net.backbone.episode
+            monkeypatch.setattr(net.backbone, "episode", lambda *a, **k: blocks.append(k["blocks"]) or real(*a, **k))
+            calls.update(dict.fromkeys(calls, 0))
+            out, fem = symnet_fem_inputs(net, img_q, img_s, m_s, class_ids)
+            assert calls == {"self_activation_prior": int(net.cfg.spm), "block_correlation": 13 * net.cfg.tdc}, values
+            assert blocks == [net.cfg.tdc] and (out["prior"] is None) == (not net.cfg.spm), values
+            if maps == "hyper":
+                assert torch.equal(fem[2], hyper[0]) and fem[2].shape[1] == 48
+            elif maps == "prior":
+                assert torch.equal(fem[2], out["prior"])  # one map
+            elif maps == "both":
+                assert fem[2].shape[1] == 32 + 1 and torch.equal(fem[2], torch.cat([hyper[0], out["prior"]], 1))
+            else:
+                assert fem[2].shape == (1, 1, SYMNET_GRID, SYMNET_GRID) and (fem[2] == 0).all()
+
+    def test_symnet_apa_off_gives_fem_the_support_map_prototype_and_no_co_triplet(self, monkeypatch, word_vectors,
+                                                                                tmp_path, symnet_model):
+        # §4.3's baseline: FEM's prototype is the mean over the shots of each support's MAP (Eq. 4), by hand; no query
+        # region (Eq. 5, 10, 11), no co-triplet loss, and the word vectors are not read
+        monkeypatch.chdir(tmp_path)
+        with pytest.warns(UserWarning) as record:  # and: no base learner here
+            net = symnet.build(symnet.Config(pretrained=False, apa=False, word_vectors=str(word_vectors)), symnet_run())
+        assert any("--word-vectors unused: Sym-Net with apa=false" in str(r.message) for r in record)
+        assert net.apa is None and net.text is None
+        img_q, img_s, m_s, m_q, class_ids = synthetic_episode(2, 2, SYMNET_SIZE, seed=4)
+        regions = symnet_count_calls(monkeypatch, symnet, "prior_region_mean")
+        triplets = symnet_count_calls(monkeypatch, symnet.Model, "co_triplet")
+        symnet_model.train()
+        symnet_model(img_q, img_s, m_s, class_ids)
+        assert regions["prior_region_mean"] == 3 and triplets["co_triplet"] == 1  # the default's: Eq. 5, 10, 11
+        regions["prior_region_mean"] = triplets["co_triplet"] = 0
+        f_s = []
+        hook = net.down_supp.register_forward_hook(lambda mod, args, o: f_s.append(o))
+        _, fem = symnet_fem_inputs(net, img_q, img_s, m_s, class_ids)
+        hook.remove()
+        f_s, m = f_s[0].view(2, 2, -1, SYMNET_GRID, SYMNET_GRID), symnet_grid_mask(m_s)
+        p_s = (f_s * m[:, :, None]).sum((3, 4)) / (m.sum((2, 3))[..., None] + MAP_EPS)  # (B, S, c): Eq. (4)
+        assert torch.allclose(fem[1], p_s.mean(1), atol=1e-5) and (p_s[:, 0] - p_s[:, 1]).abs().max() > 1e-3
+        out, _ = symnet_fem_inputs(net, img_q, img_s, m_s, class_ids, train=True)
+        total, terms = net.loss(out, m_q, m_s)
+        assert regions["prior_region_mean"] == triplets["co_triplet"] == 0 and out["triplet"] == 0
+        assert set(terms) == {"final", "inter"} and torch.allclose(total, terms["final"] + terms["inter"])
+
+    def test_symnet_support_and_word2vec_has_no_query_branch(self, monkeypatch, word_vectors, tmp_path):
+        # Table 5, "Support & Word2Vec": APA runs once, on the supports with the word vector; FEM takes the mean of
+        # the shots' APA outputs; no query region is pooled (Eq. 5, 10, 11); the co-triplet keeps its support term
+        net = make_symnet(tmp_path, aggregation="support+word2vec", word_vectors=str(word_vectors))
+        img_q, img_s, m_s, m_q, class_ids = synthetic_episode(2, 2, SYMNET_SIZE, seed=5)
+        regions = symnet_count_calls(monkeypatch, symnet, "prior_region_mean")
+        apa, feats = [], {}
+        net.apa.register_forward_hook(lambda mod, args, o: apa.append((args, o)))
+        net.down_query.register_forward_hook(lambda mod, args, o: feats.__setitem__("f_q", o))
+        net.down_supp.register_forward_hook(lambda mod, args, o: feats.__setitem__("f_s", o))
+        _, fem = symnet_fem_inputs(net, img_q, img_s, m_s, class_ids)
+        (args, p_s_aug), = apa  # one call: the B*S supports
+        assert torch.equal(args[1], net.text[class_ids].repeat_interleave(2, 0)) and args[1].abs().sum() > 0
+        assert torch.allclose(fem[1], p_s_aug.view(2, 2, -1).mean(1), atol=1e-6)
+        torch.manual_seed(1)
+        out, fem = symnet_fem_inputs(net, img_q, img_s, m_s, class_ids, train=True)
+        assert regions["prior_region_mean"] == 0
+        f_s = feats["f_s"].view(2, 2, *feats["f_q"].shape[1:])
+        support_term = net.co_triplet(feats["f_q"], f_s, m_s, out["prior"], None, fem[1])
+        both_terms = net.co_triplet(feats["f_q"], f_s, m_s, out["prior"], fem[1], fem[1])
+        assert torch.equal(out["triplet"], support_term) and (both_terms - support_term).abs() > 1e-4
+        assert "triplet" in net.loss(out, m_q, m_s)[1]
+
+    def test_symnet_support_and_query_has_no_word_vector(self, word_vectors, tmp_path):
+        # Table 5, "Support & Query": both branches, no text: W^Q maps the prototype alone (c -> c), the word vectors
+        # are not read (one warning), APA gets no text; FEM's prototype is Eq. (9)'s
+        with pytest.warns(UserWarning) as record, contextlib.chdir(tmp_path):  # and: no base learner here
+            net = symnet.build(symnet.Config(pretrained=False, aggregation="support+query",
+                                             word_vectors=str(word_vectors)), symnet_run())
+        assert any("--word-vectors unused: Sym-Net with apa=true, aggregation=support+query" in str(r.message)
+                   for r in record)
+        assert net.text is None and net.apa.w_q.in_features == net.cfg.reduce_dim
+        img_q, img_s, m_s, _, class_ids = synthetic_episode(1, 2, SYMNET_SIZE, seed=6)
+        apa = []
+        net.apa.register_forward_hook(lambda mod, args, o: apa.append((args, o)))
+        _, fem = symnet_fem_inputs(net, img_q, img_s, m_s, class_ids)
+        (supports, p_s_aug), (query, p_q_aug) = apa
+        assert supports[1] is None and query[1] is None
+        assert torch.allclose(fem[1], 0.5 * p_q_aug + 0.5 * p_s_aug.view(1, 2, -1).mean(1), atol=1e-6)
+
+    def test_symnet_without_co_triplet_the_loss_is_the_segmentation_terms(self, monkeypatch):
+        # Table 5, "w/o L_co-triplet": the co-triplet loss is not computed; L = L_inter-seg + L_final-seg, which
+        # still trains APA
+        torch.manual_seed(0)
+        net = symnet.Model(symnet.Config(pretrained=False, co_triplet=False), symnet_run())
+        triplets = symnet_count_calls(monkeypatch, symnet.Model, "co_triplet")
+        img_q, img_s, m_s, m_q, class_ids = synthetic_episode(2, 1, SYMNET_SIZE, seed=7)
+        out, _ = symnet_fem_inputs(net, img_q, img_s, m_s, class_ids, train=True)
+        total, terms = net.loss(out, m_q, m_s)
+        assert triplets["co_triplet"] == 0 and out["triplet"] == 0 and set(terms) == {"final", "inter"}
+        assert torch.allclose(total, terms["final"] + terms["inter"])
+        total.backward()
+        assert net.apa.w_q.weight.grad.abs().sum() > 0
+
+    def test_symnet_tau3_and_tau4_bound_eq11s_ambiguous_band(self):
+        # Table 4: the hard positive p_q^+ is the mean of the query pixels with tau3 < prior < tau4. Five 5x1 pixels
+        # (c = 2): (1,0) at 0.9, (1,1) at 0.42, (0,1) at 0.2 (the negative, < tau2), (0,1) at 0.5, (2,0) at 0.58;
+        # anchor along e2, the support's margins met (support term 0). Each row's band, by hand:
+        f_q = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.0, 1.0], [2.0, 0.0]]).T.reshape(1, 2, 5, 1)
+        prior = torch.tensor([0.9, 0.42, 0.2, 0.5, 0.58]).view(1, 1, 5, 1)
+        f_s = torch.tensor([[1.0, 0.0]] + [[-1.0, 0.0]] * 4).T.reshape(1, 1, 2, 5, 1)
+        m_s = torch.tensor([1, 0, 0, 0, 0]).view(1, 1, 5, 1)
+        a = symnet_unit(0, 1)
+        bands = {(0.40, 0.55): (1.0, 2.0),  # pixels 1 and 3: the mean (0.5, 1)
+                 (0.45, 0.55): (0.0, 1.0),  # pixel 3
+                 (0.45, 0.60): (2.0, 1.0),  # pixels 3 and 4: (1, 0.5)
+                 (0.40, 0.60): (3.0, 2.0)}  # pixels 1, 3, 4: (1, 2/3)
+        losses = {}
+        for (tau3, tau4), positive in bands.items():
+            expected = symnet_dist(a, symnet_unit(*positive)) + 0.5 - symnet_dist(a, symnet_unit(0, 1))
+            losses[tau3, tau4] = symnet_co_triplet(f_q, f_s, m_s, prior, torch.tensor([[0.0, 2.0]]),
+                                                   torch.tensor([[1.0, 0.0]]), tau3=tau3, tau4=tau4).item()
+            assert math.isclose(losses[tau3, tau4], expected, abs_tol=1e-5), (tau3, tau4)
+        assert len({round(v, 3) for v in losses.values()}) == 4  # each row pools another band
 
 # ==========================================================================================================
 # qpenet.py: QPENet in the paper's order: the overview (shapes, K shots, what evaluation computes), PPG, DPE, GBC,
