@@ -27,13 +27,11 @@ Tensor vocabulary (every file of the repository uses it):
 """
 import dataclasses
 import json
-import math
 import os
 import pickle
 import signal
 import tempfile
 import threading
-import time
 import warnings
 from contextlib import contextmanager
 from functools import partial
@@ -714,13 +712,6 @@ def read_torch_file(path, what, error=WeightsUnavailableError, hint=""):
             from err
 
 
-class NonFiniteLossError(ArithmeticError):
-    """The training loss became NaN or infinite (train.py stops with exit status 3 and says what was kept)."""
-
-    def __init__(self, value, epoch, step):
-        super().__init__(f"the loss became {value} in epoch {epoch + 1} at step {step + 1}")
-
-
 class NonFiniteWeightsError(ArithmeticError):
     """A checkpoint was about to be written from weights that are not all finite: it is not written."""
 
@@ -873,103 +864,3 @@ def read_jsonl(path, note=print):
             raise LogError(f"{path} line {i + 1} is not a JSON record ({line[:80]!r}): repair or delete that line "
                            "(the other records and the checkpoints are intact)") from None
     return records
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The stages' former loop (train.fit replaces it)
-
-
-def sgd(params, lr, momentum, weight_decay):
-    """The optimiser of every training here: SGD with momentum and weight decay, fused, so that `update` can skip a
-    step on the device (its found_inf, which AMP's GradScaler uses too) without waiting for it."""
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
-
-
-def set_lr(optimizer, lr):
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def update(optimizer, loss):
-    """One optimiser step on `loss` (an `sgd`): backward, then the step, unless the loss or a gradient is not
-    finite. The test runs on the device, so the host never waits here: a skipped step leaves the weights and the
-    momentum as they were, and the run stops at the next log line (Progress), which sees the non-finite loss.
-    Under torch.distributed every rank skips together."""
-    if not optimizer.defaults.get("fused"):
-        raise ValueError("common.update skips steps on the device: it needs the fused SGD of common.sgd")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    found = (~torch.isfinite(loss.detach().float())).float().reshape(1)  # (1,) 1.0: skip
-    if grads:  # sets found to 1 when a gradient holds inf or NaN (and multiplies the gradients by 1)
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones_like(found))
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(found, op=dist.ReduceOp.MAX)
-    optimizer.found_inf = found
-    optimizer.step()
-
-
-class Progress:
-    """The progress of a training: the loss and its terms summed on the device step after step; every `every`
-    steps and at the end of an epoch, and only then, one host sync hands back their means (under
-    torch.distributed, averaged over the ranks, so that all of them log the same numbers and stop together). A
-    non-finite mean loss raises NonFiniteLossError; else `log` gets a line (epoch, step, loss and terms, lr,
-    per_step * steps / s in `unit`, ETA) and `log_file` a JSON record {"event": event, ...} (append_jsonl)."""
-
-    def __init__(self, epochs, steps_per_epoch, start_epoch=0, every=20, per_step=1, unit="episodes", tag="",
-                 log=print, log_file=None, event="train"):
-        self.epochs, self.steps_per_epoch, self.start_epoch, self.every = epochs, steps_per_epoch, start_epoch, every
-        self.per_step, self.unit, self.tag = per_step, unit, tag
-        self.log, self.log_file, self.event = log, log_file, event
-        self.t_start = time.perf_counter()
-        self._reset()
-
-    def _reset(self):
-        self.sums, self.seen, self.t0 = {}, 0, time.perf_counter()
-
-    def add(self, epoch, step, loss, terms, lr):
-        """Step `step` (from 0) of epoch `epoch` (from 0) made `loss` and `terms` {name: tensor} at `lr`."""
-        for name, value in {"loss": loss, **terms}.items():
-            self.sums[name] = self.sums.get(name, 0) + value.detach().float()
-        self.seen += 1
-        if (step + 1) % self.every and step + 1 != self.steps_per_epoch:
-            return
-        means = torch.stack(list(self.sums.values())) / self.seen  # (terms,)
-        if dist.is_available() and dist.is_initialized():  # every rank logs, and stops, on the global means
-            dist.all_reduce(means)
-            means /= dist.get_world_size()
-        means = dict(zip(self.sums, means.tolist()))  # the host sync
-        if not math.isfinite(means["loss"]):
-            raise NonFiniteLossError(means["loss"], epoch, step)
-        now = time.perf_counter()
-        rate = self.seen * self.per_step / (now - self.t0)
-        done = epoch * self.steps_per_epoch + step + 1
-        eta = (now - self.t_start) / (done - self.start_epoch * self.steps_per_epoch) * (
-            self.epochs * self.steps_per_epoch - done)
-        terms_text = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
-        self.log(f"{self.tag}epoch {epoch + 1}/{self.epochs} step {step + 1}/{self.steps_per_epoch} loss "
-                 f"{means['loss']:.4f}{f' ({terms_text})' if terms_text else ''} lr {lr:.2e} {rate:.1f} {self.unit}/s "
-                 f"ETA {eta // 3600:.0f}:{eta // 60 % 60:02.0f}:{eta % 60:02.0f}")
-        if self.log_file is not None:
-            append_jsonl(self.log_file, {"event": self.event, "epoch": epoch + 1, "step": step + 1, **means,
-                                         "lr": lr, f"{self.unit}_per_s": rate})
-        self._reset()
-
-
-def fit(step, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch=0, log_every=20, per_step=1,
-        unit="images", tag="", log=print, log_file=None, event="train", end_epoch=None):
-    """The loop of the models' extra stages (train.py writes its episodic loop out): epochs start_epoch..epochs-1
-    of, for each batch of batches(epoch) (steps_per_epoch of them), lr = lr_at(it) (it counts steps from 0 across
-    epochs), (loss, terms) = step(batch), update(optimizer, loss), progress (Progress). end_epoch(epoch) runs
-    after each epoch (checkpoints). The caller does what differs: autocast inside step, model.train() and
-    seeding inside batches."""
-    progress = Progress(epochs, steps_per_epoch, start_epoch, log_every, per_step, unit, tag, log, log_file, event)
-    for epoch in range(start_epoch, epochs):
-        for s, batch in enumerate(batches(epoch)):
-            lr = lr_at(epoch * steps_per_epoch + s)
-            set_lr(optimizer, lr)
-            loss, terms = step(batch)
-            update(optimizer, loss)
-            progress.add(epoch, s, loss, terms, lr)
-        if end_epoch is not None:
-            end_epoch(epoch)

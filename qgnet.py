@@ -398,7 +398,7 @@ def train_prior_extractor(setting, schedule, options):
     model = GlobalLocalContrast(cfg.contrast, cfg.embedding_dim, cfg.prior_queue, cfg.temperature, cfg.key_momentum,
                                 cfg.bn_splits).to(device, memory_format=layout)
     lr = cfg.prior_lr or MOCO_LR * cfg.prior_batch_size / MOCO_BATCH
-    optimizer = common.sgd(model.encoder_q.parameters(), lr, SGD_MOMENTUM, WEIGHT_DECAY)
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr, SGD_MOMENTUM, weight_decay=WEIGHT_DECAY, fused=True)
     start = 0
     if schedule.resume and path.is_file():
         state = read_stage1_file(path, cfg, seen)
@@ -446,9 +446,9 @@ def train_prior_extractor(setting, schedule, options):
     def cosine(it):  # MoCo v2's schedule, per iteration
         return lr * 0.5 * (1 + math.cos(math.pi * it / total))
 
-    common.fit(step, optimizer, batches, cosine, cfg.prior_epochs, len(loader), start_epoch=start,
-               log_every=schedule.log_every, per_step=cfg.prior_batch_size, unit="images", tag="[prior] ",
-               log=partial(print, flush=True), log_file=log_file, event="prior", end_epoch=end_epoch)
+    schedule.fit(step, optimizer, batches, cosine, cfg.prior_epochs, len(loader), start_epoch=start,
+                 log_every=schedule.log_every, per_step=cfg.prior_batch_size, unit="images", tag="[prior] ",
+                 log=partial(print, flush=True), log_file=log_file, event="prior", end_epoch=end_epoch)
     print(f"prior extractor saved to {path}; the few-shot stage:\n    python train.py --model qgnet "
           f"{stage_flags(setting, options)}", flush=True)
     return path

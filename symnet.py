@@ -734,7 +734,8 @@ def train_base_learner(setting, schedule, options):
         count = min(common.CALIBRATION_IMAGES, len(images))
         backbone.calibrate(torch.stack([images[(0, i)][0] for i in range(count)]).to(device))
     learner = BaseLearner(backbone.channels["layer4"], images.classes).to(device)
-    optimizer = common.sgd(learner.parameters(), schedule.lr, BASE_MOMENTUM, BASE_WEIGHT_DECAY)
+    optimizer = torch.optim.SGD(learner.parameters(), schedule.lr, BASE_MOMENTUM, weight_decay=BASE_WEIGHT_DECAY,
+                                fused=True)
     start = 0
     if resumed is not None:
         learner.load_state_dict(resumed["model"])
@@ -776,10 +777,10 @@ def train_base_learner(setting, schedule, options):
         common.save_atomic(state, path)
 
     total = schedule.epochs * steps
-    common.fit(step, optimizer, batches, lambda it: schedule.lr * (1 - it / total) ** BASE_POLY_POWER,
-               schedule.epochs, steps, start_epoch=start, log_every=schedule.log_every, per_step=schedule.batch_size,
-               unit="images", tag="[base] ", log=partial(print, flush=True), log_file=log_file, event="base",
-               end_epoch=end_epoch)
+    schedule.fit(step, optimizer, batches, lambda it: schedule.lr * (1 - it / total) ** BASE_POLY_POWER,
+                 schedule.epochs, steps, start_epoch=start, log_every=schedule.log_every, per_step=schedule.batch_size,
+                 unit="images", tag="[base] ", log=partial(print, flush=True), log_file=log_file, event="base",
+                 end_epoch=end_epoch)
     print(f"[base] wrote {path}", flush=True)
     return path
 

@@ -4,8 +4,7 @@ resume"`), after one section of the fixtures and helpers they share.
 TestCommon     common.py: the IoU metrics, masked average pooling and PFENet's prior against hand-computed values; the
                FEM against PFENet's order of operations; the loss (255 ignored, PFENet's upsampling); the frozen
                backbone (BatchNorm in eval, output stride 8, calibrated statistics), PFENet's deep-stem ResNet and
-               weight files of either layout; common.fit, the extra stages' loop (its schedule, means, logs and NaN
-               stop, under DDP too).
+               weight files of either layout.
 TestData       data.py: the folds; synthetic episodes; PASCAL and COCO on tiny trees: splits, filters, caches (trusted
                while their files are unchanged), bad files (missing ones too) in one message, read-only places;
                COCO's polygon (pycocotools' rule) and RLE decoding; image and mask alignment under augmentation,
@@ -13,10 +12,11 @@ TestData       data.py: the folds; synthetic episodes; PASCAL and COCO on tiny t
                count and each test seed's query order; box supports; the folder dataset and its error messages;
                FSS-1000 on a fake tree: its split, episodes, masks, defects and scores through train.py.
 TestTrain      train.py: the harness end to end with a tiny model file: training (the loss falling on the poly
-               schedule), scoring at the original size by hand, exact --resume, --select-best, --compile, the NaN stop,
-               DDP; the baseline, --stage, --vis, --predict, --bench (FLOPs by hand, host syncs), --bench-data; clear
-               messages for bad arguments; the recipes and the protocol's spread; run folders that lose no run, --fold
-               all; the folder dataset through the harness.
+               schedule; fit, the loop of every run and stage: its schedule, means, logs, the NaN stop under DDP too),
+               scoring at the original size by hand, exact --resume, --select-best, --compile, DDP; the baseline,
+               --stage, --vis, --predict, --bench (FLOPs by hand, host syncs), --bench-data; --set and --region-recall;
+               clear messages for bad arguments; the recipes and the protocol's spread; run folders that lose no run,
+               --fold all; the folder dataset through the harness.
 The models, in the order of the files, each: its shapes at 1 and 5 shots, finite losses with every term, gradients
 in every learnable parameter (none in a frozen backbone), empty masks without NaN, how its K shots combine, 255 as
 background, a short training, and its key equations against direct computations, with layers set to identity
@@ -1327,56 +1327,6 @@ class TestCommon:
             ocnet.ImageNetCAM("resnet50_deep", pretrained=True)  # the classifier alone is never silently random
 
     # ---------------- the training loop (fit) -----------------------------------------------------------------
-
-    def test_fit_schedules_averages_logs_and_stops_on_a_nonfinite_loss(self, tmp_path):
-        """train.fit, the loop of every run and extra stage (QGNet's prior, Sym-Net's base learner), on loss = w^2
-        with plain SGD (w <- w - lr * 2w)."""
-        w = nn.Parameter(torch.tensor(2.0))
-        optimizer = torch.optim.SGD([w], 0.0, fused=True)
-        lrs, lines, ends, log_file = [], [], [], tmp_path / "log.jsonl"
-
-        def step(x):
-            lrs.append(optimizer.param_groups[0]["lr"])
-            loss = (w * x) ** 2
-            return loss, {"double": 2 * loss}
-
-        train.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)] * 3, lambda it: 0.1 / (it + 1), 2, 3,
-                  log_every=2, per_step=4, unit="images", tag="[t] ", log=lines.append, log_file=log_file,
-                  event="t", end_epoch=ends.append)
-        assert lrs == pytest.approx([0.1 / (it + 1) for it in range(6)]) and ends == [0, 1]
-        records = [json.loads(line) for line in log_file.read_text().splitlines()]
-        assert [(r["event"], r["epoch"], r["step"]) for r in records] == [("t", 1, 2), ("t", 1, 3), ("t", 2, 2),
-                                                                           ("t", 2, 3)]
-        # steps 1 and 2: w = 2, then 2 - 0.1 * 4 = 1.6; the mean loss of the interval is (4 + 2.56) / 2
-        assert records[0]["loss"] == pytest.approx(3.28) and records[0]["double"] == pytest.approx(6.56)
-        assert records[1]["loss"] == pytest.approx((1.6 - 0.05 * 3.2) ** 2)  # step 3 alone: w = 1.44
-        assert lines[0].startswith("[t] epoch 1/2 step 2/3 loss 3.2800 (double 6.5600) lr 5.00e-02 ")
-        assert "images/s ETA 0:00:" in lines[0] and "images_per_s" in records[0]
-        with pytest.raises(common.NonFiniteLossError, match="became nan in epoch 1 at step 2"):
-            train.fit(lambda x: (w * float("nan"), {}), optimizer, lambda epoch: [0] * 3, lambda it: 0.1, 1, 3,
-                      log_every=2, log=lines.append)
-
-    def test_fit_under_ddp_logs_and_stops_on_the_mean_over_ranks(self, monkeypatch):
-        # another rank's loss went NaN: this rank's own is finite, and it must stop too (or it waits forever)
-        other_rank = {"loss": float("nan")}
-
-        def all_reduce(t, op=None):  # a 2-process SUM in which the other rank holds other_rank's mean loss
-            if op == dist.ReduceOp.MAX:  # step_if_finite's skip flag: the other rank's is 0 (its loss is finite)
-                return
-            t += torch.tensor([other_rank["loss"], 0.0])
-
-        monkeypatch.setattr(dist, "is_initialized", lambda: True)
-        monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-        monkeypatch.setattr(dist, "all_reduce", all_reduce)
-        w = nn.Parameter(torch.tensor(1.0))
-        optimizer, lines = torch.optim.SGD([w], 0.0, fused=True), []
-        step = (lambda x: ((w * x) ** 2, {"zero": torch.tensor(0.0)}))
-        with pytest.raises(common.NonFiniteLossError, match="became nan in epoch 1 at step 1"):
-            train.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)], lambda it: 0.0, 1, 1, log=lines.append)
-        other_rank["loss"] = 3.0
-        train.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)], lambda it: 0.0, 1, 1, log=lines.append)
-        assert lines[-1].startswith("epoch 1/1 step 1/1 loss 2.0000")  # (1 + 3) / 2: the mean over the ranks
-
 
 # ==========================================================================================================
 # data.py: folds, synthetic episodes, PASCAL and COCO on tiny trees (splits, filters, caches, bad files), COCO's
@@ -3419,6 +3369,55 @@ class TestTrain:
         with pytest.raises(ValueError, match=r"needs torch.optim.SGD\(..., fused=True\)"):
             train.fit(lambda batch: ((w ** 2).sum(), {}), torch.optim.SGD([w], lr=0.1), lambda epoch: [0],
                       lambda it: 0.1, 1, 1)
+
+    def test_fit_schedules_averages_logs_and_stops_on_a_nonfinite_loss(self, tmp_path):
+        """train.fit, the loop of every run and extra stage (QGNet's prior, Sym-Net's base learner), on loss = w^2
+        with plain SGD (w <- w - lr * 2w)."""
+        w = nn.Parameter(torch.tensor(2.0))
+        optimizer = torch.optim.SGD([w], 0.0, fused=True)
+        lrs, lines, ends, log_file = [], [], [], tmp_path / "log.jsonl"
+
+        def step(x):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            loss = (w * x) ** 2
+            return loss, {"double": 2 * loss}
+
+        train.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)] * 3, lambda it: 0.1 / (it + 1), 2, 3,
+                  log_every=2, per_step=4, unit="images", tag="[t] ", log=lines.append, log_file=log_file,
+                  event="t", end_epoch=ends.append)
+        assert lrs == pytest.approx([0.1 / (it + 1) for it in range(6)]) and ends == [0, 1]
+        records = [json.loads(line) for line in log_file.read_text().splitlines()]
+        assert [(r["event"], r["epoch"], r["step"]) for r in records] == [("t", 1, 2), ("t", 1, 3), ("t", 2, 2),
+                                                                           ("t", 2, 3)]
+        # steps 1 and 2: w = 2, then 2 - 0.1 * 4 = 1.6; the mean loss of the interval is (4 + 2.56) / 2
+        assert records[0]["loss"] == pytest.approx(3.28) and records[0]["double"] == pytest.approx(6.56)
+        assert records[1]["loss"] == pytest.approx((1.6 - 0.05 * 3.2) ** 2)  # step 3 alone: w = 1.44
+        assert lines[0].startswith("[t] epoch 1/2 step 2/3 loss 3.2800 (double 6.5600) lr 5.00e-02 ")
+        assert "images/s ETA 0:00:" in lines[0] and "images_per_s" in records[0]
+        with pytest.raises(train.NonFiniteLossError, match="became nan in epoch 1 at step 2"):
+            train.fit(lambda x: (w * float("nan"), {}), optimizer, lambda epoch: [0] * 3, lambda it: 0.1, 1, 3,
+                      log_every=2, log=lines.append)
+
+    def test_fit_under_ddp_logs_and_stops_on_the_mean_over_ranks(self, monkeypatch):
+        # another rank's loss went NaN: this rank's own is finite, and it must stop too (or it waits forever)
+        other_rank = {"loss": float("nan")}
+
+        def all_reduce(t, op=None):  # a 2-process SUM in which the other rank holds other_rank's mean loss
+            if op == dist.ReduceOp.MAX:  # step_if_finite's skip flag: the other rank's is 0 (its loss is finite)
+                return
+            t += torch.tensor([other_rank["loss"], 0.0])
+
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+        monkeypatch.setattr(dist, "all_reduce", all_reduce)
+        w = nn.Parameter(torch.tensor(1.0))
+        optimizer, lines = torch.optim.SGD([w], 0.0, fused=True), []
+        step = (lambda x: ((w * x) ** 2, {"zero": torch.tensor(0.0)}))
+        with pytest.raises(train.NonFiniteLossError, match="became nan in epoch 1 at step 1"):
+            train.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)], lambda it: 0.0, 1, 1, log=lines.append)
+        other_rank["loss"] = 3.0
+        train.fit(step, optimizer, lambda epoch: [torch.tensor(1.0)], lambda it: 0.0, 1, 1, log=lines.append)
+        assert lines[-1].startswith("epoch 1/1 step 1/1 loss 2.0000")  # (1 + 3) / 2: the mean over the ranks
 
     def test_a_checkpoint_is_never_written_from_nonfinite_weights(self, tiny, tmp_path, monkeypatch, capsys):
         real, steps = train.step_if_finite, []

@@ -223,9 +223,16 @@ def fit(step, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch
             if (s + 1) % log_every == 0 or s + 1 == steps_per_epoch:
                 means = progress.report(epoch, s, lr)  # the host syncs here only; the means of every rank
                 if not math.isfinite(means["loss"]):
-                    raise common.NonFiniteLossError(means["loss"], epoch, s)
+                    raise NonFiniteLossError(means["loss"], epoch, s)
         if end_epoch is not None:
             end_epoch(epoch)
+
+
+class NonFiniteLossError(ArithmeticError):
+    """The training loss became NaN or infinite: the run stops with exit status 3 and says what was kept."""
+
+    def __init__(self, value, epoch, step):
+        super().__init__(f"the loss became {value} in epoch {epoch + 1} at step {step + 1}")
 
 
 def step_if_finite(optimizer, params, loss):
@@ -1226,7 +1233,7 @@ def stops_cleanly(args, argv):
         yield
     except (KeyboardInterrupt, Terminated) as stop:
         stop_interrupted(getattr(stop, "run", args), argv, isinstance(stop, Terminated))
-    except (common.NonFiniteLossError, common.NonFiniteWeightsError) as err:
+    except (NonFiniteLossError, common.NonFiniteWeightsError) as err:
         stop_nonfinite(getattr(err, "run", args), argv, err)
     except data.DatasetError as err:  # also when a DataLoader worker re-raised it
         sys.exit(f"error: {original_message(err)}")
@@ -1347,7 +1354,7 @@ def run_all_folds(args, module):
         one.in_fold_all = True
         try:
             records.append(run_fold(one, args, module, rank))
-        except (KeyboardInterrupt, Terminated, common.SaveError, common.NonFiniteLossError,
+        except (KeyboardInterrupt, Terminated, common.SaveError, NonFiniteLossError,
                 common.NonFiniteWeightsError) as stop:
             stop.run = one  # the message names the fold and the command that continues it
             raise
