@@ -473,8 +473,9 @@ class FEM(nn.Module):
     an absolute size (PFENet PASCAL: [60, 30, 15, 8]). PFENet floors fractions (int(h * b), PFENet.py:261):
     rounding lets one list give PASCAL's absolute bins at 473 px (floor: 60/30/15/7) and COCO's at 641 px
     (the same either way); at other sizes a bin may be one larger than PFENet's.
-    forward(f_q (B,in_dim,h,w), proto (B,in_dim), extra (B,extra_dim,h,w)) -> (logits (B,classes,h,w),
-    aux: list of (B,classes,b,b), one per bin).
+    forward(f_q (B,in_dim,h,w), proto (B,in_dim), extra (B,extra_dim,h,w) or None where extra_dim is 0, aux=True)
+    -> (logits (B,classes,h,w), aux: list of (B,classes,b,b), one per bin; empty with aux=False, where no loss reads
+    them, as in evaluation).
     """
 
     def __init__(self, in_dim=256, extra_dim=1, bins=FEM_BINS, classes=2):
@@ -497,24 +498,25 @@ class FEM(nn.Module):
             return max(1, round(h * b)), max(1, round(w * b))
         return int(b), int(b)
 
-    def forward(self, f_q, proto, extra):
+    def forward(self, f_q, proto, extra=None, aux=True):
         h, w = f_q.shape[-2:]
-        scales, aux = [], []
+        scales, logits_aux = [], []
         for i, b in enumerate(self.bins):
             size = self.bin_size(b, h, w)
-            x = torch.cat([F.adaptive_avg_pool2d(f_q, size),
-                           proto[:, :, None, None].expand(-1, -1, *size),
-                           resize(extra, size)], 1)  # (B, 2*in_dim + extra_dim, bh, bw)
+            maps = [] if extra is None else [resize(extra, size)]
+            x = torch.cat([F.adaptive_avg_pool2d(f_q, size), proto[:, :, None, None].expand(-1, -1, *size), *maps],
+                          1)  # (B, 2*in_dim + extra_dim, bh, bw)
             x = self.init_merge[i](x)  # (B, in_dim, bh, bw)
             if i > 0:  # inter-scale merging with the previous (finer) scale, kept at h,w
                 previous = resize(scales[-1], size)
                 x = self.alpha_conv[i - 1](torch.cat([x, previous], 1)) + x
             x = self.beta_conv[i](x) + x
-            aux.append(self.inner_cls[i](x))  # (B, classes, bh, bw)
+            if aux:
+                logits_aux.append(self.inner_cls[i](x))  # (B, classes, bh, bw)
             scales.append(resize(x, (h, w)))
         x = self.res1(torch.cat(scales, 1))  # (B, len(bins)*in_dim, h, w) -> (B, in_dim, h, w)
         x = self.res2(x) + x
-        return self.cls(x), aux  # (B, classes, h, w)
+        return self.cls(x), logits_aux  # (B, classes, h, w)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -455,8 +455,8 @@ class PFENetHead(nn.Module):
     off (GC and CR off: PFENet alone).
 
     forward(f_q (B,C,h,w), f_s (B*S,C,h,w) reduced features, m (B*S,1,h,w) support foreground, prior (B,1,h,w),
-    sub) -> {"query": logits (B,2,h,w), "aux": FEM's per-bin logits; with sub (what only the loss reads) and the
-    cross-reference module "query_sub" (B,2,h,w), "support_sub" (B*S,2,h,w)}."""
+    sub) -> {"query": logits (B,2,h,w), "aux": FEM's per-bin logits (with sub: what only the loss reads; else
+    none), and with sub and the cross-reference module "query_sub" (B,2,h,w), "support_sub" (B*S,2,h,w)}."""
 
     def __init__(self, cross_reference, co_occurrence, global_conditional, fem):
         super().__init__()
@@ -478,7 +478,7 @@ class PFENetHead(nn.Module):
         if self.global_conditional is not None:
             f_q = self.global_conditional(f_q, proto)  # (B, C, h, w)
         # 5. PFENet's feature enrichment module on the query, the prototype and the prior
-        out["query"], out["aux"] = self.fem(f_q, proto, prior)  # (B, 2, h, w), [(B, 2, b, b) per bin]
+        out["query"], out["aux"] = self.fem(f_q, proto, prior, aux=sub)  # (B, 2, h, w), [(B, 2, b, b) per bin]
         return out
 
 

@@ -217,14 +217,17 @@ class Model(nn.Module):
         guider = common.masked_average_pooling(f_s23, m).view(B, S, -1).mean(1)  # (B, 256)
         # 5. FEM on the query's mid-level features, the guider and both maps
         f_q23 = self.down_query(f_q)  # (B, 256, h, w)
-        logits, aux = self.fem(f_q23, guider, torch.cat([guided_map, prior_map], 1))  # (B, 2, h, w)
+        logits, aux = self.fem(f_q23, guider, torch.cat([guided_map, prior_map], 1), aux=self.training)  # (B,2,h,w)
         logits = F.interpolate(logits, img_q.shape[-2:], mode="bilinear", align_corners=True)  # (B, 2, H, W)
         # Table 7, Eq. (16): the maps with R = V > alpha as their object region, so the prior map turned over (§4.3)
         return {"logits": logits, "aux": aux, "region_maps": {"guided": guided_map, "prior": 1 - prior_map}}
 
     def loss(self, out, m_q, m_s=None):
-        """Cross-entropy of the prediction plus aux_weight x the mean of FEM's per-scale ones (official L307-316)."""
+        """Cross-entropy of the prediction plus aux_weight x the mean of FEM's per-scale ones (official L307-316; an
+        evaluation forward computes none: then the first alone)."""
         main = common.seg_loss(out["logits"], m_q)
+        if not out["aux"]:
+            return main, {"main": main}
         aux = torch.stack([common.seg_loss(a, m_q) for a in out["aux"]]).mean()
         return main + self.cfg.aux_weight * aux, {"main": main, "aux": aux}
 

@@ -394,7 +394,7 @@ class Model(nn.Module):
             y_final = self.ffa(f_q, f_s, m_s, p_bg, p_pre, p_main, p_aux)  # (B, 2, h, w)
         else:
             extra = torch.cat([broadcast(p, f_q) for p in (p_main, p_aux, p_bg)], 1)  # (B, 3C, h, w)
-            y_final, fem_aux = self.fem(f_q, p_pre, extra)  # (B, 2, h, w), per scale (B, 2, b, b)
+            y_final, fem_aux = self.fem(f_q, p_pre, extra, aux=self.training)  # (B, 2, h, w), per scale (B,2,b,b)
         logits = F.interpolate(y_final, img_q.shape[-2:], mode="bilinear", align_corners=True)  # (B, 2, H, W)
         out = {"logits": logits, "y_pre": y_pre, "y_rev": y_rev, "y_bg_q": y_bg_q, "y_bg_s": y_bg_s,
                "m_main": m_main, "m_aux": m_aux, "m_s_down": m, "fem_aux": fem_aux}
@@ -412,7 +412,7 @@ class Model(nn.Module):
             terms["pre"] = common.seg_loss(out["y_pre"], m_q)
             terms["rev"] = common.seg_loss(out["y_rev"].flatten(0, 1), m_s.flatten(0, 1))
         terms["final"] = common.seg_loss(out["logits"], m_q)
-        if "fem_aux" in out:  # the FEM decoder's auxiliary loss, PFENet's: the mean over its scales (Choices 14)
+        if out.get("fem_aux"):  # the FEM decoder's auxiliary loss, PFENet's: the mean over its scales (Choices 14)
             terms["fem_aux"] = torch.stack([common.seg_loss(a, m_q) for a in out["fem_aux"]]).mean()
         # Eq. (18): L_bg = L_bm(y_bg^s, M_s) + L_bm(y_bg^q, M_q); K shots: the support's foreground part is a mean
         # per image, then over images and shots

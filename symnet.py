@@ -81,8 +81,8 @@ Choices (where the paper is silent we follow SN; differences from SN are said):
   query prototype, word vector or co-triplet loss (APA gives its anchors). It is Table 5's "Support" row too:
   both tables give it the same four folds.
 - Table 5: support+word2vec drops the query branch (FEM takes p_s_aug; the co-triplet keeps its support term);
-  support+query drops the word vector and W^Q's text columns. TDC off (Table 3): FEM loses F^hyper. With SPM
-  and TDC off FEM gets one zero map (common.FEM needs one), whose weights read nothing.
+  support+query drops the word vector and W^Q's text columns. TDC off (Table 3): FEM loses F^hyper; with SPM off
+  too, FEM reads no extra map at all.
 """
 import dataclasses
 import mmap
@@ -408,7 +408,7 @@ class Model(nn.Module):
         self.apa = APA(c, TEXT_DIM if reads_text else 0, cfg.apa_dropout) if cfg.apa else None
         self.tdc = TDC(self.blocks, cfg.tdc_hidden, cfg.hyper_dim) if cfg.tdc else None
         extra = cfg.hyper_dim * cfg.tdc + cfg.spm  # FEM's extra maps: [F^hyper, M^pri], as far as they are on
-        self.fem = common.FEM(c, extra_dim=max(extra, 1))  # one zero map when neither is on (Choices)
+        self.fem = common.FEM(c, extra_dim=extra)
         if reads_text and text is None and cfg.word_vectors:  # a checkpoint's rows, loaded after this
             if setting.num_classes is None:
                 raise ValueError("Sym-Net's word-vector table has a row per class: setting.num_classes is needed")
@@ -492,8 +492,8 @@ class Model(nn.Module):
             stages = [sum(self.blocks[:i]) for i in range(len(self.blocks) + 1)]  # [0, 4, 10, 13]: stage boundaries
             hyper = self.tdc([torch.cat(corr[a:b], 1) for a, b in zip(stages[:-1], stages[1:])])  # (B, N', h, w)
         # 6. FEM decoder on query features, the prototype, hyper-correlation and prior
-        maps = [x.to(f_q.dtype) for x in (hyper, prior) if x is not None] or [f_q.new_zeros(B, 1, *f_q.shape[-2:])]
-        meta, aux = self.fem(f_q, proto, torch.cat(maps, 1))  # (B, 2, h, w)
+        maps = [x.to(f_q.dtype) for x in (hyper, prior) if x is not None]
+        meta, aux = self.fem(f_q, proto, torch.cat(maps, 1) if maps else None, aux=self.training)  # (B, 2, h, w)
         # 7. BAM's ensemble with the base learner, when there is one
         logits = meta
         if self.ensemble is not None:
@@ -513,8 +513,9 @@ class Model(nn.Module):
         L_final-seg, plus "meta" (CE on the meta learner's own output) when the ensemble gives the final output
         (BAM, SN)."""
         # Eq. (14): each L_seg is BCE, here 2-class cross-entropy (the same on the logit difference)
-        terms = {"final": common.seg_loss(out["logits"], m_q),
-                 "inter": torch.stack([common.seg_loss(a, m_q) for a in out["aux"]]).mean()}
+        terms = {"final": common.seg_loss(out["logits"], m_q)}
+        if out["aux"]:  # FEM's auxiliary logits, which an evaluation forward does not compute
+            terms["inter"] = torch.stack([common.seg_loss(a, m_q) for a in out["aux"]]).mean()
         if self.apa is not None and self.cfg.co_triplet:
             terms["triplet"] = out["triplet"]
         if self.ensemble is not None:

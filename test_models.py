@@ -5116,7 +5116,7 @@ class TestQGNet:
             torch.save(state, path)
             model = qgnet.build(cfg, setting)
             assert torch.equal(model.prior_extractor.stages["layer0"][0].weight, qgnet_contrast.encoder_k.conv1.weight)
-        model.eval()
+        model.train()  # the loss reads FEM's auxiliary logits, which only a training forward computes
         for S in (1, 5):
             img_q, img_s, m_s, m_q = episode(1, S, 33)
             with torch.no_grad():
@@ -5151,9 +5151,12 @@ class TestQGNet:
         m_s[..., :3, :] = 255
         with torch.no_grad():
             out = qgnet_model(img_q, img_s, m_s)
-            loss, terms = qgnet_model.loss(out, m_s[:, 0], m_s)
-        assert out["logits"].shape == (B, 2, 65, 65)
-        assert [tuple(a.shape[-2:]) for a in out["aux"]] == [(9, 9), (4, 4), (2, 2), (1, 1)]  # 65 px -> 9 x 9
+            qgnet_model.train()  # FEM's auxiliary logits: computed for the loss in training, not in evaluation
+            trained = qgnet_model(img_q, img_s, m_s)
+            qgnet_model.eval()
+            loss, terms = qgnet_model.loss(trained, m_s[:, 0], m_s)
+        assert out["logits"].shape == (B, 2, 65, 65) and out["aux"] == []
+        assert [tuple(a.shape[-2:]) for a in trained["aux"]] == [(9, 9), (4, 4), (2, 2), (1, 1)]  # 65 px -> 9 x 9
         assert set(terms) == {"main", "aux"} and torch.isfinite(loss)
         with torch.no_grad():  # an empty support mask: no NaN anywhere
             empty = qgnet_model(img_q, img_s, torch.zeros_like(m_s))["logits"]
@@ -7662,8 +7665,8 @@ class TestSymNet:
         assert count["Table 3, SPM + TDC (= Table 5, Support)"] - count["Table 3, TDC only"] == channel  # M^pri's map
         assert whole - count["Table 3, SPM + APA"] == tdc + n * channel  # TDC off: TDC and F^hyper's N' maps
         assert whole - count["Table 3, SPM only"] == apa + tdc + n * channel
-        # all three off: FEM keeps one map (a zero one: common.FEM needs a map), M^pri's channel
-        assert whole - count["Table 3, SPM x APA x TDC x"] == apa + tdc + n * channel
+        # all three off: FEM reads no extra map, neither F^hyper's N' nor M^pri's
+        assert whole - count["Table 3, SPM x APA x TDC x"] == apa + tdc + (n + 1) * channel
         assert whole - count["Table 5, Support & Query"] == d * c  # W^Q's text columns
         for row in ("Table 4, 0.45 0.55", "Table 4, 0.45 0.60", "Table 4, 0.40 0.60", "Table 5, Support & Word2Vec",
                     "Table 5, w/o L_co-triplet"):
@@ -7678,7 +7681,7 @@ class TestSymNet:
 
     def test_symnet_fem_gets_the_maps_of_the_modules_that_are_on(self, monkeypatch, symnet_model):
         # FEM's extra maps are [F^hyper (N'), M^pri] of the modules that are on; SPM off runs no prior, TDC off no
-        # block correlation and asks the backbone for no block outputs; with neither, FEM gets one zero map
+        # block correlation and asks the backbone for no block outputs; with neither, FEM gets no extra map
         img_q, img_s, m_s, _, class_ids = synthetic_episode(1, 2, SYMNET_SIZE, seed=3)
         calls = symnet_count_calls(monkeypatch, symnet, "self_activation_prior", "block_correlation")
         out, fem = symnet_fem_inputs(symnet_model, img_q, img_s, m_s, class_ids)
@@ -7704,7 +7707,7 @@ class TestSymNet:
             elif maps == "both":
                 assert fem[2].shape[1] == 32 + 1 and torch.equal(fem[2], torch.cat([hyper[0], out["prior"]], 1))
             else:
-                assert fem[2].shape == (1, 1, SYMNET_GRID, SYMNET_GRID) and (fem[2] == 0).all()
+                assert fem[2] is None  # no extra map at all
 
     def test_symnet_apa_off_gives_fem_the_support_map_prototype_and_no_co_triplet(self, monkeypatch, word_vectors,
                                                                                 tmp_path, symnet_model):
