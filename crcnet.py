@@ -178,6 +178,7 @@ DEFAULTS = {  # §5.1's augmentation: random crop, scale and flip (no rotation, 
     "synthetic": dict(img_size=by_network(88), lr=by_network(0.01), ft_lr=by_network(None, 0.05),
                       **{**PFENET_OWN, "test_scales": (1.0,)}),
 }
+DEFAULTS["fss1000"] = DEFAULTS["pascal"]  # Tables 14, 15: §5.1's one recipe (its 224 px images upscaled to 321)
 
 
 # the only layer type of the paper's modules (§5.1): a conv and a ReLU, with a bias (no BatchNorm anywhere: Choices)

@@ -2770,6 +2770,8 @@ class TestTrain:
         (["--model", "missing.py"], "no such file"),
         (["--img-size", "31"], "argument --img-size: must be at least 32 (a 4x4 feature grid at the backbones' output "
                                "stride 8), got 31"),
+        (["--model", "symnet", "--dataset", "synthetic", "--no-pretrained", "--set", "spm=false"],
+         "error: symnet: APA reads SPM's prior (Eq. 5, 7; Table 3's note): spm=false needs apa=false"),
         (["--dataset", "pascal", "--data-root", "/nonexistent/voc", "--model", "baseline", "--no-pretrained"],
          "JPEGImages"),
     ])
@@ -2972,9 +2974,12 @@ class TestTrain:
 
     @pytest.mark.parametrize("dataset, end_to_end, scales", [("pascal", True, (0.75, 1.0, 1.25)),
                                                              ("coco", True, (0.75, 1.0, 1.25)),
-                                                             ("synthetic", True, (1.0,))])
+                                                             ("synthetic", True, (1.0,)),
+                                                             ("fss1000", True, (0.75, 1.0, 1.25))])
     def test_crcnet_recipe_trains_end_to_end_and_tests_at_three_scales(self, dataset, end_to_end, scales):
         args, module = train.parse_args(["--model", "crcnet", "--dataset", dataset])
+        if dataset == "fss1000":  # Tables 14, 15: §5.1's one recipe, PASCAL's
+            assert (args.lr, args.batch_size, args.epochs, args.img_size, args.augment) == RECIPES["crcnet"]["pascal"]
         cfg = train.make_config(module, args)  # §5.1 end to end; the synthetic quick start tests at one scale
         assert (cfg.train_encoder, tuple(cfg.test_scales)) == (end_to_end, scales)
         args, module = train.parse_args(["--model", "crcnet", "--dataset", dataset, "--freeze-encoder",

@@ -948,7 +948,10 @@ def build_model(module, args, device, rank, world):
         names = {field.name for field in dataclasses.fields(module.Config)} - flagged
         cfg = dataclasses.replace(cfg, **{k: v for k, v in resumed["config"].items() if k in names})
     torch.manual_seed(args.seed)
-    model = construct(module, cfg, setting_of(args, from_checkpoint=state is not None or resumed is not None))
+    try:
+        model = construct(module, cfg, setting_of(args, from_checkpoint=state is not None or resumed is not None))
+    except ValueError as err:  # a Config the model cannot be built with (--set spm=false with APA on): one line
+        sys.exit(f"error: {Path(args.model).stem}: {err}")
     cfg = getattr(model, "cfg", cfg)  # as built: a build(cfg, setting) may record the structure it found (Sym-Net)
     model = model.to(device)
     if state is not None or resumed is not None:
