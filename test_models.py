@@ -53,7 +53,9 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
+import shlex
 import signal
 import struct
 import subprocess
@@ -2892,6 +2894,33 @@ class TestTrain:
         (tmp_path / "mine.py").write_text(text)
         proc = run_cli(["train.py", "--model", str(tmp_path / "mine.py"), "--dataset", "synthetic"])
         assert proc.returncode == 1 and proc.stderr == f"error: --model {tmp_path / 'mine.py'}: {message}\n"
+
+    def test_every_table_of_the_papers_has_a_line_in_readme_and_every_command_there_runs(self, monkeypatch, tmp_path):
+        """README's "Reproducing the papers": each of the five papers' 38 results tables is named in its model's list,
+        and every command there (`python train.py --model MODEL --data-root DIR` and the flags shown) is one that
+        train.py takes: its flags exist, its values (--set's fields included) are accepted, its recipe resolves."""
+        text = (REPO / "README.md").read_text()
+        start = text.index("## Reproducing the papers")
+        section = text[start:text.index("\n## ", start)]
+        blocks = dict(re.findall(r"\*\*[\w-]+\*\* \(`--model (\w+)`\)[^\n]*\n(.*?)(?=\n\*\*|\Z)", section, re.S))
+        tables = {"ocnet": range(1, 6), "qgnet": range(1, 8), "crcnet": range(1, 16), "symnet": range(1, 7),
+                  "qpenet": ["I", "II", "III", "IV", "V"]}
+        assert sorted(blocks) == sorted(tables)
+        monkeypatch.chdir(tmp_path)
+        commands = 0
+        for model, block in blocks.items():
+            named = set()
+            for spec in re.findall(r"Tables? ((?:\d+|[IV]+)(?:(?:, |-)(?:\d+|[IV]+))*)", block):
+                for part in spec.split(", "):
+                    low, _, high = part.partition("-")
+                    named |= {str(t) for t in range(int(low), int(high) + 1)} if high else {low}
+            assert named == {str(t) for t in tables[model]}, model
+            for command in re.findall(r"`(--[^`]*)`", block):
+                argv = ["--model", model, "--data-root", str(tmp_path), *shlex.split(" ".join(command.split()))]
+                args, _ = train.parse_args(argv)  # a flag or value it does not take: SystemExit
+                assert args.model == model and args.lr and args.epochs, command
+                commands += 1
+        assert commands >= 90
 
     def test_help_lists_the_models_own_flags(self):
         proc = run_cli(["train.py", "--model", "crcnet", "--help"])
