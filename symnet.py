@@ -709,6 +709,9 @@ def train_base_learner(setting, schedule, options):
     """
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         sys.exit("error: --stage base runs in one process: start it with python, not torchrun")
+    if setting.dataset == "fss1000":  # a mask per image of its one class: no semantic labels of the base classes
+        sys.exit("error: --stage base trains on semantic labels of every base class, which FSS-1000 does not have; "
+                 "Sym-Net runs there as the meta learner alone")
     if schedule.batch_size < 2:  # the pyramid's 1x1 bin leaves BatchNorm one value per channel
         sys.exit(f"error: --stage base needs --batch-size >= 2 (BAM uses 12), got {schedule.batch_size}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -2403,7 +2403,7 @@ class TestData:
         assert lines[4].startswith(f"  {jpeg}: not a readable image (image file is truncated")
         assert lines[5:] == [f"  {root / 't_cup'}: no such class folder (FSS-1000's test list names it)"]
 
-    def test_fss_scores_through_train_py_by_hand(self, tmp_path, fss_lists, monkeypatch, capsys):
+    def test_fss_scores_through_train_py_by_hand(self, tmp_path, fss_lists, monkeypatch, capsys, tiny):
         """Every pixel called foreground: class IoU = its test masks' object pixels / their pixels, counted over one
         pass (each test image once), in the mean over the test classes; FB-IoU = (0 + the same over all) / 2."""
         root = _write_fss(tmp_path / "fss")
@@ -2425,6 +2425,18 @@ class TestData:
         out = capsys.readouterr().out
         assert "over 2 test seeds of 12 episodes" in out
         assert "RESULT model=allfg dataset=fss1000 fold=0 shot=1 " in out
+        # --select-best validates on the validation classes (HSNet's model selection), not on the test classes
+        splits, real = [], train.episodes
+        monkeypatch.setattr(train, "episodes", lambda args, split: splits.append(split) or real(args, split))
+        train.main(tiny_args(tiny, tmp_path / "best", "--dataset", "fss1000", "--data-root", str(root), "--fold", "0",
+                             "--epochs", "1", "--select-best", "--val-every", "1", "--img-size", "32", "--test-seeds",
+                             "1", "--train-length", "8", "--test-episodes", "3"))
+        assert splits.count("val") == 2 and splits[-1] == "test"  # checked before training, then the validation
+        assert [r["event"] for r in read_metrics(tmp_path / "best")].count("val") == 1
+        assert (tmp_path / "best" / "best.pt").exists() and "evaluating best.pt" in capsys.readouterr().out
+        with pytest.raises(SystemExit, match="FSS-1000 does not have; Sym-Net runs there as the meta learner alone"):
+            train.main(["--model", "symnet", "--stage", "base", "--dataset", "fss1000", "--data-root", str(root),
+                        "--no-pretrained", "--set", "base_learner=" + str(tmp_path / "base.pt")])
         for fold in ("1", "all"):
             with pytest.raises(SystemExit) as err:
                 train.main(["--model", "baseline", "--dataset", "fss1000", "--data-root", str(root), "--fold", fold])

@@ -123,7 +123,9 @@ def train_and_evaluate(args, module):
     device, rank, world = setup_device(args)
     training = not args.eval_only and not is_baseline(module)
     with hold_run_folder(args, training, RUN_FILES) if rank == 0 else nullcontext():
-        check_data(args, ("train", "test") if training else ("test",))  # every listed file, before the model
+        splits = ("train", "test", *({validation_split(args)} - {"test"} if args.select_best else ())) if training \
+            else ("test",)
+        check_data(args, splits)  # every listed file, before the model
         model, optimizer, cfg, resumed = build_model(module, args, device, rank, world)
         learnable, total = count_parameters(model)
         log_file = args.out / "metrics.jsonl" if rank == 0 else None
@@ -181,7 +183,7 @@ def train(model, optimizer, args, cfg, device, rank, world, log_file, resumed=No
     def end_epoch(epoch):
         nonlocal best
         if args.select_best and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
-            scores = evaluate_protocol(model, args, device, rank, world)
+            scores = evaluate_protocol(model, args, device, rank, world, validation_split(args))
             write_log(log_file, {"event": "val", "epoch": epoch + 1, "miou": scores["miou"], "fbiou": scores["fbiou"],
                                  "fg_prob_object": scores["fg_prob"][1], "fg_prob_background": scores["fg_prob"][0]})
             if scores["miou"] > best:
@@ -309,12 +311,12 @@ def evaluate(model, loader, dataset, device, args, seed, recall=None):
     return meter
 
 
-def evaluate_protocol(model, args, device, rank, world):
+def evaluate_protocol(model, args, device, rank, world, split="test"):
     """Every test seed, --eval-batch-size episodes at a time on each process (the scores do not depend on it) ->
     fractions: miou, fbiou (means over the seeds), miou_std, fbiou_std (over the seeds), per_class {class: mean
     IoU}, fg_prob [mean p(fg) on true background, on true foreground], seeds (per-seed scores), the dataset, and
-    the region maps' recall (--region-recall, else None)."""
-    dataset = episodes(args, "test")
+    the region maps' recall (--region-recall, else None). split: "val" validates on a validation split."""
+    dataset = episodes(args, split)
     loader = data.make_loader(dataset, data.EpisodeSampler(len(dataset), rank, world), args.eval_batch_size,
                               args.workers, device, drop_last=False, worker_init_fn=ignore_stop_signals)
     mious, fbious, per_class, probs = [], [], {}, []
@@ -454,7 +456,8 @@ def build_parser(add_help=True):
     p.add_argument("--eval-batch-size", type=positive_int, default=1,
                    help="test episodes a process evaluates at once (1, as the official codes; scores do not change)")
     p.add_argument("--select-best", action="store_true",
-                   help="validate on the test fold during training and evaluate the best (optimistic)")
+                   help="validate during training and evaluate the best: on the test fold, optimistic (FSS-1000: on "
+                        "its validation classes)")
     p.add_argument("--val-every", type=positive_int, default=5, help="epochs between validations for --select-best")
     p.add_argument("--test-episodes", type=positive_int, default=None,
                    help="episodes per seed (default: PASCAL 1000, COCO 5000, FSS-1000 one pass over its test images)")
@@ -832,6 +835,12 @@ def episodes(args, split):
                                   augment=args.augment, test_classes=args.test_classes)
     except FileNotFoundError as err:  # a missing or incomplete data root: the message names the layout
         sys.exit(f"error: {err}")
+
+
+def validation_split(args):
+    """Where --select-best validates: FSS-1000's validation classes (HSNet's model selection), else the test fold
+    (the papers' optimistic choice: PASCAL-5i and COCO-20i have no validation classes)."""
+    return "val" if args.dataset == "fss1000" else "test"
 
 
 def check_data(args, splits):
