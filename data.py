@@ -53,6 +53,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -215,9 +216,13 @@ class ImageEpisodes(EpisodeDataset):
         super().__init__(name, split, fold, shot, img_size, classes, class_names, seed, length or len(self.images),
                          num_classes)
 
+    def read_label(self, path):
+        """A label file -> (H,W) int64 class ids."""
+        return load_mask(path)
+
     def _load(self, name):
         image_path, label_path = self.files[name]
-        img, label = load_image(image_path), load_mask(label_path)
+        img, label = load_image(image_path), self.read_label(label_path)
         if img.shape[-2:] != label.shape:
             raise DatasetFileError(f"image {image_path} {tuple(img.shape[-2:])} and label {label_path} "
                                f"{tuple(label.shape)} differ in size")
@@ -1034,13 +1039,12 @@ class FSSEpisodes(ImageEpisodes):
     images of its class without repeats (HSNet draws each support independently, so its 5-shot supports repeat)."""
     min_pixels = 1
 
+    def read_label(self, path):
+        return load_fss_mask(path).long()  # (H,W) 1 on the object
+
     def _load(self, name):
-        image_path, mask_path = self.files[name]
-        img, mask = load_image(image_path), load_fss_mask(mask_path)
-        if img.shape[-2:] != mask.shape:
-            raise DatasetFileError(f"image {image_path} {tuple(img.shape[-2:])} and mask {mask_path} "
-                                   f"{tuple(mask.shape)} differ in size")
-        return img, mask.long() * next(iter(self.counts[name]))  # (3,H,W), (H,W) the class id on the object
+        img, mask = super()._load(name)
+        return img, mask * next(iter(self.counts[name]))  # (3,H,W), (H,W) the class id on the object
 
 
 def _fss_names(root=None):
@@ -1136,15 +1140,10 @@ def _fss_pairs(folder):
 def _scan_fss_pair(pair):
     """One FSS-1000 pair (image, mask) -> (object pixels, None); (why it is left out, None) for a mask of another
     size than its image or without an object pixel; (None, "path: what is wrong") for a file that does not decode."""
-    image_path, mask_path = pair
     try:
-        width, height = _decoded_size(image_path)
-    except (OSError, ValueError, SyntaxError) as err:
-        return None, f"{image_path}: not a readable image ({err})"
-    try:
-        mask = load_fss_mask(mask_path)
+        mask, (height, width) = _read_pair(pair, load_fss_mask)
     except DatasetFileError as err:
-        return None, str(err).replace("cannot read mask ", "", 1)
+        return None, str(err)
     if tuple(mask.shape) != (height, width):
         return f"{mask.shape[1]}x{mask.shape[0]}, its image {width}x{height}", None
     pixels = int(mask.sum())
@@ -1381,19 +1380,14 @@ def _read_ids(path):
 
 
 def _scan_pair(pair, max_id=IGNORE - 1):
-    """One listed (image, label) pair -> (class pixel counts, None), or (None, "path: what is wrong") when the image
-    does not decode in full (_decoded_size: a file cut short is found here, once, not by the last evaluation),
-    the label cannot be read, their sizes differ, or the label holds a class id outside 1..max_id (0 background,
-    255 ignore): an id the dataset does not have would otherwise count as background without a word."""
+    """One listed (image, label) pair -> (class pixel counts, None), or (None, "path: what is wrong") when either
+    file does not read (_read_pair), their sizes differ, or the label holds a class id outside 1..max_id (0
+    background, 255 ignore): an id the dataset does not have would otherwise count as background without a word."""
     image_path, label_path = pair
     try:
-        width, height = _decoded_size(image_path)
-    except (OSError, ValueError, SyntaxError) as err:
-        return None, f"{image_path}: not a readable image ({err})"
-    try:
-        label = load_mask(label_path)
+        label, (height, width) = _read_pair(pair, load_mask)
     except DatasetFileError as err:
-        return None, str(err).replace("cannot read label ", "", 1)
+        return None, str(err)
     if tuple(label.shape) != (height, width):
         return None, f"{label_path}: {label.shape[1]}x{label.shape[0]} pixels, its image {image_path} {width}x{height}"
     values = label.numpy().ravel()
@@ -1404,6 +1398,20 @@ def _scan_pair(pair, max_id=IGNORE - 1):
                       f"(0 background, {IGNORE} ignore)")
     counts = np.bincount(values, minlength=IGNORE + 1)
     return {int(c): int(counts[c]) for c in np.flatnonzero(counts[1:IGNORE]) + 1}, None
+
+
+def _read_pair(pair, read):
+    """An (image, label) pair -> (read(label), the image's (height, width) once decoded in full: a file cut short
+    is found here, once, not by the last evaluation); DatasetFileError "path: what is wrong" for either file."""
+    image_path, label_path = pair
+    try:
+        width, height = _decoded_size(image_path)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise DatasetFileError(f"{image_path}: not a readable image ({err})") from None
+    try:
+        return read(label_path), (height, width)
+    except DatasetFileError as err:
+        raise DatasetFileError(re.sub(r"^cannot read \w+ ", "", str(err))) from None
 
 
 def _decoded_size(path):

@@ -8120,20 +8120,9 @@ class TestQPENet:
         # The wiring of Model.forward, end to end with scripted heads: Eq. (2) gets P_pre, Eq. (3) pools the
         # query under y_pre's foreground, Eq. (4) is driven by that P_psd (not P_pre), and FFA receives
         # P_bg from GBC, P_pre, and P_main / P_aux from y_rev, all worked out here by hand
-        torch.manual_seed(0)
         B, S, C, h = 2, 2, qpenet_model.cfg.dim, QPENET_H_FEAT
-        img_q, img_s, m_s, _ = episode(B, S, QPENET_SIZE)
-        f = torch.randn(B + B * S, C, h, h)  # stands in for the backbone features of query and supports
-        monkeypatch.setattr(qpenet_model, "features", lambda img: f)
-        f_q, f_s = f[:B], f[B:].view(B, S, C, h, h)
-        fg_pre = torch.zeros(B, h, h)
-        fg_pre[0, 1:3, 1:4] = 1
-        fg_pre[1, 4, 0] = 1
-        rev = torch.zeros(B, S, h, h)
-        rev[0, 0, :2] = 1
-        rev[0, 1, :, 2:] = 1
-        rev[1, 0, 2:, :3] = 1
-        rev[1, 1] = 1
+        monkeypatch.setattr(qpenet_model, "features", qpenet_model.features)  # the stand-in features undone after
+        img_q, img_s, m_s, _, f_q, f_s, m, fg_pre, rev = qpenet_scripted_episode(qpenet_model, S)
         scripted = Scripted(logits_of(fg_pre), logits_of(rev).flatten(0, 1))
         convs, qpenet_model.foreground.convs = qpenet_model.foreground.convs, scripted  # not monkeypatch: its undo
         seen = {}  # deletes a submodule (it is not in the instance __dict__)
@@ -8147,7 +8136,6 @@ class TestQPENet:
             for hook in hooks:
                 hook.remove()
 
-        m = F.interpolate((m_s == 1).float(), (h, h), mode="bilinear", align_corners=True)
         p_pre = torch.stack([map_by_hand(pixels(f_s[b]), m[b].flatten()) for b in range(B)])
         p_psd = torch.stack([map_by_hand(pixels(f_q[b]), fg_pre[b].flatten()) for b in range(B)])
         p_main = torch.stack([map_by_hand(pixels(f_s[b]), (m[b] * rev[b]).flatten()) for b in range(B)])
