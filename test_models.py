@@ -2822,7 +2822,8 @@ class TestTrain:
                 train.field_value(field[name], text)
 
     @pytest.mark.parametrize("argv, message", [
-        (["--set", "depth=3"], "--set depth=3: tinynet's Config has no field 'depth' (FIELD=VALUE; its fields: width, "),
+        (["--set", "depth=3"], "--set depth=3: tinynet's Config has no field 'depth' (FIELD=VALUE; its fields: "
+                               "width, "),
         (["--set", "width"], "--set width: tinynet's Config has no field 'width'"),
         (["--set", "width=wide"], "--set width=wide: width takes an integer, not 'wide'"),
         (["--set", "width=8", "--width", "8"], "--set width=8 and --width both set width: give one"),
@@ -2868,7 +2869,8 @@ class TestTrain:
         out = capsys.readouterr().out
         assert out.count("training:") == 4 and "taken from metrics.jsonl" not in out
         assert all((Path("runs") / f"tinynet-synthetic-fold{k}-1shot-resnet101" / "last.pt").exists() for k in range(4))
-        assert [r["backbone"] for r in other] == ["resnet101"] * 4 and [r["backbone"] for r in first] == ["resnet50"] * 4
+        assert [r["backbone"] for r in other] == ["resnet101"] * 4
+        assert [r["backbone"] for r in first] == ["resnet50"] * 4
         train.main([*base, "--out", "runs/x"])
         with pytest.raises(SystemExit) as err:  # one folder, another recipe: refused, naming the difference
             train.main([*base, "--out", "runs/x", "--lr", "0.01"])
@@ -3180,7 +3182,8 @@ class TestTrain:
     def test_a_run_stopped_before_its_first_checkpoint_is_started_again_by_the_command_it_gives(self, tiny, tmp_path):
         argv = tiny_args(tiny, tmp_path, "--epochs", "400", "--train-length", "4000", "--log-every", "1")
         log = tmp_path / "metrics.jsonl"
-        code, out, err = _stop_while_training(argv, signal.SIGTERM, lambda: log.exists() and '"train"' in log.read_text())
+        started = lambda: log.exists() and '"train"' in log.read_text()  # noqa: E731
+        code, out, err = _stop_while_training(argv, signal.SIGTERM, started)
         assert code == train.EXIT_TERMINATED and not (tmp_path / "last.pt").exists(), err[-2000:]
         command = f"python train.py {' '.join(argv)} --resume"
         assert err.strip() == (f"stopped by SIGTERM before the first epoch was saved: nothing was kept; start it again "
