@@ -541,12 +541,11 @@ def parse_args(argv=None):
 
 
 def resolve(args, module, trained):
-    """Fill every value the command line left open (None), each from the first of these that gives it: 1. the
-    command line; 2. with --resume, OUT/last.pt's recipe (restore_recipe refuses a flag given now with another
-    value); 3. --checkpoint's arguments `trained`: its classes, dataset, fold and split, and on its own dataset its
-    data root and crop; 4. the stage's recipe (STAGE_DEFAULTS); 5. the paper's (DEFAULTS); 6. the harness's.
-    A recipe value may depend on the fold, a --set value or the backbone (recipe_value); a recipe key that is no
-    flag of the run stops it (a renamed flag must not drop a paper's value silently). Returns args."""
+    """Fill every value the command line left open (None) from the first of these that gives it: 1. the command
+    line; 2. with --resume, OUT/last.pt's recipe (restore_recipe refuses a flag given now with another value);
+    3. --checkpoint's arguments `trained`: its classes, dataset, fold, split, and on its own dataset its data root
+    and crop; 4. the stage's recipe (STAGE_DEFAULTS); 5. the paper's (DEFAULTS); 6. the harness's. A recipe value
+    may depend on the fold, a --set value or the backbone (recipe_value); one that names no flag stops the run."""
     if args.test_classes is None and args.fold is None:  # 3. (--fold overrides a checkpoint's --test-classes)
         args.test_classes = trained.get("test_classes")
     for key, default in EPISODE_DEFAULTS.items():  # 3., else 6.
