@@ -2770,16 +2770,12 @@ class TestTrain:
         (["--fold", "all", "--bench"], "--fold all trains and evaluates"),
         (["--backbone-weights", "w.pth", "--no-pretrained"], "--backbone-weights and --no-pretrained exclude"),
         (["--resume", "--overwrite"], "--resume excludes --eval-only and --overwrite"),
-        (["--shot", "0"], "argument --shot: must be at least 1, got 0"),
-        (["--log-every", "0"], "argument --log-every: must be at least 1"),
-        (["--test-episodes", "0"], "argument --test-episodes: must be at least 1"),
-        (["--workers", "-1"], "argument --workers: must be at least 0"),
-        (["--seed", "-1"], "argument --seed: must be at least 0"),
+        *[([flag, value], f"argument {flag}: must be at least {low}, got {value}")
+          for flag, value, low in (("--shot", "0", 1), ("--log-every", "0", 1), ("--test-episodes", "0", 1),
+                                   ("--workers", "-1", 0), ("--seed", "-1", 0))],
         (["--batch-size", "two"], "argument --batch-size: invalid positive_int value"),
-        (["--lr", "-1"], "argument --lr: must be a number above 0 and at most 10, got '-1'"),
-        (["--lr", "1e300"], "argument --lr: must be a number above 0 and at most 10, got '1e300'"),
-        (["--lr", "nan"], "argument --lr: must be a number above 0 and at most 10, got 'nan'"),
-        (["--lr", "inf"], "argument --lr: must be a number above 0 and at most 10, got 'inf'"),
+        *[(["--lr", lr], f"argument --lr: must be a number above 0 and at most 10, got '{lr}'")
+          for lr in ("-1", "1e300", "nan", "inf")],
         (["--model", "nosuchnet"], "choose one of"),
         (["--model", "missing.py"], "no such file"),
         (["--img-size", "31"], "argument --img-size: must be at least 32 (a 4x4 feature grid at the backbones' output "
@@ -4327,18 +4323,11 @@ class TestOCNet:
         # {-e0, e1}, e2 unused. With the four "LN" set to identity, Eq. (13-15) are computed here from F_g (not F_q)
         # and from P_s after dropout (p_s_drop, other prototypes here), at the slots the dropout-free P_s selected:
         # M̂_pa = cos(F_g, p_s_drop[slots]), P_q = M̂_pa^T F_g / (h w), F_c = [P_q at each pixel's argmax, F_g].
-        g = torch.Generator().manual_seed(3)
         C, h, w = 4, 2, 3
-        e = torch.eye(C)
-        m = torch.zeros(1, 1, 4, 4)
-        m[..., :2] = 1
-        f_s = m[:, :, None] * e[0, :, None, None] + (1 - m[:, :, None]) * e[1, :, None, None]  # (1, 1, C, 4, 4)
-        p_s = torch.stack([e[2], e[1], e[0] + e[1], -e[0], e[0]])[None]  # (1, 5, C), shuffled order
+        # f_g: another feature than f_q (Eq. 10 uses F_q, Eq. 13-15 F_g); P_s in a shuffled order: e2 first, e0 last
+        f_q, f_g, f_s, m, p_s, p_s_drop = self._by_hand_ccm_case(order=(4, 1, 2, 3, 0))
         ccm = ocnet.CCM(C, num_select=2, pa_scale=10.0)
         _set_identity(ccm.key_g, ccm.key_p, ccm.value_g, ccm.out)
-        f_q = torch.randn(1, C, h, w, generator=g)
-        f_g = torch.randn(1, C, h, w, generator=g)  # a different feature: Eq. (10) uses F_q, Eq. (13-15) use F_g
-        p_s_drop = torch.randn(1, 5, C, generator=g)
         with torch.no_grad():
             f_c, logits_pa, cost = ccm(f_q, f_g, f_s, m, p_s, p_s_drop)
 
@@ -4570,16 +4559,18 @@ class TestOCNet:
             assert torch.allclose(f_g, f_ig, atol=1e-6) and torch.allclose(logits_g, gomm.head(f_ig), atol=1e-6)
             assert gomm(f_q, predict=False)[1] is None
 
-    def _by_hand_ccm_case(self):
-        """The support of test_ocnet_ccm_correlation_by_hand with P_s^0 = e0, the prototype nearest to M_s:
-        distances e0 -> 0, e0+e1 -> 2.16, e2 -> 2.83, e1 -> 4, -e0 -> 5.66. -> f_q, f_g, f_s, m, p_s, p_s_drop."""
+    def _by_hand_ccm_case(self, order=(0, 1, 2, 3, 4)):
+        """The support of test_ocnet_ccm_correlation_by_hand: the prototypes e0, e1, e0+e1, -e0, e2 in `order`
+        (default: P_s^0 = e0, the prototype nearest to M_s), at distances e0 -> 0, e0+e1 -> 2.16, e2 -> 2.83,
+        e1 -> 4, -e0 -> 5.66 from M_s. -> f_q, f_g, f_s, m, p_s, p_s_drop."""
         g = torch.Generator().manual_seed(3)
         C, h, w = 4, 2, 3
         e = torch.eye(C)
         m = torch.zeros(1, 1, 4, 4)
         m[..., :2] = 1
         f_s = m[:, :, None] * e[0, :, None, None] + (1 - m[:, :, None]) * e[1, :, None, None]  # (1, 1, C, 4, 4)
-        p_s = torch.stack([e[0], e[1], e[0] + e[1], -e[0], e[2]])[None]  # (1, 5, C)
+        prototypes = [e[0], e[1], e[0] + e[1], -e[0], e[2]]
+        p_s = torch.stack([prototypes[i] for i in order])[None]  # (1, 5, C)
         f_q, f_g = torch.randn(1, C, h, w, generator=g), torch.randn(1, C, h, w, generator=g)
         return f_q, f_g, f_s, m, p_s, torch.randn(1, 5, C, generator=g)
 
