@@ -25,11 +25,13 @@ TestOCNet      the CAM and the general object mask, GOMM (Eq. 3-5), multi-freque
                7-15), Sinkhorn's marginals and the allocation target (both problems as one batch), the loss terms (Eq.
                16); evaluation computes nothing only the loss reads; bf16, channels_last; each ablation of §5.3
                (Tables 3-5): its parameters, its replacement by hand, its --set.
-TestQGNet      SLIC; InfoNCE (Eq. 1-3), the queues, the momentum encoder and shuffled BN; the stage-1 file; the prior
-               region map (Eq. 9-12), FEM's inputs and the loss; both stages through train.py.
+TestQGNet      SLIC and Felzenszwalb's segmentation; InfoNCE (Eq. 1-3), the queues, the momentum encoder and shuffled
+               BN; the stage-1 file, named by its values; the prior region map (Eq. 9-12), FEM's inputs, the loss and
+               the region maps of Table 7; both stages through train.py; Tables 5 and 6 as --set rows.
 TestCRCNet     the cross-reference, the local conditional module (Eq. 1-3; fp32 logits under bf16), the refinement
                (equal to its plain concatenation), the loss (Eq. 4-5), the fine-tuning (§4.6) that restores every
-               weight, fusion, multi-scale inference, pairs and their masks.
+               weight, fusion, multi-scale inference, pairs and their masks; every ablation switch (Tables 1-4, 6, 7)
+               and CRCNet on PFENet (GC, CR, FT: Tables 5, 8, 11, 12), parameters counted by hand.
 TestSymNet     SPM, APA (Eq. 6-8), the prototypes (Eq. 4, 5, 7, 9), TDC's input, the co-triplet loss (Eq. 10-12), the
                loss with BAM's ensemble; the word vectors and the base learner, their files and checkpoints; every
                ablation row of Tables 3-6 from its command line, the parameters and computation each switch removes.
