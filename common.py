@@ -626,8 +626,8 @@ class RecallMeter:
     THRESHOLDS = tuple(k / 10 for k in range(1, 10))
 
     def __init__(self, device="cpu"):
-        self.device, self.hits, self.mask = torch.device(device), {}, torch.zeros((), dtype=torch.float64,
-                                                                                device=device)
+        self.device, self.hits = torch.device(device), {}  # hits: {name: (T,) mask pixels above each threshold}
+        self.mask = torch.zeros((), dtype=torch.float64, device=device)  # mask pixels
 
     def update(self, maps, m_q):
         """maps {name: (B,1,h,w) in [0, 1]}, m_q (B,H,W) labels."""
@@ -661,7 +661,7 @@ class Setting:
     setting)) and an extra stage: its data, shots, crop and backbone. A model's Config holds its own
     hyperparameters; this holds the run's context, so that a harness flag can be renamed without silently changing
     a model. train.py fills every field (setting_of)."""
-    dataset: str = "pascal"  # pascal, coco, synthetic, folder
+    dataset: str = "pascal"  # pascal, coco, fss1000, synthetic, folder
     fold: int = 0
     coco_split: str = "interleaved"
     data_root: str = None
@@ -676,7 +676,7 @@ class Setting:
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-    """How an extra stage (a model's STAGES[name](run, schedule, options)) trains: train.py's flags."""
+    """How an extra stage (a model's STAGES[name](setting, schedule, options)) trains: train.py's flags and loop."""
     epochs: int
     batch_size: int
     lr: float

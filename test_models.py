@@ -2435,7 +2435,8 @@ class TestData:
                              "1", "--train-length", "8", "--test-episodes", "3"))
         assert splits.count("val") == 2 and splits[-1] == "test"  # checked before training, then the validation
         assert [r["event"] for r in read_metrics(tmp_path / "best")].count("val") == 1
-        assert (tmp_path / "best" / "best.pt").exists() and "evaluating best.pt" in capsys.readouterr().out
+        assert (tmp_path / "best" / "best.pt").exists()
+        assert "evaluating best.pt (chosen on the validation classes)" in capsys.readouterr().out
         with pytest.raises(SystemExit, match="FSS-1000 does not have; Sym-Net runs there as the meta learner alone"):
             train.main(["--model", "symnet", "--stage", "base", "--dataset", "fss1000", "--data-root", str(root),
                         "--no-pretrained", "--set", "base_learner=" + str(tmp_path / "base.pt")])

@@ -123,8 +123,9 @@ def train_and_evaluate(args, module):
     device, rank, world = setup_device(args)
     training = not args.eval_only and not is_baseline(module)
     with hold_run_folder(args, training, RUN_FILES) if rank == 0 else nullcontext():
-        splits = ("train", "test", *({validation_split(args)} - {"test"} if args.select_best else ())) if training \
-            else ("test",)
+        splits = ("train", "test") if training else ("test",)
+        if training and args.select_best and validation_split(args) != "test":
+            splits += (validation_split(args),)
         check_data(args, splits)  # every listed file, before the model
         model, optimizer, cfg, resumed = build_model(module, args, device, rank, world)
         learnable, total = count_parameters(model)
@@ -140,7 +141,8 @@ def train_and_evaluate(args, module):
             train(model, optimizer, args, cfg, device, rank, world, log_file, resumed)
             if args.select_best and (args.out / "best.pt").exists():
                 load_weights(unwrap(model), read_checkpoint(args.out / "best.pt"), args.out / "best.pt")
-                log(rank, "evaluating best.pt (chosen on the test fold: an optimistic estimate)")
+                on = "the validation classes" if validation_split(args) == "val" else "the test fold: optimistic"
+                log(rank, f"evaluating best.pt (chosen on {on})")
         if args.vis and rank == 0:
             visualise(model, args, device, rank)
         scores = evaluate_protocol(model, args, device, rank, world)
