@@ -2414,7 +2414,7 @@ class TestData:
         argv = ["--model", "allfg.py", "--dataset", "fss1000", "--data-root", str(root), "--img-size", "32",
                 "--test-seeds", "2", "--workers", "0"]
         args, _ = train.parse_args(argv)
-        assert (args.out, args.fold, args.test_episodes) == (Path("runs/allfg-fss1000-1shot"), 0, None)
+        assert (args.out, args.fold, args.test_episodes) == (Path("runs/allfg-fss1000-1shot-img_size=32"), 0, None)
         assert (args.lr, args.batch_size, args.epochs, args.augment) == (0.025, 4, 200, "pfenet")  # PASCAL's recipe
         miou, fbiou = train.main(argv)
         objects = {c: sum(int((_fss_mask(c, k) > 0).sum()) for k in range(1, 5)) for c in (1, 2, 3)}
@@ -2840,6 +2840,10 @@ class TestTrain:
         assert args.out == Path("runs") / "tinynet-synthetic-fold0-1shot-invert=0-width=8"
         args, _ = train.parse_args(["--model", str(tiny), "--dataset", "synthetic", "--backbone", "resnet101"])
         assert args.out == Path("runs") / "tinynet-synthetic-fold0-1shot-resnet101"
+        args, _ = train.parse_args(["--model", str(tiny), "--dataset", "synthetic", "--lr", "0.01", "--width", "8",
+                                    "--invert", "1", "--backbone-weights", "/w/resnet50_v2.pth", "--workers", "0"])
+        # the recipe flags given (a file by its name) name it too; an evaluation flag (invert) or --workers does not
+        assert args.out == Path("runs") / "tinynet-synthetic-fold0-1shot-backbone_weights=resnet50_v2-lr=0.01-width=8"
         with pytest.raises(RuntimeError, match="simulated crash"):  # 4 steps an epoch: dies in epoch 2
             train.main(tiny_args(tiny, tmp_path / "cut", "--epochs", "2", "--set", "width=8", "crash_after=5"))
         state = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
@@ -2867,7 +2871,9 @@ class TestTrain:
         other = train.main([*base, "--backbone", "resnet101"])  # its own folders: all four folds train
         out = capsys.readouterr().out
         assert out.count("training:") == 4 and "taken from metrics.jsonl" not in out
-        assert all((Path("runs") / f"tinynet-synthetic-fold{k}-1shot-resnet101" / "last.pt").exists() for k in range(4))
+        given = "epochs=1-train_length=8"  # the recipe flags the command line gives
+        assert all((Path("runs") / f"tinynet-synthetic-fold{k}-1shot-resnet101-{given}" / "last.pt").exists()
+                   for k in range(4))
         assert [r["backbone"] for r in other] == ["resnet101"] * 4
         assert [r["backbone"] for r in first] == ["resnet50"] * 4
         train.main([*base, "--out", "runs/x"])
@@ -3604,7 +3610,7 @@ class TestTrain:
         base = ["--model", str(tiny), "--dataset", "synthetic", "--train-length", "16", "--test-episodes", "2",
                 "--test-seeds", "1", "--workers", "0"]
         folder = (lambda k: tmp_path / "all" / f"fold{k}") if with_out else (
-            lambda k: Path("runs") / f"tinynet-synthetic-fold{k}-1shot")  # relative to the working directory
+            lambda k: Path("runs") / f"tinynet-synthetic-fold{k}-1shot-train_length=16")  # relative to the working dir
         proc = subprocess.run([sys.executable, str(REPO / "train.py"), *base, "--fold", "0", "--out",
                                str(tmp_path / folder(0))], cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]  # fold 0 is complete: --fold all takes it as it is
@@ -3730,9 +3736,10 @@ class TestTrain:
         digest = folders[0].split("-")[3]  # the root's name, then a hash of its path
         assert len(digest) == 6 and set(digest) <= set("0123456789abcdef")
         tag = f"folder-mine-{digest}"
-        assert folders == [f"baseline-{tag}-fold{k}-1shot" for k in range(4)]
+        given = "baseline_features=image-img_size=48"  # the recipe flags given name the folder too
+        assert folders == [f"baseline-{tag}-fold{k}-1shot-{given}" for k in range(4)]
         train.main([*flags, "--test-classes", "6,3"])
-        assert (read_metrics(tmp_path / "runs" / f"baseline-{tag}-classes3-6-1shot")[-1]["per_class"].keys()
+        assert (read_metrics(tmp_path / "runs" / f"baseline-{tag}-classes3-6-1shot-{given}")[-1]["per_class"].keys()
                 == {"3", "6"})
         # two roots of one name, two sets of test classes: four run folders
         other = _write_folder(tmp_path / "elsewhere" / "mine")

@@ -558,7 +558,7 @@ def resolve(args, module, trained):
     if trained.get("dataset") == args.dataset or args.predict:  # 3. tested at the size it was trained at
         args.img_size = args.img_size or trained.get("img_size")
     if args.fold != "all":
-        args.out = Path(args.out) if args.out else default_out(args, args.fold)
+        args.out = Path(args.out) if args.out else default_out(args, args.fold, module)
         if args.resume and not args.stage:  # 2. (a stage's file keeps its own recipe, which the stage checks)
             restore_recipe(args, module)
     stage = getattr(module, "STAGE_DEFAULTS", {}).get(args.stage, {}) if args.stage else {}
@@ -766,12 +766,23 @@ def option(parser, dest):
     return next((a.option_strings[0] for a in parser._actions if a.dest == dest and a.option_strings), dest)
 
 
-def default_out(args, fold):
-    """runs/MODEL-SPLIT-Sshot[-BACKBONE][-FIELD=VALUE...] (SPLIT: data.split_name; the backbone unless resnet50; the
-    --set fields): a run's folder when --out names none, so that the rows of a paper's table never share one."""
+def default_out(args, fold, module):
+    """runs/MODEL-SPLIT-Sshot[-BACKBONE][-FLAG=VALUE...][-FIELD=VALUE...]: a run's folder when --out names none.
+    SPLIT as data.split_name; the backbone unless resnet50; every recipe flag the command line gives (RESUME_RECIPE
+    and the model's own flags, evaluation's aside; a file by its name); the --set fields. So the rows of a paper's
+    table, which differ by a crop, a flag or a field, never share one."""
     split = data.split_name(args.dataset, fold, args.data_root, args.test_classes, args.coco_split)
+    free = evaluation_flags(module)
+    given = sorted(k for k in (*RESUME_RECIPE, *args.own_flags) if k in args.given and k not in free)
+
+    def word(value):  # a file by its stem (word2vec.pt: word2vec), a list as a tuple, the rest as --set writes it
+        if isinstance(value, str) and (os.sep in value or "." in value):
+            return Path(value).stem
+        return format_value(tuple(value) if isinstance(value, list) else value)
+
     backbone = [args.backbone] if args.backbone != "resnet50" else []
     parts = [Path(args.model).stem, split, f"{args.shot}shot", *backbone,
+             *(f"{k}={word(getattr(args, k))}" for k in given),
              *(f"{k}={format_value(v)}" for k, v in sorted(args.set.items()))]
     return Path(common.RUNS_DIR) / "-".join(parts)
 
