@@ -346,6 +346,26 @@ class FPNDecoder(nn.Module):
         return self.head(x)  # (B, 2, h, w)
 
 
+def check_config(cfg):
+    """ValueError (Model.__init__ raises it before building) for a count below 1 (N_s, N_g, FPN levels, L,
+    Sinkhorn's iterations), eps <= 0, heads that do not split C, an M_g without a source or more selected
+    prototypes than the L of MFP."""
+    for name in ("num_select", "num_general", "fpn_levels", "dct_size", "sinkhorn_iters"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if not cfg.ot_eps > 0:
+        raise ValueError(f"ot_eps must be > 0 (Sinkhorn divides the costs by it), got {cfg.ot_eps}")
+    if cfg.gomm and cfg.atten and (cfg.attn_heads < 1 or cfg.reduce_dim % cfg.attn_heads):
+        raise ValueError(f"attn_heads must divide reduce_dim = {cfg.reduce_dim} (Atten's heads split C), got "
+                         f"{cfg.attn_heads}")
+    if cfg.gomm and not (cfg.cam or cfg.mask):
+        raise ValueError("GOMM's M_g (Eq. 1) needs the CAM or the Mask: cam and mask are both false")
+    slots = 1 if cfg.allocation in ("fore", "mean") else 2  # "Fore", "Mean" select ID_t alone; else ID_l and ID_t
+    if cfg.ccm and slots * cfg.num_select > cfg.dct_size ** 2:
+        raise ValueError(f"{'2 * ' * (slots == 2)}num_select = {slots * cfg.num_select} exceeds the dct_size ** 2 = "
+                         f"{cfg.dct_size ** 2} prototypes (allocation={cfg.allocation})")
+
+
 class Model(nn.Module):
     """OCNet (Fig. 2). forward(img_q (B,3,H,W), img_s (B,S,3,H,W), m_s (B,S,H,W), class_ids unused) -> dict:
     logits (B,2,H,W) = M̂_q; in training also what only the loss reads: logits_g (B,2,h,w) = M̂_g and m_g (B,h,w)
@@ -355,10 +375,7 @@ class Model(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        if cfg.gomm and not (cfg.cam or cfg.mask):
-            raise ValueError("GOMM's M_g (Eq. 1) needs the CAM or the Mask: cam and mask are both false")
-        if cfg.ccm and 2 * cfg.num_select > cfg.dct_size ** 2:
-            raise ValueError(f"2 * num_select = {2 * cfg.num_select} exceeds the {cfg.dct_size ** 2} prototypes")
+        check_config(cfg)
         self.cfg = cfg
         C = cfg.reduce_dim
         self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained)

@@ -4000,8 +4000,36 @@ class TestOCNet:
             ocnet.Model(ocnet.Config(pretrained=False, allocation="back"))
         with pytest.raises(ValueError, match="needs the CAM or the Mask"):
             ocnet.Model(ocnet.Config(pretrained=False, cam=False, mask=False))
-        with pytest.raises(ValueError, match="num_select"):
-            ocnet.Model(ocnet.Config(pretrained=False, num_select=25))
+
+    def test_ocnet_config_values_that_build_no_network_are_value_errors(self):
+        # --set values that would raise deep inside the build or the forward (IndexError, nn.MultiheadAttention's
+        # AssertionError), divide by zero, or build another network than asked (fpn_levels=0 gives 1 level): a
+        # ValueError each from Model.__init__, before the backbone is built. More selected prototypes than L = 49:
+        # 2 N_s where ID_l is selected too (OCNet, "Cosine"), N_s where ID_t alone is ("Fore", "Mean")
+        cases = [*[({name: 0}, f"{name} must be >= 1, got 0")
+                   for name in ("num_select", "num_general", "fpn_levels", "dct_size", "sinkhorn_iters")],
+                 (dict(ot_eps=0.0), "ot_eps must be > 0 (Sinkhorn divides the costs by it), got 0.0"),
+                 *[(dict(attn_heads=k), f"attn_heads must divide reduce_dim = 256 (Atten's heads split C), got {k}")
+                   for k in (3, 0, -8)],
+                 *[(dict(num_select=25, allocation=a), f"2 * num_select = 50 exceeds the dct_size ** 2 = 49 prototypes "
+                                                       f"(allocation={a})") for a in ("fore+back", "cosine")],
+                 *[(dict(num_select=50, allocation=a), f"num_select = 50 exceeds the dct_size ** 2 = 49 prototypes "
+                                                       f"(allocation={a})") for a in ("fore", "mean")],
+                 (dict(dct_size=2, num_select=3), "2 * num_select = 6 exceeds the dct_size ** 2 = 4 prototypes "
+                                                  "(allocation=fore+back)")]
+        for fields, message in cases:
+            with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+                ocnet.Model(ocnet.Config(pretrained=False, **fields))
+        limits = (dict(num_select=24), dict(num_select=49, allocation="fore"), dict(num_select=49, allocation="mean"),
+                  dict(attn_heads=4), dict(fpn_levels=1), dict(dct_size=1, num_select=1, allocation="fore"))
+        for fields in limits:
+            ocnet.check_config(ocnet.Config(pretrained=False, **fields))  # the limits themselves are accepted
+        ccm = ocnet.CCM(8, num_select=49, pa_scale=10.0, allocation="fore")  # "Fore" selects N_s = L: it runs
+        g = torch.Generator().manual_seed(0)
+        f_s, m = torch.randn(1, 1, 8, 7, 7, generator=g), (torch.rand(1, 1, 7, 7, generator=g) > 0.5).float()
+        p_s = ocnet.multi_frequency_pooling(f_s[:, 0], m[:, 0], 7)
+        f_c, logits_pa, cost = ccm(f_s[:, 0], f_s[:, 0], f_s, m, p_s, p_s)
+        assert logits_pa.shape == cost.shape == (1, 49, 7, 7) and f_c.shape == (1, 16, 7, 7)
 
 
     # ---------------- §4.2, Eq. (1-2): the ImageNet CAM and the general object mask M_g -----------------------
