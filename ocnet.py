@@ -347,9 +347,22 @@ class FPNDecoder(nn.Module):
 
 
 def check_config(cfg):
-    """ValueError (Model.__init__ raises it before building) for a count below 1 (N_s, N_g, FPN levels, L,
-    Sinkhorn's iterations), eps <= 0, heads that do not split C, an M_g without a source or more selected
-    prototypes than the L of MFP."""
+    """ValueError (Model.__init__ raises it before building) for a field changed that the switches leave unread (it
+    would change nothing), a count below 1 (N_s, N_g, FPN levels, L, Sinkhorn's iterations), eps <= 0, heads that
+    do not split C, an M_g without a source or more selected prototypes than the L of MFP."""
+    unread = {}  # switch -> the fields it leaves unread
+    if not cfg.gomm:
+        unread["gomm=false"] = ("tau", "cam", "mask", "atten", "num_general", "attn_heads")
+    elif not cfg.atten:
+        unread["atten=false"] = ("attn_heads",)
+    if not cfg.ccm:
+        unread["ccm=false"] = ("allocation", "dct_size", "num_select", "ot_eps", "sinkhorn_iters", "pa_scale")
+    elif cfg.allocation in ("mean", "cosine"):  # no M_pa: no Sinkhorn, no L_p
+        unread[f"allocation={cfg.allocation}"] = ("ot_eps", "sinkhorn_iters", "pa_scale")
+    for switch, names in unread.items():
+        changed = [name for name in names if getattr(cfg, name) != getattr(Config, name)]
+        if changed:
+            raise ValueError(f"{', '.join(changed)}: no part of {switch} (it would change nothing)")
     for name in ("num_select", "num_general", "fpn_levels", "dct_size", "sinkhorn_iters"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")

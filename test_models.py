@@ -4031,6 +4031,30 @@ class TestOCNet:
         f_c, logits_pa, cost = ccm(f_s[:, 0], f_s[:, 0], f_s, m, p_s, p_s)
         assert logits_pa.shape == cost.shape == (1, 49, 7, 7) and f_c.shape == (1, 16, 7, 7)
 
+    def test_ocnet_config_fields_a_switch_leaves_unread_are_refused(self):
+        # a field changed beside the switch that removes its module would change nothing: gomm=false reads none of
+        # GOMM's (its M_g, CAM, Mask, Atten), atten=false no heads, ccm=false none of CCM's, "Mean" and "Cosine" no
+        # Sinkhorn and no L_p. The switches alone (every ablation row), and with fields they read, are accepted
+        cases = [(dict(gomm=False, cam=False, mask=False), "cam, mask: no part of gomm=false"),
+                 (dict(gomm=False, atten=False), "atten: no part of gomm=false"),
+                 (dict(gomm=False, tau=0.5, num_general=8, attn_heads=4), "tau, num_general, attn_heads: no part of "
+                                                                           "gomm=false"),
+                 (dict(atten=False, attn_heads=4), "attn_heads: no part of atten=false"),
+                 (dict(ccm=False, allocation="fore"), "allocation: no part of ccm=false"),
+                 (dict(ccm=False, dct_size=5, num_select=0), "dct_size, num_select: no part of ccm=false"),
+                 (dict(ccm=False, ot_eps=0.1, sinkhorn_iters=50, pa_scale=20.0), "ot_eps, sinkhorn_iters, pa_scale: "
+                                                                                 "no part of ccm=false"),
+                 (dict(allocation="mean", ot_eps=0.1), "ot_eps: no part of allocation=mean"),
+                 (dict(allocation="cosine", pa_scale=20.0), "pa_scale: no part of allocation=cosine")]
+        for fields, message in cases:
+            with pytest.raises(ValueError, match=f"^{re.escape(message)} \\(it would change nothing\\)$"):
+                ocnet.Model(ocnet.Config(pretrained=False, **fields))
+        read = (dict(gomm=False, ccm=False, fpn_levels=3), dict(atten=False, mask=False, tau=0.5, num_general=8),
+                dict(allocation="fore", ot_eps=0.1), dict(allocation="mean", num_select=4, dct_size=5),
+                dict(ccm=False, attn_heads=4))
+        for fields in (*(fields for fields, *_ in OCNET_ABLATIONS.values()), *read):
+            ocnet.check_config(ocnet.Config(pretrained=False, **fields))
+
 
     # ---------------- §4.2, Eq. (1-2): the ImageNet CAM and the general object mask M_g -----------------------
 
