@@ -4683,6 +4683,31 @@ class TestOCNet:
         m_pa = ocnet.allocation_target(cost, m_q, eps=0.05, iters=50, background=False)
         assert m_pa.tolist() == [[[255, 255, 255], [1, 1, 0]]]
 
+    def test_ocnet_table5_fore_loss_asks_for_the_foreground_target_alone(self, monkeypatch):
+        # Fore through a training forward and its loss: Model.loss solves Eq. (11) without the background problem
+        # (background=False) on the N_s foreground costs, so M_pa ignores (255) every background pixel of M_q and
+        # teaches every foreground one, and L_p is the cross-entropy against that M_pa
+        torch.manual_seed(0)
+        model = ocnet.Model(ocnet.Config(pretrained=False, allocation="fore"))
+        img_q, img_s, m_s, m_q = episode(2, 1, **OCNET_EPISODE)
+        calls, target = [], ocnet.allocation_target
+
+        def spy(cost, m_q, eps, iters, background=True):
+            m_pa = target(cost, m_q, eps, iters, background)
+            calls.append((background, cost.shape[1], m_pa))
+            return m_pa
+
+        monkeypatch.setattr(ocnet, "allocation_target", spy)
+        with torch.no_grad(), ocnet_training_without_dropout(model):
+            out = model(img_q, img_s, m_s)
+            _, terms = model.loss(out, m_q, m_s)
+        (background, slots, m_pa), = calls
+        assert background is False and slots == model.cfg.num_select
+        m = F.interpolate(m_q[:, None].float(), m_pa.shape[-2:], mode="nearest")[:, 0]  # M_q at feature resolution
+        assert (m == 0).sum() > 10 and (m == 1).sum() > 10
+        assert (m_pa[m == 0] == IGNORE_INDEX).all() and (m_pa[m == 1] < slots).all()
+        assert torch.allclose(terms["allocation"], F.cross_entropy(out["logits_pa"], m_pa, ignore_index=IGNORE_INDEX))
+
     def test_ocnet_ablations_from_the_command_line(self, capsys):
         # --set gives each switch its Config value (typed by the field); a value outside Table 5's is one line
         argv = ["--model", "ocnet", "--dataset", "synthetic", "--set", "gomm=false", "ccm=false", "cam=false",
