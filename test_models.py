@@ -4092,7 +4092,7 @@ class TestOCNet:
         torch.manual_seed(0)
         cam = ocnet.ImageNetCAM("resnet50", pretrained=False)
         f_h = torch.rand(2, 2048, 5, 6)
-        with torch.no_grad():  # as in evaluation
+        with torch.no_grad():  # as where the tests run a training forward (ocnet_training_without_dropout)
             out = cam(f_h)
         fc = cam.classifier[-1]
         top = fc(f_h.mean((2, 3))).argmax(1)  # (2,)
