@@ -100,7 +100,8 @@ class Config:
     head_dropout: float = common.FEM_DROPOUT  # PFENet's cls head
     gomm: bool = True  # Table 3 "GOMM" (§4.2); false: F_q in place of F_g (Choices)
     tau: float = 0.6  # §4.2 Eq. 2: general object mask threshold
-    cam: bool = True  # Table 4 "CAM" in M_g (Eq. 1): Grad-CAM of the backbone's ImageNet classifier (Choices)
+    cam: bool = True  # the CAM [65] in M_g (Eq. 1), Grad-CAM of the backbone's ImageNet classifier; false: no row of
+    # Table 4 (its "CAM" row is mask=false atten=false), M_g from the Mask alone (Choices)
     mask: bool = True  # Table 4 "Mask": the high-level cosine similarity (prior) mask in M_g (Eq. 1)
     atten: bool = True  # Table 4 "Atten": Eq. 5's cross-attention; false: F_g = F_ig (Choices)
     num_general: int = 16  # N_g (not given): a PASCAL fold's 15 base classes + background
@@ -175,17 +176,19 @@ def sinkhorn(cost, region, eps, iters):
 
 
 def allocation_target(cost, m_q, eps, iters, background=True):
-    """Eq. (11-12): the prototype allocating mask M_pa (B,h,w), values 0..K-1 and 255 where m_q is ignored. With
-    background (Table 5 "Fore + Back"), cost (B,2N_s,h,w) = 1 - [M_qb, M_qf]: background pixels are transported to
-    the N_s background prototypes (slots 0..N_s-1), foreground pixels to the N_s foreground ones. Without ("Fore"),
-    cost (B,N_s,h,w) = 1 - M_qf, and background pixels teach no slot (255). m_q (B,H,W) downsampled by nearest."""
+    """Eq. (11-12): the prototype allocating mask M_pa (B,h,w), values 0..2N_s-1 (0..N_s-1 without background) and
+    255 where m_q is ignored. With background (Table 5 "Fore + Back"), cost (B,2N_s,h,w) = 1 - [M_qb, M_qf]:
+    background pixels are transported to the N_s background prototypes (slots 0..N_s-1), foreground pixels to the
+    N_s foreground ones. Without ("Fore"), cost (B,N_s,h,w) = 1 - M_qf, and background pixels teach no slot (255).
+    m_q (B,H,W) downsampled by nearest."""
     B, h, w = cost.shape[0], *cost.shape[-2:]
     m = F.interpolate(m_q[:, None].float(), (h, w), mode="nearest")[:, 0].long()  # (B, h, w)
-    c = cost.float().flatten(2).transpose(1, 2)  # (B, hw, K)
+    c = cost.float().flatten(2).transpose(1, 2)  # (B, hw, 2N_s) ("Fore": N_s)
     region = m.flatten(1)  # (B, hw)
     kinds = (0, 1) if background else (1,)  # the pixels of each problem: background, foreground
-    # the background and the foreground problem have the same size: one batch of 2B problems, one Sinkhorn loop
-    # (each iteration's kernels launched once for both, not twice)
+    # with background ("Fore + Back") its problem and the foreground one have the same size (N_s slots each): one
+    # batch of 2B problems, one Sinkhorn loop (each iteration's kernels launched once for both, not twice); "Fore"
+    # solves the B foreground problems alone
     plans = sinkhorn(torch.cat(c.chunk(len(kinds), dim=2)), torch.cat([region == k for k in kinds]), eps, iters)
     # Eq. (12): M_pa = Argmax(M_oqb ⊕ M_oqf), each plan zero at the pixels of the other problem
     m_pa = torch.cat(plans.chunk(len(kinds)), 2).argmax(2).view(B, h, w)
@@ -270,8 +273,9 @@ class CCM(nn.Module):
     allocation (Table 5): "fore+back" (OCNet), "fore" (ID_t alone), "cosine" (no M_pa: no costs), "mean" (no
     allocation: F_c = [P_s^0, mean of the other ID_t prototypes, F_g], no parameters).
     forward(f_q, f_g (B,C,h,w), f_s (B,S,C,h,w), m (B,S,h,w) support foreground, p_s, p_s_drop (B,L,C), target)
-    -> (f_c (B,2C,h,w) ("mean": 3C), logits_pa (B,K,h,w) = pa_scale * M̂_pa, cost (B,K,h,w)), K = 2N_s background
-    slots first ("fore": K = N_s); logits_pa and cost are None without target or where M_pa supervises nothing.
+    -> (f_c (B,2C,h,w) ("mean": 3C), logits_pa (B,2N_s,h,w) = pa_scale * M̂_pa, cost (B,2N_s,h,w)), the N_s
+    background slots first ("fore": the N_s foreground slots alone, (B,N_s,h,w)); logits_pa and cost are None without
+    target or where M_pa supervises nothing.
     f_q, f_s and p_s are taken before the features' dropout (they make the selection and the target: Choices);
     p_s_drop is P_s after it, the prototypes Eq. (13-14) learn from."""
 
@@ -305,20 +309,20 @@ class CCM(nn.Module):
             ids = torch.cat([id_l, id_t], 1)[..., None].expand(-1, -1, C)  # (B, 2N_s, C): background slots first
         cost = None
         if target and self.supervised:  # only the target M_pa (in the loss) reads the costs
-            selected = p_s.gather(1, ids)  # (B, K, C)
+            selected = p_s.gather(1, ids)  # (B, 2N_s, C) ("fore": N_s, here and below)
             # Eq. (10): M_qb ⊕ M_qf = Cosine(F_q, Select(P_s, ID_l & ID_t)); 1 - it is the cost of Eq. (11), in
             # fp32: Sinkhorn divides it by eps = 0.05, so bf16's steps of 1/128 would flip the argmax of near-equal
             # plans
             with torch.autocast(f_q.device.type, enabled=False):
-                cost = 1 - cosine_map(f_q.detach().float(), selected.detach().float())  # (B, K, h, w)
+                cost = 1 - cosine_map(f_q.detach().float(), selected.detach().float())  # (B, 2N_s, h, w)
         # Eq. (13): M̂_pa = Cosine(LN(F_g), LN(Select(P_s, ID_l & ID_t))), the prototypes after dropout
         tokens = f_g.flatten(2).transpose(1, 2)  # (B, hw, C)
-        keys = F.normalize(self.key_p(p_s_drop.gather(1, ids)), dim=2)  # (B, K, C)
-        m_pa = F.normalize(self.key_g(tokens), dim=2) @ keys.transpose(1, 2)  # (B, hw, K)
+        keys = F.normalize(self.key_p(p_s_drop.gather(1, ids)), dim=2)  # (B, 2N_s, C)
+        m_pa = F.normalize(self.key_g(tokens), dim=2) @ keys.transpose(1, 2)  # (B, hw, 2N_s)
         # Eq. (14): P_q = LN(MatMul(M̂_pa, LN(F_g))), the MatMul as a mean over the h*w pixels
-        p_q = self.out(m_pa.transpose(1, 2) @ self.value_g(tokens) / (h * w))  # (B, K, C)
+        p_q = self.out(m_pa.transpose(1, 2) @ self.value_g(tokens) / (h * w))  # (B, 2N_s, C)
         # Eq. (15): F_c = Alloc(P_q, Argmax(M̂_pa)) ⊕ F_g
-        m_pa = m_pa.transpose(1, 2).reshape(B, -1, h, w)  # (B, K, h, w)
+        m_pa = m_pa.transpose(1, 2).reshape(B, -1, h, w)  # (B, 2N_s, h, w)
         f_c = torch.cat([allocate(p_q, m_pa.argmax(1)), f_g], 1)  # (B, 2C, h, w)
         return f_c, None if cost is None else self.pa_scale * m_pa, cost
 
@@ -346,19 +350,49 @@ class FPNDecoder(nn.Module):
         return self.head(x)  # (B, 2, h, w)
 
 
+def check_config(cfg):
+    """ValueError (Model.__init__ raises it before building) for a field changed that the switches leave unread (it
+    would change nothing), a count below 1 (N_s, N_g, FPN levels, L, Sinkhorn's iterations), eps <= 0, heads that
+    do not split C, an M_g without a source or more selected prototypes than the L of MFP."""
+    unread = {}  # switch -> the fields it leaves unread
+    if not cfg.gomm:
+        unread["gomm=false"] = ("tau", "cam", "mask", "atten", "num_general", "attn_heads")
+    elif not cfg.atten:
+        unread["atten=false"] = ("attn_heads",)
+    if not cfg.ccm:
+        unread["ccm=false"] = ("allocation", "dct_size", "num_select", "ot_eps", "sinkhorn_iters", "pa_scale")
+    elif cfg.allocation in ("mean", "cosine"):  # no M_pa: no Sinkhorn, no L_p
+        unread[f"allocation={cfg.allocation}"] = ("ot_eps", "sinkhorn_iters", "pa_scale")
+    for switch, names in unread.items():
+        changed = [name for name in names if getattr(cfg, name) != getattr(Config, name)]
+        if changed:
+            raise ValueError(f"{', '.join(changed)}: no part of {switch} (it would change nothing)")
+    for name in ("num_select", "num_general", "fpn_levels", "dct_size", "sinkhorn_iters"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if not cfg.ot_eps > 0:
+        raise ValueError(f"ot_eps must be > 0 (Sinkhorn divides the costs by it), got {cfg.ot_eps}")
+    if cfg.gomm and cfg.atten and (cfg.attn_heads < 1 or cfg.reduce_dim % cfg.attn_heads):
+        raise ValueError(f"attn_heads must divide reduce_dim = {cfg.reduce_dim} (Atten's heads split C), got "
+                         f"{cfg.attn_heads}")
+    if cfg.gomm and not (cfg.cam or cfg.mask):
+        raise ValueError("GOMM's M_g (Eq. 1) needs the CAM or the Mask: cam and mask are both false")
+    slots = 1 if cfg.allocation in ("fore", "mean") else 2  # "Fore", "Mean" select ID_t alone; else ID_l and ID_t
+    if cfg.ccm and slots * cfg.num_select > cfg.dct_size ** 2:
+        raise ValueError(f"{'2 * ' * (slots == 2)}num_select = {slots * cfg.num_select} exceeds the dct_size ** 2 = "
+                         f"{cfg.dct_size ** 2} prototypes (allocation={cfg.allocation})")
+
+
 class Model(nn.Module):
     """OCNet (Fig. 2). forward(img_q (B,3,H,W), img_s (B,S,3,H,W), m_s (B,S,H,W), class_ids unused) -> dict:
     logits (B,2,H,W) = M̂_q; in training also what only the loss reads: logits_g (B,2,h,w) = M̂_g and m_g (B,h,w)
-    = M_g (with GOMM), logits_pa (B,K,h,w) = scaled M̂_pa and cost_pa (B,K,h,w), from which loss() builds M_pa
-    (where M_pa supervises CCM's allocation). K shots: P_s and the prior are averaged. The ablations of §5.3 are
-    Config fields (Tables 3-5)."""
+    = M_g (with GOMM), logits_pa (B,2N_s,h,w) = scaled M̂_pa and cost_pa (B,2N_s,h,w) (N_s for "fore"), from which
+    loss() builds M_pa (where M_pa supervises CCM's allocation). K = S shots: P_s and the prior are averaged. The
+    ablations of §5.3 are Config fields (Tables 3-5)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
-        if cfg.gomm and not (cfg.cam or cfg.mask):
-            raise ValueError("GOMM's M_g (Eq. 1) needs the CAM or the Mask: cam and mask are both false")
-        if cfg.ccm and 2 * cfg.num_select > cfg.dct_size ** 2:
-            raise ValueError(f"2 * num_select = {2 * cfg.num_select} exceeds the {cfg.dct_size ** 2} prototypes")
+        check_config(cfg)
         self.cfg = cfg
         C = cfg.reduce_dim
         self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained)
@@ -420,7 +454,8 @@ class Model(nn.Module):
             both = torch.cat([f_s, f_s_clean]).flatten(0, 1)  # (2B*S, C, h, w)
             p_s, p_s_clean = multi_frequency_pooling(both, m.repeat(2, 1, 1, 1).flatten(0, 1), n
                                                      ).unflatten(0, (2, B, S)).mean(2)  # (B, L, C) each
-        else:  # evaluation draws no dropout: F_s is F_s before it, one P_s
+        else:  # one P_s: evaluation draws no dropout (F_s is F_s before it); training without CCM reads P_s^0 alone,
+            # after the dropout (nothing reads P_s before it: no CCM, no target)
             p_s = p_s_clean = multi_frequency_pooling(f_s.flatten(0, 1), m.flatten(0, 1), n
                                                       ).unflatten(0, (B, S)).mean(1)  # (B, L, C)
 

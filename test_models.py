@@ -4007,8 +4007,60 @@ class TestOCNet:
             ocnet.Model(ocnet.Config(pretrained=False, allocation="back"))
         with pytest.raises(ValueError, match="needs the CAM or the Mask"):
             ocnet.Model(ocnet.Config(pretrained=False, cam=False, mask=False))
-        with pytest.raises(ValueError, match="num_select"):
-            ocnet.Model(ocnet.Config(pretrained=False, num_select=25))
+
+    def test_ocnet_config_values_that_build_no_network_are_value_errors(self):
+        # --set values that would raise deep inside the build or the forward (IndexError, nn.MultiheadAttention's
+        # AssertionError), divide by zero, or build another network than asked (fpn_levels=0 gives 1 level): a
+        # ValueError each from Model.__init__, before the backbone is built. More selected prototypes than L = 49:
+        # 2 N_s where ID_l is selected too (OCNet, "Cosine"), N_s where ID_t alone is ("Fore", "Mean")
+        cases = [*[({name: 0}, f"{name} must be >= 1, got 0")
+                   for name in ("num_select", "num_general", "fpn_levels", "dct_size", "sinkhorn_iters")],
+                 (dict(ot_eps=0.0), "ot_eps must be > 0 (Sinkhorn divides the costs by it), got 0.0"),
+                 *[(dict(attn_heads=k), f"attn_heads must divide reduce_dim = 256 (Atten's heads split C), got {k}")
+                   for k in (3, 0, -8)],
+                 *[(dict(num_select=25, allocation=a), f"2 * num_select = 50 exceeds the dct_size ** 2 = 49 prototypes "
+                                                       f"(allocation={a})") for a in ("fore+back", "cosine")],
+                 *[(dict(num_select=50, allocation=a), f"num_select = 50 exceeds the dct_size ** 2 = 49 prototypes "
+                                                       f"(allocation={a})") for a in ("fore", "mean")],
+                 (dict(dct_size=2, num_select=3), "2 * num_select = 6 exceeds the dct_size ** 2 = 4 prototypes "
+                                                  "(allocation=fore+back)")]
+        for fields, message in cases:
+            with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+                ocnet.Model(ocnet.Config(pretrained=False, **fields))
+        limits = (dict(num_select=24), dict(num_select=49, allocation="fore"), dict(num_select=49, allocation="mean"),
+                  dict(attn_heads=4), dict(fpn_levels=1), dict(dct_size=1, num_select=1, allocation="fore"))
+        for fields in limits:
+            ocnet.check_config(ocnet.Config(pretrained=False, **fields))  # the limits themselves are accepted
+        ccm = ocnet.CCM(8, num_select=49, pa_scale=10.0, allocation="fore")  # "Fore" selects N_s = L: it runs
+        g = torch.Generator().manual_seed(0)
+        f_s, m = torch.randn(1, 1, 8, 7, 7, generator=g), (torch.rand(1, 1, 7, 7, generator=g) > 0.5).float()
+        p_s = ocnet.multi_frequency_pooling(f_s[:, 0], m[:, 0], 7)
+        f_c, logits_pa, cost = ccm(f_s[:, 0], f_s[:, 0], f_s, m, p_s, p_s)
+        assert logits_pa.shape == cost.shape == (1, 49, 7, 7) and f_c.shape == (1, 16, 7, 7)
+
+    def test_ocnet_config_fields_a_switch_leaves_unread_are_refused(self):
+        # a field changed beside the switch that removes its module would change nothing: gomm=false reads none of
+        # GOMM's (its M_g, CAM, Mask, Atten), atten=false no heads, ccm=false none of CCM's, "Mean" and "Cosine" no
+        # Sinkhorn and no L_p. The switches alone (every ablation row), and with fields they read, are accepted
+        cases = [(dict(gomm=False, cam=False, mask=False), "cam, mask: no part of gomm=false"),
+                 (dict(gomm=False, atten=False), "atten: no part of gomm=false"),
+                 (dict(gomm=False, tau=0.5, num_general=8, attn_heads=4), "tau, num_general, attn_heads: no part of "
+                                                                           "gomm=false"),
+                 (dict(atten=False, attn_heads=4), "attn_heads: no part of atten=false"),
+                 (dict(ccm=False, allocation="fore"), "allocation: no part of ccm=false"),
+                 (dict(ccm=False, dct_size=5, num_select=0), "dct_size, num_select: no part of ccm=false"),
+                 (dict(ccm=False, ot_eps=0.1, sinkhorn_iters=50, pa_scale=20.0), "ot_eps, sinkhorn_iters, pa_scale: "
+                                                                                 "no part of ccm=false"),
+                 (dict(allocation="mean", ot_eps=0.1), "ot_eps: no part of allocation=mean"),
+                 (dict(allocation="cosine", pa_scale=20.0), "pa_scale: no part of allocation=cosine")]
+        for fields, message in cases:
+            with pytest.raises(ValueError, match=f"^{re.escape(message)} \\(it would change nothing\\)$"):
+                ocnet.Model(ocnet.Config(pretrained=False, **fields))
+        read = (dict(gomm=False, ccm=False, fpn_levels=3), dict(atten=False, mask=False, tau=0.5, num_general=8),
+                dict(allocation="fore", ot_eps=0.1), dict(allocation="mean", num_select=4, dct_size=5),
+                dict(ccm=False, attn_heads=4))
+        for fields in (*(fields for fields, *_ in OCNET_ABLATIONS.values()), *read):
+            ocnet.check_config(ocnet.Config(pretrained=False, **fields))
 
 
     # ---------------- §4.2, Eq. (1-2): the ImageNet CAM and the general object mask M_g -----------------------
@@ -4047,7 +4099,7 @@ class TestOCNet:
         torch.manual_seed(0)
         cam = ocnet.ImageNetCAM("resnet50", pretrained=False)
         f_h = torch.rand(2, 2048, 5, 6)
-        with torch.no_grad():  # as in evaluation
+        with torch.no_grad():  # as where the tests run a training forward (ocnet_training_without_dropout)
             out = cam(f_h)
         fc = cam.classifier[-1]
         top = fc(f_h.mean((2, 3))).argmax(1)  # (2,)
@@ -4637,6 +4689,31 @@ class TestOCNet:
         cost[0, 1, 1, :2] = 0
         m_pa = ocnet.allocation_target(cost, m_q, eps=0.05, iters=50, background=False)
         assert m_pa.tolist() == [[[255, 255, 255], [1, 1, 0]]]
+
+    def test_ocnet_table5_fore_loss_asks_for_the_foreground_target_alone(self, monkeypatch):
+        # Fore through a training forward and its loss: Model.loss solves Eq. (11) without the background problem
+        # (background=False) on the N_s foreground costs, so M_pa ignores (255) every background pixel of M_q and
+        # teaches every foreground one, and L_p is the cross-entropy against that M_pa
+        torch.manual_seed(0)
+        model = ocnet.Model(ocnet.Config(pretrained=False, allocation="fore"))
+        img_q, img_s, m_s, m_q = episode(2, 1, **OCNET_EPISODE)
+        calls, target = [], ocnet.allocation_target
+
+        def spy(cost, m_q, eps, iters, background=True):
+            m_pa = target(cost, m_q, eps, iters, background)
+            calls.append((background, cost.shape[1], m_pa))
+            return m_pa
+
+        monkeypatch.setattr(ocnet, "allocation_target", spy)
+        with torch.no_grad(), ocnet_training_without_dropout(model):
+            out = model(img_q, img_s, m_s)
+            _, terms = model.loss(out, m_q, m_s)
+        (background, slots, m_pa), = calls
+        assert background is False and slots == model.cfg.num_select
+        m = F.interpolate(m_q[:, None].float(), m_pa.shape[-2:], mode="nearest")[:, 0]  # M_q at feature resolution
+        assert (m == 0).sum() > 10 and (m == 1).sum() > 10
+        assert (m_pa[m == 0] == IGNORE_INDEX).all() and (m_pa[m == 1] < slots).all()
+        assert torch.allclose(terms["allocation"], F.cross_entropy(out["logits_pa"], m_pa, ignore_index=IGNORE_INDEX))
 
     def test_ocnet_ablations_from_the_command_line(self, capsys):
         # --set gives each switch its Config value (typed by the field); a value outside Table 5's is one line
