@@ -327,7 +327,7 @@ def background_mining_loss(y_bg, m, all_weight):
     """L_bm (NERTNet; official weighted_BCE + erfa term). y_bg (N,2,h,w) logits, channel BACKGROUND = background;
     m (N,H,W) labels {0,1,255}. Per image -log(1 - p_bg) averaged over its foreground (0 without one), mean over
     the images; plus all_weight x the mean of -log p_bg over every labelled pixel."""
-    log_p = F.log_softmax(F.interpolate(y_bg.float(), m.shape[-2:], mode="bilinear", align_corners=True), 1)
+    log_p = F.log_softmax(common.resize(y_bg.float(), m.shape[-2:]), 1)
     fg = (m == 1).float()  # (N, H, W)
     not_bg = -(log_p[:, 1 - BACKGROUND] * fg).sum((1, 2)) / (fg.sum((1, 2)) + BM_EPS)  # (N,)
     labelled = (m != common.IGNORE_INDEX).float()
@@ -396,7 +396,7 @@ class Model(nn.Module):
         else:
             extra = torch.cat([broadcast(p, f_q) for p in (p_main, p_aux, p_bg)], 1)  # (B, 3C, h, w)
             y_final, fem_aux = self.fem(f_q, p_pre, extra, aux=self.training)  # (B, 2, h, w), per scale (B,2,b,b)
-        logits = F.interpolate(y_final, img_q.shape[-2:], mode="bilinear", align_corners=True)  # (B, 2, H, W)
+        logits = common.resize(y_final, img_q.shape[-2:])  # (B, 2, H, W)
         out = {"logits": logits, "y_pre": y_pre, "y_rev": y_rev, "y_bg_q": y_bg_q, "y_bg_s": y_bg_s,
                "m_main": m_main, "m_aux": m_aux, "m_s_down": m, "fem_aux": fem_aux}
         return {k: v for k, v in out.items() if v is not None}  # what this run computes (Choices 9)
