@@ -346,6 +346,9 @@ class Model(nn.Module):
         if cfg.decoder == "fem" and (cfg.foreground_prototypes != "pre+main+aux" or not cfg.activation_maps):
             raise ValueError("foreground_prototypes and activation_maps choose the inputs of FFA's Eq. (15) (Tables IV "
                              "and V); the FEM decoder takes every prototype, broadcast (Choices 14)")
+        if cfg.decoder == "ffa" and (cfg.heads < 1 or cfg.dim % cfg.heads):
+            raise ValueError(f"heads={cfg.heads} must be at least 1 and divide dim={cfg.dim}: each of Eq. (16)'s "
+                             "attention heads takes dim / heads channels")
         if cfg.dpe == "sgm" and not cfg.fgpe:
             raise ValueError("dpe=sgm replaces DPE, which fgpe=false leaves out (Table V ablates the full model)")
         self.cfg = cfg

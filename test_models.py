@@ -8667,8 +8667,9 @@ class TestQPENet:
             torch.testing.assert_close(seen["ffa"][6], qpenet_map_each(f_s, m * (1 - rev)), **TOL)
 
     def test_qpenet_ablations_from_the_command_line(self, capsys):
-        # each row is a --set of train.py, typed by its Config field; a value that is none of a field's choices and a
-        # combination that means nothing are refused with a line that says why
+        # each row is a --set of train.py, typed by its Config field; a value that is none of a field's choices, a
+        # combination that means nothing and FFA's attention heads that do not split dim are refused with a line that
+        # says why (not a crash in the first forward)
         def config(*fields):
             args, module = train.parse_args(["--model", "qpenet", "--set", *fields])
             return train.make_config(module, args)
@@ -8689,6 +8690,11 @@ class TestQPENet:
             qpenet_variant(decoder="fem", activation_maps=False)
         with pytest.raises(ValueError, match="dpe=sgm replaces DPE"):
             qpenet_variant(fgpe=False, dpe="sgm")
+        for fields in (dict(dim=100), dict(heads=0), dict(heads=-2)):
+            with pytest.raises(ValueError, match=r"heads=-?\d+ must be at least 1 and divide dim=\d+"):
+                qpenet_variant(**fields)
+        with torch.device("meta"):  # shapes only: the FEM decoder has no attention heads to check
+            assert not hasattr(qpenet_variant(decoder="fem", heads=0), "ffa")
 
 
 
