@@ -399,6 +399,7 @@ class Model(nn.Module):
         else:
             extra = torch.cat([broadcast(p, f_q) for p in (p_main, p_aux, p_bg)], 1)  # (B, 3C, h, w)
             y_final, fem_aux = self.fem(f_q, p_pre, extra, aux=self.training)  # (B, 2, h, w), per scale (B,2,b,b)
+            fem_aux = fem_aux or None  # evaluation: the FEM returns [] (aux=False), not stored (Choices 9)
         logits = common.resize(y_final, img_q.shape[-2:])  # (B, 2, H, W)
         out = {"logits": logits, "y_pre": y_pre, "y_rev": y_rev, "y_bg_q": y_bg_q, "y_bg_s": y_bg_s,
                "m_main": m_main, "m_aux": m_aux, "m_s_down": m, "fem_aux": fem_aux}

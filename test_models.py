@@ -8521,12 +8521,13 @@ class TestQPENet:
 
     @pytest.mark.parametrize("row, foreground, background", [
         ("full", [2, 6], [2]), ("no-FGPE", None, [2]), ("III-FGPE+FFA", [2, 6], []), ("IV-pre", [], [2]),
-        ("IV-aux", [2, 6], [2]), ("V-SGM", [6], [2])])
+        ("IV-aux", [2, 6], [2]), ("V-SGM", [6], [2]), ("III-FGPE+BGPE", [2, 6], [2])])
     def test_qpenet_ablation_evaluation_runs_only_what_the_logits_read(self, row, foreground, background):
         # Choices 9: training runs PPG and DPE (their Convs on the B queries, then the B*S supports) and GBC's Convs
         # (Eq. 10 on the queries, Eq. 9 on the supports) for the loss; evaluation only what the decoder reads:
-        # without BGPE no background map, with P_pre alone no PPG or DPE, SGM no PPG. The evaluation logits are
-        # those of training mode with every dropout at p = 0
+        # without BGPE no background map, with P_pre alone no PPG or DPE, SGM no PPG, the FEM decoder no auxiliary
+        # logits (no empty "fem_aux" either). The evaluation logits are those of training mode with every dropout at
+        # p = 0
         model = qpenet_variant(**QPENET_ABLATIONS.get(row, {}))
         for module in model.modules():
             if isinstance(module, nn.modules.dropout._DropoutNd):
@@ -8547,6 +8548,7 @@ class TestQPENet:
         ran = foreground or []
         assert ("y_pre" in evaluated) == (2 in ran) and ("y_rev" in evaluated) == (6 in ran)
         assert ("y_bg_q" in evaluated) == (background == [2]) and "y_bg_s" not in evaluated
+        assert ("fem_aux" in trained) == (model.cfg.decoder == "fem") and "fem_aux" not in evaluated
         torch.testing.assert_close(evaluated["logits"], trained["logits"])
 
     def test_qpenet_without_fgpe_the_decoder_gets_p_pre_for_every_foreground_prototype(self):
