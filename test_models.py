@@ -8121,8 +8121,9 @@ class TestQPENet:
         monkeypatch.setattr(qpenet_model, "features", qpenet_model.features)  # the stand-in features undone after
         img_q, img_s, m_s, _, f_q, f_s, m, fg_pre, rev = qpenet_scripted_episode(qpenet_model, S)
         scripted = Scripted(logits_of(fg_pre), logits_of(rev).flatten(0, 1))
-        convs, qpenet_model.foreground.convs = qpenet_model.foreground.convs, scripted  # not monkeypatch: its undo
-        seen = {}  # deletes a submodule (it is not in the instance __dict__)
+        # swapped by hand, not with monkeypatch: its undo deletes a submodule (it is not in the instance __dict__)
+        convs, qpenet_model.foreground.convs = qpenet_model.foreground.convs, scripted
+        seen = {}
         hooks = [qpenet_model.ffa.register_forward_pre_hook(lambda mod, args: seen.update(ffa=args)),
                  qpenet_model.gbc.register_forward_hook(lambda mod, args, out: seen.update(gbc=out))]
         try:
@@ -8326,8 +8327,8 @@ class TestQPENet:
         B, S, C, h, w = f_s.shape
         keys = qpenet_nearest_keys(m_s, h, w)  # (B, S, h, w)
         assert keys[0, 0].tolist() == [[True, True, False], [True, True, False], [False] * 3]
-        assert m_bilinear[0, 0, 1, 2] == 0.5 and m_bilinear[0, 1, 2, 2] == 1  # the old M_s > 0 rule's keys ...
-        assert not keys[0, 0, 1, 2] and not keys[0, 1, 2, 2]  # ... that are none here (a 0 and a 255 read)
+        assert m_bilinear[0, 0, 1, 2] == 0.5 and m_bilinear[0, 1, 2, 2] == 1  # M_s > 0 at two pixels ...
+        assert not keys[0, 0, 1, 2] and not keys[0, 1, 2, 2]  # ... that are no keys (nearest reads a 0 and a 255)
         assert m_bilinear[0, 0, 1, 1] == 0.25 and m_bilinear[1, 1, 0, 2] == 0 and keys[0, 0, 1, 1] and keys[1, 1, 0, 2]
         seen = {}
         hook = ffa.fuse.register_forward_hook(lambda mod, args, out: seen.update(x=out.clone()))
@@ -8349,8 +8350,8 @@ class TestQPENet:
 
     def test_qpenet_support_features_matter_only_at_the_keys(self):
         # Eq. (16) attends to F_s * M_s, M_s the label at feature resolution: support features off the keys cannot
-        # change y_final, even where the bilinear M_s is 0.5 or 1 (episode 0: (0,1,2) and (0,2,2), which the old
-        # M_s > 0 rule made keys), features at the keys (bilinear M_s 1, 0.5, 0.25; episode 1: 0) do
+        # change y_final, even where the bilinear M_s is 0.5 or 1 (episode 0: (0,1,2) and (0,2,2): the keys are not
+        # the pixels where M_s > 0); features at the keys (bilinear M_s 1, 0.5, 0.25; episode 1: 0) do
         ffa = qpenet_small_ffa()
         f_q, f_s, m_s, *protos, m_bilinear = qpenet_keys_episode()
         keys = qpenet_nearest_keys(m_s, *f_s.shape[-2:])  # (B, S, h, w)
@@ -8392,7 +8393,7 @@ class TestQPENet:
         row = [[False] * 4, [False] * 4, [False, True, True, True], [False] * 4]
         assert keys[:, 0].tolist() == keys[:, 1].tolist() == [row] * B
         m = out["m_s_down"]  # the bilinear M_s
-        assert 0.6 < m[0, 0, 1, 1] < 0.7 and not keys[0, 0, 1, 1]  # the old M_s > 0 rule's key, none now
+        assert 0.6 < m[0, 0, 1, 1] < 0.7 and not keys[0, 0, 1, 1]  # M_s > 0 there, yet no key
         assert m[0, 0, 2, 3] == 0 and keys[0, 0, 2, 3]
         assert len(seen) == 2  # both layers, the same keys
         for tokens, valid in seen:
