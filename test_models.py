@@ -8117,7 +8117,7 @@ class TestQPENet:
         # The wiring of Model.forward, end to end with scripted heads: Eq. (2) gets P_pre, Eq. (3) pools the
         # query under y_pre's foreground, Eq. (4) is driven by that P_psd (not P_pre), and FFA receives
         # P_bg from GBC, P_pre, and P_main / P_aux from y_rev, all worked out here by hand
-        B, S, C, h = 2, 2, qpenet_model.cfg.dim, QPENET_H_FEAT
+        S, C = 2, qpenet_model.cfg.dim
         monkeypatch.setattr(qpenet_model, "features", qpenet_model.features)  # the stand-in features undone after
         img_q, img_s, m_s, _, f_q, f_s, m, fg_pre, rev = qpenet_scripted_episode(qpenet_model, S)
         scripted = Scripted(logits_of(fg_pre), logits_of(rev).flatten(0, 1))
@@ -8134,10 +8134,8 @@ class TestQPENet:
             for hook in hooks:
                 hook.remove()
 
-        p_pre = torch.stack([map_by_hand(pixels(f_s[b]), m[b].flatten()) for b in range(B)])
-        p_psd = torch.stack([map_by_hand(pixels(f_q[b]), fg_pre[b].flatten()) for b in range(B)])
-        p_main = torch.stack([map_by_hand(pixels(f_s[b]), (m[b] * rev[b]).flatten()) for b in range(B)])
-        p_aux = torch.stack([map_by_hand(pixels(f_s[b]), (m[b] * (1 - rev[b])).flatten()) for b in range(B)])
+        p_pre, p_psd = qpenet_map_each(f_s, m), qpenet_map_each(f_q, fg_pre)
+        p_main, p_aux = qpenet_map_each(f_s, m * rev), qpenet_map_each(f_s, m * (1 - rev))
         assert (p_psd - p_pre).abs().max() > 0.1 and (p_main - p_aux).abs().max() > 0.1  # the test can tell them apart
 
         assert len(scripted.inputs) == 2  # one Convs for Eq. (2) and Eq. (4)
@@ -8185,8 +8183,7 @@ class TestQPENet:
         p_pre = qpenet.shot_map(f_s, m)  # Eq. (1), in Model.forward (the baseline's prototype too)
         y_pre, p_psd = fe.ppg(f_q, p_pre)
 
-        for b in range(2):
-            torch.testing.assert_close(p_pre[b], map_by_hand(pixels(f_s[b]), m[b].flatten()), **TOL)
+        torch.testing.assert_close(p_pre, qpenet_map_each(f_s, m), **TOL)
         (x,) = fe.convs.inputs
         torch.testing.assert_close(x[:, :C], f_q)  # F_q first
         expect_broadcast(x[:, C:], p_pre)  # then BC(P_pre)
@@ -8222,9 +8219,8 @@ class TestQPENet:
         assert y_rev.shape == (B, S, 2, h, w)
         torch.testing.assert_close(m_main, m * rev)
         torch.testing.assert_close(m_aux, m * (1 - rev))
-        for b in range(B):
-            torch.testing.assert_close(p_main[b], map_by_hand(pixels(f_s[b]), (m[b] * rev[b]).flatten()), **TOL)
-            torch.testing.assert_close(p_aux[b], map_by_hand(pixels(f_s[b]), (m[b] * (1 - rev[b])).flatten()), **TOL)
+        torch.testing.assert_close(p_main, qpenet_map_each(f_s, m * rev), **TOL)
+        torch.testing.assert_close(p_aux, qpenet_map_each(f_s, m * (1 - rev)), **TOL)
 
     def test_qpenet_main_and_aux_partition_the_support_mask(self, qpenet_step):
         out, m_s = qpenet_step["out"], qpenet_step["m_s"]
@@ -8457,7 +8453,7 @@ class TestQPENet:
 
     def test_qpenet_parameter_counts(self, qpenet_model):
         learnable, total = train.count_parameters(qpenet_model)
-        head = 2 * 256 * 256 + 2 * 9 * 256 * 256 + 9 * 256 * 256 + 256 * 2 + 2  # Convs(512 -> 256 -> 2)
+        head = qpenet_convs_params(512, 256)  # Convs(512 -> 256 -> 2)
         assert sum(p.numel() for p in qpenet_model.foreground.parameters()) == head == 1_901_058  # paper: 34.6M - 32.7M
         assert learnable == 7_738_118
         # ResNet-50 up to layer3: layer4's 14,964,736 weights are not built, as QPENet never reads them
