@@ -36,8 +36,8 @@ the cross-attention keys are the foreground pixels of all K supports together.
 Choices (paper silent, or where we differ from the official code, whose behaviour each entry states):
  1. F_q, F_s: cat(layer3, layer2) of the frozen backbone -> 1x1 conv (256, no bias) + ReLU + Dropout2d 0.5 (PFENet's,
     as the official), one reduction for both ("two weight-shared CNNs", §III-B; the official: down_query and
-    down_supp). The backbone is common.Backbone, not the official deep-stem resnet50_v2. Conv_1 of Eq. (12) and
-    (15) is a 1x1 conv without bias followed by ReLU, like that reduction.
+    down_supp). Backbone: torchvision's ResNet by default; the official's deep stem (resnet50_v2) with --backbone
+    resnet50_deep --backbone-weights resnet50_v2.pth. Conv_1 of Eq. (12), (15): a 1x1 conv, no bias, + ReLU.
  2. Convs: the official head (1x1 reduce + Dropout2d 0.5, two 3x3 residual, 3x3 + Dropout2d 0.1 + 1x1 -> 2).
     PPG and DPE share one (same "Convs" in Eq. 2 and 4; its 1.90M parameters are exactly the paper's 34.6M -
     32.7M); GBC has its own for Eq. 9 and 10; the final one of Eq. 16 reduces without dropout, as the official.
@@ -49,7 +49,7 @@ Choices (paper silent, or where we differ from the official code, whose behaviou
     auxiliary head on F_q'' (loss weight 0.6). We follow Eq. (12)-(16) only.
  5. GBC: P_global is a random N(0, 1) vector (§III-D; the official starts from zeros). FC(FC(GAP(.))) is
     Linear(256, 256) - ReLU - Linear(256, 256) - sigmoid, a channel gate in (0, 1) (GBC says why). GAP is the
-    plain mean over all h*w pixels of F_q * y_bg^q, as written. Channel 1 of y_bg is background (Fig. 3).
+    plain mean over all h*w pixels of F_q * y_bg^q, as written. Channel 1 of y_bg is background (QPENet.py L503).
  6. Eq. (16) "Cross": the official cross-attention layer (8 heads, no biases, dropout 0.1; residual, LayerNorm,
     FFN 256-768-256) over the support pixels labelled 1 at h x w (nearest, as the official), unweighted, all K
     shots together; without the official's deformable self-attention, cycle-consistency mask and random key
@@ -327,7 +327,7 @@ def background_mining_loss(y_bg, m, all_weight):
     """L_bm (NERTNet; official weighted_BCE + erfa term). y_bg (N,2,h,w) logits, channel BACKGROUND = background;
     m (N,H,W) labels {0,1,255}. Per image -log(1 - p_bg) averaged over its foreground (0 without one), mean over
     the images; plus all_weight x the mean of -log p_bg over every labelled pixel."""
-    log_p = F.log_softmax(F.interpolate(y_bg.float(), m.shape[-2:], mode="bilinear", align_corners=True), 1)
+    log_p = F.log_softmax(common.resize(y_bg.float(), m.shape[-2:]), 1)
     fg = (m == 1).float()  # (N, H, W)
     not_bg = -(log_p[:, 1 - BACKGROUND] * fg).sum((1, 2)) / (fg.sum((1, 2)) + BM_EPS)  # (N,)
     labelled = (m != common.IGNORE_INDEX).float()
@@ -346,10 +346,14 @@ class Model(nn.Module):
         if cfg.decoder == "fem" and (cfg.foreground_prototypes != "pre+main+aux" or not cfg.activation_maps):
             raise ValueError("foreground_prototypes and activation_maps choose the inputs of FFA's Eq. (15) (Tables IV "
                              "and V); the FEM decoder takes every prototype, broadcast (Choices 14)")
+        if cfg.decoder == "ffa" and (cfg.heads < 1 or cfg.dim % cfg.heads):
+            raise ValueError(f"heads={cfg.heads} must be at least 1 and divide dim={cfg.dim}: each of Eq. (16)'s "
+                             "attention heads takes dim / heads channels")
         if cfg.dpe == "sgm" and not cfg.fgpe:
             raise ValueError("dpe=sgm replaces DPE, which fgpe=false leaves out (Table V ablates the full model)")
         self.cfg = cfg
-        # torchvision's ResNet with PFENet's dilation (Choices 1), up to layer3: layer4 is never read
+        # torchvision's ResNet by default, the official's deep stem with --backbone resnet50_deep (Choices 1), with
+        # PFENet's dilation, up to layer3: layer4 is never read
         self.backbone = common.Backbone(cfg.backbone, pretrained=cfg.pretrained, last="layer3")
         mid = self.backbone.channels["layer2"] + self.backbone.channels["layer3"]
         self.down = common.MidLevelReduction(mid, cfg.dim, cfg.feature_dropout)
@@ -395,7 +399,8 @@ class Model(nn.Module):
         else:
             extra = torch.cat([broadcast(p, f_q) for p in (p_main, p_aux, p_bg)], 1)  # (B, 3C, h, w)
             y_final, fem_aux = self.fem(f_q, p_pre, extra, aux=self.training)  # (B, 2, h, w), per scale (B,2,b,b)
-        logits = F.interpolate(y_final, img_q.shape[-2:], mode="bilinear", align_corners=True)  # (B, 2, H, W)
+            fem_aux = fem_aux or None  # evaluation: the FEM returns [] (aux=False), not stored (Choices 9)
+        logits = common.resize(y_final, img_q.shape[-2:])  # (B, 2, H, W)
         out = {"logits": logits, "y_pre": y_pre, "y_rev": y_rev, "y_bg_q": y_bg_q, "y_bg_s": y_bg_s,
                "m_main": m_main, "m_aux": m_aux, "m_s_down": m, "fem_aux": fem_aux}
         return {k: v for k, v in out.items() if v is not None}  # what this run computes (Choices 9)

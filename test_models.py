@@ -8201,12 +8201,13 @@ class TestQPENet:
         # The wiring of Model.forward, end to end with scripted heads: Eq. (2) gets P_pre, Eq. (3) pools the
         # query under y_pre's foreground, Eq. (4) is driven by that P_psd (not P_pre), and FFA receives
         # P_bg from GBC, P_pre, and P_main / P_aux from y_rev, all worked out here by hand
-        B, S, C, h = 2, 2, qpenet_model.cfg.dim, QPENET_H_FEAT
+        S, C = 2, qpenet_model.cfg.dim
         monkeypatch.setattr(qpenet_model, "features", qpenet_model.features)  # the stand-in features undone after
         img_q, img_s, m_s, _, f_q, f_s, m, fg_pre, rev = qpenet_scripted_episode(qpenet_model, S)
         scripted = Scripted(logits_of(fg_pre), logits_of(rev).flatten(0, 1))
-        convs, qpenet_model.foreground.convs = qpenet_model.foreground.convs, scripted  # not monkeypatch: its undo
-        seen = {}  # deletes a submodule (it is not in the instance __dict__)
+        # swapped by hand, not with monkeypatch: its undo deletes a submodule (it is not in the instance __dict__)
+        convs, qpenet_model.foreground.convs = qpenet_model.foreground.convs, scripted
+        seen = {}
         hooks = [qpenet_model.ffa.register_forward_pre_hook(lambda mod, args: seen.update(ffa=args)),
                  qpenet_model.gbc.register_forward_hook(lambda mod, args, out: seen.update(gbc=out))]
         try:
@@ -8217,10 +8218,8 @@ class TestQPENet:
             for hook in hooks:
                 hook.remove()
 
-        p_pre = torch.stack([map_by_hand(pixels(f_s[b]), m[b].flatten()) for b in range(B)])
-        p_psd = torch.stack([map_by_hand(pixels(f_q[b]), fg_pre[b].flatten()) for b in range(B)])
-        p_main = torch.stack([map_by_hand(pixels(f_s[b]), (m[b] * rev[b]).flatten()) for b in range(B)])
-        p_aux = torch.stack([map_by_hand(pixels(f_s[b]), (m[b] * (1 - rev[b])).flatten()) for b in range(B)])
+        p_pre, p_psd = qpenet_map_each(f_s, m), qpenet_map_each(f_q, fg_pre)
+        p_main, p_aux = qpenet_map_each(f_s, m * rev), qpenet_map_each(f_s, m * (1 - rev))
         assert (p_psd - p_pre).abs().max() > 0.1 and (p_main - p_aux).abs().max() > 0.1  # the test can tell them apart
 
         assert len(scripted.inputs) == 2  # one Convs for Eq. (2) and Eq. (4)
@@ -8268,8 +8267,7 @@ class TestQPENet:
         p_pre = qpenet.shot_map(f_s, m)  # Eq. (1), in Model.forward (the baseline's prototype too)
         y_pre, p_psd = fe.ppg(f_q, p_pre)
 
-        for b in range(2):
-            torch.testing.assert_close(p_pre[b], map_by_hand(pixels(f_s[b]), m[b].flatten()), **TOL)
+        torch.testing.assert_close(p_pre, qpenet_map_each(f_s, m), **TOL)
         (x,) = fe.convs.inputs
         torch.testing.assert_close(x[:, :C], f_q)  # F_q first
         expect_broadcast(x[:, C:], p_pre)  # then BC(P_pre)
@@ -8305,9 +8303,8 @@ class TestQPENet:
         assert y_rev.shape == (B, S, 2, h, w)
         torch.testing.assert_close(m_main, m * rev)
         torch.testing.assert_close(m_aux, m * (1 - rev))
-        for b in range(B):
-            torch.testing.assert_close(p_main[b], map_by_hand(pixels(f_s[b]), (m[b] * rev[b]).flatten()), **TOL)
-            torch.testing.assert_close(p_aux[b], map_by_hand(pixels(f_s[b]), (m[b] * (1 - rev[b])).flatten()), **TOL)
+        torch.testing.assert_close(p_main, qpenet_map_each(f_s, m * rev), **TOL)
+        torch.testing.assert_close(p_aux, qpenet_map_each(f_s, m * (1 - rev)), **TOL)
 
     def test_qpenet_main_and_aux_partition_the_support_mask(self, qpenet_step):
         out, m_s = qpenet_step["out"], qpenet_step["m_s"]
@@ -8410,8 +8407,8 @@ class TestQPENet:
         B, S, C, h, w = f_s.shape
         keys = qpenet_nearest_keys(m_s, h, w)  # (B, S, h, w)
         assert keys[0, 0].tolist() == [[True, True, False], [True, True, False], [False] * 3]
-        assert m_bilinear[0, 0, 1, 2] == 0.5 and m_bilinear[0, 1, 2, 2] == 1  # the old M_s > 0 rule's keys ...
-        assert not keys[0, 0, 1, 2] and not keys[0, 1, 2, 2]  # ... that are none here (a 0 and a 255 read)
+        assert m_bilinear[0, 0, 1, 2] == 0.5 and m_bilinear[0, 1, 2, 2] == 1  # M_s > 0 at two pixels ...
+        assert not keys[0, 0, 1, 2] and not keys[0, 1, 2, 2]  # ... that are no keys (nearest reads a 0 and a 255)
         assert m_bilinear[0, 0, 1, 1] == 0.25 and m_bilinear[1, 1, 0, 2] == 0 and keys[0, 0, 1, 1] and keys[1, 1, 0, 2]
         seen = {}
         hook = ffa.fuse.register_forward_hook(lambda mod, args, out: seen.update(x=out.clone()))
@@ -8433,8 +8430,8 @@ class TestQPENet:
 
     def test_qpenet_support_features_matter_only_at_the_keys(self):
         # Eq. (16) attends to F_s * M_s, M_s the label at feature resolution: support features off the keys cannot
-        # change y_final, even where the bilinear M_s is 0.5 or 1 (episode 0: (0,1,2) and (0,2,2), which the old
-        # M_s > 0 rule made keys), features at the keys (bilinear M_s 1, 0.5, 0.25; episode 1: 0) do
+        # change y_final, even where the bilinear M_s is 0.5 or 1 (episode 0: (0,1,2) and (0,2,2): the keys are not
+        # the pixels where M_s > 0); features at the keys (bilinear M_s 1, 0.5, 0.25; episode 1: 0) do
         ffa = qpenet_small_ffa()
         f_q, f_s, m_s, *protos, m_bilinear = qpenet_keys_episode()
         keys = qpenet_nearest_keys(m_s, *f_s.shape[-2:])  # (B, S, h, w)
@@ -8476,7 +8473,7 @@ class TestQPENet:
         row = [[False] * 4, [False] * 4, [False, True, True, True], [False] * 4]
         assert keys[:, 0].tolist() == keys[:, 1].tolist() == [row] * B
         m = out["m_s_down"]  # the bilinear M_s
-        assert 0.6 < m[0, 0, 1, 1] < 0.7 and not keys[0, 0, 1, 1]  # the old M_s > 0 rule's key, none now
+        assert 0.6 < m[0, 0, 1, 1] < 0.7 and not keys[0, 0, 1, 1]  # M_s > 0 there, yet no key
         assert m[0, 0, 2, 3] == 0 and keys[0, 0, 2, 3]
         assert len(seen) == 2  # both layers, the same keys
         for tokens, valid in seen:
@@ -8540,7 +8537,7 @@ class TestQPENet:
 
     def test_qpenet_parameter_counts(self, qpenet_model):
         learnable, total = train.count_parameters(qpenet_model)
-        head = 2 * 256 * 256 + 2 * 9 * 256 * 256 + 9 * 256 * 256 + 256 * 2 + 2  # Convs(512 -> 256 -> 2)
+        head = qpenet_convs_params(512, 256)  # Convs(512 -> 256 -> 2)
         assert sum(p.numel() for p in qpenet_model.foreground.parameters()) == head == 1_901_058  # paper: 34.6M - 32.7M
         assert learnable == 7_738_118
         # ResNet-50 up to layer3: layer4's 14,964,736 weights are not built, as QPENet never reads them
@@ -8605,12 +8602,13 @@ class TestQPENet:
 
     @pytest.mark.parametrize("row, foreground, background", [
         ("full", [2, 6], [2]), ("no-FGPE", None, [2]), ("III-FGPE+FFA", [2, 6], []), ("IV-pre", [], [2]),
-        ("IV-aux", [2, 6], [2]), ("V-SGM", [6], [2])])
+        ("IV-aux", [2, 6], [2]), ("V-SGM", [6], [2]), ("III-FGPE+BGPE", [2, 6], [2])])
     def test_qpenet_ablation_evaluation_runs_only_what_the_logits_read(self, row, foreground, background):
         # Choices 9: training runs PPG and DPE (their Convs on the B queries, then the B*S supports) and GBC's Convs
         # (Eq. 10 on the queries, Eq. 9 on the supports) for the loss; evaluation only what the decoder reads:
-        # without BGPE no background map, with P_pre alone no PPG or DPE, SGM no PPG. The evaluation logits are
-        # those of training mode with every dropout at p = 0
+        # without BGPE no background map, with P_pre alone no PPG or DPE, SGM no PPG, the FEM decoder no auxiliary
+        # logits (no empty "fem_aux" either). The evaluation logits are those of training mode with every dropout at
+        # p = 0
         model = qpenet_variant(**QPENET_ABLATIONS.get(row, {}))
         for module in model.modules():
             if isinstance(module, nn.modules.dropout._DropoutNd):
@@ -8631,6 +8629,7 @@ class TestQPENet:
         ran = foreground or []
         assert ("y_pre" in evaluated) == (2 in ran) and ("y_rev" in evaluated) == (6 in ran)
         assert ("y_bg_q" in evaluated) == (background == [2]) and "y_bg_s" not in evaluated
+        assert ("fem_aux" in trained) == (model.cfg.decoder == "fem") and "fem_aux" not in evaluated
         torch.testing.assert_close(evaluated["logits"], trained["logits"])
 
     def test_qpenet_without_fgpe_the_decoder_gets_p_pre_for_every_foreground_prototype(self):
@@ -8751,8 +8750,9 @@ class TestQPENet:
             torch.testing.assert_close(seen["ffa"][6], qpenet_map_each(f_s, m * (1 - rev)), **TOL)
 
     def test_qpenet_ablations_from_the_command_line(self, capsys):
-        # each row is a --set of train.py, typed by its Config field; a value that is none of a field's choices and a
-        # combination that means nothing are refused with a line that says why
+        # each row is a --set of train.py, typed by its Config field; a value that is none of a field's choices, a
+        # combination that means nothing and FFA's attention heads that do not split dim are refused with a line that
+        # says why (not a crash in the first forward)
         def config(*fields):
             args, module = train.parse_args(["--model", "qpenet", "--set", *fields])
             return train.make_config(module, args)
@@ -8773,6 +8773,11 @@ class TestQPENet:
             qpenet_variant(decoder="fem", activation_maps=False)
         with pytest.raises(ValueError, match="dpe=sgm replaces DPE"):
             qpenet_variant(fgpe=False, dpe="sgm")
+        for fields in (dict(dim=100), dict(heads=0), dict(heads=-2)):
+            with pytest.raises(ValueError, match=r"heads=-?\d+ must be at least 1 and divide dim=\d+"):
+                qpenet_variant(**fields)
+        with torch.device("meta"):  # shapes only: the FEM decoder has no attention heads to check
+            assert not hasattr(qpenet_variant(decoder="fem", heads=0), "ffa")
 
 
 
