@@ -373,6 +373,11 @@ class BAMEnsemble(nn.Module):
 # Sym-Net
 
 
+def reads_text(cfg):
+    """Whether APA reads the class word vectors: APA on and a Table 5 aggregation with word2vec."""
+    return cfg.apa and "word2vec" in cfg.aggregation
+
+
 class Model(nn.Module):
     """Sym-Net (Fig. 2) as the meta learner, with BAM's base learner ensemble when cfg.base_classes names one.
 
@@ -404,16 +409,16 @@ class Model(nn.Module):
         self.blocks = [len(self.backbone.stages[name]) for name in common.BLOCK_STAGES]  # [4, 6, 3] ResNet-50
         self.down_query, self.down_supp = (common.MidLevelReduction(ch["layer3"] + ch["layer2"], c, cfg.mid_dropout)
                                            for _ in range(2))
-        reads_text = cfg.apa and "word2vec" in cfg.aggregation
-        self.apa = APA(c, TEXT_DIM if reads_text else 0, cfg.apa_dropout) if cfg.apa else None
+        text_on = reads_text(cfg)
+        self.apa = APA(c, TEXT_DIM if text_on else 0, cfg.apa_dropout) if cfg.apa else None
         self.tdc = TDC(self.blocks, cfg.tdc_hidden, cfg.hyper_dim) if cfg.tdc else None
         extra = cfg.hyper_dim * cfg.tdc + cfg.spm  # FEM's extra maps: [F^hyper, M^pri], as far as they are on
         self.fem = common.FEM(c, extra_dim=extra)
-        if reads_text and text is None and cfg.word_vectors:  # a checkpoint's rows, loaded after this
+        if text_on and text is None and cfg.word_vectors:  # a checkpoint's rows, loaded after this
             if setting.num_classes is None:
                 raise ValueError("Sym-Net's word-vector table has a row per class: setting.num_classes is needed")
             text = torch.zeros(setting.num_classes + 1, TEXT_DIM)
-        self.register_buffer("text", text if reads_text else None)  # row c: class c's word vector
+        self.register_buffer("text", text if text_on else None)  # row c: class c's word vector
         self.base_learner = self.ensemble = None
         if cfg.base_classes is not None:
             self.base_learner = BaseLearner(ch["layer4"], cfg.base_classes).freeze()
@@ -432,7 +437,7 @@ class Model(nn.Module):
         if self.apa is None:  # APA off (Table 3): MAP's support prototype, the mean of the shots'
             return p_s.view(B, S, -1).mean(1), None, None
         text = None
-        if "word2vec" in cfg.aggregation:  # t (Eq. 6): zero without word vectors or class ids (Choices)
+        if reads_text(cfg):  # t (Eq. 6): zero without word vectors or class ids (Choices)
             known = self.text is not None and class_ids is not None
             text = self.text[class_ids] if known else torch.zeros(B, TEXT_DIM, device=f_q.device)  # (B, d)
         # APA per shot (the B*S supports as one batch), then the mean of the shots
@@ -530,20 +535,19 @@ def build(cfg, setting):
     WeightsUnavailableError, before anything is built. With setting.from_checkpoint no file is read: the checkpoint
     holds the word vectors and the base learner, and its Config says whether it has one."""
     text = base_state = None
-    reads_text = cfg.apa and "word2vec" in cfg.aggregation
     if not setting.from_checkpoint:
         named = {"--word-vectors": cfg.word_vectors, "--base-learner": cfg.base_learner}
         missing = [f"{flag} {path}" for flag, path in named.items() if path and not Path(path).is_file()]
         if missing:
             raise common.WeightsUnavailableError(f"no such file: {', '.join(missing)}")
-        if cfg.word_vectors and reads_text:
+        if cfg.word_vectors and reads_text(cfg):
             text = load_word_vectors(cfg.word_vectors, setting.dataset, root=setting.data_root)
         base_state = read_base_learner(cfg, setting)
         cfg = dataclasses.replace(cfg, base_classes=None if base_state is None else tuple(base_state["classes"]))
-        if cfg.word_vectors and not reads_text:
+        if cfg.word_vectors and not reads_text(cfg):
             warnings.warn(f"--word-vectors unused: Sym-Net with apa={str(cfg.apa).lower()}, aggregation="
                           f"{cfg.aggregation} reads no word vector")
-        elif reads_text and not cfg.word_vectors:
+        elif reads_text(cfg) and not cfg.word_vectors:
             warnings.warn("Sym-Net without --word-vectors: APA's text branch is off, its input zero (Table 5's "
                           "'Support & Query' row: --set aggregation=support+query)")
     return Model(cfg, setting, text, base_state)
