@@ -78,11 +78,13 @@ Choices (where the paper is silent we follow SN; differences from SN are said):
 - SPM off (Table 3): no prior at all; FEM loses M^pri's channel. Not PFENet's cosine prior in its place: the
   table's note says APA, which reads the prior (Eq. 5, 7), cannot run without SPM, as it could with a stand-in.
 - APA off (Table 3): FEM's prototype is the support's MAP (Eq. 4; the mean of the shots'), §4.3's baseline; no
-  query prototype, word vector or co-triplet loss (APA gives its anchors). It is Table 5's "Support" row too:
-  both tables give it the same four folds.
+  query prototype, word vector or co-triplet loss (APA gives its anchors): a changed co_triplet or aggregation is
+  refused. It is Table 5's "Support" row too: both tables give it the same four folds.
 - Table 5: support+word2vec drops the query branch (FEM takes p_s_aug; the co-triplet keeps its support term);
   support+query drops the word vector and W^Q's text columns. TDC off (Table 3): FEM loses F^hyper; with SPM off
   too, FEM reads no extra map at all.
+- Left open by §4.3: every ablation row keeps BAM's base-learner ensemble (where a base learner exists), and
+  Table 5's "Support & Query" keeps both co-triplet terms (it drops the word vector alone).
 """
 import dataclasses
 import mmap
@@ -116,7 +118,7 @@ class Config:
     base_learner: str = None  # --base-learner; None: base_learner_path(setting) if that file exists
     base_classes: tuple = None  # set by build: the base learner's class ids (its channels 1..n); None: none
     reduce_dim: int = 256  # c = d = 256 (§4.1)
-    windows: tuple = ((5, 5), (7, 1), (1, 7))  # SPM pooling windows d_h x d_w (§4.1)
+    windows: tuple = ((5, 5), (7, 1), (1, 7))  # SPM pooling windows d_h x d_w (§4.1), odd sizes
     tau1: float = 0.7  # query prototype threshold (§4.1)
     tau2: float = 0.4  # query negative threshold (§4.1)
     tau3: float = 0.40  # ambiguous band, lower (§4.1, Table 4)
@@ -373,6 +375,12 @@ class BAMEnsemble(nn.Module):
 # Sym-Net
 
 
+def odd_window(window):
+    """An SPM window (d_h, d_w): two odd positive ints, so that avg_pool2d's padding d // 2 keeps the size."""
+    return isinstance(window, tuple) and len(window) == 2 and all(
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 and d % 2 == 1 for d in window)
+
+
 def reads_text(cfg):
     """Whether APA reads the class word vectors: APA on and a Table 5 aggregation with word2vec."""
     return cfg.apa and "word2vec" in cfg.aggregation
@@ -401,6 +409,16 @@ class Model(nn.Module):
             raise ValueError("APA reads SPM's prior (Eq. 5, 7; Table 3's note): spm=false needs apa=false")
         if not cfg.tau3 < cfg.tau4:
             raise ValueError(f"Eq. (11)'s band needs tau3 < tau4, got {cfg.tau3}, {cfg.tau4}")
+        if not (isinstance(cfg.windows, tuple) and cfg.windows and all(map(odd_window, cfg.windows))):
+            raise ValueError(f"windows: SPM's pooling windows, a non-empty tuple of pairs (d_h, d_w) of odd positive "
+                             f"ints (padding d // 2 keeps the size), e.g. windows=((5,5),(7,1)); got {cfg.windows!r}")
+        if cfg.tdc and not (cfg.hyper_dim >= 1 and cfg.tdc_hidden >= 1):
+            raise ValueError(f"TDC's channels: hyper_dim (N') and tdc_hidden must be >= 1, got {cfg.hyper_dim} and "
+                             f"{cfg.tdc_hidden}")
+        changed = [f"{f.name}={str(getattr(cfg, f.name)).lower()}" for f in dataclasses.fields(Config)
+                   if f.name in ("aggregation", "co_triplet") and getattr(cfg, f.name) != f.default]
+        if not cfg.apa and changed:  # APA makes the prototypes Table 5 aggregates and the co-triplet loss's anchors
+            raise ValueError(f"{', '.join(changed)}: no part of apa=false (it would change nothing)")
         if base_state is not None and cfg.base_classes is None:
             raise ValueError("a base learner's weights were given, but cfg.base_classes names no base learner")
         self.cfg = cfg

@@ -7722,6 +7722,27 @@ class TestSymNet:
         with pytest.raises(ValueError, match="tau3 < tau4"):
             symnet_meta(tau3=0.55, tau4=0.55)
 
+    def test_symnet_config_values_it_cannot_run_are_refused_before_anything_is_built(self):
+        # --set values that crashed mid-forward (SPM's windows, TDC's channels) or changed nothing (Table 5's fields
+        # with APA off, which makes their prototypes and anchors): Model.__init__ refuses each with one ValueError
+        windows = r"^windows: SPM's pooling windows, a non-empty tuple of pairs \(d_h, d_w\) of odd positive ints"
+        channels = r"^TDC's channels: hyper_dim \(N'\) and tdc_hidden must be >= 1, got "
+        cases = {"windows=5,5": windows + r".*got \(5, 5\)$", "windows=((4,4),)": windows, "windows=()": windows,
+                 "windows=((5,5),(7,))": windows, "windows=((5,-1),)": windows, "windows=((5.0,5),)": windows,
+                 "hyper_dim=0": channels + "0 and 16$", "tdc_hidden=0": channels + "48 and 0$",
+                 "apa=false co_triplet=false": r"^co_triplet=false: no part of apa=false \(it would change nothing\)$",
+                 "apa=false aggregation=support+query co_triplet=false":
+                     r"^aggregation=support\+query, co_triplet=false: no part of apa=false",
+                 "spm=false apa=false aggregation=support+word2vec": r"^aggregation=support\+word2vec: no part of"}
+        for words, message in cases.items():
+            args, module = train.parse_args(["--model", "symnet", "--dataset", "synthetic", "--no-pretrained",
+                                             "--set", *words.split()])
+            with pytest.raises(ValueError, match=message), torch.device("meta"):
+                symnet.Model(train.make_config(module, args), train.setting_of(args))
+        for fields in (dict(windows=((3, 3),)), dict(windows=((1, 7), (7, 1))), dict(tdc=False, hyper_dim=0),
+                       dict(tdc=False, tdc_hidden=0)):
+            assert symnet_meta(**fields).cfg.windows == fields.get("windows", symnet.Config.windows), fields
+
     def test_symnet_fem_gets_the_maps_of_the_modules_that_are_on(self, monkeypatch, symnet_model):
         # FEM's extra maps are [F^hyper (N'), M^pri] of the modules that are on; SPM off runs no prior, TDC off no
         # block correlation and asks the backbone for no block outputs; with neither, FEM gets no extra map
