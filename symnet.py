@@ -72,9 +72,10 @@ Choices (where the paper is silent we follow SN; differences from SN are said):
   distances, the scene difference and BAM's ensemble (each place says why).
 - Loss: 2-class cross-entropy (= Eq. 14's BCE on the logit difference). With the base learner, BAM's CE on
   the meta learner's own output is added ("meta"), as SN.
-- Base learner: --base-learner, else base_learner_path(setting) if that file exists (else the meta learner
-  alone, with one warning). Config.base_classes records its classes; checkpoints carry its weights and the word
-  vectors. It trains on our frozen, shared backbone, its last epoch kept (train_base_learner says how BAM differs).
+- Base learner: --base-learner, else base_learner_path(setting) if that file exists (else, and on FSS-1000, which
+  has no semantic labels, the meta learner alone, with one warning). Config.base_classes records its classes;
+  checkpoints carry its weights and the word vectors. It trains on our frozen, shared backbone, its last epoch
+  kept (train_base_learner says how BAM differs).
 - SPM off (Table 3): no prior at all; FEM loses M^pri's channel. Not PFENet's cosine prior in its place: the
   table's note says APA, which reads the prior (Eq. 5, 7), cannot run without SPM, as it could with a stand-in.
 - APA off (Table 3): FEM's prototype is the support's MAP (Eq. 4; the mean of the shots'), §4.3's baseline; no
@@ -602,9 +603,17 @@ def load_word_vectors(path, dataset, dim=TEXT_DIM, root=None):
 
 def read_base_learner(cfg, setting):
     """The base stage's file for this run (train_base_learner writes it): cfg.base_learner, else
-    base_learner_path(setting); None, with one warning, when the default file does not exist. A file that is not
-    finished, or made for another backbone, other classes or images (another dataset or split), or the other
-    kind of backbone weights (random or not): WeightsUnavailableError."""
+    base_learner_path(setting); None, with one warning, when the default file does not exist or the dataset is
+    FSS-1000 (no base learner can be trained for it). A file that is not finished, or made for another backbone,
+    other classes or images (another dataset or split), or the other kind of backbone weights (random or not), or
+    one named on FSS-1000: WeightsUnavailableError."""
+    if setting.dataset == "fss1000":  # a mask per image of its one class: no semantic labels to train one on
+        why = "BAM's base learner trains on semantic labels of every base class, which FSS-1000 does not have"
+        if cfg.base_learner:
+            raise common.WeightsUnavailableError(f"--base-learner {cfg.base_learner}: {why}; drop the flag (Sym-Net "
+                                                 "runs there as the meta learner alone)")
+        warnings.warn(f"Sym-Net on FSS-1000 runs as the meta learner alone: {why}")
+        return None
     path = Path(cfg.base_learner or base_learner_path(setting))
     command = (f"python train.py --model symnet --stage base --dataset {setting.dataset} --fold {setting.fold}"
                + (f" --coco-split {setting.coco_split}" if setting.dataset == "coco" else ""))

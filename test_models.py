@@ -7316,6 +7316,21 @@ class TestSymNet:
                         "--train-length", "2", "--batch-size", "2", "--epochs", "1", "--workers", "0",
                         "--base-learner", str(tmp_path / "absent_base.pt"), "--out", str(tmp_path / "run")])
 
+    def test_symnet_on_fss1000_no_base_learner_is_read_nor_its_stage_offered(self, tmp_path, monkeypatch):
+        # FSS-1000 has no semantic labels of the base classes, so --stage base refuses it: read_base_learner says
+        # so in one warning that offers no such command, and refuses a named file instead of reading it
+        monkeypatch.chdir(tmp_path)
+        setting = common.Setting(dataset="fss1000", pretrained=False)
+        with pytest.warns(UserWarning) as record:
+            assert symnet.read_base_learner(symnet.Config(pretrained=False), setting) is None
+        assert [str(r.message) for r in record] == [
+            "Sym-Net on FSS-1000 runs as the meta learner alone: BAM's base learner trains on semantic labels of every "
+            "base class, which FSS-1000 does not have"]
+        torch.save({"model": {}, "classes": [1], "backbone": "resnet50"}, tmp_path / "base.pt")
+        with pytest.raises(common.WeightsUnavailableError, match=r"^--base-learner .*base.pt: BAM's base learner "
+                                                                 r"trains on .*; drop the flag"):
+            symnet.read_base_learner(symnet.Config(pretrained=False, base_learner=str(tmp_path / "base.pt")), setting)
+
     def test_symnet_folder_classes_size_the_text_and_word_vectors(self, tmp_path, monkeypatch):
         monkeypatch.chdir(tmp_path)  # no runs/ here: no base learner
         root = _write_folder(tmp_path / "mine")
