@@ -399,7 +399,7 @@ class Model(nn.Module):
     backbone's BatchNorm statistics (backbone.calibrated); without base_state, a checkpoint fills them.
     The ablation switches of Tables 3 and 5 (Config) leave out the modules they switch off.
     forward(img_q (B,3,H,W), img_s (B,S,3,H,W), m_s (B,S,H,W), class_ids (B,) or None) -> {"logits" (B,2,H,W),
-    "meta" (B,2,h,w) FEM output, "aux" [4 x (B,2,b,b)], "triplet" () (0 in eval and with the loss off),
+    "meta" (B,2,h,w) FEM output, "aux" [4 x (B,2,b,b)] ([] in eval), "triplet" () (0 in eval and with the loss off),
     "prior" (B,1,h,w) (None with SPM off)}."""
 
     def __init__(self, cfg: Config, setting: common.Setting, text=None, base_state=None):

@@ -751,8 +751,6 @@ def qgnet_model():
     return qgnet.build(qgnet.Config(pretrained=False, untrained_prior=True), common.Setting(pretrained=False))
 
 
-
-
 SYMNET_SIZE = 41  # -> 6x6 features at output stride 8; the episodes are synthetic_episode's (class ids for the text)
 
 
@@ -7680,9 +7678,10 @@ class TestSymNet:
     @pytest.mark.parametrize("row", list(SYMNET_ROWS))
     def test_symnet_every_ablation_row_runs_from_its_command_line_at_1_and_5_shots(self, row, word_vectors, tmp_path,
                                                                                   monkeypatch):
-        # The row's command (--set, and --word-vectors as every row has) gives its Config values and names its run
-        # folder; the model it builds trains a step at 1 and 5 shots with finite logits, loss terms and gradients,
-        # the co-triplet term exactly where APA and L_co-triplet are on
+        # The row's command (--set; here always with --word-vectors, which the README passes only to the rows that
+        # read them: the others warn it unused) gives its Config values and names its run folder; the model it builds
+        # trains a step at 1 and 5 shots with finite logits, loss terms and gradients, the co-triplet term exactly
+        # where APA and L_co-triplet are on
         monkeypatch.chdir(tmp_path)  # no runs/ here: no base learner
         values = SYMNET_ROWS[row]
         words = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
