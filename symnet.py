@@ -72,17 +72,20 @@ Choices (where the paper is silent we follow SN; differences from SN are said):
   distances, the scene difference and BAM's ensemble (each place says why).
 - Loss: 2-class cross-entropy (= Eq. 14's BCE on the logit difference). With the base learner, BAM's CE on
   the meta learner's own output is added ("meta"), as SN.
-- Base learner: --base-learner, else base_learner_path(setting) if that file exists (else the meta learner
-  alone, with one warning). Config.base_classes records its classes; checkpoints carry its weights and the word
-  vectors. It trains on our frozen, shared backbone, its last epoch kept (train_base_learner says how BAM differs).
+- Base learner: --base-learner, else base_learner_path(setting) if that file exists (else, and on FSS-1000, which
+  has no semantic labels, the meta learner alone, with one warning). Config.base_classes records its classes;
+  checkpoints carry its weights and the word vectors. It trains on our frozen, shared backbone, its last epoch
+  kept (train_base_learner says how BAM differs).
 - SPM off (Table 3): no prior at all; FEM loses M^pri's channel. Not PFENet's cosine prior in its place: the
   table's note says APA, which reads the prior (Eq. 5, 7), cannot run without SPM, as it could with a stand-in.
 - APA off (Table 3): FEM's prototype is the support's MAP (Eq. 4; the mean of the shots'), §4.3's baseline; no
-  query prototype, word vector or co-triplet loss (APA gives its anchors). It is Table 5's "Support" row too:
-  both tables give it the same four folds.
+  query prototype, word vector or co-triplet loss (APA gives its anchors): a changed co_triplet or aggregation is
+  refused. It is Table 5's "Support" row too: both tables give it the same four folds.
 - Table 5: support+word2vec drops the query branch (FEM takes p_s_aug; the co-triplet keeps its support term);
   support+query drops the word vector and W^Q's text columns. TDC off (Table 3): FEM loses F^hyper; with SPM off
   too, FEM reads no extra map at all.
+- Left open by §4.3: every ablation row keeps BAM's base-learner ensemble (where a base learner exists), and
+  Table 5's "Support & Query" keeps both co-triplet terms (it drops the word vector alone).
 """
 import dataclasses
 import mmap
@@ -116,7 +119,7 @@ class Config:
     base_learner: str = None  # --base-learner; None: base_learner_path(setting) if that file exists
     base_classes: tuple = None  # set by build: the base learner's class ids (its channels 1..n); None: none
     reduce_dim: int = 256  # c = d = 256 (§4.1)
-    windows: tuple = ((5, 5), (7, 1), (1, 7))  # SPM pooling windows d_h x d_w (§4.1)
+    windows: tuple = ((5, 5), (7, 1), (1, 7))  # SPM pooling windows d_h x d_w (§4.1), odd sizes
     tau1: float = 0.7  # query prototype threshold (§4.1)
     tau2: float = 0.4  # query negative threshold (§4.1)
     tau3: float = 0.40  # ambiguous band, lower (§4.1, Table 4)
@@ -373,6 +376,17 @@ class BAMEnsemble(nn.Module):
 # Sym-Net
 
 
+def odd_window(window):
+    """An SPM window (d_h, d_w): two odd positive ints, so that avg_pool2d's padding d // 2 keeps the size."""
+    return isinstance(window, tuple) and len(window) == 2 and all(
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 and d % 2 == 1 for d in window)
+
+
+def reads_text(cfg):
+    """Whether APA reads the class word vectors: APA on and a Table 5 aggregation with word2vec."""
+    return cfg.apa and "word2vec" in cfg.aggregation
+
+
 class Model(nn.Module):
     """Sym-Net (Fig. 2) as the meta learner, with BAM's base learner ensemble when cfg.base_classes names one.
 
@@ -385,7 +399,7 @@ class Model(nn.Module):
     backbone's BatchNorm statistics (backbone.calibrated); without base_state, a checkpoint fills them.
     The ablation switches of Tables 3 and 5 (Config) leave out the modules they switch off.
     forward(img_q (B,3,H,W), img_s (B,S,3,H,W), m_s (B,S,H,W), class_ids (B,) or None) -> {"logits" (B,2,H,W),
-    "meta" (B,2,h,w) FEM output, "aux" [4 x (B,2,b,b)], "triplet" () (0 in eval and with the loss off),
+    "meta" (B,2,h,w) FEM output, "aux" [4 x (B,2,b,b)] ([] in eval), "triplet" () (0 in eval and with the loss off),
     "prior" (B,1,h,w) (None with SPM off)}."""
 
     def __init__(self, cfg: Config, setting: common.Setting, text=None, base_state=None):
@@ -396,6 +410,16 @@ class Model(nn.Module):
             raise ValueError("APA reads SPM's prior (Eq. 5, 7; Table 3's note): spm=false needs apa=false")
         if not cfg.tau3 < cfg.tau4:
             raise ValueError(f"Eq. (11)'s band needs tau3 < tau4, got {cfg.tau3}, {cfg.tau4}")
+        if not (isinstance(cfg.windows, tuple) and cfg.windows and all(map(odd_window, cfg.windows))):
+            raise ValueError(f"windows: SPM's pooling windows, a non-empty tuple of pairs (d_h, d_w) of odd positive "
+                             f"ints (padding d // 2 keeps the size), e.g. windows=((5,5),(7,1)); got {cfg.windows!r}")
+        if cfg.tdc and not (cfg.hyper_dim >= 1 and cfg.tdc_hidden >= 1):
+            raise ValueError(f"TDC's channels: hyper_dim (N') and tdc_hidden must be >= 1, got {cfg.hyper_dim} and "
+                             f"{cfg.tdc_hidden}")
+        changed = [f"{f.name}={str(getattr(cfg, f.name)).lower()}" for f in dataclasses.fields(Config)
+                   if f.name in ("aggregation", "co_triplet") and getattr(cfg, f.name) != f.default]
+        if not cfg.apa and changed:  # APA makes the prototypes Table 5 aggregates and the co-triplet loss's anchors
+            raise ValueError(f"{', '.join(changed)}: no part of apa=false (it would change nothing)")
         if base_state is not None and cfg.base_classes is None:
             raise ValueError("a base learner's weights were given, but cfg.base_classes names no base learner")
         self.cfg = cfg
@@ -404,16 +428,16 @@ class Model(nn.Module):
         self.blocks = [len(self.backbone.stages[name]) for name in common.BLOCK_STAGES]  # [4, 6, 3] ResNet-50
         self.down_query, self.down_supp = (common.MidLevelReduction(ch["layer3"] + ch["layer2"], c, cfg.mid_dropout)
                                            for _ in range(2))
-        reads_text = cfg.apa and "word2vec" in cfg.aggregation
-        self.apa = APA(c, TEXT_DIM if reads_text else 0, cfg.apa_dropout) if cfg.apa else None
+        text_on = reads_text(cfg)
+        self.apa = APA(c, TEXT_DIM if text_on else 0, cfg.apa_dropout) if cfg.apa else None
         self.tdc = TDC(self.blocks, cfg.tdc_hidden, cfg.hyper_dim) if cfg.tdc else None
         extra = cfg.hyper_dim * cfg.tdc + cfg.spm  # FEM's extra maps: [F^hyper, M^pri], as far as they are on
         self.fem = common.FEM(c, extra_dim=extra)
-        if reads_text and text is None and cfg.word_vectors:  # a checkpoint's rows, loaded after this
+        if text_on and text is None and cfg.word_vectors:  # a checkpoint's rows, loaded after this
             if setting.num_classes is None:
                 raise ValueError("Sym-Net's word-vector table has a row per class: setting.num_classes is needed")
             text = torch.zeros(setting.num_classes + 1, TEXT_DIM)
-        self.register_buffer("text", text if reads_text else None)  # row c: class c's word vector
+        self.register_buffer("text", text if text_on else None)  # row c: class c's word vector
         self.base_learner = self.ensemble = None
         if cfg.base_classes is not None:
             self.base_learner = BaseLearner(ch["layer4"], cfg.base_classes).freeze()
@@ -432,7 +456,7 @@ class Model(nn.Module):
         if self.apa is None:  # APA off (Table 3): MAP's support prototype, the mean of the shots'
             return p_s.view(B, S, -1).mean(1), None, None
         text = None
-        if "word2vec" in cfg.aggregation:  # t (Eq. 6): zero without word vectors or class ids (Choices)
+        if reads_text(cfg):  # t (Eq. 6): zero without word vectors or class ids (Choices)
             known = self.text is not None and class_ids is not None
             text = self.text[class_ids] if known else torch.zeros(B, TEXT_DIM, device=f_q.device)  # (B, d)
         # APA per shot (the B*S supports as one batch), then the mean of the shots
@@ -530,20 +554,19 @@ def build(cfg, setting):
     WeightsUnavailableError, before anything is built. With setting.from_checkpoint no file is read: the checkpoint
     holds the word vectors and the base learner, and its Config says whether it has one."""
     text = base_state = None
-    reads_text = cfg.apa and "word2vec" in cfg.aggregation
     if not setting.from_checkpoint:
         named = {"--word-vectors": cfg.word_vectors, "--base-learner": cfg.base_learner}
         missing = [f"{flag} {path}" for flag, path in named.items() if path and not Path(path).is_file()]
         if missing:
             raise common.WeightsUnavailableError(f"no such file: {', '.join(missing)}")
-        if cfg.word_vectors and reads_text:
+        if cfg.word_vectors and reads_text(cfg):
             text = load_word_vectors(cfg.word_vectors, setting.dataset, root=setting.data_root)
         base_state = read_base_learner(cfg, setting)
         cfg = dataclasses.replace(cfg, base_classes=None if base_state is None else tuple(base_state["classes"]))
-        if cfg.word_vectors and not reads_text:
+        if cfg.word_vectors and not reads_text(cfg):
             warnings.warn(f"--word-vectors unused: Sym-Net with apa={str(cfg.apa).lower()}, aggregation="
                           f"{cfg.aggregation} reads no word vector")
-        elif reads_text and not cfg.word_vectors:
+        elif reads_text(cfg) and not cfg.word_vectors:
             warnings.warn("Sym-Net without --word-vectors: APA's text branch is off, its input zero (Table 5's "
                           "'Support & Query' row: --set aggregation=support+query)")
     return Model(cfg, setting, text, base_state)
@@ -580,9 +603,17 @@ def load_word_vectors(path, dataset, dim=TEXT_DIM, root=None):
 
 def read_base_learner(cfg, setting):
     """The base stage's file for this run (train_base_learner writes it): cfg.base_learner, else
-    base_learner_path(setting); None, with one warning, when the default file does not exist. A file that is not
-    finished, or made for another backbone, other classes or images (another dataset or split), or the other
-    kind of backbone weights (random or not): WeightsUnavailableError."""
+    base_learner_path(setting); None, with one warning, when the default file does not exist or the dataset is
+    FSS-1000 (no base learner can be trained for it). A file that is not finished, or made for another backbone,
+    other classes or images (another dataset or split), or the other kind of backbone weights (random or not), or
+    one named on FSS-1000: WeightsUnavailableError."""
+    if setting.dataset == "fss1000":  # a mask per image of its one class: no semantic labels to train one on
+        why = "BAM's base learner trains on semantic labels of every base class, which FSS-1000 does not have"
+        if cfg.base_learner:
+            raise common.WeightsUnavailableError(f"--base-learner {cfg.base_learner}: {why}; drop the flag (Sym-Net "
+                                                 "runs there as the meta learner alone)")
+        warnings.warn(f"Sym-Net on FSS-1000 runs as the meta learner alone: {why}")
+        return None
     path = Path(cfg.base_learner or base_learner_path(setting))
     command = (f"python train.py --model symnet --stage base --dataset {setting.dataset} --fold {setting.fold}"
                + (f" --coco-split {setting.coco_split}" if setting.dataset == "coco" else ""))

@@ -751,8 +751,6 @@ def qgnet_model():
     return qgnet.build(qgnet.Config(pretrained=False, untrained_prior=True), common.Setting(pretrained=False))
 
 
-
-
 SYMNET_SIZE = 41  # -> 6x6 features at output stride 8; the episodes are synthetic_episode's (class ids for the text)
 
 
@@ -7400,6 +7398,21 @@ class TestSymNet:
                         "--train-length", "2", "--batch-size", "2", "--epochs", "1", "--workers", "0",
                         "--base-learner", str(tmp_path / "absent_base.pt"), "--out", str(tmp_path / "run")])
 
+    def test_symnet_on_fss1000_no_base_learner_is_read_nor_its_stage_offered(self, tmp_path, monkeypatch):
+        # FSS-1000 has no semantic labels of the base classes, so --stage base refuses it: read_base_learner says
+        # so in one warning that offers no such command, and refuses a named file instead of reading it
+        monkeypatch.chdir(tmp_path)
+        setting = common.Setting(dataset="fss1000", pretrained=False)
+        with pytest.warns(UserWarning) as record:
+            assert symnet.read_base_learner(symnet.Config(pretrained=False), setting) is None
+        assert [str(r.message) for r in record] == [
+            "Sym-Net on FSS-1000 runs as the meta learner alone: BAM's base learner trains on semantic labels of every "
+            "base class, which FSS-1000 does not have"]
+        torch.save({"model": {}, "classes": [1], "backbone": "resnet50"}, tmp_path / "base.pt")
+        with pytest.raises(common.WeightsUnavailableError, match=r"^--base-learner .*base.pt: BAM's base learner "
+                                                                 r"trains on .*; drop the flag"):
+            symnet.read_base_learner(symnet.Config(pretrained=False, base_learner=str(tmp_path / "base.pt")), setting)
+
     def test_symnet_folder_classes_size_the_text_and_word_vectors(self, tmp_path, monkeypatch):
         monkeypatch.chdir(tmp_path)  # no runs/ here: no base learner
         root = _write_folder(tmp_path / "mine")
@@ -7749,9 +7762,10 @@ class TestSymNet:
     @pytest.mark.parametrize("row", list(SYMNET_ROWS))
     def test_symnet_every_ablation_row_runs_from_its_command_line_at_1_and_5_shots(self, row, word_vectors, tmp_path,
                                                                                   monkeypatch):
-        # The row's command (--set, and --word-vectors as every row has) gives its Config values and names its run
-        # folder; the model it builds trains a step at 1 and 5 shots with finite logits, loss terms and gradients,
-        # the co-triplet term exactly where APA and L_co-triplet are on
+        # The row's command (--set; here always with --word-vectors, which the README passes only to the rows that
+        # read them: the others warn it unused) gives its Config values and names its run folder; the model it builds
+        # trains a step at 1 and 5 shots with finite logits, loss terms and gradients, the co-triplet term exactly
+        # where APA and L_co-triplet are on
         monkeypatch.chdir(tmp_path)  # no runs/ here: no base learner
         values = SYMNET_ROWS[row]
         words = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
@@ -7805,6 +7819,27 @@ class TestSymNet:
             symnet_meta(spm=False)
         with pytest.raises(ValueError, match="tau3 < tau4"):
             symnet_meta(tau3=0.55, tau4=0.55)
+
+    def test_symnet_config_values_it_cannot_run_are_refused_before_anything_is_built(self):
+        # --set values that crashed mid-forward (SPM's windows, TDC's channels) or changed nothing (Table 5's fields
+        # with APA off, which makes their prototypes and anchors): Model.__init__ refuses each with one ValueError
+        windows = r"^windows: SPM's pooling windows, a non-empty tuple of pairs \(d_h, d_w\) of odd positive ints"
+        channels = r"^TDC's channels: hyper_dim \(N'\) and tdc_hidden must be >= 1, got "
+        cases = {"windows=5,5": windows + r".*got \(5, 5\)$", "windows=((4,4),)": windows, "windows=()": windows,
+                 "windows=((5,5),(7,))": windows, "windows=((5,-1),)": windows, "windows=((5.0,5),)": windows,
+                 "hyper_dim=0": channels + "0 and 16$", "tdc_hidden=0": channels + "48 and 0$",
+                 "apa=false co_triplet=false": r"^co_triplet=false: no part of apa=false \(it would change nothing\)$",
+                 "apa=false aggregation=support+query co_triplet=false":
+                     r"^aggregation=support\+query, co_triplet=false: no part of apa=false",
+                 "spm=false apa=false aggregation=support+word2vec": r"^aggregation=support\+word2vec: no part of"}
+        for words, message in cases.items():
+            args, module = train.parse_args(["--model", "symnet", "--dataset", "synthetic", "--no-pretrained",
+                                             "--set", *words.split()])
+            with pytest.raises(ValueError, match=message), torch.device("meta"):
+                symnet.Model(train.make_config(module, args), train.setting_of(args))
+        for fields in (dict(windows=((3, 3),)), dict(windows=((1, 7), (7, 1))), dict(tdc=False, hyper_dim=0),
+                       dict(tdc=False, tdc_hidden=0)):
+            assert symnet_meta(**fields).cfg.windows == fields.get("windows", symnet.Config.windows), fields
 
     def test_symnet_fem_gets_the_maps_of_the_modules_that_are_on(self, monkeypatch, symnet_model):
         # FEM's extra maps are [F^hyper (N'), M^pri] of the modules that are on; SPM off runs no prior, TDC off no
