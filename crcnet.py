@@ -456,8 +456,8 @@ class PFENetHead(nn.Module):
     off (GC and CR off: PFENet alone).
 
     forward(f_q (B,C,h,w), f_s (B*S,C,h,w) reduced features, m (B*S,1,h,w) support foreground, prior (B,1,h,w),
-    sub) -> {"query": logits (B,2,h,w), "aux": FEM's per-bin logits (with sub: what only the loss reads; else
-    none), and with sub and the cross-reference module "query_sub" (B,2,h,w), "support_sub" (B*S,2,h,w)}."""
+    sub) -> {"query": logits (B,2,h,w), and with sub what only the loss reads: "aux", FEM's per-bin logits
+    [(B,2,b,b) per bin], and with the cross-reference module "query_sub" (B,2,h,w), "support_sub" (B*S,2,h,w)}."""
 
     def __init__(self, cross_reference, co_occurrence, global_conditional, fem):
         super().__init__()
@@ -479,7 +479,9 @@ class PFENetHead(nn.Module):
         if self.global_conditional is not None:
             f_q = self.global_conditional(f_q, proto)  # (B, C, h, w)
         # 5. PFENet's feature enrichment module on the query, the prototype and the prior
-        out["query"], out["aux"] = self.fem(f_q, proto, prior, aux=sub)  # (B, 2, h, w), [(B, 2, b, b) per bin]
+        out["query"], aux = self.fem(f_q, proto, prior, aux=sub)  # (B, 2, h, w), [(B, 2, b, b) per bin] or []
+        if sub:
+            out["aux"] = aux
         return out
 
 
@@ -527,8 +529,8 @@ class Model(nn.Module):
 
     forward(img_q, img_s, m_s, class_ids=None, m_q=None) -> {"logits" (B,2,H,W): log-probabilities of the query
     (CRCNet: averaged over the S pairs), "query": the head's query logits at h x w (CRCNet: per pair, (B*S,2,h,w);
-    PFENet: (B,2,h,w) and "aux"), and with m_q (B,H,W) (training) what only the loss reads: "support" (CRCNet,
-    whose support branch is conditioned on it), "query_sub", "support_sub" (the cross-reference module's)}.
+    PFENet: (B,2,h,w)), and with m_q (B,H,W) (training) what only the loss reads: "support" (CRCNet, whose support
+    branch is conditioned on it), "aux" (PFENet's FEM), "query_sub", "support_sub" (the cross-reference module's)}.
     infer() adds §4.6's test-time fine-tuning and §5.1's multi-scale inference."""
     query_mask_in_training = True  # train.py passes m_q in training (the loss's labels; CRCNet conditions on it)
 
@@ -574,7 +576,7 @@ class Model(nn.Module):
         return out
 
     def loss(self, out, m_q, m_s):
-        needs = ["support"] * (self.cfg.network == "crcnet") + ["query_sub"] * self.cfg.cross_reference
+        needs = ["support" if self.cfg.network == "crcnet" else "aux"] + ["query_sub"] * self.cfg.cross_reference
         if any(key not in out for key in needs):
             raise ValueError(f"{self.cfg.network}'s loss reads {', '.join(needs)}: in training, forward needs m_q "
                              "(what only the loss reads is computed with it; CRCNet's support branch is conditioned "

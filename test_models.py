@@ -6387,7 +6387,7 @@ class TestCRCNet:
                 sub = net.head.co_occurrence(torch.cat([g_q, g_s]))
             assert torch.allclose(torch.cat([out["query_sub"], out["support_sub"]]), sub, atol=1e-5)
         with torch.no_grad():
-            assert set(net(img_q, img_s, m_s)) == {"logits", "query", "aux"}  # evaluation: no sub-predictions
+            assert set(net(img_q, img_s, m_s)) == {"logits", "query"}  # evaluation: no FEM aux, no sub-predictions
         net.train()  # PFENet's dropout on: trains at 1 and 5 shots
         try:
             crcnet_runs(net, shots=(S,))
@@ -6397,7 +6397,8 @@ class TestCRCNet:
     @pytest.mark.parametrize("cr", [False, True])
     def test_crcnet_pfenet_loss_is_main_aux_and_the_co_occurrence_terms(self, pfenet_variants, cr):
         # PFENet's loss (main + aux_weight 1 x the mean of FEM's per-bin terms) and, with CR, Eq. (5)'s lambda
-        # (L_QMsub + L_SMsub), on made-up logits: the query's terms against m_q, the supports' against m_s
+        # (L_QMsub + L_SMsub), on made-up logits: the query's terms against m_q, the supports' against m_s; on an
+        # evaluation forward (no m_q), CR on or off, the loss says in one line that forward needs m_q
         net = pfenet_variants["CR" if cr else "PFENet"]
         B, S = 2, 3
         img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=B, S=S)
@@ -6416,10 +6417,13 @@ class TestCRCNet:
             assert torch.allclose(terms["query_sub"], q_sub, atol=1e-6)
             assert torch.allclose(terms["support_sub"], s_sub, atol=1e-6)
             by_hand = by_hand + 0.1 * (q_sub + s_sub)
-            with pytest.raises(ValueError, match="forward needs m_q"):  # CR's terms without its sub-predictions
-                net.loss({"query": out["query"], "aux": out["aux"]}, m_q, m_s)
         assert set(terms) == ({"main", "aux", "query_sub", "support_sub"} if cr else {"main", "aux"})
         assert torch.allclose(total, by_hand, atol=1e-6)
+        with torch.no_grad():
+            evaluation = net(img_q, img_s, m_s)  # no m_q: neither FEM's aux logits nor CR's sub-predictions
+        with pytest.raises(ValueError, match="forward needs m_q") as error:  # one line, CR on or off
+            net.loss(evaluation, m_q, m_s)
+        assert "\n" not in str(error.value)
 
     @pytest.mark.parametrize("variant", ["PFENet", "CRC"])
     def test_crcnet_pfenet_fusion_is_its_own_and_finetuning_restores_every_weight_table5(self, pfenet_variants,
