@@ -84,7 +84,8 @@ Choices (the paper is silent unless a section is named):
       its training lr; "finetune+fusion" predicts from all supports, as PFENet's 5-shot.
     - PFENet on COCO at its config's 641 px (lr 0.005 x 10, batch 8, 50 epochs): Table 12's "473 x 473" is
       PASCAL's size, which it gives PFENet [50] itself too, whose config trains COCO at 641.
-    - A field of the other network changed (levels on PFENet, bins on CRCNet, ...) is refused: it would do nothing.
+    - A field of the other network changed (levels on PFENet, bins on CRCNet, ...) is refused: it would do nothing;
+      refine_steps with mask_refinement=false (which runs the refinement once) alike.
 """
 import dataclasses
 import math
@@ -104,6 +105,7 @@ KShot = Literal["finetune", "fusion", "finetune+fusion"]  # §4.6 and Table 4's 
 FT_SEED = 0  # fine-tuning pairs come from their own generator: deterministic, global RNG untouched
 # Table 6: what turns the second FC's output into channel importance (§4.3: a Sigmoid, in [0, 1])
 IMPORTANCE = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "softmax": partial(nn.Softmax, dim=1)}
+LEVELS = ("layer2", "layer3", "layer4")  # the backbone's stages at one size, output stride 8 (layer1 is at 1/4)
 CRCNET_FIELDS = ("levels", "local_conditional", "local_support_mask", "mask_refinement", "gcn_kernel", "refine_steps")
 PFENET_FIELDS = ("feature_dropout", "aux_weight", "bins")
 
@@ -509,19 +511,37 @@ def pfenet_loss(out, m_q, m_s, aux_weight, sub_weight):
 
 
 def check_config(cfg):
-    """A Literal field's value among its choices; steps that can predict; no field of the other network changed."""
+    """A Literal field's value among its choices; no field changed where it would change nothing (the other
+    network's, refine_steps without the cache); every number in its range, so that a bad value is one line here,
+    not a traceback in training (or after it, in evaluation)."""
+    other = PFENET_FIELDS if cfg.network == "crcnet" else CRCNET_FIELDS
+    changed = []
     for field in dataclasses.fields(cfg):
         value = getattr(cfg, field.name)
         if typing.get_origin(field.type) is Literal and value not in typing.get_args(field.type):
             raise ValueError(f"{field.name} must be one of {typing.get_args(field.type)}, got {value!r}")
+        if field.name in other and field.default != (tuple(value) if isinstance(value, list) else value):
+            changed.append(field.name)
+    if changed:
+        raise ValueError(f"{', '.join(changed)}: no part of network={cfg.network} (it would change nothing)")
+    if not cfg.mask_refinement and cfg.refine_steps != Config.refine_steps:
+        raise ValueError(f"refine_steps={cfg.refine_steps}: mask_refinement=false runs the refinement once "
+                         "(it would change nothing)")
     if cfg.refine_steps < 1 or cfg.ft_steps < 0:
         raise ValueError(f"refine_steps must be >= 1 (the refinement predicts; 1 = no re-use of the cache) and "
                          f"ft_steps >= 0, got {cfg.refine_steps} and {cfg.ft_steps}")
-    other = PFENET_FIELDS if cfg.network == "crcnet" else CRCNET_FIELDS
-    changed = [f.name for f in dataclasses.fields(cfg) if f.name in other and f.default != (
-        tuple(getattr(cfg, f.name)) if isinstance(getattr(cfg, f.name), list) else getattr(cfg, f.name))]
-    if changed:
-        raise ValueError(f"{', '.join(changed)}: no part of network={cfg.network} (it would change nothing)")
+    if cfg.gcn_kernel < 1 or cfg.gcn_kernel % 2 == 0:
+        raise ValueError(f"gcn_kernel must be odd (its k x 1 and 1 x k convs keep the size), got {cfg.gcn_kernel}")
+    if not 1 <= cfg.cr_reduction <= cfg.dim:
+        raise ValueError(f"cr_reduction must be in 1..dim={cfg.dim} (the cross-reference FC is dim // cr_reduction "
+                         f"wide), got {cfg.cr_reduction}")
+    if not cfg.test_scales or not all(0 < scale < math.inf for scale in cfg.test_scales):
+        raise ValueError(f"test_scales must be one or more finite scales above 0, got {tuple(cfg.test_scales)}")
+    if not (cfg.ft_lr >= 0 and cfg.ft_momentum >= 0):  # NaN too
+        raise ValueError(f"ft_lr and ft_momentum must be >= 0, got {cfg.ft_lr} and {cfg.ft_momentum}")
+    levels = cfg.levels if isinstance(cfg.levels, (list, tuple)) else ()  # a bare name is refused too
+    if not levels or len(set(levels)) < len(levels) or not set(levels) <= set(LEVELS):
+        raise ValueError(f"levels must be distinct ones of {', '.join(LEVELS)}, got {cfg.levels!r}")
 
 
 class Model(nn.Module):

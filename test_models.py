@@ -5642,6 +5642,7 @@ def crcnet_tuned_outputs(net, tuned, kshot):
 # ---------------- the ablation switches: parameters by hand, a network that runs -----------------------------
 
 CRCNET_FAST = dict(refine_steps=2, ft_steps=2, test_scales=(1.0,))  # a switch's network: brief refinement and tuning
+CRCNET_FAST_UNCACHED = dict(ft_steps=2, test_scales=(1.0,))  # mask_refinement=False: one step, refine_steps refused
 
 
 def n_params(net):
@@ -6074,7 +6075,7 @@ class TestCRCNet:
         y = refine.combine(torch.cat([h, h + refine.global_conv(h)], 1))
         assert torch.allclose(logits, refine.cls(y + refine.combine_residual(y)), atol=1e-6)
         assert len(caches) == 2 and torch.allclose(caches[1], logits.softmax(1)[:, 1:])
-        net = make_crcnet(mask_refinement=False, **CRCNET_FAST)  # refine_steps=2
+        net = make_crcnet(mask_refinement=False, **CRCNET_FAST_UNCACHED)
         assert n_params(crcnet_model) - n_params(net) == conv_params(1, 32) + 9 * 32 * 32
         calls = {"off": [], "on": []}
         hooks = [net.head.refinement.cls.register_forward_hook(lambda *args: calls["off"].append(1)),
@@ -6218,7 +6219,7 @@ class TestCRCNet:
         cfg = train.make_config(module, args)
         assert (cfg.levels, cfg.mask_refinement, cfg.test_scales, cfg.kshot, args.shot) == \
             (("layer4",), False, (1.0,), "finetune+fusion", 10)
-        net = make_crcnet(levels=("layer4",), mask_refinement=False, **CRCNET_FAST)
+        net = make_crcnet(levels=("layer4",), mask_refinement=False, **CRCNET_FAST_UNCACHED)
         img_q, img_s, m_s, m_q = episode(1, 10, CRCNET_SIZE)
         preds = {}
         for kshot in ("fusion", "finetune", "finetune+fusion"):
@@ -6509,11 +6510,30 @@ class TestCRCNet:
 
     # ---------------- bad input, flags and the harness -------------------------------------------------------------
 
+    @pytest.mark.parametrize("fields, message", [
+        (dict(kshot="vote"), "kshot must be one of ('finetune', 'fusion', 'finetune+fusion'), got 'vote'"),
+        (dict(refine_steps=0), "refine_steps must be >= 1 (the refinement predicts; 1 = no re-use of the cache) and "
+                               "ft_steps >= 0, got 0 and 20"),
+        (dict(mask_refinement=False, refine_steps=3),
+         "refine_steps=3: mask_refinement=false runs the refinement once (it would change nothing)"),
+        *[(dict(gcn_kernel=k), f"gcn_kernel must be odd (its k x 1 and 1 x k convs keep the size), got {k}")
+          for k in (6, 0)],  # 6: a size mismatch in the block's sum
+        *[(dict(cr_reduction=r), "cr_reduction must be in 1..dim=32 (the cross-reference FC is dim // cr_reduction "
+                                 f"wide), got {r}") for r in (0, 33)],  # 0: ZeroDivisionError; 33: a 0-wide FC
+        *[(dict(test_scales=scales), f"test_scales must be one or more finite scales above 0, got {scales}")
+          for scales in ((), (0.0,), (1.0, -0.5), (math.nan,))],  # else a crash in evaluation, after training
+        *[(fields, f"ft_lr and ft_momentum must be >= 0, got {lr} and {momentum}")
+          for fields, lr, momentum in ((dict(ft_lr=-0.1), -0.1, 0.9), (dict(ft_momentum=-0.9), 0.0025, -0.9))],
+        *[(dict(levels=levels), f"levels must be distinct ones of layer2, layer3, layer4, got {levels!r}")
+          for levels in ((), ("layer1", "layer4"), ("layer5",), ("layer4", "layer4"), "layer4")],
+    ])
+    def test_crcnet_bad_config_is_one_value_error(self, fields, message):
+        # every value that would fail later (a traceback in training, or in evaluation after it) or change nothing
+        with pytest.raises(ValueError) as error:
+            make_crcnet(**fields)
+        assert str(error.value) == message
+
     def test_crcnet_bad_input_raises(self):
-        with pytest.raises(ValueError, match="kshot"):
-            crcnet.Model(crcnet.Config(pretrained=False, kshot="vote"))
-        with pytest.raises(ValueError, match="refine_steps must be >= 1"):
-            make_crcnet(refine_steps=0)  # the refinement loop is what predicts
         net = make_crcnet(refine_steps=1)
         img_q, img_s, m_s, m_q = episode(2, 2, CRCNET_SIZE)
         with pytest.raises(ValueError, match="same episodes"):
