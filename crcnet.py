@@ -82,6 +82,9 @@ Choices (the paper is silent unless a section is named):
       still reads the prototype). CRC = GC + CR (Table 8's caption); the local module is CRCNet's alone.
     - FT on PFENet (Table 5): §4.6 with PFENet's backbone and reductions fixed, its loss on pairs of supports, at
       its training lr; "finetune+fusion" predicts from all supports, as PFENet's 5-shot.
+    - Table 14 (§5.4, box supports): the pixel-trained runs evaluated with box supports (--eval-only
+      --support-boxes): §5.4 boxes the test supports, where --support-boxes in training (data.py) would box the
+      training supports too.
     - PFENet on COCO at its config's 641 px (lr 0.005 x 10, batch 8, 50 epochs): Table 12's "473 x 473" is
       PASCAL's size, which it gives PFENet [50] itself too, whose config trains COCO at 641.
     - A field of the other network changed (levels on PFENet, bins on CRCNet, ...) is refused: it would do nothing;
