@@ -146,7 +146,8 @@ def add_args(parser):
     parser.add_argument("--kshot", choices=typing.get_args(KShot), help="k-shot inference (default finetune, §4.6)")
     parser.add_argument("--ft-steps", type=int, help="test-time fine-tuning steps (default 20)")
     parser.add_argument("--ft-lr", type=float,
-                        help="test-time fine-tuning learning rate (default: the training lr, CRCNet's 0.0025)")
+                        help="test-time fine-tuning learning rate (default 0.0025, §5.1's training lr, whatever "
+                             "--lr; network=pfenet: its recipe's training lr, 0.025, COCO and synthetic 0.05)")
     parser.add_argument("--test-scales", type=float, nargs="+", help="default 0.75 1 1.25 (§5.3); 1: one scale")
     parser.add_argument("--refine-steps", type=int, help="mask refinement iterations, >= 1 (default 10, §5.1)")
     parser.add_argument("--freeze-encoder", action="store_const", const=False, dest="train_encoder", default=None,
