@@ -5526,7 +5526,7 @@ def make_crcnet(**kw):
 
 @pytest.fixture(scope="module")
 def crcnet_model():
-    # one test scale: predict is compared with forward below; the default three scales have their own test
+    # one test scale: infer is compared with forward below; the default three scales have their own test
     return make_crcnet(refine_steps=3, ft_steps=3, ft_lr=0.05, test_scales=(1.0,))
 
 
@@ -5611,7 +5611,8 @@ def crcnet_traced(crcnet_model):
 
 @pytest.fixture(scope="module")
 def crcnet_tuned_episodes(crcnet_model):
-    """A mixed B=2, S=2 batch and each episode's fine-tuned head weights (finetune is checked by hand above)."""
+    """A mixed B=2, S=2 batch and each episode's fine-tuned head weights (finetune is checked by hand in
+    TestCRCNet, below)."""
     img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=2)
     with torch.no_grad():
         weights = [crcnet_model.finetune(img_s[b], m_s[b]) for b in range(2)]
