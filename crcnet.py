@@ -358,10 +358,11 @@ class MaskRefinement(nn.Module):
         # feature levels' part (the first 2 dim input channels of its one weight: checkpoints keep their keys) is
         # convolved once, here, and each step convolves the cached branch alone
         conv, relu = self.combine
-        w_features, w_cached = conv.weight.split([2 * x.shape[1], conv.in_channels - 2 * x.shape[1]], 1)
-        features = F.conv2d(torch.cat([x, x_global], 1), w_features, conv.bias, padding=conv.padding)  # (N, dim, h, w)
-        # the cached block's weight made dense in the conv's dtype once, not copied (or cast by autocast) every step
-        w_cached = w_cached.to(features.dtype, memory_format=torch.preserve_format, copy=True)
+        n = 2 * x.shape[1]
+        features = F.conv2d(torch.cat([x, x_global], 1), conv.weight[:, :n], conv.bias, padding=conv.padding)
+        if self.cached is not None:  # cached=False: the conv reads the features alone, there is no cached block
+            # the cached block's weight made dense in the conv's dtype once, not copied (or cast by autocast) each step
+            w_cached = conv.weight[:, n:].to(features.dtype, memory_format=torch.preserve_format, copy=True)
         cache = x.new_zeros(x.shape[0], 1, *x.shape[-2:])  # (N, 1, h, w): no prediction yet
         caches = [cache]
         for step in range(self.steps):
