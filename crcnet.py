@@ -18,10 +18,10 @@ Paper -> code:
     §4.3 cross-reference module, Fig. 3                              CrossReference
     §4.3 co-occurrent sub-prediction head (convs + ASPP)             ASPP, CoOccurrenceHead
     §4.4 global conditional module, Fig. 5                           GlobalConditional
-    §4.4 local conditional module, Eq. (1)-(3), Fig. 6                LocalConditional
-    §4.5 mask refinement: global convolution block [41], cache        GlobalConvBlock, MaskRefinement
-    Fig. 2 one (query, support) pair through §4.3-§4.5, both heads    PairHead
-    §4.7 interchangeable roles: each branch conditioned on the other  PairHead, Model.forward(m_q=)
+    §4.4 local conditional module, Eq. (1)-(3), Fig. 6               LocalConditional
+    §4.5 mask refinement: global convolution block [41], cache       GlobalConvBlock, MaskRefinement
+    Fig. 2 one (query, support) pair through §4.3-§4.5, both heads   PairHead
+    §4.7 interchangeable roles: each branch conditioned on the other PairHead, Model.forward(m_q=)
     Eq. (4)-(5) loss with lambda = 0.1                               pair_loss, Model.loss
     §4.6 k-shot fine-tuning; Table 4 fusion                          Model.infer, Model.finetune, Model._forward
     §5.1, §5.3 multi-scale test                                      Model._multi_scale, _log_mean_exp
