@@ -18,10 +18,10 @@ Paper -> code:
     §4.3 cross-reference module, Fig. 3                              CrossReference
     §4.3 co-occurrent sub-prediction head (convs + ASPP)             ASPP, CoOccurrenceHead
     §4.4 global conditional module, Fig. 5                           GlobalConditional
-    §4.4 local conditional module, Eq. (1)-(3), Fig. 6                LocalConditional
-    §4.5 mask refinement: global convolution block [41], cache        GlobalConvBlock, MaskRefinement
-    Fig. 2 one (query, support) pair through §4.3-§4.5, both heads    PairHead
-    §4.7 interchangeable roles: each branch conditioned on the other  PairHead, Model.forward(m_q=)
+    §4.4 local conditional module, Eq. (1)-(3), Fig. 6               LocalConditional
+    §4.5 mask refinement: global convolution block [41], cache       GlobalConvBlock, MaskRefinement
+    Fig. 2 one (query, support) pair through §4.3-§4.5, both heads   PairHead
+    §4.7 interchangeable roles: each branch conditioned on the other PairHead, Model.forward(m_q=)
     Eq. (4)-(5) loss with lambda = 0.1                               pair_loss, Model.loss
     §4.6 k-shot fine-tuning; Table 4 fusion                          Model.infer, Model.finetune, Model._forward
     §5.1, §5.3 multi-scale test                                      Model._multi_scale, _log_mean_exp
@@ -82,9 +82,13 @@ Choices (the paper is silent unless a section is named):
       still reads the prototype). CRC = GC + CR (Table 8's caption); the local module is CRCNet's alone.
     - FT on PFENet (Table 5): §4.6 with PFENet's backbone and reductions fixed, its loss on pairs of supports, at
       its training lr; "finetune+fusion" predicts from all supports, as PFENet's 5-shot.
+    - Table 14 (§5.4, box supports): the pixel-trained runs evaluated with box supports (--eval-only
+      --support-boxes): §5.4 boxes the test supports, where --support-boxes in training (data.py) would box the
+      training supports too.
     - PFENet on COCO at its config's 641 px (lr 0.005 x 10, batch 8, 50 epochs): Table 12's "473 x 473" is
       PASCAL's size, which it gives PFENet [50] itself too, whose config trains COCO at 641.
-    - A field of the other network changed (levels on PFENet, bins on CRCNet, ...) is refused: it would do nothing.
+    - A field of the other network changed (levels on PFENet, bins on CRCNet, ...) is refused: it would do nothing;
+      refine_steps with mask_refinement=false (which runs the refinement once) alike.
 """
 import dataclasses
 import math
@@ -104,6 +108,7 @@ KShot = Literal["finetune", "fusion", "finetune+fusion"]  # §4.6 and Table 4's 
 FT_SEED = 0  # fine-tuning pairs come from their own generator: deterministic, global RNG untouched
 # Table 6: what turns the second FC's output into channel importance (§4.3: a Sigmoid, in [0, 1])
 IMPORTANCE = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "softmax": partial(nn.Softmax, dim=1)}
+LEVELS = ("layer2", "layer3", "layer4")  # the backbone's stages at one size, output stride 8 (layer1 is at 1/4)
 CRCNET_FIELDS = ("levels", "local_conditional", "local_support_mask", "mask_refinement", "gcn_kernel", "refine_steps")
 PFENET_FIELDS = ("feature_dropout", "aux_weight", "bins")
 
@@ -141,7 +146,8 @@ def add_args(parser):
     parser.add_argument("--kshot", choices=typing.get_args(KShot), help="k-shot inference (default finetune, §4.6)")
     parser.add_argument("--ft-steps", type=int, help="test-time fine-tuning steps (default 20)")
     parser.add_argument("--ft-lr", type=float,
-                        help="test-time fine-tuning learning rate (default: the training lr, CRCNet's 0.0025)")
+                        help="test-time fine-tuning learning rate (default 0.0025, §5.1's training lr, whatever "
+                             "--lr; network=pfenet: its recipe's training lr, 0.025, COCO and synthetic 0.05)")
     parser.add_argument("--test-scales", type=float, nargs="+", help="default 0.75 1 1.25 (§5.3); 1: one scale")
     parser.add_argument("--refine-steps", type=int, help="mask refinement iterations, >= 1 (default 10, §5.1)")
     parser.add_argument("--freeze-encoder", action="store_const", const=False, dest="train_encoder", default=None,
@@ -352,10 +358,11 @@ class MaskRefinement(nn.Module):
         # feature levels' part (the first 2 dim input channels of its one weight: checkpoints keep their keys) is
         # convolved once, here, and each step convolves the cached branch alone
         conv, relu = self.combine
-        w_features, w_cached = conv.weight.split([2 * x.shape[1], conv.in_channels - 2 * x.shape[1]], 1)
-        features = F.conv2d(torch.cat([x, x_global], 1), w_features, conv.bias, padding=conv.padding)  # (N, dim, h, w)
-        # the cached block's weight made dense in the conv's dtype once, not copied (or cast by autocast) every step
-        w_cached = w_cached.to(features.dtype, memory_format=torch.preserve_format, copy=True)
+        n = 2 * x.shape[1]
+        features = F.conv2d(torch.cat([x, x_global], 1), conv.weight[:, :n], conv.bias, padding=conv.padding)
+        if self.cached is not None:  # cached=False: the conv reads the features alone, there is no cached block
+            # the cached block's weight made dense in the conv's dtype once, not copied (or cast by autocast) each step
+            w_cached = conv.weight[:, n:].to(features.dtype, memory_format=torch.preserve_format, copy=True)
         cache = x.new_zeros(x.shape[0], 1, *x.shape[-2:])  # (N, 1, h, w): no prediction yet
         caches = [cache]
         for step in range(self.steps):
@@ -456,8 +463,8 @@ class PFENetHead(nn.Module):
     off (GC and CR off: PFENet alone).
 
     forward(f_q (B,C,h,w), f_s (B*S,C,h,w) reduced features, m (B*S,1,h,w) support foreground, prior (B,1,h,w),
-    sub) -> {"query": logits (B,2,h,w), "aux": FEM's per-bin logits (with sub: what only the loss reads; else
-    none), and with sub and the cross-reference module "query_sub" (B,2,h,w), "support_sub" (B*S,2,h,w)}."""
+    sub) -> {"query": logits (B,2,h,w), and with sub what only the loss reads: "aux", FEM's per-bin logits
+    [(B,2,b,b) per bin], and with the cross-reference module "query_sub" (B,2,h,w), "support_sub" (B*S,2,h,w)}."""
 
     def __init__(self, cross_reference, co_occurrence, global_conditional, fem):
         super().__init__()
@@ -479,7 +486,9 @@ class PFENetHead(nn.Module):
         if self.global_conditional is not None:
             f_q = self.global_conditional(f_q, proto)  # (B, C, h, w)
         # 5. PFENet's feature enrichment module on the query, the prototype and the prior
-        out["query"], out["aux"] = self.fem(f_q, proto, prior, aux=sub)  # (B, 2, h, w), [(B, 2, b, b) per bin]
+        out["query"], aux = self.fem(f_q, proto, prior, aux=sub)  # (B, 2, h, w), [(B, 2, b, b) per bin] or []
+        if sub:
+            out["aux"] = aux
         return out
 
 
@@ -507,19 +516,37 @@ def pfenet_loss(out, m_q, m_s, aux_weight, sub_weight):
 
 
 def check_config(cfg):
-    """A Literal field's value among its choices; steps that can predict; no field of the other network changed."""
+    """A Literal field's value among its choices; no field changed where it would change nothing (the other
+    network's, refine_steps without the cache); every number in its range, so that a bad value is one line here,
+    not a traceback in training (or after it, in evaluation)."""
+    other = PFENET_FIELDS if cfg.network == "crcnet" else CRCNET_FIELDS
+    changed = []
     for field in dataclasses.fields(cfg):
         value = getattr(cfg, field.name)
         if typing.get_origin(field.type) is Literal and value not in typing.get_args(field.type):
             raise ValueError(f"{field.name} must be one of {typing.get_args(field.type)}, got {value!r}")
+        if field.name in other and field.default != (tuple(value) if isinstance(value, list) else value):
+            changed.append(field.name)
+    if changed:
+        raise ValueError(f"{', '.join(changed)}: no part of network={cfg.network} (it would change nothing)")
+    if not cfg.mask_refinement and cfg.refine_steps != Config.refine_steps:
+        raise ValueError(f"refine_steps={cfg.refine_steps}: mask_refinement=false runs the refinement once "
+                         "(it would change nothing)")
     if cfg.refine_steps < 1 or cfg.ft_steps < 0:
         raise ValueError(f"refine_steps must be >= 1 (the refinement predicts; 1 = no re-use of the cache) and "
                          f"ft_steps >= 0, got {cfg.refine_steps} and {cfg.ft_steps}")
-    other = PFENET_FIELDS if cfg.network == "crcnet" else CRCNET_FIELDS
-    changed = [f.name for f in dataclasses.fields(cfg) if f.name in other and f.default != (
-        tuple(getattr(cfg, f.name)) if isinstance(getattr(cfg, f.name), list) else getattr(cfg, f.name))]
-    if changed:
-        raise ValueError(f"{', '.join(changed)}: no part of network={cfg.network} (it would change nothing)")
+    if cfg.gcn_kernel < 1 or cfg.gcn_kernel % 2 == 0:
+        raise ValueError(f"gcn_kernel must be odd (its k x 1 and 1 x k convs keep the size), got {cfg.gcn_kernel}")
+    if not 1 <= cfg.cr_reduction <= cfg.dim:
+        raise ValueError(f"cr_reduction must be in 1..dim={cfg.dim} (the cross-reference FC is dim // cr_reduction "
+                         f"wide), got {cfg.cr_reduction}")
+    if not cfg.test_scales or not all(0 < scale < math.inf for scale in cfg.test_scales):
+        raise ValueError(f"test_scales must be one or more finite scales above 0, got {tuple(cfg.test_scales)}")
+    if not (cfg.ft_lr >= 0 and cfg.ft_momentum >= 0):  # NaN too
+        raise ValueError(f"ft_lr and ft_momentum must be >= 0, got {cfg.ft_lr} and {cfg.ft_momentum}")
+    levels = cfg.levels if isinstance(cfg.levels, (list, tuple)) else ()  # a bare name is refused too
+    if not levels or len(set(levels)) < len(levels) or not set(levels) <= set(LEVELS):
+        raise ValueError(f"levels must be distinct ones of {', '.join(LEVELS)}, got {cfg.levels!r}")
 
 
 class Model(nn.Module):
@@ -527,8 +554,8 @@ class Model(nn.Module):
 
     forward(img_q, img_s, m_s, class_ids=None, m_q=None) -> {"logits" (B,2,H,W): log-probabilities of the query
     (CRCNet: averaged over the S pairs), "query": the head's query logits at h x w (CRCNet: per pair, (B*S,2,h,w);
-    PFENet: (B,2,h,w) and "aux"), and with m_q (B,H,W) (training) what only the loss reads: "support" (CRCNet,
-    whose support branch is conditioned on it), "query_sub", "support_sub" (the cross-reference module's)}.
+    PFENet: (B,2,h,w)), and with m_q (B,H,W) (training) what only the loss reads: "support" (CRCNet, whose support
+    branch is conditioned on it), "aux" (PFENet's FEM), "query_sub", "support_sub" (the cross-reference module's)}.
     infer() adds §4.6's test-time fine-tuning and §5.1's multi-scale inference."""
     query_mask_in_training = True  # train.py passes m_q in training (the loss's labels; CRCNet conditions on it)
 
@@ -574,7 +601,7 @@ class Model(nn.Module):
         return out
 
     def loss(self, out, m_q, m_s):
-        needs = ["support"] * (self.cfg.network == "crcnet") + ["query_sub"] * self.cfg.cross_reference
+        needs = ["support" if self.cfg.network == "crcnet" else "aux"] + ["query_sub"] * self.cfg.cross_reference
         if any(key not in out for key in needs):
             raise ValueError(f"{self.cfg.network}'s loss reads {', '.join(needs)}: in training, forward needs m_q "
                              "(what only the loss reads is computed with it; CRCNet's support branch is conditioned "

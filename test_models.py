@@ -5608,7 +5608,7 @@ def make_crcnet(**kw):
 
 @pytest.fixture(scope="module")
 def crcnet_model():
-    # one test scale: predict is compared with forward below; the default three scales have their own test
+    # one test scale: infer is compared with forward below; the default three scales have their own test
     return make_crcnet(refine_steps=3, ft_steps=3, ft_lr=0.05, test_scales=(1.0,))
 
 
@@ -5693,7 +5693,8 @@ def crcnet_traced(crcnet_model):
 
 @pytest.fixture(scope="module")
 def crcnet_tuned_episodes(crcnet_model):
-    """A mixed B=2, S=2 batch and each episode's fine-tuned head weights (finetune is checked by hand above)."""
+    """A mixed B=2, S=2 batch and each episode's fine-tuned head weights (finetune is checked by hand in
+    TestCRCNet, below)."""
     img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=2, S=2)
     with torch.no_grad():
         weights = [crcnet_model.finetune(img_s[b], m_s[b]) for b in range(2)]
@@ -5724,6 +5725,7 @@ def crcnet_tuned_outputs(net, tuned, kshot):
 # ---------------- the ablation switches: parameters by hand, a network that runs -----------------------------
 
 CRCNET_FAST = dict(refine_steps=2, ft_steps=2, test_scales=(1.0,))  # a switch's network: brief refinement and tuning
+CRCNET_FAST_UNCACHED = dict(ft_steps=2, test_scales=(1.0,))  # mask_refinement=False: one step, refine_steps refused
 
 
 def n_params(net):
@@ -6156,7 +6158,7 @@ class TestCRCNet:
         y = refine.combine(torch.cat([h, h + refine.global_conv(h)], 1))
         assert torch.allclose(logits, refine.cls(y + refine.combine_residual(y)), atol=1e-6)
         assert len(caches) == 2 and torch.allclose(caches[1], logits.softmax(1)[:, 1:])
-        net = make_crcnet(mask_refinement=False, **CRCNET_FAST)  # refine_steps=2
+        net = make_crcnet(mask_refinement=False, **CRCNET_FAST_UNCACHED)
         assert n_params(crcnet_model) - n_params(net) == conv_params(1, 32) + 9 * 32 * 32
         calls = {"off": [], "on": []}
         hooks = [net.head.refinement.cls.register_forward_hook(lambda *args: calls["off"].append(1)),
@@ -6300,7 +6302,7 @@ class TestCRCNet:
         cfg = train.make_config(module, args)
         assert (cfg.levels, cfg.mask_refinement, cfg.test_scales, cfg.kshot, args.shot) == \
             (("layer4",), False, (1.0,), "finetune+fusion", 10)
-        net = make_crcnet(levels=("layer4",), mask_refinement=False, **CRCNET_FAST)
+        net = make_crcnet(levels=("layer4",), mask_refinement=False, **CRCNET_FAST_UNCACHED)
         img_q, img_s, m_s, m_q = episode(1, 10, CRCNET_SIZE)
         preds = {}
         for kshot in ("fusion", "finetune", "finetune+fusion"):
@@ -6469,7 +6471,7 @@ class TestCRCNet:
                 sub = net.head.co_occurrence(torch.cat([g_q, g_s]))
             assert torch.allclose(torch.cat([out["query_sub"], out["support_sub"]]), sub, atol=1e-5)
         with torch.no_grad():
-            assert set(net(img_q, img_s, m_s)) == {"logits", "query", "aux"}  # evaluation: no sub-predictions
+            assert set(net(img_q, img_s, m_s)) == {"logits", "query"}  # evaluation: no FEM aux, no sub-predictions
         net.train()  # PFENet's dropout on: trains at 1 and 5 shots
         try:
             crcnet_runs(net, shots=(S,))
@@ -6479,7 +6481,8 @@ class TestCRCNet:
     @pytest.mark.parametrize("cr", [False, True])
     def test_crcnet_pfenet_loss_is_main_aux_and_the_co_occurrence_terms(self, pfenet_variants, cr):
         # PFENet's loss (main + aux_weight 1 x the mean of FEM's per-bin terms) and, with CR, Eq. (5)'s lambda
-        # (L_QMsub + L_SMsub), on made-up logits: the query's terms against m_q, the supports' against m_s
+        # (L_QMsub + L_SMsub), on made-up logits: the query's terms against m_q, the supports' against m_s; on an
+        # evaluation forward (no m_q), CR on or off, the loss says in one line that forward needs m_q
         net = pfenet_variants["CR" if cr else "PFENet"]
         B, S = 2, 3
         img_q, img_s, m_s, m_q = crcnet_mixed_episode(B=B, S=S)
@@ -6498,10 +6501,13 @@ class TestCRCNet:
             assert torch.allclose(terms["query_sub"], q_sub, atol=1e-6)
             assert torch.allclose(terms["support_sub"], s_sub, atol=1e-6)
             by_hand = by_hand + 0.1 * (q_sub + s_sub)
-            with pytest.raises(ValueError, match="forward needs m_q"):  # CR's terms without its sub-predictions
-                net.loss({"query": out["query"], "aux": out["aux"]}, m_q, m_s)
         assert set(terms) == ({"main", "aux", "query_sub", "support_sub"} if cr else {"main", "aux"})
         assert torch.allclose(total, by_hand, atol=1e-6)
+        with torch.no_grad():
+            evaluation = net(img_q, img_s, m_s)  # no m_q: neither FEM's aux logits nor CR's sub-predictions
+        with pytest.raises(ValueError, match="forward needs m_q") as error:  # one line, CR on or off
+            net.loss(evaluation, m_q, m_s)
+        assert "\n" not in str(error.value)
 
     @pytest.mark.parametrize("variant", ["PFENet", "CRC"])
     def test_crcnet_pfenet_fusion_is_its_own_and_finetuning_restores_every_weight_table5(self, pfenet_variants,
@@ -6587,11 +6593,30 @@ class TestCRCNet:
 
     # ---------------- bad input, flags and the harness -------------------------------------------------------------
 
+    @pytest.mark.parametrize("fields, message", [
+        (dict(kshot="vote"), "kshot must be one of ('finetune', 'fusion', 'finetune+fusion'), got 'vote'"),
+        (dict(refine_steps=0), "refine_steps must be >= 1 (the refinement predicts; 1 = no re-use of the cache) and "
+                               "ft_steps >= 0, got 0 and 20"),
+        (dict(mask_refinement=False, refine_steps=3),
+         "refine_steps=3: mask_refinement=false runs the refinement once (it would change nothing)"),
+        *[(dict(gcn_kernel=k), f"gcn_kernel must be odd (its k x 1 and 1 x k convs keep the size), got {k}")
+          for k in (6, 0)],  # 6: a size mismatch in the block's sum
+        *[(dict(cr_reduction=r), "cr_reduction must be in 1..dim=32 (the cross-reference FC is dim // cr_reduction "
+                                 f"wide), got {r}") for r in (0, 33)],  # 0: ZeroDivisionError; 33: a 0-wide FC
+        *[(dict(test_scales=scales), f"test_scales must be one or more finite scales above 0, got {scales}")
+          for scales in ((), (0.0,), (1.0, -0.5), (math.nan,))],  # else a crash in evaluation, after training
+        *[(fields, f"ft_lr and ft_momentum must be >= 0, got {lr} and {momentum}")
+          for fields, lr, momentum in ((dict(ft_lr=-0.1), -0.1, 0.9), (dict(ft_momentum=-0.9), 0.0025, -0.9))],
+        *[(dict(levels=levels), f"levels must be distinct ones of layer2, layer3, layer4, got {levels!r}")
+          for levels in ((), ("layer1", "layer4"), ("layer5",), ("layer4", "layer4"), "layer4")],
+    ])
+    def test_crcnet_bad_config_is_one_value_error(self, fields, message):
+        # every value that would fail later (a traceback in training, or in evaluation after it) or change nothing
+        with pytest.raises(ValueError) as error:
+            make_crcnet(**fields)
+        assert str(error.value) == message
+
     def test_crcnet_bad_input_raises(self):
-        with pytest.raises(ValueError, match="kshot"):
-            crcnet.Model(crcnet.Config(pretrained=False, kshot="vote"))
-        with pytest.raises(ValueError, match="refine_steps must be >= 1"):
-            make_crcnet(refine_steps=0)  # the refinement loop is what predicts
         net = make_crcnet(refine_steps=1)
         img_q, img_s, m_s, m_q = episode(2, 2, CRCNET_SIZE)
         with pytest.raises(ValueError, match="same episodes"):
