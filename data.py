@@ -453,7 +453,7 @@ AUGMENTATIONS = {
     "crop-scale-flip": dict(scale=True, rotate=False, blur=False, flip=True),  # CRCNet §5.1's list
 }
 # RandScale (PFENet config/pascal/pascal_split0_resnet50.yaml:14-15, config/coco/coco_split0_resnet101.yaml:13-14);
-# a folder dataset and FSS-1000 take PASCAL's recipe
+# a folder dataset and FSS-1000 take PASCAL's recipe (FSS-1000's factor scales its test size: FSSEpisodes._transform)
 SCALE_RANGE = {"pascal": (0.9, 1.1), "coco": (0.8, 1.25), "folder": (0.9, 1.1), "fss1000": (0.9, 1.1)}
 ROTATE_DEGREES, ROTATE_P = 10.0, 0.5  # RandRotate (util/transform.py:305-330)
 BLUR_P = 0.5  # RandomGaussianBlur (util/transform.py:355-362): cv2.GaussianBlur(image, (5, 5), 0)
@@ -503,11 +503,12 @@ def mask_to_boxes(mask):
     return boxes
 
 
-def train_transform(img, mask, rng, size, scale_range, recipe="pfenet", compact=False):
+def train_transform(img, mask, rng, size, scale_range, recipe="pfenet", compact=False, base=None):
     """PFENet's training augmentation (util/transform.py, composed at train.py:165-172) on an image and its mask
     together, with the steps that AUGMENTATIONS[recipe] names (a step left out draws nothing from rng), written
     with torchvision.transforms.v2 functional ops and our own rotate and gaussian_blur; resized with antialiasing
-    as test_transform is.
+    as test_transform is. base: the (h, w) that the image is resized to first, so that the random scale is centred
+    on it (FSS-1000: its test size, test_content_size); the two resizes are one (step 1's, to base x the factor).
 
     img uint8 (3,H0,W0), mask (H0,W0) integer (episodes: {0,1,255}), rng numpy Generator (every random draw)
     -> img (3,size,size) float32 normalised, mask (size,size) int64; compact: both uint8 (the mask's values must
@@ -517,10 +518,12 @@ def train_transform(img, mask, rng, size, scale_range, recipe="pfenet", compact=
     flipped image and cropping it, without its full-size copies."""
     steps = AUGMENTATIONS[recipe]
     image, label = img.float().div_(255), mask  # (3,H0,W0) in [0,1], (H0,W0)
-    # 1. RandScale: one isotropic factor, image bilinear, mask nearest
+    # 1. RandScale: one isotropic factor (of base, when given), image bilinear, mask nearest
+    hw = list(base or mask.shape)
     if steps["scale"]:
         factor = rng.uniform(*scale_range)
-        hw = [max(1, round(s * factor)) for s in mask.shape]
+        hw = [max(1, round(s * factor)) for s in hw]
+    if steps["scale"] or base:
         image = TF.resize(image, hw, antialias=True)  # (3,h,w)
         label = TF.resize(tv_tensors.Mask(label[None]), hw)[0].as_subclass(torch.Tensor)  # (h,w)
     # 2. RandRotate about the centre; corners filled with the mean colour / ignore
@@ -1045,6 +1048,15 @@ class FSSEpisodes(ImageEpisodes):
     def _load(self, name):
         img, mask = super()._load(name)
         return img, mask * next(iter(self.counts[name]))  # (3,H,W), (H,W) the class id on the object
+
+    def _transform(self, img, mask, rng):
+        """Training resizes an image to its test size (test_content_size: 224 x 224 -> the crop) before the random
+        scale, as HSNet trains and tests at one size (data/dataset.py: one Resize for every split, 400 x 400 in its
+        README): without it a 473 crop would show the object at a fifth of its test area, 79% of it padding."""
+        if self.split != "train":
+            return super()._transform(img, mask, rng)
+        base = test_content_size(*mask.shape, self.img_size)
+        return train_transform(img, mask, rng, self.img_size, self.scale_range, self.augment, compact=True, base=base)
 
 
 def _fss_names(root=None):

@@ -2384,6 +2384,22 @@ class TestData:
         with pytest.raises(ZeroDivisionError):
             data.build_dataset("fss1000", "test", 0, img_size=32, root=root)
 
+    def test_fss_training_crops_show_the_object_at_its_test_scale(self, tmp_path, fss_lists):
+        """FSS-1000's 224 x 224 images are resized to the 473 crop for testing; training resizes them to it too
+        before the random scale, so that a training query's object covers about what its test episode's does, not a
+        fifth of it inside padding. Here 40 x 40 images and an 84 crop (473 / 224's ratio), every training query."""
+        ds = data.build_dataset("fss1000", "train", 0, img_size=84, root=_write_fss(tmp_path / "fss"))
+        train_fg, test_fg, ignored = [], [], []
+        for i in range(len(ds)):
+            ep = ds[(0, i)]
+            mask = data.binary_mask(ds._load(ds._query(i, 0))[1], ep["class_id"])
+            _, test_mask = data.test_transform(torch.zeros(3, *mask.shape, dtype=torch.uint8), mask, 84)
+            train_fg.append((ep["m_q"] == 1).double().mean())
+            test_fg.append((test_mask == 1).double().mean())
+            ignored.append((ep["m_q"] == IGNORE_INDEX).double().mean())
+        assert 0.8 < np.mean(train_fg) / np.mean(test_fg) < 1.25  # without the resize: 0.23 (1 / 2.1^2)
+        assert np.mean(ignored) < 0.1  # rotated corners and a scale under 1; without the resize: 0.77
+
     def test_fss_damaged_files_and_missing_classes_of_both_splits_in_one_message(self, tmp_path, fss_lists):
         root = _write_fss(tmp_path / "fss")
         jpeg = root / "t_bus" / "2.jpg"
