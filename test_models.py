@@ -367,6 +367,23 @@ def _edited_later(path):
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
 
 
+def _rewritten_at_its_size_and_time(path, write):
+    """write(path) rewrites a file at its size; then its modification time is put back, as cp -p, rsync -a, tar and
+    unzip leave a file that they overwrite."""
+    stat = path.stat()
+    write(path)
+    assert path.stat().st_size == stat.st_size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def _cache_trusts_the_files_as_they_are(cache, root, files):
+    """Re-key a scan cache of root's `files` {name: (image, label)} to their stats now (_fingerprint): a file damaged
+    after the scan, unseen by the cache, as by a disk that fails during a run."""
+    written = json.loads(cache.read_text())
+    digest = data._fingerprint(root, [path for pair in files.values() for path in pair])[0]
+    cache.write_text(json.dumps({**written, "key": [*written["key"][:-1], digest]}))
+
+
 def _read_only(monkeypatch, *folders):
     """Nothing can be made or written inside these folders, as for a user without write permission there (chmod
     alone would not do: the tests may run as root). An existing folder passes mkdir(exist_ok=True), as it does."""
@@ -1544,16 +1561,18 @@ class TestData:
 
     def test_a_scan_cache_is_trusted_only_while_its_files_are_unchanged(self, tmp_path, monkeypatch):
         """Issue 33: after one clean scan, a label changed to hold class id 50, a JPEG cut short or a file removed
-        is found by the next run, not trained on: PASCAL's and COCO's caches hold every file's size and
-        modification time, as the folder dataset's does."""
+        is found by the next run, not trained on: PASCAL's and COCO's caches hold every file's size, modification
+        and status-change time and inode, as the folder dataset's does; a label rewritten at its size with its
+        modification time put back (cp -p, rsync -a, tar, unzip) is scanned again too."""
         root = _write_pascal(tmp_path / "voc")
+        label = root / "SegmentationClassAug" / "v2.png"
+        Image.fromarray(_PASCAL_LABELS["v2"]).save(label, compress_level=0)  # stored: its size is its pixel count's
         data.build_dataset("pascal", "test", 0, img_size=64, root=root)  # a clean scan, cached
         decoded = _count_decodes(monkeypatch)
         data.build_dataset("pascal", "test", 0, img_size=64, root=root)
         assert decoded == []  # nothing changed: the cache serves
-        label = root / "SegmentationClassAug" / "v2.png"
-        Image.fromarray(_label((1, 0, 0, 50, 50), (50, 60, 60, 5, 5))).save(label)
-        _edited_later(label)
+        bad = _label((1, 0, 0, 50, 50), (50, 60, 60, 5, 5))
+        _rewritten_at_its_size_and_time(label, lambda path: Image.fromarray(bad).save(path, compress_level=0))
         with pytest.raises(data.DatasetFileError) as err:
             data.build_dataset("pascal", "test", 0, img_size=64, root=root)
         assert str(err.value).splitlines()[1:] == [f"  {label}: class id 50; ids are 1..20 (0 background, 255 ignore)"]
@@ -3258,13 +3277,11 @@ class TestTrain:
         flags = ["--model", str(tiny), "--dataset", "pascal", "--data-root", str(root), "--img-size", "32",
                  "--batch-size", "2", "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"]
         # a training image that decodes badly inside a DataLoader worker: one line naming it, not the worker's traceback
-        # (damaged after the scan, which decodes every image, has passed it and cached its counts, in a way its size
-        # and modification time do not show: the cache trusts it)
-        data.build_dataset("pascal", "train", 0, img_size=32, root=root)
+        # (damaged after the scan, which decodes every image, has passed it and cached its counts: the cache trusts it)
+        files = data.build_dataset("pascal", "train", 0, img_size=32, root=root).files
         jpeg = root / "JPEGImages" / "a_voc.jpg"
-        stat, size = jpeg.stat(), jpeg.stat().st_size
-        jpeg.write_bytes(jpeg.read_bytes()[:2000] + b"\xff" * (size - 2000))
-        os.utime(jpeg, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        jpeg.write_bytes(jpeg.read_bytes()[:2000] + b"\xff" * (jpeg.stat().st_size - 2000))
+        _cache_trusts_the_files_as_they_are(root / ".fss_cache" / "pascal_train_counts.json", root, files)
         with pytest.raises(SystemExit) as err:
             train.main([*flags, "--workers", "1", "--out", str(tmp_path / "a")])
         assert str(err.value.code).startswith(f"error: cannot read image {jpeg}: ") and "\n" not in str(err.value.code)
