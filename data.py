@@ -757,7 +757,8 @@ COCO_NAMES = ("person", "bicycle", "car", "motorcycle", "airplane", "bus", "trai
               "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
               "teddy bear", "hair drier", "toothbrush")
 # COCO label PNGs: bump when they would be rasterised differently (1: Pillow's polygon fill, outline included;
-# 2: pycocotools' rule). Each label folder records its version in COCO_LABEL_STAMP (no file: version 1).
+# 2: pycocotools' rule). Each label folder records in COCO_LABEL_STAMP its version (no file: version 1) and the
+# size and modification time of the annotation file that its labels were rasterised from (_coco_stamp).
 COCO_LABEL_VERSION = 2
 COCO_LABEL_STAMP = "label_version.txt"
 POLYGON_UPSAMPLE = 5  # pycocotools' rleFrPoly digitises polygon edges on a grid 5x finer than the pixels
@@ -769,15 +770,16 @@ def _coco_index(root, split):
     The images: every 2014 train (val) image with at least one annotation (82081 / 40137, the counts in PFENet's
     README). Category ids (1..90 with gaps) map to 1..80 in sorted id order. The semantic labels are written once,
     by pycocotools' rules without the package (_write_and_scan_coco_label); a label folder records the rule it was
-    written under (COCO_LABEL_VERSION), and labels of an older rule are rewritten once, with a note."""
+    written under (COCO_LABEL_VERSION) and from which annotation file (its size and modification time), and labels
+    of an older rule or of an annotation file since changed are rewritten once, with a note (_stale_coco_labels)."""
     ann_path = root / "annotations" / f"instances_{split}2014.json"
     missing = [str(p) for p in (root / f"{split}2014", ann_path) if not p.exists()]
     if missing:
         raise DatasetNotFoundError(f"COCO root {root} is missing {', '.join(missing)}\n{COCO_LAYOUT}")
     cache = _cache_file(root, f"coco_{split}_counts.json")
-    label_dir = _coco_label_dir(root, split)
-    stat = ann_path.stat()
-    key = [CACHE_VERSION, COCO_LABEL_VERSION, stat.st_size, stat.st_mtime_ns, str(label_dir)]
+    ann_stat = ann_path.stat()
+    label_dir = _coco_label_dir(root, split, ann_stat)
+    key = [CACHE_VERSION, COCO_LABEL_VERSION, _stat_key(ann_stat), str(label_dir)]
     payload = _read_cache(cache, key)
     if payload is not None:  # trusted while every image and label it counted is as it was
         pairs = [(root / f"{split}2014" / f"{stem}.jpg", label_dir / f"{stem}.png") for stem in payload["counts"]]
@@ -794,7 +796,7 @@ def _coco_index(root, split):
         images = sorted((im for im in coco["images"] if im["id"] in per_image), key=lambda im: im["file_name"])
         stems = [Path(im["file_name"]).stem for im in images]
         try:
-            rewrite = _stale_coco_labels(label_dir, split)
+            rewrite = _stale_coco_labels(label_dir, split, ann_path, ann_stat)
         except OSError as err:
             raise _label_write_error(label_dir, split, err) from None
         jobs = [(str(root / f"{split}2014" / f"{stem}.jpg"), str(label_dir / f"{stem}.png"), im["height"],
@@ -802,11 +804,12 @@ def _coco_index(root, split):
         scanned = _parallel_map(_write_and_scan_coco_label, jobs, f"writing COCO {split}2014 labels to {label_dir}")
         counts = check_scan(scanned, f"COCO {split}2014 under {root}")
         stamp = label_dir / COCO_LABEL_STAMP
-        try:
-            if rewrite or not stamp.is_file():  # every label is current now
-                stamp.write_text(f"{COCO_LABEL_VERSION}\n")
+        try:  # every label is current now; a stamp of before the annotations' line gets it where it can be written
+            if _read_stamp(stamp) != _coco_stamp(ann_stat):
+                stamp.write_text(_coco_stamp(ann_stat))
         except OSError as err:
-            raise _label_write_error(label_dir, split, err) from None
+            if rewrite:
+                raise _label_write_error(label_dir, split, err) from None
         files = [path for stem in stems for path in (root / f"{split}2014" / f"{stem}.jpg", label_dir / f"{stem}.png")]
         payload = {"class_names": names, "counts": dict(zip(stems, counts)), "files": _fingerprint(root, files)[0]}
         _write_cache(cache, key, payload)
@@ -815,11 +818,17 @@ def _coco_index(root, split):
     return files, _int_keys(payload["counts"]), names
 
 
-def _coco_label_dir(root, split):
-    """Where COCO's labels of `split` are (or go): <root>/labels/<split>2014, else beside the cache in ~/.cache/fss
-    when the root is read-only; a read-only <root>/labels/<split>2014 when neither can be written (its labels are
-    read as they are). Training needs the labels: with no such place the run stops in one line."""
+def _coco_label_dir(root, split, ann_stat):
+    """Where COCO's labels of `split` are (or go): <root>/labels/<split>2014 when its stamp says they are current
+    (of this label version and annotation file: _stale_coco_labels), writable or not; else the first of it and
+    ~/.cache/fss/<hash of root>/labels/<split>2014 that can be written; else a read-only <root>/labels/<split>2014
+    (its labels read as they are). Training needs the labels: with no such place the run stops in one line."""
     places = [root / "labels" / f"{split}2014", _cache_places(root)[1] / "labels" / f"{split}2014"]
+    try:
+        if _coco_stamp_change(_read_stamp(places[0] / COCO_LABEL_STAMP), ann_stat) is None:
+            return places[0]
+    except OSError:  # an unreadable stamp: as none
+        pass
     label_dir = _writable_dir(*places)
     if label_dir is None and not places[0].is_dir():
         raise DatasetFileError(f"cannot write the COCO {split}2014 labels: neither {places[0]} nor {places[1]} can be "
@@ -854,20 +863,48 @@ def _write_and_scan_coco_label(job):
     return _scan_pair((image_path, path), max_id=num_classes)
 
 
-def _stale_coco_labels(label_dir, split):
-    """Whether label_dir holds label PNGs written under another COCO_LABEL_VERSION (with a one-line note): they
-    must all be rewritten. A folder without PNGs is stamped with the current version at once, so that an
-    interrupted first run resumes where it stopped."""
+def _stale_coco_labels(label_dir, split, ann_path, ann_stat):
+    """Whether label_dir holds label PNGs written under another COCO_LABEL_VERSION or from an annotation file of
+    another size or modification time (with a one-line note): they must all be rewritten. A folder without PNGs is
+    stamped at once, so that an interrupted first run resumes where it stopped."""
     stamp = label_dir / COCO_LABEL_STAMP
-    found = stamp.read_text().strip() if stamp.is_file() else "1" if any(label_dir.glob("*.png")) else None
-    if found == str(COCO_LABEL_VERSION):
+    found = _read_stamp(stamp)
+    if found is None and not any(label_dir.glob("*.png")):
+        stamp.write_text(_coco_stamp(ann_stat))
         return False
-    if found is None:
-        stamp.write_text(f"{COCO_LABEL_VERSION}\n")
+    change = _coco_stamp_change(found, ann_stat)
+    if change is None:
         return False
-    print(f"[data] note: rewriting the COCO {split}2014 labels in {label_dir}: they were rasterised under label "
-          f"version {found}, now {COCO_LABEL_VERSION} (pycocotools' polygon rule)", file=sys.stderr, flush=True)
+    why = (f"{ann_path.name} has changed since they were rasterised from it (its size or modification time)"
+           if change == "annotations" else f"they were rasterised under label version {change}, now "
+           f"{COCO_LABEL_VERSION} (pycocotools' polygon rule)")
+    print(f"[data] note: rewriting the COCO {split}2014 labels in {label_dir}: {why}", file=sys.stderr, flush=True)
     return True
+
+
+def _coco_stamp(ann_stat):
+    """A COCO label folder's stamp (COCO_LABEL_STAMP): the label version, then the size and modification time of
+    the annotation file that its labels were rasterised from."""
+    return f"{COCO_LABEL_VERSION}\n{ann_stat.st_size} {ann_stat.st_mtime_ns}\n"
+
+
+def _coco_stamp_change(stamp, ann_stat):
+    """What makes the labels of a stamp's text stale: None (they are current), "annotations" (rasterised from an
+    annotation file of another size or modification time), or the older label version they were written under
+    ("1" for no stamp: None, or an empty one). A stamp of the version alone, written before it recorded the
+    annotation file, is taken as of the current one."""
+    if not stamp:
+        return "1"
+    version, *annotations = stamp.splitlines()
+    if version.strip() != str(COCO_LABEL_VERSION):
+        return version.strip()
+    recorded = annotations[0].split() if annotations else None
+    return "annotations" if recorded and recorded != _coco_stamp(ann_stat).splitlines()[1].split() else None
+
+
+def _read_stamp(path):
+    """A stamp file's text, or None when there is none."""
+    return path.read_text() if path.is_file() else None
 
 
 def _label_write_error(label_dir, split, err):

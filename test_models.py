@@ -1843,12 +1843,13 @@ class TestData:
         assert abs(errors.mean()) < 1.0
         assert 0.3 < (errors > 0).mean() < 0.7  # errors of both signs
 
-    def test_coco_labels_of_an_older_rule_are_rewritten_once(self, tmp_path, capsys):
+    def test_coco_labels_of_an_older_rule_or_annotation_file_are_rewritten_once(self, tmp_path, capsys):
         root = _write_coco(tmp_path / "coco")
         labels, name = root / "labels" / "train2014", "COCO_train2014_000000000001"
-        stamp = labels / data.COCO_LABEL_STAMP
+        stamp, ann = labels / data.COCO_LABEL_STAMP, root / "annotations" / "instances_train2014.json"
         assert data.build_dataset("coco", "train", 3, img_size=64, root=root).counts[name] == {2: 2500}
-        assert "rewriting" not in capsys.readouterr().err and stamp.read_text().strip() == str(data.COCO_LABEL_VERSION)
+        assert "rewriting" not in capsys.readouterr().err
+        assert stamp.read_text() == f"{data.COCO_LABEL_VERSION}\n{ann.stat().st_size} {ann.stat().st_mtime_ns}\n"
         # the folder as the Pillow fill left it: no stamp, a fat 51 x 51 label, its counts cached under the old key
         fat = np.zeros((80, 80), np.uint8)
         fat[10:61, 10:61] = 2
@@ -1863,12 +1864,47 @@ class TestData:
         notes = [line for line in capsys.readouterr().err.splitlines() if "rewriting" in line]
         assert len(notes) == 1 and "train2014" in notes[0] and f"version 1, now {data.COCO_LABEL_VERSION}" in notes[0]
         assert (np.array(Image.open(labels / f"{name}.png")) == 2).sum() == 2500
-        assert stamp.read_text().strip() == str(data.COCO_LABEL_VERSION)
-        # stamped: a label present is kept as it is (written once), even when the counts are scanned again
+        assert stamp.read_text().splitlines()[0] == str(data.COCO_LABEL_VERSION)
+        # stamped: a label present is kept as it is (written once), even when the counts are scanned again; a stamp
+        # of the version alone (written before the stamp recorded the annotation file) is current, and completed
         Image.fromarray(fat).save(labels / f"{name}.png")
         cache.unlink()
+        stamp.write_text(f"{data.COCO_LABEL_VERSION}\n")
         assert data.build_dataset("coco", "train", 3, img_size=64, root=root).counts[name] == {2: 2601}
-        assert "rewriting" not in capsys.readouterr().err
+        assert "rewriting" not in capsys.readouterr().err and len(stamp.read_text().splitlines()) == 2
+        # the annotation file edited (the square 10 pixels to the right, the file's size unchanged): rewritten once
+        coco = json.loads(ann.read_text())
+        coco["annotations"][0]["segmentation"] = [[20, 10, 70, 10, 70, 60, 20, 60]]
+        ann.write_text(json.dumps(coco))
+        _edited_later(ann)
+        for _ in range(2):
+            assert data.build_dataset("coco", "train", 3, img_size=64, root=root).counts[name] == {2: 2500}
+        notes = [line for line in capsys.readouterr().err.splitlines() if "rewriting" in line]
+        assert notes == [f"[data] note: rewriting the COCO train2014 labels in {labels}: instances_train2014.json has "
+                         "changed since they were rasterised from it (its size or modification time)"]
+        assert (np.array(Image.open(labels / f"{name}.png"))[10:60, 20:70] == 2).all()
+
+    def test_coco_labels_current_in_a_read_only_root_are_read_there(self, tmp_path, monkeypatch):
+        """A read-only COCO root whose labels are current (their stamp: this label version, this annotation file) is
+        read where it is, though the home folder could take new labels: COCO's ~120k are not rasterised again there.
+        Labels of an annotation file since changed are written under the home folder."""
+        root, home = _write_coco(tmp_path / "coco"), tmp_path / "home"
+        home.mkdir()
+        monkeypatch.setattr(Path, "home", lambda: home)
+        data.build_dataset("coco", "train", 0, img_size=64, root=root)
+        stem, ann = "COCO_train2014_000000000001", root / "annotations" / "instances_train2014.json"
+        _read_only(monkeypatch, root)
+        rasterise = data.segmentation_to_mask
+        monkeypatch.setattr(data, "segmentation_to_mask", lambda *args: 1 / 0)  # nothing is rasterised
+        ds = data.build_dataset("coco", "train", 0, img_size=64, root=root)
+        assert ds.files[stem][1] == root / "labels" / "train2014" / f"{stem}.png" and ds.counts[stem] == {2: 2500}
+        home_labels = data._cache_places(root)[1] / "labels" / "train2014"
+        assert not home_labels.exists()
+        monkeypatch.setattr(data, "segmentation_to_mask", rasterise)
+        _edited_later(ann)  # as an edit: the labels of the root are stale now
+        ds = data.build_dataset("coco", "train", 0, img_size=64, root=root)
+        assert ds.files[stem][1] == home_labels / f"{stem}.png" and ds.counts[stem] == {2: 2500}
+        assert (home_labels / f"{stem}.png").is_file()
 
     def test_coco_labels_category_map_and_folds(self, tmp_path, monkeypatch):
         root = _write_coco(tmp_path / "coco")
