@@ -368,6 +368,11 @@ def split_name(name, fold, root=None, test_classes=None, coco_split="interleaved
     return f"{dataset}-" + ("classes" + "-".join(map(str, test_classes)) if test_classes else f"fold{fold}")
 
 
+def _unreadable(path, err, layout):
+    """The error for a data root, or a folder of its layout, that cannot be listed (a permission, an I/O error)."""
+    return DatasetNotFoundError(f"{path} cannot be read ({err.strerror or err}): its files are needed\n{layout}")
+
+
 def _data_root(name, root):
     """The data root as a Path; DatasetNotFoundError with the dataset's layout when there is none."""
     layout = {"pascal": PASCAL_LAYOUT, "coco": COCO_LAYOUT, "folder": FOLDER_LAYOUT, "fss1000": FSS_LAYOUT}[name]
@@ -1104,9 +1109,13 @@ def _fss_names(root=None):
     if root is None:
         return {**names, **{c: str(c) for c in range(test + val + 1, test + val + FSS_TRAIN_CLASSES + 1)}}
     listed = set(names.values())
-    folders = sorted(entry.name for entry in os.scandir(root)
-                     if entry.is_dir() and not entry.name.startswith(".") and entry.name not in listed)
-    if not listed & {entry.name for entry in os.scandir(root)}:
+    try:
+        entries = {entry.name: entry.is_dir() for entry in os.scandir(root)}
+    except OSError as err:
+        raise _unreadable(root, err, FSS_LAYOUT) from None
+    folders = sorted(name for name, is_dir in entries.items() if is_dir and not name.startswith(".")
+                     and name not in listed)
+    if not listed & entries.keys():
         inner = [str(root / sub) for sub in ("FSS-1000", "fewshot_data") if (root / sub).is_dir()]
         raise DatasetNotFoundError(f"FSS-1000 root {root} holds no class folder of the test or validation list (e.g. "
                                    f"{root / FSS_TEST_CLASSES[0]})" + (f": give {inner[0]}" if inner else "")
@@ -1139,10 +1148,14 @@ def _fss_index(root, split, names):
     files, strays, problems = {}, [], []
     for c in classes:
         folder = root / names[c]
-        if not folder.is_dir():
-            problems.append(f"{folder}: no such class folder (FSS-1000's {split} list names it)")
+        try:
+            if not folder.is_dir():
+                problems.append(f"{folder}: no such class folder (FSS-1000's {split} list names it)")
+                continue
+            pairs, unpaired = _fss_pairs(folder)
+        except OSError as err:
+            problems.append(f"{folder}: cannot be read ({err.strerror or err})")
             continue
-        pairs, unpaired = _fss_pairs(folder)
         files.update({f"{names[c]}/{stem}": pair for stem, pair in pairs.items()})
         strays += [f"{names[c]}/{line}" for line in unpaired]
         if not pairs:
@@ -1262,7 +1275,10 @@ def _folder_index(root):
     once, each unpaired image or label, each stem with two images among them and each name of train.txt or val.txt
     with neither file; the counts are cached under a key of every pair's names and stats (_fingerprint, as every
     dataset's), so that adding, removing or editing a file scans again."""
-    missing = [str(root / sub) for sub in ("images", "labels") if not (root / sub).is_dir()]
+    try:
+        missing = [str(root / sub) for sub in ("images", "labels") if not (root / sub).is_dir()]
+    except OSError as err:  # root unreadable
+        raise _unreadable(root, err, FOLDER_LAYOUT) from None
     if missing:
         raise DatasetNotFoundError(f"folder data root {root} is missing {', '.join(missing)}\n{FOLDER_LAYOUT}")
     images, problems = {}, []
@@ -1295,8 +1311,13 @@ def _folder_index(root):
 
 
 def _files_with_suffix(folder, suffixes):
-    """The files of `folder` with one of these suffixes (any case), sorted; hidden ones (macOS's ._NAME) left out."""
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith("."))
+    """The files of `folder` with one of these suffixes (any case), sorted; hidden ones (macOS's ._NAME) left out.
+    A folder that cannot be read: DatasetNotFoundError."""
+    try:
+        paths = [Path(entry.path) for entry in os.scandir(folder)]
+    except OSError as err:
+        raise _unreadable(folder, err, FOLDER_LAYOUT) from None
+    return sorted(p for p in paths if p.suffix.lower() in suffixes and not p.name.startswith("."))
 
 
 def _folder_names(root, files, counts):

@@ -384,6 +384,18 @@ def _cache_trusts_the_files_as_they_are(cache, root, files):
     cache.write_text(json.dumps({**written, "key": [*written["key"][:-1], digest]}))
 
 
+def _unlistable(monkeypatch, *folders):
+    """These folders cannot be listed (os.scandir: PermissionError), as after chmod 000 (which the tests, may be
+    run as root, cannot rely on)."""
+    scandir = os.scandir
+
+    def refuse(path="."):
+        if Path(path) in folders:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", refuse)
+
+
 def _read_only(monkeypatch, *folders):
     """Nothing can be made or written inside these folders, as for a user without write permission there (chmod
     alone would not do: the tests may run as root). An existing folder passes mkdir(exist_ok=True), as it does."""
@@ -2475,6 +2487,24 @@ class TestData:
         assert lines[3].startswith("2 bad file(s) in the FSS-1000 test classes")
         assert lines[4].startswith(f"  {jpeg}: not a readable image (image file is truncated")
         assert lines[5:] == [f"  {root / 't_cup'}: no such class folder (FSS-1000's test list names it)"]
+
+    def test_fss_unreadable_folders_are_named_in_one_message(self, tmp_path, fss_lists, monkeypatch):
+        """A class folder that cannot be listed is one more line of the scan's message; the root, or a folder
+        dataset's images/ or labels/, a DatasetNotFoundError with the layout; no traceback."""
+        root = _write_fss(tmp_path / "fss")
+        _unlistable(monkeypatch, root / "t_cat", root / "t_cup")
+        with pytest.raises(data.DatasetFileError) as err:
+            data.build_dataset("fss1000", "test", 0, img_size=32, root=root)
+        assert str(err.value).splitlines()[1:] == [f"  {root / name}: cannot be read (Permission denied)"
+                                                   for name in ("t_cat", "t_cup")]
+        folder = _write_folder(tmp_path / "mine")
+        for unreadable, build in ((root, ("fss1000", "test", 0)), (folder / "labels", ("folder", "train", 1))):
+            _unlistable(monkeypatch, unreadable)
+            with pytest.raises(data.DatasetNotFoundError) as err:
+                data.build_dataset(*build, img_size=32, root=unreadable if build[0] == "fss1000" else folder)
+            lines = str(err.value).splitlines()
+            assert lines[0] == f"{unreadable} cannot be read (Permission denied): its files are needed"
+            assert lines[1].startswith(f"expected {'FSS-1000' if build[0] == 'fss1000' else 'folder'} layout")
 
     def test_fss_scores_through_train_py_by_hand(self, tmp_path, fss_lists, monkeypatch, capsys, tiny):
         """Every pixel called foreground: class IoU = its test masks' object pixels / their pixels, counted over one
