@@ -1145,6 +1145,10 @@ def _fss_index(root, split, names):
     .jpeg beside a pair), a mask of another size than its image (peregine_falcon/8.png, a 960x480 colour picture),
     a mask without an object pixel."""
     classes = _fss_classes(names, split)
+    if not classes:  # the training classes are the root's other folders: a download of the test set alone
+        raise DatasetNotFoundError(f"FSS-1000 root {root} holds no training class folder: training needs the "
+                                   f"{FSS_TRAIN_CLASSES} class folders outside the test and validation lists (the "
+                                   f"full FSS-1000 tree; its test classes alone can be tested on)\n{FSS_LAYOUT}")
     files, strays, problems = {}, [], []
     for c in classes:
         folder = root / names[c]

@@ -2415,6 +2415,15 @@ class TestData:
             data.build_dataset("fss1000", "test", 0, root=tmp_path)
         assert str(err.value).splitlines()[0] == (f"FSS-1000 root {tmp_path} holds no class folder of the test or "
                                                   f"validation list (e.g. {tmp_path / 't_bus'}): give {root}")
+        for name in (*FSS_TRAIN, "e_train"):  # the test set alone (and the validation classes): tested, not trained
+            shutil.rmtree(root / name)
+        assert len(data.build_dataset("fss1000", "test", 0, img_size=32, root=root)) == 12
+        with pytest.raises(data.DatasetNotFoundError) as err:
+            data.build_dataset("fss1000", "train", 0, img_size=32, root=root)
+        assert str(err.value).splitlines()[:2] == [
+            f"FSS-1000 root {root} holds no training class folder: training needs the 4 class folders outside the test "
+            "and validation lists (the full FSS-1000 tree; its test classes alone can be tested on)",
+            "expected FSS-1000 layout (github.com/HKUSTCV/FSS-1000's fewshot_data, or HSNet's FSS-1000 folder):"]
 
     def test_fss_masks_read_as_hsnet_and_the_distributions_defects_left_out_in_one_note(self, tmp_path, fss_lists,
                                                                                           monkeypatch, capsys):
