@@ -20,8 +20,8 @@ The file, in order:
 The episode, dataset[(stream, index)] (dataset[index] is stream 0), the same for every dataset:
     img_q (3,H,W) float32 normalised     m_q (H,W) int64: 1 the episode class, 0 the rest, 255 ignore
     img_s (S,3,H,W)                      m_s (S,H,W) int64
-    class_id int; for split "test" also m_q_orig (H0,W0) int64 (the query mask at the image's original size, which
-    the scores use) and index int.
+    class_id int; for every split but "train" ("test", FSS-1000's "val") also m_q_orig (H0,W0) int64 (the query mask
+    at the image's original size, which the scores use) and index int.
 With dataset.compact = True (make_loader sets it) the same episode has uint8 images (the 8-bit image before
 normalising) and uint8 masks, m_q_orig included: a fifth of the bytes to cross from the DataLoader workers to the
 main process, and to the device, where to_device turns a batch into the default one (normalise, int64 masks).
@@ -1142,8 +1142,9 @@ def _fss_index(root, split, names):
     mask is read as grey as HSNet does); the counts are cached while no file changes (_fingerprint). A file that does
     not decode and a listed class folder that is missing or holds no pair stop the run, all named in one message.
     What the distribution ships wrong is left out and named in one note: a file that pairs with nothing (a stray
-    .jpeg beside a pair), a mask of another size than its image (peregine_falcon/8.png, a 960x480 colour picture),
-    a mask without an object pixel."""
+    .jpeg beside a pair), a mask of another size than its image (peregine_falcon/8.png, "an RGB image, which also
+    happens to be of different size from the input": github.com/HKUSTCV/FSS-1000 issue #23), a mask without an
+    object pixel."""
     classes = _fss_classes(names, split)
     if not classes:  # the training classes are the root's other folders: a download of the test set alone
         raise DatasetNotFoundError(f"FSS-1000 root {root} holds no training class folder: training needs the "

@@ -2433,8 +2433,8 @@ class TestData:
         soft = _fss_mask(2, 3) // 255 * 200  # anti-aliased: 200 inside, edges of 127 and 128
         soft[0], soft[1] = 127, 128
         Image.fromarray(soft).save(cat / "3.png")
-        Image.new("L", (50, 30), 255).save(cup / "4.png")  # a mask of another size (peregine_falcon/8.png)
-        _save_jpeg(cup / "1.jpeg", (FSS_SIZE, FSS_SIZE))  # a stray .jpeg beside 1.jpg (banana_boat)
+        Image.new("L", (50, 30), 255).save(cup / "4.png")  # a mask of another size (FSS-1000 issue #23's)
+        _save_jpeg(cup / "1.jpeg", (FSS_SIZE, FSS_SIZE))  # a stray .jpeg beside 1.jpg
         Image.new("L", (FSS_SIZE, FSS_SIZE), 90).save(a_train / "4.png")  # no pixel >= 128
         (b_train / "2.jpg").rename(b_train / "2.jpeg")  # N.jpeg pairs where there is no N.jpg
         (b_train / "Thumbs.db").write_text("x")
