@@ -727,14 +727,14 @@ def _pascal_index(root, split):
     files = {i: (root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClassAug" / f"{i}.png") for i in ids}
     digest, missing = _fingerprint(root, [path for pair in files.values() for path in pair])
     cache = _cache_file(root, f"pascal_{split}_counts.json")
-    key = [CACHE_VERSION, hashlib.sha1("\n".join(ids).encode()).hexdigest(), digest]
+    key = [CACHE_VERSION, digest]  # the digest names every listed file: the list too
     counts = None if missing else _read_cache(cache, key)
     if counts is None:
         absent = set(missing)
         whole = [i for i in ids if not absent & set(files[i])]
         scan = functools.partial(_scan_pair, max_id=NUM_CLASSES["pascal"])
         what = f"checking and scanning PASCAL {split} files"
-        scanned = dict(zip(whole, _parallel_map(scan, [files[i] for i in whole], what)))
+        scanned = dict(zip(whole, _parallel_map(scan, [files[i] for i in whole], what, cache is not None)))
         results = [scanned[i] if i in scanned else (None, _missing_files(files[i], absent)) for i in ids]
         counts = dict(zip(ids, check_scan(results, f"the PASCAL {split} list of {root}")))
         _write_cache(cache, key, counts)
@@ -806,7 +806,8 @@ def _coco_index(root, split):
             raise _label_write_error(label_dir, split, err) from None
         jobs = [(str(root / f"{split}2014" / f"{stem}.jpg"), str(label_dir / f"{stem}.png"), im["height"],
                  im["width"], per_image[im["id"]], rewrite, split, len(to_class)) for stem, im in zip(stems, images)]
-        scanned = _parallel_map(_write_and_scan_coco_label, jobs, f"writing COCO {split}2014 labels to {label_dir}")
+        scanned = _parallel_map(_write_and_scan_coco_label, jobs, f"writing COCO {split}2014 labels to {label_dir}",
+                                cache is not None)
         counts = check_scan(scanned, f"COCO {split}2014 under {root}")
         stamp = label_dir / COCO_LABEL_STAMP
         try:  # every label is current now; a stamp of before the annotations' line gets it where it can be written
@@ -1171,7 +1172,8 @@ def _fss_index(root, split, names):
     key = [CACHE_VERSION, FSS_MASK_THRESHOLD, digest]
     pixels = None if problems else _read_cache(cache, key)
     if pixels is None:
-        scanned = _parallel_map(_scan_fss_pair, list(files.values()), f"checking and scanning FSS-1000 {split} files")
+        scanned = _parallel_map(_scan_fss_pair, list(files.values()), f"checking and scanning FSS-1000 {split} files",
+                                cache is not None)
         pixels = dict(zip(files, check_scan(scanned + [(None, line) for line in problems],
                                             f"the FSS-1000 {split} classes of {root}")))
         _write_cache(cache, key, pixels)
@@ -1308,7 +1310,8 @@ def _folder_index(root):
     key = [CACHE_VERSION, _fingerprint(root, [path for pair in files.values() for path in pair])[0]]
     counts = _read_cache(cache, key)
     if counts is None:
-        scanned = _parallel_map(_scan_pair, list(files.values()), f"checking and scanning the files of {root}")
+        scanned = _parallel_map(_scan_pair, list(files.values()), f"checking and scanning the files of {root}",
+                                cache is not None)
         counts = dict(zip(files, check_scan(scanned + unpaired, what)))
         _write_cache(cache, key, counts)
     check_scan(unpaired, what)  # counts from the cache: an unpaired file still stops the run
@@ -1380,12 +1383,11 @@ def _folder_folds(root, count):
     return folds
 
 
-@functools.lru_cache(maxsize=None)
 def _note_default_folds(root, folds):
-    """The one line, once a process for each root, that says which folds the default rule gave."""
+    """The one line, once a process for each root (_note_once), that says which folds the default rule gave."""
     parts = ", ".join(f"fold {k} = {ids[0]}" + (f"..{ids[-1]}" if len(ids) > 1 else "") for k, ids in enumerate(folds))
-    print(f"[data] note: {root} has no folds.txt: fold K tests the K-th of four contiguous quarters of the class "
-          f"ids (PASCAL-5i's rule): {parts}", file=sys.stderr, flush=True)
+    _note_once(f"[data] note: {root} has no folds.txt: fold K tests the K-th of four contiguous quarters of the class "
+               f"ids (PASCAL-5i's rule): {parts}")
 
 
 def _folder_split(root, counts, novel, split):
@@ -1512,10 +1514,11 @@ def check_scan(results, what, shown=20):
     return [counts for counts, _ in results]
 
 
-def _parallel_map(fn, items, what):
-    """[fn(x) for x in items] over a process pool when there are many items, with a progress line now and then."""
+def _parallel_map(fn, items, what, cached):
+    """[fn(x) for x in items] over a process pool when there are many items, with a progress line now and then;
+    cached: the first line says that the result is cached (there is a place for it: _cache_file)."""
     every = max(len(items) // 10, 1)
-    print(f"[data] {what}: {len(items)} files (once; the result is cached)", flush=True)
+    print(f"[data] {what}: {len(items)} files" + (" (once; the result is cached)" if cached else ""), flush=True)
     pool = None
     if len(items) >= PARALLEL_MIN_FILES:
         # fork: spawn/forkserver would re-import the caller's __main__ (a flat train.py) in every worker

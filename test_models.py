@@ -1660,10 +1660,11 @@ class TestData:
             ds = data.build_dataset("pascal", split, 0, img_size=64, root=root)
             assert ds[0]["img_q"].shape == (3, 64, 64)
         assert len(decoded) == 5 + 5 + 5  # nothing cached: each build scans (5 test, 5 training images)
-        places = data._cache_places(root)
-        assert [line for line in capsys.readouterr().err.splitlines() if "cache" in line] == [  # once a process
+        places, captured = data._cache_places(root), capsys.readouterr()
+        assert [line for line in captured.err.splitlines() if "cache" in line] == [  # once a process
             f"[data] note: neither {places[0]} nor {places[1]} can be written: the files are checked again on every "
             "run (nothing is cached)"]
+        assert captured.out.splitlines()[0] == "[data] checking and scanning PASCAL test files: 5 files"  # not cached
         assert not places[0].exists() and not places[1].exists()
         # COCO: the labels written before are read where they are; with none there, one line names both places
         ds = data.build_dataset("coco", "train", 0, img_size=64, root=coco)
