@@ -20,8 +20,8 @@ The file, in order:
 The episode, dataset[(stream, index)] (dataset[index] is stream 0), the same for every dataset:
     img_q (3,H,W) float32 normalised     m_q (H,W) int64: 1 the episode class, 0 the rest, 255 ignore
     img_s (S,3,H,W)                      m_s (S,H,W) int64
-    class_id int; for split "test" also m_q_orig (H0,W0) int64 (the query mask at the image's original size, which
-    the scores use) and index int.
+    class_id int; for every split but "train" ("test", FSS-1000's "val") also m_q_orig (H0,W0) int64 (the query mask
+    at the image's original size, which the scores use) and index int.
 With dataset.compact = True (make_loader sets it) the same episode has uint8 images (the 8-bit image before
 normalising) and uint8 masks, m_q_orig included: a fifth of the bytes to cross from the DataLoader workers to the
 main process, and to the device, where to_device turns a batch into the default one (normalise, int64 masks).
@@ -368,6 +368,11 @@ def split_name(name, fold, root=None, test_classes=None, coco_split="interleaved
     return f"{dataset}-" + ("classes" + "-".join(map(str, test_classes)) if test_classes else f"fold{fold}")
 
 
+def _unreadable(path, err, layout):
+    """The error for a data root, or a folder of its layout, that cannot be listed (a permission, an I/O error)."""
+    return DatasetNotFoundError(f"{path} cannot be read ({err.strerror or err}): its files are needed\n{layout}")
+
+
 def _data_root(name, root):
     """The data root as a Path; DatasetNotFoundError with the dataset's layout when there is none."""
     layout = {"pascal": PASCAL_LAYOUT, "coco": COCO_LAYOUT, "folder": FOLDER_LAYOUT, "fss1000": FSS_LAYOUT}[name]
@@ -453,7 +458,7 @@ AUGMENTATIONS = {
     "crop-scale-flip": dict(scale=True, rotate=False, blur=False, flip=True),  # CRCNet §5.1's list
 }
 # RandScale (PFENet config/pascal/pascal_split0_resnet50.yaml:14-15, config/coco/coco_split0_resnet101.yaml:13-14);
-# a folder dataset and FSS-1000 take PASCAL's recipe
+# a folder dataset and FSS-1000 take PASCAL's recipe (FSS-1000's factor scales its test size: FSSEpisodes._transform)
 SCALE_RANGE = {"pascal": (0.9, 1.1), "coco": (0.8, 1.25), "folder": (0.9, 1.1), "fss1000": (0.9, 1.1)}
 ROTATE_DEGREES, ROTATE_P = 10.0, 0.5  # RandRotate (util/transform.py:305-330)
 BLUR_P = 0.5  # RandomGaussianBlur (util/transform.py:355-362): cv2.GaussianBlur(image, (5, 5), 0)
@@ -503,11 +508,12 @@ def mask_to_boxes(mask):
     return boxes
 
 
-def train_transform(img, mask, rng, size, scale_range, recipe="pfenet", compact=False):
+def train_transform(img, mask, rng, size, scale_range, recipe="pfenet", compact=False, base=None):
     """PFENet's training augmentation (util/transform.py, composed at train.py:165-172) on an image and its mask
     together, with the steps that AUGMENTATIONS[recipe] names (a step left out draws nothing from rng), written
     with torchvision.transforms.v2 functional ops and our own rotate and gaussian_blur; resized with antialiasing
-    as test_transform is.
+    as test_transform is. base: the (h, w) that the image is resized to first, so that the random scale is centred
+    on it (FSS-1000: its test size, test_content_size); the two resizes are one (step 1's, to base x the factor).
 
     img uint8 (3,H0,W0), mask (H0,W0) integer (episodes: {0,1,255}), rng numpy Generator (every random draw)
     -> img (3,size,size) float32 normalised, mask (size,size) int64; compact: both uint8 (the mask's values must
@@ -517,10 +523,12 @@ def train_transform(img, mask, rng, size, scale_range, recipe="pfenet", compact=
     flipped image and cropping it, without its full-size copies."""
     steps = AUGMENTATIONS[recipe]
     image, label = img.float().div_(255), mask  # (3,H0,W0) in [0,1], (H0,W0)
-    # 1. RandScale: one isotropic factor, image bilinear, mask nearest
+    # 1. RandScale: one isotropic factor (of base, when given), image bilinear, mask nearest
+    hw = list(base or mask.shape)
     if steps["scale"]:
         factor = rng.uniform(*scale_range)
-        hw = [max(1, round(s * factor)) for s in mask.shape]
+        hw = [max(1, round(s * factor)) for s in hw]
+    if steps["scale"] or base:
         image = TF.resize(image, hw, antialias=True)  # (3,h,w)
         label = TF.resize(tv_tensors.Mask(label[None]), hw)[0].as_subclass(torch.Tensor)  # (h,w)
     # 2. RandRotate about the centre; corners filled with the mean colour / ignore
@@ -719,14 +727,14 @@ def _pascal_index(root, split):
     files = {i: (root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClassAug" / f"{i}.png") for i in ids}
     digest, missing = _fingerprint(root, [path for pair in files.values() for path in pair])
     cache = _cache_file(root, f"pascal_{split}_counts.json")
-    key = [CACHE_VERSION, hashlib.sha1("\n".join(ids).encode()).hexdigest(), digest]
+    key = [CACHE_VERSION, digest]  # the digest names every listed file: the list too
     counts = None if missing else _read_cache(cache, key)
     if counts is None:
         absent = set(missing)
         whole = [i for i in ids if not absent & set(files[i])]
         scan = functools.partial(_scan_pair, max_id=NUM_CLASSES["pascal"])
         what = f"checking and scanning PASCAL {split} files"
-        scanned = dict(zip(whole, _parallel_map(scan, [files[i] for i in whole], what)))
+        scanned = dict(zip(whole, _parallel_map(scan, [files[i] for i in whole], what, cache is not None)))
         results = [scanned[i] if i in scanned else (None, _missing_files(files[i], absent)) for i in ids]
         counts = dict(zip(ids, check_scan(results, f"the PASCAL {split} list of {root}")))
         _write_cache(cache, key, counts)
@@ -754,7 +762,8 @@ COCO_NAMES = ("person", "bicycle", "car", "motorcycle", "airplane", "bus", "trai
               "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
               "teddy bear", "hair drier", "toothbrush")
 # COCO label PNGs: bump when they would be rasterised differently (1: Pillow's polygon fill, outline included;
-# 2: pycocotools' rule). Each label folder records its version in COCO_LABEL_STAMP (no file: version 1).
+# 2: pycocotools' rule). Each label folder records in COCO_LABEL_STAMP its version (no file: version 1) and the
+# size and modification time of the annotation file that its labels were rasterised from (_coco_stamp).
 COCO_LABEL_VERSION = 2
 COCO_LABEL_STAMP = "label_version.txt"
 POLYGON_UPSAMPLE = 5  # pycocotools' rleFrPoly digitises polygon edges on a grid 5x finer than the pixels
@@ -766,15 +775,16 @@ def _coco_index(root, split):
     The images: every 2014 train (val) image with at least one annotation (82081 / 40137, the counts in PFENet's
     README). Category ids (1..90 with gaps) map to 1..80 in sorted id order. The semantic labels are written once,
     by pycocotools' rules without the package (_write_and_scan_coco_label); a label folder records the rule it was
-    written under (COCO_LABEL_VERSION), and labels of an older rule are rewritten once, with a note."""
+    written under (COCO_LABEL_VERSION) and from which annotation file (its size and modification time), and labels
+    of an older rule or of an annotation file since changed are rewritten once, with a note (_stale_coco_labels)."""
     ann_path = root / "annotations" / f"instances_{split}2014.json"
     missing = [str(p) for p in (root / f"{split}2014", ann_path) if not p.exists()]
     if missing:
         raise DatasetNotFoundError(f"COCO root {root} is missing {', '.join(missing)}\n{COCO_LAYOUT}")
     cache = _cache_file(root, f"coco_{split}_counts.json")
-    label_dir = _coco_label_dir(root, split)
-    stat = ann_path.stat()
-    key = [CACHE_VERSION, COCO_LABEL_VERSION, stat.st_size, stat.st_mtime_ns, str(label_dir)]
+    ann_stat = ann_path.stat()
+    label_dir = _coco_label_dir(root, split, ann_stat)
+    key = [CACHE_VERSION, COCO_LABEL_VERSION, _stat_key(ann_stat), str(label_dir)]
     payload = _read_cache(cache, key)
     if payload is not None:  # trusted while every image and label it counted is as it was
         pairs = [(root / f"{split}2014" / f"{stem}.jpg", label_dir / f"{stem}.png") for stem in payload["counts"]]
@@ -791,19 +801,21 @@ def _coco_index(root, split):
         images = sorted((im for im in coco["images"] if im["id"] in per_image), key=lambda im: im["file_name"])
         stems = [Path(im["file_name"]).stem for im in images]
         try:
-            rewrite = _stale_coco_labels(label_dir, split)
+            rewrite = _stale_coco_labels(label_dir, split, ann_path, ann_stat)
         except OSError as err:
             raise _label_write_error(label_dir, split, err) from None
         jobs = [(str(root / f"{split}2014" / f"{stem}.jpg"), str(label_dir / f"{stem}.png"), im["height"],
                  im["width"], per_image[im["id"]], rewrite, split, len(to_class)) for stem, im in zip(stems, images)]
-        scanned = _parallel_map(_write_and_scan_coco_label, jobs, f"writing COCO {split}2014 labels to {label_dir}")
+        scanned = _parallel_map(_write_and_scan_coco_label, jobs, f"writing COCO {split}2014 labels to {label_dir}",
+                                cache is not None)
         counts = check_scan(scanned, f"COCO {split}2014 under {root}")
         stamp = label_dir / COCO_LABEL_STAMP
-        try:
-            if rewrite or not stamp.is_file():  # every label is current now
-                stamp.write_text(f"{COCO_LABEL_VERSION}\n")
+        try:  # every label is current now; a stamp of before the annotations' line gets it where it can be written
+            if _read_stamp(stamp) != _coco_stamp(ann_stat):
+                stamp.write_text(_coco_stamp(ann_stat))
         except OSError as err:
-            raise _label_write_error(label_dir, split, err) from None
+            if rewrite:
+                raise _label_write_error(label_dir, split, err) from None
         files = [path for stem in stems for path in (root / f"{split}2014" / f"{stem}.jpg", label_dir / f"{stem}.png")]
         payload = {"class_names": names, "counts": dict(zip(stems, counts)), "files": _fingerprint(root, files)[0]}
         _write_cache(cache, key, payload)
@@ -812,11 +824,17 @@ def _coco_index(root, split):
     return files, _int_keys(payload["counts"]), names
 
 
-def _coco_label_dir(root, split):
-    """Where COCO's labels of `split` are (or go): <root>/labels/<split>2014, else beside the cache in ~/.cache/fss
-    when the root is read-only; a read-only <root>/labels/<split>2014 when neither can be written (its labels are
-    read as they are). Training needs the labels: with no such place the run stops in one line."""
+def _coco_label_dir(root, split, ann_stat):
+    """Where COCO's labels of `split` are (or go): <root>/labels/<split>2014 when its stamp says they are current
+    (of this label version and annotation file: _stale_coco_labels), writable or not; else the first of it and
+    ~/.cache/fss/<hash of root>/labels/<split>2014 that can be written; else a read-only <root>/labels/<split>2014
+    (its labels read as they are). Training needs the labels: with no such place the run stops in one line."""
     places = [root / "labels" / f"{split}2014", _cache_places(root)[1] / "labels" / f"{split}2014"]
+    try:
+        if _coco_stamp_change(_read_stamp(places[0] / COCO_LABEL_STAMP), ann_stat) is None:
+            return places[0]
+    except OSError:  # an unreadable stamp: as none
+        pass
     label_dir = _writable_dir(*places)
     if label_dir is None and not places[0].is_dir():
         raise DatasetFileError(f"cannot write the COCO {split}2014 labels: neither {places[0]} nor {places[1]} can be "
@@ -851,20 +869,48 @@ def _write_and_scan_coco_label(job):
     return _scan_pair((image_path, path), max_id=num_classes)
 
 
-def _stale_coco_labels(label_dir, split):
-    """Whether label_dir holds label PNGs written under another COCO_LABEL_VERSION (with a one-line note): they
-    must all be rewritten. A folder without PNGs is stamped with the current version at once, so that an
-    interrupted first run resumes where it stopped."""
+def _stale_coco_labels(label_dir, split, ann_path, ann_stat):
+    """Whether label_dir holds label PNGs written under another COCO_LABEL_VERSION or from an annotation file of
+    another size or modification time (with a one-line note): they must all be rewritten. A folder without PNGs is
+    stamped at once, so that an interrupted first run resumes where it stopped."""
     stamp = label_dir / COCO_LABEL_STAMP
-    found = stamp.read_text().strip() if stamp.is_file() else "1" if any(label_dir.glob("*.png")) else None
-    if found == str(COCO_LABEL_VERSION):
+    found = _read_stamp(stamp)
+    if found is None and not any(label_dir.glob("*.png")):
+        stamp.write_text(_coco_stamp(ann_stat))
         return False
-    if found is None:
-        stamp.write_text(f"{COCO_LABEL_VERSION}\n")
+    change = _coco_stamp_change(found, ann_stat)
+    if change is None:
         return False
-    print(f"[data] note: rewriting the COCO {split}2014 labels in {label_dir}: they were rasterised under label "
-          f"version {found}, now {COCO_LABEL_VERSION} (pycocotools' polygon rule)", file=sys.stderr, flush=True)
+    why = (f"{ann_path.name} has changed since they were rasterised from it (its size or modification time)"
+           if change == "annotations" else f"they were rasterised under label version {change}, now "
+           f"{COCO_LABEL_VERSION} (pycocotools' polygon rule)")
+    print(f"[data] note: rewriting the COCO {split}2014 labels in {label_dir}: {why}", file=sys.stderr, flush=True)
     return True
+
+
+def _coco_stamp(ann_stat):
+    """A COCO label folder's stamp (COCO_LABEL_STAMP): the label version, then the size and modification time of
+    the annotation file that its labels were rasterised from."""
+    return f"{COCO_LABEL_VERSION}\n{ann_stat.st_size} {ann_stat.st_mtime_ns}\n"
+
+
+def _coco_stamp_change(stamp, ann_stat):
+    """What makes the labels of a stamp's text stale: None (they are current), "annotations" (rasterised from an
+    annotation file of another size or modification time), or the older label version they were written under
+    ("1" for no stamp: None, or an empty one). A stamp of the version alone, written before it recorded the
+    annotation file, is taken as of the current one."""
+    if not stamp:
+        return "1"
+    version, *annotations = stamp.splitlines()
+    if version.strip() != str(COCO_LABEL_VERSION):
+        return version.strip()
+    recorded = annotations[0].split() if annotations else None
+    return "annotations" if recorded and recorded != _coco_stamp(ann_stat).splitlines()[1].split() else None
+
+
+def _read_stamp(path):
+    """A stamp file's text, or None when there is none."""
+    return path.read_text() if path.is_file() else None
 
 
 def _label_write_error(label_dir, split, err):
@@ -1046,6 +1092,15 @@ class FSSEpisodes(ImageEpisodes):
         img, mask = super()._load(name)
         return img, mask * next(iter(self.counts[name]))  # (3,H,W), (H,W) the class id on the object
 
+    def _transform(self, img, mask, rng):
+        """Training resizes an image to its test size (test_content_size: 224 x 224 -> the crop) before the random
+        scale, as HSNet trains and tests at one size (data/dataset.py: one Resize for every split, 400 x 400 in its
+        README): without it a 473 crop would show the object at a fifth of its test area, 79% of it padding."""
+        if self.split != "train":
+            return super()._transform(img, mask, rng)
+        base = test_content_size(*mask.shape, self.img_size)
+        return train_transform(img, mask, rng, self.img_size, self.scale_range, self.augment, compact=True, base=base)
+
 
 def _fss_names(root=None):
     """{id: name} of FSS-1000's classes: the test and validation lists', and the training classes: the other class
@@ -1055,9 +1110,13 @@ def _fss_names(root=None):
     if root is None:
         return {**names, **{c: str(c) for c in range(test + val + 1, test + val + FSS_TRAIN_CLASSES + 1)}}
     listed = set(names.values())
-    folders = sorted(entry.name for entry in os.scandir(root)
-                     if entry.is_dir() and not entry.name.startswith(".") and entry.name not in listed)
-    if not listed & {entry.name for entry in os.scandir(root)}:
+    try:
+        entries = {entry.name: entry.is_dir() for entry in os.scandir(root)}
+    except OSError as err:
+        raise _unreadable(root, err, FSS_LAYOUT) from None
+    folders = sorted(name for name, is_dir in entries.items() if is_dir and not name.startswith(".")
+                     and name not in listed)
+    if not listed & entries.keys():
         inner = [str(root / sub) for sub in ("FSS-1000", "fewshot_data") if (root / sub).is_dir()]
         raise DatasetNotFoundError(f"FSS-1000 root {root} holds no class folder of the test or validation list (e.g. "
                                    f"{root / FSS_TEST_CLASSES[0]})" + (f": give {inner[0]}" if inner else "")
@@ -1084,16 +1143,25 @@ def _fss_index(root, split, names):
     mask is read as grey as HSNet does); the counts are cached while no file changes (_fingerprint). A file that does
     not decode and a listed class folder that is missing or holds no pair stop the run, all named in one message.
     What the distribution ships wrong is left out and named in one note: a file that pairs with nothing (a stray
-    .jpeg beside a pair), a mask of another size than its image (peregine_falcon/8.png, a 960x480 colour picture),
-    a mask without an object pixel."""
+    .jpeg beside a pair), a mask of another size than its image (peregine_falcon/8.png, "an RGB image, which also
+    happens to be of different size from the input": github.com/HKUSTCV/FSS-1000 issue #23), a mask without an
+    object pixel."""
     classes = _fss_classes(names, split)
+    if not classes:  # the training classes are the root's other folders: a download of the test set alone
+        raise DatasetNotFoundError(f"FSS-1000 root {root} holds no training class folder: training needs the "
+                                   f"{FSS_TRAIN_CLASSES} class folders outside the test and validation lists (the "
+                                   f"full FSS-1000 tree; its test classes alone can be tested on)\n{FSS_LAYOUT}")
     files, strays, problems = {}, [], []
     for c in classes:
         folder = root / names[c]
-        if not folder.is_dir():
-            problems.append(f"{folder}: no such class folder (FSS-1000's {split} list names it)")
+        try:
+            if not folder.is_dir():
+                problems.append(f"{folder}: no such class folder (FSS-1000's {split} list names it)")
+                continue
+            pairs, unpaired = _fss_pairs(folder)
+        except OSError as err:
+            problems.append(f"{folder}: cannot be read ({err.strerror or err})")
             continue
-        pairs, unpaired = _fss_pairs(folder)
         files.update({f"{names[c]}/{stem}": pair for stem, pair in pairs.items()})
         strays += [f"{names[c]}/{line}" for line in unpaired]
         if not pairs:
@@ -1104,7 +1172,8 @@ def _fss_index(root, split, names):
     key = [CACHE_VERSION, FSS_MASK_THRESHOLD, digest]
     pixels = None if problems else _read_cache(cache, key)
     if pixels is None:
-        scanned = _parallel_map(_scan_fss_pair, list(files.values()), f"checking and scanning FSS-1000 {split} files")
+        scanned = _parallel_map(_scan_fss_pair, list(files.values()), f"checking and scanning FSS-1000 {split} files",
+                                cache is not None)
         pixels = dict(zip(files, check_scan(scanned + [(None, line) for line in problems],
                                             f"the FSS-1000 {split} classes of {root}")))
         _write_cache(cache, key, pixels)
@@ -1211,10 +1280,12 @@ def _folder_index(root):
 
     Images and labels pair by stem. The first scan checks every pair (_scan_pair) and names every bad file at
     once, each unpaired image or label, each stem with two images among them and each name of train.txt or val.txt
-    with neither file; the counts are cached under a
-    key of every pair's names, sizes and modification times (_fingerprint, as every dataset's), so that adding,
-    removing or editing a file scans again."""
-    missing = [str(root / sub) for sub in ("images", "labels") if not (root / sub).is_dir()]
+    with neither file; the counts are cached under a key of every pair's names and stats (_fingerprint, as every
+    dataset's), so that adding, removing or editing a file scans again."""
+    try:
+        missing = [str(root / sub) for sub in ("images", "labels") if not (root / sub).is_dir()]
+    except OSError as err:  # root unreadable
+        raise _unreadable(root, err, FOLDER_LAYOUT) from None
     if missing:
         raise DatasetNotFoundError(f"folder data root {root} is missing {', '.join(missing)}\n{FOLDER_LAYOUT}")
     images, problems = {}, []
@@ -1239,7 +1310,8 @@ def _folder_index(root):
     key = [CACHE_VERSION, _fingerprint(root, [path for pair in files.values() for path in pair])[0]]
     counts = _read_cache(cache, key)
     if counts is None:
-        scanned = _parallel_map(_scan_pair, list(files.values()), f"checking and scanning the files of {root}")
+        scanned = _parallel_map(_scan_pair, list(files.values()), f"checking and scanning the files of {root}",
+                                cache is not None)
         counts = dict(zip(files, check_scan(scanned + unpaired, what)))
         _write_cache(cache, key, counts)
     check_scan(unpaired, what)  # counts from the cache: an unpaired file still stops the run
@@ -1247,8 +1319,13 @@ def _folder_index(root):
 
 
 def _files_with_suffix(folder, suffixes):
-    """The files of `folder` with one of these suffixes (any case), sorted; hidden ones (macOS's ._NAME) left out."""
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith("."))
+    """The files of `folder` with one of these suffixes (any case), sorted; hidden ones (macOS's ._NAME) left out.
+    A folder that cannot be read: DatasetNotFoundError."""
+    try:
+        paths = [Path(entry.path) for entry in os.scandir(folder)]
+    except OSError as err:
+        raise _unreadable(folder, err, FOLDER_LAYOUT) from None
+    return sorted(p for p in paths if p.suffix.lower() in suffixes and not p.name.startswith("."))
 
 
 def _folder_names(root, files, counts):
@@ -1306,12 +1383,11 @@ def _folder_folds(root, count):
     return folds
 
 
-@functools.lru_cache(maxsize=None)
 def _note_default_folds(root, folds):
-    """The one line, once a process for each root, that says which folds the default rule gave."""
+    """The one line, once a process for each root (_note_once), that says which folds the default rule gave."""
     parts = ", ".join(f"fold {k} = {ids[0]}" + (f"..{ids[-1]}" if len(ids) > 1 else "") for k, ids in enumerate(folds))
-    print(f"[data] note: {root} has no folds.txt: fold K tests the K-th of four contiguous quarters of the class "
-          f"ids (PASCAL-5i's rule): {parts}", file=sys.stderr, flush=True)
+    _note_once(f"[data] note: {root} has no folds.txt: fold K tests the K-th of four contiguous quarters of the class "
+               f"ids (PASCAL-5i's rule): {parts}")
 
 
 def _folder_split(root, counts, novel, split):
@@ -1438,10 +1514,11 @@ def check_scan(results, what, shown=20):
     return [counts for counts, _ in results]
 
 
-def _parallel_map(fn, items, what):
-    """[fn(x) for x in items] over a process pool when there are many items, with a progress line now and then."""
+def _parallel_map(fn, items, what, cached):
+    """[fn(x) for x in items] over a process pool when there are many items, with a progress line now and then;
+    cached: the first line says that the result is cached (there is a place for it: _cache_file)."""
     every = max(len(items) // 10, 1)
-    print(f"[data] {what}: {len(items)} files (once; the result is cached)", flush=True)
+    print(f"[data] {what}: {len(items)} files" + (" (once; the result is cached)" if cached else ""), flush=True)
     pool = None
     if len(items) >= PARALLEL_MIN_FILES:
         # fork: spawn/forkserver would re-import the caller's __main__ (a flat train.py) in every worker
@@ -1496,9 +1573,12 @@ def _writable_dir(*candidates):
 
 
 def _fingerprint(root, paths):
-    """-> (a digest of the name under `root`, size and modification time of every file of `paths`, [the paths that
-    are not there]): what a scan cache is trusted under, so that a file changed, replaced, cut short or removed after
-    the scan is scanned (or named) again. One stat a file, what checking that it is there costs: 0.2 s for PASCAL's
+    """-> (a digest of the name under `root`, size, modification and status-change time and inode of every file of
+    `paths`, [the paths that are not there]): what a scan cache is trusted under, so that a file changed, replaced,
+    cut short or removed after the scan is scanned (or named) again. The modification time alone would not do: cp -p,
+    rsync -a, tar and unzip restore it, so a file rewritten at its size would pass; the status-change time, which no
+    tool can set, and the inode (a file replaced) show it, as in git's index. A chmod, a copy of the tree or a
+    restored backup therefore scans again. One stat a file, what checking that it is there costs: 0.2 s for PASCAL's
     24,000 files on a local disk."""
     lines, missing, prefix = [], [], os.fspath(root)
     for path in paths:
@@ -1508,8 +1588,13 @@ def _fingerprint(root, paths):
             missing.append(path)
             continue
         name = os.fspath(path)
-        lines.append(f"{name.removeprefix(prefix)} {stat.st_size} {stat.st_mtime_ns}")
+        lines.append(f"{name.removeprefix(prefix)} {_stat_key(stat)}")
     return hashlib.sha1("\n".join(lines).encode()).hexdigest(), missing
+
+
+def _stat_key(stat):
+    """What _fingerprint keeps of a file's stat: 'size mtime ctime inode' (nanoseconds)."""
+    return f"{stat.st_size} {stat.st_mtime_ns} {stat.st_ctime_ns} {stat.st_ino}"
 
 
 def _read_cache(path, key):

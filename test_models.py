@@ -367,6 +367,35 @@ def _edited_later(path):
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
 
 
+def _rewritten_at_its_size_and_time(path, write):
+    """write(path) rewrites a file at its size; then its modification time is put back, as cp -p, rsync -a, tar and
+    unzip leave a file that they overwrite."""
+    stat = path.stat()
+    write(path)
+    assert path.stat().st_size == stat.st_size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def _cache_trusts_the_files_as_they_are(cache, root, files):
+    """Re-key a scan cache of root's `files` {name: (image, label)} to their stats now (_fingerprint): a file damaged
+    after the scan, unseen by the cache, as by a disk that fails during a run."""
+    written = json.loads(cache.read_text())
+    digest = data._fingerprint(root, [path for pair in files.values() for path in pair])[0]
+    cache.write_text(json.dumps({**written, "key": [*written["key"][:-1], digest]}))
+
+
+def _unlistable(monkeypatch, *folders):
+    """These folders cannot be listed (os.scandir: PermissionError), as after chmod 000 (which the tests, may be
+    run as root, cannot rely on)."""
+    scandir = os.scandir
+
+    def refuse(path="."):
+        if Path(path) in folders:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", refuse)
+
+
 def _read_only(monkeypatch, *folders):
     """Nothing can be made or written inside these folders, as for a user without write permission there (chmod
     alone would not do: the tests may run as root). An existing folder passes mkdir(exist_ok=True), as it does."""
@@ -1542,16 +1571,18 @@ class TestData:
 
     def test_a_scan_cache_is_trusted_only_while_its_files_are_unchanged(self, tmp_path, monkeypatch):
         """Issue 33: after one clean scan, a label changed to hold class id 50, a JPEG cut short or a file removed
-        is found by the next run, not trained on: PASCAL's and COCO's caches hold every file's size and
-        modification time, as the folder dataset's does."""
+        is found by the next run, not trained on: PASCAL's and COCO's caches hold every file's size, modification
+        and status-change time and inode, as the folder dataset's does; a label rewritten at its size with its
+        modification time put back (cp -p, rsync -a, tar, unzip) is scanned again too."""
         root = _write_pascal(tmp_path / "voc")
+        label = root / "SegmentationClassAug" / "v2.png"
+        Image.fromarray(_PASCAL_LABELS["v2"]).save(label, compress_level=0)  # stored: its size is its pixel count's
         data.build_dataset("pascal", "test", 0, img_size=64, root=root)  # a clean scan, cached
         decoded = _count_decodes(monkeypatch)
         data.build_dataset("pascal", "test", 0, img_size=64, root=root)
         assert decoded == []  # nothing changed: the cache serves
-        label = root / "SegmentationClassAug" / "v2.png"
-        Image.fromarray(_label((1, 0, 0, 50, 50), (50, 60, 60, 5, 5))).save(label)
-        _edited_later(label)
+        bad = _label((1, 0, 0, 50, 50), (50, 60, 60, 5, 5))
+        _rewritten_at_its_size_and_time(label, lambda path: Image.fromarray(bad).save(path, compress_level=0))
         with pytest.raises(data.DatasetFileError) as err:
             data.build_dataset("pascal", "test", 0, img_size=64, root=root)
         assert str(err.value).splitlines()[1:] == [f"  {label}: class id 50; ids are 1..20 (0 background, 255 ignore)"]
@@ -1627,10 +1658,11 @@ class TestData:
             ds = data.build_dataset("pascal", split, 0, img_size=64, root=root)
             assert ds[0]["img_q"].shape == (3, 64, 64)
         assert len(decoded) == 5 + 5 + 5  # nothing cached: each build scans (5 test, 5 training images)
-        places = data._cache_places(root)
-        assert [line for line in capsys.readouterr().err.splitlines() if "cache" in line] == [  # once a process
+        places, captured = data._cache_places(root), capsys.readouterr()
+        assert [line for line in captured.err.splitlines() if "cache" in line] == [  # once a process
             f"[data] note: neither {places[0]} nor {places[1]} can be written: the files are checked again on every "
             "run (nothing is cached)"]
+        assert captured.out.splitlines()[0] == "[data] checking and scanning PASCAL test files: 5 files"  # not cached
         assert not places[0].exists() and not places[1].exists()
         # COCO: the labels written before are read where they are; with none there, one line names both places
         ds = data.build_dataset("coco", "train", 0, img_size=64, root=coco)
@@ -1822,12 +1854,13 @@ class TestData:
         assert abs(errors.mean()) < 1.0
         assert 0.3 < (errors > 0).mean() < 0.7  # errors of both signs
 
-    def test_coco_labels_of_an_older_rule_are_rewritten_once(self, tmp_path, capsys):
+    def test_coco_labels_of_an_older_rule_or_annotation_file_are_rewritten_once(self, tmp_path, capsys):
         root = _write_coco(tmp_path / "coco")
         labels, name = root / "labels" / "train2014", "COCO_train2014_000000000001"
-        stamp = labels / data.COCO_LABEL_STAMP
+        stamp, ann = labels / data.COCO_LABEL_STAMP, root / "annotations" / "instances_train2014.json"
         assert data.build_dataset("coco", "train", 3, img_size=64, root=root).counts[name] == {2: 2500}
-        assert "rewriting" not in capsys.readouterr().err and stamp.read_text().strip() == str(data.COCO_LABEL_VERSION)
+        assert "rewriting" not in capsys.readouterr().err
+        assert stamp.read_text() == f"{data.COCO_LABEL_VERSION}\n{ann.stat().st_size} {ann.stat().st_mtime_ns}\n"
         # the folder as the Pillow fill left it: no stamp, a fat 51 x 51 label, its counts cached under the old key
         fat = np.zeros((80, 80), np.uint8)
         fat[10:61, 10:61] = 2
@@ -1842,12 +1875,47 @@ class TestData:
         notes = [line for line in capsys.readouterr().err.splitlines() if "rewriting" in line]
         assert len(notes) == 1 and "train2014" in notes[0] and f"version 1, now {data.COCO_LABEL_VERSION}" in notes[0]
         assert (np.array(Image.open(labels / f"{name}.png")) == 2).sum() == 2500
-        assert stamp.read_text().strip() == str(data.COCO_LABEL_VERSION)
-        # stamped: a label present is kept as it is (written once), even when the counts are scanned again
+        assert stamp.read_text().splitlines()[0] == str(data.COCO_LABEL_VERSION)
+        # stamped: a label present is kept as it is (written once), even when the counts are scanned again; a stamp
+        # of the version alone (written before the stamp recorded the annotation file) is current, and completed
         Image.fromarray(fat).save(labels / f"{name}.png")
         cache.unlink()
+        stamp.write_text(f"{data.COCO_LABEL_VERSION}\n")
         assert data.build_dataset("coco", "train", 3, img_size=64, root=root).counts[name] == {2: 2601}
-        assert "rewriting" not in capsys.readouterr().err
+        assert "rewriting" not in capsys.readouterr().err and len(stamp.read_text().splitlines()) == 2
+        # the annotation file edited (the square 10 pixels to the right, the file's size unchanged): rewritten once
+        coco = json.loads(ann.read_text())
+        coco["annotations"][0]["segmentation"] = [[20, 10, 70, 10, 70, 60, 20, 60]]
+        ann.write_text(json.dumps(coco))
+        _edited_later(ann)
+        for _ in range(2):
+            assert data.build_dataset("coco", "train", 3, img_size=64, root=root).counts[name] == {2: 2500}
+        notes = [line for line in capsys.readouterr().err.splitlines() if "rewriting" in line]
+        assert notes == [f"[data] note: rewriting the COCO train2014 labels in {labels}: instances_train2014.json has "
+                         "changed since they were rasterised from it (its size or modification time)"]
+        assert (np.array(Image.open(labels / f"{name}.png"))[10:60, 20:70] == 2).all()
+
+    def test_coco_labels_current_in_a_read_only_root_are_read_there(self, tmp_path, monkeypatch):
+        """A read-only COCO root whose labels are current (their stamp: this label version, this annotation file) is
+        read where it is, though the home folder could take new labels: COCO's ~120k are not rasterised again there.
+        Labels of an annotation file since changed are written under the home folder."""
+        root, home = _write_coco(tmp_path / "coco"), tmp_path / "home"
+        home.mkdir()
+        monkeypatch.setattr(Path, "home", lambda: home)
+        data.build_dataset("coco", "train", 0, img_size=64, root=root)
+        stem, ann = "COCO_train2014_000000000001", root / "annotations" / "instances_train2014.json"
+        _read_only(monkeypatch, root)
+        rasterise = data.segmentation_to_mask
+        monkeypatch.setattr(data, "segmentation_to_mask", lambda *args: 1 / 0)  # nothing is rasterised
+        ds = data.build_dataset("coco", "train", 0, img_size=64, root=root)
+        assert ds.files[stem][1] == root / "labels" / "train2014" / f"{stem}.png" and ds.counts[stem] == {2: 2500}
+        home_labels = data._cache_places(root)[1] / "labels" / "train2014"
+        assert not home_labels.exists()
+        monkeypatch.setattr(data, "segmentation_to_mask", rasterise)
+        _edited_later(ann)  # as an edit: the labels of the root are stale now
+        ds = data.build_dataset("coco", "train", 0, img_size=64, root=root)
+        assert ds.files[stem][1] == home_labels / f"{stem}.png" and ds.counts[stem] == {2: 2500}
+        assert (home_labels / f"{stem}.png").is_file()
 
     def test_coco_labels_category_map_and_folds(self, tmp_path, monkeypatch):
         root = _write_coco(tmp_path / "coco")
@@ -2346,6 +2414,15 @@ class TestData:
             data.build_dataset("fss1000", "test", 0, root=tmp_path)
         assert str(err.value).splitlines()[0] == (f"FSS-1000 root {tmp_path} holds no class folder of the test or "
                                                   f"validation list (e.g. {tmp_path / 't_bus'}): give {root}")
+        for name in (*FSS_TRAIN, "e_train"):  # the test set alone (and the validation classes): tested, not trained
+            shutil.rmtree(root / name)
+        assert len(data.build_dataset("fss1000", "test", 0, img_size=32, root=root)) == 12
+        with pytest.raises(data.DatasetNotFoundError) as err:
+            data.build_dataset("fss1000", "train", 0, img_size=32, root=root)
+        assert str(err.value).splitlines()[:2] == [
+            f"FSS-1000 root {root} holds no training class folder: training needs the 4 class folders outside the test "
+            "and validation lists (the full FSS-1000 tree; its test classes alone can be tested on)",
+            "expected FSS-1000 layout (github.com/HKUSTCV/FSS-1000's fewshot_data, or HSNet's FSS-1000 folder):"]
 
     def test_fss_masks_read_as_hsnet_and_the_distributions_defects_left_out_in_one_note(self, tmp_path, fss_lists,
                                                                                           monkeypatch, capsys):
@@ -2355,8 +2432,8 @@ class TestData:
         soft = _fss_mask(2, 3) // 255 * 200  # anti-aliased: 200 inside, edges of 127 and 128
         soft[0], soft[1] = 127, 128
         Image.fromarray(soft).save(cat / "3.png")
-        Image.new("L", (50, 30), 255).save(cup / "4.png")  # a mask of another size (peregine_falcon/8.png)
-        _save_jpeg(cup / "1.jpeg", (FSS_SIZE, FSS_SIZE))  # a stray .jpeg beside 1.jpg (banana_boat)
+        Image.new("L", (50, 30), 255).save(cup / "4.png")  # a mask of another size (FSS-1000 issue #23's)
+        _save_jpeg(cup / "1.jpeg", (FSS_SIZE, FSS_SIZE))  # a stray .jpeg beside 1.jpg
         Image.new("L", (FSS_SIZE, FSS_SIZE), 90).save(a_train / "4.png")  # no pixel >= 128
         (b_train / "2.jpg").rename(b_train / "2.jpeg")  # N.jpeg pairs where there is no N.jpg
         (b_train / "Thumbs.db").write_text("x")
@@ -2382,6 +2459,22 @@ class TestData:
         with pytest.raises(ZeroDivisionError):
             data.build_dataset("fss1000", "test", 0, img_size=32, root=root)
 
+    def test_fss_training_crops_show_the_object_at_its_test_scale(self, tmp_path, fss_lists):
+        """FSS-1000's 224 x 224 images are resized to the 473 crop for testing; training resizes them to it too
+        before the random scale, so that a training query's object covers about what its test episode's does, not a
+        fifth of it inside padding. Here 40 x 40 images and an 84 crop (473 / 224's ratio), every training query."""
+        ds = data.build_dataset("fss1000", "train", 0, img_size=84, root=_write_fss(tmp_path / "fss"))
+        train_fg, test_fg, ignored = [], [], []
+        for i in range(len(ds)):
+            ep = ds[(0, i)]
+            mask = data.binary_mask(ds._load(ds._query(i, 0))[1], ep["class_id"])
+            _, test_mask = data.test_transform(torch.zeros(3, *mask.shape, dtype=torch.uint8), mask, 84)
+            train_fg.append((ep["m_q"] == 1).double().mean())
+            test_fg.append((test_mask == 1).double().mean())
+            ignored.append((ep["m_q"] == IGNORE_INDEX).double().mean())
+        assert 0.8 < np.mean(train_fg) / np.mean(test_fg) < 1.25  # without the resize: 0.23 (1 / 2.1^2)
+        assert np.mean(ignored) < 0.1  # rotated corners and a scale under 1; without the resize: 0.77
+
     def test_fss_damaged_files_and_missing_classes_of_both_splits_in_one_message(self, tmp_path, fss_lists):
         root = _write_fss(tmp_path / "fss")
         jpeg = root / "t_bus" / "2.jpg"
@@ -2402,6 +2495,24 @@ class TestData:
         assert lines[3].startswith("2 bad file(s) in the FSS-1000 test classes")
         assert lines[4].startswith(f"  {jpeg}: not a readable image (image file is truncated")
         assert lines[5:] == [f"  {root / 't_cup'}: no such class folder (FSS-1000's test list names it)"]
+
+    def test_fss_unreadable_folders_are_named_in_one_message(self, tmp_path, fss_lists, monkeypatch):
+        """A class folder that cannot be listed is one more line of the scan's message; the root, or a folder
+        dataset's images/ or labels/, a DatasetNotFoundError with the layout; no traceback."""
+        root = _write_fss(tmp_path / "fss")
+        _unlistable(monkeypatch, root / "t_cat", root / "t_cup")
+        with pytest.raises(data.DatasetFileError) as err:
+            data.build_dataset("fss1000", "test", 0, img_size=32, root=root)
+        assert str(err.value).splitlines()[1:] == [f"  {root / name}: cannot be read (Permission denied)"
+                                                   for name in ("t_cat", "t_cup")]
+        folder = _write_folder(tmp_path / "mine")
+        for unreadable, build in ((root, ("fss1000", "test", 0)), (folder / "labels", ("folder", "train", 1))):
+            _unlistable(monkeypatch, unreadable)
+            with pytest.raises(data.DatasetNotFoundError) as err:
+                data.build_dataset(*build, img_size=32, root=unreadable if build[0] == "fss1000" else folder)
+            lines = str(err.value).splitlines()
+            assert lines[0] == f"{unreadable} cannot be read (Permission denied): its files are needed"
+            assert lines[1].startswith(f"expected {'FSS-1000' if build[0] == 'fss1000' else 'folder'} layout")
 
     def test_fss_scores_through_train_py_by_hand(self, tmp_path, fss_lists, monkeypatch, capsys, tiny):
         """Every pixel called foreground: class IoU = its test masks' object pixels / their pixels, counted over one
@@ -3246,13 +3357,11 @@ class TestTrain:
         flags = ["--model", str(tiny), "--dataset", "pascal", "--data-root", str(root), "--img-size", "32",
                  "--batch-size", "2", "--epochs", "1", "--test-episodes", "2", "--test-seeds", "1"]
         # a training image that decodes badly inside a DataLoader worker: one line naming it, not the worker's traceback
-        # (damaged after the scan, which decodes every image, has passed it and cached its counts, in a way its size
-        # and modification time do not show: the cache trusts it)
-        data.build_dataset("pascal", "train", 0, img_size=32, root=root)
+        # (damaged after the scan, which decodes every image, has passed it and cached its counts: the cache trusts it)
+        files = data.build_dataset("pascal", "train", 0, img_size=32, root=root).files
         jpeg = root / "JPEGImages" / "a_voc.jpg"
-        stat, size = jpeg.stat(), jpeg.stat().st_size
-        jpeg.write_bytes(jpeg.read_bytes()[:2000] + b"\xff" * (size - 2000))
-        os.utime(jpeg, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        jpeg.write_bytes(jpeg.read_bytes()[:2000] + b"\xff" * (jpeg.stat().st_size - 2000))
+        _cache_trusts_the_files_as_they_are(root / ".fss_cache" / "pascal_train_counts.json", root, files)
         with pytest.raises(SystemExit) as err:
             train.main([*flags, "--workers", "1", "--out", str(tmp_path / "a")])
         assert str(err.value.code).startswith(f"error: cannot read image {jpeg}: ") and "\n" not in str(err.value.code)
