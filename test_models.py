@@ -3093,6 +3093,21 @@ class TestTrain:
             with pytest.raises(SystemExit, match=message):
                 train.main(["--eval-only", "--checkpoint", str(tmp_path / name)])
 
+    def test_an_evaluation_of_a_checkpoint_is_kept_beside_it_never_in_a_training_runs_folder(self, tiny, tmp_path,
+                                                                                             monkeypatch, capsys):
+        monkeypatch.chdir(tmp_path)
+        recipe = ["--model", str(tiny), "--dataset", "synthetic", "--fold", "1", "--epochs", "1", "--train-length", "16",
+                  "--test-episodes", "4", "--test-seeds", "1", "--workers", "0"]
+        train.main(recipe)  # A, 1-shot
+        train.main([*recipe, "--shot", "2"])  # B, 2-shot
+        a, b = (Path("runs") / f"tinynet-synthetic-fold1-{k}shot-epochs=1-train_length=16" for k in (1, 2))
+        capsys.readouterr()
+        # A's recipe, evaluated 2-shot: the folder B trained in by name, but the evaluation is kept beside A
+        train.main([*recipe, "--shot", "2", "--eval-only", "--checkpoint", str(a / "last.pt")])
+        assert f"run folder {a / 'eval-last-synthetic-fold1-2shot-epochs=1-train_length=16'}\n" in capsys.readouterr().out
+        results = [r for r in common.read_jsonl(b / "metrics.jsonl") if r["event"] == "result"]
+        assert len(results) == 1 and results[0] == train.read_result(b)  # B's result is still its own
+
     def test_eval_only_without_checkpoint_is_refused(self, tiny, tmp_path, capsys):
         with pytest.raises(SystemExit):
             train.main(tiny_args(tiny, tmp_path, "--eval-only"))

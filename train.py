@@ -770,7 +770,9 @@ def default_out(args, fold, module):
     """runs/MODEL-SPLIT-Sshot[-BACKBONE][-FLAG=VALUE...][-FIELD=VALUE...]: a run's folder when --out names none.
     SPLIT as data.split_name; the backbone unless resnet50; every recipe flag the command line gives (RESUME_RECIPE
     and the model's own flags, evaluation's aside; a file by its name); the --set fields. So the rows of a paper's
-    table, which differ by a crop, a flag or a field, never share one."""
+    table, which differ by a crop, a flag or a field, never share one. --eval-only of a given --checkpoint:
+    CHECKPOINT_FOLDER/eval-STEM-SPLIT-Sshot[...], beside it (as --predict's pictures), never in the folder of a
+    training run, whose last result --fold all reads as that run's."""
     split = data.split_name(args.dataset, fold, args.data_root, args.test_classes, args.coco_split)
     free = evaluation_flags(module)
     given = sorted(k for k in (*RESUME_RECIPE, *args.own_flags) if k in args.given and k not in free)
@@ -784,6 +786,9 @@ def default_out(args, fold, module):
     parts = [Path(args.model).stem, split, f"{args.shot}shot", *backbone,
              *(f"{k}={word(getattr(args, k))}" for k in given),
              *(f"{k}={format_value(v)}" for k, v in sorted(args.set.items()))]
+    if args.eval_only and args.checkpoint:
+        checkpoint = Path(args.checkpoint)
+        return checkpoint.parent / "-".join([f"eval-{checkpoint.stem}", *parts[1:]])
     return Path(common.RUNS_DIR) / "-".join(parts)
 
 
