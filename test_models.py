@@ -4839,11 +4839,12 @@ class TestOCNet:
 
     def test_ocnet_ablations_from_the_command_line(self, capsys):
         # --set gives each switch its Config value (typed by the field); a value outside Table 5's is one line
-        argv = ["--model", "ocnet", "--dataset", "synthetic", "--set", "gomm=false", "ccm=false", "cam=false",
-                "mask=false", "atten=false", "allocation=fore"]
+        argv = ["--model", "ocnet", "--dataset", "synthetic", "--set", "cam=false", "atten=false", "allocation=fore"]
         args, module = train.parse_args(argv)
         cfg = train.make_config(module, args)
-        assert (cfg.gomm, cfg.ccm, cfg.cam, cfg.mask, cfg.atten, cfg.allocation) == (False,) * 5 + ("fore",)
+        assert (cfg.gomm, cfg.ccm, cfg.cam, cfg.mask, cfg.atten, cfg.allocation) == (True, True, False, True, False,
+                                                                                      "fore")
+        ocnet.check_config(cfg)  # a combination the model builds (check_config's refusals: the tests above)
         assert train.make_config(module, train.parse_args(argv[:4])[0]) == ocnet.Config()  # the defaults
         with pytest.raises(SystemExit):
             train.parse_args([*argv[:4], "--set", "allocation=back"])
