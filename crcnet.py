@@ -87,8 +87,10 @@ Choices (the paper is silent unless a section is named):
       training supports too.
     - PFENet on COCO at its config's 641 px (lr 0.005 x 10, batch 8, 50 epochs): Table 12's "473 x 473" is
       PASCAL's size, which it gives PFENet [50] itself too, whose config trains COCO at 641.
-    - A field of the other network changed (levels on PFENet, bins on CRCNet, ...) is refused: it would do nothing;
-      refine_steps with mask_refinement=false (which runs the refinement once) alike.
+    - A changed field that the run leaves unread is refused, as it would do nothing: one of the other network
+      (levels on PFENet, bins on CRCNet, ...) or of a module switched off (refine_steps without mask_refinement,
+      cr_activation, cr_reduction, aspp_rates and sub_weight without cross_reference, local_support_mask without
+      local_conditional).
 """
 import dataclasses
 import math
@@ -517,21 +519,26 @@ def pfenet_loss(out, m_q, m_s, aux_weight, sub_weight):
 
 def check_config(cfg):
     """A Literal field's value among its choices; no field changed where it would change nothing (the other
-    network's, refine_steps without the cache); every number in its range, so that a bad value is one line here,
+    network's, or one of a module switched off); every number in its range, so that a bad value is one line here,
     not a traceback in training (or after it, in evaluation)."""
     other = PFENET_FIELDS if cfg.network == "crcnet" else CRCNET_FIELDS
+    same = lambda value: tuple(value) if isinstance(value, list) else value  # noqa: E731 (as the default's type)
     changed = []
     for field in dataclasses.fields(cfg):
         value = getattr(cfg, field.name)
         if typing.get_origin(field.type) is Literal and value not in typing.get_args(field.type):
             raise ValueError(f"{field.name} must be one of {typing.get_args(field.type)}, got {value!r}")
-        if field.name in other and field.default != (tuple(value) if isinstance(value, list) else value):
+        if field.name in other and field.default != same(value):
             changed.append(field.name)
     if changed:
         raise ValueError(f"{', '.join(changed)}: no part of network={cfg.network} (it would change nothing)")
-    if not cfg.mask_refinement and cfg.refine_steps != Config.refine_steps:
-        raise ValueError(f"refine_steps={cfg.refine_steps}: mask_refinement=false runs the refinement once "
-                         "(it would change nothing)")
+    unread = {"mask_refinement": ("refine_steps",),  # a switch off -> the fields it leaves unread
+              "cross_reference": ("cr_activation", "cr_reduction", "aspp_rates", "sub_weight"),
+              "local_conditional": ("local_support_mask",)}
+    for switch, names in unread.items():
+        changed = [name for name in names if same(getattr(cfg, name)) != getattr(Config, name)]
+        if not getattr(cfg, switch) and changed:
+            raise ValueError(f"{', '.join(changed)}: no part of {switch}=false (it would change nothing)")
     if cfg.refine_steps < 1 or cfg.ft_steps < 0:
         raise ValueError(f"refine_steps must be >= 1 (the refinement predicts; 1 = no re-use of the cache) and "
                          f"ft_steps >= 0, got {cfg.refine_steps} and {cfg.ft_steps}")

@@ -3035,7 +3035,7 @@ class TestTrain:
                   "qpenet": ["I", "II", "III", "IV", "V"]}
         assert sorted(blocks) == sorted(tables)
         monkeypatch.chdir(tmp_path)
-        commands = 0
+        trained, evaluations = {}, []  # last.pt of each run a training command makes -> its saved arguments
         for model, block in blocks.items():
             named = set()
             for spec in re.findall(r"Tables? ((?:\d+|[IV]+)(?:(?:, |-)(?:\d+|[IV]+))*)", block):
@@ -3043,12 +3043,31 @@ class TestTrain:
                     low, _, high = part.partition("-")
                     named |= {str(t) for t in range(int(low), int(high) + 1)} if high else {low}
             assert named == {str(t) for t in tables[model]}, model
+            variables = dict(re.findall(r"`(\w+)='([^']*)'`", block))
             for command in re.findall(r"`(--[^`]*)`", block):
+                for name, value in variables.items():
+                    command = command.replace(f'"${name}"', f"'{value}'")
                 argv = ["--model", model, "--data-root", str(tmp_path), *shlex.split(" ".join(command.split()))]
+                if "--checkpoint" in argv:
+                    evaluations.append((model, argv))
+                    continue
                 args, _ = train.parse_args(argv)  # a flag or value it does not take: SystemExit
                 assert args.model == model and args.lr and args.epochs, command
-                commands += 1
-        assert commands >= 90
+                for run in getattr(args, "folds", None) or [args]:
+                    trained[str(run.out / "last.pt")] = train.saved_args(run)
+        assert len(trained) >= 300 and len(evaluations) >= 11
+
+        def read_checkpoint(path):
+            assert str(path) in trained, f"{path}: no command of README's list trains it"
+            return {"args": trained[str(path)]}
+
+        monkeypatch.setattr(train, "read_checkpoint", read_checkpoint)
+        for model, argv in evaluations:
+            args, _ = train.parse_args(argv)
+            pattern = argv[argv.index("--checkpoint") + 1]
+            for fold in range(data.NUM_FOLDS) if args.fold == "all" else [args.fold]:
+                read_checkpoint(train.fold_path(pattern, fold))
+            assert args.model == model and args.eval_only, argv
 
     def test_help_lists_the_models_own_flags(self):
         proc = run_cli(["train.py", "--model", "crcnet", "--help"])
@@ -5728,7 +5747,8 @@ CRCNET_SIZE = 33  # 33 -> 5x5 features at output stride 8 (the backbone dominate
 def make_crcnet(**kw):
     """A narrow CRCNet (dim 32 instead of 256) keeps the CPU tests fast; the structure is the paper's."""
     torch.manual_seed(0)
-    return crcnet.Model(crcnet.Config(pretrained=False, **{"dim": 32, "cr_reduction": 4, **kw}))
+    narrow = {"dim": 32, "cr_reduction": 4} if kw.get("cross_reference", True) else {"dim": 32}  # 4: an FC 8 wide
+    return crcnet.Model(crcnet.Config(pretrained=False, **{**narrow, **kw}))
 
 
 @pytest.fixture(scope="module")
@@ -6722,8 +6742,12 @@ class TestCRCNet:
         (dict(kshot="vote"), "kshot must be one of ('finetune', 'fusion', 'finetune+fusion'), got 'vote'"),
         (dict(refine_steps=0), "refine_steps must be >= 1 (the refinement predicts; 1 = no re-use of the cache) and "
                                "ft_steps >= 0, got 0 and 20"),
-        (dict(mask_refinement=False, refine_steps=3),
-         "refine_steps=3: mask_refinement=false runs the refinement once (it would change nothing)"),
+        (dict(mask_refinement=False, refine_steps=3), "refine_steps: no part of mask_refinement=false (it would change "
+                                                      "nothing)"),
+        (dict(cross_reference=False, cr_activation="relu", aspp_rates=(6,), sub_weight=0.5),
+         "cr_activation, aspp_rates, sub_weight: no part of cross_reference=false (it would change nothing)"),
+        (dict(local_conditional=False, local_support_mask=False),
+         "local_support_mask: no part of local_conditional=false (it would change nothing)"),
         *[(dict(gcn_kernel=k), f"gcn_kernel must be odd (its k x 1 and 1 x k convs keep the size), got {k}")
           for k in (6, 0)],  # 6: a size mismatch in the block's sum
         *[(dict(cr_reduction=r), "cr_reduction must be in 1..dim=32 (the cross-reference FC is dim // cr_reduction "
