@@ -3025,8 +3025,10 @@ class TestTrain:
 
     def test_every_table_of_the_papers_has_a_line_in_readme_and_every_command_there_runs(self, monkeypatch, tmp_path):
         """README's "Reproducing the papers": each of the five papers' 38 results tables is named in its model's list,
-        and every command there (`python train.py --model MODEL --data-root DIR` and the flags shown) is one that
-        train.py takes: its flags exist, its values (--set's fields included) are accepted, its recipe resolves."""
+        and every command there (`python train.py --model MODEL --data-root DIR` and the flags shown, with the shell
+        variables the list sets) is one that train.py takes: its flags exist, its values (--set's fields included)
+        are accepted, its recipe resolves; and a command that evaluates a --checkpoint names, for every fold, the
+        last.pt of a run that a training command of the list makes."""
         text = (REPO / "README.md").read_text()
         start = text.index("## Reproducing the papers")
         section = text[start:text.index("\n## ", start)]
@@ -6791,17 +6793,18 @@ class TestCRCNet:
     def test_crcnet_every_switch_is_a_set_field(self, capsys):
         # every ablation row is a command: --set FIELD=VALUE gives the Config value; a choice outside a Literal's
         # is refused in one line; all of them off at once still builds a network (the refinement on F alone)
+        options = ["--model", "crcnet", "--set", "cr_activation=softmax", "local_support_mask=false"]  # Tables 6, 7
+        cfg = train.make_config(*train.parse_args(options)[::-1])
+        assert (cfg.cr_activation, cfg.local_support_mask) == ("softmax", False)
         switches = ["cross_reference=false", "global_conditional=false", "local_conditional=false",
-                    "local_support_mask=false", "mask_refinement=false", "cr_activation=softmax", "levels=layer4",
-                    "test_scales=1", "kshot=fusion"]
+                    "mask_refinement=false", "levels=layer4", "test_scales=1", "kshot=fusion"]
         args, module = train.parse_args(["--model", "crcnet", "--set", *switches])
         cfg = train.make_config(module, args)
-        assert (cfg.cross_reference, cfg.global_conditional, cfg.local_conditional, cfg.local_support_mask,
-                cfg.mask_refinement) == (False,) * 5
-        assert (cfg.cr_activation, cfg.levels, cfg.test_scales, cfg.kshot) == ("softmax", ("layer4",), (1.0,), "fusion")
+        assert (cfg.cross_reference, cfg.global_conditional, cfg.local_conditional, cfg.mask_refinement) == (False,) * 4
+        assert (cfg.levels, cfg.test_scales, cfg.kshot) == (("layer4",), (1.0,), "fusion")
         assert train.make_config(*train.parse_args(["--model", "crcnet"])[::-1]) == crcnet.Config()
         torch.manual_seed(0)
-        net = crcnet.Model(dataclasses.replace(cfg, pretrained=False, dim=32, cr_reduction=4))
+        net = crcnet.Model(dataclasses.replace(cfg, pretrained=False, dim=32))
         assert net.head.refinement.entry[0].in_channels == 32
         crcnet_runs(net, shots=(1,))
         with pytest.raises(SystemExit):
