@@ -1,28 +1,20 @@
 """Few-shot segmentation episodes: PASCAL-5i, COCO-20i, FSS-1000, a folder of your own labelled images and a
-synthetic set. Sections, in order: episodes (datasets, class lookups, batches, loader), transforms, PASCAL-5i,
-COCO-20i, FSS-1000, folder, files (reading, checking, scan caches), synthetic (the renderer).
+synthetic set. Sections: episodes (datasets, class lookups, batches, loader), transforms, PASCAL-5i, COCO-20i,
+FSS-1000, folder, files (reading, checking, scan caches), synthetic (the renderer).
 
-The episode, dataset[(stream, index)] (dataset[index] is stream 0), the same for every dataset:
-    img_q (3,H,W) float32 normalised     m_q (H,W) int64: 1 the episode class, 0 the rest, 255 ignore
-    img_s (S,3,H,W)                      m_s (S,H,W) int64
-    class_id int; for every split but "train" also m_q_orig (H0,W0) int64 (the query mask at the image's original
-    size, which the scores use) and index int.
-With dataset.compact = True (make_loader sets it) images and masks are uint8 (the 8-bit image before normalising):
-a fifth of the bytes to cross from the DataLoader workers and to the device, where to_device makes the default
-episode of it. The default episode is the compact one passed through to_device on the CPU: equal to the bit.
+The episode, dataset[(stream, index)] (dataset[index] is stream 0), for every dataset: img_q (3,H,W) float32
+normalised, m_q (H,W) int64 (1 the episode class, 0 the rest, 255 ignore), img_s (S,3,H,W), m_s (S,H,W), class_id
+int; outside "train" also m_q_orig (H0,W0) int64 (the query mask at the image's size, which the scores use) and
+index. With dataset.compact (make_loader sets it) images and masks are uint8, a fifth of the bytes to cross from
+the workers and to the device, where to_device makes the default episode of it, equal to the bit.
 
-What the code does not show at a glance:
-- Randomness. An episode uses one numpy Generator seeded with (seed, stream, index), the stream being the training
-  epoch or the test seed: class, supports and every augmentation come from it, never from a global RNG, so
-  episodes are identical for any DataLoader worker count and for every model.
-- 8 bits. Images are worked on in floats in [0,1] and rounded to 8 bits, the JPEG's precision, before normalising
-  (_quantize), so that uint8 hand-over normalises to the default episode's values on any device (normalize).
-- Filters. A class counts in an image from MIN_FG_PIXELS pixels on; supports always pass it, a query needs one
-  pixel of the episode class. Training drops every image with a pixel of a test-fold class (BAM's rule; PFENet
-  keeps them: class_file_lists); the synthetic set follows the same rule. FSS-1000 has no filter (HSNet's).
-
-The protocol: README.md, "Protocol". Rules cite their source: PFENet = github.com/dvlab-research/PFENet, BAM =
-github.com/chunbolang/BAM, file paths and line numbers in those repositories.
+Randomness: an episode draws everything (class, supports, augmentation) from one numpy Generator seeded with
+(seed, stream, index), the stream being the epoch or the test seed, so episodes are the same for any worker count
+and every model. 8 bits: images are rounded to 8 bits (the JPEG's precision) before normalising (_quantize), so
+the uint8 hand-over normalises to the same values on any device. Filters: a class counts in an image from
+MIN_FG_PIXELS pixels on (supports pass it, a query needs one pixel); training drops every image with a pixel of a
+test-fold class (BAM's rule; PFENet keeps them). Sources cited: PFENet = github.com/dvlab-research/PFENet, BAM =
+github.com/chunbolang/BAM (file paths and lines there); the protocol: README.md, "Protocol".
 """
 import collections
 import colorsys
@@ -142,28 +134,24 @@ def build_dataset(name, split, fold, shot=1, img_size=473, root=None, seed=0, ep
                                                            test_classes=test_classes, coco_split=coco_split)
     classes = test_classes if split == "test" else [c for c in range(1, num_classes + 1) if c not in test_classes]
     length = (episodes or TEST_EPISODES[name]) if split != "train" else train_length
+    exclude = test_classes if split == "train" else ()
     if name == "synthetic":
         dataset = SyntheticEpisodes(name, split, fold, shot, img_size, classes, names, seed,
                                     length or SYNTHETIC_TRAIN_LENGTH, num_classes)
-        dataset.support_boxes = support_boxes
-        return dataset
-    exclude, episodes_of = test_classes if split == "train" else (), ImageEpisodes
-    if name == "folder":  # the split's images, then the same filter and episodes as PASCAL's
-        listed = _folder_split(root, counts, test_classes, split)
-        files, counts = {i: files[i] for i in listed}, {i: counts[i] for i in listed}
-        if split == "test":
-            _check_test_shots(counts, classes, names, shot, root)
     elif name == "fss1000":  # its classes are its split's, and no image shows a class of another split
-        classes, exclude, episodes_of = _fss_classes(names, split), (), FSSEpisodes
+        classes = _fss_classes(names, split)
         files, counts = _fss_index(root, split, names)
+        dataset = FSSEpisodes(name, split, fold, shot, img_size, classes, names, seed, length, num_classes, files,
+                              counts, ())
     else:
-        root = _data_root(name, root)
-        if name == "pascal":
-            files, counts, names = _pascal_index(root, split)
+        if name == "folder":  # the split's images, then the same filter and episodes as PASCAL's
+            files, counts = _folder_split(root, files, counts, test_classes, split, classes, names, shot)
+        elif name == "pascal":
+            files, counts, names = _pascal_index(_data_root(name, root), split)
         else:
-            files, counts, names = _coco_index(root, "train" if split == "train" else "val")
-    dataset = episodes_of(name, split, fold, shot, img_size, classes, names, seed, length, num_classes, files, counts,
-                          exclude)
+            files, counts, names = _coco_index(_data_root(name, root), "train" if split == "train" else "val")
+        dataset = ImageEpisodes(name, split, fold, shot, img_size, classes, names, seed, length, num_classes, files,
+                                counts, exclude)
     dataset.support_boxes, dataset.augment = support_boxes, augment
     return dataset
 
@@ -707,7 +695,7 @@ def _coco_index(root, split):
         counts = check_scan(scanned, f"COCO {split}2014 under {root}")
         stamp = label_dir / COCO_LABEL_STAMP
         try:  # every label is current now; a stamp of before the annotations' line gets it where it can be written
-            if _read_stamp(stamp) != _coco_stamp(ann_stat):
+            if not stamp.is_file() or stamp.read_text() != _coco_stamp(ann_stat):
                 stamp.write_text(_coco_stamp(ann_stat))
         except OSError as err:
             if rewrite:
@@ -726,7 +714,7 @@ def _coco_label_dir(root, split, ann_stat):
     <root>/labels/<split>2014 (read as they are). Training needs the labels: with no place, one line stops it."""
     places = [root / "labels" / f"{split}2014", _cache_places(root)[1] / "labels" / f"{split}2014"]
     try:
-        if _coco_stamp_change(_read_stamp(places[0] / COCO_LABEL_STAMP), ann_stat) is None:
+        if _coco_stamp_change(places[0], ann_stat) is None:
             return places[0]
     except OSError:  # an unreadable stamp: as none
         pass
@@ -766,11 +754,10 @@ def _stale_coco_labels(label_dir, split, ann_path, ann_stat):
     """Whether label_dir's PNGs are of another COCO_LABEL_VERSION or annotation file (with a note): all are rewritten.
     A folder without PNGs is stamped at once, so that an interrupted first run resumes where it stopped."""
     stamp = label_dir / COCO_LABEL_STAMP
-    found = _read_stamp(stamp)
-    if found is None and not any(label_dir.glob("*.png")):
+    if not stamp.is_file() and not any(label_dir.glob("*.png")):
         stamp.write_text(_coco_stamp(ann_stat))
         return False
-    change = _coco_stamp_change(found, ann_stat)
+    change = _coco_stamp_change(label_dir, ann_stat)
     if change is None:
         return False
     why = f"they were rasterised under label version {change}, now {COCO_LABEL_VERSION} (pycocotools' polygon rule)"
@@ -784,9 +771,11 @@ def _coco_stamp(ann_stat):
     return f"{COCO_LABEL_VERSION}\n{ann_stat.st_size} {ann_stat.st_mtime_ns}\n"
 
 
-def _coco_stamp_change(stamp, ann_stat):
-    """Why a stamp's labels are stale: None (current), "annotations", or their older label version ("1": no stamp).
-    A stamp of the version alone (written before it recorded the annotation file) is taken as current."""
+def _coco_stamp_change(label_dir, ann_stat):
+    """Why label_dir's labels are stale by its stamp: None (current), "annotations", or their older label version
+    ("1": no stamp). A stamp of the version alone (written before it recorded the annotation file) is current."""
+    path = label_dir / COCO_LABEL_STAMP
+    stamp = path.read_text() if path.is_file() else None
     if not stamp:
         return "1"
     version, *annotations = stamp.splitlines()
@@ -794,10 +783,6 @@ def _coco_stamp_change(stamp, ann_stat):
         return version.strip()
     recorded = annotations[0].split() if annotations else None
     return "annotations" if recorded and recorded != _coco_stamp(ann_stat).splitlines()[1].split() else None
-
-
-def _read_stamp(path):
-    return path.read_text() if path.is_file() else None
 
 
 def _label_write_error(label_dir, split, err):
@@ -1223,29 +1208,29 @@ def _folder_folds(root, count):
     return folds
 
 
-def _folder_split(root, counts, novel, split):
-    """The image names of `split`: train.txt's minus val.txt's / val.txt's when both exist; else the images with a
-    pixel of a novel class (test) / the others (train), so that BAM's filter drops no training image."""
+def _folder_split(root, files, counts, novel, split, classes, names, shot):
+    """The files and counts of `split`: train.txt's minus val.txt's / val.txt's when both exist; else the images
+    with a pixel of a novel class (test) / the others (train), so that BAM's filter drops no training image. Every
+    test class needs shot + 1 test images over the filter (PASCAL's episodes would repeat supports)."""
     lists = (root / "train.txt", root / "val.txt")
     if lists[0].is_file() != lists[1].is_file():
         have, lack = lists if lists[0].is_file() else lists[::-1]
         raise DatasetNotFoundError(f"{have} without {lack}: give both lists, or neither\n{FOLDER_LAYOUT}")
     if lists[0].is_file():  # every name listed is a pair: _folder_index named the others
         train, val = (set(_read_ids(path)) for path in lists)
-        return sorted(val) if split == "test" else sorted(train - val)
-    test = {name for name, per_image in counts.items() if any(c in per_image for c in novel)}
-    return sorted(test) if split == "test" else sorted(counts.keys() - test)
-
-
-def _check_test_shots(counts, classes, names, shot, root):
-    """Every test class needs shot + 1 test images over the filter (PASCAL's episodes would repeat supports)."""
-    _, class_files = class_file_lists(counts, classes)
-    few = [f"class {_class_label(c, names)} has {len(class_files[c])}" for c in classes if len(class_files[c]) <= shot]
+        listed = sorted(val) if split == "test" else sorted(train - val)
+    else:
+        test = {name for name, per_image in counts.items() if any(c in per_image for c in novel)}
+        listed = sorted(test) if split == "test" else sorted(counts.keys() - test)
+    files, counts = {i: files[i] for i in listed}, {i: counts[i] for i in listed}
+    class_files = class_file_lists(counts, classes)[1] if split == "test" else {}
+    few = [f"class {_class_label(c, names)} has {len(found)}" for c, found in class_files.items() if len(found) <= shot]
     if few:
         raise DatasetClassError(f"too few test images in {root} for {shot}-shot episodes, which need {shot + 1} "
                                 f"images with >= {MIN_FG_PIXELS} pixels of the class (the query and {shot} other "
                                 f"images as supports): {'; '.join(few)}. Add images, lower --shot, or choose other "
                                 "test classes")
+    return files, counts
 
 
 # ----------------------------------------------------------------------------- files: reading, checking, caches
