@@ -76,11 +76,9 @@ QUERY_ORDER_KEY = 1  # test queries: the order of a pass comes from its own stre
 
 
 class EpisodeDataset(Dataset):
-    """Episodes of one split of one fold. Subclasses implement _draw (the class and the raw images: the query, then
-    the supports) and _transform (one image -> the compact pair: uint8 image, uint8 mask).
-    Settable: support_boxes (support masks become mask_to_boxes of their original masks, CRCNet §5.4), augment
-    (the recipe in AUGMENTATIONS), compact (uint8 images and masks, to_device's input). The key's stream is the
-    epoch in training, the test seed in evaluation (EpisodeSampler carries it with every index)."""
+    """Episodes of one split of one fold; subclasses implement _draw (the class, then the query's and the supports'
+    raw images) and _transform (an image -> uint8 image and mask). Settable: support_boxes (mask_to_boxes supports,
+    CRCNet §5.4), augment (AUGMENTATIONS' recipe), compact (uint8 episodes, to_device's input)."""
     support_boxes = False
     augment = "pfenet"
     compact = False
@@ -116,10 +114,9 @@ class EpisodeDataset(Dataset):
 def build_dataset(name, split, fold, shot=1, img_size=473, root=None, seed=0, episodes=None,
                   coco_split="interleaved", train_length=None, support_boxes=False, augment="pfenet",
                   test_classes=None):
-    """The episodes of `split` of fold `fold` of dataset `name` ("pascal", "coco", "synthetic", "folder",
-    "fss1000"). "train": base classes, augmented by AUGMENTATIONS[augment], train_length episodes an epoch (default:
-    one per image over the filter; synthetic: SYNTHETIC_TRAIN_LENGTH). "test" (FSS-1000 also "val"): the novel
-    classes, `episodes` episodes (default TEST_EPISODES[name]). A folder's test_classes (ids) may replace the fold."""
+    """The episodes of `split` of fold `fold` of dataset `name`. "train": base classes, train_length episodes an
+    epoch (default: one per image over the filter); "test" (FSS-1000 also "val"): novel classes, `episodes` episodes
+    (default TEST_EPISODES[name]). A folder's test_classes (ids) may replace the fold."""
     if augment not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {augment!r}; choose one of {sorted(AUGMENTATIONS)}")
     splits = ("train", "test", "val") if name == "fss1000" else ("train", "test")
@@ -205,10 +202,9 @@ class ImageEpisodes(EpisodeDataset):
 
 
 def class_file_lists(counts, classes, exclude=(), min_pixels=MIN_FG_PIXELS):
-    """Per-image pixel counts {name: {class: pixels}} -> (images, class_files): the sorted names where one of
-    `classes` has >= min_pixels pixels (the queries), and {class: the names where it does} (the supports)
-    (PFENet util/dataset.py:55-69). Names with a pixel of a class in `exclude` are dropped first (BAM's
-    filter_intersection, util/dataset.py:59-67; PFENet keeps them, relabelled as background)."""
+    """Counts {name: {class: pixels}} -> the sorted names where one of `classes` has >= min_pixels pixels, and {class:
+    the names where it does} (PFENet util/dataset.py:55-69), after dropping names with a pixel of a class in
+    `exclude` (BAM's filter_intersection, util/dataset.py:59-67; PFENet relabels those pixels as background)."""
     images, class_files = [], {c: [] for c in classes}
     for name in sorted(counts):
         if any(counts[name].get(c, 0) > 0 for c in exclude):
@@ -293,9 +289,8 @@ def class_names(name, root=None):
 
 
 def split_name(name, fold, root=None, test_classes=None, coco_split="interleaved"):
-    """A split's name in file names (run folders, base learners, prior extractors): "pascal-fold0",
-    "coco-contiguous-fold0", "folder-NAME-1a2b3c-fold0" (a hash of the root's path), "...-classes3-7-9" for
-    --test-classes 3,7,9, "fss1000" (one split)."""
+    """A split's name in file names: "pascal-fold0", "coco-contiguous-fold0", "folder-NAME-1a2b3c-fold0" (a hash of
+    the root's path), "...-classes3-7-9" (--test-classes 3,7,9), "fss1000" (one split)."""
     if name == "fss1000":
         return name
     dataset = f"coco-{coco_split}" if name == "coco" and coco_split != "interleaved" else name
@@ -342,9 +337,8 @@ def to_device(batch, device):
 
 
 class EpisodeSampler(Sampler):
-    """Yields (stream, index) keys. Training: a permutation seeded by (seed, epoch), split across ranks, trimmed to
-    whole global batches. Test: episodes 0..n-1 of one test seed, rank r taking r, r+world, ... The key carries the
-    stream, so that persistent DataLoader workers draw the right episode without being told the epoch."""
+    """(stream, index) keys, so that persistent workers need not be told the epoch. Training: a permutation seeded by
+    (seed, epoch), split across ranks, whole global batches. Test: episodes r, r+world, ... of rank r."""
 
     def __init__(self, length, rank=0, world=1, shuffle=False, seed=0, batch_size=1):
         self.length, self.rank, self.world = length, rank, world
@@ -405,9 +399,8 @@ def binary_mask(label, class_id, dtype=torch.int64):
 
 
 def mask_to_boxes(mask):
-    """Binary mask (H,W) {0,1,255} -> the union of its objects' bounding boxes (CRCNet §5.4's weak supports).
-    Objects are 8-connected components of the foreground; inside a box every pixel becomes 1, 255 included,
-    outside the boxes 0 and 255 stay."""
+    """Binary mask (H,W) {0,1,255} -> 1 in the bounding box of each 8-connected object, 255 included; 0 and 255
+    outside (CRCNet §5.4's weak supports)."""
     fg = (mask == 1).numpy()
     h, w = fg.shape
     none = h * w  # the label of background pixels, above every pixel index
@@ -422,15 +415,11 @@ def mask_to_boxes(mask):
         labels = jumped
     ys, xs = np.nonzero(fg)
     roots, objects = np.unique(labels[ys, xs], return_inverse=True)
-    top, left = np.full(len(roots), h), np.full(len(roots), w)
-    bottom, right = np.zeros(len(roots), np.int64), np.zeros(len(roots), np.int64)
-    np.minimum.at(top, objects, ys)
-    np.minimum.at(left, objects, xs)
-    np.maximum.at(bottom, objects, ys)
-    np.maximum.at(right, objects, xs)
+    extent = np.full((len(roots), 4), -none)  # an object's -top, -left, bottom, right: maxima all four
+    np.maximum.at(extent, objects.ravel(), np.stack([-ys, -xs, ys, xs], 1))
     boxes = mask.clone()
-    for y0, x0, y1, x1 in zip(top, left, bottom, right):
-        boxes[y0:y1 + 1, x0:x1 + 1] = 1
+    for top, left, bottom, right in extent.tolist():
+        boxes[-top:bottom + 1, -left:right + 1] = 1
     return boxes
 
 
@@ -486,9 +475,8 @@ def _draw_crop(fg, size, rng):
 
 
 def rotate(image, label, angle, fill=MEAN, ignore=IGNORE):
-    """Rotate image (C,H,W) float and label (H,W) about the centre by `angle` degrees counter-clockwise, as PFENet's
-    cv2.warpAffine: bilinear image, nearest label, corners `fill` and `ignore`, one sampling grid for both. At the
-    border the image blends with the fill by its bilinear weights, as cv2 does (torchvision's v2 weights it twice)."""
+    """Rotate image (C,H,W) and label (H,W) by `angle` degrees counter-clockwise, as PFENet's cv2.warpAffine: corners
+    `fill` and `ignore`; the border blends with the fill by its bilinear weights (torchvision's v2 weights twice)."""
     h, w = image.shape[-2:]
     cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
     # Output -> input map of every pixel centre in grid_sample's -1..1 coordinates: F.affine_grid's, from outer sums
@@ -519,9 +507,8 @@ def gaussian_blur(image, kernel=BLUR_TAPS):
 
 
 def test_transform(img_u8, mask, size, compact=False):
-    """Test geometry (PFENet's Resize, util/transform.py:70-122): uint8 (3,H0,W0) [+ mask (H0,W0), or None] -> img
-    (3,size,size) normalised, the content top-left (long side = size, aspect kept; antialiased, not floored to a
-    multiple of 8), the rest the mean colour [+ mask (size,size) int64, padding 255]; compact: uint8 both."""
+    """PFENet's Resize (util/transform.py:70-122), antialiased, sides not floored to a multiple of 8: uint8 (3,H0,W0)
+    [+ mask, or None] -> (3,size,size) normalised, content top-left, padded [+ mask int64]; compact: uint8 both."""
     h, w = test_content_size(img_u8.shape[-2], img_u8.shape[-1], size)
     image = _quantize(torch.tensor(MEAN))[:, None, None].repeat(1, size, size)  # (3,size,size) padding colour
     image[:, :h, :w] = _quantize(TF.resize(img_u8.float().div_(255), [h, w], antialias=True))
@@ -595,9 +582,8 @@ PASCAL_LAYOUT = """expected PASCAL-5i layout:
                                               SBD's train_noval ids (5623) = PFENet's lists/pascal/sbd_data.txt,
                                               its 'JPEGImages/X.jpg SegmentationClassAug/X.png' lines read as they
                                               are; NOT SBD's dataset/train.txt (8498 ids)"""
-PASCAL_NAMES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-                "tvmonitor")
+PASCAL_NAMES = tuple("""aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse motorbike
+    person pottedplant sheep sofa train tvmonitor""".split())
 
 
 def _pascal_index(root, split):
@@ -639,16 +625,13 @@ COCO_LAYOUT = """expected COCO-20i layout (COCO 2014, cocodataset.org):
     annotations/instances_val2014.json
     labels/{train2014,val2014}/*.png                written here on first use (semantic labels 0..80)"""
 # COCO 2014 category names, in the order of their sorted ids (= class ids 1..80 here)
-COCO_NAMES = ("person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-              "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-              "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-              "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-              "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-              "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-              "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-              "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-              "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-              "teddy bear", "hair drier", "toothbrush")
+COCO_NAMES = tuple(name.strip() for name in """person, bicycle, car, motorcycle, airplane, bus, train, truck, boat,
+    traffic light, fire hydrant, stop sign, parking meter, bench, bird, cat, dog, horse, sheep, cow, elephant, bear,
+    zebra, giraffe, backpack, umbrella, handbag, tie, suitcase, frisbee, skis, snowboard, sports ball, kite,
+    baseball bat, baseball glove, skateboard, surfboard, tennis racket, bottle, wine glass, cup, fork, knife, spoon,
+    bowl, banana, apple, sandwich, orange, broccoli, carrot, hot dog, pizza, donut, cake, chair, couch, potted plant,
+    bed, dining table, toilet, tv, laptop, mouse, remote, keyboard, cell phone, microwave, oven, toaster, sink,
+    refrigerator, book, clock, vase, scissors, teddy bear, hair drier, toothbrush""".split(","))
 # COCO label PNGs: bump when they would be rasterised differently (1: Pillow's polygon fill; 2: pycocotools' rule).
 # A label folder's COCO_LABEL_STAMP records the version (no file: 1) and the annotation file's size and mtime.
 COCO_LABEL_VERSION = 2
@@ -657,10 +640,9 @@ POLYGON_UPSAMPLE = 5  # pycocotools' rleFrPoly digitises polygon edges on a grid
 
 
 def _coco_index(root, split):
-    """split "train" or "val" -> files {stem: (jpg, png)}, counts {stem: {class: pixels}}, class_names. The images:
-    every 2014 image with an annotation (82081 / 40137, as PFENet's README); category ids 1..90 map to 1..80 in
-    sorted order. The labels are written once, by pycocotools' rules without the package, and rewritten once,
-    with a note, when their label version or annotation file changed (_stale_coco_labels)."""
+    """split "train" or "val" -> files, counts, class_names of every 2014 image with an annotation (82081 / 40137,
+    as PFENet's README), category ids in sorted order. Labels are written once by pycocotools' rules, again when
+    stale (_stale_coco_labels); the cache is trusted while every image and label it counted is as it was."""
     ann_path = root / "annotations" / f"instances_{split}2014.json"
     missing = [str(p) for p in (root / f"{split}2014", ann_path) if not p.exists()]
     if missing:
@@ -993,10 +975,9 @@ def _fss_classes(names, split):
 
 
 def _fss_index(root, split, names):
-    """-> files {"CLASS/N": (N.jpg, N.png)}, counts {"CLASS/N": {class id: object pixels}} of the class folders of
-    `split`. A file that does not decode, or a class folder missing or without a pair, stops the run. What the
-    distribution ships wrong is left out with one note: a file that pairs with nothing, a mask of another size
-    than its image (peregine_falcon/8.png: github.com/HKUSTCV/FSS-1000 issue #23), a mask without an object."""
+    """-> files, counts {"CLASS/N": ...} of `split`'s class folders. A bad file or folder stops the run; what the
+    distribution ships wrong is left out with one note: unpaired files, a mask without an object or of another
+    size than its image (peregine_falcon/8.png: github.com/HKUSTCV/FSS-1000 issue #23)."""
     classes = _fss_classes(names, split)
     if not classes:  # the training classes are the root's other folders: a download of the test set alone
         raise DatasetNotFoundError(f"FSS-1000 root {root} holds no training class folder: training needs the "
@@ -1062,8 +1043,7 @@ def _scan_fss_pair(pair):
 
 
 def load_fss_mask(path):
-    """An FSS-1000 mask PNG (grey, or a 3-channel picture of one) -> bool (H,W): grey >= FSS_MASK_THRESHOLD, as HSNet
-    reads it (PIL's convert("L"), then the threshold)."""
+    """An FSS-1000 mask PNG -> bool (H,W): grey (PIL's convert("L")) >= FSS_MASK_THRESHOLD, as HSNet reads it."""
     try:
         with Image.open(path) as im:
             grey = np.array(im.convert("L"))
@@ -1162,9 +1142,7 @@ def _folder_names(root, files, counts):
     path = root / "classes.txt"
     if not path.is_file():
         return {c: str(c) for c in range(1, found[-1] + 1)}
-    lines = path.read_text().splitlines()
-    while lines and not lines[-1].strip():
-        lines.pop()
+    lines = path.read_text().rstrip().splitlines()  # blank lines at the end name nothing
     names = {c: line.strip() for c, line in enumerate(lines, 1)}
     empty = [c for c, name in names.items() if not name]
     if empty or not names:
@@ -1370,8 +1348,7 @@ def _cache_places(root):
 
 
 def _cache_file(root, name):
-    """The cache file `name` of a data root, in the first writable of _cache_places; None (one note a process)
-    when neither can be written: every run then scans again."""
+    """The cache file `name` in the first writable of _cache_places; None (a note) when neither is writable."""
     places = _cache_places(root)
     folder = _writable_dir(*places)
     if folder is None:
@@ -1400,10 +1377,9 @@ def _writable_dir(*candidates):
 
 
 def _fingerprint(root, paths):
-    """-> (a digest of the name under `root` and _stat_key of every file of `paths`, [the paths not there]): what
-    a scan cache is trusted under. The modification time alone would not do (cp -p, rsync -a, tar, unzip restore
-    it); the status-change time, which no tool can set, and the inode (a file replaced) show a rewrite, as in git's
-    index. One stat a file: 0.2 s for PASCAL's 24,000 files on a local disk."""
+    """-> (a digest of every file's name under `root`, size, mtime, ctime and inode, [the paths not there]). mtime
+    alone would not do (cp -p, rsync -a, tar, unzip restore it): ctime, which no tool sets, and the inode (a file
+    replaced) show a rewrite, as in git's index."""
     lines, missing, prefix = [], [], os.fspath(root)
     for path in paths:
         try:
@@ -1431,8 +1407,7 @@ def _read_cache(path, key):
 
 
 def _write_cache(path, key, payload):
-    """Write the cache atomically; one that cannot be written (or path None) stops nothing: a note, and the run goes
-    on with the payload in memory."""
+    """Write the cache atomically; one that cannot be written (or path None) stops nothing (a note)."""
     if path is None:
         return
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
