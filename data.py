@@ -66,7 +66,6 @@ class DatasetClassError(DatasetError, ValueError):
 
 
 # ----------------------------------------------------------------------------- episodes
-
 # Test episodes per seed: BAM's 1000 x 5 seeds (test.py:36-39, 193-198); COCO 5000 as Sym-Net's paper (~250 per
 # class); FSS-1000 (None): one pass over its test images, each the query once, as HSNet (data/fss.py __len__)
 TEST_EPISODES = {"pascal": 1000, "coco": 5000, "synthetic": 300, "folder": 1000, "fss1000": None}
@@ -374,7 +373,6 @@ def make_loader(dataset, sampler, batch_size, workers, device, drop_last, worker
 
 
 # ----------------------------------------------------------------------------- transforms
-
 # Training augmentation recipes (a model file picks one with AUGMENTATION; --augment overrides): which of PFENet's
 # steps run. The scale range is the dataset's; the padded, foreground-keeping crop always runs.
 AUGMENTATIONS = {
@@ -568,7 +566,6 @@ def denormalize(img):
 
 
 # ----------------------------------------------------------------------------- PASCAL-5i
-
 SBD_LIST = "sbd_train_noval.txt"  # under ImageSets/Segmentation: SBD's train_noval ids, PFENet's sbd_data.txt
 PFENET_TRAIN_IMAGES = 5953  # VOC2012 train U SBD train_noval: PFENet's lists/pascal/voc_sbd_merge_noduplicate.txt
 PASCAL_LAYOUT = """expected PASCAL-5i layout:
@@ -616,7 +613,6 @@ def _pascal_index(root, split):
 
 
 # ----------------------------------------------------------------------------- COCO-20i
-
 COCO_LAYOUT = """expected COCO-20i layout (COCO 2014, cocodataset.org):
   <root>/
     train2014/COCO_train2014_000000000009.jpg ...   train2014.zip
@@ -858,7 +854,6 @@ def rle_string_to_counts(text):
 
 
 # ----------------------------------------------------------------------------- FSS-1000
-
 FSS_LAYOUT = """expected FSS-1000 layout (github.com/HKUSTCV/FSS-1000's fewshot_data, or HSNet's FSS-1000 folder):
   <root>/
     abacus/1.jpg abacus/1.png ... abacus/10.png   a folder a class: its ten images N.jpg (224x224) with their
@@ -867,19 +862,18 @@ FSS_LAYOUT = """expected FSS-1000 layout (github.com/HKUSTCV/FSS-1000's fewshot_
         data.FSS_VAL_CLASSES; the test list is FSS-1000's own fss_test_set.txt) and 520 training classes"""
 # HSNet's split (data/splits/fss/test.txt, val.txt), the 520 other folders train. Ids: test 1..240, validation
 # 241..480, training 481..1000, each in sorted order of the names (test and validation ids never depend on the tree)
-FSS_TEST_CLASSES = tuple(sorted("""
-    abe's_flyingfish accordion american_alligator american_chamelon andean_condor anise apple_icon arch_bridge arrow
-    astronaut australian_terrier bamboo_dragonfly bamboo_slip banana_boat barber_shaver bat bath_ball beet_root
-    bell_pepper big_ben black_bear bloodhound boxing_gloves breast_pump broom bucket bulb burj_al bus bustard
-    cabbage_butterfly cablestayed_bridge cantilever_bridge canton_tower captain_america_shield carriage cathedrale_paris
-    cd chalk_brush chandelier charge_battery chess_king chess_knight chess_queen chicken chicken_leg chiffon_cake
-    chinese_knot church cicada clam clearwing_flyingfish cloud coffee_mug coin combination_lock condor cricket
-    crt_screen cuckoo curlew dart_target delta_wing diver doormat doublebus doughnut downy_pitch drilling_platform
-    dwarf_beans eagle earphone1 earphone2 echidna egg electronic_stove english_foxhound f1_racing fan feather_clothes
-    fennel_bulb ferrari911 fish fish_eagle flamingo fly flying_frog flying_geckos flying_snakes flying_squirrel fox
-    french_fries ganeva_chair glider_flyingfish goblet golden_plover goldfinch groenendael guitar gym_ball haddock
-    hair_razor hang_glider harmonica hawk helicopter hotel_slipper hover_board iguana indri ipad iphone iron_man
-    jet_aircraft kart key knife kunai lapwing leaf_egg leaf_fan leafhopper leather_shoes leggings lemur_catta
+FSS_TEST_CLASSES = tuple(sorted("""abe's_flyingfish accordion american_alligator american_chamelon andean_condor anise
+    apple_icon arch_bridge arrow astronaut australian_terrier bamboo_dragonfly bamboo_slip banana_boat barber_shaver bat
+    bath_ball beet_root bell_pepper big_ben black_bear bloodhound boxing_gloves breast_pump broom bucket bulb burj_al
+    bus bustard cabbage_butterfly cablestayed_bridge cantilever_bridge canton_tower captain_america_shield carriage
+    cathedrale_paris cd chalk_brush chandelier charge_battery chess_king chess_knight chess_queen chicken chicken_leg
+    chiffon_cake chinese_knot church cicada clam clearwing_flyingfish cloud coffee_mug coin combination_lock condor
+    cricket crt_screen cuckoo curlew dart_target delta_wing diver doormat doublebus doughnut downy_pitch
+    drilling_platform dwarf_beans eagle earphone1 earphone2 echidna egg electronic_stove english_foxhound f1_racing fan
+    feather_clothes fennel_bulb ferrari911 fish fish_eagle flamingo fly flying_frog flying_geckos flying_snakes
+    flying_squirrel fox french_fries ganeva_chair glider_flyingfish goblet golden_plover goldfinch groenendael guitar
+    gym_ball haddock hair_razor hang_glider harmonica hawk helicopter hotel_slipper hover_board iguana indri ipad iphone
+    iron_man jet_aircraft kart key knife kunai lapwing leaf_egg leaf_fan leafhopper leather_shoes leggings lemur_catta
     letter_opener little_blue_heron lotus magpie_bird manatee marimba may_bug meatloaf microscope minicooper missile
     mite_predator mitten moist_proof_pad monkey moon motorbike net_surface_shoes nintendo_3ds nintendo_gba nintendo_sp
     nintendo_switch nintendo_wiiu ocarina oiltank_car onion oriole osprey oyster paper_plane parthenon pencil_sharpener1
@@ -890,31 +884,29 @@ FSS_TEST_CLASSES = tuple(sorted("""
     spinach stealth_aircraft steering_wheel stingray stone_lion stonechat stork strawberry sulphur_butterfly sushi swan
     sydney_opera_house taj_mahal tiltrotor toaster tower_pisa transport_helicopter tredmill truss_bridge tunnel
     twin_tower vacuum_cup villa_savoye vinyl wagtail wandering_albatross warehouse_tray warplane wasp water_buffalo
-    water_heater wheelchair whippet white_wolf wig windmill window_screen wooden_boat wooden_spoon
-""".split()))
-FSS_VAL_CLASSES = tuple(sorted("""
-    ab_wheel abacus ac_ground african_crocodile airliner albatross apron arabian_camel arctic_fox armadillo artichoke
-    baby badger balance_beam balloon banjo barbell baseball basset beagle bee bee_eater beer_bottle beer_glass bell
-    bighorn_sheep bittern blenheim_spaniel bluetick bolete bowtie briard broccoli bulbul_bird cabbage cactus calculator
-    camomile carambola cardoon ceiling_fan cheese cheetah cherry chimpanzee cigar cigarette coconut coffeepot colubus
-    common_newt consomme conversion_plug conveyor corn cornmeal cpu crab cradle crayon crepe cricketball crocodile
-    croquet_ball cup cushion daisy digital_clock dishwasher dowitcher drum eel english_setter equestrian_helmet
-    espresso_maker fire_balloon fire_hydrant fire_screen flat-coated_retriever folding_chair fox_squirrel french_ball
-    frying_pan gas_tank giant_schnauzer gibbon ginger gyromitra hair_drier hami_melon hammer hammerhead_shark handcuff
-    handkerchief har_gow harp hatchet hippo hotdog ice_lolly iceberg icecream impala ipod ironing_board jay_bird kazoo
-    kit_fox kobe_logo kwanyin lacewing laptop lemon lettuce lion lipstick loggerhead_turtle loguat louvre_pyramid
-    lycaenid_butterfly macaw mango mashed_potato matchstick mcdonald_sign microsd monarch_butterfly monocycle mortar
-    nagoya_castle narcissus nike_logo olive orang oscilloscope ox panda parachute parking_meter partridge pay_phone
-    peanut pear piano_keyboard pickelhaube pig pillow pinecone pingpong_ball plaice platypus pomegranate power_drill
-    pretzel projector pubg_airdrop pubg_lvl3backpack pumpkin rabbit raven razor red_fox redshank refrigerator
-    relay_stick revolver rock_snake rose saltshaker sandal sandbar saxophone scarerow school_bus schooner scissors
-    sea_cucumber sea_urchin sewing_machine shovel shuriken siamese_cat skateboard ski_mask smoothing_iron sniper_rifle
-    soap_dispenser sock soup_bowl spider spider_monkey squirrel_monkey stopwatch stretcher strongbox sturgeon suitcase
-    sungnyemun sweatshirt swim_ring syringe tape_player taro television thor's_hammer three-toed_sloth thrush tiger_cat
-    tiger_shark timber_wolf toilet_brush toilet_seat tomato totem_pole toucan tow_truck tray triumphal_arch tulip
-    turnstile typewriter umbrella upright_piano vacuum vase volleyball vulture water_ouzel water_tower weasel whiptail
-    whistle white_stork windsor_tie wine_bottle wolf woodpecker yawl yoga_pad yonex_icon
-""".split()))
+    water_heater wheelchair whippet white_wolf wig windmill window_screen wooden_boat wooden_spoon""".split()))
+FSS_VAL_CLASSES = tuple(sorted("""ab_wheel abacus ac_ground african_crocodile airliner albatross apron arabian_camel
+    arctic_fox armadillo artichoke baby badger balance_beam balloon banjo barbell baseball basset beagle bee bee_eater
+    beer_bottle beer_glass bell bighorn_sheep bittern blenheim_spaniel bluetick bolete bowtie briard broccoli
+    bulbul_bird cabbage cactus calculator camomile carambola cardoon ceiling_fan cheese cheetah cherry chimpanzee cigar
+    cigarette coconut coffeepot colubus common_newt consomme conversion_plug conveyor corn cornmeal cpu crab cradle
+    crayon crepe cricketball crocodile croquet_ball cup cushion daisy digital_clock dishwasher dowitcher drum eel
+    english_setter equestrian_helmet espresso_maker fire_balloon fire_hydrant fire_screen flat-coated_retriever
+    folding_chair fox_squirrel french_ball frying_pan gas_tank giant_schnauzer gibbon ginger gyromitra hair_drier
+    hami_melon hammer hammerhead_shark handcuff handkerchief har_gow harp hatchet hippo hotdog ice_lolly iceberg
+    icecream impala ipod ironing_board jay_bird kazoo kit_fox kobe_logo kwanyin lacewing laptop lemon lettuce lion
+    lipstick loggerhead_turtle loguat louvre_pyramid lycaenid_butterfly macaw mango mashed_potato matchstick
+    mcdonald_sign microsd monarch_butterfly monocycle mortar nagoya_castle narcissus nike_logo olive orang oscilloscope
+    ox panda parachute parking_meter partridge pay_phone peanut pear piano_keyboard pickelhaube pig pillow pinecone
+    pingpong_ball plaice platypus pomegranate power_drill pretzel projector pubg_airdrop pubg_lvl3backpack pumpkin
+    rabbit raven razor red_fox redshank refrigerator relay_stick revolver rock_snake rose saltshaker sandal sandbar
+    saxophone scarerow school_bus schooner scissors sea_cucumber sea_urchin sewing_machine shovel shuriken siamese_cat
+    skateboard ski_mask smoothing_iron sniper_rifle soap_dispenser sock soup_bowl spider spider_monkey squirrel_monkey
+    stopwatch stretcher strongbox sturgeon suitcase sungnyemun sweatshirt swim_ring syringe tape_player taro television
+    thor's_hammer three-toed_sloth thrush tiger_cat tiger_shark timber_wolf toilet_brush toilet_seat tomato totem_pole
+    toucan tow_truck tray triumphal_arch tulip turnstile typewriter umbrella upright_piano vacuum vase volleyball
+    vulture water_ouzel water_tower weasel whiptail whistle white_stork windsor_tie wine_bottle wolf woodpecker yawl
+    yoga_pad yonex_icon""".split()))
 FSS_TRAIN_CLASSES = 520
 FSS_MASK_THRESHOLD = 128  # HSNet data/fss.py read_mask: grey >= 128 is the object (the masks' edges are anti-aliased)
 FSS_IMAGES = (".jpg", ".jpeg")  # N.jpg as distributed; an N.jpeg pairs with N.png only where there is no N.jpg
@@ -1053,7 +1045,6 @@ def load_fss_mask(path):
 
 
 # ----------------------------------------------------------------------------- folder (your own data)
-
 # A folder dataset runs PASCAL-5i's pipeline on the images of its split, and checks what PASCAL's fixed lists
 # guarantee: paired files, class ids that classes.txt names, folds.txt, novel classes in some label, enough shots.
 FOLDER_LAYOUT = """expected folder layout (--dataset folder, your own data):
@@ -1212,7 +1203,6 @@ def _folder_split(root, files, counts, novel, split, classes, names, shot):
 
 
 # ----------------------------------------------------------------------------- files: reading, checking, caches
-
 # bump when the cached per-image counts change meaning (3: every image decoded in full, class ids checked)
 CACHE_VERSION = 3
 PARALLEL_MIN_FILES = 256  # scan with a process pool from this many files on
@@ -1427,7 +1417,6 @@ def _int_keys(counts):
 
 
 # ----------------------------------------------------------------------------- synthetic images
-
 SHAPES = ("disc", "ring", "triangle", "square", "star", "cross", "crescent", "heart", "hexagon", "bar")
 # (name, hue in degrees, texture, texture period as a fraction of the image side)
 APPEARANCES = (("red striped", 0, "stripes", 0.05), ("green checkered", 120, "checker", 0.05),
