@@ -638,14 +638,14 @@ POLYGON_UPSAMPLE = 5  # pycocotools' rleFrPoly digitises polygon edges on a grid
 def _coco_index(root, split):
     """split "train" or "val" -> files, counts, class_names of every 2014 image with an annotation (82081 / 40137,
     as PFENet's README), category ids in sorted order. Labels are written once by pycocotools' rules, again when
-    stale (_stale_coco_labels); the cache is trusted while every image and label it counted is as it was."""
+    stale (_coco_stale); the cache is trusted while every image and label it counted is as it was."""
     ann_path = root / "annotations" / f"instances_{split}2014.json"
     missing = [str(p) for p in (root / f"{split}2014", ann_path) if not p.exists()]
     if missing:
         raise DatasetNotFoundError(f"COCO root {root} is missing {', '.join(missing)}\n{COCO_LAYOUT}")
     cache = _cache_file(root, f"coco_{split}_counts.json")
     ann_stat = ann_path.stat()
-    label_dir = _coco_label_dir(root, split, ann_stat)
+    label_dir = _coco_label_dir(root, split, ann_path, ann_stat)
     key = [CACHE_VERSION, COCO_LABEL_VERSION, _stat_key(ann_stat), str(label_dir)]
     payload = _read_cache(cache, key)
     if payload is not None:  # trusted while every image and label it counted is as it was
@@ -662,16 +662,23 @@ def _coco_index(root, split):
             per_image.setdefault(ann["image_id"], []).append((to_class[ann["category_id"]], ann["segmentation"]))
         images = sorted((im for im in coco["images"] if im["id"] in per_image), key=lambda im: im["file_name"])
         stems = [Path(im["file_name"]).stem for im in images]
-        try:
-            rewrite = _stale_coco_labels(label_dir, split, ann_path, ann_stat)
+        stamp = label_dir / COCO_LABEL_STAMP
+        try:  # labels of another label version or annotation file are all rewritten
+            stale = _coco_stale(label_dir, ann_path, ann_stat)
+            if not stamp.is_file() and not any(label_dir.glob("*.png")):  # stamped at once: a first run resumes
+                stamp.write_text(_coco_stamp(ann_stat))
+                stale = None
         except OSError as err:
             raise _label_write_error(label_dir, split, err) from None
+        if stale:
+            print(f"[data] note: rewriting the COCO {split}2014 labels in {label_dir}: {stale}", file=sys.stderr,
+                  flush=True)
+        rewrite = stale is not None
         jobs = [(str(root / f"{split}2014" / f"{stem}.jpg"), str(label_dir / f"{stem}.png"), im["height"],
                  im["width"], per_image[im["id"]], rewrite, split, len(to_class)) for stem, im in zip(stems, images)]
         scanned = _parallel_map(_write_and_scan_coco_label, jobs, f"writing COCO {split}2014 labels to {label_dir}",
                                 cache is not None)
         counts = check_scan(scanned, f"COCO {split}2014 under {root}")
-        stamp = label_dir / COCO_LABEL_STAMP
         try:  # every label is current now; a stamp of before the annotations' line gets it where it can be written
             if not stamp.is_file() or stamp.read_text() != _coco_stamp(ann_stat):
                 stamp.write_text(_coco_stamp(ann_stat))
@@ -686,13 +693,13 @@ def _coco_index(root, split):
     return files, _int_keys(payload["counts"]), names
 
 
-def _coco_label_dir(root, split, ann_stat):
+def _coco_label_dir(root, split, ann_path, ann_stat):
     """Where COCO's labels of `split` are (or go): <root>/labels/<split>2014 when its stamp says they are current,
     else the first writable of it and ~/.cache/fss/<hash of root>/labels/<split>2014, else a read-only
     <root>/labels/<split>2014 (read as they are). Training needs the labels: with no place, one line stops it."""
     places = [root / "labels" / f"{split}2014", _cache_places(root)[1] / "labels" / f"{split}2014"]
     try:
-        if _coco_stamp_change(places[0], ann_stat) is None:
+        if _coco_stale(places[0], ann_path, ann_stat) is None:
             return places[0]
     except OSError:  # an unreadable stamp: as none
         pass
@@ -728,39 +735,23 @@ def _write_and_scan_coco_label(job):
     return _scan_pair((image_path, path), max_id=num_classes)
 
 
-def _stale_coco_labels(label_dir, split, ann_path, ann_stat):
-    """Whether label_dir's PNGs are of another COCO_LABEL_VERSION or annotation file (with a note): all are rewritten.
-    A folder without PNGs is stamped at once, so that an interrupted first run resumes where it stopped."""
-    stamp = label_dir / COCO_LABEL_STAMP
-    if not stamp.is_file() and not any(label_dir.glob("*.png")):
-        stamp.write_text(_coco_stamp(ann_stat))
-        return False
-    change = _coco_stamp_change(label_dir, ann_stat)
-    if change is None:
-        return False
-    why = f"they were rasterised under label version {change}, now {COCO_LABEL_VERSION} (pycocotools' polygon rule)"
-    if change == "annotations":
-        why = f"{ann_path.name} has changed since they were rasterised from it (its size or modification time)"
-    print(f"[data] note: rewriting the COCO {split}2014 labels in {label_dir}: {why}", file=sys.stderr, flush=True)
-    return True
-
-
 def _coco_stamp(ann_stat):
     return f"{COCO_LABEL_VERSION}\n{ann_stat.st_size} {ann_stat.st_mtime_ns}\n"
 
 
-def _coco_stamp_change(label_dir, ann_stat):
-    """Why label_dir's labels are stale by its stamp: None (current), "annotations", or their older label version
-    ("1": no stamp). A stamp of the version alone (written before it recorded the annotation file) is current."""
+def _coco_stale(label_dir, ann_path, ann_stat):
+    """Why label_dir's labels are stale by its stamp (no stamp: version 1), or None. A stamp of the version alone
+    (written before it recorded the annotation file) is current."""
     path = label_dir / COCO_LABEL_STAMP
-    stamp = path.read_text() if path.is_file() else None
-    if not stamp:
-        return "1"
-    version, *annotations = stamp.splitlines()
+    stamp = path.read_text() if path.is_file() else ""
+    version, *annotations = stamp.splitlines() if stamp else ["1"]
     if version.strip() != str(COCO_LABEL_VERSION):
-        return version.strip()
-    recorded = annotations[0].split() if annotations else None
-    return "annotations" if recorded and recorded != _coco_stamp(ann_stat).splitlines()[1].split() else None
+        return (f"they were rasterised under label version {version.strip()}, now {COCO_LABEL_VERSION} "
+                "(pycocotools' polygon rule)")
+    recorded = annotations[0].split() if annotations else []
+    if recorded and recorded != [str(ann_stat.st_size), str(ann_stat.st_mtime_ns)]:
+        return f"{ann_path.name} has changed since they were rasterised from it (its size or modification time)"
+    return None
 
 
 def _label_write_error(label_dir, split, err):
