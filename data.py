@@ -314,15 +314,13 @@ def _data_root(name, root):
 
 
 def collate_episodes(batch):
-    """Episodes -> a batch: tensors stacked (B,...) (into shared memory in a DataLoader worker), class_id and index
-    LongTensor (B,), m_q_orig a list of (H0,W0) tensors (their sizes differ)."""
+    """Episodes -> a batch: tensors stacked (B,...), class_id and index (B,), m_q_orig a list (sizes differ)."""
     return {key: [episode[key] for episode in batch] if key == "m_q_orig"
             else default_collate([episode[key] for episode in batch]) for key in batch[0]}
 
 
 def to_device(batch, device):
-    """An episode or a batch, compact or not, on `device` as the default one: tensors copied non_blocking, then
-    uint8 images normalised and other uint8 tensors (masks) made int64; lists element by element."""
+    """An episode or a batch on `device` as the default one: uint8 images normalised, other uint8 tensors int64."""
     def move(key, value):
         if isinstance(value, list):
             return [move(key, v) for v in value]
@@ -363,8 +361,7 @@ class EpisodeSampler(Sampler):
 
 
 def make_loader(dataset, sampler, batch_size, workers, device, drop_last, worker_init_fn=None):
-    """The episodes' DataLoader: `workers` persistent processes (0: this one), pinned memory for CUDA, compact
-    (uint8) episodes, which to_device turns into the default ones on the device."""
+    """The DataLoader of compact episodes: `workers` persistent processes (0: this one), pinned memory for CUDA."""
     dataset.compact = True
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=collate_episodes, drop_last=drop_last,
@@ -397,8 +394,7 @@ def binary_mask(label, class_id, dtype=torch.int64):
 
 
 def mask_to_boxes(mask):
-    """Binary mask (H,W) {0,1,255} -> 1 in the bounding box of each 8-connected object, 255 included; 0 and 255
-    outside (CRCNet §5.4's weak supports)."""
+    """Mask (H,W) {0,1,255} -> 1 in each 8-connected object's bounding box, the rest kept (CRCNet §5.4)."""
     fg = (mask == 1).numpy()
     h, w = fg.shape
     none = h * w  # the label of background pixels, above every pixel index
@@ -490,8 +486,7 @@ def rotate(image, label, angle, fill=MEAN, ignore=IGNORE):
 
 
 def gaussian_blur(image, kernel=BLUR_TAPS):
-    """cv2.GaussianBlur(image, (5, 5), 0) on a float image (C,H,W): the separable kernel along columns, then rows,
-    cv2's border (reflect without the edge pixel), as in-place multiply-adds."""
+    """cv2.GaussianBlur(image, (5, 5), 0) on (C,H,W): separable, cv2's border (reflect without the edge pixel)."""
     k = len(kernel)
     h, w = image.shape[-2:]
     padded = F.pad(image[None], [k // 2] * 4, mode="reflect")[0]  # (C,H+k-1,W+k-1)
@@ -525,8 +520,7 @@ def test_content_size(h0, w0, size):
 
 
 def logits_to_original(logits, orig_hw):
-    """Undo test_transform: logits (2,size,size) (or (B,2,size,size)) -> (2,H0,W0), the content resized bilinearly
-    to the original size, where m_q_orig scores them (PFENet's ori_resize, test.py:196-202)."""
+    """Undo test_transform: logits (...,2,size,size) -> (...,2,H0,W0) (PFENet's ori_resize, test.py:196-202)."""
     h0, w0 = orig_hw
     h, w = test_content_size(h0, w0, logits.shape[-1])
     content = logits[..., :h, :w]
@@ -740,8 +734,7 @@ def _coco_stamp(ann_stat):
 
 
 def _coco_stale(label_dir, ann_path, ann_stat):
-    """Why label_dir's labels are stale by its stamp (no stamp: version 1), or None. A stamp of the version alone
-    (written before it recorded the annotation file) is current."""
+    """Why label_dir's labels are stale by its stamp (none: version 1), else None; a version-only stamp is current."""
     path = label_dir / COCO_LABEL_STAMP
     stamp = path.read_text() if path.is_file() else ""
     version, *annotations = stamp.splitlines() if stamp else ["1"]
@@ -760,8 +753,7 @@ def _label_write_error(label_dir, split, err):
 
 
 def segmentation_to_mask(segmentation, height, width):
-    """One COCO annotation's `segmentation` -> bool (height,width): an RLE decoded, or polygons (the parts of one
-    object) rasterised and united, as pycocotools' frPyObjects + merge do."""
+    """A COCO `segmentation` -> bool (height,width): RLE decoded, or polygons united (pycocotools' merge)."""
     if isinstance(segmentation, dict):
         return rle_decode(segmentation["counts"], *segmentation["size"])
     mask = np.zeros((height, width), bool)
@@ -816,8 +808,7 @@ def polygon_to_mask(polygon, height, width):
 
 
 def rle_decode(counts, height, width):
-    """COCO RLE (run-length list or compressed string) -> bool (height,width). Runs alternate 0,1,0,... and
-    follow column-major order (down the first column, then the next)."""
+    """COCO RLE (runs, or a compressed string) -> bool (height,width); runs alternate 0,1,0,..., column-major."""
     runs = rle_string_to_counts(counts) if isinstance(counts, str) else list(counts)
     values = np.arange(len(runs)) % 2 == 1  # False, True, False, ...
     flat = np.repeat(values, runs)
@@ -926,8 +917,7 @@ class FSSEpisodes(ImageEpisodes):
 
 
 def _fss_names(root=None):
-    """{id: name} of FSS-1000's classes: the test and validation lists', then the other class folders of `root`
-    (without a root, the 520 training ids named by their numbers)."""
+    """{id: name} of FSS-1000: the test and validation lists', then `root`'s other class folders (no root: numbered)."""
     test, val = len(FSS_TEST_CLASSES), len(FSS_VAL_CLASSES)
     names = {**dict(enumerate(FSS_TEST_CLASSES, 1)), **dict(enumerate(FSS_VAL_CLASSES, test + 1))}
     if root is None:
@@ -1053,8 +1043,7 @@ FOLDER_IMAGES = (".jpg", ".jpeg", ".png")  # images/ files of these suffixes (an
 
 
 def _folder(root, fold, test_classes):
-    """-> files, counts (_folder_index) and Classes of the folder dataset at root, the novel ids `test_classes`
-    or else fold `fold` (_folder_folds). Every novel id must be a class that some label holds."""
+    """-> files, counts and Classes of the folder dataset at root; novel: `test_classes`, else fold `fold`'s."""
     files, counts = _folder_index(root)
     names = _folder_names(root, files, counts)
     if test_classes is not None:
@@ -1248,8 +1237,7 @@ def _scan_pair(pair, max_id=IGNORE - 1):
 
 
 def _read_pair(pair, read):
-    """(image, label) -> (read(label), the image's (height, width) decoded in full: a file cut short is found here,
-    not by the last evaluation); DatasetFileError "path: what is wrong" for either file."""
+    """(image, label) -> (read(label), the image's (height, width) decoded in full); DatasetFileError "path: why"."""
     image_path, label_path = pair
     try:
         width, height = _decoded_size(image_path)
