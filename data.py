@@ -45,8 +45,7 @@ NUM_CLASSES = {"pascal": 20, "coco": 80, "synthetic": 20, "fss1000": 1000}
 NUM_FOLDS = 4
 MIN_FG_PIXELS = 2 * 32 * 32  # a class counts in an image from this area on (PFENet util/dataset.py:55-61)
 
-# dataset_classes' answer: the number of classes (ids 1..count), {id: name}, the novel (test) ids of the run
-Classes = collections.namedtuple("Classes", "count names novel")
+Classes = collections.namedtuple("Classes", "count names novel")  # dataset_classes': ids 1..count, {id: name}
 
 
 class DatasetError(Exception):
@@ -656,11 +655,12 @@ def _coco_index(root, split):
             per_image.setdefault(ann["image_id"], []).append((to_class[ann["category_id"]], ann["segmentation"]))
         images = sorted((im for im in coco["images"] if im["id"] in per_image), key=lambda im: im["file_name"])
         stems = [Path(im["file_name"]).stem for im in images]
-        stamp = label_dir / COCO_LABEL_STAMP
+        stamp = label_dir / COCO_LABEL_STAMP  # the label version, the annotation file's size and mtime
+        stamp_text = f"{COCO_LABEL_VERSION}\n{ann_stat.st_size} {ann_stat.st_mtime_ns}\n"
         try:  # labels of another label version or annotation file are all rewritten
             stale = _coco_stale(label_dir, ann_path, ann_stat)
             if not stamp.is_file() and not any(label_dir.glob("*.png")):  # stamped at once: a first run resumes
-                stamp.write_text(_coco_stamp(ann_stat))
+                stamp.write_text(stamp_text)
                 stale = None
         except OSError as err:
             raise _label_write_error(label_dir, split, err) from None
@@ -674,8 +674,8 @@ def _coco_index(root, split):
                                 cache is not None)
         counts = check_scan(scanned, f"COCO {split}2014 under {root}")
         try:  # every label is current now; a stamp of before the annotations' line gets it where it can be written
-            if not stamp.is_file() or stamp.read_text() != _coco_stamp(ann_stat):
-                stamp.write_text(_coco_stamp(ann_stat))
+            if not stamp.is_file() or stamp.read_text() != stamp_text:
+                stamp.write_text(stamp_text)
         except OSError as err:
             if rewrite:
                 raise _label_write_error(label_dir, split, err) from None
@@ -727,10 +727,6 @@ def _write_and_scan_coco_label(job):
                 Path(tmp).unlink(missing_ok=True)
             raise _label_write_error(Path(path).parent, split, err) from None
     return _scan_pair((image_path, path), max_id=num_classes)
-
-
-def _coco_stamp(ann_stat):
-    return f"{COCO_LABEL_VERSION}\n{ann_stat.st_size} {ann_stat.st_mtime_ns}\n"
 
 
 def _coco_stale(label_dir, ann_path, ann_stat):
