@@ -1263,9 +1263,9 @@ def _cached_scan(root, cache_name, key, files, scan, files_of, what, problems=()
     if found is None:
         absent = set(missing)
         whole = [name for name, pair in files.items() if not absent.intersection(pair)]
-        results = _parallel_map(scan, [files[name] for name in whole], f"checking and scanning {files_of}",
-                                cache is not None)
-        scanned = dict(zip(whole, results))
+        scans = _parallel_map(scan, [files[name] for name in whole], f"checking and scanning {files_of}",
+                              cache is not None)
+        scanned = dict(zip(whole, scans))
         results = [scanned[name] if name in scanned else
                    (None, [f"{path}: no such file (its list names it)" for path in pair if path in absent])
                    for name, pair in files.items()]
