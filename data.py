@@ -165,12 +165,12 @@ class ImageEpisodes(EpisodeDataset):
         super().__init__(name, split, fold, shot, img_size, classes, class_names, seed, length or len(self.images),
                          num_classes)
 
-    def read_label(self, path):
-        return load_mask(path)
+    def read_label(self, name):
+        return load_mask(self.files[name][1])
 
     def _load(self, name):
         image_path, label_path = self.files[name]
-        img, label = load_image(image_path), self.read_label(label_path)
+        img, label = load_image(image_path), self.read_label(name)
         if img.shape[-2:] != label.shape:
             raise DatasetFileError(f"image {image_path} {tuple(img.shape[-2:])} and label {label_path} "
                                    f"{tuple(label.shape)} differ in size")
@@ -896,12 +896,8 @@ class FSSEpisodes(ImageEpisodes):
     test images, each the query once, its supports other images of its class without repeats (HSNet's repeat)."""
     min_pixels = 1
 
-    def read_label(self, path):
-        return load_fss_mask(path).long()  # (H,W) 1 on the object
-
-    def _load(self, name):
-        img, mask = super()._load(name)
-        return img, mask * next(iter(self.counts[name]))  # (3,H,W), (H,W) the class id on the object
+    def read_label(self, name):  # (H,W) the class id on the object
+        return load_fss_mask(self.files[name][1]).long() * next(iter(self.counts[name]))
 
     def _transform(self, img, mask, rng):
         """Training resizes to the test size (224 x 224 -> the crop) before the random scale, as HSNet trains and
@@ -1070,12 +1066,19 @@ def _folder_index(root):
         raise _unreadable(root, err, FOLDER_LAYOUT) from None
     if missing:
         raise DatasetNotFoundError(f"folder data root {root} is missing {', '.join(missing)}\n{FOLDER_LAYOUT}")
+    found = {}
+    for sub, suffixes in (("images", FOLDER_IMAGES), ("labels", (".png",))):  # hidden files (macOS's ._NAME) aside
+        try:
+            paths = [Path(entry.path) for entry in os.scandir(root / sub)]
+        except OSError as err:
+            raise _unreadable(root / sub, err, FOLDER_LAYOUT) from None
+        found[sub] = sorted(p for p in paths if p.suffix.lower() in suffixes and not p.name.startswith("."))
     images, problems = {}, []
-    for path in _files_with_suffix(root / "images", FOLDER_IMAGES):
+    for path in found["images"]:
         if path.stem in images:
             problems.append(f"{path}: a second image named {path.stem} (with {images[path.stem].name}): keep one")
         images.setdefault(path.stem, path)
-    labels = {p.stem: p for p in _files_with_suffix(root / "labels", (".png",))}
+    labels = {p.stem: p for p in found["labels"]}
     if not images and not labels:
         raise DatasetNotFoundError(f"folder data root {root} holds no image: {root / 'images'} has no "
                                    f"{', '.join(FOLDER_IMAGES)} file and {root / 'labels'} no .png\n{FOLDER_LAYOUT}")
@@ -1089,15 +1092,6 @@ def _folder_index(root):
     counts = _cached_scan(root, "folder_counts.json", [], files, _scan_pair, f"the files of {root}",
                           f"the folder dataset {root}", problems)
     return files, _int_keys(counts)
-
-
-def _files_with_suffix(folder, suffixes):
-    """The files of `folder` with one of these suffixes (any case), sorted, hidden ones (macOS's ._NAME) left out."""
-    try:
-        paths = [Path(entry.path) for entry in os.scandir(folder)]
-    except OSError as err:
-        raise _unreadable(folder, err, FOLDER_LAYOUT) from None
-    return sorted(p for p in paths if p.suffix.lower() in suffixes and not p.name.startswith("."))
 
 
 def _folder_names(root, files, counts):
