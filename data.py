@@ -1,6 +1,5 @@
 """Few-shot segmentation episodes: PASCAL-5i, COCO-20i, FSS-1000, a folder of your own labelled images and a
-synthetic set. Sections: episodes (datasets, class lookups, batches, loader), transforms, PASCAL-5i, COCO-20i,
-FSS-1000, folder, files (reading, checking, scan caches), synthetic (the renderer).
+synthetic set (its renderer is the last section).
 
 The episode, dataset[(stream, index)] (dataset[index] is stream 0), for every dataset: img_q (3,H,W) float32
 normalised, m_q (H,W) int64 (1 the episode class, 0 the rest, 255 ignore), img_s (S,3,H,W), m_s (S,H,W), class_id
@@ -688,9 +687,8 @@ def _coco_index(root, split):
 
 
 def _coco_label_dir(root, split, ann_path, ann_stat):
-    """Where COCO's labels of `split` are (or go): <root>/labels/<split>2014 when its stamp says they are current,
-    else the first writable of it and ~/.cache/fss/<hash of root>/labels/<split>2014, else a read-only
-    <root>/labels/<split>2014 (read as they are). Training needs the labels: with no place, one line stops it."""
+    """Where the labels are (or go): <root>/labels/<split>2014 if its stamp is current, else the first writable of it
+    and ~/.cache/fss/<hash of root>/labels/<split>2014, else a read-only <root>/labels/<split>2014 (as they are)."""
     places = [root / "labels" / f"{split}2014", _cache_places(root)[1] / "labels" / f"{split}2014"]
     try:
         if _coco_stale(places[0], ann_path, ann_stat) is None:
@@ -891,9 +889,8 @@ FSS_IMAGES = (".jpg", ".jpeg")  # N.jpg as distributed; an N.jpeg pairs with N.p
 
 
 class FSSEpisodes(ImageEpisodes):
-    """FSS-1000 episodes (HSNet data/fss.py): every image shows its class's object, so no filter. Training: query
-    image i, supports `shot` other images of its class. Test (and "val"): a seed's episodes are one pass over the
-    test images, each the query once, its supports other images of its class without repeats (HSNet's repeat)."""
+    """FSS-1000 episodes (HSNet data/fss.py): every image shows its class's object, so no filter; a test seed is one
+    pass over the test images, each the query once, supports drawn without repeats (HSNet's repeat)."""
     min_pixels = 1
 
     def read_label(self, name):  # (H,W) the class id on the object
@@ -1247,9 +1244,8 @@ def _decoded_size(path):
 
 
 def _cached_scan(root, cache_name, key, files, scan, files_of, what, problems=()):
-    """{name: scan(pair)} of files {name: pair}, checked (check_scan, with the `problems` lines) and cached under
-    `key` and the fingerprint of every file (_fingerprint): a changed, added or removed file scans again, a listed
-    file that is not there is named. Problems stop the run, cached or not."""
+    """{name: scan(pair)} of files {name: pair}, checked with the `problems` lines (which stop the run, cached or not)
+    and cached under `key` and every file's _fingerprint: a changed, added or removed file scans again."""
     digest, missing = _fingerprint(root, [path for pair in files.values() for path in pair])
     cache = _cache_file(root, cache_name)
     key = [CACHE_VERSION, *key, digest]
@@ -1336,9 +1332,8 @@ def _writable_dir(*candidates):
 
 
 def _fingerprint(root, paths):
-    """-> (a digest of every file's name under `root`, size, mtime, ctime and inode, [the paths not there]). mtime
-    alone would not do (cp -p, rsync -a, tar, unzip restore it): ctime, which no tool sets, and the inode (a file
-    replaced) show a rewrite, as in git's index."""
+    """-> (a digest of each file's name under `root`, size, mtime, ctime, inode; [paths not there]). mtime alone would
+    not do (cp -p, rsync -a, tar restore it): ctime, which no tool sets, and the inode show a rewrite (as git does)."""
     lines, missing, prefix = [], [], os.fspath(root)
     for path in paths:
         try:
