@@ -416,11 +416,10 @@ def mask_to_boxes(mask):
 
 
 def train_transform(img, mask, rng, size, scale_range, recipe="pfenet", compact=False, base=None):
-    """PFENet's training augmentation (util/transform.py, train.py:165-172), the steps AUGMENTATIONS[recipe]
-    names (a step left out draws nothing from rng). base: the (h, w) the random scale is centred on (FSS-1000).
-    img uint8 (3,H0,W0), mask (H0,W0) integer -> img (3,size,size) normalised, mask int64; compact: both uint8.
-    The image is rounded to 8 bits after the blur; flip, padding and crop only move values, so they take the crop
-    window alone, rounded, mirrored and pasted on a canvas of the padding colour (no full-size copies)."""
+    """PFENet's training augmentation (util/transform.py, train.py:165-172), the steps AUGMENTATIONS[recipe] names (a
+    step left out draws nothing from rng); base: the (h, w) the random scale is centred on (FSS-1000). img uint8
+    (3,H0,W0), mask (H0,W0) -> img (3,size,size) normalised, mask int64 (compact: both uint8). Flip, padding and crop
+    only move values, so they take the crop window alone, rounded to 8 bits, pasted on a canvas (no full-size copy)."""
     steps = AUGMENTATIONS[recipe]
     image, label = img.float().div_(255), mask  # (3,H0,W0) in [0,1], (H0,W0)
     # 1. RandScale: one isotropic factor (of base, when given), image bilinear, mask nearest
