@@ -1,52 +1,24 @@
-"""Few-shot segmentation episodes: PASCAL-5i, COCO-20i, FSS-1000, a folder of your own labelled images and a synthetic
-set.
+"""Few-shot segmentation episodes: PASCAL-5i, COCO-20i, FSS-1000, a folder of your own labelled images and a
+synthetic set (its renderer is the last section).
 
-The file, in order:
-    (top)        what every section uses: MEAN, STD, IGNORE, the class counts and folds, the filter's
-                 MIN_FG_PIXELS, and the errors a user can fix (DatasetError and its kinds)
-    episodes     the episode (EpisodeDataset: ImageEpisodes over files, SyntheticEpisodes rendered), build_dataset,
-                 the class lookups (dataset_classes, fold_classes, class_names, split_name), batches
-                 (collate_episodes, to_device) and their DataLoader (EpisodeSampler, make_loader)
-    transforms   masks (binary_mask, mask_to_boxes), the training augmentation (train_transform), the test
-                 geometry (test_transform, logits_to_original), 8 bits and normalising (normalize)
-    PASCAL-5i    VOC2012 + SBD's image lists (_pascal_index)
-    COCO-20i     COCO 2014's image lists and its semantic labels, rasterised from the annotations (_coco_index)
-    FSS-1000     its class folders in HSNet's split, their masks read as HSNet reads them (_fss_index, FSSEpisodes)
-    folder       your own data: pairs, classes, folds, splits (_folder)
-    files        reading and checking every image and label once, the per-class pixel counts cached while no file
-                 changes
-    synthetic    the renderer of the synthetic set (render_synthetic)
+The episode, dataset[(stream, index)] (dataset[index] is stream 0), for every dataset: img_q (3,H,W) float32
+normalised, m_q (H,W) int64 (1 the episode class, 0 the rest, 255 ignore), img_s (S,3,H,W), m_s (S,H,W), class_id
+int; outside "train" also m_q_orig (H0,W0) int64 (the query mask at the image's size, which the scores use) and
+index. With dataset.compact (make_loader sets it) images and masks are uint8, a fifth of the bytes to cross from
+the workers and to the device, where to_device makes the default episode of it, equal to the bit.
 
-The episode, dataset[(stream, index)] (dataset[index] is stream 0), the same for every dataset:
-    img_q (3,H,W) float32 normalised     m_q (H,W) int64: 1 the episode class, 0 the rest, 255 ignore
-    img_s (S,3,H,W)                      m_s (S,H,W) int64
-    class_id int; for every split but "train" ("test", FSS-1000's "val") also m_q_orig (H0,W0) int64 (the query mask
-    at the image's original size, which the scores use) and index int.
-With dataset.compact = True (make_loader sets it) the same episode has uint8 images (the 8-bit image before
-normalising) and uint8 masks, m_q_orig included: a fifth of the bytes to cross from the DataLoader workers to the
-main process, and to the device, where to_device turns a batch into the default one (normalise, int64 masks).
-The default episode is the compact one passed through to_device on the CPU, so the two are equal to the bit.
-
-What the code does not show at a glance:
-- Randomness. An episode uses one numpy Generator seeded with (seed, stream, index), the stream being the
-  training epoch or the test seed: the class, the supports and every augmentation parameter come from it, never
-  from a global RNG, so episodes are identical for any DataLoader worker count (PFENet's depend on it) and for
-  every model.
-- 8 bits. The augmented (train) or resized (test) image is worked on in floats in [0,1] and rounded to 8 bits,
-  the JPEG's own precision, before it is normalised (_quantize). It lets the workers hand over uint8 images
-  (compact) that normalise to exactly the default episode's values on any device (normalize).
-- Filters. A class counts in an image from MIN_FG_PIXELS pixels on; supports always pass it, a query needs one
-  pixel of the episode class (ImageEpisodes._draw). Training drops every image with a pixel of a test-fold class
-  (BAM's rule; PFENet keeps them: class_file_lists). The synthetic set follows the same rule (SyntheticEpisodes).
-  FSS-1000 has no filter (HSNet's): every image shows its class, one class an image (FSSEpisodes).
-
-The protocol, and where it departs from the reference code: README.md, "Protocol". Each rule cites its source in
-the docstring of the function that implements it: PFENet = github.com/dvlab-research/PFENet, BAM =
-github.com/chunbolang/BAM, file paths and line numbers in those repositories.
+Randomness: an episode draws everything (class, supports, augmentation) from one numpy Generator seeded with
+(seed, stream, index), the stream being the epoch or the test seed, so episodes are the same for any worker count
+and every model. 8 bits: images are rounded to 8 bits (the JPEG's precision) before normalising (_quantize), so
+the uint8 hand-over normalises to the same values on any device. Filters: a class counts in an image from
+MIN_FG_PIXELS pixels on (supports pass it, a query needs one pixel); training drops every image with a pixel of a
+test-fold class (BAM's rule; PFENet keeps them). Sources cited: PFENet = github.com/dvlab-research/PFENet, BAM =
+github.com/chunbolang/BAM (file paths and lines there); the protocol: README.md, "Protocol".
 """
 import collections
 import colorsys
 import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import json
@@ -72,8 +44,7 @@ NUM_CLASSES = {"pascal": 20, "coco": 80, "synthetic": 20, "fss1000": 1000}
 NUM_FOLDS = 4
 MIN_FG_PIXELS = 2 * 32 * 32  # a class counts in an image from this area on (PFENet util/dataset.py:55-61)
 
-# dataset_classes' answer: the number of classes (ids 1..count), {id: name}, the novel (test) ids of the run
-Classes = collections.namedtuple("Classes", "count names novel")
+Classes = collections.namedtuple("Classes", "count names novel")  # dataset_classes': ids 1..count, {id: name}
 
 
 class DatasetError(Exception):
@@ -81,25 +52,20 @@ class DatasetError(Exception):
 
 
 class DatasetNotFoundError(DatasetError, FileNotFoundError):
-    """A data root is missing or incomplete; the message names the expected layout and the sources."""
+    """A data root is missing or incomplete; the message names the expected layout."""
 
 
 class DatasetFileError(DatasetError, OSError):
-    """A file of the dataset cannot be read (or, COCO's labels, written), an image and its label differ in size, or
-    a label holds a class id that the dataset does not have; the message names it."""
+    """A file cannot be read (or a COCO label written), an image and its label differ in size, or a bad class id."""
 
 
 class DatasetClassError(DatasetError, ValueError):
-    """A folder dataset's classes do not fit its labels or the run (classes.txt, folds.txt, --test-classes,
-    too few test images for the shots); the message names the class and the file."""
+    """A folder dataset's classes do not fit its labels or the run (classes.txt, folds.txt, --test-classes, shots)."""
 
 
 # ----------------------------------------------------------------------------- episodes
-
-# Test episodes per seed, for every model alike: BAM's 1000 x 5 seeds (test.py:36-39, 193-198) on PASCAL; on COCO
-# Sym-Net's paper samples 5000 per seed (QPENet's 4000: --test-episodes 4000), so that each of a fold's 20
-# classes gets ~250 episodes and a seed's queries are a sample of the 10,000+ test images; FSS-1000 (None): one pass
-# over its test images, each the query once, as HSNet's 2400 episodes (data/fss.py __len__)
+# Test episodes per seed: BAM's 1000 x 5 seeds (test.py:36-39, 193-198); COCO 5000 as Sym-Net's paper (~250 per
+# class); FSS-1000 (None): one pass over its test images, each the query once, as HSNet (data/fss.py __len__)
 TEST_EPISODES = {"pascal": 1000, "coco": 5000, "synthetic": 300, "folder": 1000, "fss1000": None}
 TEST_SEEDS = 5
 SYNTHETIC_TRAIN_LENGTH = 500  # synthetic episodes per epoch (the quick start: a few CPU minutes per model)
@@ -107,17 +73,9 @@ QUERY_ORDER_KEY = 1  # test queries: the order of a pass comes from its own stre
 
 
 class EpisodeDataset(Dataset):
-    """Episodes of one split of one fold (the episode: module docstring). Subclasses implement _draw (the class
-    and the raw images: the query, then the supports) and _transform, which returns the compact pair (uint8
-    image, uint8 mask); each image of an episode is transformed on its own.
-
-    Attributes: classes (class ids of this split), num_classes (ids 1..num_classes), class_names {id: name}, seed,
-    support_boxes (settable: each support mask is replaced by mask_to_boxes of its original-resolution mask,
-    before the transforms, as a box annotation would be; the query mask is untouched), augment (settable: the
-    name of the training recipe in AUGMENTATIONS; the synthetic set has none: SyntheticEpisodes), compact
-    (settable: uint8 images and masks, to_device's input).
-    The key dataset[(stream, index)] names the stream: the epoch in training, the test seed in evaluation
-    (EpisodeSampler carries it with every index)."""
+    """Episodes of one split of one fold; subclasses implement _draw (the class, then the query's and the supports'
+    raw images) and _transform (an image -> uint8 image and mask). Settable: support_boxes (mask_to_boxes supports,
+    CRCNet §5.4), augment (AUGMENTATIONS' recipe), compact (uint8 episodes, to_device's input)."""
     support_boxes = False
     augment = "pfenet"
     compact = False
@@ -134,7 +92,6 @@ class EpisodeDataset(Dataset):
         return np.random.default_rng((self.seed, stream, index))
 
     def __getitem__(self, key):
-        """key: an index, or (stream, index)."""
         stream, index = key if isinstance(key, tuple) else (0, key)
         if not 0 <= index < self.length:
             raise IndexError(f"episode {index} out of range {self.length}")
@@ -154,13 +111,9 @@ class EpisodeDataset(Dataset):
 def build_dataset(name, split, fold, shot=1, img_size=473, root=None, seed=0, episodes=None,
                   coco_split="interleaved", train_length=None, support_boxes=False, augment="pfenet",
                   test_classes=None):
-    """The episodes of `split` ("train": base classes, augmented by the recipe AUGMENTATIONS[augment]; "test":
-    the fold's novel classes, `episodes` episodes, default TEST_EPISODES[name]; FSS-1000 also "val", its validation
-    classes, episodes as the test's) of fold `fold` of dataset `name` ("pascal", "coco", "synthetic", "folder",
-    "fss1000"; for a folder, test_classes (ids) may replace the fold).
-    train_length: training episodes per epoch (default: one per image over the filter, the query of episode i
-    being image i; synthetic: SYNTHETIC_TRAIN_LENGTH).
-    support_boxes: every support mask becomes the union of its objects' bounding boxes (mask_to_boxes)."""
+    """The episodes of `split` of fold `fold` of dataset `name`. "train": base classes, train_length episodes an
+    epoch (default: one per image over the filter); "test" (FSS-1000 also "val"): novel classes, `episodes` episodes
+    (default TEST_EPISODES[name]). A folder's test_classes (ids) may replace the fold."""
     if augment not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {augment!r}; choose one of {sorted(AUGMENTATIONS)}")
     splits = ("train", "test", "val") if name == "fss1000" else ("train", "test")
@@ -175,35 +128,30 @@ def build_dataset(name, split, fold, shot=1, img_size=473, root=None, seed=0, ep
                                                            test_classes=test_classes, coco_split=coco_split)
     classes = test_classes if split == "test" else [c for c in range(1, num_classes + 1) if c not in test_classes]
     length = (episodes or TEST_EPISODES[name]) if split != "train" else train_length
+    exclude = test_classes if split == "train" else ()
     if name == "synthetic":
         dataset = SyntheticEpisodes(name, split, fold, shot, img_size, classes, names, seed,
                                     length or SYNTHETIC_TRAIN_LENGTH, num_classes)
-        dataset.support_boxes = support_boxes
-        return dataset
-    exclude, episodes_of = test_classes if split == "train" else (), ImageEpisodes
-    if name == "folder":  # the split's images, then the same filter and episodes as PASCAL's
-        listed = _folder_split(root, counts, test_classes, split)
-        files, counts = {i: files[i] for i in listed}, {i: counts[i] for i in listed}
-        if split == "test":
-            _check_test_shots(counts, classes, names, shot, root)
     elif name == "fss1000":  # its classes are its split's, and no image shows a class of another split
-        classes, exclude, episodes_of = _fss_classes(names, split), (), FSSEpisodes
+        classes = _fss_classes(names, split)
         files, counts = _fss_index(root, split, names)
+        dataset = FSSEpisodes(name, split, fold, shot, img_size, classes, names, seed, length, num_classes, files,
+                              counts, ())
     else:
-        root = _data_root(name, root)
-        if name == "pascal":
-            files, counts, names = _pascal_index(root, split)
+        if name == "folder":  # the split's images, then the same filter and episodes as PASCAL's
+            files, counts = _folder_split(root, files, counts, test_classes, split, classes, names, shot)
+        elif name == "pascal":
+            files, counts, names = _pascal_index(_data_root(name, root), split)
         else:
-            files, counts, names = _coco_index(root, "train" if split == "train" else "val")
-    dataset = episodes_of(name, split, fold, shot, img_size, classes, names, seed, length, num_classes, files, counts,
-                          exclude)
+            files, counts, names = _coco_index(_data_root(name, root), "train" if split == "train" else "val")
+        dataset = ImageEpisodes(name, split, fold, shot, img_size, classes, names, seed, length, num_classes, files,
+                                counts, exclude)
     dataset.support_boxes, dataset.augment = support_boxes, augment
     return dataset
 
 
 class ImageEpisodes(EpisodeDataset):
-    """PASCAL-5i / COCO-20i / folder episodes over files {name: (image, label)} and their class pixel counts, a class
-    counting in an image from min_pixels on (FSS-1000's: FSSEpisodes)."""
+    """PASCAL-5i / COCO-20i / folder episodes over files {name: (image, label)} and their class pixel counts."""
     min_pixels = MIN_FG_PIXELS
 
     def __init__(self, name, split, fold, shot, img_size, classes, class_names, seed, length, num_classes, files,
@@ -216,22 +164,20 @@ class ImageEpisodes(EpisodeDataset):
         super().__init__(name, split, fold, shot, img_size, classes, class_names, seed, length or len(self.images),
                          num_classes)
 
-    def read_label(self, path):
-        """A label file -> (H,W) int64 class ids."""
-        return load_mask(path)
+    def read_label(self, name):
+        return load_mask(self.files[name][1])
 
     def _load(self, name):
         image_path, label_path = self.files[name]
-        img, label = load_image(image_path), self.read_label(label_path)
+        img, label = load_image(image_path), self.read_label(name)
         if img.shape[-2:] != label.shape:
             raise DatasetFileError(f"image {image_path} {tuple(img.shape[-2:])} and label {label_path} "
-                               f"{tuple(label.shape)} differ in size")
+                                   f"{tuple(label.shape)} differ in size")
         return img, label
 
     def _query(self, index, stream):
-        """Training: the image at `index` (the sampler shuffles). Test: pass p = index // n over the n images
-        takes them in an order drawn from (seed, stream, p) alone, so that each test seed visits its own sample
-        of a large list (COCO: 1000 episodes of 10,000+ images) and every model sees the same queries."""
+        """Training: image `index` (the sampler shuffles). Test: pass index // n over the n images, in an order
+        drawn from (seed, stream, pass) alone, so that every model sees the same queries."""
         n = len(self.images)
         if self.split == "train":
             return self.images[index % n]
@@ -239,9 +185,7 @@ class ImageEpisodes(EpisodeDataset):
         return self.images[order[index % n]]
 
     def _draw(self, index, rng, stream=0):
-        """The episode class is drawn uniformly among the split's classes present in the query: one pixel is
-        enough, as PFENet (util/dataset.py:157-174) does not re-check the MIN_FG_PIXELS filter for the query, so a
-        query may hold a tiny object; supports always pass it (class_files)."""
+        """The class: uniform among the split's classes with a pixel in the query (PFENet util/dataset.py:157-174)."""
         query = self._query(index, stream)
         present = [c for c in self.classes if self.counts[query].get(c, 0) > 0 and self.class_files[c]]
         class_id = present[rng.integers(len(present))]
@@ -255,13 +199,9 @@ class ImageEpisodes(EpisodeDataset):
 
 
 def class_file_lists(counts, classes, exclude=(), min_pixels=MIN_FG_PIXELS):
-    """Apply the filter rules to per-image pixel counts {name: {class: pixels}} (PFENet util/dataset.py:55-69).
-
-    Returns (images, class_files): the sorted names where at least one of `classes` has >= min_pixels
-    pixels (the query candidates), and {class: sorted names where it does} (the supports: an image is listed
-    under every class that counts in it). Names with any pixel of a class in `exclude` are dropped first: in
-    training, the test-fold classes (BAM's filter_intersection, util/dataset.py:59-67, also used by Sym-Net and
-    QPENet); PFENet itself keeps those images and relabels those pixels as background."""
+    """Counts {name: {class: pixels}} -> the sorted names where one of `classes` has >= min_pixels pixels, and {class:
+    the names where it does} (PFENet util/dataset.py:55-69), after dropping names with a pixel of a class in
+    `exclude` (BAM's filter_intersection, util/dataset.py:59-67; PFENet relabels those pixels as background)."""
     images, class_files = [], {c: [] for c in classes}
     for name in sorted(counts):
         if any(counts[name].get(c, 0) > 0 for c in exclude):
@@ -274,8 +214,7 @@ def class_file_lists(counts, classes, exclude=(), min_pixels=MIN_FG_PIXELS):
 
 
 def _draw_supports(rng, class_files, query, shot):
-    """`shot` names from class_files other than the query, without replacement while there are enough: repeats
-    only when the class has fewer than shot + 1 images (PFENet would loop forever there)."""
+    """`shot` names other than the query, repeating only when the class has too few (PFENet would loop forever)."""
     pool = [name for name in class_files if name != query] or list(class_files)  # only the query: use it
     picks = list(rng.permutation(len(pool)))
     picks += list(rng.integers(0, len(pool), shot - len(picks))) if len(picks) < shot else []
@@ -283,9 +222,8 @@ def _draw_supports(rng, class_files, query, shot):
 
 
 class SyntheticEpisodes(EpisodeDataset):
-    """Rendered episodes (render_synthetic), no files: train images never contain a test-fold class (BAM's rule),
-    test images may hold any other class as a distractor. Images are rounded to 8 bits as the photos are; no
-    augmentation: the renderer already randomises size, position, rotation and aspect."""
+    """Rendered episodes: train images never show a test-fold class (BAM's rule), test images may show any other
+    class as a distractor. No augmentation: the renderer already randomises size, position, rotation and aspect."""
 
     def _draw(self, index, rng, stream=0):
         class_id = int(self.classes[rng.integers(len(self.classes))])
@@ -302,11 +240,8 @@ class SyntheticEpisodes(EpisodeDataset):
 
 
 def dataset_classes(name, fold=0, root=None, test_classes=None, coco_split="interleaved"):
-    """Classes(count, names, novel) of a run: the number of classes of dataset `name` (ids 1..count), {id: name},
-    and the novel (test) ids of fold `fold`; the other ids are the base classes. A folder dataset reads them from
-    its root (_folder: classes.txt, folds.txt, its labels), and `test_classes` (ids) replace its fold: since it
-    knows its classes only from its root, this is the one lookup of them for every dataset. FSS-1000's training
-    classes are the folders of its root (without one: ids 481..1000, named by their numbers)."""
+    """Classes(count, names, novel) of a run: ids 1..count, {id: name}, the novel ids of fold `fold` (the rest are
+    base classes). A folder dataset reads them from its root, and `test_classes` (ids) may replace its fold."""
     if name == "folder":
         return _folder(_data_root(name, root), fold, test_classes)[2]
     if test_classes is not None:
@@ -317,11 +252,9 @@ def dataset_classes(name, fold=0, root=None, test_classes=None, coco_split="inte
 
 
 def fold_classes(dataset, fold, coco_split="interleaved"):
-    """Test (novel) class ids of `fold`; the remaining classes of the dataset are the base classes (PFENet
-    util/dataset.py:85-130). PASCAL-5i (and synthetic) fold i: 5i+1..5i+5. COCO-20i fold i: 4k+i+1, k = 0..19,
-    the "interleaved" split that both PFENet COCO configs select (use_split_coco,
-    config/coco/coco_split0_resnet101.yaml:45); coco_split="contiguous": 20i+1..20i+20. FSS-1000 has one split,
-    fold 0: its 240 test classes."""
+    """Novel class ids of `fold` (PFENet util/dataset.py:85-130). PASCAL-5i (and synthetic) fold i: 5i+1..5i+5.
+    COCO-20i fold i: 4k+i+1, k = 0..19, the "interleaved" split of both PFENet COCO configs (use_split_coco);
+    "contiguous": 20i+1..20i+20. FSS-1000 has one split, fold 0: its 240 test classes."""
     if dataset == "fss1000":
         if fold != 0:
             raise ValueError(f"FSS-1000 has one class split, no folds: fold 0 only (its 240 test classes), got {fold}")
@@ -341,8 +274,7 @@ def fold_classes(dataset, fold, coco_split="interleaved"):
 
 
 def class_names(name, root=None):
-    """{class id: name} of a dataset: the built-in ones' need no files (e.g. to look up word vectors); a folder
-    dataset's come from its root (classes.txt, else the ids its labels hold), FSS-1000's training classes too."""
+    """{class id: name}: built in (no files needed), or from the root (a folder dataset, FSS-1000's training)."""
     if name == "folder":
         root = _data_root(name, root)
         return _folder_names(root, *_folder_index(root))
@@ -354,11 +286,8 @@ def class_names(name, root=None):
 
 
 def split_name(name, fold, root=None, test_classes=None, coco_split="interleaved"):
-    """The name of a dataset's split in file names: "pascal-fold0"; COCO's contiguous split "coco-contiguous-fold0"
-    (its folds hold other classes than the interleaved ones of "coco-fold0"); a folder dataset by its root's name
-    and a hash of its path, so that two roots never share a name ("folder-NAME-1a2b3c-fold0"); --test-classes 3,7,9
-    in place of the fold ("...-classes3-7-9"); FSS-1000, which has one split, "fss1000". Run folders, base learners
-    and prior extractors are named by it."""
+    """A split's name in file names: "pascal-fold0", "coco-contiguous-fold0", "folder-NAME-1a2b3c-fold0" (a hash of
+    the root's path), "...-classes3-7-9" (--test-classes 3,7,9), "fss1000" (one split)."""
     if name == "fss1000":
         return name
     dataset = f"coco-{coco_split}" if name == "coco" and coco_split != "interleaved" else name
@@ -369,7 +298,6 @@ def split_name(name, fold, root=None, test_classes=None, coco_split="interleaved
 
 
 def _unreadable(path, err, layout):
-    """The error for a data root, or a folder of its layout, that cannot be listed (a permission, an I/O error)."""
     return DatasetNotFoundError(f"{path} cannot be read ({err.strerror or err}): its files are needed\n{layout}")
 
 
@@ -384,18 +312,13 @@ def _data_root(name, root):
 
 
 def collate_episodes(batch):
-    """List of episodes -> dict: tensors stacked (B,...), class_id and index -> LongTensor (B,),
-    m_q_orig -> list of (H0,W0) tensors (their sizes differ). default_collate stacks: in a DataLoader worker it
-    writes the stack into shared memory, so the batch crosses to the main process without another copy."""
+    """Episodes -> a batch: tensors stacked (B,...), class_id and index (B,), m_q_orig a list (sizes differ)."""
     return {key: [episode[key] for episode in batch] if key == "m_q_orig"
             else default_collate([episode[key] for episode in batch]) for key in batch[0]}
 
 
 def to_device(batch, device):
-    """An episode or a batch of them (collate_episodes), compact or not, on `device` as the default one: every
-    tensor copied with non_blocking=True (asynchronous from pinned memory), then, there, uint8 images (img_q,
-    img_s) normalised (normalize) and other uint8 tensors (the masks, m_q_orig's included) made int64. Lists
-    (a batch's m_q_orig) are moved element by element; other values stay as they are."""
+    """An episode or a batch on `device` as the default one: uint8 images normalised, other uint8 tensors int64."""
     def move(key, value):
         if isinstance(value, list):
             return [move(key, v) for v in value]
@@ -409,10 +332,8 @@ def to_device(batch, device):
 
 
 class EpisodeSampler(Sampler):
-    """Yields (stream, index) keys. Training: a permutation seeded by (seed, epoch), split across ranks,
-    trimmed to whole global batches. Test: episodes 0..n-1 of one test seed, rank r taking r, r+world, ...
-    The key carries the stream (epoch or test seed), so that persistent DataLoader workers draw the right
-    episode without being told about the epoch."""
+    """(stream, index) keys, so that persistent workers need not be told the epoch. Training: a permutation seeded by
+    (seed, epoch), split across ranks, whole global batches. Test: episodes r, r+world, ... of rank r."""
 
     def __init__(self, length, rank=0, world=1, shuffle=False, seed=0, batch_size=1):
         self.length, self.rank, self.world = length, rank, world
@@ -438,10 +359,7 @@ class EpisodeSampler(Sampler):
 
 
 def make_loader(dataset, sampler, batch_size, workers, device, drop_last, worker_init_fn=None):
-    """The episodes' DataLoader, `workers` processes (persistent; 0: in this one), memory pinned for a CUDA
-    device, worker_init_fn run in every worker (train.py passes ignore_stop_signals). It sets dataset.compact:
-    batches carry uint8 images and masks (a fifth of the bytes through shared memory and pinning), which
-    to_device turns into the default episodes on the device."""
+    """The DataLoader of compact episodes: `workers` persistent processes (0: this one), pinned memory for CUDA."""
     dataset.compact = True
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=collate_episodes, drop_last=drop_last,
@@ -450,38 +368,31 @@ def make_loader(dataset, sampler, batch_size, workers, device, drop_last, worker
 
 
 # ----------------------------------------------------------------------------- transforms
-
-# Training augmentation recipes, by name (a model file picks one with AUGMENTATION; --augment overrides): which of
-# PFENet's steps run. The scale range is the dataset's (SCALE_RANGE); the padded, foreground-keeping crop always runs.
+# Training augmentation recipes (a model file picks one with AUGMENTATION; --augment overrides): which of PFENet's
+# steps run. The scale range is the dataset's; the padded, foreground-keeping crop always runs.
 AUGMENTATIONS = {
     "pfenet": dict(scale=True, rotate=True, blur=True, flip=True),  # PFENet util/transform.py, and its descendants
     "crop-scale-flip": dict(scale=True, rotate=False, blur=False, flip=True),  # CRCNet §5.1's list
 }
-# RandScale (PFENet config/pascal/pascal_split0_resnet50.yaml:14-15, config/coco/coco_split0_resnet101.yaml:13-14);
-# a folder dataset and FSS-1000 take PASCAL's recipe (FSS-1000's factor scales its test size: FSSEpisodes._transform)
+# RandScale (PFENet config/pascal/pascal_split0_resnet50.yaml:14-15, config/coco/coco_split0_resnet101.yaml:13-14)
 SCALE_RANGE = {"pascal": (0.9, 1.1), "coco": (0.8, 1.25), "folder": (0.9, 1.1), "fss1000": (0.9, 1.1)}
 ROTATE_DEGREES, ROTATE_P = 10.0, 0.5  # RandRotate (util/transform.py:305-330)
 BLUR_P = 0.5  # RandomGaussianBlur (util/transform.py:355-362): cv2.GaussianBlur(image, (5, 5), 0)
-# cv2.getGaussianKernel(5, sigma=0) takes this from its fixed table for sizes <= 7 (small_gaussian_tab), not the
-# Gaussian of its sigma formula (0.3*((k-1)/2-1)+0.8 = 1.1, which gives .071 .245 .370 .245 .071)
+# cv2.getGaussianKernel(5, sigma=0) takes its fixed table for sizes <= 7, not its sigma formula's Gaussian
 BLUR_TAPS = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
 FLIP_P = 0.5  # RandomHorizontalFlip
 CROP_KEEP, CROP_TRIES = 0.85, 32  # Crop 'rand': 1 draw + 31 redraws (util/transform.py:277-293)
 
 
 def binary_mask(label, class_id, dtype=torch.int64):
-    """Semantic label (H,W) -> (H,W) of dtype: class_id -> 1, other classes -> 0, 255 (VOC's "ignore" border)
-    kept, as PFENet binarises the query and the supports (util/dataset.py:176-181, 215-219)."""
+    """Label (H,W) -> (H,W) dtype: class_id 1, other classes 0, 255 kept (PFENet util/dataset.py:176-181)."""
     mask = (label == class_id).to(dtype)
     mask[label == IGNORE] = IGNORE
     return mask
 
 
 def mask_to_boxes(mask):
-    """Binary mask (H,W) int64 {0,1,255} -> the union of its objects' bounding boxes, the weak support
-    annotation of CRCNet §5.4 (after CANet). Objects are the 8-connected components of the foreground (== 1);
-    255 pixels belong to no object. Inside a box every pixel becomes 1, 255 included (a box does not know the
-    object's border); outside the boxes 0 and 255 stay as they were."""
+    """Mask (H,W) {0,1,255} -> 1 in each 8-connected object's bounding box, the rest kept (CRCNet §5.4)."""
     fg = (mask == 1).numpy()
     h, w = fg.shape
     none = h * w  # the label of background pixels, above every pixel index
@@ -496,31 +407,19 @@ def mask_to_boxes(mask):
         labels = jumped
     ys, xs = np.nonzero(fg)
     roots, objects = np.unique(labels[ys, xs], return_inverse=True)
-    top, left = np.full(len(roots), h), np.full(len(roots), w)
-    bottom, right = np.zeros(len(roots), np.int64), np.zeros(len(roots), np.int64)
-    np.minimum.at(top, objects, ys)
-    np.minimum.at(left, objects, xs)
-    np.maximum.at(bottom, objects, ys)
-    np.maximum.at(right, objects, xs)
+    extent = np.full((len(roots), 4), -none)  # an object's -top, -left, bottom, right: maxima all four
+    np.maximum.at(extent, objects.ravel(), np.stack([-ys, -xs, ys, xs], 1))
     boxes = mask.clone()
-    for y0, x0, y1, x1 in zip(top, left, bottom, right):
-        boxes[y0:y1 + 1, x0:x1 + 1] = 1
+    for top, left, bottom, right in extent.tolist():
+        boxes[-top:bottom + 1, -left:right + 1] = 1
     return boxes
 
 
 def train_transform(img, mask, rng, size, scale_range, recipe="pfenet", compact=False, base=None):
-    """PFENet's training augmentation (util/transform.py, composed at train.py:165-172) on an image and its mask
-    together, with the steps that AUGMENTATIONS[recipe] names (a step left out draws nothing from rng), written
-    with torchvision.transforms.v2 functional ops and our own rotate and gaussian_blur; resized with antialiasing
-    as test_transform is. base: the (h, w) that the image is resized to first, so that the random scale is centred
-    on it (FSS-1000: its test size, test_content_size); the two resizes are one (step 1's, to base x the factor).
-
-    img uint8 (3,H0,W0), mask (H0,W0) integer (episodes: {0,1,255}), rng numpy Generator (every random draw)
-    -> img (3,size,size) float32 normalised, mask (size,size) int64; compact: both uint8 (the mask's values must
-    fit), the image as it is before normalising. The image is worked on in [0,1] floats up to the blur and then
-    rounded to 8 bits (_quantize); flip, padding and crop only move values, so they take the crop window
-    alone, rounded, mirrored and pasted on a canvas of the padding colour: the values of rounding the whole padded,
-    flipped image and cropping it, without its full-size copies."""
+    """PFENet's training augmentation (util/transform.py, train.py:165-172), the steps AUGMENTATIONS[recipe] names (a
+    step left out draws nothing from rng); base: the (h, w) the random scale is centred on (FSS-1000). img uint8
+    (3,H0,W0), mask (H0,W0) -> img (3,size,size) normalised, mask int64 (compact: both uint8). Flip, padding and crop
+    only move values, so they take the crop window alone, rounded to 8 bits, pasted on a canvas (no full-size copy)."""
     steps = AUGMENTATIONS[recipe]
     image, label = img.float().div_(255), mask  # (3,H0,W0) in [0,1], (H0,W0)
     # 1. RandScale: one isotropic factor (of base, when given), image bilinear, mask nearest
@@ -556,8 +455,7 @@ def train_transform(img, mask, rng, size, scale_range, recipe="pfenet", compact=
 
 
 def _draw_crop(fg, size, rng):
-    """PFENet's 'rand' crop: redraw (CROP_TRIES draws in all) while the crop keeps < CROP_KEEP of fg (H,W); the
-    last draw is kept."""
+    """PFENet's 'rand' crop: redraw while the crop keeps < CROP_KEEP of fg, CROP_TRIES draws, the last kept."""
     h, w = fg.shape
     total = int(fg.sum())
     for _ in range(CROP_TRIES):
@@ -568,16 +466,11 @@ def _draw_crop(fg, size, rng):
 
 
 def rotate(image, label, angle, fill=MEAN, ignore=IGNORE):
-    """Rotate image (C,H,W) float and label (H,W) (any integer dtype, kept) about the centre by `angle` degrees
-    counter-clockwise, as PFENet's RandRotate does with cv2.warpAffine: bilinear image, nearest label, corners
-    filled with `fill` (one value per channel) and `ignore`. One sampling grid serves both. At the rotated border
-    the image blends inside pixels with the fill by their bilinear weights, as cv2's BORDER_CONSTANT does;
-    torchvision weights that blend by the inside share a second time (v2 _apply_grid_transform), so edge pixels
-    differ from its output by up to 0.25."""
+    """Rotate image (C,H,W) and label (H,W) by `angle` degrees counter-clockwise, as PFENet's cv2.warpAffine: corners
+    `fill` and `ignore`; the border blends with the fill by its bilinear weights (torchvision's v2 weights twice)."""
     h, w = image.shape[-2:]
     cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
-    # Output -> input map of every pixel centre, in grid_sample's coordinates (-1..1 across each axis): the
-    # pixel rotation rescaled by h/w; F.affine_grid's result, built from two outer sums in a quarter of its time
+    # Output -> input map of every pixel centre in grid_sample's -1..1 coordinates: F.affine_grid's, from outer sums
     x = (2 * torch.arange(w, dtype=image.dtype) + 1) / w - 1  # (W,)
     y = (2 * torch.arange(h, dtype=image.dtype) + 1) / h - 1  # (H,)
     grid = torch.stack([cos * x + (-sin * h / w) * y[:, None], (sin * w / h) * x + cos * y[:, None]], -1)[None]
@@ -590,9 +483,7 @@ def rotate(image, label, angle, fill=MEAN, ignore=IGNORE):
 
 
 def gaussian_blur(image, kernel=BLUR_TAPS):
-    """cv2.GaussianBlur(image, (5, 5), 0) on a float image (C,H,W): the separable kernel `kernel` (k taps, summing
-    to 1) along columns, then rows, with cv2's default border (reflect without repeating the edge pixel). Two 1-D
-    passes of in-place multiply-adds: 2k per pixel, not k^2, and no temporary per tap."""
+    """cv2.GaussianBlur(image, (5, 5), 0) on (C,H,W): separable, cv2's border (reflect without the edge pixel)."""
     k = len(kernel)
     h, w = image.shape[-2:]
     padded = F.pad(image[None], [k // 2] * 4, mode="reflect")[0]  # (C,H+k-1,W+k-1)
@@ -606,13 +497,8 @@ def gaussian_blur(image, kernel=BLUR_TAPS):
 
 
 def test_transform(img_u8, mask, size, compact=False):
-    """Test geometry (PFENet's Resize, util/transform.py:70-122): uint8 (3,H0,W0) [+ mask (H0,W0), or None] -> img
-    (3,size,size) normalised with the content top-left, resized in [0,1] floats and rounded to 8 bits, and the mean
-    colour rounded to 8 bits (~0 after normalising; PFENet pads black before normalising) elsewhere [+ mask
-    (size,size) int64, padding 255]; compact: uint8 image and mask.
-    The content: long side resized to size, aspect kept, small images upscaled too, as PFENet's Resize (which also
-    floors both sides to a multiple of 8; we do not). Resizing antialiases (cv2 does not; the training scales are
-    close to 1, so this only matters for --predict on large photos)."""
+    """PFENet's Resize (util/transform.py:70-122), antialiased, sides not floored to a multiple of 8: uint8 (3,H0,W0)
+    [+ mask, or None] -> (3,size,size) normalised, content top-left, padded [+ mask int64]; compact: uint8 both."""
     h, w = test_content_size(img_u8.shape[-2], img_u8.shape[-1], size)
     image = _quantize(torch.tensor(MEAN))[:, None, None].repeat(1, size, size)  # (3,size,size) padding colour
     image[:, :h, :w] = _quantize(TF.resize(img_u8.float().div_(255), [h, w], antialias=True))
@@ -631,9 +517,7 @@ def test_content_size(h0, w0, size):
 
 
 def logits_to_original(logits, orig_hw):
-    """Undo test_transform: logits (2,size,size) (or (B,2,size,size)) -> (2,H0,W0): crop the content region,
-    resize bilinearly (align_corners=False) to the original size, where m_q_orig scores them (PFENet's
-    ori_resize, test.py:196-202)."""
+    """Undo test_transform: logits (...,2,size,size) -> (...,2,H0,W0) (PFENet's ori_resize, test.py:196-202)."""
     h0, w0 = orig_hw
     h, w = test_content_size(h0, w0, logits.shape[-1])
     content = logits[..., :h, :w]
@@ -642,32 +526,26 @@ def logits_to_original(logits, orig_hw):
 
 
 def _quantize(image):
-    """Float image in [0,1] -> uint8: each value rounded to the nearest of the 256 levels (the 8 bits of a JPEG;
-    PFENet keeps cv2's float32 result). Each value moves by at most 0.5/255 before normalising, and the padding
-    is the mean colour rounded to 8 bits (124, 116, 104), so a padded pixel normalises to (0.0056, -0.0049,
-    0.0082), not 0."""
+    """Float image in [0,1] -> uint8, rounded (the padding, the mean colour, normalises to ~0.005, not 0)."""
     return (image * 255).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def _compact_or_default(image, label, compact):
-    """A transform's result: uint8 image and mask (compact), else the image normalised and the mask int64."""
     if compact:
         return image, None if label is None else label.to(torch.uint8)
     return normalize(image), None if label is None else label.long()
 
 
 def normalize(img):
-    """uint8 image(s) (...,3,H,W) -> float32 (...,3,H,W), (img / 255 - MEAN) / STD, on img's device, as two
-    float32 operations, a multiply and then an add (_normalize_factors). Each is rounded once by IEEE 754 on every
-    device, so a GPU gives the CPU's bits (a division by a scalar would not: CUDA multiplies by its reciprocal)."""
+    """uint8 image(s) (...,3,H,W) -> float32 (img / 255 - MEAN) / STD on img's device, as a multiply and an add:
+    each rounded once by IEEE 754, so a GPU gives the CPU's bits (CUDA divides by multiplying by a reciprocal)."""
     scale, shift = _normalize_factors(img.device)
     return img.to(torch.float32).mul_(scale).add_(shift)
 
 
 @functools.lru_cache(maxsize=None)
 def _normalize_factors(device):
-    """(scale, shift) (3,1,1) float32 on device: 1 / (255 STD) and -MEAN / STD, each computed in float64 and rounded
-    once (kept, so that normalising a batch copies nothing to the device)."""
+    """1 / (255 STD) and -MEAN / STD (3,1,1), float64 rounded once to float32, kept on each device."""
     mean, std = torch.tensor(MEAN, dtype=torch.float64), torch.tensor(STD, dtype=torch.float64)
     return tuple(t.float().view(3, 1, 1).to(device) for t in (1 / (255 * std), -mean / std))
 
@@ -679,7 +557,6 @@ def denormalize(img):
 
 
 # ----------------------------------------------------------------------------- PASCAL-5i
-
 SBD_LIST = "sbd_train_noval.txt"  # under ImageSets/Segmentation: SBD's train_noval ids, PFENet's sbd_data.txt
 PFENET_TRAIN_IMAGES = 5953  # VOC2012 train U SBD train_noval: PFENet's lists/pascal/voc_sbd_merge_noduplicate.txt
 PASCAL_LAYOUT = """expected PASCAL-5i layout:
@@ -693,19 +570,14 @@ PASCAL_LAYOUT = """expected PASCAL-5i layout:
                                               SBD's train_noval ids (5623) = PFENet's lists/pascal/sbd_data.txt,
                                               its 'JPEGImages/X.jpg SegmentationClassAug/X.png' lines read as they
                                               are; NOT SBD's dataset/train.txt (8498 ids)"""
-PASCAL_NAMES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-                "tvmonitor")
+PASCAL_NAMES = tuple("""aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse motorbike
+    person pottedplant sheep sofa train tvmonitor""".split())
 
 
 def _pascal_index(root, split):
-    """-> files {id: (jpg, png)}, counts {id: {class: pixels}}, class_names for the split's image list.
-
-    Test: VOC2012 val (1449). Train: VOC2012 train (1464) U SBD's train_noval (5623, SBD_LIST) minus any VOC2012
-    val id, PFENet's 5953-image lists/pascal/voc_sbd_merge_noduplicate.txt (a note says so when the count
-    differs). SBD's own train.txt (8498) is not it: it would add 1,700 or more images. Without SBD_LIST every
-    SegmentationClassAug label not in VOC val is used (10582, the "trainaug" set: larger than PFENet's list; a
-    warning says so)."""
+    """-> files {id: (jpg, png)}, counts {id: {class: pixels}}, class_names. Test: VOC2012 val (1449). Train:
+    VOC2012 train U SBD_LIST minus VOC2012 val, PFENet's 5953 images (a note when the count differs); without
+    SBD_LIST, every SegmentationClassAug label outside VOC val (10582, more than PFENet's: a warning says so)."""
     sets = root / "ImageSets" / "Segmentation"
     needed = [root / "JPEGImages", root / "SegmentationClassAug", sets / "train.txt", sets / "val.txt"]
     missing = [str(p) for p in needed if not p.exists()]
@@ -725,24 +597,13 @@ def _pascal_index(root, split):
               f"than PFENet's {PFENET_TRAIN_IMAGES}-image list.\n{'!' * 78}\n", file=sys.stderr, flush=True)
         ids = sorted({p.stem for p in (root / "SegmentationClassAug").glob("*.png")} - set(val))
     files = {i: (root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClassAug" / f"{i}.png") for i in ids}
-    digest, missing = _fingerprint(root, [path for pair in files.values() for path in pair])
-    cache = _cache_file(root, f"pascal_{split}_counts.json")
-    key = [CACHE_VERSION, digest]  # the digest names every listed file: the list too
-    counts = None if missing else _read_cache(cache, key)
-    if counts is None:
-        absent = set(missing)
-        whole = [i for i in ids if not absent & set(files[i])]
-        scan = functools.partial(_scan_pair, max_id=NUM_CLASSES["pascal"])
-        what = f"checking and scanning PASCAL {split} files"
-        scanned = dict(zip(whole, _parallel_map(scan, [files[i] for i in whole], what, cache is not None)))
-        results = [scanned[i] if i in scanned else (None, _missing_files(files[i], absent)) for i in ids]
-        counts = dict(zip(ids, check_scan(results, f"the PASCAL {split} list of {root}")))
-        _write_cache(cache, key, counts)
+    scan = functools.partial(_scan_pair, max_id=NUM_CLASSES["pascal"])
+    counts = _cached_scan(root, f"pascal_{split}_counts.json", [], files, scan, f"PASCAL {split} files",
+                          f"the PASCAL {split} list of {root}")
     return files, _int_keys(counts), class_names("pascal")
 
 
 # ----------------------------------------------------------------------------- COCO-20i
-
 COCO_LAYOUT = """expected COCO-20i layout (COCO 2014, cocodataset.org):
   <root>/
     train2014/COCO_train2014_000000000009.jpg ...   train2014.zip
@@ -751,39 +612,31 @@ COCO_LAYOUT = """expected COCO-20i layout (COCO 2014, cocodataset.org):
     annotations/instances_val2014.json
     labels/{train2014,val2014}/*.png                written here on first use (semantic labels 0..80)"""
 # COCO 2014 category names, in the order of their sorted ids (= class ids 1..80 here)
-COCO_NAMES = ("person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-              "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-              "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-              "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-              "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-              "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-              "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-              "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-              "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-              "teddy bear", "hair drier", "toothbrush")
-# COCO label PNGs: bump when they would be rasterised differently (1: Pillow's polygon fill, outline included;
-# 2: pycocotools' rule). Each label folder records in COCO_LABEL_STAMP its version (no file: version 1) and the
-# size and modification time of the annotation file that its labels were rasterised from (_coco_stamp).
+COCO_NAMES = tuple(name.strip() for name in """person, bicycle, car, motorcycle, airplane, bus, train, truck, boat,
+    traffic light, fire hydrant, stop sign, parking meter, bench, bird, cat, dog, horse, sheep, cow, elephant, bear,
+    zebra, giraffe, backpack, umbrella, handbag, tie, suitcase, frisbee, skis, snowboard, sports ball, kite,
+    baseball bat, baseball glove, skateboard, surfboard, tennis racket, bottle, wine glass, cup, fork, knife, spoon,
+    bowl, banana, apple, sandwich, orange, broccoli, carrot, hot dog, pizza, donut, cake, chair, couch, potted plant,
+    bed, dining table, toilet, tv, laptop, mouse, remote, keyboard, cell phone, microwave, oven, toaster, sink,
+    refrigerator, book, clock, vase, scissors, teddy bear, hair drier, toothbrush""".split(","))
+# COCO label PNGs: bump when they would be rasterised differently (1: Pillow's polygon fill; 2: pycocotools' rule).
+# A label folder's COCO_LABEL_STAMP records the version (no file: 1) and the annotation file's size and mtime.
 COCO_LABEL_VERSION = 2
 COCO_LABEL_STAMP = "label_version.txt"
 POLYGON_UPSAMPLE = 5  # pycocotools' rleFrPoly digitises polygon edges on a grid 5x finer than the pixels
 
 
 def _coco_index(root, split):
-    """split "train" or "val" -> files {stem: (jpg, png)}, counts {stem: {class: pixels}}, class_names.
-
-    The images: every 2014 train (val) image with at least one annotation (82081 / 40137, the counts in PFENet's
-    README). Category ids (1..90 with gaps) map to 1..80 in sorted id order. The semantic labels are written once,
-    by pycocotools' rules without the package (_write_and_scan_coco_label); a label folder records the rule it was
-    written under (COCO_LABEL_VERSION) and from which annotation file (its size and modification time), and labels
-    of an older rule or of an annotation file since changed are rewritten once, with a note (_stale_coco_labels)."""
+    """split "train" or "val" -> files, counts, class_names of every 2014 image with an annotation (82081 / 40137,
+    as PFENet's README), category ids in sorted order. Labels are written once by pycocotools' rules, again when
+    stale (_coco_stale); the cache is trusted while every image and label it counted is as it was."""
     ann_path = root / "annotations" / f"instances_{split}2014.json"
     missing = [str(p) for p in (root / f"{split}2014", ann_path) if not p.exists()]
     if missing:
         raise DatasetNotFoundError(f"COCO root {root} is missing {', '.join(missing)}\n{COCO_LAYOUT}")
     cache = _cache_file(root, f"coco_{split}_counts.json")
     ann_stat = ann_path.stat()
-    label_dir = _coco_label_dir(root, split, ann_stat)
+    label_dir = _coco_label_dir(root, split, ann_path, ann_stat)
     key = [CACHE_VERSION, COCO_LABEL_VERSION, _stat_key(ann_stat), str(label_dir)]
     payload = _read_cache(cache, key)
     if payload is not None:  # trusted while every image and label it counted is as it was
@@ -800,19 +653,27 @@ def _coco_index(root, split):
             per_image.setdefault(ann["image_id"], []).append((to_class[ann["category_id"]], ann["segmentation"]))
         images = sorted((im for im in coco["images"] if im["id"] in per_image), key=lambda im: im["file_name"])
         stems = [Path(im["file_name"]).stem for im in images]
-        try:
-            rewrite = _stale_coco_labels(label_dir, split, ann_path, ann_stat)
+        stamp = label_dir / COCO_LABEL_STAMP  # the label version, the annotation file's size and mtime
+        stamp_text = f"{COCO_LABEL_VERSION}\n{ann_stat.st_size} {ann_stat.st_mtime_ns}\n"
+        try:  # labels of another label version or annotation file are all rewritten
+            stale = _coco_stale(label_dir, ann_path, ann_stat)
+            if not stamp.is_file() and not any(label_dir.glob("*.png")):  # stamped at once: a first run resumes
+                stamp.write_text(stamp_text)
+                stale = None
         except OSError as err:
             raise _label_write_error(label_dir, split, err) from None
+        if stale:
+            print(f"[data] note: rewriting the COCO {split}2014 labels in {label_dir}: {stale}", file=sys.stderr,
+                  flush=True)
+        rewrite = stale is not None
         jobs = [(str(root / f"{split}2014" / f"{stem}.jpg"), str(label_dir / f"{stem}.png"), im["height"],
                  im["width"], per_image[im["id"]], rewrite, split, len(to_class)) for stem, im in zip(stems, images)]
         scanned = _parallel_map(_write_and_scan_coco_label, jobs, f"writing COCO {split}2014 labels to {label_dir}",
                                 cache is not None)
         counts = check_scan(scanned, f"COCO {split}2014 under {root}")
-        stamp = label_dir / COCO_LABEL_STAMP
         try:  # every label is current now; a stamp of before the annotations' line gets it where it can be written
-            if _read_stamp(stamp) != _coco_stamp(ann_stat):
-                stamp.write_text(_coco_stamp(ann_stat))
+            if not stamp.is_file() or stamp.read_text() != stamp_text:
+                stamp.write_text(stamp_text)
         except OSError as err:
             if rewrite:
                 raise _label_write_error(label_dir, split, err) from None
@@ -824,14 +685,12 @@ def _coco_index(root, split):
     return files, _int_keys(payload["counts"]), names
 
 
-def _coco_label_dir(root, split, ann_stat):
-    """Where COCO's labels of `split` are (or go): <root>/labels/<split>2014 when its stamp says they are current
-    (of this label version and annotation file: _stale_coco_labels), writable or not; else the first of it and
-    ~/.cache/fss/<hash of root>/labels/<split>2014 that can be written; else a read-only <root>/labels/<split>2014
-    (its labels read as they are). Training needs the labels: with no such place the run stops in one line."""
+def _coco_label_dir(root, split, ann_path, ann_stat):
+    """Where the labels are (or go): <root>/labels/<split>2014 if its stamp is current, else the first writable of it
+    and ~/.cache/fss/<hash of root>/labels/<split>2014, else a read-only <root>/labels/<split>2014 (as they are)."""
     places = [root / "labels" / f"{split}2014", _cache_places(root)[1] / "labels" / f"{split}2014"]
     try:
-        if _coco_stamp_change(_read_stamp(places[0] / COCO_LABEL_STAMP), ann_stat) is None:
+        if _coco_stale(places[0], ann_path, ann_stat) is None:
             return places[0]
     except OSError:  # an unreadable stamp: as none
         pass
@@ -843,11 +702,8 @@ def _coco_label_dir(root, split, ann_stat):
 
 
 def _write_and_scan_coco_label(job):
-    """Write one semantic label PNG (skipped if present, unless `rewrite`) and scan it with its image, as
-    _scan_pair does (the image decoded in full, ids 1..num_classes): -> (class pixel counts, None), or (None,
-    what is wrong with the image). A label that cannot be written raises _label_write_error, its temporary
-    removed. Annotations (segmentation_to_mask) are painted in file order, so a later one overwrites an earlier
-    one where they overlap; crowd annotations get their class like any other (there is no ignore label in COCO)."""
+    """Write one label PNG (unless present and not `rewrite`), then scan it with its image (_scan_pair). Annotations
+    are painted in file order, a later one over an earlier one; crowd ones too (COCO has no ignore label)."""
     image_path, path, height, width, annotations, rewrite, split, num_classes = job
     try:
         with Image.open(image_path) as im:  # the header: the whole image is decoded by _scan_pair below
@@ -857,71 +713,40 @@ def _write_and_scan_coco_label(job):
         return None, f"{image_path}: not a readable image ({err})"
     if rewrite or not Path(path).exists():
         label = np.zeros((height, width), np.uint8)
-        for class_id, segmentation in annotations:  # file order: later annotations overwrite earlier ones
+        for class_id, segmentation in annotations:
             label[segmentation_to_mask(segmentation, height, width)] = class_id
         tmp = f"{path}.{os.getpid()}.tmp.png"
         try:
             Image.fromarray(label).save(tmp)
             os.replace(tmp, path)
         except OSError as err:
-            _remove(tmp)
+            with contextlib.suppress(OSError):
+                Path(tmp).unlink(missing_ok=True)
             raise _label_write_error(Path(path).parent, split, err) from None
     return _scan_pair((image_path, path), max_id=num_classes)
 
 
-def _stale_coco_labels(label_dir, split, ann_path, ann_stat):
-    """Whether label_dir holds label PNGs written under another COCO_LABEL_VERSION or from an annotation file of
-    another size or modification time (with a one-line note): they must all be rewritten. A folder without PNGs is
-    stamped at once, so that an interrupted first run resumes where it stopped."""
-    stamp = label_dir / COCO_LABEL_STAMP
-    found = _read_stamp(stamp)
-    if found is None and not any(label_dir.glob("*.png")):
-        stamp.write_text(_coco_stamp(ann_stat))
-        return False
-    change = _coco_stamp_change(found, ann_stat)
-    if change is None:
-        return False
-    why = (f"{ann_path.name} has changed since they were rasterised from it (its size or modification time)"
-           if change == "annotations" else f"they were rasterised under label version {change}, now "
-           f"{COCO_LABEL_VERSION} (pycocotools' polygon rule)")
-    print(f"[data] note: rewriting the COCO {split}2014 labels in {label_dir}: {why}", file=sys.stderr, flush=True)
-    return True
-
-
-def _coco_stamp(ann_stat):
-    """A COCO label folder's stamp (COCO_LABEL_STAMP): the label version, then the size and modification time of
-    the annotation file that its labels were rasterised from."""
-    return f"{COCO_LABEL_VERSION}\n{ann_stat.st_size} {ann_stat.st_mtime_ns}\n"
-
-
-def _coco_stamp_change(stamp, ann_stat):
-    """What makes the labels of a stamp's text stale: None (they are current), "annotations" (rasterised from an
-    annotation file of another size or modification time), or the older label version they were written under
-    ("1" for no stamp: None, or an empty one). A stamp of the version alone, written before it recorded the
-    annotation file, is taken as of the current one."""
-    if not stamp:
-        return "1"
-    version, *annotations = stamp.splitlines()
+def _coco_stale(label_dir, ann_path, ann_stat):
+    """Why label_dir's labels are stale by its stamp (none: version 1), else None; a version-only stamp is current."""
+    path = label_dir / COCO_LABEL_STAMP
+    stamp = path.read_text() if path.is_file() else ""
+    version, *annotations = stamp.splitlines() if stamp else ["1"]
     if version.strip() != str(COCO_LABEL_VERSION):
-        return version.strip()
-    recorded = annotations[0].split() if annotations else None
-    return "annotations" if recorded and recorded != _coco_stamp(ann_stat).splitlines()[1].split() else None
-
-
-def _read_stamp(path):
-    """A stamp file's text, or None when there is none."""
-    return path.read_text() if path.is_file() else None
+        return (f"they were rasterised under label version {version.strip()}, now {COCO_LABEL_VERSION} "
+                "(pycocotools' polygon rule)")
+    recorded = annotations[0].split() if annotations else []
+    if recorded and recorded != [str(ann_stat.st_size), str(ann_stat.st_mtime_ns)]:
+        return f"{ann_path.name} has changed since they were rasterised from it (its size or modification time)"
+    return None
 
 
 def _label_write_error(label_dir, split, err):
-    """The one line for COCO labels that cannot be written: training needs them, so the run stops here."""
     return DatasetFileError(f"cannot write the COCO {split}2014 labels in {label_dir}: {err.strerror or err} (they "
                             "are needed: free space there, or make it writable, and run again)")
 
 
 def segmentation_to_mask(segmentation, height, width):
-    """One COCO annotation's `segmentation` -> bool (height,width): an RLE dict decoded, or a list of polygons
-    (the parts of one object) rasterised by polygon_to_mask and united, as pycocotools' frPyObjects + merge do."""
+    """A COCO `segmentation` -> bool (height,width): RLE decoded, or polygons united (pycocotools' merge)."""
     if isinstance(segmentation, dict):
         return rle_decode(segmentation["counts"], *segmentation["size"])
     mask = np.zeros((height, width), bool)
@@ -932,23 +757,14 @@ def segmentation_to_mask(segmentation, height, width):
 
 
 def polygon_to_mask(polygon, height, width):
-    """One COCO polygon [x1, y1, x2, y2, ...] -> bool (height,width), by pycocotools' rule (rleFrPoly in
-    common/maskApi.c: the same masks, pixel for pixel), vectorised. Pixel (r, c) spans [c, c+1) x [r, r+1);
-    "fine" coordinates are 5x finer.
-    1. Each vertex snaps to the fine grid: X = int(5x + 0.5) with C's cast (halves round up; toward zero below 0,
-       so x = -0.15 snaps to 0, not -1).
-    2. Each edge becomes one fine point per step along its longer axis (x on a tie), the other coordinate rounded
-       as in 1 from the edge's end with the smaller coordinate on that axis, so an edge digitises alike in either
-       direction; a 0-length edge is its one point.
-    3. Where this closed walk steps between fine x = 5c+2 and 5c+3 (across column c's centre line) it cuts column
-       c at V, the smaller (upper) of the two fine y. A cut toggles the pixels of the column whose centre 5r+2.5
-       lies below V: rows r >= ceil((V - 2) / 5), clipped to 0..height (cuts above the image toggle from row 0,
-       cuts below it toggle nothing; columns outside the image are dropped).
-    4. A pixel is inside where an odd number of cuts lie above its centre (even-odd rule).
-    So a pixel is set when its centre is inside the polygon as digitised on the fine grid: a rectangle with
-    integer corners covers exactly its area, and a vertex on a pixel centre moves 0.1 px right and down (5c+2.5
-    rounds up to 5c+3), so a rectangle through pixel centres keeps those on its right and bottom edges and drops
-    those on its left and top ones. Fewer than 3 points enclose nothing."""
+    """One COCO polygon [x1, y1, x2, y2, ...] -> bool (height,width), pixel for pixel pycocotools' rleFrPoly
+    (common/maskApi.c), vectorised. Pixel (r, c) spans [c, c+1) x [r, r+1); "fine" coordinates are 5x finer.
+    1. Vertices snap to the fine grid: X = int(5x + 0.5), C's cast (toward zero: x = -0.15 snaps to 0).
+    2. Each edge becomes one fine point a step along its longer axis (x on a tie), the other coordinate rounded
+       as in 1 from the end with the smaller coordinate on that axis (alike in either direction).
+    3. Where the closed walk steps between fine x = 5c+2 and 5c+3 it cuts column c at V, the smaller fine y, and
+       toggles the column's pixels with centre 5r+2.5 below V: rows r >= ceil((V - 2) / 5), clipped to 0..height.
+    4. A pixel is inside where an odd number of cuts lie above its centre (even-odd rule)."""
     points = np.asarray(polygon[: len(polygon) // 2 * 2], np.float64).reshape(-1, 2)  # (k,2) x, y
     start = np.trunc(POLYGON_UPSAMPLE * points + 0.5).astype(np.int64)  # (k,2) fine vertices; edge e: start -> end
     end = np.roll(start, -1, axis=0)
@@ -985,8 +801,7 @@ def polygon_to_mask(polygon, height, width):
 
 
 def rle_decode(counts, height, width):
-    """COCO RLE (run-length list or compressed string) -> bool (height,width). Runs alternate 0,1,0,... and
-    follow column-major order (down the first column, then the next)."""
+    """COCO RLE (runs, or a compressed string) -> bool (height,width); runs alternate 0,1,0,..., column-major."""
     runs = rle_string_to_counts(counts) if isinstance(counts, str) else list(counts)
     values = np.arange(len(runs)) % 2 == 1  # False, True, False, ...
     flat = np.repeat(values, runs)
@@ -1014,29 +829,26 @@ def rle_string_to_counts(text):
 
 
 # ----------------------------------------------------------------------------- FSS-1000
-
 FSS_LAYOUT = """expected FSS-1000 layout (github.com/HKUSTCV/FSS-1000's fewshot_data, or HSNet's FSS-1000 folder):
   <root>/
     abacus/1.jpg abacus/1.png ... abacus/10.png   a folder a class: its ten images N.jpg (224x224) with their
                                                   masks N.png (the object 255, background 0)
     ... 1000 class folders: the 240 test and 240 validation classes of HSNet's lists (data.FSS_TEST_CLASSES,
         data.FSS_VAL_CLASSES; the test list is FSS-1000's own fss_test_set.txt) and 520 training classes"""
-# The class split the field uses (HSNet data/splits/fss/test.txt and val.txt; FSS-1000 ships the test list alone):
-# the 520 other class folders train. Class ids: test 1..240, validation 241..480, training 481..1000, each in sorted
-# order of the names, so that the test and validation ids never depend on the tree.
-FSS_TEST_CLASSES = tuple(sorted("""
-    abe's_flyingfish accordion american_alligator american_chamelon andean_condor anise apple_icon arch_bridge arrow
-    astronaut australian_terrier bamboo_dragonfly bamboo_slip banana_boat barber_shaver bat bath_ball beet_root
-    bell_pepper big_ben black_bear bloodhound boxing_gloves breast_pump broom bucket bulb burj_al bus bustard
-    cabbage_butterfly cablestayed_bridge cantilever_bridge canton_tower captain_america_shield carriage cathedrale_paris
-    cd chalk_brush chandelier charge_battery chess_king chess_knight chess_queen chicken chicken_leg chiffon_cake
-    chinese_knot church cicada clam clearwing_flyingfish cloud coffee_mug coin combination_lock condor cricket
-    crt_screen cuckoo curlew dart_target delta_wing diver doormat doublebus doughnut downy_pitch drilling_platform
-    dwarf_beans eagle earphone1 earphone2 echidna egg electronic_stove english_foxhound f1_racing fan feather_clothes
-    fennel_bulb ferrari911 fish fish_eagle flamingo fly flying_frog flying_geckos flying_snakes flying_squirrel fox
-    french_fries ganeva_chair glider_flyingfish goblet golden_plover goldfinch groenendael guitar gym_ball haddock
-    hair_razor hang_glider harmonica hawk helicopter hotel_slipper hover_board iguana indri ipad iphone iron_man
-    jet_aircraft kart key knife kunai lapwing leaf_egg leaf_fan leafhopper leather_shoes leggings lemur_catta
+# HSNet's split (data/splits/fss/test.txt, val.txt), the 520 other folders train. Ids: test 1..240, validation
+# 241..480, training 481..1000, each in sorted order of the names (test and validation ids never depend on the tree)
+FSS_TEST_CLASSES = tuple(sorted("""abe's_flyingfish accordion american_alligator american_chamelon andean_condor anise
+    apple_icon arch_bridge arrow astronaut australian_terrier bamboo_dragonfly bamboo_slip banana_boat barber_shaver bat
+    bath_ball beet_root bell_pepper big_ben black_bear bloodhound boxing_gloves breast_pump broom bucket bulb burj_al
+    bus bustard cabbage_butterfly cablestayed_bridge cantilever_bridge canton_tower captain_america_shield carriage
+    cathedrale_paris cd chalk_brush chandelier charge_battery chess_king chess_knight chess_queen chicken chicken_leg
+    chiffon_cake chinese_knot church cicada clam clearwing_flyingfish cloud coffee_mug coin combination_lock condor
+    cricket crt_screen cuckoo curlew dart_target delta_wing diver doormat doublebus doughnut downy_pitch
+    drilling_platform dwarf_beans eagle earphone1 earphone2 echidna egg electronic_stove english_foxhound f1_racing fan
+    feather_clothes fennel_bulb ferrari911 fish fish_eagle flamingo fly flying_frog flying_geckos flying_snakes
+    flying_squirrel fox french_fries ganeva_chair glider_flyingfish goblet golden_plover goldfinch groenendael guitar
+    gym_ball haddock hair_razor hang_glider harmonica hawk helicopter hotel_slipper hover_board iguana indri ipad iphone
+    iron_man jet_aircraft kart key knife kunai lapwing leaf_egg leaf_fan leafhopper leather_shoes leggings lemur_catta
     letter_opener little_blue_heron lotus magpie_bird manatee marimba may_bug meatloaf microscope minicooper missile
     mite_predator mitten moist_proof_pad monkey moon motorbike net_surface_shoes nintendo_3ds nintendo_gba nintendo_sp
     nintendo_switch nintendo_wiiu ocarina oiltank_car onion oriole osprey oyster paper_plane parthenon pencil_sharpener1
@@ -1047,55 +859,45 @@ FSS_TEST_CLASSES = tuple(sorted("""
     spinach stealth_aircraft steering_wheel stingray stone_lion stonechat stork strawberry sulphur_butterfly sushi swan
     sydney_opera_house taj_mahal tiltrotor toaster tower_pisa transport_helicopter tredmill truss_bridge tunnel
     twin_tower vacuum_cup villa_savoye vinyl wagtail wandering_albatross warehouse_tray warplane wasp water_buffalo
-    water_heater wheelchair whippet white_wolf wig windmill window_screen wooden_boat wooden_spoon
-""".split()))
-FSS_VAL_CLASSES = tuple(sorted("""
-    ab_wheel abacus ac_ground african_crocodile airliner albatross apron arabian_camel arctic_fox armadillo artichoke
-    baby badger balance_beam balloon banjo barbell baseball basset beagle bee bee_eater beer_bottle beer_glass bell
-    bighorn_sheep bittern blenheim_spaniel bluetick bolete bowtie briard broccoli bulbul_bird cabbage cactus calculator
-    camomile carambola cardoon ceiling_fan cheese cheetah cherry chimpanzee cigar cigarette coconut coffeepot colubus
-    common_newt consomme conversion_plug conveyor corn cornmeal cpu crab cradle crayon crepe cricketball crocodile
-    croquet_ball cup cushion daisy digital_clock dishwasher dowitcher drum eel english_setter equestrian_helmet
-    espresso_maker fire_balloon fire_hydrant fire_screen flat-coated_retriever folding_chair fox_squirrel french_ball
-    frying_pan gas_tank giant_schnauzer gibbon ginger gyromitra hair_drier hami_melon hammer hammerhead_shark handcuff
-    handkerchief har_gow harp hatchet hippo hotdog ice_lolly iceberg icecream impala ipod ironing_board jay_bird kazoo
-    kit_fox kobe_logo kwanyin lacewing laptop lemon lettuce lion lipstick loggerhead_turtle loguat louvre_pyramid
-    lycaenid_butterfly macaw mango mashed_potato matchstick mcdonald_sign microsd monarch_butterfly monocycle mortar
-    nagoya_castle narcissus nike_logo olive orang oscilloscope ox panda parachute parking_meter partridge pay_phone
-    peanut pear piano_keyboard pickelhaube pig pillow pinecone pingpong_ball plaice platypus pomegranate power_drill
-    pretzel projector pubg_airdrop pubg_lvl3backpack pumpkin rabbit raven razor red_fox redshank refrigerator
-    relay_stick revolver rock_snake rose saltshaker sandal sandbar saxophone scarerow school_bus schooner scissors
-    sea_cucumber sea_urchin sewing_machine shovel shuriken siamese_cat skateboard ski_mask smoothing_iron sniper_rifle
-    soap_dispenser sock soup_bowl spider spider_monkey squirrel_monkey stopwatch stretcher strongbox sturgeon suitcase
-    sungnyemun sweatshirt swim_ring syringe tape_player taro television thor's_hammer three-toed_sloth thrush tiger_cat
-    tiger_shark timber_wolf toilet_brush toilet_seat tomato totem_pole toucan tow_truck tray triumphal_arch tulip
-    turnstile typewriter umbrella upright_piano vacuum vase volleyball vulture water_ouzel water_tower weasel whiptail
-    whistle white_stork windsor_tie wine_bottle wolf woodpecker yawl yoga_pad yonex_icon
-""".split()))
+    water_heater wheelchair whippet white_wolf wig windmill window_screen wooden_boat wooden_spoon""".split()))
+FSS_VAL_CLASSES = tuple(sorted("""ab_wheel abacus ac_ground african_crocodile airliner albatross apron arabian_camel
+    arctic_fox armadillo artichoke baby badger balance_beam balloon banjo barbell baseball basset beagle bee bee_eater
+    beer_bottle beer_glass bell bighorn_sheep bittern blenheim_spaniel bluetick bolete bowtie briard broccoli
+    bulbul_bird cabbage cactus calculator camomile carambola cardoon ceiling_fan cheese cheetah cherry chimpanzee cigar
+    cigarette coconut coffeepot colubus common_newt consomme conversion_plug conveyor corn cornmeal cpu crab cradle
+    crayon crepe cricketball crocodile croquet_ball cup cushion daisy digital_clock dishwasher dowitcher drum eel
+    english_setter equestrian_helmet espresso_maker fire_balloon fire_hydrant fire_screen flat-coated_retriever
+    folding_chair fox_squirrel french_ball frying_pan gas_tank giant_schnauzer gibbon ginger gyromitra hair_drier
+    hami_melon hammer hammerhead_shark handcuff handkerchief har_gow harp hatchet hippo hotdog ice_lolly iceberg
+    icecream impala ipod ironing_board jay_bird kazoo kit_fox kobe_logo kwanyin lacewing laptop lemon lettuce lion
+    lipstick loggerhead_turtle loguat louvre_pyramid lycaenid_butterfly macaw mango mashed_potato matchstick
+    mcdonald_sign microsd monarch_butterfly monocycle mortar nagoya_castle narcissus nike_logo olive orang oscilloscope
+    ox panda parachute parking_meter partridge pay_phone peanut pear piano_keyboard pickelhaube pig pillow pinecone
+    pingpong_ball plaice platypus pomegranate power_drill pretzel projector pubg_airdrop pubg_lvl3backpack pumpkin
+    rabbit raven razor red_fox redshank refrigerator relay_stick revolver rock_snake rose saltshaker sandal sandbar
+    saxophone scarerow school_bus schooner scissors sea_cucumber sea_urchin sewing_machine shovel shuriken siamese_cat
+    skateboard ski_mask smoothing_iron sniper_rifle soap_dispenser sock soup_bowl spider spider_monkey squirrel_monkey
+    stopwatch stretcher strongbox sturgeon suitcase sungnyemun sweatshirt swim_ring syringe tape_player taro television
+    thor's_hammer three-toed_sloth thrush tiger_cat tiger_shark timber_wolf toilet_brush toilet_seat tomato totem_pole
+    toucan tow_truck tray triumphal_arch tulip turnstile typewriter umbrella upright_piano vacuum vase volleyball
+    vulture water_ouzel water_tower weasel whiptail whistle white_stork windsor_tie wine_bottle wolf woodpecker yawl
+    yoga_pad yonex_icon""".split()))
 FSS_TRAIN_CLASSES = 520
 FSS_MASK_THRESHOLD = 128  # HSNet data/fss.py read_mask: grey >= 128 is the object (the masks' edges are anti-aliased)
 FSS_IMAGES = (".jpg", ".jpeg")  # N.jpg as distributed; an N.jpeg pairs with N.png only where there is no N.jpg
 
 
 class FSSEpisodes(ImageEpisodes):
-    """FSS-1000 episodes (HSNet data/fss.py): every image shows its class's object, so there is no pixel filter and
-    no image to exclude. Training: the query is image i of the shuffled training images, the supports `shot` other
-    images of its class. Test (and "val"): one pass over the test images is a seed's episodes, each image the query
-    once (HSNet: 2400 episodes, seed 0; here every seed, in the seed's order), its supports drawn from the other
-    images of its class without repeats (HSNet draws each support independently, so its 5-shot supports repeat)."""
+    """FSS-1000 episodes (HSNet data/fss.py): every image shows its class's object, so no filter; a test seed is one
+    pass over the test images, each the query once, supports drawn without repeats (HSNet's repeat)."""
     min_pixels = 1
 
-    def read_label(self, path):
-        return load_fss_mask(path).long()  # (H,W) 1 on the object
-
-    def _load(self, name):
-        img, mask = super()._load(name)
-        return img, mask * next(iter(self.counts[name]))  # (3,H,W), (H,W) the class id on the object
+    def read_label(self, name):  # (H,W) the class id on the object
+        return load_fss_mask(self.files[name][1]).long() * next(iter(self.counts[name]))
 
     def _transform(self, img, mask, rng):
-        """Training resizes an image to its test size (test_content_size: 224 x 224 -> the crop) before the random
-        scale, as HSNet trains and tests at one size (data/dataset.py: one Resize for every split, 400 x 400 in its
-        README): without it a 473 crop would show the object at a fifth of its test area, 79% of it padding."""
+        """Training resizes to the test size (224 x 224 -> the crop) before the random scale, as HSNet trains and
+        tests at one size (data/dataset.py): else a 473 crop would show the object at a fifth of its test area."""
         if self.split != "train":
             return super()._transform(img, mask, rng)
         base = test_content_size(*mask.shape, self.img_size)
@@ -1103,8 +905,7 @@ class FSSEpisodes(ImageEpisodes):
 
 
 def _fss_names(root=None):
-    """{id: name} of FSS-1000's classes: the test and validation lists', and the training classes: the other class
-    folders of `root` (without a root, the 520 training ids named by their numbers)."""
+    """{id: name} of FSS-1000: the test and validation lists', then `root`'s other class folders (no root: numbered)."""
     test, val = len(FSS_TEST_CLASSES), len(FSS_VAL_CLASSES)
     names = {**dict(enumerate(FSS_TEST_CLASSES, 1)), **dict(enumerate(FSS_VAL_CLASSES, test + 1))}
     if root is None:
@@ -1135,17 +936,9 @@ def _fss_classes(names, split):
 
 
 def _fss_index(root, split, names):
-    """-> files {"CLASS/N": (image, mask)}, counts {"CLASS/N": {class id: object pixels}} of the class folders of
-    `split` ("train", "val", "test"; names: _fss_names).
-
-    A folder's pairs are its images N.jpg with their masks N.png. Every pair is checked (the image decoded in full,
-    the mask read, its object counted: grey >= FSS_MASK_THRESHOLD, as HSNet binarises; a 3-channel or anti-aliased
-    mask is read as grey as HSNet does); the counts are cached while no file changes (_fingerprint). A file that does
-    not decode and a listed class folder that is missing or holds no pair stop the run, all named in one message.
-    What the distribution ships wrong is left out and named in one note: a file that pairs with nothing (a stray
-    .jpeg beside a pair), a mask of another size than its image (peregine_falcon/8.png, "an RGB image, which also
-    happens to be of different size from the input": github.com/HKUSTCV/FSS-1000 issue #23), a mask without an
-    object pixel."""
+    """-> files, counts {"CLASS/N": ...} of `split`'s class folders. A bad file or folder stops the run; what the
+    distribution ships wrong is left out with one note: unpaired files, a mask without an object or of another
+    size than its image (peregine_falcon/8.png: github.com/HKUSTCV/FSS-1000 issue #23)."""
     classes = _fss_classes(names, split)
     if not classes:  # the training classes are the root's other folders: a download of the test set alone
         raise DatasetNotFoundError(f"FSS-1000 root {root} holds no training class folder: training needs the "
@@ -1167,16 +960,8 @@ def _fss_index(root, split, names):
         if not pairs:
             problems.append(f"{folder}: no image N.jpg with its mask N.png")
     class_of = {names[c]: c for c in classes}
-    digest, _ = _fingerprint(root, [path for pair in files.values() for path in pair])
-    cache = _cache_file(root, f"fss1000_{split}_pixels.json")
-    key = [CACHE_VERSION, FSS_MASK_THRESHOLD, digest]
-    pixels = None if problems else _read_cache(cache, key)
-    if pixels is None:
-        scanned = _parallel_map(_scan_fss_pair, list(files.values()), f"checking and scanning FSS-1000 {split} files",
-                                cache is not None)
-        pixels = dict(zip(files, check_scan(scanned + [(None, line) for line in problems],
-                                            f"the FSS-1000 {split} classes of {root}")))
-        _write_cache(cache, key, pixels)
+    pixels = _cached_scan(root, f"fss1000_{split}_pixels.json", [FSS_MASK_THRESHOLD], files, _scan_fss_pair,
+                          f"FSS-1000 {split} files", f"the FSS-1000 {split} classes of {root}", problems)
     left = [f"{name}.png ({why})" for name, why in pixels.items() if isinstance(why, str)]
     if left or strays:
         _note_once(f"[data] note: {root}, FSS-1000 {split} classes: left out {', '.join(left + strays)}")
@@ -1207,8 +992,7 @@ def _fss_pairs(folder):
 
 
 def _scan_fss_pair(pair):
-    """One FSS-1000 pair (image, mask) -> (object pixels, None); (why it is left out, None) for a mask of another
-    size than its image or without an object pixel; (None, "path: what is wrong") for a file that does not decode."""
+    """(image, mask) -> (object pixels, None), (why it is left out, None), or (None, "path: what is wrong")."""
     try:
         mask, (height, width) = _read_pair(pair, load_fss_mask)
     except DatasetFileError as err:
@@ -1220,8 +1004,7 @@ def _scan_fss_pair(pair):
 
 
 def load_fss_mask(path):
-    """An FSS-1000 mask PNG (grey, or a 3-channel picture of one) -> bool (H,W): grey >= FSS_MASK_THRESHOLD, as HSNet
-    reads it (PIL's convert("L"), then the threshold)."""
+    """An FSS-1000 mask PNG -> bool (H,W): grey (PIL's convert("L")) >= FSS_MASK_THRESHOLD, as HSNet reads it."""
     try:
         with Image.open(path) as im:
             grey = np.array(im.convert("L"))
@@ -1231,12 +1014,8 @@ def load_fss_mask(path):
 
 
 # ----------------------------------------------------------------------------- folder (your own data)
-
-# A folder dataset runs PASCAL-5i's pipeline (ImageEpisodes: the filter, BAM's rule, the episodes, the
-# augmentation) on the images of its split (_folder_split). What PASCAL's fixed lists guarantee it checks, and
-# refuses with a message: unpaired files (_folder_index), ids that classes.txt does not name (_folder_names), a bad
-# folds.txt (_folder_folds), a novel class in no label (_folder), too few test images for the shots
-# (_check_test_shots).
+# A folder dataset runs PASCAL-5i's pipeline on the images of its split, and checks what PASCAL's fixed lists
+# guarantee: paired files, class ids that classes.txt names, folds.txt, novel classes in some label, enough shots.
 FOLDER_LAYOUT = """expected folder layout (--dataset folder, your own data):
   <root>/
     images/NAME.jpg ...     the images (.jpg, .jpeg or .png)
@@ -1252,8 +1031,7 @@ FOLDER_IMAGES = (".jpg", ".jpeg", ".png")  # images/ files of these suffixes (an
 
 
 def _folder(root, fold, test_classes):
-    """-> files and counts (_folder_index) and Classes of the folder dataset at root, for `test_classes` (ids)
-    or, when None, fold `fold` of _folder_folds. Every novel id must be a class that some label holds."""
+    """-> files, counts and Classes of the folder dataset at root; novel: `test_classes`, else fold `fold`'s."""
     files, counts = _folder_index(root)
     names = _folder_names(root, files, counts)
     if test_classes is not None:
@@ -1276,24 +1054,27 @@ def _folder(root, fold, test_classes):
 
 
 def _folder_index(root):
-    """-> files {stem: (image, label)}, counts {stem: {class: pixels}} of every image of a folder dataset.
-
-    Images and labels pair by stem. The first scan checks every pair (_scan_pair) and names every bad file at
-    once, each unpaired image or label, each stem with two images among them and each name of train.txt or val.txt
-    with neither file; the counts are cached under a key of every pair's names and stats (_fingerprint, as every
-    dataset's), so that adding, removing or editing a file scans again."""
+    """-> files {stem: (image, label)}, counts {stem: {class: pixels}} of every image of a folder dataset, paired by
+    stem. Every bad file is named at once: unpaired, two images of one stem, a train.txt/val.txt name without files."""
     try:
         missing = [str(root / sub) for sub in ("images", "labels") if not (root / sub).is_dir()]
     except OSError as err:  # root unreadable
         raise _unreadable(root, err, FOLDER_LAYOUT) from None
     if missing:
         raise DatasetNotFoundError(f"folder data root {root} is missing {', '.join(missing)}\n{FOLDER_LAYOUT}")
+    found = {}
+    for sub, suffixes in (("images", FOLDER_IMAGES), ("labels", (".png",))):  # hidden files (macOS's ._NAME) aside
+        try:
+            paths = [Path(entry.path) for entry in os.scandir(root / sub)]
+        except OSError as err:
+            raise _unreadable(root / sub, err, FOLDER_LAYOUT) from None
+        found[sub] = sorted(p for p in paths if p.suffix.lower() in suffixes and not p.name.startswith("."))
     images, problems = {}, []
-    for path in _files_with_suffix(root / "images", FOLDER_IMAGES):
+    for path in found["images"]:
         if path.stem in images:
             problems.append(f"{path}: a second image named {path.stem} (with {images[path.stem].name}): keep one")
         images.setdefault(path.stem, path)
-    labels = {p.stem: p for p in _files_with_suffix(root / "labels", (".png",))}
+    labels = {p.stem: p for p in found["labels"]}
     if not images and not labels:
         raise DatasetNotFoundError(f"folder data root {root} holds no image: {root / 'images'} has no "
                                    f"{', '.join(FOLDER_IMAGES)} file and {root / 'labels'} no .png\n{FOLDER_LAYOUT}")
@@ -1303,34 +1084,14 @@ def _folder_index(root):
     for path in (root / "train.txt", root / "val.txt"):  # a listed name with neither file is a missing file
         listed = set(_read_ids(path)) if path.is_file() else set()
         problems += [f"{path}: {s} has no image and no label" for s in sorted(listed - images.keys() - labels.keys())]
-    unpaired = [(None, problem) for problem in problems]  # as _scan_pair reports a bad file
     files = {s: (images[s], labels[s]) for s in sorted(images.keys() & labels.keys())}
-    what = f"the folder dataset {root}"
-    cache = _cache_file(root, "folder_counts.json")
-    key = [CACHE_VERSION, _fingerprint(root, [path for pair in files.values() for path in pair])[0]]
-    counts = _read_cache(cache, key)
-    if counts is None:
-        scanned = _parallel_map(_scan_pair, list(files.values()), f"checking and scanning the files of {root}",
-                                cache is not None)
-        counts = dict(zip(files, check_scan(scanned + unpaired, what)))
-        _write_cache(cache, key, counts)
-    check_scan(unpaired, what)  # counts from the cache: an unpaired file still stops the run
+    counts = _cached_scan(root, "folder_counts.json", [], files, _scan_pair, f"the files of {root}",
+                          f"the folder dataset {root}", problems)
     return files, _int_keys(counts)
 
 
-def _files_with_suffix(folder, suffixes):
-    """The files of `folder` with one of these suffixes (any case), sorted; hidden ones (macOS's ._NAME) left out.
-    A folder that cannot be read: DatasetNotFoundError."""
-    try:
-        paths = [Path(entry.path) for entry in os.scandir(folder)]
-    except OSError as err:
-        raise _unreadable(folder, err, FOLDER_LAYOUT) from None
-    return sorted(p for p in paths if p.suffix.lower() in suffixes and not p.name.startswith("."))
-
-
 def _folder_names(root, files, counts):
-    """{id: name} of a folder dataset: the lines of classes.txt, else ids 1..the largest id in the labels, named
-    by their numbers. An id of a label that classes.txt does not name is an error naming the label."""
+    """{id: name}: the lines of classes.txt, else ids 1..the largest id in the labels, named by their numbers."""
     found = sorted({c for per_image in counts.values() for c in per_image})
     if not found:
         raise DatasetClassError(f"no label in {root / 'labels'} holds a class id (1..{IGNORE - 1}): every pixel is 0 "
@@ -1338,9 +1099,7 @@ def _folder_names(root, files, counts):
     path = root / "classes.txt"
     if not path.is_file():
         return {c: str(c) for c in range(1, found[-1] + 1)}
-    lines = path.read_text().splitlines()
-    while lines and not lines[-1].strip():
-        lines.pop()
+    lines = path.read_text().rstrip().splitlines()  # blank lines at the end name nothing
     names = {c: line.strip() for c, line in enumerate(lines, 1)}
     empty = [c for c, name in names.items() if not name]
     if empty or not names:
@@ -1355,8 +1114,7 @@ def _folder_names(root, files, counts):
 
 
 def _class_label(c, names):
-    """'7 (cat)', or '7' when the class is named by its number."""
-    return str(c) if names[c] == str(c) else f"{c} ({names[c]})"
+    return str(c) if names[c] == str(c) else f"{c} ({names[c]})"  # '7 (cat)', or '7' when named by its number
 
 
 def _folder_folds(root, count):
@@ -1367,7 +1125,9 @@ def _folder_folds(root, count):
             raise DatasetClassError(f"{root} has {count} class(es), too few for {NUM_FOLDS} folds: give "
                                     f"--test-classes, or write {path}")
         folds = tuple(tuple(part.tolist()) for part in np.array_split(np.arange(1, count + 1), NUM_FOLDS))
-        _note_default_folds(root, folds)
+        parts = [f"fold {k} = {ids[0]}" + (f"..{ids[-1]}" if len(ids) > 1 else "") for k, ids in enumerate(folds)]
+        _note_once(f"[data] note: {root} has no folds.txt: fold K tests the K-th of four contiguous quarters of the "
+                   f"class ids (PASCAL-5i's rule): {', '.join(parts)}")
         return folds
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     if len(lines) != NUM_FOLDS:
@@ -1383,52 +1143,40 @@ def _folder_folds(root, count):
     return folds
 
 
-def _note_default_folds(root, folds):
-    """The one line, once a process for each root (_note_once), that says which folds the default rule gave."""
-    parts = ", ".join(f"fold {k} = {ids[0]}" + (f"..{ids[-1]}" if len(ids) > 1 else "") for k, ids in enumerate(folds))
-    _note_once(f"[data] note: {root} has no folds.txt: fold K tests the K-th of four contiguous quarters of the class "
-               f"ids (PASCAL-5i's rule): {parts}")
-
-
-def _folder_split(root, counts, novel, split):
-    """The image names of `split`: with DIR/train.txt and DIR/val.txt, train.txt's minus val.txt's / val.txt's
-    (as PASCAL's lists); else the images with a pixel of a novel class (test) / the others (train), so that
-    BAM's filter drops no training image."""
+def _folder_split(root, files, counts, novel, split, classes, names, shot):
+    """The files and counts of `split`: train.txt's minus val.txt's / val.txt's when both exist; else the images
+    with a pixel of a novel class (test) / the others (train), so that BAM's filter drops no training image. Every
+    test class needs shot + 1 test images over the filter (PASCAL's episodes would repeat supports)."""
     lists = (root / "train.txt", root / "val.txt")
     if lists[0].is_file() != lists[1].is_file():
         have, lack = lists if lists[0].is_file() else lists[::-1]
         raise DatasetNotFoundError(f"{have} without {lack}: give both lists, or neither\n{FOLDER_LAYOUT}")
     if lists[0].is_file():  # every name listed is a pair: _folder_index named the others
         train, val = (set(_read_ids(path)) for path in lists)
-        return sorted(val) if split == "test" else sorted(train - val)
-    test = {name for name, per_image in counts.items() if any(c in per_image for c in novel)}
-    return sorted(test) if split == "test" else sorted(counts.keys() - test)
-
-
-def _check_test_shots(counts, classes, names, shot, root):
-    """Every test class needs shot + 1 test images that pass the filter: a query and `shot` other images
-    (PASCAL's episodes would repeat supports instead: _draw_supports)."""
-    _, class_files = class_file_lists(counts, classes)
-    few = [f"class {_class_label(c, names)} has {len(class_files[c])}" for c in classes if len(class_files[c]) <= shot]
+        listed = sorted(val) if split == "test" else sorted(train - val)
+    else:
+        test = {name for name, per_image in counts.items() if any(c in per_image for c in novel)}
+        listed = sorted(test) if split == "test" else sorted(counts.keys() - test)
+    files, counts = {i: files[i] for i in listed}, {i: counts[i] for i in listed}
+    class_files = class_file_lists(counts, classes)[1] if split == "test" else {}
+    few = [f"class {_class_label(c, names)} has {len(found)}" for c, found in class_files.items() if len(found) <= shot]
     if few:
         raise DatasetClassError(f"too few test images in {root} for {shot}-shot episodes, which need {shot + 1} "
                                 f"images with >= {MIN_FG_PIXELS} pixels of the class (the query and {shot} other "
                                 f"images as supports): {'; '.join(few)}. Add images, lower --shot, or choose other "
                                 "test classes")
+    return files, counts
 
 
 # ----------------------------------------------------------------------------- files: reading, checking, caches
-
-# bump when the cached per-image counts change meaning (2: written only after every file checked; 3: every image
-# decoded in full, and class ids checked against the dataset's classes)
+# bump when the cached per-image counts change meaning (3: every image decoded in full, class ids checked)
 CACHE_VERSION = 3
 PARALLEL_MIN_FILES = 256  # scan with a process pool from this many files on
 
 
 def load_image(path, upright=False):
-    """RGB image file -> uint8 (3,H,W). A missing, truncated or corrupt file raises OSError naming it.
-    upright: turn it as its EXIF orientation says, as viewers show it (for a user's photos; not for the
-    datasets, whose masks were drawn on the stored pixels)."""
+    """RGB image file -> uint8 (3,H,W); DatasetFileError naming a missing, truncated or corrupt file. upright: turned
+    as its EXIF orientation says (a user's photos; not the datasets, whose masks were drawn on the stored pixels)."""
     try:
         with Image.open(path) as im:
             rgb = np.array((ImageOps.exif_transpose(im) if upright else im).convert("RGB"))  # decodes it all
@@ -1450,15 +1198,13 @@ def load_mask(path):
 
 
 def _read_ids(path):
-    """Image ids of a list file: one id a line (VOC's lists), or PFENet's lines
-    'JPEGImages/X.jpg SegmentationClassAug/X.png'."""
+    """Ids of a list file: one a line (VOC's lists), or PFENet's 'JPEGImages/X.jpg SegmentationClassAug/X.png'."""
     return [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
 
 
 def _scan_pair(pair, max_id=IGNORE - 1):
-    """One listed (image, label) pair -> (class pixel counts, None), or (None, "path: what is wrong") when either
-    file does not read (_read_pair), their sizes differ, or the label holds a class id outside 1..max_id (0
-    background, 255 ignore): an id the dataset does not have would otherwise count as background without a word."""
+    """(image, label) -> (class pixel counts, None), or (None, "path: what is wrong"): a file does not read, the
+    sizes differ, or a class id is outside 1..max_id (0, 255 aside), which would otherwise count as background."""
     image_path, label_path = pair
     try:
         label, (height, width) = _read_pair(pair, load_mask)
@@ -1477,8 +1223,7 @@ def _scan_pair(pair, max_id=IGNORE - 1):
 
 
 def _read_pair(pair, read):
-    """An (image, label) pair -> (read(label), the image's (height, width) once decoded in full: a file cut short
-    is found here, once, not by the last evaluation); DatasetFileError "path: what is wrong" for either file."""
+    """(image, label) -> (read(label), the image's (height, width) decoded in full); DatasetFileError "path: why"."""
     image_path, label_path = pair
     try:
         width, height = _decoded_size(image_path)
@@ -1491,21 +1236,36 @@ def _read_pair(pair, read):
 
 
 def _decoded_size(path):
-    """(width, height) of an image file, after decoding all of its pixels: a truncated or corrupt file raises
-    (OSError, ValueError or SyntaxError) here, where a header alone would pass it."""
+    """(width, height) of an image after decoding all its pixels (a header alone would pass a truncated file)."""
     with Image.open(path) as im:
         im.load()
         return im.size
 
 
-def _missing_files(pair, absent):
-    """What a scan says of a listed pair with files that are not there (`absent`): a line for each."""
-    return [f"{path}: no such file (its list names it)" for path in pair if path in absent]
+def _cached_scan(root, cache_name, key, files, scan, files_of, what, problems=()):
+    """{name: scan(pair)} of files {name: pair}, checked with the `problems` lines (which stop the run, cached or not)
+    and cached under `key` and every file's _fingerprint: a changed, added or removed file scans again."""
+    digest, missing = _fingerprint(root, [path for pair in files.values() for path in pair])
+    cache = _cache_file(root, cache_name)
+    key = [CACHE_VERSION, *key, digest]
+    found = None if missing else _read_cache(cache, key)
+    if found is None:
+        absent = set(missing)
+        whole = [name for name, pair in files.items() if not absent.intersection(pair)]
+        scans = _parallel_map(scan, [files[name] for name in whole], f"checking and scanning {files_of}",
+                              cache is not None)
+        scanned = dict(zip(whole, scans))
+        results = [scanned[name] if name in scanned else
+                   (None, [f"{path}: no such file (its list names it)" for path in pair if path in absent])
+                   for name, pair in files.items()]
+        found = dict(zip(files, check_scan(results + [(None, line) for line in problems], what)))
+        _write_cache(cache, key, found)
+    check_scan([(None, line) for line in problems], what)
+    return found
 
 
 def check_scan(results, what, shown=20):
-    """The counts of _scan_pair's results; if any file was bad, DatasetFileError listing them, one line each (a
-    problem is a line, or a list of them)."""
+    """The counts of scan results (counts, problem); DatasetFileError listing every problem (a line, or a list)."""
     bad = [line for _, problem in results if problem for line in ([problem] if isinstance(problem, str) else problem)]
     if bad:
         more = f"\n  ... and {len(bad) - shown} more" if len(bad) > shown else ""
@@ -1515,8 +1275,7 @@ def check_scan(results, what, shown=20):
 
 
 def _parallel_map(fn, items, what, cached):
-    """[fn(x) for x in items] over a process pool when there are many items, with a progress line now and then;
-    cached: the first line says that the result is cached (there is a place for it: _cache_file)."""
+    """[fn(x) for x in items], over a process pool when there are many, with progress lines."""
     every = max(len(items) // 10, 1)
     print(f"[data] {what}: {len(items)} files" + (" (once; the result is cached)" if cached else ""), flush=True)
     pool = None
@@ -1543,8 +1302,7 @@ def _cache_places(root):
 
 
 def _cache_file(root, name):
-    """The cache file `name` of a data root: in <root>/.fss_cache, or ~/.cache/fss/<hash of root> when the data root
-    is read-only; None (one note a process) when neither can be written: every run then scans again."""
+    """The cache file `name` in the first writable of _cache_places; None (a note) when neither is writable."""
     places = _cache_places(root)
     folder = _writable_dir(*places)
     if folder is None:
@@ -1573,13 +1331,8 @@ def _writable_dir(*candidates):
 
 
 def _fingerprint(root, paths):
-    """-> (a digest of the name under `root`, size, modification and status-change time and inode of every file of
-    `paths`, [the paths that are not there]): what a scan cache is trusted under, so that a file changed, replaced,
-    cut short or removed after the scan is scanned (or named) again. The modification time alone would not do: cp -p,
-    rsync -a, tar and unzip restore it, so a file rewritten at its size would pass; the status-change time, which no
-    tool can set, and the inode (a file replaced) show it, as in git's index. A chmod, a copy of the tree or a
-    restored backup therefore scans again. One stat a file, what checking that it is there costs: 0.2 s for PASCAL's
-    24,000 files on a local disk."""
+    """-> (a digest of each file's name under `root`, size, mtime, ctime, inode; [paths not there]). mtime alone would
+    not do (cp -p, rsync -a, tar restore it): ctime, which no tool sets, and the inode show a rewrite (as git does)."""
     lines, missing, prefix = [], [], os.fspath(root)
     for path in paths:
         try:
@@ -1587,13 +1340,11 @@ def _fingerprint(root, paths):
         except OSError:
             missing.append(path)
             continue
-        name = os.fspath(path)
-        lines.append(f"{name.removeprefix(prefix)} {_stat_key(stat)}")
+        lines.append(f"{os.fspath(path).removeprefix(prefix)} {_stat_key(stat)}")
     return hashlib.sha1("\n".join(lines).encode()).hexdigest(), missing
 
 
 def _stat_key(stat):
-    """What _fingerprint keeps of a file's stat: 'size mtime ctime inode' (nanoseconds)."""
     return f"{stat.st_size} {stat.st_mtime_ns} {stat.st_ctime_ns} {stat.st_ino}"
 
 
@@ -1609,9 +1360,7 @@ def _read_cache(path, key):
 
 
 def _write_cache(path, key, payload):
-    """Write the cache atomically. One that cannot be written (a full disk, a folder gone read-only, path None: no
-    place at all) stops nothing: its temporary is removed, one note says so, and the run goes on with the payload
-    in memory."""
+    """Write the cache atomically; one that cannot be written (or path None) stops nothing (a note)."""
     if path is None:
         return
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -1619,17 +1368,10 @@ def _write_cache(path, key, payload):
         tmp.write_text(json.dumps({"key": key, "payload": payload}))
         os.replace(tmp, path)  # atomic: concurrent runs never see half a file
     except OSError as err:
-        _remove(tmp)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         print(f"[data] note: could not cache the scan in {path} ({err.strerror or err}): the scan runs again next "
               "time", file=sys.stderr, flush=True)
-
-
-def _remove(path):
-    """Remove a file if it is there; a failure to (a read-only folder) is no error."""
-    try:
-        Path(path).unlink(missing_ok=True)
-    except OSError:
-        pass
 
 
 def _int_keys(counts):
@@ -1638,7 +1380,6 @@ def _int_keys(counts):
 
 
 # ----------------------------------------------------------------------------- synthetic images
-
 SHAPES = ("disc", "ring", "triangle", "square", "star", "cross", "crescent", "heart", "hexagon", "bar")
 # (name, hue in degrees, texture, texture period as a fraction of the image side)
 APPEARANCES = (("red striped", 0, "stripes", 0.05), ("green checkered", 120, "checker", 0.05),
@@ -1655,10 +1396,8 @@ MIN_VISIBLE = 0.004  # the episode class covers at least this fraction of every 
 
 
 def render_synthetic(rng, class_id, distractor_classes, size):
-    """One synthetic image with 1-3 objects of class_id and 0-2 of distractor_classes, in random order, over a
-    smooth background with unlabelled clutter; the label is exact (the pixels each object painted).
-
-    -> img float32 (3,size,size) in [0,1], label int64 (size,size) with class ids 0..20 (0 = background)."""
+    """One image with 1-3 objects of class_id and 0-2 of distractor_classes, in random order, over a smooth
+    background with unlabelled clutter -> img float32 (3,size,size) in [0,1], exact label int64 (size,size)."""
     noise = rng.standard_normal((size, size), dtype=np.float32)  # (H,W) grain and speckle
     # smooth background: a low-saturation base colour plus two separable low-frequency waves per channel
     axis = np.arange(size, dtype=np.float32) / size
@@ -1668,7 +1407,18 @@ def render_synthetic(rng, class_id, distractor_classes, size):
     amplitude = rng.uniform(0.05, 0.2, (3, 2)).astype(np.float32)
     img = np.einsum("ck,ckh,ckw->chw", amplitude, waves_y, waves_x)  # (3,H,W)
     img += _random_rgb(rng, sat=(0.0, 0.35), val=(0.3, 0.8))[:, None, None]
-    _paint_clutter(img, noise, rng)
+    for _ in range(rng.integers(1, 4)):  # clutter lines: thin rectangles, half-width >= 0.75 pixel
+        sx, sy = rng.uniform(0.15, 0.5) * size, max(0.75, rng.uniform(0.004, 0.012) * size)
+        box, du, dv = _object_frame(rng, size, sx, sy, 1.05)
+        inside = (np.abs(du) <= sx) & (np.abs(dv) <= sy)
+        img[(slice(None), *box)] = np.where(inside, _random_rgb(rng, sat=(0.1, 0.9))[:, None, None],
+                                            img[(slice(None), *box)])
+    for _ in range(rng.integers(1, 4)):  # clutter ellipses, speckled
+        sx, sy = rng.uniform(0.05, 0.15, 2) * size
+        box, du, dv = _object_frame(rng, size, sx, sy, 1.05)
+        inside = (du / sx) ** 2 + (dv / sy) ** 2 <= 1
+        colour = _random_rgb(rng, sat=(0.1, 0.9))[:, None, None] * (0.8 + 0.2 * noise[box])
+        img[(slice(None), *box)] = np.where(inside, colour, img[(slice(None), *box)])
     label = np.zeros((size, size), np.int64)
     objects = [class_id] * int(rng.integers(1, 4))
     if len(distractor_classes):
@@ -1700,26 +1450,9 @@ def _paint_object(img, label, noise, class_id, rng):
     label[box][inside] = class_id
 
 
-def _paint_clutter(img, noise, rng):
-    """Unlabelled background clutter: 1-3 flat-coloured lines and 1-3 speckled ellipses of any hue."""
-    size = img.shape[1]
-    for _ in range(rng.integers(1, 4)):  # lines: thin rectangles, half-width >= 0.75 pixel
-        sx, sy = rng.uniform(0.15, 0.5) * size, max(0.75, rng.uniform(0.004, 0.012) * size)
-        box, du, dv = _object_frame(rng, size, sx, sy, 1.05)
-        inside = (np.abs(du) <= sx) & (np.abs(dv) <= sy)
-        img[(slice(None), *box)] = np.where(inside, _random_rgb(rng, sat=(0.1, 0.9))[:, None, None],
-                                            img[(slice(None), *box)])
-    for _ in range(rng.integers(1, 4)):
-        sx, sy = rng.uniform(0.05, 0.15, 2) * size
-        box, du, dv = _object_frame(rng, size, sx, sy, 1.05)
-        inside = (du / sx) ** 2 + (dv / sy) ** 2 <= 1
-        colour = _random_rgb(rng, sat=(0.1, 0.9))[:, None, None] * (0.8 + 0.2 * noise[box])
-        img[(slice(None), *box)] = np.where(inside, colour, img[(slice(None), *box)])
-
-
 def _object_frame(rng, size, sx, sy, extent):
     """Random centre and rotation of a shape with semi-axes sx, sy (pixels) -> (box slices, offsets du, dv (h,w)
-    in pixels along the shape's rotated axes), where the box holds everything within extent * max(sx, sy)."""
+    along the shape's rotated axes), the box holding everything within extent * max(sx, sy)."""
     angle = rng.uniform(0, 2 * np.pi)
     cx, cy = rng.uniform(0.1, 0.9) * size, rng.uniform(0.1, 0.9) * size
     reach = extent * max(sx, sy)
@@ -1729,7 +1462,6 @@ def _object_frame(rng, size, sx, sy, extent):
     dx = np.arange(x0, x1, dtype=np.float32)[None, :] + 0.5 - cx  # (1,w)
     du, dv = np.cos(angle) * dx + np.sin(angle) * dy, -np.sin(angle) * dx + np.cos(angle) * dy  # (h,w)
     return (slice(y0, y1), slice(x0, x1)), du, dv
-
 
 def _random_rgb(rng, hue=None, sat=(0.6, 0.95), val=(0.6, 1.0)):
     hue = rng.uniform(0, 360) if hue is None else hue + rng.uniform(-HUE_JITTER, HUE_JITTER)
