@@ -7,12 +7,10 @@
     python train.py --eval-only --checkpoint runs/x/last.pt --shot 5 --data-root ~/data/VOC2012
     torchrun --nproc_per_node 4 train.py --model ocnet --dataset coco --fold 2 --data-root ~/data/coco
 
-A run, top to bottom: main parses the flags and fills every value they leave open (resolve: the checkpoint's, the
-paper's recipe, the harness's), then train_and_evaluate locks the run folder, checks every data file, builds the
-model, trains it (train, fit: episodic SGD on PFENet's poly schedule, fp32), evaluates the last checkpoint on the
-test episodes of every test seed (evaluate_protocol) and reports (report). Below it: the arguments, the pieces of
-a run, run folders and stops, and the tools main runs instead: --fold all, --stage, --bench, --bench-data,
---vis, --predict. The protocol: README.md, "Protocol".
+A run, top to bottom: main parses the flags and fills every value they leave open (resolve), then
+train_and_evaluate locks the run folder, checks the data, builds the model, trains it (train, fit: episodic SGD on
+PFENet's poly schedule), evaluates every test seed (evaluate_protocol) and reports. Below: the arguments, the pieces
+of a run, run folders and stops, and the tools main runs instead. The protocol: README.md, "Protocol".
 
 A model is one of the five paper files, `baseline` (the parameter-free floor every model must beat), or the
 path of your own `.py` file with this interface, which then gets exactly the same protocol:
@@ -109,19 +107,21 @@ WORKER_GRACE = 2.0  # seconds a DataLoader worker outlives a SIGTERM: the main p
 
 
 def main(argv=None):
-    """Parse the command line and run it, or the tool it names. Every way a run can end badly (a bad dataset file,
-    a full disk, Ctrl-C, SIGTERM, a NaN loss) ends in one line and a non-zero exit status (stops_cleanly)."""
+    """Parse the command line and run it, or the tool it names (at the end of this file). Every way a run can end
+    badly (a bad data file, a full disk, Ctrl-C, SIGTERM, a NaN loss) ends in one line and a non-zero exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args, module = parse_args(argv)
+    tools = ((args.fold == "all", run_all_folds), (args.bench_data, bench_data), (args.stage, train_stage),
+             (args.bench, bench), (args.predict, predict_files))
+    run = next((tool for asked, tool in tools if asked), train_and_evaluate)
     with stops_cleanly(args, argv):
-        tool = tool_for(args)
-        return tool(args, module) if tool else train_and_evaluate(args, module)
+        return run(args, module)
 
 
 def train_and_evaluate(args, module):
     """One run: train (unless --eval-only or there is nothing to learn), evaluate, report. -> (mIoU, FB-IoU)."""
     device, rank, world = setup_device(args)
-    training = not args.eval_only and not is_baseline(module)
+    training = not args.eval_only and module.Model is not PrototypeBaseline  # the baseline has nothing to learn
     with hold_run_folder(args, training, RUN_FILES) if rank == 0 else nullcontext():
         splits = ("train", "test") if training else ("test",)
         if training and args.select_best and validation_split(args) != "test":
@@ -131,7 +131,7 @@ def train_and_evaluate(args, module):
         learnable, total = count_parameters(model)
         log_file = args.out / "metrics.jsonl" if rank == 0 else None
         if rank == 0 and args.resume:  # the log as the checkpoint's run left it, then a resume mark
-            common.cut_log(log_file, resumed["epoch"] if resumed else 0, note=note)
+            common.cut_log(log_file, resumed["epoch"] if resumed else 0, note=warn)
         log(rank, f"{Path(args.model).stem}{' --set ' + show(args.set) if args.set else ''} on {args.dataset} "
                   f"{split_text(vars(args))}, {args.shot}-shot, {args.img_size}px, {device}, {world} process(es), "
                   f"{'bf16' if args.bf16 and device.type == 'cuda' else 'fp32'}; {learnable:,} learnable / "
@@ -151,9 +151,8 @@ def train_and_evaluate(args, module):
 
 
 def train(model, optimizer, args, cfg, device, rank, world, log_file, resumed=None):
-    """Epochs of episodic SGD (fit), the learning rate on PFENet's poly schedule per step; after every epoch the
-    checkpoint (and, with --select-best, a validation and best.pt). resumed: the --resume checkpoint (its
-    weights are loaded already; its optimizer and epoch are taken here)."""
+    """Epochs of episodic SGD (fit) on PFENet's poly schedule; after every epoch the checkpoint (and with
+    --select-best a validation and best.pt). resumed: the --resume checkpoint, whose weights are loaded already."""
     dataset = episodes(args, "train")
     per_rank = args.batch_size // world
     sampler = data.EpisodeSampler(len(dataset), rank, world, shuffle=True, seed=args.seed, batch_size=per_rank)
@@ -205,11 +204,10 @@ def train(model, optimizer, args, cfg, device, rank, world, log_file, resumed=No
 
 def fit(step, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch=0, log_every=20, per_step=1,
         unit="images", tag="", log=print, log_file=None, event="train", end_epoch=None):
-    """The training loop of every run and extra stage (which get it as schedule.fit): epochs start_epoch..epochs-1
-    of steps_per_epoch batches (batches(epoch)); a step sets lr = lr_at(it) (it counts steps from 0 across epochs),
-    takes (loss, terms) = step(batch) and updates the weights; every log_every steps and at an epoch's end, one
-    line and one log record (Progress: the loop's one host sync); end_epoch(epoch) after each epoch (checkpoints).
-    A NaN or infinite loss stops it there (NonFiniteLossError); the weights never see a non-finite gradient."""
+    """The training loop of every run and extra stage (schedule.fit): epochs start_epoch..epochs-1 of
+    steps_per_epoch batches(epoch), lr = lr_at(step count); (loss, terms) = step(batch); every log_every steps a
+    line and a log record (Progress: the loop's one host sync); end_epoch(epoch) after each epoch (checkpoints).
+    A NaN or infinite loss stops it (NonFiniteLossError); the weights never see a non-finite gradient."""
     if not optimizer.defaults.get("fused"):  # found_inf, below, is the fused kernels' protocol
         raise ValueError("fit skips non-finite steps on the device: it needs torch.optim.SGD(..., fused=True)")
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -240,9 +238,8 @@ class NonFiniteLossError(ArithmeticError):
 
 
 def step_if_finite(optimizer, params, loss):
-    """optimizer.step() unless the loss or a gradient of `params` is NaN or infinite, decided on the device: the
-    fused SGD skips its step (weights and momentum alike) where found_inf is 1, as AMP's GradScaler has it do, so
-    the host never waits for the check. Under torch.distributed every rank skips where one does."""
+    """optimizer.step() unless the loss or a gradient is NaN or infinite, decided on the device (the fused SGD skips
+    its step where found_inf is 1, as under AMP's GradScaler): the host never waits. Every rank skips where one does."""
     grads = [p.grad for p in params if p.grad is not None]
     found = ~torch.isfinite(loss.detach()) | (~torch.nn.utils.get_total_norm(grads).isfinite() if grads else False)
     optimizer.found_inf = found.float()
@@ -252,9 +249,8 @@ def step_if_finite(optimizer, params, loss):
 
 
 class Progress:
-    """The loss and its terms, summed on the device step after step (add); report() hands back their means since
-    the last report (averaged over the ranks under torch.distributed: every rank logs, and stops, alike) and logs a
-    line (epoch, step, loss, terms, lr, per_step * steps / s in `unit`, ETA) and a record {"event": event, ...}."""
+    """The loss and its terms, summed on the device (add); report() returns their means since the last report,
+    averaged over the ranks (so every rank stops alike), and logs a line and a record {"event": event, ...}."""
 
     def __init__(self, epochs, steps_per_epoch, start_epoch, per_step, unit, tag, log, log_file, event):
         self.epochs, self.steps, self.start, self.per_step = epochs, steps_per_epoch, start_epoch, per_step
@@ -287,8 +283,8 @@ class Progress:
 
 @torch.no_grad()
 def evaluate(model, loader, dataset, device, args, seed, recall=None):
-    """One test seed: class mIoU and FB-IoU (PFENet's definitions, common.IoUMeter) at the original resolution;
-    with `recall` (a common.RecallMeter, --region-recall) the recall of the model's region maps too."""
+    """One test seed's common.IoUMeter at the original resolution; with `recall` (--region-recall) the region maps'
+    recall too."""
     net = unwrap(model).eval()
     infer = inference(net)
     meter = common.IoUMeter(dataset.num_classes, device=device)
@@ -314,10 +310,8 @@ def evaluate(model, loader, dataset, device, args, seed, recall=None):
 
 
 def evaluate_protocol(model, args, device, rank, world, split="test"):
-    """Every test seed, --eval-batch-size episodes at a time on each process (the scores do not depend on it) ->
-    fractions: miou, fbiou (means over the seeds), miou_std, fbiou_std (over the seeds), per_class {class: mean
-    IoU}, fg_prob [mean p(fg) on true background, on true foreground], seeds (per-seed scores), the dataset, and
-    the region maps' recall (--region-recall, else None). split: "val" validates on a validation split."""
+    """Every test seed of `split` -> {miou, fbiou and their std over the seeds, per_class, fg_prob [on background,
+    on foreground], seeds (per-seed scores), dataset, recall (--region-recall, else None)}."""
     dataset = episodes(args, split)
     loader = data.make_loader(dataset, data.EpisodeSampler(len(dataset), rank, world), args.eval_batch_size,
                               args.workers, device, drop_last=False, worker_init_fn=ignore_stop_signals)
@@ -389,16 +383,8 @@ def result_line(record):
 
 
 def spread(values):
-    """(mean, sample standard deviation) of a list; the deviation is NaN for a single value."""
+    """(mean, sample standard deviation); the deviation is NaN for a single value."""
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
-
-
-def tool_for(args):
-    """The tool a command line asks for instead of a plain run (at the end of this file), or None."""
-    if args.fold == "all":
-        return run_all_folds
-    return (args.bench_data and bench_data or args.stage and train_stage or args.bench and bench
-            or args.predict and predict_files or None)
 
 
 # ==========================================================================================================
@@ -415,75 +401,59 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser(add_help=True):
     p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter, add_help=add_help)
-    p.add_argument("--model", default="baseline", help=f"{', '.join(MODELS)}, or path/to/your_model.py")
-    p.add_argument("--dataset", default=None, choices=["pascal", "coco", "synthetic", "folder", "fss1000"],
-                   help="default: the --checkpoint's, else pascal; folder: your own data under --data-root")
-    p.add_argument("--data-root", default=None, help="dataset folder (README: 'Datasets' gives the layouts)")
-    p.add_argument("--fold", type=fold_arg, default=None, metavar="{0,1,2,3,all}",
-                   help="test fold (default: the --checkpoint's, else 0); all: the four folds, then their table")
-    p.add_argument("--test-classes", type=class_ids_arg, default=None, metavar="IDS",
-                   help="--dataset folder: the novel class ids (e.g. 3,7,9), in place of --fold")
-    p.add_argument("--shot", type=positive_int, default=1)
-    p.add_argument("--coco-split", default=None, choices=["interleaved", "contiguous"],
-                   help="COCO-20i's folds: interleaved (PFENet's: fold i tests 4k+i+1) or contiguous (20i+1..20i+20)")
-    p.add_argument("--support-boxes", action="store_true",
-                   help="weak supervision: every support mask becomes its objects' bounding boxes (CRCNet §5.4)")
-    p.add_argument("--backbone", default="resnet50", choices=sorted(common.BACKBONES),
-                   help="torchvision's resnet50, resnet101, vgg16_bn; the papers' deep-stem resnet50_deep, "
-                        "resnet101_deep (need --backbone-weights)")
-    p.add_argument("--backbone-weights", default=None, metavar="PATH",
-                   help="a weight file for the backbone: PFENet's resnet50_v2.pth, torchvision's, any state dict")
-    p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (no ImageNet download)")
-    p.add_argument("--epochs", type=positive_int, default=None, help="default: the model's recipe, per dataset")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="global batch, split across processes")
-    p.add_argument("--lr", type=learning_rate, default=None, help="base learning rate of the poly schedule")
-    p.add_argument("--img-size", type=img_size_arg, default=None,
-                   help=f"train crop and test canvas size (at least {MIN_IMG_SIZE})")
-    p.add_argument("--train-length", type=positive_int, default=None,
-                   help=f"training episodes per epoch (default: every filtered image; synthetic "
-                        f"{data.SYNTHETIC_TRAIN_LENGTH})")
-    p.add_argument("--workers", type=non_negative_int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="training seed (test episodes do not depend on it)")
-    p.add_argument("--bf16", action="store_true", help="train under bf16 autocast on CUDA (default fp32)")
-    p.add_argument("--bf16-eval", action="store_true", help="evaluate under bf16 autocast on CUDA (default fp32)")
-    p.add_argument("--augment", default=None, choices=sorted(data.AUGMENTATIONS),
-                   help="training augmentation (default: the model's, for most PFENet's)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    p.add_argument("--out", default=None, help="run folder (default runs/MODEL-DATASET-foldK-Sshot[-...])")
-    p.add_argument("--resume", action="store_true", help="continue OUT/last.pt with the recipe it was trained with")
-    p.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds a run (its files go)")
-    p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint, do not train")
-    p.add_argument("--checkpoint", default=None,
-                   help="weights for --eval-only, --predict, --vis (with --fold all: a path with {fold} in it)")
-    p.add_argument("--eval-batch-size", type=positive_int, default=1,
-                   help="test episodes a process evaluates at once (1, as the official codes; scores do not change)")
-    p.add_argument("--select-best", action="store_true",
-                   help="validate during training and evaluate the best: on the test fold, optimistic (FSS-1000: on "
-                        "its validation classes)")
-    p.add_argument("--val-every", type=positive_int, default=5, help="epochs between validations for --select-best")
-    p.add_argument("--test-episodes", type=positive_int, default=None,
-                   help="episodes per seed (default: PASCAL 1000, COCO 5000, FSS-1000 one pass over its test images)")
-    p.add_argument("--test-seeds", type=positive_int, default=None, help=f"test seeds (default {data.TEST_SEEDS})")
-    p.add_argument("--log-every", type=positive_int, default=20, help="optimizer steps between progress lines")
-    p.add_argument("--region-recall", action="store_true",
-                   help="evaluation also reports the recall of the model's region maps (QGNet's Table 7)")
-    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
-                   help="the model's Config fields, named as its paper names its modules (--set gomm=false "
-                        "ccm=false): a paper's ablation row; --model X --help lists them")
-    p.add_argument("--stage", default=None, help="run a model's extra training stage (Sym-Net: base, QGNet: prior)")
-    p.add_argument("--bench", action="store_true", help="time training steps and inference, then exit")
-    p.add_argument("--bench-steps", type=positive_int, default=10, help="--bench: training steps timed")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="--bench: the GPU's dense bf16 TFLOP/s, for one not in BF16_PEAK_TFLOPS")
-    p.add_argument("--bench-data", action="store_true",
-                   help=f"episodes/s of the data path with 0..--workers workers (PASCAL without --data-root: "
-                        f"{BENCH_DATA_IMAGES} generated JPEGs), then exit")
-    p.add_argument("--vis", type=non_negative_int, default=0, metavar="N", help="write N pictures of test episodes")
-    p.add_argument("--predict", action="store_true",
-                   help="segment --query with --support/--support-mask; QUERY_mask.png and QUERY_overlay.png to --out")
-    p.add_argument("--support", action="append", default=[], help="support image (repeat for K shots)")
-    p.add_argument("--support-mask", action="append", default=[], help="its mask: nonzero pixels = object")
-    p.add_argument("--query", action="append", default=[], help="query image (repeatable)")
+    add = p.add_argument
+    add("--model", default="baseline", help=f"{', '.join(MODELS)}, or path/to/your_model.py")
+    add("--dataset", default=None, choices=["pascal", "coco", "synthetic", "folder", "fss1000"],
+        help="default: the --checkpoint's, else pascal; folder: your own data under --data-root")
+    add("--data-root", default=None, help="dataset folder (README: 'Datasets' gives the layouts)")
+    add("--fold", type=fold_arg, default=None, metavar="{0,1,2,3,all}",
+        help="test fold (default: the --checkpoint's, else 0); all: the four folds, then their table")
+    add("--test-classes", type=class_ids_arg, default=None, metavar="IDS",
+        help="--dataset folder: the novel class ids (e.g. 3,7,9), in place of --fold")
+    add("--shot", type=positive_int, default=1)
+    add("--coco-split", default=None, choices=["interleaved", "contiguous"],
+        help="COCO-20i's folds: interleaved (PFENet's: fold i tests 4k+i+1) or contiguous (20i+1..20i+20)")
+    add("--support-boxes", action="store_true", help="support masks become their objects' boxes (CRCNet §5.4)")
+    add("--backbone", default="resnet50", choices=sorted(common.BACKBONES),
+        help="the *_deep ones (the papers' deep stem) need --backbone-weights")
+    add("--backbone-weights", default=None, metavar="PATH", help="backbone weights (PFENet's resnet50_v2.pth, ...)")
+    add("--no-pretrained", action="store_true", help="random backbone weights (no ImageNet download)")
+    add("--epochs", type=positive_int, default=None, help="default: the model's recipe, per dataset")
+    add("--batch-size", type=positive_int, default=None, help="global batch, split across processes")
+    add("--lr", type=learning_rate, default=None, help="base learning rate of the poly schedule")
+    add("--img-size", type=img_size_arg, default=None, help=f"train crop and test canvas (at least {MIN_IMG_SIZE})")
+    add("--train-length", type=positive_int, default=None, help="training episodes per epoch (default: every image)")
+    add("--workers", type=non_negative_int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
+    add("--seed", type=non_negative_int, default=0, help="training seed (test episodes do not depend on it)")
+    add("--bf16", action="store_true", help="train under bf16 autocast on CUDA (default fp32)")
+    add("--bf16-eval", action="store_true", help="evaluate under bf16 autocast on CUDA (default fp32)")
+    add("--augment", default=None, choices=sorted(data.AUGMENTATIONS), help="default: the model's (most: pfenet)")
+    add("--compile", action="store_true", help="torch.compile the model for training")
+    add("--out", default=None, help="run folder (default runs/MODEL-DATASET-foldK-Sshot[-...])")
+    add("--resume", action="store_true", help="continue OUT/last.pt with the recipe it was trained with")
+    add("--overwrite", action="store_true", help="start over in an OUT that holds a run (its files go)")
+    add("--eval-only", action="store_true", help="evaluate --checkpoint, do not train")
+    add("--checkpoint", default=None, help="weights for --eval-only, --predict, --vis ({fold} in it: per fold)")
+    add("--eval-batch-size", type=positive_int, default=1, help="test episodes evaluated at once (same scores)")
+    add("--select-best", action="store_true",
+        help="validate during training, evaluate the best (on the test fold: optimistic; FSS-1000: its val classes)")
+    add("--val-every", type=positive_int, default=5, help="epochs between validations for --select-best")
+    add("--test-episodes", type=positive_int, default=None, help="episodes per seed (PASCAL 1000, COCO 5000)")
+    add("--test-seeds", type=positive_int, default=None, help=f"test seeds (default {data.TEST_SEEDS})")
+    add("--log-every", type=positive_int, default=20, help="optimizer steps between progress lines")
+    add("--region-recall", action="store_true", help="also the recall of the model's region maps (QGNet's Table 7)")
+    add("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
+        help="the model's Config fields (--set gomm=false ccm=false): an ablation row; --model X --help lists them")
+    add("--stage", default=None, help="run a model's extra training stage (Sym-Net: base, QGNet: prior)")
+    add("--bench", action="store_true", help="time training steps and inference, then exit")
+    add("--bench-steps", type=positive_int, default=10, help="--bench: training steps timed")
+    add("--peak-tflops", type=float, default=None, help="--bench: the GPU's dense bf16 TFLOP/s, if not known")
+    add("--bench-data", action="store_true", help="episodes/s of the data path with 0..--workers workers, then exit")
+    add("--vis", type=non_negative_int, default=0, metavar="N", help="write N pictures of test episodes")
+    add("--predict", action="store_true", help="segment --query with --support/--support-mask into --out")
+    add("--support", action="append", default=[], help="support image (repeat for K shots)")
+    add("--support-mask", action="append", default=[], help="its mask: nonzero pixels = object")
+    add("--query", action="append", default=[], help="query image (repeatable)")
     return p
 
 
@@ -501,14 +471,13 @@ def full_parser(module):
 
 
 def parse_args(argv=None):
-    """The command line -> (args, module), every value resolved. Two passes: --model (or the checkpoint's model)
-    first, so that the model file can add its own flags. --fold all: args.folds holds each fold's resolved
-    arguments (a recipe may differ by fold)."""
+    """The command line -> (args, module), every value resolved. Two passes: --model (or the checkpoint's) first, so
+    that the model file can add its own flags. --fold all: args.folds holds each fold's resolved arguments."""
     argv = sys.argv[1:] if argv is None else list(argv)
     known, _ = build_parser(add_help=False).parse_known_args(argv)  # --help waits for the model's own flags
     if known.checkpoint and "{fold}" in known.checkpoint and known.fold not in (None, "all"):
-        known.checkpoint = fold_path(known.checkpoint, known.fold)  # one fold of a pattern
-    trained = read_checkpoint(fold_path(known.checkpoint, 0))["args"] if known.checkpoint else {}
+        known.checkpoint = known.checkpoint.replace("{fold}", str(known.fold))  # one fold of a pattern
+    trained = read_checkpoint(known.checkpoint.replace("{fold}", "0"))["args"] if known.checkpoint else {}
     if known.checkpoint and "{fold}" in known.checkpoint:
         trained["fold"] = "all"  # a pattern names the four folds' checkpoints
     if trained and not any(a == "--model" or a.startswith("--model=") for a in argv):
@@ -518,14 +487,17 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.model, args.checkpoint = known.model, known.checkpoint
     args.own_flags = sorted(set(vars(args)) - set(vars(build_parser().parse_args([]))))  # add_args's dests
-    args.given = given_flags(parser, argv)
+    quiet = copy.deepcopy(parser)  # the flags argv itself gives, not their defaults
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    args.given = set(vars(quiet.parse_known_args(argv)[0]))
     args.set = config_values(parser, module, args.set, args)
     check_flags(parser, args, module)
     if args.fold == "all":  # each fold's own arguments: its folder, its checkpoint, its recipe
         parent = Path(args.out) if args.out else None
         args.folds = [resolve(argparse.Namespace(**{
             **vars(args), "fold": k, "out": parent / f"fold{k}" if parent else None,
-            "checkpoint": fold_path(args.checkpoint, k) if args.checkpoint else None}), module, trained)
+            "checkpoint": args.checkpoint.replace("{fold}", str(k)) if args.checkpoint else None}), module, trained)
             for k in range(data.NUM_FOLDS)]
         args.out = parent
     resolve(args, module, trained)
@@ -537,8 +509,8 @@ def parse_args(argv=None):
     was = {**EPISODE_DEFAULTS, **trained}  # a checkpoint tested on classes it was trained on: said, not refused
     if trained and "all" not in (was["fold"], args.fold) and was["dataset"] == args.dataset and (
             was["fold"] != args.fold or args.dataset == "coco" and was["coco_split"] != args.coco_split):
-        print(f"WARNING: {known.checkpoint} was trained on {args.dataset} fold {was['fold']}: the test classes of "
-              f"fold {args.fold} are among those it was trained on", file=sys.stderr)
+        warn(f"WARNING: {known.checkpoint} was trained on {args.dataset} fold {was['fold']}: the test classes of "
+             f"fold {args.fold} are among those it was trained on")
     return args, module
 
 
@@ -575,10 +547,9 @@ def resolve(args, module, trained):
 
 
 def recipe_value(value, args):
-    """A recipe's value for this run: a dict is keyed by fold ({0: 100, 3: 50}: the fold's, for a folder dataset's
-    --test-classes the first fold's), by a --set value ({"network=pfenet": .., "network=crcnet": ..}: the one
-    --set gives, else the first entry, the default's), or by backbone ({"resnet50": .., "resnet101": ..}: the
-    backbone's, a *_deep one by its plain name, a backbone it does not name by its first entry), and may nest."""
+    """A recipe's value for this run: a dict is keyed by fold ({0: 100, 3: 50}; --test-classes: the first fold's),
+    by a --set value ({"network=pfenet": ..}: the one --set gives, else the first entry, the default's) or by
+    backbone ({"resnet101": ..}: a *_deep one by its plain name, one it does not name by its first), and may nest."""
     while isinstance(value, dict):
         keys = list(value)
         if all(isinstance(k, int) for k in keys):
@@ -592,10 +563,9 @@ def recipe_value(value, args):
 
 
 def restore_recipe(args, module):
-    """--resume: the recipe of OUT/last.pt (RESUME_RECIPE, the model's own flags and --set, but for its
-    EVALUATION_FLAGS), so that `--resume` alone continues the run it names. A checkpoint of another run (model,
-    data, fold, shots, backbone), or a flag given now with another value than the run was trained with, is refused
-    with both. Without OUT/last.pt (a run stopped before its first checkpoint) the run starts from the beginning."""
+    """--resume: the recipe of OUT/last.pt (recipes), so that `--resume` alone continues the run it names. A
+    checkpoint of another run, or a flag given now with another value, is refused with both. Without OUT/last.pt (a
+    run stopped before its first checkpoint) the run starts from the beginning."""
     last = args.out / "last.pt"
     if not last.exists():
         print(f"--resume: {args.out} has no checkpoint yet: the run starts from its first epoch", flush=True)
@@ -615,35 +585,22 @@ def restore_recipe(args, module):
                  "or start another run with another --out")
     for k in keys:
         setattr(args, k, saved[k])
-    args.set = {**saved["set"], **{k: v for k, v in args.set.items() if k in evaluation_flags(module)}}
+    args.set = {**saved["set"], **{k: v for k, v in args.set.items() if k in getattr(module, "EVALUATION_FLAGS", ())}}
 
 
 def recipes(args, module, saved):
     """(keys, then, now): the recipe's keys that a checkpoint's arguments `saved` hold (RESUME_RECIPE, the model's
-    own flags, "set"; evaluation flags and fields left out), and the recipe as saved and as asked, by key."""
-    free = evaluation_flags(module)
+    own flags, "set"; EVALUATION_FLAGS left out), and the recipe as saved and as asked, by key."""
+    free = set(getattr(module, "EVALUATION_FLAGS", ()))
     keys = [k for k in (*RESUME_RECIPE, *args.own_flags) if k in saved and k not in free] + ["set"]
     recipe_set = lambda values: {k: v for k, v in values.items() if k not in free}  # noqa: E731
     return keys, {**saved, "set": recipe_set(saved.get("set", {}))}, {**vars(args), "set": recipe_set(args.set)}
-
-
-def evaluation_flags(module):
-    """The model's flags and Config fields that only evaluation reads (EVALUATION_FLAGS): a run may change them."""
-    return set(getattr(module, "EVALUATION_FLAGS", ()))
 
 
 def differences(module, keys, saved, now):
     """'--lr 0.025 (now 0.05), --set ccm=false (now (none))': the recipe values that differ, as flags."""
     parser = full_parser(module)
     return ", ".join(f"{option(parser, k)} {show(saved[k])} (now {show(now[k])})" for k in keys)
-
-
-def given_flags(parser, argv):
-    """The dests of the flags that argv itself gives (not their defaults)."""
-    quiet = copy.deepcopy(parser)
-    for action in quiet._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(quiet.parse_known_args(argv)[0]))
 
 
 def check_flags(parser, args, module):
@@ -653,7 +610,8 @@ def check_flags(parser, args, module):
                      "all take a folder dataset's folds from its folds.txt)")
     if args.fold == "all" and (args.bench or args.bench_data or args.predict or args.resume):
         parser.error("--fold all trains and evaluates (or runs a --stage) for each fold, and resumes by itself")
-    if (args.eval_only and args.fold != "all" or args.predict) and not args.checkpoint and not is_baseline(module):
+    needs_checkpoint = args.eval_only and args.fold != "all" or args.predict
+    if needs_checkpoint and not args.checkpoint and module.Model is not PrototypeBaseline:
         parser.error(f"{'--predict' if args.predict else '--eval-only'} needs --checkpoint (only the parameter-free "
                      "baseline has none)")
     if args.predict and not (args.support and args.query and len(args.support) == len(args.support_mask)):
@@ -665,15 +623,15 @@ def check_flags(parser, args, module):
 
 
 def settable_fields(module, stage=None):
-    """{name: dataclasses.Field} that --set takes: the model's Config but the backbone's fields (its own flags), or
-    with --stage, the stage's own dataclass where the model has one (STAGE_CONFIGS[stage])."""
+    """{name: dataclasses.Field} that --set takes: the model's Config (with --stage, STAGE_CONFIGS[stage] where the
+    model has one) but the backbone's fields, which have flags of their own."""
     config = getattr(module, "STAGE_CONFIGS", {}).get(stage, module.Config)
     return {f.name: f for f in dataclasses.fields(config) if f.name not in ("backbone", "pretrained")}
 
 
 def config_values(parser, module, items, args):
-    """--set FIELD=VALUE ... -> {field: value}, each typed by its field (field_value); an unknown field, a value
-    that does not fit, or a field that the model's own flag sets too: one line (argparse's error)."""
+    """--set FIELD=VALUE ... -> {field: value}, each typed by its field; an unknown field, a value that does not fit,
+    or a field that the model's own flag sets too: one line (argparse's error)."""
     fields, values = settable_fields(module, args.stage), {}
     for item in items:
         name, equals, text = item.partition("=")
@@ -695,8 +653,8 @@ def config_values(parser, module, items, args):
 
 def field_value(field, text):
     """A --set value as its field's type: bool (true/false, yes/no, on/off, 1/0), int, float, str (none: None where
-    the default is None), one of a typing.Literal's choices, a tuple (0.75,1,1.25 or a Python literal, elements as
-    the default's). ValueError says what fits."""
+    the default is None), a typing.Literal's choice, a tuple (0.75,1,1.25 or a Python literal, elements as the
+    default's). ValueError says what fits."""
     kind, default = field.type, field.default
     if typing.get_origin(kind) is typing.Literal:
         choices = {str(c): c for c in typing.get_args(kind)}
@@ -767,14 +725,12 @@ def option(parser, dest):
 
 
 def default_out(args, fold, module):
-    """runs/MODEL-SPLIT-Sshot[-BACKBONE][-FLAG=VALUE...][-FIELD=VALUE...]: a run's folder when --out names none.
-    SPLIT as data.split_name; the backbone unless resnet50; every recipe flag the command line gives (RESUME_RECIPE
-    and the model's own flags, evaluation's aside; a file by its name); the --set fields. So the rows of a paper's
-    table, which differ by a crop, a flag or a field, never share one. --eval-only of a given --checkpoint:
-    CHECKPOINT_FOLDER/eval-STEM-SPLIT-Sshot[...], beside it (as --predict's pictures), never in the folder of a
-    training run, whose last result --fold all reads as that run's."""
+    """runs/MODEL-SPLIT-Sshot[-BACKBONE][-FLAG=VALUE...][-FIELD=VALUE...] when --out names none: every recipe flag
+    given and every --set field, so that the rows of a paper's table never share a folder. --eval-only of a given
+    --checkpoint: CHECKPOINT_FOLDER/eval-STEM-..., beside it, never in a training run's folder (whose last result
+    --fold all reads as that run's)."""
     split = data.split_name(args.dataset, fold, args.data_root, args.test_classes, args.coco_split)
-    free = evaluation_flags(module)
+    free = set(getattr(module, "EVALUATION_FLAGS", ()))
     given = sorted(k for k in (*RESUME_RECIPE, *args.own_flags) if k in args.given and k not in free)
 
     def word(value):  # a file by its stem (word2vec.pt: word2vec), a list as a tuple, the rest as --set writes it
@@ -790,11 +746,6 @@ def default_out(args, fold, module):
         checkpoint = Path(args.checkpoint)
         return checkpoint.parent / "-".join([f"eval-{checkpoint.stem}", *parts[1:]])
     return Path(common.RUNS_DIR) / "-".join(parts)
-
-
-def fold_path(pattern, fold):
-    """--checkpoint 'dir/fold{fold}/last.pt' for one fold ({fold} the one placeholder; other braces stay)."""
-    return pattern.replace("{fold}", str(fold))
 
 
 def fold_arg(text):
@@ -843,7 +794,7 @@ def learning_rate(text):
 
 
 def episodes(args, split):
-    """The run's episodes of `split` ("train" or "test"): data.build_dataset with the run's flags."""
+    """The run's episodes of `split` ("train", "test", "val")."""
     try:
         return data.build_dataset(args.dataset, split, args.fold, shot=args.shot, img_size=args.img_size,
                                   root=args.data_root, seed=args.seed if split == "train" else 0,
@@ -855,15 +806,13 @@ def episodes(args, split):
 
 
 def validation_split(args):
-    """Where --select-best validates: FSS-1000's validation classes (HSNet's model selection), else the test fold
-    (the papers' optimistic choice: PASCAL-5i and COCO-20i have no validation classes)."""
+    """Where --select-best validates: FSS-1000's validation classes (HSNet's choice), else the test fold (optimistic:
+    PASCAL-5i and COCO-20i have no validation classes)."""
     return "val" if args.dataset == "fss1000" else "test"
 
 
 def check_data(args, splits):
-    """The episodes of every split, built once before anything else, which checks every listed file (data.py
-    decodes each image and label once per dataset and caches the result): the bad files of all splits in one
-    message."""
+    """Build every split's episodes first, which checks every listed file: the bad files of all splits in one go."""
     problems = []
     for split in splits:
         try:
@@ -875,11 +824,9 @@ def check_data(args, splits):
 
 
 def ignore_stop_signals(worker_id):
-    """A DataLoader worker leaves SIGINT to the main process, which stops the run and then its workers, and ends
-    WORKER_GRACE seconds after a SIGTERM: a scheduler signals the whole process group, and a worker that died first
-    would turn the main process's clean stop into a crash; the DataLoader's own SIGTERM (a worker that does not
-    end when told) must end it, or the main process waits for it for ever. A worker whose main process went away
-    in the middle of a handover (multiprocessing's resource sharer) says nothing about it on the shared stderr."""
+    """A DataLoader worker leaves SIGINT to the main process and ends WORKER_GRACE seconds after a SIGTERM (a
+    scheduler signals the whole group: a worker that died first would turn a clean stop into a crash; one that
+    ignored SIGTERM would be waited for for ever); a handover cut short by the main process's end is not reported."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: (time.sleep(WORKER_GRACE), os._exit(0)))
     report = sys.excepthook
@@ -888,8 +835,7 @@ def ignore_stop_signals(worker_id):
 
 
 def load_model_module(name):
-    """A model file by name (`symnet`), the built-in `baseline`, or the path of a user's own .py file; one that
-    does not load (a syntax error, a failed import) stops with one line."""
+    """A model file by name (`symnet`), the built-in `baseline`, or a .py path; one that does not load: one line."""
     if name == "baseline":
         return baseline_module()
     if name.endswith(".py"):
@@ -923,10 +869,9 @@ def load_model_module(name):
 
 
 def make_config(module, args, saved=None):
-    """The model's Config: the paper's defaults (or a checkpoint's `saved` Config), then the backbone flags (not
-    for a checkpoint: its weights are all in it), the model's own flags (given or from its recipe) and --set. A
-    saved field that no longer exists is left out. Nothing else of the command line reaches a Config: the run's
-    setting is a common.Setting (setting_of)."""
+    """The model's Config: the paper's defaults (or a checkpoint's `saved` Config, whose fields that no longer exist
+    are left out), the backbone flags (not for a checkpoint: its weights are all in it), the model's own flags and
+    --set. The rest of the run reaches the model as a common.Setting (setting_of)."""
     given = {k: getattr(args, k) for k in args.own_flags if getattr(args, k) is not None}
     backbone = {"pretrained": False} if saved else {"backbone": args.backbone, "pretrained": backbone_weights(args)}
     names = {field.name for field in dataclasses.fields(module.Config)}
@@ -939,8 +884,7 @@ def backbone_weights(args):
 
 
 def setting_of(args, from_checkpoint=False):
-    """The common.Setting a model and a stage get: the run's dataset (its class count: None for a folder dataset
-    that cannot be read here), fold, shots, crop and backbone."""
+    """The common.Setting a model and a stage get (num_classes None for a folder dataset that cannot be read)."""
     fold = args.fold if isinstance(args.fold, int) else 0
     try:
         count = data.dataset_classes(args.dataset, fold, args.data_root, args.test_classes, args.coco_split).count
@@ -953,8 +897,7 @@ def setting_of(args, from_checkpoint=False):
 
 
 def construct(module, cfg, setting):
-    """A model file's model for a run: its build(cfg, setting) where it has one (which reads the files its stages
-    wrote), else Model(cfg, setting), else Model(cfg) (a model that needs no setting)."""
+    """The model file's build(cfg, setting) where it has one, else Model(cfg, setting), else Model(cfg)."""
     if hasattr(module, "build"):
         return module.build(cfg, setting)
     takes_setting = len(inspect.signature(module.Model).parameters) > 1
@@ -962,10 +905,8 @@ def construct(module, cfg, setting):
 
 
 def build_model(module, args, device, rank, world):
-    """(model, optimizer, cfg, resumed): the model from the paper's Config and the flags, or from --checkpoint's
-    Config and weights (the model's flags and --set given now apply), or from OUT/last.pt for --resume; random
-    backbones get their BatchNorm statistics (--no-pretrained); channels-last, compiled, wrapped in DDP as asked.
-    resumed: the --resume checkpoint's state (its optimizer and epoch), or None."""
+    """(model, optimizer, cfg, resumed): the model from the flags, --checkpoint or (--resume) OUT/last.pt, random
+    backbones calibrated; channels-last, compiled, in DDP as asked. resumed: the --resume checkpoint or None."""
     state = read_checkpoint(args.checkpoint) if args.checkpoint else None
     resumed = read_checkpoint(args.out / "last.pt") if args.resume and (args.out / "last.pt").exists() else None
     cfg = make_config(module, args, state and state["config"])
@@ -996,9 +937,8 @@ def build_model(module, args, device, rank, world):
 
 
 def calibrate_random_backbones(model, args, device, rank):
-    """--no-pretrained: every random-weight common.Backbone of the model gets BatchNorm statistics estimated on
-    the first common.CALIBRATION_IMAGES images of the training episodes (the same for every model and process).
-    They are saved in the checkpoints with every other weight."""
+    """--no-pretrained: every random-weight common.Backbone gets BatchNorm statistics estimated on the first
+    common.CALIBRATION_IMAGES training images (the same for every model and process), saved with the weights."""
     backbones = [m for m in model.modules() if isinstance(m, common.Backbone) and m.needs_statistics]
     if not backbones:
         return
@@ -1016,14 +956,13 @@ def calibrate_random_backbones(model, args, device, rank):
 
 
 def saved_args(args):
-    """The run's arguments as a checkpoint and the log keep them: plain values (common.plain), paths as text."""
+    """The run's arguments as a checkpoint and the log keep them: plain values, paths as text."""
     return common.plain({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                          if k not in ("folds", "given")})
 
 
 def save_checkpoint(path, model, optimizer, epoch, cfg, args, best):
-    """OUT/last.pt (or best.pt): weights, optimiser, epoch, Config, arguments, best validation mIoU; plain values
-    only, so that it loads with weights_only; never from weights that are not finite."""
+    """OUT/last.pt (or best.pt), atomically, in plain values (it loads with weights_only); never non-finite weights."""
     net = unwrap(model)
     common.check_finite(net)
     state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
@@ -1032,8 +971,7 @@ def save_checkpoint(path, model, optimizer, epoch, cfg, args, best):
 
 
 def read_checkpoint(path):
-    """A checkpoint train.py wrote (last.pt, best.pt), read with weights_only (no code in the file can run);
-    anything else stops with one line naming the file."""
+    """A checkpoint train.py wrote, read with weights_only (no code in it can run); anything else: one line."""
     if not Path(path).is_file():
         sys.exit(f"error: checkpoint {path} does not exist")
     try:
@@ -1060,14 +998,12 @@ def load_weights(model, state, path):
 
 
 def query_mask(net, batch):
-    """{"m_q": the query mask} for a model that takes it in training (Model.query_mask_in_training: CRCNet predicts
-    the support with the query as its labelled reference), else {}. Evaluation never passes it."""
+    """{"m_q": the query mask} for a model that takes it in training (query_mask_in_training: CRCNet), else {}."""
     return {"m_q": batch["m_q"]} if getattr(net, "query_mask_in_training", False) else {}
 
 
 def inference(net):
-    """What evaluation calls: the model's infer(img_q, img_s, m_s, class_ids) where it has one (test-time
-    fine-tuning, multi-scale), else forward's logits."""
+    """What evaluation calls: the model's infer(img_q, img_s, m_s, class_ids) if it has one, else forward's logits."""
     return getattr(net, "infer", None) or (lambda *inputs: net(*inputs)["logits"])
 
 
@@ -1080,11 +1016,9 @@ class BaselineConfig:
 
 
 class PrototypeBaseline(nn.Module):
-    """PANet's parameter-free rule: foreground and background prototypes of the support by masked average
-    pooling, cosine with every query pixel, foreground where cos(fg) > cos(bg), i.e. a threshold at 0 on the
-    difference. K shots: the prototypes are averaged. No learnable parameter: train.py evaluates it directly.
-    Features: a level of the frozen backbone, or the normalised pixels ("image"), which need no weights at all.
-    """
+    """PANet's parameter-free rule: the support's foreground and background prototypes (masked average pooling,
+    averaged over the shots), foreground where its cosine with a query pixel is the larger. Features: a level of the
+    frozen backbone, or the normalised pixels ("image"). Nothing to learn: train.py evaluates it directly."""
 
     def __init__(self, cfg: BaselineConfig):
         super().__init__()
@@ -1110,21 +1044,13 @@ class PrototypeBaseline(nn.Module):
         return total, {"main": total}
 
 
-def add_baseline_args(parser):
-    parser.add_argument("--baseline-features", choices=["layer1", "layer2", "layer3", "layer4", "image"],
-                        help="features of the baseline (default layer3)")
-
-
 def baseline_module():
     """`--model baseline` as a module with a model file's interface, so that it takes the same code path."""
     module = types.ModuleType("baseline", PrototypeBaseline.__doc__)
-    module.Config, module.Model, module.add_args = BaselineConfig, PrototypeBaseline, add_baseline_args
+    module.Config, module.Model = BaselineConfig, PrototypeBaseline
+    module.add_args = lambda parser: parser.add_argument(
+        "--baseline-features", choices=["layer1", "layer2", "layer3", "layer4", "image"], help="default layer3")
     return module
-
-
-def is_baseline(module):
-    """Whether a run's model is the parameter-free baseline (nothing to train, no checkpoint needed)."""
-    return module.__name__ == "baseline" and module.Model is PrototypeBaseline
 
 
 def setup_device(args=None):
@@ -1150,13 +1076,12 @@ def log(rank, *msg):
         print(*msg, flush=True)
 
 
-def note(text):
-    """A note on stderr (a torn log line dropped)."""
+def warn(text):  # warnings and notes (a torn log line dropped) go to stderr
     print(text, file=sys.stderr, flush=True)
 
 
 def autocast(device, enabled):
-    """bf16 autocast on CUDA where enabled (training with --bf16, evaluation with --bf16-eval), else fp32."""
+    """bf16 autocast on CUDA where enabled (--bf16 training, --bf16-eval evaluation), else fp32."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and enabled else nullcontext()
 
 
@@ -1239,7 +1164,7 @@ def write_log(log_file, record):
 
 def read_result(out):
     """The last result record of OUT/metrics.jsonl (a torn last line dropped, with a note), or None."""
-    records = common.read_jsonl(out / "metrics.jsonl", note=note)
+    records = common.read_jsonl(out / "metrics.jsonl", note=warn)
     return next((r for r in reversed(records) if r.get("event") == "result"), None)
 
 
