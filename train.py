@@ -206,12 +206,31 @@ def fit(step, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch
         unit="images", tag="", log=print, log_file=None, event="train", end_epoch=None):
     """The training loop of every run and extra stage (schedule.fit): epochs start_epoch..epochs-1 of
     steps_per_epoch batches(epoch), lr = lr_at(step count); (loss, terms) = step(batch); every log_every steps a
-    line and a log record (Progress: the loop's one host sync); end_epoch(epoch) after each epoch (checkpoints).
-    A NaN or infinite loss stops it (NonFiniteLossError); the weights never see a non-finite gradient."""
+    line and a log record of the means since the last (report: the loop's one host sync); end_epoch(epoch) after
+    each epoch (checkpoints). A NaN or infinite loss stops it (NonFiniteLossError), its gradient never applied."""
     if not optimizer.defaults.get("fused"):  # found_inf, below, is the fused kernels' protocol
         raise ValueError("fit skips non-finite steps on the device: it needs torch.optim.SGD(..., fused=True)")
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    progress = Progress(epochs, steps_per_epoch, start_epoch, per_step, unit, tag, log, log_file, event)
+    t_start = t0 = time.perf_counter()
+    sums, seen = {}, 0  # the loss and its terms, summed on the device since the last report
+
+    def report(epoch, s, lr):
+        means = torch.stack(list(sums.values())) / seen  # (terms,)
+        if dist.is_available() and dist.is_initialized():  # every rank logs, and stops, alike
+            dist.all_reduce(means)
+            means /= dist.get_world_size()
+        means = dict(zip(sums, means.tolist()))  # the host sync
+        now = time.perf_counter()
+        rate, done = seen * per_step / (now - t0), epoch * steps_per_epoch + s + 1
+        eta = (now - t_start) / (done - start_epoch * steps_per_epoch) * (epochs * steps_per_epoch - done)
+        terms = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
+        log(f"{tag}epoch {epoch + 1}/{epochs} step {s + 1}/{steps_per_epoch} loss {means['loss']:.4f}"
+            f"{f' ({terms})' if terms else ''} lr {lr:.2e} {rate:.1f} {unit}/s "
+            f"ETA {eta // 3600:.0f}:{eta // 60 % 60:02.0f}:{eta % 60:02.0f}")
+        write_log(log_file, {"event": event, "epoch": epoch + 1, "step": s + 1, **means, "lr": lr,
+                             f"{unit}_per_s": rate})
+        return means, now
+
     for epoch in range(start_epoch, epochs):
         for s, batch in enumerate(batches(epoch)):
             lr = lr_at(epoch * steps_per_epoch + s)
@@ -221,9 +240,12 @@ def fit(step, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             step_if_finite(optimizer, params, loss)  # a NaN or infinite loss never reaches the weights
-            progress.add(loss, terms)
+            for name, value in {"loss": loss, **terms}.items():
+                sums[name] = sums.get(name, 0) + value.detach().float()
+            seen += 1
             if (s + 1) % log_every == 0 or s + 1 == steps_per_epoch:
-                means = progress.report(epoch, s, lr)  # the host syncs here only; the means of every rank
+                means, t0 = report(epoch, s, lr)
+                sums, seen = {}, 0
                 if not math.isfinite(means["loss"]):
                     raise NonFiniteLossError(means["loss"], epoch, s)
         if end_epoch is not None:
@@ -246,39 +268,6 @@ def step_if_finite(optimizer, params, loss):
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(optimizer.found_inf, op=dist.ReduceOp.MAX)
     optimizer.step()
-
-
-class Progress:
-    """The loss and its terms, summed on the device (add); report() returns their means since the last report,
-    averaged over the ranks (so every rank stops alike), and logs a line and a record {"event": event, ...}."""
-
-    def __init__(self, epochs, steps_per_epoch, start_epoch, per_step, unit, tag, log, log_file, event):
-        self.epochs, self.steps, self.start, self.per_step = epochs, steps_per_epoch, start_epoch, per_step
-        self.unit, self.tag, self.log, self.log_file, self.event = unit, tag, log, log_file, event
-        self.t_start, self.sums, self.seen, self.t0 = time.perf_counter(), {}, 0, time.perf_counter()
-
-    def add(self, loss, terms):
-        for name, value in {"loss": loss, **terms}.items():
-            self.sums[name] = self.sums.get(name, 0) + value.detach().float()
-        self.seen += 1
-
-    def report(self, epoch, step, lr):
-        means = torch.stack(list(self.sums.values())) / self.seen  # (terms,)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(means)
-            means /= dist.get_world_size()
-        means = dict(zip(self.sums, means.tolist()))  # the host sync
-        now = time.perf_counter()
-        rate, done = self.seen * self.per_step / (now - self.t0), epoch * self.steps + step + 1
-        eta = (now - self.t_start) / (done - self.start * self.steps) * (self.epochs * self.steps - done)
-        terms = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
-        self.log(f"{self.tag}epoch {epoch + 1}/{self.epochs} step {step + 1}/{self.steps} loss {means['loss']:.4f}"
-                 f"{f' ({terms})' if terms else ''} lr {lr:.2e} {rate:.1f} {self.unit}/s "
-                 f"ETA {eta // 3600:.0f}:{eta // 60 % 60:02.0f}:{eta % 60:02.0f}")
-        write_log(self.log_file, {"event": self.event, "epoch": epoch + 1, "step": step + 1, **means, "lr": lr,
-                                  f"{self.unit}_per_s": rate})
-        self.sums, self.seen, self.t0 = {}, 0, now
-        return means
 
 
 @torch.no_grad()
@@ -1102,11 +1091,10 @@ def count_parameters(model):
 
 @contextmanager
 def hold_run_folder(args, training, files):
-    """Make args.out ready for a run and hold it while the block runs: the folder must be writable; a lock refuses a
-    second run on it, naming the first one's process (a POSIX record lock on OUT/.lock: it belongs to this process
-    alone, so forked DataLoader workers do not hold it after the run is killed, and the system releases it however
-    the process ends); temporaries an interrupted save left are removed; and a training run (or a stage) does not
-    start over the run that is there (its `files`) unless --resume continues it or --overwrite replaces it."""
+    """Make args.out ready for a run and hold it while the block runs: it must be writable; a lock refuses a second
+    run on it, naming the first one's process (a POSIX record lock on OUT/.lock: forked DataLoader workers do not
+    hold it, and the system releases it however the process ends); temporaries of an interrupted save go; and a
+    training run (or a stage) does not start over the run there (its `files`) without --resume or --overwrite."""
     out = args.out
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -1174,10 +1162,9 @@ class Terminated(Exception):
 
 @contextmanager
 def stops_cleanly(args, argv):
-    """Run the block; end every way it can stop badly with one line and an exit status: Ctrl-C (130) and SIGTERM
+    """Run the block; every way it can stop badly ends with one line and an exit status: Ctrl-C (130) and SIGTERM
     (143) say what was kept and the command that continues, a NaN loss (3) how to try again, a bad dataset file or
-    a failed write what and where (1). Under torchrun the process group is closed in any case. Inside --fold all
-    an exception carries the fold's arguments (`run`)."""
+    a failed write what and where (1). Inside --fold all an exception carries the fold's arguments (`run`)."""
     def terminate(signum, frame):
         raise Terminated()
 
@@ -1185,12 +1172,15 @@ def stops_cleanly(args, argv):
     previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
     try:
         yield
-    except (KeyboardInterrupt, Terminated) as stop:
-        stop_interrupted(getattr(stop, "run", args), argv, isinstance(stop, Terminated))
+    except (KeyboardInterrupt, Terminated) as err:
+        stop_interrupted(getattr(err, "run", args), argv, isinstance(err, Terminated))
     except (NonFiniteLossError, common.NonFiniteWeightsError) as err:
         stop_nonfinite(getattr(err, "run", args), argv, err)
-    except data.DatasetError as err:  # also when a DataLoader worker re-raised it
-        sys.exit(f"error: {original_message(err)}")
+    except data.DatasetError as err:
+        text = str(err).strip()
+        if text.startswith("Caught ") and "Original Traceback" in text:  # a DataLoader worker re-raised it
+            text = text.splitlines()[-1].split(": ", 1)[-1]  # the original exception's own last line
+        sys.exit(f"error: {text}")
     except common.SaveError as err:  # a full disk, a lost mount: what was written before is intact
         run = getattr(err, "run", args)
         again = resume_command(run, argv) if is_training(run) else "the same command"
@@ -1207,26 +1197,24 @@ def stops_cleanly(args, argv):
 def stop_interrupted(args, argv, terminated=False):
     """Ctrl-C or SIGTERM: one line that says what was kept and how to continue; exit status 130 or 143."""
     last = getattr(args, "stage_file", None) if args.stage else args.out / "last.pt" if args.out else None
+    how = "stopped by SIGTERM" if terminated else "interrupted"
     inside = f" in fold {args.fold} of --fold all" if getattr(args, "in_fold_all", False) else ""
     if not is_training(args) or last is None:
-        message = "interrupted"
+        message = how
     elif last.exists():
         what = "the stage's file" if args.stage else "the last finished epoch"
-        message = f"interrupted{inside}: {last} holds {what}; continue with: {resume_command(args, argv)}"
+        message = f"{how}{inside}: {last} holds {what}; continue with: {resume_command(args, argv)}"
     else:
-        message = (f"interrupted{inside} before {'its file' if args.stage else 'the first epoch'} was saved: "
+        message = (f"{how}{inside} before {'its file' if args.stage else 'the first epoch'} was saved: "
                    f"nothing was kept; start it again with: {resume_command(args, argv)}")
-    if terminated:
-        message = message.replace("interrupted", "stopped by SIGTERM", 1)
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"\n{message}", file=sys.stderr, flush=True)
+        warn(f"\n{message}")
     sys.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
 
 
 def stop_nonfinite(args, argv, err):
-    """A NaN or infinite loss (or weights): one line that says what was kept and how to try again (exit status 3).
-    A run keeps its recipe, so a lower learning rate is a new run: the command with half the rate and its own
-    --out."""
+    """A NaN or infinite loss (or weights): what was kept and how to try again (exit status 3). A run keeps its
+    recipe, so a lower learning rate is a new run: the command with half the rate and its own --out."""
     last = getattr(args, "stage_file", None) if args.stage else args.out / "last.pt"
     kept = (f"the last good {'file' if args.stage else 'checkpoint'} is {last}" if last and last.exists()
             else "nothing was saved")
@@ -1248,8 +1236,8 @@ def is_training(args):
 
 
 def resume_command(args, argv):
-    """The command that continues a stopped run (or starts it again where it saved nothing): argv with --resume,
-    without --overwrite; inside --fold all, which resumes by itself, argv as it is."""
+    """The command that continues a stopped run (or starts it again): argv with --resume, without --overwrite;
+    inside --fold all, which resumes by itself, argv as it is."""
     inside = getattr(args, "in_fold_all", False)
     return command([a for a in argv if a != "--overwrite"], {} if "--resume" in argv or inside else {"--resume": None})
 
@@ -1268,16 +1256,6 @@ def command(argv, flags):
     return " ".join(["python train.py", *map(shlex.quote, kept + added)])
 
 
-def original_message(err):
-    """The message of err; for one a DataLoader worker re-raised (its text is "Caught X in DataLoader worker
-    process N. Original Traceback ..."), the original exception's own last line."""
-    text = str(err).strip()
-    if text.startswith("Caught ") and "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        return last.split(": ", 1)[1] if ": " in last else last
-    return text
-
-
 def describe_run(saved):
     """The run that saved arguments `saved` (a checkpoint's "args") belong to, in words."""
     return (f"{Path(saved['model']).stem} on {saved['dataset']} {split_text(saved)}, {saved['shot']}-shot, "
@@ -1291,18 +1269,14 @@ def split_text(run):
 
 
 # ==========================================================================================================
-# Tools, each reached from main's one dispatch (tool_for): --fold all, --stage, --bench, --bench-data, --vis,
-# --predict
+# Tools, each reached from main's dispatch: --fold all, --stage, --bench, --bench-data, --vis, --predict
 # ==========================================================================================================
 
 
 def run_all_folds(args, module):
-    """--fold all: the four folds one after another, each in its own folder (OUT/foldK, or each fold's default
-    folder) with its own recipe (args.folds), then their table. Resumable: a fold trained to the end whose last
-    result was made under this protocol is taken as it is (one of another recipe stops the run with one line), an
-    interrupted one resumes (with the recipe it was trained with), a complete one without that result is evaluated.
-    With --eval-only, every fold's checkpoint (--checkpoint with {fold} in it, else the fold folder's last.pt) is
-    evaluated. Under torchrun every fold uses every process. A stop names the fold it stopped in."""
+    """--fold all: the four folds one after another, each in its own folder with its own recipe (args.folds), then
+    their table. Resumable: a fold trained to the end with a result under this protocol is taken as it is, an
+    interrupted one resumes, a complete one without that result is evaluated. A stop names the fold it stopped in."""
     rank, records = int(os.environ.get("RANK", 0)), []
     for one in args.folds:
         one.in_fold_all = True
@@ -1350,9 +1324,8 @@ def run_fold(one, args, module, rank):
 
 
 def report_folds(args, records):
-    """The papers' four-fold table: per-fold mIoU and FB-IoU and their means, each with its standard deviation
-    over the test seeds (the mean's: of the per-seed means over the folds), as text and as Markdown, then one
-    RESULT line for the mean."""
+    """The papers' four-fold table, as text and as Markdown: each fold's mIoU and FB-IoU and their means, each with
+    its standard deviation over the test seeds (the mean's: of the per-seed means), then a RESULT line."""
     per_seed = {k: np.array([r[f"seed_{k}"] for r in records]) for k in ("miou", "fbiou")}  # (folds, seeds)
     mean = {k: spread(v.mean(0).tolist()) for k, v in per_seed.items()}
     cell = lambda m, sd: f"{100 * m:.2f}" + ("" if math.isnan(sd) else f" +- {100 * sd:.2f}")  # noqa: E731
@@ -1374,10 +1347,9 @@ def report_folds(args, records):
 
 
 def train_stage(args, module):
-    """--stage NAME: the model file's STAGES[NAME](setting, schedule, options), options being the model's own
-    flags and --set ({dest: value}). A stage is a run like the others: its folder (that of the file it writes,
-    STAGE_FILES[NAME], else OUT) is locked and cleaned, the file is not replaced without --overwrite, --resume
-    continues it, and a NaN loss stops it with exit status 3."""
+    """--stage NAME: the model file's STAGES[NAME](setting, schedule, options), options: the model's own flags and
+    --set. A stage is a run like the others: its folder (that of the file it writes, STAGE_FILES[NAME], else OUT)
+    is held, its file is not replaced without --overwrite, --resume continues it, a NaN loss stops it (status 3)."""
     stages = getattr(module, "STAGES", {})
     if args.stage not in stages:
         sys.exit(f"error: --stage {args.stage}: {args.model} offers {sorted(stages) or 'no extra stage'}")
@@ -1396,29 +1368,29 @@ def train_stage(args, module):
 
 
 def bench(args, module):
-    """--bench: training steps and inference on random episodes at the configured size, without data loading:
-    ms per step, episodes/s, memory, parameters, and what one step runs (count_step): its floating-point work (and
-    share of the GPU's bf16 peak), its aten operations, and those that make the host wait for the GPU."""
+    """--bench: training steps and inference on random episodes at the run's size, without data loading: time,
+    memory, parameters, and what one step runs (count_step): its work (and share of the GPU's bf16 peak), its aten
+    operations, and those that make the host wait for the GPU."""
     device, rank, world = setup_device(args)
     model, optimizer, *_ = build_model(module, args, device, rank, world)
-    B, S, size, E = args.batch_size, args.shot, args.img_size, args.eval_batch_size
+    B, S, size, E, cuda = args.batch_size, args.shot, args.img_size, args.eval_batch_size, device.type == "cuda"
     img_q, img_s = torch.randn(B, 3, size, size, device=device), torch.randn(B, S, 3, size, size, device=device)
     m_q = torch.zeros(B, size, size, dtype=torch.long, device=device)
     m_q[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
     m_s = m_q[:, None].expand(B, S, size, size).contiguous()
     class_ids = torch.ones(B, dtype=torch.long, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     net, params = unwrap(model), [p for p in model.parameters() if p.requires_grad]
 
-    def timed(fn, steps):
-        for _ in range(max(2, steps // 5)):  # warm-up (and compilation)
+    def timed(fn):
+        for _ in range(max(2, args.bench_steps // 5)):  # warm-up (and compilation)
             fn()
         sync()
         t0 = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(args.bench_steps):
             fn()
         sync()
-        return (time.perf_counter() - t0) / steps
+        return (time.perf_counter() - t0) / args.bench_steps
 
     def train_step(model=model):  # fit's step
         with autocast(device, args.bf16):
@@ -1433,42 +1405,37 @@ def bench(args, module):
             inference(net)(img_q[:E], img_s[:E], m_s[:E], class_ids[:E])
 
     learnable, total = count_parameters(model)
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     model.train()
-    t_train = timed(train_step, args.bench_steps) if learnable else float("nan")
-    train_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else peak_rss_gib()
+    t_train = timed(train_step) if learnable else float("nan")
+    train_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else peak_rss_gib()
     counted = count_step(lambda: train_step(net), net) if learnable else dict(ops=0, syncs=[], flops=0, backbone=0)
     flops, syncs = counted["flops"], counted["syncs"]
     net.eval()
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    t_infer = timed(infer, args.bench_steps) / E
-    eval_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    precision = "bf16" if args.bf16 and device.type == "cuda" else "fp32"
-    print(f"bench {Path(args.model).stem} on {name}, torch {torch.__version__}, {size}x{size}, {S}-shot, batch {B}, "
-          f"training {precision}, evaluation {'bf16' if args.bf16_eval and device.type == 'cuda' else 'fp32'}, {E} "
-          f"episode(s) at once\n  train: {1000 * t_train:.1f} ms/step, {B / t_train:.1f} episodes/s")
+    t_infer = timed(infer) / E
+    eval_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} cores)"
+    precision = "bf16" if args.bf16 and cuda else "fp32"
     tflops = bf16_peak_tflops(device, args)
     achieved = 100 * flops / t_train / (tflops * 1e12) if flops and tflops else float("nan")
     floor = counted["backbone"] / (tflops * 1e12) if tflops else float("nan")  # s: the backbone alone at the peak
-    if flops:
-        print(f"  work: {flops / 1e12:.3f} TFLOP/step (convolutions and matrix products, forward and backward), "
-              f"{counted['backbone'] / 1e12:.3f} of them in the frozen backbone; {flops / t_train / 1e12:.2f} TFLOP/s")
-        if tflops:
-            print(f"  bf16 peak {tflops:.0f} TFLOP/s: {achieved:.1f}% achieved; "
-                  f"the backbone alone at peak takes {1000 * floor:.1f} ms, {100 * floor / t_train:.1f}% of the step")
-    if learnable:
-        print(f"  operations: {counted['ops']} per training step (aten operations, forward, backward and update: "
-              f"each launches one or more GPU kernels)\n  host syncs: {len(syncs)} per training step"
-              f"{': ' + ', '.join(sorted(set(syncs))) if syncs else ''} (operations that make the CPU wait for a GPU; "
-              "with none it queues the next step while one runs)")
-    print(f"  inference: {1000 * t_infer:.1f} ms/episode")
-    if device.type == "cuda":
-        print(f"  peak GPU memory: {train_peak:.2f} GiB training, {eval_peak:.2f} GiB evaluating {E} episode(s) "
-              "at once (--eval-batch-size)")
+    print(f"bench {Path(args.model).stem} on {name}, torch {torch.__version__}, {size}x{size}, {S}-shot, batch {B}, "
+          f"training {precision}, evaluation {'bf16' if args.bf16_eval and cuda else 'fp32'}, {E} episode(s) at once"
+          f"\n  train: {1000 * t_train:.1f} ms/step, {B / t_train:.1f} episodes/s; inference {1000 * t_infer:.1f} "
+          f"ms/episode\n  work: {flops / 1e12:.3f} TFLOP/step (convolutions and matrix products), "
+          f"{counted['backbone'] / 1e12:.3f} of them in the frozen backbone; {flops / t_train / 1e12:.2f} TFLOP/s")
+    if flops and tflops:
+        print(f"  bf16 peak {tflops:.0f} TFLOP/s: {achieved:.1f}% achieved; the backbone alone at peak takes "
+              f"{1000 * floor:.1f} ms, {100 * floor / t_train:.1f}% of the step")
+    print(f"  operations: {counted['ops']} per training step (aten operations: one or more GPU kernels each)\n"
+          f"  host syncs: {len(syncs)} per training step{': ' + ', '.join(sorted(set(syncs))) if syncs else ''} "
+          "(operations that make the CPU wait for the GPU instead of queueing the next step)")
+    if cuda:
+        print(f"  peak GPU memory: {train_peak:.2f} GiB training, {eval_peak:.2f} GiB evaluating")
     else:
         print(f"  peak process memory: {train_peak:.2f} GiB (resident, since the program started)")
     print(f"  parameters: {learnable / 1e6:.2f}M learnable, {total / 1e6:.2f}M total")
@@ -1481,16 +1448,14 @@ def bench(args, module):
           flush=True)  # one line for scripts, as RESULT
 
 
-# Dense (no sparsity) bf16 tensor-core TFLOP/s from NVIDIA's data sheets, matched in order against the device
-# name: the denominator of --bench's achieved fraction.
+# Dense bf16 tensor-core TFLOP/s from NVIDIA's data sheets, matched in order against whole words of the device name
 BF16_PEAK_TFLOPS = (("H200 NVL", 835.5), ("H200", 989.4), ("H100 NVL", 835.5), ("H100 PCIe", 756.5),
                     ("H100", 989.4), ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0),
-                    ("A10", 125.0))  # a key matches whole words of the name: "A10" is not the A10G
+                    ("A10", 125.0))  # "A10" is not the A10G
 BENCH_DATA_IMAGES = 300  # --bench-data without a dataset: this many PASCAL-sized JPEGs in a temporary folder
 BENCH_DATA_SECONDS = 10.0  # --bench-data: time spent per worker count
-# Operations after which the host must wait for a GPU: a value read back (.item(), float(t), `if t:`), an output
-# whose size depends on the values (nonzero, torch.where(c), unique, masked_select, repeat_interleave by a tensor).
-# Boolean indexing and copies to the CPU are recognised by their arguments (sync_op).
+# Operations after which the host waits for a GPU: a value read back (.item(), float(t), `if t:`), an output sized
+# by the values (nonzero, unique, ...). Boolean indexing and copies to the CPU are told by their arguments (sync_op).
 HOST_SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
                            "unique_consecutive", "equal", "is_nonzero", "bincount"})
 
@@ -1514,13 +1479,10 @@ def sync_op(func, args, kwargs):
 
 
 def count_step(fn, net=None):
-    """What fn() runs, forward and backward: {"ops": its aten operations (on a GPU each launches one or more
-    kernels), "syncs": those that make the host wait for a GPU (sync_op), in order, "flops": the floating-point
-    operations of its convolutions and matrix products by torch.utils.flop_counter's formulas (2 per multiply-add;
-    elementwise work not counted), "backbone": those run inside a common.Backbone of `net`}. Found by what the
-    operations are, not by timing, so a CPU run counts them too. A dispatch mode with forward hooks, not
-    FlopCounterMode (its module hooks break OCNet's torch.autograd.grad) or torch.profiler (it finds no sync on a
-    CPU)."""
+    """What fn() runs, forward and backward: {"ops": aten operations, "syncs": those that make the host wait (sync_op),
+    "flops": its convolutions' and matrix products' (torch.utils.flop_counter's formulas), "backbone": those inside
+    a common.Backbone of `net`}. A dispatch mode, so a CPU run counts them too: FlopCounterMode's module hooks break
+    OCNet's torch.autograd.grad, and torch.profiler finds no host sync on a CPU."""
     counted, inside = dict(ops=0, syncs=[], flops=0, backbone=0), [0]
 
     class Count(TorchDispatchMode):
@@ -1553,7 +1515,7 @@ def count_step(fn, net=None):
 
 
 def peak_rss_gib():
-    """The process's peak resident memory in GiB (Linux and macOS; NaN where the OS does not say)."""
+    """The process's peak resident memory in GiB (NaN where the OS does not say)."""
     try:
         import resource  # POSIX only
     except ImportError:
@@ -1571,9 +1533,8 @@ def bf16_peak_tflops(device, args):
 
 
 def bench_data(args, module):
-    """Training episodes/s that data.py delivers to the device (decode, augment, collate, to_device) with 0, 1, 2,
-    4, ... --workers DataLoader workers, per worker, and the bytes of one batch, which cross from a worker to the
-    main process. PASCAL without --data-root: BENCH_DATA_IMAGES generated JPEGs in a temporary folder."""
+    """Training episodes/s that data.py delivers to the device with 0, 1, 2, 4, ... --workers DataLoader workers,
+    and the bytes of a batch (what crosses from a worker). PASCAL without --data-root: generated JPEGs."""
     device, _, _ = setup_device(args)
     with tempfile.TemporaryDirectory() as tmp:
         if args.dataset == "pascal" and args.data_root is None:
@@ -1585,11 +1546,9 @@ def bench_data(args, module):
             sys.exit(f"error: {len(dataset)} training episodes do not fill one batch of {args.batch_size}")
         print(f"bench-data {args.dataset}, {args.img_size}x{args.img_size}, {args.shot}-shot, batch "
               f"{args.batch_size}, {os.cpu_count()} CPU cores", flush=True)
-        counts = sorted({0, args.workers} | {2 ** k for k in range(8) if 2 ** k < args.workers})
-        for workers in counts:
-            args.workers = workers
+        for workers in sorted({0, args.workers} | {2 ** k for k in range(8) if 2 ** k < args.workers}):
             sampler = data.EpisodeSampler(len(dataset), shuffle=True, seed=args.seed, batch_size=args.batch_size)
-            loader = data.make_loader(dataset, sampler, args.batch_size, args.workers, device, drop_last=True,
+            loader = data.make_loader(dataset, sampler, args.batch_size, workers, device, drop_last=True,
                                       worker_init_fn=ignore_stop_signals)
             first = next(iter(loader))  # the workers start; persistent, they stay for the epochs below
             size = sum(t.nbytes for v in first.values() for t in (v if isinstance(v, list) else [v]))
@@ -1611,8 +1570,8 @@ def bench_data(args, module):
 
 
 def write_pascal_like(root, n, seed=0):
-    """n PASCAL-sized (500x375) JPEGs with their label PNGs and VOC's list files under root, for --bench-data
-    without the dataset: the synthetic renderer's objects (its 20 classes stand in for VOC's 20)."""
+    """n PASCAL-sized (500x375) JPEGs, their label PNGs and VOC's list files under root: the synthetic renderer's
+    objects, its 20 classes standing in for VOC's."""
     for sub in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     rng, names = np.random.default_rng(seed), [f"{i:06d}" for i in range(n)]
@@ -1627,10 +1586,6 @@ def write_pascal_like(root, n, seed=0):
     (sets / "val.txt").write_text("\n".join(names[n * 4 // 5:]) + "\n")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Tools: --vis and --predict
-
-
 def overlay(img, mask, colour):
     """img uint8 (3,H,W), mask (H,W) in {0,1,255} -> uint8 (H,W,3): object tinted, ignore pixels greyed."""
     out = img.permute(1, 2, 0).float()
@@ -1641,10 +1596,8 @@ def overlay(img, mask, colour):
 
 
 def visualise(model, args, device, rank):
-    """--vis N: N PNGs of test episodes (seed 0) in OUT/vis: supports with their masks | query with ground truth |
-    prediction."""
-    net = unwrap(model).eval()
-    infer = inference(net)
+    """--vis N: N PNGs of test episodes (seed 0) in OUT/vis: supports | query with ground truth | prediction."""
+    infer = inference(unwrap(model).eval())
     dataset = episodes(args, "test")
     folder = args.out / "vis"
     folder.mkdir(parents=True, exist_ok=True)
@@ -1675,27 +1628,15 @@ def read_user_mask(path):
     return torch.from_numpy((pixels.reshape(*pixels.shape[:2], -1) != 0).any(-1).astype(np.int64))
 
 
-def output_stems(paths):
-    """The file stem each query's outputs are named by: its own, numbered where two queries share one
-    (a/photo.jpg, b/photo.jpg -> photo, photo-2), so that no output replaces another of the same call."""
-    stems, seen = [], {}
-    for path in paths:
-        stem = Path(path).stem
-        seen[stem] = seen.get(stem, 0) + 1
-        stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
-    return stems
-
-
 @torch.no_grad()
 def predict_files(args, module):
-    """--predict: a trained model on the user's own images; writes QUERY_mask.png (0/255) and QUERY_overlay.png
-    for every --query into --out (default: the checkpoint's folder/predict)."""
+    """--predict: a trained model on the user's own images: QUERY_mask.png (0/255) and QUERY_overlay.png for every
+    --query in --out (default: the checkpoint's folder/predict)."""
     device, rank, world = setup_device(args)
     if "out" not in args.given:
         args.out = (Path(args.checkpoint).parent if args.checkpoint else Path(common.RUNS_DIR) / "baseline") / "predict"
     model, *_ = build_model(module, args, device, rank, world)
-    net = unwrap(model).eval()
-    infer = inference(net)
+    infer = inference(unwrap(model).eval())
     try:
         images = [data.load_image(path, upright=True) for path in [*args.support, *args.query]]  # as shown
     except OSError as err:  # names the file
@@ -1710,14 +1651,17 @@ def predict_files(args, module):
     m_s = torch.stack([s[1] for s in supports])[None].to(device)  # (1,S,H,W)
     if (m_s == 1).sum() == 0:
         sys.exit("error: every --support-mask is empty: mark the object with nonzero pixels")
+    stems = []
     try:
         args.out.mkdir(parents=True, exist_ok=True)
-        for path, img, stem in zip(args.query, images[len(args.support):], output_stems(args.query)):
+        for path, img in zip(args.query, images[len(args.support):]):
             img_q, _ = data.test_transform(img, torch.zeros(img.shape[1:], dtype=torch.long), args.img_size)
             with autocast(device, args.bf16_eval):
                 logits = infer(img_q[None].to(device), img_s, m_s, None)
             pred = data.logits_to_original(logits[0].float().cpu(), img.shape[1:]).argmax(0)  # (H0,W0)
-            stem = args.out / stem
+            stems.append(Path(path).stem)  # numbered where queries share one (a/x.jpg, b/x.jpg: x, x-2)
+            n = stems.count(stems[-1])
+            stem = args.out / (stems[-1] if n == 1 else f"{stems[-1]}-{n}")
             Image.fromarray((pred * 255).to(torch.uint8).numpy()).save(f"{stem}_mask.png")
             Image.fromarray(overlay(img, pred, (255, 0, 0))).save(f"{stem}_overlay.png")
             print(f"{path}: {100 * pred.float().mean():.1f}% of the pixels -> {stem}_mask.png, {stem}_overlay.png")
