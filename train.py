@@ -62,10 +62,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-try:
-    import fcntl  # POSIX: the run folder's lock
+try:  # POSIX: the run folder's lock, --bench's peak memory on a CPU
+    import fcntl
+    import resource
 except ImportError:
-    fcntl = None
+    fcntl = resource = None
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
@@ -76,14 +77,10 @@ import data
 MODELS = ("ocnet", "qgnet", "crcnet", "symnet", "qpenet", "baseline")
 MOMENTUM, WEIGHT_DECAY, POLY_POWER = 0.9, 1e-4, 0.9  # PFENet train.py and util.poly_learning_rate, as its lineage
 MAX_LR = 10.0  # --lr above this is a typo (the recipes run 0.0025-0.05)
-# --img-size floor: a 4x4 grid at the ResNets' output stride 8 (2x2 at VGG's 16), the smallest on which every model's
-# windows and pyramids still see more than one pixel of context; a crop of a few pixels holds no object to segment
-MIN_IMG_SIZE = 32
-# The recipe where a model file gives none for a dataset (the baseline, your own model file). PASCAL and COCO:
-# PFENet's configs as its code runs them, every learning rate x10 (poly_learning_rate(..., scale_lr=10)):
-# PASCAL base_lr 0.0025 -> 0.025 at batch 4; COCO the one-GPU setting of its config's comment, base_lr 0.005 ->
-# 0.05 at batch 8 (its 4-GPU run: 0.02 x 10 at batch 32, the same rate per episode). Synthetic: the quick start,
-# a few minutes on 2 CPU cores (README). Folder (your own data) and FSS-1000: PASCAL's.
+MIN_IMG_SIZE = 32  # a 4x4 grid at output stride 8: the least on which every model's windows see some context
+# The recipe where a model file gives none for a dataset (the baseline, your own model). PASCAL and COCO: PFENet's
+# configs as its code runs them, learning rates x10 (scale_lr=10): PASCAL 0.0025 -> 0.025 at batch 4, COCO its
+# one-GPU setting 0.005 -> 0.05 at batch 8. Synthetic: the quick start (README). Folder and FSS-1000: PASCAL's.
 HARNESS_DEFAULTS = {
     "pascal": dict(lr=0.025, batch_size=4, epochs=200, img_size=473, augment="pfenet"),
     "folder": dict(lr=0.025, batch_size=4, epochs=200, img_size=473, augment="pfenet"),
@@ -92,8 +89,8 @@ HARNESS_DEFAULTS = {
     "fss1000": dict(lr=0.025, batch_size=4, epochs=200, img_size=473, augment="pfenet"),
 }
 EPISODE_DEFAULTS = dict(dataset="pascal", fold=0, coco_split="interleaved")  # unless a checkpoint has its own
-# The recipe --resume restores (with the model's own flags and --set, but for its EVALUATION_FLAGS) and --fold all
-# checks: a run trained with other values would not be the run it continues. Everything else may change.
+# The recipe --resume restores and --fold all checks (with the model's own flags and --set, but EVALUATION_FLAGS):
+# a run trained with other values would not be the run it continues. Everything else may change.
 RESUME_RECIPE = ("epochs", "batch_size", "lr", "img_size", "train_length", "seed", "augment", "bf16",
                  "support_boxes", "backbone_weights", "no_pretrained", "select_best", "val_every")
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # a training run's files in its folder (--overwrite removes)
@@ -101,9 +98,7 @@ EXIT_NONFINITE, EXIT_INTERRUPTED, EXIT_TERMINATED = 3, 130, 143  # NaN loss; Ctr
 WORKER_GRACE = 2.0  # seconds a DataLoader worker outlives a SIGTERM: the main process stops first
 
 
-# ==========================================================================================================
-# The run, top to bottom: arguments, device, data, model, optimiser, training, evaluation, report
-# ==========================================================================================================
+# ====== The run, top to bottom: arguments, device, data, model, optimiser, training, evaluation, report
 
 
 def main(argv=None):
@@ -376,9 +371,7 @@ def spread(values):
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
 
 
-# ==========================================================================================================
-# Arguments: the flags, --set, and the one order in which a run's values are chosen (resolve)
-# ==========================================================================================================
+# ====== Arguments: the flags, --set, and the one order in which a run's values are chosen (resolve)
 
 
 class Parser(argparse.ArgumentParser):
@@ -739,11 +732,9 @@ def default_out(args, fold, module):
 
 def fold_arg(text):
     """argparse type of --fold: 0..3, or "all"."""
-    if text == "all":
-        return text
-    if text not in ("0", "1", "2", "3"):
+    if text not in ("0", "1", "2", "3", "all"):
         raise argparse.ArgumentTypeError(f"must be 0, 1, 2, 3 or all, got {text!r}")
-    return int(text)
+    return text if text == "all" else int(text)
 
 
 def class_ids_arg(text):
@@ -777,9 +768,7 @@ def learning_rate(text):
     return value
 
 
-# ==========================================================================================================
-# The pieces of a run: data, the model file, the model and its checkpoints, the built-in baseline, devices
-# ==========================================================================================================
+# ====== The pieces of a run: data, the model file, the model and its checkpoints, the built-in baseline, devices
 
 
 def episodes(args, split):
@@ -826,7 +815,11 @@ def ignore_stop_signals(worker_id):
 def load_model_module(name):
     """A model file by name (`symnet`), the built-in `baseline`, or a .py path; one that does not load: one line."""
     if name == "baseline":
-        return baseline_module()
+        module = types.ModuleType("baseline", PrototypeBaseline.__doc__)  # a model file's interface: the same path
+        module.Config, module.Model = BaselineConfig, PrototypeBaseline
+        module.add_args = lambda parser: parser.add_argument(
+            "--baseline-features", choices=["layer1", "layer2", "layer3", "layer4", "image"], help="default layer3")
+        return module
     if name.endswith(".py"):
         path = Path(name)
         if not path.is_file():
@@ -862,14 +855,10 @@ def make_config(module, args, saved=None):
     are left out), the backbone flags (not for a checkpoint: its weights are all in it), the model's own flags and
     --set. The rest of the run reaches the model as a common.Setting (setting_of)."""
     given = {k: getattr(args, k) for k in args.own_flags if getattr(args, k) is not None}
-    backbone = {"pretrained": False} if saved else {"backbone": args.backbone, "pretrained": backbone_weights(args)}
+    pretrained = args.backbone_weights or not args.no_pretrained  # a weight file, True (ImageNet) or False
+    backbone = {"pretrained": False} if saved else {"backbone": args.backbone, "pretrained": pretrained}
     names = {field.name for field in dataclasses.fields(module.Config)}
     return module.Config(**{k: v for k, v in {**(saved or {}), **backbone, **given, **args.set}.items() if k in names})
-
-
-def backbone_weights(args):
-    """A Backbone's `pretrained`: the --backbone-weights file, else True (ImageNet) or False (--no-pretrained)."""
-    return args.backbone_weights or not args.no_pretrained
 
 
 def setting_of(args, from_checkpoint=False):
@@ -881,8 +870,8 @@ def setting_of(args, from_checkpoint=False):
         count = None
     return common.Setting(dataset=args.dataset, fold=args.fold, coco_split=args.coco_split, data_root=args.data_root,
                           test_classes=tuple(args.test_classes) if args.test_classes else None, shot=args.shot,
-                          img_size=args.img_size, backbone=args.backbone, pretrained=backbone_weights(args),
-                          from_checkpoint=from_checkpoint, num_classes=count)
+                          img_size=args.img_size, backbone=args.backbone, from_checkpoint=from_checkpoint,
+                          pretrained=args.backbone_weights or not args.no_pretrained, num_classes=count)
 
 
 def construct(module, cfg, setting):
@@ -1033,15 +1022,6 @@ class PrototypeBaseline(nn.Module):
         return total, {"main": total}
 
 
-def baseline_module():
-    """`--model baseline` as a module with a model file's interface, so that it takes the same code path."""
-    module = types.ModuleType("baseline", PrototypeBaseline.__doc__)
-    module.Config, module.Model = BaselineConfig, PrototypeBaseline
-    module.add_args = lambda parser: parser.add_argument(
-        "--baseline-features", choices=["layer1", "layer2", "layer3", "layer4", "image"], help="default layer3")
-    return module
-
-
 def setup_device(args=None):
     """(device, rank, world). Under torchrun every process takes its own GPU (or CPU with gloo)."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -1084,9 +1064,7 @@ def count_parameters(model):
     return learnable, sum(p.numel() for p in model.parameters())
 
 
-# ==========================================================================================================
-# Run folders and stops: nothing a user made is lost, and every stop says what was kept and what to do next
-# ==========================================================================================================
+# ====== Run folders and stops: nothing a user made is lost, and every stop says what was kept and what to do next
 
 
 @contextmanager
@@ -1183,7 +1161,8 @@ def stops_cleanly(args, argv):
         sys.exit(f"error: {text}")
     except common.SaveError as err:  # a full disk, a lost mount: what was written before is intact
         run = getattr(err, "run", args)
-        again = resume_command(run, argv) if is_training(run) else "the same command"
+        training = not (run.eval_only or run.bench or run.predict or run.bench_data)
+        again = resume_command(run, argv) if training else "the same command"
         sys.exit(f"error: {err}; free space there (or give another --out), then continue with: {again}")
     except (common.WeightsUnavailableError, common.LogError) as err:
         sys.exit(f"error: {err}")
@@ -1199,7 +1178,7 @@ def stop_interrupted(args, argv, terminated=False):
     last = getattr(args, "stage_file", None) if args.stage else args.out / "last.pt" if args.out else None
     how = "stopped by SIGTERM" if terminated else "interrupted"
     inside = f" in fold {args.fold} of --fold all" if getattr(args, "in_fold_all", False) else ""
-    if not is_training(args) or last is None:
+    if args.eval_only or args.bench or args.predict or args.bench_data or last is None:  # nothing to continue
         message = how
     elif last.exists():
         what = "the stage's file" if args.stage else "the last finished epoch"
@@ -1228,11 +1207,6 @@ def stop_nonfinite(args, argv, err):
     where = f" in --stage {args.stage}" if args.stage else ""
     log(int(os.environ.get("RANK", 0)), f"error: {err}{where}; stopping. {kept}; {again}")
     sys.exit(EXIT_NONFINITE)
-
-
-def is_training(args):
-    """Whether a run trains (or runs a stage), as opposed to a tool that only reads (evaluation, bench, predict)."""
-    return not (args.eval_only or args.bench or args.predict or args.bench_data)
 
 
 def resume_command(args, argv):
@@ -1268,9 +1242,7 @@ def split_text(run):
     return f"classes {','.join(map(str, classes))}" if classes else f"fold {run['fold']}"
 
 
-# ==========================================================================================================
-# Tools, each reached from main's dispatch: --fold all, --stage, --bench, --bench-data, --vis, --predict
-# ==========================================================================================================
+# ====== Tools, each reached from main's dispatch: --fold all, --stage, --bench, --bench-data, --vis, --predict
 
 
 def run_all_folds(args, module):
@@ -1409,7 +1381,12 @@ def bench(args, module):
         torch.cuda.reset_peak_memory_stats()
     model.train()
     t_train = timed(train_step) if learnable else float("nan")
-    train_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else peak_rss_gib()
+    if cuda:
+        train_peak = torch.cuda.max_memory_allocated() / 2**30
+    elif resource is not None:  # the process's peak resident memory: KiB on Linux, bytes on macOS
+        train_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
+    else:
+        train_peak = float("nan")
     counted = count_step(lambda: train_step(net), net) if learnable else dict(ops=0, syncs=[], flops=0, backbone=0)
     flops, syncs = counted["flops"], counted["syncs"]
     net.eval()
@@ -1512,16 +1489,6 @@ def count_step(fn, net=None):
         for handle in handles:
             handle.remove()
     return counted
-
-
-def peak_rss_gib():
-    """The process's peak resident memory in GiB (NaN where the OS does not say)."""
-    try:
-        import resource  # POSIX only
-    except ImportError:
-        return float("nan")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def bf16_peak_tflops(device, args):
