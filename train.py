@@ -102,8 +102,7 @@ WORKER_GRACE = 2.0  # seconds a DataLoader worker outlives a SIGTERM: the main p
 
 
 def main(argv=None):
-    """Parse the command line and run it, or the tool it names (at the end of this file). Every way a run can end
-    badly (a bad data file, a full disk, Ctrl-C, SIGTERM, a NaN loss) ends in one line and a non-zero exit status."""
+    """Parse the command line and run it, or the tool it names; a bad end is one line and a non-zero exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args, module = parse_args(argv)
     tools = ((args.fold == "all", run_all_folds), (args.bench_data, bench_data), (args.stage, train_stage),
@@ -146,8 +145,7 @@ def train_and_evaluate(args, module):
 
 
 def train(model, optimizer, args, cfg, device, rank, world, log_file, resumed=None):
-    """Epochs of episodic SGD (fit) on PFENet's poly schedule; after every epoch the checkpoint (and with
-    --select-best a validation and best.pt). resumed: the --resume checkpoint, whose weights are loaded already."""
+    """Epochs of episodic SGD (fit) on PFENet's poly schedule, the checkpoint after each (--select-best: best.pt)."""
     dataset = episodes(args, "train")
     per_rank = args.batch_size // world
     sampler = data.EpisodeSampler(len(dataset), rank, world, shuffle=True, seed=args.seed, batch_size=per_rank)
@@ -267,8 +265,7 @@ def step_if_finite(optimizer, params, loss):
 
 @torch.no_grad()
 def evaluate(model, loader, dataset, device, args, seed, recall=None):
-    """One test seed's common.IoUMeter at the original resolution; with `recall` (--region-recall) the region maps'
-    recall too."""
+    """One test seed's common.IoUMeter at the original resolution (and the region maps' recall, --region-recall)."""
     net = unwrap(model).eval()
     infer = inference(net)
     meter = common.IoUMeter(dataset.num_classes, device=device)
@@ -294,8 +291,7 @@ def evaluate(model, loader, dataset, device, args, seed, recall=None):
 
 
 def evaluate_protocol(model, args, device, rank, world, split="test"):
-    """Every test seed of `split` -> {miou, fbiou and their std over the seeds, per_class, fg_prob [on background,
-    on foreground], seeds (per-seed scores), dataset, recall (--region-recall, else None)}."""
+    """Every test seed of `split` -> miou, fbiou, their std over the seeds, per_class, fg_prob, seeds, recall."""
     dataset = episodes(args, split)
     loader = data.make_loader(dataset, data.EpisodeSampler(len(dataset), rank, world), args.eval_batch_size,
                               args.workers, device, drop_last=False, worker_init_fn=ignore_stop_signals)
@@ -545,9 +541,8 @@ def recipe_value(value, args):
 
 
 def restore_recipe(args, module):
-    """--resume: the recipe of OUT/last.pt (recipes), so that `--resume` alone continues the run it names. A
-    checkpoint of another run, or a flag given now with another value, is refused with both. Without OUT/last.pt (a
-    run stopped before its first checkpoint) the run starts from the beginning."""
+    """--resume: the recipe of OUT/last.pt (recipes), refusing another run's checkpoint or a flag given now with
+    another value. Without OUT/last.pt (stopped before its first checkpoint) the run starts from the beginning."""
     last = args.out / "last.pt"
     if not last.exists():
         print(f"--resume: {args.out} has no checkpoint yet: the run starts from its first epoch", flush=True)
@@ -571,8 +566,7 @@ def restore_recipe(args, module):
 
 
 def recipes(args, module, saved):
-    """(keys, then, now): the recipe's keys that a checkpoint's arguments `saved` hold (RESUME_RECIPE, the model's
-    own flags, "set"; EVALUATION_FLAGS left out), and the recipe as saved and as asked, by key."""
+    """(keys, then, now): the recipe keys `saved` holds (EVALUATION_FLAGS aside), the recipe as saved and as asked."""
     free = set(getattr(module, "EVALUATION_FLAGS", ()))
     keys = [k for k in (*RESUME_RECIPE, *args.own_flags) if k in saved and k not in free] + ["set"]
     recipe_set = lambda values: {k: v for k, v in values.items() if k not in free}  # noqa: E731
@@ -605,15 +599,13 @@ def check_flags(parser, args, module):
 
 
 def settable_fields(module, stage=None):
-    """{name: dataclasses.Field} that --set takes: the model's Config (with --stage, STAGE_CONFIGS[stage] where the
-    model has one) but the backbone's fields, which have flags of their own."""
+    """{name: Field} --set takes: the Config's (--stage: STAGE_CONFIGS's) but the backbone's, which have flags."""
     config = getattr(module, "STAGE_CONFIGS", {}).get(stage, module.Config)
     return {f.name: f for f in dataclasses.fields(config) if f.name not in ("backbone", "pretrained")}
 
 
 def config_values(parser, module, items, args):
-    """--set FIELD=VALUE ... -> {field: value}, each typed by its field; an unknown field, a value that does not fit,
-    or a field that the model's own flag sets too: one line (argparse's error)."""
+    """--set FIELD=VALUE ... -> {field: value}, each typed by its field; a bad one is argparse's one-line error."""
     fields, values = settable_fields(module, args.stage), {}
     for item in items:
         name, equals, text = item.partition("=")
@@ -707,10 +699,8 @@ def option(parser, dest):
 
 
 def default_out(args, fold, module):
-    """runs/MODEL-SPLIT-Sshot[-BACKBONE][-FLAG=VALUE...][-FIELD=VALUE...] when --out names none: every recipe flag
-    given and every --set field, so that the rows of a paper's table never share a folder. --eval-only of a given
-    --checkpoint: CHECKPOINT_FOLDER/eval-STEM-..., beside it, never in a training run's folder (whose last result
-    --fold all reads as that run's)."""
+    """runs/MODEL-SPLIT-Sshot[-BACKBONE][-FLAG=VALUE...][-FIELD=VALUE...]: every recipe flag given and --set field,
+    so that a table's rows never share a folder. --eval-only of a --checkpoint: beside it, CHECKPOINT_FOLDER/eval-..."""
     split = data.split_name(args.dataset, fold, args.data_root, args.test_classes, args.coco_split)
     free = set(getattr(module, "EVALUATION_FLAGS", ()))
     given = sorted(k for k in (*RESUME_RECIPE, *args.own_flags) if k in args.given and k not in free)
@@ -784,8 +774,7 @@ def episodes(args, split):
 
 
 def validation_split(args):
-    """Where --select-best validates: FSS-1000's validation classes (HSNet's choice), else the test fold (optimistic:
-    PASCAL-5i and COCO-20i have no validation classes)."""
+    """Where --select-best validates: FSS-1000's val classes, else the test fold (PASCAL, COCO have no val classes)."""
     return "val" if args.dataset == "fss1000" else "test"
 
 
@@ -851,9 +840,8 @@ def load_model_module(name):
 
 
 def make_config(module, args, saved=None):
-    """The model's Config: the paper's defaults (or a checkpoint's `saved` Config, whose fields that no longer exist
-    are left out), the backbone flags (not for a checkpoint: its weights are all in it), the model's own flags and
-    --set. The rest of the run reaches the model as a common.Setting (setting_of)."""
+    """The model's Config: the paper's defaults (or a checkpoint's `saved` Config), the backbone flags (not for a
+    checkpoint), the model's own flags and --set. The rest reaches the model as a common.Setting (setting_of)."""
     given = {k: getattr(args, k) for k in args.own_flags if getattr(args, k) is not None}
     pretrained = args.backbone_weights or not args.no_pretrained  # a weight file, True (ImageNet) or False
     backbone = {"pretrained": False} if saved else {"backbone": args.backbone, "pretrained": pretrained}
@@ -883,8 +871,7 @@ def construct(module, cfg, setting):
 
 
 def build_model(module, args, device, rank, world):
-    """(model, optimizer, cfg, resumed): the model from the flags, --checkpoint or (--resume) OUT/last.pt, random
-    backbones calibrated; channels-last, compiled, in DDP as asked. resumed: the --resume checkpoint or None."""
+    """(model, optimizer, cfg, resumed): from the flags, --checkpoint or (--resume) OUT/last.pt; in DDP as asked."""
     state = read_checkpoint(args.checkpoint) if args.checkpoint else None
     resumed = read_checkpoint(args.out / "last.pt") if args.resume and (args.out / "last.pt").exists() else None
     cfg = make_config(module, args, state and state["config"])
@@ -915,8 +902,7 @@ def build_model(module, args, device, rank, world):
 
 
 def calibrate_random_backbones(model, args, device, rank):
-    """--no-pretrained: every random-weight common.Backbone gets BatchNorm statistics estimated on the first
-    common.CALIBRATION_IMAGES training images (the same for every model and process), saved with the weights."""
+    """--no-pretrained: random backbones get BatchNorm statistics of the first common.CALIBRATION_IMAGES images."""
     backbones = [m for m in model.modules() if isinstance(m, common.Backbone) and m.needs_statistics]
     if not backbones:
         return
@@ -1192,8 +1178,7 @@ def stop_interrupted(args, argv, terminated=False):
 
 
 def stop_nonfinite(args, argv, err):
-    """A NaN or infinite loss (or weights): what was kept and how to try again (exit status 3). A run keeps its
-    recipe, so a lower learning rate is a new run: the command with half the rate and its own --out."""
+    """A NaN or infinite loss (or weights): what was kept and how to try again, a new run at half the rate; exit 3."""
     last = getattr(args, "stage_file", None) if args.stage else args.out / "last.pt"
     kept = (f"the last good {'file' if args.stage else 'checkpoint'} is {last}" if last and last.exists()
             else "nothing was saved")
@@ -1210,8 +1195,7 @@ def stop_nonfinite(args, argv, err):
 
 
 def resume_command(args, argv):
-    """The command that continues a stopped run (or starts it again): argv with --resume, without --overwrite;
-    inside --fold all, which resumes by itself, argv as it is."""
+    """The command that continues a stopped run: argv with --resume (not in --fold all, which resumes by itself)."""
     inside = getattr(args, "in_fold_all", False)
     return command([a for a in argv if a != "--overwrite"], {} if "--resume" in argv or inside else {"--resume": None})
 
@@ -1246,9 +1230,8 @@ def split_text(run):
 
 
 def run_all_folds(args, module):
-    """--fold all: the four folds one after another, each in its own folder with its own recipe (args.folds), then
-    their table. Resumable: a fold trained to the end with a result under this protocol is taken as it is, an
-    interrupted one resumes, a complete one without that result is evaluated. A stop names the fold it stopped in."""
+    """--fold all: each fold in its own folder with its own recipe (args.folds), then their table. Resumable: a fold
+    that is complete is taken as it is, an interrupted one resumes. A stop names the fold it stopped in."""
     rank, records = int(os.environ.get("RANK", 0)), []
     for one in args.folds:
         one.in_fold_all = True
@@ -1296,8 +1279,7 @@ def run_fold(one, args, module, rank):
 
 
 def report_folds(args, records):
-    """The papers' four-fold table, as text and as Markdown: each fold's mIoU and FB-IoU and their means, each with
-    its standard deviation over the test seeds (the mean's: of the per-seed means), then a RESULT line."""
+    """The papers' four-fold table as text and as Markdown (+- over the test seeds), then a RESULT line."""
     per_seed = {k: np.array([r[f"seed_{k}"] for r in records]) for k in ("miou", "fbiou")}  # (folds, seeds)
     mean = {k: spread(v.mean(0).tolist()) for k, v in per_seed.items()}
     cell = lambda m, sd: f"{100 * m:.2f}" + ("" if math.isnan(sd) else f" +- {100 * sd:.2f}")  # noqa: E731
@@ -1319,9 +1301,8 @@ def report_folds(args, records):
 
 
 def train_stage(args, module):
-    """--stage NAME: the model file's STAGES[NAME](setting, schedule, options), options: the model's own flags and
-    --set. A stage is a run like the others: its folder (that of the file it writes, STAGE_FILES[NAME], else OUT)
-    is held, its file is not replaced without --overwrite, --resume continues it, a NaN loss stops it (status 3)."""
+    """--stage NAME: the model's STAGES[NAME](setting, schedule, options), options: its own flags and --set. A stage
+    is held, kept and resumed as a run is, in the folder of the file it writes (STAGE_FILES[NAME], else OUT)."""
     stages = getattr(module, "STAGES", {})
     if args.stage not in stages:
         sys.exit(f"error: --stage {args.stage}: {args.model} offers {sorted(stages) or 'no extra stage'}")
@@ -1340,9 +1321,8 @@ def train_stage(args, module):
 
 
 def bench(args, module):
-    """--bench: training steps and inference on random episodes at the run's size, without data loading: time,
-    memory, parameters, and what one step runs (count_step): its work (and share of the GPU's bf16 peak), its aten
-    operations, and those that make the host wait for the GPU."""
+    """--bench: time, memory and parameters of training steps and inference on random episodes, without data
+    loading, and what one step runs (count_step): its work, its aten operations and its host syncs."""
     device, rank, world = setup_device(args)
     model, optimizer, *_ = build_model(module, args, device, rank, world)
     B, S, size, E, cuda = args.batch_size, args.shot, args.img_size, args.eval_batch_size, device.type == "cuda"
@@ -1400,21 +1380,21 @@ def bench(args, module):
     tflops = bf16_peak_tflops(device, args)
     achieved = 100 * flops / t_train / (tflops * 1e12) if flops and tflops else float("nan")
     floor = counted["backbone"] / (tflops * 1e12) if tflops else float("nan")  # s: the backbone alone at the peak
+    peak = (f", {achieved:.1f}% of the bf16 peak {tflops:.0f}; the backbone alone at peak takes "
+            f"{100 * floor / t_train:.1f}% of the step") if flops and tflops else ""
+    memory = f"peak GPU memory: {train_peak:.2f} GiB training, {eval_peak:.2f} GiB evaluating" if cuda else (
+        f"peak process memory: {train_peak:.2f} GiB (resident)")
     print(f"bench {Path(args.model).stem} on {name}, torch {torch.__version__}, {size}x{size}, {S}-shot, batch {B}, "
           f"training {precision}, evaluation {'bf16' if args.bf16_eval and cuda else 'fp32'}, {E} episode(s) at once"
           f"\n  train: {1000 * t_train:.1f} ms/step, {B / t_train:.1f} episodes/s; inference {1000 * t_infer:.1f} "
-          f"ms/episode\n  work: {flops / 1e12:.3f} TFLOP/step (convolutions and matrix products), "
-          f"{counted['backbone'] / 1e12:.3f} of them in the frozen backbone; {flops / t_train / 1e12:.2f} TFLOP/s")
-    if flops and tflops:
-        print(f"  bf16 peak {tflops:.0f} TFLOP/s: {achieved:.1f}% achieved; the backbone alone at peak takes "
-              f"{1000 * floor:.1f} ms, {100 * floor / t_train:.1f}% of the step")
-    print(f"  operations: {counted['ops']} per training step (aten operations: one or more GPU kernels each)\n"
-          f"  host syncs: {len(syncs)} per training step{': ' + ', '.join(sorted(set(syncs))) if syncs else ''} "
-          "(operations that make the CPU wait for the GPU instead of queueing the next step)")
-    if cuda:
-        print(f"  peak GPU memory: {train_peak:.2f} GiB training, {eval_peak:.2f} GiB evaluating")
-    else:
-        print(f"  peak process memory: {train_peak:.2f} GiB (resident, since the program started)")
+          f"ms/episode; {memory}")
+    if flops:
+        print(f"  work: {flops / 1e12:.3f} TFLOP/step (convolutions and matrix products), "
+              f"{counted['backbone'] / 1e12:.3f} in the frozen backbone; {flops / t_train / 1e12:.2f} TFLOP/s{peak}")
+    if learnable:
+        print(f"  operations: {counted['ops']} aten operations per training step; host syncs: {len(syncs)} per "
+              f"training step{': ' + ', '.join(sorted(set(syncs))) if syncs else ''} (operations that make the CPU "
+              "wait for the GPU)")
     print(f"  parameters: {learnable / 1e6:.2f}M learnable, {total / 1e6:.2f}M total")
     print(f"BENCH model={Path(args.model).stem} device={name.replace(' ', '_')} size={size} shot={S} batch={B} "
           f"precision={precision} train_ms={1000 * t_train:.1f} episodes_per_s={B / t_train:.1f} "
@@ -1500,8 +1480,7 @@ def bf16_peak_tflops(device, args):
 
 
 def bench_data(args, module):
-    """Training episodes/s that data.py delivers to the device with 0, 1, 2, 4, ... --workers DataLoader workers,
-    and the bytes of a batch (what crosses from a worker). PASCAL without --data-root: generated JPEGs."""
+    """Training episodes/s of the data path with 0, 1, 2, 4, ... --workers workers (PASCAL: generated JPEGs)."""
     device, _, _ = setup_device(args)
     with tempfile.TemporaryDirectory() as tmp:
         if args.dataset == "pascal" and args.data_root is None:
@@ -1537,8 +1516,7 @@ def bench_data(args, module):
 
 
 def write_pascal_like(root, n, seed=0):
-    """n PASCAL-sized (500x375) JPEGs, their label PNGs and VOC's list files under root: the synthetic renderer's
-    objects, its 20 classes standing in for VOC's."""
+    """n PASCAL-sized JPEGs, label PNGs and list files under root: the synthetic renderer's objects and classes."""
     for sub in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     rng, names = np.random.default_rng(seed), [f"{i:06d}" for i in range(n)]
@@ -1597,8 +1575,7 @@ def read_user_mask(path):
 
 @torch.no_grad()
 def predict_files(args, module):
-    """--predict: a trained model on the user's own images: QUERY_mask.png (0/255) and QUERY_overlay.png for every
-    --query in --out (default: the checkpoint's folder/predict)."""
+    """--predict: QUERY_mask.png and QUERY_overlay.png for each --query in --out (default CHECKPOINT_FOLDER/predict)."""
     device, rank, world = setup_device(args)
     if "out" not in args.given:
         args.out = (Path(args.checkpoint).parent if args.checkpoint else Path(common.RUNS_DIR) / "baseline") / "predict"
