@@ -37,7 +37,6 @@ import argparse
 import ast
 import copy
 import dataclasses
-import importlib
 import importlib.util
 import inspect
 import math
@@ -555,11 +554,11 @@ def restore_recipe(args, module):
         sys.exit(f"error: --resume: {last} is a checkpoint of {describe_run(saved)}, not of {describe_run(asked)} "
                  f"({', '.join(differ)} differ): give the flags it was trained with, or another --out")
     keys, saved, now = recipes(args, module, saved)
-    differ = [k for k in keys if k in args.given and not same_value(now[k], saved[k])]
+    differ = differences(module, [k for k in keys if k in args.given], saved, now)
     if differ:
-        sys.exit(f"error: --resume: {last} was trained with {differences(module, differ, saved, now)}: a resumed "
-                 f"run keeps its recipe ({', '.join(option(full_parser(module), k) for k in keys)}); drop the flag, "
-                 "or start another run with another --out")
+        flags = ", ".join(option(full_parser(module), k) for k in keys)
+        sys.exit(f"error: --resume: {last} was trained with {differ}: a resumed run keeps its recipe ({flags}); drop "
+                 "the flag, or start another run with another --out")
     for k in keys:
         setattr(args, k, saved[k])
     args.set = {**saved["set"], **{k: v for k, v in args.set.items() if k in getattr(module, "EVALUATION_FLAGS", ())}}
@@ -574,9 +573,10 @@ def recipes(args, module, saved):
 
 
 def differences(module, keys, saved, now):
-    """'--lr 0.025 (now 0.05), --set ccm=false (now (none))': the recipe values that differ, as flags."""
+    """'--lr 0.025 (now 0.05), --set ccm=false (now (none))': the values of `keys` that differ, as flags, or ''."""
     parser = full_parser(module)
-    return ", ".join(f"{option(parser, k)} {show(saved[k])} (now {show(now[k])})" for k in keys)
+    differ = [k for k in keys if not same_value(now[k], saved.get(k, now[k]))]
+    return ", ".join(f"{option(parser, k)} {show(saved[k])} (now {show(now[k])})" for k in differ)
 
 
 def check_flags(parser, args, module):
@@ -1258,11 +1258,10 @@ def run_fold(one, args, module, rank):
     state = read_checkpoint(last) if last.exists() and not fresh else None
     if state is not None and state["epoch"] >= state["args"]["epochs"]:  # trained to the end
         keys, saved, now = recipes(one, module, state["args"])
-        differ = [k for k in ("backbone", *keys) if not same_value(now[k], saved.get(k, now[k]))]
+        differ = differences(module, ["backbone", *keys], saved, now)
         if differ:
-            sys.exit(f"error: fold {one.fold}: {one.out} holds a run trained with "
-                     f"{differences(module, differ, saved, now)}: not the run asked for; give another --out, or "
-                     "--overwrite to train it again")
+            sys.exit(f"error: fold {one.fold}: {one.out} holds a run trained with {differ}: not the run asked for; "
+                     "give another --out, or --overwrite to train it again")
         record = read_result(one.out)
         protocol = ("shot", "img_size", "episodes", "seeds")
         if record is not None and [record.get(k) for k in protocol] == [
