@@ -1,8 +1,7 @@
 """Train and evaluate every few-shot segmentation model of this repository under one protocol.
 
     python train.py --model symnet --dataset synthetic --fold 0      # quick start, CPU, a few minutes
-    python train.py --model symnet --fold 1 --data-root ~/data/VOC2012            # PASCAL-5i, fold 1, 1-shot
-    python train.py --model qpenet --fold all --data-root ~/data/VOC2012          # four folds and their table
+    python train.py --model qpenet --fold all --data-root ~/data/VOC2012          # PASCAL-5i: four folds, a table
     python train.py --model ocnet --fold all --set ccm=false --data-root ~/data/VOC2012   # an ablation row
     python train.py --eval-only --checkpoint runs/x/last.pt --shot 5 --data-root ~/data/VOC2012
     torchrun --nproc_per_node 4 train.py --model ocnet --dataset coco --fold 2 --data-root ~/data/coco
@@ -343,9 +342,8 @@ def report(args, scores, rank, log_file):
         print(f"{'t':>8}  " + "  ".join(f"{t:5.1f}" for t in common.RecallMeter.THRESHOLDS))
         for name, values in scores["recall"].items():
             print(f"{name:>8}  " + "  ".join(f"{100 * v:5.1f}" for v in values))
-    record = {"event": "result", "model": Path(args.model).stem, "dataset": args.dataset, "fold": args.fold,
-              "test_classes": args.test_classes, "shot": args.shot, "img_size": args.img_size,
-              "coco_split": args.coco_split, "backbone": args.backbone, "set": args.set,
+    run = ("dataset", "fold", "test_classes", "shot", "img_size", "coco_split", "backbone", "set")
+    record = {"event": "result", "model": Path(args.model).stem, **{k: getattr(args, k) for k in run},
               **{k: scores[k] for k in ("miou", "miou_std", "fbiou", "fbiou_std", "per_class")},
               "seed_miou": scores["seeds"]["miou"], "seed_fbiou": scores["seeds"]["fbiou"],
               "fg_prob_object": probs[1], "fg_prob_background": probs[0], "recall": scores["recall"],
