@@ -205,7 +205,8 @@ def fit(step, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch
     t_start = t0 = time.perf_counter()
     sums, seen = {}, 0  # the loss and its terms, summed on the device since the last report
 
-    def report(epoch, s, lr):
+    def report(epoch, s, lr):  # the means since the last report, a line and a log record
+        nonlocal sums, seen, t0
         means = torch.stack(list(sums.values())) / seen  # (terms,)
         if dist.is_available() and dist.is_initialized():  # every rank logs, and stops, alike
             dist.all_reduce(means)
@@ -220,7 +221,8 @@ def fit(step, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch
             f"ETA {eta // 3600:.0f}:{eta // 60 % 60:02.0f}:{eta % 60:02.0f}")
         write_log(log_file, {"event": event, "epoch": epoch + 1, "step": s + 1, **means, "lr": lr,
                              f"{unit}_per_s": rate})
-        return means, now
+        sums, seen, t0 = {}, 0, now
+        return means
 
     for epoch in range(start_epoch, epochs):
         for s, batch in enumerate(batches(epoch)):
@@ -235,8 +237,7 @@ def fit(step, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch
                 sums[name] = sums.get(name, 0) + value.detach().float()
             seen += 1
             if (s + 1) % log_every == 0 or s + 1 == steps_per_epoch:
-                means, t0 = report(epoch, s, lr)
-                sums, seen = {}, 0
+                means = report(epoch, s, lr)  # the loop's one host sync
                 if not math.isfinite(means["loss"]):
                     raise NonFiniteLossError(means["loss"], epoch, s)
         if end_epoch is not None:
