@@ -625,9 +625,8 @@ def config_values(parser, module, items, args):
 
 
 def field_value(field, text):
-    """A --set value as its field's type: bool (true/false, yes/no, on/off, 1/0), int, float, str (none: None where
-    the default is None), a typing.Literal's choice, a tuple (0.75,1,1.25 or a Python literal, elements as the
-    default's). ValueError says what fits."""
+    """A --set value as its field's type: bool (true/false, yes/no, on/off, 1/0), int, float, str (none: None where the
+    default is None), a Literal's choice, a tuple (0.75,1,1.25 or a Python literal). ValueError says what fits."""
     kind, default = field.type, field.default
     if typing.get_origin(kind) is typing.Literal:
         choices = {str(c): c for c in typing.get_args(kind)}
@@ -979,9 +978,8 @@ class BaselineConfig:
 
 
 class PrototypeBaseline(nn.Module):
-    """PANet's parameter-free rule: the support's foreground and background prototypes (masked average pooling,
-    averaged over the shots), foreground where its cosine with a query pixel is the larger. Features: a level of the
-    frozen backbone, or the normalised pixels ("image"). Nothing to learn: train.py evaluates it directly."""
+    """PANet's parameter-free rule: foreground where a query pixel's cosine with the support's foreground prototype
+    (masked average pooling, averaged over the shots) beats the background's. Features: a backbone level or "image"."""
 
     def __init__(self, cfg: BaselineConfig):
         super().__init__()
@@ -1054,10 +1052,9 @@ def count_parameters(model):
 
 @contextmanager
 def hold_run_folder(args, training, files):
-    """Make args.out ready for a run and hold it while the block runs: it must be writable; a lock refuses a second
-    run on it, naming the first one's process (a POSIX record lock on OUT/.lock: forked DataLoader workers do not
-    hold it, and the system releases it however the process ends); temporaries of an interrupted save go; and a
-    training run (or a stage) does not start over the run there (its `files`) without --resume or --overwrite."""
+    """Make args.out ready for a run and hold it: it must be writable; a POSIX lock on OUT/.lock (this process's alone,
+    released however it ends) refuses a second run, naming the first's process; an interrupted save's temporaries
+    go; a training run (or a stage) does not start over the run there (its `files`) without --resume or --overwrite."""
     out = args.out
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -1125,9 +1122,8 @@ class Terminated(Exception):
 
 @contextmanager
 def stops_cleanly(args, argv):
-    """Run the block; every way it can stop badly ends with one line and an exit status: Ctrl-C (130) and SIGTERM
-    (143) say what was kept and the command that continues, a NaN loss (3) how to try again, a bad dataset file or
-    a failed write what and where (1). Inside --fold all an exception carries the fold's arguments (`run`)."""
+    """Run the block; every bad stop is one line and an exit status: Ctrl-C (130), SIGTERM (143), a NaN loss (3), a bad
+    data file or a failed write (1). Inside --fold all an exception carries the fold's arguments (`run`)."""
     def terminate(signum, frame):
         raise Terminated()
 
@@ -1434,10 +1430,9 @@ def sync_op(func, args, kwargs):
 
 
 def count_step(fn, net=None):
-    """What fn() runs, forward and backward: {"ops": aten operations, "syncs": those that make the host wait (sync_op),
-    "flops": its convolutions' and matrix products' (torch.utils.flop_counter's formulas), "backbone": those inside
-    a common.Backbone of `net`}. A dispatch mode, so a CPU run counts them too: FlopCounterMode's module hooks break
-    OCNet's torch.autograd.grad, and torch.profiler finds no host sync on a CPU."""
+    """What fn() runs: {"ops": aten operations, "syncs": those that make the host wait (sync_op), "flops": by
+    torch.utils.flop_counter's formulas, "backbone": those inside a common.Backbone of `net`}. A dispatch mode: a CPU
+    run counts too (torch.profiler finds no sync there), and FlopCounterMode's hooks break OCNet's autograd.grad."""
     counted, inside = dict(ops=0, syncs=[], flops=0, backbone=0), [0]
 
     class Count(TorchDispatchMode):
