@@ -3068,7 +3068,7 @@ class TestTrain:
             args, _ = train.parse_args(argv)
             pattern = argv[argv.index("--checkpoint") + 1]
             for fold in range(data.NUM_FOLDS) if args.fold == "all" else [args.fold]:
-                read_checkpoint(train.fold_path(pattern, fold))
+                read_checkpoint(pattern.replace("{fold}", str(fold)))
             assert args.model == model and args.eval_only, argv
 
     def test_help_lists_the_models_own_flags(self):

@@ -1,18 +1,15 @@
 """Train and evaluate every few-shot segmentation model of this repository under one protocol.
 
     python train.py --model symnet --dataset synthetic --fold 0      # quick start, CPU, a few minutes
-    python train.py --model symnet --fold 1 --data-root ~/data/VOC2012            # PASCAL-5i, fold 1, 1-shot
-    python train.py --model qpenet --fold all --data-root ~/data/VOC2012          # four folds and their table
+    python train.py --model qpenet --fold all --data-root ~/data/VOC2012          # PASCAL-5i: four folds, a table
     python train.py --model ocnet --fold all --set ccm=false --data-root ~/data/VOC2012   # an ablation row
     python train.py --eval-only --checkpoint runs/x/last.pt --shot 5 --data-root ~/data/VOC2012
     torchrun --nproc_per_node 4 train.py --model ocnet --dataset coco --fold 2 --data-root ~/data/coco
 
-A run, top to bottom: main parses the flags and fills every value they leave open (resolve: the checkpoint's, the
-paper's recipe, the harness's), then train_and_evaluate locks the run folder, checks every data file, builds the
-model, trains it (train, fit: episodic SGD on PFENet's poly schedule, fp32), evaluates the last checkpoint on the
-test episodes of every test seed (evaluate_protocol) and reports (report). Below it: the arguments, the pieces of
-a run, run folders and stops, and the tools main runs instead: --fold all, --stage, --bench, --bench-data,
---vis, --predict. The protocol: README.md, "Protocol".
+A run, top to bottom: main parses the flags and fills every value they leave open (resolve), then
+train_and_evaluate locks the run folder, checks the data, builds the model, trains it (train, fit: episodic SGD on
+PFENet's poly schedule), evaluates every test seed (evaluate_protocol) and reports. Below: the arguments, the pieces
+of a run, run folders and stops, and the tools main runs instead. The protocol: README.md, "Protocol".
 
 A model is one of the five paper files, `baseline` (the parameter-free floor every model must beat), or the
 path of your own `.py` file with this interface, which then gets exactly the same protocol:
@@ -39,7 +36,6 @@ import argparse
 import ast
 import copy
 import dataclasses
-import importlib
 import importlib.util
 import inspect
 import math
@@ -64,10 +60,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-try:
-    import fcntl  # POSIX: the run folder's lock
+try:  # POSIX: the run folder's lock, --bench's peak memory on a CPU
+    import fcntl
+    import resource
 except ImportError:
-    fcntl = None
+    fcntl = resource = None
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
@@ -78,14 +75,10 @@ import data
 MODELS = ("ocnet", "qgnet", "crcnet", "symnet", "qpenet", "baseline")
 MOMENTUM, WEIGHT_DECAY, POLY_POWER = 0.9, 1e-4, 0.9  # PFENet train.py and util.poly_learning_rate, as its lineage
 MAX_LR = 10.0  # --lr above this is a typo (the recipes run 0.0025-0.05)
-# --img-size floor: a 4x4 grid at the ResNets' output stride 8 (2x2 at VGG's 16), the smallest on which every model's
-# windows and pyramids still see more than one pixel of context; a crop of a few pixels holds no object to segment
-MIN_IMG_SIZE = 32
-# The recipe where a model file gives none for a dataset (the baseline, your own model file). PASCAL and COCO:
-# PFENet's configs as its code runs them, every learning rate x10 (poly_learning_rate(..., scale_lr=10)):
-# PASCAL base_lr 0.0025 -> 0.025 at batch 4; COCO the one-GPU setting of its config's comment, base_lr 0.005 ->
-# 0.05 at batch 8 (its 4-GPU run: 0.02 x 10 at batch 32, the same rate per episode). Synthetic: the quick start,
-# a few minutes on 2 CPU cores (README). Folder (your own data) and FSS-1000: PASCAL's.
+MIN_IMG_SIZE = 32  # a 4x4 grid at output stride 8: the least on which every model's windows see some context
+# The recipe where a model file gives none for a dataset (the baseline, your own model). PASCAL and COCO: PFENet's
+# configs as its code runs them, learning rates x10 (scale_lr=10): PASCAL 0.0025 -> 0.025 at batch 4, COCO its
+# one-GPU setting 0.005 -> 0.05 at batch 8. Synthetic: the quick start (README). Folder and FSS-1000: PASCAL's.
 HARNESS_DEFAULTS = {
     "pascal": dict(lr=0.025, batch_size=4, epochs=200, img_size=473, augment="pfenet"),
     "folder": dict(lr=0.025, batch_size=4, epochs=200, img_size=473, augment="pfenet"),
@@ -94,8 +87,8 @@ HARNESS_DEFAULTS = {
     "fss1000": dict(lr=0.025, batch_size=4, epochs=200, img_size=473, augment="pfenet"),
 }
 EPISODE_DEFAULTS = dict(dataset="pascal", fold=0, coco_split="interleaved")  # unless a checkpoint has its own
-# The recipe --resume restores (with the model's own flags and --set, but for its EVALUATION_FLAGS) and --fold all
-# checks: a run trained with other values would not be the run it continues. Everything else may change.
+# The recipe --resume restores and --fold all checks (with the model's own flags and --set, but EVALUATION_FLAGS):
+# a run trained with other values would not be the run it continues. Everything else may change.
 RESUME_RECIPE = ("epochs", "batch_size", "lr", "img_size", "train_length", "seed", "augment", "bf16",
                  "support_boxes", "backbone_weights", "no_pretrained", "select_best", "val_every")
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # a training run's files in its folder (--overwrite removes)
@@ -103,25 +96,24 @@ EXIT_NONFINITE, EXIT_INTERRUPTED, EXIT_TERMINATED = 3, 130, 143  # NaN loss; Ctr
 WORKER_GRACE = 2.0  # seconds a DataLoader worker outlives a SIGTERM: the main process stops first
 
 
-# ==========================================================================================================
-# The run, top to bottom: arguments, device, data, model, optimiser, training, evaluation, report
-# ==========================================================================================================
+# ====== The run, top to bottom: arguments, device, data, model, optimiser, training, evaluation, report
 
 
 def main(argv=None):
-    """Parse the command line and run it, or the tool it names. Every way a run can end badly (a bad dataset file,
-    a full disk, Ctrl-C, SIGTERM, a NaN loss) ends in one line and a non-zero exit status (stops_cleanly)."""
+    """Parse the command line and run it, or the tool it names; a bad end is one line and a non-zero exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args, module = parse_args(argv)
+    tools = ((args.fold == "all", run_all_folds), (args.bench_data, bench_data), (args.stage, train_stage),
+             (args.bench, bench), (args.predict, predict_files))
+    run = next((tool for asked, tool in tools if asked), train_and_evaluate)
     with stops_cleanly(args, argv):
-        tool = tool_for(args)
-        return tool(args, module) if tool else train_and_evaluate(args, module)
+        return run(args, module)
 
 
 def train_and_evaluate(args, module):
     """One run: train (unless --eval-only or there is nothing to learn), evaluate, report. -> (mIoU, FB-IoU)."""
     device, rank, world = setup_device(args)
-    training = not args.eval_only and not is_baseline(module)
+    training = not args.eval_only and module.Model is not PrototypeBaseline  # the baseline has nothing to learn
     with hold_run_folder(args, training, RUN_FILES) if rank == 0 else nullcontext():
         splits = ("train", "test") if training else ("test",)
         if training and args.select_best and validation_split(args) != "test":
@@ -131,7 +123,7 @@ def train_and_evaluate(args, module):
         learnable, total = count_parameters(model)
         log_file = args.out / "metrics.jsonl" if rank == 0 else None
         if rank == 0 and args.resume:  # the log as the checkpoint's run left it, then a resume mark
-            common.cut_log(log_file, resumed["epoch"] if resumed else 0, note=note)
+            common.cut_log(log_file, resumed["epoch"] if resumed else 0, note=warn)
         log(rank, f"{Path(args.model).stem}{' --set ' + show(args.set) if args.set else ''} on {args.dataset} "
                   f"{split_text(vars(args))}, {args.shot}-shot, {args.img_size}px, {device}, {world} process(es), "
                   f"{'bf16' if args.bf16 and device.type == 'cuda' else 'fp32'}; {learnable:,} learnable / "
@@ -151,9 +143,7 @@ def train_and_evaluate(args, module):
 
 
 def train(model, optimizer, args, cfg, device, rank, world, log_file, resumed=None):
-    """Epochs of episodic SGD (fit), the learning rate on PFENet's poly schedule per step; after every epoch the
-    checkpoint (and, with --select-best, a validation and best.pt). resumed: the --resume checkpoint (its
-    weights are loaded already; its optimizer and epoch are taken here)."""
+    """Epochs of episodic SGD (fit) on PFENet's poly schedule, the checkpoint after each (--select-best: best.pt)."""
     dataset = episodes(args, "train")
     per_rank = args.batch_size // world
     sampler = data.EpisodeSampler(len(dataset), rank, world, shuffle=True, seed=args.seed, batch_size=per_rank)
@@ -205,15 +195,35 @@ def train(model, optimizer, args, cfg, device, rank, world, log_file, resumed=No
 
 def fit(step, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch=0, log_every=20, per_step=1,
         unit="images", tag="", log=print, log_file=None, event="train", end_epoch=None):
-    """The training loop of every run and extra stage (which get it as schedule.fit): epochs start_epoch..epochs-1
-    of steps_per_epoch batches (batches(epoch)); a step sets lr = lr_at(it) (it counts steps from 0 across epochs),
-    takes (loss, terms) = step(batch) and updates the weights; every log_every steps and at an epoch's end, one
-    line and one log record (Progress: the loop's one host sync); end_epoch(epoch) after each epoch (checkpoints).
-    A NaN or infinite loss stops it there (NonFiniteLossError); the weights never see a non-finite gradient."""
+    """The training loop of every run and extra stage (schedule.fit): epochs start_epoch..epochs-1 of
+    steps_per_epoch batches(epoch), lr = lr_at(step count); (loss, terms) = step(batch); every log_every steps a
+    line and a log record of the means since the last (report: the loop's one host sync); end_epoch(epoch) after
+    each epoch (checkpoints). A NaN or infinite loss stops it (NonFiniteLossError), its gradient never applied."""
     if not optimizer.defaults.get("fused"):  # found_inf, below, is the fused kernels' protocol
         raise ValueError("fit skips non-finite steps on the device: it needs torch.optim.SGD(..., fused=True)")
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    progress = Progress(epochs, steps_per_epoch, start_epoch, per_step, unit, tag, log, log_file, event)
+    t_start = t0 = time.perf_counter()
+    sums, seen = {}, 0  # the loss and its terms, summed on the device since the last report
+
+    def report(epoch, s, lr):  # the means since the last report, a line and a log record
+        nonlocal sums, seen, t0
+        means = torch.stack(list(sums.values())) / seen  # (terms,)
+        if dist.is_available() and dist.is_initialized():  # every rank logs, and stops, alike
+            dist.all_reduce(means)
+            means /= dist.get_world_size()
+        means = dict(zip(sums, means.tolist()))  # the host sync
+        now = time.perf_counter()
+        rate, done = seen * per_step / (now - t0), epoch * steps_per_epoch + s + 1
+        eta = (now - t_start) / (done - start_epoch * steps_per_epoch) * (epochs * steps_per_epoch - done)
+        terms = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
+        log(f"{tag}epoch {epoch + 1}/{epochs} step {s + 1}/{steps_per_epoch} loss {means['loss']:.4f}"
+            f"{f' ({terms})' if terms else ''} lr {lr:.2e} {rate:.1f} {unit}/s "
+            f"ETA {eta // 3600:.0f}:{eta // 60 % 60:02.0f}:{eta % 60:02.0f}")
+        write_log(log_file, {"event": event, "epoch": epoch + 1, "step": s + 1, **means, "lr": lr,
+                             f"{unit}_per_s": rate})
+        sums, seen, t0 = {}, 0, now
+        return means
+
     for epoch in range(start_epoch, epochs):
         for s, batch in enumerate(batches(epoch)):
             lr = lr_at(epoch * steps_per_epoch + s)
@@ -223,9 +233,11 @@ def fit(step, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             step_if_finite(optimizer, params, loss)  # a NaN or infinite loss never reaches the weights
-            progress.add(loss, terms)
+            for name, value in {"loss": loss, **terms}.items():
+                sums[name] = sums.get(name, 0) + value.detach().float()
+            seen += 1
             if (s + 1) % log_every == 0 or s + 1 == steps_per_epoch:
-                means = progress.report(epoch, s, lr)  # the host syncs here only; the means of every rank
+                means = report(epoch, s, lr)  # the loop's one host sync
                 if not math.isfinite(means["loss"]):
                     raise NonFiniteLossError(means["loss"], epoch, s)
         if end_epoch is not None:
@@ -240,9 +252,8 @@ class NonFiniteLossError(ArithmeticError):
 
 
 def step_if_finite(optimizer, params, loss):
-    """optimizer.step() unless the loss or a gradient of `params` is NaN or infinite, decided on the device: the
-    fused SGD skips its step (weights and momentum alike) where found_inf is 1, as AMP's GradScaler has it do, so
-    the host never waits for the check. Under torch.distributed every rank skips where one does."""
+    """optimizer.step() unless the loss or a gradient is NaN or infinite, decided on the device (the fused SGD skips
+    its step where found_inf is 1, as under AMP's GradScaler): the host never waits. Every rank skips where one does."""
     grads = [p.grad for p in params if p.grad is not None]
     found = ~torch.isfinite(loss.detach()) | (~torch.nn.utils.get_total_norm(grads).isfinite() if grads else False)
     optimizer.found_inf = found.float()
@@ -251,44 +262,9 @@ def step_if_finite(optimizer, params, loss):
     optimizer.step()
 
 
-class Progress:
-    """The loss and its terms, summed on the device step after step (add); report() hands back their means since
-    the last report (averaged over the ranks under torch.distributed: every rank logs, and stops, alike) and logs a
-    line (epoch, step, loss, terms, lr, per_step * steps / s in `unit`, ETA) and a record {"event": event, ...}."""
-
-    def __init__(self, epochs, steps_per_epoch, start_epoch, per_step, unit, tag, log, log_file, event):
-        self.epochs, self.steps, self.start, self.per_step = epochs, steps_per_epoch, start_epoch, per_step
-        self.unit, self.tag, self.log, self.log_file, self.event = unit, tag, log, log_file, event
-        self.t_start, self.sums, self.seen, self.t0 = time.perf_counter(), {}, 0, time.perf_counter()
-
-    def add(self, loss, terms):
-        for name, value in {"loss": loss, **terms}.items():
-            self.sums[name] = self.sums.get(name, 0) + value.detach().float()
-        self.seen += 1
-
-    def report(self, epoch, step, lr):
-        means = torch.stack(list(self.sums.values())) / self.seen  # (terms,)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(means)
-            means /= dist.get_world_size()
-        means = dict(zip(self.sums, means.tolist()))  # the host sync
-        now = time.perf_counter()
-        rate, done = self.seen * self.per_step / (now - self.t0), epoch * self.steps + step + 1
-        eta = (now - self.t_start) / (done - self.start * self.steps) * (self.epochs * self.steps - done)
-        terms = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
-        self.log(f"{self.tag}epoch {epoch + 1}/{self.epochs} step {step + 1}/{self.steps} loss {means['loss']:.4f}"
-                 f"{f' ({terms})' if terms else ''} lr {lr:.2e} {rate:.1f} {self.unit}/s "
-                 f"ETA {eta // 3600:.0f}:{eta // 60 % 60:02.0f}:{eta % 60:02.0f}")
-        write_log(self.log_file, {"event": self.event, "epoch": epoch + 1, "step": step + 1, **means, "lr": lr,
-                                  f"{self.unit}_per_s": rate})
-        self.sums, self.seen, self.t0 = {}, 0, now
-        return means
-
-
 @torch.no_grad()
 def evaluate(model, loader, dataset, device, args, seed, recall=None):
-    """One test seed: class mIoU and FB-IoU (PFENet's definitions, common.IoUMeter) at the original resolution;
-    with `recall` (a common.RecallMeter, --region-recall) the recall of the model's region maps too."""
+    """One test seed's common.IoUMeter at the original resolution (and the region maps' recall, --region-recall)."""
     net = unwrap(model).eval()
     infer = inference(net)
     meter = common.IoUMeter(dataset.num_classes, device=device)
@@ -314,10 +290,7 @@ def evaluate(model, loader, dataset, device, args, seed, recall=None):
 
 
 def evaluate_protocol(model, args, device, rank, world, split="test"):
-    """Every test seed, --eval-batch-size episodes at a time on each process (the scores do not depend on it) ->
-    fractions: miou, fbiou (means over the seeds), miou_std, fbiou_std (over the seeds), per_class {class: mean
-    IoU}, fg_prob [mean p(fg) on true background, on true foreground], seeds (per-seed scores), the dataset, and
-    the region maps' recall (--region-recall, else None). split: "val" validates on a validation split."""
+    """Every test seed of `split` -> miou, fbiou, their std over the seeds, per_class, fg_prob, seeds, recall."""
     dataset = episodes(args, split)
     loader = data.make_loader(dataset, data.EpisodeSampler(len(dataset), rank, world), args.eval_batch_size,
                               args.workers, device, drop_last=False, worker_init_fn=ignore_stop_signals)
@@ -370,9 +343,8 @@ def report(args, scores, rank, log_file):
         print(f"{'t':>8}  " + "  ".join(f"{t:5.1f}" for t in common.RecallMeter.THRESHOLDS))
         for name, values in scores["recall"].items():
             print(f"{name:>8}  " + "  ".join(f"{100 * v:5.1f}" for v in values))
-    record = {"event": "result", "model": Path(args.model).stem, "dataset": args.dataset, "fold": args.fold,
-              "test_classes": args.test_classes, "shot": args.shot, "img_size": args.img_size,
-              "coco_split": args.coco_split, "backbone": args.backbone, "set": args.set,
+    run = ("dataset", "fold", "test_classes", "shot", "img_size", "coco_split", "backbone", "set")
+    record = {"event": "result", "model": Path(args.model).stem, **{k: getattr(args, k) for k in run},
               **{k: scores[k] for k in ("miou", "miou_std", "fbiou", "fbiou_std", "per_class")},
               "seed_miou": scores["seeds"]["miou"], "seed_fbiou": scores["seeds"]["fbiou"],
               "fg_prob_object": probs[1], "fg_prob_background": probs[0], "recall": scores["recall"],
@@ -389,21 +361,11 @@ def result_line(record):
 
 
 def spread(values):
-    """(mean, sample standard deviation) of a list; the deviation is NaN for a single value."""
+    """(mean, sample standard deviation); the deviation is NaN for a single value."""
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
 
 
-def tool_for(args):
-    """The tool a command line asks for instead of a plain run (at the end of this file), or None."""
-    if args.fold == "all":
-        return run_all_folds
-    return (args.bench_data and bench_data or args.stage and train_stage or args.bench and bench
-            or args.predict and predict_files or None)
-
-
-# ==========================================================================================================
-# Arguments: the flags, --set, and the one order in which a run's values are chosen (resolve)
-# ==========================================================================================================
+# ====== Arguments: the flags, --set, and the one order in which a run's values are chosen (resolve)
 
 
 class Parser(argparse.ArgumentParser):
@@ -415,75 +377,59 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser(add_help=True):
     p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter, add_help=add_help)
-    p.add_argument("--model", default="baseline", help=f"{', '.join(MODELS)}, or path/to/your_model.py")
-    p.add_argument("--dataset", default=None, choices=["pascal", "coco", "synthetic", "folder", "fss1000"],
-                   help="default: the --checkpoint's, else pascal; folder: your own data under --data-root")
-    p.add_argument("--data-root", default=None, help="dataset folder (README: 'Datasets' gives the layouts)")
-    p.add_argument("--fold", type=fold_arg, default=None, metavar="{0,1,2,3,all}",
-                   help="test fold (default: the --checkpoint's, else 0); all: the four folds, then their table")
-    p.add_argument("--test-classes", type=class_ids_arg, default=None, metavar="IDS",
-                   help="--dataset folder: the novel class ids (e.g. 3,7,9), in place of --fold")
-    p.add_argument("--shot", type=positive_int, default=1)
-    p.add_argument("--coco-split", default=None, choices=["interleaved", "contiguous"],
-                   help="COCO-20i's folds: interleaved (PFENet's: fold i tests 4k+i+1) or contiguous (20i+1..20i+20)")
-    p.add_argument("--support-boxes", action="store_true",
-                   help="weak supervision: every support mask becomes its objects' bounding boxes (CRCNet §5.4)")
-    p.add_argument("--backbone", default="resnet50", choices=sorted(common.BACKBONES),
-                   help="torchvision's resnet50, resnet101, vgg16_bn; the papers' deep-stem resnet50_deep, "
-                        "resnet101_deep (need --backbone-weights)")
-    p.add_argument("--backbone-weights", default=None, metavar="PATH",
-                   help="a weight file for the backbone: PFENet's resnet50_v2.pth, torchvision's, any state dict")
-    p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (no ImageNet download)")
-    p.add_argument("--epochs", type=positive_int, default=None, help="default: the model's recipe, per dataset")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="global batch, split across processes")
-    p.add_argument("--lr", type=learning_rate, default=None, help="base learning rate of the poly schedule")
-    p.add_argument("--img-size", type=img_size_arg, default=None,
-                   help=f"train crop and test canvas size (at least {MIN_IMG_SIZE})")
-    p.add_argument("--train-length", type=positive_int, default=None,
-                   help=f"training episodes per epoch (default: every filtered image; synthetic "
-                        f"{data.SYNTHETIC_TRAIN_LENGTH})")
-    p.add_argument("--workers", type=non_negative_int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="training seed (test episodes do not depend on it)")
-    p.add_argument("--bf16", action="store_true", help="train under bf16 autocast on CUDA (default fp32)")
-    p.add_argument("--bf16-eval", action="store_true", help="evaluate under bf16 autocast on CUDA (default fp32)")
-    p.add_argument("--augment", default=None, choices=sorted(data.AUGMENTATIONS),
-                   help="training augmentation (default: the model's, for most PFENet's)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    p.add_argument("--out", default=None, help="run folder (default runs/MODEL-DATASET-foldK-Sshot[-...])")
-    p.add_argument("--resume", action="store_true", help="continue OUT/last.pt with the recipe it was trained with")
-    p.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds a run (its files go)")
-    p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint, do not train")
-    p.add_argument("--checkpoint", default=None,
-                   help="weights for --eval-only, --predict, --vis (with --fold all: a path with {fold} in it)")
-    p.add_argument("--eval-batch-size", type=positive_int, default=1,
-                   help="test episodes a process evaluates at once (1, as the official codes; scores do not change)")
-    p.add_argument("--select-best", action="store_true",
-                   help="validate during training and evaluate the best: on the test fold, optimistic (FSS-1000: on "
-                        "its validation classes)")
-    p.add_argument("--val-every", type=positive_int, default=5, help="epochs between validations for --select-best")
-    p.add_argument("--test-episodes", type=positive_int, default=None,
-                   help="episodes per seed (default: PASCAL 1000, COCO 5000, FSS-1000 one pass over its test images)")
-    p.add_argument("--test-seeds", type=positive_int, default=None, help=f"test seeds (default {data.TEST_SEEDS})")
-    p.add_argument("--log-every", type=positive_int, default=20, help="optimizer steps between progress lines")
-    p.add_argument("--region-recall", action="store_true",
-                   help="evaluation also reports the recall of the model's region maps (QGNet's Table 7)")
-    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
-                   help="the model's Config fields, named as its paper names its modules (--set gomm=false "
-                        "ccm=false): a paper's ablation row; --model X --help lists them")
-    p.add_argument("--stage", default=None, help="run a model's extra training stage (Sym-Net: base, QGNet: prior)")
-    p.add_argument("--bench", action="store_true", help="time training steps and inference, then exit")
-    p.add_argument("--bench-steps", type=positive_int, default=10, help="--bench: training steps timed")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="--bench: the GPU's dense bf16 TFLOP/s, for one not in BF16_PEAK_TFLOPS")
-    p.add_argument("--bench-data", action="store_true",
-                   help=f"episodes/s of the data path with 0..--workers workers (PASCAL without --data-root: "
-                        f"{BENCH_DATA_IMAGES} generated JPEGs), then exit")
-    p.add_argument("--vis", type=non_negative_int, default=0, metavar="N", help="write N pictures of test episodes")
-    p.add_argument("--predict", action="store_true",
-                   help="segment --query with --support/--support-mask; QUERY_mask.png and QUERY_overlay.png to --out")
-    p.add_argument("--support", action="append", default=[], help="support image (repeat for K shots)")
-    p.add_argument("--support-mask", action="append", default=[], help="its mask: nonzero pixels = object")
-    p.add_argument("--query", action="append", default=[], help="query image (repeatable)")
+    add = p.add_argument
+    add("--model", default="baseline", help=f"{', '.join(MODELS)}, or path/to/your_model.py")
+    add("--dataset", default=None, choices=["pascal", "coco", "synthetic", "folder", "fss1000"],
+        help="default: the --checkpoint's, else pascal; folder: your own data under --data-root")
+    add("--data-root", default=None, help="dataset folder (README: 'Datasets' gives the layouts)")
+    add("--fold", type=fold_arg, default=None, metavar="{0,1,2,3,all}",
+        help="test fold (default: the --checkpoint's, else 0); all: the four folds, then their table")
+    add("--test-classes", type=class_ids_arg, default=None, metavar="IDS",
+        help="--dataset folder: the novel class ids (e.g. 3,7,9), in place of --fold")
+    add("--shot", type=positive_int, default=1)
+    add("--coco-split", default=None, choices=["interleaved", "contiguous"],
+        help="COCO-20i's folds: interleaved (PFENet's: fold i tests 4k+i+1) or contiguous (20i+1..20i+20)")
+    add("--support-boxes", action="store_true", help="support masks become their objects' boxes (CRCNet §5.4)")
+    add("--backbone", default="resnet50", choices=sorted(common.BACKBONES),
+        help="the *_deep ones (the papers' deep stem) need --backbone-weights")
+    add("--backbone-weights", default=None, metavar="PATH", help="backbone weights (PFENet's resnet50_v2.pth, ...)")
+    add("--no-pretrained", action="store_true", help="random backbone weights (no ImageNet download)")
+    add("--epochs", type=positive_int, default=None, help="default: the model's recipe, per dataset")
+    add("--batch-size", type=positive_int, default=None, help="global batch, split across processes")
+    add("--lr", type=learning_rate, default=None, help="base learning rate of the poly schedule")
+    add("--img-size", type=img_size_arg, default=None, help=f"train crop and test canvas (at least {MIN_IMG_SIZE})")
+    add("--train-length", type=positive_int, default=None, help="training episodes per epoch (default: every image)")
+    add("--workers", type=non_negative_int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
+    add("--seed", type=non_negative_int, default=0, help="training seed (test episodes do not depend on it)")
+    add("--bf16", action="store_true", help="train under bf16 autocast on CUDA (default fp32)")
+    add("--bf16-eval", action="store_true", help="evaluate under bf16 autocast on CUDA (default fp32)")
+    add("--augment", default=None, choices=sorted(data.AUGMENTATIONS), help="default: the model's (most: pfenet)")
+    add("--compile", action="store_true", help="torch.compile the model for training")
+    add("--out", default=None, help="run folder (default runs/MODEL-DATASET-foldK-Sshot[-...])")
+    add("--resume", action="store_true", help="continue OUT/last.pt with the recipe it was trained with")
+    add("--overwrite", action="store_true", help="start over in an OUT that holds a run (its files go)")
+    add("--eval-only", action="store_true", help="evaluate --checkpoint, do not train")
+    add("--checkpoint", default=None, help="weights for --eval-only, --predict, --vis ({fold} in it: per fold)")
+    add("--eval-batch-size", type=positive_int, default=1, help="test episodes evaluated at once (same scores)")
+    add("--select-best", action="store_true",
+        help="validate during training, evaluate the best (on the test fold: optimistic; FSS-1000: its val classes)")
+    add("--val-every", type=positive_int, default=5, help="epochs between validations for --select-best")
+    add("--test-episodes", type=positive_int, default=None, help="episodes per seed (PASCAL 1000, COCO 5000)")
+    add("--test-seeds", type=positive_int, default=None, help=f"test seeds (default {data.TEST_SEEDS})")
+    add("--log-every", type=positive_int, default=20, help="optimizer steps between progress lines")
+    add("--region-recall", action="store_true", help="also the recall of the model's region maps (QGNet's Table 7)")
+    add("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
+        help="the model's Config fields (--set gomm=false ccm=false): an ablation row; --model X --help lists them")
+    add("--stage", default=None, help="run a model's extra training stage (Sym-Net: base, QGNet: prior)")
+    add("--bench", action="store_true", help="time training steps and inference, then exit")
+    add("--bench-steps", type=positive_int, default=10, help="--bench: training steps timed")
+    add("--peak-tflops", type=float, default=None, help="--bench: the GPU's dense bf16 TFLOP/s, if not known")
+    add("--bench-data", action="store_true", help="episodes/s of the data path with 0..--workers workers, then exit")
+    add("--vis", type=non_negative_int, default=0, metavar="N", help="write N pictures of test episodes")
+    add("--predict", action="store_true", help="segment --query with --support/--support-mask into --out")
+    add("--support", action="append", default=[], help="support image (repeat for K shots)")
+    add("--support-mask", action="append", default=[], help="its mask: nonzero pixels = object")
+    add("--query", action="append", default=[], help="query image (repeatable)")
     return p
 
 
@@ -501,14 +447,13 @@ def full_parser(module):
 
 
 def parse_args(argv=None):
-    """The command line -> (args, module), every value resolved. Two passes: --model (or the checkpoint's model)
-    first, so that the model file can add its own flags. --fold all: args.folds holds each fold's resolved
-    arguments (a recipe may differ by fold)."""
+    """The command line -> (args, module), every value resolved. Two passes: --model (or the checkpoint's) first, so
+    that the model file can add its own flags. --fold all: args.folds holds each fold's resolved arguments."""
     argv = sys.argv[1:] if argv is None else list(argv)
     known, _ = build_parser(add_help=False).parse_known_args(argv)  # --help waits for the model's own flags
     if known.checkpoint and "{fold}" in known.checkpoint and known.fold not in (None, "all"):
-        known.checkpoint = fold_path(known.checkpoint, known.fold)  # one fold of a pattern
-    trained = read_checkpoint(fold_path(known.checkpoint, 0))["args"] if known.checkpoint else {}
+        known.checkpoint = known.checkpoint.replace("{fold}", str(known.fold))  # one fold of a pattern
+    trained = read_checkpoint(known.checkpoint.replace("{fold}", "0"))["args"] if known.checkpoint else {}
     if known.checkpoint and "{fold}" in known.checkpoint:
         trained["fold"] = "all"  # a pattern names the four folds' checkpoints
     if trained and not any(a == "--model" or a.startswith("--model=") for a in argv):
@@ -518,14 +463,17 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.model, args.checkpoint = known.model, known.checkpoint
     args.own_flags = sorted(set(vars(args)) - set(vars(build_parser().parse_args([]))))  # add_args's dests
-    args.given = given_flags(parser, argv)
+    quiet = copy.deepcopy(parser)  # the flags argv itself gives, not their defaults
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    args.given = set(vars(quiet.parse_known_args(argv)[0]))
     args.set = config_values(parser, module, args.set, args)
     check_flags(parser, args, module)
     if args.fold == "all":  # each fold's own arguments: its folder, its checkpoint, its recipe
         parent = Path(args.out) if args.out else None
         args.folds = [resolve(argparse.Namespace(**{
             **vars(args), "fold": k, "out": parent / f"fold{k}" if parent else None,
-            "checkpoint": fold_path(args.checkpoint, k) if args.checkpoint else None}), module, trained)
+            "checkpoint": args.checkpoint.replace("{fold}", str(k)) if args.checkpoint else None}), module, trained)
             for k in range(data.NUM_FOLDS)]
         args.out = parent
     resolve(args, module, trained)
@@ -537,8 +485,8 @@ def parse_args(argv=None):
     was = {**EPISODE_DEFAULTS, **trained}  # a checkpoint tested on classes it was trained on: said, not refused
     if trained and "all" not in (was["fold"], args.fold) and was["dataset"] == args.dataset and (
             was["fold"] != args.fold or args.dataset == "coco" and was["coco_split"] != args.coco_split):
-        print(f"WARNING: {known.checkpoint} was trained on {args.dataset} fold {was['fold']}: the test classes of "
-              f"fold {args.fold} are among those it was trained on", file=sys.stderr)
+        warn(f"WARNING: {known.checkpoint} was trained on {args.dataset} fold {was['fold']}: the test classes of "
+             f"fold {args.fold} are among those it was trained on")
     return args, module
 
 
@@ -575,10 +523,9 @@ def resolve(args, module, trained):
 
 
 def recipe_value(value, args):
-    """A recipe's value for this run: a dict is keyed by fold ({0: 100, 3: 50}: the fold's, for a folder dataset's
-    --test-classes the first fold's), by a --set value ({"network=pfenet": .., "network=crcnet": ..}: the one
-    --set gives, else the first entry, the default's), or by backbone ({"resnet50": .., "resnet101": ..}: the
-    backbone's, a *_deep one by its plain name, a backbone it does not name by its first entry), and may nest."""
+    """A recipe's value for this run: a dict is keyed by fold ({0: 100, 3: 50}; --test-classes: the first fold's),
+    by a --set value ({"network=pfenet": ..}: the one --set gives, else the first entry, the default's) or by
+    backbone ({"resnet101": ..}: a *_deep one by its plain name, one it does not name by its first), and may nest."""
     while isinstance(value, dict):
         keys = list(value)
         if all(isinstance(k, int) for k in keys):
@@ -592,10 +539,8 @@ def recipe_value(value, args):
 
 
 def restore_recipe(args, module):
-    """--resume: the recipe of OUT/last.pt (RESUME_RECIPE, the model's own flags and --set, but for its
-    EVALUATION_FLAGS), so that `--resume` alone continues the run it names. A checkpoint of another run (model,
-    data, fold, shots, backbone), or a flag given now with another value than the run was trained with, is refused
-    with both. Without OUT/last.pt (a run stopped before its first checkpoint) the run starts from the beginning."""
+    """--resume: the recipe of OUT/last.pt (recipes), refusing another run's checkpoint or a flag given now with
+    another value. Without OUT/last.pt (stopped before its first checkpoint) the run starts from the beginning."""
     last = args.out / "last.pt"
     if not last.exists():
         print(f"--resume: {args.out} has no checkpoint yet: the run starts from its first epoch", flush=True)
@@ -608,42 +553,29 @@ def restore_recipe(args, module):
         sys.exit(f"error: --resume: {last} is a checkpoint of {describe_run(saved)}, not of {describe_run(asked)} "
                  f"({', '.join(differ)} differ): give the flags it was trained with, or another --out")
     keys, saved, now = recipes(args, module, saved)
-    differ = [k for k in keys if k in args.given and not same_value(now[k], saved[k])]
+    differ = differences(module, [k for k in keys if k in args.given], saved, now)
     if differ:
-        sys.exit(f"error: --resume: {last} was trained with {differences(module, differ, saved, now)}: a resumed "
-                 f"run keeps its recipe ({', '.join(option(full_parser(module), k) for k in keys)}); drop the flag, "
-                 "or start another run with another --out")
+        flags = ", ".join(option(full_parser(module), k) for k in keys)
+        sys.exit(f"error: --resume: {last} was trained with {differ}: a resumed run keeps its recipe ({flags}); drop "
+                 "the flag, or start another run with another --out")
     for k in keys:
         setattr(args, k, saved[k])
-    args.set = {**saved["set"], **{k: v for k, v in args.set.items() if k in evaluation_flags(module)}}
+    args.set = {**saved["set"], **{k: v for k, v in args.set.items() if k in getattr(module, "EVALUATION_FLAGS", ())}}
 
 
 def recipes(args, module, saved):
-    """(keys, then, now): the recipe's keys that a checkpoint's arguments `saved` hold (RESUME_RECIPE, the model's
-    own flags, "set"; evaluation flags and fields left out), and the recipe as saved and as asked, by key."""
-    free = evaluation_flags(module)
+    """(keys, then, now): the recipe keys `saved` holds (EVALUATION_FLAGS aside), the recipe as saved and as asked."""
+    free = set(getattr(module, "EVALUATION_FLAGS", ()))
     keys = [k for k in (*RESUME_RECIPE, *args.own_flags) if k in saved and k not in free] + ["set"]
     recipe_set = lambda values: {k: v for k, v in values.items() if k not in free}  # noqa: E731
     return keys, {**saved, "set": recipe_set(saved.get("set", {}))}, {**vars(args), "set": recipe_set(args.set)}
 
 
-def evaluation_flags(module):
-    """The model's flags and Config fields that only evaluation reads (EVALUATION_FLAGS): a run may change them."""
-    return set(getattr(module, "EVALUATION_FLAGS", ()))
-
-
 def differences(module, keys, saved, now):
-    """'--lr 0.025 (now 0.05), --set ccm=false (now (none))': the recipe values that differ, as flags."""
+    """'--lr 0.025 (now 0.05), --set ccm=false (now (none))': the values of `keys` that differ, as flags, or ''."""
     parser = full_parser(module)
-    return ", ".join(f"{option(parser, k)} {show(saved[k])} (now {show(now[k])})" for k in keys)
-
-
-def given_flags(parser, argv):
-    """The dests of the flags that argv itself gives (not their defaults)."""
-    quiet = copy.deepcopy(parser)
-    for action in quiet._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(quiet.parse_known_args(argv)[0]))
+    differ = [k for k in keys if not same_value(now[k], saved.get(k, now[k]))]
+    return ", ".join(f"{option(parser, k)} {show(saved[k])} (now {show(now[k])})" for k in differ)
 
 
 def check_flags(parser, args, module):
@@ -653,7 +585,8 @@ def check_flags(parser, args, module):
                      "all take a folder dataset's folds from its folds.txt)")
     if args.fold == "all" and (args.bench or args.bench_data or args.predict or args.resume):
         parser.error("--fold all trains and evaluates (or runs a --stage) for each fold, and resumes by itself")
-    if (args.eval_only and args.fold != "all" or args.predict) and not args.checkpoint and not is_baseline(module):
+    needs_checkpoint = args.eval_only and args.fold != "all" or args.predict
+    if needs_checkpoint and not args.checkpoint and module.Model is not PrototypeBaseline:
         parser.error(f"{'--predict' if args.predict else '--eval-only'} needs --checkpoint (only the parameter-free "
                      "baseline has none)")
     if args.predict and not (args.support and args.query and len(args.support) == len(args.support_mask)):
@@ -665,15 +598,13 @@ def check_flags(parser, args, module):
 
 
 def settable_fields(module, stage=None):
-    """{name: dataclasses.Field} that --set takes: the model's Config but the backbone's fields (its own flags), or
-    with --stage, the stage's own dataclass where the model has one (STAGE_CONFIGS[stage])."""
+    """{name: Field} --set takes: the Config's (--stage: STAGE_CONFIGS's) but the backbone's, which have flags."""
     config = getattr(module, "STAGE_CONFIGS", {}).get(stage, module.Config)
     return {f.name: f for f in dataclasses.fields(config) if f.name not in ("backbone", "pretrained")}
 
 
 def config_values(parser, module, items, args):
-    """--set FIELD=VALUE ... -> {field: value}, each typed by its field (field_value); an unknown field, a value
-    that does not fit, or a field that the model's own flag sets too: one line (argparse's error)."""
+    """--set FIELD=VALUE ... -> {field: value}, each typed by its field; a bad one is argparse's one-line error."""
     fields, values = settable_fields(module, args.stage), {}
     for item in items:
         name, equals, text = item.partition("=")
@@ -694,9 +625,8 @@ def config_values(parser, module, items, args):
 
 
 def field_value(field, text):
-    """A --set value as its field's type: bool (true/false, yes/no, on/off, 1/0), int, float, str (none: None where
-    the default is None), one of a typing.Literal's choices, a tuple (0.75,1,1.25 or a Python literal, elements as
-    the default's). ValueError says what fits."""
+    """A --set value as its field's type: bool (true/false, yes/no, on/off, 1/0), int, float, str (none: None where the
+    default is None), a Literal's choice, a tuple (0.75,1,1.25 or a Python literal). ValueError says what fits."""
     kind, default = field.type, field.default
     if typing.get_origin(kind) is typing.Literal:
         choices = {str(c): c for c in typing.get_args(kind)}
@@ -767,14 +697,10 @@ def option(parser, dest):
 
 
 def default_out(args, fold, module):
-    """runs/MODEL-SPLIT-Sshot[-BACKBONE][-FLAG=VALUE...][-FIELD=VALUE...]: a run's folder when --out names none.
-    SPLIT as data.split_name; the backbone unless resnet50; every recipe flag the command line gives (RESUME_RECIPE
-    and the model's own flags, evaluation's aside; a file by its name); the --set fields. So the rows of a paper's
-    table, which differ by a crop, a flag or a field, never share one. --eval-only of a given --checkpoint:
-    CHECKPOINT_FOLDER/eval-STEM-SPLIT-Sshot[...], beside it (as --predict's pictures), never in the folder of a
-    training run, whose last result --fold all reads as that run's."""
+    """runs/MODEL-SPLIT-Sshot[-BACKBONE][-FLAG=VALUE...][-FIELD=VALUE...]: every recipe flag given and --set field,
+    so that a table's rows never share a folder. --eval-only of a --checkpoint: beside it, CHECKPOINT_FOLDER/eval-..."""
     split = data.split_name(args.dataset, fold, args.data_root, args.test_classes, args.coco_split)
-    free = evaluation_flags(module)
+    free = set(getattr(module, "EVALUATION_FLAGS", ()))
     given = sorted(k for k in (*RESUME_RECIPE, *args.own_flags) if k in args.given and k not in free)
 
     def word(value):  # a file by its stem (word2vec.pt: word2vec), a list as a tuple, the rest as --set writes it
@@ -792,18 +718,11 @@ def default_out(args, fold, module):
     return Path(common.RUNS_DIR) / "-".join(parts)
 
 
-def fold_path(pattern, fold):
-    """--checkpoint 'dir/fold{fold}/last.pt' for one fold ({fold} the one placeholder; other braces stay)."""
-    return pattern.replace("{fold}", str(fold))
-
-
 def fold_arg(text):
     """argparse type of --fold: 0..3, or "all"."""
-    if text == "all":
-        return text
-    if text not in ("0", "1", "2", "3"):
+    if text not in ("0", "1", "2", "3", "all"):
         raise argparse.ArgumentTypeError(f"must be 0, 1, 2, 3 or all, got {text!r}")
-    return int(text)
+    return text if text == "all" else int(text)
 
 
 def class_ids_arg(text):
@@ -837,13 +756,11 @@ def learning_rate(text):
     return value
 
 
-# ==========================================================================================================
-# The pieces of a run: data, the model file, the model and its checkpoints, the built-in baseline, devices
-# ==========================================================================================================
+# ====== The pieces of a run: data, the model file, the model and its checkpoints, the built-in baseline, devices
 
 
 def episodes(args, split):
-    """The run's episodes of `split` ("train" or "test"): data.build_dataset with the run's flags."""
+    """The run's episodes of `split` ("train", "test", "val")."""
     try:
         return data.build_dataset(args.dataset, split, args.fold, shot=args.shot, img_size=args.img_size,
                                   root=args.data_root, seed=args.seed if split == "train" else 0,
@@ -855,15 +772,12 @@ def episodes(args, split):
 
 
 def validation_split(args):
-    """Where --select-best validates: FSS-1000's validation classes (HSNet's model selection), else the test fold
-    (the papers' optimistic choice: PASCAL-5i and COCO-20i have no validation classes)."""
+    """Where --select-best validates: FSS-1000's val classes, else the test fold (PASCAL, COCO have no val classes)."""
     return "val" if args.dataset == "fss1000" else "test"
 
 
 def check_data(args, splits):
-    """The episodes of every split, built once before anything else, which checks every listed file (data.py
-    decodes each image and label once per dataset and caches the result): the bad files of all splits in one
-    message."""
+    """Build every split's episodes first, which checks every listed file: the bad files of all splits in one go."""
     problems = []
     for split in splits:
         try:
@@ -875,11 +789,9 @@ def check_data(args, splits):
 
 
 def ignore_stop_signals(worker_id):
-    """A DataLoader worker leaves SIGINT to the main process, which stops the run and then its workers, and ends
-    WORKER_GRACE seconds after a SIGTERM: a scheduler signals the whole process group, and a worker that died first
-    would turn the main process's clean stop into a crash; the DataLoader's own SIGTERM (a worker that does not
-    end when told) must end it, or the main process waits for it for ever. A worker whose main process went away
-    in the middle of a handover (multiprocessing's resource sharer) says nothing about it on the shared stderr."""
+    """A DataLoader worker leaves SIGINT to the main process and ends WORKER_GRACE seconds after a SIGTERM (a
+    scheduler signals the whole group: a worker that died first would turn a clean stop into a crash; one that
+    ignored SIGTERM would be waited for for ever); a handover cut short by the main process's end is not reported."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: (time.sleep(WORKER_GRACE), os._exit(0)))
     report = sys.excepthook
@@ -888,10 +800,13 @@ def ignore_stop_signals(worker_id):
 
 
 def load_model_module(name):
-    """A model file by name (`symnet`), the built-in `baseline`, or the path of a user's own .py file; one that
-    does not load (a syntax error, a failed import) stops with one line."""
+    """A model file by name (`symnet`), the built-in `baseline`, or a .py path; one that does not load: one line."""
     if name == "baseline":
-        return baseline_module()
+        module = types.ModuleType("baseline", PrototypeBaseline.__doc__)  # a model file's interface: the same path
+        module.Config, module.Model = BaselineConfig, PrototypeBaseline
+        module.add_args = lambda parser: parser.add_argument(
+            "--baseline-features", choices=["layer1", "layer2", "layer3", "layer4", "image"], help="default layer3")
+        return module
     if name.endswith(".py"):
         path = Path(name)
         if not path.is_file():
@@ -923,24 +838,17 @@ def load_model_module(name):
 
 
 def make_config(module, args, saved=None):
-    """The model's Config: the paper's defaults (or a checkpoint's `saved` Config), then the backbone flags (not
-    for a checkpoint: its weights are all in it), the model's own flags (given or from its recipe) and --set. A
-    saved field that no longer exists is left out. Nothing else of the command line reaches a Config: the run's
-    setting is a common.Setting (setting_of)."""
+    """The model's Config: the paper's defaults (or a checkpoint's `saved` Config), the backbone flags (not for a
+    checkpoint), the model's own flags and --set. The rest reaches the model as a common.Setting (setting_of)."""
     given = {k: getattr(args, k) for k in args.own_flags if getattr(args, k) is not None}
-    backbone = {"pretrained": False} if saved else {"backbone": args.backbone, "pretrained": backbone_weights(args)}
+    pretrained = args.backbone_weights or not args.no_pretrained  # a weight file, True (ImageNet) or False
+    backbone = {"pretrained": False} if saved else {"backbone": args.backbone, "pretrained": pretrained}
     names = {field.name for field in dataclasses.fields(module.Config)}
     return module.Config(**{k: v for k, v in {**(saved or {}), **backbone, **given, **args.set}.items() if k in names})
 
 
-def backbone_weights(args):
-    """A Backbone's `pretrained`: the --backbone-weights file, else True (ImageNet) or False (--no-pretrained)."""
-    return args.backbone_weights or not args.no_pretrained
-
-
 def setting_of(args, from_checkpoint=False):
-    """The common.Setting a model and a stage get: the run's dataset (its class count: None for a folder dataset
-    that cannot be read here), fold, shots, crop and backbone."""
+    """The common.Setting a model and a stage get (num_classes None for a folder dataset that cannot be read)."""
     fold = args.fold if isinstance(args.fold, int) else 0
     try:
         count = data.dataset_classes(args.dataset, fold, args.data_root, args.test_classes, args.coco_split).count
@@ -948,13 +856,12 @@ def setting_of(args, from_checkpoint=False):
         count = None
     return common.Setting(dataset=args.dataset, fold=args.fold, coco_split=args.coco_split, data_root=args.data_root,
                           test_classes=tuple(args.test_classes) if args.test_classes else None, shot=args.shot,
-                          img_size=args.img_size, backbone=args.backbone, pretrained=backbone_weights(args),
-                          from_checkpoint=from_checkpoint, num_classes=count)
+                          img_size=args.img_size, backbone=args.backbone, from_checkpoint=from_checkpoint,
+                          pretrained=args.backbone_weights or not args.no_pretrained, num_classes=count)
 
 
 def construct(module, cfg, setting):
-    """A model file's model for a run: its build(cfg, setting) where it has one (which reads the files its stages
-    wrote), else Model(cfg, setting), else Model(cfg) (a model that needs no setting)."""
+    """The model file's build(cfg, setting) where it has one, else Model(cfg, setting), else Model(cfg)."""
     if hasattr(module, "build"):
         return module.build(cfg, setting)
     takes_setting = len(inspect.signature(module.Model).parameters) > 1
@@ -962,10 +869,7 @@ def construct(module, cfg, setting):
 
 
 def build_model(module, args, device, rank, world):
-    """(model, optimizer, cfg, resumed): the model from the paper's Config and the flags, or from --checkpoint's
-    Config and weights (the model's flags and --set given now apply), or from OUT/last.pt for --resume; random
-    backbones get their BatchNorm statistics (--no-pretrained); channels-last, compiled, wrapped in DDP as asked.
-    resumed: the --resume checkpoint's state (its optimizer and epoch), or None."""
+    """(model, optimizer, cfg, resumed): from the flags, --checkpoint or (--resume) OUT/last.pt; in DDP as asked."""
     state = read_checkpoint(args.checkpoint) if args.checkpoint else None
     resumed = read_checkpoint(args.out / "last.pt") if args.resume and (args.out / "last.pt").exists() else None
     cfg = make_config(module, args, state and state["config"])
@@ -996,9 +900,7 @@ def build_model(module, args, device, rank, world):
 
 
 def calibrate_random_backbones(model, args, device, rank):
-    """--no-pretrained: every random-weight common.Backbone of the model gets BatchNorm statistics estimated on
-    the first common.CALIBRATION_IMAGES images of the training episodes (the same for every model and process).
-    They are saved in the checkpoints with every other weight."""
+    """--no-pretrained: random backbones get BatchNorm statistics of the first common.CALIBRATION_IMAGES images."""
     backbones = [m for m in model.modules() if isinstance(m, common.Backbone) and m.needs_statistics]
     if not backbones:
         return
@@ -1016,14 +918,13 @@ def calibrate_random_backbones(model, args, device, rank):
 
 
 def saved_args(args):
-    """The run's arguments as a checkpoint and the log keep them: plain values (common.plain), paths as text."""
+    """The run's arguments as a checkpoint and the log keep them: plain values, paths as text."""
     return common.plain({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                          if k not in ("folds", "given")})
 
 
 def save_checkpoint(path, model, optimizer, epoch, cfg, args, best):
-    """OUT/last.pt (or best.pt): weights, optimiser, epoch, Config, arguments, best validation mIoU; plain values
-    only, so that it loads with weights_only; never from weights that are not finite."""
+    """OUT/last.pt (or best.pt), atomically, in plain values (it loads with weights_only); never non-finite weights."""
     net = unwrap(model)
     common.check_finite(net)
     state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
@@ -1032,8 +933,7 @@ def save_checkpoint(path, model, optimizer, epoch, cfg, args, best):
 
 
 def read_checkpoint(path):
-    """A checkpoint train.py wrote (last.pt, best.pt), read with weights_only (no code in the file can run);
-    anything else stops with one line naming the file."""
+    """A checkpoint train.py wrote, read with weights_only (no code in it can run); anything else: one line."""
     if not Path(path).is_file():
         sys.exit(f"error: checkpoint {path} does not exist")
     try:
@@ -1060,14 +960,12 @@ def load_weights(model, state, path):
 
 
 def query_mask(net, batch):
-    """{"m_q": the query mask} for a model that takes it in training (Model.query_mask_in_training: CRCNet predicts
-    the support with the query as its labelled reference), else {}. Evaluation never passes it."""
+    """{"m_q": the query mask} for a model that takes it in training (query_mask_in_training: CRCNet), else {}."""
     return {"m_q": batch["m_q"]} if getattr(net, "query_mask_in_training", False) else {}
 
 
 def inference(net):
-    """What evaluation calls: the model's infer(img_q, img_s, m_s, class_ids) where it has one (test-time
-    fine-tuning, multi-scale), else forward's logits."""
+    """What evaluation calls: the model's infer(img_q, img_s, m_s, class_ids) if it has one, else forward's logits."""
     return getattr(net, "infer", None) or (lambda *inputs: net(*inputs)["logits"])
 
 
@@ -1080,11 +978,8 @@ class BaselineConfig:
 
 
 class PrototypeBaseline(nn.Module):
-    """PANet's parameter-free rule: foreground and background prototypes of the support by masked average
-    pooling, cosine with every query pixel, foreground where cos(fg) > cos(bg), i.e. a threshold at 0 on the
-    difference. K shots: the prototypes are averaged. No learnable parameter: train.py evaluates it directly.
-    Features: a level of the frozen backbone, or the normalised pixels ("image"), which need no weights at all.
-    """
+    """PANet's parameter-free rule: foreground where a query pixel's cosine with the support's foreground prototype
+    (masked average pooling, averaged over the shots) beats the background's. Features: a backbone level or "image"."""
 
     def __init__(self, cfg: BaselineConfig):
         super().__init__()
@@ -1110,23 +1005,6 @@ class PrototypeBaseline(nn.Module):
         return total, {"main": total}
 
 
-def add_baseline_args(parser):
-    parser.add_argument("--baseline-features", choices=["layer1", "layer2", "layer3", "layer4", "image"],
-                        help="features of the baseline (default layer3)")
-
-
-def baseline_module():
-    """`--model baseline` as a module with a model file's interface, so that it takes the same code path."""
-    module = types.ModuleType("baseline", PrototypeBaseline.__doc__)
-    module.Config, module.Model, module.add_args = BaselineConfig, PrototypeBaseline, add_baseline_args
-    return module
-
-
-def is_baseline(module):
-    """Whether a run's model is the parameter-free baseline (nothing to train, no checkpoint needed)."""
-    return module.__name__ == "baseline" and module.Model is PrototypeBaseline
-
-
 def setup_device(args=None):
     """(device, rank, world). Under torchrun every process takes its own GPU (or CPU with gloo)."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -1150,13 +1028,12 @@ def log(rank, *msg):
         print(*msg, flush=True)
 
 
-def note(text):
-    """A note on stderr (a torn log line dropped)."""
+def warn(text):  # warnings and notes (a torn log line dropped) go to stderr
     print(text, file=sys.stderr, flush=True)
 
 
 def autocast(device, enabled):
-    """bf16 autocast on CUDA where enabled (training with --bf16, evaluation with --bf16-eval), else fp32."""
+    """bf16 autocast on CUDA where enabled (--bf16 training, --bf16-eval evaluation), else fp32."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and enabled else nullcontext()
 
 
@@ -1170,18 +1047,14 @@ def count_parameters(model):
     return learnable, sum(p.numel() for p in model.parameters())
 
 
-# ==========================================================================================================
-# Run folders and stops: nothing a user made is lost, and every stop says what was kept and what to do next
-# ==========================================================================================================
+# ====== Run folders and stops: nothing a user made is lost, and every stop says what was kept and what to do next
 
 
 @contextmanager
 def hold_run_folder(args, training, files):
-    """Make args.out ready for a run and hold it while the block runs: the folder must be writable; a lock refuses a
-    second run on it, naming the first one's process (a POSIX record lock on OUT/.lock: it belongs to this process
-    alone, so forked DataLoader workers do not hold it after the run is killed, and the system releases it however
-    the process ends); temporaries an interrupted save left are removed; and a training run (or a stage) does not
-    start over the run that is there (its `files`) unless --resume continues it or --overwrite replaces it."""
+    """Make args.out ready for a run and hold it: it must be writable; a POSIX lock on OUT/.lock (this process's alone,
+    released however it ends) refuses a second run, naming the first's process; an interrupted save's temporaries
+    go; a training run (or a stage) does not start over the run there (its `files`) without --resume or --overwrite."""
     out = args.out
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -1239,7 +1112,7 @@ def write_log(log_file, record):
 
 def read_result(out):
     """The last result record of OUT/metrics.jsonl (a torn last line dropped, with a note), or None."""
-    records = common.read_jsonl(out / "metrics.jsonl", note=note)
+    records = common.read_jsonl(out / "metrics.jsonl", note=warn)
     return next((r for r in reversed(records) if r.get("event") == "result"), None)
 
 
@@ -1249,10 +1122,8 @@ class Terminated(Exception):
 
 @contextmanager
 def stops_cleanly(args, argv):
-    """Run the block; end every way it can stop badly with one line and an exit status: Ctrl-C (130) and SIGTERM
-    (143) say what was kept and the command that continues, a NaN loss (3) how to try again, a bad dataset file or
-    a failed write what and where (1). Under torchrun the process group is closed in any case. Inside --fold all
-    an exception carries the fold's arguments (`run`)."""
+    """Run the block; every bad stop is one line and an exit status: Ctrl-C (130), SIGTERM (143), a NaN loss (3), a bad
+    data file or a failed write (1). Inside --fold all an exception carries the fold's arguments (`run`)."""
     def terminate(signum, frame):
         raise Terminated()
 
@@ -1260,15 +1131,19 @@ def stops_cleanly(args, argv):
     previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
     try:
         yield
-    except (KeyboardInterrupt, Terminated) as stop:
-        stop_interrupted(getattr(stop, "run", args), argv, isinstance(stop, Terminated))
+    except (KeyboardInterrupt, Terminated) as err:
+        stop_interrupted(getattr(err, "run", args), argv, isinstance(err, Terminated))
     except (NonFiniteLossError, common.NonFiniteWeightsError) as err:
         stop_nonfinite(getattr(err, "run", args), argv, err)
-    except data.DatasetError as err:  # also when a DataLoader worker re-raised it
-        sys.exit(f"error: {original_message(err)}")
+    except data.DatasetError as err:
+        text = str(err).strip()
+        if text.startswith("Caught ") and "Original Traceback" in text:  # a DataLoader worker re-raised it
+            text = text.splitlines()[-1].split(": ", 1)[-1]  # the original exception's own last line
+        sys.exit(f"error: {text}")
     except common.SaveError as err:  # a full disk, a lost mount: what was written before is intact
         run = getattr(err, "run", args)
-        again = resume_command(run, argv) if is_training(run) else "the same command"
+        training = not (run.eval_only or run.bench or run.predict or run.bench_data)
+        again = resume_command(run, argv) if training else "the same command"
         sys.exit(f"error: {err}; free space there (or give another --out), then continue with: {again}")
     except (common.WeightsUnavailableError, common.LogError) as err:
         sys.exit(f"error: {err}")
@@ -1282,26 +1157,23 @@ def stops_cleanly(args, argv):
 def stop_interrupted(args, argv, terminated=False):
     """Ctrl-C or SIGTERM: one line that says what was kept and how to continue; exit status 130 or 143."""
     last = getattr(args, "stage_file", None) if args.stage else args.out / "last.pt" if args.out else None
+    how = "stopped by SIGTERM" if terminated else "interrupted"
     inside = f" in fold {args.fold} of --fold all" if getattr(args, "in_fold_all", False) else ""
-    if not is_training(args) or last is None:
-        message = "interrupted"
+    if args.eval_only or args.bench or args.predict or args.bench_data or last is None:  # nothing to continue
+        message = how
     elif last.exists():
         what = "the stage's file" if args.stage else "the last finished epoch"
-        message = f"interrupted{inside}: {last} holds {what}; continue with: {resume_command(args, argv)}"
+        message = f"{how}{inside}: {last} holds {what}; continue with: {resume_command(args, argv)}"
     else:
-        message = (f"interrupted{inside} before {'its file' if args.stage else 'the first epoch'} was saved: "
+        message = (f"{how}{inside} before {'its file' if args.stage else 'the first epoch'} was saved: "
                    f"nothing was kept; start it again with: {resume_command(args, argv)}")
-    if terminated:
-        message = message.replace("interrupted", "stopped by SIGTERM", 1)
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"\n{message}", file=sys.stderr, flush=True)
+        warn(f"\n{message}")
     sys.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
 
 
 def stop_nonfinite(args, argv, err):
-    """A NaN or infinite loss (or weights): one line that says what was kept and how to try again (exit status 3).
-    A run keeps its recipe, so a lower learning rate is a new run: the command with half the rate and its own
-    --out."""
+    """A NaN or infinite loss (or weights): what was kept and how to try again, a new run at half the rate; exit 3."""
     last = getattr(args, "stage_file", None) if args.stage else args.out / "last.pt"
     kept = (f"the last good {'file' if args.stage else 'checkpoint'} is {last}" if last and last.exists()
             else "nothing was saved")
@@ -1317,14 +1189,8 @@ def stop_nonfinite(args, argv, err):
     sys.exit(EXIT_NONFINITE)
 
 
-def is_training(args):
-    """Whether a run trains (or runs a stage), as opposed to a tool that only reads (evaluation, bench, predict)."""
-    return not (args.eval_only or args.bench or args.predict or args.bench_data)
-
-
 def resume_command(args, argv):
-    """The command that continues a stopped run (or starts it again where it saved nothing): argv with --resume,
-    without --overwrite; inside --fold all, which resumes by itself, argv as it is."""
+    """The command that continues a stopped run: argv with --resume (not in --fold all, which resumes by itself)."""
     inside = getattr(args, "in_fold_all", False)
     return command([a for a in argv if a != "--overwrite"], {} if "--resume" in argv or inside else {"--resume": None})
 
@@ -1343,16 +1209,6 @@ def command(argv, flags):
     return " ".join(["python train.py", *map(shlex.quote, kept + added)])
 
 
-def original_message(err):
-    """The message of err; for one a DataLoader worker re-raised (its text is "Caught X in DataLoader worker
-    process N. Original Traceback ..."), the original exception's own last line."""
-    text = str(err).strip()
-    if text.startswith("Caught ") and "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        return last.split(": ", 1)[1] if ": " in last else last
-    return text
-
-
 def describe_run(saved):
     """The run that saved arguments `saved` (a checkpoint's "args") belong to, in words."""
     return (f"{Path(saved['model']).stem} on {saved['dataset']} {split_text(saved)}, {saved['shot']}-shot, "
@@ -1365,19 +1221,12 @@ def split_text(run):
     return f"classes {','.join(map(str, classes))}" if classes else f"fold {run['fold']}"
 
 
-# ==========================================================================================================
-# Tools, each reached from main's one dispatch (tool_for): --fold all, --stage, --bench, --bench-data, --vis,
-# --predict
-# ==========================================================================================================
+# ====== Tools, each reached from main's dispatch: --fold all, --stage, --bench, --bench-data, --vis, --predict
 
 
 def run_all_folds(args, module):
-    """--fold all: the four folds one after another, each in its own folder (OUT/foldK, or each fold's default
-    folder) with its own recipe (args.folds), then their table. Resumable: a fold trained to the end whose last
-    result was made under this protocol is taken as it is (one of another recipe stops the run with one line), an
-    interrupted one resumes (with the recipe it was trained with), a complete one without that result is evaluated.
-    With --eval-only, every fold's checkpoint (--checkpoint with {fold} in it, else the fold folder's last.pt) is
-    evaluated. Under torchrun every fold uses every process. A stop names the fold it stopped in."""
+    """--fold all: each fold in its own folder with its own recipe (args.folds), then their table. Resumable: a fold
+    that is complete is taken as it is, an interrupted one resumes. A stop names the fold it stopped in."""
     rank, records = int(os.environ.get("RANK", 0)), []
     for one in args.folds:
         one.in_fold_all = True
@@ -1404,11 +1253,10 @@ def run_fold(one, args, module, rank):
     state = read_checkpoint(last) if last.exists() and not fresh else None
     if state is not None and state["epoch"] >= state["args"]["epochs"]:  # trained to the end
         keys, saved, now = recipes(one, module, state["args"])
-        differ = [k for k in ("backbone", *keys) if not same_value(now[k], saved.get(k, now[k]))]
+        differ = differences(module, ["backbone", *keys], saved, now)
         if differ:
-            sys.exit(f"error: fold {one.fold}: {one.out} holds a run trained with "
-                     f"{differences(module, differ, saved, now)}: not the run asked for; give another --out, or "
-                     "--overwrite to train it again")
+            sys.exit(f"error: fold {one.fold}: {one.out} holds a run trained with {differ}: not the run asked for; "
+                     "give another --out, or --overwrite to train it again")
         record = read_result(one.out)
         protocol = ("shot", "img_size", "episodes", "seeds")
         if record is not None and [record.get(k) for k in protocol] == [
@@ -1425,9 +1273,7 @@ def run_fold(one, args, module, rank):
 
 
 def report_folds(args, records):
-    """The papers' four-fold table: per-fold mIoU and FB-IoU and their means, each with its standard deviation
-    over the test seeds (the mean's: of the per-seed means over the folds), as text and as Markdown, then one
-    RESULT line for the mean."""
+    """The papers' four-fold table as text and as Markdown (+- over the test seeds), then a RESULT line."""
     per_seed = {k: np.array([r[f"seed_{k}"] for r in records]) for k in ("miou", "fbiou")}  # (folds, seeds)
     mean = {k: spread(v.mean(0).tolist()) for k, v in per_seed.items()}
     cell = lambda m, sd: f"{100 * m:.2f}" + ("" if math.isnan(sd) else f" +- {100 * sd:.2f}")  # noqa: E731
@@ -1449,10 +1295,8 @@ def report_folds(args, records):
 
 
 def train_stage(args, module):
-    """--stage NAME: the model file's STAGES[NAME](setting, schedule, options), options being the model's own
-    flags and --set ({dest: value}). A stage is a run like the others: its folder (that of the file it writes,
-    STAGE_FILES[NAME], else OUT) is locked and cleaned, the file is not replaced without --overwrite, --resume
-    continues it, and a NaN loss stops it with exit status 3."""
+    """--stage NAME: the model's STAGES[NAME](setting, schedule, options), options: its own flags and --set. A stage
+    is held, kept and resumed as a run is, in the folder of the file it writes (STAGE_FILES[NAME], else OUT)."""
     stages = getattr(module, "STAGES", {})
     if args.stage not in stages:
         sys.exit(f"error: --stage {args.stage}: {args.model} offers {sorted(stages) or 'no extra stage'}")
@@ -1471,29 +1315,28 @@ def train_stage(args, module):
 
 
 def bench(args, module):
-    """--bench: training steps and inference on random episodes at the configured size, without data loading:
-    ms per step, episodes/s, memory, parameters, and what one step runs (count_step): its floating-point work (and
-    share of the GPU's bf16 peak), its aten operations, and those that make the host wait for the GPU."""
+    """--bench: time, memory and parameters of training steps and inference on random episodes, without data
+    loading, and what one step runs (count_step): its work, its aten operations and its host syncs."""
     device, rank, world = setup_device(args)
     model, optimizer, *_ = build_model(module, args, device, rank, world)
-    B, S, size, E = args.batch_size, args.shot, args.img_size, args.eval_batch_size
+    B, S, size, E, cuda = args.batch_size, args.shot, args.img_size, args.eval_batch_size, device.type == "cuda"
     img_q, img_s = torch.randn(B, 3, size, size, device=device), torch.randn(B, S, 3, size, size, device=device)
     m_q = torch.zeros(B, size, size, dtype=torch.long, device=device)
     m_q[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
     m_s = m_q[:, None].expand(B, S, size, size).contiguous()
     class_ids = torch.ones(B, dtype=torch.long, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     net, params = unwrap(model), [p for p in model.parameters() if p.requires_grad]
 
-    def timed(fn, steps):
-        for _ in range(max(2, steps // 5)):  # warm-up (and compilation)
+    def timed(fn):
+        for _ in range(max(2, args.bench_steps // 5)):  # warm-up (and compilation)
             fn()
         sync()
         t0 = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(args.bench_steps):
             fn()
         sync()
-        return (time.perf_counter() - t0) / steps
+        return (time.perf_counter() - t0) / args.bench_steps
 
     def train_step(model=model):  # fit's step
         with autocast(device, args.bf16):
@@ -1508,44 +1351,44 @@ def bench(args, module):
             inference(net)(img_q[:E], img_s[:E], m_s[:E], class_ids[:E])
 
     learnable, total = count_parameters(model)
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     model.train()
-    t_train = timed(train_step, args.bench_steps) if learnable else float("nan")
-    train_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else peak_rss_gib()
+    t_train = timed(train_step) if learnable else float("nan")
+    if cuda:
+        train_peak = torch.cuda.max_memory_allocated() / 2**30
+    elif resource is not None:  # the process's peak resident memory: KiB on Linux, bytes on macOS
+        train_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
+    else:
+        train_peak = float("nan")
     counted = count_step(lambda: train_step(net), net) if learnable else dict(ops=0, syncs=[], flops=0, backbone=0)
     flops, syncs = counted["flops"], counted["syncs"]
     net.eval()
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    t_infer = timed(infer, args.bench_steps) / E
-    eval_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    precision = "bf16" if args.bf16 and device.type == "cuda" else "fp32"
-    print(f"bench {Path(args.model).stem} on {name}, torch {torch.__version__}, {size}x{size}, {S}-shot, batch {B}, "
-          f"training {precision}, evaluation {'bf16' if args.bf16_eval and device.type == 'cuda' else 'fp32'}, {E} "
-          f"episode(s) at once\n  train: {1000 * t_train:.1f} ms/step, {B / t_train:.1f} episodes/s")
+    t_infer = timed(infer) / E
+    eval_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} cores)"
+    precision = "bf16" if args.bf16 and cuda else "fp32"
     tflops = bf16_peak_tflops(device, args)
     achieved = 100 * flops / t_train / (tflops * 1e12) if flops and tflops else float("nan")
     floor = counted["backbone"] / (tflops * 1e12) if tflops else float("nan")  # s: the backbone alone at the peak
+    peak = (f", {achieved:.1f}% of the bf16 peak {tflops:.0f}; the backbone alone at peak takes "
+            f"{100 * floor / t_train:.1f}% of the step") if flops and tflops else ""
+    memory = f"peak GPU memory: {train_peak:.2f} GiB training, {eval_peak:.2f} GiB evaluating" if cuda else (
+        f"peak process memory: {train_peak:.2f} GiB (resident)")
+    print(f"bench {Path(args.model).stem} on {name}, torch {torch.__version__}, {size}x{size}, {S}-shot, batch {B}, "
+          f"training {precision}, evaluation {'bf16' if args.bf16_eval and cuda else 'fp32'}, {E} episode(s) at once"
+          f"\n  train: {1000 * t_train:.1f} ms/step, {B / t_train:.1f} episodes/s; inference {1000 * t_infer:.1f} "
+          f"ms/episode; {memory}")
     if flops:
-        print(f"  work: {flops / 1e12:.3f} TFLOP/step (convolutions and matrix products, forward and backward), "
-              f"{counted['backbone'] / 1e12:.3f} of them in the frozen backbone; {flops / t_train / 1e12:.2f} TFLOP/s")
-        if tflops:
-            print(f"  bf16 peak {tflops:.0f} TFLOP/s: {achieved:.1f}% achieved; "
-                  f"the backbone alone at peak takes {1000 * floor:.1f} ms, {100 * floor / t_train:.1f}% of the step")
+        print(f"  work: {flops / 1e12:.3f} TFLOP/step (convolutions and matrix products), "
+              f"{counted['backbone'] / 1e12:.3f} in the frozen backbone; {flops / t_train / 1e12:.2f} TFLOP/s{peak}")
     if learnable:
-        print(f"  operations: {counted['ops']} per training step (aten operations, forward, backward and update: "
-              f"each launches one or more GPU kernels)\n  host syncs: {len(syncs)} per training step"
-              f"{': ' + ', '.join(sorted(set(syncs))) if syncs else ''} (operations that make the CPU wait for a GPU; "
-              "with none it queues the next step while one runs)")
-    print(f"  inference: {1000 * t_infer:.1f} ms/episode")
-    if device.type == "cuda":
-        print(f"  peak GPU memory: {train_peak:.2f} GiB training, {eval_peak:.2f} GiB evaluating {E} episode(s) "
-              "at once (--eval-batch-size)")
-    else:
-        print(f"  peak process memory: {train_peak:.2f} GiB (resident, since the program started)")
+        print(f"  operations: {counted['ops']} aten operations per training step; host syncs: {len(syncs)} per "
+              f"training step{': ' + ', '.join(sorted(set(syncs))) if syncs else ''} (operations that make the CPU "
+              "wait for the GPU)")
     print(f"  parameters: {learnable / 1e6:.2f}M learnable, {total / 1e6:.2f}M total")
     print(f"BENCH model={Path(args.model).stem} device={name.replace(' ', '_')} size={size} shot={S} batch={B} "
           f"precision={precision} train_ms={1000 * t_train:.1f} episodes_per_s={B / t_train:.1f} "
@@ -1556,16 +1399,14 @@ def bench(args, module):
           flush=True)  # one line for scripts, as RESULT
 
 
-# Dense (no sparsity) bf16 tensor-core TFLOP/s from NVIDIA's data sheets, matched in order against the device
-# name: the denominator of --bench's achieved fraction.
+# Dense bf16 tensor-core TFLOP/s from NVIDIA's data sheets, matched in order against whole words of the device name
 BF16_PEAK_TFLOPS = (("H200 NVL", 835.5), ("H200", 989.4), ("H100 NVL", 835.5), ("H100 PCIe", 756.5),
                     ("H100", 989.4), ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0),
-                    ("A10", 125.0))  # a key matches whole words of the name: "A10" is not the A10G
+                    ("A10", 125.0))  # "A10" is not the A10G
 BENCH_DATA_IMAGES = 300  # --bench-data without a dataset: this many PASCAL-sized JPEGs in a temporary folder
 BENCH_DATA_SECONDS = 10.0  # --bench-data: time spent per worker count
-# Operations after which the host must wait for a GPU: a value read back (.item(), float(t), `if t:`), an output
-# whose size depends on the values (nonzero, torch.where(c), unique, masked_select, repeat_interleave by a tensor).
-# Boolean indexing and copies to the CPU are recognised by their arguments (sync_op).
+# Operations after which the host waits for a GPU: a value read back (.item(), float(t), `if t:`), an output sized
+# by the values (nonzero, unique, ...). Boolean indexing and copies to the CPU are told by their arguments (sync_op).
 HOST_SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
                            "unique_consecutive", "equal", "is_nonzero", "bincount"})
 
@@ -1589,13 +1430,9 @@ def sync_op(func, args, kwargs):
 
 
 def count_step(fn, net=None):
-    """What fn() runs, forward and backward: {"ops": its aten operations (on a GPU each launches one or more
-    kernels), "syncs": those that make the host wait for a GPU (sync_op), in order, "flops": the floating-point
-    operations of its convolutions and matrix products by torch.utils.flop_counter's formulas (2 per multiply-add;
-    elementwise work not counted), "backbone": those run inside a common.Backbone of `net`}. Found by what the
-    operations are, not by timing, so a CPU run counts them too. A dispatch mode with forward hooks, not
-    FlopCounterMode (its module hooks break OCNet's torch.autograd.grad) or torch.profiler (it finds no sync on a
-    CPU)."""
+    """What fn() runs: {"ops": aten operations, "syncs": those that make the host wait (sync_op), "flops": by
+    torch.utils.flop_counter's formulas, "backbone": those inside a common.Backbone of `net`}. A dispatch mode: a CPU
+    run counts too (torch.profiler finds no sync there), and FlopCounterMode's hooks break OCNet's autograd.grad."""
     counted, inside = dict(ops=0, syncs=[], flops=0, backbone=0), [0]
 
     class Count(TorchDispatchMode):
@@ -1627,16 +1464,6 @@ def count_step(fn, net=None):
     return counted
 
 
-def peak_rss_gib():
-    """The process's peak resident memory in GiB (Linux and macOS; NaN where the OS does not say)."""
-    try:
-        import resource  # POSIX only
-    except ImportError:
-        return float("nan")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / (2**30 if sys.platform == "darwin" else 2**20)
-
-
 def bf16_peak_tflops(device, args):
     """--peak-tflops, else the data-sheet rate of a known GPU (BF16_PEAK_TFLOPS), else None."""
     if args.peak_tflops or device.type != "cuda":
@@ -1646,9 +1473,7 @@ def bf16_peak_tflops(device, args):
 
 
 def bench_data(args, module):
-    """Training episodes/s that data.py delivers to the device (decode, augment, collate, to_device) with 0, 1, 2,
-    4, ... --workers DataLoader workers, per worker, and the bytes of one batch, which cross from a worker to the
-    main process. PASCAL without --data-root: BENCH_DATA_IMAGES generated JPEGs in a temporary folder."""
+    """Training episodes/s of the data path with 0, 1, 2, 4, ... --workers workers (PASCAL: generated JPEGs)."""
     device, _, _ = setup_device(args)
     with tempfile.TemporaryDirectory() as tmp:
         if args.dataset == "pascal" and args.data_root is None:
@@ -1660,11 +1485,9 @@ def bench_data(args, module):
             sys.exit(f"error: {len(dataset)} training episodes do not fill one batch of {args.batch_size}")
         print(f"bench-data {args.dataset}, {args.img_size}x{args.img_size}, {args.shot}-shot, batch "
               f"{args.batch_size}, {os.cpu_count()} CPU cores", flush=True)
-        counts = sorted({0, args.workers} | {2 ** k for k in range(8) if 2 ** k < args.workers})
-        for workers in counts:
-            args.workers = workers
+        for workers in sorted({0, args.workers} | {2 ** k for k in range(8) if 2 ** k < args.workers}):
             sampler = data.EpisodeSampler(len(dataset), shuffle=True, seed=args.seed, batch_size=args.batch_size)
-            loader = data.make_loader(dataset, sampler, args.batch_size, args.workers, device, drop_last=True,
+            loader = data.make_loader(dataset, sampler, args.batch_size, workers, device, drop_last=True,
                                       worker_init_fn=ignore_stop_signals)
             first = next(iter(loader))  # the workers start; persistent, they stay for the epochs below
             size = sum(t.nbytes for v in first.values() for t in (v if isinstance(v, list) else [v]))
@@ -1686,8 +1509,7 @@ def bench_data(args, module):
 
 
 def write_pascal_like(root, n, seed=0):
-    """n PASCAL-sized (500x375) JPEGs with their label PNGs and VOC's list files under root, for --bench-data
-    without the dataset: the synthetic renderer's objects (its 20 classes stand in for VOC's 20)."""
+    """n PASCAL-sized JPEGs, label PNGs and list files under root: the synthetic renderer's objects and classes."""
     for sub in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     rng, names = np.random.default_rng(seed), [f"{i:06d}" for i in range(n)]
@@ -1702,10 +1524,6 @@ def write_pascal_like(root, n, seed=0):
     (sets / "val.txt").write_text("\n".join(names[n * 4 // 5:]) + "\n")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Tools: --vis and --predict
-
-
 def overlay(img, mask, colour):
     """img uint8 (3,H,W), mask (H,W) in {0,1,255} -> uint8 (H,W,3): object tinted, ignore pixels greyed."""
     out = img.permute(1, 2, 0).float()
@@ -1716,10 +1534,8 @@ def overlay(img, mask, colour):
 
 
 def visualise(model, args, device, rank):
-    """--vis N: N PNGs of test episodes (seed 0) in OUT/vis: supports with their masks | query with ground truth |
-    prediction."""
-    net = unwrap(model).eval()
-    infer = inference(net)
+    """--vis N: N PNGs of test episodes (seed 0) in OUT/vis: supports | query with ground truth | prediction."""
+    infer = inference(unwrap(model).eval())
     dataset = episodes(args, "test")
     folder = args.out / "vis"
     folder.mkdir(parents=True, exist_ok=True)
@@ -1750,27 +1566,14 @@ def read_user_mask(path):
     return torch.from_numpy((pixels.reshape(*pixels.shape[:2], -1) != 0).any(-1).astype(np.int64))
 
 
-def output_stems(paths):
-    """The file stem each query's outputs are named by: its own, numbered where two queries share one
-    (a/photo.jpg, b/photo.jpg -> photo, photo-2), so that no output replaces another of the same call."""
-    stems, seen = [], {}
-    for path in paths:
-        stem = Path(path).stem
-        seen[stem] = seen.get(stem, 0) + 1
-        stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
-    return stems
-
-
 @torch.no_grad()
 def predict_files(args, module):
-    """--predict: a trained model on the user's own images; writes QUERY_mask.png (0/255) and QUERY_overlay.png
-    for every --query into --out (default: the checkpoint's folder/predict)."""
+    """--predict: QUERY_mask.png and QUERY_overlay.png for each --query in --out (default CHECKPOINT_FOLDER/predict)."""
     device, rank, world = setup_device(args)
     if "out" not in args.given:
         args.out = (Path(args.checkpoint).parent if args.checkpoint else Path(common.RUNS_DIR) / "baseline") / "predict"
     model, *_ = build_model(module, args, device, rank, world)
-    net = unwrap(model).eval()
-    infer = inference(net)
+    infer = inference(unwrap(model).eval())
     try:
         images = [data.load_image(path, upright=True) for path in [*args.support, *args.query]]  # as shown
     except OSError as err:  # names the file
@@ -1785,14 +1588,17 @@ def predict_files(args, module):
     m_s = torch.stack([s[1] for s in supports])[None].to(device)  # (1,S,H,W)
     if (m_s == 1).sum() == 0:
         sys.exit("error: every --support-mask is empty: mark the object with nonzero pixels")
+    stems = []
     try:
         args.out.mkdir(parents=True, exist_ok=True)
-        for path, img, stem in zip(args.query, images[len(args.support):], output_stems(args.query)):
+        for path, img in zip(args.query, images[len(args.support):]):
             img_q, _ = data.test_transform(img, torch.zeros(img.shape[1:], dtype=torch.long), args.img_size)
             with autocast(device, args.bf16_eval):
                 logits = infer(img_q[None].to(device), img_s, m_s, None)
             pred = data.logits_to_original(logits[0].float().cpu(), img.shape[1:]).argmax(0)  # (H0,W0)
-            stem = args.out / stem
+            stems.append(Path(path).stem)  # numbered where queries share one (a/x.jpg, b/x.jpg: x, x-2)
+            n = stems.count(stems[-1])
+            stem = args.out / (stems[-1] if n == 1 else f"{stems[-1]}-{n}")
             Image.fromarray((pred * 255).to(torch.uint8).numpy()).save(f"{stem}_mask.png")
             Image.fromarray(overlay(img, pred, (255, 0, 0))).save(f"{stem}_overlay.png")
             print(f"{path}: {100 * pred.float().mean():.1f}% of the pixels -> {stem}_mask.png, {stem}_overlay.png")
