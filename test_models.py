@@ -3117,15 +3117,16 @@ class TestTrain:
     def test_an_evaluation_of_a_checkpoint_is_kept_beside_it_never_in_a_training_runs_folder(self, tiny, tmp_path,
                                                                                              monkeypatch, capsys):
         monkeypatch.chdir(tmp_path)
-        recipe = ["--model", str(tiny), "--dataset", "synthetic", "--fold", "1", "--epochs", "1", "--train-length", "16",
-                  "--test-episodes", "4", "--test-seeds", "1", "--workers", "0"]
+        recipe = ["--model", str(tiny), "--dataset", "synthetic", "--fold", "1", "--epochs", "1",
+                  "--train-length", "16", "--test-episodes", "4", "--test-seeds", "1", "--workers", "0"]
         train.main(recipe)  # A, 1-shot
         train.main([*recipe, "--shot", "2"])  # B, 2-shot
         a, b = (Path("runs") / f"tinynet-synthetic-fold1-{k}shot-epochs=1-train_length=16" for k in (1, 2))
         capsys.readouterr()
         # A's recipe, evaluated 2-shot: the folder B trained in by name, but the evaluation is kept beside A
         train.main([*recipe, "--shot", "2", "--eval-only", "--checkpoint", str(a / "last.pt")])
-        assert f"run folder {a / 'eval-last-synthetic-fold1-2shot-epochs=1-train_length=16'}\n" in capsys.readouterr().out
+        evaluation = a / "eval-last-synthetic-fold1-2shot-epochs=1-train_length=16"
+        assert f"run folder {evaluation}\n" in capsys.readouterr().out
         results = [r for r in common.read_jsonl(b / "metrics.jsonl") if r["event"] == "result"]
         assert len(results) == 1 and results[0] == train.read_result(b)  # B's result is still its own
 
@@ -3464,6 +3465,18 @@ class TestTrain:
         state = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
         assert state["epoch"] == 3 and state["args"]["lr"] == 0.01 and state["args"]["width"] == 8  # the model's flag
         assert state["args"]["crash_after"] is None  # a flag that may change on resume (EVALUATION_FLAGS) is not kept
+
+    def test_resume_keeps_the_recipes_set_fields_and_takes_an_evaluation_field_given_now(self, tiny, tmp_path):
+        """--resume --set: a field of the recipe stays as trained, one of EVALUATION_FLAGS (invert) is taken as
+        given now, into the arguments and the Config alike."""
+        run = ["--model", str(tiny), "--dataset", "synthetic", "--fold", "1", "--out", str(tmp_path / "run"),
+               "--epochs", "1", "--train-length", "8", "--test-episodes", "2", "--test-seeds", "1", "--workers", "0"]
+        train.main([*run, "--set", "width=8"])
+        args, module = train.parse_args([*run, "--resume", "--set", "invert=1"])
+        assert args.set == {"width": 8, "invert": 1}
+        assert (train.make_config(module, args).width, train.make_config(module, args).invert) == (8, 1)
+        with pytest.raises(SystemExit, match=r"was trained with --set width=8 \(now width=16\)"):
+            train.parse_args([*run, "--resume", "--set", "invert=1", "width=16"])
 
     def test_resume_before_the_first_checkpoint_starts_the_run(self, tiny, tmp_path, capsys):
         """A run killed before its first checkpoint leaves a log: a plain rerun points to --resume, which starts it."""

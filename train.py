@@ -198,14 +198,15 @@ def fit(step, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch
     """The training loop of every run and extra stage (schedule.fit): epochs start_epoch..epochs-1 of
     steps_per_epoch batches(epoch), lr = lr_at(step count); (loss, terms) = step(batch); every log_every steps a
     line and a log record of the means since the last (report: the loop's one host sync); end_epoch(epoch) after
-    each epoch (checkpoints). A NaN or infinite loss stops it (NonFiniteLossError), its gradient never applied."""
+    each epoch (checkpoints). A step whose loss or gradient is NaN or infinite is skipped on the device
+    (step_if_finite); a non-finite loss then stops the loop at the next report (NonFiniteLossError)."""
     if not optimizer.defaults.get("fused"):  # found_inf, below, is the fused kernels' protocol
         raise ValueError("fit skips non-finite steps on the device: it needs torch.optim.SGD(..., fused=True)")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     t_start = t0 = time.perf_counter()
     sums, seen = {}, 0  # the loss and its terms, summed on the device since the last report
 
-    def report(epoch, s, lr):  # the means since the last report, a line and a log record
+    def progress(epoch, s, lr):  # the means since the last report, a line and a log record
         nonlocal sums, seen, t0
         means = torch.stack(list(sums.values())) / seen  # (terms,)
         if dist.is_available() and dist.is_initialized():  # every rank logs, and stops, alike
@@ -229,7 +230,7 @@ def fit(step, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch
             lr = lr_at(epoch * steps_per_epoch + s)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, terms = step(batch)
+            loss, terms = step(batch)  # the forward pass and the loss; the update is step_if_finite's
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             step_if_finite(optimizer, params, loss)  # a NaN or infinite loss never reaches the weights
@@ -237,7 +238,7 @@ def fit(step, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch
                 sums[name] = sums.get(name, 0) + value.detach().float()
             seen += 1
             if (s + 1) % log_every == 0 or s + 1 == steps_per_epoch:
-                means = report(epoch, s, lr)  # the loop's one host sync
+                means = progress(epoch, s, lr)  # the loop's one host sync
                 if not math.isfinite(means["loss"]):
                     raise NonFiniteLossError(means["loss"], epoch, s)
         if end_epoch is not None:
@@ -553,14 +554,16 @@ def restore_recipe(args, module):
         sys.exit(f"error: --resume: {last} is a checkpoint of {describe_run(saved)}, not of {describe_run(asked)} "
                  f"({', '.join(differ)} differ): give the flags it was trained with, or another --out")
     keys, saved, now = recipes(args, module, saved)
+    now["set"] = {**saved["set"], **now["set"]}  # --set names its own fields: the others stay as trained
     differ = differences(module, [k for k in keys if k in args.given], saved, now)
     if differ:
         flags = ", ".join(option(full_parser(module), k) for k in keys)
         sys.exit(f"error: --resume: {last} was trained with {differ}: a resumed run keeps its recipe ({flags}); drop "
                  "the flag, or start another run with another --out")
+    evaluation = {k: v for k, v in args.set.items() if k in getattr(module, "EVALUATION_FLAGS", ())}
     for k in keys:
         setattr(args, k, saved[k])
-    args.set = {**saved["set"], **{k: v for k, v in args.set.items() if k in getattr(module, "EVALUATION_FLAGS", ())}}
+    args.set = {**saved["set"], **evaluation}  # the recipe's fields as trained, the evaluation's as given now
 
 
 def recipes(args, module, saved):
