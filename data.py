@@ -1250,14 +1250,11 @@ def _cached_scan(root, cache_name, key, files, scan, files_of, what, problems=()
     key = [CACHE_VERSION, *key, digest]
     found = None if missing else _read_cache(cache, key)
     if found is None:
-        absent = set(missing)
-        whole = [name for name, pair in files.items() if not absent.intersection(pair)]
-        scans = _parallel_map(scan, [files[name] for name in whole], f"checking and scanning {files_of}",
-                              cache is not None)
+        whole = {name: pair for name, pair in files.items() if not missing.intersection(pair)}
+        scans = _parallel_map(scan, list(whole.values()), f"checking and scanning {files_of}", cache is not None)
         scanned = dict(zip(whole, scans))
-        results = [scanned[name] if name in scanned else
-                   (None, [f"{path}: no such file (its list names it)" for path in pair if path in absent])
-                   for name, pair in files.items()]
+        results = [scanned.get(name, (None, [f"{path}: no such file (its list names it)" for path in pair
+                                             if path in missing])) for name, pair in files.items()]
         found = dict(zip(files, check_scan(results + [(None, line) for line in problems], what)))
         _write_cache(cache, key, found)
     check_scan([(None, line) for line in problems], what)
@@ -1331,14 +1328,14 @@ def _writable_dir(*candidates):
 
 
 def _fingerprint(root, paths):
-    """-> (a digest of each file's name under `root`, size, mtime, ctime, inode; [paths not there]). mtime alone would
+    """-> (a digest of each file's name under `root`, size, mtime, ctime, inode; {paths not there}). mtime alone would
     not do (cp -p, rsync -a, tar restore it): ctime, which no tool sets, and the inode show a rewrite (as git does)."""
-    lines, missing, prefix = [], [], os.fspath(root)
+    lines, missing, prefix = [], set(), os.fspath(root)
     for path in paths:
         try:
             stat = os.stat(path)
         except OSError:
-            missing.append(path)
+            missing.add(path)
             continue
         lines.append(f"{os.fspath(path).removeprefix(prefix)} {_stat_key(stat)}")
     return hashlib.sha1("\n".join(lines).encode()).hexdigest(), missing
