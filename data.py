@@ -689,11 +689,9 @@ def _coco_label_dir(root, split, ann_path, ann_stat):
     """Where the labels are (or go): <root>/labels/<split>2014 if its stamp is current, else the first writable of it
     and ~/.cache/fss/<hash of root>/labels/<split>2014, else a read-only <root>/labels/<split>2014 (as they are)."""
     places = [root / "labels" / f"{split}2014", _cache_places(root)[1] / "labels" / f"{split}2014"]
-    try:
+    with contextlib.suppress(OSError):  # an unreadable stamp: as none
         if _coco_stale(places[0], ann_path, ann_stat) is None:
             return places[0]
-    except OSError:  # an unreadable stamp: as none
-        pass
     label_dir = _writable_dir(*places)
     if label_dir is None and not places[0].is_dir():
         raise DatasetFileError(f"cannot write the COCO {split}2014 labels: neither {places[0]} nor {places[1]} can be "
@@ -1318,12 +1316,10 @@ def _note_once(line):
 def _writable_dir(*candidates):
     """The first candidate directory that exists (or can be made) and is writable, else None."""
     for path in candidates:
-        try:
+        with contextlib.suppress(OSError):
             path.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(path, os.W_OK):
-            return path
+            if os.access(path, os.W_OK):
+                return path
     return None
 
 
