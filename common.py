@@ -1,12 +1,9 @@
-"""The blocks the few-shot segmentation models share, the loss and the metrics, in this order: the frozen Backbone
-(ResNet-50/101, torchvision's or PSPNet's deep stem, dilated to output stride 8, or VGG-16-BN), foreground_at,
-masked_average_pooling, cosine_prior (PFENet's prior), resize, conv_relu, MidLevelReduction, FEM, seg_loss,
-IoUMeter and RecallMeter; then what the harness and several models share: Setting, Schedule, and files read
-without running code, written whole or not at all (read_torch_file, save_atomic, append_jsonl, ...).
+"""The blocks the few-shot segmentation models share (frozen backbone, masked average pooling, PFENet's prior, FEM),
+the loss and the metrics; then what the harness and the models share: Setting, Schedule, safe files.
 
-Source: Z. Tian, H. Zhao, M. Shu, Z. Yang, R. Li, J. Jia, "Prior Guided Feature Enrichment Network
-for Few-Shot Segmentation", TPAMI 2020, arXiv:2008.01449, github.com/dvlab-research/PFENet @ a5056754.
-"PFENet.py:N" below means model/PFENet.py line N of that repository; test.py and util/util.py likewise.
+Source: Z. Tian, H. Zhao, M. Shu, Z. Yang, R. Li, J. Jia, "Prior Guided Feature Enrichment Network for Few-Shot
+Segmentation", TPAMI 2020, arXiv:2008.01449, github.com/dvlab-research/PFENet @ a5056754. "PFENet.py:N" below
+means model/PFENet.py line N of that repository; test.py and util/util.py likewise.
 
 Tensor vocabulary (every file of the repository uses it):
     B batch of episodes, S shots, C channels, H x W image size, h x w feature size
@@ -45,13 +42,12 @@ FEM_DROPOUT = 0.1  # PFENet.py:104,147 (cls and inner_cls heads)
 RUNS_DIR = "runs"  # parent of every default run folder (train.py's and the stages'), in the working directory
 
 
-# ---------------------------------------- The frozen backbone ----------------------------------------
+# ---------- The frozen backbone ----------
 class DeepStemResNet(torchvision.models.ResNet):
-    """PSPNet's ResNet, the network of PFENet's resnet50_v2.pth / resnet101_v2.pth (PFENet model/resnet.py:100-128,
-    deep_base=True), which PFENet, BAM, Sym-Net, QPENet and QGNet load: torchvision's ResNet (the stride on the
-    3x3 conv2, resnet.py:66-67) with a deep stem in place of its 7x7 conv, three 3x3 convs without bias (3->64
-    stride 2, 64->64, 64->128) each with BatchNorm and ReLU, so that layer1 reads 128 channels. state_dict keys
-    are the files'. layers: bottlenecks per stage, (3, 4, 6, 3) or (3, 4, 23, 3); forward -> ImageNet logits."""
+    """PSPNet's ResNet of PFENet's resnet50_v2.pth / resnet101_v2.pth (PFENet model/resnet.py:100-128), which PFENet,
+    BAM, Sym-Net, QPENet and QGNet load: torchvision's, its 7x7 conv replaced by three 3x3 convs (3->64 stride 2,
+    64->64, 64->128), each with BatchNorm and ReLU. state_dict keys are the files'. layers: (3, 4, 6, 3) or
+    (3, 4, 23, 3). forward(x) -> ImageNet logits."""
 
     def __init__(self, layers, **kwargs):
         super().__init__(Bottleneck, list(layers), **kwargs)
@@ -90,8 +86,7 @@ CALIBRATION_IMAGES = 64  # --no-pretrained: Backbone.calibrate's BatchNorm stati
 
 
 class WeightsUnavailableError(RuntimeError):
-    """Weights a model needs could not be loaded (ImageNet's, a weight file, a stage's file); the message says how
-    to get them."""
+    """Weights a model needs (ImageNet's, a weight file, a stage's file) could not load; it says how to get them."""
 
 
 class WeightsFileError(WeightsUnavailableError):
@@ -113,8 +108,7 @@ def _load_torchvision(name, pretrained):
         raise WeightsUnavailableError(
             f"torchvision does not ship ImageNet weights for {name}, the deep-stem ResNet (PSPNet's) that PFENet, "
             f"BAM, Sym-Net, QPENet and QGNet use. PFENet's README links them, as the ImageNet pretrained backbones "
-            f"for its initmodel folder ({name.replace('_deep', '_v2.pth')}):\n"
-            f"    {PFENET_BACKBONES_URL}\n"
+            f"for its initmodel folder ({name.replace('_deep', '_v2.pth')}):\n    {PFENET_BACKBONES_URL}\n"
             f"Pass the file with --backbone-weights PATH, or --no-pretrained to run with random backbone weights.")
     try:
         return builder(weights=weights, **kwargs)
@@ -123,10 +117,8 @@ def _load_torchvision(name, pretrained):
             f"could not load the ImageNet weights of {name} ({weights}): {err!r}\n"
             f"Fetch them once on a machine with internet access:\n"
             f"    python -c \"import torchvision; torchvision.models.{name}(weights='{weights.name}')\"\n"
-            f"torchvision caches them in {torch.hub.get_dir()}/checkpoints "
-            f"($TORCH_HOME/hub, default ~/.cache/torch/hub).\n"
-            f"Or pass --no-pretrained to run with random backbone weights."
-        ) from err
+            f"torchvision caches them in {torch.hub.get_dir()}/checkpoints ($TORCH_HOME/hub, default "
+            f"~/.cache/torch/hub).\nOr pass --no-pretrained to run with random backbone weights.") from err
 
 
 def imagenet_classifier(name, pretrained):
@@ -138,11 +130,10 @@ def imagenet_classifier(name, pretrained):
 
 
 def _load_weight_file(net, name, path):
-    """Load the weight file `path` into `net` (`name`'s, built random) -> its ImageNet classifier holding the file's
-    weights, or None when the file has none of that shape. The file: a state dict, maybe under "state_dict" or
-    "model" (a checkpoint's), maybe with DataParallel's "module."; read with weights_only (no code runs). Every
-    other tensor must be in it with its shape (num_batches_tracked excepted: older files lack it, eval never reads
-    it), else WeightsFileError names the keys: nothing is left at random."""
+    """Load the weight file `path` (a state dict, maybe under "state_dict" or "model", maybe with DataParallel's
+    "module."; read with weights_only) into `net` (`name`'s, random) -> its ImageNet classifier with the file's
+    weights, or None when the file has none of its shape. Any other tensor missing (num_batches_tracked excepted:
+    older files lack it, eval never reads it), unexpected or mis-shaped is a WeightsFileError naming the keys."""
     if not Path(path).is_file():
         raise WeightsFileError(f"the weight file {path} does not exist")
     state = read_torch_file(path, f"the weight file {path} as tensors", WeightsFileError,
@@ -173,32 +164,24 @@ def _load_weight_file(net, name, path):
         hint = ""
         if name.startswith("resnet") and "layer1.0.conv1.weight" in state:  # which ResNet the file holds
             guess = "resnet101" if "layer3.22.conv1.weight" in state else "resnet50"
-            if "conv3.weight" in state:  # PFENet's stem has a conv3, torchvision's none
-                guess += "_deep"
-            if guess != name:
-                hint = f"; it looks like {guess}'s: --backbone {guess}"
+            guess += "_deep" if "conv3.weight" in state else ""  # PFENet's stem has a conv3, torchvision's none
+            hint = f"; it looks like {guess}'s: --backbone {guess}" if guess != name else ""
         raise WeightsFileError(f"the weight file {path} does not fit {name}: {'; '.join(problems)}{hint}")
-    head_state = {k: v for k, v in state.items() if k.startswith(head)}
-    has_head = ({k: v.shape for k, v in head_state.items()}
+    has_head = ({k: v.shape for k, v in state.items() if k.startswith(head)}
                 == {k: v.shape for k, v in expected.items() if k.startswith(head)})
     net.load_state_dict({k: v for k, v in state.items() if has_head or not k.startswith(head)}, strict=False)
     return getattr(net, head_name) if has_head else None
 
 
 class Backbone(nn.Module):
-    """Frozen ImageNet feature extractor: forward(x (N,3,H,W), blocks=False) -> {"layer1".."layer4": (N,C,h,w)},
-    with blocks=True (ResNet only) also "blocks": every bottleneck's output of layer2..layer4 (13 for ResNet-50).
+    """Frozen ImageNet feature extractor: forward(x (N,3,H,W)) -> {"layer1".."layer4": (N,C,h,w)}, up to `last`.
 
-    "resnet50", "resnet101": torchvision's, 7x7 stem; "resnet50_deep", "resnet101_deep": PSPNet's deep stem
-    (DeepStemResNet), layer0 = its three convs and the max-pool. Every ResNet is dilated as PFENet (PFENet.py:84-93:
-    dilation 2 in every block of layer3, 4 in layer4), so layer2..layer4 are at output stride 8 (473 -> 60).
-    "vgg16_bn": its features in PFENet's five stages (PFENet.py:20-46) with ceil-mode pooling (model/vgg.py:69);
-    layer2 is resized to layer3's size (PFENet.py:192). last: the last stage built and run.
-    trainable: the weights learn with the model (CRCNet §5.1); BatchNorm stays in eval all the same (a batch of 4
-    episodes would give noisy statistics). pretrained: True torchvision's ImageNet weights (an error says where
-    PFENet's *_deep ones are), False random, a path a weight file (_load_weight_file). head: the file's ImageNet
-    classifier, or None; frozen and outside the module tree (no state_dict, .to() or parameter count includes
-    it): OCNet's Grad-CAM uses it, so that its classifier and the features share their weights."""
+    ResNets ("resnet50", "resnet101": torchvision's 7x7 stem; "*_deep": DeepStemResNet) are dilated as PFENet's
+    (PFENet.py:84-93), layer2..layer4 at output stride 8 (473 -> 60). "vgg16_bn": PFENet's five stages
+    (PFENet.py:20-46), ceil-mode pooling (model/vgg.py:69), layer2 resized to layer3's size (PFENet.py:192).
+    pretrained: True (torchvision's ImageNet weights), False (random) or a weight file's path (_load_weight_file).
+    trainable: the weights learn (CRCNet §5.1); BatchNorm stays in eval all the same. head: the weight file's
+    ImageNet classifier or None, frozen and outside the module tree, for OCNet's Grad-CAM."""
 
     def __init__(self, name="resnet50", pretrained=True, trainable=False, last="layer4"):
         super().__init__()
@@ -241,9 +224,8 @@ class Backbone(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, images, batch_size=16):
-        """Every BatchNorm's running statistics := their mean over batches of `images` (N,3,H,W); weights unchanged.
-        For random weights (--no-pretrained): their initial statistics (mean 0, var 1) let activations grow with
-        depth, unlike ImageNet's features that every model's learnable layers expect."""
+        """Every BatchNorm's statistics := their mean over batches of `images` (N,3,H,W), for random weights: with
+        their initial ones (mean 0, var 1) activations grow with depth, unlike the ImageNet features models expect."""
         norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         for m in norms:
             m.reset_running_stats()
@@ -262,8 +244,8 @@ class Backbone(nn.Module):
         return super().train(False)
 
     def forward(self, x, blocks=False, mask=None):
-        """mask (N,H,W) labels: layer4 runs on layer3 x (mask == 1), resized: PFENet's support features for the
-        prior (PFENet.py:209-210); "layer3" stays unmasked."""
+        """blocks=True (ResNets): also "blocks", every bottleneck's output of BLOCK_STAGES. mask (N,H,W) labels:
+        layer4 runs on layer3 x (mask == 1), PFENet's support features for the prior (PFENet.py:209-210)."""
         if blocks and not self.name.startswith("resnet"):
             raise ValueError(f"blocks=True needs a ResNet backbone; {self.name} has no bottleneck blocks")
         if mask is not None and "layer4" not in self.layers:
@@ -290,9 +272,8 @@ class Backbone(nn.Module):
         return feats
 
     def episode(self, img_q, img_s, blocks=False, m_s=None):
-        """img_q (B,3,H,W), img_s (B,S,3,H,W) through the backbone as one batch (the same values as two calls:
-        BatchNorm is frozen) -> (feats_q, feats_s), forward's dicts, of (B,C,h,w) and (B*S,C,h,w) views.
-        With m_s (B,S,H,W) the supports' layer4 is PFENet's, of their masked layer3; the query's is plain."""
+        """img_q (B,3,H,W), img_s (B,S,3,H,W) as one batch (BatchNorm frozen: as two calls) -> (feats_q, feats_s),
+        views of (B,C,h,w) and (B*S,C,h,w). With m_s (B,S,H,W) the supports' layer4 is of their masked layer3."""
         B = img_q.shape[0]
         mask = None
         if m_s is not None:  # the query's mask is all ones: x * 1 leaves its layer3 exactly as it is
@@ -305,10 +286,10 @@ class Backbone(nn.Module):
         return feats_q, feats_s
 
 
-# ---------------------------------------- Masks, prototypes and priors ----------------------------------------
+# ---------- Masks, prototypes and priors ----------
 def foreground_at(mask, size, mode="bilinear"):
-    """Label maps (..., H, W) -> float (..., h, w): the foreground (== 1; 255 is background, PFENet.py:202) at a
-    feature grid, resized as PFENet.py:209 (a fraction on the object's border) or with mode="nearest" (0/1)."""
+    """Label maps (..., H, W) -> float (..., h, w): the foreground (== 1; 255 is background, PFENet.py:202) resized
+    as PFENet.py:209 (a fraction on the object's border), or with mode="nearest" (0/1)."""
     fg = (mask == 1).float()
     lead = fg.shape[:-2]
     fg = resize(fg.reshape(-1, 1, *fg.shape[-2:]), size, mode)  # (N, 1, h, w)
@@ -326,12 +307,11 @@ def masked_average_pooling(f, m):
 
 
 def cosine_prior(f_q, f_s, m_s):
-    """PFENet's training-free prior mask (PFENet.py:221-248) -> prior (B,1,h,w) in [0, 1]: for every query pixel
-    i, max_j cos(f_q[i], f_s[j] * m[j]) over the support pixels j, then per image (prior - min) / (max - min + eps),
-    averaged over shots (PFENet.py:247). f_q (B,C,h,w) layer4; f_s (B,C,h',w') or (B,S,C,h',w'); m_s (B,H,W) or
-    (B,S,H,W) labels. In float32 even under autocast, as PFENet: the max and min-max would amplify bf16's rounding.
-    One shot at a time: all at once would hold S times the (B, h'w', hw) matrices (1.4 GB per shot at 641 px and
-    batch 8) to save a few launches of kernels that, at those sizes, run longer than their launch takes."""
+    """PFENet's training-free prior (PFENet.py:221-248): for every query pixel, the best cosine to a masked support
+    pixel, min-max normalised per image, averaged over shots. f_q (B,C,h,w) layer4; f_s (B,C,h',w') or (B,S,C,h',w');
+    m_s (B,H,W) or (B,S,H,W) labels -> (B,1,h,w) in [0, 1]. In float32 as PFENet, even under autocast: the max and
+    the min-max would amplify bf16's rounding. One shot at a time: all at once would hold S (B, h'w', hw) matrices
+    (1.4 GB each at 641 px, batch 8) to save a few launches of kernels that run longer than their launch."""
     with torch.autocast(f_q.device.type, enabled=False):
         f_q, f_s = f_q.float(), f_s.float()
         if f_s.dim() == 4:
@@ -351,23 +331,21 @@ def cosine_prior(f_q, f_s, m_s):
         return ((p - p_min) / (p_max - p_min + COSINE_EPS)).mean(1).reshape(B, 1, h, w)  # (B, 1, h, w)
 
 
-# ---------------------------------------- Blocks that two or more models share ----------------------------------------
+# ---------- Blocks that two or more models share ----------
 def resize(x, size, mode="bilinear"):
-    """x (N,C,h,w) resized: bilinear with align_corners=True, PFENet's choice throughout (e.g. PFENet.py:267), or
-    mode="nearest" (label maps)."""
+    """x (N,C,h,w) resized: bilinear with align_corners=True as PFENet throughout, or mode="nearest" (labels)."""
     return F.interpolate(x, size=size, mode=mode, align_corners=True if mode == "bilinear" else None)
 
 
 def conv_relu(c_in, c_out, k, stride=1, dilation=1, bias=False):
-    """nn.Sequential(k x k conv keeping the size at stride 1, ReLU): PFENet's head layer (no BatchNorm, no bias);
-    unpack it (*conv_relu(...)) to lay it flat inside another nn.Sequential."""
+    """nn.Sequential(k x k conv keeping the size at stride 1, ReLU): PFENet's head layer (no BatchNorm, no bias)."""
     conv = nn.Conv2d(c_in, c_out, k, stride, padding=dilation * (k // 2), dilation=dilation, bias=bias)
     return nn.Sequential(conv, nn.ReLU(inplace=True))
 
 
 class MidLevelReduction(nn.Sequential):
-    """PFENet's mid-level features (PFENet.py:95-117, 194-195, down_query / down_supp): cat(layer3, layer2), 1x1
-    conv without bias to `dim`, ReLU, Dropout2d. forward(feats) -> (N,dim,h,w); reduce(feats): before the dropout."""
+    """PFENet's mid-level features (down_query / down_supp, PFENet.py:95-117, 194-195): cat(layer3, layer2), 1x1
+    conv without bias, ReLU, Dropout2d -> (N,dim,h,w); reduce(feats): before the dropout."""
 
     def __init__(self, in_dim, dim, dropout):
         super().__init__(nn.Conv2d(in_dim, dim, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(dropout))
@@ -384,22 +362,20 @@ class MidLevelReduction(nn.Sequential):
 
 
 class FEM(nn.Module):
-    """PFENet's Feature Enrichment Module (PFENet.py:119-174, 256-286), every width in_dim (PFENet's 256).
-
-    Per bin, finest first: f_q pooled to it, with the expanded prototype and `extra` (PFENet: the prior) -> init_merge
-    (1x1) -> after the first, alpha_conv (1x1) on [this, the previous scale resized] as a residual -> beta_conv
-    (two 3x3) residual -> inner_cls auxiliary logits. The scales, upsampled to h,w and concatenated -> res1 (1x1)
-    -> res2 (two 3x3) residual -> cls. A bin <= 1 is a fraction of the size, rounded (60 -> 60/30/15/8), one > 1
-    a size; PFENet floors (PFENet.py:261): rounding gives PASCAL's bins at 473 px and COCO's at 641 from one list.
-    forward(f_q (B,in_dim,h,w), proto (B,in_dim), extra (B,extra_dim,h,w) or None, aux=True) -> (logits
-    (B,classes,h,w), aux: one (B,classes,b,b) per bin; none with aux=False, where no loss reads them)."""
+    """PFENet's Feature Enrichment Module (PFENet.py:119-174, 256-286), every width in_dim. Per bin, finest first:
+    [f_q pooled, prototype, extra (the prior)] -> init_merge -> alpha_conv on [it, the previous scale] (residual)
+    -> beta_conv (residual) -> inner_cls aux logits; the scales at h,w, concatenated -> res1 -> res2 (residual) ->
+    cls. A bin <= 1 is a fraction of h, rounded, where PFENet floors (PFENet.py:261): one list gives PASCAL's
+    60/30/15/8 at 473 px and COCO's at 641. forward(f_q, proto, extra or None, aux) -> (logits (B,classes,h,w),
+    aux logits per bin; none with aux=False)."""
 
     def __init__(self, in_dim=256, extra_dim=1, bins=FEM_BINS, classes=2):
         super().__init__()
         self.bins = tuple(bins)
 
         def classifier():  # PFENet's cls and inner_cls (PFENet.py:101-106, 144-149)
-            return nn.Sequential(*conv_relu(in_dim, in_dim, 3), nn.Dropout2d(FEM_DROPOUT), nn.Conv2d(in_dim, classes, 1))
+            return nn.Sequential(*conv_relu(in_dim, in_dim, 3), nn.Dropout2d(FEM_DROPOUT),
+                                 nn.Conv2d(in_dim, classes, 1))
         self.init_merge = nn.ModuleList(
             nn.Sequential(*conv_relu(2 * in_dim + extra_dim, in_dim, 1)) for _ in self.bins)
         self.alpha_conv = nn.ModuleList(nn.Sequential(*conv_relu(2 * in_dim, in_dim, 1)) for _ in self.bins[1:])
@@ -410,18 +386,11 @@ class FEM(nn.Module):
         self.res2 = nn.Sequential(*conv_relu(in_dim, in_dim, 3), *conv_relu(in_dim, in_dim, 3))
         self.cls = classifier()
 
-    @staticmethod
-    def bin_size(b, h, w):
-        """Pooled size (bh, bw) of bin b for an h x w feature map."""
-        if b <= 1:
-            return max(1, round(h * b)), max(1, round(w * b))
-        return int(b), int(b)
-
     def forward(self, f_q, proto, extra=None, aux=True):
         h, w = f_q.shape[-2:]
         scales, logits_aux = [], []
         for i, b in enumerate(self.bins):
-            size = self.bin_size(b, h, w)
+            size = (max(1, round(h * b)), max(1, round(w * b))) if b <= 1 else (int(b), int(b))
             maps = [] if extra is None else [resize(extra, size)]
             x = torch.cat([F.adaptive_avg_pool2d(f_q, size), proto[:, :, None, None].expand(-1, -1, *size), *maps],
                           1)  # (B, 2*in_dim + extra_dim, bh, bw)
@@ -437,10 +406,10 @@ class FEM(nn.Module):
         return self.cls(x), logits_aux  # (B, classes, h, w)
 
 
-# ---------------------------------------- The loss and the metrics ----------------------------------------
+# ---------- The loss and the metrics ----------
 def seg_loss(logits, m_q):
-    """Cross-entropy of logits (B,2,h,w), upsampled (align_corners=True) to m_q (B,H,W), 255 ignored
-    (PFENet.py:290-300): the mean over the labelled pixels, 0 when none (F.cross_entropy's mean would be NaN)."""
+    """Cross-entropy of logits (B,2,h,w) upsampled to m_q (B,H,W), 255 ignored (PFENet.py:290-300): the mean over
+    the labelled pixels, 0 when none (F.cross_entropy's mean would be NaN and poison the gradients)."""
     if logits.shape[-2:] != m_q.shape[-2:]:
         logits = resize(logits, m_q.shape[-2:])  # (B, 2, H, W)
     total = F.cross_entropy(logits, m_q, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -448,8 +417,8 @@ def seg_loss(logits, m_q):
 
 
 def intersection_and_union(pred, target, ignore_index=IGNORE_INDEX):
-    """pred, target (B,H,W) or (H,W) in {0, 1} -> (inter, union), each (B,2) float64 [background, foreground]
-    per episode, as PFENet's intersectionAndUnionGPU (util/util.py:67-79): ignore_index pixels count in neither."""
+    """pred, target (B,H,W) or (H,W) in {0, 1} -> (inter, union), each (B,2) float64 [background, foreground],
+    as PFENet's intersectionAndUnionGPU (util/util.py:67-79): ignore_index pixels count in neither."""
     if pred.dim() == 2:
         pred, target = pred[None], target[None]  # (1, H, W)
     valid = target != ignore_index
@@ -462,15 +431,14 @@ def intersection_and_union(pred, target, ignore_index=IGNORE_INDEX):
 
 
 class IoUMeter:
-    """Class mIoU and FB-IoU over episodes, as PFENet's test.py:210-253. Class mIoU (the headline): per class, the
-    sum of foreground I / (sum of U + 1e-10) over its episodes, averaged over the fold's classes, where one without
-    an episode counts 0 (PFENet test.py:240-247, HSNet's logger). FB-IoU: the mean of the background and foreground
-    IoU, I and U summed over all episodes. State: float64 on `device`, by class id (0 unused); update() never syncs."""
+    """Class mIoU and FB-IoU over episodes (PFENet test.py:210-253). Class mIoU: per class, the sum of foreground I
+    over the sum of U, averaged over the fold's classes, one without an episode counting 0 (PFENet test.py:240-247,
+    HSNet). FB-IoU: the mean of background and foreground IoU over all episodes. update() never syncs the host."""
 
     def __init__(self, num_classes, device="cpu"):
         self.device = torch.device(device)
         zeros = partial(torch.zeros, dtype=torch.float64, device=self.device)
-        self.class_inter, self.class_union, self.class_count = (zeros(num_classes + 1) for _ in range(3))
+        self.class_inter, self.class_union, self.class_count = (zeros(num_classes + 1) for _ in range(3))  # by id
         self.inter, self.union = zeros(2), zeros(2)  # [background, foreground] over all episodes
         self.prob_sum, self.pixels = zeros(2), zeros(2)  # p(foreground) summed over true background / fg pixels
 
@@ -491,8 +459,7 @@ class IoUMeter:
         self.union += union.sum(0)
 
     def seen(self):
-        """The class ids that have had an episode so far."""
-        return self.class_count.nonzero().flatten().tolist()
+        return self.class_count.nonzero().flatten().tolist()  # the class ids that have had an episode
 
     def class_iou(self, classes=None):
         """{class_id: IoU} for `classes` (one without an episode: 0), or for the classes seen when None."""
@@ -508,9 +475,8 @@ class IoUMeter:
         return (self.inter / (self.union + IOU_EPS)).mean().item()
 
     def mean_probability(self):
-        """[background, foreground]: the mean predicted foreground probability over the true background pixels,
-        and the foreground ones (NaN before any prob). A diagnostic, not PFENet's: a model that ranks object pixels
-        far above background, but under 0.5, scores 0 mIoU all the same (README, quick start)."""
+        """[background, foreground]: the mean p(foreground) over the true background pixels, and foreground ones.
+        A diagnostic: a model that ranks object pixels far above the rest, but under 0.5, scores 0 mIoU all the same."""
         return (self.prob_sum / self.pixels).tolist()
 
     def all_reduce(self):
@@ -522,9 +488,8 @@ class IoUMeter:
 
 
 class RecallMeter:
-    """Recall of a model's region maps against the query mask (QGNet §5, Eq. 16, Table 7): for each map V and
-    threshold t, |{V > t} & mask| / |mask|, pixels summed over the episodes (255 is neither); V (B,1,h,w) resized
-    as the logits to the mask's (B,H,W)."""
+    """Recall of region maps V (B,1,h,w), resized as the logits, against the query mask (QGNet §5, Eq. 16, Table 7):
+    |{V > t} & mask| / |mask| per threshold t, pixels summed over the episodes (255 is neither)."""
     THRESHOLDS = tuple(k / 10 for k in range(1, 10))
 
     def __init__(self, device="cpu"):
@@ -549,16 +514,14 @@ class RecallMeter:
         return self
 
     def recall(self):
-        """{name: [recall at each of THRESHOLDS]} as fractions."""
-        return {name: (hits / self.mask.clamp(min=1)).tolist() for name, hits in self.hits.items()}
+        return {name: (hits / self.mask.clamp(min=1)).tolist() for name, hits in self.hits.items()}  # per threshold
 
 
-# ---------------------------------------- A run's setting, for a model and its stages ----------------------------------------
+# ---------- A run's setting, for a model and its stages ----------
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """The run's context that the harness gives a model (Model(cfg, setting) or build(cfg, setting)) and a stage,
-    apart from the model's own Config, so that a harness flag can be renamed without silently changing a model.
-    train.py fills every field (setting_of)."""
+    """The run's context, given to a model (Model(cfg, setting) or build) and a stage apart from its Config: a harness
+    flag can then be renamed without silently changing a model. train.py fills every field (setting_of)."""
     dataset: str = "pascal"  # pascal, coco, fss1000, synthetic, folder
     fold: int = 0
     coco_split: str = "interleaved"
@@ -588,11 +551,10 @@ class Schedule:
     fit: object = None  # train.fit, the training loop of every run: fit(step, optimizer, batches, lr_at, ...)
 
 
-# ---------------------------------------- Files read without running code, written whole or not at all -----------
+# ---------- Files read without running code, written whole or not at all ----------
 def read_torch_file(path, what, error=WeightsUnavailableError, hint=""):
-    """torch.load(path) with weights_only (no code from the file runs); a file it cannot read raises `error` with
-    one line: one holding other objects is refused (never saying how to get around that), any other is not a whole
-    torch file, `hint` added (where a right one comes from)."""
+    """torch.load(path) with weights_only (no code from the file runs), else `error` in one line: a file holding
+    other objects is refused (never saying how around that); any other is not a whole torch file, `hint` added."""
     try:
         with warnings.catch_warnings():  # torch's warning about a pickle protocol: the refusal below says it all
             warnings.simplefilter("ignore")
@@ -621,8 +583,7 @@ class SaveError(OSError):
 
 
 def check_finite(module):
-    """NonFiniteWeightsError unless every floating-point parameter and buffer of `module` is finite (one host
-    sync: call it before writing a checkpoint, not every step)."""
+    """NonFiniteWeightsError unless every float parameter and buffer is finite (a host sync: not every step)."""
     tensors = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
     if tensors and not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
         raise NonFiniteWeightsError("the weights are no longer finite")
@@ -630,8 +591,8 @@ def check_finite(module):
 
 @contextmanager
 def signals_deferred():
-    """Hold SIGINT and SIGTERM while the block runs (a file being written), then act on one that came. Outside the
-    main thread, where Python delivers no signal, it does nothing."""
+    """Hold SIGINT and SIGTERM while the block runs (a file being written), then act on one that came (main thread
+    only: Python delivers no signal to others)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -654,8 +615,7 @@ def signals_deferred():
 
 
 def plain(value):
-    """value as the plain types a weights_only torch.load reads (dict, list, tuple, str, int, float, bool, None,
-    tensors; paths become strings), else a TypeError naming it: no file of ours needs code to be read."""
+    """value as the plain types that weights_only reads (paths become strings), else a TypeError naming it."""
     if isinstance(value, dict):
         return {plain(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -668,9 +628,8 @@ def plain(value):
 
 
 def _replace_file(path, write):
-    """write(f) into a temporary of its own beside path (.NAME.XXXX.tmp: two writers never share one), synced to
-    the disk, then renamed over path, signals deferred: a crash, a signal or a full disk never leaves a half-written
-    file at path. On failure the temporary is removed and SaveError says what failed."""
+    """write(f) into a temporary of its own beside path, synced, renamed over path, signals deferred: a crash, a
+    signal or a full disk never leaves a half-written file at path; a failure removes the temporary (SaveError)."""
     path = Path(path)
     with signals_deferred():
         try:
@@ -700,8 +659,7 @@ def save_atomic(state, path):
 
 
 def append_jsonl(path, record):
-    """Append one JSON line to a log, signals deferred. A write that fails (a full disk) is undone, so that no torn
-    line stays, and SaveError says so."""
+    """Append one JSON line to a log, signals deferred; a failed write (a full disk) is undone: SaveError."""
     line = (json.dumps(plain(record)) + "\n").encode()
     with signals_deferred():
         try:
@@ -719,8 +677,8 @@ def append_jsonl(path, record):
 
 
 def cut_log(path, epoch, note=print):
-    """--resume: drop a log's records of the epochs after `epoch` (the resumed run writes them again) and mark the
-    resume point, rewriting the log whole (_replace_file), so that it reads as one run. No log: nothing to do."""
+    """--resume: drop a log's records of the epochs after `epoch` (written again) and mark the resume point, the log
+    rewritten whole, so that it reads as one run."""
     if not Path(path).exists():
         return
     kept = [r for r in read_jsonl(path, note) if r.get("event") in ("start", "resume") or r.get("epoch", 0) <= epoch]
@@ -730,8 +688,8 @@ def cut_log(path, epoch, note=print):
 
 
 def read_jsonl(path, note=print):
-    """The records of a JSON-lines log (none when it does not exist). A last line that is not whole JSON (a write
-    cut short by a crash) is dropped with a note; any other bad line is a LogError naming it."""
+    """The records of a JSON-lines log, if any. A torn last line (a crash) is dropped with a note; any other bad line
+    is a LogError."""
     path = Path(path)
     if not path.exists():
         return []
