@@ -44,10 +44,8 @@ RUNS_DIR = "runs"  # parent of every default run folder (train.py's and the stag
 
 # ---------- The frozen backbone ----------
 class DeepStemResNet(torchvision.models.ResNet):
-    """PSPNet's ResNet of PFENet's resnet50_v2.pth / resnet101_v2.pth (PFENet model/resnet.py:100-128), which PFENet,
-    BAM, Sym-Net, QPENet and QGNet load: torchvision's, its 7x7 conv replaced by three 3x3 convs (3->64 stride 2,
-    64->64, 64->128), each with BatchNorm and ReLU. state_dict keys are the files'. layers: (3, 4, 6, 3) or
-    (3, 4, 23, 3). forward(x) -> ImageNet logits."""
+    """PSPNet's ResNet of PFENet's resnet50_v2.pth / resnet101_v2.pth (model/resnet.py:100-128, keys as the files'):
+    torchvision's with three 3x3 convs (3->64 stride 2, 64->64, 64->128, BatchNorm, ReLU) in place of the 7x7."""
 
     def __init__(self, layers, **kwargs):
         super().__init__(Bottleneck, list(layers), **kwargs)
@@ -130,10 +128,9 @@ def imagenet_classifier(name, pretrained):
 
 
 def _load_weight_file(net, name, path):
-    """Load the weight file `path` (a state dict, maybe under "state_dict" or "model", maybe with DataParallel's
-    "module."; read with weights_only) into `net` (`name`'s, random) -> its ImageNet classifier with the file's
-    weights, or None when the file has none of its shape. Any other tensor missing (num_batches_tracked excepted:
-    older files lack it, eval never reads it), unexpected or mis-shaped is a WeightsFileError naming the keys."""
+    """The weight file `path` (a state dict, maybe under "state_dict"/"model", maybe "module.") into `net` -> its
+    ImageNet classifier with the file's weights, or None. A tensor missing (num_batches_tracked excepted: older
+    files lack it), unexpected or mis-shaped is a WeightsFileError naming the keys: nothing is left at random."""
     if not Path(path).is_file():
         raise WeightsFileError(f"the weight file {path} does not exist")
     state = read_torch_file(path, f"the weight file {path} as tensors", WeightsFileError,
@@ -175,13 +172,11 @@ def _load_weight_file(net, name, path):
 
 class Backbone(nn.Module):
     """Frozen ImageNet feature extractor: forward(x (N,3,H,W)) -> {"layer1".."layer4": (N,C,h,w)}, up to `last`.
-
-    ResNets ("resnet50", "resnet101": torchvision's 7x7 stem; "*_deep": DeepStemResNet) are dilated as PFENet's
-    (PFENet.py:84-93), layer2..layer4 at output stride 8 (473 -> 60). "vgg16_bn": PFENet's five stages
-    (PFENet.py:20-46), ceil-mode pooling (model/vgg.py:69), layer2 resized to layer3's size (PFENet.py:192).
-    pretrained: True (torchvision's ImageNet weights), False (random) or a weight file's path (_load_weight_file).
-    trainable: the weights learn (CRCNet §5.1); BatchNorm stays in eval all the same. head: the weight file's
-    ImageNet classifier or None, frozen and outside the module tree, for OCNet's Grad-CAM."""
+    ResNets (torchvision's 7x7 stem; "*_deep": DeepStemResNet) dilated as PFENet (PFENet.py:84-93): output stride 8.
+    "vgg16_bn": PFENet's five stages (PFENet.py:20-46), ceil-mode pools (model/vgg.py:69), layer2 at layer3's size
+    (PFENet.py:192). pretrained: True (torchvision's ImageNet weights), False (random) or a weight file's path.
+    trainable: the weights learn (CRCNet §5.1), BatchNorm still in eval. head: the weight file's ImageNet
+    classifier or None, frozen and outside the module tree, for OCNet's Grad-CAM."""
 
     def __init__(self, name="resnet50", pretrained=True, trainable=False, last="layer4"):
         super().__init__()
@@ -224,8 +219,8 @@ class Backbone(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, images, batch_size=16):
-        """Every BatchNorm's statistics := their mean over batches of `images` (N,3,H,W), for random weights: with
-        their initial ones (mean 0, var 1) activations grow with depth, unlike the ImageNet features models expect."""
+        """BatchNorm statistics := their mean over batches of `images` (N,3,H,W), for random weights: with the initial
+        ones (mean 0, var 1) activations grow with depth, unlike the ImageNet features models expect."""
         norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         for m in norms:
             m.reset_running_stats()
@@ -239,8 +234,7 @@ class Backbone(nn.Module):
         self.calibrated = True
 
     def train(self, mode=True):
-        # Always eval. PFENet's model.train() (train.py:247) puts the frozen BN in train mode: it normalises with a
-        # few episode images' statistics and its running ones drift. HSNet and BAM (fix_bn) keep it in eval.
+        # Always eval, as HSNet and BAM (fix_bn); PFENet's model.train() (train.py:247) lets the frozen BN drift
         return super().train(False)
 
     def forward(self, x, blocks=False, mask=None):
@@ -258,12 +252,10 @@ class Backbone(nn.Module):
             for name in self.layers:
                 if name == "layer4" and mask is not None:
                     x = x * resize((mask == 1).to(x.dtype)[:, None], x.shape[-2:])  # (N, C3, h, w)
-                if blocks and name in BLOCK_STAGES:
-                    for block in self.stages[name]:
-                        x = block(x)
+                for block in self.stages[name]:
+                    x = block(x)
+                    if blocks and name in BLOCK_STAGES:
                         block_feats.append(x)
-                else:
-                    x = self.stages[name](x)
                 feats[name] = x  # (N, channels[name], h, w)
             if not self.name.startswith("resnet") and "layer2" in feats:  # to layer3's size: its pool's ceil(h/2)
                 feats["layer2"] = resize(feats["layer2"], [-(-d // 2) for d in feats["layer2"].shape[-2:]])
@@ -273,11 +265,9 @@ class Backbone(nn.Module):
 
     def episode(self, img_q, img_s, blocks=False, m_s=None):
         """img_q (B,3,H,W), img_s (B,S,3,H,W) as one batch (BatchNorm frozen: as two calls) -> (feats_q, feats_s),
-        views of (B,C,h,w) and (B*S,C,h,w). With m_s (B,S,H,W) the supports' layer4 is of their masked layer3."""
+        views of (B,C,h,w) and (B*S,C,h,w); with m_s (B,S,H,W), forward's mask for the supports only."""
         B = img_q.shape[0]
-        mask = None
-        if m_s is not None:  # the query's mask is all ones: x * 1 leaves its layer3 exactly as it is
-            mask = torch.cat([torch.ones_like(m_s[:, 0]), m_s.flatten(0, 1)])  # (B + B*S, H, W)
+        mask = None if m_s is None else torch.cat([torch.ones_like(m_s[:, 0]), m_s.flatten(0, 1)])  # query's: x * 1
         feats = self(torch.cat([img_q, img_s.flatten(0, 1)]), blocks=blocks, mask=mask)  # (B + B*S, C, h, w)
         feats_q = {name: x[:B] for name, x in feats.items() if name != "blocks"}
         feats_s = {name: x[B:] for name, x in feats.items() if name != "blocks"}
@@ -290,10 +280,8 @@ class Backbone(nn.Module):
 def foreground_at(mask, size, mode="bilinear"):
     """Label maps (..., H, W) -> float (..., h, w): the foreground (== 1; 255 is background, PFENet.py:202) resized
     as PFENet.py:209 (a fraction on the object's border), or with mode="nearest" (0/1)."""
-    fg = (mask == 1).float()
-    lead = fg.shape[:-2]
-    fg = resize(fg.reshape(-1, 1, *fg.shape[-2:]), size, mode)  # (N, 1, h, w)
-    return fg.reshape(*lead, *fg.shape[-2:])
+    fg = resize((mask == 1).float().reshape(-1, 1, *mask.shape[-2:]), size, mode)  # (N, 1, h, w)
+    return fg.reshape(*mask.shape[:-2], *fg.shape[-2:])
 
 
 def masked_average_pooling(f, m):
@@ -449,8 +437,7 @@ class IoUMeter:
                 is_c = (target == c).to(self.device)
                 self.prob_sum[c] += (prob.to(self.device, torch.float64) * is_c).sum()
                 self.pixels[c] += is_c.sum()
-        inter, union = intersection_and_union(pred, target)  # (B, 2)
-        inter, union = inter.to(self.device), union.to(self.device)
+        inter, union = (t.to(self.device) for t in intersection_and_union(pred, target))  # (B, 2)
         ids = torch.as_tensor(class_ids, device=self.device).reshape(-1)  # (B,)
         self.class_inter.index_add_(0, ids, inter[:, 1])
         self.class_union.index_add_(0, ids, union[:, 1])
@@ -604,14 +591,10 @@ def signals_deferred():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        for signum in caught[:1]:
-            handler = previous[signum]
-            if callable(handler):
-                handler(signum, None)
-            elif handler == signal.SIG_DFL and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            elif handler == signal.SIG_DFL:
-                signal.raise_signal(signum)
+        if caught and caught[0] == signal.SIGINT and previous[signal.SIGINT] == signal.SIG_DFL:
+            raise KeyboardInterrupt  # Ctrl-C as Python's own handler takes it, not the process killed
+        if caught:  # the first one, to the handler restored: it runs before raise_signal returns
+            signal.raise_signal(caught[0])
 
 
 def plain(value):
@@ -654,8 +637,7 @@ def _replace_file(path, write):
 
 def save_atomic(state, path):
     """torch.save(plain(state)) to path, whole or not at all (_replace_file); it loads with weights_only=True."""
-    state = plain(state)
-    _replace_file(path, lambda f: torch.save(state, f))
+    _replace_file(path, partial(torch.save, plain(state)))
 
 
 def append_jsonl(path, record):
@@ -683,8 +665,7 @@ def cut_log(path, epoch, note=print):
         return
     kept = [r for r in read_jsonl(path, note) if r.get("event") in ("start", "resume") or r.get("epoch", 0) <= epoch]
     kept.append({"event": "resume", "epoch": epoch})
-    text = "".join(json.dumps(r) + "\n" for r in kept)
-    _replace_file(path, lambda f: f.write(text.encode()))
+    _replace_file(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
 
 
 def read_jsonl(path, note=print):
@@ -701,9 +682,8 @@ def read_jsonl(path, note=print):
         try:
             records.append(json.loads(line))
         except ValueError:
-            if i == len(lines) - 1:
-                note(f"note: dropped the last line of {path}: a record that a crash cut short")
-                continue
-            raise LogError(f"{path} line {i + 1} is not a JSON record ({line[:80]!r}): repair or delete that line "
-                           "(the other records and the checkpoints are intact)") from None
+            if i < len(lines) - 1:
+                raise LogError(f"{path} line {i + 1} is not a JSON record ({line[:80]!r}): repair or delete that "
+                               "line (the other records and the checkpoints are intact)") from None
+            note(f"note: dropped the last line of {path}: a record that a crash cut short")
     return records
