@@ -8,8 +8,7 @@ means model/PFENet.py line N of that repository; test.py and util/util.py likewi
 Tensor vocabulary (every file of the repository uses it):
     B batch of episodes, S shots, C channels, H x W image size, h x w feature size
     img_q (B,3,H,W)    query image            img_s (B,S,3,H,W)  support images
-    m_q   (B,H,W)      query mask, int64 in {0: background, 1: foreground, 255: ignore}
-    m_s   (B,S,H,W)    support masks, same values
+    m_q   (B,H,W)      query mask             m_s   (B,S,H,W)    support masks: int64, 0/1/255 (background/fg/ignore)
     f_q   (B,C,h,w)    query features         f_s   (B,S,C,h,w)  support features
     proto (B,C)        prototype              prior (B,1,h,w)    prior mask in [0, 1]
     logits (B,2,H,W)   background / foreground scores
@@ -295,11 +294,10 @@ def masked_average_pooling(f, m):
 
 
 def cosine_prior(f_q, f_s, m_s):
-    """PFENet's training-free prior (PFENet.py:221-248): for every query pixel, the best cosine to a masked support
-    pixel, min-max normalised per image, averaged over shots. f_q (B,C,h,w) layer4; f_s (B,C,h',w') or (B,S,C,h',w');
-    m_s (B,H,W) or (B,S,H,W) labels -> (B,1,h,w) in [0, 1]. In float32 as PFENet, even under autocast: the max and
-    the min-max would amplify bf16's rounding. One shot at a time: all at once would hold S (B, h'w', hw) matrices
-    (1.4 GB each at 641 px, batch 8) to save a few launches of kernels that run longer than their launch."""
+    """PFENet's training-free prior (PFENet.py:221-248): per query pixel, the best cosine to a masked support pixel,
+    min-max normalised per image, averaged over shots: f_q (B,C,h,w) layer4, f_s (B,[S,]C,h',w'), m_s (B,[S,]H,W) ->
+    (B,1,h,w). In float32 as PFENet, even under autocast (bf16's rounding, amplified by the max and the min-max);
+    one shot at a time, not S (B, h'w', hw) matrices at once (1.4 GB each at 641 px, batch 8) to save launches."""
     with torch.autocast(f_q.device.type, enabled=False):
         f_q, f_s = f_q.float(), f_s.float()
         if f_s.dim() == 4:
@@ -352,10 +350,8 @@ class MidLevelReduction(nn.Sequential):
 class FEM(nn.Module):
     """PFENet's Feature Enrichment Module (PFENet.py:119-174, 256-286), every width in_dim. Per bin, finest first:
     [f_q pooled, prototype, extra (the prior)] -> init_merge -> alpha_conv on [it, the previous scale] (residual)
-    -> beta_conv (residual) -> inner_cls aux logits; the scales at h,w, concatenated -> res1 -> res2 (residual) ->
-    cls. A bin <= 1 is a fraction of h, rounded, where PFENet floors (PFENet.py:261): one list gives PASCAL's
-    60/30/15/8 at 473 px and COCO's at 641. forward(f_q, proto, extra or None, aux) -> (logits (B,classes,h,w),
-    aux logits per bin; none with aux=False)."""
+    -> beta_conv (residual) -> inner_cls (aux=True); the scales at h,w -> res1 -> res2 (residual) -> cls. A bin <= 1
+    is a fraction of h, rounded where PFENet floors (PFENet.py:261): one list fits PASCAL (473 px) and COCO (641)."""
 
     def __init__(self, in_dim=256, extra_dim=1, bins=FEM_BINS, classes=2):
         super().__init__()
@@ -409,13 +405,9 @@ def intersection_and_union(pred, target, ignore_index=IGNORE_INDEX):
     as PFENet's intersectionAndUnionGPU (util/util.py:67-79): ignore_index pixels count in neither."""
     if pred.dim() == 2:
         pred, target = pred[None], target[None]  # (1, H, W)
-    valid = target != ignore_index
-    inter, union = [], []
-    for c in (0, 1):
-        p, t = (pred == c) & valid, target == c
-        inter.append((p & t).flatten(1).sum(1))
-        union.append((p | t).flatten(1).sum(1))
-    return torch.stack(inter, 1).double(), torch.stack(union, 1).double()  # (B, 2), (B, 2)
+    c = torch.arange(2, device=pred.device)[:, None, None, None]  # background, foreground
+    p, t = (pred == c) & (target != ignore_index), target == c  # (2, B, H, W)
+    return (p & t).flatten(2).sum(2).T.double(), (p | t).flatten(2).sum(2).T.double()  # (B, 2), (B, 2)
 
 
 class IoUMeter:
@@ -507,8 +499,7 @@ class RecallMeter:
 # ---------- A run's setting, for a model and its stages ----------
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """The run's context, given to a model (Model(cfg, setting) or build) and a stage apart from its Config: a harness
-    flag can then be renamed without silently changing a model. train.py fills every field (setting_of)."""
+    """The run's context for a model (Model(cfg, setting)) and its stages, apart from its Config; train.py fills it."""
     dataset: str = "pascal"  # pascal, coco, fss1000, synthetic, folder
     fold: int = 0
     coco_split: str = "interleaved"
@@ -578,14 +569,11 @@ def check_finite(module):
 
 @contextmanager
 def signals_deferred():
-    """Hold SIGINT and SIGTERM while the block runs (a file being written), then act on one that came (main thread
-    only: Python delivers no signal to others)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    """Hold SIGINT and SIGTERM while the block runs (a file being written), then act on the first that came (in the
+    main thread only: Python delivers no signal to others)."""
+    held = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
     caught = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum))
-                for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum)) for signum in held}
     try:
         yield
     finally:
