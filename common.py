@@ -187,8 +187,7 @@ class Backbone(nn.Module):
         net = _load_torchvision(name, False if is_weight_file(pretrained) else pretrained)
         head = _load_weight_file(net, name, pretrained) if is_weight_file(pretrained) else None
         if name.startswith("resnet"):
-            # torchvision's flag gives the first block of a dilated stage the previous dilation (1, then 2);
-            # PFENet dilates every block's 3x3 conv alike. Weights are unaffected.
+            # torchvision gives a dilated stage's first block the previous dilation; PFENet dilates every block alike
             for stage_name, d in RESNET_DILATION.items():
                 for block in getattr(net, stage_name):
                     block.conv2.dilation, block.conv2.padding = (d, d), (d, d)
@@ -244,8 +243,7 @@ class Backbone(nn.Module):
         if mask is not None and "layer4" not in self.layers:
             raise ValueError("mask masks layer4's input, and this backbone stops at " + self.layers[-1])
         feats, block_feats = {}, []
-        # no_grad, not inference_mode: an inference tensor cannot be saved for the learnable layers' backward,
-        # nor take OCNet's Grad-CAM gradient, so it would need a copy, which costs more than it saves
+        # no_grad, not inference_mode: an inference tensor cannot be saved for backward nor take Grad-CAM's gradient
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             x = self.stages["layer0"](x)
             for name in self.layers:
@@ -277,8 +275,7 @@ class Backbone(nn.Module):
 
 # ---------- Masks, prototypes and priors ----------
 def foreground_at(mask, size, mode="bilinear"):
-    """Label maps (..., H, W) -> float (..., h, w): the foreground (== 1; 255 is background, PFENet.py:202) resized
-    as PFENet.py:209 (a fraction on the object's border), or with mode="nearest" (0/1)."""
+    """Label maps (..., H, W) -> float (..., h, w): the foreground (== 1, PFENet.py:202) resized as PFENet.py:209."""
     fg = resize((mask == 1).float().reshape(-1, 1, *mask.shape[-2:]), size, mode)  # (N, 1, h, w)
     return fg.reshape(*mask.shape[:-2], *fg.shape[-2:])
 
@@ -330,8 +327,7 @@ def conv_relu(c_in, c_out, k, stride=1, dilation=1, bias=False):
 
 
 class MidLevelReduction(nn.Sequential):
-    """PFENet's mid-level features (down_query / down_supp, PFENet.py:95-117, 194-195): cat(layer3, layer2), 1x1
-    conv without bias, ReLU, Dropout2d -> (N,dim,h,w); reduce(feats): before the dropout."""
+    """PFENet's down_query / down_supp (PFENet.py:95-117, 194-195): cat(layer3, layer2), 1x1 conv, ReLU, Dropout2d."""
 
     def __init__(self, in_dim, dim, dropout):
         super().__init__(nn.Conv2d(in_dim, dim, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(dropout))
@@ -401,8 +397,7 @@ def seg_loss(logits, m_q):
 
 
 def intersection_and_union(pred, target, ignore_index=IGNORE_INDEX):
-    """pred, target (B,H,W) or (H,W) in {0, 1} -> (inter, union), each (B,2) float64 [background, foreground],
-    as PFENet's intersectionAndUnionGPU (util/util.py:67-79): ignore_index pixels count in neither."""
+    """pred, target (B,H,W) or (H,W) -> background and foreground (inter, union) (B,2), as util/util.py:67-79."""
     if pred.dim() == 2:
         pred, target = pred[None], target[None]  # (1, H, W)
     c = torch.arange(2, device=pred.device)[:, None, None, None]  # background, foreground
@@ -569,8 +564,7 @@ def check_finite(module):
 
 @contextmanager
 def signals_deferred():
-    """Hold SIGINT and SIGTERM while the block runs (a file being written), then act on the first that came (in the
-    main thread only: Python delivers no signal to others)."""
+    """Hold SIGINT and SIGTERM while a file is written, then act on the first that came (Python: main thread only)."""
     held = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
     caught = []
     previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum)) for signum in held}
@@ -647,8 +641,7 @@ def append_jsonl(path, record):
 
 
 def cut_log(path, epoch, note=print):
-    """--resume: drop a log's records of the epochs after `epoch` (written again) and mark the resume point, the log
-    rewritten whole, so that it reads as one run."""
+    """--resume: the log without the epochs after `epoch` (written again), the resume marked, so it reads as one run."""
     if not Path(path).exists():
         return
     kept = [r for r in read_jsonl(path, note) if r.get("event") in ("start", "resume") or r.get("epoch", 0) <= epoch]
@@ -657,8 +650,7 @@ def cut_log(path, epoch, note=print):
 
 
 def read_jsonl(path, note=print):
-    """The records of a JSON-lines log, if any. A torn last line (a crash) is dropped with a note; any other bad line
-    is a LogError."""
+    """A JSON-lines log's records; a torn last line (a crash) is dropped with a note, any other bad one a LogError."""
     path = Path(path)
     if not path.exists():
         return []
