@@ -494,7 +494,8 @@ class RecallMeter:
 # ---------- A run's setting, for a model and its stages ----------
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """The run's context for a model (Model(cfg, setting)) and its stages, apart from its Config; train.py fills it."""
+    """The run's context for a model (Model(cfg, setting)) and its stages, apart from its Config so that a harness
+    flag can be renamed without silently changing a model; train.py fills every field (setting_of)."""
     dataset: str = "pascal"  # pascal, coco, fss1000, synthetic, folder
     fold: int = 0
     coco_split: str = "interleaved"
