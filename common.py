@@ -64,8 +64,7 @@ class DeepStemResNet(torchvision.models.ResNet):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-# name -> (builder, ImageNet weights); IMAGENET1K_V1 are torchvision's classic ones (HSNet's pretrained=True).
-# The *_deep ones come from a weight file only: torchvision ships none (PFENET_BACKBONES_URL)
+# name -> (builder, torchvision's ImageNet weights: its classic IMAGENET1K_V1 as HSNet; none for PFENet's *_deep)
 BACKBONES = {
     "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V1),
     "resnet101": (torchvision.models.resnet101, torchvision.models.ResNet101_Weights.IMAGENET1K_V1),
@@ -73,8 +72,7 @@ BACKBONES = {
     "resnet50_deep": (partial(DeepStemResNet, (3, 4, 6, 3)), None),  # resnet50_v2.pth
     "resnet101_deep": (partial(DeepStemResNet, (3, 4, 23, 3)), None),  # resnet101_v2.pth
 }
-# PFENet README.md:58 (@ a505675): its ImageNet pretrained backbones, for its initmodel/ folder
-PFENET_BACKBONES_URL = "https://drive.google.com/drive/folders/1Hrz1wOxOZm4nIIS7UMJeL79AQrdvpj6v"
+PFENET_BACKBONES_URL = "https://drive.google.com/drive/folders/1Hrz1wOxOZm4nIIS7UMJeL79AQrdvpj6v"  # README.md:58
 RESNET_DILATION = {"layer3": 2, "layer4": 4}  # PFENet.py:84-93: strides 1, output stride 8 (473 -> 60)
 VGG_SPLIT = ((0, 7), (7, 14), (14, 24), (24, 34), (34, 43))  # PFENet.py:21-25, indices into vgg16_bn.features
 LAYERS = ("layer1", "layer2", "layer3", "layer4")  # a Backbone's stages after its stem, layer0
