@@ -141,8 +141,7 @@ def _load_weight_file(net, name, path):
                                f"'state_dict' or 'model'); found {found}")
     if all(k.startswith("module.") for k in state):  # saved from nn.DataParallel / DistributedDataParallel
         state = {k[len("module."):]: v for k, v in state.items()}
-    head_name = "fc" if name.startswith("resnet") else "classifier"  # ResNet's, VGG's (3 FC layers)
-    head = head_name + "."
+    head = "fc." if name.startswith("resnet") else "classifier."  # the ImageNet classifier: ResNet's, VGG's (3 FCs)
     expected = net.state_dict()
     wanted = {k: v for k, v in expected.items() if not k.startswith(head)}
     missing = [k for k in wanted if k not in state and not k.endswith("num_batches_tracked")]
@@ -164,7 +163,7 @@ def _load_weight_file(net, name, path):
     has_head = ({k: v.shape for k, v in state.items() if k.startswith(head)}
                 == {k: v.shape for k, v in expected.items() if k.startswith(head)})
     net.load_state_dict({k: v for k, v in state.items() if has_head or not k.startswith(head)}, strict=False)
-    return getattr(net, head_name) if has_head else None
+    return getattr(net, head.rstrip(".")) if has_head else None
 
 
 class Backbone(nn.Module):
