@@ -261,7 +261,7 @@ class Backbone(nn.Module):
         """img_q (B,3,H,W), img_s (B,S,3,H,W) as one batch (BatchNorm frozen: as two calls) -> (feats_q, feats_s),
         views of (B,C,h,w) and (B*S,C,h,w); with m_s (B,S,H,W), forward's mask for the supports only."""
         B = img_q.shape[0]
-        mask = None if m_s is None else torch.cat([torch.ones_like(m_s[:, 0]), m_s.flatten(0, 1)])  # query's: x * 1
+        mask = None if m_s is None else torch.cat([torch.ones_like(m_s[:, 0]), m_s.flatten(0, 1)])  # query: all ones
         feats = self(torch.cat([img_q, img_s.flatten(0, 1)]), blocks=blocks, mask=mask)  # (B + B*S, C, h, w)
         feats_q = {name: x[:B] for name, x in feats.items() if name != "blocks"}
         feats_s = {name: x[B:] for name, x in feats.items() if name != "blocks"}
@@ -565,7 +565,7 @@ def signals_deferred():
     """Hold SIGINT and SIGTERM while a file is written, then act on the first that came (Python: main thread only)."""
     held = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
     caught = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum)) for signum in held}
+    previous = {signum: signal.signal(signum, lambda number, frame: caught.append(number)) for signum in held}
     try:
         yield
     finally:
