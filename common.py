@@ -353,13 +353,12 @@ class FEM(nn.Module):
         def classifier():  # PFENet's cls and inner_cls (PFENet.py:101-106, 144-149)
             return nn.Sequential(*conv_relu(in_dim, in_dim, 3), nn.Dropout2d(FEM_DROPOUT),
                                  nn.Conv2d(in_dim, classes, 1))
-        self.init_merge = nn.ModuleList(
-            nn.Sequential(*conv_relu(2 * in_dim + extra_dim, in_dim, 1)) for _ in self.bins)
-        self.alpha_conv = nn.ModuleList(nn.Sequential(*conv_relu(2 * in_dim, in_dim, 1)) for _ in self.bins[1:])
+        self.init_merge = nn.ModuleList(conv_relu(2 * in_dim + extra_dim, in_dim, 1) for _ in self.bins)
+        self.alpha_conv = nn.ModuleList(conv_relu(2 * in_dim, in_dim, 1) for _ in self.bins[1:])
         self.beta_conv = nn.ModuleList(
             nn.Sequential(*conv_relu(in_dim, in_dim, 3), *conv_relu(in_dim, in_dim, 3)) for _ in self.bins)
         self.inner_cls = nn.ModuleList(classifier() for _ in self.bins)
-        self.res1 = nn.Sequential(*conv_relu(len(self.bins) * in_dim, in_dim, 1))
+        self.res1 = conv_relu(len(self.bins) * in_dim, in_dim, 1)
         self.res2 = nn.Sequential(*conv_relu(in_dim, in_dim, 3), *conv_relu(in_dim, in_dim, 3))
         self.cls = classifier()
 
@@ -369,9 +368,8 @@ class FEM(nn.Module):
         for i, b in enumerate(self.bins):
             size = (max(1, round(h * b)), max(1, round(w * b))) if b <= 1 else (int(b), int(b))
             maps = [] if extra is None else [resize(extra, size)]
-            x = torch.cat([F.adaptive_avg_pool2d(f_q, size), proto[:, :, None, None].expand(-1, -1, *size), *maps],
-                          1)  # (B, 2*in_dim + extra_dim, bh, bw)
-            x = self.init_merge[i](x)  # (B, in_dim, bh, bw)
+            x = torch.cat([F.adaptive_avg_pool2d(f_q, size), proto[:, :, None, None].expand(-1, -1, *size), *maps], 1)
+            x = self.init_merge[i](x)  # (B, 2*in_dim + extra_dim, bh, bw) -> (B, in_dim, bh, bw)
             if i > 0:  # inter-scale merging with the previous (finer) scale, kept at h,w
                 x = self.alpha_conv[i - 1](torch.cat([x, resize(scales[-1], size)], 1)) + x
             x = self.beta_conv[i](x) + x
