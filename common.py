@@ -288,10 +288,11 @@ def masked_average_pooling(f, m):
 
 
 def cosine_prior(f_q, f_s, m_s):
-    """PFENet's training-free prior (PFENet.py:221-248): per query pixel, the best cosine to a masked support pixel,
-    min-max normalised per image, averaged over shots: f_q (B,C,h,w) layer4, f_s (B,[S,]C,h',w'), m_s (B,[S,]H,W) ->
-    (B,1,h,w). In float32 as PFENet, even under autocast (bf16's rounding, amplified by the max and the min-max);
-    one shot at a time, not S (B, h'w', hw) matrices at once (1.4 GB each at 641 px, batch 8) to save launches."""
+    """PFENet's training-free prior (PFENet.py:221-248) -> (B,1,h,w): prior[i] = max_j cos(f_q[i], f_s[j] * m[j]) over
+    the support pixels j, then (prior - min) / (max - min + eps) per image, averaged over shots. f_q (B,C,h,w) layer4,
+    f_s (B,[S,]C,h',w'), m_s (B,[S,]H,W) labels. In float32 as PFENet, even under autocast: the max and the min-max
+    would amplify bf16's rounding. One shot at a time: all at once would hold S (B, h'w', hw) matrices (1.4 GB each
+    at 641 px, batch 8) to save a few launches of kernels that run longer than their launch takes."""
     with torch.autocast(f_q.device.type, enabled=False):
         f_q, f_s = f_q.float(), f_s.float()
         if f_s.dim() == 4:
@@ -344,7 +345,8 @@ class FEM(nn.Module):
     """PFENet's Feature Enrichment Module (PFENet.py:119-174, 256-286), every width in_dim. Per bin, finest first:
     [f_q pooled, prototype, extra (the prior)] -> init_merge -> alpha_conv on [it, the previous scale] (residual)
     -> beta_conv (residual) -> inner_cls (aux=True); the scales at h,w -> res1 -> res2 (residual) -> cls. A bin <= 1
-    is a fraction of h, rounded where PFENet floors (PFENet.py:261): one list fits PASCAL (473 px) and COCO (641)."""
+    is a fraction of h, rounded where PFENet floors (PFENet.py:261): one list fits PASCAL (473 px) and COCO (641).
+    forward(f_q (B,in_dim,h,w), proto (B,in_dim), extra (B,extra_dim,h,w) or None) -> (logits, [aux per bin])."""
 
     def __init__(self, in_dim=256, extra_dim=1, bins=FEM_BINS, classes=2):
         super().__init__()
