@@ -167,12 +167,11 @@ def _load_weight_file(net, name, path):
 
 
 class Backbone(nn.Module):
-    """Frozen ImageNet feature extractor: forward(x (N,3,H,W)) -> {"layer1".."layer4": (N,C,h,w)}, up to `last`.
-    ResNets (torchvision's 7x7 stem; "*_deep": DeepStemResNet) dilated as PFENet (PFENet.py:84-93): output stride 8.
-    "vgg16_bn": PFENet's five stages (PFENet.py:20-46), ceil-mode pools (model/vgg.py:69), layer2 at layer3's size
-    (PFENet.py:192). pretrained: True (torchvision's ImageNet weights), False (random) or a weight file's path.
-    trainable: the weights learn (CRCNet §5.1), BatchNorm still in eval. head: the weight file's ImageNet
-    classifier or None, frozen and outside the module tree, for OCNet's Grad-CAM."""
+    """Frozen ImageNet feature extractor: forward(x (N,3,H,W)) -> {"layer1".."layer4": (N,C,h,w)}, up to `last`;
+    ResNets dilated to output stride 8 (RESNET_DILATION), VGG-16-BN in PFENet's stages (VGG_SPLIT, ceil-mode pools,
+    model/vgg.py:69; layer2 at layer3's size, PFENet.py:192). pretrained: True (torchvision's ImageNet weights), False
+    (random) or a weight file's path. trainable: the weights learn (CRCNet §5.1), BatchNorm still in eval. head: the
+    weight file's ImageNet classifier or None, frozen and outside the module tree, for OCNet's Grad-CAM."""
 
     def __init__(self, name="resnet50", pretrained=True, trainable=False, last="layer4"):
         super().__init__()
@@ -263,11 +262,8 @@ class Backbone(nn.Module):
         B = img_q.shape[0]
         mask = None if m_s is None else torch.cat([torch.ones_like(m_s[:, 0]), m_s.flatten(0, 1)])  # query: all ones
         feats = self(torch.cat([img_q, img_s.flatten(0, 1)]), blocks=blocks, mask=mask)  # (B + B*S, C, h, w)
-        feats_q = {name: x[:B] for name, x in feats.items() if name != "blocks"}
-        feats_s = {name: x[B:] for name, x in feats.items() if name != "blocks"}
-        if blocks:
-            feats_q["blocks"], feats_s["blocks"] = [x[:B] for x in feats["blocks"]], [x[B:] for x in feats["blocks"]]
-        return feats_q, feats_s
+        rows = (slice(None, B), slice(B, None))  # the query's, the supports'
+        return tuple({name: [f[r] for f in x] if name == "blocks" else x[r] for name, x in feats.items()} for r in rows)
 
 
 # ---------- Masks, prototypes and priors ----------
