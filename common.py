@@ -170,8 +170,9 @@ class Backbone(nn.Module):
     """Frozen ImageNet feature extractor: forward(x (N,3,H,W)) -> {"layer1".."layer4": (N,C,h,w)}, up to `last`;
     ResNets dilated to output stride 8 (RESNET_DILATION), VGG-16-BN in PFENet's stages (VGG_SPLIT, ceil-mode pools,
     model/vgg.py:69; layer2 at layer3's size, PFENet.py:192). pretrained: True (torchvision's ImageNet weights), False
-    (random) or a weight file's path. trainable: the weights learn (CRCNet §5.1), BatchNorm still in eval. head: the
-    weight file's ImageNet classifier or None, frozen and outside the module tree, for OCNet's Grad-CAM."""
+    (random) or a weight file's path. trainable: the weights learn (CRCNet §5.1), BatchNorm still in eval (a batch of
+    4 episodes gives noisy statistics). head: the weight file's ImageNet classifier or None, frozen and outside the
+    module tree, for OCNet's Grad-CAM (one classifier and the features share their weights)."""
 
     def __init__(self, name="resnet50", pretrained=True, trainable=False, last="layer4"):
         super().__init__()
@@ -340,8 +341,9 @@ class MidLevelReduction(nn.Sequential):
 class FEM(nn.Module):
     """PFENet's Feature Enrichment Module (PFENet.py:119-174, 256-286), every width in_dim. Per bin, finest first:
     [f_q pooled, prototype, extra (the prior)] -> init_merge -> alpha_conv on [it, the previous scale] (residual)
-    -> beta_conv (residual) -> inner_cls (aux=True); the scales at h,w -> res1 -> res2 (residual) -> cls. A bin <= 1
-    is a fraction of h, rounded where PFENet floors (PFENet.py:261): one list fits PASCAL (473 px) and COCO (641).
+    -> beta_conv (residual) -> inner_cls (aux=True); the scales at h,w -> res1 -> res2 (residual) -> cls. A bin > 1
+    is a size, one <= 1 a fraction of h, rounded where PFENet floors (PFENet.py:261): one list fits PASCAL (473 px)
+    and COCO (641 px); at other sizes a bin may be one larger than PFENet's.
     forward(f_q (B,in_dim,h,w), proto (B,in_dim), extra (B,extra_dim,h,w) or None) -> (logits, [aux per bin])."""
 
     def __init__(self, in_dim=256, extra_dim=1, bins=FEM_BINS, classes=2):
@@ -587,8 +589,8 @@ def plain(value):
 
 
 def _replace_file(path, write):
-    """write(f) into a temporary of its own beside path, synced, renamed over path, signals deferred: a crash, a
-    signal or a full disk never leaves a half-written file at path; a failure removes the temporary (SaveError)."""
+    """write(f) into a temporary of its own beside path (two writers never share one), synced, renamed over path,
+    signals deferred: a crash, a signal or a full disk never leaves a half-written file at path (SaveError)."""
     path = Path(path)
     with signals_deferred():
         try:
