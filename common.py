@@ -327,9 +327,7 @@ class MidLevelReduction(nn.Sequential):
     def __init__(self, in_dim, dim, dropout):
         super().__init__(nn.Conv2d(in_dim, dim, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(dropout))
 
-    @property
-    def dropout(self):
-        return self[2]
+    dropout = property(lambda self: self[2])  # the Dropout2d module
 
     def reduce(self, feats):
         return self[1](self[0](torch.cat([feats["layer3"], feats["layer2"]], 1)))  # (N, dim, h, w)
