@@ -1,26 +1,14 @@
-"""The blocks the few-shot segmentation models share, the loss and the metrics, in this order:
-    Backbone                frozen ImageNet ResNet-50/101 (torchvision's or PSPNet's deep stem; dilated, output
-                            stride 8) or VGG-16-BN; torchvision's weights or a weight file (PFENet's resnet50_v2)
-    foreground_at           a label map's foreground at a feature grid
-    masked_average_pooling  support prototype: mean of the features under a mask (PFENet Weighted_GAP)
-    cosine_prior            PFENet's training-free prior mask from high-level features
-    resize, conv_relu       PFENet's bilinear resize and head layer
-    MidLevelReduction       PFENet's mid-level features: cat(layer3, layer2), 1x1 conv, ReLU, Dropout2d
-    FEM                     PFENet's Feature Enrichment Module (multi-scale decoder with auxiliary heads)
-    seg_loss                cross-entropy on logits upsampled to the label size, 255 ignored
-    IoUMeter, RecallMeter   class mIoU and FB-IoU over episodes; recall of region maps (QGNet's Table 7)
-    Setting, Schedule       the run's setting for a model and a stage, and a stage's training schedule
-    read_torch_file, save_atomic, append_jsonl, ...   files read without running code, written whole or not at all
+"""The blocks the few-shot segmentation models share (frozen backbone, masked average pooling, PFENet's prior, FEM),
+the loss and the metrics; then what the harness and the models share: Setting, Schedule, safe files.
 
-Source: Z. Tian, H. Zhao, M. Shu, Z. Yang, R. Li, J. Jia, "Prior Guided Feature Enrichment Network
-for Few-Shot Segmentation", TPAMI 2020, arXiv:2008.01449, github.com/dvlab-research/PFENet @ a5056754.
-"PFENet.py:N" below means model/PFENet.py line N of that repository; test.py and util/util.py likewise.
+Source: Z. Tian, H. Zhao, M. Shu, Z. Yang, R. Li, J. Jia, "Prior Guided Feature Enrichment Network for Few-Shot
+Segmentation", TPAMI 2020, arXiv:2008.01449, github.com/dvlab-research/PFENet @ a5056754. "PFENet.py:N" below
+means model/PFENet.py line N of that repository; test.py and util/util.py likewise.
 
 Tensor vocabulary (every file of the repository uses it):
     B batch of episodes, S shots, C channels, H x W image size, h x w feature size
     img_q (B,3,H,W)    query image            img_s (B,S,3,H,W)  support images
-    m_q   (B,H,W)      query mask, int64 in {0: background, 1: foreground, 255: ignore}
-    m_s   (B,S,H,W)    support masks, same values
+    m_q   (B,H,W)      query mask             m_s   (B,S,H,W)    support masks: int64, 0/1/255 (background/fg/ignore)
     f_q   (B,C,h,w)    query features         f_s   (B,S,C,h,w)  support features
     proto (B,C)        prototype              prior (B,1,h,w)    prior mask in [0, 1]
     logits (B,2,H,W)   background / foreground scores
@@ -53,22 +41,10 @@ FEM_DROPOUT = 0.1  # PFENet.py:104,147 (cls and inner_cls heads)
 RUNS_DIR = "runs"  # parent of every default run folder (train.py's and the stages'), in the working directory
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The frozen backbone
-
-
+# ---------- The frozen backbone ----------
 class DeepStemResNet(torchvision.models.ResNet):
-    """PSPNet's ResNet, the network of PFENet's resnet50_v2.pth / resnet101_v2.pth (PFENet model/resnet.py:100-128
-    with deep_base=True, from hszhao/semseg), which PFENet, BAM, Sym-Net, QPENet and QGNet load.
-
-    torchvision's ResNet with a deep stem in place of its 7x7 conv: three 3x3 convs without bias, 3->64 with
-    stride 2, 64->64, 64->128, each followed by BatchNorm and ReLU, then the same 3x3 stride-2 max-pool; layer1's
-    first block therefore reads 128 channels. The rest is torchvision's and equals PFENet's: the stride on each
-    bottleneck's 3x3 conv2 (resnet.py:66-67), the first block's downsample a strided 1x1 conv + BatchNorm,
-    BatchNorm2d's defaults, Kaiming fan-out initialisation. state_dict keys are the files': conv1, bn1, conv2,
-    bn2, conv3, bn3, layer1.0.conv1.weight, ..., fc. layers: bottlenecks per stage ((3, 4, 6, 3) ResNet-50,
-    (3, 4, 23, 3) ResNet-101); kwargs go to torchvision's ResNet. forward(x (N,3,H,W)) -> ImageNet logits (N,1000).
-    """
+    """PSPNet's ResNet of PFENet's resnet50_v2.pth / resnet101_v2.pth (model/resnet.py:100-128, keys as the files'):
+    torchvision's with three 3x3 convs (3->64 stride 2, 64->64, 64->128, BatchNorm, ReLU) in place of the 7x7."""
 
     def __init__(self, layers, **kwargs):
         super().__init__(Bottleneck, list(layers), **kwargs)
@@ -88,8 +64,7 @@ class DeepStemResNet(torchvision.models.ResNet):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-# name -> (builder, ImageNet weights); IMAGENET1K_V1 are torchvision's classic ones (HSNet's pretrained=True).
-# The *_deep ones come from a weight file only: torchvision ships none (PFENET_BACKBONES_URL)
+# name -> (builder, torchvision's ImageNet weights: its classic IMAGENET1K_V1 as HSNet; none for PFENet's *_deep)
 BACKBONES = {
     "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V1),
     "resnet101": (torchvision.models.resnet101, torchvision.models.ResNet101_Weights.IMAGENET1K_V1),
@@ -97,8 +72,7 @@ BACKBONES = {
     "resnet50_deep": (partial(DeepStemResNet, (3, 4, 6, 3)), None),  # resnet50_v2.pth
     "resnet101_deep": (partial(DeepStemResNet, (3, 4, 23, 3)), None),  # resnet101_v2.pth
 }
-# PFENet README.md:58 (@ a505675): its ImageNet pretrained backbones, for its initmodel/ folder
-PFENET_BACKBONES_URL = "https://drive.google.com/drive/folders/1Hrz1wOxOZm4nIIS7UMJeL79AQrdvpj6v"
+PFENET_BACKBONES_URL = "https://drive.google.com/drive/folders/1Hrz1wOxOZm4nIIS7UMJeL79AQrdvpj6v"  # README.md:58
 RESNET_DILATION = {"layer3": 2, "layer4": 4}  # PFENet.py:84-93: strides 1, output stride 8 (473 -> 60)
 VGG_SPLIT = ((0, 7), (7, 14), (14, 24), (24, 34), (34, 43))  # PFENet.py:21-25, indices into vgg16_bn.features
 LAYERS = ("layer1", "layer2", "layer3", "layer4")  # a Backbone's stages after its stem, layer0
@@ -107,8 +81,7 @@ CALIBRATION_IMAGES = 64  # --no-pretrained: Backbone.calibrate's BatchNorm stati
 
 
 class WeightsUnavailableError(RuntimeError):
-    """Weights a model needs could not be loaded: the backbone's ImageNet weights (the message says how to fetch
-    them once), a weight file, or a file a model's stage writes (the message gives the command that makes it)."""
+    """Weights a model needs (ImageNet's, a weight file, a stage's file) could not load; it says how to get them."""
 
 
 class WeightsFileError(WeightsUnavailableError):
@@ -120,14 +93,8 @@ def is_weight_file(pretrained):
     return isinstance(pretrained, (str, os.PathLike))
 
 
-def _head_name(name):
-    """The attribute of `name`'s net holding its ImageNet classifier: ResNet's fc, VGG's classifier (3 FC layers)."""
-    return "fc" if name.startswith("resnet") else "classifier"
-
-
 def _load_torchvision(name, pretrained):
-    """`name`'s net (BACKBONES) with torchvision's ImageNet weights or random ones (pretrained False); a clear
-    error when the weights can't load, or don't exist (the *_deep names: PFENet's files, pretrained=PATH)."""
+    """`name`'s net with torchvision's ImageNet weights (pretrained True; none for the *_deep names) or random."""
     builder, weights = BACKBONES[name]
     kwargs = {"replace_stride_with_dilation": [False, True, True]} if name.startswith("resnet") else {}
     if not pretrained:
@@ -136,8 +103,7 @@ def _load_torchvision(name, pretrained):
         raise WeightsUnavailableError(
             f"torchvision does not ship ImageNet weights for {name}, the deep-stem ResNet (PSPNet's) that PFENet, "
             f"BAM, Sym-Net, QPENet and QGNet use. PFENet's README links them, as the ImageNet pretrained backbones "
-            f"for its initmodel folder ({name.replace('_deep', '_v2.pth')}):\n"
-            f"    {PFENET_BACKBONES_URL}\n"
+            f"for its initmodel folder ({name.replace('_deep', '_v2.pth')}):\n    {PFENET_BACKBONES_URL}\n"
             f"Pass the file with --backbone-weights PATH, or --no-pretrained to run with random backbone weights.")
     try:
         return builder(weights=weights, **kwargs)
@@ -146,56 +112,36 @@ def _load_torchvision(name, pretrained):
             f"could not load the ImageNet weights of {name} ({weights}): {err!r}\n"
             f"Fetch them once on a machine with internet access:\n"
             f"    python -c \"import torchvision; torchvision.models.{name}(weights='{weights.name}')\"\n"
-            f"torchvision caches them in {torch.hub.get_dir()}/checkpoints "
-            f"($TORCH_HOME/hub, default ~/.cache/torch/hub).\n"
-            f"Or pass --no-pretrained to run with random backbone weights."
-        ) from err
+            f"torchvision caches them in {torch.hub.get_dir()}/checkpoints ($TORCH_HOME/hub, default "
+            f"~/.cache/torch/hub).\nOr pass --no-pretrained to run with random backbone weights.") from err
 
 
 def imagenet_classifier(name, pretrained):
-    """The ImageNet classifier that comes with torchvision's weights of `name` (pretrained True), or a random one
-    of the same shape (False): `name`'s net's fc (ResNet) or classifier (VGG). A weight file's own is Backbone.head."""
+    """The ImageNet classifier of torchvision's weights of `name` (pretrained True), or a random one (False)."""
     if is_weight_file(pretrained):
         raise ValueError(f"a weight file's classifier is common.Backbone.head, not torchvision's ({pretrained})")
-    return getattr(_load_torchvision(name, pretrained), _head_name(name))
+    net = _load_torchvision(name, pretrained)
+    return net.fc if name.startswith("resnet") else net.classifier
 
 
-def _read_weight_file(path):
-    """{key: tensor} of a weight file: a state dict, or one nested under "state_dict" or "model" (a training
-    checkpoint's), DataParallel's "module." prefix removed. Read with weights_only: no code from the file runs."""
+def _load_weight_file(net, name, path):
+    """The weight file `path` (a state dict, maybe under "state_dict"/"model", maybe "module.") into `net` -> its
+    ImageNet classifier with the file's weights, or None. A tensor missing (num_batches_tracked excepted: older
+    files lack it), unexpected or mis-shaped is a WeightsFileError naming the keys: nothing is left at random."""
     if not Path(path).is_file():
         raise WeightsFileError(f"the weight file {path} does not exist")
     state = read_torch_file(path, f"the weight file {path} as tensors", WeightsFileError,
                             "; for a checkpoint holding other objects, save its state dict alone with "
                             "torch.save(state_dict, PATH)")
-    while isinstance(state, dict):  # {"state_dict": ...}, {"model": ...}, {"model": {"state_dict": ...}}
-        inner = next((state[k] for k in ("state_dict", "model") if isinstance(state.get(k), dict)), None)
-        if inner is None:
-            break
-        state = inner
+    while isinstance(state, dict) and any(isinstance(state.get(k), dict) for k in ("state_dict", "model")):
+        state = next(state[k] for k in ("state_dict", "model") if isinstance(state.get(k), dict))
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         found = sorted(state)[:5] if isinstance(state, dict) else type(state).__name__
         raise WeightsFileError(f"the weight file {path} holds no state dict (a dict of tensors, possibly under "
                                f"'state_dict' or 'model'); found {found}")
     if all(k.startswith("module.") for k in state):  # saved from nn.DataParallel / DistributedDataParallel
         state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
-def _list_keys(keys, kind, shown=3):
-    """'2 missing keys (a, b)': the count and the first `shown` of them."""
-    more = ", ..." if len(keys) > shown else ""
-    return f"{len(keys)} {kind} key{'s' if len(keys) > 1 else ''} ({', '.join(keys[:shown])}{more})"
-
-
-def _load_weight_file(net, name, path):
-    """Load the weight file `path` into `net` (`name`'s, built random) -> the net's ImageNet classifier module
-    holding the file's weights, or None when the file has none (or one of another shape: not ImageNet's 1000
-    classes). Every other tensor must be in the file with its shape, BatchNorm's num_batches_tracked excepted
-    (older files lack it; eval mode never reads it): otherwise WeightsFileError names the keys, and nothing is
-    left at random. Layouts: torchvision's for resnet50/101 and vgg16_bn, PFENet's files' for the *_deep ones."""
-    state = _read_weight_file(path)
-    head = _head_name(name) + "."
+    head = "fc." if name.startswith("resnet") else "classifier."  # the ImageNet classifier: ResNet's, VGG's (3 FCs)
     expected = net.state_dict()
     wanted = {k: v for k, v in expected.items() if not k.startswith(head)}
     missing = [k for k in wanted if k not in state and not k.endswith("num_batches_tracked")]
@@ -203,44 +149,30 @@ def _load_weight_file(net, name, path):
     misshaped = [f"{k} {tuple(state[k].shape)} instead of {tuple(v.shape)}" for k, v in wanted.items()
                  if k in state and state[k].shape != v.shape]
     if missing or unexpected or misshaped:
-        problems = [_list_keys(keys, kind) for keys, kind in
-                    ((missing, "missing"), (unexpected, "unexpected"), (misshaped, "mis-shaped")) if keys]
+        problems = []  # '2 missing keys (a, b)': the count and the first 3
+        for keys, kind in ((missing, "missing"), (unexpected, "unexpected"), (misshaped, "mis-shaped")):
+            if keys:
+                more = ", ..." if len(keys) > 3 else ""
+                problems.append(f"{len(keys)} {kind} key{'s' if len(keys) > 1 else ''} ({', '.join(keys[:3])}{more})")
         hint = ""
         if name.startswith("resnet") and "layer1.0.conv1.weight" in state:  # which ResNet the file holds
-            guess = ("resnet101" if "layer3.22.conv1.weight" in state else "resnet50") + (
-                "_deep" if "conv3.weight" in state else "")  # PFENet's stem has a conv3, torchvision's none
+            guess = "resnet101" if "layer3.22.conv1.weight" in state else "resnet50"
+            guess += "_deep" if "conv3.weight" in state else ""  # PFENet's stem has a conv3, torchvision's none
             hint = f"; it looks like {guess}'s: --backbone {guess}" if guess != name else ""
         raise WeightsFileError(f"the weight file {path} does not fit {name}: {'; '.join(problems)}{hint}")
-    head_state = {k: v for k, v in state.items() if k.startswith(head)}
-    has_head = ({k: v.shape for k, v in head_state.items()}
+    has_head = ({k: v.shape for k, v in state.items() if k.startswith(head)}
                 == {k: v.shape for k, v in expected.items() if k.startswith(head)})
     net.load_state_dict({k: v for k, v in state.items() if has_head or not k.startswith(head)}, strict=False)
-    return getattr(net, _head_name(name)) if has_head else None
+    return getattr(net, head.rstrip(".")) if has_head else None
 
 
 class Backbone(nn.Module):
-    """Frozen ImageNet feature extractor returning layer1..layer4 (and optionally every ResNet block).
-
-    ResNet-50/101 ("resnet50", "resnet101"): torchvision's, with its 7x7 stem. "resnet50_deep", "resnet101_deep":
-    the papers' own, PSPNet's deep stem of three 3x3 convs (DeepStemResNet; PFENet's resnet50_v2.pth,
-    resnet.py:108-119), layer0 = conv1/bn1/relu, conv2/bn2/relu, conv3/bn3/relu, max-pool (128 channels at
-    stride 4). Every ResNet has PFENet's dilation (PFENet.py:84-93): strides 1 and dilation 2 in every block of
-    layer3, 4 in layer4, so layer2..layer4 share the output stride 8 (473 -> 60x60, 641 -> 81x81).
-    VGG-16-BN: torchvision's features split into five stages as PFENet (PFENet.py:20-46), with PFENet's
-    ceil-mode max pooling (model/vgg.py:69) so 473 -> layer2 60x60, layer3/layer4 30x30; layer2 is resized
-    bilinearly to layer3's size (PFENet.py:192) so layer2..layer4 always share one size.
-    forward(x (N,3,H,W), blocks=False) -> {"layer1".."layer4": (N,C,h,w)} plus, with blocks=True (ResNet
-    only), "blocks": the output of every bottleneck of layer2..layer4 in order (13 for ResNet-50, 30 for 101).
-    last: the last stage a model reads ("layer3": layer4 is neither built nor run, its keys not in state_dict).
-    trainable=True: the weights learn with the model (CRCNet §5.1 trains end to end); BatchNorm stays in eval
-    mode with its statistics fixed all the same (a batch of 4 episodes would give noisy ones).
-    pretrained: True: torchvision's ImageNet weights (none exist for the *_deep names: an error says where
-    PFENet's are); False: random; a path (str or os.PathLike): that weight file, in torchvision's layout or, for
-    the *_deep names, PFENet's (_load_weight_file: plain, under "state_dict"/"model", "module." prefixes).
-    head: the ImageNet classifier that came with a weight file (ResNet's fc, VGG's classifier), else None;
-    frozen and outside the module tree (no forward, state_dict, parameter count or .to() of the backbone
-    includes it): OCNet's Grad-CAM takes it, so that its classifier and the features share their weights.
-    """
+    """Frozen ImageNet feature extractor: forward(x (N,3,H,W)) -> {"layer1".."layer4": (N,C,h,w)}, up to `last`;
+    ResNets dilated to output stride 8 (RESNET_DILATION), VGG-16-BN in PFENet's stages (VGG_SPLIT, ceil-mode pools,
+    model/vgg.py:69; layer2 at layer3's size, PFENet.py:192). pretrained: True (torchvision's ImageNet weights), False
+    (random) or a weight file's path. trainable: the weights learn (CRCNet §5.1), BatchNorm still in eval (a batch of
+    4 episodes gives noisy statistics). head: the weight file's ImageNet classifier or None, frozen and outside the
+    module tree, for OCNet's Grad-CAM (one classifier and the features share their weights)."""
 
     def __init__(self, name="resnet50", pretrained=True, trainable=False, last="layer4"):
         super().__init__()
@@ -252,16 +184,14 @@ class Backbone(nn.Module):
         net = _load_torchvision(name, False if is_weight_file(pretrained) else pretrained)
         head = _load_weight_file(net, name, pretrained) if is_weight_file(pretrained) else None
         if name.startswith("resnet"):
-            # torchvision's flag gives the first block of a dilated stage the previous dilation (1, then 2);
-            # PFENet dilates every block's 3x3 conv alike. Weights are unaffected.
+            # torchvision gives a dilated stage's first block the previous dilation; PFENet dilates every block alike
             for stage_name, d in RESNET_DILATION.items():
                 for block in getattr(net, stage_name):
                     block.conv2.dilation, block.conv2.padding = (d, d), (d, d)
             stem = [net.conv1, net.bn1, net.relu]  # (N, 64, H/2, W/2)
             if isinstance(net, DeepStemResNet):
                 stem += [net.conv2, net.bn2, net.relu, net.conv3, net.bn3, net.relu]  # (N, 128, H/2, W/2)
-            stages = [nn.Sequential(*stem, net.maxpool),
-                      net.layer1, net.layer2, net.layer3, net.layer4]  # fc and avgpool dropped
+            stages = [nn.Sequential(*stem, net.maxpool), net.layer1, net.layer2, net.layer3, net.layer4]
             self.channels = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
         else:
             for layer in net.features:
@@ -279,22 +209,18 @@ class Backbone(nn.Module):
 
     @property
     def needs_statistics(self):
-        """Random weights whose BatchNorm statistics were neither estimated (calibrate) nor loaded with weights that
-        have them (a stage's file: set calibrated = True): train.py estimates them before training."""
+        """Random weights whose BatchNorm statistics were neither estimated (calibrate) nor loaded (calibrated)."""
         return not self.pretrained and not self.calibrated
 
     @torch.no_grad()
     def calibrate(self, images, batch_size=16):
-        """Replace every BatchNorm's running statistics by their mean over batches of `images` (N,3,H,W).
-
-        For random weights only (--no-pretrained): their BatchNorms hold the initial statistics (mean 0, var 1),
-        so activations grow with depth and every model's learnable layers would see features unlike ImageNet's;
-        estimated statistics bring each level to ImageNet-like magnitudes. The weights stay as they are."""
+        """BatchNorm statistics := their mean over batches of `images` (N,3,H,W), for random weights: with the initial
+        ones (mean 0, var 1) activations grow with depth, unlike the ImageNet features models expect."""
         norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         for m in norms:
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the batches
-        nn.Module.train(self, True)  # bypasses the eval-only train() above
+        nn.Module.train(self, True)  # bypasses the eval-only train() below
         for start in range(0, len(images), batch_size):
             self(images[start:start + batch_size])
         nn.Module.train(self, False)
@@ -303,33 +229,27 @@ class Backbone(nn.Module):
         self.calibrated = True
 
     def train(self, mode=True):
-        # Always eval, whatever the parent model asks. PFENet calls model.train() (train.py:247), which puts the
-        # frozen backbone's BN in train mode: it normalises with the statistics of a few episode images and its
-        # running statistics drift away from ImageNet's. HSNet (hsnet.py) and BAM (fix_bn) keep it in eval.
+        # Always eval, as HSNet and BAM (fix_bn); PFENet's model.train() (train.py:247) lets the frozen BN drift
         return super().train(False)
 
     def forward(self, x, blocks=False, mask=None):
-        """x (N,3,H,W) -> {layer1..layer4: (N,C,h,w)} (and "blocks" with blocks=True). mask (N,H,W) labels:
-        layer4 then runs on layer3 x (mask == 1), resized bilinearly: PFENet's support features for the prior
-        (PFENet.py:209-210); "layer3" stays unmasked."""
+        """blocks=True (ResNets): also "blocks", every bottleneck's output of BLOCK_STAGES. mask (N,H,W) labels:
+        layer4 runs on layer3 x (mask == 1), PFENet's support features for the prior (PFENet.py:209-210)."""
         if blocks and not self.name.startswith("resnet"):
             raise ValueError(f"blocks=True needs a ResNet backbone; {self.name} has no bottleneck blocks")
         if mask is not None and "layer4" not in self.layers:
             raise ValueError("mask masks layer4's input, and this backbone stops at " + self.layers[-1])
         feats, block_feats = {}, []
-        # no_grad, not inference_mode: an inference tensor cannot be saved for the learnable layers' backward,
-        # nor take OCNet's Grad-CAM gradient, so it would need a copy, which costs more than it saves
+        # no_grad, not inference_mode: an inference tensor cannot be saved for backward nor take Grad-CAM's gradient
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             x = self.stages["layer0"](x)
             for name in self.layers:
                 if name == "layer4" and mask is not None:
                     x = x * resize((mask == 1).to(x.dtype)[:, None], x.shape[-2:])  # (N, C3, h, w)
-                if blocks and name in BLOCK_STAGES:
-                    for block in self.stages[name]:
-                        x = block(x)
+                for block in self.stages[name]:
+                    x = block(x)
+                    if blocks and name in BLOCK_STAGES:
                         block_feats.append(x)
-                else:
-                    x = self.stages[name](x)
                 feats[name] = x  # (N, channels[name], h, w)
             if not self.name.startswith("resnet") and "layer2" in feats:  # to layer3's size: its pool's ceil(h/2)
                 feats["layer2"] = resize(feats["layer2"], [-(-d // 2) for d in feats["layer2"].shape[-2:]])
@@ -338,45 +258,25 @@ class Backbone(nn.Module):
         return feats
 
     def episode(self, img_q, img_s, blocks=False, m_s=None):
-        """The query and its supports through the backbone as one batch: one pass over every layer instead of
-        two, with the same values as two calls (BatchNorm is frozen in eval, so images do not interact).
-        img_q (B,3,H,W), img_s (B,S,3,H,W) -> (feats_q, feats_s): forward's dicts, with (B,C,h,w) entries
-        for the query and (B*S,C,h,w) for the supports (views into one output, no copy). With m_s (B,S,H,W)
-        the supports' layer4 is PFENet's, of their masked layer3 (forward's mask); the query's is plain."""
+        """img_q (B,3,H,W), img_s (B,S,3,H,W) as one batch (BatchNorm frozen: as two calls) -> (feats_q, feats_s),
+        views of (B,C,h,w) and (B*S,C,h,w); with m_s (B,S,H,W), forward's mask for the supports only."""
         B = img_q.shape[0]
-        mask = None
-        if m_s is not None:  # the query's mask is all ones: x * 1 leaves its layer3 exactly as it is
-            mask = torch.cat([torch.ones_like(m_s[:, 0]), m_s.flatten(0, 1)])  # (B + B*S, H, W)
+        mask = None if m_s is None else torch.cat([torch.ones_like(m_s[:, 0]), m_s.flatten(0, 1)])  # query: all ones
         feats = self(torch.cat([img_q, img_s.flatten(0, 1)]), blocks=blocks, mask=mask)  # (B + B*S, C, h, w)
-        feats_q = {name: x[:B] for name, x in feats.items() if name != "blocks"}
-        feats_s = {name: x[B:] for name, x in feats.items() if name != "blocks"}
-        if blocks:
-            feats_q["blocks"], feats_s["blocks"] = [x[:B] for x in feats["blocks"]], [x[B:] for x in feats["blocks"]]
-        return feats_q, feats_s
+        rows = (slice(None, B), slice(B, None))  # the query's, the supports'
+        return tuple({name: [f[r] for f in x] if name == "blocks" else x[r] for name, x in feats.items()} for r in rows)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Masks, prototypes and priors
-
-
+# ---------- Masks, prototypes and priors ----------
 def foreground_at(mask, size, mode="bilinear"):
-    """Label maps (..., H, W) in {0, 1, 255} -> float (..., h, w): the foreground (== 1; 255 counts as background,
-    PFENet.py:202) at a feature grid of `size`, resized bilinearly with align_corners=True (PFENet.py:209: a
-    fraction on the object's border), or sampled with mode="nearest" (a 0/1 mask)."""
-    fg = (mask == 1).float()
-    lead = fg.shape[:-2]
-    fg = F.interpolate(fg.reshape(-1, 1, *fg.shape[-2:]), size=size, mode=mode,
-                       align_corners=True if mode == "bilinear" else None)  # (N, 1, h, w)
-    return fg.reshape(*lead, *fg.shape[-2:])
+    """Label maps (..., H, W) -> float (..., h, w): the foreground (== 1, PFENet.py:202) resized as PFENet.py:209."""
+    fg = resize((mask == 1).float().reshape(-1, 1, *mask.shape[-2:]), size, mode)  # (N, 1, h, w)
+    return fg.reshape(*mask.shape[:-2], *fg.shape[-2:])
 
 
 def masked_average_pooling(f, m):
-    """Prototype = sum(f * m) / (sum(m) + eps) over the pixels (PFENet Weighted_GAP, PFENet.py:13-18).
-
-    f (B,C,h,w); m (B,1,H,W) or (B,H,W) float foreground indicator, e.g. (m_s == 1).float(), resized
-    bilinearly (align_corners=True, PFENet.py:209) to h,w when sizes differ. Returns (B,C); an empty mask
-    gives exact zeros.
-    """
+    """Prototype = sum(f * m) / (sum(m) + eps) over the pixels (PFENet Weighted_GAP, PFENet.py:13-18): f (B,C,h,w),
+    m (B,1,H,W) or (B,H,W) float foreground, resized (PFENet.py:209) to h,w -> (B,C); an empty mask gives zeros."""
     if m.dim() == 3:
         m = m.unsqueeze(1)  # (B, 1, H, W)
     if m.shape[-2:] != f.shape[-2:]:
@@ -385,69 +285,49 @@ def masked_average_pooling(f, m):
 
 
 def cosine_prior(f_q, f_s, m_s):
-    """PFENet's training-free prior mask (TPAMI 2020; PFENet.py:221-248), from high-level (layer4) features.
-
-    For every query pixel i: prior[i] = max_j cos(f_q[i], f_s[j] * m[j]) over the support pixels j, then
-    per image (prior - min) / (max - min + eps); averaged over shots (PFENet.py:247).
-    f_q (B,C,h,w) high-level query features; f_s (B,C,h',w') or (B,S,C,h',w'); m_s (B,H,W) or (B,S,H,W)
-    labels, foreground = 1 (255 counts as background, PFENet.py:202). Returns prior (B,1,h,w) in [0, 1].
-    Computed in float32 even under bf16 autocast, as PFENet does: a max over cosines followed by min-max
-    normalisation would otherwise amplify bf16's rounding (8 mantissa bits).
-    The similarities are computed one shot at a time, the min-max normalisation for all shots at once. Folding
-    the shots into one product would hold S times the (B, h'w', hw) matrices (three of 0.2 GB per shot at 473
-    px and batch 4, of 1.4 GB at 641 px and batch 8) to save about 7 launches per shot, of kernels that at
-    those sizes run longer than their launch takes.
-    """
+    """PFENet's training-free prior (PFENet.py:221-248) -> (B,1,h,w): prior[i] = max_j cos(f_q[i], f_s[j] * m[j]) over
+    the support pixels j, then (prior - min) / (max - min + eps) per image, averaged over shots. f_q (B,C,h,w) layer4,
+    f_s (B,[S,]C,h',w'), m_s (B,[S,]H,W) labels. In float32 as PFENet, even under autocast: the max and the min-max
+    would amplify bf16's rounding. One shot at a time: all at once would hold S (B, h'w', hw) matrices (1.4 GB each
+    at 641 px, batch 8) to save a few launches of kernels that run longer than their launch takes."""
     with torch.autocast(f_q.device.type, enabled=False):
-        return _cosine_prior_fp32(f_q.float(), f_s.float(), m_s)
+        f_q, f_s = f_q.float(), f_s.float()
+        if f_s.dim() == 4:
+            f_s, m_s = f_s.unsqueeze(1), m_s.unsqueeze(1)  # (B, 1, C, h', w'), (B, 1, H, W)
+        B, C, h, w = f_q.shape
+        q = f_q.reshape(B, C, h * w)  # (B, C, hw)
+        q_norm = q.norm(dim=1, keepdim=True)  # (B, 1, hw)
+        m = resize((m_s == 1).float(), f_s.shape[-2:])  # (B, S, h', w'), PFENet.py:209,225
+        best = []
+        for shot in range(f_s.shape[1]):
+            s = (f_s[:, shot] * m[:, shot, None]).flatten(2).transpose(1, 2)  # (B, h'w', C)
+            s_norm = s.norm(dim=2, keepdim=True)  # (B, h'w', 1)
+            cos = torch.bmm(s, q) / (s_norm * q_norm + COSINE_EPS)  # (B, h'w', hw)
+            best.append(cos.max(dim=1).values)  # (B, hw): best-matching support pixel
+        p = torch.stack(best, 1)  # (B, S, hw)
+        p_min, p_max = p.min(dim=2, keepdim=True).values, p.max(dim=2, keepdim=True).values  # per image and shot
+        return ((p - p_min) / (p_max - p_min + COSINE_EPS)).mean(1).reshape(B, 1, h, w)  # (B, 1, h, w)
 
 
-def _cosine_prior_fp32(f_q, f_s, m_s):
-    if f_s.dim() == 4:
-        f_s, m_s = f_s.unsqueeze(1), m_s.unsqueeze(1)  # (B, 1, C, h', w'), (B, 1, H, W)
-    B, C, h, w = f_q.shape
-    q = f_q.reshape(B, C, h * w)  # (B, C, hw)
-    q_norm = q.norm(dim=1, keepdim=True)  # (B, 1, hw)
-    m = resize((m_s == 1).float(), f_s.shape[-2:])  # (B, S, h', w'), PFENet.py:209,225
-    best = []
-    for shot in range(f_s.shape[1]):  # one shot at a time: the similarity matrix is (B, h'w', hw)
-        s = (f_s[:, shot] * m[:, shot, None]).flatten(2).transpose(1, 2)  # (B, h'w', C)
-        s_norm = s.norm(dim=2, keepdim=True)  # (B, h'w', 1)
-        cos = torch.bmm(s, q) / (s_norm * q_norm + COSINE_EPS)  # (B, h'w', hw)
-        best.append(cos.max(dim=1).values)  # (B, hw): best-matching support pixel
-    p = torch.stack(best, 1)  # (B, S, hw)
-    p_min, p_max = p.min(dim=2, keepdim=True).values, p.max(dim=2, keepdim=True).values  # per image and shot
-    return ((p - p_min) / (p_max - p_min + COSINE_EPS)).mean(1).reshape(B, 1, h, w)  # (B, 1, h, w)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Blocks that two or more models share
-
-
+# ---------- Blocks that two or more models share ----------
 def resize(x, size, mode="bilinear"):
-    """x (N,C,h,w) resized to size: bilinear with align_corners=True, PFENet's choice throughout (e.g. PFENet.py:267,
-    273, 279), or mode="nearest" (label maps)."""
+    """x (N,C,h,w) resized: bilinear with align_corners=True as PFENet throughout, or mode="nearest" (labels)."""
     return F.interpolate(x, size=size, mode=mode, align_corners=True if mode == "bilinear" else None)
 
 
 def conv_relu(c_in, c_out, k, stride=1, dilation=1, bias=False):
-    """nn.Sequential(k x k conv keeping the size at stride 1, ReLU): the layer of PFENet's heads (no BatchNorm, no
-    bias); unpack it (*conv_relu(...)) to lay its two modules flat inside another nn.Sequential."""
+    """nn.Sequential(k x k conv keeping the size at stride 1, ReLU): PFENet's head layer (no BatchNorm, no bias)."""
     conv = nn.Conv2d(c_in, c_out, k, stride, padding=dilation * (k // 2), dilation=dilation, bias=bias)
     return nn.Sequential(conv, nn.ReLU(inplace=True))
 
 
 class MidLevelReduction(nn.Sequential):
-    """PFENet's mid-level features (PFENet.py:95-117, 194-195): cat(layer3, layer2) of the backbone, a 1x1 conv
-    without bias to `dim`, ReLU, Dropout2d (PFENet's down_query / down_supp; 1536 -> 256 for ResNet).
-    forward(feats: the backbone's dict) -> (N,dim,h,w); reduce(feats) is the same before the dropout."""
+    """PFENet's down_query / down_supp (PFENet.py:95-117, 194-195): cat(layer3, layer2), 1x1 conv, ReLU, Dropout2d."""
 
     def __init__(self, in_dim, dim, dropout):
         super().__init__(nn.Conv2d(in_dim, dim, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(dropout))
 
-    @property
-    def dropout(self):
-        return self[2]
+    dropout = property(lambda self: self[2])  # the Dropout2d module
 
     def reduce(self, feats):
         return self[1](self[0](torch.cat([feats["layer3"], feats["layer2"]], 1)))  # (N, dim, h, w)
@@ -456,60 +336,40 @@ class MidLevelReduction(nn.Sequential):
         return self.dropout(self.reduce(feats))
 
 
-def _classifier(dim, classes):
-    """PFENet's cls / inner_cls head (PFENet.py:101-106, 144-149): 3x3 conv, ReLU, Dropout2d, 1x1 conv."""
-    return nn.Sequential(*conv_relu(dim, dim, 3), nn.Dropout2d(FEM_DROPOUT), nn.Conv2d(dim, classes, 1))
-
-
 class FEM(nn.Module):
-    """PFENet's Feature Enrichment Module (TPAMI 2020; PFENet.py:119-174, 256-286).
-
-    Per scale, finest first: pool f_q to the bin, concatenate the expanded prototype and the extra maps
-    (PFENet: the prior), init_merge (1x1) -> for every scale after the first, alpha_conv (1x1) on [this, previous
-    scale resized to this bin] added as a residual (inter-scale merging) -> beta_conv (two 3x3) residual ->
-    inner_cls auxiliary logits; upsampled to h,w. The scales are concatenated -> res1 (1x1) -> res2 (two 3x3)
-    residual -> cls. All widths equal in_dim (PFENet's reduce_dim 256).
-    A bin <= 1 is a fraction of the feature size, rounded (60 -> 60/30/15/8, 81 -> 81/40/20/10); a bin > 1 is
-    an absolute size (PFENet PASCAL: [60, 30, 15, 8]). PFENet floors fractions (int(h * b), PFENet.py:261):
-    rounding lets one list give PASCAL's absolute bins at 473 px (floor: 60/30/15/7) and COCO's at 641 px
-    (the same either way); at other sizes a bin may be one larger than PFENet's.
-    forward(f_q (B,in_dim,h,w), proto (B,in_dim), extra (B,extra_dim,h,w) or None where extra_dim is 0, aux=True)
-    -> (logits (B,classes,h,w), aux: list of (B,classes,b,b), one per bin; empty with aux=False, where no loss reads
-    them, as in evaluation).
-    """
+    """PFENet's Feature Enrichment Module (PFENet.py:119-174, 256-286), every width in_dim. Per bin, finest first:
+    [f_q pooled, prototype, extra (the prior)] -> init_merge -> alpha_conv on [it, the previous scale] (residual)
+    -> beta_conv (residual) -> inner_cls (aux=True); the scales at h,w -> res1 -> res2 (residual) -> cls. A bin > 1
+    is a size, one <= 1 a fraction of h, rounded where PFENet floors (PFENet.py:261): one list fits PASCAL (473 px)
+    and COCO (641 px); at other sizes a bin may be one larger than PFENet's.
+    forward(f_q (B,in_dim,h,w), proto (B,in_dim), extra (B,extra_dim,h,w) or None) -> (logits, [aux per bin])."""
 
     def __init__(self, in_dim=256, extra_dim=1, bins=FEM_BINS, classes=2):
         super().__init__()
         self.bins = tuple(bins)
-        self.init_merge = nn.ModuleList(
-            nn.Sequential(*conv_relu(2 * in_dim + extra_dim, in_dim, 1)) for _ in self.bins)
-        self.alpha_conv = nn.ModuleList(nn.Sequential(*conv_relu(2 * in_dim, in_dim, 1)) for _ in self.bins[1:])
+
+        def classifier():  # PFENet's cls and inner_cls (PFENet.py:101-106, 144-149)
+            return nn.Sequential(*conv_relu(in_dim, in_dim, 3), nn.Dropout2d(FEM_DROPOUT),
+                                 nn.Conv2d(in_dim, classes, 1))
+        self.init_merge = nn.ModuleList(conv_relu(2 * in_dim + extra_dim, in_dim, 1) for _ in self.bins)
+        self.alpha_conv = nn.ModuleList(conv_relu(2 * in_dim, in_dim, 1) for _ in self.bins[1:])
         self.beta_conv = nn.ModuleList(
             nn.Sequential(*conv_relu(in_dim, in_dim, 3), *conv_relu(in_dim, in_dim, 3)) for _ in self.bins)
-        self.inner_cls = nn.ModuleList(_classifier(in_dim, classes) for _ in self.bins)
-        self.res1 = nn.Sequential(*conv_relu(len(self.bins) * in_dim, in_dim, 1))
+        self.inner_cls = nn.ModuleList(classifier() for _ in self.bins)
+        self.res1 = conv_relu(len(self.bins) * in_dim, in_dim, 1)
         self.res2 = nn.Sequential(*conv_relu(in_dim, in_dim, 3), *conv_relu(in_dim, in_dim, 3))
-        self.cls = _classifier(in_dim, classes)
-
-    @staticmethod
-    def bin_size(b, h, w):
-        """Pooled size (bh, bw) of bin b for an h x w feature map."""
-        if b <= 1:
-            return max(1, round(h * b)), max(1, round(w * b))
-        return int(b), int(b)
+        self.cls = classifier()
 
     def forward(self, f_q, proto, extra=None, aux=True):
         h, w = f_q.shape[-2:]
         scales, logits_aux = [], []
         for i, b in enumerate(self.bins):
-            size = self.bin_size(b, h, w)
+            size = (max(1, round(h * b)), max(1, round(w * b))) if b <= 1 else (int(b), int(b))
             maps = [] if extra is None else [resize(extra, size)]
-            x = torch.cat([F.adaptive_avg_pool2d(f_q, size), proto[:, :, None, None].expand(-1, -1, *size), *maps],
-                          1)  # (B, 2*in_dim + extra_dim, bh, bw)
-            x = self.init_merge[i](x)  # (B, in_dim, bh, bw)
+            x = torch.cat([F.adaptive_avg_pool2d(f_q, size), proto[:, :, None, None].expand(-1, -1, *size), *maps], 1)
+            x = self.init_merge[i](x)  # (B, 2*in_dim + extra_dim, bh, bw) -> (B, in_dim, bh, bw)
             if i > 0:  # inter-scale merging with the previous (finer) scale, kept at h,w
-                previous = resize(scales[-1], size)
-                x = self.alpha_conv[i - 1](torch.cat([x, previous], 1)) + x
+                x = self.alpha_conv[i - 1](torch.cat([x, resize(scales[-1], size)], 1)) + x
             x = self.beta_conv[i](x) + x
             if aux:
                 logits_aux.append(self.inner_cls[i](x))  # (B, classes, bh, bw)
@@ -519,14 +379,10 @@ class FEM(nn.Module):
         return self.cls(x), logits_aux  # (B, classes, h, w)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The loss and the metrics
-
-
+# ---------- The loss and the metrics ----------
 def seg_loss(logits, m_q):
-    """Cross-entropy of logits (B,2,h,w), upsampled bilinearly (align_corners=True) to m_q's H,W, with the
-    labels m_q (B,H,W); 255 ignored (PFENet.py:290-300). Mean over the labelled pixels; 0 when there are none
-    (where F.cross_entropy's mean would give NaN and poison the gradients). Returns a scalar."""
+    """Cross-entropy of logits (B,2,h,w) upsampled to m_q (B,H,W), 255 ignored (PFENet.py:290-300): the mean over
+    the labelled pixels, 0 when none (F.cross_entropy's mean would be NaN and poison the gradients)."""
     if logits.shape[-2:] != m_q.shape[-2:]:
         logits = resize(logits, m_q.shape[-2:])  # (B, 2, H, W)
     total = F.cross_entropy(logits, m_q, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -534,50 +390,34 @@ def seg_loss(logits, m_q):
 
 
 def intersection_and_union(pred, target, ignore_index=IGNORE_INDEX):
-    """Per-episode intersection and union of background (0) and foreground (1), as PFENet's
-    intersectionAndUnionGPU (util/util.py:67-79): pixels where target == ignore_index count in neither.
-
-    pred, target (B,H,W) or (H,W), values {0,1} (target also ignore_index).
-    Returns (inter, union), each (B,2) float64 [background, foreground]; an (H,W) input gives (1,2).
-    """
+    """pred, target (B,H,W) or (H,W) -> background and foreground (inter, union) (B,2), as util/util.py:67-79."""
     if pred.dim() == 2:
         pred, target = pred[None], target[None]  # (1, H, W)
-    valid = target != ignore_index
-    inter, union = [], []
-    for c in (0, 1):
-        p, t = (pred == c) & valid, target == c
-        inter.append((p & t).flatten(1).sum(1))
-        union.append((p | t).flatten(1).sum(1))
-    return torch.stack(inter, 1).double(), torch.stack(union, 1).double()  # (B, 2), (B, 2)
+    c = torch.arange(2, device=pred.device)[:, None, None, None]  # background, foreground
+    p, t = (pred == c) & (target != ignore_index), target == c  # (2, B, H, W)
+    return (p & t).flatten(2).sum(2).T.double(), (p | t).flatten(2).sum(2).T.double()  # (B, 2), (B, 2)
 
 
 class IoUMeter:
-    """Class mIoU and FB-IoU accumulated over episodes, as PFENet's test.py:210-253.
-
-    Class mIoU (the headline number): per class c, IoU_c = sum of foreground I / (sum of foreground U + 1e-10)
-    over the episodes of class c; mean over the fold's classes, where a class that had no episode counts 0
-    (PFENet's test.py:240-247 and HSNet's logger divide by every fold class). FB-IoU: background and foreground
-    I and U summed over all episodes, IoU of each, their mean. State: float64 tensors on `device`, indexed by class id
-    1..num_classes (index 0 unused); update() never synchronises with the host.
-    """
+    """Class mIoU and FB-IoU over episodes (PFENet test.py:210-253). Class mIoU: per class, the sum of foreground I
+    over the sum of U, averaged over the fold's classes, one without an episode counting 0 (PFENet test.py:240-247,
+    HSNet). FB-IoU: the mean of background and foreground IoU over all episodes. update() never syncs the host."""
 
     def __init__(self, num_classes, device="cpu"):
         self.device = torch.device(device)
         zeros = partial(torch.zeros, dtype=torch.float64, device=self.device)
-        self.class_inter, self.class_union, self.class_count = (zeros(num_classes + 1) for _ in range(3))
+        self.class_inter, self.class_union, self.class_count = (zeros(num_classes + 1) for _ in range(3))  # by id
         self.inter, self.union = zeros(2), zeros(2)  # [background, foreground] over all episodes
         self.prob_sum, self.pixels = zeros(2), zeros(2)  # p(foreground) summed over true background / fg pixels
 
     def update(self, pred, target, class_ids, prob=None):
-        """pred, target (B,H,W) (or (H,W) for one episode); class_ids (B,) class of each episode; prob, optional,
-        the predicted foreground probability (B,H,W) (or (H,W)), for mean_probability()."""
+        """pred, target (B,H,W) or (H,W); class_ids (B,); prob: p(foreground) (B,H,W), for mean_probability()."""
         if prob is not None:
             for c in (0, 1):  # 255 pixels are neither
                 is_c = (target == c).to(self.device)
                 self.prob_sum[c] += (prob.to(self.device, torch.float64) * is_c).sum()
                 self.pixels[c] += is_c.sum()
-        inter, union = intersection_and_union(pred, target)  # (B, 2)
-        inter, union = inter.to(self.device), union.to(self.device)
+        inter, union = (t.to(self.device) for t in intersection_and_union(pred, target))  # (B, 2)
         ids = torch.as_tensor(class_ids, device=self.device).reshape(-1)  # (B,)
         self.class_inter.index_add_(0, ids, inter[:, 1])
         self.class_union.index_add_(0, ids, union[:, 1])
@@ -586,8 +426,7 @@ class IoUMeter:
         self.union += union.sum(0)
 
     def seen(self):
-        """The class ids that have had an episode so far."""
-        return self.class_count.nonzero().flatten().tolist()
+        return self.class_count.nonzero().flatten().tolist()  # the class ids that have had an episode
 
     def class_iou(self, classes=None):
         """{class_id: IoU} for `classes` (one without an episode: 0), or for the classes seen when None."""
@@ -600,19 +439,15 @@ class IoUMeter:
         return sum(ious) / len(ious) if ious else float("nan")
 
     def fbiou(self):
-        """Mean of the global background and foreground IoU."""
         return (self.inter / (self.union + IOU_EPS)).mean().item()
 
     def mean_probability(self):
-        """[background, foreground]: the mean predicted foreground probability over the pixels whose true label
-        is background, and over those that are foreground (NaN before any update with prob). A diagnostic, not
-        PFENet's: a model that ranks object pixels far above background, but stays under 0.5 on them, scores
-        0 mIoU all the same (README, quick start)."""
+        """[background, foreground]: the mean p(foreground) over the true background pixels, and foreground ones.
+        A diagnostic: a model that ranks object pixels far above the rest, but under 0.5, scores 0 mIoU all the same."""
         return (self.prob_sum / self.pixels).tolist()
 
     def all_reduce(self):
-        """Sum the state over the ranks of torch.distributed (no-op when it is not initialised). With NCCL
-        the meter must live on the rank's GPU."""
+        """Sum the state over the ranks of torch.distributed (when initialised; with NCCL, keep it on the GPU)."""
         if dist.is_available() and dist.is_initialized():
             for t in (self.class_inter, self.class_union, self.class_count, self.inter, self.union, self.prob_sum,
                       self.pixels):
@@ -620,9 +455,8 @@ class IoUMeter:
 
 
 class RecallMeter:
-    """Recall of a model's region maps against the query mask (QGNet §5, Eq. 16, Table 7): for each map V and
-    threshold t, |{V > t} & mask| / |mask|, the pixels summed over every episode (255 counts as neither). A map
-    (B,1,h,w) is resized bilinearly (align_corners=True, as the logits) to the mask's size (B,H,W)."""
+    """Recall of region maps V (B,1,h,w), resized as the logits, against the query mask (QGNet §5, Eq. 16, Table 7):
+    |{V > t} & mask| / |mask| per threshold t, pixels summed over the episodes (255 is neither)."""
     THRESHOLDS = tuple(k / 10 for k in range(1, 10))
 
     def __init__(self, device="cpu"):
@@ -640,27 +474,21 @@ class RecallMeter:
             self.hits[name] = self.hits.get(name, 0) + hits
 
     def all_reduce(self):
-        """Sum over the ranks of torch.distributed (no-op when it is not initialised); returns self."""
+        """Sum over the ranks of torch.distributed (when initialised); returns self."""
         if dist.is_available() and dist.is_initialized():
             for t in (self.mask, *self.hits.values()):
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return self
 
     def recall(self):
-        """{name: [recall at each of THRESHOLDS]} as fractions."""
-        return {name: (hits / self.mask.clamp(min=1)).tolist() for name, hits in self.hits.items()}
+        return {name: (hits / self.mask.clamp(min=1)).tolist() for name, hits in self.hits.items()}  # per threshold
 
 
-# ----------------------------------------------------------------------------------------------------------
-# A run's setting, for a model and its stages
-
-
+# ---------- A run's setting, for a model and its stages ----------
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """The setting of a run, which the harness gives a model (Model(cfg, setting) or the module's build(cfg,
-    setting)) and an extra stage: its data, shots, crop and backbone. A model's Config holds its own
-    hyperparameters; this holds the run's context, so that a harness flag can be renamed without silently changing
-    a model. train.py fills every field (setting_of)."""
+    """The run's context for a model (Model(cfg, setting)) and its stages, apart from its Config so that a harness
+    flag can be renamed without silently changing a model; train.py fills every field (setting_of)."""
     dataset: str = "pascal"  # pascal, coco, fss1000, synthetic, folder
     fold: int = 0
     coco_split: str = "interleaved"
@@ -690,15 +518,10 @@ class Schedule:
     fit: object = None  # train.fit, the training loop of every run: fit(step, optimizer, batches, lr_at, ...)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Files that lose nothing: read without running code, written whole or not at all
-
-
+# ---------- Files read without running code, written whole or not at all ----------
 def read_torch_file(path, what, error=WeightsUnavailableError, hint=""):
-    """torch.load(path) with weights_only (tensors and plain values: no code from the file runs). A file that
-    cannot be read so raises `error` with one line, not torch's traceback: one holding other objects is refused
-    (naming the first object torch names, never the way around the refusal); one that is not a whole torch file
-    (truncated, another format) says so and adds `hint` (where a right one comes from)."""
+    """torch.load(path) with weights_only (no code from the file runs), else `error` in one line: a file holding
+    other objects is refused (never saying how around that); any other is not a whole torch file, `hint` added."""
     try:
         with warnings.catch_warnings():  # torch's warning about a pickle protocol: the refusal below says it all
             warnings.simplefilter("ignore")
@@ -719,17 +542,15 @@ class NonFiniteWeightsError(ArithmeticError):
 
 
 class LogError(ValueError):
-    """A log's record in the middle is damaged (a torn last line is dropped instead): the message names the line."""
+    """A record in the middle of a log is damaged (a torn last line is dropped instead): the message names it."""
 
 
 class SaveError(OSError):
-    """A checkpoint or a log record could not be written (a full disk, a lost mount); what was written before is
-    intact."""
+    """A checkpoint or a log record could not be written (a full disk); what was written before is intact."""
 
 
 def check_finite(module):
-    """NonFiniteWeightsError unless every floating-point parameter and buffer of `module` is finite (one host sync:
-    call it before a checkpoint is written, not every step)."""
+    """NonFiniteWeightsError unless every float parameter and buffer is finite (a host sync: not every step)."""
     tensors = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
     if tensors and not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
         raise NonFiniteWeightsError("the weights are no longer finite")
@@ -737,37 +558,23 @@ def check_finite(module):
 
 @contextmanager
 def signals_deferred():
-    """Hold SIGINT and SIGTERM while the block runs (a checkpoint being written), then act on one that came: the
-    file is whole either way. Outside the main thread, where Python delivers no signal, it does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught, previous = [], {}
-
-    def hold(signum, frame):
-        caught.append(signum)
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        previous[signum] = signal.signal(signum, hold)
+    """Hold SIGINT and SIGTERM while a file is written, then act on the first that came (Python: main thread only)."""
+    held = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    caught = []
+    previous = {signum: signal.signal(signum, lambda number, frame: caught.append(number)) for signum in held}
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        for signum in caught[:1]:
-            handler = previous[signum]
-            if callable(handler):
-                handler(signum, None)
-            elif handler == signal.SIG_DFL and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            elif handler == signal.SIG_DFL:
-                signal.raise_signal(signum)
+        if caught and caught[0] == signal.SIGINT and previous[signal.SIGINT] == signal.SIG_DFL:
+            raise KeyboardInterrupt  # Ctrl-C as Python's own handler takes it, not the process killed
+        if caught:  # the first one, to the handler restored: it runs before raise_signal returns
+            signal.raise_signal(caught[0])
 
 
 def plain(value):
-    """value as the plain types a weights_only torch.load reads (dict, list, tuple, str, int, float, bool, None,
-    tensors): paths become strings; anything else is a TypeError naming it, so that no file of ours needs
-    unpickling of code to be read."""
+    """value as the plain types that weights_only reads (paths become strings), else a TypeError naming it."""
     if isinstance(value, dict):
         return {plain(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -780,10 +587,8 @@ def plain(value):
 
 
 def _replace_file(path, write):
-    """write(f) into a temporary of its own (.NAME.XXXX.tmp, unique per write) beside path, flushed to the disk,
-    then renamed over path, with SIGINT and SIGTERM held meanwhile: a crash, a signal or a full disk never leaves
-    a half-written file at path, and two writers never share a temporary. On failure the temporary is removed and
-    SaveError says what failed and where."""
+    """write(f) into a temporary of its own beside path (two writers never share one), synced, renamed over path,
+    signals deferred: a crash, a signal or a full disk never leaves a half-written file at path (SaveError)."""
     path = Path(path)
     with signals_deferred():
         try:
@@ -808,18 +613,11 @@ def _replace_file(path, write):
 
 def save_atomic(state, path):
     """torch.save(plain(state)) to path, whole or not at all (_replace_file); it loads with weights_only=True."""
-    state = plain(state)
-    _replace_file(path, lambda f: torch.save(state, f))
-
-
-def write_text_atomic(path, text):
-    """path's text replaced by `text`, whole or not at all (_replace_file)."""
-    _replace_file(path, lambda f: f.write(text.encode()))
+    _replace_file(path, partial(torch.save, plain(state)))
 
 
 def append_jsonl(path, record):
-    """Append one JSON line to a log. A write that fails (a full disk) is undone, so that no torn line stays, and
-    SaveError says so; a signal meanwhile waits for the line to be whole."""
+    """Append one JSON line to a log, signals deferred; a failed write (a full disk) is undone: SaveError."""
     line = (json.dumps(plain(record)) + "\n").encode()
     with signals_deferred():
         try:
@@ -837,18 +635,16 @@ def append_jsonl(path, record):
 
 
 def cut_log(path, epoch, note=print):
-    """--resume: drop the records of a log's epochs after `epoch` (an interrupted epoch's, which the resumed run
-    writes again) and mark the resume point, so that the log reads as one run. No log: nothing to do."""
+    """--resume: the log without the epochs after `epoch` (written again), the resume marked, so it reads as one run."""
     if not Path(path).exists():
         return
     kept = [r for r in read_jsonl(path, note) if r.get("event") in ("start", "resume") or r.get("epoch", 0) <= epoch]
     kept.append({"event": "resume", "epoch": epoch})
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+    _replace_file(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
 
 
 def read_jsonl(path, note=print):
-    """The records of a JSON-lines log (none when it does not exist). A last line that is not whole JSON (a write
-    cut short by a crash) is dropped with a note; any other bad line is a LogError naming it."""
+    """A JSON-lines log's records; a torn last line (a crash) is dropped with a note, any other bad one a LogError."""
     path = Path(path)
     if not path.exists():
         return []
@@ -860,9 +656,8 @@ def read_jsonl(path, note=print):
         try:
             records.append(json.loads(line))
         except ValueError:
-            if i == len(lines) - 1:
-                note(f"note: dropped the last line of {path}: a record that a crash cut short")
-                continue
-            raise LogError(f"{path} line {i + 1} is not a JSON record ({line[:80]!r}): repair or delete that line "
-                           "(the other records and the checkpoints are intact)") from None
+            if i < len(lines) - 1:
+                raise LogError(f"{path} line {i + 1} is not a JSON record ({line[:80]!r}): repair or delete that "
+                               "line (the other records and the checkpoints are intact)") from None
+            note(f"note: dropped the last line of {path}: a record that a crash cut short")
     return records
