@@ -546,10 +546,11 @@ def restore_recipe(args, module):
     if not last.exists():
         print(f"--resume: {args.out} has no checkpoint yet: the run starts from its first epoch", flush=True)
         return
-    saved, asked = read_checkpoint(last)["args"], {**vars(args), "model": args.model}
+    saved = read_checkpoint(last)["args"]
+    asked = {**vars(args), "model": Path(args.model).stem}  # a model file by its name, wherever it lies
+    then = {**saved, "model": Path(saved["model"]).stem}
     differ = [k for k in ("model", "dataset", "fold", "test_classes", "shot", "coco_split", "backbone")
-              if not same_value(Path(str(saved.get(k))).stem if k == "model" else saved.get(k, asked[k]),
-                                Path(str(asked[k])).stem if k == "model" else asked[k])]
+              if not same_value(then.get(k, asked[k]), asked[k])]
     if differ:
         sys.exit(f"error: --resume: {last} is a checkpoint of {describe_run(saved)}, not of {describe_run(asked)} "
                  f"({', '.join(differ)} differ): give the flags it was trained with, or another --out")
@@ -666,8 +667,8 @@ def scalar(value, kind, name):
         pass
     if kind is str:
         return str(value)
-    raise ValueError(f"{name} takes {'an integer' if kind is int else 'a finite number' if kind is float else kind}, "
-                     f"not {value!r}")
+    wanted = {int: "an integer", float: "a finite number"}.get(kind, kind)
+    raise ValueError(f"{name} takes {wanted}, not {value!r}")
 
 
 def format_value(value):
@@ -675,7 +676,9 @@ def format_value(value):
     if isinstance(value, tuple):
         flat = not any(isinstance(v, tuple) for v in value)
         return ",".join(map(format_value, value)) if flat else repr(value).replace(" ", "")
-    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    if value is None:
+        return "none"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def show(value):
@@ -1157,9 +1160,16 @@ def stops_cleanly(args, argv):
             dist.destroy_process_group()
 
 
+def kept_file(args):
+    """The file a stopped run keeps: its stage's file, else OUT/last.pt; None where there is none."""
+    if args.stage:
+        return getattr(args, "stage_file", None)
+    return args.out / "last.pt" if args.out else None
+
+
 def stop_interrupted(args, argv, terminated=False):
     """Ctrl-C or SIGTERM: one line that says what was kept and how to continue; exit status 130 or 143."""
-    last = getattr(args, "stage_file", None) if args.stage else args.out / "last.pt" if args.out else None
+    last = kept_file(args)
     how = "stopped by SIGTERM" if terminated else "interrupted"
     inside = f" in fold {args.fold} of --fold all" if getattr(args, "in_fold_all", False) else ""
     if args.eval_only or args.bench or args.predict or args.bench_data or last is None:  # nothing to continue
@@ -1177,7 +1187,7 @@ def stop_interrupted(args, argv, terminated=False):
 
 def stop_nonfinite(args, argv, err):
     """A NaN or infinite loss (or weights): what was kept and how to try again, a new run at half the rate; exit 3."""
-    last = getattr(args, "stage_file", None) if args.stage else args.out / "last.pt"
+    last = kept_file(args)
     kept = (f"the last good {'file' if args.stage else 'checkpoint'} is {last}" if last and last.exists()
             else "nothing was saved")
     if args.stage:
@@ -1235,9 +1245,8 @@ def run_all_folds(args, module):
         one.in_fold_all = True
         try:
             records.append(run_fold(one, args, module, rank))
-        except (KeyboardInterrupt, Terminated, common.SaveError, NonFiniteLossError,
-                common.NonFiniteWeightsError) as stop:
-            stop.run = one  # the message names the fold and the command that continues it
+        except BaseException as stop:  # a stop's message names the fold and the command that continues it
+            stop.run = one
             raise
     if rank == 0 and not args.stage:
         report_folds(args, records)
@@ -1436,7 +1445,7 @@ def count_step(fn, net=None):
     """What fn() runs: {"ops": aten operations, "syncs": those that make the host wait (sync_op), "flops": by
     torch.utils.flop_counter's formulas, "backbone": those inside a common.Backbone of `net`}. A dispatch mode: a CPU
     run counts too (torch.profiler finds no sync there), and FlopCounterMode's hooks break OCNet's autograd.grad."""
-    counted, inside = dict(ops=0, syncs=[], flops=0, backbone=0), [0]
+    counted, inside = dict(ops=0, syncs=[], flops=0, backbone=0), []  # inside: the backbones running forward
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -1447,17 +1456,12 @@ def count_step(fn, net=None):
             formula = flop_registry.get(func._overloadpacket)
             flops = formula(*args, **(kwargs or {}), out_val=out) if formula else 0
             counted["flops"] += flops
-            counted["backbone"] += flops if inside[0] else 0
+            counted["backbone"] += flops if inside else 0
             return out
 
-    def enter(module, inputs):
-        inside[0] += 1
-
-    def leave(module, inputs, output):
-        inside[0] -= 1
-
     backbones = [m for m in net.modules() if isinstance(m, common.Backbone)] if net is not None else []
-    handles = [h for m in backbones for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    handles = [h for m in backbones for h in (m.register_forward_pre_hook(lambda m, inputs: inside.append(m)),
+                                               m.register_forward_hook(lambda m, inputs, output: inside.pop()))]
     try:
         with Count():
             fn()
