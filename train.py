@@ -540,8 +540,8 @@ def recipe_value(value, args):
 
 
 def restore_recipe(args, module):
-    """--resume: the recipe of OUT/last.pt (recipes), refusing another run's checkpoint or a flag given now with
-    another value. Without OUT/last.pt (stopped before its first checkpoint) the run starts from the beginning."""
+    """--resume: the recipe of OUT/last.pt, refusing another run's checkpoint or a flag given now with another
+    value (recipe_differences). Without OUT/last.pt (stopped before its first checkpoint) it starts from the start."""
     last = args.out / "last.pt"
     if not last.exists():
         print(f"--resume: {args.out} has no checkpoint yet: the run starts from its first epoch", flush=True)
@@ -554,9 +554,7 @@ def restore_recipe(args, module):
     if differ:
         sys.exit(f"error: --resume: {last} is a checkpoint of {describe_run(saved)}, not of {describe_run(asked)} "
                  f"({', '.join(differ)} differ): give the flags it was trained with, or another --out")
-    keys, saved, now = recipes(args, module, saved)
-    now["set"] = {**saved["set"], **now["set"]}  # --set names its own fields: the others stay as trained
-    differ = differences(module, [k for k in keys if k in args.given], saved, now)
+    keys, saved, differ = recipe_differences(args, module, saved, resuming=True)
     if differ:
         flags = ", ".join(option(full_parser(module), k) for k in keys)
         sys.exit(f"error: --resume: {last} was trained with {differ}: a resumed run keeps its recipe ({flags}); drop "
@@ -567,19 +565,21 @@ def restore_recipe(args, module):
     args.set = {**saved["set"], **evaluation}  # the recipe's fields as trained, the evaluation's as given now
 
 
-def recipes(args, module, saved):
-    """(keys, then, now): the recipe keys `saved` holds (EVALUATION_FLAGS aside), the recipe as saved and as asked."""
+def recipe_differences(args, module, saved, resuming):
+    """(keys, then, differ): the recipe keys a checkpoint's args `saved` hold (EVALUATION_FLAGS aside), that recipe,
+    and where args asks otherwise, as flags ('--lr 0.025 (now 0.05), --set ccm=false (now (none))') or ''. Resuming:
+    only the flags given now, --set naming only its own fields; else (a finished fold) all of them and the backbone."""
     free = set(getattr(module, "EVALUATION_FLAGS", ()))
     keys = [k for k in (*RESUME_RECIPE, *args.own_flags) if k in saved and k not in free] + ["set"]
     recipe_set = lambda values: {k: v for k, v in values.items() if k not in free}  # noqa: E731
-    return keys, {**saved, "set": recipe_set(saved.get("set", {}))}, {**vars(args), "set": recipe_set(args.set)}
-
-
-def differences(module, keys, saved, now):
-    """'--lr 0.025 (now 0.05), --set ccm=false (now (none))': the values of `keys` that differ, as flags, or ''."""
+    then, now = {**saved, "set": recipe_set(saved.get("set", {}))}, {**vars(args), "set": recipe_set(args.set)}
+    compared = ["backbone", *keys]
+    if resuming:  # --set names its own fields: the others stay as trained
+        now["set"] = {**then["set"], **now["set"]}
+        compared = [k for k in keys if k in args.given]
     parser = full_parser(module)
-    differ = [k for k in keys if not same_value(now[k], saved.get(k, now[k]))]
-    return ", ".join(f"{option(parser, k)} {show(saved[k])} (now {show(now[k])})" for k in differ)
+    differ = [k for k in compared if not same_value(now[k], then.get(k, now[k]))]
+    return keys, then, ", ".join(f"{option(parser, k)} {show(then[k])} (now {show(now[k])})" for k in differ)
 
 
 def check_flags(parser, args, module):
@@ -925,8 +925,7 @@ def calibrate_random_backbones(model, args, device, rank):
 
 def saved_args(args):
     """The run's arguments as a checkpoint and the log keep them: plain values, paths as text."""
-    return common.plain({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                         if k not in ("folds", "given")})
+    return common.plain({k: v for k, v in vars(args).items() if k not in ("folds", "given")})  # paths: text
 
 
 def save_checkpoint(path, model, optimizer, epoch, cfg, args, best):
@@ -1264,8 +1263,7 @@ def run_fold(one, args, module, rank):
     fresh = args.eval_only or args.overwrite
     state = read_checkpoint(last) if last.exists() and not fresh else None
     if state is not None and state["epoch"] >= state["args"]["epochs"]:  # trained to the end
-        keys, saved, now = recipes(one, module, state["args"])
-        differ = differences(module, ["backbone", *keys], saved, now)
+        differ = recipe_differences(one, module, state["args"], resuming=False)[2]
         if differ:
             sys.exit(f"error: fold {one.fold}: {one.out} holds a run trained with {differ}: not the run asked for; "
                      "give another --out, or --overwrite to train it again")
