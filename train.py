@@ -379,7 +379,8 @@ class Parser(argparse.ArgumentParser):
 def build_parser(add_help=True):
     p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter, add_help=add_help)
     add = p.add_argument
-    add("--model", default="baseline", help=f"{', '.join(MODELS)}, or path/to/your_model.py")
+    add("--model", default=None,
+        help=f"{', '.join(MODELS)}, or path/to/your_model.py (default: the --checkpoint's, else baseline)")
     add("--dataset", default=None, choices=["pascal", "coco", "synthetic", "folder", "fss1000"],
         help="default: the --checkpoint's, else pascal; folder: your own data under --data-root")
     add("--data-root", default=None, help="dataset folder (README: 'Datasets' gives the layouts)")
@@ -457,8 +458,8 @@ def parse_args(argv=None):
     trained = read_checkpoint(known.checkpoint.replace("{fold}", "0"))["args"] if known.checkpoint else {}
     if known.checkpoint and "{fold}" in known.checkpoint:
         trained["fold"] = "all"  # a pattern names the four folds' checkpoints
-    if trained and not any(a == "--model" or a.startswith("--model=") for a in argv):
-        known.model = trained["model"]  # --predict and --eval-only need not repeat it
+    if known.model is None:  # --predict and --eval-only need not repeat the checkpoint's
+        known.model = trained.get("model", "baseline")
     module = load_model_module(known.model)
     parser = full_parser(module)
     args = parser.parse_args(argv)
@@ -1066,7 +1067,7 @@ def hold_run_folder(args, training, files):
         handle = open(out / ".lock", "a+")
     except OSError as err:
         sys.exit(f"error: cannot write to the run folder {out}: {err.strerror or err} (give a writable --out)")
-    try:
+    with handle:  # closing it releases the lock: the next run (another fold of --fold all) may take the folder
         if fcntl is not None:  # POSIX; elsewhere runs are not locked
             try:
                 fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1091,8 +1092,6 @@ def hold_run_folder(args, training, files):
                 (out / name).unlink()
             print(f"--overwrite: removed the run that was in {out} ({held})", flush=True)
         yield
-    finally:
-        handle.close()  # the lock with it: the next run (another fold of --fold all) may take the folder
 
 
 def describe_folder(out, files):
@@ -1160,7 +1159,10 @@ def stops_cleanly(args, argv):
 
 
 def kept_file(args):
-    """The file a stopped run keeps: its stage's file, else OUT/last.pt; None where there is none."""
+    """The file a stopped run keeps and continues from: its stage's file, else OUT/last.pt; None for a run that
+    continues nothing (--eval-only, --bench, --predict, --bench-data) or where there is none."""
+    if args.eval_only or args.bench or args.predict or args.bench_data:
+        return None
     if args.stage:
         return getattr(args, "stage_file", None)
     return args.out / "last.pt" if args.out else None
@@ -1171,7 +1173,7 @@ def stop_interrupted(args, argv, terminated=False):
     last = kept_file(args)
     how = "stopped by SIGTERM" if terminated else "interrupted"
     inside = f" in fold {args.fold} of --fold all" if getattr(args, "in_fold_all", False) else ""
-    if args.eval_only or args.bench or args.predict or args.bench_data or last is None:  # nothing to continue
+    if last is None:  # nothing to continue
         message = how
     elif last.exists():
         what = "the stage's file" if args.stage else "the last finished epoch"
@@ -1443,7 +1445,7 @@ def count_step(fn, net=None):
     """What fn() runs: {"ops": aten operations, "syncs": those that make the host wait (sync_op), "flops": by
     torch.utils.flop_counter's formulas, "backbone": those inside a common.Backbone of `net`}. A dispatch mode: a CPU
     run counts too (torch.profiler finds no sync there), and FlopCounterMode's hooks break OCNet's autograd.grad."""
-    counted, inside = dict(ops=0, syncs=[], flops=0, backbone=0), []  # inside: the backbones running forward
+    counted, inside = dict(ops=0, syncs=[], flops=0, backbone=0), [0]
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -1454,12 +1456,17 @@ def count_step(fn, net=None):
             formula = flop_registry.get(func._overloadpacket)
             flops = formula(*args, **(kwargs or {}), out_val=out) if formula else 0
             counted["flops"] += flops
-            counted["backbone"] += flops if inside else 0
+            counted["backbone"] += flops if inside[0] else 0
             return out
 
+    def enter(module, inputs):
+        inside[0] += 1
+
+    def leave(module, inputs, output):  # a hook's return value would replace the output: none here
+        inside[0] -= 1
+
     backbones = [m for m in net.modules() if isinstance(m, common.Backbone)] if net is not None else []
-    handles = [h for m in backbones for h in (m.register_forward_pre_hook(lambda m, inputs: inside.append(m)),
-                                               m.register_forward_hook(lambda m, inputs, output: inside.pop()))]
+    handles = [h for m in backbones for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     try:
         with Count():
             fn()
