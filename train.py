@@ -379,7 +379,8 @@ class Parser(argparse.ArgumentParser):
 def build_parser(add_help=True):
     p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter, add_help=add_help)
     add = p.add_argument
-    add("--model", default="baseline", help=f"{', '.join(MODELS)}, or path/to/your_model.py")
+    add("--model", default=None,
+        help=f"{', '.join(MODELS)}, or path/to/your_model.py (default: the --checkpoint's, else baseline)")
     add("--dataset", default=None, choices=["pascal", "coco", "synthetic", "folder", "fss1000"],
         help="default: the --checkpoint's, else pascal; folder: your own data under --data-root")
     add("--data-root", default=None, help="dataset folder (README: 'Datasets' gives the layouts)")
@@ -457,8 +458,8 @@ def parse_args(argv=None):
     trained = read_checkpoint(known.checkpoint.replace("{fold}", "0"))["args"] if known.checkpoint else {}
     if known.checkpoint and "{fold}" in known.checkpoint:
         trained["fold"] = "all"  # a pattern names the four folds' checkpoints
-    if trained and not any(a == "--model" or a.startswith("--model=") for a in argv):
-        known.model = trained["model"]  # --predict and --eval-only need not repeat it
+    if known.model is None:  # --predict and --eval-only need not repeat the checkpoint's
+        known.model = trained.get("model", "baseline")
     module = load_model_module(known.model)
     parser = full_parser(module)
     args = parser.parse_args(argv)
@@ -540,22 +541,21 @@ def recipe_value(value, args):
 
 
 def restore_recipe(args, module):
-    """--resume: the recipe of OUT/last.pt (recipes), refusing another run's checkpoint or a flag given now with
-    another value. Without OUT/last.pt (stopped before its first checkpoint) the run starts from the beginning."""
+    """--resume: the recipe of OUT/last.pt, refusing another run's checkpoint or a flag given now with another
+    value (recipe_differences). Without OUT/last.pt (stopped before its first checkpoint) it starts from the start."""
     last = args.out / "last.pt"
     if not last.exists():
         print(f"--resume: {args.out} has no checkpoint yet: the run starts from its first epoch", flush=True)
         return
-    saved, asked = read_checkpoint(last)["args"], {**vars(args), "model": args.model}
+    saved = read_checkpoint(last)["args"]
+    asked = {**vars(args), "model": Path(args.model).stem}  # a model file by its name, wherever it lies
+    then = {**saved, "model": Path(saved["model"]).stem}
     differ = [k for k in ("model", "dataset", "fold", "test_classes", "shot", "coco_split", "backbone")
-              if not same_value(Path(str(saved.get(k))).stem if k == "model" else saved.get(k, asked[k]),
-                                Path(str(asked[k])).stem if k == "model" else asked[k])]
+              if not same_value(then.get(k, asked[k]), asked[k])]
     if differ:
         sys.exit(f"error: --resume: {last} is a checkpoint of {describe_run(saved)}, not of {describe_run(asked)} "
                  f"({', '.join(differ)} differ): give the flags it was trained with, or another --out")
-    keys, saved, now = recipes(args, module, saved)
-    now["set"] = {**saved["set"], **now["set"]}  # --set names its own fields: the others stay as trained
-    differ = differences(module, [k for k in keys if k in args.given], saved, now)
+    keys, saved, differ = recipe_differences(args, module, saved, resuming=True)
     if differ:
         flags = ", ".join(option(full_parser(module), k) for k in keys)
         sys.exit(f"error: --resume: {last} was trained with {differ}: a resumed run keeps its recipe ({flags}); drop "
@@ -566,19 +566,21 @@ def restore_recipe(args, module):
     args.set = {**saved["set"], **evaluation}  # the recipe's fields as trained, the evaluation's as given now
 
 
-def recipes(args, module, saved):
-    """(keys, then, now): the recipe keys `saved` holds (EVALUATION_FLAGS aside), the recipe as saved and as asked."""
+def recipe_differences(args, module, saved, resuming):
+    """(keys, then, differ): the recipe keys a checkpoint's args `saved` hold (EVALUATION_FLAGS aside), that recipe,
+    and where args asks otherwise, as flags ('--lr 0.025 (now 0.05), --set ccm=false (now (none))') or ''. Resuming:
+    only the flags given now, --set naming only its own fields; else (a finished fold) all of them and the backbone."""
     free = set(getattr(module, "EVALUATION_FLAGS", ()))
     keys = [k for k in (*RESUME_RECIPE, *args.own_flags) if k in saved and k not in free] + ["set"]
     recipe_set = lambda values: {k: v for k, v in values.items() if k not in free}  # noqa: E731
-    return keys, {**saved, "set": recipe_set(saved.get("set", {}))}, {**vars(args), "set": recipe_set(args.set)}
-
-
-def differences(module, keys, saved, now):
-    """'--lr 0.025 (now 0.05), --set ccm=false (now (none))': the values of `keys` that differ, as flags, or ''."""
+    then, now = {**saved, "set": recipe_set(saved.get("set", {}))}, {**vars(args), "set": recipe_set(args.set)}
+    compared = ["backbone", *keys]
+    if resuming:  # --set names its own fields: the others stay as trained
+        now["set"] = {**then["set"], **now["set"]}
+        compared = [k for k in keys if k in args.given]
     parser = full_parser(module)
-    differ = [k for k in keys if not same_value(now[k], saved.get(k, now[k]))]
-    return ", ".join(f"{option(parser, k)} {show(saved[k])} (now {show(now[k])})" for k in differ)
+    differ = [k for k in compared if not same_value(now[k], then.get(k, now[k]))]
+    return keys, then, ", ".join(f"{option(parser, k)} {show(then[k])} (now {show(now[k])})" for k in differ)
 
 
 def check_flags(parser, args, module):
@@ -666,8 +668,8 @@ def scalar(value, kind, name):
         pass
     if kind is str:
         return str(value)
-    raise ValueError(f"{name} takes {'an integer' if kind is int else 'a finite number' if kind is float else kind}, "
-                     f"not {value!r}")
+    wanted = {int: "an integer", float: "a finite number"}.get(kind, kind)
+    raise ValueError(f"{name} takes {wanted}, not {value!r}")
 
 
 def format_value(value):
@@ -675,7 +677,9 @@ def format_value(value):
     if isinstance(value, tuple):
         flat = not any(isinstance(v, tuple) for v in value)
         return ",".join(map(format_value, value)) if flat else repr(value).replace(" ", "")
-    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    if value is None:
+        return "none"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def show(value):
@@ -922,8 +926,7 @@ def calibrate_random_backbones(model, args, device, rank):
 
 def saved_args(args):
     """The run's arguments as a checkpoint and the log keep them: plain values, paths as text."""
-    return common.plain({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                         if k not in ("folds", "given")})
+    return common.plain({k: v for k, v in vars(args).items() if k not in ("folds", "given")})  # paths: text
 
 
 def save_checkpoint(path, model, optimizer, epoch, cfg, args, best):
@@ -1064,7 +1067,7 @@ def hold_run_folder(args, training, files):
         handle = open(out / ".lock", "a+")
     except OSError as err:
         sys.exit(f"error: cannot write to the run folder {out}: {err.strerror or err} (give a writable --out)")
-    try:
+    with handle:  # closing it releases the lock: the next run (another fold of --fold all) may take the folder
         if fcntl is not None:  # POSIX; elsewhere runs are not locked
             try:
                 fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1089,8 +1092,6 @@ def hold_run_folder(args, training, files):
                 (out / name).unlink()
             print(f"--overwrite: removed the run that was in {out} ({held})", flush=True)
         yield
-    finally:
-        handle.close()  # the lock with it: the next run (another fold of --fold all) may take the folder
 
 
 def describe_folder(out, files):
@@ -1157,12 +1158,22 @@ def stops_cleanly(args, argv):
             dist.destroy_process_group()
 
 
+def kept_file(args):
+    """The file a stopped run keeps and continues from: its stage's file, else OUT/last.pt; None for a run that
+    continues nothing (--eval-only, --bench, --predict, --bench-data) or where there is none."""
+    if args.eval_only or args.bench or args.predict or args.bench_data:
+        return None
+    if args.stage:
+        return getattr(args, "stage_file", None)
+    return args.out / "last.pt" if args.out else None
+
+
 def stop_interrupted(args, argv, terminated=False):
     """Ctrl-C or SIGTERM: one line that says what was kept and how to continue; exit status 130 or 143."""
-    last = getattr(args, "stage_file", None) if args.stage else args.out / "last.pt" if args.out else None
+    last = kept_file(args)
     how = "stopped by SIGTERM" if terminated else "interrupted"
     inside = f" in fold {args.fold} of --fold all" if getattr(args, "in_fold_all", False) else ""
-    if args.eval_only or args.bench or args.predict or args.bench_data or last is None:  # nothing to continue
+    if last is None:  # nothing to continue
         message = how
     elif last.exists():
         what = "the stage's file" if args.stage else "the last finished epoch"
@@ -1177,7 +1188,7 @@ def stop_interrupted(args, argv, terminated=False):
 
 def stop_nonfinite(args, argv, err):
     """A NaN or infinite loss (or weights): what was kept and how to try again, a new run at half the rate; exit 3."""
-    last = getattr(args, "stage_file", None) if args.stage else args.out / "last.pt"
+    last = kept_file(args)
     kept = (f"the last good {'file' if args.stage else 'checkpoint'} is {last}" if last and last.exists()
             else "nothing was saved")
     if args.stage:
@@ -1235,9 +1246,8 @@ def run_all_folds(args, module):
         one.in_fold_all = True
         try:
             records.append(run_fold(one, args, module, rank))
-        except (KeyboardInterrupt, Terminated, common.SaveError, NonFiniteLossError,
-                common.NonFiniteWeightsError) as stop:
-            stop.run = one  # the message names the fold and the command that continues it
+        except BaseException as stop:  # a stop's message names the fold and the command that continues it
+            stop.run = one
             raise
     if rank == 0 and not args.stage:
         report_folds(args, records)
@@ -1255,8 +1265,7 @@ def run_fold(one, args, module, rank):
     fresh = args.eval_only or args.overwrite
     state = read_checkpoint(last) if last.exists() and not fresh else None
     if state is not None and state["epoch"] >= state["args"]["epochs"]:  # trained to the end
-        keys, saved, now = recipes(one, module, state["args"])
-        differ = differences(module, ["backbone", *keys], saved, now)
+        differ = recipe_differences(one, module, state["args"], resuming=False)[2]
         if differ:
             sys.exit(f"error: fold {one.fold}: {one.out} holds a run trained with {differ}: not the run asked for; "
                      "give another --out, or --overwrite to train it again")
@@ -1453,7 +1462,7 @@ def count_step(fn, net=None):
     def enter(module, inputs):
         inside[0] += 1
 
-    def leave(module, inputs, output):
+    def leave(module, inputs, output):  # a hook's return value would replace the output: none here
         inside[0] -= 1
 
     backbones = [m for m in net.modules() if isinstance(m, common.Backbone)] if net is not None else []
