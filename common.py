@@ -515,7 +515,7 @@ class Schedule:
     bf16: bool = False  # bf16 autocast on CUDA (--bf16)
     resume: bool = False  # continue the stage's own checkpoint (--resume)
     out: Path = None  # the run folder (--out, or train.py's default); a stage's files may have paths of their own
-    fit: object = None  # train.fit, the training loop of every run: fit(step, optimizer, batches, lr_at, ...)
+    fit: object = None  # train.fit, the training loop of every run: fit(loss_of, optimizer, batches, lr_at, ...)
 
 
 # ---------- Files read without running code, written whole or not at all ----------

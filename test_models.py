@@ -3211,8 +3211,8 @@ class TestTrain:
             return real(device, bf16)
 
         monkeypatch.setattr(train, "autocast", recording)
-        for flags, expected in [((), {("step", False), ("evaluate", False)}),  # train's step and evaluate
-                                (("--bf16", "--bf16-eval"), {("step", True), ("evaluate", True)})]:
+        for flags, expected in [((), {("loss_of", False), ("evaluate", False)}),  # train's loss_of and evaluate
+                                (("--bf16", "--bf16-eval"), {("loss_of", True), ("evaluate", True)})]:
             calls.clear()
             train.main(tiny_args(tiny, tmp_path / str(len(flags)), "--epochs", "1", "--test-episodes", "2",
                                  "--test-seeds", "1", *flags))

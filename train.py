@@ -161,12 +161,12 @@ def train(model, optimizer, args, cfg, device, rank, world, log_file, resumed=No
 
     def batches(epoch):
         sampler.set_stream(epoch)  # the epoch's episodes
-        epoch_batches = iter(loader)  # starting the workers draws from the global RNG: seed after it, so that
-        torch.manual_seed(args.seed * 100003 + epoch * 101 + rank)  # dropout is the same, resumed or not
+        epoch_batches = iter(loader)  # starting the workers draws from the global RNG, so the seed comes after:
+        torch.manual_seed(args.seed * 100003 + epoch * 101 + rank)  # the same dropout, resumed or not
         model.train()
         return epoch_batches
 
-    def step(batch):
+    def loss_of(batch):
         batch = data.to_device(batch, device)
         with autocast(device, args.bf16):
             out = model(batch["img_q"], batch["img_s"], batch["m_s"], batch["class_id"], **query_mask(net, batch))
@@ -188,15 +188,15 @@ def train(model, optimizer, args, cfg, device, rank, world, log_file, resumed=No
             dist.barrier()
 
     poly = lambda it: args.lr * (1 - it / (args.epochs * steps)) ** POLY_POWER  # noqa: E731
-    fit(step, optimizer, batches, poly, args.epochs, steps, start_epoch=start, log_every=args.log_every,
+    fit(loss_of, optimizer, batches, poly, args.epochs, steps, start_epoch=start, log_every=args.log_every,
         per_step=args.batch_size, unit="episodes", log=lambda line: log(rank, line), log_file=log_file,
         end_epoch=end_epoch)
 
 
-def fit(step, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch=0, log_every=20, per_step=1,
+def fit(loss_of, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch=0, log_every=20, per_step=1,
         unit="images", tag="", log=print, log_file=None, event="train", end_epoch=None):
     """The training loop of every run and extra stage (schedule.fit): epochs start_epoch..epochs-1 of
-    steps_per_epoch batches(epoch), lr = lr_at(step count); (loss, terms) = step(batch); every log_every steps a
+    steps_per_epoch batches(epoch), lr = lr_at(step count); (loss, terms) = loss_of(batch); every log_every steps a
     line and a log record of the means since the last (report: the loop's one host sync); end_epoch(epoch) after
     each epoch (checkpoints). A step whose loss or gradient is NaN or infinite is skipped on the device
     (step_if_finite); a non-finite loss then stops the loop at the next report (NonFiniteLossError)."""
@@ -230,7 +230,7 @@ def fit(step, optimizer, batches, lr_at, epochs, steps_per_epoch, *, start_epoch
             lr = lr_at(epoch * steps_per_epoch + s)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, terms = step(batch)  # the forward pass and the loss; the update is step_if_finite's
+            loss, terms = loss_of(batch)  # the forward pass and the loss; the update is step_if_finite's
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             step_if_finite(optimizer, params, loss)  # a NaN or infinite loss never reaches the weights
@@ -1350,7 +1350,7 @@ def bench(args, module):
         sync()
         return (time.perf_counter() - t0) / args.bench_steps
 
-    def train_step(model=model):  # fit's step
+    def train_step(model=model):  # one pass of fit's loop
         with autocast(device, args.bf16):
             loss, _ = net.loss(model(img_q, img_s, m_s, class_ids, **query_mask(net, {"m_q": m_q})), m_q, m_s)
         optimizer.zero_grad(set_to_none=True)
