@@ -291,7 +291,8 @@ def evaluate(model, loader, dataset, device, args, seed, recall=None):
 
 
 def evaluate_protocol(model, args, device, rank, world, split="test"):
-    """Every test seed of `split` -> miou, fbiou, their std over the seeds, per_class, fg_prob, seeds, recall."""
+    """Every test seed of `split` -> miou, fbiou, their std over the seeds, per_class, fg_prob (the mean p(object) on
+    [background, object] pixels), seeds (each seed's scores), dataset, recall (--region-recall's, else None)."""
     dataset = episodes(args, split)
     loader = data.make_loader(dataset, data.EpisodeSampler(len(dataset), rank, world), args.eval_batch_size,
                               args.workers, device, drop_last=False, worker_init_fn=ignore_stop_signals)
