@@ -516,6 +516,7 @@ class Schedule:
     resume: bool = False  # continue the stage's own checkpoint (--resume)
     out: Path = None  # the run folder (--out, or train.py's default); a stage's files may have paths of their own
     fit: object = None  # train.fit, the training loop of every run: fit(loss_of, optimizer, batches, lr_at, ...)
+    given: frozenset = frozenset()  # the flags the command line gave: a stage refuses one it does not read
 
 
 # ---------- Files read without running code, written whole or not at all ----------

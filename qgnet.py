@@ -392,6 +392,10 @@ def train_prior_extractor(setting, schedule, options):
     next to it. Returns the file's path."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         sys.exit("error: --stage prior runs in one process (queues, shuffle BN); start it without torchrun")
+    unread = [f"--{flag.replace('_', '-')}" for flag in ("epochs", "batch_size", "lr") if flag in schedule.given]
+    if unread:  # MoCo's schedule is PriorConfig's: a flag here would change nothing
+        sys.exit(f"error: --stage prior: {', '.join(unread)} would change nothing; stage 1's schedule is --set "
+                 "prior_epochs=N prior_batch_size=N prior_lr=X")
     cfg = prior_config(options, setting.dataset)
     path, seen = prior_file(setting, options), images_seen(setting, options.get("prior_all_images"))
     log_file = path.with_name(f"{path.stem}_metrics.jsonl")

@@ -5636,6 +5636,16 @@ class TestQGNet:
         assert (cfg.prior_epochs, cfg.prior_batch_size, cfg.prior_queue, cfg.prior_img_size, cfg.prior_patch_size) == (
             2, 32, 4096, 64, 32)
 
+    def test_qgnet_prior_stage_refuses_the_schedule_flags_it_does_not_read(self, tmp_path, monkeypatch):
+        # stage 1's epochs, batch, rate and crop are PriorConfig's --set fields: --epochs 3 would be dropped silently
+        monkeypatch.chdir(tmp_path)  # the stage's folder is under runs/
+        flags = ["--model", "qgnet", "--stage", "prior", "--dataset", "synthetic", "--workers", "0"]
+        with pytest.raises(SystemExit) as err:
+            train.main([*flags, "--epochs", "3", "--lr", "0.1"])
+        assert str(err.value.code) == ("error: --stage prior: --epochs, --lr would change nothing; stage 1's schedule "
+                                       "is --set prior_epochs=N prior_batch_size=N prior_lr=X")
+        assert not list(tmp_path.rglob("*.pt"))  # nothing trained, nothing written
+
     def test_qgnet_two_stages_on_synthetic(self, tmp_path):
         prior = tmp_path / "prior" / "prior_extractor.pt"
         common_flags = ["--model", "qgnet", "--dataset", "synthetic", "--no-pretrained", "--workers", "0",

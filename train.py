@@ -1322,7 +1322,8 @@ def train_stage(args, module):
     args.stage_file = args.out / files[0] if files else None
     schedule = common.Schedule(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                train_length=args.train_length, workers=args.workers, seed=args.seed,
-                               log_every=args.log_every, bf16=args.bf16, out=args.out, resume=args.resume, fit=fit)
+                               log_every=args.log_every, bf16=args.bf16, out=args.out, resume=args.resume, fit=fit,
+                               given=frozenset(args.given))
     with hold_run_folder(args, True, files) if rank == 0 else nullcontext():
         return stages[args.stage](setting, schedule, options)
 
