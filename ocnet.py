@@ -367,7 +367,7 @@ def check_config(cfg):
         changed = [name for name in names if getattr(cfg, name) != getattr(Config, name)]
         if changed:
             raise ValueError(f"{', '.join(changed)}: no part of {switch} (it would change nothing)")
-    for name in ("num_select", "num_general", "fpn_levels", "dct_size", "sinkhorn_iters"):
+    for name in ("reduce_dim", "num_select", "num_general", "fpn_levels", "dct_size", "sinkhorn_iters"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if not cfg.ot_eps > 0:

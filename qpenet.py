@@ -346,6 +346,18 @@ class Model(nn.Module):
         if cfg.decoder == "fem" and (cfg.foreground_prototypes != "pre+main+aux" or not cfg.activation_maps):
             raise ValueError("foreground_prototypes and activation_maps choose the inputs of FFA's Eq. (15) (Tables IV "
                              "and V); the FEM decoder takes every prototype, broadcast (Choices 14)")
+        for name in ("dim", "ffn_dim", "cross_layers"):  # Eq. (16) has two cross-attentions of dim channels
+            if getattr(cfg, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+        unread = {}  # fields a switch leaves unread: a run named by them would be another's
+        if cfg.decoder == "fem":
+            unread["decoder=fem"] = ("heads", "ffn_dim", "cross_layers", "attn_dropout")
+        elif cfg.foreground_prototypes == "pre":
+            unread["foreground_prototypes=pre"] = ("activation_maps",)  # no P_main, P_aux to activate
+        for switch, names in unread.items():
+            changed = [name for name in names if getattr(cfg, name) != getattr(Config, name)]
+            if changed:
+                raise ValueError(f"{', '.join(changed)}: no part of {switch} (it would change nothing)")
         if cfg.decoder == "ffa" and (cfg.heads < 1 or cfg.dim % cfg.heads):
             raise ValueError(f"heads={cfg.heads} must be at least 1 and divide dim={cfg.dim}: each of Eq. (16)'s "
                              "attention heads takes dim / heads channels")

@@ -4170,7 +4170,7 @@ class TestOCNet:
         # ValueError each from Model.__init__, before the backbone is built. More selected prototypes than L = 49:
         # 2 N_s where ID_l is selected too (OCNet, "Cosine"), N_s where ID_t alone is ("Fore", "Mean")
         cases = [*[({name: 0}, f"{name} must be >= 1, got 0")
-                   for name in ("num_select", "num_general", "fpn_levels", "dct_size", "sinkhorn_iters")],
+                   for name in ("reduce_dim", "num_select", "num_general", "fpn_levels", "dct_size", "sinkhorn_iters")],
                  (dict(ot_eps=0.0), "ot_eps must be > 0 (Sinkhorn divides the costs by it), got 0.0"),
                  *[(dict(attn_heads=k), f"attn_heads must divide reduce_dim = 256 (Atten's heads split C), got {k}")
                    for k in (3, 0, -8)],
@@ -9011,8 +9011,17 @@ class TestQPENet:
         for fields in (dict(dim=100), dict(heads=0), dict(heads=-2)):
             with pytest.raises(ValueError, match=r"heads=-?\d+ must be at least 1 and divide dim=\d+"):
                 qpenet_variant(**fields)
-        with torch.device("meta"):  # shapes only: the FEM decoder has no attention heads to check
-            assert not hasattr(qpenet_variant(decoder="fem", heads=0), "ffa")
+        for fields in (dict(heads=4), dict(ffn_dim=512), dict(cross_layers=1), dict(attn_dropout=0.0)):
+            name = next(iter(fields))  # the FEM decoder has no attention: a value there would change nothing
+            with pytest.raises(ValueError, match=f"^{name}: no part of decoder=fem \\(it would change nothing\\)$"):
+                qpenet_variant(decoder="fem", **fields)
+        with pytest.raises(ValueError, match=r"^activation_maps: no part of foreground_prototypes=pre \("):
+            qpenet_variant(foreground_prototypes="pre", activation_maps=False)
+        for name, value in (("dim", 0), ("ffn_dim", -1), ("cross_layers", 0)):
+            with pytest.raises(ValueError, match=f"^{name} must be >= 1, got {value}$"):
+                qpenet_variant(**{name: value})
+        with torch.device("meta"):  # shapes only: the FEM decoder has no attention heads
+            assert not hasattr(qpenet_variant(decoder="fem"), "ffa")
 
 
 
