@@ -3466,6 +3466,15 @@ class TestTrain:
         assert state["epoch"] == 3 and state["args"]["lr"] == 0.01 and state["args"]["width"] == 8  # the model's flag
         assert state["args"]["crash_after"] is None  # a flag that may change on resume (EVALUATION_FLAGS) is not kept
 
+    def test_resume_of_a_folder_that_holds_no_run_is_refused(self, tiny, tmp_path):
+        # a default folder is named by the flags given: --resume without them names another folder, where it would
+        # train a new run from the start with the default recipe
+        with pytest.raises(SystemExit) as err:
+            train.main(["--model", str(tiny), "--dataset", "synthetic", "--out", str(tmp_path / "empty"), "--resume"])
+        assert str(err.value.code) == (f"error: --resume: {tmp_path / 'empty'} holds no run to continue: give the "
+                                       "flags the run was started with, or its --out")
+        assert not list(tmp_path.rglob("*.pt"))
+
     def test_resume_keeps_the_recipes_set_fields_and_takes_an_evaluation_field_given_now(self, tiny, tmp_path):
         """--resume --set: a field of the recipe stays as trained, one of EVALUATION_FLAGS (invert) is taken as
         given now, into the arguments and the Config alike."""
@@ -3575,6 +3584,9 @@ class TestTrain:
             before = w.detach().clone()
             update(loss)  # NaN, inf, and a NaN loss (inf * 0) whose gradient is finite (0)
             assert torch.equal(w.detach(), before) and torch.equal(optimizer.state[w]["momentum_buffer"], momentum)
+        before = w.detach().clone()
+        update((w * 1e10).pow(2).sum())  # gradients of 2e20 w: finite, though their L2 norm overflows to inf
+        assert torch.isfinite(w).all() and not torch.equal(w.detach(), before)
         assert train.count_step(lambda: update((w ** 2).sum()))["syncs"] == []  # decided on the device
         with pytest.raises(ValueError, match=r"needs torch.optim.SGD\(..., fused=True\)"):
             train.fit(lambda batch: ((w ** 2).sum(), {}), torch.optim.SGD([w], lr=0.1), lambda epoch: [0],

@@ -256,7 +256,8 @@ def step_if_finite(optimizer, params, loss):
     """optimizer.step() unless the loss or a gradient is NaN or infinite, decided on the device (the fused SGD skips
     its step where found_inf is 1, as under AMP's GradScaler): the host never waits. Every rank skips where one does."""
     grads = [p.grad for p in params if p.grad is not None]
-    found = ~torch.isfinite(loss.detach()) | (~torch.nn.utils.get_total_norm(grads).isfinite() if grads else False)
+    largest = torch.nn.utils.get_total_norm(grads, math.inf) if grads else loss.new_zeros(())  # an L2 norm overflows
+    found = ~torch.isfinite(loss.detach()) | ~largest.isfinite()
     optimizer.found_inf = found.float()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(optimizer.found_inf, op=dist.ReduceOp.MAX)
@@ -545,6 +546,9 @@ def restore_recipe(args, module):
     """--resume: the recipe of OUT/last.pt, refusing another run's checkpoint or a flag given now with another
     value (recipe_differences). Without OUT/last.pt (stopped before its first checkpoint) it starts from the start."""
     last = args.out / "last.pt"
+    if not last.exists() and not (args.out / "metrics.jsonl").exists():  # its folder is named by its flags
+        sys.exit(f"error: --resume: {args.out} holds no run to continue: give the flags the run was started with, "
+                 "or its --out")
     if not last.exists():
         print(f"--resume: {args.out} has no checkpoint yet: the run starts from its first epoch", flush=True)
         return
@@ -1196,9 +1200,11 @@ def stop_nonfinite(args, argv, err):
         again = "run the stage again with a lower learning rate and --overwrite"
     else:
         lr = f"{args.lr / 2:g}"
-        out = f"{args.out.parent if getattr(args, 'in_fold_all', False) else args.out}-lr{lr}"
+        changes = {"--lr": lr}  # a default folder is named by --lr already; a given --out needs another name
+        if "out" in args.given:
+            changes["--out"] = f"{args.out.parent if getattr(args, 'in_fold_all', False) else args.out}-lr{lr}"
         again = ("try a lower learning rate (a new run: a run keeps its recipe)"
-                 f"{' or no --bf16' if args.bf16 else ''}, e.g. {command(argv, {'--lr': lr, '--out': out})}")
+                 f"{' or no --bf16' if args.bf16 else ''}, e.g. {command(argv, changes)}")
     where = f" in --stage {args.stage}" if args.stage else ""
     log(int(os.environ.get("RANK", 0)), f"error: {err}{where}; stopping. {kept}; {again}")
     sys.exit(EXIT_NONFINITE)
@@ -1206,7 +1212,7 @@ def stop_nonfinite(args, argv, err):
 
 def resume_command(args, argv):
     """The command that continues a stopped run: argv with --resume (not in --fold all, which resumes by itself)."""
-    inside = getattr(args, "in_fold_all", False)
+    inside = getattr(args, "in_fold_all", False) or args.fold == "all"
     return command([a for a in argv if a != "--overwrite"], {} if "--resume" in argv or inside else {"--resume": None})
 
 
