@@ -549,6 +549,11 @@ def check_config(cfg):
                          f"wide), got {cfg.cr_reduction}")
     if not cfg.test_scales or not all(0 < scale < math.inf for scale in cfg.test_scales):
         raise ValueError(f"test_scales must be one or more finite scales above 0, got {tuple(cfg.test_scales)}")
+    if not all(isinstance(rate, int) and rate >= 1 for rate in cfg.aspp_rates):
+        raise ValueError(f"aspp_rates must be dilations >= 1 (§4.3's ASPP), got {tuple(cfg.aspp_rates)}")
+    if not cfg.bins or not all(size > 0 for size in cfg.bins):  # none: FEM concatenates no scale
+        raise ValueError(f"bins must be one or more FEM bins above 0 (a fraction of the map, or a size), got "
+                         f"{tuple(cfg.bins)}")
     if not (cfg.ft_lr >= 0 and cfg.ft_momentum >= 0):  # NaN too
         raise ValueError(f"ft_lr and ft_momentum must be >= 0, got {cfg.ft_lr} and {cfg.ft_momentum}")
     levels = cfg.levels if isinstance(cfg.levels, (list, tuple)) else ()  # a bare name is refused too
@@ -654,7 +659,7 @@ class Model(nn.Module):
         H, W = img_q.shape[-2:]
         log_p = []
         for scale in self.cfg.test_scales:
-            size = (round(H * scale), round(W * scale))
+            size = (max(1, round(H * scale)), max(1, round(W * scale)))  # a tiny scale: one pixel, not none
             q, s, m = img_q, img_s, m_s
             if size != (H, W):
                 q = common.resize(img_q, size)

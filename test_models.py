@@ -6791,6 +6791,11 @@ class TestCRCNet:
                                  f"wide), got {r}") for r in (0, 33)],  # 0: ZeroDivisionError; 33: a 0-wide FC
         *[(dict(test_scales=scales), f"test_scales must be one or more finite scales above 0, got {scales}")
           for scales in ((), (0.0,), (1.0, -0.5), (math.nan,))],  # else a crash in evaluation, after training
+        *[(dict(aspp_rates=rates), f"aspp_rates must be dilations >= 1 (§4.3's ASPP), got {rates}")
+          for rates in ((6, 0), (-6,))],  # else a crash at the first training step
+        *[(dict(network="pfenet", cross_reference=False, global_conditional=False, bins=bins),
+           f"bins must be one or more FEM bins above 0 (a fraction of the map, or a size), got {bins}")
+          for bins in ((), (1.0, -0.5))],
         *[(fields, f"ft_lr and ft_momentum must be >= 0, got {lr} and {momentum}")
           for fields, lr, momentum in ((dict(ft_lr=-0.1), -0.1, 0.9), (dict(ft_momentum=-0.9), 0.0025, -0.9))],
         *[(dict(levels=levels), f"levels must be distinct ones of layer2, layer3, layer4, got {levels!r}")
@@ -6801,6 +6806,14 @@ class TestCRCNet:
         with pytest.raises(ValueError) as error:
             make_crcnet(**fields)
         assert str(error.value) == message
+
+    def test_crcnet_a_tiny_test_scale_predicts_at_one_pixel(self):
+        # test_scales=0.001 passes the > 0 check: its resize must not reach 0 pixels, after training
+        net = make_crcnet(test_scales=(0.001, 1.0)).eval()
+        img_q, img_s, m_s, _ = episode(2, 1, CRCNET_SIZE)
+        with torch.no_grad():
+            pred = net.infer(img_q, img_s, m_s)
+        assert pred.shape == (2, 2, CRCNET_SIZE, CRCNET_SIZE) and torch.isfinite(pred).all()
 
     def test_crcnet_bad_input_raises(self):
         net = make_crcnet(refine_steps=1)
