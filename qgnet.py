@@ -249,6 +249,21 @@ def prior_config(values, dataset):
     return PriorConfig(**{**PRIOR_RECIPES.get(dataset, PRIOR_RECIPE), **given})
 
 
+def check_prior_config(cfg):
+    """ValueError for a stage-1 value that would crash stage 1 or train nothing (else a traceback mid-run)."""
+    counts = ("prior_epochs", "prior_queue", "prior_img_size", "prior_patch_size", "embedding_dim", "bn_splits",
+              "segment_side", "slic_segments", "felzenszwalb_min_size")
+    for name in counts:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.prior_batch_size < 2:
+        raise ValueError(f"prior_batch_size must be >= 2 (BatchNorm and InfoNCE's negatives), got "
+                         f"{cfg.prior_batch_size}")
+    if not (cfg.prior_lr is None or cfg.prior_lr > 0) or not cfg.temperature > 0 or not 0 <= cfg.key_momentum < 1:
+        raise ValueError(f"prior_lr and temperature must be > 0 and key_momentum in [0, 1), got {cfg.prior_lr}, "
+                         f"{cfg.temperature} and {cfg.key_momentum}")
+
+
 def named_values(values, dataset):
     """{field: value} of the stage-1 values that differ from the dataset's recipe: what names the stage-1 file."""
     cfg, recipe = prior_config(values, dataset), prior_config({}, dataset)
@@ -347,7 +362,9 @@ def read_stage1_file(path, cfg=None, seen=None, hint=""):
     state = common.read_torch_file(path, f"{path} as stage 1's prior extractor", hint=hint)
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise common.WeightsUnavailableError(f"{path} is not a file of QGNet's stage 1 (--stage prior){hint}")
-    saved = state.get("config")
+    saved = state.get("config") or {}  # a file converted from elsewhere has none
+    if not isinstance(saved, dict):
+        raise common.WeightsUnavailableError(f"{path} is not a file of QGNet's stage 1 (--stage prior){hint}")
     if cfg is not None and saved != dataclasses.asdict(cfg):
         differ = ", ".join(f"{k} {saved.get(k)} (now {v})" for k, v in dataclasses.asdict(cfg).items()
                            if saved.get(k) != v)
@@ -397,6 +414,10 @@ def train_prior_extractor(setting, schedule, options):
         sys.exit(f"error: --stage prior: {', '.join(unread)} would change nothing; stage 1's schedule is --set "
                  "prior_epochs=N prior_batch_size=N prior_lr=X")
     cfg = prior_config(options, setting.dataset)
+    try:
+        check_prior_config(cfg)
+    except ValueError as err:
+        sys.exit(f"error: --stage prior: {err}")
     path, seen = prior_file(setting, options), images_seen(setting, options.get("prior_all_images"))
     log_file = path.with_name(f"{path.stem}_metrics.jsonl")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -404,7 +425,7 @@ def train_prior_extractor(setting, schedule, options):
     torch.manual_seed(schedule.seed)
     model = GlobalLocalContrast(cfg.contrast, cfg.embedding_dim, cfg.prior_queue, cfg.temperature, cfg.key_momentum,
                                 cfg.bn_splits).to(device, memory_format=layout)
-    lr = cfg.prior_lr or MOCO_LR * cfg.prior_batch_size / MOCO_BATCH
+    lr = cfg.prior_lr if cfg.prior_lr is not None else MOCO_LR * cfg.prior_batch_size / MOCO_BATCH
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr, SGD_MOMENTUM, weight_decay=WEIGHT_DECAY, fused=True)
     start = 0
     if schedule.resume and path.is_file():

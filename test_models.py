@@ -5648,6 +5648,26 @@ class TestQGNet:
         assert (cfg.prior_epochs, cfg.prior_batch_size, cfg.prior_queue, cfg.prior_img_size, cfg.prior_patch_size) == (
             2, 32, 4096, 64, 32)
 
+    @pytest.mark.parametrize("value, message", [
+        ("prior_queue=0", "prior_queue must be >= 1, got 0"), ("slic_segments=0", "slic_segments must be >= 1, got 0"),
+        ("prior_batch_size=1", "prior_batch_size must be >= 2 (BatchNorm and InfoNCE's negatives), got 1"),
+        ("prior_lr=0", "prior_lr and temperature must be > 0 and key_momentum in [0, 1), got 0.0, 0.2 and 0.999"),
+        ("key_momentum=1", "prior_lr and temperature must be > 0 and key_momentum in [0, 1), got None, 0.2 and 1.0")])
+    def test_qgnet_prior_stage_refuses_values_that_would_crash_or_train_nothing(self, value, message, tmp_path,
+                                                                               monkeypatch):
+        monkeypatch.chdir(tmp_path)  # the stage's folder is under runs/
+        with pytest.raises(SystemExit) as err:
+            train.main(["--model", "qgnet", "--stage", "prior", "--dataset", "synthetic", "--workers", "0",
+                        "--set", value])
+        assert str(err.value.code) == f"error: --stage prior: {message}"
+        assert not list(tmp_path.rglob("*.pt"))
+
+    def test_qgnet_stage_1_file_with_a_damaged_config_is_one_line(self, tmp_path):
+        path = tmp_path / "prior.pt"
+        torch.save({"model": {}, "config": [1, 2]}, path)
+        with pytest.raises(common.WeightsUnavailableError, match="is not a file of QGNet's stage 1"):
+            qgnet.read_stage1_file(path, cfg=qgnet.PriorConfig())
+
     def test_qgnet_prior_stage_refuses_the_schedule_flags_it_does_not_read(self, tmp_path, monkeypatch):
         # stage 1's epochs, batch, rate and crop are PriorConfig's --set fields: --epochs 3 would be dropped silently
         monkeypatch.chdir(tmp_path)  # the stage's folder is under runs/
