@@ -416,10 +416,14 @@ class Model(nn.Module):
         if cfg.tdc and not (cfg.hyper_dim >= 1 and cfg.tdc_hidden >= 1):
             raise ValueError(f"TDC's channels: hyper_dim (N') and tdc_hidden must be >= 1, got {cfg.hyper_dim} and "
                              f"{cfg.tdc_hidden}")
-        changed = [f"{f.name}={str(getattr(cfg, f.name)).lower()}" for f in dataclasses.fields(Config)
-                   if f.name in ("aggregation", "co_triplet") and getattr(cfg, f.name) != f.default]
-        if not cfg.apa and changed:  # APA makes the prototypes Table 5 aggregates and the co-triplet loss's anchors
-            raise ValueError(f"{', '.join(changed)}: no part of apa=false (it would change nothing)")
+        if cfg.reduce_dim < 1:
+            raise ValueError(f"reduce_dim must be >= 1, got {cfg.reduce_dim}")
+        # APA makes the prototypes Table 5 aggregates and the co-triplet loss's anchors; TDC has the N' channels
+        for switch, names in (("apa", ("aggregation", "co_triplet")), ("tdc", ("hyper_dim", "tdc_hidden"))):
+            changed = [f"{f.name}={str(getattr(cfg, f.name)).lower()}" for f in dataclasses.fields(Config)
+                       if f.name in names and getattr(cfg, f.name) != f.default]
+            if not getattr(cfg, switch) and changed:
+                raise ValueError(f"{', '.join(changed)}: no part of {switch}=false (it would change nothing)")
         if base_state is not None and cfg.base_classes is None:
             raise ValueError("a base learner's weights were given, but cfg.base_classes names no base learner")
         self.cfg = cfg
@@ -626,6 +630,9 @@ def read_base_learner(cfg, setting):
         raise common.WeightsUnavailableError(f"base learner {path} stopped after epoch {state['epoch']} of "
                                              f"{state['epochs']}: finish it with {command} --resume")
     expected = base_classes(setting)
+    if not isinstance(state["classes"], (list, tuple)):
+        raise common.WeightsUnavailableError(f"base learner {path} is not a file of --stage base (its classes: "
+                                             f"{state['classes']!r})")
     if state["backbone"] != cfg.backbone or list(state["classes"]) != expected:
         raise common.WeightsUnavailableError(
             f"base learner {path} was trained for {state['backbone']}, classes {state['classes']}; this model "

@@ -7658,6 +7658,13 @@ class TestSymNet:
                                                                  r"trains on .*; drop the flag"):
             symnet.read_base_learner(symnet.Config(pretrained=False, base_learner=str(tmp_path / "base.pt")), setting)
 
+    def test_symnet_base_learner_file_with_damaged_classes_is_one_line(self, tmp_path):
+        torch.save({"model": {}, "classes": 5, "backbone": "resnet50"}, tmp_path / "base.pt")
+        with pytest.raises(common.WeightsUnavailableError, match=r"base.pt is not a file of --stage base \(its "
+                                                                 r"classes: 5\)"):
+            symnet.read_base_learner(symnet.Config(pretrained=False, base_learner=str(tmp_path / "base.pt")),
+                                     common.Setting(dataset="synthetic", fold=0, pretrained=False))
+
     def test_symnet_folder_classes_size_the_text_and_word_vectors(self, tmp_path, monkeypatch):
         monkeypatch.chdir(tmp_path)  # no runs/ here: no base learner
         root = _write_folder(tmp_path / "mine")
@@ -8066,8 +8073,8 @@ class TestSymNet:
             symnet_meta(tau3=0.55, tau4=0.55)
 
     def test_symnet_config_values_it_cannot_run_are_refused_before_anything_is_built(self):
-        # --set values that crashed mid-forward (SPM's windows, TDC's channels) or changed nothing (Table 5's fields
-        # with APA off, which makes their prototypes and anchors): Model.__init__ refuses each with one ValueError
+        # --set values that crashed mid-forward (SPM's windows, TDC's channels, reduce_dim) or changed nothing (Table
+        # 5's fields with APA off, which makes their prototypes and anchors; N' with TDC off): one ValueError each
         windows = r"^windows: SPM's pooling windows, a non-empty tuple of pairs \(d_h, d_w\) of odd positive ints"
         channels = r"^TDC's channels: hyper_dim \(N'\) and tdc_hidden must be >= 1, got "
         cases = {"windows=5,5": windows + r".*got \(5, 5\)$", "windows=((4,4),)": windows, "windows=()": windows,
@@ -8076,14 +8083,15 @@ class TestSymNet:
                  "apa=false co_triplet=false": r"^co_triplet=false: no part of apa=false \(it would change nothing\)$",
                  "apa=false aggregation=support+query co_triplet=false":
                      r"^aggregation=support\+query, co_triplet=false: no part of apa=false",
-                 "spm=false apa=false aggregation=support+word2vec": r"^aggregation=support\+word2vec: no part of"}
+                 "spm=false apa=false aggregation=support+word2vec": r"^aggregation=support\+word2vec: no part of",
+                 "tdc=false hyper_dim=32": r"^hyper_dim=32: no part of tdc=false \(it would change nothing\)$",
+                 "tdc=false tdc_hidden=0": r"^tdc_hidden=0: no part of tdc=false", "reduce_dim=0": r"^reduce_dim must"}
         for words, message in cases.items():
             args, module = train.parse_args(["--model", "symnet", "--dataset", "synthetic", "--no-pretrained",
                                              "--set", *words.split()])
             with pytest.raises(ValueError, match=message), torch.device("meta"):
                 symnet.Model(train.make_config(module, args), train.setting_of(args))
-        for fields in (dict(windows=((3, 3),)), dict(windows=((1, 7), (7, 1))), dict(tdc=False, hyper_dim=0),
-                       dict(tdc=False, tdc_hidden=0)):
+        for fields in (dict(windows=((3, 3),)), dict(windows=((1, 7), (7, 1))), dict(tdc=False)):
             assert symnet_meta(**fields).cfg.windows == fields.get("windows", symnet.Config.windows), fields
 
     def test_symnet_fem_gets_the_maps_of_the_modules_that_are_on(self, monkeypatch, symnet_model):
