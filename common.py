@@ -135,8 +135,9 @@ def _load_weight_file(net, name, path):
                             "torch.save(state_dict, PATH)")
     while isinstance(state, dict) and any(isinstance(state.get(k), dict) for k in ("state_dict", "model")):
         state = next(state[k] for k in ("state_dict", "model") if isinstance(state.get(k), dict))
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        found = sorted(state)[:5] if isinstance(state, dict) else type(state).__name__
+    if not isinstance(state, dict) or not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                           for k, v in state.items()):
+        found = sorted(map(str, state))[:5] if isinstance(state, dict) else type(state).__name__
         raise WeightsFileError(f"the weight file {path} holds no state dict (a dict of tensors, possibly under "
                                f"'state_dict' or 'model'); found {found}")
     if all(k.startswith("module.") for k in state):  # saved from nn.DataParallel / DistributedDataParallel

@@ -644,7 +644,10 @@ def _coco_index(root, split):
         digest, missing = _fingerprint(root, [path for pair in pairs for path in pair])
         payload = None if missing or digest != payload["files"] else payload
     if payload is None:
-        coco = json.loads(ann_path.read_text())
+        try:
+            coco = json.loads(ann_path.read_text())
+        except ValueError as err:  # cut short or not JSON (UnicodeDecodeError is one too)
+            raise DatasetFileError(f"{ann_path}: not a whole COCO annotation file ({err})") from None
         category_ids = sorted(c["id"] for c in coco["categories"])
         to_class = {cid: i + 1 for i, cid in enumerate(category_ids)}  # 1..90 with gaps -> 1..80
         names = {to_class[c["id"]]: c["name"] for c in coco["categories"]}
@@ -672,7 +675,7 @@ def _coco_index(root, split):
                                 cache is not None)
         counts = check_scan(scanned, f"COCO {split}2014 under {root}")
         try:  # every label is current now; a stamp of before the annotations' line gets it where it can be written
-            if not stamp.is_file() or stamp.read_text() != stamp_text:
+            if not stamp.is_file() or stamp.read_text(errors="replace") != stamp_text:
                 stamp.write_text(stamp_text)
         except OSError as err:
             if rewrite:
@@ -727,7 +730,7 @@ def _write_and_scan_coco_label(job):
 def _coco_stale(label_dir, ann_path, ann_stat):
     """Why label_dir's labels are stale by its stamp (none: version 1), else None; a version-only stamp is current."""
     path = label_dir / COCO_LABEL_STAMP
-    stamp = path.read_text() if path.is_file() else ""
+    stamp = path.read_text(errors="replace") if path.is_file() else ""
     version, *annotations = stamp.splitlines() if stamp else ["1"]
     if version.strip() != str(COCO_LABEL_VERSION):
         return (f"they were rasterised under label version {version.strip()}, now {COCO_LABEL_VERSION} "
@@ -1097,7 +1100,7 @@ def _folder_names(root, files, counts):
     path = root / "classes.txt"
     if not path.is_file():
         return {c: str(c) for c in range(1, found[-1] + 1)}
-    lines = path.read_text().rstrip().splitlines()  # blank lines at the end name nothing
+    lines = path.read_text(errors="replace").rstrip().splitlines()  # blank lines at the end name nothing
     names = {c: line.strip() for c, line in enumerate(lines, 1)}
     empty = [c for c, name in names.items() if not name]
     if empty or not names:
@@ -1127,7 +1130,7 @@ def _folder_folds(root, count):
         _note_once(f"[data] note: {root} has no folds.txt: fold K tests the K-th of four contiguous quarters of the "
                    f"class ids (PASCAL-5i's rule): {', '.join(parts)}")
         return folds
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
     if len(lines) != NUM_FOLDS:
         raise DatasetClassError(f"{path} has {len(lines)} line(s); it needs {NUM_FOLDS}, line K the test class ids "
                                 f"of fold K (1..{count}, separated by spaces or commas)")
@@ -1197,7 +1200,7 @@ def load_mask(path):
 
 def _read_ids(path):
     """Ids of a list file: one a line (VOC's lists), or PFENet's 'JPEGImages/X.jpg SegmentationClassAug/X.png'."""
-    return [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
+    return [Path(line.split()[0]).stem for line in path.read_text(errors="replace").splitlines() if line.strip()]
 
 
 def _scan_pair(pair, max_id=IGNORE - 1):
@@ -1349,7 +1352,9 @@ def _read_cache(path, key):
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return cached["payload"] if cached.get("key") == key else None
+    if not isinstance(cached, dict) or cached.get("key") != key or "payload" not in cached:
+        return None  # another key, or a file that is not a cache: scanned again
+    return cached["payload"]
 
 
 def _write_cache(path, key, payload):

@@ -1337,6 +1337,9 @@ class TestCommon:
         torch.save([1, 2, 3], tmp_path / "list.pth")
         with pytest.raises(common.WeightsFileError, match="holds no state dict"):
             Backbone("resnet50", pretrained=tmp_path / "list.pth")
+        torch.save({0: torch.ones(1), "fc.weight": torch.ones(1)}, tmp_path / "int-keys.pth")  # no key has .startswith
+        with pytest.raises(common.WeightsFileError, match=r"holds no state dict .*found \['0', 'fc.weight'\]$"):
+            Backbone("resnet50", pretrained=tmp_path / "int-keys.pth")
         (tmp_path / "text.pth").write_text("not a torch file")
         with pytest.raises(common.WeightsFileError, match="cannot read the weight file"):
             Backbone("resnet50", pretrained=str(tmp_path / "text.pth"))
@@ -1916,6 +1919,24 @@ class TestData:
         ds = data.build_dataset("coco", "train", 0, img_size=64, root=root)
         assert ds.files[stem][1] == home_labels / f"{stem}.png" and ds.counts[stem] == {2: 2500}
         assert (home_labels / f"{stem}.png").is_file()
+
+    def test_damaged_annotations_list_and_cache_files_are_one_line_or_rescanned(self, tmp_path):
+        # a cut-short COCO annotation file and a list file that is not UTF-8: one line each, not a traceback;
+        # a cache file that is JSON of another shape is scanned again
+        root = _write_coco(tmp_path / "coco")
+        ann = root / "annotations" / "instances_train2014.json"
+        ann.write_bytes(ann.read_bytes()[:50])
+        with pytest.raises(data.DatasetFileError, match=r"instances_train2014.json: not a whole COCO annotation"):
+            data.build_dataset("coco", "train", 0, img_size=64, root=root)
+        voc = _write_pascal(tmp_path / "voc")
+        lists = voc / "ImageSets" / "Segmentation"
+        data.build_dataset("pascal", "train", 0, img_size=64, root=voc)
+        for cache in (voc / ".fss_cache").iterdir():
+            cache.write_text("[]")  # JSON, not a cache
+        assert len(data.build_dataset("pascal", "train", 0, img_size=64, root=voc)) > 0
+        (lists / "val.txt").write_bytes(b"\xff\xfe2007_000001\n")
+        with pytest.raises(data.DatasetFileError, match=r"\ufffd\ufffd2007_000001.jpg: no such file \(its list names"):
+            data.build_dataset("pascal", "test", 0, img_size=64, root=voc)  # the bytes shown, the line named
 
     def test_coco_labels_category_map_and_folds(self, tmp_path, monkeypatch):
         root = _write_coco(tmp_path / "coco")
