@@ -62,12 +62,14 @@ Choices (the paper is silent unless a section is named):
     - Fine-tuning (§4.6): the encoder (backbone, 3x3 reduction) fixed, the head tuned on copies of its weights
       (the model is never written) by SGD (training momentum, no weight decay), one random ordered pair of distinct
       supports a step; "finetune" then predicts from the first support, "finetune+fusion" from all (Table 4).
+      §4.6 gives no step count or rate: ft_steps 20 (5-shot's 20 ordered pairs, each once on average) at §5.1's lr.
     - Multi-scale inference at [0.75, 1, 1.25] by default: §5.1 fuses scales, so the reported numbers include it;
       §5.1 lists [0.75, 1.25], §5.3 and Table 2 these three, which keep the original size among the fused ones.
       Images bilinear, masks nearest; fine-tuning at scale 1; --test-scales 1: one scale, as the others test.
     - lr 0.0025 (§5.1) for every learnable layer, the ResNet included (CANet's code, this group's predecessor,
       trains its head at 10 x 0.00025: the same); synthetic 0.01 (the harness's 0.05 diverges: DEFAULTS).
     - Table 1 "w/o cross-reference": G = F at its place, its co-occurrence head and Eq. (5)'s lambda terms gone.
+    - Tables 8 and 15's "CRNet" [35]: local_conditional=false (§1: CRCNet is CRNet plus the local-global conditional).
       "w/o conditional": global and local off (two fields): the refinement reads G alone, no mask is read.
     - A conditional module switched off narrows the refinement's entry conv by the 256 channels it gave.
     - Table 2 "w/o mask refine" (§5.3's baseline): the cached branch (its conv and its 256 input channels of
