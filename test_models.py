@@ -3148,8 +3148,14 @@ class TestTrain:
         train.main([*recipe, "--shot", "2", "--eval-only", "--checkpoint", str(a / "last.pt")])
         evaluation = a / "eval-last-synthetic-fold1-2shot-epochs=1-train_length=16"
         assert f"run folder {evaluation}\n" in capsys.readouterr().out
+        with pytest.raises(SystemExit) as err:  # nor with --out naming B's folder
+            train.main([*recipe, "--shot", "2", "--eval-only", "--checkpoint", str(a / "last.pt"), "--out", str(b)])
+        assert str(err.value.code) == (f"error: {b} holds a training run: an evaluation of another checkpoint is not "
+                                       "written into its log; give another --out")
         results = [r for r in common.read_jsonl(b / "metrics.jsonl") if r["event"] == "result"]
         assert len(results) == 1 and results[0] == train.read_result(b)  # B's result is still its own
+        train.main([*recipe, "--shot", "2", "--eval-only", "--checkpoint", str(b / "last.pt"), "--out", str(b)])
+        assert len([r for r in common.read_jsonl(b / "metrics.jsonl") if r["event"] == "result"]) == 2  # its own
 
     def test_eval_only_without_checkpoint_is_refused(self, tiny, tmp_path, capsys):
         with pytest.raises(SystemExit):

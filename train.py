@@ -1088,6 +1088,11 @@ def hold_run_folder(args, training, files):
             stale.unlink(missing_ok=True)
             print(f"removed {stale}: a temporary left by an interrupted save", flush=True)
         present = [name for name in files if (out / name).exists()]
+        checkpoint = getattr(args, "checkpoint", None)  # a stage's arguments have none
+        own = checkpoint and Path(checkpoint).resolve() == (out / "last.pt").resolve()
+        if not training and "last.pt" in present and not own:  # its result would join that run's log
+            sys.exit(f"error: {out} holds a training run: an evaluation of another checkpoint is not written into "
+                     "its log; give another --out")
         if training and not args.resume and present:
             held = describe_folder(out, files)
             if not args.overwrite:
